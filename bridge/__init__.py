@@ -1,0 +1,1 @@
+"""Everything MQTT shared by the edge agent and the callback server."""

@@ -1,0 +1,92 @@
+"""Settings loading shared by both services: YAML file, then environment overrides.
+
+Each service declares a pydantic model and a map from environment variable to field;
+this module reads the file and the environment once, at startup, in one place.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, SecretStr, ValidationError
+
+from bridge.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+MASK = "********"
+
+
+def load_settings(
+    model: type[M],
+    *,
+    path: str | Path | None,
+    env_map: Mapping[str, str],
+    environ: Mapping[str, str] | None = None,
+) -> M:
+    """Build ``model`` from the YAML at ``path`` with ``env_map`` overrides applied."""
+    env = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    if path:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        raw.update(loaded)
+    for var, dotted in env_map.items():
+        value = env.get(var)
+        if value is None or value == "":
+            continue
+        target = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[leaf] = value
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        env_of = {dotted: var for var, dotted in env_map.items()}
+
+        def describe(err: Any) -> str:
+            where = ".".join(str(p) for p in err["loc"]) or "config"
+            hint = f" (set {env_of[where]} or '{where}' in the file)" if where in env_of else ""
+            return f"{where}: {err['msg']}{hint}"
+
+        problems = "; ".join(describe(err) for err in exc.errors())
+        raise ConfigError(f"invalid configuration: {problems}") from exc
+
+
+def masked(settings: BaseModel) -> dict[str, Any]:
+    """The settings as plain data with every secret replaced by a mask."""
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, SecretStr):
+            return MASK if value.get_secret_value() else ""
+        if isinstance(value, BaseModel):
+            return {k: walk(getattr(value, k)) for k in type(value).model_fields}
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [walk(v) for v in value]
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    return walk(settings)  # type: ignore[no-any-return]
+
+
+def mask_url(url: str) -> str:
+    """``scheme://user:****@host`` — a URL safe to log."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:{MASK}@{host}" if ":" in creds else url

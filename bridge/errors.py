@@ -1,0 +1,82 @@
+"""The project's one exception tree.
+
+    FleetError
+    ├── ConfigError            settings missing or invalid (startup refuses to run)
+    ├── TopicError             a topic or filter that MQTT (or AWS IoT) would refuse
+    ├── PayloadError           a payload that cannot be published (too large, not JSON)
+    ├── InputError             a webhook/HTTP body we cannot accept (field named)
+    │   └── AuthError          wrong or missing shared secret
+    ├── TransportError         the broker connection failed or refused an operation
+    │   └── NotConnectedError
+    ├── OutboxError            the durable outbox could not take or give a message
+    │   └── OutboxFullError    bounded outbox is full of entries that may not be dropped
+    └── StoreError             the database refused or is unreachable
+
+Third-party errors (paho return codes, awscrt, aiomysql, sqlite3) are translated to
+these once, in the module that talks to that library, with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+
+class FleetError(Exception):
+    """Root of every error this project raises on purpose."""
+
+
+class ConfigError(FleetError):
+    """Settings are missing or invalid."""
+
+
+class TopicError(FleetError):
+    """A topic or topic filter is invalid."""
+
+    def __init__(self, topic: str, reason: str) -> None:
+        super().__init__(f"invalid topic {topic!r}: {reason}")
+        self.topic = topic
+        self.reason = reason
+
+
+class PayloadError(FleetError):
+    """A payload cannot be published."""
+
+
+class InputError(FleetError):
+    """An inbound body cannot be accepted; ``field`` names the culprit when known."""
+
+    def __init__(self, message: str, *, field: str | None = None, status: int = 422) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.status = status
+
+
+class AuthError(InputError):
+    """Wrong or missing shared secret."""
+
+    def __init__(self, message: str = "missing or invalid CallbackCode") -> None:
+        super().__init__(message, status=401)
+
+
+class TransportError(FleetError):
+    """The broker connection failed or refused an operation."""
+
+
+class NotConnectedError(TransportError):
+    """The operation needs a broker connection and there is none."""
+
+
+class OutboxError(FleetError):
+    """The durable outbox failed."""
+
+
+class OutboxFullError(OutboxError):
+    """The outbox is at its bound and holds nothing that may be dropped."""
+
+    def __init__(self, depth: int, limit: int) -> None:
+        super().__init__(f"outbox full ({depth}/{limit} entries); retry later")
+        self.depth = depth
+        self.limit = limit
+
+
+class StoreError(FleetError):
+    """The database is unreachable or refused a write."""

@@ -1,0 +1,339 @@
+"""Durable outbox: SQLite in WAL mode, one writer thread doing group commits.
+
+A webhook is answered 200 only after its message is committed here; the publisher
+removes an entry only after the broker's PUBACK. Every write (puts and removals) goes
+through one writer thread that takes everything queued since its last commit into one
+transaction, so N concurrent webhooks cost one fsync, not N (MEASURED.md: fdatasync
+runs ~4.5k/s on this disk).
+
+Bounded: at ``max_entries`` superseded entries that carry a ``compact_key`` (pose and
+power state of one robot) are compacted to the newest; if that frees nothing the put
+fails with OutboxFullError and the webhook answers 503 + Retry-After. Status changes
+and events are never dropped.
+
+Deduplication: each put may carry keys (Pudu ``TraceId``, a body hash); a put whose key
+was seen within ``dedup_ttl`` seconds is reported as a duplicate and stores nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from bridge.errors import OutboxError, OutboxFullError
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL DEFAULT 1,
+    retain INTEGER NOT NULL DEFAULT 0,
+    compact_key TEXT,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_compact ON outbox (compact_key, seq)
+    WHERE compact_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS seen (
+    key TEXT PRIMARY KEY,
+    at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS seen_at ON seen (at);
+"""
+
+
+class PutResult(enum.Enum):
+    """What happened to a put."""
+
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """One message waiting for its PUBACK."""
+
+    seq: int
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
+@dataclass(slots=True)
+class _Put:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    compact_key: str | None
+    dedup_keys: tuple[str, ...]
+    future: asyncio.Future[PutResult]
+
+
+@dataclass(slots=True)
+class _Remove:
+    seqs: list[int] = field(default_factory=list)
+
+
+_STOP = object()
+
+
+class Outbox:
+    """An async context manager over one SQLite file."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        max_entries: int = 1_000_000,
+        dedup_ttl: float = 3600.0,
+        max_batch: int = 2000,
+    ) -> None:
+        self.path = Path(path)
+        self.max_entries = max_entries
+        self.dedup_ttl = dedup_ttl
+        self.max_batch = max_batch
+        self.depth = 0
+        self.commits = 0
+        self.compacted = 0
+        self.rejected_full = 0
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._read_lock = asyncio.Lock()
+        self._changed = asyncio.Event()
+        self._last_prune = 0.0
+        self._fatal: BaseException | None = None
+
+    # -- lifecycle ------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: the WAL is fsynced at every commit, so a 200 survives a power cut.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        return conn
+
+    async def __aenter__(self) -> Outbox:
+        self._loop = asyncio.get_running_loop()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            writer = await asyncio.to_thread(self._open_writer)
+            self._reader = await asyncio.to_thread(self._connect)
+        except sqlite3.Error as exc:
+            raise OutboxError(f"cannot open outbox {self.path}: {exc}") from exc
+        self._thread = threading.Thread(
+            target=self._writer_loop, args=(writer,), name="outbox-writer", daemon=True
+        )
+        self._thread.start()
+        if self.depth:
+            log.info("outbox %s holds %d entries from before; resuming", self.path, self.depth)
+            self._changed.set()
+        return self
+
+    def _open_writer(self) -> sqlite3.Connection:
+        conn = self._connect()
+        conn.executescript(_SCHEMA)
+        self.depth = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        return conn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    # -- public API (event loop) ----------------------------------------------------------
+    async def put(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        compact_key: str | None = None,
+        dedup_keys: Sequence[str] = (),
+    ) -> PutResult:
+        """Store durably; returns once committed. OutboxFullError when at the bound."""
+        if self._fatal is not None:
+            raise OutboxError(f"outbox writer failed: {self._fatal}")
+        fut: asyncio.Future[PutResult] = asyncio.get_running_loop().create_future()
+        self._queue.put(_Put(topic, payload, qos, retain, compact_key, tuple(dedup_keys), fut))
+        return await fut
+
+    def remove(self, seqs: Iterable[int]) -> None:
+        """Drop acknowledged entries (not awaited: losing a removal only causes a resend)."""
+        batch = list(seqs)
+        if batch:
+            self._queue.put(_Remove(batch))
+
+    async def peek(self, after_seq: int, limit: int = 500) -> list[OutboxEntry]:
+        """The oldest entries with ``seq > after_seq``, in order."""
+        async with self._read_lock:
+            rows = await asyncio.to_thread(self._read, after_seq, limit)
+        return [OutboxEntry(r[0], r[1], bytes(r[2]), r[3], bool(r[4])) for r in rows]
+
+    def _read(self, after_seq: int, limit: int) -> list[tuple[Any, ...]]:
+        assert self._reader is not None
+        return self._reader.execute(
+            "SELECT seq, topic, payload, qos, retain FROM outbox"
+            " WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after_seq, limit),
+        ).fetchall()
+
+    async def wait_changed(self) -> None:
+        """Wait until something was added (or removed) since the last call."""
+        await self._changed.wait()
+        self._changed.clear()
+
+    # -- writer thread ------------------------------------------------------------------
+    def _writer_loop(self, conn: sqlite3.Connection) -> None:
+        try:
+            while True:
+                first = self._queue.get()
+                if first is _STOP:
+                    return
+                ops = [first]
+                stop = False
+                while len(ops) < self.max_batch:
+                    try:
+                        op = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if op is _STOP:
+                        stop = True
+                        break
+                    ops.append(op)
+                self._apply(conn, ops)
+                if stop:
+                    return
+        except BaseException as exc:  # the writer must never die silently
+            log.exception("outbox writer failed")
+            self._fatal = exc
+            self._drain_with_error(exc)
+        finally:
+            conn.close()
+
+    def _drain_with_error(self, exc: BaseException) -> None:
+        while True:
+            try:
+                op = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(op, _Put):
+                self._resolve([(op.future, OutboxError(f"outbox writer failed: {exc}"))])
+
+    def _apply(self, conn: sqlite3.Connection, ops: list[Any]) -> None:
+        results: list[tuple[asyncio.Future[PutResult], PutResult | BaseException]] = []
+        now = time.time()
+        depth = self.depth
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for op in ops:
+                if isinstance(op, _Remove):
+                    depth -= self._delete(conn, op.seqs)
+                    continue
+                result, freed = self._insert(conn, op, now, depth)
+                depth -= freed
+                if result is PutResult.ACCEPTED:
+                    depth += 1
+                results.append((op.future, result))
+            if now - self._last_prune > 60:
+                conn.execute("DELETE FROM seen WHERE at < ?", (now - self.dedup_ttl,))
+                self._last_prune = now
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            conn.execute("ROLLBACK")
+            err = OutboxError(f"outbox write failed: {exc}")
+            results = [(op.future, err) for op in ops if isinstance(op, _Put)]
+            depth = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        self.depth = depth
+        self.commits += 1
+        self._resolve(results)
+
+    def _delete(self, conn: sqlite3.Connection, seqs: list[int]) -> int:
+        cur = conn.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
+        return max(cur.rowcount, 0)
+
+    def _insert(
+        self, conn: sqlite3.Connection, op: _Put, now: float, depth: int
+    ) -> tuple[PutResult | BaseException, int]:
+        """Insert one entry; returns its result and how many entries compaction freed."""
+        keys = op.dedup_keys
+        if keys:
+            marks = ",".join("?" * len(keys))
+            if conn.execute(f"SELECT 1 FROM seen WHERE key IN ({marks}) LIMIT 1", keys).fetchone():
+                return PutResult.DUPLICATE, 0
+        freed = 0
+        if depth >= self.max_entries:
+            freed = self._make_room(conn, op.compact_key)
+            if not freed:
+                self.rejected_full += 1
+                return OutboxFullError(depth, self.max_entries), 0
+        conn.execute(
+            "INSERT INTO outbox (topic, payload, qos, retain, compact_key, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (op.topic, op.payload, op.qos, int(op.retain), op.compact_key, now),
+        )
+        if keys:
+            conn.executemany(
+                "INSERT OR REPLACE INTO seen (key, at) VALUES (?, ?)", [(k, now) for k in keys]
+            )
+        return PutResult.ACCEPTED, freed
+
+    def _make_room(self, conn: sqlite3.Connection, compact_key: str | None) -> int:
+        """Compact superseded state; returns how many entries were dropped."""
+        cur = conn.execute(
+            "DELETE FROM outbox WHERE compact_key IS NOT NULL AND seq < "
+            "(SELECT MAX(o.seq) FROM outbox o WHERE o.compact_key = outbox.compact_key)"
+        )
+        freed = max(cur.rowcount, 0)
+        if not freed and compact_key is not None:
+            # The new entry supersedes the newest one stored for the same key.
+            cur = conn.execute("DELETE FROM outbox WHERE compact_key = ?", (compact_key,))
+            freed = max(cur.rowcount, 0)
+        if freed:
+            self.compacted += freed
+            log.warning("outbox at its bound: compacted %d superseded entries", freed)
+        return freed
+
+    def _resolve(
+        self, results: list[tuple[asyncio.Future[PutResult], PutResult | BaseException]]
+    ) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+
+        def done() -> None:
+            for fut, result in results:
+                if fut.done():
+                    continue
+                if isinstance(result, BaseException):
+                    fut.set_exception(result)
+                else:
+                    fut.set_result(result)
+            self._changed.set()
+
+        loop.call_soon_threadsafe(done)

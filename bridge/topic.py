@@ -1,0 +1,156 @@
+"""Topics, topic filters and the product's topic scheme.
+
+Rules follow MQTT 3.1.1 §4.7 / MQTT 5 §4.7: levels split on ``/``; ``+`` matches one
+level, ``#`` the rest (and the parent level); wildcards may not appear in topic
+names; topics starting with ``$`` are not matched by a filter starting with a wildcard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bridge.errors import TopicError
+
+MAX_TOPIC_BYTES = 65535
+
+#: Channels a robot device publishes on.
+ROBOT_CHANNELS = ("status", "event", "pose", "power", "move", "task")
+#: Channels of the gateway device itself.
+GATEWAY_CHANNELS = ("command", "response", "presence", "telemetry")
+
+
+def _check_common(value: str) -> None:
+    if not value:
+        raise TopicError(value, "empty")
+    if "\x00" in value:
+        raise TopicError(value, "contains NUL")
+    if len(value.encode()) > MAX_TOPIC_BYTES:
+        raise TopicError(value, "longer than 65535 bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class Topic:
+    """A concrete topic name (no wildcards)."""
+
+    value: str
+
+    def __post_init__(self) -> None:
+        _check_common(self.value)
+        if "+" in self.value or "#" in self.value:
+            raise TopicError(self.value, "wildcards are not allowed in a topic name")
+
+    def __str__(self) -> str:
+        return self.value
+
+    def matches(self, flt: TopicFilter | str) -> bool:
+        """True if this topic matches ``flt``."""
+        f = flt if isinstance(flt, TopicFilter) else TopicFilter(flt)
+        return f.matches(self)
+
+
+@dataclass(frozen=True, slots=True)
+class TopicFilter:
+    """A subscription filter, possibly with ``+``/``#`` wildcards or a ``$share`` prefix."""
+
+    value: str
+
+    def __post_init__(self) -> None:
+        _check_common(self.value)
+        levels = self.value.split("/")
+        if levels[0] == "$share":
+            # MQTT 5 §4.8.2: $share/{ShareName}/{filter}; ShareName has no wildcards.
+            if len(levels) < 3 or not levels[1] or "+" in levels[1] or "#" in levels[1]:
+                raise TopicError(self.value, "shared subscription needs $share/<group>/<filter>")
+            levels = levels[2:]
+        for i, level in enumerate(levels):
+            if "#" in level and (level != "#" or i != len(levels) - 1):
+                raise TopicError(self.value, "'#' must be the last level on its own")
+            if "+" in level and level != "+":
+                raise TopicError(self.value, "'+' must occupy a whole level")
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def share_group(self) -> str | None:
+        levels = self.value.split("/")
+        return levels[1] if levels[0] == "$share" else None
+
+    @property
+    def base(self) -> str:
+        """The filter without any ``$share/{group}/`` prefix."""
+        levels = self.value.split("/")
+        return "/".join(levels[2:]) if levels[0] == "$share" else self.value
+
+    def matches(self, topic: Topic | str) -> bool:
+        """MQTT matching of a topic name against this filter."""
+        name = topic.value if isinstance(topic, Topic) else topic
+        flt = self.base.split("/")
+        parts = name.split("/")
+        # §4.7.2: a filter starting with a wildcard does not match a $-topic.
+        if name.startswith("$") and flt[0] in ("+", "#"):
+            return False
+        for i, level in enumerate(flt):
+            if level == "#":
+                return True
+            if i >= len(parts):
+                return False
+            if level != "+" and level != parts[i]:
+                return False
+        # "a/#" also matches "a" (handled above); "a/+" does not match "a/b/c".
+        return len(parts) == len(flt)
+
+
+def _check_segment(name: str, value: str) -> str:
+    if not value or any(c in value for c in "/+#\x00"):
+        raise TopicError(value, f"{name} must be non-empty and contain no '/', '+', '#'")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class TopicScheme:
+    """``{prefix}org/{org}/device/{device}/{channel}``: the product's topic layout."""
+
+    org_id: str
+    prefix: str = ""
+
+    def __post_init__(self) -> None:
+        _check_segment("org_id", self.org_id)
+        if self.prefix and not self.prefix.endswith("/"):
+            object.__setattr__(self, "prefix", self.prefix + "/")
+
+    def device(self, device_id: str, channel: str) -> Topic:
+        """The topic for ``channel`` of ``device_id`` (``channel`` may hold a '/')."""
+        _check_segment("device_id", device_id)
+        for part in channel.split("/"):
+            _check_segment("channel", part)
+        return Topic(f"{self.prefix}org/{self.org_id}/device/{device_id}/{channel}")
+
+
+def all_devices_filter(prefix: str = "", share_group: str | None = None) -> TopicFilter:
+    """``org/+/device/+/#`` under ``prefix``, shared when ``share_group`` is given."""
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    base = f"{prefix}org/+/device/+/#"
+    return TopicFilter(f"$share/{share_group}/{base}" if share_group else base)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceAddress:
+    """The parts of a topic in the product's scheme."""
+
+    org_id: str
+    device_id: str
+    channel: str
+
+
+def parse_device_topic(topic: str, prefix: str = "") -> DeviceAddress:
+    """Split ``{prefix}org/{org}/device/{device}/{channel...}``; TopicError otherwise."""
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    if not topic.startswith(prefix):
+        raise TopicError(topic, f"does not start with prefix {prefix!r}")
+    parts = topic[len(prefix):].split("/")
+    if len(parts) < 5 or parts[0] != "org" or parts[2] != "device" or not all(parts[:5]):
+        raise TopicError(topic, "not of the form org/{org}/device/{device}/{channel}")
+    return DeviceAddress(parts[1], parts[3], "/".join(parts[4:]))

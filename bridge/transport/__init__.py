@@ -1,0 +1,48 @@
+"""MQTT transports behind one interface, chosen by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from bridge.errors import ConfigError
+from bridge.transport.base import (
+    InboundMessage,
+    MqttSettings,
+    TlsFiles,
+    Transport,
+    Will,
+)
+
+__all__ = [
+    "InboundMessage",
+    "MqttSettings",
+    "TlsFiles",
+    "Transport",
+    "Will",
+    "create_transport",
+]
+
+
+def _paho(settings: MqttSettings) -> Transport:
+    from bridge.transport.paho import PahoTransport
+
+    return PahoTransport(settings)
+
+
+def _awsiot(settings: MqttSettings) -> Transport:
+    from bridge.transport.awsiot import AwsIotTransport  # type: ignore[import-not-found]
+
+    return AwsIotTransport(settings)
+
+
+_BACKENDS: dict[str, Callable[[MqttSettings], Transport]] = {"paho": _paho, "awsiot": _awsiot}
+
+
+def create_transport(backend: str, settings: MqttSettings) -> Transport:
+    """Build the transport named ``backend`` (``paho`` or ``awsiot``)."""
+    try:
+        factory = _BACKENDS[backend]
+    except KeyError:
+        known = sorted(_BACKENDS)
+        raise ConfigError(f"unknown MQTT backend {backend!r}; use one of {known}") from None
+    return factory(settings)

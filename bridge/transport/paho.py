@@ -1,0 +1,286 @@
+"""paho-mqtt 2.x backend: the only module that imports paho.
+
+paho is thread-based; its callbacks run on our network thread and are handed to the
+event loop with ``call_soon_threadsafe`` here and nowhere else. This thread also owns
+reconnecting, with full-jitter exponential backoff (paho's own backoff has no jitter,
+and a fleet of gateways reconnecting in lockstep after a broker restart is a thundering
+herd).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+import threading
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from bridge.errors import NotConnectedError, TransportError
+from bridge.transport.base import InboundMessage, MqttSettings, Transport
+
+log = logging.getLogger(__name__)
+
+
+def _failed(reason: Any) -> bool:
+    if isinstance(reason, ReasonCode):
+        return bool(reason.is_failure)
+    return bool(reason)
+
+
+def backoff_delay(attempt: int, low: float, high: float) -> float:
+    """Full-jitter exponential backoff: uniform in [low, min(high, low * 2**attempt)]."""
+    return random.uniform(low, min(high, low * (2 ** min(attempt, 30))))
+
+
+class PahoTransport(Transport):
+    """Any MQTT 3.1.1/5 broker (Mosquitto, the embedded one) through paho-mqtt."""
+
+    def __init__(self, settings: MqttSettings) -> None:
+        super().__init__()
+        self.settings = settings
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: dict[int, asyncio.Future[None]] = {}
+        self._subs: dict[str, int] = {}
+        self._sub_waiters: dict[int, asyncio.Future[None]] = {}
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.reconnects = 0
+        self._client = self._build_client()
+
+    @property
+    def max_qos(self) -> int:
+        return 2
+
+    # -- construction -------------------------------------------------------------
+    def _build_client(self) -> mqtt.Client:
+        s = self.settings
+        protocol = mqtt.MQTTv5 if s.protocol == 5 else mqtt.MQTTv311
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=s.client_id,
+            protocol=protocol,
+            clean_session=None if protocol == mqtt.MQTTv5 else s.clean_start,
+            manual_ack=s.manual_ack,
+        )
+        # Our own publisher bounds what it puts in flight; paho's queue must never
+        # refuse (MQTT_ERR_QUEUE_SIZE is a silent drop for callers that ignore rc).
+        client.max_inflight_messages_set(s.max_inflight)
+        client.max_queued_messages_set(0)
+        if s.username:
+            client.username_pw_set(s.username, s.password)
+        if s.tls:
+            f = s.tls_files
+            client.tls_set(
+                ca_certs=f.ca_file,
+                certfile=f.cert_file,
+                keyfile=f.key_file,
+                cert_reqs=ssl.CERT_REQUIRED,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        if s.will:
+            client.will_set(s.will.topic, s.will.payload, s.will.qos, s.will.retain)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        client.on_unsubscribe = self._on_unsubscribe
+        return client
+
+    # -- lifecycle ------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopping.clear()
+        self._thread = threading.Thread(
+            target=self._network_loop, name=f"mqtt-{self.settings.client_id}", daemon=True
+        )
+        self._thread.start()
+
+    async def stop(self) -> None:
+        if self._thread is None:
+            return
+        offline = self.settings.offline
+        if offline and self.connected:
+            try:
+                await asyncio.wait_for(
+                    self.publish(offline.topic, offline.payload, offline.qos, offline.retain), 2.0
+                )
+            except (TimeoutError, TransportError):
+                log.warning("could not publish offline presence before stopping")
+        self._stopping.set()
+        self._client.disconnect()
+        thread, self._thread = self._thread, None
+        await asyncio.to_thread(thread.join, 10.0)
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(NotConnectedError("transport stopped before PUBACK"))
+        self._pending.clear()
+        self._notify_connection(False)
+
+    def _connect_once(self) -> bool:
+        s = self.settings
+        props = None
+        kwargs: dict[str, Any] = {}
+        if s.protocol == 5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 0 if s.clean_start else s.session_expiry
+            kwargs["clean_start"] = s.clean_start
+            kwargs["properties"] = props
+        try:
+            rc = self._client.connect(s.host, s.port, s.keepalive, **kwargs)
+        except (OSError, ssl.SSLError) as exc:
+            log.info("MQTT connect to %s:%s failed: %s", s.host, s.port, exc)
+            return False
+        return rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _network_loop(self) -> None:
+        """Connect, run paho's loop until the link drops, back off, repeat."""
+        attempt = 0
+        while not self._stopping.is_set():
+            if self._connect_once():
+                while not self._stopping.is_set():
+                    rc = self._client.loop(timeout=1.0)
+                    if self._client.is_connected():
+                        attempt = 0
+                    if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                        break
+                if self._stopping.is_set():
+                    # Flush the DISCONNECT we queued in stop().
+                    for _ in range(10):
+                        if self._client.loop(timeout=0.1) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                            break
+                    return
+            delay = backoff_delay(attempt, self.settings.backoff_min, self.settings.backoff_max)
+            attempt += 1
+            self.reconnects += 1
+            log.debug("MQTT reconnect in %.2fs (attempt %d)", delay, attempt)
+            self._stopping.wait(delay)
+
+    # -- paho callbacks (network thread) -> event loop -------------------------------------
+    def _call(self, fn: Any, *args: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(fn, *args)
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
+                    properties: Any) -> None:
+        if _failed(reason):
+            log.warning("MQTT broker refused connection: %s", reason)
+            return
+        session_present = bool(getattr(flags, "session_present", False))
+        log.info("MQTT connected to %s:%s (session present: %s)",
+                 self.settings.host, self.settings.port, session_present)
+        birth = self.settings.birth
+        if birth:
+            client.publish(birth.topic, birth.payload, birth.qos, birth.retain)
+        if not session_present or self.settings.clean_start:
+            for flt, qos in list(self._subs.items()):
+                client.subscribe(flt, qos)
+        self._call(self._notify_connection, True)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
+                       properties: Any) -> None:
+        if not self._stopping.is_set():
+            log.warning("MQTT disconnected: %s", reason)
+        self._call(self._notify_connection, False)
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
+                    properties: Any) -> None:
+        self._call(self._resolve_publish, mid, _failed(reason), str(reason))
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        inbound = InboundMessage(
+            topic=msg.topic, payload=bytes(msg.payload), qos=msg.qos, retain=bool(msg.retain),
+            mid=msg.mid, dup=bool(msg.dup),
+        )
+        self._call(self._deliver, inbound)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any,
+                      properties: Any) -> None:
+        failed = [str(r) for r in reasons if _failed(r)]
+        self._call(self._resolve_sub, mid, failed)
+
+    def _on_unsubscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any,
+                        properties: Any) -> None:
+        self._call(self._resolve_sub, mid, [])
+
+    # -- event-loop side ---------------------------------------------------------------
+    def _resolve_publish(self, mid: int, failed: bool, reason: str) -> None:
+        fut = self._pending.pop(mid, None)
+        if fut is None or fut.done():
+            return
+        if failed:
+            fut.set_exception(TransportError(f"broker refused publish: {reason}"))
+        else:
+            fut.set_result(None)
+
+    def _resolve_sub(self, mid: int, failed: list[str]) -> None:
+        fut = self._sub_waiters.pop(mid, None)
+        if fut is None or fut.done():
+            return
+        if failed:
+            fut.set_exception(TransportError(f"broker refused subscription: {', '.join(failed)}"))
+        else:
+            fut.set_result(None)
+
+    def _deliver(self, message: InboundMessage) -> None:
+        handler = self.message_handler
+        if handler is None:
+            log.warning("dropping message on %s: no handler", message.topic)
+            return
+        handler(message)
+
+    # -- public API (event loop) --------------------------------------------------------
+    def publish(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
+    ) -> asyncio.Future[None]:
+        loop = self._loop or asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        if qos == 0 and not self._client.is_connected():
+            fut.set_exception(NotConnectedError("not connected; QoS 0 message not sent"))
+            return fut
+        info = self._client.publish(topic, payload, qos, retain)
+        # NO_CONN with QoS >= 1: paho keeps the message and sends it after reconnecting.
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            fut.set_exception(TransportError(f"paho refused publish: {mqtt.error_string(info.rc)}"))
+            return fut
+        if qos == 0 and info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+            fut.set_exception(NotConnectedError("not connected; QoS 0 message not sent"))
+            return fut
+        self._pending[info.mid] = fut
+        return fut
+
+    async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        self._subs[topic_filter] = qos
+        if not self._client.is_connected():
+            return  # sent on connect
+        await self._sub_request(lambda: self._client.subscribe(topic_filter, qos))
+
+    async def unsubscribe(self, topic_filter: str) -> None:
+        self._subs.pop(topic_filter, None)
+        if self._client.is_connected():
+            await self._sub_request(lambda: self._client.unsubscribe(topic_filter))
+
+    async def _sub_request(self, send: Any) -> None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        rc, mid = send()
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise TransportError(f"paho refused (un)subscribe: {mqtt.error_string(rc)}")
+        self._sub_waiters[mid] = fut
+        await asyncio.wait_for(fut, 10.0)
+
+    def ack(self, message: InboundMessage) -> None:
+        if message.qos == 0:
+            return
+        rc = self._client.ack(message.mid, message.qos)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            # The broker redelivers after reconnect: nothing is lost, only delayed.
+            log.info("ack of mid %s not sent: %s", message.mid, mqtt.error_string(rc))

@@ -1,0 +1,82 @@
+"""The durable outbox: commit before answer, dedup, bound policy, restart."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from bridge.errors import OutboxFullError
+from bridge.outbox import Outbox, PutResult
+
+
+async def test_put_peek_remove_survives_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    async with Outbox(path) as box:
+        for i in range(5):
+            assert await box.put(f"t/{i}", b"%d" % i) is PutResult.ACCEPTED
+        entries = await box.peek(0)
+        assert [e.topic for e in entries] == [f"t/{i}" for i in range(5)]
+        box.remove([entries[0].seq, entries[1].seq])
+        await box.put("t/5", b"5")  # orders after the removal in the writer queue
+        assert box.depth == 4
+    async with Outbox(path) as box:
+        assert box.depth == 4
+        entries = await box.peek(0)
+        assert [e.payload for e in entries] == [b"2", b"3", b"4", b"5"]
+        assert entries == sorted(entries, key=lambda e: e.seq)
+
+
+async def test_concurrent_puts_share_commits(tmp_path: Path) -> None:
+    async with Outbox(tmp_path / "o.db") as box:
+        results = await asyncio.gather(*(box.put("t", b"%d" % i) for i in range(500)))
+        assert all(r is PutResult.ACCEPTED for r in results)
+        assert box.depth == 500
+        # group commit: far fewer commits than puts
+        assert box.commits < 100, box.commits
+
+
+async def test_duplicate_keys_are_reported_not_stored(tmp_path: Path) -> None:
+    async with Outbox(tmp_path / "o.db") as box:
+        assert await box.put("t", b"a", dedup_keys=["trace:1"]) is PutResult.ACCEPTED
+        assert await box.put("t", b"a", dedup_keys=["trace:1"]) is PutResult.DUPLICATE
+        # either key matching is enough (same body under a new TraceId)
+        assert await box.put("t", b"a", dedup_keys=["trace:2", "body:x"]) is PutResult.ACCEPTED
+        assert await box.put("t", b"a", dedup_keys=["trace:3", "body:x"]) is PutResult.DUPLICATE
+        same_batch = await asyncio.gather(
+            box.put("t", b"b", dedup_keys=["k"]), box.put("t", b"b", dedup_keys=["k"])
+        )
+        assert sorted(r.value for r in same_batch) == ["accepted", "duplicate"]
+        assert box.depth == 3
+
+
+async def test_dedup_survives_publish_and_restart(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    async with Outbox(path) as box:
+        await box.put("t", b"a", dedup_keys=["trace:1"])
+        box.remove([e.seq for e in await box.peek(0)])
+    async with Outbox(path) as box:
+        assert await box.put("t", b"a", dedup_keys=["trace:1"]) is PutResult.DUPLICATE
+        assert box.depth == 0
+
+
+async def test_full_outbox_compacts_superseded_state_then_refuses_events(tmp_path: Path) -> None:
+    async with Outbox(tmp_path / "o.db", max_entries=4) as box:
+        await box.put("pose", b"p1", compact_key="pose:A")
+        await box.put("pose", b"p2", compact_key="pose:A")
+        await box.put("evt", b"e1")
+        await box.put("evt", b"e2")
+        # full: the older pose of robot A is compacted away to take e3
+        assert await box.put("evt", b"e3") is PutResult.ACCEPTED
+        payloads = [e.payload for e in await box.peek(0)]
+        assert payloads == [b"p2", b"e1", b"e2", b"e3"]
+        assert box.compacted == 1
+        # nothing superseded left: an event is refused, never dropped silently
+        with pytest.raises(OutboxFullError):
+            await box.put("evt", b"e4")
+        # a newer pose of A supersedes the stored one
+        assert await box.put("pose", b"p3", compact_key="pose:A") is PutResult.ACCEPTED
+        payloads = [e.payload for e in await box.peek(0)]
+        assert payloads == [b"e1", b"e2", b"e3", b"p3"]
+        assert box.depth == 4

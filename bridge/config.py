@@ -12,12 +12,21 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 
 from bridge.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
 MASK = "********"
+
+
+class TlsSettings(BaseModel):
+    """Certificate files for mqtts:// and the AWS IoT backend (mutual TLS)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
 
 
 def load_settings(

@@ -65,6 +65,9 @@ class MqttSettings:
     clean_start: bool = False  # persistent session: QoS 1 traffic queues while we are away
     session_expiry: int = 7 * 24 * 3600
     manual_ack: bool = False
+    # MQTT 5 Receive Maximum: how many unacked QoS 1 messages the broker may push to us.
+    # With manual acks held until a database commit this bounds the batch size.
+    receive_maximum: int = 1000
     max_inflight: int = 100  # AWS IoT's cap on unacked QoS 1; larger is slower in paho
     backoff_min: float = 0.5
     backoff_max: float = 30.0

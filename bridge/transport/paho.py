@@ -131,6 +131,7 @@ class PahoTransport(Transport):
         if s.protocol == 5:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = 0 if s.clean_start else s.session_expiry
+            props.ReceiveMaximum = s.receive_maximum
             kwargs["clean_start"] = s.clean_start
             kwargs["properties"] = props
         try:

@@ -1,0 +1,139 @@
+"""Batches messages into store transactions and acknowledges only after the commit.
+
+MQTT deliveries and HTTP pushes both land here. One writer task takes whatever has
+queued since its last transaction (up to ``batch_max``) and writes it as one batch, so
+load makes batches bigger instead of making the database busier. While the database
+is down the batch is retried with backoff and nothing is acknowledged: the broker
+(or the IoT Rule's HTTP retry) holds the messages for us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from bridge.envelope import Envelope
+from bridge.errors import StoreError
+from callback_server.store import Store
+
+log = logging.getLogger(__name__)
+
+OnCommit = Callable[[], None]
+
+
+@dataclass(slots=True)
+class _Item:
+    topic: str
+    envelope: Envelope
+    on_commit: OnCommit
+
+
+@dataclass(slots=True)
+class _Dead:
+    topic: str
+    payload: bytes
+    reason: str
+    on_commit: OnCommit
+
+
+class BatchWriter:
+    """One writer task in front of the store."""
+
+    def __init__(
+        self, store: Store, *, batch_max: int = 500, retry_min: float = 0.2,
+        retry_max: float = 10.0,
+    ) -> None:
+        self.store = store
+        self.batch_max = batch_max
+        self.retry_min = retry_min
+        self.retry_max = retry_max
+        self.degraded = False
+        self.last_error = ""
+        self.stored = 0
+        self.batches = 0
+        self.dead_lettered = 0
+        self._items: collections.deque[_Item] = collections.deque()
+        self._dead: collections.deque[_Dead] = collections.deque()
+        self._wake = asyncio.Event()
+
+    @property
+    def pending(self) -> int:
+        return len(self._items) + len(self._dead)
+
+    def submit(self, topic: str, envelope: Envelope, on_commit: OnCommit) -> None:
+        """Queue a message; ``on_commit`` runs once its rows are committed."""
+        self._items.append(_Item(topic, envelope, on_commit))
+        self._wake.set()
+
+    def submit_dead(self, topic: str, payload: bytes, reason: str, on_commit: OnCommit) -> None:
+        """Queue a malformed message for the dead-letter table."""
+        self._dead.append(_Dead(topic, payload, reason, on_commit))
+        self._wake.set()
+
+    async def write(self, items: Sequence[tuple[str, Envelope]]) -> None:
+        """Queue several messages and wait for their commit (the HTTP ingest path)."""
+        if not items:
+            return
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        remaining = len(items)
+
+        def one_committed() -> None:
+            nonlocal remaining
+            remaining -= 1
+            if remaining == 0 and not done.done():
+                done.set_result(None)
+
+        for topic, envelope in items:
+            self.submit(topic, envelope, one_committed)
+        await done
+
+    async def run(self) -> None:
+        """Write batches until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._dead:
+                dead = self._dead[0]
+                await self._retrying(lambda d=dead: self.store.dead_letter(d.topic, d.payload,
+                                                                            d.reason))
+                self._dead.popleft()
+                self.dead_lettered += 1
+                dead.on_commit()
+            while self._items:
+                n = min(len(self._items), self.batch_max)
+                batch = [self._items[i] for i in range(n)]
+                await self._retrying(
+                    lambda b=batch: self.store.write_batch([(i.topic, i.envelope) for i in b])
+                )
+                for _ in range(n):
+                    self._items.popleft()
+                self.stored += n
+                self.batches += 1
+                for item in batch:
+                    item.on_commit()
+
+    async def _retrying(self, op: Callable[[], Awaitable[object]]) -> None:
+        attempt = 0
+        while True:
+            try:
+                await op()
+            except StoreError as exc:
+                if not self.degraded:
+                    log.error("database write failed, holding acknowledgements: %s", exc)
+                self.degraded = True
+                self.last_error = str(exc)
+                delay = random.uniform(self.retry_min,
+                                       min(self.retry_max, self.retry_min * 2 ** attempt))
+                attempt += 1
+                await asyncio.sleep(delay)
+                continue
+            if self.degraded:
+                log.info("database writes succeed again")
+            self.degraded = False
+            self.last_error = ""
+            return

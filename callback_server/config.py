@@ -1,0 +1,85 @@
+"""Callback server settings: one immutable object built once at startup."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from bridge.config import TlsSettings, load_settings
+
+ENV_MAP = {
+    "MQTT_URL": "mqtt_url",
+    "MQTT_BACKEND": "mqtt_backend",
+    "MQTT_CLIENT_ID": "mqtt_client_id",
+    "MQTT_CA_FILE": "tls.ca_file",
+    "MQTT_CERT_FILE": "tls.cert_file",
+    "MQTT_KEY_FILE": "tls.key_file",
+    "DATABASE_URL": "database_url",
+    "DATABASE_CONFIG": "database_config",
+    "CALLBACK_HTTP_HOST": "http_host",
+    "CALLBACK_HTTP_PORT": "http_port",
+    "CALLBACK_TOKEN": "callback_token",
+    "SHARE_GROUP": "share_group",
+    "TOPIC_PREFIX": "topic_prefix",
+    "LOG_LEVEL": "log_level",
+    "PROXY_TOKEN": "proxy_token",
+}
+
+
+class CallbackSettings(BaseModel):
+    """Everything the callback server needs; see config.example/callback-server.yaml."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mqtt_url: str = "mqtt://127.0.0.1:1883"
+    mqtt_backend: Literal["paho", "awsiot"] = "paho"
+    # Stable across restarts so the broker finds our persistent session (and what it
+    # held in flight for us) again.
+    mqtt_client_id: str = ""
+    tls: TlsSettings = TlsSettings()
+    database_url: str = "sqlite:///data/callback.db"
+    database_config: str | None = None
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(3005, ge=0, le=65535)
+    callback_token: SecretStr | None = None
+    share_group: str | None = None
+    topic_prefix: str = ""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    batch_max: int = Field(500, ge=1, le=10_000)
+    proxy_token: SecretStr | None = None
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v: object) -> object:
+        return v.upper() if isinstance(v, str) else v
+
+    @field_validator("share_group")
+    @classmethod
+    def _group(cls, v: str | None) -> str | None:
+        if v and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v):
+            raise ValueError("must be 1-64 of letters, digits, '_', '-', '.'")
+        return v or None
+
+    @model_validator(mode="after")
+    def _defaults(self) -> CallbackSettings:
+        if not self.mqtt_client_id:
+            host = socket.gethostname().split(".")[0]
+            object.__setattr__(self, "mqtt_client_id", f"callback-server-{host}")
+        return self
+
+
+def load(path: str | None, environ: Mapping[str, str] | None = None) -> CallbackSettings:
+    """Read ``path`` (or ``CALLBACK_SERVER_CONFIG``) and the environment."""
+    env = os.environ if environ is None else environ
+    return load_settings(
+        CallbackSettings,
+        path=path or env.get("CALLBACK_SERVER_CONFIG"),
+        env_map=ENV_MAP,
+        environ=env,
+    )

@@ -1,0 +1,147 @@
+"""The callback server as one long-lived object: store + batch writer + consumer + HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Gauge
+
+from bridge.http_server import NodelayStats, make_server, serve_until_signal
+from bridge.transport import MqttSettings, TlsFiles, Transport, create_transport
+from callback_server.batcher import BatchWriter
+from callback_server.config import CallbackSettings
+from callback_server.consumer import Consumer
+from callback_server.store import load_targets, open_store
+from edge_agent.service import VERSION
+
+log = logging.getLogger(__name__)
+
+
+class CallbackMetrics:
+    """Gauges refreshed on scrape from the components' own counters."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, registry=self.registry)
+
+        self.received = gauge("callback_messages_received_total", "MQTT messages received")
+        self.stored = gauge("callback_messages_stored_total", "Messages committed")
+        self.batches = gauge("callback_batches_total", "Store transactions")
+        self.dead = gauge("callback_dead_letters_total", "Malformed messages dead-lettered")
+        self.pending = gauge("callback_pending", "Messages waiting for a commit")
+        self.degraded = gauge("callback_degraded", "1 while database writes fail")
+        self.connected = gauge("callback_broker_connected", "1 when connected to the broker")
+
+
+def mqtt_settings(settings: CallbackSettings) -> MqttSettings:
+    """A persistent session with manual acks: unacked messages come back after a crash."""
+    return MqttSettings.from_url(
+        settings.mqtt_url,
+        client_id=settings.mqtt_client_id,
+        tls_files=TlsFiles(settings.tls.ca_file, settings.tls.cert_file, settings.tls.key_file),
+        manual_ack=True,
+        receive_maximum=max(settings.batch_max * 2, 100),
+    )
+
+
+class CallbackServer:
+    """Owns the long-lived parts; enter it, then serve ``self.app``."""
+
+    def __init__(self, settings: CallbackSettings, transport: Transport | None = None) -> None:
+        self.settings = settings
+        self.version = VERSION
+        self.metrics = CallbackMetrics()
+        self.nodelay = NodelayStats()
+        targets = load_targets(settings.database_config) if settings.database_config else None
+        self.store = open_store(settings.database_url, targets=targets)
+        self.writer = BatchWriter(self.store, batch_max=settings.batch_max)
+        self.transport = transport or create_transport(settings.mqtt_backend,
+                                                       mqtt_settings(settings))
+        self.consumer = Consumer(
+            self.transport, self.writer,
+            topic_prefix=settings.topic_prefix, share_group=settings.share_group,
+        )
+        self.gateways: dict[str, dict[str, Any]] = {}
+        self.consumer.gateway_handlers.append(self._on_gateway_message)
+        self._stack = AsyncExitStack()
+        self._tasks: list[asyncio.Task[None]] = []
+
+        from callback_server.app import create_app
+
+        self.app = create_app(self)
+
+    async def __aenter__(self) -> CallbackServer:
+        await self._stack.enter_async_context(self.store)
+        self._tasks.append(asyncio.create_task(self.writer.run(), name="batch-writer"))
+        await self._stack.enter_async_context(self.transport)
+        await self.consumer.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Stop taking messages first; what was not committed stays unacked at the broker.
+        await self._stack.aclose()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _on_gateway_message(self, org: str, device: str, channel: str, payload: bytes) -> None:
+        if channel != "presence":
+            return
+        state = payload.decode(errors="replace").strip().lower()
+        self.gateways[f"{org}/{device}"] = {
+            "org_id": org, "gateway_id": device, "state": state, "since": time.time(),
+        }
+
+    async def health(self) -> dict[str, Any]:
+        db_ok = await self.store.ping()
+        connected = self.transport.connected
+        healthy = db_ok and connected and not self.writer.degraded
+        return {
+            "status": "healthy" if healthy else "degraded",
+            "timestamp": int(time.time()),
+            "service": "callback-server",
+            "version": self.version,
+            "broker_connected": connected,
+            "database_ok": db_ok and not self.writer.degraded,
+            "database_error": self.writer.last_error or None,
+            "pending": self.writer.pending,
+            "received": self.consumer.received,
+            "stored": self.writer.stored,
+            "dead_lettered": self.writer.dead_lettered,
+            "subscription": self.consumer.filter.value,
+            "tcp_nodelay_verified": self.nodelay.verified,
+        }
+
+    def refresh_gauges(self) -> None:
+        m = self.metrics
+        m.received.set(self.consumer.received)
+        m.stored.set(self.writer.stored)
+        m.batches.set(self.writer.batches)
+        m.dead.set(self.writer.dead_lettered)
+        m.pending.set(self.writer.pending)
+        m.degraded.set(1 if self.writer.degraded else 0)
+        m.connected.set(1 if self.transport.connected else 0)
+
+
+async def serve(settings: CallbackSettings) -> None:
+    """Run until SIGTERM/SIGINT."""
+    async with CallbackServer(settings) as server:
+        http = make_server(server.app, settings.http_host, settings.http_port, server.nodelay)
+        log.info("callback server %s listening on %s:%d, subscribed to %s", VERSION,
+                 settings.http_host, settings.http_port, server.consumer.filter.value)
+        await serve_until_signal(http)

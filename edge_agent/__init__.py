@@ -1,0 +1,1 @@
+"""The on-prem service: Pudu webhook in, durable outbox, MQTT out."""

@@ -1,0 +1,100 @@
+"""Edge agent settings: one immutable object built once at startup."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from bridge.config import TlsSettings, load_settings
+
+ENV_MAP = {
+    "PUDU_CALLBACK_CODE": "pudu_callback_code",
+    "EDGE_HTTP_HOST": "http_host",
+    "EDGE_HTTP_PORT": "http_port",
+    "EDGE_ADMIN_HOST": "admin_host",
+    "EDGE_ADMIN_PORT": "admin_port",
+    "MQTT_URL": "mqtt_url",
+    "MQTT_BACKEND": "mqtt_backend",
+    "MQTT_CLIENT_ID": "mqtt_client_id",
+    "MQTT_CA_FILE": "tls.ca_file",
+    "MQTT_CERT_FILE": "tls.cert_file",
+    "MQTT_KEY_FILE": "tls.key_file",
+    "ORG_ID": "org_id",
+    "GATEWAY_ID": "gateway_id",
+    "OUTBOX_PATH": "outbox_path",
+    "OUTBOX_MAX_ENTRIES": "outbox_max_entries",
+    "TOPIC_PREFIX": "topic_prefix",
+    "LOG_LEVEL": "log_level",
+    "PROXY_TOKEN": "proxy_token",
+    "MAX_BODY_BYTES": "max_body_bytes",
+}
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+
+class EdgeSettings(BaseModel):
+    """Everything the edge agent needs; see config.example/edge-agent.yaml."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    pudu_callback_code: SecretStr
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(8000, ge=0, le=65535)
+    admin_host: str = "127.0.0.1"
+    admin_port: int = Field(8001, ge=0, le=65535)
+    mqtt_url: str = "mqtt://127.0.0.1:1883"
+    mqtt_backend: Literal["paho", "awsiot"] = "paho"
+    mqtt_client_id: str = ""
+    tls: TlsSettings = TlsSettings()
+    org_id: str = "default"
+    gateway_id: str = Field(default_factory=lambda: socket.gethostname().split(".")[0])
+    outbox_path: Path = Path("data/outbox.db")
+    outbox_max_entries: int = Field(1_000_000, ge=1)
+    dedup_ttl_seconds: float = Field(3600.0, gt=0)
+    publish_window: int = Field(100, ge=1, le=1000)
+    publish_rate_limit: float = Field(0.0, ge=0)  # msg/s; AWS IoT caps a connection at 100
+    topic_prefix: str = ""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    max_body_bytes: int = Field(64 * 1024, ge=1024)
+    proxy_token: SecretStr | None = None
+    heartbeat_seconds: float = Field(60.0, ge=0)
+
+    @field_validator("pudu_callback_code")
+    @classmethod
+    def _code_shape(cls, v: SecretStr) -> SecretStr:
+        # Pudu issues 32 chars, integrators may choose up to 64 letters and digits.
+        if not v.get_secret_value().strip():
+            raise ValueError("must not be empty")
+        return v
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v: object) -> object:
+        return v.upper() if isinstance(v, str) else v
+
+    @field_validator("org_id", "gateway_id")
+    @classmethod
+    def _segment(cls, v: str) -> str:
+        if not _SEGMENT.match(v):
+            raise ValueError("must be 1-128 of letters, digits, '_', '-', '.', ':'")
+        return v
+
+    @model_validator(mode="after")
+    def _defaults(self) -> EdgeSettings:
+        if not self.mqtt_client_id:
+            object.__setattr__(self, "mqtt_client_id", f"edge-{self.org_id}-{self.gateway_id}")
+        return self
+
+
+def load(path: str | None, environ: Mapping[str, str] | None = None) -> EdgeSettings:
+    """Read ``path`` (or ``EDGE_AGENT_CONFIG``) and the environment; ConfigError if invalid."""
+    env = os.environ if environ is None else environ
+    return load_settings(
+        EdgeSettings, path=path or env.get("EDGE_AGENT_CONFIG"), env_map=ENV_MAP, environ=env
+    )

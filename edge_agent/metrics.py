@@ -1,0 +1,31 @@
+"""Prometheus metrics of one edge agent (own registry, so tests can run several)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class EdgeMetrics:
+    """The counters an operator watches: accepted, duplicates, rejected, backlog."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.webhooks = Counter(
+            "edge_webhooks_total", "Webhook callbacks by outcome", ["outcome"],
+            registry=self.registry,
+        )
+        self.accept_seconds = Histogram(
+            "edge_webhook_accept_seconds", "Time to durable accept (outbox commit)",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
+            registry=self.registry,
+        )
+        self.outbox_depth = Gauge(
+            "edge_outbox_depth", "Entries waiting for PUBACK", registry=self.registry
+        )
+        self.broker_connected = Gauge(
+            "edge_broker_connected", "1 when connected to the broker", registry=self.registry
+        )
+        self.published = Gauge(
+            "edge_published_total", "Messages acknowledged by the broker since start",
+            registry=self.registry,
+        )

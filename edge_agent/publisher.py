@@ -1,0 +1,129 @@
+"""Drains the outbox to the broker: QoS 1, a bounded in-flight window, seq order.
+
+The window keeps paho's internal queue small (MEASURED.md: beyond 65,535 queued
+messages paho silently refuses; beyond ~100 in flight it slows down) and matches AWS
+IoT's limit of 100 unacknowledged QoS 1 messages per connection. Entries are removed
+only after PUBACK. One connection and seq order keep each robot's messages in order;
+on reconnect paho resends the in-flight ones first, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+
+from bridge.errors import TransportError
+from bridge.outbox import Outbox
+from bridge.transport import Transport
+
+log = logging.getLogger(__name__)
+
+
+class TokenBucket:
+    """``rate`` tokens per second, bursts up to ``burst``; rate 0 means unlimited."""
+
+    def __init__(self, rate: float, burst: float | None = None) -> None:
+        self.rate = rate
+        self.burst = burst if burst is not None else max(rate, 1.0)
+        self._tokens = self.burst
+        self._stamp = time.monotonic()
+
+    def delay(self) -> float:
+        """Take one token; returns how long to wait before using it."""
+        if self.rate <= 0:
+            return 0.0
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        self._tokens -= 1
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
+
+
+class OutboxPublisher:
+    """Publishes outbox entries in order and deletes each on its PUBACK."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        transport: Transport,
+        *,
+        window: int = 100,
+        rate_limit: float = 0.0,
+        retry_delay: float = 1.0,
+    ) -> None:
+        self.outbox = outbox
+        self.transport = transport
+        self.window = window
+        self.retry_delay = retry_delay
+        self.published = 0
+        self.failed = 0
+        self._bucket = TokenBucket(rate_limit)
+        self._slots = asyncio.Semaphore(window)
+        self._inflight: set[int] = set()
+        self._acked: list[int] = []
+        self._retry_from: int | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    async def run(self) -> None:
+        """Run until cancelled."""
+        cursor = 0
+        while True:
+            if self._retry_from is not None:
+                await self._wait_window_empty()
+                cursor, self._retry_from = self._retry_from, None
+                await asyncio.sleep(self.retry_delay)  # back off before resending refused ones
+            await self.transport.wait_connected()
+            entries = await self.outbox.peek(cursor, limit=max(self.window * 4, 200))
+            if not entries:
+                await self.outbox.wait_changed()
+                continue
+            for entry in entries:
+                if self._retry_from is not None:
+                    break
+                await self._slots.acquire()
+                pause = self._bucket.delay()
+                if pause:
+                    await asyncio.sleep(pause)
+                fut = self.transport.publish(entry.topic, entry.payload, entry.qos, entry.retain)
+                self._inflight.add(entry.seq)
+                self._idle.clear()
+                fut.add_done_callback(functools.partial(self._done, entry.seq))
+                cursor = entry.seq
+
+    async def wait_drained(self) -> None:
+        """Wait until the outbox is empty and nothing is in flight (flush_outbox)."""
+        while self.outbox.depth > 0 or self._inflight:
+            await self.outbox.wait_changed()
+
+    async def _wait_window_empty(self) -> None:
+        await self._idle.wait()
+
+    def _done(self, seq: int, fut: asyncio.Future[None]) -> None:
+        self._inflight.discard(seq)
+        self._slots.release()
+        if not self._inflight:
+            self._idle.set()
+        exc = None if fut.cancelled() else fut.exception()
+        if fut.cancelled() or exc is not None:
+            self.failed += 1
+            if isinstance(exc, TransportError):
+                log.warning("publish of outbox entry %d failed: %s; will resend", seq, exc)
+            back = seq - 1
+            self._retry_from = back if self._retry_from is None else min(self._retry_from, back)
+            return
+        self.published += 1
+        if not self._acked:
+            asyncio.get_running_loop().call_soon(self._flush_acks)
+        self._acked.append(seq)
+
+    def _flush_acks(self) -> None:
+        """Remove every entry acked during this loop tick in one outbox operation."""
+        acked, self._acked = self._acked, []
+        self.outbox.remove(acked)

@@ -1,0 +1,149 @@
+"""The edge agent as one long-lived object: outbox + transport + publisher + HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from contextlib import AsyncExitStack
+from importlib.metadata import PackageNotFoundError, version
+from types import TracebackType
+from typing import Any
+
+from bridge.envelope import Envelope
+from bridge.http_server import NodelayStats, make_server, serve_until_signal
+from bridge.outbox import Outbox
+from bridge.topic import TopicScheme
+from bridge.transport import MqttSettings, TlsFiles, Transport, Will, create_transport
+from edge_agent.config import EdgeSettings
+from edge_agent.metrics import EdgeMetrics
+from edge_agent.publisher import OutboxPublisher
+
+log = logging.getLogger(__name__)
+
+try:
+    VERSION = version("pudu-fleet-bridge")
+except PackageNotFoundError:  # running from a source tree
+    VERSION = "0.0.0"
+
+
+def mqtt_settings(settings: EdgeSettings, scheme: TopicScheme) -> MqttSettings:
+    """Broker session for the gateway: persistent, with presence as will and birth."""
+    presence = str(scheme.device(settings.gateway_id, "presence"))
+    return MqttSettings.from_url(
+        settings.mqtt_url,
+        client_id=settings.mqtt_client_id,
+        tls_files=TlsFiles(settings.tls.ca_file, settings.tls.cert_file, settings.tls.key_file),
+        max_inflight=settings.publish_window,
+        will=Will(presence, b"offline", qos=1, retain=True),
+        birth=Will(presence, b"online", qos=1, retain=True),
+        offline=Will(presence, b"offline", qos=1, retain=True),
+    )
+
+
+class EdgeAgent:
+    """Owns the long-lived parts; enter it, then serve ``self.app``."""
+
+    def __init__(self, settings: EdgeSettings, transport: Transport | None = None) -> None:
+        self.settings = settings
+        self.version = VERSION
+        self.scheme = TopicScheme(settings.org_id, settings.topic_prefix)
+        self.metrics = EdgeMetrics()
+        self.outbox = Outbox(
+            settings.outbox_path,
+            max_entries=settings.outbox_max_entries,
+            dedup_ttl=settings.dedup_ttl_seconds,
+        )
+        self.transport = transport or create_transport(
+            settings.mqtt_backend, mqtt_settings(settings, self.scheme)
+        )
+        self.publisher = OutboxPublisher(
+            self.outbox, self.transport,
+            window=settings.publish_window, rate_limit=settings.publish_rate_limit,
+        )
+        self.started = time.time()
+        self.robots: dict[str, dict[str, Any]] = {}
+        self.nodelay = NodelayStats()
+        self._stack = AsyncExitStack()
+        self._tasks: list[asyncio.Task[None]] = []
+
+        from edge_agent.webhook import create_app
+
+        self.app = create_app(self)
+
+    async def __aenter__(self) -> EdgeAgent:
+        await self._stack.enter_async_context(self.outbox)
+        await self._stack.enter_async_context(self.transport)
+        self.transport.add_connection_listener(
+            lambda up: self.metrics.broker_connected.set(1 if up else 0)
+        )
+        self._tasks.append(asyncio.create_task(self.publisher.run(), name="outbox-publisher"))
+        if self.settings.heartbeat_seconds > 0:
+            self._tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        await self._stack.aclose()
+
+    def note_robot(self, envelope: Envelope) -> None:
+        """Remember the newest state per robot for ``get_robots`` (bounded by fleet size)."""
+        if envelope.device == self.settings.gateway_id:
+            return
+        state = self.robots.setdefault(envelope.device, {"sn": envelope.device})
+        if envelope.ts >= state.get("ts", 0):
+            state.update(envelope.data)
+            state["ts"] = envelope.ts
+            state["last_type"] = envelope.type
+
+    def health(self) -> dict[str, Any]:
+        connected = self.transport.connected
+        return {
+            "status": "healthy" if connected else "degraded",
+            "timestamp": int(time.time()),
+            "service": "edge-agent",
+            "version": self.version,
+            "org_id": self.settings.org_id,
+            "gateway_id": self.settings.gateway_id,
+            "broker_connected": connected,
+            "outbox_depth": self.outbox.depth,
+            "outbox_max_entries": self.outbox.max_entries,
+            "inflight": self.publisher.inflight,
+            "published": self.publisher.published,
+            "uptime_seconds": round(time.time() - self.started, 1),
+        }
+
+    def refresh_gauges(self) -> None:
+        self.metrics.outbox_depth.set(self.outbox.depth)
+        self.metrics.published.set(self.publisher.published)
+        self.metrics.broker_connected.set(1 if self.transport.connected else 0)
+
+    async def _heartbeat(self) -> None:
+        topic = str(self.scheme.device(self.settings.gateway_id, "telemetry"))
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_seconds)
+            if self.transport.connected:
+                payload = json.dumps(self.health()).encode()
+                with contextlib.suppress(Exception):
+                    self.transport.publish(topic, payload, qos=0)
+
+
+async def serve(settings: EdgeSettings) -> None:
+    """Run until SIGTERM/SIGINT; uvicorn handles the signals, we shut down cleanly."""
+    async with EdgeAgent(settings) as agent:
+        server = make_server(agent.app, settings.http_host, settings.http_port, agent.nodelay)
+        log.info("edge agent %s listening on %s:%d (org %s, gateway %s)", VERSION,
+                 settings.http_host, settings.http_port, settings.org_id, settings.gateway_id)
+        await serve_until_signal(server)

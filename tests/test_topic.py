@@ -1,0 +1,57 @@
+"""Topic names, filters and the product's scheme (MQTT §4.7)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bridge.errors import TopicError
+from bridge.topic import Topic, TopicFilter, TopicScheme, all_devices_filter, parse_device_topic
+
+
+@pytest.mark.parametrize(
+    ("flt", "topic", "expected"),
+    [
+        ("a/b", "a/b", True),
+        ("a/+", "a/b", True),
+        ("a/+", "a/b/c", False),
+        ("a/#", "a", True),
+        ("a/#", "a/b/c", True),
+        ("#", "a/b", True),
+        ("+/+", "/b", True),
+        ("+", "a/b", False),
+        ("#", "$SYS/x", False),
+        ("+/x", "$aws/x", False),
+        ("$SYS/#", "$SYS/x", True),
+        ("org/+/device/+/#", "org/o/device/d/callback/mapElementChange", True),
+        ("$share/g/org/+/device/+/#", "org/o/device/d/status", True),
+        ("a/b", "a/c", False),
+    ],
+)
+def test_filter_matching(flt: str, topic: str, expected: bool) -> None:
+    assert TopicFilter(flt).matches(topic) is expected
+    assert Topic(topic).matches(flt) is expected
+
+
+@pytest.mark.parametrize("bad", ["a/#/b", "a/b#", "a+/b", "", "$share/g", "$share//a", "a\x00"])
+def test_invalid_filters_are_refused(bad: str) -> None:
+    with pytest.raises(TopicError):
+        TopicFilter(bad)
+
+
+@pytest.mark.parametrize("bad", ["a/+", "a/#", ""])
+def test_wildcards_refused_in_topic_names(bad: str) -> None:
+    with pytest.raises(TopicError):
+        Topic(bad)
+
+
+def test_scheme_builds_and_parses_device_topics() -> None:
+    scheme = TopicScheme("acme", prefix="prod")
+    topic = scheme.device("SN1", "callback/notifySwitchMap")
+    assert str(topic) == "prod/org/acme/device/SN1/callback/notifySwitchMap"
+    addr = parse_device_topic(str(topic), "prod/")
+    assert (addr.org_id, addr.device_id, addr.channel) == ("acme", "SN1", "callback/notifySwitchMap")
+    assert all_devices_filter("prod", "g1").value == "$share/g1/prod/org/+/device/+/#"
+    with pytest.raises(TopicError):
+        scheme.device("bad/sn", "status")
+    with pytest.raises(TopicError):
+        parse_device_topic("org/acme/status")

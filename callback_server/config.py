@@ -28,6 +28,7 @@ ENV_MAP = {
     "TOPIC_PREFIX": "topic_prefix",
     "LOG_LEVEL": "log_level",
     "PROXY_TOKEN": "proxy_token",
+    "MQTT_RECONNECT_MAX_SECONDS": "mqtt_reconnect_max_seconds",
 }
 
 
@@ -37,7 +38,7 @@ class CallbackSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     mqtt_url: str = "mqtt://127.0.0.1:1883"
-    mqtt_backend: Literal["paho", "awsiot"] = "paho"
+    mqtt_backend: Literal["paho"] = "paho"
     # Stable across restarts so the broker finds our persistent session (and what it
     # held in flight for us) again.
     mqtt_client_id: str = ""
@@ -48,6 +49,7 @@ class CallbackSettings(BaseModel):
     http_port: int = Field(3005, ge=0, le=65535)
     callback_token: SecretStr | None = None
     share_group: str | None = None
+    mqtt_reconnect_max_seconds: float = Field(30.0, gt=0)
     topic_prefix: str = ""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     batch_max: int = Field(500, ge=1, le=10_000)

@@ -46,6 +46,7 @@ def mqtt_settings(settings: CallbackSettings) -> MqttSettings:
     return MqttSettings.from_url(
         settings.mqtt_url,
         client_id=settings.mqtt_client_id,
+        backoff_max=settings.mqtt_reconnect_max_seconds,
         tls_files=TlsFiles(settings.tls.ca_file, settings.tls.cert_file, settings.tls.key_file),
         manual_ack=True,
         receive_maximum=max(settings.batch_max * 2, 100),

@@ -33,6 +33,7 @@ ENV_MAP = {
     "LOG_LEVEL": "log_level",
     "PROXY_TOKEN": "proxy_token",
     "MAX_BODY_BYTES": "max_body_bytes",
+    "MQTT_RECONNECT_MAX_SECONDS": "mqtt_reconnect_max_seconds",
 }
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
@@ -49,7 +50,7 @@ class EdgeSettings(BaseModel):
     admin_host: str = "127.0.0.1"
     admin_port: int = Field(8001, ge=0, le=65535)
     mqtt_url: str = "mqtt://127.0.0.1:1883"
-    mqtt_backend: Literal["paho", "awsiot"] = "paho"
+    mqtt_backend: Literal["paho"] = "paho"
     mqtt_client_id: str = ""
     tls: TlsSettings = TlsSettings()
     org_id: str = "default"
@@ -59,6 +60,7 @@ class EdgeSettings(BaseModel):
     dedup_ttl_seconds: float = Field(3600.0, gt=0)
     publish_window: int = Field(100, ge=1, le=1000)
     publish_rate_limit: float = Field(0.0, ge=0)  # msg/s; AWS IoT caps a connection at 100
+    mqtt_reconnect_max_seconds: float = Field(30.0, gt=0)
     topic_prefix: str = ""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     max_body_bytes: int = Field(64 * 1024, ge=1024)

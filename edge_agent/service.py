@@ -35,6 +35,7 @@ def mqtt_settings(settings: EdgeSettings, scheme: TopicScheme) -> MqttSettings:
     return MqttSettings.from_url(
         settings.mqtt_url,
         client_id=settings.mqtt_client_id,
+        backoff_max=settings.mqtt_reconnect_max_seconds,
         tls_files=TlsFiles(settings.tls.ca_file, settings.tls.cert_file, settings.tls.key_file),
         max_inflight=settings.publish_window,
         will=Will(presence, b"offline", qos=1, retain=True),

@@ -29,17 +29,13 @@ def _paho(settings: MqttSettings) -> Transport:
     return PahoTransport(settings)
 
 
-def _awsiot(settings: MqttSettings) -> Transport:
-    from bridge.transport.awsiot import AwsIotTransport  # type: ignore[import-not-found]
-
-    return AwsIotTransport(settings)
-
-
-_BACKENDS: dict[str, Callable[[MqttSettings], Transport]] = {"paho": _paho, "awsiot": _awsiot}
+# The AWS IoT backend (awscrt, mTLS) registers here when it lands; the interface in
+# base.py is what it implements.
+_BACKENDS: dict[str, Callable[[MqttSettings], Transport]] = {"paho": _paho}
 
 
 def create_transport(backend: str, settings: MqttSettings) -> Transport:
-    """Build the transport named ``backend`` (``paho`` or ``awsiot``)."""
+    """Build the transport named ``backend`` (``paho``)."""
     try:
         factory = _BACKENDS[backend]
     except KeyError:

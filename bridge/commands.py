@@ -1,0 +1,204 @@
+"""Command / response between the cloud and gateways (DESIGN.md, "Command / response").
+
+Command on ``.../device/{id}/command``: ``{"messageId", "command", "args"}``; response
+on ``.../device/{id}/response``: ``{"messageId", "status", "result"|"error"}``. Every
+command gets exactly one response; a command redelivered under QoS 1 is executed once
+and answered again with the same result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bridge.errors import PayloadError, TransportError
+from bridge.topic import TopicScheme, parse_device_topic
+from bridge.transport import InboundMessage, Transport
+
+log = logging.getLogger(__name__)
+
+CommandFn = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A request to a device; ``message_id`` correlates the response."""
+
+    command: str
+    args: dict[str, Any] = field(default_factory=dict)
+    message_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def __post_init__(self) -> None:
+        if not self.command or not isinstance(self.command, str):
+            raise PayloadError("command must be a non-empty string")
+        if not isinstance(self.args, dict):
+            raise PayloadError("args must be an object")
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {"messageId": self.message_id, "command": self.command, "args": self.args}
+        ).encode()
+
+    @classmethod
+    def from_json(cls, payload: bytes) -> Command:
+        try:
+            obj = json.loads(payload)
+        except ValueError as exc:
+            raise PayloadError(f"command is not JSON: {exc}") from exc
+        if not isinstance(obj, dict) or not obj.get("messageId"):
+            raise PayloadError("command needs a messageId")
+        return cls(command=obj.get("command") or "", args=obj.get("args") or {},
+                   message_id=str(obj["messageId"]))
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """The one answer to a command."""
+
+    message_id: str
+    status: str  # "success" | "error"
+    result: Any = None
+    error: str | None = None
+
+    def to_json(self) -> bytes:
+        body: dict[str, Any] = {"messageId": self.message_id, "status": self.status}
+        if self.status == "success":
+            body["result"] = self.result
+        else:
+            body["error"] = self.error
+        return json.dumps(body, default=str).encode()
+
+    @classmethod
+    def from_json(cls, payload: bytes) -> Response:
+        try:
+            obj = json.loads(payload)
+        except ValueError as exc:
+            raise PayloadError(f"response is not JSON: {exc}") from exc
+        if not isinstance(obj, dict) or not obj.get("messageId"):
+            raise PayloadError("response needs a messageId")
+        status = "success" if obj.get("status") == "success" else "error"
+        return cls(str(obj["messageId"]), status, obj.get("result"), obj.get("error"))
+
+
+class CommandExecutor:
+    """Gateway side: runs registered handlers and answers on the response topic."""
+
+    def __init__(self, transport: Transport, scheme: TopicScheme, device_id: str,
+                 *, remember: int = 1000) -> None:
+        self.transport = transport
+        self.command_topic = str(scheme.device(device_id, "command"))
+        self.response_topic = str(scheme.device(device_id, "response"))
+        self.handlers: dict[str, CommandFn] = {}
+        self.executed = 0
+        # messageId -> the response (or the running execution) for QoS 1 redelivery
+        self._answers: collections.OrderedDict[str, asyncio.Future[Response]] = (
+            collections.OrderedDict()
+        )
+        self._remember = remember
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def register(self, name: str, fn: CommandFn) -> None:
+        """Add or replace the handler for ``name``."""
+        self.handlers[name] = fn
+
+    def on_message(self, message: InboundMessage) -> None:
+        task = asyncio.get_running_loop().create_task(self._handle(message.payload))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, payload: bytes) -> None:
+        try:
+            command = Command.from_json(payload)
+        except PayloadError as exc:
+            log.warning("ignoring malformed command: %s", exc)
+            return
+        answer = self._answers.get(command.message_id)
+        if answer is None:
+            answer = asyncio.get_running_loop().create_future()
+            self._answers[command.message_id] = answer
+            while len(self._answers) > self._remember:
+                self._answers.popitem(last=False)
+            answer.set_result(await self._execute(command))
+        response = await answer
+        try:
+            await self.transport.publish(self.response_topic, response.to_json(), qos=1)
+        except TransportError as exc:
+            log.warning("could not answer command %s: %s", command.message_id, exc)
+
+    async def _execute(self, command: Command) -> Response:
+        fn = self.handlers.get(command.command)
+        if fn is None:
+            return Response(command.message_id, "error",
+                            error=f"unknown command {command.command!r}; "
+                                  f"known: {sorted(self.handlers)}")
+        self.executed += 1
+        try:
+            return Response(command.message_id, "success", result=await fn(command.args))
+        except Exception as exc:  # a handler's failure is the command's answer
+            log.warning("command %s failed: %s", command.command, exc)
+            return Response(command.message_id, "error", error=str(exc) or type(exc).__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class CommandOutcome:
+    """What the cloud learned about one command."""
+
+    command: Command
+    device_id: str
+    org_id: str
+    response: Response | None
+    sent_at: float
+    rtt_ms: float | None
+
+
+class CommandClient:
+    """Cloud side: publish a command, await the response with the same messageId."""
+
+    def __init__(self, transport: Transport, topic_prefix: str = "") -> None:
+        self.transport = transport
+        self.topic_prefix = topic_prefix
+        self._waiting: dict[str, asyncio.Future[Response]] = {}
+
+    @property
+    def response_filter(self) -> str:
+        """Subscribe to this (not shared: the replica that asked must hear the answer)."""
+        p = self.topic_prefix
+        if p and not p.endswith("/"):
+            p += "/"
+        return f"{p}org/+/device/+/response"
+
+    def on_message(self, message: InboundMessage) -> None:
+        try:
+            response = Response.from_json(message.payload)
+        except PayloadError:
+            return
+        fut = self._waiting.get(response.message_id)
+        if fut is not None and not fut.done():
+            fut.set_result(response)
+
+    async def send(self, org_id: str, device_id: str, command: Command,
+                   wait_seconds: float) -> CommandOutcome:
+        """Returns the outcome; ``response`` is None when the device did not answer in time."""
+        topic = str(TopicScheme(org_id, self.topic_prefix).device(device_id, "command"))
+        parse_device_topic(topic, self.topic_prefix)
+        fut: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        self._waiting[command.message_id] = fut
+        sent = time.time()
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(wait_seconds):
+                await self.transport.publish(topic, command.to_json(), qos=1)
+                response = await fut
+            rtt = (time.perf_counter() - started) * 1000
+            return CommandOutcome(command, device_id, org_id, response, sent, round(rtt, 2))
+        except TimeoutError:
+            return CommandOutcome(command, device_id, org_id, None, sent, None)
+        finally:
+            self._waiting.pop(command.message_id, None)

@@ -1,0 +1,48 @@
+"""The gateway's built-in commands (ping, get_status, get_robots, flush_outbox, set_log_level)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from bridge.commands import CommandExecutor
+
+if TYPE_CHECKING:
+    from edge_agent.service import EdgeAgent
+
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def register_builtins(executor: CommandExecutor, agent: EdgeAgent) -> None:
+    """Register the built-ins; more can be added with ``executor.register``."""
+
+    async def ping(args: dict[str, Any]) -> dict[str, Any]:
+        return {"pong": True, "time": time.time(), "gateway_id": agent.settings.gateway_id}
+
+    async def get_status(args: dict[str, Any]) -> dict[str, Any]:
+        return agent.health()
+
+    async def get_robots(args: dict[str, Any]) -> list[dict[str, Any]]:
+        return sorted(agent.robots.values(), key=lambda r: str(r["sn"]))
+
+    async def flush_outbox(args: dict[str, Any]) -> dict[str, Any]:
+        wait = float(args.get("timeout", 10))
+        try:
+            async with asyncio.timeout(wait):
+                await agent.publisher.wait_drained()
+        except TimeoutError:
+            return {"flushed": False, "outbox_depth": agent.outbox.depth}
+        return {"flushed": True, "outbox_depth": agent.outbox.depth}
+
+    async def set_log_level(args: dict[str, Any]) -> dict[str, Any]:
+        level = str(args.get("level", "")).upper()
+        if level not in _LEVELS:
+            raise ValueError(f"level must be one of {', '.join(_LEVELS)}")
+        logging.getLogger().setLevel(level)
+        return {"level": level}
+
+    for name, fn in (("ping", ping), ("get_status", get_status), ("get_robots", get_robots),
+                     ("flush_outbox", flush_outbox), ("set_log_level", set_log_level)):
+        executor.register(name, fn)

@@ -1,0 +1,44 @@
+"""Reading the callback server's tables from tests, for MariaDB and SQLite alike."""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit
+
+import pymysql
+import pymysql.cursors
+
+
+def query(url: str, sql: str, args: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    """Rows as dicts; ``sql`` uses ``?`` placeholders for both backends."""
+    if url.startswith("sqlite:///"):
+        with sqlite3.connect(url[len("sqlite:///"):]) as conn:
+            conn.row_factory = sqlite3.Row
+            return [dict(r) for r in conn.execute(sql, args).fetchall()]
+    parts = urlsplit(url)
+    conn = pymysql.connect(host=parts.hostname, port=parts.port or 3306,
+                           user=parts.username or "root", password=parts.password or "",
+                           database=parts.path.lstrip("/"),
+                           cursorclass=pymysql.cursors.DictCursor)
+    with conn, conn.cursor() as cur:
+        cur.execute(sql.replace("?", "%s"), args)
+        return list(cur.fetchall())
+
+
+@contextmanager
+def scratch_mysql_database(server: str = "127.0.0.1", port: int = 3306) -> Iterator[str]:
+    """A fresh database on the shared MariaDB, dropped afterwards; yields its URL."""
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    conn = pymysql.connect(host=server, port=port, user="root", password="")
+    with conn:
+        conn.cursor().execute(f"CREATE DATABASE `{name}`")
+    try:
+        yield f"mysql://root:@{server}:{port}/{name}"
+    finally:
+        conn = pymysql.connect(host=server, port=port, user="root", password="")
+        with conn:
+            conn.cursor().execute(f"DROP DATABASE IF EXISTS `{name}`")

@@ -1,0 +1,78 @@
+"""A private MariaDB server on a free port with its own datadir, stopped by PID.
+
+For tests that stop and start the database under load without touching the shared
+server on 3306.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+import pymysql
+
+from tests.services import pick_port
+
+
+class MariadbProcess:
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.datadir = base / "data"
+        self.port = pick_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        mariadbd = shutil.which("mariadbd") or "/usr/sbin/mariadbd"
+        self.cmd = [
+            mariadbd, "--no-defaults", f"--datadir={self.datadir}", f"--port={self.port}",
+            "--bind-address=127.0.0.1", f"--socket={base / 'mysqld.sock'}",
+            f"--pid-file={base / 'mysqld.pid'}", "--user=root", "--skip-log-bin",
+            "--innodb-buffer-pool-size=32M", "--skip-name-resolve",
+        ]
+
+    @property
+    def url(self) -> str:
+        return f"mysql://root:@127.0.0.1:{self.port}/test"
+
+    def start(self, timeout: float = 30.0) -> MariadbProcess:
+        if not self.datadir.exists():
+            subprocess.run(
+                ["mariadb-install-db", "--no-defaults", f"--datadir={self.datadir}",
+                 "--auth-root-authentication-method=normal", "--skip-test-db", "--user=root"],
+                check=True, capture_output=True, timeout=120,
+            )
+        log = (self.base / "mariadbd.log").open("ab")
+        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError((self.base / "mariadbd.log").read_text()[-2000:])
+            try:
+                conn = pymysql.connect(host="127.0.0.1", port=self.port, user="root",
+                                       connect_timeout=1)
+            except pymysql.err.OperationalError:
+                time.sleep(0.05)  # polling the port: the server's readiness event
+                continue
+            with conn:
+                conn.cursor().execute("CREATE DATABASE IF NOT EXISTS test")
+            return self
+        raise TimeoutError("private mariadbd did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(60)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+
+    def __enter__(self) -> MariadbProcess:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()

@@ -1,0 +1,71 @@
+"""A plain paho subscriber for tests: what a real consumer of our topics sees."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from types import TracebackType
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+
+@dataclass(frozen=True)
+class Seen:
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+class Probe:
+    """Subscribes to ``topic_filter``; ``persistent`` keeps a session across disconnects."""
+
+    def __init__(self, url: str, topic_filter: str, *, client_id: str = "",
+                 persistent: bool = False) -> None:
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 1883
+        self.filter = topic_filter
+        self.messages: list[Seen] = []
+        self._cond = threading.Condition()
+        self._subscribed = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  clean_session=not persistent)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+
+    def _on_connect(self, client: mqtt.Client, *args: object) -> None:
+        client.subscribe(self.filter, qos=1)
+
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        with self._cond:
+            self.messages.append(Seen(msg.topic, bytes(msg.payload), bool(msg.retain)))
+            self._cond.notify_all()
+
+    def start(self) -> Probe:
+        self._subscribed.clear()
+        self.client.connect(self.host, self.port, 30)
+        self.client.loop_start()
+        if not self._subscribed.wait(10):
+            raise TimeoutError(f"probe could not subscribe to {self.filter}")
+        return self
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def wait_for(self, count: int, timeout: float = 20.0) -> list[Seen]:
+        """Block until at least ``count`` messages arrived (a condition, not a sleep)."""
+        with self._cond:
+            ok = self._cond.wait_for(lambda: len(self.messages) >= count, timeout)
+            if not ok:
+                raise TimeoutError(f"got {len(self.messages)} of {count} messages")
+            return list(self.messages)
+
+    def __enter__(self) -> Probe:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()

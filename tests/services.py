@@ -1,0 +1,119 @@
+"""Start the product's own services as real processes for integration tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+
+def pick_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServiceProcess:
+    """``python -m <module> run`` with an environment; stop by PID."""
+
+    def __init__(self, module: str, env: Mapping[str, str], health_path: str, port: int,
+                 log_path: Path) -> None:
+        self.module = module
+        self.env = {**os.environ, **env}
+        self.health_path = health_path
+        self.port = port
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> ServiceProcess:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", self.module, "run"], env=self.env, stdout=log, stderr=log
+        )
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=1.0) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.module} exited: {self.log_path.read_text()[-2000:]}")
+                try:
+                    if client.get(self.url + self.health_path).status_code == 200:
+                        return self
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.05)  # polling the health endpoint: the readiness event
+        self.kill()
+        raise TimeoutError(f"{self.module} not ready: {self.log_path.read_text()[-2000:]}")
+
+    def health(self) -> dict[str, object]:
+        return httpx.get(self.url + self.health_path, timeout=5).json()  # type: ignore[no-any-return]
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs (a crash or power cut for the process)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> int | None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode if self.proc else None
+
+    def __enter__(self) -> ServiceProcess:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def edge_agent(tmp: Path, mqtt_url: str, *, org: str, gateway: str = "gw1",
+               code: str = "test-code", **extra: str) -> ServiceProcess:
+    port = pick_port()
+    env = {
+        "PUDU_CALLBACK_CODE": code,
+        "EDGE_HTTP_HOST": "127.0.0.1",
+        "EDGE_HTTP_PORT": str(port),
+        "EDGE_ADMIN_PORT": str(pick_port()),
+        "MQTT_URL": mqtt_url,
+        "ORG_ID": org,
+        "GATEWAY_ID": gateway,
+        "OUTBOX_PATH": str(tmp / f"outbox-{gateway}.db"),
+        "MQTT_RECONNECT_MAX_SECONDS": "1",
+        "LOG_LEVEL": "INFO",
+        **extra,
+    }
+    return ServiceProcess("edge_agent", env, "/api/pudu/webhook/health", port,
+                          tmp / f"edge-{gateway}.log")
+
+
+def callback_server(tmp: Path, mqtt_url: str, database_url: str, *, name: str = "cs1",
+                    **extra: str) -> ServiceProcess:
+    port = pick_port()
+    env = {
+        "MQTT_URL": mqtt_url,
+        "DATABASE_URL": database_url,
+        "CALLBACK_HTTP_HOST": "127.0.0.1",
+        "CALLBACK_HTTP_PORT": str(port),
+        "MQTT_CLIENT_ID": f"cs-{name}-{os.getpid()}-{port}",
+        "MQTT_RECONNECT_MAX_SECONDS": "1",
+        "LOG_LEVEL": "INFO",
+        **extra,
+    }
+    return ServiceProcess("callback_server", env, "/callback/health", port,
+                          tmp / f"callback-{name}.log")

@@ -3,11 +3,14 @@
     FleetError
     ├── ConfigError            settings missing or invalid (startup refuses to run)
     ├── TopicError             a topic or filter that MQTT (or AWS IoT) would refuse
+    │   └── TopicNotAllowedError  valid, but outside what this caller may touch
     ├── PayloadError           a payload that cannot be published (too large, not JSON)
+    │   └── PayloadTooLargeError
     ├── InputError             a webhook/HTTP body we cannot accept (field named)
     │   └── AuthError          wrong or missing shared secret
     ├── TransportError         the broker connection failed or refused an operation
-    │   └── NotConnectedError
+    │   ├── NotConnectedError
+    │   └── PubackTimeoutError
     ├── OutboxError            the durable outbox could not take or give a message
     │   └── OutboxFullError    bounded outbox is full of entries that may not be dropped
     └── StoreError             the database refused or is unreachable
@@ -36,8 +39,21 @@ class TopicError(FleetError):
         self.reason = reason
 
 
+class TopicNotAllowedError(TopicError):
+    """A valid topic or filter this caller may not touch (``$``-topics, foreign prefixes)."""
+
+
 class PayloadError(FleetError):
     """A payload cannot be published."""
+
+
+class PayloadTooLargeError(PayloadError):
+    """The payload (or request body) is over the configured limit."""
+
+    def __init__(self, size: int, limit: int, what: str = "payload") -> None:
+        super().__init__(f"{what} of {size} bytes exceeds the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
 
 
 class InputError(FleetError):
@@ -63,6 +79,10 @@ class TransportError(FleetError):
 
 class NotConnectedError(TransportError):
     """The operation needs a broker connection and there is none."""
+
+
+class PubackTimeoutError(TransportError):
+    """No PUBACK in time; the transport keeps the message, so it may still arrive."""
 
 
 class OutboxError(FleetError):

@@ -1,0 +1,296 @@
+"""The one place inbound MQTT messages fan out to the parts that asked for them.
+
+A transport has a single ``message_handler``; the callback server's consumer, the edge
+agent's command handler and the REST proxy's subscriptions all need messages from the
+same connection. ``MessageRouter`` installs itself as that handler and dispatches each
+message to every route whose filter matches it (``TopicFilter.matches``: MQTT §4.7,
+so ``#`` never matches a ``$``-topic, and ``$share/{group}/f`` routes on ``f``).
+
+It also owns broker subscriptions, reference-counted per exact filter: two parts that
+subscribe to the same filter share one SUBSCRIBE, and the UNSUBSCRIBE is sent only when
+the last one lets go (an UNSUBSCRIBE would otherwise cut off the other).
+
+Acknowledgements (for a transport with ``manual_ack``): a route added with
+``manual_ack=True`` owns the broker ack of the messages it receives and reports it with
+``router.ack(message)``; the PUBACK goes out once every manual route that got the
+message has acked. A message no manual route matched is acked right after dispatch.
+A manual handler that raises leaves its message unacknowledged: the broker redelivers it
+after the next reconnect (at-least-once), which is the safe way to fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import TracebackType
+
+from bridge.errors import TransportError
+from bridge.topic import TopicFilter
+from bridge.transport.base import InboundMessage, Transport
+
+__all__ = ["Handle", "Handler", "MessageRouter"]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[InboundMessage], Awaitable[None] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Handle:
+    """What ``add`` returns; give it back to ``remove``."""
+
+    id: int
+    filter: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    handle: Handle
+    topic_filter: TopicFilter
+    handler: Handler
+    manual_ack: bool
+
+
+@dataclass(slots=True)
+class _BrokerSub:
+    count: int
+    qos: int
+
+
+@dataclass(slots=True)
+class _Unacked:
+    message: InboundMessage  # held so id(message) stays unique while tracked
+    remaining: int
+
+
+class MessageRouter:
+    """Dispatches a transport's inbound messages to handlers registered per filter."""
+
+    def __init__(self, transport: Transport, *, drain_timeout: float = 5.0) -> None:
+        self.transport = transport
+        self.drain_timeout = drain_timeout
+        #: Called (sync or async) with messages that no route matched; they are acked.
+        self.fallback: Handler | None = None
+        self.received = 0
+        self.unmatched = 0
+        self.handler_errors = 0
+        self._ids = itertools.count(1)
+        self._routes: dict[int, _Route] = {}
+        # Rebuilt on add/remove so dispatch (per message) never copies the dict.
+        self._snapshot: tuple[_Route, ...] = ()
+        self._subs: dict[str, _BrokerSub] = {}
+        # Broker (un)subscribes are rare; one lock keeps the refcount and the broker's
+        # state in step without per-filter lock bookkeeping.
+        self._sub_lock = asyncio.Lock()
+        self._unacked: dict[int, _Unacked] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        transport.message_handler = self._dispatch
+
+    # -- routes ---------------------------------------------------------------------
+    def add(self, topic_filter: str, handler: Handler, *, manual_ack: bool = False) -> Handle:
+        """Route messages matching ``topic_filter`` to ``handler`` (no broker traffic).
+
+        ``handler`` may be sync or async; an async one runs as a kept task. With
+        ``manual_ack`` the handler must call ``router.ack(message)`` when it is done.
+        """
+        flt = TopicFilter(topic_filter)
+        handle = Handle(next(self._ids), flt.value)
+        self._routes[handle.id] = _Route(handle, flt, handler, manual_ack)
+        self._snapshot = tuple(self._routes.values())
+        return handle
+
+    def remove(self, handle: Handle) -> None:
+        """Stop routing to ``handle``'s handler; removing twice is harmless."""
+        if self._routes.pop(handle.id, None) is not None:
+            self._snapshot = tuple(self._routes.values())
+
+    @property
+    def routes(self) -> int:
+        return len(self._routes)
+
+    async def attach(self, topic_filter: str, handler: Handler, *, qos: int = 1,
+                     manual_ack: bool = False) -> Handle:
+        """``add`` plus a reference-counted broker ``subscribe``; undo with ``detach``."""
+        handle = self.add(topic_filter, handler, manual_ack=manual_ack)
+        try:
+            await self.subscribe(topic_filter, qos)
+        except BaseException:
+            self.remove(handle)
+            raise
+        return handle
+
+    async def detach(self, handle: Handle) -> None:
+        """Undo ``attach``: remove the route, release its broker subscription."""
+        if handle.id in self._routes:
+            self.remove(handle)
+            await self.unsubscribe(handle.filter)
+
+    # -- broker subscriptions (reference-counted per exact filter) -------------------------
+    async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        """Take a reference on ``topic_filter``; SUBSCRIBE at the broker on the first.
+
+        A later caller asking for a higher QoS re-subscribes: a SUBSCRIBE for an existing
+        filter replaces its QoS (MQTT §3.8.4). Raises TransportError if the broker refuses.
+        """
+        flt = TopicFilter(topic_filter).value
+        async with self._sub_lock:
+            entry = self._subs.get(flt)
+            if entry is None:
+                try:
+                    await self._broker_subscribe(flt, qos)
+                except BaseException:
+                    # The transport may still hold the filter for re-subscribing after
+                    # a reconnect; clear that once we no longer hold the lock.
+                    self._spawn(self._drop_orphan(flt), f"router-orphan-{flt}")
+                    raise
+                self._subs[flt] = _BrokerSub(1, qos)
+                return
+            if qos > entry.qos:
+                await self._broker_subscribe(flt, qos)
+                entry.qos = qos
+            entry.count += 1
+
+    async def unsubscribe(self, topic_filter: str) -> None:
+        """Drop a reference; UNSUBSCRIBE at the broker when it was the last.
+
+        Never raises for broker trouble (it is cleanup): failures are logged.
+        """
+        async with self._sub_lock:
+            entry = self._subs.get(topic_filter)
+            if entry is None:
+                log.warning("unsubscribe of %s, which has no subscription", topic_filter)
+                return
+            entry.count -= 1
+            if entry.count > 0:
+                return
+            del self._subs[topic_filter]
+            await self._broker_unsubscribe(topic_filter)
+
+    def filters(self) -> dict[str, int]:
+        """Broker-level filters and how many holders each has."""
+        return {flt: entry.count for flt, entry in self._subs.items()}
+
+    async def _broker_subscribe(self, flt: str, qos: int) -> None:
+        try:
+            await self.transport.subscribe(flt, qos)
+        except TimeoutError as exc:
+            raise TransportError(f"no SUBACK for {flt!r}") from exc
+
+    async def _broker_unsubscribe(self, flt: str) -> None:
+        try:
+            await self.transport.unsubscribe(flt)
+        except (TransportError, TimeoutError) as exc:
+            log.warning("UNSUBSCRIBE %s failed: %s", flt, exc or type(exc).__name__)
+
+    async def _drop_orphan(self, flt: str) -> None:
+        async with self._sub_lock:
+            if flt not in self._subs:
+                await self._broker_unsubscribe(flt)
+
+    # -- dispatch ---------------------------------------------------------------------
+    def _dispatch(self, message: InboundMessage) -> None:
+        """The transport's ``message_handler``: runs in the event loop, never raises."""
+        self.received += 1
+        topic = message.topic
+        matched = [r for r in self._snapshot if r.topic_filter.matches(topic)]
+        manual = sum(1 for r in matched if r.manual_ack)
+        if manual and message.qos > 0:
+            # Registered before any handler runs, so a handler may ack synchronously.
+            self._unacked[id(message)] = _Unacked(message, manual)
+        if matched:
+            for route in matched:
+                self._call(route.handler, message, route.handle.filter, route.manual_ack)
+        else:
+            self.unmatched += 1
+            if self.fallback is not None:
+                self._call(self.fallback, message, "<fallback>", False)
+            else:
+                log.debug("no route for message on %s", topic)
+        if not manual:
+            self.transport.ack(message)
+
+    def _call(self, handler: Handler, message: InboundMessage, label: str,
+              manual_ack: bool) -> None:
+        try:
+            result = handler(message)
+        except Exception:
+            self._failed(message, label, manual_ack)
+            return
+        if inspect.isawaitable(result):
+            self._spawn(self._guard(result, message, label, manual_ack),
+                        f"route-{label}")
+
+    async def _guard(self, awaitable: Awaitable[None], message: InboundMessage, label: str,
+                     manual_ack: bool) -> None:
+        try:
+            await awaitable
+        except Exception:
+            self._failed(message, label, manual_ack)
+
+    def _failed(self, message: InboundMessage, label: str, manual_ack: bool) -> None:
+        self.handler_errors += 1
+        log.exception("handler for %s failed on message %s", label, message.topic)
+        if manual_ack and self._unacked.pop(id(message), None) is not None:
+            log.warning("message on %s left unacknowledged; the broker will redeliver it",
+                        message.topic)
+
+    def ack(self, message: InboundMessage) -> None:
+        """A manual-ack route is done with ``message``; PUBACK once all such routes are."""
+        key = id(message)
+        entry = self._unacked.get(key)
+        if entry is None or entry.message is not message:
+            return  # QoS 0, already acked, or abandoned after a handler failure
+        entry.remaining -= 1
+        if entry.remaining <= 0:
+            del self._unacked[key]
+            self.transport.ack(message)
+
+    @property
+    def unacked(self) -> int:
+        """Messages waiting for a manual ack (bounded by the broker's Receive Maximum)."""
+        return len(self._unacked)
+
+    # -- tasks and lifecycle --------------------------------------------------------------
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # _guard catches handler errors; this is for the router's own tasks.
+            log.error("router task %s failed", task.get_name(), exc_info=task.exception())
+
+    @property
+    def pending_tasks(self) -> int:
+        return len(self._tasks)
+
+    async def aclose(self) -> None:
+        """Stop dispatching; give running handler tasks ``drain_timeout``, then cancel."""
+        if self.transport.message_handler == self._dispatch:
+            self.transport.message_handler = None
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(set(self._tasks), timeout=self.drain_timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning("cancelled %d handler task(s) still running at shutdown", len(pending))
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def __aenter__(self) -> MessageRouter:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
 
+from bridge.commands import Command
 from bridge.envelope import Envelope
 from bridge.errors import FleetError, InputError, PayloadError, StoreError, TopicError
 from bridge.topic import TopicScheme, parse_device_topic
@@ -46,6 +48,24 @@ def _check_token(server: CallbackServer, given: str | None) -> None:
         raise InputError("HTTP ingest is disabled: set CALLBACK_TOKEN", status=403)
     if not given or not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
         raise InputError("missing or invalid X-Callback-Token", status=401)
+
+
+class CommandRequest(BaseModel):
+    """Body of ``POST /devices/{device_id}/commands``."""
+
+    command: str = Field(min_length=1, max_length=64)
+    args: dict[str, Any] = Field(default_factory=dict)
+    timeout: float = Field(10.0, gt=0)
+    org_id: str | None = None
+
+
+def _check_operator(server: CallbackServer, authorization: str | None) -> None:
+    token = server.settings.proxy_token
+    if token is None:
+        raise InputError("commands are disabled: set PROXY_TOKEN", status=403)
+    given = (authorization or "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+        raise InputError("missing or invalid bearer token", status=401)
 
 
 def _items(
@@ -126,6 +146,35 @@ def create_app(server: CallbackServer) -> FastAPI:
     @app.get("/robots/{sn}/events", summary="A robot's events, newest first")
     async def events(sn: str, limit: int = Query(50, ge=1, le=1000)) -> list[dict[str, Any]]:
         return await server.store.get_events(sn, limit)
+
+    @app.post("/devices/{device_id}/commands",
+              summary="Send a command to a gateway and wait for its response (504 on timeout)")
+    async def send_command(
+        device_id: str, body: CommandRequest, authorization: str | None = Header(default=None)
+    ) -> JSONResponse:
+        _check_operator(server, authorization)
+        org = body.org_id or server.org_of(device_id)
+        wait = min(body.timeout, server.settings.command_timeout_max)
+        outcome = await server.commands.send(org, device_id, Command(body.command, body.args),
+                                             wait)
+        await server.record_command(outcome)
+        if outcome.response is None:
+            return JSONResponse(
+                {"status": "error", "messageId": outcome.command.message_id,
+                 "message": f"no response from {device_id} within {wait} s"},
+                status_code=504,
+            )
+        r = outcome.response
+        answer: dict[str, Any] = {"messageId": r.message_id, "status": r.status,
+                                  "rtt_ms": outcome.rtt_ms}
+        answer["result" if r.status == "success" else "error"] = (
+            r.result if r.status == "success" else r.error
+        )
+        return JSONResponse(answer)
+
+    @app.get("/gateways", summary="Each gateway's presence (retained online / last-will offline)")
+    async def gateways() -> list[dict[str, Any]]:
+        return sorted(server.gateways.values(), key=lambda g: (g["org_id"], g["gateway_id"]))
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

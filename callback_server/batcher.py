@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
@@ -99,17 +100,18 @@ class BatchWriter:
             self._wake.clear()
             while self._dead:
                 dead = self._dead[0]
-                await self._retrying(lambda d=dead: self.store.dead_letter(d.topic, d.payload,
-                                                                            d.reason))
+                await self._retrying(
+                    functools.partial(self.store.dead_letter, dead.topic, dead.payload,
+                                      dead.reason)
+                )
                 self._dead.popleft()
                 self.dead_lettered += 1
                 dead.on_commit()
             while self._items:
                 n = min(len(self._items), self.batch_max)
                 batch = [self._items[i] for i in range(n)]
-                await self._retrying(
-                    lambda b=batch: self.store.write_batch([(i.topic, i.envelope) for i in b])
-                )
+                rows = [(i.topic, i.envelope) for i in batch]
+                await self._retrying(functools.partial(self.store.write_batch, rows))
                 for _ in range(n):
                     self._items.popleft()
                 self.stored += n

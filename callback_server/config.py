@@ -54,6 +54,9 @@ class CallbackSettings(BaseModel):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     batch_max: int = Field(500, ge=1, le=10_000)
     proxy_token: SecretStr | None = None
+    # Topic prefixes the REST proxy may publish/subscribe under; empty: {prefix}org/.
+    proxy_allowed_prefixes: list[str] = []
+    command_timeout_max: float = Field(60.0, gt=0)
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
 
     @field_validator("log_level", mode="before")

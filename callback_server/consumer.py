@@ -12,8 +12,9 @@ from collections.abc import Callable
 
 from bridge.envelope import Envelope
 from bridge.errors import PayloadError, TopicError
+from bridge.router import MessageRouter
 from bridge.topic import GATEWAY_CHANNELS, all_devices_filter, parse_device_topic
-from bridge.transport import InboundMessage, Transport
+from bridge.transport import InboundMessage
 from callback_server.batcher import BatchWriter
 
 log = logging.getLogger(__name__)
@@ -26,30 +27,29 @@ class Consumer:
 
     def __init__(
         self,
-        transport: Transport,
+        router: MessageRouter,
         writer: BatchWriter,
         *,
         topic_prefix: str = "",
         share_group: str | None = None,
     ) -> None:
-        self.transport = transport
+        self.router = router
         self.writer = writer
         self.topic_prefix = topic_prefix
         self.filter = all_devices_filter(topic_prefix, share_group)
         self.received = 0
         self.malformed = 0
         self.gateway_handlers: list[GatewayHandler] = []
-        transport.message_handler = self.on_message
 
     async def start(self) -> None:
-        await self.transport.subscribe(self.filter.value, qos=1)
+        await self.router.attach(self.filter.value, self.on_message, qos=1, manual_ack=True)
 
     def on_message(self, message: InboundMessage) -> None:
         """Runs in the event loop for each delivery; never raises."""
         self.received += 1
 
         def ack() -> None:
-            self.transport.ack(message)
+            self.router.ack(message)
 
         try:
             address = parse_device_topic(message.topic, self.topic_prefix)

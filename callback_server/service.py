@@ -12,7 +12,12 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
+from bridge.commands import CommandClient, CommandOutcome
+from bridge.config import mask_url
+from bridge.errors import InputError, StoreError
 from bridge.http_server import NodelayStats, make_server, serve_until_signal
+from bridge.proxy import MqttProxy, create_proxy_router
+from bridge.router import MessageRouter
 from bridge.transport import MqttSettings, TlsFiles, Transport, create_transport
 from callback_server.batcher import BatchWriter
 from callback_server.config import CallbackSettings
@@ -66,23 +71,39 @@ class CallbackServer:
         self.writer = BatchWriter(self.store, batch_max=settings.batch_max)
         self.transport = transport or create_transport(settings.mqtt_backend,
                                                        mqtt_settings(settings))
+        self.router = MessageRouter(self.transport)
         self.consumer = Consumer(
-            self.transport, self.writer,
+            self.router, self.writer,
             topic_prefix=settings.topic_prefix, share_group=settings.share_group,
         )
         self.gateways: dict[str, dict[str, Any]] = {}
         self.consumer.gateway_handlers.append(self._on_gateway_message)
+        self.commands = CommandClient(self.transport, settings.topic_prefix)
+        token = settings.proxy_token.get_secret_value() if settings.proxy_token else None
+        prefix = settings.topic_prefix.rstrip("/") + "/" if settings.topic_prefix else ""
+        self.proxy = MqttProxy(
+            self.transport, self.router, token=token,
+            allowed_prefixes=settings.proxy_allowed_prefixes or [f"{prefix}org/"],
+            broker=mask_url(settings.mqtt_url),
+        )
         self._stack = AsyncExitStack()
         self._tasks: list[asyncio.Task[None]] = []
 
         from callback_server.app import create_app
 
         self.app = create_app(self)
+        proxy_api = create_proxy_router(self.proxy)
+        if proxy_api is not None:
+            self.app.include_router(proxy_api)
 
     async def __aenter__(self) -> CallbackServer:
         await self._stack.enter_async_context(self.store)
         self._tasks.append(asyncio.create_task(self.writer.run(), name="batch-writer"))
+        await self._stack.enter_async_context(self.router)
         await self._stack.enter_async_context(self.transport)
+        await self._stack.enter_async_context(self.proxy)
+        # Not shared: the replica that sent a command must hear its response.
+        await self.router.attach(self.commands.response_filter, self.commands.on_message)
         await self.consumer.start()
         return self
 
@@ -107,6 +128,23 @@ class CallbackServer:
         self.gateways[f"{org}/{device}"] = {
             "org_id": org, "gateway_id": device, "state": state, "since": time.time(),
         }
+
+    def org_of(self, device_id: str) -> str:
+        """The org a gateway announced itself under; InputError if unknown or ambiguous."""
+        orgs = {g["org_id"] for g in self.gateways.values() if g["gateway_id"] == device_id}
+        if len(orgs) != 1:
+            raise InputError(
+                f"org of {device_id!r} is {'ambiguous' if orgs else 'unknown'}; pass org_id",
+                field="org_id",
+            )
+        return orgs.pop()
+
+    async def record_command(self, outcome: CommandOutcome) -> None:
+        """Keep the command, its outcome and round-trip time; a database hiccup is logged."""
+        try:
+            await self.store.record_command(outcome)
+        except StoreError as exc:
+            log.warning("could not record command %s: %s", outcome.command.message_id, exc)
 
     async def health(self) -> dict[str, Any]:
         db_ok = await self.store.ping()

@@ -65,6 +65,8 @@ class EdgeSettings(BaseModel):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     max_body_bytes: int = Field(64 * 1024, ge=1024)
     proxy_token: SecretStr | None = None
+    # Topic prefixes the REST proxy may publish/subscribe under; empty: org/{org_id}/ only.
+    proxy_allowed_prefixes: list[str] = []
     heartbeat_seconds: float = Field(60.0, ge=0)
 
     @field_validator("pudu_callback_code")

@@ -12,11 +12,18 @@ from importlib.metadata import PackageNotFoundError, version
 from types import TracebackType
 from typing import Any
 
+from fastapi import FastAPI
+
+from bridge.commands import CommandExecutor
+from bridge.config import mask_url
 from bridge.envelope import Envelope
 from bridge.http_server import NodelayStats, make_server, serve_until_signal
 from bridge.outbox import Outbox
+from bridge.proxy import MqttProxy, create_proxy_router
+from bridge.router import MessageRouter
 from bridge.topic import TopicScheme
 from bridge.transport import MqttSettings, TlsFiles, Transport, Will, create_transport
+from edge_agent.commands import register_builtins
 from edge_agent.config import EdgeSettings
 from edge_agent.metrics import EdgeMetrics
 from edge_agent.publisher import OutboxPublisher
@@ -64,6 +71,16 @@ class EdgeAgent:
             self.outbox, self.transport,
             window=settings.publish_window, rate_limit=settings.publish_rate_limit,
         )
+        self.router = MessageRouter(self.transport)
+        self.commands = CommandExecutor(self.transport, self.scheme, settings.gateway_id)
+        register_builtins(self.commands, self)
+        token = settings.proxy_token.get_secret_value() if settings.proxy_token else None
+        own_subtree = f"{self.scheme.prefix}org/{settings.org_id}/"
+        self.proxy = MqttProxy(
+            self.transport, self.router, token=token,
+            allowed_prefixes=settings.proxy_allowed_prefixes or [own_subtree],
+            broker=mask_url(settings.mqtt_url),
+        )
         self.started = time.time()
         self.robots: dict[str, dict[str, Any]] = {}
         self.nodelay = NodelayStats()
@@ -73,10 +90,23 @@ class EdgeAgent:
         from edge_agent.webhook import create_app
 
         self.app = create_app(self)
+        self.admin_app = self._admin_app()
+
+    def _admin_app(self) -> FastAPI | None:
+        """The REST MQTT proxy, on its own listener (localhost by default), if enabled."""
+        api = create_proxy_router(self.proxy)
+        if api is None:
+            return None
+        app = FastAPI(title="Pudu edge agent admin (MQTT proxy)", version=self.version)
+        app.include_router(api)
+        return app
 
     async def __aenter__(self) -> EdgeAgent:
         await self._stack.enter_async_context(self.outbox)
+        await self._stack.enter_async_context(self.router)
         await self._stack.enter_async_context(self.transport)
+        await self._stack.enter_async_context(self.proxy)
+        await self.router.attach(self.commands.command_topic, self.commands.on_message, qos=1)
         self.transport.add_connection_listener(
             lambda up: self.metrics.broker_connected.set(1 if up else 0)
         )
@@ -144,7 +174,11 @@ class EdgeAgent:
 async def serve(settings: EdgeSettings) -> None:
     """Run until SIGTERM/SIGINT; uvicorn handles the signals, we shut down cleanly."""
     async with EdgeAgent(settings) as agent:
-        server = make_server(agent.app, settings.http_host, settings.http_port, agent.nodelay)
+        servers = [make_server(agent.app, settings.http_host, settings.http_port, agent.nodelay)]
         log.info("edge agent %s listening on %s:%d (org %s, gateway %s)", VERSION,
                  settings.http_host, settings.http_port, settings.org_id, settings.gateway_id)
-        await serve_until_signal(server)
+        if agent.admin_app is not None:
+            servers.append(make_server(agent.admin_app, settings.admin_host,
+                                       settings.admin_port, agent.nodelay))
+            log.info("REST MQTT proxy on %s:%d", settings.admin_host, settings.admin_port)
+        await serve_until_signal(*servers)

@@ -26,7 +26,9 @@ def query(url: str, sql: str, args: tuple[Any, ...] = ()) -> list[dict[str, Any]
                            cursorclass=pymysql.cursors.DictCursor)
     with conn, conn.cursor() as cur:
         cur.execute(sql.replace("?", "%s"), args)
-        return list(cur.fetchall())
+        rows = list(cur.fetchall())
+        conn.commit()
+        return rows
 
 
 @contextmanager

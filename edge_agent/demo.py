@@ -1,0 +1,100 @@
+"""``make run``: the whole pipeline in one process on its embedded defaults.
+
+An in-process MQTT broker, the edge agent on :8000 (proxy on 127.0.0.1:8001), the
+callback server on :3005 and SQLite under ./data/. Nothing beyond Python is needed.
+Ports and paths can be changed with the services' usual environment variables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+
+from bridge.embedded_broker import EmbeddedBroker
+from bridge.errors import FleetError
+from bridge.http_server import make_server, serve_until_signal
+from bridge.logs import setup_logging
+from callback_server import config as cb_config
+from callback_server.service import CallbackServer
+from edge_agent import config as edge_config
+from edge_agent.service import EdgeAgent
+
+DEMO_CODE = "demo-callback-code"
+DEMO_TOKEN = "demo-proxy-token"
+
+
+def _free(port: int) -> int:
+    """``port`` if free, else another free one (a local Mosquitto may hold 1883)."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+
+def _banner(edge_port: int, admin_port: int, cb_port: int, code: str) -> str:
+    body = ('{"callback_type":"notifyRobotStatus","data":{"sn":"DEMO-1","battery":87,'
+            '"run_state":"IDLE","charge_stage":"CHARGING","timestamp":1700000000}}')
+    return f"""
+Pipeline running: Pudu webhook :{edge_port} -> outbox -> MQTT (embedded broker)
+                  -> callback server :{cb_port} -> SQLite (./data)
+
+  curl -s -X POST localhost:{edge_port}/api/pudu/webhook -H 'CallbackCode: {code}' \\
+       -H 'Content-Type: application/json' -d '{body}'
+  curl -s localhost:{cb_port}/robots/DEMO-1
+  curl -s localhost:{edge_port}/api/pudu/webhook/health
+  curl -s -X POST localhost:{cb_port}/devices/demo-gateway/commands \\
+       -H 'Authorization: Bearer {DEMO_TOKEN}' -H 'Content-Type: application/json' \\
+       -d '{{"command":"get_status"}}'
+  curl -s -X POST localhost:{admin_port}/mqtt/publish -H 'Authorization: Bearer {DEMO_TOKEN}' \\
+       -H 'Content-Type: application/json' \\
+       -d '{{"topic":"org/demo/device/demo-gateway/telemetry","payload":{{"hello":1}}}}'
+
+Ctrl-C stops everything.
+"""
+
+
+async def main() -> None:
+    env = os.environ
+    broker_port = _free(int(env.get("DEMO_MQTT_PORT", "1883")))
+    async with EmbeddedBroker("127.0.0.1", broker_port) as broker:
+        defaults = {
+            "PUDU_CALLBACK_CODE": DEMO_CODE, "ORG_ID": "demo", "GATEWAY_ID": "demo-gateway",
+            "OUTBOX_PATH": "data/outbox.db", "PROXY_TOKEN": DEMO_TOKEN,
+            "DATABASE_URL": "sqlite:///data/callback.db", "MQTT_CLIENT_ID": "",
+        }
+        merged = {**defaults, **env, "MQTT_URL": broker.url}
+        edge_settings = edge_config.load(None, {**merged, "MQTT_CLIENT_ID": ""})
+        cb_settings = cb_config.load(None, merged)
+        async with EdgeAgent(edge_settings) as agent, CallbackServer(cb_settings) as server:
+            servers = [
+                make_server(agent.app, edge_settings.http_host, edge_settings.http_port,
+                            agent.nodelay),
+                make_server(server.app, cb_settings.http_host, cb_settings.http_port,
+                            server.nodelay),
+            ]
+            if agent.admin_app is not None:
+                servers.append(make_server(agent.admin_app, edge_settings.admin_host,
+                                           edge_settings.admin_port, agent.nodelay))
+            print(_banner(edge_settings.http_port, edge_settings.admin_port,
+                          cb_settings.http_port, edge_settings.pudu_callback_code
+                          .get_secret_value()), flush=True)
+            await serve_until_signal(*servers)
+
+
+def run() -> int:
+    setup_logging(os.environ.get("LOG_LEVEL", "WARNING").upper(), json_lines=False)
+    try:
+        asyncio.run(main())
+    except FleetError as exc:
+        print(f"make run: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -41,8 +41,13 @@ class Consumer:
         self.malformed = 0
         self.gateway_handlers: list[GatewayHandler] = []
 
-    async def start(self) -> None:
-        await self.router.attach(self.filter.value, self.on_message, qos=1, manual_ack=True)
+    def route(self) -> None:
+        """Register with the router; must happen before the transport connects, because a
+        resumed session delivers queued messages right after CONNACK."""
+        self.router.add(self.filter.value, self.on_message, manual_ack=True)
+
+    async def subscribe(self) -> None:
+        await self.router.subscribe(self.filter.value, qos=1)
 
     def on_message(self, message: InboundMessage) -> None:
         """Runs in the event loop for each delivery; never raises."""

@@ -100,11 +100,14 @@ class CallbackServer:
         await self._stack.enter_async_context(self.store)
         self._tasks.append(asyncio.create_task(self.writer.run(), name="batch-writer"))
         await self._stack.enter_async_context(self.router)
+        # Routes first: a resumed session delivers what it queued right after CONNACK.
+        self.consumer.route()
+        self.router.add(self.commands.response_filter, self.commands.on_message)
         await self._stack.enter_async_context(self.transport)
         await self._stack.enter_async_context(self.proxy)
         # Not shared: the replica that sent a command must hear its response.
-        await self.router.attach(self.commands.response_filter, self.commands.on_message)
-        await self.consumer.start()
+        await self.router.subscribe(self.commands.response_filter)
+        await self.consumer.subscribe()
         return self
 
     async def __aexit__(

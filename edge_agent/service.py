@@ -104,9 +104,11 @@ class EdgeAgent:
     async def __aenter__(self) -> EdgeAgent:
         await self._stack.enter_async_context(self.outbox)
         await self._stack.enter_async_context(self.router)
+        # Route before connecting: a resumed session delivers queued commands at once.
+        self.router.add(self.commands.command_topic, self.commands.on_message)
         await self._stack.enter_async_context(self.transport)
         await self._stack.enter_async_context(self.proxy)
-        await self.router.attach(self.commands.command_topic, self.commands.on_message, qos=1)
+        await self.router.subscribe(self.commands.command_topic, qos=1)
         self.transport.add_connection_listener(
             lambda up: self.metrics.broker_connected.set(1 if up else 0)
         )

@@ -86,6 +86,8 @@ def masked(settings: BaseModel) -> dict[str, Any]:
             return [walk(v) for v in value]
         if isinstance(value, Path):
             return str(value)
+        if isinstance(value, str) and "://" in value:
+            return mask_url(value)  # mqtt://user:pass@host, mysql://user:pass@host
         return value
 
     return walk(settings)  # type: ignore[no-any-return]

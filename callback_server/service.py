@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from contextlib import AsyncExitStack
@@ -167,6 +168,7 @@ class CallbackServer:
             "dead_lettered": self.writer.dead_lettered,
             "subscription": self.consumer.filter.value,
             "tcp_nodelay_verified": self.nodelay.verified,
+            "tcp_nodelay": dataclasses.asdict(self.nodelay),
         }
 
     def refresh_gauges(self) -> None:

@@ -1,0 +1,140 @@
+"""The callback server on its own: IoT Rule ingest, dead letters, Nagle, DB down at start."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from bridge.envelope import Envelope
+from tests.dbutil import query
+from tests.mariadb_proc import MariadbProcess
+from tests.services import ServiceProcess, callback_server, pick_port
+
+pytestmark = pytest.mark.integration
+BROKER = "mqtt://127.0.0.1:1883"
+TOKEN = {"X-Callback-Token": "rule-token"}
+
+
+def envelope(org: str, sn: str, i: int) -> dict[str, Any]:
+    env = Envelope(id=f"m{i}-{sn}", type="notifyRobotPower", org=org, device=sn, gateway="gw",
+                   ts=1700000000 + i, received_at=1700000001 + i, data={"battery_level": i},
+                   raw={"power": i}, channel="power")
+    return json.loads(env.to_json())  # type: ignore[no-any-return]
+
+
+def wait_health(server: ServiceProcess, key: str, value: Any, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.health().get(key) == value:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{key} never became {value!r}: {server.health()}")
+
+
+def test_iot_rule_ingest_is_authenticated_and_idempotent(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'cb.db'}"
+    p = f"t{uuid.uuid4().hex[:8]}"
+    with callback_server(tmp_path, BROKER, db, TOPIC_PREFIX=p, CALLBACK_TOKEN="rule-token") as cs:
+        url = cs.url + "/callback/messages"
+        one = envelope("acme", "R1", 5)
+        topic = f"{p}/org/acme/device/R1/power"
+        assert httpx.post(url, json=one).status_code == 401
+        assert httpx.post(url, json=one, headers={"X-Callback-Token": "nope"}).status_code == 401
+        for _ in range(3):  # the rule's retries after a timeout
+            r = httpx.post(url, json=one, headers={**TOKEN, "X-Mqtt-Topic": topic})
+            assert r.status_code == 200, r.text
+        # a batch with the topic added by the rule's SQL (topic() AS topic)
+        batch = [{**envelope("acme", "R1", i), "topic": topic} for i in range(6, 9)]
+        assert httpx.post(url, json=batch, headers=TOKEN).status_code == 200
+        bad = httpx.post(url, json={"id": "x", "type": "t"}, headers=TOKEN)
+        assert bad.status_code == 422 and "lacks" in bad.json()["message"]
+        wrong_topic = httpx.post(url, json=one, headers={**TOKEN,
+                                 "X-Mqtt-Topic": f"{p}/org/other/device/R1/power"})
+        assert wrong_topic.status_code == 422
+        robot = httpx.get(cs.url + "/robots/R1").json()
+        events = httpx.get(cs.url + "/robots/R1/events").json()
+    assert robot["battery_level"] == 8
+    assert events == []
+    log = query(db, "SELECT id FROM mqtt_message_log ORDER BY id")
+    assert [r["id"] for r in log] == ["m5-R1", "m6-R1", "m7-R1", "m8-R1"]
+    dead = query(db, "SELECT reason FROM mqtt_dead_letters")
+    assert len(dead) == 2 and any("lacks" in d["reason"] for d in dead)
+
+
+def test_malformed_mqtt_messages_are_dead_lettered_not_looped(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'cb.db'}"
+    p = f"t{uuid.uuid4().hex[:8]}"
+    with callback_server(tmp_path, BROKER, db, TOPIC_PREFIX=p) as cs:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2)
+        client.connect("127.0.0.1", 1883)
+        client.loop_start()
+        for payload in (b"not json", b'{"id": "x"}', b"[]"):
+            client.publish(f"{p}/org/acme/device/R1/status", payload, qos=1).wait_for_publish()
+        good = json.dumps(envelope("acme", "R1", 1)).encode()
+        client.publish(f"{p}/org/acme/device/R1/power", good, qos=1).wait_for_publish()
+        client.disconnect()
+        client.loop_stop()
+        wait_health(cs, "stored", 1)
+        wait_health(cs, "dead_lettered", 3)
+        assert cs.proc is not None and cs.proc.poll() is None  # still running
+        metrics = httpx.get(cs.url + "/metrics").text
+    assert "callback_dead_letters_total 3.0" in metrics
+    reasons = [r["reason"] for r in query(db, "SELECT reason FROM mqtt_dead_letters")]
+    assert any("not JSON" in r for r in reasons) and any("object" in r for r in reasons)
+
+
+def test_accepted_sockets_have_nagle_disabled(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'cb.db'}"
+    with callback_server(tmp_path, BROKER, db) as cs:
+        health = cs.health()  # this very connection was checked with getsockopt on accept
+    assert health["tcp_nodelay_verified"] is True
+    stats = health["tcp_nodelay"]
+    assert stats["accepted"] >= 1 and stats["failed"] == 0
+    assert stats["already_set"] + stats["set_by_us"] == stats["accepted"]
+
+
+def test_database_down_at_start_degrades_then_catches_up(tmp_path: Path) -> None:
+    p = f"t{uuid.uuid4().hex[:8]}"
+    db = MariadbProcess(tmp_path / "db")
+    with callback_server(tmp_path, BROKER, db.url, TOPIC_PREFIX=p) as cs:
+        assert cs.health()["status"] == "degraded"
+        client = mqtt.Client(CallbackAPIVersion.VERSION2)
+        client.connect("127.0.0.1", 1883)
+        client.loop_start()
+        for i in range(20):
+            payload = json.dumps(envelope("acme", "R2", i)).encode()
+            client.publish(f"{p}/org/acme/device/R2/power", payload, qos=1).wait_for_publish()
+        client.disconnect()
+        client.loop_stop()
+        wait_health(cs, "pending", 20)  # held, not acked, while the database is away
+        with db:
+            wait_health(cs, "stored", 20)
+            wait_health(cs, "status", "healthy")
+            assert query(db.url, "SELECT battery_level FROM mnt_robots_management") == [
+                {"battery_level": 19}]
+
+
+def test_migrate_command_creates_tables(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'm.db'}"
+    env = {**os.environ, "DATABASE_URL": db, "CALLBACK_HTTP_PORT": str(pick_port())}
+    out = subprocess.run([sys.executable, "-m", "callback_server", "migrate"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    names = {r["name"] for r in query(db, "SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"mnt_robots_management", "mnt_robot_events", "mqtt_message_log",
+            "mqtt_dead_letters", "device_commands"} <= names
+    env["DATABASE_URL"] = "postgres://nope"
+    out = subprocess.run([sys.executable, "-m", "callback_server", "migrate"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "DATABASE_URL" in out.stderr

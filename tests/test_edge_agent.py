@@ -204,3 +204,29 @@ def test_check_config_masks_secrets(tmp_path: Path) -> None:
                            "check-config"], env=env | {"EDGE_HTTP_PORT": ""},
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1 and "http_port" in proc.stderr
+
+
+def test_rest_proxy_only_on_the_admin_listener_and_confined_to_the_org(tmp_path: Path) -> None:
+    org = f"o{uuid.uuid4().hex[:8]}"
+    with Probe(BROKER, f"org/{org}/device/gw1/telemetry") as probe, \
+            edge_agent(tmp_path, BROKER, org=org, PROXY_TOKEN="admin-tok") as agent:
+        admin = f"http://127.0.0.1:{agent.env['EDGE_ADMIN_PORT']}"
+        auth = {"Authorization": "Bearer admin-tok"}
+        msg = {"topic": f"org/{org}/device/gw1/telemetry", "payload": {"hello": 1}}
+        assert httpx.post(agent.url + "/mqtt/publish", json=msg, headers=auth).status_code == 404
+        assert httpx.post(admin + "/mqtt/publish", json=msg).status_code == 401
+        r = httpx.post(admin + "/mqtt/publish", json=msg, headers=auth)
+        assert r.status_code == 200, r.text
+        other = {"topic": "org/someone-else/device/x/command", "payload": "x"}
+        assert httpx.post(admin + "/mqtt/publish", json=other, headers=auth).status_code == 403
+        sys_topic = {"topic": "$SYS/broker/x", "payload": "x"}
+        assert httpx.post(admin + "/mqtt/publish", json=sys_topic,
+                          headers=auth).status_code in (403, 422)
+        got = probe.wait_for(1)
+    assert json.loads(got[0].payload) == {"hello": 1}
+
+
+def test_without_a_proxy_token_the_admin_listener_is_off(edge: ServiceProcess) -> None:
+    admin = f"http://127.0.0.1:{edge.env['EDGE_ADMIN_PORT']}"
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(admin + "/mqtt/status")

@@ -34,7 +34,12 @@ class Envelope:
     v: int = SCHEMA_VERSION
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":"), ensure_ascii=False).encode()
+        obj = asdict(self)
+        try:
+            return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            # A lone surrogate ("\ud800") is valid JSON but not UTF-8: escape everything.
+            return json.dumps(obj, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, payload: bytes | str) -> Envelope:

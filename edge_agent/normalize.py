@@ -1,9 +1,11 @@
 """Pudu callback -> channel, device, robot time and normalised fields (pure, no I/O).
 
-Liberal where meaning is clear (PUDU.md: vendor examples are not always valid wire
+Liberal where the meaning is clear (PUDU.md: vendor examples are not always valid wire
 bodies): case-insensitive types and values, numeric strings, ``charge_state`` as an
 alias of ``charge_stage``, keys with a stray trailing colon, millisecond timestamps.
-Precise where it is not: every refusal is an InputError naming the field.
+Precise where it is not: every refusal is an ``InputError`` naming the field, because
+Pudu retries a refused callback at most 3 times and then drops it, so the operator has
+to be able to see at once what was wrong.
 """
 
 from __future__ import annotations
@@ -14,12 +16,22 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from bridge.errors import InputError
 
-#: Every callback type Pudu documents, in its documented casing.
-DOCUMENTED_TYPES = (
+__all__ = [
+    "CHANNELS",
+    "COMPACTABLE",
+    "DOCUMENTED_TYPES",
+    "MS_THRESHOLD",
+    "Normalized",
+    "normalize",
+    "to_seconds",
+]
+
+#: Every callback type PUDU.md documents, in its documented casing.
+DOCUMENTED_TYPES: Final[tuple[str, ...]] = (
     "robotStatus", "notifyRobotStatus", "robotErrorWarning", "robotErrorNotice",
     "notifyRobotPower", "notifyRobotPose", "notifyRobotMoveState", "notifyCleanStatus",
     "TASK_STATUS", "robotBinding", "robotUnBinding", "robotActivate", "robotEmergencyRecover",
@@ -29,9 +41,10 @@ DOCUMENTED_TYPES = (
     "notifyElevatorUtilizeState", "notifyQrCodeContent", "notifyRechargeStatus",
     "notifySwipeCard",
 )
-_CANONICAL = {t.lower(): t for t in DOCUMENTED_TYPES}
+_CANONICAL: Final = {t.lower(): t for t in DOCUMENTED_TYPES}
 
-CHANNELS = {
+#: Types with a dedicated channel (DESIGN.md, "Pudu webhook"); all others -> callback/{type}.
+CHANNELS: Final[dict[str, str]] = {
     "robotStatus": "status",
     "notifyRobotStatus": "status",
     "robotErrorWarning": "event",
@@ -42,23 +55,36 @@ CHANNELS = {
     "notifyCleanStatus": "task",
     "TASK_STATUS": "task",
 }
-#: Superseded state of these channels may be compacted in a full outbox.
-COMPACTABLE = ("pose", "power")
+#: Only the latest state of these matters, so a full outbox may drop superseded entries.
+COMPACTABLE: Final = frozenset({"pose", "power"})
 
-# PUDU.md severity map; seed-style upper-case names map to themselves.
-_LEVELS = {
+# PUDU.md severity map; the seed-style upper-case names map to themselves.
+_LEVELS: Final = {
     "fatal": "critical", "error": "high", "warning": "warning", "event": "info",
     "critical": "critical", "high": "high", "medium": "medium", "info": "info",
     "warn": "warning",
 }
-_TYPE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
-_BAD_TOPIC_CHARS = ("/", "+", "#", "\x00")
-_MS_THRESHOLD = 1e11  # seconds reach 1e11 in the year 5138; anything above is ms
+_DEFAULT_LEVEL: Final = "medium"
+
+#: Seconds reach 1e11 only in the year 5138, so anything above is milliseconds.
+MS_THRESHOLD: Final = 1e11
+# One safe MQTT topic level: no '/', '+', '#', '$' tricks, and short.
+_TYPE_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+_BAD_SN_CHARS: Final = ("/", "+", "#", "\x00")
+# AWS IoT Core caps a topic at 256 bytes; the serial number is one level of it.
+MAX_SN_BYTES: Final = 128
+# mnt_robot_events.event_id is VARCHAR(128); a longer error_id is hashed to fit.
+_MAX_EVENT_ID: Final = 128
+_ID_HEX: Final = 32
 
 
 @dataclass(frozen=True, slots=True)
 class Normalized:
-    """One callback, ready to be wrapped in an envelope."""
+    """One accepted callback, ready to be wrapped in an ``Envelope``.
+
+    ``device_id`` is None for shop-level callbacks without ``sn``: the caller routes those
+    to the gateway's own topic. ``message_id`` is stable for a retried identical callback.
+    """
 
     callback_type: str
     channel: str
@@ -71,69 +97,113 @@ class Normalized:
 
 
 def to_seconds(value: float) -> float:
-    """Seconds from a Pudu timestamp in seconds or milliseconds."""
-    return value / 1000.0 if value > _MS_THRESHOLD else float(value)
+    """Seconds from a Pudu timestamp given in seconds or milliseconds."""
+    return value / 1000.0 if value > MS_THRESHOLD else float(value)
 
 
-def _clean_keys(data: dict[str, Any]) -> dict[str, Any]:
-    """``{"sn:": ...}`` -> ``{"sn": ...}`` (a stray colon seen in vendor examples)."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        k = key.rstrip(":").strip() if isinstance(key, str) else key
-        out.setdefault(k, value)
+def _show(value: Any) -> str:
+    """A short repr for error messages: the body may be large and is not ours to echo."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _kind(value: Any) -> str:
+    return {bool: "a boolean", dict: "an object", list: "an array"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _clean_keys(obj: dict[Any, Any]) -> dict[Any, Any]:
+    """``{"sn:": 1}`` -> ``{"sn": 1}`` (a stray colon in vendor examples); exact keys win."""
+    out = {k: v for k, v in obj.items() if not (isinstance(k, str) and k.endswith(":"))}
+    for key, value in obj.items():
+        if isinstance(key, str) and key.endswith(":"):
+            out.setdefault(key.rstrip(":"), value)
     return out
 
 
-def _number(data: dict[str, Any], key: str, path: str) -> float | None:
-    value = data.get(key)
-    if value is None or value == "":
-        return None
-    if isinstance(value, bool):
-        raise InputError(f"{path}.{key} must be a number, got a boolean", field=f"{path}.{key}")
-    if isinstance(value, (int, float)):
-        number = float(value)
-    elif isinstance(value, str):
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+class _Reader:
+    """Typed reads from one JSON object; a refusal names the field by its dotted path.
+
+    Null and blank strings read as absent: an empty value carries no meaning and must not
+    overwrite stored state downstream (the raw object still has it).
+    """
+
+    __slots__ = ("_data", "_path")
+
+    def __init__(self, obj: dict[Any, Any], path: str) -> None:
+        self._data = _clean_keys(obj)
+        self._path = path
+
+    def field(self, key: str) -> str:
+        return f"{self._path}.{key}"
+
+    def raw(self, key: str) -> Any:
+        value = self._data.get(key)
+        return None if _blank(value) else value
+
+    def number(self, key: str) -> float | None:
+        value = self.raw(key)
+        if value is None:
+            return None
+        name = self.field(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise InputError(f"{name} must be a number, got {_kind(value)}", field=name)
         try:
-            number = float(value.strip())
-        except ValueError:
-            raise InputError(f"{path}.{key} must be a number, got {value!r}",
-                             field=f"{path}.{key}") from None
-    else:
-        raise InputError(f"{path}.{key} must be a number", field=f"{path}.{key}")
-    if not math.isfinite(number):
-        raise InputError(f"{path}.{key} must be finite", field=f"{path}.{key}")
-    return number
+            number = float(value)
+        except (ValueError, OverflowError):
+            raise InputError(f"{name} must be a number, got {_show(value)}", field=name) from None
+        if not math.isfinite(number):
+            raise InputError(f"{name} must be a finite number, got {_show(value)}", field=name)
+        return number
+
+    def integer(self, key: str) -> int | None:
+        number = self.number(key)
+        return None if number is None else int(number)
+
+    def text(self, key: str) -> str | None:
+        value = self.raw(key)
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # numeric ids (task_id: 123) are common in the wild
+        name = self.field(key)
+        raise InputError(f"{name} must be a string, got {_kind(value)}", field=name)
+
+    def enum(self, key: str) -> str | None:
+        value = self.text(key)
+        return None if value is None else value.strip().lower()
+
+    def flag(self, key: str) -> bool | None:
+        value = self.raw(key)
+        if value is None or isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        number = self.number(key)
+        return number is not None and number > 0  # Pudu: 1 charging, -1 (or 0) not
+
+    def obj(self, key: str) -> _Reader | None:
+        value = self.raw(key)
+        if value is None:
+            return None
+        name = self.field(key)
+        if not isinstance(value, dict):
+            raise InputError(f"{name} must be an object, got {_kind(value)}", field=name)
+        return _Reader(value, name)
 
 
-def _int(data: dict[str, Any], key: str, path: str) -> int | None:
-    number = _number(data, key, path)
-    return None if number is None else int(number)
-
-
-def _text(data: dict[str, Any], key: str, path: str) -> str | None:
-    value = data.get(key)
-    if value is None:
-        return None
-    if isinstance(value, (dict, list)):
-        raise InputError(f"{path}.{key} must be a string", field=f"{path}.{key}")
-    return str(value)
-
-
-def _lower(data: dict[str, Any], key: str, path: str) -> str | None:
-    value = _text(data, key, path)
-    return value.strip().lower() if value is not None else None
-
-
-def _bool(data: dict[str, Any], key: str, path: str) -> bool | None:
-    value = data.get(key)
-    if value is None or value == "":
-        return None
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    number = _number(data, key, path)
-    return bool(number and number > 0)  # Pudu: 1 charging, -1 (or 0) not
+def _digest(parts: Any) -> str:
+    """Hex id of JSON-able parts; ASCII JSON so lone surrogates from the wire still hash."""
+    try:
+        blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InputError("data must be plain JSON", field="data") from exc
+    return hashlib.sha256(blob.encode()).hexdigest()[:_ID_HEX]
 
 
 def _put(out: dict[str, Any], key: str, value: Any) -> None:
@@ -141,153 +211,201 @@ def _put(out: dict[str, Any], key: str, value: Any) -> None:
         out[key] = value
 
 
-def _status(d: dict[str, Any], ctype: str) -> dict[str, Any]:
+def _charge(r: _Reader) -> str | None:
+    stage = r.enum("charge_stage")
+    return stage if stage is not None else r.enum("charge_state")  # third-party alias
+
+
+def _status(r: _Reader, ctype: str, sn: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    _put(out, "status", _lower(d, "run_status" if ctype == "robotStatus" else "run_state",
-                               "data"))
-    if ctype == "robotStatus" and "status" not in out:
-        _put(out, "status", _lower(d, "status", "data"))
-    _put(out, "battery_level", _int(d, "battery", "data"))
-    _put(out, "is_charging", _bool(d, "is_charging", "data"))
-    _put(out, "charge_state", _charge(d))
-    _put(out, "move_state", _lower(d, "move_state", "data"))
-    _put(out, "charge_type", _int(d, "charge_type", "data"))
-    _put(out, "remain_time", _int(d, "remain_time", "data"))
+    # Each type documents one key; the other is accepted when it is the only one sent.
+    keys = ("run_status", "run_state") if ctype == "robotStatus" else ("run_state", "run_status")
+    for key in keys:
+        if "status" not in out:
+            _put(out, "status", r.enum(key))
+    _put(out, "battery_level", r.integer("battery"))
+    _put(out, "is_charging", r.flag("is_charging"))
+    _put(out, "charge_state", _charge(r))
+    _put(out, "move_state", r.enum("move_state"))
+    _put(out, "charge_type", r.integer("charge_type"))
+    _put(out, "remain_time", r.integer("remain_time"))
     return out
 
 
-def _charge(d: dict[str, Any]) -> str | None:
-    stage = _lower(d, "charge_stage", "data")
-    return stage if stage is not None else _lower(d, "charge_state", "data")
-
-
-def _event(d: dict[str, Any], sn: str) -> dict[str, Any]:
+def _event(r: _Reader, ctype: str, sn: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    error_id = _text(d, "error_id", "data")
-    if not error_id or not error_id.strip():
-        basis = json.dumps([sn, d.get("error_type"), d.get("error_detail"), d.get("timestamp")],
-                           sort_keys=True, default=str)
-        error_id = "derived-" + hashlib.sha256(basis.encode()).hexdigest()[:24]
-    out["event_id"] = error_id.strip()
-    level = _lower(d, "error_level", "data") or ""
-    out["event_level"] = _LEVELS.get(level, "medium")
-    _put(out, "event_type", _text(d, "error_type", "data"))
-    _put(out, "event_detail", _text(d, "error_detail", "data"))
-    language = _text(d, "language", "data")
-    if language:
-        out["language"] = language
-    extend = d.get("extend_info")
-    if extend is not None and not isinstance(extend, dict):
-        raise InputError("data.extend_info must be an object", field="data.extend_info")
-    if extend:
-        ext = _clean_keys(extend)
-        _put(out, "battery_level", _int(ext, "battery", "data.extend_info"))
-        position = ext.get("position")
-        if position is not None and not isinstance(position, dict):
-            raise InputError("data.extend_info.position must be an object",
-                             field="data.extend_info.position")
-        if position:
+    error_id = r.text("error_id")
+    if error_id is not None:
+        error_id = error_id.strip()
+        out["event_id"] = error_id if len(error_id) <= _MAX_EVENT_ID else _digest([error_id])
+    else:
+        # error_id "may be missing or empty" (PUDU.md): derive one a retry reproduces.
+        out["event_id"] = _digest([sn, r.raw("error_type"), r.raw("error_detail"),
+                                   r.raw("timestamp"), r.raw("notify_timestamp")])
+    level = r.enum("error_level")
+    out["event_level"] = _LEVELS.get(level, _DEFAULT_LEVEL) if level else _DEFAULT_LEVEL
+    _put(out, "event_type", r.text("error_type"))
+    _put(out, "event_detail", r.text("error_detail"))
+    _put(out, "language", r.text("language"))
+    ext = r.obj("extend_info")
+    if ext is not None:
+        # Cleaning robots send no power/pose callbacks: this is their battery and position.
+        _put(out, "battery_level", ext.integer("battery"))
+        position = ext.obj("position")
+        if position is not None:
             for axis in ("x", "y", "yaw"):
-                _put(out, axis, _number(position, axis, "data.extend_info.position"))
+                _put(out, axis, position.number(axis))
         for key in ("map_name", "task_id", "task_type"):
-            value = _text(ext, key, "data.extend_info")
-            if value:
-                out[key] = value
+            _put(out, key, ext.text(key))
     return out
 
 
-def _power(d: dict[str, Any]) -> dict[str, Any]:
+def _power(r: _Reader, ctype: str, sn: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    _put(out, "battery_level", _int(d, "power", "data"))
-    _put(out, "charge_state", _charge(d))
+    _put(out, "battery_level", r.integer("power"))
+    _put(out, "charge_state", _charge(r))  # an open set (PUDU.md): not validated
     return out
 
 
-def _pose(d: dict[str, Any]) -> dict[str, Any]:
+def _pose(r: _Reader, ctype: str, sn: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for axis in ("x", "y", "z", "yaw"):
-        _put(out, axis, _number(d, axis, "data"))
+        _put(out, axis, r.number(axis))
     return out
 
 
-def _move(d: dict[str, Any]) -> dict[str, Any]:
+def _move(r: _Reader, ctype: str, sn: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    _put(out, "move_state", _lower(d, "state", "data"))
+    _put(out, "move_state", r.enum("state"))
     return out
 
 
-def _task(d: dict[str, Any]) -> dict[str, Any]:
+def _task(r: _Reader, ctype: str, sn: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key in ("task_id", "task_name", "remark", "task_method"):
-        _put(out, key, _text(d, key, "data"))
-    _put(out, "task_status", _lower(d, "status", "data"))
-    task_time = _number(d, "task_time", "data")
+    _put(out, "task_id", r.text("task_id"))
+    _put(out, "task_name", r.text("task_name"))
+    _put(out, "task_status", r.enum("status"))
+    task_time = r.number("task_time")
     _put(out, "task_time", None if task_time is None else to_seconds(task_time))
+    _put(out, "remark", r.text("remark"))
+    _put(out, "task_method", r.text("task_method"))
     return out
 
 
-_BUILDERS: dict[str, Callable[[dict[str, Any], str, str], dict[str, Any]]] = {
-    "status": lambda d, t, sn: _status(d, t),
-    "event": lambda d, t, sn: _event(d, sn),
-    "power": lambda d, t, sn: _power(d),
-    "pose": lambda d, t, sn: _pose(d),
-    "move": lambda d, t, sn: _move(d),
-    "task": lambda d, t, sn: _task(d),
+_BUILDERS: Final[dict[str, Callable[[_Reader, str, str], dict[str, Any]]]] = {
+    "status": _status,
+    "event": _event,
+    "power": _power,
+    "pose": _pose,
+    "move": _move,
+    "task": _task,
 }
 
 
-def _callback_type(body: dict[str, Any]) -> str:
+def _callback_type(body: dict[Any, Any]) -> str:
     value = body.get("callback_type")
-    if not isinstance(value, str) or not value.strip():
-        raise InputError("callback_type must be a non-empty string", field="callback_type")
-    value = value.strip()
-    if not _TYPE_RE.match(value):
-        raise InputError("callback_type may hold only letters, digits, '_', '-', '.' (max 64)",
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise InputError("callback_type is missing or empty", field="callback_type")
+    if not isinstance(value, str):
+        raise InputError(f"callback_type must be a string, got {_kind(value)}",
                          field="callback_type")
+    value = value.strip()
+    if not _TYPE_RE.fullmatch(value):
+        raise InputError(
+            f"callback_type {_show(value)} may hold only letters, digits, '_', '-', '.' "
+            "(at most 64): it becomes an MQTT topic level",
+            field="callback_type",
+        )
     return _CANONICAL.get(value.lower(), value)
 
 
-def _serial(data: dict[str, Any], required: bool) -> str | None:
-    value = data.get("sn")
-    if value is None or (isinstance(value, str) and not value.strip()):
-        if required:
-            raise InputError("data.sn (the robot serial number) is required", field="data.sn")
+def _serial(r: _Reader, ext: _Reader | None) -> str | None:
+    """The robot sn: a string or an int (seen in the wild), usable as a topic level."""
+    value, name = r.raw("sn"), "data.sn"
+    if value is None and ext is not None:
+        value, name = ext.raw("sn"), "data.extend_info.sn"  # robotErrorNotice carries it too
+    if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise InputError("data.sn must be a string", field="data.sn")
+        raise InputError(f"{name} must be a string, got {_kind(value)}", field=name)
     sn = str(value).strip()
-    if any(c in sn for c in _BAD_TOPIC_CHARS) or len(sn) > 128:
-        raise InputError("data.sn must not contain '/', '+', '#' and be at most 128 chars",
-                         field="data.sn")
+    if any(c in sn for c in _BAD_SN_CHARS):
+        raise InputError(f"{name} must not contain '/', '+', '#' or NUL: it is a topic level",
+                         field=name)
+    try:
+        size = len(sn.encode())
+    except UnicodeEncodeError:
+        raise InputError(f"{name} is not valid UTF-8 text", field=name) from None
+    if size > MAX_SN_BYTES:
+        raise InputError(f"{name} is longer than {MAX_SN_BYTES} bytes", field=name)
     return sn
 
 
+def _robot_time(r: _Reader, received_at: float, *, strict: bool) -> float:
+    """``notify_timestamp`` (robot-side, what Pudu says to order by), then ``timestamp``.
+
+    A non-positive or still-too-large value (µs, garbage) falls through to the next
+    source rather than refusing the callback, which would drop it after Pudu's retries.
+    A wrongly typed one is refused on normalised channels; on ``callback/*`` channels we
+    interpret nothing, so it only falls through.
+    """
+    for key in ("notify_timestamp", "timestamp"):
+        try:
+            value = r.number(key)
+        except InputError:
+            if strict:
+                raise
+            continue
+        if value is not None:
+            seconds = to_seconds(value)
+            if 0 < seconds < MS_THRESHOLD:
+                return seconds
+    return to_seconds(received_at)
+
+
 def normalize(body: Any, *, received_at: float) -> Normalized:
-    """Normalise one parsed callback body; InputError names what is wrong."""
+    """Normalise one parsed callback body; ``InputError`` names what is wrong.
+
+    ``received_at`` (gateway clock, seconds) is the robot time of last resort.
+    """
     if not isinstance(body, dict):
-        raise InputError("body must be a JSON object with callback_type and data", status=400)
+        raise InputError(
+            f"body must be a JSON object with callback_type and data, got {_kind(body)}",
+            status=400,
+        )
     body = _clean_keys(body)
     ctype = _callback_type(body)
     raw = body.get("data")
+    if raw is None:
+        raise InputError("data is required (a JSON object)", field="data")
     if not isinstance(raw, dict):
-        raise InputError("data must be a JSON object", field="data")
-    data = _clean_keys(raw)
+        raise InputError(f"data must be a JSON object, got {_kind(raw)}", field="data")
+    r = _Reader(raw, "data")
     channel = CHANNELS.get(ctype)
-    sn = _serial(data, required=channel is not None)
-    ts = _robot_time(data, received_at)
+    ext = r.obj("extend_info") if channel == "event" else None
+    sn = _serial(r, ext)
+    if channel is not None and sn is None:
+        raise InputError(f"data.sn (the robot serial number) is required for {ctype}",
+                         field="data.sn")
+    ts = _robot_time(r, received_at, strict=channel is not None)
+
     if channel is None:
-        channel, fields = f"callback/{ctype}", {}
+        channel, fields = f"callback/{ctype}", {}  # forwarded raw, never dropped
     else:
-        fields = _BUILDERS[channel](data, ctype, sn or "")
-    mac = _text(data, "mac", "data")
-    if mac and channel in CHANNELS.values():
-        fields["mac"] = mac
-    if channel == "event":
-        key = f"{sn}\x00{fields['event_id']}"
-        message_id = "evt-" + hashlib.sha256(key.encode()).hexdigest()[:32]
+        assert sn is not None
+        fields = _BUILDERS[channel](r, ctype, sn)
+        mac = r.text("mac")
+        if mac is None and ext is not None:
+            mac = ext.text("mac")
+        _put(fields, "mac", mac)
+
+    error_id = r.text("error_id") if channel == "event" else None
+    if error_id is not None and error_id.strip():
+        # Scoped by sn and hashed: error ids are not known to be unique across robots,
+        # and the id must fit the 64-char message id columns downstream.
+        message_id = "evt-" + _digest(["evt", sn, error_id.strip()])
     else:
-        canonical = json.dumps([ctype, sn, raw], sort_keys=True, default=str, ensure_ascii=False)
-        message_id = hashlib.sha256(canonical.encode()).hexdigest()[:32]
+        message_id = _digest([ctype, sn, raw])
     return Normalized(
         callback_type=ctype,
         channel=channel,
@@ -296,14 +414,5 @@ def normalize(body: Any, *, received_at: float) -> Normalized:
         message_id=message_id,
         data=fields,
         raw=raw,
-        compact_key=f"{channel}:{sn}" if channel in COMPACTABLE and sn else None,
+        compact_key=f"{channel}:{sn}" if channel in COMPACTABLE else None,
     )
-
-
-def _robot_time(data: dict[str, Any], received_at: float) -> float:
-    """``notify_timestamp`` (robot-side, what Pudu says to order by), else ``timestamp``."""
-    for key in ("notify_timestamp", "timestamp"):
-        value = _number(data, key, "data")
-        if value is not None and value > 0:
-            return to_seconds(value)
-    return received_at

@@ -230,3 +230,10 @@ def test_without_a_proxy_token_the_admin_listener_is_off(edge: ServiceProcess) -
     admin = f"http://127.0.0.1:{edge.env['EDGE_ADMIN_PORT']}"
     with pytest.raises(httpx.ConnectError):
         httpx.get(admin + "/mqtt/status")
+
+
+def test_lone_surrogate_in_a_field_is_accepted_not_a_500(edge: ServiceProcess) -> None:
+    body = (b'{"callback_type": "notifyCleanStatus", "data": {"sn": "S1", '
+            b'"task_name": "\\ud800", "status": "BEGIN", "timestamp": 1700000000}}')
+    r = httpx.post(edge.url + "/api/pudu/webhook", headers=CODE, content=body)
+    assert r.status_code in (200, 422), r.text

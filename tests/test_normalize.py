@@ -26,11 +26,11 @@ HEX32 = re.compile(r"[0-9a-f]{32}")
 
 
 def samples_dir() -> Path:
-    """The Pudu samples: $PUDU_SAMPLES_DIR, else /work/shared/samples/pudu."""
+    """The Pudu samples: $PUDU_SAMPLES_DIR, else the copy in tests/samples/pudu."""
     override = os.environ.get("PUDU_SAMPLES_DIR")
     if override:
         return Path(override)
-    return Path(__file__).resolve().parents[2] / "shared" / "samples" / "pudu"
+    return Path(__file__).resolve().parent / "samples" / "pudu"
 
 
 def load(name: str) -> dict[str, Any]:

@@ -25,16 +25,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from bridge.errors import InputError, NotConnectedError, TopicError
-from bridge.proxy import (
-    MqttProxy,
+from bridge.errors import (
+    InputError,
+    NotConnectedError,
     PayloadTooLargeError,
-    RetryPolicy,
+    TopicError,
     TopicNotAllowedError,
-    _Mailbox,
-    create_proxy_router,
-    sign,
 )
+from bridge.proxy import MqttProxy, RetryPolicy, create_proxy_router, sign
+from bridge.proxy.subscriptions import Mailbox
 from bridge.router import MessageRouter
 from bridge.transport import MqttSettings
 from bridge.transport.paho import PahoTransport
@@ -487,7 +486,7 @@ async def test_callback_url_is_validated(env: Env) -> None:
 
 
 async def test_mailbox_drops_oldest_and_counts() -> None:
-    box: _Mailbox[int] = _Mailbox(2)
+    box: Mailbox[int] = Mailbox(2)
     for i in range(5):
         box.put(i)
     assert (len(box), box.dropped) == (2, 3)

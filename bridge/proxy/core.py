@@ -1,0 +1,458 @@
+"""``MqttProxy``: publish and subscribe on one transport, confined to allowed prefixes."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import secrets
+from collections.abc import Awaitable, Sequence
+from functools import partial
+from types import TracebackType
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import (
+    BaseModel,
+)
+
+from bridge.errors import (
+    ConfigError,
+    InputError,
+    PayloadError,
+    PayloadTooLargeError,
+    PubackTimeoutError,
+    TopicNotAllowedError,
+    TransportError,
+)
+from bridge.proxy.subscriptions import (
+    HandlerSubscription,
+    MessageHandler,
+    Owner,
+    RetryPolicy,
+    StreamSubscription,
+    Subscription,
+    WebhookSubscription,
+)
+from bridge.router import MessageRouter
+from bridge.topic import Topic, TopicFilter
+from bridge.transport.base import InboundMessage, Transport
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+
+# -- the proxy ------------------------------------------------------------------------------
+class MqttProxy:
+    """Publish/subscribe on one transport for HTTP clients and in-process code.
+
+    An async context manager: entering creates the shared HTTP client for webhooks;
+    leaving stops delivery workers, ends streams and releases broker subscriptions.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        router: MessageRouter,
+        *,
+        token: str | None,
+        allowed_prefixes: Sequence[str],
+        max_payload: int = 128 * 1024,
+        max_qos: int | None = None,
+        retry: RetryPolicy | None = None,
+        publish_timeout: float = 5.0,
+        stream_queue_size: int = 1000,
+        callback_queue_size: int = 1000,
+        keepalive_seconds: float = 15.0,
+        max_subscriptions: int = 1000,
+        close_timeout: float = 5.0,
+        broker: str | None = None,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        if not allowed_prefixes:
+            raise ConfigError("allowed_prefixes is empty; pass [''] to allow every topic")
+        for prefix in allowed_prefixes:
+            if prefix.startswith("$") or "+" in prefix or "#" in prefix:
+                raise ConfigError(f"allowed prefix {prefix!r} may not start with '$' "
+                                  "or contain wildcards")
+        self.transport = transport
+        self.router = router
+        # An empty token is "not configured": the proxy is off rather than open.
+        self.token = token or None
+        self.allowed_prefixes = tuple(allowed_prefixes)
+        self.max_payload = max_payload
+        self.max_qos = transport.max_qos if max_qos is None else min(max_qos, transport.max_qos)
+        self.retry = retry or RetryPolicy()
+        self.publish_timeout = publish_timeout
+        self.stream_queue_size = stream_queue_size
+        self.callback_queue_size = callback_queue_size
+        self.keepalive_seconds = keepalive_seconds
+        self.max_subscriptions = max_subscriptions
+        self.close_timeout = close_timeout
+        # A JSON string of max_payload bytes can be up to 6x longer (\u00XX escapes):
+        # the body cap bounds memory, the payload check is exact.
+        self.max_body = 6 * max_payload + 64 * 1024
+        settings = getattr(transport, "settings", None)
+        self.broker = broker or (f"{settings.host}:{settings.port}" if settings else None)
+        self._http = http_client
+        self._owns_http = http_client is None
+        self._started = False
+        self._subs: dict[str, Subscription] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.published = 0
+        self.publish_errors = 0
+        self.deliveries = 0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the REST router exists (a token is configured)."""
+        return self.token is not None
+
+    # -- validation -----------------------------------------------------------------
+    def _topic_allowed(self, topic: str) -> bool:
+        return topic.startswith(self.allowed_prefixes)
+
+    def check_topic(self, topic: str) -> str:
+        """A topic we may publish to, or TopicError (invalid) / TopicNotAllowedError."""
+        Topic(topic)
+        if topic.startswith("$"):
+            raise TopicNotAllowedError(topic, "topics starting with '$' are reserved for the "
+                                       "broker ($SYS, $aws, ...) and cannot be used here")
+        if not self._topic_allowed(topic):
+            raise TopicNotAllowedError(topic, f"outside the allowed prefixes "
+                                       f"{list(self.allowed_prefixes)}")
+        return topic
+
+    def check_filter(self, topic_filter: str) -> str:
+        """A filter we may subscribe to: every topic it can match is inside our prefixes."""
+        flt = TopicFilter(topic_filter)
+        base = flt.base
+        if base.startswith("$"):
+            raise TopicNotAllowedError(topic_filter, "filters for '$' topics are reserved for "
+                                       "the broker ($SYS, $aws, ...) and cannot be used here")
+        literal: list[str] = []
+        for level in base.split("/"):
+            if level in ("+", "#"):
+                fixed = "/".join(literal) + "/" if literal else ""
+                allowed = fixed.startswith(self.allowed_prefixes)
+                break
+            literal.append(level)
+        else:
+            allowed = self._topic_allowed(base)
+        if not allowed:
+            raise TopicNotAllowedError(topic_filter, f"can match topics outside the allowed "
+                                       f"prefixes {list(self.allowed_prefixes)}")
+        return topic_filter
+
+    def check_qos(self, qos: int) -> int:
+        if not isinstance(qos, int) or isinstance(qos, bool) or not 0 <= qos <= self.max_qos:
+            raise InputError(f"qos must be 0..{self.max_qos} with this broker, got {qos!r}",
+                             field="qos")
+        return qos
+
+    def encode_payload(self, payload: bytes | str | Any) -> bytes:
+        """bytes as they are, str as UTF-8, anything else as compact JSON; size-checked."""
+        if isinstance(payload, bytes | bytearray | memoryview):
+            data = bytes(payload)
+        elif isinstance(payload, str):
+            data = payload.encode("utf-8")
+        else:
+            try:
+                data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False,
+                                  allow_nan=False).encode("utf-8")
+            except (TypeError, ValueError) as exc:
+                raise PayloadError(f"payload cannot be encoded as JSON: {exc}") from exc
+        if len(data) > self.max_payload:
+            raise PayloadTooLargeError(len(data), self.max_payload)
+        return data
+
+    # -- Python API: publish ------------------------------------------------------------
+    async def publish_message(self, topic: str, payload: bytes | str | Any, qos: int = 1,
+                              retain: bool = False) -> int:
+        """Publish and wait for the PUBACK (QoS 1/2) or the send (QoS 0).
+
+        Returns the payload size in bytes. Raises TopicError, PayloadError, InputError
+        (qos) or TransportError (PubackTimeoutError, NotConnectedError).
+        """
+        self.check_topic(topic)
+        self.check_qos(qos)
+        data = self.encode_payload(payload)
+        await self._publish(topic, data, qos, retain)
+        return len(data)
+
+    async def _publish(self, topic: str, data: bytes, qos: int, retain: bool) -> None:
+        try:
+            await asyncio.wait_for(self.transport.publish(topic, data, qos, retain),
+                                   self.publish_timeout)
+        except TimeoutError as exc:
+            self.publish_errors += 1
+            raise PubackTimeoutError(
+                f"no PUBACK for {topic!r} within {self.publish_timeout:g}s; the message is "
+                "still queued and may be delivered later") from exc
+        except TransportError:
+            self.publish_errors += 1
+            raise
+        self.published += 1
+
+    # -- Python API: subscribe -------------------------------------------------------------
+    async def subscribe_to_topic(self, topic_filter: str, handler: MessageHandler, *,
+                                 qos: int = 1) -> str:
+        """Call ``handler(topic, payload)`` for each matching message; returns the id.
+
+        Returns once the broker granted the subscription (or, while disconnected, once it
+        is registered for the next connect).
+        """
+        sub = HandlerSubscription(self._new_id(), self.check_filter(topic_filter),
+                                   self.check_qos(qos), handler)
+        await self._activate(sub)
+        return sub.id
+
+    def subscribe_pattern(self, pattern: str, handler: MessageHandler, *, qos: int = 1) -> str:
+        """Like ``subscribe_to_topic`` for sync callers; the SUBSCRIBE runs as a kept task.
+
+        A broker refusal is logged and shown as ``last_error`` of the subscription.
+        """
+        sub = HandlerSubscription(self._new_id(), self.check_filter(pattern),
+                                   self.check_qos(qos), handler)
+        self._register(sub)
+        sub.subscribe_task = self._spawn(self._subscribe_or_record(sub), f"proxy-sub-{sub.id}")
+        return sub.id
+
+    async def unsubscribe(self, subscription_id: str) -> None:
+        """Remove a subscription; the broker UNSUBSCRIBE happens if it held the last ref."""
+        await self._release(self._get(subscription_id))
+
+    async def add_callback_subscription(self, topic_filter: str, callback_url: str,
+                                        secret: str | None = None, *,
+                                        qos: int = 1) -> tuple[str, str]:
+        """Push matching messages to ``callback_url``; returns (id, signing secret)."""
+        if not self._started or self._http is None:
+            raise RuntimeError("enter the MqttProxy (async with) before adding webhooks")
+        secret = secret or secrets.token_hex(32)
+        sub = WebhookSubscription(
+            self._new_id(), self.check_filter(topic_filter), self.check_qos(qos),
+            callback_url=callback_url, secret=secret, client=self._http, retry=self.retry,
+            queue_size=self.callback_queue_size,
+        )
+        try:
+            await self._activate(sub)
+        except BaseException:
+            await sub.close()
+            raise
+        return sub.id, secret
+
+    async def add_stream_subscription(self, topic_filter: str, *, qos: int = 1,
+                                      owner: Owner = "rest") -> str:
+        """Buffer matching messages for an SSE reader (``GET /mqtt/stream?id=``)."""
+        sub = StreamSubscription(self._new_id(), self.check_filter(topic_filter),
+                                  self.check_qos(qos), owner, self.stream_queue_size)
+        await self._activate(sub)
+        return sub.id
+
+    async def remove_rest_subscription(self, subscription_id: str) -> None:
+        """Remove one POST /mqtt/subscribe subscription (409 for streams and app-owned)."""
+        sub = self._get(subscription_id)
+        if sub.owner != "rest":
+            owner = "an open stream" if sub.owner == "stream" else "the application"
+            raise InputError(f"subscription {subscription_id} belongs to {owner}",
+                             field="id", status=409)
+        await self._release(sub)
+
+    async def remove_rest_subscriptions(self, topic_filter: str) -> list[str]:
+        """Remove the POST /mqtt/subscribe subscriptions on exactly ``topic_filter``."""
+        doomed = [s for s in self._subs.values() if s.filter == topic_filter and s.owner == "rest"]
+        for sub in doomed:
+            await self._release(sub)
+        return [s.id for s in doomed]
+
+    async def flush(self) -> None:
+        """Wait until pending SUBSCRIBEs are done and every webhook queue is empty.
+
+        Each queued webhook message is then delivered or counted as failed. Used at
+        shutdown (bounded by ``close_timeout``) and by callers that need a settled state.
+        """
+        while True:
+            tasks = [s.subscribe_task for s in self._subs.values()
+                     if s.subscribe_task is not None and not s.subscribe_task.done()]
+            busy = [s for s in self._subs.values()
+                    if isinstance(s, WebhookSubscription) and not s.idle.is_set()]
+            if not tasks and not busy:
+                return
+            if tasks:
+                await asyncio.wait(tasks)
+            for sub in busy:
+                await sub.idle.wait()
+
+    def subscriptions(self) -> list[dict[str, Any]]:
+        """Every subscription's public view (no secrets)."""
+        return [sub.describe() for sub in self._subs.values()]
+
+    # -- status --------------------------------------------------------------------------
+    async def health_check(self) -> dict[str, Any]:
+        """Connection state and counters, for the apps' health endpoints."""
+        return {
+            "connected": self.transport.connected,
+            "subscriptions": len(self._subs),
+            "deliveries": self.deliveries,
+            "published": self.published,
+            "publish_errors": self.publish_errors,
+        }
+
+    def status(self) -> dict[str, Any]:
+        """What GET /mqtt/status shows."""
+        kinds = collections.Counter(sub.kind for sub in self._subs.values())
+        webhooks = [s for s in self._subs.values() if isinstance(s, WebhookSubscription)]
+        return {
+            "connected": self.transport.connected,
+            "broker": self.broker,
+            "subscriptions": len(self._subs),
+            "subscriptions_by_kind": dict(kinds),
+            "broker_filters": len(self.router.filters()),
+            "published": self.published,
+            "publish_errors": self.publish_errors,
+            "deliveries": self.deliveries,
+            "webhooks": {
+                "delivered": sum(s.delivered for s in webhooks),
+                "failed": sum(s.failed for s in webhooks),
+                "pending": sum(s.pending for s in webhooks),
+            },
+            "limits": {"max_payload": self.max_payload, "max_qos": self.max_qos,
+                       "allowed_prefixes": list(self.allowed_prefixes)},
+        }
+
+    # -- internals -------------------------------------------------------------------------
+    def _new_id(self) -> str:
+        return "sub_" + secrets.token_hex(8)
+
+    def _get(self, subscription_id: str) -> Subscription:
+        try:
+            return self._subs[subscription_id]
+        except KeyError:
+            raise InputError(f"no subscription {subscription_id!r}", field="id",
+                             status=404) from None
+
+    def _on_message(self, sub: Subscription, message: InboundMessage) -> Awaitable[None] | None:
+        # "org/acme/#" also matches "org/acme" itself (MQTT §4.7.1.2), which is outside
+        # the prefix "org/acme/": deliver only what the ACL allows.
+        if not self._topic_allowed(message.topic):
+            return None
+        self.deliveries += 1
+        return sub.offer(message)
+
+    def _register(self, sub: Subscription) -> None:
+        if len(self._subs) >= self.max_subscriptions:
+            raise InputError(f"too many subscriptions (limit {self.max_subscriptions})",
+                             status=429)
+        sub.handle = self.router.add(sub.filter, partial(self._on_message, sub))
+        self._subs[sub.id] = sub
+
+    async def _activate(self, sub: Subscription) -> None:
+        self._register(sub)
+        try:
+            await self.router.subscribe(sub.filter, sub.qos)
+        except BaseException:
+            await self._release(sub)
+            raise
+        sub.broker_subscribed = True
+
+    async def _subscribe_or_record(self, sub: Subscription) -> None:
+        try:
+            await self.router.subscribe(sub.filter, sub.qos)
+        except TransportError as exc:
+            sub.last_error = f"subscribe failed: {exc}"
+            log.error("broker refused subscription %s to %s: %s", sub.id, sub.filter, exc)
+            return
+        sub.broker_subscribed = True
+
+    async def _release(self, sub: Subscription) -> None:
+        self._subs.pop(sub.id, None)
+        if sub.handle is not None:
+            self.router.remove(sub.handle)
+        task = sub.subscribe_task
+        if task is not None and not task.done():
+            await asyncio.wait([task])  # never cancel mid-SUBSCRIBE: the refcount must settle
+        await sub.close()
+        if sub.broker_subscribed:
+            sub.broker_subscribed = False
+            await self.router.unsubscribe(sub.filter)
+
+    def _discard(self, sub: Subscription) -> None:
+        """Sync release (an SSE client left): the broker part runs as a kept task."""
+        if sub.id in self._subs:
+            self._spawn(self._release(sub), f"proxy-release-{sub.id}")
+
+    async def _open_stream(self, topic_filter: str) -> StreamSubscription:
+        """A subscription owned by one SSE connection (released when it closes)."""
+        sub = StreamSubscription(self._new_id(), self.check_filter(topic_filter),
+                                  min(1, self.max_qos), "stream", self.stream_queue_size)
+        sub.reader_attached = True
+        await self._activate(sub)
+        return sub
+
+    def _attach_reader(self, subscription_id: str) -> StreamSubscription:
+        sub = self._get(subscription_id)
+        if not isinstance(sub, StreamSubscription):
+            raise InputError(f"subscription {subscription_id} delivers by {sub.kind}, "
+                             "not as a stream", field="id", status=409)
+        if sub.reader_attached:
+            raise InputError(f"subscription {subscription_id} already has a reader",
+                             field="id", status=409)
+        sub.reader_attached = True
+        return sub
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("proxy task %s failed", task.get_name(), exc_info=task.exception())
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def __aenter__(self) -> MqttProxy:
+        if self._http is None:
+            self._http = httpx.AsyncClient(follow_redirects=False,
+                                           timeout=self.retry.timeout)
+        self._started = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._started = False
+        for sub in self._subs.values():  # take no new messages while draining
+            if sub.handle is not None:
+                self.router.remove(sub.handle)
+        try:
+            async with asyncio.timeout(self.close_timeout):
+                await self.flush()  # give queued webhooks their chance first
+                for sub in list(self._subs.values()):
+                    await self._release(sub)
+                if self._tasks:
+                    await asyncio.wait(set(self._tasks))
+        except TimeoutError:
+            log.warning("MQTT proxy did not release its subscriptions within %ss",
+                        self.close_timeout)
+        for sub in list(self._subs.values()):  # whatever the timeout left behind
+            self._subs.pop(sub.id, None)
+            if sub.handle is not None:
+                self.router.remove(sub.handle)
+            await sub.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._owns_http and self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+

@@ -1,0 +1,348 @@
+"""The REST ``/mqtt/*`` routes and the one map from our errors to HTTP status."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hmac
+import json
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Annotated, Any, Literal, TypeVar
+
+import httpx
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import Response
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from starlette.types import Receive, Scope, Send
+
+from bridge.errors import (
+    FleetError,
+    InputError,
+    NotConnectedError,
+    PayloadError,
+    PayloadTooLargeError,
+    PubackTimeoutError,
+    TopicError,
+    TopicNotAllowedError,
+    TransportError,
+)
+from bridge.proxy.core import MqttProxy
+from bridge.proxy.subscriptions import (
+    StreamSubscription,
+    message_json,
+)
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+
+def http_status_for(exc: FleetError) -> int:
+    """The one map from our exceptions to HTTP status codes."""
+    if isinstance(exc, TopicNotAllowedError):
+        return 403
+    if isinstance(exc, TopicError):
+        return 422
+    if isinstance(exc, PayloadTooLargeError):
+        return 413
+    if isinstance(exc, PayloadError):
+        return 422
+    if isinstance(exc, InputError):
+        return exc.status
+    if isinstance(exc, PubackTimeoutError):
+        return 504
+    if isinstance(exc, NotConnectedError):
+        return 503
+    if isinstance(exc, TransportError):
+        return 502
+    return 500
+
+
+def to_http_exception(exc: FleetError) -> HTTPException:
+    """``exc`` as the HTTPException the endpoints raise: ``{"detail": {...}}``."""
+    detail: dict[str, Any] = {"error": type(exc).__name__, "message": str(exc)}
+    if isinstance(exc, InputError):
+        detail["message"] = exc.message
+        detail["field"] = exc.field
+    elif isinstance(exc, TopicError):
+        detail["field"] = "topic"
+    elif isinstance(exc, PayloadError):
+        detail["field"] = "payload"
+    return HTTPException(status_code=http_status_for(exc), detail=detail)
+
+
+@contextlib.contextmanager
+def _http_errors() -> Iterator[None]:
+    try:
+        yield
+    except FleetError as exc:
+        raise to_http_exception(exc) from exc
+
+
+
+class EventStream(Response):
+    """A Server-Sent-Events response that notices the client leaving.
+
+    It watches ``receive`` for ``http.disconnect`` itself (whatever the server's ASGI
+    version) and always runs ``on_close``, so the broker subscription is released.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, sub: StreamSubscription, keepalive: float,
+                 on_close: Callable[[], None]) -> None:
+        self.status_code = 200
+        self.background = None
+        self._sub = sub
+        self._keepalive = keepalive
+        self._on_close = on_close
+        # No body attribute: no Content-Length; X-Accel-Buffering stops nginx buffering.
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @staticmethod
+    def _event(name: str, data: dict[str, Any]) -> bytes:
+        # json.dumps escapes newlines, so the data is one SSE line.
+        return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sub = self._sub
+        gone = False
+
+        async def watch() -> None:
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone = True
+            sub.mailbox.wake()
+
+        watcher = asyncio.create_task(watch(), name=f"sse-watch-{sub.id}")
+        try:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": self.raw_headers})
+            hello = self._event("subscribed", {"id": sub.id, "topic": sub.filter})
+            await send({"type": "http.response.body", "body": hello, "more_body": True})
+            reported = sub.mailbox.dropped
+            while not gone:
+                try:
+                    async with asyncio.timeout(self._keepalive):
+                        message = await sub.mailbox.get()
+                except TimeoutError:
+                    chunk = b": keepalive\n\n"  # keeps proxies and idle timers from closing us
+                else:
+                    if gone:
+                        break
+                    if message is None:
+                        if not sub.mailbox.closed:
+                            continue
+                        # Unsubscribed, or the proxy is stopping: end the response.
+                        await send({"type": "http.response.body", "body": b"",
+                                    "more_body": False})
+                        break
+                    chunk = b""
+                    if sub.mailbox.dropped != reported:
+                        reported = sub.mailbox.dropped
+                        chunk = self._event("dropped", {"dropped": reported})
+                    chunk += self._event("message", message_json(message))
+                    sub.delivered += 1
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except OSError:
+            pass  # ASGI >= 2.4 servers raise on send() once the client has gone
+        finally:
+            self._on_close()
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+
+
+
+# -- HTTP ------------------------------------------------------------------------------------
+class PublishBody(BaseModel):
+    """POST /mqtt/publish. A string payload is sent as UTF-8, any other JSON as JSON."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    topic: str
+    payload: JsonValue
+    qos: Literal[0, 1, 2] = 1
+    retain: StrictBool = False
+    encoding: Literal["utf-8", "base64"] = "utf-8"  # base64: a string payload is binary
+
+
+class SubscribeBody(BaseModel):
+    """POST /mqtt/subscribe. Without ``callback_url`` messages are read from the stream."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    topic: str
+    callback_url: str | None = None
+    secret: str | None = Field(default=None, min_length=16, max_length=256)
+    qos: Literal[0, 1, 2] = 1
+
+    @field_validator("callback_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            url = httpx.URL(value)
+        except httpx.InvalidURL as exc:
+            raise ValueError(f"not a URL: {exc}") from exc
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError("callback_url must be an http:// or https:// URL with a host")
+        return value
+
+    @model_validator(mode="after")
+    def _secret_needs_url(self) -> SubscribeBody:
+        if self.secret is not None and self.callback_url is None:
+            raise ValueError("secret is only used with callback_url")
+        return self
+
+
+class UnsubscribeBody(BaseModel):
+    """POST /mqtt/unsubscribe by ``topic`` (all REST subscriptions on it) or by ``id``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    topic: str | None = None
+    id: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> UnsubscribeBody:
+        if (self.topic is None) == (self.id is None):
+            raise ValueError("give exactly one of topic or id")
+        return self
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) past ``limit`` without buffering the rest."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(int(declared), limit, "request body")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLargeError(len(body), limit, "request body")
+    return bytes(body)
+
+
+def _parse(model: type[M], body: bytes) -> M:
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        field = ".".join(str(part) for part in errors[0]["loc"]) if errors else None
+        message = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors
+        )
+        raise InputError(message, field=field or None, status=422) from exc
+
+
+def create_proxy_router(proxy: MqttProxy) -> APIRouter | None:
+    """The ``/mqtt/*`` routes, or None when no token is configured (proxy off: mount nothing)."""
+    token = proxy.token
+    if token is None:
+        return None
+    expected = token.encode("utf-8")
+
+    async def authorize(request: Request) -> None:
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        # Starlette decodes headers as latin-1; re-encoding gives the raw bytes back.
+        given = value.strip().encode("latin-1", "replace")
+        ok = hmac.compare_digest(given, expected)  # constant time, whatever the scheme
+        if not ok or scheme.lower() != "bearer":
+            raise HTTPException(401, detail={"error": "AuthError",
+                                             "message": "missing or invalid bearer token"},
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    api = APIRouter(prefix="/mqtt", tags=["mqtt"], dependencies=[Depends(authorize)])
+
+    @api.post("/publish")
+    async def publish(request: Request) -> dict[str, Any]:
+        """Publish and answer after the PUBACK (504 without one, 503 if QoS 0 offline)."""
+        with _http_errors():
+            body = _parse(PublishBody, await _read_body(request, proxy.max_body))
+            payload: JsonValue | bytes = body.payload
+            if body.encoding == "base64":
+                if not isinstance(body.payload, str):
+                    raise InputError("base64 encoding needs a string payload", field="payload")
+                try:
+                    payload = base64.b64decode(body.payload, validate=True)
+                except binascii.Error as exc:
+                    raise InputError(f"payload is not base64: {exc}", field="payload") from exc
+            size = await proxy.publish_message(body.topic, payload, body.qos, body.retain)
+        return {"status": "success", "topic": body.topic, "qos": body.qos,
+                "retain": body.retain, "bytes": size}
+
+    @api.post("/subscribe")
+    async def subscribe(request: Request) -> dict[str, Any]:
+        """Webhook subscription when ``callback_url`` is given, else a buffered stream."""
+        with _http_errors():
+            body = _parse(SubscribeBody, await _read_body(request, 64 * 1024))
+            if body.callback_url is not None:
+                sub_id, secret = await proxy.add_callback_subscription(
+                    body.topic, body.callback_url, body.secret, qos=body.qos)
+                # The only time the secret is shown: the receiver needs it to verify.
+                return {"status": "success", "id": sub_id, "topic": body.topic,
+                        "callback_url": body.callback_url, "secret": secret,
+                        "signature": "X-Signature: sha256=<hex HMAC-SHA256(secret, body)>"}
+            sub_id = await proxy.add_stream_subscription(body.topic, qos=body.qos)
+        return {"status": "success", "id": sub_id, "topic": body.topic,
+                "stream": f"/mqtt/stream?id={sub_id}"}
+
+    @api.post("/unsubscribe")
+    async def unsubscribe(request: Request) -> dict[str, Any]:
+        """Remove REST subscriptions by exact filter, or one by id."""
+        with _http_errors():
+            body = _parse(UnsubscribeBody, await _read_body(request, 64 * 1024))
+            if body.id is not None:
+                await proxy.remove_rest_subscription(body.id)
+                removed = [body.id]
+            else:
+                assert body.topic is not None
+                removed = await proxy.remove_rest_subscriptions(body.topic)
+                if not removed:
+                    raise InputError(f"no REST subscription on {body.topic!r}", field="topic",
+                                     status=404)
+        return {"status": "success", "removed": removed}
+
+    @api.get("/status")
+    async def status() -> dict[str, Any]:
+        return proxy.status()
+
+    @api.get("/subscriptions")
+    async def subscriptions() -> dict[str, Any]:
+        subs = proxy.subscriptions()
+        return {"count": len(subs), "subscriptions": subs}
+
+    @api.get("/stream")
+    async def stream(
+        topic: Annotated[str | None, Query()] = None,
+        subscription_id: Annotated[str | None, Query(alias="id")] = None,
+    ) -> Response:
+        """SSE: ``?topic=FILTER`` for a subscription that lives as long as the
+        connection, or ``?id=`` to read one made by POST /mqtt/subscribe."""
+        with _http_errors():
+            if (topic is None) == (subscription_id is None):
+                raise InputError("give exactly one of topic or id", field="topic")
+            if topic is not None:
+                sub = await proxy._open_stream(topic)
+                on_close: Callable[[], None] = partial(proxy._discard, sub)
+            else:
+                assert subscription_id is not None
+                sub = proxy._attach_reader(subscription_id)
+                on_close = sub.detach_reader
+        return EventStream(sub, proxy.keepalive_seconds, on_close)
+
+    return api
+

@@ -1,0 +1,332 @@
+"""How subscribers get messages: in-process handlers, SSE queues, signed webhook pushes."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import hashlib
+import hmac
+import inspect
+import itertools
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, Literal, TypeVar
+
+import httpx
+from pydantic import BaseModel
+
+from bridge.errors import ConfigError
+from bridge.router import Handle
+from bridge.transport.base import InboundMessage
+
+log = logging.getLogger(__name__)
+
+#: An in-process subscriber: ``handler(topic, payload)``, sync or async.
+MessageHandler = Callable[[str, bytes], Awaitable[None] | None]
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+
+# -- settings -------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Webhook retries: waits of base, 2·base, 4·base ... capped, at most ``attempts`` tries."""
+
+    attempts: int = 6
+    base: float = 1.0
+    cap: float = 30.0
+    timeout: float = 10.0  # per HTTP attempt
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.base <= 0 or self.cap < self.base or self.timeout <= 0:
+            raise ConfigError(f"invalid webhook retry policy: {self}")
+
+    def delay(self, failures: int) -> float:
+        """Wait after the ``failures``-th failed attempt (1-based)."""
+        return float(min(self.cap, self.base * 2 ** min(failures - 1, 30)))
+
+
+def sign(secret: str, body: bytes) -> str:
+    """The ``X-Signature`` header value: ``sha256=<hex HMAC-SHA256(secret, body)>``."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def message_json(message: InboundMessage) -> dict[str, Any]:
+    """A message as JSON: the payload as UTF-8 text, or base64 when it is binary."""
+    try:
+        payload, encoding = message.payload.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        payload, encoding = base64.b64encode(message.payload).decode("ascii"), "base64"
+    return {"topic": message.topic, "payload": payload, "encoding": encoding,
+            "qos": message.qos, "retain": message.retain}
+
+
+# -- delivery plumbing ----------------------------------------------------------------------
+class Mailbox(Generic[T]):
+    """Bounded FIFO that drops its OLDEST item when full, counting drops.
+
+    A slow SSE client or a dead webhook receiver must not grow our memory without
+    bound; for live telemetry the newest messages are the ones worth keeping.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self.dropped = 0
+        self.closed = False
+        self._items: collections.deque[T] = collections.deque()
+        self._ready = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item: T) -> None:
+        if self.closed:
+            return
+        if len(self._items) >= self.maxsize:
+            self._items.popleft()
+            self.dropped += 1
+        self._items.append(item)
+        self._ready.set()
+
+    async def get(self) -> T | None:
+        """The next item; None after ``wake()`` or once closed and empty.
+
+        Safe to cancel (e.g. by ``asyncio.timeout``): nothing is taken before the wait.
+        """
+        if not self._items and not self.closed:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._items.popleft() if self._items else None
+
+    def wake(self) -> None:
+        self._ready.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self._ready.set()
+
+
+Owner = Literal["rest", "stream", "python"]
+
+
+class Subscription:
+    """One subscriber: its filter, where messages go, and delivery statistics."""
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, sub_id: str, topic_filter: str, qos: int, owner: Owner) -> None:
+        self.id = sub_id
+        self.filter = topic_filter
+        self.qos = qos
+        self.owner = owner
+        self.created_at = time.time()
+        self.delivered = 0
+        self.failed = 0
+        self.failed_attempts = 0
+        self.last_error: str | None = None
+        self.handle: Handle | None = None
+        self.subscribe_task: asyncio.Task[None] | None = None
+        self.broker_subscribed = False
+
+    def offer(self, message: InboundMessage) -> Awaitable[None] | None:
+        raise NotImplementedError
+
+    @property
+    def pending(self) -> int:
+        return 0
+
+    @property
+    def dropped(self) -> int:
+        return 0
+
+    async def close(self) -> None:
+        """Stop delivering; queued messages are discarded (they live only in memory)."""
+
+    def describe(self) -> dict[str, Any]:
+        """Public view for GET /mqtt/subscriptions; never includes the secret."""
+        return {
+            "id": self.id, "filter": self.filter, "qos": self.qos, "kind": self.kind,
+            "owner": self.owner, "callback_url": None, "created_at": round(self.created_at, 3),
+            "delivered": self.delivered, "failed": self.failed,
+            "failed_attempts": self.failed_attempts, "last_error": self.last_error,
+            "pending": self.pending, "dropped": self.dropped,
+        }
+
+
+class HandlerSubscription(Subscription):
+    """An in-process handler called with (topic, payload)."""
+
+    kind = "handler"
+
+    def __init__(self, sub_id: str, topic_filter: str, qos: int, handler: MessageHandler) -> None:
+        super().__init__(sub_id, topic_filter, qos, "python")
+        self.handler = handler
+
+    def offer(self, message: InboundMessage) -> Awaitable[None] | None:
+        try:
+            result = self.handler(message.topic, message.payload)
+        except Exception as exc:
+            self._record(exc)
+            raise  # the router logs it
+        if inspect.isawaitable(result):
+            return self._finish(result)
+        self.delivered += 1
+        return None
+
+    async def _finish(self, result: Awaitable[None]) -> None:
+        try:
+            await result
+        except Exception as exc:
+            self._record(exc)
+            raise
+        self.delivered += 1
+
+    def _record(self, exc: Exception) -> None:
+        self.failed += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+
+
+class StreamSubscription(Subscription):
+    """Messages buffered for a Server-Sent-Events reader."""
+
+    kind = "stream"
+
+    def __init__(self, sub_id: str, topic_filter: str, qos: int, owner: Owner,
+                 queue_size: int) -> None:
+        super().__init__(sub_id, topic_filter, qos, owner)
+        self.mailbox: Mailbox[InboundMessage] = Mailbox(queue_size)
+        self.reader_attached = False
+
+    def offer(self, message: InboundMessage) -> None:
+        self.mailbox.put(message)
+
+    @property
+    def pending(self) -> int:
+        return len(self.mailbox)
+
+    @property
+    def dropped(self) -> int:
+        return self.mailbox.dropped
+
+    async def close(self) -> None:
+        self.mailbox.close()  # an attached reader finishes its response
+
+    def detach_reader(self) -> None:
+        self.reader_attached = False
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "reader_attached": self.reader_attached}
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    message: InboundMessage
+    received_at: float
+    seq: int
+
+
+class WebhookSubscription(Subscription):
+    """Signed POSTs to ``callback_url``, in order, by one worker task, with retries."""
+
+    kind = "webhook"
+
+    def __init__(self, sub_id: str, topic_filter: str, qos: int, *, callback_url: str,
+                 secret: str, client: httpx.AsyncClient, retry: RetryPolicy,
+                 queue_size: int) -> None:
+        super().__init__(sub_id, topic_filter, qos, "rest")
+        self.callback_url = callback_url
+        self._secret = secret
+        self._client = client
+        self._retry = retry
+        self._seq = itertools.count(1)
+        self.mailbox: Mailbox[Queued] = Mailbox(queue_size)
+        self.in_flight = False
+        self.idle = asyncio.Event()  # set while nothing is queued or being delivered
+        self.idle.set()
+        self._worker = asyncio.create_task(self._run(), name=f"webhook-{sub_id}")
+
+    def offer(self, message: InboundMessage) -> None:
+        if self.mailbox.closed:
+            return
+        self.idle.clear()
+        self.mailbox.put(Queued(message, time.time(), next(self._seq)))
+
+    @property
+    def pending(self) -> int:
+        return len(self.mailbox) + int(self.in_flight)
+
+    @property
+    def dropped(self) -> int:
+        return self.mailbox.dropped
+
+    async def close(self) -> None:
+        self.mailbox.close()
+        self._worker.cancel()
+        await asyncio.gather(self._worker, return_exceptions=True)
+        self.idle.set()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "callback_url": self.callback_url}
+
+    async def _run(self) -> None:
+        while True:
+            item = await self.mailbox.get()
+            if item is None:
+                if self.mailbox.closed:
+                    return
+                continue
+            self.in_flight = True
+            try:
+                await self._deliver(item)
+            except Exception as exc:  # a bug here must not silently stop the worker
+                self.failed += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("webhook worker of subscription %s failed", self.id)
+            finally:
+                self.in_flight = False
+                if not self.mailbox:
+                    self.idle.set()
+
+    async def _deliver(self, item: Queued) -> None:
+        body = json.dumps({
+            **message_json(item.message),
+            "received_at": round(item.received_at, 3),
+            "subscription_id": self.id,
+            "delivery_id": f"{self.id}-{item.seq}",  # the same on every retry: dedupe on it
+        }, separators=(",", ":")).encode()
+        headers = {
+            "Content-Type": "application/json",
+            "X-Signature": sign(self._secret, body),
+            "X-Subscription-Id": self.id,
+        }
+        attempts = self._retry.attempts
+        for attempt in range(1, attempts + 1):
+            retryable = True
+            try:
+                response = await self._client.post(
+                    self.callback_url, content=body, headers=headers, timeout=self._retry.timeout
+                )
+            except httpx.HTTPError as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            else:
+                if response.is_success:
+                    self.delivered += 1
+                    return
+                error = f"HTTP {response.status_code}"
+                # Other 4xx (and 3xx: we do not follow redirects) will not change on retry.
+                retryable = response.status_code >= 500 or response.status_code in (408, 429)
+            self.failed_attempts += 1
+            self.last_error = f"attempt {attempt}/{attempts}: {error}"
+            if not retryable or attempt == attempts:
+                break
+            await asyncio.sleep(self._retry.delay(attempt))
+        self.failed += 1
+        log.warning("webhook delivery %s-%s failed for good: %s",
+                    self.id, item.seq, self.last_error)
+
+

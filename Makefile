@@ -1,10 +1,11 @@
-# Two commands on a fresh machine: `make run` and `make test`. Both make the venv.
+# Two commands on a fresh clone: `make run` and `make test`. Both make the venv first.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# Reinstalls only when pyproject.toml changes (or the venv is gone).
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean venv
+.PHONY: venv run test lint bench clean
 
 venv: $(STAMP)
 
@@ -14,9 +15,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,embedded]'
 	touch $(STAMP)
 
+# The whole pipeline in one process: embedded broker, edge agent, callback server, SQLite.
 run: $(STAMP)
 	$(BIN)/python -m edge_agent.demo
 
+# Needs Mosquitto on 127.0.0.1:1883 and MariaDB on :3306 (.ci/run starts both).
 test: $(STAMP)
 	$(BIN)/pytest -q
 
@@ -28,4 +31,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache *.egg-info build

@@ -20,11 +20,14 @@ async def _migrate(settings: config.CallbackSettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS,
+                        help="YAML settings file (or CALLBACK_SERVER_CONFIG)")
     parser = argparse.ArgumentParser(prog="callback-server", description=__doc__)
     parser.add_argument("--config", help="YAML settings file (or CALLBACK_SERVER_CONFIG)")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="run the service (creates missing tables first)")
-    sub.add_parser("migrate", help="create missing tables and columns, then exit")
+    sub.add_parser("run", parents=[common], help="run the service (creates missing tables first)")
+    sub.add_parser("migrate", parents=[common], help="create missing tables and columns, then exit")
     args = parser.parse_args(argv)
     try:
         settings = config.load(args.config)

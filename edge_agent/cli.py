@@ -14,11 +14,14 @@ from edge_agent import config
 
 
 def main(argv: list[str] | None = None) -> int:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS,
+                        help="YAML settings file (or EDGE_AGENT_CONFIG)")
     parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
     parser.add_argument("--config", help="YAML settings file (or EDGE_AGENT_CONFIG)")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="run the service")
-    sub.add_parser("check-config", help="validate and print the effective settings")
+    sub.add_parser("run", parents=[common], help="run the service")
+    sub.add_parser("check-config", parents=[common], help="validate and print the effective settings")
     args = parser.parse_args(argv)
     try:
         settings = config.load(args.config)

@@ -2,16 +2,53 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.procs import MosquittoProcess
+from tests.procs import MosquittoProcess, port_open
+
+SHARED_BROKER = ("127.0.0.1", 1883)
+MARIADB = ("127.0.0.1", 3306)
+HINT = "start it (see DESIGN.md, 'Real components') or run `bash .ci/run`"
 
 
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
-    """A private broker with persistence, for tests that stop or kill it."""
-    with MosquittoProcess(tmp_path / "mosquitto") as broker:
+    """A private broker with persistence on a free port, for tests that stop or kill it."""
+    with MosquittoProcess(tmp_path / "mosquitto", persistence=True) as broker:
         yield broker
+
+
+@pytest.fixture(scope="session")
+def shared_broker_url() -> str:
+    """The machine's Mosquitto; fails (never skips) when it is not there."""
+    if not port_open(*SHARED_BROKER):
+        pytest.fail(f"no MQTT broker on {SHARED_BROKER[0]}:{SHARED_BROKER[1]}: {HINT}",
+                    pytrace=False)
+    return "mqtt://{}:{}".format(*SHARED_BROKER)
+
+
+@pytest.fixture(scope="session")
+def mariadb_url() -> str:
+    """The machine's MariaDB (root, empty password, database ``test``); fails when absent."""
+    import pymysql  # aiomysql's own driver; a plain login here gives the clearest error
+
+    host, port = MARIADB
+    if not port_open(host, port):
+        pytest.fail(f"no MariaDB on {host}:{port}: {HINT}", pytrace=False)
+    try:
+        pymysql.connect(host=host, port=port, user="root", password="", database="test",
+                        connect_timeout=5, ssl_disabled=True).close()
+    except pymysql.MySQLError as exc:
+        pytest.fail(f"MariaDB on {host}:{port} refused root@test with an empty password "
+                    f"({exc}): {HINT}", pytrace=False)
+    return f"mysql://root:@{host}:{port}/test"
+
+
+@pytest.fixture
+def unique_id() -> str:
+    """Eight random hex digits, for topics, org ids and client ids no other test uses."""
+    return uuid.uuid4().hex[:8]

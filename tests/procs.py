@@ -1,50 +1,78 @@
-"""A private Mosquitto on a free port with its own config, stopped by PID."""
+"""Real processes for integration tests: a private Mosquitto on a free port, stopped by PID."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from tests.services import pick_port
+MOSQUITTO = "/usr/sbin/mosquitto"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(host: str, port: int) -> bool:
+    """Whether ``host:port`` accepts a TCP connection now."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
-    """Return once ``host:port`` accepts TCP connections."""
+    """Return once ``host:port`` accepts TCP connections; ``TimeoutError`` after ``timeout``."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.02)  # polling the port is the readiness event here
-    raise TimeoutError(f"{host}:{port} did not open within {timeout}s")
+    while not port_open(host, port):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{host}:{port} did not open within {timeout}s")
+        time.sleep(0.02)  # polling a connect is the readiness event here
 
 
 class MosquittoProcess:
-    """``mosquitto -c <own conf>``; ``start()`` again after ``stop()`` reuses the port."""
+    """``mosquitto -c <own conf>`` on a free port; ``start()`` after ``stop()`` reuses the port.
 
-    def __init__(self, base: Path, *, persistence: bool = True, extra: str = "") -> None:
-        self.base = base
+    ``extra`` lines go at the end of the config (e.g. ``cafile``/``certfile``/``keyfile``
+    and ``require_certificate true`` for TLS). With ``persistence`` the broker keeps
+    sessions, queued QoS 1 messages and retained ones across a ``stop()``/``start()``
+    (mosquitto writes its database on SIGTERM and, here, every second otherwise).
+    """
+
+    def __init__(self, base: Path | None = None, *, persistence: bool = True,
+                 extra: str | Sequence[str] = (), port: int | None = None) -> None:
+        self._own_dir = base is None
+        self.base = Path(tempfile.mkdtemp(prefix="mosquitto-")) if base is None else base
         self.base.mkdir(parents=True, exist_ok=True)
-        self.port = pick_port()
-        self.binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        self.conf = base / "mosquitto.conf"
+        self.port = port if port is not None else free_port()
+        self.binary = MOSQUITTO if os.access(MOSQUITTO, os.X_OK) else (
+            shutil.which("mosquitto") or MOSQUITTO)
+        self.conf = self.base / "mosquitto.conf"
+        self.log_path = self.base / "mosquitto.log"
         lines = [
             f"listener {self.port} 127.0.0.1",
             "allow_anonymous true",
-            "user root",  # as root mosquitto would switch to 'mosquitto' and lose our tmp dir
+            # started as root, mosquitto would drop to user 'mosquitto' and lose our files
+            "user root",
             f"persistence {'true' if persistence else 'false'}",
-            f"persistence_location {base}/",
+            f"persistence_location {self.base}/",
             "autosave_interval 1",
             "max_queued_messages 100000",
-            f"log_dest file {base / 'mosquitto.log'}",
-            extra,
+            f"log_dest file {self.log_path}",
+            "log_type all",
         ]
+        lines += [extra] if isinstance(extra, str) else list(extra)
         self.conf.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -52,30 +80,64 @@ class MosquittoProcess:
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
 
-    def start(self) -> MosquittoProcess:
-        self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, chars: int = 2000) -> str:
         try:
-            wait_for_port("127.0.0.1", self.port)
-        except TimeoutError:
-            self.kill()
-            raise
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def start(self, timeout: float = 10.0) -> MosquittoProcess:
+        """Start (again, on the same port) and return once the port accepts connections."""
+        if self.running:
+            raise RuntimeError(f"mosquitto already runs as PID {self.pid}")
+        with (self.base / "mosquitto.out").open("ab") as out:
+            self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)],
+                                         stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while not port_open("127.0.0.1", self.port):
+            if self.proc.poll() is not None:
+                out_text = (self.base / "mosquitto.out").read_text(errors="replace")
+                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: "
+                                   f"{out_text[-1000:]}{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError(f"mosquitto not listening on {self.port} within {timeout}s: "
+                                   f"{self.log_tail()}")
+            time.sleep(0.02)  # polling a connect is the readiness event here
         return self
 
-    def stop(self) -> None:
-        """SIGTERM: mosquitto saves its persistence file and exits."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(10)
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM by PID and wait: mosquitto saves its persistence file and exits."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
 
     def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
+        """SIGKILL by PID and wait: a crash; nothing since the last autosave is kept."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+
+    def close(self) -> None:
+        """Stop, and remove the directory if this object made it."""
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.base, ignore_errors=True)
 
     def __enter__(self) -> MosquittoProcess:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.kill()
+        self.close()

@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML settings file (or EDGE_AGENT_CONFIG)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", parents=[common], help="run the service")
-    sub.add_parser("check-config", parents=[common], help="validate and print the effective settings")
+    sub.add_parser("check-config", parents=[common],
+                   help="validate and print the effective settings")
     args = parser.parse_args(argv)
     try:
         settings = config.load(args.config)

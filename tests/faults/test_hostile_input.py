@@ -1,0 +1,152 @@
+"""Hostile input: property tests for normalisation and topics; schema-driven fuzzing of
+both apps' OpenAPI (no 5xx, no crash, no secret in any response or log line)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bridge.errors import InputError, TopicError
+from bridge.topic import Topic, TopicFilter
+from edge_agent.normalize import DOCUMENTED_TYPES, normalize
+from tests.services import ServiceProcess, callback_server, edge_agent
+
+CODE = "edge-secret-code-0123456789abcdef"
+TOKEN = "proxy-secret-token-fedcba9876543210"
+RULE_TOKEN = "rule-secret-token-0011223344556677"
+SECRETS = (CODE, TOKEN, RULE_TOKEN)
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=4),
+    max_leaves=20,
+)
+callback_types = st.sampled_from(DOCUMENTED_TYPES) | st.text(max_size=12)
+datas = st.fixed_dictionaries(
+    {},
+    optional={
+        "sn": st.text(max_size=12) | st.integers(),
+        "timestamp": st.integers(0, 2**45) | st.text(max_size=5),
+        "notify_timestamp": st.integers(0, 2**45),
+        "battery": json_values, "power": json_values, "x": json_values, "y": json_values,
+        "run_state": json_values, "error_level": json_values, "error_id": json_values,
+        "extend_info": json_values, "charge_state": json_values,
+    },
+)
+
+
+@given(st.one_of(json_values, st.fixed_dictionaries({"callback_type": callback_types,
+                                                      "data": datas | json_values})))
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+def test_normalize_only_ever_raises_input_error(body: Any) -> None:
+    try:
+        n = normalize(body, received_at=1_700_000_000.0)
+    except InputError as exc:
+        assert exc.status in (400, 422) and exc.message
+        return
+    assert n.channel and "/" not in (n.device_id or "")
+    assert 0 <= n.ts < 1e11  # always seconds
+    json.dumps(n.data)  # the envelope can always be serialised
+
+
+@given(st.integers(1_000_000_000_000, 99_999_999_999_999), st.sampled_from(DOCUMENTED_TYPES))
+def test_millisecond_timestamps_become_seconds(ms: int, ctype: str) -> None:
+    n = normalize({"callback_type": ctype, "data": {"sn": "A", "timestamp": ms,
+                                                    "shop_id": 1}}, received_at=0.0)
+    assert n.ts == pytest.approx(ms / 1000)
+
+
+@given(st.sampled_from(["ONLINE", "online", "Online", "oNlInE"]),
+       st.sampled_from(["robotStatus", "ROBOTSTATUS", "robotstatus"]))
+def test_values_and_types_are_case_insensitive(status: str, ctype: str) -> None:
+    n = normalize({"callback_type": ctype, "data": {"sn": "A", "run_status": status}},
+                  received_at=1.0)
+    assert (n.callback_type, n.channel, n.data["status"]) == ("robotStatus", "status", "online")
+
+
+levels = st.text(alphabet="abcXYZ019_-. $", min_size=1, max_size=6)
+
+
+@given(st.lists(levels, min_size=1, max_size=6))
+def test_filter_properties(parts: list[str]) -> None:
+    name = "/".join(parts)
+    topic = Topic(name)
+    assert TopicFilter(name).matches(topic)
+    plus = "/".join(["+", *parts[1:]])
+    # §4.7.2: wildcards at the first level never match $-topics
+    assert TopicFilter(plus).matches(topic) is (not name.startswith("$"))
+    assert TopicFilter("#").matches(topic) is (not name.startswith("$"))
+    assert TopicFilter(name + "/#").matches(topic)  # "a/#" matches "a" itself
+
+
+@given(st.text(max_size=30))
+def test_filter_parsing_only_raises_topic_error(text: str) -> None:
+    with contextlib.suppress(TopicError):
+        TopicFilter(text)
+
+
+# -- schema-driven fuzzing against the real processes ------------------------------------------
+@pytest.fixture(scope="module")
+def edge_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    tmp = tmp_path_factory.mktemp("fuzz-edge")
+    with edge_agent(tmp, "mqtt://127.0.0.1:1883", org=f"fz{uuid.uuid4().hex[:6]}", code=CODE,
+                    PROXY_TOKEN=TOKEN, TOPIC_PREFIX="fuzz") as agent:
+        yield agent
+    assert_no_secret_logged(agent.log_path)
+
+
+@pytest.fixture(scope="module")
+def callback_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    tmp = tmp_path_factory.mktemp("fuzz-cb")
+    with callback_server(tmp, "mqtt://127.0.0.1:1883", f"sqlite:///{tmp / 'cb.db'}",
+                         TOPIC_PREFIX="fuzz", PROXY_TOKEN=TOKEN,
+                         CALLBACK_TOKEN=RULE_TOKEN) as server:
+        yield server
+    assert_no_secret_logged(server.log_path)
+
+
+def assert_no_secret_logged(log: Path) -> None:
+    text = log.read_text()
+    for secret in SECRETS:
+        assert secret not in text, f"a secret appears in {log.name}"
+
+
+def fuzz(base_url: str, headers: dict[str, str], examples: int) -> int:
+    """Every operation of the app's own OpenAPI schema, with generated requests."""
+    schema = schemathesis.openapi.from_url(base_url + "/openapi.json")
+    calls = 0
+    for result in schema.get_all_operations():
+        operation = result.ok()
+
+        @given(operation.as_strategy())
+        @settings(max_examples=examples, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        def run(case: Any) -> None:
+            nonlocal calls
+            calls += 1
+            response = case.call(base_url=base_url, headers=headers, timeout=10)
+            assert response.status_code < 500, (case.method, case.path, response.text[:300])
+            for secret in SECRETS:
+                assert secret not in response.text
+
+        run()
+    return calls
+
+
+def test_edge_agent_api_never_fails(edge_proc: ServiceProcess) -> None:
+    assert fuzz(edge_proc.url, {"CallbackCode": CODE}, examples=60) > 60
+
+
+def test_callback_server_api_never_fails(callback_proc: ServiceProcess) -> None:
+    headers = {"X-Callback-Token": RULE_TOKEN, "Authorization": f"Bearer {TOKEN}"}
+    assert fuzz(callback_proc.url, headers, examples=25) > 100

@@ -55,7 +55,7 @@ class CommandRequest(BaseModel):
 
     command: str = Field(min_length=1, max_length=64)
     args: dict[str, Any] = Field(default_factory=dict)
-    timeout: float = Field(10.0, gt=0)
+    timeout: float = Field(10.0, gt=0, le=3600)
     org_id: str | None = None
 
 

@@ -29,6 +29,7 @@ ENV_MAP = {
     "LOG_LEVEL": "log_level",
     "PROXY_TOKEN": "proxy_token",
     "MQTT_RECONNECT_MAX_SECONDS": "mqtt_reconnect_max_seconds",
+    "COMMAND_TIMEOUT_MAX": "command_timeout_max",
 }
 
 

@@ -1,11 +1,18 @@
-"""The store against real MariaDB and SQLite: idempotent, order-independent writes."""
+"""The store against real MariaDB and SQLite: idempotent, order-independent writes.
+
+Every database test runs on both backends: SQLite in tmp_path and a scratch database
+on the shared MariaDB (created per test, dropped afterwards).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import math
 import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +20,41 @@ import pymysql
 import pytest
 
 from bridge.envelope import Envelope
-from bridge.errors import StoreError
-from callback_server.store import SqlStore, Table, load_targets, open_store
+from bridge.errors import ConfigError, StoreError
+from callback_server.store import BatchResult, SqlStore, Table, Targets, load_targets, open_store
+from callback_server.store.rows import build_rows, key, when
+from callback_server.store.schema import ROBOT_ROW
 from tests.dbutil import query, scratch_mysql_database
 
-pytestmark = pytest.mark.integration
+EXAMPLES = Path(__file__).resolve().parents[1] / "config.example"
+TYPES = {"status": "notifyRobotStatus", "power": "notifyRobotPower", "pose": "notifyRobotPose",
+         "event": "robotErrorWarning", "move": "notifyRobotMoveState", "task": "TASK_STATUS"}
 
 
-@pytest.fixture(params=["mysql", "sqlite"])
+def env(sn: str, channel: str, ts: float, ctype: str = "", *, msg_id: str = "",
+        gateway: str = "gw1", **data: Any) -> Envelope:
+    ctype = ctype or TYPES.get(channel, channel)
+    return Envelope(id=msg_id or uuid.uuid4().hex, type=ctype, org="acme", device=sn,
+                    gateway=gateway, ts=ts, received_at=ts + 1, data=data, raw=dict(data),
+                    channel=channel)
+
+
+def item(e: Envelope) -> tuple[str, Envelope]:
+    return (f"org/{e.org}/device/{e.device}/{e.channel}", e)
+
+
+@contextmanager
+def extra_mysql_database() -> Iterator[str]:
+    """A database name for a second target; dropped afterwards."""
+    name = f"test_store_{uuid.uuid4().hex[:10]}"
+    try:
+        yield name
+    finally:
+        with pymysql.connect(host="127.0.0.1", user="root", password="") as conn:
+            conn.cursor().execute(f"DROP DATABASE IF EXISTS `{name}`")
+
+
+@pytest.fixture(params=["sqlite", "mysql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'store.db'}"
@@ -36,98 +70,272 @@ async def store(db_url: str) -> AsyncIterator[SqlStore]:
         yield s
 
 
-def env(sn: str, channel: str, ts: float, ctype: str = "", **data: Any) -> Envelope:
-    ctype = ctype or {"status": "notifyRobotStatus", "power": "notifyRobotPower",
-                      "pose": "notifyRobotPose", "event": "robotErrorWarning",
-                      "move": "notifyRobotMoveState"}[channel]
-    return Envelope(id=uuid.uuid4().hex, type=ctype, org="acme", device=sn, gateway="gw",
-                    ts=ts, received_at=ts + 1, data=data, raw=dict(data), channel=channel)
+async def robot(store: SqlStore, sn: str) -> dict[str, Any]:
+    row = await store.get_robot(sn)
+    assert row is not None, f"robot {sn} missing"
+    return row
 
 
-def item(e: Envelope) -> tuple[str, Envelope]:
-    return (f"org/acme/device/{e.device}/{e.channel}", e)
+# -- schema ------------------------------------------------------------------------------
+
+def table_names(url: str) -> set[str]:
+    if url.startswith("sqlite"):
+        return {r["name"] for r in query(url, "SELECT name FROM sqlite_master WHERE type='table'")}
+    return {next(iter(r.values())) for r in query(url, "SHOW TABLES")}
 
 
-async def test_migrate_is_idempotent_and_state_upserts(store: SqlStore, db_url: str) -> None:
-    await store.migrate()
-    await store.write_batch([item(env("A", "status", 10, status="idle", battery_level=50))])
-    await store.write_batch([item(env("A", "power", 11, battery_level=49,
+def column_names(url: str, table: str) -> list[str]:
+    if url.startswith("sqlite"):
+        return [r["name"] for r in query(url, f"PRAGMA table_info({table})")]
+    return [r["Field"] for r in query(url, f"SHOW COLUMNS FROM {table}")]
+
+
+async def test_migrate_creates_the_tables_and_is_idempotent(db_url: str) -> None:
+    async with open_store(db_url) as s:
+        await s.migrate()
+        await s.write_batch([item(env("A", "status", 10, status="idle"))])
+    first = {t: column_names(db_url, t) for t in table_names(db_url)}
+    assert {"mnt_robots_management", "mnt_robot_events", "mqtt_message_log",
+            "mqtt_dead_letters", "device_commands"} <= set(first)
+    assert {"robot_sn", "status", "battery_level", "water_level", "sewage_level", "x", "y", "z",
+            "yaw", "charge_state", "last_updated", "status_ts", "pose_ts", "battery_ts",
+            "last_ts"} <= set(first["mnt_robots_management"])
+    async with open_store(db_url) as s:  # a restart, and a second migrate in one run
+        await s.migrate()
+        await s.migrate()
+        assert (await robot(s, "A"))["status"] == "idle"
+    assert {t: column_names(db_url, t) for t in table_names(db_url)} == first
+
+
+async def test_concurrent_migrations_of_replicas_do_not_fail(db_url: str) -> None:
+    stores = [open_store(db_url) for _ in range(3)]
+    await asyncio.gather(*(s.migrate() for s in stores))
+    await asyncio.gather(*(s.close() for s in stores))
+
+
+# -- latest state ------------------------------------------------------------------------
+
+async def test_latest_state_is_upserted_and_merged(store: SqlStore) -> None:
+    await store.write_batch([item(env("A", "status", 10, status="idle", battery_level=50,
+                                      is_charging=False, move_state="idle"))])
+    await store.write_batch([item(env("A", "power", 11.25, battery_level=49,
                                       charge_state="charging"))])
-    robot = await store.get_robot("A")
-    assert robot is not None
-    assert (robot["status"], robot["battery_level"], robot["charge_state"]) == (
-        "idle", 49, "charging")
-    assert robot["last_updated"].startswith("1970-01-01 00:00:11")
+    r = await robot(store, "A")
+    assert (r["status"], r["battery_level"], r["charge_state"], r["is_charging"],
+            r["move_state"]) == ("idle", 49, "charging", False, "idle")
+    assert (r["org_id"], r["gateway_id"]) == ("acme", "gw1")
+    assert r["last_ts"] == 11.25
+    assert r["last_updated"] == "1970-01-01T00:00:11.250Z"
+    assert [x["robot_sn"] for x in await store.get_robots()] == ["A"]
+    assert await store.get_robot("nobody") is None
 
 
-async def test_older_ts_never_overwrites_newer(store: SqlStore) -> None:
-    await store.write_batch([item(env("A", "status", 20, status="busy"))])
-    await store.write_batch([item(env("A", "status", 10, status="offline"))])  # late
-    # within one batch too, whatever the order
-    await store.write_batch([item(env("B", "power", 30, battery_level=30)),
-                             item(env("B", "power", 20, battery_level=20))])
-    assert (await store.get_robot("A"))["status"] == "busy"  # type: ignore[index]
-    assert (await store.get_robot("B"))["battery_level"] == 30  # type: ignore[index]
+async def test_older_ts_never_overwrites_newer_across_batches(store: SqlStore) -> None:
+    await store.write_batch([item(env("A", "status", 20, status="busy", battery_level=70))])
+    await store.write_batch([item(env("A", "status", 10, status="offline", battery_level=10))])
+    await store.write_batch([item(env("A", "power", 15, battery_level=15))])
+    r = await robot(store, "A")
+    assert (r["status"], r["battery_level"], r["last_ts"]) == ("busy", 70, 20)
+    await store.write_batch([item(env("A", "status", 20, status="idle"))])  # equal ts: taken
+    assert (await robot(store, "A"))["status"] == "idle"
 
 
-async def test_pose_does_not_wipe_status_and_notice_feeds_state(store: SqlStore) -> None:
+@pytest.mark.parametrize("newest_first", [True, False])
+async def test_older_ts_never_overwrites_newer_within_a_batch(
+    store: SqlStore, newest_first: bool
+) -> None:
+    batch = [item(env("B", "power", 30, battery_level=30, charge_state="full")),
+             item(env("B", "power", 20, battery_level=20, charge_state="charging")),
+             item(env("B", "pose", 25, x=1.0, y=2.0)),
+             item(env("B", "pose", 5, x=9.0, y=9.0))]
+    result = await store.write_batch(batch if newest_first else batch[::-1])
+    assert result.robots == 1
+    r = await robot(store, "B")
+    assert (r["battery_level"], r["charge_state"], r["x"], r["y"]) == (30, "full", 1.0, 2.0)
+    assert r["last_ts"] == 30
+
+
+async def test_pose_does_not_wipe_status_and_status_does_not_wipe_pose(store: SqlStore) -> None:
     await store.write_batch([item(env("C", "status", 10, status="idle", battery_level=80))])
-    await store.write_batch([item(env("C", "pose", 11, x=1.5, y=2.5, yaw=90.0))])
-    await store.write_batch([item(env("C", "event", 12, ctype="robotErrorNotice",
-                                      event_id="e1", event_level="info", battery_level=58,
-                                      x=-1.0, y=4.0, yaw=1.3))])
-    robot = await store.get_robot("C")
-    assert robot is not None
-    assert robot["status"] == "idle"
-    assert robot["battery_level"] == 58 and robot["x"] == -1.0 and robot["y"] == 4.0
-    events = await store.get_events("C")
-    assert [e["event_id"] for e in events] == ["e1"]
+    await store.write_batch([item(env("C", "pose", 11, x=1.5, y=2.5, z=0.5, yaw=90.0))])
+    r = await robot(store, "C")
+    assert (r["status"], r["battery_level"], r["x"], r["y"], r["z"], r["yaw"]) == (
+        "idle", 80, 1.5, 2.5, 0.5, 90.0)
+    await store.write_batch([item(env("C", "status", 12, status="busy"))])
+    await store.write_batch([item(env("C", "move", 13, move_state="moving"))])
+    r = await robot(store, "C")
+    assert (r["status"], r["battery_level"], r["x"], r["yaw"], r["move_state"]) == (
+        "busy", 80, 1.5, 90.0, "moving")
 
 
-async def test_redelivery_inserts_nothing_twice(store: SqlStore, db_url: str) -> None:
-    batch = [item(env("D", "event", 5, event_id=f"e{i}", event_level="high")) for i in range(5)]
-    await store.write_batch(batch)
-    await store.write_batch(batch)  # a QoS 1 redelivery of the whole batch
-    await store.write_batch(batch[2:] + batch[:2])
+async def test_cleaning_robot_state_comes_from_status_and_error_notice(store: SqlStore) -> None:
+    # CC1/MT1 never send notifyRobotPower/notifyRobotPose (PUDU.md)
+    await store.write_batch([item(env("CC1", "status", 100, status="busy", battery_level=90,
+                                      is_charging=True, charge_state="charging"))])
+    notice = env("CC1", "event", 110, "robotErrorNotice", event_id="n1", event_level="info",
+                 event_type="LowBattery", battery_level=58, x=-1.0, y=4.99104, yaw=1.3,
+                 map_name="floor1", task_id="t9")
+    await store.write_batch([item(notice)])
+    r = await robot(store, "CC1")
+    assert (r["status"], r["battery_level"], r["x"], r["y"], r["yaw"], r["is_charging"]) == (
+        "busy", 58, -1.0, 4.99104, 1.3, True)
+    # a late notice (older robot time) feeds nothing, but its event is kept
+    late = env("CC1", "event", 50, "robotErrorNotice", event_id="n0", event_level="high",
+               battery_level=5, x=0.0, y=0.0)
+    await store.write_batch([item(late)])
+    r = await robot(store, "CC1")
+    assert (r["battery_level"], r["x"]) == (58, -1.0)
+    assert [e["event_id"] for e in await store.get_events("CC1")] == ["n1", "n0"]
+
+
+async def test_gateway_and_shop_messages_go_to_the_log_only(store: SqlStore, db_url: str) -> None:
+    presence = env("gw1", "presence", 5, "presence", gateway="gw1")
+    shop = env("gw1", "callback/mapElementChange", 6, "mapElementChange", gateway="gw1",
+               map_name="m")
+    task = env("T1", "task", 7, task_id="x", task_status="begin")
+    result = await store.write_batch([item(presence), item(shop), item(task)])
+    assert (result.logged, result.robots) == (3, 1)
+    assert [r["robot_sn"] for r in await store.get_robots()] == ["T1"]  # seen, no state
+    assert (await robot(store, "T1"))["status"] is None
+    assert len(query(db_url, "SELECT id FROM mqtt_message_log")) == 3
+
+
+# -- idempotence -------------------------------------------------------------------------
+
+async def test_duplicate_events_and_envelopes_insert_nothing_twice(
+    store: SqlStore, db_url: str
+) -> None:
+    batch = [item(env("D", "event", 5 + i, event_id=f"e{i}", event_level="high",
+                      event_detail=f"detail {i}")) for i in range(5)]
+    first = await store.write_batch(batch)
+    assert first == BatchResult(messages=5, logged=5, events=5, robots=1)
+    again = await store.write_batch(batch)  # a QoS 1 redelivery of the whole batch
+    assert (again.logged, again.events, again.duplicates) == (0, 0, 5)
+    await store.write_batch(batch[2:] + batch[:2] + batch[:1])  # reordered, repeated inside
+    # the same event under a new envelope id (the agent re-sent the callback): one event
+    copy = env("D", "event", 5, event_id="e0", event_level="high")
+    assert (await store.write_batch([item(copy)])).events == 0
     assert len(query(db_url, "SELECT * FROM mnt_robot_events")) == 5
-    assert len(query(db_url, "SELECT * FROM mqtt_message_log")) == 5
+    assert len(query(db_url, "SELECT * FROM mqtt_message_log")) == 6
+    events = await store.get_events("D", limit=2)
+    assert [e["event_id"] for e in events] == ["e4", "e3"]  # newest robot time first
+    assert events[0]["task_time"] == "1970-01-01T00:00:09.000Z"
+    assert events[0]["event_detail"] == "detail 4"
 
 
-async def test_shuffled_replay_equals_in_order_delivery(tmp_path: Path, db_url: str) -> None:
-    rng = random.Random(3)
+def workload(n: int, seed: int = 3) -> list[tuple[str, Envelope]]:
+    rng = random.Random(seed)
     items = []
-    for i in range(400):
+    for i in range(n):
         sn = f"R{i % 7}"
-        kind = rng.choice(["status", "power", "pose", "event", "move"])
-        data: dict[str, Any] = {
-            "status": {"status": rng.choice(["idle", "busy"]), "battery_level": i % 100},
-            "power": {"battery_level": i % 100, "charge_state": rng.choice(["idle", "charging"])},
-            "pose": {"x": float(i), "y": float(-i), "yaw": 1.0},
-            "event": {"event_id": f"e{i}", "event_level": "info", "battery_level": i % 100},
-            "move": {"move_state": rng.choice(["moving", "idle"])},
-        }[kind]
-        items.append(item(env(sn, kind, 1000 + i, **data)))
-    in_order = f"sqlite:///{tmp_path / 'in-order.db'}"
-    async with open_store(in_order) as s:
-        for i in range(0, len(items), 1):
-            await s.write_batch(items[i:i + 1])
-        expected = await s.get_robots()
+        kind = rng.choice(["status", "power", "pose", "event", "notice", "move", "task"])
+        ts = 1_700_000_000 + i + rng.random() / 2  # distinct robot times
+        if kind == "notice":
+            e = env(sn, "event", ts, "robotErrorNotice", event_id=f"n{i}", event_level="info",
+                    battery_level=i % 100, x=float(i), y=1.0, yaw=0.5)
+        else:
+            choices: dict[str, dict[str, Any]] = {
+                "status": {"status": rng.choice(["idle", "busy"]), "battery_level": i % 100,
+                           "is_charging": rng.random() < 0.5},
+                "power": {"battery_level": i % 100,
+                          "charge_state": rng.choice(["idle", "charging"])},
+                "pose": {"x": float(i), "y": float(-i), "yaw": 1.0},
+                "event": {"event_id": f"e{i}", "event_level": "warning"},
+                "move": {"move_state": rng.choice(["moving", "idle"])},
+                "task": {"task_id": f"t{i}", "task_status": "begin"},
+            }
+            e = env(sn, kind, ts, gateway=f"gw{i % 2}", **choices[kind])
+        items.append(item(e))
+    return items
+
+
+async def snapshot(s: SqlStore) -> tuple[list[Any], list[Any]]:
+    robots = await s.get_robots()
+    events = [e for r in robots for e in await s.get_events(r["robot_sn"], 1000)]
+    for e in events:
+        e.pop("upload_time")
+    return robots, events
+
+
+async def test_shuffled_split_and_replayed_delivery_equals_in_order(
+    tmp_path: Path, db_url: str
+) -> None:
+    items = workload(500)
+    async with open_store(f"sqlite:///{tmp_path / 'in-order.db'}") as s:
+        for one in items:
+            await s.write_batch([one])
+        expected = await snapshot(s)
     shuffled = items[:]
-    rng.shuffle(shuffled)
+    random.Random(11).shuffle(shuffled)
     async with open_store(db_url) as s:
         for i in range(0, len(shuffled), 37):
             await s.write_batch(shuffled[i:i + 37])
-        await s.write_batch(shuffled[:100])  # and a replay
-        got = await s.get_robots()
-    strip = ("last_updated",)
-    assert [{k: v for k, v in r.items() if k not in strip} for r in got] == [
-        {k: v for k, v in r.items() if k not in strip} for r in expected]
+        replay = shuffled[:200]
+        random.Random(12).shuffle(replay)
+        assert (await s.write_batch(replay)).duplicates == 200  # replay after an outage
+        got = await snapshot(s)
+    assert got == expected
+    assert len(query(db_url, "SELECT id FROM mqtt_message_log")) == 500
 
+
+async def test_two_replicas_writing_concurrently_do_not_deadlock(db_url: str) -> None:
+    items = workload(600, seed=5)
+    async with open_store(db_url) as a, open_store(db_url) as b:
+
+        async def feed(s: SqlStore, part: list[tuple[str, Envelope]]) -> None:
+            for i in range(0, len(part), 20):
+                await s.write_batch(part[i:i + 20])
+
+        shuffled = items[:]
+        random.Random(2).shuffle(shuffled)
+        await asyncio.gather(feed(a, shuffled[::2]), feed(b, shuffled[1::2]))
+        got = await snapshot(a)
+    async with open_store("sqlite:///:memory:") as ref:
+        await ref.write_batch(items)
+        assert got == await snapshot(ref)
+
+
+async def test_bare_envelopes_are_accepted(store: SqlStore, db_url: str) -> None:
+    e = env("E", "power", 3, battery_level=33)
+    assert (await store.write_batch([e])).logged == 1
+    assert (await robot(store, "E"))["battery_level"] == 33
+    assert query(db_url, "SELECT topic FROM mqtt_message_log") == [
+        {"topic": "org/acme/device/E/power"}]
+    assert await store.write_batch([]) == BatchResult(0, 0, 0, 0)
+
+
+async def test_values_the_database_would_refuse_never_stall_the_stream(
+    store: SqlStore, db_url: str
+) -> None:
+    """A batch that fails forever would block every later message: coerce instead."""
+    hostile = [
+        item(env("H", "status", 10, status="x" * 500, battery_level=10**12,
+                 is_charging=-1, move_state={"nested": [1, 2]})),
+        item(env("H", "pose", 11, x=math.nan, y=1.0)),  # no position without x
+        item(env("H", "power", 12, battery_level="full", charge_state="\udc80bad")),
+        item(env("H" * 300, "event", 13, event_id="i" * 400, event_level="CRITICAL-ish" * 5,
+                 event_detail="d" * 100_000)),
+        item(env("H", "status", math.nan, status="lost")),  # no robot time: logged only
+        item(env("H", "status", 1e30, status="future")),
+    ]
+    result = await store.write_batch(hostile)
+    assert result.logged == 6
+    r = await robot(store, "H")
+    assert r["status"] == "x" * 32 and r["battery_level"] is None and r["is_charging"] is False
+    assert r["x"] is None and r["charge_state"] == "?bad"
+    assert r["last_ts"] == 12
+    events = query(db_url, "SELECT robot_sn, event_id FROM mnt_robot_events")
+    assert len(events[0]["robot_sn"]) == 64 and len(events[0]["event_id"]) == 128
+    assert (await store.write_batch(hostile)).logged == 0  # and still idempotent
+
+
+# -- targets -----------------------------------------------------------------------------
 
 async def test_every_configured_target_is_written(tmp_path: Path, db_url: str) -> None:
-    extra = f"t_{uuid.uuid4().hex[:8]}" if db_url.startswith("mysql") else "analytics"
-    cfg = tmp_path / "database_config.yaml"
-    cfg.write_text(f"""
+    mysql = db_url.startswith("mysql")
+    with extra_mysql_database() if mysql else nullcontext("analytics") as extra:
+        cfg = tmp_path / "database_config.yaml"
+        cfg.write_text(f"""
 databases: [main, {extra}]
 tables:
   robot_status:
@@ -135,50 +343,213 @@ tables:
     - {{database: {extra}, table_name: robot_state_copy, primary_keys: [robot_sn]}}
   robot_events:
     - {{table_name: mnt_robot_events, primary_keys: [robot_sn, event_id]}}
-    - {{database: {extra}, table_name: mnt_robot_events, primary_keys: [robot_sn, event_id]}}
+    - {{database: {extra}, table_name: mnt_robot_events, primary_keys: [event_id, robot_sn]}}
 """)
-    targets = load_targets(cfg)
-    assert targets.robot_status[1] == Table(extra, "robot_state_copy")
-    try:
+        targets = load_targets(cfg)
+        assert targets.robot_status == (Table(None, "mnt_robots_management"),
+                                        Table(extra, "robot_state_copy"))
         async with open_store(db_url, targets=targets) as s:
-            await s.write_batch([item(env("E", "status", 1, status="idle")),
-                                 item(env("E", "event", 2, event_id="x", event_level="info"))])
-            for table in ("robot_state_copy", "mnt_robot_events"):
-                rows = await s.backend.fetch(
-                    f"SELECT robot_sn FROM {s.dialect.quote(extra + '.' + table)}")
-                assert [r["robot_sn"] for r in rows] == ["E"]
-            assert (await s.get_robot("E")) is not None
-    finally:
-        if db_url.startswith("mysql"):
-            with pymysql.connect(host="127.0.0.1", user="root") as conn:
-                conn.cursor().execute(f"DROP DATABASE IF EXISTS `{extra}`")
+            result = await s.write_batch([
+                item(env("E", "status", 1, status="idle")),
+                item(env("E", "event", 2, event_id="x", event_level="info"))])
+            assert (result.events, result.robots) == (1, 1)
+            for table in ("mnt_robots_management", f"{extra}.robot_state_copy",
+                          "mnt_robot_events", f"{extra}.mnt_robot_events"):
+                rows = await s.backend.fetch(f"SELECT robot_sn FROM {s.dialect.quote(table)}")
+                assert [r["robot_sn"] for r in rows] == ["E"], table
+            copy = await s.backend.fetch(
+                f"SELECT status FROM {s.dialect.quote(extra + '.robot_state_copy')}")
+            assert copy == [{"status": "idle"}]
+        if not mysql:
+            assert (tmp_path / "analytics.db").exists()  # attached beside the main file
 
 
-async def test_dead_letters_and_commands_are_kept(store: SqlStore, db_url: str) -> None:
+def test_targets_file_format_and_errors(tmp_path: Path) -> None:
+    example = load_targets(EXAMPLES / "database_config.yaml")
+    assert [t.qualified for t in example.robot_events] == [
+        "fleet.mnt_robot_events", "analytics.mnt_robot_events"]
+    assert example.databases == {"fleet", "analytics"}
+    cfg = tmp_path / "db.yaml"
+    cfg.write_text("tables:\n  robot_events:\n    - {table_name: ev}\n")
+    only_events = load_targets(cfg)
+    assert only_events.robot_status == Targets().robot_status  # left out: the default
+    for body, message in [
+        ("tables:\n  robot_status:\n    - {table_name: 'x; DROP TABLE y'}\n", "identifier"),
+        ("tables:\n  robot_status:\n    - {table_name: t, primary_keys: [id]}\n",
+         "primary_keys must be"),
+        ("tables:\n  robot_status: []\n", "empty"),
+        ("databases: []\n", "tables"),
+        ("tables: [1\n", "cannot read"),
+    ]:
+        cfg.write_text(body)
+        with pytest.raises(ConfigError, match=message):
+            load_targets(cfg)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_targets(tmp_path / "missing.yaml")
+
+
+def test_unknown_database_url_is_a_config_error() -> None:
+    for url in ("postgres://x/y", "nonsense", "mysql://host-without-db", "sqlite://"):
+        with pytest.raises(ConfigError, match="DATABASE_URL"):
+            open_store(url)
+
+
+# -- dead letters and existing deployments -----------------------------------------------
+
+async def test_dead_letter_is_recorded(store: SqlStore, db_url: str) -> None:
     await store.dead_letter("org/acme/device/x/status", b"\xffnot json", "envelope is not JSON")
-    rows = query(db_url, "SELECT topic, reason FROM mqtt_dead_letters")
-    assert rows == [{"topic": "org/acme/device/x/status", "reason": "envelope is not JSON"}]
+    rows = query(db_url, "SELECT id, topic, payload, reason, created_at FROM mqtt_dead_letters")
+    assert len(rows) == 1
+    assert (rows[0]["topic"], rows[0]["payload"], rows[0]["reason"]) == (
+        "org/acme/device/x/status", "\\xffnot json", "envelope is not JSON")
+    assert rows[0]["created_at"] is not None
 
 
-async def test_existing_legacy_table_gains_the_extra_columns(db_url: str) -> None:
-    legacy = ("CREATE TABLE mnt_robots_management (robot_sn VARCHAR(64) PRIMARY KEY,"
-              " status VARCHAR(32), battery_level INT, water_level INT, sewage_level INT,"
-              " x DOUBLE, y DOUBLE, z DOUBLE, yaw DOUBLE, charge_state VARCHAR(64),"
-              " last_updated DATETIME)")
-    query(db_url, legacy)
-    query(db_url, "INSERT INTO mnt_robots_management (robot_sn, status, water_level)"
-                  " VALUES ('OLD', 'idle', 40)")
+LEGACY = ("CREATE TABLE mnt_robots_management (robot_sn VARCHAR(64) PRIMARY KEY,"
+          " status VARCHAR(20), battery_level INT, water_level INT, sewage_level INT,"
+          " x DOUBLE, y DOUBLE, z DOUBLE, yaw DOUBLE, charge_state VARCHAR(64),"
+          " last_updated DATETIME)")
+
+
+async def test_existing_table_gains_the_extra_columns_and_keeps_its_rows(db_url: str) -> None:
+    query(db_url, LEGACY)
+    query(db_url, "INSERT INTO mnt_robots_management (robot_sn, status, water_level,"
+                  " battery_level, last_updated) VALUES ('OLD', 'idle', 40, 77,"
+                  " '1970-01-01 00:01:40')")
+    query(db_url, "CREATE TABLE mnt_robot_events (robot_sn VARCHAR(64), event_id VARCHAR(128),"
+                  " event_level VARCHAR(16), event_type VARCHAR(128), event_detail TEXT,"
+                  " task_time DATETIME, upload_time DATETIME, PRIMARY KEY (robot_sn, event_id))")
     async with open_store(db_url) as s:
-        await s.write_batch([item(env("OLD", "power", 5, battery_level=9))])
-        robot = await s.get_robot("OLD")
-    assert robot is not None
-    assert (robot["status"], robot["water_level"], robot["battery_level"]) == ("idle", 40, 9)
+        await s.migrate()
+        cols = set(column_names(db_url, "mnt_robots_management"))
+        assert {"status_ts", "pose_ts", "last_ts", "org_id", "move_state"} <= cols
+        assert {"ts", "org_id", "callback_type"} <= set(column_names(db_url, "mnt_robot_events"))
+        # legacy last_updated (robot time 100) seeds the watermarks: older is ignored
+        await s.write_batch([item(env("OLD", "power", 50, battery_level=9))])
+        assert (await robot(s, "OLD"))["battery_level"] == 77
+        await s.write_batch([item(env("OLD", "status", 150, status="busy-" + "y" * 40,
+                                      battery_level=8))])
+        r = await robot(s, "OLD")
+        await s.write_batch([item(env("OLD", "event", 151, event_id="e", event_level="info"))])
+        assert len(await s.get_events("OLD")) == 1
+    # legacy columns untouched; a value longer than the legacy VARCHAR(20) is cut to fit
+    assert (r["status"], r["water_level"], r["battery_level"]) == ("busy-" + "y" * 15, 40, 8)
 
 
-async def test_unreachable_mysql_is_a_store_error_then_recovers_elsewhere() -> None:
+async def test_a_table_without_the_key_is_refused_with_a_clear_error(db_url: str) -> None:
+    query(db_url, LEGACY.replace(" PRIMARY KEY", ""))
+    async with open_store(db_url) as s:
+        with pytest.raises(StoreError, match=r"no primary key or unique index on \(robot_sn\)"):
+            await s.migrate()
+
+
+async def test_commands_are_recorded_once(store: SqlStore, db_url: str) -> None:
+    from bridge.commands import Command, CommandOutcome, Response
+
+    cmd = Command("ping", {"a": 1})
+    outcome = CommandOutcome(cmd, "gw1", "acme", Response(cmd.message_id, "success", {"ok": 1}),
+                             time.time(), 12.5)
+    await store.record_command(outcome)
+    await store.record_command(outcome)
+    rows = query(db_url, "SELECT command, outcome, rtt_ms FROM device_commands")
+    assert rows == [{"command": "ping", "outcome": "success", "rtt_ms": 12.5}]
+
+
+# -- outages -----------------------------------------------------------------------------
+
+async def test_unreachable_mysql_is_a_clear_store_error() -> None:
     start = time.monotonic()
-    async with open_store("mysql://root:@127.0.0.1:1/test") as s:
+    async with open_store("mysql://root:secret@127.0.0.1:1/test") as s:
         assert await s.ping() is False
-        with pytest.raises(StoreError, match=r"127\.0\.0\.1:1/"):
+        with pytest.raises(StoreError, match=r"cannot reach MySQL at 127\.0\.0\.1:1/test") as err:
             await s.write_batch([item(env("A", "status", 1, status="idle"))])
+        assert "secret" not in str(err.value)
+        assert isinstance(err.value.__cause__, pymysql.err.OperationalError)
     assert time.monotonic() - start < 10
+
+
+async def test_a_silent_mysql_server_times_out_instead_of_hanging() -> None:
+    import socket
+
+    with socket.socket() as silent:  # accepts the TCP connection, never says hello
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        start = time.monotonic()
+        async with open_store(f"mysql://root:@127.0.0.1:{port}/test?timeout=1") as s:
+            with pytest.raises(StoreError, match=f"127.0.0.1:{port}/test"):
+                await s.write_batch([item(env("A", "status", 1, status="idle"))])
+        assert time.monotonic() - start < 5
+
+
+async def test_mysql_going_away_mid_run_fails_the_batch_then_recovers(tmp_path: Path) -> None:
+    from tests.mariadb_proc import MariadbProcess
+
+    db = MariadbProcess(tmp_path / "db")
+    db.start()
+    try:
+        async with open_store(db.url) as s:
+            await s.write_batch([item(env("A", "power", 1, battery_level=1))])
+            db.stop()  # every pooled connection is now dead
+            with pytest.raises(StoreError):
+                await s.write_batch([item(env("A", "power", 2, battery_level=2))])
+            assert await s.ping() is False
+            db.start()
+            batch = [item(env("A", "power", 3, battery_level=3))]
+            await s.write_batch(batch)
+            assert (await s.write_batch(batch)).duplicates == 1
+            assert (await robot(s, "A"))["battery_level"] == 3
+            assert await s.ping() is True
+    finally:
+        db.stop()
+
+
+async def test_sqlite_in_an_unwritable_place_is_a_store_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    async with open_store(f"sqlite:///{blocker}/sub/store.db") as s:
+        assert await s.ping() is False
+        with pytest.raises(StoreError, match="SQLite"):
+            await s.write_batch([item(env("A", "status", 1, status="idle"))])
+
+
+# -- the pure fold -------------------------------------------------------------------------
+
+def test_fold_keeps_the_newest_value_of_each_group_per_robot() -> None:
+    items = [
+        item(env("A", "status", 5, status="idle", battery_level=50, msg_id="m1")),
+        item(env("A", "power", 9, battery_level=40, msg_id="m2")),
+        item(env("A", "pose", 7, x=1.0, y=2.0, msg_id="m3")),
+        item(env("A", "power", 8, battery_level=45, charge_state="full", msg_id="m4")),
+        item(env("A", "status", 9, status="busy", msg_id="m5")),  # equal ts: later wins
+        item(env("A", "status", 9, status="idle", msg_id="m5")),  # same id: logged once
+    ]
+    rows = build_rows(items, now=0.0)
+    assert [r[0] for r in rows.log] == ["m1", "m2", "m3", "m4", "m5"]
+    assert len(rows.robots) == 1
+    row = dict(zip(ROBOT_ROW, rows.robots[0], strict=True))
+    assert (row["status"], row["status_ts"]) == ("idle", 9)
+    assert (row["battery_level"], row["battery_ts"]) == (40, 9)
+    assert (row["charge_state"], row["charge_ts"]) == ("full", 8)
+    assert (row["x"], row["y"], row["pose_ts"]) == (1.0, 2.0, 7)
+    assert (row["move_state"], row["move_ts"]) == (None, None)  # not seen: left alone
+    assert (row["last_ts"], row["last_updated"]) == (9, "1970-01-01 00:00:09.000")
+
+
+def test_long_keys_are_shortened_without_collisions() -> None:
+    a, b = key("x" * 100 + "a", 64), key("x" * 100 + "b", 64)
+    assert len(a) == len(b) == 64 and a != b and key("x" * 100 + "a", 64) == a
+    assert key("short", 64) == "short"
+    assert when(None) is None
+
+
+def test_mysql_statements_are_folded_into_multi_row_inserts() -> None:
+    """aiomysql's executemany sends one multi-row INSERT only for statements its regex
+    recognises; anything else silently becomes one round trip per row."""
+    from aiomysql.cursors import RE_INSERT_VALUES
+
+    store = open_store("mysql://root:@127.0.0.1:3306/test",
+                       targets=Targets(robot_events=(Table(None, "a"), Table("db2", "b"))))
+    statements = [store._log_sql, *store._event_sql, *store._robot_sql]
+    assert len(statements) == 4
+    assert all(RE_INSERT_VALUES.match(sql) for sql in statements)

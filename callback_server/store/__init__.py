@@ -1,17 +1,41 @@
-"""Persistence for the callback server: MySQL/MariaDB (aiomysql) or SQLite."""
+"""Persistence for the callback server: MySQL/MariaDB (aiomysql) or SQLite.
+
+    async with open_store(url, targets=load_targets(path)) as store:
+        await store.migrate()
+        result = await store.write_batch([(topic, envelope), ...])
+
+``url`` is ``mysql://user:pass@host:3306/db`` or ``sqlite:///path``; the scheme picks
+the backend from ``BACKENDS``. See ``SqlStore`` for the write and read contract.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from bridge.errors import ConfigError
-from callback_server.store.backends import Backend, MysqlBackend, SqliteBackend
-from callback_server.store.sql import SqlStore
+from callback_server.store.base import Backend
+from callback_server.store.mysql import MysqlBackend
+from callback_server.store.rows import Item
+from callback_server.store.sql import EVENT_FIELDS, ROBOT_FIELDS, BatchResult, SqlStore
+from callback_server.store.sqlite import SqliteBackend
 from callback_server.store.targets import Table, Targets, load_targets
 
 Store = SqlStore
 
-__all__ = ["Store", "Table", "Targets", "load_targets", "open_store"]
+__all__ = [
+    "BACKENDS",
+    "EVENT_FIELDS",
+    "ROBOT_FIELDS",
+    "Backend",
+    "BatchResult",
+    "Item",
+    "SqlStore",
+    "Store",
+    "Table",
+    "Targets",
+    "load_targets",
+    "open_store",
+]
 
 
 def _mysql(url: str, targets: Targets) -> Backend:
@@ -22,7 +46,8 @@ def _sqlite(url: str, targets: Targets) -> Backend:
     return SqliteBackend(url, attach=targets.databases)
 
 
-_BACKENDS: dict[str, Callable[[str, Targets], Backend]] = {
+#: URL scheme -> backend factory (``mysql+aiomysql://`` and ``mariadb://`` work too).
+BACKENDS: dict[str, Callable[[str, Targets], Backend]] = {
     "mysql": _mysql,
     "mariadb": _mysql,
     "sqlite": _sqlite,
@@ -30,10 +55,16 @@ _BACKENDS: dict[str, Callable[[str, Targets], Backend]] = {
 
 
 def open_store(url: str, *, targets: Targets | None = None) -> SqlStore:
-    """The store for ``mysql://user:pass@host:3306/db`` or ``sqlite:///path``."""
-    scheme = url.split("://", 1)[0].split("+", 1)[0]
-    factory = _BACKENDS.get(scheme)
+    """The store for a DATABASE_URL; ConfigError for an unknown scheme or a bad URL.
+
+    Nothing connects yet: enter the store (``async with``) and use it.
+    """
+    scheme = url.split("://", 1)[0].split("+", 1)[0].lower() if "://" in url else ""
+    factory = BACKENDS.get(scheme)
     if factory is None:
-        raise ConfigError(f"DATABASE_URL must be mysql://... or sqlite:///..., got {scheme!r}")
+        raise ConfigError(
+            f"DATABASE_URL must be mysql://user:pass@host:3306/db or sqlite:///path, "
+            f"got scheme {scheme!r}"
+        )
     targets = targets or Targets()
     return SqlStore(factory(url, targets), targets)

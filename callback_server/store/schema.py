@@ -1,173 +1,144 @@
-"""Tables, and the one place where MySQL and SQLite SQL differ.
+"""The tables the store owns, declared once; the dialect turns them into DDL.
 
-Table and column names are the ones existing deployments use (DESIGN.md, "Storage");
-columns beyond them are added to an existing table if missing, never renamed.
+Table and column names are the ones existing deployments use (DESIGN.md, "Storage").
+Columns beyond the legacy ones are added to an existing table when missing, never
+renamed or retyped, so a site can point the product at its current database.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-# Each latest-state group has its own robot-time watermark, so pose updates never wipe
-# status (and vice versa) and an older ts never overwrites newer state of that group.
-# A group is always written whole by every callback that carries it (battery comes
-# alone from robotErrorNotice.extend_info, so it cannot share a watermark with
-# charge_state): applying groups independently then equals in-order delivery.
+Kind = Literal["key", "str", "text", "int", "bool", "float", "time", "serial"]
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """One column: a portable kind and, for strings, the most characters it takes."""
+
+    name: str
+    kind: Kind
+    size: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TableSpec:
+    """Columns and primary key of one kind of table (it may exist under many names)."""
+
+    columns: tuple[Column, ...]
+    key: tuple[str, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns)
+
+    def column(self, name: str) -> Column:
+        return next(c for c in self.columns if c.name == name)
+
+
+# Latest-state groups, each with its own robot-time watermark column ``{group}_ts``.
+# A group is the set of columns that always arrive together: battery comes alone from
+# robotErrorNotice.extend_info, charge_state alone from some notifyRobotPower bodies,
+# is_charging only from notifyRobotStatus. Were two of them one group, a newer message
+# carrying only one would block an older message carrying the other, and the result
+# would depend on delivery order. With these groups, applying each group whenever its
+# ts is >= the stored watermark gives the same table for any order of delivery.
 STATE_GROUPS: dict[str, tuple[str, ...]] = {
-    "status": ("status",),
-    "battery": ("battery_level",),
-    "charge": ("charge_state",),
-    "charging": ("is_charging",),
-    "pose": ("x", "y", "z", "yaw"),
-    "move": ("move_state",),
+    "status": ("status",),              # robotStatus, notifyRobotStatus
+    "battery": ("battery_level",),      # notifyRobotPower, notifyRobotStatus, robotErrorNotice
+    "charge": ("charge_state",),        # notifyRobotPower, notifyRobotStatus
+    "charging": ("is_charging",),       # notifyRobotStatus
+    "move": ("move_state",),            # notifyRobotMoveState, notifyRobotStatus
+    "pose": ("x", "y", "z", "yaw"),     # notifyRobotPose, robotErrorNotice (position)
 }
+WATERMARKS = tuple(f"{group}_ts" for group in STATE_GROUPS)
+STATE_COLUMNS = tuple(c for cols in STATE_GROUPS.values() for c in cols)
+#: Column order of one robot state row, as rows.py builds it and the upsert takes it.
+ROBOT_ROW = ("robot_sn", "org_id", "gateway_id", *STATE_COLUMNS, *WATERMARKS, "last_ts",
+             "last_updated")
 
-# (column, mysql type, sqlite type) per table; the first block is the legacy shape.
-ROBOT_COLUMNS = [
-    ("robot_sn", "VARCHAR(64) NOT NULL", "TEXT NOT NULL"),
-    ("status", "VARCHAR(32)", "TEXT"),
-    ("battery_level", "INT", "INTEGER"),
-    ("water_level", "INT", "INTEGER"),
-    ("sewage_level", "INT", "INTEGER"),
-    ("x", "DOUBLE", "REAL"),
-    ("y", "DOUBLE", "REAL"),
-    ("z", "DOUBLE", "REAL"),
-    ("yaw", "DOUBLE", "REAL"),
-    ("charge_state", "VARCHAR(64)", "TEXT"),
-    ("last_updated", "DATETIME(3)", "TEXT"),
-    ("move_state", "VARCHAR(32)", "TEXT"),
-    ("is_charging", "TINYINT", "INTEGER"),
-    ("org_id", "VARCHAR(128)", "TEXT"),
-    ("gateway_id", "VARCHAR(128)", "TEXT"),
-    *((f"{group}_ts", "DOUBLE", "REAL") for group in STATE_GROUPS),
-    ("last_ts", "DOUBLE", "REAL"),
-]
-EVENT_COLUMNS = [
-    ("robot_sn", "VARCHAR(64) NOT NULL", "TEXT NOT NULL"),
-    ("event_id", "VARCHAR(128) NOT NULL", "TEXT NOT NULL"),
-    ("event_level", "VARCHAR(16)", "TEXT"),
-    ("event_type", "VARCHAR(128)", "TEXT"),
-    ("event_detail", "TEXT", "TEXT"),
-    ("task_time", "DATETIME(3)", "TEXT"),
-    ("upload_time", "DATETIME(3)", "TEXT"),
-    ("org_id", "VARCHAR(128)", "TEXT"),
-    ("gateway_id", "VARCHAR(128)", "TEXT"),
-    ("callback_type", "VARCHAR(64)", "TEXT"),
-    ("ts", "DOUBLE", "REAL"),
-    ("message_id", "VARCHAR(64)", "TEXT"),
-]
-LOG_COLUMNS = [
-    ("id", "VARCHAR(64) NOT NULL", "TEXT NOT NULL"),
-    ("topic", "VARCHAR(512) NOT NULL", "TEXT NOT NULL"),
-    ("type", "VARCHAR(64)", "TEXT"),
-    ("org_id", "VARCHAR(128)", "TEXT"),
-    ("device_id", "VARCHAR(128)", "TEXT"),
-    ("channel", "VARCHAR(128)", "TEXT"),
-    ("ts", "DOUBLE", "REAL"),
-    ("received_at", "DOUBLE", "REAL"),
-    ("stored_at", "DATETIME(3)", "TEXT"),
-    ("payload", "MEDIUMTEXT", "TEXT"),
-]
-DEAD_COLUMNS = [
-    ("id", "BIGINT AUTO_INCREMENT", "INTEGER"),
-    ("topic", "VARCHAR(512)", "TEXT"),
-    ("payload", "MEDIUMTEXT", "TEXT"),  # undecodable bytes kept as \x.. escapes
-    ("reason", "TEXT", "TEXT"),
-    ("created_at", "DATETIME(3)", "TEXT"),
-]
-COMMAND_COLUMNS = [
-    ("message_id", "VARCHAR(64) NOT NULL", "TEXT NOT NULL"),
-    ("org_id", "VARCHAR(128)", "TEXT"),
-    ("device_id", "VARCHAR(128)", "TEXT"),
-    ("command", "VARCHAR(64)", "TEXT"),
-    ("args", "TEXT", "TEXT"),
-    ("outcome", "VARCHAR(16)", "TEXT"),
-    ("result", "TEXT", "TEXT"),
-    ("sent_at", "DATETIME(3)", "TEXT"),
-    ("rtt_ms", "DOUBLE", "REAL"),
-]
+ROBOTS = TableSpec(
+    columns=(
+        # the legacy shape
+        Column("robot_sn", "key", 64),
+        Column("status", "str", 32),
+        Column("battery_level", "int"),
+        Column("water_level", "int"),      # kept for existing deployments; not written
+        Column("sewage_level", "int"),     # kept for existing deployments; not written
+        Column("x", "float"),
+        Column("y", "float"),
+        Column("z", "float"),
+        Column("yaw", "float"),
+        Column("charge_state", "str", 64),
+        Column("last_updated", "time"),
+        # added by this product
+        Column("move_state", "str", 32),
+        Column("is_charging", "bool"),
+        Column("org_id", "str", 128),
+        Column("gateway_id", "str", 128),
+        *(Column(w, "float") for w in WATERMARKS),
+        Column("last_ts", "float"),        # robot time of last_updated, as epoch seconds
+    ),
+    key=("robot_sn",),
+)
+EVENTS = TableSpec(
+    columns=(
+        Column("robot_sn", "key", 64),
+        Column("event_id", "key", 128),
+        Column("event_level", "str", 16),
+        Column("event_type", "str", 128),
+        Column("event_detail", "text", 16000),  # fits a legacy TEXT (64 KiB) in utf8mb4
+        Column("task_time", "time"),            # robot time of the event
+        Column("upload_time", "time"),          # gateway time it was received
+        Column("org_id", "str", 128),
+        Column("gateway_id", "str", 128),
+        Column("callback_type", "str", 64),
+        Column("ts", "float"),
+        Column("message_id", "str", 64),
+    ),
+    key=("robot_sn", "event_id"),
+)
+LOG = TableSpec(
+    columns=(
+        Column("id", "key", 64),
+        Column("topic", "str", 512),
+        Column("type", "str", 64),
+        Column("org_id", "str", 128),
+        Column("device_id", "str", 128),
+        Column("channel", "str", 128),
+        Column("ts", "float"),
+        Column("received_at", "float"),
+        Column("stored_at", "time"),
+        Column("payload", "text", 4_000_000),  # MEDIUMTEXT: 16 MiB of utf8mb4
+    ),
+    key=("id",),
+)
+DEAD_LETTERS = TableSpec(
+    columns=(
+        Column("id", "serial"),
+        Column("topic", "str", 512),
+        Column("payload", "text", 4_000_000),  # undecodable bytes kept as \x.. escapes
+        Column("reason", "text", 2000),
+        Column("created_at", "time"),
+    ),
+    key=("id",),
+)
+COMMANDS = TableSpec(
+    columns=(
+        Column("message_id", "key", 64),
+        Column("org_id", "str", 128),
+        Column("device_id", "str", 128),
+        Column("command", "str", 64),
+        Column("args", "text", 60000),
+        Column("outcome", "str", 16),
+        Column("result", "text", 60000),
+        Column("sent_at", "time"),
+        Column("rtt_ms", "float"),
+    ),
+    key=("message_id",),
+)
 
 LOG_TABLE = "mqtt_message_log"
 DEAD_TABLE = "mqtt_dead_letters"
 COMMAND_TABLE = "device_commands"
-
-
-@dataclass(frozen=True, slots=True)
-class Dialect:
-    """What differs between MySQL and SQLite, and nothing else."""
-
-    name: str
-
-    @property
-    def mysql(self) -> bool:
-        return self.name == "mysql"
-
-    @property
-    def mark(self) -> str:
-        return "%s" if self.mysql else "?"
-
-    def quote(self, table: str) -> str:
-        """``db.table`` -> `db`.`table` (MySQL) or "db"."table" (SQLite)."""
-        q = "`" if self.mysql else '"'
-        return ".".join(f"{q}{part}{q}" for part in table.split("."))
-
-    def create_table(self, table: str, columns: list[tuple[str, str, str]],
-                     primary_key: tuple[str, ...]) -> str:
-        cols = [f"{name} {my if self.mysql else lite}" for name, my, lite in columns]
-        if "AUTO_INCREMENT" in columns[0][1] and not self.mysql:
-            cols[0] = f"{columns[0][0]} INTEGER PRIMARY KEY AUTOINCREMENT"
-        else:
-            cols.append(f"PRIMARY KEY ({', '.join(primary_key)})")
-        tail = " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4" if self.mysql else ""
-        return f"CREATE TABLE IF NOT EXISTS {self.quote(table)} ({', '.join(cols)}){tail}"
-
-    def add_column(self, table: str, column: tuple[str, str, str]) -> str:
-        name, my, lite = column
-        kind = (my if self.mysql else lite).replace(" NOT NULL", "")
-        return f"ALTER TABLE {self.quote(table)} ADD COLUMN {name} {kind}"
-
-    def insert_ignore(self, table: str, columns: list[str]) -> str:
-        verb = "INSERT IGNORE" if self.mysql else "INSERT OR IGNORE"
-        marks = ", ".join([self.mark] * len(columns))
-        return f"{verb} INTO {self.quote(table)} ({', '.join(columns)}) VALUES ({marks})"
-
-    def insert(self, table: str, columns: list[str]) -> str:
-        marks = ", ".join([self.mark] * len(columns))
-        return f"INSERT INTO {self.quote(table)} ({', '.join(columns)}) VALUES ({marks})"
-
-    def state_upsert(self, table: str, group: str) -> str:
-        """Upsert one state group; the row only moves forward in robot time."""
-        cols = STATE_GROUPS[group]
-        ts = f"{group}_ts"
-        insert_cols = ["robot_sn", "org_id", "gateway_id", *cols, ts, "last_ts", "last_updated"]
-        if self.mysql:
-            def new(c: str) -> str:
-                return f"VALUES({c})"
-
-            def old(c: str) -> str:
-                return c
-
-            greatest = "GREATEST"
-            head = "ON DUPLICATE KEY UPDATE"
-        else:
-            def new(c: str) -> str:
-                return f"excluded.{c}"
-
-            def old(c: str) -> str:
-                return c  # SQLite: unqualified names in DO UPDATE are the existing row
-
-            greatest = "MAX"
-            head = "ON CONFLICT(robot_sn) DO UPDATE SET"
-        newer = f"{new(ts)} >= COALESCE({old(ts)}, -1)"
-        newest = f"{new('last_ts')} >= COALESCE({old('last_ts')}, -1)"
-
-        def pick(c: str, cond: str) -> str:
-            return f"{c} = CASE WHEN {cond} THEN {new(c)} ELSE {old(c)} END"
-
-        # MySQL evaluates these left to right with already-updated values: the
-        # watermarks must come last. SQLite reads the old row throughout.
-        sets = [pick(c, newer) for c in cols]
-        sets += [pick("org_id", newest), pick("gateway_id", newest), pick("last_updated", newest)]
-        sets += [f"{ts} = {greatest}(COALESCE({old(ts)}, -1), {new(ts)})",
-                 f"last_ts = {greatest}(COALESCE({old('last_ts')}, -1), {new('last_ts')})"]
-        return f"{self.insert(table, insert_cols)} {head} {', '.join(sets)}"

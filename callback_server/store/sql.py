@@ -1,223 +1,292 @@
-"""The store: batched, idempotent writes of envelopes; the read API; dead letters."""
+"""The store: migrations, batched idempotent writes, dead letters and the read API.
+
+Backend-agnostic: statements come from the Dialect, rows from rows.py, and the
+backend runs them. Every write is one transaction that is safe to run again, so the
+caller retries a failed batch whole (see ``write_batch``).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import decimal
 import json
 import logging
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 from bridge.commands import CommandOutcome
-from bridge.envelope import Envelope
-from callback_server.store.backends import Backend, Statement
+from bridge.errors import StoreError
+from callback_server.store.base import Backend, Statement
+from callback_server.store.rows import Item, build_rows, key, text, when
 from callback_server.store.schema import (
-    COMMAND_COLUMNS,
     COMMAND_TABLE,
-    DEAD_COLUMNS,
+    COMMANDS,
+    DEAD_LETTERS,
     DEAD_TABLE,
-    EVENT_COLUMNS,
-    LOG_COLUMNS,
+    EVENTS,
+    LOG,
     LOG_TABLE,
-    ROBOT_COLUMNS,
-    STATE_GROUPS,
+    ROBOTS,
+    WATERMARKS,
+    TableSpec,
 )
 from callback_server.store.targets import Targets
 
 log = logging.getLogger(__name__)
 
-_EVENT_INSERT = [c[0] for c in EVENT_COLUMNS]
-_LOG_INSERT = [c[0] for c in LOG_COLUMNS]
-_PUBLIC_ROBOT = ("robot_sn", "org_id", "gateway_id", "status", "battery_level", "charge_state",
-                 "is_charging", "move_state", "water_level", "sewage_level", "x", "y", "z", "yaw",
-                 "last_updated", "last_ts")
+#: Keys of a robot as the read API returns it.
+ROBOT_FIELDS = ("robot_sn", "org_id", "gateway_id", "status", "battery_level", "charge_state",
+                "is_charging", "move_state", "water_level", "sewage_level", "x", "y", "z", "yaw",
+                "last_updated", "last_ts")
+#: Keys of an event as the read API returns it.
+EVENT_FIELDS = ("robot_sn", "event_id", "event_level", "event_type", "event_detail",
+                "task_time", "upload_time", "callback_type", "org_id", "gateway_id", "ts")
 
 
-def when(ts: float) -> str:
-    """Robot/gateway seconds as a DATETIME(3) literal both databases accept (UTC)."""
-    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """What one ``write_batch`` changed."""
+
+    messages: int  # items in the batch
+    logged: int    # new rows in the raw message log; the rest were redeliveries
+    events: int    # new event rows (first events target)
+    robots: int    # robots whose state row was upserted (in every status target)
+
+    @property
+    def duplicates(self) -> int:
+        """Messages whose envelope id was already logged (redelivered or replayed)."""
+        return self.messages - self.logged
 
 
-def state_groups(env: Envelope) -> dict[str, dict[str, Any]]:
-    """Latest-state groups this message carries, from every type that carries state."""
-    d = env.data
-    found: dict[str, dict[str, Any]] = {}
-
-    def take(group: str, **values: Any) -> None:
-        if any(v is not None for v in values.values()):
-            found[group] = {c: values.get(c) for c in STATE_GROUPS[group]}
-
-    if env.channel == "status":
-        take("status", status=d.get("status"))
-    if env.channel in ("status", "power", "event"):
-        take("battery", battery_level=d.get("battery_level"))
-    if env.channel in ("status", "power"):
-        take("charge", charge_state=d.get("charge_state"))
-        if d.get("is_charging") is not None:
-            take("charging", is_charging=int(bool(d["is_charging"])))
-    if env.channel in ("pose", "event") and d.get("x") is not None and d.get("y") is not None:
-        take("pose", x=d.get("x"), y=d.get("y"), z=d.get("z"), yaw=d.get("yaw"))
-    if env.channel in ("status", "move"):
-        take("move", move_state=d.get("move_state"))
-    return found
-
-
-def _plain(value: Any) -> Any:
+def _iso(value: Any) -> Any:
+    """A stored UTC datetime as ISO 8601 with milliseconds and ``Z``."""
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value)
+        except ValueError:
+            return value
     if isinstance(value, dt.datetime):
-        return value.isoformat(sep=" ", timespec="milliseconds")
-    if isinstance(value, decimal.Decimal):
-        return float(value)
-    if isinstance(value, bytes):
-        return value.decode(errors="replace")
+        value = value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
+        return value.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace(
+            "+00:00", "Z")
     return value
 
 
-def _public(row: dict[str, Any]) -> dict[str, Any]:
-    out = {k: _plain(row.get(k)) for k in _PUBLIC_ROBOT}
-    if out["is_charging"] is not None:
-        out["is_charging"] = bool(out["is_charging"])
-    return out
+def _plain(name: str, value: Any) -> Any:
+    if name in ("last_updated", "task_time", "upload_time"):
+        return _iso(value)
+    if name == "is_charging" and value is not None:
+        return bool(value)
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return value
 
 
 class SqlStore:
-    """Writes to every target table; an async context manager."""
+    """Latest robot state, events, the raw message log and dead letters, in SQL.
+
+    An async context manager; connecting happens on first use, so entering it works
+    while the database is down. Tables are created (``migrate``) before the first
+    write or read if the caller has not done it.
+    """
 
     def __init__(self, backend: Backend, targets: Targets | None = None) -> None:
         self.backend = backend
         self.dialect = backend.dialect
         self.targets = targets or Targets()
         self._migrated = False
+        self._migrate_lock = asyncio.Lock()
+        self._limits: dict[str, dict[str, int]] = {}
+        d = self.dialect
+        self._log_sql = d.insert_ignore(LOG_TABLE, LOG.names)
+        self._event_sql = [d.insert_ignore(t.qualified, EVENTS.names)
+                           for t in self.targets.robot_events]
+        self._robot_sql = [d.robot_upsert(t.qualified) for t in self.targets.robot_status]
 
     async def __aenter__(self) -> SqlStore:
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
         await self.backend.close()
 
     # -- schema -------------------------------------------------------------------------
     async def migrate(self) -> None:
-        """Create missing tables (and missing extra columns of existing ones)."""
+        """Create missing databases, tables and columns; idempotent, safe to race.
+
+        Existing tables keep their columns and types; missing ones are added. A robot
+        table that gains its watermark columns gets them seeded from ``last_updated``
+        (read as UTC, capped at now) so older messages do not overwrite legacy state.
+        StoreError when the database is unreachable or a table lacks the key the
+        store writes by.
+        """
+        async with self._migrate_lock:
+            d = self.dialect
+            for name in sorted(await self.backend.missing_databases(self.targets.databases)):
+                log.info("creating database %s", name)
+                await self.backend.transaction([(d.create_database(name), None)])
+            limits: dict[str, dict[str, int]] = {"robots": {}, "events": {}, "log": {}}
+            plan: list[tuple[str, TableSpec, str | None]] = [
+                *((t.qualified, ROBOTS, "robots") for t in self.targets.robot_status),
+                *((t.qualified, EVENTS, "events") for t in self.targets.robot_events),
+                (LOG_TABLE, LOG, "log"), (DEAD_TABLE, DEAD_LETTERS, None),
+                (COMMAND_TABLE, COMMANDS, None),
+            ]
+            for table, spec, kind in plan:
+                have = await self._ensure(table, spec)
+                if kind is None:
+                    continue
+                for column, limit in have.items():
+                    if limit:
+                        mine = limits[kind].get(column)
+                        limits[kind][column] = limit if mine is None else min(mine, limit)
+            self._limits = limits
+            self._migrated = True
+
+    async def _ensure(self, table: str, spec: TableSpec) -> dict[str, int | None]:
         d = self.dialect
-        plan: list[tuple[str, list[tuple[str, str, str]], tuple[str, ...]]] = []
-        plan += [(t.qualified, ROBOT_COLUMNS, ("robot_sn",)) for t in self.targets.robot_status]
-        plan += [(t.qualified, EVENT_COLUMNS, ("robot_sn", "event_id"))
-                 for t in self.targets.robot_events]
-        plan += [(LOG_TABLE, LOG_COLUMNS, ("id",)), (DEAD_TABLE, DEAD_COLUMNS, ("id",)),
-                 (COMMAND_TABLE, COMMAND_COLUMNS, ("message_id",))]
-        if d.mysql:
-            for database in sorted(self.targets.databases):
-                await self.backend.transaction(
-                    [(f"CREATE DATABASE IF NOT EXISTS {d.quote(database)}", [()])]
-                )
-        for table, columns, key in plan:
-            have = await self.backend.columns(table)
-            if not have:
-                await self.backend.transaction([(d.create_table(table, columns, key), [()])])
+        have = await self.backend.columns(table)
+        if not have:
+            log.info("creating table %s", table)
+            await self.backend.transaction([(d.create_table(table, spec), None)])
+            return await self.backend.columns(table)
+        added = []
+        for column in spec.columns:
+            if column.name in have:
                 continue
-            missing = [c for c in columns if c[0] not in have]
-            for column in missing:
-                log.info("adding column %s to existing table %s", column[0], table)
-                await self.backend.transaction([(d.add_column(table, column), [()])])
-        self._migrated = True
+            log.info("adding column %s to existing table %s", column.name, table)
+            try:
+                await self.backend.transaction([(d.add_column(table, column), None)])
+            except StoreError:
+                have = await self.backend.columns(table)
+                if column.name not in have:
+                    raise
+                continue  # another replica added it first
+            added.append(column.name)
+        if spec is ROBOTS:
+            await self._seed_watermarks(table, [c for c in added if c in (*WATERMARKS, "last_ts")])
+        if spec.columns[0].kind != "serial":
+            keys = await self.backend.unique_keys(table)
+            if frozenset(spec.key) not in keys:
+                cols = ", ".join(spec.key)
+                raise StoreError(
+                    f"table {table} has no primary key or unique index on ({cols}), so "
+                    f"writes could not be idempotent; add one "
+                    f"(ALTER TABLE {table} ADD PRIMARY KEY ({cols})) and restart"
+                )
+        return await self.backend.columns(table)
+
+    async def _seed_watermarks(self, table: str, columns: list[str]) -> None:
+        if not columns:
+            return
+        d = self.dialect
+        value = d.least(d.epoch("last_updated"), d.mark)
+        sets = ", ".join(f"{c} = {value}" for c in columns)
+        sql = (f"UPDATE {d.quote(table)} SET {sets}"
+               f" WHERE {columns[0]} IS NULL AND last_updated IS NOT NULL")
+        try:
+            await self.backend.transaction([(sql, [(time.time(),) * len(columns)])])
+        except StoreError as exc:  # e.g. a last_updated that is not a datetime
+            log.warning("could not seed watermarks of %s from last_updated: %s", table, exc)
 
     async def _ready(self) -> None:
         if not self._migrated:
             await self.migrate()
 
     # -- writes -------------------------------------------------------------------------
-    async def write_batch(self, items: Sequence[tuple[str, Envelope]]) -> int:
-        """Write ``(topic, envelope)`` pairs in one transaction; safe to retry whole."""
+    async def write_batch(self, items: Sequence[Item]) -> BatchResult:
+        """Write a batch of messages in one transaction; safe to retry whole.
+
+        ``items`` are ``(topic, envelope)`` pairs (the topic goes to the raw log) or
+        bare envelopes (topic rebuilt without prefix). Per batch: every envelope into
+        the raw log unless its id is there; every event into each events target unless
+        ``(robot_sn, event_id)`` is there; one upsert per robot into each status target
+        carrying the batch's newest value of each state group, applied only where it
+        is not older than the stored one. So any order, split or repetition of the
+        same messages leaves the same tables. StoreError if nothing was committed.
+        """
+        if not items:
+            return BatchResult(0, 0, 0, 0)
         await self._ready()
-        d = self.dialect
-        now = when(dt.datetime.now(dt.UTC).timestamp())
-        log_rows: list[tuple[Any, ...]] = []
-        event_rows: list[tuple[Any, ...]] = []
-        # (robot, group) -> newest (ts, order, values, envelope): coalesced per batch
-        newest: dict[tuple[str, str], tuple[float, int, dict[str, Any], Envelope]] = {}
-        for order, (topic, env) in enumerate(items):
-            log_rows.append((env.id, topic, env.type, env.org, env.device, env.channel, env.ts,
-                             env.received_at, now, env.to_json().decode()))
-            if env.channel == "event" and env.data.get("event_id"):
-                data = env.data
-                event_rows.append((
-                    env.device, str(data["event_id"]), data.get("event_level"),
-                    data.get("event_type"), data.get("event_detail"), when(env.ts),
-                    when(env.received_at), env.org, env.gateway, env.type, env.ts, env.id,
-                ))
-            if env.device == env.gateway:
-                continue  # shop-level callbacks on the gateway's topic are not robot state
-            for group, values in state_groups(env).items():
-                key = (env.device, group)
-                if key not in newest or (env.ts, order) >= newest[key][:2]:
-                    newest[key] = (env.ts, order, values, env)
-        statements: list[Statement] = [(d.insert_ignore(LOG_TABLE, _LOG_INSERT), log_rows)]
-        for table in self.targets.robot_events:
-            statements.append((d.insert_ignore(table.qualified, _EVENT_INSERT), event_rows))
-        by_group: dict[str, list[tuple[Any, ...]]] = {}
-        for (sn, group), (ts, _, values, env) in newest.items():
-            row = (sn, env.org, env.gateway, *(values[c] for c in STATE_GROUPS[group]), ts, ts,
-                   when(ts))
-            by_group.setdefault(group, []).append(row)
-        for table in self.targets.robot_status:
-            for group, rows in sorted(by_group.items()):
-                statements.append((d.state_upsert(table.qualified, group), rows))
-        await self.backend.transaction(statements)
-        return len(items)
+        rows = build_rows(items, now=time.time(), limits=self._limits)
+        statements: list[Statement] = [(self._log_sql, rows.log)]
+        statements += [(sql, rows.events) for sql in self._event_sql]
+        statements += [(sql, rows.robots) for sql in self._robot_sql]
+        counts = await self.backend.transaction(statements)
+        return BatchResult(messages=len(items), logged=counts[0], events=counts[1],
+                           robots=len(rows.robots))
 
     async def dead_letter(self, topic: str, payload: bytes, reason: str) -> None:
-        """Keep a message we could not use, with the reason, instead of looping on it."""
+        """Keep a message we cannot use, with why, instead of redelivering it forever."""
         await self._ready()
-        now = when(dt.datetime.now(dt.UTC).timestamp())
-        sql = self.dialect.insert(DEAD_TABLE, ["topic", "payload", "reason", "created_at"])
-        text = payload.decode("utf-8", errors="backslashreplace")
-        await self.backend.transaction([(sql, [(topic[:512], text, reason[:2000], now)])])
+        sizes = {c.name: c.size for c in DEAD_LETTERS.columns}
+        row = (text(topic, sizes["topic"]),
+               text(payload.decode("utf-8", errors="backslashreplace"), sizes["payload"]),
+               text(reason, sizes["reason"]), when(time.time()))
+        sql = self.dialect.insert(DEAD_TABLE, ("topic", "payload", "reason", "created_at"))
+        await self.backend.transaction([(sql, [row])])
 
     async def record_command(self, outcome: CommandOutcome) -> None:
-        """A command, its outcome and round-trip time."""
+        """Keep a command, its outcome and round-trip time (once per message id)."""
         await self._ready()
+        sizes = {c.name: c.size for c in COMMANDS.columns}
         r = outcome.response
         result = None if r is None else (r.result if r.status == "success" else r.error)
-        row = (outcome.command.message_id, outcome.org_id, outcome.device_id,
-               outcome.command.command, json.dumps(outcome.command.args),
-               "timeout" if r is None else r.status,
-               None if result is None else json.dumps(result, default=str),
+        row = (key(outcome.command.message_id, sizes["message_id"]),
+               text(outcome.org_id, sizes["org_id"]), text(outcome.device_id, sizes["device_id"]),
+               text(outcome.command.command, sizes["command"]),
+               text(json.dumps(outcome.command.args, default=str), sizes["args"]),
+               "timeout" if r is None else text(r.status, sizes["outcome"]),
+               None if result is None else text(json.dumps(result, default=str),
+                                                sizes["result"]),
                when(outcome.sent_at), outcome.rtt_ms)
-        sql = self.dialect.insert_ignore(COMMAND_TABLE, [c[0] for c in COMMAND_COLUMNS])
+        sql = self.dialect.insert_ignore(COMMAND_TABLE, COMMANDS.names)
         await self.backend.transaction([(sql, [row])])
 
     # -- reads --------------------------------------------------------------------------
     async def get_robots(self) -> list[dict[str, Any]]:
+        """Latest state of every robot (first status target), ordered by sn."""
         await self._ready()
         table = self.dialect.quote(self.targets.robot_status[0].qualified)
-        rows = await self.backend.fetch(f"SELECT * FROM {table} ORDER BY robot_sn")
-        return [_public(r) for r in rows]
+        rows = await self.backend.fetch(
+            f"SELECT {', '.join(ROBOT_FIELDS)} FROM {table} ORDER BY robot_sn")
+        return [{k: _plain(k, r[k]) for k in ROBOT_FIELDS} for r in rows]
 
     async def get_robot(self, sn: str) -> dict[str, Any] | None:
+        """Latest state of one robot, or None if it never reported."""
         await self._ready()
         d = self.dialect
         table = d.quote(self.targets.robot_status[0].qualified)
-        rows = await self.backend.fetch(f"SELECT * FROM {table} WHERE robot_sn = {d.mark}", (sn,))
-        return _public(rows[0]) if rows else None
+        rows = await self.backend.fetch(
+            f"SELECT {', '.join(ROBOT_FIELDS)} FROM {table} WHERE robot_sn = {d.mark}", (sn,))
+        return {k: _plain(k, rows[0][k]) for k in ROBOT_FIELDS} if rows else None
 
     async def get_events(self, sn: str, limit: int = 50) -> list[dict[str, Any]]:
+        """A robot's events, newest robot time first (first events target)."""
         await self._ready()
         d = self.dialect
         table = d.quote(self.targets.robot_events[0].qualified)
+        limit = max(1, min(int(limit), 10_000))
         rows = await self.backend.fetch(
-            f"SELECT robot_sn, event_id, event_level, event_type, event_detail, task_time,"
-            f" upload_time, callback_type, ts FROM {table} WHERE robot_sn = {d.mark}"
-            f" ORDER BY ts DESC, event_id LIMIT {int(limit)}",
+            f"SELECT {', '.join(EVENT_FIELDS)} FROM {table} WHERE robot_sn = {d.mark}"
+            f" ORDER BY task_time DESC, ts DESC, event_id DESC LIMIT {limit}",
             (sn,),
         )
-        return [{k: _plain(v) for k, v in r.items()} for r in rows]
+        return [{k: _plain(k, r[k]) for k in EVENT_FIELDS} for r in rows]
 
     async def ping(self) -> bool:
-        """True when the database answers."""
+        """True when the database answers a trivial query (for health checks)."""
         try:
             await self.backend.fetch("SELECT 1 AS ok")
-        except Exception:
+        except StoreError:
             return False
         return True

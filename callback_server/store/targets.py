@@ -1,29 +1,47 @@
-"""Which tables to write: the existing ``database_config.yaml`` format.
+"""Which tables to write, from the existing ``database_config.yaml`` format.
 
 ```yaml
-databases: [ops, analytics]
+databases: [fleet, analytics]
 tables:
   robot_status:
-    - {database: ops, table_name: mnt_robots_management, primary_keys: [robot_sn]}
+    - {database: fleet, table_name: mnt_robots_management, primary_keys: [robot_sn]}
   robot_events:
-    - {database: ops, table_name: mnt_robot_events, primary_keys: [robot_sn, event_id]}
+    - {database: fleet, table_name: mnt_robot_events, primary_keys: [robot_sn, event_id]}
     - {database: analytics, table_name: mnt_robot_events, primary_keys: [robot_sn, event_id]}
 ```
-Every listed target is written. Without a file, both tables live in the URL's database.
+
+Every listed target is written in the same transaction. Reads use the first target of
+each kind. A target without ``database`` lives in the ``DATABASE_URL``'s database; a
+kind left out of the file keeps its default table there. ``primary_keys``, when given,
+must be the keys the store upserts by (anything else could not be idempotent).
+``databases`` is informational (the tables say where they live).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from bridge.errors import ConfigError
 
-_NAME = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+ROBOT_STATUS_KEY = ("robot_sn",)
+ROBOT_EVENTS_KEY = ("robot_sn", "event_id")
+
+
+def _identifier(value: str) -> str:
+    # Names end up in SQL text (they cannot be bound parameters): letters, digits, _.
+    if not _IDENTIFIER.match(value):
+        raise ValueError(f"{value!r} is not a plain identifier (letters, digits, _; max 64)")
+    return value
+
+
+Identifier = Annotated[str, AfterValidator(_identifier)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,39 +58,89 @@ class Table:
 
 @dataclass(frozen=True, slots=True)
 class Targets:
+    """Where latest robot state and robot events go (each: one or more tables)."""
+
     robot_status: tuple[Table, ...] = (Table(None, "mnt_robots_management"),)
     robot_events: tuple[Table, ...] = (Table(None, "mnt_robot_events"),)
+    listed_databases: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not self.robot_status or not self.robot_events:
+            raise ConfigError("database targets need at least one table of each kind")
 
     @property
     def databases(self) -> set[str]:
+        """Databases the tables name (besides the URL's own)."""
         return {t.database for t in (*self.robot_status, *self.robot_events) if t.database}
 
 
-def _tables(entries: Any, kind: str, path: str) -> tuple[Table, ...]:
-    if not isinstance(entries, list) or not entries:
-        raise ConfigError(f"{path}: tables.{kind} must be a non-empty list")
-    out = []
+class _Entry(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    database: Identifier | None = None
+    table_name: Identifier
+    primary_keys: list[str] | None = None
+
+
+class _Tables(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    robot_status: list[_Entry] | None = None
+    robot_events: list[_Entry] | None = None
+
+
+class _File(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    databases: list[Any] = []
+    tables: _Tables
+
+
+def _tables(entries: list[_Entry] | None, kind: str, key: tuple[str, ...],
+            default: tuple[Table, ...], where: str) -> tuple[Table, ...]:
+    if entries is None:
+        return default
+    if not entries:
+        raise ConfigError(f"{where}: tables.{kind} is empty; list a table or leave it out")
+    out: list[Table] = []
     for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or "table_name" not in entry:
-            raise ConfigError(f"{path}: tables.{kind}[{i}] needs table_name")
-        name, database = str(entry["table_name"]), entry.get("database")
-        for value in (name, database):
-            if value is not None and not _NAME.match(str(value)):
-                raise ConfigError(f"{path}: tables.{kind}[{i}]: bad identifier {value!r}")
-        out.append(Table(str(database) if database else None, name))
+        if entry.primary_keys is not None and sorted(entry.primary_keys) != sorted(key):
+            raise ConfigError(
+                f"{where}: tables.{kind}[{i}].primary_keys must be {list(key)} "
+                f"(the store writes by that key), got {entry.primary_keys}"
+            )
+        table = Table(entry.database, entry.table_name)
+        if table not in out:
+            out.append(table)
     return tuple(out)
 
 
+def _database_name(item: Any) -> str:
+    if isinstance(item, dict):
+        item = item.get("name") or item.get("database") or ""
+    return str(item)
+
+
 def load_targets(path: str | Path) -> Targets:
-    """Parse ``database_config.yaml``; ConfigError names what is wrong."""
+    """Parse ``database_config.yaml``; ConfigError names the file and the field."""
+    where = str(path)
     try:
-        doc = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read database config {path}: {exc}") from exc
-    tables = doc.get("tables") if isinstance(doc, dict) else None
-    if not isinstance(tables, dict):
-        raise ConfigError(f"{path}: needs a 'tables' mapping")
+        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read database config {where}: {exc}") from exc
+    try:
+        parsed = _File.model_validate(doc if doc is not None else {})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"{where}: {problems}") from None
+    defaults = Targets()
     return Targets(
-        robot_status=_tables(tables.get("robot_status"), "robot_status", str(path)),
-        robot_events=_tables(tables.get("robot_events"), "robot_events", str(path)),
+        robot_status=_tables(parsed.tables.robot_status, "robot_status", ROBOT_STATUS_KEY,
+                             defaults.robot_status, where),
+        robot_events=_tables(parsed.tables.robot_events, "robot_events", ROBOT_EVENTS_KEY,
+                             defaults.robot_events, where),
+        listed_databases=tuple(_database_name(d) for d in parsed.databases),
     )

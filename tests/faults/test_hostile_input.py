@@ -109,8 +109,8 @@ def edge_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProce
 def callback_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     tmp = tmp_path_factory.mktemp("fuzz-cb")
     with callback_server(tmp, "mqtt://127.0.0.1:1883", f"sqlite:///{tmp / 'cb.db'}",
-                         TOPIC_PREFIX="fuzz", PROXY_TOKEN=TOKEN,
-                         CALLBACK_TOKEN=RULE_TOKEN) as server:
+                         TOPIC_PREFIX="fuzz", PROXY_TOKEN=TOKEN, CALLBACK_TOKEN=RULE_TOKEN,
+                         COMMAND_TIMEOUT_MAX="0.5") as server:
         yield server
     assert_no_secret_logged(server.log_path)
 

@@ -1,0 +1,132 @@
+"""The one place where the SQL for MySQL/MariaDB and SQLite differs.
+
+Everything else builds statements through a :class:`Dialect`: placeholders (``%s`` vs
+``?``), identifier quoting, column types, ``INSERT IGNORE`` vs ``INSERT OR IGNORE``,
+``ON DUPLICATE KEY UPDATE`` vs ``ON CONFLICT DO UPDATE``, and epoch arithmetic.
+Identifiers reaching this module are validated (targets.py) or constants (schema.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from callback_server.store.schema import ROBOT_ROW, STATE_GROUPS, Column, TableSpec
+
+# MySQL TEXT holds 65,535 bytes; utf8mb4 needs up to 4 bytes a character.
+_TEXT_CHARS = 65535 // 4
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """SQL spelling for one database family."""
+
+    name: Literal["mysql", "sqlite"]
+
+    @property
+    def mysql(self) -> bool:
+        return self.name == "mysql"
+
+    @property
+    def mark(self) -> str:
+        """The DB-API placeholder: pyformat for aiomysql, qmark for sqlite3."""
+        return "%s" if self.mysql else "?"
+
+    def marks(self, n: int) -> str:
+        return ", ".join([self.mark] * n)
+
+    def quote(self, name: str) -> str:
+        """``db.table`` -> ```db`.`table``` (MySQL) or ``"db"."table"`` (SQLite)."""
+        q = "`" if self.mysql else '"'
+        return ".".join(f"{q}{part}{q}" for part in name.split("."))
+
+    # -- DDL ----------------------------------------------------------------------------
+    def column_type(self, column: Column) -> str:
+        if self.mysql:
+            return {
+                "key": f"VARCHAR({column.size})",
+                "str": f"VARCHAR({column.size})",
+                "text": "TEXT" if column.size <= _TEXT_CHARS else "MEDIUMTEXT",
+                "int": "INT",
+                "bool": "TINYINT",
+                "float": "DOUBLE",
+                "time": "DATETIME(3)",
+                "serial": "BIGINT NOT NULL AUTO_INCREMENT",
+            }[column.kind]
+        return {
+            "key": "TEXT", "str": "TEXT", "text": "TEXT", "int": "INTEGER", "bool": "INTEGER",
+            "float": "REAL", "time": "TEXT", "serial": "INTEGER",
+        }[column.kind]
+
+    def create_table(self, table: str, spec: TableSpec) -> str:
+        cols = []
+        for c in spec.columns:
+            if c.kind == "serial" and not self.mysql:
+                cols.append(f"{c.name} INTEGER PRIMARY KEY AUTOINCREMENT")
+                continue
+            null = " NOT NULL" if c.name in spec.key and c.kind != "serial" else ""
+            cols.append(f"{c.name} {self.column_type(c)}{null}")
+        if self.mysql or not any(c.kind == "serial" for c in spec.columns):
+            cols.append(f"PRIMARY KEY ({', '.join(spec.key)})")
+        tail = " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4" if self.mysql else ""
+        return f"CREATE TABLE IF NOT EXISTS {self.quote(table)} ({', '.join(cols)}){tail}"
+
+    def add_column(self, table: str, column: Column) -> str:
+        """Added columns are nullable: existing rows have no value for them."""
+        kind = self.column_type(column)
+        return f"ALTER TABLE {self.quote(table)} ADD COLUMN {column.name} {kind}"
+
+    def create_database(self, name: str) -> str:
+        return f"CREATE DATABASE IF NOT EXISTS {self.quote(name)} DEFAULT CHARACTER SET utf8mb4"
+
+    def epoch(self, column: str) -> str:
+        """Seconds since 1970 of a stored UTC datetime (MySQL sessions run in UTC)."""
+        if self.mysql:
+            return f"UNIX_TIMESTAMP({column})"
+        return f"((julianday({column}) - 2440587.5) * 86400.0)"
+
+    def least(self, a: str, b: str) -> str:
+        return f"{'LEAST' if self.mysql else 'MIN'}({a}, {b})"
+
+    # -- DML ----------------------------------------------------------------------------
+    def insert(self, table: str, columns: Sequence[str]) -> str:
+        cols = ", ".join(columns)
+        return f"INSERT INTO {self.quote(table)} ({cols}) VALUES ({self.marks(len(columns))})"
+
+    def insert_ignore(self, table: str, columns: Sequence[str]) -> str:
+        """Insert unless the primary key exists: what makes redelivery a no-op."""
+        verb = "INSERT IGNORE" if self.mysql else "INSERT OR IGNORE"
+        return self.insert(table, columns).replace("INSERT", verb, 1)
+
+    def robot_upsert(self, table: str) -> str:
+        """Upsert one robot row per robot, each state group moving only forward in time.
+
+        The row carries every group; a group this batch did not see has a NULL
+        watermark, and ``NULL >= x`` is never true, so the stored values stay. A group
+        is taken when its ts is >= the stored watermark (a NULL watermark, e.g. on a
+        legacy row, takes anything). ``org_id``, ``gateway_id`` and ``last_updated``
+        follow ``last_ts``, the newest robot time seen for the robot.
+        """
+        if self.mysql:
+            def new(c: str) -> str:
+                return f"VALUES({c})"  # MySQL 8.0.20 deprecates it; MariaDB has nothing else
+            head = "ON DUPLICATE KEY UPDATE"
+        else:
+            def new(c: str) -> str:
+                return f"excluded.{c}"
+            head = "ON CONFLICT(robot_sn) DO UPDATE SET"
+
+        def take(column: str, watermark: str) -> str:
+            # COALESCE(old, new): a NULL stored watermark accepts any non-NULL new one.
+            cond = f"{new(watermark)} >= COALESCE({watermark}, {new(watermark)})"
+            return f"{column} = CASE WHEN {cond} THEN {new(column)} ELSE {column} END"
+
+        sets = [take(c, f"{g}_ts") for g, group in STATE_GROUPS.items() for c in group]
+        sets += [take(c, "last_ts") for c in ("org_id", "gateway_id", "last_updated")]
+        # MySQL applies assignments left to right, later ones seeing the updated row:
+        # the watermarks therefore come last. SQLite reads the old row throughout.
+        sets += [take(f"{g}_ts", f"{g}_ts") for g in STATE_GROUPS]
+        sets.append(take("last_ts", "last_ts"))
+        return f"{self.insert(table, ROBOT_ROW)} {head} {', '.join(sets)}"
+

@@ -1,0 +1,199 @@
+"""MySQL/MariaDB through an aiomysql pool; pymysql errors become StoreError here.
+
+``mysql://user:pass@host:3306/db?pool_size=4&timeout=30&ssl_ca=/path/ca.pem``
+(``ssl=1`` for TLS with the system CAs). Sessions run in UTC, so DATETIME values and
+``UNIX_TIMESTAMP`` agree with the epoch seconds the store writes.
+
+Dead connections are never handed out twice: a connection that failed or timed out is
+closed instead of returned, and on any connection-level failure the whole pool is
+dropped and rebuilt on next use (a restarted server leaves every pooled socket dead).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import aiomysql
+import pymysql
+
+from bridge.errors import ConfigError, StoreError
+from callback_server.store.base import Backend, Statement
+from callback_server.store.dialect import Dialect
+
+T = TypeVar("T")
+
+# Client-side codes for "the server is not there (any more)": the pool is suspect.
+_GONE = {2002, 2003, 2005, 2006, 2013, 2014, 2045, 2055}
+_RETRYABLE = {1205, 1213}  # lock wait timeout, deadlock: nothing wrong with the pool
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    if isinstance(exc, OSError | EOFError | TimeoutError | pymysql.err.InterfaceError):
+        return True
+    code = exc.args[0] if isinstance(exc, pymysql.err.Error) and exc.args else None
+    return isinstance(code, int) and code in _GONE
+
+
+class _QuietCursor(aiomysql.Cursor):  # type: ignore[misc]
+    """Skips aiomysql's SHOW WARNINGS round trip after a statement with warnings: an
+    INSERT IGNORE of a redelivered row, or CREATE TABLE IF NOT EXISTS of an existing
+    table, warns by design, and each would cost a round trip and a Python warning."""
+
+    async def _show_warnings(self, conn: Any) -> None:
+        return None
+
+
+class MysqlBackend(Backend):
+    """A small aiomysql pool, created on first use and rebuilt after connection loss."""
+
+    dialect = Dialect("mysql")
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        database = unquote(parts.path.lstrip("/"))
+        if not parts.hostname or not database:
+            raise ConfigError("DATABASE_URL needs a host and a database: "
+                              "mysql://user:pass@host:3306/db")
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        try:
+            self.pool_size = int(query.get("pool_size", 4))
+            self.timeout = float(query.get("timeout", 30))
+            port = parts.port or 3306
+        except ValueError as exc:
+            raise ConfigError(f"DATABASE_URL: {exc}") from None
+        tls: ssl.SSLContext | None = None
+        if query.get("ssl_ca") or query.get("ssl", "").lower() in ("1", "true", "required"):
+            tls = ssl.create_default_context(cafile=query.get("ssl_ca") or None)
+        self.database = database
+        self.host, self.port = parts.hostname, port
+        self._params: dict[str, Any] = {
+            "host": parts.hostname,
+            "port": port,
+            "user": unquote(parts.username or "root"),
+            "password": unquote(parts.password or ""),
+            "db": database,
+            "charset": "utf8mb4",
+            "connect_timeout": min(self.timeout, 5.0),
+            "autocommit": False,
+            "init_command": "SET time_zone = '+00:00'",
+            "ssl": tls,
+        }
+        self._pool: aiomysql.Pool | None = None
+        self._lock = asyncio.Lock()
+
+    def describe(self) -> str:
+        return f"MySQL at {self.host}:{self.port}/{self.database}"
+
+    async def _get_pool(self) -> aiomysql.Pool:
+        async with self._lock:
+            if self._pool is None:
+                # pool_recycle: MySQL drops idle sessions after wait_timeout (and proxies
+                # like RDS Proxy sooner); never reuse one idle for more than 5 minutes.
+                self._pool = await aiomysql.create_pool(
+                    minsize=1, maxsize=self.pool_size, pool_recycle=300, **self._params
+                )
+            return self._pool
+
+    async def _drop_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.terminate()
+            await pool.wait_closed()
+
+    async def _run(self, what: str, op: Callable[[aiomysql.Connection], Awaitable[T]]) -> T:
+        """Run ``op`` on a pooled connection within the timeout; translate errors."""
+        pool: aiomysql.Pool | None = None
+        conn: aiomysql.Connection | None = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                pool = await self._get_pool()
+                conn = await pool.acquire()
+                result = await op(conn)
+            held, conn = conn, None
+            await pool.release(held)
+            return result
+        except BaseException as exc:
+            if conn is not None and pool is not None:
+                conn.close()  # the server rolls back; a closed connection leaves the pool
+                await pool.release(conn)  # already done for a closed connection
+            if not isinstance(exc, Exception):
+                raise  # cancellation: the connection is gone, the caller is leaving
+            # Anything failing before a connection was in hand (including aiomysql's
+            # RuntimeError from a pool another task just dropped) is reachability.
+            if conn is None or _connection_lost(exc):
+                await self._drop_pool()
+                if isinstance(exc, TimeoutError):
+                    raise StoreError(
+                        f"{self.describe()}: no answer within {self.timeout:g} s ({what})"
+                    ) from exc
+                raise StoreError(f"cannot reach {self.describe()}: {exc}") from exc
+            if isinstance(exc, pymysql.err.Error):
+                kind = "busy, retry" if exc.args and exc.args[0] in _RETRYABLE else "refused"
+                raise StoreError(f"{self.describe()} {kind} ({what}): {exc}") from exc
+            raise
+
+    async def transaction(self, statements: Sequence[Statement]) -> list[int]:
+        async def run(conn: aiomysql.Connection) -> list[int]:
+            counts = []
+            async with conn.cursor(_QuietCursor) as cur:
+                for sql, rows in statements:
+                    if rows is None:
+                        await cur.execute(sql)
+                    elif rows:
+                        # aiomysql folds an INSERT's rows into multi-row statements
+                        await cur.executemany(sql, rows)
+                    counts.append(max(cur.rowcount, 0) if rows is None or rows else 0)
+            await conn.commit()
+            return counts
+
+        return await self._run("write", run)
+
+    async def fetch(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        async def run(conn: aiomysql.Connection) -> list[dict[str, Any]]:
+            async with conn.cursor(aiomysql.DictCursor) as cur:
+                await cur.execute(sql, tuple(args) or None)
+                rows = list(await cur.fetchall())
+            await conn.commit()  # end the read snapshot: the next read sees new rows
+            return rows
+
+        return await self._run("read", run)
+
+    async def columns(self, table: str) -> dict[str, int | None]:
+        database, _, name = table.rpartition(".")
+        rows = await self.fetch(
+            "SELECT COLUMN_NAME AS c, CHARACTER_MAXIMUM_LENGTH AS n"
+            " FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s",
+            (database or self.database, name),
+        )
+        return {str(r["c"]): None if r["n"] is None else int(r["n"]) for r in rows}
+
+    async def unique_keys(self, table: str) -> list[frozenset[str]]:
+        database, _, name = table.rpartition(".")
+        rows = await self.fetch(
+            "SELECT INDEX_NAME AS i, COLUMN_NAME AS c FROM information_schema.STATISTICS"
+            " WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s AND NON_UNIQUE = 0",
+            (database or self.database, name),
+        )
+        keys: dict[str, set[str]] = {}
+        for r in rows:
+            keys.setdefault(str(r["i"]), set()).add(str(r["c"]))
+        return [frozenset(cols) for cols in keys.values()]
+
+    async def missing_databases(self, names: set[str]) -> set[str]:
+        if not names:
+            return set()
+        marks = ", ".join(["%s"] * len(names))
+        rows = await self.fetch(
+            f"SELECT SCHEMA_NAME AS s FROM information_schema.SCHEMATA"
+            f" WHERE SCHEMA_NAME IN ({marks})", sorted(names))
+        return names - {str(r["s"]) for r in rows}
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+            await pool.wait_closed()

@@ -1,0 +1,275 @@
+"""Envelopes -> the rows of one batch (pure: no I/O, so it is tested exhaustively).
+
+Values are coerced to what the columns take (strings cut to the column's size, numbers
+that are not finite or out of range become NULL, lone surrogates replaced): a batch
+the database would refuse is retried forever and stalls the whole stream, so nothing
+an envelope can carry may make the database refuse it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bridge.envelope import Envelope
+from bridge.topic import GATEWAY_CHANNELS, ROBOT_CHANNELS
+from callback_server.store.schema import EVENTS, LOG, ROBOTS, STATE_GROUPS, TableSpec
+
+#: A batch item: the MQTT topic it came on and its envelope, or the bare envelope (its
+#: topic is then rebuilt as ``org/{org}/device/{device}/{channel}``, without a prefix).
+Item = Envelope | tuple[str, Envelope]
+
+# Types whose channel is known when an envelope does not say (DESIGN.md, "Channels").
+_CHANNEL_OF_TYPE = {
+    "robotStatus": "status", "notifyRobotStatus": "status", "robotErrorWarning": "event",
+    "robotErrorNotice": "event", "notifyRobotPower": "power", "notifyRobotPose": "pose",
+    "notifyRobotMoveState": "move", "notifyCleanStatus": "task", "TASK_STATUS": "task",
+}
+_INT_MAX = 2**31 - 1  # MySQL INT
+_TS_MAX = 253402300799.0  # 9999-12-31T23:59:59Z, the end of DATETIME
+
+Limits = Mapping[str, int]  # column -> most characters it takes
+
+
+def when(ts: float | None) -> str | None:
+    """Epoch seconds as a UTC ``DATETIME(3)`` literal both databases take and sort."""
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def robot_time(value: Any) -> float | None:
+    """A usable epoch-seconds value, or None (NaN, infinities, beyond DATETIME)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) and 0.0 <= value <= _TS_MAX else None
+
+
+def text(value: Any, limit: int) -> str | None:
+    """A string that encodes as UTF-8 and fits ``limit`` characters; None stays None."""
+    if value is None:
+        return None
+    if type(value) is str and value.isascii() and (not limit or len(value) <= limit):
+        return value  # the common case, without the encode check below
+    if not isinstance(value, str):
+        value = json.dumps(value, ensure_ascii=False, default=str) \
+            if isinstance(value, dict | list) else str(value)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: JSON allows "\udc80", UTF-8 does not
+        value = value.encode("utf-8", "replace").decode("utf-8")
+    return value[:limit] if limit and len(value) > limit else value
+
+
+def key(value: Any, limit: int) -> str:
+    """A primary-key string that fits: too long ones are shortened with a hash suffix,
+    so two different long keys never collide and the same key always maps the same."""
+    out = text(value, 0) or ""
+    if len(out) <= limit:
+        return out
+    digest = hashlib.sha256(out.encode()).hexdigest()
+    if limit < 48:
+        return digest[:limit]
+    return f"{out[:limit - 33]}~{digest[:32]}"
+
+
+def integer(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int | float) and math.isfinite(value) and abs(value) <= _INT_MAX:
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return integer(float(value))
+        except ValueError:
+            return None
+    return None
+
+
+def number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, int | float) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def flag(value: Any) -> int | None:
+    """0/1 for a TINYINT; Pudu's is_charging is 1 (charging) or -1 (not)."""
+    if value is None or isinstance(value, bool):
+        return None if value is None else int(value)
+    if isinstance(value, str):
+        return int(value.strip().lower() in ("1", "true", "yes"))
+    as_number = number(value)
+    return None if as_number is None else int(as_number > 0)
+
+
+def channel_of(topic: str, env: Envelope) -> str:
+    """The envelope's channel; else the topic's (``.../device/{id}/{channel...}``); else
+    the one its callback type always goes to."""
+    if env.channel:
+        return env.channel
+    parts = topic.split("/")
+    for i in range(len(parts) - 3, 1, -1):
+        if parts[i] == "device" and parts[i - 2] == "org":
+            return "/".join(parts[i + 2:])
+    return _CHANNEL_OF_TYPE.get(env.type, f"callback/{env.type}")
+
+
+def is_robot_channel(channel: str) -> bool:
+    """Robot channels feed the robot tables; gateway channels only the raw log."""
+    if channel in GATEWAY_CHANNELS:
+        return False
+    return channel in ROBOT_CHANNELS or channel.startswith("callback/")
+
+
+def state_groups(channel: str, data: Mapping[str, Any],
+                 sizes: Mapping[str, int] | None = None) -> dict[str, tuple[Any, ...]]:
+    """The latest-state groups one message carries, coerced, in STATE_GROUPS order.
+
+    Cleaning robots never send power or pose callbacks, so battery and position are
+    also taken from notifyRobotStatus and robotErrorNotice.extend_info (channel event).
+    """
+    found: dict[str, tuple[Any, ...]] = {}
+
+    def take(group: str, *values: Any) -> None:
+        if any(v is not None for v in values):
+            found[group] = values
+
+    size = sizes or _sizes(ROBOTS, None)
+    if channel == "status":
+        take("status", text(data.get("status"), size["status"]))
+        take("charging", flag(data.get("is_charging")))
+    if channel in ("status", "power", "event"):
+        take("battery", integer(data.get("battery_level")))
+    if channel in ("status", "power"):
+        take("charge", text(data.get("charge_state"), size["charge_state"]))
+    if channel in ("status", "move"):
+        take("move", text(data.get("move_state"), size["move_state"]))
+    if channel in ("pose", "event"):
+        x, y = number(data.get("x")), number(data.get("y"))
+        if x is not None and y is not None:  # a position needs both; z and yaw may lack
+            take("pose", x, y, number(data.get("z")), number(data.get("yaw")))
+    return found
+
+
+@dataclass(slots=True)
+class _Robot:
+    """What a batch says about one robot: per group the newest (ts, order, values)."""
+
+    newest: tuple[float, int] = (-1.0, -1)
+    org: str | None = None
+    gateway: str | None = None
+    groups: dict[str, tuple[float, int, tuple[Any, ...]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRows:
+    """The rows of one batch, each list sorted by primary key (a fixed lock order, so
+    concurrent replicas' transactions cannot deadlock on each other's rows)."""
+
+    log: list[tuple[Any, ...]]
+    events: list[tuple[Any, ...]]
+    robots: list[tuple[Any, ...]]
+
+
+def _sizes(spec: TableSpec, limits: Limits | None) -> dict[str, int]:
+    sizes = {c.name: c.size for c in spec.columns if c.size}
+    for name, limit in (limits or {}).items():
+        if name in sizes and limit:
+            sizes[name] = min(sizes[name], limit)
+    return sizes
+
+
+def _payload(env: Envelope) -> str:
+    # Envelope.to_json's shape, without dataclasses.asdict's deep copy (hot path).
+    return json.dumps(
+        {"id": env.id, "type": env.type, "org": env.org, "device": env.device,
+         "gateway": env.gateway, "ts": env.ts, "received_at": env.received_at,
+         "data": env.data, "raw": env.raw, "channel": env.channel, "v": env.v},
+        separators=(",", ":"), ensure_ascii=False, default=str,
+    )
+
+
+def build_rows(items: Sequence[Item], *, now: float,
+               limits: Mapping[str, Limits] | None = None) -> BatchRows:
+    """Fold a batch into rows: every message logged, every event once, one state row
+    per robot holding, per group, the newest values of the batch.
+
+    ``limits`` maps ``"robots"``/``"events"``/``"log"`` to the character limits of
+    existing (possibly narrower, legacy) columns. Equal robot times: the later message
+    in the batch wins, as a later batch wins over an earlier one.
+    """
+    lim = limits or {}
+    ls, es, rs = _sizes(LOG, lim.get("log")), _sizes(EVENTS, lim.get("events")), \
+        _sizes(ROBOTS, lim.get("robots"))
+    stored_at = when(now)
+    log: dict[str, tuple[Any, ...]] = {}
+    events: dict[tuple[str, str], tuple[Any, ...]] = {}
+    robots: dict[str, _Robot] = {}
+    for order, item in enumerate(items):
+        topic, env = item if isinstance(item, tuple) else ("", item)
+        channel = channel_of(topic, env)
+        topic = topic or f"org/{env.org}/device/{env.device}/{channel}"
+        ts = robot_time(env.ts)
+        received = robot_time(env.received_at)
+        log_id = key(env.id, ls["id"])
+        log.setdefault(log_id, (
+            log_id, text(topic, ls["topic"]), text(env.type, ls["type"]),
+            text(env.org, ls["org_id"]), text(env.device, ls["device_id"]),
+            text(channel, ls["channel"]), ts, received, stored_at,
+            text(_payload(env), ls["payload"]),
+        ))
+        # A gateway's own channels, and shop-level callbacks published on the gateway's
+        # device topic (PUDU.md: mapElementChange has no sn), are not robot state.
+        if not is_robot_channel(channel) or env.device == env.gateway:
+            continue
+        sn = key(env.device, min(rs["robot_sn"], es["robot_sn"]))
+        data = env.data
+        if channel == "event" and data.get("event_id") not in (None, ""):
+            event_id = key(data["event_id"], es["event_id"])
+            events.setdefault((sn, event_id), (
+                sn, event_id, text(data.get("event_level"), es["event_level"]),
+                text(data.get("event_type"), es["event_type"]),
+                text(data.get("event_detail"), es["event_detail"]), when(ts), when(received),
+                text(env.org, es["org_id"]), text(env.gateway, es["gateway_id"]),
+                text(env.type, es["callback_type"]), ts, text(env.id, es["message_id"]),
+            ))
+        if ts is None:
+            continue  # no usable robot time: it cannot be ordered against stored state
+        robot = robots.setdefault(sn, _Robot())
+        if (ts, order) >= robot.newest:
+            robot.newest = (ts, order)
+            robot.org = text(env.org, rs["org_id"])
+            robot.gateway = text(env.gateway, rs["gateway_id"])
+        for group, values in state_groups(channel, data, rs).items():
+            held = robot.groups.get(group)
+            if held is None or (ts, order) >= held[:2]:
+                robot.groups[group] = (ts, order, values)
+    robot_rows = []
+    for sn in sorted(robots):
+        r = robots[sn]
+        state: list[Any] = []
+        marks: list[float | None] = []
+        for group, cols in STATE_GROUPS.items():
+            kept = r.groups.get(group)
+            state.extend(kept[2] if kept else (None,) * len(cols))
+            marks.append(kept[0] if kept else None)
+        last = r.newest[0]
+        robot_rows.append((sn, r.org, r.gateway, *state, *marks, last, when(last)))
+    return BatchRows(
+        log=[log[k] for k in sorted(log)],
+        events=[events[k] for k in sorted(events)],
+        robots=robot_rows,
+    )

@@ -13,7 +13,8 @@
     │   └── PubackTimeoutError
     ├── OutboxError            the durable outbox could not take or give a message
     │   └── OutboxFullError    bounded outbox is full of entries that may not be dropped
-    └── StoreError             the database refused or is unreachable
+    └── StoreError             the database is unreachable or busy: retry later
+        └── StoreRejectedError the database refused this data: retrying will not help
 
 Third-party errors (paho return codes, awscrt, aiomysql, sqlite3) are translated to
 these once, in the module that talks to that library, with ``raise ... from exc``.
@@ -100,3 +101,7 @@ class OutboxFullError(OutboxError):
 
 class StoreError(FleetError):
     """The database is unreachable or refused a write."""
+
+
+class StoreRejectedError(StoreError):
+    """The database refused the data itself (constraint, type); the same write fails again."""

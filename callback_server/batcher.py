@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from bridge.envelope import Envelope
-from bridge.errors import StoreError
+from bridge.errors import StoreError, StoreRejectedError
 from callback_server.store import Store
 
 log = logging.getLogger(__name__)
@@ -100,18 +100,13 @@ class BatchWriter:
             self._wake.clear()
             while self._dead:
                 dead = self._dead[0]
-                await self._retrying(
-                    functools.partial(self.store.dead_letter, dead.topic, dead.payload,
-                                      dead.reason)
-                )
+                await self._dead_letter(dead.topic, dead.payload, dead.reason)
                 self._dead.popleft()
-                self.dead_lettered += 1
                 dead.on_commit()
             while self._items:
                 n = min(len(self._items), self.batch_max)
                 batch = [self._items[i] for i in range(n)]
-                rows = [(i.topic, i.envelope) for i in batch]
-                await self._retrying(functools.partial(self.store.write_batch, rows))
+                await self._write(batch)
                 for _ in range(n):
                     self._items.popleft()
                 self.stored += n
@@ -119,11 +114,39 @@ class BatchWriter:
                 for item in batch:
                     item.on_commit()
 
+    async def _write(self, batch: list[_Item]) -> None:
+        """Write ``batch``; if the database refuses its data, bisect to the culprit and
+        dead-letter it, so one bad message neither blocks the stream nor loops forever."""
+        rows = [(i.topic, i.envelope) for i in batch]
+        try:
+            await self._retrying(functools.partial(self.store.write_batch, rows))
+        except StoreRejectedError as exc:
+            if len(batch) > 1:
+                half = len(batch) // 2
+                await self._write(batch[:half])
+                await self._write(batch[half:])
+                return
+            item = batch[0]
+            log.error("database refused message %s on %s: %s", item.envelope.id, item.topic, exc)
+            await self._dead_letter(item.topic, item.envelope.to_json(),
+                                    f"database refused it: {exc}")
+
+    async def _dead_letter(self, topic: str, payload: bytes, reason: str) -> None:
+        try:
+            await self._retrying(functools.partial(self.store.dead_letter, topic, payload, reason))
+        except StoreRejectedError as exc:  # not even storable as a dead letter: log it all
+            log.error("dropping message on %s (%s); dead letter refused: %s; payload %r",
+                      topic, reason, exc, payload[:2000])
+        self.dead_lettered += 1
+
     async def _retrying(self, op: Callable[[], Awaitable[object]]) -> None:
+        """Run ``op`` until it succeeds; StoreRejectedError is raised, not retried."""
         attempt = 0
         while True:
             try:
                 await op()
+            except StoreRejectedError:
+                raise
             except StoreError as exc:
                 if not self.degraded:
                     log.error("database write failed, holding acknowledgements: %s", exc)

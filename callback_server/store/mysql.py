@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import aiomysql
 import pymysql
 
-from bridge.errors import ConfigError, StoreError
+from bridge.errors import ConfigError, StoreError, StoreRejectedError
 from callback_server.store.base import Backend, Statement
 from callback_server.store.dialect import Dialect
 
@@ -132,8 +132,9 @@ class MysqlBackend(Backend):
                     ) from exc
                 raise StoreError(f"cannot reach {self.describe()}: {exc}") from exc
             if isinstance(exc, pymysql.err.Error):
-                kind = "busy, retry" if exc.args and exc.args[0] in _RETRYABLE else "refused"
-                raise StoreError(f"{self.describe()} {kind} ({what}): {exc}") from exc
+                if exc.args and exc.args[0] in _RETRYABLE:
+                    raise StoreError(f"{self.describe()} busy, retry ({what}): {exc}") from exc
+                raise StoreRejectedError(f"{self.describe()} refused ({what}): {exc}") from exc
             raise
 
     async def transaction(self, statements: Sequence[Statement]) -> list[int]:

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bridge.errors import ConfigError, StoreError
+from bridge.errors import ConfigError, StoreError, StoreRejectedError
 from callback_server.store.base import Backend, Statement
 from callback_server.store.dialect import Dialect
 
@@ -99,6 +99,8 @@ class SqliteBackend(Backend):
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._executor, lambda: fn(self._connection()))
+        except (sqlite3.IntegrityError, sqlite3.DataError) as exc:
+            raise StoreRejectedError(f"{self.describe()} refused: {exc}") from exc
         except (sqlite3.Error, OSError) as exc:  # OSError: the directory cannot be made
             raise StoreError(f"{self.describe()}: {exc}") from exc
 

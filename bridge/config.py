@@ -20,6 +20,21 @@ M = TypeVar("M", bound=BaseModel)
 MASK = "********"
 
 
+#: Environment overrides every service reading MQTT settings understands.
+MQTT_ENV_MAP = {
+    "MQTT_URL": "mqtt_url",
+    "MQTT_BACKEND": "mqtt_backend",
+    "MQTT_CLIENT_ID": "mqtt_client_id",
+    "MQTT_CA_FILE": "tls.ca_file",
+    "MQTT_CERT_FILE": "tls.cert_file",
+    "MQTT_KEY_FILE": "tls.key_file",
+    "MQTT_RECONNECT_MAX_SECONDS": "mqtt_reconnect_max_seconds",
+    "TOPIC_PREFIX": "topic_prefix",
+    "LOG_LEVEL": "log_level",
+    "PROXY_TOKEN": "proxy_token",
+}
+
+
 class TlsSettings(BaseModel):
     """Certificate files for mqtts:// and the AWS IoT backend (mutual TLS)."""
 

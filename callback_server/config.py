@@ -10,25 +10,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from bridge.config import TlsSettings, load_settings
+from bridge.config import MQTT_ENV_MAP, TlsSettings, load_settings
 
 ENV_MAP = {
-    "MQTT_URL": "mqtt_url",
-    "MQTT_BACKEND": "mqtt_backend",
-    "MQTT_CLIENT_ID": "mqtt_client_id",
-    "MQTT_CA_FILE": "tls.ca_file",
-    "MQTT_CERT_FILE": "tls.cert_file",
-    "MQTT_KEY_FILE": "tls.key_file",
+    **MQTT_ENV_MAP,
     "DATABASE_URL": "database_url",
     "DATABASE_CONFIG": "database_config",
     "CALLBACK_HTTP_HOST": "http_host",
     "CALLBACK_HTTP_PORT": "http_port",
     "CALLBACK_TOKEN": "callback_token",
     "SHARE_GROUP": "share_group",
-    "TOPIC_PREFIX": "topic_prefix",
-    "LOG_LEVEL": "log_level",
-    "PROXY_TOKEN": "proxy_token",
-    "MQTT_RECONNECT_MAX_SECONDS": "mqtt_reconnect_max_seconds",
     "COMMAND_TIMEOUT_MAX": "command_timeout_max",
 }
 

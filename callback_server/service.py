@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -19,6 +18,7 @@ from bridge.errors import InputError, StoreError
 from bridge.http_server import NodelayStats, make_server, serve_until_signal
 from bridge.proxy import MqttProxy, create_proxy_router
 from bridge.router import MessageRouter
+from bridge.tasks import cancel_and_wait
 from bridge.transport import MqttSettings, TlsFiles, Transport, create_transport
 from callback_server.batcher import BatchWriter
 from callback_server.config import CallbackSettings
@@ -119,11 +119,7 @@ class CallbackServer:
     ) -> None:
         # Stop taking messages first; what was not committed stays unacked at the broker.
         await self._stack.aclose()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
 
     def _on_gateway_message(self, org: str, device: str, channel: str, payload: bytes) -> None:
         if channel != "presence":

@@ -11,29 +11,20 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from bridge.config import TlsSettings, load_settings
+from bridge.config import MQTT_ENV_MAP, TlsSettings, load_settings
 
 ENV_MAP = {
+    **MQTT_ENV_MAP,
     "PUDU_CALLBACK_CODE": "pudu_callback_code",
     "EDGE_HTTP_HOST": "http_host",
     "EDGE_HTTP_PORT": "http_port",
     "EDGE_ADMIN_HOST": "admin_host",
     "EDGE_ADMIN_PORT": "admin_port",
-    "MQTT_URL": "mqtt_url",
-    "MQTT_BACKEND": "mqtt_backend",
-    "MQTT_CLIENT_ID": "mqtt_client_id",
-    "MQTT_CA_FILE": "tls.ca_file",
-    "MQTT_CERT_FILE": "tls.cert_file",
-    "MQTT_KEY_FILE": "tls.key_file",
     "ORG_ID": "org_id",
     "GATEWAY_ID": "gateway_id",
     "OUTBOX_PATH": "outbox_path",
     "OUTBOX_MAX_ENTRIES": "outbox_max_entries",
-    "TOPIC_PREFIX": "topic_prefix",
-    "LOG_LEVEL": "log_level",
-    "PROXY_TOKEN": "proxy_token",
     "MAX_BODY_BYTES": "max_body_bytes",
-    "MQTT_RECONNECT_MAX_SECONDS": "mqtt_reconnect_max_seconds",
 }
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -17,10 +16,12 @@ from fastapi import FastAPI
 from bridge.commands import CommandExecutor
 from bridge.config import mask_url
 from bridge.envelope import Envelope
+from bridge.errors import TransportError
 from bridge.http_server import NodelayStats, make_server, serve_until_signal
 from bridge.outbox import Outbox
 from bridge.proxy import MqttProxy, create_proxy_router
 from bridge.router import MessageRouter
+from bridge.tasks import cancel_and_wait
 from bridge.topic import TopicScheme
 from bridge.transport import MqttSettings, TlsFiles, Transport, Will, create_transport
 from edge_agent.commands import register_builtins
@@ -123,11 +124,7 @@ class EdgeAgent:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         await self._stack.aclose()
 
@@ -164,13 +161,16 @@ class EdgeAgent:
         self.metrics.broker_connected.set(1 if self.transport.connected else 0)
 
     async def _heartbeat(self) -> None:
+        """Telemetry at QoS 0: a missed heartbeat is not worth a resend."""
         topic = str(self.scheme.device(self.settings.gateway_id, "telemetry"))
         while True:
             await asyncio.sleep(self.settings.heartbeat_seconds)
             if self.transport.connected:
                 payload = json.dumps(self.health()).encode()
-                with contextlib.suppress(Exception):
-                    self.transport.publish(topic, payload, qos=0)
+                try:
+                    await self.transport.publish(topic, payload, qos=0)
+                except TransportError as exc:
+                    log.debug("heartbeat not sent: %s", exc)
 
 
 async def serve(settings: EdgeSettings) -> None:

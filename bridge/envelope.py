@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.errors import PayloadError
@@ -34,7 +34,11 @@ class Envelope:
     v: int = SCHEMA_VERSION
 
     def to_json(self) -> bytes:
-        obj = asdict(self)
+        # A flat dict, not dataclasses.asdict(): that deep-copies data/raw on the hot path.
+        obj = {"v": self.v, "id": self.id, "type": self.type, "channel": self.channel,
+               "org": self.org, "device": self.device, "gateway": self.gateway,
+               "ts": self.ts, "received_at": self.received_at, "data": self.data,
+               "raw": self.raw}
         try:
             return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
         except UnicodeEncodeError:

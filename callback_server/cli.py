@@ -8,6 +8,7 @@ import sys
 
 from bridge.errors import ConfigError, StoreError
 from bridge.logs import setup_logging
+from bridge.loop import run as run_service
 from callback_server import config
 
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from callback_server.service import serve
 
-    asyncio.run(serve(settings))
+    run_service(serve(settings))
     return 0
 
 

@@ -46,9 +46,6 @@ class Consumer:
         resumed session delivers queued messages right after CONNACK."""
         self.router.add(self.filter.value, self.on_message, manual_ack=True)
 
-    async def subscribe(self) -> None:
-        await self.router.subscribe(self.filter.value, qos=1)
-
     def on_message(self, message: InboundMessage) -> None:
         """Runs in the event loop for each delivery; never raises."""
         self.received += 1

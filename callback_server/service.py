@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -12,9 +13,10 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
+from bridge.backoff import backoff_delay
 from bridge.commands import CommandClient, CommandOutcome
 from bridge.config import mask_url
-from bridge.errors import InputError, StoreError
+from bridge.errors import InputError, StoreError, TransportError
 from bridge.http_server import NodelayStats, make_server, serve_until_signal
 from bridge.proxy import MqttProxy, create_proxy_router
 from bridge.router import MessageRouter
@@ -106,10 +108,29 @@ class CallbackServer:
         self.router.add(self.commands.response_filter, self.commands.on_message)
         await self._stack.enter_async_context(self.transport)
         await self._stack.enter_async_context(self.proxy)
-        # Not shared: the replica that sent a command must hear its response.
-        await self.router.subscribe(self.commands.response_filter)
-        await self.consumer.subscribe()
+        # Normally subscribed before serving; a broker that is down or slow to SUBACK
+        # must not stop the server, so then it goes on trying in the background.
+        subscribing = asyncio.create_task(self._subscribe(), name="subscribe")
+        self._tasks.append(subscribing)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(subscribing), 5.0)
         return self
+
+    async def _subscribe(self) -> None:
+        """Subscribe, retrying with backoff: a slow broker must not stop the server."""
+        # Not shared: the replica that sent a command must hear its response.
+        for topic_filter in (self.commands.response_filter, self.consumer.filter.value):
+            attempt = 0
+            while True:
+                try:
+                    await self.router.subscribe(topic_filter, qos=1)
+                    break
+                except TransportError as exc:
+                    delay = backoff_delay(attempt, 0.5, 30.0)
+                    log.warning("subscribing to %s failed (%s); retrying in %.1f s",
+                                topic_filter, exc, delay)
+                    attempt += 1
+                    await asyncio.sleep(delay)
 
     async def __aexit__(
         self,

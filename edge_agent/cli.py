@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 
 from bridge.config import masked
 from bridge.errors import ConfigError
 from bridge.logs import setup_logging
+from bridge.loop import run as run_service
 from edge_agent import config
 
 
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.log_level)
     from edge_agent.service import serve
 
-    asyncio.run(serve(settings))
+    run_service(serve(settings))
     return 0
 
 

@@ -7,7 +7,6 @@ Ports and paths can be changed with the services' usual environment variables.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import sys
@@ -16,6 +15,7 @@ from bridge.embedded_broker import EmbeddedBroker
 from bridge.errors import FleetError
 from bridge.http_server import make_server, serve_until_signal
 from bridge.logs import setup_logging
+from bridge.loop import run as run_service
 from callback_server import config as cb_config
 from callback_server.service import CallbackServer
 from edge_agent import config as edge_config
@@ -89,7 +89,7 @@ async def main() -> None:
 def run() -> int:
     setup_logging(os.environ.get("LOG_LEVEL", "WARNING").upper(), json_lines=False)
     try:
-        asyncio.run(main())
+        run_service(main())
     except FleetError as exc:
         print(f"make run: {exc}", file=sys.stderr)
         return 1

@@ -7,8 +7,9 @@ import uuid
 
 import pytest
 
+from bridge.backoff import backoff_delay
 from bridge.transport import InboundMessage, MqttSettings
-from bridge.transport.paho import PahoTransport, backoff_delay
+from bridge.transport.paho import PahoTransport
 
 pytestmark = pytest.mark.integration
 BROKER = "mqtt://127.0.0.1:1883"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import ssl
 import threading
 from typing import Any
@@ -22,6 +21,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from bridge.backoff import backoff_delay
 from bridge.errors import NotConnectedError, TransportError
 from bridge.transport.base import InboundMessage, MqttSettings, Transport
 
@@ -32,11 +32,6 @@ def _failed(reason: Any) -> bool:
     if isinstance(reason, ReasonCode):
         return bool(reason.is_failure)
     return bool(reason)
-
-
-def backoff_delay(attempt: int, low: float, high: float) -> float:
-    """Full-jitter exponential backoff: uniform in [low, min(high, low * 2**attempt)]."""
-    return random.uniform(low, min(high, low * (2 ** min(attempt, 30))))
 
 
 class PahoTransport(Transport):
@@ -248,12 +243,16 @@ class PahoTransport(Transport):
             fut.set_exception(NotConnectedError("not connected; QoS 0 message not sent"))
             return fut
         info = self._client.publish(topic, payload, qos, retain)
-        # NO_CONN with QoS >= 1: paho keeps the message and sends it after reconnecting.
-        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            fut.set_exception(TransportError(f"paho refused publish: {mqtt.error_string(info.rc)}"))
-            return fut
-        if qos == 0 and info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
-            fut.set_exception(NotConnectedError("not connected; QoS 0 message not sent"))
+        if qos >= 1:
+            # Once paho accepted a QoS >= 1 message into its queue it resends it after a
+            # reconnect, whatever the first send returned (NO_CONN, CONN_LOST). Only a
+            # full queue means it was not taken -- the silent drop MEASURED.md warns of.
+            if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+                fut.set_exception(TransportError("paho refused publish: its queue is full"))
+                return fut
+        elif info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            fut.set_exception(NotConnectedError(
+                f"QoS 0 message not sent: {mqtt.error_string(info.rc)}"))
             return fut
         self._pending[info.mid] = fut
         return fut

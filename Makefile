@@ -28,6 +28,8 @@ lint: $(STAMP)
 	$(BIN)/mypy bridge edge_agent callback_server
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	command -v wrk >/dev/null || echo "wrk not installed (apt-get install wrk): using the Python load generator"
 	$(BIN)/python -m bench
 
 clean:

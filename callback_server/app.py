@@ -148,7 +148,8 @@ def create_app(server: CallbackServer) -> FastAPI:
         return await server.store.get_events(sn, limit)
 
     @app.post("/devices/{device_id}/commands",
-              summary="Send a command to a gateway and wait for its response (504 on timeout)")
+              summary="Send a command to a gateway and wait for its response",
+              responses={504: {"description": "The gateway did not answer within the timeout"}})
     async def send_command(
         device_id: str, body: CommandRequest, authorization: str | None = Header(default=None)
     ) -> JSONResponse:

@@ -60,6 +60,15 @@ _CALLBACK_SCHEMA: dict[str, Any] = {
 }
 
 
+_WEBHOOK_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"description": "Body is not a JSON object"},
+    401: {"description": "Missing or wrong CallbackCode header"},
+    413: {"description": "Body larger than MAX_BODY_BYTES"},
+    422: {"description": "A field is missing or has the wrong type (the message names it)"},
+    503: {"description": "Outbox full or unwritable; retry after the Retry-After seconds"},
+}
+
+
 def _error(status: int, message: str, field: str | None = None,
            headers: dict[str, str] | None = None) -> JSONResponse:
     body: dict[str, Any] = {"status": "error", "message": message, "timestamp": int(time.time())}
@@ -163,7 +172,7 @@ def create_app(agent: EdgeAgent) -> FastAPI:
     # is never reached; it is there so /openapi.json and /docs describe the endpoint.
     app.router.routes.insert(0, Route(WEBHOOK_PATH, pudu_webhook, methods=["POST"]))
     app.add_api_route(WEBHOOK_PATH, pudu_webhook, methods=["POST"],
-                      openapi_extra=_CALLBACK_SCHEMA,
+                      openapi_extra=_CALLBACK_SCHEMA, responses=_WEBHOOK_RESPONSES,
                       summary="Receive a Pudu callback and store it durably before answering 200")
 
     @app.get("/api/pudu/webhook/health", summary="Broker connection and outbox state")

@@ -110,7 +110,7 @@ def callback_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceP
     tmp = tmp_path_factory.mktemp("fuzz-cb")
     with callback_server(tmp, "mqtt://127.0.0.1:1883", f"sqlite:///{tmp / 'cb.db'}",
                          TOPIC_PREFIX="fuzz", PROXY_TOKEN=TOKEN, CALLBACK_TOKEN=RULE_TOKEN,
-                         COMMAND_TIMEOUT_MAX="0.5") as server:
+                         COMMAND_TIMEOUT_MAX="0.2") as server:
         yield server
     assert_no_secret_logged(server.log_path)
 
@@ -124,22 +124,34 @@ def assert_no_secret_logged(log: Path) -> None:
 def fuzz(base_url: str, headers: dict[str, str], examples: int) -> int:
     """Every operation of the app's own OpenAPI schema, with generated requests."""
     schema = schemathesis.openapi.from_url(base_url + "/openapi.json")
+    return sum(fuzz_operation(result.ok(), base_url, headers, examples)
+               for result in schema.get_all_operations())
+
+
+def fuzz_operation(operation: Any, base_url: str, headers: dict[str, str],
+                   examples: int) -> int:
+    """Generated requests for one operation; returns how many were sent.
+
+    A 5xx passes only where the operation documents it (a command's 504 timeout, the
+    webhook's 503 when the outbox is full): those are answers, not failures.
+    """
+    documented = {int(code) for code in operation.definition.raw.get("responses", {})
+                  if code.isdigit()}
     calls = 0
-    for result in schema.get_all_operations():
-        operation = result.ok()
 
-        @given(operation.as_strategy())
-        @settings(max_examples=examples, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
-        def run(case: Any) -> None:
-            nonlocal calls
-            calls += 1
-            response = case.call(base_url=base_url, headers=headers, timeout=10)
-            assert response.status_code < 500, (case.method, case.path, response.text[:300])
-            for secret in SECRETS:
-                assert secret not in response.text
+    @given(operation.as_strategy())
+    @settings(max_examples=examples, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    def run(case: Any) -> None:
+        nonlocal calls
+        calls += 1
+        response = case.call(base_url=base_url, headers=headers, timeout=10)
+        assert response.status_code < 500 or response.status_code in documented, (
+            case.method, case.path, response.status_code, response.text[:300])
+        for secret in SECRETS:
+            assert secret not in response.text
 
-        run()
+    run()
     return calls
 
 

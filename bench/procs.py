@@ -1,0 +1,251 @@
+"""Processes the bench starts (broker, services, baselines), each stopped by its PID.
+
+The bench runs its own Mosquitto on a free port with a config of its own (unbounded
+queues, ``$SYS`` every second, persistence only where a scenario restarts the broker),
+so a test run on the shared broker neither disturbs nor is disturbed by it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+MOSQUITTO = "/usr/sbin/mosquitto"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return int(resp.status) == 200
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+def http_get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return bytes(resp.read())
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """``VmRSS``, ``VmHWM`` ... from /proc/<pid>/status, in KiB."""
+    out: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.startswith("Vm"):
+            out[key] = int(value.split()[0])
+    return out
+
+
+class Broker:
+    """A private ``mosquitto -c <own conf>``; ``start()`` after ``stop()`` keeps the port."""
+
+    def __init__(self, base: Path, *, persistence: bool = False) -> None:
+        self.base = base
+        base.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.binary = MOSQUITTO if os.access(MOSQUITTO, os.X_OK) else (
+            shutil.which("mosquitto") or MOSQUITTO)
+        self.conf = base / "mosquitto.conf"
+        lines = [
+            f"listener {self.port} 127.0.0.1",
+            "allow_anonymous true",
+            "user root",  # started as root it would switch to 'mosquitto' and lose our dir
+            f"persistence {'true' if persistence else 'false'}",
+            f"persistence_location {base}/",
+            # Written on SIGTERM only: a periodic save of a 100k-message queue costs CPU.
+            "autosave_interval 0",
+            "max_queued_messages 0",  # unbounded: the scenarios queue up to 1M on purpose
+            "max_inflight_messages 100",
+            "sys_interval 1",
+            f"log_dest file {base / 'mosquitto.log'}",
+            "log_type error",
+            "log_type warning",
+        ]
+        self.conf.write_text("\n".join(lines) + "\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 30.0) -> Broker:
+        with (self.base / "mosquitto.out").open("ab") as out:
+            self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)],
+                                         stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while not port_open(self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError("private mosquitto did not start: " +
+                                   (self.base / "mosquitto.out").read_text()[-1000:])
+            time.sleep(0.02)  # polling a connect is the readiness event here
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM (mosquitto saves its persistence file) and wait."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def __enter__(self) -> Broker:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+class Service:
+    """A child process listening on ``port``; ready on HTTP 200 at ``health_path``, or
+    once the port accepts connections when there is no health path."""
+
+    def __init__(self, name: str, argv: Sequence[str], log_dir: Path, *, port: int,
+                 env: Mapping[str, str] | None = None, health_path: str | None = None) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.env = {**os.environ, **(env or {})}
+        self.log_path = log_dir / f"{name}.log"
+        self.port = port
+        self.health_path = health_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def ready(self) -> bool:
+        if self.health_path is not None:
+            return http_ok(self.url + self.health_path)
+        return port_open(self.port)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def launch(self) -> Service:
+        """Start without waiting (see ``wait_ready``): lets several start side by side."""
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=log,
+                                         stdin=subprocess.DEVNULL)
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> Service:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: "
+                                   f"{self.log_tail()}")
+            if self.ready():
+                return self
+            time.sleep(0.05)  # polling the health endpoint is the readiness event
+        self.kill()
+        raise TimeoutError(f"{self.name} not ready within {timeout}s: {self.log_tail()}")
+
+    def start(self, timeout: float = 60.0) -> Service:
+        return self.launch().wait_ready(timeout)
+
+    def log_tail(self, chars: int = 1500) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def __enter__(self) -> Service:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def python_module(module: str, *args: str) -> list[str]:
+    """argv for ``python -m module args`` with this interpreter (the project's venv)."""
+    return [sys.executable, "-m", module, *args]
+
+
+def venv_script(name: str) -> str:
+    """A console script installed beside this interpreter (gunicorn, py-spy)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else (shutil.which(name) or name)
+
+
+def _stat(pid: int) -> list[str]:
+    # comm may hold spaces or parentheses: split after the last ')'
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of ``pid`` and all its descendants (gunicorn's workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int(_stat(int(entry.name))[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            fields = _stat(current)
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+        todo.extend(children.get(current, []))
+    return total

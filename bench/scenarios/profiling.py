@@ -1,0 +1,55 @@
+"""``--profile``: py-spy on the product under the same load, after it was measured.
+
+Sampling slows the target, so these passes are extra and their throughput is not
+reported. Raw collapsed stacks and a top-functions summary go to ``bench/results``.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from pathlib import Path
+
+from bench.procs import Service
+from bench.profile import record, report
+from bench.samples import BodyFactory
+from bench.scenarios.common import saturate
+from bench.settings import RunContext
+
+log = logging.getLogger(__name__)
+
+
+class Profiler:
+    """One ``py-spy record`` on a process; ``finish()`` waits and writes the summary."""
+
+    def __init__(self, ctx: RunContext, pid: int, name: str, duration: float) -> None:
+        ctx.settings.results.mkdir(parents=True, exist_ok=True)
+        self.raw = ctx.settings.results / f"profile-{name}.txt"
+        self.summary = ctx.settings.results / f"profile-{name}-top.txt"
+        self.proc: subprocess.Popen[bytes] = record(pid, self.raw, duration=duration)
+
+    def finish(self) -> Path:
+        try:
+            self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        if self.raw.exists():
+            text = report(self.raw, top=40)
+            self.summary.write_text(text + "\n")
+            log.info("%s", text)
+        else:
+            log.warning("py-spy wrote nothing to %s", self.raw)
+        return self.summary
+
+
+def profile_edge(ctx: RunContext, edge: Service) -> Path:
+    """The edge saturated again (same load as the measured run), sampled by py-spy."""
+    prof = Profiler(ctx, edge.pid, "edge-ingest", ctx.settings.duration)
+    saturate(ctx, edge, BodyFactory(robots=ctx.settings.robots))
+    return prof.finish()
+
+
+def profile_callback(ctx: RunContext, svc: Service) -> Profiler:
+    """The callback server while it drains its queue (from its launch, for ~8 s)."""
+    return Profiler(ctx, svc.pid, "callback-drain", 8.0)

@@ -1,0 +1,138 @@
+"""The figures the bench reports, the targets they are judged by, and their aggregation.
+
+Every scenario returns one ``{figure key: value}`` per repetition; ratios are computed
+inside each repetition (subject and baseline measured minutes apart on the same
+machine state) and only then aggregated: median, min and max over the repetitions.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Figure:
+    key: str
+    label: str
+    unit: str
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    number: str
+    text: str
+    key: str
+    op: str  # ">=" or "<="
+    threshold: float
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    median: float
+    low: float
+    high: float
+    values: tuple[float, ...]
+
+
+def _f(key: str, label: str, unit: str) -> Figure:
+    return Figure(key, label, unit)
+
+
+FIGURES: tuple[Figure, ...] = (
+    # 1. edge ingest
+    _f("ingest.starlette_rps", "Starlette echo (baseline)", "req/s"),
+    _f("ingest.starlette_cpu_us", "Starlette echo CPU per request", "µs"),
+    _f("ingest.fastapi_rps", "FastAPI + pydantic echo (baseline)", "req/s"),
+    _f("ingest.fastapi_cpu_us", "FastAPI echo CPU per request", "µs"),
+    _f("ingest.naive_forward_rps", "naive_forward answered (baseline)", "req/s"),
+    _f("ingest.naive_forward_delivered_pct", "naive_forward answers that reached the broker",
+       "%"),
+    _f("ingest.edge_accepts", "edge durable accepts, saturated", "accepts/s"),
+    _f("ingest.edge_cpu_us", "edge CPU per accept (incl. publishing)", "µs"),
+    _f("ingest.edge_p99_saturated_ms", "edge p99 at saturation (wrk)", "ms"),
+    _f("ingest.edge_fixed_rate", "edge fixed offered rate (latency_load x max)", "req/s"),
+    _f("ingest.edge_p50_ms", "edge p50 accept latency at the fixed rate", "ms"),
+    _f("ingest.edge_p99_ms", "edge p99 accept latency at the fixed rate", "ms"),
+    _f("ingest.fastapi_p99_ms", "FastAPI echo p99 at the same fixed rate (control)", "ms"),
+    _f("ingest.edge_duplicates", "edge answers marked duplicate", "count"),
+    _f("ingest.edge_rss_after_mb", "edge RSS after the ingest runs", "MiB"),
+    _f("ingest.edge_vs_fastapi", "edge accepts / FastAPI echo", "x"),
+    _f("ingest.edge_vs_starlette", "edge accepts / Starlette echo", "x"),
+    _f("ingest.edge_vs_naive_forward", "edge accepts / naive_forward answered", "x"),
+    # 2. whole pipeline
+    _f("pipeline.naive_webhook_rps", "naive_webhook upserts committed (baseline)", "rows/s"),
+    _f("pipeline.naive_webhook_cpu_us", "naive_webhook CPU per request (app only)", "µs"),
+    _f("pipeline.accepts", "pipeline: edge accepts while saturated", "accepts/s"),
+    _f("pipeline.sustained", "pipeline: callbacks committed to MariaDB, sustained", "rows/s"),
+    _f("pipeline.drain_lag_s", "pipeline: rows still arriving after load stopped", "s"),
+    _f("pipeline.vs_naive", "pipeline sustained / naive_webhook", "x"),
+    _f("pipeline.rate", "pipeline latency run: offered rate", "req/s"),
+    _f("pipeline.visible_p50_ms", "webhook sent -> row committed, p50", "ms"),
+    _f("pipeline.visible_p99_ms", "webhook sent -> row committed, p99", "ms"),
+    _f("pipeline.stored_p50_ms", "received_at -> stored_at (DB columns), p50", "ms"),
+    _f("pipeline.stored_p99_ms", "received_at -> stored_at (DB columns), p99", "ms"),
+    # 3. callback server alone
+    _f("consumer.raw_rate", "raw_mqtt: queued messages drained by paho (baseline)", "msg/s"),
+    _f("consumer.one_rate", "callback server x1: queued messages committed", "msg/s"),
+    _f("consumer.health_wait_s", "callback server x1: launch -> /callback/health answers",
+       "s"),
+    _f("consumer.crashes", "callback server exits at start-up, restarted after 2 s", "count"),
+    _f("consumer.two_rate", "callback server x2 (shared subscription)", "msg/s"),
+    _f("consumer.one_vs_raw", "callback server x1 / raw_mqtt", "x"),
+    _f("consumer.two_vs_one", "callback server x2 / x1", "x"),
+    # 4. backlog drain
+    _f("backlog.seed_rate", "Outbox.put seeding (no HTTP), concurrent puts", "puts/s"),
+    _f("backlog.raw_rate", "raw paho QoS 1 publish, no subscriber (baseline)", "msg/s"),
+    _f("backlog.verified_rate", "edge backlog drain to a verifying subscriber", "msg/s"),
+    _f("backlog.drain_rate", "edge backlog drain, no subscriber, acked", "msg/s"),
+    _f("backlog.drain_vs_raw", "edge drain / raw paho publish", "x"),
+    _f("backlog.lost", "backlog messages never delivered", "count"),
+    _f("backlog.duplicates", "backlog messages delivered twice", "count"),
+    _f("backlog.order_violations", "per-robot order violations", "count"),
+    # 5. memory
+    _f("memory.idle_mb", "edge RSS idle (connected, empty outbox)", "MiB"),
+    _f("memory.empty_down_mb", "edge RSS, empty outbox, broker down", "MiB"),
+    _f("memory.full_down_mb", "edge RSS, 1M outbox entries, broker down", "MiB"),
+    _f("memory.growth_mb", "RSS growth from 1M outbox entries", "MiB"),
+    _f("memory.start_seconds", "edge start-up with 1M entries (to healthy)", "s"),
+)
+FIGURE_BY_KEY = {f.key: f for f in FIGURES}
+
+TARGETS: tuple[Target, ...] = (
+    Target("1a", "edge durable accepts >= 1.5x FastAPI echo", "ingest.edge_vs_fastapi",
+           ">=", 1.5),
+    Target("1b", "edge durable accepts >= 0.6x Starlette echo", "ingest.edge_vs_starlette",
+           ">=", 0.6),
+    Target("1c", "edge p99 accept latency at fixed rate <= 20 ms", "ingest.edge_p99_ms",
+           "<=", 20.0),
+    Target("2a", "pipeline sustained >= 5x naive_webhook", "pipeline.vs_naive", ">=", 5.0),
+    Target("2b", "webhook -> row p50 at 500/s <= 10 ms", "pipeline.visible_p50_ms", "<=", 10.0),
+    Target("2c", "webhook -> row p99 at 500/s <= 50 ms", "pipeline.visible_p99_ms", "<=", 50.0),
+    Target("3a", "callback server >= 0.7x raw_mqtt", "consumer.one_vs_raw", ">=", 0.7),
+    Target("3b", "2 replicas (shared sub) >= 1.6x one", "consumer.two_vs_one", ">=", 1.6),
+    Target("4a", "backlog drain >= 0.5x raw paho QoS 1 publish", "backlog.drain_vs_raw",
+           ">=", 0.5),
+    Target("4b", "backlog: none lost", "backlog.lost", "<=", 0.0),
+    Target("4c", "backlog: in order per robot", "backlog.order_violations", "<=", 0.0),
+    Target("5a", "edge idle RSS <= 60 MB", "memory.idle_mb", "<=", 60.0),
+    Target("5b", "RSS growth with 1M outbox entries <= 20 MB", "memory.growth_mb", "<=", 20.0),
+)
+
+
+def summarise(values: list[float]) -> Summary:
+    clean = [v for v in values if not math.isnan(v)]
+    if not clean:
+        nan = float("nan")
+        return Summary(nan, nan, nan, tuple(values))
+    return Summary(statistics.median(clean), min(clean), max(clean), tuple(values))
+
+
+def met(target: Target, summary: Summary) -> bool | None:
+    """Judged on the median; None when the figure was not measured."""
+    if math.isnan(summary.median):
+        return None
+    if target.op == ">=":
+        return summary.median >= target.threshold
+    return summary.median <= target.threshold

@@ -63,6 +63,30 @@ async def test_manual_ack_withheld_means_redelivery_after_reconnect() -> None:
         await asyncio.wait_for(c.wait_connected(), 5)
 
 
+async def test_persistent_session_still_gets_this_runs_subscriptions() -> None:
+    """A session from a run with other subscriptions (another prefix) must not hide ours."""
+    client_id = f"t-resub-{uuid.uuid4().hex[:8]}"
+    old, new = (f"test/{uuid.uuid4().hex}/{name}" for name in ("old", "new"))
+    settings = MqttSettings.from_url(BROKER, client_id=client_id)
+    async with PahoTransport(settings) as first:
+        await asyncio.wait_for(first.wait_connected(), 5)
+        await first.subscribe(old, qos=1)
+    async with PahoTransport(_settings("pub", clean_start=True)) as pub:
+        await asyncio.wait_for(pub.wait_connected(), 5)
+        # retained, so it arrives whenever the SUBSCRIBE lands
+        await pub.publish(new, b"for-this-run", qos=1, retain=True)
+        got: asyncio.Queue[InboundMessage] = asyncio.Queue()
+        second = PahoTransport(settings)
+        second.message_handler = got.put_nowait
+        await second.subscribe(new, qos=1)  # before connecting: goes out on CONNACK
+        async with second:
+            assert (await asyncio.wait_for(got.get(), 5)).payload == b"for-this-run"
+        await pub.publish(new, b"", qos=1, retain=True)
+    async with PahoTransport(MqttSettings.from_url(BROKER, client_id=client_id,
+                                                   clean_start=True)) as c:
+        await asyncio.wait_for(c.wait_connected(), 5)
+
+
 def test_backoff_is_jittered_and_capped() -> None:
     delays = [backoff_delay(10, 0.5, 30.0) for _ in range(200)]
     assert max(delays) <= 30.0 and min(delays) >= 0.5

@@ -176,9 +176,11 @@ class PahoTransport(Transport):
         birth = self.settings.birth
         if birth:
             client.publish(birth.topic, birth.payload, birth.qos, birth.retain)
-        if not session_present or self.settings.clean_start:
-            for flt, qos in list(self._subs.items()):
-                client.subscribe(flt, qos)
+        # Always, even with a session present: the session holds the subscriptions of the
+        # last run, which may differ (another TOPIC_PREFIX, a new route), and a repeated
+        # SUBSCRIBE only replaces one (retained messages come again: handlers are idempotent).
+        for flt, qos in list(self._subs.items()):
+            client.subscribe(flt, qos)
         self._call(self._notify_connection, True)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,

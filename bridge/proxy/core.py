@@ -10,9 +10,8 @@ import secrets
 from collections.abc import Awaitable, Sequence
 from functools import partial
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import httpx
 from pydantic import (
     BaseModel,
 )
@@ -38,6 +37,9 @@ from bridge.proxy.subscriptions import (
 from bridge.router import MessageRouter
 from bridge.topic import Topic, TopicFilter
 from bridge.transport.base import InboundMessage, Transport
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -229,8 +231,12 @@ class MqttProxy:
                                         secret: str | None = None, *,
                                         qos: int = 1) -> tuple[str, str]:
         """Push matching messages to ``callback_url``; returns (id, signing secret)."""
-        if not self._started or self._http is None:
+        if not self._started:
             raise RuntimeError("enter the MqttProxy (async with) before adding webhooks")
+        if self._http is None:
+            import httpx  # here, not at module level: ~4.5 MiB a gateway without webhooks saves
+
+            self._http = httpx.AsyncClient(follow_redirects=False, timeout=self.retry.timeout)
         secret = secret or secrets.token_hex(32)
         sub = WebhookSubscription(
             self._new_id(), self.check_filter(topic_filter), self.check_qos(qos),
@@ -417,9 +423,6 @@ class MqttProxy:
 
     # -- lifecycle ------------------------------------------------------------------------
     async def __aenter__(self) -> MqttProxy:
-        if self._http is None:
-            self._http = httpx.AsyncClient(follow_redirects=False,
-                                           timeout=self.retry.timeout)
         self._started = True
         return self
 

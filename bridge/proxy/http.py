@@ -11,8 +11,8 @@ import json
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
-import httpx
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import Response
 from pydantic import (
@@ -194,10 +194,11 @@ class SubscribeBody(BaseModel):
         if value is None:
             return value
         try:
-            url = httpx.URL(value)
-        except httpx.InvalidURL as exc:
+            url = urlsplit(value)
+            url.port  # noqa: B018 -- raises ValueError on a bad port
+        except ValueError as exc:
             raise ValueError(f"not a URL: {exc}") from exc
-        if url.scheme not in ("http", "https") or not url.host:
+        if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError("callback_url must be an http:// or https:// URL with a host")
         return value
 

@@ -14,14 +14,16 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
-import httpx
 from pydantic import BaseModel
 
 from bridge.errors import ConfigError
 from bridge.router import Handle
 from bridge.transport.base import InboundMessage
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -293,6 +295,8 @@ class WebhookSubscription(Subscription):
                     self.idle.set()
 
     async def _deliver(self, item: Queued) -> None:
+        import httpx  # already loaded by the client that MqttProxy made for this subscription
+
         body = json.dumps({
             **message_json(item.message),
             "received_at": round(item.received_at, 3),

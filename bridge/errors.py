@@ -10,7 +10,8 @@
     │   └── AuthError          wrong or missing shared secret
     ├── TransportError         the broker connection failed or refused an operation
     │   ├── NotConnectedError
-    │   └── PubackTimeoutError
+    │   ├── PubackTimeoutError
+    │   └── PublishRefusedError  the broker's PUBACK carried a failure reason code
     ├── OutboxError            the durable outbox could not take or give a message
     │   └── OutboxFullError    bounded outbox is full of entries that may not be dropped
     └── StoreError             the database is unreachable or busy: retry later
@@ -84,6 +85,25 @@ class NotConnectedError(TransportError):
 
 class PubackTimeoutError(TransportError):
     """No PUBACK in time; the transport keeps the message, so it may still arrive."""
+
+
+class PublishRefusedError(TransportError):
+    """The broker answered a publish with a failure reason code (MQTT 5 PUBACK).
+
+    ``permanent`` codes (not authorised, bad topic, bad payload, too large) fail again on
+    every resend; the rest (quota exceeded, unspecified, busy) may pass later.
+    """
+
+    PERMANENT = frozenset({0x87, 0x90, 0x95, 0x99})
+
+    def __init__(self, reason: str, code: int) -> None:
+        super().__init__(f"broker refused publish: {reason} (0x{code:02x})")
+        self.reason = reason
+        self.code = code
+
+    @property
+    def permanent(self) -> bool:
+        return self.code in self.PERMANENT
 
 
 class OutboxError(FleetError):

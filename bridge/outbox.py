@@ -11,6 +11,11 @@ power state of one robot) are compacted to the newest; if that frees nothing the
 fails with OutboxFullError and the webhook answers 503 + Retry-After. Status changes
 and events are never dropped.
 
+Refused: an entry the broker refuses for good (MQTT 5 PUBACK "not authorised", bad
+topic, ...) is moved to a ``rejected`` table, so one poison message does not hold up
+everything behind it; ``requeue_rejected`` puts them back once the cause is fixed. That
+table keeps the newest ``max_rejected`` entries (a warning is logged for each it drops).
+
 Deduplication: each put may carry keys (Pudu ``TraceId``, a body hash); a put whose key
 was seen within ``dedup_ttl`` seconds is reported as a duplicate and stores nothing.
 """
@@ -46,6 +51,15 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_compact ON outbox (compact_key, seq)
     WHERE compact_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS rejected (
+    seq INTEGER PRIMARY KEY,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    retain INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    rejected_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS seen (
     key TEXT PRIMARY KEY,
     at REAL NOT NULL
@@ -88,6 +102,17 @@ class _Remove:
     seqs: list[int] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class _Reject:
+    seq: int
+    reason: str
+
+
+@dataclass(slots=True)
+class _Requeue:
+    future: asyncio.Future[int]
+
+
 _STOP = object()
 
 
@@ -101,12 +126,15 @@ class Outbox:
         max_entries: int = 1_000_000,
         dedup_ttl: float = 3600.0,
         max_batch: int = 2000,
+        max_rejected: int = 10_000,
     ) -> None:
         self.path = Path(path)
         self.max_entries = max_entries
         self.dedup_ttl = dedup_ttl
         self.max_batch = max_batch
+        self.max_rejected = max_rejected
         self.depth = 0
+        self.rejected = 0
         self.commits = 0
         self.compacted = 0
         self.rejected_full = 0
@@ -149,6 +177,7 @@ class Outbox:
         conn = self._connect()
         conn.executescript(_SCHEMA)
         self.depth = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        self.rejected = conn.execute("SELECT COUNT(*) FROM rejected").fetchone()[0]
         return conn
 
     async def __aexit__(
@@ -188,6 +217,16 @@ class Outbox:
         batch = list(seqs)
         if batch:
             self._queue.put(_Remove(batch))
+
+    def reject(self, seq: int, reason: str) -> None:
+        """Move an entry the broker refuses for good out of the way (kept, not dropped)."""
+        self._queue.put(_Reject(seq, reason))
+
+    async def requeue_rejected(self) -> int:
+        """Put every rejected entry back at the end of the outbox; returns how many."""
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queue.put(_Requeue(fut))
+        return await fut
 
     async def peek(self, after_seq: int, limit: int = 500) -> list[OutboxEntry]:
         """The oldest entries with ``seq > after_seq``, in order."""
@@ -242,11 +281,11 @@ class Outbox:
                 op = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(op, _Put):
+            if isinstance(op, (_Put, _Requeue)):
                 self._resolve([(op.future, OutboxError(f"outbox writer failed: {exc}"))])
 
     def _apply(self, conn: sqlite3.Connection, ops: list[Any]) -> None:
-        results: list[tuple[asyncio.Future[PutResult], PutResult | BaseException]] = []
+        results: list[tuple[asyncio.Future[Any], Any]] = []
         now = time.time()
         depth = self.depth
         conn.execute("BEGIN IMMEDIATE")
@@ -254,6 +293,14 @@ class Outbox:
             for op in ops:
                 if isinstance(op, _Remove):
                     depth -= self._delete(conn, op.seqs)
+                    continue
+                if isinstance(op, _Reject):
+                    depth -= self._reject(conn, op, now)
+                    continue
+                if isinstance(op, _Requeue):
+                    moved = self._requeue(conn, now)
+                    depth += moved
+                    results.append((op.future, moved))
                     continue
                 result, freed = self._insert(conn, op, now, depth)
                 depth -= freed
@@ -267,8 +314,10 @@ class Outbox:
         except sqlite3.Error as exc:
             conn.execute("ROLLBACK")
             err = OutboxError(f"outbox write failed: {exc}")
-            results = [(op.future, err) for op in ops if isinstance(op, _Put)]
+            results = [(op.future, err) for op in ops if isinstance(op, (_Put, _Requeue))]
             depth = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        if any(isinstance(op, (_Reject, _Requeue)) for op in ops):  # rare: recount
+            self.rejected = conn.execute("SELECT COUNT(*) FROM rejected").fetchone()[0]
         self.depth = depth
         self.commits += 1
         self._resolve(results)
@@ -276,6 +325,31 @@ class Outbox:
     def _delete(self, conn: sqlite3.Connection, seqs: list[int]) -> int:
         cur = conn.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
         return max(cur.rowcount, 0)
+
+    def _reject(self, conn: sqlite3.Connection, op: _Reject, now: float) -> int:
+        cur = conn.execute(
+            "INSERT OR IGNORE INTO rejected (seq, topic, payload, qos, retain, reason, rejected_at)"
+            " SELECT seq, topic, payload, qos, retain, ?, ? FROM outbox WHERE seq = ?",
+            (op.reason, now, op.seq),
+        )
+        if cur.rowcount <= 0:
+            return 0
+        excess = conn.execute(
+            "DELETE FROM rejected WHERE seq NOT IN"
+            " (SELECT seq FROM rejected ORDER BY seq DESC LIMIT ?)", (self.max_rejected,)
+        ).rowcount
+        if excess > 0:
+            log.warning("rejected table over its bound of %d: dropped the %d oldest",
+                        self.max_rejected, excess)
+        return self._delete(conn, [op.seq])
+
+    def _requeue(self, conn: sqlite3.Connection, now: float) -> int:
+        moved = conn.execute(
+            "INSERT INTO outbox (topic, payload, qos, retain, compact_key, created_at)"
+            " SELECT topic, payload, qos, retain, NULL, ? FROM rejected ORDER BY seq", (now,)
+        ).rowcount
+        conn.execute("DELETE FROM rejected")
+        return max(moved, 0)
 
     def _insert(
         self, conn: sqlite3.Connection, op: _Put, now: float, depth: int
@@ -319,9 +393,7 @@ class Outbox:
             log.warning("outbox at its bound: compacted %d superseded entries", freed)
         return freed
 
-    def _resolve(
-        self, results: list[tuple[asyncio.Future[PutResult], PutResult | BaseException]]
-    ) -> None:
+    def _resolve(self, results: list[tuple[asyncio.Future[Any], Any]]) -> None:
         loop = self._loop
         if loop is None or loop.is_closed():
             return

@@ -43,6 +43,12 @@ def register_builtins(executor: CommandExecutor, agent: EdgeAgent) -> None:
         logging.getLogger().setLevel(level)
         return {"level": level}
 
+    async def requeue_rejected(args: dict[str, Any]) -> dict[str, Any]:
+        """After the cause is fixed (say, the IoT policy), send the set-aside entries again."""
+        return {"requeued": await agent.outbox.requeue_rejected(),
+                "outbox_depth": agent.outbox.depth}
+
     for name, fn in (("ping", ping), ("get_status", get_status), ("get_robots", get_robots),
-                     ("flush_outbox", flush_outbox), ("set_log_level", set_log_level)):
+                     ("flush_outbox", flush_outbox), ("set_log_level", set_log_level),
+                     ("requeue_rejected", requeue_rejected)):
         executor.register(name, fn)

@@ -22,6 +22,10 @@ class EdgeMetrics:
         self.outbox_depth = Gauge(
             "edge_outbox_depth", "Entries waiting for PUBACK", registry=self.registry
         )
+        self.outbox_rejected = Gauge(
+            "edge_outbox_rejected", "Entries the broker refused for good, set aside",
+            registry=self.registry,
+        )
         self.broker_connected = Gauge(
             "edge_broker_connected", "1 when connected to the broker", registry=self.registry
         )

@@ -5,6 +5,10 @@ messages paho silently refuses; beyond ~100 in flight it slows down) and matches
 IoT's limit of 100 unacknowledged QoS 1 messages per connection. Entries are removed
 only after PUBACK. One connection and seq order keep each robot's messages in order;
 on reconnect paho resends the in-flight ones first, in order.
+
+A publish the broker refuses for good (MQTT 5 PUBACK "not authorised", bad topic) is
+moved to the outbox's rejected table instead of being resent forever in front of
+everything else; any other failure rewinds to it and resends after ``retry_delay``.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import functools
 import logging
 import time
 
-from bridge.errors import TransportError
+from bridge.errors import PublishRefusedError, TransportError
 from bridge.outbox import Outbox
 from bridge.transport import Transport
 
@@ -59,6 +63,7 @@ class OutboxPublisher:
         self.retry_delay = retry_delay
         self.published = 0
         self.failed = 0
+        self.rejected = 0
         self._bucket = TokenBucket(rate_limit)
         self._slots = asyncio.Semaphore(window)
         self._inflight: set[int] = set()
@@ -111,6 +116,11 @@ class OutboxPublisher:
         if not self._inflight:
             self._idle.set()
         exc = None if fut.cancelled() else fut.exception()
+        if isinstance(exc, PublishRefusedError) and exc.permanent:
+            self.rejected += 1
+            log.error("outbox entry %d set aside in the rejected table: %s", seq, exc)
+            self.outbox.reject(seq, str(exc))
+            return
         if fut.cancelled() or exc is not None:
             self.failed += 1
             if isinstance(exc, TransportError):

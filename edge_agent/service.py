@@ -150,6 +150,7 @@ class EdgeAgent:
             "broker_connected": connected,
             "outbox_depth": self.outbox.depth,
             "outbox_max_entries": self.outbox.max_entries,
+            "outbox_rejected": self.outbox.rejected,
             "inflight": self.publisher.inflight,
             "published": self.publisher.published,
             "uptime_seconds": round(time.time() - self.started, 1),
@@ -157,6 +158,7 @@ class EdgeAgent:
 
     def refresh_gauges(self) -> None:
         self.metrics.outbox_depth.set(self.outbox.depth)
+        self.metrics.outbox_rejected.set(self.outbox.rejected)
         self.metrics.published.set(self.publisher.published)
         self.metrics.broker_connected.set(1 if self.transport.connected else 0)
 

@@ -80,3 +80,20 @@ async def test_full_outbox_compacts_superseded_state_then_refuses_events(tmp_pat
         payloads = [e.payload for e in await box.peek(0)]
         assert payloads == [b"e1", b"e2", b"e3", b"p3"]
         assert box.depth == 4
+
+
+async def test_rejected_entries_are_kept_bounded_and_requeued_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    async with Outbox(path, max_rejected=2) as box:
+        for i in range(4):
+            await box.put(f"t/{i}", b"%d" % i)
+        entries = await box.peek(0)
+        for entry in entries[:3]:
+            box.reject(entry.seq, "Not authorized (0x87)")
+        await box.put("t/4", b"4")  # orders after the rejections in the writer queue
+        assert (box.depth, box.rejected) == (2, 2)  # the oldest rejected one was dropped
+    async with Outbox(path) as box:
+        assert (box.depth, box.rejected) == (2, 2)
+        assert await box.requeue_rejected() == 2
+        assert (box.depth, box.rejected) == (4, 0)
+        assert [e.payload for e in await box.peek(0)] == [b"3", b"4", b"1", b"2"]

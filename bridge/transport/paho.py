@@ -22,7 +22,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from bridge.backoff import backoff_delay
-from bridge.errors import NotConnectedError, TransportError
+from bridge.errors import NotConnectedError, PublishRefusedError, TransportError
 from bridge.transport.base import InboundMessage, MqttSettings, Transport
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,8 @@ class PahoTransport(Transport):
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
                     properties: Any) -> None:
-        self._call(self._resolve_publish, mid, _failed(reason), str(reason))
+        self._call(self._resolve_publish, mid, _failed(reason), str(reason),
+                   reason.value if isinstance(reason, ReasonCode) else int(reason))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         inbound = InboundMessage(
@@ -210,12 +211,12 @@ class PahoTransport(Transport):
         self._call(self._resolve_sub, mid, [])
 
     # -- event-loop side ---------------------------------------------------------------
-    def _resolve_publish(self, mid: int, failed: bool, reason: str) -> None:
+    def _resolve_publish(self, mid: int, failed: bool, reason: str, code: int) -> None:
         fut = self._pending.pop(mid, None)
         if fut is None or fut.done():
             return
         if failed:
-            fut.set_exception(TransportError(f"broker refused publish: {reason}"))
+            fut.set_exception(PublishRefusedError(reason, code))
         else:
             fut.set_result(None)
 

@@ -21,6 +21,10 @@ ENV_MAP = {
     "CALLBACK_TOKEN": "callback_token",
     "SHARE_GROUP": "share_group",
     "COMMAND_TIMEOUT_MAX": "command_timeout_max",
+    "LOG_RETENTION_DAYS": "log_retention_days",
+    "DEAD_LETTER_RETENTION_DAYS": "dead_letter_retention_days",
+    "COMMAND_RETENTION_DAYS": "command_retention_days",
+    "RETENTION_INTERVAL_SECONDS": "retention_interval_seconds",
 }
 
 
@@ -50,6 +54,12 @@ class CallbackSettings(BaseModel):
     proxy_allowed_prefixes: list[str] = []
     command_timeout_max: float = Field(60.0, gt=0)
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    # Days to keep rows of mqtt_message_log / mqtt_dead_letters / device_commands;
+    # 0 keeps them forever. Robots and events are never pruned.
+    log_retention_days: float = Field(30.0, ge=0)
+    dead_letter_retention_days: float = Field(90.0, ge=0)
+    command_retention_days: float = Field(90.0, ge=0)
+    retention_interval_seconds: float = Field(3600.0, gt=0)
 
     @field_validator("log_level", mode="before")
     @classmethod

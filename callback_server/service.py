@@ -25,7 +25,9 @@ from bridge.transport import MqttSettings, TlsFiles, Transport, create_transport
 from callback_server.batcher import BatchWriter
 from callback_server.config import CallbackSettings
 from callback_server.consumer import Consumer
+from callback_server.retention import Retention
 from callback_server.store import load_targets, open_store
+from callback_server.store.schema import COMMAND_TABLE, DEAD_TABLE, LOG_TABLE
 from edge_agent.service import VERSION
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,8 @@ class CallbackMetrics:
         self.pending = gauge("callback_pending", "Messages waiting for a commit")
         self.degraded = gauge("callback_degraded", "1 while database writes fail")
         self.connected = gauge("callback_broker_connected", "1 when connected to the broker")
+        self.pruned = Gauge("callback_rows_pruned_total", "Rows deleted by retention",
+                            ["table"], registry=self.registry)
 
 
 def mqtt_settings(settings: CallbackSettings) -> MqttSettings:
@@ -72,6 +76,11 @@ class CallbackServer:
         targets = load_targets(settings.database_config) if settings.database_config else None
         self.store = open_store(settings.database_url, targets=targets)
         self.writer = BatchWriter(self.store, batch_max=settings.batch_max)
+        self.retention = Retention(self.store, {
+            LOG_TABLE: settings.log_retention_days,
+            DEAD_TABLE: settings.dead_letter_retention_days,
+            COMMAND_TABLE: settings.command_retention_days,
+        }, interval=settings.retention_interval_seconds)
         self.transport = transport or create_transport(settings.mqtt_backend,
                                                        mqtt_settings(settings))
         self.router = MessageRouter(self.transport)
@@ -102,6 +111,7 @@ class CallbackServer:
     async def __aenter__(self) -> CallbackServer:
         await self._stack.enter_async_context(self.store)
         self._tasks.append(asyncio.create_task(self.writer.run(), name="batch-writer"))
+        self._tasks.append(asyncio.create_task(self.retention.run(), name="retention"))
         await self._stack.enter_async_context(self.router)
         # Routes first: a resumed session delivers what it queued right after CONNACK.
         self.consumer.route()
@@ -183,6 +193,7 @@ class CallbackServer:
             "received": self.consumer.received,
             "stored": self.writer.stored,
             "dead_lettered": self.writer.dead_lettered,
+            "pruned": self.retention.pruned,
             "subscription": self.consumer.filter.value,
             "tcp_nodelay_verified": self.nodelay.verified,
             "tcp_nodelay": dataclasses.asdict(self.nodelay),
@@ -197,6 +208,8 @@ class CallbackServer:
         m.pending.set(self.writer.pending)
         m.degraded.set(1 if self.writer.degraded else 0)
         m.connected.set(1 if self.transport.connected else 0)
+        for table, count in self.retention.pruned.items():
+            m.pruned.labels(table=table).set(count)
 
 
 async def serve(settings: CallbackSettings) -> None:

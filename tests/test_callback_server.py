@@ -138,3 +138,21 @@ def test_migrate_command_creates_tables(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "callback_server", "migrate"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "DATABASE_URL" in out.stderr
+
+
+def test_retention_prunes_the_message_log_and_keeps_robot_state(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'cb.db'}"
+    p = f"t{uuid.uuid4().hex[:8]}"
+    # 0.00005 days = 4.3 s: long enough to see the row stored, short enough to wait for
+    with callback_server(tmp_path, BROKER, db, TOPIC_PREFIX=p, CALLBACK_TOKEN="rule-token",
+                         LOG_RETENTION_DAYS="0.00005", RETENTION_INTERVAL_SECONDS="0.2") as cs:
+        r = httpx.post(cs.url + "/callback/messages", json=envelope("acme", "R7", 1),
+                       headers={**TOKEN, "X-Mqtt-Topic": f"{p}/org/acme/device/R7/power"})
+        assert r.status_code == 200, r.text
+        assert len(query(db, "SELECT id FROM mqtt_message_log")) == 1
+        wait_health(cs, "pruned", {"mqtt_message_log": 1, "mqtt_dead_letters": 0,
+                                   "device_commands": 0})
+        assert query(db, "SELECT id FROM mqtt_message_log") == []
+        assert httpx.get(cs.url + "/robots/R7").json()["battery_level"] == 1
+        assert 'callback_rows_pruned_total{table="mqtt_message_log"} 1.0' in \
+            httpx.get(cs.url + "/metrics").text

@@ -21,9 +21,10 @@ import pytest
 
 from bridge.envelope import Envelope
 from bridge.errors import ConfigError, StoreError
+from callback_server.retention import Retention
 from callback_server.store import BatchResult, SqlStore, Table, Targets, load_targets, open_store
 from callback_server.store.rows import build_rows, key, when
-from callback_server.store.schema import ROBOT_ROW
+from callback_server.store.schema import COMMAND_TABLE, DEAD_TABLE, LOG_TABLE, ROBOT_ROW
 from tests.dbutil import query, scratch_mysql_database
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "config.example"
@@ -403,6 +404,23 @@ async def test_dead_letter_is_recorded(store: SqlStore, db_url: str) -> None:
     assert (rows[0]["topic"], rows[0]["payload"], rows[0]["reason"]) == (
         "org/acme/device/x/status", "\\xffnot json", "envelope is not JSON")
     assert rows[0]["created_at"] is not None
+
+
+async def test_retention_prunes_old_log_rows_in_batches_and_nothing_else(
+        store: SqlStore, db_url: str) -> None:
+    batch = [item(env(f"R{i}", "status", 10 + i, status="Idle")) for i in range(7)]
+    batch.append(item(env("R0", "event", 20, event_id="e1", event_level="high")))
+    await store.write_batch(batch)
+    await store.dead_letter("org/acme/device/x/status", b"junk", "envelope is not JSON")
+    retention = Retention(store, {LOG_TABLE: 1.0, DEAD_TABLE: 0.0, COMMAND_TABLE: 1.0},
+                          interval=3600, batch=3)
+    assert await retention.prune_once() == 0  # nothing is a day old yet
+    assert await retention.prune_once(now=time.time() + 2 * 86400) == 8
+    assert retention.pruned == {LOG_TABLE: 8, COMMAND_TABLE: 0}
+    assert query(db_url, "SELECT id FROM mqtt_message_log") == []
+    assert len(query(db_url, "SELECT id FROM mqtt_dead_letters")) == 1  # 0 days: forever
+    assert len(await store.get_robots()) == 7  # state and events are never pruned
+    assert len(await store.get_events("R0")) == 1
 
 
 LEGACY = ("CREATE TABLE mnt_robots_management (robot_sn VARCHAR(64) PRIMARY KEY,"

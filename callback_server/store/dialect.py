@@ -77,6 +77,10 @@ class Dialect:
         kind = self.column_type(column)
         return f"ALTER TABLE {self.quote(table)} ADD COLUMN {column.name} {kind}"
 
+    def create_index(self, table: str, column: str) -> str:
+        name = self.quote(f"ix_{table.rpartition('.')[2]}_{column}")
+        return f"CREATE INDEX IF NOT EXISTS {name} ON {self.quote(table)} ({column})"
+
     def create_database(self, name: str) -> str:
         return f"CREATE DATABASE IF NOT EXISTS {self.quote(name)} DEFAULT CHARACTER SET utf8mb4"
 
@@ -93,6 +97,14 @@ class Dialect:
     def insert(self, table: str, columns: Sequence[str]) -> str:
         cols = ", ".join(columns)
         return f"INSERT INTO {self.quote(table)} ({cols}) VALUES ({self.marks(len(columns))})"
+
+    def delete_older(self, table: str, column: str, limit: int) -> str:
+        """Up to ``limit`` of the oldest rows with ``column`` before the bound value."""
+        t = self.quote(table)
+        if self.mysql:
+            return f"DELETE FROM {t} WHERE {column} < %s ORDER BY {column} LIMIT {limit}"
+        return (f"DELETE FROM {t} WHERE rowid IN (SELECT rowid FROM {t}"
+                f" WHERE {column} < ? ORDER BY {column} LIMIT {limit})")
 
     def insert_ignore(self, table: str, columns: Sequence[str]) -> str:
         """Insert unless the primary key exists: what makes redelivery a no-op."""

@@ -28,6 +28,8 @@ class TableSpec:
 
     columns: tuple[Column, ...]
     key: tuple[str, ...]
+    #: The time column retention deletes by (indexed); None: kept forever.
+    aged_by: str | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -113,6 +115,7 @@ LOG = TableSpec(
         Column("payload", "text", 4_000_000),  # MEDIUMTEXT: 16 MiB of utf8mb4
     ),
     key=("id",),
+    aged_by="stored_at",
 )
 DEAD_LETTERS = TableSpec(
     columns=(
@@ -123,6 +126,7 @@ DEAD_LETTERS = TableSpec(
         Column("created_at", "time"),
     ),
     key=("id",),
+    aged_by="created_at",
 )
 COMMANDS = TableSpec(
     columns=(
@@ -137,8 +141,11 @@ COMMANDS = TableSpec(
         Column("rtt_ms", "float"),
     ),
     key=("message_id",),
+    aged_by="sent_at",
 )
 
 LOG_TABLE = "mqtt_message_log"
 DEAD_TABLE = "mqtt_dead_letters"
 COMMAND_TABLE = "device_commands"
+#: The tables retention may prune (by their ``aged_by`` column); robots and events never.
+PRUNABLE = {LOG_TABLE: LOG, DEAD_TABLE: DEAD_LETTERS, COMMAND_TABLE: COMMANDS}

@@ -30,6 +30,7 @@ from callback_server.store.schema import (
     EVENTS,
     LOG,
     LOG_TABLE,
+    PRUNABLE,
     ROBOTS,
     WATERMARKS,
     TableSpec,
@@ -172,6 +173,8 @@ class SqlStore:
                     raise
                 continue  # another replica added it first
             added.append(column.name)
+        if spec.aged_by:
+            await self.backend.transaction([(d.create_index(table, spec.aged_by), None)])
         if spec is ROBOTS:
             await self._seed_watermarks(table, [c for c in added if c in (*WATERMARKS, "last_ts")])
         if spec.columns[0].kind != "serial":
@@ -251,6 +254,19 @@ class SqlStore:
                when(outcome.sent_at), outcome.rtt_ms)
         sql = self.dialect.insert_ignore(COMMAND_TABLE, COMMANDS.names)
         await self.backend.transaction([(sql, [row])])
+
+    async def prune(self, table: str, older_than: float, batch: int = 5000) -> int:
+        """Delete up to ``batch`` rows of ``table`` older than ``older_than``; how many.
+
+        Small batches: each is its own short transaction, so pruning a big backlog
+        never holds locks the ingest path waits on for long.
+        """
+        await self._ready()
+        spec = PRUNABLE[table]
+        assert spec.aged_by is not None
+        sql = self.dialect.delete_older(table, spec.aged_by, batch)
+        counts = await self.backend.transaction([(sql, [(when(older_than),)])])
+        return counts[0]
 
     # -- reads --------------------------------------------------------------------------
     async def get_robots(self) -> list[dict[str, Any]]:

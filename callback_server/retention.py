@@ -1,0 +1,56 @@
+"""Retention: the raw message log, dead letters and command records are pruned by age.
+
+The log grows by one row per message (the highest-volume table) and nothing else reads
+old rows of it: events and latest state live in their own tables, which are never
+pruned. Dead letters and commands are kept longer, for whoever investigates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+
+from bridge.errors import StoreError
+from callback_server.store.sql import SqlStore
+
+log = logging.getLogger(__name__)
+
+
+class Retention:
+    """Deletes rows older than each table's retention, in small batches, every interval."""
+
+    def __init__(self, store: SqlStore, days: Mapping[str, float], *, interval: float,
+                 batch: int = 5000) -> None:
+        self.store = store
+        self.days = {table: d for table, d in days.items() if d > 0}  # 0: keep forever
+        self.interval = interval
+        self.batch = batch
+        self.pruned: dict[str, int] = dict.fromkeys(self.days, 0)
+
+    async def run(self) -> None:
+        """Run until cancelled; a database outage only postpones a pass."""
+        while self.days:
+            try:
+                await self.prune_once()
+            except StoreError as exc:
+                log.warning("retention pass failed (%s); next try in %.0f s", exc, self.interval)
+            await asyncio.sleep(self.interval)
+
+    async def prune_once(self, now: float | None = None) -> int:
+        """One pass over every table; returns how many rows it deleted."""
+        now = time.time() if now is None else now
+        total = 0
+        for table, days in self.days.items():
+            cutoff = now - days * 86400
+            while True:
+                deleted = await self.store.prune(table, cutoff, self.batch)
+                self.pruned[table] += deleted
+                total += deleted
+                if deleted < self.batch:
+                    break
+                await asyncio.sleep(0)  # let the ingest path in between batches
+        if total:
+            log.info("retention deleted %d rows (%s)", total, self.pruned)
+        return total

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from bridge.errors import ConfigError
 
@@ -42,6 +49,20 @@ class TlsSettings(BaseModel):
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _readable(cls, value: str | None) -> str | None:
+        # Checked at load, so check-config and start-up name the file, not a TLS error later.
+        if value and not os.access(value, os.R_OK):
+            raise ValueError(f"{value} does not exist or is not readable")
+        return value or None
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsSettings:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("a client certificate needs both cert_file and key_file")
+        return self
 
 
 def load_settings(

@@ -46,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from callback_server.service import serve
 
-    run_service(serve(settings))
+    try:
+        run_service(serve(settings))
+    except ConfigError as exc:  # found only when a part starts (e.g. a TLS key that does not fit)
+        print(f"callback-server: configuration error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -35,7 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.log_level)
     from edge_agent.service import serve
 
-    run_service(serve(settings))
+    try:
+        run_service(serve(settings))
+    except ConfigError as exc:  # found only when a part starts (e.g. a TLS key that does not fit)
+        print(f"edge-agent: configuration error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -22,10 +22,11 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from bridge.backoff import backoff_delay
-from bridge.errors import NotConnectedError, PublishRefusedError, TransportError
+from bridge.errors import ConfigError, NotConnectedError, PublishRefusedError, TransportError
 from bridge.transport.base import InboundMessage, MqttSettings, Transport
 
 log = logging.getLogger(__name__)
+_PAHO_LOG = logging.getLogger("paho.mqtt")
 
 
 def _failed(reason: Any) -> bool:
@@ -72,13 +73,23 @@ class PahoTransport(Transport):
             client.username_pw_set(s.username, s.password)
         if s.tls:
             f = s.tls_files
-            client.tls_set(
-                ca_certs=f.ca_file,
-                certfile=f.cert_file,
-                keyfile=f.key_file,
-                cert_reqs=ssl.CERT_REQUIRED,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
+            try:
+                client.tls_set(
+                    ca_certs=f.ca_file,
+                    certfile=f.cert_file,
+                    keyfile=f.key_file,
+                    cert_reqs=ssl.CERT_REQUIRED,
+                    tls_version=ssl.PROTOCOL_TLS_CLIENT,
+                )
+            except (OSError, ssl.SSLError) as exc:  # unreadable, not PEM, key not the cert's
+                raise ConfigError(
+                    f"cannot use the MQTT TLS files (ca {f.ca_file}, cert {f.cert_file}, "
+                    f"key {f.key_file}): {exc}") from exc
+        # paho's own ERROR lines carry the socket and TLS errors; its DEBUG chatter per
+        # packet stays off whatever the root level is.
+        if _PAHO_LOG.level == logging.NOTSET:
+            _PAHO_LOG.setLevel(logging.WARNING)
+        client.enable_logger(_PAHO_LOG)
         if s.will:
             client.will_set(s.will.topic, s.will.payload, s.will.qos, s.will.retain)
         client.on_connect = self._on_connect
@@ -131,7 +142,12 @@ class PahoTransport(Transport):
             kwargs["properties"] = props
         try:
             rc = self._client.connect(s.host, s.port, s.keepalive, **kwargs)
-        except (OSError, ssl.SSLError) as exc:
+        except ssl.SSLError as exc:
+            # Not a network blip: a certificate problem stays until someone fixes it.
+            log.warning("MQTT TLS handshake with %s:%s failed: %s (check the CA, client "
+                        "certificate and key files)", s.host, s.port, exc)
+            return False
+        except OSError as exc:
             log.info("MQTT connect to %s:%s failed: %s", s.host, s.port, exc)
             return False
         return rc == MQTTErrorCode.MQTT_ERR_SUCCESS
@@ -141,15 +157,23 @@ class PahoTransport(Transport):
         attempt = 0
         while not self._stopping.is_set():
             if self._connect_once():
+                connacked = False
                 while not self._stopping.is_set():
                     rc = self._client.loop(timeout=1.0)
                     if self._client.is_connected():
-                        attempt = 0
+                        attempt, connacked = 0, True
                     if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                         break
+                if not connacked and self.settings.tls and not self._stopping.is_set():
+                    # TLS 1.3: a refused client certificate shows only on the first read.
+                    log.warning("MQTT TLS connection to %s:%s closed before CONNACK: was the "
+                                "client certificate refused? (paho's error is logged above)",
+                                self.settings.host, self.settings.port)
                 if self._stopping.is_set():
                     # Flush the DISCONNECT we queued in stop().
                     for _ in range(10):
+                        if self._client.socket() is None:  # closed: nothing left to flush
+                            break
                         if self._client.loop(timeout=0.1) != MQTTErrorCode.MQTT_ERR_SUCCESS:
                             break
                     return

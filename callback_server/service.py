@@ -89,6 +89,7 @@ class CallbackServer:
             topic_prefix=settings.topic_prefix, share_group=settings.share_group,
         )
         self.gateways: dict[str, dict[str, Any]] = {}
+        self.subscribed = False
         self.consumer.gateway_handlers.append(self._on_gateway_message)
         self.commands = CommandClient(self.transport, settings.topic_prefix)
         token = settings.proxy_token.get_secret_value() if settings.proxy_token else None
@@ -128,6 +129,8 @@ class CallbackServer:
 
     async def _subscribe(self) -> None:
         """Subscribe, retrying with backoff: a slow broker must not stop the server."""
+        # Once connected: a SUBACK, not a filter noted for later, is what "subscribed" means.
+        await self.transport.wait_connected()
         # Not shared: the replica that sent a command must hear its response.
         for topic_filter in (self.commands.response_filter, self.consumer.filter.value):
             attempt = 0
@@ -141,6 +144,8 @@ class CallbackServer:
                                 topic_filter, exc, delay)
                     attempt += 1
                     await asyncio.sleep(delay)
+        self.subscribed = True
+        log.info("subscribed to %s", self.consumer.filter.value)
 
     async def __aexit__(
         self,
@@ -180,7 +185,7 @@ class CallbackServer:
     async def health(self) -> dict[str, Any]:
         db_ok = await self.store.ping()
         connected = self.transport.connected
-        healthy = db_ok and connected and not self.writer.degraded
+        healthy = db_ok and connected and self.subscribed and not self.writer.degraded
         return {
             "status": "healthy" if healthy else "degraded",
             "timestamp": int(time.time()),
@@ -195,6 +200,7 @@ class CallbackServer:
             "dead_lettered": self.writer.dead_lettered,
             "pruned": self.retention.pruned,
             "subscription": self.consumer.filter.value,
+            "subscribed": self.subscribed,
             "tcp_nodelay_verified": self.nodelay.verified,
             "tcp_nodelay": dataclasses.asdict(self.nodelay),
         }
@@ -216,6 +222,6 @@ async def serve(settings: CallbackSettings) -> None:
     """Run until SIGTERM/SIGINT."""
     async with CallbackServer(settings) as server:
         http = make_server(server.app, settings.http_host, settings.http_port, server.nodelay)
-        log.info("callback server %s listening on %s:%d, subscribed to %s", VERSION,
+        log.info("callback server %s listening on %s:%d, consuming %s", VERSION,
                  settings.http_host, settings.http_port, server.consumer.filter.value)
         await serve_until_signal(http)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import MosquittoProcess, port_open
+from tests.procs import MosquittoProcess, free_port, port_open
+from tests.tls_certs import CertAuthority, Pki, TlsBroker
 
 SHARED_BROKER = ("127.0.0.1", 1883)
 MARIADB = ("127.0.0.1", 3306)
@@ -20,6 +21,30 @@ def mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
     """A private broker with persistence on a free port, for tests that stop or kill it."""
     with MosquittoProcess(tmp_path / "mosquitto", persistence=True) as broker:
         yield broker
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """Throwaway CAs: what a gateway's AWS IoT certificate set looks like, and an intruder."""
+    d = tmp_path_factory.mktemp("pki")
+    trusted, rogue = CertAuthority(d, "trusted"), CertAuthority(d, "rogue")
+    return Pki(trusted, rogue, trusted.issue("gw-tls"), rogue.issue("intruder"))
+
+
+@pytest.fixture(scope="session")
+def tls_broker(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
+    """Mosquitto requiring client certificates from the trusted CA (like AWS IoT Core)."""
+    server = pki.trusted.issue("broker", server=True)
+    plain = free_port()
+    proc = MosquittoProcess(tmp_path_factory.mktemp("tls-broker"), extra=[
+        f"cafile {pki.trusted.cert}", f"certfile {server.cert}", f"keyfile {server.key}",
+        "require_certificate true",
+        f"listener {plain} 127.0.0.1",
+    ]).start()
+    try:
+        yield TlsBroker(f"mqtts://127.0.0.1:{proc.port}", f"mqtt://127.0.0.1:{plain}", proc.port)
+    finally:
+        proc.stop()
 
 
 @pytest.fixture(scope="session")

@@ -59,6 +59,15 @@ class ServiceProcess:
     def health(self) -> dict[str, object]:
         return httpx.get(self.url + self.health_path, timeout=5).json()  # type: ignore[no-any-return]
 
+    def wait_health(self, key: str, value: object, timeout: float = 20) -> None:
+        """Poll the health endpoint until ``key`` has ``value`` (the service's own report)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.health().get(key) == value:
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"{key} never became {value!r}: {self.health()}")
+
     def kill(self) -> None:
         """SIGKILL: no shutdown code runs (a crash or power cut for the process)."""
         if self.proc and self.proc.poll() is None:

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from bridge.envelope import Envelope
 from tests.dbutil import query
 from tests.mariadb_proc import MariadbProcess
-from tests.services import ServiceProcess, callback_server, pick_port
+from tests.services import callback_server, pick_port
 
 pytestmark = pytest.mark.integration
 BROKER = "mqtt://127.0.0.1:1883"
@@ -31,15 +30,6 @@ def envelope(org: str, sn: str, i: int) -> dict[str, Any]:
                    ts=1700000000 + i, received_at=1700000001 + i, data={"battery_level": i},
                    raw={"power": i}, channel="power")
     return json.loads(env.to_json())  # type: ignore[no-any-return]
-
-
-def wait_health(server: ServiceProcess, key: str, value: Any, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.health().get(key) == value:
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"{key} never became {value!r}: {server.health()}")
 
 
 def test_iot_rule_ingest_is_authenticated_and_idempotent(tmp_path: Path) -> None:
@@ -85,8 +75,8 @@ def test_malformed_mqtt_messages_are_dead_lettered_not_looped(tmp_path: Path) ->
         client.publish(f"{p}/org/acme/device/R1/power", good, qos=1).wait_for_publish()
         client.disconnect()
         client.loop_stop()
-        wait_health(cs, "stored", 1)
-        wait_health(cs, "dead_lettered", 3)
+        cs.wait_health("stored", 1)
+        cs.wait_health("dead_lettered", 3)
         assert cs.proc is not None and cs.proc.poll() is None  # still running
         metrics = httpx.get(cs.url + "/metrics").text
     assert "callback_dead_letters_total 3.0" in metrics
@@ -117,10 +107,10 @@ def test_database_down_at_start_degrades_then_catches_up(tmp_path: Path) -> None
             client.publish(f"{p}/org/acme/device/R2/power", payload, qos=1).wait_for_publish()
         client.disconnect()
         client.loop_stop()
-        wait_health(cs, "pending", 20)  # held, not acked, while the database is away
+        cs.wait_health("pending", 20)  # held, not acked, while the database is away
         with db:
-            wait_health(cs, "stored", 20)
-            wait_health(cs, "status", "healthy")
+            cs.wait_health("stored", 20)
+            cs.wait_health("status", "healthy")
             assert query(db.url, "SELECT battery_level FROM mnt_robots_management") == [
                 {"battery_level": 19}]
 
@@ -150,7 +140,7 @@ def test_retention_prunes_the_message_log_and_keeps_robot_state(tmp_path: Path) 
                        headers={**TOKEN, "X-Mqtt-Topic": f"{p}/org/acme/device/R7/power"})
         assert r.status_code == 200, r.text
         assert len(query(db, "SELECT id FROM mqtt_message_log")) == 1
-        wait_health(cs, "pruned", {"mqtt_message_log": 1, "mqtt_dead_letters": 0,
+        cs.wait_health("pruned", {"mqtt_message_log": 1, "mqtt_dead_letters": 0,
                                    "device_commands": 0})
         assert query(db, "SELECT id FROM mqtt_message_log") == []
         assert httpx.get(cs.url + "/robots/R7").json()["battery_level"] == 1

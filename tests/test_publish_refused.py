@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -32,14 +30,6 @@ def status(sn: str, ts: int, run_status: str = "ONLINE") -> dict[str, object]:
             "data": {"sn": sn, "run_status": run_status, "timestamp": ts}}
 
 
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
-
-
 def test_refused_topic_is_set_aside_then_requeued_after_the_policy_is_fixed(
         tmp_path: Path) -> None:
     acl = tmp_path / "acl"
@@ -56,7 +46,7 @@ def test_refused_topic_is_set_aside_then_requeued_after_the_policy_is_fixed(
                 assert http.post("/api/pudu/webhook", json=body).status_code == 200
             good = probe.wait_for(5)
             assert [m.topic for m in good] == ["org/acme/device/GOOD/status"] * 5
-            wait_until(lambda: agent.health()["outbox_depth"] == 0, "outbox not drained")
+            agent.wait_health("outbox_depth", 0)
             assert agent.health()["outbox_rejected"] == 1
             metrics = http.get("/metrics").text
             assert "edge_outbox_rejected 1.0" in metrics
@@ -77,7 +67,7 @@ def test_refused_topic_is_set_aside_then_requeued_after_the_policy_is_fixed(
                 arrived = json.loads(bad.wait_for(1)[0].payload)
             assert arrived["device"] == "BAD"
             assert arrived["ts"] == 1_700_000_000
-            wait_until(lambda: agent.health()["outbox_depth"] == 0, "requeued not drained")
+            agent.wait_health("outbox_depth", 0)
             assert agent.health()["outbox_rejected"] == 0
     finally:
         broker.stop()

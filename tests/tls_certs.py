@@ -49,3 +49,22 @@ class CertAuthority:
         _openssl("x509", "-req", "-in", csr, "-CA", self.cert, "-CAkey", self.key,
                  "-CAcreateserial", "-days", "2", "-extfile", ext, "-out", cert)
         return CertPair(cert, key)
+
+
+@dataclass(frozen=True)
+class Pki:
+    """A trusted CA with a client certificate, and a rogue CA with one of its own."""
+
+    trusted: CertAuthority
+    rogue: CertAuthority
+    client: CertPair
+    rogue_client: CertPair
+
+
+@dataclass(frozen=True)
+class TlsBroker:
+    """A Mosquitto with a mutual-TLS listener and a plain one for the test's probes."""
+
+    tls_url: str
+    plain_url: str
+    tls_port: int

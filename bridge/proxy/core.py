@@ -182,6 +182,7 @@ class MqttProxy:
         self.check_topic(topic)
         self.check_qos(qos)
         data = self.encode_payload(payload)
+        self.transport.check_publish(topic, data, qos)
         await self._publish(topic, data, qos, retain)
         return len(data)
 

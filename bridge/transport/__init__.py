@@ -29,13 +29,18 @@ def _paho(settings: MqttSettings) -> Transport:
     return PahoTransport(settings)
 
 
-# The AWS IoT backend (awscrt, mTLS) registers here when it lands; the interface in
-# base.py is what it implements.
-_BACKENDS: dict[str, Callable[[MqttSettings], Transport]] = {"paho": _paho}
+def _awsiot(settings: MqttSettings) -> Transport:
+    from bridge.transport.awsiot import AwsIotTransport
+
+    return AwsIotTransport(settings)
+
+
+# Imported on use: a gateway on paho never loads awscrt (and the reverse).
+_BACKENDS: dict[str, Callable[[MqttSettings], Transport]] = {"paho": _paho, "awsiot": _awsiot}
 
 
 def create_transport(backend: str, settings: MqttSettings) -> Transport:
-    """Build the transport named ``backend`` (``paho``)."""
+    """Build the transport named ``backend`` (``paho`` or ``awsiot``)."""
     try:
         factory = _BACKENDS[backend]
     except KeyError:

@@ -163,6 +163,14 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def unsubscribe(self, topic_filter: str) -> None: ...
 
+    def check_publish(self, topic: str, payload: bytes, qos: int) -> None:
+        """Raise TopicError / PayloadError / InputError for what this broker refuses.
+
+        Generic MQTT brokers take what MQTT allows (the topic is checked elsewhere);
+        AWS IoT Core has tighter limits (the awsiot backend overrides this).
+        """
+        return None
+
     @abc.abstractmethod
     def ack(self, message: InboundMessage) -> None:
         """Acknowledge a message received with ``manual_ack`` (PUBACK to the broker)."""

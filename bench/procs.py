@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 
@@ -61,8 +62,45 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
-class Broker:
-    """A private ``mosquitto -c <own conf>``; ``start()`` after ``stop()`` keeps the port."""
+class Child:
+    """A child process stopped by its PID: SIGTERM and a wait, SIGKILL if that fails."""
+
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self, timeout: float = 60.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+class Broker(Child):
+    """A private ``mosquitto -c <own conf>``; ``start()`` after ``stop()`` keeps the port.
+
+    ``stop()`` is a SIGTERM: mosquitto saves its persistence file on it.
+    """
 
     def __init__(self, base: Path, *, persistence: bool = False) -> None:
         self.base = base
@@ -93,11 +131,6 @@ class Broker:
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
     def start(self, timeout: float = 30.0) -> Broker:
         with (self.base / "mosquitto.out").open("ab") as out:
             self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)],
@@ -111,29 +144,8 @@ class Broker:
             time.sleep(0.02)  # polling a connect is the readiness event here
         return self
 
-    def stop(self) -> None:
-        """SIGTERM (mosquitto saves its persistence file) and wait."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-    def __enter__(self) -> Broker:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
-
-
-class Service:
+class Service(Child):
     """A child process listening on ``port``; ready on HTTP 200 at ``health_path``, or
     once the port accepts connections when there is no health path."""
 
@@ -155,11 +167,6 @@ class Service:
         if self.health_path is not None:
             return http_ok(self.url + self.health_path)
         return port_open(self.port)
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
 
     def launch(self) -> Service:
         """Start without waiting (see ``wait_ready``): lets several start side by side."""
@@ -189,26 +196,6 @@ class Service:
             return self.log_path.read_text(errors="replace")[-chars:]
         except OSError:
             return ""
-
-    def stop(self, timeout: float = 20.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-    def __enter__(self) -> Service:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
 
 def python_module(module: str, *args: str) -> list[str]:

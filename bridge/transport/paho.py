@@ -1,7 +1,10 @@
 """paho-mqtt 2.x backend: the only module that imports paho.
 
 paho is thread-based; its callbacks run on our network thread and are handed to the
-event loop with ``call_soon_threadsafe`` here and nowhere else. This thread also owns
+event loop with ``call_soon_threadsafe`` here and nowhere else. Publishes go the other
+way: the event loop queues them and the network thread calls paho's ``publish``. Called
+from the event loop, paho took its message lock against the network thread (which holds
+it to handle each PUBACK) and made two syscalls per message. This thread also owns
 reconnecting, with full-jitter exponential backoff (paho's own backoff has no jitter,
 and a fleet of gateways reconnecting in lockstep after a broker restart is a thundering
 herd).
@@ -10,9 +13,14 @@ herd).
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
+import select
+import socket
 import ssl
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -35,6 +43,23 @@ def _failed(reason: Any) -> bool:
     return bool(reason)
 
 
+_Outgoing = tuple[str, bytes, int, bool, "asyncio.Future[None]"]
+
+
+@dataclass(slots=True)
+class _Sent:
+    fut: asyncio.Future[None]
+    mid: int
+    rc: int
+    qos: int
+
+
+@dataclass(slots=True)
+class _Acked:
+    mid: int
+    failure: tuple[str, int] | None
+
+
 class PahoTransport(Transport):
     """Any MQTT 3.1.1/5 broker (Mosquitto, the embedded one) through paho-mqtt."""
 
@@ -43,6 +68,17 @@ class PahoTransport(Transport):
         self.settings = settings
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[int, asyncio.Future[None]] = {}
+        # Publishes waiting for the network thread, in order.
+        self._outgoing: collections.deque[_Outgoing] = collections.deque()
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self._woken = False
+        # Network thread -> event loop, in order: _Sent (paho took a publish, or not) and
+        # _Acked (PUBACK, or a QoS 0 message written), one call_soon_threadsafe per burst.
+        self._events: list[_Sent | _Acked] = []
+        self._events_lock = threading.Lock()
+        self._capture: list[_Sent | _Acked] | None = None
+        self._net_ident = 0
         self._subs: dict[str, int] = {}
         self._sub_waiters: dict[int, asyncio.Future[None]] = {}
         self._stopping = threading.Event()
@@ -104,6 +140,10 @@ class PahoTransport(Transport):
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopping.clear()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._woken = False
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
         self._thread = threading.Thread(
             target=self._network_loop, name=f"mqtt-{self.settings.client_id}", daemon=True
         )
@@ -122,12 +162,20 @@ class PahoTransport(Transport):
                 log.warning("could not publish offline presence before stopping")
         self._stopping.set()
         self._client.disconnect()
+        self._wake()
         thread, self._thread = self._thread, None
         await asyncio.to_thread(thread.join, 10.0)
-        for fut in self._pending.values():
+        self._resolve_publishes()  # what the thread reported last
+        waiting = [*self._pending.values(), *(item[4] for item in self._outgoing)]
+        for fut in waiting:
             if not fut.done():
                 fut.set_exception(NotConnectedError("transport stopped before PUBACK"))
         self._pending.clear()
+        self._outgoing.clear()
+        for sock in (self._wake_r, self._wake_w):
+            if sock is not None:
+                sock.close()
+        self._wake_r = self._wake_w = None
         self._notify_connection(False)
 
     def _connect_once(self) -> bool:
@@ -154,12 +202,13 @@ class PahoTransport(Transport):
 
     def _network_loop(self) -> None:
         """Connect, run paho's loop until the link drops, back off, repeat."""
+        self._net_ident = threading.get_ident()
         attempt = 0
         while not self._stopping.is_set():
             if self._connect_once():
                 connacked = False
                 while not self._stopping.is_set():
-                    rc = self._client.loop(timeout=1.0)
+                    rc = self._loop_once(1.0)
                     if self._client.is_connected():
                         attempt, connacked = 0, True
                     if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -174,7 +223,7 @@ class PahoTransport(Transport):
                     for _ in range(10):
                         if self._client.socket() is None:  # closed: nothing left to flush
                             break
-                        if self._client.loop(timeout=0.1) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                        if self._loop_once(0.1) != MQTTErrorCode.MQTT_ERR_SUCCESS:
                             break
                     return
             delay = backoff_delay(attempt, self.settings.backoff_min, self.settings.backoff_max)
@@ -182,6 +231,73 @@ class PahoTransport(Transport):
             self.reconnects += 1
             log.debug("MQTT reconnect in %.2fs (attempt %d)", delay, attempt)
             self._stopping.wait(delay)
+
+    def _loop_once(self, timeout: float) -> MQTTErrorCode:
+        """paho's ``loop()``, waking on our socket (queued publishes), not paho's own pair.
+
+        paho's ``loop()`` creates a socketpair that every ``publish`` from another thread
+        writes to; driving it through ``loop_read``/``loop_write``/``loop_misc`` avoids it.
+        """
+        client = self._client
+        sock = client.socket()
+        if sock is None or self._wake_r is None:
+            return MQTTErrorCode.MQTT_ERR_NO_CONN
+        wlist = [sock] if client.want_write() else []
+        pending = sock.pending() if isinstance(sock, ssl.SSLSocket) else 0
+        try:
+            readable, _, _ = select.select([sock, self._wake_r], wlist, [],
+                                           0.0 if pending else timeout)
+        except (TypeError, ValueError, OSError):  # closed under us (disconnect)
+            return MQTTErrorCode.MQTT_ERR_CONN_LOST
+        if sock in readable or pending:
+            rc = client.loop_read()
+            if rc or client.socket() is None:
+                return rc
+        if self._wake_r in readable:
+            with contextlib.suppress(BlockingIOError):
+                self._wake_r.recv(4096)
+            self._woken = False  # before draining: a publish queued from now on wakes us
+        if self._outgoing and client.is_connected():
+            # Only after CONNACK, as paho does with what it queued while disconnected: the
+            # SUBSCRIBEs sent on connect go first.
+            self._send_outgoing()
+        if client.want_write():
+            rc = client.loop_write()
+            if rc or client.socket() is None:
+                return rc
+        return client.loop_misc()
+
+    def _send_outgoing(self) -> None:
+        """Network thread: hand every queued publish to paho, in order."""
+        out = self._outgoing
+        events: list[_Sent | _Acked] = []
+        while out:
+            topic, payload, qos, retain, fut = out.popleft()
+            captured: list[_Sent | _Acked] = []
+            self._capture = captured
+            try:
+                info = self._client.publish(topic, payload, qos, retain)
+            finally:
+                self._capture = None
+            events.append(_Sent(fut, info.mid, info.rc, qos))
+            events += captured  # a QoS 0 message may be written inside publish()
+        if events:
+            self._report(events)
+
+    def _report(self, events: list[_Sent | _Acked]) -> None:
+        with self._events_lock:
+            first = not self._events
+            self._events += events
+        if first:
+            self._call(self._resolve_publishes)
+
+    def _wake(self) -> None:
+        """Event loop: make the network thread look at its queue (once per burst)."""
+        if self._woken or self._wake_w is None:
+            return
+        self._woken = True
+        with contextlib.suppress(OSError):  # full: it is awake anyway
+            self._wake_w.send(b"\0")
 
     # -- paho callbacks (network thread) -> event loop -------------------------------------
     def _call(self, fn: Any, *args: Any) -> None:
@@ -215,8 +331,16 @@ class PahoTransport(Transport):
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
                     properties: Any) -> None:
-        self._call(self._resolve_publish, mid, _failed(reason), str(reason),
-                   reason.value if isinstance(reason, ReasonCode) else int(reason))
+        # One wakeup per burst of PUBACKs, not one per PUBACK: a burst of acks read in
+        # one pass of paho's loop is handed over together.
+        failure = None
+        if _failed(reason):
+            failure = (str(reason), reason.value if isinstance(reason, ReasonCode) else int(reason))
+        captured = self._capture
+        if captured is not None and threading.get_ident() == self._net_ident:
+            captured.append(_Acked(mid, failure))  # inside our publish(): report after it
+        else:
+            self._report([_Acked(mid, failure)])
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         inbound = InboundMessage(
@@ -235,14 +359,35 @@ class PahoTransport(Transport):
         self._call(self._resolve_sub, mid, [])
 
     # -- event-loop side ---------------------------------------------------------------
-    def _resolve_publish(self, mid: int, failed: bool, reason: str, code: int) -> None:
-        fut = self._pending.pop(mid, None)
-        if fut is None or fut.done():
+    def _resolve_publishes(self) -> None:
+        with self._events_lock:
+            events, self._events = self._events, []
+        pending = self._pending
+        for event in events:
+            if isinstance(event, _Sent):
+                self._sent(event)
+                continue
+            fut = pending.pop(event.mid, None)
+            if fut is None or fut.done():
+                continue
+            if event.failure is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(PublishRefusedError(*event.failure))
+
+    def _sent(self, sent: _Sent) -> None:
+        if sent.qos >= 1:
+            # Once paho accepted a QoS >= 1 message into its queue it resends it after a
+            # reconnect, whatever the first send returned (NO_CONN, CONN_LOST). Only a
+            # full queue means it was not taken -- the silent drop MEASURED.md warns of.
+            if sent.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+                sent.fut.set_exception(TransportError("paho refused publish: its queue is full"))
+                return
+        elif sent.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            sent.fut.set_exception(NotConnectedError(
+                f"QoS 0 message not sent: {mqtt.error_string(sent.rc)}"))
             return
-        if failed:
-            fut.set_exception(PublishRefusedError(reason, code))
-        else:
-            fut.set_result(None)
+        self._pending[sent.mid] = sent.fut
 
     def _resolve_sub(self, mid: int, failed: list[str]) -> None:
         fut = self._sub_waiters.pop(mid, None)
@@ -269,19 +414,10 @@ class PahoTransport(Transport):
         if qos == 0 and not self._client.is_connected():
             fut.set_exception(NotConnectedError("not connected; QoS 0 message not sent"))
             return fut
-        info = self._client.publish(topic, payload, qos, retain)
-        if qos >= 1:
-            # Once paho accepted a QoS >= 1 message into its queue it resends it after a
-            # reconnect, whatever the first send returned (NO_CONN, CONN_LOST). Only a
-            # full queue means it was not taken -- the silent drop MEASURED.md warns of.
-            if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
-                fut.set_exception(TransportError("paho refused publish: its queue is full"))
-                return fut
-        elif info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            fut.set_exception(NotConnectedError(
-                f"QoS 0 message not sent: {mqtt.error_string(info.rc)}"))
-            return fut
-        self._pending[info.mid] = fut
+        # Queued even before start(): like paho's own queue, the network thread sends it
+        # once connected.
+        self._outgoing.append((topic, payload, qos, retain, fut))
+        self._wake()
         return fut
 
     async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
@@ -299,6 +435,8 @@ class PahoTransport(Transport):
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         rc, mid = send()
+        if self._client.want_write():
+            self._wake()  # not all written: the network thread finishes it
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise TransportError(f"paho refused (un)subscribe: {mqtt.error_string(rc)}")
         self._sub_waiters[mid] = fut
@@ -308,6 +446,8 @@ class PahoTransport(Transport):
         if message.qos == 0:
             return
         rc = self._client.ack(message.mid, message.qos)
+        if self._client.want_write():
+            self._wake()  # not all written: the network thread finishes it
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             # The broker redelivers after reconnect: nothing is lost, only delayed.
             log.info("ack of mid %s not sent: %s", message.mid, mqtt.error_string(rc))

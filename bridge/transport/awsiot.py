@@ -69,7 +69,6 @@ class AwsIotTransport(Transport):
             raise ConfigError("the awsiot backend speaks MQTT 5 only")
         self.settings = settings
         self.reconnects = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._client: mqtt5.Client | None = None
         self._subs: dict[str, int] = {}
         self._ack_ids = itertools.count(1)
@@ -146,11 +145,6 @@ class AwsIotTransport(Transport):
         self._notify_connection(False)
 
     # -- awscrt callbacks (native threads) -> event loop ---------------------------------
-    def _call(self, fn: Any, *args: Any) -> None:
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(fn, *args)
-
     def _on_connection_success(self, data: mqtt5.LifecycleConnectSuccessData) -> None:
         session_present = bool(data.connack_packet and data.connack_packet.session_present)
         log.info("AWS IoT connected to %s:%s (session present: %s)",
@@ -196,13 +190,6 @@ class AwsIotTransport(Transport):
                 log.warning("AWS IoT %s failed: %s", what, f.exception())
 
         fut.add_done_callback(done)
-
-    def _deliver(self, message: InboundMessage) -> None:
-        handler = self.message_handler
-        if handler is None:
-            log.warning("dropping message on %s: no handler", message.topic)
-            return
-        handler(message)
 
     def _bridge(self, crt_future: concurrent.futures.Future[Any],
                 settle: Any) -> asyncio.Future[None]:

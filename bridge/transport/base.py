@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -14,6 +15,8 @@ from typing import Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from bridge.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 QoS = Literal[0, 1, 2]
 
@@ -117,6 +120,7 @@ class Transport(abc.ABC):
     """
 
     def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
         self.message_handler: MessageHandler | None = None
         self._listeners: list[ConnectionListener] = []
         self.connected_event = asyncio.Event()
@@ -136,6 +140,19 @@ class Transport(abc.ABC):
             self.connected_event.clear()
         for listener in list(self._listeners):
             listener(up)
+
+    def _call(self, fn: Callable[..., object], *args: object) -> None:
+        """From a backend's own thread: run ``fn(*args)`` in the event loop."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(fn, *args)
+
+    def _deliver(self, message: InboundMessage) -> None:
+        handler = self.message_handler
+        if handler is None:
+            log.warning("dropping message on %s: no handler", message.topic)
+            return
+        handler(message)
 
     async def wait_connected(self) -> None:
         await self.connected_event.wait()

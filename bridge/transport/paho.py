@@ -66,7 +66,6 @@ class PahoTransport(Transport):
     def __init__(self, settings: MqttSettings) -> None:
         super().__init__()
         self.settings = settings
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[int, asyncio.Future[None]] = {}
         # Publishes waiting for the network thread, in order.
         self._outgoing: collections.deque[_Outgoing] = collections.deque()
@@ -300,11 +299,6 @@ class PahoTransport(Transport):
             self._wake_w.send(b"\0")
 
     # -- paho callbacks (network thread) -> event loop -------------------------------------
-    def _call(self, fn: Any, *args: Any) -> None:
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(fn, *args)
-
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                     properties: Any) -> None:
         if _failed(reason):
@@ -397,13 +391,6 @@ class PahoTransport(Transport):
             fut.set_exception(TransportError(f"broker refused subscription: {', '.join(failed)}"))
         else:
             fut.set_result(None)
-
-    def _deliver(self, message: InboundMessage) -> None:
-        handler = self.message_handler
-        if handler is None:
-            log.warning("dropping message on %s: no handler", message.topic)
-            return
-        handler(message)
 
     # -- public API (event loop) --------------------------------------------------------
     def publish(

@@ -69,3 +69,18 @@ class Probe:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def publish_once(url: str, topic: str, payload: bytes | str, *, qos: int = 1) -> None:
+    """Publish one message from a throwaway MQTT 5 client and wait for its PUBACK."""
+    parts = urlsplit(url)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.connect(parts.hostname or "127.0.0.1", parts.port or 1883)
+    client.loop_start()
+    try:
+        info = client.publish(topic, payload, qos=qos)
+        info.wait_for_publish(10)
+        assert info.is_published(), f"no PUBACK for {topic}"
+    finally:
+        client.disconnect()
+        client.loop_stop()

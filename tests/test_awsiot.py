@@ -10,14 +10,12 @@ import uuid
 from pathlib import Path
 
 import httpx
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from bridge.errors import PayloadTooLargeError, PublishRefusedError, TopicNotAllowedError
 from bridge.transport import InboundMessage, MqttSettings, TlsFiles, create_transport
 from bridge.transport.awsiot import AwsIotTransport
-from tests.mqtt_probe import Probe
+from tests.mqtt_probe import Probe, publish_once
 from tests.services import callback_server, edge_agent
 from tests.tls_certs import CertPair, Pki, TlsBroker
 
@@ -148,7 +146,8 @@ def test_callback_server_on_the_aws_backend_stores_what_it_consumes(
                 "raw": {}, "channel": "power"}
     with callback_server(tmp_path, tls_broker.tls_url, db, TOPIC_PREFIX=prefix, **env) as cs:
         cs.wait_health("subscribed", True)
-        publish_plain(tls_broker, f"{prefix}org/acme/device/AWS2/power", envelope)
+        publish_once(tls_broker.plain_url, f"{prefix}org/acme/device/AWS2/power",
+                     json.dumps(envelope))
         deadline = time.monotonic() + 15
         while (robot := httpx.get(cs.url + "/robots/AWS2")).status_code == 404:
             assert time.monotonic() < deadline, "never stored"
@@ -156,15 +155,3 @@ def test_callback_server_on_the_aws_backend_stores_what_it_consumes(
         assert robot.json()["battery_level"] == 77
         assert cs.health()["stored"] == 1  # acked only after the commit (manual puback)
 
-
-def publish_plain(broker: TlsBroker, topic: str, body: dict[str, object]) -> None:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.connect("127.0.0.1", int(broker.plain_url.rsplit(":", 1)[1]))
-    client.loop_start()
-    try:
-        info = client.publish(topic, json.dumps(body), qos=1)
-        info.wait_for_publish(10)
-        assert info.is_published()
-    finally:
-        client.disconnect()
-        client.loop_stop()

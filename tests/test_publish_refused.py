@@ -13,11 +13,9 @@ import uuid
 from pathlib import Path
 
 import httpx
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.mqtt_probe import Probe
+from tests.mqtt_probe import Probe, publish_once
 from tests.procs import MosquittoProcess
 from tests.services import edge_agent
 
@@ -58,8 +56,8 @@ def test_refused_topic_is_set_aside_then_requeued_after_the_policy_is_fixed(
             message_id = uuid.uuid4().hex
             with Probe(broker.url, "org/acme/device/gw1/response") as responses, \
                     Probe(broker.url, "org/acme/device/BAD/status") as bad:
-                publish_command(broker, {"messageId": message_id,
-                                         "command": "requeue_rejected", "args": {}})
+                publish_once(broker.url, "org/acme/device/gw1/command", json.dumps(
+                    {"messageId": message_id, "command": "requeue_rejected", "args": {}}))
                 answer = json.loads(responses.wait_for(1)[0].payload)
                 assert answer["messageId"] == message_id
                 assert answer["status"] == "success"
@@ -72,15 +70,3 @@ def test_refused_topic_is_set_aside_then_requeued_after_the_policy_is_fixed(
     finally:
         broker.stop()
 
-
-def publish_command(broker: MosquittoProcess, command: dict[str, object]) -> None:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2)
-    client.connect("127.0.0.1", broker.port)
-    client.loop_start()
-    try:
-        info = client.publish("org/acme/device/gw1/command", json.dumps(command), qos=1)
-        info.wait_for_publish(10)
-        assert info.is_published()
-    finally:
-        client.disconnect()
-        client.loop_stop()

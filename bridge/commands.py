@@ -18,7 +18,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bridge.errors import PayloadError, TransportError
+from bridge import strictjson
+from bridge.errors import MalformedCommandError, PayloadError, TransportError
 from bridge.topic import TopicScheme, parse_device_topic
 from bridge.transport import InboundMessage, Transport
 
@@ -42,20 +43,25 @@ class Command:
             raise PayloadError("args must be an object")
 
     def to_json(self) -> bytes:
-        return json.dumps(
-            {"messageId": self.message_id, "command": self.command, "args": self.args}
-        ).encode()
+        return strictjson.dumps(
+            {"messageId": self.message_id, "command": self.command, "args": self.args})
 
     @classmethod
     def from_json(cls, payload: bytes) -> Command:
+        """Parse (bounded, strict); PayloadError, with ``message_id`` set when the
+        command had a usable one, so even a malformed command gets its answer."""
         try:
-            obj = json.loads(payload)
-        except ValueError as exc:
-            raise PayloadError(f"command is not JSON: {exc}") from exc
-        if not isinstance(obj, dict) or not obj.get("messageId"):
-            raise PayloadError("command needs a messageId")
-        return cls(command=obj.get("command") or "", args=obj.get("args") or {},
-                   message_id=str(obj["messageId"]))
+            obj = strictjson.loads(payload).value
+        except PayloadError as exc:
+            raise MalformedCommandError(f"command is {exc}") from None
+        message_id = _message_id(obj)
+        if message_id is None:
+            raise MalformedCommandError("command needs a messageId (a string)")
+        try:
+            return cls(command=obj.get("command") or "", args=obj.get("args") or {},
+                       message_id=message_id)
+        except PayloadError as exc:
+            raise MalformedCommandError(str(exc), message_id) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,18 +79,30 @@ class Response:
             body["result"] = self.result
         else:
             body["error"] = self.error
-        return json.dumps(body, default=str).encode()
+        # A handler's result is ours but may hold a NaN figure: strict JSON regardless.
+        return strictjson.dumps(strictjson.clean(
+            json.loads(json.dumps(body, default=str)), "", []))
 
     @classmethod
     def from_json(cls, payload: bytes) -> Response:
-        try:
-            obj = json.loads(payload)
-        except ValueError as exc:
-            raise PayloadError(f"response is not JSON: {exc}") from exc
-        if not isinstance(obj, dict) or not obj.get("messageId"):
-            raise PayloadError("response needs a messageId")
+        obj = strictjson.loads(payload).value
+        message_id = _message_id(obj)
+        if message_id is None:
+            raise PayloadError("response needs a messageId (a string)")
         status = "success" if obj.get("status") == "success" else "error"
-        return cls(str(obj["messageId"]), status, obj.get("result"), obj.get("error"))
+        error = obj.get("error")
+        return cls(message_id, status, obj.get("result"),
+                   None if error is None else str(error)[:2000])
+
+
+def _message_id(obj: object) -> str | None:
+    """A usable messageId of a decoded command or response, or None."""
+    if not isinstance(obj, dict):
+        return None
+    value = obj.get("messageId")
+    if isinstance(value, str) and value and len(value) <= 128:
+        return value
+    return None
 
 
 class CommandExecutor:
@@ -116,8 +134,13 @@ class CommandExecutor:
     async def _handle(self, payload: bytes) -> None:
         try:
             command = Command.from_json(payload)
-        except PayloadError as exc:
-            log.warning("ignoring malformed command: %s", exc)
+        except MalformedCommandError as exc:
+            message_id = exc.message_id
+            log.warning("malformed command%s: %s",
+                        f" {message_id}" if message_id else " (no messageId; unanswerable)",
+                        exc)
+            if message_id is not None:
+                await self._answer(Response(message_id, "error", error=f"malformed: {exc}"))
             return
         answer = self._answers.get(command.message_id)
         if answer is None:
@@ -126,11 +149,13 @@ class CommandExecutor:
             while len(self._answers) > self._remember:
                 self._answers.popitem(last=False)
             answer.set_result(await self._execute(command))
-        response = await answer
+        await self._answer(await answer)
+
+    async def _answer(self, response: Response) -> None:
         try:
             await self.transport.publish(self.response_topic, response.to_json(), qos=1)
         except TransportError as exc:
-            log.warning("could not answer command %s: %s", command.message_id, exc)
+            log.warning("could not answer command %s: %s", response.message_id, exc)
 
     async def _execute(self, command: Command) -> Response:
         fn = self.handlers.get(command.command)
@@ -175,9 +200,14 @@ class CommandClient:
         return f"{p}org/+/device/+/response"
 
     def on_message(self, message: InboundMessage) -> None:
+        self.on_response(message.payload)
+
+    def on_response(self, payload: bytes) -> None:
+        """A response from MQTT or pushed over HTTP; malformed ones are ignored."""
         try:
-            response = Response.from_json(message.payload)
-        except PayloadError:
+            response = Response.from_json(payload)
+        except PayloadError as exc:
+            log.debug("ignoring malformed response: %s", exc)
             return
         fut = self._waiting.get(response.message_id)
         if fut is not None and not fut.done():

@@ -5,9 +5,13 @@
     ├── TopicError             a topic or filter that MQTT (or AWS IoT) would refuse
     │   └── TopicNotAllowedError  valid, but outside what this caller may touch
     ├── PayloadError           a payload that cannot be published (too large, not JSON)
-    │   └── PayloadTooLargeError
-    ├── InputError             a webhook/HTTP body we cannot accept (field named)
-    │   └── AuthError          wrong or missing shared secret
+    │   ├── PayloadTooLargeError
+    │   ├── DepthError         JSON nested deeper than the limit (refused before parsing)
+    │   └── MalformedCommandError  a command that cannot run (answered if it has an id)
+    ├── InputError             a webhook/HTTP request we cannot accept (field named)
+    │   ├── AuthError          wrong or missing shared secret
+    │   └── NotFoundError      no such object (or one the caller may not see)
+    ├── CommandTimeoutError    a device did not answer a command in time
     ├── TransportError         the broker connection failed or refused an operation
     │   ├── NotConnectedError
     │   ├── PubackTimeoutError
@@ -58,6 +62,22 @@ class PayloadTooLargeError(PayloadError):
         self.limit = limit
 
 
+class DepthError(PayloadError):
+    """A JSON document nests deeper than the limit (checked before the recursive parse)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"JSON nests deeper than {limit} levels (the limit)")
+        self.limit = limit
+
+
+class MalformedCommandError(PayloadError):
+    """A command that cannot run; ``message_id`` when it has one (it is then answered)."""
+
+    def __init__(self, message: str, message_id: str | None = None) -> None:
+        super().__init__(message)
+        self.message_id = message_id
+
+
 class InputError(FleetError):
     """An inbound body cannot be accepted; ``field`` names the culprit when known."""
 
@@ -69,10 +89,30 @@ class InputError(FleetError):
 
 
 class AuthError(InputError):
-    """Wrong or missing shared secret."""
+    """Wrong or missing shared secret; ``bearer``: answer with ``WWW-Authenticate``."""
 
-    def __init__(self, message: str = "missing or invalid CallbackCode") -> None:
+    def __init__(self, message: str = "missing or invalid CallbackCode", *,
+                 bearer: bool = False) -> None:
         super().__init__(message, status=401)
+        self.bearer = bearer
+
+
+class NotFoundError(InputError):
+    """No such object, or one the caller may not see (never confirm that it exists)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=404)
+
+
+class CommandTimeoutError(FleetError):
+    """The device did not answer within the timeout; the command may still run."""
+
+    def __init__(self, device_id: str, seconds: float, message_id: str) -> None:
+        super().__init__(f"no response from {device_id} within {seconds:g} s "
+                         f"(messageId {message_id})")
+        self.device_id = device_id
+        self.seconds = seconds
+        self.message_id = message_id
 
 
 class TransportError(FleetError):

@@ -15,8 +15,9 @@ MAX_TOPIC_BYTES = 65535
 
 #: Channels a robot device publishes on.
 ROBOT_CHANNELS = ("status", "event", "pose", "power", "move", "task")
-#: Channels of the gateway device itself.
-GATEWAY_CHANNELS = ("command", "response", "presence", "telemetry")
+#: Channels of the gateway device itself (``poll``: the Pudu cloud poller's run records).
+#: Gateway traffic is told apart by these, never by comparing device and gateway ids.
+GATEWAY_CHANNELS = ("command", "response", "presence", "telemetry", "poll")
 
 
 def _check_common(value: str) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Header, Query, Request
@@ -13,33 +13,27 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
+from bridge import strictjson
 from bridge.commands import Command
 from bridge.envelope import Envelope
-from bridge.errors import FleetError, InputError, PayloadError, StoreError, TopicError
-from bridge.topic import TopicScheme, parse_device_topic
+from bridge.errors import (
+    CommandTimeoutError,
+    FleetError,
+    InputError,
+    NotFoundError,
+    PayloadError,
+    StoreError,
+)
+from bridge.http_body import parse_model, read_body
+from bridge.http_errors import install as install_error_handlers
+from bridge.topic import GATEWAY_CHANNELS, DeviceAddress, TopicScheme, parse_device_topic
+from callback_server.consumer import consistent
 
 if TYPE_CHECKING:
     from callback_server.service import CallbackServer
 
 # An AWS IoT Rule HTTP action gives up after 3 s and retries; answer before that.
 INGEST_TIMEOUT_SECONDS = 2.5
-
-
-def error_response(exc: FleetError) -> JSONResponse:
-    """The one place where the callback server maps its errors to HTTP."""
-    if isinstance(exc, InputError):
-        status, message = exc.status, exc.message
-    elif isinstance(exc, (PayloadError, TopicError)):
-        status, message = 422, str(exc)
-    elif isinstance(exc, StoreError):
-        status, message = 503, "database unavailable; retry later"
-    else:
-        status, message = 500, "internal error"
-    headers = {"Retry-After": "5"} if status == 503 else None
-    return JSONResponse(
-        {"status": "error", "message": message, "timestamp": int(time.time())},
-        status_code=status, headers=headers,
-    )
 
 
 def _check_token(server: CallbackServer, given: str | None) -> None:
@@ -68,64 +62,99 @@ def _check_operator(server: CallbackServer, authorization: str | None) -> None:
         raise InputError("missing or invalid bearer token", status=401)
 
 
-def _items(
-    server: CallbackServer, body: Any, header_topic: str | None
-) -> list[tuple[str, Envelope]]:
-    """Envelopes from an IoT Rule body: one object or a list; topic from header or field."""
+@dataclass(frozen=True, slots=True)
+class _Ingest:
+    """One IoT Rule request, sorted: robot envelopes to store, gateway traffic to handle."""
+
+    envelopes: list[tuple[str, Envelope]]
+    gateway: list[tuple[DeviceAddress, bytes]]
+
+
+def _sort(server: CallbackServer, parsed: strictjson.Parsed,
+          header_topic: str | None) -> _Ingest:
+    """An IoT Rule body (one object or a list; topic from header or field), sorted by
+    channel: the rule forwards gateway telemetry and responses too, which are not
+    envelopes. Any fault is a FleetError naming it (the caller dead-letters the body)."""
+    body = parsed.value
     objects = body if isinstance(body, list) else [body]
     if not objects:
         raise InputError("empty message list", status=422)
     prefix = server.settings.topic_prefix
-    items = []
+    sorted_ = _Ingest([], [])
     for obj in objects:
         if not isinstance(obj, dict):
             raise InputError("each message must be a JSON object", status=422)
         fields = dict(obj)
         topic = fields.pop("topic", None) or header_topic
-        envelope = Envelope.from_dict(fields)
+        if topic is not None and not isinstance(topic, str):
+            raise InputError("topic must be a string", field="topic", status=422)
+        if topic is not None:
+            address = parse_device_topic(topic, prefix)
+            if address.channel in GATEWAY_CHANNELS:
+                sorted_.gateway.append((address, strictjson.dumps(fields)))
+                continue
+        envelope = Envelope.from_dict(fields, notes=parsed.notes)
         if topic is None:
             channel = envelope.channel or f"callback/{envelope.type}"
             topic = str(TopicScheme(envelope.org, prefix).device(envelope.device, channel))
-        address = parse_device_topic(str(topic), prefix)
-        if (address.org_id, address.device_id) != (envelope.org, envelope.device):
+            address = parse_device_topic(topic, prefix)
+        if not consistent(address, envelope):
             raise InputError("envelope org/device differ from the topic's", status=422)
-        items.append((str(topic), envelope))
-    return items
+        sorted_.envelopes.append((topic, envelope))
+    return sorted_
+
+
+async def _dead_letter(server: CallbackServer, topic: str | None, raw: bytes,
+                       reason: str) -> None:
+    """Keep a refused ingest body, committed before the 4xx answer goes out."""
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def committed() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    server.writer.submit_dead(topic or "http", raw, reason, committed)
+    try:
+        await asyncio.wait_for(done, INGEST_TIMEOUT_SECONDS)
+    except TimeoutError:
+        raise StoreError("dead letter not committed in time") from None
 
 
 def create_app(server: CallbackServer) -> FastAPI:
     """Build the app around a running server."""
     app = FastAPI(title="Pudu fleet callback server", version=server.version)
 
-    @app.exception_handler(FleetError)
-    async def _fleet_error(request: Request, exc: FleetError) -> JSONResponse:
-        return error_response(exc)
+    install_error_handlers(app)
 
-    @app.post("/callback/messages", summary="Ingest envelopes pushed by an AWS IoT Rule")
+    @app.post("/callback/messages", summary="Ingest envelopes pushed by an AWS IoT Rule",
+              responses={503: {"description": "Not committed in time; retry (idempotent)"}})
     async def ingest(
         request: Request,
         x_callback_token: str | None = Header(default=None),
         x_mqtt_topic: str | None = Header(default=None),
     ) -> dict[str, Any]:
         _check_token(server, x_callback_token)
-        raw = await request.body()
-        if len(raw) > server.settings.max_body_bytes:
-            raise InputError("body too large", status=413)
+        raw = await read_body(request, server.settings.max_body_bytes)
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InputError(f"body is not valid JSON: {exc}", status=400) from None
+            parsed = strictjson.loads(raw)
+        except PayloadError as exc:
+            await _dead_letter(server, x_mqtt_topic, raw, str(exc))
+            raise InputError(f"body is {exc}", status=400) from None
         try:
-            items = _items(server, body, x_mqtt_topic)
-        except (InputError, PayloadError, TopicError) as exc:
-            server.writer.submit_dead(x_mqtt_topic or "http", raw, str(exc), lambda: None)
+            ingest = _sort(server, parsed, x_mqtt_topic)
+        except FleetError as exc:
+            await _dead_letter(server, x_mqtt_topic, raw, str(exc))
             raise
+        for address, payload in ingest.gateway:
+            server.consumer.on_gateway(address, payload)
         try:
-            await asyncio.wait_for(server.writer.write(items), INGEST_TIMEOUT_SECONDS)
+            await asyncio.wait_for(server.writer.write(ingest.envelopes),
+                                   INGEST_TIMEOUT_SECONDS)
         except TimeoutError:
             # Still queued and written once the database answers; the retry is idempotent.
             raise StoreError("write not committed in time") from None
-        return {"status": "success", "stored": len(items), "timestamp": int(time.time())}
+        return {"status": "success", "stored": len(ingest.envelopes),
+                "handled": len(ingest.gateway), "timestamp": int(time.time())}
 
     @app.get("/callback/health", summary="Broker and database state")
     async def health() -> JSONResponse:
@@ -140,7 +169,7 @@ def create_app(server: CallbackServer) -> FastAPI:
     async def robot(sn: str) -> JSONResponse:
         row = await server.store.get_robot(sn)
         if row is None:
-            return JSONResponse({"status": "error", "message": f"robot {sn} not found"}, 404)
+            raise NotFoundError(f"robot {sn} not found")
         return JSONResponse(row)
 
     @app.get("/robots/{sn}/events", summary="A robot's events, newest first")
@@ -149,22 +178,21 @@ def create_app(server: CallbackServer) -> FastAPI:
 
     @app.post("/devices/{device_id}/commands",
               summary="Send a command to a gateway and wait for its response",
-              responses={504: {"description": "The gateway did not answer within the timeout"}})
+              responses={504: {"description": "The gateway did not answer within the timeout"}},
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": CommandRequest.model_json_schema()}}}})
     async def send_command(
-        device_id: str, body: CommandRequest, authorization: str | None = Header(default=None)
+        device_id: str, request: Request, authorization: str | None = Header(default=None)
     ) -> JSONResponse:
         _check_operator(server, authorization)
+        body = parse_model(CommandRequest, await read_body(request, 64 * 1024))
         org = body.org_id or server.org_of(device_id)
         wait = min(body.timeout, server.settings.command_timeout_max)
         outcome = await server.commands.send(org, device_id, Command(body.command, body.args),
                                              wait)
         await server.record_command(outcome)
         if outcome.response is None:
-            return JSONResponse(
-                {"status": "error", "messageId": outcome.command.message_id,
-                 "message": f"no response from {device_id} within {wait} s"},
-                status_code=504,
-            )
+            raise CommandTimeoutError(device_id, wait, outcome.command.message_id)
         r = outcome.response
         answer: dict[str, Any] = {"messageId": r.message_id, "status": r.status,
                                   "rtt_ms": outcome.rtt_ms}

@@ -14,8 +14,10 @@ import collections
 import functools
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from bridge.envelope import Envelope
 from bridge.errors import StoreError, StoreRejectedError
@@ -24,6 +26,7 @@ from callback_server.store import Store
 log = logging.getLogger(__name__)
 
 OnCommit = Callable[[], None]
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -57,6 +60,9 @@ class BatchWriter:
         self.stored = 0
         self.batches = 0
         self.dead_lettered = 0
+        self.skewed = 0
+        #: monotonic time of the last commit, or of the first wait since: a stall shows here
+        self.last_progress = time.monotonic()
         self._items: collections.deque[_Item] = collections.deque()
         self._dead: collections.deque[_Dead] = collections.deque()
         self._wake = asyncio.Event()
@@ -67,13 +73,23 @@ class BatchWriter:
 
     def submit(self, topic: str, envelope: Envelope, on_commit: OnCommit) -> None:
         """Queue a message; ``on_commit`` runs once its rows are committed."""
+        self._waiting()
         self._items.append(_Item(topic, envelope, on_commit))
         self._wake.set()
 
     def submit_dead(self, topic: str, payload: bytes, reason: str, on_commit: OnCommit) -> None:
         """Queue a malformed message for the dead-letter table."""
+        self._waiting()
         self._dead.append(_Dead(topic, payload, reason, on_commit))
         self._wake.set()
+
+    def _waiting(self) -> None:
+        if not self.pending:  # idle until now: the stall clock starts with this message
+            self.last_progress = time.monotonic()
+
+    def stalled_seconds(self) -> float:
+        """How long messages have waited with nothing committed (0 when none wait)."""
+        return time.monotonic() - self.last_progress if self.pending else 0.0
 
     async def write(self, items: Sequence[tuple[str, Envelope]]) -> None:
         """Queue several messages and wait for their commit (the HTTP ingest path)."""
@@ -102,6 +118,7 @@ class BatchWriter:
                 dead = self._dead[0]
                 await self._dead_letter(dead.topic, dead.payload, dead.reason)
                 self._dead.popleft()
+                self.last_progress = time.monotonic()
                 dead.on_commit()
             while self._items:
                 n = min(len(self._items), self.batch_max)
@@ -111,6 +128,7 @@ class BatchWriter:
                     self._items.popleft()
                 self.stored += n
                 self.batches += 1
+                self.last_progress = time.monotonic()
                 for item in batch:
                     item.on_commit()
 
@@ -119,7 +137,8 @@ class BatchWriter:
         dead-letter it, so one bad message neither blocks the stream nor loops forever."""
         rows = [(i.topic, i.envelope) for i in batch]
         try:
-            await self._retrying(functools.partial(self.store.write_batch, rows))
+            result = await self._retrying(functools.partial(self.store.write_batch, rows))
+            self.skewed += result.skewed
         except StoreRejectedError as exc:
             if len(batch) > 1:
                 half = len(batch) // 2
@@ -139,12 +158,12 @@ class BatchWriter:
                       topic, reason, exc, payload[:2000])
         self.dead_lettered += 1
 
-    async def _retrying(self, op: Callable[[], Awaitable[object]]) -> None:
+    async def _retrying(self, op: Callable[[], Awaitable[T]]) -> T:
         """Run ``op`` until it succeeds; StoreRejectedError is raised, not retried."""
         attempt = 0
         while True:
             try:
-                await op()
+                result = await op()
             except StoreRejectedError:
                 raise
             except StoreError as exc:
@@ -157,8 +176,13 @@ class BatchWriter:
                 attempt += 1
                 await asyncio.sleep(delay)
                 continue
+            except Exception as exc:
+                # Not the database being away: retrying would stall every message behind
+                # this one, so it is isolated and dead-lettered like refused data.
+                log.exception("unexpected error writing to the store")
+                raise StoreRejectedError(f"{type(exc).__name__}: {exc}") from exc
             if self.degraded:
                 log.info("database writes succeed again")
             self.degraded = False
             self.last_error = ""
-            return
+            return result

@@ -14,6 +14,8 @@ from bridge.config import MQTT_ENV_MAP, TlsSettings, load_settings
 
 ENV_MAP = {
     **MQTT_ENV_MAP,
+    "MAX_CLOCK_SKEW_SECONDS": "max_clock_skew_seconds",
+    "STALL_SECONDS": "stall_seconds",
     "DATABASE_URL": "database_url",
     "DATABASE_CONFIG": "database_config",
     "CALLBACK_HTTP_HOST": "http_host",
@@ -60,6 +62,10 @@ class CallbackSettings(BaseModel):
     dead_letter_retention_days: float = Field(90.0, ge=0)
     command_retention_days: float = Field(90.0, ge=0)
     retention_interval_seconds: float = Field(3600.0, gt=0)
+    # A robot time further ahead of this service's clock is not used for ordering.
+    max_clock_skew_seconds: float = Field(300.0, gt=0)
+    # Health is degraded when a message waits unacked (or nothing commits) this long.
+    stall_seconds: float = Field(30.0, gt=0)
 
     @field_validator("log_level", mode="before")
     @classmethod

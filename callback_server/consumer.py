@@ -1,25 +1,38 @@
 """The MQTT side of the callback server: one (shared) subscription, manual acks.
 
-Every message is acknowledged to the broker only after its rows are committed (or,
-if malformed, after it is in the dead-letter table), so a crash or a database outage
-loses nothing: the broker redelivers what we never acknowledged.
+Every message ends in exactly one of three ways: its rows are committed, then it is
+acknowledged; or it is dead-lettered with the reason (once), then acknowledged; or,
+only while the database is unreachable, it is held unacknowledged and retried. No
+exception, from decoding to row building, may leave a message unacknowledged: each
+one holds a slot of the broker's in-flight window, and when the window is full the
+broker stops delivering to us altogether. Messages received and not yet acknowledged
+are tracked so health can say when the stream has stalled.
 """
 
 from __future__ import annotations
 
+import collections
+import itertools
 import logging
+import time
 from collections.abc import Callable
 
 from bridge.envelope import Envelope
-from bridge.errors import PayloadError, TopicError
+from bridge.errors import FleetError
 from bridge.router import MessageRouter
-from bridge.topic import GATEWAY_CHANNELS, all_devices_filter, parse_device_topic
+from bridge.topic import GATEWAY_CHANNELS, DeviceAddress, all_devices_filter, parse_device_topic
 from bridge.transport import InboundMessage
 from callback_server.batcher import BatchWriter
 
 log = logging.getLogger(__name__)
 
-GatewayHandler = Callable[[str, str, str, bytes], None]  # org, device, channel, payload
+GatewayHandler = Callable[[DeviceAddress, bytes], None]
+
+
+def consistent(address: DeviceAddress, envelope: Envelope) -> bool:
+    """An envelope must name the org and device of the topic it came on (else one
+    gateway could write another org's robots)."""
+    return (address.org_id, address.device_id) == (envelope.org, envelope.device)
 
 
 class Consumer:
@@ -40,43 +53,67 @@ class Consumer:
         self.received = 0
         self.malformed = 0
         self.gateway_handlers: list[GatewayHandler] = []
+        # delivery number -> monotonic time received, oldest first (acks come in any order)
+        self._unacked: collections.OrderedDict[int, float] = collections.OrderedDict()
+        self._numbers = itertools.count()
 
     def route(self) -> None:
         """Register with the router; must happen before the transport connects, because a
         resumed session delivers queued messages right after CONNACK."""
         self.router.add(self.filter.value, self.on_message, manual_ack=True)
 
+    @property
+    def unacked(self) -> int:
+        return len(self._unacked)
+
+    def oldest_unacked_seconds(self, now: float | None = None) -> float:
+        """How long the oldest message not yet acknowledged has waited (0: none waits)."""
+        if not self._unacked:
+            return 0.0
+        first = next(iter(self._unacked.values()))
+        return max(0.0, (time.monotonic() if now is None else now) - first)
+
     def on_message(self, message: InboundMessage) -> None:
-        """Runs in the event loop for each delivery; never raises."""
+        """Runs in the event loop for each delivery; never raises, never drops an ack."""
         self.received += 1
+        number = next(self._numbers)
+        self._unacked[number] = time.monotonic()
 
         def ack() -> None:
-            self.router.ack(message)
+            if self._unacked.pop(number, None) is not None:
+                self.router.ack(message)
 
+        try:
+            reason = self._dispatch(message, ack)
+        except Exception as exc:  # a bug must not cost an in-flight slot
+            log.exception("unexpected error handling a message on %s", message.topic)
+            reason = f"could not be handled: {type(exc).__name__}: {exc}"
+        if reason is not None:
+            self.malformed += 1
+            log.warning("dead-lettering message on %s: %s", message.topic, reason)
+            self.writer.submit_dead(message.topic, message.payload, reason, ack)
+
+    def _dispatch(self, message: InboundMessage, ack: Callable[[], None]) -> str | None:
+        """Hand the message on (to be acked later) or return why it is dead."""
         try:
             address = parse_device_topic(message.topic, self.topic_prefix)
-        except TopicError as exc:
-            self._dead(message, str(exc), ack)
-            return
-        if address.channel in GATEWAY_CHANNELS:
-            for handler in self.gateway_handlers:
-                try:
-                    handler(address.org_id, address.device_id, address.channel, message.payload)
-                except Exception:  # a bad handler must not stop consumption
-                    log.exception("gateway handler failed for %s", message.topic)
-            ack()
-            return
-        try:
+            if address.channel in GATEWAY_CHANNELS:
+                self.on_gateway(address, message.payload)
+                ack()
+                return None
             envelope = Envelope.from_json(message.payload)
-        except PayloadError as exc:
-            self._dead(message, str(exc), ack)
-            return
-        if envelope.device != address.device_id or envelope.org != address.org_id:
-            self._dead(message, "envelope org/device differ from the topic's", ack)
-            return
+        except FleetError as exc:
+            return str(exc)
+        if not consistent(address, envelope):
+            return "envelope org/device differ from the topic's"
         self.writer.submit(message.topic, envelope, ack)
+        return None
 
-    def _dead(self, message: InboundMessage, reason: str, ack: Callable[[], None]) -> None:
-        self.malformed += 1
-        log.warning("dead-lettering message on %s: %s", message.topic, reason)
-        self.writer.submit_dead(message.topic, message.payload, reason, ack)
+    def on_gateway(self, address: DeviceAddress, payload: bytes) -> None:
+        """A gateway's own traffic (presence, telemetry, ...), from MQTT or HTTP ingest."""
+        for handler in self.gateway_handlers:
+            try:
+                handler(address, payload)
+            except Exception:  # a bad handler must not stop consumption
+                log.exception("gateway handler failed for %s/%s/%s", address.org_id,
+                              address.device_id, address.channel)

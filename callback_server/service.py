@@ -21,6 +21,7 @@ from bridge.http_server import NodelayStats, make_server, serve_until_signal
 from bridge.proxy import MqttProxy, create_proxy_router
 from bridge.router import MessageRouter
 from bridge.tasks import cancel_and_wait
+from bridge.topic import DeviceAddress
 from bridge.transport import MqttSettings, TlsFiles, Transport, create_transport
 from callback_server.batcher import BatchWriter
 from callback_server.config import CallbackSettings
@@ -47,6 +48,10 @@ class CallbackMetrics:
         self.batches = gauge("callback_batches_total", "Store transactions")
         self.dead = gauge("callback_dead_letters_total", "Malformed messages dead-lettered")
         self.pending = gauge("callback_pending", "Messages waiting for a commit")
+        self.oldest_unacked = gauge("callback_oldest_unacked_seconds",
+                                    "Age of the oldest MQTT message not yet acknowledged")
+        self.skewed = gauge("callback_clock_skewed_total",
+                            "Messages whose robot time was too far ahead (ordered by now)")
         self.degraded = gauge("callback_degraded", "1 while database writes fail")
         self.connected = gauge("callback_broker_connected", "1 when connected to the broker")
         self.pruned = Gauge("callback_rows_pruned_total", "Rows deleted by retention",
@@ -74,7 +79,8 @@ class CallbackServer:
         self.metrics = CallbackMetrics()
         self.nodelay = NodelayStats()
         targets = load_targets(settings.database_config) if settings.database_config else None
-        self.store = open_store(settings.database_url, targets=targets)
+        self.store = open_store(settings.database_url, targets=targets,
+                                max_skew=settings.max_clock_skew_seconds)
         self.writer = BatchWriter(self.store, batch_max=settings.batch_max)
         self.retention = Retention(self.store, {
             LOG_TABLE: settings.log_retention_days,
@@ -157,10 +163,14 @@ class CallbackServer:
         await self._stack.aclose()
         await cancel_and_wait(self._tasks)
 
-    def _on_gateway_message(self, org: str, device: str, channel: str, payload: bytes) -> None:
-        if channel != "presence":
+    def _on_gateway_message(self, address: DeviceAddress, payload: bytes) -> None:
+        if address.channel == "response":
+            self.commands.on_response(payload)  # one pushed by an IoT Rule, not via MQTT
             return
-        state = payload.decode(errors="replace").strip().lower()
+        if address.channel != "presence":
+            return
+        state = payload.decode(errors="replace").strip().lower()[:32]
+        org, device = address.org_id, address.device_id
         self.gateways[f"{org}/{device}"] = {
             "org_id": org, "gateway_id": device, "state": state, "since": time.time(),
         }
@@ -182,12 +192,33 @@ class CallbackServer:
         except StoreError as exc:
             log.warning("could not record command %s: %s", outcome.command.message_id, exc)
 
+    def stall(self) -> str | None:
+        """Why the stream counts as stalled, or None: operators must never read
+        ``healthy`` over a stream that stopped."""
+        bound = self.settings.stall_seconds
+        oldest = self.consumer.oldest_unacked_seconds()
+        if oldest > bound:
+            return (f"the oldest unacknowledged message has waited {oldest:.0f} s "
+                    f"(STALL_SECONDS={bound:g})")
+        waited = self.writer.stalled_seconds()
+        if waited > bound:
+            return (f"{self.writer.pending} messages waiting and nothing committed for "
+                    f"{waited:.0f} s (STALL_SECONDS={bound:g})")
+        return None
+
     async def health(self) -> dict[str, Any]:
         db_ok = await self.store.ping()
         connected = self.transport.connected
-        healthy = db_ok and connected and self.subscribed and not self.writer.degraded
+        stall = self.stall()
+        reasons = [reason for bad, reason in (
+            (not connected, "broker not connected"),
+            (connected and not self.subscribed, "not subscribed yet"),
+            (not db_ok or self.writer.degraded, "database unavailable"),
+            (stall is not None, stall),
+        ) if bad]
         return {
-            "status": "healthy" if healthy else "degraded",
+            "status": "degraded" if reasons else "healthy",
+            "reasons": reasons,
             "timestamp": int(time.time()),
             "service": "callback-server",
             "version": self.version,
@@ -195,6 +226,9 @@ class CallbackServer:
             "database_ok": db_ok and not self.writer.degraded,
             "database_error": self.writer.last_error or None,
             "pending": self.writer.pending,
+            "unacked": self.consumer.unacked,
+            "oldest_unacked_seconds": round(self.consumer.oldest_unacked_seconds(), 3),
+            "clock_skewed": self.writer.skewed,
             "received": self.consumer.received,
             "stored": self.writer.stored,
             "dead_lettered": self.writer.dead_lettered,
@@ -212,6 +246,8 @@ class CallbackServer:
         m.batches.set(self.writer.batches)
         m.dead.set(self.writer.dead_lettered)
         m.pending.set(self.writer.pending)
+        m.oldest_unacked.set(self.consumer.oldest_unacked_seconds())
+        m.skewed.set(self.writer.skewed)
         m.degraded.set(1 if self.writer.degraded else 0)
         m.connected.set(1 if self.transport.connected else 0)
         for table, count in self.retention.pruned.items():

@@ -15,6 +15,7 @@ from bridge.config import MQTT_ENV_MAP, TlsSettings, load_settings
 
 ENV_MAP = {
     **MQTT_ENV_MAP,
+    "MAX_CLOCK_SKEW_SECONDS": "max_clock_skew_seconds",
     "PUDU_CALLBACK_CODE": "pudu_callback_code",
     "EDGE_HTTP_HOST": "http_host",
     "EDGE_HTTP_PORT": "http_port",
@@ -59,6 +60,8 @@ class EdgeSettings(BaseModel):
     # Topic prefixes the REST proxy may publish/subscribe under; empty: org/{org_id}/ only.
     proxy_allowed_prefixes: list[str] = []
     heartbeat_seconds: float = Field(60.0, ge=0)
+    # A robot time further ahead of this service's clock is not used for ordering.
+    max_clock_skew_seconds: float = Field(300.0, gt=0)
 
     @field_validator("pudu_callback_code")
     @classmethod

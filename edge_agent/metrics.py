@@ -19,6 +19,11 @@ class EdgeMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
             registry=self.registry,
         )
+        self.clock_skew = Counter(
+            "edge_clock_skew_total",
+            "Callbacks whose robot time was too far ahead; ordered by received_at instead",
+            registry=self.registry,
+        )
         self.outbox_depth = Gauge(
             "edge_outbox_depth", "Entries waiting for PUBACK", registry=self.registry
         )

@@ -19,10 +19,12 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from bridge.errors import InputError
+from bridge.strictjson import SAFE_INT
 
 __all__ = [
     "CHANNELS",
     "COMPACTABLE",
+    "DEFAULT_MAX_SKEW",
     "DOCUMENTED_TYPES",
     "MS_THRESHOLD",
     "Normalized",
@@ -66,6 +68,8 @@ _LEVELS: Final = {
 }
 _DEFAULT_LEVEL: Final = "medium"
 
+#: How far ahead of the receiving clock a robot time may be (MAX_CLOCK_SKEW_SECONDS).
+DEFAULT_MAX_SKEW: Final = 300.0
 #: Seconds reach 1e11 only in the year 5138, so anything above is milliseconds.
 MS_THRESHOLD: Final = 1e11
 # One safe MQTT topic level: no '/', '+', '#', '$' tricks, and short.
@@ -94,6 +98,10 @@ class Normalized:
     data: dict[str, Any]
     raw: dict[str, Any]
     compact_key: str | None
+    #: What was left out or changed to keep the envelope truthful (see ``Envelope.notes``).
+    notes: tuple[str, ...] = ()
+    #: The robot time was too far ahead of the gateway clock; ``ts`` is ``received_at``.
+    skewed: bool = False
 
 
 def to_seconds(value: float) -> float:
@@ -133,11 +141,12 @@ class _Reader:
     overwrite stored state downstream (the raw object still has it).
     """
 
-    __slots__ = ("_data", "_path")
+    __slots__ = ("_data", "_path", "notes")
 
-    def __init__(self, obj: dict[Any, Any], path: str) -> None:
+    def __init__(self, obj: dict[Any, Any], path: str, notes: list[str] | None = None) -> None:
         self._data = _clean_keys(obj)
         self._path = path
+        self.notes: list[str] = [] if notes is None else notes
 
     def field(self, key: str) -> str:
         return f"{self._path}.{key}"
@@ -162,8 +171,23 @@ class _Reader:
         return number
 
     def integer(self, key: str) -> int | None:
+        """An integer, or None (noted) beyond ±2^53, where JSON consumers lose exactness."""
         number = self.number(key)
-        return None if number is None else int(number)
+        if number is None:
+            return None
+        if abs(number) > SAFE_INT:
+            self.notes.append(f"{self.field(key)}: {_show(number)} is beyond ±2^53; left out")
+            return None
+        return int(number)
+
+    def percent(self, key: str) -> int | None:
+        """A 0-100 level (battery); outside it (firmware sends 255 for unknown) is not a
+        fact about the robot, so it is left out and noted; the raw value stays in ``raw``."""
+        value = self.integer(key)
+        if value is not None and not 0 <= value <= 100:
+            self.notes.append(f"{self.field(key)}: {value} is outside 0-100; left out")
+            return None
+        return value
 
     def text(self, key: str) -> str | None:
         value = self.raw(key)
@@ -194,7 +218,7 @@ class _Reader:
         name = self.field(key)
         if not isinstance(value, dict):
             raise InputError(f"{name} must be an object, got {_kind(value)}", field=name)
-        return _Reader(value, name)
+        return _Reader(value, name, self.notes)
 
 
 def _digest(parts: Any) -> str:
@@ -223,7 +247,7 @@ def _status(r: _Reader, ctype: str, sn: str) -> dict[str, Any]:
     for key in keys:
         if "status" not in out:
             _put(out, "status", r.enum(key))
-    _put(out, "battery_level", r.integer("battery"))
+    _put(out, "battery_level", r.percent("battery"))
     _put(out, "is_charging", r.flag("is_charging"))
     _put(out, "charge_state", _charge(r))
     _put(out, "move_state", r.enum("move_state"))
@@ -250,7 +274,7 @@ def _event(r: _Reader, ctype: str, sn: str) -> dict[str, Any]:
     ext = r.obj("extend_info")
     if ext is not None:
         # Cleaning robots send no power/pose callbacks: this is their battery and position.
-        _put(out, "battery_level", ext.integer("battery"))
+        _put(out, "battery_level", ext.percent("battery"))
         position = ext.obj("position")
         if position is not None:
             for axis in ("x", "y", "yaw"):
@@ -262,7 +286,7 @@ def _event(r: _Reader, ctype: str, sn: str) -> dict[str, Any]:
 
 def _power(r: _Reader, ctype: str, sn: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    _put(out, "battery_level", r.integer("power"))
+    _put(out, "battery_level", r.percent("power"))
     _put(out, "charge_state", _charge(r))  # an open set (PUDU.md): not validated
     return out
 
@@ -341,13 +365,17 @@ def _serial(r: _Reader, ext: _Reader | None) -> str | None:
     return sn
 
 
-def _robot_time(r: _Reader, received_at: float, *, strict: bool) -> float:
-    """``notify_timestamp`` (robot-side, what Pudu says to order by), then ``timestamp``.
+def _robot_time(r: _Reader, received_at: float, *, strict: bool,
+                max_skew: float) -> tuple[float, bool]:
+    """``notify_timestamp`` (robot-side, what Pudu says to order by), then ``timestamp``;
+    and whether it was refused for being too far ahead.
 
     A non-positive or still-too-large value (µs, garbage) falls through to the next
     source rather than refusing the callback, which would drop it after Pudu's retries.
     A wrongly typed one is refused on normalised channels; on ``callback/*`` channels we
-    interpret nothing, so it only falls through.
+    interpret nothing, so it only falls through. A time more than ``max_skew`` seconds
+    ahead of ``received_at`` would freeze the robot downstream (every real state after
+    it looks older), so ``received_at`` orders it instead, with a note.
     """
     for key in ("notify_timestamp", "timestamp"):
         try:
@@ -359,14 +387,22 @@ def _robot_time(r: _Reader, received_at: float, *, strict: bool) -> float:
         if value is not None:
             seconds = to_seconds(value)
             if 0 < seconds < MS_THRESHOLD:
-                return seconds
-    return to_seconds(received_at)
+                ahead = seconds - to_seconds(received_at)
+                if ahead > max_skew:
+                    r.notes.append(
+                        f"{r.field(key)}: {_show(value)} is {ahead:.0f} s ahead of the "
+                        f"gateway clock (limit {max_skew:g} s); ordered by received_at")
+                    return to_seconds(received_at), True
+                return seconds, False
+    return to_seconds(received_at), False
 
 
-def normalize(body: Any, *, received_at: float) -> Normalized:
+def normalize(body: Any, *, received_at: float,
+              max_skew: float = DEFAULT_MAX_SKEW) -> Normalized:
     """Normalise one parsed callback body; ``InputError`` names what is wrong.
 
-    ``received_at`` (gateway clock, seconds) is the robot time of last resort.
+    ``received_at`` (gateway clock, seconds) is the robot time of last resort, and the
+    robot time's stand-in when that is more than ``max_skew`` seconds ahead of it.
     """
     if not isinstance(body, dict):
         raise InputError(
@@ -387,7 +423,7 @@ def normalize(body: Any, *, received_at: float) -> Normalized:
     if channel is not None and sn is None:
         raise InputError(f"data.sn (the robot serial number) is required for {ctype}",
                          field="data.sn")
-    ts = _robot_time(r, received_at, strict=channel is not None)
+    ts, skewed = _robot_time(r, received_at, strict=channel is not None, max_skew=max_skew)
 
     if channel is None:
         channel, fields = f"callback/{ctype}", {}  # forwarded raw, never dropped
@@ -415,4 +451,6 @@ def normalize(body: Any, *, received_at: float) -> Normalized:
         data=fields,
         raw=raw,
         compact_key=f"{channel}:{sn}" if channel in COMPACTABLE else None,
+        notes=tuple(r.notes),
+        skewed=skewed,
     )

@@ -17,6 +17,7 @@ from bridge.commands import CommandExecutor
 from bridge.config import mask_url
 from bridge.envelope import Envelope
 from bridge.errors import TransportError
+from bridge.http_errors import install as install_error_handlers
 from bridge.http_server import NodelayStats, make_server, serve_until_signal
 from bridge.outbox import Outbox
 from bridge.proxy import MqttProxy, create_proxy_router
@@ -99,6 +100,7 @@ class EdgeAgent:
         if api is None:
             return None
         app = FastAPI(title="Pudu edge agent admin (MQTT proxy)", version=self.version)
+        install_error_handlers(app)
         app.include_router(api)
         return app
 

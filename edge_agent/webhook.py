@@ -16,12 +16,15 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import Receive, Scope, Send
 
+from bridge import strictjson
 from bridge.envelope import Envelope
-from bridge.errors import FleetError, InputError, OutboxError, OutboxFullError
+from bridge.errors import FleetError, InputError, OutboxError, PayloadError
+from bridge.http_errors import error_response, internal_error_response
+from bridge.http_errors import install as install_error_handlers
 from bridge.outbox import PutResult
 from edge_agent.normalize import normalize
 
@@ -30,7 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RETRY_AFTER_SECONDS = 5
 WEBHOOK_PATH = "/api/pudu/webhook"
 _CALLBACK_SCHEMA: dict[str, Any] = {
     "requestBody": {
@@ -69,38 +71,15 @@ _WEBHOOK_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _error(status: int, message: str, field: str | None = None,
-           headers: dict[str, str] | None = None) -> JSONResponse:
-    body: dict[str, Any] = {"status": "error", "message": message, "timestamp": int(time.time())}
-    if field:
-        body["field"] = field
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def error_response(exc: FleetError) -> JSONResponse:
-    """The one place where the edge agent maps its errors to HTTP."""
-    if isinstance(exc, InputError):
-        return _error(exc.status, exc.message, exc.field)
-    if isinstance(exc, OutboxFullError):
-        return _error(503, str(exc), headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
-    if isinstance(exc, OutboxError):
-        return _error(503, "callback could not be stored; retry later",
-                      headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
-    log.exception("unexpected error", exc_info=exc)
-    return _error(500, "internal error")
-
-
-def _headers(scope: Scope) -> tuple[bytes, bytes | None, bytes | None]:
-    """CallbackCode, TraceId and Content-Length in one pass over the raw header list."""
-    code = trace = declared = None
+def _headers(scope: Scope) -> tuple[bytes, bytes | None]:
+    """CallbackCode and Content-Length in one pass over the raw header list."""
+    code = declared = None
     for name, value in scope["headers"]:  # the first of a repeated header wins, as in Starlette
         if name == b"callbackcode":
             code = value if code is None else code
-        elif name == b"traceid":
-            trace = value if trace is None else trace
         elif name == b"content-length":
             declared = value if declared is None else declared
-    return code or b"", trace, declared
+    return code or b"", declared
 
 
 async def _read_body(receive: Receive, declared: bytes | None, limit: int) -> bytes | None:
@@ -148,6 +127,8 @@ class _Webhook:
         # Resolving a label child takes a lock and a dict lookup: do it once.
         self.accepted = agent.metrics.webhooks.labels(outcome="accepted")
         self.duplicates = agent.metrics.webhooks.labels(outcome="duplicate")
+        self.skewed = agent.metrics.clock_skew
+        self.max_skew = settings.max_clock_skew_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -156,9 +137,9 @@ class _Webhook:
             self.count_error(exc)
             await error_response(exc)(scope, receive, send)
             return
-        except Exception:
+        except Exception:  # a bug: logged, and still the one body shape
             log.exception("unexpected error in the webhook")
-            await _error(500, "internal error")(scope, receive, send)
+            await internal_error_response()(scope, receive, send)
             return
         if payload is None:
             return  # the client disconnected before sending its body
@@ -177,7 +158,7 @@ class _Webhook:
     async def accept(self, scope: Scope, receive: Receive) -> bytes | None:
         """Check, normalise, commit to the outbox; the 200 body, or None on disconnect."""
         started = time.perf_counter()
-        given, trace, declared = _headers(scope)
+        given, declared = _headers(scope)
         # Constant-time comparison; an absent header compares like a wrong one.
         if not hmac.compare_digest(given, self.code):
             raise InputError("missing or invalid CallbackCode header", status=401)
@@ -185,21 +166,24 @@ class _Webhook:
         if raw is None:
             return None
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InputError(f"body is not valid JSON: {exc}", status=400) from None
+            parsed = strictjson.loads(raw)
+        except PayloadError as exc:
+            raise InputError(f"body is {exc}", status=400) from None
         now = time.time()
-        norm = normalize(body, received_at=now)
+        norm = normalize(parsed.value, received_at=now, max_skew=self.max_skew)
+        if norm.skewed:
+            self.skewed.inc()
+            log.warning("robot %s: %s", norm.device_id, norm.notes[-1])
         device = norm.device_id or self.gateway
         topic = str(self.agent.scheme.device(device, norm.channel))
         envelope = Envelope(
             id=norm.message_id, type=norm.callback_type, org=self.org, device=device,
             gateway=self.gateway, ts=norm.ts, received_at=now, data=norm.data,
-            raw=norm.raw, channel=norm.channel,
+            raw=norm.raw, channel=norm.channel, notes=(*parsed.notes, *norm.notes),
         )
+        # A retry is the same body, whatever its TraceId: Pudu reuses a TraceId for
+        # different data, so the TraceId alone must not make a callback a duplicate.
         keys = ["body:" + hashlib.sha256(raw).hexdigest()]
-        if trace:
-            keys.append("trace:" + trace.decode("latin-1")[:128])
         result = await self.agent.outbox.put(
             topic, envelope.to_json(), qos=1, compact_key=norm.compact_key, dedup_keys=keys
         )
@@ -244,14 +228,15 @@ def create_app(agent: EdgeAgent) -> FastAPI:
     app = _EdgeApp(title="Pudu edge agent", version=agent.version, docs_url="/docs")
     app.webhook = webhook
 
-    @app.exception_handler(FleetError)
-    async def _fleet_error(request: Request, exc: FleetError) -> JSONResponse:
-        webhook.count_error(exc)
-        return error_response(exc)
+    install_error_handlers(app)
 
     async def pudu_webhook(request: Request) -> Response:
         # Reached only if _EdgeApp's shortcut is bypassed; it is here for the docs.
-        payload = await webhook.accept(request.scope, request.receive)
+        try:
+            payload = await webhook.accept(request.scope, request.receive)
+        except FleetError as exc:
+            webhook.count_error(exc)
+            raise
         return Response(payload, media_type="application/json")
 
     app.add_api_route(WEBHOOK_PATH, pudu_webhook, methods=["POST"],

@@ -11,6 +11,7 @@ import pytest
 from bridge.envelope import Envelope
 from bridge.errors import StoreError, StoreRejectedError
 from callback_server.batcher import BatchWriter
+from callback_server.store import BatchResult
 
 
 class FlakyStore:
@@ -23,7 +24,7 @@ class FlakyStore:
         self.calls = 0
         self.failed_thrice = asyncio.Event()
 
-    async def write_batch(self, items: Sequence[tuple[str, Envelope]]) -> None:
+    async def write_batch(self, items: Sequence[tuple[str, Envelope]]) -> BatchResult:
         self.calls += 1
         if self.calls >= 3:
             self.failed_thrice.set()
@@ -32,6 +33,7 @@ class FlakyStore:
         if any(env.id.startswith("bad") for _, env in items):
             raise StoreRejectedError("refused: Data too long for column")
         self.written += [env.id for _, env in items]
+        return BatchResult(messages=len(items), logged=len(items), events=0, robots=0)
 
     async def dead_letter(self, topic: str, payload: bytes, reason: str) -> None:
         self.dead.append((topic, reason))

@@ -27,11 +27,11 @@ from starlette.routing import Route
 
 from bridge.errors import (
     InputError,
-    NotConnectedError,
     PayloadTooLargeError,
     TopicError,
     TopicNotAllowedError,
 )
+from bridge.http_errors import install as install_error_handlers
 from bridge.proxy import MqttProxy, RetryPolicy, create_proxy_router, sign
 from bridge.proxy.subscriptions import Mailbox
 from bridge.router import MessageRouter
@@ -152,6 +152,7 @@ async def env() -> AsyncIterator[Env]:
                           retry=RetryPolicy(base=0.05, cap=0.2), keepalive_seconds=0.2)
         async with router, proxy:
             app = FastAPI()
+            install_error_handlers(app)
             api = create_proxy_router(proxy)
             assert api is not None
             app.include_router(api)
@@ -226,13 +227,13 @@ async def test_refused_topics_and_filters(env: Env) -> None:
 
     dollar = await publish("$SYS/x")
     assert dollar.status_code == 403
-    assert "reserved for the broker" in dollar.json()["detail"]["message"]
+    assert "reserved for the broker" in dollar.json()["message"]
     assert (await publish("other/place")).status_code == 403
     assert (await publish(env.base + "a/+")).status_code == 422  # wildcard in a topic name
     assert (await publish(env.base + "a", qos=3)).status_code == 422
     assert (await publish(env.base + "a", retain="yes")).status_code == 422
     missing = await env.client.post("/mqtt/publish", json={"topic": env.base + "a"})
-    assert missing.status_code == 422 and missing.json()["detail"]["field"] == "payload"
+    assert missing.status_code == 422 and missing.json()["field"] == "payload"
 
     async def subscribe(topic: str) -> httpx.Response:
         return await env.client.post("/mqtt/subscribe", json={"topic": topic})
@@ -261,7 +262,7 @@ async def test_payload_limits(env: Env) -> None:
     over = await env.client.post("/mqtt/publish",
                                  json={"topic": env.base + "big", "payload": "x" * (limit + 1)})
     assert over.status_code == 413
-    assert over.json()["detail"]["error"] == "PayloadTooLargeError"
+    assert "exceeds the limit" in over.json()["message"]
     huge = await env.client.post("/mqtt/publish", content=b"[" + b" " * env.proxy.max_body)
     assert huge.status_code == 413
     with pytest.raises(PayloadTooLargeError):
@@ -285,6 +286,7 @@ async def test_offline_publish_503_for_qos0_and_504_without_puback() -> None:
     proxy = MqttProxy(transport, router, token=TOKEN, allowed_prefixes=["x/"],
                       publish_timeout=0.2)
     app = FastAPI()
+    install_error_handlers(app)
     api = create_proxy_router(proxy)
     assert api is not None
     app.include_router(api)
@@ -292,10 +294,10 @@ async def test_offline_publish_503_for_qos0_and_504_without_puback() -> None:
                                         base_url="http://proxy", headers=AUTH) as client:
         r0 = await client.post("/mqtt/publish", json={"topic": "x/a", "payload": "p", "qos": 0})
         assert r0.status_code == 503
-        assert r0.json()["detail"]["error"] == NotConnectedError.__name__
+        assert r0.json()["status"] == "error" and r0.headers["Retry-After"] == "5"
         r1 = await client.post("/mqtt/publish", json={"topic": "x/a", "payload": "p", "qos": 1})
         assert r1.status_code == 504
-        assert "may be delivered later" in r1.json()["detail"]["message"]
+        assert "may be delivered later" in r1.json()["message"]
         status = (await client.get("/mqtt/status")).json()
         assert status["connected"] is False and status["publish_errors"] == 2
 

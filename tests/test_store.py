@@ -568,6 +568,7 @@ def test_mysql_statements_are_folded_into_multi_row_inserts() -> None:
 
     store = open_store("mysql://root:@127.0.0.1:3306/test",
                        targets=Targets(robot_events=(Table(None, "a"), Table("db2", "b"))))
-    statements = [store._log_sql, *store._event_sql, *store._robot_sql]
+    upserts = [store.dialect.robot_upsert(t.qualified, 1.8e9) for t in store.targets.robot_status]
+    statements = [store._log_sql, *store._event_sql, *upserts]
     assert len(statements) == 4
     assert all(RE_INSERT_VALUES.match(sql) for sql in statements)

@@ -13,8 +13,8 @@ mounts nothing (there is no unauthenticated mode)::
     if proxy_router is not None:
         app.include_router(proxy_router)
 
-Errors: the endpoints translate ``FleetError``s to HTTP themselves (``to_http_exception``),
-so the router works in any app without extra exception handlers.
+Errors: the endpoints raise ``FleetError``s; the app that mounts the router installs the
+one error boundary (``bridge.http_errors.install``), which gives them their status and body.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ from bridge.proxy.http import (
     SubscribeBody,
     UnsubscribeBody,
     create_proxy_router,
-    http_status_for,
-    to_http_exception,
 )
 from bridge.proxy.subscriptions import MessageHandler, RetryPolicy, message_json, sign
 
@@ -42,9 +40,7 @@ __all__ = [
     "TopicNotAllowedError",
     "UnsubscribeBody",
     "create_proxy_router",
-    "http_status_for",
     "message_json",
     "sign",
-    "to_http_exception",
 ]
 

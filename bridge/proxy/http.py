@@ -1,19 +1,18 @@
-"""The REST ``/mqtt/*`` routes and the one map from our errors to HTTP status."""
+"""The REST ``/mqtt/*`` routes; their errors go through bridge.http_errors like every app's."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import binascii
-import contextlib
 import hmac
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from pydantic import (
     BaseModel,
@@ -21,74 +20,18 @@ from pydantic import (
     Field,
     JsonValue,
     StrictBool,
-    ValidationError,
     field_validator,
     model_validator,
 )
 from starlette.types import Receive, Scope, Send
 
-from bridge.errors import (
-    FleetError,
-    InputError,
-    NotConnectedError,
-    PayloadError,
-    PayloadTooLargeError,
-    PubackTimeoutError,
-    TopicError,
-    TopicNotAllowedError,
-    TransportError,
-)
+from bridge.errors import AuthError, InputError
+from bridge.http_body import parse_model, read_body
 from bridge.proxy.core import MqttProxy
 from bridge.proxy.subscriptions import (
     StreamSubscription,
     message_json,
 )
-
-T = TypeVar("T")
-M = TypeVar("M", bound=BaseModel)
-
-
-def http_status_for(exc: FleetError) -> int:
-    """The one map from our exceptions to HTTP status codes."""
-    if isinstance(exc, TopicNotAllowedError):
-        return 403
-    if isinstance(exc, TopicError):
-        return 422
-    if isinstance(exc, PayloadTooLargeError):
-        return 413
-    if isinstance(exc, PayloadError):
-        return 422
-    if isinstance(exc, InputError):
-        return exc.status
-    if isinstance(exc, PubackTimeoutError):
-        return 504
-    if isinstance(exc, NotConnectedError):
-        return 503
-    if isinstance(exc, TransportError):
-        return 502
-    return 500
-
-
-def to_http_exception(exc: FleetError) -> HTTPException:
-    """``exc`` as the HTTPException the endpoints raise: ``{"detail": {...}}``."""
-    detail: dict[str, Any] = {"error": type(exc).__name__, "message": str(exc)}
-    if isinstance(exc, InputError):
-        detail["message"] = exc.message
-        detail["field"] = exc.field
-    elif isinstance(exc, TopicError):
-        detail["field"] = "topic"
-    elif isinstance(exc, PayloadError):
-        detail["field"] = "payload"
-    return HTTPException(status_code=http_status_for(exc), detail=detail)
-
-
-@contextlib.contextmanager
-def _http_errors() -> Iterator[None]:
-    try:
-        yield
-    except FleetError as exc:
-        raise to_http_exception(exc) from exc
-
 
 
 class EventStream(Response):
@@ -224,31 +167,6 @@ class UnsubscribeBody(BaseModel):
         return self
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) past ``limit`` without buffering the rest."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLargeError(int(declared), limit, "request body")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLargeError(len(body), limit, "request body")
-    return bytes(body)
-
-
-def _parse(model: type[M], body: bytes) -> M:
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False)
-        field = ".".join(str(part) for part in errors[0]["loc"]) if errors else None
-        message = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors
-        )
-        raise InputError(message, field=field or None, status=422) from exc
-
-
 def create_proxy_router(proxy: MqttProxy) -> APIRouter | None:
     """The ``/mqtt/*`` routes, or None when no token is configured (proxy off: mount nothing)."""
     token = proxy.token
@@ -262,59 +180,54 @@ def create_proxy_router(proxy: MqttProxy) -> APIRouter | None:
         given = value.strip().encode("latin-1", "replace")
         ok = hmac.compare_digest(given, expected)  # constant time, whatever the scheme
         if not ok or scheme.lower() != "bearer":
-            raise HTTPException(401, detail={"error": "AuthError",
-                                             "message": "missing or invalid bearer token"},
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise AuthError("missing or invalid bearer token", bearer=True)
 
     api = APIRouter(prefix="/mqtt", tags=["mqtt"], dependencies=[Depends(authorize)])
 
     @api.post("/publish")
     async def publish(request: Request) -> dict[str, Any]:
         """Publish and answer after the PUBACK (504 without one, 503 if QoS 0 offline)."""
-        with _http_errors():
-            body = _parse(PublishBody, await _read_body(request, proxy.max_body))
-            payload: JsonValue | bytes = body.payload
-            if body.encoding == "base64":
-                if not isinstance(body.payload, str):
-                    raise InputError("base64 encoding needs a string payload", field="payload")
-                try:
-                    payload = base64.b64decode(body.payload, validate=True)
-                except binascii.Error as exc:
-                    raise InputError(f"payload is not base64: {exc}", field="payload") from exc
-            size = await proxy.publish_message(body.topic, payload, body.qos, body.retain)
+        body = parse_model(PublishBody, await read_body(request, proxy.max_body))
+        payload: JsonValue | bytes = body.payload
+        if body.encoding == "base64":
+            if not isinstance(body.payload, str):
+                raise InputError("base64 encoding needs a string payload", field="payload")
+            try:
+                payload = base64.b64decode(body.payload, validate=True)
+            except binascii.Error as exc:
+                raise InputError(f"payload is not base64: {exc}", field="payload") from exc
+        size = await proxy.publish_message(body.topic, payload, body.qos, body.retain)
         return {"status": "success", "topic": body.topic, "qos": body.qos,
                 "retain": body.retain, "bytes": size}
 
     @api.post("/subscribe")
     async def subscribe(request: Request) -> dict[str, Any]:
         """Webhook subscription when ``callback_url`` is given, else a buffered stream."""
-        with _http_errors():
-            body = _parse(SubscribeBody, await _read_body(request, 64 * 1024))
-            if body.callback_url is not None:
-                sub_id, secret = await proxy.add_callback_subscription(
-                    body.topic, body.callback_url, body.secret, qos=body.qos)
-                # The only time the secret is shown: the receiver needs it to verify.
-                return {"status": "success", "id": sub_id, "topic": body.topic,
-                        "callback_url": body.callback_url, "secret": secret,
-                        "signature": "X-Signature: sha256=<hex HMAC-SHA256(secret, body)>"}
-            sub_id = await proxy.add_stream_subscription(body.topic, qos=body.qos)
+        body = parse_model(SubscribeBody, await read_body(request, 64 * 1024))
+        if body.callback_url is not None:
+            sub_id, secret = await proxy.add_callback_subscription(
+                body.topic, body.callback_url, body.secret, qos=body.qos)
+            # The only time the secret is shown: the receiver needs it to verify.
+            return {"status": "success", "id": sub_id, "topic": body.topic,
+                    "callback_url": body.callback_url, "secret": secret,
+                    "signature": "X-Signature: sha256=<hex HMAC-SHA256(secret, body)>"}
+        sub_id = await proxy.add_stream_subscription(body.topic, qos=body.qos)
         return {"status": "success", "id": sub_id, "topic": body.topic,
                 "stream": f"/mqtt/stream?id={sub_id}"}
 
     @api.post("/unsubscribe")
     async def unsubscribe(request: Request) -> dict[str, Any]:
         """Remove REST subscriptions by exact filter, or one by id."""
-        with _http_errors():
-            body = _parse(UnsubscribeBody, await _read_body(request, 64 * 1024))
-            if body.id is not None:
-                await proxy.remove_rest_subscription(body.id)
-                removed = [body.id]
-            else:
-                assert body.topic is not None
-                removed = await proxy.remove_rest_subscriptions(body.topic)
-                if not removed:
-                    raise InputError(f"no REST subscription on {body.topic!r}", field="topic",
-                                     status=404)
+        body = parse_model(UnsubscribeBody, await read_body(request, 64 * 1024))
+        if body.id is not None:
+            await proxy.remove_rest_subscription(body.id)
+            removed = [body.id]
+        else:
+            assert body.topic is not None
+            removed = await proxy.remove_rest_subscriptions(body.topic)
+            if not removed:
+                raise InputError(f"no REST subscription on {body.topic!r}", field="topic",
+                                 status=404)
         return {"status": "success", "removed": removed}
 
     @api.get("/status")
@@ -333,16 +246,15 @@ def create_proxy_router(proxy: MqttProxy) -> APIRouter | None:
     ) -> Response:
         """SSE: ``?topic=FILTER`` for a subscription that lives as long as the
         connection, or ``?id=`` to read one made by POST /mqtt/subscribe."""
-        with _http_errors():
-            if (topic is None) == (subscription_id is None):
-                raise InputError("give exactly one of topic or id", field="topic")
-            if topic is not None:
-                sub = await proxy._open_stream(topic)
-                on_close: Callable[[], None] = partial(proxy._discard, sub)
-            else:
-                assert subscription_id is not None
-                sub = proxy._attach_reader(subscription_id)
-                on_close = sub.detach_reader
+        if (topic is None) == (subscription_id is None):
+            raise InputError("give exactly one of topic or id", field="topic")
+        if topic is not None:
+            sub = await proxy._open_stream(topic)
+            on_close: Callable[[], None] = partial(proxy._discard, sub)
+        else:
+            assert subscription_id is not None
+            sub = proxy._attach_reader(subscription_id)
+            on_close = sub.detach_reader
         return EventStream(sub, proxy.keepalive_seconds, on_close)
 
     return api

@@ -54,10 +54,12 @@ BACKENDS: dict[str, Callable[[str, Targets], Backend]] = {
 }
 
 
-def open_store(url: str, *, targets: Targets | None = None) -> SqlStore:
+def open_store(url: str, *, targets: Targets | None = None,
+               max_skew: float = 300.0) -> SqlStore:
     """The store for a DATABASE_URL; ConfigError for an unknown scheme or a bad URL.
 
-    Nothing connects yet: enter the store (``async with``) and use it.
+    Nothing connects yet: enter the store (``async with``) and use it. ``max_skew``:
+    how far ahead of this clock a robot time may be and still order state.
     """
     scheme = url.split("://", 1)[0].split("+", 1)[0].lower() if "://" in url else ""
     factory = BACKENDS.get(scheme)
@@ -67,4 +69,4 @@ def open_store(url: str, *, targets: Targets | None = None) -> SqlStore:
             f"got scheme {scheme!r}"
         )
     targets = targets or Targets()
-    return SqlStore(factory(url, targets), targets)
+    return SqlStore(factory(url, targets), targets, max_skew=max_skew)

@@ -77,9 +77,11 @@ class Dialect:
         kind = self.column_type(column)
         return f"ALTER TABLE {self.quote(table)} ADD COLUMN {column.name} {kind}"
 
-    def create_index(self, table: str, column: str) -> str:
-        name = self.quote(f"ix_{table.rpartition('.')[2]}_{column}")
-        return f"CREATE INDEX IF NOT EXISTS {name} ON {self.quote(table)} ({column})"
+    def create_index(self, table: str, column: str, *, unique: bool = False) -> str:
+        kind = "ux" if unique else "ix"
+        name = self.quote(f"{kind}_{table.rpartition('.')[2]}_{column}")
+        verb = "CREATE UNIQUE INDEX" if unique else "CREATE INDEX"
+        return f"{verb} IF NOT EXISTS {name} ON {self.quote(table)} ({column})"
 
     def create_database(self, name: str) -> str:
         return f"CREATE DATABASE IF NOT EXISTS {self.quote(name)} DEFAULT CHARACTER SET utf8mb4"
@@ -111,7 +113,7 @@ class Dialect:
         verb = "INSERT IGNORE" if self.mysql else "INSERT OR IGNORE"
         return self.insert(table, columns).replace("INSERT", verb, 1)
 
-    def robot_upsert(self, table: str) -> str:
+    def robot_upsert(self, table: str, horizon: float) -> str:
         """Upsert one robot row per robot, each state group moving only forward in time.
 
         The row carries every group; a group this batch did not see has a NULL
@@ -119,7 +121,12 @@ class Dialect:
         is taken when its ts is >= the stored watermark (a NULL watermark, e.g. on a
         legacy row, takes anything). ``org_id``, ``gateway_id`` and ``last_updated``
         follow ``last_ts``, the newest robot time seen for the robot.
+
+        A stored watermark beyond ``horizon`` (now + the allowed clock skew, inlined as
+        a literal: it is our own float) counts as NULL, so a robot frozen by a
+        far-future time written before this rule existed recovers on its next message.
         """
+        bound = f"{float(horizon):.3f}"
         if self.mysql:
             def new(c: str) -> str:
                 return f"VALUES({c})"  # MySQL 8.0.20 deprecates it; MariaDB has nothing else
@@ -131,7 +138,8 @@ class Dialect:
 
         def take(column: str, watermark: str) -> str:
             # COALESCE(old, new): a NULL stored watermark accepts any non-NULL new one.
-            cond = f"{new(watermark)} >= COALESCE({watermark}, {new(watermark)})"
+            old = f"CASE WHEN {watermark} > {bound} THEN NULL ELSE {watermark} END"
+            cond = f"{new(watermark)} >= COALESCE({old}, {new(watermark)})"
             return f"{column} = CASE WHEN {cond} THEN {new(column)} ELSE {column} END"
 
         sets = [take(c, f"{g}_ts") for g, group in STATE_GROUPS.items() for c in group]

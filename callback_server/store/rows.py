@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ _CHANNEL_OF_TYPE = {
     "robotErrorNotice": "event", "notifyRobotPower": "power", "notifyRobotPose": "pose",
     "notifyRobotMoveState": "move", "notifyCleanStatus": "task", "TASK_STATUS": "task",
 }
+_log = logging.getLogger(__name__)
+
 _INT_MAX = 2**31 - 1  # MySQL INT
 _TS_MAX = 253402300799.0  # 9999-12-31T23:59:59Z, the end of DATETIME
 
@@ -92,6 +95,12 @@ def integer(value: Any) -> int | None:
     return None
 
 
+def percent(value: Any) -> int | None:
+    """A 0-100 level; anything else (firmware's 255 for unknown, -5) is not a fact."""
+    level = integer(value)
+    return level if level is not None and 0 <= level <= 100 else None
+
+
 def number(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
@@ -134,6 +143,18 @@ def is_robot_channel(channel: str) -> bool:
     return channel in ROBOT_CHANNELS or channel.startswith("callback/")
 
 
+def is_robot_state(channel: str, env: Envelope) -> bool:
+    """Whether a message is about a robot: by its channel, never by comparing the device
+    with the gateway id (a robot may be named like one). Shop-level callbacks (PUDU.md:
+    mapElementChange has no sn) travel raw on the gateway's topic with no sn in ``raw``."""
+    if not is_robot_channel(channel):
+        return False
+    if channel.startswith("callback/") and env.raw:
+        ext = env.raw.get("extend_info")
+        return "sn" in env.raw or (isinstance(ext, dict) and "sn" in ext)
+    return True
+
+
 def state_groups(channel: str, data: Mapping[str, Any],
                  sizes: Mapping[str, int] | None = None) -> dict[str, tuple[Any, ...]]:
     """The latest-state groups one message carries, coerced, in STATE_GROUPS order.
@@ -152,7 +173,7 @@ def state_groups(channel: str, data: Mapping[str, Any],
         take("status", text(data.get("status"), size["status"]))
         take("charging", flag(data.get("is_charging")))
     if channel in ("status", "power", "event"):
-        take("battery", integer(data.get("battery_level")))
+        take("battery", percent(data.get("battery_level")))
     if channel in ("status", "power"):
         take("charge", text(data.get("charge_state"), size["charge_state"]))
     if channel in ("status", "move"):
@@ -182,6 +203,7 @@ class BatchRows:
     log: list[tuple[Any, ...]]
     events: list[tuple[Any, ...]]
     robots: list[tuple[Any, ...]]
+    skewed: int = 0  # messages ordered by ``now`` because their time was too far ahead
 
 
 def _sizes(spec: TableSpec, limits: Limits | None) -> dict[str, int]:
@@ -193,23 +215,35 @@ def _sizes(spec: TableSpec, limits: Limits | None) -> dict[str, int]:
 
 
 def _payload(env: Envelope) -> str:
-    # Envelope.to_json's shape, without dataclasses.asdict's deep copy (hot path).
-    return json.dumps(
-        {"id": env.id, "type": env.type, "org": env.org, "device": env.device,
-         "gateway": env.gateway, "ts": env.ts, "received_at": env.received_at,
-         "data": env.data, "raw": env.raw, "channel": env.channel, "v": env.v},
-        separators=(",", ":"), ensure_ascii=False, default=str,
-    )
+    """The envelope as stored: strict RFC 8259 JSON, as published."""
+    return env.to_json().decode("utf-8", "replace")
+
+
+def sane_time(env: Envelope, now: float, max_skew: float) -> tuple[float | None, Envelope]:
+    """The robot time to order ``env`` by, and the envelope (with a note if it changed).
+
+    A time more than ``max_skew`` ahead of ``now`` would make every later real state
+    look older; it is replaced by ``now``, and the note keeps the original value.
+    """
+    ts = robot_time(env.ts)
+    if ts is None or ts - now <= max_skew:
+        return ts, env
+    note = (f"ts: {env.ts!r} is {ts - now:.0f} s ahead of the server clock "
+            f"(limit {max_skew:g} s); ordered by the server's time")
+    _log.warning("message %s of %s/%s: %s", env.id, env.org, env.device, note)
+    return now, env.with_notes(note)
 
 
 def build_rows(items: Sequence[Item], *, now: float,
-               limits: Mapping[str, Limits] | None = None) -> BatchRows:
+               limits: Mapping[str, Limits] | None = None,
+               max_skew: float = 300.0) -> BatchRows:
     """Fold a batch into rows: every message logged, every event once, one state row
     per robot holding, per group, the newest values of the batch.
 
     ``limits`` maps ``"robots"``/``"events"``/``"log"`` to the character limits of
     existing (possibly narrower, legacy) columns. Equal robot times: the later message
-    in the batch wins, as a later batch wins over an earlier one.
+    in the batch wins, as a later batch wins over an earlier one. Robot times more than
+    ``max_skew`` ahead of ``now`` are ordered as ``now`` (``sane_time``).
     """
     lim = limits or {}
     ls, es, rs = _sizes(LOG, lim.get("log")), _sizes(EVENTS, lim.get("events")), \
@@ -218,11 +252,15 @@ def build_rows(items: Sequence[Item], *, now: float,
     log: dict[str, tuple[Any, ...]] = {}
     events: dict[tuple[str, str], tuple[Any, ...]] = {}
     robots: dict[str, _Robot] = {}
+    skewed = 0
     for order, item in enumerate(items):
         topic, env = item if isinstance(item, tuple) else ("", item)
         channel = channel_of(topic, env)
         topic = topic or f"org/{env.org}/device/{env.device}/{channel}"
-        ts = robot_time(env.ts)
+        ts, sane = sane_time(env, now, max_skew)
+        if sane is not env:
+            skewed += 1
+            env = sane
         received = robot_time(env.received_at)
         log_id = key(env.id, ls["id"])
         log.setdefault(log_id, (
@@ -231,9 +269,7 @@ def build_rows(items: Sequence[Item], *, now: float,
             text(channel, ls["channel"]), ts, received, stored_at,
             text(_payload(env), ls["payload"]),
         ))
-        # A gateway's own channels, and shop-level callbacks published on the gateway's
-        # device topic (PUDU.md: mapElementChange has no sn), are not robot state.
-        if not is_robot_channel(channel) or env.device == env.gateway:
+        if not is_robot_state(channel, env):
             continue
         sn = key(env.device, min(rs["robot_sn"], es["robot_sn"]))
         data = env.data
@@ -272,4 +308,5 @@ def build_rows(items: Sequence[Item], *, now: float,
         log=[log[k] for k in sorted(log)],
         events=[events[k] for k in sorted(events)],
         robots=robot_rows,
+        skewed=skewed,
     )

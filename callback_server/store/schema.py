@@ -30,6 +30,8 @@ class TableSpec:
     key: tuple[str, ...]
     #: The time column retention deletes by (indexed); None: kept forever.
     aged_by: str | None = None
+    #: A column with a unique index besides the key (NULLs, as on legacy rows, may repeat).
+    unique: str | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -124,9 +126,13 @@ DEAD_LETTERS = TableSpec(
         Column("payload", "text", 4_000_000),  # undecodable bytes kept as \x.. escapes
         Column("reason", "text", 2000),
         Column("created_at", "time"),
+        # SHA-256 of topic and payload: a message redelivered after a crash between the
+        # dead letter's commit and its ack is not kept twice.
+        Column("digest", "str", 64),
     ),
     key=("id",),
     aged_by="created_at",
+    unique="digest",
 )
 COMMANDS = TableSpec(
     columns=(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import decimal
+import hashlib
 import json
 import logging
 import time
@@ -19,7 +20,7 @@ from types import TracebackType
 from typing import Any
 
 from bridge.commands import CommandOutcome
-from bridge.errors import StoreError
+from bridge.errors import StoreError, StoreRejectedError
 from callback_server.store.base import Backend, Statement
 from callback_server.store.rows import Item, build_rows, key, text, when
 from callback_server.store.schema import (
@@ -56,6 +57,7 @@ class BatchResult:
     logged: int    # new rows in the raw message log; the rest were redeliveries
     events: int    # new event rows (first events target)
     robots: int    # robots whose state row was upserted (in every status target)
+    skewed: int = 0  # messages whose robot time was too far ahead (ordered by our clock)
 
     @property
     def duplicates(self) -> int:
@@ -97,10 +99,12 @@ class SqlStore:
     write or read if the caller has not done it.
     """
 
-    def __init__(self, backend: Backend, targets: Targets | None = None) -> None:
+    def __init__(self, backend: Backend, targets: Targets | None = None,
+                 *, max_skew: float = 300.0) -> None:
         self.backend = backend
         self.dialect = backend.dialect
         self.targets = targets or Targets()
+        self.max_skew = max_skew
         self._migrated = False
         self._migrate_lock = asyncio.Lock()
         self._limits: dict[str, dict[str, int]] = {}
@@ -108,7 +112,6 @@ class SqlStore:
         self._log_sql = d.insert_ignore(LOG_TABLE, LOG.names)
         self._event_sql = [d.insert_ignore(t.qualified, EVENTS.names)
                            for t in self.targets.robot_events]
-        self._robot_sql = [d.robot_upsert(t.qualified) for t in self.targets.robot_status]
 
     async def __aenter__(self) -> SqlStore:
         return self
@@ -175,6 +178,9 @@ class SqlStore:
             added.append(column.name)
         if spec.aged_by:
             await self.backend.transaction([(d.create_index(table, spec.aged_by), None)])
+        if spec.unique:
+            await self.backend.transaction(
+                [(d.create_index(table, spec.unique, unique=True), None)])
         if spec is ROBOTS:
             await self._seed_watermarks(table, [c for c in added if c in (*WATERMARKS, "last_ts")])
         if spec.columns[0].kind != "serial":
@@ -220,22 +226,33 @@ class SqlStore:
         if not items:
             return BatchResult(0, 0, 0, 0)
         await self._ready()
-        rows = build_rows(items, now=time.time(), limits=self._limits)
+        now = time.time()
+        try:
+            rows = build_rows(items, now=now, limits=self._limits, max_skew=self.max_skew)
+        except Exception as exc:  # any fault of the data, not of the database
+            # Retrying cannot help: the batcher bisects to the message and dead-letters it.
+            raise StoreRejectedError(f"cannot build rows: {type(exc).__name__}: {exc}") \
+                from exc
+        horizon = now + self.max_skew
         statements: list[Statement] = [(self._log_sql, rows.log)]
         statements += [(sql, rows.events) for sql in self._event_sql]
-        statements += [(sql, rows.robots) for sql in self._robot_sql]
+        statements += [(self.dialect.robot_upsert(t.qualified, horizon), rows.robots)
+                       for t in self.targets.robot_status]
         counts = await self.backend.transaction(statements)
         return BatchResult(messages=len(items), logged=counts[0], events=counts[1],
-                           robots=len(rows.robots))
+                           robots=len(rows.robots), skewed=rows.skewed)
 
     async def dead_letter(self, topic: str, payload: bytes, reason: str) -> None:
-        """Keep a message we cannot use, with why, instead of redelivering it forever."""
+        """Keep a message we cannot use, with why, instead of redelivering it forever;
+        the same topic and payload again (a redelivery) is kept once."""
         await self._ready()
         sizes = {c.name: c.size for c in DEAD_LETTERS.columns}
+        digest = hashlib.sha256(topic.encode("utf-8", "surrogatepass") + b"\0" + payload)
         row = (text(topic, sizes["topic"]),
                text(payload.decode("utf-8", errors="backslashreplace"), sizes["payload"]),
-               text(reason, sizes["reason"]), when(time.time()))
-        sql = self.dialect.insert(DEAD_TABLE, ("topic", "payload", "reason", "created_at"))
+               text(reason, sizes["reason"]), when(time.time()), digest.hexdigest())
+        sql = self.dialect.insert_ignore(
+            DEAD_TABLE, ("topic", "payload", "reason", "created_at", "digest"))
         await self.backend.transaction([(sql, [row])])
 
     async def record_command(self, outcome: CommandOutcome) -> None:

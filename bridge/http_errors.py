@@ -1,0 +1,148 @@
+"""The one HTTP error boundary of every app: exception tree -> status, and one body shape.
+
+Every error any app answers, FastAPI's own validation errors and 404/405 included, is
+``{"status": "error", "message": str, "timestamp": int, "field"?: str}``. The map from
+the exception tree to status lives in ``status_for`` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from bridge.errors import (
+    AuthError,
+    CommandTimeoutError,
+    FleetError,
+    InputError,
+    NotConnectedError,
+    OutboxError,
+    OutboxFullError,
+    PayloadError,
+    PayloadTooLargeError,
+    PubackTimeoutError,
+    StoreError,
+    TopicError,
+    TopicNotAllowedError,
+    TransportError,
+)
+
+__all__ = ["RETRY_AFTER_SECONDS", "error_body", "error_response", "install",
+           "internal_error_response", "status_for"]
+
+log = logging.getLogger(__name__)
+
+#: What a 503 asks the client to wait; the outbox or database is expected back by then.
+RETRY_AFTER_SECONDS = 5
+
+# Most specific first: the first class ``exc`` is an instance of decides.
+_STATUS: tuple[tuple[type[FleetError], int], ...] = (
+    (TopicNotAllowedError, 403),
+    (TopicError, 422),
+    (PayloadTooLargeError, 413),
+    (PayloadError, 422),
+    (CommandTimeoutError, 504),
+    (PubackTimeoutError, 504),
+    (NotConnectedError, 503),
+    (TransportError, 502),
+    (OutboxError, 503),
+    (StoreError, 503),
+)
+
+
+def status_for(exc: FleetError) -> int:
+    """The HTTP status for one of our exceptions (500: a bug, not the client's fault)."""
+    if isinstance(exc, InputError):
+        return exc.status
+    for kind, status in _STATUS:
+        if isinstance(exc, kind):
+            return status
+    return 500
+
+
+def _message(exc: FleetError, status: int) -> str:
+    if isinstance(exc, InputError):
+        return exc.message
+    if isinstance(exc, OutboxError) and not isinstance(exc, OutboxFullError):
+        return "callback could not be stored; retry later"
+    if isinstance(exc, StoreError):
+        return "database unavailable; retry later"
+    if status == 500:
+        return "internal error"
+    return str(exc)
+
+
+def _field(exc: FleetError) -> str | None:
+    if isinstance(exc, InputError):
+        return exc.field
+    if isinstance(exc, TopicError):
+        return "topic"
+    return getattr(exc, "field", None)
+
+
+def error_body(message: str, field: str | None = None) -> dict[str, Any]:
+    """The one error body shape."""
+    body: dict[str, Any] = {"status": "error", "message": message, "timestamp": int(time.time())}
+    if field:
+        body["field"] = field
+    return body
+
+
+def _respond(status: int, message: str, field: str | None = None,
+             headers: dict[str, str] | None = None) -> JSONResponse:
+    if status == 503:
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS), **(headers or {})}
+    return JSONResponse(error_body(message, field), status_code=status, headers=headers)
+
+
+def error_response(exc: FleetError) -> JSONResponse:
+    """``exc`` as the response every app sends for it."""
+    status = status_for(exc)
+    if status == 500:
+        log.error("unexpected error", exc_info=exc)
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, AuthError) and exc.bearer \
+        else None
+    return _respond(status, _message(exc, status), _field(exc), headers)
+
+
+def internal_error_response() -> JSONResponse:
+    """The answer to a bug (the caller logs it with its traceback)."""
+    return _respond(500, "internal error")
+
+
+def _validation_field(loc: Any) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or None
+
+
+def install(app: FastAPI) -> None:
+    """Route every error ``app`` can answer through the one body shape."""
+
+    @app.exception_handler(FleetError)
+    async def _fleet(request: Request, exc: FleetError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        message = "; ".join(
+            f"{_validation_field(e.get('loc', ())) or 'body'}: {e.get('msg', 'invalid')}"
+            for e in errors[:5]) or "invalid request"
+        field = _validation_field(errors[0].get("loc", ())) if errors else None
+        return _respond(422, message, field)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else "request refused"
+        return _respond(exc.status_code, message, headers=dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        return internal_error_response()

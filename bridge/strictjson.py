@@ -1,0 +1,132 @@
+"""Strict JSON in and out: bounded parsing for outside data, RFC 8259 for what we emit.
+
+Python's ``json`` parses ~1,000 levels of nesting before it raises RecursionError (not
+ValueError), reads ``NaN``/``Infinity``/``1e400`` as non-finite floats, and writes them
+back as bare ``NaN``, which strict consumers (AWS IoT rules, Go, Java) refuse. So every
+body, header-carried or MQTT payload that enters from outside is parsed here:
+
+- nesting deeper than ``MAX_DEPTH`` is refused *before* the recursive parse, by a scan
+  that costs two ``bytes.count`` calls on an ordinary body;
+- NaN, ±Infinity and integers beyond ±2^53 (where IEEE doubles, hence most JSON
+  consumers, stop being exact) become ``null``, and each change is described in a note
+  (``"data.x: NaN is not JSON; null"``) that the envelope carries in ``notes``.
+
+Duplicate keys: the last one wins, as in ``json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from bridge.errors import DepthError, PayloadError
+
+__all__ = ["MAX_DEPTH", "MAX_NOTES", "SAFE_INT", "Parsed", "check_depth", "clean", "dumps",
+           "loads"]
+
+#: Deepest nesting accepted from outside; Pudu's deepest callback nests 4 levels.
+MAX_DEPTH = 64
+#: Largest integer magnitude kept as a number (2^53: exact in an IEEE double).
+SAFE_INT = 2**53
+#: Notes kept per document; a body with 10,000 NaNs gets a count, not 10,000 notes.
+MAX_NOTES = 20
+
+# A JSON string, unambiguous (one way to match each character), so linear on failure.
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+# Anything that may parse to a non-finite float or an unsafe integer; a false positive
+# (the text "NaN" in a string) only costs a walk over the parsed value.
+_SUSPECT = re.compile(rb"NaN|Infinity|\d{16}|[eE][+-]?\d{3}")
+_BRACKETS = bytes.maketrans(b"[{]}", b"\x01\x01\x02\x02")
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """A parsed document and what was changed to keep it strict JSON."""
+
+    value: Any
+    notes: list[str] = field(default_factory=list)
+
+
+def check_depth(raw: bytes, limit: int = MAX_DEPTH) -> None:
+    """DepthError if ``raw`` nests deeper than ``limit``; brackets in strings do not count."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return  # cannot be deeper than it has openers: the common case, ~1 µs
+    only = _STRING.sub(b"", raw).translate(_BRACKETS)
+    depth = 0
+    for byte in only:
+        if byte == 1:
+            depth += 1
+            if depth > limit:
+                raise DepthError(limit)
+        elif byte == 2:
+            depth -= 1
+
+
+def loads(raw: bytes | str, *, max_depth: int = MAX_DEPTH) -> Parsed:
+    """Parse outside data: PayloadError (DepthError) if it is not bounded JSON.
+
+    UnicodeDecodeError and ValueError from ``json`` become PayloadError too, so callers
+    handle one exception type for every way a body can be bad.
+    """
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    check_depth(data, max_depth)
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise PayloadError(f"not JSON: {exc}") from None
+    if not _SUSPECT.search(data):
+        return Parsed(value)
+    notes: list[str] = []
+    return Parsed(clean(value, "", notes), notes)
+
+
+def clean(value: Any, path: str, notes: list[str]) -> Any:
+    """``value`` with NaN/±Infinity and unsafe integers replaced by None, in place.
+
+    Each replacement appends a note naming its path. Recursion is bounded by the caller
+    (a value from ``loads`` nests at most MAX_DEPTH levels).
+    """
+    kind = type(value)
+    if kind is float:
+        if not math.isfinite(value):
+            _note(notes, f"{path or 'value'}: {value!r} is not JSON; null")
+            return None
+    elif kind is int:
+        if abs(value) > SAFE_INT:
+            _note(notes, f"{path or 'value'}: integer beyond ±2^53; null")
+            return None
+    elif kind is dict:
+        for key, item in value.items():
+            if type(item) in _CONTAINERS_AND_NUMBERS:
+                value[key] = clean(item, f"{path}.{key}" if path else str(key), notes)
+    elif kind is list:
+        for i, item in enumerate(value):
+            if type(item) in _CONTAINERS_AND_NUMBERS:
+                value[i] = clean(item, f"{path}[{i}]", notes)
+    return value
+
+
+_CONTAINERS_AND_NUMBERS = (float, int, dict, list)
+
+
+def _note(notes: list[str], note: str) -> None:
+    if len(notes) < MAX_NOTES:
+        notes.append(note[:200])
+    elif len(notes) == MAX_NOTES:
+        notes.append("more values were changed; see raw for the rest")
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact RFC 8259 JSON as UTF-8; ValueError on NaN/Infinity (clean first).
+
+    A lone surrogate (``"\\ud800"``) is valid JSON but not UTF-8: then everything
+    non-ASCII is escaped instead.
+    """
+    try:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()

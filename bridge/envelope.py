@@ -93,8 +93,8 @@ class Envelope:
         ts = _seconds(obj["ts"], "ts")
         received = obj.get("received_at")
         received_at = ts if received in (None, "") else _seconds(received, "received_at")
-        data = obj.get("data") or {}
-        raw = obj.get("raw") or {}
+        data = {} if obj.get("data") is None else obj["data"]
+        raw = {} if obj.get("raw") is None else obj["raw"]
         if not isinstance(data, dict) or not isinstance(raw, dict):
             raise PayloadError("envelope data/raw must be objects")
         own = obj.get("notes") or []

@@ -115,11 +115,14 @@ class BatchWriter:
             await self._wake.wait()
             self._wake.clear()
             while self._dead:
-                dead = self._dead[0]
-                await self._dead_letter(dead.topic, dead.payload, dead.reason)
-                self._dead.popleft()
+                n = min(len(self._dead), self.batch_max)
+                letters = [self._dead[i] for i in range(n)]
+                await self._dead_letters(letters)
+                for _ in range(n):
+                    self._dead.popleft()
                 self.last_progress = time.monotonic()
-                dead.on_commit()
+                for dead in letters:
+                    dead.on_commit()
             while self._items:
                 n = min(len(self._items), self.batch_max)
                 batch = [self._items[i] for i in range(n)]
@@ -147,16 +150,23 @@ class BatchWriter:
                 return
             item = batch[0]
             log.error("database refused message %s on %s: %s", item.envelope.id, item.topic, exc)
-            await self._dead_letter(item.topic, item.envelope.to_json(),
-                                    f"database refused it: {exc}")
+            await self._dead_letters([_Dead(item.topic, item.envelope.to_json(),
+                                            f"database refused it: {exc}", item.on_commit)])
 
-    async def _dead_letter(self, topic: str, payload: bytes, reason: str) -> None:
+    async def _dead_letters(self, letters: list[_Dead]) -> None:
+        """Write dead letters in one transaction; if refused, one by one to the culprit."""
+        rows = [(d.topic, d.payload, d.reason) for d in letters]
         try:
-            await self._retrying(functools.partial(self.store.dead_letter, topic, payload, reason))
-        except StoreRejectedError as exc:  # not even storable as a dead letter: log it all
+            await self._retrying(functools.partial(self.store.dead_letters, rows))
+        except StoreRejectedError as exc:
+            if len(letters) > 1:
+                for letter in letters:
+                    await self._dead_letters([letter])
+                return
+            d = letters[0]  # not even storable as a dead letter: log it all
             log.error("dropping message on %s (%s); dead letter refused: %s; payload %r",
-                      topic, reason, exc, payload[:2000])
-        self.dead_lettered += 1
+                      d.topic, d.reason, exc, d.payload[:2000])
+        self.dead_lettered += len(letters)
 
     async def _retrying(self, op: Callable[[], Awaitable[T]]) -> T:
         """Run ``op`` until it succeeds; StoreRejectedError is raised, not retried."""

@@ -68,6 +68,15 @@ class ServiceProcess:
             time.sleep(0.05)
         raise TimeoutError(f"{key} never became {value!r}: {self.health()}")
 
+    def wait_health_at_least(self, key: str, value: float, timeout: float = 20) -> None:
+        """Poll the health endpoint until the number ``key`` reaches ``value``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if float(self.health().get(key) or 0) >= value:  # type: ignore[arg-type]
+                return
+            time.sleep(0.01)
+        raise TimeoutError(f"{key} never reached {value!r}: {self.health()}")
+
     def kill(self) -> None:
         """SIGKILL: no shutdown code runs (a crash or power cut for the process)."""
         if self.proc and self.proc.poll() is None:

@@ -35,8 +35,8 @@ class FlakyStore:
         self.written += [env.id for _, env in items]
         return BatchResult(messages=len(items), logged=len(items), events=0, robots=0)
 
-    async def dead_letter(self, topic: str, payload: bytes, reason: str) -> None:
-        self.dead.append((topic, reason))
+    async def dead_letters(self, letters: Sequence[tuple[str, bytes, str]]) -> None:
+        self.dead += [(topic, reason) for topic, _, reason in letters]
 
 
 def env(i: str) -> Envelope:

@@ -243,17 +243,26 @@ class SqlStore:
                            robots=len(rows.robots), skewed=rows.skewed)
 
     async def dead_letter(self, topic: str, payload: bytes, reason: str) -> None:
-        """Keep a message we cannot use, with why, instead of redelivering it forever;
-        the same topic and payload again (a redelivery) is kept once."""
+        """Keep one message we cannot use, with why (see ``dead_letters``)."""
+        await self.dead_letters([(topic, payload, reason)])
+
+    async def dead_letters(self, letters: Sequence[tuple[str, bytes, str]]) -> None:
+        """Keep messages we cannot use, with why, in one transaction, instead of having
+        them redelivered forever; the same topic and payload again (a redelivery after a
+        crash between this commit and the ack) is kept once."""
         await self._ready()
         sizes = {c.name: c.size for c in DEAD_LETTERS.columns}
-        digest = hashlib.sha256(topic.encode("utf-8", "surrogatepass") + b"\0" + payload)
-        row = (text(topic, sizes["topic"]),
-               text(payload.decode("utf-8", errors="backslashreplace"), sizes["payload"]),
-               text(reason, sizes["reason"]), when(time.time()), digest.hexdigest())
+        now = when(time.time())
+        rows = []
+        for topic, payload, reason in letters:
+            digest = hashlib.sha256(topic.encode("utf-8", "surrogatepass") + b"\0" + payload)
+            rows.append((
+                text(topic, sizes["topic"]),
+                text(payload.decode("utf-8", errors="backslashreplace"), sizes["payload"]),
+                text(reason, sizes["reason"]), now, digest.hexdigest()))
         sql = self.dialect.insert_ignore(
             DEAD_TABLE, ("topic", "payload", "reason", "created_at", "digest"))
-        await self.backend.transaction([(sql, [row])])
+        await self.backend.transaction([(sql, rows)])
 
     async def record_command(self, outcome: CommandOutcome) -> None:
         """Keep a command, its outcome and round-trip time (once per message id)."""

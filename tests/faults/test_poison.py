@@ -1,0 +1,152 @@
+"""Poison on the MQTT stream: thousands of broken envelopes of every fault class, then
+valid ones; nothing stalls, each poison message is dead-lettered exactly once, and health
+never says healthy over a stalled stream — also across SIGKILL and the persistent
+session's redelivery."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from tests.dbutil import query
+from tests.hostile import FAULT_CLASSES, poison_payloads, valid_envelope
+from tests.services import ServiceProcess, callback_server
+
+pytestmark = pytest.mark.integration
+BROKER = "mqtt://127.0.0.1:1883"
+STALL = 5.0
+
+
+class HealthSampler:
+    """Reads /callback/health every 100 ms in a thread, keeping every answer."""
+
+    def __init__(self, service: ServiceProcess) -> None:
+        self.service = service
+        self.samples: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=5) as client:
+            while not self._stop.wait(0.1):
+                try:
+                    self.samples.append(client.get(self.service.url + "/callback/health").json())
+                except httpx.TransportError:
+                    pass  # killed on purpose, restarting
+
+    def __enter__(self) -> HealthSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def assert_never_healthy_over_a_stall(self) -> None:
+        assert self.samples, "no health sample taken"
+        for s in self.samples:
+            if s["oldest_unacked_seconds"] > STALL:
+                assert s["status"] == "degraded" and s["reasons"], s
+
+
+def publish_all(topic: str, payloads: list[bytes]) -> None:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.max_inflight_messages_set(100)
+    client.connect("127.0.0.1", 1883)
+    client.loop_start()
+    try:
+        infos = [client.publish(topic, p, qos=1) for p in payloads]
+        for info in infos:
+            info.wait_for_publish(30)
+            assert info.is_published()
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def digest(topic: str, payload: bytes) -> str:
+    return hashlib.sha256(topic.encode() + b"\0" + payload).hexdigest()
+
+
+def wait_stored(cs: ServiceProcess, sns: list[str], timeout: float) -> float:
+    """Seconds until every robot in ``sns`` is readable; TimeoutError past ``timeout``."""
+    started = time.monotonic()
+    pending = set(sns)
+    with httpx.Client(base_url=cs.url, timeout=5) as client:
+        while pending:
+            pending = {sn for sn in pending if client.get(f"/robots/{sn}").status_code != 200}
+            if time.monotonic() - started > timeout:
+                raise TimeoutError(f"not stored within {timeout} s: {sorted(pending)[:5]}")
+            if pending:
+                time.sleep(0.02)  # polling the read API: what a user would do
+    return time.monotonic() - started
+
+
+def valid(org: str, prefix: str, tag: str, count: int) -> list[tuple[str, str, bytes]]:
+    out = []
+    for i in range(count):
+        sn = f"V{tag}{i}"
+        env = valid_envelope(org, sn, i)
+        out.append((sn, f"{prefix}/org/{org}/device/{sn}/power", json.dumps(env).encode()))
+    return out
+
+
+def test_poison_flood_then_kill_never_stalls_and_dead_letters_each_once(tmp_path: Path) -> None:
+    org, prefix = "acme", f"p{uuid.uuid4().hex[:8]}"
+    poison = poison_payloads(org, "R1", per_class=150)
+    classes = {name for name, _ in poison}
+    assert len(poison) >= 2000 and len(classes) >= 12, (len(poison), len(classes))
+    topic = f"{prefix}/org/{org}/device/R1/power"
+    first, second = poison[: len(poison) // 2], poison[len(poison) // 2:]
+    db = f"sqlite:///{tmp_path / 'cb.db'}"
+    cs = callback_server(tmp_path, BROKER, db, TOPIC_PREFIX=prefix, STALL_SECONDS=str(STALL))
+    with cs, HealthSampler(cs) as sampler:
+        # 1. half the poison, then valid messages: all valid stored within 2 s.
+        publish_all(topic, [p for _, p in first])
+        batch = valid(org, prefix, "a", 20)
+        for sn, t, payload in batch:
+            publish_all(t, [payload])
+        took = wait_stored(cs, [sn for sn, _, _ in batch], timeout=2.0)
+        cs.wait_health("dead_lettered", len(first))
+        # 2. the rest while it is killed mid-stream: the persistent session redelivers.
+        chunks = [[p for _, p in second[i:i + 300]] for i in range(0, len(second), 300)]
+        publisher = threading.Thread(target=lambda: [publish_all(topic, c) for c in chunks])
+        publisher.start()
+        cs.wait_health_at_least("received", len(first) + len(batch) + 50)  # mid-flood
+        cs.kill()
+        publisher.join(60)  # the rest waits in the broker for the persistent session
+        cs.start()
+        batch2 = valid(org, prefix, "b", 20)
+        for sn, t, payload in batch2:
+            publish_all(t, [payload])
+        wait_stored(cs, [sn for sn, _, _ in batch2], timeout=10.0)
+        deadline = time.monotonic() + 30
+        while query(db, "SELECT COUNT(*) AS n FROM mqtt_dead_letters")[0]["n"] < len(poison):
+            assert time.monotonic() < deadline, "poison not all dead-lettered"
+            time.sleep(0.1)
+        health = cs.health()
+        assert cs.proc is not None and cs.proc.poll() is None
+    sampler.assert_never_healthy_over_a_stall()
+    assert health["status"] == "healthy" and health["unacked"] == 0, health
+    rows = query(db, "SELECT digest, reason FROM mqtt_dead_letters")
+    assert sorted(r["digest"] for r in rows) == sorted(digest(topic, p) for _, p in poison)
+    assert all(r["reason"] for r in rows)
+    stored = query(db, "SELECT robot_sn FROM mnt_robots_management")
+    assert {r["robot_sn"] for r in stored} == {sn for sn, _, _ in batch + batch2}
+    print(f"{len(poison)} poison messages in {len(classes)} classes; valid stored in {took:.2f} s")
+
+
+def test_every_fault_class_is_generated() -> None:
+    """The flood above draws from these; a class that cannot be drawn would go untested."""
+    drawn = {name for name, _ in poison_payloads("o", "d", per_class=3)}
+    assert drawn == set(FAULT_CLASSES)

@@ -1,0 +1,82 @@
+"""Bounded, strict JSON: what every body and payload from outside is parsed with."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bridge import strictjson
+from bridge.errors import DepthError, PayloadError
+from tests.hostile import hostile_bodies, json_values, nested
+
+
+def strict_loads(text: bytes | str) -> Any:
+    """A parser as strict as AWS IoT's or Go's: NaN and Infinity are errors."""
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_depth_limit_is_exact_and_ignores_brackets_in_strings() -> None:
+    assert strictjson.loads(nested(64)).value is not None
+    with pytest.raises(DepthError) as info:
+        strictjson.loads(nested(65))
+    assert "64 levels" in str(info.value)
+    in_strings = json.dumps({"s": "[{" * 5000, "t": ["]}" * 5000]})
+    assert strictjson.loads(in_strings).value["s"] == "[{" * 5000
+
+
+def test_deep_nesting_is_refused_before_the_recursive_parse() -> None:
+    # 100,000 levels would exhaust the C parser's recursion guard (RecursionError).
+    with pytest.raises(DepthError):
+        strictjson.loads(b"[" * 100_000 + b"]" * 100_000)
+
+
+def test_non_finite_and_unsafe_numbers_become_null_with_notes() -> None:
+    parsed = strictjson.loads(
+        b'{"a": NaN, "b": [1, Infinity, -Infinity], "c": 1e400, "d": 9007199254740993,'
+        b' "e": 9007199254740992, "f": 1.5e300}')
+    assert parsed.value == {"a": None, "b": [1, None, None], "c": None, "d": None,
+                            "e": 2**53, "f": 1.5e300}
+    assert parsed.notes == ["a: nan is not JSON; null", "b[1]: inf is not JSON; null",
+                            "b[2]: -inf is not JSON; null", "c: inf is not JSON; null",
+                            "d: integer beyond ±2^53; null"]
+    assert strict_loads(strictjson.dumps(parsed.value)) == parsed.value
+
+
+def test_notes_are_bounded() -> None:
+    parsed = strictjson.loads("[" + ",".join(["NaN"] * 5000) + "]")
+    assert len(parsed.notes) == strictjson.MAX_NOTES + 1
+    assert parsed.value == [None] * 5000
+
+
+def test_duplicate_keys_last_wins() -> None:
+    assert strictjson.loads(b'{"k": 1, "k": 2}').value == {"k": 2}
+
+
+def test_dumps_refuses_nan_and_escapes_lone_surrogates() -> None:
+    with pytest.raises(ValueError):
+        strictjson.dumps({"x": float("nan")})
+    assert strict_loads(strictjson.dumps({"s": "\ud800"})) == {"s": "\ud800"}
+
+
+@given(st.binary(max_size=200) | hostile_bodies({"a": [1, {"b": "c"}], "n": 1}))
+@settings(max_examples=500)
+def test_any_bytes_parse_or_raise_payload_error_only(raw: bytes) -> None:
+    try:
+        parsed = strictjson.loads(raw)
+    except PayloadError:
+        return
+    strict_loads(strictjson.dumps(parsed.value))  # whatever parses leaves as strict JSON
+
+
+@given(json_values)
+def test_clean_values_round_trip_strictly(value: Any) -> None:
+    parsed = strictjson.loads(json.dumps(value))
+    out = strict_loads(strictjson.dumps(parsed.value))
+    assert out == parsed.value
+    assert (parsed.notes == []) == (json.dumps(value) == json.dumps(out))

@@ -25,7 +25,11 @@ def _check_common(value: str) -> None:
         raise TopicError(value, "empty")
     if "\x00" in value:
         raise TopicError(value, "contains NUL")
-    if len(value.encode()) > MAX_TOPIC_BYTES:
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800") from JSON: not UTF-8 (§1.5.4)
+        raise TopicError(value, "not valid UTF-8") from None
+    if size > MAX_TOPIC_BYTES:
         raise TopicError(value, "longer than 65535 bytes")
 
 

@@ -207,7 +207,10 @@ class CallbackServer:
         return None
 
     async def health(self) -> dict[str, Any]:
-        db_ok = await self.store.ping()
+        try:  # a database that hangs (not refuses) must not hang the health check too
+            db_ok = await asyncio.wait_for(self.store.ping(), 2.0)
+        except TimeoutError:
+            db_ok = False
         connected = self.transport.connected
         stall = self.stall()
         reasons = [reason for bad, reason in (

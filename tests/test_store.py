@@ -572,3 +572,34 @@ def test_mysql_statements_are_folded_into_multi_row_inserts() -> None:
     statements = [store._log_sql, *store._event_sql, *upserts]
     assert len(statements) == 4
     assert all(RE_INSERT_VALUES.match(sql) for sql in statements)
+
+
+# -- time sanity ------------------------------------------------------------------------------
+async def test_far_future_time_does_not_freeze_a_robot(store: SqlStore) -> None:
+    first = await store.write_batch([item(env("F1", "status", 9_999_999_999.0, status="stuck"))])
+    result = await store.write_batch([item(env("F1", "status", time.time(), status="idle"))])
+    assert (await robot(store, "F1"))["status"] == "idle"
+    assert (first.skewed, result.skewed) == (1, 0)
+
+
+async def test_a_robot_frozen_by_an_old_far_future_row_recovers(db_url: str) -> None:
+    # A store without the rule (as before it existed) writes the bad row...
+    async with open_store(db_url, max_skew=1e12) as old:
+        await old.write_batch([item(env("F2", "status", 4_102_444_800.0, status="stuck",
+                                        battery_level=5))])
+    async with open_store(db_url) as new:
+        # ...and the next sane message of each state group moves the robot again.
+        now = time.time()
+        await new.write_batch([item(env("F2", "status", now, status="idle",
+                                        battery_level=90))])
+        row = await robot(new, "F2")
+    assert (row["status"], row["battery_level"]) == ("idle", 90)
+    assert row["last_ts"] == pytest.approx(now)
+
+
+async def test_dead_letters_are_kept_once_per_topic_and_payload(store: SqlStore) -> None:
+    await store.dead_letters([("org/a/device/b/c", b"junk", "not JSON")] * 2)
+    await store.dead_letter("org/a/device/b/c", b"junk", "not JSON, seen again")
+    await store.dead_letter("org/a/device/b/c", b"junk2", "not JSON")
+    rows = await store.backend.fetch("SELECT payload FROM mqtt_dead_letters ORDER BY payload")
+    assert [r["payload"] for r in rows] == ["junk", "junk2"]

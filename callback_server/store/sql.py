@@ -159,11 +159,11 @@ class SqlStore:
     async def _ensure(self, table: str, spec: TableSpec) -> dict[str, int | None]:
         d = self.dialect
         have = await self.backend.columns(table)
+        added = []
         if not have:
             log.info("creating table %s", table)
             await self.backend.transaction([(d.create_table(table, spec), None)])
-            return await self.backend.columns(table)
-        added = []
+            have = await self.backend.columns(table)  # indexes below, as for old tables
         for column in spec.columns:
             if column.name in have:
                 continue

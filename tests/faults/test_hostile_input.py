@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 from bridge.errors import InputError, TopicError
 from bridge.topic import Topic, TopicFilter
 from edge_agent.normalize import DOCUMENTED_TYPES, normalize
+from tests.hostile import hostile_bodies
 from tests.services import ServiceProcess, callback_server, edge_agent
 
 CODE = "edge-secret-code-0123456789abcdef"
@@ -162,3 +164,64 @@ def test_edge_agent_api_never_fails(edge_proc: ServiceProcess) -> None:
 def test_callback_server_api_never_fails(callback_proc: ServiceProcess) -> None:
     headers = {"X-Callback-Token": RULE_TOKEN, "Authorization": f"Bearer {TOKEN}"}
     assert fuzz(callback_proc.url, headers, examples=25) > 100
+
+
+# -- body-level mutations: deep nesting, huge numbers, NaN, duplicate keys, bad bytes ------
+CALLBACK_BODY = {"callback_type": "notifyRobotPower",
+                 "data": {"sn": "R1", "power": 1, "charge_state": "idle"}}
+
+
+def mutate_posts(base_url: str, path: str, headers: dict[str, str], base: dict[str, Any],
+                 documented: tuple[int, ...] = ()) -> int:
+    """POST generated hostile bodies; every answer is < 500 (or documented) and in the one
+    error shape; returns how many were sent."""
+    sent = 0
+
+    @given(hostile_bodies(base))
+    @settings(max_examples=80, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    def run(body: bytes) -> None:
+        nonlocal sent
+        sent += 1
+        r = httpx.post(base_url + path, content=body, timeout=10,
+                       headers={**headers, "Content-Type": "application/json"})
+        assert r.status_code < 500 or r.status_code in documented, (path, r.status_code, r.text)
+        if r.status_code >= 400:
+            shape = r.json()
+            assert shape["status"] == "error" and shape["message"], shape
+            assert isinstance(shape["timestamp"], int)
+            assert set(shape) <= {"status", "message", "timestamp", "field"}, shape
+
+    run()
+    return sent
+
+
+def test_edge_webhook_survives_body_mutations(edge_proc: ServiceProcess) -> None:
+    assert mutate_posts(edge_proc.url, "/api/pudu/webhook", {"CallbackCode": CODE},
+                        CALLBACK_BODY) >= 80
+    assert edge_proc.proc is not None and edge_proc.proc.poll() is None
+
+
+def test_edge_admin_proxy_survives_body_mutations(edge_proc: ServiceProcess) -> None:
+    admin = f"http://127.0.0.1:{edge_proc.env['EDGE_ADMIN_PORT']}"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    topic = f"fuzz/org/{edge_proc.env['ORG_ID']}/device/x/y"
+    for path, base in (("/mqtt/publish", {"topic": topic, "payload": {"n": 1}, "qos": 1}),
+                       ("/mqtt/subscribe", {"topic": topic, "qos": 1}),
+                       ("/mqtt/unsubscribe", {"topic": topic, "id": "1"})):
+        assert mutate_posts(admin, path, auth, base, documented=(503, 504)) >= 80
+    assert edge_proc.proc is not None and edge_proc.proc.poll() is None
+
+
+def test_callback_server_survives_body_mutations(callback_proc: ServiceProcess) -> None:
+    headers = {"X-Callback-Token": RULE_TOKEN, "Authorization": f"Bearer {TOKEN}"}
+    envelope = {"v": 1, "id": "m1", "type": "notifyRobotPower", "org": "acme", "device": "R1",
+                "ts": 1700000001, "data": {"battery_level": 1}, "raw": {}}
+    for path, base, documented in (
+            ("/callback/messages", envelope, (503,)),
+            ("/devices/gw1/commands", {"command": "ping", "args": {"n": 1}, "timeout": 0.1,
+                                       "org_id": "acme"}, (504,)),
+            ("/mqtt/publish", {"topic": "fuzz/org/a/device/b/c", "payload": [1], "qos": 0},
+             (503, 504))):
+        assert mutate_posts(callback_proc.url, path, headers, base, documented) >= 80
+    assert callback_proc.proc is not None and callback_proc.proc.poll() is None

@@ -5,6 +5,7 @@ session's redelivery."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
@@ -39,10 +40,8 @@ class HealthSampler:
     def _run(self) -> None:
         with httpx.Client(timeout=5) as client:
             while not self._stop.wait(0.1):
-                try:
+                with contextlib.suppress(httpx.TransportError):  # killed on purpose
                     self.samples.append(client.get(self.service.url + "/callback/health").json())
-                except httpx.TransportError:
-                    pass  # killed on purpose, restarting
 
     def __enter__(self) -> HealthSampler:
         self._thread.start()
@@ -114,7 +113,7 @@ def test_poison_flood_then_kill_never_stalls_and_dead_letters_each_once(tmp_path
         # 1. half the poison, then valid messages: all valid stored within 2 s.
         publish_all(topic, [p for _, p in first])
         batch = valid(org, prefix, "a", 20)
-        for sn, t, payload in batch:
+        for _, t, payload in batch:
             publish_all(t, [payload])
         took = wait_stored(cs, [sn for sn, _, _ in batch], timeout=2.0)
         cs.wait_health("dead_lettered", len(first))
@@ -127,7 +126,7 @@ def test_poison_flood_then_kill_never_stalls_and_dead_letters_each_once(tmp_path
         publisher.join(60)  # the rest waits in the broker for the persistent session
         cs.start()
         batch2 = valid(org, prefix, "b", 20)
-        for sn, t, payload in batch2:
+        for _, t, payload in batch2:
             publish_all(t, [payload])
         wait_stored(cs, [sn for sn, _, _ in batch2], timeout=10.0)
         deadline = time.monotonic() + 30

@@ -7,7 +7,8 @@
     ├── PayloadError           a payload that cannot be published (too large, not JSON)
     │   └── PayloadTooLargeError
     ├── InputError             a webhook/HTTP body we cannot accept (field named)
-    │   └── AuthError          wrong or missing shared secret
+    │   ├── AuthError          wrong or missing shared secret
+    │   └── OutboundRefusedError  a URL we may not send to (not globally routable)
     ├── TransportError         the broker connection failed or refused an operation
     │   ├── NotConnectedError
     │   ├── PubackTimeoutError
@@ -73,6 +74,18 @@ class AuthError(InputError):
 
     def __init__(self, message: str = "missing or invalid CallbackCode") -> None:
         super().__init__(message, status=401)
+
+
+class OutboundRefusedError(InputError):
+    """An outbound URL whose host is, or resolves to, an address we may not connect to.
+
+    Raised when a ``callback_url`` is given (422) and again at each delivery, before
+    connecting, so a name that later resolves elsewhere (DNS rebinding) is caught too.
+    """
+
+    def __init__(self, message: str, *, host: str, field: str = "callback_url") -> None:
+        super().__init__(message, field=field, status=422)
+        self.host = host
 
 
 class TransportError(FleetError):

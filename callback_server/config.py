@@ -10,10 +10,18 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from bridge.config import MQTT_ENV_MAP, TlsSettings, load_settings
+from bridge.config import (
+    HTTP_ENV_MAP,
+    MQTT_ENV_MAP,
+    HttpLimits,
+    OutboundAllow,
+    TlsSettings,
+    load_settings,
+)
 
 ENV_MAP = {
     **MQTT_ENV_MAP,
+    **HTTP_ENV_MAP,
     "DATABASE_URL": "database_url",
     "DATABASE_CONFIG": "database_config",
     "CALLBACK_HTTP_HOST": "http_host",
@@ -60,6 +68,9 @@ class CallbackSettings(BaseModel):
     dead_letter_retention_days: float = Field(90.0, ge=0)
     command_retention_days: float = Field(90.0, ge=0)
     retention_interval_seconds: float = Field(3600.0, gt=0)
+    # Outbound webhooks (callback_url) may go here although not globally routable.
+    callback_url_allow: OutboundAllow = ()
+    http_limits: HttpLimits = HttpLimits()
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -9,12 +9,15 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
+    Field,
     SecretStr,
     ValidationError,
     field_validator,
@@ -22,6 +25,7 @@ from pydantic import (
 )
 
 from bridge.errors import ConfigError
+from bridge.outbound import parse_allow
 
 M = TypeVar("M", bound=BaseModel)
 MASK = "********"
@@ -40,6 +44,48 @@ MQTT_ENV_MAP = {
     "LOG_LEVEL": "log_level",
     "PROXY_TOKEN": "proxy_token",
 }
+
+
+#: Environment overrides for what both services' HTTP side owes to hostile clients.
+HTTP_ENV_MAP = {
+    "CALLBACK_URL_ALLOW": "callback_url_allow",
+    "HTTP_HEADER_TIMEOUT_SECONDS": "http_limits.header_timeout_seconds",
+    "HTTP_KEEPALIVE_TIMEOUT_SECONDS": "http_limits.keepalive_timeout_seconds",
+    "HTTP_MAX_CONNECTIONS": "http_limits.max_connections",
+}
+
+
+class HttpLimits(BaseModel):
+    """What one client may hold of a listener; applied to every listener of a service."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    # From accept (or the first byte of a next request) to the end of the headers.
+    header_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Idle time allowed between a response and the next request on a kept-alive connection.
+    keepalive_timeout_seconds: float = Field(default=5.0, gt=0)
+    # Beyond this many open connections a new one is answered 503 with Retry-After.
+    max_connections: int = Field(default=4096, ge=1)
+
+
+def _split_list(value: object) -> object:
+    # CALLBACK_URL_ALLOW="127.0.0.1/32, hooks.lan": the environment gives one string.
+    if isinstance(value, str):
+        return [part for part in value.replace(",", " ").split() if part]
+    return value
+
+
+def _valid_allow(value: tuple[str, ...]) -> tuple[str, ...]:
+    try:
+        parse_allow(value)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
+#: ``CALLBACK_URL_ALLOW``: host names and CIDRs outbound calls may go to although they
+#: are not globally routable (see bridge/outbound.py).
+OutboundAllow = Annotated[tuple[str, ...], BeforeValidator(_split_list),
+                          AfterValidator(_valid_allow)]
 
 
 class TlsSettings(BaseModel):

@@ -10,7 +10,8 @@
     │   └── MalformedCommandError  a command that cannot run (answered if it has an id)
     ├── InputError             a webhook/HTTP request we cannot accept (field named)
     │   ├── AuthError          wrong or missing shared secret
-    │   └── NotFoundError      no such object (or one the caller may not see)
+    │   ├── NotFoundError      no such object (or one the caller may not see)
+    │   └── OutboundRefusedError  a URL we may not send to (not globally routable)
     ├── CommandTimeoutError    a device did not answer a command in time
     ├── TransportError         the broker connection failed or refused an operation
     │   ├── NotConnectedError
@@ -113,6 +114,18 @@ class CommandTimeoutError(FleetError):
         self.device_id = device_id
         self.seconds = seconds
         self.message_id = message_id
+
+
+class OutboundRefusedError(InputError):
+    """An outbound URL whose host is, or resolves to, an address we may not connect to.
+
+    Raised when a ``callback_url`` is given (422) and again at each delivery, before
+    connecting, so a name that later resolves elsewhere (DNS rebinding) is caught too.
+    """
+
+    def __init__(self, message: str, *, host: str, field: str = "callback_url") -> None:
+        super().__init__(message, field=field, status=422)
+        self.host = host
 
 
 class TransportError(FleetError):

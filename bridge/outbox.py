@@ -44,6 +44,7 @@ from types import TracebackType
 from typing import Any
 
 from bridge.errors import OutboxError, OutboxFullError
+from bridge.private_files import prepare_sqlite_file
 
 log = logging.getLogger(__name__)
 
@@ -183,11 +184,11 @@ class Outbox:
 
     async def __aenter__(self) -> Outbox:
         self._loop = asyncio.get_running_loop()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            await asyncio.to_thread(prepare_sqlite_file, self.path)  # 0600, its WAL too
             writer = await asyncio.to_thread(self._open_writer)
             self._reader = await asyncio.to_thread(self._connect)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise OutboxError(f"cannot open outbox {self.path}: {exc}") from exc
         self._thread = threading.Thread(
             target=self._writer_loop, args=(writer,), name="outbox-writer", daemon=True

@@ -10,12 +10,20 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from bridge.config import MQTT_ENV_MAP, TlsSettings, load_settings
+from bridge.config import (
+    HTTP_ENV_MAP,
+    MQTT_ENV_MAP,
+    HttpLimits,
+    OutboundAllow,
+    TlsSettings,
+    load_settings,
+)
 
 ENV_MAP = {
     **MQTT_ENV_MAP,
     "MAX_CLOCK_SKEW_SECONDS": "max_clock_skew_seconds",
     "STALL_SECONDS": "stall_seconds",
+    **HTTP_ENV_MAP,
     "DATABASE_URL": "database_url",
     "DATABASE_CONFIG": "database_config",
     "CALLBACK_HTTP_HOST": "http_host",
@@ -66,6 +74,9 @@ class CallbackSettings(BaseModel):
     max_clock_skew_seconds: float = Field(300.0, gt=0)
     # Health is degraded when a message waits unacked (or nothing commits) this long.
     stall_seconds: float = Field(30.0, gt=0)
+    # Outbound webhooks (callback_url) may go here although not globally routable.
+    callback_url_allow: OutboundAllow = ()
+    http_limits: HttpLimits = HttpLimits()
 
     @field_validator("log_level", mode="before")
     @classmethod

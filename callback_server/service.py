@@ -18,6 +18,7 @@ from bridge.commands import CommandClient, CommandOutcome
 from bridge.config import mask_url
 from bridge.errors import InputError, StoreError, TransportError
 from bridge.http_server import NodelayStats, make_server, serve_until_signal
+from bridge.outbound import OutboundPolicy
 from bridge.proxy import MqttProxy, create_proxy_router
 from bridge.router import MessageRouter
 from bridge.tasks import cancel_and_wait
@@ -104,6 +105,7 @@ class CallbackServer:
             self.transport, self.router, token=token,
             allowed_prefixes=settings.proxy_allowed_prefixes or [f"{prefix}org/"],
             broker=mask_url(settings.mqtt_url),
+            outbound=OutboundPolicy(allow=settings.callback_url_allow),
         )
         self._stack = AsyncExitStack()
         self._tasks: list[asyncio.Task[None]] = []
@@ -260,7 +262,8 @@ class CallbackServer:
 async def serve(settings: CallbackSettings) -> None:
     """Run until SIGTERM/SIGINT."""
     async with CallbackServer(settings) as server:
-        http = make_server(server.app, settings.http_host, settings.http_port, server.nodelay)
+        http = make_server(server.app, settings.http_host, settings.http_port, server.nodelay,
+                       settings.http_limits)
         log.info("callback server %s listening on %s:%d, consuming %s", VERSION,
                  settings.http_host, settings.http_port, server.consumer.filter.value)
         await serve_until_signal(http)

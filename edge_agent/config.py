@@ -11,11 +11,19 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from bridge.config import MQTT_ENV_MAP, TlsSettings, load_settings
+from bridge.config import (
+    HTTP_ENV_MAP,
+    MQTT_ENV_MAP,
+    HttpLimits,
+    OutboundAllow,
+    TlsSettings,
+    load_settings,
+)
 
 ENV_MAP = {
     **MQTT_ENV_MAP,
     "MAX_CLOCK_SKEW_SECONDS": "max_clock_skew_seconds",
+    **HTTP_ENV_MAP,
     "PUDU_CALLBACK_CODE": "pudu_callback_code",
     "EDGE_HTTP_HOST": "http_host",
     "EDGE_HTTP_PORT": "http_port",
@@ -62,6 +70,9 @@ class EdgeSettings(BaseModel):
     heartbeat_seconds: float = Field(60.0, ge=0)
     # A robot time further ahead of this service's clock is not used for ordering.
     max_clock_skew_seconds: float = Field(300.0, gt=0)
+    # Outbound webhooks (callback_url) may go here although not globally routable.
+    callback_url_allow: OutboundAllow = ()
+    http_limits: HttpLimits = HttpLimits()
 
     @field_validator("pudu_callback_code")
     @classmethod

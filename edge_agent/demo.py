@@ -73,13 +73,14 @@ async def main() -> None:
         async with EdgeAgent(edge_settings) as agent, CallbackServer(cb_settings) as server:
             servers = [
                 make_server(agent.app, edge_settings.http_host, edge_settings.http_port,
-                            agent.nodelay),
+                            agent.nodelay, edge_settings.http_limits),
                 make_server(server.app, cb_settings.http_host, cb_settings.http_port,
-                            server.nodelay),
+                            server.nodelay, cb_settings.http_limits),
             ]
             if agent.admin_app is not None:
                 servers.append(make_server(agent.admin_app, edge_settings.admin_host,
-                                           edge_settings.admin_port, agent.nodelay))
+                                           edge_settings.admin_port, agent.nodelay,
+                                           edge_settings.http_limits))
             print(_banner(edge_settings.http_port, edge_settings.admin_port,
                           cb_settings.http_port, edge_settings.pudu_callback_code
                           .get_secret_value()), flush=True)

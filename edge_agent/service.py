@@ -19,6 +19,7 @@ from bridge.envelope import Envelope
 from bridge.errors import TransportError
 from bridge.http_errors import install as install_error_handlers
 from bridge.http_server import NodelayStats, make_server, serve_until_signal
+from bridge.outbound import OutboundPolicy
 from bridge.outbox import Outbox
 from bridge.proxy import MqttProxy, create_proxy_router
 from bridge.router import MessageRouter
@@ -82,6 +83,7 @@ class EdgeAgent:
             self.transport, self.router, token=token,
             allowed_prefixes=settings.proxy_allowed_prefixes or [own_subtree],
             broker=mask_url(settings.mqtt_url),
+            outbound=OutboundPolicy(allow=settings.callback_url_allow),
         )
         self.started = time.time()
         self.robots: dict[str, dict[str, Any]] = {}
@@ -180,11 +182,12 @@ class EdgeAgent:
 async def serve(settings: EdgeSettings) -> None:
     """Run until SIGTERM/SIGINT; uvicorn handles the signals, we shut down cleanly."""
     async with EdgeAgent(settings) as agent:
-        servers = [make_server(agent.app, settings.http_host, settings.http_port, agent.nodelay)]
+        servers = [make_server(agent.app, settings.http_host, settings.http_port, agent.nodelay,
+                               settings.http_limits)]
         log.info("edge agent %s listening on %s:%d (org %s, gateway %s)", VERSION,
                  settings.http_host, settings.http_port, settings.org_id, settings.gateway_id)
         if agent.admin_app is not None:
             servers.append(make_server(agent.admin_app, settings.admin_host,
-                                       settings.admin_port, agent.nodelay))
+                                       settings.admin_port, agent.nodelay, settings.http_limits))
             log.info("REST MQTT proxy on %s:%d", settings.admin_host, settings.admin_port)
         await serve_until_signal(*servers)

@@ -25,6 +25,7 @@ from bridge.errors import (
     TopicNotAllowedError,
     TransportError,
 )
+from bridge.outbound import OutboundPolicy, client
 from bridge.proxy.subscriptions import (
     HandlerSubscription,
     MessageHandler,
@@ -72,7 +73,7 @@ class MqttProxy:
         max_subscriptions: int = 1000,
         close_timeout: float = 5.0,
         broker: str | None = None,
-        http_client: httpx.AsyncClient | None = None,
+        outbound: OutboundPolicy | None = None,
     ) -> None:
         if not allowed_prefixes:
             raise ConfigError("allowed_prefixes is empty; pass [''] to allow every topic")
@@ -99,8 +100,9 @@ class MqttProxy:
         self.max_body = 6 * max_payload + 64 * 1024
         settings = getattr(transport, "settings", None)
         self.broker = broker or (f"{settings.host}:{settings.port}" if settings else None)
-        self._http = http_client
-        self._owns_http = http_client is None
+        # Where webhooks may go; checked when one is added and at every connection.
+        self.outbound = outbound or OutboundPolicy()
+        self._http: httpx.AsyncClient | None = None
         self._started = False
         self._subs: dict[str, Subscription] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -132,9 +134,11 @@ class MqttProxy:
         """A filter we may subscribe to: every topic it can match is inside our prefixes."""
         flt = TopicFilter(topic_filter)
         base = flt.base
-        if base.startswith("$"):
-            raise TopicNotAllowedError(topic_filter, "filters for '$' topics are reserved for "
-                                       "the broker ($SYS, $aws, ...) and cannot be used here")
+        if topic_filter.startswith("$") or base.startswith("$"):
+            # $share/ too: a shared subscription would take messages away from the
+            # service's own consumers of the same group.
+            raise TopicNotAllowedError(topic_filter, "filters starting with '$' ($share, $SYS, "
+                                       "$aws, ...) are reserved and cannot be used here")
         literal: list[str] = []
         for level in base.split("/"):
             if level in ("+", "#"):
@@ -216,7 +220,7 @@ class MqttProxy:
     def subscribe_pattern(self, pattern: str, handler: MessageHandler, *, qos: int = 1) -> str:
         """Like ``subscribe_to_topic`` for sync callers; the SUBSCRIBE runs as a kept task.
 
-        A broker refusal is logged and shown as ``last_error`` of the subscription.
+        A broker refusal is logged and shown as ``delivery: refused`` of the subscription.
         """
         sub = HandlerSubscription(self._new_id(), self.check_filter(pattern),
                                    self.check_qos(qos), handler)
@@ -231,16 +235,20 @@ class MqttProxy:
     async def add_callback_subscription(self, topic_filter: str, callback_url: str,
                                         secret: str | None = None, *,
                                         qos: int = 1) -> tuple[str, str]:
-        """Push matching messages to ``callback_url``; returns (id, signing secret)."""
+        """Push matching messages to ``callback_url``; returns (id, signing secret).
+
+        OutboundRefusedError (422) when the URL's host is not an allowed destination.
+        """
         if not self._started:
             raise RuntimeError("enter the MqttProxy (async with) before adding webhooks")
+        self.check_filter(topic_filter)
+        self.check_qos(qos)
+        await self.outbound.check_url(callback_url)
         if self._http is None:
-            import httpx  # here, not at module level: ~4.5 MiB a gateway without webhooks saves
-
-            self._http = httpx.AsyncClient(follow_redirects=False, timeout=self.retry.timeout)
+            self._http = client(self.outbound, timeout=self.retry.timeout)
         secret = secret or secrets.token_hex(32)
         sub = WebhookSubscription(
-            self._new_id(), self.check_filter(topic_filter), self.check_qos(qos),
+            self._new_id(), topic_filter, qos,
             callback_url=callback_url, secret=secret, client=self._http, retry=self.retry,
             queue_size=self.callback_queue_size,
         )
@@ -369,7 +377,7 @@ class MqttProxy:
         try:
             await self.router.subscribe(sub.filter, sub.qos)
         except TransportError as exc:
-            sub.last_error = f"subscribe failed: {exc}"
+            sub.delivery = "refused"
             log.error("broker refused subscription %s to %s: %s", sub.id, sub.filter, exc)
             return
         sub.broker_subscribed = True
@@ -455,7 +463,7 @@ class MqttProxy:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._owns_http and self._http is not None:
+        if self._http is not None:
             await self._http.aclose()
             self._http = None
 

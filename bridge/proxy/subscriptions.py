@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import BaseModel
 
-from bridge.errors import ConfigError
+from bridge.errors import ConfigError, OutboundRefusedError
 from bridge.router import Handle
 from bridge.transport.base import InboundMessage
 
@@ -114,6 +114,9 @@ class Mailbox(Generic[T]):
 
 
 Owner = Literal["rest", "stream", "python"]
+#: How delivery went last: the only outcome shown. The remote's status or error text is
+#: never shown, so a subscription cannot be used to probe what the service can reach.
+Delivery = Literal["delivering", "failing", "refused"]
 
 
 class Subscription:
@@ -130,7 +133,7 @@ class Subscription:
         self.delivered = 0
         self.failed = 0
         self.failed_attempts = 0
-        self.last_error: str | None = None
+        self.delivery: Delivery = "delivering"
         self.handle: Handle | None = None
         self.subscribe_task: asyncio.Task[None] | None = None
         self.broker_subscribed = False
@@ -155,7 +158,7 @@ class Subscription:
             "id": self.id, "filter": self.filter, "qos": self.qos, "kind": self.kind,
             "owner": self.owner, "callback_url": None, "created_at": round(self.created_at, 3),
             "delivered": self.delivered, "failed": self.failed,
-            "failed_attempts": self.failed_attempts, "last_error": self.last_error,
+            "failed_attempts": self.failed_attempts, "delivery": self.delivery,
             "pending": self.pending, "dropped": self.dropped,
         }
 
@@ -178,6 +181,7 @@ class HandlerSubscription(Subscription):
         if inspect.isawaitable(result):
             return self._finish(result)
         self.delivered += 1
+        self.delivery = "delivering"
         return None
 
     async def _finish(self, result: Awaitable[None]) -> None:
@@ -187,10 +191,12 @@ class HandlerSubscription(Subscription):
             self._record(exc)
             raise
         self.delivered += 1
+        self.delivery = "delivering"
 
     def _record(self, exc: Exception) -> None:
         self.failed += 1
-        self.last_error = f"{type(exc).__name__}: {exc}"
+        self.failed_attempts += 1
+        self.delivery = "failing"
 
 
 class StreamSubscription(Subscription):
@@ -285,9 +291,9 @@ class WebhookSubscription(Subscription):
             self.in_flight = True
             try:
                 await self._deliver(item)
-            except Exception as exc:  # a bug here must not silently stop the worker
+            except Exception:  # a bug here must not silently stop the worker
                 self.failed += 1
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.delivery = "failing"
                 log.exception("webhook worker of subscription %s failed", self.id)
             finally:
                 self.in_flight = False
@@ -315,22 +321,31 @@ class WebhookSubscription(Subscription):
                 response = await self._client.post(
                     self.callback_url, content=body, headers=headers, timeout=self._retry.timeout
                 )
+            except OutboundRefusedError as exc:
+                # Checked at every connect: the name now resolves where we may not go
+                # (DNS rebinding). Not retried: the next message is checked afresh.
+                self.failed_attempts += 1
+                self.delivery = "refused"
+                error = exc.message
+                break
             except httpx.HTTPError as exc:
                 error = f"{type(exc).__name__}: {exc}"
             else:
                 if response.is_success:
                     self.delivered += 1
+                    self.delivery = "delivering"
                     return
                 error = f"HTTP {response.status_code}"
                 # Other 4xx (and 3xx: we do not follow redirects) will not change on retry.
                 retryable = response.status_code >= 500 or response.status_code in (408, 429)
             self.failed_attempts += 1
-            self.last_error = f"attempt {attempt}/{attempts}: {error}"
+            self.delivery = "failing"
             if not retryable or attempt == attempts:
                 break
             await asyncio.sleep(self._retry.delay(attempt))
         self.failed += 1
-        log.warning("webhook delivery %s-%s failed for good: %s",
-                    self.id, item.seq, self.last_error)
+        # The operator's log may say why; the API only ever says ``delivery``.
+        log.warning("webhook delivery %s-%s failed for good after attempt %d/%d: %s",
+                    self.id, item.seq, attempt, attempts, error)
 
 

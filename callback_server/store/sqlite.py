@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bridge.errors import ConfigError, StoreError, StoreRejectedError
+from bridge.private_files import prepare_sqlite_file
 from callback_server.store.base import Backend, Statement
 from callback_server.store.dialect import Dialect
 
@@ -53,7 +54,7 @@ class SqliteBackend(Backend):
         if self._conn is not None:
             return self._conn
         if self.path != MEMORY:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            prepare_sqlite_file(Path(self.path))  # 0600 (and so its WAL), dirs 0700
         # isolation_level=None: we issue BEGIN/COMMIT ourselves (sqlite3's implicit
         # transactions would not cover DDL and would start lazily, after the first read).
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -64,6 +65,8 @@ class SqliteBackend(Backend):
                 # names are checked identifiers (targets.py); the file sits beside ours
                 target = MEMORY if self.path == MEMORY else str(Path(self.path).parent /
                                                                 f"{name}.db")
+                if target != MEMORY:
+                    prepare_sqlite_file(Path(target))
                 conn.execute(f'ATTACH DATABASE ? AS "{name}"', (target,))
                 self._wal(conn, name)
         except BaseException:

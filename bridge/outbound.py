@@ -1,0 +1,169 @@
+"""Where the product may send HTTP on a user's behalf, and the one client that obeys it.
+
+The rule: an address may be connected to when ``ipaddress`` calls it global and it is
+not multicast (after unwrapping IPv4-mapped IPv6, so ``::ffff:127.0.0.1`` is loopback),
+or when it lies in a network the operator lists in ``CALLBACK_URL_ALLOW``; a host name
+listed there is allowed whatever it resolves to. Anything else (loopback, private,
+link-local such as the 169.254.169.254 metadata service, 0.0.0.0, multicast, reserved)
+is refused, so a token holder cannot make the service probe or call what only it can
+reach.
+
+A host name is resolved and every address it resolves to is checked, when the URL is
+given (``check_url``: a clear 422) and again at every connection the client makes
+(``client``): the connection goes to a checked address, never to a fresh lookup, so a
+name that later resolves to 127.0.0.1 (DNS rebinding) is refused then too. The client
+follows no redirects and ignores proxy settings from the environment (a proxy would be
+the address connected to, and would connect wherever it is told).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from bridge.errors import ConfigError, OutboundRefusedError
+
+if TYPE_CHECKING:
+    import httpx
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: ``resolver(host, port)``: the addresses a name stands for, as strings.
+Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
+
+RULE = ("outbound calls go only to globally routable addresses unless CALLBACK_URL_ALLOW "
+        "lists the host or its network")
+
+
+async def system_resolver(host: str, port: int) -> list[str]:
+    """The operating system's answer (``getaddrinfo``), each address once, in its order."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def unwrap(address: IPAddress) -> IPAddress:
+    """``::ffff:a.b.c.d`` is the IPv4 address it carries: judge that one."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def address_class(address: IPAddress) -> str:
+    """Why an address is not global, in the words an operator would use."""
+    address = unwrap(address)
+    for name in ("loopback", "unspecified", "link_local", "multicast", "private", "reserved"):
+        if getattr(address, f"is_{name}"):
+            return name.replace("_", "-")
+    return "not globally routable"
+
+
+def parse_allow(entries: Iterable[str]) -> tuple[tuple[IPNetwork, ...], frozenset[str]]:
+    """``CALLBACK_URL_ALLOW`` entries as (networks, host names); ConfigError on a bad one."""
+    networks: list[IPNetwork] = []
+    hosts: set[str] = set()
+    for raw in entries:
+        entry = raw.strip().lower().strip("[]")
+        if not entry:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+            continue
+        except ValueError:
+            pass
+        if "/" in entry or not all(part and len(part) <= 63 for part in entry.split(".")) \
+                or not all(c.isalnum() or c in "-._" for c in entry):
+            raise ConfigError(f"callback_url_allow: {raw!r} is neither a host name nor a CIDR")
+        hosts.add(entry.rstrip("."))
+    return tuple(networks), frozenset(hosts)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundPolicy:
+    """The outbound rule with the operator's exceptions; the resolver can be swapped (tests)."""
+
+    allow: tuple[str, ...] = ()
+    resolver: Resolver = system_resolver
+    resolve_timeout: float = 5.0
+    _networks: tuple[IPNetwork, ...] = field(init=False, repr=False)
+    _hosts: frozenset[str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        networks, hosts = parse_allow(self.allow)
+        object.__setattr__(self, "_networks", networks)
+        object.__setattr__(self, "_hosts", hosts)
+
+    def address_allowed(self, address: IPAddress) -> bool:
+        """Global unicast, or inside a listed network (checked as given and unwrapped)."""
+        plain = unwrap(address)
+        if plain.is_global and not plain.is_multicast:  # 224/4 counts as global to ipaddress
+            return True
+        return any(a in net for a in {address, plain} for net in self._networks
+                   if a.version == net.version)
+
+    async def addresses(self, host: str, port: int, *,
+                        field: str = "callback_url") -> list[IPAddress]:
+        """Every address ``host`` stands for, each checked; OutboundRefusedError otherwise."""
+        name = host.lower().strip("[]").rstrip(".")
+        try:
+            literal: IPAddress | None = ipaddress.ip_address(name)
+        except ValueError:
+            literal = None
+        if literal is not None:
+            if not self.address_allowed(literal):
+                raise OutboundRefusedError(
+                    f"{field} host {host!r} is not globally routable "
+                    f"({address_class(literal)}): {RULE}",
+                    host=host, field=field)
+            return [literal]
+        try:
+            async with asyncio.timeout(self.resolve_timeout):
+                found = [ipaddress.ip_address(a.split("%", 1)[0])
+                         for a in await self.resolver(name, port)]
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise OutboundRefusedError(f"{field} host {host!r} could not be resolved",
+                                       host=host, field=field) from exc
+        if not found:
+            raise OutboundRefusedError(f"{field} host {host!r} could not be resolved",
+                                       host=host, field=field)
+        if name in self._hosts:
+            return found
+        for address in found:
+            if not self.address_allowed(address):
+                # The address itself is not named: a token holder learns no internal DNS.
+                raise OutboundRefusedError(
+                    f"{field} host {host!r} resolves to an address that is not globally "
+                    f"routable: {RULE}", host=host, field=field)
+        return found
+
+    async def check_url(self, url: str, *, field: str = "callback_url") -> None:
+        """An http(s) URL whose host is allowed now; OutboundRefusedError (422) otherwise."""
+        try:
+            parts = urlsplit(url)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError as exc:
+            raise OutboundRefusedError(f"{field} is not a URL: {exc}", host="",
+                                       field=field) from exc
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise OutboundRefusedError(f"{field} must be an http:// or https:// URL with a host",
+                                       host=parts.hostname or "", field=field)
+        await self.addresses(parts.hostname, port, field=field)
+
+
+def client(policy: OutboundPolicy, *, timeout: float) -> httpx.AsyncClient:
+    """An httpx client that connects only to addresses ``policy`` allows, checked per connect.
+
+    Redirects are off and environment proxies ignored. httpx is imported here, not at
+    module level: a gateway that sends no webhooks saves ~4.5 MiB.
+    """
+    import httpx
+
+    from bridge.outbound_transport import OutboundTransport
+
+    return httpx.AsyncClient(transport=OutboundTransport(policy), follow_redirects=False,
+                             trust_env=False, timeout=timeout)

@@ -16,6 +16,7 @@ GROUPS = {
     "consumer": "3. callback server alone (queued at the broker -> MariaDB)",
     "backlog": "4. backlog drain (outbox built while the broker was down)",
     "memory": "5. edge agent memory",
+    "parsing": "6. bounded strict parsing (in process, sample mix)",
 }
 
 

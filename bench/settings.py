@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-SCENARIOS = ("ingest", "pipeline", "consumer", "backlog", "memory")
+SCENARIOS = ("ingest", "pipeline", "consumer", "backlog", "memory", "parsing")
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,8 +19,9 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
+
+import orjson
 
 from bridge.errors import DepthError, PayloadError
 
@@ -36,18 +37,21 @@ MAX_NOTES = 20
 
 # A JSON string, unambiguous (one way to match each character), so linear on failure.
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-# Anything that may parse to a non-finite float or an unsafe integer; a false positive
-# (the text "NaN" in a string) only costs a walk over the parsed value.
-_SUSPECT = re.compile(rb"NaN|Infinity|\d{16}|[eE][+-]?\d{3}")
+# Digits as "0": a run of 16 means an integer (or mantissa) no double may hold exactly,
+# found by a C substring search instead of a regex over every digit (~9 µs a body).
+_SHAPE = bytes.maketrans(b"123456789", b"000000000")
+_DIGITS16 = b"0" * 16
 _BRACKETS = bytes.maketrans(b"[{]}", b"\x01\x01\x02\x02")
 
 
-@dataclass(frozen=True, slots=True)
-class Parsed:
-    """A parsed document and what was changed to keep it strict JSON."""
+class Parsed(NamedTuple):
+    """A parsed document and what was changed to keep it strict JSON.
+
+    A NamedTuple, not a frozen dataclass: it is built once per callback on the hot path.
+    """
 
     value: Any
-    notes: list[str] = field(default_factory=list)
+    notes: list[str]
 
 
 def check_depth(raw: bytes, limit: int = MAX_DEPTH) -> None:
@@ -71,14 +75,22 @@ def loads(raw: bytes | str, *, max_depth: int = MAX_DEPTH) -> Parsed:
     UnicodeDecodeError and ValueError from ``json`` become PayloadError too, so callers
     handle one exception type for every way a body can be bad.
     """
-    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
-    check_depth(data, max_depth)
+    data = raw.encode("utf-8", "surrogatepass") if type(raw) is str else raw
+    if data.count(b"[") + data.count(b"{") > max_depth:  # else it cannot nest deeper
+        check_depth(data, max_depth)
     try:
+        # orjson refuses NaN, Infinity, 1e400 and lone surrogates, and is ~3x faster:
+        # what it takes, short of 16-digit integers, is strict JSON already.
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        pass
+    else:
+        if _DIGITS16 not in data.translate(_SHAPE):
+            return Parsed(value, [])
+    try:  # the slow path: exact big integers, NaN literals, surrogates (json takes them)
         value = json.loads(data)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise PayloadError(f"not JSON: {exc}") from None
-    if not _SUSPECT.search(data):
-        return Parsed(value)
     notes: list[str] = []
     return Parsed(clean(value, "", notes), notes)
 

@@ -26,6 +26,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from bridge.errors import ConfigError, OutboundRefusedError
+from bridge.http_errors import install as install_error_handlers
 from bridge.outbound import OutboundPolicy, client, parse_allow, system_resolver
 from bridge.proxy import MqttProxy, RetryPolicy, create_proxy_router
 from bridge.router import MessageRouter
@@ -110,6 +111,7 @@ async def proxy_env(allow: Sequence[str] = ()) -> AsyncIterator[Env]:
                           outbound=OutboundPolicy(allow=tuple(allow), resolver=resolver))
         async with router, proxy:
             app = FastAPI()
+            install_error_handlers(app)
             api = create_proxy_router(proxy)
             assert api is not None
             app.include_router(api)
@@ -276,10 +278,10 @@ async def _publish_and_settle(env: Env, outside: PahoClient, topic: str, payload
 
 
 def error_of(response: httpx.Response) -> dict[str, Any]:
-    """The error object, whether the app nests it under ``detail`` or not (both are in use
-    while the error bodies are being unified)."""
+    """The error body (the one shape every app answers with)."""
     body: dict[str, Any] = response.json()
-    return body.get("detail", body)  # type: ignore[no-any-return]
+    assert body["status"] == "error", body
+    return body
 
 
 def _closed_port() -> int:

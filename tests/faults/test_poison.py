@@ -59,12 +59,17 @@ class HealthSampler:
 
 
 def publish_all(topic: str, payloads: list[bytes]) -> None:
+    publish_each([(topic, p) for p in payloads])
+
+
+def publish_each(messages: list[tuple[str, bytes]]) -> None:
+    """Publish at QoS 1 from one client and wait for every PUBACK."""
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     client.max_inflight_messages_set(100)
     client.connect("127.0.0.1", 1883)
     client.loop_start()
     try:
-        infos = [client.publish(topic, p, qos=1) for p in payloads]
+        infos = [client.publish(topic, p, qos=1) for topic, p in messages]
         for info in infos:
             info.wait_for_publish(30)
             assert info.is_published()
@@ -113,8 +118,7 @@ def test_poison_flood_then_kill_never_stalls_and_dead_letters_each_once(tmp_path
         # 1. half the poison, then valid messages: all valid stored within 2 s.
         publish_all(topic, [p for _, p in first])
         batch = valid(org, prefix, "a", 20)
-        for _, t, payload in batch:
-            publish_all(t, [payload])
+        publish_each([(t, payload) for _, t, payload in batch])
         took = wait_stored(cs, [sn for sn, _, _ in batch], timeout=2.0)
         cs.wait_health("dead_lettered", len(first))
         # 2. the rest while it is killed mid-stream: the persistent session redelivers.
@@ -126,8 +130,7 @@ def test_poison_flood_then_kill_never_stalls_and_dead_letters_each_once(tmp_path
         publisher.join(60)  # the rest waits in the broker for the persistent session
         cs.start()
         batch2 = valid(org, prefix, "b", 20)
-        for _, t, payload in batch2:
-            publish_all(t, [payload])
+        publish_each([(t, payload) for _, t, payload in batch2])
         wait_stored(cs, [sn for sn, _, _ in batch2], timeout=10.0)
         deadline = time.monotonic() + 30
         while query(db, "SELECT COUNT(*) AS n FROM mqtt_dead_letters")[0]["n"] < len(poison):

@@ -126,3 +126,34 @@ async def test_redelivered_command_runs_once_and_is_answered_again() -> None:
     assert runs == 1
     assert first == second == Response(command.message_id, "success", result=1)
     assert json.loads(first.to_json())["messageId"] == command.message_id
+
+
+async def test_malformed_commands_with_an_id_are_answered_with_an_error() -> None:
+    scheme = TopicScheme("acme", f"t{uuid.uuid4().hex[:8]}")
+    settings = MqttSettings.from_url(BROKER, client_id=f"gw-{uuid.uuid4().hex[:6]}",
+                                     clean_start=True)
+    responses: asyncio.Queue[Response] = asyncio.Queue()
+    deep = "[" * 5000 + "]" * 5000
+    bad = [b'{"messageId": "m1", "command": "ping", "args": ' + deep.encode() + b"}",
+           b'{"messageId": "m2", "command": "ping", "args": [1]}',
+           b'{"messageId": "m3", "command": 7}',
+           b'{"messageId": "m4", "command": "ping", "args": {"x": NaN}}',
+           b"[" * 100_000, b'{"command": "ping"}', b"\xff"]  # m1 (too deep to read) and
+    # the last three have no id anyone could read: logged, not answered
+    async with PahoTransport(settings) as transport, MessageRouter(transport) as router:
+        executor = CommandExecutor(transport, scheme, "gw")
+        executor.register("ping", lambda args: asyncio.sleep(0, "pong"))
+        await router.attach(executor.response_topic,
+                            lambda m: responses.put_nowait(Response.from_json(m.payload)))
+        for payload in bad:
+            executor.on_message(InboundMessage(executor.command_topic, payload, 1))
+        got = [await asyncio.wait_for(responses.get(), 5) for _ in range(3)]
+        executor.on_message(InboundMessage(executor.command_topic,
+                                           Command("ping", message_id="m5").to_json(), 1))
+        last = await asyncio.wait_for(responses.get(), 5)
+    by_id = {r.message_id: r for r in got}
+    assert sorted(by_id) == ["m2", "m3", "m4"]
+    assert all(by_id[m].status == "error" and "malformed" in (by_id[m].error or "")
+               for m in ("m2", "m3"))
+    assert by_id["m4"].status == "success"  # NaN became null: args {"x": null} is valid
+    assert last == Response("m5", "success", result="pong")  # still answering

@@ -1,0 +1,104 @@
+"""The consumer: every delivery is acked exactly once, after its commit or dead letter,
+whatever goes wrong in between; the oldest unacked one is what health watches."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import pytest
+
+from bridge.envelope import Envelope
+from bridge.transport import InboundMessage
+from callback_server.batcher import BatchWriter
+from callback_server.consumer import Consumer
+from callback_server.store import BatchResult
+from tests.hostile import valid_envelope
+
+
+class Router:
+    """Records acks (the part of MessageRouter the consumer uses)."""
+
+    def __init__(self) -> None:
+        self.acked: list[InboundMessage] = []
+        self.all_acked = asyncio.Event()
+        self.expect = 0
+
+    def add(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def ack(self, message: InboundMessage) -> None:
+        self.acked.append(message)
+        if len(self.acked) >= self.expect:
+            self.all_acked.set()
+
+
+class Store:
+    """Commits at once, or holds every write while ``hold`` is clear."""
+
+    def __init__(self) -> None:
+        self.rows: list[str] = []
+        self.dead: list[str] = []
+        self.hold = asyncio.Event()
+        self.hold.set()
+
+    async def write_batch(self, items: Sequence[tuple[str, Envelope]]) -> BatchResult:
+        await self.hold.wait()
+        self.rows += [e.id for _, e in items]
+        return BatchResult(len(items), len(items), 0, 0)
+
+    async def dead_letters(self, letters: Sequence[tuple[str, bytes, str]]) -> None:
+        self.dead += [reason for _, _, reason in letters]
+
+
+@pytest.fixture
+async def parts() -> AsyncIterator[tuple[Consumer, Router, Store]]:
+    router, store = Router(), Store()
+    writer = BatchWriter(store)  # type: ignore[arg-type]
+    consumer = Consumer(router, writer)  # type: ignore[arg-type]
+    task = asyncio.create_task(writer.run(), name="writer")
+    yield consumer, router, store
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def message(payload: bytes, device: str = "R1", mid: int = 1) -> InboundMessage:
+    return InboundMessage(f"org/acme/device/{device}/power", payload, 1, mid=mid)
+
+
+async def test_a_bug_while_handling_is_dead_lettered_not_left_unacked(
+        parts: tuple[Consumer, Router, Store], monkeypatch: pytest.MonkeyPatch) -> None:
+    consumer, router, store = parts
+
+    def explode(payload: bytes) -> Envelope:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Envelope, "from_json", staticmethod(explode))
+    router.expect = 1
+    consumer.on_message(message(json.dumps(valid_envelope("acme", "R1", 1)).encode()))
+    await asyncio.wait_for(router.all_acked.wait(), 5)
+    assert store.dead == ["could not be handled: RuntimeError: a bug"]
+    assert consumer.unacked == 0
+
+
+async def test_oldest_unacked_age_is_tracked_until_the_commit(
+        parts: tuple[Consumer, Router, Store]) -> None:
+    consumer, router, store = parts
+    store.hold.clear()  # the database hangs: nothing commits
+    router.expect = 2
+    for i in (1, 2):
+        env = json.dumps(valid_envelope("acme", f"R{i}", i)).encode()
+        consumer.on_message(message(env, f"R{i}", mid=i))
+    assert consumer.unacked == 2
+    later = time.monotonic() + 31
+    assert consumer.oldest_unacked_seconds(now=later) > 30  # what health compares
+    assert consumer.writer.stalled_seconds() >= 0 and consumer.writer.pending == 2
+    store.hold.set()
+    await asyncio.wait_for(router.all_acked.wait(), 5)
+    assert consumer.unacked == 0 and consumer.oldest_unacked_seconds() == 0.0
+    assert [m.mid for m in router.acked] == [1, 2]

@@ -75,7 +75,7 @@ def loads(raw: bytes | str, *, max_depth: int = MAX_DEPTH) -> Parsed:
     UnicodeDecodeError and ValueError from ``json`` become PayloadError too, so callers
     handle one exception type for every way a body can be bad.
     """
-    data = raw.encode("utf-8", "surrogatepass") if type(raw) is str else raw
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
     if data.count(b"[") + data.count(b"{") > max_depth:  # else it cannot nest deeper
         check_depth(data, max_depth)
     try:

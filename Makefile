@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Reinstalls only when pyproject.toml changes (or the venv is gone).
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint bench clean
+.PHONY: venv run test lint bench clean install uninstall wheelhouse
 
 venv: $(STAMP)
 
@@ -31,6 +31,14 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	command -v wrk >/dev/null || echo "wrk not installed (apt-get install wrk): using the Python load generator"
 	$(BIN)/python -m bench
+
+# As root on a gateway or cloud host: the venv in /opt/pudu-fleet-bridge, the units, the
+# system user and directories. DESTDIR=dir stages it instead; WHEELHOUSE=dir installs with
+# no package index (make wheelhouse first; PLATFORM=manylinux2014_aarch64 PYVER=3.11 for
+# another machine's wheels). A second run changes nothing; uninstall keeps config and data.
+install uninstall wheelhouse:
+	DESTDIR="$(DESTDIR)" WHEELHOUSE="$(WHEELHOUSE)" PLATFORM="$(PLATFORM)" PYVER="$(PYVER)" \
+		PYTHON="$(PY)" bash systemd/install.sh $@
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache *.egg-info build

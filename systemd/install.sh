@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# Install (or uninstall) the Pudu fleet bridge as systemd services: `make install`.
+#
+#   install.sh install   [DESTDIR=...] [WHEELHOUSE=dir] [PYTHON=python3]
+#   install.sh uninstall [DESTDIR=...]          keeps /etc/* config and /var/lib/* data
+#   install.sh wheelhouse WHEELHOUSE=dir [PLATFORM=manylinux2014_aarch64 PYVER=3.11]
+#
+# Idempotent: a second install changes no file's content or mode (pip's byte-code caches
+# aside). Config files under /etc are written only when absent, never overwritten.
+# With an empty DESTDIR and root on a systemd host, sysusers/tmpfiles are applied and
+# systemd reloaded; with a DESTDIR everything lands under it and nothing is applied.
+set -euo pipefail
+
+ACTION=${1:-install}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+DESTDIR=${DESTDIR:-}
+PREFIX=/opt/pudu-fleet-bridge
+PYTHON=${PYTHON:-python3}
+WHEELHOUSE=${WHEELHOUSE:-}
+UNITDIR=/etc/systemd/system
+SYSUSERS=/usr/lib/sysusers.d/pudu-fleet-bridge.conf
+TMPFILES=/usr/lib/tmpfiles.d/pudu-fleet-bridge.conf
+SERVICES=(edge-agent callback-server)
+
+log() { echo "install: $*" >&2; }
+
+# Write $2 to $1 with mode $3, only if its content or mode differs (keeps a re-run a no-op).
+put() {
+  local dest=$1 src=$2 mode=$3
+  if [ -f "$dest" ] && cmp -s "$src" "$dest" && [ "$(stat -c %a "$dest")" = "${mode#0}" ]; then
+    return 0
+  fi
+  install -D -m "$mode" "$src" "$dest"
+  log "wrote $dest"
+}
+
+dir() {  # dir PATH MODE
+  install -d -m "$2" "$1"
+  chmod "$2" "$1"
+}
+
+build_wheel() {  # the project's own wheel, reproducible (zip times from SOURCE_DATE_EPOCH)
+  local out=$1
+  mkdir -p "$out"
+  SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-1700000000} \
+    "$PYTHON" -m pip wheel --quiet --disable-pip-version-check --no-deps -w "$out" "$HERE" >/dev/null
+}
+
+wheel_digest() {  # content of a wheel's files, not of the zip (whose metadata may vary)
+  "$PYTHON" - "$1" <<'PY'
+import hashlib, sys, zipfile
+z = zipfile.ZipFile(sys.argv[1])
+h = hashlib.sha256()
+for name in sorted(z.namelist()):
+    if name.endswith("RECORD"):
+        continue
+    h.update(name.encode() + b"\0" + z.read(name))
+print(h.hexdigest())
+PY
+}
+
+install_venv() {
+  local root=$DESTDIR$PREFIX venv=$DESTDIR$PREFIX/.venv stage
+  stage=$(mktemp -d)
+  trap 'rm -rf "$stage"' RETURN
+  if [ -n "$WHEELHOUSE" ]; then
+    cp "$WHEELHOUSE"/pudu_fleet_bridge-*.whl "$stage/" 2>/dev/null \
+      || { log "no pudu_fleet_bridge wheel in $WHEELHOUSE (make wheelhouse builds one)"; exit 1; }
+  else
+    build_wheel "$stage"
+  fi
+  local wheel digest marker=$root/.installed-wheel
+  wheel=$(ls "$stage"/pudu_fleet_bridge-*.whl | head -n1)
+  digest=$(wheel_digest "$wheel")
+  if [ -x "$venv/bin/python" ] && [ -f "$marker" ] && [ "$(cat "$marker")" = "$digest" ]; then
+    log "venv $venv already has this build"
+    return 0
+  fi
+  [ -x "$venv/bin/python" ] || "$PYTHON" -m venv "$venv"
+  local pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
+  if [ -n "$WHEELHOUSE" ]; then
+    pip+=(--no-index --find-links "$WHEELHOUSE")
+  fi
+  "${pip[@]}" --force-reinstall --no-deps "$wheel"
+  "${pip[@]}" "$wheel"  # its dependencies (already satisfied ones stay)
+  if [ -n "$DESTDIR" ]; then
+    # Scripts were written with the staging path in their #! line; point them at the
+    # final one (a venv cannot be moved otherwise).
+    grep -rlI --null "$DESTDIR$PREFIX" "$venv/bin" | xargs -0r sed -i "s#$DESTDIR$PREFIX#$PREFIX#g"
+  fi
+  printf '%s\n' "$digest" > "$marker.tmp" && mv "$marker.tmp" "$marker"
+  chmod 0644 "$marker"
+  log "installed $(basename "$wheel") into $venv"
+}
+
+install_files() {
+  local tmp
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' RETURN
+  for svc in "${SERVICES[@]}"; do
+    put "$DESTDIR$UNITDIR/$svc.service" "$HERE/systemd/$svc.service" 0644
+    dir "$DESTDIR/etc/$svc" 0750
+    dir "$DESTDIR/etc/$svc/credentials" 0700
+    local config=$DESTDIR/etc/$svc/config.yaml
+    if [ ! -e "$config" ]; then  # never overwrite an operator's config
+      install -m 0640 "$HERE/config.example/$svc.yaml" "$config"
+      log "wrote $config (edit it)"
+    fi
+  done
+  put "$DESTDIR$SYSUSERS" "$HERE/systemd/sysusers.conf" 0644
+  put "$DESTDIR$TMPFILES" "$HERE/systemd/tmpfiles.conf" 0644
+  put "$DESTDIR$PREFIX/systemd/README.md" "$HERE/systemd/README.md" 0644
+}
+
+apply_live() {
+  [ -z "$DESTDIR" ] && [ "$(id -u)" -eq 0 ] || return 0
+  command -v systemd-sysusers >/dev/null && systemd-sysusers "$SYSUSERS"
+  command -v systemd-tmpfiles >/dev/null && systemd-tmpfiles --create "$TMPFILES"
+  for svc in "${SERVICES[@]}"; do chgrp pudu-bridge "/etc/$svc" "/etc/$svc/config.yaml" 2>/dev/null || true; done
+  if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+  log "enable with: systemctl enable --now edge-agent   (or callback-server)"
+}
+
+uninstall() {
+  for svc in "${SERVICES[@]}"; do rm -f "$DESTDIR$UNITDIR/$svc.service"; done
+  rm -f "$DESTDIR$SYSUSERS" "$DESTDIR$TMPFILES"
+  rm -rf "$DESTDIR$PREFIX"
+  if [ -z "$DESTDIR" ] && [ -d /run/systemd/system ] && [ "$(id -u)" -eq 0 ]; then
+    systemctl daemon-reload
+  fi
+  log "removed the program and units; kept /etc/edge-agent, /etc/callback-server and /var/lib data"
+}
+
+wheelhouse() {
+  [ -n "$WHEELHOUSE" ] || { log "set WHEELHOUSE=dir"; exit 2; }
+  mkdir -p "$WHEELHOUSE"
+  build_wheel "$WHEELHOUSE"
+  local wheel
+  wheel=$(ls "$WHEELHOUSE"/pudu_fleet_bridge-*.whl | head -n1)
+  if [ -n "${PLATFORM:-}" ]; then
+    # Another machine's platform (a gateway): binary wheels only, for its Python.
+    "$PYTHON" -m pip download --quiet --disable-pip-version-check --only-binary=:all: \
+      --platform "$PLATFORM" --python-version "${PYVER:-3.11}" -d "$WHEELHOUSE" "$wheel"
+  else
+    "$PYTHON" -m pip wheel --quiet --disable-pip-version-check -w "$WHEELHOUSE" "$wheel"
+  fi
+  log "wheelhouse $WHEELHOUSE: $(ls "$WHEELHOUSE" | wc -l) wheels"
+}
+
+case "$ACTION" in
+  install) install_venv; install_files; apply_live ;;
+  uninstall) uninstall ;;
+  wheelhouse) wheelhouse ;;
+  *) echo "usage: $0 install|uninstall|wheelhouse" >&2; exit 2 ;;
+esac

@@ -111,15 +111,69 @@ class TlsSettings(BaseModel):
         return self
 
 
+#: systemd credentials (``LoadCredential=``) both services read from
+#: ``$CREDENTIALS_DIRECTORY``: file name -> setting. The file's content is the value,
+#: except for those in ``CREDENTIAL_PATHS``, whose *path* is the value (a key file).
+CREDENTIALS = {
+    "proxy_token": "proxy_token",
+    "mqtt_key": "tls.key_file",
+}
+CREDENTIAL_PATHS = frozenset({"mqtt_key"})
+
+
+def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    target = raw
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        target = target.setdefault(part, {})
+    target[leaf] = value
+
+
+def _has(raw: Mapping[str, Any], dotted: str) -> bool:
+    node: Any = raw
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or node.get(part) in (None, ""):
+            return False
+        node = node[part]
+    return True
+
+
+def read_credentials(names: Mapping[str, str], env: Mapping[str, str]) -> dict[str, Any]:
+    """The systemd credentials present, as ``{dotted setting: value}``.
+
+    systemd passes ``LoadCredential=`` files in a private directory named by
+    ``$CREDENTIALS_DIRECTORY``; outside systemd there is none and this is empty.
+    """
+    directory = env.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        return {}
+    found: dict[str, Any] = {}
+    for name, dotted in names.items():
+        path = Path(directory) / name
+        if not path.is_file():
+            continue
+        if name in CREDENTIAL_PATHS:
+            found[dotted] = str(path)
+            continue
+        try:
+            found[dotted] = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read credential {path}: {exc}") from exc
+    return found
+
+
 def load_settings(
     model: type[M],
     *,
     path: str | Path | None,
     env_map: Mapping[str, str],
     environ: Mapping[str, str] | None = None,
+    credentials: Mapping[str, str] | None = None,
 ) -> M:
-    """Build ``model`` from the YAML at ``path`` with ``env_map`` overrides applied."""
+    """Build ``model`` from the YAML at ``path``, then systemd credentials, then the
+    environment (``env_map``): each later source overrides the one before."""
     env = os.environ if environ is None else environ
+    creds = {**CREDENTIALS, **(credentials or {})}
     raw: dict[str, Any] = {}
     if path:
         try:
@@ -131,23 +185,30 @@ def load_settings(
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         raw.update(loaded)
-    for var, dotted in env_map.items():
-        value = env.get(var)
-        if value is None or value == "":
-            continue
-        target = raw
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            target = target.setdefault(part, {})
-        target[leaf] = value
+    overrides = {var: dotted for var, dotted in env_map.items() if env.get(var)}
+    for dotted, value in read_credentials(creds, env).items():
+        if dotted == "tls.key_file" and _has(raw, dotted):
+            continue  # mqtt_key only stands in for a key file the settings do not name
+        _set(raw, dotted, value)
+    for var, dotted in overrides.items():
+        _set(raw, dotted, env[var])
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
         env_of = {dotted: var for var, dotted in env_map.items()}
+        cred_of = {dotted: name for name, dotted in creds.items()}
 
         def describe(err: Any) -> str:
             where = ".".join(str(p) for p in err["loc"]) or "config"
-            hint = f" (set {env_of[where]} or '{where}' in the file)" if where in env_of else ""
+            ways = []
+            if where in env_of:
+                ways.append(f"set {env_of[where]}")
+            if where in cred_of:
+                ways.append(f"a credential file {cred_of[where]} "
+                            f"($CREDENTIALS_DIRECTORY/{cred_of[where]})")
+            if ways:
+                ways.append(f"'{where}' in the file")
+            hint = f" ({', or '.join(ways)})" if ways else ""
             return f"{where}: {err['msg']}{hint}"
 
         problems = "; ".join(describe(err) for err in exc.errors())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Task[None]]) -> None:
@@ -15,3 +15,14 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[None]]) -> None:
     for task in pending:
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def within(aw: Awaitable[object], seconds: float) -> bool:
+    """Await ``aw`` for at most ``seconds``: True if it finished, False (it is cancelled)
+    if the time ran out. Loops that the watchdog checks wait this way, so they come round
+    to stamp their heartbeat even while there is nothing to do."""
+    try:
+        await asyncio.wait_for(aw, seconds)
+    except TimeoutError:
+        return False
+    return True

@@ -21,6 +21,8 @@ from typing import TypeVar
 
 from bridge.envelope import Envelope
 from bridge.errors import StoreError, StoreRejectedError
+from bridge.sdnotify import BEAT_SECONDS
+from bridge.tasks import within
 from callback_server.store import Store
 
 log = logging.getLogger(__name__)
@@ -49,12 +51,13 @@ class BatchWriter:
 
     def __init__(
         self, store: Store, *, batch_max: int = 500, retry_min: float = 0.2,
-        retry_max: float = 10.0,
+        retry_max: float = 10.0, beat: Callable[[], None] = lambda: None,
     ) -> None:
         self.store = store
         self.batch_max = batch_max
         self.retry_min = retry_min
         self.retry_max = retry_max
+        self.beat = beat  # the watchdog's heartbeat: stamped every iteration, idle or not
         self.degraded = False
         self.last_error = ""
         self.stored = 0
@@ -112,7 +115,9 @@ class BatchWriter:
     async def run(self) -> None:
         """Write batches until cancelled."""
         while True:
-            await self._wake.wait()
+            self.beat()
+            if not await within(self._wake.wait(), BEAT_SECONDS):
+                continue
             self._wake.clear()
             while self._dead:
                 n = min(len(self._dead), self.batch_max)
@@ -184,6 +189,7 @@ class BatchWriter:
                 delay = random.uniform(self.retry_min,
                                        min(self.retry_max, self.retry_min * 2 ** attempt))
                 attempt += 1
+                self.beat()  # retrying a database that is away is progress, not a hang
                 await asyncio.sleep(delay)
                 continue
             except Exception as exc:

@@ -7,6 +7,7 @@ import re
 import socket
 from collections.abc import Mapping
 from typing import Literal
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
@@ -25,6 +26,7 @@ ENV_MAP = {
     "STALL_SECONDS": "stall_seconds",
     **HTTP_ENV_MAP,
     "DATABASE_URL": "database_url",
+    "DATABASE_PASSWORD": "database_password",
     "DATABASE_CONFIG": "database_config",
     "CALLBACK_HTTP_HOST": "http_host",
     "CALLBACK_HTTP_PORT": "http_port",
@@ -36,6 +38,10 @@ ENV_MAP = {
     "COMMAND_RETENTION_DAYS": "command_retention_days",
     "RETENTION_INTERVAL_SECONDS": "retention_interval_seconds",
 }
+
+
+#: systemd credentials the callback server reads besides the shared ones (bridge.config).
+CREDENTIALS = {"callback_token": "callback_token", "database_password": "database_password"}
 
 
 class CallbackSettings(BaseModel):
@@ -50,6 +56,9 @@ class CallbackSettings(BaseModel):
     mqtt_client_id: str = ""
     tls: TlsSettings = TlsSettings()
     database_url: str = "sqlite:///data/callback.db"
+    # Fills in the password of database_url, so the URL itself can live in the config file
+    # and the password in the environment or a systemd credential.
+    database_password: SecretStr | None = None
     database_config: str | None = None
     http_host: str = "0.0.0.0"
     http_port: int = Field(3005, ge=0, le=65535)
@@ -95,7 +104,21 @@ class CallbackSettings(BaseModel):
         if not self.mqtt_client_id:
             host = socket.gethostname().split(".")[0]
             object.__setattr__(self, "mqtt_client_id", f"callback-server-{host}")
+        if self.database_password is not None:
+            object.__setattr__(self, "database_url", with_password(
+                self.database_url, self.database_password.get_secret_value()))
         return self
+
+
+def with_password(url: str, password: str) -> str:
+    """``scheme://user@host/db`` with ``password`` set (percent-encoded) for ``user``."""
+    parts = urlsplit(url)
+    if parts.scheme.startswith("sqlite") or not parts.hostname:
+        raise ValueError("database_password needs a mysql://user@host/db database_url")
+    user = parts.username or "root"
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def load(path: str | None, environ: Mapping[str, str] | None = None) -> CallbackSettings:
@@ -106,4 +129,5 @@ def load(path: str | None, environ: Mapping[str, str] | None = None) -> Callback
         path=path or env.get("CALLBACK_SERVER_CONFIG"),
         env_map=ENV_MAP,
         environ=env,
+        credentials=CREDENTIALS,
     )

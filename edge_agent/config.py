@@ -36,6 +36,9 @@ ENV_MAP = {
     "MAX_BODY_BYTES": "max_body_bytes",
 }
 
+#: systemd credentials the edge agent reads besides the shared ones (bridge.config).
+CREDENTIALS = {"pudu_callback_code": "pudu_callback_code"}
+
 _SEGMENT = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 
@@ -105,5 +108,6 @@ def load(path: str | None, environ: Mapping[str, str] | None = None) -> EdgeSett
     """Read ``path`` (or ``EDGE_AGENT_CONFIG``) and the environment; ConfigError if invalid."""
     env = os.environ if environ is None else environ
     return load_settings(
-        EdgeSettings, path=path or env.get("EDGE_AGENT_CONFIG"), env_map=ENV_MAP, environ=env
+        EdgeSettings, path=path or env.get("EDGE_AGENT_CONFIG"), env_map=ENV_MAP, environ=env,
+        credentials=CREDENTIALS,
     )

@@ -17,9 +17,12 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Callable
 
 from bridge.errors import PublishRefusedError, TransportError
 from bridge.outbox import Outbox
+from bridge.sdnotify import BEAT_SECONDS
+from bridge.tasks import within
 from bridge.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -56,11 +59,13 @@ class OutboxPublisher:
         window: int = 100,
         rate_limit: float = 0.0,
         retry_delay: float = 1.0,
+        beat: Callable[[], None] = lambda: None,
     ) -> None:
         self.outbox = outbox
         self.transport = transport
         self.window = window
         self.retry_delay = retry_delay
+        self.beat = beat  # the watchdog's heartbeat: stamped every iteration, idle or not
         self.published = 0
         self.failed = 0
         self.rejected = 0
@@ -80,19 +85,23 @@ class OutboxPublisher:
         """Run until cancelled."""
         cursor = 0
         while True:
+            self.beat()
             if self._retry_from is not None:
-                await self._wait_window_empty()
+                if not await within(self._wait_window_empty(), BEAT_SECONDS):
+                    continue
                 cursor, self._retry_from = self._retry_from, None
                 await asyncio.sleep(self.retry_delay)  # back off before resending refused ones
-            await self.transport.wait_connected()
+            if not await within(self.transport.wait_connected(), BEAT_SECONDS):
+                continue  # offline: come round to stamp the heartbeat
             entries = await self.outbox.peek(cursor, limit=max(self.window * 4, 200))
             if not entries:
-                await self.outbox.wait_changed()
+                await within(self.outbox.wait_changed(), BEAT_SECONDS)
                 continue
             for entry in entries:
                 if self._retry_from is not None:
                     break
-                await self._slots.acquire()
+                while not await within(self._slots.acquire(), BEAT_SECONDS):
+                    self.beat()  # the window is full (unacked): waiting, not wedged
                 pause = self._bucket.delay()
                 if pause:
                     await asyncio.sleep(pause)

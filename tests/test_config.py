@@ -49,3 +49,37 @@ def test_environment_overrides_file_and_secrets_are_masked(tmp_path: Path) -> No
 def test_bad_settings_name_the_setting(env: dict[str, str], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         edge_config.load(None, env)
+
+
+def test_systemd_credentials_sit_between_the_file_and_the_environment(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "pudu_callback_code").write_text("code-from-credential\n")
+    (creds / "proxy_token").write_text("token-from-credential")
+    (creds / "mqtt_key").write_text("-----BEGIN PRIVATE KEY-----\n")
+    (tmp_path / "cert.pem").write_text("cert")
+    config = tmp_path / "edge.yaml"
+    config.write_text(f"pudu_callback_code: from-file\nproxy_token: from-file\n"
+                      f"tls: {{cert_file: {tmp_path / 'cert.pem'}}}\n")
+    env = {"CREDENTIALS_DIRECTORY": str(creds), "PROXY_TOKEN": "from-env"}
+    s = edge_config.load(str(config), env)
+    assert s.pudu_callback_code.get_secret_value() == "code-from-credential"  # over the file
+    assert s.proxy_token is not None and s.proxy_token.get_secret_value() == "from-env"
+    assert s.tls.key_file == str(creds / "mqtt_key")  # the key file nobody else named
+
+
+def test_a_missing_required_secret_names_its_credential_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        edge_config.load(None, {"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert "PUDU_CALLBACK_CODE" in str(info.value)
+    assert "$CREDENTIALS_DIRECTORY/pudu_callback_code" in str(info.value)
+
+
+def test_database_password_fills_in_the_url(tmp_path: Path) -> None:
+    (tmp_path / "database_password").write_text("p@ss:w/rd\n")
+    s = cb_config.load(None, {"CREDENTIALS_DIRECTORY": str(tmp_path),
+                              "DATABASE_URL": "mysql://app@db:3306/fleet"})
+    assert s.database_url == "mysql://app:p%40ss%3Aw%2Frd@db:3306/fleet"
+    assert "p%40ss" not in str(masked(s))
+    with pytest.raises(ConfigError, match="database_password"):
+        cb_config.load(None, {"DATABASE_PASSWORD": "x", "DATABASE_URL": "sqlite:///x.db"})

@@ -121,6 +121,9 @@ class Transport(abc.ABC):
 
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
+        #: monotonic time the network loop last came round (None: not tracked by this
+        #: backend), for the systemd watchdog: a loop stuck inside a call stops it.
+        self.last_beat: float | None = None
         self.message_handler: MessageHandler | None = None
         self._listeners: list[ConnectionListener] = []
         self.connected_event = asyncio.Event()

@@ -20,6 +20,7 @@ import select
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -204,9 +205,11 @@ class PahoTransport(Transport):
         self._net_ident = threading.get_ident()
         attempt = 0
         while not self._stopping.is_set():
+            self.last_beat = time.monotonic()
             if self._connect_once():
                 connacked = False
                 while not self._stopping.is_set():
+                    self.last_beat = time.monotonic()
                     rc = self._loop_once(1.0)
                     if self._client.is_connected():
                         attempt, connacked = 0, True
@@ -229,7 +232,10 @@ class PahoTransport(Transport):
             attempt += 1
             self.reconnects += 1
             log.debug("MQTT reconnect in %.2fs (attempt %d)", delay, attempt)
-            self._stopping.wait(delay)
+            until = time.monotonic() + delay
+            while not self._stopping.is_set() and (left := until - time.monotonic()) > 0:
+                self.last_beat = time.monotonic()  # backing off is not hanging
+                self._stopping.wait(min(left, 1.0))
 
     def _loop_once(self, timeout: float) -> MQTTErrorCode:
         """paho's ``loop()``, waking on our socket (queued publishes), not paho's own pair.

@@ -122,6 +122,14 @@ class CommandExecutor:
         self._remember = remember
         self._tasks: set[asyncio.Task[None]] = set()
 
+    async def aclose(self, grace: float = 5.0) -> None:
+        """Stopping: let running commands answer (bounded), then cancel what is left."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=grace)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
     def register(self, name: str, fn: CommandFn) -> None:
         """Add or replace the handler for ``name``."""
         self.handlers[name] = fn

@@ -150,15 +150,19 @@ def read_credentials(names: Mapping[str, str], env: Mapping[str, str]) -> dict[s
     found: dict[str, Any] = {}
     for name, dotted in names.items():
         path = Path(directory) / name
-        if not path.is_file():
+        # Empty counts as absent: `make install` creates every credential file the units
+        # load (systemd refuses to start a unit whose LoadCredential= file is missing).
+        if not path.is_file() or path.stat().st_size == 0:
             continue
         if name in CREDENTIAL_PATHS:
             found[dotted] = str(path)
             continue
         try:
-            found[dotted] = path.read_text(encoding="utf-8").strip()
+            value = path.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read credential {path}: {exc}") from exc
+        if value:
+            found[dotted] = value
     return found
 
 

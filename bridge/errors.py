@@ -18,7 +18,8 @@
     │   ├── PubackTimeoutError
     │   └── PublishRefusedError  the broker's PUBACK carried a failure reason code
     ├── OutboxError            the durable outbox could not take or give a message
-    │   └── OutboxFullError    bounded outbox is full of entries that may not be dropped
+    │   ├── OutboxFullError    bounded outbox is full of entries that may not be dropped
+    │   └── OutboxLockedError  another process has the outbox open (exit code 3)
     └── StoreError             the database is unreachable or busy: retry later
         └── StoreRejectedError the database refused this data: retrying will not help
 
@@ -170,6 +171,15 @@ class OutboxFullError(OutboxError):
         super().__init__(f"outbox full ({depth}/{limit} entries); retry later")
         self.depth = depth
         self.limit = limit
+
+
+class OutboxLockedError(OutboxError):
+    """Another process (a second agent) holds the outbox; two writers would interleave."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"outbox {path} is in use by another process (is an edge agent "
+                         "already running with this OUTBOX_PATH?)")
+        self.path = path
 
 
 class StoreError(FleetError):

@@ -51,6 +51,8 @@ class NodelayStats:
 
 #: Seconds a client turned away for too many connections is asked to wait.
 BUSY_RETRY_AFTER = RETRY_AFTER_SECONDS
+#: How long in-flight requests get to finish once the service stops.
+GRACE_SECONDS = 5
 #: How long a turned-away connection is read (and discarded) after its 503, so that
 #: closing with its request unread does not reset the connection before the 503 is read.
 BUSY_LINGER_SECONDS = 2.0
@@ -164,10 +166,17 @@ class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, gate: ConnectionGate) -> None:
         super().__init__(config)
         self.gate = gate
+        #: set once the listener accepts connections (what systemd's READY=1 waits for)
+        self.ready = asyncio.Event()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            self.ready.set()
 
 
 def make_server(app: Any, host: str, port: int, stats: NodelayStats,
@@ -179,6 +188,8 @@ def make_server(app: Any, host: str, port: int, stats: NodelayStats,
         log_config=None, lifespan="off", server_header=False, date_header=False,
         # uvicorn hands it straight to call_later: a float is fine despite the int hint.
         timeout_keep_alive=gate.limits.keepalive_timeout_seconds,  # type: ignore[arg-type]
+        # Bounds how long a stuck request may hold a stop (systemd's TimeoutStopSec is 20).
+        timeout_graceful_shutdown=GRACE_SECONDS,
     )
     return _Server(config, gate)
 

@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import fcntl
 import functools
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -43,7 +45,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from bridge.errors import OutboxError, OutboxFullError
+from bridge.errors import OutboxError, OutboxFullError, OutboxLockedError
 from bridge.private_files import prepare_sqlite_file
 
 log = logging.getLogger(__name__)
@@ -156,6 +158,7 @@ class Outbox:
         self.max_rejected = max_rejected
         self.depth = 0
         self.rejected = 0
+        self.oldest_at: float | None = None  # created_at of the oldest entry, if any
         self.commits = 0
         self.compacted = 0
         self.rejected_full = 0
@@ -172,6 +175,7 @@ class Outbox:
         self._ops: list[Any] = []  # queued in this loop tick, not yet handed to the writer
         self._tail_from: int | None = None
         self._commits_seen = 0  # commits with new entries that reached the event loop
+        self._lock_fd: int | None = None
 
     # -- lifecycle ------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -182,13 +186,27 @@ class Outbox:
         conn.execute("PRAGMA busy_timeout=5000")
         return conn
 
+    def _take_lock(self) -> None:
+        """An exclusive lock on ``{path}.lock`` for as long as we are open: a second agent
+        on the same file would publish and delete the same entries twice."""
+        prepare_sqlite_file(self.path)  # the directory, and the file 0600 (its WAL too)
+        lock = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutboxLockedError(str(self.path)) from None
+        self._lock_fd = fd
+
     async def __aenter__(self) -> Outbox:
         self._loop = asyncio.get_running_loop()
         try:
-            await asyncio.to_thread(prepare_sqlite_file, self.path)  # 0600, its WAL too
+            await asyncio.to_thread(self._take_lock)
             writer = await asyncio.to_thread(self._open_writer)
             self._reader = await asyncio.to_thread(self._connect)
         except (sqlite3.Error, OSError) as exc:
+            self._release_lock()
             raise OutboxError(f"cannot open outbox {self.path}: {exc}") from exc
         self._thread = threading.Thread(
             target=self._writer_loop, args=(writer,), name="outbox-writer", daemon=True
@@ -204,7 +222,19 @@ class Outbox:
         conn.executescript(_SCHEMA)
         self.depth = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
         self.rejected = conn.execute("SELECT COUNT(*) FROM rejected").fetchone()[0]
+        self.oldest_at = self._oldest(conn)
         return conn
+
+    @staticmethod
+    def _oldest(conn: sqlite3.Connection) -> float | None:
+        """created_at of the first entry in seq order (the primary key: one index step)."""
+        row = conn.execute("SELECT created_at FROM outbox ORDER BY seq LIMIT 1").fetchone()
+        return None if row is None else float(row[0])
+
+    @property
+    def oldest_age_s(self) -> float:
+        """How long the oldest entry has waited (0 when empty): how stale the uplink is."""
+        return 0.0 if self.oldest_at is None else max(0.0, time.time() - self.oldest_at)
 
     async def __aexit__(
         self,
@@ -220,6 +250,12 @@ class Outbox:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
 
     # -- public API (event loop) ----------------------------------------------------------
     async def put(
@@ -392,6 +428,10 @@ class Outbox:
             added, reordered = [], True
         if any(isinstance(op, (_Reject, _Requeue)) for op in ops):  # rare: recount
             self.rejected = conn.execute("SELECT COUNT(*) FROM rejected").fetchone()[0]
+        if depth == 0:
+            self.oldest_at = None
+        elif self.oldest_at is None or any(not isinstance(op, _Put) for op in ops) or reordered:
+            self.oldest_at = self._oldest(conn)
         self.depth = depth
         self.commits += 1
         self._resolve(_Commit(results, added, reordered))

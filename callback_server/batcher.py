@@ -69,6 +69,7 @@ class BatchWriter:
         self._items: collections.deque[_Item] = collections.deque()
         self._dead: collections.deque[_Dead] = collections.deque()
         self._wake = asyncio.Event()
+        self._progress = asyncio.Event()  # set after each commit (drain waits on it)
 
     @property
     def pending(self) -> int:
@@ -85,6 +86,14 @@ class BatchWriter:
         self._waiting()
         self._dead.append(_Dead(topic, payload, reason, on_commit))
         self._wake.set()
+
+    async def drain(self, grace: float) -> bool:
+        """Stopping: wait (bounded) until everything queued is committed and acked."""
+        deadline = time.monotonic() + grace
+        while self.pending and time.monotonic() < deadline:
+            await within(self._progress.wait(), deadline - time.monotonic())
+            self._progress.clear()
+        return not self.pending
 
     def _waiting(self) -> None:
         if not self.pending:  # idle until now: the stall clock starts with this message
@@ -126,6 +135,7 @@ class BatchWriter:
                 for _ in range(n):
                     self._dead.popleft()
                 self.last_progress = time.monotonic()
+                self._progress.set()
                 for dead in letters:
                     dead.on_commit()
             while self._items:
@@ -137,6 +147,7 @@ class BatchWriter:
                 self.stored += n
                 self.batches += 1
                 self.last_progress = time.monotonic()
+                self._progress.set()
                 for item in batch:
                     item.on_commit()
 

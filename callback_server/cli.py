@@ -7,8 +7,8 @@ import asyncio
 import sys
 
 from bridge.errors import ConfigError, StoreError
+from bridge.lifecycle import run_main
 from bridge.logs import setup_logging
-from bridge.loop import run as run_service
 from callback_server import config
 
 
@@ -46,12 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from callback_server.service import serve
 
-    try:
-        run_service(serve(settings))
-    except ConfigError as exc:  # found only when a part starts (e.g. a TLS key that does not fit)
-        print(f"callback-server: configuration error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_main("callback-server", serve(settings))
 
 
 if __name__ == "__main__":

@@ -17,10 +17,12 @@ from bridge.backoff import backoff_delay
 from bridge.commands import CommandClient, CommandOutcome
 from bridge.config import mask_url
 from bridge.errors import InputError, StoreError, TransportError
-from bridge.http_server import NodelayStats, make_server, serve_until_signal
+from bridge.http_server import NodelayStats, make_server
+from bridge.lifecycle import Listener, serve_service
 from bridge.outbound import OutboundPolicy
 from bridge.proxy import MqttProxy, create_proxy_router
 from bridge.router import MessageRouter
+from bridge.sdnotify import Notifier, Watchdog
 from bridge.tasks import cancel_and_wait
 from bridge.topic import DeviceAddress
 from bridge.transport import MqttSettings, TlsFiles, Transport, create_transport
@@ -82,7 +84,10 @@ class CallbackServer:
         targets = load_targets(settings.database_config) if settings.database_config else None
         self.store = open_store(settings.database_url, targets=targets,
                                 max_skew=settings.max_clock_skew_seconds)
-        self.writer = BatchWriter(self.store, batch_max=settings.batch_max)
+        self.notifier = Notifier()
+        self.watchdog = Watchdog(self.notifier, status=self.status_line)
+        self.writer = BatchWriter(self.store, batch_max=settings.batch_max,
+                                  beat=self.watchdog.beat("batch-writer"))
         self.retention = Retention(self.store, {
             LOG_TABLE: settings.log_retention_days,
             DEAD_TABLE: settings.dead_letter_retention_days,
@@ -91,6 +96,7 @@ class CallbackServer:
         self.transport = transport or create_transport(settings.mqtt_backend,
                                                        mqtt_settings(settings))
         self.router = MessageRouter(self.transport)
+        self.watchdog.watch("mqtt-network", lambda: self.transport.last_beat)
         self.consumer = Consumer(
             self.router, self.writer,
             topic_prefix=settings.topic_prefix, share_group=settings.share_group,
@@ -161,9 +167,14 @@ class CallbackServer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        # Stop taking messages first; what was not committed stays unacked at the broker.
-        await self._stack.aclose()
+        # Ordered: commit and ack what the writer holds while the broker is still there
+        # (bounded; what is left stays unacked and is redelivered), stop the writer and the
+        # other loops, then the proxy, the transport, the router, and last the store.
+        if not await self.writer.drain(5.0):
+            log.info("%d messages not committed at stop; the broker redelivers them",
+                     self.writer.pending)
         await cancel_and_wait(self._tasks)
+        await self._stack.aclose()
 
     def _on_gateway_message(self, address: DeviceAddress, payload: bytes) -> None:
         if address.channel == "response":
@@ -244,6 +255,13 @@ class CallbackServer:
             "tcp_nodelay": dataclasses.asdict(self.nodelay),
         }
 
+    def status_line(self) -> str:
+        """systemd's STATUS=: what ``systemctl status`` shows an operator at a glance."""
+        broker = "connected" if self.transport.connected else "broker away"
+        db = "database away" if self.writer.degraded else "database ok"
+        return (f"{broker}; {db}; {self.writer.stored} stored, {self.writer.pending} pending, "
+                f"oldest unacked {self.consumer.oldest_unacked_seconds():.0f} s")
+
     def refresh_gauges(self) -> None:
         m = self.metrics
         m.received.set(self.consumer.received)
@@ -260,10 +278,15 @@ class CallbackServer:
 
 
 async def serve(settings: CallbackSettings) -> None:
-    """Run until SIGTERM/SIGINT."""
-    async with CallbackServer(settings) as server:
-        http = make_server(server.app, settings.http_host, settings.http_port, server.nodelay,
-                       settings.http_limits)
-        log.info("callback server %s listening on %s:%d, consuming %s", VERSION,
-                 settings.http_host, settings.http_port, server.consumer.filter.value)
-        await serve_until_signal(http)
+    """Run until SIGTERM/SIGINT (bridge.lifecycle: bind, READY=1, ordered stop)."""
+    server = CallbackServer(settings)
+
+    def listeners() -> list[Listener]:
+        s = settings
+        return [Listener("callback server", s.http_host, s.http_port,
+                         make_server(server.app, s.http_host, s.http_port, server.nodelay,
+                                     s.http_limits))]
+
+    log.info("callback server %s starting, consuming %s", VERSION, server.consumer.filter.value)
+    await serve_service(server, listeners, notifier=server.notifier, watchdog=server.watchdog,
+                        status=server.status_line, end_streams=server.proxy.end_streams)

@@ -8,8 +8,8 @@ import sys
 
 from bridge.config import masked
 from bridge.errors import ConfigError
+from bridge.lifecycle import run_main
 from bridge.logs import setup_logging
-from bridge.loop import run as run_service
 from edge_agent import config
 
 
@@ -35,12 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.log_level)
     from edge_agent.service import serve
 
-    try:
-        run_service(serve(settings))
-    except ConfigError as exc:  # found only when a part starts (e.g. a TLS key that does not fit)
-        print(f"edge-agent: configuration error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_main("edge-agent", serve(settings))
 
 
 if __name__ == "__main__":

@@ -111,6 +111,15 @@ class OutboxPublisher:
                 fut.add_done_callback(functools.partial(self._done, entry.seq))
                 cursor = entry.seq
 
+    async def settle(self, grace: float) -> None:
+        """Stopping, after ``run`` was cancelled: wait (bounded) for the PUBACKs of what is
+        in flight, so those entries are deleted now rather than resent after the restart."""
+        if await within(self._idle.wait(), grace):
+            self._flush_acks()
+        else:
+            log.info("%d publishes still unacknowledged at stop; they stay in the outbox",
+                     len(self._inflight))
+
     async def wait_drained(self) -> None:
         """Wait until the outbox is empty and nothing is in flight (flush_outbox)."""
         while self.outbox.depth > 0 or self._inflight:

@@ -18,11 +18,13 @@ from bridge.config import mask_url
 from bridge.envelope import Envelope
 from bridge.errors import TransportError
 from bridge.http_errors import install as install_error_handlers
-from bridge.http_server import NodelayStats, make_server, serve_until_signal
+from bridge.http_server import NodelayStats, make_server
+from bridge.lifecycle import Listener, serve_service
 from bridge.outbound import OutboundPolicy
 from bridge.outbox import Outbox
 from bridge.proxy import MqttProxy, create_proxy_router
 from bridge.router import MessageRouter
+from bridge.sdnotify import Notifier, Watchdog
 from bridge.tasks import cancel_and_wait
 from bridge.topic import TopicScheme
 from bridge.transport import MqttSettings, TlsFiles, Transport, Will, create_transport
@@ -70,9 +72,13 @@ class EdgeAgent:
         self.transport = transport or create_transport(
             settings.mqtt_backend, mqtt_settings(settings, self.scheme)
         )
+        self.notifier = Notifier()
+        self.watchdog = Watchdog(self.notifier, status=self.status_line)
+        self.watchdog.watch("mqtt-network", lambda: self.transport.last_beat)
         self.publisher = OutboxPublisher(
             self.outbox, self.transport,
             window=settings.publish_window, rate_limit=settings.publish_rate_limit,
+            beat=self.watchdog.beat("publisher"),
         )
         self.router = MessageRouter(self.transport)
         self.commands = CommandExecutor(self.transport, self.scheme, settings.gateway_id)
@@ -128,8 +134,12 @@ class EdgeAgent:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        # Ordered: stop publishing, let what is in flight be acked and running commands
+        # answer, then the proxy, the transport (which publishes `offline`), the outbox.
         await cancel_and_wait(self._tasks)
         self._tasks.clear()
+        await self.publisher.settle(2.0)
+        await self.commands.aclose(5.0)
         await self._stack.aclose()
 
     def note_robot(self, envelope: Envelope) -> None:
@@ -160,6 +170,12 @@ class EdgeAgent:
             "uptime_seconds": round(time.time() - self.started, 1),
         }
 
+    def status_line(self) -> str:
+        """systemd's STATUS=: what ``systemctl status`` shows an operator at a glance."""
+        broker = "connected" if self.transport.connected else "broker away"
+        return (f"{broker}; outbox {self.outbox.depth} entries, oldest "
+                f"{self.outbox.oldest_age_s:.0f} s; {self.publisher.published} published")
+
     def refresh_gauges(self) -> None:
         self.metrics.outbox_depth.set(self.outbox.depth)
         self.metrics.outbox_rejected.set(self.outbox.rejected)
@@ -180,14 +196,21 @@ class EdgeAgent:
 
 
 async def serve(settings: EdgeSettings) -> None:
-    """Run until SIGTERM/SIGINT; uvicorn handles the signals, we shut down cleanly."""
-    async with EdgeAgent(settings) as agent:
-        servers = [make_server(agent.app, settings.http_host, settings.http_port, agent.nodelay,
-                               settings.http_limits)]
-        log.info("edge agent %s listening on %s:%d (org %s, gateway %s)", VERSION,
-                 settings.http_host, settings.http_port, settings.org_id, settings.gateway_id)
+    """Run until SIGTERM/SIGINT (bridge.lifecycle: bind, READY=1, ordered stop)."""
+    agent = EdgeAgent(settings)
+
+    def listeners() -> list[Listener]:
+        s = settings
+        out = [Listener("webhook", s.http_host, s.http_port,
+                        make_server(agent.app, s.http_host, s.http_port, agent.nodelay,
+                                    s.http_limits))]
         if agent.admin_app is not None:
-            servers.append(make_server(agent.admin_app, settings.admin_host,
-                                       settings.admin_port, agent.nodelay, settings.http_limits))
-            log.info("REST MQTT proxy on %s:%d", settings.admin_host, settings.admin_port)
-        await serve_until_signal(*servers)
+            out.append(Listener("admin (REST MQTT proxy)", s.admin_host, s.admin_port,
+                                make_server(agent.admin_app, s.admin_host, s.admin_port,
+                                            agent.nodelay, s.http_limits)))
+        return out
+
+    log.info("edge agent %s starting (org %s, gateway %s)", VERSION, settings.org_id,
+             settings.gateway_id)
+    await serve_service(agent, listeners, notifier=agent.notifier, watchdog=agent.watchdog,
+                        status=agent.status_line, end_streams=agent.proxy.end_streams)

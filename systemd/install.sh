@@ -101,6 +101,12 @@ install_files() {
     put "$DESTDIR$UNITDIR/$svc.service" "$HERE/systemd/$svc.service" 0644
     dir "$DESTDIR/etc/$svc" 0750
     dir "$DESTDIR/etc/$svc/credentials" 0700
+    local cred
+    for cred in $(sed -n 's#^LoadCredential=\([a-z_]*\):.*#\1#p' "$HERE/systemd/$svc.service"); do
+      # systemd refuses a unit whose credential file is missing: empty means "not set".
+      [ -e "$DESTDIR/etc/$svc/credentials/$cred" ] \
+        || install -m 0600 /dev/null "$DESTDIR/etc/$svc/credentials/$cred"
+    done
     local config=$DESTDIR/etc/$svc/config.yaml
     if [ ! -e "$config" ]; then  # never overwrite an operator's config
       install -m 0640 "$HERE/config.example/$svc.yaml" "$config"

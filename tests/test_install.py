@@ -59,6 +59,8 @@ def test_install_from_a_wheelhouse_twice_changes_nothing(wheelhouse: Path,
     config = dest / "etc/edge-agent/config.yaml"
     assert oct(config.stat().st_mode & 0o777) == "0o640"
     assert oct((dest / "etc/edge-agent/credentials").stat().st_mode & 0o777) == "0o700"
+    code = dest / "etc/edge-agent/credentials/pudu_callback_code"  # LoadCredential= needs it
+    assert code.stat().st_size == 0 and oct(code.stat().st_mode & 0o777) == "0o600"
     venv = dest / "opt/pudu-fleet-bridge/.venv"
     assert (venv / "bin/edge-agent").read_text().startswith("#!/opt/pudu-fleet-bridge/.venv/")
     imported = subprocess.run([str(venv / "bin/python"), "-c",

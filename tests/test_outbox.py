@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,3 +136,22 @@ async def test_tail_is_dropped_when_the_publisher_falls_far_behind(tmp_path: Pat
         assert box._tail_from is None
         entries = await box.peek(0, limit=10_000)
         assert [e.payload for e in entries] == [b"%d" % i for i in range(5000)]
+
+
+async def test_a_second_process_cannot_open_the_same_outbox(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    async with Outbox(path):
+        other = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-c", "import asyncio, sys\n"
+             "from bridge.outbox import Outbox\n"
+             "from bridge.errors import OutboxLockedError\n"
+             "async def main():\n"
+             "    try:\n"
+             f"        async with Outbox({str(path)!r}): return 0\n"
+             "    except OutboxLockedError as exc:\n"
+             "        print(exc); return 3\n"
+             "sys.exit(asyncio.run(main()))\n"],
+            capture_output=True, text=True, timeout=30, check=False, cwd=Path(__file__).parents[1])
+        assert other.returncode == 3 and "in use by another process" in other.stdout
+    async with Outbox(path):  # released on close
+        pass

@@ -435,6 +435,13 @@ class MqttProxy:
         self._started = True
         return self
 
+    def end_streams(self) -> None:
+        """End every open SSE response now (stopping): a stream left open would hold the
+        HTTP listener's graceful shutdown until systemd kills the process."""
+        for sub in self._subs.values():
+            if isinstance(sub, StreamSubscription):
+                sub.mailbox.close()
+
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,

@@ -1,0 +1,193 @@
+"""The service lifecycle under systemd's eyes: READY=1 once bound, WATCHDOG=1 only while
+every loop makes progress, an ordered stop that open streams cannot hold, exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bridge.sdnotify import Notifier, Watchdog
+from tests.mqtt_probe import Probe
+from tests.services import callback_server, edge_agent, pick_port
+
+BROKER = "mqtt://127.0.0.1:1883"
+
+
+class NotifySocket:
+    """A test-owned $NOTIFY_SOCKET: collects what the service sends systemd."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.lines: list[str] = []
+
+    def wait_for(self, line: str, timeout: float = 20.0, *, count: int = 1) -> list[str]:
+        """Block until ``line`` arrived ``count`` times (reading datagrams, not sleeping)."""
+        deadline = time.monotonic() + timeout
+        while sum(1 for seen in self.lines if seen == line) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{line} x{count} not received: {self.lines[-10:]}")
+            with contextlib.suppress(TimeoutError):
+                self.lines += self.sock.recv(4096).decode().split("\n")
+        return self.lines
+
+    def drain(self, seconds: float) -> list[str]:
+        """Everything sent during the next ``seconds``."""
+        got: list[str] = []
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                got += self.sock.recv(4096).decode().split("\n")
+        self.lines += got
+        return got
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[NotifySocket]:
+    sock = NotifySocket(tmp_path / "notify.sock")
+    yield sock
+    sock.close()
+
+
+def systemd_env(notify: NotifySocket) -> dict[str, str]:
+    return {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "2000000"}
+
+
+@pytest.mark.integration
+def test_both_services_say_ready_then_ping_the_watchdog(tmp_path: Path,
+                                                        notify: NotifySocket) -> None:
+    p = f"t{uuid.uuid4().hex[:8]}"
+    with edge_agent(tmp_path, BROKER, org="acme", TOPIC_PREFIX=p, **systemd_env(notify)):
+        lines = notify.wait_for("READY=1")
+        assert any(line.startswith("STATUS=") and "outbox" in line for line in lines)
+        notify.wait_for("WATCHDOG=1", count=2)
+    notify.wait_for("STOPPING=1", timeout=5)
+    notify.lines.clear()
+    db = f"sqlite:///{tmp_path / 'cb.db'}"
+    with callback_server(tmp_path, BROKER, db, TOPIC_PREFIX=p, **systemd_env(notify)):
+        notify.wait_for("READY=1")
+        notify.wait_for("WATCHDOG=1", count=2)
+
+
+@pytest.mark.integration
+def test_ready_does_not_wait_for_the_broker(tmp_path: Path, notify: NotifySocket) -> None:
+    dead = f"mqtt://127.0.0.1:{pick_port()}"  # nothing listens there
+    with edge_agent(tmp_path, dead, org="acme", **systemd_env(notify)) as agent:
+        notify.wait_for("READY=1")
+        notify.wait_for("WATCHDOG=1", count=3)  # offline is not wedged
+        r = httpx.post(agent.url + "/api/pudu/webhook", headers={"CallbackCode": "test-code"},
+                       json={"callback_type": "notifyRobotPose", "data": {"sn": "R1", "x": 1,
+                                                                           "y": 2}})
+        assert r.status_code == 200  # webhooks are taken while the uplink is down
+
+
+async def test_a_wedged_loop_stops_the_watchdog_pings(notify: NotifySocket) -> None:
+    notifier = Notifier({"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000"})
+    watchdog = Watchdog(notifier)
+    beat = watchdog.beat("publisher")
+    wedged = asyncio.Event()
+
+    async def publisher() -> None:  # a loop that stamps, until a call never returns
+        while not wedged.is_set():
+            beat()
+            await asyncio.sleep(0.05)
+        await asyncio.Event().wait()  # stuck inside a call
+
+    tasks = [asyncio.create_task(publisher(), name="publisher"),
+             asyncio.create_task(watchdog.run(), name="watchdog")]
+    try:
+        await asyncio.to_thread(notify.wait_for, "WATCHDOG=1", 10, count=2)
+        wedged.set()
+        await asyncio.to_thread(notify.drain, 5.0)  # the stale limit (4 s) passes
+        assert "WATCHDOG=1" not in await asyncio.to_thread(notify.drain, 2.0)
+        assert watchdog.stale(4.0) == ["publisher"]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        notifier.close()
+
+
+@pytest.mark.integration
+def test_sigterm_with_open_streams_and_a_backlog_stops_in_time(tmp_path: Path) -> None:
+    p, org = f"t{uuid.uuid4().hex[:8]}", "acme"
+    token = "proxy-token-0123456789abcdef"
+    with Probe(BROKER, f"{p}/org/{org}/device/#", persistent=False) as probe:
+        agent = edge_agent(tmp_path, BROKER, org=org, TOPIC_PREFIX=p, PROXY_TOKEN=token)
+        agent.start()
+        admin = f"http://127.0.0.1:{agent.env['EDGE_ADMIN_PORT']}"
+        opened = threading.Event()
+
+        def stream() -> None:  # an SSE reader that never leaves by itself
+            with contextlib.suppress(httpx.HTTPError), httpx.stream(
+                    "GET", admin + "/mqtt/stream", params={"topic": f"{p}/org/{org}/#"},
+                    headers={"Authorization": f"Bearer {token}"}, timeout=30) as r:
+                for _ in r.iter_lines():
+                    opened.set()
+
+        readers = [threading.Thread(target=stream, daemon=True) for _ in range(3)]
+        for reader in readers:
+            reader.start()
+        assert opened.wait(10)
+        with httpx.Client(base_url=agent.url, headers={"CallbackCode": "test-code"}) as c:
+            for i in range(300):  # the backlog: accepted, not all published yet
+                assert c.post("/api/pudu/webhook", json={
+                    "callback_type": "notifyRobotPower",
+                    "data": {"sn": f"R{i % 7}", "power": i % 100, "notify_timestamp": i + 1}}
+                ).status_code == 200
+        assert agent.proc is not None
+        started = time.monotonic()
+        agent.proc.send_signal(signal.SIGTERM)
+        code = agent.proc.wait(20)  # systemd's TimeoutStopSec
+        took = time.monotonic() - started
+        assert code == 0 and took < 10, (code, took)
+        presence = [m for m in probe.messages if m.topic.endswith("/presence")]
+        assert presence and presence[-1].payload == b"offline"
+        agent.start()  # whatever was left in the outbox goes out now
+        robot = [m for m in probe.wait_for(300 + 3) if m.topic.endswith("/power")]
+        deadline = time.monotonic() + 20
+        while len({json.loads(m.payload)["id"] for m in robot}) < 300:
+            assert time.monotonic() < deadline, "committed callbacks lost across the stop"
+            robot = [m for m in probe.wait_for(len(probe.messages) + 1)
+                     if m.topic.endswith("/power")]
+        agent.stop()
+    for reader in readers:
+        reader.join(5)
+    print(f"stopped in {took:.2f} s with 3 open streams")
+
+
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edge_agent", *args], capture_output=True,
+                          text=True, timeout=30, env=env, check=False)
+
+
+@pytest.mark.integration
+def test_a_second_agent_on_the_same_outbox_or_port_exits_3(tmp_path: Path) -> None:
+    with edge_agent(tmp_path, BROKER, org="acme") as agent:
+        env = {**agent.env, "EDGE_HTTP_PORT": str(pick_port())}
+        locked = run_cli("run", env=env)
+        assert locked.returncode == 3, locked.stderr
+        assert "in use by another process" in locked.stderr
+        assert "Traceback" not in locked.stderr
+        bound = run_cli("run", env={**agent.env, "OUTBOX_PATH": str(tmp_path / "other.db")})
+        assert bound.returncode == 3 and "cannot listen on" in bound.stderr, bound.stderr
+        assert "Traceback" not in bound.stderr and "listening on" not in bound.stderr
+

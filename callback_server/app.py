@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 
 from bridge import strictjson
 from bridge.commands import Command
+from bridge.docs import install_docs
 from bridge.envelope import Envelope
 from bridge.errors import (
     CommandTimeoutError,
@@ -122,7 +123,9 @@ async def _dead_letter(server: CallbackServer, topic: str | None, raw: bytes,
 
 def create_app(server: CallbackServer) -> FastAPI:
     """Build the app around a running server."""
-    app = FastAPI(title="Pudu fleet callback server", version=server.version)
+    app = FastAPI(title="Pudu fleet callback server", version=server.version,
+                  docs_url=None, redoc_url=None)
+    install_docs(app)
 
     install_error_handlers(app)
 

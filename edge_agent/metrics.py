@@ -10,8 +10,11 @@ class EdgeMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # type: the documented callback types, anything else (or unparsed) as "other",
+        # so the series stay bounded whatever senders put there.
         self.webhooks = Counter(
-            "edge_webhooks_total", "Webhook callbacks by outcome", ["outcome"],
+            "edge_webhooks_total", "Webhook callbacks by outcome and callback type",
+            ["outcome", "type"],
             registry=self.registry,
         )
         self.accept_seconds = Histogram(
@@ -26,6 +29,10 @@ class EdgeMetrics:
         )
         self.outbox_depth = Gauge(
             "edge_outbox_depth", "Entries waiting for PUBACK", registry=self.registry
+        )
+        self.outbox_oldest_age = Gauge(
+            "edge_outbox_oldest_age_seconds", "How long the oldest outbox entry has waited",
+            registry=self.registry,
         )
         self.outbox_rejected = Gauge(
             "edge_outbox_rejected", "Entries the broker refused for good, set aside",

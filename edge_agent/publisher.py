@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -48,6 +49,26 @@ class TokenBucket:
         return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
 
 
+class RateMeter:
+    """Events per second, exponentially smoothed over ``tau`` seconds (a drain estimate)."""
+
+    def __init__(self, tau: float = 30.0) -> None:
+        self.tau = tau
+        self._rate = 0.0
+        self._stamp = time.monotonic()
+
+    def add(self, count: int) -> None:
+        now = time.monotonic()
+        elapsed = max(now - self._stamp, 1e-3)
+        weight = math.exp(-elapsed / self.tau)
+        self._rate = weight * self._rate + (1 - weight) * (count / elapsed)
+        self._stamp = now
+
+    def rate(self) -> float:
+        """The smoothed rate, decayed for the time since the last event."""
+        return self._rate * math.exp(-(time.monotonic() - self._stamp) / self.tau)
+
+
 class OutboxPublisher:
     """Publishes outbox entries in order and deletes each on its PUBACK."""
 
@@ -70,6 +91,7 @@ class OutboxPublisher:
         self.failed = 0
         self.rejected = 0
         self._bucket = TokenBucket(rate_limit)
+        self.rate = RateMeter()
         self._slots = asyncio.Semaphore(window)
         self._inflight: set[int] = set()
         self._acked: list[int] = []
@@ -80,6 +102,14 @@ class OutboxPublisher:
     @property
     def inflight(self) -> int:
         return len(self._inflight)
+
+    def drain_estimate_s(self) -> float | None:
+        """Seconds to empty the outbox at the recent publish rate; None while nothing is
+        being published (broker away), 0 when empty."""
+        if self.outbox.depth == 0:
+            return 0.0
+        rate = self.rate.rate()
+        return None if rate < 0.01 else self.outbox.depth / rate
 
     async def run(self) -> None:
         """Run until cancelled."""
@@ -154,4 +184,5 @@ class OutboxPublisher:
     def _flush_acks(self) -> None:
         """Remove every entry acked during this loop tick in one outbox operation."""
         acked, self._acked = self._acked, []
+        self.rate.add(len(acked))
         self.outbox.remove(acked)

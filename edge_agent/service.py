@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from bridge.commands import CommandExecutor
 from bridge.config import mask_url
+from bridge.docs import install_docs
 from bridge.envelope import Envelope
 from bridge.errors import TransportError
 from bridge.http_errors import install as install_error_handlers
@@ -107,7 +108,9 @@ class EdgeAgent:
         api = create_proxy_router(self.proxy)
         if api is None:
             return None
-        app = FastAPI(title="Pudu edge agent admin (MQTT proxy)", version=self.version)
+        app = FastAPI(title="Pudu edge agent admin (MQTT proxy)", version=self.version,
+                      docs_url=None, redoc_url=None)
+        install_docs(app)
         install_error_handlers(app)
         app.include_router(api)
         return app
@@ -165,6 +168,8 @@ class EdgeAgent:
             "outbox_depth": self.outbox.depth,
             "outbox_max_entries": self.outbox.max_entries,
             "outbox_rejected": self.outbox.rejected,
+            "outbox_oldest_age_s": round(self.outbox.oldest_age_s, 1),
+            "drain_estimate_s": _rounded(self.publisher.drain_estimate_s()),
             "inflight": self.publisher.inflight,
             "published": self.publisher.published,
             "uptime_seconds": round(time.time() - self.started, 1),
@@ -173,12 +178,16 @@ class EdgeAgent:
     def status_line(self) -> str:
         """systemd's STATUS=: what ``systemctl status`` shows an operator at a glance."""
         broker = "connected" if self.transport.connected else "broker away"
+        drain = self.publisher.drain_estimate_s()
+        eta = "" if not self.outbox.depth else (
+            "; not draining" if drain is None else f"; drained in ~{drain:.0f} s")
         return (f"{broker}; outbox {self.outbox.depth} entries, oldest "
-                f"{self.outbox.oldest_age_s:.0f} s; {self.publisher.published} published")
+                f"{self.outbox.oldest_age_s:.0f} s{eta}; {self.publisher.published} published")
 
     def refresh_gauges(self) -> None:
         self.metrics.outbox_depth.set(self.outbox.depth)
         self.metrics.outbox_rejected.set(self.outbox.rejected)
+        self.metrics.outbox_oldest_age.set(self.outbox.oldest_age_s)
         self.metrics.published.set(self.publisher.published)
         self.metrics.broker_connected.set(1 if self.transport.connected else 0)
 
@@ -193,6 +202,10 @@ class EdgeAgent:
                     await self.transport.publish(topic, payload, qos=0)
                 except TransportError as exc:
                     log.debug("heartbeat not sent: %s", exc)
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
 
 
 async def serve(settings: EdgeSettings) -> None:

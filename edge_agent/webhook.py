@@ -21,12 +21,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import Receive, Scope, Send
 
 from bridge import strictjson
+from bridge.docs import install_docs
 from bridge.envelope import Envelope
 from bridge.errors import FleetError, InputError, OutboxError, PayloadError
 from bridge.http_errors import error_response, internal_error_response
 from bridge.http_errors import install as install_error_handlers
 from bridge.outbox import PutResult
-from edge_agent.normalize import normalize
+from edge_agent.normalize import DOCUMENTED_TYPES, normalize
 
 if TYPE_CHECKING:
     from edge_agent.service import EdgeAgent
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WEBHOOK_PATH = "/api/pudu/webhook"
+_TYPE_LABELS = frozenset(DOCUMENTED_TYPES)
 _CALLBACK_SCHEMA: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -124,9 +126,8 @@ class _Webhook:
         self.org = settings.org_id
         self.gateway = settings.gateway_id
         self.metrics = agent.metrics
-        # Resolving a label child takes a lock and a dict lookup: do it once.
-        self.accepted = agent.metrics.webhooks.labels(outcome="accepted")
-        self.duplicates = agent.metrics.webhooks.labels(outcome="duplicate")
+        # Resolving a label child takes a lock and a dict lookup: once per (outcome, type).
+        self._counted: dict[tuple[str, str], Any] = {}
         self.skewed = agent.metrics.clock_skew
         self.max_skew = settings.max_clock_skew_seconds
 
@@ -149,11 +150,18 @@ class _Webhook:
         ]})
         await send({"type": "http.response.body", "body": payload})
 
+    def count(self, outcome: str, callback_type: str = "other") -> None:
+        key = (outcome, callback_type if callback_type in _TYPE_LABELS else "other")
+        child = self._counted.get(key)
+        if child is None:
+            child = self._counted[key] = self.metrics.webhooks.labels(*key)
+        child.inc()
+
     def count_error(self, exc: FleetError) -> None:
         if isinstance(exc, InputError):
-            self.metrics.webhooks.labels(outcome=f"rejected_{exc.status}").inc()
+            self.count(f"rejected_{exc.status}")
         elif isinstance(exc, OutboxError):
-            self.metrics.webhooks.labels(outcome="unavailable").inc()
+            self.count("unavailable")
 
     async def accept(self, scope: Scope, receive: Receive) -> bytes | None:
         """Check, normalise, commit to the outbox; the 200 body, or None on disconnect."""
@@ -189,7 +197,7 @@ class _Webhook:
         )
         self.agent.note_robot(envelope)
         duplicate = result is PutResult.DUPLICATE
-        (self.duplicates if duplicate else self.accepted).inc()
+        self.count("duplicate" if duplicate else "accepted", norm.callback_type)
         self.metrics.accept_seconds.observe(time.perf_counter() - started)
         return _render({
             "status": "success",
@@ -225,7 +233,9 @@ def create_app(agent: EdgeAgent) -> FastAPI:
     """Build the public app around a running agent."""
     metrics = agent.metrics
     webhook = _Webhook(agent)
-    app = _EdgeApp(title="Pudu edge agent", version=agent.version, docs_url="/docs")
+    app = _EdgeApp(title="Pudu edge agent", version=agent.version, docs_url=None,
+                   redoc_url=None)
+    install_docs(app)
     app.webhook = webhook
 
     install_error_handlers(app)

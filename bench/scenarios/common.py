@@ -68,13 +68,16 @@ def metric(svc: Service, name: str) -> float:
 
 
 def labelled(svc: Service, name: str, label: str) -> float:
-    """``name{label}`` from /metrics, e.g. ``edge_webhooks_total{outcome="accepted"}``."""
+    """The sum of ``name{...}`` over every series carrying ``label``, e.g.
+    ``edge_webhooks_total{outcome="accepted"}`` over all callback types."""
     text = http_get(svc.url + "/metrics").decode()
-    prefix = f"{name}{{{label}}} "
+    total = 0.0
     for line in text.splitlines():
-        if line.startswith(prefix):
-            return float(line[len(prefix):])
-    return 0.0
+        if line.startswith(name + "{") and "} " in line:
+            labels, _, value = line[len(name) + 1:].partition("} ")
+            if label in labels.split(","):
+                total += float(value)
+    return total
 
 
 def wait_until(check: Callable[[], bool], *, timeout: float, interval: float = 0.05,

@@ -1,41 +1,62 @@
-"""``edge-agent run | check-config``: maps flags onto EdgeSettings and nothing more."""
+"""``edge-agent run | check-config [--connect] | outbox stats | outbox peek [-n N]``:
+maps flags onto EdgeSettings and nothing more (exit codes: bridge.lifecycle)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-from bridge.config import masked
-from bridge.errors import ConfigError
+from bridge.cli import check_config, guarded, load_or_exit, parser, report_problems
 from bridge.lifecycle import run_main
-from bridge.logs import setup_logging
-from edge_agent import config
+from edge_agent import checks, config
+
+PROG = "edge-agent"
+
+
+def _main(argv: list[str] | None) -> int:
+    top, sub, common = parser(PROG, __doc__, "EDGE_AGENT_CONFIG")
+    sub.add_parser("run", parents=[common], help="run the service")
+    check = sub.add_parser("check-config", parents=[common],
+                           help="run the checks `run` runs, then print the effective settings")
+    check.add_argument("--connect", action="store_true", help="also connect to the broker")
+    outbox = sub.add_parser("outbox", parents=[common],
+                            help="look into the outbox file (safe beside a running agent)")
+    what = outbox.add_subparsers(dest="outbox_command", required=True)
+    what.add_parser("stats", parents=[common], help="depth, ages, size, by channel")
+    peek = what.add_parser("peek", parents=[common], help="the oldest entries")
+    peek.add_argument("-n", type=int, default=10, help="how many (default 10)")
+    args = top.parse_args(argv)
+    settings = load_or_exit(PROG, lambda: config.load(getattr(args, "config", None)))
+    if isinstance(settings, int):
+        return settings
+    if args.command == "check-config":
+        return check_config(PROG, settings, checks.problems,
+                            checks.connect_problems if args.connect else None)
+    if args.command == "outbox":
+        from edge_agent.outbox_view import peek_entries, stats
+
+        try:
+            if args.outbox_command == "stats":
+                out: object = stats(settings.outbox_path)
+            else:
+                out = peek_entries(settings.outbox_path, max(1, args.n))
+        except FileNotFoundError as exc:
+            print(f"{PROG}: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+        return 0
+    found = checks.problems(settings)
+    if found:
+        return report_problems(PROG, found)
+    from bridge.logs import setup_logging
+    from edge_agent.service import serve
+
+    setup_logging(settings.log_level)
+    return run_main(PROG, serve(settings))
 
 
 def main(argv: list[str] | None = None) -> int:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", default=argparse.SUPPRESS,
-                        help="YAML settings file (or EDGE_AGENT_CONFIG)")
-    parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
-    parser.add_argument("--config", help="YAML settings file (or EDGE_AGENT_CONFIG)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", parents=[common], help="run the service")
-    sub.add_parser("check-config", parents=[common],
-                   help="validate and print the effective settings")
-    args = parser.parse_args(argv)
-    try:
-        settings = config.load(args.config)
-    except ConfigError as exc:
-        print(f"edge-agent: configuration error: {exc}", file=sys.stderr)
-        return 1
-    if args.command == "check-config":
-        print(json.dumps(masked(settings), indent=2))
-        return 0
-    setup_logging(settings.log_level)
-    from edge_agent.service import serve
-
-    return run_main("edge-agent", serve(settings))
+    return guarded(lambda: _main(argv))
 
 
 if __name__ == "__main__":

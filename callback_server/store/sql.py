@@ -124,8 +124,10 @@ class SqlStore:
         await self.backend.close()
 
     # -- schema -------------------------------------------------------------------------
-    async def migrate(self) -> None:
+    async def migrate(self) -> list[str]:
         """Create missing databases, tables and columns; idempotent, safe to race.
+        Returns what it did, one line per database or table (``callback-server migrate``
+        prints them).
 
         Existing tables keep their columns and types; missing ones are added. A robot
         table that gains its watermark columns gets them seeded from ``last_updated``
@@ -135,9 +137,11 @@ class SqlStore:
         """
         async with self._migrate_lock:
             d = self.dialect
+            report: list[str] = []
             for name in sorted(await self.backend.missing_databases(self.targets.databases)):
                 log.info("creating database %s", name)
                 await self.backend.transaction([(d.create_database(name), None)])
+                report.append(f"created database {name}")
             limits: dict[str, dict[str, int]] = {"robots": {}, "events": {}, "log": {}}
             plan: list[tuple[str, TableSpec, str | None]] = [
                 *((t.qualified, ROBOTS, "robots") for t in self.targets.robot_status),
@@ -146,7 +150,7 @@ class SqlStore:
                 (COMMAND_TABLE, COMMANDS, None),
             ]
             for table, spec, kind in plan:
-                have = await self._ensure(table, spec)
+                have = await self._ensure(table, spec, report)
                 if kind is None:
                     continue
                 for column, limit in have.items():
@@ -155,12 +159,15 @@ class SqlStore:
                         limits[kind][column] = limit if mine is None else min(mine, limit)
             self._limits = limits
             self._migrated = True
+            return report
 
-    async def _ensure(self, table: str, spec: TableSpec) -> dict[str, int | None]:
+    async def _ensure(self, table: str, spec: TableSpec,
+                      report: list[str]) -> dict[str, int | None]:
         d = self.dialect
         have = await self.backend.columns(table)
         added = []
-        if not have:
+        created = not have
+        if created:
             log.info("creating table %s", table)
             await self.backend.transaction([(d.create_table(table, spec), None)])
             have = await self.backend.columns(table)  # indexes below, as for old tables
@@ -183,6 +190,12 @@ class SqlStore:
                 [(d.create_index(table, spec.unique, unique=True), None)])
         if spec is ROBOTS:
             await self._seed_watermarks(table, [c for c in added if c in (*WATERMARKS, "last_ts")])
+        if created:
+            report.append(f"created table {table}")
+        elif added:
+            report.append(f"table {table} existed; added columns {', '.join(added)}")
+        else:
+            report.append(f"table {table} existed, up to date")
         if spec.columns[0].kind != "serial":
             keys = await self.backend.unique_keys(table)
             if frozenset(spec.key) not in keys:

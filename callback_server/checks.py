@@ -1,0 +1,49 @@
+"""The callback server's pre-start checks (bridge.checks): ``check-config`` and ``run``."""
+
+from __future__ import annotations
+
+from bridge.checks import broker_reachable, build, mqtt_transport, writable_file
+from bridge.config import mask_url
+from callback_server.config import CallbackSettings
+
+
+def _store(settings: CallbackSettings) -> object:
+    from callback_server.store import load_targets, open_store
+
+    targets = load_targets(settings.database_config) if settings.database_config else None
+    return open_store(settings.database_url, targets=targets)
+
+
+def problems(settings: CallbackSettings) -> list[str]:
+    """One line per problem; empty when ``run`` would start."""
+    from callback_server.service import mqtt_settings
+
+    found: list[str] = []
+    mqtt_transport(found, settings.mqtt_backend, lambda: mqtt_settings(settings))
+    build(found, "DATABASE_URL", lambda: _store(settings))
+    url = settings.database_url
+    if url.startswith("sqlite:///"):
+        from pathlib import Path
+
+        writable_file(found, "DATABASE_URL", Path(url.removeprefix("sqlite:///")))
+    return found
+
+
+async def connect_problems(settings: CallbackSettings) -> list[str]:
+    """``check-config --connect``: the settings' problems, then the broker and database."""
+    from callback_server.service import mqtt_settings
+    from callback_server.store import SqlStore
+
+    found = problems(settings)
+    if found:
+        return found
+    transport = mqtt_transport(found, settings.mqtt_backend, lambda: mqtt_settings(settings))
+    if transport is not None:
+        await broker_reachable(found, transport, mask_url(settings.mqtt_url))
+    store = _store(settings)
+    assert isinstance(store, SqlStore)
+    async with store:
+        if not await store.ping():
+            found.append(f"DATABASE_URL: the database at {mask_url(settings.database_url)} "
+                         "does not answer")
+    return found

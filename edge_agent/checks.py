@@ -1,0 +1,34 @@
+"""The edge agent's pre-start checks (bridge.checks): run by ``check-config`` and ``run``."""
+
+from __future__ import annotations
+
+from bridge.checks import broker_reachable, mqtt_transport, writable_file
+from bridge.config import mask_url
+from bridge.topic import TopicScheme
+from edge_agent.config import EdgeSettings
+
+
+def problems(settings: EdgeSettings) -> list[str]:
+    """One line per problem; empty when ``run`` would start."""
+    from edge_agent.service import mqtt_settings
+
+    found: list[str] = []
+    scheme = TopicScheme(settings.org_id, settings.topic_prefix)
+    mqtt_transport(found, settings.mqtt_backend, lambda: mqtt_settings(settings, scheme))
+    writable_file(found, "OUTBOX_PATH", settings.outbox_path)
+    return found
+
+
+async def connect_problems(settings: EdgeSettings) -> list[str]:
+    """``check-config --connect``: the settings' problems, then a real broker connect."""
+    from edge_agent.service import mqtt_settings
+
+    found = problems(settings)
+    if found:
+        return found
+    scheme = TopicScheme(settings.org_id, settings.topic_prefix)
+    transport = mqtt_transport(found, settings.mqtt_backend,
+                               lambda: mqtt_settings(settings, scheme))
+    if transport is not None:
+        await broker_reachable(found, transport, mask_url(settings.mqtt_url))
+    return found

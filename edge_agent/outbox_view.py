@@ -1,0 +1,63 @@
+"""``edge-agent outbox stats | peek``: what is waiting, read-only, beside a running agent.
+
+The file is opened read-only (``mode=ro``); in WAL mode a reader never blocks the
+agent's writer nor sees a half-written commit, so this is safe while the agent runs.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["peek_entries", "stats"]
+
+
+def _open(path: Path) -> sqlite3.Connection:
+    if not path.exists():
+        raise FileNotFoundError(f"no outbox at {path} (OUTBOX_PATH)")
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+
+def _channel(topic: str) -> str:
+    parts = topic.split("/")
+    return "/".join(parts[parts.index("device") + 2:]) if "device" in parts else topic
+
+
+def stats(path: Path) -> dict[str, Any]:
+    """Depth, oldest and newest age, rejected entries, file size and depth per channel."""
+    now = time.time()
+    with _open(path) as conn:
+        depth, oldest, newest = conn.execute(
+            "SELECT COUNT(*), MIN(created_at), MAX(created_at) FROM outbox").fetchone()
+        rejected = conn.execute("SELECT COUNT(*) FROM rejected").fetchone()[0]
+        by_channel: dict[str, int] = {}
+        for (topic,) in conn.execute("SELECT topic FROM outbox"):
+            channel = _channel(topic)
+            by_channel[channel] = by_channel.get(channel, 0) + 1
+    size = sum(p.stat().st_size for p in path.parent.glob(path.name + "*") if p.is_file())
+    return {
+        "path": str(path), "depth": depth, "rejected": rejected,
+        "oldest_age_s": None if oldest is None else round(now - oldest, 1),
+        "newest_age_s": None if newest is None else round(now - newest, 1),
+        "bytes_on_disk": size, "by_channel": dict(sorted(by_channel.items())),
+    }
+
+
+def peek_entries(path: Path, count: int) -> list[dict[str, Any]]:
+    """The ``count`` oldest entries, in the order they will be published."""
+    now = time.time()
+    out = []
+    with _open(path) as conn:
+        rows = conn.execute("SELECT seq, topic, payload, qos, created_at FROM outbox "
+                            "ORDER BY seq LIMIT ?", (count,)).fetchall()
+    for seq, topic, payload, qos, created in rows:
+        try:
+            body: Any = json.loads(payload)
+        except (ValueError, UnicodeDecodeError):
+            body = bytes(payload)[:200].decode("utf-8", "replace")
+        out.append({"seq": seq, "topic": topic, "qos": qos,
+                    "age_s": round(now - created, 1), "payload": body})
+    return out

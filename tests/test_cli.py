@@ -1,0 +1,106 @@
+"""The command lines as an operator meets them: check-config refuses what run would, one
+line per problem, exit codes as documented, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.services import edge_agent, pick_port
+
+BROKER = "mqtt://127.0.0.1:1883"
+
+
+def cli(module: str, *args: str, env: dict[str, str], stdin: str = ""
+        ) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MQTT_", "DATABASE_"))}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True,
+                          text=True, timeout=60, env={**base, **env}, input=stdin, check=False)
+
+
+def edge_env(tmp: Path, **extra: str) -> dict[str, str]:
+    return {"PUDU_CALLBACK_CODE": "c", "OUTBOX_PATH": str(tmp / "outbox.db"),
+            "EDGE_HTTP_HOST": "127.0.0.1", "EDGE_HTTP_PORT": str(pick_port()),
+            "EDGE_ADMIN_PORT": str(pick_port()), **extra}
+
+
+def assert_one_line_refusal(done: subprocess.CompletedProcess[str], needle: str) -> None:
+    assert done.returncode == 1, (done.returncode, done.stderr)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    ({"MQTT_URL": "http://foo"}, "MQTT_URL"),
+    ({"MQTT_BACKEND": "awsiot"}, "MQTT_BACKEND"),
+    ({"OUTBOX_PATH": "/etc/hostname/outbox.db"}, "OUTBOX_PATH"),
+])
+def test_edge_check_config_and_run_refuse_the_same_settings(
+        tmp_path: Path, extra: dict[str, str], needle: str) -> None:
+    env = edge_env(tmp_path, **extra)
+    assert_one_line_refusal(cli("edge_agent", "check-config", env=env), needle)
+    assert_one_line_refusal(cli("edge_agent", "run", env=env), needle)
+
+
+def test_callback_check_config_migrate_and_run_refuse_a_postgres_url(tmp_path: Path) -> None:
+    env = {"DATABASE_URL": "postgres://u@db/x"}
+    for command in ("check-config", "migrate", "run"):
+        assert_one_line_refusal(cli("callback_server", command, env=env), "DATABASE_URL")
+
+
+def test_check_config_connect_tries_the_broker(tmp_path: Path) -> None:
+    dead = edge_env(tmp_path, MQTT_URL=f"mqtt://127.0.0.1:{pick_port()}",
+                    MQTT_RECONNECT_MAX_SECONDS="1")
+    assert_one_line_refusal(cli("edge_agent", "check-config", "--connect", env=dead),
+                            "no connection")
+    live = cli("edge_agent", "check-config", "--connect", env=edge_env(tmp_path))
+    assert live.returncode == 0 and json.loads(live.stdout)["pudu_callback_code"] == "********"
+
+
+def test_check_config_into_head_is_quiet(tmp_path: Path) -> None:
+    env = {**os.environ, **edge_env(tmp_path)}
+    done = subprocess.run(f"{sys.executable} -m edge_agent check-config | head -n 1",
+                          shell=True, capture_output=True, text=True, env=env, timeout=60,
+                          check=False)
+    assert done.stdout.strip() == "{" and done.stderr == ""
+
+
+def test_migrate_says_what_it_created_and_what_existed(tmp_path: Path) -> None:
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'cb.db'}"}
+    first = cli("callback_server", "migrate", env=env)
+    assert first.returncode == 0 and "created table mqtt_message_log" in first.stdout
+    second = cli("callback_server", "migrate", env=env)
+    assert second.returncode == 0 and "created" not in second.stdout
+    assert "table mqtt_message_log existed, up to date" in second.stdout
+
+
+@pytest.mark.integration
+def test_outbox_stats_and_peek_beside_a_running_agent(tmp_path: Path) -> None:
+    dead = f"mqtt://127.0.0.1:{pick_port()}"  # nothing is published: entries stay
+    with edge_agent(tmp_path, dead, org="acme") as agent:
+        for i in range(3):
+            assert httpx.post(agent.url + "/api/pudu/webhook", headers={"CallbackCode":
+                              "test-code"}, json={"callback_type": "notifyRobotPower",
+                              "data": {"sn": f"R{i}", "power": 50}}).status_code == 200
+        stats = cli("edge_agent", "outbox", "stats", env=agent.env)
+        peek = cli("edge_agent", "outbox", "peek", "-n", "2", env=agent.env)
+        health = agent.health()
+    assert stats.returncode == 0, stats.stderr
+    figures = json.loads(stats.stdout)
+    assert figures["depth"] == 3 and figures["by_channel"] == {"power": 3}
+    assert figures["oldest_age_s"] >= 0 and health["outbox_depth"] == 3
+    assert health["outbox_oldest_age_s"] >= 0 and health["drain_estimate_s"] is None
+    entries = json.loads(peek.stdout)
+    assert [e["payload"]["device"] for e in entries] == ["R0", "R1"]
+
+
+def test_usage_errors_exit_2_without_a_traceback() -> None:
+    done = cli("edge_agent", "frobnicate", env={})
+    assert done.returncode == 2 and "Traceback" not in done.stderr

@@ -26,7 +26,7 @@ from bridge.errors import (
 from bridge.http_body import parse_model, read_body
 from bridge.http_errors import install as install_error_handlers
 from bridge.topic import GATEWAY_CHANNELS, DeviceAddress, TopicScheme, parse_device_topic
-from callback_server.access import INGESTERS, OPERATORS, READERS, Principal
+from callback_server.access import INGESTERS, OPERATORS, READERS, Access, Principal
 from callback_server.consumer import consistent
 from callback_server.paging import DEFAULT_LIMIT, MAX_LIMIT, decode_cursor, encode_cursor, page
 
@@ -35,6 +35,18 @@ if TYPE_CHECKING:
 
 # An AWS IoT Rule HTTP action gives up after 3 s and retries; answer before that.
 INGEST_TIMEOUT_SECONDS = 2.5
+
+
+def _reader(request: Request) -> Principal:
+    """The caller, if it may use the read API (401/403 otherwise)."""
+    access: Access = request.app.state.access
+    principal = access.principal(request)
+    access.require_role(principal, READERS, "use the read API")
+    return principal
+
+
+Reader = Annotated[Principal, Depends(_reader)]
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
 
 
 class CommandRequest(BaseModel):
@@ -129,14 +141,7 @@ def create_app(server: CallbackServer) -> FastAPI:
     install_error_handlers(app)
 
     access = server.access
-
-    def reader(request: Request) -> Principal:
-        principal = access.principal(request)
-        access.require_role(principal, READERS, "use the read API")
-        return principal
-
-    Reader = Annotated[Principal, Depends(reader)]
-    Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
+    app.state.access = access
 
     @app.post("/callback/messages", summary="Ingest envelopes pushed by an AWS IoT Rule",
               responses={503: {"description": "Not committed in time; retry (idempotent)"}})

@@ -251,8 +251,9 @@ def create_proxy_router(proxy: MqttProxy,
     async def unsubscribe(request: Request) -> dict[str, Any]:
         """Remove REST subscriptions by exact filter, or one by id."""
         body = parse_model(UnsubscribeBody, await read_body(request, 64 * 1024))
-        check(request, "unsubscribe",
-              body.topic if body.id is None else proxy.subscription_filter(body.id))
+        check(request, "unsubscribe", body.topic)  # who the caller is comes first
+        if body.id is not None:
+            check(request, "unsubscribe", proxy.subscription_filter(body.id))
         if body.id is not None:
             await proxy.remove_rest_subscription(body.id)
             removed = [body.id]
@@ -285,8 +286,9 @@ def create_proxy_router(proxy: MqttProxy,
         connection, or ``?id=`` to read one made by POST /mqtt/subscribe."""
         if (topic is None) == (subscription_id is None):
             raise InputError("give exactly one of topic or id", field="topic")
-        check(request, "stream",
-              topic if subscription_id is None else proxy.subscription_filter(subscription_id))
+        check(request, "stream", topic)  # who the caller is comes first
+        if subscription_id is not None:
+            check(request, "stream", proxy.subscription_filter(subscription_id))
         if topic is not None:
             sub = await proxy._open_stream(topic)
             on_close: Callable[[], None] = partial(proxy._discard, sub)

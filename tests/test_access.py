@@ -306,3 +306,22 @@ def test_keys_cli_and_sighup_reload_on_a_real_process(tmp_path: Path) -> None:
         assert status(second) == 200
         assert cs.proc.poll() is None
     assert "keeping the 1 keys loaded before" in cs.log_path.read_text()
+
+
+async def test_lists_page_over_http_with_an_opaque_cursor(env: Env) -> None:
+    auth = env.auth("admin")
+    for url, key in (("/robots", "robot_sn"), ("/gateways", "gateway_id"),
+                     ("/robots/A1/events", "event_id")):
+        got, cursor = [], None
+        while True:
+            params = {"limit": 1, **({"cursor": cursor} if cursor else {})}
+            body = (await env.client.get(url, params=params, headers=auth)).json()
+            assert set(body) == {"items", "next_cursor"} and len(body["items"]) <= 1
+            got += [item[key] for item in body["items"]]
+            if (cursor := body["next_cursor"]) is None:
+                break
+        full = (await env.client.get(url, headers=auth)).json()["items"]
+        assert got == [item[key] for item in full] and got
+    for params in ({"cursor": "!!"}, {"cursor": "WzEsMl0"}, {"limit": 1001}, {"limit": 0}):
+        r = await env.client.get("/robots", params=params, headers=auth)
+        assert r.status_code == 422, (params, r.text)

@@ -5,7 +5,8 @@
 2. The listeners are bound here, on sockets we open ourselves, so a port in use is one
    clear line and exit code 3, not a traceback after a "listening" banner.
 3. ``READY=1`` to systemd (and the watchdog starts pinging); "listening" is logged.
-4. Until SIGTERM/SIGINT (handled here and nowhere else) or a listener fails.
+4. Until SIGTERM/SIGINT (handled here and nowhere else; SIGHUP reloads, e.g. the API
+   keys) or a listener fails.
 5. ``STOPPING=1``; open streams (SSE) are ended so they cannot hold the shutdown; the
    listeners stop accepting and finish in-flight requests within a grace period; then
    the service's own exit drains what it can, publishes ``offline`` and closes.
@@ -86,9 +87,10 @@ async def serve_service(
     watchdog: Watchdog,
     status: Callable[[], str],
     end_streams: Callable[[], None] = lambda: None,
+    reload: Callable[[], object] | None = None,
 ) -> None:
     """Run ``service`` behind ``listeners`` until a signal; BindError if one cannot bind,
-    FleetError if a listener fails while running."""
+    FleetError if a listener fails while running. ``reload`` runs on SIGHUP."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     failed: list[BaseException] = []
@@ -114,6 +116,8 @@ async def serve_service(
             listener.bind()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if reload is not None:
+            loop.add_signal_handler(signal.SIGHUP, reload)
         try:
             async with asyncio.TaskGroup() as group:
                 for s in servers:
@@ -127,7 +131,7 @@ async def serve_service(
                 for s in servers:
                     s.server.should_exit = True  # stop accepting; finish within the grace
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
     notifier.close()
     if failed:

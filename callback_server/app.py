@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
@@ -28,7 +27,9 @@ from bridge.errors import (
 from bridge.http_body import parse_model, read_body
 from bridge.http_errors import install as install_error_handlers
 from bridge.topic import GATEWAY_CHANNELS, DeviceAddress, TopicScheme, parse_device_topic
+from callback_server.access import INGESTERS, OPERATORS, READERS, Access, Principal
 from callback_server.consumer import consistent
+from callback_server.paging import DEFAULT_LIMIT, MAX_LIMIT, decode_cursor, encode_cursor, page
 
 if TYPE_CHECKING:
     from callback_server.service import CallbackServer
@@ -37,12 +38,16 @@ if TYPE_CHECKING:
 INGEST_TIMEOUT_SECONDS = 2.5
 
 
-def _check_token(server: CallbackServer, given: str | None) -> None:
-    token = server.settings.callback_token
-    if token is None:
-        raise InputError("HTTP ingest is disabled: set CALLBACK_TOKEN", status=403)
-    if not given or not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
-        raise InputError("missing or invalid X-Callback-Token", status=401)
+def _reader(request: Request) -> Principal:
+    """The caller, if it may use the read API (401/403 otherwise)."""
+    access: Access = request.app.state.access
+    principal = access.principal(request)
+    access.require_role(principal, READERS, "use the read API")
+    return principal
+
+
+Reader = Annotated[Principal, Depends(_reader)]
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
 
 
 class CommandRequest(BaseModel):
@@ -52,15 +57,6 @@ class CommandRequest(BaseModel):
     args: dict[str, Any] = Field(default_factory=dict)
     timeout: float = Field(10.0, gt=0, le=3600)
     org_id: str | None = None
-
-
-def _check_operator(server: CallbackServer, authorization: str | None) -> None:
-    token = server.settings.proxy_token
-    if token is None:
-        raise InputError("commands are disabled: set PROXY_TOKEN", status=403)
-    given = (authorization or "").removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
-        raise InputError("missing or invalid bearer token", status=401)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,15 +104,33 @@ def _sort(server: CallbackServer, parsed: strictjson.Parsed,
 async def _dead_letter(server: CallbackServer, topic: str | None, raw: bytes,
                        reason: str) -> None:
     """Keep a refused ingest body, committed before the 4xx answer goes out."""
-    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    await _keep_dead(server, [(topic or "http", raw)], reason)
 
-    def committed() -> None:
-        if not done.done():
-            done.set_result(None)
 
-    server.writer.submit_dead(topic or "http", raw, reason, committed)
+async def _dead_letters(server: CallbackServer, ingest: _Ingest, reason: str) -> None:
+    """Keep each part of a refused ingest request (envelope by envelope), with why."""
+    parts = [(topic, envelope.to_json()) for topic, envelope in ingest.envelopes]
+    prefix = server.settings.topic_prefix
+    parts += [(str(TopicScheme(a.org_id, prefix).device(a.device_id, a.channel)), payload)
+              for a, payload in ingest.gateway]
+    await _keep_dead(server, parts, reason)
+
+
+async def _keep_dead(server: CallbackServer, parts: list[tuple[str, bytes]],
+                     reason: str) -> None:
+    loop = asyncio.get_running_loop()
+    waits: list[asyncio.Future[None]] = []
+    for topic, raw in parts:
+        done: asyncio.Future[None] = loop.create_future()
+
+        def committed(done: asyncio.Future[None] = done) -> None:
+            if not done.done():
+                done.set_result(None)
+
+        server.writer.submit_dead(topic, raw, reason, committed)
+        waits.append(done)
     try:
-        await asyncio.wait_for(done, INGEST_TIMEOUT_SECONDS)
+        await asyncio.wait_for(asyncio.gather(*waits), INGEST_TIMEOUT_SECONDS)
     except TimeoutError:
         raise StoreError("dead letter not committed in time") from None
 
@@ -129,14 +143,17 @@ def create_app(server: CallbackServer) -> FastAPI:
 
     install_error_handlers(app)
 
+    access = server.access
+    app.state.access = access
+
     @app.post("/callback/messages", summary="Ingest envelopes pushed by an AWS IoT Rule",
               responses={503: {"description": "Not committed in time; retry (idempotent)"}})
     async def ingest(
         request: Request,
-        x_callback_token: str | None = Header(default=None),
         x_mqtt_topic: str | None = Header(default=None),
     ) -> dict[str, Any]:
-        _check_token(server, x_callback_token)
+        principal = access.principal(request, callback_header=True)
+        access.require_role(principal, INGESTERS, "ingest messages")
         raw = await read_body(request, server.settings.max_body_bytes)
         try:
             parsed = strictjson.loads(raw)
@@ -147,6 +164,14 @@ def create_app(server: CallbackServer) -> FastAPI:
             ingest = _sort(server, parsed, x_mqtt_topic)
         except FleetError as exc:
             await _dead_letter(server, x_mqtt_topic, raw, str(exc))
+            raise
+        orgs = [e.org for _, e in ingest.envelopes] + [a.org_id for a, _ in ingest.gateway]
+        try:
+            access.refuse_foreign(principal, orgs)
+        except InputError as exc:
+            # The whole request is refused; each part is kept with why, as the rule
+            # would otherwise retry it forever into the same refusal.
+            await _dead_letters(server, ingest, f"refused: {exc.message}")
             raise
         for address, payload in ingest.gateway:
             server.consumer.on_gateway(address, payload)
@@ -164,36 +189,53 @@ def create_app(server: CallbackServer) -> FastAPI:
         body = await server.health()
         return JSONResponse(body)
 
-    @app.get("/robots", summary="Latest state of every robot")
-    async def robots() -> list[dict[str, Any]]:
-        return await server.store.get_robots()
-
-    @app.get("/robots/{sn}", summary="Latest state of one robot")
-    async def robot(sn: str) -> JSONResponse:
+    async def visible_robot(principal: Principal, sn: str) -> dict[str, Any]:
         row = await server.store.get_robot(sn)
         if row is None:
             raise NotFoundError(f"robot {sn} not found")
-        return JSONResponse(row)
+        access.require_org(principal, row.get("org_id"), f"robot {sn} not found")
+        return row
 
-    @app.get("/robots/{sn}/events", summary="A robot's events, newest first")
-    async def events(sn: str, limit: int = Query(50, ge=1, le=1000)) -> list[dict[str, Any]]:
-        return await server.store.get_events(sn, limit)
+    @app.get("/robots", summary="Latest state of robots, a page at a time, by sn")
+    async def robots(
+        principal: Reader, limit: Limit = DEFAULT_LIMIT, cursor: str | None = None,
+        org: str | None = None, gateway: str | None = None, status: str | None = None,
+    ) -> dict[str, Any]:
+        after = decode_cursor(cursor, 1)
+        items, last = await server.store.list_robots(
+            limit=limit, after=None if after is None else str(after[0]),
+            orgs=None if principal.all_orgs else principal.orgs,
+            org=org, gateway=gateway, status=status)
+        return {"items": items, "next_cursor": None if last is None else encode_cursor(last)}
+
+    @app.get("/robots/{sn}", summary="Latest state of one robot")
+    async def robot(sn: str, principal: Reader) -> JSONResponse:
+        return JSONResponse(await visible_robot(principal, sn))
+
+    @app.get("/robots/{sn}/events", summary="A robot's events, newest first, a page at a time")
+    async def events(sn: str, principal: Reader, limit: Limit = DEFAULT_LIMIT,
+                     cursor: str | None = None) -> dict[str, Any]:
+        await visible_robot(principal, sn)
+        items, last = await server.store.list_events(sn, limit=limit,
+                                                     after=decode_cursor(cursor, 3))
+        return {"items": items, "next_cursor": None if last is None else encode_cursor(last)}
 
     @app.post("/devices/{device_id}/commands",
               summary="Send a command to a gateway and wait for its response",
               responses={504: {"description": "The gateway did not answer within the timeout"}},
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": CommandRequest.model_json_schema()}}}})
-    async def send_command(
-        device_id: str, request: Request, authorization: str | None = Header(default=None)
-    ) -> JSONResponse:
-        _check_operator(server, authorization)
+    async def send_command(device_id: str, request: Request) -> JSONResponse:
+        principal = access.principal(request)
+        access.require_role(principal, READERS, "see gateways")
         body = parse_model(CommandRequest, await read_body(request, 64 * 1024))
-        org = body.org_id or server.org_of(device_id)
+        org = body.org_id or server.org_of(device_id, principal)
+        access.require_org(principal, org, f"gateway {device_id} not found")
+        access.require_role(principal, OPERATORS, "send commands")
         wait = min(body.timeout, server.settings.command_timeout_max)
         outcome = await server.commands.send(org, device_id, Command(body.command, body.args),
                                              wait)
-        await server.record_command(outcome)
+        await server.record_command(outcome, principal.name)
         if outcome.response is None:
             raise CommandTimeoutError(device_id, wait, outcome.command.message_id)
         r = outcome.response
@@ -205,11 +247,18 @@ def create_app(server: CallbackServer) -> FastAPI:
         return JSONResponse(answer)
 
     @app.get("/gateways", summary="Each gateway's presence (retained online / last-will offline)")
-    async def gateways() -> list[dict[str, Any]]:
-        return sorted(server.gateways.values(), key=lambda g: (g["org_id"], g["gateway_id"]))
+    async def gateways(principal: Reader, limit: Limit = DEFAULT_LIMIT,
+                       cursor: str | None = None) -> dict[str, Any]:
+        after = decode_cursor(cursor, 2)
+        mine = sorted((g for g in server.gateways.values() if principal.covers(g["org_id"])),
+                      key=lambda g: (g["org_id"], g["gateway_id"]))
+        if after is not None:
+            mine = [g for g in mine if [g["org_id"], g["gateway_id"]] > after]
+        return page(mine[:limit + 1], limit, ["org_id", "gateway_id"])
 
-    @app.get("/metrics", include_in_schema=False)
-    async def metrics() -> Response:
+    @app.get("/metrics", summary="Prometheus metrics (keys whose orgs are [\"*\"])")
+    async def metrics(request: Request) -> Response:
+        access.require_all_orgs(access.principal(request), "/metrics")
         server.refresh_gauges()
         return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

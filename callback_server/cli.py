@@ -1,15 +1,18 @@
-"""``callback-server run | check-config [--connect] | migrate``: maps flags onto
-CallbackSettings and nothing more (exit codes: bridge.lifecycle)."""
+"""``callback-server run | check-config [--connect] | migrate | keys add|list|remove``:
+maps flags onto CallbackSettings and nothing more (exit codes: bridge.lifecycle)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
+from pathlib import Path
 
 from bridge.cli import check_config, guarded, load_or_exit, parser, report_problems
-from bridge.errors import FleetError
+from bridge.errors import ConfigError, FleetError
 from bridge.lifecycle import EXIT_CONFIG, run_main
 from callback_server import checks, config
+from callback_server.keys import ROLES, add_key, read_file, remove_key
 
 PROG = "callback-server"
 
@@ -22,6 +25,30 @@ async def _migrate(settings: config.CallbackSettings) -> list[str]:
         return await store.migrate()
 
 
+def _keys(args: argparse.Namespace, path: str | None) -> int:
+    if not path:
+        print(f"{PROG}: set API_KEYS_FILE or pass --file", file=sys.stderr)
+        return EXIT_CONFIG
+    file = Path(path)
+    try:
+        if args.keys_command == "add":
+            key = add_key(file, args.name, args.orgs, args.role)
+            print(key)
+            print(f"# key {args.name!r} added to {file}; it is not shown again. Send the "
+                  "server SIGHUP (systemctl reload callback-server) to load it.",
+                  file=sys.stderr)
+        elif args.keys_command == "list":
+            for entry in read_file(file).keys:
+                print(f"{entry.name}\t{','.join(entry.orgs)}\t{entry.role}")
+        elif not remove_key(file, args.name):
+            print(f"{PROG}: no key named {args.name!r} in {file}", file=sys.stderr)
+            return EXIT_CONFIG
+    except ConfigError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return 0
+
+
 def _main(argv: list[str] | None) -> int:
     top, sub, common = parser(PROG, __doc__, "CALLBACK_SERVER_CONFIG")
     sub.add_parser("run", parents=[common], help="run the service (creates missing tables first)")
@@ -30,10 +57,25 @@ def _main(argv: list[str] | None) -> int:
     check.add_argument("--connect", action="store_true",
                        help="also connect to the broker and the database")
     sub.add_parser("migrate", parents=[common], help="create missing tables and columns, then exit")
+    keys = sub.add_parser("keys", parents=[common], help="manage API_KEYS_FILE (SIGHUP after)")
+    keys.add_argument("--file", help="the keys file (default: API_KEYS_FILE)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    add = keys_sub.add_parser("add", help="create a key; it is printed once, only its hash kept")
+    add.add_argument("--name", required=True)
+    add.add_argument("--org", action="append", required=True, dest="orgs",
+                     help='an org the key covers (repeat for more; "*" for every org)')
+    add.add_argument("--role", required=True, choices=ROLES)
+    keys_sub.add_parser("list", help="names, orgs and roles (never keys)")
+    remove = keys_sub.add_parser("remove", help="delete a key by name")
+    remove.add_argument("--name", required=True)
     args = top.parse_args(argv)
+    if args.command == "keys" and args.file:
+        return _keys(args, args.file)  # needs no other setting
     settings = load_or_exit(PROG, lambda: config.load(getattr(args, "config", None)))
     if isinstance(settings, int):
         return settings
+    if args.command == "keys":
+        return _keys(args, settings.api_keys_file)
     if args.command == "check-config":
         return check_config(PROG, settings, checks.problems,
                             checks.connect_problems if args.connect else None)

@@ -31,6 +31,7 @@ ENV_MAP = {
     "CALLBACK_HTTP_HOST": "http_host",
     "CALLBACK_HTTP_PORT": "http_port",
     "CALLBACK_TOKEN": "callback_token",
+    "API_KEYS_FILE": "api_keys_file",
     "SHARE_GROUP": "share_group",
     "COMMAND_TIMEOUT_MAX": "command_timeout_max",
     "LOG_RETENTION_DAYS": "log_retention_days",
@@ -63,6 +64,8 @@ class CallbackSettings(BaseModel):
     http_host: str = "0.0.0.0"
     http_port: int = Field(3005, ge=0, le=65535)
     callback_token: SecretStr | None = None
+    # Org-scoped, role-bearing API keys (callback_server/keys.py); reloaded on SIGHUP.
+    api_keys_file: str | None = None
     share_group: str | None = None
     mqtt_reconnect_max_seconds: float = Field(30.0, gt=0)
     topic_prefix: str = ""

@@ -11,12 +11,12 @@ from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from bridge.backoff import backoff_delay
 from bridge.commands import CommandClient, CommandOutcome
 from bridge.config import mask_url
-from bridge.errors import InputError, StoreError, TransportError
+from bridge.errors import InputError, NotFoundError, StoreError, TransportError
 from bridge.http_server import NodelayStats, make_server
 from bridge.lifecycle import Listener, serve_service
 from bridge.outbound import OutboundPolicy
@@ -26,9 +26,11 @@ from bridge.sdnotify import Notifier, Watchdog
 from bridge.tasks import cancel_and_wait
 from bridge.topic import DeviceAddress
 from bridge.transport import MqttSettings, TlsFiles, Transport, create_transport
+from callback_server.access import REFUSAL_REASONS, Access, Principal
 from callback_server.batcher import BatchWriter
 from callback_server.config import CallbackSettings
 from callback_server.consumer import Consumer
+from callback_server.keys import KeyRing
 from callback_server.retention import Retention
 from callback_server.store import load_targets, open_store
 from callback_server.store.schema import COMMAND_TABLE, DEAD_TABLE, LOG_TABLE
@@ -59,6 +61,10 @@ class CallbackMetrics:
         self.connected = gauge("callback_broker_connected", "1 when connected to the broker")
         self.pruned = Gauge("callback_rows_pruned_total", "Rows deleted by retention",
                             ["table"], registry=self.registry)
+        self.auth_refused = Counter("callback_auth_refused", "Requests refused by key checks",
+                                    ["reason"], registry=self.registry)
+        for reason in REFUSAL_REASONS:
+            self.auth_refused.labels(reason=reason)
 
 
 def mqtt_settings(settings: CallbackSettings) -> MqttSettings:
@@ -106,6 +112,10 @@ class CallbackServer:
         self.consumer.gateway_handlers.append(self._on_gateway_message)
         self.commands = CommandClient(self.transport, settings.topic_prefix)
         token = settings.proxy_token.get_secret_value() if settings.proxy_token else None
+        self.keys = KeyRing(settings.api_keys_file, proxy_token=token,
+                            callback_token=settings.callback_token.get_secret_value()
+                            if settings.callback_token else None)
+        self.access = Access(self.keys, self.metrics.auth_refused, settings.topic_prefix)
         prefix = settings.topic_prefix.rstrip("/") + "/" if settings.topic_prefix else ""
         self.proxy = MqttProxy(
             self.transport, self.router, token=token,
@@ -119,8 +129,10 @@ class CallbackServer:
         from callback_server.app import create_app
 
         self.app = create_app(self)
-        proxy_api = create_proxy_router(self.proxy)
-        if proxy_api is not None:
+        # Mounted whenever some key could use it; each request is then checked by key.
+        if self.keys.configured:
+            proxy_api = create_proxy_router(self.proxy, authorize=self.access.proxy_hook())
+            assert proxy_api is not None
             self.app.include_router(proxy_api)
 
     async def __aenter__(self) -> CallbackServer:
@@ -188,9 +200,13 @@ class CallbackServer:
             "org_id": org, "gateway_id": device, "state": state, "since": time.time(),
         }
 
-    def org_of(self, device_id: str) -> str:
-        """The org a gateway announced itself under; InputError if unknown or ambiguous."""
-        orgs = {g["org_id"] for g in self.gateways.values() if g["gateway_id"] == device_id}
+    def org_of(self, device_id: str, caller: Principal | None = None) -> str:
+        """The org a gateway announced itself under (among the orgs ``caller`` covers);
+        NotFoundError if none the caller may see, InputError if ambiguous."""
+        orgs = {g["org_id"] for g in self.gateways.values() if g["gateway_id"] == device_id
+                and (caller is None or caller.covers(g["org_id"]))}
+        if not orgs and caller is not None and not caller.all_orgs:
+            raise NotFoundError(f"gateway {device_id} not found")
         if len(orgs) != 1:
             raise InputError(
                 f"org of {device_id!r} is {'ambiguous' if orgs else 'unknown'}; pass org_id",
@@ -198,10 +214,11 @@ class CallbackServer:
             )
         return orgs.pop()
 
-    async def record_command(self, outcome: CommandOutcome) -> None:
-        """Keep the command, its outcome and round-trip time; a database hiccup is logged."""
+    async def record_command(self, outcome: CommandOutcome, key_name: str | None = None) -> None:
+        """Keep the command, its outcome, round-trip time and the name of the key that sent
+        it; a database hiccup is logged."""
         try:
-            await self.store.record_command(outcome)
+            await self.store.record_command(outcome, key_name)
         except StoreError as exc:
             log.warning("could not record command %s: %s", outcome.command.message_id, exc)
 
@@ -289,4 +306,5 @@ async def serve(settings: CallbackSettings) -> None:
 
     log.info("callback server %s starting, consuming %s", VERSION, server.consumer.filter.value)
     await serve_service(server, listeners, notifier=server.notifier, watchdog=server.watchdog,
-                        status=server.status_line, end_streams=server.proxy.end_streams)
+                        status=server.status_line, end_streams=server.proxy.end_streams,
+                        reload=server.keys.reload)

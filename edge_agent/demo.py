@@ -1,8 +1,10 @@
 """``make run``: the whole pipeline in one process on its embedded defaults.
 
-An in-process MQTT broker, the edge agent on :8000 (proxy on 127.0.0.1:8001), the
-callback server on :3005 and SQLite under ./data/. Nothing beyond Python is needed.
-Ports and paths can be changed with the services' usual environment variables.
+An in-process MQTT broker, the edge agent on :8000 (admin listener with /metrics and the
+proxy on 127.0.0.1:8001), the callback server on :3005 and SQLite under ./data/. Nothing
+beyond Python is needed. Ports and paths can be changed with the services' usual
+environment variables. Each run makes a new demo admin key (written, hashed, to
+``DEMO_KEYS_FILE``, default data/demo-keys.yaml) and prints it in the curl lines.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from pathlib import Path
 
 from bridge.embedded_broker import EmbeddedBroker
 from bridge.errors import FleetError
@@ -17,12 +20,13 @@ from bridge.http_server import make_server, serve_until_signal
 from bridge.logs import setup_logging
 from bridge.loop import run as run_service
 from callback_server import config as cb_config
+from callback_server.keys import ALL_ORGS, add_key
 from callback_server.service import CallbackServer
 from edge_agent import config as edge_config
 from edge_agent.service import EdgeAgent
 
 DEMO_CODE = "demo-callback-code"
-DEMO_TOKEN = "demo-proxy-token"
+DEMO_KEY_NAME = "demo-admin"
 
 
 def _free(port: int) -> int:
@@ -36,21 +40,31 @@ def _free(port: int) -> int:
             return int(s.getsockname()[1])
 
 
-def _banner(edge_port: int, admin_port: int, cb_port: int, code: str) -> str:
+def _demo_key(path: Path) -> str:
+    """A fresh all-org admin key, the only one in ``path`` (the demo's own keys file)."""
+    path.unlink(missing_ok=True)
+    return add_key(path, DEMO_KEY_NAME, [ALL_ORGS], "admin")
+
+
+def _banner(edge_port: int, admin_port: int, cb_port: int, code: str, key: str) -> str:
     body = ('{"callback_type":"notifyRobotStatus","data":{"sn":"DEMO-1","battery":87,'
             '"run_state":"IDLE","charge_stage":"CHARGING","timestamp":1700000000}}')
     return f"""
+Demo admin key (all orgs; new each run): {key}
+
 Pipeline running: Pudu webhook :{edge_port} -> outbox -> MQTT (embedded broker)
                   -> callback server :{cb_port} -> SQLite (./data)
 
   curl -s -X POST localhost:{edge_port}/api/pudu/webhook -H 'CallbackCode: {code}' \\
        -H 'Content-Type: application/json' -d '{body}'
-  curl -s localhost:{cb_port}/robots/DEMO-1
+  curl -s localhost:{cb_port}/robots/DEMO-1 -H 'Authorization: Bearer {key}'
+  curl -s 'localhost:{cb_port}/robots?limit=10' -H 'Authorization: Bearer {key}'
   curl -s localhost:{edge_port}/api/pudu/webhook/health
+  curl -s localhost:{admin_port}/metrics
   curl -s -X POST localhost:{cb_port}/devices/demo-gateway/commands \\
-       -H 'Authorization: Bearer {DEMO_TOKEN}' -H 'Content-Type: application/json' \\
+       -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\
        -d '{{"command":"get_status"}}'
-  curl -s -X POST localhost:{admin_port}/mqtt/publish -H 'Authorization: Bearer {DEMO_TOKEN}' \\
+  curl -s -X POST localhost:{admin_port}/mqtt/publish -H 'Authorization: Bearer {key}' \\
        -H 'Content-Type: application/json' \\
        -d '{{"topic":"org/demo/device/demo-gateway/telemetry","payload":{{"hello":1}}}}'
 
@@ -61,15 +75,19 @@ Ctrl-C stops everything.
 async def main() -> None:
     env = os.environ
     broker_port = _free(int(env.get("DEMO_MQTT_PORT", "1883")))
+    keys_file = Path(env.get("DEMO_KEYS_FILE", "data/demo-keys.yaml"))
+    key = _demo_key(keys_file)
     async with EmbeddedBroker("127.0.0.1", broker_port) as broker:
         defaults = {
             "PUDU_CALLBACK_CODE": DEMO_CODE, "ORG_ID": "demo", "GATEWAY_ID": "demo-gateway",
-            "OUTBOX_PATH": "data/outbox.db", "PROXY_TOKEN": DEMO_TOKEN,
+            "OUTBOX_PATH": "data/outbox.db",
             "DATABASE_URL": "sqlite:///data/callback.db", "MQTT_CLIENT_ID": "",
         }
         merged = {**defaults, **env, "MQTT_URL": broker.url}
-        edge_settings = edge_config.load(None, {**merged, "MQTT_CLIENT_ID": ""})
-        cb_settings = cb_config.load(None, merged)
+        # The same key opens the edge's proxy (its one token) and, by hash, the cloud side.
+        edge_settings = edge_config.load(None, {**merged, "MQTT_CLIENT_ID": "",
+                                                "PROXY_TOKEN": key})
+        cb_settings = cb_config.load(None, {**merged, "API_KEYS_FILE": str(keys_file)})
         async with EdgeAgent(edge_settings) as agent, CallbackServer(cb_settings) as server:
             servers = [
                 make_server(agent.app, edge_settings.http_host, edge_settings.http_port,
@@ -77,13 +95,12 @@ async def main() -> None:
                 make_server(server.app, cb_settings.http_host, cb_settings.http_port,
                             server.nodelay, cb_settings.http_limits),
             ]
-            if agent.admin_app is not None:
-                servers.append(make_server(agent.admin_app, edge_settings.admin_host,
-                                           edge_settings.admin_port, agent.nodelay,
-                                           edge_settings.http_limits))
+            servers.append(make_server(agent.admin_app, edge_settings.admin_host,
+                                       edge_settings.admin_port, agent.nodelay,
+                                       edge_settings.http_limits))
             print(_banner(edge_settings.http_port, edge_settings.admin_port,
                           cb_settings.http_port, edge_settings.pudu_callback_code
-                          .get_secret_value()), flush=True)
+                          .get_secret_value(), key), flush=True)
             await serve_until_signal(*servers)
 
 

@@ -12,6 +12,9 @@ from types import TracebackType
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from bridge.commands import CommandExecutor
 from bridge.config import mask_url
@@ -103,16 +106,31 @@ class EdgeAgent:
         self.app = create_app(self)
         self.admin_app = self._admin_app()
 
-    def _admin_app(self) -> FastAPI | None:
-        """The REST MQTT proxy, on its own listener (localhost by default), if enabled."""
-        api = create_proxy_router(self.proxy)
-        if api is None:
-            return None
-        app = FastAPI(title="Pudu edge agent admin (MQTT proxy)", version=self.version,
-                      docs_url=None, redoc_url=None)
+    def _admin_app(self) -> FastAPI:
+        """The admin listener (localhost by default): /metrics, /docs, and the REST MQTT
+        proxy when PROXY_TOKEN is set. Its docs describe the public webhook too."""
+        app = FastAPI(title="Pudu edge agent", version=self.version, docs_url=None,
+                      redoc_url=None)
         install_docs(app)
         install_error_handlers(app)
-        app.include_router(api)
+        api = create_proxy_router(self.proxy)
+        if api is not None:
+            app.include_router(api)
+
+        @app.get("/metrics", include_in_schema=False)
+        async def prometheus() -> Response:
+            self.refresh_gauges()
+            return Response(generate_latest(self.metrics.registry),
+                            media_type=CONTENT_TYPE_LATEST)
+
+        def openapi() -> dict[str, Any]:
+            if app.openapi_schema is None:
+                app.openapi_schema = get_openapi(
+                    title=app.title, version=app.version,
+                    routes=[*self.app.routes, *app.routes])
+            return app.openapi_schema
+
+        app.openapi = openapi  # type: ignore[method-assign]
         return app
 
     async def __aenter__(self) -> EdgeAgent:
@@ -214,14 +232,15 @@ async def serve(settings: EdgeSettings) -> None:
 
     def listeners() -> list[Listener]:
         s = settings
-        out = [Listener("webhook", s.http_host, s.http_port,
-                        make_server(agent.app, s.http_host, s.http_port, agent.nodelay,
-                                    s.http_limits))]
-        if agent.admin_app is not None:
-            out.append(Listener("admin (REST MQTT proxy)", s.admin_host, s.admin_port,
-                                make_server(agent.admin_app, s.admin_host, s.admin_port,
-                                            agent.nodelay, s.http_limits)))
-        return out
+        proxy = ", REST MQTT proxy" if agent.proxy.enabled else ""
+        return [
+            Listener("webhook", s.http_host, s.http_port,
+                     make_server(agent.app, s.http_host, s.http_port, agent.nodelay,
+                                 s.http_limits)),
+            Listener(f"admin (/metrics, /docs{proxy})", s.admin_host, s.admin_port,
+                     make_server(agent.admin_app, s.admin_host, s.admin_port, agent.nodelay,
+                                 s.http_limits)),
+        ]
 
     log.info("edge agent %s starting (org %s, gateway %s)", VERSION, settings.org_id,
              settings.gateway_id)

@@ -1,4 +1,4 @@
-"""The public HTTP app: the Pudu webhook, its health check and /metrics.
+"""The public HTTP app: the Pudu webhook and its health check, nothing else.
 
 The webhook endpoint reads the raw body itself instead of declaring a pydantic body
 model: a callback must be accepted even when its shape is only roughly right (PUDU.md),
@@ -17,11 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import Receive, Scope, Send
 
 from bridge import strictjson
-from bridge.docs import install_docs
 from bridge.envelope import Envelope
 from bridge.errors import FleetError, InputError, OutboxError, PayloadError
 from bridge.http_errors import error_response, internal_error_response
@@ -231,11 +229,10 @@ class _EdgeApp(FastAPI):
 
 def create_app(agent: EdgeAgent) -> FastAPI:
     """Build the public app around a running agent."""
-    metrics = agent.metrics
     webhook = _Webhook(agent)
+    # Only the webhook and its health: /metrics and /docs are on the admin listener.
     app = _EdgeApp(title="Pudu edge agent", version=agent.version, docs_url=None,
-                   redoc_url=None)
-    install_docs(app)
+                   redoc_url=None, openapi_url=None)
     app.webhook = webhook
 
     install_error_handlers(app)
@@ -256,10 +253,5 @@ def create_app(agent: EdgeAgent) -> FastAPI:
     @app.get("/api/pudu/webhook/health", summary="Broker connection and outbox state")
     async def health() -> dict[str, Any]:
         return agent.health()
-
-    @app.get("/metrics", include_in_schema=False)
-    async def prometheus() -> Response:
-        agent.refresh_gauges()
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

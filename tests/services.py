@@ -14,6 +14,9 @@ from types import TracebackType
 
 import httpx
 
+#: The callback server's PROXY_TOKEN unless a test gives its own.
+ADMIN_TOKEN = "test-admin-token"
+
 
 def pick_port() -> int:
     with socket.socket() as s:
@@ -25,8 +28,12 @@ class ServiceProcess:
     """``python -m <module> run`` with an environment; stop by PID."""
 
     def __init__(self, module: str, env: Mapping[str, str], health_path: str, port: int,
-                 log_path: Path) -> None:
+                 log_path: Path, *, admin_port: int | None = None) -> None:
         self.module = module
+        self.admin_port = admin_port
+        token = env.get("PROXY_TOKEN")
+        #: Headers of an admin key (the service's PROXY_TOKEN), for reading its API.
+        self.auth = {"Authorization": f"Bearer {token}"} if token else {}
         self.env = {**os.environ, **env}
         self.health_path = health_path
         self.port = port
@@ -36,6 +43,12 @@ class ServiceProcess:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        """The edge agent's admin listener (/metrics, /docs, the REST proxy)."""
+        assert self.admin_port is not None
+        return f"http://127.0.0.1:{self.admin_port}"
 
     def start(self, timeout: float = 20.0) -> ServiceProcess:
         log = self.log_path.open("ab")
@@ -102,12 +115,12 @@ class ServiceProcess:
 
 def edge_agent(tmp: Path, mqtt_url: str, *, org: str, gateway: str = "gw1",
                code: str = "test-code", **extra: str) -> ServiceProcess:
-    port = pick_port()
+    port, admin_port = pick_port(), pick_port()
     env = {
         "PUDU_CALLBACK_CODE": code,
         "EDGE_HTTP_HOST": "127.0.0.1",
         "EDGE_HTTP_PORT": str(port),
-        "EDGE_ADMIN_PORT": str(pick_port()),
+        "EDGE_ADMIN_PORT": str(admin_port),
         "MQTT_URL": mqtt_url,
         "ORG_ID": org,
         "GATEWAY_ID": gateway,
@@ -117,7 +130,7 @@ def edge_agent(tmp: Path, mqtt_url: str, *, org: str, gateway: str = "gw1",
         **extra,
     }
     return ServiceProcess("edge_agent", env, "/api/pudu/webhook/health", port,
-                          tmp / f"edge-{gateway}.log")
+                          tmp / f"edge-{gateway}.log", admin_port=admin_port)
 
 
 def callback_server(tmp: Path, mqtt_url: str, database_url: str, *, name: str = "cs1",
@@ -131,6 +144,8 @@ def callback_server(tmp: Path, mqtt_url: str, database_url: str, *, name: str = 
         "MQTT_CLIENT_ID": f"cs-{name}-{os.getpid()}-{port}",
         "MQTT_RECONNECT_MAX_SECONDS": "1",
         "LOG_LEVEL": "INFO",
+        # An all-org admin key, so tests can read the API (``ServiceProcess.auth``).
+        "PROXY_TOKEN": ADMIN_TOKEN,
         **extra,
     }
     return ServiceProcess("callback_server", env, "/callback/health", port,

@@ -149,7 +149,7 @@ def test_callback_server_on_the_aws_backend_stores_what_it_consumes(
         publish_once(tls_broker.plain_url, f"{prefix}org/acme/device/AWS2/power",
                      json.dumps(envelope))
         deadline = time.monotonic() + 15
-        while (robot := httpx.get(cs.url + "/robots/AWS2")).status_code == 404:
+        while (robot := httpx.get(cs.url + "/robots/AWS2", headers=cs.auth)).status_code == 404:
             assert time.monotonic() < deadline, "never stored"
             time.sleep(0.05)
         assert robot.json()["battery_level"] == 77

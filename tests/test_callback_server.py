@@ -52,8 +52,8 @@ def test_iot_rule_ingest_is_authenticated_and_idempotent(tmp_path: Path) -> None
         wrong_topic = httpx.post(url, json=one, headers={**TOKEN,
                                  "X-Mqtt-Topic": f"{p}/org/other/device/R1/power"})
         assert wrong_topic.status_code == 422
-        robot = httpx.get(cs.url + "/robots/R1").json()
-        events = httpx.get(cs.url + "/robots/R1/events").json()
+        robot = httpx.get(cs.url + "/robots/R1", headers=cs.auth).json()
+        events = httpx.get(cs.url + "/robots/R1/events", headers=cs.auth).json()["items"]
     assert robot["battery_level"] == 8
     assert events == []
     log = query(db, "SELECT id FROM mqtt_message_log ORDER BY id")
@@ -78,7 +78,7 @@ def test_malformed_mqtt_messages_are_dead_lettered_not_looped(tmp_path: Path) ->
         cs.wait_health("stored", 1)
         cs.wait_health("dead_lettered", 3)
         assert cs.proc is not None and cs.proc.poll() is None  # still running
-        metrics = httpx.get(cs.url + "/metrics").text
+        metrics = httpx.get(cs.url + "/metrics", headers=cs.auth).text
     assert "callback_dead_letters_total 3.0" in metrics
     reasons = [r["reason"] for r in query(db, "SELECT reason FROM mqtt_dead_letters")]
     assert any("not JSON" in r for r in reasons) and any("object" in r for r in reasons)
@@ -143,6 +143,6 @@ def test_retention_prunes_the_message_log_and_keeps_robot_state(tmp_path: Path) 
         cs.wait_health("pruned", {"mqtt_message_log": 1, "mqtt_dead_letters": 0,
                                    "device_commands": 0})
         assert query(db, "SELECT id FROM mqtt_message_log") == []
-        assert httpx.get(cs.url + "/robots/R7").json()["battery_level"] == 1
+        assert httpx.get(cs.url + "/robots/R7", headers=cs.auth).json()["battery_level"] == 1
         assert 'callback_rows_pruned_total{table="mqtt_message_log"} 1.0' in \
-            httpx.get(cs.url + "/metrics").text
+            httpx.get(cs.url + "/metrics", headers=cs.auth).text

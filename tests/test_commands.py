@@ -29,7 +29,7 @@ def wait_gateways(server: ServiceProcess, want: dict[str, str], timeout: float =
     deadline = time.monotonic() + timeout
     seen: dict[str, str] = {}
     while time.monotonic() < deadline:
-        gws = httpx.get(server.url + "/gateways").json()
+        gws = httpx.get(server.url + "/gateways", headers=server.auth).json()["items"]
         seen = {g["gateway_id"]: g["state"] for g in gws}
         if all(seen.get(k) == v for k, v in want.items()):
             return

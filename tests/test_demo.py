@@ -15,16 +15,23 @@ from tests.services import pick_port
 
 
 def test_make_run_pipeline_answers_within_a_second(tmp_path: Path) -> None:
+    seen: list[str] = []
     edge, admin, cb, mqtt = pick_port(), pick_port(), pick_port(), pick_port()
     env = {**os.environ, "EDGE_HTTP_PORT": str(edge), "EDGE_ADMIN_PORT": str(admin),
            "CALLBACK_HTTP_PORT": str(cb), "DEMO_MQTT_PORT": str(mqtt),
-           "OUTBOX_PATH": str(tmp_path / "outbox.db"),
+           "OUTBOX_PATH": str(tmp_path / "outbox.db"), "DEMO_KEYS_FILE": str(tmp_path / "k.yaml"),
            "DATABASE_URL": f"sqlite:///{tmp_path / 'callback.db'}"}
     proc = subprocess.Popen([sys.executable, "-m", "edge_agent.demo"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_port("127.0.0.1", cb, timeout=20)
         wait_for_port("127.0.0.1", edge, timeout=20)
+        # The banner is printed once every listener is up; the key is on its first line.
+        assert proc.stdout is not None
+        while "admin key" not in (line := proc.stdout.readline()):
+            assert line, "demo exited"
+            seen.append(line)
+        auth = {"Authorization": f"Bearer {line.split(':', 1)[1].strip()}"}
         body = {"callback_type": "notifyRobotStatus",
                 "data": {"sn": "DEMO-9", "battery": 42, "run_state": "BUSY",
                          "timestamp": 1700000000}}
@@ -34,7 +41,7 @@ def test_make_run_pipeline_answers_within_a_second(tmp_path: Path) -> None:
         posted = time.monotonic()
         robot = None
         while time.monotonic() - posted < 1.0:
-            got = httpx.get(f"http://127.0.0.1:{cb}/robots/DEMO-9")
+            got = httpx.get(f"http://127.0.0.1:{cb}/robots/DEMO-9", headers=auth)
             if got.status_code == 200:
                 robot = got.json()
                 break
@@ -42,6 +49,66 @@ def test_make_run_pipeline_answers_within_a_second(tmp_path: Path) -> None:
         assert (robot["battery_level"], robot["status"]) == (42, "busy")
     finally:
         proc.terminate()
-        out, _ = proc.communicate(timeout=20)
+        proc.wait(20)
+    assert proc.stdout is not None
+    out = "".join(seen) + proc.stdout.read()  # not communicate(): it skips what is buffered
     assert "curl" in out and f"localhost:{edge}/api/pudu/webhook" in out
     assert proc.returncode == 0, out
+
+
+def _printed_curls(lines: list[str]) -> list[str]:
+    """The banner's curl commands, each joined across its ``\\`` continuation lines."""
+    commands: list[str] = []
+    current: list[str] = []
+    for line in lines:
+        stripped = line.strip()
+        if stripped.startswith("curl ") or current:
+            current.append(stripped.removesuffix("\\").strip())
+            if not stripped.endswith("\\"):
+                commands.append(" ".join(current))
+                current = []
+    return commands
+
+
+def test_make_run_prints_a_key_its_curl_lines_work_with(tmp_path: Path) -> None:
+    edge, admin, cb, mqtt = pick_port(), pick_port(), pick_port(), pick_port()
+    keys = tmp_path / "demo-keys.yaml"
+    env = {**os.environ, "EDGE_HTTP_PORT": str(edge), "EDGE_ADMIN_PORT": str(admin),
+           "CALLBACK_HTTP_PORT": str(cb), "DEMO_MQTT_PORT": str(mqtt),
+           "OUTBOX_PATH": str(tmp_path / "outbox.db"), "DEMO_KEYS_FILE": str(keys),
+           "DATABASE_URL": f"sqlite:///{tmp_path / 'callback.db'}"}
+    proc = subprocess.Popen([sys.executable, "-m", "edge_agent.demo"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        while not lines or "Ctrl-C" not in lines[-1]:
+            line = proc.stdout.readline()
+            assert line, "demo exited: " + "".join(lines)
+            lines.append(line)
+        key = next(ln.split(":", 1)[1].strip() for ln in lines if "admin key" in ln)
+        assert key and key not in keys.read_text()  # only its hash is kept
+        assert keys.stat().st_mode & 0o777 == 0o600
+        curls = _printed_curls(lines)
+        assert len(curls) >= 6 and all("curl" in c for c in curls)
+        for command in curls:
+            assert "Bearer" not in command or key in command
+            answer = ""
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # the robot and the gateway take a moment
+                answer = subprocess.run(
+                    ["bash", "-c", command.replace("curl -s", "curl -s -w '\\n%{http_code}'", 1)],
+                    capture_output=True, text=True, timeout=15).stdout
+                if answer.rsplit("\n", 1)[-1] == "200":
+                    break
+                time.sleep(0.1)
+            assert answer.rsplit("\n", 1)[-1] == "200", (command, answer)
+        # Without the key the read API refuses, saying so.
+        assert httpx.get(f"http://127.0.0.1:{cb}/robots").status_code == 401
+        listed = httpx.get(f"http://127.0.0.1:{cb}/robots",
+                           headers={"Authorization": f"Bearer {key}"}).json()
+        assert [r["robot_sn"] for r in listed["items"]] == ["DEMO-1"]
+        assert listed["next_cursor"] is None
+    finally:
+        proc.terminate()
+        proc.wait(20)

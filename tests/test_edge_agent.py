@@ -226,10 +226,18 @@ def test_rest_proxy_only_on_the_admin_listener_and_confined_to_the_org(tmp_path:
     assert json.loads(got[0].payload) == {"hello": 1}
 
 
-def test_without_a_proxy_token_the_admin_listener_is_off(edge: ServiceProcess) -> None:
-    admin = f"http://127.0.0.1:{edge.env['EDGE_ADMIN_PORT']}"
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(admin + "/mqtt/status")
+def test_admin_listener_serves_metrics_and_docs_and_the_proxy_only_with_a_token(
+        edge: ServiceProcess) -> None:
+    admin = edge.admin_url
+    assert httpx.get(admin + "/mqtt/status").status_code == 404  # no PROXY_TOKEN: no proxy
+    assert "edge_webhooks_total" in httpx.get(admin + "/metrics").text
+    assert httpx.get(admin + "/docs").status_code == 200
+    paths = httpx.get(admin + "/openapi.json").json()["paths"]
+    assert "/api/pudu/webhook" in paths  # the docs describe the public webhook too
+    # The public listener serves the webhook and its health, nothing else.
+    for path in ("/metrics", "/docs", "/openapi.json", "/mqtt/status"):
+        assert httpx.get(edge.url + path).status_code == 404, path
+    assert httpx.get(edge.url + "/api/pudu/webhook/health").status_code == 200
 
 
 def test_lone_surrogate_in_a_field_is_accepted_not_a_500(edge: ServiceProcess) -> None:

@@ -47,7 +47,7 @@ class Pipeline:
         """The robot once the cloud shows ``expect`` (polling its read API, bounded)."""
         deadline = time.monotonic() + 10
         while True:
-            r = httpx.get(f"{self.cloud.url}/robots/{sn}")
+            r = httpx.get(f"{self.cloud.url}/robots/{sn}", headers=self.cloud.auth)
             row = r.json() if r.status_code == 200 else {}
             if row and all(row.get(k) == v for k, v in expect.items()):
                 return row  # type: ignore[no-any-return]
@@ -94,7 +94,7 @@ def test_far_future_time_then_current_state_wins_edge_to_cloud(pipeline: Pipelin
     assert future["ts"] == future["received_at"]
     assert "ahead of the gateway clock" in future["notes"][0]
     assert "notes" not in current
-    metrics = httpx.get(pipeline.edge.url + "/metrics")
+    metrics = httpx.get(pipeline.edge.admin_url + "/metrics")
     assert "edge_clock_skew_total 1.0" in metrics.text
 
 

@@ -86,7 +86,7 @@ def test_every_sample_reaches_the_tables(tmp_path: Path, db_url: str) -> None:
             edge_agent(tmp_path, BROKER, org="acme", TOPIC_PREFIX=p) as agent:
         post(agent.url, [json.loads(f.read_text()) for f in files])
         wait_stored(server, len(files))
-        api = httpx.get(f"{server.url}/robots/SN-PD202405000001").json()
+        api = httpx.get(f"{server.url}/robots/SN-PD202405000001", headers=server.auth).json()
     state = robots(db_url)
     assert state["811064412050012"]["status"] == "online"
     assert state["811064412050012"]["battery_level"] == 75

@@ -46,7 +46,7 @@ def test_refused_topic_is_set_aside_then_requeued_after_the_policy_is_fixed(
             assert [m.topic for m in good] == ["org/acme/device/GOOD/status"] * 5
             agent.wait_health("outbox_depth", 0)
             assert agent.health()["outbox_rejected"] == 1
-            metrics = http.get("/metrics").text
+            metrics = httpx.get(agent.admin_url + "/metrics").text
             assert "edge_outbox_rejected 1.0" in metrics
 
             # Fix the policy (mosquitto re-reads acl_file on SIGHUP), then ask the gateway.

@@ -6,7 +6,8 @@ in-process handler (``subscribe_to_topic``), a Server-Sent-Events stream
 (``GET /mqtt/stream``), or a signed webhook POST to a ``callback_url``.
 
 Mounting: ``create_proxy_router(proxy)`` returns the ``APIRouter`` when a token is
-configured and ``None`` when it is not; ``None`` means the proxy is OFF and the app
+configured (or an ``authorize`` hook is passed: the callback server's org-scoped keys)
+and ``None`` when neither is; ``None`` means the proxy is OFF and the app
 mounts nothing (there is no unauthenticated mode)::
 
     proxy_router = create_proxy_router(proxy)
@@ -22,6 +23,8 @@ from __future__ import annotations
 from bridge.errors import PayloadTooLargeError, PubackTimeoutError, TopicNotAllowedError
 from bridge.proxy.core import MqttProxy
 from bridge.proxy.http import (
+    ProxyAction,
+    ProxyAuthorize,
     PublishBody,
     SubscribeBody,
     UnsubscribeBody,
@@ -33,6 +36,8 @@ __all__ = [
     "MessageHandler",
     "MqttProxy",
     "PayloadTooLargeError",
+    "ProxyAction",
+    "ProxyAuthorize",
     "PubackTimeoutError",
     "PublishBody",
     "RetryPolicy",

@@ -342,6 +342,10 @@ class MqttProxy:
     def _new_id(self) -> str:
         return "sub_" + secrets.token_hex(8)
 
+    def subscription_filter(self, subscription_id: str) -> str:
+        """The filter of one subscription (404 if there is none), for access checks."""
+        return self._get(subscription_id).filter
+
     def _get(self, subscription_id: str) -> Subscription:
         try:
             return self._subs[subscription_id]

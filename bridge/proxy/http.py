@@ -167,14 +167,22 @@ class UnsubscribeBody(BaseModel):
         return self
 
 
-def create_proxy_router(proxy: MqttProxy) -> APIRouter | None:
-    """The ``/mqtt/*`` routes, or None when no token is configured (proxy off: mount nothing)."""
-    token = proxy.token
-    if token is None:
-        return None
+#: What a REST proxy request does, as an ``authorize`` hook is told.
+ProxyAction = Literal["publish", "subscribe", "unsubscribe", "status", "subscriptions", "stream"]
+#: ``authorize(request, action, topic)`` raises a FleetError to refuse (``topic``: the topic
+#: or filter the request names, None if none); it returns which subscription filters the
+#: caller may see, for listings.
+ProxyAuthorize = Callable[[Request, ProxyAction, str | None], Callable[[str], bool]]
+
+
+def _sees_all(topic_filter: str) -> bool:
+    return True
+
+
+def _token_check(token: str) -> Callable[[Request], Any]:
     expected = token.encode("utf-8")
 
-    async def authorize(request: Request) -> None:
+    async def check(request: Request) -> None:
         scheme, _, value = request.headers.get("authorization", "").partition(" ")
         # Starlette decodes headers as latin-1; re-encoding gives the raw bytes back.
         given = value.strip().encode("latin-1", "replace")
@@ -182,12 +190,35 @@ def create_proxy_router(proxy: MqttProxy) -> APIRouter | None:
         if not ok or scheme.lower() != "bearer":
             raise AuthError("missing or invalid bearer token", bearer=True)
 
-    api = APIRouter(prefix="/mqtt", tags=["mqtt"], dependencies=[Depends(authorize)])
+    return check
+
+
+def create_proxy_router(proxy: MqttProxy,
+                        authorize: ProxyAuthorize | None = None) -> APIRouter | None:
+    """The ``/mqtt/*`` routes, or None when neither a token nor ``authorize`` is given
+    (proxy off: mount nothing). Without ``authorize`` the proxy's one token admits a
+    caller to everything; with it the hook decides per request (the callback server's
+    org-scoped keys)."""
+    dependencies: list[Any] = []
+    if authorize is None:
+        if proxy.token is None:
+            return None
+        dependencies.append(Depends(_token_check(proxy.token)))
+
+        def allow(request: Request, action: ProxyAction,
+                  topic: str | None) -> Callable[[str], bool]:
+            return _sees_all
+
+        authorize = allow
+    check = authorize
+
+    api = APIRouter(prefix="/mqtt", tags=["mqtt"], dependencies=dependencies)
 
     @api.post("/publish")
     async def publish(request: Request) -> dict[str, Any]:
         """Publish and answer after the PUBACK (504 without one, 503 if QoS 0 offline)."""
         body = parse_model(PublishBody, await read_body(request, proxy.max_body))
+        check(request, "publish", body.topic)
         payload: JsonValue | bytes = body.payload
         if body.encoding == "base64":
             if not isinstance(body.payload, str):
@@ -204,6 +235,7 @@ def create_proxy_router(proxy: MqttProxy) -> APIRouter | None:
     async def subscribe(request: Request) -> dict[str, Any]:
         """Webhook subscription when ``callback_url`` is given, else a buffered stream."""
         body = parse_model(SubscribeBody, await read_body(request, 64 * 1024))
+        check(request, "subscribe", body.topic)
         if body.callback_url is not None:
             sub_id, secret = await proxy.add_callback_subscription(
                 body.topic, body.callback_url, body.secret, qos=body.qos)
@@ -219,6 +251,9 @@ def create_proxy_router(proxy: MqttProxy) -> APIRouter | None:
     async def unsubscribe(request: Request) -> dict[str, Any]:
         """Remove REST subscriptions by exact filter, or one by id."""
         body = parse_model(UnsubscribeBody, await read_body(request, 64 * 1024))
+        check(request, "unsubscribe", body.topic)  # who the caller is comes first
+        if body.id is not None:
+            check(request, "unsubscribe", proxy.subscription_filter(body.id))
         if body.id is not None:
             await proxy.remove_rest_subscription(body.id)
             removed = [body.id]
@@ -231,16 +266,19 @@ def create_proxy_router(proxy: MqttProxy) -> APIRouter | None:
         return {"status": "success", "removed": removed}
 
     @api.get("/status")
-    async def status() -> dict[str, Any]:
+    async def status(request: Request) -> dict[str, Any]:
+        check(request, "status", None)
         return proxy.status()
 
     @api.get("/subscriptions")
-    async def subscriptions() -> dict[str, Any]:
-        subs = proxy.subscriptions()
+    async def subscriptions(request: Request) -> dict[str, Any]:
+        visible = check(request, "subscriptions", None)
+        subs = [s for s in proxy.subscriptions() if visible(s["filter"])]
         return {"count": len(subs), "subscriptions": subs}
 
     @api.get("/stream")
     async def stream(
+        request: Request,
         topic: Annotated[str | None, Query()] = None,
         subscription_id: Annotated[str | None, Query(alias="id")] = None,
     ) -> Response:
@@ -248,6 +286,9 @@ def create_proxy_router(proxy: MqttProxy) -> APIRouter | None:
         connection, or ``?id=`` to read one made by POST /mqtt/subscribe."""
         if (topic is None) == (subscription_id is None):
             raise InputError("give exactly one of topic or id", field="topic")
+        check(request, "stream", topic)  # who the caller is comes first
+        if subscription_id is not None:
+            check(request, "stream", proxy.subscription_filter(subscription_id))
         if topic is not None:
             sub = await proxy._open_stream(topic)
             on_close: Callable[[], None] = partial(proxy._discard, sub)

@@ -145,6 +145,7 @@ COMMANDS = TableSpec(
         Column("result", "text", 60000),
         Column("sent_at", "time"),
         Column("rtt_ms", "float"),
+        Column("key_name", "str", 128),  # the API key that sent it (by name, never the key)
     ),
     key=("message_id",),
     aged_by="sent_at",

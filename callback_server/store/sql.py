@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -277,8 +277,9 @@ class SqlStore:
             DEAD_TABLE, ("topic", "payload", "reason", "created_at", "digest"))
         await self.backend.transaction([(sql, rows)])
 
-    async def record_command(self, outcome: CommandOutcome) -> None:
-        """Keep a command, its outcome and round-trip time (once per message id)."""
+    async def record_command(self, outcome: CommandOutcome, key_name: str | None = None) -> None:
+        """Keep a command, its outcome, round-trip time and the key that sent it (once per
+        message id)."""
         await self._ready()
         sizes = {c.name: c.size for c in COMMANDS.columns}
         r = outcome.response
@@ -290,7 +291,8 @@ class SqlStore:
                "timeout" if r is None else text(r.status, sizes["outcome"]),
                None if result is None else text(json.dumps(result, default=str),
                                                 sizes["result"]),
-               when(outcome.sent_at), outcome.rtt_ms)
+               when(outcome.sent_at), outcome.rtt_ms,
+               None if key_name is None else text(key_name, sizes["key_name"]))
         sql = self.dialect.insert_ignore(COMMAND_TABLE, COMMANDS.names)
         await self.backend.transaction([(sql, [row])])
 
@@ -315,6 +317,70 @@ class SqlStore:
         rows = await self.backend.fetch(
             f"SELECT {', '.join(ROBOT_FIELDS)} FROM {table} ORDER BY robot_sn")
         return [{k: _plain(k, r[k]) for k in ROBOT_FIELDS} for r in rows]
+
+    async def list_robots(
+        self, *, limit: int, after: str | None = None, orgs: Collection[str] | None = None,
+        org: str | None = None, gateway: str | None = None, status: str | None = None,
+    ) -> tuple[list[dict[str, Any]], list[Any] | None]:
+        """One keyset page of robots by sn (first status target) and the key to resume
+        after, or None on the last page. ``orgs`` None: every org; else only those."""
+        await self._ready()
+        d = self.dialect
+        table = d.quote(self.targets.robot_status[0].qualified)
+        where, args = [], []
+        if after is not None:
+            where.append(f"robot_sn > {d.mark}")
+            args.append(after)
+        if orgs is not None:
+            if not orgs:
+                return [], None
+            where.append(f"org_id IN ({d.marks(len(orgs))})")
+            args.extend(sorted(orgs))
+        for column, value in (("org_id", org), ("gateway_id", gateway), ("status", status)):
+            if value is not None:
+                where.append(f"{column} = {d.mark}")
+                args.append(value)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        rows = await self.backend.fetch(
+            f"SELECT {', '.join(ROBOT_FIELDS)} FROM {table}{clause}"
+            f" ORDER BY robot_sn LIMIT {int(limit) + 1}", args)
+        items = [{k: _plain(k, r[k]) for k in ROBOT_FIELDS} for r in rows[:limit]]
+        more = len(rows) > limit
+        return items, [rows[limit - 1]["robot_sn"]] if more and items else None
+
+    async def list_events(
+        self, sn: str, *, limit: int, after: Sequence[Any] | None = None,
+    ) -> tuple[list[dict[str, Any]], list[Any] | None]:
+        """One keyset page of a robot's events, newest first by (task_time, ts, event_id),
+        and the key to resume after (None on the last page). NULLs sort last, as both
+        databases order them in a descending sort."""
+        await self._ready()
+        d = self.dialect
+        table = d.quote(self.targets.robot_events[0].qualified)
+        where, args = f"robot_sn = {d.mark}", [sn]
+        if after is not None:
+            when_, ts, event_id = after
+            tail, tail_args = f"event_id < {d.mark}", [event_id]
+            for column, value in (("ts", ts), ("task_time", when_)):
+                if value is None:
+                    tail = f"({column} IS NULL AND {tail})"
+                else:
+                    tail = (f"({column} < {d.mark} OR {column} IS NULL"
+                            f" OR ({column} = {d.mark} AND {tail}))")
+                    tail_args = [value, value, *tail_args]
+            where += f" AND {tail}"
+            args += tail_args
+        rows = await self.backend.fetch(
+            f"SELECT {', '.join(EVENT_FIELDS)}, task_time AS k_time FROM {table} WHERE {where}"
+            f" ORDER BY task_time DESC, ts DESC, event_id DESC LIMIT {int(limit) + 1}", args)
+        items = [{k: _plain(k, r[k]) for k in EVENT_FIELDS} for r in rows[:limit]]
+        if len(rows) <= limit or not items:
+            return items, None
+        last = rows[limit - 1]
+        k_time = last["k_time"]
+        if isinstance(k_time, dt.datetime):
+            k_time = k_time.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        return items, [k_time, last["ts"], last["event_id"]]
 
     async def get_robot(self, sn: str) -> dict[str, Any] | None:
         """Latest state of one robot, or None if it never reported."""

@@ -86,7 +86,7 @@ def wait_stored(cs: ServiceProcess, sns: list[str], timeout: float) -> float:
     """Seconds until every robot in ``sns`` is readable; TimeoutError past ``timeout``."""
     started = time.monotonic()
     pending = set(sns)
-    with httpx.Client(base_url=cs.url, timeout=5) as client:
+    with httpx.Client(base_url=cs.url, timeout=5, headers=cs.auth) as client:
         while pending:
             pending = {sn for sn in pending if client.get(f"/robots/{sn}").status_code != 200}
             if time.monotonic() - started > timeout:

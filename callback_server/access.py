@@ -1,0 +1,133 @@
+"""Who may do what on the callback server: a request's key resolved to a Principal, and the rules.
+
+Refusals, each counted in ``callback_auth_refused_total{reason}``:
+
+- no key, or one the ring does not know: 401 (``missing``, ``unknown``);
+- a role that may not do this, inside its own orgs: 403 (``forbidden_role``);
+- a robot, gateway or event of an org the key does not cover: 404, never confirming that
+  it exists (``foreign_org``); a topic filter or an ingested envelope reaching beyond the
+  key's orgs: 403 (``foreign_org``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from functools import partial
+
+from fastapi import Request
+from prometheus_client import Counter
+
+from bridge.errors import AuthError, InputError, NotFoundError
+from bridge.proxy import ProxyAction, ProxyAuthorize
+from bridge.topic import TopicFilter
+from callback_server.keys import KeyRing, Principal, Role
+
+__all__ = ["INGESTERS", "OPERATORS", "READERS", "REFUSAL_REASONS", "Access", "Principal"]
+
+#: The ``reason`` labels of ``callback_auth_refused_total``.
+REFUSAL_REASONS = ("missing", "unknown", "forbidden_role", "foreign_org")
+#: Roles that may use the read API and live streams.
+READERS: tuple[Role, ...] = ("viewer", "operator", "admin")
+#: Roles that may send commands and publish or subscribe through the REST proxy.
+OPERATORS: tuple[Role, ...] = ("operator", "admin")
+#: Roles that may push envelopes to ``POST /callback/messages``.
+INGESTERS: tuple[Role, ...] = ("ingest", "admin")
+
+_NO_KEYS = ("no API key is configured on this server: create one with "
+            "`callback-server keys add --name NAME --org ORG --role viewer` and set "
+            "API_KEYS_FILE (or set PROXY_TOKEN), then send it as 'Authorization: Bearer <key>'")
+
+
+class Access:
+    """Resolves callers and applies the rules; one per server, shared by every route."""
+
+    def __init__(self, keys: KeyRing, refused: Counter, topic_prefix: str = "") -> None:
+        self.keys = keys
+        self.refused = refused
+        self.topic_prefix = topic_prefix.rstrip("/") + "/" if topic_prefix else ""
+
+    def _refuse(self, reason: str) -> None:
+        self.refused.labels(reason=reason).inc()
+
+    def principal(self, request: Request, *, callback_header: bool = False) -> Principal:
+        """The caller's principal from ``Authorization: Bearer`` (or, where ingest is
+        served, ``X-Callback-Token``); AuthError (401) otherwise."""
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        key = value.strip() if scheme.lower() == "bearer" else ""
+        if not key and callback_header:
+            key = request.headers.get("x-callback-token", "").strip()
+        if not key:
+            self._refuse("missing")
+            message = _NO_KEYS if not self.keys.configured else "missing bearer token"
+            raise AuthError(message, bearer=True)
+        principal = self.keys.lookup(key)
+        if principal is None:
+            self._refuse("unknown")
+            raise AuthError("invalid key", bearer=True)
+        return principal
+
+    def require_role(self, principal: Principal, roles: Iterable[Role], what: str) -> None:
+        """403 unless the principal's role is one of ``roles``."""
+        allowed = tuple(roles)
+        if principal.role not in allowed:
+            self._refuse("forbidden_role")
+            raise InputError(f"key {principal.name!r} (role {principal.role}) may not {what}; "
+                             f"that needs one of: {', '.join(allowed)}", status=403)
+
+    def require_all_orgs(self, principal: Principal, what: str) -> None:
+        """403 unless the key covers every org (``orgs: ["*"]``)."""
+        if not principal.all_orgs:
+            self._refuse("forbidden_role")
+            raise InputError(f"{what} needs a key whose orgs are [\"*\"]", status=403)
+
+    def require_org(self, principal: Principal, org: str | None, not_found: str) -> None:
+        """404 (``not_found``) unless the key covers ``org``: never confirm it exists."""
+        if not principal.covers(org):
+            self._refuse("foreign_org")
+            raise NotFoundError(not_found)
+
+    def refuse_foreign(self, principal: Principal, orgs: Iterable[str]) -> None:
+        """403 naming the orgs of ``orgs`` the key does not cover, if any."""
+        foreign = sorted({o for o in orgs if not principal.covers(o)})
+        if foreign:
+            self._refuse("foreign_org")
+            raise InputError(f"key {principal.name!r} does not cover org "
+                             f"{', '.join(map(repr, foreign))}", status=403)
+
+    def filter_covered(self, principal: Principal, topic_filter: str) -> bool:
+        """Whether every topic ``topic_filter`` can match is under one of the key's orgs."""
+        if principal.all_orgs:
+            return True
+        rest = topic_filter.removeprefix(self.topic_prefix) \
+            if topic_filter.startswith(self.topic_prefix) else None
+        if rest is None:
+            return False
+        levels = rest.split("/")
+        return len(levels) >= 2 and levels[0] == "org" and levels[1] in principal.orgs
+
+    def require_filter(self, principal: Principal, topic_filter: str) -> None:
+        """403 unless the topic or filter stays inside the key's orgs (``#``, ``org/+/#``
+        or another org's subtree do not)."""
+        TopicFilter(topic_filter)  # an invalid one is a 422 from the proxy, not a 403
+        if not self.filter_covered(principal, topic_filter):
+            self._refuse("foreign_org")
+            raise InputError(f"key {principal.name!r} may only use topics under its orgs "
+                             f"({self.topic_prefix}org/<org>/...); {topic_filter!r} reaches "
+                             "beyond them", field="topic", status=403)
+
+    def proxy_hook(self) -> ProxyAuthorize:
+        """The REST proxy's ``authorize``: readers see and stream their orgs' topics;
+        operators also publish and subscribe there."""
+
+        def authorize(request: Request, action: ProxyAction,
+                      topic: str | None) -> Callable[[str], bool]:
+            principal = self.principal(request)
+            if action in ("status", "subscriptions", "stream"):
+                self.require_role(principal, READERS, f"read the MQTT proxy ({action})")
+            else:
+                self.require_role(principal, OPERATORS, f"{action} through the MQTT proxy")
+            if topic is not None:
+                self.require_filter(principal, topic)
+            return partial(self.filter_covered, principal)
+
+        return authorize

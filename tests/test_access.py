@@ -1,0 +1,327 @@
+"""Org-scoped keys: every route of the callback server's OpenAPI schema has an access rule,
+and each key of each role, in two orgs, gets 401/403/404 or sees only its own orgs."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from bridge.envelope import Envelope
+from callback_server import config as cb_config
+from callback_server.keys import ALL_ORGS, Principal, add_key
+from callback_server.service import CallbackServer
+from tests.dbutil import query
+from tests.services import callback_server
+
+pytestmark = pytest.mark.integration
+BROKER = "mqtt://127.0.0.1:1883"
+ROLES = {  # name: (orgs, role)
+    "admin": ([ALL_ORGS], "admin"),
+    "viewer_all": ([ALL_ORGS], "viewer"),
+    "viewer_a": (["acme"], "viewer"),
+    "operator_a": (["acme"], "operator"),
+    "ingest_a": (["acme"], "ingest"),
+    "multi": (["acme", "beta"], "viewer"),
+}
+CALLERS = (*ROLES, "none", "unknown")
+
+
+def envelope(org: str, sn: str, i: int, channel: str = "power") -> Envelope:
+    data: dict[str, Any] = {"battery_level": i} if channel == "power" else {
+        "event_id": f"e{i}", "event_level": "high", "event_type": "LowBattery"}
+    return Envelope(id=f"m{i}-{sn}-{channel}", type="notifyRobotPower" if channel == "power"
+                    else "robotErrorWarning", org=org, device=sn, gateway=f"gw-{org}",
+                    ts=1_700_000_000 + i, received_at=1_700_000_001 + i, data=data,
+                    raw=dict(data), channel=channel)
+
+
+@dataclass
+class Env:
+    server: CallbackServer
+    client: httpx.AsyncClient
+    prefix: str
+    keys: dict[str, str] = field(default_factory=dict)
+
+    def auth(self, caller: str) -> dict[str, str]:
+        if caller == "none":
+            return {}
+        key = "not-a-key" if caller == "unknown" else self.keys[caller]
+        return {"Authorization": f"Bearer {key}"}
+
+    def topic(self, org: str, rest: str = "device/x/y") -> str:
+        return f"{self.prefix}/org/{org}/{rest}"
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    keys_file = tmp_path / "keys.yaml"
+    keys = {name: add_key(keys_file, name, orgs, role)  # type: ignore[arg-type]
+            for name, (orgs, role) in ROLES.items()}
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    settings = cb_config.load(None, {
+        "MQTT_URL": BROKER, "DATABASE_URL": f"sqlite:///{tmp_path / 'cb.db'}",
+        "TOPIC_PREFIX": prefix, "API_KEYS_FILE": str(keys_file),
+        "MQTT_CLIENT_ID": f"access-{prefix}", "COMMAND_TIMEOUT_MAX": "0.2"})
+    async with CallbackServer(settings) as server:
+        items = [(f"{prefix}/org/{e.org}/device/{e.device}/{e.channel}", e) for e in (
+            envelope("acme", "A1", 1), envelope("acme", "A1", 2, "event"),
+            envelope("beta", "B1", 3), envelope("beta", "B1", 4, "event"))]
+        await server.store.write_batch(items)
+        for org in ("acme", "beta"):
+            server.gateways[f"{org}/gw-{org}"] = {"org_id": org, "gateway_id": f"gw-{org}",
+                                                 "state": "online", "since": time.time()}
+        transport = httpx.ASGITransport(app=server.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://cb",
+                                     timeout=10) as client:
+            yield Env(server, client, prefix, keys)
+
+
+READ = {"admin": 200, "viewer_all": 200, "viewer_a": 200, "operator_a": 200, "multi": 200,
+        "ingest_a": 403, "none": 401, "unknown": 401}
+FOREIGN_READ = {**READ, "viewer_a": 404, "operator_a": 404}  # an object of org beta
+OPERATE = {**READ, "viewer_all": 403, "viewer_a": 403, "multi": 403}
+FOREIGN_OPERATE = {**OPERATE, "operator_a": 403}  # a topic of org beta
+INGEST = {"admin": 200, "ingest_a": 200, "viewer_all": 403, "viewer_a": 403,
+          "operator_a": 403, "multi": 403, "none": 401, "unknown": 401}
+METRICS = {**{c: 403 for c in ROLES}, "admin": 200, "viewer_all": 200,
+           "none": 401, "unknown": 401}
+OPEN = {c: 200 for c in CALLERS}
+
+
+def requests(e: Env) -> dict[tuple[str, str], list[tuple[dict[str, Any], dict[str, int]]]]:
+    """For each route (method, path template): requests and the status each caller gets."""
+    cmd = {"command": "ping", "timeout": 0.1}
+    ok_or_timeout = 504  # no gateway answers here: reaching the broker is the pass
+    return {
+        ("post", "/callback/messages"): [
+            ({"url": "/callback/messages",
+              "content": envelope("acme", "A9", 9).to_json()}, INGEST)],
+        ("get", "/callback/health"): [({"url": "/callback/health"}, OPEN)],
+        ("get", "/robots"): [({"url": "/robots"}, READ),
+                             ({"url": "/robots?org=beta&limit=1"}, READ)],
+        ("get", "/robots/{sn}"): [({"url": "/robots/A1"}, READ),
+                                  ({"url": "/robots/B1"}, FOREIGN_READ)],
+        ("get", "/robots/{sn}/events"): [({"url": "/robots/A1/events"}, READ),
+                                         ({"url": "/robots/B1/events"}, FOREIGN_READ)],
+        ("post", "/devices/{device_id}/commands"): [
+            ({"url": "/devices/gw-acme/commands", "json": cmd},
+             {**OPERATE, "admin": ok_or_timeout, "operator_a": ok_or_timeout}),
+            ({"url": "/devices/gw-beta/commands", "json": cmd},
+             {**OPERATE, "admin": ok_or_timeout, "operator_a": 404, "viewer_a": 404})],
+        ("get", "/gateways"): [({"url": "/gateways"}, READ)],
+        ("get", "/metrics"): [({"url": "/metrics"}, METRICS)],
+        ("post", "/mqtt/publish"): [
+            ({"url": "/mqtt/publish", "json": {"topic": e.topic("acme"), "payload": 1}},
+             OPERATE),
+            ({"url": "/mqtt/publish", "json": {"topic": e.topic("beta"), "payload": 1}},
+             FOREIGN_OPERATE)],
+        ("post", "/mqtt/subscribe"): [
+            ({"url": "/mqtt/subscribe", "json": {"topic": e.topic("acme", "#")}}, OPERATE),
+            ({"url": "/mqtt/subscribe", "json": {"topic": e.topic("+", "#")}},
+             FOREIGN_OPERATE),
+            ({"url": "/mqtt/subscribe", "json": {"topic": "#"}},
+             {**FOREIGN_OPERATE, "admin": 403})],  # outside the proxy's prefixes for all
+        ("post", "/mqtt/unsubscribe"): [
+            ({"url": "/mqtt/unsubscribe", "json": {"topic": e.topic("acme", "none")}},
+             {**OPERATE, "admin": 404, "operator_a": 404}),
+            ({"url": "/mqtt/unsubscribe", "json": {"topic": e.topic("beta", "none")}},
+             {**FOREIGN_OPERATE, "admin": 404})],
+        ("get", "/mqtt/status"): [({"url": "/mqtt/status"}, READ)],
+        ("get", "/mqtt/subscriptions"): [({"url": "/mqtt/subscriptions"}, READ)],
+        ("get", "/mqtt/stream"): [  # refusals only: an admitted stream stays open
+            ({"url": "/mqtt/stream", "params": {"id": "sub_none"}},
+             {**READ, **{c: 404 for c, s in READ.items() if s == 200}}),
+            ({"url": "/mqtt/stream", "params": {"topic": f"{e.prefix}/org/beta/#"}},
+             {"viewer_a": 403, "operator_a": 403, "ingest_a": 403, "none": 401,
+              "unknown": 401}),
+            ({"url": "/mqtt/stream", "params": {"topic": "#"}},  # beyond the proxy for all
+             {**{c: 403 for c in ROLES}, "none": 401, "unknown": 401})],
+    }
+
+
+async def test_every_route_has_a_rule_and_every_caller_gets_its_answer(env: Env) -> None:
+    table = requests(env)
+    routes = {(m, p) for p, ops in env.server.app.openapi()["paths"].items() for m in ops}
+    assert routes == set(table), f"routes without an access rule: {routes - set(table)}"
+    failures = []
+    for (method, _), cases in table.items():
+        for kwargs, expect in cases:
+            for caller, status in expect.items():
+                r = await env.client.request(method.upper(), **kwargs,
+                                             headers=env.auth(caller))
+                if r.status_code != status:
+                    failures.append((caller, method, kwargs, status, r.status_code,
+                                     r.text[:200]))
+                if r.status_code >= 400:
+                    assert set(r.json()) <= {"status", "message", "timestamp", "field"}
+                if r.status_code == 404 and "/robots/" in kwargs["url"]:
+                    # a foreign robot looks exactly like a missing one
+                    assert r.json()["message"] == f"robot {kwargs['url'].split('/')[2]} not found"
+    assert not failures, "\n".join(map(str, failures))
+
+
+async def test_each_key_sees_only_its_orgs(env: Env) -> None:
+    async def sns(caller: str, url: str = "/robots") -> list[str]:
+        r = await env.client.get(url, headers=env.auth(caller))
+        assert r.status_code == 200, r.text
+        return [x.get("robot_sn") or x.get("gateway_id") for x in r.json()["items"]]
+
+    assert await sns("admin") == ["A1", "B1"]
+    assert await sns("multi") == ["A1", "B1"]
+    assert await sns("viewer_a") == ["A1"]
+    assert await sns("viewer_a", "/robots?org=beta") == []
+    assert await sns("admin", "/robots?org=beta") == ["B1"]
+    assert await sns("admin", "/robots?gateway=gw-acme") == ["A1"]
+    assert await sns("admin", "/robots?status=nope") == []
+    assert await sns("viewer_a", "/gateways") == ["gw-acme"]
+    assert await sns("admin", "/gateways") == ["gw-acme", "gw-beta"]
+    events = (await env.client.get("/robots/A1/events", headers=env.auth("viewer_a"))).json()
+    assert [e["event_id"] for e in events["items"]] == ["e2"] and events["next_cursor"] is None
+    # Subscriptions: an operator's own appear to its viewers, another org's do not.
+    r = await env.client.post("/mqtt/subscribe", headers=env.auth("admin"),
+                              json={"topic": env.topic("beta", "#")})
+    assert r.status_code == 200, r.text
+    r = await env.client.post("/mqtt/subscribe", headers=env.auth("operator_a"),
+                              json={"topic": env.topic("acme", "#")})
+    assert r.status_code == 200, r.text
+    seen = (await env.client.get("/mqtt/subscriptions", headers=env.auth("viewer_a"))).json()
+    assert [s["filter"] for s in seen["subscriptions"]] == [env.topic("acme", "#")]
+    everything = (await env.client.get("/mqtt/subscriptions", headers=env.auth("admin"))).json()
+    assert everything["count"] == 2
+    # The health check names no org, gateway or robot.
+    health = (await env.client.get("/callback/health")).text
+    assert not any(name in health for name in ("acme", "beta", "gw-", "A1", "B1"))
+
+
+async def test_commands_record_the_key_that_sent_them(env: Env, tmp_path: Path) -> None:
+    r = await env.client.post("/devices/gw-acme/commands", headers=env.auth("operator_a"),
+                              json={"command": "ping", "timeout": 0.1})
+    assert r.status_code == 504
+    rows = query(f"sqlite:///{tmp_path / 'cb.db'}",
+                 "SELECT key_name, org_id, outcome FROM device_commands")
+    assert rows == [{"key_name": "operator_a", "org_id": "acme", "outcome": "timeout"}]
+
+
+async def test_ingest_of_another_orgs_envelope_refuses_all_and_dead_letters_each(
+        env: Env, tmp_path: Path) -> None:
+    mixed = [envelope("acme", "A5", 5).as_dict(), envelope("beta", "B5", 6).as_dict()]
+    for headers in (env.auth("ingest_a"), {"X-Callback-Token": env.keys["ingest_a"]}):
+        r = await env.client.post("/callback/messages", content=json.dumps(mixed),
+                                  headers=headers)
+        assert r.status_code == 403, r.text
+        assert "beta" in r.json()["message"]
+    assert (await env.client.get("/robots/A5", headers=env.auth("admin"))).status_code == 404
+    dead = query(f"sqlite:///{tmp_path / 'cb.db'}", "SELECT topic, reason FROM mqtt_dead_letters")
+    assert sorted(d["topic"].rsplit("/org/", 1)[1] for d in dead) == [
+        "acme/device/A5/power", "beta/device/B5/power"]  # each once, though sent twice
+    assert all("refused" in d["reason"] and "beta" in d["reason"] for d in dead)
+    r = await env.client.post("/callback/messages", content=json.dumps(mixed[:1]),
+                              headers={"X-Callback-Token": env.keys["ingest_a"]})
+    assert r.status_code == 200, r.text
+    metrics = (await env.client.get("/metrics", headers=env.auth("admin"))).text
+    assert 'callback_auth_refused_total{reason="foreign_org"} 2.0' in metrics
+
+
+async def test_refusals_are_counted_by_reason(env: Env) -> None:
+    await env.client.get("/robots")
+    await env.client.get("/robots", headers=env.auth("unknown"))
+    await env.client.get("/robots", headers=env.auth("ingest_a"))
+    await env.client.get("/robots/B1", headers=env.auth("viewer_a"))
+    metrics = (await env.client.get("/metrics", headers=env.auth("viewer_all"))).text
+    for reason in ("missing", "unknown", "forbidden_role", "foreign_org"):
+        assert f'callback_auth_refused_total{{reason="{reason}"}} 1.0' in metrics, metrics
+
+
+async def test_without_any_key_the_read_api_says_how_to_configure_one(tmp_path: Path) -> None:
+    settings = cb_config.load(None, {
+        "MQTT_URL": BROKER, "DATABASE_URL": f"sqlite:///{tmp_path / 'cb.db'}",
+        "MQTT_CLIENT_ID": f"nokeys-{uuid.uuid4().hex[:8]}"})
+    server = CallbackServer(settings)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=server.app),
+                                 base_url="http://cb") as client:
+        r = await client.get("/robots")
+    assert r.status_code == 401
+    assert "API_KEYS_FILE" in r.json()["message"] and "keys add" in r.json()["message"]
+
+
+def test_principal_covers() -> None:
+    p = Principal("k", frozenset({"acme"}), "viewer")
+    assert p.covers("acme") and not p.covers("beta") and not p.covers(None)
+    assert Principal("k", frozenset({ALL_ORGS}), "viewer").covers(None)
+
+
+def _cli(*args: str, keys: Path) -> str:
+    done = subprocess.run([sys.executable, "-m", "callback_server", "keys", "--file",
+                           str(keys), *args], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_keys_cli_and_sighup_reload_on_a_real_process(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.yaml"
+    first = _cli("add", "--name", "first", "--org", "acme", "--role", "viewer",
+                 keys=keys).strip()
+    assert keys.stat().st_mode & 0o777 == 0o600 and first not in keys.read_text()
+    with callback_server(tmp_path, BROKER, f"sqlite:///{tmp_path / 'cb.db'}",
+                         API_KEYS_FILE=str(keys)) as cs:
+        assert cs.proc is not None
+
+        def status(key: str) -> int:
+            return httpx.get(cs.url + "/robots",
+                             headers={"Authorization": f"Bearer {key}"}).status_code
+
+        def reload_until(key: str, want: int) -> None:
+            assert cs.proc is not None
+            cs.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while status(key) != want:
+                assert time.monotonic() < deadline, f"{want} never answered"
+                time.sleep(0.05)
+
+        assert status(first) == 200
+        second = _cli("add", "--name", "second", "--org", "beta", "--org", "acme",
+                      "--role", "operator", keys=keys).strip()
+        assert status(second) == 401  # not before the reload
+        reload_until(second, 200)
+        listed = _cli("list", keys=keys)
+        assert "first\tacme\tviewer" in listed and "second\tbeta,acme\toperator" in listed
+        assert first not in listed and second not in listed
+        _cli("remove", "--name", "first", keys=keys)
+        reload_until(first, 401)
+        assert status(second) == 200
+        keys.write_text("keys: [{name: broken}]\n")  # a bad file keeps the keys it had
+        cs.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert status(second) == 200
+        assert cs.proc.poll() is None
+    assert "keeping the 1 keys loaded before" in cs.log_path.read_text()
+
+
+async def test_lists_page_over_http_with_an_opaque_cursor(env: Env) -> None:
+    auth = env.auth("admin")
+    for url, key in (("/robots", "robot_sn"), ("/gateways", "gateway_id"),
+                     ("/robots/A1/events", "event_id")):
+        got, cursor = [], None
+        while True:
+            params = {"limit": 1, **({"cursor": cursor} if cursor else {})}
+            body = (await env.client.get(url, params=params, headers=auth)).json()
+            assert set(body) == {"items", "next_cursor"} and len(body["items"]) <= 1
+            got += [item[key] for item in body["items"]]
+            if (cursor := body["next_cursor"]) is None:
+                break
+        full = (await env.client.get(url, headers=auth)).json()["items"]
+        assert got == [item[key] for item in full] and got
+    for params in ({"cursor": "!!"}, {"cursor": "WzEsMl0"}, {"limit": 1001}, {"limit": 0}):
+        r = await env.client.get("/robots", params=params, headers=auth)
+        assert r.status_code == 422, (params, r.text)

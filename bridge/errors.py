@@ -33,6 +33,8 @@ these once, in the module that talks to that library, with ``raise ... from exc`
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class FleetError(Exception):
     """Root of every error this project raises on purpose."""
@@ -207,6 +209,11 @@ class PuduAuthError(PuduApiError):
 
 class PuduRateLimitError(PuduApiError):
     """HTTP 429 or a rate-limit message, still so after the bounded retries."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
 
 
 class PuduServerError(PuduApiError):

@@ -19,6 +19,8 @@ from bridge.config import (
     TlsSettings,
     load_settings,
 )
+from bridge.errors import ConfigError
+from edge_agent.pudu.settings import PuduApiSettings
 
 ENV_MAP = {
     **MQTT_ENV_MAP,
@@ -34,7 +36,17 @@ ENV_MAP = {
     "OUTBOX_PATH": "outbox_path",
     "OUTBOX_MAX_ENTRIES": "outbox_max_entries",
     "MAX_BODY_BYTES": "max_body_bytes",
+    "PUDU_API_URL": "pudu.api_url",
+    "PUDU_API_KEY": "pudu.api_key",
+    "PUDU_API_SECRET": "pudu.api_secret",
+    "PUDU_SHOP_IDS": "pudu.shop_ids",
+    "PUDU_POLL_INTERVAL": "pudu.poll_interval_seconds",
+    "PUDU_LOOKBACK_HOURS": "pudu.lookback_hours",
+    "PUDU_API_TIMEOUT_SECONDS": "pudu.timeout_seconds",
+    "PUDU_API_RETRIES": "pudu.max_retries",
 }
+#: systemd ``LoadCredential=pudu_api_secret:...``: read from $CREDENTIALS_DIRECTORY.
+SECRET_CREDENTIAL = "pudu_api_secret"
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
@@ -73,6 +85,8 @@ class EdgeSettings(BaseModel):
     # Outbound webhooks (callback_url) may go here although not globally routable.
     callback_url_allow: OutboundAllow = ()
     http_limits: HttpLimits = HttpLimits()
+    # The Pudu cloud API: robot commands, scheduled reconciliation and fault backfill.
+    pudu: PuduApiSettings = PuduApiSettings()
 
     @field_validator("pudu_callback_code")
     @classmethod
@@ -103,7 +117,16 @@ class EdgeSettings(BaseModel):
 
 def load(path: str | None, environ: Mapping[str, str] | None = None) -> EdgeSettings:
     """Read ``path`` (or ``EDGE_AGENT_CONFIG``) and the environment; ConfigError if invalid."""
-    env = os.environ if environ is None else environ
+    env = dict(os.environ if environ is None else environ)
+    credentials = env.get("CREDENTIALS_DIRECTORY")
+    if credentials and not env.get("PUDU_API_SECRET"):
+        secret_file = Path(credentials) / SECRET_CREDENTIAL
+        try:
+            env["PUDU_API_SECRET"] = secret_file.read_text().strip()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise ConfigError(f"cannot read credential {secret_file}: {exc}") from exc
     return load_settings(
         EdgeSettings, path=path or env.get("EDGE_AGENT_CONFIG"), env_map=ENV_MAP, environ=env
     )

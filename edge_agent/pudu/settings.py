@@ -47,13 +47,13 @@ class PuduApiSettings(BaseModel):
     api_secret: SecretStr | None = None
     # Gateways sharing one key each poll only their own shops.
     shop_ids: Annotated[tuple[str, ...], BeforeValidator(_comma_list)] = ()
-    poll_interval_seconds: float = Field(300.0, ge=0)  # 0: polling off
-    lookback_hours: float = Field(24.0, gt=0, le=24 * 31)
+    poll_interval_seconds: float = Field(default=300.0, ge=0)  # 0: polling off
+    lookback_hours: float = Field(default=24.0, gt=0, le=24 * 31)
     # Pudu batches its logs (errors arrive ~10 min late): re-read this much of the last window.
-    overlap_seconds: float = Field(900.0, ge=0)
-    timeout_seconds: float = Field(15.0, gt=0)  # the SDK's
-    max_retries: int = Field(3, ge=0, le=10)
-    retry_max_seconds: float = Field(8.0, gt=0)
+    overlap_seconds: float = Field(default=900.0, ge=0)
+    timeout_seconds: float = Field(default=15.0, gt=0)  # the SDK's
+    max_retries: int = Field(default=3, ge=0, le=10)
+    retry_max_seconds: float = Field(default=8.0, gt=0)
 
     @field_validator("api_url")
     @classmethod

@@ -26,8 +26,8 @@ from bridge.errors import (
 )
 from bridge.http_body import parse_model, read_body
 from bridge.http_errors import install as install_error_handlers
-from bridge.topic import GATEWAY_CHANNELS, DeviceAddress, TopicScheme, parse_device_topic
-from callback_server.consumer import consistent
+from bridge.topic import DeviceAddress, TopicScheme, parse_device_topic
+from callback_server.consumer import consistent, handled_by_gateway
 
 if TYPE_CHECKING:
     from callback_server.service import CallbackServer
@@ -90,7 +90,7 @@ def _sort(server: CallbackServer, parsed: strictjson.Parsed,
             raise InputError("topic must be a string", field="topic", status=422)
         if topic is not None:
             address = parse_device_topic(topic, prefix)
-            if address.channel in GATEWAY_CHANNELS:
+            if handled_by_gateway(address.channel):
                 sorted_.gateway.append((address, strictjson.dumps(fields)))
                 continue
         envelope = Envelope.from_dict(fields, notes=parsed.notes)
@@ -204,6 +204,10 @@ def create_app(server: CallbackServer) -> FastAPI:
     @app.get("/gateways", summary="Each gateway's presence (retained online / last-will offline)")
     async def gateways() -> list[dict[str, Any]]:
         return sorted(server.gateways.values(), key=lambda g: (g["org_id"], g["gateway_id"]))
+
+    from callback_server.pudu_routes import create_pudu_router
+
+    app.include_router(create_pudu_router(server))
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

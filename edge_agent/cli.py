@@ -1,4 +1,4 @@
-"""``edge-agent run | check-config``: maps flags onto EdgeSettings and nothing more."""
+"""``edge-agent run | check-config | poll --once``: maps flags onto EdgeSettings."""
 
 from __future__ import annotations
 
@@ -23,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("run", parents=[common], help="run the service")
     sub.add_parser("check-config", parents=[common],
                    help="validate and print the effective settings")
+    poll = sub.add_parser("poll", parents=[common],
+                          help="run one Pudu cloud reconciliation and print its record")
+    poll.add_argument("--once", action="store_true", required=True,
+                      help="one run now (through the running agent if there is one)")
     args = parser.parse_args(argv)
     try:
         settings = config.load(args.config)
@@ -33,6 +37,17 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(masked(settings), indent=2))
         return 0
     setup_logging(settings.log_level)
+    if args.command == "poll":
+        if not settings.pudu.configured:
+            print("edge-agent: polling needs PUDU_API_URL, PUDU_API_KEY and PUDU_API_SECRET",
+                  file=sys.stderr)
+            return 1
+        from edge_agent.pudu.once import poll_once
+
+        records: list[dict[str, object]] = []
+        run_service(poll_once(settings, records))
+        print(json.dumps(records[0], indent=2))
+        return 0 if records[0].get("status") in ("ok", "partial") else 2
     from edge_agent.service import serve
 
     try:

@@ -187,13 +187,16 @@ class PuduClient:
         return obj.get("data")
 
     # -- endpoints ------------------------------------------------------------------------
-    async def robots(self, shop_id: str) -> list[dict[str, Any]]:
-        """Every robot of a shop, through every page (until ``offset >= count``)."""
+    async def robots(self, shop_id: str | None) -> list[dict[str, Any]]:
+        """Every robot of a shop (None: of the key), through every page (until
+        ``offset >= count``)."""
         out: list[dict[str, Any]] = []
         offset = 0
         for _ in range(MAX_PAGES):
-            data = await self.get(ROBOTS, {"shop_id": shop_id, "limit": ROBOT_PAGE,
-                                           "offset": offset})
+            params: dict[str, Any] = {"limit": ROBOT_PAGE, "offset": offset}
+            if shop_id is not None:
+                params["shop_id"] = shop_id
+            data = await self.get(ROBOTS, params)
             items = pick(data, "list") or []
             out += [r for r in items if isinstance(r, dict) and pick(r, "sn")]
             offset += ROBOT_PAGE

@@ -41,7 +41,7 @@ class Call:
 
 @dataclass
 class Fault:
-    path: str      # a substring of the spec path
+    path: str      # a substring of the spec path and query (``path?query``)
     kind: str      # "429" | "500" | "business" | "stall"
     times: int = 1
 
@@ -168,7 +168,7 @@ class PuduStub:
             with self.lock:
                 self.unauthorized.append(refused)
             return 401, {"code": 401, "message": refused, "details": []}
-        fault = self._fault(path)
+        fault = self._fault(f"{path}?{query}")
         if fault == "429":
             return 429, {"code": 429, "message": "API rate limit exceeded"}
         if fault == "500":

@@ -124,25 +124,25 @@ def test_webhook_and_poll_interleaved_end_with_the_newest_robot_time(
     stub.stub.add_robot("O1", SHOP, battery=40, timestamp=str(t0 * 1000))
     with callback_server(tmp_path, BROKER, db, TOPIC_PREFIX=p), \
             edge_agent(tmp_path, BROKER, org="acme", gateway="gwo", TOPIC_PREFIX=p,
-                       **pudu_env(stub, PUDU_POLL_INTERVAL="0")) as agent:
-        with httpx.Client(base_url=agent.url, headers=HEADERS) as c:
-            # a webhook newer than what the poll will read
-            r = c.post("/api/pudu/webhook", json={"callback_type": "notifyRobotPower", "data": {
-                "sn": "O1", "power": 70, "charge_stage": "CHARGING",
-                "notify_timestamp": (t0 + 60) * 1000}})
-            assert r.status_code == 200
-            wait_for("webhook stored", lambda: robots(db).get("O1", {}).get("battery_level"))
-            poll(agent)  # older robot time: must not win
-            time.sleep(1.0)
-            assert robots(db)["O1"]["battery_level"] == 70
-            stub.stub.robots["O1"].update(battery=30, timestamp=str((t0 + 120) * 1000))
-            poll(agent)  # newer: wins
-            wait_for("poll state stored", lambda: robots(db)["O1"]["battery_level"] == 30)
-            r = c.post("/api/pudu/webhook", json={"callback_type": "notifyRobotPower", "data": {
-                "sn": "O1", "power": 90, "notify_timestamp": (t0 + 90) * 1000}})
-            assert r.status_code == 200  # late webhook, older than the poll: ignored
-            time.sleep(1.0)
-            assert robots(db)["O1"]["battery_level"] == 30
+                       **pudu_env(stub, PUDU_POLL_INTERVAL="0")) as agent, \
+            httpx.Client(base_url=agent.url, headers=HEADERS) as c:
+        # a webhook newer than what the poll will read
+        r = c.post("/api/pudu/webhook", json={"callback_type": "notifyRobotPower", "data": {
+            "sn": "O1", "power": 70, "charge_stage": "CHARGING",
+            "notify_timestamp": (t0 + 60) * 1000}})
+        assert r.status_code == 200
+        wait_for("webhook stored", lambda: robots(db).get("O1", {}).get("battery_level"))
+        poll(agent)  # older robot time: must not win
+        time.sleep(1.0)
+        assert robots(db)["O1"]["battery_level"] == 70
+        stub.stub.robots["O1"].update(battery=30, timestamp=str((t0 + 120) * 1000))
+        poll(agent)  # newer: wins
+        wait_for("poll state stored", lambda: robots(db)["O1"]["battery_level"] == 30)
+        r = c.post("/api/pudu/webhook", json={"callback_type": "notifyRobotPower", "data": {
+            "sn": "O1", "power": 90, "notify_timestamp": (t0 + 90) * 1000}})
+        assert r.status_code == 200  # late webhook, older than the poll: ignored
+        time.sleep(1.0)
+        assert robots(db)["O1"]["battery_level"] == 30
 
 
 def test_backfilled_event_and_the_same_webhook_are_stored_once(

@@ -3,7 +3,9 @@
 Command on ``.../device/{id}/command``: ``{"messageId", "command", "args"}``; response
 on ``.../device/{id}/response``: ``{"messageId", "status", "result"|"error"}``. Every
 command gets exactly one response; a command redelivered under QoS 1 is executed once
-and answered again with the same result.
+and answered again with the same result. Commands registered ``durable`` (those with an
+effect outside the gateway, such as a Pudu API call) are also kept in a journal by
+``messageId`` before they run, so a redelivery after a restart does not run them again.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from bridge import strictjson
 from bridge.errors import MalformedCommandError, PayloadError, TransportError
@@ -105,6 +107,16 @@ def _message_id(obj: object) -> str | None:
     return None
 
 
+class CommandJournal(Protocol):
+    """Durable command ids (the edge agent keeps them in its outbox database)."""
+
+    async def begin_command(self, message_id: str, command: str) -> Response | None:
+        """Mark as begun; the earlier response if this id was seen before."""
+
+    async def finish_command(self, response: Response) -> None:
+        """Keep the response for redeliveries."""
+
+
 class CommandExecutor:
     """Gateway side: runs registered handlers and answers on the response topic."""
 
@@ -114,6 +126,8 @@ class CommandExecutor:
         self.command_topic = str(scheme.device(device_id, "command"))
         self.response_topic = str(scheme.device(device_id, "response"))
         self.handlers: dict[str, CommandFn] = {}
+        self.durable: set[str] = set()
+        self.journal: CommandJournal | None = None
         self.executed = 0
         # messageId -> the response (or the running execution) for QoS 1 redelivery
         self._answers: collections.OrderedDict[str, asyncio.Future[Response]] = (
@@ -130,9 +144,12 @@ class CommandExecutor:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def register(self, name: str, fn: CommandFn) -> None:
-        """Add or replace the handler for ``name``."""
+    def register(self, name: str, fn: CommandFn, *, durable: bool = False) -> None:
+        """Add or replace the handler for ``name``; ``durable``: run once per messageId
+        even across restarts (needs ``journal``)."""
         self.handlers[name] = fn
+        if durable:
+            self.durable.add(name)
 
     def on_message(self, message: InboundMessage) -> None:
         task = asyncio.get_running_loop().create_task(self._handle(message.payload))
@@ -166,6 +183,24 @@ class CommandExecutor:
             log.warning("could not answer command %s: %s", response.message_id, exc)
 
     async def _execute(self, command: Command) -> Response:
+        if command.command not in self.durable or self.journal is None:
+            return await self._run(command)
+        try:
+            earlier = await self.journal.begin_command(command.message_id, command.command)
+        except Exception as exc:  # not recorded: running it could repeat after a restart
+            log.warning("command %s not journaled: %s", command.message_id, exc)
+            return Response(command.message_id, "error",
+                            error="could not record the command; not run, retry later")
+        if earlier is not None:
+            return earlier
+        response = await self._run(command)
+        try:
+            await self.journal.finish_command(response)
+        except Exception as exc:
+            log.warning("response to %s not journaled: %s", command.message_id, exc)
+        return response
+
+    async def _run(self, command: Command) -> Response:
         fn = self.handlers.get(command.command)
         if fn is None:
             return Response(command.message_id, "error",

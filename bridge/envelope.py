@@ -23,7 +23,8 @@ class Envelope:
     consumers order by; ``received_at`` is the gateway's clock when it was accepted.
     ``id`` is stable for the same callback so redelivery is idempotent downstream.
     ``notes`` says what a gateway or server changed to keep it strict JSON or its time
-    sane (the original values stay in ``raw``).
+    sane (the original values stay in ``raw``). ``source`` is ``"poll"`` for what the
+    Pudu cloud poller read; empty (absent on the wire) means a webhook.
     """
 
     id: str
@@ -39,6 +40,7 @@ class Envelope:
     v: int = SCHEMA_VERSION
 
     notes: tuple[str, ...] = ()
+    source: str = ""
 
     def to_json(self) -> bytes:
         """RFC 8259 JSON; a NaN/Infinity or unsafe integer that got into ``data`` or
@@ -53,7 +55,7 @@ class Envelope:
             return strictjson.dumps(obj)
 
     def as_dict(self) -> dict[str, Any]:
-        """The published shape (``notes`` only when there are some)."""
+        """The published shape (``notes`` and ``source`` only when set)."""
         # A flat dict, not dataclasses.asdict(): that deep-copies data/raw on the hot path.
         obj = {"v": self.v, "id": self.id, "type": self.type, "channel": self.channel,
                "org": self.org, "device": self.device, "gateway": self.gateway,
@@ -61,6 +63,8 @@ class Envelope:
                "raw": self.raw}
         if self.notes:
             obj["notes"] = list(self.notes)
+        if self.source:
+            obj["source"] = self.source
         return obj
 
     def with_notes(self, *notes: str) -> Envelope:
@@ -104,7 +108,7 @@ class Envelope:
             id=_name(obj, "id"), type=_name(obj, "type"), org=_name(obj, "org"),
             device=_name(obj, "device"), gateway=_name(obj, "gateway"),
             ts=ts, received_at=received_at, data=data, raw=raw,
-            channel=_name(obj, "channel"), v=version,
+            channel=_name(obj, "channel"), v=version, source=_name(obj, "source")[:32],
             notes=tuple((*own, *(notes or ())))[:strictjson.MAX_NOTES + 1],
         )
 

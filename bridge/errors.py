@@ -20,14 +20,21 @@
     ├── OutboxError            the durable outbox could not take or give a message
     │   ├── OutboxFullError    bounded outbox is full of entries that may not be dropped
     │   └── OutboxLockedError  another process has the outbox open (exit code 3)
-    └── StoreError             the database is unreachable or busy: retry later
-        └── StoreRejectedError the database refused this data: retrying will not help
+    ├── StoreError             the database is unreachable or busy: retry later
+    │   └── StoreRejectedError the database refused this data: retrying will not help
+    └── PuduApiError           a Pudu cloud API call failed (path, trace_id, message)
+        ├── PuduAuthError      401/403: key, secret, clock or API not enabled; not retried
+        ├── PuduRateLimitError 429 or a "rate limit" message; retried with back-off
+        ├── PuduServerError    5xx, timeout or connection failure; retried with back-off
+        └── PuduBusinessError  HTTP 200 whose message is not SUCCESS: the API said no
 
 Third-party errors (paho return codes, awscrt, aiomysql, sqlite3) are translated to
 these once, in the module that talks to that library, with ``raise ... from exc``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class FleetError(Exception):
@@ -188,3 +195,40 @@ class StoreError(FleetError):
 
 class StoreRejectedError(StoreError):
     """The database refused the data itself (constraint, type); the same write fails again."""
+
+
+class PuduApiError(FleetError):
+    """A Pudu Open API call failed; ``message`` is Pudu's own word where it gave one.
+
+    Never carries the secret or a signature: only the path, Pudu's trace id and message.
+    """
+
+    def __init__(self, message: str, *, path: str, status: int | None = None,
+                 trace_id: str | None = None, retries: int = 0) -> None:
+        super().__init__(f"Pudu API {path}: {message}")
+        self.message = message
+        self.path = path
+        self.status = status
+        self.trace_id = trace_id
+        self.retries = retries
+
+
+class PuduAuthError(PuduApiError):
+    """The API refused our key or signature (or the API is not enabled for the key)."""
+
+
+class PuduRateLimitError(PuduApiError):
+    """HTTP 429 or a rate-limit message, still so after the bounded retries."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+
+
+class PuduServerError(PuduApiError):
+    """5xx, a timeout or a connection failure, still so after the bounded retries."""
+
+
+class PuduBusinessError(PuduApiError):
+    """HTTP 200 with a ``message`` other than SUCCESS (PARAM_ERROR, robot offline, ...)."""

@@ -26,9 +26,9 @@ from bridge.errors import (
 )
 from bridge.http_body import parse_model, read_body
 from bridge.http_errors import install as install_error_handlers
-from bridge.topic import GATEWAY_CHANNELS, DeviceAddress, TopicScheme, parse_device_topic
+from bridge.topic import DeviceAddress, TopicScheme, parse_device_topic
 from callback_server.access import INGESTERS, OPERATORS, READERS, Access, Principal
-from callback_server.consumer import consistent
+from callback_server.consumer import consistent, handled_by_gateway
 from callback_server.paging import DEFAULT_LIMIT, MAX_LIMIT, decode_cursor, encode_cursor, page
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ def _sort(server: CallbackServer, parsed: strictjson.Parsed,
             raise InputError("topic must be a string", field="topic", status=422)
         if topic is not None:
             address = parse_device_topic(topic, prefix)
-            if address.channel in GATEWAY_CHANNELS:
+            if handled_by_gateway(address.channel):
                 sorted_.gateway.append((address, strictjson.dumps(fields)))
                 continue
         envelope = Envelope.from_dict(fields, notes=parsed.notes)
@@ -255,6 +255,10 @@ def create_app(server: CallbackServer) -> FastAPI:
         if after is not None:
             mine = [g for g in mine if [g["org_id"], g["gateway_id"]] > after]
         return page(mine[:limit + 1], limit, ["org_id", "gateway_id"])
+
+    from callback_server.pudu_routes import create_pudu_router
+
+    app.include_router(create_pudu_router(server, access))
 
     @app.get("/metrics", summary="Prometheus metrics (keys whose orgs are [\"*\"])")
     async def metrics(request: Request) -> Response:

@@ -27,6 +27,14 @@ from callback_server.batcher import BatchWriter
 log = logging.getLogger(__name__)
 
 GatewayHandler = Callable[[DeviceAddress, bytes], None]
+#: Gateway channels whose messages are envelopes to store (and ack after the commit):
+#: ``poll`` run records become ``ingestion_runs`` rows. The rest go to the handlers.
+STORED_GATEWAY_CHANNELS = ("poll",)
+
+
+def handled_by_gateway(channel: str) -> bool:
+    """A gateway's own traffic that is handled in memory, not stored as an envelope."""
+    return channel in GATEWAY_CHANNELS and channel not in STORED_GATEWAY_CHANNELS
 
 
 def consistent(address: DeviceAddress, envelope: Envelope) -> bool:
@@ -97,7 +105,7 @@ class Consumer:
         """Hand the message on (to be acked later) or return why it is dead."""
         try:
             address = parse_device_topic(message.topic, self.topic_prefix)
-            if address.channel in GATEWAY_CHANNELS:
+            if handled_by_gateway(address.channel):
                 self.on_gateway(address, message.payload)
                 ack()
                 return None

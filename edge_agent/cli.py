@@ -1,5 +1,5 @@
-"""``edge-agent run | check-config [--connect] | outbox stats | outbox peek [-n N]``:
-maps flags onto EdgeSettings and nothing more (exit codes: bridge.lifecycle)."""
+"""``edge-agent run | check-config [--connect] | outbox stats | outbox peek [-n N] |
+poll --once``: maps flags onto EdgeSettings and nothing more (exit codes: bridge.lifecycle)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,10 @@ def _main(argv: list[str] | None) -> int:
     what.add_parser("stats", parents=[common], help="depth, ages, size, by channel")
     peek = what.add_parser("peek", parents=[common], help="the oldest entries")
     peek.add_argument("-n", type=int, default=10, help="how many (default 10)")
+    poll = sub.add_parser("poll", parents=[common],
+                          help="run one Pudu cloud reconciliation and print its record")
+    poll.add_argument("--once", action="store_true", required=True,
+                      help="one run now (through the running agent if there is one)")
     args = top.parse_args(argv)
     settings = load_or_exit(PROG, lambda: config.load(getattr(args, "config", None)))
     if isinstance(settings, int):
@@ -49,10 +53,27 @@ def _main(argv: list[str] | None) -> int:
     if found:
         return report_problems(PROG, found)
     from bridge.logs import setup_logging
-    from edge_agent.service import serve
 
     setup_logging(settings.log_level)
+    if args.command == "poll":
+        return _poll_once(settings)
+    from edge_agent.service import serve
+
     return run_main(PROG, serve(settings))
+
+
+def _poll_once(settings: config.EdgeSettings) -> int:
+    """One reconciliation (through the running agent if there is one); its record."""
+    if not settings.pudu.configured:
+        return report_problems(PROG, ["polling needs PUDU_API_URL, PUDU_API_KEY and "
+                                      "PUDU_API_SECRET"])
+    from bridge.loop import run
+    from edge_agent.pudu.once import poll_once
+
+    records: list[dict[str, object]] = []
+    run(poll_once(settings, records))
+    print(json.dumps(records[0], indent=2))
+    return 0 if records[0].get("status") in ("ok", "partial") else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from bridge.config import (
     TlsSettings,
     load_settings,
 )
+from edge_agent.pudu.settings import PuduApiSettings
 
 ENV_MAP = {
     **MQTT_ENV_MAP,
@@ -34,10 +35,17 @@ ENV_MAP = {
     "OUTBOX_PATH": "outbox_path",
     "OUTBOX_MAX_ENTRIES": "outbox_max_entries",
     "MAX_BODY_BYTES": "max_body_bytes",
+    "PUDU_API_URL": "pudu.api_url",
+    "PUDU_API_KEY": "pudu.api_key",
+    "PUDU_API_SECRET": "pudu.api_secret",
+    "PUDU_SHOP_IDS": "pudu.shop_ids",
+    "PUDU_POLL_INTERVAL": "pudu.poll_interval_seconds",
+    "PUDU_LOOKBACK_HOURS": "pudu.lookback_hours",
+    "PUDU_API_TIMEOUT_SECONDS": "pudu.timeout_seconds",
+    "PUDU_API_RETRIES": "pudu.max_retries",
 }
-
 #: systemd credentials the edge agent reads besides the shared ones (bridge.config).
-CREDENTIALS = {"pudu_callback_code": "pudu_callback_code"}
+CREDENTIALS = {"pudu_callback_code": "pudu_callback_code", "pudu_api_secret": "pudu.api_secret"}
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
@@ -76,6 +84,8 @@ class EdgeSettings(BaseModel):
     # Outbound webhooks (callback_url) may go here although not globally routable.
     callback_url_allow: OutboundAllow = ()
     http_limits: HttpLimits = HttpLimits()
+    # The Pudu cloud API: robot commands, scheduled reconciliation and fault backfill.
+    pudu: PuduApiSettings = PuduApiSettings()
 
     @field_validator("pudu_callback_code")
     @classmethod

@@ -41,6 +41,26 @@ class EdgeMetrics:
         self.broker_connected = Gauge(
             "edge_broker_connected", "1 when connected to the broker", registry=self.registry
         )
+        self.poll_runs = Counter(
+            "edge_poll_runs_total", "Pudu cloud reconciliation runs by status", ["status"],
+            registry=self.registry,
+        )
+        self.poll_api_calls = Counter(
+            "edge_poll_api_calls_total", "Pudu API calls made by poll runs (attempts)",
+            registry=self.registry,
+        )
+        self.poll_api_retries = Counter(
+            "edge_poll_api_retries_total", "Pudu API calls retried (5xx, timeout, 429)",
+            registry=self.registry,
+        )
+        self.poll_published = Counter(
+            "edge_poll_envelopes_total", "Envelopes published by poll runs",
+            registry=self.registry,
+        )
+        self.poll_last_run = Gauge(
+            "edge_poll_last_run_timestamp_seconds", "When the last poll run ended",
+            registry=self.registry,
+        )
         self.published = Gauge(
             "edge_published_total", "Messages acknowledged by the broker since start",
             registry=self.registry,

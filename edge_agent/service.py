@@ -34,8 +34,11 @@ from bridge.topic import TopicScheme
 from bridge.transport import MqttSettings, TlsFiles, Transport, Will, create_transport
 from edge_agent.commands import register_builtins
 from edge_agent.config import EdgeSettings
+from edge_agent.journal import Journal
 from edge_agent.metrics import EdgeMetrics
 from edge_agent.publisher import OutboxPublisher
+from edge_agent.pudu.commands import register_pudu
+from edge_agent.pudu.poller import Poller
 
 log = logging.getLogger(__name__)
 
@@ -85,17 +88,25 @@ class EdgeAgent:
             beat=self.watchdog.beat("publisher"),
         )
         self.router = MessageRouter(self.transport)
+        self.outbound = OutboundPolicy(allow=settings.callback_url_allow)
+        # Run records and durable command ids, in the outbox database.
+        self.journal = Journal(settings.outbox_path)
+        self.poller = Poller(self)
         self.commands = CommandExecutor(self.transport, self.scheme, settings.gateway_id)
+        self.commands.journal = self.journal
         register_builtins(self.commands, self)
+        register_pudu(self.commands, self)
         token = settings.proxy_token.get_secret_value() if settings.proxy_token else None
         own_subtree = f"{self.scheme.prefix}org/{settings.org_id}/"
         self.proxy = MqttProxy(
             self.transport, self.router, token=token,
             allowed_prefixes=settings.proxy_allowed_prefixes or [own_subtree],
             broker=mask_url(settings.mqtt_url),
-            outbound=OutboundPolicy(allow=settings.callback_url_allow),
+            outbound=self.outbound,
         )
         self.started = time.time()
+        #: False for ``edge-agent poll --once`` run without an agent: one run, no schedule.
+        self.schedule_polls = True
         self.robots: dict[str, dict[str, Any]] = {}
         self.nodelay = NodelayStats()
         self._stack = AsyncExitStack()
@@ -116,6 +127,10 @@ class EdgeAgent:
         api = create_proxy_router(self.proxy)
         if api is not None:
             app.include_router(api)
+        if self.settings.pudu.configured:
+            from edge_agent.pudu.admin import create_poll_router
+
+            app.include_router(create_poll_router(self))
 
         @app.get("/metrics", include_in_schema=False)
         async def prometheus() -> Response:
@@ -135,6 +150,7 @@ class EdgeAgent:
 
     async def __aenter__(self) -> EdgeAgent:
         await self._stack.enter_async_context(self.outbox)
+        await self._stack.enter_async_context(self.journal)
         await self._stack.enter_async_context(self.router)
         # Route before connecting: a resumed session delivers queued commands at once.
         self.router.add(self.commands.command_topic, self.commands.on_message)
@@ -147,6 +163,8 @@ class EdgeAgent:
         self._tasks.append(asyncio.create_task(self.publisher.run(), name="outbox-publisher"))
         if self.settings.heartbeat_seconds > 0:
             self._tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
+        if self.poller.enabled and self.schedule_polls:
+            self._tasks.append(asyncio.create_task(self.poller.run(), name="pudu-poller"))
         return self
 
     async def __aexit__(
@@ -191,6 +209,7 @@ class EdgeAgent:
             "inflight": self.publisher.inflight,
             "published": self.publisher.published,
             "uptime_seconds": round(time.time() - self.started, 1),
+            "poll": self.poll_health(),
         }
 
     def status_line(self) -> str:
@@ -201,6 +220,12 @@ class EdgeAgent:
             "; not draining" if drain is None else f"; drained in ~{drain:.0f} s")
         return (f"{broker}; outbox {self.outbox.depth} entries, oldest "
                 f"{self.outbox.oldest_age_s:.0f} s{eta}; {self.publisher.published} published")
+
+    def poll_health(self) -> dict[str, Any]:
+        """The poller's state and its last run record (None before the first run)."""
+        return {"enabled": self.poller.enabled, "running": self.poller.running,
+                "interval_seconds": self.settings.pudu.poll_interval_seconds,
+                "runs": self.poller.runs, "last_run": self.poller.last}
 
     def refresh_gauges(self) -> None:
         self.metrics.outbox_depth.set(self.outbox.depth)

@@ -19,7 +19,7 @@ from typing import Any
 
 from bridge.envelope import Envelope
 from bridge.topic import GATEWAY_CHANNELS, ROBOT_CHANNELS
-from callback_server.store.schema import EVENTS, LOG, ROBOTS, STATE_GROUPS, TableSpec
+from callback_server.store.schema import EVENTS, LOG, ROBOTS, RUNS, STATE_GROUPS, TableSpec
 
 #: A batch item: the MQTT topic it came on and its envelope, or the bare envelope (its
 #: topic is then rebuilt as ``org/{org}/device/{device}/{channel}``, without a prefix).
@@ -178,6 +178,8 @@ def state_groups(channel: str, data: Mapping[str, Any],
         take("charge", text(data.get("charge_state"), size["charge_state"]))
     if channel in ("status", "move"):
         take("move", text(data.get("move_state"), size["move_state"]))
+    if channel in ("status", "pose", "event"):
+        take("map", text(data.get("map_name"), size["map_name"]))
     if channel in ("pose", "event"):
         x, y = number(data.get("x")), number(data.get("y"))
         if x is not None and y is not None:  # a position needs both; z and yaw may lack
@@ -204,6 +206,7 @@ class BatchRows:
     events: list[tuple[Any, ...]]
     robots: list[tuple[Any, ...]]
     skewed: int = 0  # messages ordered by ``now`` because their time was too far ahead
+    runs: list[tuple[Any, ...]] = field(default_factory=list)  # ingestion_runs rows
 
 
 def _sizes(spec: TableSpec, limits: Limits | None) -> dict[str, int]:
@@ -252,6 +255,7 @@ def build_rows(items: Sequence[Item], *, now: float,
     log: dict[str, tuple[Any, ...]] = {}
     events: dict[tuple[str, str], tuple[Any, ...]] = {}
     robots: dict[str, _Robot] = {}
+    runs: dict[str, tuple[Any, ...]] = {}
     skewed = 0
     for order, item in enumerate(items):
         topic, env = item if isinstance(item, tuple) else ("", item)
@@ -269,6 +273,11 @@ def build_rows(items: Sequence[Item], *, now: float,
             text(channel, ls["channel"]), ts, received, stored_at,
             text(_payload(env), ls["payload"]),
         ))
+        if channel == "poll":
+            row = run_row(env, stored_at)
+            if row is not None:
+                runs.setdefault(row[0], row)
+            continue
         if not is_robot_state(channel, env):
             continue
         sn = key(env.device, min(rs["robot_sn"], es["robot_sn"]))
@@ -309,4 +318,31 @@ def build_rows(items: Sequence[Item], *, now: float,
         events=[events[k] for k in sorted(events)],
         robots=robot_rows,
         skewed=skewed,
+        runs=[runs[k] for k in sorted(runs)],
+    )
+
+
+def run_row(env: Envelope, stored_at: str | None) -> tuple[Any, ...] | None:
+    """An ``ingestion_runs`` row from a gateway's poll run record (None if it has no id)."""
+    d = env.data
+    run_id = d.get("run_id")
+    if not isinstance(run_id, str | int) or isinstance(run_id, bool) or run_id == "":
+        return None
+    size = _sizes(RUNS, None)
+    started, ended = robot_time(d.get("started_at")), robot_time(d.get("ended_at"))
+
+    def listed(name: str) -> str | None:
+        value = d.get(name)
+        return text(value if isinstance(value, list) else [], size[name])
+
+    return (
+        key(f"{env.org}/{env.device}/{run_id}", size["run_key"]),
+        text(env.org, size["org_id"]), text(env.device, size["gateway_id"]),
+        text(run_id, size["run_id"]), text(d.get("status"), size["status"]),
+        when(started), when(ended), started, listed("shops"), listed("shops_failed"),
+        *(integer(d.get(n)) for n in ("robots_seen", "envelopes_published",
+                                      "events_backfilled", "api_calls", "api_retries",
+                                      "errors")),
+        text(d.get("error"), size["error"]), number(d.get("window_start")),
+        number(d.get("window_end")), stored_at,
     )

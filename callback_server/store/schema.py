@@ -55,6 +55,7 @@ STATE_GROUPS: dict[str, tuple[str, ...]] = {
     "charging": ("is_charging",),       # notifyRobotStatus
     "move": ("move_state",),            # notifyRobotMoveState, notifyRobotStatus
     "pose": ("x", "y", "z", "yaw"),     # notifyRobotPose, robotErrorNotice (position)
+    "map": ("map_name",),               # poll.pose (v1 status), robotErrorNotice.extend_info
 }
 WATERMARKS = tuple(f"{group}_ts" for group in STATE_GROUPS)
 STATE_COLUMNS = tuple(c for cols in STATE_GROUPS.values() for c in cols)
@@ -83,6 +84,7 @@ ROBOTS = TableSpec(
         Column("gateway_id", "str", 128),
         *(Column(w, "float") for w in WATERMARKS),
         Column("last_ts", "float"),        # robot time of last_updated, as epoch seconds
+        Column("map_name", "str", 128),
     ),
     key=("robot_sn",),
 )
@@ -151,7 +153,35 @@ COMMANDS = TableSpec(
     aged_by="sent_at",
 )
 
+#: One row per Pudu cloud poll run a gateway reported on its ``poll`` channel.
+RUNS = TableSpec(
+    columns=(
+        Column("run_key", "key", 255),       # org/gateway/run_id, fitted (rows.key)
+        Column("org_id", "str", 128),
+        Column("gateway_id", "str", 128),
+        Column("run_id", "str", 64),
+        Column("status", "str", 16),
+        Column("started_at", "time"),
+        Column("ended_at", "time"),
+        Column("started_ts", "float"),       # for ordering and the cursor
+        Column("shops", "text", 4000),       # JSON lists
+        Column("shops_failed", "text", 4000),
+        Column("robots_seen", "int"),
+        Column("envelopes_published", "int"),
+        Column("events_backfilled", "int"),
+        Column("api_calls", "int"),
+        Column("api_retries", "int"),
+        Column("errors", "int"),
+        Column("error", "text", 2000),
+        Column("window_start", "float"),
+        Column("window_end", "float"),
+        Column("stored_at", "time"),
+    ),
+    key=("run_key",),
+)
+
 LOG_TABLE = "mqtt_message_log"
+RUNS_TABLE = "ingestion_runs"
 DEAD_TABLE = "mqtt_dead_letters"
 COMMAND_TABLE = "device_commands"
 #: The tables retention may prune (by their ``aged_by`` column); robots and events never.

@@ -33,6 +33,8 @@ from callback_server.store.schema import (
     LOG_TABLE,
     PRUNABLE,
     ROBOTS,
+    RUNS,
+    RUNS_TABLE,
     WATERMARKS,
     TableSpec,
 )
@@ -43,10 +45,16 @@ log = logging.getLogger(__name__)
 #: Keys of a robot as the read API returns it.
 ROBOT_FIELDS = ("robot_sn", "org_id", "gateway_id", "status", "battery_level", "charge_state",
                 "is_charging", "move_state", "water_level", "sewage_level", "x", "y", "z", "yaw",
-                "last_updated", "last_ts")
+                "map_name", "last_updated", "last_ts")
 #: Keys of an event as the read API returns it.
 EVENT_FIELDS = ("robot_sn", "event_id", "event_level", "event_type", "event_detail",
                 "task_time", "upload_time", "callback_type", "org_id", "gateway_id", "ts")
+
+
+#: Keys of an ingestion run as ``GET /ingestion-runs`` returns it.
+RUN_FIELDS = ("run_id", "org_id", "gateway_id", "status", "started_at", "ended_at", "shops",
+              "shops_failed", "robots_seen", "envelopes_published", "events_backfilled",
+              "api_calls", "api_retries", "errors", "error", "window_start", "window_end")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +88,13 @@ def _iso(value: Any) -> Any:
 
 
 def _plain(name: str, value: Any) -> Any:
-    if name in ("last_updated", "task_time", "upload_time"):
+    if name in ("last_updated", "task_time", "upload_time", "started_at", "ended_at"):
         return _iso(value)
+    if name in ("shops", "shops_failed") and isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
     if name == "is_charging" and value is not None:
         return bool(value)
     if isinstance(value, decimal.Decimal):
@@ -110,6 +123,7 @@ class SqlStore:
         self._limits: dict[str, dict[str, int]] = {}
         d = self.dialect
         self._log_sql = d.insert_ignore(LOG_TABLE, LOG.names)
+        self._runs_sql = d.insert_ignore(RUNS_TABLE, RUNS.names)
         self._event_sql = [d.insert_ignore(t.qualified, EVENTS.names)
                            for t in self.targets.robot_events]
 
@@ -147,7 +161,7 @@ class SqlStore:
                 *((t.qualified, ROBOTS, "robots") for t in self.targets.robot_status),
                 *((t.qualified, EVENTS, "events") for t in self.targets.robot_events),
                 (LOG_TABLE, LOG, "log"), (DEAD_TABLE, DEAD_LETTERS, None),
-                (COMMAND_TABLE, COMMANDS, None),
+                (COMMAND_TABLE, COMMANDS, None), (RUNS_TABLE, RUNS, None),
             ]
             for table, spec, kind in plan:
                 have = await self._ensure(table, spec, report)
@@ -251,6 +265,7 @@ class SqlStore:
         statements += [(sql, rows.events) for sql in self._event_sql]
         statements += [(self.dialect.robot_upsert(t.qualified, horizon), rows.robots)
                        for t in self.targets.robot_status]
+        statements.append((self._runs_sql, rows.runs))
         counts = await self.backend.transaction(statements)
         return BatchResult(messages=len(items), logged=counts[0], events=counts[1],
                            robots=len(rows.robots), skewed=rows.skewed)
@@ -403,6 +418,42 @@ class SqlStore:
             (sn,),
         )
         return [{k: _plain(k, r[k]) for k in EVENT_FIELDS} for r in rows]
+
+    async def get_runs(self, limit: int = 100, cursor: tuple[float, str] | None = None,
+                       org_id: str | None = None, *, orgs: Sequence[str] | None = None,
+                       ) -> tuple[list[dict[str, Any]], tuple[float, str] | None]:
+        """Poll runs, newest first, and the cursor after the last one (None: no more).
+
+        The cursor is the last row's (started_ts, run_key): keyset paging stays correct
+        while new runs arrive.
+        """
+        await self._ready()
+        d = self.dialect
+        limit = max(1, min(int(limit), 1000))
+        where: list[str] = []
+        args: list[Any] = []
+        if org_id is not None:
+            where.append(f"org_id = {d.mark}")
+            args.append(org_id)
+        if orgs is not None:  # the caller's key covers only these
+            if not orgs:
+                return [], None
+            where.append(f"org_id IN ({', '.join([d.mark] * len(orgs))})")
+            args += list(orgs)
+        if cursor is not None:
+            where.append(f"(started_ts < {d.mark} OR (started_ts = {d.mark} AND "
+                         f"run_key < {d.mark}))")
+            args += [cursor[0], cursor[0], cursor[1]]
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        rows = await self.backend.fetch(
+            f"SELECT run_key, started_ts, {', '.join(RUN_FIELDS)} FROM {d.quote(RUNS_TABLE)}"
+            f"{clause} ORDER BY started_ts DESC, run_key DESC LIMIT {limit + 1}", args)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        items = [{k: _plain(k, r[k]) for k in RUN_FIELDS} for r in rows]
+        after = (float(rows[-1]["started_ts"] or 0), str(rows[-1]["run_key"])) \
+            if more and rows else None
+        return items, after
 
     async def ping(self) -> bool:
         """True when the database answers a trivial query (for health checks)."""

@@ -1,0 +1,82 @@
+"""Routes for the Pudu cloud side of the fleet: poll run records and robot commands.
+
+A router of its own (app.py includes it); access is the app's (callback_server.access),
+lists are the app's pages (callback_server.paging).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from bridge.commands import Command
+from bridge.errors import CommandTimeoutError, NotFoundError
+from bridge.http_body import parse_model, read_body
+from callback_server.access import OPERATORS, READERS, Access
+from callback_server.paging import DEFAULT_LIMIT, MAX_LIMIT, decode_cursor, encode_cursor
+
+if TYPE_CHECKING:
+    from callback_server.service import CallbackServer
+
+
+class RobotCommandRequest(BaseModel):
+    """Body of ``POST /robots/{sn}/commands``; ``args.sn`` is set from the path."""
+
+    command: str = Field(min_length=1, max_length=64)
+    args: dict[str, Any] = Field(default_factory=dict)
+    timeout: float = Field(10.0, gt=0, le=3600)
+
+
+def create_pudu_router(server: CallbackServer, access: Access) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/ingestion-runs", summary="Pudu cloud poll runs the gateways reported, "
+                                           "newest first")
+    async def ingestion_runs(request: Request,
+                             limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
+                             cursor: str | None = Query(None, max_length=1000),
+                             org_id: str | None = Query(None, max_length=128),
+                             ) -> dict[str, Any]:
+        principal = access.principal(request)
+        access.require_role(principal, READERS, "use the read API")
+        if org_id is not None:
+            access.require_org(principal, org_id, f"org {org_id} not found")
+        after = decode_cursor(cursor, 2)
+        items, last = await server.store.get_runs(
+            limit, None if after is None else (float(after[0]), str(after[1])), org_id,
+            orgs=None if principal.all_orgs else sorted(principal.orgs))
+        return {"items": items, "next_cursor": None if last is None else encode_cursor(
+            list(last))}
+
+    @router.post("/robots/{sn}/commands",
+                 summary="Send a command to the gateway that last reported this robot",
+                 responses={504: {"description": "The gateway did not answer in time"}},
+                 openapi_extra={"requestBody": {"required": True, "content": {
+                     "application/json": {"schema": RobotCommandRequest.model_json_schema()}}}})
+    async def robot_command(sn: str, request: Request) -> JSONResponse:
+        principal = access.principal(request)
+        access.require_role(principal, READERS, "see robots")
+        body = parse_model(RobotCommandRequest, await read_body(request, 64 * 1024))
+        robot = await server.store.get_robot(sn)
+        if robot is None or not robot.get("gateway_id") or not robot.get("org_id"):
+            raise NotFoundError(f"robot {sn} not found (no gateway has reported it)")
+        access.require_org(principal, robot.get("org_id"), f"robot {sn} not found")
+        access.require_role(principal, OPERATORS, "send commands")
+        org, gateway = str(robot["org_id"]), str(robot["gateway_id"])
+        wait = min(body.timeout, server.settings.command_timeout_max)
+        command = Command(body.command, {**body.args, "sn": sn})
+        outcome = await server.commands.send(org, gateway, command, wait)
+        await server.record_command(outcome, principal.name)
+        if outcome.response is None:
+            raise CommandTimeoutError(gateway, wait, command.message_id)
+        r = outcome.response
+        answer: dict[str, Any] = {"messageId": r.message_id, "status": r.status,
+                                  "rtt_ms": outcome.rtt_ms, "gateway_id": gateway}
+        answer["result" if r.status == "success" else "error"] = (
+            r.result if r.status == "success" else r.error)
+        return JSONResponse(answer)
+
+    return router

@@ -1,0 +1,39 @@
+"""``POST /pudu/poll`` on the admin listener: one reconciliation now (``edge-agent poll``)."""
+
+from __future__ import annotations
+
+import hmac
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Header, Query
+
+from bridge.errors import AuthError
+
+if TYPE_CHECKING:
+    from edge_agent.service import EdgeAgent
+
+
+def create_poll_router(agent: EdgeAgent) -> APIRouter:
+    """Routes for the poller; with ``PROXY_TOKEN`` set they want it as a bearer token."""
+    router = APIRouter(prefix="/pudu", tags=["pudu"])
+
+    def check(authorization: str | None) -> None:
+        token = agent.settings.proxy_token
+        if token is None:
+            return  # the admin listener is bound to localhost by default
+        given = (authorization or "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+            raise AuthError("missing or invalid bearer token", bearer=True)
+
+    @router.post("/poll", summary="Run one reconciliation now and return its record")
+    async def poll(authorization: str | None = Header(default=None)) -> dict[str, Any]:
+        check(authorization)
+        return await agent.poller.run_once()
+
+    @router.get("/runs", summary="The newest run records, newest first")
+    async def runs(limit: int = Query(20, ge=1, le=500),
+                   authorization: str | None = Header(default=None)) -> dict[str, Any]:
+        check(authorization)
+        return {"items": await agent.journal.runs(limit), "next_cursor": None}
+
+    return router

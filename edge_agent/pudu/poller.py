@@ -1,0 +1,303 @@
+"""Scheduled reconciliation with the Pudu cloud: fleet state and fault backfill.
+
+Webhooks alone miss state (Pudu gives up after 3 tries, a gateway that was down misses
+that window, cleaning robots send no pose or power callbacks), so every run lists the
+configured shops' robots, reads each robot's v2 and v1 status, and publishes what
+changed as ordinary envelopes (``source: "poll"``); then it reads the shops' fault log
+for [previous complete window's end - overlap, now] and publishes its events with the
+id a webhook for the same ``error_id`` carries, so the cloud stores them once.
+
+Runs hold a lock (they never overlap), go through the outbox like webhooks (so nothing
+published is lost), and only await network I/O: the webhook path never waits for them.
+One failing shop or robot is recorded and the others go on. Every run leaves a record
+in the journal, on health and /metrics, and as an envelope on the gateway's ``poll``
+channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from bridge.envelope import Envelope
+from bridge.errors import FleetError, InputError, PuduApiError
+from bridge.outbox import PutResult
+from edge_agent.normalize import COMPACTABLE, normalize, to_seconds
+from edge_agent.pudu.client import PuduClient, pick
+
+if TYPE_CHECKING:
+    from edge_agent.service import EdgeAgent
+
+log = logging.getLogger(__name__)
+
+#: Fault-log windows are read in chunks of at most a day (Pudu's maximum is undocumented).
+CHUNK_SECONDS = 86400
+_TIME_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S.%f",
+                 "%Y-%m-%dT%H:%M:%SZ")
+
+
+def log_time(value: Any) -> float | None:
+    """A fault-log time (``Y-m-d H:i:s`` in UTC, as asked with timezone_offset=0, or epoch
+    s/ms) as epoch seconds; None if it is neither."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return to_seconds(float(value)) if value > 0 else None
+    text = str(value).strip()
+    try:
+        return to_seconds(float(text))
+    except ValueError:
+        pass
+    for fmt in _TIME_FORMATS:
+        try:
+            return float(calendar.timegm(time.strptime(text, fmt)))
+        except ValueError:
+            continue
+    return None
+
+
+def _digest(parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _put(data: dict[str, Any], key: str, value: Any) -> None:
+    if value is not None:
+        data[key] = value
+
+
+def state_bodies(sn: str, v2: dict[str, Any], v1: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The API's robot state as webhook-shaped callbacks per channel (spec camelCase or
+    the third-party snake_case), so one normaliser names and checks every field."""
+    stamp = pick(v2, "timestamp") or pick(v1, "timestamp")
+    status: dict[str, Any] = {"sn": sn, "notify_timestamp": stamp}
+    for key, names in (("run_state", ("runState", "run_state")),
+                       ("is_charging", ("isCharging", "is_charging")),
+                       ("move_state", ("moveState", "move_state")),
+                       ("charge_type", ("chargeType", "charge_type")),
+                       ("remain_time", ("remainTime", "remain_time"))):
+        _put(status, key, pick(v2, *names))
+    power: dict[str, Any] = {"sn": sn, "notify_timestamp": stamp}
+    _put(power, "power", pick(v2, "battery") if v2 else pick(v1, "battery"))
+    _put(power, "charge_stage", pick(v2, "chargeStage", "charge_stage") if v2 else
+         pick(v1, "chargeStage", "charge_stage"))
+    pose: dict[str, Any] = {"sn": sn, "notify_timestamp": pick(v1, "timestamp") or stamp}
+    position = pick(v1, "position")
+    if isinstance(position, dict):
+        for axis in ("x", "y", "z", "yaw"):
+            _put(pose, axis, position.get(axis))
+    return {"status": {"callback_type": "notifyRobotStatus", "data": status},
+            "power": {"callback_type": "notifyRobotPower", "data": power},
+            "pose": {"callback_type": "notifyRobotPose", "data": pose}}
+
+
+class Run:
+    """One run's counters, becoming its record."""
+
+    def __init__(self, agent: EdgeAgent, shops: tuple[str, ...], start: float) -> None:
+        self.record: dict[str, Any] = {
+            "run_id": f"{int(start)}-{uuid.uuid4().hex[:8]}",
+            "org_id": agent.settings.org_id, "gateway_id": agent.settings.gateway_id,
+            "started_at": round(start, 3), "ended_at": None, "status": "running",
+            "shops": list(shops), "shops_failed": [], "robots_seen": 0,
+            "envelopes_published": 0, "events_backfilled": 0, "api_calls": 0,
+            "api_retries": 0, "errors": 0, "error": None, "window_start": None,
+            "window_end": None, "events_through": None,
+        }
+
+    def fail(self, where: str, exc: BaseException) -> None:
+        self.record["errors"] += 1
+        message = f"{where}: {exc}"[:500]
+        if self.record["error"] is None:
+            self.record["error"] = message
+        log.warning("poll run %s: %s", self.record["run_id"], message)
+
+
+class Poller:
+    """Runs reconciliation on a schedule (``run``) or on demand (``run_once``)."""
+
+    def __init__(self, agent: EdgeAgent,
+                 client_factory: Callable[[], PuduClient] | None = None) -> None:
+        self.agent = agent
+        self.settings = agent.settings.pudu
+        self.client_factory = client_factory or (
+            lambda: PuduClient(self.settings, agent.outbound))
+        self.running = False
+        self.last: dict[str, Any] | None = None
+        self.runs = 0
+        self._lock = asyncio.Lock()
+        # (sn, channel) -> data last published: only what changed is published again
+        self._published: dict[tuple[str, str], str] = {}
+        self.shop_of: dict[str, str] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.polling
+
+    async def run(self) -> None:
+        """The schedule: a run at start, then every interval (measured start to start)."""
+        interval = self.settings.poll_interval_seconds
+        while True:
+            started = time.monotonic()
+            try:
+                await self.run_once()
+            except Exception:  # a bug must not end the schedule
+                log.exception("poll run failed unexpectedly")
+            await asyncio.sleep(max(1.0, interval - (time.monotonic() - started)))
+
+    async def run_once(self) -> dict[str, Any]:
+        """One reconciliation; waits for a run in progress first (never overlapping)."""
+        async with self._lock:
+            self.running = True
+            try:
+                return await self._run()
+            finally:
+                self.running = False
+
+    async def _run(self) -> dict[str, Any]:
+        agent = self.agent
+        shops = self.settings.shop_ids
+        now = time.time()
+        run = Run(agent, shops, now)
+        rec = run.record
+        through = await agent.journal.events_through()
+        lookback = now - self.settings.lookback_hours * 3600
+        start = lookback if through is None else max(lookback,
+                                                     through - self.settings.overlap_seconds)
+        rec["window_start"], rec["window_end"] = int(start), int(now)
+        failed: list[str] = []
+        client = self.client_factory()
+        try:
+            async with client:
+                for shop in shops:
+                    try:
+                        await self._shop(client, run, shop, int(start), int(now))
+                    except (PuduApiError, FleetError) as exc:
+                        failed.append(shop)
+                        run.fail(f"shop {shop}", exc)
+        finally:
+            rec["api_calls"], rec["api_retries"] = client.calls, client.retries
+        rec["shops_failed"] = failed
+        rec["ended_at"] = round(time.time(), 3)
+        if not failed:
+            rec["events_through"] = int(now)
+        rec["status"] = ("ok" if not rec["errors"] else
+                         "failed" if len(failed) == len(shops) else "partial")
+        await self._finish(rec)
+        return rec
+
+    async def _shop(self, client: PuduClient, run: Run, shop: str, start: int,
+                    end: int) -> None:
+        robots = await client.robots(shop)
+        for robot in robots:
+            sn = str(pick(robot, "sn")).strip()
+            self.shop_of[sn] = shop
+            run.record["robots_seen"] += 1
+            try:
+                v2 = await client.status(sn)
+                v1 = await client.status_v1(sn)
+                await self._publish_state(run, sn, v2, v1, pick(v1, "mapName", "map_name"))
+            except (PuduApiError, FleetError) as exc:
+                run.fail(f"robot {sn}", exc)
+        # The fault log after the state: a shop whose log fails is marked failed, so the
+        # next run reads its window again.
+        chunk = start
+        while chunk < end:
+            upto = min(end, chunk + CHUNK_SECONDS)
+            for row in await client.error_log(shop, chunk, upto):
+                try:
+                    await self._publish_event(run, row)
+                except FleetError as exc:
+                    run.fail(f"log row {pick(row, 'id')}", exc)
+            chunk = upto
+
+    async def _publish_state(self, run: Run, sn: str, v2: dict[str, Any],
+                             v1: dict[str, Any], map_name: Any) -> None:
+        bodies = state_bodies(sn, v2, v1)
+        raws = {"status": v2, "power": v2 or v1, "pose": v1}
+        for channel, body in bodies.items():
+            received = time.time()
+            norm = normalize(body, received_at=received,
+                             max_skew=self.agent.settings.max_clock_skew_seconds)
+            data = dict(norm.data)
+            if channel == "status":
+                data.pop("battery_level", None)  # poll.power carries it
+                data.pop("charge_state", None)
+            if channel == "pose" and isinstance(map_name, str) and map_name.strip():
+                data["map_name"] = map_name.strip()
+            if not data:
+                continue
+            key = (sn, channel)
+            shape = json.dumps(data, sort_keys=True, default=str)
+            if self._published.get(key) == shape:
+                continue
+            kind = f"poll.{channel}"
+            env = Envelope(
+                id="poll-" + _digest([kind, sn, data, norm.ts]), type=kind,
+                org=self.agent.settings.org_id, device=sn,
+                gateway=self.agent.settings.gateway_id, ts=norm.ts, received_at=received,
+                data=data, raw=raws[channel], channel=channel, source="poll",
+                notes=norm.notes)
+            await self._put(env, compact=f"{channel}:{sn}" if channel in COMPACTABLE else None)
+            self._published[key] = shape
+            run.record["envelopes_published"] += 1
+
+    async def _publish_event(self, run: Run, row: dict[str, Any]) -> None:
+        sn = pick(row, "sn")
+        if sn in (None, ""):
+            raise InputError("fault log row without sn", field="sn")
+        data: dict[str, Any] = {"sn": sn}
+        for key in ("error_level", "error_type", "error_detail", "error_id", "mac"):
+            _put(data, key, pick(row, key))
+        _put(data, "timestamp", log_time(pick(row, "task_time", "upload_time")))
+        received = time.time()
+        norm = normalize({"callback_type": "robotErrorWarning", "data": data},
+                         received_at=received,
+                         max_skew=self.agent.settings.max_clock_skew_seconds)
+        env = Envelope(
+            id=norm.message_id, type="poll.event", org=self.agent.settings.org_id,
+            device=str(norm.device_id), gateway=self.agent.settings.gateway_id, ts=norm.ts,
+            received_at=received, data=norm.data, raw=row, channel="event", source="poll",
+            notes=norm.notes)
+        if await self._put(env, compact=None) is PutResult.ACCEPTED:
+            run.record["events_backfilled"] += 1
+            run.record["envelopes_published"] += 1
+
+    async def _put(self, env: Envelope, *, compact: str | None) -> PutResult:
+        topic = str(self.agent.scheme.device(env.device, env.channel))
+        result = await self.agent.outbox.put(topic, env.to_json(), qos=1, compact_key=compact,
+                                             dedup_keys=[f"poll:{env.id}"])
+        self.agent.note_robot(env)
+        return result
+
+    async def _finish(self, rec: dict[str, Any]) -> None:
+        """Journal, metrics, and the record on the gateway's own ``poll`` channel."""
+        self.last = rec
+        self.runs += 1
+        agent = self.agent
+        m = agent.metrics
+        m.poll_runs.labels(status=rec["status"]).inc()
+        m.poll_api_calls.inc(rec["api_calls"])
+        m.poll_api_retries.inc(rec["api_retries"])
+        m.poll_published.inc(rec["envelopes_published"])
+        m.poll_last_run.set(rec["ended_at"])
+        log.info("poll run %s %s: %d robots, %d published, %d events, %d API calls (%d "
+                 "retries)", rec["run_id"], rec["status"], rec["robots_seen"],
+                 rec["envelopes_published"], rec["events_backfilled"], rec["api_calls"],
+                 rec["api_retries"])
+        try:
+            await agent.journal.save_run(rec)
+        except FleetError as exc:
+            log.warning("poll run %s not journaled: %s", rec["run_id"], exc)
+        gateway = agent.settings.gateway_id
+        env = Envelope(id=f"run-{rec['run_id']}", type="poll.run", org=agent.settings.org_id,
+                       device=gateway, gateway=gateway, ts=rec["ended_at"],
+                       received_at=rec["ended_at"], data=rec, channel="poll", source="poll")
+        await agent.outbox.put(str(agent.scheme.device(gateway, "poll")), env.to_json(), qos=1)

@@ -1,0 +1,90 @@
+"""Settings of the Pudu cloud API client and poller (``pudu:`` in the YAML, PUDU_* env)."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator
+
+#: PUDU-API.md section 1: the cluster names the SDK knows, accepted as PUDU_API_URL.
+CLUSTERS = {
+    "cn": "open-platform.pudutech.com",
+    "sea": "css-open-platform.pudutech.com",
+    "de": "csg-open-platform.pudutech.com",
+    "us": "csu-open-platform.pudutech.com",
+}
+#: The client adds this to PUDU_API_URL; every spec path lives below it.
+ENTRY = "/pudu-entry"
+
+
+def _comma_list(value: object) -> object:
+    if isinstance(value, str):
+        return [part for part in value.replace(",", " ").split() if part]
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return value
+
+
+def is_loopback(host: str) -> bool:
+    name = host.lower().strip("[]").rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class PuduApiSettings(BaseModel):
+    """Key, secret, cluster and the poll schedule; polling needs a key and shop ids."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    api_url: str = ""
+    api_key: str = ""
+    api_secret: SecretStr | None = None
+    # Gateways sharing one key each poll only their own shops.
+    shop_ids: Annotated[tuple[str, ...], BeforeValidator(_comma_list)] = ()
+    poll_interval_seconds: float = Field(default=300.0, ge=0)  # 0: polling off
+    lookback_hours: float = Field(default=24.0, gt=0, le=24 * 31)
+    # Pudu batches its logs (errors arrive ~10 min late): re-read this much of the last window.
+    overlap_seconds: float = Field(default=900.0, ge=0)
+    timeout_seconds: float = Field(default=15.0, gt=0)  # the SDK's
+    max_retries: int = Field(default=3, ge=0, le=10)
+    retry_max_seconds: float = Field(default=8.0, gt=0)
+
+    @field_validator("api_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            return ""
+        if value.lower() in CLUSTERS:
+            return f"https://{CLUSTERS[value.lower()]}"
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be https://host, or one of " + ", ".join(CLUSTERS))
+        if parts.scheme == "http" and not is_loopback(parts.hostname):
+            raise ValueError("plain http:// is allowed only for a loopback host (tests)")
+        path = parts.path.rstrip("/")
+        if path in ("", ENTRY):
+            path = ""
+        else:
+            raise ValueError("give the scheme and host only; the client adds /pudu-entry")
+        return f"{parts.scheme}://{parts.netloc}{path}"
+
+    @property
+    def configured(self) -> bool:
+        """A key, its secret and a cluster: commands can call the API."""
+        return bool(self.api_url and self.api_key and self.api_secret
+                    and self.api_secret.get_secret_value())
+
+    @property
+    def polling(self) -> bool:
+        return self.configured and bool(self.shop_ids) and self.poll_interval_seconds > 0
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.api_url).hostname or ""

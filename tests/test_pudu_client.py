@@ -1,0 +1,121 @@
+"""The signed client against the stub Pudu API (a real uvicorn server on a free port)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from bridge.errors import PuduAuthError, PuduBusinessError, PuduRateLimitError, PuduServerError
+from edge_agent.pudu import signing
+from edge_agent.pudu.client import PuduClient
+from edge_agent.pudu.settings import PuduApiSettings
+from tests.pudu_stub import KEY, SECRET, StubServer, serve_stub
+
+
+@pytest.fixture
+def stub() -> Iterator[StubServer]:
+    yield from serve_stub()
+
+
+def settings(url: str, **kw: object) -> PuduApiSettings:
+    base: dict[str, object] = {"api_url": url, "api_key": KEY, "api_secret": SECRET,
+                               "timeout_seconds": 1.0, "max_retries": 2,
+                               "retry_max_seconds": 0.2}
+    return PuduApiSettings.model_validate({**base, **kw})
+
+
+async def test_signed_calls_are_accepted_and_pages_are_followed(stub: StubServer) -> None:
+    for i in range(57):
+        stub.stub.add_robot(f"R{i:03d}", "12345")
+    stub.stub.add_robot("OTHER", "999")
+    async with PuduClient(settings(stub.url)) as client:
+        robots = await client.robots("12345")
+        state = await client.status("R001")
+        await client.position_reporting("R001", 1, 10)
+    assert sorted(r["sn"] for r in robots) == [f"R{i:03d}" for i in range(57)]
+    assert len(stub.stub.calls_to("/v1/api/robot")) == 2  # pages of 50
+    assert state["battery"] == 85
+    assert stub.stub.unauthorized == []
+    assert client.calls == 4 and client.retries == 0
+
+
+@pytest.mark.parametrize("change", ["secret", "key", "stale", "future"])
+async def test_wrong_signature_key_or_date_is_401_and_not_retried(
+        stub: StubServer, change: str) -> None:
+    stub.stub.add_robot("R1", "1")
+    kw: dict[str, object] = {"api_secret": "wrong"} if change == "secret" else \
+        {"api_key": "other"} if change == "key" else {}
+    client = PuduClient(settings(stub.url, **kw))
+    if change in ("stale", "future"):
+        client.clock = lambda: time.time() + (-901 if change == "stale" else 901)
+    async with client:
+        with pytest.raises(PuduAuthError) as info:
+            await client.status("R1")
+    assert info.value.status == 401 and client.calls == 1
+    assert stub.stub.unauthorized
+
+
+async def test_stub_refuses_a_wrong_content_md5_and_a_missing_date(stub: StubServer) -> None:
+    body = signing.body_bytes({"sn": "R1", "payload": {"interval": 1, "times": 2}})
+    path = "/pudu-entry/open-platform-service/v1/position_command"
+    headers = signing.signed_headers(key=KEY, secret=SECRET, method="POST", path=path,
+                                     body=body, now=time.time())
+    async with httpx.AsyncClient(base_url=stub.url) as c:
+        ok = await c.post(path, content=body, headers=headers)
+        bad = await c.post(path, content=body + b" ", headers=headers)
+        md5 = await c.post(path, content=body, headers={
+            **headers, "Content-MD5": base64md5_raw(body)})
+        no_date = await c.post(path, content=body, headers={
+            k: v for k, v in headers.items() if k != "x-date"})
+    assert ok.status_code == 200  # R1 unknown: a business error, but signed correctly
+    assert (bad.status_code, md5.status_code, no_date.status_code) == (401, 401, 401)
+    assert "Content-MD5" in md5.json()["message"] and "x-date" in no_date.json()["message"]
+
+
+def base64md5_raw(body: bytes) -> str:
+    import base64
+    import hashlib
+    return base64.b64encode(hashlib.md5(body).digest()).decode()  # the trap: raw digest
+
+
+@pytest.mark.parametrize("kind", ["429", "500", "stall"])
+async def test_transient_failures_are_retried_within_bounds(stub: StubServer, kind: str) -> None:
+    stub.stub.add_robot("R1", "1")
+    stub.stub.stall_seconds = 3
+    stub.stub.fail("/v2/status", kind, times=2)
+    async with PuduClient(settings(stub.url)) as client:
+        started = time.monotonic()
+        state = await client.status("R1")
+    assert state["sn"] == "R1"
+    assert client.calls == 3 and client.retries == 2
+    assert time.monotonic() - started < 6
+
+
+async def test_persistent_failure_gives_up_after_the_bound(stub: StubServer) -> None:
+    stub.stub.add_robot("R1", "1")
+    stub.stub.fail("/v2/status", "429", times=10)
+    stub.stub.fail("/v1/status", "500", times=10)
+    async with PuduClient(settings(stub.url, max_retries=1)) as client:
+        with pytest.raises(PuduRateLimitError) as limited:
+            await client.status("R1")
+        with pytest.raises(PuduServerError):
+            await client.status_v1("R1")
+    assert limited.value.retries == 1 and client.calls == 4
+
+
+async def test_business_error_is_typed_with_pudus_message(stub: StubServer) -> None:
+    async with PuduClient(settings(stub.url)) as client:
+        with pytest.raises(PuduBusinessError) as info:
+            await client.recharge("NOPE")
+    assert info.value.message == "ROBOT_NOT_FOUND" and client.calls == 1
+
+
+def test_settings_aliases_and_http_only_for_loopback() -> None:
+    assert PuduApiSettings(api_url="us").api_url == "https://csu-open-platform.pudutech.com"
+    assert PuduApiSettings(api_url="http://127.0.0.1:9/pudu-entry").api_url == \
+        "http://127.0.0.1:9"
+    with pytest.raises(ValueError, match="loopback"):
+        PuduApiSettings(api_url="http://open-platform.pudutech.com")

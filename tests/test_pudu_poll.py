@@ -1,0 +1,251 @@
+"""Scheduled reconciliation end to end: stub Pudu API -> edge agent -> Mosquitto ->
+callback server -> database, with real processes (the stub on a uvicorn thread)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.dbutil import query, scratch_mysql_database
+from tests.pudu_stub import KEY, SECRET, StubServer, serve_stub
+from tests.services import ServiceProcess, callback_server, edge_agent
+
+pytestmark = pytest.mark.integration
+BROKER = "mqtt://127.0.0.1:1883"
+HEADERS = {"CallbackCode": "test-code"}
+SHOP, OTHER = "12345", "777"
+
+
+@pytest.fixture
+def stub() -> Iterator[StubServer]:
+    yield from serve_stub()
+
+
+@pytest.fixture(params=["sqlite", "mysql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'callback.db'}"
+    else:
+        with scratch_mysql_database() as url:
+            yield url
+
+
+def pudu_env(stub: StubServer, shops: str = SHOP, **extra: str) -> dict[str, str]:
+    return {"PUDU_API_URL": stub.url, "PUDU_API_KEY": KEY, "PUDU_API_SECRET": SECRET,
+            "PUDU_SHOP_IDS": shops, "PUDU_POLL_INTERVAL": "3600",
+            "PUDU_API_TIMEOUT_SECONDS": "1", "PUDU_API_RETRIES": "2", **extra}
+
+
+def admin_url(agent: ServiceProcess) -> str:
+    return f"http://127.0.0.1:{agent.env['EDGE_ADMIN_PORT']}"
+
+
+def poll(agent: ServiceProcess) -> dict[str, Any]:
+    r = httpx.post(admin_url(agent) + "/pudu/poll", timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+def wait_for(what: str, check: Any, timeout: float = 20) -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.1)
+    raise TimeoutError(f"{what}: last {last!r}")
+
+
+def robots(db: str) -> dict[str, dict[str, Any]]:
+    return {r["robot_sn"]: r for r in query(db, "SELECT * FROM mnt_robots_management")}
+
+
+def test_poll_publishes_fleet_state_and_the_cloud_stores_it(
+        tmp_path: Path, stub: StubServer, db_url: str) -> None:
+    p = f"t{uuid.uuid4().hex[:8]}"
+    now_ms = int(time.time() * 1000)
+    for i in range(3):
+        stub.stub.add_robot(f"P{i}", SHOP, battery=50 + i, timestamp=str(now_ms - 60_000),
+                            mapName=f"map-{i}")
+    stub.stub.add_robot("ELSEWHERE", "999")  # another gateway's shop: not polled here
+    with callback_server(tmp_path, BROKER, db_url, TOPIC_PREFIX=p) as server, \
+            edge_agent(tmp_path, BROKER, org="acme", gateway="gwp", TOPIC_PREFIX=p,
+                       **pudu_env(stub)) as agent:
+        # the run at start
+        wait_for("first run", lambda: (agent.health()["poll"] or {}).get("last_run"))
+        rows = wait_for("3 robots stored",
+                        lambda: (r := robots(db_url)) and len(r) == 3 and
+                        all(v["map_name"] for v in r.values()) and r)
+        assert {sn: (r["battery_level"], r["map_name"], r["status"], r["gateway_id"])
+                for sn, r in rows.items()} == {
+            f"P{i}": (50 + i, f"map-{i}", "idle", "gwp") for i in range(3)}
+        assert rows["P0"]["x"] == 1.5 and rows["P0"]["last_ts"] == pytest.approx(
+            (now_ms - 60_000) / 1000)
+        first = agent.health()["poll"]["last_run"]
+        assert first["status"] == "ok" and first["robots_seen"] == 3
+        assert first["envelopes_published"] == 9  # status, power, pose per robot
+
+        # unchanged robots are not republished; a changed one is
+        again = poll(agent)
+        assert again["envelopes_published"] == 0 and again["robots_seen"] == 3
+        stub.stub.robots["P1"].update(battery=20, timestamp=str(now_ms))
+        changed = poll(agent)
+        assert changed["envelopes_published"] == 1  # poll.power of P1 only
+        wait_for("P1 at 20 %", lambda: robots(db_url)["P1"]["battery_level"] == 20)
+
+        runs = wait_for("3 runs stored", lambda: (r := httpx.get(
+            server.url + "/ingestion-runs", params={"limit": 2}).json()) and
+            len(r["items"]) == 2 and r["next_cursor"] and r)
+        rest = httpx.get(server.url + "/ingestion-runs",
+                         params={"limit": 2, "cursor": runs["next_cursor"]}).json()
+        ids = [r["run_id"] for r in runs["items"] + rest["items"]]
+        assert ids == [changed["run_id"], again["run_id"], first["run_id"]]
+        assert rest["next_cursor"] is None
+        assert runs["items"][0]["gateway_id"] == "gwp" and runs["items"][0]["shops"] == [SHOP]
+        logged = query(db_url, "SELECT type FROM mqtt_message_log WHERE channel = 'power'")
+        assert {r["type"] for r in logged} == {"poll.power"}
+        metrics = httpx.get(agent.url + "/metrics").text
+        assert 'edge_poll_runs_total{status="ok"} 3.0' in metrics
+
+
+def test_webhook_and_poll_interleaved_end_with_the_newest_robot_time(
+        tmp_path: Path, stub: StubServer) -> None:
+    p = f"t{uuid.uuid4().hex[:8]}"
+    db = f"sqlite:///{tmp_path / 'cb.db'}"
+    t0 = int(time.time()) - 600
+    stub.stub.add_robot("O1", SHOP, battery=40, timestamp=str(t0 * 1000))
+    with callback_server(tmp_path, BROKER, db, TOPIC_PREFIX=p), \
+            edge_agent(tmp_path, BROKER, org="acme", gateway="gwo", TOPIC_PREFIX=p,
+                       **pudu_env(stub, PUDU_POLL_INTERVAL="0")) as agent, \
+            httpx.Client(base_url=agent.url, headers=HEADERS) as c:
+        # a webhook newer than what the poll will read
+        r = c.post("/api/pudu/webhook", json={"callback_type": "notifyRobotPower", "data": {
+            "sn": "O1", "power": 70, "charge_stage": "CHARGING",
+            "notify_timestamp": (t0 + 60) * 1000}})
+        assert r.status_code == 200
+        wait_for("webhook stored", lambda: robots(db).get("O1", {}).get("battery_level"))
+        poll(agent)  # older robot time: must not win
+        time.sleep(1.0)
+        assert robots(db)["O1"]["battery_level"] == 70
+        stub.stub.robots["O1"].update(battery=30, timestamp=str((t0 + 120) * 1000))
+        poll(agent)  # newer: wins
+        wait_for("poll state stored", lambda: robots(db)["O1"]["battery_level"] == 30)
+        r = c.post("/api/pudu/webhook", json={"callback_type": "notifyRobotPower", "data": {
+            "sn": "O1", "power": 90, "notify_timestamp": (t0 + 90) * 1000}})
+        assert r.status_code == 200  # late webhook, older than the poll: ignored
+        time.sleep(1.0)
+        assert robots(db)["O1"]["battery_level"] == 30
+
+
+def test_backfilled_event_and_the_same_webhook_are_stored_once(
+        tmp_path: Path, stub: StubServer) -> None:
+    p = f"t{uuid.uuid4().hex[:8]}"
+    db = f"sqlite:///{tmp_path / 'cb.db'}"
+    stub.stub.add_robot("E1", SHOP)
+    at = time.time() - 300
+    stub.stub.add_error("E1", SHOP, at, "vir_1735690000", level="Error")
+    stub.stub.add_error("E1", SHOP, at - 30, None)  # no error_id
+    stub.stub.add_error("E1", SHOP, time.time() - 30 * 3600, "too-old")  # beyond 24 h
+    with callback_server(tmp_path, BROKER, db, TOPIC_PREFIX=p) as server, \
+            edge_agent(tmp_path, BROKER, org="acme", gateway="gwe", TOPIC_PREFIX=p,
+                       **pudu_env(stub, PUDU_POLL_INTERVAL="0")) as agent:
+        r = httpx.post(agent.url + "/api/pudu/webhook", headers=HEADERS, json={
+            "callback_type": "robotErrorWarning", "data": {
+                "sn": "E1", "error_level": "Error", "error_type": "LostLocalization",
+                "error_detail": "OdomSlip", "error_id": "vir_1735690000",
+                "timestamp": int(at) + 600}})
+        assert r.status_code == 200
+        webhook_id = r.json()["data"]["message_id"]
+        first = poll(agent)
+        second = poll(agent)  # the overlapping window reads both rows again
+        assert first["events_backfilled"] == 2 and second["events_backfilled"] == 0
+        assert first["window_end"] - first["window_start"] == pytest.approx(24 * 3600, abs=5)
+        assert second["window_start"] == pytest.approx(first["window_end"] - 900, abs=2)
+        calls = stub.stub.calls_to("/log/error/query_list")
+        assert all(c.query["timezone_offset"] == "0" and c.query["limit"] == "20"
+                   for c in calls)
+        wait_for("events stored", lambda: len(query(
+            db, "SELECT * FROM mnt_robot_events WHERE robot_sn = 'E1'")) == 2, 20)
+        time.sleep(0.5)
+        events = query(db, "SELECT * FROM mnt_robot_events WHERE robot_sn = 'E1'")
+        assert len(events) == 2
+        assert {e["event_id"] for e in events} >= {"vir_1735690000"}
+        logged = query(db, "SELECT id FROM mqtt_message_log WHERE id = ?", (webhook_id,))
+        assert len(logged) == 1  # the poll's envelope has the webhook's id
+        assert server.health()["dead_lettered"] == 0
+
+
+def test_failures_are_retried_within_bounds_recorded_and_one_shop_does_not_stop_others(
+        tmp_path: Path, stub: StubServer) -> None:
+    p = f"t{uuid.uuid4().hex[:8]}"
+    stub.stub.add_robot("F1", SHOP)
+    stub.stub.add_robot("F2", OTHER)
+    stub.stub.stall_seconds = 3
+    with edge_agent(tmp_path, BROKER, org="acme", gateway="gwf", TOPIC_PREFIX=p,
+                    **pudu_env(stub, shops=f"{OTHER},{SHOP}", PUDU_POLL_INTERVAL="0")) as agent:
+        stub.stub.fail("/v1/api/robot", "429")
+        stub.stub.fail("/v2/status/get_by_sn?sn=F1", "500")
+        stub.stub.fail("/v1/status/get_by_sn?sn=F1", "stall")
+        stub.stub.fail(f"shop_id={OTHER}", "business", times=10)  # that shop refuses
+        started = time.monotonic()
+        record = poll(agent)
+        took = time.monotonic() - started
+    assert record["status"] == "partial" and record["shops_failed"] == [OTHER]
+    assert "CLOUD_OPEN_ROBOT_OFFLINE" in record["error"]
+    assert record["robots_seen"] == 1 and record["envelopes_published"] == 3
+    assert record["api_retries"] == 3  # the 429, the 500, the stalled call
+    assert took < 15
+
+
+def test_a_webhook_is_answered_while_a_poll_call_is_stalled(
+        tmp_path: Path, stub: StubServer) -> None:
+    p = f"t{uuid.uuid4().hex[:8]}"
+    stub.stub.add_robot("S1", SHOP)
+    stub.stub.stall_seconds = 5
+    with edge_agent(tmp_path, BROKER, org="acme", gateway="gws", TOPIC_PREFIX=p,
+                    **pudu_env(stub, PUDU_POLL_INTERVAL="0",
+                               PUDU_API_TIMEOUT_SECONDS="4")) as agent:
+        stub.stub.fail("/v2/status", "stall")
+        result: list[dict[str, Any]] = []
+        runner = threading.Thread(target=lambda: result.append(poll(agent)))
+        runner.start()
+        wait_for("stalled call", lambda: stub.stub.calls_to("/v2/status/get_by_sn"))
+        with httpx.Client(base_url=agent.url, headers=HEADERS) as c:
+            times = []
+            for i in range(5):
+                t = time.monotonic()
+                r = c.post("/api/pudu/webhook", json={"callback_type": "robotStatus",
+                                                      "data": {"sn": "S1", "run_status": "ONLINE",
+                                                               "timestamp": 1700000000 + i}})
+                times.append(time.monotonic() - t)
+                assert r.status_code == 200
+            health = c.get("/api/pudu/webhook/health").json()
+        assert health["poll"]["running"] is True
+        runner.join(30)
+    assert max(times) < 1.0, times
+    assert result and result[0]["api_retries"] == 1 and result[0]["status"] == "ok"
+
+
+def test_poll_once_without_an_agent_runs_one_itself(tmp_path: Path, stub: StubServer) -> None:
+    import os
+    import subprocess
+    import sys
+
+    stub.stub.add_robot("C1", SHOP)
+    env = {**os.environ, **pudu_env(stub), "PUDU_CALLBACK_CODE": "x", "MQTT_URL": BROKER,
+           "ORG_ID": "acme", "GATEWAY_ID": "gwc", "TOPIC_PREFIX": f"t{uuid.uuid4().hex[:8]}",
+           "OUTBOX_PATH": str(tmp_path / "outbox.db"), "EDGE_ADMIN_PORT": "1"}
+    out = subprocess.run([sys.executable, "-m", "edge_agent", "poll", "--once"], env=env,
+                         capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    import json
+    record = json.loads(out.stdout)
+    assert record["status"] == "ok" and record["robots_seen"] == 1

@@ -192,6 +192,7 @@ class Outbox:
         prepare_sqlite_file(self.path)  # the directory, and the file 0600 (its WAL too)
         lock = self.path.with_name(self.path.name + ".lock")
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.fchmod(fd, 0o600)  # a lock file left 0644 from before is tightened too
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bridge.errors import ConfigError, FleetError
-from bridge.transport import MqttSettings, Transport, create_transport
+from bridge.transport import IN_PROCESS_BACKENDS, MqttSettings, Transport, create_transport
 
 __all__ = ["broker_reachable", "build", "mqtt_transport", "writable_file"]
 
@@ -33,6 +33,10 @@ def build(problems: list[str], what: str, make: Callable[[], object]) -> object 
 def mqtt_transport(problems: list[str], backend: str,
                    settings: Callable[[], MqttSettings]) -> Transport | None:
     """The transport the service would start (nothing connects yet), or None."""
+    if backend in IN_PROCESS_BACKENDS:
+        problems.append(f"MQTT_BACKEND: {backend!r} is an in-process broker for tests and "
+                        "the demo; a service needs paho or awsiot")
+        return None
     mqtt = build(problems, "MQTT_URL", settings)
     if not isinstance(mqtt, MqttSettings):
         return None

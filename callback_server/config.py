@@ -51,7 +51,7 @@ class CallbackSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     mqtt_url: str = "mqtt://127.0.0.1:1883"
-    mqtt_backend: Literal["paho", "awsiot"] = "paho"
+    mqtt_backend: Literal["paho", "awsiot", "memory"] = "paho"  # memory: tests, demo
     # Stable across restarts so the broker finds our persistent session (and what it
     # held in flight for us) again.
     mqtt_client_id: str = ""

@@ -61,7 +61,7 @@ class EdgeSettings(BaseModel):
     admin_host: str = "127.0.0.1"
     admin_port: int = Field(8001, ge=0, le=65535)
     mqtt_url: str = "mqtt://127.0.0.1:1883"
-    mqtt_backend: Literal["paho", "awsiot"] = "paho"
+    mqtt_backend: Literal["paho", "awsiot", "memory"] = "paho"  # memory: tests, demo
     mqtt_client_id: str = ""
     tls: TlsSettings = TlsSettings()
     org_id: str = "default"

@@ -19,6 +19,7 @@ __all__ = [
     "TlsFiles",
     "Transport",
     "Will",
+    "IN_PROCESS_BACKENDS",
     "create_transport",
 ]
 
@@ -35,12 +36,22 @@ def _awsiot(settings: MqttSettings) -> Transport:
     return AwsIotTransport(settings)
 
 
+def _memory(settings: MqttSettings) -> Transport:
+    from bridge.transport.memory import MemoryTransport
+
+    return MemoryTransport(settings)
+
+
 # Imported on use: a gateway on paho never loads awscrt (and the reverse).
-_BACKENDS: dict[str, Callable[[MqttSettings], Transport]] = {"paho": _paho, "awsiot": _awsiot}
+_BACKENDS: dict[str, Callable[[MqttSettings], Transport]] = {
+    "paho": _paho, "awsiot": _awsiot, "memory": _memory,
+}
+#: For tests and the demo only: ``run`` refuses it (nothing survives the process).
+IN_PROCESS_BACKENDS = frozenset({"memory"})
 
 
 def create_transport(backend: str, settings: MqttSettings) -> Transport:
-    """Build the transport named ``backend`` (``paho`` or ``awsiot``)."""
+    """Build the transport named ``backend`` (``paho``, ``awsiot``; ``memory`` for tests)."""
     try:
         factory = _BACKENDS[backend]
     except KeyError:

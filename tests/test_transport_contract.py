@@ -53,8 +53,8 @@ class Inbox:
         self.queue: asyncio.Queue[InboundMessage] = asyncio.Queue()
         transport.message_handler = self.queue.put_nowait
 
-    async def take(self, n: int, timeout: float = 10.0) -> list[InboundMessage]:
-        return [await asyncio.wait_for(self.queue.get(), timeout) for _ in range(n)]
+    async def take(self, n: int) -> list[InboundMessage]:
+        return [await asyncio.wait_for(self.queue.get(), 10) for _ in range(n)]
 
 
 @pytest.fixture

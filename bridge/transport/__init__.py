@@ -14,12 +14,12 @@ from bridge.transport.base import (
 )
 
 __all__ = [
+    "IN_PROCESS_BACKENDS",
     "InboundMessage",
     "MqttSettings",
     "TlsFiles",
     "Transport",
     "Will",
-    "IN_PROCESS_BACKENDS",
     "create_transport",
 ]
 

@@ -20,6 +20,7 @@ import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from bridge.errors import NotConnectedError, PublishRefusedError
 from bridge.topic import TopicFilter
@@ -50,7 +51,7 @@ class _Session:
 class MemoryBroker:
     """One in-process broker; ``named`` gives the one for a host name."""
 
-    _named: dict[str, MemoryBroker] = {}
+    _named: ClassVar[dict[str, MemoryBroker]] = {}
 
     def __init__(self) -> None:
         self.sessions: dict[str, _Session] = {}

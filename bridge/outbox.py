@@ -167,7 +167,8 @@ class Outbox:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: sqlite3.Connection | None = None
         self._read_lock = asyncio.Lock()
-        self._changed = asyncio.Event()
+        self._changed = asyncio.Event()  # the publisher's: one consumer clears it
+        self._empty = asyncio.Event()  # set while nothing waits in the outbox
         self._last_prune = 0.0
         self._fatal: BaseException | None = None
         # Committed entries with seq > _tail_from, in seq order; None: not tracking.
@@ -344,6 +345,12 @@ class Outbox:
             " WHERE seq > ? ORDER BY seq LIMIT ?",
             (after_seq, limit),
         ).fetchall()
+
+    async def wait_empty(self) -> None:
+        """Wait until nothing waits in the outbox (any number of waiters; flush_outbox)."""
+        if self.depth:
+            self._empty.clear()
+            await self._empty.wait()
 
     async def wait_changed(self) -> None:
         """Wait until something was added (or removed) since the last call."""
@@ -533,6 +540,10 @@ class Outbox:
                 fut.set_exception(result)
             else:
                 fut.set_result(result)
+        if self.depth == 0:
+            self._empty.set()
+        else:
+            self._empty.clear()
         self._changed.set()
 
     def _extend_tail(self, added: list[OutboxEntry]) -> None:

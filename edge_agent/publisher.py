@@ -152,8 +152,11 @@ class OutboxPublisher:
 
     async def wait_drained(self) -> None:
         """Wait until the outbox is empty and nothing is in flight (flush_outbox)."""
+        # Not outbox.wait_changed(): that event is run()'s own, and run() clears it, so a
+        # second waiter could miss the last change and wait for ever.
         while self.outbox.depth > 0 or self._inflight:
-            await self.outbox.wait_changed()
+            await self.outbox.wait_empty()
+            await self._idle.wait()
 
     async def _wait_window_empty(self) -> None:
         await self._idle.wait()

@@ -1,0 +1,144 @@
+"""The outbox publisher on the in-process broker (no Mosquitto): order, the in-flight
+window, the token bucket, refusals set aside, nothing deleted before its PUBACK."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from bridge.outbox import Outbox
+from bridge.tasks import within
+from bridge.transport import InboundMessage, MqttSettings
+from bridge.transport.memory import MemoryBroker, MemoryTransport
+from edge_agent.publisher import OutboxPublisher, TokenBucket
+
+
+class HeldAcks(MemoryTransport):
+    """A broker connection whose PUBACKs wait until the test releases them."""
+
+    def __init__(self, settings: MqttSettings) -> None:
+        super().__init__(settings)
+        self.held: list[asyncio.Future[None]] = []
+        self.grew = asyncio.Event()
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1,
+                retain: bool = False) -> asyncio.Future[None]:
+        real = super().publish(topic, payload, qos, retain)
+        held: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.held.append(held)
+        self.grew.set()
+        real.add_done_callback(lambda f: None)
+        return held
+
+    async def filled(self, n: int) -> None:
+        """Until ``n`` publishes wait for their PUBACK."""
+        while len(self.held) < n:
+            self.grew.clear()
+            await self.grew.wait()
+
+    def release(self) -> None:
+        for fut in self.held:
+            if not fut.done():
+                fut.set_result(None)
+        self.held.clear()
+
+
+@dataclass
+class Rig:
+    broker: MemoryBroker
+    outbox: Outbox
+    inbox: asyncio.Queue[InboundMessage]
+    url: str
+
+
+@contextlib.asynccontextmanager
+async def make_rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    """Inside the test, not a fixture: the outbox hands commits to the loop it was opened on."""
+    name = f"pub-{uuid.uuid4().hex[:8]}"
+    broker = MemoryBroker.named(name)
+    inbox: asyncio.Queue[InboundMessage] = asyncio.Queue()
+    watcher = MemoryTransport(MqttSettings.from_url(f"mqtt://{name}", client_id="watch",
+                                                    clean_start=True))
+    watcher.message_handler = inbox.put_nowait
+    async with Outbox(tmp_path / "outbox.db") as outbox, watcher:
+        await watcher.subscribe("org/#", qos=1)
+        yield Rig(broker, outbox, inbox, f"mqtt://{name}")
+
+
+@contextlib.asynccontextmanager
+async def running(publisher: OutboxPublisher) -> AsyncIterator[None]:
+    task = asyncio.create_task(publisher.run(), name="publisher")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def fill(outbox: Outbox, n: int) -> None:
+    for i in range(n):
+        await outbox.put(f"org/o/device/R{i % 3}/power", b"%d" % i)
+
+
+async def drained(outbox: Outbox) -> None:
+    await outbox.wait_empty()
+
+
+async def test_entries_go_out_in_order_and_leave_only_after_their_puback(tmp_path: Path) -> None:
+    async with make_rig(tmp_path) as rig:
+        await fill(rig.outbox, 300)
+        transport = MemoryTransport(MqttSettings.from_url(rig.url, client_id="gw"))
+        async with transport, running(OutboxPublisher(rig.outbox, transport, window=20)):
+            await asyncio.wait_for(drained(rig.outbox), 10)
+        got = [(await asyncio.wait_for(rig.inbox.get(), 5)).payload for _ in range(300)]
+        assert got == [b"%d" % i for i in range(300)]
+
+
+async def test_the_window_bounds_what_is_in_flight(tmp_path: Path) -> None:
+    async with make_rig(tmp_path) as rig:
+        await fill(rig.outbox, 50)
+        transport = HeldAcks(MqttSettings.from_url(rig.url, client_id="gw-held"))
+        publisher = OutboxPublisher(rig.outbox, transport, window=8)
+        async with transport, running(publisher):
+            await asyncio.wait_for(transport.filled(8), 5)
+            # The publisher now waits for a slot: it must not send a ninth.
+            assert not await within(transport.filled(9), 0.2)
+            assert publisher.inflight == 8 and len(transport.held) == 8
+            assert rig.outbox.depth == 50  # nothing removed without a PUBACK
+            while rig.outbox.depth:
+                transport.release()
+                await within(rig.outbox.wait_empty(), 0.05)  # acks go via the writer thread
+        assert publisher.published == 50
+
+
+async def test_refused_entries_are_set_aside_and_the_rest_goes_on(tmp_path: Path) -> None:
+    async with make_rig(tmp_path) as rig:
+        await fill(rig.outbox, 30)
+        rig.broker.refuse = lambda topic, payload: 0x87 if payload in (b"3", b"17") else None
+        transport = MemoryTransport(MqttSettings.from_url(rig.url, client_id="gw-refused"))
+        publisher = OutboxPublisher(rig.outbox, transport, window=10)
+        async with transport, running(publisher):
+            await asyncio.wait_for(drained(rig.outbox), 10)
+        assert (publisher.rejected, rig.outbox.rejected) == (2, 2)
+        got = [(await asyncio.wait_for(rig.inbox.get(), 5)).payload for _ in range(28)]
+        assert got == [b"%d" % i for i in range(30) if i not in (3, 17)]
+
+
+def test_token_bucket_paces_to_its_rate_after_the_burst(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    now = [1000.0]
+    monkeypatch.setattr("edge_agent.publisher.time.monotonic", lambda: now[0])
+    bucket = TokenBucket(rate=10, burst=5)
+    assert [bucket.delay() for _ in range(5)] == [0.0] * 5  # the burst
+    assert bucket.delay() == pytest.approx(0.1)  # then one per 1/rate seconds
+    assert bucket.delay() == pytest.approx(0.2)
+    now[0] += 1.0  # a second later: 10 tokens back, minus the 2 owed
+    assert bucket.delay() == 0.0
+    assert TokenBucket(rate=0).delay() == 0.0  # 0: unlimited

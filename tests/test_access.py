@@ -120,6 +120,13 @@ def requests(e: Env) -> dict[tuple[str, str], list[tuple[dict[str, Any], dict[st
             ({"url": "/devices/gw-beta/commands", "json": cmd},
              {**OPERATE, "admin": ok_or_timeout, "operator_a": 404, "viewer_a": 404})],
         ("get", "/gateways"): [({"url": "/gateways"}, READ)],
+        ("get", "/ingestion-runs"): [({"url": "/ingestion-runs"}, READ),
+                                     ({"url": "/ingestion-runs?org_id=beta"}, FOREIGN_READ)],
+        ("post", "/robots/{sn}/commands"): [
+            ({"url": "/robots/A1/commands", "json": cmd},
+             {**OPERATE, "admin": ok_or_timeout, "operator_a": ok_or_timeout}),
+            ({"url": "/robots/B1/commands", "json": cmd},
+             {**OPERATE, "admin": ok_or_timeout, "operator_a": 404, "viewer_a": 404})],
         ("get", "/metrics"): [({"url": "/metrics"}, METRICS)],
         ("post", "/mqtt/publish"): [
             ({"url": "/mqtt/publish", "json": {"topic": e.topic("acme"), "payload": 1}},

@@ -91,6 +91,8 @@ def test_systemd_accepts_the_installed_units(wheelhouse: Path, tmp_path: Path) -
     # The staging root needs the distribution's own units (sysinit.target, ...) to verify ours.
     shutil.copytree("/lib/systemd/system", dest / "usr/lib/systemd/system", symlinks=True,
                     dirs_exist_ok=True)
+    (dest / "bin").mkdir(exist_ok=True)
+    shutil.copy2("/bin/kill", dest / "bin/kill")  # ExecReload= names it
     units = [str(dest / f"etc/systemd/system/{s}.service")
              for s in ("edge-agent", "callback-server")]
     done = subprocess.run(["systemd-analyze", "verify", f"--root={dest}", *units],

@@ -49,7 +49,7 @@ def test_cloud_robot_commands_reach_the_stub_with_the_right_path_and_body(
                                       "timestamp": int(time.time())}})
         assert r.status_code == 200
         deadline = time.monotonic() + 20
-        while httpx.get(server.url + "/robots/K1").status_code != 200:
+        while httpx.get(server.url + "/robots/K1", headers=server.auth).status_code != 200:
             assert time.monotonic() < deadline
             time.sleep(0.1)
         auth = {"Authorization": f"Bearer {TOKEN}"}

@@ -102,9 +102,9 @@ def test_poll_publishes_fleet_state_and_the_cloud_stores_it(
         wait_for("P1 at 20 %", lambda: robots(db_url)["P1"]["battery_level"] == 20)
 
         runs = wait_for("3 runs stored", lambda: (r := httpx.get(
-            server.url + "/ingestion-runs", params={"limit": 2}).json()) and
-            len(r["items"]) == 2 and r["next_cursor"] and r)
-        rest = httpx.get(server.url + "/ingestion-runs",
+            server.url + "/ingestion-runs", params={"limit": 2}, headers=server.auth).json())
+            and len(r["items"]) == 2 and r["next_cursor"] and r)
+        rest = httpx.get(server.url + "/ingestion-runs", headers=server.auth,
                          params={"limit": 2, "cursor": runs["next_cursor"]}).json()
         ids = [r["run_id"] for r in runs["items"] + rest["items"]]
         assert ids == [changed["run_id"], again["run_id"], first["run_id"]]
@@ -112,7 +112,7 @@ def test_poll_publishes_fleet_state_and_the_cloud_stores_it(
         assert runs["items"][0]["gateway_id"] == "gwp" and runs["items"][0]["shops"] == [SHOP]
         logged = query(db_url, "SELECT type FROM mqtt_message_log WHERE channel = 'power'")
         assert {r["type"] for r in logged} == {"poll.power"}
-        metrics = httpx.get(agent.url + "/metrics").text
+        metrics = httpx.get(admin_url(agent) + "/metrics").text
         assert 'edge_poll_runs_total{status="ok"} 3.0' in metrics
 
 

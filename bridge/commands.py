@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from bridge import strictjson
 from bridge.errors import MalformedCommandError, PayloadError, TransportError
-from bridge.topic import TopicScheme, parse_device_topic
+from bridge.topic import TopicScheme, every_device_channel, parse_device_topic
 from bridge.transport import InboundMessage, Transport
 
 log = logging.getLogger(__name__)
@@ -237,10 +237,7 @@ class CommandClient:
     @property
     def response_filter(self) -> str:
         """Subscribe to this (not shared: the replica that asked must hear the answer)."""
-        p = self.topic_prefix
-        if p and not p.endswith("/"):
-            p += "/"
-        return f"{p}org/+/device/+/response"
+        return every_device_channel(self.topic_prefix, "response").value
 
     def on_message(self, message: InboundMessage) -> None:
         self.on_response(message.payload)

@@ -15,6 +15,31 @@ MAX_TOPIC_BYTES = 65535
 
 #: Channels a robot device publishes on.
 ROBOT_CHANNELS = ("status", "event", "pose", "power", "move", "task")
+#: The channel of each callback type that has one (DESIGN.md, "Pudu webhook"); every other
+#: type, documented or not, travels raw on ``callback/{type}``.
+CHANNEL_OF_TYPE: dict[str, str] = {
+    "robotStatus": "status",
+    "notifyRobotStatus": "status",
+    "robotErrorWarning": "event",
+    "robotErrorNotice": "event",
+    "notifyRobotPower": "power",
+    "notifyRobotPose": "pose",
+    "notifyRobotMoveState": "move",
+    "notifyCleanStatus": "task",
+    "TASK_STATUS": "task",
+}
+
+
+def channel_for(callback_type: str) -> str:
+    """The channel a callback type is published on."""
+    return CHANNEL_OF_TYPE.get(callback_type, f"callback/{callback_type}")
+
+
+def normalize_prefix(prefix: str) -> str:
+    """A topic prefix as used in front of ``org/``: empty, or ending in exactly one ``/``."""
+    return prefix.rstrip("/") + "/" if prefix.strip("/") else ""
+
+
 #: Channels of the gateway device itself (``poll``: the Pudu cloud poller's run records).
 #: Gateway traffic is told apart by these, never by comparing device and gateway ids.
 GATEWAY_CHANNELS = ("command", "response", "presence", "telemetry", "poll")
@@ -121,8 +146,7 @@ class TopicScheme:
 
     def __post_init__(self) -> None:
         _check_segment("org_id", self.org_id)
-        if self.prefix and not self.prefix.endswith("/"):
-            object.__setattr__(self, "prefix", self.prefix + "/")
+        object.__setattr__(self, "prefix", normalize_prefix(self.prefix))
 
     def device(self, device_id: str, channel: str) -> Topic:
         """The topic for ``channel`` of ``device_id`` (``channel`` may hold a '/')."""
@@ -134,10 +158,19 @@ class TopicScheme:
 
 def all_devices_filter(prefix: str = "", share_group: str | None = None) -> TopicFilter:
     """``org/+/device/+/#`` under ``prefix``, shared when ``share_group`` is given."""
-    if prefix and not prefix.endswith("/"):
-        prefix += "/"
-    base = f"{prefix}org/+/device/+/#"
+    base = f"{normalize_prefix(prefix)}org/+/device/+/#"
     return TopicFilter(f"$share/{share_group}/{base}" if share_group else base)
+
+
+def every_device_channel(prefix: str, channel: str) -> TopicFilter:
+    """``org/+/device/+/{channel}`` under ``prefix`` (e.g. every gateway's responses)."""
+    return TopicFilter(f"{normalize_prefix(prefix)}org/+/device/+/{channel}")
+
+
+def org_root(prefix: str, org_id: str | None = None) -> str:
+    """``{prefix}org/`` or ``{prefix}org/{org_id}/``: what the REST proxy confines to."""
+    root = f"{normalize_prefix(prefix)}org/"
+    return f"{root}{_check_segment('org_id', org_id)}/" if org_id is not None else root
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,8 +184,7 @@ class DeviceAddress:
 
 def parse_device_topic(topic: str, prefix: str = "") -> DeviceAddress:
     """Split ``{prefix}org/{org}/device/{device}/{channel...}``; TopicError otherwise."""
-    if prefix and not prefix.endswith("/"):
-        prefix += "/"
+    prefix = normalize_prefix(prefix)
     if not topic.startswith(prefix):
         raise TopicError(topic, f"does not start with prefix {prefix!r}")
     parts = topic[len(prefix):].split("/")

@@ -19,7 +19,7 @@ from prometheus_client import Counter
 
 from bridge.errors import AuthError, InputError, NotFoundError
 from bridge.proxy import ProxyAction, ProxyAuthorize
-from bridge.topic import TopicFilter
+from bridge.topic import TopicFilter, normalize_prefix
 from callback_server.keys import KeyRing, Principal, Role
 
 __all__ = ["INGESTERS", "OPERATORS", "READERS", "REFUSAL_REASONS", "Access", "Principal"]
@@ -44,7 +44,7 @@ class Access:
     def __init__(self, keys: KeyRing, refused: Counter, topic_prefix: str = "") -> None:
         self.keys = keys
         self.refused = refused
-        self.topic_prefix = topic_prefix.rstrip("/") + "/" if topic_prefix else ""
+        self.topic_prefix = normalize_prefix(topic_prefix)
 
     def _refuse(self, reason: str) -> None:
         self.refused.labels(reason=reason).inc()

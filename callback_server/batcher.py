@@ -13,12 +13,12 @@ import asyncio
 import collections
 import functools
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from bridge.backoff import backoff_delay
 from bridge.envelope import Envelope
 from bridge.errors import StoreError, StoreRejectedError
 from bridge.sdnotify import BEAT_SECONDS
@@ -197,8 +197,7 @@ class BatchWriter:
                     log.error("database write failed, holding acknowledgements: %s", exc)
                 self.degraded = True
                 self.last_error = str(exc)
-                delay = random.uniform(self.retry_min,
-                                       min(self.retry_max, self.retry_min * 2 ** attempt))
+                delay = backoff_delay(attempt, self.retry_min, self.retry_max)
                 attempt += 1
                 self.beat()  # retrying a database that is away is progress, not a hang
                 await asyncio.sleep(delay)

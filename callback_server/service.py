@@ -24,8 +24,9 @@ from bridge.proxy import MqttProxy, create_proxy_router
 from bridge.router import MessageRouter
 from bridge.sdnotify import Notifier, Watchdog
 from bridge.tasks import cancel_and_wait
-from bridge.topic import DeviceAddress
+from bridge.topic import DeviceAddress, org_root
 from bridge.transport import MqttSettings, TlsFiles, Transport, create_transport
+from bridge.version import VERSION
 from callback_server.access import REFUSAL_REASONS, Access, Principal
 from callback_server.batcher import BatchWriter
 from callback_server.config import CallbackSettings
@@ -34,7 +35,6 @@ from callback_server.keys import KeyRing
 from callback_server.retention import Retention
 from callback_server.store import load_targets, open_store
 from callback_server.store.schema import COMMAND_TABLE, DEAD_TABLE, LOG_TABLE
-from edge_agent.service import VERSION
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +116,9 @@ class CallbackServer:
                             callback_token=settings.callback_token.get_secret_value()
                             if settings.callback_token else None)
         self.access = Access(self.keys, self.metrics.auth_refused, settings.topic_prefix)
-        prefix = settings.topic_prefix.rstrip("/") + "/" if settings.topic_prefix else ""
         self.proxy = MqttProxy(
             self.transport, self.router, token=token,
-            allowed_prefixes=settings.proxy_allowed_prefixes or [f"{prefix}org/"],
+            allowed_prefixes=settings.proxy_allowed_prefixes or [org_root(settings.topic_prefix)],
             broker=mask_url(settings.mqtt_url),
             outbound=OutboundPolicy(allow=settings.callback_url_allow),
         )

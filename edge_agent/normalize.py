@@ -20,6 +20,7 @@ from typing import Any, Final
 
 from bridge.errors import InputError
 from bridge.strictjson import SAFE_INT
+from bridge.topic import CHANNEL_OF_TYPE
 
 __all__ = [
     "CHANNELS",
@@ -45,18 +46,8 @@ DOCUMENTED_TYPES: Final[tuple[str, ...]] = (
 )
 _CANONICAL: Final = {t.lower(): t for t in DOCUMENTED_TYPES}
 
-#: Types with a dedicated channel (DESIGN.md, "Pudu webhook"); all others -> callback/{type}.
-CHANNELS: Final[dict[str, str]] = {
-    "robotStatus": "status",
-    "notifyRobotStatus": "status",
-    "robotErrorWarning": "event",
-    "robotErrorNotice": "event",
-    "notifyRobotPower": "power",
-    "notifyRobotPose": "pose",
-    "notifyRobotMoveState": "move",
-    "notifyCleanStatus": "task",
-    "TASK_STATUS": "task",
-}
+#: Types with a dedicated channel (bridge.topic, the one table); others -> callback/{type}.
+CHANNELS: Final[dict[str, str]] = CHANNEL_OF_TYPE
 #: Only the latest state of these matters, so a full outbox may drop superseded entries.
 COMPACTABLE: Final = frozenset({"pose", "power"})
 

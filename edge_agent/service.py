@@ -7,7 +7,6 @@ import json
 import logging
 import time
 from contextlib import AsyncExitStack
-from importlib.metadata import PackageNotFoundError, version
 from types import TracebackType
 from typing import Any
 
@@ -30,8 +29,9 @@ from bridge.proxy import MqttProxy, create_proxy_router
 from bridge.router import MessageRouter
 from bridge.sdnotify import Notifier, Watchdog
 from bridge.tasks import cancel_and_wait
-from bridge.topic import TopicScheme
+from bridge.topic import TopicScheme, org_root
 from bridge.transport import MqttSettings, TlsFiles, Transport, Will, create_transport
+from bridge.version import VERSION
 from edge_agent.commands import register_builtins
 from edge_agent.config import EdgeSettings
 from edge_agent.journal import Journal
@@ -41,11 +41,6 @@ from edge_agent.pudu.commands import register_pudu
 from edge_agent.pudu.poller import Poller
 
 log = logging.getLogger(__name__)
-
-try:
-    VERSION = version("pudu-fleet-bridge")
-except PackageNotFoundError:  # running from a source tree
-    VERSION = "0.0.0"
 
 
 def mqtt_settings(settings: EdgeSettings, scheme: TopicScheme) -> MqttSettings:
@@ -97,7 +92,7 @@ class EdgeAgent:
         register_builtins(self.commands, self)
         register_pudu(self.commands, self)
         token = settings.proxy_token.get_secret_value() if settings.proxy_token else None
-        own_subtree = f"{self.scheme.prefix}org/{settings.org_id}/"
+        own_subtree = org_root(settings.topic_prefix, settings.org_id)
         self.proxy = MqttProxy(
             self.transport, self.router, token=token,
             allowed_prefixes=settings.proxy_allowed_prefixes or [own_subtree],

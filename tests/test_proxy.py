@@ -505,7 +505,11 @@ async def test_mailbox_drops_oldest_and_counts() -> None:
 def test_retry_policy_defaults_and_backoff() -> None:
     policy = RetryPolicy()
     assert (policy.attempts, policy.base, policy.cap) == (6, 1.0, 30.0)
-    assert [policy.delay(n) for n in range(1, 8)] == [1, 2, 4, 8, 16, 30, 30]
+    ceilings = [1, 2, 4, 8, 16, 30, 30]  # jittered below these, never below the base
+    for n, ceiling in enumerate(ceilings, start=1):
+        waits = [policy.delay(n) for _ in range(200)]
+        assert all(policy.base <= w <= ceiling for w in waits)
+        assert n == 1 or len({round(w, 6) for w in waits}) > 100  # spread: not in lockstep
 
 
 # -- Python API ------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import BaseModel
 
+from bridge.backoff import backoff_delay
 from bridge.errors import ConfigError, OutboundRefusedError
 from bridge.router import Handle
 from bridge.transport.base import InboundMessage
@@ -37,7 +38,8 @@ M = TypeVar("M", bound=BaseModel)
 # -- settings -------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """Webhook retries: waits of base, 2·base, 4·base ... capped, at most ``attempts`` tries."""
+    """Webhook retries: jittered waits up to base, 2·base, 4·base ... capped (bridge.backoff,
+    as every retry loop), at most ``attempts`` tries."""
 
     attempts: int = 6
     base: float = 1.0
@@ -50,7 +52,7 @@ class RetryPolicy:
 
     def delay(self, failures: int) -> float:
         """Wait after the ``failures``-th failed attempt (1-based)."""
-        return float(min(self.cap, self.base * 2 ** min(failures - 1, 30)))
+        return backoff_delay(failures - 1, self.base, self.cap)
 
 
 def sign(secret: str, body: bytes) -> str:

@@ -18,19 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.envelope import Envelope
-from bridge.topic import GATEWAY_CHANNELS, ROBOT_CHANNELS
+from bridge.errors import TopicError
+from bridge.topic import GATEWAY_CHANNELS, ROBOT_CHANNELS, TopicScheme, channel_for
 from callback_server.store.schema import EVENTS, LOG, ROBOTS, RUNS, STATE_GROUPS, TableSpec
 
 #: A batch item: the MQTT topic it came on and its envelope, or the bare envelope (its
 #: topic is then rebuilt as ``org/{org}/device/{device}/{channel}``, without a prefix).
 Item = Envelope | tuple[str, Envelope]
 
-# Types whose channel is known when an envelope does not say (DESIGN.md, "Channels").
-_CHANNEL_OF_TYPE = {
-    "robotStatus": "status", "notifyRobotStatus": "status", "robotErrorWarning": "event",
-    "robotErrorNotice": "event", "notifyRobotPower": "power", "notifyRobotPose": "pose",
-    "notifyRobotMoveState": "move", "notifyCleanStatus": "task", "TASK_STATUS": "task",
-}
 _log = logging.getLogger(__name__)
 
 _INT_MAX = 2**31 - 1  # MySQL INT
@@ -124,6 +119,15 @@ def flag(value: Any) -> int | None:
     return None if as_number is None else int(as_number > 0)
 
 
+def _topic_of(env: Envelope, channel: str) -> str:
+    """The unprefixed topic a bare envelope stands for (every ingest path has a topic; only
+    direct store use passes bare envelopes); empty if its names cannot make one."""
+    try:
+        return str(TopicScheme(env.org).device(env.device, channel))
+    except TopicError:
+        return ""
+
+
 def channel_of(topic: str, env: Envelope) -> str:
     """The envelope's channel; else the topic's (``.../device/{id}/{channel...}``); else
     the one its callback type always goes to."""
@@ -133,7 +137,7 @@ def channel_of(topic: str, env: Envelope) -> str:
     for i in range(len(parts) - 3, 1, -1):
         if parts[i] == "device" and parts[i - 2] == "org":
             return "/".join(parts[i + 2:])
-    return _CHANNEL_OF_TYPE.get(env.type, f"callback/{env.type}")
+    return channel_for(env.type)
 
 
 def is_robot_channel(channel: str) -> bool:
@@ -260,7 +264,7 @@ def build_rows(items: Sequence[Item], *, now: float,
     for order, item in enumerate(items):
         topic, env = item if isinstance(item, tuple) else ("", item)
         channel = channel_of(topic, env)
-        topic = topic or f"org/{env.org}/device/{env.device}/{channel}"
+        topic = topic or _topic_of(env, channel)
         ts, sane = sane_time(env, now, max_skew)
         if sane is not env:
             skewed += 1

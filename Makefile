@@ -17,15 +17,16 @@ $(STAMP): pyproject.toml
 
 # The whole pipeline in one process: embedded broker, edge agent, callback server, SQLite.
 run: $(STAMP)
-	$(BIN)/python -m edge_agent.demo
+	$(BIN)/python -m demo
 
 # Needs Mosquitto on 127.0.0.1:1883 and MariaDB on :3306 (.ci/run starts both).
 test: $(STAMP)
 	$(BIN)/pytest -q
 
+# mypy's files (pyproject): the services, bridge/ (strict), the demo and the tests.
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy bridge edge_agent callback_server
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'

@@ -51,7 +51,7 @@ except ImportError:  # the optional `embedded` extra is missing; __aenter__ says
 log = logging.getLogger(__name__)
 
 
-class OpenAuthPlugin(BaseAuthPlugin):  # type: ignore[misc,valid-type]
+class OpenAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
     """Admit every client *without* marking it anonymous, so persistent sessions queue."""
 
     async def authenticate(self, *, session: Any) -> bool:

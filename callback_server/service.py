@@ -211,7 +211,7 @@ class CallbackServer:
                 f"org of {device_id!r} is {'ambiguous' if orgs else 'unknown'}; pass org_id",
                 field="org_id",
             )
-        return orgs.pop()
+        return str(orgs.pop())
 
     async def record_command(self, outcome: CommandOutcome, key_name: str | None = None) -> None:
         """Keep the command, its outcome, round-trip time and the name of the key that sent

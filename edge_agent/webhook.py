@@ -95,7 +95,8 @@ async def _read_body(receive: Receive, declared: bytes | None, limit: int) -> by
         message = await receive()
         if message["type"] != "http.request":
             return None  # http.disconnect: nobody to answer
-        body += message.get("body", b"")
+        chunk: bytes = message.get("body", b"")
+        body += chunk
         if len(body) > limit:
             raise InputError(f"body larger than {limit} bytes", status=413)
         if not message.get("more_body", False):

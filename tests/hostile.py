@@ -3,6 +3,7 @@ distinct fault classes, and byte-level mutations of JSON bodies."""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -41,13 +42,20 @@ def valid_envelope(org_id: str, device_id: str, n: int, **fields: Any) -> dict[s
     return env
 
 
+Poison = Callable[[str, str, int], bytes]  # (org, device, n) -> payload
+
+
 def _dumps(obj: Any) -> bytes:
     return json.dumps(obj).encode()  # allow_nan: NaN literals are part of the attack
 
 
+def _field_set(key: str, bad: Any) -> Poison:
+    """A valid envelope whose ``key`` holds ``bad``."""
+    return lambda org, dev, n: _dumps(valid_envelope(org, dev, n, **{key: bad}))
+
+
 #: fault class -> strategy of (marker -> payload bytes) builders. Each payload is broken in
 #: exactly the way its class names; the marker makes every generated payload distinct.
-Poison = Callable[[str, str, int], bytes]  # (org, device, n) -> payload
 
 
 def _fault_classes() -> dict[str, st.SearchStrategy[Poison]]:
@@ -88,12 +96,10 @@ def _fault_classes() -> dict[str, st.SearchStrategy[Poison]]:
         "id or names not strings": st.sampled_from(["id", "type", "device", "gateway",
                                                     "channel"]).flatmap(
             lambda key: not_strings.filter(lambda v: v not in (None, "", [], {}, False, 0.0))
-            .map(lambda bad, key=key: lambda org, dev, n: _dumps(
-                valid_envelope(org, dev, n, **{key: bad})))),
+            .map(functools.partial(_field_set, key))),
         "data or raw not objects": st.sampled_from(["data", "raw"]).flatmap(
             lambda key: st.sampled_from([[1], "x", 5, True]).map(
-                lambda bad, key=key: lambda org, dev, n: _dumps(
-                    valid_envelope(org, dev, n, **{key: bad})))),
+                functools.partial(_field_set, key))),
         "org or device unlike the topic": st.sampled_from(["org", "device"]).map(
             lambda key: lambda org, dev, n: _dumps(
                 valid_envelope(org, dev, n, **{key: f"other{n}"}))),

@@ -11,6 +11,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import httpx
 
@@ -69,7 +70,7 @@ class ServiceProcess:
         self.kill()
         raise TimeoutError(f"{self.module} not ready: {self.log_path.read_text()[-2000:]}")
 
-    def health(self) -> dict[str, object]:
+    def health(self) -> dict[str, Any]:
         return httpx.get(self.url + self.health_path, timeout=5).json()  # type: ignore[no-any-return]
 
     def wait_health(self, key: str, value: object, timeout: float = 20) -> None:
@@ -85,7 +86,7 @@ class ServiceProcess:
         """Poll the health endpoint until the number ``key`` reaches ``value``."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if float(self.health().get(key) or 0) >= value:  # type: ignore[arg-type]
+            if float(self.health().get(key) or 0) >= value:
                 return
             time.sleep(0.01)
         raise TimeoutError(f"{key} never reached {value!r}: {self.health()}")

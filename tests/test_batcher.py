@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
@@ -77,7 +78,7 @@ async def test_outage_holds_acks_until_the_commit(writer: tuple[BatchWriter, Fla
             all_acked.set()
 
     for i in range(5):
-        w.submit("t", env(f"x{i}"), lambda i=i: ack(f"x{i}"))
+        w.submit("t", env(f"x{i}"), functools.partial(ack, f"x{i}"))
     await asyncio.wait_for(store.failed_thrice.wait(), 5)  # failing, backing off
     assert acked == [] and w.degraded and w.pending == 5
     store.down = False

@@ -51,7 +51,8 @@ async def test_round_trips_for_every_builtin_under_concurrency(tmp_path: Path) -
                                             "timestamp": 1700000000}})
             assert r.status_code == 200
         commands: list[tuple[str, str, dict[str, Any]]] = []
-        builtins = [("ping", {}), ("get_status", {}), ("get_robots", {}),
+        builtins: list[tuple[str, dict[str, Any]]] = [
+                    ("ping", {}), ("get_status", {}), ("get_robots", {}),
                     ("flush_outbox", {"timeout": 5}), ("set_log_level", {"level": "debug"})]
         for i in range(20):
             name, args = builtins[i % len(builtins)]

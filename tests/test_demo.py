@@ -21,7 +21,7 @@ def test_make_run_pipeline_answers_within_a_second(tmp_path: Path) -> None:
            "CALLBACK_HTTP_PORT": str(cb), "DEMO_MQTT_PORT": str(mqtt),
            "OUTBOX_PATH": str(tmp_path / "outbox.db"), "DEMO_KEYS_FILE": str(tmp_path / "k.yaml"),
            "DATABASE_URL": f"sqlite:///{tmp_path / 'callback.db'}"}
-    proc = subprocess.Popen([sys.executable, "-m", "edge_agent.demo"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "demo"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_port("127.0.0.1", cb, timeout=20)
@@ -77,7 +77,7 @@ def test_make_run_prints_a_key_its_curl_lines_work_with(tmp_path: Path) -> None:
            "CALLBACK_HTTP_PORT": str(cb), "DEMO_MQTT_PORT": str(mqtt),
            "OUTBOX_PATH": str(tmp_path / "outbox.db"), "DEMO_KEYS_FILE": str(keys),
            "DATABASE_URL": f"sqlite:///{tmp_path / 'callback.db'}"}
-    proc = subprocess.Popen([sys.executable, "-m", "edge_agent.demo"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "demo"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     lines: list[str] = []

@@ -6,6 +6,7 @@ import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -75,7 +76,7 @@ def test_every_sample_arrives_on_its_topic_with_the_envelope(tmp_path: Path) -> 
         # +1: the gateway's retained "online" presence
         got = robot_messages(probe.wait_for(len(files) + 1))
     assert len(got) == len(files)
-    by_type: dict[str, list[dict[str, object]]] = {}
+    by_type: dict[str, list[dict[str, Any]]] = {}
     for env in got:
         by_type.setdefault(str(env["type"]), []).append(env)
     for path in files:
@@ -89,14 +90,14 @@ def test_every_sample_arrives_on_its_topic_with_the_envelope(tmp_path: Path) -> 
         expected_ts = data.get("notify_timestamp", data["timestamp"] * 1000) / 1000
         assert env["ts"] == pytest.approx(expected_ts)
     status = next(e for e in by_type["robotStatus"])
-    assert status["data"]["status"] == "online"  # type: ignore[index]
-    power = {e["raw"]["sn"]: e["data"] for e in by_type["notifyRobotPower"]}  # type: ignore[index]
+    assert status["data"]["status"] == "online"
+    power = {e["raw"]["sn"]: e["data"] for e in by_type["notifyRobotPower"]}
     assert power["811064412050012"] == {"battery_level": 75, "charge_state": "discharging",
                                         "mac": "B0:0C:9D:59:16:E8"}
     assert power["TS1732946965085"]["charge_state"] == "idle"
     warning = by_type["robotErrorWarning"][0]
-    assert warning["data"]["event_level"] == "warning"  # type: ignore[index]
-    assert warning["data"]["event_id"] == "vir_1726794796"  # type: ignore[index]
+    assert warning["data"]["event_level"] == "warning"
+    assert warning["data"]["event_id"] == "vir_1726794796"
 
 
 def test_pudu_retries_are_answered_200_and_published_once(tmp_path: Path) -> None:

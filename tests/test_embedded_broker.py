@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from bridge.embedded_broker import EmbeddedBroker
@@ -24,7 +24,7 @@ class Client:
     """A paho client on its own network thread; received messages land in a queue."""
 
     def __init__(self, port: int, client_id: str, *, clean_session: bool = True,
-                 protocol: mqtt.MQTTProtocolVersion = mqtt.MQTTv311,
+                 protocol: MQTTProtocolVersion = mqtt.MQTTv311,
                  will: tuple[str, bytes, int, bool] | None = None) -> None:
         self.port = port
         self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()

@@ -50,7 +50,7 @@ class Pipeline:
             r = httpx.get(f"{self.cloud.url}/robots/{sn}", headers=self.cloud.auth)
             row = r.json() if r.status_code == 200 else {}
             if row and all(row.get(k) == v for k, v in expect.items()):
-                return row  # type: ignore[no-any-return]
+                return row
             assert time.monotonic() < deadline, (sn, expect, row)
             time.sleep(0.05)
 

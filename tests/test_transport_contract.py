@@ -29,10 +29,11 @@ def make(request: pytest.FixtureRequest) -> Make:
 
     def build(client_id: str = "", **overrides: object) -> Transport:
         client_id = client_id or f"c-{uuid.uuid4().hex[:10]}"
+        extra: dict[str, object] = {}
         if backend == "memory":
-            url, extra = f"mqtt://{broker}", {}
+            url = f"mqtt://{broker}"
         elif backend == "paho":
-            url, extra = "mqtt://127.0.0.1:1883", {}
+            url = "mqtt://127.0.0.1:1883"
         else:
             tls_broker, pki = request.getfixturevalue("tls_broker"), \
                 request.getfixturevalue("pki")

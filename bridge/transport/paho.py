@@ -183,7 +183,7 @@ class PahoTransport(Transport):
         props = None
         kwargs: dict[str, Any] = {}
         if s.protocol == 5:
-            props = Properties(PacketTypes.CONNECT)
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = 0 if s.clean_start else s.session_expiry
             props.ReceiveMaximum = s.receive_maximum
             kwargs["clean_start"] = s.clean_start

@@ -62,7 +62,8 @@ def text(value: Any, limit: int) -> str | None:
         value.encode("utf-8")
     except UnicodeEncodeError:  # lone surrogates: JSON allows "\udc80", UTF-8 does not
         value = value.encode("utf-8", "replace").decode("utf-8")
-    return value[:limit] if limit and len(value) > limit else value
+    out: str = value
+    return out[:limit] if limit and len(out) > limit else out
 
 
 def key(value: Any, limit: int) -> str:

@@ -1,4 +1,4 @@
-"""``make run``: the whole pipeline in one process on its embedded defaults.
+"""``make run`` (``python -m demo``): the whole pipeline in one process on its embedded defaults.
 
 An in-process MQTT broker, the edge agent on :8000 (admin listener with /metrics and the
 proxy on 127.0.0.1:8001), the callback server on :3005 and SQLite under ./data/. Nothing

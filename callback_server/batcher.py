@@ -23,7 +23,7 @@ from bridge.envelope import Envelope
 from bridge.errors import StoreError, StoreRejectedError
 from bridge.sdnotify import BEAT_SECONDS
 from bridge.tasks import within
-from callback_server.store import Store
+from callback_server.store import BatchStore
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class BatchWriter:
     """One writer task in front of the store."""
 
     def __init__(
-        self, store: Store, *, batch_max: int = 500, retry_min: float = 0.2,
+        self, store: BatchStore, *, batch_max: int = 500, retry_min: float = 0.2,
         retry_max: float = 10.0, beat: Callable[[], None] = lambda: None,
     ) -> None:
         self.store = store

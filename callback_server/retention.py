@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping
 
 from bridge.errors import StoreError
-from callback_server.store.sql import SqlStore
+from callback_server.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 class Retention:
     """Deletes rows older than each table's retention, in small batches, every interval."""
 
-    def __init__(self, store: SqlStore, days: Mapping[str, float], *, interval: float,
+    def __init__(self, store: Store, days: Mapping[str, float], *, interval: float,
                  batch: int = 5000) -> None:
         self.store = store
         self.days = {table: d for table, d in days.items() if d > 0}  # 0: keep forever

@@ -33,7 +33,7 @@ from callback_server.config import CallbackSettings
 from callback_server.consumer import Consumer
 from callback_server.keys import KeyRing
 from callback_server.retention import Retention
-from callback_server.store import load_targets, open_store
+from callback_server.store import Store, load_targets, open_store
 from callback_server.store.schema import COMMAND_TABLE, DEAD_TABLE, LOG_TABLE
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class CallbackServer:
         self.metrics = CallbackMetrics()
         self.nodelay = NodelayStats()
         targets = load_targets(settings.database_config) if settings.database_config else None
-        self.store = open_store(settings.database_url, targets=targets,
+        self.store: Store = open_store(settings.database_url, targets=targets,
                                 max_skew=settings.max_clock_skew_seconds)
         self.notifier = Notifier()
         self.watchdog = Watchdog(self.notifier, status=self.status_line)

@@ -12,7 +12,7 @@ import pytest
 from bridge.envelope import Envelope
 from bridge.errors import StoreError, StoreRejectedError
 from callback_server.batcher import BatchWriter
-from callback_server.store import BatchResult
+from callback_server.store import BatchResult, Item
 
 
 class FlakyStore:
@@ -25,7 +25,8 @@ class FlakyStore:
         self.calls = 0
         self.failed_thrice = asyncio.Event()
 
-    async def write_batch(self, items: Sequence[tuple[str, Envelope]]) -> BatchResult:
+    async def write_batch(self, batch: Sequence[Item]) -> BatchResult:
+        items = [i if isinstance(i, tuple) else ('', i) for i in batch]
         self.calls += 1
         if self.calls >= 3:
             self.failed_thrice.set()
@@ -47,7 +48,7 @@ def env(i: str) -> Envelope:
 @pytest.fixture
 async def writer() -> AsyncIterator[tuple[BatchWriter, FlakyStore]]:
     store = FlakyStore()
-    w = BatchWriter(store, batch_max=100, retry_min=0.001, retry_max=0.01)  # type: ignore[arg-type]
+    w = BatchWriter(store, batch_max=100, retry_min=0.001, retry_max=0.01)
     task = asyncio.create_task(w.run())
     yield w, store
     task.cancel()

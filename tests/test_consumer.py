@@ -16,7 +16,7 @@ from bridge.envelope import Envelope
 from bridge.transport import InboundMessage
 from callback_server.batcher import BatchWriter
 from callback_server.consumer import Consumer
-from callback_server.store import BatchResult
+from callback_server.store import BatchResult, Item
 from tests.hostile import valid_envelope
 
 
@@ -46,7 +46,8 @@ class Store:
         self.hold = asyncio.Event()
         self.hold.set()
 
-    async def write_batch(self, items: Sequence[tuple[str, Envelope]]) -> BatchResult:
+    async def write_batch(self, batch: Sequence[Item]) -> BatchResult:
+        items = [i if isinstance(i, tuple) else ('', i) for i in batch]
         await self.hold.wait()
         self.rows += [e.id for _, e in items]
         return BatchResult(len(items), len(items), 0, 0)
@@ -58,7 +59,7 @@ class Store:
 @pytest.fixture
 async def parts() -> AsyncIterator[tuple[Consumer, Router, Store]]:
     router, store = Router(), Store()
-    writer = BatchWriter(store)  # type: ignore[arg-type]
+    writer = BatchWriter(store)
     consumer = Consumer(router, writer)  # type: ignore[arg-type]
     task = asyncio.create_task(writer.run(), name="writer")
     yield consumer, router, store

@@ -15,12 +15,11 @@ from collections.abc import Callable
 from bridge.errors import ConfigError
 from callback_server.store.base import Backend
 from callback_server.store.mysql import MysqlBackend
+from callback_server.store.protocol import BatchStore, Store
 from callback_server.store.rows import Item
 from callback_server.store.sql import EVENT_FIELDS, ROBOT_FIELDS, BatchResult, SqlStore
 from callback_server.store.sqlite import SqliteBackend
 from callback_server.store.targets import Table, Targets, load_targets
-
-Store = SqlStore
 
 __all__ = [
     "BACKENDS",
@@ -28,6 +27,7 @@ __all__ = [
     "ROBOT_FIELDS",
     "Backend",
     "BatchResult",
+    "BatchStore",
     "Item",
     "SqlStore",
     "Store",

@@ -1,0 +1,57 @@
+"""What the rest of the callback server needs from a store, as protocols.
+
+``SqlStore`` satisfies both; the batch writer needs only ``BatchStore`` (its test doubles
+implement just that), and the service, app and retention are typed against ``Store``,
+so no part above the store depends on how it is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from types import TracebackType
+from typing import Any, Protocol
+
+from bridge.commands import CommandOutcome
+from callback_server.store.rows import Item
+from callback_server.store.sql import BatchResult
+
+
+class BatchStore(Protocol):
+    """The batch writer's view: one transaction per batch; dead letters."""
+
+    async def write_batch(self, items: Sequence[Item]) -> BatchResult: ...
+
+    async def dead_letters(self, letters: Sequence[tuple[str, bytes, str]]) -> None: ...
+
+
+class Store(BatchStore, Protocol):
+    """Everything the service, its HTTP app and retention use."""
+
+    async def __aenter__(self) -> Store: ...
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None: ...
+
+    async def migrate(self) -> list[str]: ...
+
+    async def ping(self) -> bool: ...
+
+    async def record_command(self, outcome: CommandOutcome,
+                             key_name: str | None = None) -> None: ...
+
+    async def prune(self, table: str, older_than: float, batch: int = 5000) -> int: ...
+
+    async def get_robot(self, sn: str) -> dict[str, Any] | None: ...
+
+    async def list_robots(
+        self, *, limit: int, after: str | None = None, orgs: Collection[str] | None = None,
+        org: str | None = None, gateway: str | None = None, status: str | None = None,
+    ) -> tuple[list[dict[str, Any]], list[Any] | None]: ...
+
+    async def list_events(
+        self, sn: str, *, limit: int, after: Sequence[Any] | None = None,
+    ) -> tuple[list[dict[str, Any]], list[Any] | None]: ...
+
+    async def get_runs(self, limit: int = 100, cursor: tuple[float, str] | None = None,
+                       org_id: str | None = None, *, orgs: Sequence[str] | None = None,
+                       ) -> tuple[list[dict[str, Any]], tuple[float, str] | None]: ...

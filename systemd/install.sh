@@ -42,6 +42,7 @@ dir() {  # dir PATH MODE
 build_wheel() {  # the project's own wheel, reproducible (zip times from SOURCE_DATE_EPOCH)
   local out=$1
   mkdir -p "$out"
+  rm -rf "$HERE/build"  # setuptools never empties it: a file removed from the tree would ship
   SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-1700000000} \
     "$PYTHON" -m pip wheel --quiet --disable-pip-version-check --no-deps -w "$out" "$HERE" >/dev/null
 }

@@ -1,6 +1,7 @@
-"""The transport interface every MQTT backend implements (paho, awsiot, ...).
+"""The transport interface every MQTT backend implements (paho, awsiot, memory).
 
 Everything above this interface (outbox publisher, consumer, proxy) is backend-agnostic.
+How to reach the broker (``MqttSettings``, parsed from a URL) lives in ``settings.py``.
 """
 
 from __future__ import annotations
@@ -9,12 +10,13 @@ import abc
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal
-from urllib.parse import parse_qs, unquote, urlsplit
 
-from bridge.errors import ConfigError
+from bridge.transport.settings import MqttSettings, TlsFiles, Will
+
+__all__ = ["InboundMessage", "MqttSettings", "QoS", "TlsFiles", "Transport", "Will"]
 
 log = logging.getLogger(__name__)
 
@@ -31,81 +33,6 @@ class InboundMessage:
     retain: bool = False
     mid: int = 0
     dup: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Will:
-    """A message the broker publishes for us (last will) or we publish on connect (birth)."""
-
-    topic: str
-    payload: bytes
-    qos: int = 1
-    retain: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class TlsFiles:
-    """Files for TLS / mutual TLS (AWS IoT needs all three)."""
-
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class MqttSettings:
-    """How to reach the broker and what session to hold there."""
-
-    host: str
-    port: int
-    client_id: str
-    tls: bool = False
-    tls_files: TlsFiles = field(default_factory=TlsFiles)
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    protocol: Literal[5, 4] = 5  # 4 = MQTT 3.1.1 (e.g. the embedded amqtt broker)
-    keepalive: int = 30
-    clean_start: bool = False  # persistent session: QoS 1 traffic queues while we are away
-    session_expiry: int = 7 * 24 * 3600
-    manual_ack: bool = False
-    # MQTT 5 Receive Maximum: how many unacked QoS 1 messages the broker may push to us.
-    # With manual acks held until a database commit this bounds the batch size.
-    receive_maximum: int = 1000
-    max_inflight: int = 100  # AWS IoT's cap on unacked QoS 1; larger is slower in paho
-    backoff_min: float = 0.5
-    backoff_max: float = 30.0
-    will: Will | None = None
-    birth: Will | None = None
-    offline: Will | None = None  # published on a graceful stop, since the will is not
-
-    @classmethod
-    def from_url(cls, url: str, *, client_id: str, **overrides: object) -> MqttSettings:
-        """Build from ``mqtt://[user:pass@]host[:port][?protocol=3.1.1]`` or ``mqtts://``."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-            raise ConfigError(f"MQTT URL must start with mqtt:// or mqtts://, got {url!r}")
-        if not parts.hostname:
-            raise ConfigError(f"MQTT URL has no host: {url!r}")
-        tls = parts.scheme in ("mqtts", "ssl")
-        try:
-            port = parts.port or (8883 if tls else 1883)
-        except ValueError as exc:
-            raise ConfigError(f"MQTT URL has a bad port: {url!r}") from exc
-        query = parse_qs(parts.query)
-        protocol: Literal[5, 4] = 5
-        if query.get("protocol", ["5"])[0] in ("3.1.1", "311", "4"):
-            protocol = 4
-        kwargs: dict[str, object] = {
-            "host": parts.hostname,
-            "port": port,
-            "client_id": client_id,
-            "tls": tls,
-            "username": unquote(parts.username) if parts.username else None,
-            "password": unquote(parts.password) if parts.password else None,
-            "protocol": protocol,
-        }
-        kwargs.update(overrides)
-        return cls(**kwargs)  # type: ignore[arg-type]
 
 
 MessageHandler = Callable[[InboundMessage], None]

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hmac
-import json
 from collections.abc import Callable
 from functools import partial
 from typing import Annotated, Any, Literal
@@ -23,89 +21,11 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from starlette.types import Receive, Scope, Send
 
 from bridge.errors import AuthError, InputError
 from bridge.http_body import parse_model, read_body
 from bridge.proxy.core import MqttProxy
-from bridge.proxy.subscriptions import (
-    StreamSubscription,
-    message_json,
-)
-
-
-class EventStream(Response):
-    """A Server-Sent-Events response that notices the client leaving.
-
-    It watches ``receive`` for ``http.disconnect`` itself (whatever the server's ASGI
-    version) and always runs ``on_close``, so the broker subscription is released.
-    """
-
-    media_type = "text/event-stream"
-
-    def __init__(self, sub: StreamSubscription, keepalive: float,
-                 on_close: Callable[[], None]) -> None:
-        self.status_code = 200
-        self.background = None
-        self._sub = sub
-        self._keepalive = keepalive
-        self._on_close = on_close
-        # No body attribute: no Content-Length; X-Accel-Buffering stops nginx buffering.
-        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    @staticmethod
-    def _event(name: str, data: dict[str, Any]) -> bytes:
-        # json.dumps escapes newlines, so the data is one SSE line.
-        return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        sub = self._sub
-        gone = False
-
-        async def watch() -> None:
-            nonlocal gone
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            gone = True
-            sub.mailbox.wake()
-
-        watcher = asyncio.create_task(watch(), name=f"sse-watch-{sub.id}")
-        try:
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": self.raw_headers})
-            hello = self._event("subscribed", {"id": sub.id, "topic": sub.filter})
-            await send({"type": "http.response.body", "body": hello, "more_body": True})
-            reported = sub.mailbox.dropped
-            while not gone:
-                try:
-                    async with asyncio.timeout(self._keepalive):
-                        message = await sub.mailbox.get()
-                except TimeoutError:
-                    chunk = b": keepalive\n\n"  # keeps proxies and idle timers from closing us
-                else:
-                    if gone:
-                        break
-                    if message is None:
-                        if not sub.mailbox.closed:
-                            continue
-                        # Unsubscribed, or the proxy is stopping: end the response.
-                        await send({"type": "http.response.body", "body": b"",
-                                    "more_body": False})
-                        break
-                    chunk = b""
-                    if sub.mailbox.dropped != reported:
-                        reported = sub.mailbox.dropped
-                        chunk = self._event("dropped", {"dropped": reported})
-                    chunk += self._event("message", message_json(message))
-                    sub.delivered += 1
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except OSError:
-            pass  # ASGI >= 2.4 servers raise on send() once the client has gone
-        finally:
-            self._on_close()
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
-
+from bridge.proxy.sse import EventStream
 
 
 # -- HTTP ------------------------------------------------------------------------------------

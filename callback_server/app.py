@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -30,9 +30,7 @@ from bridge.topic import DeviceAddress, TopicScheme, parse_device_topic
 from callback_server.access import INGESTERS, OPERATORS, READERS, Access, Principal
 from callback_server.consumer import consistent, handled_by_gateway
 from callback_server.paging import DEFAULT_LIMIT, MAX_LIMIT, decode_cursor, encode_cursor, page
-
-if TYPE_CHECKING:
-    from callback_server.service import CallbackServer
+from callback_server.ports import AppHost
 
 # An AWS IoT Rule HTTP action gives up after 3 s and retries; answer before that.
 INGEST_TIMEOUT_SECONDS = 2.5
@@ -67,7 +65,7 @@ class _Ingest:
     gateway: list[tuple[DeviceAddress, bytes]]
 
 
-def _sort(server: CallbackServer, parsed: strictjson.Parsed,
+def _sort(server: AppHost, parsed: strictjson.Parsed,
           header_topic: str | None) -> _Ingest:
     """An IoT Rule body (one object or a list; topic from header or field), sorted by
     channel: the rule forwards gateway telemetry and responses too, which are not
@@ -101,13 +99,13 @@ def _sort(server: CallbackServer, parsed: strictjson.Parsed,
     return sorted_
 
 
-async def _dead_letter(server: CallbackServer, topic: str | None, raw: bytes,
+async def _dead_letter(server: AppHost, topic: str | None, raw: bytes,
                        reason: str) -> None:
     """Keep a refused ingest body, committed before the 4xx answer goes out."""
     await _keep_dead(server, [(topic or "http", raw)], reason)
 
 
-async def _dead_letters(server: CallbackServer, ingest: _Ingest, reason: str) -> None:
+async def _dead_letters(server: AppHost, ingest: _Ingest, reason: str) -> None:
     """Keep each part of a refused ingest request (envelope by envelope), with why."""
     parts = [(topic, envelope.to_json()) for topic, envelope in ingest.envelopes]
     prefix = server.settings.topic_prefix
@@ -116,7 +114,7 @@ async def _dead_letters(server: CallbackServer, ingest: _Ingest, reason: str) ->
     await _keep_dead(server, parts, reason)
 
 
-async def _keep_dead(server: CallbackServer, parts: list[tuple[str, bytes]],
+async def _keep_dead(server: AppHost, parts: list[tuple[str, bytes]],
                      reason: str) -> None:
     loop = asyncio.get_running_loop()
     waits: list[asyncio.Future[None]] = []
@@ -135,7 +133,7 @@ async def _keep_dead(server: CallbackServer, parts: list[tuple[str, bytes]],
         raise StoreError("dead letter not committed in time") from None
 
 
-def create_app(server: CallbackServer) -> FastAPI:
+def create_app(server: AppHost) -> FastAPI:
     """Build the app around a running server."""
     app = FastAPI(title="Pudu fleet callback server", version=server.version,
                   docs_url=None, redoc_url=None)

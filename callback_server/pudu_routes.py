@@ -6,7 +6,7 @@ lists are the app's pages (callback_server.paging).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
@@ -17,9 +17,7 @@ from bridge.errors import CommandTimeoutError, NotFoundError
 from bridge.http_body import parse_model, read_body
 from callback_server.access import OPERATORS, READERS, Access
 from callback_server.paging import DEFAULT_LIMIT, MAX_LIMIT, decode_cursor, encode_cursor
-
-if TYPE_CHECKING:
-    from callback_server.service import CallbackServer
+from callback_server.ports import AppHost
 
 
 class RobotCommandRequest(BaseModel):
@@ -30,7 +28,7 @@ class RobotCommandRequest(BaseModel):
     timeout: float = Field(10.0, gt=0, le=3600)
 
 
-def create_pudu_router(server: CallbackServer, access: Access) -> APIRouter:
+def create_pudu_router(server: AppHost, access: Access) -> APIRouter:
     router = APIRouter()
 
     @router.get("/ingestion-runs", summary="Pudu cloud poll runs the gateways reported, "

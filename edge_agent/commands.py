@@ -5,17 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bridge.commands import CommandExecutor
-
-if TYPE_CHECKING:
-    from edge_agent.service import EdgeAgent
+from edge_agent.ports import CommandHost
 
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
-def register_builtins(executor: CommandExecutor, agent: EdgeAgent) -> None:
+def register_builtins(executor: CommandExecutor, agent: CommandHost) -> None:
     """Register the built-ins; more can be added with ``executor.register``."""
 
     async def ping(args: dict[str, Any]) -> dict[str, Any]:

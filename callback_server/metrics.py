@@ -1,0 +1,37 @@
+"""Prometheus metrics of one callback server (own registry, so tests can run several)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from callback_server.access import REFUSAL_REASONS
+
+__all__ = ["CallbackMetrics"]
+
+
+class CallbackMetrics:
+    """Gauges refreshed on scrape from the components' own counters."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, registry=self.registry)
+
+        self.received = gauge("callback_messages_received_total", "MQTT messages received")
+        self.stored = gauge("callback_messages_stored_total", "Messages committed")
+        self.batches = gauge("callback_batches_total", "Store transactions")
+        self.dead = gauge("callback_dead_letters_total", "Malformed messages dead-lettered")
+        self.pending = gauge("callback_pending", "Messages waiting for a commit")
+        self.oldest_unacked = gauge("callback_oldest_unacked_seconds",
+                                    "Age of the oldest MQTT message not yet acknowledged")
+        self.skewed = gauge("callback_clock_skewed_total",
+                            "Messages whose robot time was too far ahead (ordered by now)")
+        self.degraded = gauge("callback_degraded", "1 while database writes fail")
+        self.connected = gauge("callback_broker_connected", "1 when connected to the broker")
+        self.pruned = Gauge("callback_rows_pruned_total", "Rows deleted by retention",
+                            ["table"], registry=self.registry)
+        self.auth_refused = Counter("callback_auth_refused", "Requests refused by key checks",
+                                    ["reason"], registry=self.registry)
+        for reason in REFUSAL_REASONS:
+            self.auth_refused.labels(reason=reason)

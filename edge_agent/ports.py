@@ -1,0 +1,44 @@
+"""What the edge agent's parts need from the agent, as protocols (narrow interfaces).
+
+The webhook app and the built-in commands are handed the agent but typed against these,
+so they import nothing from ``edge_agent.service`` (the composition root) and there is no
+import circle; a test can hand them any object with these attributes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from bridge.envelope import Envelope
+from bridge.outbox import Outbox
+from bridge.topic import TopicScheme
+from edge_agent.config import EdgeSettings
+from edge_agent.metrics import EdgeMetrics
+from edge_agent.publisher import OutboxPublisher
+
+__all__ = ["CommandHost", "WebhookHost"]
+
+
+class WebhookHost(Protocol):
+    """What the public app (the webhook) uses."""
+
+    settings: EdgeSettings
+    version: str
+    metrics: EdgeMetrics
+    scheme: TopicScheme
+    outbox: Outbox
+
+    def note_robot(self, envelope: Envelope) -> None: ...
+
+    def health(self) -> dict[str, Any]: ...
+
+
+class CommandHost(Protocol):
+    """What the built-in gateway commands use."""
+
+    settings: EdgeSettings
+    outbox: Outbox
+    publisher: OutboxPublisher
+    robots: dict[str, dict[str, Any]]
+
+    def health(self) -> dict[str, Any]: ...

@@ -329,6 +329,12 @@ class Outbox:
         if batch:
             self._submit(_Release(batch, None))
 
+    async def sync(self) -> None:
+        """Wait until everything queued before this call is committed."""
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._submit(_Release((), fut))
+        await fut
+
     async def release_all(self) -> int:
         """Move everything held into the outbox (at start: a crash left it there)."""
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()

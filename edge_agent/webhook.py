@@ -191,9 +191,9 @@ class _Webhook:
             gateway=self.gateway, ts=norm.ts, received_at=now, data=norm.data,
             raw=norm.raw, channel=norm.channel, notes=(*parsed.notes, *norm.notes),
         )
-        self.agent.note_robot(envelope)
         if self.filtering and not self.policy.forwards(norm.channel, norm.callback_type):
             # Answered 200 so Pudu does not retry; the operator chose to keep it home.
+            self.agent.note_robot(envelope)  # get_robots still knows it
             self.count("dropped", norm.callback_type)
             return self._answer(norm, now, topic, "callback accepted; not forwarded "
                                 "(FORWARD_CHANNELS / DROP_TYPES)", forwarded=False)
@@ -208,6 +208,7 @@ class _Webhook:
             topic, envelope.to_json(), qos=1, compact_key=compact_key, dedup_keys=keys,
             hold=hold, order=norm.ts,
         )
+        self.agent.note_robot(envelope)
         if result.superseded:
             self.count_downsampled(norm.channel)
         duplicate = result is PutResult.DUPLICATE

@@ -20,12 +20,12 @@ def child_env(**extra: str) -> dict[str, str]:
 def edge_agent(log_dir: Path, name: str, mqtt_url: str, outbox: Path, *,
                org: str = "bench", gateway: str = "gw-bench", **extra: str) -> Service:
     """``python -m edge_agent run`` as deployed, its broker and outbox given."""
-    port = free_port()
+    port, admin = free_port(), free_port()
     env = child_env(
         PUDU_CALLBACK_CODE=CALLBACK_CODE,
         EDGE_HTTP_HOST="127.0.0.1",
         EDGE_HTTP_PORT=str(port),
-        EDGE_ADMIN_PORT=str(free_port()),
+        EDGE_ADMIN_PORT=str(admin),
         MQTT_URL=mqtt_url,
         ORG_ID=org,
         GATEWAY_ID=gateway,
@@ -35,7 +35,7 @@ def edge_agent(log_dir: Path, name: str, mqtt_url: str, outbox: Path, *,
         **extra,
     )
     return Service(name, python_module("edge_agent", "run"), log_dir, port=port, env=env,
-                   health_path="/api/pudu/webhook/health")
+                   health_path="/api/pudu/webhook/health", admin_port=admin)
 
 
 def callback_server(log_dir: Path, name: str, mqtt_url: str, database_url: str, *,

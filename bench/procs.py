@@ -150,8 +150,10 @@ class Service(Child):
     once the port accepts connections when there is no health path."""
 
     def __init__(self, name: str, argv: Sequence[str], log_dir: Path, *, port: int,
-                 env: Mapping[str, str] | None = None, health_path: str | None = None) -> None:
+                 env: Mapping[str, str] | None = None, health_path: str | None = None,
+                 admin_port: int | None = None) -> None:
         self.name = name
+        self.admin_port = admin_port  # the edge agent serves /metrics there (issue 9)
         self.argv = list(argv)
         self.env = {**os.environ, **(env or {})}
         self.log_path = log_dir / f"{name}.log"
@@ -162,6 +164,11 @@ class Service(Child):
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        port = self.admin_port if self.admin_port is not None else self.port
+        return f"http://127.0.0.1:{port}/metrics"
 
     def ready(self) -> bool:
         if self.health_path is not None:

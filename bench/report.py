@@ -17,6 +17,7 @@ GROUPS = {
     "backlog": "4. backlog drain (outbox built while the broker was down)",
     "memory": "5. edge agent memory",
     "parsing": "6. bounded strict parsing (in process, sample mix)",
+    "forwarding": "7. what leaves the site (1,000 callbacks of the mix, 4 robots at 5/s each)",
 }
 
 

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-SCENARIOS = ("ingest", "pipeline", "consumer", "backlog", "memory", "parsing")
+SCENARIOS = ("ingest", "pipeline", "consumer", "backlog", "memory", "parsing", "forwarding")
 
 
 @dataclass(frozen=True, slots=True)

@@ -102,6 +102,13 @@ FIGURES: tuple[Figure, ...] = (
     _f("parsing.strict_us", "strictjson.loads per sample body", "µs"),
     _f("parsing.overhead_us", "extra CPU per callback for depth/number checks", "µs"),
     _f("parsing.strict_vs_json", "strictjson.loads / json.loads", "x"),
+    # 7. what leaves the site (issue 17): 1,000 callbacks of the mix, 20 robots at 50/s
+    _f("forwarding.all_per_1000", "published per 1,000 callbacks, nothing filtered",
+       "msgs"),
+    _f("forwarding.suggested_per_1000",
+       "published per 1,000 callbacks, MIN_INTERVAL_SECONDS=pose=5,power=30,move=5", "msgs"),
+    _f("forwarding.downsampled_per_1000", "downsampled away per 1,000 callbacks", "msgs"),
+    _f("forwarding.suggested_vs_all", "published with the suggested settings / all", "x"),
 )
 FIGURE_BY_KEY = {f.key: f for f in FIGURES}
 

@@ -17,7 +17,8 @@ from bridge.config import masked
 from bridge.errors import ConfigError
 from bridge.lifecycle import EXIT_CONFIG, EXIT_OK
 
-__all__ = ["check_config", "guarded", "load_or_exit", "parser", "report_problems"]
+__all__ = ["check_config", "guarded", "load_or_exit", "parser", "report_problems",
+           "report_warnings"]
 
 S = TypeVar("S", bound=BaseModel)
 
@@ -42,11 +43,20 @@ def report_problems(prog: str, problems: Sequence[str]) -> int:
     return EXIT_CONFIG if problems else EXIT_OK
 
 
+def report_warnings(prog: str, warnings: Sequence[str]) -> None:
+    """One line per warning on stderr: allowed settings that are likely a mistake."""
+    for warning in warnings:
+        print(f"{prog}: warning: {warning}", file=sys.stderr)
+
+
 def check_config(prog: str, settings: S, problems: Callable[[S], list[str]],
-                 connect: Callable[[S], Coroutine[Any, Any, list[str]]] | None) -> int:
+                 connect: Callable[[S], Coroutine[Any, Any, list[str]]] | None,
+                 warnings: Callable[[S], list[str]] | None = None) -> int:
     """``check-config [--connect]``: exactly the checks ``run`` makes, then the settings
-    (secrets masked) on stdout."""
+    (secrets masked) on stdout. Warnings are printed (stderr) but do not fail it."""
     found = problems(settings) if connect is None else asyncio.run(connect(settings))
+    if warnings is not None:
+        report_warnings(prog, warnings(settings))
     if found:
         return report_problems(prog, found)
     print(json.dumps(masked(settings), indent=2))

@@ -23,6 +23,13 @@ per put at 2k puts/s (measured). Anything else that changes the stored order or 
 (compaction, rejection, requeue, a failed write) drops the tail, and peeks go to SQLite
 until one of them reaches the end again.
 
+Held: a put with ``hold=True`` goes to the ``held`` table instead, one row per
+``compact_key``, the newest by ``order`` (the robot time) winning: the edge's downsampler
+(edge_agent/downsample.py) holds the latest pose of a robot there until its interval
+ends, then ``release`` moves it into the outbox. It is in SQLite, not only in memory, so
+a callback answered 200 survives a crash during its interval: ``release()`` with no keys,
+at start, sends whatever was held. Held rows are bounded by robots x channels.
+
 Deduplication: each put may carry keys (Pudu ``TraceId``, a body hash); a put whose key
 was seen within ``dedup_ttl`` seconds is reported as a duplicate and stores nothing.
 """
@@ -76,6 +83,15 @@ CREATE TABLE IF NOT EXISTS seen (
     at REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS seen_at ON seen (at);
+CREATE TABLE IF NOT EXISTS held (
+    compact_key TEXT PRIMARY KEY,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    retain INTEGER NOT NULL,
+    ord REAL NOT NULL,
+    held_at REAL NOT NULL
+) WITHOUT ROWID;
 """
 
 
@@ -84,6 +100,17 @@ class PutResult(enum.Enum):
 
     ACCEPTED = "accepted"
     DUPLICATE = "duplicate"
+    #: Held (``hold=True``): nothing was held under its key before.
+    HELD = "held"
+    #: Held, and the older entry held under its key was dropped (superseded).
+    REPLACED = "replaced"
+    #: Not stored: a newer entry (by ``order``) is held under its key (superseded).
+    STALE = "stale"
+
+    @property
+    def superseded(self) -> bool:
+        """One message fewer will be published because of this put."""
+        return self in (PutResult.REPLACED, PutResult.STALE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +133,8 @@ class _Put:
     compact_key: str | None
     dedup_keys: tuple[str, ...]
     future: asyncio.Future[PutResult]
+    hold: bool = False
+    order: float = 0.0
 
 
 @dataclass(slots=True)
@@ -122,6 +151,12 @@ class _Reject:
 @dataclass(slots=True)
 class _Requeue:
     future: asyncio.Future[int]
+
+
+@dataclass(slots=True)
+class _Release:
+    keys: tuple[str, ...] | None  # None: everything held
+    future: asyncio.Future[int] | None
 
 
 _STOP = object()
@@ -158,6 +193,7 @@ class Outbox:
         self.max_rejected = max_rejected
         self.depth = 0
         self.rejected = 0
+        self.held = 0  # entries in the held table (not yet in the outbox)
         self.oldest_at: float | None = None  # created_at of the oldest entry, if any
         self.commits = 0
         self.compacted = 0
@@ -224,6 +260,7 @@ class Outbox:
         conn.executescript(_SCHEMA)
         self.depth = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
         self.rejected = conn.execute("SELECT COUNT(*) FROM rejected").fetchone()[0]
+        self.held = conn.execute("SELECT COUNT(*) FROM held").fetchone()[0]
         self.oldest_at = self._oldest(conn)
         return conn
 
@@ -269,12 +306,41 @@ class Outbox:
         retain: bool = False,
         compact_key: str | None = None,
         dedup_keys: Sequence[str] = (),
+        hold: bool = False,
+        order: float = 0.0,
     ) -> PutResult:
-        """Store durably; returns once committed. OutboxFullError when at the bound."""
+        """Store durably; returns once committed. OutboxFullError when at the bound.
+
+        ``hold``: keep it in the held table under ``compact_key`` (required) until
+        ``release``; of two held under one key the one with the greater ``order`` stays
+        (the later put on a tie). Queued synchronously, before the first await, so puts
+        and releases reach the writer in the order they were called."""
         if self._fatal is not None:
             raise OutboxError(f"outbox writer failed: {self._fatal}")
+        if hold and compact_key is None:
+            raise ValueError("a held put needs a compact_key")
         fut: asyncio.Future[PutResult] = asyncio.get_running_loop().create_future()
-        self._submit(_Put(topic, payload, qos, retain, compact_key, tuple(dedup_keys), fut))
+        self._submit(_Put(topic, payload, qos, retain, compact_key, tuple(dedup_keys), fut,
+                          hold, order))
+        return await fut
+
+    def release(self, keys: Iterable[str]) -> None:
+        """Move what is held under ``keys`` into the outbox (not awaited: it stays held,
+        durably, if this is lost, and the next start releases it)."""
+        batch = tuple(keys)
+        if batch:
+            self._submit(_Release(batch, None))
+
+    async def sync(self) -> None:
+        """Wait until everything queued before this call is committed."""
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._submit(_Release((), fut))
+        await fut
+
+    async def release_all(self) -> int:
+        """Move everything held into the outbox (at start: a crash left it there)."""
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._submit(_Release(None, fut))
         return await fut
 
     def remove(self, seqs: Iterable[int]) -> None:
@@ -394,7 +460,8 @@ class Outbox:
             if ops is _STOP:
                 continue
             err = OutboxError(f"outbox writer failed: {exc}")
-            failed = [(op.future, err) for op in ops if isinstance(op, (_Put, _Requeue))]
+            failed = [(op.future, err) for op in ops
+                      if isinstance(op, (_Put, _Requeue, _Release)) and op.future is not None]
             self._resolve(_Commit(failed, [], True))
 
     def _apply(self, conn: sqlite3.Connection, ops: list[Any]) -> None:
@@ -402,10 +469,15 @@ class Outbox:
         added: list[OutboxEntry] = []
         reordered = False
         now = time.time()
-        depth = self.depth
+        depth, held = self.depth, self.held
         conn.execute("BEGIN IMMEDIATE")
         try:
             for op in ops:
+                if type(op) is _Put and op.hold:
+                    kept = self._hold(conn, op, now)
+                    held += kept is PutResult.HELD
+                    results.append((op.future, kept))
+                    continue
                 if type(op) is _Put:
                     result, freed = self._insert(conn, op, now, depth, added)
                     depth -= freed
@@ -416,6 +488,14 @@ class Outbox:
                     continue
                 if isinstance(op, _Remove):
                     depth -= self._delete(conn, op.seqs)
+                    continue
+                if isinstance(op, _Release):
+                    moved, freed = self._release(conn, op.keys, now, depth, added)
+                    depth += moved - freed
+                    held -= moved
+                    reordered = reordered or freed > 0
+                    if op.future is not None:
+                        results.append((op.future, moved))
                     continue
                 reordered = True
                 if isinstance(op, _Reject):
@@ -431,8 +511,10 @@ class Outbox:
         except sqlite3.Error as exc:
             conn.execute("ROLLBACK")
             err = OutboxError(f"outbox write failed: {exc}")
-            results = [(op.future, err) for op in ops if isinstance(op, (_Put, _Requeue))]
+            results = [(op.future, err) for op in ops
+                       if isinstance(op, (_Put, _Requeue, _Release)) and op.future is not None]
             depth = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+            held = conn.execute("SELECT COUNT(*) FROM held").fetchone()[0]
             added, reordered = [], True
         if any(isinstance(op, (_Reject, _Requeue)) for op in ops):  # rare: recount
             self.rejected = conn.execute("SELECT COUNT(*) FROM rejected").fetchone()[0]
@@ -440,7 +522,7 @@ class Outbox:
             self.oldest_at = None
         elif self.oldest_at is None or any(not isinstance(op, _Put) for op in ops) or reordered:
             self.oldest_at = self._oldest(conn)
-        self.depth = depth
+        self.depth, self.held = depth, held
         self.commits += 1
         self._resolve(_Commit(results, added, reordered))
 
@@ -501,6 +583,56 @@ class Outbox:
         assert seq is not None
         added.append(OutboxEntry(seq, op.topic, op.payload, op.qos, op.retain))
         return PutResult.ACCEPTED, freed
+
+    def _hold(self, conn: sqlite3.Connection, op: _Put, now: float) -> PutResult:
+        """Upsert into ``held``; the newest by ``order`` stays."""
+        keys = op.dedup_keys
+        if keys and conn.execute(_seen_sql(len(keys)), keys).fetchone():
+            return PutResult.DUPLICATE
+        before = conn.execute("SELECT ord FROM held WHERE compact_key = ?",
+                              (op.compact_key,)).fetchone()
+        if before is not None and before[0] > op.order:
+            result = PutResult.STALE
+        else:
+            conn.execute(
+                "INSERT OR REPLACE INTO held (compact_key, topic, payload, qos, retain, ord,"
+                " held_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (op.compact_key, op.topic, op.payload, op.qos, int(op.retain), op.order, now))
+            result = PutResult.HELD if before is None else PutResult.REPLACED
+        if keys:  # a retry of a superseded callback is still a duplicate
+            args: list[Any] = []
+            for key in keys:
+                args += (key, now)
+            conn.execute(_mark_sql(len(keys)), args)
+        return result
+
+    def _release(
+        self, conn: sqlite3.Connection, keys: tuple[str, ...] | None, now: float, depth: int,
+        added: list[OutboxEntry],
+    ) -> tuple[int, int]:
+        """Held rows into the outbox, in the order they were held; (moved, compacted).
+
+        Not refused at the bound (held rows are few, one per robot and channel):
+        superseded state is compacted first if there is any."""
+        if keys is None:
+            rows = conn.execute("SELECT compact_key, topic, payload, qos, retain FROM held"
+                                " ORDER BY held_at").fetchall()
+        else:
+            rows = [row for key in keys for row in conn.execute(
+                "SELECT compact_key, topic, payload, qos, retain FROM held"
+                " WHERE compact_key = ?", (key,))]
+        freed = 0
+        for moved, (key, topic, payload, qos, retain) in enumerate(rows):
+            if depth + moved >= self.max_entries and not freed:
+                freed = self._make_room(conn, None)
+            seq = conn.execute(
+                "INSERT INTO outbox (topic, payload, qos, retain, compact_key, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)", (topic, payload, qos, retain, key, now),
+            ).lastrowid
+            assert seq is not None
+            conn.execute("DELETE FROM held WHERE compact_key = ?", (key,))
+            added.append(OutboxEntry(seq, topic, bytes(payload), qos, bool(retain)))
+        return len(rows), freed
 
     def _make_room(self, conn: sqlite3.Connection, compact_key: str | None) -> int:
         """Compact superseded state; returns how many entries were dropped."""

@@ -6,6 +6,8 @@ from bridge.checks import broker_reachable, mqtt_transport, writable_file
 from bridge.config import mask_url
 from bridge.topic import TopicScheme
 from edge_agent.config import EdgeSettings
+from edge_agent.forwarding import ForwardPolicy
+from edge_agent.forwarding import warnings as policy_warnings
 
 
 def problems(settings: EdgeSettings) -> list[str]:
@@ -17,6 +19,11 @@ def problems(settings: EdgeSettings) -> list[str]:
     mqtt_transport(found, settings.mqtt_backend, lambda: mqtt_settings(settings, scheme))
     writable_file(found, "OUTBOX_PATH", settings.outbox_path)
     return found
+
+
+def warnings(settings: EdgeSettings) -> list[str]:
+    """Allowed but likely a mistake (status or events not forwarded): said, not refused."""
+    return policy_warnings(ForwardPolicy.of(settings))
 
 
 async def connect_problems(settings: EdgeSettings) -> list[str]:

@@ -6,7 +6,14 @@ from __future__ import annotations
 import json
 import sys
 
-from bridge.cli import check_config, guarded, load_or_exit, parser, report_problems
+from bridge.cli import (
+    check_config,
+    guarded,
+    load_or_exit,
+    parser,
+    report_problems,
+    report_warnings,
+)
 from bridge.lifecycle import run_main
 from edge_agent import checks, config
 
@@ -35,7 +42,8 @@ def _main(argv: list[str] | None) -> int:
         return settings
     if args.command == "check-config":
         return check_config(PROG, settings, checks.problems,
-                            checks.connect_problems if args.connect else None)
+                            checks.connect_problems if args.connect else None,
+                            warnings=checks.warnings)
     if args.command == "outbox":
         from edge_agent.outbox_view import peek_entries, stats
 
@@ -52,6 +60,8 @@ def _main(argv: list[str] | None) -> int:
     found = checks.problems(settings)
     if found:
         return report_problems(PROG, found)
+    if args.command == "run":
+        report_warnings(PROG, checks.warnings(settings))
     from bridge.logs import setup_logging
 
     setup_logging(settings.log_level)

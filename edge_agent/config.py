@@ -19,6 +19,7 @@ from bridge.config import (
     TlsSettings,
     load_settings,
 )
+from edge_agent.forwarding import FORWARDABLE, DropTypes, ForwardChannels, Intervals
 from edge_agent.pudu.settings import PuduApiSettings
 
 ENV_MAP = {
@@ -35,6 +36,9 @@ ENV_MAP = {
     "OUTBOX_PATH": "outbox_path",
     "OUTBOX_MAX_ENTRIES": "outbox_max_entries",
     "MAX_BODY_BYTES": "max_body_bytes",
+    "FORWARD_CHANNELS": "forward_channels",
+    "DROP_TYPES": "drop_types",
+    "MIN_INTERVAL_SECONDS": "min_interval_seconds",
     "PUDU_API_URL": "pudu.api_url",
     "PUDU_API_KEY": "pudu.api_key",
     "PUDU_API_SECRET": "pudu.api_secret",
@@ -84,6 +88,11 @@ class EdgeSettings(BaseModel):
     # Outbound webhooks (callback_url) may go here although not globally routable.
     callback_url_allow: OutboundAllow = ()
     http_limits: HttpLimits = HttpLimits()
+    # What leaves the site (edge_agent/forwarding.py): channels forwarded, callback types
+    # answered 200 but never forwarded, and per-channel downsampling of superseded state.
+    forward_channels: ForwardChannels = FORWARDABLE
+    drop_types: DropTypes = ()
+    min_interval_seconds: Intervals = {}
     # The Pudu cloud API: robot commands, scheduled reconciliation and fault backfill.
     pudu: PuduApiSettings = PuduApiSettings()
 

@@ -17,6 +17,18 @@ class EdgeMetrics:
             ["outcome", "type"],
             registry=self.registry,
         )
+        # Answered 200 and counted under edge_webhooks_total{outcome="dropped"} when
+        # DROP_TYPES or FORWARD_CHANNELS keep them home; these were downsampled away.
+        self.downsampled = Counter(
+            "edge_downsampled_total",
+            "Callbacks superseded within their MIN_INTERVAL_SECONDS (answered 200, "
+            "a newer one of the same robot published instead)", ["channel"],
+            registry=self.registry,
+        )
+        self.outbox_held = Gauge(
+            "edge_outbox_held", "Messages held for the end of their downsampling interval",
+            registry=self.registry,
+        )
         self.accept_seconds = Histogram(
             "edge_webhook_accept_seconds", "Time to durable accept (outbox commit)",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),

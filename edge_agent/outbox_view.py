@@ -33,13 +33,17 @@ def stats(path: Path) -> dict[str, Any]:
         depth, oldest, newest = conn.execute(
             "SELECT COUNT(*), MIN(created_at), MAX(created_at) FROM outbox").fetchone()
         rejected = conn.execute("SELECT COUNT(*) FROM rejected").fetchone()[0]
+        has_held = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table'"
+                                " AND name = 'held'").fetchone()
+        # Held for downsampling (an outbox from before issue 17 has no such table).
+        held = conn.execute("SELECT COUNT(*) FROM held").fetchone()[0] if has_held else 0
         by_channel: dict[str, int] = {}
         for (topic,) in conn.execute("SELECT topic FROM outbox"):
             channel = _channel(topic)
             by_channel[channel] = by_channel.get(channel, 0) + 1
     size = sum(p.stat().st_size for p in path.parent.glob(path.name + "*") if p.is_file())
     return {
-        "path": str(path), "depth": depth, "rejected": rejected,
+        "path": str(path), "depth": depth, "rejected": rejected, "held": held,
         "oldest_age_s": None if oldest is None else round(now - oldest, 1),
         "newest_age_s": None if newest is None else round(now - newest, 1),
         "bytes_on_disk": size, "by_channel": dict(sorted(by_channel.items())),

@@ -13,6 +13,8 @@ from bridge.envelope import Envelope
 from bridge.outbox import Outbox
 from bridge.topic import TopicScheme
 from edge_agent.config import EdgeSettings
+from edge_agent.downsample import Downsampler
+from edge_agent.forwarding import ForwardPolicy
 from edge_agent.metrics import EdgeMetrics
 from edge_agent.publisher import OutboxPublisher
 
@@ -27,6 +29,8 @@ class WebhookHost(Protocol):
     metrics: EdgeMetrics
     scheme: TopicScheme
     outbox: Outbox
+    policy: ForwardPolicy
+    downsampler: Downsampler
 
     def note_robot(self, envelope: Envelope) -> None: ...
 

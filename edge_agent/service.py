@@ -34,6 +34,8 @@ from bridge.transport import MqttSettings, TlsFiles, Transport, Will, create_tra
 from bridge.version import VERSION
 from edge_agent.commands import register_builtins
 from edge_agent.config import EdgeSettings
+from edge_agent.downsample import Downsampler
+from edge_agent.forwarding import ForwardPolicy
 from edge_agent.journal import Journal
 from edge_agent.metrics import EdgeMetrics
 from edge_agent.publisher import OutboxPublisher
@@ -81,6 +83,11 @@ class EdgeAgent:
             self.outbox, self.transport,
             window=settings.publish_window, rate_limit=settings.publish_rate_limit,
             beat=self.watchdog.beat("publisher"),
+        )
+        self.policy = ForwardPolicy.of(settings)
+        self.downsampler = Downsampler(
+            self.outbox, self.policy.intervals,
+            beat=self.watchdog.beat("downsampler") if self.policy.intervals else lambda: None,
         )
         self.router = MessageRouter(self.transport)
         self.outbound = OutboundPolicy(allow=settings.callback_url_allow)
@@ -145,6 +152,11 @@ class EdgeAgent:
 
     async def __aenter__(self) -> EdgeAgent:
         await self._stack.enter_async_context(self.outbox)
+        # Held for downsampling when the last run stopped (or died): their intervals are
+        # over, and a 200 was given for each.
+        released = await self.outbox.release_all()
+        if released:
+            log.info("released %d messages held for downsampling before the restart", released)
         await self._stack.enter_async_context(self.journal)
         await self._stack.enter_async_context(self.router)
         # Route before connecting: a resumed session delivers queued commands at once.
@@ -156,6 +168,8 @@ class EdgeAgent:
             lambda up: self.metrics.broker_connected.set(1 if up else 0)
         )
         self._tasks.append(asyncio.create_task(self.publisher.run(), name="outbox-publisher"))
+        if self.downsampler.enabled:
+            self._tasks.append(asyncio.create_task(self.downsampler.run(), name="downsampler"))
         if self.settings.heartbeat_seconds > 0:
             self._tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
         if self.poller.enabled and self.schedule_polls:
@@ -199,6 +213,7 @@ class EdgeAgent:
             "outbox_depth": self.outbox.depth,
             "outbox_max_entries": self.outbox.max_entries,
             "outbox_rejected": self.outbox.rejected,
+            "outbox_held": self.outbox.held,
             "outbox_oldest_age_s": round(self.outbox.oldest_age_s, 1),
             "drain_estimate_s": _rounded(self.publisher.drain_estimate_s()),
             "inflight": self.publisher.inflight,
@@ -225,6 +240,7 @@ class EdgeAgent:
     def refresh_gauges(self) -> None:
         self.metrics.outbox_depth.set(self.outbox.depth)
         self.metrics.outbox_rejected.set(self.outbox.rejected)
+        self.metrics.outbox_held.set(self.outbox.held)
         self.metrics.outbox_oldest_age.set(self.outbox.oldest_age_s)
         self.metrics.published.set(self.publisher.published)
         self.metrics.broker_connected.set(1 if self.transport.connected else 0)

@@ -25,7 +25,7 @@ from bridge.errors import FleetError, InputError, OutboxError, PayloadError
 from bridge.http_errors import error_response, internal_error_response
 from bridge.http_errors import install as install_error_handlers
 from bridge.outbox import PutResult
-from edge_agent.normalize import DOCUMENTED_TYPES, normalize
+from edge_agent.normalize import DOCUMENTED_TYPES, Normalized, normalize
 from edge_agent.ports import WebhookHost
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,10 @@ class _Webhook:
         self._counted: dict[tuple[str, str], Any] = {}
         self.skewed = agent.metrics.clock_skew
         self.max_skew = settings.max_clock_skew_seconds
+        self.policy = agent.policy
+        self.filtering = not agent.policy.everything
+        self.downsampler = agent.downsampler
+        self._downsampled: dict[str, Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -186,28 +190,54 @@ class _Webhook:
             gateway=self.gateway, ts=norm.ts, received_at=now, data=norm.data,
             raw=norm.raw, channel=norm.channel, notes=(*parsed.notes, *norm.notes),
         )
+        if self.filtering and not self.policy.forwards(norm.channel, norm.callback_type):
+            # Answered 200 so Pudu does not retry; the operator chose to keep it home.
+            self.agent.note_robot(envelope)  # get_robots still knows it
+            self.count("dropped", norm.callback_type)
+            return self._answer(norm, now, topic, "callback accepted; not forwarded "
+                                "(FORWARD_CHANNELS / DROP_TYPES)", forwarded=False)
+        compact_key, hold = norm.compact_key, False
+        if self.downsampler.applies(norm.channel):
+            compact_key = f"{norm.channel}:{device}"
+            hold = self.downsampler.offer(compact_key, norm.channel)  # no await until put
         # A retry is the same body, whatever its TraceId: Pudu reuses a TraceId for
         # different data, so the TraceId alone must not make a callback a duplicate.
         keys = ["body:" + hashlib.sha256(raw).hexdigest()]
         result = await self.agent.outbox.put(
-            topic, envelope.to_json(), qos=1, compact_key=norm.compact_key, dedup_keys=keys
+            topic, envelope.to_json(), qos=1, compact_key=compact_key, dedup_keys=keys,
+            hold=hold, order=norm.ts,
         )
         self.agent.note_robot(envelope)
+        if result.superseded:
+            self.count_downsampled(norm.channel)
         duplicate = result is PutResult.DUPLICATE
         self.count("duplicate" if duplicate else "accepted", norm.callback_type)
         self.metrics.accept_seconds.observe(time.perf_counter() - started)
-        return _render({
-            "status": "success",
-            "message": "duplicate callback already accepted" if duplicate else "callback accepted",
-            "timestamp": int(now),
-            "data": {
-                "robot_sn": norm.device_id,
-                "callback_type": norm.callback_type,
-                "message_id": norm.message_id,
-                "topic": topic,
-                "duplicate": duplicate,
-            },
-        })
+        return self._answer(
+            norm, now, topic,
+            "duplicate callback already accepted" if duplicate else "callback accepted",
+            duplicate=duplicate)
+
+    def count_downsampled(self, channel: str) -> None:
+        child = self._downsampled.get(channel)
+        if child is None:
+            child = self._downsampled[channel] = self.metrics.downsampled.labels(channel)
+        child.inc()
+
+    @staticmethod
+    def _answer(norm: Normalized, now: float, topic: str, message: str, *,
+                duplicate: bool = False, forwarded: bool = True) -> bytes:
+        data: dict[str, Any] = {
+            "robot_sn": norm.device_id,
+            "callback_type": norm.callback_type,
+            "message_id": norm.message_id,
+            "topic": topic,
+            "duplicate": duplicate,
+        }
+        if not forwarded:
+            data["forwarded"] = False
+        return _render({"status": "success", "message": message, "timestamp": int(now),
+                        "data": data})
 
 
 class _EdgeApp(FastAPI):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from types import TracebackType
 from urllib.parse import urlsplit
@@ -16,6 +17,7 @@ class Seen:
     topic: str
     payload: bytes
     retain: bool
+    at: float = 0.0  # time.time() on arrival
 
 
 class Probe:
@@ -40,7 +42,8 @@ class Probe:
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         with self._cond:
-            self.messages.append(Seen(msg.topic, bytes(msg.payload), bool(msg.retain)))
+            self.messages.append(Seen(msg.topic, bytes(msg.payload), bool(msg.retain),
+                                      time.time()))
             self._cond.notify_all()
 
     def start(self) -> Probe:

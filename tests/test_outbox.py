@@ -155,3 +155,31 @@ async def test_a_second_process_cannot_open_the_same_outbox(tmp_path: Path) -> N
         assert other.returncode == 3 and "in use by another process" in other.stdout
     async with Outbox(path):  # released on close
         pass
+
+
+async def test_held_entries_keep_the_newest_and_survive_a_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    async with Outbox(path) as box:
+        put = box.put
+        assert await put("p/a", b"1", compact_key="pose:a", hold=True, order=1) is PutResult.HELD
+        assert await put("p/a", b"3", compact_key="pose:a", hold=True,
+                         order=3) is PutResult.REPLACED
+        # Older robot time than what is held: superseded, not stored.
+        assert await put("p/a", b"2", compact_key="pose:a", hold=True,
+                         order=2) is PutResult.STALE
+        assert await put("p/b", b"9", compact_key="pose:b", hold=True, order=9,
+                         dedup_keys=["k"]) is PutResult.HELD
+        assert await put("p/b", b"9", compact_key="pose:b", hold=True, order=9,
+                         dedup_keys=["k"]) is PutResult.DUPLICATE
+        assert (box.held, box.depth) == (2, 0)
+        assert await box.peek(0) == []
+        box.release(["pose:a"])
+        await put("s/a", b"status")  # queued after the release: committed after it
+        assert (box.held, box.depth) == (1, 2)
+        assert [e.payload for e in await box.peek(0)] == [b"3", b"status"]
+    # The agent died with pose:b held: it is still there, and released at start.
+    async with Outbox(path) as box:
+        assert box.held == 1
+        assert await box.release_all() == 1
+        assert (box.held, box.depth) == (0, 3)
+        assert [e.payload for e in await box.peek(0)] == [b"3", b"status", b"9"]

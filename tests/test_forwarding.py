@@ -73,7 +73,7 @@ def test_fifty_poses_in_ten_seconds_arrive_as_two_or_three_the_last_one_last(
             post(agent, status(sn, n))
 
         def last_pose_arrived() -> bool:
-            return any(env["data"]["x"] == 49.0  # type: ignore[index]
+            return any(env["data"]["x"] == 49.0
                        for _, env in on(probe.messages, "pose"))
 
         deadline = time.monotonic() + 20
@@ -83,9 +83,9 @@ def test_fifty_poses_in_ten_seconds_arrive_as_two_or_three_the_last_one_last(
         downsampled = metric(agent, 'edge_downsampled_total{channel="pose"}')
     poses = on(seen, "pose")
     assert 2 <= len(poses) <= 3, [env["data"] for _, env in poses]
-    assert poses[-1][1]["data"]["x"] == 49.0  # type: ignore[index]
+    assert poses[-1][1]["data"]["x"] == 49.0
     for m, env in poses:  # none later than one interval (1 s for a loaded shared machine)
-        late = m.at - posted[env["data"]["x"]]  # type: ignore[index]
+        late = m.at - posted[env["data"]["x"]]
         assert late <= 5 + 1.0, (env["data"], late)
     assert downsampled == 50 - len(poses)
     statuses = [env["ts"] for _, env in on(seen, "status")]
@@ -126,7 +126,7 @@ def test_a_pose_held_when_the_agent_is_killed_is_published_after_the_restart(
             deadline = time.monotonic() + 20
             while len(on(probe.messages, "pose")) < 2 and time.monotonic() < deadline:
                 probe.wait_for(len(probe.messages) + 1, timeout=deadline - time.monotonic())
-    assert [env["data"]["x"] for _, env in on(probe.messages, "pose")] == [0.0, 1.0]  # type: ignore[index]
+    assert [env["data"]["x"] for _, env in on(probe.messages, "pose")] == [0.0, 1.0]
 
 
 def test_check_config_warns_about_status_and_events_left_out_but_passes(

@@ -55,6 +55,7 @@ def test_callback_check_config_migrate_and_run_refuse_a_postgres_url(tmp_path: P
         assert_one_line_refusal(cli("callback_server", command, env=env), "DATABASE_URL")
 
 
+@pytest.mark.integration
 def test_check_config_connect_tries_the_broker(tmp_path: Path) -> None:
     dead = edge_env(tmp_path, MQTT_URL=f"mqtt://127.0.0.1:{pick_port()}",
                     MQTT_RECONNECT_MAX_SECONDS="1")

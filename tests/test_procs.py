@@ -130,6 +130,7 @@ def test_a_broken_config_fails_with_mosquittos_words(tmp_path: Path) -> None:
         broker.start()
 
 
+@pytest.mark.integration
 def test_shared_components_are_reachable(shared_broker_url: str, mariadb_url: str) -> None:
     assert shared_broker_url == "mqtt://127.0.0.1:1883"
     assert mariadb_url == "mysql://root:@127.0.0.1:3306/test"

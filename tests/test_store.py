@@ -55,7 +55,7 @@ def extra_mysql_database() -> Iterator[str]:
             conn.cursor().execute(f"DROP DATABASE IF EXISTS `{name}`")
 
 
-@pytest.fixture(params=["sqlite", "mysql"])
+@pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.integration)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'store.db'}"

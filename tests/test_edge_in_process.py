@@ -48,7 +48,7 @@ async def next_on(inbox: asyncio.Queue[InboundMessage], suffix: str) -> InboundM
 
 
 async def test_a_webhook_is_committed_then_published_as_its_envelope(tmp_path: Path) -> None:
-    async with agent_and_watcher(tmp_path) as (agent, client, inbox):
+    async with agent_and_watcher(tmp_path) as (_, client, inbox):
         body = {"callback_type": "notifyRobotPower",
                 "data": {"sn": "R1", "power": 42, "charge_state": "Charging"}}
         first = await client.post("/api/pudu/webhook", headers=CODE, json=body)
@@ -64,7 +64,7 @@ async def test_a_webhook_is_committed_then_published_as_its_envelope(tmp_path: P
 
 
 async def test_every_command_gets_exactly_one_answer(tmp_path: Path) -> None:
-    async with agent_and_watcher(tmp_path) as (agent, client, inbox):
+    async with agent_and_watcher(tmp_path) as (agent, _, inbox):
         commands = [Command("ping"), Command("nope"), Command("get_status")]
         for command in commands:
             await agent.transport.publish(agent.commands.command_topic, command.to_json())

@@ -111,18 +111,18 @@ async def test_tail_in_memory_matches_what_sqlite_holds(tmp_path: Path) -> None:
         for i in range(3):
             await box.put("t", b"a%d" % i, compact_key="pose:A")
         first = await box.peek(0)  # from SQLite; reached the end, so the tail starts here
-        assert box._tail_from == first[-1].seq
+        assert box._tail.start == first[-1].seq
         await asyncio.gather(*(box.put("t", b"b%d" % i) for i in range(3)))
         later = await box.peek(first[-1].seq)
         assert [(e.seq, e.payload) for e in later] == await _stored(box, first[-1].seq)
-        assert len(later) == 3 and box._tail_from is not None
+        assert len(later) == 3 and box._tail.start is not None
         box.remove([later[0].seq])  # acked: gone from the tail at once
         assert [e.seq for e in await box.peek(first[-1].seq)] == [e.seq for e in later[1:]]
         await box.put("t", b"x")
-        assert box._tail_from is not None
+        assert box._tail.start is not None
         # full: compaction drops stored entries, so the tail is dropped too
         await box.put("t", b"c", compact_key="pose:A")
-        assert box.compacted == 2 and box._tail_from is None
+        assert box.compacted == 2 and box._tail.start is None
         entries = await box.peek(0)
         assert [(e.seq, e.payload) for e in entries] == await _stored(box, 0)
         assert [e.payload for e in entries] == [b"a2", b"b1", b"b2", b"x", b"c"]
@@ -131,9 +131,9 @@ async def test_tail_in_memory_matches_what_sqlite_holds(tmp_path: Path) -> None:
 async def test_tail_is_dropped_when_the_publisher_falls_far_behind(tmp_path: Path) -> None:
     async with Outbox(tmp_path / "o.db") as box:
         assert await box.peek(0) == []
-        assert box._tail_from == 0
+        assert box._tail.start == 0
         await asyncio.gather(*(box.put("t", b"%d" % i) for i in range(5000)))
-        assert box._tail_from is None
+        assert box._tail.start is None
         entries = await box.peek(0, limit=10_000)
         assert [e.payload for e in entries] == [b"%d" % i for i in range(5000)]
 

@@ -21,7 +21,7 @@ from bench.procs import Broker, free_port
 from bench.samples import envelopes
 from bench.scenarios.common import edge_health, rss_mib
 from bench.settings import RunContext
-from bridge.outbox import _SCHEMA
+from bridge.outbox import SCHEMA as _SCHEMA
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Durable outbox: SQLite in WAL mode, one writer thread doing group commits.
+"""The outbox itself. Durable outbox: SQLite in WAL mode, one writer thread doing group commits.
 
 A webhook is answered 200 only after its message is committed here; the publisher
 removes an entry only after the broker's PUBACK. Every write (puts and removals) goes
@@ -37,9 +37,7 @@ was seen within ``dedup_ttl`` seconds is reported as a duplicate and stores noth
 from __future__ import annotations
 
 import asyncio
-import enum
 import fcntl
-import functools
 import logging
 import os
 import queue
@@ -47,131 +45,27 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from bridge.errors import OutboxError, OutboxFullError, OutboxLockedError
+from bridge.outbox.entries import (
+    STOP,
+    OutboxEntry,
+    PutResult,
+    _Commit,
+    _Put,
+    _Reject,
+    _Release,
+    _Remove,
+    _Requeue,
+)
+from bridge.outbox.schema import SCHEMA, mark_sql, seen_sql
+from bridge.outbox.tail import Tail
 from bridge.private_files import prepare_sqlite_file
 
 log = logging.getLogger(__name__)
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS outbox (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    topic TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    qos INTEGER NOT NULL DEFAULT 1,
-    retain INTEGER NOT NULL DEFAULT 0,
-    compact_key TEXT,
-    created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS outbox_compact ON outbox (compact_key, seq)
-    WHERE compact_key IS NOT NULL;
-CREATE TABLE IF NOT EXISTS rejected (
-    seq INTEGER PRIMARY KEY,
-    topic TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    qos INTEGER NOT NULL,
-    retain INTEGER NOT NULL,
-    reason TEXT NOT NULL,
-    rejected_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS seen (
-    key TEXT PRIMARY KEY,
-    at REAL NOT NULL
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS seen_at ON seen (at);
-CREATE TABLE IF NOT EXISTS held (
-    compact_key TEXT PRIMARY KEY,
-    topic TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    qos INTEGER NOT NULL,
-    retain INTEGER NOT NULL,
-    ord REAL NOT NULL,
-    held_at REAL NOT NULL
-) WITHOUT ROWID;
-"""
-
-
-class PutResult(enum.Enum):
-    """What happened to a put."""
-
-    ACCEPTED = "accepted"
-    DUPLICATE = "duplicate"
-    #: Held (``hold=True``): nothing was held under its key before.
-    HELD = "held"
-    #: Held, and the older entry held under its key was dropped (superseded).
-    REPLACED = "replaced"
-    #: Not stored: a newer entry (by ``order``) is held under its key (superseded).
-    STALE = "stale"
-
-    @property
-    def superseded(self) -> bool:
-        """One message fewer will be published because of this put."""
-        return self in (PutResult.REPLACED, PutResult.STALE)
-
-
-@dataclass(frozen=True, slots=True)
-class OutboxEntry:
-    """One message waiting for its PUBACK."""
-
-    seq: int
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-
-
-@dataclass(slots=True)
-class _Put:
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    compact_key: str | None
-    dedup_keys: tuple[str, ...]
-    future: asyncio.Future[PutResult]
-    hold: bool = False
-    order: float = 0.0
-
-
-@dataclass(slots=True)
-class _Remove:
-    seqs: list[int] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class _Reject:
-    seq: int
-    reason: str
-
-
-@dataclass(slots=True)
-class _Requeue:
-    future: asyncio.Future[int]
-
-
-@dataclass(slots=True)
-class _Release:
-    keys: tuple[str, ...] | None  # None: everything held
-    future: asyncio.Future[int] | None
-
-
-_STOP = object()
-# The tail is dropped beyond this many entries (publisher far behind): it then reads
-# from SQLite until it has caught up.
-_TAIL_MAX = 4096
-
-
-@dataclass(slots=True)
-class _Commit:
-    """What one transaction did, handed to the event loop in one call."""
-
-    results: list[tuple[asyncio.Future[Any], Any]]
-    added: list[OutboxEntry]
-    reordered: bool  # compaction, rejection, requeue or rollback: the tail is stale
 
 
 class Outbox:
@@ -207,10 +101,8 @@ class Outbox:
         self._empty = asyncio.Event()  # set while nothing waits in the outbox
         self._last_prune = 0.0
         self._fatal: BaseException | None = None
-        # Committed entries with seq > _tail_from, in seq order; None: not tracking.
-        self._tail: dict[int, OutboxEntry] = {}
+        self._tail = Tail()
         self._ops: list[Any] = []  # queued in this loop tick, not yet handed to the writer
-        self._tail_from: int | None = None
         self._commits_seen = 0  # commits with new entries that reached the event loop
         self._lock_fd: int | None = None
 
@@ -257,7 +149,7 @@ class Outbox:
 
     def _open_writer(self) -> sqlite3.Connection:
         conn = self._connect()
-        conn.executescript(_SCHEMA)
+        conn.executescript(SCHEMA)
         self.depth = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
         self.rejected = conn.execute("SELECT COUNT(*) FROM rejected").fetchone()[0]
         self.held = conn.execute("SELECT COUNT(*) FROM held").fetchone()[0]
@@ -283,7 +175,7 @@ class Outbox:
     ) -> None:
         if self._thread is not None:
             self._flush()
-            self._queue.put(_STOP)
+            self._queue.put(STOP)
             await asyncio.to_thread(self._thread.join)
             self._thread = None
         if self._reader is not None:
@@ -347,14 +239,13 @@ class Outbox:
         """Drop acknowledged entries (not awaited: losing a removal only causes a resend)."""
         batch = list(seqs)
         if batch:
-            tail = self._tail
             for seq in batch:
-                tail.pop(seq, None)
+                self._tail.discard(seq)
             self._submit(_Remove(batch))
 
     def reject(self, seq: int, reason: str) -> None:
         """Move an entry the broker refuses for good out of the way (kept, not dropped)."""
-        self._tail.pop(seq, None)
+        self._tail.discard(seq)
         self._submit(_Reject(seq, reason))
 
     async def requeue_rejected(self) -> int:
@@ -365,27 +256,17 @@ class Outbox:
 
     async def peek(self, after_seq: int, limit: int = 500) -> list[OutboxEntry]:
         """The oldest entries with ``seq > after_seq``, in order."""
-        if self._tail_from is not None and after_seq >= self._tail_from:
-            return self._peek_tail(after_seq, limit)
+        if self._tail.covers(after_seq):
+            return self._tail.peek(after_seq, limit)
         async with self._read_lock:
             seen = self._commits_seen
             rows = await asyncio.to_thread(self._read, after_seq, limit)
         entries = [OutboxEntry(r[0], r[1], bytes(r[2]), r[3], bool(r[4])) for r in rows]
-        if len(entries) < limit and seen == self._commits_seen and self._tail_from is None:
+        if len(entries) < limit and seen == self._commits_seen and self._tail.start is None:
             # This read saw every committed entry after after_seq, and no commit reached
             # the loop meanwhile, so each later one will: track from here.
-            self._tail_from = entries[-1].seq if entries else after_seq
-            self._tail.clear()
+            self._tail.track_from(entries[-1].seq if entries else after_seq)
         return entries
-
-    def _peek_tail(self, after_seq: int, limit: int) -> list[OutboxEntry]:
-        out: list[OutboxEntry] = []
-        for seq, entry in self._tail.items():
-            if seq > after_seq:
-                out.append(entry)
-                if len(out) >= limit:
-                    break
-        return out
 
     def _submit(self, op: Any) -> None:
         """Queue an op for the writer; everything queued in one loop tick goes over as one.
@@ -428,7 +309,7 @@ class Outbox:
         try:
             while True:
                 first = self._queue.get()
-                if first is _STOP:
+                if first is STOP:
                     return
                 ops = list(first)
                 stop = False
@@ -437,7 +318,7 @@ class Outbox:
                         more = self._queue.get_nowait()
                     except queue.Empty:
                         break
-                    if more is _STOP:
+                    if more is STOP:
                         stop = True
                         break
                     ops += more
@@ -457,7 +338,7 @@ class Outbox:
                 ops = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if ops is _STOP:
+            if ops is STOP:
                 continue
             err = OutboxError(f"outbox writer failed: {exc}")
             failed = [(op.future, err) for op in ops
@@ -561,7 +442,7 @@ class Outbox:
     ) -> tuple[PutResult | BaseException, int]:
         """Insert one entry (appended to ``added``); its result and how many were compacted."""
         keys = op.dedup_keys
-        if keys and conn.execute(_seen_sql(len(keys)), keys).fetchone():
+        if keys and conn.execute(seen_sql(len(keys)), keys).fetchone():
             return PutResult.DUPLICATE, 0
         freed = 0
         if depth >= self.max_entries:
@@ -579,7 +460,7 @@ class Outbox:
             args: list[Any] = []
             for key in keys:
                 args += (key, now)
-            conn.execute(_mark_sql(len(keys)), args)
+            conn.execute(mark_sql(len(keys)), args)
         assert seq is not None
         added.append(OutboxEntry(seq, op.topic, op.payload, op.qos, op.retain))
         return PutResult.ACCEPTED, freed
@@ -587,7 +468,7 @@ class Outbox:
     def _hold(self, conn: sqlite3.Connection, op: _Put, now: float) -> PutResult:
         """Upsert into ``held``; the newest by ``order`` stays."""
         keys = op.dedup_keys
-        if keys and conn.execute(_seen_sql(len(keys)), keys).fetchone():
+        if keys and conn.execute(seen_sql(len(keys)), keys).fetchone():
             return PutResult.DUPLICATE
         before = conn.execute("SELECT ord FROM held WHERE compact_key = ?",
                               (op.compact_key,)).fetchone()
@@ -603,7 +484,7 @@ class Outbox:
             args: list[Any] = []
             for key in keys:
                 args += (key, now)
-            conn.execute(_mark_sql(len(keys)), args)
+            conn.execute(mark_sql(len(keys)), args)
         return result
 
     def _release(
@@ -661,10 +542,9 @@ class Outbox:
         if commit.added:
             self._commits_seen += 1
         if commit.reordered:
-            self._tail_from = None
-            self._tail.clear()
-        elif self._tail_from is not None and commit.added:
-            self._extend_tail(commit.added)
+            self._tail.reset()
+        elif commit.added:
+            self._tail.extend(commit.added)
         for fut, result in commit.results:
             if fut.done():
                 continue
@@ -677,23 +557,3 @@ class Outbox:
         else:
             self._empty.clear()
         self._changed.set()
-
-    def _extend_tail(self, added: list[OutboxEntry]) -> None:
-        tail, floor = self._tail, self._tail_from
-        assert floor is not None
-        for entry in added:
-            if entry.seq > floor:
-                tail[entry.seq] = entry
-        if len(tail) > _TAIL_MAX:  # the publisher is far behind: let it read SQLite
-            self._tail_from = None
-            tail.clear()
-
-
-@functools.cache
-def _seen_sql(n: int) -> str:
-    return f"SELECT 1 FROM seen WHERE key IN ({','.join('?' * n)}) LIMIT 1"
-
-
-@functools.cache
-def _mark_sql(n: int) -> str:
-    return "INSERT OR REPLACE INTO seen (key, at) VALUES " + ",".join(["(?, ?)"] * n)

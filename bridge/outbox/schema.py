@@ -1,0 +1,52 @@
+"""The outbox file's tables and the statements the writer builds per batch size."""
+
+from __future__ import annotations
+
+import functools
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL DEFAULT 1,
+    retain INTEGER NOT NULL DEFAULT 0,
+    compact_key TEXT,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_compact ON outbox (compact_key, seq)
+    WHERE compact_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS rejected (
+    seq INTEGER PRIMARY KEY,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    retain INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    rejected_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS seen (
+    key TEXT PRIMARY KEY,
+    at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS seen_at ON seen (at);
+CREATE TABLE IF NOT EXISTS held (
+    compact_key TEXT PRIMARY KEY,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    retain INTEGER NOT NULL,
+    ord REAL NOT NULL,
+    held_at REAL NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+@functools.cache
+def seen_sql(n: int) -> str:
+    return f"SELECT 1 FROM seen WHERE key IN ({','.join('?' * n)}) LIMIT 1"
+
+
+@functools.cache
+def mark_sql(n: int) -> str:
+    return "INSERT OR REPLACE INTO seen (key, at) VALUES " + ",".join(["(?, ?)"] * n)

@@ -116,7 +116,7 @@ def test_rules_file_overrides_defaults_and_names_a_bad_key(tmp_path: Path) -> No
     assert s.sweep_seconds == 5
     bad = tmp_path / "bad.yaml"
     bad.write_text("rules:\n  battery_low: {warnng: 30}\n")
-    with pytest.raises(ConfigError, match="rules.battery_low.warnng"):
+    with pytest.raises(ConfigError, match=r"rules\.battery_low\.warnng"):
         load_alert_settings(str(bad))
-    with pytest.raises(ConfigError, match="missing.yaml"):
+    with pytest.raises(ConfigError, match=r"missing\.yaml"):
         load_alert_settings(str(tmp_path / "missing.yaml"))

@@ -299,6 +299,7 @@ class CallbackServer:
             "dead_lettered": self.writer.dead_lettered,
             "pruned": self.retention.pruned,
             "alerts": {"transitions": self.alerts.transitions, "sweeps": self.alerts.sweeps,
+                       "evaluating": self.alerts.pending,
                        "delivering": self.alert_delivery.pending,
                        "delivered": self.alert_delivery.delivered,
                        "undelivered": self.alert_delivery.failed},

@@ -125,6 +125,11 @@ class AlertEngine:
         self._queue.append(item)
         self._wake.set()
 
+    @property
+    def pending(self) -> int:
+        """Inputs not yet evaluated (they leave the queue only once evaluated)."""
+        return len(self._queue)
+
     # -- the loop ------------------------------------------------------------------------------
     async def run(self) -> None:
         """Evaluate inputs as they come and sweep every ``sweep_seconds``, until cancelled."""

@@ -120,3 +120,8 @@ def test_rules_file_overrides_defaults_and_names_a_bad_key(tmp_path: Path) -> No
         load_alert_settings(str(bad))
     with pytest.raises(ConfigError, match=r"missing\.yaml"):
         load_alert_settings(str(tmp_path / "missing.yaml"))
+
+
+def test_the_example_rules_file_states_the_defaults() -> None:
+    example = Path(__file__).resolve().parents[1] / "config.example" / "alert-rules.yaml"
+    assert load_alert_settings(str(example)) == load_alert_settings(None)

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 State = Literal["open", "acknowledged", "resolved"]
 STATES: tuple[State, ...] = ("open", "acknowledged", "resolved")
-TransitionName = Literal["opened", "severity_changed", "acknowledged", "silenced", "resolved"]
+TransitionName = Literal["opened", "severity_changed", "acknowledged", "resolved"]
 
 
 def iso(ts: float | None) -> str | None:

@@ -77,21 +77,28 @@ class AlertDelivery:
         """Publish each transition and hand it to the workers of matching subscriptions."""
         while True:
             transition = await self._queue.get()
-            self._publish(transition)
-            attempt = 0
-            while True:
-                try:
-                    subscriptions = await self.store.subscriptions()
-                    break
-                except StoreError as exc:
-                    delay = backoff_delay(attempt, 0.5, 30.0)
-                    attempt += 1
-                    log.warning("alert subscriptions unreadable (%s); retrying in %.1f s",
-                                exc, delay)
-                    await asyncio.sleep(delay)
-            for sub in subscriptions:
-                if sub.wants(transition.alert):
-                    self._worker(sub).put_nowait(transition)
+            try:
+                await self._dispatch(transition)
+            except Exception:  # a bug must not end delivery of every later transition
+                log.exception("alert %s not dispatched", transition.alert.id)
+
+    async def _dispatch(self, transition: Transition) -> None:
+        """Publish it, then queue it for each subscription that wants it."""
+        self._publish(transition)
+        attempt = 0
+        while True:
+            try:
+                subscriptions = await self.store.subscriptions()
+                break
+            except StoreError as exc:
+                delay = backoff_delay(attempt, 0.5, 30.0)
+                attempt += 1
+                log.warning("alert subscriptions unreadable (%s); retrying in %.1f s",
+                            exc, delay)
+                await asyncio.sleep(delay)
+        for sub in subscriptions:
+            if sub.wants(transition.alert):
+                self._worker(sub).put_nowait(transition)
 
     def _publish(self, transition: Transition) -> None:
         if self.transport is None:

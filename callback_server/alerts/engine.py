@@ -159,17 +159,21 @@ class AlertEngine:
         An item leaves the queue only once evaluated, so a database outage loses none."""
         while self._queue:
             kind, value = self._queue[0]
-            if kind == "robots":
-                n = 0
-                merged: list[tuple[str, Envelope]] = []
-                while n < len(self._queue) and self._queue[n][0] == "robots" and n < 50:
-                    merged += self._queue[n][1]
-                    n += 1
-                await self.robots(merged)
-                for _ in range(n):
-                    self._queue.popleft()
-            else:
-                await self.gateway(*value)
+            n = 1
+            try:
+                if kind == "robots":
+                    merged: list[tuple[str, Envelope]] = list(value)
+                    while n < min(len(self._queue), 50) and self._queue[n][0] == "robots":
+                        merged += self._queue[n][1]
+                        n += 1
+                    await self.robots(merged)
+                else:
+                    await self.gateway(*value)
+            except StoreError:
+                raise  # kept: retried once the database answers
+            except Exception:  # a bug: dropping the input beats looping on it forever
+                log.exception("alert evaluation failed; %d inputs skipped", n)
+            for _ in range(n):
                 self._queue.popleft()
 
     # -- evaluation ----------------------------------------------------------------------------

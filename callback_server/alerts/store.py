@@ -260,13 +260,9 @@ class AlertStore:
             await self.backend.transaction([(self._watch_upsert, rows)])
 
     async def watched(self, sns: Collection[str]) -> dict[str, dict[str, Any]]:
-        if not sns:
-            return {}
-        rows = await self._fetch(
+        return await self._by_sn(
             f"SELECT robot_sn, org_id, seen_at, stuck_since FROM "
-            f"{self.d.quote(ALERT_WATCH_TABLE)} WHERE robot_sn IN ({self.d.marks(len(sns))})",
-            sorted(sns))
-        return {str(r["robot_sn"]): r for r in rows}
+            f"{self.d.quote(ALERT_WATCH_TABLE)} WHERE robot_sn IN", sns)
 
     async def quiet_since(self, before: float) -> list[dict[str, Any]]:
         """Robots not heard of since ``before``."""
@@ -282,14 +278,20 @@ class AlertStore:
 
     async def robots(self, sns: Collection[str]) -> dict[str, dict[str, Any]]:
         """Latest stored state of these robots (first status target)."""
-        if not sns:
-            return {}
         table = self.d.quote(self.store.targets.robot_status[0].qualified)
-        rows = await self._fetch(
+        return await self._by_sn(
             f"SELECT robot_sn, org_id, status, battery_level, charge_state, is_charging, "
-            f"move_state FROM {table} WHERE robot_sn IN ({self.d.marks(len(sns))})",
-            sorted(sns))
-        return {str(r["robot_sn"]): r for r in rows}
+            f"move_state FROM {table} WHERE robot_sn IN", sns)
+
+    async def _by_sn(self, head: str, sns: Collection[str]) -> dict[str, dict[str, Any]]:
+        """Rows of ``head ({marks})`` for ``sns``, 500 placeholders a query at most."""
+        ordered = sorted(sns)
+        out: dict[str, dict[str, Any]] = {}
+        for i in range(0, len(ordered), 500):
+            chunk = ordered[i:i + 500]
+            for r in await self._fetch(f"{head} ({self.d.marks(len(chunk))})", chunk):
+                out[str(r["robot_sn"])] = r
+        return out
 
     # -- leases ------------------------------------------------------------------------------
     async def lease(self, name: str, holder: str, seconds: float, now: float) -> bool:

@@ -155,6 +155,10 @@ class TopicScheme:
             _check_segment("channel", part)
         return Topic(f"{self.prefix}org/{self.org_id}/device/{device_id}/{channel}")
 
+    def alerts(self) -> Topic:
+        """The org-level topic alert transitions are published on (QoS 1, not retained)."""
+        return Topic(f"{self.prefix}org/{self.org_id}/alerts")
+
 
 def all_devices_filter(prefix: str = "", share_group: str | None = None) -> TopicFilter:
     """``org/+/device/+/#`` under ``prefix``, shared when ``share_group`` is given."""

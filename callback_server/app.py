@@ -258,6 +258,10 @@ def create_app(server: AppHost) -> FastAPI:
 
     app.include_router(create_pudu_router(server, access))
 
+    from callback_server.alerts.routes import create_alert_router
+
+    app.include_router(create_alert_router(server, access))
+
     @app.get("/metrics", summary="Prometheus metrics (keys whose orgs are [\"*\"])")
     async def metrics(request: Request) -> Response:
         access.require_all_orgs(access.principal(request), "/metrics")

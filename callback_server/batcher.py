@@ -28,6 +28,8 @@ from callback_server.store import BatchStore
 log = logging.getLogger(__name__)
 
 OnCommit = Callable[[], None]
+#: Told of each committed batch (the alert engine): ``(topic, envelope)`` pairs.
+OnBatch = Callable[[list[tuple[str, Envelope]]], None]
 T = TypeVar("T")
 
 
@@ -58,6 +60,7 @@ class BatchWriter:
         self.retry_min = retry_min
         self.retry_max = retry_max
         self.beat = beat  # the watchdog's heartbeat: stamped every iteration, idle or not
+        self.on_batch: OnBatch | None = None
         self.degraded = False
         self.last_error = ""
         self.stored = 0
@@ -150,6 +153,16 @@ class BatchWriter:
                 self._progress.set()
                 for item in batch:
                     item.on_commit()
+                self._tell(batch)
+
+    def _tell(self, batch: list[_Item]) -> None:
+        """Hand a committed batch on (after the acks: alerts never hold up the stream)."""
+        if self.on_batch is None:
+            return
+        try:
+            self.on_batch([(i.topic, i.envelope) for i in batch])
+        except Exception:  # a bug there must not stop the writer
+            log.exception("batch observer failed")
 
     async def _write(self, batch: list[_Item]) -> None:
         """Write ``batch``; if the database refuses its data, bisect to the culprit and

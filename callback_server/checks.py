@@ -21,6 +21,10 @@ def problems(settings: CallbackSettings) -> list[str]:
     found: list[str] = []
     mqtt_transport(found, settings.mqtt_backend, lambda: mqtt_settings(settings))
     build(found, "DATABASE_URL", lambda: _store(settings))
+    if settings.alert_rules_file:
+        from callback_server.alerts import load_alert_settings
+
+        build(found, "ALERT_RULES_FILE", lambda: load_alert_settings(settings.alert_rules_file))
     url = settings.database_url
     if url.startswith("sqlite:///"):
         from pathlib import Path

@@ -38,6 +38,7 @@ ENV_MAP = {
     "DEAD_LETTER_RETENTION_DAYS": "dead_letter_retention_days",
     "COMMAND_RETENTION_DAYS": "command_retention_days",
     "RETENTION_INTERVAL_SECONDS": "retention_interval_seconds",
+    "ALERT_RULES_FILE": "alert_rules_file",
 }
 
 
@@ -88,6 +89,8 @@ class CallbackSettings(BaseModel):
     stall_seconds: float = Field(30.0, gt=0)
     # Outbound webhooks (callback_url) may go here although not globally routable.
     callback_url_allow: OutboundAllow = ()
+    # YAML overriding the alert rules' defaults (callback_server/alerts/rules.py).
+    alert_rules_file: str | None = None
     http_limits: HttpLimits = HttpLimits()
 
     @field_validator("log_level", mode="before")

@@ -9,7 +9,9 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from bridge.commands import CommandClient, CommandOutcome
+from bridge.outbound import OutboundPolicy
 from callback_server.access import Access, Principal
+from callback_server.alerts import AlertDelivery, AlertEngine, AlertStore
 from callback_server.batcher import BatchWriter
 from callback_server.config import CallbackSettings
 from callback_server.consumer import Consumer
@@ -31,6 +33,10 @@ class AppHost(Protocol):
     commands: CommandClient
     metrics: CallbackMetrics
     gateways: dict[str, dict[str, Any]]
+    outbound: OutboundPolicy
+    alerts: AlertEngine
+    alert_store: AlertStore
+    alert_delivery: AlertDelivery
 
     async def health(self) -> dict[str, Any]: ...
 

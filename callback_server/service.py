@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
+import secrets
 import time
 from contextlib import AsyncExitStack
 from types import TracebackType
@@ -22,10 +24,11 @@ from bridge.proxy import MqttProxy, create_proxy_router
 from bridge.router import MessageRouter
 from bridge.sdnotify import Notifier, Watchdog
 from bridge.tasks import cancel_and_wait
-from bridge.topic import DeviceAddress, org_root
+from bridge.topic import GATEWAY_CHANNELS, DeviceAddress, org_root
 from bridge.transport import MqttSettings, TlsFiles, Transport, create_transport
 from bridge.version import VERSION
 from callback_server.access import Access, Principal
+from callback_server.alerts import AlertDelivery, AlertEngine, AlertStore, load_alert_settings
 from callback_server.batcher import BatchWriter
 from callback_server.config import CallbackSettings
 from callback_server.consumer import Consumer
@@ -81,6 +84,18 @@ class CallbackServer:
         self.gateways: dict[str, dict[str, Any]] = {}
         self.subscribed = False
         self.consumer.gateway_handlers.append(self._on_gateway_message)
+        self.outbound = OutboundPolicy(allow=settings.callback_url_allow)
+        self.alert_settings = load_alert_settings(settings.alert_rules_file)
+        self.alert_store = AlertStore(self.store)
+        self.alert_delivery = AlertDelivery(self.alert_store, self.transport, self.outbound,
+                                            self.alert_settings.delivery,
+                                            topic_prefix=settings.topic_prefix)
+        self.alerts = AlertEngine(
+            self.alert_store, self.alert_settings, self.alert_delivery.submit,
+            holder=f"{settings.mqtt_client_id}/{os.getpid()}/{secrets.token_hex(4)}",
+            beat=self.watchdog.beat("alerts"))
+        self.writer.on_batch = self.alerts.observe
+        self.consumer.gateway_handlers.append(self.alerts.on_gateway)
         self.commands = CommandClient(self.transport, settings.topic_prefix)
         token = settings.proxy_token.get_secret_value() if settings.proxy_token else None
         self.keys = KeyRing(settings.api_keys_file, proxy_token=token,
@@ -91,7 +106,7 @@ class CallbackServer:
             self.transport, self.router, token=token,
             allowed_prefixes=settings.proxy_allowed_prefixes or [org_root(settings.topic_prefix)],
             broker=mask_url(settings.mqtt_url),
-            outbound=OutboundPolicy(allow=settings.callback_url_allow),
+            outbound=self.outbound,
         )
         self._stack = AsyncExitStack()
         self._tasks: list[asyncio.Task[None]] = []
@@ -115,6 +130,10 @@ class CallbackServer:
         self.router.add(self.commands.response_filter, self.commands.on_message)
         await self._stack.enter_async_context(self.transport)
         await self._stack.enter_async_context(self.proxy)
+        await self._stack.enter_async_context(self.alert_delivery)
+        self._tasks.append(asyncio.create_task(self.alerts.run(), name="alerts"))
+        self._tasks.append(asyncio.create_task(self.alert_delivery.run(),
+                                               name="alert-delivery"))
         # Normally subscribed before serving; a broker that is down or slow to SUBACK
         # must not stop the server, so then it goes on trying in the background.
         subscribing = asyncio.create_task(self._subscribe(), name="subscribe")
@@ -127,8 +146,14 @@ class CallbackServer:
         """Subscribe, retrying with backoff: a slow broker must not stop the server."""
         # Once connected: a SUBACK, not a filter noted for later, is what "subscribed" means.
         await self.transport.wait_connected()
-        # Not shared: the replica that sent a command must hear its response.
-        for topic_filter in (self.commands.response_filter, self.consumer.filter.value):
+        # Not shared: the replica that sent a command must hear its response; and every
+        # replica must see every gateway's presence and heartbeat (alerts and /gateways
+        # depend on them), which a shared subscription would hand to one replica only.
+        # The consumer's route matches these too, so they are handled as before.
+        filters = [self.commands.response_filter, self.consumer.filter.value]
+        if self.settings.share_group:
+            filters += [str(self.gateway_filter(channel)) for channel in ("presence", "telemetry")]
+        for topic_filter in filters:
             attempt = 0
             while True:
                 try:
@@ -142,6 +167,13 @@ class CallbackServer:
                     await asyncio.sleep(delay)
         self.subscribed = True
         log.info("subscribed to %s", self.consumer.filter.value)
+
+    def gateway_filter(self, channel: str) -> str:
+        """``{prefix}org/+/device/+/{channel}``, not shared, for a gateway channel."""
+        assert channel in GATEWAY_CHANNELS
+        prefix = self.settings.topic_prefix
+        prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
+        return f"{prefix}org/+/device/+/{channel}"
 
     async def __aexit__(
         self,
@@ -236,6 +268,11 @@ class CallbackServer:
             "stored": self.writer.stored,
             "dead_lettered": self.writer.dead_lettered,
             "pruned": self.retention.pruned,
+            "alerts": {"transitions": self.alerts.transitions, "sweeps": self.alerts.sweeps,
+                       "evaluating": self.alerts.pending,
+                       "delivering": self.alert_delivery.pending,
+                       "delivered": self.alert_delivery.delivered,
+                       "undelivered": self.alert_delivery.failed},
             "subscription": self.consumer.filter.value,
             "subscribed": self.subscribed,
             "tcp_nodelay_verified": self.nodelay.verified,

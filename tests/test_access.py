@@ -19,6 +19,7 @@ import pytest
 
 from bridge.envelope import Envelope
 from callback_server import config as cb_config
+from callback_server.alerts import Subject
 from callback_server.keys import ALL_ORGS, Principal, add_key
 from callback_server.service import CallbackServer
 from tests.dbutil import query
@@ -52,6 +53,7 @@ class Env:
     client: httpx.AsyncClient
     prefix: str
     keys: dict[str, str] = field(default_factory=dict)
+    ids: dict[str, str] = field(default_factory=dict)  # alerts and alert subscriptions
 
     def auth(self, caller: str) -> dict[str, str]:
         if caller == "none":
@@ -72,7 +74,9 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     settings = cb_config.load(None, {
         "MQTT_URL": BROKER, "DATABASE_URL": f"sqlite:///{tmp_path / 'cb.db'}",
         "TOPIC_PREFIX": prefix, "API_KEYS_FILE": str(keys_file),
-        "MQTT_CLIENT_ID": f"access-{prefix}", "COMMAND_TIMEOUT_MAX": "0.2"})
+        "MQTT_CLIENT_ID": f"access-{prefix}", "COMMAND_TIMEOUT_MAX": "0.2",
+        # alert subscriptions point at a closed loopback port: nothing leaves the machine
+        "CALLBACK_URL_ALLOW": "127.0.0.1/32"})
     async with CallbackServer(settings) as server:
         items = [(f"{prefix}/org/{e.org}/device/{e.device}/{e.channel}", e) for e in (
             envelope("acme", "A1", 1), envelope("acme", "A1", 2, "event"),
@@ -81,10 +85,19 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
         for org in ("acme", "beta"):
             server.gateways[f"{org}/gw-{org}"] = {"org_id": org, "gateway_id": f"gw-{org}",
                                                  "state": "online", "since": time.time()}
+        ids = {}
+        for org, sn in (("acme", "A1"), ("beta", "B1")):
+            opened = await server.alert_store.open(Subject("robot_fault", org, "robot", sn),
+                                                   "high", {}, time.time())
+            assert opened is not None
+            ids[f"alert_{org}"] = opened.alert.id
+            sub = await server.alert_store.add_subscription(
+                "http://127.0.0.1:9/hook", None, [org], "admin", time.time())
+            ids[f"sub_{org}"] = sub.id
         transport = httpx.ASGITransport(app=server.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://cb",
                                      timeout=10) as client:
-            yield Env(server, client, prefix, keys)
+            yield Env(server, client, prefix, keys, ids)
 
 
 READ = {"admin": 200, "viewer_all": 200, "viewer_a": 200, "operator_a": 200, "multi": 200,
@@ -127,6 +140,35 @@ def requests(e: Env) -> dict[tuple[str, str], list[tuple[dict[str, Any], dict[st
              {**OPERATE, "admin": ok_or_timeout, "operator_a": ok_or_timeout}),
             ({"url": "/robots/B1/commands", "json": cmd},
              {**OPERATE, "admin": ok_or_timeout, "operator_a": 404, "viewer_a": 404})],
+        ("get", "/alerts"): [({"url": "/alerts"}, READ),
+                             ({"url": "/alerts?org=beta&state=open&rule=robot_fault"}, READ)],
+        ("get", "/alerts/{alert_id}"): [
+            ({"url": f"/alerts/{e.ids['alert_acme']}"}, READ),
+            ({"url": f"/alerts/{e.ids['alert_beta']}"}, FOREIGN_READ)],
+        ("post", "/alerts/{alert_id}/ack"): [
+            ({"url": f"/alerts/{e.ids['alert_acme']}/ack", "json": {}}, OPERATE),
+            ({"url": f"/alerts/{e.ids['alert_beta']}/ack", "json": {"comment": "x"}},
+             {**OPERATE, "operator_a": 404, "viewer_a": 404})],
+        ("post", "/alerts/{alert_id}/silence"): [
+            ({"url": f"/alerts/{e.ids['alert_acme']}/silence", "json": {"minutes": 5}},
+             OPERATE),
+            ({"url": f"/alerts/{e.ids['alert_beta']}/silence", "json": {"minutes": 5}},
+             {**OPERATE, "operator_a": 404, "viewer_a": 404})],
+        ("post", "/alert-subscriptions"): [
+            ({"url": "/alert-subscriptions", "json": {"url": "http://127.0.0.1:9/h"}},
+             OPERATE),
+            ({"url": "/alert-subscriptions",
+              "json": {"url": "http://127.0.0.1:9/h", "orgs": ["beta"]}}, FOREIGN_OPERATE)],
+        ("get", "/alert-subscriptions"): [({"url": "/alert-subscriptions"}, OPERATE)],
+        ("get", "/alert-subscriptions/{sub_id}/deliveries"): [
+            ({"url": f"/alert-subscriptions/{e.ids['sub_acme']}/deliveries"}, OPERATE),
+            ({"url": f"/alert-subscriptions/{e.ids['sub_beta']}/deliveries"},
+             {**OPERATE, "operator_a": 404})],
+        ("delete", "/alert-subscriptions/{sub_id}"): [
+            ({"url": f"/alert-subscriptions/{e.ids['sub_beta']}"},
+             {**OPERATE, "operator_a": 404}),
+            ({"url": "/alert-subscriptions/asub_none"},
+             {**OPERATE, "admin": 404, "operator_a": 404})],
         ("get", "/metrics"): [({"url": "/metrics"}, METRICS)],
         ("post", "/mqtt/publish"): [
             ({"url": "/mqtt/publish", "json": {"topic": e.topic("acme"), "payload": 1}},

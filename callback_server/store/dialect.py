@@ -113,6 +113,22 @@ class Dialect:
         verb = "INSERT IGNORE" if self.mysql else "INSERT OR IGNORE"
         return self.insert(table, columns).replace("INSERT", verb, 1)
 
+    def new(self, column: str) -> str:
+        """The incoming row's value of ``column`` inside an upsert's update clause."""
+        return f"VALUES({column})" if self.mysql else f"excluded.{column}"
+
+    def upsert(self, table: str, columns: Sequence[str], key: Sequence[str],
+               sets: dict[str, str]) -> str:
+        """Insert, or on a duplicate ``key`` set each column of ``sets`` to its expression
+        (built with ``new`` for the incoming value and the bare name for the stored one)."""
+        assignments = ", ".join(f"{c} = {e}" for c, e in sets.items())
+        head = ("ON DUPLICATE KEY UPDATE" if self.mysql
+                else f"ON CONFLICT({', '.join(key)}) DO UPDATE SET")
+        return f"{self.insert(table, columns)} {head} {assignments}"
+
+    def greatest(self, a: str, b: str) -> str:
+        return f"{'GREATEST' if self.mysql else 'MAX'}({a}, {b})"
+
     def robot_upsert(self, table: str, horizon: float) -> str:
         """Upsert one robot row per robot, each state group moving only forward in time.
 

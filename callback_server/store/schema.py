@@ -186,3 +186,100 @@ DEAD_TABLE = "mqtt_dead_letters"
 COMMAND_TABLE = "device_commands"
 #: The tables retention may prune (by their ``aged_by`` column); robots and events never.
 PRUNABLE = {LOG_TABLE: LOG, DEAD_TABLE: DEAD_LETTERS, COMMAND_TABLE: COMMANDS}
+
+# -- alerts (callback_server/alerts) ------------------------------------------------------
+#: One row per alert. ``open_key`` (SHA-256 of rule, org, subject) is set while the alert
+#: is open or acknowledged and NULL once resolved; its unique index is what lets at most
+#: one alert per (rule, subject) be open whichever replica tries to open it.
+ALERTS = TableSpec(
+    columns=(
+        Column("id", "key", 32),
+        Column("rule", "str", 32),
+        Column("org_id", "str", 128),
+        Column("subject_type", "str", 16),
+        Column("subject_id", "str", 128),
+        Column("severity", "str", 16),
+        Column("state", "str", 16),
+        Column("opened_at", "float"),        # epoch seconds, server clock
+        Column("updated_at", "float"),
+        Column("acknowledged_by", "str", 128),  # the key's name, never the key
+        Column("acknowledged_at", "float"),
+        Column("comment", "text", 2000),
+        Column("resolved_at", "float"),
+        Column("condition_at", "float"),     # when the condition was last seen true
+        Column("detail", "text", 8000),      # JSON
+        Column("open_key", "str", 64),
+    ),
+    key=("id",),
+    unique="open_key",
+)
+ALERT_SUBSCRIPTIONS = TableSpec(
+    columns=(
+        Column("id", "key", 32),
+        Column("url", "str", 2048),
+        Column("secret", "str", 256),        # needed to sign; never shown after creation
+        Column("rules", "text", 2000),       # JSON list, or NULL: every rule
+        Column("orgs", "text", 4000),        # JSON list; ["*"]: every org
+        Column("created_by", "str", 128),
+        Column("created_at", "float"),
+    ),
+    key=("id",),
+)
+ALERT_DELIVERIES = TableSpec(
+    columns=(
+        Column("id", "serial"),
+        Column("subscription_id", "str", 32),
+        Column("alert_id", "str", 32),
+        Column("transition", "str", 32),
+        Column("transition_id", "str", 32),
+        Column("attempt", "int"),
+        Column("outcome", "str", 16),        # delivered | failed | gave_up | refused
+        Column("at", "float"),
+    ),
+    key=("id",),
+)
+#: A rule silenced for one subject until ``until`` (epoch seconds).
+ALERT_SILENCES = TableSpec(
+    columns=(
+        Column("silence_key", "key", 64),    # the alert's open_key digest
+        Column("rule", "str", 32),
+        Column("org_id", "str", 128),
+        Column("subject_type", "str", 16),
+        Column("subject_id", "str", 128),
+        Column("until", "float"),
+        Column("created_by", "str", 128),
+    ),
+    key=("silence_key",),
+)
+#: What the time-based rules need per robot: when this server side last heard of it,
+#: and since when its move state is ``stuck`` (server clock, not the robot's).
+ALERT_WATCH = TableSpec(
+    columns=(
+        Column("robot_sn", "key", 64),
+        Column("org_id", "str", 128),
+        Column("seen_at", "float"),
+        Column("stuck_since", "float"),
+    ),
+    key=("robot_sn",),
+)
+#: Short leases: one replica at a time runs the time-based sweep.
+ALERT_LEASES = TableSpec(
+    columns=(
+        Column("name", "key", 64),
+        Column("holder", "str", 128),
+        Column("expires", "float"),
+    ),
+    key=("name",),
+)
+ALERTS_TABLE = "alerts"
+ALERT_SUBSCRIPTIONS_TABLE = "alert_subscriptions"
+ALERT_DELIVERIES_TABLE = "alert_deliveries"
+ALERT_SILENCES_TABLE = "alert_silences"
+ALERT_WATCH_TABLE = "alert_watch"
+ALERT_LEASES_TABLE = "alert_leases"
+#: Every alert table, created on start like the others.
+ALERT_TABLES: dict[str, TableSpec] = {
+    ALERTS_TABLE: ALERTS, ALERT_SUBSCRIPTIONS_TABLE: ALERT_SUBSCRIPTIONS,
+    ALERT_DELIVERIES_TABLE: ALERT_DELIVERIES, ALERT_SILENCES_TABLE: ALERT_SILENCES,
+    ALERT_WATCH_TABLE: ALERT_WATCH, ALERT_LEASES_TABLE: ALERT_LEASES,
+}

@@ -24,6 +24,7 @@ from bridge.errors import StoreError, StoreRejectedError
 from callback_server.store.base import Backend, Statement
 from callback_server.store.rows import Item, build_rows, key, text, when
 from callback_server.store.schema import (
+    ALERT_TABLES,
     COMMAND_TABLE,
     COMMANDS,
     DEAD_LETTERS,
@@ -162,6 +163,7 @@ class SqlStore:
                 *((t.qualified, EVENTS, "events") for t in self.targets.robot_events),
                 (LOG_TABLE, LOG, "log"), (DEAD_TABLE, DEAD_LETTERS, None),
                 (COMMAND_TABLE, COMMANDS, None), (RUNS_TABLE, RUNS, None),
+                *((name, spec, None) for name, spec in ALERT_TABLES.items()),
             ]
             for table, spec, kind in plan:
                 have = await self._ensure(table, spec, report)
@@ -237,6 +239,10 @@ class SqlStore:
     async def _ready(self) -> None:
         if not self._migrated:
             await self.migrate()
+
+    async def ready(self) -> None:
+        """Migrate first if nobody has: for parts that run their own SQL (alerts)."""
+        await self._ready()
 
     # -- writes -------------------------------------------------------------------------
     async def write_batch(self, items: Sequence[Item]) -> BatchResult:

@@ -1,0 +1,29 @@
+"""Alerts: rules over robot state, presence, telemetry and time; one open alert per
+(rule, subject) whatever the replica count; delivery by signed webhook and MQTT.
+
+    rules.py     settings (defaults, ALERT_RULES_FILE) and pure decisions
+    alert.py     Alert, Subject, Transition
+    store.py     the alert tables: conditional writes, so a transition happens once
+    engine.py    inputs -> decisions -> transitions (and the leased time-based sweep)
+    delivery.py  MQTT {prefix}org/{org}/alerts and signed, retried webhooks
+    routes.py    /alerts and /alert-subscriptions
+"""
+
+from callback_server.alerts.alert import Alert, Subject, Transition
+from callback_server.alerts.delivery import AlertDelivery
+from callback_server.alerts.engine import AlertEngine
+from callback_server.alerts.rules import RULES, AlertSettings, load_alert_settings
+from callback_server.alerts.store import AlertStore, AlertSubscription
+
+__all__ = [
+    "RULES",
+    "Alert",
+    "AlertDelivery",
+    "AlertEngine",
+    "AlertSettings",
+    "AlertStore",
+    "AlertSubscription",
+    "Subject",
+    "Transition",
+    "load_alert_settings",
+]

@@ -1,0 +1,190 @@
+"""Tells subscribers of each transition: MQTT ``{prefix}org/{org}/alerts`` and signed webhooks.
+
+A webhook is signed as ``callback_url`` pushes are (``X-Signature: sha256=<hex
+HMAC-SHA256(secret, body)>``), sent through the outbound rule (``bridge.outbound``), and
+retried with full-jitter exponential back-off up to ``attempts`` times; every attempt is
+a row of the subscription's delivery log. One worker per subscription keeps its
+transitions in order; a slow receiver delays only its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from bridge.backoff import backoff_delay
+from bridge.errors import FleetError, OutboundRefusedError, StoreError
+from bridge.outbound import OutboundPolicy, client
+from bridge.proxy import sign
+from bridge.tasks import cancel_and_wait
+from bridge.topic import TopicScheme
+from bridge.transport import Transport
+from callback_server.alerts.alert import Transition
+from callback_server.alerts.rules import Delivery
+from callback_server.alerts.store import AlertStore, AlertSubscription
+
+if TYPE_CHECKING:
+    import httpx
+
+log = logging.getLogger(__name__)
+
+
+class AlertDelivery:
+    """Owns the webhook client and one worker task per subscription; enter it, run ``run``."""
+
+    def __init__(self, store: AlertStore, transport: Transport | None, policy: OutboundPolicy,
+                 settings: Delivery, *, topic_prefix: str = "",
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.transport = transport
+        self.policy = policy
+        self.settings = settings
+        self.topic_prefix = topic_prefix
+        self.clock = clock
+        self.published = 0
+        self.delivered = 0
+        self.failed = 0
+        self._queue: asyncio.Queue[Transition] = asyncio.Queue()
+        self._workers: dict[str, tuple[asyncio.Queue[Transition], asyncio.Task[None]]] = {}
+        self._client: httpx.AsyncClient | None = None
+
+    async def __aenter__(self) -> AlertDelivery:
+        self._client = client(self.policy, timeout=self.settings.timeout_seconds)
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await cancel_and_wait([task for _, task in self._workers.values()])
+        self._workers.clear()
+        if self._client is not None:
+            await self._client.aclose()
+
+    def submit(self, transition: Transition) -> None:
+        """Queue a transition (the engine's ``emit``); silenced ones are not delivered."""
+        if not transition.silenced:
+            self._queue.put_nowait(transition)
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize() + sum(q.qsize() for q, _ in self._workers.values())
+
+    async def run(self) -> None:
+        """Publish each transition and hand it to the workers of matching subscriptions."""
+        while True:
+            transition = await self._queue.get()
+            try:
+                await self._dispatch(transition)
+            except Exception:  # a bug must not end delivery of every later transition
+                log.exception("alert %s not dispatched", transition.alert.id)
+
+    async def _dispatch(self, transition: Transition) -> None:
+        """Publish it, then queue it for each subscription that wants it."""
+        self._publish(transition)
+        attempt = 0
+        while True:
+            try:
+                subscriptions = await self.store.subscriptions()
+                break
+            except StoreError as exc:
+                delay = backoff_delay(attempt, 0.5, 30.0)
+                attempt += 1
+                log.warning("alert subscriptions unreadable (%s); retrying in %.1f s",
+                            exc, delay)
+                await asyncio.sleep(delay)
+        for sub in subscriptions:
+            if sub.wants(transition.alert):
+                self._worker(sub).put_nowait(transition)
+
+    def _publish(self, transition: Transition) -> None:
+        if self.transport is None:
+            return
+        try:
+            topic = str(TopicScheme(transition.alert.org, self.topic_prefix).alerts())
+        except FleetError as exc:
+            log.warning("alert %s not published: %s", transition.alert.id, exc)
+            return
+        payload = json.dumps(transition.body(), separators=(",", ":")).encode()
+        # QoS 1, not retained: a transition is news, not state (GET /alerts is the state).
+        future = self.transport.publish(topic, payload, qos=1, retain=False)
+
+        def done(f: asyncio.Future[None]) -> None:
+            if f.cancelled():
+                return
+            if f.exception() is not None:
+                log.warning("alert %s not published on %s: %s", transition.alert.id, topic,
+                            f.exception())
+            else:
+                self.published += 1
+
+        future.add_done_callback(done)
+
+    def _worker(self, sub: AlertSubscription) -> asyncio.Queue[Transition]:
+        entry = self._workers.get(sub.id)
+        if entry is None or entry[1].done():
+            queue: asyncio.Queue[Transition] = asyncio.Queue()
+            task = asyncio.create_task(self._work(sub, queue), name=f"alert-webhook-{sub.id}")
+            entry = self._workers[sub.id] = (queue, task)
+        return entry[0]
+
+    async def _work(self, sub: AlertSubscription, queue: asyncio.Queue[Transition]) -> None:
+        while True:
+            transition = await queue.get()
+            try:
+                await self.deliver(sub, transition)
+            except Exception:  # a bug must not stop this subscription's deliveries
+                log.exception("alert delivery to subscription %s failed", sub.id)
+
+    async def deliver(self, sub: AlertSubscription, transition: Transition) -> str:
+        """POST one transition to one subscription, retrying within bounds; the outcome."""
+        import httpx  # loaded by ``client`` already
+
+        assert self._client is not None, "enter AlertDelivery first"
+        body = json.dumps({**transition.body(), "subscription_id": sub.id},
+                          separators=(",", ":")).encode()
+        headers = {"Content-Type": "application/json", "X-Signature": sign(sub.secret, body),
+                   "X-Subscription-Id": sub.id, "X-Alert-Transition": transition.name}
+        s = self.settings
+        outcome = "gave_up"
+        for attempt in range(1, s.attempts + 1):
+            retryable = True
+            try:
+                response = await self._client.post(sub.url, content=body, headers=headers)
+            except OutboundRefusedError:
+                outcome, retryable = "refused", False  # checked at connect: not retried
+            except httpx.HTTPError as exc:
+                log.info("alert delivery %s to %s attempt %d: %s", transition.id, sub.id,
+                         attempt, type(exc).__name__)
+                outcome = "failed"
+            else:
+                if response.is_success:
+                    outcome = "delivered"
+                else:
+                    # 4xx other than 408/429 will not change on retry (nor a 3xx: no redirects)
+                    retryable = response.status_code >= 500 or response.status_code in (408, 429)
+                    outcome = "failed"
+            last = attempt == s.attempts or not retryable
+            if outcome == "failed" and last:
+                outcome = "gave_up"
+            await self._record(sub, transition, attempt, outcome)
+            if outcome == "delivered":
+                self.delivered += 1
+                return outcome
+            if last:
+                break
+            await asyncio.sleep(backoff_delay(attempt, s.base_seconds, s.cap_seconds))
+        self.failed += 1
+        log.warning("alert %s (%s) not delivered to subscription %s: %s after %d attempts",
+                    transition.alert.id, transition.name, sub.id, outcome, attempt)
+        return outcome
+
+    async def _record(self, sub: AlertSubscription, transition: Transition, attempt: int,
+                      outcome: str) -> None:
+        try:
+            await self.store.record_delivery(sub.id, transition, attempt, outcome, self.clock())
+        except StoreError as exc:  # the log is for people; delivery goes on without it
+            log.warning("delivery log of %s not written: %s", sub.id, exc)

@@ -1,0 +1,322 @@
+"""Evaluates the rules against what the server sees and writes the alert transitions.
+
+Three inputs:
+
+- robot messages, after their batch is committed (``observe``): the rules read the
+  robot's *stored* latest state, which never moves back in robot time, so messages split
+  across replicas by a shared subscription, redelivered or out of order decide the same;
+- gateway presence and telemetry (``on_gateway``), which every replica receives on its own
+  non-shared subscription: each evaluates, the database's conditional writes let one win;
+- the time-based rules (silence, stuck for a while, faults clearing), evaluated by
+  ``sweep`` on whichever replica holds a short database lease, so N replicas do it once
+  (and were two to hold it at once, the writes are idempotent anyway).
+
+Transitions go to ``emit`` (the delivery side). A silenced subject opens no alert; the
+transitions of one already open are recorded but not delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from bridge.backoff import backoff_delay
+from bridge.envelope import Envelope
+from bridge.errors import StoreError
+from bridge.sdnotify import BEAT_SECONDS
+from bridge.tasks import within
+from bridge.topic import DeviceAddress
+from callback_server.alerts.alert import Alert, Subject, Transition, iso
+from callback_server.alerts.rules import (
+    AlertSettings,
+    backlog_severity,
+    battery_severity,
+    charging,
+    fault_cleared,
+    fault_severity,
+    gateway_offline_severity,
+    is_stuck,
+    offline_severity,
+    rank,
+    silent_severity,
+    stuck_severity,
+)
+from callback_server.alerts.store import AlertStore
+from callback_server.store.rows import channel_of, is_robot_channel
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[Transition], None]
+#: Inputs held while the database is away; past this the oldest are dropped (counted).
+MAX_QUEUED = 10_000
+SWEEP_LEASE = "alert-sweep"
+
+
+@dataclass(slots=True)
+class _Robot:
+    org: str
+    fault: dict[str, Any] | None = None  # the most severe fault event in the batch
+    events: int = 0
+
+
+Decide = Callable[[str | None], str | None]
+
+
+def _const(severity: str | None) -> Decide:
+    return lambda held: severity
+
+
+def _open_only(severity: str | None) -> Decide:
+    """A sweep opens (or keeps) but never resolves: a message does that."""
+    return lambda held: severity or held
+
+
+@dataclass(slots=True)
+class _Decision:
+    subject: Subject
+    #: The severity the alert should have, given the open one's (None: none open).
+    decide: Decide
+    detail: dict[str, Any] = field(default_factory=dict)
+    touch: bool = False   # still true: restart time-based clearing (faults)
+
+
+class AlertEngine:
+    """The rules applied to messages, presence, telemetry and time."""
+
+    def __init__(self, store: AlertStore, settings: AlertSettings, emit: Emit, *,
+                 holder: str, clock: Callable[[], float] = time.time,
+                 beat: Callable[[], None] = lambda: None) -> None:
+        self.store = store
+        self.settings = settings
+        self.rules = settings.rules
+        self.emit = emit
+        self.holder = holder
+        self.clock = clock
+        self.beat = beat
+        self.transitions = 0
+        self.dropped = 0
+        self.sweeps = 0
+        self._queue: collections.deque[tuple[str, Any]] = collections.deque()
+        self._wake = asyncio.Event()
+
+    # -- inputs (sync: called from the writer and the consumer) --------------------------------
+    def observe(self, items: Iterable[tuple[str, Envelope]]) -> None:
+        """Robot messages whose rows were just committed."""
+        robots = [(topic, env) for topic, env in items
+                  if is_robot_channel(channel_of(topic, env))]
+        if robots:
+            self._put(("robots", robots))
+
+    def on_gateway(self, address: DeviceAddress, payload: bytes) -> None:
+        if address.channel in ("presence", "telemetry"):
+            self._put(("gateway", (address, payload)))
+
+    def _put(self, item: tuple[str, Any]) -> None:
+        if len(self._queue) >= MAX_QUEUED:
+            self._queue.popleft()
+            self.dropped += 1
+        self._queue.append(item)
+        self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        """Inputs not yet evaluated (they leave the queue only once evaluated)."""
+        return len(self._queue)
+
+    # -- the loop ------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Evaluate inputs as they come and sweep every ``sweep_seconds``, until cancelled."""
+        next_sweep = time.monotonic()
+        failures = 0
+        while True:
+            self.beat()
+            wait = max(0.0, min(BEAT_SECONDS, next_sweep - time.monotonic()))
+            if await within(self._wake.wait(), wait):
+                self._wake.clear()
+            try:
+                await self._drain()
+                if time.monotonic() >= next_sweep:
+                    await self.sweep()
+                    next_sweep = time.monotonic() + self.settings.sweep_seconds
+                failures = 0
+            except StoreError as exc:
+                failures += 1
+                delay = backoff_delay(failures, 0.2, 10.0)
+                log.warning("alert evaluation postponed (%s); retrying in %.1f s", exc, delay)
+                self.beat()
+                await asyncio.sleep(delay)
+                self._wake.set()
+
+    async def _drain(self) -> None:
+        """Everything queued: robot batches merged into one evaluation, gateways in order.
+        An item leaves the queue only once evaluated, so a database outage loses none."""
+        while self._queue:
+            kind, value = self._queue[0]
+            n = 1
+            try:
+                if kind == "robots":
+                    merged: list[tuple[str, Envelope]] = list(value)
+                    while n < min(len(self._queue), 50) and self._queue[n][0] == "robots":
+                        merged += self._queue[n][1]
+                        n += 1
+                    await self.robots(merged)
+                else:
+                    await self.gateway(*value)
+            except StoreError:
+                raise  # kept: retried once the database answers
+            except Exception:  # a bug: dropping the input beats looping on it forever
+                log.exception("alert evaluation failed; %d inputs skipped", n)
+            for _ in range(n):
+                self._queue.popleft()
+
+    # -- evaluation ----------------------------------------------------------------------------
+    async def robots(self, items: Sequence[tuple[str, Envelope]]) -> list[Transition]:
+        """Evaluate the event-driven robot rules for the robots of ``items``."""
+        now = self.clock()
+        seen: dict[str, _Robot] = {}
+        levels = self.rules.robot_fault.levels
+        for topic, env in items:
+            robot = seen.setdefault(env.device, _Robot(env.org))
+            level = env.data.get("event_level")
+            if channel_of(topic, env) == "event" and level in levels and (
+                    robot.fault is None or rank(level) > rank(robot.fault["event_level"])):
+                robot.fault = {k: env.data.get(k) for k in
+                               ("event_id", "event_level", "event_type", "event_detail")}
+        state = await self.store.robots(seen)
+        await self.store.watch([(sn, r.org, is_stuck((state.get(sn) or {}).get("move_state")))
+                                for sn, r in seen.items()], now)
+        watched = await self.store.watched(seen)
+        decisions: list[_Decision] = []
+        r = self.rules
+        for sn, robot in seen.items():
+            row = state.get(sn) or {}
+
+            def subject(rule: str, sn: str = sn, robot: _Robot = robot) -> Subject:
+                return Subject(rule, robot.org, "robot", sn)
+
+            if robot.fault is not None:
+                decisions.append(_Decision(
+                    subject("robot_fault"),
+                    partial(fault_severity, r.robot_fault, robot.fault["event_level"]),
+                    robot.fault, touch=True))
+            level = row.get("battery_level")
+            on_charge = charging(row.get("charge_state"), _flag(row.get("is_charging")))
+            decisions.append(_Decision(
+                subject("battery_low"),
+                partial(battery_severity, r.battery_low,
+                        None if level is None else float(level), on_charge),
+                {"battery_level": level, "charge_state": row.get("charge_state")}))
+            decisions.append(_Decision(
+                subject("robot_offline"),
+                _const(offline_severity(r.robot_offline, row.get("status"), now, now)),
+                {"status": row.get("status")}))
+            decisions.append(_Decision(subject("robot_silent"), _const(None)))
+            stuck = (watched.get(sn) or {}).get("stuck_since")
+            decisions.append(_Decision(
+                subject("robot_stuck"),
+                _const(stuck_severity(r.robot_stuck,
+                                      None if stuck is None else float(stuck), now)),
+                {"stuck_since": iso(stuck), "move_state": row.get("move_state")}))
+        return await self._apply(decisions, now)
+
+    async def gateway(self, address: DeviceAddress, payload: bytes) -> list[Transition]:
+        """Presence (the last will says ``offline``) and telemetry heartbeats."""
+        now = self.clock()
+        org, gw = address.org_id, address.device_id
+        if address.channel == "presence":
+            state = payload.decode(errors="replace").strip().lower()[:32]
+            return await self._apply([_Decision(
+                Subject("gateway_offline", org, "gateway", gw),
+                partial(gateway_offline_severity, self.rules.gateway_offline, state),
+                {"presence": state})], now)
+        try:
+            beat = json.loads(payload)
+            age = beat.get("outbox_oldest_age_s") if isinstance(beat, dict) else None
+            age = float(age) if isinstance(age, int | float) else None
+        except ValueError:
+            return []
+        depth = beat.get("outbox_depth") if isinstance(beat, dict) else None
+        return await self._apply([_Decision(
+            Subject("gateway_backlog", org, "gateway", gw),
+            partial(backlog_severity, self.rules.gateway_backlog, age),
+            {"outbox_oldest_age_s": age, "outbox_depth": depth,
+             "max_age_seconds": self.rules.gateway_backlog.max_age_seconds})], now)
+
+    async def sweep(self) -> bool:
+        """The time-based rules, if this replica holds (or takes) the sweep lease."""
+        now = self.clock()
+        seconds = max(2.5 * self.settings.sweep_seconds, 5.0)
+        if not await self.store.lease(SWEEP_LEASE, self.holder, seconds, now):
+            return False
+        self.sweeps += 1
+        r = self.rules
+        decisions: list[_Decision] = []
+        for rule, silent in (("robot_silent", r.robot_silent.silent_seconds),
+                             ("robot_offline", r.robot_offline.silent_seconds)):
+            for row in await self.store.quiet_since(now - silent):
+                seen = float(row["seen_at"])
+                severity = (silent_severity(r.robot_silent, seen, now) if rule == "robot_silent"
+                            else offline_severity(r.robot_offline, None, seen, now))
+                decisions.append(_Decision(
+                    Subject(rule, str(row["org_id"]), "robot", str(row["robot_sn"])),
+                    _open_only(severity), {"seen_at": iso(seen), "silent_seconds": silent}))
+        for row in await self.store.stuck_since(now - r.robot_stuck.for_seconds):
+            since = float(row["stuck_since"])
+            decisions.append(_Decision(
+                Subject("robot_stuck", str(row["org_id"]), "robot", str(row["robot_sn"])),
+                _open_only(stuck_severity(r.robot_stuck, since, now)),
+                {"stuck_since": iso(since), "move_state": "stuck"}))
+        for alert in await self.store.faults_to_clear(now - r.robot_fault.clear_seconds):
+            if fault_cleared(r.robot_fault, alert.condition_at or alert.opened_at, now):
+                decisions.append(_Decision(alert.subject, _const(None)))
+        await self._apply(decisions, now)
+        return True
+
+    # -- from decisions to transitions ----------------------------------------------------------
+    async def _apply(self, decisions: list[_Decision], now: float) -> list[Transition]:
+        decisions = [d for d in decisions if self.rules.enabled(d.subject.rule)]
+        if not decisions:
+            return []
+        subjects = [d.subject for d in decisions]
+        current: dict[str, Alert] = {}
+        silenced: dict[str, float] = {}
+        for i in range(0, len(subjects), 500):
+            current |= await self.store.open_alerts(subjects[i:i + 500])
+            silenced |= await self.store.silenced(subjects[i:i + 500], now)
+        made: list[Transition] = []
+        for d in decisions:
+            open_ = current.get(d.subject.key)
+            held = None if open_ is None else open_.severity
+            severity = d.decide(held)
+            transition: Transition | None = None
+            if severity is None:
+                if open_ is not None:
+                    transition = await self.store.resolve(d.subject, now)
+            elif severity != held:
+                if open_ is None and d.subject.key in silenced:
+                    continue  # a silenced subject opens nothing
+                transition = await self.store.open(d.subject, severity, d.detail, now)
+            elif d.touch:
+                await self.store.touch(d.subject, now)
+            if transition is not None:
+                if d.subject.key in silenced:
+                    transition = Transition(transition.name, transition.alert, transition.id,
+                                            silenced=True)
+                made.append(transition)
+                self.transitions += 1
+                log.info("alert %s %s: %s %s/%s (%s)", transition.alert.id, transition.name,
+                         d.subject.rule, d.subject.org, d.subject.subject_id,
+                         transition.alert.severity)
+                self.emit(transition)
+        return made
+
+
+def _flag(value: Any) -> bool | None:
+    return None if value is None else bool(value)

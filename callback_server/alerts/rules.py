@@ -1,0 +1,228 @@
+"""The alert rules: their settings (defaults, ``ALERT_RULES_FILE``) and pure decisions.
+
+Nothing here does I/O or reads a clock: each decision takes what was observed, the
+severity of the alert already open for that rule and subject (or None) and, where time
+matters, ``now``, and says which severity the alert should have (None: no alert). The
+engine turns the difference into a transition. So every rule is tested with a clock the
+test holds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from bridge.errors import ConfigError
+
+Severity = Literal["info", "warning", "medium", "high", "critical"]
+#: Least to most severe (the event levels of DESIGN.md's normalisation).
+SEVERITIES: tuple[Severity, ...] = ("info", "warning", "medium", "high", "critical")
+RULES = ("robot_offline", "battery_low", "robot_fault", "robot_stuck", "gateway_offline",
+         "gateway_backlog", "robot_silent")
+SubjectType = Literal["robot", "gateway"]
+SUBJECT_OF: dict[str, SubjectType] = {rule: "gateway" if rule.startswith("gateway") else "robot"
+                                      for rule in RULES}
+
+
+def rank(severity: str | None) -> int:
+    """Order of a severity (-1 for None or one we do not know)."""
+    return SEVERITIES.index(severity) if severity in SEVERITIES else -1
+
+
+class _Rule(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+
+
+class RobotOffline(_Rule):
+    """Status ``offline``, or no message for ``silent_seconds``."""
+
+    severity: Severity = "high"
+    silent_seconds: float = Field(default=600.0, gt=0)
+
+
+class BatteryLow(_Rule):
+    """One escalating rule: at or below each threshold while not charging."""
+
+    warning: float = Field(default=20.0, ge=0, le=100)
+    high: float = Field(default=10.0, ge=0, le=100)
+    critical: float = Field(default=5.0, ge=0, le=100)
+    #: An open alert steps down (or resolves) only above threshold + hysteresis.
+    hysteresis: float = Field(default=5.0, ge=0, le=50)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BatteryLow:
+        if not self.critical <= self.high <= self.warning:
+            raise ValueError("thresholds must satisfy critical <= high <= warning")
+        return self
+
+    def thresholds(self) -> tuple[tuple[Severity, float], ...]:
+        """Most severe first."""
+        return (("critical", self.critical), ("high", self.high), ("warning", self.warning))
+
+
+class RobotFault(_Rule):
+    """An event of one of ``levels``; resolves after ``clear_seconds`` with no new one."""
+
+    levels: tuple[Severity, ...] = ("high", "critical")
+    clear_seconds: float = Field(default=1800.0, gt=0)
+
+
+class RobotStuck(_Rule):
+    severity: Severity = "high"
+    for_seconds: float = Field(default=120.0, ge=0)
+
+
+class GatewayOffline(_Rule):
+    severity: Severity = "high"
+
+
+class GatewayBacklog(_Rule):
+    severity: Severity = "warning"
+    max_age_seconds: float = Field(default=300.0, gt=0)
+
+
+class RobotSilent(_Rule):
+    severity: Severity = "warning"
+    silent_seconds: float = Field(default=1800.0, gt=0)
+
+
+class Rules(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    robot_offline: RobotOffline = RobotOffline()
+    battery_low: BatteryLow = BatteryLow()
+    robot_fault: RobotFault = RobotFault()
+    robot_stuck: RobotStuck = RobotStuck()
+    gateway_offline: GatewayOffline = GatewayOffline()
+    gateway_backlog: GatewayBacklog = GatewayBacklog()
+    robot_silent: RobotSilent = RobotSilent()
+
+    def enabled(self, rule: str) -> bool:
+        return bool(getattr(self, rule).enabled)
+
+
+class Delivery(BaseModel):
+    """Webhook retries: full-jitter exponential back-off, at most ``attempts`` tries."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    attempts: int = Field(default=6, ge=1, le=20)
+    base_seconds: float = Field(default=1.0, gt=0)
+    cap_seconds: float = Field(default=60.0, gt=0)
+    timeout_seconds: float = Field(default=10.0, gt=0)
+
+
+class AlertSettings(BaseModel):
+    """The whole of ``ALERT_RULES_FILE``; every key optional."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rules: Rules = Rules()
+    #: How often one replica (holding the lease) evaluates the time-based rules.
+    sweep_seconds: float = Field(default=15.0, gt=0, le=3600)
+    delivery: Delivery = Delivery()
+
+
+def load_alert_settings(path: str | None) -> AlertSettings:
+    """Defaults, overridden by the YAML file at ``path``; ConfigError naming the key."""
+    if not path:
+        return AlertSettings()
+    try:
+        raw: Any = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"ALERT_RULES_FILE {path}: {exc}") from None
+    try:
+        return AlertSettings.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"ALERT_RULES_FILE {path}: {where}: {first['msg']}") from None
+
+
+# -- decisions -------------------------------------------------------------------------------
+#: Normalised ``charge_state`` values (lower-cased Pudu ``charge_stage``) that count as
+#: charging or full; anything else (idle, stop_charge_*, errors) is discharging.
+CHARGING_STATES = frozenset({"charging", "charge_full", "charge_full_use_pile"})
+
+
+def charging(charge_state: str | None, is_charging: bool | None) -> bool:
+    """Charging or full, by the normalised charge state (or the status flag)."""
+    if charge_state is not None and charge_state.lower() in CHARGING_STATES:
+        return True
+    return bool(is_charging) and charge_state is None
+
+
+def battery_severity(rule: BatteryLow, level: float | None, is_charging: bool,
+                     current: str | None) -> str | None:
+    """The severity ``battery_low`` should have now, given the one open (or None).
+
+    A level is entered at its threshold and left only above threshold + hysteresis, so a
+    battery wobbling around 20 % opens one warning and keeps it. Charging or full
+    resolves; an unknown level changes nothing.
+    """
+    if is_charging:
+        return None
+    if level is None:
+        return current
+    held = rank(current)
+    for severity, threshold in rule.thresholds():
+        if level <= threshold or (rank(severity) <= held
+                                  and level <= threshold + rule.hysteresis):
+            return severity
+    return None
+
+
+def fault_severity(rule: RobotFault, level: str | None, current: str | None) -> str | None:
+    """A fault event of a listed level: the open alert takes the higher of the two.
+    Other events change nothing (faults resolve by time, ``fault_cleared``)."""
+    if level not in rule.levels:
+        return current
+    return level if rank(level) > rank(current) else current
+
+
+def fault_cleared(rule: RobotFault, last_fault_at: float, now: float) -> bool:
+    return now - last_fault_at >= rule.clear_seconds
+
+
+def offline_severity(rule: RobotOffline, status: str | None, seen_at: float | None,
+                     now: float) -> str | None:
+    """Offline by its own status, or not heard of for ``silent_seconds``."""
+    silent = seen_at is not None and now - seen_at >= rule.silent_seconds
+    return rule.severity if (status or "").lower() == "offline" or silent else None
+
+
+def silent_severity(rule: RobotSilent, seen_at: float | None, now: float) -> str | None:
+    return rule.severity if seen_at is not None and now - seen_at >= rule.silent_seconds \
+        else None
+
+
+def stuck_severity(rule: RobotStuck, stuck_since: float | None, now: float) -> str | None:
+    return rule.severity if stuck_since is not None and now - stuck_since >= rule.for_seconds \
+        else None
+
+
+def is_stuck(move_state: str | None) -> bool:
+    return (move_state or "").lower() == "stuck"
+
+
+def gateway_offline_severity(rule: GatewayOffline, presence: str,
+                             current: str | None) -> str | None:
+    """The last will (or a clean stop) says ``offline``; ``online`` resolves."""
+    state = presence.strip().lower()
+    if state == "offline":
+        return rule.severity
+    return None if state == "online" else current
+
+
+def backlog_severity(rule: GatewayBacklog, oldest_age_s: float | None,
+                     current: str | None) -> str | None:
+    """The heartbeat's ``outbox_oldest_age_s`` above the bound; a heartbeat without it
+    changes nothing."""
+    if oldest_age_s is None:
+        return current
+    return rule.severity if oldest_age_s > rule.max_age_seconds else None

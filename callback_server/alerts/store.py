@@ -1,0 +1,367 @@
+"""The alert tables: every write is conditional, so N replicas racing change a row once.
+
+An alert opens by ``INSERT IGNORE`` of a row whose ``open_key`` has a unique index: of
+replicas opening the same (rule, subject) at once, one inserts and the others find it
+open. Severity changes, acknowledgements and resolutions are ``UPDATE ... WHERE`` the
+state they change from; only the replica whose statement changed the row (rowcount 1)
+makes the transition, so subscribers hear of each once. Runs on the callback server's
+store (its backend and dialect): both databases, the same statements.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from callback_server.alerts.alert import Alert, Subject, Transition, iso, new_id
+from callback_server.store import SqlStore
+from callback_server.store.schema import (
+    ALERT_DELIVERIES,
+    ALERT_DELIVERIES_TABLE,
+    ALERT_LEASES,
+    ALERT_LEASES_TABLE,
+    ALERT_SILENCES,
+    ALERT_SILENCES_TABLE,
+    ALERT_SUBSCRIPTIONS,
+    ALERT_SUBSCRIPTIONS_TABLE,
+    ALERT_WATCH,
+    ALERT_WATCH_TABLE,
+    ALERTS,
+    ALERTS_TABLE,
+)
+
+_ALERT_COLUMNS = ", ".join(ALERTS.names)
+#: How many times opening is retried when the open alert resolves under our feet.
+_OPEN_TRIES = 3
+
+
+def _json(value: Any, limit: int) -> str:
+    text = json.dumps(value, separators=(",", ":"), default=str, ensure_ascii=False)
+    return text if len(text) <= limit else json.dumps({"truncated": text[:limit - 40]})
+
+
+@dataclass(frozen=True, slots=True)
+class AlertSubscription:
+    """A webhook that hears of transitions of ``rules`` (None: all) in ``orgs``."""
+
+    id: str
+    url: str
+    secret: str
+    rules: tuple[str, ...] | None
+    orgs: tuple[str, ...]
+    created_by: str | None
+    created_at: float
+
+    def wants(self, alert: Alert) -> bool:
+        return ((self.rules is None or alert.rule in self.rules)
+                and ("*" in self.orgs or alert.org in self.orgs))
+
+    def public(self) -> dict[str, Any]:
+        """The API view: never the secret."""
+        return {"id": self.id, "url": self.url,
+                "rules": None if self.rules is None else list(self.rules),
+                "orgs": list(self.orgs), "created_by": self.created_by,
+                "created_at": iso(self.created_at)}
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> AlertSubscription:
+        rules = json.loads(row["rules"]) if row.get("rules") else None
+        return cls(id=str(row["id"]), url=str(row["url"]), secret=str(row["secret"]),
+                   rules=None if rules is None else tuple(rules),
+                   orgs=tuple(json.loads(row.get("orgs") or '["*"]')),
+                   created_by=row.get("created_by"), created_at=float(row["created_at"]))
+
+
+class AlertStore:
+    """Alert rows, silences, the per-robot watch, leases, subscriptions and deliveries."""
+
+    def __init__(self, store: SqlStore) -> None:
+        self.store = store
+        self.d = store.dialect
+        self.backend = store.backend
+        d = self.d
+        self._insert_alert = d.insert_ignore(ALERTS_TABLE, ALERTS.names)
+        self._table = d.quote(ALERTS_TABLE)
+        self._silence_upsert = d.upsert(
+            ALERT_SILENCES_TABLE, ALERT_SILENCES.names, ("silence_key",),
+            {c: d.new(c) for c in ("until", "created_by")})
+        # seen_at only moves forward; stuck_since keeps the first time it was seen stuck
+        # and clears (NULL) as soon as the robot is seen not stuck.
+        seen = d.greatest(f"COALESCE(seen_at, {d.new('seen_at')})", d.new("seen_at"))
+        stuck = (f"CASE WHEN {d.new('stuck_since')} IS NULL THEN NULL "
+                 f"ELSE COALESCE(stuck_since, {d.new('stuck_since')}) END")
+        self._watch_upsert = d.upsert(
+            ALERT_WATCH_TABLE, ALERT_WATCH.names, ("robot_sn",),
+            {"org_id": d.new("org_id"), "seen_at": seen, "stuck_since": stuck})
+
+    async def _write(self, sql: str, row: Sequence[Any]) -> int:
+        await self.store.ready()
+        return (await self.backend.transaction([(sql, [tuple(row)])]))[0]
+
+    async def _fetch(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        await self.store.ready()
+        return await self.backend.fetch(sql, args)
+
+    # -- alerts ------------------------------------------------------------------------------
+    async def get(self, alert_id: str) -> Alert | None:
+        rows = await self._fetch(f"SELECT {_ALERT_COLUMNS} FROM {self._table} WHERE id = "
+                                 f"{self.d.mark}", (alert_id,))
+        return (await self._with_silences([Alert.from_row(rows[0])]))[0] if rows else None
+
+    async def open_alerts(self, subjects: Iterable[Subject]) -> dict[str, Alert]:
+        """The open (or acknowledged) alert of each subject that has one, by subject key."""
+        keys = sorted({s.key for s in subjects})
+        if not keys:
+            return {}
+        rows = await self._fetch(
+            f"SELECT {_ALERT_COLUMNS} FROM {self._table} WHERE open_key IN "
+            f"({self.d.marks(len(keys))})", keys)
+        return {str(r["open_key"]): Alert.from_row(r) for r in rows}
+
+    async def open(self, subject: Subject, severity: str, detail: dict[str, Any],
+                   now: float) -> Transition | None:
+        """Open an alert for ``subject`` at ``severity``, or bring the open one to it.
+
+        ``opened`` when this call inserted the row, ``severity_changed`` when it changed
+        the open one's severity, None when another replica (or an earlier message) had
+        already done so.
+        """
+        limit = ALERTS.column("detail").size
+        for _ in range(_OPEN_TRIES):
+            alert_id = new_id()
+            row = (alert_id, subject.rule, subject.org, subject.subject_type,
+                   subject.subject_id, severity, "open", now, now, None, None, None, None,
+                   now, _json(detail, limit), subject.key)
+            if await self._write(self._insert_alert, row):
+                alert = await self.get(alert_id)
+                assert alert is not None
+                return Transition("opened", alert)
+            current = (await self.open_alerts([subject])).get(subject.key)
+            if current is None:
+                continue  # resolved between the insert and the read: try again
+            if current.severity == severity:
+                return None
+            m = self.d.mark
+            changed = await self._write(
+                f"UPDATE {self._table} SET severity = {m}, updated_at = {m}, detail = {m}, "
+                f"condition_at = {m} WHERE id = {m} AND severity = {m} AND open_key IS NOT NULL",
+                (severity, now, _json(detail, limit), now, current.id, current.severity))
+            if not changed:
+                return None  # another replica changed it first; its transition counts
+            alert = await self.get(current.id)
+            assert alert is not None
+            return Transition("severity_changed", alert)
+        return None
+
+    async def touch(self, subject: Subject, now: float) -> None:
+        """The condition was seen again (a further fault): time-based clearing restarts."""
+        m = self.d.mark
+        await self._write(f"UPDATE {self._table} SET condition_at = {m} WHERE open_key = {m}",
+                          (now, subject.key))
+
+    async def resolve(self, subject: Subject, now: float) -> Transition | None:
+        """Resolve the open alert of ``subject``; the transition only for the replica
+        whose update resolved it."""
+        current = (await self.open_alerts([subject])).get(subject.key)
+        if current is None:
+            return None
+        m = self.d.mark
+        changed = await self._write(
+            f"UPDATE {self._table} SET state = 'resolved', resolved_at = {m}, "
+            f"updated_at = {m}, open_key = NULL WHERE id = {m} AND open_key IS NOT NULL",
+            (now, now, current.id))
+        if not changed:
+            return None
+        alert = await self.get(current.id)
+        assert alert is not None
+        return Transition("resolved", alert)
+
+    async def acknowledge(self, alert_id: str, by: str, comment: str | None,
+                          now: float) -> Transition | None:
+        """``open`` -> ``acknowledged``; None when it was not open (any more)."""
+        m = self.d.mark
+        changed = await self._write(
+            f"UPDATE {self._table} SET state = 'acknowledged', acknowledged_by = {m}, "
+            f"acknowledged_at = {m}, comment = {m}, updated_at = {m} "
+            f"WHERE id = {m} AND state = 'open'",
+            (by, now, comment, now, alert_id))
+        if not changed:
+            return None
+        alert = await self.get(alert_id)
+        assert alert is not None
+        return Transition("acknowledged", alert)
+
+    async def page(self, *, limit: int, after: Sequence[Any] | None = None,
+                   orgs: Collection[str] | None = None, org: str | None = None,
+                   state: str | None = None, rule: str | None = None,
+                   ) -> tuple[list[Alert], list[Any] | None]:
+        """A keyset page, newest first by (opened_at, id), and the key to resume after."""
+        m = self.d.mark
+        where: list[str] = []
+        args: list[Any] = []
+        if orgs is not None:
+            if not orgs:
+                return [], None
+            where.append(f"org_id IN ({self.d.marks(len(orgs))})")
+            args += sorted(orgs)
+        for column, value in (("org_id", org), ("state", state), ("rule", rule)):
+            if value is not None:
+                where.append(f"{column} = {m}")
+                args.append(value)
+        if after is not None:
+            where.append(f"(opened_at < {m} OR (opened_at = {m} AND id < {m}))")
+            args += [float(after[0]), float(after[0]), str(after[1])]
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        rows = await self._fetch(
+            f"SELECT {_ALERT_COLUMNS} FROM {self._table}{clause} "
+            f"ORDER BY opened_at DESC, id DESC LIMIT {int(limit) + 1}", args)
+        alerts = await self._with_silences([Alert.from_row(r) for r in rows[:limit]])
+        more = len(rows) > limit and alerts
+        return alerts, [alerts[-1].opened_at, alerts[-1].id] if more else None
+
+    async def faults_to_clear(self, before: float) -> list[Alert]:
+        """Open ``robot_fault`` alerts whose last fault is older than ``before``."""
+        rows = await self._fetch(
+            f"SELECT {_ALERT_COLUMNS} FROM {self._table} WHERE rule = 'robot_fault' "
+            f"AND open_key IS NOT NULL AND condition_at <= {self.d.mark}", (before,))
+        return [Alert.from_row(r) for r in rows]
+
+    # -- silences ----------------------------------------------------------------------------
+    async def silence(self, alert: Alert, until: float, by: str) -> None:
+        s = alert.subject
+        await self._write(self._silence_upsert,
+                          (s.key, s.rule, s.org, s.subject_type, s.subject_id, until, by))
+
+    async def silenced(self, subjects: Iterable[Subject], now: float) -> dict[str, float]:
+        """Subject key -> until, for those of ``subjects`` silenced at ``now``."""
+        keys = sorted({s.key for s in subjects})
+        if not keys:
+            return {}
+        m = self.d.mark
+        rows = await self._fetch(
+            f"SELECT silence_key, until FROM {self.d.quote(ALERT_SILENCES_TABLE)} WHERE "
+            f"silence_key IN ({self.d.marks(len(keys))}) AND until > {m}", [*keys, now])
+        return {str(r["silence_key"]): float(r["until"]) for r in rows}
+
+    async def _with_silences(self, alerts: list[Alert]) -> list[Alert]:
+        until = await self.silenced([a.subject for a in alerts], time.time())
+        return [replace(a, silenced_until=until.get(a.subject.key)) for a in alerts]
+
+    # -- the per-robot watch -----------------------------------------------------------------
+    async def watch(self, robots: Sequence[tuple[str, str, bool]], now: float) -> None:
+        """``(sn, org, stuck)`` of robots heard of at ``now``."""
+        if robots:
+            await self.store.ready()
+            rows = [(sn, org, now, now if stuck else None) for sn, org, stuck in robots]
+            await self.backend.transaction([(self._watch_upsert, rows)])
+
+    async def watched(self, sns: Collection[str]) -> dict[str, dict[str, Any]]:
+        return await self._by_sn(
+            f"SELECT robot_sn, org_id, seen_at, stuck_since FROM "
+            f"{self.d.quote(ALERT_WATCH_TABLE)} WHERE robot_sn IN", sns)
+
+    async def quiet_since(self, before: float) -> list[dict[str, Any]]:
+        """Robots not heard of since ``before``."""
+        return await self._fetch(
+            f"SELECT robot_sn, org_id, seen_at, stuck_since FROM "
+            f"{self.d.quote(ALERT_WATCH_TABLE)} WHERE seen_at <= {self.d.mark}", (before,))
+
+    async def stuck_since(self, before: float) -> list[dict[str, Any]]:
+        """Robots stuck since before ``before``."""
+        return await self._fetch(
+            f"SELECT robot_sn, org_id, seen_at, stuck_since FROM "
+            f"{self.d.quote(ALERT_WATCH_TABLE)} WHERE stuck_since <= {self.d.mark}", (before,))
+
+    async def robots(self, sns: Collection[str]) -> dict[str, dict[str, Any]]:
+        """Latest stored state of these robots (first status target)."""
+        table = self.d.quote(self.store.targets.robot_status[0].qualified)
+        return await self._by_sn(
+            f"SELECT robot_sn, org_id, status, battery_level, charge_state, is_charging, "
+            f"move_state FROM {table} WHERE robot_sn IN", sns)
+
+    async def _by_sn(self, head: str, sns: Collection[str]) -> dict[str, dict[str, Any]]:
+        """Rows of ``head ({marks})`` for ``sns``, 500 placeholders a query at most."""
+        ordered = sorted(sns)
+        out: dict[str, dict[str, Any]] = {}
+        for i in range(0, len(ordered), 500):
+            chunk = ordered[i:i + 500]
+            for r in await self._fetch(f"{head} ({self.d.marks(len(chunk))})", chunk):
+                out[str(r["robot_sn"])] = r
+        return out
+
+    # -- leases ------------------------------------------------------------------------------
+    async def lease(self, name: str, holder: str, seconds: float, now: float) -> bool:
+        """Take or extend the lease ``name`` for ``seconds``: True if ``holder`` has it."""
+        m = self.d.mark
+        table = self.d.quote(ALERT_LEASES_TABLE)
+        if await self._write(f"UPDATE {table} SET holder = {m}, expires = {m} WHERE name = {m}"
+                             f" AND (holder = {m} OR expires < {m})",
+                             (holder, now + seconds, name, holder, now)):
+            return True
+        return bool(await self._write(self.d.insert_ignore(ALERT_LEASES_TABLE,
+                                                           ALERT_LEASES.names),
+                                      (name, holder, now + seconds)))
+
+    # -- subscriptions and their delivery log ------------------------------------------------
+    async def add_subscription(self, url: str, rules: Sequence[str] | None,
+                               orgs: Sequence[str], by: str | None, now: float,
+                               secret: str | None = None) -> AlertSubscription:
+        sub = AlertSubscription(id="asub_" + secrets.token_hex(8), url=url,
+                                secret=secret or secrets.token_hex(32),
+                                rules=None if rules is None else tuple(rules),
+                                orgs=tuple(orgs), created_by=by, created_at=now)
+        await self._write(self.d.insert(ALERT_SUBSCRIPTIONS_TABLE, ALERT_SUBSCRIPTIONS.names),
+                          (sub.id, sub.url, sub.secret,
+                           None if sub.rules is None else json.dumps(list(sub.rules)),
+                           json.dumps(list(sub.orgs)), by, now))
+        return sub
+
+    async def subscriptions(self, after: str | None = None) -> list[AlertSubscription]:
+        """Every subscription by id (after ``after``)."""
+        m = self.d.mark
+        clause, args = (f" WHERE id > {m}", [after]) if after is not None else ("", [])
+        rows = await self._fetch(
+            f"SELECT {', '.join(ALERT_SUBSCRIPTIONS.names)} FROM "
+            f"{self.d.quote(ALERT_SUBSCRIPTIONS_TABLE)}{clause} ORDER BY id", args)
+        return [AlertSubscription.from_row(r) for r in rows]
+
+    async def subscription(self, sub_id: str) -> AlertSubscription | None:
+        rows = await self._fetch(
+            f"SELECT {', '.join(ALERT_SUBSCRIPTIONS.names)} FROM "
+            f"{self.d.quote(ALERT_SUBSCRIPTIONS_TABLE)} WHERE id = {self.d.mark}", (sub_id,))
+        return AlertSubscription.from_row(rows[0]) if rows else None
+
+    async def delete_subscription(self, sub_id: str) -> bool:
+        return bool(await self._write(
+            f"DELETE FROM {self.d.quote(ALERT_SUBSCRIPTIONS_TABLE)} WHERE id = {self.d.mark}",
+            (sub_id,)))
+
+    async def record_delivery(self, sub_id: str, transition: Transition, attempt: int,
+                              outcome: str, now: float) -> None:
+        await self._write(self.d.insert(ALERT_DELIVERIES_TABLE, ALERT_DELIVERIES.names[1:]),
+                          (sub_id, transition.alert.id, transition.name, transition.id,
+                           attempt, outcome, now))
+
+    async def deliveries(self, sub_id: str, *, limit: int, after: int | None = None,
+                         ) -> tuple[list[dict[str, Any]], list[Any] | None]:
+        """The delivery log of one subscription, newest first, a keyset page."""
+        m = self.d.mark
+        where = f"subscription_id = {m}"
+        args: list[Any] = [sub_id]
+        if after is not None:
+            where += f" AND id < {m}"
+            args.append(after)
+        rows = await self._fetch(
+            f"SELECT {', '.join(ALERT_DELIVERIES.names)} FROM "
+            f"{self.d.quote(ALERT_DELIVERIES_TABLE)} WHERE {where} ORDER BY id DESC "
+            f"LIMIT {int(limit) + 1}", args)
+        items = [{"id": int(r["id"]), "at": iso(r["at"]), "alert_id": r["alert_id"],
+                  "transition": r["transition"], "transition_id": r["transition_id"],
+                  "attempt": int(r["attempt"]), "outcome": r["outcome"]}
+                 for r in rows[:limit]]
+        more = len(rows) > limit and items
+        return items, [items[-1]["id"]] if more else None

@@ -1,0 +1,233 @@
+"""The alert engine against real databases (SQLite and MariaDB), with a clock the test holds.
+
+Two engines on one database stand for two replicas: whichever sees a message, or both,
+the alert tables change once and one transition is emitted.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.envelope import Envelope
+from bridge.topic import DeviceAddress
+from callback_server.alerts import AlertEngine, AlertSettings, AlertStore, Transition
+from callback_server.alerts.alert import Subject
+from callback_server.store import SqlStore, open_store
+from tests.dbutil import query, scratch_mysql_database
+
+T0 = 1_750_000_000.0
+_ids = itertools.count()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Replica:
+    engine: AlertEngine
+    emitted: list[Transition] = field(default_factory=list)
+
+
+@dataclass
+class Env:
+    store: SqlStore
+    alerts: AlertStore
+    clock: Clock
+    a: Replica
+    b: Replica
+    url: str
+
+    @property
+    def emitted(self) -> list[tuple[str, str, str, str]]:
+        both = sorted(self.a.emitted + self.b.emitted, key=lambda t: t.alert.updated_at)
+        return [(t.name, t.alert.rule, t.alert.subject_id, t.alert.severity) for t in both]
+
+    def of(self, rule: str) -> list[tuple[str, str, str, str]]:
+        return [t for t in self.emitted if t[1] == rule]
+
+    def clear(self) -> None:
+        self.a.emitted.clear()
+        self.b.emitted.clear()
+
+    async def send(self, replica: Replica, sn: str, channel: str, **data: Any) -> None:
+        """Commit one robot message (as the batch writer does), then evaluate it."""
+        i = next(_ids)
+        env = Envelope(id=f"m{i}", type={"event": "robotErrorWarning", "move":
+                       "notifyRobotMoveState", "status": "notifyRobotStatus"}.get(
+                           channel, "notifyRobotPower"),
+                       org="acme", device=sn, gateway="gw1", ts=self.clock.now + i * 1e-3,
+                       received_at=self.clock.now, data=data, raw=dict(data), channel=channel)
+        item = (f"org/acme/device/{sn}/{channel}", env)
+        await self.store.write_batch([item])
+        await replica.engine.robots([item])
+
+    def rows(self) -> list[dict[str, Any]]:
+        return query(self.url, "SELECT rule, subject_id, severity, state FROM alerts "
+                     "ORDER BY opened_at, rule")
+
+
+@pytest.fixture(params=["sqlite", "mysql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'cb.db'}"
+    else:
+        with scratch_mysql_database() as url:
+            yield url
+
+
+@pytest.fixture
+async def env(db_url: str) -> AsyncIterator[Env]:
+    settings = AlertSettings.model_validate({"sweep_seconds": 10})
+    clock = Clock()
+    async with open_store(db_url) as store:
+        await store.migrate()
+        alerts = AlertStore(store)
+        replicas = []
+        for name in ("a", "b"):
+            emitted: list[Transition] = []
+            engine = AlertEngine(alerts, settings, emitted.append, holder=name, clock=clock)
+            replicas.append(Replica(engine, emitted))
+        yield Env(store, alerts, clock, replicas[0], replicas[1], db_url)
+
+
+async def test_fault_opens_once_across_replicas_and_clears_by_time(env: Env) -> None:
+    fatal = {"event_id": "e1", "event_level": "critical", "event_type": "Crash"}
+    await env.send(env.a, "R1", "event", **fatal)
+    await env.send(env.b, "R1", "event", **{**fatal, "event_id": "e2"})
+    await env.send(env.a, "R1", "event", event_id="e3", event_level="warning")
+    assert env.of("robot_fault") == [("opened", "robot_fault", "R1", "critical")]
+    env.clock.now += 1700
+    await env.send(env.b, "R1", "event", event_id="e4", event_level="high")  # restarts clearing
+    env.clock.now += 1700
+    assert await env.a.engine.sweep()
+    assert env.of("robot_fault") == [("opened", "robot_fault", "R1", "critical")]
+    env.clock.now += 20
+    assert not await env.b.engine.sweep()  # a holds the lease (25 s)
+    env.clock.now += 81
+    assert await env.a.engine.sweep()
+    assert env.of("robot_fault")[-1] == ("resolved", "robot_fault", "R1", "critical")
+    assert [r for r in env.rows() if r["rule"] == "robot_fault"] == [
+        {"rule": "robot_fault", "subject_id": "R1", "severity": "critical", "state": "resolved"}]
+    await env.send(env.b, "R1", "event", event_id="e5", event_level="critical")
+    assert [r["state"] for r in env.rows() if r["rule"] == "robot_fault"] == [
+        "resolved", "open"]  # a new one, after
+
+
+async def test_battery_escalates_as_updates_resolves_on_charge_and_does_not_flap(
+        env: Env) -> None:
+    for replica, level in ((env.a, 22), (env.b, 19), (env.a, 21), (env.b, 19.5), (env.a, 24),
+                           (env.b, 9), (env.a, 12), (env.b, 4), (env.a, 4)):
+        await env.send(replica, "R2", "power", battery_level=level, charge_state="idle")
+        env.clock.now += 1
+    assert env.emitted == [("opened", "battery_low", "R2", "warning"),
+                           ("severity_changed", "battery_low", "R2", "high"),
+                           ("severity_changed", "battery_low", "R2", "critical")]
+    assert len(env.rows()) == 1
+    await env.send(env.b, "R2", "power", battery_level=4, charge_state="charging")
+    assert env.emitted[-1] == ("resolved", "battery_low", "R2", "critical")
+    env.clear()
+    await env.send(env.a, "R2", "power", battery_level=6, charge_state="charge_full")
+    await env.send(env.a, "R2", "power", battery_level=8, charge_state="idle")
+    assert env.emitted == [("opened", "battery_low", "R2", "high")]
+    assert [r["state"] for r in env.rows()] == ["resolved", "open"]
+
+
+async def test_silence_keeps_a_subject_quiet_for_its_duration(env: Env) -> None:
+    await env.send(env.a, "R3", "power", battery_level=15, charge_state="idle")
+    (opened,) = env.a.emitted
+    await env.alerts.silence(opened.alert, env.clock.now + 600, "op")
+    await env.send(env.b, "R3", "power", battery_level=8, charge_state="idle")
+    assert env.b.emitted[-1].name == "severity_changed" and env.b.emitted[-1].silenced
+    await env.send(env.a, "R3", "power", battery_level=80, charge_state="charging")
+    assert env.a.emitted[-1].name == "resolved" and env.a.emitted[-1].silenced
+    await env.send(env.a, "R3", "power", battery_level=8, charge_state="idle")
+    assert env.a.emitted[-1].name == "resolved"  # silenced: nothing opened
+    assert [r["state"] for r in env.rows()] == ["resolved"]
+    env.clock.now += 601
+    await env.send(env.b, "R3", "power", battery_level=8, charge_state="idle")
+    reopened = env.b.emitted[-1]
+    assert reopened.name == "opened" and not reopened.silenced
+
+
+async def test_silent_offline_and_stuck_open_by_time_once_and_resolve_by_message(
+        env: Env) -> None:
+    await env.send(env.a, "R4", "status", status="idle")
+    await env.send(env.a, "R4", "move", move_state="stuck")
+    env.clock.now += 119
+    assert await env.a.engine.sweep()
+    assert env.emitted == []
+    env.clock.now += 1
+    await env.b.engine.sweep()  # not the lease holder: does nothing
+    await env.a.engine.sweep()
+    assert env.emitted == [("opened", "robot_stuck", "R4", "high")]
+    await env.send(env.b, "R4", "move", move_state="stuck")  # still stuck: no change
+    await env.send(env.b, "R4", "move", move_state="moving")
+    assert env.emitted[-1] == ("resolved", "robot_stuck", "R4", "high")
+    env.clear()
+    env.clock.now += 600
+    await env.a.engine.sweep()
+    await env.a.engine.sweep()
+    assert env.emitted == [("opened", "robot_offline", "R4", "high")]
+    env.clock.now += 1200
+    await env.a.engine.sweep()
+    assert env.emitted[-1] == ("opened", "robot_silent", "R4", "warning")
+    await env.send(env.b, "R4", "status", status="idle")
+    assert sorted(env.emitted[-2:]) == [("resolved", "robot_offline", "R4", "high"),
+                                        ("resolved", "robot_silent", "R4", "warning")]
+    env.clear()
+    await env.send(env.a, "R4", "status", status="offline")
+    assert env.emitted == [("opened", "robot_offline", "R4", "high")]
+
+
+async def test_a_lapsed_lease_passes_to_another_replica(env: Env) -> None:
+    assert await env.a.engine.sweep()
+    env.clock.now += 24
+    assert not await env.b.engine.sweep()
+    env.clock.now += 2  # 25 s lease (2.5 x sweep_seconds) has lapsed: a died
+    assert await env.b.engine.sweep()
+    assert not await env.a.engine.sweep()
+
+
+async def test_gateway_last_will_and_backlog_on_every_replica_change_once(env: Env) -> None:
+    presence = DeviceAddress("acme", "gw9", "presence")
+    telemetry = DeviceAddress("acme", "gw9", "telemetry")
+    for replica in (env.a, env.b):  # both receive it: a non-shared subscription
+        await replica.engine.gateway(presence, b"offline")
+    for replica in (env.a, env.b):
+        await replica.engine.gateway(telemetry, b'{"outbox_oldest_age_s": 301.5}')
+        await replica.engine.gateway(telemetry, b'{"outbox_depth": 3}')  # no age: no change
+    assert env.emitted == [("opened", "gateway_offline", "gw9", "high"),
+                           ("opened", "gateway_backlog", "gw9", "warning")]
+    for replica in (env.a, env.b):
+        await replica.engine.gateway(presence, b"online")
+        await replica.engine.gateway(telemetry, b'{"outbox_oldest_age_s": 2}')
+        await replica.engine.gateway(telemetry, b"not json")
+    assert sorted(env.emitted[2:]) == [("resolved", "gateway_backlog", "gw9", "warning"),
+                                       ("resolved", "gateway_offline", "gw9", "high")]
+    alert = (await env.alerts.page(limit=10, rule="gateway_offline"))[0][0]
+    assert alert.subject == Subject("gateway_offline", "acme", "gateway", "gw9")
+    assert alert.as_dict()["state"] == "resolved" and alert.as_dict()["resolved_at"]
+
+
+async def test_acknowledge_once_then_resolve(env: Env) -> None:
+    await env.send(env.a, "R5", "event", event_id="x", event_level="high")
+    (opened,) = env.a.emitted
+    first = await env.alerts.acknowledge(opened.alert.id, "op-a", "on it", env.clock.now)
+    second = await env.alerts.acknowledge(opened.alert.id, "op-b", None, env.clock.now)
+    assert first is not None and second is None
+    assert first.alert.state == "acknowledged" and first.alert.acknowledged_by == "op-a"
+    assert first.alert.comment == "on it"
+    await env.send(env.b, "R5", "event", event_id="y", event_level="critical")
+    assert env.b.emitted[-1].name == "severity_changed"
+    assert env.b.emitted[-1].alert.state == "acknowledged"  # still acknowledged

@@ -1,0 +1,206 @@
+"""Alerts end to end: webhooks -> edge agent -> Mosquitto -> two callback-server replicas on
+a shared subscription -> one alert per condition -> signed deliveries to loopback receivers
+and MQTT ``{prefix}/org/{org}/alerts``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+
+from tests.dbutil import query, scratch_mysql_database
+from tests.mqtt_probe import Probe
+from tests.services import ServiceProcess, callback_server, edge_agent
+
+pytestmark = pytest.mark.integration
+BROKER = "mqtt://127.0.0.1:1883"
+HEADERS = {"CallbackCode": "test-code"}
+T = TypeVar("T")
+
+
+class Receiver:
+    """A loopback webhook receiver; answers 500 to the first ``fail_first`` requests."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        self.requests: list[tuple[dict[str, str], bytes]] = []
+        self.fail_first = fail_first
+        lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                with lock:
+                    outer.requests.append(({k.lower(): v for k, v in self.headers.items()},
+                                           body))
+                    failing = len(outer.requests) <= outer.fail_first
+                self.send_response(500 if failing else 200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Receiver:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def bodies(self, secret: str) -> list[dict[str, Any]]:
+        """Every body received, each checked against its X-Signature first."""
+        out = []
+        for headers, body in list(self.requests):
+            want = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+            assert hmac.compare_digest(headers["x-signature"], want), "bad signature"
+            out.append(json.loads(body))
+        return out
+
+
+def eventually(check: Callable[[], T | None], what: str, timeout: float = 30.0) -> T:
+    """Poll a service's own report until ``check`` returns something."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.1)
+
+
+@pytest.fixture(params=["mysql", "sqlite"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'callback.db'}"
+    else:
+        with scratch_mysql_database() as url:
+            yield url
+
+
+def alerts(server: ServiceProcess, **params: str) -> list[dict[str, Any]]:
+    r = httpx.get(server.url + "/alerts", params=params, headers=server.auth, timeout=10)
+    assert r.status_code == 200, r.text
+    return r.json()["items"]  # type: ignore[no-any-return]
+
+
+def settled(*servers: ServiceProcess) -> bool:
+    """Every replica has evaluated what it committed."""
+    return all(s.health()["alerts"]["evaluating"] == 0 for s in servers)
+
+
+def test_two_replicas_raise_each_alert_once_and_deliver_it_signed(
+        tmp_path: Path, db_url: str) -> None:
+    p = f"t{uuid.uuid4().hex[:8]}"
+    rules = tmp_path / "alert-rules.yaml"
+    rules.write_text("sweep_seconds: 1\n"
+                     "delivery: {attempts: 4, base_seconds: 0.1, cap_seconds: 0.3}\n")
+    common = {"TOPIC_PREFIX": p, "SHARE_GROUP": f"g{p}", "ALERT_RULES_FILE": str(rules),
+              "CALLBACK_URL_ALLOW": "127.0.0.1/32"}
+    probe = Probe(BROKER, f"{p}/org/acme/alerts").start()
+    try:
+        with Receiver() as ok, Receiver(fail_first=2) as flaky, \
+                callback_server(tmp_path, BROKER, db_url, name="a", **common) as a, \
+                callback_server(tmp_path, BROKER, db_url, name="b", **common) as b, \
+                edge_agent(tmp_path, BROKER, org="acme", TOPIC_PREFIX=p) as agent:
+            subs = {}
+            for name, receiver, body in (("ok", ok, {}), ("flaky", flaky,
+                                                          {"rules": ["robot_fault"]})):
+                r = httpx.post(a.url + "/alert-subscriptions", headers=a.auth,
+                               json={"url": receiver.url, **body})
+                assert r.status_code == 200, r.text
+                subs[name] = r.json()
+            # -- a Fatal fault, twice (two error ids), opens one robot_fault alert -----------
+            now = int(time.time())
+            with httpx.Client(base_url=agent.url, headers=HEADERS, timeout=10) as c:
+                for i in range(2):
+                    r = c.post("/api/pudu/webhook", json={
+                        "callback_type": "robotErrorWarning",
+                        "data": {"sn": "RF1", "error_level": "Fatal", "error_type": "Crash",
+                                 "error_detail": "motor", "error_id": f"f{i}",
+                                 "timestamp": now + i}})
+                    assert r.status_code == 200, r.text
+            eventually(lambda: a.health()["stored"] + b.health()["stored"] >= 2
+                       and settled(a, b), "both faults stored and evaluated")
+            faults = alerts(b, rule="robot_fault")
+            assert [(x["subject_id"], x["severity"], x["state"]) for x in faults] == [
+                ("RF1", "critical", "open")]
+            # -- battery 8 % discharging: battery_low at high; charging resolves it ----------
+            with httpx.Client(base_url=agent.url, headers=HEADERS, timeout=10) as c:
+                r = c.post("/api/pudu/webhook", json={"callback_type": "notifyRobotPower",
+                           "data": {"sn": "RB1", "power": 8, "charge_stage": "IDLE",
+                                    "timestamp": now}})
+                assert r.status_code == 200
+                low = eventually(lambda: alerts(a, rule="battery_low"), "battery_low opened")
+                assert [(x["subject_id"], x["severity"], x["state"]) for x in low] == [
+                    ("RB1", "high", "open")]
+                r = c.post("/api/pudu/webhook", json={"callback_type": "notifyRobotPower",
+                           "data": {"sn": "RB1", "power": 9, "charge_stage": "CHARGING",
+                                    "timestamp": now + 1}})
+                assert r.status_code == 200
+            eventually(lambda: alerts(b, rule="battery_low", state="resolved"),
+                       "battery_low resolved")
+            # -- a gateway killed with SIGKILL: gateway_offline by its last will --------------
+            doomed = edge_agent(tmp_path, BROKER, org="acme", gateway="gwk", TOPIC_PREFIX=p)
+            with doomed:
+                for server in (a, b):  # both replicas see presence, shared group or not
+                    eventually(lambda s=server: any(  # type: ignore[misc]
+                        g["gateway_id"] == "gwk" and g["state"] == "online" for g in
+                        httpx.get(s.url + "/gateways", headers=s.auth).json()["items"]),
+                        "gwk online on every replica")
+                doomed.kill()
+                offline = eventually(lambda: alerts(a, rule="gateway_offline"),
+                                     "gateway_offline opened")
+            assert [(x["subject_type"], x["subject_id"], x["state"]) for x in offline] == [
+                ("gateway", "gwk", "open")]
+            expected = {("opened", "robot_fault", "RF1"), ("opened", "battery_low", "RB1"),
+                        ("resolved", "battery_low", "RB1"), ("opened", "gateway_offline", "gwk")}
+
+            def delivered() -> list[dict[str, Any]] | None:
+                got = ok.bodies(subs["ok"]["secret"])
+                seen = {(x["transition"], x["rule"], x["subject_id"]) for x in got}
+                return got if expected <= seen else None
+
+            got = eventually(delivered, "every transition delivered")
+            flaky_log = eventually(lambda: [d for d in httpx.get(
+                f"{a.url}/alert-subscriptions/{subs['flaky']['id']}/deliveries",
+                headers=a.auth).json()["items"] if d["outcome"] == "delivered"] and httpx.get(
+                f"{b.url}/alert-subscriptions/{subs['flaky']['id']}/deliveries",
+                headers=b.auth).json()["items"], "flaky receiver got it in the end")
+            settle_alerts = query(db_url, "SELECT rule, subject_id FROM alerts")
+    finally:
+        probe.stop()
+    # One transition each, delivered once each to the receiver that always answers 200.
+    assert sorted((x["transition"], x["rule"], x["subject_id"]) for x in got) == sorted(expected)
+    assert len({x["transition_id"] for x in got}) == len(got)
+    assert all(x["subscription_id"] == subs["ok"]["id"] for x in got)
+    assert {(r["rule"], r["subject_id"]) for r in settle_alerts} == {
+        ("robot_fault", "RF1"), ("battery_low", "RB1"), ("gateway_offline", "gwk")}
+    # The flaky receiver: 500, 500, then 200, each attempt signed and in the log.
+    bodies = flaky.bodies(subs["flaky"]["secret"])
+    assert len(bodies) == 3 and len({x["transition_id"] for x in bodies}) == 1
+    assert [(d["attempt"], d["outcome"]) for d in reversed(flaky_log)] == [
+        (1, "failed"), (2, "failed"), (3, "delivered")]
+    assert {d["transition"] for d in flaky_log} == {"opened"}
+    # MQTT: each transition once on the org's alerts topic, not retained.
+    seen = [json.loads(m.payload) for m in probe.messages]
+    assert all(not m.retain for m in probe.messages)
+    assert sorted((x["transition"], x["rule"], x["subject_id"]) for x in seen
+                  if (x["transition"], x["rule"], x["subject_id"]) in expected) == sorted(expected)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.dbutil import scratch_mysql_database
 from tests.procs import MosquittoProcess, free_port, port_open
 from tests.tls_certs import CertAuthority, Pki, TlsBroker
 
@@ -77,3 +78,13 @@ def mariadb_url() -> str:
 def unique_id() -> str:
     """Eight random hex digits, for topics, org ids and client ids no other test uses."""
     return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.integration)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh database of each kind: a SQLite file, and a scratch MariaDB database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'callback.db'}"
+    else:
+        with scratch_mysql_database() as url:
+            yield url

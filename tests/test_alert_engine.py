@@ -7,9 +7,8 @@ the alert tables change once and one transition is emitted.
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +18,7 @@ from bridge.topic import DeviceAddress
 from callback_server.alerts import AlertEngine, AlertSettings, AlertStore, Transition
 from callback_server.alerts.alert import Subject
 from callback_server.store import SqlStore, open_store
-from tests.dbutil import query, scratch_mysql_database
+from tests.dbutil import query
 
 T0 = 1_750_000_000.0
 _ids = itertools.count()
@@ -75,15 +74,6 @@ class Env:
     def rows(self) -> list[dict[str, Any]]:
         return query(self.url, "SELECT rule, subject_id, severity, state FROM alerts "
                      "ORDER BY opened_at, rule")
-
-
-@pytest.fixture(params=["sqlite", "mysql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'cb.db'}"
-    else:
-        with scratch_mysql_database() as url:
-            yield url
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
-from tests.dbutil import query, scratch_mysql_database
+from tests.dbutil import query
 from tests.mqtt_probe import Probe
 from tests.services import ServiceProcess, callback_server, edge_agent
 
@@ -84,15 +84,6 @@ def eventually(check: Callable[[], T | None], what: str, timeout: float = 30.0) 
         if time.monotonic() > deadline:
             raise TimeoutError(what)
         time.sleep(0.1)
-
-
-@pytest.fixture(params=["mysql", "sqlite"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'callback.db'}"
-    else:
-        with scratch_mysql_database() as url:
-            yield url
 
 
 def alerts(server: ServiceProcess, **params: str) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from bridge.topic import CHANNEL_OF_TYPE
 from tests.mqtt_probe import Probe, Seen
 from tests.services import ServiceProcess, edge_agent
 
@@ -19,17 +20,7 @@ pytestmark = pytest.mark.integration
 BROKER = "mqtt://127.0.0.1:1883"
 SAMPLES = Path(__file__).parent / "samples" / "pudu"
 CODE = {"CallbackCode": "test-code"}
-CHANNEL = {
-    "robotStatus": "status",
-    "notifyRobotStatus": "status",
-    "robotErrorWarning": "event",
-    "robotErrorNotice": "event",
-    "notifyRobotPower": "power",
-    "notifyRobotPose": "pose",
-    "notifyRobotMoveState": "move",
-    "notifyCleanStatus": "task",
-    "TASK_STATUS": "task",
-}
+CHANNEL = CHANNEL_OF_TYPE
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.dbutil import query, scratch_mysql_database
+from tests.dbutil import query
 from tests.mariadb_proc import MariadbProcess
 from tests.services import ServiceProcess, callback_server, edge_agent
 
@@ -29,15 +28,6 @@ pytestmark = pytest.mark.integration
 BROKER = "mqtt://127.0.0.1:1883"
 SAMPLES = Path(__file__).parent / "samples" / "pudu"
 HEADERS = {"CallbackCode": "test-code"}
-
-
-@pytest.fixture(params=["mysql", "sqlite"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'callback.db'}"
-    else:
-        with scratch_mysql_database() as url:
-            yield url
 
 
 def prefix() -> str:

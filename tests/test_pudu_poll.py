@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.dbutil import query, scratch_mysql_database
+from tests.dbutil import query
 from tests.pudu_stub import KEY, SECRET, StubServer, serve_stub
 from tests.services import ServiceProcess, callback_server, edge_agent
 
@@ -26,15 +26,6 @@ SHOP, OTHER = "12345", "777"
 @pytest.fixture
 def stub() -> Iterator[StubServer]:
     yield from serve_stub()
-
-
-@pytest.fixture(params=["sqlite", "mysql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'callback.db'}"
-    else:
-        with scratch_mysql_database() as url:
-            yield url
 
 
 def pudu_env(stub: StubServer, shops: str = SHOP, **extra: str) -> dict[str, str]:

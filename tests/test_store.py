@@ -25,7 +25,7 @@ from callback_server.retention import Retention
 from callback_server.store import BatchResult, SqlStore, Table, Targets, load_targets, open_store
 from callback_server.store.rows import build_rows, key, when
 from callback_server.store.schema import COMMAND_TABLE, DEAD_TABLE, LOG_TABLE, ROBOT_ROW
-from tests.dbutil import query, scratch_mysql_database
+from tests.dbutil import query
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "config.example"
 TYPES = {"status": "notifyRobotStatus", "power": "notifyRobotPower", "pose": "notifyRobotPose",
@@ -53,15 +53,6 @@ def extra_mysql_database() -> Iterator[str]:
     finally:
         with pymysql.connect(host="127.0.0.1", user="root", password="") as conn:
             conn.cursor().execute(f"DROP DATABASE IF EXISTS `{name}`")
-
-
-@pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.integration)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'store.db'}"
-    else:
-        with scratch_mysql_database() as url:
-            yield url
 
 
 @pytest.fixture

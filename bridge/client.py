@@ -18,7 +18,7 @@ import fnmatch
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -240,12 +240,13 @@ class FleetClient:
         """Read the stream until unsubscribed: reconnect, and re-subscribe if forgotten."""
         attempt = 0
         while True:
+            connects = sub.connects
             try:
                 if sub.id is None:
                     await self._create(sub)
-                async for message in self._stream(sub):
-                    attempt = 0
-                    await self._deliver(sub, message)
+                async with contextlib.aclosing(self._stream(sub)) as messages:
+                    async for message in messages:
+                        await self._deliver(sub, message)
             except NotFoundError:
                 log.info("subscription %s on %s was forgotten (service restarted?); "
                          "subscribing again", sub.id, sub.filter)
@@ -253,8 +254,9 @@ class FleetClient:
             except (FleetError, httpx.HTTPError, ValueError) as exc:
                 log.info("stream of %s cut: %s", sub.filter, exc)
             sub.live.clear()
+            # A stream that got as far as its `subscribed` event starts the back-off over.
+            attempt = 0 if sub.connects > connects else attempt + 1
             await asyncio.sleep(backoff_delay(attempt, *self._reconnect))
-            attempt += 1
 
     async def _deliver(self, sub: Subscription, message: InboundMessage) -> None:
         if sub.match is not None and not sub.match(message.topic):
@@ -267,7 +269,7 @@ class FleetClient:
             log.exception("handler of %s failed on a message from %s", sub.topic,
                           message.topic)
 
-    async def _stream(self, sub: Subscription) -> AsyncIterator[InboundMessage]:
+    async def _stream(self, sub: Subscription) -> AsyncGenerator[InboundMessage, None]:
         """The SSE events of ``sub``'s stream as messages; ends when the stream does."""
         timeout = httpx.Timeout(self._http.timeout.connect, read=self._idle)
         try:

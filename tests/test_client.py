@@ -17,8 +17,17 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from bridge import FleetClient, verify_signature
-from bridge.client import mqtt_filter
-from bridge.errors import AuthError, CommandTimeoutError, InputError, TopicError
+from bridge.client import Subscription, mqtt_filter
+from bridge.errors import (
+    AuthError,
+    CommandTimeoutError,
+    InputError,
+    NotConnectedError,
+    NotFoundError,
+    ServiceError,
+    ServiceUnreachableError,
+    TopicError,
+)
 from bridge.proxy import sign
 from bridge.transport import InboundMessage
 from tests.services import ADMIN_TOKEN, callback_server, edge_agent
@@ -192,3 +201,37 @@ async def test_a_real_callback_push_verifies(tmp_path: Path) -> None:
     assert verify_signature(body, header, secret)
     assert not verify_signature(body.replace(b"1", b"2"), header, secret)
     assert json.loads(body)["topic"] == f"org/{org}/push/a"
+
+
+async def test_error_answers_map_onto_the_exception_tree() -> None:
+    answers = {"/mqtt/status": (401, {"status": "error", "message": "no"}),
+               "/mqtt/unsubscribe": (404, {"status": "error", "message": "gone"}),
+               "/mqtt/publish": (503, {"status": "error", "message": "broker away"}),
+               "/mqtt/subscribe": (422, {"status": "error", "message": "bad", "field": "qos"}),
+               "/devices/gw/commands": (500, {"status": "error", "message": "boom"})}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/refused":
+            raise httpx.ConnectError("refused", request=request)
+        status, body = answers[request.url.path]
+        return httpx.Response(status, json=body)
+
+    async with FleetClient("http://svc", "k", transport=httpx.MockTransport(handler)) as c:
+        with pytest.raises(AuthError):
+            await c.health_check()
+        with pytest.raises(NotConnectedError, match="broker away"):
+            await c.publish_message("t", "x")
+        with pytest.raises(InputError) as bad:
+            await c.subscribe_to_topic("t", collector([])[0])
+        assert (bad.value.field, bad.value.status) == ("qos", 422)
+        with pytest.raises(ServiceError) as failed:
+            await c.send_command("gw", "ping")
+        assert failed.value.status == 500
+        gone = Subscription("t", "t", collector([])[0], id="sub_x")
+        assert await c.unsubscribe(gone) == 1  # already gone on the service (404): ended
+        with pytest.raises(NotFoundError):
+            await c._request("POST", "/mqtt/unsubscribe", json_body={"id": "sub_x"})
+        with pytest.raises(ServiceUnreachableError):
+            await c._request("GET", "/refused")
+        with pytest.raises(TopicError):
+            await c.subscribe_pattern("a/#/b", collector([])[0])

@@ -13,6 +13,8 @@
     │   ├── NotFoundError      no such object (or one the caller may not see)
     │   └── OutboundRefusedError  a URL we may not send to (not globally routable)
     ├── CommandTimeoutError    a device did not answer a command in time
+    ├── ServiceError           a REST API (FleetClient) answered with an unexpected status
+    │   └── ServiceUnreachableError  no HTTP answer at all (refused, reset, timed out)
     ├── TransportError         the broker connection failed or refused an operation
     │   ├── NotConnectedError
     │   ├── PubackTimeoutError
@@ -122,6 +124,19 @@ class CommandTimeoutError(FleetError):
         self.device_id = device_id
         self.seconds = seconds
         self.message_id = message_id
+
+
+class ServiceError(FleetError):
+    """A service's REST API answered a FleetClient request with an unexpected status."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+class ServiceUnreachableError(ServiceError):
+    """No HTTP answer at all: connection refused or reset, or the request timed out."""
 
 
 class OutboundRefusedError(InputError):

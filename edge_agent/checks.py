@@ -5,9 +5,11 @@ from __future__ import annotations
 from bridge.checks import broker_reachable, mqtt_transport, writable_file
 from bridge.config import mask_url
 from bridge.topic import TopicScheme
+from edge_agent.commands import BUILTIN_NAMES
 from edge_agent.config import EdgeSettings
 from edge_agent.forwarding import ForwardPolicy
 from edge_agent.forwarding import warnings as policy_warnings
+from edge_agent.plugins import problems as plugin_problems
 
 
 def problems(settings: EdgeSettings) -> list[str]:
@@ -18,6 +20,7 @@ def problems(settings: EdgeSettings) -> list[str]:
     scheme = TopicScheme(settings.org_id, settings.topic_prefix)
     mqtt_transport(found, settings.mqtt_backend, lambda: mqtt_settings(settings, scheme))
     writable_file(found, "OUTBOX_PATH", settings.outbox_path)
+    found.extend(plugin_problems(settings, BUILTIN_NAMES))
     return found
 
 

@@ -1,4 +1,7 @@
-"""The gateway's built-in commands (ping, get_status, get_robots, flush_outbox, set_log_level)."""
+"""The gateway's built-in commands (ping, get_status, get_robots, flush_outbox, ...).
+
+Site-specific commands come as plug-ins (edge_agent.plugins) and may not take these names.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +12,13 @@ from typing import Any
 
 from bridge.commands import CommandExecutor
 from edge_agent.ports import CommandHost
+from edge_agent.pudu.commands import NAMES as PUDU_NAMES
 
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: The built-in commands' names (with the ``pudu.*`` ones, BUILTIN_NAMES): not for plug-ins.
+BUILTINS = ("ping", "get_status", "get_robots", "flush_outbox", "set_log_level",
+            "requeue_rejected")
+BUILTIN_NAMES = frozenset((*BUILTINS, *PUDU_NAMES))
 
 
 def register_builtins(executor: CommandExecutor, agent: CommandHost) -> None:
@@ -20,7 +28,8 @@ def register_builtins(executor: CommandExecutor, agent: CommandHost) -> None:
         return {"pong": True, "time": time.time(), "gateway_id": agent.settings.gateway_id}
 
     async def get_status(args: dict[str, Any]) -> dict[str, Any]:
-        return agent.health()
+        # The commands available here, plug-ins included: what a caller may send next.
+        return {**agent.health(), "commands": sorted(executor.handlers)}
 
     async def get_robots(args: dict[str, Any]) -> list[dict[str, Any]]:
         return sorted(agent.robots.values(), key=lambda r: str(r["sn"]))
@@ -46,7 +55,8 @@ def register_builtins(executor: CommandExecutor, agent: CommandHost) -> None:
         return {"requeued": await agent.outbox.requeue_rejected(),
                 "outbox_depth": agent.outbox.depth}
 
-    for name, fn in (("ping", ping), ("get_status", get_status), ("get_robots", get_robots),
+    handlers = (("ping", ping), ("get_status", get_status), ("get_robots", get_robots),
                      ("flush_outbox", flush_outbox), ("set_log_level", set_log_level),
-                     ("requeue_rejected", requeue_rejected)):
+                ("requeue_rejected", requeue_rejected))
+    for name, fn in handlers:
         executor.register(name, fn)

@@ -7,9 +7,18 @@ import re
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
 from bridge.config import (
     HTTP_ENV_MAP,
@@ -47,11 +56,41 @@ ENV_MAP = {
     "PUDU_LOOKBACK_HOURS": "pudu.lookback_hours",
     "PUDU_API_TIMEOUT_SECONDS": "pudu.timeout_seconds",
     "PUDU_API_RETRIES": "pudu.max_retries",
+    "COMMAND_PLUGINS": "command_plugins",
+    "COMMAND_PLUGIN_TIMEOUT_SECONDS": "command_plugin_timeout_seconds",
 }
 #: systemd credentials the edge agent reads besides the shared ones (bridge.config).
 CREDENTIALS = {"pudu_callback_code": "pudu_callback_code", "pudu_api_secret": "pudu.api_secret"}
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_COMMAND = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+def _parse_plugins(value: object) -> object:
+    """``COMMAND_PLUGINS="restart_app=site_tools:restart, x=m:f"``: one string to a map."""
+    if not isinstance(value, str):
+        return value
+    out: dict[str, str] = {}
+    for part in value.replace(",", " ").split():
+        name, sep, target = part.partition("=")
+        if not sep:
+            raise ValueError(f"{part!r}: expected name=module:function")
+        out[name.strip()] = target.strip()
+    return out
+
+
+def _plugin_shape(value: dict[str, str]) -> dict[str, str]:
+    for name, target in value.items():
+        if not _COMMAND.match(name):
+            raise ValueError(f"{name!r}: a command name is 1-64 letters, digits, '_.-'")
+        if not _TARGET.match(target):
+            raise ValueError(f"{name}: {target!r} is not 'module:function'")
+    return value
+
+
+CommandPlugins = Annotated[dict[str, str], BeforeValidator(_parse_plugins),
+                           AfterValidator(_plugin_shape)]
 
 
 class EdgeSettings(BaseModel):
@@ -95,6 +134,9 @@ class EdgeSettings(BaseModel):
     min_interval_seconds: Intervals = {}
     # The Pudu cloud API: robot commands, scheduled reconciliation and fault backfill.
     pudu: PuduApiSettings = PuduApiSettings()
+    # Site commands (edge_agent.plugins): name -> "module:function", besides entry points.
+    command_plugins: CommandPlugins = {}
+    command_plugin_timeout_seconds: float = Field(30.0, gt=0, le=3600)
 
     @field_validator("pudu_callback_code")
     @classmethod

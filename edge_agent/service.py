@@ -32,12 +32,13 @@ from bridge.tasks import cancel_and_wait
 from bridge.topic import TopicScheme, org_root
 from bridge.transport import MqttSettings, TlsFiles, Transport, Will, create_transport
 from bridge.version import VERSION
-from edge_agent.commands import register_builtins
+from edge_agent.commands import BUILTIN_NAMES, register_builtins
 from edge_agent.config import EdgeSettings
 from edge_agent.downsample import Downsampler
 from edge_agent.forwarding import ForwardPolicy
 from edge_agent.journal import Journal
 from edge_agent.metrics import EdgeMetrics
+from edge_agent.plugins import register_plugins
 from edge_agent.publisher import OutboxPublisher
 from edge_agent.pudu.commands import register_pudu
 from edge_agent.pudu.poller import Poller
@@ -98,6 +99,8 @@ class EdgeAgent:
         self.commands.journal = self.journal
         register_builtins(self.commands, self)
         register_pudu(self.commands, self)
+        # After the built-ins: ConfigError if a plug-in would shadow one or cannot load.
+        self.plugins = register_plugins(self.commands, settings, BUILTIN_NAMES)
         token = settings.proxy_token.get_secret_value() if settings.proxy_token else None
         own_subtree = org_root(settings.topic_prefix, settings.org_id)
         self.proxy = MqttProxy(

@@ -1,0 +1,237 @@
+"""FleetClient against running services (real Mosquitto, real edge agent and callback server)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from bridge import FleetClient, verify_signature
+from bridge.client import Subscription, mqtt_filter
+from bridge.errors import (
+    AuthError,
+    CommandTimeoutError,
+    InputError,
+    NotConnectedError,
+    NotFoundError,
+    ServiceError,
+    ServiceUnreachableError,
+    TopicError,
+)
+from bridge.proxy import sign
+from bridge.transport import InboundMessage
+from tests.services import ADMIN_TOKEN, callback_server, edge_agent
+from tests.test_commands import wait_gateways
+from tests.test_proxy import serve
+
+BROKER = "mqtt://127.0.0.1:1883"
+TOKEN = "edge-proxy-token-" + uuid.uuid4().hex[:8]
+
+
+async def until(check: Callable[[], bool], within: float = 15) -> None:
+    """Wait for ``check()`` (a counter the client keeps), polling the event loop."""
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+def collector(into: list[InboundMessage], delay: float = 0.0
+              ) -> tuple[Callable[[InboundMessage], Awaitable[None]], list[int]]:
+    """A handler recording messages (sleeping ``delay`` in each), and its peak concurrency."""
+    running = [0, 0]  # now, peak
+
+    async def handler(message: InboundMessage) -> None:
+        running[0] += 1
+        running[1] = max(running)
+        await asyncio.sleep(delay)
+        into.append(message)
+        running[0] -= 1
+
+    return handler, running
+
+
+# -- pure -----------------------------------------------------------------------------------
+def test_patterns_translate_to_mqtt_filters() -> None:
+    assert mqtt_filter("org/*/device/*/telemetry") == ("org/+/device/+/telemetry", None)
+    assert mqtt_filter("org/a/#") == ("org/a/#", None)
+    flt, match = mqtt_filter("org/a/device/robot-*/status")
+    assert flt == "org/a/device/+/status" and match is not None
+    assert match("org/a/device/robot-7/status")
+    assert not match("org/a/device/other/status")
+    assert not match("org/a/device/robot-7/status/extra")
+    with pytest.raises(TopicError):
+        mqtt_filter("org/#/x")
+
+
+def test_verify_signature_matches_the_services_signer() -> None:
+    body = b'{"topic":"t","payload":"x"}'
+    header = sign("s" * 16, body)
+    assert verify_signature(body, header, "s" * 16)
+    assert verify_signature(body.decode(), header.upper().replace("SHA256", "sha256"),
+                            "s" * 16)
+    assert not verify_signature(body + b" ", header, "s" * 16)
+    assert not verify_signature(body, header, "t" * 16)
+    for bad in (None, "", "sha1=" + header[7:], "sha256", "sha256=zz"):
+        assert not verify_signature(body, bad, "s" * 16)
+
+
+# -- against running services ---------------------------------------------------------------
+integration = pytest.mark.integration
+
+
+@integration
+async def test_publish_and_pattern_subscription_receive_in_order(tmp_path: Path) -> None:
+    org = f"o{uuid.uuid4().hex[:8]}"
+    with edge_agent(tmp_path, BROKER, org=org, PROXY_TOKEN=TOKEN) as agent:
+        async with FleetClient(agent.admin_url, TOKEN) as client:
+            got: list[InboundMessage] = []
+            handler, running = collector(got, delay=0.01)  # slow enough to overlap
+            globbed: list[InboundMessage] = []
+            glob_handler, _ = collector(globbed)
+            sub = await client.subscribe_pattern(f"org/{org}/device/*/telemetry", handler)
+            await client.subscribe_pattern(f"org/{org}/device/robot-*/telemetry",
+                                           glob_handler)
+            assert sub.filter == f"org/{org}/device/+/telemetry"
+            await until(lambda: all(s.live.is_set() for s in client.subscriptions))
+            for i in range(30):
+                device = "robot-1" if i % 3 else "cart-2"
+                await client.publish_message(f"org/{org}/device/{device}/telemetry",
+                                             {"seq": i}, qos=1)
+            await client.publish_message(f"org/{org}/device/robot-1/telemetry",
+                                         b"\x00\xffraw", qos=1)
+            await until(lambda: len(got) == 31)
+            health = await client.health_check()
+            with pytest.raises(InputError):
+                await client.publish_message(f"org/{org}/x", "y", qos=2 + 1)
+            assert await client.unsubscribe(f"org/{org}/device/*/telemetry") == 1
+            assert [s.topic for s in client.subscriptions] == [
+                f"org/{org}/device/robot-*/telemetry"]
+        async with FleetClient(agent.admin_url, "wrong-token") as stranger:
+            with pytest.raises(AuthError):
+                await stranger.publish_message(f"org/{org}/x", "y")
+    assert [json.loads(m.payload)["seq"] for m in got[:30]] == list(range(30))
+    assert got[30].payload == b"\x00\xffraw"
+    assert running[1] == 1  # one handler call at a time
+    assert [json.loads(m.payload)["seq"] for m in globbed[:20]] == [
+        i for i in range(30) if i % 3]  # the partial glob kept robot-* only
+    assert health["connected"] is True and health["subscriptions"] == 2
+
+
+@integration
+async def test_subscription_resumes_after_the_service_restarts(tmp_path: Path) -> None:
+    org = f"o{uuid.uuid4().hex[:8]}"
+    topic = f"org/{org}/device/gw1/events"
+    agent = edge_agent(tmp_path, BROKER, org=org, PROXY_TOKEN=TOKEN).start()
+    try:
+        async with FleetClient(agent.admin_url, TOKEN, reconnect_max=0.5) as client:
+            got: list[InboundMessage] = []
+            handler, _ = collector(got)
+            sub = await client.subscribe_to_topic(topic, handler)
+            await until(sub.live.is_set)
+            await client.publish_message(topic, "before")
+            await until(lambda: len(got) == 1)
+            first_id = sub.id
+            await asyncio.to_thread(agent.stop)  # cuts the stream; forgets the subscription
+            await until(lambda: not sub.live.is_set())
+            await asyncio.to_thread(agent.start)
+            await until(lambda: sub.connects >= 2 and sub.live.is_set(), within=30)
+            await client.publish_message(topic, "after")
+            await until(lambda: len(got) == 2)
+    finally:
+        agent.stop()
+    assert [m.payload for m in got] == [b"before", b"after"]
+    assert sub.id != first_id  # subscribed again, same handler
+
+
+@integration
+async def test_command_round_trip_and_timeout(tmp_path: Path) -> None:
+    p = f"t{uuid.uuid4().hex[:8]}"
+    db = f"sqlite:///{tmp_path / 'cb.db'}"
+    with callback_server(tmp_path, BROKER, db, TOPIC_PREFIX=p) as server, \
+            edge_agent(tmp_path, BROKER, org="acme", gateway="gwc", TOPIC_PREFIX=p):
+        wait_gateways(server, {"gwc": "online"})
+        async with FleetClient(server.url, ADMIN_TOKEN) as client:
+            pong = await client.send_command("gwc", "ping", timeout=10)
+            status = await client.send_command("gwc", "get_status")
+            unknown = await client.send_command("gwc", "self_destruct")
+            started = time.monotonic()
+            with pytest.raises(CommandTimeoutError) as timed_out:
+                await client.send_command("gwc", "ping", timeout=0.5, org_id="nobody-home")
+            waited = time.monotonic() - started
+    assert pong.status == "success" and pong.result["gateway_id"] == "gwc"
+    assert "ping" in status.result["commands"]
+    assert unknown.status == "error" and "unknown command" in (unknown.error or "")
+    assert timed_out.value.device_id == "gwc" and timed_out.value.message_id
+    assert 0.5 <= waited < 5
+
+
+@integration
+async def test_a_real_callback_push_verifies(tmp_path: Path) -> None:
+    org = f"o{uuid.uuid4().hex[:8]}"
+    received: asyncio.Queue[tuple[bytes, str | None]] = asyncio.Queue()
+
+    async def hook(request: Request) -> Response:
+        await received.put((await request.body(), request.headers.get("x-signature")))
+        return Response(status_code=200)
+
+    receiver = Starlette(routes=[Route("/hook", hook, methods=["POST"])])
+    with edge_agent(tmp_path, BROKER, org=org, PROXY_TOKEN=TOKEN,
+                    CALLBACK_URL_ALLOW="127.0.0.1/32") as agent:
+        async with serve(receiver) as url, FleetClient(agent.admin_url, TOKEN) as client:
+            async with httpx.AsyncClient(base_url=agent.admin_url, headers={
+                    "Authorization": f"Bearer {TOKEN}"}) as http:
+                r = await http.post("/mqtt/subscribe", json={
+                    "topic": f"org/{org}/push/#", "callback_url": f"{url}/hook"})
+                assert r.status_code == 200, r.text
+                secret = r.json()["secret"]
+            await client.publish_message(f"org/{org}/push/a", {"n": 1})
+            body, header = await asyncio.wait_for(received.get(), 15)
+    assert verify_signature(body, header, secret)
+    assert not verify_signature(body.replace(b"1", b"2"), header, secret)
+    assert json.loads(body)["topic"] == f"org/{org}/push/a"
+
+
+async def test_error_answers_map_onto_the_exception_tree() -> None:
+    answers = {"/mqtt/status": (401, {"status": "error", "message": "no"}),
+               "/mqtt/unsubscribe": (404, {"status": "error", "message": "gone"}),
+               "/mqtt/publish": (503, {"status": "error", "message": "broker away"}),
+               "/mqtt/subscribe": (422, {"status": "error", "message": "bad", "field": "qos"}),
+               "/devices/gw/commands": (500, {"status": "error", "message": "boom"})}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/refused":
+            raise httpx.ConnectError("refused", request=request)
+        status, body = answers[request.url.path]
+        return httpx.Response(status, json=body)
+
+    async with FleetClient("http://svc", "k", transport=httpx.MockTransport(handler)) as c:
+        with pytest.raises(AuthError):
+            await c.health_check()
+        with pytest.raises(NotConnectedError, match="broker away"):
+            await c.publish_message("t", "x")
+        with pytest.raises(InputError) as bad:
+            await c.subscribe_to_topic("t", collector([])[0])
+        assert (bad.value.field, bad.value.status) == ("qos", 422)
+        with pytest.raises(ServiceError) as failed:
+            await c.send_command("gw", "ping")
+        assert failed.value.status == 500
+        gone = Subscription("t", "t", collector([])[0], id="sub_x")
+        assert await c.unsubscribe(gone) == 1  # already gone on the service (404): ended
+        with pytest.raises(NotFoundError):
+            await c._request("POST", "/mqtt/unsubscribe", json_body={"id": "sub_x"})
+        with pytest.raises(ServiceUnreachableError):
+            await c._request("GET", "/refused")
+        with pytest.raises(TopicError):
+            await c.subscribe_pattern("a/#/b", collector([])[0])

@@ -1,9 +1,9 @@
 """One service lifecycle for both services: start -> ready -> run -> ordered, bounded stop.
 
-1. The service is entered (outbox or store open, transport started; the broker may
-   still be away: a gateway must take webhooks while its uplink is down).
-2. The listeners are bound here, on sockets we open ourselves, so a port in use is one
+1. The listeners are bound here, on sockets we open ourselves, so a port in use is one
    clear line and exit code 3, not a traceback after a "listening" banner.
+2. The service is entered (outbox or store open, transport started; the broker may
+   still be away: a gateway must take webhooks while its uplink is down).
 3. ``READY=1`` to systemd (and the watchdog starts pinging); "listening" is logged.
 4. Until SIGTERM/SIGINT (handled here and nowhere else; SIGHUP reloads, e.g. the API
    keys) or a listener fails.
@@ -110,10 +110,18 @@ async def serve_service(
         notifier.ready(status())
         await watchdog.run()
 
-    async with service:
-        servers = listeners()
+    # Bound before the service starts: a port in use stops us before anything (the
+    # broker's `online` presence included) has happened.
+    servers = listeners()
+    try:
         for listener in servers:
             listener.bind()
+    except BindError:
+        for listener in servers:
+            if listener.sock is not None:
+                listener.sock.close()
+        raise
+    async with service:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         if reload is not None:

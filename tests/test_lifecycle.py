@@ -182,7 +182,8 @@ def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]
 @pytest.mark.integration
 def test_a_second_agent_on_the_same_outbox_or_port_exits_3(tmp_path: Path) -> None:
     with edge_agent(tmp_path, BROKER, org="acme") as agent:
-        env = {**agent.env, "EDGE_HTTP_PORT": str(pick_port())}
+        env = {**agent.env, "EDGE_HTTP_PORT": str(pick_port()),
+               "EDGE_ADMIN_PORT": str(pick_port())}  # free ports: only the outbox is held
         locked = run_cli("run", env=env)
         assert locked.returncode == 3, locked.stderr
         assert "in use by another process" in locked.stderr

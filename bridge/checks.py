@@ -13,19 +13,17 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from bridge.errors import ConfigError, FleetError
+from bridge.errors import FleetError
 from bridge.transport import IN_PROCESS_BACKENDS, MqttSettings, Transport, create_transport
 
 __all__ = ["broker_reachable", "build", "mqtt_transport", "writable_file"]
 
 
 def build(problems: list[str], what: str, make: Callable[[], object]) -> object | None:
-    """``make()``, or None with its ConfigError added to ``problems``."""
+    """``make()``, or None with what it raised added to ``problems`` (one line)."""
     try:
         return make()
-    except ConfigError as exc:
-        problems.append(f"{what}: {exc}")
-    except (FleetError, ValueError, OSError) as exc:
+    except (FleetError, ValueError, OSError) as exc:  # ConfigError above all
         problems.append(f"{what}: {exc}")
     return None
 

@@ -15,8 +15,13 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
 
-from callback_server.keys import add_key
+from callback_server.keys import Role, add_key
 from tests.services import ServiceProcess, callback_server, edge_agent
 
 pytestmark = pytest.mark.integration
@@ -25,11 +30,6 @@ HEADERS = {"CallbackCode": "test-code"}
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 T = TypeVar("T")
 
-webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
 
 
 def eventually(check: Callable[[], T | None], what: str, timeout: float = 20.0) -> T:
@@ -62,16 +62,16 @@ class Fleet:
 
     def robot(self, sn: str) -> dict[str, Any] | None:
         r = httpx.get(f"{self.server.url}/robots/{sn}", headers=self.server.auth, timeout=5)
-        return r.json() if r.status_code == 200 else None  # type: ignore[no-any-return]
+        return r.json() if r.status_code == 200 else None
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("console")
     keys_file = tmp / "keys.yaml"
-    keys = {name: add_key(keys_file, name, orgs, role) for name, orgs, role in (
-        ("viewer_a", ["acme"], "viewer"), ("operator_a", ["acme"], "operator"),
-        ("ingest_a", ["acme"], "ingest"))}
+    roles: list[tuple[str, Role]] = [("viewer_a", "viewer"), ("operator_a", "operator"),
+                                      ("ingest_a", "ingest")]
+    keys = {name: add_key(keys_file, name, ["acme"], role) for name, role in roles}
     p = f"t{uuid.uuid4().hex[:8]}"
     with callback_server(tmp, BROKER, f"sqlite:///{tmp / 'cb.db'}", TOPIC_PREFIX=p,
                          API_KEYS_FILE=str(keys_file)) as server, \

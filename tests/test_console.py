@@ -232,8 +232,17 @@ def test_session_cookie_and_origin_rules(fleet: Fleet) -> None:
             assert r.status_code == 403, (headers, r.text)
         r = c.post(target, json={"minutes": 1}, headers=own)
         assert r.status_code == (200 if fault else 404), r.text
-        # logout needs the Origin too, then the cookie is worthless
+        # logout needs the Origin too; then the cookie is worthless and its stream ends
         assert c.post("/console/logout").status_code == 403
-        assert c.post("/console/logout", headers=own).status_code == 200
+        with httpx.Client(base_url=url, timeout=10,
+                          cookies={"console_session": session_id}) as s, \
+                s.stream("GET", "/console/stream") as stream:
+            assert stream.status_code == 200
+            lines = stream.iter_lines()
+            assert next(lines) == "event: hello"
+            started = time.monotonic()
+            assert c.post("/console/logout", headers=own).status_code == 200
+            rest = list(lines)  # returns once the server ends the response
+            assert time.monotonic() - started < 5 and "event: alerts" in rest
         r = httpx.get(url + "/robots", cookies={"console_session": session_id})
         assert r.status_code == 401

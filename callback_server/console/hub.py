@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from bridge.envelope import Envelope
@@ -32,8 +32,11 @@ _KEYS = {"robots": "robot_sn", "alerts": "id"}
 class ConsoleClient:
     """One open stream: its principal, and the newest pending version of each object."""
 
-    def __init__(self, principal: Principal) -> None:
+    def __init__(self, principal: Principal,
+                 alive: Callable[[], bool] = lambda: True) -> None:
         self.principal = principal
+        #: False once the client's session has ended (signed out, expired): stream ends.
+        self.alive = alive
         self.pending: dict[str, dict[str, dict[str, Any]]] = {k: {} for k in KINDS}
         self.wake = asyncio.Event()
         self.closed = False
@@ -89,17 +92,24 @@ class ConsoleHub:
             self._alerts[transition.alert.id] = transition.alert.as_dict()
             self._wake.set()
 
-    def join(self, principal: Principal) -> ConsoleClient | None:
+    def join(self, principal: Principal,
+             alive: Callable[[], bool] = lambda: True) -> ConsoleClient | None:
         """A new client, or None when ``max_clients`` streams are open already."""
         if len(self.clients) >= self.max_clients:
             return None
-        client = ConsoleClient(principal)
+        client = ConsoleClient(principal, alive)
         self.clients.add(client)
         return client
 
     def leave(self, client: ConsoleClient) -> None:
         client.close()
         self.clients.discard(client)
+
+    def end_dead(self) -> None:
+        """End the streams whose session is gone (called on sign-out)."""
+        for client in list(self.clients):
+            if not client.alive():
+                client.close()
 
     def end_streams(self) -> None:
         """End every open stream now (stopping), so none holds the listener open."""

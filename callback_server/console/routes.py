@@ -86,6 +86,7 @@ def create_console_router(server: AppHost, access: Access, hub: ConsoleHub) -> A
         if COOKIE in request.cookies:
             access.principal(request)  # 401 if already gone, 403 without our Origin
             sessions.drop(request.cookies[COOKIE])
+            hub.end_dead()  # its open streams end now, not at their next frame
         answer = JSONResponse({"status": "success"})
         answer.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
         return answer
@@ -101,7 +102,14 @@ def create_console_router(server: AppHost, access: Access, hub: ConsoleHub) -> A
     async def stream(request: Request) -> Response:
         principal = access.principal(request)
         access.require_role(principal, READERS, "use the console")
-        client = hub.join(principal)
+        by_cookie = "authorization" not in request.headers and COOKIE in request.cookies
+        session_id = request.cookies.get(COOKIE, "")
+
+        def alive() -> bool:
+            """A cookie's stream lasts as long as its session (a sign-out ends it)."""
+            return not by_cookie or sessions.lookup(session_id) is not None
+
+        client = hub.join(principal, alive)
         if client is None:
             raise StoreError(f"{hub.max_clients} console streams are open already")
         try:

@@ -62,6 +62,8 @@ class ConsoleStream(Response):
                 else:
                     if client.closed:
                         break
+                if not client.alive():  # signed out or expired while streaming
+                    break
                     chunk = b"".join(sse(kind, items) for kind, items in client.take().items())
                     client.frames += 1
                 if chunk:

@@ -194,6 +194,10 @@ def test_viewer_sees_its_org_live_and_operator_acknowledges(
                "viewer page shows it live")
     shot(operator, fleet, "operator-after-ack")
     shot(viewer, fleet, "viewer-after-ack")
+    # all of it arrived over the first stream: no reconnect (each brings a new snapshot)
+    for driver in (viewer, operator):
+        stats = driver.execute_script("return window.consoleStats")
+        assert stats["hellos"] == 1 and stats["frames"] > 2, stats  # 2: the snapshot
 
     # -- sign-out ends the session: the page is the sign-in page again -------------------
     operator.find_element(By.ID, "logout").click()

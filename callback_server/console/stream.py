@@ -62,10 +62,10 @@ class ConsoleStream(Response):
                 else:
                     if client.closed:
                         break
-                if not client.alive():  # signed out or expired while streaming
-                    break
                     chunk = b"".join(sse(kind, items) for kind, items in client.take().items())
                     client.frames += 1
+                if not client.alive():  # signed out or expired while streaming
+                    break
                 if chunk:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 # Coalescing: what changes during the pause goes out in the next frame.

@@ -9,6 +9,10 @@ const LOST_S = 600;     // older than this: "lost"
 const TRACK = 40;       // positions kept per robot for the floor view
 const SVG = "http://www.w3.org/2000/svg";
 
+// Counters a test or benchmark reads (frames received, objects, time spent rendering).
+// ``hellos`` counts stream (re)connections: more than one means the stream broke.
+window.consoleStats = {hellos: 0, frames: 0, objects: 0, renders: 0, renderMs: 0};
+
 const st = {
   me: null,
   robots: new Map(),
@@ -258,9 +262,21 @@ function renderFloor() {
 }
 
 function render() {
+  const t0 = performance.now();
   renderFleet();
   renderAlerts();
   renderFloor();
+  window.consoleStats.renders += 1;
+  window.consoleStats.renderMs += performance.now() - t0;
+}
+
+function frame(handler) {
+  return (e) => {
+    const items = JSON.parse(e.data);
+    window.consoleStats.frames += 1;
+    window.consoleStats.objects += items.length;
+    handler(items);
+  };
 }
 
 // -- start -----------------------------------------------------------------------------
@@ -295,9 +311,13 @@ async function start() {
   }
   const es = new EventSource("/console/stream");
   es.addEventListener("open", () => link("live", "up"));
-  es.addEventListener("hello", () => { st.robots.clear(); st.alerts.clear(); });
-  es.addEventListener("robots", (e) => onRobots(JSON.parse(e.data)));
-  es.addEventListener("alerts", (e) => onAlerts(JSON.parse(e.data)));
+  es.addEventListener("hello", () => {
+    window.consoleStats.hellos += 1;
+    st.robots.clear();
+    st.alerts.clear();
+  });
+  es.addEventListener("robots", frame(onRobots));
+  es.addEventListener("alerts", frame(onAlerts));
   es.addEventListener("error", async () => {
     link("reconnecting…", "down");
     if (es.readyState === EventSource.CLOSED) {

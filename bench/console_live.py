@@ -4,7 +4,8 @@ A callback server (SQLite, Mosquitto on 127.0.0.1:1883) is fed pose envelopes ov
 directly (no edge agent: the cores are left to the browser and the server), every robot
 once a second; Debian's headless chromium signs in and watches. Prints one JSON line:
 page-ready time (sign-in click to every robot in the table), frames and objects the page
-received per second, the page's time spent rendering, and the server's CPU per update.
+received per second, the page's time spent rendering, and the server's CPU per update
+(``--baseline``: the same feed with nobody watching, for the console's share of it).
 Not part of ``make bench``: it needs chromium and a free Mosquitto, and takes ~1 min.
 """
 
@@ -74,7 +75,7 @@ class _Reader(threading.Thread):
                     self.objects += len(json.loads(line[6:]))
 
 
-def run(robots: int, seconds: int) -> dict[str, Any]:
+def run(robots: int, seconds: int, watch: bool = True) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="console-bench-"))
     keys_file = tmp / "keys.yaml"
     key = add_key(keys_file, "watcher", ["*"], "viewer")
@@ -92,6 +93,18 @@ def run(robots: int, seconds: int) -> dict[str, Any]:
         while httpx.get(last, headers=server.auth).status_code != 200:
             assert time.monotonic() < deadline, "seed not stored"
             time.sleep(0.2)
+        if not watch:  # the baseline: the same feed, nobody watching
+            cpu0, t0 = cpu_seconds(server.proc.pid), time.monotonic()
+            for tick in range(1, seconds + 1):
+                for topic, payload in _poses(prefix, robots, tick):
+                    pub.publish(topic, payload, qos=1)
+                time.sleep(max(0.0, t0 + tick - time.monotonic()))
+            time.sleep(1.0)
+            cpu, elapsed = cpu_seconds(server.proc.pid) - cpu0, time.monotonic() - t0
+            pub.loop_stop()
+            return {"robots": robots, "seconds": seconds, "watching": False,
+                    "server_cpu_ms_per_update": round(cpu * 1000 / (robots * seconds), 3),
+                    "server_cpu_share": round(cpu / elapsed, 3)}
         options = webdriver.ChromeOptions()
         options.binary_location = "/usr/bin/chromium"
         for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
@@ -141,6 +154,7 @@ def run(robots: int, seconds: int) -> dict[str, Any]:
         "plain_client_objects_per_s": round(reader.objects / elapsed, 1),
         "renders_per_s": round(renders / elapsed, 2),
         "render_ms_each": round((after["renderMs"] - before["renderMs"]) / max(renders, 1), 1),
+        "floor_ms_each": round((after["floorMs"] - before["floorMs"]) / max(renders, 1), 1),
         "server_cpu_ms_per_update": round(cpu * 1000 / updates, 3),
         "server_cpu_share": round(cpu / elapsed, 3),
         "screenshot": str(tmp / "console-bench.png"),
@@ -151,8 +165,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--robots", type=int, default=1000)
     parser.add_argument("--seconds", type=int, default=20)
+    parser.add_argument("--baseline", action="store_true",
+                        help="the same feed with no browser or stream: the server's own cost")
     args = parser.parse_args()
-    print(json.dumps(run(args.robots, args.seconds)))
+    print(json.dumps(run(args.robots, args.seconds, watch=not args.baseline)))
 
 
 if __name__ == "__main__":

@@ -11,13 +11,16 @@ const SVG = "http://www.w3.org/2000/svg";
 
 // Counters a test or benchmark reads (frames received, objects, time spent rendering).
 // ``hellos`` counts stream (re)connections: more than one means the stream broke.
-window.consoleStats = {hellos: 0, frames: 0, objects: 0, renders: 0, renderMs: 0};
+window.consoleStats = {hellos: 0, frames: 0, objects: 0, renders: 0, renderMs: 0, floorMs: 0};
 
 const st = {
   me: null,
   robots: new Map(),
   alerts: new Map(),
   tracks: new Map(),
+  rowEls: new Map(),   // sn -> its table row
+  changed: new Set(),  // sns whose row must be rebuilt
+  floorDirty: false,
   sort: {key: "robot_sn", dir: 1},
   timer: null,
 };
@@ -64,6 +67,8 @@ function onRobots(items) {
     const old = st.robots.get(r.robot_sn);
     if (old && old.last_updated && r.last_updated && r.last_updated < old.last_updated) continue;
     st.robots.set(r.robot_sn, r);
+    st.changed.add(r.robot_sn);
+    st.floorDirty = true;
     if (typeof r.x === "number" && typeof r.y === "number") {
       const t = st.tracks.get(r.robot_sn) || [];
       const last = t[t.length - 1];
@@ -117,28 +122,45 @@ function staleClass(age) {
   return age > LOST_S ? "lost" : age > STALE_S ? "stale" : "fresh";
 }
 
+function buildRow(r, age) {
+  const tr = el("tr", {"data-sn": r.robot_sn, class: staleClass(age)});
+  const pos = typeof r.x === "number" && typeof r.y === "number"
+    ? `${r.x.toFixed(1)}, ${r.y.toFixed(1)}` + (typeof r.yaw === "number" ? ` ∠${Math.round(r.yaw)}°` : "")
+    : "";
+  tr.append(
+    el("td", {class: "sn"}, r.robot_sn), el("td", {class: "org"}, r.org_id),
+    el("td", {class: "gateway"}, r.gateway_id),
+    el("td", {class: `status s-${String(r.status || "unknown").toLowerCase()}`}, r.status || "unknown"),
+    batteryCell(r.battery_level),
+    el("td", {class: "charge"}, r.charge_state || (r.is_charging ? "charging" : "")),
+    el("td", {class: "map"}, r.map_name || ""), el("td", {class: "pos"}, pos),
+    el("td", {class: "last-seen", title: r.last_updated || ""}, fmtTime(r.last_updated)),
+    el("td", {class: "age"}, fmtAge(age)));
+  return tr;
+}
+
+// Rows are kept by sn and rebuilt only when their robot changed; the rest only age.
 function renderFleet() {
   const rows = visibleRobots();
   const body = document.querySelector("#robots tbody");
-  const frag = document.createDocumentFragment();
+  for (const sn of st.changed) st.rowEls.delete(sn);  // shown or not: rebuilt when needed
+  st.changed.clear();
+  const trs = [];
   for (const r of rows) {
     const age = ageSeconds(r.last_updated);
-    const tr = el("tr", {"data-sn": r.robot_sn, class: staleClass(age)});
-    const pos = typeof r.x === "number" && typeof r.y === "number"
-      ? `${r.x.toFixed(1)}, ${r.y.toFixed(1)}` + (typeof r.yaw === "number" ? ` ∠${Math.round(r.yaw)}°` : "")
-      : "";
-    tr.append(
-      el("td", {class: "sn"}, r.robot_sn), el("td", {class: "org"}, r.org_id),
-      el("td", {class: "gateway"}, r.gateway_id),
-      el("td", {class: `status s-${String(r.status || "unknown").toLowerCase()}`}, r.status || "unknown"),
-      batteryCell(r.battery_level),
-      el("td", {class: "charge"}, r.charge_state || (r.is_charging ? "charging" : "")),
-      el("td", {class: "map"}, r.map_name || ""), el("td", {class: "pos"}, pos),
-      el("td", {class: "last-seen", title: r.last_updated || ""}, fmtTime(r.last_updated)),
-      el("td", {class: "age"}, fmtAge(age)));
-    frag.append(tr);
+    let tr = st.rowEls.get(r.robot_sn);
+    if (!tr) {
+      tr = buildRow(r, age);
+      st.rowEls.set(r.robot_sn, tr);
+    } else {
+      const cls = staleClass(age), text = fmtAge(age), cell = tr.lastChild;
+      if (tr.className !== cls) tr.className = cls;
+      if (cell.textContent !== text) cell.textContent = text;
+    }
+    trs.push(tr);
   }
-  body.replaceChildren(frag);
+  const same = trs.length === body.children.length && trs.every((tr, i) => body.children[i] === tr);
+  if (!same) body.replaceChildren(...trs);
   document.getElementById("total").textContent =
     `(${rows.length} shown of ${st.robots.size})`;
   // counts by status over the whole fleet, and the status and org filter choices
@@ -262,12 +284,16 @@ function renderFloor() {
 }
 
 function render() {
-  const t0 = performance.now();
+  const stats = window.consoleStats, t0 = performance.now();
   renderFleet();
   renderAlerts();
-  renderFloor();
-  window.consoleStats.renders += 1;
-  window.consoleStats.renderMs += performance.now() - t0;
+  const t1 = performance.now();
+  if (st.floorDirty) renderFloor();  // the table ages every second; the floor need not
+  st.floorDirty = false;
+  const t2 = performance.now();
+  stats.renders += 1;
+  stats.renderMs += t2 - t0;
+  stats.floorMs += t2 - t1;
 }
 
 function frame(handler) {
@@ -315,6 +341,7 @@ async function start() {
     window.consoleStats.hellos += 1;
     st.robots.clear();
     st.alerts.clear();
+    st.rowEls.clear();
   });
   es.addEventListener("robots", frame(onRobots));
   es.addEventListener("alerts", frame(onAlerts));

@@ -7,6 +7,7 @@ const RENDER_MS = 150;
 const STALE_S = 60;     // older than this: "stale"
 const LOST_S = 600;     // older than this: "lost"
 const TRACK = 40;       // positions kept per robot for the floor view
+const TAGS_UP_TO = 30;  // a map with more robots than this draws no name tags
 const SVG = "http://www.w3.org/2000/svg";
 
 // Counters a test or benchmark reads (frames received, objects, time spent rendering).
@@ -273,9 +274,11 @@ function renderFloor() {
       title.textContent = `${r.robot_sn} (${r.x}, ${r.y}) yaw ${yaw}`;
       g.append(title);
       s.append(g);
-      const tag = svg("text", {class: "tag", x: sx(r.x) + 9, y: sy(r.y) - 9});
-      tag.textContent = r.robot_sn;
-      s.append(tag);
+      if (robots.length <= TAGS_UP_TO) {  // past that, names only on hover (title)
+        const tag = svg("text", {class: "tag", x: sx(r.x) + 9, y: sy(r.y) - 9});
+        tag.textContent = r.robot_sn;
+        s.append(tag);
+      }
     }
     fig.append(s);
     figures.push(fig);

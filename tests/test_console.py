@@ -250,3 +250,7 @@ def test_session_cookie_and_origin_rules(fleet: Fleet) -> None:
             assert time.monotonic() - started < 5 and "event: alerts" in rest
         r = httpx.get(url + "/robots", cookies={"console_session": session_id})
         assert r.status_code == 401
+        # signing out an expired or unknown session still clears the cookie
+        r = httpx.post(url + "/console/logout", cookies={"console_session": session_id},
+                       headers=own)
+        assert r.status_code == 200 and 'console_session=""' in r.headers["set-cookie"]

@@ -108,6 +108,7 @@ def sign_in(driver: WebDriver, fleet: Fleet, key_name: str) -> None:
     field = driver.find_element(By.ID, "key")
     assert field.get_attribute("type") == "password"
     field.send_keys(fleet.keys[key_name])
+    shot(driver, fleet, f"signin-{key_name}")
     driver.find_element(By.ID, "signin-button").click()
     eventually(lambda: driver.find_elements(By.CSS_SELECTOR, "#link.up"), "stream up")
 

@@ -2,7 +2,9 @@
 
 Refusals, each counted in ``callback_auth_refused_total{reason}``:
 
-- no key, or one the ring does not know: 401 (``missing``, ``unknown``);
+- no key, or one the ring does not know: 401 (``missing``, ``unknown``); a console
+  session cookie stands in for a key, and a state-changing request made with it
+  without an ``Origin`` of this host is 403 (``cross_origin``);
 - a role that may not do this, inside its own orgs: 403 (``forbidden_role``);
 - a robot, gateway or event of an org the key does not cover: 404, never confirming that
   it exists (``foreign_org``); a topic filter or an ingested envelope reaching beyond the
@@ -21,11 +23,14 @@ from bridge.errors import AuthError, InputError, NotFoundError
 from bridge.proxy import ProxyAction, ProxyAuthorize
 from bridge.topic import TopicFilter, normalize_prefix
 from callback_server.keys import KeyRing, Principal, Role
+from callback_server.sessions import COOKIE, SessionStore, same_origin
 
 __all__ = ["INGESTERS", "OPERATORS", "READERS", "REFUSAL_REASONS", "Access", "Principal"]
 
 #: The ``reason`` labels of ``callback_auth_refused_total``.
-REFUSAL_REASONS = ("missing", "unknown", "forbidden_role", "foreign_org")
+REFUSAL_REASONS = ("missing", "unknown", "forbidden_role", "foreign_org", "cross_origin")
+#: Methods that change nothing: a cookie needs no Origin proof for these.
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 #: Roles that may use the read API and live streams.
 READERS: tuple[Role, ...] = ("viewer", "operator", "admin")
 #: Roles that may send commands and publish or subscribe through the REST proxy.
@@ -41,8 +46,10 @@ _NO_KEYS = ("no API key is configured on this server: create one with "
 class Access:
     """Resolves callers and applies the rules; one per server, shared by every route."""
 
-    def __init__(self, keys: KeyRing, refused: Counter, topic_prefix: str = "") -> None:
+    def __init__(self, keys: KeyRing, refused: Counter, topic_prefix: str = "",
+                 sessions: SessionStore | None = None) -> None:
         self.keys = keys
+        self.sessions = sessions if sessions is not None else SessionStore()
         self.refused = refused
         self.topic_prefix = normalize_prefix(topic_prefix)
 
@@ -51,11 +58,14 @@ class Access:
 
     def principal(self, request: Request, *, callback_header: bool = False) -> Principal:
         """The caller's principal from ``Authorization: Bearer`` (or, where ingest is
-        served, ``X-Callback-Token``); AuthError (401) otherwise."""
+        served, ``X-Callback-Token``), else from a console session cookie; AuthError
+        (401) otherwise. A bearer key wins over a cookie."""
         scheme, _, value = request.headers.get("authorization", "").partition(" ")
         key = value.strip() if scheme.lower() == "bearer" else ""
         if not key and callback_header:
             key = request.headers.get("x-callback-token", "").strip()
+        if not key and COOKIE in request.cookies:
+            return self._session(request)
         if not key:
             self._refuse("missing")
             message = _NO_KEYS if not self.keys.configured else "missing bearer token"
@@ -64,6 +74,31 @@ class Access:
         if principal is None:
             self._refuse("unknown")
             raise AuthError("invalid key", bearer=True)
+        return principal
+
+    def _session(self, request: Request) -> Principal:
+        """The principal of the request's console session (401 if none is live); a
+        state-changing request must also come from a page of this host (403)."""
+        principal = self.sessions.lookup(request.cookies[COOKIE])
+        if principal is None:
+            self._refuse("unknown")
+            raise AuthError("console session expired or signed out; sign in again")
+        if request.method not in _SAFE_METHODS:
+            self.require_same_origin(request, "a request made with the console session")
+        return principal
+
+    def require_same_origin(self, request: Request, what: str) -> None:
+        """403 unless the request's ``Origin`` is this host (see sessions.same_origin)."""
+        if not same_origin(request.headers.get("origin"), request.headers.get("host")):
+            self._refuse("cross_origin")
+            raise InputError(f"{what} must carry an Origin of this host", status=403)
+
+    def from_key(self, key: str) -> Principal:
+        """The principal of a key given in a body (console sign-in); 401 if unknown."""
+        principal = self.keys.lookup(key)
+        if principal is None:
+            self._refuse("unknown")
+            raise AuthError("invalid key")
         return principal
 
     def require_role(self, principal: Principal, roles: Iterable[Role], what: str) -> None:

@@ -262,6 +262,13 @@ def create_app(server: AppHost) -> FastAPI:
 
     app.include_router(create_alert_router(server, access))
 
+    from fastapi.staticfiles import StaticFiles
+
+    from callback_server.console import ASSETS, create_console_router
+
+    app.mount("/console/static", StaticFiles(directory=ASSETS), name="console-assets")
+    app.include_router(create_console_router(server, access, server.console))
+
     @app.get("/metrics", summary="Prometheus metrics (keys whose orgs are [\"*\"])")
     async def metrics(request: Request) -> Response:
         access.require_all_orgs(access.principal(request), "/metrics")

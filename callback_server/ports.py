@@ -14,6 +14,7 @@ from callback_server.access import Access, Principal
 from callback_server.alerts import AlertDelivery, AlertEngine, AlertStore
 from callback_server.batcher import BatchWriter
 from callback_server.config import CallbackSettings
+from callback_server.console import ConsoleHub
 from callback_server.consumer import Consumer
 from callback_server.metrics import CallbackMetrics
 from callback_server.store import Store
@@ -37,6 +38,7 @@ class AppHost(Protocol):
     alerts: AlertEngine
     alert_store: AlertStore
     alert_delivery: AlertDelivery
+    console: ConsoleHub
 
     async def health(self) -> dict[str, Any]: ...
 

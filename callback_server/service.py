@@ -16,6 +16,7 @@ from typing import Any
 from bridge.backoff import backoff_delay
 from bridge.commands import CommandClient, CommandOutcome
 from bridge.config import mask_url
+from bridge.envelope import Envelope
 from bridge.errors import InputError, NotFoundError, StoreError, TransportError
 from bridge.http_server import NodelayStats, make_server
 from bridge.lifecycle import Listener, serve_service
@@ -31,6 +32,7 @@ from callback_server.access import Access, Principal
 from callback_server.alerts import AlertDelivery, AlertEngine, AlertStore, load_alert_settings
 from callback_server.batcher import BatchWriter
 from callback_server.config import CallbackSettings
+from callback_server.console import ConsoleHub
 from callback_server.consumer import Consumer
 from callback_server.keys import KeyRing
 from callback_server.metrics import CallbackMetrics
@@ -94,7 +96,14 @@ class CallbackServer:
             self.alert_store, self.alert_settings, self.alert_delivery.submit,
             holder=f"{settings.mqtt_client_id}/{os.getpid()}/{secrets.token_hex(4)}",
             beat=self.watchdog.beat("alerts"))
-        self.writer.on_batch = self.alerts.observe
+        self.console = ConsoleHub(self.store)
+        self.alert_delivery.listeners.append(self.console.on_transition)
+
+        def committed(items: list[tuple[str, Envelope]]) -> None:
+            self.alerts.observe(items)
+            self.console.observe(items)
+
+        self.writer.on_batch = committed
         self.consumer.gateway_handlers.append(self.alerts.on_gateway)
         self.commands = CommandClient(self.transport, settings.topic_prefix)
         token = settings.proxy_token.get_secret_value() if settings.proxy_token else None
@@ -132,6 +141,7 @@ class CallbackServer:
         await self._stack.enter_async_context(self.proxy)
         await self._stack.enter_async_context(self.alert_delivery)
         self._tasks.append(asyncio.create_task(self.alerts.run(), name="alerts"))
+        self._tasks.append(asyncio.create_task(self.console.run(), name="console"))
         self._tasks.append(asyncio.create_task(self.alert_delivery.run(),
                                                name="alert-delivery"))
         # Normally subscribed before serving; a broker that is down or slow to SUBACK
@@ -279,6 +289,11 @@ class CallbackServer:
             "tcp_nodelay": dataclasses.asdict(self.nodelay),
         }
 
+    def end_streams(self) -> None:
+        """End every open SSE response (the proxy's and the console's): stopping."""
+        self.proxy.end_streams()
+        self.console.end_streams()
+
     def status_line(self) -> str:
         """systemd's STATUS=: what ``systemctl status`` shows an operator at a glance."""
         broker = "connected" if self.transport.connected else "broker away"
@@ -313,5 +328,5 @@ async def serve(settings: CallbackSettings) -> None:
 
     log.info("callback server %s starting, consuming %s", VERSION, server.consumer.filter.value)
     await serve_service(server, listeners, notifier=server.notifier, watchdog=server.watchdog,
-                        status=server.status_line, end_streams=server.proxy.end_streams,
+                        status=server.status_line, end_streams=server.end_streams,
                         reload=server.keys.reload)

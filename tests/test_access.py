@@ -169,6 +169,17 @@ def requests(e: Env) -> dict[tuple[str, str], list[tuple[dict[str, Any], dict[st
              {**OPERATE, "operator_a": 404}),
             ({"url": "/alert-subscriptions/asub_none"},
              {**OPERATE, "admin": 404, "operator_a": 404})],
+        # Console: the key is in the body, so a header (or none) changes nothing.
+        ("post", "/console/session"): [
+            ({"url": "/console/session", "json": {"key": "not-a-key"}},
+             {c: 401 for c in CALLERS}),
+            ({"url": "/console/session", "json": {"key": e.keys["viewer_a"]}}, OPEN),
+            ({"url": "/console/session", "json": {"key": e.keys["ingest_a"]}},
+             {c: 403 for c in CALLERS})],
+        ("post", "/console/logout"): [({"url": "/console/logout"}, OPEN)],  # no cookie: no-op
+        ("get", "/console/me"): [({"url": "/console/me"}, READ)],
+        ("get", "/console/stream"): [  # refusals only: an admitted stream stays open
+            ({"url": "/console/stream"}, {"ingest_a": 403, "none": 401, "unknown": 401})],
         ("get", "/metrics"): [({"url": "/metrics"}, METRICS)],
         ("post", "/mqtt/publish"): [
             ({"url": "/mqtt/publish", "json": {"topic": e.topic("acme"), "payload": 1}},
@@ -209,6 +220,7 @@ async def test_every_route_has_a_rule_and_every_caller_gets_its_answer(env: Env)
             for caller, status in expect.items():
                 r = await env.client.request(method.upper(), **kwargs,
                                              headers=env.auth(caller))
+                env.client.cookies.clear()  # a console sign-in's cookie is no caller's
                 if r.status_code != status:
                     failures.append((caller, method, kwargs, status, r.status_code,
                                      r.text[:200]))

@@ -49,6 +49,8 @@ class AlertDelivery:
         self.published = 0
         self.delivered = 0
         self.failed = 0
+        #: Told of every transition as it is submitted (the console's live feed).
+        self.listeners: list[Callable[[Transition], None]] = []
         self._queue: asyncio.Queue[Transition] = asyncio.Queue()
         self._workers: dict[str, tuple[asyncio.Queue[Transition], asyncio.Task[None]]] = {}
         self._client: httpx.AsyncClient | None = None
@@ -65,7 +67,13 @@ class AlertDelivery:
             await self._client.aclose()
 
     def submit(self, transition: Transition) -> None:
-        """Queue a transition (the engine's ``emit``); silenced ones are not delivered."""
+        """Queue a transition (the engine's ``emit``); silenced ones are not delivered.
+        Every transition, silenced or not, is told to ``listeners`` (the console)."""
+        for listener in self.listeners:
+            try:
+                listener(transition)
+            except Exception:  # a listener's bug must not stop delivery
+                log.exception("alert listener failed")
         if not transition.silenced:
             self._queue.put_nowait(transition)
 

@@ -43,6 +43,8 @@ class Store(BatchStore, Protocol):
 
     async def get_robot(self, sn: str) -> dict[str, Any] | None: ...
 
+    async def get_robots_by_sn(self, sns: Collection[str]) -> list[dict[str, Any]]: ...
+
     async def list_robots(
         self, *, limit: int, after: str | None = None, orgs: Collection[str] | None = None,
         org: str | None = None, gateway: str | None = None, status: str | None = None,

@@ -403,6 +403,21 @@ class SqlStore:
             k_time = k_time.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
         return items, [k_time, last["ts"], last["event_id"]]
 
+    async def get_robots_by_sn(self, sns: Collection[str]) -> list[dict[str, Any]]:
+        """Latest state of these robots (those that reported), by sn; 500 a query at most."""
+        await self._ready()
+        d = self.dialect
+        table = d.quote(self.targets.robot_status[0].qualified)
+        ordered = sorted(set(sns))
+        out: list[dict[str, Any]] = []
+        for i in range(0, len(ordered), 500):
+            chunk = ordered[i:i + 500]
+            rows = await self.backend.fetch(
+                f"SELECT {', '.join(ROBOT_FIELDS)} FROM {table} "
+                f"WHERE robot_sn IN ({d.marks(len(chunk))}) ORDER BY robot_sn", chunk)
+            out += [{k: _plain(k, r[k]) for k in ROBOT_FIELDS} for r in rows]
+        return out
+
     async def get_robot(self, sn: str) -> dict[str, Any] | None:
         """Latest state of one robot, or None if it never reported."""
         await self._ready()

@@ -1,0 +1,14 @@
+"""The fleet console: a browser view of robots and alerts, live, served by the app itself.
+
+    hub.py     changed robots and alerts -> each open stream, coalesced, by org
+    stream.py  the SSE response of GET /console/stream
+    routes.py  GET / (sign-in or console), /console/session|logout|me|stream
+    static/    the pages, script and styles (no build step, no CDN)
+
+Sessions (the cookie and what the server keeps of it) are ``callback_server.sessions``.
+"""
+
+from callback_server.console.hub import KINDS, ConsoleClient, ConsoleHub
+from callback_server.console.routes import ASSETS, create_console_router
+
+__all__ = ["ASSETS", "KINDS", "ConsoleClient", "ConsoleHub", "create_console_router"]

@@ -1,0 +1,145 @@
+"""Routes of the fleet console: the pages, sign-in and sign-out, and the live stream.
+
+``GET /`` is the sign-in page (one password field) or, with a live session cookie, the
+console itself; its script and styles are under ``/console/static`` (no build step, no
+CDN). The pages are left out of the OpenAPI schema (they are HTML for a browser, not
+API); ``/console/session``, ``/console/logout``, ``/console/me`` and ``/console/stream``
+are in it, each with its rule in tests/test_access.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, Field
+
+from bridge.errors import StoreError
+from bridge.http_body import parse_model, read_body
+from callback_server.access import OPERATORS, READERS, Access
+from callback_server.console.hub import ConsoleHub
+from callback_server.console.stream import ConsoleStream, sse
+from callback_server.paging import MAX_LIMIT
+from callback_server.sessions import COOKIE
+
+if TYPE_CHECKING:
+    from callback_server.ports import AppHost
+
+__all__ = ["ASSETS", "create_console_router"]
+
+ASSETS = Path(__file__).resolve().parent / "static"
+#: The pages load only this host's files: no inline script, nothing from elsewhere.
+_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
+                               "frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+KEEPALIVE_SECONDS = 15.0
+#: Snapshot bound per kind: a fleet larger than this is paged by the API, not the stream.
+SNAPSHOT_LIMIT = 10 * MAX_LIMIT
+
+
+class SessionBody(BaseModel):
+    """Body of ``POST /console/session``."""
+
+    key: str = Field(min_length=1, max_length=512)
+
+
+def _page(name: str) -> HTMLResponse:
+    return HTMLResponse((ASSETS / name).read_text(encoding="utf-8"), headers=_HEADERS)
+
+
+def create_console_router(server: AppHost, access: Access, hub: ConsoleHub) -> APIRouter:
+    router = APIRouter()
+    sessions = access.sessions
+
+    @router.get("/", include_in_schema=False)
+    async def index(request: Request) -> HTMLResponse:
+        signed_in = sessions.lookup(request.cookies.get(COOKIE, "")) is not None
+        return _page("console.html" if signed_in else "signin.html")
+
+    @router.post("/console/session", summary="Sign in to the console with a key: sets the "
+                 "console_session cookie (HttpOnly, SameSite=Strict, 12 h)",
+                 openapi_extra={"requestBody": {"required": True, "content": {
+                     "application/json": {"schema": SessionBody.model_json_schema()}}}})
+    async def sign_in(request: Request) -> JSONResponse:
+        # Login CSRF: a browser always sends Origin on a POST; another site's is refused.
+        # A client without one (curl) is no browser, and carries no ambient cookie.
+        if "origin" in request.headers:
+            access.require_same_origin(request, "sign-in")
+        body = parse_model(SessionBody, await read_body(request, 4096))
+        principal = access.from_key(body.key.strip())
+        access.require_role(principal, READERS, "use the console")
+        session_id = sessions.create(principal)
+        answer = JSONResponse(_me(principal))
+        answer.set_cookie(COOKIE, session_id, max_age=int(sessions.seconds), path="/",
+                          httponly=True, samesite="strict",
+                          secure=request.url.scheme == "https")
+        return answer
+
+    @router.post("/console/logout", summary="Sign out: end the session and drop its cookie")
+    async def sign_out(request: Request) -> JSONResponse:
+        if COOKIE in request.cookies:
+            # A request with the cookie changes state: this host's Origin or 403. A session
+            # already gone (expired) is no error: the answer still clears the cookie.
+            access.require_same_origin(request, "a request made with the console session")
+            sessions.drop(request.cookies[COOKIE])
+            hub.end_dead()  # its open streams end now, not at their next frame
+        answer = JSONResponse({"status": "success"})
+        answer.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
+        return answer
+
+    @router.get("/console/me", summary="Who the console is signed in as")
+    async def me(request: Request) -> dict[str, Any]:
+        principal = access.principal(request)
+        access.require_role(principal, READERS, "use the console")
+        return _me(principal)
+
+    @router.get("/console/stream", summary="Live console updates (Server-Sent Events): "
+                "events robots and alerts, each a JSON array of changed objects")
+    async def stream(request: Request) -> Response:
+        principal = access.principal(request)
+        access.require_role(principal, READERS, "use the console")
+        by_cookie = "authorization" not in request.headers and COOKIE in request.cookies
+        session_id = request.cookies.get(COOKIE, "")
+
+        def alive() -> bool:
+            """A cookie's stream lasts as long as its session (a sign-out ends it)."""
+            return not by_cookie or sessions.lookup(session_id) is not None
+
+        client = hub.join(principal, alive)
+        if client is None:
+            raise StoreError(f"{hub.max_clients} console streams are open already")
+        try:
+            orgs = None if principal.all_orgs else principal.orgs
+            robots: list[dict[str, Any]] = []
+            after: str | None = None
+            while len(robots) < SNAPSHOT_LIMIT:
+                items, last = await server.store.list_robots(limit=MAX_LIMIT, after=after,
+                                                             orgs=orgs)
+                robots += items
+                if last is None:
+                    break
+                after = str(last[0])
+            alerts = []
+            for state in ("open", "acknowledged"):
+                page, _ = await server.alert_store.page(limit=MAX_LIMIT, orgs=orgs,
+                                                        state=state)
+                alerts += [a.as_dict() for a in page]
+        except BaseException:
+            hub.leave(client)
+            raise
+        first = sse("hello", _me(principal)) + sse("robots", robots) + sse("alerts", alerts)
+        return ConsoleStream(client, first, hub.frame_seconds, KEEPALIVE_SECONDS,
+                             on_close=lambda: hub.leave(client))
+
+    return router
+
+
+def _me(principal: Any) -> dict[str, Any]:
+    return {"name": principal.name, "orgs": sorted(principal.orgs), "role": principal.role,
+            "operator": principal.role in OPERATORS}

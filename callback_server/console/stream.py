@@ -1,0 +1,79 @@
+"""The Server-Sent-Events response of ``GET /console/stream``: one browser's frames."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+from fastapi.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from callback_server.console.hub import ConsoleClient
+
+__all__ = ["ConsoleStream", "sse"]
+
+
+def sse(name: str, data: Any) -> bytes:
+    """One SSE event; json.dumps escapes newlines, so the data is one line."""
+    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+class ConsoleStream(Response):
+    """Sends ``first`` (the snapshot), then each batch of changes the client gathers, at
+    most one frame per ``frame_seconds``; notices the browser leaving by itself and
+    always runs ``on_close``."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, client: ConsoleClient, first: bytes, frame_seconds: float,
+                 keepalive: float, on_close: Callable[[], None]) -> None:
+        self.status_code = 200
+        self.background = None
+        self._client = client
+        self._first = first
+        self._frame = frame_seconds
+        self._keepalive = keepalive
+        self._on_close = on_close
+        # No body attribute: no Content-Length; X-Accel-Buffering stops nginx buffering.
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        client = self._client
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            client.close()
+
+        watcher = asyncio.create_task(watch(), name="console-sse-watch")
+        try:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": self.raw_headers})
+            await send({"type": "http.response.body", "body": self._first,
+                        "more_body": True})
+            while not client.closed:
+                try:
+                    async with asyncio.timeout(self._keepalive):
+                        await client.wake.wait()
+                except TimeoutError:
+                    chunk = b": keepalive\n\n"
+                else:
+                    if client.closed:
+                        break
+                    chunk = b"".join(sse(kind, items) for kind, items in client.take().items())
+                    client.frames += 1
+                if not client.alive():  # signed out or expired while streaming
+                    break
+                if chunk:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                # Coalescing: what changes during the pause goes out in the next frame.
+                await asyncio.sleep(self._frame)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:
+            pass  # ASGI >= 2.4 servers raise on send() once the client has gone
+        finally:
+            self._on_close()
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)

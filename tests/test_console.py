@@ -1,0 +1,257 @@
+"""The fleet console in a real browser: Debian's chromium driven by Selenium, against a
+running callback server fed through running edge agents by real Pudu webhooks.
+
+Screenshots go to the test's tmp dir (``pytest --basetemp`` to keep them somewhere known).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+
+from callback_server.keys import Role, add_key
+from tests.services import ServiceProcess, callback_server, edge_agent
+
+pytestmark = pytest.mark.integration
+BROKER = "mqtt://127.0.0.1:1883"
+HEADERS = {"CallbackCode": "test-code"}
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+T = TypeVar("T")
+
+
+
+def eventually(check: Callable[[], T | None], what: str, timeout: float = 20.0) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = check()
+        except StaleElementReferenceException:  # re-rendered between find and read
+            result = None
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.1)
+
+
+@dataclass
+class Fleet:
+    server: ServiceProcess
+    agents: dict[str, ServiceProcess]  # org -> its gateway's edge agent
+    keys: dict[str, str]
+    tmp: Path
+
+    def post(self, org: str, callback_type: str, **data: Any) -> None:
+        body = {"callback_type": callback_type,
+                "data": {"timestamp": int(time.time()), **data}}
+        r = httpx.post(self.agents[org].url + "/api/pudu/webhook", json=body,
+                       headers=HEADERS, timeout=10)
+        assert r.status_code == 200, r.text
+
+    def robot(self, sn: str) -> dict[str, Any] | None:
+        r = httpx.get(f"{self.server.url}/robots/{sn}", headers=self.server.auth, timeout=5)
+        return r.json() if r.status_code == 200 else None
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    tmp = tmp_path_factory.mktemp("console")
+    keys_file = tmp / "keys.yaml"
+    roles: list[tuple[str, Role]] = [("viewer_a", "viewer"), ("operator_a", "operator"),
+                                      ("ingest_a", "ingest")]
+    keys = {name: add_key(keys_file, name, ["acme"], role) for name, role in roles}
+    p = f"t{uuid.uuid4().hex[:8]}"
+    with callback_server(tmp, BROKER, f"sqlite:///{tmp / 'cb.db'}", TOPIC_PREFIX=p,
+                         API_KEYS_FILE=str(keys_file)) as server, \
+            edge_agent(tmp, BROKER, org="acme", gateway="gw-acme", TOPIC_PREFIX=p) as a, \
+            edge_agent(tmp, BROKER, org="beta", gateway="gw-beta", TOPIC_PREFIX=p) as b:
+        yield Fleet(server, {"acme": a, "beta": b}, keys, tmp)
+
+
+@pytest.fixture
+def browser() -> Iterator[Callable[[], WebDriver]]:
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them)")
+    drivers: list[WebDriver] = []
+
+    def open_browser() -> WebDriver:
+        options = webdriver.ChromeOptions()
+        options.binary_location = str(CHROMIUM)
+        for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                    "--window-size=1400,1100", "--disable-gpu"):
+            options.add_argument(arg)
+        # The driver's path given: Selenium Manager is not run, nothing is downloaded.
+        driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)),
+                                  options=options)
+        drivers.append(driver)
+        return driver
+
+    yield open_browser
+    for driver in drivers:
+        driver.quit()
+
+
+def sign_in(driver: WebDriver, fleet: Fleet, key_name: str) -> None:
+    driver.get(fleet.server.url + "/")
+    field = driver.find_element(By.ID, "key")
+    assert field.get_attribute("type") == "password"
+    field.send_keys(fleet.keys[key_name])
+    shot(driver, fleet, f"signin-{key_name}")
+    driver.find_element(By.ID, "signin-button").click()
+    eventually(lambda: driver.find_elements(By.CSS_SELECTOR, "#link.up"), "stream up")
+
+
+def cell(driver: WebDriver, sn: str, cls: str) -> str | None:
+    found = driver.find_elements(By.CSS_SELECTOR, f'#robots tr[data-sn="{sn}"] td.{cls}')
+    return found[0].text if found else None
+
+
+def alert_row(driver: WebDriver, sn: str, rule: str = "robot_fault") -> Any:
+    for row in driver.find_elements(By.CSS_SELECTOR, "#alerts tbody tr"):
+        if row.find_element(By.CSS_SELECTOR, "td.subject").text == f"robot {sn}" and \
+                row.find_element(By.CSS_SELECTOR, "td.rule").text == rule:
+            return row
+    return None
+
+
+def shot(driver: WebDriver, fleet: Fleet, name: str) -> Path:
+    path = fleet.tmp / f"{name}.png"
+    driver.save_screenshot(str(path))
+    return path
+
+
+def test_viewer_sees_its_org_live_and_operator_acknowledges(
+        fleet: Fleet, browser: Callable[[], WebDriver]) -> None:
+    sa, sb = f"A{uuid.uuid4().hex[:6]}", f"B{uuid.uuid4().hex[:6]}"
+    fleet.post("acme", "robotStatus", sn=sa, run_status="ONLINE")
+    fleet.post("acme", "notifyRobotPower", sn=sa, power=64, charge_stage="IDLE")
+    fleet.post("acme", "notifyRobotPose", sn=sa, x=1.0, y=2.0, yaw=0.0)
+    fleet.post("beta", "robotStatus", sn=sb, run_status="ONLINE")
+    eventually(lambda: fleet.robot(sb) and fleet.robot(sa), "both robots stored")
+
+    viewer = browser()
+    sign_in(viewer, fleet, "viewer_a")
+    assert viewer.get_cookie("console_session") is not None
+    assert fleet.keys["viewer_a"] not in str(viewer.get_cookies())
+    eventually(lambda: cell(viewer, sa, "pos") == "1.0, 2.0 ∠0°", "first pose shown")
+    assert cell(viewer, sa, "status") == "online" and cell(viewer, sa, "org") == "acme"
+    assert "64 %" in (cell(viewer, sa, "battery") or "")
+    viewer.execute_script("window.__notReloaded = true")
+    marker = f'#floor g.marker[data-sn="{sa}"]'
+    before = viewer.find_element(By.CSS_SELECTOR, marker).get_attribute("transform")
+
+    # -- a new pose moves the marker, a status change shows, without a reload ------------
+    fleet.post("acme", "notifyRobotPose", sn=sa, x=6.5, y=-3.0, yaw=90.0)
+    fleet.post("acme", "robotStatus", sn=sa, run_status="OFFLINE")
+    eventually(lambda: cell(viewer, sa, "pos") == "6.5, -3.0 ∠90°", "pose updated live")
+    eventually(lambda: cell(viewer, sa, "status") == "offline", "status updated live")
+    after = viewer.find_element(By.CSS_SELECTOR, marker).get_attribute("transform")
+    assert after != before and "rotate(-90)" in (after or "")
+    assert viewer.execute_script("return window.__notReloaded") is True
+
+    # -- a Fatal fault opens an alert the viewer sees, with no button to act on it -------
+    fleet.post("acme", "robotErrorWarning", sn=sa, error_level="Fatal", error_type="Crash",
+               error_detail="motor", error_id=f"f{sa}")
+    row = eventually(lambda: alert_row(viewer, sa), "alert shown live", timeout=30)
+    assert row.find_element(By.CSS_SELECTOR, "td.state").text == "open"
+    assert row.find_element(By.CSS_SELECTOR, "td.severity").text == "critical"
+    assert viewer.find_elements(By.CSS_SELECTOR, "button.ack") == []
+    assert not any(e.is_displayed() for e in viewer.find_elements(By.CSS_SELECTOR, ".op-only"))
+
+    # -- org B's robot is nowhere in the page (it was stored before the page loaded) -----
+    fleet.post("beta", "notifyRobotPose", sn=sb, x=3.0, y=3.0, yaw=0.0)
+    eventually(lambda: (fleet.robot(sb) or {}).get("x") == 3.0, "beta pose stored")
+    time.sleep(1.0)  # a frame or more after it: any leak would have arrived
+    page = viewer.page_source
+    assert sb not in page and "gw-beta" not in page and "beta" not in page
+    assert viewer.find_element(By.ID, "total").text == "(1 shown of 1)"
+    shot(viewer, fleet, "viewer")
+
+    # -- an operator acknowledges it; both pages show who --------------------------------
+    operator = browser()
+    sign_in(operator, fleet, "operator_a")
+    button = eventually(lambda: (r := alert_row(operator, sa)) and r.find_elements(
+        By.CSS_SELECTOR, "button.ack"), "ack button")[0]
+    shot(operator, fleet, "operator-before-ack")
+    button.click()
+    eventually(lambda: (r := alert_row(operator, sa)) and
+               r.find_element(By.CSS_SELECTOR, "td.acked-by").text == "operator_a",
+               "operator page shows who acknowledged")
+    eventually(lambda: (r := alert_row(viewer, sa)) and
+               r.find_element(By.CSS_SELECTOR, "td.acked-by").text == "operator_a" and
+               r.find_element(By.CSS_SELECTOR, "td.state").text == "acknowledged",
+               "viewer page shows it live")
+    shot(operator, fleet, "operator-after-ack")
+    shot(viewer, fleet, "viewer-after-ack")
+    # all of it arrived over the first stream: no reconnect (each brings a new snapshot)
+    for driver in (viewer, operator):
+        stats = driver.execute_script("return window.consoleStats")
+        assert stats["hellos"] == 1 and stats["frames"] > 2, stats  # 2: the snapshot
+
+    # -- sign-out ends the session: the page is the sign-in page again -------------------
+    operator.find_element(By.ID, "logout").click()
+    eventually(lambda: operator.find_elements(By.ID, "key"), "back at sign-in")
+
+
+def test_session_cookie_and_origin_rules(fleet: Fleet) -> None:
+    url = fleet.server.url
+    own = {"Origin": url}
+    with httpx.Client(base_url=url, timeout=10) as c:
+        assert c.get("/").text.count('type="password"') == 1
+        assert c.post("/console/session", json={"key": "wrong"}, headers=own).status_code == 401
+        r = c.post("/console/session", json={"key": fleet.keys["ingest_a"]}, headers=own)
+        assert r.status_code == 403  # an ingest key may not use the console
+        r = c.post("/console/session", json={"key": fleet.keys["operator_a"]},
+                   headers={"Origin": "http://evil.example"})
+        assert r.status_code == 403 and "console_session" not in r.headers.get("set-cookie", "")
+        r = c.post("/console/session", json={"key": fleet.keys["operator_a"]}, headers=own)
+        assert r.status_code == 200, r.text
+        assert r.json() == {"name": "operator_a", "orgs": ["acme"], "role": "operator",
+                            "operator": True}
+        cookie = r.headers["set-cookie"]
+        session_id = c.cookies["console_session"]
+        assert fleet.keys["operator_a"] not in cookie
+        for attribute in ("HttpOnly", "SameSite=strict", "Max-Age=43200", "Path=/"):
+            assert attribute.lower() in cookie.lower(), cookie
+        # the read API takes the cookie as it takes a bearer key
+        assert c.get("/robots").status_code == 200
+        assert c.get("/console/me").json()["name"] == "operator_a"
+        assert 'id="robots"' in c.get("/").text  # signed in: the console, not sign-in
+        # a state-changing request with the cookie: only with this host's Origin
+        fault = httpx.get(url + "/alerts", headers=fleet.server.auth).json()["items"]
+        target = f"/alerts/{fault[0]['id']}/silence" if fault else "/alerts/none/silence"
+        for headers in ({}, {"Origin": "http://evil.example"}, {"Origin": "null"}):
+            r = c.post(target, json={"minutes": 1}, headers=headers)
+            assert r.status_code == 403, (headers, r.text)
+        r = c.post(target, json={"minutes": 1}, headers=own)
+        assert r.status_code == (200 if fault else 404), r.text
+        # logout needs the Origin too; then the cookie is worthless and its stream ends
+        assert c.post("/console/logout").status_code == 403
+        with httpx.Client(base_url=url, timeout=10,
+                          cookies={"console_session": session_id}) as s, \
+                s.stream("GET", "/console/stream") as stream:
+            assert stream.status_code == 200
+            lines = stream.iter_lines()
+            assert next(lines) == "event: hello"
+            started = time.monotonic()
+            assert c.post("/console/logout", headers=own).status_code == 200
+            rest = list(lines)  # returns once the server ends the response
+            assert time.monotonic() - started < 5 and "event: alerts" in rest
+        r = httpx.get(url + "/robots", cookies={"console_session": session_id})
+        assert r.status_code == 401
+        # signing out an expired or unknown session still clears the cookie
+        r = httpx.post(url + "/console/logout", cookies={"console_session": session_id},
+                       headers=own)
+        assert r.status_code == 200 and 'console_session=""' in r.headers["set-cookie"]

@@ -1,0 +1,103 @@
+"""Console sessions (hash-only, expiring, bounded), the Origin rule, and the console hub's
+coalescing and org scoping: pure logic, no broker or database."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Collection
+from typing import Any, cast
+
+from callback_server import sessions as sessions_mod
+from callback_server.console import ConsoleHub
+from callback_server.console.hub import ConsoleClient
+from callback_server.keys import Principal
+from callback_server.sessions import SessionStore, same_origin
+from callback_server.store import Store
+
+VIEWER_A = Principal("viewer_a", frozenset({"acme"}), "viewer")
+ADMIN = Principal("admin", frozenset({"*"}), "admin")
+
+
+def test_a_session_keeps_only_a_hash_and_expires() -> None:
+    now = [1000.0]
+    store = SessionStore(seconds=60, clock=lambda: now[0])
+    sid = store.create(VIEWER_A)
+    assert len(sid) >= 40
+    assert store.lookup(sid) == VIEWER_A
+    assert all(sid.encode() not in k and k != sid.encode() for k in store._by_hash)
+    assert store.lookup(sid + "x") is None and store.lookup("") is None
+    now[0] += 59.9
+    assert store.lookup(sid) == VIEWER_A
+    now[0] += 0.2
+    assert store.lookup(sid) is None and len(store) == 0
+    other = store.create(VIEWER_A)
+    assert store.drop(other) and store.lookup(other) is None and not store.drop(other)
+
+
+def test_sessions_are_bounded(monkeypatch: Any) -> None:
+    monkeypatch.setattr(sessions_mod, "MAX_SESSIONS", 3)
+    store = SessionStore()
+    ids = [store.create(VIEWER_A) for _ in range(5)]
+    assert len(store) == 3
+    assert [store.lookup(i) is not None for i in ids] == [False, False, True, True, True]
+
+
+def test_same_origin() -> None:
+    assert same_origin("http://127.0.0.1:3005", "127.0.0.1:3005")
+    assert same_origin("https://Console.Example", "console.example")
+    for origin, host in (("http://evil.example", "console.example"),
+                         ("http://127.0.0.1:3006", "127.0.0.1:3005"),
+                         ("null", "console.example"), (None, "console.example"),
+                         ("", "console.example"), ("console.example", "console.example"),
+                         ("ftp://console.example", "console.example"),
+                         ("http://console.example", None)):
+        assert not same_origin(origin, host), (origin, host)
+
+
+def test_a_client_holds_the_newest_version_of_each_object_of_its_orgs() -> None:
+    client = ConsoleClient(VIEWER_A)
+    client.push("robots", [{"robot_sn": "A1", "org_id": "acme", "x": 1},
+                           {"robot_sn": "B1", "org_id": "beta", "x": 1}])
+    client.push("robots", [{"robot_sn": "A1", "org_id": "acme", "x": 2}])
+    client.push("alerts", [{"id": "a", "org": "beta"}])
+    assert client.wake.is_set()
+    assert client.take() == {"robots": [{"robot_sn": "A1", "org_id": "acme", "x": 2}]}
+    assert client.take() == {} and not client.wake.is_set()
+
+
+class _Rows:
+    def __init__(self) -> None:
+        self.calls: list[set[str]] = []
+
+    async def get_robots_by_sn(self, sns: Collection[str]) -> list[dict[str, Any]]:
+        self.calls.append(set(sns))
+        return [{"robot_sn": sn, "org_id": "acme" if sn.startswith("A") else "beta"}
+                for sn in sorted(sns)]
+
+
+class _Env:
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+
+async def test_the_hub_reads_changes_once_per_tick_for_every_client() -> None:
+    rows = _Rows()
+    hub = ConsoleHub(cast(Store, rows), tick_seconds=0.05)
+    hub.observe([("t", _Env("A1"))])  # type: ignore[list-item]
+    assert rows.calls == []  # nobody watching: nothing queued
+    clients = [hub.join(VIEWER_A) for _ in range(50)]
+    admin = hub.join(ADMIN)
+    runner = asyncio.create_task(hub.run())
+    try:
+        for _ in range(20):  # many messages, for the same robots, between two ticks
+            hub.observe([("t", _Env("A1")), ("t", _Env("B1"))])  # type: ignore[list-item]
+        await asyncio.sleep(0.02)
+        assert rows.calls == [{"A1", "B1"}]
+        assert all(c is not None and [r["robot_sn"] for r in c.take()["robots"]] == ["A1"]
+                   for c in clients)
+        assert admin is not None and len(admin.take()["robots"]) == 2
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+    full = ConsoleHub(cast(Store, rows), max_clients=1)
+    assert full.join(VIEWER_A) is not None and full.join(VIEWER_A) is None

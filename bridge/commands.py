@@ -225,6 +225,18 @@ class CommandOutcome:
     sent_at: float
     rtt_ms: float | None
 
+    def answer(self) -> dict[str, Any]:
+        """The HTTP answer to a command that got its response (every command route)."""
+        r = self.response
+        assert r is not None, "a command without a response is a CommandTimeoutError"
+        body: dict[str, Any] = {"messageId": r.message_id, "status": r.status,
+                                "rtt_ms": self.rtt_ms}
+        if r.status == "success":
+            body["result"] = r.result
+        else:
+            body["error"] = r.error
+        return body
+
 
 class CommandClient:
     """Cloud side: publish a command, await the response with the same messageId."""

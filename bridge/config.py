@@ -219,6 +219,20 @@ def load_settings(
         raise ConfigError(f"invalid configuration: {problems}") from exc
 
 
+def parse_pairs(value: object, example: str) -> object:
+    """``"a=1, b=2"`` (an environment variable) to ``{"a": "1", "b": "2"}``; a mapping
+    (from YAML) passes through. ValueError names ``example`` for a part without ``=``."""
+    if not isinstance(value, str):
+        return value
+    out: dict[str, str] = {}
+    for part in value.replace(",", " ").split():
+        name, sep, rest = part.partition("=")
+        if not sep:
+            raise ValueError(f"{part!r}: expected {example}")
+        out[name.strip()] = rest.strip()
+    return out
+
+
 def masked(settings: BaseModel) -> dict[str, Any]:
     """The settings as plain data with every secret replaced by a mask."""
 

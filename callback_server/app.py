@@ -236,13 +236,7 @@ def create_app(server: AppHost) -> FastAPI:
         await server.record_command(outcome, principal.name)
         if outcome.response is None:
             raise CommandTimeoutError(device_id, wait, outcome.command.message_id)
-        r = outcome.response
-        answer: dict[str, Any] = {"messageId": r.message_id, "status": r.status,
-                                  "rtt_ms": outcome.rtt_ms}
-        answer["result" if r.status == "success" else "error"] = (
-            r.result if r.status == "success" else r.error
-        )
-        return JSONResponse(answer)
+        return JSONResponse(outcome.answer())
 
     @app.get("/gateways", summary="Each gateway's presence (retained online / last-will offline)")
     async def gateways(principal: Reader, limit: Limit = DEFAULT_LIMIT,

@@ -70,11 +70,6 @@ def create_pudu_router(server: AppHost, access: Access) -> APIRouter:
         await server.record_command(outcome, principal.name)
         if outcome.response is None:
             raise CommandTimeoutError(gateway, wait, command.message_id)
-        r = outcome.response
-        answer: dict[str, Any] = {"messageId": r.message_id, "status": r.status,
-                                  "rtt_ms": outcome.rtt_ms, "gateway_id": gateway}
-        answer["result" if r.status == "success" else "error"] = (
-            r.result if r.status == "success" else r.error)
-        return JSONResponse(answer)
+        return JSONResponse({**outcome.answer(), "gateway_id": gateway})
 
     return router

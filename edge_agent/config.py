@@ -27,6 +27,7 @@ from bridge.config import (
     OutboundAllow,
     TlsSettings,
     load_settings,
+    parse_pairs,
 )
 from edge_agent.forwarding import FORWARDABLE, DropTypes, ForwardChannels, Intervals
 from edge_agent.pudu.settings import PuduApiSettings
@@ -69,15 +70,7 @@ _TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 def _parse_plugins(value: object) -> object:
     """``COMMAND_PLUGINS="restart_app=site_tools:restart, x=m:f"``: one string to a map."""
-    if not isinstance(value, str):
-        return value
-    out: dict[str, str] = {}
-    for part in value.replace(",", " ").split():
-        name, sep, target = part.partition("=")
-        if not sep:
-            raise ValueError(f"{part!r}: expected name=module:function")
-        out[name.strip()] = target.strip()
-    return out
+    return parse_pairs(value, "name=module:function")
 
 
 def _plugin_shape(value: dict[str, str]) -> dict[str, str]:

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Final
 
 from pydantic import AfterValidator, BeforeValidator
 
+from bridge.config import parse_pairs
 from edge_agent.normalize import CHANNELS, DOCUMENTED_TYPES
 
 __all__ = [
@@ -54,15 +55,7 @@ def _known_channels(value: tuple[str, ...]) -> tuple[str, ...]:
 
 def _parse_intervals(value: object) -> object:
     # MIN_INTERVAL_SECONDS="pose=5,power=30"; YAML may give the mapping itself.
-    if not isinstance(value, str):
-        return value
-    out: dict[str, str] = {}
-    for part in value.replace(",", " ").split():
-        channel, sep, seconds = part.partition("=")
-        if not sep:
-            raise ValueError(f"{part!r}: expected channel=seconds, e.g. pose=5,power=30")
-        out[channel.strip()] = seconds.strip()
-    return out
+    return parse_pairs(value, "channel=seconds, e.g. pose=5,power=30")
 
 
 def _downsamplable(value: dict[str, float]) -> dict[str, float]:

@@ -12,7 +12,8 @@ import binascii
 import json
 from typing import Any
 
-from bridge.errors import InputError
+from bridge import strictjson
+from bridge.errors import InputError, PayloadError
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
@@ -30,8 +31,8 @@ def decode_cursor(cursor: str | None, arity: int) -> list[Any] | None:
         return None
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        key = json.loads(raw)
-    except (binascii.Error, ValueError):
+        key = strictjson.loads(raw).value  # a client sends it back: bounded parse
+    except (binascii.Error, ValueError, PayloadError):
         key = None
     if not isinstance(key, list) or len(key) != arity or not all(
             isinstance(v, str | int | float) or v is None for v in key):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -27,9 +26,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from bridge import strictjson
 from bridge.backoff import backoff_delay
 from bridge.envelope import Envelope
-from bridge.errors import StoreError
+from bridge.errors import PayloadError, StoreError
 from bridge.sdnotify import BEAT_SECONDS
 from bridge.tasks import within
 from bridge.topic import DeviceAddress
@@ -236,12 +236,12 @@ class AlertEngine:
                 Subject("gateway_offline", org, "gateway", gw),
                 partial(gateway_offline_severity, self.rules.gateway_offline, state),
                 {"presence": state})], now)
-        try:
-            beat = json.loads(payload)
-            age = beat.get("outbox_oldest_age_s") if isinstance(beat, dict) else None
-            age = float(age) if isinstance(age, int | float) else None
-        except ValueError:
+        try:  # a gateway's heartbeat is outside data: bounded and strict like any other
+            beat = strictjson.loads(payload).value
+        except PayloadError:
             return []
+        age = beat.get("outbox_oldest_age_s") if isinstance(beat, dict) else None
+        age = float(age) if isinstance(age, int | float) else None
         depth = beat.get("outbox_depth") if isinstance(beat, dict) else None
         return await self._apply([_Decision(
             Subject("gateway_backlog", org, "gateway", gw),

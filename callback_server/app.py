@@ -29,7 +29,16 @@ from bridge.http_errors import install as install_error_handlers
 from bridge.topic import DeviceAddress, TopicScheme, parse_device_topic
 from callback_server.access import INGESTERS, OPERATORS, READERS, Access, Principal
 from callback_server.consumer import consistent, handled_by_gateway
-from callback_server.paging import DEFAULT_LIMIT, MAX_LIMIT, decode_cursor, encode_cursor, page
+from callback_server.paging import (
+    DEFAULT_LIMIT,
+    MAX_LIMIT,
+    MaybeNumber,
+    MaybeText,
+    Text,
+    decode_cursor,
+    encode_cursor,
+    page,
+)
 from callback_server.ports import AppHost
 
 # An AWS IoT Rule HTTP action gives up after 3 s and retries; answer before that.
@@ -199,7 +208,7 @@ def create_app(server: AppHost) -> FastAPI:
         principal: Reader, limit: Limit = DEFAULT_LIMIT, cursor: str | None = None,
         org: str | None = None, gateway: str | None = None, status: str | None = None,
     ) -> dict[str, Any]:
-        after = decode_cursor(cursor, 1)
+        after = decode_cursor(cursor, Text)
         items, last = await server.store.list_robots(
             limit=limit, after=None if after is None else str(after[0]),
             orgs=None if principal.all_orgs else principal.orgs,
@@ -214,8 +223,8 @@ def create_app(server: AppHost) -> FastAPI:
     async def events(sn: str, principal: Reader, limit: Limit = DEFAULT_LIMIT,
                      cursor: str | None = None) -> dict[str, Any]:
         await visible_robot(principal, sn)
-        items, last = await server.store.list_events(sn, limit=limit,
-                                                     after=decode_cursor(cursor, 3))
+        after = decode_cursor(cursor, MaybeText, MaybeNumber, Text)
+        items, last = await server.store.list_events(sn, limit=limit, after=after)
         return {"items": items, "next_cursor": None if last is None else encode_cursor(last)}
 
     @app.post("/devices/{device_id}/commands",
@@ -241,7 +250,7 @@ def create_app(server: AppHost) -> FastAPI:
     @app.get("/gateways", summary="Each gateway's presence (retained online / last-will offline)")
     async def gateways(principal: Reader, limit: Limit = DEFAULT_LIMIT,
                        cursor: str | None = None) -> dict[str, Any]:
-        after = decode_cursor(cursor, 2)
+        after = decode_cursor(cursor, Text, Text)
         mine = sorted((g for g in server.gateways.values() if principal.covers(g["org_id"])),
                       key=lambda g: (g["org_id"], g["gateway_id"]))
         if after is not None:

@@ -25,8 +25,20 @@ def encode_cursor(key: list[Any]) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str | None, arity: int) -> list[Any] | None:
-    """The sort key inside ``cursor`` (None for the first page); 422 if it is not one."""
+#: What one position of a sort key may hold, for :func:`decode_cursor`.
+Text = (str,)
+Number = (int, float)
+MaybeText = (str, type(None))
+MaybeNumber = (int, float, type(None))
+
+
+def decode_cursor(cursor: str | None, *shape: tuple[type, ...]) -> list[Any] | None:
+    """The sort key inside ``cursor`` (None for the first page); 422 if it is not one.
+
+    ``shape`` gives the types each position may hold: a cursor is sent back by the
+    client, so one made by hand (``[1, 2]`` where names are expected) must be refused
+    here, not reach a comparison or a query as the wrong type.
+    """
     if cursor is None or cursor == "":
         return None
     try:
@@ -34,8 +46,9 @@ def decode_cursor(cursor: str | None, arity: int) -> list[Any] | None:
         key = strictjson.loads(raw).value  # a client sends it back: bounded parse
     except (binascii.Error, ValueError, PayloadError):
         key = None
-    if not isinstance(key, list) or len(key) != arity or not all(
-            isinstance(v, str | int | float) or v is None for v in key):
+    if not isinstance(key, list) or len(key) != len(shape) or not all(
+            isinstance(v, types) and not isinstance(v, bool)
+            for v, types in zip(key, shape, strict=True)):
         raise InputError("cursor is not one this endpoint returned", field="cursor")
     return key
 

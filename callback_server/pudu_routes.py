@@ -16,7 +16,14 @@ from bridge.commands import Command
 from bridge.errors import CommandTimeoutError, NotFoundError
 from bridge.http_body import parse_model, read_body
 from callback_server.access import OPERATORS, READERS, Access
-from callback_server.paging import DEFAULT_LIMIT, MAX_LIMIT, decode_cursor, encode_cursor
+from callback_server.paging import (
+    DEFAULT_LIMIT,
+    MAX_LIMIT,
+    Number,
+    Text,
+    decode_cursor,
+    encode_cursor,
+)
 from callback_server.ports import AppHost
 
 
@@ -42,7 +49,7 @@ def create_pudu_router(server: AppHost, access: Access) -> APIRouter:
         access.require_role(principal, READERS, "use the read API")
         if org_id is not None:
             access.require_org(principal, org_id, f"org {org_id} not found")
-        after = decode_cursor(cursor, 2)
+        after = decode_cursor(cursor, Number, Text)
         items, last = await server.store.get_runs(
             limit, None if after is None else (float(after[0]), str(after[1])), org_id,
             orgs=None if principal.all_orgs else sorted(principal.orgs))

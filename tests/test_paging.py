@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from bridge.envelope import Envelope
-from callback_server.paging import decode_cursor, encode_cursor
+from callback_server.paging import MaybeNumber, MaybeText, Text, decode_cursor, encode_cursor
 from callback_server.store import SqlStore, open_store
 from tests.dbutil import scratch_mysql_database
 
@@ -72,7 +72,7 @@ async def test_paging_2500_robots_returns_each_once_while_they_are_updated(
                                  for sn in rng.sample(fleet, 200)])
         if last is None:
             break
-        after = decode_cursor(encode_cursor(last), 1)[0]  # type: ignore[index]
+        after = decode_cursor(encode_cursor(last), Text)[0]  # type: ignore[index]
     assert sorted(seen) == sorted(fleet) and len(seen) == len(set(seen))
     assert pages == -(-FLEET // limit)
     # Limited to some orgs, and filtered: still each once.
@@ -87,7 +87,7 @@ async def test_paging_2500_robots_returns_each_once_while_they_are_updated(
         after = last[0]
     assert sorted(acme) == sorted(sn for sn in fleet if orgs[sn] == "acme")
     busy, _ = await store.list_robots(limit=1000, status="busy", gateway="gw-beta")
-    assert all(r["status"] == "busy" and r["gateway_id"] == "gw-beta" for r in busy)
+    assert busy and all(r["status"] == "busy" and r["gateway_id"] == "gw-beta" for r in busy)
 
 
 async def test_event_pages_follow_the_newest_first_order(store: SqlStore) -> None:
@@ -101,5 +101,5 @@ async def test_event_pages_follow_the_newest_first_order(store: SqlStore) -> Non
         got += [e["event_id"] for e in items]
         if last is None:
             break
-        after = decode_cursor(encode_cursor(last), 3)
+        after = decode_cursor(encode_cursor(last), MaybeText, MaybeNumber, Text)
     assert got == expected and len(got) == 250

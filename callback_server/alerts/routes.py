@@ -20,7 +20,14 @@ from callback_server.alerts.alert import STATES, Alert
 from callback_server.alerts.rules import RULES
 from callback_server.alerts.store import AlertSubscription
 from callback_server.keys import ALL_ORGS
-from callback_server.paging import DEFAULT_LIMIT, MAX_LIMIT, decode_cursor, encode_cursor
+from callback_server.paging import (
+    DEFAULT_LIMIT,
+    MAX_LIMIT,
+    Number,
+    Text,
+    decode_cursor,
+    encode_cursor,
+)
 
 if TYPE_CHECKING:
     from callback_server.ports import AppHost
@@ -108,7 +115,7 @@ def create_alert_router(server: AppHost, access: Access) -> APIRouter:
             raise InputError(f"state must be one of {', '.join(STATES)}", field="state")
         if rule is not None and rule not in RULES:
             raise InputError(f"rule must be one of {', '.join(RULES)}", field="rule")
-        after = decode_cursor(cursor, 2)
+        after = decode_cursor(cursor, Number, Text)
         items, last = await alerts.page(
             limit=limit, after=after, orgs=None if principal.all_orgs else principal.orgs,
             org=org, state=state, rule=rule)
@@ -174,7 +181,7 @@ def create_alert_router(server: AppHost, access: Access) -> APIRouter:
                             cursor: str | None = Query(None, max_length=1000),
                             ) -> dict[str, Any]:
         principal = operator(request)
-        after = decode_cursor(cursor, 1)
+        after = decode_cursor(cursor, Text)
         mine = [s for s in await alerts.subscriptions(None if after is None else str(after[0]))
                 if _covers_all(principal, s.orgs)]
         page = mine[:limit]
@@ -195,9 +202,7 @@ def create_alert_router(server: AppHost, access: Access) -> APIRouter:
                          cursor: str | None = Query(None, max_length=1000),
                          ) -> dict[str, Any]:
         sub = await visible_subscription(operator(request), sub_id)
-        after = decode_cursor(cursor, 1)
-        if after is not None and not isinstance(after[0], int):
-            raise InputError("cursor is not one this endpoint returned", field="cursor")
+        after = decode_cursor(cursor, (int,))
         items, last = await alerts.deliveries(
             sub.id, limit=limit, after=None if after is None else int(after[0]))
         return {"items": items, "next_cursor": None if last is None else encode_cursor(last)}

@@ -26,7 +26,7 @@ from bridge.errors import (
 )
 from bridge.http_body import parse_model, read_body
 from bridge.http_errors import install as install_error_handlers
-from bridge.topic import DeviceAddress, TopicScheme, parse_device_topic
+from bridge.topic import DeviceAddress, TopicScheme, channel_for, parse_device_topic
 from callback_server.access import INGESTERS, OPERATORS, READERS, Access, Principal
 from callback_server.consumer import consistent, handled_by_gateway
 from callback_server.paging import (
@@ -99,7 +99,7 @@ def _sort(server: AppHost, parsed: strictjson.Parsed,
                 continue
         envelope = Envelope.from_dict(fields, notes=parsed.notes)
         if topic is None:
-            channel = envelope.channel or f"callback/{envelope.type}"
+            channel = envelope.channel or channel_for(envelope.type)
             topic = str(TopicScheme(envelope.org, prefix).device(envelope.device, channel))
             address = parse_device_topic(topic, prefix)
         if not consistent(address, envelope):

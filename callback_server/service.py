@@ -25,7 +25,7 @@ from bridge.proxy import MqttProxy, create_proxy_router
 from bridge.router import MessageRouter
 from bridge.sdnotify import Notifier, Watchdog
 from bridge.tasks import cancel_and_wait
-from bridge.topic import GATEWAY_CHANNELS, DeviceAddress, org_root
+from bridge.topic import GATEWAY_CHANNELS, DeviceAddress, every_device_channel, org_root
 from bridge.transport import MqttSettings, TlsFiles, Transport, create_transport
 from bridge.version import VERSION
 from callback_server.access import Access, Principal
@@ -181,9 +181,7 @@ class CallbackServer:
     def gateway_filter(self, channel: str) -> str:
         """``{prefix}org/+/device/+/{channel}``, not shared, for a gateway channel."""
         assert channel in GATEWAY_CHANNELS
-        prefix = self.settings.topic_prefix
-        prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
-        return f"{prefix}org/+/device/+/{channel}"
+        return str(every_device_channel(self.settings.topic_prefix, channel))
 
     async def __aexit__(
         self,

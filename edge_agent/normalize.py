@@ -20,7 +20,7 @@ from typing import Any, Final
 
 from bridge.errors import InputError
 from bridge.strictjson import SAFE_INT
-from bridge.topic import CHANNEL_OF_TYPE
+from bridge.topic import CHANNEL_OF_TYPE, channel_for
 
 __all__ = [
     "CHANNELS",
@@ -417,7 +417,7 @@ def normalize(body: Any, *, received_at: float,
     ts, skewed = _robot_time(r, received_at, strict=channel is not None, max_skew=max_skew)
 
     if channel is None:
-        channel, fields = f"callback/{ctype}", {}  # forwarded raw, never dropped
+        channel, fields = channel_for(ctype), {}  # callback/{type}: forwarded raw
     else:
         assert sn is not None
         fields = _BUILDERS[channel](r, ctype, sn)

@@ -20,11 +20,15 @@ import math
 import time
 from collections.abc import Callable
 
+from bridge.backoff import backoff_delay
 from bridge.errors import PublishRefusedError, TransportError
 from bridge.outbox import Outbox
 from bridge.sdnotify import BEAT_SECONDS
 from bridge.tasks import within
 from bridge.transport import Transport
+
+#: The longest wait before resending, however often resends keep failing.
+RETRY_CAP_SECONDS = 30.0
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +100,7 @@ class OutboxPublisher:
         self._inflight: set[int] = set()
         self._acked: list[int] = []
         self._retry_from: int | None = None
+        self._resends = 0  # resend rounds since the last PUBACK: the back-off's exponent
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -120,7 +125,7 @@ class OutboxPublisher:
                 if not await within(self._wait_window_empty(), BEAT_SECONDS):
                     continue
                 cursor, self._retry_from = self._retry_from, None
-                await asyncio.sleep(self.retry_delay)  # back off before resending refused ones
+                await self._back_off()
             if not await within(self.transport.wait_connected(), BEAT_SECONDS):
                 continue  # offline: come round to stamp the heartbeat
             entries = await self.outbox.peek(cursor, limit=max(self.window * 4, 200))
@@ -158,6 +163,18 @@ class OutboxPublisher:
             await self.outbox.wait_empty()
             await self._idle.wait()
 
+    async def _back_off(self) -> None:
+        """Wait before resending: ``retry_delay`` at first, growing with jitter while
+        resends keep failing (a broker's quota refusal), so a fleet does not retry in step;
+        the heartbeat is stamped meanwhile, since waiting is not being wedged."""
+        delay = backoff_delay(self._resends, self.retry_delay,
+                              max(self.retry_delay, RETRY_CAP_SECONDS))
+        self._resends += 1
+        deadline = time.monotonic() + delay
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, BEAT_SECONDS))
+            self.beat()
+
     async def _wait_window_empty(self) -> None:
         await self._idle.wait()
 
@@ -180,6 +197,7 @@ class OutboxPublisher:
             self._retry_from = back if self._retry_from is None else min(self._retry_from, back)
             return
         self.published += 1
+        self._resends = 0
         if not self._acked:
             asyncio.get_running_loop().call_soon(self._flush_acks)
         self._acked.append(seq)

@@ -40,6 +40,7 @@ def assert_one_line_refusal(done: subprocess.CompletedProcess[str], needle: str)
 @pytest.mark.parametrize(("extra", "needle"), [
     ({"MQTT_URL": "http://foo"}, "MQTT_URL"),
     ({"MQTT_BACKEND": "awsiot"}, "MQTT_BACKEND"),
+    ({"MQTT_BACKEND": "memory"}, "MQTT_BACKEND"),  # the in-process broker: tests and demo only
     ({"OUTBOX_PATH": "/etc/hostname/outbox.db"}, "OUTBOX_PATH"),
 ])
 def test_edge_check_config_and_run_refuse_the_same_settings(
@@ -53,6 +54,13 @@ def test_callback_check_config_migrate_and_run_refuse_a_postgres_url(tmp_path: P
     env = {"DATABASE_URL": "postgres://u@db/x"}
     for command in ("check-config", "migrate", "run"):
         assert_one_line_refusal(cli("callback_server", command, env=env), "DATABASE_URL")
+
+
+def test_callback_check_config_and_run_refuse_the_in_process_broker(tmp_path: Path) -> None:
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'cb.db'}", "MQTT_BACKEND": "memory",
+           "CALLBACK_HTTP_HOST": "127.0.0.1", "CALLBACK_HTTP_PORT": str(pick_port())}
+    for command in ("check-config", "run"):
+        assert_one_line_refusal(cli("callback_server", command, env=env), "MQTT_BACKEND")
 
 
 @pytest.mark.integration

@@ -70,6 +70,12 @@ async def test_every_command_gets_exactly_one_answer(tmp_path: Path) -> None:
             await agent.transport.publish(agent.commands.command_topic, command.to_json())
         answers = [Response.from_json((await next_on(inbox, "/device/gw1/response")).payload)
                    for _ in commands]
+        # A marker sent after all three were answered: the next answer is its own, so no
+        # command was answered twice in the meantime.
+        marker = Command("ping")
+        await agent.transport.publish(agent.commands.command_topic, marker.to_json())
+        after = Response.from_json((await next_on(inbox, "/device/gw1/response")).payload)
+        assert after.message_id == marker.message_id
     by_id = {a.message_id: a for a in answers}
     assert set(by_id) == {c.message_id for c in commands}
     assert by_id[commands[0].message_id].status == "success"

@@ -142,3 +142,34 @@ def test_token_bucket_paces_to_its_rate_after_the_burst(monkeypatch: pytest.Monk
     now[0] += 1.0  # a second later: 10 tokens back, minus the 2 owed
     assert bucket.delay() == 0.0
     assert TokenBucket(rate=0).delay() == 0.0  # 0: unlimited
+
+
+async def test_resends_back_off_more_each_round_until_a_puback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A broker refusing for now (0x97 quota exceeded: not permanent) three times, then
+    # taking it: the rounds' back-off exponents grow 0, 1, 2 and start over after a PUBACK.
+    exponents: list[int] = []
+
+    def no_wait(attempt: int, low: float, high: float) -> float:
+        exponents.append(attempt)
+        return 0.0
+    monkeypatch.setattr("edge_agent.publisher.backoff_delay", no_wait)
+    async with make_rig(tmp_path) as rig:
+        refusals = {b"0": 3, b"1": 1}
+        def refuse(topic: str, payload: bytes) -> int | None:
+            if refusals.get(payload, 0) > 0:
+                refusals[payload] -= 1
+                return 0x97
+            return None
+        rig.broker.refuse = refuse
+        transport = MemoryTransport(MqttSettings.from_url(rig.url, client_id="gw-quota"))
+        await rig.outbox.put("org/o/device/R0/power", b"0")
+        publisher = OutboxPublisher(rig.outbox, transport, window=1)
+        async with transport, running(publisher):
+            await asyncio.wait_for(drained(rig.outbox), 10)
+            assert exponents == [0, 1, 2]
+            await rig.outbox.put("org/o/device/R0/power", b"1")
+            await asyncio.wait_for(drained(rig.outbox), 10)
+        assert exponents == [0, 1, 2, 0] and rig.outbox.rejected == 0
+        got = [(await asyncio.wait_for(rig.inbox.get(), 5)).payload for _ in range(2)]
+        assert got == [b"0", b"1"]

@@ -254,13 +254,19 @@ async def test_each_key_sees_only_its_orgs(env: Env) -> None:
     r = await env.client.post("/mqtt/subscribe", headers=env.auth("admin"),
                               json={"topic": env.topic("beta", "#")})
     assert r.status_code == 200, r.text
+    beta_id = r.json()["id"]
     r = await env.client.post("/mqtt/subscribe", headers=env.auth("operator_a"),
                               json={"topic": env.topic("acme", "#")})
     assert r.status_code == 200, r.text
     seen = (await env.client.get("/mqtt/subscriptions", headers=env.auth("viewer_a"))).json()
-    assert [s["filter"] for s in seen["subscriptions"]] == [env.topic("acme", "#")]
+    assert [s["filter"] for s in seen["items"]] == [env.topic("acme", "#")]
     everything = (await env.client.get("/mqtt/subscriptions", headers=env.auth("admin"))).json()
-    assert everything["count"] == 2
+    assert len(everything["items"]) == 2 and everything["next_cursor"] is None
+    # Another org's subscription is answered like one that does not exist: 404, unnamed.
+    for method, url, body in (("GET", f"/mqtt/stream?id={beta_id}", None),
+                              ("POST", "/mqtt/unsubscribe", {"id": beta_id})):
+        r = await env.client.request(method, url, json=body, headers=env.auth("operator_a"))
+        assert r.status_code == 404 and "beta" not in r.text, (url, r.text)
     # The health check names no org, gateway or robot.
     health = (await env.client.get("/callback/health")).text
     assert not any(name in health for name in ("acme", "beta", "gw-", "A1", "B1"))

@@ -218,7 +218,7 @@ async def test_failing_receiver_shows_failing_never_its_answer() -> None:
         assert r.status_code == 200, r.text
         await _publish_and_settle(env, outside, env.base + "f", b"x")
         listing = await env.client.get("/mqtt/subscriptions")
-        (listed,) = listing.json()["subscriptions"]
+        (listed,) = listing.json()["items"]
         assert listed["delivery"] == "failing" and listed["failed_attempts"] == 2
         assert "last_error" not in listed and "Connect" not in listing.text
 

@@ -339,7 +339,7 @@ async def test_stream_receives_messages_from_a_real_client(env: Env) -> None:
             kind, second = await asyncio.wait_for(anext(events), 5)
             assert second["encoding"] == "base64"
             assert base64.b64decode(second["payload"]) == b"\xff\x00binary"
-            listed = (await env.client.get("/mqtt/subscriptions")).json()["subscriptions"]
+            listed = (await env.client.get("/mqtt/subscriptions")).json()["items"]
             assert [(s["kind"], s["owner"], s["delivered"]) for s in listed] == [
                 ("stream", "stream", 2)]
             await outside.publish(env.base + "sse/3", b"third")
@@ -376,7 +376,7 @@ async def test_post_subscribe_buffers_until_a_reader_comes(env: Env) -> None:
     async with PahoClient() as outside:
         await outside.publish(env.base + "buf/1", b"queued while nobody reads")
         await asyncio.wait_for(arrived.wait(), 5)
-    listed = (await env.client.get("/mqtt/subscriptions")).json()["subscriptions"]
+    listed = (await env.client.get("/mqtt/subscriptions")).json()["items"]
     assert listed[0]["pending"] == 1 and listed[0]["reader_attached"] is False
 
     async with serve(env.app) as url, \
@@ -448,7 +448,7 @@ async def test_callback_is_signed_and_retried(env: Env) -> None:
         await asyncio.wait_for(env.proxy.flush(), 5)  # the worker has recorded the 200
         r = await env.client.get("/mqtt/subscriptions")
         assert secret not in r.text
-        (listed,) = r.json()["subscriptions"]
+        (listed,) = r.json()["items"]
         assert "secret" not in listed
         assert listed["id"] == sub_id and listed["callback_url"] == f"{url}/hook"
         assert listed["delivered"] == 1 and listed["failed"] == 0

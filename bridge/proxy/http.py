@@ -24,6 +24,7 @@ from pydantic import (
 
 from bridge.errors import AuthError, InputError
 from bridge.http_body import parse_model, read_body
+from bridge.paging import DEFAULT_LIMIT, MAX_LIMIT, Text, decode_cursor, page
 from bridge.proxy.core import MqttProxy
 from bridge.proxy.sse import EventStream
 
@@ -134,6 +135,14 @@ def create_proxy_router(proxy: MqttProxy,
 
     api = APIRouter(prefix="/mqtt", tags=["mqtt"], dependencies=dependencies)
 
+    def visible_filter(visible: Callable[[str], bool], subscription_id: str) -> str:
+        """The filter of a subscription the caller may see; another org's is answered
+        exactly like one that does not exist (never confirm it exists)."""
+        topic_filter = proxy.subscription_filter(subscription_id)
+        if not visible(topic_filter):
+            raise InputError(f"no subscription {subscription_id!r}", field="id", status=404)
+        return topic_filter
+
     @api.post("/publish")
     async def publish(request: Request) -> dict[str, Any]:
         """Publish and answer after the PUBACK (504 without one, 503 if QoS 0 offline)."""
@@ -171,9 +180,9 @@ def create_proxy_router(proxy: MqttProxy,
     async def unsubscribe(request: Request) -> dict[str, Any]:
         """Remove REST subscriptions by exact filter, or one by id."""
         body = parse_model(UnsubscribeBody, await read_body(request, 64 * 1024))
-        check(request, "unsubscribe", body.topic)  # who the caller is comes first
+        visible = check(request, "unsubscribe", body.topic)  # who the caller is comes first
         if body.id is not None:
-            check(request, "unsubscribe", proxy.subscription_filter(body.id))
+            check(request, "unsubscribe", visible_filter(visible, body.id))
         if body.id is not None:
             await proxy.remove_rest_subscription(body.id)
             removed = [body.id]
@@ -191,10 +200,17 @@ def create_proxy_router(proxy: MqttProxy,
         return proxy.status()
 
     @api.get("/subscriptions")
-    async def subscriptions(request: Request) -> dict[str, Any]:
+    async def subscriptions(
+        request: Request,
+        limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
+        cursor: Annotated[str | None, Query(max_length=1000)] = None,
+    ) -> dict[str, Any]:
+        """The caller's subscriptions by id, a page at a time (never their secrets)."""
         visible = check(request, "subscriptions", None)
-        subs = [s for s in proxy.subscriptions() if visible(s["filter"])]
-        return {"count": len(subs), "subscriptions": subs}
+        after = decode_cursor(cursor, Text)
+        subs = sorted((s for s in proxy.subscriptions() if visible(s["filter"])
+                       and (after is None or s["id"] > after[0])), key=lambda s: s["id"])
+        return page(subs[:limit + 1], limit, ["id"])
 
     @api.get("/stream")
     async def stream(
@@ -206,9 +222,9 @@ def create_proxy_router(proxy: MqttProxy,
         connection, or ``?id=`` to read one made by POST /mqtt/subscribe."""
         if (topic is None) == (subscription_id is None):
             raise InputError("give exactly one of topic or id", field="topic")
-        check(request, "stream", topic)  # who the caller is comes first
+        visible = check(request, "stream", topic)  # who the caller is comes first
         if subscription_id is not None:
-            check(request, "stream", proxy.subscription_filter(subscription_id))
+            check(request, "stream", visible_filter(visible, subscription_id))
         if topic is not None:
             sub = await proxy._open_stream(topic)
             on_close: Callable[[], None] = partial(proxy._discard, sub)

@@ -68,7 +68,7 @@ class Access:
             return self._session(request)
         if not key:
             self._refuse("missing")
-            message = _NO_KEYS if not self.keys.configured else "missing bearer token"
+            message = "missing bearer token" if len(self.keys) else _NO_KEYS
             raise AuthError(message, bearer=True)
         principal = self.keys.lookup(key)
         if principal is None:

@@ -46,6 +46,10 @@ def _keys(args: argparse.Namespace, path: str | None) -> int:
     except ConfigError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except OSError as exc:  # e.g. /etc/callback-server is root's: the hint is sudo
+        print(f"{PROG}: cannot change {file}: {exc.strerror or exc} (run it as the file's "
+              "owner, e.g. with sudo)", file=sys.stderr)
+        return EXIT_CONFIG
     return 0
 
 

@@ -19,6 +19,7 @@ import hmac
 import logging
 import os
 import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -114,12 +115,21 @@ def read_file(path: Path) -> KeysFile:
 
 
 def write_file(path: Path, keys: KeysFile) -> None:
-    """Replace ``path`` atomically with ``keys``, 0600 whatever the umask."""
+    """Replace ``path`` atomically with ``keys``: a new file is 0600 whatever the umask;
+    one that exists keeps its owner, group and mode (never world-readable), so the
+    service that reads it (``make install`` makes it root:pudu-bridge 0640) still can."""
     make_private_dir(path.parent)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
     try:
-        os.fchmod(fd, FILE_MODE)
+        old: os.stat_result | None = os.stat(path)
+    except FileNotFoundError:
+        old = None
+    mode = FILE_MODE if old is None else stat.S_IMODE(old.st_mode) & 0o660
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    try:
+        os.fchmod(fd, mode)
+        if old is not None and (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
+            os.fchown(fd, old.st_uid, old.st_gid)  # PermissionError unless root: said so
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             yaml.safe_dump(keys.model_dump(), f, sort_keys=False)
     except BaseException:
@@ -172,11 +182,6 @@ class KeyRing:
     @staticmethod
     def _load(path: Path) -> list[tuple[bytes, Principal]]:
         return [(k.sha256.lower().encode(), k.principal()) for k in read_file(path).keys]
-
-    @property
-    def configured(self) -> bool:
-        """Whether any key exists (or could, after a reload of the file)."""
-        return bool(self._fixed or self._loaded or self.path is not None)
 
     def __len__(self) -> int:
         return len(self._fixed) + len(self._loaded)

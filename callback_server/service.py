@@ -123,11 +123,11 @@ class CallbackServer:
         from callback_server.app import create_app
 
         self.app = create_app(self)
-        # Mounted whenever some key could use it; each request is then checked by key.
-        if self.keys.configured:
-            proxy_api = create_proxy_router(self.proxy, authorize=self.access.proxy_hook())
-            assert proxy_api is not None
-            self.app.include_router(proxy_api)
+        # Always mounted: each request is checked by key, and with no key configured yet
+        # the answer is a 401 saying how to make one (not a 404).
+        proxy_api = create_proxy_router(self.proxy, authorize=self.access.proxy_hook())
+        assert proxy_api is not None
+        self.app.include_router(proxy_api)
 
     async def __aenter__(self) -> CallbackServer:
         await self._stack.enter_async_context(self.store)

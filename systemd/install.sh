@@ -111,9 +111,15 @@ install_files() {
     local config=$DESTDIR/etc/$svc/config.yaml
     if [ ! -e "$config" ]; then  # never overwrite an operator's config
       install -m 0640 "$HERE/config.example/$svc.yaml" "$config"
+      if [ "$svc" = callback-server ]; then  # `keys add` and the service find it there
+        sed -i "s#^api_keys_file: null #api_keys_file: /etc/$svc/keys.yaml #" "$config"
+      fi
       log "wrote $config (edit it)"
     fi
   done
+  # API keys (hashes only): root writes them (`keys add`), the service's group reads them.
+  local keys=$DESTDIR/etc/callback-server/keys.yaml
+  [ -e "$keys" ] || { printf 'keys: []\n' > "$keys" && chmod 0640 "$keys"; }
   put "$DESTDIR$SYSUSERS" "$HERE/systemd/sysusers.conf" 0644
   put "$DESTDIR$TMPFILES" "$HERE/systemd/tmpfiles.conf" 0644
   put "$DESTDIR$PREFIX/systemd/README.md" "$HERE/systemd/README.md" 0644
@@ -124,6 +130,7 @@ apply_live() {
   command -v systemd-sysusers >/dev/null && systemd-sysusers "$SYSUSERS"
   command -v systemd-tmpfiles >/dev/null && systemd-tmpfiles --create "$TMPFILES"
   for svc in "${SERVICES[@]}"; do chgrp pudu-bridge "/etc/$svc" "/etc/$svc/config.yaml" 2>/dev/null || true; done
+  chgrp pudu-bridge /etc/callback-server/keys.yaml 2>/dev/null || true
   if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
   log "enable with: systemctl enable --now edge-agent   (or callback-server)"
 }

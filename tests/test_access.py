@@ -311,16 +311,24 @@ async def test_refusals_are_counted_by_reason(env: Env) -> None:
         assert f'callback_auth_refused_total{{reason="{reason}"}} 1.0' in metrics, metrics
 
 
-async def test_without_any_key_the_read_api_says_how_to_configure_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("keys_file", [None, "keys: []\n"], ids=["unset", "empty-file"])
+async def test_without_any_key_the_read_api_says_how_to_configure_one(
+        tmp_path: Path, keys_file: str | None) -> None:
+    # Unset, or the empty file `make install` writes: the read API and the REST proxy
+    # both answer 401 with how to make a key (the proxy was not mounted: 404).
+    extra = {}
+    if keys_file is not None:
+        (tmp_path / "keys.yaml").write_text(keys_file)
+        extra["API_KEYS_FILE"] = str(tmp_path / "keys.yaml")
     settings = cb_config.load(None, {
         "MQTT_URL": BROKER, "DATABASE_URL": f"sqlite:///{tmp_path / 'cb.db'}",
-        "MQTT_CLIENT_ID": f"nokeys-{uuid.uuid4().hex[:8]}"})
+        "MQTT_CLIENT_ID": f"nokeys-{uuid.uuid4().hex[:8]}", **extra})
     server = CallbackServer(settings)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=server.app),
                                  base_url="http://cb") as client:
-        r = await client.get("/robots")
-    assert r.status_code == 401
-    assert "API_KEYS_FILE" in r.json()["message"] and "keys add" in r.json()["message"]
+        for r in (await client.get("/robots"), await client.get("/mqtt/subscriptions")):
+            assert r.status_code == 401
+            assert "API_KEYS_FILE" in r.json()["message"] and "keys add" in r.json()["message"]
 
 
 def test_principal_covers() -> None:

@@ -63,6 +63,23 @@ def test_install_from_a_wheelhouse_twice_changes_nothing(wheelhouse: Path,
     assert code.stat().st_size == 0 and oct(code.stat().st_mode & 0o777) == "0o600"
     venv = dest / "opt/pudu-fleet-bridge/.venv"
     assert (venv / "bin/edge-agent").read_text().startswith("#!/opt/pudu-fleet-bridge/.venv/")
+    # The keys file: made empty, named by the new config, and `keys add` (as root, as the
+    # README says) keeps its group and mode, so the service's group can still read it.
+    keys = dest / "etc/callback-server/keys.yaml"
+    assert oct(keys.stat().st_mode & 0o777) == "0o640" and keys.read_text() == "keys: []\n"
+    assert "api_keys_file: /etc/callback-server/keys.yaml " in (
+        dest / "etc/callback-server/config.yaml").read_text()
+    group = 4242 if os.geteuid() == 0 else os.getegid()
+    os.chown(keys, os.geteuid(), group)  # as apply_live's chgrp pudu-bridge on a live root
+    added = subprocess.run([str(venv / "bin/python"), "-m", "callback_server", "keys",
+                            "--file", str(keys), "add", "--name", "ops", "--org", "acme",
+                            "--role", "viewer"],
+                           capture_output=True, text=True, check=False)
+    assert added.returncode == 0 and len(added.stdout.strip()) >= 32, added.stderr
+    st = keys.stat()
+    assert (oct(st.st_mode & 0o777), st.st_gid) == ("0o640", group) and "ops" in keys.read_text()
+    os.chown(keys, os.geteuid(), os.getegid())
+    keys.write_text("keys: []\n")  # back as installed, for the no-op check below
     imported = subprocess.run([str(venv / "bin/python"), "-c",
                                "import edge_agent.cli, callback_server.cli, awscrt, orjson"],
                               capture_output=True, text=True, check=False)

@@ -1,0 +1,79 @@
+"""The shape the code keeps: which package may import which, and facts written once.
+
+Read from the source (ast), so an import inside a function or behind TYPE_CHECKING
+counts too; a new module that breaks a rule fails here, not in review."""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("bridge", "edge_agent", "callback_server", "demo")
+# What each package may import of the others: the services share only bridge/, and the
+# demo (run from the checkout, not shipped) is the one place that joins both.
+MAY_IMPORT = {
+    "bridge": set(),
+    "edge_agent": {"bridge"},
+    "callback_server": {"bridge"},
+    "demo": {"bridge", "edge_agent", "callback_server"},
+}
+
+
+def modules(package: str) -> Iterator[Path]:
+    yield from sorted((ROOT / package).rglob("*.py"))
+
+
+def imported(path: Path) -> Iterator[tuple[int, str]]:
+    """(line, top-level package) of every absolute import in ``path``."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.lineno, node.module.split(".")[0]
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_packages_import_only_what_they_may(package: str) -> None:
+    wrong = [f"{path.relative_to(ROOT)}:{line} imports {name}"
+             for path in modules(package) for line, name in imported(path)
+             if name in PACKAGES and name != package and name not in MAY_IMPORT[package]]
+    assert wrong == []
+
+
+def test_nothing_shipped_imports_the_tests_or_the_bench() -> None:
+    wrong = [f"{path.relative_to(ROOT)}:{line}" for package in PACKAGES
+             for path in modules(package) for line, name in imported(path)
+             if name in ("tests", "bench")]
+    assert wrong == []
+
+
+# Facts that live in one module: topic building (bridge/topic.py) and back-off with
+# jitter (bridge/backoff.py). A literal of the topic scheme or a hand-made exponential
+# delay elsewhere is a second copy that will drift (it did: a hand-built gateway filter
+# ignored TOPIC_PREFIX normalisation).
+ONE_PLACE = {
+    r"org/\+/device/\+|f\"callback/\{": "bridge/topic.py",
+    r"\bimport random\b|random\.uniform|2 \*\* ": "bridge/backoff.py",
+}
+
+
+@pytest.mark.parametrize(("pattern", "home"), ONE_PLACE.items())
+def test_facts_written_once(pattern: str, home: str) -> None:
+    found = re.compile(pattern)
+    elsewhere = []
+    for package in PACKAGES:
+        for path in modules(package):
+            rel = str(path.relative_to(ROOT))
+            if rel == home:
+                continue
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                code = line.split("#", 1)[0]
+                if found.search(code) and not code.strip().startswith(('"', "'", "``")):
+                    elsewhere.append(f"{rel}:{n}: {line.strip()}")
+    assert elsewhere == [], f"belongs in {home}"

@@ -7,17 +7,21 @@ import asyncio
 import contextlib
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
 
 from bridge.envelope import Envelope
-from bridge.transport import InboundMessage
+from bridge.router import MessageRouter
+from bridge.transport import InboundMessage, MqttSettings
+from bridge.transport.memory import MemoryBroker, MemoryTransport
 from callback_server.batcher import BatchWriter
 from callback_server.consumer import Consumer
 from callback_server.store import BatchResult, Item
 from tests.hostile import valid_envelope
+from tests.waiting import until
 
 
 class Router:
@@ -98,8 +102,72 @@ async def test_oldest_unacked_age_is_tracked_until_the_commit(
     assert consumer.unacked == 2
     later = time.monotonic() + 31
     assert consumer.oldest_unacked_seconds(now=later) > 30  # what health compares
-    assert consumer.writer.stalled_seconds() >= 0 and consumer.writer.pending == 2
+    assert consumer.writer.pending == 2 and consumer.writer.stalled_seconds() > 0
+    consumer.writer.last_progress -= 31  # as if nothing had committed for 31 s
+    assert consumer.writer.stalled_seconds() > 30
     store.hold.set()
     await asyncio.wait_for(router.all_acked.wait(), 5)
     assert consumer.unacked == 0 and consumer.oldest_unacked_seconds() == 0.0
     assert [m.mid for m in router.acked] == [1, 2]
+
+
+# -- on the in-process broker: what the broker sees ----------------------------------------
+@contextlib.asynccontextmanager
+async def on_broker(store: Store) -> AsyncIterator[tuple[Consumer, MemoryBroker, str,
+                                                          MemoryTransport]]:
+    """A consumer on a persistent session of its own in-process broker, and a producer."""
+    name = f"cons-{uuid.uuid4().hex[:8]}"
+    broker = MemoryBroker.named(name)
+    url = f"mqtt://{name}"
+    transport = MemoryTransport(MqttSettings.from_url(url, client_id="cloud", manual_ack=True,
+                                                      clean_start=False))
+    producer = MemoryTransport(MqttSettings.from_url(url, client_id="gw", clean_start=True))
+    writer = BatchWriter(store)
+    task = asyncio.create_task(writer.run(), name="writer")
+    try:
+        async with MessageRouter(transport) as router:
+            consumer = Consumer(router, writer)
+            consumer.route()
+            async with transport, producer:
+                await router.subscribe(consumer.filter.value, qos=1)
+                yield consumer, broker, "cloud", producer
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_the_broker_gets_the_ack_only_after_the_commit() -> None:
+    store = Store()
+    store.hold.clear()  # the database hangs
+    async with on_broker(store) as (consumer, broker, cid, producer):
+        for i in range(3):
+            await producer.publish(f"org/acme/device/R{i}/power",
+                                   json.dumps(valid_envelope("acme", f"R{i}", i)).encode())
+        await until(lambda: consumer.unacked == 3)
+        # Delivered, not committed: the broker still holds all three as in flight.
+        assert len(broker.sessions[cid].unacked) == 3 and store.rows == []
+        store.hold.set()
+        await until(lambda: not broker.sessions[cid].unacked)
+        assert sorted(store.rows) == [f"env-R{i}-{i}" for i in range(3)]
+        assert consumer.unacked == 0
+
+
+async def test_faults_are_dead_lettered_and_acked_and_valid_ones_stored() -> None:
+    store = Store()
+    faults = [  # payloads on org/acme/device/R1/power: not JSON, another org's, a bad field
+        b"{not json",
+        json.dumps(valid_envelope("beta", "R1", 1)).encode(),
+        json.dumps(valid_envelope("acme", "R1", 2, v="x")).encode(),
+    ]
+    async with on_broker(store) as (consumer, broker, cid, producer):
+        for payload in faults:
+            await producer.publish("org/acme/device/R1/power", payload)
+        await producer.publish("org/acme/device/R9/power",
+                               json.dumps(valid_envelope("acme", "R9", 9)).encode())
+        await until(lambda: len(store.dead) == 3 and store.rows == ["env-R9-9"])
+        await until(lambda: not broker.sessions[cid].unacked)  # every one acked, once
+    assert consumer.malformed == 3 and consumer.unacked == 0
+    reasons = iter(store.dead)
+    for expected in ("not JSON", "differ from the topic", "v must be 1"):
+        assert expected in next(reasons)

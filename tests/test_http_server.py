@@ -17,8 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from fastapi import FastAPI, Request
 
 from bridge.config import HttpLimits
+from bridge.http_body import read_body
+from bridge.http_errors import install
 from bridge.http_server import ConnectionGate, NodelayStats, make_server
 
 UPGRADE = (b"GET /hook HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -219,3 +222,34 @@ async def test_answered_before_its_body_then_idle_is_closed() -> None:
         assert 0.45 <= held < 2.0, held
         assert listener.gate.header_timeouts == 1
         await eventually(lambda: listener.gate.open == 0, 5)
+
+
+async def test_an_app_cut_off_by_the_body_timeout_logs_no_error(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Through the one error boundary: a client left mid-body is not a bug to log."""
+    app = FastAPI()
+    install(app)
+
+    @app.post("/hook")
+    async def hook(request: Request) -> dict[str, str]:
+        await read_body(request, 1 << 20)
+        return {}
+
+    server = make_server(app, "127.0.0.1", 0, NodelayStats(), HttpLimits(body_timeout_seconds=0.3))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    task = asyncio.create_task(server.serve(sockets=[sock]), name="fastapi-listener")
+    try:
+        reader, writer = await asyncio.open_connection(*sock.getsockname())
+        writer.write(b"POST /hook HTTP/1.1\r\nHost: gw\r\nContent-Length: 10\r\n\r\nab")
+        assert (await response(reader))[0] == 408
+        writer.close()
+        gate = server.gate  # type: ignore[attr-defined]
+        await eventually(lambda: gate.open == 0 and not server.server_state.tasks, 5)
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+        sock.close()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]

@@ -51,6 +51,7 @@ HTTP_ENV_MAP = {
     "CALLBACK_URL_ALLOW": "callback_url_allow",
     "HTTP_HEADER_TIMEOUT_SECONDS": "http_limits.header_timeout_seconds",
     "HTTP_KEEPALIVE_TIMEOUT_SECONDS": "http_limits.keepalive_timeout_seconds",
+    "HTTP_BODY_TIMEOUT_SECONDS": "http_limits.body_timeout_seconds",
     "HTTP_MAX_CONNECTIONS": "http_limits.max_connections",
 }
 
@@ -59,10 +60,12 @@ class HttpLimits(BaseModel):
     """What one client may hold of a listener; applied to every listener of a service."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    # From accept (or the first byte of a next request) to the end of the headers.
+    # From accept (or any byte between requests) to the end of the headers.
     header_timeout_seconds: float = Field(default=10.0, gt=0)
     # Idle time allowed between a response and the next request on a kept-alive connection.
     keepalive_timeout_seconds: float = Field(default=5.0, gt=0)
+    # From the end of the headers to the end of the body; past it 408 (or a close).
+    body_timeout_seconds: float = Field(default=30.0, gt=0)
     # Beyond this many open connections a new one is answered 503 with Retry-After.
     max_connections: int = Field(default=4096, ge=1)
 

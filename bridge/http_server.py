@@ -6,12 +6,18 @@ answers held back by Nagle + delayed ACK cost ~40 ms each, which would dwarf the
 webhook's own latency and the IoT Rule's 3 s budget.
 
 Every listener also bounds what one client can hold (``HttpLimits``), which uvicorn alone
-does not: its keep-alive timer starts only after a response, so a connection that sends
-nothing, or its headers a byte at a time, is kept forever, and its ``limit_concurrency``
-answers without ``Retry-After``. Here a header timer runs from accept (and from the first
-byte of each next request) until the headers are complete, and past ``max_connections``
-a new connection is answered 503 with ``Retry-After`` and closed, instead of the
-descriptor table filling until every accept fails.
+does not: its keep-alive timer starts only after a response, and any byte received
+cancels it, so a connection that sends nothing, its headers a byte at a time, bare CRLFs
+between requests (httptools skips them without starting a message) or a body a byte at
+a time is kept forever; and its ``limit_concurrency`` answers without ``Retry-After``.
+Here a header timer runs from accept, and from any byte received while no request is in
+progress, until the headers are complete; a body timer then runs until the whole body is
+in (past it: 408, or a close if the answer has begun); and past ``max_connections`` a new
+connection is answered 503 with ``Retry-After`` and closed, instead of the descriptor
+table filling until every accept fails.
+
+WebSocket upgrades are refused (400): no app here speaks WebSocket, and uvicorn hands an
+upgraded connection to another protocol object, whose close this one would never see.
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ import json
 import logging
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 import uvicorn
@@ -53,9 +60,20 @@ class NodelayStats:
 BUSY_RETRY_AFTER = RETRY_AFTER_SECONDS
 #: How long in-flight requests get to finish once the service stops.
 GRACE_SECONDS = 5
-#: How long a turned-away connection is read (and discarded) after its 503, so that
-#: closing with its request unread does not reset the connection before the 503 is read.
-BUSY_LINGER_SECONDS = 2.0
+#: How long a connection answered by this module (503, 408) is read and discarded after
+#: the answer, so that closing with its request unread does not reset the connection
+#: before the client has read the answer.
+LINGER_SECONDS = 2.0
+
+
+def error_response(status: int, message: str, *extra: bytes) -> bytes:
+    """A whole ``Connection: close`` response in the one error body shape."""
+    body = json.dumps(error_body(message)).encode()
+    return b"".join([
+        b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode()),
+        *(header + b"\r\n" for header in extra),
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body),
+        b"Connection: close\r\n\r\n", body])
 
 
 @dataclass(slots=True)
@@ -66,19 +84,27 @@ class ConnectionGate:
     open: int = 0
     refused_busy: int = 0
     header_timeouts: int = 0
+    body_timeouts: int = 0
+    upgrades_refused: int = 0
 
     def busy_response(self) -> bytes:
-        body = json.dumps(error_body("too many open connections; retry later")).encode()
-        return (b"HTTP/1.1 503 Service Unavailable\r\n"
-                b"Retry-After: %d\r\nContent-Type: application/json\r\n"
-                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-                % (BUSY_RETRY_AFTER, len(body), body))
+        return error_response(503, "too many open connections; retry later",
+                              b"Retry-After: %d" % BUSY_RETRY_AFTER)
+
+    def body_timeout_response(self) -> bytes:
+        return error_response(408, "request body not received within "
+                              f"{self.limits.body_timeout_seconds:g} s")
+
+
+#: The answer to ``Upgrade: websocket``; nothing here serves WebSocket.
+UPGRADE_REFUSED = error_response(400, "WebSocket is not served here")
 
 
 def _nodelay_protocol(stats: NodelayStats, gate: ConnectionGate) -> type[asyncio.Protocol]:
     class NodelayHttpProtocol(HttpToolsProtocol):
-        _header_timer: asyncio.TimerHandle | None = None
-        _turned_away = False
+        _timer: asyncio.TimerHandle | None = None  # header, body or linger deadline
+        _counted = False  # in gate.open
+        _discarding = False  # answered here: what the client still sends is dropped
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             self._disable_nagle(transport)
@@ -86,52 +112,95 @@ def _nodelay_protocol(stats: NodelayStats, gate: ConnectionGate) -> type[asyncio
                 self._turn_away(transport)
                 return
             gate.open += 1
+            self._counted = True
             super().connection_made(transport)
-            self._arm_header_timer()
+            self._arm(gate.limits.header_timeout_seconds, self._headers_too_slow)
 
         # -- limits ---------------------------------------------------------------------
         def _turn_away(self, transport: asyncio.Transport) -> None:
             """503 + Retry-After now, then half-close and drain briefly (lingering close)."""
-            self._turned_away = True
             self.transport = transport
             gate.refused_busy += 1
-            transport.write(gate.busy_response())
-            if transport.can_write_eof():
-                transport.write_eof()
-            self._header_timer = self.loop.call_later(BUSY_LINGER_SECONDS, transport.close)
+            self._answer_and_linger(gate.busy_response())
 
-        def _arm_header_timer(self) -> None:
-            if self._header_timer is None:
-                self._header_timer = self.loop.call_later(
-                    gate.limits.header_timeout_seconds, self._headers_too_slow)
+        def _answer_and_linger(self, response: bytes) -> None:
+            """Send ``response``, half-close, and drop what the client still sends a while."""
+            self._discarding = True
+            self._cancel_timer()
+            self.transport.write(response)
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            # Reading may be paused (flow control): resume it, or the linger is a reset.
+            self.transport.resume_reading()
+            self._timer = self.loop.call_later(LINGER_SECONDS, self.transport.close)
 
-        def _cancel_header_timer(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
+        def _arm(self, seconds: float, expired: Callable[[], None]) -> None:
+            if self._timer is None:
+                self._timer = self.loop.call_later(seconds, expired)
+
+        def _cancel_timer(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+        def _idle(self) -> bool:
+            """No request in progress: a byte now belongs to the next request's headers."""
+            return self.cycle is None or self.cycle.response_complete
 
         def _headers_too_slow(self) -> None:
-            self._header_timer = None
+            self._timer = None
             gate.header_timeouts += 1
             if not self.transport.is_closing():
                 self.transport.close()
 
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self._arm_header_timer()  # a next request on a kept-alive connection
-
-        def on_headers_complete(self) -> None:
-            self._cancel_header_timer()
-            super().on_headers_complete()
+        def _body_too_slow(self) -> None:
+            """408 while the app has not begun its answer; a close once it has."""
+            self._timer = None
+            gate.body_timeouts += 1
+            cycle = self.cycle
+            if self.transport.is_closing():
+                return
+            if cycle is None or cycle.response_started or self.pipeline:  # an answer is on the wire
+                self.transport.close()
+                return
+            # The app sees http.disconnect and anything it sends is dropped.
+            cycle.disconnected = True
+            cycle.message_event.set()
+            self._answer_and_linger(gate.body_timeout_response())
 
         def data_received(self, data: bytes) -> None:
-            if not self._turned_away:  # a turned-away client's request is discarded
-                super().data_received(data)
+            if self._discarding:
+                return
+            if self._idle():
+                # uvicorn's keep-alive timer is cancelled by any byte, and httptools
+                # starts no message on bare CRLFs: the header timer starts here instead.
+                self._arm(gate.limits.header_timeout_seconds, self._headers_too_slow)
+            super().data_received(data)
+
+        def on_headers_complete(self) -> None:
+            self._cancel_timer()
+            super().on_headers_complete()
+            if not self._discarding:
+                self._arm(gate.limits.body_timeout_seconds, self._body_too_slow)
+
+        def on_message_complete(self) -> None:
+            self._cancel_timer()
+            super().on_message_complete()
+            if self._idle() and not self._discarding:
+                # Answered before its body was in: the body's bytes cancelled uvicorn's
+                # keep-alive timer, so the next request's headers are timed from here.
+                self._arm(gate.limits.header_timeout_seconds, self._headers_too_slow)
+
+        def handle_websocket_upgrade(self) -> None:
+            """Refuse instead of switching protocols (the switch would leak our count)."""
+            gate.upgrades_refused += 1
+            self._answer_and_linger(UPGRADE_REFUSED)
 
         def connection_lost(self, exc: Exception | None) -> None:
-            self._cancel_header_timer()
-            if self._turned_away:
-                return
+            self._cancel_timer()
+            if not self._counted:
+                return  # turned away: uvicorn never saw this connection
+            self._counted = False
             gate.open -= 1
             super().connection_lost(exc)
 

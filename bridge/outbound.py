@@ -1,7 +1,8 @@
 """Where the product may send HTTP on a user's behalf, and the one client that obeys it.
 
 The rule: an address may be connected to when ``ipaddress`` calls it global and it is
-not multicast (after unwrapping IPv4-mapped IPv6, so ``::ffff:127.0.0.1`` is loopback),
+neither multicast nor reserved (after unwrapping the IPv4 address an IPv6 one carries:
+mapped, compatible, NAT64 ``64:ff9b::/96``, 6to4; so ``::ffff:127.0.0.1`` is loopback),
 or when it lies in a network the operator lists in ``CALLBACK_URL_ALLOW``; a host name
 listed there is allowed whatever it resolves to. Anything else (loopback, private,
 link-local such as the 169.254.169.254 metadata service, 0.0.0.0, multicast, reserved)
@@ -47,10 +48,27 @@ async def system_resolver(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
+#: IPv6 forms that carry an IPv4 address a connection may end up at: NAT64's well-known
+#: prefix (RFC 6052; 64:ff9b::a9fe:a9fe is 169.254.169.254 through the translator) and
+#: 6to4 (RFC 3056). IPv4-mapped and IPv4-compatible (``::a.b.c.d``) are handled apart.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
 def unwrap(address: IPAddress) -> IPAddress:
-    """``::ffff:a.b.c.d`` is the IPv4 address it carries: judge that one."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+    """The IPv4 address an IPv6 one carries (mapped, compatible, NAT64, 6to4): judge that.
+
+    ``ipaddress`` calls ``::7f00:1`` (IPv4-compatible 127.0.0.1) and NAT64 addresses
+    global, so judging the IPv6 form alone would let them through.
+    """
+    if not isinstance(address, ipaddress.IPv6Address):
+        return address
+    if address.ipv4_mapped is not None:
         return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    value = int(address)
+    if address in _NAT64 or (value >> 32 == 0 and value > 1):  # not :: or ::1 themselves
+        return ipaddress.IPv4Address(value & 0xFFFFFFFF)
     return address
 
 
@@ -101,7 +119,9 @@ class OutboundPolicy:
     def address_allowed(self, address: IPAddress) -> bool:
         """Global unicast, or inside a listed network (checked as given and unwrapped)."""
         plain = unwrap(address)
-        if plain.is_global and not plain.is_multicast:  # 224/4 counts as global to ipaddress
+        # ipaddress calls 224/4 global, and on Python 3.11 SIIT's ::ffff:0:a.b.c.d too
+        # (reserved: it lies in ::/8).
+        if plain.is_global and not plain.is_multicast and not plain.is_reserved:
             return True
         return any(a in net for a in {address, plain} for net in self._networks
                    if a.version == net.version)
@@ -121,24 +141,23 @@ class OutboundPolicy:
                     f"({address_class(literal)}): {RULE}",
                     host=host, field=field)
             return [literal]
+        # One message whether the name does not resolve or resolves somewhere refused: a
+        # token holder learns neither the address nor which names exist inside.
+        refused = OutboundRefusedError(
+            f"{field} host {host!r} does not resolve to a globally routable address: {RULE}",
+            host=host, field=field)
         try:
             async with asyncio.timeout(self.resolve_timeout):
                 found = [ipaddress.ip_address(a.split("%", 1)[0])
                          for a in await self.resolver(name, port)]
         except (OSError, TimeoutError, ValueError) as exc:
-            raise OutboundRefusedError(f"{field} host {host!r} could not be resolved",
-                                       host=host, field=field) from exc
+            raise refused from exc
         if not found:
-            raise OutboundRefusedError(f"{field} host {host!r} could not be resolved",
-                                       host=host, field=field)
+            raise refused
         if name in self._hosts:
             return found
-        for address in found:
-            if not self.address_allowed(address):
-                # The address itself is not named: a token holder learns no internal DNS.
-                raise OutboundRefusedError(
-                    f"{field} host {host!r} resolves to an address that is not globally "
-                    f"routable: {RULE}", host=host, field=field)
+        if not all(self.address_allowed(address) for address in found):
+            raise refused
         return found
 
     async def check_url(self, url: str, *, field: str = "callback_url") -> None:

@@ -44,6 +44,10 @@ REFUSED_HOSTS = [
     "169.254.169.254", "[fe80::1]", "[::ffff:127.0.0.1]", "[::ffff:169.254.169.254]",
     "10.0.0.1", "172.16.0.1", "192.168.1.1", "100.64.0.1", "[fd00::1]", "[::]",
     "224.0.0.1", "240.0.0.1",
+    # IPv6 forms of IPv4 addresses that Python 3.11 calls global: IPv4-compatible
+    # loopback, SIIT, NAT64 of the metadata service and of loopback, 6to4 of loopback.
+    "[::7f00:1]", "[::127.0.0.1]", "[::ffff:0:7f00:1]", "[64:ff9b::a9fe:a9fe]",
+    "[64:ff9b::7f00:1]", "[2002:7f00:1::1]",
 ]
 
 
@@ -156,11 +160,15 @@ async def test_a_name_resolving_to_loopback_is_refused_at_subscribe_and_unknown_
 ) -> None:
     async with proxy_env() as env:
         env.resolver.answers["hooks.example.com"] = ["203.0.113.7", "127.0.0.1"]
+        messages: list[str] = []
         for host in ("hooks.example.com", "nowhere.example.com"):
             r = await env.client.post("/mqtt/subscribe", json={
                 "topic": env.base + "x", "callback_url": f"https://{host}/hook"})
             assert r.status_code == 422 and error_of(r)["field"] == "callback_url"
             assert "127.0.0.1" not in r.text  # the address is not told: no DNS oracle
+            messages.append(error_of(r)["message"].replace(host, "HOST"))
+        # Nor whether the name exists inside: unknown and internal read the same.
+        assert messages[0] == messages[1], messages
 
 
 async def test_a_name_that_resolves_to_loopback_later_is_refused_at_delivery() -> None:
@@ -240,6 +248,19 @@ async def test_policy_unwraps_mapped_addresses_and_honours_listed_names() -> Non
     by_net = OutboundPolicy(allow=("10.0.0.0/8",), resolver=resolver)
     assert len(await by_net.addresses("mapped.example", 80)) == 1
     assert OutboundPolicy().address_allowed(ipaddress.ip_address("8.8.8.8"))
+
+
+def test_ipv6_forms_are_judged_by_the_ipv4_address_they_carry() -> None:
+    """Judged only, never connected to: NAT64 (DNS64 sites) and 6to4 of a global address
+    stay usable, the same forms of loopback or link-local do not."""
+    policy = OutboundPolicy()
+    for carried in ("64:ff9b::808:808", "2002:808:808::1", "::ffff:8.8.8.8"):
+        assert policy.address_allowed(ipaddress.ip_address(carried)), carried
+    for refused in ("64:ff9b::a9fe:a9fe", "::a9fe:a9fe", "2002:a9fe:a9fe::1",
+                    "::ffff:0:a9fe:a9fe", "::", "::1"):
+        assert not policy.address_allowed(ipaddress.ip_address(refused)), refused
+    assert OutboundPolicy(allow=("127.0.0.0/8",)).address_allowed(
+        ipaddress.ip_address("64:ff9b::7f00:1"))  # listed networks match the carried address
 
 
 async def test_the_client_refuses_before_connecting_and_follows_no_redirects() -> None:

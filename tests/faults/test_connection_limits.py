@@ -266,3 +266,23 @@ def read_response(sock: socket.socket) -> bytes:
     while len(body) < length:
         body += sock.recv(4096)
     return head + b"\r\n\r\n" + body
+
+
+def test_websocket_upgrades_do_not_use_up_the_cap(tmp_path: Path) -> None:
+    """uvicorn hands an upgraded connection to another protocol, whose close the cap never
+    saw: 20 upgrade requests (no credentials) once left every webhook answered 503."""
+    upgrade = (b"GET /api/pudu/webhook HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\n"
+               b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               b"Sec-WebSocket-Version: 13\r\n\r\n")
+    with edge_agent(tmp_path, "mqtt://127.0.0.1:1883", org=f"ws{uuid.uuid4().hex[:6]}",
+                    HTTP_MAX_CONNECTIONS="20") as agent:
+        for _ in range(40):
+            with socket.create_connection(("127.0.0.1", agent.port), timeout=5) as sock:
+                sock.sendall(upgrade)
+                answer = read_response(sock)
+                assert answer.startswith(b"HTTP/1.1 400"), answer
+                assert b'"status": "error"' in answer
+        with httpx.Client(base_url=agent.url, timeout=5) as client:
+            ok = client.post("/api/pudu/webhook", content=WEBHOOK,
+                             headers={"CallbackCode": "test-code"})
+            assert ok.status_code == 200, ok.text

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 from types import TracebackType
@@ -79,6 +80,17 @@ def _count(value: Any) -> int | None:
     if isinstance(value, str) and value.strip().isdigit():
         return int(value.strip())
     return None
+
+
+def robot_unknown(exc: PuduApiError) -> bool:
+    """Pudu's "no such robot for this key" refusal. The spelling is not documented
+    (PUDU-API.md section 6): ROBOT_NOT_FOUND and the NOT_EXIST/NOT_BIND variants."""
+    if not isinstance(exc, PuduBusinessError):
+        return False
+    words = [w for w in re.split(r"[^A-Z]+", exc.message.upper()) if w]
+    joined = "_".join(words)
+    return bool({"ROBOT", "SN", "DEVICE"} & set(words)) and any(
+        why in joined for why in ("NOT_FOUND", "NOT_EXIST", "NOT_BIND", "NO_EXIST"))
 
 
 def _message(obj: Any) -> str:

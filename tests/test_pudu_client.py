@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -161,9 +162,11 @@ async def test_a_robot_command_reaches_the_api_once_after_a_stall_or_500(
     for path in ("/v2/recharge", "/v1/switch_map", "/v1/position_command"):
         stub.stub.fail(path, kind, times=5)
     async with PuduClient(settings(stub.url)) as client:
-        for call in (lambda: client.recharge("R1"),
-                     lambda: client.switch_map("R1", "floor-2", "code-42"),
-                     lambda: client.position_reporting("R1", 1, 5)):
+        commands: list[Callable[[], Awaitable[Any]]] = [
+            lambda: client.recharge("R1"),
+            lambda: client.switch_map("R1", "floor-2", "code-42"),
+            lambda: client.position_reporting("R1", 1, 5)]
+        for call in commands:
             with pytest.raises(PuduServerError, match="not repeated"):
                 await call()
     for path in ("/v2/recharge", "/v1/switch_map", "/v1/position_command"):

@@ -28,6 +28,7 @@
         ├── PuduAuthError      401/403: key, secret, clock or API not enabled; not retried
         ├── PuduRateLimitError 429 or a "rate limit" message; retried with back-off
         ├── PuduServerError    5xx, timeout or connection failure; retried with back-off
+        │   └── PuduConnectError  no connection made: the request never went out
         └── PuduBusinessError  HTTP 200 whose message is not SUCCESS: the API said no
 
 Third-party errors (paho return codes, awscrt, aiomysql, sqlite3) are translated to
@@ -243,6 +244,11 @@ class PuduRateLimitError(PuduApiError):
 
 class PuduServerError(PuduApiError):
     """5xx, a timeout or a connection failure, still so after the bounded retries."""
+
+
+class PuduConnectError(PuduServerError):
+    """No connection was made, so the request provably never reached the API: the one
+    server failure a non-idempotent command may retry."""
 
 
 class PuduBusinessError(PuduApiError):

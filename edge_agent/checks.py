@@ -25,8 +25,14 @@ def problems(settings: EdgeSettings) -> list[str]:
 
 
 def warnings(settings: EdgeSettings) -> list[str]:
-    """Allowed but likely a mistake (status or events not forwarded): said, not refused."""
-    return policy_warnings(ForwardPolicy.of(settings))
+    """Allowed but likely a mistake (status or events not forwarded, a Pudu API key
+    without shops to poll): said, not refused."""
+    found = policy_warnings(ForwardPolicy.of(settings))
+    pudu = settings.pudu
+    if pudu.configured and not pudu.shop_ids and pudu.poll_interval_seconds > 0:
+        found.append("PUDU_API_KEY is set but PUDU_SHOP_IDS is empty: scheduled polling "
+                     "is off (pudu.* commands still work)")
+    return found
 
 
 async def connect_problems(settings: EdgeSettings) -> list[str]:

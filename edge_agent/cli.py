@@ -77,6 +77,10 @@ def _poll_once(settings: config.EdgeSettings) -> int:
     if not settings.pudu.configured:
         return report_problems(PROG, ["polling needs PUDU_API_URL, PUDU_API_KEY and "
                                       "PUDU_API_SECRET"])
+    if not settings.pudu.shop_ids:
+        from edge_agent.pudu.poller import NO_SHOPS
+
+        return report_problems(PROG, [NO_SHOPS])
     from bridge.loop import run
     from edge_agent.pudu.once import poll_once
 

@@ -3,8 +3,11 @@
 Two small tables beside the outbox's, on their own connection (WAL lets it write
 between the outbox writer's group commits; ``busy_timeout`` covers the overlap):
 
-- ``poll_runs``: one row per reconciliation run (its record as JSON), so health, the
-  next run's backfill window and ``edge-agent poll --once`` survive a restart.
+- ``poll_runs``: one row per reconciliation run (its record as JSON), so health and
+  ``edge-agent poll --once`` survive a restart.
+- ``poll_shops``: per shop, the end of the last window whose fault log was read in
+  full: the shop's next backfill starts there (less the overlap). Per shop, because a
+  shop that failed (or was added to PUDU_SHOP_IDS later) must not inherit the others'.
 - ``command_ids``: durable commands (those that call the Pudu API) by ``messageId``,
   marked before the call and answered from here after: a command redelivered even
   after a restart never calls the API twice.
@@ -34,6 +37,10 @@ CREATE TABLE IF NOT EXISTS poll_runs (
     record TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS poll_runs_started ON poll_runs (started);
+CREATE TABLE IF NOT EXISTS poll_shops (
+    shop_id TEXT PRIMARY KEY,
+    events_through REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS command_ids (
     message_id TEXT PRIMARY KEY,
     command TEXT NOT NULL,
@@ -111,11 +118,18 @@ class Journal:
                                (limit,))
         return [json.loads(r[0]) for r in rows]
 
-    async def events_through(self) -> float | None:
-        """Where the newest run that read every shop's event log ended its window (the
-        next backfill starts there, less the overlap)."""
-        rows = await self._run("SELECT MAX(events_through) FROM poll_runs")
-        return None if not rows or rows[0][0] is None else float(rows[0][0])
+    async def events_through(self, shop_id: str) -> float | None:
+        """Where the last window of this shop's fault log read in full ended (its next
+        backfill starts there, less the overlap); None if it never was."""
+        rows = await self._run("SELECT events_through FROM poll_shops WHERE shop_id = ?",
+                               (shop_id,))
+        return None if not rows else float(rows[0][0])
+
+    async def advance_events(self, shop_id: str, through: float) -> None:
+        """Record that the shop's fault log was read and published up to ``through``."""
+        await self._run("INSERT INTO poll_shops (shop_id, events_through) VALUES (?, ?)"
+                        " ON CONFLICT (shop_id) DO UPDATE SET events_through ="
+                        " MAX(events_through, excluded.events_through)", (shop_id, through))
 
     # -- command ids ----------------------------------------------------------------------
     async def begin_command(self, message_id: str, command: str) -> Response | None:

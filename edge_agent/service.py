@@ -194,9 +194,15 @@ class EdgeAgent:
         await self._stack.aclose()
 
     def note_robot(self, envelope: Envelope) -> None:
-        """Remember the newest state per robot for ``get_robots`` (bounded by fleet size)."""
+        """Remember the newest state per robot for ``get_robots`` (bounded by fleet size).
+
+        A webhook's state also makes the poller forget what it published for the fields
+        the webhook set: the cloud now holds the webhook's value, so the next poll must
+        republish the API's state even if it equals the poller's last one."""
         if envelope.device == self.settings.gateway_id:
             return
+        if envelope.source != "poll":
+            self.poller.forget(envelope.device, envelope.data)
         state = self.robots.setdefault(envelope.device, {"sn": envelope.device})
         if envelope.ts >= state.get("ts", 0):
             state.update(envelope.data)

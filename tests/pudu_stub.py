@@ -60,6 +60,8 @@ class PuduStub:
     calls: list[Call] = field(default_factory=list)
     unauthorized: list[str] = field(default_factory=list)
     snake: bool = False  # emit status in snake_case (third-party spelling)
+    success: str = "SUCCESS"  # the ``message`` of a successful reply ("ok" is seen live)
+    counts_as_text: bool = False  # page ``count``/``total`` as strings
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     # -- fleet ------------------------------------------------------------------------
@@ -180,7 +182,7 @@ class PuduStub:
         data = self._data(method, path, params, parsed)
         if isinstance(data, tuple):
             return data
-        return 200, {"message": "SUCCESS", "trace_id": f"{self.key}_1", "data": data}
+        return 200, {"message": self.success, "trace_id": f"{self.key}_1", "data": data}
 
     def _robot(self, sn: str | None) -> dict[str, Any] | tuple[int, Any]:
         robot = self.robots.get(sn or "")
@@ -195,7 +197,7 @@ class PuduStub:
             offset, limit = int(params.get("offset", 0)), int(params.get("limit", 10))
             page = [{"sn": r["sn"], "mac": r["mac"], "shop_id": int(r["shop_id"]),
                      "shop_name": f"shop {r['shop_id']}"} for r in fleet[offset:offset + limit]]
-            return {"count": len(fleet), "list": page}
+            return {"count": self._n(len(fleet)), "list": page}
         if path == "/open-platform-service/v2/status/get_by_sn":
             r = self._robot(params.get("sn"))
             if isinstance(r, tuple):
@@ -226,7 +228,8 @@ class PuduStub:
             offset, limit = int(params.get("offset", 0)), int(params.get("limit", 10))
             page = [{k: v for k, v in e.items() if not k.startswith("_")}
                     for e in rows[offset:offset + limit]]
-            return {"total": len(rows), "offset": offset, "limit": limit, "list": page}
+            return {"total": self._n(len(rows)), "offset": offset, "limit": limit,
+                    "list": page}
         if path == "/open-platform-service/v2/recharge":
             r = self._robot(params.get("sn"))
             return r if isinstance(r, tuple) else {"desc": "ok", "taskId": "t-recharge"}
@@ -243,6 +246,9 @@ class PuduStub:
             r = self._robot(body.get("sn"))
             return r if isinstance(r, tuple) else None
         return 404, {"code": 404, "message": f"no route {path}"}
+
+    def _n(self, count: int) -> int | str:
+        return str(count) if self.counts_as_text else count
 
     def add_error(self, sn: str, shop_id: str, at: float, error_id: str | None,
                   level: str = "Warning", kind: str = "LostLocalization") -> dict[str, Any]:

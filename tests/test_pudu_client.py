@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
 
-from bridge.errors import PuduAuthError, PuduBusinessError, PuduRateLimitError, PuduServerError
+from bridge.errors import (
+    PuduAuthError,
+    PuduBusinessError,
+    PuduConnectError,
+    PuduRateLimitError,
+    PuduServerError,
+)
 from edge_agent.pudu import signing
 from edge_agent.pudu.client import PuduClient
 from edge_agent.pudu.settings import PuduApiSettings
@@ -119,3 +126,68 @@ def test_settings_aliases_and_http_only_for_loopback() -> None:
         "http://127.0.0.1:9"
     with pytest.raises(ValueError, match="loopback"):
         PuduApiSettings(api_url="http://open-platform.pudutech.com")
+
+
+@pytest.mark.parametrize("word", ["ok", "success", "Ok"])
+async def test_ok_and_lower_case_success_are_success(stub: StubServer, word: str) -> None:
+    stub.stub.add_robot("R1", "1")
+    stub.stub.success = word
+    async with PuduClient(settings(stub.url)) as client:
+        state = await client.status("R1")
+    assert state["sn"] == "R1" and client.calls == 1
+
+
+@pytest.mark.parametrize("as_text", [False, True])
+async def test_fault_log_and_robot_list_follow_every_page(stub: StubServer,
+                                                          as_text: bool) -> None:
+    stub.stub.counts_as_text = as_text  # Pudu's count/total may come as strings
+    at = time.time() - 600
+    for i in range(45):
+        stub.stub.add_error("R1", "1", at + i, f"vir_{i}")
+    for i in range(57):
+        stub.stub.add_robot(f"R{i:03d}", "1")
+    async with PuduClient(settings(stub.url)) as client:
+        rows = await client.error_log("1", int(at) - 60, int(time.time()))
+        robots = await client.robots("1")
+    assert sorted(r["error_id"] for r in rows) == sorted(f"vir_{i}" for i in range(45))
+    assert len(stub.stub.calls_to("/log/error/query_list")) == 3  # pages of 20
+    assert len(robots) == 57 and len(stub.stub.calls_to("/v1/api/robot")) == 2
+
+
+@pytest.mark.parametrize("kind", ["stall", "500"])
+async def test_a_robot_command_reaches_the_api_once_after_a_stall_or_500(
+        stub: StubServer, kind: str) -> None:
+    stub.stub.add_robot("R1", "1")
+    stub.stub.stall_seconds = 1.5  # beyond the 1 s timeout: it may have acted
+    for path in ("/v2/recharge", "/v1/switch_map", "/v1/position_command"):
+        stub.stub.fail(path, kind, times=5)
+    async with PuduClient(settings(stub.url)) as client:
+        commands: list[Callable[[], Awaitable[Any]]] = [
+            lambda: client.recharge("R1"),
+            lambda: client.switch_map("R1", "floor-2", "code-42"),
+            lambda: client.position_reporting("R1", 1, 5)]
+        for call in commands:
+            with pytest.raises(PuduServerError, match="not repeated"):
+                await call()
+    for path in ("/v2/recharge", "/v1/switch_map", "/v1/position_command"):
+        assert len(stub.stub.calls_to(path)) == 1, path
+    assert client.retries == 0
+
+
+async def test_a_robot_command_is_retried_after_a_429(stub: StubServer) -> None:
+    stub.stub.add_robot("R1", "1")
+    stub.stub.fail("/v2/recharge", "429")  # the gateway refused it: it did not act
+    async with PuduClient(settings(stub.url)) as client:
+        result = await client.recharge("R1")
+    assert result["taskId"] == "t-recharge"
+    assert len(stub.stub.calls_to("/v2/recharge")) == 2 and client.retries == 1
+
+
+async def test_a_robot_command_is_retried_when_no_connection_was_made() -> None:
+    from tests.pudu_stub import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: the request never went out
+    async with PuduClient(settings(dead)) as client:
+        with pytest.raises(PuduConnectError):
+            await client.recharge("R1")
+    assert client.calls == 3 and client.retries == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import queue
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -84,18 +85,38 @@ def test_command_without_a_key_is_a_clear_error(tmp_path: Path) -> None:
     assert answers[0]["status"] == "error" and "no Pudu API key" in answers[0]["error"]
 
 
+def test_a_robot_unknown_to_the_key_is_a_clear_error(tmp_path: Path,
+                                                      stub: StubServer) -> None:
+    p = f"t{uuid.uuid4().hex[:8]}"
+    stub.stub.add_robot("K1", SHOP)
+    with edge_agent(tmp_path, BROKER, org="acme", gateway="gwu", TOPIC_PREFIX=p,
+                    **env(stub)) as agent:
+        answers = _send(p, "gwu", [
+            ("m-unk-1", "pudu.recharge", {"sn": "NOPE"}),
+            ("m-unk-2", "pudu.position_reporting", {"sn": "NOPE", "interval": 1, "times": 2}),
+            ("m-unk-3", "pudu.switch_map", {"sn": "NOPE", "map_name": "floor-2"})], agent)
+    by_id = {a["messageId"]: a for a in answers}
+    for message_id in ("m-unk-1", "m-unk-2", "m-unk-3"):
+        answer = by_id[message_id]
+        assert answer["status"] == "error", answer
+        assert "robot NOPE is unknown to this API key" in answer["error"], answer
+    assert "ROBOT_NOT_FOUND" in by_id["m-unk-1"]["error"]  # Pudu's own word, kept
+
+
 def _send(prefix: str, gateway: str, commands: list[tuple[str, str, dict[str, Any]]],
           agent: Any, want: int | None = None) -> list[dict[str, Any]]:
     """Publish commands (messageId, command, args) on the gateway's topic; its answers."""
     got: queue.Queue[dict[str, Any]] = queue.Queue()
+    subacked = threading.Event()
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"t-{uuid.uuid4().hex[:8]}")
     client.on_message = lambda c, u, m: got.put(json.loads(m.payload))
+    client.on_subscribe = lambda *_: subacked.set()
     client.connect("127.0.0.1", 1883)
     client.loop_start()
     try:
         base = f"{prefix}/org/acme/device/{gateway}"
-        client.subscribe(base + "/response", qos=1)[0]
-        time.sleep(0.3)  # SUBACK before the first command
+        client.subscribe(base + "/response", qos=1)
+        assert subacked.wait(10), "no SUBACK"  # else an early answer could be missed
         for message_id, name, args in commands:
             info = client.publish(base + "/command", json.dumps(
                 {"messageId": message_id, "command": name, "args": args}), qos=1)

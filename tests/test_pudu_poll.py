@@ -1,18 +1,27 @@
 """Scheduled reconciliation end to end: stub Pudu API -> edge agent -> Mosquitto ->
-callback server -> database, with real processes (the stub on a uvicorn thread)."""
+callback server -> database, with real processes (the stub on a uvicorn thread); and
+the poller's own rules in one process on the memory broker."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from bridge.errors import ConfigError, OutboxFullError
+from bridge.transport import InboundMessage, MqttSettings
+from bridge.transport.memory import MemoryTransport
+from edge_agent import checks, config
+from edge_agent.service import EdgeAgent
 from tests.dbutil import query
 from tests.pudu_stub import KEY, SECRET, StubServer, serve_stub
 from tests.services import ServiceProcess, callback_server, edge_agent
@@ -124,7 +133,7 @@ def test_webhook_and_poll_interleaved_end_with_the_newest_robot_time(
         assert r.status_code == 200
         wait_for("webhook stored", lambda: robots(db).get("O1", {}).get("battery_level"))
         poll(agent)  # older robot time: must not win
-        time.sleep(1.0)
+        wait_for("older poll.power stored", lambda: len(poll_power(db)) == 1)
         assert robots(db)["O1"]["battery_level"] == 70
         stub.stub.robots["O1"].update(battery=30, timestamp=str((t0 + 120) * 1000))
         poll(agent)  # newer: wins
@@ -132,8 +141,14 @@ def test_webhook_and_poll_interleaved_end_with_the_newest_robot_time(
         r = c.post("/api/pudu/webhook", json={"callback_type": "notifyRobotPower", "data": {
             "sn": "O1", "power": 90, "notify_timestamp": (t0 + 90) * 1000}})
         assert r.status_code == 200  # late webhook, older than the poll: ignored
-        time.sleep(1.0)
+        late = r.json()["data"]["message_id"]
+        wait_for("late webhook stored", lambda: query(
+            db, "SELECT id FROM mqtt_message_log WHERE id = ?", (late,)))
         assert robots(db)["O1"]["battery_level"] == 30
+
+
+def poll_power(db: str) -> list[dict[str, Any]]:
+    return query(db, "SELECT id FROM mqtt_message_log WHERE type = 'poll.power'")
 
 
 def test_backfilled_event_and_the_same_webhook_are_stored_once(
@@ -163,14 +178,17 @@ def test_backfilled_event_and_the_same_webhook_are_stored_once(
         calls = stub.stub.calls_to("/log/error/query_list")
         assert all(c.query["timezone_offset"] == "0" and c.query["limit"] == "20"
                    for c in calls)
-        wait_for("events stored", lambda: len(query(
-            db, "SELECT * FROM mnt_robot_events WHERE robot_sn = 'E1'")) == 2, 20)
-        time.sleep(0.5)
+        # The second run's record is published after its events: once it is stored,
+        # the backfilled copy of the webhook's event has been through the cloud too.
+        wait_for("second run stored", lambda: second["run_id"] in [r["run_id"] for r in httpx.get(
+            server.url + "/ingestion-runs", headers=server.auth).json()["items"]])
         events = query(db, "SELECT * FROM mnt_robot_events WHERE robot_sn = 'E1'")
         assert len(events) == 2
         assert {e["event_id"] for e in events} >= {"vir_1735690000"}
-        logged = query(db, "SELECT id FROM mqtt_message_log WHERE id = ?", (webhook_id,))
-        assert len(logged) == 1  # the poll's envelope has the webhook's id
+        logged = query(db, "SELECT id FROM mqtt_message_log WHERE channel = 'event'")
+        # the webhook's, and the event without an error_id: the backfilled copy of the
+        # webhook's event carried its id and was stored once
+        assert len(logged) == 2 and webhook_id in {r["id"] for r in logged}
         assert server.health()["dead_lettered"] == 0
 
 
@@ -240,3 +258,160 @@ def test_poll_once_without_an_agent_runs_one_itself(tmp_path: Path, stub: StubSe
     import json
     record = json.loads(out.stdout)
     assert record["status"] == "ok" and record["robots_seen"] == 1
+
+
+# -- the poller's rules, in one process on the memory broker ------------------------------
+
+Seen = list[tuple[str, dict[str, Any]]]
+
+
+@asynccontextmanager
+async def in_process(tmp_path: Path, stub: StubServer, shops: str = SHOP,
+                     outbox: str = "outbox.db", **extra: str) -> AsyncIterator[
+                         tuple[EdgeAgent, httpx.AsyncClient, Seen]]:
+    """An agent polling ``stub`` (runs are asked for; ``extra``: more settings), its
+    webhook app, and every envelope it publishes as (topic, envelope), in order."""
+    broker = f"edge-{uuid.uuid4().hex[:8]}"
+    settings = config.load(None, {
+        "PUDU_CALLBACK_CODE": HEADERS["CallbackCode"], "MQTT_URL": f"mqtt://{broker}",
+        "MQTT_BACKEND": "memory", "ORG_ID": "acme", "GATEWAY_ID": "gwi",
+        "OUTBOX_PATH": str(tmp_path / outbox),
+        **pudu_env(stub, shops, **{"PUDU_POLL_INTERVAL": "0", **extra})})
+    seen: Seen = []
+
+    def keep(message: InboundMessage) -> None:
+        if message.payload.startswith(b"{"):  # envelopes (presence is a plain word)
+            seen.append((message.topic, json.loads(message.payload)))
+
+    watcher = MemoryTransport(MqttSettings.from_url(f"mqtt://{broker}", client_id="watch",
+                                                    clean_start=True))
+    watcher.message_handler = keep
+    async with watcher:
+        await watcher.subscribe("org/acme/#", qos=1)
+        async with EdgeAgent(settings) as agent, httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=agent.app), base_url="http://gw",
+                headers=HEADERS) as client:
+            yield agent, client, seen
+
+
+async def until(what: str, check: Any, within: float = 10) -> Any:
+    deadline = time.monotonic() + within
+    while not (last := check()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        await asyncio.sleep(0.02)
+    return last
+
+
+def on(seen: Seen, channel: str) -> list[dict[str, Any]]:
+    return [env for topic, env in seen if topic.endswith(f"/{channel}")]
+
+
+async def test_a_state_a_webhook_changed_is_corrected_by_the_next_poll(
+        tmp_path: Path, stub: StubServer) -> None:
+    t = int(time.time()) - 600
+    stub.stub.add_robot("R1", SHOP, runState="IDLE", timestamp=str(t * 1000))
+    async with in_process(tmp_path, stub) as (agent, client, seen):
+        first = await agent.poller.run_once()
+        r = await client.post("/api/pudu/webhook", json={
+            "callback_type": "notifyRobotStatus",
+            "data": {"sn": "R1", "run_state": "BUSY", "notify_timestamp": (t + 60) * 1000}})
+        assert r.status_code == 200
+        # back to IDLE; that webhook is lost (Pudu gave up): only the API says so
+        stub.stub.robots["R1"].update(runState="IDLE", timestamp=str((t + 120) * 1000))
+        second = await agent.poller.run_once()
+        statuses = await until("3 status envelopes", lambda: len(s := on(seen, "status")) == 3
+                               and s)
+    assert first["envelopes_published"] == 3 and second["envelopes_published"] == 1
+    newest = max(statuses, key=lambda e: e["ts"])
+    assert (newest["type"], newest["data"]["status"]) == ("poll.status", "idle")
+    assert [e.get("source") for e in statuses] == ["poll", None, "poll"]
+
+
+async def test_the_same_robot_state_polled_twice_has_the_same_id_on_the_wire(
+        tmp_path: Path, stub: StubServer) -> None:
+    stub.stub.add_robot("R1", SHOP, timestamp=str(int(time.time() - 60) * 1000))
+    envelopes = []
+    for outbox in ("one.db", "two.db"):  # two gateways: nothing remembered between them
+        async with in_process(tmp_path, stub, outbox=outbox) as (agent, _, seen):
+            await agent.poller.run_once()
+            await until("3 state envelopes", lambda: sum(
+                len(on(seen, c)) for c in ("status", "power", "pose")) == 3)
+            envelopes.append({c: on(seen, c)[0] for c in ("status", "power", "pose")})
+    first, second = envelopes
+    for channel in ("status", "power", "pose"):
+        assert first[channel]["type"] == f"poll.{channel}"
+        assert first[channel]["source"] == "poll"
+        assert first[channel]["id"] == second[channel]["id"]
+    assert first["pose"]["data"]["map_name"] == "floor-1"
+
+
+async def test_a_full_outbox_fails_the_shop_so_its_events_are_read_again(
+        tmp_path: Path, stub: StubServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    stub.stub.add_robot("R1", SHOP)
+    at = time.time() - 3600
+    stub.stub.add_error("R1", SHOP, at, "vir_1h")
+    async with in_process(tmp_path, stub) as (agent, _, seen):
+        real = agent.outbox.put
+
+        async def full(topic: str, payload: bytes, **kw: Any) -> Any:
+            if topic.endswith("/event"):  # the outbox at its bound (broker away)
+                raise OutboxFullError(10, 10)
+            return await real(topic, payload, **kw)
+
+        monkeypatch.setattr(agent.outbox, "put", full)
+        first = await agent.poller.run_once()
+        monkeypatch.setattr(agent.outbox, "put", real)
+        second = await agent.poller.run_once()
+        events = await until("event published", lambda: on(seen, "event"))
+    assert first["status"] == "failed" and first["shops_failed"] == [SHOP]
+    assert "outbox full" in first["error"] and first["events_through"] is None
+    assert second["events_backfilled"] == 1 and second["window_start"] <= at
+    assert events[0]["data"]["event_id"] == "vir_1h"
+
+
+async def test_a_shop_added_later_is_backfilled_from_its_own_look_back(
+        tmp_path: Path, stub: StubServer) -> None:
+    stub.stub.add_robot("R1", SHOP)
+    stub.stub.add_robot("R2", OTHER)
+    at = time.time() - 3 * 3600
+    stub.stub.add_error("R2", OTHER, at, "vir_3h")
+    async with in_process(tmp_path, stub, shops=SHOP) as (agent, _, _seen):
+        before = await agent.poller.run_once()
+    async with in_process(tmp_path, stub, shops=f"{SHOP},{OTHER}") as (agent, _, _seen):
+        after = await agent.poller.run_once()
+    assert before["status"] == after["status"] == "ok"
+    assert after["events_backfilled"] == 1  # OTHER's event, before the first run's window
+    starts = {c.query["shop_id"]: int(c.query["start_time"])
+              for c in stub.stub.calls_to("/log/error/query_list")[-2:]}
+    assert starts[SHOP] == pytest.approx(before["window_end"] - 900, abs=2)
+    assert starts[OTHER] == pytest.approx(time.time() - 24 * 3600, abs=30)
+
+
+async def test_a_run_with_no_shops_is_refused_and_a_key_without_shops_is_warned(
+        tmp_path: Path, stub: StubServer) -> None:
+    async with in_process(tmp_path, stub, shops="", PUDU_POLL_INTERVAL="300") as (
+            agent, _, _seen):
+        assert not agent.poller.enabled
+        with pytest.raises(ConfigError, match="PUDU_SHOP_IDS"):
+            await agent.poller.run_once()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=agent.admin_app),
+                                     base_url="http://admin") as admin:
+            r = await admin.post("/pudu/poll")
+        assert await agent.journal.runs() == []
+        warned = checks.warnings(agent.settings)
+    assert r.status_code == 409 and "PUDU_SHOP_IDS" in r.json()["message"]
+    assert not stub.stub.calls
+    assert any("PUDU_SHOP_IDS is empty" in w and "polling is off" in w for w in warned)
+
+
+async def test_runs_never_overlap(tmp_path: Path, stub: StubServer) -> None:
+    stub.stub.add_robot("R1", SHOP)
+    stub.stub.stall_seconds = 0.5  # within the 1 s timeout: each run waits on the API
+    stub.stub.fail("/v2/status", "stall", times=2)
+    async with in_process(tmp_path, stub) as (agent, _, _seen):
+        records = await asyncio.gather(agent.poller.run_once(), agent.poller.run_once())
+    first, second = sorted(records, key=lambda r: r["started_at"])
+    assert first["status"] == second["status"] == "ok"
+    assert second["started_at"] >= first["ended_at"]
+    assert len(stub.stub.calls_to("/v2/status/get_by_sn")) == 2

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Header, Query
 
-from bridge.errors import AuthError
+from bridge.errors import AuthError, ConfigError, InputError
 
 if TYPE_CHECKING:
     from edge_agent.service import EdgeAgent
@@ -28,7 +28,10 @@ def create_poll_router(agent: EdgeAgent) -> APIRouter:
     @router.post("/poll", summary="Run one reconciliation now and return its record")
     async def poll(authorization: str | None = Header(default=None)) -> dict[str, Any]:
         check(authorization)
-        return await agent.poller.run_once()
+        try:
+            return await agent.poller.run_once()
+        except ConfigError as exc:  # no shops: nothing was polled, so not a success
+            raise InputError(str(exc), field="PUDU_SHOP_IDS", status=409) from exc
 
     @router.get("/runs", summary="The newest run records, newest first")
     async def runs(limit: int = Query(20, ge=1, le=500),

@@ -5,14 +5,17 @@ outbound HTTP), with the configured API host allowed, so a loopback stub works i
 and nothing else non-global is reachable. Success is HTTP 200 with ``message``
 ``SUCCESS`` (case-insensitive; ``ok`` is seen live, PUDU.md); anything else is a
 ``PuduApiError`` of the right kind. 5xx, timeouts, connection failures and rate limits
-are retried with full-jitter back-off, at most ``max_retries`` times. httpx and Pudu
-errors are translated here, once. The secret and signatures are never logged.
+are retried with full-jitter back-off, at most ``max_retries`` times, for the reads; a
+robot command (recharge, switch_map, position_command) is not idempotent, so it is
+retried only when it provably did not run: a 429, or no connection made. httpx and
+Pudu errors are translated here, once. The secret and signatures are never logged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 from types import TracebackType
@@ -26,6 +29,7 @@ from bridge.errors import (
     PuduApiError,
     PuduAuthError,
     PuduBusinessError,
+    PuduConnectError,
     PuduRateLimitError,
     PuduServerError,
 )
@@ -67,6 +71,28 @@ def pick(obj: Any, *names: str) -> Any:
     return None
 
 
+def _count(value: Any) -> int | None:
+    """A page's ``count``/``total``: an int, or an int sent as a string (both are seen)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return None
+
+
+def robot_unknown(exc: PuduApiError) -> bool:
+    """Pudu's "no such robot for this key" refusal. The spelling is not documented
+    (PUDU-API.md section 6): ROBOT_NOT_FOUND and the NOT_EXIST/NOT_BIND variants."""
+    if not isinstance(exc, PuduBusinessError):
+        return False
+    words = [w for w in re.split(r"[^A-Z]+", exc.message.upper()) if w]
+    joined = "_".join(words)
+    return bool({"ROBOT", "SN", "DEVICE"} & set(words)) and any(
+        why in joined for why in ("NOT_FOUND", "NOT_EXIST", "NOT_BIND", "NO_EXIST"))
+
+
 def _message(obj: Any) -> str:
     value = pick(obj, "message", "msg")
     return str(value)[:300] if value is not None else ""
@@ -106,22 +132,31 @@ class PuduClient:
             await http.aclose()
 
     # -- transport ------------------------------------------------------------------------
-    async def get(self, path: str, params: dict[str, Any] | None = None) -> Any:
+    async def get(self, path: str, params: dict[str, Any] | None = None, *,
+                  idempotent: bool = True) -> Any:
         """GET ``path`` (below /pudu-entry) with query ``params``; the reply's ``data``."""
-        return await self._call("GET", path, params or {}, None)
+        return await self._call("GET", path, params or {}, None, idempotent)
 
-    async def post(self, path: str, body: dict[str, Any]) -> Any:
+    async def post(self, path: str, body: dict[str, Any], *, idempotent: bool = True) -> Any:
         """POST a JSON body; the reply's ``data``."""
-        return await self._call("POST", path, {}, body)
+        return await self._call("POST", path, {}, body, idempotent)
 
     async def _call(self, method: str, path: str, params: dict[str, Any],
-                    body: dict[str, Any] | None) -> Any:
+                    body: dict[str, Any] | None, idempotent: bool) -> Any:
         s = self.settings
         attempt = 0
         while True:
             try:
                 return await self._once(method, path, params, body)
             except (PuduRateLimitError, PuduServerError) as exc:
+                # A 5xx or a timeout may come after the API acted: repeating a command
+                # could move the robot twice. A 429 or no connection means it did not act.
+                safe = idempotent or isinstance(exc, PuduRateLimitError | PuduConnectError)
+                if not safe:
+                    raise PuduServerError(
+                        f"{exc.message}; a robot command is not repeated (it may have "
+                        "reached the robot)", path=path, status=exc.status,
+                        trace_id=exc.trace_id, retries=attempt) from exc
                 if attempt >= s.max_retries:
                     exc.retries = attempt
                     raise
@@ -149,6 +184,10 @@ class PuduClient:
         url = self.settings.api_url + full + (f"?{query}" if query else "")
         try:
             reply = await self._http.request(method, url, content=content, headers=headers)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            # Raised before a byte of the request was written: it never reached the API.
+            raise PuduConnectError(f"no connection: {type(exc).__name__}",
+                                   path=path) from None
         except httpx.TimeoutException:
             raise PuduServerError(f"no answer within {self.settings.timeout_seconds:g} s",
                                   path=path) from None
@@ -200,8 +239,8 @@ class PuduClient:
             items = pick(data, "list") or []
             out += [r for r in items if isinstance(r, dict) and pick(r, "sn")]
             offset += ROBOT_PAGE
-            count = pick(data, "count", "total")
-            if not items or not isinstance(count, int) or offset >= count:
+            count = _count(pick(data, "count", "total"))
+            if not items or count is None or offset >= count:
                 break
         return out
 
@@ -226,13 +265,13 @@ class PuduClient:
             items = pick(data, "list") or []
             out += [e for e in items if isinstance(e, dict)]
             offset += LOG_PAGE
-            total = pick(data, "total", "count")
-            if not items or not isinstance(total, int) or offset >= total:
+            total = _count(pick(data, "total", "count"))
+            if not items or total is None or offset >= total:
                 break
         return out
 
     async def recharge(self, sn: str) -> Any:
-        return await self.get(RECHARGE, {"sn": sn})
+        return await self.get(RECHARGE, {"sn": sn}, idempotent=False)
 
     async def map_code(self, shop_id: str, map_name: str) -> str:
         """A map's ``mapCode`` from the map detail (switch_map needs it)."""
@@ -245,13 +284,15 @@ class PuduClient:
 
     async def switch_map(self, sn: str, map_name: str, map_code: str) -> Any:
         data = await self.post(SWITCH_MAP, {"sn": sn, "mapInfo": {"mapName": map_name,
-                                                                  "mapCode": map_code}})
+                                                                  "mapCode": map_code}},
+                               idempotent=False)
         _check_inner(SWITCH_MAP, data)
         return data
 
     async def position_reporting(self, sn: str, interval: int, times: int) -> Any:
         return await self.post(POSITION, {"sn": sn, "payload": {"interval": interval,
-                                                                "times": times}})
+                                                                "times": times}},
+                               idempotent=False)
 
 
 def _check_inner(path: str, data: Any) -> None:

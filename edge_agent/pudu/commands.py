@@ -8,10 +8,13 @@ to the key, or the API's refusal with its message).
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from bridge.commands import CommandExecutor
-from edge_agent.pudu.client import PuduClient, pick
+from bridge.errors import PuduApiError
+from edge_agent.pudu.client import PuduClient, pick, robot_unknown
 
 if TYPE_CHECKING:
     from edge_agent.service import EdgeAgent
@@ -44,6 +47,24 @@ def register_pudu(executor: CommandExecutor, agent: EdgeAgent) -> None:
                              "and PUDU_API_SECRET")
         return PuduClient(agent.settings.pudu, agent.outbound)
 
+    def unknown(sn: str, why: str = "") -> ValueError:
+        shops = agent.settings.pudu.shop_ids
+        return ValueError(f"robot {sn} is unknown to this API key"
+                          + (f" in shops {', '.join(shops)}" if shops and not why else "")
+                          + (f" (Pudu: {why})" if why else ""))
+
+    @asynccontextmanager
+    async def api_for(sn: str) -> AsyncIterator[PuduClient]:
+        """The client, with Pudu's robot-not-found refusal said as plainly as a robot
+        missing from the shops' list is."""
+        async with client() as api:
+            try:
+                yield api
+            except PuduApiError as exc:
+                if robot_unknown(exc):
+                    raise unknown(sn, exc.message) from exc
+                raise
+
     async def shop_of(api: PuduClient, sn: str) -> str:
         known = agent.poller.shop_of.get(sn)
         if known is not None:
@@ -54,18 +75,16 @@ def register_pudu(executor: CommandExecutor, agent: EdgeAgent) -> None:
                     found = str(pick(robot, "shop_id", "shopId") or shop or "")
                     agent.poller.shop_of[sn] = found
                     return found
-        raise ValueError(f"robot {sn} is unknown to this API key"
-                         + (f" in shops {', '.join(agent.settings.pudu.shop_ids)}"
-                            if agent.settings.pudu.shop_ids else ""))
+        raise unknown(sn)
 
     async def recharge(args: dict[str, Any]) -> Any:
         sn = _text(args, "sn")
-        async with client() as api:
+        async with api_for(sn) as api:
             return await api.recharge(sn)
 
     async def switch_map(args: dict[str, Any]) -> Any:
         sn, map_name = _text(args, "sn"), _text(args, "map_name")
-        async with client() as api:
+        async with api_for(sn) as api:
             shop = await shop_of(api, sn)
             code = await api.map_code(shop, map_name)
             return await api.switch_map(sn, map_name, code)
@@ -73,7 +92,7 @@ def register_pudu(executor: CommandExecutor, agent: EdgeAgent) -> None:
     async def position_reporting(args: dict[str, Any]) -> Any:
         sn = _text(args, "sn")
         interval, times = _count(args, "interval"), _count(args, "times")
-        async with client() as api:
+        async with api_for(sn) as api:
             result = await api.position_reporting(sn, interval, times)
         return {"sn": sn, "interval": interval, "times": times, "result": result}
 

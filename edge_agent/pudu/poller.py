@@ -3,9 +3,15 @@
 Webhooks alone miss state (Pudu gives up after 3 tries, a gateway that was down misses
 that window, cleaning robots send no pose or power callbacks), so every run lists the
 configured shops' robots, reads each robot's v2 and v1 status, and publishes what
-changed as ordinary envelopes (``source: "poll"``); then it reads the shops' fault log
-for [previous complete window's end - overlap, now] and publishes its events with the
-id a webhook for the same ``error_id`` carries, so the cloud stores them once.
+changed as ordinary envelopes (``source: "poll"``); then it reads each shop's fault log
+for [that shop's previous complete window's end - overlap, now] and publishes its events
+with the id a webhook for the same ``error_id`` carries, so the cloud stores them once.
+A shop's window advances only when every row of it is in the outbox (a full outbox
+fails the shop, to be read again); a row that is bad input is skipped.
+
+"What changed" is measured against what the cloud was last told about a robot: a
+webhook that changes a field forgets the poller's copy of it (``forget``), so the next
+run republishes the API's state even when it equals what the poller sent before.
 
 Runs hold a lock (they never overlap), go through the outbox like webhooks (so nothing
 published is lost), and only await network I/O: the webhook path never waits for them.
@@ -23,11 +29,18 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from bridge.envelope import Envelope
-from bridge.errors import FleetError, InputError, PuduApiError
+from bridge.errors import (
+    ConfigError,
+    FleetError,
+    InputError,
+    PayloadError,
+    PuduApiError,
+    TopicError,
+)
 from bridge.outbox import PutResult
 from edge_agent.normalize import COMPACTABLE, normalize, to_seconds
 from edge_agent.pudu.client import PuduClient, pick
@@ -37,6 +50,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: A fault-log row failing with these is bad input: skipped (counted), the rest goes on.
+BAD_ROW = (InputError, PayloadError, TopicError)
+#: ``edge-agent poll`` and POST /pudu/poll with nothing to poll.
+NO_SHOPS = ("no shops to poll: set PUDU_SHOP_IDS (gateways sharing one key each poll only "
+            "their own shops)")
 #: Fault-log windows are read in chunks of at most a day (Pudu's maximum is undocumented).
 CHUNK_SECONDS = 86400
 _TIME_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S.%f",
@@ -133,8 +151,9 @@ class Poller:
         self.last: dict[str, Any] | None = None
         self.runs = 0
         self._lock = asyncio.Lock()
-        # (sn, channel) -> data last published: only what changed is published again
-        self._published: dict[tuple[str, str], str] = {}
+        # (sn, channel) -> (data last published, its field names): only what changed is
+        # published again; a webhook touching one of the fields forgets the entry.
+        self._published: dict[tuple[str, str], tuple[str, frozenset[str]]] = {}
         self.shop_of: dict[str, str] = {}
 
     @property
@@ -152,8 +171,22 @@ class Poller:
                 log.exception("poll run failed unexpectedly")
             await asyncio.sleep(max(1.0, interval - (time.monotonic() - started)))
 
+    def forget(self, sn: str, fields: Iterable[str]) -> None:
+        """A webhook set these fields of robot ``sn``: the cloud's copy is no longer what
+        the poller published, so the next run compares against nothing and republishes."""
+        touched = set(fields)
+        for channel in ("status", "power", "pose"):
+            entry = self._published.get((sn, channel))
+            if entry is not None and entry[1] & touched:
+                del self._published[(sn, channel)]
+
     async def run_once(self) -> dict[str, Any]:
-        """One reconciliation; waits for a run in progress first (never overlapping)."""
+        """One reconciliation; waits for a run in progress first (never overlapping).
+
+        Raises ConfigError when no shops are configured: a run of nothing would succeed
+        and say nothing was wrong."""
+        if not self.settings.shop_ids:
+            raise ConfigError(NO_SHOPS)
         async with self._lock:
             self.running = True
             try:
@@ -167,18 +200,21 @@ class Poller:
         now = time.time()
         run = Run(agent, shops, now)
         rec = run.record
-        through = await agent.journal.events_through()
         lookback = now - self.settings.lookback_hours * 3600
-        start = lookback if through is None else max(lookback,
-                                                     through - self.settings.overlap_seconds)
-        rec["window_start"], rec["window_end"] = int(start), int(now)
+        starts: dict[str, float] = {}
+        for shop in shops:
+            through = await agent.journal.events_through(shop)
+            starts[shop] = lookback if through is None else max(
+                lookback, through - self.settings.overlap_seconds)
+        rec["window_start"], rec["window_end"] = int(min(starts.values())), int(now)
         failed: list[str] = []
         client = self.client_factory()
         try:
             async with client:
                 for shop in shops:
                     try:
-                        await self._shop(client, run, shop, int(start), int(now))
+                        await self._shop(client, run, shop, int(starts[shop]), int(now))
+                        await agent.journal.advance_events(shop, int(now))
                     except (PuduApiError, FleetError) as exc:
                         failed.append(shop)
                         run.fail(f"shop {shop}", exc)
@@ -206,16 +242,17 @@ class Poller:
                 await self._publish_state(run, sn, v2, v1, pick(v1, "mapName", "map_name"))
             except (PuduApiError, FleetError) as exc:
                 run.fail(f"robot {sn}", exc)
-        # The fault log after the state: a shop whose log fails is marked failed, so the
-        # next run reads its window again.
+        # The fault log after the state: a shop whose log fails (the API, or the outbox
+        # refusing a row) is marked failed, so the next run reads its window again. Only
+        # a row that can never be published is skipped.
         chunk = start
         while chunk < end:
             upto = min(end, chunk + CHUNK_SECONDS)
             for row in await client.error_log(shop, chunk, upto):
                 try:
                     await self._publish_event(run, row)
-                except FleetError as exc:
-                    run.fail(f"log row {pick(row, 'id')}", exc)
+                except BAD_ROW as exc:
+                    run.fail(f"log row {pick(row, 'id')} skipped", exc)
             chunk = upto
 
     async def _publish_state(self, run: Run, sn: str, v2: dict[str, Any],
@@ -236,7 +273,8 @@ class Poller:
                 continue
             key = (sn, channel)
             shape = json.dumps(data, sort_keys=True, default=str)
-            if self._published.get(key) == shape:
+            last = self._published.get(key)
+            if last is not None and last[0] == shape:
                 continue
             kind = f"poll.{channel}"
             env = Envelope(
@@ -245,9 +283,11 @@ class Poller:
                 gateway=self.agent.settings.gateway_id, ts=norm.ts, received_at=received,
                 data=data, raw=raws[channel], channel=channel, source="poll",
                 notes=norm.notes)
-            await self._put(env, compact=f"{channel}:{sn}" if channel in COMPACTABLE else None)
-            self._published[key] = shape
-            run.record["envelopes_published"] += 1
+            result = await self._put(env, compact=f"{channel}:{sn}" if channel in COMPACTABLE
+                                     else None)
+            self._published[key] = (shape, frozenset(data))
+            if result is not PutResult.DUPLICATE:  # the same state already went out
+                run.record["envelopes_published"] += 1
 
     async def _publish_event(self, run: Run, row: dict[str, Any]) -> None:
         sn = pick(row, "sn")
@@ -300,4 +340,8 @@ class Poller:
         env = Envelope(id=f"run-{rec['run_id']}", type="poll.run", org=agent.settings.org_id,
                        device=gateway, gateway=gateway, ts=rec["ended_at"],
                        received_at=rec["ended_at"], data=rec, channel="poll", source="poll")
-        await agent.outbox.put(str(agent.scheme.device(gateway, "poll")), env.to_json(), qos=1)
+        try:
+            await agent.outbox.put(str(agent.scheme.device(gateway, "poll")), env.to_json(),
+                                   qos=1)
+        except FleetError as exc:  # journaled above; the caller still gets the record
+            log.warning("poll run %s not published: %s", rec["run_id"], exc)

@@ -113,10 +113,21 @@ class Journal:
                         " (SELECT run_id FROM poll_runs ORDER BY started DESC LIMIT ?)",
                         (KEEP_RUNS,))
 
-    async def runs(self, limit: int = 20) -> list[dict[str, Any]]:
-        rows = await self._run("SELECT record FROM poll_runs ORDER BY started DESC LIMIT ?",
-                               (limit,))
-        return [json.loads(r[0]) for r in rows]
+    async def runs(self, limit: int = 20, after: tuple[float, str] | None = None,
+                   ) -> tuple[list[dict[str, Any]], tuple[float, str] | None]:
+        """Run records, newest first by (started, run_id), a keyset page at a time, and
+        the key to resume after (None on the last page)."""
+        where: str = ""
+        args: list[Any] = [limit + 1]
+        if after is not None:
+            where = "WHERE started < ? OR (started = ? AND run_id < ?)"
+            args = [after[0], after[0], after[1], limit + 1]
+        rows = await self._run(f"SELECT record, started, run_id FROM poll_runs {where}"
+                               " ORDER BY started DESC, run_id DESC LIMIT ?", tuple(args))
+        more = len(rows) > limit
+        rows = rows[:limit]
+        last = (float(rows[-1][1]), str(rows[-1][2])) if more and rows else None
+        return [json.loads(r[0]) for r in rows], last
 
     async def events_through(self, shop_id: str) -> float | None:
         """Where the last window of this shop's fault log read in full ended (its next

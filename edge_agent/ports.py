@@ -10,15 +10,17 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from bridge.envelope import Envelope
+from bridge.outbound import OutboundPolicy
 from bridge.outbox import Outbox
 from bridge.topic import TopicScheme
 from edge_agent.config import EdgeSettings
 from edge_agent.downsample import Downsampler
 from edge_agent.forwarding import ForwardPolicy
+from edge_agent.journal import Journal
 from edge_agent.metrics import EdgeMetrics
 from edge_agent.publisher import OutboxPublisher
 
-__all__ = ["CommandHost", "WebhookHost"]
+__all__ = ["CommandHost", "PollHost", "PuduHost", "WebhookHost"]
 
 
 class WebhookHost(Protocol):
@@ -46,3 +48,35 @@ class CommandHost(Protocol):
     robots: dict[str, dict[str, Any]]
 
     def health(self) -> dict[str, Any]: ...
+
+
+class PollHost(Protocol):
+    """What the Pudu cloud poller uses: where envelopes go, and the journal of its runs."""
+
+    settings: EdgeSettings
+    outbound: OutboundPolicy
+    journal: Journal
+    outbox: Outbox
+    scheme: TopicScheme
+    metrics: EdgeMetrics
+
+    def note_robot(self, envelope: Envelope) -> None: ...
+
+
+class PollerView(Protocol):
+    """The poller as the robot commands and the admin routes see it."""
+
+    shop_of: dict[str, str]
+
+    async def run_once(self) -> dict[str, Any]: ...
+
+
+class PuduHost(Protocol):
+    """What the ``pudu.*`` commands and the admin's ``/pudu/*`` routes use."""
+
+    settings: EdgeSettings
+    outbound: OutboundPolicy
+    journal: Journal
+
+    @property
+    def poller(self) -> PollerView: ...

@@ -398,7 +398,7 @@ async def test_a_run_with_no_shops_is_refused_and_a_key_without_shops_is_warned(
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=agent.admin_app),
                                      base_url="http://admin") as admin:
             r = await admin.post("/pudu/poll")
-        assert await agent.journal.runs() == []
+        assert await agent.journal.runs() == ([], None)
         warned = checks.warnings(agent.settings)
     assert r.status_code == 409 and "PUDU_SHOP_IDS" in r.json()["message"]
     assert not stub.stub.calls

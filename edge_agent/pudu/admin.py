@@ -8,12 +8,13 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Header, Query
 
 from bridge.errors import AuthError, ConfigError, InputError
+from bridge.paging import DEFAULT_LIMIT, MAX_LIMIT, Number, Text, decode_cursor, encode_cursor
 
 if TYPE_CHECKING:
-    from edge_agent.service import EdgeAgent
+    from edge_agent.ports import PuduHost
 
 
-def create_poll_router(agent: EdgeAgent) -> APIRouter:
+def create_poll_router(agent: PuduHost) -> APIRouter:
     """Routes for the poller; with ``PROXY_TOKEN`` set they want it as a bearer token."""
     router = APIRouter(prefix="/pudu", tags=["pudu"])
 
@@ -33,10 +34,15 @@ def create_poll_router(agent: EdgeAgent) -> APIRouter:
         except ConfigError as exc:  # no shops: nothing was polled, so not a success
             raise InputError(str(exc), field="PUDU_SHOP_IDS", status=409) from exc
 
-    @router.get("/runs", summary="The newest run records, newest first")
-    async def runs(limit: int = Query(20, ge=1, le=500),
+    @router.get("/runs", summary="Run records, newest first, a page at a time")
+    async def runs(limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
+                   cursor: str | None = Query(None, max_length=1000),
                    authorization: str | None = Header(default=None)) -> dict[str, Any]:
         check(authorization)
-        return {"items": await agent.journal.runs(limit), "next_cursor": None}
+        after = decode_cursor(cursor, Number, Text)
+        items, last = await agent.journal.runs(
+            limit, None if after is None else (float(after[0]), str(after[1])))
+        return {"items": items, "next_cursor": None if last is None else encode_cursor(
+            list(last))}
 
     return router

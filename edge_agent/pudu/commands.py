@@ -17,7 +17,7 @@ from bridge.errors import PuduApiError
 from edge_agent.pudu.client import PuduClient, pick, robot_unknown
 
 if TYPE_CHECKING:
-    from edge_agent.service import EdgeAgent
+    from edge_agent.ports import PuduHost
 
 NAMES = ("pudu.recharge", "pudu.switch_map", "pudu.position_reporting")
 
@@ -38,7 +38,7 @@ def _count(args: dict[str, Any], key: str) -> int:
     return value
 
 
-def register_pudu(executor: CommandExecutor, agent: EdgeAgent) -> None:
+def register_pudu(executor: CommandExecutor, agent: PuduHost) -> None:
     """Add the ``pudu.*`` commands (they answer an error while no key is configured)."""
 
     def client() -> PuduClient:

@@ -46,7 +46,7 @@ from edge_agent.normalize import COMPACTABLE, normalize, to_seconds
 from edge_agent.pudu.client import PuduClient, pick
 
 if TYPE_CHECKING:
-    from edge_agent.service import EdgeAgent
+    from edge_agent.ports import PollHost
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def state_bodies(sn: str, v2: dict[str, Any], v1: dict[str, Any]) -> dict[str, d
 class Run:
     """One run's counters, becoming its record."""
 
-    def __init__(self, agent: EdgeAgent, shops: tuple[str, ...], start: float) -> None:
+    def __init__(self, agent: PollHost, shops: tuple[str, ...], start: float) -> None:
         self.record: dict[str, Any] = {
             "run_id": f"{int(start)}-{uuid.uuid4().hex[:8]}",
             "org_id": agent.settings.org_id, "gateway_id": agent.settings.gateway_id,
@@ -141,7 +141,7 @@ class Run:
 class Poller:
     """Runs reconciliation on a schedule (``run``) or on demand (``run_once``)."""
 
-    def __init__(self, agent: EdgeAgent,
+    def __init__(self, agent: PollHost,
                  client_factory: Callable[[], PuduClient] | None = None) -> None:
         self.agent = agent
         self.settings = agent.settings.pudu

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextlib
 import fnmatch
 import json
@@ -34,6 +35,7 @@ from bridge.errors import (
     InputError,
     NotConnectedError,
     NotFoundError,
+    PayloadError,
     PubackTimeoutError,
     ServiceError,
     ServiceUnreachableError,
@@ -94,6 +96,9 @@ class Subscription:
     #: Set while the stream is open (after its ``subscribed`` event).
     live: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    #: Set by unsubscribe: the stream loop ends at its next step (a handler may be the
+    #: one unsubscribing, and a task cannot cancel and await itself).
+    ended: bool = False
 
 
 class FleetClient:
@@ -160,14 +165,11 @@ class FleetClient:
         if isinstance(payload, bytes | bytearray):
             body["payload"] = base64.b64encode(payload).decode("ascii")
             body["encoding"] = "base64"
-        answer: dict[str, Any] = (await self._request("POST", "/mqtt/publish",
-                                                      json_body=body)).json()
-        return answer
+        return _json(await self._request("POST", "/mqtt/publish", json_body=body))
 
     async def health_check(self) -> dict[str, Any]:
         """The proxy's status (``GET /mqtt/status``): broker connection, subscriptions."""
-        answer: dict[str, Any] = (await self._request("GET", "/mqtt/status")).json()
-        return answer
+        return _json(await self._request("GET", "/mqtt/status"))
 
     async def send_command(self, device_id: str, command: str,
                            args: dict[str, Any] | None = None,
@@ -187,7 +189,12 @@ class FleetClient:
             found = _MESSAGE_ID.search(exc.message)
             raise CommandTimeoutError(device_id, timeout,
                                       found.group(1) if found else "") from None
-        return Response.from_json(response.content)
+        try:
+            return Response.from_json(response.content)
+        except PayloadError as exc:
+            raise ServiceError(f"POST {response.request.url.path}: answered "
+                               f"{response.status_code} with no command response: {exc}",
+                               status=response.status_code) from None
 
     # -- subscriptions -----------------------------------------------------------------------
     async def subscribe_to_topic(self, topic: str, handler: Handler,
@@ -216,9 +223,13 @@ class FleetClient:
         return sub
 
     async def _create(self, sub: Subscription) -> None:
-        answer = (await self._request("POST", "/mqtt/subscribe",
-                                      json_body={"topic": sub.filter, "qos": sub.qos})).json()
-        sub.id = str(answer["id"])
+        response = await self._request("POST", "/mqtt/subscribe",
+                                       json_body={"topic": sub.filter, "qos": sub.qos})
+        answer = _json(response)
+        if not isinstance(answer.get("id"), str):
+            raise ServiceError("POST /mqtt/subscribe: the answer has no subscription id",
+                               status=response.status_code)
+        sub.id = answer["id"]
 
     async def unsubscribe(self, target: Subscription | str) -> int:
         """End a subscription, or every one of this client on a topic/pattern; returns
@@ -226,11 +237,14 @@ class FleetClient:
         subs = [target] if isinstance(target, Subscription) else [
             s for s in self._subs if target in (s.topic, s.filter)]
         for sub in subs:
+            sub.ended = True
             if sub in self._subs:
                 self._subs.remove(sub)
-            if sub.task is not None:
+            if sub.task is not None and sub.task is not asyncio.current_task():
                 sub.task.cancel()
                 await asyncio.gather(sub.task, return_exceptions=True)
+            # else: called from this subscription's own handler; its loop sees `ended`
+            # once the handler returns, and the unsubscribe below ends the stream.
             if sub.id is not None:
                 with contextlib.suppress(NotFoundError):
                     await self._request("POST", "/mqtt/unsubscribe", json_body={"id": sub.id})
@@ -239,7 +253,7 @@ class FleetClient:
     async def _run(self, sub: Subscription) -> None:
         """Read the stream until unsubscribed: reconnect, and re-subscribe if forgotten."""
         attempt = 0
-        while True:
+        while not sub.ended:
             connects = sub.connects
             try:
                 if sub.id is None:
@@ -247,13 +261,19 @@ class FleetClient:
                 async with contextlib.aclosing(self._stream(sub)) as messages:
                     async for message in messages:
                         await self._deliver(sub, message)
+                        if sub.ended:
+                            return
             except NotFoundError:
                 log.info("subscription %s on %s was forgotten (service restarted?); "
                          "subscribing again", sub.id, sub.filter)
                 sub.id = None
-            except (FleetError, httpx.HTTPError, ValueError) as exc:
+            except (FleetError, httpx.HTTPError) as exc:
                 log.info("stream of %s cut: %s", sub.filter, exc)
+            except Exception:  # whatever it was, the subscription must outlive it
+                log.exception("stream of %s failed; reconnecting", sub.filter)
             sub.live.clear()
+            if sub.ended:
+                return
             # A stream that got as far as its `subscribed` event starts the back-off over.
             attempt = 0 if sub.connects > connects else attempt + 1
             await asyncio.sleep(backoff_delay(attempt, *self._reconnect))
@@ -299,20 +319,52 @@ class FleetClient:
             raise ServiceUnreachableError(f"stream {sub.id}: {exc!r}") from exc
 
     def _event(self, sub: Subscription, event: str, data: str) -> InboundMessage | None:
-        obj = json.loads(data)
+        """The message an SSE event carries, if any; a malformed one is logged and
+        skipped (it must not cost the messages after it)."""
         if event == "subscribed":
             sub.connects += 1
             sub.live.set()
-        elif event == "dropped":
+            return None
+        try:
+            obj = json.loads(data)
+        except (ValueError, RecursionError):
+            obj = None
+        if not isinstance(obj, dict):
+            log.warning("skipping a %r event of %s whose data is not a JSON object: %.200r",
+                        event, sub.filter, data)
+            return None
+        if event == "dropped":
             log.warning("the service dropped messages of %s (slow reader): %s in all",
                         sub.filter, obj.get("dropped"))
         elif event == "message":
-            text = str(obj["payload"])
-            payload = (base64.b64decode(text) if obj.get("encoding") == "base64"
-                       else text.encode("utf-8"))
-            return InboundMessage(topic=str(obj["topic"]), payload=payload,
-                                  qos=int(obj.get("qos", 0)), retain=bool(obj.get("retain")))
+            topic, text, qos = obj.get("topic"), obj.get("payload"), obj.get("qos", 0)
+            try:
+                if not isinstance(topic, str) or not isinstance(text, str):
+                    raise ValueError("needs a string topic and payload")
+                payload = (base64.b64decode(text, validate=True)
+                           if obj.get("encoding") == "base64" else text.encode("utf-8"))
+            except (ValueError, binascii.Error) as exc:
+                log.warning("skipping a malformed message of %s: %s: %.200r", sub.filter,
+                            exc, data)
+                return None
+            return InboundMessage(topic=topic, payload=payload,
+                                  qos=qos if qos in (0, 1, 2) else 0,
+                                  retain=obj.get("retain") is True)
         return None
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    """A success answer's JSON object; ServiceError if the body is not one (a proxy or
+    something else answered in the service's place)."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise ServiceError(f"{response.request.method} {response.request.url.path}: "
+                           f"answered {response.status_code} without a JSON object",
+                           status=response.status_code)
+    return body
 
 
 def _error(response: httpx.Response) -> FleetError:

@@ -212,6 +212,15 @@ class CommandExecutor:
         except Exception as exc:  # a handler's failure is the command's answer
             log.warning("command %s failed: %s", command.command, exc)
             return Response(command.message_id, "error", error=str(exc) or type(exc).__name__)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # ours: the executor is stopping (aclose)
+            # The handler's own (a plug-in cancelled something it awaited and let the
+            # CancelledError out): every command gets exactly one response.
+            log.warning("command %s was cancelled inside its handler", command.command)
+            return Response(command.message_id, "error",
+                            error="cancelled inside the command's handler")
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,8 @@ per robot and channel per interval, and the one published is the newest.
 The first message of a quiet robot is published at once and opens an interval; what
 arrives during the interval is *held* (the newest by robot time wins) and published
 when the interval ends, which opens the next. So the last state of a robot always
-leaves, and nothing waits longer than one interval.
+leaves, and nothing waits longer than one interval. A message older (by robot time) than
+the one last published for its robot and channel is superseded, not published after it.
 
 ``Throttle`` is the timing alone, on a clock the caller passes (tests drive it).
 ``Downsampler`` applies it: held messages are written to the outbox's ``held`` table
@@ -15,6 +16,7 @@ loop releases each key when its interval ends.
 from __future__ import annotations
 
 import asyncio
+import enum
 import heapq
 import time
 from collections.abc import Callable, Mapping
@@ -23,7 +25,20 @@ from bridge.outbox import Outbox
 from bridge.sdnotify import BEAT_SECONDS
 from bridge.tasks import within
 
-__all__ = ["Downsampler", "Throttle"]
+__all__ = ["LATE_WINDOW_SECONDS", "Downsampler", "Throttle", "Verdict"]
+
+#: How much older than the last published message a late one may be and still count as
+#: superseded. Older still is taken as the robot's clock having gone back (a reset or a
+#: correction): remembering across that would silence the robot until its clock caught up.
+LATE_WINDOW_SECONDS = 60.0
+
+
+class Verdict(enum.Enum):
+    """What to do with one message of a downsampled channel."""
+
+    PUBLISH = "publish"  # now: put it in the outbox
+    HOLD = "hold"  # put it in the held table (``Outbox.put(hold=True)``)
+    SUPERSEDED = "superseded"  # older than what was published: store nothing, count it
 
 
 class Throttle:
@@ -84,6 +99,11 @@ class Downsampler:
         self.beat = beat  # the watchdog's: a wedged loop would hold state forever
         self.released = 0
         self._woken = asyncio.Event()
+        # Robot time of the message last published (or due to be, when held) per key,
+        # so a late, older one is not published after it. In memory: after a restart
+        # the first message per key is taken as it comes.
+        self._published: dict[str, float] = {}
+        self._held: dict[str, float] = {}
 
     @property
     def enabled(self) -> bool:
@@ -92,20 +112,29 @@ class Downsampler:
     def applies(self, channel: str) -> bool:
         return channel in self.throttle.intervals
 
-    def offer(self, key: str, channel: str) -> bool:
-        """True: hold this message (``Outbox.put(hold=True)``); False: publish it now.
+    def offer(self, key: str, channel: str, order: float) -> Verdict:
+        """Publish, hold or drop the message of robot time ``order`` for ``key``.
 
         Call it right before the put, with no await between: the order of decisions is
         then the order in which the writer sees puts and releases."""
-        hold = self.throttle.offer(key, channel, self.clock())
-        if hold:
-            self._woken.set()  # the loop may be sleeping past this new end
-        return hold
+        last = self._published.get(key)
+        if last is not None and last - LATE_WINDOW_SECONDS <= order < last:
+            return Verdict.SUPERSEDED
+        if not self.throttle.offer(key, channel, self.clock()):
+            self._published[key] = order
+            return Verdict.PUBLISH
+        if order >= self._held.get(key, order):  # the outbox keeps the newest held too
+            self._held[key] = order
+        self._woken.set()  # the loop may be sleeping past this new end
+        return Verdict.HOLD
 
     def release_ended(self) -> int:
         """Release every key whose interval has ended; how many."""
         keys = self.throttle.ended(self.clock())
         self.outbox.release(keys)
+        for key in keys:
+            if key in self._held:
+                self._published[key] = self._held.pop(key)
         self.released += len(keys)
         return len(keys)
 

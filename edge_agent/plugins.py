@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -26,6 +28,8 @@ from edge_agent.config import EdgeSettings
 __all__ = ["ENTRY_POINT_GROUP", "Plugin", "discover", "problems", "register_plugins"]
 
 ENTRY_POINT_GROUP = "pudu_fleet_bridge.commands"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +115,7 @@ def _guarded(plugin: Plugin, fn: Callable[..., Any], seconds: float) -> CommandF
     """``fn`` under a timeout, its every failure an exception the executor answers."""
 
     async def run(args: dict[str, Any]) -> Any:
+        started = time.monotonic()
         try:
             async with asyncio.timeout(seconds):
                 return await fn(args)
@@ -120,5 +125,14 @@ def _guarded(plugin: Plugin, fn: Callable[..., Any], seconds: float) -> CommandF
         except (SystemExit, KeyboardInterrupt) as exc:
             # sys.exit() in a plug-in must not stop the agent.
             raise RuntimeError(f"plug-in {plugin.name!r} tried to exit ({exc!r})") from None
+        finally:
+            took = time.monotonic() - started
+            if took > seconds * 1.5 + 0.1:
+                # A timeout can only fire at an await: this one blocked the event loop
+                # (and with it every webhook, publish and command) for that long.
+                log.warning("plug-in %r (%s) ran %.1f s, past its %g s timeout, without "
+                            "yielding: it blocks the event loop; await instead, or move "
+                            "blocking work to asyncio.to_thread", plugin.name,
+                            plugin.target, took, seconds)
 
     return run

@@ -25,6 +25,7 @@ from bridge.errors import FleetError, InputError, OutboxError, PayloadError
 from bridge.http_errors import error_response, internal_error_response
 from bridge.http_errors import install as install_error_handlers
 from bridge.outbox import PutResult
+from edge_agent.downsample import Verdict
 from edge_agent.normalize import DOCUMENTED_TYPES, Normalized, normalize
 from edge_agent.ports import WebhookHost
 
@@ -199,7 +200,16 @@ class _Webhook:
         compact_key, hold = norm.compact_key, False
         if self.downsampler.applies(norm.channel):
             compact_key = f"{norm.channel}:{device}"
-            hold = self.downsampler.offer(compact_key, norm.channel)  # no await until put
+            verdict = self.downsampler.offer(compact_key, norm.channel, norm.ts)
+            if verdict is Verdict.SUPERSEDED:
+                # Older than what this robot already published on the channel: publishing
+                # it now would put a stale state last. Answered 200 like any superseded one.
+                self.agent.note_robot(envelope)
+                self.count_downsampled(norm.channel)
+                self.count("accepted", norm.callback_type)
+                return self._answer(norm, now, topic, "callback accepted; superseded by a "
+                                    "newer message of this robot (downsampled)")
+            hold = verdict is Verdict.HOLD  # no await until the put
         # A retry is the same body, whatever its TraceId: Pudu reuses a TraceId for
         # different data, so the TraceId alone must not make a callback a duplicate.
         keys = ["body:" + hashlib.sha256(raw).hexdigest()]

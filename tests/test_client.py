@@ -111,7 +111,7 @@ async def test_publish_and_pattern_subscription_receive_in_order(tmp_path: Path)
                                              {"seq": i}, qos=1)
             await client.publish_message(f"org/{org}/device/robot-1/telemetry",
                                          b"\x00\xffraw", qos=1)
-            await until(lambda: len(got) == 31)
+            await until(lambda: len(got) == 31 and len(globbed) == 21)
             health = await client.health_check()
             with pytest.raises(InputError):
                 await client.publish_message(f"org/{org}/x", "y", qos=2 + 1)
@@ -126,6 +126,7 @@ async def test_publish_and_pattern_subscription_receive_in_order(tmp_path: Path)
     assert running[1] == 1  # one handler call at a time
     assert [json.loads(m.payload)["seq"] for m in globbed[:20]] == [
         i for i in range(30) if i % 3]  # the partial glob kept robot-* only
+    assert globbed[20].payload == b"\x00\xffraw"
     assert health["connected"] is True and health["subscriptions"] == 2
 
 
@@ -153,6 +154,30 @@ async def test_subscription_resumes_after_the_service_restarts(tmp_path: Path) -
         agent.stop()
     assert [m.payload for m in got] == [b"before", b"after"]
     assert sub.id != first_id  # subscribed again, same handler
+
+
+@integration
+async def test_a_reconnect_takes_over_from_a_reader_the_service_still_holds(
+        tmp_path: Path) -> None:
+    """A half-open connection: the service still holds the old reader when the client
+    comes back. The client is not refused (409) forever; the newest reader wins."""
+    org = f"o{uuid.uuid4().hex[:8]}"
+    topic = f"org/{org}/device/gw1/events"
+    with edge_agent(tmp_path, BROKER, org=org, PROXY_TOKEN=TOKEN) as agent:
+        async with FleetClient(agent.admin_url, TOKEN, reconnect_max=0.5) as client, \
+                httpx.AsyncClient(base_url=agent.admin_url, timeout=10, headers={
+                    "Authorization": f"Bearer {TOKEN}"}) as stale:
+            got: list[InboundMessage] = []
+            sub = await client.subscribe_to_topic(topic, collector(got)[0])
+            await until(sub.live.is_set)
+            # Another connection on the same id stands in for the one the service has
+            # not noticed is dead: it takes over, and the client's stream is cut.
+            async with stale.stream("GET", "/mqtt/stream", params={"id": sub.id}) as old:
+                assert old.status_code == 200
+                await until(lambda: sub.connects >= 2 and sub.live.is_set())
+                await client.publish_message(topic, "after the reconnect")
+                await until(lambda: len(got) == 1)
+    assert [m.payload for m in got] == [b"after the reconnect"]
 
 
 @integration
@@ -235,3 +260,76 @@ async def test_error_answers_map_onto_the_exception_tree() -> None:
             await c._request("GET", "/refused")
         with pytest.raises(TopicError):
             await c.subscribe_pattern("a/#/b", collector([])[0])
+
+
+def sse(*events: tuple[str, str]) -> httpx.Response:
+    body = "".join(f"event: {name}\ndata: {data}\n\n" for name, data in events)
+    return httpx.Response(200, content=body.encode(),
+                          headers={"content-type": "text/event-stream"})
+
+
+async def test_a_handler_may_unsubscribe_its_own_subscription() -> None:
+    requests: list[tuple[str, bytes]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        requests.append((request.url.path, request.content))
+        if request.url.path == "/mqtt/subscribe":
+            return httpx.Response(200, json={"id": "s1"})
+        if request.url.path == "/mqtt/stream":
+            return sse(("subscribed", '{"id":"s1"}'), ("message", '{"topic":"t","payload":"x"}'),
+                       ("message", '{"topic":"t","payload":"y"}'))
+        return httpx.Response(200, json={"removed": ["s1"]})
+
+    async with FleetClient("http://svc", "k", transport=httpx.MockTransport(handler)) as c:
+        seen: list[bytes] = []
+
+        async def once(message: InboundMessage) -> None:
+            seen.append(message.payload)
+            assert await c.unsubscribe(sub) == 1
+
+        sub = await c.subscribe_to_topic("t", once)
+        assert sub.task is not None
+        await asyncio.wait_for(asyncio.shield(sub.task), 5)  # the loop ended by itself
+        assert sub.task.exception() is None and sub.handler_errors == 0
+        assert c.subscriptions == []
+    assert seen == [b"x"]  # nothing after the unsubscribe
+    assert [p for p, _ in requests] == ["/mqtt/subscribe", "/mqtt/stream", "/mqtt/unsubscribe"]
+    assert json.loads(requests[-1][1]) == {"id": "s1"}  # the service let it go too
+
+
+async def test_malformed_events_and_unexpected_failures_do_not_end_a_subscription() -> None:
+    streams = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal streams
+        if request.url.path == "/mqtt/subscribe":
+            return httpx.Response(200, json={"id": "s1"})
+        streams += 1
+        if streams == 1:
+            raise RuntimeError("something nobody expected")
+        if streams == 2:
+            return sse(("subscribed", '{"id":"s1"}'), ("message", '{"topic":"t"}'),
+                       ("message", "[1]"), ("message", "not json"),
+                       ("message", '{"topic":"t","payload":"!!","encoding":"base64"}'),
+                       ("dropped", "7"), ("message", '{"topic":"t","payload":"good"}'))
+        return sse(("subscribed", '{"id":"s1"}'), ("message", '{"topic":"t","payload":"next"}'))
+
+    got: list[InboundMessage] = []
+    async with FleetClient("http://svc", "k", transport=httpx.MockTransport(handler),
+                           reconnect_min=0.01, reconnect_max=0.02) as c:
+        sub = await c.subscribe_to_topic("t", collector(got)[0])
+        await until(lambda: len(got) >= 2)
+        assert sub.task is not None and not sub.task.done()
+    assert [m.payload for m in got[:2]] == [b"good", b"next"]
+
+
+async def test_a_success_answer_that_is_not_json_is_a_service_error() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, text="<html>a captive portal</html>")
+
+    async with FleetClient("http://svc", "k", transport=httpx.MockTransport(handler)) as c:
+        for call in (c.health_check(), c.publish_message("t", "x"),
+                     c.send_command("gw", "ping"), c.subscribe_to_topic("t", collector([])[0])):
+            with pytest.raises(ServiceError) as failed:
+                await call
+            assert failed.value.status == 200

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bridge.outbox import Outbox, PutResult
-from edge_agent.downsample import Downsampler, Throttle
+from edge_agent.downsample import LATE_WINDOW_SECONDS, Downsampler, Throttle, Verdict
 
 
 class Clock:
@@ -54,14 +54,17 @@ class Site:
             self.released_at.append(end - self.start)
         self.clock.now = self.start + to
 
-    async def post(self, channel: str, robot: str, n: int, ts: float) -> PutResult:
+    async def post(self, channel: str, robot: str, n: int, ts: float) -> PutResult | Verdict:
+        """The put's result, or Verdict.SUPERSEDED when nothing was put (as the webhook)."""
         key = f"{channel}:{robot}"
         payload = json.dumps({"n": n, "ts": ts}).encode()
         if not self.ds.applies(channel):
             return await self.box.put(f"{robot}/{channel}", payload)
-        hold = self.ds.offer(key, channel)
+        verdict = self.ds.offer(key, channel, ts)
+        if verdict is Verdict.SUPERSEDED:
+            return verdict
         return await self.box.put(f"{robot}/{channel}", payload, compact_key=key,
-                                  hold=hold, order=ts)
+                                  hold=verdict is Verdict.HOLD, order=ts)
 
     async def published(self) -> list[tuple[str, int]]:
         await self.box.sync()  # releases are not awaited by the loop
@@ -75,7 +78,9 @@ async def test_fifty_poses_in_ten_seconds_are_three_messages_ending_with_the_las
         superseded = 0
         for n in range(50):  # every 0.2 s, 50 status changes interleaved
             site.advance(n / 5)
-            superseded += (await site.post("pose", "r1", n, ts=n)).superseded
+            result = await site.post("pose", "r1", n, ts=n)
+            superseded += result is Verdict.SUPERSEDED or (
+                isinstance(result, PutResult) and result.superseded)
             await site.post("status", "r1", n, ts=n)
         site.advance(9.8 + 5)  # the last interval ends
         out = await site.published()
@@ -96,6 +101,25 @@ async def test_robot_time_decides_the_newest_not_arrival(tmp_path: Path) -> None
         assert await site.post("power", "r1", 2, ts=103) is PutResult.STALE  # delivered late
         site.advance(30)
         assert [n for _, n in await site.published()] == [0, 1]
+
+
+async def test_a_late_message_older_than_the_published_one_is_superseded(
+        tmp_path: Path) -> None:
+    async with Outbox(tmp_path / "o.db") as box:
+        site = Site(box, {"pose": 5})
+        await site.post("pose", "r1", 0, ts=105)  # a quiet robot: at once
+        site.advance(1)
+        assert await site.post("pose", "r1", 1, ts=103) is Verdict.SUPERSEDED  # late, older
+        assert await site.post("pose", "r1", 2, ts=106) is PutResult.HELD
+        site.advance(5)  # released: 106 is now the newest published
+        site.advance(6)
+        assert await site.post("pose", "r1", 3, ts=105.5) is Verdict.SUPERSEDED
+        site.advance(20)
+        # The robot's clock went back by more than the window (a reset): not silenced.
+        assert await site.post("pose", "r1", 4, ts=106 - LATE_WINDOW_SECONDS - 1) is not (
+            Verdict.SUPERSEDED)
+        site.advance(40)
+        assert [n for _, n in await site.published()] == [0, 2, 4]
 
 
 async def test_robots_and_channels_are_downsampled_separately(tmp_path: Path) -> None:

@@ -112,6 +112,26 @@ def test_drop_types_answers_200_counts_and_stores_nothing(tmp_path: Path) -> Non
     assert len(on(probe.messages, "status")) == 3
 
 
+def test_forward_channels_keeps_channels_left_out_home(tmp_path: Path) -> None:
+    org, sn = f"o{uuid.uuid4().hex[:8]}", "FWD-1"
+    outbox = tmp_path / "outbox-gw1.db"
+    with Probe(BROKER, f"org/{org}/#") as probe, \
+            edge_agent(tmp_path, BROKER, org=org, FORWARD_CHANNELS="status,event") as agent:
+        for n in range(4):
+            answer = post(agent, pose(sn, n)).json()
+            assert answer["status"] == "success" and answer["data"]["forwarded"] is False
+        for n in range(3):
+            assert "forwarded" not in post(agent, status(sn, n)).json()["data"]
+        probe.wait_for(1 + 3)  # the retained presence, then the three statuses
+        dropped = metric(agent, 'edge_webhooks_total{outcome="dropped",type="notifyRobotPose"}')
+        stored = ever_stored(outbox)
+        seen = list(probe.messages)
+    assert dropped == 4
+    assert stored == 3  # only the statuses were ever written to the outbox
+    assert on(seen, "pose") == []
+    assert len(on(seen, "status")) == 3
+
+
 def test_a_pose_held_when_the_agent_is_killed_is_published_after_the_restart(
         tmp_path: Path) -> None:
     org, sn = f"o{uuid.uuid4().hex[:8]}", "KILL-1"

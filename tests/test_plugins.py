@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 
 from bridge import FleetClient
+from bridge.commands import Command, CommandExecutor, Response
 from bridge.errors import ConfigError
+from bridge.topic import TopicScheme
+from bridge.transport import InboundMessage
 from edge_agent.commands import BUILTIN_NAMES
 from edge_agent.config import load
 from edge_agent.plugins import ENTRY_POINT_GROUP, Plugin, _guarded, problems, register_plugins
@@ -27,6 +30,7 @@ BROKER = "mqtt://127.0.0.1:1883"
 SITE_TOOLS = '''
 import asyncio
 import sys
+import time
 
 async def restart(args):
     return {"restarted": args.get("app", "all")}
@@ -42,6 +46,15 @@ async def leave(args):
 
 def blocking(args):
     return "never on the event loop"
+
+async def cancelled(args):
+    other = asyncio.ensure_future(asyncio.sleep(60))
+    other.cancel()
+    await other  # its CancelledError is not the agent's
+
+async def hog(args):
+    time.sleep(0.3)  # a blocking call inside an async def: no timeout can interrupt it
+    return "late"
 '''
 
 
@@ -115,6 +128,51 @@ async def test_guard_turns_exit_and_slowness_into_errors(site: Path,
     leave = _guarded(Plugin("leave", "site_tools:leave", "test"), site_tools.leave, 1)
     with pytest.raises(RuntimeError, match="tried to exit"):
         await leave({})
+
+
+class Recorder:
+    """A transport that keeps what the executor publishes (its command answers)."""
+
+    def __init__(self) -> None:
+        self.sent: list[Response] = []
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
+        self.sent.append(Response.from_json(payload))
+
+
+async def test_plugins_from_the_yaml_file_answer_even_when_cancelled_inside(
+        tmp_path: Path, site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(site))
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text("pudu_callback_code: c\n"
+                   "command_plugins: {restart_app: 'site_tools:restart',"
+                   " cancelled: 'site_tools:cancelled'}\n")
+    settings = load(str(cfg), {})
+    assert settings.command_plugins == {"restart_app": "site_tools:restart",
+                                        "cancelled": "site_tools:cancelled"}
+    recorder = Recorder()
+    executor = CommandExecutor(recorder, TopicScheme("acme"), "gw")  # type: ignore[arg-type]
+    assert sorted(register_plugins(executor, settings, BUILTIN_NAMES)) == [
+        "cancelled", "restart_app"]
+    restart, cancelled = Command("restart_app", {"app": "kiosk"}), Command("cancelled", {})
+    for command in (restart, cancelled):
+        executor.on_message(InboundMessage(executor.command_topic, command.to_json(), 1))
+    await executor.aclose()  # lets running commands answer first
+    answers = {r.message_id: r for r in recorder.sent}
+    assert answers[restart.message_id].result == {"restarted": "kiosk"}
+    assert answers[cancelled.message_id].status == "error"
+    assert "cancelled" in (answers[cancelled.message_id].error or "")
+
+
+async def test_a_plugin_that_blocks_past_its_timeout_is_logged(
+        site: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.syspath_prepend(str(site))
+    import site_tools
+
+    hog = _guarded(Plugin("hog", "site_tools:hog", "test"), site_tools.hog, 0.05)
+    assert await hog({}) == "late"  # the timeout could not fire: the loop was blocked
+    assert any("'hog'" in r.getMessage() and "blocks the event loop" in r.getMessage()
+               and "asyncio.to_thread" in r.getMessage() for r in caplog.records)
 
 
 # -- a running agent ------------------------------------------------------------------------

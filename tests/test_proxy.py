@@ -387,13 +387,22 @@ async def test_post_subscribe_buffers_until_a_reader_comes(env: Env) -> None:
         assert await asyncio.wait_for(anext(events), 5) == ("message", {
             "topic": env.base + "buf/1", "payload": "queued while nobody reads",
             "encoding": "utf-8", "qos": 1, "retain": False})
-        second = await http.get("/mqtt/stream", params={"id": sub_id})
-        assert second.status_code == 409  # one reader at a time
-        gone = await env.client.post("/mqtt/unsubscribe", json={"id": sub_id})
-        assert gone.status_code == 200 and gone.json()["removed"] == [sub_id]
-        # unsubscribing ends the stream
-        rest = [e async for e in events]
-        assert rest == []
+        # The client reconnects while the service still holds its old connection (a
+        # half-open one it has not noticed): the new reader takes over, the old one ends,
+        # and what arrives next goes to the new one.
+        async with http.stream("GET", "/mqtt/stream", params={"id": sub_id}) as again:
+            assert again.status_code == 200
+            newer = sse_events(again)
+            assert (await asyncio.wait_for(anext(newer), 5))[0] == "subscribed"
+            assert [e async for e in events] == []  # the replaced reader ended
+            async with PahoClient() as outside:
+                await outside.publish(env.base + "buf/2", b"after the reconnect")
+            kind, message = await asyncio.wait_for(anext(newer), 5)
+            assert (kind, message["payload"]) == ("message", "after the reconnect")
+            gone = await env.client.post("/mqtt/unsubscribe", json={"id": sub_id})
+            assert gone.status_code == 200 and gone.json()["removed"] == [sub_id]
+            # unsubscribing ends the stream
+            assert [e async for e in newer] == []
     assert env.router.filters() == {}
     again = await env.client.post("/mqtt/unsubscribe", json={"id": sub_id})
     assert again.status_code == 404

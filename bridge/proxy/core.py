@@ -403,24 +403,26 @@ class MqttProxy:
         if sub.id in self._subs:
             self._spawn(self._release(sub), f"proxy-release-{sub.id}")
 
-    async def _open_stream(self, topic_filter: str) -> StreamSubscription:
-        """A subscription owned by one SSE connection (released when it closes)."""
+    async def _open_stream(self, topic_filter: str) -> tuple[StreamSubscription, object]:
+        """A subscription owned by one SSE connection (released when it closes), and
+        that connection's reader token."""
         sub = StreamSubscription(self._new_id(), self.check_filter(topic_filter),
                                   min(1, self.max_qos), "stream", self.stream_queue_size)
-        sub.reader_attached = True
+        reader = sub.attach_reader()
         await self._activate(sub)
-        return sub
+        return sub, reader
 
-    def _attach_reader(self, subscription_id: str) -> StreamSubscription:
+    def _attach_reader(self, subscription_id: str) -> tuple[StreamSubscription, object]:
+        """Read a POST /mqtt/subscribe subscription; the newest reader wins (see
+        StreamSubscription.attach_reader), so nothing buffered is lost on reconnect."""
         sub = self._get(subscription_id)
         if not isinstance(sub, StreamSubscription):
             raise InputError(f"subscription {subscription_id} delivers by {sub.kind}, "
                              "not as a stream", field="id", status=409)
-        if sub.reader_attached:
-            raise InputError(f"subscription {subscription_id} already has a reader",
+        if sub.owner == "stream":
+            raise InputError(f"subscription {subscription_id} belongs to an open stream",
                              field="id", status=409)
-        sub.reader_attached = True
-        return sub
+        return sub, sub.attach_reader()
 
     def _spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)

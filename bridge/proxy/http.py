@@ -226,13 +226,13 @@ def create_proxy_router(proxy: MqttProxy,
         if subscription_id is not None:
             check(request, "stream", visible_filter(visible, subscription_id))
         if topic is not None:
-            sub = await proxy._open_stream(topic)
+            sub, reader = await proxy._open_stream(topic)
             on_close: Callable[[], None] = partial(proxy._discard, sub)
         else:
             assert subscription_id is not None
-            sub = proxy._attach_reader(subscription_id)
-            on_close = sub.detach_reader
-        return EventStream(sub, proxy.keepalive_seconds, on_close)
+            sub, reader = proxy._attach_reader(subscription_id)
+            on_close = partial(sub.detach_reader, reader)
+        return EventStream(sub, reader, proxy.keepalive_seconds, on_close)
 
     return api
 

@@ -19,16 +19,19 @@ class EventStream(Response):
     """A Server-Sent-Events response that notices the client leaving.
 
     It watches ``receive`` for ``http.disconnect`` itself (whatever the server's ASGI
-    version) and always runs ``on_close``, so the broker subscription is released.
+    version) and always runs ``on_close``, so the broker subscription is released. It
+    ends, leaving the buffered messages, when a newer reader of its subscription (a
+    reconnecting client) replaces ``reader``.
     """
 
     media_type = "text/event-stream"
 
-    def __init__(self, sub: StreamSubscription, keepalive: float,
+    def __init__(self, sub: StreamSubscription, reader: object, keepalive: float,
                  on_close: Callable[[], None]) -> None:
         self.status_code = 200
         self.background = None
         self._sub = sub
+        self._reader = reader
         self._keepalive = keepalive
         self._on_close = on_close
         # No body attribute: no Content-Length; X-Accel-Buffering stops nginx buffering.
@@ -57,19 +60,24 @@ class EventStream(Response):
             hello = self._event("subscribed", {"id": sub.id, "topic": sub.filter})
             await send({"type": "http.response.body", "body": hello, "more_body": True})
             reported = sub.mailbox.dropped
+
+            def current() -> bool:
+                return sub.reader is self._reader
+
             while not gone:
                 try:
                     async with asyncio.timeout(self._keepalive):
-                        message = await sub.mailbox.get()
+                        message = await sub.mailbox.get(current)
                 except TimeoutError:
                     chunk = b": keepalive\n\n"  # keeps proxies and idle timers from closing us
                 else:
                     if gone:
                         break
                     if message is None:
-                        if not sub.mailbox.closed:
+                        if not sub.mailbox.closed and current():
                             continue
-                        # Unsubscribed, or the proxy is stopping: end the response.
+                        # Unsubscribed, the proxy is stopping, or a newer reader took
+                        # over: end the response.
                         await send({"type": "http.response.body", "body": b"",
                                     "more_body": False})
                         break

@@ -97,15 +97,18 @@ class Mailbox(Generic[T]):
         self._items.append(item)
         self._ready.set()
 
-    async def get(self) -> T | None:
+    async def get(self, still: Callable[[], bool] = lambda: True) -> T | None:
         """The next item; None after ``wake()`` or once closed and empty.
 
-        Safe to cancel (e.g. by ``asyncio.timeout``): nothing is taken before the wait.
+        ``still``: asked before waiting and before taking; False: None at once, leaving
+        the items for another reader (a replaced SSE reader must not take what its
+        successor should send). Safe to cancel (e.g. by ``asyncio.timeout``): nothing is
+        taken before the wait.
         """
-        if not self._items and not self.closed:
+        if not self._items and not self.closed and still():
             self._ready.clear()
             await self._ready.wait()
-        return self._items.popleft() if self._items else None
+        return self._items.popleft() if self._items and still() else None
 
     def wake(self) -> None:
         self._ready.set()
@@ -210,7 +213,8 @@ class StreamSubscription(Subscription):
                  queue_size: int) -> None:
         super().__init__(sub_id, topic_filter, qos, owner)
         self.mailbox: Mailbox[InboundMessage] = Mailbox(queue_size)
-        self.reader_attached = False
+        #: The attached SSE response's token (None: nobody reads; messages wait).
+        self.reader: object | None = None
 
     def offer(self, message: InboundMessage) -> None:
         self.mailbox.put(message)
@@ -226,8 +230,22 @@ class StreamSubscription(Subscription):
     async def close(self) -> None:
         self.mailbox.close()  # an attached reader finishes its response
 
-    def detach_reader(self) -> None:
-        self.reader_attached = False
+    @property
+    def reader_attached(self) -> bool:
+        return self.reader is not None
+
+    def attach_reader(self) -> object:
+        """A new reader's token. It replaces any attached one: a client reconnecting after
+        a half-open connection must not be refused while the service has not yet noticed
+        the old one is dead. The old reader stops taking messages and ends."""
+        token = object()
+        self.reader = token
+        self.mailbox.wake()
+        return token
+
+    def detach_reader(self, token: object) -> None:
+        if self.reader is token:  # a replaced reader leaving must not detach its successor
+            self.reader = None
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "reader_attached": self.reader_attached}

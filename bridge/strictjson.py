@@ -12,7 +12,7 @@ body, header-carried or MQTT payload that enters from outside is parsed here:
   that costs two ``bytes.count`` calls on an ordinary body;
 - NaN, ±Infinity and integers beyond ±2^53 (where IEEE doubles, hence most JSON
   consumers, stop being exact) become ``null``, and each change is described in a note
-  (``"data.x: NaN is not JSON; null"``) that the envelope carries in ``notes``.
+  (``"data.x: nan is not JSON; null"``) that the envelope carries in ``notes``.
 
 Duplicate keys: the last one wins, as in ``json``.
 """

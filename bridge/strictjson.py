@@ -84,7 +84,7 @@ def loads(raw: bytes | str, *, max_depth: int = MAX_DEPTH) -> Parsed:
     if isinstance(raw, str):
         text, data = raw, raw.encode("utf-8", "surrogatepass")
     else:
-        data = raw[3:] if raw[:3] == _BOM else raw
+        data = raw[3:] if raw.startswith(_BOM) else raw
     if data.count(b"[") + data.count(b"{") > max_depth:  # else it cannot nest deeper
         check_depth(data, max_depth)  # exact for UTF-8; other encodings are refused below
     try:

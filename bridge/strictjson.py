@@ -5,11 +5,14 @@ ValueError), reads ``NaN``/``Infinity``/``1e400`` as non-finite floats, and writ
 back as bare ``NaN``, which strict consumers (AWS IoT rules, Go, Java) refuse. So every
 body, header-carried or MQTT payload that enters from outside is parsed here:
 
+- bytes must be UTF-8 (RFC 8259 §8.1; a UTF-8 BOM is allowed): ``json.loads`` would
+  auto-detect UTF-16/32, which the depth scan (it reads UTF-8) cannot bracket-count, so
+  a UTF-16 body could carry 900 levels past it;
 - nesting deeper than ``MAX_DEPTH`` is refused *before* the recursive parse, by a scan
   that costs two ``bytes.count`` calls on an ordinary body;
 - NaN, ±Infinity and integers beyond ±2^53 (where IEEE doubles, hence most JSON
   consumers, stop being exact) become ``null``, and each change is described in a note
-  (``"data.x: NaN is not JSON; null"``) that the envelope carries in ``notes``.
+  (``"data.x: nan is not JSON; null"``) that the envelope carries in ``notes``.
 
 Duplicate keys: the last one wins, as in ``json``.
 """
@@ -42,6 +45,7 @@ _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _SHAPE = bytes.maketrans(b"123456789", b"000000000")
 _DIGITS16 = b"0" * 16
 _BRACKETS = bytes.maketrans(b"[{]}", b"\x01\x01\x02\x02")
+_BOM = b"\xef\xbb\xbf"
 
 
 class Parsed(NamedTuple):
@@ -70,29 +74,49 @@ def check_depth(raw: bytes, limit: int = MAX_DEPTH) -> None:
 
 
 def loads(raw: bytes | str, *, max_depth: int = MAX_DEPTH) -> Parsed:
-    """Parse outside data: PayloadError (DepthError) if it is not bounded JSON.
+    """Parse outside data: PayloadError (DepthError) if it is not bounded UTF-8 JSON.
 
-    UnicodeDecodeError and ValueError from ``json`` become PayloadError too, so callers
-    handle one exception type for every way a body can be bad.
+    Bytes in another encoding (UTF-16/32), invalid UTF-8 and ValueError from ``json``
+    become PayloadError too, so callers handle one exception type for every way a body
+    can be bad.
     """
-    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    text: str | None = None
+    if isinstance(raw, str):
+        text, data = raw, raw.encode("utf-8", "surrogatepass")
+    else:
+        data = raw[3:] if raw.startswith(_BOM) else raw
     if data.count(b"[") + data.count(b"{") > max_depth:  # else it cannot nest deeper
-        check_depth(data, max_depth)
+        check_depth(data, max_depth)  # exact for UTF-8; other encodings are refused below
     try:
-        # orjson refuses NaN, Infinity, 1e400 and lone surrogates, and is ~3x faster:
-        # what it takes, short of 16-digit integers, is strict JSON already.
+        # orjson refuses NaN, Infinity, 1e400, lone surrogates and anything not UTF-8,
+        # and is ~3x faster: what it takes, short of 16-digit integers, is strict JSON.
         value = orjson.loads(data)
     except orjson.JSONDecodeError:
         pass
     else:
         if _DIGITS16 not in data.translate(_SHAPE):
             return Parsed(value, [])
+    if text is None:
+        text = _utf8(data)
     try:  # the slow path: exact big integers, NaN literals, surrogates (json takes them)
-        value = json.loads(data)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as exc:
         raise PayloadError(f"not JSON: {exc}") from None
     notes: list[str] = []
     return Parsed(clean(value, "", notes), notes)
+
+
+def _utf8(data: bytes) -> str:
+    """``data`` decoded as strict UTF-8; PayloadError naming the encoding otherwise."""
+    encoding = json.detect_encoding(data)  # BOMs and NUL patterns of UTF-16/32
+    if not encoding.startswith("utf-8"):
+        raise PayloadError(f"not JSON: {encoding.upper()}, and JSON from outside must be "
+                           "UTF-8 (RFC 8259 §8.1)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PayloadError(f"not JSON: not UTF-8 ({exc.reason} at byte {exc.start})") \
+            from None
 
 
 def clean(value: Any, path: str, notes: list[str]) -> Any:

@@ -194,4 +194,6 @@ def parse_device_topic(topic: str, prefix: str = "") -> DeviceAddress:
     parts = topic[len(prefix):].split("/")
     if len(parts) < 5 or parts[0] != "org" or parts[2] != "device" or not all(parts[:5]):
         raise TopicError(topic, "not of the form org/{org}/device/{device}/{channel}")
+    if any(c in topic for c in "+#\x00"):  # a name no TopicScheme could build
+        raise TopicError(topic, "a topic's levels may not contain '+', '#' or NUL")
     return DeviceAddress(parts[1], parts[3], "/".join(parts[4:]))

@@ -71,7 +71,7 @@ class _Ingest:
     """One IoT Rule request, sorted: robot envelopes to store, gateway traffic to handle."""
 
     envelopes: list[tuple[str, Envelope]]
-    gateway: list[tuple[DeviceAddress, bytes]]
+    gateway: list[tuple[str, DeviceAddress, bytes]]  # as sent: topic, its parts, payload
 
 
 def _sort(server: AppHost, parsed: strictjson.Parsed,
@@ -85,7 +85,7 @@ def _sort(server: AppHost, parsed: strictjson.Parsed,
         raise InputError("empty message list", status=422)
     prefix = server.settings.topic_prefix
     sorted_ = _Ingest([], [])
-    for obj in objects:
+    for i, obj in enumerate(objects):
         if not isinstance(obj, dict):
             raise InputError("each message must be a JSON object", status=422)
         fields = dict(obj)
@@ -95,9 +95,10 @@ def _sort(server: AppHost, parsed: strictjson.Parsed,
         if topic is not None:
             address = parse_device_topic(topic, prefix)
             if handled_by_gateway(address.channel):
-                sorted_.gateway.append((address, strictjson.dumps(fields)))
+                sorted_.gateway.append((topic, address, strictjson.dumps(fields)))
                 continue
-        envelope = Envelope.from_dict(fields, notes=parsed.notes)
+        notes = _notes_of(parsed.notes, i) if isinstance(body, list) else parsed.notes
+        envelope = Envelope.from_dict(fields, notes=notes)
         if topic is None:
             channel = envelope.channel or channel_for(envelope.type)
             topic = str(TopicScheme(envelope.org, prefix).device(envelope.device, channel))
@@ -106,6 +107,14 @@ def _sort(server: AppHost, parsed: strictjson.Parsed,
             raise InputError("envelope org/device differ from the topic's", status=422)
         sorted_.envelopes.append((topic, envelope))
     return sorted_
+
+
+def _notes_of(notes: list[str], i: int) -> list[str]:
+    """The parse notes about element ``i`` of a list body, as paths inside it
+    (``[1].data.x: …`` -> ``data.x: …``); the "more were changed" note goes to each."""
+    mine = f"[{i}]."
+    return [note[len(mine):] if note.startswith(mine) else note for note in notes
+            if note.startswith(mine) or not note.startswith("[")]
 
 
 async def _dead_letter(server: AppHost, topic: str | None, raw: bytes,
@@ -117,9 +126,7 @@ async def _dead_letter(server: AppHost, topic: str | None, raw: bytes,
 async def _dead_letters(server: AppHost, ingest: _Ingest, reason: str) -> None:
     """Keep each part of a refused ingest request (envelope by envelope), with why."""
     parts = [(topic, envelope.to_json()) for topic, envelope in ingest.envelopes]
-    prefix = server.settings.topic_prefix
-    parts += [(str(TopicScheme(a.org_id, prefix).device(a.device_id, a.channel)), payload)
-              for a, payload in ingest.gateway]
+    parts += [(topic, payload) for topic, _, payload in ingest.gateway]
     await _keep_dead(server, parts, reason)
 
 
@@ -172,7 +179,7 @@ def create_app(server: AppHost) -> FastAPI:
         except FleetError as exc:
             await _dead_letter(server, x_mqtt_topic, raw, str(exc))
             raise
-        orgs = [e.org for _, e in ingest.envelopes] + [a.org_id for a, _ in ingest.gateway]
+        orgs = [e.org for _, e in ingest.envelopes] + [a.org_id for _, a, _ in ingest.gateway]
         try:
             access.refuse_foreign(principal, orgs)
         except InputError as exc:
@@ -180,7 +187,7 @@ def create_app(server: AppHost) -> FastAPI:
             # would otherwise retry it forever into the same refusal.
             await _dead_letters(server, ingest, f"refused: {exc.message}")
             raise
-        for address, payload in ingest.gateway:
+        for _, address, payload in ingest.gateway:
             server.consumer.on_gateway(address, payload)
         try:
             await asyncio.wait_for(server.writer.write(ingest.envelopes),

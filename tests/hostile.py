@@ -25,6 +25,10 @@ not_strings = st.booleans() | st.floats(allow_nan=False, allow_infinity=False) \
     | st.dictionaries(st.text(max_size=4), json_scalars, max_size=2)
 
 
+#: Encodings json.loads would auto-detect; outside data must be UTF-8 (RFC 8259 §8.1).
+WIDE_ENCODINGS = ("utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be")
+
+
 def nested(depth: int, leaf: str = "1") -> str:
     """JSON text nested ``depth`` levels, alternating arrays and objects."""
     text = leaf
@@ -89,6 +93,11 @@ def _fault_classes() -> dict[str, st.SearchStrategy[Poison]]:
             lambda depth: lambda org, dev, n: (
                 b'{"v":1,"id":"d%d","type":"t","org":"%s","device":"%s","ts":1,"data":%s}'
                 % (n, org.encode(), dev.encode(), nested(depth).encode()))),
+        "UTF-16/32, deep data": st.tuples(st.integers(1, 1500),
+                                          st.sampled_from(WIDE_ENCODINGS)).map(
+            lambda de: lambda org, dev, n: (
+                f'{{"v":1,"id":"w{n}","type":"t","org":"{org}","device":"{dev}","ts":1,'
+                f'"data":{{"q":"\\"","x":{nested(de[0])},"z":"a"}}}}').encode(de[1])),
         "deep nesting at the top": st.integers(65, 3000).map(
             lambda depth: lambda org, dev, n: nested(depth, str(n)).encode()),
         "required field missing": st.sampled_from(["id", "type", "org", "device", "ts"]).flatmap(
@@ -174,7 +183,15 @@ def _mutations(base: bytes) -> st.SearchStrategy[bytes]:
         st.binary(min_size=1, max_size=16).map(lambda junk: base[: len(base) // 2] + junk),
         st.integers(1, max(1, len(base) - 1)).map(lambda cut: base[:cut]),
         st.just(b"\xff\xfe" + base), st.just(base.replace(b'"', b"\xc3(", 1)),
+        # UTF-16/32, deep, after an escaped quote (which once misled the depth scan)
+        st.tuples(st.integers(1, 1500), st.sampled_from(WIDE_ENCODINGS)).map(
+            lambda de: _with_escaped_quote(text.replace("1", nested(de[0]), 1)).encode(de[1])),
     )
+
+
+def _with_escaped_quote(text: str) -> str:
+    """``text`` (a JSON object) with a first member holding an escaped quote."""
+    return '{"q":"\\"",' + text[1:] if text.startswith("{") else text
 
 
 def _first_key(text: str) -> str:

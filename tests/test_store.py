@@ -308,10 +308,11 @@ async def test_values_the_database_would_refuse_never_stall_the_stream(
         item(env("H" * 300, "event", 13, event_id="i" * 400, event_level="CRITICAL-ish" * 5,
                  event_detail="d" * 100_000)),
         item(env("H", "status", math.nan, status="lost")),  # no robot time: logged only
-        item(env("H", "status", 1e30, status="future")),
+        item(env("HF", "status", 1e30, status="future")),  # beyond DATETIME: skewed, as now
     ]
     result = await store.write_batch(hostile)
-    assert result.logged == 6
+    assert (result.logged, result.skewed) == (6, 1)
+    assert (await robot(store, "HF"))["status"] == "future"
     r = await robot(store, "H")
     assert r["status"] == "x" * 32 and r["battery_level"] is None and r["is_charging"] is False
     assert r["x"] is None and r["charge_state"] == "?bad"

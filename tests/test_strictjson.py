@@ -36,6 +36,27 @@ def test_deep_nesting_is_refused_before_the_recursive_parse() -> None:
         strictjson.loads(b"[" * 100_000 + b"]" * 100_000)
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32",
+                                      "utf-32-le", "utf-32-be"])
+@pytest.mark.parametrize("depth", [1, 500, 980, 2000])
+def test_utf16_and_utf32_are_refused_whatever_their_nesting(encoding: str, depth: int) -> None:
+    # An escaped quote first: the depth scan, reading UTF-16 as UTF-8, mis-paired quotes
+    # after it and let ~900 levels through to json, which decodes UTF-16/32 by itself.
+    doc = '{"k":"\\"","x":' + nested(depth) + ',"z":"a"}'
+    with pytest.raises(PayloadError) as info:
+        strictjson.loads(doc.encode(encoding))
+    assert "must be UTF-8" in str(info.value) or "64 levels" in str(info.value)
+
+
+def test_utf8_with_a_bom_is_json_and_invalid_utf8_is_refused() -> None:
+    assert strictjson.loads(b"\xef\xbb\xbf" + b'{"a": NaN}') == ({"a": None},
+                                                                ["a: nan is not JSON; null"])
+    for bad in (b'{"a": "\xff"}', b'{"a": "\xed\xa0\x80"}', b'{"a": NaN, "b": "\xc3("}'):
+        with pytest.raises(PayloadError, match="not UTF-8"):
+            strictjson.loads(bad)
+    assert strictjson.loads('{"s": "\ud800"}').value == {"s": "\ud800"}  # str: as given
+
+
 def test_non_finite_and_unsafe_numbers_become_null_with_notes() -> None:
     parsed = strictjson.loads(
         b'{"a": NaN, "b": [1, Infinity, -Infinity], "c": 1e400, "d": 9007199254740993,'

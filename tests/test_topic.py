@@ -56,3 +56,6 @@ def test_scheme_builds_and_parses_device_topics() -> None:
         scheme.device("bad/sn", "status")
     with pytest.raises(TopicError):
         parse_device_topic("org/acme/status")
+    for wild in ("org/a+b/device/gw/telemetry", "org/a/device/#/status", "org/a/device/b/c/+"):
+        with pytest.raises(TopicError):  # a name no TopicScheme builds
+            parse_device_topic(wild)

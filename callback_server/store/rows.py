@@ -151,13 +151,23 @@ def is_robot_channel(channel: str) -> bool:
 def is_robot_state(channel: str, env: Envelope) -> bool:
     """Whether a message is about a robot: by its channel, never by comparing the device
     with the gateway id (a robot may be named like one). Shop-level callbacks (PUDU.md:
-    mapElementChange has no sn) travel raw on the gateway's topic with no sn in ``raw``."""
+    mapElementChange has no sn) travel raw on the gateway's topic with no usable sn in
+    ``raw``: the edge treats a missing, null or blank sn alike, and so does this."""
     if not is_robot_channel(channel):
         return False
-    if channel.startswith("callback/") and env.raw:
+    if channel.startswith("callback/"):
         ext = env.raw.get("extend_info")
-        return "sn" in env.raw or (isinstance(ext, dict) and "sn" in ext)
+        return _serial(env.raw) or (isinstance(ext, dict) and _serial(ext))
     return True
+
+
+def _serial(obj: Mapping[str, Any]) -> bool:
+    """Whether ``obj`` names a robot: an sn the edge routes by (a non-blank string, or
+    an integer as some firmware sends)."""
+    sn = obj.get("sn")
+    if isinstance(sn, str):
+        return bool(sn.strip())
+    return isinstance(sn, int) and not isinstance(sn, bool)
 
 
 def state_groups(channel: str, data: Mapping[str, Any],
@@ -231,15 +241,28 @@ def sane_time(env: Envelope, now: float, max_skew: float) -> tuple[float | None,
     """The robot time to order ``env`` by, and the envelope (with a note if it changed).
 
     A time more than ``max_skew`` ahead of ``now`` would make every later real state
-    look older; it is replaced by ``now``, and the note keeps the original value.
+    look older; it is replaced by ``now``, and the note keeps the original value. This
+    is checked before the DATETIME range: a ts past year 9999 (or milliseconds from
+    another producer, ~1.7e12) is skewed like any other, not silently unordered.
     """
-    ts = robot_time(env.ts)
-    if ts is None or ts - now <= max_skew:
-        return ts, env
-    note = (f"ts: {env.ts!r} is {ts - now:.0f} s ahead of the server clock "
+    ahead = _ahead(env.ts, now)
+    if ahead is None or ahead <= max_skew:
+        return robot_time(env.ts), env
+    note = (f"ts: {env.ts!r} is {ahead:.0f} s ahead of the server clock "
             f"(limit {max_skew:g} s); ordered by the server's time")
     _log.warning("message %s of %s/%s: %s", env.id, env.org, env.device, note)
     return now, env.with_notes(note)
+
+
+def _ahead(ts: Any, now: float) -> float | None:
+    """Seconds ``ts`` is ahead of ``now``; None if ``ts`` is no finite number."""
+    if isinstance(ts, bool) or not isinstance(ts, int | float):
+        return None
+    try:
+        seconds = float(ts)
+    except OverflowError:  # an int beyond a double, from direct store use
+        return None
+    return seconds - now if math.isfinite(seconds) else None
 
 
 def build_rows(items: Sequence[Item], *, now: float,

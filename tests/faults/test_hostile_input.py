@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,9 @@ from bridge.errors import InputError, TopicError
 from bridge.topic import Topic, TopicFilter
 from edge_agent.normalize import DOCUMENTED_TYPES, normalize
 from tests.hostile import hostile_bodies
+from tests.mqtt_probe import Probe
 from tests.services import ServiceProcess, callback_server, edge_agent
+from tests.test_strictjson import strict_loads
 
 CODE = "edge-secret-code-0123456789abcdef"
 TOKEN = "proxy-secret-token-fedcba9876543210"
@@ -173,8 +176,12 @@ def test_callback_server_api_never_fails(callback_proc: ServiceProcess) -> None:
 
 
 # -- body-level mutations: deep nesting, huge numbers, NaN, duplicate keys, bad bytes ------
+# "power" first: the mutations replace the body's first "1", so they land in a number
+# value (NaN, 1e400, 400 digits, deep nesting), not in the sn "R1".
 CALLBACK_BODY = {"callback_type": "notifyRobotPower",
-                 "data": {"sn": "R1", "power": 1, "charge_state": "idle"}}
+                 "data": {"power": 1, "sn": "R1", "charge_state": "idle"}}
+NOT_JSON_NUMBERS = ("NaN", "Infinity", "-Infinity", "1e400", "-1e999", "1" * 400,
+                    "123456789012345678901234567890")
 
 
 def mutate_posts(base_url: str, path: str, headers: dict[str, str], base: dict[str, Any],
@@ -203,8 +210,30 @@ def mutate_posts(base_url: str, path: str, headers: dict[str, str], base: dict[s
 
 
 def test_edge_webhook_survives_body_mutations(edge_proc: ServiceProcess) -> None:
-    assert mutate_posts(edge_proc.url, "/api/pudu/webhook", {"CallbackCode": CODE},
-                        CALLBACK_BODY) >= 80
+    org = edge_proc.env["ORG_ID"]
+    with Probe("mqtt://127.0.0.1:1883", f"fuzz/org/{org}/device/+/power") as probe:
+        assert mutate_posts(edge_proc.url, "/api/pudu/webhook", {"CallbackCode": CODE},
+                            CALLBACK_BODY) >= 80
+        # Each number JSON cannot carry, as the power of a valid callback: answered 200
+        # and published as strict JSON whose notes say what was changed.
+        text = json.dumps(CALLBACK_BODY, separators=(",", ":"))
+        for i, literal in enumerate(NOT_JSON_NUMBERS):
+            body = text.replace('"power":1', f'"power":{literal}').replace("R1", f"L{i}")
+            r = httpx.post(edge_proc.url + "/api/pudu/webhook", content=body,
+                           headers={"CallbackCode": CODE}, timeout=10)
+            assert r.status_code == 200, (literal, r.text)
+        wanted = {f"/device/L{i}/power" for i in range(len(NOT_JSON_NUMBERS))}
+        deadline = time.monotonic() + 10
+        while wanted - {m.topic[m.topic.index("/device/"):] for m in probe.messages}:
+            assert time.monotonic() < deadline, "not all published"
+            probe.wait_for(len(probe.messages) + 1, timeout=10)
+    envelopes = [strict_loads(m.payload) for m in probe.messages]  # raises on NaN/Infinity
+    for env in envelopes:
+        if env["raw"].get("power", 0) is None:
+            assert any(n.startswith("data.power: ") for n in env["notes"]), env
+    nulled = [e for e in envelopes if e["device"].startswith("L")]
+    assert len(nulled) == len(NOT_JSON_NUMBERS)
+    assert all(e["raw"]["power"] is None and e["notes"] for e in nulled), nulled
     assert edge_proc.proc is not None and edge_proc.proc.poll() is None
 
 

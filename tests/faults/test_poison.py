@@ -25,15 +25,17 @@ from tests.services import ServiceProcess, callback_server
 
 pytestmark = pytest.mark.integration
 BROKER = "mqtt://127.0.0.1:1883"
-STALL = 5.0
+STALL = 0.5  # the run lasts seconds: a bound of 5 s could never be crossed in it
 
 
 class HealthSampler:
-    """Reads /callback/health every 100 ms in a thread, keeping every answer."""
+    """Reads /callback/health every 100 ms in a thread, keeping every answer and when it
+    came (none while the server is killed)."""
 
     def __init__(self, service: ServiceProcess) -> None:
         self.service = service
         self.samples: list[dict[str, Any]] = []
+        self.answered: list[float] = []  # monotonic, one per sample
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -42,6 +44,7 @@ class HealthSampler:
             while not self._stop.wait(0.1):
                 with contextlib.suppress(httpx.TransportError):  # killed on purpose
                     self.samples.append(client.get(self.service.url + "/callback/health").json())
+                    self.answered.append(time.monotonic())
 
     def __enter__(self) -> HealthSampler:
         self._thread.start()
@@ -51,8 +54,21 @@ class HealthSampler:
         self._stop.set()
         self._thread.join(10)
 
+    def observe(self, seconds: float) -> None:
+        """Sample on until answers reach ``seconds`` from now: past the bound, so a
+        message left waiting (a stall) is seen waiting longer than STALL."""
+        until = time.monotonic() + seconds
+        deadline = until + 10
+        while not self.answered or self.answered[-1] < until:
+            assert time.monotonic() < deadline, "health stopped answering"
+            time.sleep(0.05)  # polling the sampler's progress, bounded by the deadline
+
     def assert_never_healthy_over_a_stall(self) -> None:
-        assert self.samples, "no health sample taken"
+        """No answer says healthy while a message waited past STALL; the answers saw the
+        stream busy and run on past the bound (``observe``), so the check can bite."""
+        assert any(s["unacked"] for s in self.samples), "no sample saw a message waiting"
+        span = self.answered[-1] - self.answered[0]
+        assert span > 2 * STALL, f"health sampled over {span:.2f} s only"
         for s in self.samples:
             if s["oldest_unacked_seconds"] > STALL:
                 assert s["status"] == "degraded" and s["reasons"], s
@@ -134,7 +150,7 @@ def test_poison_flood_then_kill_never_stalls_and_dead_letters_each_once(tmp_path
         publish_all(topic, rest)
         batch2 = valid(org, prefix, "b", 20)
         publish_each([(t, payload) for _, t, payload in batch2])
-        wait_stored(cs, [sn for sn, _, _ in batch2], timeout=10.0)
+        took2 = wait_stored(cs, [sn for sn, _, _ in batch2], timeout=2.0)
         deadline = time.monotonic() + 30
         while query(db, "SELECT COUNT(*) AS n FROM mqtt_dead_letters")[0]["n"] < len(poison):
             if time.monotonic() > deadline:
@@ -142,6 +158,7 @@ def test_poison_flood_then_kill_never_stalls_and_dead_letters_each_once(tmp_path
                 missing = [(c, p[:80]) for c, p in poison if digest(topic, p) not in have]
                 raise AssertionError(f"not dead-lettered: {missing}")
             time.sleep(0.1)
+        sampler.observe(2 * STALL)
         health = cs.health()
         assert cs.proc is not None and cs.proc.poll() is None
     sampler.assert_never_healthy_over_a_stall()
@@ -151,7 +168,10 @@ def test_poison_flood_then_kill_never_stalls_and_dead_letters_each_once(tmp_path
     assert all(r["reason"] for r in rows)
     stored = query(db, "SELECT robot_sn FROM mnt_robots_management")
     assert {r["robot_sn"] for r in stored} == {sn for sn, _, _ in batch + batch2}
-    print(f"{len(poison)} poison messages in {len(classes)} classes; valid stored in {took:.2f} s")
+    print(f"{len(poison)} poison messages in {len(classes)} classes; valid stored in "
+          f"{took:.2f} s, after the restart in {took2:.2f} s; "
+          f"{sum(s['status'] == 'degraded' for s in sampler.samples)} of "
+          f"{len(sampler.samples)} health samples degraded")
 
 
 def test_every_fault_class_is_generated() -> None:

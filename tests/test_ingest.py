@@ -1,0 +1,157 @@
+"""``POST /callback/messages`` against an in-process callback server (memory broker,
+SQLite): what a buggy or hostile producer sends is answered 4xx and dead-lettered, or
+stored truthfully — never a 5xx, never a robot frozen or invented."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from callback_server import config as cb_config
+from callback_server.keys import add_key
+from callback_server.service import CallbackServer
+from tests.dbutil import query
+from tests.hostile import WIDE_ENCODINGS, nested
+from tests.test_strictjson import strict_loads
+
+RULE, ADMIN = "rule-token", "admin-token"
+
+
+@dataclass
+class Ingest:
+    server: CallbackServer
+    client: httpx.AsyncClient
+    db: str
+    acme_key: str  # an ingest key of org acme only
+
+    async def post(self, body: bytes | Any, **headers: str) -> httpx.Response:
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return await self.client.post("/callback/messages", content=content,
+                                      headers={"X-Callback-Token": RULE, **headers})
+
+    def dead(self) -> list[dict[str, Any]]:
+        return query(self.db, "SELECT topic, payload, reason FROM mqtt_dead_letters")
+
+    async def robot(self, sn: str) -> dict[str, Any] | None:
+        r = await self.client.get(f"/robots/{sn}", headers={"Authorization": f"Bearer {ADMIN}"})
+        return r.json() if r.status_code == 200 else None
+
+
+@pytest.fixture
+async def ingest(tmp_path: Path) -> AsyncIterator[Ingest]:
+    keys = tmp_path / "keys.yaml"
+    acme = add_key(keys, "rule-acme", ["acme"], "ingest")
+    db = f"sqlite:///{tmp_path / 'cb.db'}"
+    settings = cb_config.load(None, {
+        "MQTT_URL": f"mqtt://b{uuid.uuid4().hex[:8]}", "MQTT_BACKEND": "memory",
+        "DATABASE_URL": db, "API_KEYS_FILE": str(keys),
+        "CALLBACK_TOKEN": RULE, "PROXY_TOKEN": ADMIN})
+    async with CallbackServer(settings) as server:
+        transport = httpx.ASGITransport(app=server.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://cb") as client:
+            yield Ingest(server, client, db, acme)
+
+
+def envelope(i: int, **fields: Any) -> dict[str, Any]:
+    env = {"v": 1, "id": f"e{i}", "type": "notifyRobotStatus", "channel": "status",
+           "org": "acme", "device": "R1", "gateway": "site-a", "ts": time.time(),
+           "data": {"status": "idle"}, "raw": {"sn": "R1"}}
+    env.update(fields)
+    return env
+
+
+# -- every envelope fault: 4xx and one dead letter, before the answer -------------------------
+BAD_ENVELOPES = {
+    "v is a string": json.dumps(envelope(1, v="x")).encode(),
+    "v beyond a double": json.dumps(envelope(2, v="__V__")).encode().replace(b'"__V__"',
+                                                                           b"1e400"),
+    "nested 900 levels": json.dumps(envelope(3, data="__D__")).encode().replace(
+        b'"__D__"', nested(900).encode()),
+    "nested 3000 levels at the top": nested(3000).encode(),
+    # an escaped quote first: it once misled the depth scan over UTF-16 bytes
+    **{f"UTF-16/32 ({enc})": json.dumps(envelope(4, data={"q": '"', "x": "__D__"})).replace(
+        '"__D__"', nested(900)).encode(enc) for enc in WIDE_ENCODINGS[:4]},
+    "UTF-16, shallow": json.dumps(envelope(5)).encode("utf-16"),
+}
+
+
+@pytest.mark.parametrize("body", BAD_ENVELOPES.values(), ids=list(BAD_ENVELOPES))
+async def test_an_envelope_fault_is_4xx_and_dead_lettered_once(ingest: Ingest,
+                                                                body: bytes) -> None:
+    for _ in range(2):  # the rule's retry of the same body is kept once
+        r = await ingest.post(body)
+        assert r.status_code in (400, 422), r.text
+        assert r.json()["status"] == "error"
+    dead = ingest.dead()
+    assert len(dead) == 1 and dead[0]["reason"], dead
+    assert await ingest.robot("R1") is None
+    assert query(ingest.db, "SELECT COUNT(*) AS n FROM mqtt_message_log")[0]["n"] == 0
+
+
+# -- time sanity on write -------------------------------------------------------------------
+@pytest.mark.parametrize("future", [4_102_444_800, 1.7e12, 1e13, 253402300800],
+                         ids=["year 2100", "milliseconds", "past year 9999", "year 10000"])
+async def test_a_far_future_ts_is_ordered_by_the_server_clock(ingest: Ingest,
+                                                              future: float) -> None:
+    first = await ingest.post(envelope(1, ts=future, data={"status": "stuck"}))
+    assert first.status_code == 200, first.text
+    row = await ingest.robot("R1")
+    assert row is not None and row["status"] == "stuck"  # kept, as of the server's clock
+    second = await ingest.post(envelope(2, data={"status": "idle"}))
+    assert second.status_code == 200, second.text
+    row = await ingest.robot("R1")
+    assert row is not None and row["status"] == "idle"  # the current state wins
+    logged = query(ingest.db, "SELECT payload FROM mqtt_message_log WHERE id = 'e1'")
+    kept = strict_loads(logged[0]["payload"])
+    assert kept["ts"] == future and "ahead of the server clock" in kept["notes"][0]
+    assert (await ingest.server.health())["clock_skewed"] == 1
+
+
+# -- shop-level callbacks stay out of robot state -------------------------------------------
+@pytest.mark.parametrize("raw", [{}, {"sn": ""}, {"sn": None}, {"sn": "  "},
+                                 {"shop_id": 7, "map_name": "F1"}],
+                         ids=["empty", "blank sn", "null sn", "spaces sn", "no sn"])
+async def test_a_shop_level_callback_makes_no_robot(ingest: Ingest, raw: dict[str, Any]) -> None:
+    shop = envelope(1, type="mapElementChange", channel="callback/mapElementChange",
+                    device="site-a", data={}, raw=raw)
+    r = await ingest.post(shop)
+    assert r.status_code == 200 and r.json()["stored"] == 1, r.text
+    assert await ingest.robot("site-a") is None
+    robot = envelope(2, type="mapElementChange", channel="callback/mapElementChange",
+                     device="site-a", data={}, raw={"sn": "site-a"})  # named like the gateway
+    assert (await ingest.post(robot)).status_code == 200
+    assert await ingest.robot("site-a") is not None
+
+
+# -- a refused request keeps each part under the topic it came with -------------------------
+async def test_a_foreign_or_wildcard_org_is_refused_and_kept_under_its_topic(
+        ingest: Ingest) -> None:
+    key = {"X-Callback-Token": ingest.acme_key}
+    foreign = await ingest.post({"topic": "org/other/device/gw/telemetry", "x": 1}, **key)
+    assert foreign.status_code == 403, foreign.text
+    for topic in ("org/x+y/device/gw/telemetry", "org/x#/device/gw/telemetry",
+                  "org/acme/device/R+1/status"):
+        r = await ingest.post({"topic": topic, "x": 1}, **key)
+        assert r.status_code == 422 and "'+', '#'" in r.json()["message"], r.text
+    dead = ingest.dead()
+    assert [d["topic"] for d in dead if "refused" in d["reason"]] == [
+        "org/other/device/gw/telemetry"]
+    assert len(dead) == 4
+
+
+async def test_each_envelope_of_a_list_carries_only_its_own_notes(ingest: Ingest) -> None:
+    body = json.dumps([envelope(1, device="R1", data={"x": "__NAN__"}),
+                       envelope(2, device="R2", data={"x": 1})]).replace('"__NAN__"', "NaN")
+    r = await ingest.post(body.encode())
+    assert r.status_code == 200 and r.json()["stored"] == 2, r.text
+    rows = query(ingest.db, "SELECT id, payload FROM mqtt_message_log ORDER BY id")
+    notes = {row["id"]: strict_loads(row["payload"]).get("notes") for row in rows}
+    assert notes == {"e1": ["data.x: nan is not JSON; null"], "e2": None}

@@ -247,7 +247,8 @@ class AlertEngine:
             Subject("gateway_backlog", org, "gateway", gw),
             partial(backlog_severity, self.rules.gateway_backlog, age),
             {"outbox_oldest_age_s": age, "outbox_depth": depth,
-             "max_age_seconds": self.rules.gateway_backlog.max_age_seconds})], now)
+             "max_age_seconds": self.rules.gateway_backlog.max_age_seconds,
+             "hysteresis_seconds": self.rules.gateway_backlog.hysteresis_seconds})], now)
 
     async def sweep(self) -> bool:
         """The time-based rules, if this replica holds (or takes) the sweep lease."""

@@ -1,9 +1,11 @@
 """Alert routes and webhook delivery over HTTP, in process: the outbound rule at subscribe,
-the delivery log when a receiver never takes a transition, and ``/alerts`` cursor paging."""
+the delivery log when a receiver never takes a transition, ``/alerts`` cursor paging, and
+README's chat relay for alert webhooks."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from bridge.proxy import sign
 from callback_server import config as cb_config
 from callback_server.alerts import Subject
 from callback_server.keys import ALL_ORGS, add_key
@@ -194,3 +197,46 @@ async def test_alerts_page_by_cursor_over_http_without_gaps_or_repeats(env: Env)
     r = await env.client.get("/alerts", params={"cursor": "not-a-cursor"},
                              headers=env.auth())
     assert r.status_code == 422
+
+
+def readme_relay() -> str:
+    """The Slack relay README's "Alerts" section shows, as printed there."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index("```python\n# alert_relay.py") + len("```python\n")
+    return text[start:text.index("```", start)]
+
+
+async def test_the_readme_relay_posts_verified_alerts_to_slack_as_text(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    slack: list[dict[str, Any]] = []
+    slack_status = [200]
+
+    async def incoming(request: Request) -> Response:
+        slack.append(json.loads(await request.body()))
+        return Response(status_code=slack_status[0])
+
+    async with serve(Starlette(routes=[Route("/s", incoming, methods=["POST"])])) as url:
+        secret = "s" * 32
+        monkeypatch.setenv("ALERT_SECRET", secret)
+        monkeypatch.setenv("SLACK_WEBHOOK_URL", url + "/s")
+        module = tmp_path / "alert_relay.py"
+        module.write_text(readme_relay())
+        scope: dict[str, Any] = {"__name__": "alert_relay"}
+        exec(compile(module.read_text(), str(module), "exec"), scope)
+        alert = {"id": "a1", "rule": "robot_fault", "org": "acme", "subject_type": "robot",
+                 "subject_id": "R1", "severity": "critical", "state": "open",
+                 "transition": "opened", "transition_id": "t1"}
+        body = json.dumps(alert).encode()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=scope["app"]),
+                                     base_url="http://relay") as relay:
+            forged = await relay.post("/alerts", content=body,
+                                      headers={"X-Signature": sign("wrong" * 8, body)})
+            assert forged.status_code == 401 and slack == []
+            ok = await relay.post("/alerts", content=body,
+                                  headers={"X-Signature": sign(secret, body)})
+            assert ok.status_code == 200
+            assert slack == [{"text": "[critical] robot_fault opened: robot R1 of acme"}]
+            slack_status[0] = 500  # Slack down: the relay answers 5xx, so we retry
+            again = await relay.post("/alerts", content=body,
+                                     headers={"X-Signature": sign(secret, body)})
+            assert again.status_code == 502

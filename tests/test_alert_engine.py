@@ -400,3 +400,94 @@ async def test_each_rule_respects_silence(env: Env, drive: Drive) -> None:
     await drive.stop(env)
     await drive.start(env)
     assert made(env, drive.rule, mark) == [("opened", False)]
+
+
+# -- a replica acting between another's read and its write ----------------------------------
+class Interleaved(AlertStore):
+    """An alert store whose next write (open, resolve, touch) first runs ``meanwhile``:
+    another replica acting between this replica's reads and its write."""
+
+    meanwhile: Callable[[], Awaitable[object]] | None = None
+
+    async def _first(self) -> None:
+        hook, self.meanwhile = self.meanwhile, None
+        if hook is not None:
+            await hook()
+
+    async def open(self, *args: Any, **kwargs: Any) -> Transition | None:
+        await self._first()
+        return await super().open(*args, **kwargs)
+
+    async def resolve(self, *args: Any, **kwargs: Any) -> Transition | None:
+        await self._first()
+        return await super().resolve(*args, **kwargs)
+
+    async def touch(self, *args: Any, **kwargs: Any) -> bool:
+        await self._first()
+        return await super().touch(*args, **kwargs)
+
+
+def interleaved(env: Env) -> tuple[Replica, Interleaved]:
+    """A third replica, ``c``, whose writes can be delayed behind another's."""
+    store = Interleaved(env.store)
+    emitted: list[Transition] = []
+
+    def emit(t: Transition) -> None:
+        emitted.append(t)
+        env.log.append(t)
+
+    engine = AlertEngine(store, env.a.engine.settings, emit, holder="c", clock=env.clock)
+    return Replica(engine, emitted), store
+
+
+async def test_a_stale_decision_is_undone_by_the_replica_that_wrote_it(env: Env) -> None:
+    c, store = interleaved(env)
+    power = partial(env.send, sn="R7", channel="power")
+    # c read 8 % discharging; before it opens, b commits "charging" and, finding no alert
+    # open, does nothing. c's open is stale: its re-check resolves it.
+    store.meanwhile = partial(power, env.b, battery_level=8, charge_state="charging")
+    await power(c, battery_level=8, charge_state="idle")
+    assert made(env, "battery_low") == [("opened", False), ("resolved", False)]
+    assert open_rows(env, "battery_low") == 0
+    # The other way round: c read "charging" and resolves; meanwhile b commits 8 % idle and,
+    # finding the alert open at high, does nothing. c's re-check opens it again.
+    await power(env.a, battery_level=8, charge_state="idle")
+    mark = len(env.log)
+    store.meanwhile = partial(power, env.b, battery_level=8, charge_state="idle")
+    await power(c, battery_level=9, charge_state="charging")
+    assert made(env, "battery_low", mark) == [("resolved", False), ("opened", False)]
+    assert open_rows(env, "battery_low") == 1
+
+
+async def test_a_fault_between_the_sweeps_read_and_its_resolve_keeps_the_alert(
+        env: Env) -> None:
+    c, store = interleaved(env)
+    fault = partial(env.send, sn="R8", channel="event", event_level="high")
+    await fault(env.a, event_id="f1")
+    env.clock.now += 1800
+    # c's sweep found the fault quiet for 30 min; b records a new one before c resolves.
+    store.meanwhile = partial(fault, env.b, event_id="f2")
+    assert await c.engine.sweep()
+    assert made(env, "robot_fault") == [("opened", False)]
+    assert open_rows(env, "robot_fault") == 1
+    # c read the alert open for a new fault; before its touch, a sweep resolved the alert
+    # (30 min since f2): the new fault opens a new one rather than touching nothing.
+    env.clock.now += 1800
+    store.meanwhile = partial(c.engine.sweep)
+    await fault(c, event_id="f3")
+    assert made(env, "robot_fault") == [("opened", False), ("resolved", False),
+                                        ("opened", False)]
+    assert open_rows(env, "robot_fault") == 1
+
+
+async def test_a_sweep_that_raced_a_message_undoes_what_it_opened(env: Env) -> None:
+    c, store = interleaved(env)
+    await env.send(env.a, "R9", "status", status="idle")
+    env.clock.now += 1800
+    # c's sweep read R9 quiet for 30 min; before it opens, b commits a message of R9 and,
+    # finding nothing open, does nothing. c's re-check reads the watch and resolves.
+    store.meanwhile = partial(env.send, env.b, "R9", "status", status="idle")
+    assert await c.engine.sweep()
+    for rule in ("robot_silent", "robot_offline"):
+        assert made(env, rule) == [("opened", False), ("resolved", False)], rule
+        assert open_rows(env, rule) == 0

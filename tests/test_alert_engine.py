@@ -7,8 +7,9 @@ the alert tables change once and one transition is emitted.
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from bridge.envelope import Envelope
 from bridge.topic import DeviceAddress
 from callback_server.alerts import AlertEngine, AlertSettings, AlertStore, Transition
 from callback_server.alerts.alert import Subject
+from callback_server.alerts.rules import RULES
 from callback_server.store import SqlStore, open_store
 from tests.dbutil import query
 
@@ -46,6 +48,8 @@ class Env:
     a: Replica
     b: Replica
     url: str
+    #: Every transition of both replicas, in the order they were made.
+    log: list[Transition] = field(default_factory=list)
 
     @property
     def emitted(self) -> list[tuple[str, str, str, str]]:
@@ -84,11 +88,17 @@ async def env(db_url: str) -> AsyncIterator[Env]:
         await store.migrate()
         alerts = AlertStore(store)
         replicas = []
+        log: list[Transition] = []
         for name in ("a", "b"):
             emitted: list[Transition] = []
-            engine = AlertEngine(alerts, settings, emitted.append, holder=name, clock=clock)
+
+            def emit(t: Transition, mine: list[Transition] = emitted) -> None:
+                mine.append(t)
+                log.append(t)
+
+            engine = AlertEngine(alerts, settings, emit, holder=name, clock=clock)
             replicas.append(Replica(engine, emitted))
-        yield Env(store, alerts, clock, replicas[0], replicas[1], db_url)
+        yield Env(store, alerts, clock, replicas[0], replicas[1], db_url, log)
 
 
 async def test_fault_opens_once_across_replicas_and_clears_by_time(env: Env) -> None:
@@ -221,3 +231,263 @@ async def test_acknowledge_once_then_resolve(env: Env) -> None:
     await env.send(env.b, "R5", "event", event_id="y", event_level="critical")
     assert env.b.emitted[-1].name == "severity_changed"
     assert env.b.emitted[-1].alert.state == "acknowledged"  # still acknowledged
+
+
+# -- every rule: silence and no flapping, driven through the engine ------------------------------
+Step = Callable[[Env], Awaitable[None]]
+
+
+async def sweep(env: Env, seconds: float = 0) -> None:
+    """Let ``seconds`` pass, then both replicas sweep (only the lease holder evaluates)."""
+    env.clock.now += seconds
+    await env.a.engine.sweep()
+    await env.b.engine.sweep()
+
+
+async def heartbeat(env: Env, channel: str, payload: bytes) -> None:
+    """A gateway's presence or telemetry: every replica receives it (non-shared)."""
+    env.clock.now += 1
+    for replica in (env.a, env.b):
+        await replica.engine.gateway(DeviceAddress("acme", "gs1", channel), payload)
+
+
+async def robot(env: Env, channel: str, replica: str = "a", **data: Any) -> None:
+    env.clock.now += 1
+    await env.send(env.a if replica == "a" else env.b, "S1", channel, **data)
+
+
+async def backlog(env: Env, *ages: float) -> None:
+    for age in ages:
+        await heartbeat(env, "telemetry", b'{"outbox_oldest_age_s": %.1f}' % age)
+
+
+async def battery(env: Env, *levels: float, state: str = "idle") -> None:
+    for i, level in enumerate(levels):
+        await robot(env, "power", "ab"[i % 2], battery_level=level, charge_state=state)
+
+
+@dataclass(frozen=True)
+class Drive:
+    """How a test makes one rule's condition true (``start``: opens it), false
+    (``stop``: resolves it), and hover around its threshold from clear (``hover``: must
+    open exactly one alert and never resolve it); ``again``: the condition seen once more
+    while it holds (``start`` unless that begins with clearing it)."""
+
+    rule: str
+    start: Step
+    stop: Step
+    hover: Step
+    again: Step | None = None
+
+
+async def offline_hover(env: Env) -> None:
+    await robot(env, "status", status="idle")
+    await sweep(env, 598)                       # 599 s silent: not yet
+    await sweep(env, 1)                         # 600 s: opens
+    for _ in range(3):
+        await sweep(env, 15)
+    await robot(env, "status", "b", status="offline")  # heard of, but offline: still open
+    await sweep(env, 600)
+
+
+async def silent_hover(env: Env) -> None:
+    await robot(env, "status", status="idle")
+    await sweep(env, 1798)
+    await sweep(env, 1)
+    for _ in range(3):
+        await sweep(env, 15)
+
+
+async def stuck_hover(env: Env) -> None:
+    await robot(env, "move", move_state="stuck")
+    await sweep(env, 118)                       # 119 s stuck: not yet
+    await sweep(env, 1)
+    await robot(env, "move", "b", move_state="stuck")   # still stuck, since the first
+    await sweep(env, 15)
+    await robot(env, "move", move_state="STUCK")
+
+
+async def fault_hover(env: Env) -> None:
+    for level in ("high", "critical", "high"):  # each within clear_seconds of the last
+        await robot(env, "event", event_id=f"h{env.clock.now}", event_level=level)
+        await sweep(env, 1700)
+    await sweep(env, 98)                        # 1799 s after the last fault
+
+
+async def quiet_for(env: Env, seconds: float) -> None:
+    """A message (status idle), then ``seconds`` of nothing and a sweep."""
+    await robot(env, "status", status="idle")
+    await sweep(env, seconds)
+
+
+async def stuck_for(env: Env, seconds: float) -> None:
+    await robot(env, "move", move_state="stuck")
+    await sweep(env, seconds)
+
+
+async def presence_wobble(env: Env) -> None:
+    for state in (b"offline", b"offline", b"restarting", b"offline"):
+        await heartbeat(env, "presence", state)
+
+
+DRIVES = [
+    Drive("robot_offline", partial(quiet_for, seconds=600),              # opens by time
+          lambda e: robot(e, "status", "b", status="idle"), offline_hover,
+          lambda e: robot(e, "status", "b", status="offline")),
+    Drive("battery_low", lambda e: battery(e, 8),
+          lambda e: battery(e, 8, state="charging"),
+          lambda e: battery(e, 21, 19, 21, 19.5, 22, 20, 24, 21)),
+    Drive("robot_fault",
+          lambda e: robot(e, "event", event_id=f"f{e.clock.now}", event_level="high"),
+          partial(sweep, seconds=1800), fault_hover),                    # resolves by time
+    Drive("robot_stuck", partial(stuck_for, seconds=120),
+          lambda e: robot(e, "move", "b", move_state="moving"), stuck_hover,
+          lambda e: robot(e, "move", "b", move_state="stuck")),
+    Drive("gateway_offline", lambda e: heartbeat(e, "presence", b"offline"),
+          lambda e: heartbeat(e, "presence", b"online"), presence_wobble),
+    Drive("gateway_backlog", lambda e: backlog(e, 400), lambda e: backlog(e, 10),
+          lambda e: backlog(e, 301, 299, 302, 298, 303, 241, 300)),
+    Drive("robot_silent", partial(quiet_for, seconds=1800),
+          lambda e: robot(e, "status", "b", status="idle"), silent_hover,
+          partial(sweep, seconds=600)),
+]
+assert {d.rule for d in DRIVES} == set(RULES)
+
+
+def made(env: Env, rule: str, since: int = 0) -> list[tuple[str, bool]]:
+    """(transition, silenced) of ``rule`` made by either replica since ``since``."""
+    return [(t.name, t.silenced) for t in env.log[since:] if t.alert.rule == rule]
+
+
+def open_rows(env: Env, rule: str) -> int:
+    return sum(r["state"] != "resolved" for r in env.rows() if r["rule"] == rule)
+
+
+@pytest.mark.parametrize("drive", DRIVES, ids=lambda d: d.rule)
+async def test_each_rule_opens_once_and_resolves(env: Env, drive: Drive) -> None:
+    await drive.start(env)
+    assert made(env, drive.rule) == [("opened", False)]
+    await (drive.again or drive.start)(env)  # the condition seen again
+    assert made(env, drive.rule) == [("opened", False)]
+    await drive.stop(env)
+    assert made(env, drive.rule) == [("opened", False), ("resolved", False)]
+    assert open_rows(env, drive.rule) == 0
+
+
+@pytest.mark.parametrize("drive", DRIVES, ids=lambda d: d.rule)
+async def test_each_rule_does_not_flap_around_its_threshold(env: Env, drive: Drive) -> None:
+    await drive.hover(env)
+    opened = [name for name, _ in made(env, drive.rule)]
+    assert opened[0] == "opened" and set(opened[1:]) <= {"severity_changed"}, opened
+    assert open_rows(env, drive.rule) == 1
+    assert len([r for r in env.rows() if r["rule"] == drive.rule]) == 1
+
+
+@pytest.mark.parametrize("drive", DRIVES, ids=lambda d: d.rule)
+async def test_each_rule_respects_silence(env: Env, drive: Drive) -> None:
+    await drive.start(env)
+    (opened,) = [t for t in env.log if t.alert.rule == drive.rule]
+    until = env.clock.now + 4 * 3600
+    await env.alerts.silence(opened.alert, until, "op")
+    mark = len(env.log)
+    await drive.stop(env)
+    assert made(env, drive.rule, mark) == [("resolved", True)]  # recorded, not delivered
+    mark = len(env.log)
+    await drive.start(env)
+    assert made(env, drive.rule, mark) == []  # silenced: nothing opens
+    assert open_rows(env, drive.rule) == 0
+    env.clock.now = until + 1
+    await drive.stop(env)
+    await drive.start(env)
+    assert made(env, drive.rule, mark) == [("opened", False)]
+
+
+# -- a replica acting between another's read and its write ----------------------------------
+class Interleaved(AlertStore):
+    """An alert store whose next write (open, resolve, touch) first runs ``meanwhile``:
+    another replica acting between this replica's reads and its write."""
+
+    meanwhile: Callable[[], Awaitable[object]] | None = None
+
+    async def _first(self) -> None:
+        hook, self.meanwhile = self.meanwhile, None
+        if hook is not None:
+            await hook()
+
+    async def open(self, *args: Any, **kwargs: Any) -> Transition | None:
+        await self._first()
+        return await super().open(*args, **kwargs)
+
+    async def resolve(self, *args: Any, **kwargs: Any) -> Transition | None:
+        await self._first()
+        return await super().resolve(*args, **kwargs)
+
+    async def touch(self, *args: Any, **kwargs: Any) -> bool:
+        await self._first()
+        return await super().touch(*args, **kwargs)
+
+
+def interleaved(env: Env) -> tuple[Replica, Interleaved]:
+    """A third replica, ``c``, whose writes can be delayed behind another's."""
+    store = Interleaved(env.store)
+    emitted: list[Transition] = []
+
+    def emit(t: Transition) -> None:
+        emitted.append(t)
+        env.log.append(t)
+
+    engine = AlertEngine(store, env.a.engine.settings, emit, holder="c", clock=env.clock)
+    return Replica(engine, emitted), store
+
+
+async def test_a_stale_decision_is_undone_by_the_replica_that_wrote_it(env: Env) -> None:
+    c, store = interleaved(env)
+    power = partial(env.send, sn="R7", channel="power")
+    # c read 8 % discharging; before it opens, b commits "charging" and, finding no alert
+    # open, does nothing. c's open is stale: its re-check resolves it.
+    store.meanwhile = partial(power, env.b, battery_level=8, charge_state="charging")
+    await power(c, battery_level=8, charge_state="idle")
+    assert made(env, "battery_low") == [("opened", False), ("resolved", False)]
+    assert open_rows(env, "battery_low") == 0
+    # The other way round: c read "charging" and resolves; meanwhile b commits 8 % idle and,
+    # finding the alert open at high, does nothing. c's re-check opens it again.
+    await power(env.a, battery_level=8, charge_state="idle")
+    mark = len(env.log)
+    store.meanwhile = partial(power, env.b, battery_level=8, charge_state="idle")
+    await power(c, battery_level=9, charge_state="charging")
+    assert made(env, "battery_low", mark) == [("resolved", False), ("opened", False)]
+    assert open_rows(env, "battery_low") == 1
+
+
+async def test_a_fault_between_the_sweeps_read_and_its_resolve_keeps_the_alert(
+        env: Env) -> None:
+    c, store = interleaved(env)
+    fault = partial(env.send, sn="R8", channel="event", event_level="high")
+    await fault(env.a, event_id="f1")
+    env.clock.now += 1800
+    # c's sweep found the fault quiet for 30 min; b records a new one before c resolves.
+    store.meanwhile = partial(fault, env.b, event_id="f2")
+    assert await c.engine.sweep()
+    assert made(env, "robot_fault") == [("opened", False)]
+    assert open_rows(env, "robot_fault") == 1
+    # c read the alert open for a new fault; before its touch, a sweep resolved the alert
+    # (30 min since f2): the new fault opens a new one rather than touching nothing.
+    env.clock.now += 1800
+    store.meanwhile = partial(c.engine.sweep)
+    await fault(c, event_id="f3")
+    assert made(env, "robot_fault") == [("opened", False), ("resolved", False),
+                                        ("opened", False)]
+    assert open_rows(env, "robot_fault") == 1
+
+
+async def test_a_sweep_that_raced_a_message_undoes_what_it_opened(env: Env) -> None:
+    c, store = interleaved(env)
+    await env.send(env.a, "R9", "status", status="idle")
+    env.clock.now += 1800
+    # c's sweep read R9 quiet for 30 min; before it opens, b commits a message of R9 and,
+    # finding nothing open, does nothing. c's re-check reads the watch and resolves.
+    store.meanwhile = partial(env.send, env.b, "R9", "status", status="idle")
+    assert await c.engine.sweep()
+    for rule in ("robot_silent", "robot_offline"):
+        assert made(env, rule) == [("opened", False), ("resolved", False)], rule
+        assert open_rows(env, rule) == 0

@@ -101,8 +101,24 @@ def test_gateway_presence_and_backlog() -> None:
     assert gateway_offline_severity(g, "online", "high") is None
     assert gateway_offline_severity(g, "weird", "high") == "high"
     assert backlog_severity(b, 301, None) == "warning"
-    assert backlog_severity(b, 300, "warning") is None
+    assert backlog_severity(b, 300, None) is None
+    assert backlog_severity(b, 240, "warning") == "warning"  # held down to 300 - 60
+    assert backlog_severity(b, 239.9, "warning") is None
     assert backlog_severity(b, None, "warning") == "warning"
+
+
+def test_backlog_does_not_flap_around_its_threshold() -> None:
+    """The audit's heartbeats: 301, 299, 302, 298, 303 s opened three alerts; now one."""
+    held: str | None = None
+    seen = []
+    for age in (301, 299, 302, 298, 303, 250, 241, 239, 299, 300, 301):
+        held = backlog_severity(GatewayBacklog(), age, held)
+        seen.append(held)
+    assert seen == ["warning"] * 7 + [None, None, None, "warning"]
+    tight = GatewayBacklog(max_age_seconds=60, hysteresis_seconds=0)
+    assert backlog_severity(tight, 59.9, "warning") is None
+    with pytest.raises(ValueError, match="hysteresis_seconds"):
+        GatewayBacklog(max_age_seconds=60)  # the default 60 s would never let it resolve
 
 
 def test_rules_file_overrides_defaults_and_names_a_bad_key(tmp_path: Path) -> None:

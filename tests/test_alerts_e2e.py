@@ -97,6 +97,38 @@ def settled(*servers: ServiceProcess) -> bool:
     return all(s.health()["alerts"]["evaluating"] == 0 for s in servers)
 
 
+def deliveries_done(*servers: ServiceProcess, extra: int) -> bool:
+    """Every transition made by ``servers`` was delivered (or given up) once per
+    subscription: as many outcomes as transitions, plus ``extra`` for narrower ones."""
+    h = [s.health()["alerts"] for s in servers]
+    made = sum(x["transitions"] for x in h)
+    done = sum(x["delivered"] + x["undelivered"] for x in h)
+    return all(x["delivering"] == 0 for x in h) and done == made + extra
+
+
+def fault_on_both_replicas(agent_url: str, a: ServiceProcess, b: ServiceProcess,
+                           now: int) -> int:
+    """Post Fatal faults of robot RF1 (new error ids) one at a time until each replica has
+    stored at least one: the shared subscription decides who gets which. How many sent."""
+    def stored() -> list[int]:
+        return [s.health()["stored"] for s in (a, b)]
+
+    before = stored()
+    with httpx.Client(base_url=agent_url, headers=HEADERS, timeout=10) as c:
+        for i in range(20):
+            counts = stored()
+            if all(n > was for n, was in zip(counts, before, strict=True)):
+                return i
+            total = sum(counts)
+            r = c.post("/api/pudu/webhook", json={
+                "callback_type": "robotErrorWarning",
+                "data": {"sn": "RF1", "error_level": "Fatal", "error_type": "Crash",
+                         "error_detail": "motor", "error_id": f"f{i}", "timestamp": now + i}})
+            assert r.status_code == 200, r.text
+            eventually(lambda t=total: sum(stored()) > t, "fault stored")  # type: ignore[misc]
+    raise AssertionError(f"20 faults and one replica stored none: {before} -> {stored()}")
+
+
 def test_two_replicas_raise_each_alert_once_and_deliver_it_signed(
         tmp_path: Path, db_url: str) -> None:
     p = f"t{uuid.uuid4().hex[:8]}"
@@ -118,18 +150,13 @@ def test_two_replicas_raise_each_alert_once_and_deliver_it_signed(
                                json={"url": receiver.url, **body})
                 assert r.status_code == 200, r.text
                 subs[name] = r.json()
-            # -- a Fatal fault, twice (two error ids), opens one robot_fault alert -----------
+            # -- Fatal faults, until each replica has stored one: one robot_fault alert ------
             now = int(time.time())
-            with httpx.Client(base_url=agent.url, headers=HEADERS, timeout=10) as c:
-                for i in range(2):
-                    r = c.post("/api/pudu/webhook", json={
-                        "callback_type": "robotErrorWarning",
-                        "data": {"sn": "RF1", "error_level": "Fatal", "error_type": "Crash",
-                                 "error_detail": "motor", "error_id": f"f{i}",
-                                 "timestamp": now + i}})
-                    assert r.status_code == 200, r.text
-            eventually(lambda: a.health()["stored"] + b.health()["stored"] >= 2
-                       and settled(a, b), "both faults stored and evaluated")
+            fault_on_both_replicas(agent.url, a, b, now)
+            eventually(lambda: settled(a, b), "both replicas evaluated their faults")
+            # Both replicas evaluated a Fatal fault of RF1 and tried to open its alert: one
+            # did, the other found it open (the only transition so far, on either replica).
+            assert sum(s.health()["alerts"]["transitions"] for s in (a, b)) == 1
             faults = alerts(b, rule="robot_fault")
             assert [(x["subject_id"], x["severity"], x["state"]) for x in faults] == [
                 ("RF1", "critical", "open")]
@@ -175,6 +202,10 @@ def test_two_replicas_raise_each_alert_once_and_deliver_it_signed(
                 headers=a.auth).json()["items"] if d["outcome"] == "delivered"] and httpx.get(
                 f"{b.url}/alert-subscriptions/{subs['flaky']['id']}/deliveries",
                 headers=b.auth).json()["items"], "flaky receiver got it in the end")
+            # Every transition either replica made has been delivered (to "ok", and the one
+            # robot_fault transition to "flaky" too): a late duplicate would be in ``got``.
+            eventually(lambda: deliveries_done(a, b, extra=1), "deliveries finished")
+            got = ok.bodies(subs["ok"]["secret"])
             settle_alerts = query(db_url, "SELECT rule, subject_id FROM alerts")
     finally:
         probe.stop()

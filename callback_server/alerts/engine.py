@@ -11,6 +11,13 @@ Three inputs:
   ``sweep`` on whichever replica holds a short database lease, so N replicas do it once
   (and were two to hold it at once, the writes are idempotent anyway).
 
+Decisions are made from reads that precede the write, so a replica can act on state
+another has just replaced. Robot rules re-check from a fresh read after any transition
+they make (``_recheck``), and a fault's time-based resolution is conditional on no fault
+since, so neither a stale open nor a stale resolve outlives the evaluation. Gateway rules
+are not re-checked: every replica sees every presence and heartbeat in order, so a stale
+write is corrected by that replica's next input (at worst an extra open/resolve pair).
+
 Transitions go to ``emit`` (the delivery side). A silenced subject opens no alert; the
 transitions of one already open are recorded but not delivered.
 """
@@ -57,6 +64,8 @@ Emit = Callable[[Transition], None]
 #: Inputs held while the database is away; past this the oldest are dropped (counted).
 MAX_QUEUED = 10_000
 SWEEP_LEASE = "alert-sweep"
+#: Rules decided from the robot's stored state and watch, re-checked after a transition.
+STATE_RULES = frozenset({"battery_low", "robot_offline", "robot_silent", "robot_stuck"})
 
 
 @dataclass(slots=True)
@@ -85,6 +94,8 @@ class _Decision:
     decide: Decide
     detail: dict[str, Any] = field(default_factory=dict)
     touch: bool = False   # still true: restart time-based clearing (faults)
+    #: Resolve only if the condition was last seen before this (a fault since keeps it).
+    clear_before: float | None = None
 
 
 class AlertEngine:
@@ -194,18 +205,32 @@ class AlertEngine:
                                 for sn, r in seen.items()], now)
         watched = await self.store.watched(seen)
         decisions: list[_Decision] = []
-        r = self.rules
         for sn, robot in seen.items():
-            row = state.get(sn) or {}
-
-            def subject(rule: str, sn: str = sn, robot: _Robot = robot) -> Subject:
-                return Subject(rule, robot.org, "robot", sn)
-
             if robot.fault is not None:
                 decisions.append(_Decision(
-                    subject("robot_fault"),
-                    partial(fault_severity, r.robot_fault, robot.fault["event_level"]),
+                    Subject("robot_fault", robot.org, "robot", sn),
+                    partial(fault_severity, self.rules.robot_fault, robot.fault["event_level"]),
                     robot.fault, touch=True))
+        robots = {sn: robot.org for sn, robot in seen.items()}
+        decisions += self._state_decisions(robots, state, watched, now, heard=True)
+        made = await self._apply(decisions, now)
+        return made + await self._recheck(made, now, heard=True)
+
+    def _state_decisions(self, robots: dict[str, str], state: dict[str, dict[str, Any]],
+                         watched: dict[str, dict[str, Any]], now: float, *,
+                         heard: bool) -> list[_Decision]:
+        """The rules read from a robot's stored state and watch (all but ``robot_fault``).
+        ``heard``: a message of the robot is being evaluated (so it is not silent)."""
+        r = self.rules
+        decisions: list[_Decision] = []
+        for sn, org in robots.items():
+            row = state.get(sn) or {}
+            watch = watched.get(sn) or {}
+            seen = now if heard or watch.get("seen_at") is None else float(watch["seen_at"])
+
+            def subject(rule: str, sn: str = sn, org: str = org) -> Subject:
+                return Subject(rule, org, "robot", sn)
+
             level = row.get("battery_level")
             on_charge = charging(row.get("charge_state"), _flag(row.get("is_charging")))
             decisions.append(_Decision(
@@ -215,16 +240,38 @@ class AlertEngine:
                 {"battery_level": level, "charge_state": row.get("charge_state")}))
             decisions.append(_Decision(
                 subject("robot_offline"),
-                _const(offline_severity(r.robot_offline, row.get("status"), now, now)),
+                _const(offline_severity(r.robot_offline, row.get("status"), seen, now)),
                 {"status": row.get("status")}))
-            decisions.append(_Decision(subject("robot_silent"), _const(None)))
-            stuck = (watched.get(sn) or {}).get("stuck_since")
+            decisions.append(_Decision(
+                subject("robot_silent"), _const(silent_severity(r.robot_silent, seen, now)),
+                {"seen_at": iso(seen), "silent_seconds": r.robot_silent.silent_seconds}))
+            stuck = watch.get("stuck_since")
             decisions.append(_Decision(
                 subject("robot_stuck"),
                 _const(stuck_severity(r.robot_stuck,
                                       None if stuck is None else float(stuck), now)),
                 {"stuck_since": iso(stuck), "move_state": row.get("move_state")}))
-        return await self._apply(decisions, now)
+        return decisions
+
+    async def _recheck(self, made: list[Transition], now: float, *,
+                       heard: bool) -> list[Transition]:
+        """Decide once more, from a fresh read, for the robots whose state-based alert this
+        replica just opened, changed or resolved.
+
+        The decision was made from state read before the write; another replica may have
+        committed newer state in between and, reading the alert before our write, left
+        it alone. Our write precedes this read and its state write preceded its read of
+        the alert, so one of the two sees the other: a stale open (or resolve) is undone
+        here rather than surviving until the robot's next message.
+        """
+        robots = {t.alert.subject_id: t.alert.org for t in made
+                  if t.alert.subject_type == "robot" and t.alert.rule in STATE_RULES}
+        if not robots:
+            return []
+        state = await self.store.robots(robots)
+        watched = await self.store.watched(robots)
+        return await self._apply(self._state_decisions(robots, state, watched, now,
+                                                       heard=heard), now)
 
     async def gateway(self, address: DeviceAddress, payload: bytes) -> list[Transition]:
         """Presence (the last will says ``offline``) and telemetry heartbeats."""
@@ -247,7 +294,8 @@ class AlertEngine:
             Subject("gateway_backlog", org, "gateway", gw),
             partial(backlog_severity, self.rules.gateway_backlog, age),
             {"outbox_oldest_age_s": age, "outbox_depth": depth,
-             "max_age_seconds": self.rules.gateway_backlog.max_age_seconds})], now)
+             "max_age_seconds": self.rules.gateway_backlog.max_age_seconds,
+             "hysteresis_seconds": self.rules.gateway_backlog.hysteresis_seconds})], now)
 
     async def sweep(self) -> bool:
         """The time-based rules, if this replica holds (or takes) the sweep lease."""
@@ -273,10 +321,12 @@ class AlertEngine:
                 Subject("robot_stuck", str(row["org_id"]), "robot", str(row["robot_sn"])),
                 _open_only(stuck_severity(r.robot_stuck, since, now)),
                 {"stuck_since": iso(since), "move_state": "stuck"}))
-        for alert in await self.store.faults_to_clear(now - r.robot_fault.clear_seconds):
+        before = now - r.robot_fault.clear_seconds
+        for alert in await self.store.faults_to_clear(before):
             if fault_cleared(r.robot_fault, alert.condition_at or alert.opened_at, now):
-                decisions.append(_Decision(alert.subject, _const(None)))
-        await self._apply(decisions, now)
+                decisions.append(_Decision(alert.subject, _const(None), clear_before=before))
+        made = await self._apply(decisions, now)
+        await self._recheck(made, now, heard=False)
         return True
 
     # -- from decisions to transitions ----------------------------------------------------------
@@ -298,13 +348,15 @@ class AlertEngine:
             transition: Transition | None = None
             if severity is None:
                 if open_ is not None:
-                    transition = await self.store.resolve(d.subject, now)
+                    transition = await self.store.resolve(d.subject, now, d.clear_before)
             elif severity != held:
                 if open_ is None and d.subject.key in silenced:
                     continue  # a silenced subject opens nothing
                 transition = await self.store.open(d.subject, severity, d.detail, now)
-            elif d.touch:
-                await self.store.touch(d.subject, now)
+            elif d.touch and not await self.store.touch(d.subject, now) \
+                    and d.subject.key not in silenced:
+                # Resolved since we read it (a fault sweep): this fault opens a new one.
+                transition = await self.store.open(d.subject, severity, d.detail, now)
             if transition is not None:
                 if d.subject.key in silenced:
                     transition = Transition(transition.name, transition.alert, transition.id,

@@ -82,8 +82,18 @@ class GatewayOffline(_Rule):
 
 
 class GatewayBacklog(_Rule):
+    """Opens above ``max_age_seconds``; resolves only below it minus ``hysteresis_seconds``,
+    so heartbeats of 301, 299, 302 s keep one alert open instead of three."""
+
     severity: Severity = "warning"
     max_age_seconds: float = Field(default=300.0, gt=0)
+    hysteresis_seconds: float = Field(default=60.0, ge=0)
+
+    @model_validator(mode="after")
+    def _below(self) -> GatewayBacklog:
+        if self.hysteresis_seconds >= self.max_age_seconds:
+            raise ValueError("hysteresis_seconds must be below max_age_seconds")
+        return self
 
 
 class RobotSilent(_Rule):
@@ -221,8 +231,12 @@ def gateway_offline_severity(rule: GatewayOffline, presence: str,
 
 def backlog_severity(rule: GatewayBacklog, oldest_age_s: float | None,
                      current: str | None) -> str | None:
-    """The heartbeat's ``outbox_oldest_age_s`` above the bound; a heartbeat without it
+    """The heartbeat's ``outbox_oldest_age_s`` above the bound opens; an open alert stays
+    until the age is below the bound minus the hysteresis. A heartbeat without the age
     changes nothing."""
     if oldest_age_s is None:
         return current
-    return rule.severity if oldest_age_s > rule.max_age_seconds else None
+    if oldest_age_s > rule.max_age_seconds:
+        return rule.severity
+    held = current is not None and oldest_age_s >= rule.max_age_seconds - rule.hysteresis_seconds
+    return rule.severity if held else None

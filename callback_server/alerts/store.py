@@ -157,23 +157,29 @@ class AlertStore:
             return Transition("severity_changed", alert)
         return None
 
-    async def touch(self, subject: Subject, now: float) -> None:
-        """The condition was seen again (a further fault): time-based clearing restarts."""
+    async def touch(self, subject: Subject, now: float) -> bool:
+        """The condition was seen again (a further fault): time-based clearing restarts.
+        False when no alert of ``subject`` is open (any more)."""
         m = self.d.mark
-        await self._write(f"UPDATE {self._table} SET condition_at = {m} WHERE open_key = {m}",
-                          (now, subject.key))
+        return bool(await self._write(
+            f"UPDATE {self._table} SET condition_at = {m} WHERE open_key = {m}",
+            (now, subject.key)))
 
-    async def resolve(self, subject: Subject, now: float) -> Transition | None:
-        """Resolve the open alert of ``subject``; the transition only for the replica
+    async def resolve(self, subject: Subject, now: float,
+                      condition_before: float | None = None) -> Transition | None:
+        """Resolve the open alert of ``subject`` (only if its condition was last seen
+        before ``condition_before``, when given); the transition only for the replica
         whose update resolved it."""
         current = (await self.open_alerts([subject])).get(subject.key)
         if current is None:
             return None
         m = self.d.mark
+        since, args = ("", ()) if condition_before is None else (
+            f" AND condition_at <= {m}", (condition_before,))
         changed = await self._write(
             f"UPDATE {self._table} SET state = 'resolved', resolved_at = {m}, "
-            f"updated_at = {m}, open_key = NULL WHERE id = {m} AND open_key IS NOT NULL",
-            (now, now, current.id))
+            f"updated_at = {m}, open_key = NULL WHERE id = {m} AND open_key IS NOT NULL"
+            f"{since}", (now, now, current.id, *args))
         if not changed:
             return None
         alert = await self.get(current.id)

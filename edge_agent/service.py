@@ -199,8 +199,6 @@ class EdgeAgent:
         A webhook's state also makes the poller forget what it published for the fields
         the webhook set: the cloud now holds the webhook's value, so the next poll must
         republish the API's state even if it equals the poller's last one."""
-        if envelope.device == self.settings.gateway_id:
-            return
         if envelope.source != "poll":
             self.poller.forget(envelope.device, envelope.data)
         state = self.robots.setdefault(envelope.device, {"sn": envelope.device})

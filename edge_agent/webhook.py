@@ -152,6 +152,12 @@ class _Webhook:
         ]})
         await send({"type": "http.response.body", "body": payload})
 
+    def remember(self, norm: Normalized, envelope: Envelope) -> None:
+        """Tell the agent a robot's state: not for a shop-level callback (no sn), which
+        travels on the gateway's topic but is no robot; a robot named like the gateway is."""
+        if norm.device_id is not None:
+            self.agent.note_robot(envelope)
+
     def count(self, outcome: str, callback_type: str = "other") -> None:
         key = (outcome, callback_type if callback_type in _TYPE_LABELS else "other")
         child = self._counted.get(key)
@@ -193,7 +199,7 @@ class _Webhook:
         )
         if self.filtering and not self.policy.forwards(norm.channel, norm.callback_type):
             # Answered 200 so Pudu does not retry; the operator chose to keep it home.
-            self.agent.note_robot(envelope)  # get_robots still knows it
+            self.remember(norm, envelope)  # get_robots still knows it
             self.count("dropped", norm.callback_type)
             return self._answer(norm, now, topic, "callback accepted; not forwarded "
                                 "(FORWARD_CHANNELS / DROP_TYPES)", forwarded=False)
@@ -204,7 +210,7 @@ class _Webhook:
             if verdict is Verdict.SUPERSEDED:
                 # Older than what this robot already published on the channel: publishing
                 # it now would put a stale state last. Answered 200 like any superseded one.
-                self.agent.note_robot(envelope)
+                self.remember(norm, envelope)
                 self.count_downsampled(norm.channel)
                 self.count("accepted", norm.callback_type)
                 return self._answer(norm, now, topic, "callback accepted; superseded by a "
@@ -217,7 +223,7 @@ class _Webhook:
             topic, envelope.to_json(), qos=1, compact_key=compact_key, dedup_keys=keys,
             hold=hold, order=norm.ts,
         )
-        self.agent.note_robot(envelope)
+        self.remember(norm, envelope)
         if result.superseded:
             self.count_downsampled(norm.channel)
         duplicate = result is PutResult.DUPLICATE

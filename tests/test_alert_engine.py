@@ -491,3 +491,21 @@ async def test_a_sweep_that_raced_a_message_undoes_what_it_opened(env: Env) -> N
     for rule in ("robot_silent", "robot_offline"):
         assert made(env, rule) == [("opened", False), ("resolved", False)], rule
         assert open_rows(env, rule) == 0
+
+
+async def test_a_shop_level_callback_on_the_gateways_topic_is_no_robot(env: Env) -> None:
+    # mapElementChange has no sn: it travels raw on the gateway's own topic and must not
+    # make the gateway a watched robot (it would go "silent" and "offline" as one); a
+    # robot named like the gateway is one.
+    def message(channel: str, raw: dict[str, Any]) -> tuple[str, Envelope]:
+        env_ = Envelope(id=f"s{next(_ids)}", type="mapElementChange" if channel.startswith(
+            "callback/") else "notifyRobotPower", org="acme", device="gw1", gateway="gw1",
+            ts=T0, received_at=T0, data={}, raw=raw, channel=channel)
+        return f"org/acme/device/gw1/{channel}", env_
+
+    engine = env.a.engine
+    engine.observe([message("callback/mapElementChange", {"shop_id": 7}),
+                    message("callback/mapElementChange", {"sn": " "})])
+    assert engine.pending == 0
+    engine.observe([message("power", {"sn": "gw1", "power": 50})])
+    assert engine.pending == 1

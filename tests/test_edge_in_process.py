@@ -82,3 +82,19 @@ async def test_every_command_gets_exactly_one_answer(tmp_path: Path) -> None:
     assert by_id[commands[1].message_id].status == "error"
     assert "unknown command" in (by_id[commands[1].message_id].error or "")
     assert by_id[commands[2].message_id].result["gateway_id"] == "gw1"
+
+
+async def test_a_robot_named_like_the_gateway_is_a_robot_a_shop_callback_is_not(
+        tmp_path: Path) -> None:
+    async with agent_and_watcher(tmp_path) as (agent, client, inbox):
+        shop = {"callback_type": "mapElementChange", "data": {"shop_id": 7, "sn": ""}}
+        robot = {"callback_type": "notifyRobotPower", "data": {"sn": "gw1", "power": 40}}
+        for body in (robot, shop):  # the shop-level one is newer: it must not count
+            r = await client.post("/api/pudu/webhook", headers=CODE, json=body)
+            assert r.status_code == 200, r.text
+        await next_on(inbox, "/device/gw1/power")
+        await next_on(inbox, "/device/gw1/callback/mapElementChange")  # the gateway's topic
+        # get_robots (the gateway command) lists the robot "gw1" with its own state only.
+        assert agent.robots == {"gw1": agent.robots["gw1"]}
+        assert agent.robots["gw1"]["battery_level"] == 40
+        assert agent.robots["gw1"].get("last_type") == "notifyRobotPower"

@@ -56,7 +56,7 @@ from callback_server.alerts.rules import (
     stuck_severity,
 )
 from callback_server.alerts.store import AlertStore
-from callback_server.store.rows import channel_of, is_robot_channel
+from callback_server.store.rows import channel_of, is_robot_state
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class AlertEngine:
     def observe(self, items: Iterable[tuple[str, Envelope]]) -> None:
         """Robot messages whose rows were just committed."""
         robots = [(topic, env) for topic, env in items
-                  if is_robot_channel(channel_of(topic, env))]
+                  if is_robot_state(channel_of(topic, env), env)]
         if robots:
             self._put(("robots", robots))
 

@@ -42,7 +42,7 @@ from bridge.errors import (
     TopicError,
 )
 from bridge.outbox import PutResult
-from edge_agent.normalize import COMPACTABLE, normalize, to_seconds
+from edge_agent.normalize import COMPACTABLE, Normalized, normalize, to_seconds
 from edge_agent.pudu.client import PuduClient, pick
 
 if TYPE_CHECKING:
@@ -255,14 +255,23 @@ class Poller:
                     run.fail(f"log row {pick(row, 'id')} skipped", exc)
             chunk = upto
 
+    def _normalize(self, body: dict[str, Any], received: float) -> Normalized:
+        """As the webhook normalises: a robot time too far ahead is replaced, counted in
+        ``edge_clock_skew_total`` and logged, whichever path brought it."""
+        norm = normalize(body, received_at=received,
+                         max_skew=self.agent.settings.max_clock_skew_seconds)
+        if norm.skewed:
+            self.agent.metrics.clock_skew.inc()
+            log.warning("robot %s (poll): %s", norm.device_id, norm.notes[-1])
+        return norm
+
     async def _publish_state(self, run: Run, sn: str, v2: dict[str, Any],
                              v1: dict[str, Any], map_name: Any) -> None:
         bodies = state_bodies(sn, v2, v1)
         raws = {"status": v2, "power": v2 or v1, "pose": v1}
         for channel, body in bodies.items():
             received = time.time()
-            norm = normalize(body, received_at=received,
-                             max_skew=self.agent.settings.max_clock_skew_seconds)
+            norm = self._normalize(body, received)
             data = dict(norm.data)
             if channel == "status":
                 data.pop("battery_level", None)  # poll.power carries it
@@ -298,9 +307,7 @@ class Poller:
             _put(data, key, pick(row, key))
         _put(data, "timestamp", log_time(pick(row, "task_time", "upload_time")))
         received = time.time()
-        norm = normalize({"callback_type": "robotErrorWarning", "data": data},
-                         received_at=received,
-                         max_skew=self.agent.settings.max_clock_skew_seconds)
+        norm = self._normalize({"callback_type": "robotErrorWarning", "data": data}, received)
         env = Envelope(
             id=norm.message_id, type="poll.event", org=self.agent.settings.org_id,
             device=str(norm.device_id), gateway=self.agent.settings.gateway_id, ts=norm.ts,

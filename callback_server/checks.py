@@ -5,9 +5,10 @@ from __future__ import annotations
 from bridge.checks import broker_reachable, build, mqtt_transport, writable_file
 from bridge.config import mask_url
 from callback_server.config import CallbackSettings
+from callback_server.store.protocol import Store
 
 
-def _store(settings: CallbackSettings) -> object:
+def _store(settings: CallbackSettings) -> Store:
     from callback_server.store import load_targets, open_store
 
     targets = load_targets(settings.database_config) if settings.database_config else None
@@ -36,7 +37,6 @@ def problems(settings: CallbackSettings) -> list[str]:
 async def connect_problems(settings: CallbackSettings) -> list[str]:
     """``check-config --connect``: the settings' problems, then the broker and database."""
     from callback_server.service import mqtt_settings
-    from callback_server.store import SqlStore
 
     found = problems(settings)
     if found:
@@ -44,9 +44,7 @@ async def connect_problems(settings: CallbackSettings) -> list[str]:
     transport = mqtt_transport(found, settings.mqtt_backend, lambda: mqtt_settings(settings))
     if transport is not None:
         await broker_reachable(found, transport, mask_url(settings.mqtt_url))
-    store = _store(settings)
-    assert isinstance(store, SqlStore)
-    async with store:
+    async with _store(settings) as store:
         if not await store.ping():
             found.append(f"DATABASE_URL: the database at {mask_url(settings.database_url)} "
                          "does not answer")

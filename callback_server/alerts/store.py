@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from callback_server.alerts.alert import Alert, Subject, Transition, iso, new_id
-from callback_server.store import SqlStore
+from callback_server.store.protocol import SqlAccess
 from callback_server.store.schema import (
     ALERT_DELIVERIES,
     ALERT_DELIVERIES_TABLE,
@@ -79,7 +79,7 @@ class AlertSubscription:
 class AlertStore:
     """Alert rows, silences, the per-robot watch, leases, subscriptions and deliveries."""
 
-    def __init__(self, store: SqlStore) -> None:
+    def __init__(self, store: SqlAccess) -> None:
         self.store = store
         self.d = store.dialect
         self.backend = store.backend

@@ -1,8 +1,9 @@
 """What the rest of the callback server needs from a store, as protocols.
 
-``SqlStore`` satisfies both; the batch writer needs only ``BatchStore`` (its test doubles
-implement just that), and the service, app and retention are typed against ``Store``,
-so no part above the store depends on how it is built.
+``SqlStore`` satisfies all three; the batch writer needs only ``BatchStore`` (its test
+doubles implement just that), the alerts, which keep tables of their own, ``SqlAccess``,
+and the service, app and retention are typed against ``Store``, so no part above the
+store depends on how it is built.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from bridge.commands import CommandOutcome
+from callback_server.store.base import Backend
+from callback_server.store.dialect import Dialect
 from callback_server.store.rows import Item
 from callback_server.store.sql import BatchResult
+from callback_server.store.targets import Targets
 
 
 class BatchStore(Protocol):
@@ -24,7 +28,23 @@ class BatchStore(Protocol):
     async def dead_letters(self, letters: Sequence[tuple[str, bytes, str]]) -> None: ...
 
 
-class Store(BatchStore, Protocol):
+class SqlAccess(Protocol):
+    """For a part with tables of its own (the alerts): the dialect its SQL is written in,
+    the backend that runs it, where robot state lives, and a wait for the schema."""
+
+    @property
+    def dialect(self) -> Dialect: ...
+
+    @property
+    def backend(self) -> Backend: ...
+
+    @property
+    def targets(self) -> Targets: ...
+
+    async def ready(self) -> None: ...
+
+
+class Store(BatchStore, SqlAccess, Protocol):
     """Everything the service, its HTTP app and retention use."""
 
     async def __aenter__(self) -> Store: ...

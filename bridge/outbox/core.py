@@ -50,6 +50,9 @@ from types import TracebackType
 from typing import Any
 
 from bridge.errors import OutboxError, OutboxFullError, OutboxLockedError
+from bridge.outbox import dedup
+from bridge.outbox import held as held_table
+from bridge.outbox import rejected as rejected_table
 from bridge.outbox.entries import (
     STOP,
     OutboxEntry,
@@ -61,7 +64,7 @@ from bridge.outbox.entries import (
     _Remove,
     _Requeue,
 )
-from bridge.outbox.schema import SCHEMA, mark_sql, seen_sql
+from bridge.outbox.schema import SCHEMA
 from bridge.outbox.tail import Tail
 from bridge.private_files import prepare_sqlite_file
 
@@ -386,7 +389,7 @@ class Outbox:
                 depth += moved
                 results.append((op.future, moved))
             if now - self._last_prune > 60:
-                conn.execute("DELETE FROM seen WHERE at < ?", (now - self.dedup_ttl,))
+                dedup.prune(conn, now - self.dedup_ttl)
                 self._last_prune = now
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -395,10 +398,10 @@ class Outbox:
             results = [(op.future, err) for op in ops
                        if isinstance(op, (_Put, _Requeue, _Release)) and op.future is not None]
             depth = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
-            held = conn.execute("SELECT COUNT(*) FROM held").fetchone()[0]
+            held = held_table.count(conn)
             added, reordered = [], True
         if any(isinstance(op, (_Reject, _Requeue)) for op in ops):  # rare: recount
-            self.rejected = conn.execute("SELECT COUNT(*) FROM rejected").fetchone()[0]
+            self.rejected = rejected_table.count(conn)
         if depth == 0:
             self.oldest_at = None
         elif self.oldest_at is None or any(not isinstance(op, _Put) for op in ops) or reordered:
@@ -412,37 +415,19 @@ class Outbox:
         return max(cur.rowcount, 0)
 
     def _reject(self, conn: sqlite3.Connection, op: _Reject, now: float) -> int:
-        cur = conn.execute(
-            "INSERT OR IGNORE INTO rejected (seq, topic, payload, qos, retain, reason, rejected_at)"
-            " SELECT seq, topic, payload, qos, retain, ?, ? FROM outbox WHERE seq = ?",
-            (op.reason, now, op.seq),
-        )
-        if cur.rowcount <= 0:
+        if not rejected_table.set_aside(conn, op.seq, op.reason, now, self.max_rejected):
             return 0
-        excess = conn.execute(
-            "DELETE FROM rejected WHERE seq NOT IN"
-            " (SELECT seq FROM rejected ORDER BY seq DESC LIMIT ?)", (self.max_rejected,)
-        ).rowcount
-        if excess > 0:
-            log.warning("rejected table over its bound of %d: dropped the %d oldest",
-                        self.max_rejected, excess)
         return self._delete(conn, [op.seq])
 
     def _requeue(self, conn: sqlite3.Connection, now: float) -> int:
-        moved = conn.execute(
-            "INSERT INTO outbox (topic, payload, qos, retain, compact_key, created_at)"
-            " SELECT topic, payload, qos, retain, NULL, ? FROM rejected ORDER BY seq", (now,)
-        ).rowcount
-        conn.execute("DELETE FROM rejected")
-        return max(moved, 0)
+        return rejected_table.requeue(conn, now)
 
     def _insert(
         self, conn: sqlite3.Connection, op: _Put, now: float, depth: int,
         added: list[OutboxEntry],
     ) -> tuple[PutResult | BaseException, int]:
         """Insert one entry (appended to ``added``); its result and how many were compacted."""
-        keys = op.dedup_keys
-        if keys and conn.execute(seen_sql(len(keys)), keys).fetchone():
+        if dedup.seen(conn, op.dedup_keys):
             return PutResult.DUPLICATE, 0
         freed = 0
         if depth >= self.max_entries:
@@ -450,41 +435,30 @@ class Outbox:
             if not freed:
                 self.rejected_full += 1
                 return OutboxFullError(depth, self.max_entries), 0
-        seq = conn.execute(
-            "INSERT INTO outbox (topic, payload, qos, retain, compact_key, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (op.topic, op.payload, op.qos, int(op.retain), op.compact_key, now),
-        ).lastrowid
-        if keys:
-            # One statement for all keys: executemany cost a statement step per key.
-            args: list[Any] = []
-            for key in keys:
-                args += (key, now)
-            conn.execute(mark_sql(len(keys)), args)
-        assert seq is not None
+        seq = self._append(conn, op.topic, op.payload, op.qos, op.retain, op.compact_key, now)
+        dedup.mark(conn, op.dedup_keys, now)
         added.append(OutboxEntry(seq, op.topic, op.payload, op.qos, op.retain))
         return PutResult.ACCEPTED, freed
 
+    @staticmethod
+    def _append(conn: sqlite3.Connection, topic: str, payload: bytes, qos: int,
+                retain: bool, compact_key: str | None, now: float) -> int:
+        seq = conn.execute(
+            "INSERT INTO outbox (topic, payload, qos, retain, compact_key, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (topic, payload, qos, int(retain), compact_key, now),
+        ).lastrowid
+        assert seq is not None
+        return seq
+
     def _hold(self, conn: sqlite3.Connection, op: _Put, now: float) -> PutResult:
-        """Upsert into ``held``; the newest by ``order`` stays."""
-        keys = op.dedup_keys
-        if keys and conn.execute(seen_sql(len(keys)), keys).fetchone():
+        """Into ``held`` (the newest by ``order`` stays); a retry is still a duplicate."""
+        if dedup.seen(conn, op.dedup_keys):
             return PutResult.DUPLICATE
-        before = conn.execute("SELECT ord FROM held WHERE compact_key = ?",
-                              (op.compact_key,)).fetchone()
-        if before is not None and before[0] > op.order:
-            result = PutResult.STALE
-        else:
-            conn.execute(
-                "INSERT OR REPLACE INTO held (compact_key, topic, payload, qos, retain, ord,"
-                " held_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (op.compact_key, op.topic, op.payload, op.qos, int(op.retain), op.order, now))
-            result = PutResult.HELD if before is None else PutResult.REPLACED
-        if keys:  # a retry of a superseded callback is still a duplicate
-            args: list[Any] = []
-            for key in keys:
-                args += (key, now)
-            conn.execute(mark_sql(len(keys)), args)
+        assert op.compact_key is not None
+        result = held_table.hold(conn, op.compact_key, op.topic, op.payload, op.qos,
+                                 op.retain, op.order, now)
+        dedup.mark(conn, op.dedup_keys, now)  # a retry of a superseded callback too
         return result
 
     def _release(
@@ -495,23 +469,12 @@ class Outbox:
 
         Not refused at the bound (held rows are few, one per robot and channel):
         superseded state is compacted first if there is any."""
-        if keys is None:
-            rows = conn.execute("SELECT compact_key, topic, payload, qos, retain FROM held"
-                                " ORDER BY held_at").fetchall()
-        else:
-            rows = [row for key in keys for row in conn.execute(
-                "SELECT compact_key, topic, payload, qos, retain FROM held"
-                " WHERE compact_key = ?", (key,))]
+        rows = held_table.take(conn, keys)
         freed = 0
         for moved, (key, topic, payload, qos, retain) in enumerate(rows):
             if depth + moved >= self.max_entries and not freed:
                 freed = self._make_room(conn, None)
-            seq = conn.execute(
-                "INSERT INTO outbox (topic, payload, qos, retain, compact_key, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)", (topic, payload, qos, retain, key, now),
-            ).lastrowid
-            assert seq is not None
-            conn.execute("DELETE FROM held WHERE compact_key = ?", (key,))
+            seq = self._append(conn, topic, payload, qos, bool(retain), key, now)
             added.append(OutboxEntry(seq, topic, bytes(payload), qos, bool(retain)))
         return len(rows), freed
 

@@ -1,8 +1,6 @@
-"""The outbox file's tables and the statements the writer builds per batch size."""
+"""The outbox file's tables (each one's statements live in the module that owns it)."""
 
 from __future__ import annotations
-
-import functools
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -40,13 +38,3 @@ CREATE TABLE IF NOT EXISTS held (
     held_at REAL NOT NULL
 ) WITHOUT ROWID;
 """
-
-
-@functools.cache
-def seen_sql(n: int) -> str:
-    return f"SELECT 1 FROM seen WHERE key IN ({','.join('?' * n)}) LIMIT 1"
-
-
-@functools.cache
-def mark_sql(n: int) -> str:
-    return "INSERT OR REPLACE INTO seen (key, at) VALUES " + ",".join(["(?, ?)"] * n)

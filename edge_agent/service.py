@@ -83,6 +83,7 @@ class EdgeAgent:
         self.publisher = OutboxPublisher(
             self.outbox, self.transport,
             window=settings.publish_window, rate_limit=settings.publish_rate_limit,
+            ack_timeout=settings.publish_ack_timeout_seconds,
             beat=self.watchdog.beat("publisher"),
         )
         self.policy = ForwardPolicy.of(settings)
@@ -231,6 +232,9 @@ class EdgeAgent:
         drain = self.publisher.drain_estimate_s()
         eta = "" if not self.outbox.depth else (
             "; not draining" if drain is None else f"; drained in ~{drain:.0f} s")
+        stalled = self.publisher.stalled_for()
+        if stalled > self.publisher.ack_timeout:
+            broker += f", no PUBACK for {stalled:.0f} s"
         return (f"{broker}; outbox {self.outbox.depth} entries, oldest "
                 f"{self.outbox.oldest_age_s:.0f} s{eta}; {self.publisher.published} published")
 

@@ -99,6 +99,103 @@ def test_ready_does_not_wait_for_the_broker(tmp_path: Path, notify: NotifySocket
         assert r.status_code == 200  # webhooks are taken while the uplink is down
 
 
+class SilentBroker:
+    """A raw-TCP MQTT 3.1.1 broker that accepts CONNECT, SUBSCRIBE and PINGREQ but never
+    sends a PUBACK: connected, and wedged for whoever waits on its acks."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.publishes = 0
+        self._conns: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, name="silent-broker",
+                                        daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):  # the server socket closed: the test is over
+            while True:
+                conn, _ = self.server.accept()
+                self._conns.append(conn)
+                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _read(conn: socket.socket, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = conn.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("closed")
+            data += chunk
+        return data
+
+    def _serve(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError), conn:
+            while True:
+                kind = self._read(conn, 1)[0] >> 4
+                length, shift = 0, 0
+                while True:  # the remaining length, 7 bits a byte (MQTT 3.1.1 2.2.3)
+                    byte = self._read(conn, 1)[0]
+                    length |= (byte & 0x7F) << shift
+                    shift += 7
+                    if not byte & 0x80:
+                        break
+                body = self._read(conn, length)
+                if kind == 1:  # CONNECT -> CONNACK, accepted, no session present
+                    conn.sendall(b"\x20\x02\x00\x00")
+                elif kind == 8:  # SUBSCRIBE -> SUBACK granting QoS 1 to each filter
+                    filters, at = 0, 2
+                    while at < len(body):
+                        at += 2 + int.from_bytes(body[at:at + 2], "big") + 1
+                        filters += 1
+                    conn.sendall(bytes([0x90, 2 + filters]) + body[:2] + b"\x01" * filters)
+                elif kind == 12:  # PINGREQ -> PINGRESP: the connection stays up
+                    conn.sendall(b"\xd0\x00")
+                elif kind == 3:  # PUBLISH: never acknowledged
+                    self.publishes += 1
+                elif kind == 14:  # DISCONNECT
+                    return
+
+    def close(self) -> None:
+        self.server.close()
+        for conn in self._conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        self._thread.join(5)
+
+
+@pytest.mark.integration
+def test_a_broker_that_never_acks_stops_the_watchdog_pings(tmp_path: Path,
+                                                           notify: NotifySocket) -> None:
+    broker = SilentBroker()
+    try:
+        with edge_agent(tmp_path, f"mqtt://127.0.0.1:{broker.port}?protocol=3.1.1",
+                        org="acme", PUBLISH_ACK_TIMEOUT_SECONDS="1",
+                        **systemd_env(notify)) as agent:
+            notify.wait_for("READY=1")
+            agent.wait_health("broker_connected", True)
+            notify.wait_for("WATCHDOG=1", count=2)  # connected and idle: alive
+            with httpx.Client(base_url=agent.url, headers={"CallbackCode": "test-code"}) as c:
+                for i in range(20):
+                    assert c.post("/api/pudu/webhook", json={
+                        "callback_type": "notifyRobotPower",
+                        "data": {"sn": f"R{i}", "power": 50}}).status_code == 200
+            agent.wait_health("inflight", 20)
+            # The ack timeout (1 s) passes (STATUS= says so), then the watchdog's stale
+            # limit (4 s) ...
+            assert any("no PUBACK for" in line for line in notify.drain(6.0))
+            # ... and then systemd hears nothing: with WatchdogSec=2 it would restart us.
+            assert "WATCHDOG=1" not in notify.drain(3.0)
+            health = agent.health()
+            assert health["broker_connected"] and health["published"] == 0
+            assert health["outbox_depth"] == 20  # nothing lost: resent after the restart
+            assert broker.publishes >= 20  # sent, never acknowledged
+        assert "publisher wedged" in agent.log_path.read_text()
+        assert "stopped making progress" in agent.log_path.read_text()
+    finally:
+        broker.close()
+
+
 async def test_a_wedged_loop_stops_the_watchdog_pings(notify: NotifySocket) -> None:
     notifier = Notifier({"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000"})
     watchdog = Watchdog(notifier)

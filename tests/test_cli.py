@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -108,6 +109,29 @@ def test_outbox_stats_and_peek_beside_a_running_agent(tmp_path: Path) -> None:
     assert health["outbox_oldest_age_s"] >= 0 and health["drain_estimate_s"] is None
     entries = json.loads(peek.stdout)
     assert [e["payload"]["device"] for e in entries] == ["R0", "R1"]
+
+
+def _not_an_outbox(path: Path, kind: str) -> None:
+    if kind == "empty file":
+        path.touch()
+    elif kind == "text file":
+        path.write_text("not a database\n" * 100)
+    elif kind == "directory":
+        path.mkdir()
+    else:  # another program's SQLite database
+        with sqlite3.connect(path) as conn:
+            conn.execute("CREATE TABLE notes (body TEXT)")
+        conn.close()
+
+
+@pytest.mark.parametrize("kind", ["empty file", "text file", "directory", "other database"])
+def test_outbox_stats_and_peek_on_a_bad_outbox_path_say_so_in_one_line(
+        tmp_path: Path, kind: str) -> None:
+    _not_an_outbox(tmp_path / "outbox.db", kind)
+    for command in (["stats"], ["peek", "-n", "3"]):
+        done = cli("edge_agent", "outbox", *command, env=edge_env(tmp_path))
+        assert_one_line_refusal(done, "OUTBOX_PATH")
+        assert done.stdout == ""
 
 
 def test_usage_errors_exit_2_without_a_traceback() -> None:

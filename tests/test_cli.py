@@ -43,6 +43,8 @@ def assert_one_line_refusal(done: subprocess.CompletedProcess[str], needle: str)
     ({"MQTT_BACKEND": "awsiot"}, "MQTT_BACKEND"),
     ({"MQTT_BACKEND": "memory"}, "MQTT_BACKEND"),  # the in-process broker: tests and demo only
     ({"OUTBOX_PATH": "/etc/hostname/outbox.db"}, "OUTBOX_PATH"),
+    ({"OUTBOX_PATH": "/proc/edge-agent/outbox.db"}, "OUTBOX_PATH"),  # root may "write" there
+    ({"EDGE_HTTP_PORT": "18765", "EDGE_ADMIN_PORT": "18765"}, "EDGE_ADMIN_PORT"),
 ])
 def test_edge_check_config_and_run_refuse_the_same_settings(
         tmp_path: Path, extra: dict[str, str], needle: str) -> None:
@@ -55,6 +57,17 @@ def test_callback_check_config_migrate_and_run_refuse_a_postgres_url(tmp_path: P
     env = {"DATABASE_URL": "postgres://u@db/x"}
     for command in ("check-config", "migrate", "run"):
         assert_one_line_refusal(cli("callback_server", command, env=env), "DATABASE_URL")
+
+
+@pytest.mark.parametrize("keys", ["keys: [ {bad: 1} ]\n", "keys: [ {name: a\n"])
+def test_callback_check_config_and_run_refuse_a_malformed_keys_file(tmp_path: Path,
+                                                                   keys: str) -> None:
+    (tmp_path / "keys.yaml").write_text(keys)
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'cb.db'}",
+           "API_KEYS_FILE": str(tmp_path / "keys.yaml"),
+           "CALLBACK_HTTP_HOST": "127.0.0.1", "CALLBACK_HTTP_PORT": str(pick_port())}
+    for command in ("check-config", "run"):
+        assert_one_line_refusal(cli("callback_server", command, env=env), "API_KEYS_FILE")
 
 
 def test_callback_check_config_and_run_refuse_the_in_process_broker(tmp_path: Path) -> None:

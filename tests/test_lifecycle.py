@@ -21,7 +21,7 @@ import pytest
 
 from bridge.sdnotify import Notifier, Watchdog
 from tests.mqtt_probe import Probe
-from tests.services import callback_server, edge_agent, pick_port
+from tests.services import ADMIN_TOKEN, callback_server, edge_agent, pick_port
 
 BROKER = "mqtt://127.0.0.1:1883"
 
@@ -223,41 +223,67 @@ async def test_a_wedged_loop_stops_the_watchdog_pings(notify: NotifySocket) -> N
         notifier.close()
 
 
+def open_streams(url: str, topic: str, token: str, count: int = 3) -> list[threading.Thread]:
+    """``count`` SSE readers that never leave by themselves; returns once each has its
+    first event (the server's ``subscribed``), so every stream is really open."""
+    opened = threading.Semaphore(0)
+
+    def stream() -> None:
+        first = True
+        with contextlib.suppress(httpx.HTTPError), httpx.stream(
+                "GET", url + "/mqtt/stream", params={"topic": topic},
+                headers={"Authorization": f"Bearer {token}"}, timeout=30) as r:
+            for _ in r.iter_lines():
+                if first:
+                    opened.release()
+                    first = False
+
+    readers = [threading.Thread(target=stream, daemon=True) for _ in range(count)]
+    for reader in readers:
+        reader.start()
+    for _ in readers:
+        assert opened.acquire(timeout=10), "a stream did not open"
+    return readers
+
+
+def sigterm(proc: subprocess.Popen[bytes] | None) -> tuple[int, float]:
+    """SIGTERM, then the exit code and how long the stop took (systemd allows 20 s)."""
+    assert proc is not None
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(20)  # systemd's TimeoutStopSec
+    return code, time.monotonic() - started
+
+
 @pytest.mark.integration
 def test_sigterm_with_open_streams_and_a_backlog_stops_in_time(tmp_path: Path) -> None:
     p, org = f"t{uuid.uuid4().hex[:8]}", "acme"
     token = "proxy-token-0123456789abcdef"
     with Probe(BROKER, f"{p}/org/{org}/device/#", persistent=False) as probe:
-        agent = edge_agent(tmp_path, BROKER, org=org, TOPIC_PREFIX=p, PROXY_TOKEN=token)
+        # 20 msg/s after a burst of 20: most of the 300 are still waiting at SIGTERM.
+        agent = edge_agent(tmp_path, BROKER, org=org, TOPIC_PREFIX=p, PROXY_TOKEN=token,
+                           PUBLISH_RATE_LIMIT="20")
         agent.start()
-        admin = f"http://127.0.0.1:{agent.env['EDGE_ADMIN_PORT']}"
-        opened = threading.Event()
-
-        def stream() -> None:  # an SSE reader that never leaves by itself
-            with contextlib.suppress(httpx.HTTPError), httpx.stream(
-                    "GET", admin + "/mqtt/stream", params={"topic": f"{p}/org/{org}/#"},
-                    headers={"Authorization": f"Bearer {token}"}, timeout=30) as r:
-                for _ in r.iter_lines():
-                    opened.set()
-
-        readers = [threading.Thread(target=stream, daemon=True) for _ in range(3)]
-        for reader in readers:
-            reader.start()
-        assert opened.wait(10)
+        readers = open_streams(agent.admin_url, f"{p}/org/{org}/#", token)
         with httpx.Client(base_url=agent.url, headers={"CallbackCode": "test-code"}) as c:
             for i in range(300):  # the backlog: accepted, not all published yet
                 assert c.post("/api/pudu/webhook", json={
                     "callback_type": "notifyRobotPower",
                     "data": {"sn": f"R{i % 7}", "power": i % 100, "notify_timestamp": i + 1}}
                 ).status_code == 200
-        assert agent.proc is not None
-        started = time.monotonic()
-        agent.proc.send_signal(signal.SIGTERM)
-        code = agent.proc.wait(20)  # systemd's TimeoutStopSec
-        took = time.monotonic() - started
+        backlog = agent.health()["outbox_depth"]
+        assert backlog > 100, backlog
+        code, took = sigterm(agent.proc)
         assert code == 0 and took < 10, (code, took)
+        for reader in readers:
+            reader.join(5)
+            assert not reader.is_alive(), "a stream outlived the agent"
         presence = [m for m in probe.messages if m.topic.endswith("/presence")]
         assert presence and presence[-1].payload == b"offline"
+        with Probe(BROKER, f"{p}/org/{org}/device/gw1/presence") as late:  # a newcomer
+            retained = late.wait_for(1, timeout=5)[0]
+        assert (retained.payload, retained.retain) == (b"offline", True)
+        agent.env["PUBLISH_RATE_LIMIT"] = "0"
         agent.start()  # whatever was left in the outbox goes out now
         robot = [m for m in probe.wait_for(300 + 3) if m.topic.endswith("/power")]
         deadline = time.monotonic() + 20
@@ -266,9 +292,22 @@ def test_sigterm_with_open_streams_and_a_backlog_stops_in_time(tmp_path: Path) -
             robot = [m for m in probe.wait_for(len(probe.messages) + 1)
                      if m.topic.endswith("/power")]
         agent.stop()
+    print(f"stopped in {took:.2f} s with 3 open streams and {backlog} waiting")
+
+
+@pytest.mark.integration
+def test_sigterm_stops_the_callback_server_with_open_streams_in_time(tmp_path: Path) -> None:
+    p = f"t{uuid.uuid4().hex[:8]}"
+    server = callback_server(tmp_path, BROKER, f"sqlite:///{tmp_path / 'cb.db'}",
+                             TOPIC_PREFIX=p)
+    server.start()
+    readers = open_streams(server.url, f"{p}/org/acme/#", ADMIN_TOKEN)
+    code, took = sigterm(server.proc)
+    assert code == 0 and took < 10, (code, took)
     for reader in readers:
         reader.join(5)
-    print(f"stopped in {took:.2f} s with 3 open streams")
+        assert not reader.is_alive(), "a stream outlived the server"
+    print(f"callback server stopped in {took:.2f} s with 3 open streams")
 
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from contextlib import AsyncExitStack
 from types import TracebackType
@@ -249,6 +250,8 @@ class EdgeAgent:
         self.metrics.outbox_rejected.set(self.outbox.rejected)
         self.metrics.outbox_held.set(self.outbox.held)
         self.metrics.outbox_oldest_age.set(self.outbox.oldest_age_s)
+        drain = self.publisher.drain_estimate_s()
+        self.metrics.outbox_drain_estimate.set(math.inf if drain is None else drain)
         self.metrics.published.set(self.publisher.published)
         self.metrics.broker_connected.set(1 if self.transport.connected else 0)
 

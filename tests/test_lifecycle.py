@@ -21,6 +21,7 @@ import pytest
 
 from bridge.sdnotify import Notifier, Watchdog
 from tests.mqtt_probe import Probe
+from tests.procs import wait_for_port
 from tests.services import ADMIN_TOKEN, callback_server, edge_agent, pick_port
 
 BROKER = "mqtt://127.0.0.1:1883"
@@ -308,6 +309,26 @@ def test_sigterm_stops_the_callback_server_with_open_streams_in_time(tmp_path: P
         reader.join(5)
         assert not reader.is_alive(), "a stream outlived the server"
     print(f"callback server stopped in {took:.2f} s with 3 open streams")
+
+
+@pytest.mark.integration
+def test_sigterm_while_the_callback_server_starts_is_an_orderly_stop(tmp_path: Path) -> None:
+    # The broker is away: starting waits up to 5 s for the subscription. The port is
+    # bound first, so once it answers the service is starting, not yet serving.
+    dead = f"mqtt://127.0.0.1:{pick_port()}"
+    server = callback_server(tmp_path, dead, f"sqlite:///{tmp_path / 'cb.db'}")
+    with server.log_path.open("ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "callback_server", "run"],
+                                env=server.env, stdout=log, stderr=log)
+    try:
+        wait_for_port("127.0.0.1", server.port, timeout=20)
+        code, took = sigterm(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert code == 0, (code, server.log_path.read_text()[-2000:])  # not killed (-15)
+    assert took < 10 and "stopping" in server.log_path.read_text()
 
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

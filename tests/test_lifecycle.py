@@ -261,9 +261,9 @@ def test_sigterm_with_open_streams_and_a_backlog_stops_in_time(tmp_path: Path) -
     p, org = f"t{uuid.uuid4().hex[:8]}", "acme"
     token = "proxy-token-0123456789abcdef"
     with Probe(BROKER, f"{p}/org/{org}/device/#", persistent=False) as probe:
-        # 20 msg/s after a burst of 20: most of the 300 are still waiting at SIGTERM.
+        # 10 msg/s after a burst of 10: most of the 300 are still waiting at SIGTERM.
         agent = edge_agent(tmp_path, BROKER, org=org, TOPIC_PREFIX=p, PROXY_TOKEN=token,
-                           PUBLISH_RATE_LIMIT="20")
+                           PUBLISH_RATE_LIMIT="10")
         agent.start()
         readers = open_streams(agent.admin_url, f"{p}/org/{org}/#", token)
         with httpx.Client(base_url=agent.url, headers={"CallbackCode": "test-code"}) as c:
@@ -273,7 +273,7 @@ def test_sigterm_with_open_streams_and_a_backlog_stops_in_time(tmp_path: Path) -
                     "data": {"sn": f"R{i % 7}", "power": i % 100, "notify_timestamp": i + 1}}
                 ).status_code == 200
         backlog = agent.health()["outbox_depth"]
-        assert backlog > 100, backlog
+        assert backlog > 50, backlog
         code, took = sigterm(agent.proc)
         assert code == 0 and took < 10, (code, took)
         for reader in readers:

@@ -36,7 +36,17 @@ bench: $(STAMP)
 # As root on a gateway or cloud host: the venv in /opt/pudu-fleet-bridge, the units, the
 # system user and directories. DESTDIR=dir stages it instead; WHEELHOUSE=dir installs with
 # no package index (make wheelhouse first; PLATFORM=manylinux2014_aarch64 PYVER=3.11 for
-# another machine's wheels). A second run changes nothing; uninstall keeps config and data.
+# another machine's wheels). A second run changes nothing; uninstall stops and disables the
+# units and keeps config and data.
+# PYTHON= on the command line works too: a version (PYTHON=3.11) is the gateway's PYVER,
+# anything else (PYTHON=python3.11) the interpreter.
+ifeq ($(origin PYTHON),command line)
+ifneq ($(shell echo '$(PYTHON)' | grep -Ex '[0-9]+(\.[0-9]+)*'),)
+PYVER ?= $(PYTHON)
+else
+PY := $(PYTHON)
+endif
+endif
 install uninstall wheelhouse:
 	DESTDIR="$(DESTDIR)" WHEELHOUSE="$(WHEELHOUSE)" PLATFORM="$(PLATFORM)" PYVER="$(PYVER)" \
 		PYTHON="$(PY)" bash systemd/install.sh $@

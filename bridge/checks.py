@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -55,6 +56,13 @@ def writable_file(problems: list[str], setting: str, path: Path) -> None:
         parent = parent.parent  # the nearest directory that exists is where we must write
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         problems.append(f"{setting}: cannot create {path}: {parent} is not writable by this user")
+        return
+    try:  # os.access says yes to root anywhere, /proc included: try it (nothing is left)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        problems.append(f"{setting}: cannot create {path}: {parent} does not take new "
+                        f"files ({exc.strerror or exc})")
 
 
 async def broker_reachable(problems: list[str], transport: Transport, url: str,

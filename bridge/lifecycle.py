@@ -5,8 +5,8 @@
 2. The service is entered (outbox or store open, transport started; the broker may
    still be away: a gateway must take webhooks while its uplink is down).
 3. ``READY=1`` to systemd (and the watchdog starts pinging); "listening" is logged.
-4. Until SIGTERM/SIGINT (handled here and nowhere else; SIGHUP reloads, e.g. the API
-   keys) or a listener fails.
+4. Until SIGTERM/SIGINT (handled here and nowhere else, from before step 2 on, so a stop
+   while starting is orderly; SIGHUP reloads, e.g. the API keys) or a listener fails.
 5. ``STOPPING=1``; open streams (SSE) are ended so they cannot hold the shutdown; the
    listeners stop accepting and finish in-flight requests within a grace period; then
    the service's own exit drains what it can, publishes ``offline`` and closes.
@@ -88,9 +88,11 @@ async def serve_service(
     status: Callable[[], str],
     end_streams: Callable[[], None] = lambda: None,
     reload: Callable[[], object] | None = None,
+    on_ready: Callable[[], None] = lambda: None,
 ) -> None:
     """Run ``service`` behind ``listeners`` until a signal; BindError if one cannot bind,
-    FleetError if a listener fails while running. ``reload`` runs on SIGHUP."""
+    FleetError if a listener fails while running. ``reload`` runs on SIGHUP, ``on_ready``
+    once every listener serves (the demo's banner)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     failed: list[BaseException] = []
@@ -107,6 +109,7 @@ async def serve_service(
             await s.server.ready.wait()  # type: ignore[attr-defined]
         for s in servers:
             log.info("%s listening on %s:%d", s.name, s.host, s.port)
+        on_ready()
         notifier.ready(status())
         await watchdog.run()
 
@@ -121,26 +124,27 @@ async def serve_service(
             if listener.sock is not None:
                 listener.sock.close()
         raise
-    async with service:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        if reload is not None:
-            loop.add_signal_handler(signal.SIGHUP, reload)
-        try:
-            async with asyncio.TaskGroup() as group:
-                for s in servers:
-                    group.create_task(serve(s), name=f"http-{s.name}")
-                ready = group.create_task(until_ready(servers), name="ready-and-watchdog")
-                await stop.wait()
-                log.info("stopping")
-                ready.cancel()
-                notifier.stopping()
-                end_streams()  # SSE responses end now instead of holding a listener open
-                for s in servers:
-                    s.server.should_exit = True  # stop accepting; finish within the grace
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
+    # Before the service starts: a stop while it starts (the callback server waits up to
+    # 5 s for its subscription) is an orderly one once it has started, not a kill.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload)
+    try:
+        async with service, asyncio.TaskGroup() as group:
+            for s in servers:
+                group.create_task(serve(s), name=f"http-{s.name}")
+            ready = group.create_task(until_ready(servers), name="ready-and-watchdog")
+            await stop.wait()
+            log.info("stopping")
+            ready.cancel()
+            notifier.stopping()
+            end_streams()  # SSE responses end now instead of holding a listener open
+            for s in servers:
+                s.server.should_exit = True  # stop accepting; finish within the grace
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
     notifier.close()
     if failed:
         raise FleetError(f"a listener failed: {failed[0]!r}") from failed[0]

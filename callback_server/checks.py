@@ -22,6 +22,12 @@ def problems(settings: CallbackSettings) -> list[str]:
     found: list[str] = []
     mqtt_transport(found, settings.mqtt_backend, lambda: mqtt_settings(settings))
     build(found, "DATABASE_URL", lambda: _store(settings))
+    if settings.api_keys_file:
+        from pathlib import Path
+
+        from callback_server.keys import read_file
+
+        build(found, "API_KEYS_FILE", lambda: read_file(Path(settings.api_keys_file or "")))
     if settings.alert_rules_file:
         from callback_server.alerts import load_alert_settings
 

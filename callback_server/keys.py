@@ -111,7 +111,19 @@ def read_file(path: Path) -> KeysFile:
         data = yaml.safe_load(text) or {}
         return KeysFile.model_validate(data)
     except (yaml.YAMLError, ValidationError) as exc:
-        raise ConfigError(f"{path} is not a valid keys file: {exc}") from exc
+        raise ConfigError(f"{path} is not a valid keys file: {_one_line(exc)}") from exc
+
+
+def _one_line(exc: yaml.YAMLError | ValidationError) -> str:
+    """What is wrong, on one line: check-config and run print one line per problem."""
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'file'}: {err['msg']}"
+                         for err in exc.errors())
+    mark = getattr(exc, "problem_mark", None)
+    if mark is not None:
+        problem = getattr(exc, "problem", None) or "not YAML"
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(exc).split())
 
 
 def write_file(path: Path, keys: KeysFile) -> None:
@@ -147,7 +159,7 @@ def add_key(path: Path, name: str, orgs: list[str], role: Role) -> str:
     try:
         entry = KeyEntry(name=name, sha256=digest(key), orgs=orgs, role=role)
     except ValidationError as exc:
-        raise ConfigError(str(exc)) from exc
+        raise ConfigError(_one_line(exc)) from exc
     write_file(path, KeysFile(keys=[*current.keys, entry]))
     return key
 

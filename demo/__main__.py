@@ -9,16 +9,19 @@ environment variables. Each run makes a new demo admin key (written, hashed, to
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from bridge.embedded_broker import EmbeddedBroker
 from bridge.errors import FleetError
-from bridge.http_server import make_server, serve_until_signal
+from bridge.http_server import make_server
+from bridge.lifecycle import EXIT_CONFIG, Listener, run_main, serve_service
 from bridge.logs import setup_logging
-from bridge.loop import run as run_service
+from bridge.sdnotify import Notifier, Watchdog
 from callback_server import config as cb_config
 from callback_server.keys import ALL_ORGS, add_key
 from callback_server.service import CallbackServer
@@ -72,46 +75,67 @@ Ctrl-C stops everything.
 """
 
 
+@contextlib.asynccontextmanager
+async def _pipeline(broker: EmbeddedBroker, agent: EdgeAgent, server: CallbackServer
+                    ) -> AsyncIterator[None]:
+    """The three parts as one service for bridge.lifecycle: broker first, out last."""
+    async with broker, agent, server:
+        yield
+
+
 async def main() -> None:
     env = os.environ
     broker_port = _free(int(env.get("DEMO_MQTT_PORT", "1883")))
     keys_file = Path(env.get("DEMO_KEYS_FILE", "data/demo-keys.yaml"))
     key = _demo_key(keys_file)
-    async with EmbeddedBroker("127.0.0.1", broker_port) as broker:
-        defaults = {
-            "PUDU_CALLBACK_CODE": DEMO_CODE, "ORG_ID": "demo", "GATEWAY_ID": "demo-gateway",
-            "OUTBOX_PATH": "data/outbox.db",
-            "DATABASE_URL": "sqlite:///data/callback.db", "MQTT_CLIENT_ID": "",
-        }
-        merged = {**defaults, **env, "MQTT_URL": broker.url}
-        # The same key opens the edge's proxy (its one token) and, by hash, the cloud side.
-        edge_settings = edge_config.load(None, {**merged, "MQTT_CLIENT_ID": "",
-                                                "PROXY_TOKEN": key})
-        cb_settings = cb_config.load(None, {**merged, "API_KEYS_FILE": str(keys_file)})
-        async with EdgeAgent(edge_settings) as agent, CallbackServer(cb_settings) as server:
-            servers = [
-                make_server(agent.app, edge_settings.http_host, edge_settings.http_port,
-                            agent.nodelay, edge_settings.http_limits),
-                make_server(server.app, cb_settings.http_host, cb_settings.http_port,
-                            server.nodelay, cb_settings.http_limits),
-            ]
-            servers.append(make_server(agent.admin_app, edge_settings.admin_host,
-                                       edge_settings.admin_port, agent.nodelay,
-                                       edge_settings.http_limits))
-            print(_banner(edge_settings.http_port, edge_settings.admin_port,
-                          cb_settings.http_port, edge_settings.pudu_callback_code
-                          .get_secret_value(), key), flush=True)
-            await serve_until_signal(*servers)
+    broker = EmbeddedBroker("127.0.0.1", broker_port)
+    defaults = {
+        "PUDU_CALLBACK_CODE": DEMO_CODE, "ORG_ID": "demo", "GATEWAY_ID": "demo-gateway",
+        "OUTBOX_PATH": "data/outbox.db",
+        "DATABASE_URL": "sqlite:///data/callback.db", "MQTT_CLIENT_ID": "",
+    }
+    merged = {**defaults, **env, "MQTT_URL": broker.url}
+    # The same key opens the edge's proxy (its one token) and, by hash, the cloud side.
+    edge = edge_config.load(None, {**merged, "MQTT_CLIENT_ID": "", "PROXY_TOKEN": key})
+    cloud = cb_config.load(None, {**merged, "API_KEYS_FILE": str(keys_file)})
+    agent, server = EdgeAgent(edge), CallbackServer(cloud)
+
+    def listeners() -> list[Listener]:
+        return [
+            Listener("webhook", edge.http_host, edge.http_port,
+                     make_server(agent.app, edge.http_host, edge.http_port, agent.nodelay,
+                                 edge.http_limits)),
+            Listener("callback server", cloud.http_host, cloud.http_port,
+                     make_server(server.app, cloud.http_host, cloud.http_port,
+                                 server.nodelay, cloud.http_limits)),
+            Listener("edge admin", edge.admin_host, edge.admin_port,
+                     make_server(agent.admin_app, edge.admin_host, edge.admin_port,
+                                 agent.nodelay, edge.http_limits)),
+        ]
+
+    def banner() -> None:  # every listener is bound and serving: the curls work now
+        print(_banner(edge.http_port, edge.admin_port, cloud.http_port,
+                      edge.pudu_callback_code.get_secret_value(), key), flush=True)
+
+    def end_streams() -> None:
+        agent.proxy.end_streams()
+        server.end_streams()
+
+    notifier = Notifier({})  # not under systemd
+    # The same lifecycle as the services: a port in use is one line and exit 3 before the
+    # banner or the broker; SIGTERM/SIGINT are handled there and nowhere else.
+    await serve_service(_pipeline(broker, agent, server), listeners, notifier=notifier,
+                        watchdog=Watchdog(notifier), status=lambda: "demo",
+                        end_streams=end_streams, on_ready=banner)
 
 
 def run() -> int:
     setup_logging(os.environ.get("LOG_LEVEL", "WARNING").upper(), json_lines=False)
     try:
-        run_service(main())
-    except FleetError as exc:
+        return run_main("make run", main())
+    except FleetError as exc:  # a listener or the embedded broker failed while running
         print(f"make run: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_CONFIG
 
 
 if __name__ == "__main__":

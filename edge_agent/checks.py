@@ -20,8 +20,20 @@ def problems(settings: EdgeSettings) -> list[str]:
     scheme = TopicScheme(settings.org_id, settings.topic_prefix)
     mqtt_transport(found, settings.mqtt_backend, lambda: mqtt_settings(settings, scheme))
     writable_file(found, "OUTBOX_PATH", settings.outbox_path)
+    if _same_address(settings):
+        found.append(f"EDGE_ADMIN_PORT: the admin listener needs a port of its own "
+                     f"({settings.admin_port} is EDGE_HTTP_PORT too)")
     found.extend(plugin_problems(settings, BUILTIN_NAMES))
     return found
+
+
+def _same_address(settings: EdgeSettings) -> bool:
+    """Both listeners on one port where their addresses overlap: the second cannot bind."""
+    if settings.http_port != settings.admin_port or settings.http_port == 0:
+        return False  # port 0: each gets its own free port
+    anywhere = {"", "0.0.0.0", "::"}
+    hosts = {settings.http_host, settings.admin_host}
+    return len(hosts) == 1 or bool(hosts & anywhere)
 
 
 def warnings(settings: EdgeSettings) -> list[str]:

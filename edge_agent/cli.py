@@ -14,6 +14,7 @@ from bridge.cli import (
     report_problems,
     report_warnings,
 )
+from bridge.errors import OutboxError
 from bridge.lifecycle import run_main
 from edge_agent import checks, config
 
@@ -52,9 +53,8 @@ def _main(argv: list[str] | None) -> int:
                 out: object = stats(settings.outbox_path)
             else:
                 out = peek_entries(settings.outbox_path, max(1, args.n))
-        except FileNotFoundError as exc:
-            print(f"{PROG}: {exc}", file=sys.stderr)
-            return 1
+        except OutboxError as exc:
+            return report_problems(PROG, [str(exc)])
         print(json.dumps(out, indent=2, ensure_ascii=False))
         return 0
     found = checks.problems(settings)

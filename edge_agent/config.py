@@ -45,6 +45,9 @@ ENV_MAP = {
     "GATEWAY_ID": "gateway_id",
     "OUTBOX_PATH": "outbox_path",
     "OUTBOX_MAX_ENTRIES": "outbox_max_entries",
+    "PUBLISH_WINDOW": "publish_window",
+    "PUBLISH_RATE_LIMIT": "publish_rate_limit",
+    "PUBLISH_ACK_TIMEOUT_SECONDS": "publish_ack_timeout_seconds",
     "MAX_BODY_BYTES": "max_body_bytes",
     "FORWARD_CHANNELS": "forward_channels",
     "DROP_TYPES": "drop_types",
@@ -107,6 +110,9 @@ class EdgeSettings(BaseModel):
     dedup_ttl_seconds: float = Field(3600.0, gt=0)
     publish_window: int = Field(100, ge=1, le=1000)
     publish_rate_limit: float = Field(0.0, ge=0)  # msg/s; AWS IoT caps a connection at 100
+    # Connected, publishes in flight, no PUBACK for this long: the publisher is wedged and
+    # stops the watchdog's heartbeat (a broker that is away is not wedged).
+    publish_ack_timeout_seconds: float = Field(10.0, gt=0)
     mqtt_reconnect_max_seconds: float = Field(30.0, gt=0)
     topic_prefix: str = ""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"

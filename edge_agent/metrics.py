@@ -46,6 +46,13 @@ class EdgeMetrics:
             "edge_outbox_oldest_age_seconds", "How long the oldest outbox entry has waited",
             registry=self.registry,
         )
+        # +Inf while entries wait and nothing is being published (broker away): an alert
+        # on "drained in more than N s" fires then too; 0 when the outbox is empty.
+        self.outbox_drain_estimate = Gauge(
+            "edge_outbox_drain_estimate_seconds",
+            "Seconds to empty the outbox at the recent publish rate",
+            registry=self.registry,
+        )
         self.outbox_rejected = Gauge(
             "edge_outbox_rejected", "Entries the broker refused for good, set aside",
             registry=self.registry,

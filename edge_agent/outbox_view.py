@@ -6,19 +6,34 @@ agent's writer nor sees a half-written commit, so this is safe while the agent r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
+
+from bridge.errors import OutboxError
 
 __all__ = ["peek_entries", "stats"]
 
 
-def _open(path: Path) -> sqlite3.Connection:
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[sqlite3.Connection]:
+    """A read-only connection; OutboxError (one line for the operator) for a missing
+    file, a directory, an empty or foreign database or no database at all."""
     if not path.exists():
-        raise FileNotFoundError(f"no outbox at {path} (OUTBOX_PATH)")
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        raise OutboxError(f"no outbox at {path} (OUTBOX_PATH)")
+    try:
+        conn = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True)
+        try:
+            yield conn
+        finally:
+            conn.close()
+    except (sqlite3.Error, OSError) as exc:
+        raise OutboxError(f"cannot read {path} as an outbox (OUTBOX_PATH): {exc}") from exc
 
 
 def _channel(topic: str) -> str:
@@ -29,7 +44,7 @@ def _channel(topic: str) -> str:
 def stats(path: Path) -> dict[str, Any]:
     """Depth, oldest and newest age, rejected entries, file size and depth per channel."""
     now = time.time()
-    with _open(path) as conn:
+    with _reading(path) as conn:
         depth, oldest, newest = conn.execute(
             "SELECT COUNT(*), MIN(created_at), MAX(created_at) FROM outbox").fetchone()
         rejected = conn.execute("SELECT COUNT(*) FROM rejected").fetchone()[0]
@@ -54,7 +69,7 @@ def peek_entries(path: Path, count: int) -> list[dict[str, Any]]:
     """The ``count`` oldest entries, in the order they will be published."""
     now = time.time()
     out = []
-    with _open(path) as conn:
+    with _reading(path) as conn:
         rows = conn.execute("SELECT seq, topic, payload, qos, created_at FROM outbox "
                             "ORDER BY seq LIMIT ?", (count,)).fetchall()
     for seq, topic, payload, qos, created in rows:

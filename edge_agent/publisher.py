@@ -9,6 +9,12 @@ on reconnect paho resends the in-flight ones first, in order.
 A publish the broker refuses for good (MQTT 5 PUBACK "not authorised", bad topic) is
 moved to the outbox's rejected table instead of being resent forever in front of
 everything else; any other failure rewinds to it and resends after ``retry_delay``.
+
+Waiting is not being wedged: an idle outbox, a broker that is away, a full window whose
+PUBACKs keep arriving (a slow uplink) all keep the watchdog's heartbeat fresh. A broker
+that is connected but has acknowledged nothing for ``ack_timeout`` seconds while
+publishes wait is wedged: MQTT resends unacknowledged QoS 1 publishes only on a new
+connection ([MQTT-4.4.0-1]), so the heartbeat goes stale and systemd's restart makes one.
 """
 
 from __future__ import annotations
@@ -29,6 +35,10 @@ from bridge.transport import Transport
 
 #: The longest wait before resending, however often resends keep failing.
 RETRY_CAP_SECONDS = 30.0
+#: No PUBACK for this long while connected with publishes in flight: wedged. Well under
+#: the units' WatchdogSec=30, so systemd restarts within about a minute; a PUBACK takes
+#: milliseconds (a second or two on a poor cellular uplink).
+ACK_TIMEOUT_SECONDS = 10.0
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +94,16 @@ class OutboxPublisher:
         window: int = 100,
         rate_limit: float = 0.0,
         retry_delay: float = 1.0,
+        ack_timeout: float = ACK_TIMEOUT_SECONDS,
         beat: Callable[[], None] = lambda: None,
     ) -> None:
         self.outbox = outbox
         self.transport = transport
         self.window = window
         self.retry_delay = retry_delay
-        self.beat = beat  # the watchdog's heartbeat: stamped every iteration, idle or not
+        self.ack_timeout = ack_timeout
+        # The watchdog's heartbeat: stamped every iteration, idle or not, unless stalled.
+        self._heartbeat = beat
         self.published = 0
         self.failed = 0
         self.rejected = 0
@@ -103,6 +116,11 @@ class OutboxPublisher:
         self._resends = 0  # resend rounds since the last PUBACK: the back-off's exponent
         self._idle = asyncio.Event()
         self._idle.set()
+        # Last sign of progress while publishes wait: a PUBACK (or a failure), a
+        # (re)connect, or the window starting to fill after it was empty.
+        self._progress_at = time.monotonic()
+        self._stall_reported = False
+        transport.add_connection_listener(self._on_connection)
 
     @property
     def inflight(self) -> int:
@@ -115,6 +133,26 @@ class OutboxPublisher:
             return 0.0
         rate = self.rate.rate()
         return None if rate < 0.01 else self.outbox.depth / rate
+
+    def stalled_for(self) -> float:
+        """Seconds the broker has been connected, with publishes in flight, without
+        acknowledging any of them; 0 while disconnected, idle or making progress."""
+        if not self._inflight or not self.transport.connected:
+            return 0.0
+        return time.monotonic() - self._progress_at
+
+    def beat(self) -> None:
+        """Stamp the watchdog's heartbeat, unless the broker stopped acknowledging."""
+        stalled = self.stalled_for()
+        if stalled <= self.ack_timeout:
+            self._stall_reported = False
+            self._heartbeat()
+            return
+        if not self._stall_reported:
+            self._stall_reported = True
+            log.error("the broker has acknowledged none of %d publishes for %.0f s while "
+                      "connected; publisher wedged (the watchdog restart reconnects and "
+                      "resends them)", len(self._inflight), stalled)
 
     async def run(self) -> None:
         """Run until cancelled."""
@@ -136,11 +174,13 @@ class OutboxPublisher:
                 if self._retry_from is not None:
                     break
                 while not await within(self._slots.acquire(), BEAT_SECONDS):
-                    self.beat()  # the window is full (unacked): waiting, not wedged
+                    self.beat()  # the window is full: waiting, wedged only without PUBACKs
                 pause = self._bucket.delay()
                 if pause:
                     await asyncio.sleep(pause)
                 fut = self.transport.publish(entry.topic, entry.payload, entry.qos, entry.retain)
+                if not self._inflight:
+                    self._progress_at = time.monotonic()
                 self._inflight.add(entry.seq)
                 self._idle.clear()
                 fut.add_done_callback(functools.partial(self._done, entry.seq))
@@ -178,7 +218,12 @@ class OutboxPublisher:
     async def _wait_window_empty(self) -> None:
         await self._idle.wait()
 
+    def _on_connection(self, up: bool) -> None:
+        if up:  # the new connection resends what is in flight: its acks start afresh
+            self._progress_at = time.monotonic()
+
     def _done(self, seq: int, fut: asyncio.Future[None]) -> None:
+        self._progress_at = time.monotonic()
         self._inflight.discard(seq)
         self._slots.release()
         if not self._inflight:

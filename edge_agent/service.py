@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from contextlib import AsyncExitStack
 from types import TracebackType
@@ -83,6 +84,7 @@ class EdgeAgent:
         self.publisher = OutboxPublisher(
             self.outbox, self.transport,
             window=settings.publish_window, rate_limit=settings.publish_rate_limit,
+            ack_timeout=settings.publish_ack_timeout_seconds,
             beat=self.watchdog.beat("publisher"),
         )
         self.policy = ForwardPolicy.of(settings)
@@ -235,6 +237,9 @@ class EdgeAgent:
         drain = self.publisher.drain_estimate_s()
         eta = "" if not self.outbox.depth else (
             "; not draining" if drain is None else f"; drained in ~{drain:.0f} s")
+        stalled = self.publisher.stalled_for()
+        if stalled > self.publisher.ack_timeout:
+            broker += f", no PUBACK for {stalled:.0f} s"
         return (f"{broker}; outbox {self.outbox.depth} entries, oldest "
                 f"{self.outbox.oldest_age_s:.0f} s{eta}; {self.publisher.published} published")
 
@@ -249,6 +254,8 @@ class EdgeAgent:
         self.metrics.outbox_rejected.set(self.outbox.rejected)
         self.metrics.outbox_held.set(self.outbox.held)
         self.metrics.outbox_oldest_age.set(self.outbox.oldest_age_s)
+        drain = self.publisher.drain_estimate_s()
+        self.metrics.outbox_drain_estimate.set(math.inf if drain is None else drain)
         self.metrics.published.set(self.publisher.published)
         self.metrics.broker_connected.set(1 if self.transport.connected else 0)
 

@@ -2,7 +2,8 @@
 # Install (or uninstall) the Pudu fleet bridge as systemd services: `make install`.
 #
 #   install.sh install   [DESTDIR=...] [WHEELHOUSE=dir] [PYTHON=python3]
-#   install.sh uninstall [DESTDIR=...]          keeps /etc/* config and /var/lib/* data
+#   install.sh uninstall [DESTDIR=...]          stops and disables the units (live root);
+#                                               keeps /etc/* config and /var/lib/* data
 #   install.sh wheelhouse WHEELHOUSE=dir [PLATFORM=manylinux2014_aarch64 PYVER=3.11]
 #
 # Idempotent: a second install changes no file's content or mode (pip's byte-code caches
@@ -136,6 +137,15 @@ apply_live() {
 }
 
 uninstall() {
+  if [ -z "$DESTDIR" ] && [ -d /run/systemd/system ] && [ "$(id -u)" -eq 0 ]; then
+    # Before the unit files go: disabling needs their [Install] section, and enable
+    # symlinks left in multi-user.target.wants would dangle.
+    for svc in "${SERVICES[@]}"; do
+      if [ -f "$UNITDIR/$svc.service" ]; then
+        systemctl disable --now "$svc.service" || log "could not disable $svc.service"
+      fi
+    done
+  fi
   for svc in "${SERVICES[@]}"; do rm -f "$DESTDIR$UNITDIR/$svc.service"; done
   rm -f "$DESTDIR$SYSUSERS" "$DESTDIR$TMPFILES"
   rm -rf "$DESTDIR$PREFIX"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,8 @@ def assert_one_line_refusal(done: subprocess.CompletedProcess[str], needle: str)
     ({"MQTT_BACKEND": "awsiot"}, "MQTT_BACKEND"),
     ({"MQTT_BACKEND": "memory"}, "MQTT_BACKEND"),  # the in-process broker: tests and demo only
     ({"OUTBOX_PATH": "/etc/hostname/outbox.db"}, "OUTBOX_PATH"),
+    ({"OUTBOX_PATH": "/proc/edge-agent/outbox.db"}, "OUTBOX_PATH"),  # root may "write" there
+    ({"EDGE_HTTP_PORT": "18765", "EDGE_ADMIN_PORT": "18765"}, "EDGE_ADMIN_PORT"),
 ])
 def test_edge_check_config_and_run_refuse_the_same_settings(
         tmp_path: Path, extra: dict[str, str], needle: str) -> None:
@@ -54,6 +57,17 @@ def test_callback_check_config_migrate_and_run_refuse_a_postgres_url(tmp_path: P
     env = {"DATABASE_URL": "postgres://u@db/x"}
     for command in ("check-config", "migrate", "run"):
         assert_one_line_refusal(cli("callback_server", command, env=env), "DATABASE_URL")
+
+
+@pytest.mark.parametrize("keys", ["keys: [ {bad: 1} ]\n", "keys: [ {name: a\n"])
+def test_callback_check_config_and_run_refuse_a_malformed_keys_file(tmp_path: Path,
+                                                                   keys: str) -> None:
+    (tmp_path / "keys.yaml").write_text(keys)
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'cb.db'}",
+           "API_KEYS_FILE": str(tmp_path / "keys.yaml"),
+           "CALLBACK_HTTP_HOST": "127.0.0.1", "CALLBACK_HTTP_PORT": str(pick_port())}
+    for command in ("check-config", "run"):
+        assert_one_line_refusal(cli("callback_server", command, env=env), "API_KEYS_FILE")
 
 
 def test_callback_check_config_and_run_refuse_the_in_process_broker(tmp_path: Path) -> None:
@@ -108,6 +122,29 @@ def test_outbox_stats_and_peek_beside_a_running_agent(tmp_path: Path) -> None:
     assert health["outbox_oldest_age_s"] >= 0 and health["drain_estimate_s"] is None
     entries = json.loads(peek.stdout)
     assert [e["payload"]["device"] for e in entries] == ["R0", "R1"]
+
+
+def _not_an_outbox(path: Path, kind: str) -> None:
+    if kind == "empty file":
+        path.touch()
+    elif kind == "text file":
+        path.write_text("not a database\n" * 100)
+    elif kind == "directory":
+        path.mkdir()
+    else:  # another program's SQLite database
+        with sqlite3.connect(path) as conn:
+            conn.execute("CREATE TABLE notes (body TEXT)")
+        conn.close()
+
+
+@pytest.mark.parametrize("kind", ["empty file", "text file", "directory", "other database"])
+def test_outbox_stats_and_peek_on_a_bad_outbox_path_say_so_in_one_line(
+        tmp_path: Path, kind: str) -> None:
+    _not_an_outbox(tmp_path / "outbox.db", kind)
+    for command in (["stats"], ["peek", "-n", "3"]):
+        done = cli("edge_agent", "outbox", *command, env=edge_env(tmp_path))
+        assert_one_line_refusal(done, "OUTBOX_PATH")
+        assert done.stdout == ""
 
 
 def test_usage_errors_exit_2_without_a_traceback() -> None:

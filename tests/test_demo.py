@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -112,3 +113,22 @@ def test_make_run_prints_a_key_its_curl_lines_work_with(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_make_run_with_a_port_taken_says_so_in_one_line_and_exits_3(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cb = taken.getsockname()[1]
+        env = {**os.environ, "EDGE_HTTP_PORT": str(pick_port()),
+               "EDGE_ADMIN_PORT": str(pick_port()), "CALLBACK_HTTP_PORT": str(cb),
+               "DEMO_MQTT_PORT": str(pick_port()), "OUTBOX_PATH": str(tmp_path / "outbox.db"),
+               "DEMO_KEYS_FILE": str(tmp_path / "k.yaml"),
+               "DATABASE_URL": f"sqlite:///{tmp_path / 'callback.db'}"}
+        done = subprocess.run([sys.executable, "-m", "demo"], env=env, capture_output=True,
+                              text=True, timeout=60, check=False)
+    assert done.returncode == 3, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"cannot listen on 0.0.0.0:{cb}" in lines[0], done.stderr
+    assert "Traceback" not in done.stderr
+    assert "admin key" not in done.stdout and "curl" not in done.stdout  # no banner

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,7 +15,7 @@ import httpx
 
 from bridge.commands import Command, Response
 from bridge.transport import InboundMessage, MqttSettings
-from bridge.transport.memory import MemoryTransport
+from bridge.transport.memory import MemoryBroker, MemoryTransport
 from edge_agent import config
 from edge_agent.service import EdgeAgent
 
@@ -98,3 +99,33 @@ async def test_a_robot_named_like_the_gateway_is_a_robot_a_shop_callback_is_not(
         assert agent.robots == {"gw1": agent.robots["gw1"]}
         assert agent.robots["gw1"]["battery_level"] == 40
         assert agent.robots["gw1"].get("last_type") == "notifyRobotPower"
+
+
+def sample(metrics: str, name: str) -> float:
+    """The value of one sample line of a Prometheus exposition."""
+    line = next(ln for ln in metrics.splitlines() if ln.startswith(name + " "))
+    return float(line.rsplit(" ", 1)[1])
+
+
+async def test_metrics_bound_callback_types_and_estimate_the_drain(tmp_path: Path) -> None:
+    async with agent_and_watcher(tmp_path) as (agent, client, inbox):
+        admin = httpx.AsyncClient(transport=httpx.ASGITransport(app=agent.admin_app),
+                                  base_url="http://admin")
+        broker = MemoryBroker.named(agent.settings.mqtt_url.removeprefix("mqtt://"))
+        broker.stop()  # the uplink is down: the backlog cannot drain
+        for kind in ("notifyRobotPower", "someVendorExtension", "robotStatus"):
+            r = await client.post("/api/pudu/webhook", headers=CODE, json={
+                "callback_type": kind, "data": {"sn": "R1", "power": 42, "run_state": "IDLE"}})
+            assert r.status_code == 200, r.text
+        away = (await admin.get("/metrics")).text
+        broker.start()
+        await next_on(inbox, "/callback/someVendorExtension")
+        await asyncio.wait_for(agent.publisher.wait_drained(), 5)
+        drained = (await admin.get("/metrics")).text
+        await admin.aclose()
+    assert sample(away, 'edge_webhooks_total{outcome="accepted",type="other"}') == 1.0
+    assert sample(away, 'edge_webhooks_total{outcome="accepted",type="robotStatus"}') == 1.0
+    assert "someVendorExtension" not in away  # an undocumented type makes no series
+    assert sample(away, "edge_outbox_depth") == 3.0
+    assert sample(away, "edge_outbox_drain_estimate_seconds") == math.inf  # not draining
+    assert sample(drained, "edge_outbox_drain_estimate_seconds") == 0.0

@@ -128,3 +128,16 @@ def test_an_aarch64_gateway_wheelhouse_resolves(tmp_path: Path) -> None:
     for binary in ("awscrt", "uvloop", "httptools", "pydantic_core", "orjson"):
         wheel = next((n for n in names if n.startswith(binary + "-")), None)
         assert wheel is not None and "aarch64" in wheel, (binary, names)
+
+
+def test_make_takes_python_as_the_gateway_version_or_the_interpreter() -> None:
+    def planned(*args: str) -> str:
+        done = subprocess.run(["make", "-n", "-C", str(ROOT), *args], capture_output=True,
+                              text=True, timeout=30, check=False)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    aarch64 = planned("wheelhouse", "WHEELHOUSE=wh", "PLATFORM=manylinux2014_aarch64",
+                      "PYTHON=3.11")  # the spelling issue 11 asked for
+    assert 'PYVER="3.11"' in aarch64 and 'PYTHON="python3"' in aarch64
+    assert 'PYTHON="python3.11"' in planned("install", "PYTHON=python3.11")

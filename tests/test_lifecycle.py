@@ -21,7 +21,8 @@ import pytest
 
 from bridge.sdnotify import Notifier, Watchdog
 from tests.mqtt_probe import Probe
-from tests.services import callback_server, edge_agent, pick_port
+from tests.procs import wait_for_port
+from tests.services import ADMIN_TOKEN, callback_server, edge_agent, pick_port
 
 BROKER = "mqtt://127.0.0.1:1883"
 
@@ -99,6 +100,103 @@ def test_ready_does_not_wait_for_the_broker(tmp_path: Path, notify: NotifySocket
         assert r.status_code == 200  # webhooks are taken while the uplink is down
 
 
+class SilentBroker:
+    """A raw-TCP MQTT 3.1.1 broker that accepts CONNECT, SUBSCRIBE and PINGREQ but never
+    sends a PUBACK: connected, and wedged for whoever waits on its acks."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.publishes = 0
+        self._conns: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, name="silent-broker",
+                                        daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):  # the server socket closed: the test is over
+            while True:
+                conn, _ = self.server.accept()
+                self._conns.append(conn)
+                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _read(conn: socket.socket, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = conn.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("closed")
+            data += chunk
+        return data
+
+    def _serve(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError), conn:
+            while True:
+                kind = self._read(conn, 1)[0] >> 4
+                length, shift = 0, 0
+                while True:  # the remaining length, 7 bits a byte (MQTT 3.1.1 2.2.3)
+                    byte = self._read(conn, 1)[0]
+                    length |= (byte & 0x7F) << shift
+                    shift += 7
+                    if not byte & 0x80:
+                        break
+                body = self._read(conn, length)
+                if kind == 1:  # CONNECT -> CONNACK, accepted, no session present
+                    conn.sendall(b"\x20\x02\x00\x00")
+                elif kind == 8:  # SUBSCRIBE -> SUBACK granting QoS 1 to each filter
+                    filters, at = 0, 2
+                    while at < len(body):
+                        at += 2 + int.from_bytes(body[at:at + 2], "big") + 1
+                        filters += 1
+                    conn.sendall(bytes([0x90, 2 + filters]) + body[:2] + b"\x01" * filters)
+                elif kind == 12:  # PINGREQ -> PINGRESP: the connection stays up
+                    conn.sendall(b"\xd0\x00")
+                elif kind == 3:  # PUBLISH: never acknowledged
+                    self.publishes += 1
+                elif kind == 14:  # DISCONNECT
+                    return
+
+    def close(self) -> None:
+        self.server.close()
+        for conn in self._conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        self._thread.join(5)
+
+
+@pytest.mark.integration
+def test_a_broker_that_never_acks_stops_the_watchdog_pings(tmp_path: Path,
+                                                           notify: NotifySocket) -> None:
+    broker = SilentBroker()
+    try:
+        with edge_agent(tmp_path, f"mqtt://127.0.0.1:{broker.port}?protocol=3.1.1",
+                        org="acme", PUBLISH_ACK_TIMEOUT_SECONDS="1",
+                        **systemd_env(notify)) as agent:
+            notify.wait_for("READY=1")
+            agent.wait_health("broker_connected", True)
+            notify.wait_for("WATCHDOG=1", count=2)  # connected and idle: alive
+            with httpx.Client(base_url=agent.url, headers={"CallbackCode": "test-code"}) as c:
+                for i in range(20):
+                    assert c.post("/api/pudu/webhook", json={
+                        "callback_type": "notifyRobotPower",
+                        "data": {"sn": f"R{i}", "power": 50}}).status_code == 200
+            agent.wait_health("inflight", 20)
+            # The ack timeout (1 s) passes (STATUS= says so), then the watchdog's stale
+            # limit (4 s) ...
+            assert any("no PUBACK for" in line for line in notify.drain(6.0))
+            # ... and then systemd hears nothing: with WatchdogSec=2 it would restart us.
+            assert "WATCHDOG=1" not in notify.drain(3.0)
+            health = agent.health()
+            assert health["broker_connected"] and health["published"] == 0
+            assert health["outbox_depth"] == 20  # nothing lost: resent after the restart
+            assert broker.publishes >= 20  # sent, never acknowledged
+        assert "publisher wedged" in agent.log_path.read_text()
+        assert "stopped making progress" in agent.log_path.read_text()
+    finally:
+        broker.close()
+
+
 async def test_a_wedged_loop_stops_the_watchdog_pings(notify: NotifySocket) -> None:
     notifier = Notifier({"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000"})
     watchdog = Watchdog(notifier)
@@ -126,41 +224,67 @@ async def test_a_wedged_loop_stops_the_watchdog_pings(notify: NotifySocket) -> N
         notifier.close()
 
 
+def open_streams(url: str, topic: str, token: str, count: int = 3) -> list[threading.Thread]:
+    """``count`` SSE readers that never leave by themselves; returns once each has its
+    first event (the server's ``subscribed``), so every stream is really open."""
+    opened = threading.Semaphore(0)
+
+    def stream() -> None:
+        first = True
+        with contextlib.suppress(httpx.HTTPError), httpx.stream(
+                "GET", url + "/mqtt/stream", params={"topic": topic},
+                headers={"Authorization": f"Bearer {token}"}, timeout=30) as r:
+            for _ in r.iter_lines():
+                if first:
+                    opened.release()
+                    first = False
+
+    readers = [threading.Thread(target=stream, daemon=True) for _ in range(count)]
+    for reader in readers:
+        reader.start()
+    for _ in readers:
+        assert opened.acquire(timeout=10), "a stream did not open"
+    return readers
+
+
+def sigterm(proc: subprocess.Popen[bytes] | None) -> tuple[int, float]:
+    """SIGTERM, then the exit code and how long the stop took (systemd allows 20 s)."""
+    assert proc is not None
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(20)  # systemd's TimeoutStopSec
+    return code, time.monotonic() - started
+
+
 @pytest.mark.integration
 def test_sigterm_with_open_streams_and_a_backlog_stops_in_time(tmp_path: Path) -> None:
     p, org = f"t{uuid.uuid4().hex[:8]}", "acme"
     token = "proxy-token-0123456789abcdef"
     with Probe(BROKER, f"{p}/org/{org}/device/#", persistent=False) as probe:
-        agent = edge_agent(tmp_path, BROKER, org=org, TOPIC_PREFIX=p, PROXY_TOKEN=token)
+        # 10 msg/s after a burst of 10: most of the 300 are still waiting at SIGTERM.
+        agent = edge_agent(tmp_path, BROKER, org=org, TOPIC_PREFIX=p, PROXY_TOKEN=token,
+                           PUBLISH_RATE_LIMIT="10")
         agent.start()
-        admin = f"http://127.0.0.1:{agent.env['EDGE_ADMIN_PORT']}"
-        opened = threading.Event()
-
-        def stream() -> None:  # an SSE reader that never leaves by itself
-            with contextlib.suppress(httpx.HTTPError), httpx.stream(
-                    "GET", admin + "/mqtt/stream", params={"topic": f"{p}/org/{org}/#"},
-                    headers={"Authorization": f"Bearer {token}"}, timeout=30) as r:
-                for _ in r.iter_lines():
-                    opened.set()
-
-        readers = [threading.Thread(target=stream, daemon=True) for _ in range(3)]
-        for reader in readers:
-            reader.start()
-        assert opened.wait(10)
+        readers = open_streams(agent.admin_url, f"{p}/org/{org}/#", token)
         with httpx.Client(base_url=agent.url, headers={"CallbackCode": "test-code"}) as c:
             for i in range(300):  # the backlog: accepted, not all published yet
                 assert c.post("/api/pudu/webhook", json={
                     "callback_type": "notifyRobotPower",
                     "data": {"sn": f"R{i % 7}", "power": i % 100, "notify_timestamp": i + 1}}
                 ).status_code == 200
-        assert agent.proc is not None
-        started = time.monotonic()
-        agent.proc.send_signal(signal.SIGTERM)
-        code = agent.proc.wait(20)  # systemd's TimeoutStopSec
-        took = time.monotonic() - started
+        backlog = agent.health()["outbox_depth"]
+        assert backlog > 50, backlog
+        code, took = sigterm(agent.proc)
         assert code == 0 and took < 10, (code, took)
+        for reader in readers:
+            reader.join(5)
+            assert not reader.is_alive(), "a stream outlived the agent"
         presence = [m for m in probe.messages if m.topic.endswith("/presence")]
         assert presence and presence[-1].payload == b"offline"
+        with Probe(BROKER, f"{p}/org/{org}/device/gw1/presence") as late:  # a newcomer
+            retained = late.wait_for(1, timeout=5)[0]
+        assert (retained.payload, retained.retain) == (b"offline", True)
+        agent.env["PUBLISH_RATE_LIMIT"] = "0"
         agent.start()  # whatever was left in the outbox goes out now
         robot = [m for m in probe.wait_for(300 + 3) if m.topic.endswith("/power")]
         deadline = time.monotonic() + 20
@@ -169,9 +293,42 @@ def test_sigterm_with_open_streams_and_a_backlog_stops_in_time(tmp_path: Path) -
             robot = [m for m in probe.wait_for(len(probe.messages) + 1)
                      if m.topic.endswith("/power")]
         agent.stop()
+    print(f"stopped in {took:.2f} s with 3 open streams and {backlog} waiting")
+
+
+@pytest.mark.integration
+def test_sigterm_stops_the_callback_server_with_open_streams_in_time(tmp_path: Path) -> None:
+    p = f"t{uuid.uuid4().hex[:8]}"
+    server = callback_server(tmp_path, BROKER, f"sqlite:///{tmp_path / 'cb.db'}",
+                             TOPIC_PREFIX=p)
+    server.start()
+    readers = open_streams(server.url, f"{p}/org/acme/#", ADMIN_TOKEN)
+    code, took = sigterm(server.proc)
+    assert code == 0 and took < 10, (code, took)
     for reader in readers:
         reader.join(5)
-    print(f"stopped in {took:.2f} s with 3 open streams")
+        assert not reader.is_alive(), "a stream outlived the server"
+    print(f"callback server stopped in {took:.2f} s with 3 open streams")
+
+
+@pytest.mark.integration
+def test_sigterm_while_the_callback_server_starts_is_an_orderly_stop(tmp_path: Path) -> None:
+    # The broker is away: starting waits up to 5 s for the subscription. The port is
+    # bound first, so once it answers the service is starting, not yet serving.
+    dead = f"mqtt://127.0.0.1:{pick_port()}"
+    server = callback_server(tmp_path, dead, f"sqlite:///{tmp_path / 'cb.db'}")
+    with server.log_path.open("ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "callback_server", "run"],
+                                env=server.env, stdout=log, stderr=log)
+    try:
+        wait_for_port("127.0.0.1", server.port, timeout=20)
+        code, took = sigterm(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert code == 0, (code, server.log_path.read_text()[-2000:])  # not killed (-15)
+    assert took < 10 and "stopping" in server.log_path.read_text()
 
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -173,3 +174,34 @@ async def test_resends_back_off_more_each_round_until_a_puback(
         assert exponents == [0, 1, 2, 0] and rig.outbox.rejected == 0
         got = [(await asyncio.wait_for(rig.inbox.get(), 5)).payload for _ in range(2)]
         assert got == [b"0", b"1"]
+
+
+async def test_a_connected_broker_that_never_acks_stops_the_heartbeat(tmp_path: Path) -> None:
+    # The watchdog's view: waiting for PUBACKs a moment, or for a broker that is away, is
+    # not wedged; connected with nothing acknowledged for ack_timeout is.
+    stamps: list[float] = []
+    async with make_rig(tmp_path) as rig:
+        await fill(rig.outbox, 5)
+        transport = HeldAcks(MqttSettings.from_url(rig.url, client_id="gw-wedged"))
+        publisher = OutboxPublisher(rig.outbox, transport, window=8, ack_timeout=0.3,
+                                    beat=lambda: stamps.append(time.monotonic()))
+        async with transport, running(publisher):
+            await asyncio.wait_for(transport.filled(5), 5)
+            publisher.beat()
+            assert len(stamps) >= 2  # the first PUBACK is not late yet
+            deadline = time.monotonic() + 5
+            while publisher.stalled_for() <= 0.3:  # the limit passes, nothing acked
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            before = len(stamps)
+            publisher.beat()
+            assert len(stamps) == before  # wedged: the heartbeat goes stale
+            rig.broker.stop()
+            publisher.beat()
+            assert len(stamps) == before + 1  # the broker away: waiting, not wedged
+            rig.broker.start()
+            publisher.beat()
+            assert len(stamps) == before + 2  # a new connection resends: acks start afresh
+            transport.release()
+            await asyncio.wait_for(drained(rig.outbox), 5)
+        assert publisher.stalled_for() == 0.0

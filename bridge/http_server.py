@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import signal
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -225,7 +224,7 @@ def _nodelay_protocol(stats: NodelayStats, gate: ConnectionGate) -> type[asyncio
 
 
 class _Server(uvicorn.Server):
-    """uvicorn.Server whose signals are handled by ``serve_until_signal`` instead.
+    """uvicorn.Server whose signals are handled by the shared lifecycle instead.
 
     uvicorn installs process-wide handlers per server; with two listeners in one
     process (public webhook, admin proxy) only the last would hear SIGTERM. ``gate``
@@ -261,25 +260,3 @@ def make_server(app: Any, host: str, port: int, stats: NodelayStats,
         timeout_graceful_shutdown=GRACE_SECONDS,
     )
     return _Server(config, gate)
-
-
-async def serve_until_signal(*servers: uvicorn.Server) -> None:
-    """Serve until SIGTERM/SIGINT (or one server stops), then stop all gracefully."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    tasks = [asyncio.create_task(s.serve(), name=f"http-{i}") for i, s in enumerate(servers)]
-    waiter = asyncio.create_task(stop.wait(), name="signal-wait")
-    try:
-        await asyncio.wait([*tasks, waiter], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for s in servers:
-            s.should_exit = True
-        await asyncio.gather(*tasks, return_exceptions=True)
-        waiter.cancel()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-    for task in tasks:
-        if task.done() and not task.cancelled() and task.exception():
-            raise task.exception()  # type: ignore[misc]

@@ -54,6 +54,16 @@ class Store(BatchStore, Protocol):
         self, sn: str, *, limit: int, after: Sequence[Any] | None = None,
     ) -> tuple[list[dict[str, Any]], list[Any] | None]: ...
 
+    async def list_history(
+        self, sn: str, *, since: float, limit: int, after: float | None = None,
+    ) -> tuple[list[dict[str, Any]], list[Any] | None]: ...
+
+    async def recent_positions(self, *, since: float, orgs: Collection[str] | None = None,
+                               limit: int = 50_000) -> dict[str, list[list[float]]]: ...
+
+    async def recent_events(self, *, limit: int, orgs: Collection[str] | None = None,
+                            ) -> list[dict[str, Any]]: ...
+
     async def get_runs(self, limit: int = 100, cursor: tuple[float, str] | None = None,
                        org_id: str | None = None, *, orgs: Sequence[str] | None = None,
                        ) -> tuple[list[dict[str, Any]], tuple[float, str] | None]: ...

@@ -180,12 +180,41 @@ RUNS = TableSpec(
     key=("run_key",),
 )
 
+#: Robot state over time, downsampled (``SqlStore.write_batch``): a snapshot of the state
+#: row whenever a batch leaves a robot's status or charge state different from its last
+#: point, and otherwise at most one a minute of robot time. Long enough for the console's
+#: 24 h chart and its floor tracks; pruned by ``recorded_at`` (HISTORY_RETENTION_DAYS).
+HISTORY = TableSpec(
+    columns=(
+        Column("robot_sn", "key", 64),
+        Column("ts", "float"),               # robot time of the state (its last_ts)
+        Column("recorded_at", "time"),       # server time, what retention goes by
+        Column("org_id", "str", 128),
+        Column("gateway_id", "str", 128),
+        Column("status", "str", 32),
+        Column("battery_level", "int"),
+        Column("charge_state", "str", 64),
+        Column("x", "float"),
+        Column("y", "float"),
+        Column("yaw", "float"),
+        Column("map_name", "str", 128),
+    ),
+    key=("robot_sn", "ts"),
+    aged_by="recorded_at",
+)
+#: Keys of a history point as ``GET /robots/{sn}/history`` returns it.
+HISTORY_FIELDS = tuple(c.name for c in HISTORY.columns if c.name != "recorded_at")
+#: A periodic point (battery, position) at most this often per robot, in robot seconds.
+HISTORY_EVERY_SECONDS = 60
+
 LOG_TABLE = "mqtt_message_log"
 RUNS_TABLE = "ingestion_runs"
 DEAD_TABLE = "mqtt_dead_letters"
 COMMAND_TABLE = "device_commands"
+HISTORY_TABLE = "robot_history"
 #: The tables retention may prune (by their ``aged_by`` column); robots and events never.
-PRUNABLE = {LOG_TABLE: LOG, DEAD_TABLE: DEAD_LETTERS, COMMAND_TABLE: COMMANDS}
+PRUNABLE = {LOG_TABLE: LOG, DEAD_TABLE: DEAD_LETTERS, COMMAND_TABLE: COMMANDS,
+            HISTORY_TABLE: HISTORY}
 
 # -- alerts (callback_server/alerts) ------------------------------------------------------
 #: One row per alert. ``open_key`` (SHA-256 of rule, org, subject) is set while the alert

@@ -30,6 +30,10 @@ from callback_server.store.schema import (
     DEAD_LETTERS,
     DEAD_TABLE,
     EVENTS,
+    HISTORY,
+    HISTORY_EVERY_SECONDS,
+    HISTORY_FIELDS,
+    HISTORY_TABLE,
     LOG,
     LOG_TABLE,
     PRUNABLE,
@@ -127,6 +131,8 @@ class SqlStore:
         self._runs_sql = d.insert_ignore(RUNS_TABLE, RUNS.names)
         self._event_sql = [d.insert_ignore(t.qualified, EVENTS.names)
                            for t in self.targets.robot_events]
+        self._history_sql = d.history_point(HISTORY_TABLE, self.targets.robot_status[0].qualified,
+                                            HISTORY_EVERY_SECONDS)
 
     async def __aenter__(self) -> SqlStore:
         return self
@@ -163,6 +169,7 @@ class SqlStore:
                 *((t.qualified, EVENTS, "events") for t in self.targets.robot_events),
                 (LOG_TABLE, LOG, "log"), (DEAD_TABLE, DEAD_LETTERS, None),
                 (COMMAND_TABLE, COMMANDS, None), (RUNS_TABLE, RUNS, None),
+                (HISTORY_TABLE, HISTORY, None),
                 *((name, spec, None) for name, spec in ALERT_TABLES.items()),
             ]
             for table, spec, kind in plan:
@@ -204,6 +211,8 @@ class SqlStore:
         if spec.unique:
             await self.backend.transaction(
                 [(d.create_index(table, spec.unique, unique=True), None)])
+        if spec is EVENTS:  # the console's latest events, across robots
+            await self.backend.transaction([(d.create_index(table, "upload_time"), None)])
         if spec is ROBOTS:
             await self._seed_watermarks(table, [c for c in added if c in (*WATERMARKS, "last_ts")])
         if created:
@@ -272,6 +281,8 @@ class SqlStore:
         statements += [(self.dialect.robot_upsert(t.qualified, horizon), rows.robots)
                        for t in self.targets.robot_status]
         statements.append((self._runs_sql, rows.runs))
+        stamp = when(now)
+        statements.append((self._history_sql, [(stamp, r[0], horizon) for r in rows.robots]))
         counts = await self.backend.transaction(statements)
         return BatchResult(messages=len(items), logged=counts[0], events=counts[1],
                            robots=len(rows.robots), skewed=rows.skewed)
@@ -402,6 +413,62 @@ class SqlStore:
         if isinstance(k_time, dt.datetime):
             k_time = k_time.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
         return items, [k_time, last["ts"], last["event_id"]]
+
+    async def list_history(
+        self, sn: str, *, since: float, limit: int, after: float | None = None,
+    ) -> tuple[list[dict[str, Any]], list[Any] | None]:
+        """One page of a robot's history points from robot time ``since`` on, oldest
+        first, and the key to resume after (None on the last page)."""
+        await self._ready()
+        d = self.dialect
+        where, args = f"robot_sn = {d.mark} AND ts >= {d.mark}", [sn, since]
+        if after is not None:
+            where += f" AND ts > {d.mark}"
+            args.append(after)
+        rows = await self.backend.fetch(
+            f"SELECT {', '.join(HISTORY_FIELDS)} FROM {d.quote(HISTORY_TABLE)} WHERE {where}"
+            f" ORDER BY ts LIMIT {int(limit) + 1}", args)
+        items = [{k: _plain(k, r[k]) for k in HISTORY_FIELDS} for r in rows[:limit]]
+        return items, [items[-1]["ts"]] if len(rows) > limit and items else None
+
+    async def recent_positions(self, *, since: float, orgs: Collection[str] | None = None,
+                               limit: int = 50_000) -> dict[str, list[list[float]]]:
+        """Positions recorded since ``since`` (server time), by robot, oldest first: what
+        the floor view's tracks start from. ``orgs`` None: every org."""
+        await self._ready()
+        d = self.dialect
+        where, args = [f"recorded_at >= {d.mark}", "x IS NOT NULL", "y IS NOT NULL"], \
+            [when(since)]
+        if orgs is not None:
+            if not orgs:
+                return {}
+            where.append(f"org_id IN ({d.marks(len(orgs))})")
+            args.extend(sorted(orgs))
+        rows = await self.backend.fetch(
+            f"SELECT robot_sn, x, y FROM {d.quote(HISTORY_TABLE)} WHERE {' AND '.join(where)}"
+            f" ORDER BY robot_sn, ts LIMIT {int(limit)}", args)
+        tracks: dict[str, list[list[float]]] = {}
+        for r in rows:
+            tracks.setdefault(str(r["robot_sn"]), []).append([float(r["x"]), float(r["y"])])
+        return tracks
+
+    async def recent_events(self, *, limit: int, orgs: Collection[str] | None = None,
+                            ) -> list[dict[str, Any]]:
+        """The latest events of every robot (of ``orgs``; None: every org), newest
+        received first (first events target)."""
+        await self._ready()
+        d = self.dialect
+        table = d.quote(self.targets.robot_events[0].qualified)
+        where, args = "", []
+        if orgs is not None:
+            if not orgs:
+                return []
+            where = f" WHERE org_id IN ({d.marks(len(orgs))})"
+            args = sorted(orgs)
+        rows = await self.backend.fetch(
+            f"SELECT {', '.join(EVENT_FIELDS)} FROM {table}{where}"
+            f" ORDER BY upload_time DESC, event_id DESC LIMIT {int(limit)}", args)
+        return [{k: _plain(k, r[k]) for k in EVENT_FIELDS} for r in rows]
 
     async def get_robots_by_sn(self, sns: Collection[str]) -> list[dict[str, Any]]:
         """Latest state of these robots (those that reported), by sn; 500 a query at most."""

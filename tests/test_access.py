@@ -394,8 +394,9 @@ async def test_lists_page_over_http_with_an_opaque_cursor(env: Env) -> None:
 
 # Sort keys no list of this server returns, whatever its key's shape: wrong arity, or a
 # value of the wrong type in some position (names where times are, lists, booleans).
-FORGED_KEYS = ([], [[1]], [{"a": 1}], [True], [True, "x"], ["x", 1], [1, 2], [None, "x"],
-               ["x", "y", 3], [None, None, None], ["a", "b", "c", "d"])
+FORGED_KEYS: tuple[list[Any], ...] = (
+    [], [[1]], [{"a": 1}], [True], [True, "x"], ["x", 1], [1, 2], [None, "x"],
+    ["x", "y", 3], [None, None, None], ["a", "b", "c", "d"])
 
 
 async def test_every_list_refuses_a_forged_cursor_with_422(env: Env) -> None:

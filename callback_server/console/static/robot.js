@@ -1,0 +1,203 @@
+"use strict";
+// The robot page (#robot/<sn>): battery and status over the last 24 h as a hand-drawn SVG
+// chart (GET /robots/{sn}/history), recent events, and for operators the robot commands
+// (POST /robots/{sn}/commands) with their answer or timeout. console.js owns the stream
+// and hands this page the events it receives (robotPage.onEvents).
+
+(() => {
+  const SVG = "http://www.w3.org/2000/svg";
+  const DAY_S = 86400;
+  const EVENTS = 20;
+  const REFRESH_MS = 30000;  // the chart gains a point a minute at most: no need for more
+  const W = 720, H = 190, LEFT = 36, RIGHT = 8, TOP = 10, BAND = 14, AXIS = 18;
+  const STATUS_COLOURS = {online: "#66bb6a", idle: "#66bb6a", working: "#42a5f5",
+    charging: "#ffca28", offline: "#9e9e9e", error: "#e53935", fault: "#e53935"};
+  // The Pudu commands a robot takes (edge_agent/pudu/commands.py) and their arguments.
+  const COMMANDS = [
+    {name: "pudu.recharge", label: "Recharge", args: []},
+    {name: "pudu.switch_map", label: "Switch map", args: [{key: "map_name", label: "map name", type: "text"}]},
+    {name: "pudu.position_reporting", label: "Report position",
+      args: [{key: "interval", label: "every (s)", type: "number", value: "1"},
+        {key: "times", label: "times", type: "number", value: "60"}]},
+  ];
+
+  const page = {me: null, sn: null, timer: null, events: new Map()};
+
+  function el(tag, attrs = {}, text) {
+    const e = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+    if (text !== undefined && text !== null) e.textContent = String(text);
+    return e;
+  }
+
+  function svg(tag, attrs = {}, text) {
+    const e = document.createElementNS(SVG, tag);
+    for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+    if (text !== undefined) e.textContent = text;
+    return e;
+  }
+
+  async function getJson(url) {
+    const r = await fetch(url, {credentials: "same-origin"});
+    if (!r.ok) throw new Error(`${url}: HTTP ${r.status}`);
+    return r.json();
+  }
+
+  async function history(sn, since) {
+    const base = `/robots/${encodeURIComponent(sn)}/history?since=${since}&limit=1000`;
+    let items = [], cursor = null;
+    do {  // a day is about 1,440 points plus the changes: two or three pages
+      const body = await getJson(cursor ? `${base}&cursor=${cursor}` : base);
+      items = items.concat(body.items);
+      cursor = body.next_cursor;
+    } while (cursor);
+    return items;
+  }
+
+  // -- the chart ------------------------------------------------------------------------
+  function chart(points, now) {
+    const x0 = now - DAY_S, plotH = H - TOP - BAND - AXIS - 4;
+    const sx = (t) => LEFT + (Math.max(t, x0) - x0) / DAY_S * (W - LEFT - RIGHT);
+    const sy = (b) => TOP + (1 - b / 100) * plotH;
+    const s = svg("svg", {viewBox: `0 0 ${W} ${H}`, width: W, height: H, class: "history",
+      "data-points": points.length});
+    for (const b of [0, 25, 50, 75, 100]) {
+      s.append(svg("line", {class: "grid", x1: LEFT, x2: W - RIGHT, y1: sy(b), y2: sy(b)}),
+        svg("text", {class: "axis", x: LEFT - 4, y: sy(b) + 4, "text-anchor": "end"}, `${b}%`));
+    }
+    for (let h = 0; h <= 24; h += 3) {
+      const t = x0 + h * 3600, x = sx(t);
+      s.append(svg("line", {class: "grid", x1: x, x2: x, y1: TOP, y2: H - AXIS}),
+        svg("text", {class: "axis", x, y: H - 4, "text-anchor": "middle"},
+          new Date(t * 1000).toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"})));
+    }
+    // status as a band of segments, each lasting until the next point
+    const bandY = H - AXIS - BAND;
+    points.forEach((p, i) => {
+      const end = i + 1 < points.length ? points[i + 1].ts : now;
+      if (end < x0) return;
+      const status = String(p.status || "unknown").toLowerCase();
+      const r = svg("rect", {class: `band s-${status}`, x: sx(p.ts), y: bandY,
+        width: Math.max(1, sx(end) - sx(p.ts)), height: BAND,
+        fill: STATUS_COLOURS[status] || "#bdbdbd"});
+      r.append(svg("title", {}, `${status} from ${new Date(p.ts * 1000).toLocaleString()}`));
+      s.append(r);
+    });
+    const battery = points.filter((p) => typeof p.battery_level === "number" && p.ts >= x0);
+    if (battery.length) {
+      const pts = battery.map((p) => `${sx(p.ts).toFixed(1)},${sy(p.battery_level).toFixed(1)}`);
+      pts.push(`${sx(now).toFixed(1)},${sy(battery[battery.length - 1].battery_level).toFixed(1)}`);
+      s.append(svg("polyline", {class: "battery-line", points: pts.join(" ")}));
+    } else {
+      s.append(svg("text", {class: "axis", x: W / 2, y: H / 2, "text-anchor": "middle"},
+        "no battery reading in the last 24 h"));
+    }
+    return s;
+  }
+
+  // -- events and commands ------------------------------------------------------------------
+  function renderEvents() {
+    const list = [...page.events.values()].sort((a, b) =>
+      ((a.task_time || "") < (b.task_time || "") ? 1 : -1)).slice(0, EVENTS);
+    document.querySelector("#robot-events tbody").replaceChildren(
+      ...list.map((e) => window.eventRow(e, false)));
+  }
+
+  function commands(sn) {
+    const host = document.getElementById("robot-commands");
+    host.querySelectorAll("form").forEach((f) => f.remove());
+    if (!page.me || !page.me.operator) return;  // a viewer gets no buttons at all
+    for (const c of COMMANDS) {
+      const form = el("form", {class: "command", "data-command": c.name});
+      const inputs = c.args.map((a) => {
+        const i = el("input", {name: a.key, type: a.type, placeholder: a.label, "aria-label": a.label});
+        if (a.value) i.value = a.value;
+        return i;
+      });
+      const button = el("button", {type: "submit", class: "cmd", "data-command": c.name}, c.label);
+      const out = el("pre", {class: "cmd-out"});
+      form.append(...inputs, button, out);
+      form.addEventListener("submit", (ev) => {
+        ev.preventDefault();
+        const args = {};
+        for (const i of inputs) args[i.name] = i.type === "number" ? Number(i.value) : i.value;
+        window.sendCommand(`/robots/${encodeURIComponent(sn)}/commands`,
+          {command: c.name, args, timeout: 10}, out, button);
+      });
+      host.append(form);
+    }
+  }
+
+  async function refresh() {
+    const sn = page.sn;
+    if (!sn) return;
+    const now = Date.now() / 1000;
+    try {
+      const [robot, points] = await Promise.all([
+        getJson(`/robots/${encodeURIComponent(sn)}`), history(sn, Math.floor(now - DAY_S))]);
+      if (sn !== page.sn) return;
+      document.getElementById("robot-summary").textContent =
+        `${robot.org_id || ""} · ${robot.status || "unknown"} · battery ${robot.battery_level ?? "–"} %` +
+        ` · ${robot.charge_state || ""} · map ${robot.map_name || "–"}`;
+      const fig = document.getElementById("robot-chart");
+      fig.querySelector("svg")?.remove();
+      fig.append(chart(points, now));
+    } catch (err) {
+      document.getElementById("robot-summary").textContent = String(err);
+    }
+  }
+
+  async function open(sn) {
+    page.sn = sn;
+    page.events.clear();
+    const section = document.getElementById("robot-page");
+    section.hidden = false;
+    document.getElementById("robot-sn").textContent = sn;
+    document.querySelector("#robot-events tbody").replaceChildren();
+    commands(sn);
+    clearInterval(page.timer);
+    page.timer = setInterval(refresh, REFRESH_MS);
+    await refresh();
+    try {
+      const body = await getJson(`/robots/${encodeURIComponent(sn)}/events?limit=${EVENTS}`);
+      if (sn === page.sn) robotPage.onEvents(body.items);
+    } catch (err) { /* the summary line shows what failed */ }
+    section.scrollIntoView();
+  }
+
+  function close() {
+    page.sn = null;
+    clearInterval(page.timer);
+    document.getElementById("robot-page").hidden = true;
+  }
+
+  function route() {
+    const m = location.hash.match(/^#robot\/(.+)$/);
+    if (m) open(decodeURIComponent(m[1]));
+    else close();
+  }
+
+  const robotPage = {
+    start(me) {
+      page.me = me;
+      window.addEventListener("hashchange", route);
+      document.getElementById("robot-close").addEventListener("click", (e) => {
+        e.preventDefault();
+        location.hash = "";
+      });
+      route();
+    },
+    onEvents(items) {
+      let mine = false;
+      for (const e of items) {
+        if (e.robot_sn === page.sn) {
+          page.events.set(e.event_id, e);
+          mine = true;
+        }
+      }
+      if (mine) renderEvents();
+    },
+  };
+
+  window.robotPage = robotPage;
+})();

@@ -337,7 +337,7 @@ function renderEvents() {
 
 // -- gateways --------------------------------------------------------------------------
 function runText(run) {
-  if (!run) return "";
+  if (!run) return "none reported";
   const when = run.ended_at || run.started_at;
   const age = when ? ` · ${fmtAge(ageSeconds(typeof when === "number" ? new Date(when * 1000).toISOString() : when))} ago` : "";
   return `${run.status || "?"}${age}` + (run.errors ? ` · ${run.errors} errors` : "");

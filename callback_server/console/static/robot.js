@@ -55,9 +55,13 @@
   }
 
   // -- the chart ------------------------------------------------------------------------
+  // The last 24 h, or less when the history is shorter (a robot seen for ten minutes
+  // gets ten minutes across the chart, not a sliver at its right edge).
   function chart(points, now) {
-    const x0 = now - DAY_S, plotH = H - TOP - BAND - AXIS - 4;
-    const sx = (t) => LEFT + (Math.max(t, x0) - x0) / DAY_S * (W - LEFT - RIGHT);
+    const first = points.length ? points[0].ts : now - DAY_S;
+    const x0 = Math.max(now - DAY_S, first - Math.max(60, (now - first) * 0.05));
+    const span = now - x0, plotH = H - TOP - BAND - AXIS - 4;
+    const sx = (t) => LEFT + (Math.max(t, x0) - x0) / span * (W - LEFT - RIGHT);
     const sy = (b) => TOP + (1 - b / 100) * plotH;
     const s = svg("svg", {viewBox: `0 0 ${W} ${H}`, width: W, height: H, class: "history",
       "data-points": points.length});
@@ -65,8 +69,9 @@
       s.append(svg("line", {class: "grid", x1: LEFT, x2: W - RIGHT, y1: sy(b), y2: sy(b)}),
         svg("text", {class: "axis", x: LEFT - 4, y: sy(b) + 4, "text-anchor": "end"}, `${b}%`));
     }
-    for (let h = 0; h <= 24; h += 3) {
-      const t = x0 + h * 3600, x = sx(t);
+    const step = [60, 300, 600, 1800, 3600, 3 * 3600, 6 * 3600].find((s) => span / s <= 8) || DAY_S;
+    for (let t = Math.ceil(x0 / step) * step; t <= now; t += step) {
+      const x = sx(t);
       s.append(svg("line", {class: "grid", x1: x, x2: x, y1: TOP, y2: H - AXIS}),
         svg("text", {class: "axis", x, y: H - 4, "text-anchor": "middle"},
           new Date(t * 1000).toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"})));
@@ -85,7 +90,11 @@
     });
     const battery = points.filter((p) => typeof p.battery_level === "number" && p.ts >= x0);
     if (battery.length) {
-      const pts = battery.map((p) => `${sx(p.ts).toFixed(1)},${sy(p.battery_level).toFixed(1)}`);
+      // steps, not slopes: a reading holds until the next one
+      const pts = battery.flatMap((p, i) => {
+        const x = sx(p.ts).toFixed(1), y = sy(p.battery_level).toFixed(1);
+        return i ? [`${x},${sy(battery[i - 1].battery_level).toFixed(1)}`, `${x},${y}`] : [`${x},${y}`];
+      });
       pts.push(`${sx(now).toFixed(1)},${sy(battery[battery.length - 1].battery_level).toFixed(1)}`);
       s.append(svg("polyline", {class: "battery-line", points: pts.join(" ")}));
     } else {
@@ -93,6 +102,19 @@
         "no battery reading in the last 24 h"));
     }
     return s;
+  }
+
+  function legend(points) {
+    const ul = el("ul", {class: "legend"});
+    ul.append(el("li", {class: "battery"}, "battery %"));
+    for (const status of new Set(points.map((p) => String(p.status || "unknown").toLowerCase()))) {
+      const li = el("li", {}, status);
+      const swatch = el("span", {class: "swatch"});
+      swatch.style.background = STATUS_COLOURS[status] || "#bdbdbd";
+      li.prepend(swatch);
+      ul.append(li);
+    }
+    return ul;
   }
 
   // -- events and commands ------------------------------------------------------------------
@@ -114,9 +136,14 @@
         if (a.value) i.value = a.value;
         return i;
       });
+      const labelled = inputs.map((i) => {
+        const label = el("label", {}, `${i.getAttribute("aria-label")} `);
+        label.append(i);
+        return label;
+      });
       const button = el("button", {type: "submit", class: "cmd", "data-command": c.name}, c.label);
       const out = el("pre", {class: "cmd-out"});
-      form.append(...inputs, button, out);
+      form.append(...labelled, button, out);
       form.addEventListener("submit", (ev) => {
         ev.preventDefault();
         const args = {};
@@ -141,7 +168,11 @@
         ` · ${robot.charge_state || ""} · map ${robot.map_name || "–"}`;
       const fig = document.getElementById("robot-chart");
       fig.querySelector("svg")?.remove();
-      fig.append(chart(points, now));
+      fig.querySelector(".legend")?.remove();
+      fig.append(chart(points, now), legend(points));
+      const since = points.length && points[0].ts > now - DAY_S
+        ? ` (history since ${new Date(points[0].ts * 1000).toLocaleString()})` : "";
+      fig.querySelector("figcaption").textContent = `Battery and status, last 24 h${since}`;
     } catch (err) {
       document.getElementById("robot-summary").textContent = String(err);
     }

@@ -120,7 +120,8 @@ class ConsoleHub:
             event = event_of(env)
             if event is not None:
                 self._events.append(event)
-        del self._events[:-EVENTS_PENDING]
+        # one tick's worth, over every org: one org's burst must not crowd out another's
+        del self._events[:-10 * EVENTS_PENDING]
         self._wake.set()
 
     def on_transition(self, transition: Transition) -> None:

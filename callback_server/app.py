@@ -244,6 +244,13 @@ def create_app(server: AppHost) -> FastAPI:
             sn, since=start, limit=limit, after=None if after is None else float(after[0]))
         return {"items": items, "next_cursor": None if last is None else encode_cursor(last)}
 
+    @app.get("/robots/{sn}/tasks", summary="A robot's latest tasks (each at its newest "
+                                            "state), the one started last first")
+    async def tasks(sn: str, principal: Reader,
+                    limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict[str, Any]:
+        await visible_robot(principal, sn)
+        return {"items": await server.store.list_tasks(sn, limit=limit), "next_cursor": None}
+
     @app.post("/devices/{device_id}/commands",
               summary="Send a command to a gateway and wait for its response",
               responses={504: {"description": "The gateway did not answer within the timeout"}},

@@ -83,7 +83,7 @@ class CallbackSettings(BaseModel):
     log_retention_days: float = Field(30.0, ge=0)
     dead_letter_retention_days: float = Field(90.0, ge=0)
     command_retention_days: float = Field(90.0, ge=0)
-    # Days to keep robot_history (the console's 24 h chart and tracks); 0: forever.
+    # Days to keep robot_history and robot_tasks (the console's chart, tracks, tasks); 0: forever.
     history_retention_days: float = Field(7.0, ge=0)
     retention_interval_seconds: float = Field(3600.0, gt=0)
     # A robot time further ahead of this service's clock is not used for ordering.

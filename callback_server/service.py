@@ -39,7 +39,13 @@ from callback_server.keys import KeyRing
 from callback_server.metrics import CallbackMetrics
 from callback_server.retention import Retention
 from callback_server.store import Store, load_targets, open_store
-from callback_server.store.schema import COMMAND_TABLE, DEAD_TABLE, HISTORY_TABLE, LOG_TABLE
+from callback_server.store.schema import (
+    COMMAND_TABLE,
+    DEAD_TABLE,
+    HISTORY_TABLE,
+    LOG_TABLE,
+    TASKS_TABLE,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +82,7 @@ class CallbackServer:
             DEAD_TABLE: settings.dead_letter_retention_days,
             COMMAND_TABLE: settings.command_retention_days,
             HISTORY_TABLE: settings.history_retention_days,
+            TASKS_TABLE: settings.history_retention_days,
         }, interval=settings.retention_interval_seconds)
         self.transport = transport or create_transport(settings.mqtt_backend,
                                                        mqtt_settings(settings))

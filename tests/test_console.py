@@ -245,6 +245,8 @@ def test_robot_page_gateways_commands_and_tracks_after_reload(
             return r is not None and r["last_ts"] == ts and r[key] is not None
 
         eventually(stored, f"{callback_type} at {ts} stored")
+    fleet.post("acme", "notifyCleanStatus", sn=sn, task_id="t-1", task_name="Lobby",
+               status="RUNNING", task_time=t0, timestamp=t0 + 2)
     auth = fleet.server.auth
 
     def points() -> list[dict[str, Any]] | None:
@@ -274,6 +276,10 @@ def test_robot_page_gateways_commands_and_tracks_after_reload(
     assert int(chart.get_attribute("data-points") or 0) == 4
     assert viewer.find_elements(By.CSS_SELECTOR, "#robot-chart polyline.battery-line")
     assert len(viewer.find_elements(By.CSS_SELECTOR, "#robot-chart rect.band")) == 4
+    task = eventually(lambda: viewer.find_elements(
+        By.CSS_SELECTOR, '#robot-tasks tr[data-task="t-1"]'), "task listed")[0]
+    assert task.find_element(By.CSS_SELECTOR, "td.task").text == "Lobby"
+    assert task.find_element(By.CSS_SELECTOR, "td.task-status").text == "running"
     backlog = '#gateways tr[data-gateway="acme/gw-acme"] td.backlog'
     eventually(lambda: (c := viewer.find_elements(By.CSS_SELECTOR, backlog)) and
                c[0].text == "0", "heartbeat backlog shown")

@@ -646,3 +646,21 @@ async def test_recent_events_are_newest_first_and_scoped(store: SqlStore) -> Non
     assert [e["event_id"] for e in events] == ["b", "a"]  # newest received first
     assert await store.recent_events(limit=10, orgs={"beta"}) == []
     assert len(await store.recent_events(limit=1)) == 1
+
+
+async def test_tasks_keep_each_tasks_newest_state(store: SqlStore) -> None:
+    started = 1_700_000_000
+    run: dict[str, Any] = {"task_id": "t1", "task_name": "Lobby", "task_time": started}
+    await store.write_batch([item(env("T", "task", started + 10, **run, task_status="running")),
+                             item(env("T", "task", started + 5, **run, task_status="start"))])
+    await store.write_batch([item(env("T", "task", started + 1, **run, task_status="queued"))])
+    await store.write_batch([item(env("T", "task", started + 99, task_name="Hall",
+                                      task_time=started + 90, task_status="done"))])
+    await store.write_batch([item(env("T", "task", started + 99, task_status="x"))])  # no id
+    tasks = await store.list_tasks("T", limit=10)
+    assert [(t["task_id"], t["task_name"], t["task_status"]) for t in tasks] == [
+        (None, "Hall", "done"), ("t1", "Lobby", "running")]  # older news changes nothing
+    assert (tasks[1]["ts"], tasks[1]["task_time"], tasks[1]["org_id"]) == (
+        started + 10, started, "acme")
+    await store.write_batch([item(env("T", "task", started + 120, **run, task_status="done"))])
+    assert [t["task_status"] for t in await store.list_tasks("T", limit=10)] == ["done", "done"]

@@ -207,14 +207,37 @@ HISTORY_FIELDS = tuple(c.name for c in HISTORY.columns if c.name != "recorded_at
 #: A periodic point (battery, position) at most this often per robot, in robot seconds.
 HISTORY_EVERY_SECONDS = 60
 
+#: Each robot task's latest state (channel ``task``: notifyCleanStatus, TASK_STATUS), for
+#: the console's robot page; pruned with the history (HISTORY_RETENTION_DAYS).
+TASKS = TableSpec(
+    columns=(
+        Column("robot_sn", "key", 64),
+        Column("task_key", "key", 128),      # task_id, else task_name@task_time
+        Column("org_id", "str", 128),
+        Column("task_id", "str", 128),
+        Column("task_name", "str", 255),
+        Column("task_status", "str", 32),
+        Column("task_time", "float"),        # robot time the task started, epoch seconds
+        Column("remark", "text", 2000),
+        Column("ts", "float"),               # robot time of this state
+        Column("updated_at", "time"),        # server time, what retention goes by
+    ),
+    key=("robot_sn", "task_key"),
+    aged_by="updated_at",
+)
+#: Keys of a task as ``GET /robots/{sn}/tasks`` returns it.
+TASK_FIELDS = ("robot_sn", "task_id", "task_name", "task_status", "task_time", "remark",
+               "ts", "org_id")
+
 LOG_TABLE = "mqtt_message_log"
 RUNS_TABLE = "ingestion_runs"
 DEAD_TABLE = "mqtt_dead_letters"
 COMMAND_TABLE = "device_commands"
 HISTORY_TABLE = "robot_history"
+TASKS_TABLE = "robot_tasks"
 #: The tables retention may prune (by their ``aged_by`` column); robots and events never.
 PRUNABLE = {LOG_TABLE: LOG, DEAD_TABLE: DEAD_LETTERS, COMMAND_TABLE: COMMANDS,
-            HISTORY_TABLE: HISTORY}
+            HISTORY_TABLE: HISTORY, TASKS_TABLE: TASKS}
 
 # -- alerts (callback_server/alerts) ------------------------------------------------------
 #: One row per alert. ``open_key`` (SHA-256 of rule, org, subject) is set while the alert

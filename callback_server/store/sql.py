@@ -40,10 +40,14 @@ from callback_server.store.schema import (
     ROBOTS,
     RUNS,
     RUNS_TABLE,
+    TASK_FIELDS,
+    TASKS,
+    TASKS_TABLE,
     WATERMARKS,
     TableSpec,
 )
 from callback_server.store.targets import Targets
+from callback_server.store.tasks import task_rows
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +135,11 @@ class SqlStore:
         self._runs_sql = d.insert_ignore(RUNS_TABLE, RUNS.names)
         self._event_sql = [d.insert_ignore(t.qualified, EVENTS.names)
                            for t in self.targets.robot_events]
+        # a task's state moves only forward in robot time (ts last: MySQL assigns in order)
+        newer = f"{d.new('ts')} >= COALESCE(ts, {d.new('ts')})"
+        columns = [c for c in TASKS.names if c not in (*TASKS.key, "ts")] + ["ts"]
+        self._task_sql = d.upsert(TASKS_TABLE, TASKS.names, TASKS.key, {
+            c: f"CASE WHEN {newer} THEN {d.new(c)} ELSE {c} END" for c in columns})
         self._history_sql = d.history_point(HISTORY_TABLE, self.targets.robot_status[0].qualified,
                                             HISTORY_EVERY_SECONDS)
 
@@ -169,7 +178,7 @@ class SqlStore:
                 *((t.qualified, EVENTS, "events") for t in self.targets.robot_events),
                 (LOG_TABLE, LOG, "log"), (DEAD_TABLE, DEAD_LETTERS, None),
                 (COMMAND_TABLE, COMMANDS, None), (RUNS_TABLE, RUNS, None),
-                (HISTORY_TABLE, HISTORY, None),
+                (HISTORY_TABLE, HISTORY, None), (TASKS_TABLE, TASKS, None),
                 *((name, spec, None) for name, spec in ALERT_TABLES.items()),
             ]
             for table, spec, kind in plan:
@@ -211,7 +220,9 @@ class SqlStore:
         if spec.unique:
             await self.backend.transaction(
                 [(d.create_index(table, spec.unique, unique=True), None)])
-        if spec is EVENTS:  # the console's latest events, across robots
+        # The console's latest events across robots read the first events target. (SQLite
+        # names an attached database's index, not its table: no index on those.)
+        if table == self.targets.robot_events[0].qualified and (d.mysql or "." not in table):
             await self.backend.transaction([(d.create_index(table, "upload_time"), None)])
         if spec is ROBOTS:
             await self._seed_watermarks(table, [c for c in added if c in (*WATERMARKS, "last_ts")])
@@ -283,6 +294,7 @@ class SqlStore:
         statements.append((self._runs_sql, rows.runs))
         stamp = when(now)
         statements.append((self._history_sql, [(stamp, r[0], horizon) for r in rows.robots]))
+        statements.append((self._task_sql, task_rows(items, now)))
         counts = await self.backend.transaction(statements)
         return BatchResult(messages=len(items), logged=counts[0], events=counts[1],
                            robots=len(rows.robots), skewed=rows.skewed)
@@ -451,6 +463,16 @@ class SqlStore:
         for r in rows:
             tracks.setdefault(str(r["robot_sn"]), []).append([float(r["x"]), float(r["y"])])
         return tracks
+
+    async def list_tasks(self, sn: str, *, limit: int) -> list[dict[str, Any]]:
+        """A robot's latest tasks, the one started last first."""
+        await self._ready()
+        d = self.dialect
+        rows = await self.backend.fetch(
+            f"SELECT {', '.join(TASK_FIELDS)} FROM {d.quote(TASKS_TABLE)}"
+            f" WHERE robot_sn = {d.mark} ORDER BY COALESCE(task_time, ts) DESC,"
+            f" task_key DESC LIMIT {int(limit)}", (sn,))
+        return [{k: _plain(k, r[k]) for k in TASK_FIELDS} for r in rows]
 
     async def recent_events(self, *, limit: int, orgs: Collection[str] | None = None,
                             ) -> list[dict[str, Any]]:

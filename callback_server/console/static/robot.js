@@ -1,6 +1,7 @@
 "use strict";
 // The robot page (#robot/<sn>): battery and status over the last 24 h as a hand-drawn SVG
-// chart (GET /robots/{sn}/history), recent events, and for operators the robot commands
+// chart (GET /robots/{sn}/history), recent events, tasks (GET /robots/{sn}/tasks, with
+// the chart every REFRESH_MS), and for operators the robot commands
 // (POST /robots/{sn}/commands) with their answer or timeout. console.js owns the stream
 // and hands this page the events it receives (robotPage.onEvents).
 
@@ -9,7 +10,7 @@
   const DAY_S = 86400;
   const EVENTS = 20;
   const REFRESH_MS = 30000;  // the chart gains a point a minute at most: no need for more
-  const W = 720, H = 190, LEFT = 36, RIGHT = 8, TOP = 10, BAND = 14, AXIS = 18;
+  const W = 720, H = 190, LEFT = 36, RIGHT = 24, TOP = 10, BAND = 14, AXIS = 18;
   const STATUS_COLOURS = {online: "#66bb6a", idle: "#66bb6a", working: "#42a5f5",
     charging: "#ffca28", offline: "#9e9e9e", error: "#e53935", fault: "#e53935"};
   // The Pudu commands a robot takes (edge_agent/pudu/commands.py) and their arguments.
@@ -125,6 +126,21 @@
       ...list.map((e) => window.eventRow(e, false)));
   }
 
+  function when(epoch) {
+    return typeof epoch === "number" ? new Date(epoch * 1000).toLocaleString() : "";
+  }
+
+  function renderTasks(tasks) {
+    document.querySelector("#robot-tasks tbody").replaceChildren(...tasks.map((t) => {
+      const tr = el("tr", {"data-task": t.task_id || t.task_name || ""});
+      tr.append(el("td", {class: "task"}, t.task_name || t.task_id || ""),
+        el("td", {class: `task-status t-${String(t.task_status || "").toLowerCase()}`}, t.task_status || ""),
+        el("td", {}, when(t.task_time)), el("td", {}, when(t.ts)),
+        el("td", {class: "detail"}, t.remark || ""));
+      return tr;
+    }));
+  }
+
   function commands(sn) {
     const host = document.getElementById("robot-commands");
     host.querySelectorAll("form").forEach((f) => f.remove());
@@ -160,9 +176,11 @@
     if (!sn) return;
     const now = Date.now() / 1000;
     try {
-      const [robot, points] = await Promise.all([
-        getJson(`/robots/${encodeURIComponent(sn)}`), history(sn, Math.floor(now - DAY_S))]);
+      const [robot, points, tasks] = await Promise.all([
+        getJson(`/robots/${encodeURIComponent(sn)}`), history(sn, Math.floor(now - DAY_S)),
+        getJson(`/robots/${encodeURIComponent(sn)}/tasks?limit=10`)]);
       if (sn !== page.sn) return;
+      renderTasks(tasks.items);
       document.getElementById("robot-summary").textContent =
         `${robot.org_id || ""} · ${robot.status || "unknown"} · battery ${robot.battery_level ?? "–"} %` +
         ` · ${robot.charge_state || ""} · map ${robot.map_name || "–"}`;
@@ -185,6 +203,7 @@
     section.hidden = false;
     document.getElementById("robot-sn").textContent = sn;
     document.querySelector("#robot-events tbody").replaceChildren();
+    document.querySelector("#robot-tasks tbody").replaceChildren();
     commands(sn);
     clearInterval(page.timer);
     page.timer = setInterval(refresh, REFRESH_MS);

@@ -166,13 +166,15 @@ class Dialect:
         sets.append(take("last_ts", "last_ts"))
         return f"{self.insert(table, ROBOT_ROW)} {head} {', '.join(sets)}"
 
-    def history_point(self, history: str, robots: str, every: float) -> str:
-        """Copy one robot's state row (param: sn, now, now) into ``history`` at its robot
-        time, if the robot's last point is ``every`` seconds older or differs in status or
-        charge state; a point at the same robot time is replaced by the newer state.
+    def history_points(self, history: str, robots: str, every: float, count: int) -> str:
+        """Copy ``count`` robots' state rows (params: now, the sns, the horizon) into
+        ``history`` at their robot time, each if its last point is ``every`` seconds older
+        or differs in status or charge state; a point at the same robot time is replaced
+        by the newer state.
 
-        One statement per robot per batch, run in the batch's transaction after the
-        upsert; both subqueries use the (robot_sn, ts) primary key.
+        One statement for many robots, run in the batch's transaction after the upsert
+        (a statement per robot costs a round trip each on MySQL: 5x the batch's time);
+        both subqueries use the (robot_sn, ts) primary key.
         """
         h, r, m = self.quote(history), self.quote(robots), self.mark
         names = ("robot_sn", "ts", "recorded_at", "org_id", "gateway_id", "status",
@@ -185,7 +187,8 @@ class Dialect:
         select = (
             f"SELECT r.robot_sn, r.last_ts, {m}, r.org_id, r.gateway_id, r.status,"
             f" r.battery_level, r.charge_state, r.x, r.y, r.yaw, r.map_name FROM {r} r"
-            f" WHERE r.robot_sn = {m} AND r.last_ts IS NOT NULL AND r.last_ts <= {m} AND ("
+            f" WHERE r.robot_sn IN ({self.marks(count)}) AND r.last_ts IS NOT NULL"
+            f" AND r.last_ts <= {m} AND ("
             f"NOT EXISTS (SELECT 1 FROM {h} q WHERE q.robot_sn = r.robot_sn"
             f" AND q.ts > r.last_ts - {float(every)!r}) OR {changed})")
         sets = [c for c in names if c not in ("robot_sn", "ts")]

@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import decimal
+import functools
 import hashlib
 import json
 import logging
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
 from typing import Any
 
@@ -50,6 +52,9 @@ from callback_server.store.targets import Targets
 from callback_server.store.tasks import task_rows
 
 log = logging.getLogger(__name__)
+
+#: Robots per history statement (a batch holds at most a few hundred robots).
+_HISTORY_CHUNK = 500
 
 #: Keys of a robot as the read API returns it.
 ROBOT_FIELDS = ("robot_sn", "org_id", "gateway_id", "status", "battery_level", "charge_state",
@@ -140,8 +145,9 @@ class SqlStore:
         columns = [c for c in TASKS.names if c not in (*TASKS.key, "ts")] + ["ts"]
         self._task_sql = d.upsert(TASKS_TABLE, TASKS.names, TASKS.key, {
             c: f"CASE WHEN {newer} THEN {d.new(c)} ELSE {c} END" for c in columns})
-        self._history_sql = d.history_point(HISTORY_TABLE, self.targets.robot_status[0].qualified,
-                                            HISTORY_EVERY_SECONDS)
+        robots = self.targets.robot_status[0].qualified
+        self._history_sql = functools.lru_cache(maxsize=64)(partial(
+            d.history_points, HISTORY_TABLE, robots, HISTORY_EVERY_SECONDS))
 
     async def __aenter__(self) -> SqlStore:
         return self
@@ -293,7 +299,10 @@ class SqlStore:
                        for t in self.targets.robot_status]
         statements.append((self._runs_sql, rows.runs))
         stamp = when(now)
-        statements.append((self._history_sql, [(stamp, r[0], horizon) for r in rows.robots]))
+        sns = [r[0] for r in rows.robots]
+        for i in range(0, len(sns), _HISTORY_CHUNK):
+            chunk = sns[i:i + _HISTORY_CHUNK]
+            statements.append((self._history_sql(len(chunk)), [(stamp, *chunk, horizon)]))
         statements.append((self._task_sql, task_rows(items, now)))
         counts = await self.backend.transaction(statements)
         return BatchResult(messages=len(items), logged=counts[0], events=counts[1],

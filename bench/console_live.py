@@ -29,6 +29,7 @@ from selenium.webdriver.common.by import By
 
 from bench.procs import cpu_seconds
 from bridge.envelope import Envelope
+from callback_server.console import KINDS
 from callback_server.keys import add_key
 from tests.services import callback_server
 
@@ -70,7 +71,7 @@ class _Reader(threading.Thread):
                     return
                 if line.startswith("event: "):
                     event = line[7:]
-                elif line.startswith("data: ") and event in ("robots", "alerts"):
+                elif line.startswith("data: ") and event in KINDS:
                     self.frames += 1
                     self.objects += len(json.loads(line[6:]))
 

@@ -34,6 +34,7 @@ from callback_server.paging import (
     MAX_LIMIT,
     MaybeNumber,
     MaybeText,
+    Number,
     Text,
     decode_cursor,
     encode_cursor,
@@ -55,6 +56,10 @@ def _reader(request: Request) -> Principal:
 
 Reader = Annotated[Principal, Depends(_reader)]
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
+#: Robot time (epoch seconds) a history starts from.
+MaybeSince = Annotated[float | None, Query(ge=0, le=253402300799)]
+#: What ``GET /robots/{sn}/history`` returns without ``since``: the console's chart.
+HISTORY_DEFAULT_SECONDS = 24 * 3600
 
 
 class CommandRequest(BaseModel):
@@ -233,6 +238,25 @@ def create_app(server: AppHost) -> FastAPI:
         after = decode_cursor(cursor, MaybeText, MaybeNumber, Text)
         items, last = await server.store.list_events(sn, limit=limit, after=after)
         return {"items": items, "next_cursor": None if last is None else encode_cursor(last)}
+
+    @app.get("/robots/{sn}/history",
+             summary="A robot's state over time, oldest first, downsampled: every status or "
+                     "charge change and at most a point a minute (default: the last 24 h)")
+    async def history(sn: str, principal: Reader, since: MaybeSince = None,
+                      limit: Limit = MAX_LIMIT, cursor: str | None = None) -> dict[str, Any]:
+        await visible_robot(principal, sn)
+        start = time.time() - HISTORY_DEFAULT_SECONDS if since is None else since
+        after = decode_cursor(cursor, Number)
+        items, last = await server.store.list_history(
+            sn, since=start, limit=limit, after=None if after is None else float(after[0]))
+        return {"items": items, "next_cursor": None if last is None else encode_cursor(last)}
+
+    @app.get("/robots/{sn}/tasks", summary="A robot's latest tasks (each at its newest "
+                                            "state), the one started last first")
+    async def tasks(sn: str, principal: Reader,
+                    limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict[str, Any]:
+        await visible_robot(principal, sn)
+        return {"items": await server.store.list_tasks(sn, limit=limit), "next_cursor": None}
 
     @app.post("/devices/{device_id}/commands",
               summary="Send a command to a gateway and wait for its response",

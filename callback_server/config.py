@@ -37,6 +37,7 @@ ENV_MAP = {
     "LOG_RETENTION_DAYS": "log_retention_days",
     "DEAD_LETTER_RETENTION_DAYS": "dead_letter_retention_days",
     "COMMAND_RETENTION_DAYS": "command_retention_days",
+    "HISTORY_RETENTION_DAYS": "history_retention_days",
     "RETENTION_INTERVAL_SECONDS": "retention_interval_seconds",
     "ALERT_RULES_FILE": "alert_rules_file",
 }
@@ -82,6 +83,8 @@ class CallbackSettings(BaseModel):
     log_retention_days: float = Field(30.0, ge=0)
     dead_letter_retention_days: float = Field(90.0, ge=0)
     command_retention_days: float = Field(90.0, ge=0)
+    # Days to keep robot_history and robot_tasks (the console's chart, tracks, tasks); 0: forever.
+    history_retention_days: float = Field(7.0, ge=0)
     retention_interval_seconds: float = Field(3600.0, gt=0)
     # A robot time further ahead of this service's clock is not used for ordering.
     max_clock_skew_seconds: float = Field(300.0, gt=0)

@@ -13,11 +13,12 @@ from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any
 
+from bridge import strictjson
 from bridge.backoff import backoff_delay
 from bridge.commands import CommandClient, CommandOutcome
 from bridge.config import mask_url
 from bridge.envelope import Envelope
-from bridge.errors import InputError, NotFoundError, StoreError, TransportError
+from bridge.errors import InputError, NotFoundError, PayloadError, StoreError, TransportError
 from bridge.http_server import NodelayStats, make_server
 from bridge.lifecycle import Listener, serve_service
 from bridge.outbound import OutboundPolicy
@@ -38,7 +39,13 @@ from callback_server.keys import KeyRing
 from callback_server.metrics import CallbackMetrics
 from callback_server.retention import Retention
 from callback_server.store import Store, load_targets, open_store
-from callback_server.store.schema import COMMAND_TABLE, DEAD_TABLE, LOG_TABLE
+from callback_server.store.schema import (
+    COMMAND_TABLE,
+    DEAD_TABLE,
+    HISTORY_TABLE,
+    LOG_TABLE,
+    TASKS_TABLE,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +81,8 @@ class CallbackServer:
             LOG_TABLE: settings.log_retention_days,
             DEAD_TABLE: settings.dead_letter_retention_days,
             COMMAND_TABLE: settings.command_retention_days,
+            HISTORY_TABLE: settings.history_retention_days,
+            TASKS_TABLE: settings.history_retention_days,
         }, interval=settings.retention_interval_seconds)
         self.transport = transport or create_transport(settings.mqtt_backend,
                                                        mqtt_settings(settings))
@@ -202,13 +211,20 @@ class CallbackServer:
         if address.channel == "response":
             self.commands.on_response(payload)  # one pushed by an IoT Rule, not via MQTT
             return
-        if address.channel != "presence":
-            return
-        state = payload.decode(errors="replace").strip().lower()[:32]
         org, device = address.org_id, address.device_id
-        self.gateways[f"{org}/{device}"] = {
-            "org_id": org, "gateway_id": device, "state": state, "since": time.time(),
-        }
+        if address.channel == "presence":
+            state = payload.decode(errors="replace").strip().lower()[:32]
+            gateway = self.gateways.get(f"{org}/{device}", {})
+            self.gateways[f"{org}/{device}"] = gateway = {
+                **gateway, "org_id": org, "gateway_id": device, "state": state,
+                "since": time.time()}
+        elif address.channel == "telemetry":
+            gateway = self.gateways.setdefault(f"{org}/{device}", {
+                "org_id": org, "gateway_id": device, "state": "unknown", "since": None})
+            gateway.update(heartbeat_fields(payload), heartbeat_at=time.time())
+        else:
+            return
+        self.console.on_gateway(gateway)
 
     def org_of(self, device_id: str, caller: Principal | None = None) -> str:
         """The org a gateway announced itself under (among the orgs ``caller`` covers);
@@ -312,6 +328,31 @@ class CallbackServer:
         m.connected.set(1 if self.transport.connected else 0)
         for table, count in self.retention.pruned.items():
             m.pruned.labels(table=table).set(count)
+
+
+#: A heartbeat's fields /gateways and the console show, and those of its last poll run.
+_BEAT = ("outbox_depth", "outbox_oldest_age_s", "broker_connected")
+_RUN = ("run_id", "status", "started_at", "ended_at", "robots_seen", "errors", "error")
+
+
+def heartbeat_fields(payload: bytes) -> dict[str, Any]:
+    """The backlog and last poll run of a gateway heartbeat (outside data: parsed strictly,
+    only scalars kept); nothing if it is not a JSON object."""
+    try:
+        beat = strictjson.loads(payload).value
+    except PayloadError:
+        return {}
+    if not isinstance(beat, dict):
+        return {}
+
+    def scalars(obj: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+        return {k: v for k in names if isinstance(v := obj.get(k), str | int | float | bool)
+                and not (isinstance(v, str) and len(v) > 200)}
+
+    poll = beat.get("poll")
+    run = poll.get("last_run") if isinstance(poll, dict) else None
+    return {**scalars(beat, _BEAT), "last_run": scalars(run, _RUN) if isinstance(
+        run, dict) else None}
 
 
 async def serve(settings: CallbackSettings) -> None:

@@ -128,6 +128,11 @@ def requests(e: Env) -> dict[tuple[str, str], list[tuple[dict[str, Any], dict[st
                                   ({"url": "/robots/B1"}, FOREIGN_READ)],
         ("get", "/robots/{sn}/events"): [({"url": "/robots/A1/events"}, READ),
                                          ({"url": "/robots/B1/events"}, FOREIGN_READ)],
+        ("get", "/robots/{sn}/history"): [
+            ({"url": "/robots/A1/history?since=0"}, READ),
+            ({"url": "/robots/B1/history"}, FOREIGN_READ)],
+        ("get", "/robots/{sn}/tasks"): [({"url": "/robots/A1/tasks"}, READ),
+                                        ({"url": "/robots/B1/tasks"}, FOREIGN_READ)],
         ("post", "/devices/{device_id}/commands"): [
             ({"url": "/devices/gw-acme/commands", "json": cmd},
              {**OPERATE, "admin": ok_or_timeout, "operator_a": ok_or_timeout}),

@@ -1,7 +1,8 @@
 """The fleet console in a real browser: Debian's chromium driven by Selenium, against a
 running callback server fed through running edge agents by real Pudu webhooks.
 
-Screenshots go to the test's tmp dir (``pytest --basetemp`` to keep them somewhere known).
+Screenshots go to ``test-output/console/`` at the repository root (git-ignored), where
+they can be looked at after a run.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ pytestmark = pytest.mark.integration
 BROKER = "mqtt://127.0.0.1:1883"
 HEADERS = {"CallbackCode": "test-code"}
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+SHOTS = Path(__file__).resolve().parents[1] / "test-output" / "console"
 T = TypeVar("T")
-
 
 
 def eventually(check: Callable[[], T | None], what: str, timeout: float = 20.0) -> T:
@@ -73,10 +74,14 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
                                       ("ingest_a", "ingest")]
     keys = {name: add_key(keys_file, name, ["acme"], role) for name, role in roles}
     p = f"t{uuid.uuid4().hex[:8]}"
+    agent_config = tmp / "edge.yaml"
+    agent_config.write_text("heartbeat_seconds: 1\n")  # the gateways view shows them
+    agent = {"TOPIC_PREFIX": p, "EDGE_AGENT_CONFIG": str(agent_config)}
+    # robot commands go to a Pudu cloud nobody answers here: the page shows the timeout
     with callback_server(tmp, BROKER, f"sqlite:///{tmp / 'cb.db'}", TOPIC_PREFIX=p,
-                         API_KEYS_FILE=str(keys_file)) as server, \
-            edge_agent(tmp, BROKER, org="acme", gateway="gw-acme", TOPIC_PREFIX=p) as a, \
-            edge_agent(tmp, BROKER, org="beta", gateway="gw-beta", TOPIC_PREFIX=p) as b:
+                         API_KEYS_FILE=str(keys_file), COMMAND_TIMEOUT_MAX="2") as server, \
+            edge_agent(tmp, BROKER, org="acme", gateway="gw-acme", **agent) as a, \
+            edge_agent(tmp, BROKER, org="beta", gateway="gw-beta", **agent) as b:
         yield Fleet(server, {"acme": a, "beta": b}, keys, tmp)
 
 
@@ -127,9 +132,15 @@ def alert_row(driver: WebDriver, sn: str, rule: str = "robot_fault") -> Any:
 
 
 def shot(driver: WebDriver, fleet: Fleet, name: str) -> Path:
-    path = fleet.tmp / f"{name}.png"
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    path = SHOTS / f"{name}.png"
     driver.save_screenshot(str(path))
     return path
+
+
+def event_row(driver: WebDriver, sn: str, event_id: str) -> Any:
+    found = driver.find_elements(By.CSS_SELECTOR, f'#events tr[data-event="{sn}/{event_id}"]')
+    return found[0] if found else None
 
 
 def test_viewer_sees_its_org_live_and_operator_acknowledges(
@@ -167,13 +178,22 @@ def test_viewer_sees_its_org_live_and_operator_acknowledges(
     row = eventually(lambda: alert_row(viewer, sa), "alert shown live", timeout=30)
     assert row.find_element(By.CSS_SELECTOR, "td.state").text == "open"
     assert row.find_element(By.CSS_SELECTOR, "td.severity").text == "critical"
-    assert viewer.find_elements(By.CSS_SELECTOR, "button.ack") == []
+    event = eventually(lambda: event_row(viewer, sa, f"f{sa}"), "event listed live")
+    assert event.find_element(By.CSS_SELECTOR, "td.severity").text == "critical"
+    assert "sev-critical" in (event.get_attribute("class") or "")
+    assert event.find_element(By.CSS_SELECTOR, "td.detail").text == "motor"
+    assert viewer.find_elements(By.CSS_SELECTOR, "button.ack, button.silence") == []
     assert not any(e.is_displayed() for e in viewer.find_elements(By.CSS_SELECTOR, ".op-only"))
 
     # -- org B's robot is nowhere in the page (it was stored before the page loaded) -----
     fleet.post("beta", "notifyRobotPose", sn=sb, x=3.0, y=3.0, yaw=0.0)
     eventually(lambda: (fleet.robot(sb) or {}).get("x") == 3.0, "beta pose stored")
-    time.sleep(1.0)  # a frame or more after it: any leak would have arrived
+    # A change of A committed after B's reaches the page in the same frame or a later
+    # one: once it shows, any leak of B would have arrived.
+    fleet.post("acme", "notifyRobotPose", sn=sa, x=7.5, y=-3.0, yaw=90.0)
+    eventually(lambda: cell(viewer, sa, "pos") == "7.5, -3.0 ∠90°", "later pose shown")
+    eventually(lambda: viewer.find_elements(By.CSS_SELECTOR, '#gateways tr[data-gateway]'),
+               "gateways listed")
     page = viewer.page_source
     assert sb not in page and "gw-beta" not in page and "beta" not in page
     assert viewer.find_element(By.ID, "total").text == "(1 shown of 1)"
@@ -184,6 +204,7 @@ def test_viewer_sees_its_org_live_and_operator_acknowledges(
     sign_in(operator, fleet, "operator_a")
     button = eventually(lambda: (r := alert_row(operator, sa)) and r.find_elements(
         By.CSS_SELECTOR, "button.ack"), "ack button")[0]
+    assert (r := alert_row(operator, sa)) and r.find_elements(By.CSS_SELECTOR, "button.silence")
     shot(operator, fleet, "operator-before-ack")
     button.click()
     eventually(lambda: (r := alert_row(operator, sa)) and
@@ -203,6 +224,113 @@ def test_viewer_sees_its_org_live_and_operator_acknowledges(
     # -- sign-out ends the session: the page is the sign-in page again -------------------
     operator.find_element(By.ID, "logout").click()
     eventually(lambda: operator.find_elements(By.ID, "key"), "back at sign-in")
+
+
+def test_robot_page_gateways_commands_and_tracks_after_reload(
+        fleet: Fleet, browser: Callable[[], WebDriver]) -> None:
+    sn, t0 = f"R{uuid.uuid4().hex[:6]}", int(time.time()) - 300
+    # history: a point at t0, the status change, a minute later, the charge change. Each
+    # is stored before the next is sent: a batch makes one point per robot at most.
+    for callback_type, ts, data in (
+            ("notifyRobotPose", t0, {"x": 1.0, "y": 1.0, "yaw": 0.0}),
+            ("notifyRobotPower", t0, {"power": 80, "charge_stage": "IDLE"}),
+            ("robotStatus", t0 + 1, {"run_status": "ONLINE"}),
+            ("notifyRobotPose", t0 + 61, {"x": 4.0, "y": 1.0, "yaw": 90.0}),
+            ("notifyRobotPower", t0 + 90, {"power": 45, "charge_stage": "CHARGING"})):
+        fleet.post("acme", callback_type, sn=sn, timestamp=ts, **data)
+        key = next(iter(data)).replace("power", "battery_level").replace(
+            "run_status", "status")
+        def stored(ts: int = ts, key: str = key) -> bool:
+            r = fleet.robot(sn)
+            return r is not None and r["last_ts"] == ts and r[key] is not None
+
+        eventually(stored, f"{callback_type} at {ts} stored")
+    fleet.post("acme", "notifyCleanStatus", sn=sn, task_id="t-1", task_name="Lobby",
+               status="RUNNING", task_time=t0, timestamp=t0 + 2)
+    auth = fleet.server.auth
+
+    def points() -> list[dict[str, Any]] | None:
+        r = httpx.get(f"{fleet.server.url}/robots/{sn}/history", headers=auth, timeout=5)
+        items: list[dict[str, Any]] = r.json()["items"] if r.status_code == 200 else []
+        return items if len(items) == 4 else None
+
+    history = eventually(points, "history downsampled")
+    assert [p["ts"] for p in history] == [t0, t0 + 1, t0 + 61, t0 + 90]
+    assert [p["battery_level"] for p in history] == [80, 80, 80, 45]
+
+    viewer = browser()
+    sign_in(viewer, fleet, "viewer_a")
+    track = f'#floor polyline.track[data-sn="{sn}"]'
+    # the tracks come from the history: a fresh page has them before any new pose
+    line = eventually(lambda: viewer.find_elements(By.CSS_SELECTOR, track), "track seeded")[0]
+    assert len((line.get_attribute("points") or "").split()) >= 2
+    viewer.refresh()
+    eventually(lambda: viewer.find_elements(By.CSS_SELECTOR, "#link.up"), "stream up again")
+    eventually(lambda: viewer.find_elements(By.CSS_SELECTOR, track), "track kept on reload")
+    viewer.execute_script("document.getElementById('floor-section').scrollIntoView()")
+    shot(viewer, fleet, "viewer-floor-after-reload")
+    # the robot page: the chart, and no command anywhere for a viewer
+    viewer.find_element(By.CSS_SELECTOR, f'#robots tr[data-sn="{sn}"] td.sn a').click()
+    chart = eventually(lambda: viewer.find_elements(By.CSS_SELECTOR, "#robot-chart svg.history"),
+                       "chart drawn")[0]
+    assert int(chart.get_attribute("data-points") or 0) == 4
+    assert viewer.find_elements(By.CSS_SELECTOR, "#robot-chart polyline.battery-line")
+    assert len(viewer.find_elements(By.CSS_SELECTOR, "#robot-chart rect.band")) == 4
+    task = eventually(lambda: viewer.find_elements(
+        By.CSS_SELECTOR, '#robot-tasks tr[data-task="t-1"]'), "task listed")[0]
+    assert task.find_element(By.CSS_SELECTOR, "td.task").text == "Lobby"
+    assert task.find_element(By.CSS_SELECTOR, "td.task-status").text == "running"
+    backlog = '#gateways tr[data-gateway="acme/gw-acme"] td.backlog'
+    eventually(lambda: (c := viewer.find_elements(By.CSS_SELECTOR, backlog)) and
+               c[0].text == "0", "heartbeat backlog shown")
+    assert not viewer.find_elements(By.CSS_SELECTOR, '#gateways tr[data-gateway^="beta/"]')
+    assert viewer.find_elements(By.CSS_SELECTOR, "button.cmd, select.cmd-name, form.command") == []
+    shot(viewer, fleet, "viewer-robot-page")
+
+    # an operator gets the robot's and the gateway's commands, and sees their answers
+    operator = browser()
+    sign_in(operator, fleet, "operator_a")
+    operator.get(f"{fleet.server.url}/#robot/{sn}")
+    eventually(lambda: operator.find_elements(By.CSS_SELECTOR, "#robot-chart svg.history"),
+               "operator's chart")
+    names = [b.get_attribute("data-command") for b in
+             operator.find_elements(By.CSS_SELECTOR, "#robot-commands button.cmd")]
+    assert names == ["pudu.recharge", "pudu.switch_map", "pudu.position_reporting"]
+    operator.find_element(By.CSS_SELECTOR, 'button[data-command="pudu.recharge"]').click()
+    out = '#robot-commands form[data-command="pudu.recharge"] pre.cmd-out'
+    answer = eventually(lambda: answered(operator, out, "pudu.recharge: "),
+                        "robot command answered")
+    # no Pudu cloud is configured on this gateway: the page says what came back
+    assert answer.startswith("pudu.recharge: "), answer
+    ping = '#gateways tr[data-gateway="acme/gw-acme"] button.cmd'
+    eventually(lambda: operator.find_elements(By.CSS_SELECTOR, ping), "gateway command")[0].click()
+    pong = eventually(lambda: answered(
+        operator, '#gateways tr[data-gateway="acme/gw-acme"] pre.cmd-out', "ping: "),
+        "ping answered")
+    assert '"pong": true' in pong
+    assert '"gw-acme"' in pong
+    shot(operator, fleet, "operator-robot-page")
+
+
+def answered(driver: WebDriver, css: str, prefix: str) -> str | None:
+    """The command output at ``css`` once it is an answer (not the waiting line)."""
+    found = driver.find_elements(By.CSS_SELECTOR, css)
+    text = found[0].text if found else ""
+    return text if text.startswith(prefix) and "waiting" not in text else None
+
+
+def own_alert(fleet: Fleet) -> str:
+    """The id of an alert this test opens itself (a Fatal fault of a robot of its own)."""
+    sn = f"S{uuid.uuid4().hex[:6]}"
+    fleet.post("acme", "robotErrorWarning", sn=sn, error_level="Fatal", error_type="Crash",
+               error_detail="motor", error_id=f"f{sn}")
+
+    def opened() -> str | None:
+        r = httpx.get(fleet.server.url + "/alerts", params={"state": "open"},
+                      headers=fleet.server.auth, timeout=5)
+        return next((a["id"] for a in r.json()["items"] if a["subject_id"] == sn), None)
+
+    return eventually(opened, "alert opened")
 
 
 def test_session_cookie_and_origin_rules(fleet: Fleet) -> None:
@@ -230,13 +358,12 @@ def test_session_cookie_and_origin_rules(fleet: Fleet) -> None:
         assert c.get("/console/me").json()["name"] == "operator_a"
         assert 'id="robots"' in c.get("/").text  # signed in: the console, not sign-in
         # a state-changing request with the cookie: only with this host's Origin
-        fault = httpx.get(url + "/alerts", headers=fleet.server.auth).json()["items"]
-        target = f"/alerts/{fault[0]['id']}/silence" if fault else "/alerts/none/silence"
+        target = f"/alerts/{own_alert(fleet)}/silence"
         for headers in ({}, {"Origin": "http://evil.example"}, {"Origin": "null"}):
             r = c.post(target, json={"minutes": 1}, headers=headers)
             assert r.status_code == 403, (headers, r.text)
         r = c.post(target, json={"minutes": 1}, headers=own)
-        assert r.status_code == (200 if fault else 404), r.text
+        assert r.status_code == 200 and r.json()["silenced_until"], r.text
         # logout needs the Origin too; then the cookie is worthless and its stream ends
         assert c.post("/console/logout").status_code == 403
         with httpx.Client(base_url=url, timeout=10,

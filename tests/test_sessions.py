@@ -7,9 +7,10 @@ import asyncio
 from collections.abc import Collection
 from typing import Any, cast
 
+from bridge.envelope import Envelope
 from callback_server import sessions as sessions_mod
 from callback_server.console import ConsoleHub
-from callback_server.console.hub import ConsoleClient
+from callback_server.console.hub import EVENTS_PENDING, ConsoleClient
 from callback_server.keys import Principal
 from callback_server.sessions import SessionStore, same_origin
 from callback_server.store import Store
@@ -78,6 +79,8 @@ class _Rows:
 class _Env:
     def __init__(self, device: str) -> None:
         self.device = device
+        self.channel = "pose"
+        self.data: dict[str, Any] = {}
 
 
 async def test_the_hub_reads_changes_once_per_tick_for_every_client() -> None:
@@ -101,3 +104,39 @@ async def test_the_hub_reads_changes_once_per_tick_for_every_client() -> None:
         await asyncio.gather(runner, return_exceptions=True)
     full = ConsoleHub(cast(Store, rows), max_clients=1)
     assert full.join(VIEWER_A) is not None and full.join(VIEWER_A) is None
+
+
+def fault(org: str, sn: str, i: int) -> tuple[str, Envelope]:
+    data = {"event_id": f"e{i}", "event_level": "critical", "event_type": "Crash"}
+    return ("t", Envelope(id=f"m{i}", type="robotErrorWarning", org=org, device=sn,
+                          gateway=f"gw-{org}", ts=1_700_000_000 + i, received_at=1_700_000_001,
+                          data=data, raw=dict(data), channel="event"))
+
+
+async def test_events_and_gateways_reach_only_their_orgs_and_a_slow_client_is_bounded(
+        ) -> None:
+    hub = ConsoleHub(cast(Store, _Rows()), tick_seconds=0.01)
+    viewer, admin = hub.join(VIEWER_A), hub.join(ADMIN)
+    assert viewer is not None and admin is not None
+    runner = asyncio.create_task(hub.run())
+    try:
+        hub.observe([fault("acme", "A1", i) for i in range(EVENTS_PENDING + 50)])
+        hub.observe([fault("beta", "B1", 0)])
+        hub.on_gateway({"org_id": "acme", "gateway_id": "gw", "state": "online"})
+        hub.on_gateway({"org_id": "acme", "gateway_id": "gw", "outbox_depth": 3})
+        hub.on_gateway({"org_id": "beta", "gateway_id": "gw", "state": "online"})
+        # all of it was queued before the first tick, which hands it out in one go
+        await asyncio.wait_for(asyncio.gather(viewer.wake.wait(), admin.wake.wait()), 5)
+        mine = viewer.take()
+        # the newest EVENTS_PENDING of its org, oldest first, in the read API's shape
+        assert [e["event_id"] for e in mine["events"]] == [
+            f"e{i}" for i in range(50, EVENTS_PENDING + 50)]
+        assert mine["events"][-1]["event_level"] == "critical"
+        assert mine["events"][-1]["task_time"] == "2023-11-14T22:17:29.000Z"
+        assert mine["gateways"] == [{"org_id": "acme", "gateway_id": "gw", "outbox_depth": 3}]
+        everything = admin.take()
+        assert {e["org_id"] for e in everything["events"]} == {"acme", "beta"}
+        assert len(everything["gateways"]) == 2
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)

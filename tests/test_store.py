@@ -595,3 +595,73 @@ async def test_dead_letters_are_kept_once_per_topic_and_payload(store: SqlStore)
     await store.dead_letter("org/a/device/b/c", b"junk2", "not JSON")
     rows = await store.backend.fetch("SELECT payload FROM mqtt_dead_letters ORDER BY payload")
     assert [r["payload"] for r in rows] == ["junk", "junk2"]
+
+
+# -- history (the console's chart and tracks) ---------------------------------------------
+
+async def test_history_keeps_every_status_change_and_a_point_a_minute(
+        store: SqlStore, db_url: str) -> None:
+    t0 = 1_700_000_000.0
+    await store.write_batch([item(env("H", "status", t0, status="idle")),
+                             item(env("H", "power", t0, battery_level=90))])
+    for i in range(1, 19):  # a pose every 10 s for three minutes, one batch each
+        await store.write_batch([item(env("H", "pose", t0 + 10 * i, x=float(i), y=0.0,
+                                          yaw=0.0))])
+        if i == 6:  # mid-minute: a status change is a point of its own
+            await store.write_batch([item(env("H", "status", t0 + 65, status="working"))])
+    await store.write_batch([item(env("H", "power", t0 + 181, battery_level=80,
+                                      charge_state="charging"))])  # charge changed
+    items, after = await store.list_history("H", since=0, limit=100)
+    assert after is None
+    # the minute counts from the last point, whatever made it
+    assert [p["ts"] for p in items] == [t0, t0 + 60, t0 + 65, t0 + 130, t0 + 181]
+    assert [p["status"] for p in items] == ["idle", "idle", "working", "working", "working"]
+    assert (items[-1]["battery_level"], items[-1]["charge_state"]) == (80, "charging")
+    assert (items[1]["x"], items[1]["org_id"]) == (6.0, "acme")
+    # redelivery and replays add nothing; the page and since work
+    await store.write_batch([item(env("H", "status", t0 + 65, status="working"))])
+    assert len((await store.list_history("H", since=0, limit=100))[0]) == 5
+    page, after = await store.list_history("H", since=t0 + 1, limit=2)
+    assert [p["ts"] for p in page] == [t0 + 60, t0 + 65] and after == [t0 + 65]
+    page, after = await store.list_history("H", since=t0 + 1, limit=2, after=after[0])
+    assert [p["ts"] for p in page] == [t0 + 130, t0 + 181]
+    # a robot time far ahead of this clock is charted at the server's time instead
+    await store.write_batch([item(env("F", "status", time.time() + 86400, status="idle"))])
+    [point], _ = await store.list_history("F", since=0, limit=10)
+    assert point["ts"] <= time.time()
+    # tracks: positions by robot, oldest first, only the orgs asked for
+    tracks = await store.recent_positions(since=time.time() - 60, orgs={"acme"})
+    assert tracks["H"][:2] == [[6.0, 0.0], [6.0, 0.0]] and tracks["H"][-1] == [18.0, 0.0]
+    assert await store.recent_positions(since=time.time() - 60, orgs={"beta"}) == {}
+    # retention like the log's
+    retention = Retention(store, {"robot_history": 1.0}, interval=3600, batch=4)
+    assert await retention.prune_once() == 0
+    assert await retention.prune_once(now=time.time() + 2 * 86400) == 6  # H and F
+    assert (await store.list_history("H", since=0, limit=10))[0] == []
+
+
+async def test_recent_events_are_newest_first_and_scoped(store: SqlStore) -> None:
+    await store.write_batch([item(env("E1", "event", 10, event_id="a", event_level="high"))])
+    await store.write_batch([item(env("E2", "event", 50, event_id="b", event_level="info"))])
+    events = await store.recent_events(limit=10, orgs={"acme"})
+    assert [e["event_id"] for e in events] == ["b", "a"]  # newest received first
+    assert await store.recent_events(limit=10, orgs={"beta"}) == []
+    assert len(await store.recent_events(limit=1)) == 1
+
+
+async def test_tasks_keep_each_tasks_newest_state(store: SqlStore) -> None:
+    started = 1_700_000_000
+    run: dict[str, Any] = {"task_id": "t1", "task_name": "Lobby", "task_time": started}
+    await store.write_batch([item(env("T", "task", started + 10, **run, task_status="running")),
+                             item(env("T", "task", started + 5, **run, task_status="start"))])
+    await store.write_batch([item(env("T", "task", started + 1, **run, task_status="queued"))])
+    await store.write_batch([item(env("T", "task", started + 99, task_name="Hall",
+                                      task_time=started + 90, task_status="done"))])
+    await store.write_batch([item(env("T", "task", started + 99, task_status="x"))])  # no id
+    tasks = await store.list_tasks("T", limit=10)
+    assert [(t["task_id"], t["task_name"], t["task_status"]) for t in tasks] == [
+        (None, "Hall", "done"), ("t1", "Lobby", "running")]  # older news changes nothing
+    assert (tasks[1]["ts"], tasks[1]["task_time"], tasks[1]["org_id"]) == (
+        started + 10, started, "acme")
+    await store.write_batch([item(env("T", "task", started + 120, **run, task_status="done"))])
+    assert [t["task_status"] for t in await store.list_tasks("T", limit=10)] == ["done", "done"]

@@ -1,16 +1,19 @@
 """The console's live feed: what changed, fetched once, fanned out to each browser.
 
-Committed batches name the robots that changed (``observe``) and alert transitions name
-the alerts (``on_transition``). One loop (``run``) reads the changed robots' rows in one
-query per tick, however many browsers watch, and hands each client the rows of its orgs.
-A client holds at most one pending version of each object, so a slow browser gets the
-newest state in its next frame rather than a growing backlog, and each stream sends at
-most ``1 / frame_seconds`` frames a second.
+Committed batches name the robots that changed and carry the new events (``observe``),
+alert transitions name the alerts (``on_transition``) and gateway presence or heartbeats
+the gateways (``on_gateway``). One loop (``run``) reads the changed robots' rows in one
+query per tick, however many browsers watch, and hands each client the objects of its
+orgs. A client holds at most one pending version of each object (and at most
+``EVENTS_PENDING`` events), so a slow browser gets the newest state in its next frame
+rather than a growing backlog, and each stream sends at most ``1 / frame_seconds``
+frames a second.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -25,8 +28,32 @@ __all__ = ["KINDS", "ConsoleClient", "ConsoleHub"]
 log = logging.getLogger(__name__)
 
 #: The SSE event names, each carrying a JSON array of changed objects.
-KINDS = ("robots", "alerts")
-_KEYS = {"robots": "robot_sn", "alerts": "id"}
+KINDS = ("robots", "events", "alerts", "gateways")
+#: What identifies an object of each kind, and which of its fields names its org.
+_KEYS = {"robots": ("robot_sn",), "events": ("robot_sn", "event_id"), "alerts": ("id",),
+         "gateways": ("org_id", "gateway_id")}
+_ORG = {"robots": "org_id", "events": "org_id", "alerts": "org", "gateways": "org_id"}
+#: Events are news, not state: past this many pending, a slow client loses the oldest.
+EVENTS_PENDING = 200
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def event_of(env: Envelope) -> dict[str, Any] | None:
+    """An event envelope as the read API returns the event (``GET /robots/{sn}/events``)."""
+    data = env.data
+    if env.channel != "event" or data.get("event_id") in (None, ""):
+        return None
+    return {"robot_sn": env.device, "event_id": str(data["event_id"]),
+            "event_level": data.get("event_level"), "event_type": data.get("event_type"),
+            "event_detail": data.get("event_detail"), "task_time": _iso(env.ts),
+            "upload_time": _iso(env.received_at), "callback_type": env.type,
+            "org_id": env.org, "gateway_id": env.gateway, "ts": env.ts}
 
 
 class ConsoleClient:
@@ -44,12 +71,15 @@ class ConsoleClient:
 
     def push(self, kind: str, items: Iterable[dict[str, Any]]) -> None:
         """Queue the objects of ``kind`` this client may see (newer replaces older)."""
-        key, mine = _KEYS[kind], self.pending[kind]
-        org = "org_id" if kind == "robots" else "org"
+        keys, mine, org = _KEYS[kind], self.pending[kind], _ORG[kind]
         for item in items:
             if self.principal.covers(item.get(org)):
-                mine[str(item[key])] = item
+                key = "/".join(str(item[k]) for k in keys)
+                mine.pop(key, None)  # re-inserted last: the newest stays in the bound
+                mine[key] = item
                 self.wake.set()
+        while kind == "events" and len(mine) > EVENTS_PENDING:
+            del mine[next(iter(mine))]
 
     def take(self) -> dict[str, list[dict[str, Any]]]:
         """Everything pending, by kind, and nothing pending afterwards."""
@@ -75,7 +105,9 @@ class ConsoleHub:
         self.max_clients = max_clients
         self.clients: set[ConsoleClient] = set()
         self._robots: set[str] = set()
+        self._events: list[dict[str, Any]] = []
         self._alerts: dict[str, dict[str, Any]] = {}
+        self._gateways: dict[str, dict[str, Any]] = {}
         self._wake = asyncio.Event()
         self.fetches = 0
 
@@ -83,13 +115,25 @@ class ConsoleHub:
         """Robot messages whose rows were just committed (the batch writer's hook)."""
         if not self.clients:
             return  # nobody watches: no query at all
-        self._robots.update(env.device for _, env in items)
+        for _, env in items:
+            self._robots.add(env.device)
+            event = event_of(env)
+            if event is not None:
+                self._events.append(event)
+        # one tick's worth, over every org: one org's burst must not crowd out another's
+        del self._events[:-10 * EVENTS_PENDING]
         self._wake.set()
 
     def on_transition(self, transition: Transition) -> None:
         """An alert opened, acknowledged or resolved (alert delivery's listener)."""
         if self.clients:
             self._alerts[transition.alert.id] = transition.alert.as_dict()
+            self._wake.set()
+
+    def on_gateway(self, gateway: dict[str, Any]) -> None:
+        """A gateway's presence or heartbeat changed (the server's gateway handler)."""
+        if self.clients:
+            self._gateways[f"{gateway['org_id']}/{gateway['gateway_id']}"] = dict(gateway)
             self._wake.set()
 
     def join(self, principal: Principal,
@@ -123,6 +167,8 @@ class ConsoleHub:
             self._wake.clear()
             sns, self._robots = self._robots, set()
             alerts, self._alerts = self._alerts, {}
+            events, self._events = self._events, []
+            gateways, self._gateways = self._gateways, {}
             try:
                 rows = await self.store.get_robots_by_sn(sns) if sns else []
                 self.fetches += 1 if sns else 0
@@ -133,6 +179,8 @@ class ConsoleHub:
             for client in list(self.clients):
                 if rows:
                     client.push("robots", rows)
-                if alerts:
-                    client.push("alerts", alerts.values())
+                for kind, changed in (("events", events), ("alerts", alerts.values()),
+                                      ("gateways", gateways.values())):
+                    if changed:
+                        client.push(kind, changed)
             await asyncio.sleep(self.tick_seconds)

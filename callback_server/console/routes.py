@@ -1,5 +1,10 @@
 """Routes of the fleet console: the pages, sign-in and sign-out, and the live stream.
 
+The stream starts with a snapshot: ``hello`` (who), ``robots``, ``tracks`` (recent
+positions by robot, from robot_history, so a reload keeps the floor view's tracks),
+``events`` (the latest, oldest first), ``alerts`` (open and acknowledged) and
+``gateways``; then the hub's frames of changed objects.
+
 ``GET /`` is the sign-in page (one password field) or, with a live session cookie, the
 console itself; its script and styles are under ``/console/static`` (no build step, no
 CDN). The pages are left out of the OpenAPI schema (they are HTML for a browser, not
@@ -9,6 +14,7 @@ are in it, each with its rule in tests/test_access.py.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +45,10 @@ _HEADERS = {
     "Referrer-Policy": "no-referrer",
 }
 KEEPALIVE_SECONDS = 15.0
+#: The latest events a stream starts with.
+EVENTS_SNAPSHOT = 100
+#: How far back the floor view's tracks start (from robot_history).
+TRACK_SECONDS = 30 * 60
 #: Snapshot bound per kind: a fleet larger than this is paged by the API, not the stream.
 SNAPSHOT_LIMIT = 10 * MAX_LIMIT
 
@@ -100,7 +110,8 @@ def create_console_router(server: AppHost, access: Access, hub: ConsoleHub) -> A
         return _me(principal)
 
     @router.get("/console/stream", summary="Live console updates (Server-Sent Events): "
-                "events robots and alerts, each a JSON array of changed objects")
+                "events robots, events, alerts and gateways, each a JSON array of changed "
+                "objects, after a snapshot (hello, robots, tracks, events, alerts, gateways)")
     async def stream(request: Request) -> Response:
         principal = access.principal(request)
         access.require_role(principal, READERS, "use the console")
@@ -130,10 +141,18 @@ def create_console_router(server: AppHost, access: Access, hub: ConsoleHub) -> A
                 page, _ = await server.alert_store.page(limit=MAX_LIMIT, orgs=orgs,
                                                         state=state)
                 alerts += [a.as_dict() for a in page]
+            events = await server.store.recent_events(limit=EVENTS_SNAPSHOT, orgs=orgs)
+            tracks = await server.store.recent_positions(
+                since=time.time() - TRACK_SECONDS, orgs=orgs)
         except BaseException:
             hub.leave(client)
             raise
-        first = sse("hello", _me(principal)) + sse("robots", robots) + sse("alerts", alerts)
+        gateways = sorted((g for g in server.gateways.values()
+                           if principal.covers(g["org_id"])),
+                          key=lambda g: (g["org_id"], g["gateway_id"]))
+        first = b"".join((sse("hello", _me(principal)), sse("robots", robots),
+                          sse("tracks", tracks), sse("events", events[::-1]),
+                          sse("alerts", alerts), sse("gateways", gateways)))
         return ConsoleStream(client, first, hub.frame_seconds, KEEPALIVE_SECONDS,
                              on_close=lambda: hub.leave(client))
 

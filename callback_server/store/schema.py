@@ -180,12 +180,64 @@ RUNS = TableSpec(
     key=("run_key",),
 )
 
+#: Robot state over time, downsampled (``SqlStore.write_batch``): a snapshot of the state
+#: row whenever a batch leaves a robot's status or charge state different from its last
+#: point, and otherwise at most one a minute of robot time. Long enough for the console's
+#: 24 h chart and its floor tracks; pruned by ``recorded_at`` (HISTORY_RETENTION_DAYS).
+HISTORY = TableSpec(
+    columns=(
+        Column("robot_sn", "key", 64),
+        Column("ts", "float"),               # robot time of the state (its last_ts)
+        Column("recorded_at", "time"),       # server time, what retention goes by
+        Column("org_id", "str", 128),
+        Column("gateway_id", "str", 128),
+        Column("status", "str", 32),
+        Column("battery_level", "int"),
+        Column("charge_state", "str", 64),
+        Column("x", "float"),
+        Column("y", "float"),
+        Column("yaw", "float"),
+        Column("map_name", "str", 128),
+    ),
+    key=("robot_sn", "ts"),
+    aged_by="recorded_at",
+)
+#: Keys of a history point as ``GET /robots/{sn}/history`` returns it.
+HISTORY_FIELDS = tuple(c.name for c in HISTORY.columns if c.name != "recorded_at")
+#: A periodic point (battery, position) at most this often per robot, in robot seconds.
+HISTORY_EVERY_SECONDS = 60
+
+#: Each robot task's latest state (channel ``task``: notifyCleanStatus, TASK_STATUS), for
+#: the console's robot page; pruned with the history (HISTORY_RETENTION_DAYS).
+TASKS = TableSpec(
+    columns=(
+        Column("robot_sn", "key", 64),
+        Column("task_key", "key", 128),      # task_id, else task_name@task_time
+        Column("org_id", "str", 128),
+        Column("task_id", "str", 128),
+        Column("task_name", "str", 255),
+        Column("task_status", "str", 32),
+        Column("task_time", "float"),        # robot time the task started, epoch seconds
+        Column("remark", "text", 2000),
+        Column("ts", "float"),               # robot time of this state
+        Column("updated_at", "time"),        # server time, what retention goes by
+    ),
+    key=("robot_sn", "task_key"),
+    aged_by="updated_at",
+)
+#: Keys of a task as ``GET /robots/{sn}/tasks`` returns it.
+TASK_FIELDS = ("robot_sn", "task_id", "task_name", "task_status", "task_time", "remark",
+               "ts", "org_id")
+
 LOG_TABLE = "mqtt_message_log"
 RUNS_TABLE = "ingestion_runs"
 DEAD_TABLE = "mqtt_dead_letters"
 COMMAND_TABLE = "device_commands"
+HISTORY_TABLE = "robot_history"
+TASKS_TABLE = "robot_tasks"
 #: The tables retention may prune (by their ``aged_by`` column); robots and events never.
-PRUNABLE = {LOG_TABLE: LOG, DEAD_TABLE: DEAD_LETTERS, COMMAND_TABLE: COMMANDS}
+PRUNABLE = {LOG_TABLE: LOG, DEAD_TABLE: DEAD_LETTERS, COMMAND_TABLE: COMMANDS,
+            HISTORY_TABLE: HISTORY, TASKS_TABLE: TASKS}
 
 # -- alerts (callback_server/alerts) ------------------------------------------------------
 #: One row per alert. ``open_key`` (SHA-256 of rule, org, subject) is set while the alert

@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import decimal
+import functools
 import hashlib
 import json
 import logging
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
 from typing import Any
 
@@ -30,18 +32,29 @@ from callback_server.store.schema import (
     DEAD_LETTERS,
     DEAD_TABLE,
     EVENTS,
+    HISTORY,
+    HISTORY_EVERY_SECONDS,
+    HISTORY_FIELDS,
+    HISTORY_TABLE,
     LOG,
     LOG_TABLE,
     PRUNABLE,
     ROBOTS,
     RUNS,
     RUNS_TABLE,
+    TASK_FIELDS,
+    TASKS,
+    TASKS_TABLE,
     WATERMARKS,
     TableSpec,
 )
 from callback_server.store.targets import Targets
+from callback_server.store.tasks import task_rows
 
 log = logging.getLogger(__name__)
+
+#: Robots per history statement (a batch holds at most a few hundred robots).
+_HISTORY_CHUNK = 500
 
 #: Keys of a robot as the read API returns it.
 ROBOT_FIELDS = ("robot_sn", "org_id", "gateway_id", "status", "battery_level", "charge_state",
@@ -127,6 +140,14 @@ class SqlStore:
         self._runs_sql = d.insert_ignore(RUNS_TABLE, RUNS.names)
         self._event_sql = [d.insert_ignore(t.qualified, EVENTS.names)
                            for t in self.targets.robot_events]
+        # a task's state moves only forward in robot time (ts last: MySQL assigns in order)
+        newer = f"{d.new('ts')} >= COALESCE(ts, {d.new('ts')})"
+        columns = [c for c in TASKS.names if c not in (*TASKS.key, "ts")] + ["ts"]
+        self._task_sql = d.upsert(TASKS_TABLE, TASKS.names, TASKS.key, {
+            c: f"CASE WHEN {newer} THEN {d.new(c)} ELSE {c} END" for c in columns})
+        robots = self.targets.robot_status[0].qualified
+        self._history_sql = functools.lru_cache(maxsize=64)(partial(
+            d.history_points, HISTORY_TABLE, robots, HISTORY_EVERY_SECONDS))
 
     async def __aenter__(self) -> SqlStore:
         return self
@@ -163,6 +184,7 @@ class SqlStore:
                 *((t.qualified, EVENTS, "events") for t in self.targets.robot_events),
                 (LOG_TABLE, LOG, "log"), (DEAD_TABLE, DEAD_LETTERS, None),
                 (COMMAND_TABLE, COMMANDS, None), (RUNS_TABLE, RUNS, None),
+                (HISTORY_TABLE, HISTORY, None), (TASKS_TABLE, TASKS, None),
                 *((name, spec, None) for name, spec in ALERT_TABLES.items()),
             ]
             for table, spec, kind in plan:
@@ -204,6 +226,10 @@ class SqlStore:
         if spec.unique:
             await self.backend.transaction(
                 [(d.create_index(table, spec.unique, unique=True), None)])
+        # The console's latest events across robots read the first events target. (SQLite
+        # names an attached database's index, not its table: no index on those.)
+        if table == self.targets.robot_events[0].qualified and (d.mysql or "." not in table):
+            await self.backend.transaction([(d.create_index(table, "upload_time"), None)])
         if spec is ROBOTS:
             await self._seed_watermarks(table, [c for c in added if c in (*WATERMARKS, "last_ts")])
         if created:
@@ -272,6 +298,12 @@ class SqlStore:
         statements += [(self.dialect.robot_upsert(t.qualified, horizon), rows.robots)
                        for t in self.targets.robot_status]
         statements.append((self._runs_sql, rows.runs))
+        stamp = when(now)
+        sns = [r[0] for r in rows.robots]
+        for i in range(0, len(sns), _HISTORY_CHUNK):
+            chunk = sns[i:i + _HISTORY_CHUNK]
+            statements.append((self._history_sql(len(chunk)), [(stamp, *chunk, horizon)]))
+        statements.append((self._task_sql, task_rows(items, now)))
         counts = await self.backend.transaction(statements)
         return BatchResult(messages=len(items), logged=counts[0], events=counts[1],
                            robots=len(rows.robots), skewed=rows.skewed)
@@ -402,6 +434,72 @@ class SqlStore:
         if isinstance(k_time, dt.datetime):
             k_time = k_time.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
         return items, [k_time, last["ts"], last["event_id"]]
+
+    async def list_history(
+        self, sn: str, *, since: float, limit: int, after: float | None = None,
+    ) -> tuple[list[dict[str, Any]], list[Any] | None]:
+        """One page of a robot's history points from robot time ``since`` on, oldest
+        first, and the key to resume after (None on the last page)."""
+        await self._ready()
+        d = self.dialect
+        where, args = f"robot_sn = {d.mark} AND ts >= {d.mark}", [sn, since]
+        if after is not None:
+            where += f" AND ts > {d.mark}"
+            args.append(after)
+        rows = await self.backend.fetch(
+            f"SELECT {', '.join(HISTORY_FIELDS)} FROM {d.quote(HISTORY_TABLE)} WHERE {where}"
+            f" ORDER BY ts LIMIT {int(limit) + 1}", args)
+        items = [{k: _plain(k, r[k]) for k in HISTORY_FIELDS} for r in rows[:limit]]
+        return items, [items[-1]["ts"]] if len(rows) > limit and items else None
+
+    async def recent_positions(self, *, since: float, orgs: Collection[str] | None = None,
+                               limit: int = 50_000) -> dict[str, list[list[float]]]:
+        """Positions recorded since ``since`` (server time), by robot, oldest first: what
+        the floor view's tracks start from. ``orgs`` None: every org."""
+        await self._ready()
+        d = self.dialect
+        where, args = [f"recorded_at >= {d.mark}", "x IS NOT NULL", "y IS NOT NULL"], \
+            [when(since)]
+        if orgs is not None:
+            if not orgs:
+                return {}
+            where.append(f"org_id IN ({d.marks(len(orgs))})")
+            args.extend(sorted(orgs))
+        rows = await self.backend.fetch(
+            f"SELECT robot_sn, x, y FROM {d.quote(HISTORY_TABLE)} WHERE {' AND '.join(where)}"
+            f" ORDER BY robot_sn, ts LIMIT {int(limit)}", args)
+        tracks: dict[str, list[list[float]]] = {}
+        for r in rows:
+            tracks.setdefault(str(r["robot_sn"]), []).append([float(r["x"]), float(r["y"])])
+        return tracks
+
+    async def list_tasks(self, sn: str, *, limit: int) -> list[dict[str, Any]]:
+        """A robot's latest tasks, the one started last first."""
+        await self._ready()
+        d = self.dialect
+        rows = await self.backend.fetch(
+            f"SELECT {', '.join(TASK_FIELDS)} FROM {d.quote(TASKS_TABLE)}"
+            f" WHERE robot_sn = {d.mark} ORDER BY COALESCE(task_time, ts) DESC,"
+            f" task_key DESC LIMIT {int(limit)}", (sn,))
+        return [{k: _plain(k, r[k]) for k in TASK_FIELDS} for r in rows]
+
+    async def recent_events(self, *, limit: int, orgs: Collection[str] | None = None,
+                            ) -> list[dict[str, Any]]:
+        """The latest events of every robot (of ``orgs``; None: every org), newest
+        received first (first events target)."""
+        await self._ready()
+        d = self.dialect
+        table = d.quote(self.targets.robot_events[0].qualified)
+        where, args = "", []
+        if orgs is not None:
+            if not orgs:
+                return []
+            where = f" WHERE org_id IN ({d.marks(len(orgs))})"
+            args = sorted(orgs)
+        rows = await self.backend.fetch(
+            f"SELECT {', '.join(EVENT_FIELDS)} FROM {table}{where}"
+            f" ORDER BY upload_time DESC, event_id DESC LIMIT {int(limit)}", args)
+        return [{k: _plain(k, r[k]) for k in EVENT_FIELDS} for r in rows]
 
     async def get_robots_by_sn(self, sns: Collection[str]) -> list[dict[str, Any]]:
         """Latest state of these robots (those that reported), by sn; 500 a query at most."""

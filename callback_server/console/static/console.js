@@ -1,13 +1,19 @@
 "use strict";
-// The fleet console: one EventSource (/console/stream) feeds a map of robots and one of
-// alerts; the page re-renders at most every RENDER_MS, whatever the update rate.
-// Every value from the server is put in the page with textContent, never as HTML.
+// The fleet console: one EventSource (/console/stream) feeds maps of robots, events,
+// alerts and gateways; the page re-renders at most every RENDER_MS, whatever the update
+// rate. Every value from the server is put in the page with textContent, never as HTML.
+// The robot page (chart, events, commands) is robot.js.
 
 const RENDER_MS = 150;
 const STALE_S = 60;     // older than this: "stale"
 const LOST_S = 600;     // older than this: "lost"
 const TRACK = 40;       // positions kept per robot for the floor view
 const TAGS_UP_TO = 30;  // a map with more robots than this draws no name tags
+const EVENTS_SHOWN = 100;
+const SILENCE_MINUTES = 60;
+const COMMAND_TIMEOUT_S = 10;
+// The gateway's built-in commands an operator may send from the console (edge_agent).
+const GATEWAY_COMMANDS = ["ping", "get_status", "get_robots", "flush_outbox", "requeue_rejected"];
 const SVG = "http://www.w3.org/2000/svg";
 
 // Counters a test or benchmark reads (frames received, objects, time spent rendering).
@@ -18,10 +24,17 @@ const st = {
   me: null,
   robots: new Map(),
   alerts: new Map(),
+  events: new Map(),     // "sn/event_id" -> event
+  gateways: new Map(),   // "org/gateway" -> presence and heartbeat
+  runs: new Map(),       // "org/gateway" -> its latest poll run (GET /ingestion-runs)
+  gatewayCmd: new Map(), // "org/gateway" -> its command cell, kept across renders
   tracks: new Map(),
   rowEls: new Map(),   // sn -> its table row
   changed: new Set(),  // sns whose row must be rebuilt
   floorDirty: false,
+  eventsDirty: false,
+  alertsDirty: false,
+  gatewaysDirty: false,
   sort: {key: "robot_sn", dir: 1},
   timer: null,
 };
@@ -83,7 +96,42 @@ function onRobots(items) {
 
 function onAlerts(items) {
   for (const a of items) st.alerts.set(a.id, a);
+  st.alertsDirty = true;
   schedule();
+}
+
+// Recent positions from the server's history: the tracks survive a reload.
+function onTracks(bySn) {
+  for (const [sn, points] of Object.entries(bySn)) {
+    const live = st.tracks.get(sn) || [];
+    const t = points.concat(live.filter((p) => {
+      const last = points[points.length - 1];
+      return !last || last[0] !== p[0] || last[1] !== p[1];
+    }));
+    st.tracks.set(sn, t.slice(-TRACK));
+  }
+  st.floorDirty = true;
+  schedule();
+}
+
+function onEvents(items) {
+  for (const e of items) st.events.set(`${e.robot_sn}/${e.event_id}`, e);
+  const newest = [...st.events.entries()].sort((a, b) => eventOrder(a[1], b[1]));
+  for (const [k] of newest.slice(EVENTS_SHOWN)) st.events.delete(k);
+  st.eventsDirty = true;
+  if (window.robotPage) window.robotPage.onEvents(items);
+  schedule();
+}
+
+function onGateways(items) {
+  for (const g of items) st.gateways.set(`${g.org_id}/${g.gateway_id}`, g);
+  st.gatewaysDirty = true;
+  schedule();
+}
+
+function eventOrder(a, b) {  // newest received first
+  const x = a.upload_time || "", y = b.upload_time || "";
+  return x < y ? 1 : x > y ? -1 : 0;
 }
 
 // -- fleet table -----------------------------------------------------------------------
@@ -128,8 +176,10 @@ function buildRow(r, age) {
   const pos = typeof r.x === "number" && typeof r.y === "number"
     ? `${r.x.toFixed(1)}, ${r.y.toFixed(1)}` + (typeof r.yaw === "number" ? ` ∠${Math.round(r.yaw)}°` : "")
     : "";
+  const sn = el("td", {class: "sn"});
+  sn.append(el("a", {href: `#robot/${encodeURIComponent(r.robot_sn)}`}, r.robot_sn));
   tr.append(
-    el("td", {class: "sn"}, r.robot_sn), el("td", {class: "org"}, r.org_id),
+    sn, el("td", {class: "org"}, r.org_id),
     el("td", {class: "gateway"}, r.gateway_id),
     el("td", {class: `status s-${String(r.status || "unknown").toLowerCase()}`}, r.status || "unknown"),
     batteryCell(r.battery_level),
@@ -201,11 +251,23 @@ function renderAlerts() {
       el("td", {class: "org"}, a.org), el("td", {class: "state"}, a.state),
       el("td", {class: "opened"}, fmtTime(a.opened_at)),
       el("td", {class: "acked-by"}, a.acknowledged_by || ""));
+    const silenced = a.silenced_until && Date.parse(a.silenced_until) > Date.now();
+    if (silenced) {
+      tr.querySelector("td.state").append(
+        el("span", {class: "silenced"}, ` silenced until ${fmtTime(a.silenced_until)}`));
+    }
     if (st.me && st.me.operator) {
       const td = el("td", {class: "op-only"});
       if (a.state === "open") {
         const b = el("button", {type: "button", class: "ack", "data-alert-id": a.id}, "Acknowledge");
-        b.addEventListener("click", () => acknowledge(a.id, b));
+        b.addEventListener("click", () => alertAction(a.id, "ack", {}, b));
+        td.append(b);
+      }
+      if (!silenced) {
+        const b = el("button", {type: "button", class: "silence", "data-alert-id": a.id,
+          title: `no notifications for this rule and subject for ${SILENCE_MINUTES} min`},
+          "Silence 1 h");
+        b.addEventListener("click", () => alertAction(a.id, "silence", {minutes: SILENCE_MINUTES}, b));
         td.append(b);
       }
       tr.append(td);
@@ -216,14 +278,112 @@ function renderAlerts() {
   document.getElementById("alert-count").textContent = `(${live.length} open or acknowledged)`;
 }
 
-async function acknowledge(id, button) {
+async function alertAction(id, action, body, button) {
   button.disabled = true;
-  const r = await fetch(`/alerts/${encodeURIComponent(id)}/ack`, {
-    method: "POST", credentials: "same-origin",
-    headers: {"Content-Type": "application/json"}, body: "{}",
-  });
+  const r = await post(`/alerts/${encodeURIComponent(id)}/${action}`, body);
   if (r.ok) onAlerts([await r.json()]);
   else { button.disabled = false; button.title = `failed (${r.status})`; }
+}
+
+// A state-changing request with the session cookie (the browser adds this Origin).
+function post(url, body) {
+  return fetch(url, {method: "POST", credentials: "same-origin",
+    headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+}
+
+// Send a command and show its answer, or why there is none (timeout, refusal), in ``out``.
+async function sendCommand(url, body, out, button) {
+  button.disabled = true;
+  out.className = "cmd-out pending";
+  out.textContent = `${body.command}: waiting up to ${body.timeout} s…`;
+  try {
+    const r = await post(url, body);
+    const answer = await r.json().catch(() => ({message: `HTTP ${r.status}`}));
+    out.className = `cmd-out ${r.ok && answer.status !== "error" ? "ok" : r.status === 504 ? "timeout" : "failed"}`;
+    out.textContent = r.ok ? `${body.command}: ${JSON.stringify(answer.result ?? answer, null, 1)}`
+      : `${body.command}: ${r.status === 504 ? "timed out" : "refused"} (${r.status}): ${answer.message || ""}`;
+  } catch (err) {
+    out.className = "cmd-out failed";
+    out.textContent = `${body.command}: ${err}`;
+  } finally {
+    button.disabled = false;
+  }
+}
+window.sendCommand = sendCommand;
+
+// -- events ----------------------------------------------------------------------------
+function eventRow(e, withRobot) {
+  const level = String(e.event_level || "info").toLowerCase();
+  const tr = el("tr", {"data-event": `${e.robot_sn}/${e.event_id}`, class: `sev-${level}`});
+  tr.append(el("td", {class: "time", title: e.upload_time || ""}, fmtTime(e.task_time || e.upload_time)),
+    el("td", {class: "severity"}, level));
+  if (withRobot) {
+    const td = el("td", {class: "robot"});
+    td.append(el("a", {href: `#robot/${encodeURIComponent(e.robot_sn)}`}, e.robot_sn));
+    tr.append(td);
+  }
+  tr.append(el("td", {class: "type"}, e.event_type || e.callback_type || ""),
+    el("td", {class: "detail"}, e.event_detail || ""));
+  if (withRobot) tr.append(el("td", {class: "org"}, e.org_id));
+  return tr;
+}
+window.eventRow = eventRow;
+
+function renderEvents() {
+  const list = [...st.events.values()].sort(eventOrder);
+  document.querySelector("#events tbody").replaceChildren(...list.map((e) => eventRow(e, true)));
+  document.getElementById("event-count").textContent = `(latest ${list.length})`;
+}
+
+// -- gateways --------------------------------------------------------------------------
+function runText(run) {
+  if (!run) return "none reported";
+  const when = run.ended_at || run.started_at;
+  const age = when ? ` · ${fmtAge(ageSeconds(typeof when === "number" ? new Date(when * 1000).toISOString() : when))} ago` : "";
+  return `${run.status || "?"}${age}` + (run.errors ? ` · ${run.errors} errors` : "");
+}
+
+function gatewayCommandCell(key, g) {
+  let td = st.gatewayCmd.get(key);
+  if (td) return td;
+  td = el("td", {class: "op-only command"});
+  const select = el("select", {class: "cmd-name"});
+  for (const c of GATEWAY_COMMANDS) select.append(el("option", {value: c}, c));
+  const button = el("button", {type: "button", class: "cmd", "data-gateway": g.gateway_id}, "Send");
+  const out = el("pre", {class: "cmd-out"});
+  button.addEventListener("click", () => sendCommand(
+    `/devices/${encodeURIComponent(g.gateway_id)}/commands`,
+    {command: select.value, args: {}, timeout: COMMAND_TIMEOUT_S, org_id: g.org_id}, out, button));
+  td.append(select, button, out);
+  st.gatewayCmd.set(key, td);
+  return td;
+}
+
+function renderGateways() {
+  const body = document.querySelector("#gateways tbody");
+  const rows = [];
+  for (const [key, g] of [...st.gateways].sort()) {
+    const beat = typeof g.heartbeat_at === "number" ? (Date.now() / 1000 - g.heartbeat_at) : Infinity;
+    const tr = el("tr", {"data-gateway": key, class: `presence-${g.state}`});
+    tr.append(el("td", {class: "gateway"}, g.gateway_id), el("td", {class: "org"}, g.org_id),
+      el("td", {class: `presence s-${g.state}`}, g.state || "unknown"),
+      el("td", {class: "heartbeat"}, Number.isFinite(beat) ? `${fmtAge(beat)} ago` : "none yet"),
+      el("td", {class: "backlog"}, g.outbox_depth ?? ""),
+      el("td", {class: "oldest"}, typeof g.outbox_oldest_age_s === "number" ? fmtAge(g.outbox_oldest_age_s) : ""),
+      el("td", {class: "last-run"}, runText(g.last_run || st.runs.get(key))));
+    if (st.me && st.me.operator) tr.append(gatewayCommandCell(key, g));
+    rows.push(tr);
+  }
+  body.replaceChildren(...rows);
+  document.getElementById("gateway-count").textContent = `(${rows.length})`;
+}
+
+async function loadRuns() {
+  const r = await fetch("/ingestion-runs?limit=100", {credentials: "same-origin"});
+  if (!r.ok) return;
+  for (const run of (await r.json()).items.reverse()) st.runs.set(`${run.org_id}/${run.gateway_id}`, run);
+  st.gatewaysDirty = true;
+  schedule();
 }
 
 // -- floor view: per map, robots at (x, y) with heading, on a grid scaled to what is seen --
@@ -264,7 +424,7 @@ function renderFloor() {
     s.append(label);
     for (const r of robots) {
       const t = st.tracks.get(r.robot_sn) || [];
-      if (t.length > 1) s.append(svg("polyline", {class: "track", points: t.map(([x, y]) => `${sx(x)},${sy(y)}`).join(" ")}));
+      if (t.length > 1) s.append(svg("polyline", {class: "track", "data-sn": r.robot_sn, points: t.map(([x, y]) => `${sx(x)},${sy(y)}`).join(" ")}));
       const yaw = typeof r.yaw === "number" ? r.yaw : 0;
       const g = svg("g", {class: `marker s-${String(r.status || "unknown").toLowerCase()}`,
         "data-sn": r.robot_sn, "data-x": r.x, "data-y": r.y,
@@ -289,7 +449,12 @@ function renderFloor() {
 function render() {
   const stats = window.consoleStats, t0 = performance.now();
   renderFleet();
-  renderAlerts();
+  if (st.alertsDirty) renderAlerts();  // rebuilt only when changed: buttons stay put
+  st.alertsDirty = false;
+  if (st.eventsDirty) renderEvents();
+  st.eventsDirty = false;
+  if (st.gatewaysDirty || stats.renders % 7 === 0) renderGateways();  // heartbeat ages
+  st.gatewaysDirty = false;
   const t1 = performance.now();
   if (st.floorDirty) renderFloor();  // the table ages every second; the floor need not
   st.floorDirty = false;
@@ -344,10 +509,15 @@ async function start() {
     window.consoleStats.hellos += 1;
     st.robots.clear();
     st.alerts.clear();
+    st.events.clear();
+    st.gateways.clear();
     st.rowEls.clear();
   });
   es.addEventListener("robots", frame(onRobots));
+  es.addEventListener("tracks", (e) => onTracks(JSON.parse(e.data)));
+  es.addEventListener("events", frame(onEvents));
   es.addEventListener("alerts", frame(onAlerts));
+  es.addEventListener("gateways", frame(onGateways));
   es.addEventListener("error", async () => {
     link("reconnecting…", "down");
     if (es.readyState === EventSource.CLOSED) {
@@ -356,6 +526,8 @@ async function start() {
     }
   });
   setInterval(schedule, 1000);  // the "stale" column ages even when nothing arrives
+  loadRuns();
+  if (window.robotPage) window.robotPage.start(st.me);
 }
 
 start();

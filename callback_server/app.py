@@ -26,10 +26,7 @@ from bridge.errors import (
 )
 from bridge.http_body import parse_model, read_body
 from bridge.http_errors import install as install_error_handlers
-from bridge.topic import DeviceAddress, TopicScheme, channel_for, parse_device_topic
-from callback_server.access import INGESTERS, OPERATORS, READERS, Access, Principal
-from callback_server.consumer import consistent, handled_by_gateway
-from callback_server.paging import (
+from bridge.paging import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
     MaybeNumber,
@@ -40,6 +37,9 @@ from callback_server.paging import (
     encode_cursor,
     page,
 )
+from bridge.topic import DeviceAddress, TopicScheme, channel_for, parse_device_topic
+from callback_server.access import INGESTERS, OPERATORS, READERS, Access, Principal
+from callback_server.consumer import consistent, handled_by_gateway
 from callback_server.ports import AppHost
 
 # An AWS IoT Rule HTTP action gives up after 3 s and retries; answer before that.

@@ -1,7 +1,7 @@
 """Routes for the Pudu cloud side of the fleet: poll run records and robot commands.
 
 A router of its own (app.py includes it); access is the app's (callback_server.access),
-lists are the app's pages (callback_server.paging).
+lists are the app's pages (bridge.paging).
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ from pydantic import BaseModel, Field
 from bridge.commands import Command
 from bridge.errors import CommandTimeoutError, NotFoundError
 from bridge.http_body import parse_model, read_body
-from callback_server.access import OPERATORS, READERS, Access
-from callback_server.paging import (
+from bridge.paging import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
     Number,
@@ -24,6 +23,7 @@ from callback_server.paging import (
     decode_cursor,
     encode_cursor,
 )
+from callback_server.access import OPERATORS, READERS, Access
 from callback_server.ports import AppHost
 
 

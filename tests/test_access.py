@@ -18,10 +18,10 @@ import httpx
 import pytest
 
 from bridge.envelope import Envelope
+from bridge.paging import encode_cursor
 from callback_server import config as cb_config
 from callback_server.alerts import Subject
 from callback_server.keys import ALL_ORGS, Principal, add_key
-from callback_server.paging import encode_cursor
 from callback_server.service import CallbackServer
 from tests.dbutil import query
 from tests.services import callback_server

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from bridge.envelope import Envelope
-from callback_server.paging import MaybeNumber, MaybeText, Text, decode_cursor, encode_cursor
+from bridge.paging import MaybeNumber, MaybeText, Text, decode_cursor, encode_cursor
 from callback_server.store import SqlStore, open_store
 from tests.dbutil import scratch_mysql_database
 

@@ -15,12 +15,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from bridge.errors import InputError, NotFoundError
 from bridge.http_body import parse_model, read_body
-from callback_server.access import OPERATORS, READERS, Access, Principal
-from callback_server.alerts.alert import STATES, Alert
-from callback_server.alerts.rules import RULES
-from callback_server.alerts.store import AlertSubscription
-from callback_server.keys import ALL_ORGS
-from callback_server.paging import (
+from bridge.paging import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
     Number,
@@ -28,6 +23,11 @@ from callback_server.paging import (
     decode_cursor,
     encode_cursor,
 )
+from callback_server.access import OPERATORS, READERS, Access, Principal
+from callback_server.alerts.alert import STATES, Alert
+from callback_server.alerts.rules import RULES
+from callback_server.alerts.store import AlertSubscription
+from callback_server.keys import ALL_ORGS
 
 if TYPE_CHECKING:
     from callback_server.ports import AppHost

@@ -3,10 +3,18 @@
 Rules follow MQTT 3.1.1 §4.7 / MQTT 5 §4.7: levels split on ``/``; ``+`` matches one
 level, ``#`` the rest (and the parent level); wildcards may not appear in topic
 names; topics starting with ``$`` are not matched by a filter starting with a wildcard.
+
+Characters: a topic is UTF-8 without U+0000 (§1.5.4), and brokers refuse more than the
+MUST of the spec: Mosquitto disconnects a client ("malformed packet") whose topic holds a
+control character (U+0001-U+001F, U+007F-U+009F, tab and newline included) or a
+noncharacter (U+FDD0-U+FDEF, U+xFFFE, U+xFFFF), measured. A publish the broker answers
+by disconnecting is resent after the reconnect and disconnects again, for ever, so such
+a topic is refused here, before anything is queued.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from bridge.errors import TopicError
@@ -45,11 +53,25 @@ def normalize_prefix(prefix: str) -> str:
 GATEWAY_CHANNELS = ("command", "response", "presence", "telemetry", "poll")
 
 
+_REFUSED_CHARACTERS = re.compile(
+    "[\x00-\x1f\x7f-\x9f\ufdd0-\ufdef\ufffe\uffff"
+    + "".join(f"{chr(p * 0x10000 + 0xFFFE)}{chr(p * 0x10000 + 0xFFFF)}" for p in range(1, 17))
+    + "]")
+
+
+def refused_character(value: str) -> str | None:
+    """The first character brokers refuse in a topic, as ``U+XXXX``; None if there is none
+    (a lone surrogate is caught by the UTF-8 check)."""
+    found = _REFUSED_CHARACTERS.search(value)
+    return None if found is None else f"U+{ord(found.group()):04X}"
+
+
 def _check_common(value: str) -> None:
     if not value:
         raise TopicError(value, "empty")
-    if "\x00" in value:
-        raise TopicError(value, "contains NUL")
+    if (char := refused_character(value)) is not None:
+        raise TopicError(value, f"contains {char}: control characters and noncharacters "
+                         "are refused by MQTT brokers")
     try:
         size = len(value.encode())
     except UnicodeEncodeError:  # a lone surrogate ("\ud800") from JSON: not UTF-8 (§1.5.4)
@@ -132,8 +154,9 @@ class TopicFilter:
 
 
 def _check_segment(name: str, value: str) -> str:
-    if not value or any(c in value for c in "/+#\x00"):
-        raise TopicError(value, f"{name} must be non-empty and contain no '/', '+', '#'")
+    if not value or any(c in value for c in "/+#") or refused_character(value) is not None:
+        raise TopicError(value, f"{name} must be non-empty and contain no '/', '+', '#', "
+                         "control characters or noncharacters")
     return value
 
 
@@ -194,6 +217,7 @@ def parse_device_topic(topic: str, prefix: str = "") -> DeviceAddress:
     parts = topic[len(prefix):].split("/")
     if len(parts) < 5 or parts[0] != "org" or parts[2] != "device" or not all(parts[:5]):
         raise TopicError(topic, "not of the form org/{org}/device/{device}/{channel}")
-    if any(c in topic for c in "+#\x00"):  # a name no TopicScheme could build
-        raise TopicError(topic, "a topic's levels may not contain '+', '#' or NUL")
+    if any(c in topic for c in "+#") or refused_character(topic) is not None:
+        raise TopicError(topic, "a topic's levels may not contain '+', '#', control "
+                         "characters or noncharacters (a name no TopicScheme could build)")
     return DeviceAddress(parts[1], parts[3], "/".join(parts[4:]))

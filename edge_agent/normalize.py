@@ -20,7 +20,7 @@ from typing import Any, Final
 
 from bridge.errors import InputError
 from bridge.strictjson import SAFE_INT
-from bridge.topic import CHANNEL_OF_TYPE, channel_for
+from bridge.topic import CHANNEL_OF_TYPE, channel_for, refused_character
 
 __all__ = [
     "CHANNELS",
@@ -65,7 +65,7 @@ DEFAULT_MAX_SKEW: Final = 300.0
 MS_THRESHOLD: Final = 1e11
 # One safe MQTT topic level: no '/', '+', '#', '$' tricks, and short.
 _TYPE_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
-_BAD_SN_CHARS: Final = ("/", "+", "#", "\x00")
+_BAD_SN_CHARS: Final = ("/", "+", "#")
 # AWS IoT Core caps a topic at 256 bytes; the serial number is one level of it.
 MAX_SN_BYTES: Final = 128
 # mnt_robot_events.event_id is VARCHAR(128); a longer error_id is hashed to fit.
@@ -344,9 +344,9 @@ def _serial(r: _Reader, ext: _Reader | None) -> str | None:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise InputError(f"{name} must be a string, got {_kind(value)}", field=name)
     sn = str(value).strip()
-    if any(c in sn for c in _BAD_SN_CHARS):
-        raise InputError(f"{name} must not contain '/', '+', '#' or NUL: it is a topic level",
-                         field=name)
+    if any(c in sn for c in _BAD_SN_CHARS) or refused_character(sn) is not None:
+        raise InputError(f"{name} must not contain '/', '+', '#', control characters or "
+                         "noncharacters: it is a topic level", field=name)
     try:
         size = len(sn.encode())
     except UnicodeEncodeError:

@@ -422,6 +422,12 @@ BAD: list[tuple[str, Any, str | None, int]] = [
     ("plus sn", {"callback_type": "robotStatus", "data": {"sn": "a+"}}, "data.sn", 422),
     ("hash sn", {"callback_type": "robotStatus", "data": {"sn": "#"}}, "data.sn", 422),
     ("nul sn", {"callback_type": "robotStatus", "data": {"sn": "a\x00"}}, "data.sn", 422),
+    # Characters Mosquitto answers with a disconnect ("malformed packet"), in a topic level.
+    ("newline sn", {"callback_type": "robotStatus", "data": {"sn": "a\nb"}}, "data.sn", 422),
+    ("tab sn", {"callback_type": "notifyRobotPose", "data": {"sn": "a\tb"}}, "data.sn", 422),
+    ("C1 sn", {"callback_type": "newType", "data": {"sn": "a\x8fb"}}, "data.sn", 422),
+    ("noncharacter sn", {"callback_type": "robotStatus", "data": {"sn": "a\ufdd0"}}, "data.sn",
+     422),
     ("long sn", {"callback_type": "robotStatus", "data": {"sn": "s" * 129}}, "data.sn", 422),
     ("bad sn on unknown type", {"callback_type": "newType", "data": {"sn": "a/b"}},
      "data.sn", 422),

@@ -12,6 +12,7 @@ from contextlib import AsyncExitStack
 
 import pytest
 
+from bridge.errors import PublishRefusedError
 from bridge.transport import InboundMessage, MqttSettings, TlsFiles, Transport, create_transport
 
 Make = Callable[..., Transport]
@@ -125,6 +126,25 @@ async def test_a_shared_subscription_delivers_each_message_once(
         for task in _:
             task.cancel()
     assert sorted(got) == sorted(b"%d" % i for i in range(40))  # each exactly once
+
+
+@pytest.mark.parametrize("bad", ["\n", "\t", "\x7f", "\x8f", "\ufffe", "\U0001ffff", "+"])
+async def test_a_topic_brokers_refuse_fails_for_good_and_the_connection_stays(
+        make: Make, stack: AsyncExitStack, bad: str) -> None:
+    # Mosquitto answers such a publish by disconnecting ("malformed packet"); resent after
+    # the reconnect it would disconnect again, for ever. Refused before sending instead:
+    # permanently (the outbox sets it aside), and what follows still goes out.
+    topic = base() + "/ok"
+    sub = await started(stack, make(clean_start=True))
+    inbox = Inbox(sub)
+    await sub.subscribe(topic, qos=1)
+    pub = await started(stack, make(clean_start=True))
+    with pytest.raises(PublishRefusedError) as refused:
+        await asyncio.wait_for(pub.publish(base() + f"/a{bad}b", b"x", qos=1), 10)
+    assert refused.value.permanent
+    await asyncio.wait_for(pub.publish(topic, b"after", qos=1), 10)
+    assert [m.payload for m in await inbox.take(1)] == [b"after"]
+    assert pub.connected
 
 
 async def test_a_persistent_session_redelivers_what_was_not_acked(make: Make) -> None:

@@ -32,7 +32,13 @@ from bridge.errors import (
     TopicNotAllowedError,
     TransportError,
 )
-from bridge.transport.base import InboundMessage, MqttSettings, Transport
+from bridge.transport.base import (
+    InboundMessage,
+    MqttSettings,
+    Transport,
+    refused_future,
+    refused_topic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -217,18 +223,16 @@ class AwsIotTransport(Transport):
     def publish(self, topic: str, payload: bytes, qos: int = 1,
                 retain: bool = False) -> asyncio.Future[None]:
         loop = self._loop or asyncio.get_running_loop()
+        if (invalid := refused_topic(topic)) is not None:
+            return refused_future(loop, invalid)
         try:
             check_aws_limits(topic, payload, qos)
         except (InputError, PayloadTooLargeError, TopicNotAllowedError) as exc:
-            refused: asyncio.Future[None] = loop.create_future()
             code = _PACKET_TOO_LARGE if isinstance(exc, PayloadTooLargeError) else _TOPIC_INVALID
-            refused.set_exception(PublishRefusedError(str(exc), code))
-            return refused
+            return refused_future(loop, PublishRefusedError(str(exc), code))
         client = self._client
         if client is None or (qos == 0 and not self.connected):
-            failed: asyncio.Future[None] = loop.create_future()
-            failed.set_exception(NotConnectedError("not connected; message not sent"))
-            return failed
+            return refused_future(loop, NotConnectedError("not connected; message not sent"))
         packet = mqtt5.PublishPacket(topic=topic, payload=payload, qos=mqtt5.QoS(qos),
                                      retain=retain)
 

@@ -14,7 +14,35 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal
 
+from bridge.errors import PublishRefusedError, TopicError
+from bridge.topic import Topic
 from bridge.transport.settings import MqttSettings, TlsFiles, Will
+
+#: MQTT 5 reason code "Topic Name invalid" (a permanent refusal).
+TOPIC_NAME_INVALID = 0x90
+
+
+def refused_topic(topic: str) -> PublishRefusedError | None:
+    """Why no broker takes a publish to ``topic`` (bridge.topic's rules), else None.
+
+    Checked by every backend before anything is queued: a broker answers such a publish
+    by disconnecting, and the resend after the reconnect disconnects again, for ever,
+    holding up everything queued behind it. Refused here it is permanent, and the
+    outbox sets it aside.
+    """
+    try:
+        Topic(topic)
+    except TopicError as exc:
+        return PublishRefusedError(exc.reason, TOPIC_NAME_INVALID)
+    return None
+
+
+def refused_future(loop: asyncio.AbstractEventLoop,
+                   error: BaseException) -> asyncio.Future[None]:
+    """A publish's future that has already failed with ``error``."""
+    fut: asyncio.Future[None] = loop.create_future()
+    fut.set_exception(error)
+    return fut
 
 __all__ = ["InboundMessage", "MqttSettings", "QoS", "TlsFiles", "Transport", "Will"]
 

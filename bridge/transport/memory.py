@@ -24,7 +24,13 @@ from typing import ClassVar
 
 from bridge.errors import NotConnectedError, PublishRefusedError
 from bridge.topic import TopicFilter
-from bridge.transport.base import InboundMessage, MqttSettings, Transport
+from bridge.transport.base import (
+    InboundMessage,
+    MqttSettings,
+    Transport,
+    refused_future,
+    refused_topic,
+)
 
 __all__ = ["MemoryBroker", "MemoryTransport"]
 
@@ -258,6 +264,8 @@ class MemoryTransport(Transport):
     def publish(self, topic: str, payload: bytes, qos: int = 1,
                 retain: bool = False) -> asyncio.Future[None]:
         loop = self._loop or asyncio.get_running_loop()
+        if (refused := refused_topic(topic)) is not None:
+            return refused_future(loop, refused)
         fut: asyncio.Future[None] = loop.create_future()
         if not self.connected:
             if qos == 0:

@@ -32,7 +32,13 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from bridge.backoff import backoff_delay
 from bridge.errors import ConfigError, NotConnectedError, PublishRefusedError, TransportError
-from bridge.transport.base import InboundMessage, MqttSettings, Transport
+from bridge.transport.base import (
+    InboundMessage,
+    MqttSettings,
+    Transport,
+    refused_future,
+    refused_topic,
+)
 
 log = logging.getLogger(__name__)
 _PAHO_LOG = logging.getLogger("paho.mqtt")
@@ -403,6 +409,8 @@ class PahoTransport(Transport):
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
     ) -> asyncio.Future[None]:
         loop = self._loop or asyncio.get_running_loop()
+        if (refused := refused_topic(topic)) is not None:
+            return refused_future(loop, refused)
         fut: asyncio.Future[None] = loop.create_future()
         if qos == 0 and not self._client.is_connected():
             fut.set_exception(NotConnectedError("not connected; QoS 0 message not sent"))

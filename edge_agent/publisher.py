@@ -240,6 +240,7 @@ class OutboxPublisher:
                 log.warning("publish of outbox entry %d failed: %s; will resend", seq, exc)
             back = seq - 1
             self._retry_from = back if self._retry_from is None else min(self._retry_from, back)
+            self.outbox.wake()  # run() may be waiting for new entries: the resend is due now
             return
         self.published += 1
         self._resends = 0

@@ -303,9 +303,13 @@ class Outbox:
             await self._empty.wait()
 
     async def wait_changed(self) -> None:
-        """Wait until something was added (or removed) since the last call."""
+        """Wait until something was added (or removed) since the last call, or ``wake``."""
         await self._changed.wait()
         self._changed.clear()
+
+    def wake(self) -> None:
+        """End a ``wait_changed`` now (the publisher, when a resend became due)."""
+        self._changed.set()
 
     # -- writer thread ------------------------------------------------------------------
     def _writer_loop(self, conn: sqlite3.Connection) -> None:

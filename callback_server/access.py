@@ -79,10 +79,16 @@ class Access:
     def _session(self, request: Request) -> Principal:
         """The principal of the request's console session (401 if none is live); a
         state-changing request must also come from a page of this host (403)."""
-        principal = self.sessions.lookup(request.cookies[COOKIE])
+        session_id = request.cookies[COOKIE]
+        principal = self.sessions.lookup(session_id)
         if principal is None:
             self._refuse("unknown")
             raise AuthError("console session expired or signed out; sign in again")
+        if not self.keys.holds(principal):
+            self.sessions.drop(session_id)
+            self._refuse("unknown")
+            raise AuthError("the key this console session was opened with was removed or "
+                            "changed; sign in again")
         if request.method not in _SAFE_METHODS:
             self.require_same_origin(request, "a request made with the console session")
         return principal

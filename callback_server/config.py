@@ -96,6 +96,14 @@ class CallbackSettings(BaseModel):
     alert_rules_file: str | None = None
     http_limits: HttpLimits = HttpLimits()
 
+    @field_validator("history_retention_days")
+    @classmethod
+    def _history_covers_the_chart(cls, value: float) -> float:
+        if 0 < value < 1:
+            raise ValueError("must be 0 (keep forever) or at least 1: the console's chart "
+                             "shows the last 24 h")
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, v: object) -> object:

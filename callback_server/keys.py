@@ -211,6 +211,12 @@ class KeyRing:
         log.info("loaded %d API keys from %s", len(loaded), self.path)
         return True
 
+    def holds(self, principal: Principal) -> bool:
+        """Whether a key of this name, orgs and role is still loaded: what outlives one
+        request (a console session, a stream) is valid only as long as its key is, so a
+        key removed or changed (SIGHUP) ends them too."""
+        return any(p == principal for _, p in (*self._fixed, *self._loaded))
+
     def lookup(self, key: str) -> Principal | None:
         """The principal of ``key``, or None; every hash is compared, in constant time."""
         given = digest(key).encode()

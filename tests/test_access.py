@@ -21,7 +21,7 @@ from bridge.envelope import Envelope
 from bridge.paging import encode_cursor
 from callback_server import config as cb_config
 from callback_server.alerts import Subject
-from callback_server.keys import ALL_ORGS, Principal, add_key
+from callback_server.keys import ALL_ORGS, Principal, add_key, remove_key
 from callback_server.service import CallbackServer
 from tests.dbutil import query
 from tests.services import callback_server
@@ -431,3 +431,19 @@ async def test_every_list_refuses_a_forged_cursor_with_422(env: Env) -> None:
             r = await env.client.get(url, params={"cursor": encode_cursor(key)}, headers=auth)
             assert r.status_code == 422, (url, key, r.text)
             assert r.json()["field"] == "cursor"
+
+
+async def test_a_removed_key_ends_its_console_sessions(env: Env, tmp_path: Path) -> None:
+    # A session outlives the sign-in request: it holds only as long as its key does, so
+    # removing (or changing) the key and reloading ends it, like the key itself.
+    signed_in = await env.client.post("/console/session", json={"key": env.keys["operator_a"]})
+    assert signed_in.status_code == 200, signed_in.text
+    cookie = {"Cookie": f"console_session={signed_in.cookies['console_session']}"}
+    env.client.cookies.clear()
+    assert (await env.client.get("/robots", headers=cookie)).status_code == 200
+    remove_key(tmp_path / "keys.yaml", "operator_a")
+    assert (await env.client.get("/robots", headers=cookie)).status_code == 200  # not yet
+    assert env.server.keys.reload()
+    r = await env.client.get("/robots", headers=cookie)
+    assert r.status_code == 401 and "removed or changed" in r.json()["message"]
+    assert (await env.client.get("/robots", headers=cookie)).status_code == 401  # dropped

@@ -51,6 +51,12 @@ def test_bad_settings_name_the_setting(env: dict[str, str], needle: str) -> None
         edge_config.load(None, env)
 
 
+@pytest.mark.parametrize("days", ["0.5", "-1"])
+def test_history_shorter_than_the_consoles_chart_is_refused(days: str) -> None:
+    with pytest.raises(ConfigError, match="history_retention_days"):
+        cb_config.load(None, {"HISTORY_RETENTION_DAYS": days})
+
+
 def test_systemd_credentials_sit_between_the_file_and_the_environment(tmp_path: Path) -> None:
     creds = tmp_path / "creds"
     creds.mkdir()

@@ -119,7 +119,10 @@ def create_console_router(server: AppHost, access: Access, hub: ConsoleHub) -> A
         session_id = request.cookies.get(COOKIE, "")
 
         def alive() -> bool:
-            """A cookie's stream lasts as long as its session (a sign-out ends it)."""
+            """A stream lasts as long as its key (removed or changed on SIGHUP: ended), and
+            a cookie's as long as its session (a sign-out ends it)."""
+            if not access.keys.holds(principal):
+                return False
             return not by_cookie or sessions.lookup(session_id) is not None
 
         client = hub.join(principal, alive)

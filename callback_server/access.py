@@ -14,7 +14,6 @@ Refusals, each counted in ``callback_auth_refused_total{reason}``:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from functools import partial
 
 from fastapi import Request
 from prometheus_client import Counter
@@ -169,6 +168,18 @@ class Access:
                 self.require_role(principal, OPERATORS, f"{action} through the MQTT proxy")
             if topic is not None:
                 self.require_filter(principal, topic)
-            return partial(self.filter_covered, principal)
+            by_cookie = not request.headers.get("authorization") and COOKIE in request.cookies
+            session_id = request.cookies.get(COOKIE, "")
+
+            def visible(topic_filter: str) -> bool:
+                """Also asked again by a stream before each message: what the key (and
+                a console session's cookie) no longer allows ends it."""
+                if not self.keys.holds(principal):
+                    return False
+                if by_cookie and self.sessions.lookup(session_id) is None:
+                    return False
+                return self.filter_covered(principal, topic_filter)
+
+            return visible
 
         return authorize

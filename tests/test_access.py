@@ -3,13 +3,14 @@ and each key of each role, in two orgs, gets 401/403/404 or sees only its own or
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -447,3 +448,43 @@ async def test_a_removed_key_ends_its_console_sessions(env: Env, tmp_path: Path)
     r = await env.client.get("/robots", headers=cookie)
     assert r.status_code == 401 and "removed or changed" in r.json()["message"]
     assert (await env.client.get("/robots", headers=cookie)).status_code == 401  # dropped
+
+
+async def test_a_removed_key_ends_its_open_mqtt_stream(env: Env, tmp_path: Path) -> None:
+    # A stream outlives the request that opened it: once its key is removed (SIGHUP), it
+    # ends at the next message or keep-alive instead of feeding the former holder.
+    env.server.proxy.keepalive_seconds = 0.1
+    chunks: asyncio.Queue[MutableMapping[str, Any]] = asyncio.Queue()
+    leave = asyncio.Event()
+
+    async def receive() -> MutableMapping[str, Any]:
+        await leave.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        await chunks.put(message)
+
+    key = env.keys["viewer_a"].encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "GET", "scheme": "http", "path": "/mqtt/stream", "raw_path": b"",
+             "query_string": f"topic={env.topic('acme', '#')}".encode(), "root_path": "",
+             "headers": [(b"host", b"cb"), (b"authorization", b"Bearer " + key)],
+             "client": ("127.0.0.1", 1), "server": ("cb", 80)}
+    app = asyncio.create_task(env.server.app(scope, receive, send))
+    try:
+        start = await asyncio.wait_for(chunks.get(), 10)
+        assert start["status"] == 200
+        hello = await asyncio.wait_for(chunks.get(), 10)
+        assert b"subscribed" in hello["body"]
+        keepalive = await asyncio.wait_for(chunks.get(), 10)
+        assert keepalive["more_body"] and b"keepalive" in keepalive["body"]
+        remove_key(tmp_path / "keys.yaml", "viewer_a")
+        assert env.server.keys.reload()
+        async with asyncio.timeout(10):  # keep-alives every 0.1 s would go on for ever
+            while (chunk := await chunks.get())["more_body"]:
+                pass  # what was already on its way
+        assert chunk["body"] == b""
+        await asyncio.wait_for(app, 10)
+    finally:
+        leave.set()
+        await asyncio.gather(app, return_exceptions=True)

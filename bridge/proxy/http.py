@@ -92,7 +92,8 @@ class UnsubscribeBody(BaseModel):
 ProxyAction = Literal["publish", "subscribe", "unsubscribe", "status", "subscriptions", "stream"]
 #: ``authorize(request, action, topic)`` raises a FleetError to refuse (``topic``: the topic
 #: or filter the request names, None if none); it returns which subscription filters the
-#: caller may see, for listings.
+#: caller may see, for listings, and a stream asks it again before each message (a key
+#: removed since ends the stream).
 ProxyAuthorize = Callable[[Request, ProxyAction, str | None], Callable[[str], bool]]
 
 
@@ -232,7 +233,8 @@ def create_proxy_router(proxy: MqttProxy,
             assert subscription_id is not None
             sub, reader = proxy._attach_reader(subscription_id)
             on_close = partial(sub.detach_reader, reader)
-        return EventStream(sub, reader, proxy.keepalive_seconds, on_close)
+        return EventStream(sub, reader, proxy.keepalive_seconds, on_close,
+                           allowed=partial(visible, sub.filter))
 
     return api
 

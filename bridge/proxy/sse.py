@@ -21,14 +21,18 @@ class EventStream(Response):
     It watches ``receive`` for ``http.disconnect`` itself (whatever the server's ASGI
     version) and always runs ``on_close``, so the broker subscription is released. It
     ends, leaving the buffered messages, when a newer reader of its subscription (a
-    reconnecting client) replaces ``reader``.
+    reconnecting client) replaces ``reader``, and once ``allowed()`` turns false (the
+    caller's key was removed or no longer covers the filter; checked before each message
+    and keep-alive).
     """
 
     media_type = "text/event-stream"
 
     def __init__(self, sub: StreamSubscription, reader: object, keepalive: float,
-                 on_close: Callable[[], None]) -> None:
+                 on_close: Callable[[], None],
+                 allowed: Callable[[], bool] = lambda: True) -> None:
         self.status_code = 200
+        self._allowed = allowed
         self.background = None
         self._sub = sub
         self._reader = reader
@@ -64,7 +68,9 @@ class EventStream(Response):
             def current() -> bool:
                 return sub.reader is self._reader
 
+            end = {"type": "http.response.body", "body": b"", "more_body": False}
             while not gone:
+                message = None
                 try:
                     async with asyncio.timeout(self._keepalive):
                         message = await sub.mailbox.get(current)
@@ -78,14 +84,17 @@ class EventStream(Response):
                             continue
                         # Unsubscribed, the proxy is stopping, or a newer reader took
                         # over: end the response.
-                        await send({"type": "http.response.body", "body": b"",
-                                    "more_body": False})
+                        await send(end)
                         break
                     chunk = b""
                     if sub.mailbox.dropped != reported:
                         reported = sub.mailbox.dropped
                         chunk = self._event("dropped", {"dropped": reported})
                     chunk += self._event("message", message_json(message))
+                if not self._allowed():  # the key was removed, or covers the filter no more
+                    await send(end)
+                    break
+                if message is not None:
                     sub.delivered += 1
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except OSError:

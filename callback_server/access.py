@@ -59,8 +59,7 @@ class Access:
         """The caller's principal from ``Authorization: Bearer`` (or, where ingest is
         served, ``X-Callback-Token``), else from a console session cookie; AuthError
         (401) otherwise. A bearer key wins over a cookie."""
-        scheme, _, value = request.headers.get("authorization", "").partition(" ")
-        key = value.strip() if scheme.lower() == "bearer" else ""
+        key = _bearer_key(request)
         if not key and callback_header:
             key = request.headers.get("x-callback-token", "").strip()
         if not key and COOKIE in request.cookies:
@@ -74,6 +73,19 @@ class Access:
             self._refuse("unknown")
             raise AuthError("invalid key", bearer=True)
         return principal
+
+    def lasting(self, request: Request, principal: Principal) -> Callable[[], bool]:
+        """For what outlives ``request`` (a stream): true while the principal's key is
+        still loaded (removed or changed on SIGHUP: false) and, when the request came by
+        console cookie, while its session lives (a sign-out ends it)."""
+        session_id = None if _bearer_key(request) else request.cookies.get(COOKIE)
+
+        def alive() -> bool:
+            if not self.keys.holds(principal):
+                return False
+            return session_id is None or self.sessions.lookup(session_id) is not None
+
+        return alive
 
     def _session(self, request: Request) -> Principal:
         """The principal of the request's console session (401 if none is live); a
@@ -168,18 +180,19 @@ class Access:
                 self.require_role(principal, OPERATORS, f"{action} through the MQTT proxy")
             if topic is not None:
                 self.require_filter(principal, topic)
-            by_cookie = not request.headers.get("authorization") and COOKIE in request.cookies
-            session_id = request.cookies.get(COOKIE, "")
+            alive = self.lasting(request, principal)
 
             def visible(topic_filter: str) -> bool:
                 """Also asked again by a stream before each message: what the key (and
                 a console session's cookie) no longer allows ends it."""
-                if not self.keys.holds(principal):
-                    return False
-                if by_cookie and self.sessions.lookup(session_id) is None:
-                    return False
-                return self.filter_covered(principal, topic_filter)
+                return alive() and self.filter_covered(principal, topic_filter)
 
             return visible
 
         return authorize
+
+
+def _bearer_key(request: Request) -> str:
+    """The key of ``Authorization: Bearer <key>``; empty when there is none."""
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else ""

@@ -33,18 +33,10 @@ from bridge.transport import InboundMessage
 from tests.services import ADMIN_TOKEN, callback_server, edge_agent
 from tests.test_commands import wait_gateways
 from tests.test_proxy import serve
+from tests.waiting import until
 
 BROKER = "mqtt://127.0.0.1:1883"
 TOKEN = "edge-proxy-token-" + uuid.uuid4().hex[:8]
-
-
-async def until(check: Callable[[], bool], within: float = 15) -> None:
-    """Wait for ``check()`` (a counter the client keeps), polling the event loop."""
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 def collector(into: list[InboundMessage], delay: float = 0.0

@@ -115,17 +115,7 @@ def create_console_router(server: AppHost, access: Access, hub: ConsoleHub) -> A
     async def stream(request: Request) -> Response:
         principal = access.principal(request)
         access.require_role(principal, READERS, "use the console")
-        by_cookie = "authorization" not in request.headers and COOKIE in request.cookies
-        session_id = request.cookies.get(COOKIE, "")
-
-        def alive() -> bool:
-            """A stream lasts as long as its key (removed or changed on SIGHUP: ended), and
-            a cookie's as long as its session (a sign-out ends it)."""
-            if not access.keys.holds(principal):
-                return False
-            return not by_cookie or sessions.lookup(session_id) is not None
-
-        client = hub.join(principal, alive)
+        client = hub.join(principal, access.lasting(request, principal))
         if client is None:
             raise StoreError(f"{hub.max_clients} console streams are open already")
         try:

@@ -17,7 +17,6 @@ import logging
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from functools import partial
 from types import TracebackType
 from typing import Any
 
@@ -146,7 +145,7 @@ class SqlStore:
         self._task_sql = d.upsert(TASKS_TABLE, TASKS.names, TASKS.key, {
             c: f"CASE WHEN {newer} THEN {d.new(c)} ELSE {c} END" for c in columns})
         robots = self.targets.robot_status[0].qualified
-        self._history_sql = functools.lru_cache(maxsize=64)(partial(
+        self._history_sql = functools.lru_cache(maxsize=64)(functools.partial(
             d.history_points, HISTORY_TABLE, robots, HISTORY_EVERY_SECONDS))
 
     async def __aenter__(self) -> SqlStore:

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from bridge.envelope import Envelope
+from bridge.pudu.normalize import normalize
 from bridge.topic import TopicScheme
-from edge_agent.normalize import normalize
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "tests" / "samples" / "pudu"
 WEBHOOK_PATH = "/api/pudu/webhook"

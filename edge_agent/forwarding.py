@@ -16,7 +16,7 @@ from typing import Annotated, Any, Final
 from pydantic import AfterValidator, BeforeValidator
 
 from bridge.config import parse_pairs
-from edge_agent.normalize import CHANNELS, DOCUMENTED_TYPES
+from bridge.pudu.normalize import CHANNELS, DOCUMENTED_TYPES
 
 __all__ = [
     "DOWNSAMPLABLE",

@@ -25,8 +25,8 @@ from bridge.errors import FleetError, InputError, OutboxError, PayloadError
 from bridge.http_errors import error_response, internal_error_response
 from bridge.http_errors import install as install_error_handlers
 from bridge.outbox import PutResult
+from bridge.pudu.normalize import DOCUMENTED_TYPES, Normalized, normalize
 from edge_agent.downsample import Verdict
-from edge_agent.normalize import DOCUMENTED_TYPES, Normalized, normalize
 from edge_agent.ports import WebhookHost
 
 log = logging.getLogger(__name__)

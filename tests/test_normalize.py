@@ -1,4 +1,4 @@
-"""Unit tests of edge_agent.normalize: both sample dialects, every type, every refusal.
+"""Unit tests of bridge.pudu.normalize: both sample dialects, every type, every refusal.
 
 Pure logic, so these are fast and exhaustive (STYLE.md, practice 10). The samples are
 read from disk; ``PUDU_SAMPLES_DIR`` points them elsewhere. A missing directory or file
@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.errors import InputError
-from edge_agent.normalize import DEFAULT_MAX_SKEW, DOCUMENTED_TYPES, Normalized, normalize
+from bridge.pudu.normalize import DEFAULT_MAX_SKEW, DOCUMENTED_TYPES, Normalized, normalize
 
 NOW = 1_800_000_000.0  # after every sample's time: none is 'ahead'
 HEX32 = re.compile(r"[0-9a-f]{32}")

@@ -42,7 +42,7 @@ from bridge.errors import (
     TopicError,
 )
 from bridge.outbox import PutResult
-from edge_agent.normalize import COMPACTABLE, Normalized, normalize, to_seconds
+from bridge.pudu.normalize import COMPACTABLE, Normalized, normalize, to_seconds
 from edge_agent.pudu.client import PuduClient, pick
 
 if TYPE_CHECKING:

@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bridge.errors import InputError, TopicError
+from bridge.pudu.normalize import DOCUMENTED_TYPES, normalize
 from bridge.topic import Topic, TopicFilter
-from edge_agent.normalize import DOCUMENTED_TYPES, normalize
 from tests.hostile import hostile_bodies
 from tests.mqtt_probe import Probe
 from tests.services import ServiceProcess, callback_server, edge_agent

@@ -1,28 +1,21 @@
-"""The callback server's HTTP app: IoT Rule ingest, health, read API, /metrics."""
+"""The callback server's HTTP app: health, read API, /metrics; IoT Rule ingest
+(callback_server.ingest) and the Pudu routes are routers of their own."""
 
 from __future__ import annotations
 
-import asyncio
 import time
-from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
-from bridge import strictjson
 from bridge.commands import Command
 from bridge.docs import install_docs
-from bridge.envelope import Envelope
 from bridge.errors import (
     CommandTimeoutError,
-    FleetError,
-    InputError,
     NotFoundError,
-    PayloadError,
-    StoreError,
 )
 from bridge.http_body import parse_model, read_body
 from bridge.http_errors import install as install_error_handlers
@@ -37,13 +30,8 @@ from bridge.paging import (
     encode_cursor,
     page,
 )
-from bridge.topic import DeviceAddress, TopicScheme, channel_for, parse_device_topic
-from callback_server.access import INGESTERS, OPERATORS, READERS, Access, Principal
-from callback_server.consumer import consistent, handled_by_gateway
+from callback_server.access import OPERATORS, READERS, Access, Principal
 from callback_server.ports import AppHost
-
-# An AWS IoT Rule HTTP action gives up after 3 s and retries; answer before that.
-INGEST_TIMEOUT_SECONDS = 2.5
 
 
 def _reader(request: Request) -> Principal:
@@ -71,89 +59,6 @@ class CommandRequest(BaseModel):
     org_id: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class _Ingest:
-    """One IoT Rule request, sorted: robot envelopes to store, gateway traffic to handle."""
-
-    envelopes: list[tuple[str, Envelope]]
-    gateway: list[tuple[str, DeviceAddress, bytes]]  # as sent: topic, its parts, payload
-
-
-def _sort(server: AppHost, parsed: strictjson.Parsed,
-          header_topic: str | None) -> _Ingest:
-    """An IoT Rule body (one object or a list; topic from header or field), sorted by
-    channel: the rule forwards gateway telemetry and responses too, which are not
-    envelopes. Any fault is a FleetError naming it (the caller dead-letters the body)."""
-    body = parsed.value
-    objects = body if isinstance(body, list) else [body]
-    if not objects:
-        raise InputError("empty message list", status=422)
-    prefix = server.settings.topic_prefix
-    sorted_ = _Ingest([], [])
-    for i, obj in enumerate(objects):
-        if not isinstance(obj, dict):
-            raise InputError("each message must be a JSON object", status=422)
-        fields = dict(obj)
-        topic = fields.pop("topic", None) or header_topic
-        if topic is not None and not isinstance(topic, str):
-            raise InputError("topic must be a string", field="topic", status=422)
-        if topic is not None:
-            address = parse_device_topic(topic, prefix)
-            if handled_by_gateway(address.channel):
-                sorted_.gateway.append((topic, address, strictjson.dumps(fields)))
-                continue
-        notes = _notes_of(parsed.notes, i) if isinstance(body, list) else parsed.notes
-        envelope = Envelope.from_dict(fields, notes=notes)
-        if topic is None:
-            channel = envelope.channel or channel_for(envelope.type)
-            topic = str(TopicScheme(envelope.org, prefix).device(envelope.device, channel))
-            address = parse_device_topic(topic, prefix)
-        if not consistent(address, envelope):
-            raise InputError("envelope org/device differ from the topic's", status=422)
-        sorted_.envelopes.append((topic, envelope))
-    return sorted_
-
-
-def _notes_of(notes: list[str], i: int) -> list[str]:
-    """The parse notes about element ``i`` of a list body, as paths inside it
-    (``[1].data.x: …`` -> ``data.x: …``); the "more were changed" note goes to each."""
-    mine = f"[{i}]."
-    return [note[len(mine):] if note.startswith(mine) else note for note in notes
-            if note.startswith(mine) or not note.startswith("[")]
-
-
-async def _dead_letter(server: AppHost, topic: str | None, raw: bytes,
-                       reason: str) -> None:
-    """Keep a refused ingest body, committed before the 4xx answer goes out."""
-    await _keep_dead(server, [(topic or "http", raw)], reason)
-
-
-async def _dead_letters(server: AppHost, ingest: _Ingest, reason: str) -> None:
-    """Keep each part of a refused ingest request (envelope by envelope), with why."""
-    parts = [(topic, envelope.to_json()) for topic, envelope in ingest.envelopes]
-    parts += [(topic, payload) for topic, _, payload in ingest.gateway]
-    await _keep_dead(server, parts, reason)
-
-
-async def _keep_dead(server: AppHost, parts: list[tuple[str, bytes]],
-                     reason: str) -> None:
-    loop = asyncio.get_running_loop()
-    waits: list[asyncio.Future[None]] = []
-    for topic, raw in parts:
-        done: asyncio.Future[None] = loop.create_future()
-
-        def committed(done: asyncio.Future[None] = done) -> None:
-            if not done.done():
-                done.set_result(None)
-
-        server.writer.submit_dead(topic, raw, reason, committed)
-        waits.append(done)
-    try:
-        await asyncio.wait_for(asyncio.gather(*waits), INGEST_TIMEOUT_SECONDS)
-    except TimeoutError:
-        raise StoreError("dead letter not committed in time") from None
-
-
 def create_app(server: AppHost) -> FastAPI:
     """Build the app around a running server."""
     app = FastAPI(title="Pudu fleet callback server", version=server.version,
@@ -165,43 +70,9 @@ def create_app(server: AppHost) -> FastAPI:
     access = server.access
     app.state.access = access
 
-    @app.post("/callback/messages", summary="Ingest envelopes pushed by an AWS IoT Rule",
-              responses={503: {"description": "Not committed in time; retry (idempotent)"}})
-    async def ingest(
-        request: Request,
-        x_mqtt_topic: str | None = Header(default=None),
-    ) -> dict[str, Any]:
-        principal = access.principal(request, callback_header=True)
-        access.require_role(principal, INGESTERS, "ingest messages")
-        raw = await read_body(request, server.settings.max_body_bytes)
-        try:
-            parsed = strictjson.loads(raw)
-        except PayloadError as exc:
-            await _dead_letter(server, x_mqtt_topic, raw, str(exc))
-            raise InputError(f"body is {exc}", status=400) from None
-        try:
-            ingest = _sort(server, parsed, x_mqtt_topic)
-        except FleetError as exc:
-            await _dead_letter(server, x_mqtt_topic, raw, str(exc))
-            raise
-        orgs = [e.org for _, e in ingest.envelopes] + [a.org_id for _, a, _ in ingest.gateway]
-        try:
-            access.refuse_foreign(principal, orgs)
-        except InputError as exc:
-            # The whole request is refused; each part is kept with why, as the rule
-            # would otherwise retry it forever into the same refusal.
-            await _dead_letters(server, ingest, f"refused: {exc.message}")
-            raise
-        for _, address, payload in ingest.gateway:
-            server.consumer.on_gateway(address, payload)
-        try:
-            await asyncio.wait_for(server.writer.write(ingest.envelopes),
-                                   INGEST_TIMEOUT_SECONDS)
-        except TimeoutError:
-            # Still queued and written once the database answers; the retry is idempotent.
-            raise StoreError("write not committed in time") from None
-        return {"status": "success", "stored": len(ingest.envelopes),
-                "handled": len(ingest.gateway), "timestamp": int(time.time())}
+    from callback_server.ingest import create_ingest_router
+
+    app.include_router(create_ingest_router(server, access))
 
     @app.get("/callback/health", summary="Broker and database state")
     async def health() -> JSONResponse:

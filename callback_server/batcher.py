@@ -1,10 +1,17 @@
-"""Batches messages into store transactions and acknowledges only after the commit.
+"""Batches messages into store transactions and settles each one only after the commit.
 
 MQTT deliveries and HTTP pushes both land here. One writer task takes whatever has
 queued since its last transaction (up to ``batch_max``) and writes it as one batch, so
 load makes batches bigger instead of making the database busier. While the database
 is down the batch is retried with backoff and nothing is acknowledged: the broker
 (or the IoT Rule's HTTP retry) holds the messages for us.
+
+Each message ends in one ``Settled`` outcome, told to whoever waits for it: ``stored``,
+``duplicate`` (its id was already stored: an idempotent retry) or ``dead_lettered``
+(with the reason). HTTP pushes wait with a deadline and are retried by their sender
+while the database is away, so they are held by key (org and envelope id, or the dead
+letter's digest): a retry of a pending message joins it instead of queueing a second
+copy, and at most ``pending_max`` are held (``PendingFullError`` beyond: a 503).
 """
 
 from __future__ import annotations
@@ -12,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TypeVar
 
 from bridge.backoff import backoff_delay
@@ -23,21 +32,74 @@ from bridge.envelope import Envelope
 from bridge.errors import StoreError, StoreRejectedError
 from bridge.sdnotify import BEAT_SECONDS
 from bridge.tasks import within
-from callback_server.store import BatchStore
+from callback_server.store import BatchResult, BatchStore
 
 log = logging.getLogger(__name__)
 
-OnCommit = Callable[[], None]
+T = TypeVar("T")
 #: Told of each committed batch (the alert engine): ``(topic, envelope)`` pairs.
 OnBatch = Callable[[list[tuple[str, Envelope]]], None]
-T = TypeVar("T")
+#: What HTTP ingest holds at most by default while the database is away (INGEST_PENDING_MAX).
+DEFAULT_PENDING_MAX = 10_000
+
+
+class Reason(StrEnum):
+    """Why a message was dead-lettered: the first words of its reason (``"<reason>: why"``),
+    and the label of the dead-letter metric."""
+
+    UNREADABLE = "unreadable"  # the request body as a whole (400/413)
+    MALFORMED = "malformed"  # not an envelope, or one the schema refuses
+    INCONSISTENT = "inconsistent with its topic"  # org/device differ from the topic's
+    REFUSED = "refused by the database"  # StoreRejectedError: retrying cannot help
+    FOREIGN = "org not covered by the key"  # HTTP ingest with an org-scoped key
+    OTHER = "other"
+
+    def because(self, detail: str) -> str:
+        """The full reason text kept with the dead letter and answered."""
+        return f"{self.value}: {detail}"
+
+    @classmethod
+    def of(cls, reason: str) -> Reason:
+        """The kind of a reason text (``OTHER`` for one not written by ``because``)."""
+        head = reason.split(":", 1)[0]
+        return next((r for r in cls if r.value == head), cls.OTHER)
+
+
+class Outcome(StrEnum):
+    """How one ingested message ended (the ``outcome`` of an ingest answer's result)."""
+
+    STORED = "stored"
+    DUPLICATE = "duplicate"  # already stored: a retry or redelivery, nothing written twice
+    HANDLED = "handled"  # gateway traffic (presence, telemetry, ...): handled in memory
+    DEAD_LETTERED = "dead_lettered"  # kept in the dead-letter table, with ``reason``
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """One message's outcome; ``reason`` says why it was dead-lettered."""
+
+    outcome: Outcome
+    reason: str | None = None
+
+
+OnCommit = Callable[[Settled], None]
+
+
+class PendingFullError(StoreError):
+    """HTTP ingest already holds ``limit`` messages for a database that does not commit."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"{limit} messages already wait for the database "
+                         "(INGEST_PENDING_MAX); retry later")
+        self.limit = limit
 
 
 @dataclass(slots=True)
 class _Item:
     topic: str
     envelope: Envelope
-    on_commit: OnCommit
+    waiters: list[OnCommit]
+    key: Hashable | None = None  # held by this key (HTTP ingest) until settled
 
 
 @dataclass(slots=True)
@@ -45,7 +107,42 @@ class _Dead:
     topic: str
     payload: bytes
     reason: str
-    on_commit: OnCommit
+    waiters: list[OnCommit]
+    key: Hashable | None = None
+
+
+@dataclass(slots=True)
+class _Counts:
+    """What the writer has settled since start (health and /metrics show these)."""
+
+    stored: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    by_reason: collections.Counter[Reason] = field(default_factory=collections.Counter)
+
+
+def dead_key(topic: str, payload: bytes) -> str:
+    """A dead letter's identity: the store keeps the same topic and payload once."""
+    return hashlib.sha256(topic.encode("utf-8", "surrogatepass") + b"\0" + payload).hexdigest()
+
+
+def _duplicate_ids(result: BatchResult, batch: Sequence[_Item]) -> frozenset[str]:
+    """The ids of ``batch`` the store already had. A store that does not name them
+    (``duplicate_ids``) is read from its counts: all, or none when it saw none."""
+    named: frozenset[str] | None = getattr(result, "duplicate_ids", None)
+    if named is not None:
+        return named
+    if result.duplicates and result.duplicates >= len(batch):
+        return frozenset(i.envelope.id for i in batch)
+    return frozenset()
+
+
+def _settle(waiters: list[OnCommit], settled: Settled) -> None:
+    for waiter in waiters:
+        try:
+            waiter(settled)
+        except Exception:  # one bad callback must not cost the others their answer
+            log.exception("settling a message failed")
 
 
 class BatchWriter:
@@ -54,40 +151,61 @@ class BatchWriter:
     def __init__(
         self, store: BatchStore, *, batch_max: int = 500, retry_min: float = 0.2,
         retry_max: float = 10.0, beat: Callable[[], None] = lambda: None,
+        pending_max: int = DEFAULT_PENDING_MAX,
     ) -> None:
         self.store = store
         self.batch_max = batch_max
         self.retry_min = retry_min
         self.retry_max = retry_max
+        self.pending_max = pending_max
         self.beat = beat  # the watchdog's heartbeat: stamped every iteration, idle or not
         self.on_batch: OnBatch | None = None
         self.degraded = False
         self.last_error = ""
-        self.stored = 0
+        self.counts = _Counts()
         self.batches = 0
-        self.dead_lettered = 0
         self.skewed = 0
+        self.joined = 0  # HTTP retries that joined a message already pending
+        self.refused_full = 0  # HTTP requests answered 503 because pending_max was reached
         #: monotonic time of the last commit, or of the first wait since: a stall shows here
         self.last_progress = time.monotonic()
         self._items: collections.deque[_Item] = collections.deque()
         self._dead: collections.deque[_Dead] = collections.deque()
+        self._held: dict[Hashable, _Item | _Dead] = {}  # HTTP ingest, by key, until settled
         self._wake = asyncio.Event()
         self._progress = asyncio.Event()  # set after each commit (drain waits on it)
+
+    @property
+    def stored(self) -> int:
+        return self.counts.stored
+
+    @property
+    def duplicates(self) -> int:
+        return self.counts.duplicates
+
+    @property
+    def dead_lettered(self) -> int:
+        return self.counts.dead_lettered
 
     @property
     def pending(self) -> int:
         return len(self._items) + len(self._dead)
 
+    @property
+    def held(self) -> int:
+        """HTTP ingest messages waiting for a commit (at most ``pending_max``)."""
+        return len(self._held)
+
     def submit(self, topic: str, envelope: Envelope, on_commit: OnCommit) -> None:
-        """Queue a message; ``on_commit`` runs once its rows are committed."""
+        """Queue a message; ``on_commit`` is told its outcome once that is committed."""
         self._waiting()
-        self._items.append(_Item(topic, envelope, on_commit))
+        self._items.append(_Item(topic, envelope, [on_commit]))
         self._wake.set()
 
     def submit_dead(self, topic: str, payload: bytes, reason: str, on_commit: OnCommit) -> None:
-        """Queue a malformed message for the dead-letter table."""
+        """Queue a message we cannot use for the dead-letter table, with why."""
         self._waiting()
-        self._dead.append(_Dead(topic, payload, reason, on_commit))
+        self._dead.append(_Dead(topic, payload, reason, [on_commit]))
         self._wake.set()
 
     async def drain(self, grace: float) -> bool:
@@ -106,23 +224,59 @@ class BatchWriter:
         """How long messages have waited with nothing committed (0 when none wait)."""
         return time.monotonic() - self.last_progress if self.pending else 0.0
 
-    async def write(self, items: Sequence[tuple[str, Envelope]]) -> None:
-        """Queue several messages and wait for their commit (the HTTP ingest path)."""
-        if not items:
-            return
+    async def write(self, items: Sequence[tuple[str, Envelope]]) -> list[Settled]:
+        """Queue several messages and wait for their outcomes (see ``settle``)."""
+        settled, _ = await self.settle(items, ())
+        return settled
+
+    async def settle(
+        self, items: Sequence[tuple[str, Envelope]],
+        dead: Sequence[tuple[str, bytes, str]],
+    ) -> tuple[list[Settled], list[Settled]]:
+        """HTTP ingest: hold ``items`` (to store) and ``dead`` (``topic, payload, reason``
+        to dead-letter) by key and wait until each is settled; the outcomes in order.
+
+        A message already held under its key is joined, not queued again. If the new
+        ones would take more than ``pending_max`` places, nothing is queued and
+        PendingFullError is raised. Cancelled (the caller's deadline), the messages stay
+        queued and are written once the database answers; only the wait is dropped.
+        """
+        keys: list[Hashable] = [("envelope", e.org, e.id) for _, e in items]
+        keys += [("dead", dead_key(topic, payload)) for topic, payload, _ in dead]
+        new = len({k for k in keys if k not in self._held})
+        if new and len(self._held) + new > self.pending_max:
+            self.refused_full += 1
+            raise PendingFullError(self.pending_max)
         loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        remaining = len(items)
-
-        def one_committed() -> None:
-            nonlocal remaining
-            remaining -= 1
-            if remaining == 0 and not done.done():
-                done.set_result(None)
-
-        for topic, envelope in items:
-            self.submit(topic, envelope, one_committed)
-        await done
+        futures: list[asyncio.Future[Settled]] = []
+        joined: list[tuple[_Item | _Dead, OnCommit]] = []
+        specs: list[tuple[str, Envelope] | tuple[str, bytes, str]] = [*items, *dead]
+        for key, spec in zip(keys, specs, strict=True):
+            future: asyncio.Future[Settled] = loop.create_future()
+            waiter: OnCommit = functools.partial(_resolve, future)
+            futures.append(future)
+            held = self._held.get(key)
+            if held is not None:
+                self.joined += 1
+            else:
+                self._waiting()
+                if len(spec) == 2:
+                    held = _Item(spec[0], spec[1], [], key)
+                    self._items.append(held)
+                else:
+                    held = _Dead(spec[0], spec[1], spec[2], [], key)
+                    self._dead.append(held)
+                self._held[key] = held
+            held.waiters.append(waiter)
+            joined.append((held, waiter))
+        self._wake.set()
+        try:
+            outcomes = list(await asyncio.gather(*futures))
+        finally:
+            for held, waiter in joined:  # a timed-out wait must not pile up on the item
+                if waiter in held.waiters:
+                    held.waiters.remove(waiter)
+        return outcomes[:len(items)], outcomes[len(items):]
 
     async def run(self) -> None:
         """Write batches until cancelled."""
@@ -137,50 +291,70 @@ class BatchWriter:
                 await self._dead_letters(letters)
                 for _ in range(n):
                     self._dead.popleft()
-                self.last_progress = time.monotonic()
-                self._progress.set()
+                self._committed()
                 for dead in letters:
-                    dead.on_commit()
+                    self._finish(dead, Settled(Outcome.DEAD_LETTERED, dead.reason))
             while self._items:
                 n = min(len(self._items), self.batch_max)
                 batch = [self._items[i] for i in range(n)]
-                await self._write(batch)
+                outcomes = await self._write(batch)
                 for _ in range(n):
                     self._items.popleft()
-                self.stored += n
                 self.batches += 1
-                self.last_progress = time.monotonic()
-                self._progress.set()
-                for item in batch:
-                    item.on_commit()
-                self._tell(batch)
+                self._committed()
+                for item, settled in zip(batch, outcomes, strict=True):
+                    self._finish(item, settled)
+                self._tell([i for i, s in zip(batch, outcomes, strict=True)
+                            if s.outcome is not Outcome.DEAD_LETTERED])
+
+    def _committed(self) -> None:
+        self.last_progress = time.monotonic()
+        self._progress.set()
+
+    def _finish(self, item: _Item | _Dead, settled: Settled) -> None:
+        """Count ``item``'s outcome, release its key and tell everyone waiting for it."""
+        counts = self.counts
+        if settled.outcome is Outcome.STORED:
+            counts.stored += 1
+        elif settled.outcome is Outcome.DUPLICATE:
+            counts.duplicates += 1
+        else:
+            counts.dead_lettered += 1
+            counts.by_reason[Reason.of(settled.reason or "")] += 1
+        if item.key is not None:
+            self._held.pop(item.key, None)
+        waiters, item.waiters = item.waiters, []
+        _settle(waiters, settled)
 
     def _tell(self, batch: list[_Item]) -> None:
         """Hand a committed batch on (after the acks: alerts never hold up the stream)."""
-        if self.on_batch is None:
+        if self.on_batch is None or not batch:
             return
         try:
             self.on_batch([(i.topic, i.envelope) for i in batch])
         except Exception:  # a bug there must not stop the writer
             log.exception("batch observer failed")
 
-    async def _write(self, batch: list[_Item]) -> None:
-        """Write ``batch``; if the database refuses its data, bisect to the culprit and
-        dead-letter it, so one bad message neither blocks the stream nor loops forever."""
+    async def _write(self, batch: list[_Item]) -> list[Settled]:
+        """Write ``batch``, each item's outcome in order; if the database refuses its
+        data, bisect to the culprit and dead-letter it, so one bad message neither blocks
+        the stream nor loops forever."""
         rows = [(i.topic, i.envelope) for i in batch]
         try:
             result = await self._retrying(functools.partial(self.store.write_batch, rows))
-            self.skewed += result.skewed
         except StoreRejectedError as exc:
             if len(batch) > 1:
                 half = len(batch) // 2
-                await self._write(batch[:half])
-                await self._write(batch[half:])
-                return
+                return await self._write(batch[:half]) + await self._write(batch[half:])
             item = batch[0]
             log.error("database refused message %s on %s: %s", item.envelope.id, item.topic, exc)
-            await self._dead_letters([_Dead(item.topic, item.envelope.to_json(),
-                                            f"database refused it: {exc}", item.on_commit)])
+            reason = Reason.REFUSED.because(str(exc))
+            await self._dead_letters([_Dead(item.topic, item.envelope.to_json(), reason, [])])
+            return [Settled(Outcome.DEAD_LETTERED, reason)]
+        self.skewed += result.skewed
+        seen = _duplicate_ids(result, batch)
+        return [Settled(Outcome.DUPLICATE if i.envelope.id in seen else Outcome.STORED)
+                for i in batch]
 
     async def _dead_letters(self, letters: list[_Dead]) -> None:
         """Write dead letters in one transaction; if refused, one by one to the culprit."""
@@ -195,7 +369,6 @@ class BatchWriter:
             d = letters[0]  # not even storable as a dead letter: log it all
             log.error("dropping message on %s (%s); dead letter refused: %s; payload %r",
                       d.topic, d.reason, exc, d.payload[:2000])
-        self.dead_lettered += len(letters)
 
     async def _retrying(self, op: Callable[[], Awaitable[T]]) -> T:
         """Run ``op`` until it succeeds; StoreRejectedError is raised, not retried."""
@@ -225,3 +398,8 @@ class BatchWriter:
             self.degraded = False
             self.last_error = ""
             return result
+
+
+def _resolve(future: asyncio.Future[Settled], settled: Settled) -> None:
+    if not future.done():
+        future.set_result(settled)

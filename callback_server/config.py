@@ -40,11 +40,15 @@ ENV_MAP = {
     "HISTORY_RETENTION_DAYS": "history_retention_days",
     "RETENTION_INTERVAL_SECONDS": "retention_interval_seconds",
     "ALERT_RULES_FILE": "alert_rules_file",
+    "INGEST_PENDING_MAX": "ingest_pending_max",
+    "CALLBACK_CODES": "callback_codes",
+    "CALLBACK_CODES_FILE": "callback_codes_file",
 }
 
 
 #: systemd credentials the callback server reads besides the shared ones (bridge.config).
-CREDENTIALS = {"callback_token": "callback_token", "database_password": "database_password"}
+CREDENTIALS = {"callback_token": "callback_token", "database_password": "database_password",
+               "callback_codes": "callback_codes"}
 
 
 class CallbackSettings(BaseModel):
@@ -95,6 +99,12 @@ class CallbackSettings(BaseModel):
     # YAML overriding the alert rules' defaults (callback_server/alerts/rules.py).
     alert_rules_file: str | None = None
     http_limits: HttpLimits = HttpLimits()
+    # HTTP ingest messages held at most while the database does not commit (503 beyond).
+    ingest_pending_max: int = Field(10_000, ge=1)
+    # Pudu callback codes -> org for POST /api/pudu/webhook (callback_server/pudu_webhook.py):
+    # "code1=orgA,code2=orgB", and/or a YAML file mapping code -> org.
+    callback_codes: SecretStr | None = None
+    callback_codes_file: str | None = None
 
     @field_validator("history_retention_days")
     @classmethod

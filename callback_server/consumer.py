@@ -1,7 +1,8 @@
 """The MQTT side of the callback server: one (shared) subscription, manual acks.
 
-Every message ends in exactly one of three ways: its rows are committed, then it is
-acknowledged; or it is dead-lettered with the reason (once), then acknowledged; or,
+Every message ends in exactly one of these ways: its rows are committed (or found
+already stored: a redelivery), then it is acknowledged; it is gateway traffic, handled
+and acknowledged; or it is dead-lettered with the reason (once), then acknowledged; or,
 only while the database is unreachable, it is held unacknowledged and retried. No
 exception, from decoding to row building, may leave a message unacknowledged: each
 one holds a slot of the broker's in-flight window, and when the window is full the
@@ -22,7 +23,7 @@ from bridge.errors import FleetError
 from bridge.router import MessageRouter
 from bridge.topic import GATEWAY_CHANNELS, DeviceAddress, all_devices_filter, parse_device_topic
 from bridge.transport import InboundMessage
-from callback_server.batcher import BatchWriter
+from callback_server.batcher import BatchWriter, OnCommit, Outcome, Reason, Settled
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class Consumer:
         self.filter = all_devices_filter(topic_prefix, share_group)
         self.received = 0
         self.malformed = 0
+        self.handled = 0  # gateway traffic, from MQTT or HTTP ingest
         self.gateway_handlers: list[GatewayHandler] = []
         # delivery number -> monotonic time received, oldest first (acks come in any order)
         self._unacked: collections.OrderedDict[int, float] = collections.OrderedDict()
@@ -87,7 +89,7 @@ class Consumer:
         number = next(self._numbers)
         self._unacked[number] = time.monotonic()
 
-        def ack() -> None:
+        def ack(settled: Settled | None = None) -> None:
             if self._unacked.pop(number, None) is not None:
                 self.router.ack(message)
 
@@ -101,24 +103,25 @@ class Consumer:
             log.warning("dead-lettering message on %s: %s", message.topic, reason)
             self.writer.submit_dead(message.topic, message.payload, reason, ack)
 
-    def _dispatch(self, message: InboundMessage, ack: Callable[[], None]) -> str | None:
+    def _dispatch(self, message: InboundMessage, ack: OnCommit) -> str | None:
         """Hand the message on (to be acked later) or return why it is dead."""
         try:
             address = parse_device_topic(message.topic, self.topic_prefix)
             if handled_by_gateway(address.channel):
                 self.on_gateway(address, message.payload)
-                ack()
+                ack(Settled(Outcome.HANDLED))
                 return None
             envelope = Envelope.from_json(message.payload)
         except FleetError as exc:
-            return str(exc)
+            return Reason.MALFORMED.because(str(exc))
         if not consistent(address, envelope):
-            return "envelope org/device differ from the topic's"
+            return Reason.INCONSISTENT.because("envelope org/device differ from the topic's")
         self.writer.submit(message.topic, envelope, ack)
         return None
 
     def on_gateway(self, address: DeviceAddress, payload: bytes) -> None:
         """A gateway's own traffic (presence, telemetry, ...), from MQTT or HTTP ingest."""
+        self.handled += 1
         for handler in self.gateway_handlers:
             try:
                 handler(address, payload)

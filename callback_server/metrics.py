@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from callback_server.access import REFUSAL_REASONS
+from callback_server.batcher import Reason
 
 __all__ = ["CallbackMetrics"]
 
@@ -19,10 +20,23 @@ class CallbackMetrics:
             return Gauge(name, doc, registry=self.registry)
 
         self.received = gauge("callback_messages_received_total", "MQTT messages received")
-        self.stored = gauge("callback_messages_stored_total", "Messages committed")
+        self.stored = gauge("callback_messages_stored_total", "Messages committed (new)")
+        self.duplicates = gauge("callback_messages_duplicate_total",
+                                "Messages already stored (a retry or redelivery)")
+        self.handled = gauge("callback_messages_handled_total",
+                             "Gateway traffic handled (presence, telemetry, response, ...)")
         self.batches = gauge("callback_batches_total", "Store transactions")
-        self.dead = gauge("callback_dead_letters_total", "Malformed messages dead-lettered")
+        self.dead = gauge("callback_dead_letters_total", "Messages dead-lettered")
+        self.dead_by_reason = Gauge("callback_dead_letters_by_reason",
+                                    "Messages dead-lettered, by reason", ["reason"],
+                                    registry=self.registry)
+        for kind in Reason:
+            self.dead_by_reason.labels(reason=kind.value)
         self.pending = gauge("callback_pending", "Messages waiting for a commit")
+        self.ingest_held = gauge("callback_ingest_pending",
+                                 "HTTP ingest messages waiting for a commit (capped)")
+        self.ingest_full = gauge("callback_ingest_refused_full_total",
+                                 "HTTP ingest requests answered 503: INGEST_PENDING_MAX reached")
         self.oldest_unacked = gauge("callback_oldest_unacked_seconds",
                                     "Age of the oldest MQTT message not yet acknowledged")
         self.skewed = gauge("callback_clock_skewed_total",

@@ -76,7 +76,8 @@ class CallbackServer:
         self.notifier = Notifier()
         self.watchdog = Watchdog(self.notifier, status=self.status_line)
         self.writer = BatchWriter(self.store, batch_max=settings.batch_max,
-                                  beat=self.watchdog.beat("batch-writer"))
+                                  beat=self.watchdog.beat("batch-writer"),
+                                  pending_max=settings.ingest_pending_max)
         self.retention = Retention(self.store, {
             LOG_TABLE: settings.log_retention_days,
             DEAD_TABLE: settings.dead_letter_retention_days,
@@ -290,7 +291,11 @@ class CallbackServer:
             "clock_skewed": self.writer.skewed,
             "received": self.consumer.received,
             "stored": self.writer.stored,
+            "duplicates": self.writer.duplicates,
+            "handled": self.consumer.handled,
             "dead_lettered": self.writer.dead_lettered,
+            "ingest_pending": self.writer.held,
+            "ingest_pending_max": self.writer.pending_max,
             "pruned": self.retention.pruned,
             "alerts": {"transitions": self.alerts.transitions, "sweeps": self.alerts.sweeps,
                        "evaluating": self.alerts.pending,
@@ -320,8 +325,14 @@ class CallbackServer:
         m.received.set(self.consumer.received)
         m.stored.set(self.writer.stored)
         m.batches.set(self.writer.batches)
+        m.duplicates.set(self.writer.duplicates)
+        m.handled.set(self.consumer.handled)
         m.dead.set(self.writer.dead_lettered)
+        for reason, count in self.writer.counts.by_reason.items():
+            m.dead_by_reason.labels(reason=reason.value).set(count)
         m.pending.set(self.writer.pending)
+        m.ingest_held.set(self.writer.held)
+        m.ingest_full.set(self.writer.refused_full)
         m.oldest_unacked.set(self.consumer.oldest_unacked_seconds())
         m.skewed.set(self.writer.skewed)
         m.degraded.set(1 if self.writer.degraded else 0)

@@ -11,7 +11,7 @@ import pytest
 
 from bridge.envelope import Envelope
 from bridge.errors import StoreError, StoreRejectedError
-from callback_server.batcher import BatchWriter
+from callback_server.batcher import BatchWriter, Settled
 from callback_server.store import BatchResult, Item
 
 
@@ -73,7 +73,7 @@ async def test_outage_holds_acks_until_the_commit(writer: tuple[BatchWriter, Fla
     acked: list[str] = []
     all_acked = asyncio.Event()
 
-    def ack(name: str) -> None:
+    def ack(name: str, settled: Settled) -> None:
         acked.append(name)
         if len(acked) == 5:
             all_acked.set()

@@ -1,0 +1,219 @@
+"""``POST /callback/messages``: what an AWS IoT Rule's HTTP action pushes, settled truthfully.
+
+The body is one envelope or a JSON array of them (the rule's batched HTTP action: up to
+10 messages, at most 128 KiB; with ``batchAcrossTopics`` each element carries its own
+``topic``). Each element ends in exactly one outcome (``callback_server.batcher.Outcome``)
+and the answer says which, element by element; a bad element never fails the others:
+
+- 200 once every element is settled (stored, duplicate, handled or dead-lettered);
+- 403 only when the key covers none of the elements' orgs (each kept as a dead letter);
+- 400/413 only when the body as a whole is unreadable (kept as one dead letter);
+- 503 + ``Retry-After`` only when the database cannot commit in time, or HTTP ingest
+  already holds ``INGEST_PENDING_MAX`` messages: the whole request is safe to retry,
+  and a retry joins what is still pending instead of queueing it twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Header, Request
+
+from bridge import strictjson
+from bridge.envelope import Envelope
+from bridge.errors import FleetError, InputError, PayloadError, PayloadTooLargeError, StoreError
+from bridge.http_body import read_body
+from bridge.topic import DeviceAddress, TopicScheme, channel_for, parse_device_topic
+from callback_server.access import INGESTERS, Access, Principal
+from callback_server.batcher import Outcome, Reason, Settled
+from callback_server.consumer import consistent, handled_by_gateway
+from callback_server.ports import AppHost
+
+__all__ = ["INGEST_TIMEOUT_SECONDS", "create_ingest_router"]
+
+# An AWS IoT Rule HTTP action gives up after 3 s and retries; answer before that.
+INGEST_TIMEOUT_SECONDS = 2.5
+#: The dead letter's topic when neither the element nor the header names one.
+NO_TOPIC = "http"
+
+
+@dataclass(slots=True)
+class _Element:
+    """One element of the body: what it is, and (once known) why it is dead."""
+
+    id: str | None
+    topic: str | None
+    org: str | None
+    raw: dict[str, Any] | Any  # the element as sent (dead-lettered as such)
+    envelope: Envelope | None = None
+    gateway: DeviceAddress | None = None
+    dead: str | None = None  # the reason text (Reason.because)
+
+    def payload(self) -> bytes:
+        return strictjson.dumps(self.raw)
+
+
+def _element(obj: Any, notes: list[str], header_topic: str | None,
+             prefix: str) -> _Element:
+    """Read one element; a fault marks it dead with the reason, never raises."""
+    if not isinstance(obj, dict):
+        return _Element(None, header_topic, None, obj,
+                        dead=Reason.MALFORMED.because("each message must be a JSON object"))
+    fields = dict(obj)
+    given = fields.pop("topic", None)
+    topic = given if given is not None else header_topic
+    ident = fields.get("id") if isinstance(fields.get("id"), str) else None
+    org = fields.get("org") if isinstance(fields.get("org"), str) else None
+    element = _Element(ident, topic if isinstance(topic, str) else None, org, obj)
+    try:
+        if topic is not None and not isinstance(topic, str):
+            raise InputError("topic must be a string", field="topic")
+        address = None
+        if topic is not None:
+            address = parse_device_topic(topic, prefix)
+            element.org = address.org_id
+            if handled_by_gateway(address.channel):
+                element.gateway = address
+                return element
+        envelope = Envelope.from_dict(fields, notes=notes)
+        element.org = envelope.org if address is None else address.org_id
+        if address is None:
+            channel = envelope.channel or channel_for(envelope.type)
+            element.topic = str(TopicScheme(envelope.org, prefix).device(envelope.device,
+                                                                           channel))
+            address = parse_device_topic(element.topic, prefix)
+    except FleetError as exc:
+        element.dead = Reason.MALFORMED.because(getattr(exc, "message", None) or str(exc))
+        return element
+    if not consistent(address, envelope):
+        element.dead = Reason.INCONSISTENT.because(
+            f"envelope org/device ({envelope.org}/{envelope.device}) differ from the "
+            f"topic's ({address.org_id}/{address.device_id})")
+        return element
+    element.envelope = envelope
+    return element
+
+
+def _notes_of(notes: list[str], i: int) -> list[str]:
+    """The parse notes about element ``i`` of a list body, as paths inside it
+    (``[1].data.x: …`` -> ``data.x: …``); the "more were changed" note goes to each."""
+    mine = f"[{i}]."
+    return [note[len(mine):] if note.startswith(mine) else note for note in notes
+            if note.startswith(mine) or not note.startswith("[")]
+
+
+def _elements(parsed: strictjson.Parsed, header_topic: str | None,
+              prefix: str) -> list[_Element]:
+    body = parsed.value
+    if not isinstance(body, list):
+        return [_element(body, parsed.notes, header_topic, prefix)]
+    return [_element(obj, _notes_of(parsed.notes, i), header_topic, prefix)
+            for i, obj in enumerate(body)]
+
+
+async def _keep(server: AppHost, dead: list[tuple[str, bytes, str]]) -> list[Settled]:
+    """Dead letters committed before the answer goes out (503 if not in time)."""
+    try:
+        _, settled = await asyncio.wait_for(server.writer.settle((), dead),
+                                            INGEST_TIMEOUT_SECONDS)
+    except TimeoutError:
+        raise StoreError("dead letter not committed in time") from None
+    return settled
+
+
+def _answer(elements: list[_Element], outcomes: list[Settled]) -> dict[str, Any]:
+    counts = dict.fromkeys(Outcome, 0)
+    results = []
+    for element, settled in zip(elements, outcomes, strict=True):
+        counts[settled.outcome] += 1
+        result: dict[str, Any] = {"id": element.id, "outcome": settled.outcome.value}
+        if settled.reason is not None:
+            result["reason"] = settled.reason
+        results.append(result)
+    return {"status": "success", "stored": counts[Outcome.STORED],
+            "duplicates": counts[Outcome.DUPLICATE], "handled": counts[Outcome.HANDLED],
+            "dead_lettered": counts[Outcome.DEAD_LETTERED], "results": results,
+            "timestamp": int(time.time())}
+
+
+def create_ingest_router(server: AppHost, access: Access) -> APIRouter:
+    """The ingest route, around a running server."""
+    router = APIRouter()
+    prefix = server.settings.topic_prefix
+
+    @router.post("/callback/messages",
+                 summary="Ingest envelopes pushed by an AWS IoT Rule (one, or an array)",
+                 responses={
+                     400: {"description": "Body unreadable as a whole (kept as a dead letter)"},
+                     403: {"description": "The key covers none of the elements' orgs"},
+                     413: {"description": "Body over MAX_BODY_BYTES (kept as a dead letter)"},
+                     503: {"description": "Not committed in time, or too much pending; "
+                                          "retry after Retry-After (idempotent)"}})
+    async def ingest(request: Request,
+                     x_mqtt_topic: str | None = Header(default=None)) -> dict[str, Any]:
+        principal = access.principal(request, callback_header=True)
+        access.require_role(principal, INGESTERS, "ingest messages")
+        topic = x_mqtt_topic or NO_TOPIC
+        try:
+            raw = await read_body(request, server.settings.max_body_bytes)
+        except PayloadTooLargeError as exc:
+            await _keep(server, [(topic, b"", Reason.UNREADABLE.because(str(exc)))])
+            raise
+        try:
+            parsed = strictjson.loads(raw)
+        except PayloadError as exc:
+            await _keep(server, [(topic, raw, Reason.UNREADABLE.because(f"body is {exc}"))])
+            raise InputError(f"body is {exc}", status=400) from None
+        elements = _elements(parsed, x_mqtt_topic, prefix)
+        await _refuse_foreign(access, principal, elements, server)
+        return _answer(elements, await _settle(server, elements))
+
+    return router
+
+
+async def _refuse_foreign(access: Access, principal: Principal, elements: list[_Element],
+                          server: AppHost) -> None:
+    """Mark the elements of orgs the key does not cover; when it covers none of the
+    orgs named, the request is refused (403) after each element is kept with why."""
+    orgs = {e.org for e in elements if e.org is not None}
+    foreign = {org for org in orgs if not principal.covers(org)}
+    for element in elements:
+        if element.dead is None and element.org in foreign:
+            element.dead = Reason.FOREIGN.because(
+                f"key {principal.name!r} does not cover org {element.org!r}")
+    if orgs and foreign == orgs:
+        # Kept before the 403 goes out: the rule would otherwise retry it forever.
+        await _keep(server, [(e.topic or NO_TOPIC, e.payload(), e.dead or "")
+                             for e in elements])
+        access.refuse_foreign(principal, orgs)
+
+
+async def _settle(server: AppHost, elements: list[_Element]) -> list[Settled]:
+    """Each element's outcome: gateway traffic handled here, envelopes stored and dead
+    letters kept by the batch writer, all committed before this returns."""
+    envelopes = [(e.topic or NO_TOPIC, e.envelope) for e in elements
+                 if e.dead is None and e.envelope is not None]
+    dead = [(e.topic or NO_TOPIC, e.payload(), e.dead) for e in elements if e.dead is not None]
+    for element in elements:
+        if element.dead is None and element.gateway is not None:
+            server.consumer.on_gateway(element.gateway, strictjson.dumps(
+                {k: v for k, v in element.raw.items() if k != "topic"}))
+    try:
+        stored, kept = await asyncio.wait_for(server.writer.settle(envelopes, dead),
+                                              INGEST_TIMEOUT_SECONDS)
+    except TimeoutError:
+        # Still queued and written once the database answers; the retry joins them.
+        raise StoreError("not committed in time") from None
+    stored_it, kept_it = iter(stored), iter(kept)
+    outcomes = []
+    for element in elements:
+        if element.dead is not None:
+            outcomes.append(next(kept_it))
+        elif element.envelope is not None:
+            outcomes.append(next(stored_it))
+        else:
+            outcomes.append(Settled(Outcome.HANDLED))
+    return outcomes

@@ -71,8 +71,10 @@ def create_app(server: AppHost) -> FastAPI:
     app.state.access = access
 
     from callback_server.ingest import create_ingest_router
+    from callback_server.pudu_webhook import create_pudu_webhook_router
 
     app.include_router(create_ingest_router(server, access))
+    app.include_router(create_pudu_webhook_router(server))
 
     @app.get("/callback/health", summary="Broker and database state")
     async def health() -> JSONResponse:

@@ -276,6 +276,11 @@ class BatchWriter:
             for held, waiter in joined:  # a timed-out wait must not pile up on the item
                 if waiter in held.waiters:
                     held.waiters.remove(waiter)
+        seen: set[Hashable] = set()
+        for i, key in enumerate(keys):  # the same message twice in one request: stored once
+            if key in seen and outcomes[i].outcome is Outcome.STORED:
+                outcomes[i] = Settled(Outcome.DUPLICATE)
+            seen.add(key)
         return outcomes[:len(items)], outcomes[len(items):]
 
     async def run(self) -> None:

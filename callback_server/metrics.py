@@ -45,6 +45,9 @@ class CallbackMetrics:
         self.connected = gauge("callback_broker_connected", "1 when connected to the broker")
         self.pruned = Gauge("callback_rows_pruned_total", "Rows deleted by retention",
                             ["table"], registry=self.registry)
+        self.pudu_webhooks = Counter("callback_pudu_webhooks",
+                                     "Pudu webhooks taken by this server, by outcome",
+                                     ["outcome"], registry=self.registry)
         self.auth_refused = Counter("callback_auth_refused", "Requests refused by key checks",
                                     ["reason"], registry=self.registry)
         for reason in REFUSAL_REASONS:

@@ -1,0 +1,219 @@
+"""Pudu's webhooks straight into the callback server: deployments without a gateway.
+
+The replaced cloud receiver took Pudu's callbacks itself; so can this server, on the
+same two URLs Pudu registers (``POST /api/pudu/webhook``, ``GET
+/api/pudu/webhook/health``), with the same ``CallbackCode`` header and the same answers
+as the edge agent's. Each callback code names its org (``CALLBACK_CODES``); the callback
+is normalised by the one normaliser the edge uses (``bridge.pudu``), so its rows are
+those the edge path would write, under the gateway id ``CLOUD_GATEWAY_ID``.
+
+200 only after the database commit (Pudu drops a callback after 3 retries, so nothing
+is answered 200 that is not stored); 503 + ``Retry-After`` when the database cannot
+commit within ``WEBHOOK_TIMEOUT_SECONDS`` (Pudu retries; the retry joins the pending
+message). A callback the database refuses is kept as a dead letter and answered 422.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from bridge import strictjson
+from bridge.envelope import Envelope
+from bridge.errors import (
+    ConfigError,
+    InputError,
+    PayloadError,
+    PayloadTooLargeError,
+    StoreError,
+    TopicError,
+)
+from bridge.http_body import read_body
+from bridge.pudu import Normalized, normalize
+from bridge.topic import TopicScheme
+from callback_server.batcher import Outcome
+from callback_server.config import CallbackSettings
+from callback_server.ports import AppHost
+
+__all__ = ["CLOUD_GATEWAY_ID", "WEBHOOK_PATH", "CallbackCodes", "create_pudu_webhook_router"]
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_PATH = "/api/pudu/webhook"
+#: The ``gateway`` of envelopes from Pudu webhooks taken here (no gateway relayed them);
+#: also the device of shop-level callbacks (no ``sn``), as the gateway's id is on the edge.
+CLOUD_GATEWAY_ID = "cloud"
+#: Pudu gives up on an answer after 5 s (and retries): answer before that.
+WEBHOOK_TIMEOUT_SECONDS = 4.0
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackCodes:
+    """Pudu callback codes and the org each one is for; never logged or shown."""
+
+    codes: tuple[tuple[bytes, str], ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def org_of(self, given: bytes) -> str | None:
+        """The org of ``given``, compared in constant time with every code (no early exit,
+        so the answer's timing does not tell which code, or how much of one, matched)."""
+        found = None
+        for code, org in self.codes:
+            if hmac.compare_digest(given, code):
+                found = org
+        return found
+
+    @classmethod
+    def from_pairs(cls, pairs: Iterable[tuple[str, str]], where: str) -> CallbackCodes:
+        codes: dict[str, str] = {}
+        for code, org in pairs:
+            code, org = code.strip(), org.strip()
+            if not code or not org:
+                raise ConfigError(f"{where}: each entry needs a code and an org (code=org)")
+            try:
+                TopicScheme(org)
+            except TopicError as exc:
+                raise ConfigError(f"{where}: org {org!r} cannot be a topic level: "
+                                  f"{exc.reason}") from None
+            if codes.get(code, org) != org:
+                raise ConfigError(f"{where}: one callback code is given for two orgs "
+                                  f"({codes[code]!r} and {org!r})")
+            codes[code] = org
+        return cls(tuple((code.encode(), org) for code, org in codes.items()))
+
+    @classmethod
+    def load(cls, settings: CallbackSettings) -> CallbackCodes:
+        """``CALLBACK_CODES`` (``code1=orgA,code2=orgB``) and ``CALLBACK_CODES_FILE`` (a
+        YAML mapping ``code: org``), together; ConfigError names the source, not a code."""
+        pairs: list[tuple[str, str]] = []
+        if settings.callback_codes is not None:
+            for entry in settings.callback_codes.get_secret_value().split(","):
+                if entry.strip():
+                    code, sep, org = entry.partition("=")
+                    if not sep:
+                        raise ConfigError("CALLBACK_CODES: each entry is code=org, "
+                                          "entries separated by commas")
+                    pairs.append((code, org))
+        if settings.callback_codes_file:
+            pairs += _read_file(settings.callback_codes_file)
+        return cls.from_pairs(pairs, "CALLBACK_CODES")
+
+
+def _read_file(path: str) -> list[tuple[str, str]]:
+    try:
+        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"CALLBACK_CODES_FILE: cannot read {path}: "
+                          f"{type(exc).__name__}") from None
+    if doc is None:
+        return []
+    if not isinstance(doc, dict) or not all(
+            isinstance(k, str | int) and isinstance(v, str) for k, v in doc.items()):
+        raise ConfigError(f"CALLBACK_CODES_FILE: {path} must map each code to an org name")
+    return [(str(code), org) for code, org in doc.items()]
+
+
+def _answer(norm: Normalized, now: float, topic: str, message: str, *,
+            duplicate: bool) -> dict[str, Any]:
+    """The edge agent's answer to an accepted callback, field for field."""
+    return {"status": "success", "message": message, "timestamp": int(now), "data": {
+        "robot_sn": norm.device_id, "callback_type": norm.callback_type,
+        "message_id": norm.message_id, "topic": topic, "duplicate": duplicate}}
+
+
+def create_pudu_webhook_router(server: AppHost) -> APIRouter:
+    """The two routes Pudu calls; ConfigError at startup if the codes are invalid."""
+    settings = server.settings
+    codes = CallbackCodes.load(settings)
+    prefix = settings.topic_prefix
+    router = APIRouter()
+    counted = server.metrics.pudu_webhooks
+
+    @router.post(WEBHOOK_PATH,
+                 summary="Receive a Pudu callback and answer 200 once it is in the database",
+                 responses={
+                     400: {"description": "Body is not a JSON object"},
+                     401: {"description": "Missing or wrong CallbackCode header"},
+                     413: {"description": "Body larger than MAX_BODY_BYTES"},
+                     422: {"description": "A field is missing or has the wrong type, or the "
+                                          "database refused it (kept as a dead letter)"},
+                     503: {"description": "Database did not commit in time; retry after "
+                                          "Retry-After"}})
+    async def pudu_webhook(request: Request) -> JSONResponse:
+        org = codes.org_of(request.headers.get("callbackcode", "").encode())
+        if org is None:
+            counted.labels(outcome="rejected_401").inc()
+            raise InputError("missing or invalid CallbackCode header", status=401)
+        try:
+            answer = await _accept(server, request, org, prefix)
+        except InputError as exc:
+            counted.labels(outcome=f"rejected_{exc.status}").inc()
+            raise
+        except PayloadTooLargeError:
+            counted.labels(outcome="rejected_413").inc()
+            raise
+        except StoreError:
+            counted.labels(outcome="unavailable").inc()
+            raise
+        counted.labels(outcome="duplicate" if answer["data"]["duplicate"] else "accepted").inc()
+        return JSONResponse(answer)
+
+    @router.get(WEBHOOK_PATH + "/health", summary="Database state, as Pudu's monitors poll it")
+    async def pudu_health() -> dict[str, Any]:
+        try:
+            db_ok = await asyncio.wait_for(server.store.ping(), 2.0)
+        except TimeoutError:
+            db_ok = False
+        db_ok = db_ok and not server.writer.degraded
+        return {"status": "healthy" if db_ok else "degraded", "timestamp": int(time.time()),
+                "service": "callback-server", "version": server.version,
+                "database_ok": db_ok, "callback_codes": len(codes),
+                "pending": server.writer.pending, "stored": server.writer.stored}
+
+    return router
+
+
+async def _accept(server: AppHost, request: Request, org: str,
+                  prefix: str) -> dict[str, Any]:
+    """Normalise as the edge does, commit, and the answer (InputError / StoreError)."""
+    raw = await read_body(request, server.settings.max_body_bytes)
+    try:
+        parsed = strictjson.loads(raw)
+    except PayloadError as exc:
+        raise InputError(f"body is {exc}", status=400) from None
+    now = time.time()
+    norm = normalize(parsed.value, received_at=now,
+                      max_skew=server.settings.max_clock_skew_seconds)
+    if norm.skewed:
+        log.warning("robot %s: %s", norm.device_id, norm.notes[-1])
+    device = norm.device_id or CLOUD_GATEWAY_ID
+    try:
+        topic = str(TopicScheme(org, prefix).device(device, norm.channel))
+    except TopicError as exc:
+        raise InputError(exc.reason, field="data.sn", status=422) from None
+    envelope = Envelope(
+        id=norm.message_id, type=norm.callback_type, org=org, device=device,
+        gateway=CLOUD_GATEWAY_ID, ts=norm.ts, received_at=now, data=norm.data,
+        raw=norm.raw, channel=norm.channel, notes=(*parsed.notes, *norm.notes))
+    try:
+        [settled] = await asyncio.wait_for(server.writer.write([(topic, envelope)]),
+                                           WEBHOOK_TIMEOUT_SECONDS)
+    except TimeoutError:
+        raise StoreError("callback not committed in time") from None
+    if settled.outcome is Outcome.DEAD_LETTERED:
+        raise InputError(f"{settled.reason}; kept as a dead letter", status=422)
+    duplicate = settled.outcome is Outcome.DUPLICATE
+    return _answer(norm, now, topic, "duplicate callback already accepted" if duplicate
+                   else "callback accepted", duplicate=duplicate)

@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
 import pytest
 
 from bridge.envelope import Envelope
 from bridge.errors import StoreError, StoreRejectedError
-from callback_server.batcher import BatchWriter, Settled
+from callback_server.batcher import BatchWriter, Outcome, PendingFullError, Reason, Settled
 from callback_server.store import BatchResult, Item
 
 
@@ -85,3 +86,88 @@ async def test_outage_holds_acks_until_the_commit(writer: tuple[BatchWriter, Fla
     store.down = False
     await asyncio.wait_for(all_acked.wait(), 5)
     assert acked == [f"x{i}" for i in range(5)] and not w.degraded
+
+
+@dataclass(frozen=True)
+class NamedResult(BatchResult):
+    """A result naming the ids the store already had (the store's ``duplicate_ids``)."""
+
+    duplicate_ids: frozenset[str] = frozenset()
+
+
+class LedgerStore(FlakyStore):
+    """Remembers what it stored, and names the ids it already had."""
+
+    async def write_batch(self, batch: Sequence[Item]) -> BatchResult:
+        ids = [(i[1] if isinstance(i, tuple) else i).id for i in batch]
+        before = set(self.written)
+        await super().write_batch(batch)
+        seen = frozenset(i for i in ids if i in before)
+        return NamedResult(messages=len(ids), logged=len(ids) - len(seen), events=0,
+                           robots=0, duplicate_ids=seen)
+
+
+async def test_each_message_is_told_its_own_outcome() -> None:
+    store = LedgerStore()
+    w = BatchWriter(store, retry_min=0.001, retry_max=0.01)
+    task = asyncio.create_task(w.run())
+    try:
+        first = await w.write([("t", env("a")), ("t", env("b"))])
+        assert [s.outcome for s in first] == [Outcome.STORED, Outcome.STORED]
+        again = await w.write([("t", env("b")), ("t", env("bad-1")), ("t", env("c")),
+                               ("t", env("c"))])
+        assert [s.outcome for s in again] == [Outcome.DUPLICATE, Outcome.DEAD_LETTERED,
+                                              Outcome.STORED, Outcome.DUPLICATE]
+        assert again[1].reason is not None and again[1].reason.startswith(
+            "refused by the database: ")
+        assert (w.stored, w.duplicates, w.dead_lettered) == (3, 1, 1)
+        assert w.counts.by_reason == {Reason.REFUSED: 1}
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_a_store_without_named_duplicates_is_read_from_its_counts() -> None:
+    store = FlakyStore()  # returns BatchResult without duplicate_ids
+    w = BatchWriter(store, retry_min=0.001, retry_max=0.01)
+    task = asyncio.create_task(w.run())
+    try:
+        await w.write([("t", env("a"))])
+
+        async def all_logged_before(batch: Sequence[Item]) -> BatchResult:
+            return BatchResult(messages=len(batch), logged=0, events=0, robots=0)
+
+        store.write_batch = all_logged_before  # type: ignore[method-assign]
+        [again] = await w.write([("t", env("a"))])
+        assert again.outcome is Outcome.DUPLICATE
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_a_retry_of_a_pending_message_joins_it_and_the_cap_holds(
+    writer: tuple[BatchWriter, FlakyStore]
+) -> None:
+    w, store = writer
+    w.pending_max = 5
+    store.down = True
+    items = [("t", env(f"p{i}")) for i in range(3)]
+    for _ in range(20):  # the sender's retries while the database is away
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(w.write(items), 0.01)
+    assert w.held == 3 and w.pending == 3 and w.joined == 57
+    more = [("t", env(f"q{i}")) for i in range(3)]
+    with pytest.raises(PendingFullError):
+        await w.write(more)  # 3 + 3 > 5: refused at once, nothing queued
+    assert w.held == 3 and w.refused_full == 1
+    dead = [("t", b"junk", "malformed: not JSON")]
+    with pytest.raises(TimeoutError):  # dead letters are held by digest too
+        await asyncio.wait_for(w.settle((), dead * 2), 0.01)
+    assert w.held == 4
+    store.down = False
+    stored, kept = await w.settle(items, dead)  # joins what is still held: no second copy
+    assert [s.outcome for s in stored] == [Outcome.STORED] * 3
+    assert kept == [Settled(Outcome.DEAD_LETTERED, "malformed: not JSON")]
+    assert store.written == ["p0", "p1", "p2"] and len(store.dead) == 1 and w.held == 0

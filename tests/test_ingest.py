@@ -4,6 +4,7 @@ stored truthfully — never a 5xx, never a robot frozen or invented."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -18,6 +19,7 @@ import pytest
 from callback_server import config as cb_config
 from callback_server.keys import add_key
 from callback_server.service import CallbackServer
+from callback_server.store import BatchResult
 from tests.dbutil import query
 from tests.hostile import WIDE_ENCODINGS, nested
 from tests.test_strictjson import strict_loads
@@ -165,3 +167,91 @@ async def test_each_envelope_of_a_list_carries_only_its_own_notes(ingest: Ingest
     rows = query(ingest.db, "SELECT id, payload FROM mqtt_message_log ORDER BY id")
     notes = {row["id"]: strict_loads(row["payload"]).get("notes") for row in rows}
     assert notes == {"e1": ["data.x: nan is not JSON; null"], "e2": None}
+
+
+# -- the one contract: an AWS batch of 10, each element settled and answered ----------------
+#: Whether the store names the ids it already had (``BatchResult.duplicate_ids``, from the
+#: i21-store branch). Without it the batch writer can tell a duplicate only when a whole
+#: batch is duplicates, so one inside a mixed batch is answered "stored" until that merges.
+NAMED_DUPLICATES = "duplicate_ids" in {f.name for f in dataclasses.fields(BatchResult)}
+def aws_batch() -> list[dict[str, Any]]:
+    """What a rule's batched HTTP action (batchAcrossTopics) posts: 10 elements, each with
+    its topic; five good ones, then poison, a duplicate, a foreign org, a mismatch between
+    envelope and topic, and gateway telemetry."""
+    good = [{**envelope(i, device=f"R{i}", raw={"sn": f"R{i}"}),
+             "topic": f"org/acme/device/R{i}/status"} for i in range(1, 6)]
+    return [*good,
+            {**envelope(6, v="x"), "topic": "org/acme/device/R1/status"},
+            {**envelope(0, device="R0"), "topic": "org/acme/device/R0/status"},
+            {**envelope(8, org="other", device="R8"), "topic": "org/other/device/R8/status"},
+            {**envelope(9, device="R9"), "topic": "org/acme/device/R7/status"},
+            {"topic": "org/acme/device/site-a/telemetry", "outbox_depth": 0}]
+
+
+async def test_an_aws_batch_of_ten_answers_each_element_and_stores_the_good_ones(
+        ingest: Ingest) -> None:
+    key = {"X-Callback-Token": ingest.acme_key}
+    earlier = await ingest.post(envelope(0, device="R0"), **key)
+    assert earlier.json()["stored"] == 1, earlier.text
+    body = aws_batch()
+    r = await ingest.post(body, **key)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    outcomes = [(e["id"], e["outcome"], e.get("reason", "").split(":")[0])
+                for e in answer["results"]]
+    assert outcomes == [
+        *[(f"e{i}", "stored", "") for i in range(1, 6)],
+        ("e6", "dead_lettered", "malformed"),
+        ("e0", "duplicate" if NAMED_DUPLICATES else "stored", ""),
+        ("e8", "dead_lettered", "org not covered by the key"),
+        ("e9", "dead_lettered", "inconsistent with its topic"),
+        (None, "handled", ""),
+    ]
+    counts = {k: answer[k] for k in ("stored", "duplicates", "handled", "dead_lettered")}
+    unnamed = 0 if NAMED_DUPLICATES else 1
+    assert counts == {"stored": 5 + unnamed, "duplicates": 1 - unnamed, "handled": 1,
+                      "dead_lettered": 3}
+    for i in range(1, 6):
+        assert (await ingest.robot(f"R{i}")) is not None
+    for sn in ("R8", "R9", "R7"):
+        assert await ingest.robot(sn) is None
+    dead = sorted(d["reason"].split(":")[0] for d in ingest.dead())
+    assert dead == ["inconsistent with its topic", "malformed", "org not covered by the key"]
+
+    # The rule's retry of the same request: nothing written twice, every element answered.
+    again = (await ingest.post(body, **key)).json()
+    assert {k: again[k] for k in counts} == {"stored": 0, "duplicates": 6, "handled": 1,
+                                              "dead_lettered": 3}, again
+    assert len(ingest.dead()) == 3
+    logged = query(ingest.db, "SELECT COUNT(*) AS n FROM mqtt_message_log")[0]["n"]
+    assert logged == 6
+
+    # Health and /metrics count the same outcomes.
+    health = await ingest.server.health()
+    assert {k: health[k] for k in counts} == {"stored": 6 + unnamed, "duplicates": 7 - unnamed,
+                                              "handled": 2, "dead_lettered": 6}
+    metrics = (await ingest.client.get(
+        "/metrics", headers={"Authorization": f"Bearer {ADMIN}"})).text
+    assert f"callback_messages_duplicate_total {7.0 - unnamed}" in metrics
+    assert "callback_messages_handled_total 2.0" in metrics
+    assert 'callback_dead_letters_by_reason{reason="org not covered by the key"} 2.0' in metrics
+
+
+async def test_a_key_covering_none_of_the_orgs_is_refused_and_each_element_kept(
+        ingest: Ingest) -> None:
+    body = [{**envelope(i, org="other"), "topic": "org/other/device/R1/status"}
+            for i in range(2)]
+    r = await ingest.post(body, **{"X-Callback-Token": ingest.acme_key})
+    assert r.status_code == 403 and "'other'" in r.json()["message"], r.text
+    assert [d["reason"].split(":")[0] for d in ingest.dead()] == [
+        "org not covered by the key"] * 2
+
+
+async def test_a_body_over_the_limit_is_413_and_kept_as_one_dead_letter(
+        ingest: Ingest) -> None:
+    big = json.dumps([envelope(1, data={"pad": "x" * 1_100_000})]).encode()
+    for _ in range(2):
+        r = await ingest.post(big)
+        assert r.status_code == 413, r.text
+    dead = ingest.dead()
+    assert len(dead) == 1 and dead[0]["reason"].startswith("unreadable: "), dead

@@ -1,0 +1,199 @@
+"""Pudu webhooks posted straight to the callback server (no gateway): the callback codes,
+the same answers as the edge agent's, and the same rows as the edge path writes."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from bridge.errors import ConfigError
+from callback_server import config as cb_config
+from callback_server.pudu_webhook import CLOUD_GATEWAY_ID, CallbackCodes
+from callback_server.service import CallbackServer
+from edge_agent import config as edge_config
+from edge_agent.service import EdgeAgent
+from tests.dbutil import query
+from tests.waiting import until
+
+SAMPLES = Path(__file__).parent / "samples" / "pudu"
+CODES = {"acme": "acme-code-0123456789abcdef0123456", "beta": "beta-code-0123456789abcdef0123456"}
+
+
+# -- the codes --------------------------------------------------------------------------------
+def codes(value: str | None = None, file: str | None = None) -> CallbackCodes:
+    env = {"CALLBACK_CODES": value} if value is not None else {}
+    if file is not None:
+        env["CALLBACK_CODES_FILE"] = file
+    return CallbackCodes.load(cb_config.load(None, env))
+
+
+def test_each_code_names_its_org_from_the_env_and_the_file(tmp_path: Path) -> None:
+    file = tmp_path / "codes.yaml"
+    file.write_text("c3: gamma\n12345: delta\n")
+    found = codes(" c1=acme , c2=beta,", str(file))
+    assert len(found) == 4
+    assert [found.org_of(c) for c in (b"c1", b"c2", b"c3", b"12345")] == [
+        "acme", "beta", "gamma", "delta"]
+    for wrong in (b"", b"c", b"c1 ", b"C1", b"c1c2"):
+        assert found.org_of(wrong) is None
+
+
+@pytest.mark.parametrize("value", ["c1", "c1=", "=acme", "c1=acme,c1=beta", "c1=a/b",
+                                   "c1=a+b"])
+def test_a_bad_code_list_refuses_to_start_without_showing_a_code(value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        codes(value)
+    assert "CALLBACK_CODES" in str(caught.value) and "c1" not in str(caught.value)
+
+
+def test_a_bad_code_file_refuses_to_start(tmp_path: Path) -> None:
+    file = tmp_path / "codes.yaml"
+    file.write_text("- just a list\n")
+    with pytest.raises(ConfigError, match="CALLBACK_CODES_FILE"):
+        codes(file=str(file))
+
+
+# -- the same answers and rows as the edge path --------------------------------------------
+@dataclass
+class Paths:
+    edges: dict[str, httpx.AsyncClient]  # per org: the edge agent's webhook
+    cloud: httpx.AsyncClient  # the callback server taking webhooks itself
+    via_edge: CallbackServer  # the callback server behind the edges (broker)
+    via_edge_db: str
+    cloud_db: str
+
+
+@asynccontextmanager
+async def both_paths(tmp_path: Path) -> AsyncIterator[Paths]:
+    broker = f"b{uuid.uuid4().hex[:8]}"
+    async with AsyncExitStack() as stack:
+        edge_db, cloud_db = (f"sqlite:///{tmp_path / name}" for name in ("edge.db", "cloud.db"))
+        behind = await stack.enter_async_context(CallbackServer(cb_config.load(None, {
+            "MQTT_URL": f"mqtt://{broker}", "MQTT_BACKEND": "memory",
+            "DATABASE_URL": edge_db})))
+        edges = {}
+        for org, code in CODES.items():
+            agent = await stack.enter_async_context(EdgeAgent(edge_config.load(None, {
+                "PUDU_CALLBACK_CODE": code, "MQTT_URL": f"mqtt://{broker}",
+                "MQTT_BACKEND": "memory", "ORG_ID": org, "GATEWAY_ID": f"gw-{org}",
+                "OUTBOX_PATH": str(tmp_path / f"outbox-{org}.db")})))
+            edges[org] = await stack.enter_async_context(httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=agent.app), base_url="http://gw"))
+        cloud = await stack.enter_async_context(CallbackServer(cb_config.load(None, {
+            "MQTT_URL": f"mqtt://c{broker}", "MQTT_BACKEND": "memory",
+            "DATABASE_URL": cloud_db,
+            "CALLBACK_CODES": ",".join(f"{c}={o}" for o, c in CODES.items())})))
+        client = await stack.enter_async_context(httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=cloud.app), base_url="http://cb"))
+        yield Paths(edges, client, behind, edge_db, cloud_db)
+
+
+def workload(org: str) -> list[dict[str, Any]]:
+    """Every sample callback (each robot its own sn, per org), a shop-level one and an
+    undocumented type."""
+    bodies = []
+    for i, path in enumerate(sorted(SAMPLES.rglob("*.json"))):
+        body = json.loads(path.read_text())
+        sn = f"{org}-{i}"
+        body["data"]["sn"] = sn
+        if isinstance(body["data"].get("extend_info"), dict):
+            body["data"]["extend_info"]["sn"] = sn
+        bodies.append(body)
+    # (its own shop per org: the same body from two orgs has one message id, and envelope
+    # ids are scoped by org only once the store does so)
+    bodies.append({"callback_type": "mapElementChange", "data": {"shop_id": f"{org}-7",
+                                                                 "map_name": "F1"}})
+    bodies.append({"callback_type": "notifySomethingNew", "data": {"sn": f"{org}-new",
+                                                                   "level": 3}})
+    return bodies
+
+
+def logged(url: str) -> dict[str, dict[str, Any]]:
+    return {r["id"]: json.loads(r["payload"])
+            for r in query(url, "SELECT id, payload FROM mqtt_message_log")}
+
+
+ROBOT_FACTS = ("org_id", "status", "battery_level", "charge_state", "is_charging",
+               "move_state", "x", "y", "yaw", "map_name")
+
+
+async def test_webhooks_of_two_orgs_land_in_the_database_as_the_edge_path_writes_them(
+        tmp_path: Path) -> None:
+    async with both_paths(tmp_path) as paths:
+        sent = 0
+        for org, code in CODES.items():
+            for body in workload(org):
+                at_edge = await paths.edges[org].post("/api/pudu/webhook", json=body,
+                                                      headers={"CallbackCode": code})
+                at_cloud = await paths.cloud.post("/api/pudu/webhook", json=body,
+                                                  headers={"CallbackCode": code})
+                assert at_edge.status_code == at_cloud.status_code == 200, at_cloud.text
+                edge_answer, cloud_answer = at_edge.json(), at_cloud.json()
+                assert edge_answer.keys() == cloud_answer.keys()
+                assert edge_answer["data"]["message_id"] == cloud_answer["data"]["message_id"]
+                assert cloud_answer["message"] == edge_answer["message"]
+                sent += 1
+        await until(lambda: paths.via_edge.writer.stored >= sent)
+
+    edge_rows, cloud_rows = logged(paths.via_edge_db), logged(paths.cloud_db)
+    assert edge_rows.keys() == cloud_rows.keys() and len(cloud_rows) == sent
+    for mid, edge_env in edge_rows.items():
+        cloud_env = cloud_rows[mid]
+        assert cloud_env["gateway"] == CLOUD_GATEWAY_ID
+        if edge_env["device"] == edge_env["gateway"]:  # shop-level: on the gateway's topic
+            assert cloud_env["device"] == CLOUD_GATEWAY_ID
+        for name in ("type", "channel", "org", "data", "raw", "notes"):
+            assert cloud_env.get(name) == edge_env.get(name), (mid, name)
+        assert abs(cloud_env["ts"] - edge_env["ts"]) < 5  # robot time, or receipt time
+
+    def facts(url: str) -> dict[str, tuple[Any, ...]]:
+        rows = query(url, "SELECT * FROM mnt_robots_management")
+        return {r["robot_sn"]: tuple(r.get(c) for c in ROBOT_FACTS) for r in rows}
+
+    robots = facts(paths.cloud_db)
+    assert robots == facts(paths.via_edge_db)
+    assert {sn.split("-")[0] for sn in robots} == set(CODES)
+    assert all(fact[0] == sn.split("-")[0] for sn, fact in robots.items())
+    events = "SELECT robot_sn, event_id, event_level, event_type FROM mnt_robot_events " \
+             "ORDER BY robot_sn, event_id"
+    assert query(paths.cloud_db, events) == query(paths.via_edge_db, events)
+    assert query(paths.cloud_db, events)
+
+
+async def test_refusals_are_the_edge_agents_answers(tmp_path: Path) -> None:
+    bodies: list[tuple[dict[str, str], bytes]] = [
+        ({}, b'{"callback_type": "robotStatus", "data": {"sn": "R1"}}'),
+        ({"CallbackCode": "wrong"}, b'{"callback_type": "robotStatus", "data": {"sn": "R1"}}'),
+        ({"CallbackCode": CODES["acme"]}, b"not json"),
+        ({"CallbackCode": CODES["acme"]}, b'{"callback_type": "robotStatus"}'),
+        ({"CallbackCode": CODES["acme"]}, b'{"callback_type": 5, "data": {"sn": "R1"}}'),
+        ({"CallbackCode": CODES["acme"]}, b'{"callback_type": "notifyRobotPower", '
+                                          b'"data": {"sn": "R/1", "power": 5}}'),
+        ({"CallbackCode": CODES["acme"]}, b"[" * 5000),
+    ]
+    async with both_paths(tmp_path) as paths:
+        for headers, raw in bodies:
+            at_edge = await paths.edges["acme"].post("/api/pudu/webhook", content=raw,
+                                                     headers=headers)
+            at_cloud = await paths.cloud.post("/api/pudu/webhook", content=raw,
+                                              headers=headers)
+            assert at_cloud.status_code == at_edge.status_code != 200, raw
+            edge_error, cloud_error = at_edge.json(), at_cloud.json()
+            assert cloud_error["message"] == edge_error["message"], raw
+            assert cloud_error.get("field") == edge_error.get("field"), raw
+        edge_health = (await paths.edges["acme"].get("/api/pudu/webhook/health")).json()
+        cloud_health = (await paths.cloud.get("/api/pudu/webhook/health")).json()
+    assert cloud_health["status"] == "healthy" and cloud_health["callback_codes"] == 2
+    assert {"status", "timestamp", "service"} <= edge_health.keys() & cloud_health.keys()
+    assert abs(cloud_health["timestamp"] - time.time()) < 60
+    assert not any(code in json.dumps(cloud_health) for code in CODES.values())
+

@@ -123,6 +123,12 @@ def requests(e: Env) -> dict[tuple[str, str], list[tuple[dict[str, Any], dict[st
             ({"url": "/callback/messages",
               "content": envelope("acme", "A9", 9).to_json()}, INGEST)],
         ("get", "/callback/health"): [({"url": "/callback/health"}, OPEN)],
+        # Pudu's webhook takes a CallbackCode, never a key (none is configured here)
+        ("post", "/api/pudu/webhook"): [
+            ({"url": "/api/pudu/webhook", "json": {"callback_type": "robotStatus",
+                                                   "data": {"sn": "A1"}}},
+             {c: 401 for c in CALLERS})],
+        ("get", "/api/pudu/webhook/health"): [({"url": "/api/pudu/webhook/health"}, OPEN)],
         ("get", "/robots"): [({"url": "/robots"}, READ),
                              ({"url": "/robots?org=beta&limit=1"}, READ)],
         ("get", "/robots/{sn}"): [({"url": "/robots/A1"}, READ),
@@ -287,24 +293,29 @@ async def test_commands_record_the_key_that_sent_them(env: Env, tmp_path: Path) 
     assert rows == [{"key_name": "operator_a", "org_id": "acme", "outcome": "timeout"}]
 
 
-async def test_ingest_of_another_orgs_envelope_refuses_all_and_dead_letters_each(
+async def test_ingest_of_another_orgs_envelope_dead_letters_it_and_refuses_only_all_foreign(
         env: Env, tmp_path: Path) -> None:
     mixed = [envelope("acme", "A5", 5).as_dict(), envelope("beta", "B5", 6).as_dict()]
-    for headers in (env.auth("ingest_a"), {"X-Callback-Token": env.keys["ingest_a"]}):
+    for headers, first in ((env.auth("ingest_a"), "stored"),
+                           ({"X-Callback-Token": env.keys["ingest_a"]}, "duplicate")):
         r = await env.client.post("/callback/messages", content=json.dumps(mixed),
                                   headers=headers)
-        assert r.status_code == 403, r.text
-        assert "beta" in r.json()["message"]
-    assert (await env.client.get("/robots/A5", headers=env.auth("admin"))).status_code == 404
+        assert r.status_code == 200, r.text
+        assert [e["outcome"] for e in r.json()["results"]] == [first, "dead_lettered"]
+        assert "'beta'" in r.json()["results"][1]["reason"]
+    assert (await env.client.get("/robots/A5", headers=env.auth("admin"))).status_code == 200
+    assert (await env.client.get("/robots/B5", headers=env.auth("admin"))).status_code == 404
+    foreign = [envelope("beta", "B6", 7).as_dict(), envelope("beta", "B7", 8).as_dict()]
+    r = await env.client.post("/callback/messages", content=json.dumps(foreign),
+                              headers={"X-Callback-Token": env.keys["ingest_a"]})
+    assert r.status_code == 403 and "beta" in r.json()["message"], r.text
     dead = query(f"sqlite:///{tmp_path / 'cb.db'}", "SELECT topic, reason FROM mqtt_dead_letters")
     assert sorted(d["topic"].rsplit("/org/", 1)[1] for d in dead) == [
-        "acme/device/A5/power", "beta/device/B5/power"]  # each once, though sent twice
-    assert all("refused" in d["reason"] and "beta" in d["reason"] for d in dead)
-    r = await env.client.post("/callback/messages", content=json.dumps(mixed[:1]),
-                              headers={"X-Callback-Token": env.keys["ingest_a"]})
-    assert r.status_code == 200, r.text
+        "beta/device/B5/power", "beta/device/B6/power", "beta/device/B7/power"]  # each once
+    assert all(d["reason"].startswith("org not covered by the key") and "beta" in d["reason"]
+               for d in dead)
     metrics = (await env.client.get("/metrics", headers=env.auth("admin"))).text
-    assert 'callback_auth_refused_total{reason="foreign_org"} 2.0' in metrics
+    assert 'callback_auth_refused_total{reason="foreign_org"} 1.0' in metrics
 
 
 async def test_refusals_are_counted_by_reason(env: Env) -> None:

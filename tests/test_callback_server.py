@@ -47,11 +47,11 @@ def test_iot_rule_ingest_is_authenticated_and_idempotent(tmp_path: Path) -> None
         # a batch with the topic added by the rule's SQL (topic() AS topic)
         batch = [{**envelope("acme", "R1", i), "topic": topic} for i in range(6, 9)]
         assert httpx.post(url, json=batch, headers=TOKEN).status_code == 200
-        bad = httpx.post(url, json={"id": "x", "type": "t"}, headers=TOKEN)
-        assert bad.status_code == 422 and "lacks" in bad.json()["message"]
+        bad = httpx.post(url, json={"id": "x", "type": "t"}, headers=TOKEN).json()
+        assert bad["dead_lettered"] == 1 and "lacks" in bad["results"][0]["reason"]
         wrong_topic = httpx.post(url, json=one, headers={**TOKEN,
-                                 "X-Mqtt-Topic": f"{p}/org/other/device/R1/power"})
-        assert wrong_topic.status_code == 422
+                                 "X-Mqtt-Topic": f"{p}/org/other/device/R1/power"}).json()
+        assert wrong_topic["results"][0]["reason"].startswith("inconsistent with its topic")
         robot = httpx.get(cs.url + "/robots/R1", headers=cs.auth).json()
         events = httpx.get(cs.url + "/robots/R1/events", headers=cs.auth).json()["items"]
     assert robot["battery_level"] == 8

@@ -15,12 +15,13 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from callback_server import config as cb_config
 from callback_server.keys import add_key
 from callback_server.service import CallbackServer
 from callback_server.store import BatchResult
-from tests.dbutil import query
+from tests.dbutil import query, scratch_mysql_database
 from tests.hostile import WIDE_ENCODINGS, nested
 from tests.test_strictjson import strict_loads
 
@@ -255,3 +256,51 @@ async def test_a_body_over_the_limit_is_413_and_kept_as_one_dead_letter(
         assert r.status_code == 413, r.text
     dead = ingest.dead()
     assert len(dead) == 1 and dead[0]["reason"].startswith("unreadable: "), dead
+
+
+# -- a refusal by the database is answered as one -------------------------------------------
+SEED_DDL = (
+    """CREATE TABLE mnt_robots_management (
+        robot_sn VARCHAR(50) PRIMARY KEY, status VARCHAR(50), battery_level INT,
+        water_level INT, sewage_level INT, x DECIMAL(10,6), y DECIMAL(10,6),
+        z DECIMAL(10,6), yaw DECIMAL(10,6), charge_state VARCHAR(50), last_updated INT)""",
+    """CREATE TABLE mnt_robot_events (
+        robot_sn VARCHAR(50), event_id VARCHAR(100), event_level VARCHAR(20),
+        event_type VARCHAR(100), event_detail TEXT, task_time INT, upload_time INT,
+        PRIMARY KEY (robot_sn, event_id))""",
+)
+
+
+@pytest.mark.skipif(not NAMED_DUPLICATES, reason="needs the i21-store branch (seed tables "
+                    "written as they are, StoreRejectedError naming the target): the "
+                    "integrator runs it after that merge")
+async def test_an_envelope_the_database_refuses_is_answered_and_kept_as_a_dead_letter(
+        tmp_path: Path) -> None:
+    with scratch_mysql_database() as url:
+        name = url.rsplit("/", 1)[1]
+        for ddl in SEED_DDL:
+            query(url, ddl)
+        config = tmp_path / "database_config.yaml"
+        config.write_text(yaml.safe_dump({"databases": [name], "tables": {
+            "robot_status": [{"database": name, "table_name": "mnt_robots_management",
+                              "primary_keys": ["robot_sn"]}],
+            "robot_events": [{"database": name, "table_name": "mnt_robot_events",
+                              "primary_keys": ["robot_sn", "event_id"]}]}}))
+        settings = cb_config.load(None, {
+            "MQTT_URL": f"mqtt://b{uuid.uuid4().hex[:8]}", "MQTT_BACKEND": "memory",
+            "DATABASE_URL": url, "DATABASE_CONFIG": str(config), "CALLBACK_TOKEN": RULE})
+        long_sn = "S" * 60  # the seed's robot_sn is VARCHAR(50): strict mode refuses it
+        async with CallbackServer(settings) as server, httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=server.app), base_url="http://cb") as client:
+            r = await client.post("/callback/messages", headers={"X-Callback-Token": RULE},
+                                  json=[envelope(1, device=long_sn, raw={"sn": long_sn}),
+                                        envelope(2)])
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert (answer["stored"], answer["dead_lettered"]) == (1, 1), answer["results"]
+        assert answer["results"][0]["reason"].startswith("refused by the database: "), answer
+        assert "mnt_robots_management" in answer["results"][0]["reason"]
+        dead = query(url, "SELECT payload, reason FROM mqtt_dead_letters")
+        assert len(dead) == 1 and long_sn in dead[0]["payload"]
+        assert dead[0]["reason"] == answer["results"][0]["reason"]
+        assert query(url, "SELECT robot_sn FROM mnt_robots_management") == [{"robot_sn": "R1"}]

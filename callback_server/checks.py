@@ -15,13 +15,25 @@ def _store(settings: CallbackSettings) -> Store:
     return open_store(settings.database_url, targets=targets)
 
 
+def gateway_less(settings: CallbackSettings) -> bool:
+    """A deployment without gateways (Pudu posts its webhooks here): no broker to reach,
+    so the in-process one is a service's choice, not a test's."""
+    return settings.mqtt_backend == "memory" and bool(
+        settings.callback_codes is not None or settings.callback_codes_file)
+
+
 def problems(settings: CallbackSettings) -> list[str]:
     """One line per problem; empty when ``run`` would start."""
     from callback_server.service import mqtt_settings
 
     found: list[str] = []
-    mqtt_transport(found, settings.mqtt_backend, lambda: mqtt_settings(settings))
+    if not gateway_less(settings):
+        mqtt_transport(found, settings.mqtt_backend, lambda: mqtt_settings(settings))
     build(found, "DATABASE_URL", lambda: _store(settings))
+    if settings.callback_codes is not None or settings.callback_codes_file:
+        from callback_server.pudu_webhook import CallbackCodes
+
+        build(found, "Pudu webhook", lambda: CallbackCodes.load(settings))
     if settings.api_keys_file:
         from pathlib import Path
 
@@ -47,7 +59,8 @@ async def connect_problems(settings: CallbackSettings) -> list[str]:
     found = problems(settings)
     if found:
         return found
-    transport = mqtt_transport(found, settings.mqtt_backend, lambda: mqtt_settings(settings))
+    transport = None if gateway_less(settings) else mqtt_transport(
+        found, settings.mqtt_backend, lambda: mqtt_settings(settings))
     if transport is not None:
         await broker_reachable(found, transport, mask_url(settings.mqtt_url))
     async with _store(settings) as store:

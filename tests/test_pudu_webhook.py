@@ -17,6 +17,7 @@ import pytest
 
 from bridge.errors import ConfigError
 from callback_server import config as cb_config
+from callback_server.checks import problems
 from callback_server.pudu_webhook import CLOUD_GATEWAY_ID, CallbackCodes
 from callback_server.service import CallbackServer
 from edge_agent import config as edge_config
@@ -197,3 +198,13 @@ async def test_refusals_are_the_edge_agents_answers(tmp_path: Path) -> None:
     assert abs(cloud_health["timestamp"] - time.time()) < 60
     assert not any(code in json.dumps(cloud_health) for code in CODES.values())
 
+
+
+def test_check_config_takes_a_gateway_less_deployment_and_names_a_bad_code_list(
+        tmp_path: Path) -> None:
+    base = {"MQTT_BACKEND": "memory", "DATABASE_URL": f"sqlite:///{tmp_path / 'cb.db'}"}
+    assert problems(cb_config.load(None, {**base, "CALLBACK_CODES": "c1=acme"})) == []
+    found = problems(cb_config.load(None, {**base, "CALLBACK_CODES": "c1=acme,c1=beta"}))
+    assert len(found) == 1 and "two orgs" in found[0] and "c1" not in found[0]
+    # memory without callback codes is still a test's broker, not a service's
+    assert "MQTT_BACKEND" in " ".join(problems(cb_config.load(None, base)))

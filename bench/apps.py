@@ -39,7 +39,8 @@ def edge_agent(log_dir: Path, name: str, mqtt_url: str, outbox: Path, *,
 
 
 def callback_server(log_dir: Path, name: str, mqtt_url: str, database_url: str, *,
-                    client_id: str, share_group: str | None = None) -> Service:
+                    client_id: str, share_group: str | None = None,
+                    **extra: str) -> Service:
     """``python -m callback_server run`` with a stable client id (persistent session)."""
     port = free_port()
     env = child_env(
@@ -50,6 +51,7 @@ def callback_server(log_dir: Path, name: str, mqtt_url: str, database_url: str, 
         MQTT_CLIENT_ID=client_id,
         MQTT_RECONNECT_MAX_SECONDS="1",
         LOG_LEVEL="INFO",
+        **extra,
     )
     if share_group:
         env["SHARE_GROUP"] = share_group

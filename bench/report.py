@@ -18,6 +18,7 @@ GROUPS = {
     "memory": "5. edge agent memory",
     "parsing": "6. bounded strict parsing (in process, sample mix)",
     "forwarding": "7. what leaves the site (1,000 callbacks of the mix, 4 robots at 5/s each)",
+    "retry": "8. callback server, database away: the same 300 messages retried 3,000 times",
 }
 
 

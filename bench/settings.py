@@ -6,7 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-SCENARIOS = ("ingest", "pipeline", "consumer", "backlog", "memory", "parsing", "forwarding")
+SCENARIOS = ("ingest", "pipeline", "consumer", "backlog", "memory", "parsing", "forwarding",
+             "retry")
 
 
 @dataclass(frozen=True, slots=True)

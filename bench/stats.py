@@ -109,6 +109,11 @@ FIGURES: tuple[Figure, ...] = (
        "published per 1,000 callbacks, MIN_INTERVAL_SECONDS=pose=5,power=30,move=5", "msgs"),
     _f("forwarding.downsampled_per_1000", "downsampled away per 1,000 callbacks", "msgs"),
     _f("forwarding.suggested_vs_all", "published with the suggested settings / all", "x"),
+    # 8. HTTP ingest while the database is away (issue 24)
+    _f("retry.rss_first_mb", "callback server RSS after the first 300 requests", "MiB"),
+    _f("retry.rss_after_mb", "callback server RSS after 3,000 requests", "MiB"),
+    _f("retry.growth_mb", "RSS growth from the next 2,700 retries", "MiB"),
+    _f("retry.held", "messages held (300 distinct)", "count"),
 )
 FIGURE_BY_KEY = {f.key: f for f in FIGURES}
 
@@ -133,6 +138,8 @@ TARGETS: tuple[Target, ...] = (
     # 3 µs is 1% of a durable accept's ~310 µs of CPU.
     Target("6a", "strict parsing adds <= 3 µs CPU per callback", "parsing.overhead_us",
            "<=", 3.0),
+    Target("8a", "RSS growth from 2,700 more ingest retries <= 10 MiB", "retry.growth_mb",
+           "<=", 10.0),
 )
 
 

@@ -149,7 +149,7 @@ def create_ingest_router(server: AppHost, access: Access) -> APIRouter:
                  responses={
                      400: {"description": "Body unreadable as a whole (kept as a dead letter)"},
                      403: {"description": "The key covers none of the elements' orgs"},
-                     413: {"description": "Body over MAX_BODY_BYTES (kept as a dead letter)"},
+                     413: {"description": "Body over max_body_bytes (kept as a dead letter)"},
                      503: {"description": "Not committed in time, or too much pending; "
                                           "retry after Retry-After (idempotent)"}})
     async def ingest(request: Request,

@@ -146,7 +146,7 @@ def create_pudu_webhook_router(server: AppHost) -> APIRouter:
                  responses={
                      400: {"description": "Body is not a JSON object"},
                      401: {"description": "Missing or wrong CallbackCode header"},
-                     413: {"description": "Body larger than MAX_BODY_BYTES"},
+                     413: {"description": "Body larger than max_body_bytes"},
                      422: {"description": "A field is missing or has the wrong type, or the "
                                           "database refused it (kept as a dead letter)"},
                      503: {"description": "Database did not commit in time; retry after "
@@ -160,9 +160,6 @@ def create_pudu_webhook_router(server: AppHost) -> APIRouter:
             answer = await _accept(server, request, org, prefix)
         except InputError as exc:
             counted.labels(outcome=f"rejected_{exc.status}").inc()
-            raise
-        except PayloadTooLargeError:
-            counted.labels(outcome="rejected_413").inc()
             raise
         except StoreError:
             counted.labels(outcome="unavailable").inc()
@@ -188,7 +185,11 @@ def create_pudu_webhook_router(server: AppHost) -> APIRouter:
 async def _accept(server: AppHost, request: Request, org: str,
                   prefix: str) -> dict[str, Any]:
     """Normalise as the edge does, commit, and the answer (InputError / StoreError)."""
-    raw = await read_body(request, server.settings.max_body_bytes)
+    limit = server.settings.max_body_bytes
+    try:
+        raw = await read_body(request, limit)
+    except PayloadTooLargeError:
+        raise InputError(f"body larger than {limit} bytes", status=413) from None  # as the edge
     try:
         parsed = strictjson.loads(raw)
     except PayloadError as exc:

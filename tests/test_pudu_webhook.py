@@ -89,10 +89,12 @@ async def both_paths(tmp_path: Path) -> AsyncIterator[Paths]:
                 "OUTBOX_PATH": str(tmp_path / f"outbox-{org}.db")})))
             edges[org] = await stack.enter_async_context(httpx.AsyncClient(
                 transport=httpx.ASGITransport(app=agent.app), base_url="http://gw"))
-        cloud = await stack.enter_async_context(CallbackServer(cb_config.load(None, {
+        cloud_settings = cb_config.load(None, {
             "MQTT_URL": f"mqtt://c{broker}", "MQTT_BACKEND": "memory",
             "DATABASE_URL": cloud_db,
-            "CALLBACK_CODES": ",".join(f"{c}={o}" for o, c in CODES.items())})))
+            "CALLBACK_CODES": ",".join(f"{c}={o}" for o, c in CODES.items())})
+        cloud = await stack.enter_async_context(CallbackServer(cloud_settings.model_copy(
+            update={"max_body_bytes": 64 * 1024})))  # the edge's default
         client = await stack.enter_async_context(httpx.AsyncClient(
             transport=httpx.ASGITransport(app=cloud.app), base_url="http://cb"))
         yield Paths(edges, client, behind, edge_db, cloud_db)
@@ -180,6 +182,8 @@ async def test_refusals_are_the_edge_agents_answers(tmp_path: Path) -> None:
         ({"CallbackCode": CODES["acme"]}, b'{"callback_type": "notifyRobotPower", '
                                           b'"data": {"sn": "R/1", "power": 5}}'),
         ({"CallbackCode": CODES["acme"]}, b"[" * 5000),
+        ({"CallbackCode": CODES["acme"]}, b'{"callback_type": "robotStatus", "data": '
+                                          b'{"sn": "R1", "pad": "' + b"x" * 70_000 + b'"}}'),
     ]
     async with both_paths(tmp_path) as paths:
         for headers, raw in bodies:

@@ -47,7 +47,7 @@ class _Element:
     id: str | None
     topic: str | None
     org: str | None
-    raw: dict[str, Any] | Any  # the element as sent (dead-lettered as such)
+    raw: Any  # the element as sent (dead-lettered as such)
     envelope: Envelope | None = None
     gateway: DeviceAddress | None = None
     dead: str | None = None  # the reason text (Reason.because)
@@ -64,7 +64,7 @@ def _element(obj: Any, notes: list[str], header_topic: str | None,
                         dead=Reason.MALFORMED.because("each message must be a JSON object"))
     fields = dict(obj)
     given = fields.pop("topic", None)
-    topic = given if given is not None else header_topic
+    topic = header_topic if given in (None, "") else given
     ident = fields.get("id") if isinstance(fields.get("id"), str) else None
     org = fields.get("org") if isinstance(fields.get("org"), str) else None
     element = _Element(ident, topic if isinstance(topic, str) else None, org, obj)

@@ -90,6 +90,8 @@ class Consumer:
         self._unacked[number] = time.monotonic()
 
         def ack(settled: Settled | None = None) -> None:
+            # Whatever the outcome (stored, duplicate, handled, dead-lettered), it is
+            # settled: acknowledged, so the broker never redelivers it.
             if self._unacked.pop(number, None) is not None:
                 self.router.ack(message)
 

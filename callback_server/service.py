@@ -126,6 +126,8 @@ class CallbackServer:
             allowed_prefixes=settings.proxy_allowed_prefixes or [org_root(settings.topic_prefix)],
             broker=mask_url(settings.mqtt_url),
             outbound=self.outbound,
+            # Every org's traffic passes here: no one org or gateway is this service's own.
+            device={"service": "callback-server", "org_id": None, "gateway_id": None},
         )
         #: What keeps ``?ready=1`` at 503 besides an unreachable database: the store until
         #: entered (``serve`` adds the listeners); never the broker (HTTP ingest needs none).

@@ -111,6 +111,8 @@ class EdgeAgent:
             allowed_prefixes=settings.proxy_allowed_prefixes or [own_subtree],
             broker=mask_url(settings.mqtt_url),
             outbound=self.outbound,
+            device={"service": "edge-agent", "org_id": settings.org_id,
+                    "gateway_id": settings.gateway_id},
         )
         self.started = time.time()
         #: What keeps ``?ready=1`` at 503: the outbox until entered (``serve`` adds the

@@ -24,6 +24,7 @@ from callback_server.keys import add_key
 from callback_server.service import CallbackServer
 from edge_agent import config as edge_config
 from edge_agent.service import EdgeAgent
+from tests.mariadb_proc import MariadbProcess
 from tests.procs import MosquittoProcess, free_port
 from tests.services import ADMIN_TOKEN, ServiceProcess, callback_server, edge_agent
 from tests.waiting import until
@@ -294,3 +295,24 @@ async def test_callback_health_is_unready_before_start_and_hides_the_database_wi
     assert "cb.db" not in json.dumps(public)
     assert {"database_error", "subscription", "stored"} <= set(detailed)
     assert unknown.status_code == 200 and set(unknown.json()) == set(public)
+
+
+@integration
+def test_callback_server_is_unready_while_its_database_is_away(tmp_path: Path) -> None:
+    db = MariadbProcess(tmp_path / "db")  # not started yet: the database is away
+    with MosquittoProcess(tmp_path / "mosquitto", persistence=False) as broker, \
+            callback_server(tmp_path, broker.url, db.url) as cs:
+        url = cs.url + "/callback/health"
+        away = httpx.get(url, params={"ready": "1"}, timeout=10)
+        detailed = cs.health()
+        with db:
+            deadline = time.monotonic() + 30
+            while (back := httpx.get(url, params={"ready": "1"}, timeout=10)).status_code != 200:
+                assert time.monotonic() < deadline, back.text
+                time.sleep(0.1)  # polling the server's own report
+    assert away.status_code == 503, away.text
+    assert "database unreachable" in away.json()["not_ready"]
+    # The open body names no database host, port or name; a key gets the figures.
+    assert str(db.port) not in away.text and "test" not in away.text.replace("timestamp", "")
+    assert {"database_error", "pending", "stored"} <= set(detailed)
+    assert back.json()["ready"] is True

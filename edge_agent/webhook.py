@@ -63,6 +63,16 @@ _CALLBACK_SCHEMA: dict[str, Any] = {
 
 
 _WEBHOOK_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Committed to the outbox (the replaced receiver's shape, plus the "
+                         "topic and message id)",
+          "content": {"application/json": {"example": {
+              "status": "success",
+              "message": "Robot status processed: online; callback accepted",
+              "timestamp": 1640995800,
+              "data": {"robot_sn": "811064412050012", "status": "online",
+                       "callback_type": "notifyRobotStatus", "message_id": "3f1c…",
+                       "topic": "org/acme/device/811064412050012/status",
+                       "duplicate": False}}}}},
     400: {"description": "Body is not a JSON object"},
     401: {"description": "Missing or wrong CallbackCode header"},
     413: {"description": "Body larger than MAX_BODY_BYTES"},

@@ -196,7 +196,7 @@ class MQTTProxy:
             try:
                 sub = await self.client.subscribe_pattern(pattern, _adapt(handler), qos=qos)
             except ServiceUnreachableError as exc:
-                delay = backoff_delay(attempt, 0.2, 30.0)
+                delay = backoff_delay(attempt, *self.client.reconnect_delays)
                 log.info("pattern %r: service unreachable (%s); retrying in %.1f s",
                          pattern, exc, delay)
                 attempt += 1

@@ -316,3 +316,36 @@ def test_callback_server_is_unready_while_its_database_is_away(tmp_path: Path) -
     assert str(db.port) not in away.text and "test" not in away.text.replace("timestamp", "")
     assert {"database_error", "pending", "stored"} <= set(detailed)
     assert back.json()["ready"] is True
+
+
+@integration
+async def test_a_pattern_made_while_the_service_is_down_subscribes_once_it_is_up(
+        tmp_path: Path) -> None:
+    org, admin_port = f"o{uuid.uuid4().hex[:8]}", free_port()
+    received: list[tuple[str, Any]] = []
+
+    async def handler(topic: str, payload: dict[str, Any]) -> None:
+        received.append((topic, payload))
+
+    with MosquittoProcess(tmp_path / "mosquitto", persistence=False) as broker:
+        agent = edge_agent(tmp_path, broker.url, org=org, code=CODE, PROXY_TOKEN=EDGE_TOKEN,
+                           EDGE_ADMIN_PORT=str(admin_port))
+        async with MQTTProxy(f"http://127.0.0.1:{admin_port}", EDGE_TOKEN,
+                             reconnect_max=0.5) as mqtt:
+            pending = mqtt.subscribe_pattern(f"org/{org}/device/*/status", handler)
+            assert not pending.subscribed  # nobody listens yet: it keeps trying
+            assert (await mqtt.health_check())["pending_subscriptions"] == 1
+            await asyncio.to_thread(agent.start)
+            try:
+                assert await asyncio.wait_for(pending, 30) is True
+                async with httpx.AsyncClient() as pudu:
+                    r = await pudu.post(agent.url + "/api/pudu/webhook",
+                                        headers={"CallbackCode": CODE},
+                                        json={"callback_type": "notifyRobotStatus",
+                                              "data": {"sn": "R1", "run_state": "idle"}})
+                assert r.status_code == 200, r.text
+                await until(lambda: bool(received))
+            finally:
+                await asyncio.to_thread(agent.stop)
+    [(topic, envelope)] = received
+    assert topic == f"org/{org}/device/R1/status" and envelope["data"]["status"] == "idle"

@@ -64,7 +64,8 @@ class PatternSubscription:
     """What ``subscribe_pattern`` returns: registered at once, subscribing in the
     background. Awaiting it is optional (the seed did not); it then gives True once the
     service holds the subscription (messages are kept for it from then on), False when
-    the service refused it (the reason is logged and in ``error``)."""
+    the service refused it (the reason is logged and in ``error``); a wrong token raises
+    AuthError there, as every call does."""
 
     def __init__(self, pattern: str) -> None:
         self.pattern = pattern
@@ -183,6 +184,7 @@ class MQTTProxy:
             self._pending.discard(task)
             if not task.cancelled() and task.exception() is not None:
                 handle.error = repr(task.exception())
+                self._refused_patterns.append(handle)
                 log.error("subscribing to pattern %r failed", pattern,
                           exc_info=task.exception())
 

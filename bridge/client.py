@@ -142,6 +142,11 @@ class FleetClient:
     def subscriptions(self) -> list[Subscription]:
         return list(self._subs)
 
+    @property
+    def reconnect_delays(self) -> tuple[float, float]:
+        """(first, longest) wait between reconnects, for callers retrying alongside."""
+        return self._reconnect
+
     # -- requests --------------------------------------------------------------------------
     async def _request(self, method: str, path: str, *, json_body: Any = None,
                        wait: float | None = None) -> httpx.Response:

@@ -17,6 +17,7 @@ from bridge.errors import (
     CommandTimeoutError,
     NotFoundError,
 )
+from bridge.health import HealthQuery, health_status, unready_body
 from bridge.http_body import parse_model, read_body
 from bridge.http_errors import install as install_error_handlers
 from bridge.paging import (
@@ -76,10 +77,29 @@ def create_app(server: AppHost) -> FastAPI:
     app.include_router(create_ingest_router(server, access))
     app.include_router(create_pudu_webhook_router(server))
 
-    @app.get("/callback/health", summary="Broker and database state")
-    async def health() -> JSONResponse:
-        body = await server.health()
-        return JSONResponse(body)
+    @app.get("/callback/health", summary="Broker and database state",
+             description="200 with `status` healthy|degraded while serving; without a key "
+             "only the state and its reasons, with one (Bearer, any role) every figure. "
+             "`?ready=1`: 503 until the server can take traffic (listeners bound, database "
+             "reachable) and while it stops; a broker outage never fails it. `?strict=1`: "
+             "also 503 while degraded (for `curl -f` monitors).",
+             responses={503: {"description": "Not ready (`?ready=1`), or degraded "
+                                              "(`?strict=1`)"}})
+    async def health(request: Request) -> JSONResponse:
+        public = ("status", "reasons", "timestamp", "service", "version", "ready",
+                  "not_ready", "broker_connected", "database_ok", "subscribed")
+        query = HealthQuery(request.query_params)
+        # Open to every caller (probes send no key); the figures only to a known key.
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        detailed = scheme.lower() == "bearer" and access.keys.lookup(key.strip()) is not None
+        if server.readiness.waiting_for("store"):  # not entered: nothing to ask yet
+            body = unready_body("callback-server", server.readiness.reasons())
+        else:
+            body = await server.health()
+            if not detailed:  # never the database's host, port or name (its error has them)
+                body = {k: body[k] for k in public if k in body}
+        not_ready = body.get("not_ready") or []
+        return JSONResponse(body, status_code=health_status(body, query, not_ready))
 
     async def visible_robot(principal: Principal, sn: str) -> dict[str, Any]:
         row = await server.store.get_robot(sn)

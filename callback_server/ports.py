@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from bridge.commands import CommandClient, CommandOutcome
+from bridge.health import Readiness
 from bridge.outbound import OutboundPolicy
 from callback_server.access import Access, Principal
 from callback_server.alerts import AlertDelivery, AlertEngine, AlertStore
@@ -39,6 +40,7 @@ class AppHost(Protocol):
     alert_store: AlertStore
     alert_delivery: AlertDelivery
     console: ConsoleHub
+    readiness: Readiness
 
     async def health(self) -> dict[str, Any]: ...
 

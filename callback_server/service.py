@@ -19,6 +19,7 @@ from bridge.commands import CommandClient, CommandOutcome
 from bridge.config import mask_url
 from bridge.envelope import Envelope
 from bridge.errors import InputError, NotFoundError, PayloadError, StoreError, TransportError
+from bridge.health import Readiness
 from bridge.http_server import NodelayStats, make_server
 from bridge.lifecycle import Listener, serve_service
 from bridge.outbound import OutboundPolicy
@@ -126,7 +127,12 @@ class CallbackServer:
             allowed_prefixes=settings.proxy_allowed_prefixes or [org_root(settings.topic_prefix)],
             broker=mask_url(settings.mqtt_url),
             outbound=self.outbound,
+            # Every org's traffic passes here: no one org or gateway is this service's own.
+            device={"service": "callback-server", "org_id": None, "gateway_id": None},
         )
+        #: What keeps ``?ready=1`` at 503 besides an unreachable database: the store until
+        #: entered (``serve`` adds the listeners); never the broker (HTTP ingest needs none).
+        self.readiness = Readiness("store")
         self._stack = AsyncExitStack()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -160,6 +166,7 @@ class CallbackServer:
         self._tasks.append(subscribing)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(subscribing), 5.0)
+        self.readiness.up("store")
         return self
 
     async def _subscribe(self) -> None:
@@ -202,6 +209,7 @@ class CallbackServer:
         # Ordered: commit and ack what the writer holds while the broker is still there
         # (bounded; what is left stays unacked and is redelivered), stop the writer and the
         # other loops, then the proxy, the transport, the router, and last the store.
+        self.readiness.stopping()
         if not await self.writer.drain(5.0):
             log.info("%d messages not committed at stop; the broker redelivers them",
                      self.writer.pending)
@@ -276,12 +284,17 @@ class CallbackServer:
             (not db_ok or self.writer.degraded, "database unavailable"),
             (stall is not None, stall),
         ) if bad]
+        # Ready: can take traffic. The broker is not asked (HTTP ingest and the read API
+        # work without it); a database that cannot be reached is.
+        not_ready = self.readiness.reasons() + ([] if db_ok else ["database unreachable"])
         return {
             "status": "degraded" if reasons else "healthy",
             "reasons": reasons,
             "timestamp": int(time.time()),
             "service": "callback-server",
             "version": self.version,
+            "ready": not not_ready,
+            "not_ready": not_ready,
             "broker_connected": connected,
             "database_ok": db_ok and not self.writer.degraded,
             "database_error": self.writer.last_error or None,
@@ -309,7 +322,10 @@ class CallbackServer:
         }
 
     def end_streams(self) -> None:
-        """End every open SSE response (the proxy's and the console's): stopping."""
+        """Stopping: ``?ready=1`` answers 503 from now (a load balancer stops sending
+        while in-flight requests finish); every open SSE response (the proxy's and the
+        console's) ends."""
+        self.readiness.stopping()
         self.proxy.end_streams()
         self.console.end_streams()
 
@@ -377,6 +393,8 @@ async def serve(settings: CallbackSettings) -> None:
                                      s.http_limits))]
 
     log.info("callback server %s starting, consuming %s", VERSION, server.consumer.filter.value)
+    server.readiness.expect("listeners")
     await serve_service(server, listeners, notifier=server.notifier, watchdog=server.watchdog,
                         status=server.status_line, end_streams=server.end_streams,
-                        reload=server.keys.reload)
+                        reload=server.keys.reload,
+                        on_ready=lambda: server.readiness.up("listeners"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from bridge.envelope import Envelope
+from bridge.health import Readiness
 from bridge.outbound import OutboundPolicy
 from bridge.outbox import Outbox
 from bridge.topic import TopicScheme
@@ -33,6 +34,7 @@ class WebhookHost(Protocol):
     outbox: Outbox
     policy: ForwardPolicy
     downsampler: Downsampler
+    readiness: Readiness
 
     def note_robot(self, envelope: Envelope) -> None: ...
 

@@ -21,6 +21,7 @@ from bridge.config import mask_url
 from bridge.docs import install_docs
 from bridge.envelope import Envelope
 from bridge.errors import TransportError
+from bridge.health import Readiness
 from bridge.http_errors import install as install_error_handlers
 from bridge.http_server import NodelayStats, make_server
 from bridge.lifecycle import Listener, serve_service
@@ -110,8 +111,13 @@ class EdgeAgent:
             allowed_prefixes=settings.proxy_allowed_prefixes or [own_subtree],
             broker=mask_url(settings.mqtt_url),
             outbound=self.outbound,
+            device={"service": "edge-agent", "org_id": settings.org_id,
+                    "gateway_id": settings.gateway_id},
         )
         self.started = time.time()
+        #: What keeps ``?ready=1`` at 503: the outbox until entered (``serve`` adds the
+        #: listeners); never the broker, as webhooks go to the outbox while it is away.
+        self.readiness = Readiness("outbox")
         #: False for ``edge-agent poll --once`` run without an agent: one run, no schedule.
         self.schedule_polls = True
         self.robots: dict[str, dict[str, Any]] = {}
@@ -179,6 +185,7 @@ class EdgeAgent:
             self._tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
         if self.poller.enabled and self.schedule_polls:
             self._tasks.append(asyncio.create_task(self.poller.run(), name="pudu-poller"))
+        self.readiness.up("outbox")
         return self
 
     async def __aexit__(
@@ -189,11 +196,18 @@ class EdgeAgent:
     ) -> None:
         # Ordered: stop publishing, let what is in flight be acked and running commands
         # answer, then the proxy, the transport (which publishes `offline`), the outbox.
+        self.readiness.stopping()
         await cancel_and_wait(self._tasks)
         self._tasks.clear()
         await self.publisher.settle(2.0)
         await self.commands.aclose(5.0)
         await self._stack.aclose()
+
+    def end_streams(self) -> None:
+        """Stopping: ``?ready=1`` answers 503 from now (a load balancer stops sending
+        while in-flight requests finish), and open SSE streams end."""
+        self.readiness.stopping()
+        self.proxy.end_streams()
 
     def note_robot(self, envelope: Envelope) -> None:
         """Remember the newest state per robot for ``get_robots`` (bounded by fleet size).
@@ -229,6 +243,8 @@ class EdgeAgent:
             "published": self.publisher.published,
             "uptime_seconds": round(time.time() - self.started, 1),
             "poll": self.poll_health(),
+            "ready": self.readiness.ready,
+            "not_ready": self.readiness.reasons(),
         }
 
     def status_line(self) -> str:
@@ -294,5 +310,7 @@ async def serve(settings: EdgeSettings) -> None:
 
     log.info("edge agent %s starting (org %s, gateway %s)", VERSION, settings.org_id,
              settings.gateway_id)
+    agent.readiness.expect("listeners")
     await serve_service(agent, listeners, notifier=agent.notifier, watchdog=agent.watchdog,
-                        status=agent.status_line, end_streams=agent.proxy.end_streams)
+                        status=agent.status_line, end_streams=agent.end_streams,
+                        on_ready=lambda: agent.readiness.up("listeners"))

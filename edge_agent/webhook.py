@@ -16,12 +16,13 @@ import time
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from bridge import strictjson
 from bridge.envelope import Envelope
 from bridge.errors import FleetError, InputError, OutboxError, PayloadError
+from bridge.health import HealthQuery, health_status, unready_body
 from bridge.http_errors import error_response, internal_error_response
 from bridge.http_errors import install as install_error_handlers
 from bridge.outbox import PutResult
@@ -62,6 +63,16 @@ _CALLBACK_SCHEMA: dict[str, Any] = {
 
 
 _WEBHOOK_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Committed to the outbox (the replaced receiver's shape, plus the "
+                         "topic and message id)",
+          "content": {"application/json": {"example": {
+              "status": "success",
+              "message": "Robot status processed: online; callback accepted",
+              "timestamp": 1640995800,
+              "data": {"robot_sn": "811064412050012", "status": "online",
+                       "callback_type": "notifyRobotStatus", "message_id": "3f1c…",
+                       "topic": "org/acme/device/811064412050012/status",
+                       "duplicate": False}}}}},
     400: {"description": "Body is not a JSON object"},
     401: {"description": "Missing or wrong CallbackCode header"},
     413: {"description": "Body larger than MAX_BODY_BYTES"},
@@ -250,10 +261,36 @@ class _Webhook:
             "topic": topic,
             "duplicate": duplicate,
         }
+        # The replaced receiver's `data.status`: the normalised state the robot reported.
+        status = norm.data.get("status")
+        if isinstance(status, str):
+            data["status"] = status
         if not forwarded:
             data["forwarded"] = False
-        return _render({"status": "success", "message": message, "timestamp": int(now),
-                        "data": data})
+        return _render({"status": "success", "message": f"{processed(norm)}; {message}",
+                        "timestamp": int(now), "data": data})
+
+
+#: What each channel's answer names: the normalised field that says most about it.
+_HEADLINE = {"status": "status", "power": "battery_level", "move": "move_state",
+             "task": "task_status", "event": "event_type"}
+
+
+def processed(norm: Normalized) -> str:
+    """``Robot status processed: online``: the replaced receiver's message, for every
+    channel (the value left out when the callback did not carry it)."""
+    who = "Robot" if norm.device_id is not None else "Shop"
+    what = norm.channel if not norm.channel.startswith("callback/") else norm.callback_type
+    text = f"{who} {what} processed"
+    field = _HEADLINE.get(norm.channel)
+    value = norm.data.get(field) if field else None
+    if norm.channel == "event" and value is not None:
+        value = f"{value} ({norm.data.get('event_level')})"
+    elif norm.channel == "power" and value is not None:
+        value = f"{value}%"
+    elif norm.channel == "pose" and "x" in norm.data and "y" in norm.data:
+        value = f"x={norm.data['x']}, y={norm.data['y']}"
+    return text if value is None else f"{text}: {str(value)[:80]}"
 
 
 class _EdgeApp(FastAPI):
@@ -295,8 +332,20 @@ def create_app(agent: WebhookHost) -> FastAPI:
                       openapi_extra=_CALLBACK_SCHEMA, responses=_WEBHOOK_RESPONSES,
                       summary="Receive a Pudu callback and store it durably before answering 200")
 
-    @app.get("/api/pudu/webhook/health", summary="Broker connection and outbox state")
-    async def health() -> dict[str, Any]:
-        return agent.health()
+    @app.get("/api/pudu/webhook/health", summary="Broker connection and outbox state",
+             description="200 with `status` healthy|degraded while serving. `?ready=1`: 503 "
+             "until the agent can take webhooks (listeners bound, outbox open) and while it "
+             "stops; a broker outage never fails it. `?strict=1`: also 503 while degraded "
+             "(for `curl -f` monitors).",
+             responses={503: {"description": "Not ready (`?ready=1`), or degraded "
+                                              "(`?strict=1`)"}})
+    async def health(request: Request) -> JSONResponse:
+        query = HealthQuery(request.query_params)
+        if agent.readiness.waiting_for("outbox"):  # not entered: no outbox to report on
+            body = unready_body("edge-agent", agent.readiness.reasons())
+        else:
+            body = agent.health()
+        not_ready = body["not_ready"]
+        return JSONResponse(body, status_code=health_status(body, query, not_ready))
 
     return app

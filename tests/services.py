@@ -71,7 +71,9 @@ class ServiceProcess:
         raise TimeoutError(f"{self.module} not ready: {self.log_path.read_text()[-2000:]}")
 
     def health(self) -> dict[str, Any]:
-        return httpx.get(self.url + self.health_path, timeout=5).json()  # type: ignore[no-any-return]
+        """The detailed health body (the callback server shows it only to a key)."""
+        return httpx.get(self.url + self.health_path, headers=self.auth,  # type: ignore[no-any-return]
+                         timeout=5).json()
 
     def wait_health(self, key: str, value: object, timeout: float = 20) -> None:
         """Poll the health endpoint until ``key`` has ``value`` (the service's own report)."""

@@ -140,7 +140,7 @@ async def test_a_receiver_that_never_takes_it_is_given_up_at_the_attempt_bound(
         assert await log("/down") == [(1, "failed"), (2, "failed"), (3, "gave_up")]
         assert await log("/gone") == [(1, "gave_up")]
         assert sorted(receiver.paths) == ["/down"] * 3 + ["/gone"]
-        health = (await env.client.get("/callback/health")).json()
+        health = (await env.client.get("/callback/health", headers=env.auth())).json()
         assert health["alerts"]["undelivered"] == 2
 
 

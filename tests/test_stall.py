@@ -44,7 +44,8 @@ async def test_a_hung_database_write_turns_health_degraded_with_the_reason(
             await publisher.publish("org/acme/device/R1/power", json.dumps(env).encode(), qos=1)
 
             async def health() -> dict[str, Any]:
-                body: dict[str, Any] = (await client.get("/callback/health")).json()
+                body: dict[str, Any] = (await client.get(
+                    "/callback/health", headers={"Authorization": f"Bearer {TOKEN}"})).json()
                 return body
 
             first = await until(health, lambda h: h["unacked"] == 1)

@@ -74,6 +74,7 @@ class MqttProxy:
         close_timeout: float = 5.0,
         broker: str | None = None,
         outbound: OutboundPolicy | None = None,
+        device: dict[str, Any] | None = None,
     ) -> None:
         if not allowed_prefixes:
             raise ConfigError("allowed_prefixes is empty; pass [''] to allow every topic")
@@ -102,6 +103,8 @@ class MqttProxy:
         self.broker = broker or (f"{settings.host}:{settings.port}" if settings else None)
         # Where webhooks may go; checked when one is added and at every connection.
         self.outbound = outbound or OutboundPolicy()
+        #: Who this proxy speaks for (service, org, gateway), shown by GET /mqtt/status.
+        self.device = dict(device or {})
         self._http: httpx.AsyncClient | None = None
         self._started = False
         self._subs: dict[str, Subscription] = {}
@@ -323,6 +326,7 @@ class MqttProxy:
         return {
             "connected": self.transport.connected,
             "broker": self.broker,
+            "device": self.device,
             "subscriptions": len(self._subs),
             "subscriptions_by_kind": dict(kinds),
             "broker_filters": len(self.router.filters()),

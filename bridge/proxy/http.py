@@ -197,8 +197,13 @@ def create_proxy_router(proxy: MqttProxy,
 
     @api.get("/status")
     async def status(request: Request) -> dict[str, Any]:
-        check(request, "status", None)
-        return proxy.status()
+        """Connection, counters and identity; ``subscriptions`` counts every one,
+        ``subscription_list`` lists those the caller may see (as GET /mqtt/subscriptions)."""
+        visible = check(request, "status", None)
+        body = proxy.status()
+        body["subscription_list"] = sorted(
+            (s for s in proxy.subscriptions() if visible(s["filter"])), key=lambda s: s["id"])
+        return body
 
     @api.get("/subscriptions")
     async def subscriptions(

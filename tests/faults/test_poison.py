@@ -43,7 +43,8 @@ class HealthSampler:
         with httpx.Client(timeout=5) as client:
             while not self._stop.wait(0.1):
                 with contextlib.suppress(httpx.TransportError):  # killed on purpose
-                    self.samples.append(client.get(self.service.url + "/callback/health").json())
+                    self.samples.append(client.get(self.service.url + "/callback/health",
+                                                   headers=self.service.auth).json())
                     self.answered.append(time.monotonic())
 
     def __enter__(self) -> HealthSampler:

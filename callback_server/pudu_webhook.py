@@ -39,7 +39,8 @@ from bridge.errors import (
     TopicError,
 )
 from bridge.http_body import read_body
-from bridge.pudu import Normalized, normalize
+from bridge.pudu import normalize
+from bridge.pudu.answer import accepted
 from bridge.topic import TopicScheme
 from callback_server.batcher import Outcome
 from callback_server.config import CallbackSettings
@@ -125,14 +126,6 @@ def _read_file(path: str) -> list[tuple[str, str]]:
     return [(str(code), org) for code, org in doc.items()]
 
 
-def _answer(norm: Normalized, now: float, topic: str, message: str, *,
-            duplicate: bool) -> dict[str, Any]:
-    """The edge agent's answer to an accepted callback, field for field."""
-    return {"status": "success", "message": message, "timestamp": int(now), "data": {
-        "robot_sn": norm.device_id, "callback_type": norm.callback_type,
-        "message_id": norm.message_id, "topic": topic, "duplicate": duplicate}}
-
-
 def create_pudu_webhook_router(server: AppHost) -> APIRouter:
     """The two routes Pudu calls; ConfigError at startup if the codes are invalid."""
     settings = server.settings
@@ -216,5 +209,5 @@ async def _accept(server: AppHost, request: Request, org: str,
     if settled.outcome is Outcome.DEAD_LETTERED:
         raise InputError(f"{settled.reason}; kept as a dead letter", status=422)
     duplicate = settled.outcome is Outcome.DUPLICATE
-    return _answer(norm, now, topic, "duplicate callback already accepted" if duplicate
+    return accepted(norm, now, topic, "duplicate callback already accepted" if duplicate
                    else "callback accepted", duplicate=duplicate)

@@ -26,6 +26,7 @@ from bridge.health import HealthQuery, health_status, unready_body
 from bridge.http_errors import error_response, internal_error_response
 from bridge.http_errors import install as install_error_handlers
 from bridge.outbox import PutResult
+from bridge.pudu.answer import accepted
 from bridge.pudu.normalize import DOCUMENTED_TYPES, Normalized, normalize
 from edge_agent.downsample import Verdict
 from edge_agent.ports import WebhookHost
@@ -254,43 +255,8 @@ class _Webhook:
     @staticmethod
     def _answer(norm: Normalized, now: float, topic: str, message: str, *,
                 duplicate: bool = False, forwarded: bool = True) -> bytes:
-        data: dict[str, Any] = {
-            "robot_sn": norm.device_id,
-            "callback_type": norm.callback_type,
-            "message_id": norm.message_id,
-            "topic": topic,
-            "duplicate": duplicate,
-        }
-        # The replaced receiver's `data.status`: the normalised state the robot reported.
-        status = norm.data.get("status")
-        if isinstance(status, str):
-            data["status"] = status
-        if not forwarded:
-            data["forwarded"] = False
-        return _render({"status": "success", "message": f"{processed(norm)}; {message}",
-                        "timestamp": int(now), "data": data})
-
-
-#: What each channel's answer names: the normalised field that says most about it.
-_HEADLINE = {"status": "status", "power": "battery_level", "move": "move_state",
-             "task": "task_status", "event": "event_type"}
-
-
-def processed(norm: Normalized) -> str:
-    """``Robot status processed: online``: the replaced receiver's message, for every
-    channel (the value left out when the callback did not carry it)."""
-    who = "Robot" if norm.device_id is not None else "Shop"
-    what = norm.channel if not norm.channel.startswith("callback/") else norm.callback_type
-    text = f"{who} {what} processed"
-    field = _HEADLINE.get(norm.channel)
-    value = norm.data.get(field) if field else None
-    if norm.channel == "event" and value is not None:
-        value = f"{value} ({norm.data.get('event_level')})"
-    elif norm.channel == "power" and value is not None:
-        value = f"{value}%"
-    elif norm.channel == "pose" and "x" in norm.data and "y" in norm.data:
-        value = f"x={norm.data['x']}, y={norm.data['y']}"
-    return text if value is None else f"{text}: {str(value)[:80]}"
+        return _render(accepted(norm, now, topic, message, duplicate=duplicate,
+                                forwarded=forwarded))
 
 
 class _EdgeApp(FastAPI):

@@ -110,13 +110,15 @@ class Migration:
                 await self._target(t, kind, first=(i == 0))  # type: ignore[arg-type]
         return self.out
 
-    async def _do(self, statements: Sequence[Statement], what: str) -> None:
+    async def _do(self, statements: Sequence[Statement], what: str,
+                  done: str | None = None) -> None:
+        """Run ``statements`` (planning: only say ``would {what}``)."""
         if not self.apply:
             self.say(f"would {what}")
             return
         log.info("migrate: %s", what)
         await self.backend.transaction(statements)
-        self.say(f"{what}: done")
+        self.say(done or f"{what}: done")
 
     async def _record(self, table: str, how: str) -> None:
         if self.owned.get(table) == how or not self.apply:
@@ -146,25 +148,31 @@ class Migration:
              f" SELECT {', '.join(values)} FROM {d.quote(table)}", None),
             (f"DROP TABLE {d.quote(table)}", None),
             (d.rename(tmp, table), None),
-        ], f"re-key table {table} by ({', '.join(spec.key)}), keeping its rows")
+        ], f"re-key table {table} by ({', '.join(spec.key)}), keeping its rows",
+            f"re-keyed table {table} by ({', '.join(spec.key)}), rows kept")
 
     async def _own(self, table: str, spec: TableSpec) -> None:
         have = await self.backend.column_info(table)
         if not have:
-            await self._do([(self.d.create_table(table, spec), None)], f"create table {table}")
+            await self._do([(self.d.create_table(table, spec), None)], f"create table {table}",
+                           f"created table {table}")
             if self.apply:
                 await self._record(table, "created")
         else:
-            await self._extend(table, spec, have)
+            if not await self._extend(table, spec, have):
+                self.say(f"table {table} existed, up to date")
             await self._record(table, self.owned.get(table, "adopted"))
         await self._indexes(table, spec)
         await self._check_key(table, spec.key, spec)
 
-    async def _extend(self, table: str, spec: TableSpec, have: dict[str, ColumnInfo]) -> None:
-        """Add the columns an owned table lacks (nullable: old rows have no value)."""
+    async def _extend(self, table: str, spec: TableSpec, have: dict[str, ColumnInfo]) -> int:
+        """Add the columns an owned table lacks (nullable: old rows have no value); how
+        many it lacked."""
+        missing = 0
         for column in spec.columns:
             if column.name in have:
                 continue
+            missing += 1
             if not self.apply:
                 self.say(f"would add column {column.name} to {table} (owned)")
                 continue
@@ -175,6 +183,7 @@ class Migration:
                     raise
                 continue  # another replica added it first
             self.say(f"table {table}: added column {column.name}")
+        return missing
 
     async def _indexes(self, table: str, spec: TableSpec) -> None:
         if not self.apply:
@@ -203,15 +212,16 @@ class Migration:
         role = "robot_status" if kind == "robots" else "robot_events"
         have = await self.backend.column_info(name)
         if not have:
-            self.say(f"target {name} ({role}): does not exist; owned once created, "
-                     f"in the product's shape ({', '.join(spec.names)})")
-            await self._do([(self.d.create_table(name, spec), None)], f"create table {name}")
+            self.say(f"target {name} ({role}): does not exist; the product makes it and owns "
+                     f"it, in its own shape ({', '.join(spec.names)})")
+            await self._do([(self.d.create_table(name, spec), None)], f"create table {name}",
+                           f"created table {name}")
             if not self.apply:
                 return
             await self._record(name, "created")
             have = await self.backend.column_info(name)
         elif self.owned.get(name) == "created":
-            self.say(f"target {name} ({role}): owned (created by this product)")
+            self.say(f"target {name} ({role}): owned (made by this product)")
             await self._extend(name, spec, have)
             have = await self.backend.column_info(name)
         else:

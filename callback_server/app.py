@@ -210,6 +210,8 @@ def create_app(server: AppHost) -> FastAPI:
 
     async def visible_robot(principal: Principal, sn: str) -> dict[str, Any]:
         row = await server.store.get_robot(sn, None if principal.all_orgs else principal.orgs)
+        if row is None and not principal.all_orgs:
+            row = await server.store.get_robot(sn)  # another org's: refused (and counted)
         if row is None:
             raise NotFoundError(f"robot {sn} not found")
         access.require_org(principal, row.get("org_id"), f"robot {sn} not found")

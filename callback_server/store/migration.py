@@ -108,6 +108,10 @@ class Migration:
                              ("events", self.targets.robot_events)):
             for i, t in enumerate(tables):
                 await self._target(t, kind, first=(i == 0))  # type: ignore[arg-type]
+        names = [p.name for p in self.out.projections]
+        owned = [*OWN, *(n for n in names if n in self.owned)]
+        self.say(f"owns: {', '.join(owned)}; only writes: "
+                 f"{', '.join(n for n in names if n not in self.owned) or 'nothing'}")
         return self.out
 
     async def _do(self, statements: Sequence[Statement], what: str,

@@ -258,3 +258,28 @@ async def test_a_target_for_some_orgs_is_written_only_for_them(
     robots, events = seed_rows(db_url)
     assert [r["robot_sn"] for r in robots] == ["R1"] and len(events) == 1
     assert query(db_url, "SELECT org_id FROM target_robots") == [{"org_id": "beta"}] * 2
+
+
+async def test_the_batch_writer_dead_letters_exactly_the_refused_envelope(
+        db_url: str, tmp_path: Path) -> None:
+    """With today's batcher (bisection on StoreRejectedError): the one envelope whose sn
+    does not fit VARCHAR(50) is dead-lettered with the target's reason, the rest stored."""
+    import asyncio
+
+    from callback_server.batcher import BatchWriter
+
+    cfg = seed(db_url, tmp_path)
+    batch = messages("R1") + messages("R" * 51)[:1] + messages("R2")
+    async with open_store(db_url, targets=load_targets(cfg)) as store:
+        writer = BatchWriter(store, retry_min=0.01)
+        task = asyncio.create_task(writer.run())
+        try:
+            await asyncio.wait_for(writer.write(batch), 30)
+        finally:
+            task.cancel()
+    dead = query(db_url, "SELECT topic, reason FROM mqtt_dead_letters")
+    assert len(dead) == 1 and dead[0]["topic"].endswith("R" * 51 + "/status")
+    assert "target" in dead[0]["reason"] and "mnt_robots_management: robot_sn" in \
+        dead[0]["reason"] and "has 51 characters" in dead[0]["reason"]
+    assert [r["robot_sn"] for r in seed_rows(db_url)[0]] == ["R1", "R2"]
+    assert query(db_url, "SELECT COUNT(*) AS n FROM mqtt_message_log")[0]["n"] == 10

@@ -9,17 +9,22 @@ Two orgs reporting one sn are two robots.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from bridge.envelope import Envelope
 from bridge.errors import StoreRejectedError
+from callback_server.batcher import BatchWriter
 from callback_server.store import SqlStore, load_targets, open_store
 from tests.dbutil import query
+from tests.services import callback_server, edge_agent
+from tests.test_pipeline import BROKER, HEADERS, event_body, prefix, status_body, wait_stored
 
 #: SEEDS.md §1, exactly (docs/storage.md keeps it): INT epoch seconds, VARCHAR(50) sn.
 SEED_DDL = (
@@ -264,10 +269,6 @@ async def test_the_batch_writer_dead_letters_exactly_the_refused_envelope(
         db_url: str, tmp_path: Path) -> None:
     """With today's batcher (bisection on StoreRejectedError): the one envelope whose sn
     does not fit VARCHAR(50) is dead-lettered with the target's reason, the rest stored."""
-    import asyncio
-
-    from callback_server.batcher import BatchWriter
-
     cfg = seed(db_url, tmp_path)
     batch = messages("R1") + messages("R" * 51)[:1] + messages("R2")
     async with open_store(db_url, targets=load_targets(cfg)) as store:
@@ -283,3 +284,37 @@ async def test_the_batch_writer_dead_letters_exactly_the_refused_envelope(
         dead[0]["reason"] and "has 51 characters" in dead[0]["reason"]
     assert [r["robot_sn"] for r in seed_rows(db_url)[0]] == ["R1", "R2"]
     assert query(db_url, "SELECT COUNT(*) AS n FROM mqtt_message_log")[0]["n"] == 10
+
+
+@pytest.mark.integration
+def test_webhooks_through_edge_and_broker_land_in_the_seed_tables(
+        db_url: str, tmp_path: Path) -> None:
+    """Two orgs' gateways report the same sn through the real pipeline: the seed table
+    holds the first org's robot in epoch integers, out-of-order and duplicate deliveries
+    change nothing, its definition is unchanged, and the API shows each org its robot."""
+    cfg = seed(db_url, tmp_path)
+    before = definitions(db_url)
+    p = prefix()
+    ms = 1_700_000_000_000
+    acme = [status_body("R1", i, ms + i * 1000) for i in range(6)] + [event_body("R1", 1)]
+    beta = [status_body("R1", 50 + i, ms + i * 1000) for i in range(2)] + [event_body("R1", 1)]
+    shuffled = acme[::-1] + acme[:3]  # newest first, then three again
+    with callback_server(tmp_path, BROKER, db_url, TOPIC_PREFIX=p,
+                         DATABASE_CONFIG=str(cfg)) as server, \
+            edge_agent(tmp_path, BROKER, org="acme", TOPIC_PREFIX=p) as a, \
+            edge_agent(tmp_path, BROKER, org="beta", gateway="gw2", TOPIC_PREFIX=p) as b:
+        for url, bodies in ((a.url, shuffled), (b.url, beta)):
+            with httpx.Client(base_url=url, headers=HEADERS, timeout=10) as c:
+                for body in bodies:
+                    assert c.post("/api/pudu/webhook", json=body).status_code == 200
+        wait_stored(server, len(acme) + len(beta))  # the edge keeps a redelivery once
+        views = {org: httpx.get(f"{server.url}/robots?org={org}", headers=server.auth).json()
+                 for org in ("acme", "beta")}
+    robots, events = seed_rows(db_url)
+    assert [(r["robot_sn"], r["battery_level"], r["last_updated"]) for r in robots] == \
+        [("R1", 5, 1_700_000_005)]  # acme's newest; beta's R1 is not merged into it
+    assert [(e["robot_sn"], e["event_id"], e["task_time"]) for e in events] == \
+        [("R1", "e1", 1_700_000_001)]
+    assert definitions(db_url) == before
+    assert [(r["org_id"], r["battery_level"]) for r in views["acme"]["items"]] == [("acme", 5)]
+    assert [(r["org_id"], r["battery_level"]) for r in views["beta"]["items"]] == [("beta", 51)]

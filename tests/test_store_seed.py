@@ -318,3 +318,31 @@ def test_webhooks_through_edge_and_broker_land_in_the_seed_tables(
     assert definitions(db_url) == before
     assert [(r["org_id"], r["battery_level"]) for r in views["acme"]["items"]] == [("acme", 5)]
     assert [(r["org_id"], r["battery_level"]) for r in views["beta"]["items"]] == [("beta", 51)]
+
+
+def test_migrate_says_what_it_owns_and_what_it_only_writes(tmp_path: Path) -> None:
+    """``callback-server migrate --plan`` changes nothing and names, per target, whether it
+    is owned; ``migrate`` then creates only the product's own tables."""
+    from tests.test_cli import cli
+
+    url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    cfg = seed(url, tmp_path)
+    env = {"DATABASE_URL": url, "DATABASE_CONFIG": str(cfg)}
+    plan = cli("callback_server", "migrate", "--plan", env=env)
+    assert plan.returncode == 0, plan.stderr
+    assert "would create table robot_state" in plan.stdout
+    assert "target main.mnt_robots_management (robot_status): not owned; written only, " \
+           "never altered" in plan.stdout
+    assert "only writes: main.mnt_robots_management, main.mnt_robot_events" in plan.stdout
+    assert "ALTER TABLE" not in plan.stdout.upper()
+    names = "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
+    assert [r["name"] for r in query(url, names)] == ["mnt_robot_events",
+                                                      "mnt_robots_management"]
+    before = definitions(url)
+    done = cli("callback_server", "migrate", env=env)
+    assert done.returncode == 0 and "created table robot_state" in done.stdout
+    assert definitions(url) == before
+    owned = query(url, "SELECT table_name FROM store_tables ORDER BY table_name")
+    assert "robot_state" in {r["table_name"] for r in owned}
+    assert not {"mnt_robots_management", "main.mnt_robots_management"} & \
+        {r["table_name"] for r in owned}

@@ -231,7 +231,6 @@ class SqlStore:
             # Retrying cannot help: the batcher bisects to the message and dead-letters it.
             raise StoreRejectedError(f"cannot build rows: {type(exc).__name__}: {exc}") \
                 from exc
-        duplicates = await self._already_logged(items, rows)
         horizon = now + self.max_skew
         stamp = when(now)
         statements: list[Statement] = [
@@ -249,6 +248,9 @@ class SqlStore:
         counts = await self.backend.transaction(statements)
         for target_key, org in claimed.items():
             self._claims.setdefault(target_key, org)
+        duplicates = frozenset[str]()
+        if counts[0] < len(rows.log):  # some were there before: which ones
+            duplicates = await self._already_logged(items, rows, stamp)
         return BatchResult(messages=len(items), logged=counts[0], events=counts[1],
                            robots=len(rows.robots), skewed=rows.skewed,
                            duplicate_ids=duplicates)
@@ -271,9 +273,11 @@ class SqlStore:
                 if reason is not None:
                     raise StoreRejectedError(f"{reason} (envelope {env.id})")
 
-    async def _already_logged(self, items: Sequence[Item],
-                              rows: BatchRows) -> frozenset[str]:
-        """Envelope ids of the batch already in the raw log before this batch."""
+    async def _already_logged(self, items: Sequence[Item], rows: BatchRows,
+                              stamp: str | None) -> frozenset[str]:
+        """Envelope ids of the batch that were in the raw log before this batch: their
+        rows carry another ``stored_at`` than this batch's (asked only after a commit
+        that logged fewer rows than the batch has envelopes)."""
         ids: dict[tuple[str, str], str] = {}
         for item in items:
             env = item[1] if isinstance(item, tuple) else item
@@ -283,9 +287,9 @@ class SqlStore:
         for i in range(0, len(keys), 500):
             chunk = keys[i:i + 500]
             for r in await self.backend.fetch(
-                    f"SELECT org_id, id FROM {d.quote(LOG_TABLE)}"
-                    f" WHERE {d.pairs(('org_id', 'id'), len(chunk))}",
-                    [v for pair in chunk for v in pair]):
+                    f"SELECT org_id, id FROM {d.quote(LOG_TABLE)} WHERE (stored_at IS NULL"
+                    f" OR stored_at <> {d.mark}) AND ({d.pairs(('org_id', 'id'), len(chunk))})",
+                    [stamp, *(v for pair in chunk for v in pair)]):
                 env_id = ids.get((str(r["org_id"]), str(r["id"])))
                 if env_id is not None:
                     found.add(env_id)
@@ -327,7 +331,7 @@ class SqlStore:
         for p in self._projections:
             org_at = 1 if p.kind == "robots" else 7
             for r in rows.robots if p.kind == "robots" else rows.events:
-                if p.table.takes(r[org_at]):
+                if p.table.takes(r[org_at]) and (p.name, p.fold(r[0])) not in self._claims:
                     claims.setdefault((p.name, p.fold(r[0])), (p.name, p.fold(r[0]),
                                                                r[org_at], stamp))
         if claims:

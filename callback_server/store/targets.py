@@ -11,8 +11,8 @@ tables:
        orgs: [acme]}
 ```
 
-Every listed target is written in the same transaction. Reads use the first target of
-each kind. A target without ``database`` lives in the ``DATABASE_URL``'s database; a
+Every listed target is written in the same transaction, as a projection of the
+product's own tables (projection.py); reads use only the own tables (docs/storage.md). A target without ``database`` lives in the ``DATABASE_URL``'s database; a
 kind left out of the file keeps its default table there. ``primary_keys``, when given,
 must be the keys the store upserts by (anything else could not be idempotent).
 ``databases`` is informational (the tables say where they live). A target is keyed by

@@ -12,8 +12,9 @@ tables:
 ```
 
 Every listed target is written in the same transaction, as a projection of the
-product's own tables (projection.py); reads use only the own tables (docs/storage.md). A target without ``database`` lives in the ``DATABASE_URL``'s database; a
-kind left out of the file keeps its default table there. ``primary_keys``, when given,
+product's own tables (projection.py); reads use only the own tables (docs/storage.md).
+A target without ``database`` lives in the ``DATABASE_URL``'s database; a kind left out
+of the file keeps its default table there. ``primary_keys``, when given,
 must be the keys the store upserts by (anything else could not be idempotent).
 ``databases`` is informational (the tables say where they live). A target is keyed by
 robot_sn alone, so it holds one org's robot per sn: ``orgs`` (optional) lists the orgs

@@ -102,7 +102,9 @@ def create_app(server: AppHost) -> FastAPI:
         return JSONResponse(body, status_code=health_status(body, query, not_ready))
 
     async def visible_robot(principal: Principal, sn: str) -> dict[str, Any]:
-        row = await server.store.get_robot(sn)
+        row = await server.store.get_robot(sn, None if principal.all_orgs else principal.orgs)
+        if row is None and not principal.all_orgs:
+            row = await server.store.get_robot(sn)  # another org's: refused (and counted)
         if row is None:
             raise NotFoundError(f"robot {sn} not found")
         access.require_org(principal, row.get("org_id"), f"robot {sn} not found")
@@ -113,9 +115,9 @@ def create_app(server: AppHost) -> FastAPI:
         principal: Reader, limit: Limit = DEFAULT_LIMIT, cursor: str | None = None,
         org: str | None = None, gateway: str | None = None, status: str | None = None,
     ) -> dict[str, Any]:
-        after = decode_cursor(cursor, Text)
+        after = decode_cursor(cursor, Text, Text)  # (sn, org): two orgs may share an sn
         items, last = await server.store.list_robots(
-            limit=limit, after=None if after is None else str(after[0]),
+            limit=limit, after=after,
             orgs=None if principal.all_orgs else principal.orgs,
             org=org, gateway=gateway, status=status)
         return {"items": items, "next_cursor": None if last is None else encode_cursor(last)}
@@ -127,9 +129,9 @@ def create_app(server: AppHost) -> FastAPI:
     @app.get("/robots/{sn}/events", summary="A robot's events, newest first, a page at a time")
     async def events(sn: str, principal: Reader, limit: Limit = DEFAULT_LIMIT,
                      cursor: str | None = None) -> dict[str, Any]:
-        await visible_robot(principal, sn)
+        org = (await visible_robot(principal, sn))["org_id"]
         after = decode_cursor(cursor, MaybeText, MaybeNumber, Text)
-        items, last = await server.store.list_events(sn, limit=limit, after=after)
+        items, last = await server.store.list_events(sn, limit=limit, after=after, org=org)
         return {"items": items, "next_cursor": None if last is None else encode_cursor(last)}
 
     @app.get("/robots/{sn}/history",
@@ -137,19 +139,21 @@ def create_app(server: AppHost) -> FastAPI:
                      "charge change and at most a point a minute (default: the last 24 h)")
     async def history(sn: str, principal: Reader, since: MaybeSince = None,
                       limit: Limit = MAX_LIMIT, cursor: str | None = None) -> dict[str, Any]:
-        await visible_robot(principal, sn)
+        org = (await visible_robot(principal, sn))["org_id"]
         start = time.time() - HISTORY_DEFAULT_SECONDS if since is None else since
         after = decode_cursor(cursor, Number)
         items, last = await server.store.list_history(
-            sn, since=start, limit=limit, after=None if after is None else float(after[0]))
+            sn, since=start, limit=limit, after=None if after is None else float(after[0]),
+            org=org)
         return {"items": items, "next_cursor": None if last is None else encode_cursor(last)}
 
     @app.get("/robots/{sn}/tasks", summary="A robot's latest tasks (each at its newest "
                                             "state), the one started last first")
     async def tasks(sn: str, principal: Reader,
                     limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict[str, Any]:
-        await visible_robot(principal, sn)
-        return {"items": await server.store.list_tasks(sn, limit=limit), "next_cursor": None}
+        org = (await visible_robot(principal, sn))["org_id"]
+        return {"items": await server.store.list_tasks(sn, limit=limit, org=org),
+                "next_cursor": None}
 
     @app.post("/devices/{device_id}/commands",
               summary="Send a command to a gateway and wait for its response",

@@ -1,4 +1,5 @@
-"""``callback-server run | check-config [--connect] | migrate | keys add|list|remove``:
+"""``callback-server run | check-config [--connect] | migrate [--plan]
+[--drop-added-columns] | keys add|list|remove``:
 maps flags onto CallbackSettings and nothing more (exit codes: bridge.lifecycle)."""
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from callback_server.keys import ROLES, add_key, read_file, remove_key
 PROG = "callback-server"
 
 
-async def _migrate(settings: config.CallbackSettings) -> list[str]:
+async def _migrate(settings: config.CallbackSettings, args: argparse.Namespace) -> list[str]:
     from callback_server.store import load_targets, open_store
 
     targets = load_targets(settings.database_config) if settings.database_config else None
     async with open_store(settings.database_url, targets=targets) as store:
-        return await store.migrate()
+        return await store.migrate(apply=not args.plan, drop_added=args.drop_added_columns)
 
 
 def _keys(args: argparse.Namespace, path: str | None) -> int:
@@ -60,7 +61,15 @@ def _main(argv: list[str] | None) -> int:
                            help="run the checks `run` runs, then print the effective settings")
     check.add_argument("--connect", action="store_true",
                        help="also connect to the broker and the database")
-    sub.add_parser("migrate", parents=[common], help="create missing tables and columns, then exit")
+    migrate = sub.add_parser(
+        "migrate", parents=[common],
+        help="create and upgrade the product's own tables; print, per target table, whether "
+             "it is owned or only written, then exit (docs/storage.md)")
+    migrate.add_argument("--plan", action="store_true",
+                         help="only print what it would create or change")
+    migrate.add_argument("--drop-added-columns", action="store_true",
+                         help="drop the columns an earlier version added to target tables "
+                              "it did not create (nothing is dropped without this)")
     keys = sub.add_parser("keys", parents=[common], help="manage API_KEYS_FILE (SIGHUP after)")
     keys.add_argument("--file", help="the keys file (default: API_KEYS_FILE)")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
@@ -91,7 +100,7 @@ def _main(argv: list[str] | None) -> int:
     setup_logging(settings.log_level)
     if args.command == "migrate":
         try:
-            report = asyncio.run(_migrate(settings))
+            report = asyncio.run(_migrate(settings, args))
         except FleetError as exc:
             print(f"{PROG}: migration failed: {exc}", file=sys.stderr)
             return EXIT_CONFIG

@@ -59,7 +59,7 @@ async def test_paging_2500_robots_returns_each_once_while_they_are_updated(
         await store.write_batch([status(sn, orgs[sn], 1e9, "idle")
                                  for sn in fleet[start:start + 500]])
     seen: list[str] = []
-    after: str | None = None
+    after: Any = None
     pages = 0
     ts = 1e9
     while True:
@@ -72,7 +72,7 @@ async def test_paging_2500_robots_returns_each_once_while_they_are_updated(
                                  for sn in rng.sample(fleet, 200)])
         if last is None:
             break
-        after = decode_cursor(encode_cursor(last), Text)[0]  # type: ignore[index]
+        after = decode_cursor(encode_cursor(last), Text, Text)  # (sn, org)
     assert sorted(seen) == sorted(fleet) and len(seen) == len(set(seen))
     assert pages == -(-FLEET // limit)
     # Limited to some orgs, and filtered: still each once.

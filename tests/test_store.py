@@ -421,7 +421,9 @@ LEGACY = ("CREATE TABLE mnt_robots_management (robot_sn VARCHAR(64) PRIMARY KEY,
           " last_updated DATETIME)")
 
 
-async def test_existing_table_gains_the_extra_columns_and_keeps_its_rows(db_url: str) -> None:
+async def test_an_existing_table_is_written_as_it_is_and_never_altered(db_url: str) -> None:
+    """Contract change (issue 21): a table the product did not create gains no columns;
+    it is written in its own shape, and its rows never go backwards in robot time."""
     query(db_url, LEGACY)
     query(db_url, "INSERT INTO mnt_robots_management (robot_sn, status, water_level,"
                   " battery_level, last_updated) VALUES ('OLD', 'idle', 40, 77,"
@@ -429,21 +431,26 @@ async def test_existing_table_gains_the_extra_columns_and_keeps_its_rows(db_url:
     query(db_url, "CREATE TABLE mnt_robot_events (robot_sn VARCHAR(64), event_id VARCHAR(128),"
                   " event_level VARCHAR(16), event_type VARCHAR(128), event_detail TEXT,"
                   " task_time DATETIME, upload_time DATETIME, PRIMARY KEY (robot_sn, event_id))")
+    before = (column_names(db_url, "mnt_robots_management"),
+              column_names(db_url, "mnt_robot_events"))
     async with open_store(db_url) as s:
         await s.migrate()
-        cols = set(column_names(db_url, "mnt_robots_management"))
-        assert {"status_ts", "pose_ts", "last_ts", "org_id", "move_state"} <= cols
-        assert {"ts", "org_id", "callback_type"} <= set(column_names(db_url, "mnt_robot_events"))
-        # legacy last_updated (robot time 100) seeds the watermarks: older is ignored
+        # the legacy row's last_updated (robot time 100): an older message leaves it be
         await s.write_batch([item(env("OLD", "power", 50, battery_level=9))])
-        assert (await robot(s, "OLD"))["battery_level"] == 77
+        legacy = query(db_url, "SELECT * FROM mnt_robots_management")
+        assert (legacy[0]["battery_level"], legacy[0]["water_level"]) == (77, 40)
         await s.write_batch([item(env("OLD", "status", 150, status="busy-" + "y" * 40,
                                       battery_level=8))])
-        r = await robot(s, "OLD")
         await s.write_batch([item(env("OLD", "event", 151, event_id="e", event_level="info"))])
         assert len(await s.get_events("OLD")) == 1
+    assert (column_names(db_url, "mnt_robots_management"),
+            column_names(db_url, "mnt_robot_events")) == before
+    r = query(db_url, "SELECT * FROM mnt_robots_management")[0]
     # legacy columns untouched; a value longer than the legacy VARCHAR(20) is cut to fit
     assert (r["status"], r["water_level"], r["battery_level"]) == ("busy-" + "y" * 15, 40, 8)
+    assert str(r["last_updated"]).startswith("1970-01-01 00:02:31")  # the event, last
+    events = query(db_url, "SELECT event_id, event_level FROM mnt_robot_events")
+    assert events == [{"event_id": "e", "event_level": "info"}]
 
 
 async def test_a_table_without_the_key_is_refused_with_a_clear_error(db_url: str) -> None:
@@ -560,9 +567,7 @@ def test_mysql_statements_are_folded_into_multi_row_inserts() -> None:
 
     store = open_store("mysql://root:@127.0.0.1:3306/test",
                        targets=Targets(robot_events=(Table(None, "a"), Table("db2", "b"))))
-    upserts = [store.dialect.robot_upsert(t.qualified, 1.8e9) for t in store.targets.robot_status]
-    statements = [store._log_sql, *store._event_sql, *upserts]
-    assert len(statements) == 4
+    statements = [store._log_sql, store._event_sql, store.dialect.robot_upsert("robot_state", 2e9)]
     assert all(RE_INSERT_VALUES.match(sql) for sql in statements)
 
 

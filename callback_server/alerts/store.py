@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -32,6 +32,7 @@ from callback_server.store.schema import (
     ALERT_WATCH_TABLE,
     ALERTS,
     ALERTS_TABLE,
+    STATE_TABLE,
 )
 
 _ALERT_COLUMNS = ", ".join(ALERTS.names)
@@ -95,8 +96,8 @@ class AlertStore:
         stuck = (f"CASE WHEN {d.new('stuck_since')} IS NULL THEN NULL "
                  f"ELSE COALESCE(stuck_since, {d.new('stuck_since')}) END")
         self._watch_upsert = d.upsert(
-            ALERT_WATCH_TABLE, ALERT_WATCH.names, ("robot_sn",),
-            {"org_id": d.new("org_id"), "seen_at": seen, "stuck_since": stuck})
+            ALERT_WATCH_TABLE, ALERT_WATCH.names, ALERT_WATCH.key,
+            {"seen_at": seen, "stuck_since": stuck})
 
     async def _write(self, sql: str, row: Sequence[Any]) -> int:
         await self.store.ready()
@@ -283,20 +284,25 @@ class AlertStore:
             f"{self.d.quote(ALERT_WATCH_TABLE)} WHERE stuck_since <= {self.d.mark}", (before,))
 
     async def robots(self, sns: Collection[str]) -> dict[str, dict[str, Any]]:
-        """Latest stored state of these robots (first status target)."""
-        table = self.d.quote(self.store.targets.robot_status[0].qualified)
+        """Latest stored state of these robots (the product's robot_state). ``sns`` may map
+        each sn to its org (or to something with an ``org``): then that org's robot."""
         return await self._by_sn(
             f"SELECT robot_sn, org_id, status, battery_level, charge_state, is_charging, "
-            f"move_state FROM {table} WHERE robot_sn IN", sns)
+            f"move_state FROM {self.d.quote(STATE_TABLE)} WHERE robot_sn IN", sns)
 
     async def _by_sn(self, head: str, sns: Collection[str]) -> dict[str, dict[str, Any]]:
-        """Rows of ``head ({marks})`` for ``sns``, 500 placeholders a query at most."""
+        """Rows of ``head ({marks})`` for ``sns``, 500 placeholders a query at most. Rows
+        are keyed by (org, sn): where ``sns`` maps an sn to its org, only that org's row."""
         ordered = sorted(sns)
+        orgs = {sn: getattr(v, "org", v) for sn, v in sns.items()} \
+            if isinstance(sns, Mapping) else {}
         out: dict[str, dict[str, Any]] = {}
         for i in range(0, len(ordered), 500):
             chunk = ordered[i:i + 500]
             for r in await self._fetch(f"{head} ({self.d.marks(len(chunk))})", chunk):
-                out[str(r["robot_sn"])] = r
+                sn = str(r["robot_sn"])
+                if orgs.get(sn, r["org_id"]) == r["org_id"]:
+                    out[sn] = r
         return out
 
     # -- leases ------------------------------------------------------------------------------

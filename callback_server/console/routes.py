@@ -121,14 +121,14 @@ def create_console_router(server: AppHost, access: Access, hub: ConsoleHub) -> A
         try:
             orgs = None if principal.all_orgs else principal.orgs
             robots: list[dict[str, Any]] = []
-            after: str | None = None
+            after: list[Any] | None = None
             while len(robots) < SNAPSHOT_LIMIT:
                 items, last = await server.store.list_robots(limit=MAX_LIMIT, after=after,
                                                              orgs=orgs)
                 robots += items
                 if last is None:
                     break
-                after = str(last[0])
+                after = last
             alerts = []
             for state in ("open", "acknowledged"):
                 page, _ = await server.alert_store.page(limit=MAX_LIMIT, orgs=orgs,

@@ -5,7 +5,9 @@
         result = await store.write_batch([(topic, envelope), ...])
 
 ``url`` is ``mysql://user:pass@host:3306/db`` or ``sqlite:///path``; the scheme picks
-the backend from ``BACKENDS``. See ``SqlStore`` for the write and read contract.
+the backend from ``BACKENDS``. See ``SqlStore`` for the write and read contract,
+migration.py for what the store owns and alters, projection.py for how the
+``database_config.yaml`` targets are written (docs/storage.md).
 """
 
 from __future__ import annotations

@@ -10,13 +10,40 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from callback_server.store.dialect import Dialect
 
 #: ``(sql, rows)``: ``executemany(sql, rows)``, skipped when ``rows`` is empty; or
 #: ``(sql, None)``: run once without parameters (DDL).
 Statement = tuple[str, Sequence[Sequence[Any]] | None]
+
+#: How a column stores a value: what the projection onto a target converts to.
+Family = Literal["int", "datetime", "number", "text"]
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnInfo:
+    """One existing column, as ``information_schema`` (SQLite: ``PRAGMA table_info``)
+    describes it."""
+
+    declared: str            # the column's type as the database shows it
+    family: Family
+    chars: int | None = None  # the most characters it takes, where enforced or declared
+    folds_case: bool = False  # a case-insensitive collation: ``a`` and ``A`` are one key
+
+
+def family_of(declared: str) -> Family:
+    """The family of a declared type, by the same rules as SQLite's type affinity."""
+    t = declared.lower()
+    if "int" in t:
+        return "int"
+    if "date" in t or "time" in t:
+        return "datetime"
+    if any(n in t for n in ("dec", "num", "real", "doub", "float")):
+        return "number"
+    return "text"
 
 
 class Backend(abc.ABC):
@@ -40,6 +67,14 @@ class Backend(abc.ABC):
     async def columns(self, table: str) -> dict[str, int | None]:
         """Columns of ``table`` (``db.table`` allowed) with their character limit where
         the database enforces one; empty if the table does not exist."""
+
+    @abc.abstractmethod
+    async def column_info(self, table: str) -> dict[str, ColumnInfo]:
+        """Columns of ``table`` with type and collation; empty if it does not exist."""
+
+    async def create_statement(self, table: str) -> str | None:
+        """The database's own CREATE TABLE text for ``table`` (None: no such table)."""
+        return None
 
     @abc.abstractmethod
     async def unique_keys(self, table: str) -> list[frozenset[str]]:

@@ -14,6 +14,9 @@ from typing import Literal
 
 from callback_server.store.schema import ROBOT_ROW, STATE_GROUPS, Column, TableSpec
 
+#: Identifiers compare byte for byte on MySQL: ``caserobot`` is not ``CASEROBOT``.
+BINARY = "CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+
 # MySQL TEXT holds 65,535 bytes; utf8mb4 needs up to 4 bytes a character.
 _TEXT_CHARS = 65535 // 4
 
@@ -45,7 +48,7 @@ class Dialect:
     def column_type(self, column: Column) -> str:
         if self.mysql:
             return {
-                "key": f"VARCHAR({column.size})",
+                "key": f"VARCHAR({column.size}) {BINARY}",
                 "str": f"VARCHAR({column.size})",
                 "text": "TEXT" if column.size <= _TEXT_CHARS else "MEDIUMTEXT",
                 "int": "INT",
@@ -92,6 +95,26 @@ class Dialect:
             return f"UNIX_TIMESTAMP({column})"
         return f"((julianday({column}) - 2440587.5) * 86400.0)"
 
+    def pairs(self, columns: Sequence[str], count: int) -> str:
+        """``(a = ? AND b = ?) OR ...`` for ``count`` keys: what both databases' range
+        optimisers use a composite primary key for (row-value IN is not always)."""
+        one = " AND ".join(f"{c} = {self.mark}" for c in columns)
+        return " OR ".join([f"({one})"] * count)
+
+    def from_epoch(self, column: str) -> str:
+        """A UTC datetime of epoch seconds (the inverse of ``epoch``)."""
+        if self.mysql:
+            return f"FROM_UNIXTIME({column})"
+        return f"strftime('%Y-%m-%d %H:%M:%f', {column}, 'unixepoch')"
+
+    def rename(self, table: str, to: str) -> str:
+        if self.mysql:
+            return f"RENAME TABLE {self.quote(table)} TO {self.quote(to)}"
+        return f"ALTER TABLE {self.quote(table)} RENAME TO {self.quote(to)}"
+
+    def drop_column(self, table: str, column: str) -> str:
+        return f"ALTER TABLE {self.quote(table)} DROP COLUMN {column}"
+
     def least(self, a: str, b: str) -> str:
         return f"{'LEAST' if self.mysql else 'MIN'}({a}, {b})"
 
@@ -135,8 +158,8 @@ class Dialect:
         The row carries every group; a group this batch did not see has a NULL
         watermark, and ``NULL >= x`` is never true, so the stored values stay. A group
         is taken when its ts is >= the stored watermark (a NULL watermark, e.g. on a
-        legacy row, takes anything). ``org_id``, ``gateway_id`` and ``last_updated``
-        follow ``last_ts``, the newest robot time seen for the robot.
+        legacy row, takes anything). ``gateway_id`` and ``last_updated`` follow
+        ``last_ts``, the newest robot time seen for the robot; the key is (org, sn).
 
         A stored watermark beyond ``horizon`` (now + the allowed clock skew, inlined as
         a literal: it is our own float) counts as NULL, so a robot frozen by a
@@ -150,7 +173,7 @@ class Dialect:
         else:
             def new(c: str) -> str:
                 return f"excluded.{c}"
-            head = "ON CONFLICT(robot_sn) DO UPDATE SET"
+            head = "ON CONFLICT(org_id, robot_sn) DO UPDATE SET"
 
         def take(column: str, watermark: str) -> str:
             # COALESCE(old, new): a NULL stored watermark accepts any non-NULL new one.
@@ -159,7 +182,7 @@ class Dialect:
             return f"{column} = CASE WHEN {cond} THEN {new(column)} ELSE {column} END"
 
         sets = [take(c, f"{g}_ts") for g, group in STATE_GROUPS.items() for c in group]
-        sets += [take(c, "last_ts") for c in ("org_id", "gateway_id", "last_updated")]
+        sets += [take(c, "last_ts") for c in ("gateway_id", "last_updated")]
         # MySQL applies assignments left to right, later ones seeing the updated row:
         # the watermarks therefore come last. SQLite reads the old row throughout.
         sets += [take(f"{g}_ts", f"{g}_ts") for g in STATE_GROUPS]
@@ -167,19 +190,20 @@ class Dialect:
         return f"{self.insert(table, ROBOT_ROW)} {head} {', '.join(sets)}"
 
     def history_points(self, history: str, robots: str, every: float, count: int) -> str:
-        """Copy ``count`` robots' state rows (params: now, the sns, the horizon) into
+        """Copy ``count`` robots' state rows (params: now, (org, sn) pairs, the horizon) into
         ``history`` at their robot time, each if its last point is ``every`` seconds older
         or differs in status or charge state; a point at the same robot time is replaced
         by the newer state.
 
         One statement for many robots, run in the batch's transaction after the upsert
         (a statement per robot costs a round trip each on MySQL: 5x the batch's time);
-        both subqueries use the (robot_sn, ts) primary key.
+        both subqueries use the (org_id, robot_sn, ts) primary key.
         """
         h, r, m = self.quote(history), self.quote(robots), self.mark
         names = ("robot_sn", "ts", "recorded_at", "org_id", "gateway_id", "status",
                  "battery_level", "charge_state", "x", "y", "yaw", "map_name")
-        last = (f"(SELECT {{col}} FROM {h} p WHERE p.robot_sn = r.robot_sn"
+        same = "{a}.org_id = r.org_id AND {a}.robot_sn = r.robot_sn"
+        last = (f"(SELECT {{col}} FROM {h} p WHERE {same.format(a='p')}"
                 f" ORDER BY p.ts DESC LIMIT 1)")
         changed = " OR ".join(
             f"COALESCE({last.format(col=f'p.{c}')}, '') <> COALESCE(r.{c}, '')"
@@ -187,15 +211,15 @@ class Dialect:
         select = (
             f"SELECT r.robot_sn, r.last_ts, {m}, r.org_id, r.gateway_id, r.status,"
             f" r.battery_level, r.charge_state, r.x, r.y, r.yaw, r.map_name FROM {r} r"
-            f" WHERE r.robot_sn IN ({self.marks(count)}) AND r.last_ts IS NOT NULL"
-            f" AND r.last_ts <= {m} AND ("
-            f"NOT EXISTS (SELECT 1 FROM {h} q WHERE q.robot_sn = r.robot_sn"
+            f" WHERE ({self.pairs(('r.org_id', 'r.robot_sn'), count)})"
+            f" AND r.last_ts IS NOT NULL AND r.last_ts <= {m} AND ("
+            f"NOT EXISTS (SELECT 1 FROM {h} q WHERE {same.format(a='q')}"
             f" AND q.ts > r.last_ts - {float(every)!r}) OR {changed})")
         sets = [c for c in names if c not in ("robot_sn", "ts")]
         if self.mysql:
             update = "ON DUPLICATE KEY UPDATE " + ", ".join(f"{c} = VALUES({c})" for c in sets)
         else:
-            update = ("ON CONFLICT(robot_sn, ts) DO UPDATE SET "
+            update = ("ON CONFLICT(org_id, robot_sn, ts) DO UPDATE SET "
                       + ", ".join(f"{c} = excluded.{c}" for c in sets))
         return f"INSERT INTO {h} ({', '.join(names)}) {select} {update}"
 

@@ -21,7 +21,7 @@ import aiomysql
 import pymysql
 
 from bridge.errors import ConfigError, StoreError, StoreRejectedError
-from callback_server.store.base import Backend, Statement
+from callback_server.store.base import Backend, ColumnInfo, Statement, family_of
 from callback_server.store.dialect import Dialect
 
 T = TypeVar("T")
@@ -141,6 +141,12 @@ class MysqlBackend(Backend):
         async def run(conn: aiomysql.Connection) -> list[int]:
             counts = []
             async with conn.cursor(_QuietCursor) as cur:
+                if not getattr(conn, "_read_committed", False):
+                    # The INSERT ... SELECTs copying robot_state into history and the
+                    # targets then read a consistent snapshot instead of share- and
+                    # gap-locking what they read (concurrent replicas deadlocked on it).
+                    await cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                    conn._read_committed = True
                 for sql, rows in statements:
                     if rows is None:
                         await cur.execute(sql)
@@ -171,6 +177,31 @@ class MysqlBackend(Backend):
             (database or self.database, name),
         )
         return {str(r["c"]): None if r["n"] is None else int(r["n"]) for r in rows}
+
+    async def column_info(self, table: str) -> dict[str, ColumnInfo]:
+        database, _, name = table.rpartition(".")
+        rows = await self.fetch(
+            "SELECT COLUMN_NAME AS c, COLUMN_TYPE AS t, CHARACTER_MAXIMUM_LENGTH AS n,"
+            " COLLATION_NAME AS k FROM information_schema.COLUMNS"
+            " WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s",
+            (database or self.database, name),
+        )
+        out = {}
+        for r in rows:
+            declared = r["t"].decode() if isinstance(r["t"], bytes) else str(r["t"])
+            out[str(r["c"])] = ColumnInfo(
+                declared, family_of(declared), None if r["n"] is None else int(r["n"]),
+                str(r["k"] or "").endswith("_ci"))
+        return out
+
+    async def create_statement(self, table: str) -> str | None:
+        database, _, name = table.rpartition(".")
+        quoted = self.dialect.quote(f"{database or self.database}.{name}")
+        try:
+            rows = await self.fetch(f"SHOW CREATE TABLE {quoted}")
+        except StoreRejectedError:
+            return None
+        return str(rows[0]["Create Table"]) if rows else None
 
     async def unique_keys(self, table: str) -> list[frozenset[str]]:
         database, _, name = table.rpartition(".")

@@ -20,7 +20,14 @@ from typing import Any
 from bridge.envelope import Envelope
 from bridge.errors import TopicError
 from bridge.topic import GATEWAY_CHANNELS, ROBOT_CHANNELS, TopicScheme, channel_for
-from callback_server.store.schema import EVENTS, LOG, ROBOTS, RUNS, STATE_GROUPS, TableSpec
+from callback_server.store.schema import (
+    LOG,
+    OWN_EVENTS,
+    RUNS,
+    STATE,
+    STATE_GROUPS,
+    TableSpec,
+)
 
 #: A batch item: the MQTT topic it came on and its envelope, or the bare envelope (its
 #: topic is then rebuilt as ``org/{org}/device/{device}/{channel}``, without a prefix).
@@ -183,7 +190,7 @@ def state_groups(channel: str, data: Mapping[str, Any],
         if any(v is not None for v in values):
             found[group] = values
 
-    size = sizes or _sizes(ROBOTS, None)
+    size = sizes or _sizes(STATE, None)
     if channel == "status":
         take("status", text(data.get("status"), size["status"]))
         take("charging", flag(data.get("is_charging")))
@@ -217,7 +224,7 @@ class BatchRows:
     """The rows of one batch, each list sorted by primary key (a fixed lock order, so
     concurrent replicas' transactions cannot deadlock on each other's rows)."""
 
-    log: list[tuple[Any, ...]]
+    log: list[tuple[Any, ...]]  # its key is (org_id, id): row[3], row[0]
     events: list[tuple[Any, ...]]
     robots: list[tuple[Any, ...]]
     skewed: int = 0  # messages ordered by ``now`` because their time was too far ahead
@@ -225,9 +232,13 @@ class BatchRows:
 
 
 def _sizes(spec: TableSpec, limits: Limits | None) -> dict[str, int]:
+    """Each text column's size, narrowed to ``limits`` (the targets' narrower columns):
+    a value is cut to fit them all. Not a key: a key that does not fit is refused, never
+    cut (SqlStore.write_batch), as a cut sn would be another robot."""
     sizes = {c.name: c.size for c in spec.columns if c.size}
+    keys = {c.name for c in spec.columns if c.kind == "key"}
     for name, limit in (limits or {}).items():
-        if name in sizes and limit:
+        if name in sizes and name not in keys and limit:
             sizes[name] = min(sizes[name], limit)
     return sizes
 
@@ -277,12 +288,12 @@ def build_rows(items: Sequence[Item], *, now: float,
     ``max_skew`` ahead of ``now`` are ordered as ``now`` (``sane_time``).
     """
     lim = limits or {}
-    ls, es, rs = _sizes(LOG, lim.get("log")), _sizes(EVENTS, lim.get("events")), \
-        _sizes(ROBOTS, lim.get("robots"))
+    ls, es, rs = _sizes(LOG, lim.get("log")), _sizes(OWN_EVENTS, lim.get("events")), \
+        _sizes(STATE, lim.get("robots"))
     stored_at = when(now)
-    log: dict[str, tuple[Any, ...]] = {}
-    events: dict[tuple[str, str], tuple[Any, ...]] = {}
-    robots: dict[str, _Robot] = {}
+    log: dict[tuple[str, str], tuple[Any, ...]] = {}
+    events: dict[tuple[str, str, str], tuple[Any, ...]] = {}
+    robots: dict[tuple[str, str], _Robot] = {}
     runs: dict[str, tuple[Any, ...]] = {}
     skewed = 0
     for order, item in enumerate(items):
@@ -295,9 +306,10 @@ def build_rows(items: Sequence[Item], *, now: float,
             env = sane
         received = robot_time(env.received_at)
         log_id = key(env.id, ls["id"])
-        log.setdefault(log_id, (
+        org = key(env.org, ls["org_id"])
+        log.setdefault((org, log_id), (
             log_id, text(topic, ls["topic"]), text(env.type, ls["type"]),
-            text(env.org, ls["org_id"]), text(env.device, ls["device_id"]),
+            org, text(env.device, ls["device_id"]),
             text(channel, ls["channel"]), ts, received, stored_at,
             text(_payload(env), ls["payload"]),
         ))
@@ -312,27 +324,26 @@ def build_rows(items: Sequence[Item], *, now: float,
         data = env.data
         if channel == "event" and data.get("event_id") not in (None, ""):
             event_id = key(data["event_id"], es["event_id"])
-            events.setdefault((sn, event_id), (
+            events.setdefault((org, sn, event_id), (
                 sn, event_id, text(data.get("event_level"), es["event_level"]),
                 text(data.get("event_type"), es["event_type"]),
                 text(data.get("event_detail"), es["event_detail"]), when(ts), when(received),
-                text(env.org, es["org_id"]), text(env.gateway, es["gateway_id"]),
+                org, text(env.gateway, es["gateway_id"]),
                 text(env.type, es["callback_type"]), ts, text(env.id, es["message_id"]),
             ))
         if ts is None:
             continue  # no usable robot time: it cannot be ordered against stored state
-        robot = robots.setdefault(sn, _Robot())
+        robot = robots.setdefault((org, sn), _Robot(org=org))
         if (ts, order) >= robot.newest:
             robot.newest = (ts, order)
-            robot.org = text(env.org, rs["org_id"])
             robot.gateway = text(env.gateway, rs["gateway_id"])
         for group, values in state_groups(channel, data, rs).items():
             held = robot.groups.get(group)
             if held is None or (ts, order) >= held[:2]:
                 robot.groups[group] = (ts, order, values)
     robot_rows = []
-    for sn in sorted(robots):
-        r = robots[sn]
+    for org_sn in sorted(robots):
+        sn, r = org_sn[1], robots[org_sn]
         state: list[Any] = []
         marks: list[float | None] = []
         for group, cols in STATE_GROUPS.items():

@@ -1,8 +1,11 @@
 """The tables the store owns, declared once; the dialect turns them into DDL.
 
-Table and column names are the ones existing deployments use (DESIGN.md, "Storage").
-Columns beyond the legacy ones are added to an existing table when missing, never
-renamed or retyped, so a site can point the product at its current database.
+Two families: the product's own tables (``robot_state``, ``robot_events``, history, tasks,
+the log, commands, alerts ...), every robot fact keyed by ``(org_id, robot_sn)``, created
+and upgraded by ``migrate`` and recorded in ``store_tables``; and the targets of
+``database_config.yaml`` (``mnt_robots_management`` / ``mnt_robot_events`` by default),
+written as a projection of the own tables. A target the product did not create is never
+altered (docs/storage.md).
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ STATE_COLUMNS = tuple(c for cols in STATE_GROUPS.values() for c in cols)
 ROBOT_ROW = ("robot_sn", "org_id", "gateway_id", *STATE_COLUMNS, *WATERMARKS, "last_ts",
              "last_updated")
 
+#: The shape of a status target the product creates itself (today's richer shape, keyed
+#: by robot_sn like the seed table it stands in for); seed targets keep their own shape.
 ROBOTS = TableSpec(
     columns=(
         # the legacy shape
@@ -88,6 +93,7 @@ ROBOTS = TableSpec(
     ),
     key=("robot_sn",),
 )
+#: The shape of an events target the product creates itself.
 EVENTS = TableSpec(
     columns=(
         Column("robot_sn", "key", 64),
@@ -105,12 +111,61 @@ EVENTS = TableSpec(
     ),
     key=("robot_sn", "event_id"),
 )
+
+
+def _own(spec: TableSpec, key: tuple[str, ...]) -> TableSpec:
+    """``spec`` keyed by ``key`` (org_id first, of kind key: binary collation on MySQL)."""
+    cols = tuple(Column(c.name, "key", c.size) if c.name in key else c for c in spec.columns)
+    return TableSpec(columns=cols, key=key)
+
+
+#: The product's latest robot state: every fact of ROBOTS, one row per (org, robot).
+STATE = _own(ROBOTS, ("org_id", "robot_sn"))
+#: The product's robot events, one row per (org, robot, event id).
+OWN_EVENTS = _own(EVENTS, ("org_id", "robot_sn", "event_id"))
+STATE_TABLE = "robot_state"
+OWN_EVENTS_TABLE = "robot_events"
+
+#: The columns of the seed tables (docs/storage.md); anything else on a target table was
+#: added (or created) by the product, and reads never use it.
+SEED_ROBOT_COLUMNS = ("robot_sn", "status", "battery_level", "water_level", "sewage_level",
+                      "x", "y", "z", "yaw", "charge_state", "last_updated")
+SEED_EVENT_COLUMNS = ("robot_sn", "event_id", "event_level", "event_type", "event_detail",
+                      "task_time", "upload_time")
+#: Columns whose presence on a target means an earlier version wrote its bookkeeping there.
+BOOKKEEPING = frozenset(c for c in (*ROBOTS.names, *EVENTS.names)
+                        if c not in (*SEED_ROBOT_COLUMNS, *SEED_EVENT_COLUMNS))
+
+#: The tables the product created or took over (``migrate``): only these it alters.
+OWNERSHIP = TableSpec(
+    columns=(
+        Column("table_name", "key", 200),    # db.table as database_config.yaml names it
+        Column("how", "str", 16),            # created | adopted (an earlier version's)
+        Column("recorded_at", "time"),
+    ),
+    key=("table_name",),
+)
+OWNERSHIP_TABLE = "store_tables"
+
+#: Which org a single-tenant target's robot belongs to: the first org to report the sn
+#: there; a robot of another org with that sn is not written to that target.
+CLAIMS = TableSpec(
+    columns=(
+        Column("target", "key", 200),
+        Column("robot_key", "key", 64),      # the sn as the target compares it (case-folded
+        Column("org_id", "key", 128),        # where its collation ignores case)
+        Column("claimed_at", "time"),
+    ),
+    key=("target", "robot_key"),
+)
+CLAIMS_TABLE = "target_robots"
+
 LOG = TableSpec(
     columns=(
         Column("id", "key", 64),
         Column("topic", "str", 512),
         Column("type", "str", 64),
-        Column("org_id", "str", 128),
+        Column("org_id", "key", 128),
         Column("device_id", "str", 128),
         Column("channel", "str", 128),
         Column("ts", "float"),
@@ -118,7 +173,7 @@ LOG = TableSpec(
         Column("stored_at", "time"),
         Column("payload", "text", 4_000_000),  # MEDIUMTEXT: 16 MiB of utf8mb4
     ),
-    key=("id",),
+    key=("org_id", "id"),  # envelope ids are unique per org, not across orgs
     aged_by="stored_at",
 )
 DEAD_LETTERS = TableSpec(
@@ -139,7 +194,7 @@ DEAD_LETTERS = TableSpec(
 COMMANDS = TableSpec(
     columns=(
         Column("message_id", "key", 64),
-        Column("org_id", "str", 128),
+        Column("org_id", "key", 128),
         Column("device_id", "str", 128),
         Column("command", "str", 64),
         Column("args", "text", 60000),
@@ -149,7 +204,7 @@ COMMANDS = TableSpec(
         Column("rtt_ms", "float"),
         Column("key_name", "str", 128),  # the API key that sent it (by name, never the key)
     ),
-    key=("message_id",),
+    key=("org_id", "message_id"),
     aged_by="sent_at",
 )
 
@@ -189,7 +244,7 @@ HISTORY = TableSpec(
         Column("robot_sn", "key", 64),
         Column("ts", "float"),               # robot time of the state (its last_ts)
         Column("recorded_at", "time"),       # server time, what retention goes by
-        Column("org_id", "str", 128),
+        Column("org_id", "key", 128),
         Column("gateway_id", "str", 128),
         Column("status", "str", 32),
         Column("battery_level", "int"),
@@ -199,7 +254,7 @@ HISTORY = TableSpec(
         Column("yaw", "float"),
         Column("map_name", "str", 128),
     ),
-    key=("robot_sn", "ts"),
+    key=("org_id", "robot_sn", "ts"),
     aged_by="recorded_at",
 )
 #: Keys of a history point as ``GET /robots/{sn}/history`` returns it.
@@ -213,7 +268,7 @@ TASKS = TableSpec(
     columns=(
         Column("robot_sn", "key", 64),
         Column("task_key", "key", 128),      # task_id, else task_name@task_time
-        Column("org_id", "str", 128),
+        Column("org_id", "key", 128),
         Column("task_id", "str", 128),
         Column("task_name", "str", 255),
         Column("task_status", "str", 32),
@@ -222,7 +277,7 @@ TASKS = TableSpec(
         Column("ts", "float"),               # robot time of this state
         Column("updated_at", "time"),        # server time, what retention goes by
     ),
-    key=("robot_sn", "task_key"),
+    key=("org_id", "robot_sn", "task_key"),
     aged_by="updated_at",
 )
 #: Keys of a task as ``GET /robots/{sn}/tasks`` returns it.
@@ -308,11 +363,11 @@ ALERT_SILENCES = TableSpec(
 ALERT_WATCH = TableSpec(
     columns=(
         Column("robot_sn", "key", 64),
-        Column("org_id", "str", 128),
+        Column("org_id", "key", 128),
         Column("seen_at", "float"),
         Column("stuck_since", "float"),
     ),
-    key=("robot_sn",),
+    key=("org_id", "robot_sn"),
 )
 #: Short leases: one replica at a time runs the time-based sweep.
 ALERT_LEASES = TableSpec(

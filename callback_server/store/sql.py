@@ -23,37 +23,48 @@ from typing import Any
 from bridge.commands import CommandOutcome
 from bridge.errors import StoreError, StoreRejectedError
 from callback_server.store.base import Backend, Statement
-from callback_server.store.rows import Item, build_rows, key, text, when
+from callback_server.store.migration import Migration
+from callback_server.store.projection import Projection
+from callback_server.store.rows import (
+    BatchRows,
+    Item,
+    build_rows,
+    channel_of,
+    is_robot_state,
+    key,
+    text,
+    when,
+)
 from callback_server.store.schema import (
-    ALERT_TABLES,
+    CLAIMS,
+    CLAIMS_TABLE,
     COMMAND_TABLE,
     COMMANDS,
     DEAD_LETTERS,
     DEAD_TABLE,
-    EVENTS,
-    HISTORY,
     HISTORY_EVERY_SECONDS,
     HISTORY_FIELDS,
     HISTORY_TABLE,
     LOG,
     LOG_TABLE,
+    OWN_EVENTS,
+    OWN_EVENTS_TABLE,
     PRUNABLE,
-    ROBOTS,
     RUNS,
     RUNS_TABLE,
+    STATE_TABLE,
     TASK_FIELDS,
     TASKS,
     TASKS_TABLE,
-    WATERMARKS,
-    TableSpec,
 )
 from callback_server.store.targets import Targets
 from callback_server.store.tasks import task_rows
 
 log = logging.getLogger(__name__)
 
-#: Robots per history statement (a batch holds at most a few hundred robots).
+#: Robots per history or projection statement (a batch holds at most a few hundred).
 _HISTORY_CHUNK = 500
+_LOG_ID, _LOG_ORG = LOG.column("id").size, LOG.column("org_id").size
 
 #: Keys of a robot as the read API returns it.
 ROBOT_FIELDS = ("robot_sn", "org_id", "gateway_id", "status", "battery_level", "charge_state",
@@ -76,9 +87,12 @@ class BatchResult:
 
     messages: int  # items in the batch
     logged: int    # new rows in the raw message log; the rest were redeliveries
-    events: int    # new event rows (first events target)
-    robots: int    # robots whose state row was upserted (in every status target)
+    events: int    # new event rows (robot_events)
+    robots: int    # robots whose state row was upserted (robot_state, and the targets)
     skewed: int = 0  # messages whose robot time was too far ahead (ordered by our clock)
+    #: Envelope ids of items that were already stored before this batch (an idempotent
+    #: retry): the ingest answer's ``duplicate`` outcome; every other item was stored.
+    duplicate_ids: frozenset[str] = frozenset()
 
     @property
     def duplicates(self) -> int:
@@ -134,19 +148,20 @@ class SqlStore:
         self._migrated = False
         self._migrate_lock = asyncio.Lock()
         self._limits: dict[str, dict[str, int]] = {}
+        self._projections: list[Projection] = []
+        self._claims: dict[tuple[str, str], str] = {}  # (target, sn key) -> org, as read
+        self._warned: set[tuple[str, str, str]] = set()
         d = self.dialect
         self._log_sql = d.insert_ignore(LOG_TABLE, LOG.names)
         self._runs_sql = d.insert_ignore(RUNS_TABLE, RUNS.names)
-        self._event_sql = [d.insert_ignore(t.qualified, EVENTS.names)
-                           for t in self.targets.robot_events]
+        self._event_sql = d.insert_ignore(OWN_EVENTS_TABLE, OWN_EVENTS.names)
         # a task's state moves only forward in robot time (ts last: MySQL assigns in order)
         newer = f"{d.new('ts')} >= COALESCE(ts, {d.new('ts')})"
         columns = [c for c in TASKS.names if c not in (*TASKS.key, "ts")] + ["ts"]
         self._task_sql = d.upsert(TASKS_TABLE, TASKS.names, TASKS.key, {
             c: f"CASE WHEN {newer} THEN {d.new(c)} ELSE {c} END" for c in columns})
-        robots = self.targets.robot_status[0].qualified
         self._history_sql = functools.lru_cache(maxsize=64)(functools.partial(
-            d.history_points, HISTORY_TABLE, robots, HISTORY_EVERY_SECONDS))
+            d.history_points, HISTORY_TABLE, STATE_TABLE, HISTORY_EVERY_SECONDS))
 
     async def __aenter__(self) -> SqlStore:
         return self
@@ -159,107 +174,28 @@ class SqlStore:
         await self.backend.close()
 
     # -- schema -------------------------------------------------------------------------
-    async def migrate(self) -> list[str]:
-        """Create missing databases, tables and columns; idempotent, safe to race.
-        Returns what it did, one line per database or table (``callback-server migrate``
-        prints them).
+    async def migrate(self, *, apply: bool = True, drop_added: bool = False) -> list[str]:
+        """Create and upgrade the own tables, read the targets' shapes; idempotent, safe
+        to race. Returns what it found and did, one line each (``callback-server migrate``
+        prints them); ``apply=False`` only says what it would do. See migration.py.
 
-        Existing tables keep their columns and types; missing ones are added. A robot
-        table that gains its watermark columns gets them seeded from ``last_updated``
-        (read as UTC, capped at now) so older messages do not overwrite legacy state.
-        StoreError when the database is unreachable or a table lacks the key the
-        store writes by.
+        StoreError when the database is unreachable or a target lacks the key the store
+        writes by.
         """
         async with self._migrate_lock:
-            d = self.dialect
-            report: list[str] = []
-            for name in sorted(await self.backend.missing_databases(self.targets.databases)):
-                log.info("creating database %s", name)
-                await self.backend.transaction([(d.create_database(name), None)])
-                report.append(f"created database {name}")
+            outcome = await Migration(self.backend, self.targets, apply=apply,
+                                      drop_added=drop_added).run()
+            if not apply:
+                return outcome.lines
             limits: dict[str, dict[str, int]] = {"robots": {}, "events": {}, "log": {}}
-            plan: list[tuple[str, TableSpec, str | None]] = [
-                *((t.qualified, ROBOTS, "robots") for t in self.targets.robot_status),
-                *((t.qualified, EVENTS, "events") for t in self.targets.robot_events),
-                (LOG_TABLE, LOG, "log"), (DEAD_TABLE, DEAD_LETTERS, None),
-                (COMMAND_TABLE, COMMANDS, None), (RUNS_TABLE, RUNS, None),
-                (HISTORY_TABLE, HISTORY, None), (TASKS_TABLE, TASKS, None),
-                *((name, spec, None) for name, spec in ALERT_TABLES.items()),
-            ]
-            for table, spec, kind in plan:
-                have = await self._ensure(table, spec, report)
-                if kind is None:
-                    continue
-                for column, limit in have.items():
-                    if limit:
-                        mine = limits[kind].get(column)
-                        limits[kind][column] = limit if mine is None else min(mine, limit)
+            for p in outcome.projections:
+                mine = limits[p.kind]
+                for column, limit in p.limits().items():
+                    mine[column] = min(mine.get(column, limit), limit)
             self._limits = limits
+            self._projections = outcome.projections
             self._migrated = True
-            return report
-
-    async def _ensure(self, table: str, spec: TableSpec,
-                      report: list[str]) -> dict[str, int | None]:
-        d = self.dialect
-        have = await self.backend.columns(table)
-        added = []
-        created = not have
-        if created:
-            log.info("creating table %s", table)
-            await self.backend.transaction([(d.create_table(table, spec), None)])
-            have = await self.backend.columns(table)  # indexes below, as for old tables
-        for column in spec.columns:
-            if column.name in have:
-                continue
-            log.info("adding column %s to existing table %s", column.name, table)
-            try:
-                await self.backend.transaction([(d.add_column(table, column), None)])
-            except StoreError:
-                have = await self.backend.columns(table)
-                if column.name not in have:
-                    raise
-                continue  # another replica added it first
-            added.append(column.name)
-        if spec.aged_by:
-            await self.backend.transaction([(d.create_index(table, spec.aged_by), None)])
-        if spec.unique:
-            await self.backend.transaction(
-                [(d.create_index(table, spec.unique, unique=True), None)])
-        # The console's latest events across robots read the first events target. (SQLite
-        # names an attached database's index, not its table: no index on those.)
-        if table == self.targets.robot_events[0].qualified and (d.mysql or "." not in table):
-            await self.backend.transaction([(d.create_index(table, "upload_time"), None)])
-        if spec is ROBOTS:
-            await self._seed_watermarks(table, [c for c in added if c in (*WATERMARKS, "last_ts")])
-        if created:
-            report.append(f"created table {table}")
-        elif added:
-            report.append(f"table {table} existed; added columns {', '.join(added)}")
-        else:
-            report.append(f"table {table} existed, up to date")
-        if spec.columns[0].kind != "serial":
-            keys = await self.backend.unique_keys(table)
-            if frozenset(spec.key) not in keys:
-                cols = ", ".join(spec.key)
-                raise StoreError(
-                    f"table {table} has no primary key or unique index on ({cols}), so "
-                    f"writes could not be idempotent; add one "
-                    f"(ALTER TABLE {table} ADD PRIMARY KEY ({cols})) and restart"
-                )
-        return await self.backend.columns(table)
-
-    async def _seed_watermarks(self, table: str, columns: list[str]) -> None:
-        if not columns:
-            return
-        d = self.dialect
-        value = d.least(d.epoch("last_updated"), d.mark)
-        sets = ", ".join(f"{c} = {value}" for c in columns)
-        sql = (f"UPDATE {d.quote(table)} SET {sets}"
-               f" WHERE {columns[0]} IS NULL AND last_updated IS NOT NULL")
-        try:
-            await self.backend.transaction([(sql, [(time.time(),) * len(columns)])])
-        except StoreError as exc:  # e.g. a last_updated that is not a datetime
-            log.warning("could not seed watermarks of %s from last_updated: %s", table, exc)
+            return outcome.lines
 
     async def _ready(self) -> None:
         if not self._migrated:
@@ -275,16 +211,20 @@ class SqlStore:
 
         ``items`` are ``(topic, envelope)`` pairs (the topic goes to the raw log) or
         bare envelopes (topic rebuilt without prefix). Per batch: every envelope into
-        the raw log unless its id is there; every event into each events target unless
-        ``(robot_sn, event_id)`` is there; one upsert per robot into each status target
-        carrying the batch's newest value of each state group, applied only where it
-        is not older than the stored one. So any order, split or repetition of the
-        same messages leaves the same tables. StoreError if nothing was committed.
+        the raw log unless its (org, id) is there; every event into ``robot_events``
+        unless ``(org, sn, event_id)`` is there; one upsert per (org, robot) into
+        ``robot_state`` carrying the batch's newest value of each state group, applied
+        only where it is not older than the stored one; then each target is projected
+        from those rows (projection.py). So any order, split or repetition of the same
+        messages leaves the same tables. StoreError if nothing was committed;
+        StoreRejectedError (retrying cannot help) naming the target and column when a
+        key does not fit a target.
         """
         if not items:
             return BatchResult(0, 0, 0, 0)
         await self._ready()
         now = time.time()
+        self._refuse_unfit(items)
         try:
             rows = build_rows(items, now=now, limits=self._limits, max_skew=self.max_skew)
         except Exception as exc:  # any fault of the data, not of the database
@@ -292,20 +232,121 @@ class SqlStore:
             raise StoreRejectedError(f"cannot build rows: {type(exc).__name__}: {exc}") \
                 from exc
         horizon = now + self.max_skew
-        statements: list[Statement] = [(self._log_sql, rows.log)]
-        statements += [(sql, rows.events) for sql in self._event_sql]
-        statements += [(self.dialect.robot_upsert(t.qualified, horizon), rows.robots)
-                       for t in self.targets.robot_status]
-        statements.append((self._runs_sql, rows.runs))
         stamp = when(now)
-        sns = [r[0] for r in rows.robots]
-        for i in range(0, len(sns), _HISTORY_CHUNK):
-            chunk = sns[i:i + _HISTORY_CHUNK]
-            statements.append((self._history_sql(len(chunk)), [(stamp, *chunk, horizon)]))
+        statements: list[Statement] = [
+            (self._log_sql, rows.log), (self._event_sql, rows.events),
+            (self.dialect.robot_upsert(STATE_TABLE, horizon), rows.robots),
+            (self._runs_sql, rows.runs)]
+        pairs = [(r[1], r[0]) for r in rows.robots]
+        for i in range(0, len(pairs), _HISTORY_CHUNK):
+            chunk = pairs[i:i + _HISTORY_CHUNK]
+            statements.append((self._history_sql(len(chunk)),
+                               [(stamp, *(v for pair in chunk for v in pair), horizon)]))
         statements.append((self._task_sql, task_rows(items, now)))
+        claimed = await self._claims_before(rows)
+        statements += self._projection_statements(rows, stamp)
         counts = await self.backend.transaction(statements)
+        for target_key, org in claimed.items():
+            self._claims.setdefault(target_key, org)
+        duplicates = frozenset[str]()
+        if counts[0] < len(rows.log):  # some were there before: which ones
+            duplicates = await self._already_logged(items, rows, stamp)
         return BatchResult(messages=len(items), logged=counts[0], events=counts[1],
-                           robots=len(rows.robots), skewed=rows.skewed)
+                           robots=len(rows.robots), skewed=rows.skewed,
+                           duplicate_ids=duplicates)
+
+    def _refuse_unfit(self, items: Sequence[Item]) -> None:
+        """StoreRejectedError for the first envelope whose sn or event id does not fit a
+        target it would be written to (the batcher bisects to it and dead-letters it)."""
+        for item in items:
+            topic, env = item if isinstance(item, tuple) else ("", item)
+            channel = channel_of(topic, env)
+            if not is_robot_state(channel, env):
+                continue
+            event_id = env.data.get("event_id") if channel == "event" else None
+            for p in self._projections:
+                if p.owned or not p.table.takes(env.org):
+                    continue  # an owned target is as wide as the own tables: keys fit
+                reason = p.unfit("robot_sn", text(env.device, 0) or "")
+                if reason is None and p.kind == "events" and event_id not in (None, ""):
+                    reason = p.unfit("event_id", text(event_id, 0) or "")
+                if reason is not None:
+                    raise StoreRejectedError(f"{reason} (envelope {env.id})")
+
+    async def _already_logged(self, items: Sequence[Item], rows: BatchRows,
+                              stamp: str | None) -> frozenset[str]:
+        """Envelope ids of the batch that were in the raw log before this batch: their
+        rows carry another ``stored_at`` than this batch's (asked only after a commit
+        that logged fewer rows than the batch has envelopes)."""
+        ids: dict[tuple[str, str], str] = {}
+        for item in items:
+            env = item[1] if isinstance(item, tuple) else item
+            ids.setdefault((key(env.org, _LOG_ORG), key(env.id, _LOG_ID)), env.id)
+        d, found = self.dialect, set()
+        keys = [(r[3], r[0]) for r in rows.log]
+        for i in range(0, len(keys), 500):
+            chunk = keys[i:i + 500]
+            for r in await self.backend.fetch(
+                    f"SELECT org_id, id FROM {d.quote(LOG_TABLE)} WHERE (stored_at IS NULL"
+                    f" OR stored_at <> {d.mark}) AND ({d.pairs(('org_id', 'id'), len(chunk))})",
+                    [stamp, *(v for pair in chunk for v in pair)]):
+                env_id = ids.get((str(r["org_id"]), str(r["id"])))
+                if env_id is not None:
+                    found.add(env_id)
+        return frozenset(found)
+
+    async def _claims_before(self, rows: BatchRows) -> dict[tuple[str, str], str]:
+        """Which org holds each of the batch's sns on each target (read before the batch,
+        for the log line when another org's robot is not written there); the claims the
+        batch itself makes, for the cache."""
+        made: dict[tuple[str, str], str] = {}
+        for p in self._projections:
+            robots = rows.robots if p.kind == "robots" else rows.events
+            org_at = 1 if p.kind == "robots" else 7
+            wanted = {(p.fold(r[0]), r[org_at]) for r in robots if p.table.takes(r[org_at])}
+            unknown = sorted({sn for sn, _ in wanted if (p.name, sn) not in self._claims})
+            d = self.dialect
+            for i in range(0, len(unknown), 500):
+                chunk = unknown[i:i + 500]
+                for r in await self.backend.fetch(
+                        f"SELECT robot_key, org_id FROM {d.quote(CLAIMS_TABLE)} WHERE target ="
+                        f" {d.mark} AND robot_key IN ({d.marks(len(chunk))})", [p.name, *chunk]):
+                    self._claims[(p.name, str(r["robot_key"]))] = str(r["org_id"])
+            for sn, org in sorted(wanted):
+                holder = self._claims.get((p.name, sn)) or made.setdefault((p.name, sn), org)
+                if holder != org and (p.name, sn, org) not in self._warned:
+                    self._warned.add((p.name, sn, org))
+                    log.warning(
+                        "target %s holds one robot per sn and sn %r there is org %s's: the "
+                        "robot %r of org %s is stored in the product's own tables but not "
+                        "written to %s (set its orgs: in database_config.yaml to choose)",
+                        p.name, sn, holder, sn, org, p.name)
+        return made
+
+    def _projection_statements(self, rows: BatchRows, stamp: str | None) -> list[Statement]:
+        """Claims, then each target's projection of this batch's robots or events."""
+        d = self.dialect
+        out: list[Statement] = []
+        claims: dict[tuple[str, str], tuple[Any, ...]] = {}
+        for p in self._projections:
+            org_at = 1 if p.kind == "robots" else 7
+            for r in rows.robots if p.kind == "robots" else rows.events:
+                if p.table.takes(r[org_at]) and (p.name, p.fold(r[0])) not in self._claims:
+                    claims.setdefault((p.name, p.fold(r[0])), (p.name, p.fold(r[0]),
+                                                               r[org_at], stamp))
+        if claims:
+            out.append((d.insert_ignore(CLAIMS_TABLE, CLAIMS.names),
+                        [claims[k] for k in sorted(claims)]))
+        for p in self._projections:
+            keys: list[tuple[Any, ...]]
+            if p.kind == "robots":
+                keys = [(r[1], r[0]) for r in rows.robots if p.table.takes(r[1])]
+            else:
+                keys = [(r[7], r[0], r[1]) for r in rows.events if p.table.takes(r[7])]
+            for i in range(0, len(keys), _HISTORY_CHUNK):
+                chunk = keys[i:i + _HISTORY_CHUNK]
+                out.append((p.statement(len(chunk)), [tuple(v for k in chunk for v in k)]))
+        return out
 
     async def dead_letter(self, topic: str, payload: bytes, reason: str) -> None:
         """Keep one message we cannot use, with why (see ``dead_letters``)."""
@@ -337,7 +378,7 @@ class SqlStore:
         r = outcome.response
         result = None if r is None else (r.result if r.status == "success" else r.error)
         row = (key(outcome.command.message_id, sizes["message_id"]),
-               text(outcome.org_id, sizes["org_id"]), text(outcome.device_id, sizes["device_id"]),
+               key(outcome.org_id, sizes["org_id"]), text(outcome.device_id, sizes["device_id"]),
                text(outcome.command.command, sizes["command"]),
                text(json.dumps(outcome.command.args, default=str), sizes["args"]),
                "timeout" if r is None else text(r.status, sizes["outcome"]),
@@ -361,55 +402,74 @@ class SqlStore:
         counts = await self.backend.transaction([(sql, [(when(older_than),)])])
         return counts[0]
 
-    # -- reads --------------------------------------------------------------------------
+    # -- reads: the own tables only ------------------------------------------------------
     async def get_robots(self) -> list[dict[str, Any]]:
-        """Latest state of every robot (first status target), ordered by sn."""
+        """Latest state of every robot, ordered by sn and org."""
         await self._ready()
-        table = self.dialect.quote(self.targets.robot_status[0].qualified)
         rows = await self.backend.fetch(
-            f"SELECT {', '.join(ROBOT_FIELDS)} FROM {table} ORDER BY robot_sn")
+            f"SELECT {', '.join(ROBOT_FIELDS)} FROM {self.dialect.quote(STATE_TABLE)}"
+            f" ORDER BY robot_sn, org_id")
         return [{k: _plain(k, r[k]) for k in ROBOT_FIELDS} for r in rows]
 
+    def _orgs(self, where: list[str], args: list[Any], orgs: Collection[str] | None) -> bool:
+        """Add ``org_id IN (...)`` for ``orgs`` (None: every org); False if none at all."""
+        if orgs is None:
+            return True
+        if not orgs:
+            return False
+        where.append(f"org_id IN ({self.dialect.marks(len(orgs))})")
+        args.extend(sorted(orgs))
+        return True
+
     async def list_robots(
-        self, *, limit: int, after: str | None = None, orgs: Collection[str] | None = None,
-        org: str | None = None, gateway: str | None = None, status: str | None = None,
+        self, *, limit: int, after: Sequence[str] | str | None = None,
+        orgs: Collection[str] | None = None, org: str | None = None,
+        gateway: str | None = None, status: str | None = None,
     ) -> tuple[list[dict[str, Any]], list[Any] | None]:
-        """One keyset page of robots by sn (first status target) and the key to resume
-        after, or None on the last page. ``orgs`` None: every org; else only those."""
+        """One keyset page of robots by (sn, org) and the key to resume after, or None on
+        the last page. ``orgs`` None: every org; else only those. ``after`` is the last
+        page's key ``[sn, org]`` (a bare sn, as older cursors hold, resumes after it)."""
         await self._ready()
         d = self.dialect
-        table = d.quote(self.targets.robot_status[0].qualified)
-        where, args = [], []
-        if after is not None:
+        where: list[str] = []
+        args: list[Any] = []
+        if isinstance(after, str):
             where.append(f"robot_sn > {d.mark}")
             args.append(after)
-        if orgs is not None:
-            if not orgs:
-                return [], None
-            where.append(f"org_id IN ({d.marks(len(orgs))})")
-            args.extend(sorted(orgs))
+        elif after is not None:
+            where.append(f"(robot_sn > {d.mark} OR (robot_sn = {d.mark} AND org_id > {d.mark}))")
+            args += [after[0], after[0], after[1]]
+        if not self._orgs(where, args, orgs):
+            return [], None
         for column, value in (("org_id", org), ("gateway_id", gateway), ("status", status)):
             if value is not None:
                 where.append(f"{column} = {d.mark}")
                 args.append(value)
         clause = f" WHERE {' AND '.join(where)}" if where else ""
         rows = await self.backend.fetch(
-            f"SELECT {', '.join(ROBOT_FIELDS)} FROM {table}{clause}"
-            f" ORDER BY robot_sn LIMIT {int(limit) + 1}", args)
+            f"SELECT {', '.join(ROBOT_FIELDS)} FROM {d.quote(STATE_TABLE)}{clause}"
+            f" ORDER BY robot_sn, org_id LIMIT {int(limit) + 1}", args)
         items = [{k: _plain(k, r[k]) for k in ROBOT_FIELDS} for r in rows[:limit]]
         more = len(rows) > limit
-        return items, [rows[limit - 1]["robot_sn"]] if more and items else None
+        last = rows[limit - 1] if more and items else None
+        return items, None if last is None else [last["robot_sn"], last["org_id"]]
+
+    def _robot(self, sn: str, org: str | None) -> tuple[str, list[Any]]:
+        d = self.dialect
+        if org is None:
+            return f"robot_sn = {d.mark}", [sn]
+        return f"org_id = {d.mark} AND robot_sn = {d.mark}", [org, sn]
 
     async def list_events(
         self, sn: str, *, limit: int, after: Sequence[Any] | None = None,
+        org: str | None = None,
     ) -> tuple[list[dict[str, Any]], list[Any] | None]:
-        """One keyset page of a robot's events, newest first by (task_time, ts, event_id),
-        and the key to resume after (None on the last page). NULLs sort last, as both
-        databases order them in a descending sort."""
+        """One keyset page of a robot's events (of ``org``'s robot ``sn``), newest first by
+        (task_time, ts, event_id), and the key to resume after (None on the last page).
+        NULLs sort last, as both databases order them in a descending sort."""
         await self._ready()
         d = self.dialect
-        table = d.quote(self.targets.robot_events[0].qualified)
-        where, args = f"robot_sn = {d.mark}", [sn]
+        where, args = self._robot(sn, org)
         if after is not None:
             when_, ts, event_id = after
             tail, tail_args = f"event_id < {d.mark}", [event_id]
@@ -423,7 +483,8 @@ class SqlStore:
             where += f" AND {tail}"
             args += tail_args
         rows = await self.backend.fetch(
-            f"SELECT {', '.join(EVENT_FIELDS)}, task_time AS k_time FROM {table} WHERE {where}"
+            f"SELECT {', '.join(EVENT_FIELDS)}, task_time AS k_time"
+            f" FROM {d.quote(OWN_EVENTS_TABLE)} WHERE {where}"
             f" ORDER BY task_time DESC, ts DESC, event_id DESC LIMIT {int(limit) + 1}", args)
         items = [{k: _plain(k, r[k]) for k in EVENT_FIELDS} for r in rows[:limit]]
         if len(rows) <= limit or not items:
@@ -436,12 +497,15 @@ class SqlStore:
 
     async def list_history(
         self, sn: str, *, since: float, limit: int, after: float | None = None,
+        org: str | None = None,
     ) -> tuple[list[dict[str, Any]], list[Any] | None]:
         """One page of a robot's history points from robot time ``since`` on, oldest
         first, and the key to resume after (None on the last page)."""
         await self._ready()
         d = self.dialect
-        where, args = f"robot_sn = {d.mark} AND ts >= {d.mark}", [sn, since]
+        where, args = self._robot(sn, org)
+        where += f" AND ts >= {d.mark}"
+        args.append(since)
         if after is not None:
             where += f" AND ts > {d.mark}"
             args.append(after)
@@ -459,83 +523,78 @@ class SqlStore:
         d = self.dialect
         where, args = [f"recorded_at >= {d.mark}", "x IS NOT NULL", "y IS NOT NULL"], \
             [when(since)]
-        if orgs is not None:
-            if not orgs:
-                return {}
-            where.append(f"org_id IN ({d.marks(len(orgs))})")
-            args.extend(sorted(orgs))
+        if not self._orgs(where, args, orgs):
+            return {}
         rows = await self.backend.fetch(
             f"SELECT robot_sn, x, y FROM {d.quote(HISTORY_TABLE)} WHERE {' AND '.join(where)}"
-            f" ORDER BY robot_sn, ts LIMIT {int(limit)}", args)
+            f" ORDER BY robot_sn, org_id, ts LIMIT {int(limit)}", args)
         tracks: dict[str, list[list[float]]] = {}
         for r in rows:
             tracks.setdefault(str(r["robot_sn"]), []).append([float(r["x"]), float(r["y"])])
         return tracks
 
-    async def list_tasks(self, sn: str, *, limit: int) -> list[dict[str, Any]]:
+    async def list_tasks(self, sn: str, *, limit: int,
+                         org: str | None = None) -> list[dict[str, Any]]:
         """A robot's latest tasks, the one started last first."""
         await self._ready()
         d = self.dialect
+        where, args = self._robot(sn, org)
         rows = await self.backend.fetch(
             f"SELECT {', '.join(TASK_FIELDS)} FROM {d.quote(TASKS_TABLE)}"
-            f" WHERE robot_sn = {d.mark} ORDER BY COALESCE(task_time, ts) DESC,"
-            f" task_key DESC LIMIT {int(limit)}", (sn,))
+            f" WHERE {where} ORDER BY COALESCE(task_time, ts) DESC,"
+            f" task_key DESC LIMIT {int(limit)}", args)
         return [{k: _plain(k, r[k]) for k in TASK_FIELDS} for r in rows]
 
     async def recent_events(self, *, limit: int, orgs: Collection[str] | None = None,
                             ) -> list[dict[str, Any]]:
         """The latest events of every robot (of ``orgs``; None: every org), newest
-        received first (first events target)."""
+        received first."""
         await self._ready()
         d = self.dialect
-        table = d.quote(self.targets.robot_events[0].qualified)
-        where, args = "", []
-        if orgs is not None:
-            if not orgs:
-                return []
-            where = f" WHERE org_id IN ({d.marks(len(orgs))})"
-            args = sorted(orgs)
+        where: list[str] = []
+        args: list[Any] = []
+        if not self._orgs(where, args, orgs):
+            return []
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
         rows = await self.backend.fetch(
-            f"SELECT {', '.join(EVENT_FIELDS)} FROM {table}{where}"
+            f"SELECT {', '.join(EVENT_FIELDS)} FROM {d.quote(OWN_EVENTS_TABLE)}{clause}"
             f" ORDER BY upload_time DESC, event_id DESC LIMIT {int(limit)}", args)
         return [{k: _plain(k, r[k]) for k in EVENT_FIELDS} for r in rows]
 
     async def get_robots_by_sn(self, sns: Collection[str]) -> list[dict[str, Any]]:
-        """Latest state of these robots (those that reported), by sn; 500 a query at most."""
+        """Latest state of these robots (those that reported; of every org that has the
+        sn), by sn; 500 a query at most."""
         await self._ready()
         d = self.dialect
-        table = d.quote(self.targets.robot_status[0].qualified)
         ordered = sorted(set(sns))
         out: list[dict[str, Any]] = []
         for i in range(0, len(ordered), 500):
             chunk = ordered[i:i + 500]
             rows = await self.backend.fetch(
-                f"SELECT {', '.join(ROBOT_FIELDS)} FROM {table} "
-                f"WHERE robot_sn IN ({d.marks(len(chunk))}) ORDER BY robot_sn", chunk)
+                f"SELECT {', '.join(ROBOT_FIELDS)} FROM {d.quote(STATE_TABLE)} "
+                f"WHERE robot_sn IN ({d.marks(len(chunk))}) ORDER BY robot_sn, org_id", chunk)
             out += [{k: _plain(k, r[k]) for k in ROBOT_FIELDS} for r in rows]
         return out
 
-    async def get_robot(self, sn: str) -> dict[str, Any] | None:
-        """Latest state of one robot, or None if it never reported."""
+    async def get_robot(self, sn: str, orgs: Collection[str] | None = None,
+                        ) -> dict[str, Any] | None:
+        """Latest state of robot ``sn`` of one of ``orgs`` (None: any org), or None if it
+        never reported there. Two orgs' robots with that sn: the one heard of last."""
         await self._ready()
         d = self.dialect
-        table = d.quote(self.targets.robot_status[0].qualified)
+        where, args = [f"robot_sn = {d.mark}"], [sn]
+        if not self._orgs(where, args, orgs):
+            return None
         rows = await self.backend.fetch(
-            f"SELECT {', '.join(ROBOT_FIELDS)} FROM {table} WHERE robot_sn = {d.mark}", (sn,))
+            f"SELECT {', '.join(ROBOT_FIELDS)} FROM {d.quote(STATE_TABLE)}"
+            f" WHERE {' AND '.join(where)} ORDER BY last_ts DESC, org_id LIMIT 1", args)
         return {k: _plain(k, rows[0][k]) for k in ROBOT_FIELDS} if rows else None
 
-    async def get_events(self, sn: str, limit: int = 50) -> list[dict[str, Any]]:
-        """A robot's events, newest robot time first (first events target)."""
-        await self._ready()
-        d = self.dialect
-        table = d.quote(self.targets.robot_events[0].qualified)
-        limit = max(1, min(int(limit), 10_000))
-        rows = await self.backend.fetch(
-            f"SELECT {', '.join(EVENT_FIELDS)} FROM {table} WHERE robot_sn = {d.mark}"
-            f" ORDER BY task_time DESC, ts DESC, event_id DESC LIMIT {limit}",
-            (sn,),
-        )
-        return [{k: _plain(k, r[k]) for k in EVENT_FIELDS} for r in rows]
+    async def get_events(self, sn: str, limit: int = 50,
+                         org: str | None = None) -> list[dict[str, Any]]:
+        """A robot's events, newest robot time first."""
+        items, _ = await self.list_events(sn, limit=max(1, min(int(limit), 10_000)), org=org)
+        return items
 
     async def get_runs(self, limit: int = 100, cursor: tuple[float, str] | None = None,
                        org_id: str | None = None, *, orgs: Sequence[str] | None = None,

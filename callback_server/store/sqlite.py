@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from bridge.errors import ConfigError, StoreError, StoreRejectedError
 from bridge.private_files import prepare_sqlite_file
-from callback_server.store.base import Backend, Statement
+from callback_server.store.base import Backend, ColumnInfo, Statement, family_of
 from callback_server.store.dialect import Dialect
 
 T = TypeVar("T")
@@ -148,6 +148,24 @@ class SqliteBackend(Backend):
             declared = _CHARS.search(str(r["type"] or ""))
             limits[str(r["name"])] = int(declared.group(1)) if declared else None
         return limits
+
+    async def column_info(self, table: str) -> dict[str, ColumnInfo]:
+        schema, _, name = table.rpartition(".")
+        rows = await self.fetch(f'PRAGMA "{schema or "main"}".table_info("{name}")')
+        out = {}
+        for r in rows:
+            declared = str(r["type"] or "")
+            chars = _CHARS.search(declared)
+            out[str(r["name"])] = ColumnInfo(declared, family_of(declared),
+                                             int(chars.group(1)) if chars else None)
+        return out
+
+    async def create_statement(self, table: str) -> str | None:
+        schema, _, name = table.rpartition(".")
+        rows = await self.fetch(
+            f'SELECT sql FROM "{schema or "main"}".sqlite_master'
+            f" WHERE type = 'table' AND name = ?", (name,))
+        return str(rows[0]["sql"]) if rows else None
 
     async def unique_keys(self, table: str) -> list[frozenset[str]]:
         schema, _, name = table.rpartition(".")

@@ -7,14 +7,19 @@ tables:
     - {database: fleet, table_name: mnt_robots_management, primary_keys: [robot_sn]}
   robot_events:
     - {database: fleet, table_name: mnt_robot_events, primary_keys: [robot_sn, event_id]}
-    - {database: analytics, table_name: mnt_robot_events, primary_keys: [robot_sn, event_id]}
+    - {database: analytics, table_name: mnt_robot_events, primary_keys: [robot_sn, event_id],
+       orgs: [acme]}
 ```
 
-Every listed target is written in the same transaction. Reads use the first target of
-each kind. A target without ``database`` lives in the ``DATABASE_URL``'s database; a
-kind left out of the file keeps its default table there. ``primary_keys``, when given,
+Every listed target is written in the same transaction, as a projection of the
+product's own tables (projection.py); reads use only the own tables (docs/storage.md).
+A target without ``database`` lives in the ``DATABASE_URL``'s database; a kind left out
+of the file keeps its default table there. ``primary_keys``, when given,
 must be the keys the store upserts by (anything else could not be idempotent).
-``databases`` is informational (the tables say where they live).
+``databases`` is informational (the tables say where they live). A target is keyed by
+robot_sn alone, so it holds one org's robot per sn: ``orgs`` (optional) lists the orgs
+written there (default: every org); the first org to report an sn keeps it, and a robot
+of another org with that sn is not written to that target (logged), never merged.
 """
 
 from __future__ import annotations
@@ -50,6 +55,11 @@ class Table:
 
     database: str | None
     name: str
+    #: The orgs whose robots this target is written for; None: every org.
+    orgs: frozenset[str] | None = None
+
+    def takes(self, org: str) -> bool:
+        return self.orgs is None or org in self.orgs
 
     @property
     def qualified(self) -> str:
@@ -80,6 +90,7 @@ class _Entry(BaseModel):
     database: Identifier | None = None
     table_name: Identifier
     primary_keys: list[str] | None = None
+    orgs: list[str] | None = None
 
 
 class _Tables(BaseModel):
@@ -109,8 +120,12 @@ def _tables(entries: list[_Entry] | None, kind: str, key: tuple[str, ...],
                 f"{where}: tables.{kind}[{i}].primary_keys must be {list(key)} "
                 f"(the store writes by that key), got {entry.primary_keys}"
             )
-        table = Table(entry.database, entry.table_name)
-        if table not in out:
+        if entry.orgs is not None and not entry.orgs:
+            raise ConfigError(f"{where}: tables.{kind}[{i}].orgs is empty; list an org or "
+                              "leave it out (every org)")
+        table = Table(entry.database, entry.table_name,
+                      None if entry.orgs is None else frozenset(entry.orgs))
+        if all(t.qualified != table.qualified for t in out):
             out.append(table)
     return tuple(out)
 

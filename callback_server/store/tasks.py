@@ -20,7 +20,7 @@ _SIZES = {c.name: c.size for c in TASKS.columns}
 def task_rows(items: Sequence[Item], now: float) -> list[tuple[Any, ...]]:
     """Rows of ``robot_tasks`` (column order of TASKS) for the batch's task messages: per
     task the newest by robot time; a task with neither id nor name and time is skipped."""
-    newest: dict[tuple[str, str], tuple[Any, ...]] = {}
+    newest: dict[tuple[str, str, str], tuple[Any, ...]] = {}
     for item in items:
         env = item[1] if isinstance(item, tuple) else item
         if env.channel != "task":
@@ -35,13 +35,13 @@ def task_rows(items: Sequence[Item], now: float) -> list[tuple[Any, ...]]:
             task_key = key(f"{name}@{started:.0f}", _SIZES["task_key"])
         else:
             continue
-        sn = key(env.device, _SIZES["robot_sn"])
+        sn, org = key(env.device, _SIZES["robot_sn"]), key(env.org, _SIZES["org_id"])
         ts = robot_time(env.ts)
-        held = newest.get((sn, task_key))
+        held = newest.get((org, sn, task_key))
         if held is not None and (held[8] or 0) > (ts or 0):
             continue
-        newest[(sn, task_key)] = (
-            sn, task_key, text(env.org, _SIZES["org_id"]), task_id, name,
+        newest[(org, sn, task_key)] = (
+            sn, task_key, org, task_id, name,
             text(data.get("task_status"), _SIZES["task_status"]), started,
             text(data.get("remark"), _SIZES["remark"]), ts, when(now))
     return [newest[k] for k in sorted(newest)]

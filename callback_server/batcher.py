@@ -32,7 +32,7 @@ from bridge.envelope import Envelope
 from bridge.errors import StoreError, StoreRejectedError
 from bridge.sdnotify import BEAT_SECONDS
 from bridge.tasks import within
-from callback_server.store import BatchResult, BatchStore
+from callback_server.store import BatchStore
 
 log = logging.getLogger(__name__)
 
@@ -124,17 +124,6 @@ class _Counts:
 def dead_key(topic: str, payload: bytes) -> str:
     """A dead letter's identity: the store keeps the same topic and payload once."""
     return hashlib.sha256(topic.encode("utf-8", "surrogatepass") + b"\0" + payload).hexdigest()
-
-
-def _duplicate_ids(result: BatchResult, batch: Sequence[_Item]) -> frozenset[str]:
-    """The ids of ``batch`` the store already had. A store that does not name them
-    (``duplicate_ids``) is read from its counts: all, or none when it saw none."""
-    named: frozenset[str] | None = getattr(result, "duplicate_ids", None)
-    if named is not None:
-        return named
-    if result.duplicates and result.duplicates >= len(batch):
-        return frozenset(i.envelope.id for i in batch)
-    return frozenset()
 
 
 def _settle(waiters: list[OnCommit], settled: Settled) -> None:
@@ -357,7 +346,7 @@ class BatchWriter:
             await self._dead_letters([_Dead(item.topic, item.envelope.to_json(), reason, [])])
             return [Settled(Outcome.DEAD_LETTERED, reason)]
         self.skewed += result.skewed
-        seen = _duplicate_ids(result, batch)
+        seen = result.duplicate_ids
         return [Settled(Outcome.DUPLICATE if i.envelope.id in seen else Outcome.STORED)
                 for i in batch]
 

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 
 import pytest
 
@@ -88,13 +87,6 @@ async def test_outage_holds_acks_until_the_commit(writer: tuple[BatchWriter, Fla
     assert acked == [f"x{i}" for i in range(5)] and not w.degraded
 
 
-@dataclass(frozen=True)
-class NamedResult(BatchResult):
-    """A result naming the ids the store already had (the store's ``duplicate_ids``)."""
-
-    duplicate_ids: frozenset[str] = frozenset()
-
-
 class LedgerStore(FlakyStore):
     """Remembers what it stored, and names the ids it already had."""
 
@@ -103,7 +95,7 @@ class LedgerStore(FlakyStore):
         before = set(self.written)
         await super().write_batch(batch)
         seen = frozenset(i for i in ids if i in before)
-        return NamedResult(messages=len(ids), logged=len(ids) - len(seen), events=0,
+        return BatchResult(messages=len(ids), logged=len(ids) - len(seen), events=0,
                            robots=0, duplicate_ids=seen)
 
 
@@ -122,25 +114,6 @@ async def test_each_message_is_told_its_own_outcome() -> None:
             "refused by the database: ")
         assert (w.stored, w.duplicates, w.dead_lettered) == (3, 1, 1)
         assert w.counts.by_reason == {Reason.REFUSED: 1}
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-async def test_a_store_without_named_duplicates_is_read_from_its_counts() -> None:
-    store = FlakyStore()  # returns BatchResult without duplicate_ids
-    w = BatchWriter(store, retry_min=0.001, retry_max=0.01)
-    task = asyncio.create_task(w.run())
-    try:
-        await w.write([("t", env("a"))])
-
-        async def all_logged_before(batch: Sequence[Item]) -> BatchResult:
-            return BatchResult(messages=len(batch), logged=0, events=0, robots=0)
-
-        store.write_batch = all_logged_before  # type: ignore[method-assign]
-        [again] = await w.write([("t", env("a"))])
-        assert again.outcome is Outcome.DUPLICATE
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

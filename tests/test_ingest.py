@@ -4,7 +4,6 @@ stored truthfully — never a 5xx, never a robot frozen or invented."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 import uuid
@@ -20,7 +19,6 @@ import yaml
 from callback_server import config as cb_config
 from callback_server.keys import add_key
 from callback_server.service import CallbackServer
-from callback_server.store import BatchResult
 from tests.dbutil import query, scratch_mysql_database
 from tests.hostile import WIDE_ENCODINGS, nested
 from tests.test_strictjson import strict_loads
@@ -171,10 +169,8 @@ async def test_each_envelope_of_a_list_carries_only_its_own_notes(ingest: Ingest
 
 
 # -- the one contract: an AWS batch of 10, each element settled and answered ----------------
-#: Whether the store names the ids it already had (``BatchResult.duplicate_ids``, from the
-#: i21-store branch). Without it the batch writer can tell a duplicate only when a whole
-#: batch is duplicates, so one inside a mixed batch is answered "stored" until that merges.
-NAMED_DUPLICATES = "duplicate_ids" in {f.name for f in dataclasses.fields(BatchResult)}
+
+
 def aws_batch() -> list[dict[str, Any]]:
     """What a rule's batched HTTP action (batchAcrossTopics) posts: 10 elements, each with
     its topic; five good ones, then poison, a duplicate, a foreign org, a mismatch between
@@ -203,15 +199,13 @@ async def test_an_aws_batch_of_ten_answers_each_element_and_stores_the_good_ones
     assert outcomes == [
         *[(f"e{i}", "stored", "") for i in range(1, 6)],
         ("e6", "dead_lettered", "malformed"),
-        ("e0", "duplicate" if NAMED_DUPLICATES else "stored", ""),
+        ("e0", "duplicate", ""),
         ("e8", "dead_lettered", "org not covered by the key"),
         ("e9", "dead_lettered", "inconsistent with its topic"),
         (None, "handled", ""),
     ]
     counts = {k: answer[k] for k in ("stored", "duplicates", "handled", "dead_lettered")}
-    unnamed = 0 if NAMED_DUPLICATES else 1
-    assert counts == {"stored": 5 + unnamed, "duplicates": 1 - unnamed, "handled": 1,
-                      "dead_lettered": 3}
+    assert counts == {"stored": 5, "duplicates": 1, "handled": 1, "dead_lettered": 3}
     for i in range(1, 6):
         assert (await ingest.robot(f"R{i}")) is not None
     for sn in ("R8", "R9", "R7"):
@@ -229,11 +223,11 @@ async def test_an_aws_batch_of_ten_answers_each_element_and_stores_the_good_ones
 
     # Health and /metrics count the same outcomes.
     health = await ingest.server.health()
-    assert {k: health[k] for k in counts} == {"stored": 6 + unnamed, "duplicates": 7 - unnamed,
+    assert {k: health[k] for k in counts} == {"stored": 6, "duplicates": 7,
                                               "handled": 2, "dead_lettered": 6}
     metrics = (await ingest.client.get(
         "/metrics", headers={"Authorization": f"Bearer {ADMIN}"})).text
-    assert f"callback_messages_duplicate_total {7.0 - unnamed}" in metrics
+    assert "callback_messages_duplicate_total 7.0" in metrics
     assert "callback_messages_handled_total 2.0" in metrics
     assert 'callback_dead_letters_by_reason{reason="org not covered by the key"} 2.0' in metrics
 
@@ -271,9 +265,6 @@ SEED_DDL = (
 )
 
 
-@pytest.mark.skipif(not NAMED_DUPLICATES, reason="needs the i21-store branch (seed tables "
-                    "written as they are, StoreRejectedError naming the target): the "
-                    "integrator runs it after that merge")
 async def test_an_envelope_the_database_refuses_is_answered_and_kept_as_a_dead_letter(
         tmp_path: Path) -> None:
     with scratch_mysql_database() as url:

@@ -9,8 +9,9 @@ test holds.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -36,6 +37,15 @@ class _Rule(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     enabled: bool = True
+    #: The robot's stored facts the rule reads, each a group of columns any one of which
+    #: makes the fact known. The rule decides nothing while one is unknown, until
+    #: ``absent_after()`` seconds after the robot's first message; then a fact still
+    #: missing counts as absent (see ``facts_known``). Empty: the message is the fact.
+    facts: ClassVar[tuple[tuple[str, ...], ...]] = ()
+
+    def absent_after(self) -> float:
+        """How long after a robot's first message a fact it never sent counts as absent."""
+        return 0.0
 
 
 class RobotOffline(_Rule):
@@ -43,6 +53,11 @@ class RobotOffline(_Rule):
 
     severity: Severity = "high"
     silent_seconds: float = Field(default=600.0, gt=0)
+
+    facts: ClassVar[tuple[tuple[str, ...], ...]] = (("status",),)
+
+    def absent_after(self) -> float:
+        return self.silent_seconds
 
 
 class BatteryLow(_Rule):
@@ -53,6 +68,15 @@ class BatteryLow(_Rule):
     critical: float = Field(default=5.0, ge=0, le=100)
     #: An open alert steps down (or resolves) only above threshold + hysteresis.
     hysteresis: float = Field(default=5.0, ge=0, le=50)
+    #: A robot that has sent a level but, this long after its first message, never a
+    #: charge state is taken as not charging (its first message alone opens nothing).
+    absent_after_seconds: float = Field(default=300.0, ge=0)
+
+    facts: ClassVar[tuple[tuple[str, ...], ...]] = (("battery_level",),
+                                                     ("charge_state", "is_charging"))
+
+    def absent_after(self) -> float:
+        return self.absent_after_seconds
 
     @model_validator(mode="after")
     def _ordered(self) -> BatteryLow:
@@ -75,6 +99,11 @@ class RobotFault(_Rule):
 class RobotStuck(_Rule):
     severity: Severity = "high"
     for_seconds: float = Field(default=120.0, ge=0)
+
+    facts: ClassVar[tuple[tuple[str, ...], ...]] = (("move_state",),)
+
+    def absent_after(self) -> float:
+        return self.for_seconds
 
 
 class GatewayOffline(_Rule):
@@ -114,6 +143,11 @@ class Rules(BaseModel):
 
     def enabled(self, rule: str) -> bool:
         return bool(getattr(self, rule).enabled)
+
+    def rule(self, name: str) -> _Rule:
+        """The settings of the rule called ``name``."""
+        rule: _Rule = getattr(self, name)
+        return rule
 
 
 class Delivery(BaseModel):
@@ -155,6 +189,21 @@ def load_alert_settings(path: str | None) -> AlertSettings:
 
 
 # -- decisions -------------------------------------------------------------------------------
+def facts_known(rule: _Rule, row: Mapping[str, Any], first_seen: float | None,
+                now: float) -> bool:
+    """Whether ``rule`` may decide on a robot's stored ``row`` now.
+
+    Yes once every fact it reads is known, or once ``rule.absent_after()`` has passed
+    since the robot's first message (``first_seen``; None: not yet recorded), when what
+    is still missing counts as absent. So a robot whose first message carries a battery
+    level but no charge state opens no ``battery_low`` for the split second before its
+    charge state arrives, and one that never reports a charge state still gets it.
+    """
+    if all(any(row.get(column) is not None for column in group) for group in rule.facts):
+        return True
+    return first_seen is not None and now - first_seen >= rule.absent_after()
+
+
 #: Normalised ``charge_state`` values (lower-cased Pudu ``charge_stage``) that count as
 #: charging or full; anything else (idle, stop_charge_*, errors) is discharging.
 CHARGING_STATES = frozenset({"charging", "charge_full", "charge_full_use_pile"})

@@ -94,9 +94,12 @@ class AlertStore:
         seen = d.greatest(f"COALESCE(seen_at, {d.new('seen_at')})", d.new("seen_at"))
         stuck = (f"CASE WHEN {d.new('stuck_since')} IS NULL THEN NULL "
                  f"ELSE COALESCE(stuck_since, {d.new('stuck_since')}) END")
+        # first_seen keeps the first time (a row from before the column: its last seen,
+        # the best known bound); assigned before seen_at, which MySQL updates in order.
         self._watch_upsert = d.upsert(
             ALERT_WATCH_TABLE, ALERT_WATCH.names, ("robot_sn",),
-            {"org_id": d.new("org_id"), "seen_at": seen, "stuck_since": stuck})
+            {"first_seen": f"COALESCE(first_seen, seen_at, {d.new('first_seen')})",
+             "org_id": d.new("org_id"), "seen_at": seen, "stuck_since": stuck})
 
     async def _write(self, sql: str, row: Sequence[Any]) -> int:
         await self.store.ready()
@@ -262,12 +265,12 @@ class AlertStore:
         """``(sn, org, stuck)`` of robots heard of at ``now``."""
         if robots:
             await self.store.ready()
-            rows = [(sn, org, now, now if stuck else None) for sn, org, stuck in robots]
+            rows = [(sn, org, now, now if stuck else None, now) for sn, org, stuck in robots]
             await self.backend.transaction([(self._watch_upsert, rows)])
 
     async def watched(self, sns: Collection[str]) -> dict[str, dict[str, Any]]:
         return await self._by_sn(
-            f"SELECT robot_sn, org_id, seen_at, stuck_since FROM "
+            f"SELECT robot_sn, org_id, seen_at, stuck_since, first_seen FROM "
             f"{self.d.quote(ALERT_WATCH_TABLE)} WHERE robot_sn IN", sns)
 
     async def quiet_since(self, before: float) -> list[dict[str, Any]]:

@@ -311,6 +311,7 @@ ALERT_WATCH = TableSpec(
         Column("org_id", "str", 128),
         Column("seen_at", "float"),
         Column("stuck_since", "float"),
+        Column("first_seen", "float"),  # the alert rules' window for facts never sent
     ),
     key=("robot_sn",),
 )

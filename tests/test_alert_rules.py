@@ -178,3 +178,8 @@ def test_declared_facts_are_what_the_rules_read() -> None:
     # a charge state known by the status flag alone counts as known
     assert facts_known(r.battery_low, {"battery_level": 50, "is_charging": 1}, 0, 0)
     assert BatteryLow(absent_after_seconds=30).absent_after() == 30
+
+
+def test_every_rule_has_a_title_for_people() -> None:
+    titles = [Rules().rule(name).title for name in RULES]
+    assert all(titles) and len(set(titles)) == len(titles)

@@ -37,6 +37,8 @@ class _Rule(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     enabled: bool = True
+    #: What an operator reads instead of the rule's id.
+    title: ClassVar[str] = ""
     #: The robot's stored facts the rule reads, each a group of columns any one of which
     #: makes the fact known. The rule decides nothing while one is unknown, until
     #: ``absent_after()`` seconds after the robot's first message; then a fact still
@@ -51,6 +53,8 @@ class _Rule(BaseModel):
 class RobotOffline(_Rule):
     """Status ``offline``, or no message for ``silent_seconds``."""
 
+    title: ClassVar[str] = "Robot offline"
+
     severity: Severity = "high"
     silent_seconds: float = Field(default=600.0, gt=0)
 
@@ -62,6 +66,8 @@ class RobotOffline(_Rule):
 
 class BatteryLow(_Rule):
     """One escalating rule: at or below each threshold while not charging."""
+
+    title: ClassVar[str] = "Battery low"
 
     warning: float = Field(default=20.0, ge=0, le=100)
     high: float = Field(default=10.0, ge=0, le=100)
@@ -92,11 +98,14 @@ class BatteryLow(_Rule):
 class RobotFault(_Rule):
     """An event of one of ``levels``; resolves after ``clear_seconds`` with no new one."""
 
+    title: ClassVar[str] = "Robot fault"
+
     levels: tuple[Severity, ...] = ("high", "critical")
     clear_seconds: float = Field(default=1800.0, gt=0)
 
 
 class RobotStuck(_Rule):
+    title: ClassVar[str] = "Robot stuck"
     severity: Severity = "high"
     for_seconds: float = Field(default=120.0, ge=0)
 
@@ -107,12 +116,15 @@ class RobotStuck(_Rule):
 
 
 class GatewayOffline(_Rule):
+    title: ClassVar[str] = "Gateway offline"
     severity: Severity = "high"
 
 
 class GatewayBacklog(_Rule):
     """Opens above ``max_age_seconds``; resolves only below it minus ``hysteresis_seconds``,
     so heartbeats of 301, 299, 302 s keep one alert open instead of three."""
+
+    title: ClassVar[str] = "Gateway backlog"
 
     severity: Severity = "warning"
     max_age_seconds: float = Field(default=300.0, gt=0)
@@ -126,6 +138,7 @@ class GatewayBacklog(_Rule):
 
 
 class RobotSilent(_Rule):
+    title: ClassVar[str] = "Robot silent"
     severity: Severity = "warning"
     silent_seconds: float = Field(default=1800.0, gt=0)
 

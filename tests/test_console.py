@@ -169,9 +169,11 @@ def test_viewer_sees_its_org_live_and_operator_acknowledges(
     fleet.post("acme", "robotStatus", sn=sa, run_status="OFFLINE")
     eventually(lambda: cell(viewer, sa, "pos") == "6.5, -3.0 ∠90°", "pose updated live")
     eventually(lambda: cell(viewer, sa, "status") == "offline", "status updated live")
-    after = eventually(lambda: (t := viewer.find_element(By.CSS_SELECTOR, marker)
-                                .get_attribute("transform")) != before and t, "marker moved")
-    assert "rotate(-90)" in after
+    def moved() -> str | None:
+        now = viewer.find_element(By.CSS_SELECTOR, marker).get_attribute("transform")
+        return now if now != before else None
+
+    assert "rotate(-90)" in eventually(moved, "marker moved")
     assert viewer.execute_script("return window.__notReloaded") is True
 
     # -- a Fatal fault opens an alert the viewer sees, with no button to act on it -------

@@ -563,9 +563,13 @@ function syncOptions(id, values, labels) {
 // -- alerts: severity, then age; rows stay put under the pointer ----------------------------
 function detailText(a) {
   const d = a.detail || {};
+  if (a.rule === "robot_fault" && (d.event_type || d.event_detail)) {  // what broke, in words
+    return [d.event_type, d.event_detail].filter(Boolean).join(": ") +
+      (d.event_level ? ` (${d.event_level})` : "");
+  }
   const parts = [];
   for (const [k, v] of Object.entries(d)) {
-    if (v === null || v === undefined || v === "") continue;
+    if (v === null || v === undefined || v === "" || k === "event_id") continue;
     parts.push(`${k.replace(/_/g, " ")}: ${typeof v === "object" ? JSON.stringify(v) : v}`);
   }
   return parts.join(" · ");
@@ -977,7 +981,7 @@ function route() {
     const sev = kind.slice(7);
     document.getElementById("alert-severity").value = SEVERITIES.includes(sev) ? sev : "";
     document.getElementById("alert-state").value = "open";
-    st.filter.attention = "";
+    st.filter.attention = kind;  // shown as the active filter; the fleet is not narrowed
     target = "alerts-section";
   } else if (GATEWAY_KINDS[kind]) {
     st.filter.attention = kind;
@@ -1019,10 +1023,13 @@ function wire() {
   }
   const filters = {search: "q", "filter-org": "org", "filter-site": "site", "filter-status": "status"};
   for (const [id, key] of Object.entries(filters)) {
-    document.getElementById(id).addEventListener("input", (e) => {
-      st.filter[key] = key === "q" ? e.target.value.trim().toLowerCase() : e.target.value;
+    const apply = (e) => {
+      const value = key === "q" ? e.target.value.trim().toLowerCase() : e.target.value;
+      if (st.filter[key] === value) return;
+      st.filter[key] = value;
       filterChanged();
-    });
+    };
+    for (const type of ["input", "change"]) document.getElementById(id).addEventListener(type, apply);
   }
   document.getElementById("clear-filter").addEventListener("click", () => {
     st.filter.attention = "";
@@ -1034,7 +1041,7 @@ function wire() {
     filterChanged();
   });
   for (const id of ["alert-rule", "alert-severity", "alert-state"]) {
-    document.getElementById(id).addEventListener("input", () => renderAlerts(true));
+    document.getElementById(id).addEventListener("change", () => renderAlerts(true));
   }
   const list = document.getElementById("alerts");
   list.addEventListener("pointerenter", () => { st.pointerInAlerts = true; });

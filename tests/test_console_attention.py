@@ -362,4 +362,6 @@ def test_the_page_holds_all_50000_robots_and_draws_only_what_is_in_view(
     search(viewer, "B4999")
     eventually(lambda: viewer.find_element(By.ID, "total").text == f"(10 shown of {BIG})",
                "search over all of them")
+    eventually(lambda: fleet_sns(viewer) == [f"B4999{i}" for i in range(10)],
+               "the rows found are the rows drawn")
     shot(viewer, big, "fleet-50000")

@@ -202,6 +202,8 @@ function gatewayPasses(g) {
 
 function filterChanged() {
   st.listDirty = true;
+  st.listAt = 0;
+  document.getElementById("fleet-scroll").scrollTop = 0;  // a new list starts at its top
   st.alertsDirty = st.eventsDirty = st.gatewaysDirty = st.floorDirty = true;
   st.floorAt = 0;
   const a = st.filter.attention;
@@ -490,8 +492,9 @@ function renderFleet() {
   }
   const box = document.getElementById("fleet-scroll");
   const n = st.list.length;
-  const first = Math.max(0, Math.floor(box.scrollTop / ROW_H) - OVERSCAN);
   const count = Math.ceil((box.clientHeight || 600) / ROW_H) + 2 * OVERSCAN;
+  // a list that shrank under a scrolled box still shows its last rows, never none
+  const first = Math.max(0, Math.min(Math.floor(box.scrollTop / ROW_H) - OVERSCAN, n - count));
   const last = Math.min(n, first + count);
   const want = st.list.slice(first, last);
   const keep = new Set(want);

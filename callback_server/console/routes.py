@@ -28,7 +28,7 @@ from bridge.errors import StoreError
 from bridge.http_body import parse_model, read_body
 from bridge.paging import MAX_LIMIT
 from callback_server.access import OPERATORS, READERS, Access
-from callback_server.alerts.rules import CHARGING_STATES, RULES
+from callback_server.alerts import CHARGING_STATES, RULES
 from callback_server.console.hub import ConsoleHub
 from callback_server.console.stream import ConsoleStream, sse
 from callback_server.sessions import COOKIE

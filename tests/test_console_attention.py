@@ -191,6 +191,9 @@ def test_faults_stuck_offline_gateway_attention_links_and_bulk_acknowledge(
         By.CSS_SELECTOR, "#alerts tbody tr")] == ["robot_fault"], "critical alerts only")
     operator.find_element(By.ID, "clear-filter").click()
     eventually(lambda: len(fleet_sns(operator)) == 7, "all seven again (search kept)")
+    search(operator, "stuck")  # what the page calls a robot is searchable too
+    eventually(lambda: fleet_sns(operator) == [stuck], "stuck robots found by search")
+    search(operator, tag)
 
     # -- alerts: severity then age, titles, detail, robot links --------------------------
     def ours() -> list[Any]:

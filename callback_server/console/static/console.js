@@ -167,9 +167,18 @@ function has(q, ...values) {
   return !q || values.some((v) => v !== null && v !== undefined && String(v).toLowerCase().includes(q));
 }
 
+// What a search matches besides the robot's fields: its flags in the page's words.
+function flagWords(r) {
+  const f = flagsOf(r);
+  return Object.entries(ROBOT_KINDS).filter(([, [, test]]) => test(f))
+    .map(([kind, [label]]) => `${kind} ${label}`).join(" ");
+}
+
 function robotPasses(r) {  // search, org and site (the attention strip counts these)
+  const q = st.filter.q;
   return siteOk(r.org_id, r.gateway_id) &&
-    has(st.filter.q, r.robot_sn, r.org_id, r.gateway_id, r.status, r.map_name, r.charge_state);
+    (has(q, r.robot_sn, r.org_id, r.gateway_id, r.status, r.map_name, r.charge_state,
+      r.move_state) || (q !== "" && has(q, flagWords(r))));
 }
 
 function ruleTitle(rule) {

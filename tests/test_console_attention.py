@@ -149,6 +149,10 @@ def test_faults_stuck_offline_gateway_attention_links_and_bulk_acknowledge(
     assert (cell(operator, down2, "status") or "").startswith("unknown since")
     assert "unknown" in (operator.find_element(
         By.CSS_SELECTOR, f'#robots tr[data-sn="{down1}"]').get_attribute("class") or "")
+    search(operator, "down")  # the site's robots: counted unknown, not working
+    eventually(lambda: [li.text for li in operator.find_elements(By.CSS_SELECTOR, "#counts li")]
+               == ["unknown: 2"], "counted as unknown")
+    search(operator, "")
 
     # -- faults and stuck on the row; thresholds as the rules file set them --------------
     eventually(lambda: "fault (critical)" in (cell(operator, fault, "status") or ""),

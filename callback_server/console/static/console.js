@@ -420,7 +420,7 @@ function computeList() {
   const out = [];
   for (const r of st.robots.values()) {
     if (!robotPasses(r)) continue;
-    if (status && (r.status || "unknown") !== status) continue;
+    if (status && shownStatus(r) !== status) continue;
     if (kind && !kind[1](flagsOf(r))) continue;
     out.push(r);
   }
@@ -443,6 +443,12 @@ function batteryCell(r, low) {
   bar.append(fill);
   td.append(bar, el("span", {class: "pct"}, `${level} %`));
   return td;
+}
+
+// The status a robot is counted under: behind an offline gateway it is unknown, not the
+// "working" it last reported.
+function shownStatus(r) {
+  return gatewayOf(r)?.state === "offline" ? "unknown" : r.status || "unknown";
 }
 
 function staleClass(f) {
@@ -546,7 +552,7 @@ function renderFleet() {
     if (r.org_id) orgs.add(r.org_id);
     if (r.gateway_id) sites.add(siteOf(r.org_id, r.gateway_id));
     if (!robotPasses(r)) continue;
-    const s = r.status || "unknown";
+    const s = shownStatus(r);
     counts.set(s, (counts.get(s) || 0) + 1);
   }
   for (const g of st.gateways.values()) { orgs.add(g.org_id); sites.add(siteOf(g.org_id, g.gateway_id)); }

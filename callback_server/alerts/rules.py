@@ -207,14 +207,15 @@ def facts_known(rule: _Rule, row: Mapping[str, Any], first_seen: float | None,
     """Whether ``rule`` may decide on a robot's stored ``row`` now.
 
     Yes once every fact it reads is known, or once ``rule.absent_after()`` has passed
-    since the robot's first message (``first_seen``; None: not yet recorded), when what
-    is still missing counts as absent. So a robot whose first message carries a battery
-    level but no charge state opens no ``battery_low`` for the split second before its
-    charge state arrives, and one that never reports a charge state still gets it.
+    since the robot's first message (``first_seen``; None for a robot known from before
+    that was recorded, long ago), when what is still missing counts as absent. So a robot
+    whose first message carries a battery level but no charge state opens no
+    ``battery_low`` for the split second before its charge state arrives, and one that
+    never reports a charge state still gets it.
     """
     if all(any(row.get(column) is not None for column in group) for group in rule.facts):
         return True
-    return first_seen is not None and now - first_seen >= rule.absent_after()
+    return first_seen is None or now - first_seen >= rule.absent_after()
 
 
 #: Normalised ``charge_state`` values (lower-cased Pudu ``charge_stage``) that count as

@@ -94,12 +94,9 @@ class AlertStore:
         seen = d.greatest(f"COALESCE(seen_at, {d.new('seen_at')})", d.new("seen_at"))
         stuck = (f"CASE WHEN {d.new('stuck_since')} IS NULL THEN NULL "
                  f"ELSE COALESCE(stuck_since, {d.new('stuck_since')}) END")
-        # first_seen keeps the first time (a row from before the column: its last seen,
-        # the best known bound); assigned before seen_at, which MySQL updates in order.
         self._watch_upsert = d.upsert(
             ALERT_WATCH_TABLE, ALERT_WATCH.names, ("robot_sn",),
-            {"first_seen": f"COALESCE(first_seen, seen_at, {d.new('first_seen')})",
-             "org_id": d.new("org_id"), "seen_at": seen, "stuck_since": stuck})
+            {"org_id": d.new("org_id"), "seen_at": seen, "stuck_since": stuck})
 
     async def _write(self, sql: str, row: Sequence[Any]) -> int:
         await self.store.ready()
@@ -265,6 +262,7 @@ class AlertStore:
         """``(sn, org, stuck)`` of robots heard of at ``now``."""
         if robots:
             await self.store.ready()
+            # first_seen (last) is written by the insert only: the update leaves it be
             rows = [(sn, org, now, now if stuck else None, now) for sn, org, stuck in robots]
             await self.backend.transaction([(self._watch_upsert, rows)])
 

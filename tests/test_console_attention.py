@@ -372,3 +372,24 @@ def test_the_page_holds_all_50000_robots_and_draws_only_what_is_in_view(
     eventually(lambda: fleet_sns(viewer) == [f"B4999{i}" for i in range(10)],
                "the rows found are the rows drawn")
     shot(viewer, big, "fleet-50000")
+
+
+def test_one_key_signing_in_10000_times_leaves_another_keys_session_alive(
+        fleet: AttentionFleet) -> None:
+    url = fleet.server.url
+    with httpx.Client(base_url=url, timeout=10) as c:
+        r = c.post("/console/session", json={"key": fleet.keys["operator_a"]})
+        operator = r.cookies["console_session"]
+        viewers = []
+        for _ in range(10_000):
+            r = c.post("/console/session", json={"key": fleet.keys["viewer_a"]})
+            assert r.status_code == 200
+            viewers.append(r.cookies["console_session"])
+
+    def me(session: str) -> int:
+        return httpx.get(url + "/console/me", cookies={"console_session": session},
+                         timeout=10).status_code
+
+    assert me(operator) == 200  # before the cap per key, this signed the operator out
+    assert me(viewers[-1]) == 200 and me(viewers[-50]) == 200
+    assert me(viewers[0]) == 401 and me(viewers[-51]) == 401  # the viewer's oldest went

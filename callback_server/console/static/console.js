@@ -438,7 +438,7 @@ function batteryCell(r, low) {
   const td = el("td", {class: "battery" + (low ? " low" : "")});
   if (typeof level !== "number") { td.textContent = "–"; return td; }
   const bar = el("div", {class: "bar", title: `${level} %`});
-  const fill = el("div", {class: "fill" + (low ? " low" : level < 50 ? " mid" : "")});
+  const fill = el("div", {class: "fill" + (low ? " low" : "")});  // red by the rule, else green
   fill.style.width = `${Math.max(0, Math.min(100, level))}%`;
   bar.append(fill);
   td.append(bar, el("span", {class: "pct"}, `${level} %`));

@@ -30,6 +30,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select
 
+from callback_server.alerts import RULES as RULE_IDS
 from callback_server.keys import Role, add_key
 from tests import test_console
 from tests.services import callback_server, edge_agent
@@ -289,7 +290,8 @@ def test_the_thresholds_are_the_served_rules(fleet: Fleet) -> None:
     assert rules["robot_stuck"]["for_seconds"] == 120
     assert rules["gateway_backlog"]["max_age_seconds"] == 300
     assert rules["robot_fault"]["title"] == "Robot fault"
-    assert "charging" in rules["charging_states"]
+    assert "charging" in hello["charging_states"]
+    assert set(rules) == set(RULE_IDS)  # every rule, by its id
 
 
 # -- 50,000 robots -----------------------------------------------------------------------------

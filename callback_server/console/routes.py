@@ -132,7 +132,8 @@ def create_console_router(server: AppHost, access: Access, hub: ConsoleHub) -> A
         async def snapshot() -> AsyncIterator[bytes]:
             """Every robot of the key's orgs, a page at a time (50,000 robots are not one
             20 MB JSON array held in memory), then the rest of the snapshot."""
-            yield sse("hello", {**_me(principal), "rules": rule_settings(server)})
+            yield sse("hello", {**_me(principal), "rules": rule_settings(server),
+                                "charging_states": sorted(CHARGING_STATES)})
             yield sse("robots", first)
             last = after
             while last is not None:
@@ -165,14 +166,12 @@ def create_console_router(server: AppHost, access: Access, hub: ConsoleHub) -> A
 
 
 def rule_settings(server: AppHost) -> dict[str, Any]:
-    """The alert rules as the page reads them: each rule's title and settings (the
-    thresholds for stale, stuck, low battery and backlog are these, never constants in
-    the script), and the charge states that count as charging."""
+    """The alert rules as the page reads them: each rule's title (its id if it has none)
+    and settings. The thresholds for stale, stuck, low battery and backlog are these,
+    never constants in the script."""
     rules = server.alerts.rules
-    out: dict[str, Any] = {name: {"title": rules.rule(name).title,
-                                  **rules.rule(name).model_dump(mode="json")}
-                           for name in RULES}
-    return {**out, "charging_states": sorted(CHARGING_STATES)}
+    return {name: {"title": rules.rule(name).title or name,
+                   **rules.rule(name).model_dump(mode="json")} for name in RULES}
 
 
 def _me(principal: Any) -> dict[str, Any]:

@@ -33,6 +33,7 @@ window.consoleStats = {hellos: 0, frames: 0, objects: 0, renders: 0, renderMs: 0
 const st = {
   me: null,
   rules: null,           // the alert rules' settings (hello)
+  chargingStates: [],    // the charge states that count as charging (hello)
   robots: new Map(),
   alerts: new Map(),
   events: new Map(),     // "sn/event_id" -> event
@@ -111,7 +112,7 @@ function siteOf(org, gateway) { return `${org}/${gateway}`; }
 function gatewayOf(r) { return st.gateways.get(siteOf(r.org_id, r.gateway_id)); }
 
 function charging(r) {
-  const states = (st.rules && st.rules.charging_states) || [];
+  const states = st.chargingStates;
   if (r.charge_state) return states.includes(String(r.charge_state).toLowerCase());
   return Boolean(r.is_charging);
 }
@@ -700,7 +701,7 @@ function renderAlerts(force) {
   more.hidden = !st.alertsPending;
   more.textContent = `${st.alertsPending} new alert${st.alertsPending === 1 ? "" : "s"}: show`;
   document.getElementById("alert-count").textContent = `(${st.alertOrder.length} shown)`;
-  syncOptions("alert-rule", Object.keys(st.rules || {}).filter((k) => st.rules[k].title), ruleTitle);
+  syncOptions("alert-rule", Object.keys(st.rules || {}), ruleTitle);
   syncOptions("alert-severity", [...SEVERITIES].reverse());
   bulkButtons();
 }
@@ -1105,7 +1106,9 @@ async function start() {
   es.addEventListener("hello", (e) => {
     window.consoleStats.hellos += 1;
     window.consoleStats.ready = false;
-    st.rules = JSON.parse(e.data).rules;
+    const hello = JSON.parse(e.data);
+    st.rules = hello.rules;
+    st.chargingStates = hello.charging_states;
     for (const m of [st.robots, st.alerts, st.events, st.gateways, st.rowEls, st.byRobot,
       st.alertRows]) m.clear();
     st.alertOrder = [];

@@ -20,11 +20,15 @@ from urllib.parse import urlsplit
 
 from callback_server.keys import Principal
 
-__all__ = ["COOKIE", "SESSION_SECONDS", "SessionStore", "same_origin"]
+__all__ = ["COOKIE", "MAX_PER_KEY", "SESSION_SECONDS", "SessionStore", "same_origin"]
 
 COOKIE = "console_session"
 SESSION_SECONDS = 12 * 3600
-#: Bound on live sessions: past it the oldest is dropped (a flood cannot fill memory).
+#: Bound on one key's live sessions: past it that key's oldest is dropped, so a key signing
+#: in again and again (a script, a leaked key) ends only its own sessions, never another's.
+MAX_PER_KEY = 50
+#: Bound on all live sessions (memory): past it the oldest session of the key holding the
+#: most goes, so keys with a few sessions each keep theirs.
 MAX_SESSIONS = 10_000
 
 
@@ -39,26 +43,40 @@ class _Session:
 
 
 class SessionStore:
-    """Hash of the session id -> (principal, expiry); expired ones are dropped on sight."""
+    """Hash of the session id -> (principal, expiry), grouped by key name (oldest first);
+    expired ones are dropped on sight."""
 
     def __init__(self, seconds: float = SESSION_SECONDS,
                  clock: Callable[[], float] = time.time) -> None:
         self.seconds = seconds
         self._clock = clock
         self._by_hash: dict[bytes, _Session] = {}
+        #: key name -> its sessions' hashes, oldest first (dicts keep insertion order)
+        self._by_key: dict[str, dict[bytes, None]] = {}
 
     def __len__(self) -> int:
         return len(self._by_hash)
 
+    def count(self, key_name: str) -> int:
+        """Live (or not yet noticed expired) sessions of one key."""
+        return len(self._by_key.get(key_name, ()))
+
     def create(self, principal: Principal) -> str:
         """A new session for ``principal``; the id is returned once, for the cookie."""
         now = self._clock()
-        if len(self._by_hash) >= MAX_SESSIONS:
+        mine = self._by_key.setdefault(principal.name, {})
+        if len(mine) >= MAX_PER_KEY or len(self._by_hash) >= MAX_SESSIONS:
             self._expire(now)
+            mine = self._by_key.setdefault(principal.name, {})
+        while len(mine) >= MAX_PER_KEY:
+            self._remove(next(iter(mine)))
         while len(self._by_hash) >= MAX_SESSIONS:
-            self._by_hash.pop(next(iter(self._by_hash)))  # dicts keep insertion order
+            crowded = max(self._by_key.values(), key=len)
+            self._remove(next(iter(crowded)))
         session_id = secrets.token_urlsafe(32)
-        self._by_hash[_hash(session_id)] = _Session(principal, now + self.seconds)
+        key = _hash(session_id)
+        self._by_hash[key] = _Session(principal, now + self.seconds)
+        self._by_key.setdefault(principal.name, {})[key] = None
         return session_id
 
     def lookup(self, session_id: str) -> Principal | None:
@@ -70,17 +88,28 @@ class SessionStore:
         if session is None:
             return None
         if session.expires <= self._clock():
-            del self._by_hash[key]
+            self._remove(key)
             return None
         return session.principal
 
     def drop(self, session_id: str) -> bool:
         """End a session (sign-out); False if there was none."""
-        return self._by_hash.pop(_hash(session_id), None) is not None
+        return self._remove(_hash(session_id))
+
+    def _remove(self, key: bytes) -> bool:
+        session = self._by_hash.pop(key, None)
+        if session is None:
+            return False
+        mine = self._by_key.get(session.principal.name)
+        if mine is not None:
+            mine.pop(key, None)
+            if not mine:
+                del self._by_key[session.principal.name]
+        return True
 
     def _expire(self, now: float) -> None:
         for key in [k for k, s in self._by_hash.items() if s.expires <= now]:
-            del self._by_hash[key]
+            self._remove(key)
 
 
 def same_origin(origin: str | None, host: str | None) -> bool:

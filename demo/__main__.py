@@ -4,7 +4,8 @@ An in-process MQTT broker, the edge agent on :8000 (admin listener with /metrics
 proxy on 127.0.0.1:8001), the callback server on :3005 and SQLite under ./data/. Nothing
 beyond Python is needed. Ports and paths can be changed with the services' usual
 environment variables. Each run makes a new demo admin key (written, hashed, to
-``DEMO_KEYS_FILE``, default data/demo-keys.yaml) and prints it in the curl lines.
+``DEMO_KEYS_FILE``, default data/demo-keys.yaml) and prints it in the curl lines, with
+the console's address to sign in to with it.
 """
 
 from __future__ import annotations
@@ -50,10 +51,14 @@ def _demo_key(path: Path) -> str:
 
 
 def _banner(edge_port: int, admin_port: int, cb_port: int, code: str, key: str) -> str:
+    # The robot's time is the shell's clock when the line is run ($(date +%s)), so the
+    # sample robot is fresh in the console however long after the banner it is pasted.
     body = ('{"callback_type":"notifyRobotStatus","data":{"sn":"DEMO-1","battery":87,'
-            '"run_state":"IDLE","charge_stage":"CHARGING","timestamp":1700000000}}')
+            '"run_state":"IDLE","charge_stage":"CHARGING","timestamp":\'"$(date +%s)"\'}}')
     return f"""
 Demo admin key (all orgs; new each run): {key}
+
+Console: http://localhost:{cb_port}/  (sign in with the key above)
 
 Pipeline running: Pudu webhook :{edge_port} -> outbox -> MQTT (embedded broker)
                   -> callback server :{cb_port} -> SQLite (./data)

@@ -509,3 +509,37 @@ async def test_a_shop_level_callback_on_the_gateways_topic_is_no_robot(env: Env)
     assert engine.pending == 0
     engine.observe([message("power", {"sn": "gw1", "power": 50})])
     assert engine.pending == 1
+
+
+# -- no alert on facts not yet known --------------------------------------------------------------
+async def test_a_first_message_without_charge_state_opens_nothing(env: Env) -> None:
+    """The audit's 13 charging robots: their first message had a level and no charge state,
+    and each opened battery_low for 0.1 s (delivered to every alert webhook)."""
+    await env.send(env.a, "C1", "power", battery_level=4)
+    env.clock.now += 0.1
+    await env.send(env.b, "C1", "power", battery_level=4, charge_state="charging")
+    assert env.emitted == [] and env.rows() == []
+    # a robot that never reports a charge state is taken as not charging after the window
+    await env.send(env.a, "C2", "power", battery_level=8)
+    env.clock.now += 299
+    await env.send(env.b, "C2", "power", battery_level=8)
+    assert env.emitted == []
+    env.clock.now += 1
+    await env.send(env.a, "C2", "power", battery_level=8)
+    assert env.emitted == [("opened", "battery_low", "C2", "high")]
+    # the charging flag of a status message makes the charge known at once
+    env.clear()
+    await env.send(env.a, "C3", "status", status="idle", battery_level=3, is_charging=True)
+    await env.send(env.a, "C4", "status", status="idle", battery_level=3, is_charging=False)
+    assert env.emitted == [("opened", "battery_low", "C4", "critical")]
+
+
+async def test_a_robot_never_reporting_status_or_move_state_is_judged_by_time(
+        env: Env) -> None:
+    await env.send(env.a, "Q1", "power", battery_level=80, charge_state="idle")
+    await sweep(env, 599)
+    assert env.of("robot_offline") == [] and env.of("robot_stuck") == []
+    await sweep(env, 1)  # silent for robot_offline's window: offline, status or not
+    assert env.of("robot_offline") == [("opened", "robot_offline", "Q1", "high")]
+    await env.send(env.b, "Q1", "power", battery_level=80, charge_state="idle")
+    assert env.of("robot_offline")[-1][0] == "resolved" and env.of("robot_stuck") == []

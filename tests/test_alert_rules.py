@@ -8,6 +8,7 @@ import pytest
 
 from bridge.errors import ConfigError
 from callback_server.alerts.rules import (
+    RULES,
     BatteryLow,
     GatewayBacklog,
     GatewayOffline,
@@ -15,9 +16,11 @@ from callback_server.alerts.rules import (
     RobotOffline,
     RobotSilent,
     RobotStuck,
+    Rules,
     backlog_severity,
     battery_severity,
     charging,
+    facts_known,
     fault_severity,
     gateway_offline_severity,
     load_alert_settings,
@@ -141,3 +144,42 @@ def test_rules_file_overrides_defaults_and_names_a_bad_key(tmp_path: Path) -> No
 def test_the_example_rules_file_states_the_defaults() -> None:
     example = Path(__file__).resolve().parents[1] / "config.example" / "alert-rules.yaml"
     assert load_alert_settings(str(example)) == load_alert_settings(None)
+
+
+# -- known or absent facts: no alert opens on a fact not yet reported ----------------------------
+#: A stored robot row with every fact any rule reads.
+FULL_ROW = {"battery_level": 8, "charge_state": "idle", "is_charging": 0, "status": "idle",
+            "move_state": "stuck"}
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_each_rule_decides_only_on_known_facts_or_after_its_window(name: str) -> None:
+    rule = Rules().rule(name)
+    first = 1000.0
+    assert facts_known(rule, FULL_ROW, first, first)  # all known: decides at once
+    for group in rule.facts:
+        row = {k: v for k, v in FULL_ROW.items() if k not in group}  # this fact missing
+        assert not facts_known(rule, row, first, first), (name, group)
+        assert facts_known(rule, row, None, first)  # a robot from before first_seen: long ago
+        window = rule.absent_after()
+        assert window > 0, name
+        assert not facts_known(rule, row, first, first + window - 0.1)
+        assert facts_known(rule, row, first, first + window)  # then absent, and it decides
+    if not rule.facts:  # the message itself is the fact (an event, presence, heartbeat)
+        assert facts_known(rule, {}, None, first)
+
+
+def test_declared_facts_are_what_the_rules_read() -> None:
+    r = Rules()
+    assert r.battery_low.facts == (("battery_level",), ("charge_state", "is_charging"))
+    assert r.robot_offline.facts == (("status",),) and r.robot_stuck.facts == (("move_state",),)
+    assert (r.battery_low.absent_after(), r.robot_offline.absent_after(),
+            r.robot_stuck.absent_after()) == (300, 600, 120)
+    # a charge state known by the status flag alone counts as known
+    assert facts_known(r.battery_low, {"battery_level": 50, "is_charging": 1}, 0, 0)
+    assert BatteryLow(absent_after_seconds=30).absent_after() == 30
+
+
+def test_every_rule_has_a_title_for_people() -> None:
+    titles = [Rules().rule(name).title for name in RULES]
+    assert all(titles) and len(set(titles)) == len(titles)

@@ -110,6 +110,13 @@ def test_make_run_prints_a_key_its_curl_lines_work_with(tmp_path: Path) -> None:
                            headers={"Authorization": f"Bearer {key}"}).json()
         assert [r["robot_sn"] for r in listed["items"]] == ["DEMO-1"]
         assert listed["next_cursor"] is None
+        # the sample robot is dated now (not 2023: "stale for 1,115 days" in the console)
+        assert abs(listed["items"][0]["last_ts"] - time.time()) < 60, listed
+        # the banner names the console, and that address serves its sign-in page
+        url = f"http://localhost:{cb}/"
+        assert any(ln.startswith(f"Console: {url} ") for ln in lines), lines
+        page = httpx.get(url.replace("localhost", "127.0.0.1"))
+        assert page.status_code == 200 and 'type="password"' in page.text
     finally:
         proc.terminate()
         proc.wait(20)

@@ -43,6 +43,28 @@ def test_sessions_are_bounded(monkeypatch: Any) -> None:
     assert [store.lookup(i) is not None for i in ids] == [False, False, True, True, True]
 
 
+def test_one_key_signing_in_10000_times_leaves_another_keys_session_alive() -> None:
+    store = SessionStore()
+    admin = store.create(ADMIN)
+    ids = [store.create(VIEWER_A) for _ in range(10_000)]
+    assert store.lookup(admin) == ADMIN  # before the cap per key, it signed the admin out
+    assert store.count("viewer_a") == sessions_mod.MAX_PER_KEY == len(store) - 1
+    alive = [store.lookup(i) is not None for i in ids]
+    cap = sessions_mod.MAX_PER_KEY
+    assert alive == [False] * (10_000 - cap) + [True] * cap  # the key's newest are kept
+    assert store.drop(admin) and store.count("admin") == 0
+
+
+def test_the_overall_bound_takes_from_the_key_with_the_most(monkeypatch: Any) -> None:
+    monkeypatch.setattr(sessions_mod, "MAX_SESSIONS", 4)
+    store = SessionStore()
+    admin = store.create(ADMIN)
+    viewers = [store.create(VIEWER_A) for _ in range(3)]
+    other = store.create(Principal("viewer_b", frozenset({"beta"}), "viewer"))
+    assert len(store) == 4 and store.lookup(admin) == ADMIN and store.lookup(other)
+    assert [store.lookup(i) is not None for i in viewers] == [False, True, True]
+
+
 def test_same_origin() -> None:
     assert same_origin("http://127.0.0.1:3005", "127.0.0.1:3005")
     assert same_origin("https://Console.Example", "console.example")

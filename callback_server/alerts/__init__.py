@@ -12,10 +12,16 @@
 from callback_server.alerts.alert import Alert, Subject, Transition
 from callback_server.alerts.delivery import AlertDelivery
 from callback_server.alerts.engine import AlertEngine
-from callback_server.alerts.rules import RULES, AlertSettings, load_alert_settings
+from callback_server.alerts.rules import (
+    CHARGING_STATES,
+    RULES,
+    AlertSettings,
+    load_alert_settings,
+)
 from callback_server.alerts.store import AlertStore, AlertSubscription
 
 __all__ = [
+    "CHARGING_STATES",
     "RULES",
     "Alert",
     "AlertDelivery",

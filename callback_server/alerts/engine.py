@@ -29,7 +29,7 @@ import collections
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -46,6 +46,7 @@ from callback_server.alerts.rules import (
     backlog_severity,
     battery_severity,
     charging,
+    facts_known,
     fault_cleared,
     fault_severity,
     gateway_offline_severity,
@@ -80,6 +81,10 @@ Decide = Callable[[str | None], str | None]
 
 def _const(severity: str | None) -> Decide:
     return lambda held: severity
+
+
+def _held(held: str | None) -> str | None:
+    return held
 
 
 def _open_only(severity: str | None) -> Decide:
@@ -224,9 +229,12 @@ class AlertEngine:
         r = self.rules
         decisions: list[_Decision] = []
         for sn, org in robots.items():
+            mine = len(decisions)
             row = state.get(sn) or {}
             watch = watched.get(sn) or {}
             seen = now if heard or watch.get("seen_at") is None else float(watch["seen_at"])
+            first = watch.get("first_seen")
+            first = None if first is None else float(first)
 
             def subject(rule: str, sn: str = sn, org: str = org) -> Subject:
                 return Subject(rule, org, "robot", sn)
@@ -251,6 +259,10 @@ class AlertEngine:
                 _const(stuck_severity(r.robot_stuck,
                                       None if stuck is None else float(stuck), now)),
                 {"stuck_since": iso(stuck), "move_state": row.get("move_state")}))
+            # A fact not yet known (nor yet absent) decides nothing: the alert stays as is.
+            decisions[mine:] = [
+                d if facts_known(r.rule(d.subject.rule), row, first, now)
+                else replace(d, decide=_held) for d in decisions[mine:]]
         return decisions
 
     async def _recheck(self, made: list[Transition], now: float, *,

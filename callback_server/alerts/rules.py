@@ -9,8 +9,9 @@ test holds.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -36,23 +37,52 @@ class _Rule(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     enabled: bool = True
+    #: What an operator reads instead of the rule's id.
+    title: ClassVar[str] = ""
+    #: The robot's stored facts the rule reads, each a group of columns any one of which
+    #: makes the fact known. The rule decides nothing while one is unknown, until
+    #: ``absent_after()`` seconds after the robot's first message; then a fact still
+    #: missing counts as absent (see ``facts_known``). Empty: the message is the fact.
+    facts: ClassVar[tuple[tuple[str, ...], ...]] = ()
+
+    def absent_after(self) -> float:
+        """How long after a robot's first message a fact it never sent counts as absent."""
+        return 0.0
 
 
 class RobotOffline(_Rule):
     """Status ``offline``, or no message for ``silent_seconds``."""
 
+    title: ClassVar[str] = "Robot offline"
+
     severity: Severity = "high"
     silent_seconds: float = Field(default=600.0, gt=0)
+
+    facts: ClassVar[tuple[tuple[str, ...], ...]] = (("status",),)
+
+    def absent_after(self) -> float:
+        return self.silent_seconds
 
 
 class BatteryLow(_Rule):
     """One escalating rule: at or below each threshold while not charging."""
+
+    title: ClassVar[str] = "Battery low"
 
     warning: float = Field(default=20.0, ge=0, le=100)
     high: float = Field(default=10.0, ge=0, le=100)
     critical: float = Field(default=5.0, ge=0, le=100)
     #: An open alert steps down (or resolves) only above threshold + hysteresis.
     hysteresis: float = Field(default=5.0, ge=0, le=50)
+    #: A robot that has sent a level but, this long after its first message, never a
+    #: charge state is taken as not charging (its first message alone opens nothing).
+    absent_after_seconds: float = Field(default=300.0, ge=0)
+
+    facts: ClassVar[tuple[tuple[str, ...], ...]] = (("battery_level",),
+                                                     ("charge_state", "is_charging"))
+
+    def absent_after(self) -> float:
+        return self.absent_after_seconds
 
     @model_validator(mode="after")
     def _ordered(self) -> BatteryLow:
@@ -68,22 +98,33 @@ class BatteryLow(_Rule):
 class RobotFault(_Rule):
     """An event of one of ``levels``; resolves after ``clear_seconds`` with no new one."""
 
+    title: ClassVar[str] = "Robot fault"
+
     levels: tuple[Severity, ...] = ("high", "critical")
     clear_seconds: float = Field(default=1800.0, gt=0)
 
 
 class RobotStuck(_Rule):
+    title: ClassVar[str] = "Robot stuck"
     severity: Severity = "high"
     for_seconds: float = Field(default=120.0, ge=0)
 
+    facts: ClassVar[tuple[tuple[str, ...], ...]] = (("move_state",),)
+
+    def absent_after(self) -> float:
+        return self.for_seconds
+
 
 class GatewayOffline(_Rule):
+    title: ClassVar[str] = "Gateway offline"
     severity: Severity = "high"
 
 
 class GatewayBacklog(_Rule):
     """Opens above ``max_age_seconds``; resolves only below it minus ``hysteresis_seconds``,
     so heartbeats of 301, 299, 302 s keep one alert open instead of three."""
+
+    title: ClassVar[str] = "Gateway backlog"
 
     severity: Severity = "warning"
     max_age_seconds: float = Field(default=300.0, gt=0)
@@ -97,6 +138,7 @@ class GatewayBacklog(_Rule):
 
 
 class RobotSilent(_Rule):
+    title: ClassVar[str] = "Robot silent"
     severity: Severity = "warning"
     silent_seconds: float = Field(default=1800.0, gt=0)
 
@@ -114,6 +156,11 @@ class Rules(BaseModel):
 
     def enabled(self, rule: str) -> bool:
         return bool(getattr(self, rule).enabled)
+
+    def rule(self, name: str) -> _Rule:
+        """The settings of the rule called ``name``."""
+        rule: _Rule = getattr(self, name)
+        return rule
 
 
 class Delivery(BaseModel):
@@ -155,6 +202,22 @@ def load_alert_settings(path: str | None) -> AlertSettings:
 
 
 # -- decisions -------------------------------------------------------------------------------
+def facts_known(rule: _Rule, row: Mapping[str, Any], first_seen: float | None,
+                now: float) -> bool:
+    """Whether ``rule`` may decide on a robot's stored ``row`` now.
+
+    Yes once every fact it reads is known, or once ``rule.absent_after()`` has passed
+    since the robot's first message (``first_seen``; None for a robot known from before
+    that was recorded, long ago), when what is still missing counts as absent. So a robot
+    whose first message carries a battery level but no charge state opens no
+    ``battery_low`` for the split second before its charge state arrives, and one that
+    never reports a charge state still gets it.
+    """
+    if all(any(row.get(column) is not None for column in group) for group in rule.facts):
+        return True
+    return first_seen is None or now - first_seen >= rule.absent_after()
+
+
 #: Normalised ``charge_state`` values (lower-cased Pudu ``charge_stage``) that count as
 #: charging or full; anything else (idle, stop_charge_*, errors) is discharging.
 CHARGING_STATES = frozenset({"charging", "charge_full", "charge_full_use_pile"})

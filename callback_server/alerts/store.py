@@ -263,12 +263,13 @@ class AlertStore:
         """``(sn, org, stuck)`` of robots heard of at ``now``."""
         if robots:
             await self.store.ready()
-            rows = [(sn, org, now, now if stuck else None) for sn, org, stuck in robots]
+            # first_seen (last) is written by the insert only: the update leaves it be
+            rows = [(sn, org, now, now if stuck else None, now) for sn, org, stuck in robots]
             await self.backend.transaction([(self._watch_upsert, rows)])
 
     async def watched(self, sns: Collection[str]) -> dict[str, dict[str, Any]]:
         return await self._by_sn(
-            f"SELECT robot_sn, org_id, seen_at, stuck_since FROM "
+            f"SELECT robot_sn, org_id, seen_at, stuck_since, first_seen FROM "
             f"{self.d.quote(ALERT_WATCH_TABLE)} WHERE robot_sn IN", sns)
 
     async def quiet_since(self, before: float) -> list[dict[str, Any]]:

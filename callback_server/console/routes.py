@@ -1,9 +1,10 @@
 """Routes of the fleet console: the pages, sign-in and sign-out, and the live stream.
 
-The stream starts with a snapshot: ``hello`` (who), ``robots``, ``tracks`` (recent
-positions by robot, from robot_history, so a reload keeps the floor view's tracks),
-``events`` (the latest, oldest first), ``alerts`` (open and acknowledged) and
-``gateways``; then the hub's frames of changed objects.
+The stream starts with a snapshot: ``hello`` (who, and the alert rules' settings the page
+judges robots by), ``robots`` (every robot of the key's orgs, in pages of
+``SNAPSHOT_PAGE``), ``tracks`` (recent positions by robot, from robot_history, so a reload
+keeps the floor view's tracks), ``events`` (the latest, oldest first), ``alerts`` (open and
+acknowledged), ``gateways`` and ``ready``; then the hub's frames of changed objects.
 
 ``GET /`` is the sign-in page (one password field) or, with a live session cookie, the
 console itself; its script and styles are under ``/console/static`` (no build step, no
@@ -15,6 +16,7 @@ are in it, each with its rule in tests/test_access.py.
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +28,7 @@ from bridge.errors import StoreError
 from bridge.http_body import parse_model, read_body
 from bridge.paging import MAX_LIMIT
 from callback_server.access import OPERATORS, READERS, Access
+from callback_server.alerts import CHARGING_STATES, RULES
 from callback_server.console.hub import ConsoleHub
 from callback_server.console.stream import ConsoleStream, sse
 from callback_server.sessions import COOKIE
@@ -49,8 +52,8 @@ KEEPALIVE_SECONDS = 15.0
 EVENTS_SNAPSHOT = 100
 #: How far back the floor view's tracks start (from robot_history).
 TRACK_SECONDS = 30 * 60
-#: Snapshot bound per kind: a fleet larger than this is paged by the API, not the stream.
-SNAPSHOT_LIMIT = 10 * MAX_LIMIT
+#: Robots per ``robots`` event of the snapshot (every robot is sent, a page at a time).
+SNAPSHOT_PAGE = MAX_LIMIT
 
 
 class SessionBody(BaseModel):
@@ -111,45 +114,64 @@ def create_console_router(server: AppHost, access: Access, hub: ConsoleHub) -> A
 
     @router.get("/console/stream", summary="Live console updates (Server-Sent Events): "
                 "events robots, events, alerts and gateways, each a JSON array of changed "
-                "objects, after a snapshot (hello, robots, tracks, events, alerts, gateways)")
+                "objects, after a snapshot (hello, robots in pages, tracks, events, alerts, "
+                "gateways, ready)")
     async def stream(request: Request) -> Response:
         principal = access.principal(request)
         access.require_role(principal, READERS, "use the console")
         client = hub.join(principal, access.lasting(request, principal))
         if client is None:
             raise StoreError(f"{hub.max_clients} console streams are open already")
-        try:
-            orgs = None if principal.all_orgs else principal.orgs
-            robots: list[dict[str, Any]] = []
-            after: list[Any] | None = None
-            while len(robots) < SNAPSHOT_LIMIT:
-                items, last = await server.store.list_robots(limit=MAX_LIMIT, after=after,
-                                                             orgs=orgs)
-                robots += items
-                if last is None:
-                    break
-                after = last
-            alerts = []
-            for state in ("open", "acknowledged"):
-                page, _ = await server.alert_store.page(limit=MAX_LIMIT, orgs=orgs,
-                                                        state=state)
-                alerts += [a.as_dict() for a in page]
-            events = await server.store.recent_events(limit=EVENTS_SNAPSHOT, orgs=orgs)
-            tracks = await server.store.recent_positions(
-                since=time.time() - TRACK_SECONDS, orgs=orgs)
+        orgs = None if principal.all_orgs else principal.orgs
+        try:  # the first page now: a database error is an HTTP error, not a cut stream
+            first, after = await server.store.list_robots(limit=SNAPSHOT_PAGE, orgs=orgs)
         except BaseException:
             hub.leave(client)
             raise
-        gateways = sorted((g for g in server.gateways.values()
-                           if principal.covers(g["org_id"])),
-                          key=lambda g: (g["org_id"], g["gateway_id"]))
-        first = b"".join((sse("hello", _me(principal)), sse("robots", robots),
-                          sse("tracks", tracks), sse("events", events[::-1]),
-                          sse("alerts", alerts), sse("gateways", gateways)))
-        return ConsoleStream(client, first, hub.frame_seconds, KEEPALIVE_SECONDS,
+
+        async def snapshot() -> AsyncIterator[bytes]:
+            """Every robot of the key's orgs, a page at a time (50,000 robots are not one
+            20 MB JSON array held in memory), then the rest of the snapshot."""
+            yield sse("hello", {**_me(principal), "rules": rule_settings(server),
+                                "charging_states": sorted(CHARGING_STATES)})
+            yield sse("robots", first)
+            last = after
+            while last is not None:
+                page, last = await server.store.list_robots(
+                    limit=SNAPSHOT_PAGE, after=last, orgs=orgs)
+                yield sse("robots", page)
+            alerts: list[dict[str, Any]] = []
+            for state in ("open", "acknowledged"):
+                cursor: list[Any] | None = None
+                while True:
+                    page_, cursor = await server.alert_store.page(
+                        limit=MAX_LIMIT, after=cursor, orgs=orgs, state=state)
+                    alerts += [a.as_dict() for a in page_]
+                    if cursor is None:
+                        break
+            events = await server.store.recent_events(limit=EVENTS_SNAPSHOT, orgs=orgs)
+            tracks = await server.store.recent_positions(
+                since=time.time() - TRACK_SECONDS, orgs=orgs)
+            gateways = sorted((g for g in server.gateways.values()
+                               if principal.covers(g["org_id"])),
+                              key=lambda g: (g["org_id"], g["gateway_id"]))
+            yield b"".join((sse("tracks", tracks), sse("events", events[::-1]),
+                            sse("alerts", alerts), sse("gateways", gateways),
+                            sse("ready", {"robots": True})))
+
+        return ConsoleStream(client, snapshot(), hub.frame_seconds, KEEPALIVE_SECONDS,
                              on_close=lambda: hub.leave(client))
 
     return router
+
+
+def rule_settings(server: AppHost) -> dict[str, Any]:
+    """The alert rules as the page reads them: each rule's title (its id if it has none)
+    and settings. The thresholds for stale, stuck, low battery and backlog are these,
+    never constants in the script."""
+    rules = server.alerts.rules
+    return {name: {"title": rules.rule(name).title or name,
+                   **rules.rule(name).model_dump(mode="json")} for name in RULES}
 
 
 def _me(principal: Any) -> dict[str, Any]:

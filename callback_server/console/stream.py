@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi.responses import Response
@@ -21,13 +21,14 @@ def sse(name: str, data: Any) -> bytes:
 
 
 class ConsoleStream(Response):
-    """Sends ``first`` (the snapshot), then each batch of changes the client gathers, at
-    most one frame per ``frame_seconds``; notices the browser leaving by itself and
-    always runs ``on_close``."""
+    """Sends ``first`` (the snapshot, chunk by chunk as it is read), then each batch of
+    changes the client gathers, at most one frame per ``frame_seconds``; notices the
+    browser leaving by itself and always runs ``on_close``."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, client: ConsoleClient, first: bytes, frame_seconds: float,
+    def __init__(self, client: ConsoleClient, first: AsyncIterator[bytes],
+                 frame_seconds: float,
                  keepalive: float, on_close: Callable[[], None]) -> None:
         self.status_code = 200
         self.background = None
@@ -51,8 +52,10 @@ class ConsoleStream(Response):
         try:
             await send({"type": "http.response.start", "status": 200,
                         "headers": self.raw_headers})
-            await send({"type": "http.response.body", "body": self._first,
-                        "more_body": True})
+            async for chunk in self._first:
+                if client.closed:
+                    break
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
             while not client.closed:
                 try:
                     async with asyncio.timeout(self._keepalive):
@@ -75,5 +78,8 @@ class ConsoleStream(Response):
             pass  # ASGI >= 2.4 servers raise on send() once the client has gone
         finally:
             self._on_close()
+            aclose = getattr(self._first, "aclose", None)
+            if aclose is not None:  # a snapshot cut short: its database reads stop too
+                await aclose()
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)

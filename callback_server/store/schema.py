@@ -366,6 +366,7 @@ ALERT_WATCH = TableSpec(
         Column("org_id", "key", 128),
         Column("seen_at", "float"),
         Column("stuck_since", "float"),
+        Column("first_seen", "float"),  # the alert rules' window for facts never sent
     ),
     key=("org_id", "robot_sn"),
 )

@@ -1,27 +1,39 @@
 "use strict";
 // The fleet console: one EventSource (/console/stream) feeds maps of robots, events,
-// alerts and gateways; the page re-renders at most every RENDER_MS, whatever the update
-// rate. Every value from the server is put in the page with textContent, never as HTML.
-// The robot page (chart, events, commands) is robot.js.
+// alerts and gateways; the page renders at most every RENDER_MS, whatever the update
+// rate, and changes rows in place. Every value from the server is put in the page with
+// textContent, never as HTML. The robot page (chart, events, commands) is robot.js.
+//
+// What needs attention is judged by the alert rules' own settings, which the stream's
+// hello carries (st.rules): stale after robot_offline.silent_seconds, low battery at
+// battery_low.warning while not charging, backlog above gateway_backlog.max_age_seconds;
+// faults and stuck robots are their open alerts (and a stuck move state). No threshold
+// is a constant here.
 
 const RENDER_MS = 150;
-const STALE_S = 60;     // older than this: "stale"
-const LOST_S = 600;     // older than this: "lost"
-const TRACK = 40;       // positions kept per robot for the floor view
-const TAGS_UP_TO = 30;  // a map with more robots than this draws no name tags
+const TRACK = 40;        // positions kept per robot for the floor view
+const TAGS_UP_TO = 30;   // a map with more robots than this draws no name tags
+const FLOOR_UP_TO = 2000; // past this many positioned robots, the floor asks for a filter
+const FLOOR_MS = 1000;   // the floor is redrawn at most this often
 const EVENTS_SHOWN = 100;
 const SILENCE_MINUTES = 60;
 const COMMAND_TIMEOUT_S = 10;
+const ROW_H = 30;        // px of one fleet row: the table renders only the rows in view
+const OVERSCAN = 10;
+const RESORT_MS = 2000;  // a large fleet's order is recomputed at most this often on updates
 // The gateway's built-in commands an operator may send from the console (edge_agent).
 const GATEWAY_COMMANDS = ["ping", "get_status", "get_robots", "flush_outbox", "requeue_rejected"];
 const SVG = "http://www.w3.org/2000/svg";
 
 // Counters a test or benchmark reads (frames received, objects, time spent rendering).
 // ``hellos`` counts stream (re)connections: more than one means the stream broke.
-window.consoleStats = {hellos: 0, frames: 0, objects: 0, renders: 0, renderMs: 0, floorMs: 0};
+window.consoleStats = {hellos: 0, frames: 0, objects: 0, renders: 0, renderMs: 0, floorMs: 0,
+  rowsBuilt: 0, ready: false};
 
 const st = {
   me: null,
+  rules: null,           // the alert rules' settings (hello)
+  chargingStates: [],    // the charge states that count as charging (hello)
   robots: new Map(),
   alerts: new Map(),
   events: new Map(),     // "sn/event_id" -> event
@@ -29,13 +41,21 @@ const st = {
   runs: new Map(),       // "org/gateway" -> its latest poll run (GET /ingestion-runs)
   gatewayCmd: new Map(), // "org/gateway" -> its command cell, kept across renders
   tracks: new Map(),
-  rowEls: new Map(),   // sn -> its table row
-  changed: new Set(),  // sns whose row must be rebuilt
-  floorDirty: false,
-  eventsDirty: false,
-  alertsDirty: false,
-  gatewaysDirty: false,
+  byRobot: new Map(),    // sn -> {rule -> alert} of its open or acknowledged alerts
+  rowEls: new Map(),     // sn -> its table row (only rows in view exist)
+  changed: new Set(),    // sns whose row must be refilled
+  list: [],              // the fleet table's sns, filtered and sorted
+  listAt: 0,
+  listDirty: true,
+  alertRows: new Map(),  // alert id -> its row
+  alertOrder: [],        // ids in the order shown
+  alertsPending: 0,
+  selected: new Set(),   // alert ids ticked for a bulk action
+  pointerInAlerts: false,
+  floorDirty: false, floorAt: 0, attentionAt: 0,
+  eventsDirty: false, alertsDirty: false, gatewaysDirty: false,
   sort: {key: "robot_sn", dir: 1},
+  filter: {q: "", org: "", site: "", status: "", attention: ""},
   timer: null,
 };
 
@@ -71,8 +91,138 @@ function fmtTime(iso) {
   return Number.isNaN(d.getTime()) ? iso : d.toLocaleString();
 }
 
+function fmtEpoch(s) {
+  return typeof s === "number" ? new Date(s * 1000).toLocaleString() : "";
+}
+
 function schedule() {
   if (st.timer === null) st.timer = setTimeout(() => { st.timer = null; render(); }, RENDER_MS);
+}
+
+function announce(text) {
+  document.getElementById("announce").textContent = text;
+}
+
+// -- what needs attention -----------------------------------------------------------------
+const SEVERITIES = ["info", "warning", "medium", "high", "critical"];
+const sevRank = (s) => SEVERITIES.indexOf(s);
+
+function siteOf(org, gateway) { return `${org}/${gateway}`; }
+
+function gatewayOf(r) { return st.gateways.get(siteOf(r.org_id, r.gateway_id)); }
+
+function charging(r) {
+  const states = st.chargingStates;
+  if (r.charge_state) return states.includes(String(r.charge_state).toLowerCase());
+  return Boolean(r.is_charging);
+}
+
+// The flags of one robot, by the rules' settings. A robot behind an offline gateway is
+// "unknown since" the gateway went: its last state is not news any more.
+function flagsOf(r) {
+  const rules = st.rules;
+  const gw = gatewayOf(r);
+  const alerts = st.byRobot.get(r.robot_sn);
+  const f = {unknown: null, fault: null, stuck: false, offline: false, stale: false, low: false};
+  if (gw && gw.state === "offline") f.unknown = gw.since || null;
+  const fault = alerts && alerts.get("robot_fault");
+  if (fault) f.fault = fault;
+  f.stuck = String(r.move_state || "").toLowerCase() === "stuck" ||
+    Boolean(alerts && alerts.get("robot_stuck"));
+  if (!f.unknown) {
+    f.offline = String(r.status || "").toLowerCase() === "offline";
+    f.stale = !f.offline && rules !== null &&
+      ageSeconds(r.last_updated) >= rules.robot_offline.silent_seconds;
+  }
+  f.low = rules !== null && typeof r.battery_level === "number" && !charging(r) &&
+    r.battery_level <= rules.battery_low.warning;
+  return f;
+}
+
+function backlogged(g) {
+  return st.rules !== null && typeof g.outbox_oldest_age_s === "number" &&
+    g.outbox_oldest_age_s > st.rules.gateway_backlog.max_age_seconds;
+}
+
+// What each attention link filters by, and its label.
+const ROBOT_KINDS = {
+  fault: ["faulted", (f) => Boolean(f.fault)],
+  stuck: ["stuck", (f) => f.stuck],
+  offline: ["offline", (f) => f.offline],
+  unknown: ["unknown (gateway offline)", (f) => Boolean(f.unknown)],
+  stale: ["stale", (f) => f.stale],
+  low: ["low battery", (f) => f.low],
+};
+const GATEWAY_KINDS = {
+  "gw-offline": ["gateways offline", (g) => g.state === "offline"],
+  backlog: ["gateways backlogged", backlogged],
+};
+
+// -- the one filter: search, org and site apply to every view ---------------------------
+function siteOk(org, gateway) {
+  const f = st.filter;
+  return (!f.org || org === f.org) && (!f.site || siteOf(org, gateway) === f.site);
+}
+
+function has(q, ...values) {
+  return !q || values.some((v) => v !== null && v !== undefined && String(v).toLowerCase().includes(q));
+}
+
+// What a search matches besides the robot's fields: its flags in the page's words.
+function flagWords(r) {
+  const f = flagsOf(r);
+  return Object.entries(ROBOT_KINDS).filter(([, [, test]]) => test(f))
+    .map(([kind, [label]]) => `${kind} ${label}`).join(" ");
+}
+
+function robotPasses(r) {  // search, org and site (the attention strip counts these)
+  const q = st.filter.q;
+  return siteOk(r.org_id, r.gateway_id) &&
+    (has(q, r.robot_sn, r.org_id, r.gateway_id, r.status, r.map_name, r.charge_state,
+      r.move_state) || (q !== "" && has(q, flagWords(r))));
+}
+
+function ruleTitle(rule) {
+  return (st.rules && st.rules[rule] && st.rules[rule].title) || rule;
+}
+
+function alertSite(a) {
+  if (a.subject_type === "gateway") return siteOf(a.org, a.subject_id);
+  const r = st.robots.get(a.subject_id);
+  return r ? siteOf(r.org_id, r.gateway_id) : "";
+}
+
+function alertPasses(a) {
+  const f = st.filter;
+  if (f.org && a.org !== f.org) return false;
+  if (f.site && alertSite(a) !== f.site) return false;
+  return has(f.q, a.subject_id, a.org, a.rule, ruleTitle(a.rule), alertSite(a), detailText(a));
+}
+
+function eventPasses(e) {
+  return siteOk(e.org_id, e.gateway_id) &&
+    has(st.filter.q, e.robot_sn, e.org_id, e.gateway_id, e.event_type, e.event_detail);
+}
+
+function gatewayPasses(g) {
+  const a = st.filter.attention;
+  return siteOk(g.org_id, g.gateway_id) && has(st.filter.q, g.gateway_id, g.org_id) &&
+    (!GATEWAY_KINDS[a] || GATEWAY_KINDS[a][1](g));
+}
+
+function filterChanged() {
+  st.listDirty = true;
+  st.listAt = 0;
+  document.getElementById("fleet-scroll").scrollTop = 0;  // a new list starts at its top
+  st.alertsDirty = st.eventsDirty = st.gatewaysDirty = st.floorDirty = true;
+  st.floorAt = 0;
+  const a = st.filter.attention;
+  const label = (ROBOT_KINDS[a] || GATEWAY_KINDS[a] || [])[0] ||
+    (a.startsWith("alerts-") ? `${a.slice(7)} alerts` : "");
+  document.getElementById("active-filter").hidden = !a;
+  document.getElementById("active-name").textContent =
+    label + (st.filter.site ? ` at ${st.filter.site}` : "");
+  schedule();
 }
 
 // -- incoming --------------------------------------------------------------------------
@@ -91,12 +241,37 @@ function onRobots(items) {
       st.tracks.set(r.robot_sn, t);
     }
   }
+  st.listDirty = true;
   schedule();
 }
 
+function indexAlert(a) {
+  if (a.subject_type !== "robot") return;
+  const mine = st.byRobot.get(a.subject_id) || new Map();
+  if (a.state === "resolved") mine.delete(a.rule);
+  else mine.set(a.rule, a);
+  if (mine.size) st.byRobot.set(a.subject_id, mine);
+  else st.byRobot.delete(a.subject_id);
+  st.changed.add(a.subject_id);
+}
+
 function onAlerts(items) {
-  for (const a of items) st.alerts.set(a.id, a);
+  let fresh = 0;
+  for (const a of items) {
+    const known = st.alerts.has(a.id);
+    st.alerts.set(a.id, a);
+    indexAlert(a);
+    if (!known && a.state === "open") fresh += 1;
+  }
+  if (fresh && window.consoleStats.ready) {
+    const worst = items.filter((a) => a.state === "open")
+      .sort((a, b) => sevRank(b.severity) - sevRank(a.severity))[0];
+    announce(`${fresh} new alert${fresh > 1 ? "s" : ""}` +
+      (worst ? `, the worst ${worst.severity}: ${ruleTitle(worst.rule)} ${worst.subject_id}` : ""));
+  }
   st.alertsDirty = true;
+  st.floorDirty = true;
+  st.listDirty = true;
   schedule();
 }
 
@@ -124,7 +299,17 @@ function onEvents(items) {
 }
 
 function onGateways(items) {
-  for (const g of items) st.gateways.set(`${g.org_id}/${g.gateway_id}`, g);
+  for (const g of items) {
+    const key = siteOf(g.org_id, g.gateway_id);
+    const old = st.gateways.get(key);
+    st.gateways.set(key, g);
+    if (!old || old.state !== g.state) {  // its robots become (or stop being) unknown
+      for (const r of st.robots.values()) {
+        if (r.org_id === g.org_id && r.gateway_id === g.gateway_id) st.changed.add(r.robot_sn);
+      }
+      st.listDirty = st.floorDirty = true;
+    }
+  }
   st.gatewaysDirty = true;
   schedule();
 }
@@ -134,148 +319,424 @@ function eventOrder(a, b) {  // newest received first
   return x < y ? 1 : x > y ? -1 : 0;
 }
 
-// -- fleet table -----------------------------------------------------------------------
+// -- attention strip and sites --------------------------------------------------------------
+function countLink(kind, n, label, site) {
+  const li = el("li", {class: `chip k-${kind}` + (n ? " hot" : ""), "data-kind": kind});
+  const a = el("a", {href: `#show/${kind}` + (site ? `/${site}` : ""), "data-count": n},
+    `${label}: ${n}`);
+  li.append(a);
+  return li;
+}
+
+function renderAttention() {
+  const counts = {};
+  for (const k of Object.keys(ROBOT_KINDS)) counts[k] = 0;
+  const sites = new Map();  // "org/gw" -> per-site counts
+  const site = (org, gw) => {
+    const key = siteOf(org, gw);
+    if (!sites.has(key)) {
+      sites.set(key, {org, gw, robots: 0, alerts: 0, fault: 0, stuck: 0, offline: 0,
+        unknown: 0, stale: 0, low: 0});
+    }
+    return sites.get(key);
+  };
+  for (const r of st.robots.values()) {
+    if (!robotPasses(r)) continue;
+    const f = flagsOf(r), s = site(r.org_id, r.gateway_id);
+    s.robots += 1;
+    for (const [k, [, test]] of Object.entries(ROBOT_KINDS)) {
+      if (test(f)) { counts[k] += 1; s[k] += 1; }
+    }
+  }
+  const bySeverity = {};
+  for (const a of st.alerts.values()) {
+    if (a.state !== "open" || !alertPasses(a)) continue;
+    bySeverity[a.severity] = (bySeverity[a.severity] || 0) + 1;
+    const key = alertSite(a);
+    if (key) {
+      const [org, ...gw] = key.split("/");
+      site(org, gw.join("/")).alerts += 1;
+    }
+  }
+  const gws = [...st.gateways.values()].filter((g) => siteOk(g.org_id, g.gateway_id));
+  for (const g of gws) site(g.org_id, g.gateway_id);
+  const items = [];
+  for (const sev of [...SEVERITIES].reverse()) {
+    items.push(countLink(`alerts-${sev}`, bySeverity[sev] || 0, `${sev} alerts`));
+  }
+  for (const [k, [label]] of Object.entries(ROBOT_KINDS)) items.push(countLink(k, counts[k], label));
+  for (const [k, [label, test]] of Object.entries(GATEWAY_KINDS)) {
+    items.push(countLink(k, gws.filter(test).length, label));
+  }
+  const chips = document.getElementById("attention-counts");
+  const sig = items.map((li) => li.textContent).join("|");
+  if (chips.dataset.text !== sig) {  // replaced only when a count changed
+    chips.dataset.text = sig;
+    chips.replaceChildren(...items);
+  }
+  // one row per site, the most troubled first
+  const rows = [...sites.values()].sort((a, b) =>
+    (b.alerts + b.fault + b.unknown) - (a.alerts + a.fault + a.unknown) ||
+    (a.org + a.gw < b.org + b.gw ? -1 : 1));
+  const table = document.querySelector("#sites tbody");
+  const sig2 = JSON.stringify(rows) + JSON.stringify(gws.map((g) => [g.state, g.outbox_depth,
+    g.outbox_oldest_age_s === undefined ? null : Math.round(g.outbox_oldest_age_s / 60)]));
+  if (table.dataset.text === sig2) return;
+  table.dataset.text = sig2;
+  table.replaceChildren(...rows.map((s) => {
+    const key = siteOf(s.org, s.gw), g = st.gateways.get(key);
+    const tr = el("tr", {"data-site": key});
+    const name = el("td", {class: "site"});
+    name.append(el("a", {href: `#show/site/${key}`}, s.gw || "(no gateway)"));
+    const presence = g ? g.state || "unknown" : "unknown";
+    tr.append(name, el("td", {class: "org"}, s.org),
+      el("td", {class: `presence s-${presence}`}, presence),
+      el("td", {class: "robots"}, s.robots));
+    const linked = (kind, n) => {
+      const td = el("td", {class: `n ${kind}` + (n ? " hot" : "")});
+      if (n) td.append(el("a", {href: `#show/${kind}/${key}`}, n));
+      else td.textContent = "0";
+      return td;
+    };
+    tr.append(linked("alerts-open", s.alerts));
+    for (const k of Object.keys(ROBOT_KINDS)) tr.append(linked(k, s[k]));
+    const age = g && typeof g.outbox_oldest_age_s === "number" ? g.outbox_oldest_age_s : null;
+    tr.append(el("td", {class: "backlog" + (g && backlogged(g) ? " hot" : "")},
+      age === null ? "–" : `${g.outbox_depth ?? "?"} (oldest ${fmtAge(age)})`));
+    return tr;
+  }));
+}
+
+// -- fleet table (virtualised: only the rows in view exist) --------------------------------
 function sortValue(r, key) {
   if (key === "age") return ageSeconds(r.last_updated);
   const v = r[key];
   return v === null || v === undefined ? "" : v;
 }
 
-function visibleRobots() {
-  const q = document.getElementById("search").value.trim().toLowerCase();
-  const status = document.getElementById("filter-status").value;
-  const org = document.getElementById("filter-org").value;
+function computeList() {
+  const {status, attention} = st.filter;
+  const kind = ROBOT_KINDS[attention];
   const {key, dir} = st.sort;
-  return [...st.robots.values()].filter((r) =>
-    (!status || (r.status || "unknown") === status) && (!org || r.org_id === org) &&
-    (!q || [r.robot_sn, r.org_id, r.gateway_id, r.status, r.map_name, r.charge_state]
-      .some((v) => v && String(v).toLowerCase().includes(q)))
-  ).sort((a, b) => {
+  const out = [];
+  for (const r of st.robots.values()) {
+    if (!robotPasses(r)) continue;
+    if (status && shownStatus(r) !== status) continue;
+    if (kind && !kind[1](flagsOf(r))) continue;
+    out.push(r);
+  }
+  out.sort((a, b) => {
     const x = sortValue(a, key), y = sortValue(b, key);
     return (x < y ? -1 : x > y ? 1 : 0) * dir || (a.robot_sn < b.robot_sn ? -1 : 1);
   });
+  st.list = out.map((r) => r.robot_sn);
+  st.listAt = performance.now();
+  st.listDirty = false;
 }
 
-function batteryCell(level) {
-  const td = el("td", {class: "battery"});
+function batteryCell(r, low) {
+  const level = r.battery_level;
+  const td = el("td", {class: "battery" + (low ? " low" : "")});
   if (typeof level !== "number") { td.textContent = "–"; return td; }
   const bar = el("div", {class: "bar", title: `${level} %`});
-  const fill = el("div", {class: "fill" + (level < 20 ? " low" : level < 50 ? " mid" : "")});
+  const fill = el("div", {class: "fill" + (low ? " low" : "")});  // red by the rule, else green
   fill.style.width = `${Math.max(0, Math.min(100, level))}%`;
   bar.append(fill);
   td.append(bar, el("span", {class: "pct"}, `${level} %`));
   return td;
 }
 
-function staleClass(age) {
-  return age > LOST_S ? "lost" : age > STALE_S ? "stale" : "fresh";
+// The status a robot is counted under: behind an offline gateway it is unknown, not the
+// "working" it last reported.
+function shownStatus(r) {
+  return gatewayOf(r)?.state === "offline" ? "unknown" : r.status || "unknown";
 }
 
-function buildRow(r, age) {
-  const tr = el("tr", {"data-sn": r.robot_sn, class: staleClass(age)});
+function staleClass(f) {
+  return f.unknown ? "unknown" : f.stale ? "stale" : "fresh";
+}
+
+// The status cell says what matters most: unknown (gateway gone), fault, stuck, status.
+function statusCell(r, f) {
+  const status = String(r.status || "unknown").toLowerCase();
+  if (f.unknown) {
+    return el("td", {class: "status s-unknown", title: `last reported ${status}`},
+      `unknown since ${fmtEpoch(f.unknown)}`);
+  }
+  const td = el("td", {class: `status s-${status}`});
+  const tags = [];
+  if (f.fault) tags.push(el("span", {class: `tag fault sev-${f.fault.severity}`}, `fault (${f.fault.severity})`));
+  if (f.stuck) tags.push(el("span", {class: "tag stuck"}, "stuck"));
+  if (f.low) tags.push(el("span", {class: "tag low"}, "low battery"));
+  if (f.fault) td.className = "status s-fault";
+  else if (f.stuck) td.className = "status s-stuck";
+  td.append(el("span", {class: "word"}, status), ...tags);
+  return td;
+}
+
+function fillRow(tr, r) {
+  const f = flagsOf(r), age = ageSeconds(r.last_updated);
   const pos = typeof r.x === "number" && typeof r.y === "number"
     ? `${r.x.toFixed(1)}, ${r.y.toFixed(1)}` + (typeof r.yaw === "number" ? ` ∠${Math.round(r.yaw)}°` : "")
     : "";
   const sn = el("td", {class: "sn"});
   sn.append(el("a", {href: `#robot/${encodeURIComponent(r.robot_sn)}`}, r.robot_sn));
-  tr.append(
+  tr.className = staleClass(f) + (f.fault ? " faulted" : "") + (f.stuck ? " stuck" : "");
+  tr.replaceChildren(
     sn, el("td", {class: "org"}, r.org_id),
     el("td", {class: "gateway"}, r.gateway_id),
-    el("td", {class: `status s-${String(r.status || "unknown").toLowerCase()}`}, r.status || "unknown"),
-    batteryCell(r.battery_level),
+    statusCell(r, f), batteryCell(r, f.low),
     el("td", {class: "charge"}, r.charge_state || (r.is_charging ? "charging" : "")),
     el("td", {class: "map"}, r.map_name || ""), el("td", {class: "pos"}, pos),
     el("td", {class: "last-seen", title: r.last_updated || ""}, fmtTime(r.last_updated)),
     el("td", {class: "age"}, fmtAge(age)));
+  window.consoleStats.rowsBuilt += 1;
+}
+
+function spacer(h) {
+  const tr = el("tr", {class: "spacer", "aria-hidden": "true"});
+  const td = el("td", {colspan: "10"});
+  td.style.height = `${h}px`;
+  tr.append(td);
   return tr;
 }
 
-// Rows are kept by sn and rebuilt only when their robot changed; the rest only age.
 function renderFleet() {
-  const rows = visibleRobots();
-  const body = document.querySelector("#robots tbody");
-  for (const sn of st.changed) st.rowEls.delete(sn);  // shown or not: rebuilt when needed
-  st.changed.clear();
+  const big = st.robots.size > 5000;
+  if (st.listDirty && (!big || performance.now() - st.listAt > RESORT_MS || !st.list.length)) {
+    computeList();
+  }
+  const box = document.getElementById("fleet-scroll");
+  const n = st.list.length;
+  const count = Math.ceil((box.clientHeight || 600) / ROW_H) + 2 * OVERSCAN;
+  // a list that shrank under a scrolled box still shows its last rows, never none
+  const first = Math.max(0, Math.min(Math.floor(box.scrollTop / ROW_H) - OVERSCAN, n - count));
+  const last = Math.min(n, first + count);
+  const want = st.list.slice(first, last);
+  const keep = new Set(want);
+  for (const sn of st.rowEls.keys()) if (!keep.has(sn)) st.rowEls.delete(sn);
   const trs = [];
-  for (const r of rows) {
-    const age = ageSeconds(r.last_updated);
-    let tr = st.rowEls.get(r.robot_sn);
+  for (const sn of want) {
+    const r = st.robots.get(sn);
+    if (!r) continue;
+    let tr = st.rowEls.get(sn);
     if (!tr) {
-      tr = buildRow(r, age);
-      st.rowEls.set(r.robot_sn, tr);
+      tr = el("tr", {"data-sn": sn});
+      fillRow(tr, r);
+      st.rowEls.set(sn, tr);
+    } else if (st.changed.has(sn)) {
+      fillRow(tr, r);  // in place: the row element stays
     } else {
-      const cls = staleClass(age), text = fmtAge(age), cell = tr.lastChild;
-      if (tr.className !== cls) tr.className = cls;
-      if (cell.textContent !== text) cell.textContent = text;
+      const f = flagsOf(r), cls = staleClass(f) + (f.fault ? " faulted" : "") + (f.stuck ? " stuck" : "");
+      const text = fmtAge(ageSeconds(r.last_updated)), cell = tr.lastChild;
+      if (tr.className !== cls) fillRow(tr, r);
+      else if (cell.textContent !== text) cell.textContent = text;
     }
     trs.push(tr);
   }
-  const same = trs.length === body.children.length && trs.every((tr, i) => body.children[i] === tr);
-  if (!same) body.replaceChildren(...trs);
-  document.getElementById("total").textContent =
-    `(${rows.length} shown of ${st.robots.size})`;
-  // counts by status over the whole fleet, and the status and org filter choices
-  const counts = new Map();
-  const orgs = new Set();
-  for (const r of st.robots.values()) {
-    const s = r.status || "unknown";
-    counts.set(s, (counts.get(s) || 0) + 1);
-    if (r.org_id) orgs.add(r.org_id);
+  st.changed.clear();
+  const body = document.querySelector("#robots tbody");
+  const top = body.firstChild, bottom = body.lastChild;
+  const rows = [...body.children].slice(1, -1);
+  const same = top && top.classList.contains("spacer") && rows.length === trs.length &&
+    trs.every((tr, i) => rows[i] === tr);
+  if (same) {
+    top.firstChild.style.height = `${first * ROW_H}px`;
+    bottom.firstChild.style.height = `${(n - last) * ROW_H}px`;
+  } else {
+    body.replaceChildren(spacer(first * ROW_H), ...trs, spacer((n - last) * ROW_H));
   }
+  document.getElementById("total").textContent = `(${n} shown of ${st.robots.size})`;
+  // counts by status over the filtered fleet, and the status, org and site choices
+  const counts = new Map(), orgs = new Set(), sites = new Set();
+  for (const r of st.robots.values()) {
+    if (r.org_id) orgs.add(r.org_id);
+    if (r.gateway_id) sites.add(siteOf(r.org_id, r.gateway_id));
+    if (!robotPasses(r)) continue;
+    const s = shownStatus(r);
+    counts.set(s, (counts.get(s) || 0) + 1);
+  }
+  for (const g of st.gateways.values()) { orgs.add(g.org_id); sites.add(siteOf(g.org_id, g.gateway_id)); }
   const ul = document.getElementById("counts");
-  ul.replaceChildren(...[...counts].sort().map(([s, n]) =>
-    el("li", {"data-status": s, class: `s-${s.toLowerCase()}`}, `${s}: ${n}`)));
+  const text = [...counts].sort().map(([s, c]) => `${s}: ${c}`).join("|");
+  if (ul.dataset.text !== text) {
+    ul.dataset.text = text;
+    ul.replaceChildren(...[...counts].sort().map(([s, c]) =>
+      el("li", {"data-status": s, class: `s-${s.toLowerCase()}`}, `${s}: ${c}`)));
+  }
   syncOptions("filter-status", [...counts.keys()].sort());
   syncOptions("filter-org", [...orgs].sort());
+  syncOptions("filter-site", [...sites].sort());
 }
 
-function syncOptions(id, values) {
+function syncOptions(id, values, labels) {
   const sel = document.getElementById(id);
   const have = [...sel.options].slice(1).map((o) => o.value);
   if (have.join("\u0000") === values.join("\u0000")) return;
   const keep = sel.value;
-  sel.replaceChildren(sel.options[0], ...values.map((v) => el("option", {value: v}, v)));
+  sel.replaceChildren(sel.options[0], ...values.map((v) =>
+    el("option", {value: v}, labels ? labels(v) : v)));
   sel.value = values.includes(keep) ? keep : "";
 }
 
-// -- alerts ----------------------------------------------------------------------------
-function renderAlerts() {
-  const live = [...st.alerts.values()].filter((a) => a.state !== "resolved")
-    .sort((a, b) => (a.opened_at < b.opened_at ? 1 : -1));
-  const body = document.querySelector("#alerts tbody");
-  const frag = document.createDocumentFragment();
-  for (const a of live) {
-    const tr = el("tr", {"data-alert-id": a.id, class: `sev-${a.severity} st-${a.state}`});
-    tr.append(el("td", {class: "severity"}, a.severity), el("td", {class: "rule"}, a.rule),
-      el("td", {class: "subject"}, `${a.subject_type} ${a.subject_id}`),
-      el("td", {class: "org"}, a.org), el("td", {class: "state"}, a.state),
-      el("td", {class: "opened"}, fmtTime(a.opened_at)),
-      el("td", {class: "acked-by"}, a.acknowledged_by || ""));
-    const silenced = a.silenced_until && Date.parse(a.silenced_until) > Date.now();
-    if (silenced) {
-      tr.querySelector("td.state").append(
-        el("span", {class: "silenced"}, ` silenced until ${fmtTime(a.silenced_until)}`));
-    }
-    if (st.me && st.me.operator) {
-      const td = el("td", {class: "op-only"});
-      if (a.state === "open") {
-        const b = el("button", {type: "button", class: "ack", "data-alert-id": a.id}, "Acknowledge");
-        b.addEventListener("click", () => alertAction(a.id, "ack", {}, b));
-        td.append(b);
-      }
-      if (!silenced) {
-        const b = el("button", {type: "button", class: "silence", "data-alert-id": a.id,
-          title: `no notifications for this rule and subject for ${SILENCE_MINUTES} min`},
-          "Silence 1 h");
-        b.addEventListener("click", () => alertAction(a.id, "silence", {minutes: SILENCE_MINUTES}, b));
-        td.append(b);
-      }
-      tr.append(td);
-    }
-    frag.append(tr);
+// -- alerts: severity, then age; rows stay put under the pointer ----------------------------
+function detailText(a) {
+  const d = a.detail || {};
+  if (a.rule === "robot_fault" && (d.event_type || d.event_detail)) {  // what broke, in words
+    return [d.event_type, d.event_detail].filter(Boolean).join(": ") +
+      (d.event_level ? ` (${d.event_level})` : "");
   }
-  body.replaceChildren(frag);
-  document.getElementById("alert-count").textContent = `(${live.length} open or acknowledged)`;
+  const parts = [];
+  for (const [k, v] of Object.entries(d)) {
+    if (v === null || v === undefined || v === "" || k === "event_id") continue;
+    parts.push(`${k.replace(/_/g, " ")}: ${typeof v === "object" ? JSON.stringify(v) : v}`);
+  }
+  return parts.join(" · ");
+}
+
+function alertShown(a) {
+  const state = document.getElementById("alert-state").value;
+  const rule = document.getElementById("alert-rule").value;
+  const sev = document.getElementById("alert-severity").value;
+  const silenced = a.silenced_until && Date.parse(a.silenced_until) > Date.now();
+  if (state === "silenced" ? !silenced : state ? a.state !== state : a.state === "resolved") return false;
+  return (!rule || a.rule === rule) && (!sev || a.severity === sev) && alertPasses(a);
+}
+
+function alertOrder(a, b) {  // most severe first, then the oldest (longest open) first
+  return sevRank(b.severity) - sevRank(a.severity) ||
+    (a.opened_at < b.opened_at ? -1 : a.opened_at > b.opened_at ? 1 : 0) ||
+    (a.id < b.id ? -1 : 1);
+}
+
+function fillAlert(tr, a) {
+  const silenced = a.silenced_until && Date.parse(a.silenced_until) > Date.now();
+  const what = `${ruleTitle(a.rule)} on ${a.subject_type} ${a.subject_id}`;
+  tr.className = `sev-${a.severity} st-${a.state}`;
+  tr.dataset.rule = a.rule;
+  const cells = [];
+  if (st.me && st.me.operator) {
+    const td = el("td", {class: "op-only pick"});
+    if (a.state !== "resolved") {
+      const box = el("input", {type: "checkbox", class: "pick", "aria-label": `select ${what}`});
+      box.checked = st.selected.has(a.id);
+      box.addEventListener("change", () => {
+        if (box.checked) st.selected.add(a.id); else st.selected.delete(a.id);
+        bulkButtons();
+      });
+      td.append(box);
+    }
+    cells.push(td);
+  }
+  const subject = el("td", {class: "subject"}, `${a.subject_type} `);
+  if (a.subject_type === "robot") {
+    subject.append(el("a", {href: `#robot/${encodeURIComponent(a.subject_id)}`}, a.subject_id));
+  } else {
+    subject.append(document.createTextNode(a.subject_id));
+  }
+  const state = el("td", {class: "state"}, a.state);
+  if (silenced) state.append(el("span", {class: "silenced"}, ` silenced until ${fmtTime(a.silenced_until)}`));
+  cells.push(el("td", {class: "severity"}, a.severity), el("td", {class: "rule", title: a.rule}, ruleTitle(a.rule)),
+    subject, el("td", {class: "site"}, alertSite(a)), el("td", {class: "detail"}, detailText(a)), state,
+    el("td", {class: "opened", title: a.opened_at}, `${fmtTime(a.opened_at)} (${fmtAge(ageSeconds(a.opened_at))} ago)`),
+    el("td", {class: "acked-by"}, a.acknowledged_by || ""));
+  if (st.me && st.me.operator) {
+    const td = el("td", {class: "op-only"});
+    if (a.state === "open") {
+      const b = el("button", {type: "button", class: "ack", "data-alert-id": a.id,
+        "aria-label": `Acknowledge ${what}`}, "Acknowledge");
+      b.addEventListener("click", () => alertAction(a.id, "ack", {}, b));
+      td.append(b);
+    }
+    if (!silenced && a.state !== "resolved") {
+      const b = el("button", {type: "button", class: "silence", "data-alert-id": a.id,
+        "aria-label": `Silence ${what} for ${SILENCE_MINUTES} min`,
+        title: `no notifications for this rule and subject for ${SILENCE_MINUTES} min`}, "Silence 1 h");
+      b.addEventListener("click", () => alertAction(a.id, "silence", {minutes: SILENCE_MINUTES}, b));
+      td.append(b);
+    }
+    cells.push(td);
+  }
+  tr.replaceChildren(...cells);
+}
+
+// New alerts are inserted in order unless the pointer is on the list or alerts are
+// ticked: then the rows stay where they are and a button says how many are waiting.
+function renderAlerts(force) {
+  const wanted = [...st.alerts.values()].filter(alertShown).sort(alertOrder);
+  const hold = !force && (st.pointerInAlerts || st.selected.size > 0) && st.alertOrder.length;
+  const body = document.querySelector("#alerts tbody");
+  if (hold) {
+    const shown = new Set(st.alertOrder);
+    st.alertsPending = wanted.filter((a) => !shown.has(a.id)).length;
+    for (const id of st.alertOrder) {  // in place: the rows do not move
+      const a = st.alerts.get(id), tr = st.alertRows.get(id);
+      if (a && tr && tr.dataset.v !== a.updated_at + a.state + a.silenced_until) {
+        fillAlert(tr, a);
+        tr.dataset.v = a.updated_at + a.state + a.silenced_until;
+      }
+    }
+  } else {
+    st.alertsPending = 0;
+    const rows = wanted.map((a) => {
+      let tr = st.alertRows.get(a.id);
+      if (!tr) {
+        tr = el("tr", {"data-alert-id": a.id});
+        st.alertRows.set(a.id, tr);
+      }
+      if (tr.dataset.v !== a.updated_at + a.state + a.silenced_until) {
+        fillAlert(tr, a);
+        tr.dataset.v = a.updated_at + a.state + a.silenced_until;
+      }
+      return tr;
+    });
+    const keep = new Set(wanted.map((a) => a.id));
+    for (const id of st.alertRows.keys()) if (!keep.has(id)) st.alertRows.delete(id);
+    for (const id of st.selected) if (!keep.has(id)) st.selected.delete(id);
+    st.alertOrder = wanted.map((a) => a.id);
+    const now = [...body.children];
+    if (now.length !== rows.length || rows.some((tr, i) => now[i] !== tr)) body.replaceChildren(...rows);
+  }
+  const more = document.getElementById("alerts-new");
+  more.hidden = !st.alertsPending;
+  more.textContent = `${st.alertsPending} new alert${st.alertsPending === 1 ? "" : "s"}: show`;
+  document.getElementById("alert-count").textContent = `(${st.alertOrder.length} shown)`;
+  syncOptions("alert-rule", Object.keys(st.rules || {}), ruleTitle);
+  syncOptions("alert-severity", [...SEVERITIES].reverse());
+  bulkButtons();
+}
+
+function bulkButtons() {
+  const n = st.selected.size;
+  for (const id of ["alerts-ack", "alerts-silence"]) document.getElementById(id).disabled = !n;
+  document.getElementById("alerts-ack").textContent = `Acknowledge selected (${n})`;
+  document.getElementById("alerts-silence").textContent = `Silence selected 1 h (${n})`;
+  const all = document.getElementById("alerts-all");
+  all.checked = n > 0 && n === st.alertOrder.filter((id) => (st.alerts.get(id) || {}).state !== "resolved").length;
+}
+
+async function bulk(action) {
+  const ids = [...st.selected];
+  const body = action === "silence" ? {minutes: SILENCE_MINUTES} : {};
+  const result = document.getElementById("bulk-result");
+  result.textContent = `${action === "ack" ? "acknowledging" : "silencing"} ${ids.length}…`;
+  let ok = 0, failed = 0;
+  for (let i = 0; i < ids.length; i += 8) {  // a few at a time, not hundreds at once
+    const answers = await Promise.all(ids.slice(i, i + 8).map(async (id) => {
+      const a = st.alerts.get(id);
+      if (action === "ack" && a && a.state !== "open") return true;  // nothing to do
+      const r = await post(`/alerts/${encodeURIComponent(id)}/${action}`, body);
+      if (r.ok) onAlerts([await r.json()]);
+      return r.ok || r.status === 409;
+    }));
+    for (const good of answers) if (good) ok += 1; else failed += 1;
+  }
+  st.selected.clear();
+  result.textContent = `${ok} ${action === "ack" ? "acknowledged" : "silenced"}` +
+    (failed ? `, ${failed} failed` : "");
+  announce(result.textContent);
+  st.alertsDirty = true;
+  renderAlerts(true);
 }
 
 async function alertAction(id, action, body, button) {
@@ -330,7 +791,7 @@ function eventRow(e, withRobot) {
 window.eventRow = eventRow;
 
 function renderEvents() {
-  const list = [...st.events.values()].sort(eventOrder);
+  const list = [...st.events.values()].filter(eventPasses).sort(eventOrder);
   document.querySelector("#events tbody").replaceChildren(...list.map((e) => eventRow(e, true)));
   document.getElementById("event-count").textContent = `(latest ${list.length})`;
 }
@@ -347,9 +808,10 @@ function gatewayCommandCell(key, g) {
   let td = st.gatewayCmd.get(key);
   if (td) return td;
   td = el("td", {class: "op-only command"});
-  const select = el("select", {class: "cmd-name"});
+  const select = el("select", {class: "cmd-name", "aria-label": `command for gateway ${g.gateway_id}`});
   for (const c of GATEWAY_COMMANDS) select.append(el("option", {value: c}, c));
-  const button = el("button", {type: "button", class: "cmd", "data-gateway": g.gateway_id}, "Send");
+  const button = el("button", {type: "button", class: "cmd", "data-gateway": g.gateway_id,
+    "aria-label": `Send the command to gateway ${g.gateway_id}`}, "Send");
   const out = el("pre", {class: "cmd-out"});
   button.addEventListener("click", () => sendCommand(
     `/devices/${encodeURIComponent(g.gateway_id)}/commands`,
@@ -363,10 +825,12 @@ function renderGateways() {
   const body = document.querySelector("#gateways tbody");
   const rows = [];
   for (const [key, g] of [...st.gateways].sort()) {
+    if (!gatewayPasses(g)) continue;
     const beat = typeof g.heartbeat_at === "number" ? (Date.now() / 1000 - g.heartbeat_at) : Infinity;
-    const tr = el("tr", {"data-gateway": key, class: `presence-${g.state}`});
-    tr.append(el("td", {class: "gateway"}, g.gateway_id), el("td", {class: "org"}, g.org_id),
-      el("td", {class: `presence s-${g.state}`}, g.state || "unknown"),
+    const tr = el("tr", {"data-gateway": key, class: `presence-${g.state}` + (backlogged(g) ? " backlogged" : "")});
+    const presence = el("td", {class: `presence s-${g.state}`}, g.state || "unknown");
+    if (g.state === "offline" && g.since) presence.append(el("span", {class: "mute"}, ` since ${fmtEpoch(g.since)}`));
+    tr.append(el("td", {class: "gateway"}, g.gateway_id), el("td", {class: "org"}, g.org_id), presence,
       el("td", {class: "heartbeat"}, Number.isFinite(beat) ? `${fmtAge(beat)} ago` : "none yet"),
       el("td", {class: "backlog"}, g.outbox_depth ?? ""),
       el("td", {class: "oldest"}, typeof g.outbox_oldest_age_s === "number" ? fmtAge(g.outbox_oldest_age_s) : ""),
@@ -386,21 +850,40 @@ async function loadRuns() {
   schedule();
 }
 
-// -- floor view: per map, robots at (x, y) with heading, on a grid scaled to what is seen --
+// -- floor view: per site and map, robots at (x, y) with heading, coloured by what matters --
 function niceStep(span) {
   const raw = span / 8, p = Math.pow(10, Math.floor(Math.log10(raw)));
   return [1, 2, 5, 10].map((m) => m * p).find((s) => s >= raw) || raw;
 }
 
+function markerClass(r) {
+  const f = flagsOf(r);
+  const state = f.unknown ? "unknown" : f.fault ? "fault" : f.stuck ? "stuck" : f.low ? "low"
+    : String(r.status || "unknown").toLowerCase();
+  return `marker s-${state}`;
+}
+
 function renderFloor() {
   const byMap = new Map();
+  let positioned = 0;
   for (const r of st.robots.values()) {
-    if (typeof r.x !== "number" || typeof r.y !== "number") continue;
-    const m = r.map_name || "(no map)";
+    if (typeof r.x !== "number" || typeof r.y !== "number" || !robotPasses(r)) continue;
+    const kind = ROBOT_KINDS[st.filter.attention];
+    if (kind && !kind[1](flagsOf(r))) continue;
+    positioned += 1;
+    // a map name is per site: five sites' "1F" are five floors, not one
+    const m = `${r.gateway_id || r.org_id} · ${r.map_name || "(no map)"}`;
     if (!byMap.has(m)) byMap.set(m, []);
     byMap.get(m).push(r);
   }
   const host = document.getElementById("floor");
+  const note = document.getElementById("floor-note");
+  if (positioned > FLOOR_UP_TO) {
+    note.textContent = `${positioned} robots with a position: choose a site or search to draw them`;
+    host.replaceChildren();
+    return;
+  }
+  note.textContent = "";
   const W = 480, H = 320, PAD = 24;
   const figures = [];
   for (const [name, robots] of [...byMap].sort()) {
@@ -426,12 +909,12 @@ function renderFloor() {
       const t = st.tracks.get(r.robot_sn) || [];
       if (t.length > 1) s.append(svg("polyline", {class: "track", "data-sn": r.robot_sn, points: t.map(([x, y]) => `${sx(x)},${sy(y)}`).join(" ")}));
       const yaw = typeof r.yaw === "number" ? r.yaw : 0;
-      const g = svg("g", {class: `marker s-${String(r.status || "unknown").toLowerCase()}`,
-        "data-sn": r.robot_sn, "data-x": r.x, "data-y": r.y,
+      const cls = markerClass(r);
+      const g = svg("g", {class: cls, "data-sn": r.robot_sn, "data-x": r.x, "data-y": r.y,
         transform: `translate(${sx(r.x).toFixed(1)} ${sy(r.y).toFixed(1)}) rotate(${-yaw})`});
       g.append(svg("circle", {r: 7}), svg("line", {class: "heading", x1: 0, y1: 0, x2: 14, y2: 0}));
       const title = svg("title");
-      title.textContent = `${r.robot_sn} (${r.x}, ${r.y}) yaw ${yaw}`;
+      title.textContent = `${r.robot_sn} (${r.x}, ${r.y}) yaw ${yaw} · ${cls.slice(9)}`;
       g.append(title);
       s.append(g);
       if (robots.length <= TAGS_UP_TO) {  // past that, names only on hover (title)
@@ -446,18 +929,50 @@ function renderFloor() {
   host.replaceChildren(...figures);
 }
 
+// -- the robot page's flags (robot.js draws the rest) --------------------------------------
+function renderRobotFlags() {
+  const m = location.hash.match(/^#robot\/(.+)$/);
+  const host = document.getElementById("robot-flags");
+  const r = m && st.robots.get(decodeURIComponent(m[1]));
+  if (!r) { host.replaceChildren(); return; }
+  const f = flagsOf(r), parts = [];
+  if (f.unknown) parts.push(el("span", {class: "tag unknown"}, `unknown since ${fmtEpoch(f.unknown)} (gateway ${r.gateway_id} offline)`));
+  if (f.fault) parts.push(el("span", {class: `tag fault sev-${f.fault.severity}`}, `fault (${f.fault.severity}): ${detailText(f.fault)}`));
+  if (f.stuck) parts.push(el("span", {class: "tag stuck"}, "stuck"));
+  if (f.offline) parts.push(el("span", {class: "tag offline"}, "offline"));
+  if (f.stale) parts.push(el("span", {class: "tag stale"}, `stale: last seen ${fmtAge(ageSeconds(r.last_updated))} ago`));
+  if (f.low) parts.push(el("span", {class: "tag low"}, `low battery: ${r.battery_level} %`));
+  const text = parts.map((p) => p.textContent).join("|");
+  if (host.dataset.text !== text) {
+    host.dataset.text = text;
+    host.replaceChildren(...parts);
+  }
+}
+
 function render() {
   const stats = window.consoleStats, t0 = performance.now();
+  if (st.rules === null) return;  // the hello brings the rules the page judges by
   renderFleet();
-  if (st.alertsDirty) renderAlerts();  // rebuilt only when changed: buttons stay put
+  if (st.alertsDirty) renderAlerts(false);  // rebuilt only when changed: buttons stay put
   st.alertsDirty = false;
   if (st.eventsDirty) renderEvents();
   st.eventsDirty = false;
   if (st.gatewaysDirty || stats.renders % 7 === 0) renderGateways();  // heartbeat ages
   st.gatewaysDirty = false;
+  // every robot's flags, counted: a large fleet's strip is recounted at most once a second
+  if (st.robots.size <= 5000 || t0 - st.attentionAt >= 1000) {
+    renderAttention();
+    st.attentionAt = t0;
+  }
+  renderRobotFlags();
   const t1 = performance.now();
-  if (st.floorDirty) renderFloor();  // the table ages every second; the floor need not
-  st.floorDirty = false;
+  if (st.floorDirty && t1 - st.floorAt >= FLOOR_MS) {  // the floor need not follow every pose
+    renderFloor();
+    st.floorDirty = false;
+    st.floorAt = t1;
+  } else if (st.floorDirty) {
+    schedule();
+  }
   const t2 = performance.now();
   stats.renders += 1;
   stats.renderMs += t2 - t0;
@@ -473,11 +988,109 @@ function frame(handler) {
   };
 }
 
+// -- the attention links: #show/<kind>[/<org>/<gateway>] ------------------------------------
+function route() {
+  const m = location.hash.match(/^#show\/([a-z-]+)(?:\/(.+))?$/);
+  if (!m) return;
+  const [, kind, site] = m;
+  st.filter.site = site ? decodeURIComponent(site) : "";
+  document.getElementById("filter-site").value = st.filter.site;
+  let target = "fleet";
+  if (kind.startsWith("alerts-")) {
+    const sev = kind.slice(7);
+    document.getElementById("alert-severity").value = SEVERITIES.includes(sev) ? sev : "";
+    document.getElementById("alert-state").value = "open";
+    st.filter.attention = kind;  // shown as the active filter; the fleet is not narrowed
+    target = "alerts-section";
+  } else if (GATEWAY_KINDS[kind]) {
+    st.filter.attention = kind;
+    target = "gateways-section";
+  } else {
+    st.filter.attention = ROBOT_KINDS[kind] ? kind : "";
+  }
+  filterChanged();
+  render();
+  renderAlerts(true);
+  document.getElementById(target).scrollIntoView();
+}
+
 // -- start -----------------------------------------------------------------------------
 function link(text, cls) {
   const e = document.getElementById("link");
   e.textContent = text;
   e.className = `link ${cls}`;
+}
+
+function wire() {
+  document.getElementById("logout").addEventListener("click", async () => {
+    await fetch("/console/logout", {method: "POST", credentials: "same-origin"});
+    location.replace("/");
+  });
+  for (const th of document.querySelectorAll("#robots th[data-key]")) {
+    th.tabIndex = 0;
+    const sort = () => {
+      const key = th.dataset.key;
+      st.sort = {key, dir: st.sort.key === key ? -st.sort.dir : 1};
+      for (const h of document.querySelectorAll("#robots th")) h.removeAttribute("aria-sort");
+      th.setAttribute("aria-sort", st.sort.dir > 0 ? "ascending" : "descending");
+      st.listDirty = true;
+      st.listAt = 0;
+      render();
+    };
+    th.addEventListener("click", sort);
+    th.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); sort(); } });
+  }
+  const filters = {search: "q", "filter-org": "org", "filter-site": "site", "filter-status": "status"};
+  for (const [id, key] of Object.entries(filters)) {
+    const apply = (e) => {
+      const value = key === "q" ? e.target.value.trim().toLowerCase() : e.target.value;
+      if (st.filter[key] === value) return;
+      st.filter[key] = value;
+      filterChanged();
+    };
+    for (const type of ["input", "change"]) document.getElementById(id).addEventListener(type, apply);
+  }
+  document.getElementById("clear-filter").addEventListener("click", () => {
+    st.filter.attention = "";
+    st.filter.site = "";
+    document.getElementById("filter-site").value = "";
+    document.getElementById("alert-severity").value = "";
+    document.getElementById("alert-state").value = "";
+    if (location.hash.startsWith("#show/")) history.replaceState(null, "", location.pathname);
+    filterChanged();
+  });
+  for (const id of ["alert-rule", "alert-severity", "alert-state"]) {
+    document.getElementById(id).addEventListener("change", () => renderAlerts(true));
+  }
+  const list = document.getElementById("alerts");
+  list.addEventListener("pointerenter", () => { st.pointerInAlerts = true; });
+  list.addEventListener("pointerleave", () => {
+    st.pointerInAlerts = false;
+    if (st.alertsPending && !st.selected.size) renderAlerts(false);
+  });
+  document.getElementById("alerts-new").addEventListener("click", () => renderAlerts(true));
+  document.getElementById("alerts-ack").addEventListener("click", () => bulk("ack"));
+  document.getElementById("alerts-silence").addEventListener("click", () => bulk("silence"));
+  document.getElementById("alerts-all").addEventListener("change", (e) => {
+    for (const id of st.alertOrder) {
+      const a = st.alerts.get(id);
+      if (e.target.checked && a && a.state !== "resolved") st.selected.add(id);
+    }
+    if (!e.target.checked) st.selected.clear();
+    for (const [id, tr] of st.alertRows) {
+      const box = tr.querySelector("input.pick");
+      if (box) box.checked = st.selected.has(id);
+    }
+    bulkButtons();
+  });
+  const box = document.getElementById("fleet-scroll");
+  let pending = false;
+  box.addEventListener("scroll", () => {
+    if (pending) return;
+    pending = true;
+    requestAnimationFrame(() => { pending = false; renderFleet(); });
+  });
+  window.addEventListener("hashchange", route);
 }
 
 async function start() {
@@ -487,37 +1100,33 @@ async function start() {
   document.getElementById("who").textContent =
     `${st.me.name} · ${st.me.role} · ${st.me.orgs.join(", ")}`;
   document.body.classList.toggle("operator", st.me.operator);
-  document.getElementById("logout").addEventListener("click", async () => {
-    await fetch("/console/logout", {method: "POST", credentials: "same-origin"});
-    location.replace("/");
-  });
-  for (const th of document.querySelectorAll("#robots th[data-key]")) {
-    th.addEventListener("click", () => {
-      const key = th.dataset.key;
-      st.sort = {key, dir: st.sort.key === key ? -st.sort.dir : 1};
-      for (const h of document.querySelectorAll("#robots th")) h.removeAttribute("aria-sort");
-      th.setAttribute("aria-sort", st.sort.dir > 0 ? "ascending" : "descending");
-      render();
-    });
-  }
-  for (const id of ["search", "filter-status", "filter-org"]) {
-    document.getElementById(id).addEventListener("input", schedule);
-  }
+  wire();
   const es = new EventSource("/console/stream");
   es.addEventListener("open", () => link("live", "up"));
-  es.addEventListener("hello", () => {
+  es.addEventListener("hello", (e) => {
     window.consoleStats.hellos += 1;
-    st.robots.clear();
-    st.alerts.clear();
-    st.events.clear();
-    st.gateways.clear();
-    st.rowEls.clear();
+    window.consoleStats.ready = false;
+    const hello = JSON.parse(e.data);
+    st.rules = hello.rules;
+    st.chargingStates = hello.charging_states;
+    for (const m of [st.robots, st.alerts, st.events, st.gateways, st.rowEls, st.byRobot,
+      st.alertRows]) m.clear();
+    st.alertOrder = [];
+    st.listDirty = true;
+    document.getElementById("loading").textContent = "loading…";
   });
   es.addEventListener("robots", frame(onRobots));
   es.addEventListener("tracks", (e) => onTracks(JSON.parse(e.data)));
   es.addEventListener("events", frame(onEvents));
   es.addEventListener("alerts", frame(onAlerts));
   es.addEventListener("gateways", frame(onGateways));
+  es.addEventListener("ready", () => {
+    window.consoleStats.ready = true;
+    document.getElementById("loading").textContent = "";
+    st.listAt = 0;
+    schedule();
+    route();
+  });
   es.addEventListener("error", async () => {
     link("reconnecting…", "down");
     if (es.readyState === EventSource.CLOSED) {

@@ -43,4 +43,14 @@ def scratch_mysql_database(server: str = "127.0.0.1", port: int = 3306) -> Itera
     finally:
         conn = pymysql.connect(host=server, port=port, user="root", password="")
         with conn:
-            conn.cursor().execute(f"DROP DATABASE IF EXISTS `{name}`")
+            cur = conn.cursor(pymysql.cursors.DictCursor)
+            # A session of the test still holding a table of it would make DROP wait for
+            # ever: fail within a minute instead, naming who holds what.
+            cur.execute("SET SESSION lock_wait_timeout = 60")
+            try:
+                cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+            except pymysql.err.OperationalError as exc:
+                cur.execute("SELECT id, db, command, time, state, info"
+                            " FROM information_schema.processlist WHERE db = %s", (name,))
+                raise RuntimeError(f"cannot drop {name}: {exc}; sessions: {cur.fetchall()}") \
+                    from exc

@@ -245,19 +245,25 @@ def _compose_database(layers: Layers, env: Mapping[str, str]) -> None:
         raw.get("database"), dict) else None
     if not secret:
         return
-    # The secret ranks above the files: a password only a file gives is not used.
+    # The secret ranks above the files: a login (user, password) only a file gives is not
+    # used; a host, port or database named anywhere stays where to connect (the seed's
+    # credentials.yaml host beside its secret), and the secret fills in what is missing.
     if layers.rank("database_password") == Source.FILE:
         pop_dotted(raw, "database_password")
         layers.notes.append("database_password from the config file is not used: the "
                             "Secrets Manager secret ranks higher")
     parts = urlsplit(str(raw.get("database_url") or ""))
-    if parts.password and url_rank == Source.FILE and not given.get("user"):
-        netloc = parts.netloc.rpartition("@")
-        user = parts.username or ""
-        raw["database_url"] = urlunsplit(parts._replace(netloc=f"{user}@{netloc[2]}"
-                                                        if user else netloc[2]))
+    user_rank = layers.rank("database.user") if given.get("user") else url_rank
+    if parts.username and user_rank == Source.FILE:
+        layers.notes.append("the user in database_url (config file) is not used: the "
+                            "Secrets Manager secret ranks higher")
+        raw["database_url"] = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    elif parts.password and url_rank == Source.FILE:
         layers.notes.append("the password in database_url (config file) is not used: the "
                             "Secrets Manager secret ranks higher")
+        raw["database_url"] = urlunsplit(parts._replace(
+            netloc=f"{parts.netloc.rpartition('@')[0].split(':')[0]}@"
+                   f"{parts.netloc.rpartition('@')[2]}"))
 
 
 def _with_parts(layers: Layers, url: str, url_origin: Origin | None,

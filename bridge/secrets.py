@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,9 @@ def fetch_secret(ref: SecretRef) -> dict[str, Any]:
         from botocore.exceptions import BotoCoreError, ClientError
     except ImportError:
         raise ConfigError(f"{ref} needs boto3: pip install 'pudu-fleet-bridge[aws]'") from None
+    # botocore logs whole response bodies at DEBUG: the secret's value, with LOG_LEVEL=DEBUG.
+    for name in ("botocore", "boto3", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         client = boto3.session.Session().client(
             "secretsmanager", region_name=ref.region,
@@ -98,7 +102,7 @@ class RefreshingLogin:
         self.ref = ref
         self.refresh_seconds = refresh_seconds
         self._login: DbLogin | None = None
-        self._fetched_at = float("-inf")
+        self._refreshed_at = float("-inf")
         self._stale = False
         self._lock = asyncio.Lock()
 
@@ -109,9 +113,12 @@ class RefreshingLogin:
     async def get(self) -> DbLogin:
         """The current login; ConfigError if the secret cannot be read."""
         async with self._lock:
-            due = time.monotonic() - self._fetched_at >= self.refresh_seconds
-            if self._login is None or (self._stale and due):
-                self._fetched_at = time.monotonic()
+            # The first refusal after a good spell fetches at once; then once per period.
+            due = time.monotonic() - self._refreshed_at >= self.refresh_seconds
+            if self._login is not None and self._stale and due:
+                self._refreshed_at = time.monotonic()
+                self._login = None
+            if self._login is None:
                 value = await asyncio.to_thread(fetch_secret, self.ref)
                 self._login, self._stale = db_login(self.ref, value), False
             return self._login

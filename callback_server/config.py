@@ -200,7 +200,8 @@ def with_secret(url: str, name: str, region: str | None) -> str:
     query.append(("secret_name", name))
     if region:
         query.append(("region_name", region))
-    return urlunsplit(parts._replace(query=urlencode(query)))
+    # by hand: urlunsplit drops the "//" of an empty host (mysql:///?secret_name=...)
+    return f"{parts.scheme}://{parts.netloc}{parts.path or '/'}?{urlencode(query)}"
 
 
 def _credentials_file(layers: Layers, env: Mapping[str, str]) -> None:
@@ -245,6 +246,8 @@ def _compose_database(layers: Layers, env: Mapping[str, str]) -> None:
         raw.get("database"), dict) else None
     if not secret:
         return
+    if not raw.get("database_url"):
+        raw["database_url"] = "mysql:///"  # where to connect: all from the secret
     # The secret ranks above the files: a login (user, password) only a file gives is not
     # used; a host, port or database named anywhere stays where to connect (the seed's
     # credentials.yaml host beside its secret), and the secret fills in what is missing.

@@ -203,6 +203,17 @@ def test_seed_credentials_yaml_names_the_secret(tmp_path: Path) -> None:
         cb_config.load(None, {"CREDENTIALS_FILE": str(creds)})
 
 
+def test_a_secret_alone_gives_the_whole_address(aws: SecretsManagerServer) -> None:
+    """DATABASE_SECRET_NAME and AWS_REGION only: host, port, database and login are the
+    secret's (RDS's own secrets hold them all)."""
+    with scratch_mysql_user() as (user, password, url):
+        name = _secret(aws, {"username": user, "password": password, "host": "127.0.0.1",
+                             "port": 3306, "dbname": url.rsplit("/", 1)[1]})
+        s = cb_config.load(None, {"DATABASE_SECRET_NAME": name, "AWS_REGION": REGION})
+        assert s.database_url.startswith("mysql:///?secret_name=")
+        assert _pings(s.database_url)
+
+
 def test_a_mysql_url_without_user_or_secret_is_refused() -> None:
     s = cb_config.load(None, {"DATABASE_URL": "mysql://db.example:3306/fleet"})
     with pytest.raises(ConfigError, match="no user"):

@@ -267,6 +267,17 @@ def _compose_database(layers: Layers, env: Mapping[str, str]) -> None:
         raw["database_url"] = urlunsplit(parts._replace(
             netloc=f"{parts.netloc.rpartition('@')[0].split(':')[0]}@"
                    f"{parts.netloc.rpartition('@')[2]}"))
+    elif parts.password:
+        layers.notes.append(f"the password in database_url ({_name(url_origin)}) is used, "
+                            "not the secret's: a rotation of the secret does not reach it")
+    password_origin = layers.origin.get("database_password")
+    if raw.get("database_password") and password_origin is not None:
+        layers.notes.append(f"database_password ({password_origin.name}) is used, not the "
+                            "secret's: a rotation of the secret does not reach it")
+
+
+def _name(origin: Origin | None) -> str:
+    return origin.name if origin else "the default"
 
 
 def _with_parts(layers: Layers, url: str, url_origin: Origin | None,

@@ -154,6 +154,16 @@ def test_secret_login_beats_a_login_in_the_file(tmp_path: Path) -> None:
     assert "user in database_url (config file) is not used" in notes
 
 
+def test_a_password_above_the_secret_is_used_and_said() -> None:
+    """The environment's password wins over the secret's, and check-config says that a
+    rotation of the secret will not reach it."""
+    s = cb_config.load(None, {"DATABASE_URL": "mysql://app@db/fleet", "DB_PASSWORD": "pw",
+                              "DATABASE_SECRET_NAME": "prod/db"})
+    assert s.database_url == "mysql://app:pw@db/fleet?secret_name=prod%2Fdb"
+    assert ("database_password (DB_PASSWORD) is used, not the secret's: a rotation of the "
+            "secret does not reach it") in s.source_notes
+
+
 def test_seed_alias_beats_file(tmp_path: Path) -> None:
     s = edge_config.load(_file(tmp_path, "pudu_callback_code: c\nhttp_port: 8100\n"),
                          {"PORT": "9000", "HOST": "127.0.0.1"})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -13,12 +14,12 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from bridge.config import masked
+from bridge.config import Settings, masked
 from bridge.errors import ConfigError
 from bridge.lifecycle import EXIT_CONFIG, EXIT_OK
 
-__all__ = ["check_config", "guarded", "load_or_exit", "parser", "report_problems",
-           "report_warnings"]
+__all__ = ["check_config", "guarded", "load_or_exit", "log_sources", "parser",
+           "report_problems", "report_warnings"]
 
 S = TypeVar("S", bound=BaseModel)
 
@@ -49,12 +50,32 @@ def report_warnings(prog: str, warnings: Sequence[str]) -> None:
         print(f"{prog}: warning: {warning}", file=sys.stderr)
 
 
+def report_sources(prog: str, settings: BaseModel) -> None:
+    """Where settings came from, on stderr: seed names used and which source won where
+    two gave a setting (notes), seed names not honoured (warnings)."""
+    if isinstance(settings, Settings):
+        for note in settings.source_notes:
+            print(f"{prog}: note: {note}", file=sys.stderr)
+        report_warnings(prog, settings.source_warnings)
+
+
+def log_sources(settings: BaseModel) -> None:
+    """``report_sources`` for ``run``: the same lines in the service's log."""
+    if isinstance(settings, Settings):
+        log = logging.getLogger("settings")
+        for note in settings.source_notes:
+            log.info("%s", note)
+        for warning in settings.source_warnings:
+            log.warning("%s", warning)
+
+
 def check_config(prog: str, settings: S, problems: Callable[[S], list[str]],
                  connect: Callable[[S], Coroutine[Any, Any, list[str]]] | None,
                  warnings: Callable[[S], list[str]] | None = None) -> int:
     """``check-config [--connect]``: exactly the checks ``run`` makes, then the settings
     (secrets masked) on stdout. Warnings are printed (stderr) but do not fail it."""
     found = problems(settings) if connect is None else asyncio.run(connect(settings))
+    report_sources(prog, settings)
     if warnings is not None:
         report_warnings(prog, warnings(settings))
     if found:

@@ -7,7 +7,7 @@ this module reads the file and the environment once, at startup, in one place.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -18,6 +18,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -26,6 +27,8 @@ from pydantic import (
 
 from bridge.errors import ConfigError
 from bridge.outbound import parse_allow
+from bridge.sources import Alias, Layers, Origin, Source, dotenv_warning, not_honoured
+from bridge.sources import aliases as apply_aliases
 
 M = TypeVar("M", bound=BaseModel)
 MASK = "********"
@@ -42,6 +45,7 @@ MQTT_ENV_MAP = {
     "MQTT_RECONNECT_MAX_SECONDS": "mqtt_reconnect_max_seconds",
     "TOPIC_PREFIX": "topic_prefix",
     "LOG_LEVEL": "log_level",
+    "LOG_FILE": "log_file",
     "PROXY_TOKEN": "proxy_token",
 }
 
@@ -124,25 +128,26 @@ CREDENTIALS = {
 CREDENTIAL_PATHS = frozenset({"mqtt_key"})
 
 
-def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    target = raw
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        target = target.setdefault(part, {})
-    target[leaf] = value
+class Settings(BaseModel):
+    """Base of each service's settings: remembers what loading them had to say (which
+    source gave what, seed names used or ignored), for check-config and the log."""
 
+    _notes: tuple[str, ...] = PrivateAttr(default=())
+    _warnings: tuple[str, ...] = PrivateAttr(default=())
 
-def _has(raw: Mapping[str, Any], dotted: str) -> bool:
-    node: Any = raw
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or node.get(part) in (None, ""):
-            return False
-        node = node[part]
-    return True
+    @property
+    def source_notes(self) -> tuple[str, ...]:
+        """Seed names used, and every setting two sources gave (and which one won)."""
+        return self._notes
+
+    @property
+    def source_warnings(self) -> tuple[str, ...]:
+        """Seed names set but not honoured, a ``.env`` nobody reads."""
+        return self._warnings
 
 
 def read_credentials(names: Mapping[str, str], env: Mapping[str, str]) -> dict[str, Any]:
-    """The systemd credentials present, as ``{dotted setting: value}``.
+    """The systemd credentials present, as ``{credential name: value}``.
 
     systemd passes ``LoadCredential=`` files in a private directory named by
     ``$CREDENTIALS_DIRECTORY``; outside systemd there is none and this is empty.
@@ -151,22 +156,39 @@ def read_credentials(names: Mapping[str, str], env: Mapping[str, str]) -> dict[s
     if not directory:
         return {}
     found: dict[str, Any] = {}
-    for name, dotted in names.items():
+    for name in names:
         path = Path(directory) / name
         # Empty counts as absent: `make install` creates every credential file the units
         # load (systemd refuses to start a unit whose LoadCredential= file is missing).
         if not path.is_file() or path.stat().st_size == 0:
             continue
         if name in CREDENTIAL_PATHS:
-            found[dotted] = str(path)
+            found[name] = str(path)
             continue
         try:
             value = path.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read credential {path}: {exc}") from exc
         if value:
-            found[dotted] = value
+            found[name] = value
     return found
+
+
+def read_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML file holding a mapping; ConfigError naming the file otherwise."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {path}") from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping at the top level")
+    return loaded
+
+
+#: A hook run on the layers between two sources (extra files, secrets, composition).
+Hook = Callable[[Layers, Mapping[str, str]], None]
 
 
 def load_settings(
@@ -176,31 +198,38 @@ def load_settings(
     env_map: Mapping[str, str],
     environ: Mapping[str, str] | None = None,
     credentials: Mapping[str, str] | None = None,
+    aliases: Mapping[str, Alias] | None = None,
+    ignored: Mapping[str, str] | None = None,
+    files: Hook | None = None,
+    secrets: Hook | None = None,
+    compose: Hook | None = None,
 ) -> M:
-    """Build ``model`` from the YAML at ``path``, then systemd credentials, then the
-    environment (``env_map``): each later source overrides the one before."""
+    """Build ``model`` from its sources, lowest first (bridge/sources.py): the YAML at
+    ``path`` (and ``files``), ``secrets``, systemd credentials, seed ``aliases``, the
+    product's environment names (``env_map``); ``compose`` last, knowing each origin.
+    A source only overrides the ones below it. ``ignored``: seed names this service
+    does not honour (warned about, besides the shared ones)."""
     env = os.environ if environ is None else environ
     creds = {**CREDENTIALS, **(credentials or {})}
-    raw: dict[str, Any] = {}
+    seed = dict(aliases or {})
+    known = {*env_map.values(), *creds.values(), *(a.setting for a in seed.values())}
+    layers = Layers()
     if path:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        raw.update(loaded)
-    overrides = {var: dotted for var, dotted in env_map.items() if env.get(var)}
-    for dotted, value in read_credentials(creds, env).items():
-        if dotted == "tls.key_file" and _has(raw, dotted):
-            continue  # mqtt_key only stands in for a key file the settings do not name
-        _set(raw, dotted, value)
-    for var, dotted in overrides.items():
-        _set(raw, dotted, env[var])
+        layers.file(read_yaml(path), Path(path).name, known)
+    if files is not None:
+        files(layers, env)
+    if secrets is not None:
+        secrets(layers, env)
+    for name, value in read_credentials(creds, env).items():
+        layers.put(creds[name], value, Origin(Source.CREDENTIAL, f"the credential {name}"))
+    apply_aliases(layers, seed, env)
+    for var, dotted in env_map.items():
+        if env.get(var):
+            layers.put(dotted, env[var], Origin(Source.ENV, var))
+    if compose is not None:
+        compose(layers, env)
     try:
-        return model.model_validate(raw)
+        settings = model.model_validate(layers.raw)
     except ValidationError as exc:
         env_of = {dotted: var for var, dotted in env_map.items()}
         cred_of = {dotted: name for name, dotted in creds.items()}
@@ -220,6 +249,11 @@ def load_settings(
 
         problems = "; ".join(describe(err) for err in exc.errors())
         raise ConfigError(f"invalid configuration: {problems}") from exc
+    if isinstance(settings, Settings):
+        settings._notes = tuple(layers.notes)
+        settings._warnings = (*layers.warnings, *not_honoured(env, ignored or {}),
+                              *dotenv_warning())
+    return settings
 
 
 def parse_pairs(value: object, example: str) -> object:

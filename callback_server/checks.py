@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from bridge.checks import broker_reachable, build, mqtt_transport, writable_file
 from bridge.config import mask_url
 from callback_server.config import CallbackSettings
@@ -35,8 +37,6 @@ def problems(settings: CallbackSettings) -> list[str]:
 
         build(found, "Pudu webhook", lambda: CallbackCodes.load(settings))
     if settings.api_keys_file:
-        from pathlib import Path
-
         from callback_server.keys import read_file
 
         build(found, "API_KEYS_FILE", lambda: read_file(Path(settings.api_keys_file or "")))
@@ -46,9 +46,9 @@ def problems(settings: CallbackSettings) -> list[str]:
         build(found, "ALERT_RULES_FILE", lambda: load_alert_settings(settings.alert_rules_file))
     url = settings.database_url
     if url.startswith("sqlite:///"):
-        from pathlib import Path
-
         writable_file(found, "DATABASE_URL", Path(url.removeprefix("sqlite:///")))
+    if settings.log_file:
+        writable_file(found, "LOG_FILE", Path(settings.log_file))
     return found
 
 

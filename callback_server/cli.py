@@ -9,7 +9,14 @@ import asyncio
 import sys
 from pathlib import Path
 
-from bridge.cli import check_config, guarded, load_or_exit, parser, report_problems
+from bridge.cli import (
+    check_config,
+    guarded,
+    load_or_exit,
+    log_sources,
+    parser,
+    report_problems,
+)
 from bridge.errors import ConfigError, FleetError
 from bridge.lifecycle import EXIT_CONFIG, run_main
 from callback_server import checks, config
@@ -97,7 +104,8 @@ def _main(argv: list[str] | None) -> int:
         return report_problems(PROG, found)
     from bridge.logs import setup_logging
 
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, log_file=settings.log_file)
+    log_sources(settings)
     if args.command == "migrate":
         try:
             report = asyncio.run(_migrate(settings, args))

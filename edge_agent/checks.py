@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from bridge.checks import broker_reachable, mqtt_transport, writable_file
 from bridge.config import mask_url
 from bridge.topic import TopicScheme
@@ -20,6 +22,8 @@ def problems(settings: EdgeSettings) -> list[str]:
     scheme = TopicScheme(settings.org_id, settings.topic_prefix)
     mqtt_transport(found, settings.mqtt_backend, lambda: mqtt_settings(settings, scheme))
     writable_file(found, "OUTBOX_PATH", settings.outbox_path)
+    if settings.log_file:
+        writable_file(found, "LOG_FILE", Path(settings.log_file))
     if _same_address(settings):
         found.append(f"EDGE_ADMIN_PORT: the admin listener needs a port of its own "
                      f"({settings.admin_port} is EDGE_HTTP_PORT too)")

@@ -10,6 +10,7 @@ from bridge.cli import (
     check_config,
     guarded,
     load_or_exit,
+    log_sources,
     parser,
     report_problems,
     report_warnings,
@@ -64,7 +65,8 @@ def _main(argv: list[str] | None) -> int:
         report_warnings(PROG, checks.warnings(settings))
     from bridge.logs import setup_logging
 
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, log_file=settings.log_file)
+    log_sources(settings)
     if args.command == "poll":
         return _poll_once(settings)
     from edge_agent.service import serve

@@ -25,10 +25,13 @@ from bridge.config import (
     MQTT_ENV_MAP,
     HttpLimits,
     OutboundAllow,
+    Settings,
     TlsSettings,
     load_settings,
     parse_pairs,
 )
+from bridge.secrets import SecretRef, fetch_secret
+from bridge.sources import Alias, Layers, Origin, Source
 from edge_agent.forwarding import FORWARDABLE, DropTypes, ForwardChannels, Intervals
 from edge_agent.pudu.settings import PuduApiSettings
 
@@ -65,6 +68,13 @@ ENV_MAP = {
 }
 #: systemd credentials the edge agent reads besides the shared ones (bridge.config).
 CREDENTIALS = {"pudu_callback_code": "pudu_callback_code", "pudu_api_secret": "pudu.api_secret"}
+#: The replaced webhook receiver's names (docs/settings.md): its listener is our webhook one.
+ALIASES = {
+    "HOST": Alias("http_host", "EDGE_HTTP_HOST"),
+    "PORT": Alias("http_port", "EDGE_HTTP_PORT"),
+}
+#: Keys of the secret ``PUDU_SECRET_NAME`` names (AWS Secrets Manager) -> setting.
+SECRET_KEYS = {"callback_code": "pudu_callback_code", "api_secret": "pudu.api_secret"}
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 _COMMAND = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -89,7 +99,7 @@ CommandPlugins = Annotated[dict[str, str], BeforeValidator(_parse_plugins),
                            AfterValidator(_plugin_shape)]
 
 
-class EdgeSettings(BaseModel):
+class EdgeSettings(Settings, BaseModel):  # BaseModel named: linters see a model
     """Everything the edge agent needs; see config.example/edge-agent.yaml."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -116,6 +126,8 @@ class EdgeSettings(BaseModel):
     mqtt_reconnect_max_seconds: float = Field(30.0, gt=0)
     topic_prefix: str = ""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    # A file the log lines also go to (besides stderr, i.e. the journal): LOG_FILE.
+    log_file: str | None = None
     max_body_bytes: int = Field(64 * 1024, ge=1024)
     proxy_token: SecretStr | None = None
     # Topic prefixes the REST proxy may publish/subscribe under; empty: org/{org_id}/ only.
@@ -164,10 +176,31 @@ class EdgeSettings(BaseModel):
         return self
 
 
+def _secret(layers: Layers, env: Mapping[str, str]) -> None:
+    """``PUDU_SECRET_NAME``: the callback code and API secret kept in Secrets Manager."""
+    name = env.get("PUDU_SECRET_NAME")
+    if not name:
+        return
+    ref = SecretRef(name, env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None)
+    value = fetch_secret(ref)
+    found = False
+    for key, dotted in SECRET_KEYS.items():
+        if isinstance(value.get(key), str) and value[key]:
+            layers.put(dotted, value[key], Origin(Source.SECRET, f"{ref} key {key!r}"))
+            found = True
+    if not found:
+        layers.warnings.append(f"PUDU_SECRET_NAME: {ref} has none of the keys "
+                               f"{', '.join(SECRET_KEYS)}")
+
+
 def load(path: str | None, environ: Mapping[str, str] | None = None) -> EdgeSettings:
     """Read ``path`` (or ``EDGE_AGENT_CONFIG``) and the environment; ConfigError if invalid."""
     env = os.environ if environ is None else environ
     return load_settings(
         EdgeSettings, path=path or env.get("EDGE_AGENT_CONFIG"), env_map=ENV_MAP, environ=env,
-        credentials=CREDENTIALS,
+        credentials=CREDENTIALS, aliases=ALIASES, secrets=_secret,
+        ignored={"CALLBACK_HOST": "the callback server's listener; the edge agent's REST "
+                                  "proxy listens on EDGE_ADMIN_HOST/EDGE_ADMIN_PORT",
+                 "CALLBACK_PORT": "the callback server's listener; the edge agent's REST "
+                                  "proxy listens on EDGE_ADMIN_HOST/EDGE_ADMIN_PORT"},
     )

@@ -1,7 +1,9 @@
 """MySQL/MariaDB through an aiomysql pool; pymysql errors become StoreError here.
 
 ``mysql://user:pass@host:3306/db?pool_size=4&timeout=30&ssl_ca=/path/ca.pem``
-(``ssl=1`` for TLS with the system CAs). Sessions run in UTC, so DATETIME values and
+(``ssl=1`` for TLS with the system CAs); ``?secret_name=...&region_name=...``: the login,
+and what else the URL leaves out, from an AWS Secrets Manager secret, read again when
+the server refuses the login (error 1045: rotated). Sessions run in UTC, so DATETIME values and
 ``UNIX_TIMESTAMP`` agree with the epoch seconds the store writes.
 
 Dead connections are never handed out twice: a connection that failed or timed out is
@@ -21,6 +23,7 @@ import aiomysql
 import pymysql
 
 from bridge.errors import ConfigError, StoreError, StoreRejectedError
+from bridge.secrets import RefreshingLogin, SecretRef
 from callback_server.store.base import Backend, ColumnInfo, Statement, family_of
 from callback_server.store.dialect import Dialect
 
@@ -36,6 +39,12 @@ def _connection_lost(exc: BaseException) -> bool:
         return True
     code = exc.args[0] if isinstance(exc, pymysql.err.Error) and exc.args else None
     return isinstance(code, int) and code in _GONE
+
+
+def _login_refused(exc: BaseException) -> bool:
+    """MySQL error 1045, "Access denied for user": a rotated password, for one."""
+    return (isinstance(exc, pymysql.err.OperationalError) and bool(exc.args)
+            and exc.args[0] == 1045)
 
 
 class _QuietCursor(aiomysql.Cursor):  # type: ignore[misc]
@@ -55,27 +64,40 @@ class MysqlBackend(Backend):
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
         database = unquote(parts.path.lstrip("/"))
-        if not parts.hostname or not database:
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        # The login (and what the URL leaves out) may live in AWS Secrets Manager:
+        # ?secret_name=...&region_name=... (docs/settings.md); fetched on first use and
+        # again when the database refuses it (rotation).
+        self._secret: RefreshingLogin | None = None
+        if query.get("secret_name"):
+            self._secret = RefreshingLogin(SecretRef(query["secret_name"],
+                                                     query.get("region_name") or None))
+        elif not parts.hostname or not database:
             raise ConfigError("DATABASE_URL needs a host and a database: "
                               "mysql://user:pass@host:3306/db")
-        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        elif not parts.username:
+            # Never the server's default user (root, or the OS user): say whose login.
+            raise ConfigError("DATABASE_URL names no user and no secret holds the login: "
+                              "mysql://user@host:3306/db (or DB_USER), or a Secrets Manager "
+                              "secret (DATABASE_SECRET_NAME)")
         try:
             self.pool_size = int(query.get("pool_size", 4))
             self.timeout = float(query.get("timeout", 30))
-            port = parts.port or 3306
+            port = parts.port
         except ValueError as exc:
             raise ConfigError(f"DATABASE_URL: {exc}") from None
         tls: ssl.SSLContext | None = None
         if query.get("ssl_ca") or query.get("ssl", "").lower() in ("1", "true", "required"):
             tls = ssl.create_default_context(cafile=query.get("ssl_ca") or None)
         self.database = database
-        self.host, self.port = parts.hostname, port
+        self.host, self.port = parts.hostname or "", port or 3306
+        # What the URL gives wins over the secret; the secret fills in the rest.
+        self._given: dict[str, Any] = {
+            "host": parts.hostname, "port": port, "db": database or None,
+            "user": unquote(parts.username) if parts.username else None,
+            "password": unquote(parts.password) if parts.password is not None else None,
+        }
         self._params: dict[str, Any] = {
-            "host": parts.hostname,
-            "port": port,
-            "user": unquote(parts.username or "root"),
-            "password": unquote(parts.password or ""),
-            "db": database,
             "charset": "utf8mb4",
             "connect_timeout": min(self.timeout, 5.0),
             "autocommit": False,
@@ -86,7 +108,26 @@ class MysqlBackend(Backend):
         self._lock = asyncio.Lock()
 
     def describe(self) -> str:
-        return f"MySQL at {self.host}:{self.port}/{self.database}"
+        return f"MySQL at {self.host or '(host from the secret)'}:{self.port}/{self.database}"
+
+    async def _login(self) -> dict[str, Any]:
+        """Host, port, db, user and password: the URL's, then the secret's for the rest."""
+        given = {k: v for k, v in self._given.items() if v is not None}
+        if self._secret is not None:
+            try:
+                login = await self._secret.get()
+            except ConfigError as exc:  # Secrets Manager away or the secret unreadable
+                raise StoreError(f"{self.describe()}: {exc}") from None
+            found = {"host": login.host, "port": login.port, "db": login.database,
+                     "user": login.user, "password": login.password}
+            given = {**{k: v for k, v in found.items() if v is not None}, **given}
+        if not given.get("host") or not given.get("db"):
+            raise ConfigError(f"{self.describe()}: neither DATABASE_URL nor "
+                              f"{self._secret.ref if self._secret else 'a secret'} gives "
+                              "the host and the database name")
+        self.host, self.port = given["host"], int(given.get("port") or 3306)
+        self.database = given["db"]
+        return {"port": 3306, "password": "", **given}
 
     async def _get_pool(self) -> aiomysql.Pool:
         async with self._lock:
@@ -94,7 +135,8 @@ class MysqlBackend(Backend):
                 # pool_recycle: MySQL drops idle sessions after wait_timeout (and proxies
                 # like RDS Proxy sooner); never reuse one idle for more than 5 minutes.
                 self._pool = await aiomysql.create_pool(
-                    minsize=1, maxsize=self.pool_size, pool_recycle=300, **self._params
+                    minsize=1, maxsize=self.pool_size, pool_recycle=300,
+                    **self._params, **await self._login(),
                 )
             return self._pool
 
@@ -126,6 +168,8 @@ class MysqlBackend(Backend):
             # RuntimeError from a pool another task just dropped) is reachability.
             if conn is None or _connection_lost(exc):
                 await self._drop_pool()
+                if self._secret is not None and _login_refused(exc):
+                    self._secret.stale()  # rotated: the next try reads the secret again
                 if isinstance(exc, TimeoutError):
                     raise StoreError(
                         f"{self.describe()}: no answer within {self.timeout:g} s ({what})"

@@ -13,27 +13,45 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
+from bridge.completion import bash_script
 from bridge.config import masked
 from bridge.errors import ConfigError
 from bridge.lifecycle import EXIT_CONFIG, EXIT_OK
+from bridge.version import describe
 
-__all__ = ["check_config", "guarded", "load_or_exit", "parser", "report_problems",
-           "report_warnings"]
+__all__ = ["add_completion", "check_config", "completion", "guarded", "load_or_exit",
+           "parser", "report_problems", "report_warnings"]
 
 S = TypeVar("S", bound=BaseModel)
 
 
-def parser(prog: str, description: str | None, env_var: str
+def parser(prog: str, description: str | None, env_var: str, epilog: str | None = None
            ) -> tuple[argparse.ArgumentParser, Any, argparse.ArgumentParser]:
     """The top parser, its subcommands, and the parent every subcommand takes (so
-    ``--config`` works before or after the subcommand)."""
+    ``--config`` works before or after the subcommand). ``description`` and ``epilog``
+    are shown as written (an operator's text, not a reflowed docstring)."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", default=argparse.SUPPRESS,
+    common.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
                         help=f"YAML settings file (or {env_var})")
-    top = argparse.ArgumentParser(prog=prog, description=description)
-    top.add_argument("--config", help=f"YAML settings file (or {env_var})")
-    sub = top.add_subparsers(dest="command", required=True)
+    top = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    top.add_argument("--config", metavar="FILE", help=f"YAML settings file (or {env_var})")
+    top.add_argument("--version", action="version", version=describe(prog),
+                     help="print the version and build (git commit or wheel digest)")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     return top, sub, common
+
+
+def add_completion(sub: Any) -> None:
+    """The ``completion bash`` subcommand (answered before any settings are read)."""
+    completion = sub.add_parser("completion", help="print the bash completion script")
+    completion.add_argument("shell", choices=["bash"])
+
+
+def completion(top: argparse.ArgumentParser) -> int:
+    """``completion bash``: the script on stdout."""
+    print(bash_script(top), end="")
+    return EXIT_OK
 
 
 def report_problems(prog: str, problems: Sequence[str]) -> int:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping
 from typing import TextIO
 
-__all__ = ["JsonFormatter", "JournalPriority", "setup_logging", "stream_is_journal"]
+__all__ = ["JournalPriority", "JsonFormatter", "setup_logging", "stream_is_journal"]
 
 # syslog(3) priorities, as journald files them (`journalctl -p`).
 _PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6,

@@ -8,13 +8,43 @@ import asyncio
 import sys
 from pathlib import Path
 
-from bridge.cli import check_config, guarded, load_or_exit, parser, report_problems
+from bridge.cli import (
+    add_completion,
+    check_config,
+    completion,
+    guarded,
+    load_or_exit,
+    parser,
+    report_problems,
+)
 from bridge.errors import ConfigError, FleetError
 from bridge.lifecycle import EXIT_CONFIG, run_main
 from callback_server import checks, config
 from callback_server.keys import ROLES, add_key, read_file, remove_key
 
 PROG = "callback-server"
+
+DESCRIPTION = """\
+The cloud side: consumes the gateways' MQTT stream (and IoT Rule HTTP pushes), writes it
+to MySQL or SQLite, serves the API and console, and sends commands to the gateways."""
+
+EPILOG = """\
+examples:
+  callback-server --config /etc/callback-server/config.yaml check-config
+  sudo callback-server --config /etc/callback-server/config.yaml check-config --as-service
+                                      as the unit's user, inside the unit's sandbox
+  callback-server --config /etc/callback-server/config.yaml migrate
+  sudo callback-server --config /etc/callback-server/config.yaml keys add \\
+      --name ops --org acme --role viewer        then: systemctl reload callback-server
+
+files (as installed):
+  /etc/callback-server/config.yaml     settings (environment variables override them)
+  /etc/callback-server/env             environment overrides read by the unit
+  /etc/callback-server/keys.yaml       API key hashes (keys add|list|remove)
+  /etc/callback-server/credentials/    secrets handed over by systemd (LoadCredential=)
+
+exit status: 0 ok, 1 configuration error (said on one line), 2 usage error, 3 port in use.
+logs: journalctl -u callback-server (-p warning for the problems only)."""
 
 
 async def _migrate(settings: config.CallbackSettings) -> list[str]:
@@ -54,7 +84,7 @@ def _keys(args: argparse.Namespace, path: str | None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    top, sub, common = parser(PROG, __doc__, "CALLBACK_SERVER_CONFIG")
+    top, sub, common = parser(PROG, DESCRIPTION, "CALLBACK_SERVER_CONFIG", EPILOG)
     sub.add_parser("run", parents=[common], help="run the service (creates missing tables first)")
     check = sub.add_parser("check-config", parents=[common],
                            help="run the checks `run` runs, then print the effective settings")
@@ -72,7 +102,10 @@ def _main(argv: list[str] | None) -> int:
     keys_sub.add_parser("list", help="names, orgs and roles (never keys)")
     remove = keys_sub.add_parser("remove", help="delete a key by name")
     remove.add_argument("--name", required=True)
+    add_completion(sub)
     args = top.parse_args(argv)
+    if args.command == "completion":
+        return completion(top)
     if args.command == "keys" and args.file:
         return _keys(args, args.file)  # needs no other setting
     settings = load_or_exit(PROG, lambda: config.load(getattr(args, "config", None)))

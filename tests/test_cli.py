@@ -150,3 +150,65 @@ def test_outbox_stats_and_peek_on_a_bad_outbox_path_say_so_in_one_line(
 def test_usage_errors_exit_2_without_a_traceback() -> None:
     done = cli("edge_agent", "frobnicate", env={})
     assert done.returncode == 2 and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("module", ["edge_agent", "callback_server"])
+def test_version_names_the_build_and_help_is_for_an_operator(module: str) -> None:
+    done = cli(module, "--version", env={})
+    prog = module.replace("_", "-")
+    from bridge.version import VERSION
+
+    # A checkout's build is its commit (an installed wheel's: tests/test_install.py).
+    commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    assert done.returncode == 0 and done.stdout.startswith(f"{prog} {VERSION} (build git {commit}")
+    usage = cli(module, "--help", env={})
+    assert usage.returncode == 0
+    for operator_words in ("examples:", "files (as installed):", "exit status:", "journalctl"):
+        assert operator_words in usage.stdout
+    assert "maps flags" not in usage.stdout  # the module docstring is for developers
+
+
+def complete(module: str, line: str) -> list[str]:
+    """What bash offers for ``line`` (the cursor at its end) with the generated script."""
+    script = cli(module, "completion", "bash", env={})
+    assert script.returncode == 0, script.stderr
+    words = line.split(" ")
+    driver = (script.stdout + f"COMP_WORDS=({' '.join(repr(w) for w in words)}); "
+              f"COMP_CWORD={len(words) - 1}; {script.stdout.split('complete -F ')[1].split()[0]}; "
+              'printf "%s\\n" "${COMPREPLY[@]}"\n')
+    done = subprocess.run(["bash", "-c", driver], capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    return sorted(w for w in done.stdout.splitlines() if w)
+
+
+def test_bash_completion_offers_subcommands_options_and_choices(tmp_path: Path) -> None:
+    assert complete("edge_agent", "edge-agent ou") == ["outbox"]
+    assert complete("edge_agent", "edge-agent outbox ") == ["backup", "peek", "stats"]
+    assert "--connect" in complete("edge_agent", "edge-agent check-config --")
+    assert complete("callback_server", "callback-server keys add --role ") == [
+        "admin", "ingest", "operator", "viewer"]
+    (tmp_path / "conf.yaml").touch()
+    assert complete("edge_agent", f"edge-agent --config {tmp_path}/co") == [
+        f"{tmp_path}/conf.yaml"]
+
+
+@pytest.mark.integration
+def test_outbox_backup_beside_a_running_agent_restores(tmp_path: Path) -> None:
+    dead = f"mqtt://127.0.0.1:{pick_port()}"  # nothing is published: entries stay
+    copy = tmp_path / "backup" / "outbox-copy.db"
+    copy.parent.mkdir()
+    with edge_agent(tmp_path, dead, org="acme") as agent:
+        for i in range(3):
+            assert httpx.post(agent.url + "/api/pudu/webhook", headers={"CallbackCode":
+                              "test-code"}, json={"callback_type": "notifyRobotPower",
+                              "data": {"sn": f"R{i}", "power": 50}}).status_code == 200
+        done = cli("edge_agent", "outbox", "backup", str(copy), env=agent.env)
+        again = cli("edge_agent", "outbox", "backup", str(copy), env=agent.env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["entries"] == 3
+    assert oct(copy.stat().st_mode & 0o777) == "0o600"
+    assert_one_line_refusal(again, "exists")  # never overwrites a backup
+    restored = cli("edge_agent", "outbox", "stats", env={**agent.env, "OUTBOX_PATH": str(copy)})
+    assert json.loads(restored.stdout)["by_channel"] == {"power": 3}

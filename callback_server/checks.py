@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bridge.checks import broker_reachable, build, mqtt_transport, writable_file
+from bridge.checks import broker_reachable, build, mqtt_transport, readable_file, writable_file
 from bridge.config import mask_url
 from callback_server.config import CallbackSettings
 from callback_server.store.protocol import Store
@@ -22,12 +22,7 @@ def problems(settings: CallbackSettings) -> list[str]:
     found: list[str] = []
     mqtt_transport(found, settings.mqtt_backend, lambda: mqtt_settings(settings))
     build(found, "DATABASE_URL", lambda: _store(settings))
-    if settings.api_keys_file:
-        from pathlib import Path
-
-        from callback_server.keys import read_file
-
-        build(found, "API_KEYS_FILE", lambda: read_file(Path(settings.api_keys_file or "")))
+    keys_file(found, settings)
     if settings.alert_rules_file:
         from callback_server.alerts import load_alert_settings
 
@@ -38,6 +33,23 @@ def problems(settings: CallbackSettings) -> list[str]:
 
         writable_file(found, "DATABASE_URL", Path(url.removeprefix("sqlite:///")))
     return found
+
+
+def keys_file(found: list[str], settings: CallbackSettings) -> None:
+    """A named API_KEYS_FILE must exist and be readable: a typo would otherwise start the
+    server with no keys and no warning (``keys add`` creates the file)."""
+    if not settings.api_keys_file:
+        return
+    from pathlib import Path
+
+    from callback_server.keys import read_file
+
+    path = Path(settings.api_keys_file)
+    if not path.exists():
+        found.append(f"API_KEYS_FILE: {path} does not exist (a typo? `callback-server keys "
+                     "add` creates it)")
+    elif readable_file(found, "API_KEYS_FILE", path):
+        build(found, "API_KEYS_FILE", lambda: read_file(path))
 
 
 async def connect_problems(settings: CallbackSettings) -> list[str]:

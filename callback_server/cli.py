@@ -9,13 +9,16 @@ import sys
 from pathlib import Path
 
 from bridge.cli import (
+    add_as_service,
     add_completion,
+    as_service,
     check_config,
     completion,
     guarded,
     load_or_exit,
     parser,
     report_problems,
+    root_warning,
 )
 from bridge.errors import ConfigError, FleetError
 from bridge.lifecycle import EXIT_CONFIG, run_main
@@ -23,6 +26,7 @@ from callback_server import checks, config
 from callback_server.keys import ROLES, add_key, read_file, remove_key
 
 PROG = "callback-server"
+UNIT = "callback-server.service"
 
 DESCRIPTION = """\
 The cloud side: consumes the gateways' MQTT stream (and IoT Rule HTTP pushes), writes it
@@ -83,6 +87,15 @@ def _keys(args: argparse.Namespace, path: str | None) -> int:
     return 0
 
 
+def _check_config(args: argparse.Namespace) -> int:
+    """``check-config``: the settings as this process's environment gives them."""
+    settings = load_or_exit(PROG, lambda: config.load(getattr(args, "config", None)))
+    if isinstance(settings, int):
+        return settings
+    return check_config(PROG, settings, checks.problems,
+                        checks.connect_problems if args.connect else None)
+
+
 def _main(argv: list[str] | None) -> int:
     top, sub, common = parser(PROG, DESCRIPTION, "CALLBACK_SERVER_CONFIG", EPILOG)
     sub.add_parser("run", parents=[common], help="run the service (creates missing tables first)")
@@ -90,6 +103,7 @@ def _main(argv: list[str] | None) -> int:
                            help="run the checks `run` runs, then print the effective settings")
     check.add_argument("--connect", action="store_true",
                        help="also connect to the broker and the database")
+    add_as_service(check, UNIT)
     sub.add_parser("migrate", parents=[common], help="create missing tables and columns, then exit")
     keys = sub.add_parser("keys", parents=[common], help="manage API_KEYS_FILE (SIGHUP after)")
     keys.add_argument("--file", help="the keys file (default: API_KEYS_FILE)")
@@ -106,6 +120,13 @@ def _main(argv: list[str] | None) -> int:
     args = top.parse_args(argv)
     if args.command == "completion":
         return completion(top)
+    if args.command == "check-config" and args.as_service:
+        return as_service(PROG, UNIT, args.unit, lambda: _check_config(args),
+                          preload=("callback_server.service", "callback_server.store",
+                                   "callback_server.keys", "callback_server.alerts"))
+    if args.command == "check-config":
+        root_warning(PROG, UNIT)
+        return _check_config(args)
     if args.command == "keys" and args.file:
         return _keys(args, args.file)  # needs no other setting
     settings = load_or_exit(PROG, lambda: config.load(getattr(args, "config", None)))
@@ -113,9 +134,6 @@ def _main(argv: list[str] | None) -> int:
         return settings
     if args.command == "keys":
         return _keys(args, settings.api_keys_file)
-    if args.command == "check-config":
-        return check_config(PROG, settings, checks.problems,
-                            checks.connect_problems if args.connect else None)
     found = checks.problems(settings)
     if found:
         return report_problems(PROG, found)

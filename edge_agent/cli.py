@@ -3,11 +3,15 @@ poll --once``: maps flags onto EdgeSettings and nothing more (exit codes: bridge
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import sys
 
 from bridge.cli import (
+    add_as_service,
     add_completion,
+    as_service,
     check_config,
     completion,
     guarded,
@@ -15,12 +19,14 @@ from bridge.cli import (
     parser,
     report_problems,
     report_warnings,
+    root_warning,
 )
 from bridge.errors import OutboxError
 from bridge.lifecycle import run_main
 from edge_agent import checks, config
 
 PROG = "edge-agent"
+UNIT = "edge-agent.service"
 
 DESCRIPTION = """\
 The site gateway's service: takes the Pudu robots' webhooks, keeps each one in a
@@ -51,6 +57,7 @@ def _main(argv: list[str] | None) -> int:
     check = sub.add_parser("check-config", parents=[common],
                            help="run the checks `run` runs, then print the effective settings")
     check.add_argument("--connect", action="store_true", help="also connect to the broker")
+    add_as_service(check, UNIT)
     outbox = sub.add_parser("outbox", parents=[common],
                             help="look into the outbox file (safe beside a running agent)")
     what = outbox.add_subparsers(dest="outbox_command", required=True)
@@ -68,13 +75,16 @@ def _main(argv: list[str] | None) -> int:
     args = top.parse_args(argv)
     if args.command == "completion":
         return completion(top)
+    if args.command == "check-config" and args.as_service:
+        return as_service(PROG, UNIT, args.unit, lambda: _check_config(args),
+                          preload=("edge_agent.service", "edge_agent.plugins"))
+    if args.command == "check-config":
+        root_warning(PROG, UNIT)
+        return _check_config(args)
     settings = load_or_exit(PROG, lambda: config.load(getattr(args, "config", None)))
     if isinstance(settings, int):
         return settings
-    if args.command == "check-config":
-        return check_config(PROG, settings, checks.problems,
-                            checks.connect_problems if args.connect else None,
-                            warnings=checks.warnings)
+    path = getattr(args, "config", None) or os.environ.get("EDGE_AGENT_CONFIG")
     if args.command == "outbox":
         from pathlib import Path
 
@@ -91,7 +101,7 @@ def _main(argv: list[str] | None) -> int:
             return report_problems(PROG, [str(exc)])
         print(json.dumps(out, indent=2, ensure_ascii=False))
         return 0
-    found = checks.problems(settings)
+    found = checks.problems(settings, path)
     if found:
         return report_problems(PROG, found)
     if args.command == "run":
@@ -104,6 +114,17 @@ def _main(argv: list[str] | None) -> int:
     from edge_agent.service import serve
 
     return run_main(PROG, serve(settings))
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    """``check-config``: the settings as this process's environment gives them."""
+    settings = load_or_exit(PROG, lambda: config.load(getattr(args, "config", None)))
+    if isinstance(settings, int):
+        return settings
+    path = getattr(args, "config", None) or os.environ.get("EDGE_AGENT_CONFIG")
+    return check_config(PROG, settings, lambda s: checks.problems(s, path),
+                        (lambda s: checks.connect_problems(s, path)) if args.connect
+                        else None, warnings=checks.warnings)
 
 
 def _poll_once(settings: config.EdgeSettings) -> int:

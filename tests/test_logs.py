@@ -28,7 +28,7 @@ def run_logging(journal_stream: str | None, *, socket_stderr: bool) -> list[str]
         elif journal_stream is not None:
             env["JOURNAL_STREAM"] = journal_stream
         with ours, theirs:
-            proc = subprocess.Popen([sys.executable, "-c", LOGS], stderr=theirs, env=env)
+            proc = subprocess.Popen([sys.executable, "-c", LOGS], stderr=theirs.fileno(), env=env)
             theirs.close()
             data = b""
             while chunk := ours.recv(65536):

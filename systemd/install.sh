@@ -288,7 +288,8 @@ wheelhouse() {
 
 case "$ACTION" in
   install) prerequisites; install_venv; install_files; apply_live ;;
+  venv) prerequisites; install_venv ;;  # the program only (packaging/build-deb.sh)
   uninstall) uninstall ;;
   wheelhouse) prerequisites; wheelhouse ;;
-  *) echo "usage: $0 install|uninstall|wheelhouse" >&2; exit 2 ;;
+  *) echo "usage: $0 install|uninstall|wheelhouse|venv" >&2; exit 2 ;;
 esac

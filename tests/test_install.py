@@ -142,15 +142,30 @@ def test_systemd_accepts_the_installed_units(wheelhouse: Path, tmp_path: Path) -
     assert done.returncode == 0 and ours == [], done.stderr
 
 
-def test_an_aarch64_gateway_wheelhouse_resolves(tmp_path: Path) -> None:
-    house = tmp_path / "aarch64"
+@pytest.fixture(scope="session")
+def aarch64_wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An arm64 gateway's wheelhouse (also what tests/test_deb.py packages for arm64)."""
+    house = tmp_path_factory.mktemp("aarch64")
     done = make("wheelhouse", f"WHEELHOUSE={house}", "PLATFORM=manylinux2014_aarch64",
                 "PYVER=3.11")
     assert done.returncode == 0, done.stderr[-2000:]
-    names = [p.name for p in house.iterdir()]
+    return house
+
+
+def test_an_aarch64_gateway_wheelhouse_resolves(aarch64_wheelhouse: Path) -> None:
+    names = [p.name for p in aarch64_wheelhouse.iterdir()]
     for binary in ("awscrt", "uvloop", "httptools", "pydantic_core", "orjson"):
         wheel = next((n for n in names if n.startswith(binary + "-")), None)
         assert wheel is not None and "aarch64" in wheel, (binary, names)
+
+
+def test_a_platform_without_wheels_is_named_before_the_gateway_compiles(
+        tmp_path: Path) -> None:
+    done = make("wheelhouse", f"WHEELHOUSE={tmp_path / 'armhf'}", "PLATFORM=linux_armv7l",
+                "PYVER=3.11")
+    assert done.returncode != 0
+    said = [line for line in done.stderr.splitlines() if "has no wheel for linux_armv7l" in line]
+    assert len(said) == 1 and "would have to compile" in said[0], done.stderr[-2000:]
 
 
 def test_make_takes_python_as_the_gateway_version_or_the_interpreter() -> None:
@@ -307,3 +322,25 @@ def test_an_admins_drop_in_survives_and_an_old_unedited_etc_unit_is_retired(
     assert edited.read_text().endswith("# mine\n")
     assert "systemctl edit callback-server" in done.stderr
     assert drop_in.read_text() == "[Service]\nEnvironment=LOG_LEVEL=DEBUG\n"
+
+
+def test_without_the_awsiot_extra_a_paho_gateway_runs_and_awsiot_is_refused(
+        wheelhouse: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "root"
+    done = make("install", f"DESTDIR={dest}", f"WHEELHOUSE={wheelhouse}",
+                env={**NO_INDEX, "EXTRAS": ""})  # e.g. 32-bit ARM, where awscrt has no wheel
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    def check(**env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(venv_python(dest)), "-m", "edge_agent", "check-config"], cwd=dest,
+            env={**os.environ, "PUDU_CALLBACK_CODE": "c", "ORG_ID": "o", "GATEWAY_ID": "g",
+                 "OUTBOX_PATH": str(tmp_path / "outbox.db"), **env},
+            capture_output=True, text=True, timeout=60, check=False)
+
+    assert subprocess.run([str(venv_python(dest)), "-c", "import awscrt"],
+                          capture_output=True, check=False).returncode != 0
+    assert check().returncode == 0  # paho: awscrt is never needed
+    refused = check(MQTT_BACKEND="awsiot", MQTT_URL="mqtts://127.0.0.1:8883")
+    lines = [line for line in refused.stderr.splitlines() if line.strip()]
+    assert refused.returncode == 1 and len(lines) == 1 and "awsiot extra" in lines[0], lines

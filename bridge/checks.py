@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,12 @@ from pathlib import Path
 from bridge.errors import FleetError
 from bridge.transport import IN_PROCESS_BACKENDS, MqttSettings, Transport, create_transport
 
-__all__ = ["broker_reachable", "build", "mqtt_transport", "writable_file"]
+__all__ = ["broker_reachable", "build", "mqtt_transport", "readable_file", "template_values",
+           "tls_pair", "writable_file"]
+
+#: Placeholders the shipped config.yaml templates hold until someone edits them: a
+#: service never starts with them (every unedited gateway would share one client id).
+TEMPLATE_VALUES = {"org_id": "example-org", "gateway_id": "example-gateway"}
 
 
 def build(problems: list[str], what: str, make: Callable[[], object]) -> object | None:
@@ -40,11 +46,80 @@ def mqtt_transport(problems: list[str], backend: str,
     if not isinstance(mqtt, MqttSettings):
         return None
     transport = build(problems, "MQTT_BACKEND", lambda: create_transport(backend, mqtt))
-    return transport if isinstance(transport, Transport) else None
+    if isinstance(transport, Transport):
+        tls_pair(problems, backend, mqtt)
+        return transport
+    return None
+
+
+def tls_pair(problems: list[str], backend: str, mqtt: MqttSettings) -> None:
+    """The client certificate and key load *together*, as the backend will load them at
+    connect: awscrt's TLS context for awsiot (a key that is not the certificate's fails
+    ``run`` with "Failed to create tls context" otherwise), Python's ssl for paho."""
+    files = mqtt.tls_files
+    if not (files.cert_file and files.key_file):
+        return
+    for setting, path in (("MQTT_CERT_FILE", files.cert_file), ("MQTT_KEY_FILE", files.key_file)):
+        if not readable_file(problems, setting, Path(path)):
+            return
+    try:
+        if backend == "awsiot":
+            from awscrt import io
+
+            options = io.TlsContextOptions.create_client_with_mtls_from_path(
+                files.cert_file, files.key_file)
+            io.ClientTlsContext(options)
+        else:
+            ssl.create_default_context().load_cert_chain(files.cert_file, files.key_file)
+    except ImportError:
+        return  # the backend itself is missing: MQTT_BACKEND says so
+    except (RuntimeError, ssl.SSLError, OSError) as exc:
+        problems.append(f"MQTT_KEY_FILE: the certificate {files.cert_file} and key "
+                        f"{files.key_file} do not load together (is it the certificate's key, "
+                        f"in PEM?): {exc}")
+
+
+def readable_file(problems: list[str], setting: str, path: Path) -> bool:
+    """``path`` exists and this user can read it (a root-only key file fails here, under
+    ``check-config --as-service``, rather than at the service's first connect)."""
+    try:
+        with path.open("rb"):
+            return True
+    except FileNotFoundError:
+        problems.append(f"{setting}: {path} does not exist")
+    except IsADirectoryError:
+        problems.append(f"{setting}: {path} is a directory, not a file")
+    except OSError as exc:
+        problems.append(f"{setting}: {path} is not readable by this user "
+                        f"({exc.strerror or exc})")
+    return False
+
+
+def template_values(problems: list[str], values: dict[str, str],
+                    config_path: str | None) -> None:
+    """Refuse the shipped template's placeholders, naming the line to change."""
+    lines = Path(config_path).read_text(encoding="utf-8", errors="replace").splitlines() \
+        if config_path and Path(config_path).is_file() else []
+    for key, placeholder in TEMPLATE_VALUES.items():
+        if values.get(key) != placeholder:
+            continue
+        where = next((f"{config_path} line {n}: {line.split('#')[0].strip()}"
+                      for n, line in enumerate(lines, 1)
+                      if line.split("#")[0].strip().startswith(f"{key}:")
+                      and placeholder in line), None)
+        problems.append(f"{key.upper()}: {placeholder!r} is the template's placeholder; set "
+                        f"this site's own value" + (f" ({where})" if where else
+                                                    f" ({key.upper()} or {key}: in config.yaml)"))
 
 
 def writable_file(problems: list[str], setting: str, path: Path) -> None:
     """``path`` can be created or written by this user (its directory too)."""
+    try:
+        path.exists()
+    except PermissionError:  # a directory on the way this user may not enter
+        problems.append(f"{setting}: {path} is out of this user's reach (a directory on "
+                        "its way is not searchable, or the unit's sandbox hides it)")
+        return
     if path.exists():
         if not path.is_file():
             problems.append(f"{setting}: {path} exists and is not a file")

@@ -14,27 +14,46 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
+from bridge.completion import bash_script
 from bridge.config import Settings, masked
 from bridge.errors import ConfigError
 from bridge.lifecycle import EXIT_CONFIG, EXIT_OK
+from bridge.version import describe
 
-__all__ = ["check_config", "guarded", "load_or_exit", "log_sources", "parser",
-           "report_problems", "report_warnings"]
+__all__ = ["add_as_service", "add_completion", "as_service", "check_config", "completion",
+           "guarded", "load_or_exit", "log_sources", "parser", "report_problems",
+           "report_warnings", "root_warning"]
 
 S = TypeVar("S", bound=BaseModel)
 
 
-def parser(prog: str, description: str | None, env_var: str
+def parser(prog: str, description: str | None, env_var: str, epilog: str | None = None
            ) -> tuple[argparse.ArgumentParser, Any, argparse.ArgumentParser]:
     """The top parser, its subcommands, and the parent every subcommand takes (so
-    ``--config`` works before or after the subcommand)."""
+    ``--config`` works before or after the subcommand). ``description`` and ``epilog``
+    are shown as written (an operator's text, not a reflowed docstring)."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", default=argparse.SUPPRESS,
+    common.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
                         help=f"YAML settings file (or {env_var})")
-    top = argparse.ArgumentParser(prog=prog, description=description)
-    top.add_argument("--config", help=f"YAML settings file (or {env_var})")
-    sub = top.add_subparsers(dest="command", required=True)
+    top = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    top.add_argument("--config", metavar="FILE", help=f"YAML settings file (or {env_var})")
+    top.add_argument("--version", action="version", version=describe(prog),
+                     help="print the version and build (git commit or wheel digest)")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     return top, sub, common
+
+
+def add_completion(sub: Any) -> None:
+    """The ``completion bash`` subcommand (answered before any settings are read)."""
+    completion = sub.add_parser("completion", help="print the bash completion script")
+    completion.add_argument("shell", choices=["bash"])
+
+
+def completion(top: argparse.ArgumentParser) -> int:
+    """``completion bash``: the script on stdout."""
+    print(bash_script(top), end="")
+    return EXIT_OK
 
 
 def report_problems(prog: str, problems: Sequence[str]) -> int:
@@ -82,6 +101,48 @@ def check_config(prog: str, settings: S, problems: Callable[[S], list[str]],
         return report_problems(prog, found)
     print(json.dumps(masked(settings), indent=2))
     return EXIT_OK
+
+
+def add_as_service(check: argparse.ArgumentParser, unit: str) -> None:
+    """``check-config --as-service [--unit FILE]`` (bridge.unit_view)."""
+    check.add_argument("--as-service", action="store_true",
+                       help=f"as root: check as {unit}'s user, inside its sandbox, with its "
+                            "credentials and environment (what the service will meet)")
+    check.add_argument("--unit", metavar="FILE",
+                       help=f"the unit file (default: the installed {unit} and its drop-ins)")
+
+
+def as_service(prog: str, unit: str, unit_file: str | None, check: Callable[[], int],
+               preload: tuple[str, ...] = ()) -> int:
+    """``check()`` as the unit's user in its sandbox; configuration errors on one line.
+    ``preload``: the modules the checks import lazily (bridge.unit_view.run_in_unit)."""
+    from pathlib import Path
+
+    from bridge.unit_view import find_unit, read_unit, run_in_unit
+
+    try:
+        view = read_unit(Path(unit_file) if unit_file else find_unit(unit))
+        print(f"{prog}: checking as {view.user} in the sandbox of {view.path}",
+              file=sys.stderr)
+        return run_in_unit(view, check, preload)
+    except (ConfigError, OSError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def root_warning(prog: str, unit: str) -> None:
+    """As root with the unit installed, a plain check-config may pass what the service's
+    user is refused: say so (on stderr; it does not fail)."""
+    if os.geteuid() != 0:
+        return
+    from bridge.unit_view import find_unit
+
+    try:
+        find_unit(unit)
+    except ConfigError:
+        return
+    report_warnings(prog, [f"run as root: files only root can read pass here; "
+                           f"--as-service checks as {unit}'s user, in its sandbox"])
 
 
 def load_or_exit(prog: str, load: Callable[[], S]) -> S | int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bridge.checks import broker_reachable, build, mqtt_transport, writable_file
+from bridge.checks import broker_reachable, build, mqtt_transport, readable_file, writable_file
 from bridge.config import mask_url
 from callback_server.config import CallbackSettings
 from callback_server.store.protocol import Store
@@ -36,10 +36,7 @@ def problems(settings: CallbackSettings) -> list[str]:
         from callback_server.pudu_webhook import CallbackCodes
 
         build(found, "Pudu webhook", lambda: CallbackCodes.load(settings))
-    if settings.api_keys_file:
-        from callback_server.keys import read_file
-
-        build(found, "API_KEYS_FILE", lambda: read_file(Path(settings.api_keys_file or "")))
+    keys_file(found, settings)
     if settings.alert_rules_file:
         from callback_server.alerts import load_alert_settings
 
@@ -50,6 +47,21 @@ def problems(settings: CallbackSettings) -> list[str]:
     if settings.log_file:
         writable_file(found, "LOG_FILE", Path(settings.log_file))
     return found
+
+
+def keys_file(found: list[str], settings: CallbackSettings) -> None:
+    """A named API_KEYS_FILE must exist and be readable: a typo would otherwise start the
+    server with no keys and no warning (``keys add`` creates the file)."""
+    if not settings.api_keys_file:
+        return
+    from callback_server.keys import read_file
+
+    path = Path(settings.api_keys_file)
+    if not path.exists():
+        found.append(f"API_KEYS_FILE: {path} does not exist (a typo? `callback-server keys "
+                     "add` creates it)")
+    elif readable_file(found, "API_KEYS_FILE", path):
+        build(found, "API_KEYS_FILE", lambda: read_file(path))
 
 
 async def connect_problems(settings: CallbackSettings) -> list[str]:

@@ -10,12 +10,17 @@ import sys
 from pathlib import Path
 
 from bridge.cli import (
+    add_as_service,
+    add_completion,
+    as_service,
     check_config,
+    completion,
     guarded,
     load_or_exit,
     log_sources,
     parser,
     report_problems,
+    root_warning,
 )
 from bridge.errors import ConfigError, FleetError
 from bridge.lifecycle import EXIT_CONFIG, run_main
@@ -23,6 +28,29 @@ from callback_server import checks, config
 from callback_server.keys import ROLES, add_key, read_file, remove_key
 
 PROG = "callback-server"
+UNIT = "callback-server.service"
+
+DESCRIPTION = """\
+The cloud side: consumes the gateways' MQTT stream (and IoT Rule HTTP pushes), writes it
+to MySQL or SQLite, serves the API and console, and sends commands to the gateways."""
+
+EPILOG = """\
+examples:
+  callback-server --config /etc/callback-server/config.yaml check-config
+  sudo callback-server --config /etc/callback-server/config.yaml check-config --as-service
+                                      as the unit's user, inside the unit's sandbox
+  callback-server --config /etc/callback-server/config.yaml migrate
+  sudo callback-server --config /etc/callback-server/config.yaml keys add \\
+      --name ops --org acme --role viewer        then: systemctl reload callback-server
+
+files (as installed):
+  /etc/callback-server/config.yaml     settings (environment variables override them)
+  /etc/callback-server/env             environment overrides read by the unit
+  /etc/callback-server/keys.yaml       API key hashes (keys add|list|remove)
+  /etc/callback-server/credentials/    secrets handed over by systemd (LoadCredential=)
+
+exit status: 0 ok, 1 configuration error (said on one line), 2 usage error, 3 port in use.
+logs: journalctl -u callback-server (-p warning for the problems only)."""
 
 
 async def _migrate(settings: config.CallbackSettings, args: argparse.Namespace) -> list[str]:
@@ -61,13 +89,23 @@ def _keys(args: argparse.Namespace, path: str | None) -> int:
     return 0
 
 
+def _check_config(args: argparse.Namespace) -> int:
+    """``check-config``: the settings as this process's environment gives them."""
+    settings = load_or_exit(PROG, lambda: config.load(getattr(args, "config", None)))
+    if isinstance(settings, int):
+        return settings
+    return check_config(PROG, settings, checks.problems,
+                        checks.connect_problems if args.connect else None)
+
+
 def _main(argv: list[str] | None) -> int:
-    top, sub, common = parser(PROG, __doc__, "CALLBACK_SERVER_CONFIG")
+    top, sub, common = parser(PROG, DESCRIPTION, "CALLBACK_SERVER_CONFIG", EPILOG)
     sub.add_parser("run", parents=[common], help="run the service (creates missing tables first)")
     check = sub.add_parser("check-config", parents=[common],
                            help="run the checks `run` runs, then print the effective settings")
     check.add_argument("--connect", action="store_true",
                        help="also connect to the broker and the database")
+    add_as_service(check, UNIT)
     migrate = sub.add_parser(
         "migrate", parents=[common],
         help="create and upgrade the product's own tables; print, per target table, whether "
@@ -88,7 +126,17 @@ def _main(argv: list[str] | None) -> int:
     keys_sub.add_parser("list", help="names, orgs and roles (never keys)")
     remove = keys_sub.add_parser("remove", help="delete a key by name")
     remove.add_argument("--name", required=True)
+    add_completion(sub)
     args = top.parse_args(argv)
+    if args.command == "completion":
+        return completion(top)
+    if args.command == "check-config" and args.as_service:
+        return as_service(PROG, UNIT, args.unit, lambda: _check_config(args),
+                          preload=("callback_server.service", "callback_server.store",
+                                   "callback_server.keys", "callback_server.alerts"))
+    if args.command == "check-config":
+        root_warning(PROG, UNIT)
+        return _check_config(args)
     if args.command == "keys" and args.file:
         return _keys(args, args.file)  # needs no other setting
     settings = load_or_exit(PROG, lambda: config.load(getattr(args, "config", None)))
@@ -96,9 +144,6 @@ def _main(argv: list[str] | None) -> int:
         return settings
     if args.command == "keys":
         return _keys(args, settings.api_keys_file)
-    if args.command == "check-config":
-        return check_config(PROG, settings, checks.problems,
-                            checks.connect_problems if args.connect else None)
     found = checks.problems(settings)
     if found:
         return report_problems(PROG, found)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bridge.checks import broker_reachable, mqtt_transport, writable_file
+from bridge.checks import broker_reachable, mqtt_transport, template_values, writable_file
 from bridge.config import mask_url
 from bridge.topic import TopicScheme
 from edge_agent.commands import BUILTIN_NAMES
@@ -14,11 +14,13 @@ from edge_agent.forwarding import warnings as policy_warnings
 from edge_agent.plugins import problems as plugin_problems
 
 
-def problems(settings: EdgeSettings) -> list[str]:
-    """One line per problem; empty when ``run`` would start."""
+def problems(settings: EdgeSettings, config_path: str | None = None) -> list[str]:
+    """One line per problem; empty when ``run`` would start. ``config_path`` (the file
+    read) lets a template placeholder be shown with its line."""
     from edge_agent.service import mqtt_settings
 
     found: list[str] = []
+    identity(found, settings, config_path)
     scheme = TopicScheme(settings.org_id, settings.topic_prefix)
     mqtt_transport(found, settings.mqtt_backend, lambda: mqtt_settings(settings, scheme))
     writable_file(found, "OUTBOX_PATH", settings.outbox_path)
@@ -29,6 +31,13 @@ def problems(settings: EdgeSettings) -> list[str]:
                      f"({settings.admin_port} is EDGE_HTTP_PORT too)")
     found.extend(plugin_problems(settings, BUILTIN_NAMES))
     return found
+
+
+def identity(found: list[str], settings: EdgeSettings, config_path: str | None) -> None:
+    """ORG_ID / GATEWAY_ID are not the template's placeholders: unedited gateways would
+    all connect with one client id and the broker would disconnect them in turn."""
+    template_values(found, {"org_id": settings.org_id, "gateway_id": settings.gateway_id},
+                    config_path)
 
 
 def _same_address(settings: EdgeSettings) -> bool:
@@ -51,11 +60,12 @@ def warnings(settings: EdgeSettings) -> list[str]:
     return found
 
 
-async def connect_problems(settings: EdgeSettings) -> list[str]:
+async def connect_problems(settings: EdgeSettings, config_path: str | None = None
+                           ) -> list[str]:
     """``check-config --connect``: the settings' problems, then a real broker connect."""
     from edge_agent.service import mqtt_settings
 
-    found = problems(settings)
+    found = problems(settings, config_path)
     if found:
         return found
     scheme = TopicScheme(settings.org_id, settings.topic_prefix)

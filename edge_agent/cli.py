@@ -3,62 +3,106 @@ poll --once``: maps flags onto EdgeSettings and nothing more (exit codes: bridge
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import sys
 
 from bridge.cli import (
+    add_as_service,
+    add_completion,
+    as_service,
     check_config,
+    completion,
     guarded,
     load_or_exit,
     log_sources,
     parser,
     report_problems,
     report_warnings,
+    root_warning,
 )
 from bridge.errors import OutboxError
 from bridge.lifecycle import run_main
 from edge_agent import checks, config
 
 PROG = "edge-agent"
+UNIT = "edge-agent.service"
+
+DESCRIPTION = """\
+The site gateway's service: takes the Pudu robots' webhooks, keeps each one in a
+durable outbox and publishes it over MQTT; answers the gateway commands sent back."""
+
+EPILOG = """\
+examples:
+  edge-agent --config /etc/edge-agent/config.yaml check-config      after editing settings
+  sudo edge-agent --config /etc/edge-agent/config.yaml check-config --as-service
+                                      as the unit's user, inside the unit's sandbox
+  edge-agent --config /etc/edge-agent/config.yaml outbox stats      backlog by channel
+  edge-agent --config /etc/edge-agent/config.yaml outbox backup /var/backups/outbox.db
+
+files (as installed):
+  /etc/edge-agent/config.yaml     settings (environment variables override them)
+  /etc/edge-agent/env             environment overrides read by the unit
+  /etc/edge-agent/credentials/    secrets handed over by systemd (LoadCredential=)
+  /var/lib/edge-agent/outbox.db   the outbox: undelivered entries survive restarts
+
+exit status: 0 ok, 1 configuration error (said on one line), 2 usage error,
+3 port in use or outbox held by another agent.
+logs: journalctl -u edge-agent (-p warning for the problems only)."""
 
 
 def _main(argv: list[str] | None) -> int:
-    top, sub, common = parser(PROG, __doc__, "EDGE_AGENT_CONFIG")
+    top, sub, common = parser(PROG, DESCRIPTION, "EDGE_AGENT_CONFIG", EPILOG)
     sub.add_parser("run", parents=[common], help="run the service")
     check = sub.add_parser("check-config", parents=[common],
                            help="run the checks `run` runs, then print the effective settings")
     check.add_argument("--connect", action="store_true", help="also connect to the broker")
+    add_as_service(check, UNIT)
     outbox = sub.add_parser("outbox", parents=[common],
                             help="look into the outbox file (safe beside a running agent)")
     what = outbox.add_subparsers(dest="outbox_command", required=True)
     what.add_parser("stats", parents=[common], help="depth, ages, size, by channel")
     peek = what.add_parser("peek", parents=[common], help="the oldest entries")
     peek.add_argument("-n", type=int, default=10, help="how many (default 10)")
+    backup = what.add_parser("backup", parents=[common],
+                             help="copy the outbox while the agent runs (SQLite online backup)")
+    backup.add_argument("dest", help="the new file (must not exist)")
     poll = sub.add_parser("poll", parents=[common],
                           help="run one Pudu cloud reconciliation and print its record")
     poll.add_argument("--once", action="store_true", required=True,
                       help="one run now (through the running agent if there is one)")
+    add_completion(sub)
     args = top.parse_args(argv)
+    if args.command == "completion":
+        return completion(top)
+    if args.command == "check-config" and args.as_service:
+        return as_service(PROG, UNIT, args.unit, lambda: _check_config(args),
+                          preload=("edge_agent.service", "edge_agent.plugins"))
+    if args.command == "check-config":
+        root_warning(PROG, UNIT)
+        return _check_config(args)
     settings = load_or_exit(PROG, lambda: config.load(getattr(args, "config", None)))
     if isinstance(settings, int):
         return settings
-    if args.command == "check-config":
-        return check_config(PROG, settings, checks.problems,
-                            checks.connect_problems if args.connect else None,
-                            warnings=checks.warnings)
+    path = getattr(args, "config", None) or os.environ.get("EDGE_AGENT_CONFIG")
     if args.command == "outbox":
-        from edge_agent.outbox_view import peek_entries, stats
+        from pathlib import Path
+
+        from edge_agent.outbox_view import backup, peek_entries, stats
 
         try:
             if args.outbox_command == "stats":
                 out: object = stats(settings.outbox_path)
+            elif args.outbox_command == "backup":
+                out = backup(settings.outbox_path, Path(args.dest))
             else:
                 out = peek_entries(settings.outbox_path, max(1, args.n))
         except OutboxError as exc:
             return report_problems(PROG, [str(exc)])
         print(json.dumps(out, indent=2, ensure_ascii=False))
         return 0
-    found = checks.problems(settings)
+    found = checks.problems(settings, path)
     if found:
         return report_problems(PROG, found)
     if args.command == "run":
@@ -72,6 +116,17 @@ def _main(argv: list[str] | None) -> int:
     from edge_agent.service import serve
 
     return run_main(PROG, serve(settings))
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    """``check-config``: the settings as this process's environment gives them."""
+    settings = load_or_exit(PROG, lambda: config.load(getattr(args, "config", None)))
+    if isinstance(settings, int):
+        return settings
+    path = getattr(args, "config", None) or os.environ.get("EDGE_AGENT_CONFIG")
+    return check_config(PROG, settings, lambda s: checks.problems(s, path),
+                        (lambda s: checks.connect_problems(s, path)) if args.connect
+                        else None, warnings=checks.warnings)
 
 
 def _poll_once(settings: config.EdgeSettings) -> int:

@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 from bridge.errors import OutboxError
 
-__all__ = ["peek_entries", "stats"]
+__all__ = ["backup", "peek_entries", "stats"]
 
 
 @contextlib.contextmanager
@@ -80,3 +80,24 @@ def peek_entries(path: Path, count: int) -> list[dict[str, Any]]:
         out.append({"seq": seq, "topic": topic, "qos": qos,
                     "age_s": round(now - created, 1), "payload": body})
     return out
+
+
+def backup(path: Path, dest: Path) -> dict[str, Any]:
+    """A consistent copy of the outbox while the agent runs (SQLite's online backup: a
+    snapshot of one committed state, WAL included), written beside ``dest`` and renamed
+    into place so a half-made copy is never mistaken for a backup. Restore: stop the
+    agent, put the copy at OUTBOX_PATH (the agent's user, mode 0600), start it."""
+    if dest.exists():
+        raise OutboxError(f"{dest} exists: give a new file name for the backup")
+    partial = dest.with_name(dest.name + ".partial")
+    with _reading(path) as conn:
+        try:
+            with contextlib.closing(sqlite3.connect(partial)) as out:
+                conn.backup(out)
+                depth = out.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        except (sqlite3.Error, OSError) as exc:
+            partial.unlink(missing_ok=True)
+            raise OutboxError(f"cannot write the backup {dest}: {exc}") from exc
+    partial.chmod(0o600)
+    partial.rename(dest)
+    return {"backup": str(dest), "entries": depth, "bytes": dest.stat().st_size}

@@ -18,7 +18,13 @@ DESTDIR=${DESTDIR:-}
 PREFIX=/opt/pudu-fleet-bridge
 PYTHON=${PYTHON:-python3}
 WHEELHOUSE=${WHEELHOUSE:-}
-UNITDIR=/etc/systemd/system
+# Optional parts installed with the program: awsiot (awscrt, for MQTT_BACKEND=awsiot).
+# EXTRAS= (empty) for a paho-only gateway, e.g. 32-bit ARM, where awscrt has no wheel.
+EXTRAS=${EXTRAS-awsiot}
+# Vendor units where systemd looks for the administrator's installs, below /etc: edits
+# (`systemctl edit`: drop-ins in /etc/systemd/system/NAME.service.d/) survive a re-install.
+UNITDIR=/usr/local/lib/systemd/system
+OLD_UNITDIR=/etc/systemd/system  # where installs before issue 26 put them
 SYSUSERS=/usr/lib/sysusers.d/pudu-fleet-bridge.conf
 TMPFILES=/usr/lib/tmpfiles.d/pudu-fleet-bridge.conf
 SERVICES=(edge-agent callback-server)
@@ -61,30 +67,107 @@ print(h.hexdigest())
 PY
 }
 
+# One line naming what is missing, before anything is written (a venv made without
+# python3-venv is half-made and breaks every later run).
+prerequisites() {
+  local missing=()
+  command -v "$PYTHON" >/dev/null 2>&1 || missing+=("$PYTHON (python3)")
+  if command -v "$PYTHON" >/dev/null 2>&1; then
+    "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+      || missing+=("Python 3.11 or newer as $PYTHON")
+    "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+  fi
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "missing prerequisites: ${missing[*]} (Debian: apt-get install make python3-venv)"
+    exit 1
+  fi
+}
+
+# The newest of the wheelhouse's builds of the project: by version (PEP 440, with pip's
+# own parser), then by file time for two builds of one version.
+newest_wheel() {
+  "$PYTHON" - "$@" <<'PY'
+import os, sys
+try:
+    from pip._vendor.packaging.version import InvalidVersion, Version
+except ImportError:  # no pip beside this interpreter: compare the digits
+    InvalidVersion = ValueError
+    def Version(text):
+        return tuple(int(p) if p.isdigit() else 0 for p in text.replace("-", ".").split("."))
+def key(path):
+    try:
+        version = Version(os.path.basename(path).split("-")[1])
+    except InvalidVersion:
+        version = Version("0")
+    return (version, os.stat(path).st_mtime)
+print(max(sys.argv[1:], key=key))
+PY
+}
+
+# Why the venv cannot be kept (empty when it can): half-made, its interpreter gone or
+# changed (Debian 12 -> 13 re-points python3), or a dependency broken or missing.
+venv_fault() {
+  local venv=$1 want have made
+  if [ -L "$venv/bin/python" ] && [ ! -e "$venv/bin/python" ]; then
+    echo "its interpreter is gone ($(readlink "$venv/bin/python"))"; return 0
+  fi
+  if [ ! -x "$venv/bin/python" ] || [ ! -f "$venv/pyvenv.cfg" ]; then
+    [ -e "$venv" ] && echo "it is half-made (no interpreter)"
+    return 0
+  fi
+  have=$("$venv/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) \
+    || { echo "its interpreter is gone"; return 0; }
+  made=$(sed -n 's/^version[_a-z]* *= *\([0-9]*\.[0-9]*\).*/\1/p' "$venv/pyvenv.cfg" | head -n1)
+  if [ -n "$made" ] && [ "$made" != "$have" ]; then
+    echo "it was made for Python $made and its python3 is now $have"; return 0
+  fi
+  want=$("$PYTHON" -c 'import os, sys; print(os.path.realpath(sys._base_executable))')
+  have=$("$venv/bin/python" -c 'import os, sys; print(os.path.realpath(sys._base_executable))')
+  if [ "$want" != "$have" ]; then
+    echo "it runs $have, not $want"; return 0
+  fi
+  if ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
+    echo "it is half-made (no pip)"; return 0
+  fi
+  local check
+  if ! check=$("$venv/bin/python" -m pip check --disable-pip-version-check 2>&1); then
+    echo "pip check: $(echo "$check" | head -n1)"; return 0
+  fi
+}
+
 install_venv() {
   local root=$DESTDIR$PREFIX venv=$DESTDIR$PREFIX/.venv stage
   stage=$(mktemp -d)
   trap 'rm -rf "$stage"' RETURN
+  local wheel
   if [ -n "$WHEELHOUSE" ]; then
-    cp "$WHEELHOUSE"/pudu_fleet_bridge-*.whl "$stage/" 2>/dev/null \
+    local found=("$WHEELHOUSE"/pudu_fleet_bridge-*.whl)
+    [ -e "${found[0]}" ] \
       || { log "no pudu_fleet_bridge wheel in $WHEELHOUSE (make wheelhouse builds one)"; exit 1; }
+    wheel=$(newest_wheel "${found[@]}")
+    [ ${#found[@]} -eq 1 ] || log "wheelhouse has ${#found[@]} builds: installing $(basename "$wheel")"
   else
     build_wheel "$stage"
+    wheel=$(ls "$stage"/pudu_fleet_bridge-*.whl | head -n1)
   fi
-  local wheel digest marker=$root/.installed-wheel
-  wheel=$(ls "$stage"/pudu_fleet_bridge-*.whl | head -n1)
+  local digest marker=$root/.installed-wheel fault
   digest=$(wheel_digest "$wheel")
-  if [ -x "$venv/bin/python" ] && [ -f "$marker" ] && [ "$(cat "$marker")" = "$digest" ]; then
+  fault=$(venv_fault "$venv")
+  if [ -n "$fault" ]; then
+    log "rebuilding the venv $venv: $fault"
+    rm -rf "$venv" "$marker"
+  elif [ -f "$marker" ] && [ "$(cat "$marker")" = "$digest" ]; then
     log "venv $venv already has this build"
     return 0
   fi
-  [ -x "$venv/bin/python" ] || "$PYTHON" -m venv "$venv"
+  [ -x "$venv/bin/python" ] || "$PYTHON" -m venv "$venv" \
+    || { rm -rf "$venv"; log "could not make the venv $venv"; exit 1; }
   local pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
   if [ -n "$WHEELHOUSE" ]; then
     pip+=(--no-index --find-links "$WHEELHOUSE")
   fi
   "${pip[@]}" --force-reinstall --no-deps "$wheel"
-  "${pip[@]}" "$wheel"  # its dependencies (already satisfied ones stay)
+  "${pip[@]}" "$wheel${EXTRAS:+[$EXTRAS]}"  # its dependencies (satisfied ones stay)
   if [ -n "$DESTDIR" ]; then
     # Scripts were written with the staging path in their #! line; point them at the
     # final one (a venv cannot be moved otherwise).
@@ -101,6 +184,13 @@ install_files() {
   trap 'rm -rf "$tmp"' RETURN
   for svc in "${SERVICES[@]}"; do
     put "$DESTDIR$UNITDIR/$svc.service" "$HERE/systemd/$svc.service" 0644
+    local old=$DESTDIR$OLD_UNITDIR/$svc.service
+    if [ -f "$old" ] && cmp -s "$old" "$HERE/systemd/$svc.service"; then
+      rm -f "$old" && log "removed $old (an unedited copy from an earlier install)"
+    elif [ -f "$old" ]; then
+      log "$old overrides $UNITDIR/$svc.service: put your changes in a drop-in" \
+          "(systemctl edit $svc) and delete it, or upgrades of the unit never apply"
+    fi
     dir "$DESTDIR/etc/$svc" 0750
     dir "$DESTDIR/etc/$svc/credentials" 0700
     local cred
@@ -146,7 +236,13 @@ uninstall() {
       fi
     done
   fi
-  for svc in "${SERVICES[@]}"; do rm -f "$DESTDIR$UNITDIR/$svc.service"; done
+  for svc in "${SERVICES[@]}"; do
+    rm -f "$DESTDIR$UNITDIR/$svc.service"
+    if [ -f "$DESTDIR$OLD_UNITDIR/$svc.service" ] \
+       && cmp -s "$DESTDIR$OLD_UNITDIR/$svc.service" "$HERE/systemd/$svc.service"; then
+      rm -f "$DESTDIR$OLD_UNITDIR/$svc.service"
+    fi
+  done
   rm -f "$DESTDIR$SYSUSERS" "$DESTDIR$TMPFILES"
   rm -rf "$DESTDIR$PREFIX"
   if [ -z "$DESTDIR" ] && [ -d /run/systemd/system ] && [ "$(id -u)" -eq 0 ]; then
@@ -158,13 +254,32 @@ uninstall() {
 wheelhouse() {
   [ -n "$WHEELHOUSE" ] || { log "set WHEELHOUSE=dir"; exit 2; }
   mkdir -p "$WHEELHOUSE"
-  build_wheel "$WHEELHOUSE"
-  local wheel
-  wheel=$(ls "$WHEELHOUSE"/pudu_fleet_bridge-*.whl | head -n1)
+  local wheel built
+  built=$(mktemp -d)
+  build_wheel "$built"
+  wheel=$(ls "$built"/pudu_fleet_bridge-*.whl)
+  cp -p "$wheel" "$WHEELHOUSE/" && rm -rf "$built"
+  wheel=$WHEELHOUSE/$(basename "$wheel")
+  wheel=$wheel${EXTRAS:+[$EXTRAS]}
   if [ -n "${PLATFORM:-}" ]; then
-    # Another machine's platform (a gateway): binary wheels only, for its Python.
-    "$PYTHON" -m pip download --quiet --disable-pip-version-check --only-binary=:all: \
-      --platform "$PLATFORM" --python-version "${PYVER:-3.11}" -d "$WHEELHOUSE" "$wheel"
+    # Another machine's platform (a gateway): binary wheels only, for its Python. What
+    # has none is said here, not found by a gateway with no compiler.
+    local out
+    if ! out=$("$PYTHON" -m pip download --quiet --disable-pip-version-check \
+          --only-binary=:all: --platform "$PLATFORM" --python-version "${PYVER:-3.11}" \
+          -d "$WHEELHOUSE" "$wheel" 2>&1); then
+      local missing
+      missing=$(echo "$out" | sed -n 's/.*No matching distribution found for \([^ ]*\).*/\1/p' \
+                | head -n1)
+      if [ -n "$missing" ]; then
+        log "$missing has no wheel for $PLATFORM (Python ${PYVER:-3.11}): the gateway would" \
+            "have to compile it. docs/install.md (armhf) says what runs there" \
+            "(EXTRAS= drops awscrt)."
+      else
+        echo "$out" >&2
+      fi
+      exit 1
+    fi
   else
     "$PYTHON" -m pip wheel --quiet --disable-pip-version-check -w "$WHEELHOUSE" "$wheel"
   fi
@@ -172,8 +287,9 @@ wheelhouse() {
 }
 
 case "$ACTION" in
-  install) install_venv; install_files; apply_live ;;
+  install) prerequisites; install_venv; install_files; apply_live ;;
+  venv) prerequisites; install_venv ;;  # the program only (packaging/build-deb.sh)
   uninstall) uninstall ;;
-  wheelhouse) wheelhouse ;;
-  *) echo "usage: $0 install|uninstall|wheelhouse" >&2; exit 2 ;;
+  wheelhouse) prerequisites; wheelhouse ;;
+  *) echo "usage: $0 install|uninstall|wheelhouse|venv" >&2; exit 2 ;;
 esac

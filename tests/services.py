@@ -40,6 +40,10 @@ class ServiceProcess:
         self.port = port
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
+        #: What runs it, and where (an installed venv's interpreter: run it elsewhere than
+        #: the checkout, whose packages would shadow the installed ones).
+        self.command = [sys.executable, "-m", module]
+        self.cwd: Path | None = None
 
     @property
     def url(self) -> str:
@@ -54,7 +58,7 @@ class ServiceProcess:
     def start(self, timeout: float = 20.0) -> ServiceProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", self.module, "run"], env=self.env, stdout=log, stderr=log
+            [*self.command, "run"], env=self.env, stdout=log, stderr=log, cwd=self.cwd
         )
         deadline = time.monotonic() + timeout
         with httpx.Client(timeout=1.0) as client:

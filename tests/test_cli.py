@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -150,3 +153,216 @@ def test_outbox_stats_and_peek_on_a_bad_outbox_path_say_so_in_one_line(
 def test_usage_errors_exit_2_without_a_traceback() -> None:
     done = cli("edge_agent", "frobnicate", env={})
     assert done.returncode == 2 and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("module", ["edge_agent", "callback_server"])
+def test_version_names_the_build_and_help_is_for_an_operator(module: str) -> None:
+    done = cli(module, "--version", env={})
+    prog = module.replace("_", "-")
+    from bridge.version import VERSION
+
+    # A checkout's build is its commit (an installed wheel's: tests/test_install.py).
+    commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    assert done.returncode == 0 and done.stdout.startswith(f"{prog} {VERSION} (build git {commit}")
+    usage = cli(module, "--help", env={})
+    assert usage.returncode == 0
+    for operator_words in ("examples:", "files (as installed):", "exit status:", "journalctl"):
+        assert operator_words in usage.stdout
+    assert "maps flags" not in usage.stdout  # the module docstring is for developers
+
+
+def complete(module: str, line: str) -> list[str]:
+    """What bash offers for ``line`` (the cursor at its end) with the generated script."""
+    script = cli(module, "completion", "bash", env={})
+    assert script.returncode == 0, script.stderr
+    words = line.split(" ")
+    driver = (script.stdout + f"COMP_WORDS=({' '.join(repr(w) for w in words)}); "
+              f"COMP_CWORD={len(words) - 1}; {script.stdout.split('complete -F ')[1].split()[0]}; "
+              'printf "%s\\n" "${COMPREPLY[@]}"\n')
+    done = subprocess.run(["bash", "-c", driver], capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    return sorted(w for w in done.stdout.splitlines() if w)
+
+
+def test_bash_completion_offers_subcommands_options_and_choices(tmp_path: Path) -> None:
+    assert complete("edge_agent", "edge-agent ou") == ["outbox"]
+    assert complete("edge_agent", "edge-agent outbox ") == ["backup", "peek", "stats"]
+    assert "--connect" in complete("edge_agent", "edge-agent check-config --")
+    assert complete("callback_server", "callback-server keys add --role ") == [
+        "admin", "ingest", "operator", "viewer"]
+    (tmp_path / "conf.yaml").touch()
+    assert complete("edge_agent", f"edge-agent --config {tmp_path}/co") == [
+        f"{tmp_path}/conf.yaml"]
+
+
+@pytest.mark.integration
+def test_outbox_backup_beside_a_running_agent_restores(tmp_path: Path) -> None:
+    dead = f"mqtt://127.0.0.1:{pick_port()}"  # nothing is published: entries stay
+    copy = tmp_path / "backup" / "outbox-copy.db"
+    copy.parent.mkdir()
+    with edge_agent(tmp_path, dead, org="acme") as agent:
+        for i in range(3):
+            assert httpx.post(agent.url + "/api/pudu/webhook", headers={"CallbackCode":
+                              "test-code"}, json={"callback_type": "notifyRobotPower",
+                              "data": {"sn": f"R{i}", "power": 50}}).status_code == 200
+        done = cli("edge_agent", "outbox", "backup", str(copy), env=agent.env)
+        again = cli("edge_agent", "outbox", "backup", str(copy), env=agent.env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["entries"] == 3
+    assert oct(copy.stat().st_mode & 0o777) == "0o600"
+    assert_one_line_refusal(again, "exists")  # never overwrites a backup
+    restored = cli("edge_agent", "outbox", "stats", env={**agent.env, "OUTBOX_PATH": str(copy)})
+    assert json.loads(restored.stdout)["by_channel"] == {"power": 3}
+
+
+def test_awsiot_refuses_a_key_that_is_not_the_certificates(tmp_path: Path) -> None:
+    from tests.tls_certs import CertAuthority
+
+    ca = CertAuthority(tmp_path / "pki", "t")
+    one, other = ca.issue("gw-1"), ca.issue("gw-2")
+    env = edge_env(tmp_path, MQTT_BACKEND="awsiot", MQTT_URL="mqtts://127.0.0.1:8883",
+                   ORG_ID="o", MQTT_CA_FILE=str(ca.cert), MQTT_CERT_FILE=str(one.cert),
+                   MQTT_KEY_FILE=str(other.key))
+    for command in ("check-config", "run"):  # run used to exit on "Failed to create tls context"
+        assert_one_line_refusal(cli("edge_agent", command, env=env), "do not load together")
+    matching = cli("edge_agent", "check-config", env={**env, "MQTT_KEY_FILE": str(one.key)})
+    assert matching.returncode == 0, matching.stderr
+
+
+def test_a_missing_api_keys_file_is_an_error_not_a_server_with_no_keys(tmp_path: Path) -> None:
+    base = {"DATABASE_URL": f"sqlite:///{tmp_path / 'cb.db'}",
+            "CALLBACK_HTTP_HOST": "127.0.0.1", "CALLBACK_HTTP_PORT": str(pick_port())}
+    typo = {**base, "API_KEYS_FILE": str(tmp_path / "keys.ymal")}
+    for command in ("check-config", "run"):
+        assert_one_line_refusal(cli("callback_server", command, env=typo), "does not exist")
+    (tmp_path / "keys.d").mkdir()
+    directory = {**base, "API_KEYS_FILE": str(tmp_path / "keys.d")}
+    assert_one_line_refusal(cli("callback_server", "check-config", env=directory),
+                            "API_KEYS_FILE")
+
+
+def test_the_templates_placeholders_are_refused_with_the_line_to_change(tmp_path: Path) -> None:
+    template = Path(__file__).resolve().parents[1] / "config.example/edge-agent.yaml"
+    config = tmp_path / "config.yaml"
+    config.write_text(template.read_text())
+    env = {**edge_env(tmp_path), "PUDU_CALLBACK_CODE": "c" * 32}
+    done = cli("edge_agent", "--config", str(config), "check-config", env=env)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    lines = template.read_text().splitlines()
+    org = next(n for n, line in enumerate(lines, 1) if line.startswith("org_id:"))
+    refused = [line for line in done.stderr.splitlines() if "placeholder" in line]
+    assert len(refused) == 2, done.stderr
+    assert f"{config} line {org}: org_id: example-org" in refused[0]
+    assert f"line {org + 1}: gateway_id: example-gateway" in refused[1]
+    edited = config.read_text().replace("example-org", "acme").replace("example-gateway", "s9")
+    config.write_text(edited)
+    assert cli("edge_agent", "--config", str(config), "check-config", env=env).returncode == 0
+
+
+def sandbox_works() -> bool:
+    if os.geteuid() != 0:
+        return False
+    done = subprocess.run(["unshare", "-m", "true"], capture_output=True, check=False)
+    return done.returncode == 0
+
+
+as_root = pytest.mark.skipif(not sandbox_works(), reason="needs root and mount namespaces")
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory any user may enter (pytest's own are root's, 0700), in /var/tmp."""
+    path = Path(tempfile.mkdtemp(prefix="pudu-as-service-", dir="/var/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def unit_file(tmp_path: Path, environment: dict[str, str], *extra: str) -> Path:
+    """A unit as the shipped one runs: its own user, ProtectSystem=strict, hidden homes
+    (not PrivateTmp=, which would hide the test's files under /tmp)."""
+    unit = tmp_path / "edge-agent.service"
+    words = " ".join(f"{k}={v}" for k, v in environment.items())
+    unit.write_text("[Service]\nUser=nobody\nGroup=nogroup\nProtectSystem=strict\n"
+                    f"ProtectHome=yes\nEnvironment={words}\n"
+                    + "".join(f"{line}\n" for line in extra))
+    return unit
+
+
+@as_root
+def test_as_service_refuses_what_root_can_read_but_the_units_user_cannot(
+        open_dir: Path) -> None:
+    from tests.tls_certs import CertAuthority
+
+    ca = CertAuthority(open_dir / "pki", "t")
+    pair = ca.issue("gw-1")
+    for path in (open_dir / "pki", ca.cert, pair.cert):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    pair.key.chmod(0o600)  # root's: the service's user cannot read it
+    state = open_dir / "state"
+    state.mkdir()
+    state.chmod(0o777)
+    env = {"PUDU_CALLBACK_CODE": "c", "ORG_ID": "o", "GATEWAY_ID": "g",
+           "MQTT_URL": "mqtts://127.0.0.1:8883", "MQTT_CA_FILE": str(ca.cert),
+           "MQTT_CERT_FILE": str(pair.cert), "MQTT_KEY_FILE": str(pair.key),
+           "OUTBOX_PATH": f"{state}/outbox.db"}
+    as_root_passes = cli("edge_agent", "check-config", env=env)
+    assert as_root_passes.returncode == 0, as_root_passes.stderr
+    unit = unit_file(open_dir, env, f"ReadWritePaths={state}")
+    refused = cli("edge_agent", "check-config", "--as-service", "--unit", str(unit), env={})
+    assert_one_line_refusal_after_banner(refused, str(pair.key), "not readable")
+    assert "checking as nobody" in refused.stderr and "Traceback" not in refused.stderr
+
+    # The same key handed over as the mqtt_key credential: systemd reads it as root.
+    without_key = {k: v for k, v in env.items() if k != "MQTT_KEY_FILE"}
+    unit = unit_file(open_dir, without_key, f"ReadWritePaths={state}",
+                     f"LoadCredential=mqtt_key:{pair.key}")
+    passed = cli("edge_agent", "check-config", "--as-service", "--unit", str(unit), env={})
+    assert passed.returncode == 0, passed.stderr
+
+
+@as_root
+@pytest.mark.parametrize(("outbox", "why"), [
+    ("/root/pudu-outbox.db", "out of this user's reach"),  # ProtectHome=yes hides it
+    ("{state}/outbox.db", "not writable"),  # ProtectSystem=strict, not in ReadWritePaths
+    ("/tmp/pudu-outbox-{pid}.db", "not writable"),  # strict without PrivateTmp=: /tmp too
+])
+def test_as_service_refuses_a_path_the_units_sandbox_hides_or_makes_read_only(
+        open_dir: Path, outbox: str, why: str) -> None:
+    state = open_dir / "state"
+    state.mkdir()
+    state.chmod(0o777)  # writable by anyone, outside the sandbox
+    env = {"PUDU_CALLBACK_CODE": "c", "ORG_ID": "o", "GATEWAY_ID": "g",
+           "OUTBOX_PATH": outbox.format(state=state, pid=os.getpid())}
+    assert cli("edge_agent", "check-config", env=env).returncode == 0
+    unit = unit_file(open_dir, env)
+    done = cli("edge_agent", "check-config", "--as-service", "--unit", str(unit), env={})
+    assert_one_line_refusal_after_banner(done, "OUTBOX_PATH", why)
+
+
+def assert_one_line_refusal_after_banner(done: subprocess.CompletedProcess[str],
+                                         *needles: str) -> None:
+    assert done.returncode == 1, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "checking as" not in line]
+    assert len(lines) == 1 and all(n in lines[0] for n in needles), done.stderr
+
+
+@as_root
+def test_callback_as_service_refuses_a_keys_file_only_root_can_read(open_dir: Path) -> None:
+    keys = open_dir / "keys.yaml"
+    keys.write_text("keys: []\n")
+    keys.chmod(0o600)
+    state = open_dir / "state"
+    state.mkdir()
+    state.chmod(0o777)
+    env = {"API_KEYS_FILE": str(keys), "DATABASE_URL": f"sqlite:///{state}/cb.db"}
+    unit = open_dir / "callback-server.service"
+    unit.write_text(f"[Service]\nUser=nobody\nProtectSystem=strict\nReadWritePaths={state}\n"
+                    + "".join(f"Environment={k}={v}\n" for k, v in env.items()))
+    done = cli("callback_server", "check-config", "--as-service", "--unit", str(unit), env={})
+    assert_one_line_refusal_after_banner(done, "API_KEYS_FILE", "not readable by this user")
+    keys.chmod(0o644)
+    done = cli("callback_server", "check-config", "--as-service", "--unit", str(unit), env={})
+    assert done.returncode == 0, done.stderr

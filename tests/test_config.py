@@ -18,7 +18,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "config.example"
 def test_shipped_examples_load() -> None:
     edge = edge_config.load(str(EXAMPLES / "edge-agent.yaml"), {"PUDU_CALLBACK_CODE": "c" * 32})
     assert (edge.http_port, edge.admin_host, edge.mqtt_client_id) == (
-        8000, "127.0.0.1", "edge-acme-site-1")
+        8000, "127.0.0.1", "edge-example-org-example-gateway")
     cb = cb_config.load(str(EXAMPLES / "callback-server.yaml"), {})
     assert (cb.http_port, cb.share_group) == (3005, "ingest")
     targets = load_targets(EXAMPLES / "database_config.yaml")

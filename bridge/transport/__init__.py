@@ -31,7 +31,11 @@ def _paho(settings: MqttSettings) -> Transport:
 
 
 def _awsiot(settings: MqttSettings) -> Transport:
-    from bridge.transport.awsiot import AwsIotTransport
+    try:
+        from bridge.transport.awsiot import AwsIotTransport
+    except ImportError as exc:  # the awsiot extra (awscrt) is not installed
+        raise ConfigError("the awsiot backend needs the awsiot extra (pip install "
+                          f"'pudu-fleet-bridge[awsiot]'): {exc}") from exc
 
     return AwsIotTransport(settings)
 

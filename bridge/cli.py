@@ -17,7 +17,7 @@ from bridge.config import masked
 from bridge.errors import ConfigError
 from bridge.lifecycle import EXIT_CONFIG, EXIT_OK
 
-__all__ = ["check_config", "guarded", "load_or_exit", "parser", "report_problems",
+__all__ = ["add_probe", "check_config", "guarded", "load_or_exit", "parser", "report_problems",
            "report_warnings"]
 
 S = TypeVar("S", bound=BaseModel)
@@ -34,6 +34,15 @@ def parser(prog: str, description: str | None, env_var: str
     top.add_argument("--config", help=f"YAML settings file (or {env_var})")
     sub = top.add_subparsers(dest="command", required=True)
     return top, sub, common
+
+
+def add_probe(sub: Any, common: argparse.ArgumentParser, listener: str) -> None:
+    """``probe [--url URL] [--timeout S]``: the container health check (bridge.probe)."""
+    probe = sub.add_parser("probe", parents=[common],
+                           help="exit 0 if the running service answers health ?ready=1 "
+                                f"on its {listener} listener (loopback), else 1")
+    probe.add_argument("--url", help="ask this URL instead (default: from the settings)")
+    probe.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
 
 
 def report_problems(prog: str, problems: Sequence[str]) -> int:

@@ -1,4 +1,4 @@
-"""``callback-server run | check-config [--connect] | migrate | keys add|list|remove``:
+"""``callback-server run | check-config [--connect] | migrate | keys add|list|remove | probe``:
 maps flags onto CallbackSettings and nothing more (exit codes: bridge.lifecycle)."""
 
 from __future__ import annotations
@@ -8,13 +8,16 @@ import asyncio
 import sys
 from pathlib import Path
 
-from bridge.cli import check_config, guarded, load_or_exit, parser, report_problems
+from bridge.cli import add_probe, check_config, guarded, load_or_exit, parser, report_problems
 from bridge.errors import ConfigError, FleetError
 from bridge.lifecycle import EXIT_CONFIG, run_main
+from bridge.probe import local_url, probe
 from callback_server import checks, config
 from callback_server.keys import ROLES, add_key, read_file, remove_key
 
 PROG = "callback-server"
+#: What the container's health check asks (the load balancer's and orchestrator's question).
+HEALTH_READY = "/callback/health?ready=1"
 
 
 async def _migrate(settings: config.CallbackSettings) -> list[str]:
@@ -72,6 +75,7 @@ def _main(argv: list[str] | None) -> int:
     keys_sub.add_parser("list", help="names, orgs and roles (never keys)")
     remove = keys_sub.add_parser("remove", help="delete a key by name")
     remove.add_argument("--name", required=True)
+    add_probe(sub, common, "HTTP")
     args = top.parse_args(argv)
     if args.command == "keys" and args.file:
         return _keys(args, args.file)  # needs no other setting
@@ -80,6 +84,9 @@ def _main(argv: list[str] | None) -> int:
         return settings
     if args.command == "keys":
         return _keys(args, settings.api_keys_file)
+    if args.command == "probe":
+        return probe(PROG, args.url or local_url(settings.http_host, settings.http_port,
+                                                 HEALTH_READY), args.timeout)
     if args.command == "check-config":
         return check_config(PROG, settings, checks.problems,
                             checks.connect_problems if args.connect else None)

@@ -1,5 +1,6 @@
 """``edge-agent run | check-config [--connect] | outbox stats | outbox peek [-n N] |
-poll --once``: maps flags onto EdgeSettings and nothing more (exit codes: bridge.lifecycle)."""
+poll --once | probe``: maps flags onto EdgeSettings and nothing more (exit codes:
+bridge.lifecycle)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import sys
 
 from bridge.cli import (
+    add_probe,
     check_config,
     guarded,
     load_or_exit,
@@ -16,9 +18,12 @@ from bridge.cli import (
 )
 from bridge.errors import OutboxError
 from bridge.lifecycle import run_main
+from bridge.probe import local_url, probe
 from edge_agent import checks, config
 
 PROG = "edge-agent"
+#: What the container's health check asks (the load balancer's and orchestrator's question).
+HEALTH_READY = "/api/pudu/webhook/health?ready=1"
 
 
 def _main(argv: list[str] | None) -> int:
@@ -37,10 +42,14 @@ def _main(argv: list[str] | None) -> int:
                           help="run one Pudu cloud reconciliation and print its record")
     poll.add_argument("--once", action="store_true", required=True,
                       help="one run now (through the running agent if there is one)")
+    add_probe(sub, common, "webhook")
     args = top.parse_args(argv)
     settings = load_or_exit(PROG, lambda: config.load(getattr(args, "config", None)))
     if isinstance(settings, int):
         return settings
+    if args.command == "probe":
+        return probe(PROG, args.url or local_url(settings.http_host, settings.http_port,
+                                                 HEALTH_READY), args.timeout)
     if args.command == "check-config":
         return check_config(PROG, settings, checks.problems,
                             checks.connect_problems if args.connect else None,

@@ -1,0 +1,280 @@
+"""The container image (Containerfile), run as an orchestrator would run it.
+
+``make image-test`` builds the image from a local Debian base and runs this module with
+``PUDU_IMAGE`` naming it; without it (plain ``make test``) every test here is skipped.
+Containers run with ``buildah run --isolation chroot --network host`` (no Docker engine
+and no OCI runtime that works in this sandbox), as the image's own user, against the
+machine's Mosquitto and MariaDB. buildah itself answers SIGTERM by killing its child, so
+the stop signal goes to the service process inside, as a container engine sends it to the
+container's main process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+import pytest
+
+from bridge.envelope import Envelope
+from tests.dbutil import query, scratch_mysql_database
+from tests.mqtt_probe import Probe, publish_once
+from tests.procs import MosquittoProcess, free_port
+
+IMAGE = os.environ.get("PUDU_IMAGE", "")
+BROKER = "mqtt://127.0.0.1:1883"
+UID = 10001
+#: ECS's default stopTimeout; Kubernetes' terminationGracePeriodSeconds is 30 too.
+STOP_BUDGET = 30.0
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not IMAGE, reason="needs PUDU_IMAGE (make image-test builds it)"),
+    pytest.mark.skipif(shutil.which("buildah") is None, reason="needs buildah"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="buildah run --isolation chroot needs root"),
+]
+
+#: What buildah itself adds on stderr when the command inside fails; not the service's.
+_BUILDAH_NOISE = ("subprocess exited", "Error: exit status")
+
+
+def buildah(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["buildah", *args], capture_output=True, text=True, check=check,
+                          timeout=timeout)
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def _uid(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise LookupError(pid)
+
+
+class Container:
+    """A working container of the image and one command run in it (``buildah run``)."""
+
+    def __init__(self, command: Sequence[str], env: Mapping[str, str], log: Path, *,
+                 volumes: Mapping[Path, str] | None = None) -> None:
+        self.name = f"pudu-test-{uuid.uuid4().hex[:8]}"
+        self.command = list(command)
+        self.env = dict(env)
+        self.volumes = dict(volumes or {})
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+        buildah("from", "--name", self.name, "--pull-never", IMAGE)
+
+    def _run_args(self, command: Sequence[str], env: Mapping[str, str] | None = None
+                  ) -> list[str]:
+        args = ["buildah", "run", "--isolation", "chroot", "--network", "host"]
+        for key, value in {**self.env, **(env or {})}.items():
+            args += ["-e", f"{key}={value}"]
+        for host, inside in self.volumes.items():
+            args += ["-v", f"{host}:{inside}"]
+        return [*args, self.name, "--", *command]
+
+    def start(self) -> Container:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(self._run_args(self.command), stdout=out, stderr=out)
+        return self
+
+    def exec(self, *command: str, env: Mapping[str, str] | None = None,
+             timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Another command in the same container (a health check, check-config)."""
+        return subprocess.run(self._run_args(command, env), capture_output=True, text=True,
+                              timeout=timeout)
+
+    def service_pid(self, timeout: float = 20) -> int:
+        """The service's own process (what a container engine signals as PID 1)."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            stack, seen = [self.proc.pid], []
+            while stack:
+                pid = stack.pop()
+                kids = _children(pid)
+                stack += kids
+                seen += kids
+            for pid in seen:
+                try:
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if any(part.endswith(b"/bin/python") for part in cmd):
+                    return pid
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.command} exited: {self.output()}")
+            time.sleep(0.05)  # the process tree appears as buildah sets up the chroot
+        raise TimeoutError(f"no service process under buildah run: {self.output()}")
+
+    def wait_http(self, url: str, timeout: float = 60) -> None:
+        """Until ``url`` answers 200 (the service's readiness, as a load balancer sees it)."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=2) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.command} exited: {self.output()}")
+                try:
+                    if client.get(url).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.1)  # polling health is the readiness event
+        raise TimeoutError(f"{url} not ready: {self.output()}")
+
+    def terminate(self, timeout: float = STOP_BUDGET) -> tuple[int, float]:
+        """SIGTERM to the service; its exit code (through buildah run) and how long it took."""
+        assert self.proc is not None
+        pid = self.service_pid()
+        started = time.monotonic()
+        os.kill(pid, signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"not stopped within {timeout} s: {self.output()}") from None
+        return code, time.monotonic() - started
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.kill(self.service_pid(timeout=2), signal.SIGKILL)
+            except (LookupError, TimeoutError, RuntimeError, ProcessLookupError):
+                pass
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+
+    def remove(self) -> None:
+        self.kill()
+        buildah("rm", self.name, check=False)
+
+    def __enter__(self) -> Container:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.remove()
+
+
+def envelope(org: str, sn: str, i: int, channel: str = "power") -> dict[str, Any]:
+    env = Envelope(id=f"img-{i}-{sn}", type="notifyRobotPower", org=org, device=sn,
+                   gateway="gw", ts=1700000000 + i, received_at=1700000001 + i,
+                   data={"battery_level": i}, raw={"power": i}, channel=channel)
+    return json.loads(env.to_json())  # type: ignore[no-any-return]
+
+
+def callback_env(database_url: str, prefix: str, port: int, **extra: str) -> dict[str, str]:
+    return {"DATABASE_URL": database_url, "MQTT_URL": BROKER, "TOPIC_PREFIX": prefix,
+            "CALLBACK_HTTP_PORT": str(port), "CALLBACK_TOKEN": "rule-token",
+            # host network: the host name is the machine's, so each replica names itself
+            "MQTT_CLIENT_ID": f"cs-{prefix}-{port}", **extra}
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def mysql_db(mariadb_url: str) -> Iterator[str]:
+    with scratch_mysql_database() as url:
+        yield url
+
+
+def stored_ids(db: str) -> set[str]:
+    return {r["id"] for r in query(db, "SELECT id FROM mqtt_message_log")}
+
+
+def wait_rows(db: str, ids: set[str], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not ids <= stored_ids(db):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"missing {sorted(ids - stored_ids(db))}")
+        time.sleep(0.1)  # the database is the observable here
+
+
+# --- the image as built ----------------------------------------------------------------
+
+def test_image_config_states_user_ports_health_check_and_stop_signal() -> None:
+    info = json.loads(buildah("inspect", "--type", "image", IMAGE).stdout)
+    config = info["Docker"]["config"]
+    assert config["User"] == f"{UID}:{UID}"
+    assert set(config["ExposedPorts"]) == {"8000/tcp", "8001/tcp", "3005/tcp"}
+    assert config["StopSignal"] == "SIGTERM"
+    assert "/var/lib/edge-agent" in config["Volumes"]
+    assert config["Cmd"] == ["callback-server", "run"] and not config.get("Entrypoint")
+    # kept only in Docker's format (buildah bud --format docker): OCI has no HEALTHCHECK
+    check = config["Healthcheck"]
+    assert "callback-server probe" in " ".join(check["Test"])
+    assert "edge-agent probe" in " ".join(check["Test"])
+    assert check["Interval"] == 30 * 10**9
+
+
+def test_final_image_holds_no_compiler_pip_cache_or_tests() -> None:
+    """Listed from the image's own root filesystem."""
+    name = f"pudu-test-{uuid.uuid4().hex[:8]}"
+    buildah("from", "--name", name, "--pull-never", IMAGE)
+    try:
+        root = Path(buildah("mount", name).stdout.strip())
+        files = [p.relative_to(root) for p in root.rglob("*")
+                 if not str(p.relative_to(root)).startswith(("proc/", "sys/", "dev/"))]
+        bins = {p.name for p in files if p.parent.name in ("bin", "sbin")}
+        compilers = {"gcc", "cc", "c++", "g++", "clang", "cpp", "as", "ld", "make", "cc1"}
+        assert not bins & compilers, sorted(bins & compilers)
+        assert not [p for p in bins if p.startswith(("gcc-", "x86_64-linux-gnu-"))]
+        assert not (root / "usr/lib/gcc").exists()  # where cc1 and the linker plugins live
+        venv = Path("opt/pudu-fleet-bridge")
+        site = venv / "lib/python3.11/site-packages"
+        assert (root / site / "bridge").is_dir() and (root / venv / "bin/callback-server").exists()
+        # no pip (installed into by the build stage's pip), no pip cache anywhere
+        assert not (root / site / "pip").exists() and not (root / venv / "bin/pip").exists()
+        assert not [p for p in files if p.parts[-2:] == (".cache", "pip")]
+        assert not [p for p in files if p.suffix == ".whl" and "python-wheels" not in p.parts]
+        # none of the project's tests, test data or build context
+        ours = {p.name for p in (Path(__file__).parent).glob("*.py")} - {"__init__.py"}
+        leaked = [p for p in files if p.name in ours or p.name == "conftest.py"
+                  or p.parts[:1] == ("src",) or "pudu_fleet_bridge" in p.parts[:1]]
+        assert not leaked, leaked
+        for package in ("bridge", "edge_agent", "callback_server"):
+            assert not [p for p in (root / site / package).rglob("test*")], package
+        # what the build stage lent it stays there
+        assert not (root / "run/secrets/pipcert").exists()
+        assert not (root / "wheels").exists() and not (root / "opt/build-tools").exists()
+    finally:
+        buildah("umount", name, check=False)
+        buildah("rm", name, check=False)
+
+
+def test_check_config_with_a_bad_setting_exits_1_with_one_line(tmp_path: Path) -> None:
+    with Container([], {}, tmp_path / "c.log") as ctr:
+        bad = ctr.exec("callback-server", "check-config", env={"CALLBACK_HTTP_PORT": "99999"})
+        ok = ctr.exec("edge-agent", "check-config")  # PUDU_CALLBACK_CODE is required
+    lines = [ln for ln in bad.stderr.splitlines() if not ln.startswith(_BUILDAH_NOISE)]
+    assert bad.returncode == 1, bad.stderr
+    assert len(lines) == 1 and "http_port" in lines[0] and "CALLBACK_HTTP_PORT" in lines[0], lines
+    assert bad.stdout == ""
+    edge_lines = [ln for ln in ok.stderr.splitlines() if not ln.startswith(_BUILDAH_NOISE)]
+    assert ok.returncode == 1 and len(edge_lines) == 1 and "pudu_callback_code" in edge_lines[0]

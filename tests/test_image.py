@@ -164,8 +164,10 @@ class Container:
             self.proc.kill()
             self.proc.wait(10)
 
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+    def output(self, tail: int = 3000) -> str:
+        """The container's stdout and stderr (the last ``tail`` characters; 0: all)."""
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return text[-tail:] if tail else text
 
     def remove(self) -> None:
         self.kill()
@@ -278,3 +280,123 @@ def test_check_config_with_a_bad_setting_exits_1_with_one_line(tmp_path: Path) -
     assert bad.stdout == ""
     edge_lines = [ln for ln in ok.stderr.splitlines() if not ln.startswith(_BUILDAH_NOISE)]
     assert ok.returncode == 1 and len(edge_lines) == 1 and "pudu_callback_code" in edge_lines[0]
+
+
+# --- the services in the image ----------------------------------------------------------
+
+def test_callback_server_stores_http_and_mqtt_and_stops_on_sigterm(
+        tmp_path: Path, mysql_db: str, prefix: str) -> None:
+    port = free_port()
+    health = f"http://127.0.0.1:{port}/callback/health"
+    with Container(["callback-server", "run"], callback_env(mysql_db, prefix, port),
+                   tmp_path / "cs.log") as ctr:
+        ctr.start().wait_http(health)
+        assert _uid(ctr.service_pid()) == UID  # the image's user, nothing asked of buildah
+        pushed = httpx.post(f"http://127.0.0.1:{port}/callback/messages",
+                            json=envelope("acme", "R1", 1),
+                            headers={"X-Callback-Token": "rule-token"}, timeout=10)
+        assert pushed.status_code == 200, pushed.text
+        publish_once(BROKER, f"{prefix}/org/acme/device/R2/power",
+                     json.dumps(envelope("acme", "R2", 2)))
+        wait_rows(mysql_db, {"img-1-R1", "img-2-R2"})
+        probe = ctr.exec("callback-server", "probe")  # the HEALTHCHECK's command
+        assert probe.returncode == 0, probe.stderr
+        code, took = ctr.terminate()
+        logs = ctr.output(tail=0)
+    assert code == 0 and took < STOP_BUDGET, (code, took, logs)
+    # the existing JSON lines, on the container's stdout/stderr
+    lines = [json.loads(ln) for ln in logs.splitlines() if ln.startswith("{")]
+    assert any("listening" in ln["msg"] for ln in lines)
+    robots = {r["robot_sn"]: r for r in query(mysql_db, "SELECT * FROM mnt_robots_management")}
+    assert robots["R1"]["battery_level"] == 1 and robots["R2"]["battery_level"] == 2
+
+
+def test_probe_fails_when_nothing_answers(tmp_path: Path) -> None:
+    with Container([], {}, tmp_path / "c.log") as ctr:
+        down = ctr.exec("callback-server", "probe", env={"CALLBACK_HTTP_PORT": str(free_port())})
+        edge = ctr.exec("edge-agent", "probe", env={"PUDU_CALLBACK_CODE": "x",
+                                                    "EDGE_HTTP_PORT": str(free_port())})
+    assert down.returncode == 1 and "refused" in down.stderr, down.stderr
+    assert edge.returncode == 1 and "/api/pudu/webhook/health?ready=1" in edge.stderr
+
+
+def test_edge_agent_publishes_and_a_sigterm_backlog_is_delivered_after_restart(
+        tmp_path: Path, prefix: str) -> None:
+    """Broker away: webhooks answered 200 pile up in the outbox on the volume; SIGTERM
+    exits 0 in time; a new container on the same volume delivers every one."""
+    volume = tmp_path / "edge-state"
+    volume.mkdir()
+    os.chown(volume, UID, UID)
+    broker = MosquittoProcess(tmp_path / "broker").start()
+    port = free_port()
+    env = {"PUDU_CALLBACK_CODE": "site-code", "MQTT_URL": broker.url, "ORG_ID": "acme",
+           "GATEWAY_ID": f"gw-{prefix}", "TOPIC_PREFIX": prefix, "EDGE_HTTP_PORT": str(port),
+           "EDGE_ADMIN_PORT": str(free_port()), "MQTT_RECONNECT_MAX_SECONDS": "1"}
+    url = f"http://127.0.0.1:{port}"
+    health = f"{url}/api/pudu/webhook/health"
+    topics = f"{prefix}/org/acme/device/+/status"
+
+    def webhook(sn: str, i: int) -> None:
+        body = {"callback_type": "notifyRobotStatus",
+                "data": {"sn": sn, "run_state": "IDLE", "timestamp": 1700000000 + i}}
+        r = httpx.post(f"{url}/api/pudu/webhook", json=body,
+                       headers={"CallbackCode": "site-code"}, timeout=10)
+        assert r.status_code == 200, r.text
+
+    try:
+        with Probe(broker.url, topics) as seen, \
+                Container(["edge-agent", "run"], env, tmp_path / "edge1.log",
+                          volumes={volume: "/var/lib/edge-agent"}) as first:
+            first.start().wait_http(health)
+            webhook("LIVE1", 0)
+            assert json.loads(seen.wait_for(1)[0].payload)["device"] == "LIVE1"
+            broker.stop()
+            for i in range(1, 21):
+                webhook(f"BACK{i}", i)
+            depth = httpx.get(health, timeout=5).json()["outbox_depth"]
+            assert depth == 20  # a backlog at SIGTERM: the broker is away
+            code, took = first.terminate()
+        assert code == 0 and took < STOP_BUDGET, (code, took, first.output())
+        assert (volume / "outbox.db").exists()
+        broker.start()
+        with Probe(broker.url, topics) as seen, \
+                Container(["edge-agent", "run"], env, tmp_path / "edge2.log",
+                          volumes={volume: "/var/lib/edge-agent"}) as second:
+            second.start()
+            got = seen.wait_for(20, timeout=60)
+            devices = {json.loads(m.payload)["device"] for m in got}
+            assert {f"BACK{i}" for i in range(1, 21)} <= devices, second.output()
+            second.terminate()
+    finally:
+        broker.stop()
+
+
+def test_two_callback_servers_share_the_subscription_and_both_store(
+        tmp_path: Path, mysql_db: str, prefix: str) -> None:
+    """Started at once against a fresh database: both migrate the schema without a fault."""
+    group = f"g{prefix}"
+    ports = [free_port(), free_port()]
+    replicas = [Container(["callback-server", "run"],
+                          callback_env(mysql_db, prefix, port, SHARE_GROUP=group),
+                          tmp_path / f"cs{n}.log") for n, port in enumerate(ports)]
+    try:
+        for ctr in replicas:
+            ctr.start()  # both start before either is ready
+        for ctr, port in zip(replicas, ports, strict=True):
+            ctr.wait_http(f"http://127.0.0.1:{port}/callback/health")
+        ids = set()
+        for i in range(60):
+            body = envelope("acme", f"S{i % 6}", i)
+            ids.add(body["id"])
+            publish_once(BROKER, f"{prefix}/org/acme/device/{body['device']}/power",
+                         json.dumps(body))
+        wait_rows(mysql_db, ids)
+        stored = [httpx.get(f"http://127.0.0.1:{p}/callback/health", timeout=5).json()["stored"]
+                  for p in ports]
+        assert sum(stored) == len(ids) and min(stored) > 0, stored
+        for ctr in replicas:
+            code, took = ctr.terminate()
+            assert code == 0 and took < STOP_BUDGET
+    finally:
+        for ctr in replicas:
+            ctr.remove()

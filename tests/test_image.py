@@ -400,3 +400,59 @@ def test_two_callback_servers_share_the_subscription_and_both_store(
     finally:
         for ctr in replicas:
             ctr.remove()
+
+
+def test_callback_server_takes_a_pudu_webhook_directly_and_stores_it(
+        tmp_path: Path, mysql_db: str, prefix: str) -> None:
+    """The replaced system's shape: Pudu -> load balancer -> callback server, no gateway."""
+    port = free_port()
+    env = callback_env(mysql_db, prefix, port, CALLBACK_CODES="site-a=acme,site-b=beta")
+    url = f"http://127.0.0.1:{port}"
+    with Container(["callback-server", "run"], env, tmp_path / "cs.log") as ctr:
+        ctr.start().wait_http(f"{url}/callback/health")
+        body = {"callback_type": "notifyRobotStatus",
+                "data": {"sn": f"PUDU{prefix}", "run_state": "ONLINE", "timestamp": 1700000100}}
+        answer = httpx.post(f"{url}/api/pudu/webhook", json=body,
+                            headers={"CallbackCode": "site-a"}, timeout=10)
+        if answer.status_code in (404, 405):
+            pytest.skip("needs POST /api/pudu/webhook on the callback server (i21-ingest)")
+        assert answer.status_code == 200, answer.text
+        wrong = httpx.post(f"{url}/api/pudu/webhook", json=body,
+                           headers={"CallbackCode": "nope"}, timeout=10)
+        assert wrong.status_code == 401
+        ctr.terminate()
+    rows = query(mysql_db, "SELECT robot_sn, status FROM mnt_robots_management "
+                           "WHERE robot_sn = ?", (f"PUDU{prefix}",))
+    assert rows and rows[0]["status"] == "online", rows
+
+
+def test_health_answers_a_load_balancer_ready_and_strict(tmp_path: Path, prefix: str) -> None:
+    """Broker away: ready (the outbox/store holds), not strictly healthy; database away:
+    not ready, and the HEALTHCHECK's probe says so."""
+    from tests.mariadb_proc import MariadbProcess
+
+    database = MariadbProcess(tmp_path / "db").start()
+    port = free_port()
+    env = {**callback_env(database.url, prefix, port), "MQTT_URL": f"mqtt://127.0.0.1:{free_port()}"}
+    health = f"http://127.0.0.1:{port}/callback/health"
+    try:
+        with Container(["callback-server", "run"], env, tmp_path / "cs.log") as ctr:
+            ctr.start().wait_http(f"{health}?ready=1")
+            strict = httpx.get(f"{health}?strict=1", timeout=5)
+            if strict.status_code == 200:
+                pytest.skip("needs health ?ready=1 / ?strict=1 (i22-compat)")
+            assert strict.status_code == 503
+            assert ctr.exec("callback-server", "probe").returncode == 0
+            database.stop()
+            deadline = time.monotonic() + 30
+            while httpx.get(f"{health}?ready=1", timeout=5).status_code != 503:
+                assert time.monotonic() < deadline, "still ready with the database stopped"
+                time.sleep(0.2)  # the service notices on its own schedule
+            probe = ctr.exec("callback-server", "probe")
+            assert probe.returncode == 1 and "503" in probe.stderr, probe.stderr
+            body = httpx.get(health, timeout=5).text
+            assert str(database.port) not in body and "127.0.0.1" not in body
+            code, took = ctr.terminate()
+            assert code == 0 and took < STOP_BUDGET, ctr.output()
+    finally:
+        database.stop()

@@ -50,4 +50,8 @@ buildah config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbi
   --env LANG=C.UTF-8 --cmd /bin/bash "$ctr"
 buildah commit --quiet "$ctr" "$image" >/dev/null
 buildah rm "$ctr" >/dev/null
+# older bases of this suite (last week's) go, unless a container still uses them
+for old in $(buildah images --format '{{.Name}}:{{.Tag}}' | grep "^localhost/pudu-base:$SUITE-" | grep -vx "$image"); do
+  buildah rmi "$old" >/dev/null 2>&1 || true
+done
 echo "$image"

@@ -21,7 +21,7 @@ clickjacking protection for the console, the docs and any page added later.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,7 +86,7 @@ class ForwardedHeaders:
         self.app: Any = ProxyHeadersMiddleware(app, trusted_hosts="*" if trusted.everyone
                                                else [str(n) for n in trusted.networks])
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -107,7 +107,7 @@ class ForwardedHeaders:
         await self.app(scope, receive, framed)
 
     @staticmethod
-    def _public_host(scope: dict[str, Any]) -> None:
+    def _public_host(scope: MutableMapping[str, Any]) -> None:
         """``Host`` := the first (client-side) ``X-Forwarded-Host`` entry, if any."""
         forwarded = [value for name, value in scope["headers"] if name == b"x-forwarded-host"]
         if not forwarded:

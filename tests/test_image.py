@@ -11,6 +11,7 @@ container's main process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -48,7 +49,8 @@ pytestmark = [
 _BUILDAH_NOISE = ("subprocess exited", "Error: exit status")
 
 
-def buildah(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def buildah(*args: str, check: bool = True,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["buildah", *args], capture_output=True, text=True, check=check,
                           timeout=timeout)
 
@@ -157,10 +159,8 @@ class Container:
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            try:
+            with contextlib.suppress(LookupError, TimeoutError, RuntimeError, ProcessLookupError):
                 os.kill(self.service_pid(timeout=2), signal.SIGKILL)
-            except (LookupError, TimeoutError, RuntimeError, ProcessLookupError):
-                pass
             self.proc.kill()
             self.proc.wait(10)
 
@@ -456,3 +456,19 @@ def test_health_answers_a_load_balancer_ready_and_strict(tmp_path: Path, prefix:
             assert code == 0 and took < STOP_BUDGET, ctr.output()
     finally:
         database.stop()
+
+
+def test_the_oci_format_would_drop_the_health_check() -> None:
+    """Why `make image` builds with --format docker: the same image committed in OCI's
+    format has no HEALTHCHECK (OCI's image config has no such field)."""
+    name = f"pudu-test-{uuid.uuid4().hex[:8]}"
+    buildah("from", "--name", name, "--pull-never", IMAGE)
+    try:
+        oci = buildah("commit", "--format", "oci", name, f"localhost/{name}:oci")
+        assert oci.returncode == 0
+        info = json.loads(buildah("inspect", "--type", "image", f"localhost/{name}:oci").stdout)
+        assert "Healthcheck" not in info["OCIv1"]["config"]
+        assert not info["Docker"]["config"].get("Healthcheck")
+    finally:
+        buildah("rm", name, check=False)
+        buildah("rmi", f"localhost/{name}:oci", check=False)

@@ -304,6 +304,7 @@ def test_callback_server_stores_http_and_mqtt_and_stops_on_sigterm(
         code, took = ctr.terminate()
         logs = ctr.output(tail=0)
     assert code == 0 and took < STOP_BUDGET, (code, took, logs)
+    print(f"callback server: SIGTERM to exit {took:.1f} s")
     # the existing JSON lines, on the container's stdout/stderr
     lines = [json.loads(ln) for ln in logs.splitlines() if ln.startswith("{")]
     assert any("listening" in ln["msg"] for ln in lines)
@@ -357,6 +358,7 @@ def test_edge_agent_publishes_and_a_sigterm_backlog_is_delivered_after_restart(
             assert depth == 20  # a backlog at SIGTERM: the broker is away
             code, took = first.terminate()
         assert code == 0 and took < STOP_BUDGET, (code, took, first.output())
+        print(f"edge agent with a backlog of {depth}: SIGTERM to exit {took:.1f} s")
         assert (volume / "outbox.db").exists()
         broker.start()
         with Probe(broker.url, topics) as seen, \

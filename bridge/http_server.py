@@ -18,6 +18,9 @@ table filling until every accept fails.
 
 WebSocket upgrades are refused (400): no app here speaks WebSocket, and uvicorn hands an
 upgraded connection to another protocol object, whose close this one would never see.
+
+``X-Forwarded-*`` is believed only from ``FORWARDED_ALLOW_IPS`` (bridge.forwarded), and
+every answer refuses to be framed.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,6 +40,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from bridge.config import HttpLimits
+from bridge.forwarded import ForwardedHeaders, TrustedProxies
 from bridge.http_errors import RETRY_AFTER_SECONDS, error_body
 
 log = logging.getLogger(__name__)
@@ -248,11 +253,19 @@ class _Server(uvicorn.Server):
 
 
 def make_server(app: Any, host: str, port: int, stats: NodelayStats,
-                limits: HttpLimits | None = None) -> uvicorn.Server:
-    """A uvicorn server with our protocol and ``limits``; the access log off (it costs ~25%)."""
+                limits: HttpLimits | None = None,
+                trusted: TrustedProxies | None = None) -> uvicorn.Server:
+    """A uvicorn server with our protocol and ``limits``; the access log off (it costs ~25%).
+
+    ``trusted``: the peers whose ``X-Forwarded-*`` is believed; by default
+    ``FORWARDED_ALLOW_IPS`` as uvicorn reads it (loopback when unset), a bad entry a
+    ConfigError instead of uvicorn's silent ignore."""
     gate = ConnectionGate(limits or HttpLimits())
+    if trusted is None:
+        trusted = TrustedProxies.from_environ(os.environ)
     config = uvicorn.Config(
-        app, host=host, port=port, http=_nodelay_protocol(stats, gate), access_log=False,
+        ForwardedHeaders(app, trusted), host=host, port=port,
+        http=_nodelay_protocol(stats, gate), access_log=False, proxy_headers=False,
         log_config=None, lifespan="off", server_header=False, date_header=False,
         # uvicorn hands it straight to call_later: a float is fine despite the int hint.
         timeout_keep_alive=gate.limits.keepalive_timeout_seconds,  # type: ignore[arg-type]

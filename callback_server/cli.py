@@ -1,5 +1,5 @@
 """``callback-server run | check-config [--connect] | migrate [--plan]
-[--drop-added-columns] | keys add|list|remove``:
+[--drop-added-columns] | keys add|list|remove | probe``:
 maps flags onto CallbackSettings and nothing more (exit codes: bridge.lifecycle)."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 from bridge.cli import (
     add_as_service,
     add_completion,
+    add_probe,
     as_service,
     check_config,
     completion,
@@ -24,6 +25,7 @@ from bridge.cli import (
 )
 from bridge.errors import ConfigError, FleetError
 from bridge.lifecycle import EXIT_CONFIG, run_main
+from bridge.probe import local_url, probe
 from callback_server import checks, config
 from callback_server.keys import ROLES, add_key, read_file, remove_key
 
@@ -51,6 +53,8 @@ files (as installed):
 
 exit status: 0 ok, 1 configuration error (said on one line), 2 usage error, 3 port in use.
 logs: journalctl -u callback-server (-p warning for the problems only)."""
+#: What the container's health check asks (the load balancer's and orchestrator's question).
+HEALTH_READY = "/callback/health?ready=1"
 
 
 async def _migrate(settings: config.CallbackSettings, args: argparse.Namespace) -> list[str]:
@@ -127,6 +131,7 @@ def _main(argv: list[str] | None) -> int:
     remove = keys_sub.add_parser("remove", help="delete a key by name")
     remove.add_argument("--name", required=True)
     add_completion(sub)
+    add_probe(sub, common, "HTTP")
     args = top.parse_args(argv)
     if args.command == "completion":
         return completion(top)
@@ -144,6 +149,9 @@ def _main(argv: list[str] | None) -> int:
         return settings
     if args.command == "keys":
         return _keys(args, settings.api_keys_file)
+    if args.command == "probe":
+        return probe(PROG, args.url or local_url(settings.http_host, settings.http_port,
+                                                 HEALTH_READY), args.timeout)
     found = checks.problems(settings)
     if found:
         return report_problems(PROG, found)

@@ -20,7 +20,8 @@ from urllib.parse import urlsplit
 
 from callback_server.keys import Principal
 
-__all__ = ["COOKIE", "MAX_PER_KEY", "SESSION_SECONDS", "SessionStore", "same_origin"]
+__all__ = ["COOKIE", "MAX_PER_KEY", "SESSION_SECONDS", "SessionStore", "public_https",
+           "same_origin"]
 
 COOKIE = "console_session"
 SESSION_SECONDS = 12 * 3600
@@ -112,8 +113,20 @@ class SessionStore:
             self._remove(key)
 
 
+def public_https(scheme: str, origin: str | None) -> bool:
+    """Whether the browser reached us over https, whatever the hops behind it did.
+
+    ``scheme`` is the request's (a trusted proxy's ``X-Forwarded-Proto`` included); a
+    browser's ``Origin`` names the scheme of its page directly, so a cookie set through a
+    proxy not (yet) listed in FORWARDED_ALLOW_IPS is still ``Secure`` on an https site."""
+    return scheme == "https" or (origin or "").lower().startswith("https://")
+
+
 def same_origin(origin: str | None, host: str | None) -> bool:
     """Whether an ``Origin`` header names the host the request was sent to.
+
+    Behind a proxy that rewrites ``Host``, ``host`` is the trusted ``X-Forwarded-Host``
+    (bridge.forwarded), i.e. the host the browser asked for.
 
     A cookie rides along on any request the browser makes to this host, so a
     state-changing request made with it must prove it came from a page of this host

@@ -1,5 +1,6 @@
 """``edge-agent run | check-config [--connect] | outbox stats | outbox peek [-n N] |
-poll --once``: maps flags onto EdgeSettings and nothing more (exit codes: bridge.lifecycle)."""
+poll --once | probe``: maps flags onto EdgeSettings and nothing more (exit codes:
+bridge.lifecycle)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 from bridge.cli import (
     add_as_service,
     add_completion,
+    add_probe,
     as_service,
     check_config,
     completion,
@@ -24,6 +26,7 @@ from bridge.cli import (
 )
 from bridge.errors import OutboxError
 from bridge.lifecycle import run_main
+from bridge.probe import local_url, probe
 from edge_agent import checks, config
 
 PROG = "edge-agent"
@@ -50,6 +53,8 @@ files (as installed):
 exit status: 0 ok, 1 configuration error (said on one line), 2 usage error,
 3 port in use or outbox held by another agent.
 logs: journalctl -u edge-agent (-p warning for the problems only)."""
+#: What the container's health check asks (the load balancer's and orchestrator's question).
+HEALTH_READY = "/api/pudu/webhook/health?ready=1"
 
 
 def _main(argv: list[str] | None) -> int:
@@ -73,6 +78,7 @@ def _main(argv: list[str] | None) -> int:
     poll.add_argument("--once", action="store_true", required=True,
                       help="one run now (through the running agent if there is one)")
     add_completion(sub)
+    add_probe(sub, common, "webhook")
     args = top.parse_args(argv)
     if args.command == "completion":
         return completion(top)
@@ -85,6 +91,9 @@ def _main(argv: list[str] | None) -> int:
     settings = load_or_exit(PROG, lambda: config.load(getattr(args, "config", None)))
     if isinstance(settings, int):
         return settings
+    if args.command == "probe":
+        return probe(PROG, args.url or local_url(settings.http_host, settings.http_port,
+                                                 HEALTH_READY), args.timeout)
     path = getattr(args, "config", None) or os.environ.get("EDGE_AGENT_CONFIG")
     if args.command == "outbox":
         from pathlib import Path

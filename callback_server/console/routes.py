@@ -31,7 +31,7 @@ from callback_server.access import OPERATORS, READERS, Access
 from callback_server.alerts import CHARGING_STATES, RULES
 from callback_server.console.hub import ConsoleHub
 from callback_server.console.stream import ConsoleStream, sse
-from callback_server.sessions import COOKIE
+from callback_server.sessions import COOKIE, public_https
 
 if TYPE_CHECKING:
     from callback_server.ports import AppHost
@@ -91,7 +91,8 @@ def create_console_router(server: AppHost, access: Access, hub: ConsoleHub) -> A
         answer = JSONResponse(_me(principal))
         answer.set_cookie(COOKIE, session_id, max_age=int(sessions.seconds), path="/",
                           httponly=True, samesite="strict",
-                          secure=request.url.scheme == "https")
+                          secure=public_https(request.url.scheme,
+                                              request.headers.get("origin")))
         return answer
 
     @router.post("/console/logout", summary="Sign out: end the session and drop its cookie")
@@ -103,7 +104,9 @@ def create_console_router(server: AppHost, access: Access, hub: ConsoleHub) -> A
             sessions.drop(request.cookies[COOKIE])
             hub.end_dead()  # its open streams end now, not at their next frame
         answer = JSONResponse({"status": "success"})
-        answer.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
+        answer.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict",
+                             secure=public_https(request.url.scheme,
+                                                 request.headers.get("origin")))
         return answer
 
     @router.get("/console/me", summary="Who the console is signed in as")

@@ -1,0 +1,119 @@
+"""Behind a load balancer: which peers may speak for the client, and headers every answer
+carries.
+
+A proxy in front of a service (ALB, nginx, an ingress controller) connects from its own
+address and tells the client's in ``X-Forwarded-For`` / ``-Proto`` / ``-Host``. Only peers
+listed in ``FORWARDED_ALLOW_IPS`` (uvicorn's own name and format: addresses, networks,
+``*``; default loopback) are believed; from anyone else the headers are ignored, since
+any client can send them. From a trusted peer:
+
+- ``X-Forwarded-Proto`` and ``-For`` set the request's scheme and client, by uvicorn's own
+  ``ProxyHeadersMiddleware`` (the scheme decides the console cookie's ``Secure``);
+- ``X-Forwarded-Host`` becomes the ``Host`` the app sees (uvicorn leaves it alone), so
+  the console's same-origin check compares the browser's ``Origin`` with the public host
+  when the proxy rewrites ``Host`` to its upstream's name.
+
+Every answer also says it may not be framed (``X-Frame-Options: DENY`` and, unless the
+page sets its own policy, ``Content-Security-Policy: frame-ancestors 'none'``):
+clickjacking protection for the console, the docs and any page added later.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+from bridge.errors import ConfigError
+
+__all__ = ["DEFAULT_TRUSTED", "ENV", "ForwardedHeaders", "TrustedProxies"]
+
+#: The setting's name, as uvicorn spells it.
+ENV = "FORWARDED_ALLOW_IPS"
+DEFAULT_TRUSTED = "127.0.0.1,::1"
+
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_FRAME_HEADERS = [(b"x-frame-options", b"DENY")]
+_NO_FRAMING = (b"content-security-policy", b"frame-ancestors 'none'")
+
+
+@dataclass(frozen=True, slots=True)
+class TrustedProxies:
+    """The peers whose ``X-Forwarded-*`` headers are believed."""
+
+    spec: str
+    networks: tuple[_Network, ...]
+    everyone: bool = False
+
+    @classmethod
+    def parse(cls, value: str) -> TrustedProxies:
+        """``"10.0.0.0/8, 127.0.0.1"`` or ``"*"``; a ConfigError names a bad entry."""
+        items = [item.strip() for item in value.split(",") if item.strip()]
+        if "*" in items:
+            return cls(value, (), everyone=True)
+        networks = []
+        for item in items:
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise ConfigError(f"{ENV}: {item!r} is not an address or network "
+                                  "(e.g. 10.0.0.0/8, 127.0.0.1 or *)") from None
+        return cls(value, tuple(networks))
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> TrustedProxies:
+        return cls.parse(environ.get(ENV) or DEFAULT_TRUSTED)
+
+    def __contains__(self, host: object) -> bool:
+        if self.everyone:
+            return True
+        try:
+            address = ipaddress.ip_address(str(host))
+        except ValueError:
+            return False
+        return any(address in network for network in self.networks)
+
+
+class ForwardedHeaders:
+    """ASGI middleware: trusted ``X-Forwarded-*`` applied, framing refused on every answer."""
+
+    def __init__(self, app: Any, trusted: TrustedProxies) -> None:
+        self.trusted = trusted
+        # uvicorn's own handling of -Proto and -For, with the same list of peers.
+        self.app: Any = ProxyHeadersMiddleware(app, trusted_hosts="*" if trusted.everyone
+                                               else [str(n) for n in trusted.networks])
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        client = scope.get("client")
+        if client and client[0] in self.trusted:
+            self._public_host(scope)
+
+        async def framed(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                names = {name.lower() for name, _ in headers}
+                headers += [h for h in _FRAME_HEADERS if h[0] not in names]
+                if b"content-security-policy" not in names:
+                    headers.append(_NO_FRAMING)
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, framed)
+
+    @staticmethod
+    def _public_host(scope: MutableMapping[str, Any]) -> None:
+        """``Host`` := the first (client-side) ``X-Forwarded-Host`` entry, if any."""
+        forwarded = [value for name, value in scope["headers"] if name == b"x-forwarded-host"]
+        if not forwarded:
+            return
+        host = forwarded[0].split(b",")[0].strip()
+        if not host:
+            return
+        scope["headers"] = [(name, value) for name, value in scope["headers"]
+                            if name != b"host"] + [(b"host", host)]

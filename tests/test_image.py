@@ -290,7 +290,7 @@ def test_callback_server_stores_http_and_mqtt_and_stops_on_sigterm(
     health = f"http://127.0.0.1:{port}/callback/health"
     with Container(["callback-server", "run"], callback_env(mysql_db, prefix, port),
                    tmp_path / "cs.log") as ctr:
-        ctr.start().wait_http(health)
+        ctr.start().wait_http(f"{health}?ready=1")
         assert _uid(ctr.service_pid()) == UID  # the image's user, nothing asked of buildah
         pushed = httpx.post(f"http://127.0.0.1:{port}/callback/messages",
                             json=envelope("acme", "R1", 1),
@@ -385,7 +385,7 @@ def test_two_callback_servers_share_the_subscription_and_both_store(
         for ctr in replicas:
             ctr.start()  # both start before either is ready
         for ctr, port in zip(replicas, ports, strict=True):
-            ctr.wait_http(f"http://127.0.0.1:{port}/callback/health")
+            ctr.wait_http(f"http://127.0.0.1:{port}/callback/health?ready=1")
         ids = set()
         for i in range(60):
             body = envelope("acme", f"S{i % 6}", i)
@@ -393,8 +393,10 @@ def test_two_callback_servers_share_the_subscription_and_both_store(
             publish_once(BROKER, f"{prefix}/org/acme/device/{body['device']}/power",
                          json.dumps(body))
         wait_rows(mysql_db, ids)
-        stored = [httpx.get(f"http://127.0.0.1:{p}/callback/health", timeout=5).json()["stored"]
-                  for p in ports]
+        # the figures are in the detailed body, which needs a key (CALLBACK_TOKEN is one)
+        key = {"Authorization": "Bearer rule-token"}
+        stored = [httpx.get(f"http://127.0.0.1:{p}/callback/health", headers=key,
+                            timeout=5).json()["stored"] for p in ports]
         assert sum(stored) == len(ids) and min(stored) > 0, stored
         for ctr in replicas:
             code, took = ctr.terminate()
@@ -411,7 +413,7 @@ def test_callback_server_takes_a_pudu_webhook_directly_and_stores_it(
     env = callback_env(mysql_db, prefix, port, CALLBACK_CODES="site-a=acme,site-b=beta")
     url = f"http://127.0.0.1:{port}"
     with Container(["callback-server", "run"], env, tmp_path / "cs.log") as ctr:
-        ctr.start().wait_http(f"{url}/callback/health")
+        ctr.start().wait_http(f"{url}/callback/health?ready=1")
         body = {"callback_type": "notifyRobotStatus",
                 "data": {"sn": f"PUDU{prefix}", "run_state": "ONLINE", "timestamp": 1700000100}}
         answer = httpx.post(f"{url}/api/pudu/webhook", json=body,

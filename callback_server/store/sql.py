@@ -630,8 +630,11 @@ class SqlStore:
         return items, after
 
     async def ping(self) -> bool:
-        """True when the database answers a trivial query (for health checks)."""
+        """True when the database answers and the tables are there (for health checks:
+        a replica is not ready for traffic before its schema is, since the tables are
+        made on first use)."""
         try:
+            await self._ready()
             await self.backend.fetch("SELECT 1 AS ok")
         except StoreError:
             return False

@@ -210,9 +210,18 @@ class EdgeAgent:
             state["last_type"] = envelope.type
 
     def health(self) -> dict[str, Any]:
+        """Also the heartbeat's body. Degraded, with the reasons, while the broker is away
+        or the outbox cannot write; the watchdog keeps pinging either way (a restart would
+        free no disk, and the outbox's writer recovers by itself)."""
         connected = self.transport.connected
+        unwritable = self.outbox.unwritable
+        reasons = [reason for bad, reason in (
+            (not connected, "broker not connected"),
+            (unwritable is not None, f"outbox cannot write: {unwritable}"),
+        ) if bad]
         return {
-            "status": "healthy" if connected else "degraded",
+            "status": "degraded" if reasons else "healthy",
+            "reasons": reasons,
             "timestamp": int(time.time()),
             "service": "edge-agent",
             "version": self.version,
@@ -223,6 +232,9 @@ class EdgeAgent:
             "outbox_max_entries": self.outbox.max_entries,
             "outbox_rejected": self.outbox.rejected,
             "outbox_held": self.outbox.held,
+            "outbox_writable": unwritable is None,
+            "outbox_error": unwritable,
+            "outbox_free_bytes": self.outbox.free_bytes(),
             "outbox_oldest_age_s": round(self.outbox.oldest_age_s, 1),
             "drain_estimate_s": _rounded(self.publisher.drain_estimate_s()),
             "inflight": self.publisher.inflight,
@@ -234,6 +246,8 @@ class EdgeAgent:
     def status_line(self) -> str:
         """systemd's STATUS=: what ``systemctl status`` shows an operator at a glance."""
         broker = "connected" if self.transport.connected else "broker away"
+        if self.outbox.unwritable:
+            broker += f"; OUTBOX CANNOT WRITE ({self.outbox.unwritable})"
         drain = self.publisher.drain_estimate_s()
         eta = "" if not self.outbox.depth else (
             "; not draining" if drain is None else f"; drained in ~{drain:.0f} s")
@@ -253,6 +267,10 @@ class EdgeAgent:
         self.metrics.outbox_depth.set(self.outbox.depth)
         self.metrics.outbox_rejected.set(self.outbox.rejected)
         self.metrics.outbox_held.set(self.outbox.held)
+        free = self.outbox.free_bytes()
+        if free is not None:
+            self.metrics.outbox_free_bytes.set(free)
+        self.metrics.outbox_writable.set(0 if self.outbox.unwritable else 1)
         self.metrics.outbox_oldest_age.set(self.outbox.oldest_age_s)
         drain = self.publisher.drain_estimate_s()
         self.metrics.outbox_drain_estimate.set(math.inf if drain is None else drain)

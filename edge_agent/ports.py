@@ -13,6 +13,7 @@ from bridge.envelope import Envelope
 from bridge.outbound import OutboundPolicy
 from bridge.outbox import Outbox
 from bridge.topic import TopicScheme
+from bridge.transport import Transport
 from edge_agent.config import EdgeSettings
 from edge_agent.downsample import Downsampler
 from edge_agent.forwarding import ForwardPolicy
@@ -33,6 +34,7 @@ class WebhookHost(Protocol):
     outbox: Outbox
     policy: ForwardPolicy
     downsampler: Downsampler
+    transport: Transport  # its limits: what the broker would refuse is refused at once
 
     def note_robot(self, envelope: Envelope) -> None: ...
 

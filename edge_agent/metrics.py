@@ -63,6 +63,11 @@ class EdgeMetrics:
             "0 while the outbox cannot write (disk full or failing): callbacks get 503",
             registry=self.registry,
         )
+        self.robot_states = Gauge(
+            "edge_robot_states",
+            "Entries kept in memory per robot, by holder (dropped after ROBOT_QUIET_SECONDS)",
+            ["holder"], registry=self.registry,
+        )
         self.outbox_rejected = Gauge(
             "edge_outbox_rejected", "Entries the broker refused for good, set aside",
             registry=self.registry,

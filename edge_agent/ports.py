@@ -20,6 +20,7 @@ from edge_agent.forwarding import ForwardPolicy
 from edge_agent.journal import Journal
 from edge_agent.metrics import EdgeMetrics
 from edge_agent.publisher import OutboxPublisher
+from edge_agent.robot_memory import RobotMemory
 
 __all__ = ["CommandHost", "PollHost", "PuduHost", "WebhookHost"]
 
@@ -61,6 +62,7 @@ class PollHost(Protocol):
     outbox: Outbox
     scheme: TopicScheme
     metrics: EdgeMetrics
+    robot_memory: RobotMemory
 
     def note_robot(self, envelope: Envelope) -> None: ...
 

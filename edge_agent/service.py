@@ -43,6 +43,7 @@ from edge_agent.plugins import register_plugins
 from edge_agent.publisher import OutboxPublisher
 from edge_agent.pudu.commands import register_pudu
 from edge_agent.pudu.poller import Poller
+from edge_agent.robot_memory import RobotMemory
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,17 @@ class EdgeAgent:
         #: False for ``edge-agent poll --once`` run without an agent: one run, no schedule.
         self.schedule_polls = True
         self.robots: dict[str, dict[str, Any]] = {}
+        # Per-robot state is forgotten once a robot is quiet (bounded memory on the edge).
+        # A robot the poller still lists is heard of on every run: never quieter than that.
+        quiet = settings.robot_quiet_seconds
+        if self.poller.enabled:
+            quiet = max(quiet, 2 * settings.pudu.poll_interval_seconds)
+        self.robot_memory = RobotMemory(quiet)
+        self.robot_memory.hold("robots", lambda sn: self.robots.pop(sn, None),
+                               lambda: len(self.robots))
+        self.robot_memory.hold("downsampler", self.downsampler.forget,
+                               lambda: len(self.downsampler))
+        self.robot_memory.hold("poller", self.poller.forget_robot, lambda: len(self.poller))
         self.nodelay = NodelayStats()
         self._stack = AsyncExitStack()
         self._tasks: list[asyncio.Task[None]] = []
@@ -177,6 +189,7 @@ class EdgeAgent:
             self._tasks.append(asyncio.create_task(self.downsampler.run(), name="downsampler"))
         if self.settings.heartbeat_seconds > 0:
             self._tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
+        self._tasks.append(asyncio.create_task(self.robot_memory.run(), name="robot-memory"))
         if self.poller.enabled and self.schedule_polls:
             self._tasks.append(asyncio.create_task(self.poller.run(), name="pudu-poller"))
         return self
@@ -201,6 +214,7 @@ class EdgeAgent:
         A webhook's state also makes the poller forget what it published for the fields
         the webhook set: the cloud now holds the webhook's value, so the next poll must
         republish the API's state even if it equals the poller's last one."""
+        self.robot_memory.heard(envelope.device)
         if envelope.source != "poll":
             self.poller.forget(envelope.device, envelope.data)
         state = self.robots.setdefault(envelope.device, {"sn": envelope.device})
@@ -240,6 +254,7 @@ class EdgeAgent:
             "inflight": self.publisher.inflight,
             "published": self.publisher.published,
             "uptime_seconds": round(time.time() - self.started, 1),
+            "robot_states": self.robot_memory.states(),
             "poll": self.poll_health(),
         }
 
@@ -276,6 +291,8 @@ class EdgeAgent:
         self.metrics.outbox_drain_estimate.set(math.inf if drain is None else drain)
         self.metrics.published.set(self.publisher.published)
         self.metrics.broker_connected.set(1 if self.transport.connected else 0)
+        for holder, size in self.robot_memory.states().items():
+            self.metrics.robot_states.labels(holder).set(size)
 
     async def _heartbeat(self) -> None:
         """Telemetry at QoS 0: a missed heartbeat is not worth a resend."""

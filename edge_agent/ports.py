@@ -63,6 +63,7 @@ class PollHost(Protocol):
     scheme: TopicScheme
     metrics: EdgeMetrics
     robot_memory: RobotMemory
+    transport: Transport
 
     def note_robot(self, envelope: Envelope) -> None: ...
 

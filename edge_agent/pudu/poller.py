@@ -331,7 +331,11 @@ class Poller:
 
     async def _put(self, env: Envelope, *, compact: str | None) -> PutResult:
         topic = str(self.agent.scheme.device(env.device, env.channel))
-        result = await self.agent.outbox.put(topic, env.to_json(), qos=1, compact_key=compact,
+        payload = env.to_json()
+        # What the broker would refuse (AWS IoT: a topic over 256 bytes) fails this robot
+        # or row in the run record now, instead of being set aside after the outbox.
+        self.agent.transport.check_publish(topic, payload, 1)
+        result = await self.agent.outbox.put(topic, payload, qos=1, compact_key=compact,
                                              dedup_keys=[f"poll:{env.id}"])
         self.agent.note_robot(env)
         return result

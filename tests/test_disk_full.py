@@ -9,6 +9,7 @@ it is back.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -20,9 +21,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bridge.errors import OutboxUnwritableError
+from bridge.outbox import Outbox
 from tests.mqtt_probe import Probe
 from tests.procs import MosquittoProcess
 from tests.services import edge_agent
+from tests.waiting import until
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="mounting a tmpfs needs root (CI runs as root)")
@@ -129,3 +133,28 @@ def test_a_full_disk_is_answered_503_and_accepted_again_once_space_returns(
             assert agent.health()["status"] == "healthy"
     finally:
         broker.close()
+
+
+async def test_removals_made_while_the_disk_is_full_are_kept_and_applied_later(
+        small_fs: Path) -> None:
+    async with Outbox(small_fs / "outbox.db", retry_seconds=0.1) as outbox:
+        for i in range(5000):
+            try:
+                await outbox.put("t/a", b"x" * 3000 + str(i).encode())
+            except OutboxUnwritableError as exc:
+                assert "disk full" in exc.reason
+                break
+        assert outbox.unwritable is not None
+        with pytest.raises(OutboxUnwritableError):  # at once, not through the writer
+            await asyncio.wait_for(outbox.put("t/a", b"refused"), 0.5)
+        stored = outbox.depth
+        acked = [e.seq for e in await outbox.peek(0, 40)]
+        outbox.remove(acked)  # PUBACKs arriving while the disk is full
+        await asyncio.to_thread(
+            subprocess.run, ["mount", "-o", "remount,size=64m", str(small_fs)], check=True)
+        await until(lambda: outbox.unwritable is None, within=5)
+        assert await outbox.put("t/a", b"accepted again") is not None
+        await outbox.sync()
+        left = [e.seq for e in await outbox.peek(0, 10_000)]
+    assert outbox.depth == stored - len(acked) + 1 == len(left)
+    assert not set(acked) & set(left)

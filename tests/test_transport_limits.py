@@ -19,7 +19,7 @@ from bridge.envelope import Envelope
 from bridge.transport import InboundMessage, MqttSettings
 from bridge.transport.awsiot import MAX_PAYLOAD, check_aws_limits
 from bridge.transport.memory import MemoryTransport
-from edge_agent import config
+from edge_agent import checks, config
 from edge_agent.service import EdgeAgent, mqtt_settings
 
 CODE = {"CallbackCode": "limits-code"}
@@ -147,3 +147,13 @@ async def test_a_webhook_whose_topic_aws_would_refuse_is_422_not_set_aside(
     assert fits.status_code == 200, fits.text
     assert over.status_code == 422 and "128 bytes" in over.json()["message"]
     assert rejected == 0  # nothing answered 200 was set aside
+
+
+def test_check_config_warns_when_the_org_leaves_an_sn_less_than_128_bytes() -> None:
+    base = {"PUDU_CALLBACK_CODE": "c", "MQTT_BACKEND": "awsiot", "TOPIC_PREFIX": "site/a/"}
+    short = config.load(None, {**base, "ORG_ID": "acme"})
+    long = config.load(None, {**base, "ORG_ID": "o" * 110})
+    assert checks.sn_room(short) == 128 and not any("sn" in w for w in checks.warnings(short))
+    room = 256 - len(f"site/a/org/{'o' * 110}/device//status")
+    assert checks.sn_room(long) == room
+    assert any(f"leave {room} bytes" in w for w in checks.warnings(long))

@@ -507,12 +507,13 @@ class Outbox:
         self.unwritable = reason
         self.write_failures += 1
         err = OutboxUnwritableError(reason)
+        keep = _disk_error(exc)  # anything else could fail again the same way, for ever
         results: list[tuple[asyncio.Future[Any], Any]] = []
         for op in ops:
             fut = getattr(op, "future", None)
             if fut is not None:
                 results.append((fut, err))
-            elif not isinstance(op, _Put):
+            elif keep and not isinstance(op, _Put):
                 self._retry.append(op)  # a removal, rejection or timed release
         try:
             depth = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
@@ -631,6 +632,16 @@ class Outbox:
         else:
             self._empty.clear()
         self._changed.set()
+
+
+#: SQLite primary result codes of a disk that is full, failing or busy: a write that
+#: failed with one of these may succeed later unchanged.
+_DISK_CODES = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_BUSY,
+                         sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_NOMEM})
+
+
+def _disk_error(exc: sqlite3.Error) -> bool:
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF in _DISK_CODES
 
 
 def _reason(exc: sqlite3.Error) -> str:

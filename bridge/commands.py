@@ -140,6 +140,10 @@ class Paged:
 
 #: Room kept for what the estimate of a page's size leaves out.
 _PAGE_SLACK = 256
+#: A page is at most this large on every backend (AWS IoT Core's payload limit), so a
+#: client sees the same pages whatever the broker, and the answers kept for redelivered
+#: commands stay small.
+PAGE_BYTES = 128 * 1024
 
 
 def fit(message_id: str, paged: Paged, limit: int) -> Response:
@@ -282,7 +286,8 @@ class CommandExecutor:
         try:
             result = await fn(command.args)
             if isinstance(result, Paged):
-                return fit(command.message_id, result, self.transport.max_payload)
+                return fit(command.message_id, result,
+                           min(PAGE_BYTES, self.transport.max_payload))
             return Response(command.message_id, "success", result=result)
         except Exception as exc:  # a handler's failure is the command's answer
             log.warning("command %s failed: %s", command.command, exc)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime
+
 from bridge.checks import broker_reachable, mqtt_transport, writable_file
 from bridge.config import mask_url
 from bridge.topic import TopicScheme
@@ -10,6 +13,7 @@ from edge_agent.config import EdgeSettings
 from edge_agent.forwarding import ForwardPolicy
 from edge_agent.forwarding import warnings as policy_warnings
 from edge_agent.plugins import problems as plugin_problems
+from edge_agent.pudu.settings import PuduApiSettings
 
 
 def problems(settings: EdgeSettings) -> list[str]:
@@ -60,3 +64,12 @@ async def connect_problems(settings: EdgeSettings) -> list[str]:
     if transport is not None:
         await broker_reachable(found, transport, mask_url(settings.mqtt_url))
     return found
+
+
+def next_runs(pudu: PuduApiSettings, now: float | None = None) -> str:
+    """The schedule and its next three run times, so an installer sees what it means."""
+    schedule = pudu.schedule
+    times = schedule.upcoming(time.time() if now is None else now)
+    shown = ", ".join(datetime.fromtimestamp(t, UTC).strftime("%a %Y-%m-%d %H:%M:%S")
+                      for t in times)
+    return f"poll schedule {schedule.expression}: next runs (UTC) {shown}"

@@ -42,9 +42,13 @@ def _main(argv: list[str] | None) -> int:
     if isinstance(settings, int):
         return settings
     if args.command == "check-config":
-        return check_config(PROG, settings, checks.problems,
+        code = check_config(PROG, settings, checks.problems,
                             checks.connect_problems if args.connect else None,
                             warnings=checks.warnings)
+        if code == 0 and settings.pudu.polling:
+            # On stderr: stdout stays the settings' JSON for scripts.
+            print(f"{PROG}: {checks.next_runs(settings.pudu)}", file=sys.stderr)
+        return code
     if args.command == "outbox":
         from edge_agent.outbox_view import peek_entries, stats
 

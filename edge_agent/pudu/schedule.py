@@ -13,13 +13,16 @@ a run was missed (gateway down, a run overran) and it runs once now, not once pe
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Protocol
 
 from croniter import croniter
 
-__all__ = ["Schedule", "parse"]
+__all__ = ["Clock", "Schedule", "SystemClock", "parse"]
 
 _RATE = re.compile(r"^rate\(\s*(\d+)\s+(second|minute|hour|day)s?\s*\)$", re.IGNORECASE)
 _CRON = re.compile(r"^cron\((.*)\)$", re.IGNORECASE)
@@ -27,6 +30,24 @@ _UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 _YEAR = re.compile(r"^(\*|\d{4}(-\d{4})?(/\d+)?)$")
 #: Years searched ahead for a match before a cron expression is called one that never fires.
 _HORIZON_YEARS = 5
+
+
+class Clock(Protocol):
+    """Wall-clock time and waiting for it: the poller's, replaceable by a test's."""
+
+    def now(self) -> float: ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class SystemClock:
+    """UTC epoch seconds and asyncio's sleep."""
+
+    def now(self) -> float:
+        return time.time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
 
 
 @dataclass(frozen=True)

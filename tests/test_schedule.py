@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,7 +15,9 @@ import pytest
 from edge_agent import config
 from edge_agent.pudu.schedule import parse
 from tests.pudu_stub import KEY, SECRET, StubServer, serve_stub
-from tests.test_pudu_poll import SHOP, in_process
+from tests.dbutil import query
+from tests.services import callback_server, edge_agent
+from tests.test_pudu_poll import BROKER, SHOP, in_process, poll, pudu_env, wait_for
 
 
 def at(text: str) -> float:
@@ -140,3 +143,28 @@ async def test_downtime_over_run_times_makes_one_catch_up_run(tmp_path: Path,
     runs = await scheduled_runs(tmp_path, stub, "rate(15 minutes)", at("2026-12-04T11:10:00"),
                                 at("2026-12-04T11:20:00"), last_run=at("2026-12-04T10:00:00"))
     assert runs == ["Fri 2026-12-04 11:10", "Fri 2026-12-04 11:15"]
+
+
+@pytest.mark.integration
+def test_a_failed_poll_run_opens_poll_failed_once_and_an_ok_run_resolves_it(
+        tmp_path: Path, stub: StubServer, db_url: str) -> None:
+    p = f"t{uuid.uuid4().hex[:8]}"
+    stub.stub.add_robot("Q1", SHOP)
+    with callback_server(tmp_path, BROKER, db_url, TOPIC_PREFIX=p), \
+            edge_agent(tmp_path, BROKER, org="acme", gateway="gwq", TOPIC_PREFIX=p,
+                       **pudu_env(stub, PUDU_POLL_INTERVAL="0")) as agent:
+        stub.stub.fail("/v1/api/robot", "500", times=100)  # the Pudu API answers 500
+        assert poll(agent)["status"] == "failed"
+        assert poll(agent)["status"] == "failed"  # still failing: the same alert
+        wait_for("2 runs stored", lambda: len(query(
+            db_url, "SELECT 1 FROM mqtt_message_log WHERE channel = 'poll'")) == 2)
+        rows = wait_for("poll_failed open", lambda: query(
+            db_url, "SELECT subject_id, severity, state FROM alerts WHERE rule = 'poll_failed'"))
+        assert [(r["subject_id"], r["state"]) for r in rows] == [("gwq", "open")]
+        stub.stub.faults.clear()
+        assert poll(agent)["status"] == "ok"
+        resolved = wait_for("resolved", lambda: query(
+            db_url, "SELECT state FROM alerts WHERE rule = 'poll_failed'")[0]["state"]
+            == "resolved")
+        assert resolved
+        assert len(query(db_url, "SELECT 1 FROM alerts WHERE rule = 'poll_failed'")) == 1

@@ -311,9 +311,8 @@ class AlertEngine:
         rec, now = env.data, self.clock()
         status = rec.get("status") if isinstance(rec.get("status"), str) else None
         started, ended = rec.get("started_at"), rec.get("ended_at")
-        took = float(ended) - float(started) if all(
-            isinstance(t, int | float) and not isinstance(t, bool) for t in (started, ended)) \
-            else None
+        took = (float(ended) - float(started)
+                if isinstance(started, int | float) and isinstance(ended, int | float) else None)
         run = {"run_id": rec.get("run_id"), "status": status, "error": rec.get("error"),
                "shops_failed": rec.get("shops_failed"), "seconds": took}
         gw = env.gateway or env.device

@@ -40,6 +40,8 @@ ENV_MAP = {
     "HISTORY_RETENTION_DAYS": "history_retention_days",
     "RETENTION_INTERVAL_SECONDS": "retention_interval_seconds",
     "ALERT_RULES_FILE": "alert_rules_file",
+    "FORWARD_TIMEOUT": "forward_timeout",
+    "FORWARD_MAX_RETRIES": "forward_max_retries",
 }
 
 
@@ -94,6 +96,10 @@ class CallbackSettings(BaseModel):
     callback_url_allow: OutboundAllow = ()
     # YAML overriding the alert rules' defaults (callback_server/alerts/rules.py).
     alert_rules_file: str | None = None
+    # Every outbound delivery (alert webhooks, callback_url): seconds per attempt and retries
+    # after the first; unset keeps each one's default (10 s, 5 retries).
+    forward_timeout: float | None = Field(None, gt=0, le=300)
+    forward_max_retries: int | None = Field(None, ge=0, le=19)
     http_limits: HttpLimits = HttpLimits()
 
     @field_validator("history_retention_days")

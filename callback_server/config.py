@@ -51,6 +51,8 @@ ENV_MAP = {
     "INGEST_PENDING_MAX": "ingest_pending_max",
     "CALLBACK_CODES": "callback_codes",
     "CALLBACK_CODES_FILE": "callback_codes_file",
+    "FORWARD_TIMEOUT": "forward_timeout",
+    "FORWARD_MAX_RETRIES": "forward_max_retries",
 }
 
 
@@ -142,6 +144,10 @@ class CallbackSettings(Settings, BaseModel):  # BaseModel named: linters see a m
     callback_url_allow: OutboundAllow = ()
     # YAML overriding the alert rules' defaults (callback_server/alerts/rules.py).
     alert_rules_file: str | None = None
+    # Every outbound delivery (alert webhooks, callback_url): seconds per attempt and retries
+    # after the first; unset keeps each one's default (10 s, 5 retries).
+    forward_timeout: float | None = Field(None, gt=0, le=300)
+    forward_max_retries: int | None = Field(None, ge=0, le=19)
     http_limits: HttpLimits = HttpLimits()
     # HTTP ingest messages held at most while the database does not commit (503 beyond).
     ingest_pending_max: int = Field(10_000, ge=1)

@@ -24,6 +24,7 @@ from bridge.http_server import NodelayStats, make_server
 from bridge.lifecycle import Listener, serve_service
 from bridge.outbound import OutboundPolicy
 from bridge.proxy import MqttProxy, create_proxy_router
+from bridge.proxy.subscriptions import RetryPolicy
 from bridge.router import MessageRouter
 from bridge.sdnotify import Notifier, Watchdog
 from bridge.tasks import cancel_and_wait
@@ -32,6 +33,7 @@ from bridge.transport import MqttSettings, TlsFiles, Transport, create_transport
 from bridge.version import VERSION
 from callback_server.access import Access, Principal
 from callback_server.alerts import AlertDelivery, AlertEngine, AlertStore, load_alert_settings
+from callback_server.alerts.rules import AlertSettings
 from callback_server.batcher import BatchWriter
 from callback_server.config import CallbackSettings
 from callback_server.console import ConsoleHub
@@ -98,7 +100,8 @@ class CallbackServer:
         self.subscribed = False
         self.consumer.gateway_handlers.append(self._on_gateway_message)
         self.outbound = OutboundPolicy(allow=settings.callback_url_allow)
-        self.alert_settings = load_alert_settings(settings.alert_rules_file)
+        self.alert_settings = forwarding(load_alert_settings(settings.alert_rules_file),
+                                         settings)
         self.alert_store = AlertStore(self.store)
         self.alert_delivery = AlertDelivery(self.alert_store, self.transport, self.outbound,
                                             self.alert_settings.delivery,
@@ -129,6 +132,7 @@ class CallbackServer:
             outbound=self.outbound,
             # Every org's traffic passes here: no one org or gateway is this service's own.
             device={"service": "callback-server", "org_id": None, "gateway_id": None},
+            retry=proxy_retry(settings),
         )
         #: What keeps ``?ready=1`` at 503 besides an unreachable database: the store until
         #: entered (``serve`` adds the listeners); never the broker (HTTP ingest needs none).
@@ -380,6 +384,28 @@ def heartbeat_fields(payload: bytes) -> dict[str, Any]:
     run = poll.get("last_run") if isinstance(poll, dict) else None
     return {**scalars(beat, _BEAT), "last_run": scalars(run, _RUN) if isinstance(
         run, dict) else None}
+
+
+def forwarding(alerts: AlertSettings, settings: CallbackSettings) -> AlertSettings:
+    """FORWARD_TIMEOUT / FORWARD_MAX_RETRIES, when set, over the rules file's delivery."""
+    changed: dict[str, Any] = {}
+    if settings.forward_timeout is not None:
+        changed["timeout_seconds"] = settings.forward_timeout
+    if settings.forward_max_retries is not None:
+        changed["attempts"] = settings.forward_max_retries + 1
+    if not changed:
+        return alerts
+    return alerts.model_copy(update={"delivery": alerts.delivery.model_copy(update=changed)})
+
+
+def proxy_retry(settings: CallbackSettings) -> RetryPolicy:
+    """The callback_url delivery policy, with FORWARD_TIMEOUT / FORWARD_MAX_RETRIES if set."""
+    default = RetryPolicy()
+    return dataclasses.replace(
+        default,
+        timeout=default.timeout if settings.forward_timeout is None else settings.forward_timeout,
+        attempts=default.attempts if settings.forward_max_retries is None
+        else settings.forward_max_retries + 1)
 
 
 async def serve(settings: CallbackSettings) -> None:

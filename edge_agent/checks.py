@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from bridge.checks import broker_reachable, mqtt_transport, template_values, writable_file
@@ -13,6 +15,7 @@ from edge_agent.config import EdgeSettings
 from edge_agent.forwarding import ForwardPolicy
 from edge_agent.forwarding import warnings as policy_warnings
 from edge_agent.plugins import problems as plugin_problems
+from edge_agent.pudu.settings import PuduApiSettings
 
 
 def problems(settings: EdgeSettings, config_path: str | None = None) -> list[str]:
@@ -92,3 +95,12 @@ async def connect_problems(settings: EdgeSettings, config_path: str | None = Non
     if transport is not None:
         await broker_reachable(found, transport, mask_url(settings.mqtt_url))
     return found
+
+
+def next_runs(pudu: PuduApiSettings, now: float | None = None) -> str:
+    """The schedule and its next three run times, so an installer sees what it means."""
+    schedule = pudu.schedule
+    times = schedule.upcoming(time.time() if now is None else now)
+    shown = ", ".join(datetime.fromtimestamp(t, UTC).strftime("%a %Y-%m-%d %H:%M:%S")
+                      for t in times)
+    return f"poll schedule {schedule.expression}: next runs (UTC) {shown}"

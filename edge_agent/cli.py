@@ -133,9 +133,13 @@ def _check_config(args: argparse.Namespace) -> int:
     if isinstance(settings, int):
         return settings
     path = getattr(args, "config", None) or os.environ.get("EDGE_AGENT_CONFIG")
-    return check_config(PROG, settings, lambda s: checks.problems(s, path),
+    code = check_config(PROG, settings, lambda s: checks.problems(s, path),
                         (lambda s: checks.connect_problems(s, path)) if args.connect
                         else None, warnings=checks.warnings)
+    if code == 0 and settings.pudu.polling:
+        # On stderr: stdout stays the settings' JSON for scripts.
+        print(f"{PROG}: {checks.next_runs(settings.pudu)}", file=sys.stderr)
+    return code
 
 
 def _poll_once(settings: config.EdgeSettings) -> int:

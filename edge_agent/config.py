@@ -60,6 +60,8 @@ ENV_MAP = {
     "PUDU_API_SECRET": "pudu.api_secret",
     "PUDU_SHOP_IDS": "pudu.shop_ids",
     "PUDU_POLL_INTERVAL": "pudu.poll_interval_seconds",
+    "SCHEDULE_EXPRESSION": "pudu.poll_schedule",  # the replaced Lambda's name for it
+    "PUDU_POLL_SCHEDULE": "pudu.poll_schedule",
     "PUDU_LOOKBACK_HOURS": "pudu.lookback_hours",
     "PUDU_API_TIMEOUT_SECONDS": "pudu.timeout_seconds",
     "PUDU_API_RETRIES": "pudu.max_retries",

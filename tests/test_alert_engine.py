@@ -352,6 +352,25 @@ async def presence_wobble(env: Env) -> None:
         await heartbeat(env, "presence", state)
 
 
+async def poll_run(env: Env, status: str = "ok", seconds: float = 20) -> None:
+    """A gateway's poll run record, committed as the batch writer does, then evaluated."""
+    env.clock.now += 1
+    i = next(_ids)
+    rec = {"run_id": f"r{i}", "status": status, "started_at": env.clock.now - seconds,
+           "ended_at": env.clock.now, "error": None if status == "ok" else "API 500"}
+    item = ("org/acme/device/gp1/poll", Envelope(
+        id=f"run-r{i}", type="poll.run", org="acme", device="gp1", gateway="gp1",
+        ts=env.clock.now, received_at=env.clock.now, data=rec, channel="poll", source="poll"))
+    await env.store.write_batch([item])
+    env.a.engine.observe([item])  # the writer's on_batch hook, as in service.py
+    await env.a.engine._drain()
+
+
+async def poll_runs(env: Env, *runs: tuple[str, float]) -> None:
+    for status, seconds in runs:
+        await poll_run(env, status, seconds)
+
+
 DRIVES = [
     Drive("robot_offline", partial(quiet_for, seconds=600),              # opens by time
           lambda e: robot(e, "status", "b", status="idle"), offline_hover,
@@ -374,6 +393,10 @@ DRIVES = [
           partial(sweep, seconds=600)),
     Drive("gateway_disk", lambda e: disk(e, 100), lambda e: disk(e, 1024),
           lambda e: disk(e, 250, 260, 240, 280, 255, 287, 257)),
+    Drive("poll_failed", partial(poll_run, status="failed"), poll_run,
+          lambda e: poll_runs(e, ("failed", 5), ("partial", 5), ("failed", 5), ("partial", 5))),
+    Drive("poll_slow", partial(poll_run, seconds=900), poll_run,
+          lambda e: poll_runs(e, ("ok", 601), ("failed", 700), ("partial", 650))),
 ]
 assert {d.rule for d in DRIVES} == set(RULES)
 

@@ -468,6 +468,33 @@ async def test_callback_is_signed_and_retried(env: Env) -> None:
         assert received.empty()
 
 
+async def test_callback_delivery_log_shows_each_retry(env: Env) -> None:
+    received: asyncio.Queue[bytes] = asyncio.Queue()
+    answers = iter([500, 500])  # two failures, then 200
+
+    async def hook(request: Request) -> Response:
+        await received.put(await request.body())
+        return Response(status_code=next(answers, 200))
+
+    receiver = Starlette(routes=[Route("/hook", hook, methods=["POST"])])
+    async with serve(receiver) as url, PahoClient() as outside:
+        r = await env.client.post("/mqtt/subscribe", json={
+            "topic": env.base + "log/#", "callback_url": f"{url}/hook"})
+        sub_id = r.json()["id"]
+        await outside.publish(env.base + "log/robot1", b'{"battery": 70}')
+        for _ in range(3):
+            await asyncio.wait_for(received.get(), 10)
+        await asyncio.wait_for(env.proxy.flush(), 10)
+        r = await env.client.get(f"/mqtt/subscriptions/{sub_id}/deliveries")
+        assert r.status_code == 200, r.text
+        items = r.json()["items"]  # newest first
+        assert [(i["attempt"], i["status_code"], i["outcome"]) for i in items] == [
+            (3, 200, "delivered"), (2, 500, "failed"), (1, 500, "failed")]
+        assert len({i["delivery_id"] for i in items}) == 1  # one delivery, retried
+        r = await env.client.get("/mqtt/subscriptions/nope/deliveries")
+        assert r.status_code == 404 and r.json()["status"] == "error"
+
+
 async def test_callback_gives_up_after_bounded_attempts(env: Env) -> None:
     calls: asyncio.Queue[None] = asyncio.Queue()
 

@@ -346,6 +346,14 @@ class MqttProxy:
     def _new_id(self) -> str:
         return "sub_" + secrets.token_hex(8)
 
+    def delivery_log(self, subscription_id: str) -> list[dict[str, Any]]:
+        """A callback subscription's last delivery attempts, newest first (404 otherwise)."""
+        sub = self._get(subscription_id)
+        if not isinstance(sub, WebhookSubscription):
+            raise InputError(f"subscription {subscription_id!r} has no callback_url", field="id",
+                             status=404)
+        return list(reversed(sub.log))
+
     def subscription_filter(self, subscription_id: str) -> str:
         """The filter of one subscription (404 if there is none), for access checks."""
         return self._get(subscription_id).filter

@@ -218,6 +218,14 @@ def create_proxy_router(proxy: MqttProxy,
                        and (after is None or s["id"] > after[0])), key=lambda s: s["id"])
         return page(subs[:limit + 1], limit, ["id"])
 
+    @api.get("/subscriptions/{subscription_id}/deliveries")
+    async def deliveries(request: Request, subscription_id: str) -> dict[str, Any]:
+        """A callback subscription's last attempts (status code, retries), newest first."""
+        visible = check(request, "subscriptions", None)
+        visible_filter(visible, subscription_id)
+        return {"status": "success", "id": subscription_id,
+                "items": proxy.delivery_log(subscription_id)}
+
     @api.get("/stream")
     async def stream(
         request: Request,

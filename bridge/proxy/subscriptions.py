@@ -35,6 +35,10 @@ T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
 
+#: Attempts kept per callback subscription for its delivery log (memory, not the database).
+DELIVERY_LOG = 100
+
+
 # -- settings -------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
@@ -272,6 +276,8 @@ class WebhookSubscription(Subscription):
         self._client = client
         self._retry = retry
         self._seq = itertools.count(1)
+        #: The last attempts, newest last: GET /mqtt/subscriptions/{id}/deliveries.
+        self.log: collections.deque[dict[str, Any]] = collections.deque(maxlen=DELIVERY_LOG)
         self.mailbox: Mailbox[Queued] = Mailbox(queue_size)
         self.in_flight = False
         self.idle = asyncio.Event()  # set while nothing is queued or being delivered
@@ -337,6 +343,10 @@ class WebhookSubscription(Subscription):
         attempts = self._retry.attempts
         for attempt in range(1, attempts + 1):
             retryable = True
+            entry: dict[str, Any] = {"delivery_id": f"{self.id}-{item.seq}",
+                                     "attempt": attempt, "at": round(time.time(), 3),
+                                     "status_code": None, "outcome": "failed", "error": None}
+            self.log.append(entry)
             try:
                 response = await self._client.post(
                     self.callback_url, content=body, headers=headers, timeout=self._retry.timeout
@@ -347,11 +357,15 @@ class WebhookSubscription(Subscription):
                 self.failed_attempts += 1
                 self.delivery = "refused"
                 error = exc.message
+                entry.update(outcome="refused", error=error)
                 break
             except httpx.HTTPError as exc:
                 error = f"{type(exc).__name__}: {exc}"
+                entry["error"] = type(exc).__name__
             else:
+                entry["status_code"] = response.status_code
                 if response.is_success:
+                    entry["outcome"] = "delivered"
                     self.delivered += 1
                     self.delivery = "delivering"
                     return

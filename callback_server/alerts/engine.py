@@ -54,6 +54,8 @@ from callback_server.alerts.rules import (
     gateway_offline_severity,
     is_stuck,
     offline_severity,
+    poll_failed_severity,
+    poll_slow_severity,
     rank,
     silent_severity,
     stuck_severity,
@@ -131,6 +133,9 @@ class AlertEngine:
                   if is_robot_state(channel_of(topic, env), env)]
         if robots:
             self._put(("robots", robots))
+        for topic, env in items:
+            if channel_of(topic, env) == "poll" and env.type == "poll.run":
+                self._put(("poll", env))
 
     def on_gateway(self, address: DeviceAddress, payload: bytes) -> None:
         if address.channel in ("presence", "telemetry"):
@@ -185,6 +190,8 @@ class AlertEngine:
                         merged += self._queue[n][1]
                         n += 1
                     await self.robots(merged)
+                elif kind == "poll":
+                    await self.poll_run(value)
                 else:
                     await self.gateway(*value)
             except StoreError:
@@ -311,6 +318,25 @@ class AlertEngine:
              "max_age_seconds": self.rules.gateway_backlog.max_age_seconds,
              "hysteresis_seconds": self.rules.gateway_backlog.hysteresis_seconds}),
             _disk_decision(self.rules.gateway_disk, org, gw, beat)], now)
+
+    async def poll_run(self, env: Envelope) -> list[Transition]:
+        """A gateway's Pudu poll run record (its ``poll`` channel): ``poll_failed`` and
+        ``poll_slow``, subject the gateway. Records are stored before this, so a replayed
+        one decides the same."""
+        rec, now = env.data, self.clock()
+        status = rec.get("status") if isinstance(rec.get("status"), str) else None
+        started, ended = rec.get("started_at"), rec.get("ended_at")
+        took = (float(ended) - float(started)
+                if isinstance(started, int | float) and isinstance(ended, int | float) else None)
+        run = {"run_id": rec.get("run_id"), "status": status, "error": rec.get("error"),
+               "shops_failed": rec.get("shops_failed"), "seconds": took}
+        gw = env.gateway or env.device
+        return await self._apply([
+            _Decision(Subject("poll_failed", env.org, "gateway", gw),
+                      partial(poll_failed_severity, self.rules.poll_failed, status), run),
+            _Decision(Subject("poll_slow", env.org, "gateway", gw),
+                      partial(poll_slow_severity, self.rules.poll_slow, took),
+                      {**run, "max_seconds": self.rules.poll_slow.max_seconds})], now)
 
     async def sweep(self) -> bool:
         """The time-based rules, if this replica holds (or takes) the sweep lease."""

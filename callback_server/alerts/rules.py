@@ -22,10 +22,10 @@ Severity = Literal["info", "warning", "medium", "high", "critical"]
 #: Least to most severe (the event levels of DESIGN.md's normalisation).
 SEVERITIES: tuple[Severity, ...] = ("info", "warning", "medium", "high", "critical")
 RULES = ("robot_offline", "battery_low", "robot_fault", "robot_stuck", "gateway_offline",
-         "gateway_backlog", "robot_silent", "gateway_disk")
+         "gateway_backlog", "robot_silent", "gateway_disk", "poll_failed", "poll_slow")
 SubjectType = Literal["robot", "gateway"]
-SUBJECT_OF: dict[str, SubjectType] = {rule: "gateway" if rule.startswith("gateway") else "robot"
-                                      for rule in RULES}
+SUBJECT_OF: dict[str, SubjectType] = {
+    rule: "gateway" if rule.startswith(("gateway", "poll")) else "robot" for rule in RULES}
 
 
 def rank(severity: str | None) -> int:
@@ -154,6 +154,21 @@ class RobotSilent(_Rule):
     silent_seconds: float = Field(default=1800.0, gt=0)
 
 
+class PollFailed(_Rule):
+    """A gateway's Pudu poll run failed (every shop, or with ``on_partial`` some); its next
+    run without that resolves."""
+
+    severity: Severity = "warning"
+    on_partial: bool = False
+
+
+class PollSlow(_Rule):
+    """A poll run took longer than ``max_seconds`` (start to end); a quicker run resolves."""
+
+    severity: Severity = "warning"
+    max_seconds: float = Field(default=240.0, gt=0)  # the replaced pipeline alarmed at 4 min
+
+
 class Rules(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -165,6 +180,8 @@ class Rules(BaseModel):
     gateway_backlog: GatewayBacklog = GatewayBacklog()
     robot_silent: RobotSilent = RobotSilent()
     gateway_disk: GatewayDisk = GatewayDisk()
+    poll_failed: PollFailed = PollFailed()
+    poll_slow: PollSlow = PollSlow()
 
     def enabled(self, rule: str) -> bool:
         return bool(getattr(self, rule).enabled)
@@ -331,3 +348,18 @@ def disk_severity(rule: GatewayDisk, free_bytes: float | None, writable: bool | 
         return rule.severity
     held = current is not None and free_mb < rule.min_free_mb + rule.hysteresis_mb
     return rule.severity if held else None
+
+
+def poll_failed_severity(rule: PollFailed, status: str | None, current: str | None) -> str | None:
+    """A run's ``status`` (ok, partial, failed): failed opens, ok resolves; partial opens only
+    with ``on_partial`` and otherwise changes nothing; a run still going changes nothing."""
+    if status == "failed" or (status == "partial" and rule.on_partial):
+        return rule.severity
+    return None if status == "ok" else current
+
+
+def poll_slow_severity(rule: PollSlow, seconds: float | None, current: str | None) -> str | None:
+    """A finished run longer than the bound opens; one within it resolves."""
+    if seconds is None:
+        return current
+    return rule.severity if seconds > rule.max_seconds else None

@@ -44,6 +44,7 @@ from bridge.errors import (
 from bridge.outbox import PutResult
 from bridge.pudu.normalize import COMPACTABLE, Normalized, normalize, to_seconds
 from edge_agent.pudu.client import PuduClient, pick
+from edge_agent.pudu.schedule import Clock, SystemClock
 
 if TYPE_CHECKING:
     from edge_agent.ports import PollHost
@@ -148,6 +149,7 @@ class Poller:
         self.client_factory = client_factory or (
             lambda: PuduClient(self.settings, agent.outbound))
         self.running = False
+        self.clock: Clock = SystemClock()  # tests drive the schedule with a fake one
         self.last: dict[str, Any] | None = None
         self.runs = 0
         self._lock = asyncio.Lock()
@@ -161,15 +163,36 @@ class Poller:
         return self.settings.polling
 
     async def run(self) -> None:
-        """The schedule: a run at start, then every interval (measured start to start)."""
-        interval = self.settings.poll_interval_seconds
+        """The schedule (``settings.schedule``): each run at its run time on ``clock``.
+
+        After a restart the first due time is the one following the journal's last run: if
+        that passed while the gateway was down, one catch-up run happens now (not one per
+        missed time). With no run ever recorded, a rate() schedule runs at once (a new
+        gateway reconciles straight away) and a cron() one waits for its time."""
+        schedule = self.settings.schedule
+        last = await self.last_started()
+        now = self.clock.now()
+        if last is not None:
+            due = schedule.next_after(last)
+        else:
+            due = now if schedule.period is not None else schedule.next_after(now)
         while True:
-            started = time.monotonic()
+            wait = due - self.clock.now()
+            if wait > 0:
+                await self.clock.sleep(wait)
+                continue  # a sleep may end early: look at the clock again
             try:
                 await self.run_once()
             except Exception:  # a bug must not end the schedule
                 log.exception("poll run failed unexpectedly")
-            await asyncio.sleep(max(1.0, interval - (time.monotonic() - started)))
+            # A run that outlasted run times skips them: the next is after now.
+            due = schedule.next_after(max(due, self.clock.now()))
+
+    async def last_started(self) -> float | None:
+        """When the last recorded run started (the journal survives restarts)."""
+        records, _ = await self.agent.journal.runs(limit=1)
+        started = records[0].get("started_at") if records else None
+        return float(started) if isinstance(started, int | float) else None
 
     def forget_robot(self, sn: str) -> None:
         """A robot not polled nor heard of for long (edge_agent.robot_memory): gone from
@@ -208,7 +231,7 @@ class Poller:
     async def _run(self) -> dict[str, Any]:
         agent = self.agent
         shops = self.settings.shop_ids
-        now = time.time()
+        now = self.clock.now()
         run = Run(agent, shops, now)
         rec = run.record
         lookback = now - self.settings.lookback_hours * 3600
@@ -232,7 +255,7 @@ class Poller:
         finally:
             rec["api_calls"], rec["api_retries"] = client.calls, client.retries
         rec["shops_failed"] = failed
-        rec["ended_at"] = round(time.time(), 3)
+        rec["ended_at"] = round(self.clock.now(), 3)
         if not failed:
             rec["events_through"] = int(now)
         rec["status"] = ("ok" if not rec["errors"] else

@@ -8,6 +8,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator
 
+from edge_agent.pudu.schedule import Schedule, parse
+
 #: PUDU-API.md section 1: the cluster names the SDK knows, accepted as PUDU_API_URL.
 CLUSTERS = {
     "cn": "open-platform.pudutech.com",
@@ -48,6 +50,8 @@ class PuduApiSettings(BaseModel):
     # Gateways sharing one key each poll only their own shops.
     shop_ids: Annotated[tuple[str, ...], BeforeValidator(_comma_list)] = ()
     poll_interval_seconds: float = Field(default=300.0, ge=0)  # 0: polling off
+    # rate(...) / cron(...) as AWS writes them; wins over the interval (docs/schedules.md).
+    poll_schedule: str = ""
     lookback_hours: float = Field(default=24.0, gt=0, le=24 * 31)
     # Pudu batches its logs (errors arrive ~10 min late): re-read this much of the last window.
     overlap_seconds: float = Field(default=900.0, ge=0)
@@ -74,6 +78,19 @@ class PuduApiSettings(BaseModel):
         else:
             raise ValueError("give the scheme and host only; the client adds /pudu-entry")
         return f"{parts.scheme}://{parts.netloc}{path}"
+
+    @field_validator("poll_schedule")
+    @classmethod
+    def _schedule(cls, value: str) -> str:
+        value = value.strip()
+        if value:
+            parse(value)  # refused at load, saying why
+        return value
+
+    @property
+    def schedule(self) -> Schedule:
+        """When runs are due: the expression, else rate(interval); only read when polling."""
+        return parse(self.poll_schedule or self.poll_interval_seconds)
 
     @property
     def configured(self) -> bool:

@@ -1,0 +1,146 @@
+"""When the poller runs: AWS EventBridge schedule expressions, as the replaced systems set them.
+
+``rate(15 minutes)`` runs at wall-clock multiples of the period (UTC epoch aligned: :00, :15,
+:30, :45), so gateways and restarts agree on the run times. ``cron(0 9 ? * MON-FRI *)`` is
+AWS's six-field cron: minutes hours day-of-month month day-of-week year, all UTC, with ``?``
+in one of the two day fields, day-of-week 1-7 = SUN-SAT (or names), and a year field. The
+five standard fields go to croniter; the year field and AWS's day numbering are adapted here.
+A bare number of seconds (the older ``PUDU_POLL_INTERVAL``) is ``rate`` of that many seconds.
+
+Catch-up: the poller asks for the first run time after its last run; one in the past means
+a run was missed (gateway down, a run overran) and it runs once now, not once per missed time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
+
+from croniter import croniter
+
+__all__ = ["Clock", "Schedule", "SystemClock", "parse"]
+
+_RATE = re.compile(r"^rate\(\s*(\d+)\s+(second|minute|hour|day)s?\s*\)$", re.IGNORECASE)
+_CRON = re.compile(r"^cron\((.*)\)$", re.IGNORECASE)
+_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+_YEAR = re.compile(r"^(\*|\d{4}(-\d{4})?(/\d+)?)$")
+#: Years searched ahead for a match before a cron expression is called one that never fires.
+_HORIZON_YEARS = 5
+
+
+class Clock(Protocol):
+    """Wall-clock time and waiting for it: the poller's, replaceable by a test's."""
+
+    def now(self) -> float: ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class SystemClock:
+    """UTC epoch seconds and asyncio's sleep."""
+
+    def now(self) -> float:
+        return time.time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A parsed expression; ``next_after`` is the whole interface the poller needs."""
+
+    expression: str
+    period: float | None = None  # rate: seconds between runs
+    cron: str | None = None  # croniter's five fields
+    years: frozenset[int] | None = None  # None: every year
+
+    def next_after(self, when: float) -> float:
+        """The first run time strictly after ``when`` (epoch seconds, UTC)."""
+        if self.period is not None:
+            return (when // self.period + 1) * self.period
+        assert self.cron is not None
+        it = croniter(self.cron, datetime.fromtimestamp(when, UTC))
+        limit = datetime.fromtimestamp(when, UTC).year + _HORIZON_YEARS
+        while True:
+            nxt: datetime = it.get_next(datetime)
+            if nxt.year > limit:
+                raise ValueError(f"{self.expression} has no run time before {limit}")
+            if self.years is None or nxt.year in self.years:
+                return nxt.timestamp()
+
+    def upcoming(self, when: float, count: int = 3) -> list[float]:
+        """The next ``count`` run times after ``when`` (check-config prints them)."""
+        times: list[float] = []
+        for _ in range(count):
+            when = self.next_after(when)
+            times.append(when)
+        return times
+
+
+def _dow(field: str) -> str:
+    """AWS numbers days 1-7 from Sunday; croniter 0-6. Names pass unchanged; ``#`` keeps its
+    occurrence number; ``L`` (last) is croniter's ``L`` suffix form."""
+    def shift(match: re.Match[str]) -> str:
+        day = int(match.group(0))
+        if not 1 <= day <= 7:
+            raise ValueError(f"day-of-week {day} is outside 1-7")
+        return str(day - 1)
+
+    if field == "L":
+        return "6"  # AWS: L alone in day-of-week is Saturday
+    head, sep, nth = field.partition("#")
+    return re.sub(r"(?<![/\w])\d+", shift, head) + sep + nth
+
+
+def _years(field: str) -> frozenset[int] | None:
+    if field == "*":
+        return None
+    years: set[int] = set()
+    for part in field.split(","):
+        if not _YEAR.match(part):
+            raise ValueError(f"year field {field!r}: give *, 2030, 2030-2035, 2030/2 or a list")
+        span, _, step = part.partition("/")
+        first, _, last = span.partition("-")
+        stop = int(last) if last else (int(first) if not step else 2199)
+        years.update(range(int(first), stop + 1, int(step) if step else 1))
+    return frozenset(years)
+
+
+def parse(expression: str | float) -> Schedule:
+    """``rate(...)``, ``cron(...)`` or seconds; raises ValueError saying what is wrong."""
+    if isinstance(expression, int | float) or re.fullmatch(r"\s*\d+(\.\d+)?\s*", str(expression)):
+        seconds = float(expression)
+        if seconds <= 0:
+            raise ValueError("an interval must be positive (0 turns polling off elsewhere)")
+        return Schedule(expression=f"rate({seconds:g} seconds)", period=seconds)
+    text = str(expression).strip()
+    rate = _RATE.match(text)
+    if rate:
+        amount = int(rate.group(1))
+        if amount < 1:
+            raise ValueError("rate() needs a positive value")
+        return Schedule(expression=text, period=float(amount * _UNITS[rate.group(2).lower()]))
+    cron = _CRON.match(text)
+    if not cron:
+        raise ValueError("give rate(N minutes|hours|days) or cron(min hour dom month dow year)")
+    fields = cron.group(1).split()
+    if len(fields) != 6:
+        raise ValueError(f"cron() takes six fields (min hour day-of-month month day-of-week "
+                         f"year), got {len(fields)}")
+    minute, hour, dom, month, dow, year = fields
+    if (dom == "?") == (dow == "?"):
+        raise ValueError("cron(): exactly one of day-of-month and day-of-week must be ?")
+    if "W" in dom.upper():
+        raise ValueError("cron(): the W (nearest weekday) form is not supported")
+    five = " ".join((minute, hour, "*" if dom == "?" else dom, month,
+                     "*" if dow == "?" else _dow(dow.upper())))
+    if not croniter.is_valid(five):
+        raise ValueError(f"cron(): {cron.group(1)!r} is not a valid expression")
+    schedule = Schedule(expression=text, cron=five, years=_years(year))
+    schedule.next_after(datetime.now(UTC).timestamp())  # one that never fires is refused now
+    return schedule

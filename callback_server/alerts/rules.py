@@ -142,6 +142,8 @@ class GatewayDisk(_Rule):
     ``min_free_mb`` (a warning before it is full), ``full_severity`` while the heartbeat
     says the outbox cannot write; resolves above ``min_free_mb + hysteresis_mb``."""
 
+    title: ClassVar[str] = "Gateway disk filling"
+
     severity: Severity = "warning"
     full_severity: Severity = "critical"
     min_free_mb: float = Field(default=256.0, gt=0)
@@ -158,12 +160,15 @@ class PollFailed(_Rule):
     """A gateway's Pudu poll run failed (every shop, or with ``on_partial`` some); its next
     run without that resolves."""
 
+    title: ClassVar[str] = "Cloud poll failed"
     severity: Severity = "warning"
     on_partial: bool = False
 
 
 class PollSlow(_Rule):
     """A poll run took longer than ``max_seconds`` (start to end); a quicker run resolves."""
+
+    title: ClassVar[str] = "Cloud poll slow"
 
     severity: Severity = "warning"
     max_seconds: float = Field(default=240.0, gt=0)  # the replaced pipeline alarmed at 4 min

@@ -650,7 +650,7 @@ function fillAlert(tr, a) {
     }
     if (!silenced && a.state !== "resolved") {
       const b = el("button", {type: "button", class: "silence", "data-alert-id": a.id,
-        "aria-label": `Silence ${what} for ${SILENCE_MINUTES} min`,
+        "aria-label": `Silence 1 h: ${what}`,
         title: `no notifications for this rule and subject for ${SILENCE_MINUTES} min`}, "Silence 1 h");
       b.addEventListener("click", () => alertAction(a.id, "silence", {minutes: SILENCE_MINUTES}, b));
       td.append(b);

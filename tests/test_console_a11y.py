@@ -1,0 +1,91 @@
+"""The console checked as a keyboard or screen-reader user, on a desk and on a phone.
+
+axe-core (vendored under console/static/vendor, injected only here) runs on the signed-in
+page at 1440 px and 390 px: no serious or critical violation is allowed, and at 390 px the
+page is no wider than the phone.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.remote.webdriver import WebDriver
+
+from tests.test_console import (CHROMEDRIVER, CHROMIUM, Fleet, cell, eventually,
+                                fleet, shot, sign_in)
+
+pytestmark = pytest.mark.integration
+__all__ = ["fleet"]  # the module's fleet fixture, shared with tests/test_console.py
+AXE = (Path(__file__).resolve().parents[1] / "callback_server" / "console" / "static"
+       / "vendor" / "axe-core" / "axe.min.js")
+SERIOUS = {"serious", "critical"}
+
+
+@pytest.fixture(scope="module")
+def driver() -> Iterator[WebDriver]:
+    """One browser for the module: CI time is shared."""
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                "--window-size=1440,1000", "--disable-gpu"):
+        options.add_argument(arg)
+    d = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    yield d
+    d.quit()
+
+
+def axe_violations(driver: WebDriver) -> list[dict[str, object]]:
+    """Serious and critical violations axe-core finds on the page as it is now."""
+    if not driver.execute_script("return !!window.axe"):
+        driver.execute_script(AXE.read_text(encoding="utf-8"))
+    result = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "axe.run(document, {resultTypes: ['violations']})"
+        ".then(r => done(JSON.stringify(r.violations)), e => done(JSON.stringify(String(e))));")
+    found = json.loads(result)
+    assert isinstance(found, list), found
+    return [{"id": v["id"], "impact": v["impact"], "help": v["help"],
+             "nodes": [n["target"] for n in v["nodes"][:5]]}
+            for v in found if v["impact"] in SERIOUS]
+
+
+def test_axe_finds_nothing_serious_at_desk_and_phone_width(
+        fleet: Fleet, driver: WebDriver) -> None:
+    sn = f"X{uuid.uuid4().hex[:6]}"
+    fleet.post("acme", "robotStatus", sn=sn, run_status="ONLINE")
+    fleet.post("acme", "notifyRobotPower", sn=sn, power=12, charge_stage="IDLE")
+    fleet.post("acme", "notifyRobotPose", sn=sn, x=1.0, y=2.0, yaw=0.0)
+    fleet.post("acme", "robotErrorWarning", sn=sn, error_level="Fatal", error_type="Crash",
+               error_detail="motor stalled", error_id=f"e-{sn}")
+    sign_in(driver, fleet, "operator_a")
+    eventually(lambda: cell(driver, sn, "status"), "robot row shown")
+    driver.set_script_timeout(60)
+    for width in (1440, 390):
+        driver.set_window_size(width, 1000)
+        bad = axe_violations(driver)
+        shot(driver, fleet, f"a11y-{width}")
+        assert not bad, json.dumps(bad, indent=1)
+        if width == 390:
+            overflow = driver.execute_script(
+                "return document.documentElement.scrollWidth - window.innerWidth")
+            assert overflow <= 0, f"the page is {overflow} px wider than a 390 px phone"
+    driver.set_window_size(1440, 1000)
+
+
+def test_fleet_sorts_by_keyboard_alone(fleet: Fleet, driver: WebDriver) -> None:
+    sign_in(driver, fleet, "viewer_a")
+    header = driver.find_element(By.CSS_SELECTOR, '#robots th[data-key="battery_level"]')
+    header.send_keys(Keys.ENTER)
+    assert header.get_attribute("aria-sort") == "ascending"
+    header.send_keys(Keys.SPACE)
+    assert header.get_attribute("aria-sort") == "descending"

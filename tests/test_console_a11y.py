@@ -83,6 +83,7 @@ def test_axe_finds_nothing_serious_at_desk_and_phone_width(
 
 
 def test_fleet_sorts_by_keyboard_alone(fleet: Fleet, driver: WebDriver) -> None:
+    driver.delete_all_cookies()  # signed out: the viewer signs in afresh
     sign_in(driver, fleet, "viewer_a")
     header = driver.find_element(By.CSS_SELECTOR, '#robots th[data-key="battery_level"]')
     header.send_keys(Keys.ENTER)

@@ -69,6 +69,8 @@ def test_axe_finds_nothing_serious_at_desk_and_phone_width(
                error_detail="motor stalled", error_id=f"e-{sn}")
     sign_in(driver, fleet, "operator_a")
     eventually(lambda: cell(driver, sn, "status"), "robot row shown")
+    zone = driver.execute_script("return Intl.DateTimeFormat().resolvedOptions().timeZone")
+    assert driver.find_element(By.ID, "tz").text == f"times in {zone}"
     driver.set_script_timeout(60)
     for width in (1440, 390):
         driver.set_window_size(width, 1000)

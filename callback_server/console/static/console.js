@@ -1099,6 +1099,9 @@ async function start() {
   st.me = await r.json();
   document.getElementById("who").textContent =
     `${st.me.name} · ${st.me.role} · ${st.me.orgs.join(", ")}`;
+  // every time on the page is this browser's local time: say which zone that is
+  document.getElementById("tz").textContent =
+    `times in ${Intl.DateTimeFormat().resolvedOptions().timeZone || "local time"}`;
   document.body.classList.toggle("operator", st.me.operator);
   wire();
   const es = new EventSource("/console/stream");

@@ -19,14 +19,16 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 
-from tests.test_console import (CHROMEDRIVER, CHROMIUM, Fleet, cell, eventually,
-                                fleet, shot, sign_in)
+from tests.test_console import CHROMEDRIVER, CHROMIUM, Fleet, cell, eventually, fleet, shot, sign_in
 
 pytestmark = pytest.mark.integration
 __all__ = ["fleet"]  # the module's fleet fixture, shared with tests/test_console.py
 AXE = (Path(__file__).resolve().parents[1] / "callback_server" / "console" / "static"
        / "vendor" / "axe-core" / "axe.min.js")
 SERIOUS = {"serious", "critical"}
+# each view's address (#view/<name>, "" = everything) and the section it shows
+VIEWS = {"": "fleet", "attention": "attention", "alerts": "alerts-section", "fleet": "fleet",
+         "events": "events-section", "gateways": "gateways-section", "floors": "floor-section"}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ def axe_violations(driver: WebDriver) -> list[dict[str, object]]:
             for v in found if v["impact"] in SERIOUS]
 
 
-def test_axe_finds_nothing_serious_at_desk_and_phone_width(
+def test_every_view_by_address_at_desk_and_phone_width_axe_clean(
         fleet: Fleet, driver: WebDriver) -> None:
     sn = f"X{uuid.uuid4().hex[:6]}"
     fleet.post("acme", "robotStatus", sn=sn, run_status="ONLINE")
@@ -74,13 +76,21 @@ def test_axe_finds_nothing_serious_at_desk_and_phone_width(
     driver.set_script_timeout(60)
     for width in (1440, 390):
         driver.set_window_size(width, 1000)
-        bad = axe_violations(driver)
-        shot(driver, fleet, f"a11y-{width}")
-        assert not bad, json.dumps(bad, indent=1)
-        if width == 390:
-            overflow = driver.execute_script(
-                "return document.documentElement.scrollWidth - window.innerWidth")
-            assert overflow <= 0, f"the page is {overflow} px wider than a 390 px phone"
+        for view, section in VIEWS.items():
+            driver.get(f"{fleet.server.url}/#view/{view}" if view else f"{fleet.server.url}/")
+            eventually(lambda: cell(driver, sn, "status") is not None, "page drawn")
+            sections = driver.find_elements(By.CSS_SELECTOR, "main > section")
+            shown = [s.get_attribute("id") for s in sections if s.is_displayed()]
+            assert section in shown and (not view or shown == [section]), (view, shown)
+            current = driver.find_element(By.CSS_SELECTOR, "#views a[aria-current=page]")
+            assert current.get_attribute("data-view") == view
+            bad = axe_violations(driver)
+            shot(driver, fleet, f"view-{view or 'everything'}-{width}")
+            assert not bad, (view, width, json.dumps(bad, indent=1))
+            if width == 390:
+                overflow = driver.execute_script(
+                    "return document.documentElement.scrollWidth - window.innerWidth")
+                assert overflow <= 0, f"{view}: the page is {overflow} px wider than a phone"
     driver.set_window_size(1440, 1000)
 
 
@@ -92,3 +102,8 @@ def test_fleet_sorts_by_keyboard_alone(fleet: Fleet, driver: WebDriver) -> None:
     assert header.get_attribute("aria-sort") == "ascending"
     header.send_keys(Keys.SPACE)
     assert header.get_attribute("aria-sort") == "descending"
+    # the views are links: Enter on one opens its view, and its address
+    driver.find_element(By.CSS_SELECTOR, '#views a[data-view="alerts"]').send_keys(Keys.ENTER)
+    eventually(lambda: driver.current_url.endswith("#view/alerts"), "address follows")
+    assert driver.find_element(By.ID, "alerts-section").is_displayed()
+    assert not driver.find_element(By.ID, "fleet").is_displayed()

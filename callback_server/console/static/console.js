@@ -257,6 +257,7 @@ function indexAlert(a) {
 
 function onAlerts(items) {
   let fresh = 0;
+  const wasKnown = new Set(items.filter((a) => st.alerts.has(a.id)).map((a) => a.id));
   for (const a of items) {
     const known = st.alerts.has(a.id);
     st.alerts.set(a.id, a);
@@ -268,6 +269,13 @@ function onAlerts(items) {
       .sort((a, b) => sevRank(b.severity) - sevRank(a.severity))[0];
     announce(`${fresh} new alert${fresh > 1 ? "s" : ""}` +
       (worst ? `, the worst ${worst.severity}: ${ruleTitle(worst.rule)} ${worst.subject_id}` : ""));
+    // a new critical alert interrupts a screen reader (role=alert); the rest waits politely
+    const critical = items.filter((a) => a.state === "open" && a.severity === "critical" && !wasKnown.has(a.id));
+    if (critical.length) {
+      document.getElementById("announce-critical").textContent = `Critical: ` +
+        critical.slice(0, 3).map((a) => `${ruleTitle(a.rule)}, ${a.subject_type || ""} ${a.subject_id}`.replace(" ,", ",")).join("; ") +
+        (critical.length > 3 ? `; and ${critical.length - 3} more` : "");
+    }
   }
   st.alertsDirty = true;
   st.floorDirty = true;
@@ -753,6 +761,36 @@ function post(url, body) {
 }
 
 // Send a command and show its answer, or why there is none (timeout, refusal), in ``out``.
+// A command's answer in plain words: one row per value (nested keys joined by "."), yes/no
+// for flags, and the raw JSON behind a toggle for whoever needs it.
+function flatten(value, prefix, rows) {
+  if (value && typeof value === "object" && !Array.isArray(value) && Object.keys(value).length) {
+    for (const [k, v] of Object.entries(value)) flatten(v, prefix ? `${prefix}.${k}` : k, rows);
+  } else {
+    const shown = value === true ? "yes" : value === false ? "no" : value === null ? "—"
+      : Array.isArray(value) ? value.map((v) => (typeof v === "object" ? JSON.stringify(v) : String(v))).join(", ")
+      : typeof value === "object" ? "—" : String(value);
+    rows.push([prefix.replaceAll("_", " "), shown]);
+  }
+  return rows;
+}
+
+function showAnswer(out, command, value) {
+  const failed = value && typeof value === "object" && value.status === "error";
+  const table = el("table", {class: "kv"});
+  const caption = el("caption", {}, `${command}: ${failed ? "the gateway answered with an error" : "answered"}`);
+  const body = el("tbody");
+  for (const [k, v] of flatten(value, "", [])) {
+    const tr = el("tr");
+    tr.append(el("th", {scope: "row"}, k || "answer"), el("td", {}, v));
+    body.append(tr);
+  }
+  table.append(caption, body);
+  const raw = el("details", {class: "raw"});
+  raw.append(el("summary", {}, "raw answer"), el("pre", {}, JSON.stringify(value, null, 1)));
+  out.replaceChildren(table, raw);
+}
+
 async function sendCommand(url, body, out, button) {
   button.disabled = true;
   out.className = "cmd-out pending";
@@ -761,8 +799,9 @@ async function sendCommand(url, body, out, button) {
     const r = await post(url, body);
     const answer = await r.json().catch(() => ({message: `HTTP ${r.status}`}));
     out.className = `cmd-out ${r.ok && answer.status !== "error" ? "ok" : r.status === 504 ? "timeout" : "failed"}`;
-    out.textContent = r.ok ? `${body.command}: ${JSON.stringify(answer.result ?? answer, null, 1)}`
-      : `${body.command}: ${r.status === 504 ? "timed out" : "refused"} (${r.status}): ${answer.message || ""}`;
+    if (r.ok) showAnswer(out, body.command, answer.result ?? answer);
+    else out.textContent =
+      `${body.command}: ${r.status === 504 ? "timed out" : "refused"} (${r.status}): ${answer.message || ""}`;
   } catch (err) {
     out.className = "cmd-out failed";
     out.textContent = `${body.command}: ${err}`;
@@ -812,7 +851,7 @@ function gatewayCommandCell(key, g) {
   for (const c of GATEWAY_COMMANDS) select.append(el("option", {value: c}, c));
   const button = el("button", {type: "button", class: "cmd", "data-gateway": g.gateway_id,
     "aria-label": `Send the command to gateway ${g.gateway_id}`}, "Send");
-  const out = el("pre", {class: "cmd-out"});
+  const out = el("div", {class: "cmd-out", role: "status"});
   button.addEventListener("click", () => sendCommand(
     `/devices/${encodeURIComponent(g.gateway_id)}/commands`,
     {command: select.value, args: {}, timeout: COMMAND_TIMEOUT_S, org_id: g.org_id}, out, button));

@@ -107,3 +107,38 @@ def test_fleet_sorts_by_keyboard_alone(fleet: Fleet, driver: WebDriver) -> None:
     eventually(lambda: driver.current_url.endswith("#view/alerts"), "address follows")
     assert driver.find_element(By.ID, "alerts-section").is_displayed()
     assert not driver.find_element(By.ID, "fleet").is_displayed()
+
+
+def test_critical_alert_announced_then_acknowledged_and_a_command_sent_by_keyboard(
+        fleet: Fleet, driver: WebDriver) -> None:
+    driver.delete_all_cookies()
+    sign_in(driver, fleet, "operator_a")
+    eventually(lambda: driver.execute_script("return window.consoleStats.ready"), "page ready")
+    sn = f"K{uuid.uuid4().hex[:6]}"
+    fleet.post("acme", "robotErrorWarning", sn=sn, error_level="Fatal", error_type="Crash",
+               error_detail="wheel jammed", error_id=f"k-{sn}")
+    region = driver.find_element(By.ID, "announce-critical")
+    assert region.get_attribute("role") == "alert"
+    said = eventually(lambda: sn in (region.get_attribute("textContent") or "")
+                      and region.get_attribute("textContent"), "critical alert announced")
+    assert said.startswith("Critical: ") and "{" not in said, said
+
+    # acknowledge with Enter on the row's button, whose name says which alert it is
+    ack = eventually(lambda: [b for b in driver.find_elements(By.CSS_SELECTOR, "#alerts button.ack")
+                              if sn in (b.get_attribute("aria-label") or "")], "ack button")[0]
+    ack.send_keys(Keys.ENTER)
+    eventually(lambda: not [b for b in driver.find_elements(By.CSS_SELECTOR, "#alerts button.ack")
+                            if sn in (b.get_attribute("aria-label") or "")], "acknowledged")
+
+    # a gateway command by keyboard: its answer in plain words
+    driver.get(f"{fleet.server.url}/#view/gateways")
+    row = '#gateways tr[data-gateway="acme/gw-acme"]'
+    send = eventually(lambda: driver.find_elements(By.CSS_SELECTOR, f"{row} button.cmd"),
+                      "gateway command")[0]
+    send.send_keys(Keys.ENTER)
+    out = driver.find_element(By.CSS_SELECTOR, f"{row} .cmd-out")
+    text = eventually(lambda: out.text.startswith("ping: answered") and out.text, "ping answered")
+    assert "pong yes" in text and "gateway id gw-acme" in text, text
+    bad = axe_violations(driver)
+    shot(driver, fleet, "keyboard-command-answer")
+    assert not bad, json.dumps(bad, indent=1)

@@ -8,6 +8,7 @@ page is no wider than the phone.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -139,6 +140,7 @@ def test_critical_alert_announced_then_acknowledged_and_a_command_sent_by_keyboa
     out = driver.find_element(By.CSS_SELECTOR, f"{row} .cmd-out")
     text = eventually(lambda: out.text.startswith("ping: answered") and out.text, "ping answered")
     assert "pong yes" in text and "gateway id gw-acme" in text, text
+    assert re.search(r"^time \S*\d{4}", text, re.M) and not re.search(r"\d{10}", text), text
     bad = axe_violations(driver)
     shot(driver, fleet, "keyboard-command-answer")
     assert not bad, json.dumps(bad, indent=1)

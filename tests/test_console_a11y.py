@@ -120,8 +120,8 @@ def test_critical_alert_announced_then_acknowledged_and_a_command_sent_by_keyboa
                error_detail="wheel jammed", error_id=f"k-{sn}")
     region = driver.find_element(By.ID, "announce-critical")
     assert region.get_attribute("role") == "alert"
-    said = eventually(lambda: sn in (region.get_attribute("textContent") or "")
-                      and region.get_attribute("textContent"), "critical alert announced")
+    said = str(eventually(lambda: sn in (region.get_attribute("textContent") or "")
+                          and region.get_attribute("textContent"), "critical alert announced"))
     assert said.startswith("Critical: ") and "{" not in said, said
 
     # acknowledge with Enter on the row's button, whose name says which alert it is
@@ -138,7 +138,8 @@ def test_critical_alert_announced_then_acknowledged_and_a_command_sent_by_keyboa
                       "gateway command")[0]
     send.send_keys(Keys.ENTER)
     out = driver.find_element(By.CSS_SELECTOR, f"{row} .cmd-out")
-    text = eventually(lambda: out.text.startswith("ping: answered") and out.text, "ping answered")
+    text = str(eventually(lambda: out.text.startswith("ping: answered") and out.text,
+                          "ping answered"))
     assert "pong yes" in text and "gateway id gw-acme" in text, text
     assert re.search(r"^time \S*\d{4}", text, re.M) and not re.search(r"\d{10}", text), text
     bad = axe_violations(driver)

@@ -1006,7 +1006,12 @@ function render() {
   }
   renderRobotFlags();
   const t1 = performance.now();
-  if (st.floorDirty && t1 - st.floorAt >= FLOOR_MS) {  // the floor need not follow every pose
+  // a view without the floor (#view/alerts...) leaves it dirty: drawn when it is shown again
+  const view = document.querySelector("main").dataset.view;
+  const floorShown = !view || view === "floors";
+  if (st.floorDirty && !floorShown) {
+    // nothing: the floor waits for its view
+  } else if (st.floorDirty && t1 - st.floorAt >= FLOOR_MS) {  // the floor need not follow every pose
     renderFloor();
     st.floorDirty = false;
     st.floorAt = t1;
@@ -1131,6 +1136,7 @@ function wire() {
     requestAnimationFrame(() => { pending = false; renderFleet(); });
   });
   window.addEventListener("hashchange", route);
+  window.addEventListener("hashchange", schedule);  // a view shown again draws what it missed
 }
 
 async function start() {

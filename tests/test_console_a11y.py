@@ -148,3 +148,16 @@ def test_critical_alert_announced_then_acknowledged_and_a_command_sent_by_keyboa
     bad = axe_violations(driver)
     shot(driver, fleet, "keyboard-command-answer")
     assert not bad, json.dumps(bad, indent=1)
+
+
+def test_gateway_commands_are_the_gateways_own(fleet: Fleet, driver: WebDriver) -> None:
+    """The command list comes from the gateway's get_status, not from a copy in the page."""
+    driver.get(f"{fleet.server.url}/#view/gateways")
+    select = '#gateways tr[data-gateway="acme/gw-acme"] select.cmd-name option'
+    def offered() -> list[str] | None:
+        options = driver.find_elements(By.CSS_SELECTOR, select)
+        return [str(o.get_attribute("value")) for o in options] if len(options) > 2 else None
+
+    names = eventually(offered, "commands read from get_status")
+    assert names[:2] == ["ping", "get_status"] and "flush_outbox" in names, names
+    assert not [n for n in names if n.startswith("pudu.")], names

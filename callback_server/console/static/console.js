@@ -21,8 +21,9 @@ const COMMAND_TIMEOUT_S = 10;
 const ROW_H = 30;        // px of one fleet row: the table renders only the rows in view
 const OVERSCAN = 10;
 const RESORT_MS = 2000;  // a large fleet's order is recomputed at most this often on updates
-// The gateway's built-in commands an operator may send from the console (edge_agent).
-const GATEWAY_COMMANDS = ["ping", "get_status", "get_robots", "flush_outbox", "requeue_rejected"];
+// What every gateway answers; the rest of its commands (plug-ins included) are read from
+// its own get_status answer, not copied here.
+const GATEWAY_COMMANDS = ["ping", "get_status"];
 const SVG = "http://www.w3.org/2000/svg";
 
 // Counters a test or benchmark reads (frames received, objects, time spent rendering).
@@ -858,7 +859,24 @@ function gatewayCommandCell(key, g) {
     {command: select.value, args: {}, timeout: COMMAND_TIMEOUT_S, org_id: g.org_id}, out, button));
   td.append(select, button, out);
   st.gatewayCmd.set(key, td);
+  if (st.me && st.me.operator) loadGatewayCommands(g, select);
   return td;
+}
+
+// Ask the gateway which commands it has (get_status's "commands") and offer them; robot
+// commands (pudu.*) belong to the robot page. A gateway that does not answer keeps the two.
+async function loadGatewayCommands(g, select) {
+  try {
+    const r = await post(`/devices/${encodeURIComponent(g.gateway_id)}/commands`,
+      {command: "get_status", args: {}, timeout: COMMAND_TIMEOUT_S, org_id: g.org_id});
+    if (!r.ok) return;
+    const answer = await r.json();
+    const names = ((answer.result ?? answer).commands || []).filter((c) => !c.startsWith("pudu."));
+    const have = new Set([...select.options].map((o) => o.value));
+    for (const c of names) if (!have.has(c)) select.append(el("option", {value: c}, c));
+  } catch (err) {
+    // offline or refused: the two every gateway answers stay offered
+  }
 }
 
 function renderGateways() {

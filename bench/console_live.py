@@ -31,7 +31,7 @@ from bench.procs import cpu_seconds
 from bridge.envelope import Envelope
 from callback_server.console import KINDS
 from callback_server.keys import add_key
-from tests.services import callback_server
+from tests.services import callback_server, edge_agent
 
 BROKER = "mqtt://127.0.0.1:1883"
 
@@ -162,13 +162,152 @@ def run(robots: int, seconds: int, watch: bool = True) -> dict[str, Any]:
     }
 
 
+# Measured inside the page (added before any page script through the DevTools protocol, so
+# the strict CSP is untouched): every long task (> 50 ms) the browser reports.
+_OBSERVE = """
+window.__long = [];
+new PerformanceObserver((l) => { for (const e of l.getEntries()) window.__long.push(e.duration); })
+  .observe({type: "longtask", buffered: true});
+"""
+# One click on a sort header, answered when the next frame after it is painted.
+_CLICK = """
+const done = arguments[arguments.length - 1];
+const th = document.querySelector('#robots th[data-key="' + arguments[0] + '"]');
+const t0 = performance.now();
+th.click();
+requestAnimationFrame(() => setTimeout(() => done(performance.now() - t0), 0));
+"""
+_MIX = (("pose", 0.5), ("status", 0.2), ("power", 0.2), ("event", 0.1))
+
+
+def _webhook(kind: str, sn: str, tick: int) -> dict[str, Any]:
+    """One Pudu webhook body of the realistic mix: faults, stuck, low batteries, not only poses."""
+    n, now = int(sn[1:]), int(time.time())
+    if kind == "pose":
+        angle = (tick * 5 + n) % 360
+        data: dict[str, Any] = {"x": round(20 * math.cos(math.radians(angle)) + n % 10, 2),
+                                "y": round(20 * math.sin(math.radians(angle)), 2),
+                                "yaw": float(angle), "map_name": "1F"}
+        return {"callback_type": "notifyRobotPose", "data": {"sn": sn, "timestamp": now, **data}}
+    if kind == "status":
+        status = "OFFLINE" if n % 50 == 0 else "ONLINE"
+        return {"callback_type": "robotStatus",
+                "data": {"sn": sn, "timestamp": now, "run_status": status}}
+    if kind == "power":
+        level = 8 if n % 25 == 0 else 30 + (n * 7 + tick) % 70
+        return {"callback_type": "notifyRobotPower",
+                "data": {"sn": sn, "timestamp": now, "power": level, "charge_stage": "IDLE"}}
+    severity = "Fatal" if n % 40 == 0 else "Warning"
+    return {"callback_type": "robotErrorWarning",
+            "data": {"sn": sn, "timestamp": now, "error_level": severity, "error_type": "Crash",
+                     "error_detail": "bench", "error_id": f"e{tick}-{sn}"}}
+
+
+def _spread(samples: list[dict[str, Any]], key: str) -> list[float] | None:
+    values = [s[key] for s in samples]
+    return [values[0], max(values), values[-1]] if values else None
+
+
+def run_mix(robots: int, seconds: int, rate: int, gateways: int = 3) -> dict[str, Any]:
+    """The realistic mix through real webhooks and edge agents, one gateway stopped a third in."""
+    import random
+    from contextlib import ExitStack
+
+    tmp = Path(tempfile.mkdtemp(prefix="console-bench-"))
+    keys_file = tmp / "keys.yaml"
+    key = add_key(keys_file, "watcher", ["*"], "operator")
+    prefix = f"b{uuid.uuid4().hex[:8]}"
+    rnd = random.Random(29)
+    with ExitStack() as stack:
+        server = stack.enter_context(callback_server(
+            tmp, BROKER, f"sqlite:///{tmp / 'cb.db'}", TOPIC_PREFIX=prefix,
+            API_KEYS_FILE=str(keys_file)))
+        agents = [stack.enter_context(edge_agent(tmp, BROKER, org=f"org{g}", gateway=f"gw{g}",
+                                                 TOPIC_PREFIX=prefix)) for g in range(gateways)]
+        http = stack.enter_context(httpx.Client(headers={"CallbackCode": "test-code"},
+                                                timeout=10))
+        sns = [f"R{i:05d}" for i in range(robots)]
+
+        def post(sn: str, kind: str, tick: int) -> None:
+            agent = agents[int(sn[1:]) % gateways]
+            if agent.proc is not None and agent.proc.poll() is None:
+                http.post(agent.url + "/api/pudu/webhook", json=_webhook(kind, sn, tick))
+
+        for sn in sns:  # every robot known before the page opens
+            post(sn, "status", 0)
+        options = webdriver.ChromeOptions()
+        options.binary_location = "/usr/bin/chromium"
+        for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                    "--window-size=1440,1000", "--enable-precise-memory-info"):
+            options.add_argument(arg)
+        driver = webdriver.Chrome(service=ChromeService("/usr/bin/chromedriver"),
+                                  options=options)
+        stack.callback(driver.quit)
+        driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": _OBSERVE})
+        driver.execute_cdp_cmd("Performance.enable", {})
+        driver.get(server.url + "/")
+        driver.find_element(By.ID, "key").send_keys(key)
+        driver.find_element(By.ID, "signin-button").click()
+        deadline = time.monotonic() + 120
+        while not (driver.find_elements(By.ID, "total")
+                   and driver.find_element(By.ID, "total").text.endswith(f"of {robots})")):
+            assert time.monotonic() < deadline, "page never showed every robot"
+            time.sleep(0.2)
+
+        def heap_mb() -> float:
+            metrics = driver.execute_cdp_cmd("Performance.getMetrics", {})["metrics"]
+            used = next(m["value"] for m in metrics if m["name"] == "JSHeapUsedSize")
+            return round(float(used) / 2**20, 1)
+
+        samples: list[dict[str, Any]] = []
+        clicks: list[float] = []
+        driver.set_script_timeout(30)
+        t0, sent, warm = time.monotonic(), 0, max(5, seconds // 6)
+        for tick in range(1, seconds + 1):
+            for _ in range(rate):
+                kind = rnd.choices([k for k, _ in _MIX], [w for _, w in _MIX])[0]
+                post(rnd.choice(sns), kind, tick)
+                sent += 1
+            if tick == seconds // 3 and agents[-1].proc is not None:
+                agents[-1].kill()  # one gateway stops: its robots become unknown
+            if tick == warm:
+                driver.execute_script("window.__long = []")
+            if tick > warm and tick % 5 == 0:
+                clicks.append(driver.execute_async_script(_CLICK, "battery_level"))
+                nodes = driver.execute_script("return document.getElementsByTagName('*').length")
+                samples.append({"t": tick, "heap_mb": heap_mb(), "dom_nodes": nodes})
+            time.sleep(max(0.0, t0 + tick - time.monotonic()))
+        elapsed = time.monotonic() - t0
+        long_tasks = driver.execute_script("return window.__long")
+        driver.save_screenshot(str(tmp / "console-bench-mix.png"))
+    steady = elapsed - warm
+    return {
+        "robots": robots, "seconds": seconds, "webhooks_sent_per_s": round(sent / elapsed, 1),
+        "gateways": gateways, "gateway_stopped_at_s": seconds // 3,
+        "steady_state_s": round(steady, 1),
+        "long_tasks": len(long_tasks), "long_task_max_ms": round(max(long_tasks, default=0), 1),
+        "long_task_share": round(sum(long_tasks) / 1000 / steady, 3),
+        "click_ms_median": round(sorted(clicks)[len(clicks) // 2], 1) if clicks else None,
+        "click_ms_max": round(max(clicks), 1) if clicks else None,
+        "dom_nodes_first_max_last": _spread(samples, "dom_nodes"),
+        "heap_mb_first_max_last": _spread(samples, "heap_mb"),
+        "screenshot": str(tmp / "console-bench-mix.png"),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--robots", type=int, default=1000)
     parser.add_argument("--seconds", type=int, default=20)
     parser.add_argument("--baseline", action="store_true",
                         help="the same feed with no browser or stream: the server's own cost")
+    parser.add_argument("--mix", type=int, metavar="WEBHOOKS_PER_S", default=0,
+                        help="the realistic mix (statuses, powers, poses, events, faults, one "
+                             "gateway stopped) through real webhooks at this rate, e.g. 164")
     args = parser.parse_args()
+    if args.mix:
+        print(json.dumps(run_mix(args.robots, args.seconds, args.mix)))
+        return
     print(json.dumps(run(args.robots, args.seconds, watch=not args.baseline)))
 
 

@@ -21,8 +21,9 @@ const COMMAND_TIMEOUT_S = 10;
 const ROW_H = 30;        // px of one fleet row: the table renders only the rows in view
 const OVERSCAN = 10;
 const RESORT_MS = 2000;  // a large fleet's order is recomputed at most this often on updates
-// The gateway's built-in commands an operator may send from the console (edge_agent).
-const GATEWAY_COMMANDS = ["ping", "get_status", "get_robots", "flush_outbox", "requeue_rejected"];
+// What every gateway answers; the rest of its commands (plug-ins included) are read from
+// its own get_status answer, not copied here.
+const GATEWAY_COMMANDS = ["ping", "get_status"];
 const SVG = "http://www.w3.org/2000/svg";
 
 // Counters a test or benchmark reads (frames received, objects, time spent rendering).
@@ -257,6 +258,7 @@ function indexAlert(a) {
 
 function onAlerts(items) {
   let fresh = 0;
+  const wasKnown = new Set(items.filter((a) => st.alerts.has(a.id)).map((a) => a.id));
   for (const a of items) {
     const known = st.alerts.has(a.id);
     st.alerts.set(a.id, a);
@@ -268,6 +270,13 @@ function onAlerts(items) {
       .sort((a, b) => sevRank(b.severity) - sevRank(a.severity))[0];
     announce(`${fresh} new alert${fresh > 1 ? "s" : ""}` +
       (worst ? `, the worst ${worst.severity}: ${ruleTitle(worst.rule)} ${worst.subject_id}` : ""));
+    // a new critical alert interrupts a screen reader (role=alert); the rest waits politely
+    const critical = items.filter((a) => a.state === "open" && a.severity === "critical" && !wasKnown.has(a.id));
+    if (critical.length) {
+      document.getElementById("announce-critical").textContent = `Critical: ` +
+        critical.slice(0, 3).map((a) => `${ruleTitle(a.rule)}, ${a.subject_type || ""} ${a.subject_id}`.replace(" ,", ",")).join("; ") +
+        (critical.length > 3 ? `; and ${critical.length - 3} more` : "");
+    }
   }
   st.alertsDirty = true;
   st.floorDirty = true;
@@ -650,7 +659,7 @@ function fillAlert(tr, a) {
     }
     if (!silenced && a.state !== "resolved") {
       const b = el("button", {type: "button", class: "silence", "data-alert-id": a.id,
-        "aria-label": `Silence ${what} for ${SILENCE_MINUTES} min`,
+        "aria-label": `Silence 1 h: ${what}`,
         title: `no notifications for this rule and subject for ${SILENCE_MINUTES} min`}, "Silence 1 h");
       b.addEventListener("click", () => alertAction(a.id, "silence", {minutes: SILENCE_MINUTES}, b));
       td.append(b);
@@ -753,6 +762,37 @@ function post(url, body) {
 }
 
 // Send a command and show its answer, or why there is none (timeout, refusal), in ``out``.
+// A command's answer in plain words: one row per value (nested keys joined by "."), yes/no
+// for flags, and the raw JSON behind a toggle for whoever needs it.
+function flatten(value, prefix, rows) {
+  if (value && typeof value === "object" && !Array.isArray(value) && Object.keys(value).length) {
+    for (const [k, v] of Object.entries(value)) flatten(v, prefix ? `${prefix}.${k}` : k, rows);
+  } else {
+    const when = typeof value === "number" && /(^|_)(time|ts|at)$/.test(prefix) && value > 1e9 && value < 1e10;
+    const shown = when ? fmtEpoch(value) : value === true ? "yes" : value === false ? "no" : value === null ? "—"
+      : Array.isArray(value) ? value.map((v) => (typeof v === "object" ? JSON.stringify(v) : String(v))).join(", ")
+      : typeof value === "object" ? "—" : String(value);
+    rows.push([prefix.replaceAll("_", " "), shown]);
+  }
+  return rows;
+}
+
+function showAnswer(out, command, value) {
+  const failed = value && typeof value === "object" && value.status === "error";
+  const table = el("table", {class: "kv"});
+  const caption = el("caption", {}, `${command}: ${failed ? "the gateway answered with an error" : "answered"}`);
+  const body = el("tbody");
+  for (const [k, v] of flatten(value, "", [])) {
+    const tr = el("tr");
+    tr.append(el("th", {scope: "row"}, k || "answer"), el("td", {}, v));
+    body.append(tr);
+  }
+  table.append(caption, body);
+  const raw = el("details", {class: "raw"});
+  raw.append(el("summary", {}, "raw answer"), el("pre", {}, JSON.stringify(value, null, 1)));
+  out.replaceChildren(table, raw);
+}
+
 async function sendCommand(url, body, out, button) {
   button.disabled = true;
   out.className = "cmd-out pending";
@@ -761,8 +801,9 @@ async function sendCommand(url, body, out, button) {
     const r = await post(url, body);
     const answer = await r.json().catch(() => ({message: `HTTP ${r.status}`}));
     out.className = `cmd-out ${r.ok && answer.status !== "error" ? "ok" : r.status === 504 ? "timeout" : "failed"}`;
-    out.textContent = r.ok ? `${body.command}: ${JSON.stringify(answer.result ?? answer, null, 1)}`
-      : `${body.command}: ${r.status === 504 ? "timed out" : "refused"} (${r.status}): ${answer.message || ""}`;
+    if (r.ok) showAnswer(out, body.command, answer.result ?? answer);
+    else out.textContent =
+      `${body.command}: ${r.status === 504 ? "timed out" : "refused"} (${r.status}): ${answer.message || ""}`;
   } catch (err) {
     out.className = "cmd-out failed";
     out.textContent = `${body.command}: ${err}`;
@@ -812,13 +853,30 @@ function gatewayCommandCell(key, g) {
   for (const c of GATEWAY_COMMANDS) select.append(el("option", {value: c}, c));
   const button = el("button", {type: "button", class: "cmd", "data-gateway": g.gateway_id,
     "aria-label": `Send the command to gateway ${g.gateway_id}`}, "Send");
-  const out = el("pre", {class: "cmd-out"});
+  const out = el("div", {class: "cmd-out", role: "status"});
   button.addEventListener("click", () => sendCommand(
     `/devices/${encodeURIComponent(g.gateway_id)}/commands`,
     {command: select.value, args: {}, timeout: COMMAND_TIMEOUT_S, org_id: g.org_id}, out, button));
   td.append(select, button, out);
   st.gatewayCmd.set(key, td);
+  if (st.me && st.me.operator) loadGatewayCommands(g, select);
   return td;
+}
+
+// Ask the gateway which commands it has (get_status's "commands") and offer them; robot
+// commands (pudu.*) belong to the robot page. A gateway that does not answer keeps the two.
+async function loadGatewayCommands(g, select) {
+  try {
+    const r = await post(`/devices/${encodeURIComponent(g.gateway_id)}/commands`,
+      {command: "get_status", args: {}, timeout: COMMAND_TIMEOUT_S, org_id: g.org_id});
+    if (!r.ok) return;
+    const answer = await r.json();
+    const names = ((answer.result ?? answer).commands || []).filter((c) => !c.startsWith("pudu."));
+    const have = new Set([...select.options].map((o) => o.value));
+    for (const c of names) if (!have.has(c)) select.append(el("option", {value: c}, c));
+  } catch (err) {
+    // offline or refused: the two every gateway answers stay offered
+  }
 }
 
 function renderGateways() {
@@ -966,7 +1024,12 @@ function render() {
   }
   renderRobotFlags();
   const t1 = performance.now();
-  if (st.floorDirty && t1 - st.floorAt >= FLOOR_MS) {  // the floor need not follow every pose
+  // a view without the floor (#view/alerts...) leaves it dirty: drawn when it is shown again
+  const view = document.querySelector("main").dataset.view;
+  const floorShown = !view || view === "floors";
+  if (st.floorDirty && !floorShown) {
+    // nothing: the floor waits for its view
+  } else if (st.floorDirty && t1 - st.floorAt >= FLOOR_MS) {  // the floor need not follow every pose
     renderFloor();
     st.floorDirty = false;
     st.floorAt = t1;
@@ -1091,6 +1154,7 @@ function wire() {
     requestAnimationFrame(() => { pending = false; renderFleet(); });
   });
   window.addEventListener("hashchange", route);
+  window.addEventListener("hashchange", schedule);  // a view shown again draws what it missed
 }
 
 async function start() {
@@ -1099,6 +1163,9 @@ async function start() {
   st.me = await r.json();
   document.getElementById("who").textContent =
     `${st.me.name} · ${st.me.role} · ${st.me.orgs.join(", ")}`;
+  // every time on the page is this browser's local time: say which zone that is
+  document.getElementById("tz").textContent =
+    `times in ${Intl.DateTimeFormat().resolvedOptions().timeZone || "local time"}`;
   document.body.classList.toggle("operator", st.me.operator);
   wire();
   const es = new EventSource("/console/stream");

@@ -158,7 +158,7 @@
         return label;
       });
       const button = el("button", {type: "submit", class: "cmd", "data-command": c.name}, c.label);
-      const out = el("pre", {class: "cmd-out"});
+      const out = el("div", {class: "cmd-out", role: "status"});
       form.append(...labelled, button, out);
       form.addEventListener("submit", (ev) => {
         ev.preventDefault();

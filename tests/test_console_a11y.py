@@ -1,0 +1,163 @@
+"""The console checked as a keyboard or screen-reader user, on a desk and on a phone.
+
+axe-core (vendored under console/static/vendor, injected only here) runs on the signed-in
+page at 1440 px and 390 px: no serious or critical violation is allowed, and at 390 px the
+page is no wider than the phone.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.remote.webdriver import WebDriver
+
+from tests.test_console import CHROMEDRIVER, CHROMIUM, Fleet, cell, eventually, fleet, shot, sign_in
+
+pytestmark = pytest.mark.integration
+__all__ = ["fleet"]  # the module's fleet fixture, shared with tests/test_console.py
+AXE = (Path(__file__).resolve().parents[1] / "callback_server" / "console" / "static"
+       / "vendor" / "axe-core" / "axe.min.js")
+SERIOUS = {"serious", "critical"}
+# each view's address (#view/<name>, "" = everything) and the section it shows
+VIEWS = {"": "fleet", "attention": "attention", "alerts": "alerts-section", "fleet": "fleet",
+         "events": "events-section", "gateways": "gateways-section", "floors": "floor-section"}
+
+
+@pytest.fixture(scope="module")
+def driver() -> Iterator[WebDriver]:
+    """One browser for the module: CI time is shared."""
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                "--window-size=1440,1000", "--disable-gpu"):
+        options.add_argument(arg)
+    d = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    yield d
+    d.quit()
+
+
+def axe_violations(driver: WebDriver) -> list[dict[str, object]]:
+    """Serious and critical violations axe-core finds on the page as it is now."""
+    if not driver.execute_script("return !!window.axe"):
+        driver.execute_script(AXE.read_text(encoding="utf-8"))
+    result = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "axe.run(document, {resultTypes: ['violations']})"
+        ".then(r => done(JSON.stringify(r.violations)), e => done(JSON.stringify(String(e))));")
+    found = json.loads(result)
+    assert isinstance(found, list), found
+    return [{"id": v["id"], "impact": v["impact"], "help": v["help"],
+             "nodes": [n["target"] for n in v["nodes"][:5]]}
+            for v in found if v["impact"] in SERIOUS]
+
+
+def test_every_view_by_address_at_desk_and_phone_width_axe_clean(
+        fleet: Fleet, driver: WebDriver) -> None:
+    sn = f"X{uuid.uuid4().hex[:6]}"
+    fleet.post("acme", "robotStatus", sn=sn, run_status="ONLINE")
+    fleet.post("acme", "notifyRobotPower", sn=sn, power=12, charge_stage="IDLE")
+    fleet.post("acme", "notifyRobotPose", sn=sn, x=1.0, y=2.0, yaw=0.0)
+    fleet.post("acme", "robotErrorWarning", sn=sn, error_level="Fatal", error_type="Crash",
+               error_detail="motor stalled", error_id=f"e-{sn}")
+    sign_in(driver, fleet, "operator_a")
+    eventually(lambda: cell(driver, sn, "status"), "robot row shown")
+    zone = driver.execute_script("return Intl.DateTimeFormat().resolvedOptions().timeZone")
+    assert driver.find_element(By.ID, "tz").text == f"times in {zone}"
+    driver.set_script_timeout(60)
+    for width in (1440, 390):
+        driver.set_window_size(width, 1000)
+        for view, section in VIEWS.items():
+            driver.get(f"{fleet.server.url}/#view/{view}" if view else f"{fleet.server.url}/")
+            eventually(lambda: cell(driver, sn, "status") is not None, "page drawn")
+            sections = driver.find_elements(By.CSS_SELECTOR, "main > section")
+            shown = [s.get_attribute("id") for s in sections if s.is_displayed()]
+            assert section in shown and (not view or shown == [section]), (view, shown)
+            if view == "floors":  # drawn on showing, though other views left it undrawn
+                eventually(lambda: driver.find_elements(
+                    By.CSS_SELECTOR, f'#floor g.marker[data-sn="{sn}"]'), "marker drawn")
+            current = driver.find_element(By.CSS_SELECTOR, "#views a[aria-current=page]")
+            assert current.get_attribute("data-view") == view
+            bad = axe_violations(driver)
+            shot(driver, fleet, f"view-{view or 'everything'}-{width}")
+            assert not bad, (view, width, json.dumps(bad, indent=1))
+            if width == 390:
+                overflow = driver.execute_script(
+                    "return document.documentElement.scrollWidth - window.innerWidth")
+                assert overflow <= 0, f"{view}: the page is {overflow} px wider than a phone"
+    driver.set_window_size(1440, 1000)
+
+
+def test_fleet_sorts_by_keyboard_alone(fleet: Fleet, driver: WebDriver) -> None:
+    driver.delete_all_cookies()  # signed out: the viewer signs in afresh
+    sign_in(driver, fleet, "viewer_a")
+    header = driver.find_element(By.CSS_SELECTOR, '#robots th[data-key="battery_level"]')
+    header.send_keys(Keys.ENTER)
+    assert header.get_attribute("aria-sort") == "ascending"
+    header.send_keys(Keys.SPACE)
+    assert header.get_attribute("aria-sort") == "descending"
+    # the views are links: Enter on one opens its view, and its address
+    driver.find_element(By.CSS_SELECTOR, '#views a[data-view="alerts"]').send_keys(Keys.ENTER)
+    eventually(lambda: driver.current_url.endswith("#view/alerts"), "address follows")
+    assert driver.find_element(By.ID, "alerts-section").is_displayed()
+    assert not driver.find_element(By.ID, "fleet").is_displayed()
+
+
+def test_critical_alert_announced_then_acknowledged_and_a_command_sent_by_keyboard(
+        fleet: Fleet, driver: WebDriver) -> None:
+    driver.delete_all_cookies()
+    sign_in(driver, fleet, "operator_a")
+    eventually(lambda: driver.execute_script("return window.consoleStats.ready"), "page ready")
+    sn = f"K{uuid.uuid4().hex[:6]}"
+    fleet.post("acme", "robotErrorWarning", sn=sn, error_level="Fatal", error_type="Crash",
+               error_detail="wheel jammed", error_id=f"k-{sn}")
+    region = driver.find_element(By.ID, "announce-critical")
+    assert region.get_attribute("role") == "alert"
+    said = str(eventually(lambda: sn in (region.get_attribute("textContent") or "")
+                          and region.get_attribute("textContent"), "critical alert announced"))
+    assert said.startswith("Critical: ") and "{" not in said, said
+
+    # acknowledge with Enter on the row's button, whose name says which alert it is
+    ack = eventually(lambda: [b for b in driver.find_elements(By.CSS_SELECTOR, "#alerts button.ack")
+                              if sn in (b.get_attribute("aria-label") or "")], "ack button")[0]
+    ack.send_keys(Keys.ENTER)
+    eventually(lambda: not [b for b in driver.find_elements(By.CSS_SELECTOR, "#alerts button.ack")
+                            if sn in (b.get_attribute("aria-label") or "")], "acknowledged")
+
+    # a gateway command by keyboard: its answer in plain words
+    driver.get(f"{fleet.server.url}/#view/gateways")
+    row = '#gateways tr[data-gateway="acme/gw-acme"]'
+    send = eventually(lambda: driver.find_elements(By.CSS_SELECTOR, f"{row} button.cmd"),
+                      "gateway command")[0]
+    send.send_keys(Keys.ENTER)
+    out = driver.find_element(By.CSS_SELECTOR, f"{row} .cmd-out")
+    text = str(eventually(lambda: out.text.startswith("ping: answered") and out.text,
+                          "ping answered"))
+    assert "pong yes" in text and "gateway id gw-acme" in text, text
+    assert re.search(r"^time \S*\d{4}", text, re.M) and not re.search(r"\d{10}", text), text
+    bad = axe_violations(driver)
+    shot(driver, fleet, "keyboard-command-answer")
+    assert not bad, json.dumps(bad, indent=1)
+
+
+def test_gateway_commands_are_the_gateways_own(fleet: Fleet, driver: WebDriver) -> None:
+    """The command list comes from the gateway's get_status, not from a copy in the page."""
+    driver.get(f"{fleet.server.url}/#view/gateways")
+    select = '#gateways tr[data-gateway="acme/gw-acme"] select.cmd-name option'
+    def offered() -> list[str] | None:
+        options = driver.find_elements(By.CSS_SELECTOR, select)
+        return [str(o.get_attribute("value")) for o in options] if len(options) > 2 else None
+
+    names = eventually(offered, "commands read from get_status")
+    assert names[:2] == ["ping", "get_status"] and "flush_outbox" in names, names
+    assert not [n for n in names if n.startswith("pudu.")], names

@@ -65,7 +65,7 @@ from bridge.errors import (
     OutboxLockedError,
     OutboxUnwritableError,
 )
-from bridge.outbox import dedup
+from bridge.outbox import dedup, priority
 from bridge.outbox import held as held_table
 from bridge.outbox import rejected as rejected_table
 from bridge.outbox.entries import (
@@ -303,6 +303,20 @@ class Outbox:
             # the loop meanwhile, so each later one will: track from here.
             self._tail.track_from(entries[-1].seq if entries else after_seq)
         return entries
+
+    async def drain_plan(self, limit: int = 500) -> list[tuple[OutboxEntry, bool]]:
+        """While a backlog exists: up to ``limit`` entries in drain order (newest state
+        and events first, then history), each with whether it is history; see
+        bridge/outbox/priority.py. Entries removed but not yet committed may show up
+        again (``sync`` first to avoid it)."""
+        async with self._read_lock:
+            rows = await asyncio.to_thread(self._plan, limit)
+        return [(OutboxEntry(r[0], r[1], bytes(r[2]), r[3], bool(r[4])), replay)
+                for r, replay in rows]
+
+    def _plan(self, limit: int) -> list[tuple[tuple[Any, ...], bool]]:
+        assert self._reader is not None
+        return priority.plan(self._reader, limit)
 
     def _submit(self, op: Any) -> None:
         """Queue an op for the writer; everything queued in one loop tick goes over as one.

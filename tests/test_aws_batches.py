@@ -12,7 +12,8 @@ from bridge import frames
 from bridge.transport import MqttSettings
 from bridge.transport.memory import MemoryTransport
 from tests.dbutil import query
-from tests.test_ingest import Ingest, envelope, ingest  # noqa: F401  (the fixture)
+from tests.test_ingest import Ingest, envelope
+from tests.test_ingest import ingest as _ingest  # noqa: F401  (the fixture, by its name)
 
 FRAME_TOPIC = "org/acme/device/site-a/batch"
 

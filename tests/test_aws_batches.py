@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest passes the imported ``ingest`` fixture by name)
 """AWS-shaped batches at the callback server (issue 27): an IoT Rule's batched HTTP
 action in both modes, and the edge's batch frames over HTTP ingest and MQTT, each
 element settled on its own (the per-element ingest contract)."""
@@ -12,8 +13,7 @@ from bridge import frames
 from bridge.transport import MqttSettings
 from bridge.transport.memory import MemoryTransport
 from tests.dbutil import query
-from tests.test_ingest import Ingest, envelope
-from tests.test_ingest import ingest as _ingest  # noqa: F401  (the fixture, by its name)
+from tests.test_ingest import Ingest, envelope, ingest  # noqa: F401  (the fixture)
 
 FRAME_TOPIC = "org/acme/device/site-a/batch"
 

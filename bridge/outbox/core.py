@@ -127,6 +127,7 @@ class Outbox:
         self._last_prune = 0.0
         self._fatal: BaseException | None = None
         self._tail = Tail()
+        self._drain_order = priority.DrainOrder()
         self._ops: list[Any] = []  # queued in this loop tick, not yet handed to the writer
         self._commits_seen = 0  # commits with new entries that reached the event loop
         self._lock_fd: int | None = None
@@ -316,7 +317,7 @@ class Outbox:
 
     def _plan(self, limit: int) -> list[tuple[tuple[Any, ...], bool]]:
         assert self._reader is not None
-        return priority.plan(self._reader, limit)
+        return self._drain_order.plan(self._reader, limit)
 
     def _submit(self, op: Any) -> None:
         """Queue an op for the writer; everything queued in one loop tick goes over as one.

@@ -1,0 +1,194 @@
+"""Issue 27: draining an outage's backlog to AWS IoT Core's per-connection limits.
+
+The edge agent on the ``awsiot`` backend (real awscrt) publishes through a shaping proxy
+(bench/shaper.py: mutual TLS, 100 publishes/s and 512 KiB/s per connection, violations
+counted) to a Mosquitto requiring client certificates; a callback server stores what
+arrives in SQLite. The outbox starts with ``ENTRIES`` entries of the realistic mix (100
+robots), and fresh status changes are posted to the agent's webhook during the drain.
+Figures: drain time against the limit's own (entries / 100 per s), violations, loss,
+out-of-order merges per robot and channel, the time until every robot's newest state is
+in the cloud database (against the drain time, which is what oldest-first costs), and
+the same drain with batch frames (its time, and billed 5 KiB units per envelope).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench import apps
+from bench.procs import Broker, free_port
+from bench.samples import envelopes
+from bench.scenarios.common import edge_health
+from bench.settings import RunContext
+from bench.shaper import Shaper
+from bridge import frames
+from bridge.outbox import Outbox
+from tests.tls_certs import CertAuthority
+
+log = logging.getLogger(__name__)
+
+ENTRIES = 6000  # 36,000 with --long (AWS_DRAIN_ENTRIES)
+ROBOTS = 100
+LIMIT = 100.0  # publishes/s
+FRESH_EVERY = 0.5  # s between fresh status changes posted during the drain
+
+
+Sent = dict[str, tuple[str, str, float]]
+
+
+async def _fill(path: Path, org: str, gateway: str, count: int) -> Sent:
+    """The backlog; returns id -> (device, channel, ts)."""
+    out: Sent = {}
+    async with Outbox(path) as outbox:
+        for topic, payload, key in envelopes(count, org=org, gateway=gateway, robots=ROBOTS,
+                                             tag="awsdrain"):
+            await outbox.put(topic, payload, compact_key=key)
+            env = json.loads(payload)
+            out[env["id"]] = (env["device"], env["channel"], env["ts"])
+    return out
+
+
+class _Loop:
+    """An event loop in a thread, for the proxy while the bench drives processes."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def _log_rows(db: Path) -> list[tuple[str, str]]:
+    try:
+        with sqlite3.connect(db) as conn:
+            return conn.execute("SELECT id, payload FROM mqtt_message_log ORDER BY rowid"
+                                ).fetchall()
+    except sqlite3.Error:
+        return []
+
+
+def _drain(ctx: RunContext, name: str, broker: Broker, tls_port: int, ca: CertAuthority,
+           loop: _Loop, count: int, **env: str) -> dict[str, float]:
+    d = ctx.dir(f"aws_drain-{name}")
+    db = d / "cloud.db"
+    org, gateway = "acme", "gw-aws"
+    backlog = asyncio.run(_fill(d / "outbox.db", org, gateway, count))
+    newest: dict[str, str] = {}
+    for ident, (dev, channel, ts) in backlog.items():  # each robot's newest, per channel
+        key = f"{dev}/{channel}"
+        if key not in newest or backlog[newest[key]][2] <= ts:
+            newest[key] = ident
+    shaper_cert = ca.issue(f"shaper-{name}", server=True)
+    gw = ca.issue(f"gw-{name}")
+    shaper = Shaper(tls_port, ca=ca.cert, server_cert=shaper_cert.cert,
+                    server_key=shaper_cert.key, client_cert=gw.cert, client_key=gw.key)
+    loop.run(shaper.__aenter__())
+    fresh: list[str] = []
+    try:
+        with apps.callback_server(d, "cloud", broker.url, f"sqlite:///{db}",
+                                  client_id=f"cloud-{name}"), \
+                apps.edge_agent(d, "edge", f"mqtts://127.0.0.1:{shaper.port}",
+                                d / "outbox.db", org=org, gateway=gateway,
+                                MQTT_BACKEND="awsiot", MQTT_CA_FILE=str(ca.cert),
+                                MQTT_CERT_FILE=str(gw.cert), MQTT_KEY_FILE=str(gw.key),
+                                MQTT_CLIENT_ID=f"gw-aws-{name}", **env) as edge:
+            started = time.monotonic()
+            newest_at = None
+            last_post = 0.0
+            with httpx.Client(base_url=f"http://127.0.0.1:{edge.port}",
+                              headers={"CallbackCode": apps.CALLBACK_CODE}) as client:
+                while True:
+                    now = time.monotonic()
+                    h = edge_health(edge)
+                    if now - last_post >= FRESH_EVERY and h["outbox_depth"] > 50:
+                        last_post = now
+                        sn = f"fresh{len(fresh) % 10}"
+                        r = client.post("/api/pudu/webhook", json={
+                            "callback_type": "notifyRobotStatus",
+                            "data": {"sn": sn, "robot_state": "busy",
+                                     "notify_timestamp": int(time.time() * 1000)}})
+                        if r.status_code == 200:
+                            fresh.append(sn)
+                    if newest_at is None:
+                        ids = {i for i, _ in _log_rows(db)}
+                        if all(i in ids for i in newest.values()):
+                            newest_at = time.monotonic() - started
+                    if h["outbox_depth"] == 0 and h["inflight"] == 0 and newest_at is not None:
+                        break
+                    if now - started > 30 + 3 * count / LIMIT:
+                        raise RuntimeError(f"aws_drain {name}: not drained: {h}")
+                    time.sleep(0.2)
+            drained = time.monotonic() - started
+            time.sleep(1.0)  # the last commits at the cloud
+            rows = _log_rows(db)
+    finally:
+        loop.run(shaper.__aexit__())
+    stored = {}
+    ooo = 0
+    merged: dict[tuple[str, str], float] = {}
+    for ident, payload in rows:
+        env_ = json.loads(payload)
+        stored[ident] = env_
+        if env_.get("replay"):
+            continue
+        key = (env_.get("device", ""), env_.get("channel", ""))
+        ts = float(env_.get("ts", 0))
+        if ts < merged.get(key, float("-inf")):
+            ooo += 1
+        merged[key] = max(ts, merged.get(key, ts))
+    lost = sum(1 for i in backlog if i not in stored)
+    units = sum(frames.billed_units(max(size - 60, 1)) for size in _sizes(shaper))
+    return {
+        f"aws_drain.{name}_s": drained,
+        f"aws_drain.{name}_vs_limit": drained / (count / LIMIT),
+        f"aws_drain.{name}_violations": float(shaper.counts.violations),
+        f"aws_drain.{name}_lost": float(lost),
+        f"aws_drain.{name}_out_of_order": float(ooo),
+        f"aws_drain.{name}_newest_state_s": float(newest_at or drained),
+        f"aws_drain.{name}_units_per_envelope": units / max(len(stored), 1),
+        f"aws_drain.{name}_publishes": float(shaper.counts.publishes),
+    }
+
+
+def _sizes(shaper: Shaper) -> list[int]:
+    """Each PUBLISH packet's size (payload plus topic and header: ~60 bytes here)."""
+    return shaper.counts.sizes
+
+
+def run(ctx: RunContext) -> dict[str, float]:
+    count = ENTRIES * (6 if ctx.settings.long else 1)
+    base = ctx.dir("aws_drain")
+    ca = CertAuthority(base / "pki", "bench")
+    server = ca.issue("broker", server=True)
+    broker = Broker(base / "broker")
+    tls_port = free_port()
+    with broker.conf.open("a") as conf:
+        conf.write(f"listener {tls_port} 127.0.0.1\ncafile {ca.cert}\n"
+                   f"certfile {server.cert}\nkeyfile {server.key}\n"
+                   "require_certificate true\n")
+    loop = _Loop()
+    try:
+        with broker:
+            out = _drain(ctx, "single", broker, tls_port, ca, loop, count)
+            out |= _drain(ctx, "frames", broker, tls_port, ca, loop, count,
+                          BATCH_FRAMES="on")
+    finally:
+        loop.close()
+    out["aws_drain.frames_speedup"] = out["aws_drain.single_s"] / out["aws_drain.frames_s"]
+    log.info("aws_drain: %s", out)
+    return out

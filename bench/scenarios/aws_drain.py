@@ -26,7 +26,7 @@ import httpx
 
 from bench import apps
 from bench.procs import Broker, free_port
-from bench.samples import envelopes
+from bench.samples import CALLBACK_CODE, envelopes
 from bench.scenarios.common import edge_health
 from bench.settings import RunContext
 from bench.shaper import Shaper
@@ -111,7 +111,7 @@ def _drain(ctx: RunContext, name: str, broker: Broker, tls_port: int, ca: CertAu
             newest_at = None
             last_post = 0.0
             with httpx.Client(base_url=f"http://127.0.0.1:{edge.port}",
-                              headers={"CallbackCode": apps.CALLBACK_CODE}) as client:
+                              headers={"CallbackCode": CALLBACK_CODE}) as client:
                 while True:
                     now = time.monotonic()
                     h = edge_health(edge)
@@ -146,11 +146,11 @@ def _drain(ctx: RunContext, name: str, broker: Broker, tls_port: int, ca: CertAu
         stored[ident] = env_
         if env_.get("replay"):
             continue
-        key = (env_.get("device", ""), env_.get("channel", ""))
+        stream = (str(env_.get("device", "")), str(env_.get("channel", "")))
         ts = float(env_.get("ts", 0))
-        if ts < merged.get(key, float("-inf")):
+        if ts < merged.get(stream, float("-inf")):
             ooo += 1
-        merged[key] = max(ts, merged.get(key, ts))
+        merged[stream] = max(ts, merged.get(stream, ts))
     lost = sum(1 for i in backlog if i not in stored)
     units = sum(frames.billed_units(max(size - 60, 1)) for size in _sizes(shaper))
     return {

@@ -65,7 +65,7 @@ async def backlog(outbox: Outbox, robots: int = 3, poses: int = 100) -> list[str
                 n += 1
                 key = f"pose:{dev}" if kind == "pose" else None
                 await outbox.put(f"org/o/device/{dev}/{kind}", env(n, dev, kind, t0 + k),
-                                 compact_key=key)
+                                 compact_key=key, order=t0 + k)
                 ids.append(f"m{n}")
     return ids
 
@@ -112,9 +112,13 @@ async def collect(inbox: asyncio.Queue[InboundMessage], outbox: Outbox) -> list[
     return got
 
 
+STATE = ("status", "pose", "power", "move")
+
+
 def check_drain_order(got: list[dict[str, Any]], ids: list[str]) -> None:
-    """The cloud's view: every message once; what is not history comes first, merges in
-    robot-time order per robot and channel; events and status in the order put."""
+    """The cloud's view: every message once; each robot's newest state first, then the
+    events in the order put, then history (marked); what merges into state does so in
+    robot-time order per robot and channel."""
     assert sorted(e["id"] for e in got) == sorted(ids)  # nothing lost, nothing twice
     flags = [bool(e.get("replay")) for e in got]
     first_history = flags.index(True)
@@ -122,20 +126,19 @@ def check_drain_order(got: list[dict[str, Any]], ids: list[str]) -> None:
             if i > first_history and not e.get("replay")]
     assert not late, f"history is sent after everything current: {first_history} {late}"
     current = got[:first_history]
-    newest = {e["device"]: e["ts"] for e in got if e["channel"] == "pose"}
-    newest = {d: max(e["ts"] for e in got if e["device"] == d and e["channel"] == "pose")
-              for d in newest}
-    assert {(e["device"], e["ts"]) for e in current if e["channel"] == "pose"} == \
-        set(newest.items()), "each robot's newest pose goes out with the current state"
+    newest: dict[tuple[str, str], float] = {}
+    for e in got:
+        if e["channel"] in STATE:
+            key = (e["device"], e["channel"])
+            newest[key] = max(e["ts"], newest.get(key, e["ts"]))
+    states = [(e["device"], e["channel"], e["ts"]) for e in current if e["channel"] in STATE]
+    assert sorted(states) == sorted((d, c, ts) for (d, c), ts in newest.items()), \
+        "each robot's newest state goes out first, once"
+    assert all(e["channel"] in STATE for e in current[:len(states)]), "state before events"
     for e in got[first_history:]:
-        assert e["channel"] == "pose" and e["ts"] < newest[e["device"]]
-    merged: dict[tuple[str, str], float] = {}
-    for e in current:
-        key = (e["device"], e["channel"])
-        assert e["ts"] >= merged.get(key, 0.0), f"out of order: {e['id']}"
-        merged[key] = e["ts"]
-    order = [i for i in ids if i in {e["id"] for e in got if e["channel"] != "pose"}]
-    assert [e["id"] for e in got if e["channel"] != "pose"] == order
+        assert e["channel"] in STATE and e["ts"] < newest[(e["device"], e["channel"])]
+    events = [e["id"] for e in got if e["channel"] not in STATE]
+    assert events == [i for i in ids if i in set(events)], "events in the order put"
 
 
 async def test_a_backlog_goes_newest_state_first_and_history_after(tmp_path: Path) -> None:
@@ -147,7 +150,7 @@ async def test_a_backlog_goes_newest_state_first_and_history_after(tmp_path: Pat
         async with transport, running(publisher):
             got = envelopes(await collect(inbox, outbox))
         check_drain_order(got, ids)
-        assert publisher.replayed == 297 and publisher.published == 327
+        assert publisher.replayed == 297 + 12 and publisher.published == 327
         most, _ = transport.worst_second()
         assert most <= 400, most  # never over the limit in any second
         assert publisher.throttled_s > 0.3
@@ -179,7 +182,8 @@ async def test_fresh_callbacks_during_a_drain_go_out_within_two_seconds(tmp_path
                 await asyncio.wait_for(inbox.get(), 5)
             assert publisher.draining
             put_at = time.monotonic()
-            await outbox.put("org/o/device/R1/status", env(10_000, "R1", "status", 2e9))
+            await outbox.put("org/o/device/R1/status", env(10_000, "R1", "status", 2e9),
+                             order=2e9)
             while True:
                 m = await asyncio.wait_for(inbox.get(), 5)
                 if json.loads(m.payload)["id"] == "m10000":

@@ -177,6 +177,7 @@ class Outbox:
     def _open_writer(self) -> sqlite3.Connection:
         conn = self._connect()
         conn.executescript(SCHEMA)
+        priority.migrate(conn)
         self.depth = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
         self.rejected = conn.execute("SELECT COUNT(*) FROM rejected").fetchone()[0]
         self.held = conn.execute("SELECT COUNT(*) FROM held").fetchone()[0]
@@ -562,18 +563,20 @@ class Outbox:
             if not freed:
                 self.rejected_full += 1
                 return OutboxFullError(depth, self.max_entries), 0
-        seq = self._append(conn, op.topic, op.payload, op.qos, op.retain, op.compact_key, now)
+        seq = self._append(conn, op.topic, op.payload, op.qos, op.retain, op.compact_key, now,
+                           op.order or None)
         dedup.mark(conn, op.dedup_keys, now)
         added.append(OutboxEntry(seq, op.topic, op.payload, op.qos, op.retain))
         return PutResult.ACCEPTED, freed
 
     @staticmethod
     def _append(conn: sqlite3.Connection, topic: str, payload: bytes, qos: int,
-                retain: bool, compact_key: str | None, now: float) -> int:
+                retain: bool, compact_key: str | None, now: float,
+                order: float | None = None) -> int:
         seq = conn.execute(
-            "INSERT INTO outbox (topic, payload, qos, retain, compact_key, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (topic, payload, qos, int(retain), compact_key, now),
+            "INSERT INTO outbox (topic, payload, qos, retain, compact_key, created_at, ord)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (topic, payload, qos, int(retain), compact_key, now, order),
         ).lastrowid
         assert seq is not None
         return seq
@@ -598,10 +601,10 @@ class Outbox:
         superseded state is compacted first if there is any."""
         rows = held_table.take(conn, keys)
         freed = 0
-        for moved, (key, topic, payload, qos, retain) in enumerate(rows):
+        for moved, (key, topic, payload, qos, retain, order) in enumerate(rows):
             if depth + moved >= self.max_entries and not freed:
                 freed = self._make_room(conn, None)
-            seq = self._append(conn, topic, payload, qos, bool(retain), key, now)
+            seq = self._append(conn, topic, payload, qos, bool(retain), key, now, order)
             added.append(OutboxEntry(seq, topic, bytes(payload), qos, bool(retain)))
         return len(rows), freed
 

@@ -20,14 +20,15 @@ A backlog (more than ``BACKLOG_ENTRIES`` waiting, after an outage) is drained in
 in the order bridge/outbox/priority.py gives: each robot's newest state and every event
 first, superseded positions after, marked ``replay`` (history the cloud never merges
 into state). With ``frame_topic`` set (``BATCH_FRAMES=on``) a round goes out as batch
-frames (bridge/frames.py). Pacing: a token bucket on publishes and one on bytes (on by
-default for AWS IoT Core: 100 publishes/s and 512 KiB/s per connection); the time spent
-waiting for them is counted (``throttled_s``).
+frames (bridge/frames.py). Pacing (``Pacer``): publishes and bytes per any one second
+(on by default for AWS IoT Core: 100 publishes/s and 512 KiB/s per connection); the time
+spent waiting is counted (``throttled_s``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import math
@@ -68,12 +69,6 @@ class TokenBucket:
         self._tokens = self.burst
         self._stamp = time.monotonic()
 
-    @classmethod
-    def within(cls, limit: float) -> TokenBucket:
-        """A bucket that never exceeds ``limit`` in any one-second window: the burst
-        plus one second of refill stay under it (5 % burst, 95 % rate)."""
-        return cls(limit * 0.95, max(limit * 0.05, 1.0)) if limit > 0 else cls(0.0)
-
     def delay(self, cost: float = 1.0) -> float:
         """Take ``cost`` tokens; returns how long to wait before using them."""
         if self.rate <= 0:
@@ -83,6 +78,34 @@ class TokenBucket:
         self._stamp = now
         self._tokens -= cost
         return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
+
+
+class Pacer:
+    """At most ``rate`` publishes and ``byte_rate`` bytes in any one second, the way AWS
+    IoT Core counts a connection's: a log of the last second's sends (a token bucket
+    lets a burst plus a second's refill through, over the limit). ``headroom`` keeps a
+    margin for the network bunching sends on the way; 0 means unlimited."""
+
+    def __init__(self, rate: float, byte_rate: float, headroom: float = 0.9) -> None:
+        self.rate = rate * headroom
+        self.byte_rate = byte_rate * headroom
+        self._sent: collections.deque[tuple[float, int]] = collections.deque()
+        self._bytes = 0
+
+    def delay(self, size: int) -> float:
+        """How long to wait before sending ``size`` bytes; 0: send now (recorded)."""
+        if self.rate <= 0 and self.byte_rate <= 0:
+            return 0.0
+        now = time.monotonic()
+        while self._sent and self._sent[0][0] <= now - 1.0:
+            self._bytes -= self._sent.popleft()[1]
+        over_n = self.rate > 0 and len(self._sent) + 1 > self.rate
+        over_b = self.byte_rate > 0 and self._sent and self._bytes + size > self.byte_rate
+        if over_n or over_b:
+            return max(self._sent[0][0] + 1.0 - now, 0.001)
+        self._sent.append((now, size))
+        self._bytes += size
+        return 0.0
 
 
 class RateMeter:
@@ -132,8 +155,7 @@ class OutboxPublisher:
         self.published = 0
         self.failed = 0
         self.rejected = 0
-        self._bucket = TokenBucket.within(rate_limit)
-        self._bytes = TokenBucket.within(byte_limit)
+        self._pacer = Pacer(rate_limit, byte_limit)
         self.throttled_s = 0.0  # time spent waiting for the buckets
         self.frame_topic = frame_topic
         self.backlog = backlog
@@ -222,9 +244,9 @@ class OutboxPublisher:
                 cursor = entry.seq
 
     async def _pace(self, size: int) -> None:
-        """Wait for both buckets (publishes, bytes); the wait is counted as throttled."""
-        pause = max(self._bucket.delay(), self._bytes.delay(size))
-        if pause:
+        """Wait until the limits (publishes, bytes per second) allow one more; the wait
+        is counted as throttled."""
+        while pause := self._pacer.delay(size):
             self.throttled_s += pause
             await asyncio.sleep(pause)
 

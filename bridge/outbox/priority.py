@@ -26,13 +26,13 @@ from typing import Any
 #: Topics whose messages are a robot's latest state (the rest are events and the like).
 STATE_CHANNELS = ("status", "pose", "power", "move")
 _STATE = "(" + " OR ".join(f"topic LIKE '%/{c}'" for c in STATE_CHANNELS) + ")"
-_COLUMNS = "seq, topic, payload, qos, retain, ord"
-_RANKED = (f"SELECT {_COLUMNS}, ROW_NUMBER() OVER (PARTITION BY topic"
-           " ORDER BY COALESCE(ord, 0) DESC, seq DESC) AS rank"
-           f" FROM outbox WHERE {_STATE}")
-_NEWEST = f"SELECT {_COLUMNS} FROM ({_RANKED}) WHERE rank = 1 ORDER BY seq LIMIT ?"
+_COLUMNS = "seq, topic, payload, qos, retain"
+#: Each state topic's newest (seq, topic, robot time): at most one row per robot and
+#: state channel, read without payloads.
+_NEWEST = (f"SELECT seq, topic, ord FROM (SELECT seq, topic, ord, ROW_NUMBER() OVER"
+           f" (PARTITION BY topic ORDER BY COALESCE(ord, 0) DESC, seq DESC) AS rank"
+           f" FROM outbox WHERE {_STATE}) WHERE rank = 1 ORDER BY seq")
 _OTHERS = f"SELECT {_COLUMNS} FROM outbox WHERE NOT {_STATE} ORDER BY seq LIMIT ?"
-_HISTORY = f"SELECT {_COLUMNS} FROM ({_RANKED}) WHERE rank > 1 ORDER BY seq LIMIT ?"
 
 Row = tuple[Any, ...]
 
@@ -55,22 +55,34 @@ class DrainOrder:
 
     def plan(self, conn: sqlite3.Connection, limit: int) -> list[tuple[Row, bool]]:
         """Up to ``limit`` rows (seq, topic, payload, qos, retain) in drain order, each
-        with whether it is history (``replay``)."""
-        current: list[Row] = []
-        history: list[Row] = []
-        for row in conn.execute(_NEWEST, (limit,)).fetchall():
-            stamp = (row[5] or 0.0, row[0])
-            if stamp < self.sent.get(row[1], (float("-inf"), -1)):
-                history.append(row)  # older than what went out as this topic's newest
-                continue
-            self.sent[row[1]] = stamp
-            current.append(row)
+        with whether it is history (``replay``): history only once no newest state and
+        no event is left to send."""
+        chosen: list[int] = []
+        for seq, topic, order in conn.execute(_NEWEST):
+            if len(chosen) >= limit:
+                break
+            stamp = (order or 0.0, seq)
+            if stamp < self.sent.get(topic, (float("-inf"), -1)):
+                continue  # older than what went out as this topic's newest: history
+            self.sent[topic] = stamp
+            chosen.append(seq)
+        current = _rows(conn, f"SELECT {_COLUMNS} FROM outbox WHERE seq IN ({{}})"
+                        " ORDER BY seq", chosen)
         if len(current) < limit:
             current += conn.execute(_OTHERS, (limit - len(current),)).fetchall()
-        room = limit - len(current) - len(history)
-        if room > 0:
-            history += conn.execute(_HISTORY, (room,)).fetchall()
+        history: list[Row] = []
+        if len(current) < limit:
+            history = _rows(conn, f"SELECT {_COLUMNS} FROM outbox WHERE {_STATE}"
+                            " AND seq NOT IN ({}) ORDER BY seq LIMIT ?", chosen,
+                            limit - len(current))
         if not history and len(current) < limit:
             self.sent.clear()  # nothing superseded is left: the drain is over
-        history.sort(key=lambda row: row[0])
-        return [(row[:5], False) for row in current] + [(row[:5], True) for row in history]
+        return [(row, False) for row in current] + [(row, True) for row in history]
+
+
+def _rows(conn: sqlite3.Connection, sql: str, seqs: list[int], *more: Any) -> list[Row]:
+    """``sql`` with ``{}`` replaced by one placeholder per seq (none: an empty list)."""
+    if not seqs and "NOT IN" not in sql:
+        return []
+    marks = ",".join("?" * len(seqs)) or "-1"  # NOT IN (NULL) would match nothing
+    return conn.execute(sql.format(marks), (*seqs, *more)).fetchall()

@@ -13,7 +13,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
+import signal
 import ssl
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,3 +127,28 @@ class Shaper:
                         self.counts.sizes.append(size)
                     w.write(packet)
                 await w.drain()
+
+
+async def _serve_until_term(shaper: Shaper, port_file: Path) -> None:
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    async with shaper:
+        await asyncio.to_thread(port_file.write_text, str(shaper.port))
+        await stop.wait()
+
+
+def main() -> None:
+    """``python -m bench.shaper UPSTREAM_PORT CA SERVER_CERT SERVER_KEY CLIENT_CERT
+    CLIENT_KEY PORT_FILE COUNTS_FILE``: a process of its own, so the bench's own work
+    never delays (and bunches) the publishes it times; counts written on SIGTERM."""
+    a = sys.argv[1:]
+    shaper = Shaper(int(a[0]), ca=Path(a[1]), server_cert=Path(a[2]), server_key=Path(a[3]),
+                    client_cert=Path(a[4]), client_key=Path(a[5]))
+    asyncio.run(_serve_until_term(shaper, Path(a[6])))
+    c = shaper.counts
+    Path(a[7]).write_text(json.dumps({"publishes": c.publishes, "violations": c.violations,
+                                      "connections": c.connections, "sizes": c.sizes}))
+
+
+if __name__ == "__main__":
+    main()

@@ -17,10 +17,10 @@ import asyncio
 import json
 import logging
 import sqlite3
-import threading
+import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 
@@ -29,7 +29,6 @@ from bench.procs import Broker, free_port
 from bench.samples import CALLBACK_CODE, envelopes
 from bench.scenarios.common import edge_health
 from bench.settings import RunContext
-from bench.shaper import Shaper
 from bridge import frames
 from bridge.outbox import Outbox
 from bridge.outbox.priority import STATE_CHANNELS
@@ -59,22 +58,6 @@ async def _fill(path: Path, org: str, gateway: str, count: int) -> Sent:
     return out
 
 
-class _Loop:
-    """An event loop in a thread, for the proxy while the bench drives processes."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
 def _stored(db: Path, ids: list[str]) -> int:
     """How many of ``ids`` the cloud has stored (one cheap query: the proxy shares this
     process, and a long hold of the GIL here would bunch the publishes it measures)."""
@@ -97,27 +80,36 @@ def _log_rows(db: Path) -> list[tuple[str, str]]:
 
 
 def _drain(ctx: RunContext, name: str, broker: Broker, tls_port: int, ca: CertAuthority,
-           loop: _Loop, count: int, **env: str) -> dict[str, float]:
+           count: int, **env: str) -> dict[str, float]:
     d = ctx.dir(f"aws_drain-{name}")
     db = d / "cloud.db"
     org, gateway = "acme", "gw-aws"
     backlog = asyncio.run(_fill(d / "outbox.db", org, gateway, count))
     newest: dict[str, str] = {}
-    for ident, (dev, channel, ts) in backlog.items():  # each robot's newest, per channel
+    for ident, (dev, channel, ts) in backlog.items():  # each robot's newest state
+        if channel not in STATE_CHANNELS:
+            continue
         key = f"{dev}/{channel}"
         if key not in newest or backlog[newest[key]][2] <= ts:
             newest[key] = ident
     want = list(newest.values())
     shaper_cert = ca.issue(f"shaper-{name}", server=True)
     gw = ca.issue(f"gw-{name}")
-    shaper = Shaper(tls_port, ca=ca.cert, server_cert=shaper_cert.cert,
-                    server_key=shaper_cert.key, client_cert=gw.cert, client_key=gw.key)
-    loop.run(shaper.__aenter__())
+    port_file, counts_file = d / "shaper.port", d / "shaper.json"
+    shaper = subprocess.Popen([sys.executable, "-m", "bench.shaper", str(tls_port),
+                               str(ca.cert), str(shaper_cert.cert), str(shaper_cert.key),
+                               str(gw.cert), str(gw.key), str(port_file), str(counts_file)])
+    deadline = time.monotonic() + 20
+    while not port_file.exists() or not port_file.read_text():
+        if time.monotonic() > deadline or shaper.poll() is not None:
+            raise RuntimeError("the shaping proxy did not start")
+        time.sleep(0.05)  # polling for the file is the readiness signal
+    shaper_port = int(port_file.read_text())
     fresh: list[str] = []
     try:
         with apps.callback_server(d, "cloud", broker.url, f"sqlite:///{db}",
                                   client_id=f"cloud-{name}"), \
-                apps.edge_agent(d, "edge", f"mqtts://127.0.0.1:{shaper.port}",
+                apps.edge_agent(d, "edge", f"mqtts://127.0.0.1:{shaper_port}",
                                 d / "outbox.db", org=org, gateway=gateway,
                                 MQTT_BACKEND="awsiot", MQTT_CA_FILE=str(ca.cert),
                                 MQTT_CERT_FILE=str(gw.cert), MQTT_KEY_FILE=str(gw.key),
@@ -150,7 +142,9 @@ def _drain(ctx: RunContext, name: str, broker: Broker, tls_port: int, ca: CertAu
             time.sleep(1.0)  # the last commits at the cloud
             rows = _log_rows(db)
     finally:
-        loop.run(shaper.__aexit__())
+        shaper.terminate()
+        shaper.wait(10)
+    counts = json.loads(counts_file.read_text())
     stored = {}
     ooo = 0
     merged: dict[tuple[str, str], float] = {}
@@ -165,22 +159,17 @@ def _drain(ctx: RunContext, name: str, broker: Broker, tls_port: int, ca: CertAu
             ooo += 1
         merged[stream] = max(ts, merged.get(stream, ts))
     lost = sum(1 for i in backlog if i not in stored)
-    units = sum(frames.billed_units(max(size - 60, 1)) for size in _sizes(shaper))
+    units = sum(frames.billed_units(max(size - 60, 1)) for size in counts["sizes"])
     return {
         f"aws_drain.{name}_s": drained,
         f"aws_drain.{name}_vs_limit": drained / (count / LIMIT),
-        f"aws_drain.{name}_violations": float(shaper.counts.violations),
+        f"aws_drain.{name}_violations": float(counts["violations"]),
         f"aws_drain.{name}_lost": float(lost),
         f"aws_drain.{name}_out_of_order": float(ooo),
         f"aws_drain.{name}_newest_state_s": float(newest_at or drained),
         f"aws_drain.{name}_units_per_envelope": units / max(len(stored), 1),
-        f"aws_drain.{name}_publishes": float(shaper.counts.publishes),
+        f"aws_drain.{name}_publishes": float(counts["publishes"]),
     }
-
-
-def _sizes(shaper: Shaper) -> list[int]:
-    """Each PUBLISH packet's size (payload plus topic and header: ~60 bytes here)."""
-    return shaper.counts.sizes
 
 
 def run(ctx: RunContext) -> dict[str, float]:
@@ -194,14 +183,9 @@ def run(ctx: RunContext) -> dict[str, float]:
         conf.write(f"listener {tls_port} 127.0.0.1\ncafile {ca.cert}\n"
                    f"certfile {server.cert}\nkeyfile {server.key}\n"
                    "require_certificate true\n")
-    loop = _Loop()
-    try:
-        with broker:
-            out = _drain(ctx, "single", broker, tls_port, ca, loop, count)
-            out |= _drain(ctx, "frames", broker, tls_port, ca, loop, count,
-                          BATCH_FRAMES="on")
-    finally:
-        loop.close()
+    with broker:
+        out = _drain(ctx, "single", broker, tls_port, ca, count)
+        out |= _drain(ctx, "frames", broker, tls_port, ca, count, BATCH_FRAMES="on")
     out["aws_drain.frames_speedup"] = out["aws_drain.single_s"] / out["aws_drain.frames_s"]
     log.info("aws_drain: %s", out)
     return out

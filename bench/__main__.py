@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> BenchSettings:
     p.add_argument("--database-url", help="default mysql://root:@127.0.0.1:3306/pudu_bench")
     p.add_argument("--profile", action="store_true",
                    help="extra py-spy passes (edge ingest, callback drain) in run 1")
+    p.add_argument("--long", action="store_true",
+                   help="aws_drain: a 36,000-entry backlog instead of 6,000")
     p.add_argument("--keep", action="store_true", help="keep the work directory and logs")
     p.add_argument("--results", type=Path, help="directory for latest.json and profiles")
     a = p.parse_args(argv)
@@ -56,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> BenchSettings:
         overrides["scenarios"] = chosen
     if a.duration:
         overrides["duration"] = a.duration
+    if a.long:
+        overrides["long"] = True
     overrides["loadgen"] = a.loadgen or ("wrk" if wrk_path() else "python")
     if a.database_url:
         overrides["database_url"] = a.database_url

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SCENARIOS = ("ingest", "pipeline", "consumer", "backlog", "memory", "parsing", "forwarding",
-             "retry")
+             "retry", "aws_drain")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +32,7 @@ class BenchSettings:
     keep: bool = False
     results: Path = Path(__file__).resolve().parent / "results"
     quick_mode: bool = False
+    long: bool = False  # aws_drain: 36,000 entries instead of 6,000
 
     @classmethod
     def quick(cls, **overrides: object) -> BenchSettings:

@@ -119,6 +119,24 @@ FIGURES: tuple[Figure, ...] = (
     _f("retry.rss_after_mb", "callback server RSS after 3,000 requests", "MiB"),
     _f("retry.growth_mb", "RSS growth from the next 2,700 retries", "MiB"),
     _f("retry.held", "messages held (300 distinct)", "count"),
+    # 9. draining to AWS IoT Core's limits (issue 27)
+    _f("aws_drain.single_s", "drain time, single", "s"),
+    _f("aws_drain.single_vs_limit", "drain time / (entries / 100 per s), single", "x"),
+    _f("aws_drain.single_violations", "over 100 pub/s or 512 KiB/s, single", "count"),
+    _f("aws_drain.single_lost", "entries never stored, single", "count"),
+    _f("aws_drain.single_out_of_order", "merged out of order, single", "count"),
+    _f("aws_drain.single_newest_state_s", "newest state of every robot stored, single", "s"),
+    _f("aws_drain.single_units_per_envelope", "billed 5 KiB units per envelope, single", "x"),
+    _f("aws_drain.single_publishes", "publishes, single", "count"),
+    _f("aws_drain.frames_s", "drain time, batch frames", "s"),
+    _f("aws_drain.frames_vs_limit", "drain time / (entries / 100 per s), batch frames", "x"),
+    _f("aws_drain.frames_violations", "over 100 pub/s or 512 KiB/s, batch frames", "count"),
+    _f("aws_drain.frames_lost", "entries never stored, batch frames", "count"),
+    _f("aws_drain.frames_out_of_order", "merged out of order, batch frames", "count"),
+    _f("aws_drain.frames_newest_state_s", "newest state of every robot stored, batch frames", "s"),
+    _f("aws_drain.frames_units_per_envelope", "billed 5 KiB units per envelope, batch frames", "x"),
+    _f("aws_drain.frames_publishes", "publishes, batch frames", "count"),
+    _f("aws_drain.frames_speedup", "drain time without / with batch frames", "x"),
 )
 FIGURE_BY_KEY = {f.key: f for f in FIGURES}
 
@@ -145,6 +163,12 @@ TARGETS: tuple[Target, ...] = (
            "<=", 3.0),
     Target("8a", "RSS growth from 2,700 more ingest retries <= 10 MiB", "retry.growth_mb",
            "<=", 10.0),
+    Target("9a", "AWS drain: no publish over the limits", "aws_drain.single_violations",
+           "<=", 0.0),
+    Target("9b", "AWS drain: every robot's newest state stored within 5 s",
+           "aws_drain.single_newest_state_s", "<=", 5.0),
+    Target("9c", "AWS drain: batch frames >= 5x faster", "aws_drain.frames_speedup",
+           ">=", 5.0),
 )
 
 

@@ -41,6 +41,9 @@ class Envelope:
 
     notes: tuple[str, ...] = ()
     source: str = ""
+    #: History: sent after a newer message of its robot and channel (a drain that sent
+    #: the newest state first). Kept in the message log, never merged into state.
+    replay: bool = False
 
     def to_json(self) -> bytes:
         """RFC 8259 JSON; a NaN/Infinity or unsafe integer that got into ``data`` or
@@ -65,6 +68,8 @@ class Envelope:
             obj["notes"] = list(self.notes)
         if self.source:
             obj["source"] = self.source
+        if self.replay:
+            obj["replay"] = True
         return obj
 
     def with_notes(self, *notes: str) -> Envelope:
@@ -101,6 +106,11 @@ class Envelope:
         raw = {} if obj.get("raw") is None else obj["raw"]
         if not isinstance(data, dict) or not isinstance(raw, dict):
             raise PayloadError("envelope data/raw must be objects")
+        replay = obj.get("replay", False)
+        if replay is None:
+            replay = False
+        if not isinstance(replay, bool):
+            raise PayloadError(f"envelope replay must be true or false, got {_show(replay)}")
         own = obj.get("notes") or []
         if not isinstance(own, list) or not all(isinstance(n, str) for n in own):
             raise PayloadError("envelope notes must be a list of strings")
@@ -110,7 +120,22 @@ class Envelope:
             ts=ts, received_at=received_at, data=data, raw=raw,
             channel=_name(obj, "channel"), v=version, source=_name(obj, "source")[:32],
             notes=tuple((*own, *(notes or ())))[:strictjson.MAX_NOTES + 1],
+            replay=replay,
         )
+
+
+_REPLAY_PREFIX = b'{"replay":true,'
+
+
+def mark_replay(payload: bytes) -> bytes:
+    """The published envelope ``payload`` marked as history (``"replay": true``).
+
+    A splice, not a parse and re-dump: the drain marks thousands of stored payloads, and
+    a JSON object's first member may come first. Already-marked payloads are unchanged.
+    """
+    if payload.startswith(_REPLAY_PREFIX) or not payload.startswith(b"{"):
+        return payload
+    return _REPLAY_PREFIX + payload[1:]
 
 
 def _show(value: Any) -> str:

@@ -48,9 +48,12 @@ def normalize_prefix(prefix: str) -> str:
     return prefix.rstrip("/") + "/" if prefix.strip("/") else ""
 
 
-#: Channels of the gateway device itself (``poll``: the Pudu cloud poller's run records).
+#: Channels of the gateway device itself (``poll``: the Pudu cloud poller's run records;
+#: ``batch``: a frame of robot envelopes sent during a drain, bridge/frames.py).
 #: Gateway traffic is told apart by these, never by comparing device and gateway ids.
-GATEWAY_CHANNELS = ("command", "response", "presence", "telemetry", "poll")
+GATEWAY_CHANNELS = ("command", "response", "presence", "telemetry", "poll", "batch")
+#: The gateway channel carrying batch frames (``BATCH_FRAMES=on``).
+BATCH_CHANNEL = "batch"
 
 
 _REFUSED_CHARACTERS = re.compile(

@@ -18,10 +18,19 @@ import logging
 import time
 from collections.abc import Callable
 
+from bridge import frames, strictjson
 from bridge.envelope import Envelope
 from bridge.errors import FleetError
 from bridge.router import MessageRouter
-from bridge.topic import GATEWAY_CHANNELS, DeviceAddress, all_devices_filter, parse_device_topic
+from bridge.topic import (
+    BATCH_CHANNEL,
+    GATEWAY_CHANNELS,
+    DeviceAddress,
+    TopicScheme,
+    all_devices_filter,
+    channel_for,
+    parse_device_topic,
+)
 from bridge.transport import InboundMessage
 from callback_server.batcher import BatchWriter, OnCommit, Outcome, Reason, Settled
 
@@ -35,7 +44,31 @@ STORED_GATEWAY_CHANNELS = ("poll",)
 
 def handled_by_gateway(channel: str) -> bool:
     """A gateway's own traffic that is handled in memory, not stored as an envelope."""
-    return channel in GATEWAY_CHANNELS and channel not in STORED_GATEWAY_CHANNELS
+    return (channel in GATEWAY_CHANNELS and channel not in STORED_GATEWAY_CHANNELS
+            and channel != BATCH_CHANNEL)
+
+
+def frame_element(frame_topic: str, address: DeviceAddress, obj: object, prefix: str,
+                  notes: list[str] | None = None) -> tuple[str, Envelope | None, str | None]:
+    """One element of a batch frame that came on ``address`` (the gateway's ``batch``
+    topic): (the element's own device topic, its envelope, None) or (topic, None, why
+    it is dead). An element must belong to the frame's org and gateway: a gateway can
+    only batch what it could have published itself."""
+    topic = frame_topic
+    try:
+        envelope = Envelope.from_dict(obj, notes=notes)
+    except FleetError as exc:
+        return topic, None, Reason.MALFORMED.because(f"batch element: {exc}")
+    if (envelope.org, envelope.gateway) != (address.org_id, address.device_id):
+        return topic, None, Reason.INCONSISTENT.because(
+            f"batch element of {envelope.org}/{envelope.gateway} in a frame of "
+            f"{address.org_id}/{address.device_id}")
+    try:
+        topic = str(TopicScheme(envelope.org, prefix).device(
+            envelope.device, envelope.channel or channel_for(envelope.type)))
+    except FleetError as exc:
+        return topic, None, Reason.MALFORMED.because(f"batch element: {exc}")
+    return topic, envelope, None
 
 
 def consistent(address: DeviceAddress, envelope: Envelope) -> bool:
@@ -109,6 +142,8 @@ class Consumer:
         """Hand the message on (to be acked later) or return why it is dead."""
         try:
             address = parse_device_topic(message.topic, self.topic_prefix)
+            if address.channel == BATCH_CHANNEL:
+                return self._frame(message, address, ack)
             if handled_by_gateway(address.channel):
                 self.on_gateway(address, message.payload)
                 ack(Settled(Outcome.HANDLED))
@@ -119,6 +154,38 @@ class Consumer:
         if not consistent(address, envelope):
             return Reason.INCONSISTENT.because("envelope org/device differ from the topic's")
         self.writer.submit(message.topic, envelope, ack)
+        return None
+
+    def _frame(self, message: InboundMessage, address: DeviceAddress,
+               ack: OnCommit) -> str | None:
+        """A batch frame: each element stored or dead-lettered on its own (the
+        per-element contract); the frame is acknowledged once every element is settled.
+        Returns why the frame as a whole is dead (unreadable), else None."""
+        try:
+            parsed = strictjson.loads(message.payload)
+            objs = frames.elements(parsed.value)
+        except FleetError as exc:
+            return Reason.MALFORMED.because(f"batch frame: {exc}")
+        if not objs:
+            ack(Settled(Outcome.HANDLED))
+            return None
+        left = [len(objs)]
+
+        def part(settled: Settled) -> None:
+            left[0] -= 1
+            if left[0] == 0:
+                ack(settled)
+
+        for obj in objs:
+            topic, envelope, dead = frame_element(message.topic, address, obj,
+                                                   self.topic_prefix)
+            if envelope is not None:
+                self.writer.submit(topic, envelope, part)
+            else:
+                self.malformed += 1
+                log.warning("dead-lettering a batch element on %s: %s", message.topic, dead)
+                self.writer.submit_dead(topic, strictjson.dumps(obj),
+                                        dead or "", part)
         return None
 
     def on_gateway(self, address: DeviceAddress, payload: bytes) -> None:

@@ -22,14 +22,20 @@ from typing import Any
 
 from fastapi import APIRouter, Header, Request
 
-from bridge import strictjson
+from bridge import frames, strictjson
 from bridge.envelope import Envelope
 from bridge.errors import FleetError, InputError, PayloadError, PayloadTooLargeError, StoreError
 from bridge.http_body import read_body
-from bridge.topic import DeviceAddress, TopicScheme, channel_for, parse_device_topic
+from bridge.topic import (
+    BATCH_CHANNEL,
+    DeviceAddress,
+    TopicScheme,
+    channel_for,
+    parse_device_topic,
+)
 from callback_server.access import INGESTERS, Access, Principal
 from callback_server.batcher import Outcome, Reason, Settled
-from callback_server.consumer import consistent, handled_by_gateway
+from callback_server.consumer import consistent, frame_element, handled_by_gateway
 from callback_server.ports import AppHost
 
 __all__ = ["INGEST_TIMEOUT_SECONDS", "create_ingest_router"]
@@ -105,13 +111,59 @@ def _notes_of(notes: list[str], i: int) -> list[str]:
             if note.startswith(mine) or not note.startswith("[")]
 
 
+def _frame(obj: Any, header_topic: str | None, prefix: str) -> list[_Element] | None:
+    """The elements of a batch frame (``bridge/frames.py``), each settled on its own;
+    None when ``obj`` is not a frame (by its topic, else by its shape)."""
+    if not isinstance(obj, dict):
+        return None
+    fields = dict(obj)
+    given = fields.pop("topic", None)
+    topic = header_topic if given in (None, "") else given
+    address = None
+    if isinstance(topic, str):
+        try:
+            address = parse_device_topic(topic, prefix)
+        except FleetError:
+            address = None
+    if address is None or address.channel != BATCH_CHANNEL:
+        if not frames.is_frame(fields) or address is not None:
+            return None
+        return [_Element(None, topic if isinstance(topic, str) else None, None, obj,
+                         dead=Reason.MALFORMED.because(
+                             "a batch frame needs its gateway's batch topic"))]
+    assert isinstance(topic, str)
+    try:
+        objs = frames.elements(fields)
+    except FleetError as exc:
+        return [_Element(None, topic, address.org_id, obj,
+                         dead=Reason.MALFORMED.because(f"batch frame: {exc}"))]
+    out = []
+    for item in objs:
+        own, envelope, dead = frame_element(topic, address, item, prefix)
+        ident = item.get("id") if isinstance(item, dict) else None
+        org = item.get("org") if isinstance(item, dict) else None
+        out.append(_Element(ident if isinstance(ident, str) else None, own,
+                            org if isinstance(org, str) else address.org_id, item,
+                            envelope=envelope, dead=dead))
+    return out
+
+
 def _elements(parsed: strictjson.Parsed, header_topic: str | None,
               prefix: str) -> list[_Element]:
+    """The body's elements: one envelope, an array (an IoT Rule's batched HTTP action,
+    same-topic under ``X-Mqtt-Topic`` or across topics with each element's ``topic``),
+    and a batch frame anywhere an envelope may be, expanded into its envelopes."""
     body = parsed.value
-    if not isinstance(body, list):
-        return [_element(body, parsed.notes, header_topic, prefix)]
-    return [_element(obj, _notes_of(parsed.notes, i), header_topic, prefix)
-            for i, obj in enumerate(body)]
+    items = list(enumerate(body)) if isinstance(body, list) else [(None, body)]
+    out: list[_Element] = []
+    for i, obj in items:
+        expanded = _frame(obj, header_topic, prefix)
+        if expanded is not None:
+            out.extend(expanded)
+            continue
+        notes = parsed.notes if i is None else _notes_of(parsed.notes, i)
+        out.append(_element(obj, notes, header_topic, prefix))
+    return out
 
 
 async def _keep(server: AppHost, dead: list[tuple[str, bytes, str]]) -> list[Settled]:

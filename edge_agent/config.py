@@ -50,6 +50,8 @@ ENV_MAP = {
     "OUTBOX_MAX_ENTRIES": "outbox_max_entries",
     "PUBLISH_WINDOW": "publish_window",
     "PUBLISH_RATE_LIMIT": "publish_rate_limit",
+    "PUBLISH_BYTE_LIMIT": "publish_byte_limit",
+    "BATCH_FRAMES": "batch_frames",
     "PUBLISH_ACK_TIMEOUT_SECONDS": "publish_ack_timeout_seconds",
     "MAX_BODY_BYTES": "max_body_bytes",
     "FORWARD_CHANNELS": "forward_channels",
@@ -122,7 +124,13 @@ class EdgeSettings(Settings, BaseModel):  # BaseModel named: linters see a model
     outbox_max_entries: int = Field(1_000_000, ge=1)
     dedup_ttl_seconds: float = Field(3600.0, gt=0)
     publish_window: int = Field(100, ge=1, le=1000)
-    publish_rate_limit: float = Field(0.0, ge=0)  # msg/s; AWS IoT caps a connection at 100
+    # msg/s and bytes/s per connection; unset: AWS IoT Core's 100 and 512 KiB with
+    # MQTT_BACKEND=awsiot, unlimited otherwise; 0: unlimited
+    publish_rate_limit: float | None = Field(None, ge=0)
+    publish_byte_limit: float | None = Field(None, ge=0)
+    # Batch frames during a drain (a backlog): off, as an IoT rule on per-device topics
+    # would not see batched messages
+    batch_frames: bool = False
     # Connected, publishes in flight, no PUBACK for this long: the publisher is wedged and
     # stops the watchdog's heartbeat (a broker that is away is not wedged).
     publish_ack_timeout_seconds: float = Field(10.0, gt=0)
@@ -154,6 +162,15 @@ class EdgeSettings(Settings, BaseModel):  # BaseModel named: linters see a model
     # What is kept in memory per robot is dropped after it has been quiet this long
     # (edge_agent/robot_memory.py); at least an hour, so an hourly poll keeps its robots.
     robot_quiet_seconds: float = Field(86_400.0, gt=0)
+
+    def publish_limits(self) -> tuple[float, float]:
+        """(publishes/s, bytes/s) per connection, 0 meaning unlimited; AWS IoT Core's
+        limits by default on the awsiot backend, so a drain never trips its throttling."""
+        aws = self.mqtt_backend == "awsiot"
+        rate = self.publish_rate_limit
+        size = self.publish_byte_limit
+        return (rate if rate is not None else (100.0 if aws else 0.0),
+                size if size is not None else (512 * 1024.0 if aws else 0.0))
 
     @field_validator("pudu_callback_code")
     @classmethod

@@ -15,22 +15,34 @@ PUBACKs keep arriving (a slow uplink) all keep the watchdog's heartbeat fresh. A
 that is connected but has acknowledged nothing for ``ack_timeout`` seconds while
 publishes wait is wedged: MQTT resends unacknowledged QoS 1 publishes only on a new
 connection ([MQTT-4.4.0-1]), so the heartbeat goes stale and systemd's restart makes one.
+
+A backlog (more than ``BACKLOG_ENTRIES`` waiting, after an outage) is drained in rounds
+in the order bridge/outbox/priority.py gives: each robot's newest state and every event
+first, superseded positions after, marked ``replay`` (history the cloud never merges
+into state). With ``frame_topic`` set (``BATCH_FRAMES=on``) a round goes out as batch
+frames (bridge/frames.py). Pacing (``Pacer``): publishes and bytes per any one second
+(on by default for AWS IoT Core: 100 publishes/s and 512 KiB/s per connection); the time
+spent waiting is counted (``throttled_s``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import math
 import time
 from collections.abc import Callable
 
+from bridge import frames
 from bridge.backoff import backoff_delay
+from bridge.envelope import mark_replay
 from bridge.errors import PublishRefusedError, TransportError
-from bridge.outbox import Outbox
+from bridge.outbox import Outbox, OutboxEntry
 from bridge.sdnotify import BEAT_SECONDS
 from bridge.tasks import within
+from bridge.topic import GATEWAY_CHANNELS
 from bridge.transport import Transport
 
 #: The longest wait before resending, however often resends keep failing.
@@ -39,6 +51,11 @@ RETRY_CAP_SECONDS = 30.0
 #: the units' WatchdogSec=30, so systemd restarts within about a minute; a PUBACK takes
 #: milliseconds (a second or two on a poor cellular uplink).
 ACK_TIMEOUT_SECONDS = 10.0
+#: AWS IoT Core's per-connection limits: the awsiot backend's pacing unless set.
+AWS_PUBLISHES_PER_SECOND = 100.0
+AWS_BYTES_PER_SECOND = 512 * 1024
+#: More than this many entries waiting is a backlog: drained newest state first.
+BACKLOG_ENTRIES = 200
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +69,43 @@ class TokenBucket:
         self._tokens = self.burst
         self._stamp = time.monotonic()
 
-    def delay(self) -> float:
-        """Take one token; returns how long to wait before using it."""
+    def delay(self, cost: float = 1.0) -> float:
+        """Take ``cost`` tokens; returns how long to wait before using them."""
         if self.rate <= 0:
             return 0.0
         now = time.monotonic()
         self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now
-        self._tokens -= 1
+        self._tokens -= cost
         return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
+
+
+class Pacer:
+    """At most ``rate`` publishes and ``byte_rate`` bytes in any one second, the way AWS
+    IoT Core counts a connection's: a log of the last second's sends (a token bucket
+    lets a burst plus a second's refill through, over the limit). ``headroom`` keeps a
+    margin for the network bunching sends on the way; 0 means unlimited."""
+
+    def __init__(self, rate: float, byte_rate: float, headroom: float = 0.9) -> None:
+        self.rate = rate * headroom
+        self.byte_rate = byte_rate * headroom
+        self._sent: collections.deque[tuple[float, int]] = collections.deque()
+        self._bytes = 0
+
+    def delay(self, size: int) -> float:
+        """How long to wait before sending ``size`` bytes; 0: send now (recorded)."""
+        if self.rate <= 0 and self.byte_rate <= 0:
+            return 0.0
+        now = time.monotonic()
+        while self._sent and self._sent[0][0] <= now - 1.0:
+            self._bytes -= self._sent.popleft()[1]
+        over_n = self.rate > 0 and len(self._sent) + 1 > self.rate
+        over_b = self.byte_rate > 0 and self._sent and self._bytes + size > self.byte_rate
+        if over_n or over_b:
+            return max(self._sent[0][0] + 1.0 - now, 0.001)
+        self._sent.append((now, size))
+        self._bytes += size
+        return 0.0
 
 
 class RateMeter:
@@ -93,6 +138,9 @@ class OutboxPublisher:
         *,
         window: int = 100,
         rate_limit: float = 0.0,
+        byte_limit: float = 0.0,
+        frame_topic: str | None = None,
+        backlog: int = BACKLOG_ENTRIES,
         retry_delay: float = 1.0,
         ack_timeout: float = ACK_TIMEOUT_SECONDS,
         beat: Callable[[], None] = lambda: None,
@@ -107,10 +155,17 @@ class OutboxPublisher:
         self.published = 0
         self.failed = 0
         self.rejected = 0
-        self._bucket = TokenBucket(rate_limit)
+        self._pacer = Pacer(rate_limit, byte_limit)
+        self.throttled_s = 0.0  # time spent waiting for the buckets
+        self.frame_topic = frame_topic
+        self.backlog = backlog
+        self.frames = 0  # batch frames published
+        self.replayed = 0  # superseded entries published as history
+        self._draining = False
         self.rate = RateMeter()
         self._slots = asyncio.Semaphore(window)
-        self._inflight: set[int] = set()
+        self._inflight: set[int] = set()  # seqs; a frame's by its first seq
+        self._frame_seqs: dict[int, list[int]] = {}
         self._acked: list[int] = []
         self._retry_from: int | None = None
         self._resends = 0  # resend rounds since the last PUBACK: the back-off's exponent
@@ -125,6 +180,11 @@ class OutboxPublisher:
     @property
     def inflight(self) -> int:
         return len(self._inflight)
+
+    @property
+    def draining(self) -> bool:
+        """Whether a backlog is being drained newest state first."""
+        return self._draining
 
     def drain_estimate_s(self) -> float | None:
         """Seconds to empty the outbox at the recent publish rate; None while nothing is
@@ -166,6 +226,10 @@ class OutboxPublisher:
                 await self._back_off()
             if not await within(self.transport.wait_connected(), BEAT_SECONDS):
                 continue  # offline: come round to stamp the heartbeat
+            if self._draining or self.outbox.depth > self.backlog:
+                self._draining = await self._drain_round()
+                cursor = 0  # after a drain, seq order resumes from what is left
+                continue
             entries = await self.outbox.peek(cursor, limit=max(self.window * 4, 200))
             if not entries:
                 await within(self.outbox.wait_changed(), BEAT_SECONDS)
@@ -175,16 +239,85 @@ class OutboxPublisher:
                     break
                 while not await within(self._slots.acquire(), BEAT_SECONDS):
                     self.beat()  # the window is full: waiting, wedged only without PUBACKs
-                pause = self._bucket.delay()
-                if pause:
-                    await asyncio.sleep(pause)
-                fut = self.transport.publish(entry.topic, entry.payload, entry.qos, entry.retain)
-                if not self._inflight:
-                    self._progress_at = time.monotonic()
-                self._inflight.add(entry.seq)
-                self._idle.clear()
-                fut.add_done_callback(functools.partial(self._done, entry.seq))
+                await self._pace(len(entry.payload))
+                self._send(entry.seq, entry.topic, entry.payload, entry.qos, entry.retain)
                 cursor = entry.seq
+
+    async def _pace(self, size: int) -> None:
+        """Wait until the limits (publishes, bytes per second) allow one more; the wait
+        is counted as throttled."""
+        while pause := self._pacer.delay(size):
+            self.throttled_s += pause
+            await asyncio.sleep(pause)
+
+    def _send(self, seq: int, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        fut = self.transport.publish(topic, payload, qos, retain)
+        if not self._inflight:
+            self._progress_at = time.monotonic()
+        self._inflight.add(seq)
+        self._idle.clear()
+        fut.add_done_callback(functools.partial(self._done, seq))
+
+    async def _drain_round(self) -> bool:
+        """Publish one round of a backlog in drain order; returns whether a backlog
+        remains. Each round starts with nothing in flight and the acked entries removed,
+        so it never sends one twice, and is about a window long: fresh callbacks go out
+        in the next round, within a second or two."""
+        if not await within(self._idle.wait(), BEAT_SECONDS):
+            return True
+        self._flush_acks()
+        await self.outbox.sync()
+        chunk = self.window * (10 if self.frame_topic else 1)
+        plan = await self.outbox.drain_plan(chunk)
+        if not plan:
+            return False
+        units: list[tuple[list[int], str, bytes, int, bool]] = []
+        pending: list[tuple[OutboxEntry, bytes]] = []
+
+        def close() -> None:
+            if len(pending) == 1:
+                entry, payload = pending[0]
+                units.append(([entry.seq], entry.topic, payload, entry.qos, entry.retain))
+            elif pending:
+                assert self.frame_topic is not None
+                framed = next(frames.pack([p for _, p in pending]))[1]
+                units.append(([e.seq for e, _ in pending], self.frame_topic, framed, 1, False))
+            pending.clear()
+
+        size = 0
+        for entry, history in plan:
+            payload = mark_replay(entry.payload) if history else entry.payload
+            self.replayed += history
+            if self.frame_topic is None or not self._frameable(entry):
+                close()
+                units.append(([entry.seq], entry.topic, payload, entry.qos, entry.retain))
+                continue
+            if not frames.fits(size, payload):
+                close()
+                size = 0
+            pending.append((entry, payload))
+            size += len(payload) + 1
+        close()
+        for seqs, topic, payload, qos, retain in units:
+            if self._retry_from is not None:
+                break
+            while not await within(self._slots.acquire(), BEAT_SECONDS):
+                self.beat()
+            await self._pace(len(payload))
+            if len(seqs) > 1:
+                self.frames += 1
+                self._frame_seqs[seqs[0]] = seqs
+            self._send(seqs[0], topic, payload, qos, retain)
+        has_history = any(history for _, history in plan)
+        return has_history or len(plan) >= chunk or self.outbox.depth > self.backlog
+
+    def _frameable(self, entry: OutboxEntry) -> bool:
+        """A robot message of this gateway's org, QoS 1, not retained: it may travel in
+        a frame (gateway traffic and retained messages keep their own topics)."""
+        assert self.frame_topic is not None
+        root = self.frame_topic.rsplit("/device/", 1)[0] + "/device/"
+        return (entry.qos == 1 and not entry.retain and entry.topic.startswith(root)
+                and entry.topic.rsplit("/", 1)[-1] not in GATEWAY_CHANNELS)
 
     async def settle(self, grace: float) -> None:
         """Stopping, after ``run`` was cancelled: wait (bounded) for the PUBACKs of what is
@@ -225,6 +358,7 @@ class OutboxPublisher:
     def _done(self, seq: int, fut: asyncio.Future[None]) -> None:
         self._progress_at = time.monotonic()
         self._inflight.discard(seq)
+        seqs = self._frame_seqs.pop(seq, [seq])
         self._slots.release()
         if not self._inflight:
             self._idle.set()
@@ -232,6 +366,13 @@ class OutboxPublisher:
         if isinstance(exc, PublishRefusedError) and exc.permanent:
             self.rejected += 1
             log.error("outbox entry %d set aside in the rejected table: %s", seq, exc)
+            if len(seqs) > 1:  # a frame refused for good: its entries go on their own
+                log.error("the broker refuses batch frames on %s (%s); sending each "
+                          "message on its own topic from now on", self.frame_topic, exc)
+                self.frame_topic = None
+                self._retry_from = 0
+                self.outbox.wake()
+                return
             self.outbox.reject(seq, str(exc))
             return
         if fut.cancelled() or exc is not None:
@@ -246,7 +387,7 @@ class OutboxPublisher:
         self._resends = 0
         if not self._acked:
             asyncio.get_running_loop().call_soon(self._flush_acks)
-        self._acked.append(seq)
+        self._acked.extend(seqs)
 
     def _flush_acks(self) -> None:
         """Remove every entry acked during this loop tick in one outbox operation."""

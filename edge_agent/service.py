@@ -31,7 +31,7 @@ from bridge.proxy import MqttProxy, create_proxy_router
 from bridge.router import MessageRouter
 from bridge.sdnotify import Notifier, Watchdog
 from bridge.tasks import cancel_and_wait
-from bridge.topic import TopicScheme, org_root
+from bridge.topic import BATCH_CHANNEL, TopicScheme, org_root
 from bridge.transport import MqttSettings, TlsFiles, Transport, Will, create_transport
 from bridge.version import VERSION
 from edge_agent.commands import BUILTIN_NAMES, register_builtins
@@ -85,7 +85,10 @@ class EdgeAgent:
         self.watchdog.watch("mqtt-network", lambda: self.transport.last_beat)
         self.publisher = OutboxPublisher(
             self.outbox, self.transport,
-            window=settings.publish_window, rate_limit=settings.publish_rate_limit,
+            window=settings.publish_window, rate_limit=settings.publish_limits()[0],
+            byte_limit=settings.publish_limits()[1],
+            frame_topic=str(self.scheme.device(settings.gateway_id, BATCH_CHANNEL))
+            if settings.batch_frames else None,
             ack_timeout=settings.publish_ack_timeout_seconds,
             beat=self.watchdog.beat("publisher"),
         )
@@ -267,6 +270,8 @@ class EdgeAgent:
             "drain_estimate_s": _rounded(self.publisher.drain_estimate_s()),
             "inflight": self.publisher.inflight,
             "published": self.publisher.published,
+            "publish_throttled_s": round(self.publisher.throttled_s, 1),
+            "draining": self.publisher.draining,
             "uptime_seconds": round(time.time() - self.started, 1),
             "robot_states": self.robot_memory.states(),
             "poll": self.poll_health(),

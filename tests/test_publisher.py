@@ -96,7 +96,10 @@ async def test_entries_go_out_in_order_and_leave_only_after_their_puback(tmp_pat
     async with make_rig(tmp_path) as rig:
         await fill(rig.outbox, 300)
         transport = MemoryTransport(MqttSettings.from_url(rig.url, client_id="gw"))
-        async with transport, running(OutboxPublisher(rig.outbox, transport, window=20)):
+        # Seq order is the rule below the backlog threshold (issue 27: a larger backlog
+        # is drained newest state first, tests/test_drain_order.py).
+        async with transport, running(OutboxPublisher(rig.outbox, transport, window=20,
+                                                      backlog=1000)):
             await asyncio.wait_for(drained(rig.outbox), 10)
         got = [(await asyncio.wait_for(rig.inbox.get(), 5)).payload for _ in range(300)]
         assert got == [b"%d" % i for i in range(300)]

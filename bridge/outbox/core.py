@@ -65,7 +65,7 @@ from bridge.errors import (
     OutboxLockedError,
     OutboxUnwritableError,
 )
-from bridge.outbox import dedup
+from bridge.outbox import dedup, priority
 from bridge.outbox import held as held_table
 from bridge.outbox import rejected as rejected_table
 from bridge.outbox.entries import (
@@ -127,6 +127,7 @@ class Outbox:
         self._last_prune = 0.0
         self._fatal: BaseException | None = None
         self._tail = Tail()
+        self._drain_order = priority.DrainOrder()
         self._ops: list[Any] = []  # queued in this loop tick, not yet handed to the writer
         self._commits_seen = 0  # commits with new entries that reached the event loop
         self._lock_fd: int | None = None
@@ -176,6 +177,7 @@ class Outbox:
     def _open_writer(self) -> sqlite3.Connection:
         conn = self._connect()
         conn.executescript(SCHEMA)
+        priority.migrate(conn)
         self.depth = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
         self.rejected = conn.execute("SELECT COUNT(*) FROM rejected").fetchone()[0]
         self.held = conn.execute("SELECT COUNT(*) FROM held").fetchone()[0]
@@ -303,6 +305,20 @@ class Outbox:
             # the loop meanwhile, so each later one will: track from here.
             self._tail.track_from(entries[-1].seq if entries else after_seq)
         return entries
+
+    async def drain_plan(self, limit: int = 500) -> list[tuple[OutboxEntry, bool]]:
+        """While a backlog exists: up to ``limit`` entries in drain order (newest state
+        and events first, then history), each with whether it is history; see
+        bridge/outbox/priority.py. Entries removed but not yet committed may show up
+        again (``sync`` first to avoid it)."""
+        async with self._read_lock:
+            rows = await asyncio.to_thread(self._plan, limit)
+        return [(OutboxEntry(r[0], r[1], bytes(r[2]), r[3], bool(r[4])), replay)
+                for r, replay in rows]
+
+    def _plan(self, limit: int) -> list[tuple[tuple[Any, ...], bool]]:
+        assert self._reader is not None
+        return self._drain_order.plan(self._reader, limit)
 
     def _submit(self, op: Any) -> None:
         """Queue an op for the writer; everything queued in one loop tick goes over as one.
@@ -547,18 +563,20 @@ class Outbox:
             if not freed:
                 self.rejected_full += 1
                 return OutboxFullError(depth, self.max_entries), 0
-        seq = self._append(conn, op.topic, op.payload, op.qos, op.retain, op.compact_key, now)
+        seq = self._append(conn, op.topic, op.payload, op.qos, op.retain, op.compact_key, now,
+                           op.order or None)
         dedup.mark(conn, op.dedup_keys, now)
         added.append(OutboxEntry(seq, op.topic, op.payload, op.qos, op.retain))
         return PutResult.ACCEPTED, freed
 
     @staticmethod
     def _append(conn: sqlite3.Connection, topic: str, payload: bytes, qos: int,
-                retain: bool, compact_key: str | None, now: float) -> int:
+                retain: bool, compact_key: str | None, now: float,
+                order: float | None = None) -> int:
         seq = conn.execute(
-            "INSERT INTO outbox (topic, payload, qos, retain, compact_key, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (topic, payload, qos, int(retain), compact_key, now),
+            "INSERT INTO outbox (topic, payload, qos, retain, compact_key, created_at, ord)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (topic, payload, qos, int(retain), compact_key, now, order),
         ).lastrowid
         assert seq is not None
         return seq
@@ -583,10 +601,10 @@ class Outbox:
         superseded state is compacted first if there is any."""
         rows = held_table.take(conn, keys)
         freed = 0
-        for moved, (key, topic, payload, qos, retain) in enumerate(rows):
+        for moved, (key, topic, payload, qos, retain, order) in enumerate(rows):
             if depth + moved >= self.max_entries and not freed:
                 freed = self._make_room(conn, None)
-            seq = self._append(conn, topic, payload, qos, bool(retain), key, now)
+            seq = self._append(conn, topic, payload, qos, bool(retain), key, now, order)
             added.append(OutboxEntry(seq, topic, bytes(payload), qos, bool(retain)))
         return len(rows), freed
 

@@ -12,7 +12,7 @@ import sqlite3
 from bridge.outbox.entries import PutResult
 
 #: (compact_key, topic, payload, qos, retain) of a held row.
-HeldRow = tuple[str, str, bytes, int, int]
+HeldRow = tuple[str, str, bytes, int, int, float]
 
 
 def hold(conn: sqlite3.Connection, key: str, topic: str, payload: bytes, qos: int,
@@ -32,11 +32,11 @@ def hold(conn: sqlite3.Connection, key: str, topic: str, payload: bytes, qos: in
 def take(conn: sqlite3.Connection, keys: tuple[str, ...] | None) -> list[HeldRow]:
     """Remove and return the rows of ``keys`` (all of them, in the order held, if None)."""
     if keys is None:
-        rows = conn.execute("SELECT compact_key, topic, payload, qos, retain FROM held"
+        rows = conn.execute("SELECT compact_key, topic, payload, qos, retain, ord FROM held"
                             " ORDER BY held_at").fetchall()
     else:
         rows = [row for key in keys for row in conn.execute(
-            "SELECT compact_key, topic, payload, qos, retain FROM held"
+            "SELECT compact_key, topic, payload, qos, retain, ord FROM held"
             " WHERE compact_key = ?", (key,))]
     conn.executemany("DELETE FROM held WHERE compact_key = ?", [(r[0],) for r in rows])
     return rows

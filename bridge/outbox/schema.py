@@ -10,7 +10,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     qos INTEGER NOT NULL DEFAULT 1,
     retain INTEGER NOT NULL DEFAULT 0,
     compact_key TEXT,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    ord REAL
 );
 CREATE INDEX IF NOT EXISTS outbox_compact ON outbox (compact_key, seq)
     WHERE compact_key IS NOT NULL;

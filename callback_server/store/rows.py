@@ -276,6 +276,14 @@ def _ahead(ts: Any, now: float) -> float | None:
     return seconds - now if math.isfinite(seconds) else None
 
 
+def merges_into_state(env: Envelope) -> bool:
+    """Whether a message may change the robot's latest state. A ``replay`` envelope is
+    history the edge sent after a newer one of its robot (a drain, newest state first):
+    it is logged (and its event kept) but never merged into state; the one
+    place the state rows leave such messages out."""
+    return not env.replay
+
+
 def build_rows(items: Sequence[Item], *, now: float,
                limits: Mapping[str, Limits] | None = None,
                max_skew: float = 300.0) -> BatchRows:
@@ -331,8 +339,8 @@ def build_rows(items: Sequence[Item], *, now: float,
                 org, text(env.gateway, es["gateway_id"]),
                 text(env.type, es["callback_type"]), ts, text(env.id, es["message_id"]),
             ))
-        if ts is None:
-            continue  # no usable robot time: it cannot be ordered against stored state
+        if ts is None or not merges_into_state(env):
+            continue  # no usable robot time (cannot be ordered), or history (replay)
         robot = robots.setdefault((org, sn), _Robot(org=org))
         if (ts, order) >= robot.newest:
             robot.newest = (ts, order)

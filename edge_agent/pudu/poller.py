@@ -359,7 +359,7 @@ class Poller:
         # or row in the run record now, instead of being set aside after the outbox.
         self.agent.transport.check_publish(topic, payload, 1)
         result = await self.agent.outbox.put(topic, payload, qos=1, compact_key=compact,
-                                             dedup_keys=[f"poll:{env.id}"])
+                                             dedup_keys=[f"poll:{env.id}"], order=env.ts)
         self.agent.note_robot(env)
         return result
 

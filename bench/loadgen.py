@@ -115,10 +115,12 @@ def _record(result: LoadResult, status: int, latency: float) -> None:
 
 
 async def closed_loop(host: str, port: int, factory: BodyFactory, *, duration: float,
-                      connections: int = 64, path: str = WEBHOOK_PATH) -> LoadResult:
-    """Back-to-back requests on ``connections`` connections for ``duration`` seconds."""
+                      connections: int = 64, path: str = WEBHOOK_PATH,
+                      requests: int | None = None) -> LoadResult:
+    """Back-to-back requests on ``connections`` connections for ``duration`` seconds
+    (or until ``requests`` were sent, the first to come)."""
     result = LoadResult()
-    counter = iter(range(1 << 62))
+    counter = iter(range(1 << 62 if requests is None else requests))
     start = time.perf_counter()
     deadline = start + duration
 
@@ -126,7 +128,10 @@ async def closed_loop(host: str, port: int, factory: BodyFactory, *, duration: f
         conn = Connection(host, port)
         try:
             while time.perf_counter() < deadline:
-                data = request_bytes(factory, next(counter), path=path)
+                n = next(counter, None)
+                if n is None:
+                    return
+                data = request_bytes(factory, n, path=path)
                 result.sent += 1
                 sent = time.perf_counter()
                 try:

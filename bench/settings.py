@@ -24,6 +24,7 @@ class BenchSettings:
     consumer_messages: int = 50_000
     backlog_entries: int = 100_000
     memory_entries: int = 1_000_000
+    memory_robots: int = 40_000  # distinct robot ids per wave (per-robot state, issue 24)
     database_url: str = "mysql://root:@127.0.0.1:3306/pudu_bench"
     loadgen: str = "wrk"  # or "python" (bench.loadgen.closed_loop)
     scenarios: tuple[str, ...] = SCENARIOS
@@ -35,7 +36,8 @@ class BenchSettings:
     @classmethod
     def quick(cls, **overrides: object) -> BenchSettings:
         base = cls(runs=1, duration=3.0, rate_duration=4.0, consumer_messages=10_000,
-                   backlog_entries=20_000, memory_entries=1_000_000, quick_mode=True)
+                   backlog_entries=20_000, memory_entries=1_000_000, memory_robots=10_000,
+                   quick_mode=True)
         return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
 
 

@@ -97,6 +97,11 @@ FIGURES: tuple[Figure, ...] = (
     _f("memory.full_down_mb", "edge RSS, 1M outbox entries, broker down", "MiB"),
     _f("memory.growth_mb", "RSS growth from 1M outbox entries", "MiB"),
     _f("memory.start_seconds", "edge start-up with 1M entries (to healthy)", "s"),
+    _f("memory.robots_before_mb", "edge RSS before a wave of distinct robot ids", "MiB"),
+    _f("memory.robots_wave_mb", "edge RSS after a wave of distinct robot ids", "MiB"),
+    _f("memory.robots_per_robot_kib", "RSS per robot id of that wave", "KiB"),
+    _f("memory.robots_quiet1_mb", "edge RSS once that wave is forgotten (quiet)", "MiB"),
+    _f("memory.robots_quiet2_mb", "edge RSS after a 2nd wave of new ids, forgotten", "MiB"),
     # 6. bounded strict parsing on the hot path
     _f("parsing.json_us", "json.loads per sample body (baseline)", "µs"),
     _f("parsing.strict_us", "strictjson.loads per sample body", "µs"),

@@ -6,6 +6,12 @@ command gets exactly one response; a command redelivered under QoS 1 is executed
 and answered again with the same result. Commands registered ``durable`` (those with an
 effect outside the gateway, such as a Pudu API call) are also kept in a journal by
 ``messageId`` before they run, so a redelivery after a restart does not run them again.
+
+Answers fit the transport (AWS IoT Core: 128 KiB a payload): a handler that lists things
+returns a ``Paged`` and the executor sends as many items as fit, with the cursor to ask
+for the rest (``{"items": [...], "next_cursor": str | null}``, the product's list shape);
+any other answer too large to publish becomes an ``error`` response saying so, never a
+publish that fails (every command still gets exactly one response).
 """
 
 from __future__ import annotations
@@ -21,7 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from bridge import strictjson
-from bridge.errors import MalformedCommandError, PayloadError, TransportError
+from bridge.errors import (
+    InputError,
+    MalformedCommandError,
+    PayloadError,
+    TopicError,
+    TransportError,
+)
 from bridge.topic import TopicScheme, every_device_channel, parse_device_topic
 from bridge.transport import InboundMessage, Transport
 
@@ -107,6 +119,57 @@ def _message_id(obj: object) -> str | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class Paged:
+    """A list answer, cut by the executor to what one response can carry.
+
+    ``items`` in cursor order, from the caller's cursor on; ``cursor_of(item)`` is the
+    cursor that resumes after ``item``; ``more``: the handler stopped before the end
+    (the caller's ``limit``), so ``next_cursor`` is set even if everything fits."""
+
+    items: list[Any]
+    cursor_of: Callable[[Any], str]
+    more: bool = False
+
+    def page(self, count: int) -> dict[str, Any]:
+        """The first ``count`` items as the product's list shape."""
+        rest = self.more or count < len(self.items)
+        cursor = self.cursor_of(self.items[count - 1]) if rest and count else None
+        return {"items": self.items[:count], "next_cursor": cursor}
+
+
+#: Room kept for what the estimate of a page's size leaves out.
+_PAGE_SLACK = 256
+#: A page is at most this large on every backend (AWS IoT Core's payload limit), so a
+#: client sees the same pages whatever the broker, and the answers kept for redelivered
+#: commands stay small.
+PAGE_BYTES = 128 * 1024
+
+
+def fit(message_id: str, paged: Paged, limit: int) -> Response:
+    """The success response carrying as many of ``paged``'s items as fit in ``limit``
+    bytes (estimated item by item, only as far as the page goes, then checked); an error
+    response if not even one item fits."""
+    room = limit - _PAGE_SLACK - len(Response(
+        message_id, "success", result={"items": [], "next_cursor": ""}).to_json())
+    used = count = 0
+    for item in paged.items:
+        used += len(strictjson.dumps(strictjson.clean(
+            json.loads(json.dumps(item, default=str)), "", []))) + 1
+        if used + len(json.dumps(paged.cursor_of(item))) > room:
+            break
+        count += 1
+    if not paged.items:
+        return Response(message_id, "success", result=paged.page(0))
+    while count:
+        response = Response(message_id, "success", result=paged.page(count))
+        if len(response.to_json()) <= limit:
+            return response
+        count = count * 9 // 10  # the estimate was short: cut more
+    return Response(message_id, "error", error=(
+        f"one item of this answer is larger than the transport's {limit}-byte limit"))
+
+
 class CommandJournal(Protocol):
     """Durable command ids (the edge agent keeps them in its outbox database)."""
 
@@ -176,9 +239,22 @@ class CommandExecutor:
             answer.set_result(await self._execute(command))
         await self._answer(await answer)
 
+    def sized(self, response: Response) -> bytes:
+        """The response's bytes, if the transport can carry them; else an error response
+        naming the size and the limit (the caller can ask for less)."""
+        payload = response.to_json()
+        try:
+            self.transport.check_publish(self.response_topic, payload, 1)
+        except (PayloadError, TopicError, InputError) as exc:
+            log.warning("answer to %s refused before publishing: %s", response.message_id, exc)
+            payload = Response(response.message_id, "error", error=(
+                f"answer of {len(payload)} bytes not sent: {exc}; ask for less "
+                "(a list command takes limit and cursor)")).to_json()
+        return payload
+
     async def _answer(self, response: Response) -> None:
         try:
-            await self.transport.publish(self.response_topic, response.to_json(), qos=1)
+            await self.transport.publish(self.response_topic, self.sized(response), qos=1)
         except TransportError as exc:
             log.warning("could not answer command %s: %s", response.message_id, exc)
 
@@ -208,7 +284,11 @@ class CommandExecutor:
                                   f"known: {sorted(self.handlers)}")
         self.executed += 1
         try:
-            return Response(command.message_id, "success", result=await fn(command.args))
+            result = await fn(command.args)
+            if isinstance(result, Paged):
+                return fit(command.message_id, result,
+                           min(PAGE_BYTES, self.transport.max_payload))
+            return Response(command.message_id, "success", result=result)
         except Exception as exc:  # a handler's failure is the command's answer
             log.warning("command %s failed: %s", command.command, exc)
             return Response(command.message_id, "error", error=str(exc) or type(exc).__name__)

@@ -21,6 +21,7 @@
     │   └── PublishRefusedError  the broker's PUBACK carried a failure reason code
     ├── OutboxError            the durable outbox could not take or give a message
     │   ├── OutboxFullError    bounded outbox is full of entries that may not be dropped
+    │   ├── OutboxUnwritableError  its disk is full or failing; the writer retries by itself
     │   └── OutboxLockedError  another process has the outbox open (exit code 3)
     ├── StoreError             the database is unreachable or busy: retry later
     │   └── StoreRejectedError the database refused this data: retrying will not help
@@ -194,6 +195,16 @@ class OutboxFullError(OutboxError):
         super().__init__(f"outbox full ({depth}/{limit} entries); retry later")
         self.depth = depth
         self.limit = limit
+
+
+class OutboxUnwritableError(OutboxError):
+    """The outbox's last write failed (disk full, I/O error): an outage, not a crash.
+
+    Puts are refused at once (503 + Retry-After) until a retried write succeeds."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"outbox cannot write ({reason}); retry later")
+        self.reason = reason
 
 
 class OutboxLockedError(OutboxError):

@@ -25,6 +25,7 @@ from bridge.errors import (
     NotConnectedError,
     OutboxError,
     OutboxFullError,
+    OutboxUnwritableError,
     PayloadError,
     PayloadTooLargeError,
     PubackTimeoutError,
@@ -70,7 +71,8 @@ def status_for(exc: FleetError) -> int:
 def _message(exc: FleetError, status: int) -> str:
     if isinstance(exc, InputError):
         return exc.message
-    if isinstance(exc, OutboxError) and not isinstance(exc, OutboxFullError):
+    if isinstance(exc, OutboxError) and not isinstance(
+            exc, (OutboxFullError, OutboxUnwritableError)):
         return "callback could not be stored; retry later"
     if isinstance(exc, StoreError):
         return "database unavailable; retry later"

@@ -11,6 +11,7 @@ from edge_agent.commands import BUILTIN_NAMES
 from edge_agent.config import EdgeSettings
 from edge_agent.forwarding import ForwardPolicy
 from edge_agent.forwarding import warnings as policy_warnings
+from bridge.pudu.normalize import MAX_SN_BYTES
 from edge_agent.plugins import problems as plugin_problems
 
 
@@ -53,11 +54,28 @@ def warnings(settings: EdgeSettings) -> list[str]:
     """Allowed but likely a mistake (status or events not forwarded, a Pudu API key
     without shops to poll): said, not refused."""
     found = policy_warnings(ForwardPolicy.of(settings))
+    room = sn_room(settings)
+    if room < MAX_SN_BYTES:
+        found.append(f"TOPIC_PREFIX and ORG_ID leave {room} bytes for a robot's sn in AWS "
+                     f"IoT's 256-byte topics (the product allows {MAX_SN_BYTES}): callbacks "
+                     "of robots with longer sns will be refused with 422")
     pudu = settings.pudu
     if pudu.configured and not pudu.shop_ids and pudu.poll_interval_seconds > 0:
         found.append("PUDU_API_KEY is set but PUDU_SHOP_IDS is empty: scheduled polling "
                      "is off (pudu.* commands still work)")
     return found
+
+
+def sn_room(settings: EdgeSettings) -> int:
+    """The longest sn whose topics fit the broker's limit on every robot channel (the
+    longest is ``status``; ``callback/{type}`` adds its type); MAX_SN_BYTES off AWS."""
+    if settings.mqtt_backend != "awsiot":
+        return MAX_SN_BYTES
+    from bridge.transport.awsiot import MAX_TOPIC_BYTES
+
+    scheme = TopicScheme(settings.org_id, settings.topic_prefix)
+    overhead = len(str(scheme.device("x", "status")).encode()) - 1
+    return max(0, min(MAX_SN_BYTES, MAX_TOPIC_BYTES - overhead))
 
 
 async def connect_problems(settings: EdgeSettings, config_path: str | None = None

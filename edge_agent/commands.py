@@ -10,7 +10,7 @@ import logging
 import time
 from typing import Any
 
-from bridge.commands import CommandExecutor
+from bridge.commands import CommandExecutor, Paged
 from edge_agent.ports import CommandHost
 from edge_agent.pudu.commands import NAMES as PUDU_NAMES
 
@@ -31,8 +31,22 @@ def register_builtins(executor: CommandExecutor, agent: CommandHost) -> None:
         # The commands available here, plug-ins included: what a caller may send next.
         return {**agent.health(), "commands": sorted(executor.handlers)}
 
-    async def get_robots(args: dict[str, Any]) -> list[dict[str, Any]]:
-        return sorted(agent.robots.values(), key=lambda r: str(r["sn"]))
+    async def get_robots(args: dict[str, Any]) -> Paged:
+        """The robots this gateway knows, by sn, a page at a time: ``{"items",
+        "next_cursor"}``; ``cursor`` (an sn) resumes after it, ``limit`` caps the page.
+        The executor cuts a page to what the transport carries (AWS IoT: 128 KiB)."""
+        limit = args.get("limit")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)
+                                  or limit < 1):
+            raise ValueError("limit must be a positive integer")
+        cursor = args.get("cursor")
+        if cursor is not None and not isinstance(cursor, str):
+            raise ValueError("cursor must be a string (the next_cursor of a page)")
+        robots = sorted((r for sn, r in agent.robots.items()
+                         if cursor is None or sn > cursor), key=lambda r: str(r["sn"]))
+        more = limit is not None and len(robots) > limit
+        return Paged(robots[:limit] if limit is not None else robots,
+                     cursor_of=lambda r: str(r["sn"]), more=more)
 
     async def flush_outbox(args: dict[str, Any]) -> dict[str, Any]:
         wait = float(args.get("timeout", 10))

@@ -64,6 +64,7 @@ ENV_MAP = {
     "PUDU_API_TIMEOUT_SECONDS": "pudu.timeout_seconds",
     "PUDU_API_RETRIES": "pudu.max_retries",
     "COMMAND_PLUGINS": "command_plugins",
+    "ROBOT_QUIET_SECONDS": "robot_quiet_seconds",
     "COMMAND_PLUGIN_TIMEOUT_SECONDS": "command_plugin_timeout_seconds",
 }
 #: systemd credentials the edge agent reads besides the shared ones (bridge.config).
@@ -148,6 +149,9 @@ class EdgeSettings(Settings, BaseModel):  # BaseModel named: linters see a model
     # Site commands (edge_agent.plugins): name -> "module:function", besides entry points.
     command_plugins: CommandPlugins = {}
     command_plugin_timeout_seconds: float = Field(30.0, gt=0, le=3600)
+    # What is kept in memory per robot is dropped after it has been quiet this long
+    # (edge_agent/robot_memory.py); at least an hour, so an hourly poll keeps its robots.
+    robot_quiet_seconds: float = Field(86_400.0, gt=0)
 
     @field_validator("pudu_callback_code")
     @classmethod

@@ -83,6 +83,11 @@ class Throttle:
             if key not in self._armed:
                 del self._free_at[key]
 
+    def forget(self, key: str) -> None:
+        """Drop ``key``'s interval unless a hold of it is pending (RobotMemory)."""
+        if key not in self._armed:
+            self._free_at.pop(key, None)
+
     def __len__(self) -> int:
         return len(self._free_at)
 
@@ -127,6 +132,18 @@ class Downsampler:
             self._held[key] = order
         self._woken.set()  # the loop may be sleeping past this new end
         return Verdict.HOLD
+
+    def forget(self, device: str) -> None:
+        """A robot quiet for long (edge_agent.robot_memory): drop what is kept for it."""
+        for channel in self.throttle.intervals:
+            key = f"{channel}:{device}"
+            if key not in self._held:
+                self._published.pop(key, None)
+                self.throttle.forget(key)
+
+    def __len__(self) -> int:
+        """Keys with state kept (published times, intervals, holds)."""
+        return len(self._published) + len(self.throttle) + len(self._held)
 
     def release_ended(self) -> int:
         """Release every key whose interval has ended; how many."""

@@ -53,6 +53,21 @@ class EdgeMetrics:
             "Seconds to empty the outbox at the recent publish rate",
             registry=self.registry,
         )
+        self.outbox_free_bytes = Gauge(
+            "edge_outbox_free_bytes",
+            "Free space on the outbox's filesystem (what SQLite may still grow into)",
+            registry=self.registry,
+        )
+        self.outbox_writable = Gauge(
+            "edge_outbox_writable",
+            "0 while the outbox cannot write (disk full or failing): callbacks get 503",
+            registry=self.registry,
+        )
+        self.robot_states = Gauge(
+            "edge_robot_states",
+            "Entries kept in memory per robot, by holder (dropped after ROBOT_QUIET_SECONDS)",
+            ["holder"], registry=self.registry,
+        )
         self.outbox_rejected = Gauge(
             "edge_outbox_rejected", "Entries the broker refused for good, set aside",
             registry=self.registry,

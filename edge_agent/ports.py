@@ -14,12 +14,14 @@ from bridge.health import Readiness
 from bridge.outbound import OutboundPolicy
 from bridge.outbox import Outbox
 from bridge.topic import TopicScheme
+from bridge.transport import Transport
 from edge_agent.config import EdgeSettings
 from edge_agent.downsample import Downsampler
 from edge_agent.forwarding import ForwardPolicy
 from edge_agent.journal import Journal
 from edge_agent.metrics import EdgeMetrics
 from edge_agent.publisher import OutboxPublisher
+from edge_agent.robot_memory import RobotMemory
 
 __all__ = ["CommandHost", "PollHost", "PuduHost", "WebhookHost"]
 
@@ -35,6 +37,7 @@ class WebhookHost(Protocol):
     policy: ForwardPolicy
     downsampler: Downsampler
     readiness: Readiness
+    transport: Transport  # its limits: what the broker would refuse is refused at once
 
     def note_robot(self, envelope: Envelope) -> None: ...
 
@@ -61,6 +64,8 @@ class PollHost(Protocol):
     outbox: Outbox
     scheme: TopicScheme
     metrics: EdgeMetrics
+    robot_memory: RobotMemory
+    transport: Transport
 
     def note_robot(self, envelope: Envelope) -> None: ...
 

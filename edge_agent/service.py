@@ -44,6 +44,7 @@ from edge_agent.plugins import register_plugins
 from edge_agent.publisher import OutboxPublisher
 from edge_agent.pudu.commands import register_pudu
 from edge_agent.pudu.poller import Poller
+from edge_agent.robot_memory import RobotMemory
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,17 @@ class EdgeAgent:
         #: False for ``edge-agent poll --once`` run without an agent: one run, no schedule.
         self.schedule_polls = True
         self.robots: dict[str, dict[str, Any]] = {}
+        # Per-robot state is forgotten once a robot is quiet (bounded memory on the edge).
+        # A robot the poller still lists is heard of on every run: never quieter than that.
+        quiet = settings.robot_quiet_seconds
+        if self.poller.enabled:
+            quiet = max(quiet, 2 * settings.pudu.poll_interval_seconds)
+        self.robot_memory = RobotMemory(quiet)
+        self.robot_memory.hold("robots", lambda sn: self.robots.pop(sn, None),
+                               lambda: len(self.robots))
+        self.robot_memory.hold("downsampler", self.downsampler.forget,
+                               lambda: len(self.downsampler))
+        self.robot_memory.hold("poller", self.poller.forget_robot, lambda: len(self.poller))
         self.nodelay = NodelayStats()
         self._stack = AsyncExitStack()
         self._tasks: list[asyncio.Task[None]] = []
@@ -183,6 +195,7 @@ class EdgeAgent:
             self._tasks.append(asyncio.create_task(self.downsampler.run(), name="downsampler"))
         if self.settings.heartbeat_seconds > 0:
             self._tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
+        self._tasks.append(asyncio.create_task(self.robot_memory.run(), name="robot-memory"))
         if self.poller.enabled and self.schedule_polls:
             self._tasks.append(asyncio.create_task(self.poller.run(), name="pudu-poller"))
         self.readiness.up("outbox")
@@ -215,6 +228,7 @@ class EdgeAgent:
         A webhook's state also makes the poller forget what it published for the fields
         the webhook set: the cloud now holds the webhook's value, so the next poll must
         republish the API's state even if it equals the poller's last one."""
+        self.robot_memory.heard(envelope.device)
         if envelope.source != "poll":
             self.poller.forget(envelope.device, envelope.data)
         state = self.robots.setdefault(envelope.device, {"sn": envelope.device})
@@ -224,9 +238,18 @@ class EdgeAgent:
             state["last_type"] = envelope.type
 
     def health(self) -> dict[str, Any]:
+        """Also the heartbeat's body. Degraded, with the reasons, while the broker is away
+        or the outbox cannot write; the watchdog keeps pinging either way (a restart would
+        free no disk, and the outbox's writer recovers by itself)."""
         connected = self.transport.connected
+        unwritable = self.outbox.unwritable
+        reasons = [reason for bad, reason in (
+            (not connected, "broker not connected"),
+            (unwritable is not None, f"outbox cannot write: {unwritable}"),
+        ) if bad]
         return {
-            "status": "healthy" if connected else "degraded",
+            "status": "degraded" if reasons else "healthy",
+            "reasons": reasons,
             "timestamp": int(time.time()),
             "service": "edge-agent",
             "version": self.version,
@@ -237,11 +260,15 @@ class EdgeAgent:
             "outbox_max_entries": self.outbox.max_entries,
             "outbox_rejected": self.outbox.rejected,
             "outbox_held": self.outbox.held,
+            "outbox_writable": unwritable is None,
+            "outbox_error": unwritable,
+            "outbox_free_bytes": self.outbox.free_bytes(),
             "outbox_oldest_age_s": round(self.outbox.oldest_age_s, 1),
             "drain_estimate_s": _rounded(self.publisher.drain_estimate_s()),
             "inflight": self.publisher.inflight,
             "published": self.publisher.published,
             "uptime_seconds": round(time.time() - self.started, 1),
+            "robot_states": self.robot_memory.states(),
             "poll": self.poll_health(),
             "ready": self.readiness.ready,
             "not_ready": self.readiness.reasons(),
@@ -250,6 +277,8 @@ class EdgeAgent:
     def status_line(self) -> str:
         """systemd's STATUS=: what ``systemctl status`` shows an operator at a glance."""
         broker = "connected" if self.transport.connected else "broker away"
+        if self.outbox.unwritable:
+            broker += f"; OUTBOX CANNOT WRITE ({self.outbox.unwritable})"
         drain = self.publisher.drain_estimate_s()
         eta = "" if not self.outbox.depth else (
             "; not draining" if drain is None else f"; drained in ~{drain:.0f} s")
@@ -269,11 +298,17 @@ class EdgeAgent:
         self.metrics.outbox_depth.set(self.outbox.depth)
         self.metrics.outbox_rejected.set(self.outbox.rejected)
         self.metrics.outbox_held.set(self.outbox.held)
+        free = self.outbox.free_bytes()
+        if free is not None:
+            self.metrics.outbox_free_bytes.set(free)
+        self.metrics.outbox_writable.set(0 if self.outbox.unwritable else 1)
         self.metrics.outbox_oldest_age.set(self.outbox.oldest_age_s)
         drain = self.publisher.drain_estimate_s()
         self.metrics.outbox_drain_estimate.set(math.inf if drain is None else drain)
         self.metrics.published.set(self.publisher.published)
         self.metrics.broker_connected.set(1 if self.transport.connected else 0)
+        for holder, size in self.robot_memory.states().items():
+            self.metrics.robot_states.labels(holder).set(size)
 
     async def _heartbeat(self) -> None:
         """Telemetry at QoS 0: a missed heartbeat is not worth a resend."""

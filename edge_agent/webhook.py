@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from bridge import strictjson
 from bridge.envelope import Envelope
-from bridge.errors import FleetError, InputError, OutboxError, PayloadError
+from bridge.errors import FleetError, InputError, OutboxError, PayloadError, TopicError
 from bridge.health import HealthQuery, health_status, unready_body
 from bridge.http_errors import error_response, internal_error_response
 from bridge.http_errors import install as install_error_handlers
@@ -231,8 +231,10 @@ class _Webhook:
         # A retry is the same body, whatever its TraceId: Pudu reuses a TraceId for
         # different data, so the TraceId alone must not make a callback a duplicate.
         keys = ["body:" + hashlib.sha256(raw).hexdigest()]
+        payload = envelope.to_json()
+        self.publishable(topic, payload, norm)
         result = await self.agent.outbox.put(
-            topic, envelope.to_json(), qos=1, compact_key=compact_key, dedup_keys=keys,
+            topic, payload, qos=1, compact_key=compact_key, dedup_keys=keys,
             hold=hold, order=norm.ts,
         )
         self.remember(norm, envelope)
@@ -245,6 +247,17 @@ class _Webhook:
             norm, now, topic,
             "duplicate callback already accepted" if duplicate else "callback accepted",
             duplicate=duplicate)
+
+    def publishable(self, topic: str, payload: bytes, norm: Normalized) -> None:
+        """Refuse now (422, 413) what the broker would refuse later (AWS IoT: topic over
+        256 bytes or 7 slashes, payload over 128 KiB): answered 200, it would only be set
+        aside in the outbox's rejected table."""
+        try:
+            self.agent.transport.check_publish(topic, payload, 1)
+        except TopicError as exc:
+            field = "data.sn" if norm.device_id else "callback_type"
+            raise InputError(f"{field} makes a topic the broker refuses: {exc.reason} "
+                             f"({len(topic.encode())} bytes)", field=field) from None
 
     def count_downsampled(self, channel: str) -> None:
         child = self._downsampled.get(channel)

@@ -62,6 +62,13 @@ class PuduStub:
     snake: bool = False  # emit status in snake_case (third-party spelling)
     success: str = "SUCCESS"  # the ``message`` of a successful reply ("ok" is seen live)
     counts_as_text: bool = False  # page ``count``/``total`` as strings
+    #: Answer at most this many items per page, whatever ``limit`` asked (an undocumented
+    #: server maximum, as the log endpoints have).
+    page_cap: int | None = None
+    #: Added to the true ``count``/``total`` of successive paged replies, in turn (a count
+    #: that shifts between pages while the list itself does not).
+    count_shifts: tuple[int, ...] = ()
+    _pages_served: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     # -- fleet ------------------------------------------------------------------------
@@ -194,10 +201,10 @@ class PuduStub:
         if path == "/data-open-platform-service/v1/api/robot":
             shop = params.get("shop_id")
             fleet = [r for r in self.robots.values() if shop is None or r["shop_id"] == shop]
-            offset, limit = int(params.get("offset", 0)), int(params.get("limit", 10))
+            offset, limit = self._window(params)
             page = [{"sn": r["sn"], "mac": r["mac"], "shop_id": int(r["shop_id"]),
                      "shop_name": f"shop {r['shop_id']}"} for r in fleet[offset:offset + limit]]
-            return {"count": self._n(len(fleet)), "list": page}
+            return {"count": self._n(self._shifted(len(fleet))), "list": page}
         if path == "/open-platform-service/v2/status/get_by_sn":
             r = self._robot(params.get("sn"))
             if isinstance(r, tuple):
@@ -225,11 +232,11 @@ class PuduStub:
             shop = params.get("shop_id")
             rows = [e for e in self.errors if e["shop_id"] == shop and
                     start <= e["_at"] <= end]
-            offset, limit = int(params.get("offset", 0)), int(params.get("limit", 10))
+            offset, limit = self._window(params)
             page = [{k: v for k, v in e.items() if not k.startswith("_")}
                     for e in rows[offset:offset + limit]]
-            return {"total": self._n(len(rows)), "offset": offset, "limit": limit,
-                    "list": page}
+            return {"total": self._n(self._shifted(len(rows))), "offset": offset,
+                    "limit": limit, "list": page}
         if path == "/open-platform-service/v2/recharge":
             r = self._robot(params.get("sn"))
             return r if isinstance(r, tuple) else {"desc": "ok", "taskId": "t-recharge"}
@@ -246,6 +253,18 @@ class PuduStub:
             r = self._robot(body.get("sn"))
             return r if isinstance(r, tuple) else None
         return 404, {"code": 404, "message": f"no route {path}"}
+
+    def _window(self, params: dict[str, str]) -> tuple[int, int]:
+        """(offset, how many to answer): the asked limit, capped by ``page_cap``."""
+        offset, limit = int(params.get("offset", 0)), int(params.get("limit", 10))
+        return offset, limit if self.page_cap is None else min(limit, self.page_cap)
+
+    def _shifted(self, count: int) -> int:
+        with self.lock:
+            served, self._pages_served = self._pages_served, self._pages_served + 1
+        if not self.count_shifts:
+            return count
+        return max(0, count + self.count_shifts[served % len(self.count_shifts)])
 
     def _n(self, count: int) -> int | str:
         return str(count) if self.counts_as_text else count

@@ -7,6 +7,7 @@ the alert tables change once and one transition is emitted.
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -220,6 +221,21 @@ async def test_gateway_last_will_and_backlog_on_every_replica_change_once(env: E
     assert alert.as_dict()["state"] == "resolved" and alert.as_dict()["resolved_at"]
 
 
+async def test_gateway_disk_warns_before_full_and_is_critical_while_unwritable(
+        env: Env) -> None:
+    await disk(env, 300)  # above the 256 MiB bound: nothing
+    assert made(env, "gateway_disk") == []
+    await disk(env, 200)
+    await disk(env, 0.5, writable=False)  # the outbox refuses writes: escalated
+    await disk(env, 0.5)  # no flag (an older agent) but no space: still at least a warning
+    await disk(env, 400)
+    assert [(t.name, t.alert.severity) for t in env.log if t.alert.rule == "gateway_disk"] == [
+        ("opened", "warning"), ("severity_changed", "critical"),
+        ("severity_changed", "warning"), ("resolved", "warning")]
+    await heartbeat(env, "telemetry", b'{"outbox_depth": 3}')  # no figures: no change
+    assert len(made(env, "gateway_disk")) == 4
+
+
 async def test_acknowledge_once_then_resolve(env: Env) -> None:
     await env.send(env.a, "R5", "event", event_id="x", event_level="high")
     (opened,) = env.a.emitted
@@ -259,6 +275,12 @@ async def robot(env: Env, channel: str, replica: str = "a", **data: Any) -> None
 async def backlog(env: Env, *ages: float) -> None:
     for age in ages:
         await heartbeat(env, "telemetry", b'{"outbox_oldest_age_s": %.1f}' % age)
+
+
+async def disk(env: Env, *free_mb: float, writable: bool = True) -> None:
+    for mb in free_mb:
+        await heartbeat(env, "telemetry", json.dumps(
+            {"outbox_free_bytes": int(mb * 2**20), "outbox_writable": writable}).encode())
 
 
 async def battery(env: Env, *levels: float, state: str = "idle") -> None:
@@ -350,6 +372,8 @@ DRIVES = [
     Drive("robot_silent", partial(quiet_for, seconds=1800),
           lambda e: robot(e, "status", "b", status="idle"), silent_hover,
           partial(sweep, seconds=600)),
+    Drive("gateway_disk", lambda e: disk(e, 100), lambda e: disk(e, 1024),
+          lambda e: disk(e, 250, 260, 240, 280, 255, 287, 257)),
 ]
 assert {d.rule for d in DRIVES} == set(RULES)
 

@@ -79,7 +79,8 @@ async def test_round_trips_for_every_builtin_under_concurrency(tmp_path: Path) -
         if name == "get_status":
             assert body["result"]["gateway_id"] == gw and "outbox_depth" in body["result"]
         if name == "get_robots" and gw == "gwa":
-            assert [r["sn"] for r in body["result"]] == ["R1"]
+            assert [r["sn"] for r in body["result"]["items"]] == ["R1"]
+            assert body["result"]["next_cursor"] is None
         if name == "flush_outbox":
             assert body["result"]["flushed"] is True
     assert len(ids) == 20  # every answer correlated to its own command

@@ -415,3 +415,29 @@ async def test_runs_never_overlap(tmp_path: Path, stub: StubServer) -> None:
     assert first["status"] == second["status"] == "ok"
     assert second["started_at"] >= first["ended_at"]
     assert len(stub.stub.calls_to("/v2/status/get_by_sn")) == 2
+
+
+@pytest.mark.parametrize(("cap", "shifts"), [
+    (7, ()),                      # pages capped below the asked limit (50 robots, 20 log rows)
+    (None, (-60, 0, 25, -40)),    # count under- and over-reported, page by page
+    (7, (-60, 0, 25, -40)),       # both
+], ids=["capped", "shifting", "capped-and-shifting"])
+async def test_every_robot_and_event_is_read_whatever_the_pages(
+        tmp_path: Path, stub: StubServer, cap: int | None, shifts: tuple[int, ...]) -> None:
+    at = time.time() - 1800
+    sns = {f"P{i:03d}" for i in range(61)}
+    for i, sn in enumerate(sorted(sns)):
+        stub.stub.add_robot(sn, SHOP)
+        stub.stub.add_error(sn, SHOP, at + i, f"vir_{i}")
+    stub.stub.page_cap, stub.stub.count_shifts = cap, shifts
+    async with in_process(tmp_path, stub) as (agent, _, seen):
+        record = await agent.poller.run_once()
+        statuses = await until("every robot's status", lambda: len(
+            {e["device"] for e in on(seen, "status")}) >= len(sns) and on(seen, "status"))
+        events = await until("every event", lambda: len(
+            {e["data"]["event_id"] for e in on(seen, "event")}) >= len(sns) and on(seen, "event"))
+    assert record["status"] == "ok" and record["robots_seen"] == len(sns)
+    assert {e["device"] for e in statuses} == sns
+    assert {e["data"]["event_id"] for e in events} == {f"vir_{i}" for i in range(len(sns))}
+    offsets = [int(c.query["offset"]) for c in stub.stub.calls_to("/api/robot")]
+    assert offsets == sorted(set(offsets))  # advanced by what came back, never repeated

@@ -6,10 +6,17 @@ through ``Outbox.put`` would take minutes and measure nothing more. It is writte
 per bench and reused by every repetition (the agent does not change it while the broker
 is down). RSS is VmRSS from /proc/<pid>/status two seconds after the agent is healthy;
 the growth compares it with the same agent, broker down, on an empty outbox.
+
+Per-robot state (issue 24): an agent with a short ``ROBOT_QUIET_SECONDS`` takes two waves
+of ``memory_robots`` distinct robot ids each (the sample mix), and its RSS is read before,
+after the first wave, once it has forgotten them (health's ``robot_states`` all 0), and
+after a second wave of new ids forgotten too: memory that is bounded comes back to the
+same level instead of growing by a wave each time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import sqlite3
@@ -17,8 +24,9 @@ import time
 from pathlib import Path
 
 from bench import apps
-from bench.procs import Broker, free_port
-from bench.samples import envelopes
+from bench.loadgen import closed_loop
+from bench.procs import Broker, Service, free_port
+from bench.samples import BodyFactory, envelopes
 from bench.scenarios.common import edge_health, rss_mib
 from bench.settings import RunContext
 from bridge.outbox import SCHEMA as _SCHEMA
@@ -57,6 +65,50 @@ def _settled_rss(svc_pid: int) -> float:
     return rss_mib(svc_pid)
 
 
+#: ROBOT_QUIET_SECONDS of the per-robot run: long enough for a wave to be sent.
+ROBOT_QUIET_SECONDS = 20.0
+
+
+def _forgotten(edge: Service, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while sum(edge_health(edge)["robot_states"].values()):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"robots not forgotten: {edge_health(edge)['robot_states']}")
+        time.sleep(0.5)
+
+
+def robot_waves(ctx: RunContext, d: Path) -> dict[str, float]:
+    """RSS before, after a wave of distinct robot ids, and once they are forgotten."""
+    n = ctx.settings.memory_robots
+    out: dict[str, float] = {}
+    with Broker(d / "broker-robots") as broker:
+        edge = apps.edge_agent(d, "edge-robots", broker.url, d / "robots.db",
+                               ROBOT_QUIET_SECONDS=str(ROBOT_QUIET_SECONDS)).start()
+        try:
+            out["memory.robots_before_mb"] = _settled_rss(edge.pid)
+            for wave in (1, 2):
+                factory = BodyFactory(robots=n, tag=f"w{wave}r{ctx.run}")
+                sent = asyncio.run(closed_loop("127.0.0.1", edge.port, factory,
+                                               duration=600, requests=n, connections=32))
+                if sent.ok < n:
+                    raise RuntimeError(f"wave {wave}: {sent.ok} of {n} answered 2xx")
+                if wave == 1:
+                    states = edge_health(edge)["robot_states"]["robots"]
+                    out["memory.robots_wave_mb"] = rss_mib(edge.pid)
+                    out["memory.robots_per_robot_kib"] = (
+                        (out["memory.robots_wave_mb"] - out["memory.robots_before_mb"])
+                        * 1024 / max(1, states))
+                _forgotten(edge, ROBOT_QUIET_SECONDS * 3 + 60)
+                out[f"memory.robots_quiet{wave}_mb"] = _settled_rss(edge.pid)
+        finally:
+            edge.stop()
+    log.info("edge RSS with %d robot ids a wave: before %.1f MiB, after wave 1 %.1f MiB, "
+             "forgotten %.1f MiB, after wave 2 forgotten %.1f MiB", n,
+             out["memory.robots_before_mb"], out["memory.robots_wave_mb"],
+             out["memory.robots_quiet1_mb"], out["memory.robots_quiet2_mb"])
+    return out
+
+
 def run(ctx: RunContext) -> dict[str, float]:
     s = ctx.settings
     d = ctx.dir("memory")
@@ -91,6 +143,7 @@ def run(ctx: RunContext) -> dict[str, float]:
     finally:
         edge.stop()
     out["memory.growth_mb"] = out["memory.full_down_mb"] - out["memory.empty_down_mb"]
+    out.update(robot_waves(ctx, d))
     log.info("edge RSS: idle %.1f MiB, empty/down %.1f MiB, 1M/down %.1f MiB",
              out["memory.idle_mb"], out["memory.empty_down_mb"], out["memory.full_down_mb"])
     return out

@@ -30,6 +30,16 @@ ends, then ``release`` moves it into the outbox. It is in SQLite, not only in me
 a callback answered 200 survives a crash during its interval: ``release()`` with no keys,
 at start, sends whatever was held. Held rows are bounded by robots x channels.
 
+Disk full: a write that fails (``SQLITE_FULL``/``ENOSPC``, ``SQLITE_IOERR``/``EIO``, any
+SQLite error) fails only the puts of that transaction (503 + Retry-After) and marks the
+outbox ``unwritable`` with the reason; from then on a put is refused at once, before it
+reaches the writer, and the writer retries every ``retry_seconds``: the removals,
+rejections and releases of the failed transaction (kept, not lost) plus a small probe
+write. The first write that commits clears the mark and puts are accepted again, with no
+restart (a restart would not free the disk). No put waits more than ``write_timeout`` for
+its commit: a writer stuck on a dying SD card answers 503 too, and a callback that did
+commit after all is a duplicate on its retry (its body hash), answered 200.
+
 Deduplication: each put may carry keys (Pudu ``TraceId``, a body hash); a put whose key
 was seen within ``dedup_ttl`` seconds is reported as a duplicate and stores nothing.
 """
@@ -49,7 +59,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from bridge.errors import OutboxError, OutboxFullError, OutboxLockedError
+from bridge.errors import (
+    OutboxError,
+    OutboxFullError,
+    OutboxLockedError,
+    OutboxUnwritableError,
+)
 from bridge.outbox import dedup
 from bridge.outbox import held as held_table
 from bridge.outbox import rejected as rejected_table
@@ -82,12 +97,19 @@ class Outbox:
         dedup_ttl: float = 3600.0,
         max_batch: int = 2000,
         max_rejected: int = 10_000,
+        retry_seconds: float = 1.0,
+        write_timeout: float = 5.0,
     ) -> None:
         self.path = Path(path)
         self.max_entries = max_entries
         self.dedup_ttl = dedup_ttl
         self.max_batch = max_batch
         self.max_rejected = max_rejected
+        self.retry_seconds = retry_seconds
+        self.write_timeout = write_timeout
+        #: Why the last write failed (disk full, I/O error); None while writes commit.
+        self.unwritable: str | None = None
+        self.write_failures = 0  # transactions that failed since start
         self.depth = 0
         self.rejected = 0
         self.held = 0  # entries in the held table (not yet in the outbox)
@@ -108,6 +130,7 @@ class Outbox:
         self._ops: list[Any] = []  # queued in this loop tick, not yet handed to the writer
         self._commits_seen = 0  # commits with new entries that reached the event loop
         self._lock_fd: int | None = None
+        self._retry: list[Any] = []  # writer thread: ops without a future from a failed write
 
     # -- lifecycle ------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -165,6 +188,14 @@ class Outbox:
         row = conn.execute("SELECT created_at FROM outbox ORDER BY seq LIMIT 1").fetchone()
         return None if row is None else float(row[0])
 
+    def free_bytes(self) -> int | None:
+        """Free space for us on the outbox's filesystem (None if it cannot be read)."""
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize
+
     @property
     def oldest_age_s(self) -> float:
         """How long the oldest entry has waited (0 when empty): how stale the uplink is."""
@@ -212,6 +243,8 @@ class Outbox:
         and releases reach the writer in the order they were called."""
         if self._fatal is not None:
             raise OutboxError(f"outbox writer failed: {self._fatal}")
+        if self.unwritable is not None:  # at once: the writer retries on its own
+            raise OutboxUnwritableError(self.unwritable)
         if hold and compact_key is None:
             raise ValueError("a held put needs a compact_key")
         fut: asyncio.Future[PutResult] = asyncio.get_running_loop().create_future()
@@ -286,7 +319,35 @@ class Outbox:
     def _flush(self) -> None:
         if self._ops:
             ops, self._ops = self._ops, []
+            if self._fatal is not None:  # nobody would ever answer them
+                self._fail(ops, self._fatal)
+                return
             self._queue.put(ops)
+            puts = [op.future for op in ops if type(op) is _Put]
+            if puts and self._loop is not None:  # one timer per batch, not per put
+                self._loop.call_later(self.write_timeout, self._expire, puts)
+
+    def _expire(self, puts: list[asyncio.Future[PutResult]]) -> None:
+        """Event loop: puts of a batch still not committed after ``write_timeout`` are
+        answered 503 now, and later puts at once, until the writer commits again."""
+        late = [fut for fut in puts if not fut.done()]
+        if not late:
+            return
+        reason = f"no commit within {self.write_timeout:g} s"
+        if self.unwritable is None:
+            log.error("outbox %s: %s; refusing callbacks (503) until the writer commits",
+                      self.path, reason)
+            self.unwritable = reason
+        for fut in late:
+            fut.set_exception(OutboxUnwritableError(reason))
+
+    @staticmethod
+    def _fail(ops: list[Any], exc: BaseException) -> None:
+        err = OutboxError(f"outbox writer failed: {exc}")
+        for op in ops:
+            fut = getattr(op, "future", None)
+            if fut is not None and not fut.done():
+                fut.set_exception(err)
 
     def _read(self, after_seq: int, limit: int) -> list[tuple[Any, ...]]:
         assert self._reader is not None
@@ -315,7 +376,12 @@ class Outbox:
     def _writer_loop(self, conn: sqlite3.Connection) -> None:
         try:
             while True:
-                first = self._queue.get()
+                try:
+                    first = self._queue.get(
+                        timeout=self.retry_seconds if self.unwritable else None)
+                except queue.Empty:
+                    self._apply(conn, [])  # retry what failed, with a probe write
+                    continue
                 if first is STOP:
                     return
                 ops = list(first)
@@ -358,8 +424,13 @@ class Outbox:
         reordered = False
         now = time.time()
         depth, held = self.depth, self.held
-        conn.execute("BEGIN IMMEDIATE")
+        if self._retry:  # kept from a failed write, in their order, before the new ones
+            ops, self._retry = [*self._retry, *ops], []
         try:
+            conn.execute("BEGIN IMMEDIATE")
+            if self.unwritable is not None:
+                # A write of its own, so an idle outbox notices that space came back.
+                dedup.mark(conn, ("outbox:write-probe",), now)
             for op in ops:
                 if type(op) is _Put and op.hold:
                     kept = self._hold(conn, op, now)
@@ -397,22 +468,59 @@ class Outbox:
                 self._last_prune = now
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            conn.execute("ROLLBACK")
-            err = OutboxError(f"outbox write failed: {exc}")
-            results = [(op.future, err) for op in ops
-                       if isinstance(op, (_Put, _Requeue, _Release)) and op.future is not None]
-            depth = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
-            held = held_table.count(conn)
+            results, depth, held = self._failed(conn, ops, exc)
             added, reordered = [], True
-        if any(isinstance(op, (_Reject, _Requeue)) for op in ops):  # rare: recount
-            self.rejected = rejected_table.count(conn)
-        if depth == 0:
-            self.oldest_at = None
-        elif self.oldest_at is None or any(not isinstance(op, _Put) for op in ops) or reordered:
-            self.oldest_at = self._oldest(conn)
+        else:
+            if self.unwritable is not None:
+                log.warning("outbox %s writable again after %s; accepting",
+                            self.path, self.unwritable)
+                self.unwritable = None
+        try:
+            if any(isinstance(op, (_Reject, _Requeue)) for op in ops):  # rare: recount
+                self.rejected = rejected_table.count(conn)
+            if depth == 0:
+                self.oldest_at = None
+            elif (self.oldest_at is None or reordered
+                  or any(not isinstance(op, _Put) for op in ops)):
+                self.oldest_at = self._oldest(conn)
+        except sqlite3.Error:  # reads only; they are right again after the next commit
+            log.debug("outbox bookkeeping read failed", exc_info=True)
         self.depth, self.held = depth, held
         self.commits += 1
         self._resolve(_Commit(results, added, reordered))
+
+    def _failed(
+        self, conn: sqlite3.Connection, ops: list[Any], exc: sqlite3.Error,
+    ) -> tuple[list[tuple[asyncio.Future[Any], Any]], int, int]:
+        """A transaction failed (disk full, I/O error): roll back, fail its awaited ops,
+        keep the rest for the retry, and mark the outbox unwritable. Never raises: the
+        writer thread must outlive a full disk."""
+        try:
+            if conn.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
+                conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            log.debug("outbox rollback failed", exc_info=True)
+        reason = _reason(exc)
+        if self.unwritable is None:
+            log.error("outbox %s cannot write (%s); refusing callbacks (503) and retrying "
+                      "every %g s", self.path, reason, self.retry_seconds)
+        self.unwritable = reason
+        self.write_failures += 1
+        err = OutboxUnwritableError(reason)
+        keep = _disk_error(exc)  # anything else could fail again the same way, for ever
+        results: list[tuple[asyncio.Future[Any], Any]] = []
+        for op in ops:
+            fut = getattr(op, "future", None)
+            if fut is not None:
+                results.append((fut, err))
+            elif keep and not isinstance(op, _Put):
+                self._retry.append(op)  # a removal, rejection or timed release
+        try:
+            depth = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+            held = held_table.count(conn)
+        except sqlite3.Error:
+            depth, held = self.depth, self.held
+        return results, depth, held
 
     def _delete(self, conn: sqlite3.Connection, seqs: list[int]) -> int:
         cur = conn.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
@@ -524,3 +632,23 @@ class Outbox:
         else:
             self._empty.clear()
         self._changed.set()
+
+
+#: SQLite primary result codes of a disk that is full, failing or busy: a write that
+#: failed with one of these may succeed later unchanged.
+_DISK_CODES = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_BUSY,
+                         sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_NOMEM})
+
+
+def _disk_error(exc: sqlite3.Error) -> bool:
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF in _DISK_CODES
+
+
+def _reason(exc: sqlite3.Error) -> str:
+    """What an operator should read: ``disk full`` rather than an SQLite error code."""
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    if code == sqlite3.SQLITE_FULL:
+        return f"disk full: {exc}"
+    if code == sqlite3.SQLITE_IOERR:
+        return f"disk I/O error: {exc}"
+    return str(exc)

@@ -65,6 +65,8 @@ def check_aws_limits(topic: str, payload: bytes, qos: int) -> None:
 class AwsIotTransport(Transport):
     """One awscrt MQTT 5 client; manual acks through awscrt's puback control."""
 
+    max_payload = MAX_PAYLOAD
+
     def __init__(self, settings: MqttSettings) -> None:
         super().__init__()
         files = settings.tls_files

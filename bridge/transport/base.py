@@ -74,6 +74,10 @@ class Transport(abc.ABC):
     accept webhooks while the broker is down); the transport reconnects by itself.
     """
 
+    #: The largest payload this backend can publish: MQTT's own bound (a 256 MiB packet)
+    #: here; AWS IoT Core's 128 KiB on the awsiot backend. Command answers are cut to it.
+    max_payload: int = 268_435_455
+
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
         #: monotonic time the network loop last came round (None: not tracked by this

@@ -43,9 +43,11 @@ from bridge.topic import DeviceAddress
 from callback_server.alerts.alert import Alert, Subject, Transition, iso
 from callback_server.alerts.rules import (
     AlertSettings,
+    GatewayDisk,
     backlog_severity,
     battery_severity,
     charging,
+    disk_severity,
     facts_known,
     fault_cleared,
     fault_severity,
@@ -307,7 +309,8 @@ class AlertEngine:
             partial(backlog_severity, self.rules.gateway_backlog, age),
             {"outbox_oldest_age_s": age, "outbox_depth": depth,
              "max_age_seconds": self.rules.gateway_backlog.max_age_seconds,
-             "hysteresis_seconds": self.rules.gateway_backlog.hysteresis_seconds})], now)
+             "hysteresis_seconds": self.rules.gateway_backlog.hysteresis_seconds}),
+            _disk_decision(self.rules.gateway_disk, org, gw, beat)], now)
 
     async def sweep(self) -> bool:
         """The time-based rules, if this replica holds (or takes) the sweep lease."""
@@ -384,3 +387,17 @@ class AlertEngine:
 
 def _flag(value: Any) -> bool | None:
     return None if value is None else bool(value)
+
+
+def _disk_decision(rule: GatewayDisk, org: str, gw: str, beat: Any) -> _Decision:
+    """gateway_disk from the heartbeat's ``outbox_free_bytes`` and ``outbox_writable``."""
+    beat = beat if isinstance(beat, dict) else {}
+    free = beat.get("outbox_free_bytes")
+    free = float(free) if isinstance(free, int | float) and not isinstance(free, bool) else None
+    writable = beat.get("outbox_writable")
+    writable = writable if isinstance(writable, bool) else None
+    return _Decision(Subject("gateway_disk", org, "gateway", gw),
+                     partial(disk_severity, rule, free, writable),
+                     {"outbox_free_bytes": free, "outbox_writable": writable,
+                      "outbox_error": beat.get("outbox_error"),
+                      "min_free_mb": rule.min_free_mb, "hysteresis_mb": rule.hysteresis_mb})

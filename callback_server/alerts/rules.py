@@ -22,7 +22,7 @@ Severity = Literal["info", "warning", "medium", "high", "critical"]
 #: Least to most severe (the event levels of DESIGN.md's normalisation).
 SEVERITIES: tuple[Severity, ...] = ("info", "warning", "medium", "high", "critical")
 RULES = ("robot_offline", "battery_low", "robot_fault", "robot_stuck", "gateway_offline",
-         "gateway_backlog", "robot_silent")
+         "gateway_backlog", "robot_silent", "gateway_disk")
 SubjectType = Literal["robot", "gateway"]
 SUBJECT_OF: dict[str, SubjectType] = {rule: "gateway" if rule.startswith("gateway") else "robot"
                                       for rule in RULES}
@@ -137,6 +137,17 @@ class GatewayBacklog(_Rule):
         return self
 
 
+class GatewayDisk(_Rule):
+    """The heartbeat's free space on the outbox's filesystem: ``severity`` below
+    ``min_free_mb`` (a warning before it is full), ``full_severity`` while the heartbeat
+    says the outbox cannot write; resolves above ``min_free_mb + hysteresis_mb``."""
+
+    severity: Severity = "warning"
+    full_severity: Severity = "critical"
+    min_free_mb: float = Field(default=256.0, gt=0)
+    hysteresis_mb: float = Field(default=32.0, ge=0)
+
+
 class RobotSilent(_Rule):
     title: ClassVar[str] = "Robot silent"
     severity: Severity = "warning"
@@ -153,6 +164,7 @@ class Rules(BaseModel):
     gateway_offline: GatewayOffline = GatewayOffline()
     gateway_backlog: GatewayBacklog = GatewayBacklog()
     robot_silent: RobotSilent = RobotSilent()
+    gateway_disk: GatewayDisk = GatewayDisk()
 
     def enabled(self, rule: str) -> bool:
         return bool(getattr(self, rule).enabled)
@@ -302,4 +314,20 @@ def backlog_severity(rule: GatewayBacklog, oldest_age_s: float | None,
     if oldest_age_s > rule.max_age_seconds:
         return rule.severity
     held = current is not None and oldest_age_s >= rule.max_age_seconds - rule.hysteresis_seconds
+    return rule.severity if held else None
+
+
+def disk_severity(rule: GatewayDisk, free_bytes: float | None, writable: bool | None,
+                  current: str | None) -> str | None:
+    """``outbox_writable: false`` in the heartbeat: the disk is full (or failing) now;
+    else free space below the bound warns, and an open alert stays until free space is
+    above the bound plus the hysteresis. A heartbeat without the figures changes nothing."""
+    if writable is False:
+        return rule.full_severity
+    if free_bytes is None:
+        return current
+    free_mb = free_bytes / 2**20
+    if free_mb < rule.min_free_mb:
+        return rule.severity
+    held = current is not None and free_mb < rule.min_free_mb + rule.hysteresis_mb
     return rule.severity if held else None

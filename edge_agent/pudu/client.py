@@ -227,21 +227,39 @@ class PuduClient:
 
     # -- endpoints ------------------------------------------------------------------------
     async def robots(self, shop_id: str | None) -> list[dict[str, Any]]:
-        """Every robot of a shop (None: of the key), through every page (until
-        ``offset >= count``)."""
+        """Every robot of a shop (None: of the key), through every page."""
+        params: dict[str, Any] = {} if shop_id is None else {"shop_id": shop_id}
+        rows = await self.pages(ROBOTS, params, ROBOT_PAGE)
+        return [r for r in rows if pick(r, "sn")]
+
+    async def pages(self, path: str, params: dict[str, Any], limit: int,
+                    ) -> list[dict[str, Any]]:
+        """Every item of a paged list (``limit``/``offset``, ``data.list``, ``count`` or
+        ``total``), read page after page.
+
+        The offset advances by what came back, never by what was asked: a server with
+        an undocumented maximum page (the log endpoints cap at 20) answers fewer items
+        than ``limit``, and adding ``limit`` would skip the rest silently.
+
+        The count can shift between pages (robots added or removed while paging, or a
+        server that under- or over-reports it), so it ends the read only where it agrees
+        with what came back: on an empty page, or on a page that brings the offset
+        exactly to the count it reported. Anything else asks for the next page (at most
+        one call more than needed); ``MAX_PAGES`` bounds it all."""
         out: list[dict[str, Any]] = []
         offset = 0
         for _ in range(MAX_PAGES):
-            params: dict[str, Any] = {"limit": ROBOT_PAGE, "offset": offset}
-            if shop_id is not None:
-                params["shop_id"] = shop_id
-            data = await self.get(ROBOTS, params)
+            data = await self.get(path, {**params, "limit": limit, "offset": offset})
             items = pick(data, "list") or []
-            out += [r for r in items if isinstance(r, dict) and pick(r, "sn")]
-            offset += ROBOT_PAGE
-            count = _count(pick(data, "count", "total"))
-            if not items or count is None or offset >= count:
+            if not isinstance(items, list) or not items:
                 break
+            out += [item for item in items if isinstance(item, dict)]
+            offset += len(items)
+            if _count(pick(data, "count", "total")) == offset:
+                break
+        else:
+            log.warning("Pudu API %s: stopped after %d pages (%d items)", path, MAX_PAGES,
+                        len(out))
         return out
 
     async def status(self, sn: str) -> dict[str, Any]:
@@ -256,19 +274,9 @@ class PuduClient:
 
     async def error_log(self, shop_id: str, start: int, end: int) -> list[dict[str, Any]]:
         """The fault/event log of a shop for [start, end] (epoch s, UTC), every page."""
-        out: list[dict[str, Any]] = []
-        offset = 0
-        for _ in range(MAX_PAGES):
-            data = await self.get(ERROR_LOG, {
-                "shop_id": shop_id, "start_time": start, "end_time": end,
-                "timezone_offset": 0, "limit": LOG_PAGE, "offset": offset})
-            items = pick(data, "list") or []
-            out += [e for e in items if isinstance(e, dict)]
-            offset += LOG_PAGE
-            total = _count(pick(data, "total", "count"))
-            if not items or total is None or offset >= total:
-                break
-        return out
+        return await self.pages(ERROR_LOG, {
+            "shop_id": shop_id, "start_time": start, "end_time": end,
+            "timezone_offset": 0}, LOG_PAGE)
 
     async def recharge(self, sn: str) -> Any:
         return await self.get(RECHARGE, {"sn": sn}, idempotent=False)

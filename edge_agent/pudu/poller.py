@@ -171,6 +171,17 @@ class Poller:
                 log.exception("poll run failed unexpectedly")
             await asyncio.sleep(max(1.0, interval - (time.monotonic() - started)))
 
+    def forget_robot(self, sn: str) -> None:
+        """A robot not polled nor heard of for long (edge_agent.robot_memory): gone from
+        the inventory; drop what is kept for it."""
+        self.shop_of.pop(sn, None)
+        for channel in ("status", "power", "pose"):
+            self._published.pop((sn, channel), None)
+
+    def __len__(self) -> int:
+        """Entries kept per robot (shop and last published state per channel)."""
+        return len(self.shop_of) + len(self._published)
+
     def forget(self, sn: str, fields: Iterable[str]) -> None:
         """A webhook set these fields of robot ``sn``: the cloud's copy is no longer what
         the poller published, so the next run compares against nothing and republishes."""
@@ -235,6 +246,7 @@ class Poller:
         for robot in robots:
             sn = str(pick(robot, "sn")).strip()
             self.shop_of[sn] = shop
+            self.agent.robot_memory.heard(sn)  # listed: never forgotten while it is
             run.record["robots_seen"] += 1
             try:
                 v2 = await client.status(sn)
@@ -319,7 +331,11 @@ class Poller:
 
     async def _put(self, env: Envelope, *, compact: str | None) -> PutResult:
         topic = str(self.agent.scheme.device(env.device, env.channel))
-        result = await self.agent.outbox.put(topic, env.to_json(), qos=1, compact_key=compact,
+        payload = env.to_json()
+        # What the broker would refuse (AWS IoT: a topic over 256 bytes) fails this robot
+        # or row in the run record now, instead of being set aside after the outbox.
+        self.agent.transport.check_publish(topic, payload, 1)
+        result = await self.agent.outbox.put(topic, payload, qos=1, compact_key=compact,
                                              dedup_keys=[f"poll:{env.id}"])
         self.agent.note_robot(env)
         return result

@@ -7,6 +7,7 @@ on the shared MariaDB (created per test, dropped afterwards).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import random
 import time
@@ -636,13 +637,26 @@ async def test_history_keeps_every_status_change_and_a_point_a_minute(
     assert point["ts"] <= time.time()
     # tracks: positions by robot, oldest first, only the orgs asked for
     tracks = await store.recent_positions(since=time.time() - 60, orgs={"acme"})
-    assert tracks["H"][:2] == [[6.0, 0.0], [6.0, 0.0]] and tracks["H"][-1] == [18.0, 0.0]
+    # (keyed "org/sn" since issue 24: two orgs' robots may share an sn)
+    h = tracks["acme/H"]
+    assert h[:2] == [[6.0, 0.0], [6.0, 0.0]] and h[-1] == [18.0, 0.0]
     assert await store.recent_positions(since=time.time() - 60, orgs={"beta"}) == {}
     # retention like the log's
     retention = Retention(store, {"robot_history": 1.0}, interval=3600, batch=4)
     assert await retention.prune_once() == 0
     assert await retention.prune_once(now=time.time() + 2 * 86400) == 6  # H and F
     assert (await store.list_history("H", since=0, limit=10))[0] == []
+
+
+async def test_tracks_of_two_orgs_robots_with_one_sn_stay_apart(store: SqlStore) -> None:
+    now = time.time()
+    a = env("S", "pose", now - 5, x=1.0, y=1.0, yaw=0.0)
+    b = dataclasses.replace(env("S", "pose", now - 4, x=50.0, y=50.0, yaw=0.0), org="beta")
+    await store.write_batch([item(a), item(b)])
+    tracks = await store.recent_positions(since=now - 60)
+    assert tracks == {"acme/S": [[1.0, 1.0]], "beta/S": [[50.0, 50.0]]}
+    assert await store.recent_positions(since=now - 60, orgs={"beta"}) == {
+        "beta/S": [[50.0, 50.0]]}
 
 
 async def test_recent_events_are_newest_first_and_scoped(store: SqlStore) -> None:

@@ -514,7 +514,8 @@ class SqlStore:
 
     async def recent_positions(self, *, since: float, orgs: Collection[str] | None = None,
                                limit: int = 50_000) -> dict[str, list[list[float]]]:
-        """Positions recorded since ``since`` (server time), by robot, oldest first: what
+        """Positions recorded since ``since`` (server time), by robot (``"org/sn"``: two
+        orgs may share an sn, and neither org nor sn holds a ``/``), oldest first: what
         the floor view's tracks start from. ``orgs`` None: every org."""
         await self._ready()
         d = self.dialect
@@ -523,11 +524,11 @@ class SqlStore:
         if not self._orgs(where, args, orgs):
             return {}
         rows = await self.backend.fetch(
-            f"SELECT robot_sn, x, y FROM {d.quote(HISTORY_TABLE)} WHERE {' AND '.join(where)}"
+            f"SELECT org_id, robot_sn, x, y FROM {d.quote(HISTORY_TABLE)} WHERE {' AND '.join(where)}"
             f" ORDER BY robot_sn, org_id, ts LIMIT {int(limit)}", args)
         tracks: dict[str, list[list[float]]] = {}
         for r in rows:
-            tracks.setdefault(str(r["robot_sn"]), []).append([float(r["x"]), float(r["y"])])
+            tracks.setdefault(f"{r['org_id']}/{r['robot_sn']}", []).append([float(r["x"]), float(r["y"])])
         return tracks
 
     async def list_tasks(self, sn: str, *, limit: int,

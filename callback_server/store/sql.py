@@ -524,11 +524,13 @@ class SqlStore:
         if not self._orgs(where, args, orgs):
             return {}
         rows = await self.backend.fetch(
-            f"SELECT org_id, robot_sn, x, y FROM {d.quote(HISTORY_TABLE)} WHERE {' AND '.join(where)}"
+            f"SELECT org_id, robot_sn, x, y FROM {d.quote(HISTORY_TABLE)}"
+            f" WHERE {' AND '.join(where)}"
             f" ORDER BY robot_sn, org_id, ts LIMIT {int(limit)}", args)
         tracks: dict[str, list[list[float]]] = {}
         for r in rows:
-            tracks.setdefault(f"{r['org_id']}/{r['robot_sn']}", []).append([float(r["x"]), float(r["y"])])
+            tracks.setdefault(f"{r['org_id']}/{r['robot_sn']}", []).append(
+                [float(r["x"]), float(r["y"])])
         return tracks
 
     async def list_tasks(self, sn: str, *, limit: int,

@@ -567,3 +567,24 @@ async def test_a_robot_never_reporting_status_or_move_state_is_judged_by_time(
     assert env.of("robot_offline") == [("opened", "robot_offline", "Q1", "high")]
     await env.send(env.b, "Q1", "power", battery_level=80, charge_state="idle")
     assert env.of("robot_offline")[-1][0] == "resolved" and env.of("robot_stuck") == []
+
+
+async def test_two_orgs_robots_with_one_sn_in_one_batch_are_judged_apart(env: Env) -> None:
+    def message(org: str, channel: str, **data: Any) -> tuple[str, Envelope]:
+        i = next(_ids)
+        e = Envelope(id=f"m{i}", type="robotErrorWarning" if channel == "event"
+                     else "notifyRobotPower", org=org, device="R7", gateway=f"gw-{org}",
+                     ts=env.clock.now + i * 1e-3, received_at=env.clock.now, data=data,
+                     raw=dict(data), channel=channel)
+        return (f"org/{org}/device/R7/{channel}", e)
+
+    batch = [message("acme", "power", battery_level=5, charge_state="idle"),
+             message("beta", "power", battery_level=90, charge_state="idle"),
+             message("beta", "event", event_id="e1", event_level="critical",
+                     event_type="Crash")]
+    await env.store.write_batch(batch)
+    await env.a.engine.robots(batch)
+    opened = {(t.alert.rule, t.alert.org, t.alert.subject_id) for t in env.log
+              if t.name == "opened"}
+    # acme's R7 is low (beta's 90 % is not read for it); only beta's R7 faulted
+    assert opened == {("battery_low", "acme", "R7"), ("robot_fault", "beta", "R7")}

@@ -28,7 +28,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -58,7 +58,7 @@ from callback_server.alerts.rules import (
     silent_severity,
     stuck_severity,
 )
-from callback_server.alerts.store import AlertStore
+from callback_server.alerts.store import AlertStore, RobotKey
 from callback_server.store.rows import channel_of, is_robot_state
 
 log = logging.getLogger(__name__)
@@ -198,42 +198,42 @@ class AlertEngine:
     async def robots(self, items: Sequence[tuple[str, Envelope]]) -> list[Transition]:
         """Evaluate the event-driven robot rules for the robots of ``items``."""
         now = self.clock()
-        seen: dict[str, _Robot] = {}
+        seen: dict[RobotKey, _Robot] = {}  # by (org, sn): two orgs may share an sn
         levels = self.rules.robot_fault.levels
         for topic, env in items:
-            robot = seen.setdefault(env.device, _Robot(env.org))
+            robot = seen.setdefault((env.org, env.device), _Robot(env.org))
             level = env.data.get("event_level")
             if channel_of(topic, env) == "event" and level in levels and (
                     robot.fault is None or rank(level) > rank(robot.fault["event_level"])):
                 robot.fault = {k: env.data.get(k) for k in
                                ("event_id", "event_level", "event_type", "event_detail")}
         state = await self.store.robots(seen)
-        await self.store.watch([(sn, r.org, is_stuck((state.get(sn) or {}).get("move_state")))
-                                for sn, r in seen.items()], now)
+        await self.store.watch([(sn, org, is_stuck((state.get((org, sn)) or {}).get("move_state")))
+                                for org, sn in seen], now)
         watched = await self.store.watched(seen)
         decisions: list[_Decision] = []
-        for sn, robot in seen.items():
+        for (org, sn), robot in seen.items():
             if robot.fault is not None:
                 decisions.append(_Decision(
-                    Subject("robot_fault", robot.org, "robot", sn),
+                    Subject("robot_fault", org, "robot", sn),
                     partial(fault_severity, self.rules.robot_fault, robot.fault["event_level"]),
                     robot.fault, touch=True))
-        robots = {sn: robot.org for sn, robot in seen.items()}
-        decisions += self._state_decisions(robots, state, watched, now, heard=True)
+        decisions += self._state_decisions(list(seen), state, watched, now, heard=True)
         made = await self._apply(decisions, now)
         return made + await self._recheck(made, now, heard=True)
 
-    def _state_decisions(self, robots: dict[str, str], state: dict[str, dict[str, Any]],
-                         watched: dict[str, dict[str, Any]], now: float, *,
+    def _state_decisions(self, robots: Collection[RobotKey],
+                         state: dict[RobotKey, dict[str, Any]],
+                         watched: dict[RobotKey, dict[str, Any]], now: float, *,
                          heard: bool) -> list[_Decision]:
         """The rules read from a robot's stored state and watch (all but ``robot_fault``).
         ``heard``: a message of the robot is being evaluated (so it is not silent)."""
         r = self.rules
         decisions: list[_Decision] = []
-        for sn, org in robots.items():
+        for org, sn in robots:
             mine = len(decisions)
-            row = state.get(sn) or {}
-            watch = watched.get(sn) or {}
+            row = state.get((org, sn)) or {}
+            watch = watched.get((org, sn)) or {}
             seen = now if heard or watch.get("seen_at") is None else float(watch["seen_at"])
             first = watch.get("first_seen")
             first = None if first is None else float(first)
@@ -278,7 +278,7 @@ class AlertEngine:
         the alert, so one of the two sees the other: a stale open (or resolve) is undone
         here rather than surviving until the robot's next message.
         """
-        robots = {t.alert.subject_id: t.alert.org for t in made
+        robots = {(t.alert.org, t.alert.subject_id) for t in made
                   if t.alert.subject_type == "robot" and t.alert.rule in STATE_RULES}
         if not robots:
             return []

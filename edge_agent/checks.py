@@ -6,12 +6,12 @@ from pathlib import Path
 
 from bridge.checks import broker_reachable, mqtt_transport, template_values, writable_file
 from bridge.config import mask_url
+from bridge.pudu.normalize import MAX_SN_BYTES
 from bridge.topic import TopicScheme
 from edge_agent.commands import BUILTIN_NAMES
 from edge_agent.config import EdgeSettings
 from edge_agent.forwarding import ForwardPolicy
 from edge_agent.forwarding import warnings as policy_warnings
-from bridge.pudu.normalize import MAX_SN_BYTES
 from edge_agent.plugins import problems as plugin_problems
 
 

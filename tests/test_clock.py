@@ -3,13 +3,15 @@ gateway clock the robots disagree with."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from bridge.clock import FLOOR, GatewayClock, RobotClocks, ranks_newer
 
 NOW = 1_780_000_000.0
 SKEW = 300.0
 
 
-def taken(clocks: RobotClocks, stored: list[float | None], ts: float | None,
+def taken(clocks: RobotClocks, stored: list[Any], ts: float | None,
           received: float) -> bool:
     """Order one message and merge it as the stores do; True if it moved the state."""
     o = clocks.order("R", ts, received, received)
@@ -20,7 +22,7 @@ def taken(clocks: RobotClocks, stored: list[float | None], ts: float | None,
 
 
 def test_a_reset_clock_is_followed_and_late_retries_are_not() -> None:
-    clocks, stored = RobotClocks(SKEW), [None]
+    clocks, stored = RobotClocks(SKEW), list[Any]([None])
     assert all(taken(clocks, stored, NOW + i, NOW + i) for i in range(5))
     # 1970 and 2001 (counting up) are implausible: ordered as untimed, each followed
     assert taken(clocks, stored, 12.0, NOW + 10)
@@ -34,7 +36,7 @@ def test_a_reset_clock_is_followed_and_late_retries_are_not() -> None:
 
 
 def test_a_plausible_clock_going_back_is_a_reset_after_several_messages() -> None:
-    clocks, stored = RobotClocks(SKEW), [None]
+    clocks, stored = RobotClocks(SKEW), list[Any]([None])
     assert taken(clocks, stored, NOW, NOW)
     back = NOW - 86_400  # set back a day, and staying there
     results = [taken(clocks, stored, back + i, NOW + 1 + i) for i in range(6)]
@@ -46,7 +48,7 @@ def test_a_plausible_clock_going_back_is_a_reset_after_several_messages() -> Non
 
 
 def test_far_future_then_sane_in_the_same_second_the_sane_one_wins() -> None:
-    clocks, stored = RobotClocks(SKEW), [None]
+    clocks, stored = RobotClocks(SKEW), list[Any]([None])
     assert taken(clocks, stored, NOW - 5, NOW - 5)
     o = clocks.order("R", 9_999_999_999.0, NOW + 0.7, NOW + 0.7)
     assert o.implausible and o.note and "ahead" in o.note
@@ -56,7 +58,7 @@ def test_far_future_then_sane_in_the_same_second_the_sane_one_wins() -> None:
 
 
 def test_an_untimed_message_never_outranks_a_lagging_sane_one() -> None:
-    clocks, stored = RobotClocks(SKEW), [None]
+    clocks, stored = RobotClocks(SKEW), list[Any]([None])
     assert taken(clocks, stored, None, NOW)        # a robot not seen yet, untimed
     assert taken(clocks, stored, NOW - 2, NOW + 1)  # its clock lags the gateway's by 3 s
     assert taken(clocks, stored, None, NOW + 2)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+from bridge.clock import RobotClocks
 from bridge.commands import CommandOutcome
 from bridge.errors import StoreError, StoreRejectedError
 from callback_server.store.base import Backend, Statement
@@ -145,6 +146,10 @@ class SqlStore:
         self.dialect = backend.dialect
         self.targets = targets or Targets()
         self.max_skew = max_skew
+        # the ordering rule's per-robot state (bridge/clock.py): the order each robot
+        # message is merged by; in memory, so a restart orders a robot's first untimed
+        # message as if it were max_skew old (docs/clocks.md)
+        self.clocks = RobotClocks(max_skew)
         self._migrated = False
         self._migrate_lock = asyncio.Lock()
         self._limits: dict[str, dict[str, int]] = {}
@@ -226,7 +231,8 @@ class SqlStore:
         now = time.time()
         self._refuse_unfit(items)
         try:
-            rows = build_rows(items, now=now, limits=self._limits, max_skew=self.max_skew)
+            rows = build_rows(items, now=now, limits=self._limits, max_skew=self.max_skew,
+                              clocks=self.clocks)
         except Exception as exc:  # any fault of the data, not of the database
             # Retrying cannot help: the batcher bisects to the message and dead-letters it.
             raise StoreRejectedError(f"cannot build rows: {type(exc).__name__}: {exc}") \

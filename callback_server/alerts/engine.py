@@ -43,10 +43,12 @@ from bridge.topic import DeviceAddress
 from callback_server.alerts.alert import Alert, Subject, Transition, iso
 from callback_server.alerts.rules import (
     AlertSettings,
+    GatewayClock,
     GatewayDisk,
     backlog_severity,
     battery_severity,
     charging,
+    clock_severity,
     disk_severity,
     facts_known,
     fault_cleared,
@@ -75,6 +77,7 @@ STATE_RULES = frozenset({"battery_low", "robot_offline", "robot_silent", "robot_
 class _Robot:
     org: str
     fault: dict[str, Any] | None = None  # the most severe fault event in the batch
+    clock: str | None = None  # the last clock note of the batch (bridge/clock.py)
     events: int = 0
 
 
@@ -202,6 +205,10 @@ class AlertEngine:
         levels = self.rules.robot_fault.levels
         for topic, env in items:
             robot = seen.setdefault((env.org, env.device), _Robot(env.org))
+            clock = next((n for n in env.notes if n.startswith("ts: ")
+                          or "ahead of the gateway clock" in n), None)
+            if clock is not None:
+                robot.clock = clock
             level = env.data.get("event_level")
             if channel_of(topic, env) == "event" and level in levels and (
                     robot.fault is None or rank(level) > rank(robot.fault["event_level"])):
@@ -218,6 +225,11 @@ class AlertEngine:
                     Subject("robot_fault", org, "robot", sn),
                     partial(fault_severity, self.rules.robot_fault, robot.fault["event_level"]),
                     robot.fault, touch=True))
+            if robot.clock is not None:
+                decisions.append(_Decision(
+                    Subject("robot_clock", org, "robot", sn),
+                    _const(self.rules.robot_clock.severity), {"note": robot.clock},
+                    touch=True))
         decisions += self._state_decisions(list(seen), state, watched, now, heard=True)
         made = await self._apply(decisions, now)
         return made + await self._recheck(made, now, heard=True)
@@ -310,7 +322,8 @@ class AlertEngine:
             {"outbox_oldest_age_s": age, "outbox_depth": depth,
              "max_age_seconds": self.rules.gateway_backlog.max_age_seconds,
              "hysteresis_seconds": self.rules.gateway_backlog.hysteresis_seconds}),
-            _disk_decision(self.rules.gateway_disk, org, gw, beat)], now)
+            _disk_decision(self.rules.gateway_disk, org, gw, beat),
+            _clock_decision(self.rules.gateway_clock, org, gw, beat)], now)
 
     async def sweep(self) -> bool:
         """The time-based rules, if this replica holds (or takes) the sweep lease."""
@@ -340,6 +353,9 @@ class AlertEngine:
         for alert in await self.store.faults_to_clear(before):
             if fault_cleared(r.robot_fault, alert.condition_at or alert.opened_at, now):
                 decisions.append(_Decision(alert.subject, _const(None), clear_before=before))
+        before = now - r.robot_clock.clear_seconds
+        for alert in await self.store.faults_to_clear(before, "robot_clock"):
+            decisions.append(_Decision(alert.subject, _const(None), clear_before=before))
         made = await self._apply(decisions, now)
         await self._recheck(made, now, heard=False)
         return True
@@ -387,6 +403,19 @@ class AlertEngine:
 
 def _flag(value: Any) -> bool | None:
     return None if value is None else bool(value)
+
+
+def _clock_decision(rule: GatewayClock, org: str, gw: str, beat: Any) -> _Decision:
+    """gateway_clock from the heartbeat's ``gateway_clock_offset_s`` (the edge's verdict:
+    its clock against its robots')."""
+    beat = beat if isinstance(beat, dict) else {}
+    offset = beat.get("gateway_clock_offset_s")
+    offset = float(offset) if isinstance(offset, int | float) and not isinstance(
+        offset, bool) else None
+    return _Decision(Subject("gateway_clock", org, "gateway", gw),
+                     partial(clock_severity, rule, offset),
+                     {"gateway_clock_offset_s": offset,
+                      "max_offset_seconds": rule.max_offset_seconds})
 
 
 def _disk_decision(rule: GatewayDisk, org: str, gw: str, beat: Any) -> _Decision:

@@ -233,11 +233,14 @@ class AlertStore:
         more = len(rows) > limit and alerts
         return alerts, [alerts[-1].opened_at, alerts[-1].id] if more else None
 
-    async def faults_to_clear(self, before: float) -> list[Alert]:
-        """Open ``robot_fault`` alerts whose last fault is older than ``before``."""
+    async def faults_to_clear(self, before: float,
+                              rule: str = "robot_fault") -> list[Alert]:
+        """Open ``rule`` alerts (``robot_fault``, ``robot_clock``: raised by a message,
+        cleared by time) whose last condition is older than ``before``."""
+        m = self.d.mark
         rows = await self._fetch(
-            f"SELECT {_ALERT_COLUMNS} FROM {self._table} WHERE rule = 'robot_fault' "
-            f"AND open_key IS NOT NULL AND condition_at <= {self.d.mark}", (before,))
+            f"SELECT {_ALERT_COLUMNS} FROM {self._table} WHERE rule = {m} "
+            f"AND open_key IS NOT NULL AND condition_at <= {m}", (rule, before))
         return [Alert.from_row(r) for r in rows]
 
     # -- silences ----------------------------------------------------------------------------

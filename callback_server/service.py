@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import secrets
 import time
@@ -230,7 +231,13 @@ class CallbackServer:
         elif address.channel == "telemetry":
             gateway = self.gateways.setdefault(f"{org}/{device}", {
                 "org_id": org, "gateway_id": device, "state": "unknown", "since": None})
-            gateway.update(heartbeat_fields(payload), heartbeat_at=time.time())
+            now = time.time()
+            fields = heartbeat_fields(payload)
+            # the gateway's clock against ours (+ ahead), from the heartbeat's timestamp:
+            # what an operator compares with gateway_clock_offset_s, its robots' verdict
+            sent = fields.pop("timestamp", None)
+            gateway.update(fields, heartbeat_at=now,
+                           clock_offset_s=None if sent is None else round(sent - now))
         else:
             return
         self.console.on_gateway(gateway)
@@ -358,7 +365,8 @@ class CallbackServer:
 
 
 #: A heartbeat's fields /gateways and the console show, and those of its last poll run.
-_BEAT = ("outbox_depth", "outbox_oldest_age_s", "broker_connected")
+_BEAT = ("outbox_depth", "outbox_oldest_age_s", "broker_connected", "gateway_clock_offset_s",
+         "robot_clock_resets")
 _RUN = ("run_id", "status", "started_at", "ended_at", "robots_seen", "errors", "error")
 
 
@@ -378,8 +386,11 @@ def heartbeat_fields(payload: bytes) -> dict[str, Any]:
 
     poll = beat.get("poll")
     run = poll.get("last_run") if isinstance(poll, dict) else None
-    return {**scalars(beat, _BEAT), "last_run": scalars(run, _RUN) if isinstance(
-        run, dict) else None}
+    sent = beat.get("timestamp")
+    sent = float(sent) if isinstance(sent, int | float) and not isinstance(sent, bool) \
+        and math.isfinite(sent) else None
+    return {**scalars(beat, _BEAT), "timestamp": sent, "last_run": scalars(run, _RUN)
+            if isinstance(run, dict) else None}
 
 
 async def serve(settings: CallbackSettings) -> None:

@@ -511,3 +511,16 @@ async def test_a_removed_key_ends_its_open_mqtt_stream(env: Env, tmp_path: Path)
     finally:
         leave.set()
         await asyncio.gather(app, return_exceptions=True)
+
+
+async def test_gateways_show_their_clock_against_this_servers(env: Env) -> None:
+    from bridge.topic import DeviceAddress
+
+    beat = {"timestamp": int(time.time()) - 3600, "gateway_clock_offset_s": -3600.4,
+            "outbox_depth": 0}
+    env.server._on_gateway_message(DeviceAddress("acme", "gw-acme", "telemetry"),
+                                   json.dumps(beat).encode())
+    answer = await env.client.get("/gateways", headers=env.auth("viewer_a"))
+    [row] = answer.json()["items"]
+    assert abs(row["clock_offset_s"] + 3600) <= 2  # an hour behind this server's clock
+    assert row["gateway_clock_offset_s"] == -3600.4  # and its robots' verdict

@@ -288,7 +288,12 @@ class CallbackServer:
         reasons = [reason for bad, reason in (
             (not connected, "broker not connected"),
             (connected and not self.subscribed, "not subscribed yet"),
-            (not db_ok or self.writer.degraded, "database unavailable"),
+            # a full disk (the SQLite default on a small card) is named: a reachable
+            # database does not show it otherwise (no other error text: reasons are
+            # shown to callers without a key)
+            (not db_ok or self.writer.degraded, "database unavailable" + (
+                ": database or disk is full" if "is full" in self.writer.last_error
+                else "")),
             (stall is not None, stall),
         ) if bad]
         # Ready: can take traffic. The broker is not asked (HTTP ingest and the read API

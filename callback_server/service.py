@@ -278,6 +278,11 @@ class CallbackServer:
                     f"{waited:.0f} s (STALL_SECONDS={bound:g})")
         return None
 
+    def clock_resets(self) -> int:
+        """Robot clock resets the store's ordering rule confirmed (bridge/clock.py)."""
+        clocks = getattr(self.store, "clocks", None)  # a SQL store's; a plug-in may have none
+        return int(clocks.resets) if clocks is not None else 0
+
     async def health(self) -> dict[str, Any]:
         try:  # a database that hangs (not refuses) must not hang the health check too
             db_ok = await asyncio.wait_for(self.store.ping(), 2.0)
@@ -314,6 +319,7 @@ class CallbackServer:
             "unacked": self.consumer.unacked,
             "oldest_unacked_seconds": round(self.consumer.oldest_unacked_seconds(), 3),
             "clock_skewed": self.writer.skewed,
+            "robot_clock_resets": self.clock_resets(),
             "received": self.consumer.received,
             "stored": self.writer.stored,
             "duplicates": self.writer.duplicates,
@@ -363,6 +369,7 @@ class CallbackServer:
         m.ingest_full.set(self.writer.refused_full)
         m.oldest_unacked.set(self.consumer.oldest_unacked_seconds())
         m.skewed.set(self.writer.skewed)
+        m.clock_resets.set(self.clock_resets())
         m.degraded.set(1 if self.writer.degraded else 0)
         m.connected.set(1 if self.transport.connected else 0)
         for table, count in self.retention.pruned.items():

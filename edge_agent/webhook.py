@@ -215,6 +215,10 @@ class _Webhook:
             self.agent.metrics.clock_resets.inc()
             log.warning("robot %s: %s", device, ordering.note)
         clock_notes = (ordering.note,) if ordering.note and not norm.skewed else ()
+        if norm.robot_ts is None and norm.device_id is not None \
+                and not norm.channel.startswith("callback/"):
+            # how the cloud tells the gateway's stand-in from a robot time (docs/clocks.md)
+            clock_notes = ("ts: no robot time in the callback; received_at stands in",)
         topic = str(self.agent.scheme.device(device, norm.channel))
         envelope = Envelope(
             id=norm.message_id, type=norm.callback_type, org=self.org, device=device,

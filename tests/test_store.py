@@ -701,6 +701,8 @@ def stamped(sn: str, ts: float | None, received: float, **data: Any) -> tuple[st
     which is how an envelope says it has no robot time); received (a fraction later) at
     gateway time ``received``."""
     e = env(sn, "status", received, **data)
+    if ts is None:
+        e = e.with_notes("ts: no robot time in the callback; received_at stands in")
     return item(dataclasses.replace(e, ts=received if ts is None else ts,
                                     received_at=received if ts is None else received + 0.125))
 
@@ -757,3 +759,13 @@ async def test_a_gateway_clock_an_hour_behind_does_not_stop_robot_states(
         await store.write_batch([stamped("GB", now - 30 + i, now - 3600 - 30 + i,
                                          status=f"s{i}")])
         assert (await robot(store, "GB"))["status"] == f"s{i}"
+
+
+async def test_an_envelope_without_received_at_is_still_ordered_by_its_time(
+        store: SqlStore) -> None:
+    # received_at defaults to ts when a producer leaves it out: still a robot time
+    now = time.time()
+    for ts, state in ((now - 5, "newer"), (now - 50, "older")):
+        e = dataclasses.replace(env("NR", "status", ts, status=state), received_at=ts)
+        await store.write_batch([item(e)])
+    assert (await robot(store, "NR"))["status"] == "newer"

@@ -270,7 +270,12 @@ def _ordered(clocks: RobotClocks, given: Envelope, env: Envelope,
              now: float) -> tuple[float, Envelope]:
     """The order of a robot's message (bridge/clock.py) and the envelope, noted when its
     robot time was not used as sent (a note of ``sane_time`` already says so)."""
-    timed = robot_time(given.ts) is not None and given.ts != given.received_at
+    # a gateway that put its own time in ts says so in a note naming received_at (and
+    # makes them equal); an envelope merely without received_at (which then defaults to
+    # ts) is timed
+    stand_in = given.ts == given.received_at and any(
+        "received_at" in n for n in given.notes)
+    timed = robot_time(given.ts) is not None and not stand_in
     received = robot_time(given.received_at)
     o = clocks.order((given.org, given.device), float(given.ts) if timed else None,
                      now if received is None else received, now)
@@ -305,7 +310,8 @@ def build_rows(items: Sequence[Item], *, now: float,
 
     ``clocks`` (the store's, kept across batches) orders robot state by the rule of
     bridge/clock.py: the order is the value the watermarks compare. An envelope whose
-    ``ts`` equals its ``received_at`` carries no robot time (the gateway put its own).
+    ``ts`` equals its ``received_at`` with a note naming ``received_at`` carries no robot
+    time (the gateway put its own).
     """
     lim = limits or {}
     ls, es, rs = _sizes(LOG, lim.get("log")), _sizes(OWN_EVENTS, lim.get("events")), \

@@ -640,3 +640,13 @@ async def test_clock_rules_gateway_from_the_heartbeat_robot_from_the_notes(env: 
 
 
 RULES_CLEAR = 3600.0
+
+
+async def test_an_untimed_message_alone_does_not_open_robot_clock(env: Env) -> None:
+    i = next(_ids)
+    e = Envelope(id=f"m{i}", type="notifyRobotStatus", org="acme", device="R6",
+                 gateway="gw1", ts=env.clock.now, received_at=env.clock.now,
+                 data={"status": "idle"}, raw={}, channel="status",
+                 notes=("ts: no robot time in the callback; received_at stands in",))
+    await env.a.engine.robots([("org/acme/device/R6/status", e)])
+    assert env.of("robot_clock") == []

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import re
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -70,6 +71,9 @@ Emit = Callable[[Transition], None]
 MAX_QUEUED = 10_000
 SWEEP_LEASE = "alert-sweep"
 #: Rules decided from the robot's stored state and watch, re-checked after a transition.
+#: An envelope note saying its robot time was not used (bridge/clock.py, normalize, the
+#: store's sane_time): what opens ``robot_clock``. "No robot time" alone does not.
+_CLOCK_NOTE = re.compile(r"is implausible|clock went back|ahead of the (gateway|server) clock")
 STATE_RULES = frozenset({"battery_low", "robot_offline", "robot_silent", "robot_stuck"})
 
 
@@ -205,8 +209,7 @@ class AlertEngine:
         levels = self.rules.robot_fault.levels
         for topic, env in items:
             robot = seen.setdefault((env.org, env.device), _Robot(env.org))
-            clock = next((n for n in env.notes if n.startswith("ts: ")
-                          or "ahead of the gateway clock" in n), None)
+            clock = next((n for n in env.notes if _CLOCK_NOTE.search(n)), None)
             if clock is not None:
                 robot.clock = clock
             level = env.data.get("event_level")

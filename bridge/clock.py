@@ -171,34 +171,52 @@ class GatewayClock:
         self.quorum = quorum
         self.window = window
         self.capacity = capacity
-        self._diffs: OrderedDict[Hashable, tuple[float, float]] = OrderedDict()
+        self._diffs: OrderedDict[Hashable, tuple[float, float, float]] = OrderedDict()
         self.offset = 0.0
 
     def observe(self, robot: Hashable, ts: float | None, received: float) -> None:
-        """A message of ``robot`` with robot time ``ts`` at gateway time ``received``."""
+        """A message of ``robot`` with robot time ``ts`` at gateway time ``received``.
+        Only a robot's newest time counts: a late retry of an old message says nothing
+        about the clocks."""
         if ts is None or not math.isfinite(ts) or ts < FLOOR:
             return
-        self._diffs[robot] = (ts - received, received)
+        kept = self._diffs.get(robot)
+        if kept is not None and ts < kept[2] and received - kept[1] <= self.window:
+            return
+        self._diffs[robot] = (ts - received, received, ts)
         self._diffs.move_to_end(robot)
         while len(self._diffs) > self.capacity:
             self._diffs.popitem(last=False)
         self.offset = self._estimate(received)
 
     def _estimate(self, now: float) -> float:
-        recent = [d for d, at in self._diffs.values() if now - at <= self.window]
+        """Most robots off by more than the bound in one direction, and agreeing with one
+        another (a wrong gateway clock shifts them all alike; old data scatters)."""
+        recent = [d for d, at, _ in self._diffs.values() if now - at <= self.window]
         if len(recent) < self.quorum:
             return 0.0
         ahead = [d for d in recent if d > self.max_skew]
         behind = [d for d in recent if d < -self.max_skew]
         for side in (ahead, behind):
             if len(side) * 2 > len(recent):
-                return float(statistics.median(side))
+                middle = float(statistics.median(side))
+                agreeing = [d for d in side if abs(d - middle) <= self.max_skew]
+                if len(agreeing) * 2 > len(recent):
+                    return middle
         return 0.0
 
     @property
     def wrong(self) -> bool:
         return self.offset != 0.0
 
+    @property
+    def correction(self) -> float:
+        """What the plausibility bound adds to the gateway's time: the offset when the
+        gateway is behind its robots (a box without NTP or RTC battery); nothing when it
+        is ahead, which makes no robot time look too far ahead (and replayed old data
+        looks the same way: it is reported, never acted on)."""
+        return max(self.offset, 0.0)
+
     def reference(self, received: float) -> float:
         """The gateway's time ``received`` corrected by the robots' verdict."""
-        return received + self.offset
+        return received + self.correction

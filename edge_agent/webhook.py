@@ -203,7 +203,7 @@ class _Webhook:
         now = self.clock()
         gateway_clock = self.gateway_clock
         norm = normalize(parsed.value, received_at=now, max_skew=self.max_skew,
-                         clock_offset=gateway_clock.offset)
+                         clock_offset=gateway_clock.correction)
         if norm.skewed:
             self.skewed.inc()
             log.warning("robot %s: %s", norm.device_id, norm.notes[-1])

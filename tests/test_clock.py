@@ -81,3 +81,16 @@ def test_the_gateway_clock_is_the_odd_one_out_only_when_most_robots_say_so() -> 
         ok.observe(name, ts, NOW)
     assert not ok.wrong
     assert FLOOR < NOW
+
+
+def test_old_data_and_late_retries_do_not_make_the_gateway_clock_wrong() -> None:
+    gw = GatewayClock(SKEW)
+    # robots replaying data of a year ago, each its own time: scattered, not a clock
+    for i, name in enumerate("ABCDE"):
+        gw.observe(name, NOW - 365 * 86400 + i * 7200, NOW)
+    assert not gw.wrong
+    right = GatewayClock(SKEW)
+    for name in "ABCD":
+        right.observe(name, NOW, NOW)
+        right.observe(name, NOW - 7200, NOW + 1)  # a late retry of an old message each
+    assert not right.wrong

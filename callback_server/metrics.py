@@ -41,6 +41,8 @@ class CallbackMetrics:
                                     "Age of the oldest MQTT message not yet acknowledged")
         self.skewed = gauge("callback_clock_skewed_total",
                             "Messages whose robot time was too far ahead (ordered by now)")
+        self.clock_resets = gauge("callback_robot_clock_resets_total",
+                                  "Robot clocks seen going back and staying there")
         self.degraded = gauge("callback_degraded", "1 while database writes fail")
         self.connected = gauge("callback_broker_connected", "1 when connected to the broker")
         self.pruned = Gauge("callback_rows_pruned_total", "Rows deleted by retention",

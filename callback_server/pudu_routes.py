@@ -65,8 +65,12 @@ def create_pudu_router(server: AppHost, access: Access) -> APIRouter:
         principal = access.principal(request)
         access.require_role(principal, READERS, "see robots")
         body = parse_model(RobotCommandRequest, await read_body(request, 64 * 1024))
-        robot = await server.store.get_robot(sn)
-        if robot is None or not robot.get("gateway_id") or not robot.get("org_id"):
+        # the key's orgs: two orgs may have robots with this sn, the other heard of last
+        robot = await server.store.get_robot(
+            sn, None if principal.all_orgs else sorted(principal.orgs))
+        if robot is None:  # the same answer as another org's robot: nothing leaks
+            raise NotFoundError(f"robot {sn} not found")
+        if not robot.get("gateway_id") or not robot.get("org_id"):
             raise NotFoundError(f"robot {sn} not found (no gateway has reported it)")
         access.require_org(principal, robot.get("org_id"), f"robot {sn} not found")
         access.require_role(principal, OPERATORS, "send commands")

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import secrets
 import time
@@ -234,7 +235,13 @@ class CallbackServer:
         elif address.channel == "telemetry":
             gateway = self.gateways.setdefault(f"{org}/{device}", {
                 "org_id": org, "gateway_id": device, "state": "unknown", "since": None})
-            gateway.update(heartbeat_fields(payload), heartbeat_at=time.time())
+            now = time.time()
+            fields = heartbeat_fields(payload)
+            # the gateway's clock against ours (+ ahead), from the heartbeat's timestamp:
+            # what an operator compares with gateway_clock_offset_s, its robots' verdict
+            sent = fields.pop("timestamp", None)
+            gateway.update(fields, heartbeat_at=now,
+                           clock_offset_s=None if sent is None else round(sent - now))
         else:
             return
         self.console.on_gateway(gateway)
@@ -275,6 +282,11 @@ class CallbackServer:
                     f"{waited:.0f} s (STALL_SECONDS={bound:g})")
         return None
 
+    def clock_resets(self) -> int:
+        """Robot clock resets the store's ordering rule confirmed (bridge/clock.py)."""
+        clocks = getattr(self.store, "clocks", None)  # a SQL store's; a plug-in may have none
+        return int(clocks.resets) if clocks is not None else 0
+
     async def health(self) -> dict[str, Any]:
         try:  # a database that hangs (not refuses) must not hang the health check too
             db_ok = await asyncio.wait_for(self.store.ping(), 2.0)
@@ -285,7 +297,12 @@ class CallbackServer:
         reasons = [reason for bad, reason in (
             (not connected, "broker not connected"),
             (connected and not self.subscribed, "not subscribed yet"),
-            (not db_ok or self.writer.degraded, "database unavailable"),
+            # a full disk (the SQLite default on a small card) is named: a reachable
+            # database does not show it otherwise (no other error text: reasons are
+            # shown to callers without a key)
+            (not db_ok or self.writer.degraded, "database unavailable" + (
+                ": database or disk is full" if "is full" in self.writer.last_error
+                else "")),
             (stall is not None, stall),
         ) if bad]
         # Ready: can take traffic. The broker is not asked (HTTP ingest and the read API
@@ -306,6 +323,7 @@ class CallbackServer:
             "unacked": self.consumer.unacked,
             "oldest_unacked_seconds": round(self.consumer.oldest_unacked_seconds(), 3),
             "clock_skewed": self.writer.skewed,
+            "robot_clock_resets": self.clock_resets(),
             "received": self.consumer.received,
             "stored": self.writer.stored,
             "duplicates": self.writer.duplicates,
@@ -355,6 +373,7 @@ class CallbackServer:
         m.ingest_full.set(self.writer.refused_full)
         m.oldest_unacked.set(self.consumer.oldest_unacked_seconds())
         m.skewed.set(self.writer.skewed)
+        m.clock_resets.set(self.clock_resets())
         m.degraded.set(1 if self.writer.degraded else 0)
         m.connected.set(1 if self.transport.connected else 0)
         for table, count in self.retention.pruned.items():
@@ -362,7 +381,8 @@ class CallbackServer:
 
 
 #: A heartbeat's fields /gateways and the console show, and those of its last poll run.
-_BEAT = ("outbox_depth", "outbox_oldest_age_s", "broker_connected")
+_BEAT = ("outbox_depth", "outbox_oldest_age_s", "broker_connected", "gateway_clock_offset_s",
+         "robot_clock_resets")
 _RUN = ("run_id", "status", "started_at", "ended_at", "robots_seen", "errors", "error")
 
 
@@ -382,8 +402,11 @@ def heartbeat_fields(payload: bytes) -> dict[str, Any]:
 
     poll = beat.get("poll")
     run = poll.get("last_run") if isinstance(poll, dict) else None
-    return {**scalars(beat, _BEAT), "last_run": scalars(run, _RUN) if isinstance(
-        run, dict) else None}
+    sent = beat.get("timestamp")
+    sent = float(sent) if isinstance(sent, int | float) and not isinstance(sent, bool) \
+        and math.isfinite(sent) else None
+    return {**scalars(beat, _BEAT), "timestamp": sent, "last_run": scalars(run, _RUN)
+            if isinstance(run, dict) else None}
 
 
 def forwarding(alerts: AlertSettings, settings: CallbackSettings) -> AlertSettings:

@@ -39,6 +39,16 @@ class EdgeMetrics:
             "Callbacks whose robot time was too far ahead; ordered by received_at instead",
             registry=self.registry,
         )
+        self.clock_resets = Counter(
+            "edge_robot_clock_resets_total",
+            "Robot clocks seen going back and staying there (bridge/clock.py)",
+            registry=self.registry,
+        )
+        self.gateway_clock_offset = Gauge(
+            "edge_gateway_clock_offset_seconds",
+            "This gateway's clock against its robots' (+ ahead, - behind; 0: not wrong)",
+            registry=self.registry,
+        )
         self.outbox_depth = Gauge(
             "edge_outbox_depth", "Entries waiting for PUBACK", registry=self.registry
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from bridge.clock import GatewayClock, RobotClocks
 from bridge.envelope import Envelope
 from bridge.health import Readiness
 from bridge.outbound import OutboundPolicy
@@ -38,6 +39,8 @@ class WebhookHost(Protocol):
     downsampler: Downsampler
     readiness: Readiness
     transport: Transport  # its limits: what the broker would refuse is refused at once
+    clocks: RobotClocks  # the ordering rule's per-robot state (bridge/clock.py)
+    gateway_clock: GatewayClock
 
     def note_robot(self, envelope: Envelope) -> None: ...
 

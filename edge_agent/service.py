@@ -16,6 +16,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from bridge.clock import GatewayClock, RobotClocks
 from bridge.commands import CommandExecutor
 from bridge.config import mask_url
 from bridge.docs import install_docs
@@ -136,6 +137,10 @@ class EdgeAgent:
         self.robot_memory.hold("downsampler", self.downsampler.forget,
                                lambda: len(self.downsampler))
         self.robot_memory.hold("poller", self.poller.forget_robot, lambda: len(self.poller))
+        # the ordering rule (bridge/clock.py) and the check of this gateway's own clock
+        self.clocks = RobotClocks(settings.max_clock_skew_seconds)
+        self.gateway_clock = GatewayClock(settings.max_clock_skew_seconds)
+        self.robot_memory.hold("clocks", self.clocks.forget, lambda: len(self.clocks))
         self.nodelay = NodelayStats()
         self._stack = AsyncExitStack()
         self._tasks: list[asyncio.Task[None]] = []
@@ -249,6 +254,8 @@ class EdgeAgent:
         reasons = [reason for bad, reason in (
             (not connected, "broker not connected"),
             (unwritable is not None, f"outbox cannot write: {unwritable}"),
+            (self.gateway_clock.wrong, f"gateway clock is {-self.gateway_clock.offset:+.0f} s "
+             "off its robots' clocks (their times are used)"),
         ) if bad]
         return {
             "status": "degraded" if reasons else "healthy",
@@ -274,6 +281,9 @@ class EdgeAgent:
             "draining": self.publisher.draining,
             "uptime_seconds": round(time.time() - self.started, 1),
             "robot_states": self.robot_memory.states(),
+            # + the gateway clock is ahead of its robots', - behind (0: not found wrong)
+            "gateway_clock_offset_s": round(-self.gateway_clock.offset, 1),
+            "robot_clock_resets": self.clocks.resets,
             "poll": self.poll_health(),
             "ready": self.readiness.ready,
             "not_ready": self.readiness.reasons(),
@@ -307,6 +317,7 @@ class EdgeAgent:
         if free is not None:
             self.metrics.outbox_free_bytes.set(free)
         self.metrics.outbox_writable.set(0 if self.outbox.unwritable else 1)
+        self.metrics.gateway_clock_offset.set(-self.gateway_clock.offset)
         self.metrics.outbox_oldest_age.set(self.outbox.oldest_age_s)
         drain = self.publisher.drain_estimate_s()
         self.metrics.outbox_drain_estimate.set(math.inf if drain is None else drain)

@@ -144,6 +144,9 @@ class _Webhook:
         self.filtering = not agent.policy.everything
         self.downsampler = agent.downsampler
         self._downsampled: dict[str, Any] = {}
+        self.clocks = agent.clocks                # the ordering rule (bridge/clock.py)
+        self.gateway_clock = agent.gateway_clock  # this gateway's clock, checked
+        self.clock = time.time                    # the gateway clock (tests set it)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -197,17 +200,31 @@ class _Webhook:
             parsed = strictjson.loads(raw)
         except PayloadError as exc:
             raise InputError(f"body is {exc}", status=400) from None
-        now = time.time()
-        norm = normalize(parsed.value, received_at=now, max_skew=self.max_skew)
+        now = self.clock()
+        gateway_clock = self.gateway_clock
+        norm = normalize(parsed.value, received_at=now, max_skew=self.max_skew,
+                         clock_offset=gateway_clock.correction)
         if norm.skewed:
             self.skewed.inc()
             log.warning("robot %s: %s", norm.device_id, norm.notes[-1])
         device = norm.device_id or self.gateway
+        gateway_clock.observe(device, norm.robot_ts, now)
+        ordering = self.clocks.order(device, None if norm.skewed else norm.robot_ts, now,
+                                     gateway_clock.reference(now))
+        if ordering.reset:
+            self.agent.metrics.clock_resets.inc()
+            log.warning("robot %s: %s", device, ordering.note)
+        clock_notes = (ordering.note,) if ordering.note and not norm.skewed else ()
+        if norm.robot_ts is None and norm.device_id is not None \
+                and not norm.channel.startswith("callback/"):
+            # how the cloud tells the gateway's stand-in from a robot time (docs/clocks.md)
+            clock_notes = ("ts: no robot time in the callback; received_at stands in",)
         topic = str(self.agent.scheme.device(device, norm.channel))
         envelope = Envelope(
             id=norm.message_id, type=norm.callback_type, org=self.org, device=device,
             gateway=self.gateway, ts=norm.ts, received_at=now, data=norm.data,
-            raw=norm.raw, channel=norm.channel, notes=(*parsed.notes, *norm.notes),
+            raw=norm.raw, channel=norm.channel,
+            notes=(*parsed.notes, *norm.notes, *clock_notes),
         )
         if self.filtering and not self.policy.forwards(norm.channel, norm.callback_type):
             # Answered 200 so Pudu does not retry; the operator chose to keep it home.
@@ -218,7 +235,7 @@ class _Webhook:
         compact_key, hold = norm.compact_key, False
         if self.downsampler.applies(norm.channel):
             compact_key = f"{norm.channel}:{device}"
-            verdict = self.downsampler.offer(compact_key, norm.channel, norm.ts)
+            verdict = self.downsampler.offer(compact_key, norm.channel, ordering.order)
             if verdict is Verdict.SUPERSEDED:
                 # Older than what this robot already published on the channel: publishing
                 # it now would put a stale state last. Answered 200 like any superseded one.
@@ -235,7 +252,7 @@ class _Webhook:
         self.publishable(topic, payload, norm)
         result = await self.agent.outbox.put(
             topic, payload, qos=1, compact_key=compact_key, dedup_keys=keys,
-            hold=hold, order=norm.ts,
+            hold=hold, order=ordering.order,
         )
         self.remember(norm, envelope)
         if result.superseded:

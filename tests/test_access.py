@@ -284,6 +284,18 @@ async def test_each_key_sees_only_its_orgs(env: Env) -> None:
     assert not any(name in health for name in ("acme", "beta", "gw-", "A1", "B1"))
 
 
+async def test_a_robot_command_reaches_the_keys_org_when_another_org_shares_the_sn(
+        env: Env) -> None:
+    # beta's robot A1 is heard of after acme's: acme's operator still commands acme's A1
+    beta = envelope("beta", "A1", 50)
+    await env.server.store.write_batch(
+        [(f"{env.prefix}/org/beta/device/A1/power", beta)])
+    answer = await env.client.post("/robots/A1/commands", headers=env.auth("operator_a"),
+                                   json={"command": "ping", "timeout": 0.1})
+    assert answer.status_code == 504, answer.text  # sent to gw-acme; no gateway answers
+    assert "gw-acme" in answer.json()["message"]
+
+
 async def test_commands_record_the_key_that_sent_them(env: Env, tmp_path: Path) -> None:
     r = await env.client.post("/devices/gw-acme/commands", headers=env.auth("operator_a"),
                               json={"command": "ping", "timeout": 0.1})
@@ -499,3 +511,16 @@ async def test_a_removed_key_ends_its_open_mqtt_stream(env: Env, tmp_path: Path)
     finally:
         leave.set()
         await asyncio.gather(app, return_exceptions=True)
+
+
+async def test_gateways_show_their_clock_against_this_servers(env: Env) -> None:
+    from bridge.topic import DeviceAddress
+
+    beat = {"timestamp": int(time.time()) - 3600, "gateway_clock_offset_s": -3600.4,
+            "outbox_depth": 0}
+    env.server._on_gateway_message(DeviceAddress("acme", "gw-acme", "telemetry"),
+                                   json.dumps(beat).encode())
+    answer = await env.client.get("/gateways", headers=env.auth("viewer_a"))
+    [row] = answer.json()["items"]
+    assert abs(row["clock_offset_s"] + 3600) <= 2  # an hour behind this server's clock
+    assert row["gateway_clock_offset_s"] == -3600.4  # and its robots' verdict

@@ -288,6 +288,30 @@ async def battery(env: Env, *levels: float, state: str = "idle") -> None:
         await robot(env, "power", "ab"[i % 2], battery_level=level, charge_state=state)
 
 
+async def clock_beat(env: Env, *offsets: float) -> None:
+    for offset in offsets:
+        await heartbeat(env, "telemetry", b'{"gateway_clock_offset_s": %.1f}' % offset)
+
+
+async def bad_clock(env: Env) -> None:
+    """A robot message whose time was not used (as the store notes it)."""
+    env.clock.now += 1
+    i = next(_ids)
+    e = Envelope(id=f"m{i}", type="notifyRobotStatus", org="acme", device="S1",
+                 gateway="gw1", ts=env.clock.now, received_at=env.clock.now,
+                 data={"status": "idle"}, raw={}, channel="status",
+                 notes=("ts: robot time 12.0 is implausible (before 2017-01-01); "
+                        "ordered as a message without a robot time",))
+    await env.a.engine.robots([("org/acme/device/S1/status", e)])
+
+
+async def clock_hover(env: Env) -> None:
+    for _ in range(3):  # each within clear_seconds of the last
+        await bad_clock(env)
+        await sweep(env, 3500)
+    await sweep(env, 98)                        # 3599 s after the last
+
+
 @dataclass(frozen=True)
 class Drive:
     """How a test makes one rule's condition true (``start``: opens it), false
@@ -397,6 +421,9 @@ DRIVES = [
           lambda e: poll_runs(e, ("failed", 5), ("partial", 5), ("failed", 5), ("partial", 5))),
     Drive("poll_slow", partial(poll_run, seconds=900), poll_run,
           lambda e: poll_runs(e, ("ok", 601), ("failed", 700), ("partial", 650))),
+    Drive("robot_clock", bad_clock, partial(sweep, seconds=3600), clock_hover),
+    Drive("gateway_clock", lambda e: clock_beat(e, -3600), lambda e: clock_beat(e, 0),
+          lambda e: clock_beat(e, -301, -299, 302, -260, -303, 241, -300)),
 ]
 assert {d.rule for d in DRIVES} == set(RULES)
 
@@ -590,3 +617,59 @@ async def test_a_robot_never_reporting_status_or_move_state_is_judged_by_time(
     assert env.of("robot_offline") == [("opened", "robot_offline", "Q1", "high")]
     await env.send(env.b, "Q1", "power", battery_level=80, charge_state="idle")
     assert env.of("robot_offline")[-1][0] == "resolved" and env.of("robot_stuck") == []
+
+
+async def test_two_orgs_robots_with_one_sn_in_one_batch_are_judged_apart(env: Env) -> None:
+    def message(org: str, channel: str, **data: Any) -> tuple[str, Envelope]:
+        i = next(_ids)
+        e = Envelope(id=f"m{i}", type="robotErrorWarning" if channel == "event"
+                     else "notifyRobotPower", org=org, device="R7", gateway=f"gw-{org}",
+                     ts=env.clock.now + i * 1e-3, received_at=env.clock.now, data=data,
+                     raw=dict(data), channel=channel)
+        return (f"org/{org}/device/R7/{channel}", e)
+
+    batch = [message("acme", "power", battery_level=5, charge_state="idle"),
+             message("beta", "power", battery_level=90, charge_state="idle"),
+             message("beta", "event", event_id="e1", event_level="critical",
+                     event_type="Crash")]
+    await env.store.write_batch(batch)
+    await env.a.engine.robots(batch)
+    opened = {(t.alert.rule, t.alert.org, t.alert.subject_id) for t in env.log
+              if t.name == "opened"}
+    # acme's R7 is low (beta's 90 % is not read for it); only beta's R7 faulted
+    assert opened == {("battery_low", "acme", "R7"), ("robot_fault", "beta", "R7")}
+
+
+async def test_clock_rules_gateway_from_the_heartbeat_robot_from_the_notes(env: Env) -> None:
+    telemetry = DeviceAddress("acme", "gw1", "telemetry")
+    await env.a.engine.gateway(telemetry, b'{"gateway_clock_offset_s": -3600.2}')
+    await env.a.engine.gateway(telemetry, b'{"outbox_depth": 3}')  # no figure: no change
+    assert env.of("gateway_clock") == [("opened", "gateway_clock", "gw1", "warning")]
+    await env.a.engine.gateway(telemetry, b'{"gateway_clock_offset_s": 0}')
+    assert env.of("gateway_clock")[-1][0] == "resolved"
+    # a robot message whose time was not used (noted by the store's ordering) opens
+    # robot_clock; it clears by time, like a fault
+    i = next(_ids)
+    noted = Envelope(id=f"m{i}", type="notifyRobotStatus", org="acme", device="R5",
+                     gateway="gw1", ts=env.clock.now, received_at=env.clock.now,
+                     data={"status": "idle"}, raw={}, channel="status",
+                     notes=("ts: robot time 12.0 is implausible (before 2017-01-01); "
+                            "ordered as a message without a robot time",))
+    await env.a.engine.robots([("org/acme/device/R5/status", noted)])
+    assert env.of("robot_clock") == [("opened", "robot_clock", "R5", "warning")]
+    env.clock.now += RULES_CLEAR + 1
+    await env.a.engine.sweep()
+    assert env.of("robot_clock")[-1][0] == "resolved"
+
+
+RULES_CLEAR = 3600.0
+
+
+async def test_an_untimed_message_alone_does_not_open_robot_clock(env: Env) -> None:
+    i = next(_ids)
+    e = Envelope(id=f"m{i}", type="notifyRobotStatus", org="acme", device="R6",
+                 gateway="gw1", ts=env.clock.now, received_at=env.clock.now,
+                 data={"status": "idle"}, raw={}, channel="status",
+                 notes=("ts: no robot time in the callback; received_at stands in",))
+    await env.a.engine.robots([("org/acme/device/R6/status", e)])
+    assert env.of("robot_clock") == []

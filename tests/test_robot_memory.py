@@ -116,7 +116,8 @@ async def test_50000_robot_ids_then_quiet_leave_no_state_behind(tmp_path: Path) 
         await until(lambda: sum(edge.robot_memory.states().values()) == 0, within=30)
         health = edge.health()
     assert states["robots"] == states["heard"] == n and states["downsampler"] >= n
-    assert health["robot_states"] == {"heard": 0, "robots": 0, "downsampler": 0, "poller": 0}
+    assert health["robot_states"] == {"heard": 0, "robots": 0, "downsampler": 0, "poller": 0,
+                                       "clocks": 0}  # (issue 24: the ordering state too)
     assert edge.robot_memory.forgotten == n
 
 

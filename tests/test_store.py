@@ -7,6 +7,7 @@ on the shared MariaDB (created per test, dropped afterwards).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import random
 import time
@@ -21,6 +22,7 @@ import pytest
 
 from bridge.envelope import Envelope
 from bridge.errors import ConfigError, StoreError
+from bridge.strictjson import loads as strict_loads
 from callback_server.retention import Retention
 from callback_server.store import BatchResult, SqlStore, Table, Targets, load_targets, open_store
 from callback_server.store.rows import build_rows, key, when
@@ -32,9 +34,15 @@ TYPES = {"status": "notifyRobotStatus", "power": "notifyRobotPower", "pose": "no
          "event": "robotErrorWarning", "move": "notifyRobotMoveState", "task": "TASK_STATUS"}
 
 
+#: Where the small robot times of these tests start (2023-11-14 22:13:20 UTC).
+T0 = 1_700_000_000
+
+
 def env(sn: str, channel: str, ts: float, ctype: str = "", *, msg_id: str = "",
         gateway: str = "gw1", **data: Any) -> Envelope:
     ctype = ctype or TYPES.get(channel, channel)
+    if 0 < ts < 1e9:  # small test times are seconds after T0 (1970 is no robot time since
+        ts += T0      # issue 24: before the product existed, so not ordered by)
     return Envelope(id=msg_id or uuid.uuid4().hex, type=ctype, org="acme", device=sn,
                     gateway=gateway, ts=ts, received_at=ts + 1, data=data, raw=dict(data),
                     channel=channel)
@@ -116,8 +124,8 @@ async def test_latest_state_is_upserted_and_merged(store: SqlStore) -> None:
     assert (r["status"], r["battery_level"], r["charge_state"], r["is_charging"],
             r["move_state"]) == ("idle", 49, "charging", False, "idle")
     assert (r["org_id"], r["gateway_id"]) == ("acme", "gw1")
-    assert r["last_ts"] == 11.25
-    assert r["last_updated"] == "1970-01-01T00:00:11.250Z"
+    assert r["last_ts"] == T0 + 11.25
+    assert r["last_updated"] == "2023-11-14T22:13:31.250Z"
     assert [x["robot_sn"] for x in await store.get_robots()] == ["A"]
     assert await store.get_robot("nobody") is None
 
@@ -127,7 +135,7 @@ async def test_older_ts_never_overwrites_newer_across_batches(store: SqlStore) -
     await store.write_batch([item(env("A", "status", 10, status="offline", battery_level=10))])
     await store.write_batch([item(env("A", "power", 15, battery_level=15))])
     r = await robot(store, "A")
-    assert (r["status"], r["battery_level"], r["last_ts"]) == ("busy", 70, 20)
+    assert (r["status"], r["battery_level"], r["last_ts"]) == ("busy", 70, T0 + 20)
     await store.write_batch([item(env("A", "status", 20, status="idle"))])  # equal ts: taken
     assert (await robot(store, "A"))["status"] == "idle"
 
@@ -144,7 +152,7 @@ async def test_older_ts_never_overwrites_newer_within_a_batch(
     assert result.robots == 1
     r = await robot(store, "B")
     assert (r["battery_level"], r["charge_state"], r["x"], r["y"]) == (30, "full", 1.0, 2.0)
-    assert r["last_ts"] == 30
+    assert r["last_ts"] == T0 + 30
 
 
 async def test_pose_does_not_wipe_status_and_status_does_not_wipe_pose(store: SqlStore) -> None:
@@ -211,7 +219,7 @@ async def test_duplicate_events_and_envelopes_insert_nothing_twice(
     assert len(query(db_url, "SELECT * FROM mqtt_message_log")) == 6
     events = await store.get_events("D", limit=2)
     assert [e["event_id"] for e in events] == ["e4", "e3"]  # newest robot time first
-    assert events[0]["task_time"] == "1970-01-01T00:00:09.000Z"
+    assert events[0]["task_time"] == "2023-11-14T22:13:29.000Z"
     assert events[0]["event_detail"] == "detail 4"
 
 
@@ -307,7 +315,9 @@ async def test_values_the_database_would_refuse_never_stall_the_stream(
         item(env("H", "power", 12, battery_level="full", charge_state="\udc80bad")),
         item(env("H" * 300, "event", 13, event_id="i" * 400, event_level="CRITICAL-ish" * 5,
                  event_detail="d" * 100_000)),
-        item(env("H", "status", math.nan, status="lost")),  # no robot time: logged only
+        # no robot time: since issue 24 it ranks equal to the robot's newest, so it is
+        # taken (the newest received) but never outranks a later timed message
+        item(env("H", "move", math.nan, move_state="lost")),
         item(env("HF", "status", 1e30, status="future")),  # beyond DATETIME: skewed, as now
     ]
     result = await store.write_batch(hostile)
@@ -316,7 +326,7 @@ async def test_values_the_database_would_refuse_never_stall_the_stream(
     r = await robot(store, "H")
     assert r["status"] == "x" * 32 and r["battery_level"] is None and r["is_charging"] is False
     assert r["x"] is None and r["charge_state"] == "?bad"
-    assert r["last_ts"] == 12
+    assert r["last_ts"] == T0 + 12 and r["move_state"] == "lost"
     events = query(db_url, "SELECT robot_sn, event_id FROM mnt_robot_events")
     assert len(events[0]["robot_sn"]) == 64 and len(events[0]["event_id"]) == 128
     assert (await store.write_batch(hostile)).logged == 0  # and still idempotent
@@ -427,7 +437,7 @@ async def test_an_existing_table_is_written_as_it_is_and_never_altered(db_url: s
     query(db_url, LEGACY)
     query(db_url, "INSERT INTO mnt_robots_management (robot_sn, status, water_level,"
                   " battery_level, last_updated) VALUES ('OLD', 'idle', 40, 77,"
-                  " '1970-01-01 00:01:40')")
+                  " '2023-11-14 22:15:00')")
     query(db_url, "CREATE TABLE mnt_robot_events (robot_sn VARCHAR(64), event_id VARCHAR(128),"
                   " event_level VARCHAR(16), event_type VARCHAR(128), event_detail TEXT,"
                   " task_time DATETIME, upload_time DATETIME, PRIMARY KEY (robot_sn, event_id))")
@@ -448,7 +458,7 @@ async def test_an_existing_table_is_written_as_it_is_and_never_altered(db_url: s
     r = query(db_url, "SELECT * FROM mnt_robots_management")[0]
     # legacy columns untouched; a value longer than the legacy VARCHAR(20) is cut to fit
     assert (r["status"], r["water_level"], r["battery_level"]) == ("busy-" + "y" * 15, 40, 8)
-    assert str(r["last_updated"]).startswith("1970-01-01 00:02:31")  # the event, last
+    assert str(r["last_updated"]).startswith("2023-11-14 22:15:51")  # the event, last
     events = query(db_url, "SELECT event_id, event_level FROM mnt_robot_events")
     assert events == [{"event_id": "e", "event_level": "info"}]
 
@@ -541,16 +551,16 @@ def test_fold_keeps_the_newest_value_of_each_group_per_robot() -> None:
         item(env("A", "status", 9, status="busy", msg_id="m5")),  # equal ts: later wins
         item(env("A", "status", 9, status="idle", msg_id="m5")),  # same id: logged once
     ]
-    rows = build_rows(items, now=0.0)
+    rows = build_rows(items, now=T0 + 60)
     assert [r[0] for r in rows.log] == ["m1", "m2", "m3", "m4", "m5"]
     assert len(rows.robots) == 1
     row = dict(zip(ROBOT_ROW, rows.robots[0], strict=True))
-    assert (row["status"], row["status_ts"]) == ("idle", 9)
-    assert (row["battery_level"], row["battery_ts"]) == (40, 9)
-    assert (row["charge_state"], row["charge_ts"]) == ("full", 8)
-    assert (row["x"], row["y"], row["pose_ts"]) == (1.0, 2.0, 7)
+    assert (row["status"], row["status_ts"]) == ("idle", T0 + 9)
+    assert (row["battery_level"], row["battery_ts"]) == (40, T0 + 9)
+    assert (row["charge_state"], row["charge_ts"]) == ("full", T0 + 8)
+    assert (row["x"], row["y"], row["pose_ts"]) == (1.0, 2.0, T0 + 7)
     assert (row["move_state"], row["move_ts"]) == (None, None)  # not seen: left alone
-    assert (row["last_ts"], row["last_updated"]) == (9, "1970-01-01 00:00:09.000")
+    assert (row["last_ts"], row["last_updated"]) == (T0 + 9, "2023-11-14 22:13:29.000")
 
 
 def test_long_keys_are_shortened_without_collisions() -> None:
@@ -636,13 +646,26 @@ async def test_history_keeps_every_status_change_and_a_point_a_minute(
     assert point["ts"] <= time.time()
     # tracks: positions by robot, oldest first, only the orgs asked for
     tracks = await store.recent_positions(since=time.time() - 60, orgs={"acme"})
-    assert tracks["H"][:2] == [[6.0, 0.0], [6.0, 0.0]] and tracks["H"][-1] == [18.0, 0.0]
+    # (keyed "org/sn" since issue 24: two orgs' robots may share an sn)
+    h = tracks["acme/H"]
+    assert h[:2] == [[6.0, 0.0], [6.0, 0.0]] and h[-1] == [18.0, 0.0]
     assert await store.recent_positions(since=time.time() - 60, orgs={"beta"}) == {}
     # retention like the log's
     retention = Retention(store, {"robot_history": 1.0}, interval=3600, batch=4)
     assert await retention.prune_once() == 0
     assert await retention.prune_once(now=time.time() + 2 * 86400) == 6  # H and F
     assert (await store.list_history("H", since=0, limit=10))[0] == []
+
+
+async def test_tracks_of_two_orgs_robots_with_one_sn_stay_apart(store: SqlStore) -> None:
+    now = time.time()
+    a = env("S", "pose", now - 5, x=1.0, y=1.0, yaw=0.0)
+    b = dataclasses.replace(env("S", "pose", now - 4, x=50.0, y=50.0, yaw=0.0), org="beta")
+    await store.write_batch([item(a), item(b)])
+    tracks = await store.recent_positions(since=now - 60)
+    assert tracks == {"acme/S": [[1.0, 1.0]], "beta/S": [[50.0, 50.0]]}
+    assert await store.recent_positions(since=now - 60, orgs={"beta"}) == {
+        "beta/S": [[50.0, 50.0]]}
 
 
 async def test_recent_events_are_newest_first_and_scoped(store: SqlStore) -> None:
@@ -670,3 +693,79 @@ async def test_tasks_keep_each_tasks_newest_state(store: SqlStore) -> None:
         started + 10, started, "acme")
     await store.write_batch([item(env("T", "task", started + 120, **run, task_status="done"))])
     assert [t["task_status"] for t in await store.list_tasks("T", limit=10)] == ["done", "done"]
+
+
+# -- robot clocks (issue 24, bridge/clock.py) -------------------------------------------------
+def stamped(sn: str, ts: float | None, received: float, **data: Any) -> tuple[str, Envelope]:
+    """A status message with robot time ``ts`` (None: none; the gateway's time stands in,
+    which is how an envelope says it has no robot time); received (a fraction later) at
+    gateway time ``received``."""
+    e = env(sn, "status", received, **data)
+    if ts is None:
+        e = e.with_notes("ts: no robot time in the callback; received_at stands in")
+    return item(dataclasses.replace(e, ts=received if ts is None else ts,
+                                    received_at=received if ts is None else received + 0.125))
+
+
+async def test_a_robot_whose_clock_resets_keeps_moving(store: SqlStore, db_url: str) -> None:
+    now = time.time()
+    for i in range(3):
+        await store.write_batch([stamped("RC", now - 100 + i, now - 100 + i, status=f"a{i}")])
+    seen = []
+    # then 1970, then times counting up from 2001: each message moves the state
+    for i, ts in enumerate((5.0, 978_307_200.0, 978_307_201.0, 978_307_202.0)):
+        await store.write_batch([stamped("RC", ts, now - 50 + i, status=f"b{i}")])
+        seen.append((await robot(store, "RC"))["status"])
+    assert seen == ["b0", "b1", "b2", "b3"]
+    logged = [strict_loads(r["payload"]).value for r in query(
+        db_url, "SELECT payload FROM mqtt_message_log WHERE device_id = 'RC'")]
+    [b1] = [e for e in logged if e["data"].get("status") == "b1"]
+    assert "implausible" in b1["notes"][0]  # the 2001 time, noted in the envelope
+    # a late retry of an old, correctly timed message still changes nothing
+    await store.write_batch([stamped("RC", now - 99, now - 99, status="a1")])
+    assert (await robot(store, "RC"))["status"] == "b3"
+
+
+async def test_a_plausible_clock_set_back_is_followed_once_confirmed(store: SqlStore) -> None:
+    now = time.time()
+    await store.write_batch([stamped("RB", now - 60, now - 60, status="before")])
+    back = now - 60 - 86_400  # a day back, and staying there
+    states = []
+    for i in range(5):
+        await store.write_batch([stamped("RB", back + i, now - 50 + i, status=f"after{i}")])
+        states.append((await robot(store, "RB"))["status"])
+    assert states == ["before", "before", "after2", "after3", "after4"]
+    assert store.clocks.resets == 1
+
+
+async def test_far_future_then_sane_in_the_same_second_and_untimed_then_lagging(
+        store: SqlStore) -> None:
+    now = float(int(time.time()))
+    await store.write_batch([stamped("FS", now - 10, now - 10, status="old")])
+    await store.write_batch([stamped("FS", 9_999_999_999.0, now + 0.25, status="future")])
+    await store.write_batch([stamped("FS", now, now + 0.75, status="sane")])
+    assert (await robot(store, "FS"))["status"] == "sane"
+    # an untimed message, then a robot clock 2 s behind the gateway's: nothing dropped
+    await store.write_batch([stamped("FS", None, now + 5, status="untimed")])
+    assert (await robot(store, "FS"))["status"] == "untimed"
+    await store.write_batch([stamped("FS", now + 3, now + 6, status="lagging")])
+    assert (await robot(store, "FS"))["status"] == "lagging"
+
+
+async def test_a_gateway_clock_an_hour_behind_does_not_stop_robot_states(
+        store: SqlStore) -> None:
+    now = time.time()
+    for i in range(3):  # correct robot times, received_at an hour behind
+        await store.write_batch([stamped("GB", now - 30 + i, now - 3600 - 30 + i,
+                                         status=f"s{i}")])
+        assert (await robot(store, "GB"))["status"] == f"s{i}"
+
+
+async def test_an_envelope_without_received_at_is_still_ordered_by_its_time(
+        store: SqlStore) -> None:
+    # received_at defaults to ts when a producer leaves it out: still a robot time
+    now = time.time()
+    for ts, state in ((now - 5, "newer"), (now - 50, "older")):
+        e = dataclasses.replace(env("NR", "status", ts, status=state), received_at=ts)
+        await store.write_batch([item(e)])
+    assert (await robot(store, "NR"))["status"] == "newer"

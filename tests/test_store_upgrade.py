@@ -74,8 +74,9 @@ async def each_org_sees_its_own(store: SqlStore) -> None:
         assert await store.list_tasks(sn, limit=5, org=other) == []
     alert = await AlertStore(store).get("a1")
     assert alert is not None and alert.org == "acme"
-    watched = await AlertStore(store).watched({"R1": "acme", "R2": "beta"})
-    assert {sn: r["org_id"] for sn, r in watched.items()} == {"R1": "acme", "R2": "beta"}
+    # (keyed by (org, sn) since issue 24)
+    watched = await AlertStore(store).watched({("acme", "R1"), ("beta", "R2")})
+    assert set(watched) == {("acme", "R1"), ("beta", "R2")}
 
 
 async def test_upgrade_from_version_1_with_data(db_url: str) -> None:

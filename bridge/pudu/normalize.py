@@ -93,6 +93,8 @@ class Normalized:
     notes: tuple[str, ...] = ()
     #: The robot time was too far ahead of the gateway clock; ``ts`` is ``received_at``.
     skewed: bool = False
+    #: The robot's own time as sent (seconds), whatever its plausibility; None: none.
+    robot_ts: float | None = None
 
 
 def to_seconds(value: float) -> float:
@@ -357,7 +359,7 @@ def _serial(r: _Reader, ext: _Reader | None) -> str | None:
 
 
 def _robot_time(r: _Reader, received_at: float, *, strict: bool,
-                max_skew: float) -> tuple[float, bool]:
+                max_skew: float, clock_offset: float = 0.0) -> tuple[float, bool, float | None]:
     """``notify_timestamp`` (robot-side, what Pudu says to order by), then ``timestamp``;
     and whether it was refused for being too far ahead.
 
@@ -366,7 +368,9 @@ def _robot_time(r: _Reader, received_at: float, *, strict: bool,
     A wrongly typed one is refused on normalised channels; on ``callback/*`` channels we
     interpret nothing, so it only falls through. A time more than ``max_skew`` seconds
     ahead of ``received_at`` would freeze the robot downstream (every real state after
-    it looks older), so ``received_at`` orders it instead, with a note.
+    it looks older), so ``received_at`` orders it instead, with a note. ``clock_offset``
+    corrects the gateway clock when its robots agree it is wrong (bridge.clock), so a
+    wrong gateway clock never makes correct robot times look too far ahead.
     """
     for key in ("notify_timestamp", "timestamp"):
         try:
@@ -378,18 +382,18 @@ def _robot_time(r: _Reader, received_at: float, *, strict: bool,
         if value is not None:
             seconds = to_seconds(value)
             if 0 < seconds < MS_THRESHOLD:
-                ahead = seconds - to_seconds(received_at)
+                ahead = seconds - (to_seconds(received_at) + clock_offset)
                 if ahead > max_skew:
                     r.notes.append(
                         f"{r.field(key)}: {_show(value)} is {ahead:.0f} s ahead of the "
                         f"gateway clock (limit {max_skew:g} s); ordered by received_at")
-                    return to_seconds(received_at), True
-                return seconds, False
-    return to_seconds(received_at), False
+                    return to_seconds(received_at), True, seconds
+                return seconds, False, seconds
+    return to_seconds(received_at), False, None
 
 
 def normalize(body: Any, *, received_at: float,
-              max_skew: float = DEFAULT_MAX_SKEW) -> Normalized:
+              max_skew: float = DEFAULT_MAX_SKEW, clock_offset: float = 0.0) -> Normalized:
     """Normalise one parsed callback body; ``InputError`` names what is wrong.
 
     ``received_at`` (gateway clock, seconds) is the robot time of last resort, and the
@@ -414,7 +418,8 @@ def normalize(body: Any, *, received_at: float,
     if channel is not None and sn is None:
         raise InputError(f"data.sn (the robot serial number) is required for {ctype}",
                          field="data.sn")
-    ts, skewed = _robot_time(r, received_at, strict=channel is not None, max_skew=max_skew)
+    ts, skewed, robot_ts = _robot_time(r, received_at, strict=channel is not None,
+                                       max_skew=max_skew, clock_offset=clock_offset)
 
     if channel is None:
         channel, fields = channel_for(ctype), {}  # callback/{type}: forwarded raw
@@ -444,4 +449,5 @@ def normalize(body: Any, *, received_at: float,
         compact_key=f"{channel}:{sn}" if channel in COMPACTABLE else None,
         notes=tuple(r.notes),
         skewed=skewed,
+        robot_ts=robot_ts,
     )

@@ -27,8 +27,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -43,10 +44,12 @@ from bridge.topic import DeviceAddress
 from callback_server.alerts.alert import Alert, Subject, Transition, iso
 from callback_server.alerts.rules import (
     AlertSettings,
+    GatewayClock,
     GatewayDisk,
     backlog_severity,
     battery_severity,
     charging,
+    clock_severity,
     disk_severity,
     facts_known,
     fault_cleared,
@@ -60,7 +63,7 @@ from callback_server.alerts.rules import (
     silent_severity,
     stuck_severity,
 )
-from callback_server.alerts.store import AlertStore
+from callback_server.alerts.store import AlertStore, RobotKey
 from callback_server.store.rows import channel_of, is_robot_state
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,9 @@ Emit = Callable[[Transition], None]
 MAX_QUEUED = 10_000
 SWEEP_LEASE = "alert-sweep"
 #: Rules decided from the robot's stored state and watch, re-checked after a transition.
+#: An envelope note saying its robot time was not used (bridge/clock.py, normalize, the
+#: store's sane_time): what opens ``robot_clock``. "No robot time" alone does not.
+_CLOCK_NOTE = re.compile(r"is implausible|clock went back|ahead of the (gateway|server) clock")
 STATE_RULES = frozenset({"battery_low", "robot_offline", "robot_silent", "robot_stuck"})
 
 
@@ -77,6 +83,7 @@ STATE_RULES = frozenset({"battery_low", "robot_offline", "robot_silent", "robot_
 class _Robot:
     org: str
     fault: dict[str, Any] | None = None  # the most severe fault event in the batch
+    clock: str | None = None  # the last clock note of the batch (bridge/clock.py)
     events: int = 0
 
 
@@ -205,42 +212,50 @@ class AlertEngine:
     async def robots(self, items: Sequence[tuple[str, Envelope]]) -> list[Transition]:
         """Evaluate the event-driven robot rules for the robots of ``items``."""
         now = self.clock()
-        seen: dict[str, _Robot] = {}
+        seen: dict[RobotKey, _Robot] = {}  # by (org, sn): two orgs may share an sn
         levels = self.rules.robot_fault.levels
         for topic, env in items:
-            robot = seen.setdefault(env.device, _Robot(env.org))
+            robot = seen.setdefault((env.org, env.device), _Robot(env.org))
+            clock = next((n for n in env.notes if _CLOCK_NOTE.search(n)), None)
+            if clock is not None:
+                robot.clock = clock
             level = env.data.get("event_level")
             if channel_of(topic, env) == "event" and level in levels and (
                     robot.fault is None or rank(level) > rank(robot.fault["event_level"])):
                 robot.fault = {k: env.data.get(k) for k in
                                ("event_id", "event_level", "event_type", "event_detail")}
         state = await self.store.robots(seen)
-        await self.store.watch([(sn, r.org, is_stuck((state.get(sn) or {}).get("move_state")))
-                                for sn, r in seen.items()], now)
+        await self.store.watch([(sn, org, is_stuck((state.get((org, sn)) or {}).get("move_state")))
+                                for org, sn in seen], now)
         watched = await self.store.watched(seen)
         decisions: list[_Decision] = []
-        for sn, robot in seen.items():
+        for (org, sn), robot in seen.items():
             if robot.fault is not None:
                 decisions.append(_Decision(
-                    Subject("robot_fault", robot.org, "robot", sn),
+                    Subject("robot_fault", org, "robot", sn),
                     partial(fault_severity, self.rules.robot_fault, robot.fault["event_level"]),
                     robot.fault, touch=True))
-        robots = {sn: robot.org for sn, robot in seen.items()}
-        decisions += self._state_decisions(robots, state, watched, now, heard=True)
+            if robot.clock is not None:
+                decisions.append(_Decision(
+                    Subject("robot_clock", org, "robot", sn),
+                    _const(self.rules.robot_clock.severity), {"note": robot.clock},
+                    touch=True))
+        decisions += self._state_decisions(list(seen), state, watched, now, heard=True)
         made = await self._apply(decisions, now)
         return made + await self._recheck(made, now, heard=True)
 
-    def _state_decisions(self, robots: dict[str, str], state: dict[str, dict[str, Any]],
-                         watched: dict[str, dict[str, Any]], now: float, *,
+    def _state_decisions(self, robots: Collection[RobotKey],
+                         state: dict[RobotKey, dict[str, Any]],
+                         watched: dict[RobotKey, dict[str, Any]], now: float, *,
                          heard: bool) -> list[_Decision]:
         """The rules read from a robot's stored state and watch (all but ``robot_fault``).
         ``heard``: a message of the robot is being evaluated (so it is not silent)."""
         r = self.rules
         decisions: list[_Decision] = []
-        for sn, org in robots.items():
+        for org, sn in robots:
             mine = len(decisions)
-            row = state.get(sn) or {}
-            watch = watched.get(sn) or {}
+            row = state.get((org, sn)) or {}
+            watch = watched.get((org, sn)) or {}
             seen = now if heard or watch.get("seen_at") is None else float(watch["seen_at"])
             first = watch.get("first_seen")
             first = None if first is None else float(first)
@@ -285,7 +300,7 @@ class AlertEngine:
         the alert, so one of the two sees the other: a stale open (or resolve) is undone
         here rather than surviving until the robot's next message.
         """
-        robots = {t.alert.subject_id: t.alert.org for t in made
+        robots = {(t.alert.org, t.alert.subject_id) for t in made
                   if t.alert.subject_type == "robot" and t.alert.rule in STATE_RULES}
         if not robots:
             return []
@@ -317,7 +332,8 @@ class AlertEngine:
             {"outbox_oldest_age_s": age, "outbox_depth": depth,
              "max_age_seconds": self.rules.gateway_backlog.max_age_seconds,
              "hysteresis_seconds": self.rules.gateway_backlog.hysteresis_seconds}),
-            _disk_decision(self.rules.gateway_disk, org, gw, beat)], now)
+            _disk_decision(self.rules.gateway_disk, org, gw, beat),
+            _clock_decision(self.rules.gateway_clock, org, gw, beat)], now)
 
     async def poll_run(self, env: Envelope) -> list[Transition]:
         """A gateway's Pudu poll run record (its ``poll`` channel): ``poll_failed`` and
@@ -366,6 +382,9 @@ class AlertEngine:
         for alert in await self.store.faults_to_clear(before):
             if fault_cleared(r.robot_fault, alert.condition_at or alert.opened_at, now):
                 decisions.append(_Decision(alert.subject, _const(None), clear_before=before))
+        before = now - r.robot_clock.clear_seconds
+        for alert in await self.store.faults_to_clear(before, "robot_clock"):
+            decisions.append(_Decision(alert.subject, _const(None), clear_before=before))
         made = await self._apply(decisions, now)
         await self._recheck(made, now, heard=False)
         return True
@@ -413,6 +432,19 @@ class AlertEngine:
 
 def _flag(value: Any) -> bool | None:
     return None if value is None else bool(value)
+
+
+def _clock_decision(rule: GatewayClock, org: str, gw: str, beat: Any) -> _Decision:
+    """gateway_clock from the heartbeat's ``gateway_clock_offset_s`` (the edge's verdict:
+    its clock against its robots')."""
+    beat = beat if isinstance(beat, dict) else {}
+    offset = beat.get("gateway_clock_offset_s")
+    offset = float(offset) if isinstance(offset, int | float) and not isinstance(
+        offset, bool) else None
+    return _Decision(Subject("gateway_clock", org, "gateway", gw),
+                     partial(clock_severity, rule, offset),
+                     {"gateway_clock_offset_s": offset,
+                      "max_offset_seconds": rule.max_offset_seconds})
 
 
 def _disk_decision(rule: GatewayDisk, org: str, gw: str, beat: Any) -> _Decision:

@@ -22,7 +22,8 @@ Severity = Literal["info", "warning", "medium", "high", "critical"]
 #: Least to most severe (the event levels of DESIGN.md's normalisation).
 SEVERITIES: tuple[Severity, ...] = ("info", "warning", "medium", "high", "critical")
 RULES = ("robot_offline", "battery_low", "robot_fault", "robot_stuck", "gateway_offline",
-         "gateway_backlog", "robot_silent", "gateway_disk", "poll_failed", "poll_slow")
+         "gateway_backlog", "robot_silent", "gateway_disk", "poll_failed", "poll_slow",
+         "robot_clock", "gateway_clock")
 SubjectType = Literal["robot", "gateway"]
 SUBJECT_OF: dict[str, SubjectType] = {
     rule: "gateway" if rule.startswith(("gateway", "poll")) else "robot" for rule in RULES}
@@ -150,6 +151,27 @@ class GatewayDisk(_Rule):
     hysteresis_mb: float = Field(default=32.0, ge=0)
 
 
+class RobotClock(_Rule):
+    """A robot time that was not used (before the product existed, or too far ahead) or
+    a confirmed clock reset (bridge/clock.py, noted in the envelope); resolves after
+    ``clear_seconds`` without a new one."""
+
+    title: ClassVar[str] = "Robot clock"
+    severity: Severity = "warning"
+    clear_seconds: float = Field(default=3600.0, gt=0)
+
+
+class GatewayClock(_Rule):
+    """The heartbeat's ``gateway_clock_offset_s`` (the gateway's clock against its robots')
+    beyond ``max_offset_seconds`` either way; resolves when it is back within the bound
+    less ``hysteresis_seconds``."""
+
+    title: ClassVar[str] = "Gateway clock"
+    severity: Severity = "warning"
+    max_offset_seconds: float = Field(default=300.0, gt=0)
+    hysteresis_seconds: float = Field(default=60.0, ge=0)
+
+
 class RobotSilent(_Rule):
     title: ClassVar[str] = "Robot silent"
     severity: Severity = "warning"
@@ -187,6 +209,8 @@ class Rules(BaseModel):
     gateway_disk: GatewayDisk = GatewayDisk()
     poll_failed: PollFailed = PollFailed()
     poll_slow: PollSlow = PollSlow()
+    robot_clock: RobotClock = RobotClock()
+    gateway_clock: GatewayClock = GatewayClock()
 
     def enabled(self, rule: str) -> bool:
         return bool(getattr(self, rule).enabled)
@@ -336,6 +360,18 @@ def backlog_severity(rule: GatewayBacklog, oldest_age_s: float | None,
     if oldest_age_s > rule.max_age_seconds:
         return rule.severity
     held = current is not None and oldest_age_s >= rule.max_age_seconds - rule.hysteresis_seconds
+    return rule.severity if held else None
+
+
+def clock_severity(rule: GatewayClock, offset_s: float | None,
+                   current: str | None) -> str | None:
+    """A heartbeat without the figure changes nothing."""
+    if offset_s is None:
+        return current
+    if abs(offset_s) > rule.max_offset_seconds:
+        return rule.severity
+    held = current is not None and abs(offset_s) > rule.max_offset_seconds \
+        - rule.hysteresis_seconds
     return rule.severity if held else None
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -34,6 +34,9 @@ from callback_server.store.schema import (
     ALERTS_TABLE,
     STATE_TABLE,
 )
+
+#: A robot: its org and sn (two orgs may have robots with the same sn).
+RobotKey = tuple[str, str]
 
 _ALERT_COLUMNS = ", ".join(ALERTS.names)
 #: How many times opening is retried when the open alert resolves under our feet.
@@ -230,11 +233,14 @@ class AlertStore:
         more = len(rows) > limit and alerts
         return alerts, [alerts[-1].opened_at, alerts[-1].id] if more else None
 
-    async def faults_to_clear(self, before: float) -> list[Alert]:
-        """Open ``robot_fault`` alerts whose last fault is older than ``before``."""
+    async def faults_to_clear(self, before: float,
+                              rule: str = "robot_fault") -> list[Alert]:
+        """Open ``rule`` alerts (``robot_fault``, ``robot_clock``: raised by a message,
+        cleared by time) whose last condition is older than ``before``."""
+        m = self.d.mark
         rows = await self._fetch(
-            f"SELECT {_ALERT_COLUMNS} FROM {self._table} WHERE rule = 'robot_fault' "
-            f"AND open_key IS NOT NULL AND condition_at <= {self.d.mark}", (before,))
+            f"SELECT {_ALERT_COLUMNS} FROM {self._table} WHERE rule = {m} "
+            f"AND open_key IS NOT NULL AND condition_at <= {m}", (rule, before))
         return [Alert.from_row(r) for r in rows]
 
     # -- silences ----------------------------------------------------------------------------
@@ -267,10 +273,11 @@ class AlertStore:
             rows = [(sn, org, now, now if stuck else None, now) for sn, org, stuck in robots]
             await self.backend.transaction([(self._watch_upsert, rows)])
 
-    async def watched(self, sns: Collection[str]) -> dict[str, dict[str, Any]]:
-        return await self._by_sn(
+    async def watched(self, robots: Collection[RobotKey]) -> dict[RobotKey, dict[str, Any]]:
+        """The watch rows of these ``(org, sn)`` robots, by ``(org, sn)``."""
+        return await self._by_robot(
             f"SELECT robot_sn, org_id, seen_at, stuck_since, first_seen FROM "
-            f"{self.d.quote(ALERT_WATCH_TABLE)} WHERE robot_sn IN", sns)
+            f"{self.d.quote(ALERT_WATCH_TABLE)} WHERE robot_sn IN", robots)
 
     async def quiet_since(self, before: float) -> list[dict[str, Any]]:
         """Robots not heard of since ``before``."""
@@ -284,26 +291,26 @@ class AlertStore:
             f"SELECT robot_sn, org_id, seen_at, stuck_since FROM "
             f"{self.d.quote(ALERT_WATCH_TABLE)} WHERE stuck_since <= {self.d.mark}", (before,))
 
-    async def robots(self, sns: Collection[str]) -> dict[str, dict[str, Any]]:
-        """Latest stored state of these robots (the product's robot_state). ``sns`` may map
-        each sn to its org (or to something with an ``org``): then that org's robot."""
-        return await self._by_sn(
+    async def robots(self, robots: Collection[RobotKey]) -> dict[RobotKey, dict[str, Any]]:
+        """Latest stored state (the product's robot_state) of these ``(org, sn)`` robots,
+        by ``(org, sn)``: two orgs may have robots with the same sn."""
+        return await self._by_robot(
             f"SELECT robot_sn, org_id, status, battery_level, charge_state, is_charging, "
-            f"move_state FROM {self.d.quote(STATE_TABLE)} WHERE robot_sn IN", sns)
+            f"move_state FROM {self.d.quote(STATE_TABLE)} WHERE robot_sn IN", robots)
 
-    async def _by_sn(self, head: str, sns: Collection[str]) -> dict[str, dict[str, Any]]:
-        """Rows of ``head ({marks})`` for ``sns``, 500 placeholders a query at most. Rows
-        are keyed by (org, sn): where ``sns`` maps an sn to its org, only that org's row."""
-        ordered = sorted(sns)
-        orgs = {sn: getattr(v, "org", v) for sn, v in sns.items()} \
-            if isinstance(sns, Mapping) else {}
-        out: dict[str, dict[str, Any]] = {}
+    async def _by_robot(self, head: str, robots: Collection[RobotKey]
+                        ) -> dict[RobotKey, dict[str, Any]]:
+        """Rows of ``head ({marks})`` for the robots' sns, 500 placeholders a query at
+        most, keyed by (org, sn); rows of other orgs sharing an sn are left out."""
+        wanted = set(robots)
+        ordered = sorted({sn for _, sn in wanted})
+        out: dict[RobotKey, dict[str, Any]] = {}
         for i in range(0, len(ordered), 500):
             chunk = ordered[i:i + 500]
             for r in await self._fetch(f"{head} ({self.d.marks(len(chunk))})", chunk):
-                sn = str(r["robot_sn"])
-                if orgs.get(sn, r["org_id"]) == r["org_id"]:
-                    out[sn] = r
+                robot = (str(r["org_id"]), str(r["robot_sn"]))
+                if robot in wanted:
+                    out[robot] = r
         return out
 
     # -- leases ------------------------------------------------------------------------------

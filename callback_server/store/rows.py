@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from bridge.clock import RobotClocks
 from bridge.envelope import Envelope
 from bridge.errors import TopicError
 from bridge.topic import GATEWAY_CHANNELS, ROBOT_CHANNELS, TopicScheme, channel_for
@@ -265,6 +266,26 @@ def sane_time(env: Envelope, now: float, max_skew: float) -> tuple[float | None,
     return now, env.with_notes(note)
 
 
+def _ordered(clocks: RobotClocks, given: Envelope, env: Envelope,
+             now: float) -> tuple[float, Envelope]:
+    """The order of a robot's message (bridge/clock.py) and the envelope, noted when its
+    robot time was not used as sent (a note of ``sane_time`` already says so)."""
+    # a gateway that put its own time in ts says so in a note naming received_at (and
+    # makes them equal); an envelope merely without received_at (which then defaults to
+    # ts) is timed
+    stand_in = given.ts == given.received_at and any(
+        "received_at" in n for n in given.notes)
+    timed = robot_time(given.ts) is not None and not stand_in
+    received = robot_time(given.received_at)
+    o = clocks.order((given.org, given.device), float(given.ts) if timed else None,
+                     now if received is None else received, now)
+    if o.note is not None and (o.reset or env is given):
+        if o.reset:
+            _log.warning("robot %s/%s: %s", given.org, given.device, o.note)
+        env = env.with_notes(o.note)
+    return o.order, env
+
+
 def _ahead(ts: Any, now: float) -> float | None:
     """Seconds ``ts`` is ahead of ``now``; None if ``ts`` is no finite number."""
     if isinstance(ts, bool) or not isinstance(ts, int | float):
@@ -286,7 +307,7 @@ def merges_into_state(env: Envelope) -> bool:
 
 def build_rows(items: Sequence[Item], *, now: float,
                limits: Mapping[str, Limits] | None = None,
-               max_skew: float = 300.0) -> BatchRows:
+               max_skew: float = 300.0, clocks: RobotClocks | None = None) -> BatchRows:
     """Fold a batch into rows: every message logged, every event once, one state row
     per robot holding, per group, the newest values of the batch.
 
@@ -294,6 +315,11 @@ def build_rows(items: Sequence[Item], *, now: float,
     existing (possibly narrower, legacy) columns. Equal robot times: the later message
     in the batch wins, as a later batch wins over an earlier one. Robot times more than
     ``max_skew`` ahead of ``now`` are ordered as ``now`` (``sane_time``).
+
+    ``clocks`` (the store's, kept across batches) orders robot state by the rule of
+    bridge/clock.py: the order is the value the watermarks compare. An envelope whose
+    ``ts`` equals its ``received_at`` with a note naming ``received_at`` carries no robot
+    time (the gateway put its own).
     """
     lim = limits or {}
     ls, es, rs = _sizes(LOG, lim.get("log")), _sizes(OWN_EVENTS, lim.get("events")), \
@@ -308,10 +334,13 @@ def build_rows(items: Sequence[Item], *, now: float,
         topic, env = item if isinstance(item, tuple) else ("", item)
         channel = channel_of(topic, env)
         topic = topic or _topic_of(env, channel)
+        given = env
         ts, sane = sane_time(env, now, max_skew)
         if sane is not env:
             skewed += 1
             env = sane
+        if clocks is not None and is_robot_state(channel, env):
+            ts, env = _ordered(clocks, given, env, now)
         received = robot_time(env.received_at)
         log_id = key(env.id, ls["id"])
         org = key(env.org, ls["org_id"])

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+from bridge.clock import RobotClocks
 from bridge.commands import CommandOutcome
 from bridge.errors import StoreError, StoreRejectedError
 from callback_server.store.base import Backend, Statement
@@ -145,6 +146,10 @@ class SqlStore:
         self.dialect = backend.dialect
         self.targets = targets or Targets()
         self.max_skew = max_skew
+        # the ordering rule's per-robot state (bridge/clock.py): the order each robot
+        # message is merged by; in memory, so a restart orders a robot's first untimed
+        # message as if it were max_skew old (docs/clocks.md)
+        self.clocks = RobotClocks(max_skew)
         self._migrated = False
         self._migrate_lock = asyncio.Lock()
         self._limits: dict[str, dict[str, int]] = {}
@@ -226,7 +231,8 @@ class SqlStore:
         now = time.time()
         self._refuse_unfit(items)
         try:
-            rows = build_rows(items, now=now, limits=self._limits, max_skew=self.max_skew)
+            rows = build_rows(items, now=now, limits=self._limits, max_skew=self.max_skew,
+                              clocks=self.clocks)
         except Exception as exc:  # any fault of the data, not of the database
             # Retrying cannot help: the batcher bisects to the message and dead-letters it.
             raise StoreRejectedError(f"cannot build rows: {type(exc).__name__}: {exc}") \
@@ -514,7 +520,8 @@ class SqlStore:
 
     async def recent_positions(self, *, since: float, orgs: Collection[str] | None = None,
                                limit: int = 50_000) -> dict[str, list[list[float]]]:
-        """Positions recorded since ``since`` (server time), by robot, oldest first: what
+        """Positions recorded since ``since`` (server time), by robot (``"org/sn"``: two
+        orgs may share an sn, and neither org nor sn holds a ``/``), oldest first: what
         the floor view's tracks start from. ``orgs`` None: every org."""
         await self._ready()
         d = self.dialect
@@ -523,11 +530,13 @@ class SqlStore:
         if not self._orgs(where, args, orgs):
             return {}
         rows = await self.backend.fetch(
-            f"SELECT robot_sn, x, y FROM {d.quote(HISTORY_TABLE)} WHERE {' AND '.join(where)}"
+            f"SELECT org_id, robot_sn, x, y FROM {d.quote(HISTORY_TABLE)}"
+            f" WHERE {' AND '.join(where)}"
             f" ORDER BY robot_sn, org_id, ts LIMIT {int(limit)}", args)
         tracks: dict[str, list[list[float]]] = {}
         for r in rows:
-            tracks.setdefault(str(r["robot_sn"]), []).append([float(r["x"]), float(r["y"])])
+            tracks.setdefault(f"{r['org_id']}/{r['robot_sn']}", []).append(
+                [float(r["x"]), float(r["y"])])
         return tracks
 
     async def list_tasks(self, sn: str, *, limit: int,

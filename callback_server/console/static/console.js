@@ -235,11 +235,11 @@ function onRobots(items) {
     st.changed.add(r.robot_sn);
     st.floorDirty = true;
     if (typeof r.x === "number" && typeof r.y === "number") {
-      const t = st.tracks.get(r.robot_sn) || [];
+      const t = st.tracks.get(trackKey(r)) || [];
       const last = t[t.length - 1];
       if (!last || last[0] !== r.x || last[1] !== r.y) t.push([r.x, r.y]);
       if (t.length > TRACK) t.shift();
-      st.tracks.set(r.robot_sn, t);
+      st.tracks.set(trackKey(r), t);
     }
   }
   st.listDirty = true;
@@ -284,9 +284,12 @@ function onAlerts(items) {
   schedule();
 }
 
-// Recent positions from the server's history: the tracks survive a reload.
-function onTracks(bySn) {
-  for (const [sn, points] of Object.entries(bySn)) {
+// A track is one robot's: two orgs may have robots with the same sn.
+function trackKey(r) { return `${r.org_id}/${r.robot_sn}`; }
+
+// Recent positions from the server's history (keyed "org/sn"): tracks survive a reload.
+function onTracks(byRobot) {
+  for (const [sn, points] of Object.entries(byRobot)) {
     const live = st.tracks.get(sn) || [];
     const t = points.concat(live.filter((p) => {
       const last = points[points.length - 1];
@@ -945,7 +948,7 @@ function renderFloor() {
   const W = 480, H = 320, PAD = 24;
   const figures = [];
   for (const [name, robots] of [...byMap].sort()) {
-    const pts = robots.flatMap((r) => st.tracks.get(r.robot_sn) || [[r.x, r.y]]);
+    const pts = robots.flatMap((r) => st.tracks.get(trackKey(r)) || [[r.x, r.y]]);
     let [x0, x1, y0, y1] = [Infinity, -Infinity, Infinity, -Infinity];
     for (const [x, y] of pts) { x0 = Math.min(x0, x); x1 = Math.max(x1, x); y0 = Math.min(y0, y); y1 = Math.max(y1, y); }
     const span = Math.max(x1 - x0, y1 - y0, 2);
@@ -964,7 +967,7 @@ function renderFloor() {
     label.textContent = `grid ${step} m`;
     s.append(label);
     for (const r of robots) {
-      const t = st.tracks.get(r.robot_sn) || [];
+      const t = st.tracks.get(trackKey(r)) || [];
       if (t.length > 1) s.append(svg("polyline", {class: "track", "data-sn": r.robot_sn, points: t.map(([x, y]) => `${sx(x)},${sy(y)}`).join(" ")}));
       const yaw = typeof r.yaw === "number" ? r.yaw : 0;
       const cls = markerClass(r);

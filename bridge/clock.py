@@ -1,0 +1,222 @@
+"""One ordering rule per robot that survives bad clocks (docs/clocks.md).
+
+State is merged never-backwards so that retries and late deliveries of old messages
+never overwrite newer state. Ordering by the robot's own clock alone freezes a robot
+whose clock is wrong, so each message gets an *order* (the value the edge's downsampler
+and outbox, and the cloud's per-group watermarks, compare) from ``RobotClocks.order``:
+
+- a robot time before ``FLOOR`` (the product's first release) or more than the skew
+  bound ahead of the reference clock is *implausible*: it is not used, and the message
+  is ordered like one without a robot time;
+- a message without a (usable) robot time ranks equal to the robot's newest order, so it
+  is taken (equal ranks go to the newer received) but never outranks a later message
+  with a sane time; for a robot not seen yet it ranks ``reference - max_skew``, so a
+  robot clock lagging the reference by less than the bound still moves the state;
+- robot times that jump back by more than ``reset_bound`` against the receiving clock and
+  *stay* there for ``confirm`` consecutive messages are a clock reset: from then on the
+  robot's times are shifted onto its old timeline (state follows the newest received),
+  the jump is noted and counted. One late message (a retry) is never taken for a reset:
+  it is followed by a current one, which clears the count.
+
+``ranks_newer`` is the single comparison of an order with a stored one, for the edge
+(downsampling, supersession), the cloud merge (the SQL upsert states the same
+``new >= stored``) and any other consumer (pluggable: call it, do not re-derive it).
+``GatewayClock`` checks the gateway's clock against its robots' clocks.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import statistics
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = ["CONFIRM", "FLOOR", "RESET_BOUND_SECONDS", "GatewayClock", "Ordering",
+           "RobotClocks", "plausible", "ranks_newer"]
+
+#: 2017-01-01 UTC: before Pudu's first robots shipped; a robot time before it is an RTC
+#: that reset (1970, 2000, 2001 ...), not a time to order by.
+FLOOR: Final = dt.datetime(2017, 1, 1, tzinfo=dt.UTC).timestamp()
+#: How far back (against the receiving clock) a robot's times must jump to be a reset.
+RESET_BOUND_SECONDS: Final = 600.0
+#: Consecutive messages that must agree on the jumped-back clock before it is a reset.
+CONFIRM: Final = 3
+#: Robots whose ordering state is kept (the least recently heard are dropped beyond it).
+CAPACITY: Final = 200_000
+
+
+def ranks_newer(new: float, stored: float | None) -> bool:
+    """Does an order of ``new`` rank at least as new as the ``stored`` one? Ties go to
+    the message received later, so a retry of the same message changes nothing and an
+    untimed message (ranked equal) is taken."""
+    return stored is None or new >= stored
+
+
+def plausible(ts: float | None, reference: float, max_skew: float) -> bool:
+    """A robot time worth ordering by: finite, after ``FLOOR``, and at most ``max_skew``
+    seconds ahead of ``reference`` (a clock known to be right, or corrected)."""
+    return ts is not None and math.isfinite(ts) and FLOOR <= ts <= reference + max_skew
+
+
+@dataclass(frozen=True, slots=True)
+class Ordering:
+    """What one message ranks by, and why when it is not its robot time."""
+
+    order: float
+    #: The robot time used (None: none usable, ordered as untimed).
+    robot_time: float | None
+    #: Set when the robot time was not used as sent (implausible, or a reset).
+    note: str | None = None
+    #: This message confirmed a clock reset (count it, raise ``robot_clock``).
+    reset: bool = False
+    #: The robot time was implausible (before FLOOR or too far ahead).
+    implausible: bool = False
+
+
+class _Clock:
+    __slots__ = ("candidates", "lead", "newest", "offset", "since_lead")
+
+    def __init__(self) -> None:
+        self.newest: float | None = None   # the newest order taken
+        self.lead: float | None = None     # received - robot time of that message
+        self.offset = 0.0                  # added to robot times after a reset
+        self.candidates = 0                # consecutive messages behind by > the bound
+        self.since_lead: float | None = None  # their lead
+
+
+class RobotClocks:
+    """Per-robot ordering state (bounded); ``order`` applies the rule to one message."""
+
+    def __init__(self, max_skew: float, *, reset_bound: float = RESET_BOUND_SECONDS,
+                 confirm: int = CONFIRM, capacity: int = CAPACITY) -> None:
+        self.max_skew = max_skew
+        self.reset_bound = reset_bound
+        self.confirm = max(2, confirm)
+        self.capacity = capacity
+        self.resets = 0
+        self._clocks: OrderedDict[Hashable, _Clock] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._clocks)
+
+    def forget(self, robot: Hashable) -> None:
+        self._clocks.pop(robot, None)
+
+    def _clock(self, robot: Hashable) -> _Clock:
+        clock = self._clocks.get(robot)
+        if clock is None:
+            clock = self._clocks[robot] = _Clock()
+            while len(self._clocks) > self.capacity:
+                self._clocks.popitem(last=False)
+        else:
+            self._clocks.move_to_end(robot)
+        return clock
+
+    def order(self, robot: Hashable, ts: float | None, received: float,
+              reference: float) -> Ordering:
+        """The order of a message of ``robot`` with robot time ``ts`` (None: none),
+        received at ``received`` (the receiving clock, whatever its error) where the
+        trusted (or corrected) time is ``reference``."""
+        c = self._clock(robot)
+        if not plausible(ts, reference, self.max_skew):
+            note = None
+            if ts is not None and math.isfinite(ts):
+                why = (f"before {dt.datetime.fromtimestamp(FLOOR, dt.UTC):%Y-%m-%d}"
+                       if ts < FLOOR else f"{ts - reference:.0f} s ahead of the clock "
+                       f"(limit {self.max_skew:g} s)")
+                note = (f"ts: robot time {ts!r} is implausible ({why}); ordered as a "
+                        "message without a robot time")
+            order = c.newest if c.newest is not None else reference - self.max_skew
+            return Ordering(order, None, note, implausible=note is not None)
+        assert ts is not None
+        if c.offset and ranks_newer(ts, c.newest):
+            c.offset = 0.0  # the clock was set right again: its own times rank anew
+        t = ts + c.offset
+        lead = received - ts
+        if ranks_newer(t, c.newest):
+            c.newest, c.lead, c.candidates = t, lead, 0
+            return Ordering(t, ts)
+        assert c.newest is not None
+        if c.lead is None or lead - c.lead <= self.reset_bound:
+            c.candidates = 0  # late by its own clock and by the receiving one: old news
+            return Ordering(t, ts)
+        # Behind by more than the bound against the receiving clock: a retry long after
+        # the fact, or a clock that went back. Only a run of them that agree is a reset.
+        same = c.since_lead is not None and abs(lead - c.since_lead) <= self.reset_bound
+        c.candidates = c.candidates + 1 if same else 1
+        c.since_lead = lead if not same else c.since_lead
+        if c.candidates < self.confirm:
+            return Ordering(t, ts)
+        back = c.newest - t
+        c.offset += back
+        c.lead, c.candidates = lead, 0
+        self.resets += 1
+        note = (f"ts: the robot's clock went back {back:.0f} s ({self.confirm} messages "
+                f"in a row); its times are ordered after its last state from now on")
+        return Ordering(c.newest, ts, note, reset=True)
+
+
+class GatewayClock:
+    """Is the gateway's clock the odd one out? Each robot's latest ``robot - gateway``
+    difference is kept; when most recently heard robots (at least ``quorum``) disagree
+    with the gateway by more than the bound *in the same direction*, the gateway's
+    clock is taken to be off by their median, and ``reference`` corrects it."""
+
+    def __init__(self, max_skew: float, *, quorum: int = 3, window: float = 3600.0,
+                 capacity: int = 1000) -> None:
+        self.max_skew = max_skew
+        self.quorum = quorum
+        self.window = window
+        self.capacity = capacity
+        self._diffs: OrderedDict[Hashable, tuple[float, float, float]] = OrderedDict()
+        self.offset = 0.0
+
+    def observe(self, robot: Hashable, ts: float | None, received: float) -> None:
+        """A message of ``robot`` with robot time ``ts`` at gateway time ``received``.
+        Only a robot's newest time counts: a late retry of an old message says nothing
+        about the clocks."""
+        if ts is None or not math.isfinite(ts) or ts < FLOOR:
+            return
+        kept = self._diffs.get(robot)
+        if kept is not None and ts < kept[2] and received - kept[1] <= self.window:
+            return
+        self._diffs[robot] = (ts - received, received, ts)
+        self._diffs.move_to_end(robot)
+        while len(self._diffs) > self.capacity:
+            self._diffs.popitem(last=False)
+        self.offset = self._estimate(received)
+
+    def _estimate(self, now: float) -> float:
+        """Most robots off by more than the bound in one direction, and agreeing with one
+        another (a wrong gateway clock shifts them all alike; old data scatters)."""
+        recent = [d for d, at, _ in self._diffs.values() if now - at <= self.window]
+        if len(recent) < self.quorum:
+            return 0.0
+        ahead = [d for d in recent if d > self.max_skew]
+        behind = [d for d in recent if d < -self.max_skew]
+        for side in (ahead, behind):
+            if len(side) * 2 > len(recent):
+                middle = float(statistics.median(side))
+                agreeing = [d for d in side if abs(d - middle) <= self.max_skew]
+                if len(agreeing) * 2 > len(recent):
+                    return middle
+        return 0.0
+
+    @property
+    def wrong(self) -> bool:
+        return self.offset != 0.0
+
+    @property
+    def correction(self) -> float:
+        """What the plausibility bound adds to the gateway's time: the offset when the
+        gateway is behind its robots (a box without NTP or RTC battery); nothing when it
+        is ahead, which makes no robot time look too far ahead (and replayed old data
+        looks the same way: it is reported, never acted on)."""
+        return max(self.offset, 0.0)
+
+    def reference(self, received: float) -> float:
+        """The gateway's time ``received`` corrected by the robots' verdict."""
+        return received + self.correction

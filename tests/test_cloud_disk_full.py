@@ -1,0 +1,100 @@
+"""The cloud's SQLite default on a full disk (issue 24): an outage, not a crash.
+
+The callback server's database sits on a 2 MiB tmpfs the test mounts (root only; CI runs
+as root). HTTP ingest is posted until the disk is full: the server answers 503 (never
+hangs, never 200 for what it could not keep), health says `degraded` with the reason, and
+once the tmpfs is remounted larger the same server accepts and stores again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from callback_server import config as cb_config
+from callback_server.service import CallbackServer
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0, reason="mounting a tmpfs needs root (CI runs as root)")
+
+RULE, ADMIN = "rule-token", "admin-token"
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    where = tmp_path / "small"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.fixture
+async def server(small_fs: Path, tmp_path: Path) -> AsyncIterator[
+        tuple[CallbackServer, httpx.AsyncClient]]:
+    settings = cb_config.load(None, {
+        "MQTT_URL": f"mqtt://b{uuid.uuid4().hex[:8]}", "MQTT_BACKEND": "memory",
+        "DATABASE_URL": f"sqlite:///{small_fs / 'cb.db'}",
+        "API_KEYS_FILE": str(tmp_path / "keys.yaml"),
+        "CALLBACK_TOKEN": RULE, "PROXY_TOKEN": ADMIN})
+    async with CallbackServer(settings) as srv, httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=srv.app), base_url="http://cb",
+            timeout=30) as client:
+        yield srv, client
+
+
+def envelope(i: int) -> dict[str, object]:
+    return {"v": 1, "id": f"d{i}", "type": "robotErrorWarning", "channel": "event",
+            "org": "acme", "device": f"R{i % 5}", "gateway": "site-a", "ts": time.time(),
+            "data": {"event_id": f"e{i}", "event_level": "warning",
+                     "event_detail": "x" * 20_000 + str(i)}, "raw": {}}
+
+
+async def test_cloud_sqlite_on_a_full_disk_degrades_then_recovers_without_restart(
+        server: tuple[CallbackServer, httpx.AsyncClient], small_fs: Path) -> None:
+    srv, client = server
+    headers = {"X-Callback-Token": RULE}
+    answers: list[int] = []
+    for i in range(400):
+        started = time.monotonic()
+        r = await client.post("/callback/messages", json=envelope(i), headers=headers)
+        assert time.monotonic() - started < 15, "an ingest waited on a full disk"
+        answers.append(r.status_code)
+        if r.status_code == 503:
+            assert r.headers.get("retry-after"), r.headers
+            break
+        assert r.status_code == 200, r.text
+    assert answers[-1] == 503 and answers.count(200) > 5, f"the disk never filled: {answers}"
+    health = (await client.get("/callback/health",
+                               headers={"Authorization": f"Bearer {ADMIN}"})).json()
+    assert health["status"] == "degraded", health
+    assert any("disk is full" in r for r in health["reasons"]), health
+    await asyncio.to_thread(
+        subprocess.run, ["mount", "-o", "remount,size=64m", str(small_fs)], check=True)
+    deadline = time.monotonic() + 60
+    while True:
+        r = await client.post("/callback/messages", json=envelope(10_000), headers=headers)
+        if r.status_code == 200:
+            break
+        assert time.monotonic() < deadline, f"not accepting after the remount: {r.text}"
+        await asyncio.sleep(0.5)  # polling the service's own answer, not a sync sleep
+    health = (await client.get("/callback/health",
+                               headers={"Authorization": f"Bearer {ADMIN}"})).json()
+    for _ in range(120):
+        if health["status"] == "healthy":
+            break
+        await asyncio.sleep(0.5)
+        health = (await client.get("/callback/health",
+                                   headers={"Authorization": f"Bearer {ADMIN}"})).json()
+    assert health["status"] == "healthy", health
+    assert await srv.store.get_robot("R0") is not None

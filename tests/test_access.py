@@ -499,3 +499,13 @@ async def test_a_removed_key_ends_its_open_mqtt_stream(env: Env, tmp_path: Path)
     finally:
         leave.set()
         await asyncio.gather(app, return_exceptions=True)
+
+
+async def test_an_operator_at_the_stream_cap_is_told_so_not_that_the_database_is_down(
+        env: Env) -> None:
+    env.server.console.max_clients = 0  # every stream slot taken
+    r = await env.client.get("/console/stream", headers=env.auth("operator_a"))
+    body = r.json()
+    assert r.status_code == 503 and r.headers["Retry-After"]
+    assert "console streams are open already" in body["message"]
+    assert "database" not in body["message"]

@@ -6,6 +6,7 @@ counts too; a new module that breaks a rule fails here, not in review."""
 from __future__ import annotations
 
 import ast
+import inspect
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,3 +78,39 @@ def test_facts_written_once(pattern: str, home: str) -> None:
                 if found.search(code) and not code.strip().startswith(('"', "'", "``")):
                     elsewhere.append(f"{rel}:{n}: {line.strip()}")
     assert elsewhere == [], f"belongs in {home}"
+
+
+def test_a_status_is_chosen_only_by_status_for() -> None:
+    """A raise site names what went wrong (a class of bridge.errors); the number it is
+    answered with is bridge.http_errors.status_for's choice, so the same refusal cannot be
+    a 400 in one app and a 422 in another."""
+    from bridge import errors
+    refusals = {name for name, obj in vars(errors).items()
+                if isinstance(obj, type) and issubclass(obj, errors.InputError)}
+    wrong = []
+    for package in PACKAGES:
+        for path in modules(package):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if (isinstance(node, ast.Call) and ast.unparse(node.func) in refusals
+                        and any(k.arg == "status" for k in node.keywords)):
+                    wrong.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert wrong == []
+    assert "status" not in inspect.signature(errors.InputError).parameters
+
+
+def test_every_refusal_is_drawn_in_the_tree_and_has_its_status() -> None:
+    from bridge import errors
+    from bridge.http_errors import status_for
+    tree = (errors.__doc__ or "").split("\n\n")[1]
+    expected = {"MalformedBodyError": 400, "AuthError": 401, "ForbiddenError": 403,
+                "NotFoundError": 404, "ConflictError": 409, "BodyTooLargeError": 413,
+                "RateLimitedError": 429, "CapacityError": 503, "InputError": 422,
+                "OutboundRefusedError": 422}
+    for name, obj in vars(errors).items():
+        if isinstance(obj, type) and issubclass(obj, errors.FleetError):
+            assert re.search(rf"\b{name}\b", tree), f"{name} is not drawn in bridge/errors.py"
+    for name, status in expected.items():
+        cls = getattr(errors, name)
+        exc = cls("x", host="h") if name == "OutboundRefusedError" else cls("x")
+        assert status_for(exc) == status, name
+        assert re.search(rf"{name}\b.*\b{status}$", tree, re.M), f"{name}'s {status} not drawn"

@@ -18,10 +18,13 @@ from pydantic import (
 
 from bridge.errors import (
     ConfigError,
+    ConflictError,
     InputError,
+    NotFoundError,
     PayloadError,
     PayloadTooLargeError,
     PubackTimeoutError,
+    RateLimitedError,
     TopicNotAllowedError,
     TransportError,
 )
@@ -275,8 +278,8 @@ class MqttProxy:
         sub = self._get(subscription_id)
         if sub.owner != "rest":
             owner = "an open stream" if sub.owner == "stream" else "the application"
-            raise InputError(f"subscription {subscription_id} belongs to {owner}",
-                             field="id", status=409)
+            raise ConflictError(f"subscription {subscription_id} belongs to {owner}",
+                                field="id")
         await self._release(sub)
 
     async def remove_rest_subscriptions(self, topic_filter: str) -> list[str]:
@@ -354,8 +357,7 @@ class MqttProxy:
         try:
             return self._subs[subscription_id]
         except KeyError:
-            raise InputError(f"no subscription {subscription_id!r}", field="id",
-                             status=404) from None
+            raise NotFoundError(f"no subscription {subscription_id!r}", field="id") from None
 
     def _on_message(self, sub: Subscription, message: InboundMessage) -> Awaitable[None] | None:
         # "org/acme/#" also matches "org/acme" itself (MQTT §4.7.1.2), which is outside
@@ -367,8 +369,7 @@ class MqttProxy:
 
     def _register(self, sub: Subscription) -> None:
         if len(self._subs) >= self.max_subscriptions:
-            raise InputError(f"too many subscriptions (limit {self.max_subscriptions})",
-                             status=429)
+            raise RateLimitedError(f"too many subscriptions (limit {self.max_subscriptions})")
         sub.handle = self.router.add(sub.filter, partial(self._on_message, sub))
         self._subs[sub.id] = sub
 
@@ -421,11 +422,11 @@ class MqttProxy:
         StreamSubscription.attach_reader), so nothing buffered is lost on reconnect."""
         sub = self._get(subscription_id)
         if not isinstance(sub, StreamSubscription):
-            raise InputError(f"subscription {subscription_id} delivers by {sub.kind}, "
-                             "not as a stream", field="id", status=409)
+            raise ConflictError(f"subscription {subscription_id} delivers by {sub.kind}, "
+                                "not as a stream", field="id")
         if sub.owner == "stream":
-            raise InputError(f"subscription {subscription_id} belongs to an open stream",
-                             field="id", status=409)
+            raise ConflictError(f"subscription {subscription_id} belongs to an open stream",
+                                field="id")
         return sub, sub.attach_reader()
 
     def _spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from bridge.errors import InputError
+from bridge.errors import InputError, MalformedBodyError
 from bridge.strictjson import SAFE_INT
 from bridge.topic import CHANNEL_OF_TYPE, channel_for, refused_character
 
@@ -396,9 +396,8 @@ def normalize(body: Any, *, received_at: float,
     robot time's stand-in when that is more than ``max_skew`` seconds ahead of it.
     """
     if not isinstance(body, dict):
-        raise InputError(
+        raise MalformedBodyError(
             f"body must be a JSON object with callback_type and data, got {_kind(body)}",
-            status=400,
         )
     body = _clean_keys(body)
     ctype = _callback_type(body)

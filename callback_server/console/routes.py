@@ -24,7 +24,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from bridge.errors import StoreError
+from bridge.errors import CapacityError
 from bridge.http_body import parse_model, read_body
 from bridge.paging import MAX_LIMIT
 from callback_server.access import OPERATORS, READERS, Access
@@ -121,7 +121,8 @@ def create_console_router(server: AppHost, access: Access, hub: ConsoleHub) -> A
         access.require_role(principal, READERS, "use the console")
         client = hub.join(principal, access.lasting(request, principal))
         if client is None:
-            raise StoreError(f"{hub.max_clients} console streams are open already")
+            raise CapacityError(f"{hub.max_clients} console streams are open already; "
+                                "retry later")
         orgs = None if principal.all_orgs else principal.orgs
         try:  # the first page now: a database error is an HTTP error, not a cut stream
             first, after = await server.store.list_robots(limit=SNAPSHOT_PAGE, orgs=orgs)

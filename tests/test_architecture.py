@@ -6,6 +6,7 @@ counts too; a new module that breaks a rule fails here, not in review."""
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 import re
 from collections.abc import Iterator
@@ -114,3 +115,24 @@ def test_every_refusal_is_drawn_in_the_tree_and_has_its_status() -> None:
         exc = cls("x", host="h") if name == "OutboundRefusedError" else cls("x")
         assert status_for(exc) == status, name
         assert re.search(rf"{name}\b.*\b{status}$", tree, re.M), f"{name}'s {status} not drawn"
+
+
+# What an application imports, as the README and docs/ show it; bridge/__init__.py's
+# __all__ lists exactly these, so moving a module cannot silently break a user's import.
+PUBLIC = {"FleetClient", "Subscription", "verify_signature", "errors", "transport", "compat"}
+
+
+def test_what_users_import_is_declared_and_importable() -> None:
+    import bridge
+    assert set(bridge.__all__) == PUBLIC
+    shown = set()
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for module, names in re.findall(r"from (bridge[\w.]*) import ([\w, ]+)",
+                                        doc.read_text(encoding="utf-8")):
+            shown |= {(module, n.strip()) for n in names.split(",") if n.strip()}
+    assert ("bridge", "FleetClient") in shown and ("bridge.compat", "MQTTProxy") in shown
+    for module, name in shown:
+        promised = name in PUBLIC if module == "bridge" else module.split(".")[1] in PUBLIC
+        assert promised, \
+            f"docs show `from {module} import {name}`, which bridge.__all__ does not promise"
+        assert hasattr(importlib.import_module(module), name), f"{module}.{name}"

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from bridge import strictjson
 from bridge.errors import MalformedCommandError, PayloadError, TransportError
+from bridge.tasks import TaskSet
 from bridge.topic import TopicScheme, every_device_channel, parse_device_topic
 from bridge.transport import InboundMessage, Transport
 
@@ -134,15 +135,11 @@ class CommandExecutor:
             collections.OrderedDict()
         )
         self._remember = remember
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet("commands")
 
     async def aclose(self, grace: float = 5.0) -> None:
         """Stopping: let running commands answer (bounded), then cancel what is left."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=grace)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.drain(grace)
 
     def register(self, name: str, fn: CommandFn, *, durable: bool = False) -> None:
         """Add or replace the handler for ``name``; ``durable``: run once per messageId
@@ -152,9 +149,7 @@ class CommandExecutor:
             self.durable.add(name)
 
     def on_message(self, message: InboundMessage) -> None:
-        task = asyncio.get_running_loop().create_task(self._handle(message.payload))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self._handle(message.payload), f"command-{message.topic}")
 
     async def _handle(self, payload: bytes) -> None:
         try:

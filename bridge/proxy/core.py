@@ -39,6 +39,7 @@ from bridge.proxy.subscriptions import (
     WebhookSubscription,
 )
 from bridge.router import MessageRouter
+from bridge.tasks import TaskSet
 from bridge.topic import Topic, TopicFilter
 from bridge.transport.base import InboundMessage, Transport
 
@@ -111,7 +112,7 @@ class MqttProxy:
         self._http: httpx.AsyncClient | None = None
         self._started = False
         self._subs: dict[str, Subscription] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet("proxy")
         self.published = 0
         self.publish_errors = 0
         self.deliveries = 0
@@ -430,16 +431,7 @@ class MqttProxy:
         return sub, sub.attach_reader()
 
     def _spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        task.set_name(name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("proxy task %s failed", task.get_name(), exc_info=task.exception())
+        return self._tasks.spawn(coro, name)
 
     # -- lifecycle ------------------------------------------------------------------------
     async def __aenter__(self) -> MqttProxy:
@@ -468,8 +460,7 @@ class MqttProxy:
                 await self.flush()  # give queued webhooks their chance first
                 for sub in list(self._subs.values()):
                     await self._release(sub)
-                if self._tasks:
-                    await asyncio.wait(set(self._tasks))
+                await self._tasks.wait()
         except TimeoutError:
             log.warning("MQTT proxy did not release its subscriptions within %ss",
                         self.close_timeout)
@@ -478,9 +469,7 @@ class MqttProxy:
             if sub.handle is not None:
                 self.router.remove(sub.handle)
             await sub.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel()
         if self._http is not None:
             await self._http.aclose()
             self._http = None

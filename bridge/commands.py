@@ -1,4 +1,5 @@
-"""Command / response between the cloud and gateways (DESIGN.md, "Command / response").
+"""Command / response between the cloud and gateways (docs/design-contracts.md,
+"Command / response").
 
 Command on ``.../device/{id}/command``: ``{"messageId", "command", "args"}``; response
 on ``.../device/{id}/response``: ``{"messageId", "status", "result"|"error"}``. Every

@@ -1,9 +1,9 @@
 """The public HTTP app: the Pudu webhook and its health check, nothing else.
 
 The webhook endpoint reads the raw body itself instead of declaring a pydantic body
-model: a callback must be accepted even when its shape is only roughly right (PUDU.md),
+model: a callback must be accepted even when its shape is only roughly right (docs/pudu.md),
 errors must name the field, and FastAPI's body-model path costs ~3x per request on the
-hot path (MEASURED.md). The OpenAPI schema still describes it.
+hot path (docs/measured.md). The OpenAPI schema still describes it.
 """
 
 from __future__ import annotations

@@ -136,3 +136,35 @@ def test_what_users_import_is_declared_and_importable() -> None:
         assert promised, \
             f"docs show `from {module} import {name}`, which bridge.__all__ does not promise"
         assert hasattr(importlib.import_module(module), name), f"{module}.{name}"
+
+
+# Documents that live outside the repository (the team's notes): a comment citing one
+# sends a reader nowhere. What the code needs of them is in docs/.
+OUTSIDE = re.compile(r"\b(?:DESIGN|MEASURED|PUDU|PUDU-API|SEEDS|STYLE)\.md\b|\.\./shared\b|/work/")
+CITED_DOC = re.compile(r"\bdocs/([\w-]+\.md)\b")
+
+
+def _texts() -> Iterator[Path]:
+    for top in (*PACKAGES, "tests", "bench"):
+        for path in sorted((ROOT / top).rglob("*")):
+            if path.suffix in (".py", ".md", ".yaml", ".yml", ".sh", ".js", ".html"):
+                yield path
+    yield from (ROOT / "README.md", ROOT / "Makefile", ROOT / "pyproject.toml")
+    yield from sorted((ROOT / "docs").glob("*.md"))
+    yield from sorted((ROOT / "systemd").rglob("*"))
+
+
+def test_no_comment_points_outside_the_repository() -> None:
+    outside, missing = [], []
+    for path in _texts():
+        if not path.is_file() or path == Path(__file__):
+            continue
+        for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace")
+                                 .splitlines(), 1):
+            where = f"{path.relative_to(ROOT)}:{n}"
+            if OUTSIDE.search(line):
+                outside.append(f"{where}: {line.strip()}")
+            missing += [f"{where}: docs/{name}" for name in CITED_DOC.findall(line)
+                        if not (ROOT / "docs" / name).is_file()]
+    assert outside == [], "cite the docs/ page that holds it instead"
+    assert missing == []

@@ -1,6 +1,6 @@
 """Unit tests of bridge.pudu.normalize: both sample dialects, every type, every refusal.
 
-Pure logic, so these are fast and exhaustive (STYLE.md, practice 10). The samples are
+Pure logic, so these are fast and exhaustive. The samples are
 read from disk; ``PUDU_SAMPLES_DIR`` points them elsewhere. A missing directory or file
 fails the test, never skips it: a silently skipped sample test proves nothing.
 """
@@ -46,7 +46,7 @@ def norm(callback_type: str, data: Any, received_at: float = NOW) -> Normalized:
     return normalize({"callback_type": callback_type, "data": data}, received_at=received_at)
 
 
-# Every documented type (the PUDU.md table lists 29 names) in its documented casing.
+# Every documented type (the docs/pudu.md table lists 29 names) in its documented casing.
 PUDU_TYPES = [
     "robotStatus", "notifyRobotStatus", "robotErrorWarning", "robotErrorNotice",
     "notifyRobotPower", "notifyRobotPose", "notifyRobotMoveState", "notifyCleanStatus",

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator
 
-#: PUDU-API.md section 1: the cluster names the SDK knows, accepted as PUDU_API_URL.
+#: docs/pudu.md, "API 1": the cluster names the SDK knows, accepted as PUDU_API_URL.
 CLUSTERS = {
     "cn": "open-platform.pudutech.com",
     "sea": "css-open-platform.pudutech.com",

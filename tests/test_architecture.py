@@ -168,3 +168,52 @@ def test_no_comment_points_outside_the_repository() -> None:
                         if not (ROOT / "docs" / name).is_file()]
     assert outside == [], "cite the docs/ page that holds it instead"
     assert missing == []
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Every module of the packages -> the modules of ours it imports (at any depth in
+    the file, TYPE_CHECKING blocks included: a circle there is still a circle to read)."""
+    files = {}
+    for package in PACKAGES:
+        for path in modules(package):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def ours(name: str) -> str | None:
+        while name and name not in files:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        targets: list[str] = []
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    here = name.split(".") if path.name == "__init__.py" \
+                        else name.split(".")[:-1]
+                    here = here[:len(here) - node.level + 1]
+                    base = ".".join([*here, *([node.module] if node.module else [])])
+                targets += [f"{base}.{alias.name}" for alias in node.names]
+        graph[name] = {m for t in targets if (m := ours(t)) is not None and m != name}
+    return graph
+
+
+def test_no_import_circles() -> None:
+    graph = _module_graph()
+    assert "bridge.outbound_transport" in graph["bridge.outbound"]  # the walk sees inside
+    circles = []
+    for start in sorted(graph):  # a path from a module's imports back to the module
+        seen, todo = set(), list(graph[start])
+        while todo:
+            name = todo.pop()
+            if name == start:
+                circles.append(start)
+                break
+            if name not in seen:
+                seen.add(name)
+                todo.extend(graph[name])
+    assert circles == [], "these modules import themselves through others"

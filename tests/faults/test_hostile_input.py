@@ -210,6 +210,7 @@ def mutate_posts(base_url: str, path: str, headers: dict[str, str], base: dict[s
     return sent
 
 
+@pytest.mark.integration  # the agent publishes to the shared Mosquitto
 def test_edge_webhook_survives_body_mutations(edge_proc: ServiceProcess) -> None:
     org = edge_proc.env["ORG_ID"]
     with Probe("mqtt://127.0.0.1:1883", f"fuzz/org/{org}/device/+/power") as probe:

@@ -34,7 +34,7 @@ def connect(url: str, *, database: bool = True) -> pymysql.connections.Connectio
     kwargs = connect_kwargs(url)
     if not database:
         kwargs.pop("database")
-    # One connection per call site, TLS off: MEASURED.md, PyMySQL builds a TLS context
+    # One connection per call site, TLS off: docs/measured.md, PyMySQL builds a TLS context
     # on every connect otherwise.
     return pymysql.connect(autocommit=True, charset="utf8mb4", ssl_disabled=True, **kwargs)
 

@@ -1,11 +1,20 @@
 """Everything MQTT shared by the edge agent and the callback server.
 
-The Python surface for applications: ``FleetClient`` (the REST MQTT proxy and the
-command API from Python) and ``verify_signature`` (for receivers of ``callback_url``
-pushes and alert webhooks).
+The Python surface for applications, and the only names this package promises to keep
+where they are (``__all__``, guarded by tests/test_architecture.py):
+
+- ``FleetClient`` (the REST MQTT proxy and the command API from Python), its
+  ``Subscription``, and ``verify_signature`` (for receivers of ``callback_url`` pushes
+  and alert webhooks): ``from bridge import FleetClient, verify_signature``;
+- ``bridge.errors``, the one exception tree those raise;
+- ``bridge.transport``, for ``InboundMessage`` (what a handler is given);
+- ``bridge.compat``, whose ``MQTTProxy`` replaces the old gateway's MQTT proxy.
+
+Every other module is the services' own and may move.
 """
 
+from bridge import compat, errors, transport
 from bridge.client import FleetClient, Subscription
 from bridge.signature import verify_signature
 
-__all__ = ["FleetClient", "Subscription", "verify_signature"]
+__all__ = ["FleetClient", "Subscription", "compat", "errors", "transport", "verify_signature"]

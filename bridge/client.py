@@ -30,13 +30,18 @@ from bridge.backoff import backoff_delay
 from bridge.commands import Response
 from bridge.errors import (
     AuthError,
+    BodyTooLargeError,
     CommandTimeoutError,
+    ConflictError,
     FleetError,
+    ForbiddenError,
     InputError,
+    MalformedBodyError,
     NotConnectedError,
     NotFoundError,
     PayloadError,
     PubackTimeoutError,
+    RateLimitedError,
     ServiceError,
     ServiceUnreachableError,
 )
@@ -44,6 +49,13 @@ from bridge.topic import TopicFilter
 from bridge.transport import InboundMessage
 
 __all__ = ["FleetClient", "Handler", "Subscription", "mqtt_filter"]
+
+# A refusal the service answered, as the class its status_for chose the status from; any
+# other 4xx is a ServiceError that keeps the status it came with.
+_REFUSED: dict[int, type[InputError]] = {
+    400: MalformedBodyError, 403: ForbiddenError, 409: ConflictError,
+    413: BodyTooLargeError, 422: InputError, 429: RateLimitedError,
+}
 
 log = logging.getLogger(__name__)
 
@@ -392,7 +404,7 @@ def _error(response: httpx.Response) -> FleetError:
         return NotConnectedError(f"{where}: {message}")
     if status == 504 and response.request.url.path == "/mqtt/publish":
         return PubackTimeoutError(f"{where}: {message}")
-    if 400 <= status < 500:
-        return InputError(f"{where}: {message}", field=fld if isinstance(fld, str) else None,
-                          status=status)
+    kind = _REFUSED.get(status)
+    if kind is not None:
+        return kind(f"{where}: {message}", field=fld if isinstance(fld, str) else None)
     return ServiceError(f"{where}: {status} {message}", status=status)

@@ -1,4 +1,5 @@
-"""Command / response between the cloud and gateways (DESIGN.md, "Command / response").
+"""Command / response between the cloud and gateways (docs/design-contracts.md,
+"Command / response").
 
 Command on ``.../device/{id}/command``: ``{"messageId", "command", "args"}``; response
 on ``.../device/{id}/response``: ``{"messageId", "status", "result"|"error"}``. Every
@@ -34,6 +35,7 @@ from bridge.errors import (
     TopicError,
     TransportError,
 )
+from bridge.tasks import TaskSet
 from bridge.topic import TopicScheme, every_device_channel, parse_device_topic
 from bridge.transport import InboundMessage, Transport
 
@@ -197,15 +199,11 @@ class CommandExecutor:
             collections.OrderedDict()
         )
         self._remember = remember
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet("commands")
 
     async def aclose(self, grace: float = 5.0) -> None:
         """Stopping: let running commands answer (bounded), then cancel what is left."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=grace)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.drain(grace)
 
     def register(self, name: str, fn: CommandFn, *, durable: bool = False) -> None:
         """Add or replace the handler for ``name``; ``durable``: run once per messageId
@@ -215,9 +213,7 @@ class CommandExecutor:
             self.durable.add(name)
 
     def on_message(self, message: InboundMessage) -> None:
-        task = asyncio.get_running_loop().create_task(self._handle(message.payload))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self._handle(message.payload), f"command-{message.topic}")
 
     async def _handle(self, payload: bytes) -> None:
         try:

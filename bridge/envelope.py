@@ -1,4 +1,4 @@
-"""The message envelope every robot message travels in (DESIGN.md, "Envelope")."""
+"""The message envelope every robot message travels in (docs/design-contracts.md, "Envelope")."""
 
 from __future__ import annotations
 

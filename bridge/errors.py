@@ -8,10 +8,16 @@
     │   ├── PayloadTooLargeError
     │   ├── DepthError         JSON nested deeper than the limit (refused before parsing)
     │   └── MalformedCommandError  a command that cannot run (answered if it has an id)
-    ├── InputError             a webhook/HTTP request we cannot accept (field named)
-    │   ├── AuthError          wrong or missing shared secret
-    │   ├── NotFoundError      no such object (or one the caller may not see)
-    │   └── OutboundRefusedError  a URL we may not send to (not globally routable)
+    ├── InputError             a webhook/HTTP request we cannot accept (field named)  422
+    │   ├── MalformedBodyError a body (or its Content-Length) that cannot be parsed    400
+    │   ├── AuthError          wrong or missing shared secret                          401
+    │   ├── ForbiddenError     role, orgs or origin do not cover the request           403
+    │   ├── NotFoundError      no such object (or one the caller may not see)          404
+    │   ├── ConflictError      the object's state forbids it (resolved, in use)        409
+    │   ├── BodyTooLargeError  a request body over the configured limit                413
+    │   ├── RateLimitedError   too many requests from this caller: retry later         429
+    │   ├── CapacityError      a bounded resource is full (console streams)            503
+    │   └── OutboundRefusedError  a URL we may not send to (not globally routable)     422
     ├── CommandTimeoutError    a device did not answer a command in time
     ├── ServiceError           a REST API (FleetClient) answered with an unexpected status
     │   └── ServiceUnreachableError  no HTTP answer at all (refused, reset, timed out)
@@ -31,6 +37,9 @@
         ├── PuduServerError    5xx, timeout or connection failure; retried with back-off
         │   └── PuduConnectError  no connection made: the request never went out
         └── PuduBusinessError  HTTP 200 whose message is not SUCCESS: the API said no
+
+The statuses on the right are chosen in one place, ``bridge.http_errors.status_for``: a raise
+site picks the class that says what went wrong, never a number.
 
 Third-party errors (paho return codes, awscrt, aiomysql, sqlite3) are translated to
 these once, in the module that talks to that library, with ``raise ... from exc``.
@@ -94,11 +103,35 @@ class MalformedCommandError(PayloadError):
 class InputError(FleetError):
     """An inbound body cannot be accepted; ``field`` names the culprit when known."""
 
-    def __init__(self, message: str, *, field: str | None = None, status: int = 422) -> None:
+    def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.field = field
-        self.status = status
+
+
+class MalformedBodyError(InputError):
+    """The body (or a header it depends on) is not parseable as what the route takes."""
+
+
+class ForbiddenError(InputError):
+    """The caller is known but its role, orgs or origin do not cover this request."""
+
+
+class ConflictError(InputError):
+    """The object exists but its state forbids the request (resolved, already in use)."""
+
+
+class BodyTooLargeError(InputError):
+    """The request body is over the configured limit (refused before it is all read)."""
+
+
+class RateLimitedError(InputError):
+    """This caller has too many requests outstanding; the same request may pass later."""
+
+
+class CapacityError(InputError):
+    """A bounded server resource (console streams) is full; retry later, nothing is wrong
+    with the request or the database."""
 
 
 class AuthError(InputError):
@@ -106,15 +139,12 @@ class AuthError(InputError):
 
     def __init__(self, message: str = "missing or invalid CallbackCode", *,
                  bearer: bool = False) -> None:
-        super().__init__(message, status=401)
+        super().__init__(message)
         self.bearer = bearer
 
 
 class NotFoundError(InputError):
     """No such object, or one the caller may not see (never confirm that it exists)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, status=404)
 
 
 class CommandTimeoutError(FleetError):
@@ -149,7 +179,7 @@ class OutboundRefusedError(InputError):
     """
 
     def __init__(self, message: str, *, host: str, field: str = "callback_url") -> None:
-        super().__init__(message, field=field, status=422)
+        super().__init__(message, field=field)
         self.host = host
 
 

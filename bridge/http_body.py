@@ -13,7 +13,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
 from bridge import strictjson
-from bridge.errors import InputError, PayloadError, PayloadTooLargeError
+from bridge.errors import InputError, MalformedBodyError, PayloadError, PayloadTooLargeError
 
 __all__ = ["parse_model", "read_body"]
 
@@ -39,10 +39,10 @@ def parse_model(model: type[M], body: bytes) -> M:
     try:
         parsed = strictjson.loads(body)
     except PayloadError as exc:
-        raise InputError(f"body is {exc}", status=400) from None
+        raise MalformedBodyError(f"body is {exc}") from None
     if parsed.notes:
         raise InputError(f"body is not strict JSON: {parsed.notes[0]}",
-                         field=parsed.notes[0].split(":", 1)[0], status=422)
+                         field=parsed.notes[0].split(":", 1)[0])
     try:
         return model.model_validate(parsed.value)
     except ValidationError as exc:
@@ -51,4 +51,4 @@ def parse_model(model: type[M], body: bytes) -> M:
         message = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors[:5]
         )
-        raise InputError(message, field=field or None, status=422) from exc
+        raise InputError(message, field=field or None) from exc

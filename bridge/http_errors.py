@@ -19,16 +19,23 @@ from starlette.requests import ClientDisconnect
 
 from bridge.errors import (
     AuthError,
+    BodyTooLargeError,
+    CapacityError,
     CommandTimeoutError,
+    ConflictError,
     FleetError,
+    ForbiddenError,
     InputError,
+    MalformedBodyError,
     NotConnectedError,
+    NotFoundError,
     OutboxError,
     OutboxFullError,
     OutboxUnwritableError,
     PayloadError,
     PayloadTooLargeError,
     PubackTimeoutError,
+    RateLimitedError,
     StoreError,
     TopicError,
     TopicNotAllowedError,
@@ -45,6 +52,15 @@ RETRY_AFTER_SECONDS = 5
 
 # Most specific first: the first class ``exc`` is an instance of decides.
 _STATUS: tuple[tuple[type[FleetError], int], ...] = (
+    (MalformedBodyError, 400),
+    (AuthError, 401),
+    (ForbiddenError, 403),
+    (NotFoundError, 404),
+    (ConflictError, 409),
+    (BodyTooLargeError, 413),
+    (RateLimitedError, 429),
+    (CapacityError, 503),
+    (InputError, 422),
     (TopicNotAllowedError, 403),
     (TopicError, 422),
     (PayloadTooLargeError, 413),
@@ -60,8 +76,6 @@ _STATUS: tuple[tuple[type[FleetError], int], ...] = (
 
 def status_for(exc: FleetError) -> int:
     """The HTTP status for one of our exceptions (500: a bug, not the client's fault)."""
-    if isinstance(exc, InputError):
-        return exc.status
     for kind, status in _STATUS:
         if isinstance(exc, kind):
             return status

@@ -6,13 +6,15 @@
    still be away: a gateway must take webhooks while its uplink is down).
 3. ``READY=1`` to systemd (and the watchdog starts pinging); "listening" is logged.
 4. Until SIGTERM/SIGINT (handled here and nowhere else, from before step 2 on, so a stop
-   while starting is orderly; SIGHUP reloads, e.g. the API keys) or a listener fails.
+   while starting is orderly; SIGHUP reloads, e.g. the API keys), a listener fails, or
+   one of the service's background loops crashes (its ``TaskSet`` escalates).
 5. ``STOPPING=1``; open streams (SSE) are ended so they cannot hold the shutdown; the
    listeners stop accepting and finish in-flight requests within a grace period; then
    the service's own exit drains what it can, publishes ``offline`` and closes.
 
 Exit codes (the CLI returns them): 0 clean stop, 1 configuration error, 2 usage error,
-3 cannot bind or the outbox is locked.
+3 cannot bind or the outbox is locked, 4 a listener or background loop failed (stopped in
+order; systemd's Restart=on-failure starts it again, RestartPreventExitStatus is 1 2).
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ import uvicorn
 
 from bridge.errors import ConfigError, FleetError, OutboxError, OutboxLockedError
 from bridge.sdnotify import Notifier, Watchdog
+from bridge.tasks import TaskSet
 
-__all__ = ["EXIT_CONFIG", "EXIT_OK", "EXIT_UNAVAILABLE", "EXIT_USAGE", "BindError", "Listener",
-           "run_main", "serve_service"]
+__all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_OK", "EXIT_UNAVAILABLE", "EXIT_USAGE",
+           "BindError", "Listener", "run_main", "serve_service"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,7 @@ EXIT_OK = 0
 EXIT_CONFIG = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3  # cannot bind, or another instance holds the outbox
+EXIT_FAILED = 4  # a listener or a background loop failed while running: restart
 
 class BindError(FleetError):
     """A listener's address is in use or not ours to bind (exit code 3)."""
@@ -89,10 +93,12 @@ async def serve_service(
     end_streams: Callable[[], None] = lambda: None,
     reload: Callable[[], object] | None = None,
     on_ready: Callable[[], None] = lambda: None,
+    tasks: TaskSet | None = None,
 ) -> None:
     """Run ``service`` behind ``listeners`` until a signal; BindError if one cannot bind,
-    FleetError if a listener fails while running. ``reload`` runs on SIGHUP, ``on_ready``
-    once every listener serves (the demo's banner)."""
+    FleetError if a listener fails or a task of ``tasks`` (the service's loops) crashes
+    while running. ``reload`` runs on SIGHUP, ``on_ready`` once every listener serves
+    (the demo's banner)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     failed: list[BaseException] = []
@@ -103,6 +109,12 @@ async def serve_service(
         except (Exception, SystemExit) as exc:  # uvicorn exits on a failed startup
             failed.append(exc)
         stop.set()  # one listener ending stops the service
+
+    async def until_crash(loops: TaskSet) -> None:
+        await loops.failed.wait()
+        log.error("stopping: %s task %s crashed", loops.owner,
+                  loops.crashed[0] if loops.crashed else "?")
+        stop.set()
 
     async def until_ready(servers: list[Listener]) -> None:
         for s in servers:
@@ -135,9 +147,13 @@ async def serve_service(
             for s in servers:
                 group.create_task(serve(s), name=f"http-{s.name}")
             ready = group.create_task(until_ready(servers), name="ready-and-watchdog")
+            watch = group.create_task(until_crash(tasks), name="crash-watch") \
+                if tasks is not None else None
             await stop.wait()
             log.info("stopping")
             ready.cancel()
+            if watch is not None:
+                watch.cancel()
             notifier.stopping()
             end_streams()  # SSE responses end now instead of holding a listener open
             for s in servers:
@@ -148,6 +164,9 @@ async def serve_service(
     notifier.close()
     if failed:
         raise FleetError(f"a listener failed: {failed[0]!r}") from failed[0]
+    if tasks is not None and tasks.crashed is not None:
+        name, exc = tasks.crashed
+        raise FleetError(f"background task {name} crashed: {exc!r}") from exc
 
 
 def run_main(prog: str, main: Coroutine[Any, Any, None]) -> int:
@@ -165,4 +184,7 @@ def run_main(prog: str, main: Coroutine[Any, Any, None]) -> int:
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return EXIT_OK
+    except FleetError as exc:  # a listener or loop failed; logged with its traceback
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK

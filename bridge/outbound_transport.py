@@ -11,20 +11,28 @@ reused for another's. Imported lazily (httpx and httpcore cost ~4.5 MiB).
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import httpcore
 import httpx
 
 from bridge.errors import OutboundRefusedError
-from bridge.outbound import OutboundPolicy
+
+
+class AddressPolicy(Protocol):
+    """What the transport needs of ``bridge.outbound.OutboundPolicy`` (named here, not
+    imported, so the policy's module and this one do not import each other)."""
+
+    async def addresses(self, host: str, port: int, *, field: str = ...
+                        ) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]: ...
 
 
 class CheckedBackend(httpcore.AsyncNetworkBackend):
     """anyio's TCP connect, to the policy's checked addresses only."""
 
-    def __init__(self, policy: OutboundPolicy) -> None:
+    def __init__(self, policy: AddressPolicy) -> None:
         self._policy = policy
         self._inner = httpcore.AnyIOBackend()
 
@@ -55,7 +63,7 @@ class CheckedBackend(httpcore.AsyncNetworkBackend):
 class OutboundTransport(httpx.AsyncHTTPTransport):
     """``httpx.AsyncHTTPTransport`` (HTTP/1.1, default limits) over ``CheckedBackend``."""
 
-    def __init__(self, policy: OutboundPolicy, limits: httpx.Limits | None = None) -> None:
+    def __init__(self, policy: AddressPolicy, limits: httpx.Limits | None = None) -> None:
         limits = limits or httpx.Limits(max_connections=100, max_keepalive_connections=20)
         super().__init__(trust_env=False, limits=limits)
         self._pool = httpcore.AsyncConnectionPool(

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from bridge.errors import TransportError
+from bridge.tasks import TaskSet
 from bridge.topic import TopicFilter
 from bridge.transport.base import InboundMessage, Transport
 
@@ -87,7 +88,8 @@ class MessageRouter:
         # state in step without per-filter lock bookkeeping.
         self._sub_lock = asyncio.Lock()
         self._unacked: dict[int, _Unacked] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        # Handler tasks; _guard catches handler errors, so a crash here is the router's bug.
+        self._tasks = TaskSet("router")
         transport.message_handler = self._dispatch
 
     # -- routes ---------------------------------------------------------------------
@@ -256,16 +258,7 @@ class MessageRouter:
 
     # -- tasks and lifecycle --------------------------------------------------------------
     def _spawn(self, coro: Awaitable[None], name: str) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        task.set_name(name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            # _guard catches handler errors; this is for the router's own tasks.
-            log.error("router task %s failed", task.get_name(), exc_info=task.exception())
+        self._tasks.spawn(coro, name)
 
     @property
     def pending_tasks(self) -> int:
@@ -275,14 +268,7 @@ class MessageRouter:
         """Stop dispatching; give running handler tasks ``drain_timeout``, then cancel."""
         if self.transport.message_handler == self._dispatch:
             self.transport.message_handler = None
-        if not self._tasks:
-            return
-        _, pending = await asyncio.wait(set(self._tasks), timeout=self.drain_timeout)
-        for task in pending:
-            task.cancel()
-        if pending:
-            log.warning("cancelled %d handler task(s) still running at shutdown", len(pending))
-            await asyncio.gather(*pending, return_exceptions=True)
+        await self._tasks.drain(self.drain_timeout)
 
     async def __aenter__(self) -> MessageRouter:
         return self

@@ -1,20 +1,112 @@
-"""Background task bookkeeping shared by both services."""
+"""Background tasks: one ``TaskSet`` owns them, so none is lost, none dies silently, and
+stopping is bounded and never raises.
+
+The services' loops (writer, publisher, alerts, ...), the router's handler tasks, the
+proxy's deliveries and the command executor's running commands are each one TaskSet:
+
+- every task is named (the name is what a crash log and a stuck shutdown show);
+- a task that ends with an exception is logged with its traceback, and, in a set made
+  with ``escalate=True`` (the services' loops), escalated: ``failed`` is set, on which
+  ``bridge.lifecycle.serve_service`` stops the service in order and exits non-zero
+  (code 4), so systemd restarts it instead of it running on without the loop;
+- ``drain(seconds)`` lets running tasks finish within the bound, cancels the rest and
+  waits for them; it never re-raises a task's exception, so whatever is closed after it
+  (outbox, store, transport) is closed even when a loop died long before the stop.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Iterable
+import logging
+from collections.abc import Awaitable, Coroutine, Iterable
+from typing import Any
+
+__all__ = ["TaskSet", "cancel_and_wait", "within"]
+
+log = logging.getLogger(__name__)
 
 
-async def cancel_and_wait(tasks: Iterable[asyncio.Task[None]]) -> None:
-    """Cancel ``tasks`` and wait for each to finish, so none outlives its owner."""
+class TaskSet:
+    """Named background tasks with one crash policy and one bounded stop."""
+
+    def __init__(self, owner: str, *, escalate: bool = False) -> None:
+        self.owner = owner
+        self.escalate = escalate
+        #: The first task that crashed (name, exception), kept for the exit message.
+        self.crashed: tuple[str, BaseException] | None = None
+        #: Set when a task of an escalating set crashes: the service must stop.
+        self.failed = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any] | Awaitable[Any],
+              name: str) -> asyncio.Task[Any]:
+        """Run ``coro`` as a task named ``name``, owned by this set until it ends."""
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            return
+        log.error("%s task %s crashed", self.owner, task.get_name(), exc_info=exc)
+        if self.escalate:
+            if self.crashed is None:
+                self.crashed = (task.get_name(), exc)
+            self.failed.set()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def __bool__(self) -> bool:  # an empty set is still a set: `if tasks:` asks for tasks
+        return bool(self._tasks)
+
+    def names(self) -> list[str]:
+        return sorted(t.get_name() for t in self._tasks)
+
+    async def wait(self) -> None:
+        """Until every task (including those spawned meanwhile) has ended, unbounded."""
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
+
+    async def drain(self, seconds: float) -> int:
+        """Let the tasks finish for at most ``seconds``, then cancel the rest and wait for
+        them. Returns how many were cancelled; never raises a task's exception."""
+        if self._tasks and seconds > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await self.wait()
+        cancelled = 0
+        while self._tasks:  # a task may spawn another as it is cancelled
+            pending = set(self._tasks)
+            for task in pending:
+                task.cancel()
+            cancelled += len(pending)
+            await asyncio.gather(*pending, return_exceptions=True)
+            self._tasks -= pending
+        if cancelled and seconds > 0:
+            log.warning("%s: cancelled %d task(s) still running after %gs at stop",
+                        self.owner, cancelled, seconds)
+        return cancelled
+
+    async def cancel(self) -> None:
+        """Cancel every task now and wait for them (``drain(0)``)."""
+        await self.drain(0)
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait for each to finish, so none outlives its owner; a task
+    that had already failed does not raise here (its owner logged it when it did)."""
     pending = list(tasks)
     for task in pending:
         task.cancel()
-    for task in pending:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    await asyncio.gather(*pending, return_exceptions=True)
 
 
 async def within(aw: Awaitable[object], seconds: float) -> bool:

@@ -23,8 +23,8 @@ MAX_TOPIC_BYTES = 65535
 
 #: Channels a robot device publishes on.
 ROBOT_CHANNELS = ("status", "event", "pose", "power", "move", "task")
-#: The channel of each callback type that has one (DESIGN.md, "Pudu webhook"); every other
-#: type, documented or not, travels raw on ``callback/{type}``.
+#: The channel of each callback type that has one (docs/design-contracts.md, "Pudu
+#: webhook"); every other type, documented or not, travels raw on ``callback/{type}``.
 CHANNEL_OF_TYPE: dict[str, str] = {
     "robotStatus": "status",
     "notifyRobotStatus": "status",

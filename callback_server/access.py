@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from fastapi import Request
 from prometheus_client import Counter
 
-from bridge.errors import AuthError, InputError, NotFoundError
+from bridge.errors import AuthError, ForbiddenError, NotFoundError
 from bridge.proxy import ProxyAction, ProxyAuthorize
 from bridge.topic import TopicFilter, normalize_prefix
 from callback_server.keys import KeyRing, Principal, Role
@@ -108,7 +108,7 @@ class Access:
         """403 unless the request's ``Origin`` is this host (see sessions.same_origin)."""
         if not same_origin(request.headers.get("origin"), request.headers.get("host")):
             self._refuse("cross_origin")
-            raise InputError(f"{what} must carry an Origin of this host", status=403)
+            raise ForbiddenError(f"{what} must carry an Origin of this host")
 
     def from_key(self, key: str) -> Principal:
         """The principal of a key given in a body (console sign-in); 401 if unknown."""
@@ -123,14 +123,14 @@ class Access:
         allowed = tuple(roles)
         if principal.role not in allowed:
             self._refuse("forbidden_role")
-            raise InputError(f"key {principal.name!r} (role {principal.role}) may not {what}; "
-                             f"that needs one of: {', '.join(allowed)}", status=403)
+            raise ForbiddenError(f"key {principal.name!r} (role {principal.role}) may not {what}; "
+                                 f"that needs one of: {', '.join(allowed)}")
 
     def require_all_orgs(self, principal: Principal, what: str) -> None:
         """403 unless the key covers every org (``orgs: ["*"]``)."""
         if not principal.all_orgs:
             self._refuse("forbidden_role")
-            raise InputError(f"{what} needs a key whose orgs are [\"*\"]", status=403)
+            raise ForbiddenError(f"{what} needs a key whose orgs are [\"*\"]")
 
     def require_org(self, principal: Principal, org: str | None, not_found: str) -> None:
         """404 (``not_found``) unless the key covers ``org``: never confirm it exists."""
@@ -143,8 +143,8 @@ class Access:
         foreign = sorted({o for o in orgs if not principal.covers(o)})
         if foreign:
             self._refuse("foreign_org")
-            raise InputError(f"key {principal.name!r} does not cover org "
-                             f"{', '.join(map(repr, foreign))}", status=403)
+            raise ForbiddenError(f"key {principal.name!r} does not cover org "
+                                 f"{', '.join(map(repr, foreign))}")
 
     def filter_covered(self, principal: Principal, topic_filter: str) -> bool:
         """Whether every topic ``topic_filter`` can match is under one of the key's orgs."""
@@ -163,9 +163,9 @@ class Access:
         TopicFilter(topic_filter)  # an invalid one is a 422 from the proxy, not a 403
         if not self.filter_covered(principal, topic_filter):
             self._refuse("foreign_org")
-            raise InputError(f"key {principal.name!r} may only use topics under its orgs "
-                             f"({self.topic_prefix}org/<org>/...); {topic_filter!r} reaches "
-                             "beyond them", field="topic", status=403)
+            raise ForbiddenError(f"key {principal.name!r} may only use topics under its orgs "
+                                 f"({self.topic_prefix}org/<org>/...); {topic_filter!r} reaches "
+                                 "beyond them", field="topic")
 
     def proxy_hook(self) -> ProxyAuthorize:
         """The REST proxy's ``authorize``: readers see and stream their orgs' topics;

@@ -24,7 +24,14 @@ from fastapi import APIRouter, Header, Request
 
 from bridge import frames, strictjson
 from bridge.envelope import Envelope
-from bridge.errors import FleetError, InputError, PayloadError, PayloadTooLargeError, StoreError
+from bridge.errors import (
+    FleetError,
+    InputError,
+    MalformedBodyError,
+    PayloadError,
+    PayloadTooLargeError,
+    StoreError,
+)
 from bridge.http_body import read_body
 from bridge.topic import (
     BATCH_CHANNEL,
@@ -218,7 +225,7 @@ def create_ingest_router(server: AppHost, access: Access) -> APIRouter:
             parsed = strictjson.loads(raw)
         except PayloadError as exc:
             await _keep(server, [(topic, raw, Reason.UNREADABLE.because(f"body is {exc}"))])
-            raise InputError(f"body is {exc}", status=400) from None
+            raise MalformedBodyError(f"body is {exc}") from None
         elements = _elements(parsed, x_mqtt_topic, prefix)
         await _refuse_foreign(access, principal, elements, server)
         return _answer(elements, await _settle(server, elements))

@@ -31,14 +31,18 @@ from fastapi.responses import JSONResponse
 from bridge import strictjson
 from bridge.envelope import Envelope
 from bridge.errors import (
+    AuthError,
+    BodyTooLargeError,
     ConfigError,
     InputError,
+    MalformedBodyError,
     PayloadError,
     PayloadTooLargeError,
     StoreError,
     TopicError,
 )
 from bridge.http_body import read_body
+from bridge.http_errors import status_for
 from bridge.pudu import normalize
 from bridge.pudu.answer import accepted
 from bridge.topic import TopicScheme
@@ -147,12 +151,13 @@ def create_pudu_webhook_router(server: AppHost) -> APIRouter:
     async def pudu_webhook(request: Request) -> JSONResponse:
         org = codes.org_of(request.headers.get("callbackcode", "").encode())
         if org is None:
-            counted.labels(outcome="rejected_401").inc()
-            raise InputError("missing or invalid CallbackCode header", status=401)
+            refused = AuthError("missing or invalid CallbackCode header")
+            counted.labels(outcome=f"rejected_{status_for(refused)}").inc()
+            raise refused
         try:
             answer = await _accept(server, request, org, prefix)
         except InputError as exc:
-            counted.labels(outcome=f"rejected_{exc.status}").inc()
+            counted.labels(outcome=f"rejected_{status_for(exc)}").inc()
             raise
         except StoreError:
             counted.labels(outcome="unavailable").inc()
@@ -182,11 +187,11 @@ async def _accept(server: AppHost, request: Request, org: str,
     try:
         raw = await read_body(request, limit)
     except PayloadTooLargeError:
-        raise InputError(f"body larger than {limit} bytes", status=413) from None  # as the edge
+        raise BodyTooLargeError(f"body larger than {limit} bytes") from None  # as the edge
     try:
         parsed = strictjson.loads(raw)
     except PayloadError as exc:
-        raise InputError(f"body is {exc}", status=400) from None
+        raise MalformedBodyError(f"body is {exc}") from None
     now = time.time()
     norm = normalize(parsed.value, received_at=now,
                       max_skew=server.settings.max_clock_skew_seconds)
@@ -196,7 +201,7 @@ async def _accept(server: AppHost, request: Request, org: str,
     try:
         topic = str(TopicScheme(org, prefix).device(device, norm.channel))
     except TopicError as exc:
-        raise InputError(exc.reason, field="data.sn", status=422) from None
+        raise InputError(exc.reason, field="data.sn") from None
     envelope = Envelope(
         id=norm.message_id, type=norm.callback_type, org=org, device=device,
         gateway=CLOUD_GATEWAY_ID, ts=norm.ts, received_at=now, data=norm.data,
@@ -207,7 +212,7 @@ async def _accept(server: AppHost, request: Request, org: str,
     except TimeoutError:
         raise StoreError("callback not committed in time") from None
     if settled.outcome is Outcome.DEAD_LETTERED:
-        raise InputError(f"{settled.reason}; kept as a dead letter", status=422)
+        raise InputError(f"{settled.reason}; kept as a dead letter")
     duplicate = settled.outcome is Outcome.DUPLICATE
     return accepted(norm, now, topic, "duplicate callback already accepted" if duplicate
                    else "callback accepted", duplicate=duplicate)

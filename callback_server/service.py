@@ -28,7 +28,7 @@ from bridge.proxy import MqttProxy, create_proxy_router
 from bridge.proxy.subscriptions import RetryPolicy
 from bridge.router import MessageRouter
 from bridge.sdnotify import Notifier, Watchdog
-from bridge.tasks import cancel_and_wait
+from bridge.tasks import TaskSet
 from bridge.topic import GATEWAY_CHANNELS, DeviceAddress, every_device_channel, org_root
 from bridge.transport import MqttSettings, TlsFiles, Transport, create_transport
 from bridge.version import VERSION
@@ -139,7 +139,8 @@ class CallbackServer:
         #: entered (``serve`` adds the listeners); never the broker (HTTP ingest needs none).
         self.readiness = Readiness("store")
         self._stack = AsyncExitStack()
-        self._tasks: list[asyncio.Task[None]] = []
+        #: The service's loops: one crashing stops the service (exit 4, systemd restarts).
+        self.tasks = TaskSet("callback-server", escalate=True)
 
         from callback_server.app import create_app
 
@@ -152,8 +153,8 @@ class CallbackServer:
 
     async def __aenter__(self) -> CallbackServer:
         await self._stack.enter_async_context(self.store)
-        self._tasks.append(asyncio.create_task(self.writer.run(), name="batch-writer"))
-        self._tasks.append(asyncio.create_task(self.retention.run(), name="retention"))
+        self.tasks.spawn(self.writer.run(), "batch-writer")
+        self.tasks.spawn(self.retention.run(), "retention")
         await self._stack.enter_async_context(self.router)
         # Routes first: a resumed session delivers what it queued right after CONNACK.
         self.consumer.route()
@@ -161,14 +162,12 @@ class CallbackServer:
         await self._stack.enter_async_context(self.transport)
         await self._stack.enter_async_context(self.proxy)
         await self._stack.enter_async_context(self.alert_delivery)
-        self._tasks.append(asyncio.create_task(self.alerts.run(), name="alerts"))
-        self._tasks.append(asyncio.create_task(self.console.run(), name="console"))
-        self._tasks.append(asyncio.create_task(self.alert_delivery.run(),
-                                               name="alert-delivery"))
+        self.tasks.spawn(self.alerts.run(), "alerts")
+        self.tasks.spawn(self.console.run(), "console")
+        self.tasks.spawn(self.alert_delivery.run(), "alert-delivery")
         # Normally subscribed before serving; a broker that is down or slow to SUBACK
         # must not stop the server, so then it goes on trying in the background.
-        subscribing = asyncio.create_task(self._subscribe(), name="subscribe")
-        self._tasks.append(subscribing)
+        subscribing = self.tasks.spawn(self._subscribe(), "subscribe")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(subscribing), 5.0)
         self.readiness.up("store")
@@ -218,7 +217,7 @@ class CallbackServer:
         if not await self.writer.drain(5.0):
             log.info("%d messages not committed at stop; the broker redelivers them",
                      self.writer.pending)
-        await cancel_and_wait(self._tasks)
+        await self.tasks.cancel()  # never raises: a loop that died earlier was logged then
         await self._stack.aclose()
 
     def _on_gateway_message(self, address: DeviceAddress, payload: bytes) -> None:
@@ -445,5 +444,5 @@ async def serve(settings: CallbackSettings) -> None:
     server.readiness.expect("listeners")
     await serve_service(server, listeners, notifier=server.notifier, watchdog=server.watchdog,
                         status=server.status_line, end_streams=server.end_streams,
-                        reload=server.keys.reload,
+                        reload=server.keys.reload, tasks=server.tasks,
                         on_ready=lambda: server.readiness.up("listeners"))

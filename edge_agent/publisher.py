@@ -1,6 +1,6 @@
 """Drains the outbox to the broker: QoS 1, a bounded in-flight window, seq order.
 
-The window keeps paho's internal queue small (MEASURED.md: beyond 65,535 queued
+The window keeps paho's internal queue small (docs/measured.md: beyond 65,535 queued
 messages paho silently refuses; beyond ~100 in flight it slows down) and matches AWS
 IoT's limit of 100 unacknowledged QoS 1 messages per connection. Entries are removed
 only after PUBACK. One connection and seq order keep each robot's messages in order;

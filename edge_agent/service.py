@@ -31,7 +31,7 @@ from bridge.outbox import Outbox
 from bridge.proxy import MqttProxy, create_proxy_router
 from bridge.router import MessageRouter
 from bridge.sdnotify import Notifier, Watchdog
-from bridge.tasks import cancel_and_wait
+from bridge.tasks import TaskSet
 from bridge.topic import BATCH_CHANNEL, TopicScheme, org_root
 from bridge.transport import MqttSettings, TlsFiles, Transport, Will, create_transport
 from bridge.version import VERSION
@@ -143,7 +143,8 @@ class EdgeAgent:
         self.robot_memory.hold("clocks", self.clocks.forget, lambda: len(self.clocks))
         self.nodelay = NodelayStats()
         self._stack = AsyncExitStack()
-        self._tasks: list[asyncio.Task[None]] = []
+        #: The agent's loops: one crashing stops the agent (exit 4, systemd restarts it).
+        self.tasks = TaskSet("edge-agent", escalate=True)
 
         from edge_agent.webhook import create_app
 
@@ -198,14 +199,14 @@ class EdgeAgent:
         self.transport.add_connection_listener(
             lambda up: self.metrics.broker_connected.set(1 if up else 0)
         )
-        self._tasks.append(asyncio.create_task(self.publisher.run(), name="outbox-publisher"))
+        self.tasks.spawn(self.publisher.run(), "outbox-publisher")
         if self.downsampler.enabled:
-            self._tasks.append(asyncio.create_task(self.downsampler.run(), name="downsampler"))
+            self.tasks.spawn(self.downsampler.run(), "downsampler")
         if self.settings.heartbeat_seconds > 0:
-            self._tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
-        self._tasks.append(asyncio.create_task(self.robot_memory.run(), name="robot-memory"))
+            self.tasks.spawn(self._heartbeat(), "heartbeat")
+        self.tasks.spawn(self.robot_memory.run(), "robot-memory")
         if self.poller.enabled and self.schedule_polls:
-            self._tasks.append(asyncio.create_task(self.poller.run(), name="pudu-poller"))
+            self.tasks.spawn(self.poller.run(), "pudu-poller")
         self.readiness.up("outbox")
         return self
 
@@ -218,8 +219,7 @@ class EdgeAgent:
         # Ordered: stop publishing, let what is in flight be acked and running commands
         # answer, then the proxy, the transport (which publishes `offline`), the outbox.
         self.readiness.stopping()
-        await cancel_and_wait(self._tasks)
-        self._tasks.clear()
+        await self.tasks.cancel()  # never raises: a loop that died earlier was logged then
         await self.publisher.settle(2.0)
         await self.commands.aclose(5.0)
         await self._stack.aclose()
@@ -364,4 +364,4 @@ async def serve(settings: EdgeSettings) -> None:
     agent.readiness.expect("listeners")
     await serve_service(agent, listeners, notifier=agent.notifier, watchdog=agent.watchdog,
                         status=agent.status_line, end_streams=agent.end_streams,
-                        on_ready=lambda: agent.readiness.up("listeners"))
+                        on_ready=lambda: agent.readiness.up("listeners"), tasks=agent.tasks)

@@ -1,9 +1,9 @@
 """The public HTTP app: the Pudu webhook and its health check, nothing else.
 
 The webhook endpoint reads the raw body itself instead of declaring a pydantic body
-model: a callback must be accepted even when its shape is only roughly right (PUDU.md),
+model: a callback must be accepted even when its shape is only roughly right (docs/pudu.md),
 errors must name the field, and FastAPI's body-model path costs ~3x per request on the
-hot path (MEASURED.md). The OpenAPI schema still describes it.
+hot path (docs/measured.md). The OpenAPI schema still describes it.
 """
 
 from __future__ import annotations
@@ -21,9 +21,18 @@ from starlette.types import Receive, Scope, Send
 
 from bridge import strictjson
 from bridge.envelope import Envelope
-from bridge.errors import FleetError, InputError, OutboxError, PayloadError, TopicError
+from bridge.errors import (
+    AuthError,
+    BodyTooLargeError,
+    FleetError,
+    InputError,
+    MalformedBodyError,
+    OutboxError,
+    PayloadError,
+    TopicError,
+)
 from bridge.health import HealthQuery, health_status, unready_body
-from bridge.http_errors import error_response, internal_error_response
+from bridge.http_errors import error_response, internal_error_response, status_for
 from bridge.http_errors import install as install_error_handlers
 from bridge.outbox import PutResult
 from bridge.pudu.answer import accepted
@@ -98,9 +107,9 @@ async def _read_body(receive: Receive, declared: bytes | None, limit: int) -> by
     if declared is not None:
         try:
             if int(declared) > limit:
-                raise InputError(f"body larger than {limit} bytes", status=413)
+                raise BodyTooLargeError(f"body larger than {limit} bytes")
         except ValueError:
-            raise InputError("invalid Content-Length header", status=400) from None
+            raise MalformedBodyError("invalid Content-Length header") from None
     body = b""
     while True:
         message = await receive()
@@ -109,7 +118,7 @@ async def _read_body(receive: Receive, declared: bytes | None, limit: int) -> by
         chunk: bytes = message.get("body", b"")
         body += chunk
         if len(body) > limit:
-            raise InputError(f"body larger than {limit} bytes", status=413)
+            raise BodyTooLargeError(f"body larger than {limit} bytes")
         if not message.get("more_body", False):
             return body
 
@@ -182,7 +191,7 @@ class _Webhook:
 
     def count_error(self, exc: FleetError) -> None:
         if isinstance(exc, InputError):
-            self.count(f"rejected_{exc.status}")
+            self.count(f"rejected_{status_for(exc)}")
         elif isinstance(exc, OutboxError):
             self.count("unavailable")
 
@@ -192,14 +201,14 @@ class _Webhook:
         given, declared = _headers(scope)
         # Constant-time comparison; an absent header compares like a wrong one.
         if not hmac.compare_digest(given, self.code):
-            raise InputError("missing or invalid CallbackCode header", status=401)
+            raise AuthError("missing or invalid CallbackCode header")
         raw = await _read_body(receive, declared, self.limit)
         if raw is None:
             return None
         try:
             parsed = strictjson.loads(raw)
         except PayloadError as exc:
-            raise InputError(f"body is {exc}", status=400) from None
+            raise MalformedBodyError(f"body is {exc}") from None
         now = self.clock()
         gateway_clock = self.gateway_clock
         norm = normalize(parsed.value, received_at=now, max_skew=self.max_skew,

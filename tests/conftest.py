@@ -14,7 +14,7 @@ from tests.tls_certs import CertAuthority, Pki, TlsBroker
 
 SHARED_BROKER = ("127.0.0.1", 1883)
 MARIADB = ("127.0.0.1", 3306)
-HINT = "start it (see DESIGN.md, 'Real components') or run `bash .ci/run`"
+HINT = "start it (see docs/design-contracts.md, 'Real components') or run `bash .ci/run`"
 
 
 @pytest.fixture

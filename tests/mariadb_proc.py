@@ -43,8 +43,8 @@ class MariadbProcess:
                  "--auth-root-authentication-method=normal", "--skip-test-db", "--user=root"],
                 check=True, capture_output=True, timeout=120,
             )
-        log = (self.base / "mariadbd.log").open("ab")
-        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=log)
+        with (self.base / "mariadbd.log").open("ab") as log:  # the child keeps its own
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

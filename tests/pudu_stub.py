@@ -1,6 +1,6 @@
 """A stub of the Pudu Open API: a small ASGI app run as a real uvicorn server on a free port.
 
-It checks every request as PUDU-API.md section 2 says Pudu (Tencent's gateway) does,
+It checks every request as docs/pudu.md, "API 2" says Pudu (Tencent's gateway) does,
 independently of the client's signing module: ``x-date`` present and within 900 s,
 ``Content-MD5`` empty on GET and base64 of the body's hex MD5 on POST, the literal
 Accept/Content-Type, the key, and the HMAC-SHA1 signature over the decoded query; 401

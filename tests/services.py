@@ -56,10 +56,10 @@ class ServiceProcess:
         return f"http://127.0.0.1:{self.admin_port}"
 
     def start(self, timeout: float = 20.0) -> ServiceProcess:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [*self.command, "run"], env=self.env, stdout=log, stderr=log, cwd=self.cwd
-        )
+        with self.log_path.open("ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [*self.command, "run"], env=self.env, stdout=log, stderr=log, cwd=self.cwd
+            )
         deadline = time.monotonic() + timeout
         with httpx.Client(timeout=1.0) as client:
             while time.monotonic() < deadline:

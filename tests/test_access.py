@@ -524,3 +524,13 @@ async def test_gateways_show_their_clock_against_this_servers(env: Env) -> None:
     [row] = answer.json()["items"]
     assert abs(row["clock_offset_s"] + 3600) <= 2  # an hour behind this server's clock
     assert row["gateway_clock_offset_s"] == -3600.4  # and its robots' verdict
+
+
+async def test_an_operator_at_the_stream_cap_is_told_so_not_that_the_database_is_down(
+        env: Env) -> None:
+    env.server.console.max_clients = 0  # every stream slot taken
+    r = await env.client.get("/console/stream", headers=env.auth("operator_a"))
+    body = r.json()
+    assert r.status_code == 503 and r.headers["Retry-After"]
+    assert "console streams are open already" in body["message"]
+    assert "database" not in body["message"]

@@ -28,6 +28,7 @@ from bridge.errors import (
     ServiceUnreachableError,
     TopicError,
 )
+from bridge.http_errors import status_for
 from bridge.proxy import sign
 from bridge.transport import InboundMessage
 from tests.services import ADMIN_TOKEN, callback_server, edge_agent
@@ -240,7 +241,7 @@ async def test_error_answers_map_onto_the_exception_tree() -> None:
             await c.publish_message("t", "x")
         with pytest.raises(InputError) as bad:
             await c.subscribe_to_topic("t", collector([])[0])
-        assert (bad.value.field, bad.value.status) == ("qos", 422)
+        assert (bad.value.field, status_for(bad.value)) == ("qos", 422)
         with pytest.raises(ServiceError) as failed:
             await c.send_command("gw", "ping")
         assert failed.value.status == 500

@@ -95,7 +95,7 @@ async def test_a_pattern_subscribed_without_await_receives_a_webhooks_envelope(
     async with MQTTProxy(*stack.proxy(service)) as mqtt:
         received: list[tuple[str, Any]] = []
 
-        # -- the seed's example (SEEDS.md §2), unchanged --------------------------------
+        # -- the seed's example (docs/migrating-mqtt-proxy.md), unchanged ---------------
         async def handler(topic: str, payload: dict[str, Any]) -> None:
             received.append((topic, payload))
 

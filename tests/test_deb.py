@@ -82,8 +82,8 @@ ELF_MACHINE = {62: "x86-64", 183: "aarch64", 40: "arm", 3: "i386"}
 
 def elf_machines(deb: Path, tmp: Path) -> dict[str, str]:
     """Every ELF file in the package and its machine (e_machine in the ELF header)."""
-    subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], check=True,
-                   stdout=(tmp / "data.tar").open("wb"))
+    with (tmp / "data.tar").open("wb") as out:
+        subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], check=True, stdout=out)
     found: dict[str, str] = {}
     with tarfile.open(tmp / "data.tar") as tar:
         for member in tar:

@@ -52,7 +52,8 @@ def test_make_run_pipeline_answers_within_a_second(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(20)
     assert proc.stdout is not None
-    out = "".join(seen) + proc.stdout.read()  # not communicate(): it skips what is buffered
+    with proc.stdout:
+        out = "".join(seen) + proc.stdout.read()  # not communicate(): skips what is buffered
     assert "curl" in out and f"localhost:{edge}/api/pudu/webhook" in out
     assert proc.returncode == 0, out
 
@@ -120,6 +121,7 @@ def test_make_run_prints_a_key_its_curl_lines_work_with(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(20)
+        proc.stdout.close()
 
 
 def test_make_run_with_a_port_taken_says_so_in_one_line_and_exits_3(tmp_path: Path) -> None:

@@ -265,6 +265,7 @@ SEED_DDL = (
 )
 
 
+@pytest.mark.integration  # a scratch database on the shared MariaDB
 async def test_an_envelope_the_database_refuses_is_answered_and_kept_as_a_dead_letter(
         tmp_path: Path) -> None:
     with scratch_mysql_database() as url:

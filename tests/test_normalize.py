@@ -1,6 +1,6 @@
 """Unit tests of bridge.pudu.normalize: both sample dialects, every type, every refusal.
 
-Pure logic, so these are fast and exhaustive (STYLE.md, practice 10). The samples are
+Pure logic, so these are fast and exhaustive. The samples are
 read from disk; ``PUDU_SAMPLES_DIR`` points them elsewhere. A missing directory or file
 fails the test, never skips it: a silently skipped sample test proves nothing.
 """
@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.errors import InputError
+from bridge.http_errors import status_for
 from bridge.pudu.normalize import DEFAULT_MAX_SKEW, DOCUMENTED_TYPES, Normalized, normalize
 
 NOW = 1_800_000_000.0  # after every sample's time: none is 'ahead'
@@ -45,7 +46,7 @@ def norm(callback_type: str, data: Any, received_at: float = NOW) -> Normalized:
     return normalize({"callback_type": callback_type, "data": data}, received_at=received_at)
 
 
-# Every documented type (the PUDU.md table lists 29 names) in its documented casing.
+# Every documented type (the docs/pudu.md table lists 29 names) in its documented casing.
 PUDU_TYPES = [
     "robotStatus", "notifyRobotStatus", "robotErrorWarning", "robotErrorNotice",
     "notifyRobotPower", "notifyRobotPose", "notifyRobotMoveState", "notifyCleanStatus",
@@ -491,7 +492,7 @@ def test_bad_input_raises_input_error_naming_the_field(
 ) -> None:
     with pytest.raises(InputError) as exc:
         normalize(body, received_at=NOW)
-    assert exc.value.status == status
+    assert status_for(exc.value) == status
     assert exc.value.field == field
     if field is not None:
         assert field in exc.value.message
@@ -526,7 +527,7 @@ def test_normalize_raises_only_input_error(body: Any) -> None:
     try:
         n = normalize(body, received_at=NOW)
     except InputError as exc:
-        assert exc.status in (400, 422)
+        assert status_for(exc) in (400, 422)
         return
     assert n.channel in CHANNEL.values() or n.channel.startswith("callback/")
     assert n.ts > 0 and n.message_id

@@ -27,6 +27,7 @@ from starlette.routing import Route
 
 from bridge.errors import ConfigError, OutboundRefusedError
 from bridge.http_errors import install as install_error_handlers
+from bridge.http_errors import status_for
 from bridge.outbound import OutboundPolicy, client, parse_allow, system_resolver
 from bridge.proxy import MqttProxy, RetryPolicy, create_proxy_router
 from bridge.router import MessageRouter
@@ -240,7 +241,8 @@ async def test_policy_unwraps_mapped_addresses_and_honours_listed_names() -> Non
     for host in ("lan.example", "mapped.example"):
         with pytest.raises(OutboundRefusedError) as info:
             await strict.addresses(host, 80)
-        assert (info.value.status, info.value.field, info.value.host) == (422, "callback_url", host)
+        assert (status_for(info.value), info.value.field, info.value.host) == (422, "callback_url",
+                                                                      host)
     by_name = OutboundPolicy(allow=("LAN.example",), resolver=resolver)
     assert [str(a) for a in await by_name.addresses("lan.example", 80)] == ["10.1.2.3"]
     with pytest.raises(OutboundRefusedError):

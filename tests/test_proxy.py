@@ -32,6 +32,7 @@ from bridge.errors import (
     TopicNotAllowedError,
 )
 from bridge.http_errors import install as install_error_handlers
+from bridge.http_errors import status_for
 from bridge.outbound import OutboundPolicy
 from bridge.proxy import MqttProxy, RetryPolicy, create_proxy_router, sign
 from bridge.proxy.subscriptions import Mailbox
@@ -280,7 +281,7 @@ async def test_qos_capped_by_the_backend() -> None:
     assert proxy.check_qos(1) == 1
     with pytest.raises(InputError) as info:
         proxy.check_qos(2)
-    assert info.value.field == "qos" and info.value.status == 422
+    assert info.value.field == "qos" and status_for(info.value) == 422
 
 
 async def test_offline_publish_503_for_qos0_and_504_without_puback() -> None:

@@ -1,4 +1,4 @@
-"""Pudu request signing against the digest's three worked examples (PUDU-API.md section 2)."""
+"""Pudu request signing against the digest's three worked examples (docs/pudu.md, "API 2")."""
 
 from __future__ import annotations
 

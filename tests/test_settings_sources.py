@@ -93,6 +93,7 @@ def test_seed_alias_beats_credential(tmp_path: Path) -> None:
             in s.source_notes)
 
 
+@pytest.mark.integration  # connects to the shared MariaDB as a scratch user
 def test_seed_alias_beats_secret(aws: SecretsManagerServer) -> None:
     """DB_USER names the login; the secret only fills in what is left (the password)."""
     with scratch_mysql_user() as (user, password, url):
@@ -213,6 +214,7 @@ def test_seed_credentials_yaml_names_the_secret(tmp_path: Path) -> None:
         cb_config.load(None, {"CREDENTIALS_FILE": str(creds)})
 
 
+@pytest.mark.integration  # connects to the shared MariaDB as a scratch user
 def test_a_secret_alone_gives_the_whole_address(aws: SecretsManagerServer) -> None:
     """DATABASE_SECRET_NAME and AWS_REGION only: host, port, database and login are the
     secret's (RDS's own secrets hold them all)."""

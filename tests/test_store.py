@@ -169,7 +169,7 @@ async def test_pose_does_not_wipe_status_and_status_does_not_wipe_pose(store: Sq
 
 
 async def test_cleaning_robot_state_comes_from_status_and_error_notice(store: SqlStore) -> None:
-    # CC1/MT1 never send notifyRobotPower/notifyRobotPose (PUDU.md)
+    # CC1/MT1 never send notifyRobotPower/notifyRobotPose (docs/pudu.md)
     await store.write_batch([item(env("CC1", "status", 100, status="busy", battery_level=90,
                                       is_charging=True, charge_state="charging"))])
     notice = env("CC1", "event", 110, "robotErrorNotice", event_id="n1", event_level="info",

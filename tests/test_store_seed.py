@@ -26,7 +26,8 @@ from tests.dbutil import query
 from tests.services import callback_server, edge_agent
 from tests.test_pipeline import BROKER, HEADERS, event_body, prefix, status_body, wait_stored
 
-#: SEEDS.md §1, exactly (docs/storage.md keeps it): INT epoch seconds, VARCHAR(50) sn.
+#: The Flask receiver's tables, exactly (docs/storage.md, "Migrating from the Flask
+#: receiver"): INT epoch seconds, VARCHAR(50) sn.
 SEED_DDL = (
     """CREATE TABLE mnt_robots_management (
     robot_sn VARCHAR(50) PRIMARY KEY,
@@ -72,7 +73,8 @@ def database(url: str) -> str:
 
 
 def seed(url: str, tmp_path: Path, extra: str = "") -> Path:
-    """The seed tables and a database_config.yaml naming them, as SEEDS.md has it."""
+    """The seed tables and a database_config.yaml naming them, as the Flask receiver has
+    them (docs/storage.md)."""
     for ddl in SEED_DDL:
         query(url, ddl)
     db = database(url)

@@ -2,7 +2,7 @@
 
 ``starlette``: a bare Starlette route. ``fastapi``: FastAPI with a pydantic body model,
 the way a webhook is usually written. Both under uvicorn with one worker, uvloop and
-httptools, access log off (MEASURED.md: it costs ~25%), like the edge agent.
+httptools, access log off (docs/measured.md: it costs ~25%), like the edge agent.
 """
 
 from __future__ import annotations

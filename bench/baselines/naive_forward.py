@@ -2,7 +2,7 @@
 
 ``python -m bench.baselines.naive_forward --port 8080 --mqtt-port 1883``. The request
 is answered once ``publish()`` returned, as the seed did: nothing is stored, and the
-return code is not checked, so what paho refuses (MEASURED.md: beyond 65,535 queued
+return code is not checked, so what paho refuses (docs/measured.md: beyond 65,535 queued
 messages, ``MQTT_ERR_QUEUE_SIZE``) is lost while the caller got 200. The bench counts
 what reached the broker from the broker's own ``$SYS`` counters.
 """

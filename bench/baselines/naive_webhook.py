@@ -6,7 +6,7 @@ Run under gunicorn with 2 sync workers::
         gunicorn -w 2 -b 127.0.0.1:8080 bench.baselines.naive_webhook:app
 
 Not sabotaged: each worker connects once and keeps its connection (a connect per
-request would also pay PyMySQL's TLS-context cost, MEASURED.md). The table is created
+request would also pay PyMySQL's TLS-context cost, docs/measured.md). The table is created
 by the bench (``TABLE_DDL``) before the run.
 """
 

@@ -2,7 +2,7 @@
 
 ``python -m bench.baselines.raw_mqtt publish --port P --count N --org O`` publishes N
 envelopes (the same ones the edge would produce from the sample mix) at QoS 1 with an
-in-flight window of 100 (what AWS IoT allows, and where paho is fastest: MEASURED.md),
+in-flight window of 100 (what AWS IoT allows, and where paho is fastest: docs/measured.md),
 checking every return code, and prints ``{"published", "elapsed", "rate"}`` as JSON.
 
 ``python -m bench.baselines.raw_mqtt subscribe --port P --filter F --count N`` prints

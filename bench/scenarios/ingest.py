@@ -4,7 +4,7 @@ Every server gets the same load: the sample mix with unique sn/timestamps, poste
 (or the Python generator) on 64 keep-alive connections for ``duration`` seconds. The
 edge runs as deployed, its broker a private Mosquitto, so the publisher drains the
 outbox while the webhook accepts. Its latency is then measured open-loop at a fixed
-rate (``latency_load`` x its measured maximum), not at saturation (MEASURED.md: p99 at
+rate (``latency_load`` x its measured maximum), not at saturation (docs/measured.md: p99 at
 saturation swings 17-94 ms between runs).
 """
 

@@ -3,7 +3,7 @@
 A webhook is answered 200 only after its message is committed here; the publisher
 removes an entry only after the broker's PUBACK. Every write (puts and removals) goes
 through one writer thread that takes everything queued since its last commit into one
-transaction, so N concurrent webhooks cost one fsync, not N (MEASURED.md: fdatasync
+transaction, so N concurrent webhooks cost one fsync, not N (docs/measured.md: fdatasync
 runs ~4.5k/s on this disk).
 
 Bounded: at ``max_entries`` superseded entries that carry a ``compact_key`` (pose and

@@ -18,10 +18,13 @@ from pydantic import (
 
 from bridge.errors import (
     ConfigError,
+    ConflictError,
     InputError,
+    NotFoundError,
     PayloadError,
     PayloadTooLargeError,
     PubackTimeoutError,
+    RateLimitedError,
     TopicNotAllowedError,
     TransportError,
 )
@@ -36,6 +39,7 @@ from bridge.proxy.subscriptions import (
     WebhookSubscription,
 )
 from bridge.router import MessageRouter
+from bridge.tasks import TaskSet
 from bridge.topic import Topic, TopicFilter
 from bridge.transport.base import InboundMessage, Transport
 
@@ -108,7 +112,7 @@ class MqttProxy:
         self._http: httpx.AsyncClient | None = None
         self._started = False
         self._subs: dict[str, Subscription] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet("proxy")
         self.published = 0
         self.publish_errors = 0
         self.deliveries = 0
@@ -275,8 +279,8 @@ class MqttProxy:
         sub = self._get(subscription_id)
         if sub.owner != "rest":
             owner = "an open stream" if sub.owner == "stream" else "the application"
-            raise InputError(f"subscription {subscription_id} belongs to {owner}",
-                             field="id", status=409)
+            raise ConflictError(f"subscription {subscription_id} belongs to {owner}",
+                                field="id")
         await self._release(sub)
 
     async def remove_rest_subscriptions(self, topic_filter: str) -> list[str]:
@@ -350,8 +354,8 @@ class MqttProxy:
         """A callback subscription's last delivery attempts, newest first (404 otherwise)."""
         sub = self._get(subscription_id)
         if not isinstance(sub, WebhookSubscription):
-            raise InputError(f"subscription {subscription_id!r} has no callback_url", field="id",
-                             status=404)
+            raise NotFoundError(f"subscription {subscription_id!r} has no callback_url",
+                                field="id")
         return list(reversed(sub.log))
 
     def subscription_filter(self, subscription_id: str) -> str:
@@ -362,8 +366,7 @@ class MqttProxy:
         try:
             return self._subs[subscription_id]
         except KeyError:
-            raise InputError(f"no subscription {subscription_id!r}", field="id",
-                             status=404) from None
+            raise NotFoundError(f"no subscription {subscription_id!r}", field="id") from None
 
     def _on_message(self, sub: Subscription, message: InboundMessage) -> Awaitable[None] | None:
         # "org/acme/#" also matches "org/acme" itself (MQTT §4.7.1.2), which is outside
@@ -375,8 +378,7 @@ class MqttProxy:
 
     def _register(self, sub: Subscription) -> None:
         if len(self._subs) >= self.max_subscriptions:
-            raise InputError(f"too many subscriptions (limit {self.max_subscriptions})",
-                             status=429)
+            raise RateLimitedError(f"too many subscriptions (limit {self.max_subscriptions})")
         sub.handle = self.router.add(sub.filter, partial(self._on_message, sub))
         self._subs[sub.id] = sub
 
@@ -429,24 +431,15 @@ class MqttProxy:
         StreamSubscription.attach_reader), so nothing buffered is lost on reconnect."""
         sub = self._get(subscription_id)
         if not isinstance(sub, StreamSubscription):
-            raise InputError(f"subscription {subscription_id} delivers by {sub.kind}, "
-                             "not as a stream", field="id", status=409)
+            raise ConflictError(f"subscription {subscription_id} delivers by {sub.kind}, "
+                                "not as a stream", field="id")
         if sub.owner == "stream":
-            raise InputError(f"subscription {subscription_id} belongs to an open stream",
-                             field="id", status=409)
+            raise ConflictError(f"subscription {subscription_id} belongs to an open stream",
+                                field="id")
         return sub, sub.attach_reader()
 
     def _spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        task.set_name(name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("proxy task %s failed", task.get_name(), exc_info=task.exception())
+        return self._tasks.spawn(coro, name)
 
     # -- lifecycle ------------------------------------------------------------------------
     async def __aenter__(self) -> MqttProxy:
@@ -475,8 +468,7 @@ class MqttProxy:
                 await self.flush()  # give queued webhooks their chance first
                 for sub in list(self._subs.values()):
                     await self._release(sub)
-                if self._tasks:
-                    await asyncio.wait(set(self._tasks))
+                await self._tasks.wait()
         except TimeoutError:
             log.warning("MQTT proxy did not release its subscriptions within %ss",
                         self.close_timeout)
@@ -485,9 +477,7 @@ class MqttProxy:
             if sub.handle is not None:
                 self.router.remove(sub.handle)
             await sub.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel()
         if self._http is not None:
             await self._http.aclose()
             self._http = None

@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from bridge.errors import AuthError, InputError
+from bridge.errors import AuthError, InputError, NotFoundError
 from bridge.http_body import parse_model, read_body
 from bridge.paging import DEFAULT_LIMIT, MAX_LIMIT, Text, decode_cursor, page
 from bridge.proxy.core import MqttProxy
@@ -141,7 +141,7 @@ def create_proxy_router(proxy: MqttProxy,
         exactly like one that does not exist (never confirm it exists)."""
         topic_filter = proxy.subscription_filter(subscription_id)
         if not visible(topic_filter):
-            raise InputError(f"no subscription {subscription_id!r}", field="id", status=404)
+            raise NotFoundError(f"no subscription {subscription_id!r}", field="id")
         return topic_filter
 
     @api.post("/publish")
@@ -191,8 +191,7 @@ def create_proxy_router(proxy: MqttProxy,
             assert body.topic is not None
             removed = await proxy.remove_rest_subscriptions(body.topic)
             if not removed:
-                raise InputError(f"no REST subscription on {body.topic!r}", field="topic",
-                                 status=404)
+                raise NotFoundError(f"no REST subscription on {body.topic!r}", field="topic")
         return {"status": "success", "removed": removed}
 
     @api.get("/status")

@@ -1,6 +1,6 @@
 """Pudu callback -> channel, device, robot time and normalised fields (pure, no I/O).
 
-Liberal where the meaning is clear (PUDU.md: vendor examples are not always valid wire
+Liberal where the meaning is clear (docs/pudu.md: vendor examples are not always valid wire
 bodies): case-insensitive types and values, numeric strings, ``charge_state`` as an
 alias of ``charge_stage``, keys with a stray trailing colon, millisecond timestamps.
 Precise where it is not: every refusal is an ``InputError`` naming the field, because
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from bridge.errors import InputError
+from bridge.errors import InputError, MalformedBodyError
 from bridge.strictjson import SAFE_INT
 from bridge.topic import CHANNEL_OF_TYPE, channel_for, refused_character
 
@@ -33,7 +33,7 @@ __all__ = [
     "to_seconds",
 ]
 
-#: Every callback type PUDU.md documents, in its documented casing.
+#: Every callback type docs/pudu.md documents, in its documented casing.
 DOCUMENTED_TYPES: Final[tuple[str, ...]] = (
     "robotStatus", "notifyRobotStatus", "robotErrorWarning", "robotErrorNotice",
     "notifyRobotPower", "notifyRobotPose", "notifyRobotMoveState", "notifyCleanStatus",
@@ -51,7 +51,7 @@ CHANNELS: Final[dict[str, str]] = CHANNEL_OF_TYPE
 #: Only the latest state of these matters, so a full outbox may drop superseded entries.
 COMPACTABLE: Final = frozenset({"pose", "power"})
 
-# PUDU.md severity map; the seed-style upper-case names map to themselves.
+# docs/pudu.md severity map; the seed-style upper-case names map to themselves.
 _LEVELS: Final = {
     "fatal": "critical", "error": "high", "warning": "warning", "event": "info",
     "critical": "critical", "high": "high", "medium": "medium", "info": "info",
@@ -256,7 +256,7 @@ def _event(r: _Reader, ctype: str, sn: str) -> dict[str, Any]:
         error_id = error_id.strip()
         out["event_id"] = error_id if len(error_id) <= _MAX_EVENT_ID else _digest([error_id])
     else:
-        # error_id "may be missing or empty" (PUDU.md): derive one a retry reproduces.
+        # error_id "may be missing or empty" (docs/pudu.md): derive one a retry reproduces.
         out["event_id"] = _digest([sn, r.raw("error_type"), r.raw("error_detail"),
                                    r.raw("timestamp"), r.raw("notify_timestamp")])
     level = r.enum("error_level")
@@ -280,7 +280,7 @@ def _event(r: _Reader, ctype: str, sn: str) -> dict[str, Any]:
 def _power(r: _Reader, ctype: str, sn: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     _put(out, "battery_level", r.percent("power"))
-    _put(out, "charge_state", _charge(r))  # an open set (PUDU.md): not validated
+    _put(out, "charge_state", _charge(r))  # an open set (docs/pudu.md): not validated
     return out
 
 
@@ -400,9 +400,8 @@ def normalize(body: Any, *, received_at: float,
     robot time's stand-in when that is more than ``max_skew`` seconds ahead of it.
     """
     if not isinstance(body, dict):
-        raise InputError(
+        raise MalformedBodyError(
             f"body must be a JSON object with callback_type and data, got {_kind(body)}",
-            status=400,
         )
     body = _clean_keys(body)
     ctype = _callback_type(body)

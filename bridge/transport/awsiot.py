@@ -5,7 +5,7 @@ backoff and keeps QoS 1 publishes queued across reconnects by itself. Its callba
 futures complete on those threads and are handed to our event loop with
 ``call_soon_threadsafe`` here and nowhere else.
 
-AWS IoT's limits are checked before anything is queued (DESIGN.md): QoS 0/1 only,
+AWS IoT's limits are checked before anything is queued (docs/design-contracts.md): QoS 0/1 only,
 payload <= 128 KiB, topic <= 256 bytes and <= 7 slashes, no ``$aws/`` topics. A publish
 that breaks one fails at once with a permanent PublishRefusedError (the outbox sets it
 aside) instead of getting the connection closed by AWS, as it would be.

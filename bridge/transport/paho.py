@@ -385,7 +385,7 @@ class PahoTransport(Transport):
         if sent.qos >= 1:
             # Once paho accepted a QoS >= 1 message into its queue it resends it after a
             # reconnect, whatever the first send returned (NO_CONN, CONN_LOST). Only a
-            # full queue means it was not taken -- the silent drop MEASURED.md warns of.
+            # full queue means it was not taken -- the silent drop docs/measured.md warns of.
             if sent.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
                 sent.fut.set_exception(TransportError("paho refused publish: its queue is full"))
                 return

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field, field_validator
 
-from bridge.errors import InputError, NotFoundError
+from bridge.errors import ConflictError, ForbiddenError, InputError, NotFoundError
 from bridge.http_body import parse_model, read_body
 from bridge.paging import (
     DEFAULT_LIMIT,
@@ -135,7 +135,7 @@ def create_alert_router(server: AppHost, access: Access) -> APIRouter:
         access.require_role(principal, OPERATORS, "acknowledge alerts")
         body = parse_model(AckBody, await read_body(request, BODY_LIMIT))
         if alert.state == "resolved":
-            raise InputError(f"alert {alert_id} is resolved", status=409)
+            raise ConflictError(f"alert {alert_id} is resolved")
         transition = await alerts.acknowledge(alert_id, principal.name, body.comment,
                                               time.time())
         if transition is not None:
@@ -167,7 +167,7 @@ def create_alert_router(server: AppHost, access: Access) -> APIRouter:
             (ALL_ORGS,) if principal.all_orgs else tuple(sorted(principal.orgs)))
         if not _covers_all(principal, orgs):
             access.refuse_foreign(principal, [o for o in orgs if o != ALL_ORGS] or ["*"])
-            raise InputError(f"key {principal.name!r} does not cover every org", status=403)
+            raise ForbiddenError(f"key {principal.name!r} does not cover every org")
         await server.outbound.check_url(body.url, field="url")
         sub = await alerts.add_subscription(body.url, body.rules, orgs, principal.name,
                                             time.time(), secret=body.secret)

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from bridge.errors import ConfigError
 
 Severity = Literal["info", "warning", "medium", "high", "critical"]
-#: Least to most severe (the event levels of DESIGN.md's normalisation).
+#: Least to most severe (the event levels of docs/design-contracts.md's normalisation).
 SEVERITIES: tuple[Severity, ...] = ("info", "warning", "medium", "high", "critical")
 RULES = ("robot_offline", "battery_low", "robot_fault", "robot_stuck", "gateway_offline",
          "gateway_backlog", "robot_silent", "gateway_disk", "poll_failed", "poll_slow",

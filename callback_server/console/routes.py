@@ -18,25 +18,33 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from bridge.errors import StoreError
+from bridge.errors import CapacityError
 from bridge.http_body import parse_model, read_body
 from bridge.paging import MAX_LIMIT
 from callback_server.access import OPERATORS, READERS, Access
-from callback_server.alerts import CHARGING_STATES, RULES
+from callback_server.alerts import CHARGING_STATES, RULES, AlertEngine, AlertStore
 from callback_server.console.hub import ConsoleHub
 from callback_server.console.stream import ConsoleStream, sse
 from callback_server.sessions import COOKIE, public_https
+from callback_server.store import Store
 
-if TYPE_CHECKING:
-    from callback_server.ports import AppHost
+__all__ = ["ASSETS", "ConsoleHost", "create_console_router"]
 
-__all__ = ["ASSETS", "create_console_router"]
+
+class ConsoleHost(Protocol):
+    """What the console's routes read of the server (``callback_server.ports.AppHost`` has
+    it all; named here so the console and the ports module do not import each other)."""
+
+    store: Store
+    alert_store: AlertStore
+    alerts: AlertEngine
+    gateways: dict[str, dict[str, Any]]
 
 ASSETS = Path(__file__).resolve().parent / "static"
 #: The pages load only this host's files: no inline script, nothing from elsewhere.
@@ -66,7 +74,7 @@ def _page(name: str) -> HTMLResponse:
     return HTMLResponse((ASSETS / name).read_text(encoding="utf-8"), headers=_HEADERS)
 
 
-def create_console_router(server: AppHost, access: Access, hub: ConsoleHub) -> APIRouter:
+def create_console_router(server: ConsoleHost, access: Access, hub: ConsoleHub) -> APIRouter:
     router = APIRouter()
     sessions = access.sessions
 
@@ -124,7 +132,8 @@ def create_console_router(server: AppHost, access: Access, hub: ConsoleHub) -> A
         access.require_role(principal, READERS, "use the console")
         client = hub.join(principal, access.lasting(request, principal))
         if client is None:
-            raise StoreError(f"{hub.max_clients} console streams are open already")
+            raise CapacityError(f"{hub.max_clients} console streams are open already; "
+                                "retry later")
         orgs = None if principal.all_orgs else principal.orgs
         try:  # the first page now: a database error is an HTTP error, not a cut stream
             first, after = await server.store.list_robots(limit=SNAPSHOT_PAGE, orgs=orgs)
@@ -168,7 +177,7 @@ def create_console_router(server: AppHost, access: Access, hub: ConsoleHub) -> A
     return router
 
 
-def rule_settings(server: AppHost) -> dict[str, Any]:
+def rule_settings(server: ConsoleHost) -> dict[str, Any]:
     """The alert rules as the page reads them: each rule's title (its id if it has none)
     and settings. The thresholds for stale, stuck, low battery and backlog are these,
     never constants in the script."""

@@ -158,7 +158,7 @@ def is_robot_channel(channel: str) -> bool:
 
 def is_robot_state(channel: str, env: Envelope) -> bool:
     """Whether a message is about a robot: by its channel, never by comparing the device
-    with the gateway id (a robot may be named like one). Shop-level callbacks (PUDU.md:
+    with the gateway id (a robot may be named like one). Shop-level callbacks (docs/pudu.md:
     mapElementChange has no sn) travel raw on the gateway's topic with no usable sn in
     ``raw``: the edge treats a missing, null or blank sn alike, and so does this."""
     if not is_robot_channel(channel):

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Header, Query
 
-from bridge.errors import AuthError, ConfigError, InputError
+from bridge.errors import AuthError, ConfigError, ConflictError
 from bridge.paging import DEFAULT_LIMIT, MAX_LIMIT, Number, Text, decode_cursor, encode_cursor
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ def create_poll_router(agent: PuduHost) -> APIRouter:
         try:
             return await agent.poller.run_once()
         except ConfigError as exc:  # no shops: nothing was polled, so not a success
-            raise InputError(str(exc), field="PUDU_SHOP_IDS", status=409) from exc
+            raise ConflictError(str(exc), field="PUDU_SHOP_IDS") from exc
 
     @router.get("/runs", summary="Run records, newest first, a page at a time")
     async def runs(limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),

@@ -3,7 +3,7 @@
 Every call goes through ``bridge.outbound.client`` (the product's one rule for
 outbound HTTP), with the configured API host allowed, so a loopback stub works in tests
 and nothing else non-global is reachable. Success is HTTP 200 with ``message``
-``SUCCESS`` (case-insensitive; ``ok`` is seen live, PUDU.md); anything else is a
+``SUCCESS`` (case-insensitive; ``ok`` is seen live, docs/pudu.md); anything else is a
 ``PuduApiError`` of the right kind. 5xx, timeouts, connection failures and rate limits
 are retried with full-jitter back-off, at most ``max_retries`` times, for the reads; a
 robot command (recharge, switch_map, position_command) is not idempotent, so it is
@@ -84,7 +84,7 @@ def _count(value: Any) -> int | None:
 
 def robot_unknown(exc: PuduApiError) -> bool:
     """Pudu's "no such robot for this key" refusal. The spelling is not documented
-    (PUDU-API.md section 6): ROBOT_NOT_FOUND and the NOT_EXIST/NOT_BIND variants."""
+    (docs/pudu.md, "API 6"): ROBOT_NOT_FOUND and the NOT_EXIST/NOT_BIND variants."""
     if not isinstance(exc, PuduBusinessError):
         return False
     words = [w for w in re.split(r"[^A-Z]+", exc.message.upper()) if w]
@@ -304,7 +304,7 @@ class PuduClient:
 
 
 def _check_inner(path: str, data: Any) -> None:
-    """Some ``data`` objects carry their own code/message (PUDU-API.md section 3)."""
+    """Some ``data`` objects carry their own code/message (docs/pudu.md, "API 3")."""
     if not isinstance(data, dict) or "code" not in data:
         return
     code, message = data.get("code"), _message(data)

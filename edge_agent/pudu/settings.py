@@ -10,7 +10,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, f
 
 from edge_agent.pudu.schedule import Schedule, parse
 
-#: PUDU-API.md section 1: the cluster names the SDK knows, accepted as PUDU_API_URL.
+#: docs/pudu.md, "API 1": the cluster names the SDK knows, accepted as PUDU_API_URL.
 CLUSTERS = {
     "cn": "open-platform.pudutech.com",
     "sea": "css-open-platform.pudutech.com",

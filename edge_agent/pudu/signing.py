@@ -1,4 +1,4 @@
-"""Pudu Open API request signing (HMAC-SHA1), as pure functions (PUDU-API.md section 2).
+"""Pudu Open API request signing (HMAC-SHA1), as pure functions (docs/pudu.md, "API 2").
 
 The scheme is Tencent Cloud API Gateway's key-pair auth: a six-line signing string
 (``x-date``, method, Accept, Content-Type, Content-MD5, path) signed with the app

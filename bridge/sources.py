@@ -151,12 +151,6 @@ NOT_HONOURED = {
     "DEBUG": "the Flask debug switch has no counterpart; for verbose logs set LOG_LEVEL=DEBUG",
     "ENABLE_CALLBACKS": "the REST proxy's callback_url subscriptions are always on; "
                         "POST /mqtt/subscribe with or without callback_url",
-    "SCHEDULE_EXPRESSION": "not yet honoured; the Pudu cloud poll runs every "
-                           "PUDU_POLL_INTERVAL seconds",
-    "FORWARD_TIMEOUT": "forwarding here is the durable outbox over MQTT, retried until "
-                       "acknowledged; there is no per-request timeout to set",
-    "FORWARD_MAX_RETRIES": "forwarding here is the durable outbox over MQTT, retried until "
-                           "acknowledged, never dropped after N tries",
 }
 
 

@@ -74,6 +74,8 @@ ALIASES = {
 }
 #: Seed names the callback server does not take, and what it takes instead.
 IGNORED = {
+    "SCHEDULE_EXPRESSION": "the Pudu cloud poll runs on the edge agent: set it there "
+                           "(an alias of its PUDU_POLL_SCHEDULE)",
     "HOST": "the replaced receiver's listener; the callback server listens on "
             "CALLBACK_HTTP_HOST (or CALLBACK_HOST)",
     "PORT": "the replaced receiver's listener; the callback server listens on "

@@ -62,7 +62,6 @@ ENV_MAP = {
     "PUDU_API_SECRET": "pudu.api_secret",
     "PUDU_SHOP_IDS": "pudu.shop_ids",
     "PUDU_POLL_INTERVAL": "pudu.poll_interval_seconds",
-    "SCHEDULE_EXPRESSION": "pudu.poll_schedule",  # the replaced Lambda's name for it
     "PUDU_POLL_SCHEDULE": "pudu.poll_schedule",
     "PUDU_LOOKBACK_HOURS": "pudu.lookback_hours",
     "PUDU_API_TIMEOUT_SECONDS": "pudu.timeout_seconds",
@@ -77,7 +76,13 @@ CREDENTIALS = {"pudu_callback_code": "pudu_callback_code", "pudu_api_secret": "p
 ALIASES = {
     "HOST": Alias("http_host", "EDGE_HTTP_HOST"),
     "PORT": Alias("http_port", "EDGE_HTTP_PORT"),
+    # the replaced scheduled pull's name for its schedule
+    "SCHEDULE_EXPRESSION": Alias("pudu.poll_schedule", "PUDU_POLL_SCHEDULE"),
 }
+#: Why the edge takes no FORWARD_* setting (the callback server does, for its webhooks).
+_FORWARDING = ("the edge forwards through its durable outbox over MQTT, retried until "
+               "acknowledged and never dropped after N tries; FORWARD_TIMEOUT and "
+               "FORWARD_MAX_RETRIES set the callback server's outbound deliveries")
 #: Keys of the secret ``PUDU_SECRET_NAME`` names (AWS Secrets Manager) -> setting.
 SECRET_KEYS = {"callback_code": "pudu_callback_code", "api_secret": "pudu.api_secret"}
 
@@ -225,5 +230,6 @@ def load(path: str | None, environ: Mapping[str, str] | None = None) -> EdgeSett
         ignored={"CALLBACK_HOST": "the callback server's listener; the edge agent's REST "
                                   "proxy listens on EDGE_ADMIN_HOST/EDGE_ADMIN_PORT",
                  "CALLBACK_PORT": "the callback server's listener; the edge agent's REST "
-                                  "proxy listens on EDGE_ADMIN_HOST/EDGE_ADMIN_PORT"},
+                                  "proxy listens on EDGE_ADMIN_HOST/EDGE_ADMIN_PORT",
+                 "FORWARD_TIMEOUT": _FORWARDING, "FORWARD_MAX_RETRIES": _FORWARDING},
     )

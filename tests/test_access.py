@@ -212,6 +212,9 @@ def requests(e: Env) -> dict[tuple[str, str], list[tuple[dict[str, Any], dict[st
              {**FOREIGN_OPERATE, "admin": 404})],
         ("get", "/mqtt/status"): [({"url": "/mqtt/status"}, READ)],
         ("get", "/mqtt/subscriptions"): [({"url": "/mqtt/subscriptions"}, READ)],
+        ("get", "/mqtt/subscriptions/{subscription_id}/deliveries"): [  # none such: 404
+            ({"url": "/mqtt/subscriptions/sub_none/deliveries"},
+             {**READ, **{c: 404 for c, s in READ.items() if s == 200}})],
         ("get", "/mqtt/stream"): [  # refusals only: an admitted stream stays open
             ({"url": "/mqtt/stream", "params": {"id": "sub_none"}},
              {**READ, **{c: 404 for c, s in READ.items() if s == 200}}),

@@ -73,6 +73,13 @@ def test_schedule_expression_is_an_alias_and_check_config_prints_the_next_runs()
            "GATEWAY_ID": "gw", "PATH": "/usr/bin:/bin"}
     settings = config.load(None, {**env, "SCHEDULE_EXPRESSION": "rate(15 minutes)"})
     assert settings.pudu.schedule.period == 900
+    assert any("SCHEDULE_EXPRESSION (a seed name) used" in n and "PUDU_POLL_SCHEDULE" in n
+               for n in settings.source_notes)
+    both = config.load(None, {**env, "SCHEDULE_EXPRESSION": "rate(15 minutes)",
+                              "PUDU_POLL_SCHEDULE": "rate(1 hour)"})
+    assert both.pudu.schedule.period == 3600  # the product's name wins, and says so
+    assert any("SCHEDULE_EXPRESSION=rate(15 minutes) is not used" in n
+               for n in both.source_notes)
     done = subprocess.run([sys.executable, "-m", "edge_agent", "check-config"],
                           env={**env, "SCHEDULE_EXPRESSION": "cron(0 9 ? * MON-FRI *)"},
                           capture_output=True, text=True, timeout=60, check=False)

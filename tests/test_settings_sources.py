@@ -194,7 +194,7 @@ def test_callback_listener_aliases_and_names_not_honoured() -> None:
     warned = " | ".join(s.source_warnings)
     for name, instead in (("DEBUG", "LOG_LEVEL=DEBUG"), ("ENABLE_CALLBACKS", "callback_url"),
                           ("PORT", "CALLBACK_HTTP_PORT"),
-                          ("SCHEDULE_EXPRESSION", "PUDU_POLL_INTERVAL")):
+                          ("SCHEDULE_EXPRESSION", "PUDU_POLL_SCHEDULE")):
         assert f"{name} is set but not honoured" in warned and instead in warned
 
 

@@ -106,6 +106,7 @@ class MysqlBackend(Backend):
         }
         self._pool: aiomysql.Pool | None = None
         self._lock = asyncio.Lock()
+        self._closed = False
 
     def describe(self) -> str:
         return f"MySQL at {self.host or '(host from the secret)'}:{self.port}/{self.database}"
@@ -131,6 +132,10 @@ class MysqlBackend(Backend):
 
     async def _get_pool(self) -> aiomysql.Pool:
         async with self._lock:
+            if self._closed:
+                # A task still running at shutdown must not open a new pool that nobody
+                # closes: its sessions would hold the tables (a DROP waited on them).
+                raise StoreError(f"{self.describe()}: the store is closed")
             if self._pool is None:
                 # pool_recycle: MySQL drops idle sessions after wait_timeout (and proxies
                 # like RDS Proxy sooner); never reuse one idle for more than 5 minutes.
@@ -269,7 +274,9 @@ class MysqlBackend(Backend):
         return names - {str(r["s"]) for r in rows}
 
     async def close(self) -> None:
-        pool, self._pool = self._pool, None
+        async with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
         if pool is not None:
             pool.close()
             await pool.wait_closed()

@@ -92,7 +92,7 @@ async def commit(server: CallbackServer, *envs: Envelope) -> None:
     done = [loop.create_future() for _ in envs]
     for env, future in zip(envs, done, strict=True):
         server.writer.submit(f"org/{env.org}/device/{env.gateway}/{env.channel}", env,
-                             lambda s, f=future: f.set_result(s))
+                             future.set_result)
     settled: list[Settled] = await asyncio.wait_for(asyncio.gather(*done), 10)
     assert all(s.reason is None for s in settled), settled
 

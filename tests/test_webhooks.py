@@ -218,3 +218,46 @@ async def test_a_private_address_is_refused_at_post_without_connecting(
             assert r.json()["field"] == "url" and "CALLBACK_URL_ALLOW" in r.json()["message"]
     listed = await env.client.get("/webhooks", headers=env.auth("admin"))
     assert listed.json()["items"] == [] and connects == []
+
+
+async def test_presence_status_and_alert_transitions_become_events(env: Env) -> None:
+    """Gateway presence over the real broker, a robot going offline through the batch
+    writer, and the alert a failed run opens (poll_failed) reach a subscriber of them."""
+    from bridge.topic import TopicScheme
+
+    receiver = Receiver()
+    async with serve(receiver.app()) as url:
+        made = await env.client.post("/webhooks", headers=env.auth("op_pg"), json={
+            "url": f"{url}/hook", "events": ["gateway.offline", "robot.offline",
+                                             "robot.status_changed", "alert.opened"]})
+        assert made.status_code == 200, made.text
+        secret = made.json()["secret"]
+        await until(lambda: env.server.subscribed)
+        topic = str(TopicScheme("pg", env.server.settings.topic_prefix).device("gw9",
+                                                                              "presence"))
+        await env.server.transport.publish(topic, b"offline", qos=1, retain=False)
+        await commit(env.server, envelope("pg", "status", "robotStatus", {"status": "offline"}),
+                     failed_run("pg"))
+
+        def events() -> list[tuple[str, str]]:
+            bodies = [json.loads(b) for _, b in receiver.requests]
+            return sorted((b["event"], b["data"].get("rule") or b["data"].get("robot_sn")
+                           or b["data"].get("gateway_id")) for b in bodies)
+
+        # each also opens an alert: gateway_offline, robot_offline, poll_failed
+        want = [("alert.opened", "gateway_offline"), ("alert.opened", "poll_failed"),
+                ("alert.opened", "robot_offline"), ("gateway.offline", "gw9"),
+                ("robot.offline", "SN1"), ("robot.status_changed", "SN1")]
+        await until(lambda: len(receiver.requests) >= len(want))
+        await until(lambda: env.server.webhooks.delivery.pending == 0)
+        assert events() == want
+        assert all(verify_signature(b, h.get("x-signature"), secret)
+                   for h, b in receiver.requests)
+        # the same status again is no change: only the later change to online is sent
+        # (one worker per webhook keeps order, so a wrong offline would come first)
+        await commit(env.server, envelope("pg", "status", "robotStatus", {"status": "offline"}))
+        await commit(env.server, envelope("pg", "status", "robotStatus", {"status": "online"}))
+        await until(lambda: len(receiver.requests) > len(want))
+        last = json.loads(receiver.requests[len(want)][1])
+        assert (last["event"], last["data"]["status"], last["data"]["previous"]) == (
+            "robot.status_changed", "online", "offline")

@@ -261,3 +261,30 @@ async def test_presence_status_and_alert_transitions_become_events(env: Env) -> 
         last = json.loads(receiver.requests[len(want)][1])
         assert (last["event"], last["data"]["status"], last["data"]["previous"]) == (
             "robot.status_changed", "online", "offline")
+
+
+async def test_delivery_to_an_address_the_rule_no_longer_allows_is_refused_unconnected(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A webhook made while CALLBACK_URL_ALLOW listed its host, delivered after the
+    operator narrowed it: refused at connect, logged once, never retried or connected."""
+    from bridge.outbound import OutboundPolicy
+    from callback_server.webhooks import Event, WebhookDelivery
+    from callback_server.webhooks.delivery import Retry
+
+    connects: list[str] = []
+    real = httpcore.AnyIOBackend.connect_tcp
+
+    async def counted(self: httpcore.AnyIOBackend, host: str, port: int,
+                      *args: Any, **kwargs: Any) -> httpcore.AsyncNetworkStream:
+        connects.append(host)
+        return await real(self, host, port, *args, **kwargs)
+
+    monkeypatch.setattr(httpcore.AnyIOBackend, "connect_tcp", counted)
+    store = env.server.webhooks.store
+    hook = await store.add("http://127.0.0.1:9/hook", ["robot.error"], ["pg"], "admin",
+                           time.time())
+    async with WebhookDelivery(store, OutboundPolicy(), Retry(3, 0.01, 0.02), 5) as narrowed:
+        outcome = await narrowed.deliver(hook, Event("robot.error", "pg", {"robot_sn": "SN1"}))
+    assert outcome == "refused" and connects == []
+    items, _ = await store.deliveries(hook.id, limit=10)
+    assert [(r["attempt"], r["status"], r["outcome"]) for r in items] == [(1, None, "refused")]

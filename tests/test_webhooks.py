@@ -6,6 +6,7 @@ signed, with retries in the delivery log; nothing for another org; the outbound 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -28,6 +29,7 @@ from callback_server import config as cb_config
 from callback_server.batcher import Settled
 from callback_server.keys import ALL_ORGS, add_key
 from callback_server.service import CallbackServer
+from tests.dbutil import scratch_mysql_database
 from tests.test_proxy import BROKER, serve
 from tests.waiting import until
 
@@ -44,9 +46,18 @@ class Env:
         return {"Authorization": f"Bearer {self.keys[who]}"}
 
 
-@pytest.fixture
-async def env(tmp_path: Path) -> AsyncIterator[Env]:
-    """CALLBACK_URL_ALLOW=127.0.0.1/32 (the test's receivers); 3 attempts, quick back-off."""
+@pytest.fixture(params=["sqlite", "mysql"])
+async def env(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Env]:
+    """CALLBACK_URL_ALLOW=127.0.0.1/32 (the test's receivers); 3 attempts, quick back-off;
+    on SQLite and on a scratch MariaDB database (the webhook tables on both)."""
+    with contextlib.ExitStack() as stack:
+        database = (f"sqlite:///{tmp_path / 'cb.db'}" if request.param == "sqlite"
+                    else stack.enter_context(scratch_mysql_database()))
+        async for e in start(tmp_path, database):
+            yield e
+
+
+async def start(tmp_path: Path, database: str) -> AsyncIterator[Env]:
     keys_file = tmp_path / "keys.yaml"
     keys = {"admin": add_key(keys_file, "admin", [ALL_ORGS], "admin"),
             "op_pg": add_key(keys_file, "op_pg", ["pg"], "operator"),
@@ -56,7 +67,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     rules.write_text("delivery: {attempts: 3, base_seconds: 0.01, cap_seconds: 0.02}\n")
     prefix = f"t{uuid.uuid4().hex[:8]}"
     settings = cb_config.load(None, {
-        "MQTT_URL": BROKER, "DATABASE_URL": f"sqlite:///{tmp_path / 'cb.db'}",
+        "MQTT_URL": BROKER, "DATABASE_URL": database,
         "TOPIC_PREFIX": prefix, "API_KEYS_FILE": str(keys_file),
         "MQTT_CLIENT_ID": f"webhooks-{prefix}", "ALERT_RULES_FILE": str(rules),
         "CALLBACK_URL_ALLOW": "127.0.0.1/32"})

@@ -8,6 +8,7 @@ the database: an event is news of something just stored or just seen.
 from __future__ import annotations
 
 import secrets
+from collections import OrderedDict
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -24,6 +25,9 @@ EVENTS = ("robot.status_changed", "robot.error", "robot.offline", "robot.online"
 
 #: Robots whose last status is remembered (status_changed needs the one before).
 MAX_ROBOTS = 100_000
+#: Message ids remembered so a redelivered message (stored as a duplicate, yet told to
+#: the committed-batch hook again) raises no second event.
+MAX_SEEN = 50_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,10 +52,22 @@ class EventSource:
         self.emit = emit
         self._status: dict[tuple[str, str], str] = {}
         self._presence: dict[tuple[str, str], str] = {}
+        self._seen: OrderedDict[str, None] = OrderedDict()
+
+    def _first(self, env: Envelope) -> bool:
+        """True the first time this process sees this message id."""
+        if env.id in self._seen:
+            return False
+        self._seen[env.id] = None
+        if len(self._seen) > MAX_SEEN:
+            self._seen.popitem(last=False)
+        return True
 
     def observe(self, items: Iterable[tuple[str, Envelope]]) -> None:
         """The batch writer's committed-batch hook (chained after the alert engine's)."""
         for topic, env in items:
+            if not self._first(env):
+                continue
             channel = channel_of(topic, env)
             if channel == "poll" and env.type == "poll.run":
                 self._run(env)

@@ -8,8 +8,8 @@ the database: an event is news of something just stored or just seen.
 from __future__ import annotations
 
 import secrets
-from collections import OrderedDict
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any

@@ -147,10 +147,10 @@ async def test_each_subscribed_event_once_signed_with_retries_logged_and_no_othe
         # then the error redelivered by the broker (stored as a duplicate) and, after it,
         # another failed run: a second robot.error would arrive before that (one worker
         # per webhook keeps order)
-        error, run = error_event("pg"), failed_run("pg")
-        await commit(env.server, error, run,
+        fault, run = error_event("pg"), failed_run("pg")
+        await commit(env.server, fault, run,
                      envelope("pg", "status", "robotStatus", {"status": "offline"}))
-        await commit(env.server, error)
+        await commit(env.server, fault)
         await commit(env.server, failed_run("pg"))
         await until(lambda: len(pg.taken()) >= 3)
         await until(lambda: env.server.webhooks.delivery.pending == 0)

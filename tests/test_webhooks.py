@@ -177,6 +177,16 @@ async def test_each_subscribed_event_once_signed_with_retries_logged_and_no_othe
         assert later == [(1, 204, "delivered")] * 2
         assert all(isinstance(r["latency_ms"], float) and r["latency_ms"] >= 0 for r in rows)
         assert log.json()["next_cursor"] is None
+        paged, cursor = [], None  # two at a time: the same rows, newest first
+        while True:
+            page = (await env.client.get(f"/api/v1/webhooks/{hook['id']}/deliveries",
+                                         headers=env.auth("op_pg"),
+                                         params={"limit": 2, **({"cursor": cursor}
+                                                                if cursor else {})})).json()
+            paged += page["items"]
+            if (cursor := page["next_cursor"]) is None:
+                break
+        assert paged == log.json()["items"] and len(paged) == 5
 
         # another org's webhook does not exist for this key, on either path
         for path in (f"/webhooks/{theirs.json()['id']}/deliveries",

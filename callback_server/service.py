@@ -50,6 +50,9 @@ from callback_server.store.schema import (
     LOG_TABLE,
     TASKS_TABLE,
 )
+from callback_server.webhooks import routes as webhook_routes
+from callback_server.webhooks.delivery import Retry
+from callback_server.webhooks.service import Webhooks
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +116,22 @@ class CallbackServer:
             beat=self.watchdog.beat("alerts"))
         self.console = ConsoleHub(self.store)
         self.alert_delivery.listeners.append(self.console.on_transition)
+        # Events by type: the alert delivery's retry policy (FORWARD_* applied), its
+        # transitions, the committed batches and gateway presence.
+        d = self.alert_settings.delivery
+        self.webhooks = Webhooks.open(self.store, self.outbound,
+                                      Retry(d.attempts, d.base_seconds, d.cap_seconds),
+                                      d.timeout_seconds)
+        self.alert_delivery.listeners.append(self.webhooks.source.on_transition)
 
         def committed(items: list[tuple[str, Envelope]]) -> None:
             self.alerts.observe(items)
             self.console.observe(items)
+            self.webhooks.source.observe(items)
 
         self.writer.on_batch = committed
         self.consumer.gateway_handlers.append(self.alerts.on_gateway)
+        self.consumer.gateway_handlers.append(self.webhooks.source.on_gateway)
         self.commands = CommandClient(self.transport, settings.topic_prefix)
         token = settings.proxy_token.get_secret_value() if settings.proxy_token else None
         self.keys = KeyRing(settings.api_keys_file, proxy_token=token,
@@ -150,6 +162,9 @@ class CallbackServer:
         proxy_api = create_proxy_router(self.proxy, authorize=self.access.proxy_hook())
         assert proxy_api is not None
         self.app.include_router(proxy_api)
+        self.app.state.webhooks = self.webhooks
+        self.app.include_router(webhook_routes.router)
+        self.app.include_router(webhook_routes.router, prefix="/api/v1")
 
     async def __aenter__(self) -> CallbackServer:
         await self._stack.enter_async_context(self.store)
@@ -165,6 +180,8 @@ class CallbackServer:
         self.tasks.spawn(self.alerts.run(), "alerts")
         self.tasks.spawn(self.console.run(), "console")
         self.tasks.spawn(self.alert_delivery.run(), "alert-delivery")
+        await self._stack.enter_async_context(self.webhooks.delivery)
+        self.tasks.spawn(self.webhooks.delivery.run(), "webhook-delivery")
         # Normally subscribed before serving; a broker that is down or slow to SUBACK
         # must not stop the server, so then it goes on trying in the background.
         subscribing = self.tasks.spawn(self._subscribe(), "subscribe")
@@ -336,6 +353,9 @@ class CallbackServer:
                        "delivering": self.alert_delivery.pending,
                        "delivered": self.alert_delivery.delivered,
                        "undelivered": self.alert_delivery.failed},
+            "webhooks": {"delivering": self.webhooks.delivery.pending,
+                         "delivered": self.webhooks.delivery.delivered,
+                         "undelivered": self.webhooks.delivery.failed},
             "subscription": self.consumer.filter.value,
             "subscribed": self.subscribed,
             "tcp_nodelay_verified": self.nodelay.verified,

@@ -96,6 +96,9 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
             sub = await server.alert_store.add_subscription(
                 "http://127.0.0.1:9/hook", None, [org], "admin", time.time())
             ids[f"sub_{org}"] = sub.id
+            hook = await server.webhooks.store.add(
+                "http://127.0.0.1:9/hook", ["robot.error"], [org], "admin", time.time())
+            ids[f"wh_{org}"] = hook.id
         transport = httpx.ASGITransport(app=server.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://cb",
                                      timeout=10) as client:
@@ -182,6 +185,8 @@ def requests(e: Env) -> dict[tuple[str, str], list[tuple[dict[str, Any], dict[st
              {**OPERATE, "operator_a": 404}),
             ({"url": "/alert-subscriptions/asub_none"},
              {**OPERATE, "admin": 404, "operator_a": 404})],
+        **{(m, f"{base}{p}"): cases for base in ("", "/api/v1")  # the same API, twice
+           for (m, p), cases in webhook_cases(e).items()},
         # Console: the key is in the body, so a header (or none) changes nothing.
         ("post", "/console/session"): [
             ({"url": "/console/session", "json": {"key": "not-a-key"}},
@@ -223,6 +228,23 @@ def requests(e: Env) -> dict[tuple[str, str], list[tuple[dict[str, Any], dict[st
               "unknown": 401}),
             ({"url": "/mqtt/stream", "params": {"topic": "#"}},  # beyond the proxy for all
              {**{c: 403 for c in ROLES}, "none": 401, "unknown": 401})],
+    }
+
+
+def webhook_cases(e: Env) -> dict[tuple[str, str], list[tuple[dict[str, Any], dict[str, int]]]]:
+    """``/webhooks`` routes (also under ``/api/v1``): operators of the webhook's orgs."""
+    hook = {"url": "http://127.0.0.1:9/h", "events": ["robot.error"]}
+    return {
+        ("post", "/webhooks"): [
+            ({"url": "/webhooks", "json": hook}, OPERATE),
+            ({"url": "/webhooks", "json": {**hook, "orgs": ["beta"]}}, FOREIGN_OPERATE)],
+        ("get", "/webhooks"): [({"url": "/webhooks"}, OPERATE)],
+        ("get", "/webhooks/{hook_id}/deliveries"): [
+            ({"url": f"/webhooks/{e.ids['wh_acme']}/deliveries"}, OPERATE),
+            ({"url": f"/webhooks/{e.ids['wh_beta']}/deliveries"},
+             {**OPERATE, "operator_a": 404})],
+        ("delete", "/webhooks/{hook_id}"): [
+            ({"url": "/webhooks/wh_none"}, {**OPERATE, "admin": 404, "operator_a": 404})],
     }
 
 

@@ -1,9 +1,8 @@
 """Tells subscribers of each transition: MQTT ``{prefix}org/{org}/alerts`` and signed webhooks.
 
-A webhook is signed as ``callback_url`` pushes are (``X-Signature: sha256=<hex
-HMAC-SHA256(secret, body)>``), sent through the outbound rule (``bridge.outbound``), and
-retried with full-jitter exponential back-off up to ``attempts`` times; every attempt is
-a row of the subscription's delivery log. One worker per subscription keeps its
+A webhook is POSTed by ``callback_server.webhooks.delivery.post_signed``, the one signed
+(``X-Signature``), retried, outbound-checked POST the event webhooks use too; every attempt
+is a row of the subscription's delivery log. One worker per subscription keeps its
 transitions in order; a slow receiver delays only its own.
 """
 
@@ -18,15 +17,15 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from bridge.backoff import backoff_delay
-from bridge.errors import FleetError, OutboundRefusedError, StoreError
+from bridge.errors import FleetError, StoreError
 from bridge.outbound import OutboundPolicy, client
-from bridge.proxy import sign
 from bridge.tasks import cancel_and_wait
 from bridge.topic import TopicScheme
 from bridge.transport import Transport
 from callback_server.alerts.alert import Transition
 from callback_server.alerts.rules import Delivery
 from callback_server.alerts.store import AlertStore, AlertSubscription
+from callback_server.webhooks.delivery import Retry, post_signed
 
 if TYPE_CHECKING:
     import httpx
@@ -148,46 +147,30 @@ class AlertDelivery:
                 log.exception("alert delivery to subscription %s failed", sub.id)
 
     async def deliver(self, sub: AlertSubscription, transition: Transition) -> str:
-        """POST one transition to one subscription, retrying within bounds; the outcome."""
-        import httpx  # loaded by ``client`` already
-
+        """POST one transition to one subscription (``post_signed``: the one signed,
+        retried POST of every webhook); the outcome."""
         assert self._client is not None, "enter AlertDelivery first"
         body = json.dumps({**transition.body(), "subscription_id": sub.id},
                           separators=(",", ":")).encode()
-        headers = {"Content-Type": "application/json", "X-Signature": sign(sub.secret, body),
-                   "X-Subscription-Id": sub.id, "X-Alert-Transition": transition.name}
         s = self.settings
-        outcome = "gave_up"
-        for attempt in range(1, s.attempts + 1):
-            retryable = True
-            try:
-                response = await self._client.post(sub.url, content=body, headers=headers)
-            except OutboundRefusedError:
-                outcome, retryable = "refused", False  # checked at connect: not retried
-            except httpx.HTTPError as exc:
-                log.info("alert delivery %s to %s attempt %d: %s", transition.id, sub.id,
-                         attempt, type(exc).__name__)
-                outcome = "failed"
-            else:
-                if response.is_success:
-                    outcome = "delivered"
-                else:
-                    # 4xx other than 408/429 will not change on retry (nor a 3xx: no redirects)
-                    retryable = response.status_code >= 500 or response.status_code in (408, 429)
-                    outcome = "failed"
-            last = attempt == s.attempts or not retryable
-            if outcome == "failed" and last:
-                outcome = "gave_up"
+        tries = 0
+
+        async def record(attempt: int, status: int | None, latency: float | None,
+                         outcome: str) -> None:
+            nonlocal tries
+            tries = attempt
             await self._record(sub, transition, attempt, outcome)
-            if outcome == "delivered":
-                self.delivered += 1
-                return outcome
-            if last:
-                break
-            await asyncio.sleep(backoff_delay(attempt, s.base_seconds, s.cap_seconds))
+
+        outcome = await post_signed(
+            self._client, sub.url, sub.secret, body,
+            {"X-Subscription-Id": sub.id, "X-Alert-Transition": transition.name},
+            Retry(s.attempts, s.base_seconds, s.cap_seconds), record)
+        if outcome == "delivered":
+            self.delivered += 1
+            return outcome
         self.failed += 1
         log.warning("alert %s (%s) not delivered to subscription %s: %s after %d attempts",
-                    transition.alert.id, transition.name, sub.id, outcome, attempt)
+                    transition.alert.id, transition.name, sub.id, outcome, tries)
         return outcome
 
     async def _record(self, sub: AlertSubscription, transition: Transition, attempt: int,

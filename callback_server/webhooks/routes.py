@@ -1,0 +1,123 @@
+"""``/webhooks`` (and ``/api/v1/webhooks``, the path receivers were built against): one
+module-level router, included twice by the service.
+
+Operators (and admins) manage webhooks of the orgs their key covers; a webhook of an
+org the key does not cover answers 404, as if it did not exist.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, Field, field_validator
+
+from bridge.errors import ForbiddenError, NotFoundError
+from bridge.http_body import parse_model, read_body
+from bridge.paging import DEFAULT_LIMIT, MAX_LIMIT, Text, decode_cursor, encode_cursor
+from callback_server.access import OPERATORS, Access, Principal
+from callback_server.keys import ALL_ORGS
+from callback_server.webhooks.events import EVENTS
+from callback_server.webhooks.store import Webhook
+
+if TYPE_CHECKING:
+    from callback_server.webhooks.service import Webhooks
+
+BODY_LIMIT = 16 * 1024
+SIGNATURE = "X-Signature: sha256=<hex HMAC-SHA256(secret, body)>"
+
+router = APIRouter(tags=["webhooks"])
+
+
+class WebhookBody(BaseModel):
+    """Body of ``POST /webhooks``."""
+
+    url: str = Field(min_length=1, max_length=2048)
+    events: list[str] = Field(min_length=1, max_length=len(EVENTS))
+    orgs: list[str] | None = Field(default=None, min_length=1, max_length=100)
+    secret: str | None = Field(default=None, min_length=16, max_length=256)
+
+    @field_validator("events")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        unknown = sorted(set(v) - set(EVENTS))
+        if unknown:
+            raise ValueError(f"unknown events {unknown}; known: {', '.join(EVENTS)}")
+        return list(dict.fromkeys(v))
+
+
+def _parts(request: Request) -> tuple[Access, Webhooks, Principal]:
+    access: Access = request.app.state.access
+    principal = access.principal(request)
+    access.require_role(principal, OPERATORS, "manage webhooks")
+    return access, request.app.state.webhooks, principal
+
+
+def _covers_all(principal: Principal, orgs: tuple[str, ...]) -> bool:
+    if principal.all_orgs:
+        return True
+    return ALL_ORGS not in orgs and all(principal.covers(o) for o in orgs)
+
+
+async def _visible(hooks: Webhooks, principal: Principal, hook_id: str) -> Webhook:
+    hook = await hooks.store.get(hook_id)
+    if hook is None or not _covers_all(principal, hook.orgs):
+        raise NotFoundError(f"webhook {hook_id} not found")
+    return hook
+
+
+@router.post("/webhooks", summary="Send events of some types (of some orgs) to a URL",
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": WebhookBody.model_json_schema()}}}})
+async def create_webhook(request: Request) -> dict[str, Any]:
+    access, hooks, principal = _parts(request)
+    body = parse_model(WebhookBody, await read_body(request, BODY_LIMIT))
+    orgs = tuple(body.orgs) if body.orgs else (
+        (ALL_ORGS,) if principal.all_orgs else tuple(sorted(principal.orgs)))
+    if not _covers_all(principal, orgs):
+        access.refuse_foreign(principal, [o for o in orgs if o != ALL_ORGS] or ["*"])
+        raise ForbiddenError(f"key {principal.name!r} does not cover every org")
+    await hooks.outbound.check_url(body.url, field="url")
+    hook = await hooks.store.add(body.url, body.events, orgs, principal.name, time.time(),
+                                 secret=body.secret)
+    hooks.delivery.changed()
+    # The only time the secret is shown: the receiver needs it to verify.
+    return {**hook.public(), "secret": hook.secret, "signature": SIGNATURE}
+
+
+@router.get("/webhooks", summary="Webhooks the key may manage (never their secrets)")
+async def list_webhooks(request: Request,
+                        limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
+                        cursor: str | None = Query(None, max_length=1000)) -> dict[str, Any]:
+    _, hooks, principal = _parts(request)
+    after = decode_cursor(cursor, Text)
+    mine = [h for h in await hooks.store.all(None if after is None else str(after[0]))
+            if _covers_all(principal, h.orgs)]
+    page = mine[:limit]
+    more = len(mine) > limit
+    return {"items": [h.public() for h in page],
+            "next_cursor": encode_cursor([page[-1].id]) if more and page else None}
+
+
+@router.delete("/webhooks/{hook_id}", summary="Stop a webhook")
+async def delete_webhook(hook_id: str, request: Request) -> dict[str, Any]:
+    _, hooks, principal = _parts(request)
+    hook = await _visible(hooks, principal, hook_id)
+    await hooks.store.delete(hook.id)
+    hooks.delivery.changed()
+    return {"status": "success", "id": hook.id, "timestamp": int(time.time())}
+
+
+@router.get("/webhooks/{hook_id}/deliveries",
+            summary="A webhook's delivery log: each attempt, newest first")
+async def webhook_deliveries(hook_id: str, request: Request,
+                             limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
+                             cursor: str | None = Query(None, max_length=1000),
+                             ) -> dict[str, Any]:
+    _, hooks, principal = _parts(request)
+    hook = await _visible(hooks, principal, hook_id)
+    after = decode_cursor(cursor, (int,))
+    items, last = await hooks.store.deliveries(
+        hook.id, limit=limit, after=None if after is None else int(after[0]))
+    return {"items": items, "next_cursor": None if last is None else encode_cursor(last)}

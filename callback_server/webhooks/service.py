@@ -1,0 +1,31 @@
+"""The webhooks part as one object the callback server holds and the routes reach
+(``app.state.webhooks``): store, event source, delivery."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bridge.outbound import OutboundPolicy
+from callback_server.store.protocol import SqlAccess
+from callback_server.webhooks.delivery import Retry, WebhookDelivery
+from callback_server.webhooks.events import EventSource
+from callback_server.webhooks.store import WebhookStore
+
+
+@dataclass
+class Webhooks:
+    """Enter ``delivery`` and run ``delivery.run``; feed ``source`` from the server."""
+
+    store: WebhookStore
+    outbound: OutboundPolicy
+    delivery: WebhookDelivery
+    source: EventSource = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.source = EventSource(self.delivery.submit)
+
+    @classmethod
+    def open(cls, sql: SqlAccess, outbound: OutboundPolicy, retry: Retry,
+             timeout: float) -> Webhooks:
+        store = WebhookStore(sql)
+        return cls(store, outbound, WebhookDelivery(store, outbound, retry, timeout))

@@ -1,0 +1,317 @@
+"""Webhooks by event type, in process against a real batch writer (SQLite), real
+loopback receivers (uvicorn) and the real outbound client: each subscribed event once,
+signed, with retries in the delivery log; nothing for another org; the outbound rule at
+``POST``; ``/api/v1/webhooks`` is the same API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpcore
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from bridge import verify_signature
+from bridge.envelope import Envelope
+from callback_server import config as cb_config
+from callback_server.batcher import Settled
+from callback_server.keys import ALL_ORGS, add_key
+from callback_server.service import CallbackServer
+from tests.dbutil import scratch_mysql_database
+from tests.test_proxy import BROKER, serve
+from tests.waiting import until
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Env:
+    server: CallbackServer
+    client: httpx.AsyncClient
+    keys: dict[str, str]
+
+    def auth(self, who: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[who]}"}
+
+
+@pytest.fixture(params=["sqlite", "mysql"])
+async def env(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Env]:
+    """CALLBACK_URL_ALLOW=127.0.0.1/32 (the test's receivers); 3 attempts, quick back-off;
+    on SQLite and on a scratch MariaDB database (the webhook tables on both)."""
+    with contextlib.ExitStack() as stack:
+        database = (f"sqlite:///{tmp_path / 'cb.db'}" if request.param == "sqlite"
+                    else stack.enter_context(scratch_mysql_database()))
+        async for e in start(tmp_path, database):
+            yield e
+
+
+async def start(tmp_path: Path, database: str) -> AsyncIterator[Env]:
+    keys_file = tmp_path / "keys.yaml"
+    keys = {"admin": add_key(keys_file, "admin", [ALL_ORGS], "admin"),
+            "op_pg": add_key(keys_file, "op_pg", ["pg"], "operator"),
+            "op_other": add_key(keys_file, "op_other", ["other"], "operator"),
+            "viewer_pg": add_key(keys_file, "viewer_pg", ["pg"], "viewer")}
+    rules = tmp_path / "alert-rules.yaml"
+    rules.write_text("delivery: {attempts: 3, base_seconds: 0.01, cap_seconds: 0.02}\n")
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    settings = cb_config.load(None, {
+        "MQTT_URL": BROKER, "DATABASE_URL": database,
+        "TOPIC_PREFIX": prefix, "API_KEYS_FILE": str(keys_file),
+        "MQTT_CLIENT_ID": f"webhooks-{prefix}", "ALERT_RULES_FILE": str(rules),
+        "CALLBACK_URL_ALLOW": "127.0.0.1/32"})
+    async with CallbackServer(settings) as server, httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=server.app), base_url="http://cb",
+            timeout=10) as client:
+        yield Env(server, client, keys)
+
+
+@dataclass
+class Receiver:
+    """Records every POST (headers, raw body); the first ``fail`` answer 500."""
+
+    fail: int = 0
+    requests: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+
+    async def hook(self, request: Request) -> Response:
+        body = await request.body()
+        self.requests.append((dict(request.headers), body))
+        return Response(status_code=500 if len(self.requests) <= self.fail else 204)
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[Route("/hook", self.hook, methods=["POST"])])
+
+    def taken(self) -> list[dict[str, Any]]:
+        """Bodies of the requests answered 2xx."""
+        return [json.loads(b) for _, b in self.requests[self.fail:]]
+
+
+async def commit(server: CallbackServer, *envs: Envelope) -> None:
+    """Through the real batch writer: stored, then told to the committed-batch hooks."""
+    loop = asyncio.get_running_loop()
+    done = [loop.create_future() for _ in envs]
+    for env, future in zip(envs, done, strict=True):
+        server.writer.submit(f"org/{env.org}/device/{env.gateway}/{env.channel}", env,
+                             future.set_result)
+    settled: list[Settled] = await asyncio.wait_for(asyncio.gather(*done), 10)
+    assert all(s.reason is None for s in settled), settled
+
+
+def envelope(org: str, channel: str, type_: str, data: dict[str, Any],
+             device: str = "SN1") -> Envelope:
+    now = time.time()
+    return Envelope(id=uuid.uuid4().hex, type=type_, org=org, device=device, gateway="gw1",
+                    ts=now, received_at=now, data=data, channel=channel)
+
+
+def error_event(org: str) -> Envelope:
+    return envelope(org, "event", "robotErrorNotice", {
+        "event_id": uuid.uuid4().hex[:12], "event_level": "error",
+        "event_type": "LostLocalization", "event_detail": "lost"})
+
+
+def failed_run(org: str) -> Envelope:
+    now = time.time()
+    return envelope(org, "poll", "poll.run", {
+        "run_id": uuid.uuid4().hex[:12], "status": "failed", "started_at": now - 5,
+        "ended_at": now, "error": "pudu cloud answered 500"}, device="gw1")
+
+
+async def test_each_subscribed_event_once_signed_with_retries_logged_and_no_other_org(
+        env: Env) -> None:
+    pg, other = Receiver(fail=2), Receiver()
+    async with serve(pg.app()) as pg_url, serve(other.app()) as other_url:
+        events = ["robot.error", "run.failed"]
+        made = await env.client.post("/webhooks", headers=env.auth("op_pg"),
+                                     json={"url": f"{pg_url}/hook", "events": events})
+        assert made.status_code == 200, made.text
+        hook = made.json()
+        assert hook["orgs"] == ["pg"] and len(hook["secret"]) >= 32
+        theirs = await env.client.post("/api/v1/webhooks", headers=env.auth("op_other"),
+                                       json={"url": f"{other_url}/hook", "events": events})
+        assert theirs.status_code == 200, theirs.text
+        assert theirs.json()["orgs"] == ["other"]
+
+        # pg's robot error, pg's failed run, and a status change nobody subscribed to;
+        # then the error redelivered by the broker (stored as a duplicate) and, after it,
+        # another failed run: a second robot.error would arrive before that (one worker
+        # per webhook keeps order)
+        fault, run = error_event("pg"), failed_run("pg")
+        await commit(env.server, fault, run,
+                     envelope("pg", "status", "robotStatus", {"status": "offline"}))
+        await commit(env.server, fault)
+        await commit(env.server, failed_run("pg"))
+        await until(lambda: len(pg.taken()) >= 3)
+        await until(lambda: env.server.webhooks.delivery.pending == 0)
+
+        assert [b["event"] for b in pg.taken()] == ["robot.error", "run.failed", "run.failed"]
+        got = pg.taken()[:2]
+        error = next(b for b in got if b["event"] == "robot.error")
+        assert error["data"]["level"] == "error" and error["data"]["robot_sn"] == "SN1"
+        assert error["org_id"] == "pg" and error["webhook_id"] == hook["id"]
+        for headers, body in pg.requests:
+            assert verify_signature(body, headers.get("x-signature"), hook["secret"])
+            assert not verify_signature(body, headers.get("x-signature"), "another secret")
+        assert other.requests == []
+
+        log = await env.client.get(f"/webhooks/{hook['id']}/deliveries",
+                                   headers=env.auth("op_pg"))
+        assert log.status_code == 200
+        rows = sorted(log.json()["items"], key=lambda r: r["id"])
+        first = [(r["attempt"], r["status"], r["outcome"]) for r in rows
+                 if r["event"] == got[0]["event"]]
+        assert first == [(1, 500, "failed"), (2, 500, "failed"), (3, 204, "delivered")]
+        later = [(r["attempt"], r["status"], r["outcome"]) for r in rows
+                 if r["event"] == got[1]["event"]]
+        assert later == [(1, 204, "delivered")] * 2
+        assert all(isinstance(r["latency_ms"], float) and r["latency_ms"] >= 0 for r in rows)
+        assert log.json()["next_cursor"] is None
+        paged, cursor = [], None  # two at a time: the same rows, newest first
+        while True:
+            page = (await env.client.get(f"/api/v1/webhooks/{hook['id']}/deliveries",
+                                         headers=env.auth("op_pg"),
+                                         params={"limit": 2, **({"cursor": cursor}
+                                                                if cursor else {})})).json()
+            paged += page["items"]
+            if (cursor := page["next_cursor"]) is None:
+                break
+        assert paged == log.json()["items"] and len(paged) == 5
+
+        # another org's webhook does not exist for this key, on either path
+        for path in (f"/webhooks/{theirs.json()['id']}/deliveries",
+                     f"/api/v1/webhooks/{theirs.json()['id']}/deliveries"):
+            r = await env.client.get(path, headers=env.auth("op_pg"))
+            assert r.status_code == 404, r.text
+        empty = await env.client.get(f"/webhooks/{theirs.json()['id']}/deliveries",
+                                     headers=env.auth("op_other"))
+        assert empty.json()["items"] == []
+
+
+async def test_api_v1_answers_the_same_and_scopes_by_key(env: Env) -> None:
+    body = {"url": "http://127.0.0.1:9/hook", "events": ["robot.offline"]}
+    a = await env.client.post("/api/v1/webhooks", headers=env.auth("op_pg"), json=body)
+    b = await env.client.post("/webhooks", headers=env.auth("op_other"), json=body)
+    assert a.status_code == b.status_code == 200
+    for path in ("/webhooks", "/api/v1/webhooks"):
+        mine = await env.client.get(path, headers=env.auth("op_pg"))
+        assert [h["id"] for h in mine.json()["items"]] == [a.json()["id"]]
+        assert "secret" not in mine.json()["items"][0]
+        every = await env.client.get(path, headers=env.auth("admin"))
+        assert {h["id"] for h in every.json()["items"]} == {a.json()["id"], b.json()["id"]}
+    viewer = await env.client.post("/webhooks", headers=env.auth("viewer_pg"), json=body)
+    assert viewer.status_code == 403
+    unknown = await env.client.post("/webhooks", headers=env.auth("op_pg"),
+                                    json={**body, "events": ["robot.exploded"]})
+    assert unknown.status_code == 422 and "robot.exploded" in unknown.text
+    foreign = await env.client.post("/webhooks", headers=env.auth("op_pg"),
+                                    json={**body, "orgs": ["other"]})
+    assert foreign.status_code in (403, 404)
+    gone = await env.client.delete(f"/api/v1/webhooks/{b.json()['id']}",
+                                   headers=env.auth("op_pg"))
+    assert gone.status_code == 404
+    ok = await env.client.delete(f"/webhooks/{b.json()['id']}", headers=env.auth("op_other"))
+    assert ok.status_code == 200
+    left = await env.client.get("/api/v1/webhooks", headers=env.auth("admin"))
+    assert [h["id"] for h in left.json()["items"]] == [a.json()["id"]]
+
+
+async def test_a_private_address_is_refused_at_post_without_connecting(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    connects: list[str] = []
+    real = httpcore.AnyIOBackend.connect_tcp
+
+    async def counted(self: httpcore.AnyIOBackend, host: str, port: int,
+                      *args: Any, **kwargs: Any) -> httpcore.AsyncNetworkStream:
+        connects.append(host)
+        return await real(self, host, port, *args, **kwargs)
+
+    monkeypatch.setattr(httpcore.AnyIOBackend, "connect_tcp", counted)
+    for host in ("10.0.0.7", "192.168.1.1", "169.254.169.254", "[::1]", "127.0.0.2"):
+        for path in ("/webhooks", "/api/v1/webhooks"):
+            r = await env.client.post(path, headers=env.auth("admin"), json={
+                "url": f"http://{host}/hook", "events": ["robot.error"]})
+            assert r.status_code == 422, (host, r.text)
+            assert r.json()["field"] == "url" and "CALLBACK_URL_ALLOW" in r.json()["message"]
+    listed = await env.client.get("/webhooks", headers=env.auth("admin"))
+    assert listed.json()["items"] == [] and connects == []
+
+
+async def test_presence_status_and_alert_transitions_become_events(env: Env) -> None:
+    """Gateway presence over the real broker, a robot going offline through the batch
+    writer, and the alert a failed run opens (poll_failed) reach a subscriber of them."""
+    from bridge.topic import TopicScheme
+
+    receiver = Receiver()
+    async with serve(receiver.app()) as url:
+        made = await env.client.post("/webhooks", headers=env.auth("op_pg"), json={
+            "url": f"{url}/hook", "events": ["gateway.offline", "robot.offline",
+                                             "robot.status_changed", "alert.opened"]})
+        assert made.status_code == 200, made.text
+        secret = made.json()["secret"]
+        await until(lambda: env.server.subscribed)
+        topic = str(TopicScheme("pg", env.server.settings.topic_prefix).device("gw9",
+                                                                              "presence"))
+        await env.server.transport.publish(topic, b"offline", qos=1, retain=False)
+        await commit(env.server, envelope("pg", "status", "robotStatus", {"status": "offline"}),
+                     failed_run("pg"))
+
+        def events() -> list[tuple[str, str]]:
+            bodies = [json.loads(b) for _, b in receiver.requests]
+            return sorted((b["event"], b["data"].get("rule") or b["data"].get("robot_sn")
+                           or b["data"].get("gateway_id")) for b in bodies)
+
+        # each also opens an alert: gateway_offline, robot_offline, poll_failed
+        want = [("alert.opened", "gateway_offline"), ("alert.opened", "poll_failed"),
+                ("alert.opened", "robot_offline"), ("gateway.offline", "gw9"),
+                ("robot.offline", "SN1"), ("robot.status_changed", "SN1")]
+        await until(lambda: len(receiver.requests) >= len(want))
+        await until(lambda: env.server.webhooks.delivery.pending == 0)
+        assert events() == want
+        assert all(verify_signature(b, h.get("x-signature"), secret)
+                   for h, b in receiver.requests)
+        # the same status again is no change: only the later change to online is sent
+        # (one worker per webhook keeps order, so a wrong offline would come first)
+        await commit(env.server, envelope("pg", "status", "robotStatus", {"status": "offline"}))
+        await commit(env.server, envelope("pg", "status", "robotStatus", {"status": "online"}))
+        await until(lambda: len(receiver.requests) > len(want))
+        last = json.loads(receiver.requests[len(want)][1])
+        assert (last["event"], last["data"]["status"], last["data"]["previous"]) == (
+            "robot.status_changed", "online", "offline")
+
+
+async def test_delivery_to_an_address_the_rule_no_longer_allows_is_refused_unconnected(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A webhook made while CALLBACK_URL_ALLOW listed its host, delivered after the
+    operator narrowed it: refused at connect, logged once, never retried or connected."""
+    from bridge.outbound import OutboundPolicy
+    from callback_server.webhooks import Event, WebhookDelivery
+    from callback_server.webhooks.delivery import Retry
+
+    connects: list[str] = []
+    real = httpcore.AnyIOBackend.connect_tcp
+
+    async def counted(self: httpcore.AnyIOBackend, host: str, port: int,
+                      *args: Any, **kwargs: Any) -> httpcore.AsyncNetworkStream:
+        connects.append(host)
+        return await real(self, host, port, *args, **kwargs)
+
+    monkeypatch.setattr(httpcore.AnyIOBackend, "connect_tcp", counted)
+    store = env.server.webhooks.store
+    hook = await store.add("http://127.0.0.1:9/hook", ["robot.error"], ["pg"], "admin",
+                           time.time())
+    async with WebhookDelivery(store, OutboundPolicy(), Retry(3, 0.01, 0.02), 5) as narrowed:
+        outcome = await narrowed.deliver(hook, Event("robot.error", "pg", {"robot_sn": "SN1"}))
+    assert outcome == "refused" and connects == []
+    items, _ = await store.deliveries(hook.id, limit=10)
+    assert [(r["attempt"], r["status"], r["outcome"]) for r in items] == [(1, None, "refused")]

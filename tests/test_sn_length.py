@@ -136,6 +136,8 @@ async def test_an_sn_beyond_the_maximum_is_refused_with_its_reason(tmp_path: Pat
 NARROW = {  # the robot_sn columns the version before this one created
     "robot_state": "robot_sn", "robot_events": "robot_sn", "robot_history": "robot_sn",
     "robot_tasks": "robot_sn", "alert_watch": "robot_sn", "target_robots": "robot_key",
+    # the default targets, made (so owned) by the product
+    "mnt_robots_management": "robot_sn", "mnt_robot_events": "robot_sn",
 }
 
 

@@ -246,6 +246,7 @@ class Migration:
         elif self.owned.get(name) == "created":
             self.say(f"target {name} ({role}): owned (made by this product)")
             await self._extend(name, spec, have)
+            await self._widen(name, spec, have)
             have = await self.backend.column_info(name)
         else:
             added = sorted(c for c in have if c in BOOKKEEPING and c in spec.names)

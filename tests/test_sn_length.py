@@ -187,3 +187,18 @@ async def found_under_itself_among(client: httpx.AsyncClient, sn: str, all_sns: 
     listed = (await client.get("/robots", headers=auth)).json()
     items = listed["items"] if isinstance(listed, dict) else listed
     assert sorted(r["robot_sn"] for r in items) == sorted(all_sns)
+
+
+def test_every_own_key_fits_an_innodb_index_in_utf8mb4() -> None:
+    """MySQL refuses a primary key over 3072 bytes; utf8mb4 takes 4 bytes a character. The
+    widest, robot_events (org_id, robot_sn, event_id), must still be created."""
+    from callback_server.store.migration import OWN
+    from callback_server.store.schema import OWN_EVENTS, SN_CHARS
+
+    assert SN_CHARS == MAX_SN_BYTES
+    for table, spec in OWN.items():
+        size = sum(spec.column(c).size for c in spec.key if spec.column(c).kind != "serial")
+        assert size * 4 <= 3072, (table, size)
+        if "robot_sn" in spec.names:
+            assert spec.column("robot_sn").size == MAX_SN_BYTES, table
+    assert sum(OWN_EVENTS.column(c).size for c in OWN_EVENTS.key) * 4 == 1536

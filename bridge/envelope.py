@@ -10,6 +10,7 @@ from typing import Any
 
 from bridge import strictjson
 from bridge.errors import PayloadError
+from bridge.topic import MAX_SN_BYTES
 
 SCHEMA_VERSION = 1
 _REQUIRED = ("id", "type", "org", "device", "ts")
@@ -114,9 +115,14 @@ class Envelope:
         own = obj.get("notes") or []
         if not isinstance(own, list) or not all(isinstance(n, str) for n in own):
             raise PayloadError("envelope notes must be a list of strings")
+        device = _name(obj, "device")
+        if len(device.encode("utf-8", "surrogatepass")) > MAX_SN_BYTES:
+            # refused, never shortened: a robot is stored and found under its own sn
+            raise PayloadError(f"envelope device is longer than {MAX_SN_BYTES} bytes, "
+                               "the longest sn the product accepts")
         return cls(
             id=_name(obj, "id"), type=_name(obj, "type"), org=_name(obj, "org"),
-            device=_name(obj, "device"), gateway=_name(obj, "gateway"),
+            device=device, gateway=_name(obj, "gateway"),
             ts=ts, received_at=received_at, data=data, raw=raw,
             channel=_name(obj, "channel"), v=version, source=_name(obj, "source")[:32],
             notes=tuple((*own, *(notes or ())))[:strictjson.MAX_NOTES + 1],

@@ -20,6 +20,10 @@ from dataclasses import dataclass
 from bridge.errors import TopicError
 
 MAX_TOPIC_BYTES = 65535
+#: The longest robot sn the product accepts, in UTF-8 bytes: the sn is one level of a topic
+#: AWS IoT Core caps at 256 bytes. Every own table's robot_sn is this many characters wide
+#: (docs/storage.md), so an accepted sn is always stored and found under itself.
+MAX_SN_BYTES = 128
 
 #: Channels a robot device publishes on.
 ROBOT_CHANNELS = ("status", "event", "pose", "power", "move", "task")

@@ -8,8 +8,7 @@ from pathlib import Path
 
 from bridge.checks import broker_reachable, mqtt_transport, template_values, writable_file
 from bridge.config import mask_url
-from bridge.pudu.normalize import MAX_SN_BYTES
-from bridge.topic import TopicScheme
+from bridge.topic import MAX_SN_BYTES, TopicScheme
 from edge_agent.commands import BUILTIN_NAMES
 from edge_agent.config import EdgeSettings
 from edge_agent.forwarding import ForwardPolicy

@@ -23,6 +23,7 @@ import pytest
 from bridge.envelope import Envelope
 from bridge.errors import ConfigError, StoreError
 from bridge.strictjson import loads as strict_loads
+from bridge.topic import MAX_SN_BYTES
 from callback_server.retention import Retention
 from callback_server.store import BatchResult, SqlStore, Table, Targets, load_targets, open_store
 from callback_server.store.rows import build_rows, key, when
@@ -328,7 +329,7 @@ async def test_values_the_database_would_refuse_never_stall_the_stream(
     assert r["x"] is None and r["charge_state"] == "?bad"
     assert r["last_ts"] == T0 + 12 and r["move_state"] == "lost"
     events = query(db_url, "SELECT robot_sn, event_id FROM mnt_robot_events")
-    assert len(events[0]["robot_sn"]) == 64 and len(events[0]["event_id"]) == 128
+    assert len(events[0]["robot_sn"]) == MAX_SN_BYTES and len(events[0]["event_id"]) == 128
     assert (await store.write_batch(hostile)).logged == 0  # and still idempotent
 
 

@@ -20,7 +20,7 @@ from typing import Any, Final
 
 from bridge.errors import InputError, MalformedBodyError
 from bridge.strictjson import SAFE_INT
-from bridge.topic import CHANNEL_OF_TYPE, channel_for, refused_character
+from bridge.topic import CHANNEL_OF_TYPE, MAX_SN_BYTES, channel_for, refused_character
 
 __all__ = [
     "CHANNELS",
@@ -66,8 +66,6 @@ MS_THRESHOLD: Final = 1e11
 # One safe MQTT topic level: no '/', '+', '#', '$' tricks, and short.
 _TYPE_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _BAD_SN_CHARS: Final = ("/", "+", "#")
-# AWS IoT Core caps a topic at 256 bytes; the serial number is one level of it.
-MAX_SN_BYTES: Final = 128
 # mnt_robot_events.event_id is VARCHAR(128); a longer error_id is hashed to fit.
 _MAX_EVENT_ID: Final = 128
 _ID_HEX: Final = 32

@@ -80,6 +80,13 @@ class Dialect:
         kind = self.column_type(column)
         return f"ALTER TABLE {self.quote(table)} ADD COLUMN {column.name} {kind}"
 
+    def widen_column(self, table: str, column: Column, *, key: bool) -> str:
+        """MySQL only: ``column`` retyped to its declared (wider) size, rows kept; a key
+        column stays NOT NULL (MODIFY restates the whole definition)."""
+        null = " NOT NULL" if key else ""
+        return (f"ALTER TABLE {self.quote(table)} MODIFY COLUMN {column.name} "
+                f"{self.column_type(column)}{null}")
+
     def create_index(self, table: str, column: str, *, unique: bool = False) -> str:
         kind = "ux" if unique else "ix"
         name = self.quote(f"{kind}_{table.rpartition('.')[2]}_{column}")

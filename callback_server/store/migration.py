@@ -163,7 +163,9 @@ class Migration:
             if self.apply:
                 await self._record(table, "created")
         else:
-            if not await self._extend(table, spec, have):
+            changed = await self._extend(table, spec, have)
+            changed += await self._widen(table, spec, have)
+            if not changed:
                 self.say(f"table {table} existed, up to date")
             await self._record(table, self.owned.get(table, "adopted"))
         await self._indexes(table, spec)
@@ -188,6 +190,23 @@ class Migration:
                 continue  # another replica added it first
             self.say(f"table {table}: added column {column.name}")
         return missing
+
+    async def _widen(self, table: str, spec: TableSpec, have: dict[str, ColumnInfo]) -> int:
+        """Widen the string columns an owned table declares narrower than this version
+        (robot_sn was 64 characters before it took every sn the product accepts); rows
+        are kept. Only MySQL enforces a width: SQLite's own columns are TEXT. How many."""
+        if not self.d.mysql:
+            return 0
+        narrow = [c for c in spec.columns if c.kind in ("key", "str") and c.name in have
+                  and (n := have[c.name].chars) is not None and n < c.size]
+        for column in narrow:
+            was = have[column.name].chars
+            await self._do([(self.d.widen_column(table, column, key=column.name in spec.key),
+                             None)],
+                           f"widen {table}.{column.name} from {was} to {column.size} characters",
+                           f"table {table}: widened {column.name} from {was} to "
+                           f"{column.size} characters, rows kept")
+        return len(narrow)
 
     async def _indexes(self, table: str, spec: TableSpec) -> None:
         if not self.apply:
@@ -227,6 +246,7 @@ class Migration:
         elif self.owned.get(name) == "created":
             self.say(f"target {name} ({role}): owned (made by this product)")
             await self._extend(name, spec, have)
+            await self._widen(name, spec, have)
             have = await self.backend.column_info(name)
         else:
             added = sorted(c for c in have if c in BOOKKEEPING and c in spec.names)

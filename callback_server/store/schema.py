@@ -13,6 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from bridge.topic import MAX_SN_BYTES
+
+#: How many characters every own table's robot_sn (and an alert subject holding an sn)
+#: takes: the longest sn the product accepts. On MySQL the widest own key, the events'
+#: (org_id, robot_sn, event_id), is (128 + SN_CHARS + 128) * 4 bytes of utf8mb4, well
+#: within InnoDB's 3072-byte index limit.
+SN_CHARS = MAX_SN_BYTES
+
 Kind = Literal["key", "str", "text", "int", "bool", "float", "time", "serial"]
 
 
@@ -71,7 +79,7 @@ ROBOT_ROW = ("robot_sn", "org_id", "gateway_id", *STATE_COLUMNS, *WATERMARKS, "l
 ROBOTS = TableSpec(
     columns=(
         # the legacy shape
-        Column("robot_sn", "key", 64),
+        Column("robot_sn", "key", SN_CHARS),
         Column("status", "str", 32),
         Column("battery_level", "int"),
         Column("water_level", "int"),      # kept for existing deployments; not written
@@ -96,7 +104,7 @@ ROBOTS = TableSpec(
 #: The shape of an events target the product creates itself.
 EVENTS = TableSpec(
     columns=(
-        Column("robot_sn", "key", 64),
+        Column("robot_sn", "key", SN_CHARS),
         Column("event_id", "key", 128),
         Column("event_level", "str", 16),
         Column("event_type", "str", 128),
@@ -152,7 +160,7 @@ OWNERSHIP_TABLE = "store_tables"
 CLAIMS = TableSpec(
     columns=(
         Column("target", "key", 200),
-        Column("robot_key", "key", 64),      # the sn as the target compares it (case-folded
+        Column("robot_key", "key", SN_CHARS),  # the sn as the target compares it (case-folded
         Column("org_id", "key", 128),        # where its collation ignores case)
         Column("claimed_at", "time"),
     ),
@@ -241,7 +249,7 @@ RUNS = TableSpec(
 #: 24 h chart and its floor tracks; pruned by ``recorded_at`` (HISTORY_RETENTION_DAYS).
 HISTORY = TableSpec(
     columns=(
-        Column("robot_sn", "key", 64),
+        Column("robot_sn", "key", SN_CHARS),
         Column("ts", "float"),               # robot time of the state (its last_ts)
         Column("recorded_at", "time"),       # server time, what retention goes by
         Column("org_id", "key", 128),
@@ -266,7 +274,7 @@ HISTORY_EVERY_SECONDS = 60
 #: the console's robot page; pruned with the history (HISTORY_RETENTION_DAYS).
 TASKS = TableSpec(
     columns=(
-        Column("robot_sn", "key", 64),
+        Column("robot_sn", "key", SN_CHARS),
         Column("task_key", "key", 128),      # task_id, else task_name@task_time
         Column("org_id", "key", 128),
         Column("task_id", "str", 128),
@@ -304,7 +312,7 @@ ALERTS = TableSpec(
         Column("rule", "str", 32),
         Column("org_id", "str", 128),
         Column("subject_type", "str", 16),
-        Column("subject_id", "str", 128),
+        Column("subject_id", "str", max(SN_CHARS, 128)),  # an sn or a gateway id
         Column("severity", "str", 16),
         Column("state", "str", 16),
         Column("opened_at", "float"),        # epoch seconds, server clock
@@ -352,7 +360,7 @@ ALERT_SILENCES = TableSpec(
         Column("rule", "str", 32),
         Column("org_id", "str", 128),
         Column("subject_type", "str", 16),
-        Column("subject_id", "str", 128),
+        Column("subject_id", "str", max(SN_CHARS, 128)),  # an sn or a gateway id
         Column("until", "float"),
         Column("created_by", "str", 128),
     ),
@@ -362,7 +370,7 @@ ALERT_SILENCES = TableSpec(
 #: and since when its move state is ``stuck`` (server clock, not the robot's).
 ALERT_WATCH = TableSpec(
     columns=(
-        Column("robot_sn", "key", 64),
+        Column("robot_sn", "key", SN_CHARS),
         Column("org_id", "key", 128),
         Column("seen_at", "float"),
         Column("stuck_since", "float"),

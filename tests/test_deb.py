@@ -253,7 +253,7 @@ def test_install_upgrade_remove_purge(debs: dict[str, Path], clean_machine: None
     agent = edge_agent(tmp_path, f"mqtt://127.0.0.1:{pick_port()}", org="acme",
                        OUTBOX_PATH="/var/lib/edge-agent/outbox.db")
     agent.command = ["/usr/bin/edge-agent", "--config", str(config)]
-    with agent.start():
+    with agent:
         assert httpx.post(agent.url + "/api/pudu/webhook", headers={"CallbackCode":
                           "test-code"}, json={"callback_type": "notifyRobotPower",
                           "data": {"sn": "R1", "power": 50}}).status_code == 200

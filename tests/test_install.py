@@ -231,7 +231,7 @@ def test_a_venv_whose_interpreter_changed_or_went_is_rebuilt_and_the_service_sta
     service = edge_agent(tmp_path, f"mqtt://127.0.0.1:{pick_port()}", org="acme")
     service.command = [str(venv_python(dest)), "-m", "edge_agent"]
     service.cwd = dest  # not the checkout: the installed packages must be the ones running
-    with service.start():
+    with service:  # __enter__ starts it (a second start() orphaned the first process)
         assert service.health()["status"] in ("healthy", "degraded")
 
 

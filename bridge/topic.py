@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from bridge.errors import TopicError
 
 MAX_TOPIC_BYTES = 65535
+#: AWS IoT Core's topic limit, here (not in the awsiot transport) so checks can read it on
+#: a gateway without awscrt installed.
+AWS_MAX_TOPIC_BYTES = 256
 #: The longest robot sn the product accepts, in UTF-8 bytes: the sn is one level of a topic
 #: AWS IoT Core caps at 256 bytes. Every own table's robot_sn is this many characters wide
 #: (docs/storage.md), so an accepted sn is always stored and found under itself.

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from bridge.checks import broker_reachable, mqtt_transport, template_values, writable_file
 from bridge.config import mask_url
-from bridge.topic import MAX_SN_BYTES, TopicScheme
+from bridge.topic import AWS_MAX_TOPIC_BYTES, MAX_SN_BYTES, TopicScheme
 from edge_agent.commands import BUILTIN_NAMES
 from edge_agent.config import EdgeSettings
 from edge_agent.forwarding import ForwardPolicy
@@ -73,11 +73,9 @@ def sn_room(settings: EdgeSettings) -> int:
     longest is ``status``; ``callback/{type}`` adds its type); MAX_SN_BYTES off AWS."""
     if settings.mqtt_backend != "awsiot":
         return MAX_SN_BYTES
-    from bridge.transport.awsiot import MAX_TOPIC_BYTES
-
     scheme = TopicScheme(settings.org_id, settings.topic_prefix)
     overhead = len(str(scheme.device("x", "status")).encode()) - 1
-    return max(0, min(MAX_SN_BYTES, MAX_TOPIC_BYTES - overhead))
+    return max(0, min(MAX_SN_BYTES, AWS_MAX_TOPIC_BYTES - overhead))
 
 
 async def connect_problems(settings: EdgeSettings, config_path: str | None = None

@@ -32,6 +32,7 @@ from bridge.errors import (
     TopicNotAllowedError,
     TransportError,
 )
+from bridge.topic import AWS_MAX_TOPIC_BYTES
 from bridge.transport.base import (
     InboundMessage,
     MqttSettings,
@@ -43,7 +44,7 @@ from bridge.transport.base import (
 log = logging.getLogger(__name__)
 
 MAX_PAYLOAD = 128 * 1024
-MAX_TOPIC_BYTES = 256
+MAX_TOPIC_BYTES = AWS_MAX_TOPIC_BYTES
 MAX_TOPIC_SLASHES = 7
 _PACKET_TOO_LARGE, _TOPIC_INVALID = 0x95, 0x90
 

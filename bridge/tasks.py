@@ -19,10 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Coroutine, Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any, Generic, TypeVar
 
-__all__ = ["TaskSet", "cancel_and_wait", "within"]
+__all__ = ["Lanes", "TaskSet", "cancel_and_wait", "within"]
 
 log = logging.getLogger(__name__)
 
@@ -121,3 +121,41 @@ async def within(aw: Awaitable[object], seconds: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+_R = TypeVar("_R")
+_I = TypeVar("_I")
+
+
+class Lanes(Generic[_R, _I]):
+    """One queue and one worker per receiver: a slow or failing receiver holds back only
+    its own deliveries, which stay in order."""
+
+    def __init__(self, deliver: Callable[[_R, _I], Awaitable[object]], label: str) -> None:
+        self._deliver = deliver
+        self._label = label
+        self._lanes: dict[str, tuple[asyncio.Queue[_I], asyncio.Task[None]]] = {}
+
+    @property
+    def pending(self) -> int:
+        return sum(q.qsize() for q, _ in self._lanes.values())
+
+    def put(self, key: str, receiver: _R, item: _I) -> None:
+        entry = self._lanes.get(key)
+        if entry is None or entry[1].done():
+            queue: asyncio.Queue[_I] = asyncio.Queue()
+            task = asyncio.create_task(self._work(receiver, queue), name=f"{self._label}-{key}")
+            entry = self._lanes[key] = (queue, task)
+        entry[0].put_nowait(item)
+
+    async def _work(self, receiver: _R, queue: asyncio.Queue[_I]) -> None:
+        while True:
+            item = await queue.get()
+            try:
+                await self._deliver(receiver, item)
+            except Exception:  # a bug must not stop this receiver's deliveries
+                log.exception("%s delivery failed", self._label)
+
+    async def close(self) -> None:
+        await cancel_and_wait([task for _, task in self._lanes.values()])
+        self._lanes.clear()

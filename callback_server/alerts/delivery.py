@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from bridge.backoff import backoff_delay
 from bridge.errors import FleetError, StoreError
 from bridge.outbound import OutboundPolicy, client
-from bridge.tasks import cancel_and_wait
+from bridge.tasks import Lanes
 from bridge.topic import TopicScheme
 from bridge.transport import Transport
 from callback_server.alerts.alert import Transition
@@ -51,7 +51,8 @@ class AlertDelivery:
         #: Told of every transition as it is submitted (the console's live feed).
         self.listeners: list[Callable[[Transition], None]] = []
         self._queue: asyncio.Queue[Transition] = asyncio.Queue()
-        self._workers: dict[str, tuple[asyncio.Queue[Transition], asyncio.Task[None]]] = {}
+        self._lanes: Lanes[AlertSubscription, Transition] = Lanes(self.deliver,
+                                                                    "alert-webhook")
         self._client: httpx.AsyncClient | None = None
 
     async def __aenter__(self) -> AlertDelivery:
@@ -60,8 +61,7 @@ class AlertDelivery:
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
-        await cancel_and_wait([task for _, task in self._workers.values()])
-        self._workers.clear()
+        await self._lanes.close()
         if self._client is not None:
             await self._client.aclose()
 
@@ -78,7 +78,7 @@ class AlertDelivery:
 
     @property
     def pending(self) -> int:
-        return self._queue.qsize() + sum(q.qsize() for q, _ in self._workers.values())
+        return self._queue.qsize() + self._lanes.pending
 
     async def run(self) -> None:
         """Publish each transition and hand it to the workers of matching subscriptions."""
@@ -105,7 +105,7 @@ class AlertDelivery:
                 await asyncio.sleep(delay)
         for sub in subscriptions:
             if sub.wants(transition.alert):
-                self._worker(sub).put_nowait(transition)
+                self._lanes.put(sub.id, sub, transition)
 
     def _publish(self, transition: Transition) -> None:
         if self.transport is None:
@@ -129,22 +129,6 @@ class AlertDelivery:
                 self.published += 1
 
         future.add_done_callback(done)
-
-    def _worker(self, sub: AlertSubscription) -> asyncio.Queue[Transition]:
-        entry = self._workers.get(sub.id)
-        if entry is None or entry[1].done():
-            queue: asyncio.Queue[Transition] = asyncio.Queue()
-            task = asyncio.create_task(self._work(sub, queue), name=f"alert-webhook-{sub.id}")
-            entry = self._workers[sub.id] = (queue, task)
-        return entry[0]
-
-    async def _work(self, sub: AlertSubscription, queue: asyncio.Queue[Transition]) -> None:
-        while True:
-            transition = await queue.get()
-            try:
-                await self.deliver(sub, transition)
-            except Exception:  # a bug must not stop this subscription's deliveries
-                log.exception("alert delivery to subscription %s failed", sub.id)
 
     async def deliver(self, sub: AlertSubscription, transition: Transition) -> str:
         """POST one transition to one subscription (``post_signed``: the one signed,

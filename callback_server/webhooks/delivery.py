@@ -24,7 +24,7 @@ from bridge.backoff import backoff_delay
 from bridge.errors import OutboundRefusedError, StoreError
 from bridge.outbound import OutboundPolicy, client
 from bridge.proxy import sign
-from bridge.tasks import cancel_and_wait
+from bridge.tasks import Lanes
 from callback_server.webhooks.events import Event
 from callback_server.webhooks.store import Webhook, WebhookStore
 
@@ -82,6 +82,7 @@ async def post_signed(http: httpx.AsyncClient, url: str, secret: str, body: byte
     return outcome
 
 
+
 class WebhookDelivery:
     """Owns the client and one worker per webhook; enter it, run ``run``, ``submit``."""
 
@@ -97,7 +98,7 @@ class WebhookDelivery:
         self.delivered = 0
         self.failed = 0
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
-        self._workers: dict[str, tuple[asyncio.Queue[Event], asyncio.Task[None]]] = {}
+        self._lanes: Lanes[Webhook, Event] = Lanes(self.deliver, "webhook")
         self._client: httpx.AsyncClient | None = None
         self._hooks: list[Webhook] | None = None
         self._read_at = 0.0
@@ -108,8 +109,7 @@ class WebhookDelivery:
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
-        await cancel_and_wait([task for _, task in self._workers.values()])
-        self._workers.clear()
+        await self._lanes.close()
         if self._client is not None:
             await self._client.aclose()
 
@@ -123,7 +123,7 @@ class WebhookDelivery:
 
     @property
     def pending(self) -> int:
-        return self._queue.qsize() + sum(q.qsize() for q, _ in self._workers.values())
+        return self._queue.qsize() + self._lanes.pending
 
     async def run(self) -> None:
         while True:
@@ -131,7 +131,7 @@ class WebhookDelivery:
             try:
                 for hook in await self._webhooks():
                     if hook.wants(event.name, event.org):
-                        self._worker(hook).put_nowait(event)
+                        self._lanes.put(hook.id, hook, event)
             except Exception:  # a bug must not end delivery of every later event
                 log.exception("event %s not dispatched", event.id)
 
@@ -151,22 +151,6 @@ class WebhookDelivery:
                     await asyncio.sleep(delay)
             self._read_at = now
         return self._hooks
-
-    def _worker(self, hook: Webhook) -> asyncio.Queue[Event]:
-        entry = self._workers.get(hook.id)
-        if entry is None or entry[1].done():
-            queue: asyncio.Queue[Event] = asyncio.Queue()
-            task = asyncio.create_task(self._work(hook, queue), name=f"webhook-{hook.id}")
-            entry = self._workers[hook.id] = (queue, task)
-        return entry[0]
-
-    async def _work(self, hook: Webhook, queue: asyncio.Queue[Event]) -> None:
-        while True:
-            event = await queue.get()
-            try:
-                await self.deliver(hook, event)
-            except Exception:  # a bug must not stop this webhook's deliveries
-                log.exception("delivery to webhook %s failed", hook.id)
 
     async def deliver(self, hook: Webhook, event: Event) -> str:
         """POST one event to one webhook; every attempt is a row of its delivery log."""

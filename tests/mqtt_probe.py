@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from urllib.parse import urlsplit
@@ -64,6 +65,15 @@ class Probe:
             ok = self._cond.wait_for(lambda: len(self.messages) >= count, timeout)
             if not ok:
                 raise TimeoutError(f"got {len(self.messages)} of {count} messages")
+            return list(self.messages)
+
+    def wait_until(self, check: Callable[[list[Seen]], bool], what: str,
+                   timeout: float = 20.0) -> list[Seen]:
+        """Block until ``check`` holds for the messages so far (woken by each arrival)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: check(self.messages), timeout):
+                raise TimeoutError(f"{what}: not within {timeout} s "
+                                   f"({len(self.messages)} messages)")
             return list(self.messages)
 
     def __enter__(self) -> Probe:

@@ -279,8 +279,10 @@ def test_sigterm_with_open_streams_and_a_backlog_stops_in_time(tmp_path: Path) -
         for reader in readers:
             reader.join(5)
             assert not reader.is_alive(), "a stream outlived the agent"
-        presence = [m for m in probe.messages if m.topic.endswith("/presence")]
-        assert presence and presence[-1].payload == b"offline"
+        # The broker hands the agent's last word on after the agent has gone.
+        probe.wait_until(lambda seen: [m.payload for m in seen
+                                       if m.topic.endswith("/presence")][-1:] == [b"offline"],
+                         "the agent's offline presence", timeout=10)
         with Probe(BROKER, f"{p}/org/{org}/device/gw1/presence") as late:  # a newcomer
             retained = late.wait_for(1, timeout=5)[0]
         assert (retained.payload, retained.retain) == (b"offline", True)

@@ -26,7 +26,7 @@ SUGGESTED = {"pose": 5.0, "power": 30.0, "move": 5.0}
 
 
 def downsampled(items: list[tuple[str, bytes, str | None]]) -> list[bytes]:
-    """What the agent publishes with the README's suggested intervals, in order."""
+    """What the agent publishes with docs/edge-agent.md's suggested intervals, in order."""
     throttle = Throttle(SUGGESTED)
     held: dict[str, bytes] = {}
     out: list[bytes] = []

@@ -1,6 +1,6 @@
 """Alert routes and webhook delivery over HTTP, in process: the outbound rule at subscribe,
 the delivery log when a receiver never takes a transition, ``/alerts`` cursor paging, and
-README's chat relay for alert webhooks."""
+docs/alerts.md's chat relay for alert webhooks."""
 
 from __future__ import annotations
 
@@ -183,14 +183,14 @@ async def test_alerts_page_by_cursor_over_http_without_gaps_or_repeats(env: Env)
     assert r.status_code == 422
 
 
-def readme_relay() -> str:
-    """The Slack relay README's "Alerts" section shows, as printed there."""
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+def documented_relay() -> str:
+    """The Slack relay docs/alerts.md shows, as printed there."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "alerts.md").read_text()
     start = text.index("```python\n# alert_relay.py") + len("```python\n")
     return text[start:text.index("```", start)]
 
 
-async def test_the_readme_relay_posts_verified_alerts_to_slack_as_text(
+async def test_the_documented_relay_posts_verified_alerts_to_slack_as_text(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     slack: list[dict[str, Any]] = []
     slack_status = [200]
@@ -204,7 +204,7 @@ async def test_the_readme_relay_posts_verified_alerts_to_slack_as_text(
         monkeypatch.setenv("ALERT_SECRET", secret)
         monkeypatch.setenv("SLACK_WEBHOOK_URL", url + "/s")
         module = tmp_path / "alert_relay.py"
-        module.write_text(readme_relay())
+        module.write_text(documented_relay())
         scope: dict[str, Any] = {"__name__": "alert_relay"}
         exec(compile(module.read_text(), str(module), "exec"), scope)
         alert = {"id": "a1", "rule": "robot_fault", "org": "acme", "subject_type": "robot",

@@ -85,8 +85,9 @@ def test_install_from_a_wheelhouse_twice_changes_nothing(wheelhouse: Path,
     # Vendor units below /etc: the admin's edits and drop-ins there are never written.
     assert (dest / "usr/local/lib/systemd/system/edge-agent.service").is_file()
     assert not (dest / "etc/systemd/system").exists()
-    # The keys file: made empty, named by the new config, and `keys add` (as root, as the
-    # README says) keeps its group and mode, so the service's group can still read it.
+    # The keys file: made empty, named by the new config, and `keys add` (as root, as
+    # docs/callback-server.md says) keeps its group and mode, so the service's group can
+    # still read it.
     keys = dest / "etc/callback-server/keys.yaml"
     assert oct(keys.stat().st_mode & 0o777) == "0o640" and keys.read_text() == "keys: []\n"
     assert "api_keys_file: /etc/callback-server/keys.yaml " in (

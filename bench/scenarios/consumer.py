@@ -3,7 +3,7 @@
 N envelopes (the edge's own output for the sample mix) are queued at the broker for
 persistent sessions before the consumer starts, so the publisher takes no CPU while the
 consumer is measured. All use a shared subscription ``$share/{group}/org/+/device/+/#``
-(how replicas are deployed: README, "Deployment"), a new group per phase, and each
+(how replicas are deployed: docs/deployment.md), a new group per phase, and each
 phase's sessions are ended afterwards so no stale session takes a share. With two
 replicas Mosquitto splits the queue between their sessions. The rate runs from the
 first commit (or delivery) to the last: for the callback servers from the log's

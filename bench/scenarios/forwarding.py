@@ -1,5 +1,5 @@
 """Target 7 (issue 17): messages published per 1,000 callbacks of the sample mix, with
-the README's suggested ``MIN_INTERVAL_SECONDS`` against the same load with none.
+docs/edge-agent.md's suggested ``MIN_INTERVAL_SECONDS`` against the same load with none.
 
 AWS IoT Core bills each published message (per 5 KB; every envelope is smaller), so
 this ratio is the bill's. The load is a small site, not a saturation run: ``ROBOTS``
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 CALLBACKS = 1000
 ROBOTS = 4
 RATE = 20.0  # callbacks/s for the site: 5 per robot
-#: The README's suggestion (section "What leaves the site").
+#: The suggestion of docs/edge-agent.md, "What leaves the site".
 SUGGESTED = "pose=5,power=30,move=5"
 
 

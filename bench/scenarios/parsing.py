@@ -4,7 +4,7 @@ The edge parses every callback with ``bridge.strictjson.loads`` (a nesting-depth
 before the parse, a NaN/unsafe-integer walk only when the bytes hint at one) instead of
 bare ``json.loads``. Both parse the same bodies of the bench's sample mix in the same
 process, alternating in blocks so drift hits both alike; the figure judged is the extra
-CPU per body against the ~310 µs a durable accept costs (README, Benchmarks).
+CPU per body against the ~310 µs a durable accept costs (docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ class Counts:
     connections: int = 0
     times: list[float] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)
+    late: list[float] = field(default_factory=list)  # when each violation arrived
 
 
 def _packet_length(buf: bytearray) -> int | None:
@@ -113,6 +114,7 @@ class Shaper:
                             in_window -= window.popleft()[1]
                         if len(window) + 1 > self.rate or in_window + size > self.byte_rate:
                             self.counts.violations += 1
+                            self.counts.late.append(now)
                             while window and (len(window) + 1 > self.rate
                                               or in_window + size > self.byte_rate):
                                 await asyncio.sleep(max(window[0][0] + 1.0 - now, 0.001))
@@ -147,7 +149,8 @@ def main() -> None:
     asyncio.run(_serve_until_term(shaper, Path(a[6])))
     c = shaper.counts
     Path(a[7]).write_text(json.dumps({"publishes": c.publishes, "violations": c.violations,
-                                      "connections": c.connections, "sizes": c.sizes}))
+                                      "connections": c.connections, "sizes": c.sizes,
+                                      "times": c.times, "late": c.late}))
 
 
 if __name__ == "__main__":

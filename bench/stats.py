@@ -121,7 +121,7 @@ FIGURES: tuple[Figure, ...] = (
     _f("retry.held", "messages held (300 distinct)", "count"),
     # 9. draining to AWS IoT Core's limits (issue 27)
     _f("aws_drain.single_s", "drain time, single", "s"),
-    _f("aws_drain.single_vs_limit", "drain time / (entries / 100 per s), single", "x"),
+    _f("aws_drain.single_vs_limit", "drain time / (publishes / 100 per s), single", "x"),
     _f("aws_drain.single_violations", "over 100 pub/s or 512 KiB/s, single", "count"),
     _f("aws_drain.single_lost", "entries never stored, single", "count"),
     _f("aws_drain.single_out_of_order", "merged out of order, single", "count"),

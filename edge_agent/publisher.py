@@ -20,7 +20,7 @@ A backlog (more than ``BACKLOG_ENTRIES`` waiting, after an outage) is drained in
 in the order bridge/outbox/priority.py gives: each robot's newest state and every event
 first, superseded positions after, marked ``replay`` (history the cloud never merges
 into state). With ``frame_topic`` set (``BATCH_FRAMES=on``) a round goes out as batch
-frames (bridge/frames.py). Pacing (``Pacer``): publishes and bytes per any one second
+frames (bridge/frames.py). Pacing (``Pacer``): publishes and bytes a second, evenly spaced
 (on by default for AWS IoT Core: 100 publishes/s and 512 KiB/s per connection); the time
 spent waiting is counted (``throttled_s``).
 """
@@ -80,31 +80,66 @@ class TokenBucket:
         return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
 
 
-class Pacer:
-    """At most ``rate`` publishes and ``byte_rate`` bytes in any one second, the way AWS
-    IoT Core counts a connection's: a log of the last second's sends (a token bucket
-    lets a burst plus a second's refill through, over the limit). ``headroom`` keeps a
-    margin for the network bunching sends on the way; 0 means unlimited."""
+#: A PUBLISH packet's bytes beyond topic and payload: fixed header (up to 5), topic length
+#: (2), packet id (2); MQTT 5 properties are not sent by the publisher.
+PUBLISH_OVERHEAD = 9
 
-    def __init__(self, rate: float, byte_rate: float, headroom: float = 0.9) -> None:
-        self.rate = rate * headroom
-        self.byte_rate = byte_rate * headroom
-        self._sent: collections.deque[tuple[float, int]] = collections.deque()
+
+class Pacer:
+    """At most ``rate`` publishes and ``byte_rate`` bytes in any one second *as they
+    arrive*, which is how AWS IoT Core counts a connection's; 0 means unlimited.
+
+    Sends are spread evenly: each is due a fixed cost after the one before (GCRA's
+    virtual scheduling), with ``slack`` seconds of lateness made up so that sleeping a
+    little long does not lower the rate. And logs of the last sends hold the limits over
+    a little more than a second: the way there (TLS, the network, a busy loop) may bunch
+    sends by up to ``jitter`` for publishes (small, quick to arrive) and ``byte_jitter``
+    for bytes (a 125 KiB batch frame takes longest to arrive whole), and they still
+    arrive within the limits; one publish a second is left for what the transport sends
+    by itself (the presence message on each connect). The first version kept one log of the last second at 90 %:
+    it sent a second's worth at once each time its oldest entry expired, bursts that
+    arrived spread, and the bench's shaping proxy counted 166 publishes over the limits
+    in a 6,000-entry drain."""
+
+    def __init__(self, rate: float, byte_rate: float, *, jitter: float = 0.03,
+                 byte_jitter: float = 0.1, slack: float = 0.02,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.byte_rate = max(rate, 0.0), max(byte_rate, 0.0)
+        self.window, self.byte_window = 1.0 + jitter, 1.0 + byte_jitter
+        self.interval = self.window / rate if rate > 0 else 0.0
+        self.byte_interval = self.byte_window / byte_rate if byte_rate > 0 else 0.0
+        self.slack = slack
+        self._clock = clock
+        self._sends: collections.deque[float] = collections.deque()
+        self._sizes: collections.deque[tuple[float, int]] = collections.deque()
         self._bytes = 0
+        self._due = -math.inf  # when the next send may go
 
     def delay(self, size: int) -> float:
         """How long to wait before sending ``size`` bytes; 0: send now (recorded)."""
-        if self.rate <= 0 and self.byte_rate <= 0:
+        if not self.rate and not self.byte_rate:
             return 0.0
-        now = time.monotonic()
-        while self._sent and self._sent[0][0] <= now - 1.0:
-            self._bytes -= self._sent.popleft()[1]
-        over_n = self.rate > 0 and len(self._sent) + 1 > self.rate
-        over_b = self.byte_rate > 0 and self._sent and self._bytes + size > self.byte_rate
-        if over_n or over_b:
-            return max(self._sent[0][0] + 1.0 - now, 0.001)
-        self._sent.append((now, size))
-        self._bytes += size
+        now = self._clock()
+        wait = self._due - now
+        if self.rate:
+            while self._sends and self._sends[0] <= now - self.window:
+                self._sends.popleft()
+            if len(self._sends) + 1 > self.rate - 1:  # 1 for the presence on connect
+                wait = max(wait, self._sends[0] + self.window - now)
+        if self.byte_rate:
+            while self._sizes and self._sizes[0][0] <= now - self.byte_window:
+                self._bytes -= self._sizes.popleft()[1]
+            if self._sizes and self._bytes + size > self.byte_rate:
+                wait = max(wait, self._sizes[0][0] + self.byte_window - now)
+        if wait > 0:
+            return wait
+        if self.rate:
+            self._sends.append(now)
+        if self.byte_rate:
+            self._sizes.append((now, size))
+            self._bytes += size
+        self._due = max(self._due, now - self.slack) + \
+            max(self.interval, size * self.byte_interval)
         return 0.0
 
 
@@ -239,13 +274,16 @@ class OutboxPublisher:
                     break
                 while not await within(self._slots.acquire(), BEAT_SECONDS):
                     self.beat()  # the window is full: waiting, wedged only without PUBACKs
-                await self._pace(len(entry.payload))
+                await self.pace(entry.topic, entry.payload)
                 self._send(entry.seq, entry.topic, entry.payload, entry.qos, entry.retain)
                 cursor = entry.seq
 
-    async def _pace(self, size: int) -> None:
-        """Wait until the limits (publishes, bytes per second) allow one more; the wait
-        is counted as throttled."""
+    async def pace(self, topic: str, payload: bytes) -> None:
+        """Wait until the limits (publishes, bytes a second) allow one more; the wait is
+        counted as throttled. AWS counts the PUBLISH packet, topic and header included.
+        The agent's other publishes on this connection (the heartbeat) wait here too:
+        AWS counts them against the same limits."""
+        size = len(payload) + len(topic.encode()) + PUBLISH_OVERHEAD
         while pause := self._pacer.delay(size):
             self.throttled_s += pause
             await asyncio.sleep(pause)
@@ -303,7 +341,7 @@ class OutboxPublisher:
                 break
             while not await within(self._slots.acquire(), BEAT_SECONDS):
                 self.beat()
-            await self._pace(len(payload))
+            await self.pace(topic, payload)
             if len(seqs) > 1:
                 self.frames += 1
                 self._frame_seqs[seqs[0]] = seqs

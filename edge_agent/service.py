@@ -333,6 +333,7 @@ class EdgeAgent:
             await asyncio.sleep(self.settings.heartbeat_seconds)
             if self.transport.connected:
                 payload = json.dumps(self.health()).encode()
+                await self.publisher.pace(topic, payload)
                 try:
                     await self.transport.publish(topic, payload, qos=0)
                 except TransportError as exc:

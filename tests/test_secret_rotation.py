@@ -56,7 +56,11 @@ def _rotate(user: str, password: str) -> int:
         cur.execute("SELECT ID FROM information_schema.PROCESSLIST WHERE USER = %s", (user,))
         ids = [row[0] for row in cur.fetchall()]
         for session in ids:
-            cur.execute(f"KILL {int(session)}")
+            try:
+                cur.execute(f"KILL {int(session)}")
+            except pymysql.err.OperationalError as exc:
+                if exc.args[0] != 1094:  # Unknown thread id: it ended on its own meanwhile
+                    raise
     return len(ids)
 
 

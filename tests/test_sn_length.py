@@ -92,10 +92,13 @@ async def found_under_itself(client: httpx.AsyncClient, sn: str) -> None:
 async def test_a_long_sn_through_the_rule_ingest_is_found_under_itself(
         database: str, sn: str) -> None:
     async with callback_server(database) as client:
-        r = await client.post("/callback/messages", json=envelopes(sn),
-                              headers={"X-Callback-Token": RULE})
+        for _ in range(5):  # as the IoT rule does: a 503 (not committed in time) is retried
+            r = await client.post("/callback/messages", json=envelopes(sn),
+                                  headers={"X-Callback-Token": RULE})
+            if r.status_code != 503:
+                break
         assert r.status_code == 200, r.text
-        assert r.json()["stored"] == 2, r.json()
+        assert r.json()["stored"] + r.json()["duplicates"] == 2, r.json()
         await found_under_itself(client, sn)
 
 

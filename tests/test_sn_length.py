@@ -92,8 +92,9 @@ async def found_under_itself(client: httpx.AsyncClient, sn: str) -> None:
 async def test_a_long_sn_through_the_rule_ingest_is_found_under_itself(
         database: str, sn: str) -> None:
     async with callback_server(database) as client:
+        body = envelopes(sn)
         for _ in range(5):  # as the IoT rule does: a 503 (not committed in time) is retried
-            r = await client.post("/callback/messages", json=envelopes(sn),
+            r = await client.post("/callback/messages", json=body,
                                   headers={"X-Callback-Token": RULE})
             if r.status_code != 503:
                 break

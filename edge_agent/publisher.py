@@ -95,11 +95,11 @@ class Pacer:
     a little more than a second: the way there (TLS, the network, a busy loop) may bunch
     sends by up to ``jitter`` for publishes (small, quick to arrive) and ``byte_jitter``
     for bytes (a 125 KiB batch frame takes longest to arrive whole), and they still
-    arrive within the limits; one publish a second is left for what the transport sends
-    by itself (the presence message on each connect). The first version kept one log of the last second at 90 %:
-    it sent a second's worth at once each time its oldest entry expired, bursts that
-    arrived spread, and the bench's shaping proxy counted 166 publishes over the limits
-    in a 6,000-entry drain."""
+    arrive within the limits. One publish a second is left for what the transport sends
+    by itself (the presence message on each connect). The first version kept one log of
+    the last second at 90 %: it sent a second's worth at once each time its oldest entry
+    expired, bursts that arrived spread, and the bench's shaping proxy counted 166
+    publishes over the limits in a 6,000-entry drain."""
 
     def __init__(self, rate: float, byte_rate: float, *, jitter: float = 0.03,
                  byte_jitter: float = 0.1, slack: float = 0.02,

@@ -135,10 +135,12 @@ class Lanes(Generic[_R, _I]):
         self._deliver = deliver
         self._label = label
         self._lanes: dict[str, tuple[asyncio.Queue[_I], asyncio.Task[None]]] = {}
+        self._busy = 0  # items taken off a queue whose delivery has not ended
 
     @property
     def pending(self) -> int:
-        return sum(q.qsize() for q, _ in self._lanes.values())
+        """Items not yet delivered: queued, or being delivered now."""
+        return sum(q.qsize() for q, _ in self._lanes.values()) + self._busy
 
     def put(self, key: str, receiver: _R, item: _I) -> None:
         entry = self._lanes.get(key)
@@ -151,10 +153,13 @@ class Lanes(Generic[_R, _I]):
     async def _work(self, receiver: _R, queue: asyncio.Queue[_I]) -> None:
         while True:
             item = await queue.get()
+            self._busy += 1
             try:
                 await self._deliver(receiver, item)
             except Exception:  # a bug must not stop this receiver's deliveries
                 log.exception("%s delivery failed", self._label)
+            finally:
+                self._busy -= 1
 
     async def close(self) -> None:
         await cancel_and_wait([task for _, task in self._lanes.values()])

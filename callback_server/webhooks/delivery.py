@@ -98,6 +98,7 @@ class WebhookDelivery:
         self.delivered = 0
         self.failed = 0
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._dispatching = 0
         self._lanes: Lanes[Webhook, Event] = Lanes(self.deliver, "webhook")
         self._client: httpx.AsyncClient | None = None
         self._hooks: list[Webhook] | None = None
@@ -123,17 +124,21 @@ class WebhookDelivery:
 
     @property
     def pending(self) -> int:
-        return self._queue.qsize() + self._lanes.pending
+        """Events not yet delivered everywhere (queued, being dispatched or delivered)."""
+        return self._queue.qsize() + self._dispatching + self._lanes.pending
 
     async def run(self) -> None:
         while True:
             event = await self._queue.get()
+            self._dispatching = 1  # off the queue, not yet in a lane
             try:
                 for hook in await self._webhooks():
                     if hook.wants(event.name, event.org):
                         self._lanes.put(hook.id, hook, event)
             except Exception:  # a bug must not end delivery of every later event
                 log.exception("event %s not dispatched", event.id)
+            finally:
+                self._dispatching = 0
 
     async def _webhooks(self) -> list[Webhook]:
         """The webhooks, read at most every ``cache_seconds`` (other replicas add some too)."""

@@ -33,7 +33,13 @@ from bridge.topic import GATEWAY_CHANNELS, DeviceAddress, every_device_channel, 
 from bridge.transport import MqttSettings, TlsFiles, Transport, create_transport
 from bridge.version import VERSION
 from callback_server.access import Access, Principal
-from callback_server.alerts import AlertDelivery, AlertEngine, AlertStore, load_alert_settings
+from callback_server.alerts import (
+    AlertDelivery,
+    AlertEngine,
+    AlertStore,
+    AlertSubscriptions,
+    load_alert_settings,
+)
 from callback_server.alerts.rules import AlertSettings
 from callback_server.batcher import BatchWriter
 from callback_server.config import CallbackSettings
@@ -42,6 +48,7 @@ from callback_server.consumer import Consumer
 from callback_server.keys import KeyRing
 from callback_server.metrics import CallbackMetrics
 from callback_server.retention import Retention
+from callback_server.signed_post import Retry
 from callback_server.store import Store, load_targets, open_store
 from callback_server.store.schema import (
     COMMAND_TABLE,
@@ -51,7 +58,6 @@ from callback_server.store.schema import (
     TASKS_TABLE,
 )
 from callback_server.webhooks import routes as webhook_routes
-from callback_server.webhooks.delivery import Retry
 from callback_server.webhooks.service import Webhooks
 
 log = logging.getLogger(__name__)
@@ -107,8 +113,15 @@ class CallbackServer:
         self.alert_settings = forwarding(load_alert_settings(settings.alert_rules_file),
                                          settings)
         self.alert_store = AlertStore(self.store)
-        self.alert_delivery = AlertDelivery(self.alert_store, self.transport, self.outbound,
-                                            self.alert_settings.delivery,
+        # Events by type, alert subscriptions among them (webhooks of style "alert"):
+        # the alert delivery's retry policy (FORWARD_* applied).
+        d = self.alert_settings.delivery
+        self.webhooks = Webhooks.open(self.store, self.outbound,
+                                      Retry(d.attempts, d.base_seconds, d.cap_seconds),
+                                      d.timeout_seconds)
+        self.alert_subscriptions = AlertSubscriptions(self.webhooks.store,
+                                                      self.webhooks.delivery.changed)
+        self.alert_delivery = AlertDelivery(self.transport, self.webhooks.delivery,
                                             topic_prefix=settings.topic_prefix)
         self.alerts = AlertEngine(
             self.alert_store, self.alert_settings, self.alert_delivery.submit,
@@ -116,13 +129,6 @@ class CallbackServer:
             beat=self.watchdog.beat("alerts"))
         self.console = ConsoleHub(self.store)
         self.alert_delivery.listeners.append(self.console.on_transition)
-        # Events by type: the alert delivery's retry policy (FORWARD_* applied), its
-        # transitions, the committed batches and gateway presence.
-        d = self.alert_settings.delivery
-        self.webhooks = Webhooks.open(self.store, self.outbound,
-                                      Retry(d.attempts, d.base_seconds, d.cap_seconds),
-                                      d.timeout_seconds)
-        self.alert_delivery.listeners.append(self.webhooks.source.on_transition)
 
         def committed(items: list[tuple[str, Envelope]]) -> None:
             self.alerts.observe(items)
@@ -176,10 +182,8 @@ class CallbackServer:
         self.router.add(self.commands.response_filter, self.commands.on_message)
         await self._stack.enter_async_context(self.transport)
         await self._stack.enter_async_context(self.proxy)
-        await self._stack.enter_async_context(self.alert_delivery)
         self.tasks.spawn(self.alerts.run(), "alerts")
         self.tasks.spawn(self.console.run(), "console")
-        self.tasks.spawn(self.alert_delivery.run(), "alert-delivery")
         await self._stack.enter_async_context(self.webhooks.delivery)
         self.tasks.spawn(self.webhooks.delivery.run(), "webhook-delivery")
         # Normally subscribed before serving; a broker that is down or slow to SUBACK
@@ -354,8 +358,8 @@ class CallbackServer:
                        "delivered": self.alert_delivery.delivered,
                        "undelivered": self.alert_delivery.failed},
             "webhooks": {"delivering": self.webhooks.delivery.pending,
-                         "delivered": self.webhooks.delivery.delivered,
-                         "undelivered": self.webhooks.delivery.failed},
+                         "delivered": self.webhooks.delivery.delivered["event"],
+                         "undelivered": self.webhooks.delivery.failed["event"]},
             "subscription": self.consumer.filter.value,
             "subscribed": self.subscribed,
             "tcp_nodelay_verified": self.nodelay.verified,

@@ -45,6 +45,7 @@ from callback_server.batcher import BatchWriter
 from callback_server.config import CallbackSettings
 from callback_server.console import ConsoleHub
 from callback_server.consumer import Consumer
+from callback_server.disk import free_space, watched
 from callback_server.keys import KeyRing
 from callback_server.metrics import CallbackMetrics
 from callback_server.retention import Retention
@@ -110,6 +111,8 @@ class CallbackServer:
         self.subscribed = False
         self.consumer.gateway_handlers.append(self._on_gateway_message)
         self.outbound = OutboundPolicy(allow=settings.callback_url_allow)
+        #: Filesystems whose free space /metrics and /health show (the SQLite default).
+        self.disk_paths = watched(settings.database_url)
         self.alert_settings = forwarding(load_alert_settings(settings.alert_rules_file),
                                          settings)
         self.alert_store = AlertStore(self.store)
@@ -352,6 +355,7 @@ class CallbackServer:
             "ingest_pending": self.writer.held,
             "ingest_pending_max": self.writer.pending_max,
             "pruned": self.retention.pruned,
+            "free_bytes": free_space(self.disk_paths),
             "alerts": {"transitions": self.alerts.transitions, "sweeps": self.alerts.sweeps,
                        "evaluating": self.alerts.pending,
                        "delivering": self.alert_delivery.pending,
@@ -401,6 +405,9 @@ class CallbackServer:
         m.connected.set(1 if self.transport.connected else 0)
         for table, count in self.retention.pruned.items():
             m.pruned.labels(table=table).set(count)
+        for name, free in free_space(self.disk_paths).items():
+            if free is not None:
+                m.free_bytes.labels(path=name).set(free)
 
 
 #: A heartbeat's fields /gateways and the console show, and those of its last poll run.

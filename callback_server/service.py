@@ -60,6 +60,7 @@ from callback_server.store.schema import (
 )
 from callback_server.webhooks import routes as webhook_routes
 from callback_server.webhooks.service import Webhooks
+from callback_server.webhooks.store import WEBHOOK_DELIVERIES_TABLE
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +93,6 @@ class CallbackServer:
         self.writer = BatchWriter(self.store, batch_max=settings.batch_max,
                                   beat=self.watchdog.beat("batch-writer"),
                                   pending_max=settings.ingest_pending_max)
-        self.retention = Retention(self.store, {
-            LOG_TABLE: settings.log_retention_days,
-            DEAD_TABLE: settings.dead_letter_retention_days,
-            COMMAND_TABLE: settings.command_retention_days,
-            HISTORY_TABLE: settings.history_retention_days,
-            TASKS_TABLE: settings.history_retention_days,
-        }, interval=settings.retention_interval_seconds)
         self.transport = transport or create_transport(settings.mqtt_backend,
                                                        mqtt_settings(settings))
         self.router = MessageRouter(self.transport)
@@ -126,6 +120,15 @@ class CallbackServer:
                                                       self.webhooks.delivery.changed)
         self.alert_delivery = AlertDelivery(self.transport, self.webhooks.delivery,
                                             topic_prefix=settings.topic_prefix)
+        self.retention = Retention(self.store, {
+            LOG_TABLE: settings.log_retention_days,
+            DEAD_TABLE: settings.dead_letter_retention_days,
+            COMMAND_TABLE: settings.command_retention_days,
+            HISTORY_TABLE: settings.history_retention_days,
+            TASKS_TABLE: settings.history_retention_days,
+            WEBHOOK_DELIVERIES_TABLE: settings.webhook_delivery_retention_days,
+        }, interval=settings.retention_interval_seconds,
+            pruners={WEBHOOK_DELIVERIES_TABLE: self.webhooks.store.prune})
         self.alerts = AlertEngine(
             self.alert_store, self.alert_settings, self.alert_delivery.submit,
             holder=f"{settings.mqtt_client_id}/{os.getpid()}/{secrets.token_hex(4)}",

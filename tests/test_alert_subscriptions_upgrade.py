@@ -1,17 +1,20 @@
 """An upgrade from the version with alert subscription tables of their own: the rows
 become webhooks of style ``alert`` (one store, one delivery worker), the
-``/alert-subscriptions`` view shows them as before, and a second run moves nothing twice."""
+``/alert-subscriptions`` view shows them as before, and a second run moves nothing twice;
+and retention of the one delivery log they share with the event webhooks."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from callback_server.alerts.subscriptions import AlertSubscriptions
+from callback_server.retention import Retention
 from callback_server.store import open_store
 from callback_server.store.protocol import SqlAccess
 from callback_server.store.schema import (
@@ -21,6 +24,7 @@ from callback_server.store.schema import (
     ALERT_SUBSCRIPTIONS_TABLE,
     TableSpec,
 )
+from callback_server.store.sql import SqlStore
 from callback_server.webhooks.store import (
     WEBHOOK_DELIVERIES,
     WEBHOOK_DELIVERIES_TABLE,
@@ -45,7 +49,7 @@ SENT = [(1, "asub_0001", "alert1", "opened", "tr1", 1, "failed", 1010.0),
 
 
 @pytest.fixture(params=["sqlite", "mysql"])
-async def sql(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[SqlAccess]:
+async def sql(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[SqlStore]:
     with contextlib.ExitStack() as stack:
         url = (f"sqlite:///{tmp_path / 'cb.db'}" if request.param == "sqlite"
                else stack.enter_context(scratch_mysql_database()))
@@ -125,3 +129,26 @@ async def test_a_second_move_of_the_same_rows_inserts_nothing_twice(sql: SqlAcce
     assert [s.id for s in await view.subscriptions()] == ["asub_0001", "asub_0002"]
     items, _ = await view.deliveries("asub_0001", limit=10)
     assert [i["attempt"] for i in items] == [2, 1]
+
+
+async def test_retention_prunes_delivery_attempts_past_their_days(sql: SqlStore) -> None:
+    """WEBHOOK_DELIVERY_RETENTION_DAYS: attempts older than the retention go, moved alert
+    subscription attempts among them; recent ones and the webhooks themselves stay."""
+    await legacy(sql, old_webhook_tables=True)  # attempts of 1970, moved on first use
+    hooks = WebhookStore(sql)
+    view = AlertSubscriptions(hooks, lambda: None)
+    now = time.time()
+    await hooks.record("asub_0001", "tr9", "alert.resolved", 1, 200, 2.0, "delivered",
+                       now - 86400, "alert1")
+    await hooks.record("wh_1", "evt_9", "robot.error", 1, 204, 2.0, "delivered", now, None)
+    retention = Retention(sql, {WEBHOOK_DELIVERIES_TABLE: 2.0}, interval=3600,
+                          batch=2, pruners={WEBHOOK_DELIVERIES_TABLE: hooks.prune})
+    assert await retention.prune_once(now=now) == 4  # three moved, one of wh_1, batches of 2
+    items, _ = await view.deliveries("asub_0001", limit=10)
+    assert [i["transition_id"] for i in items] == ["tr9"]
+    assert [i["event_id"] for i in (await hooks.deliveries("wh_1", limit=10))[0]] == ["evt_9"]
+    assert await view.deliveries("asub_0002", limit=10) == ([], None)
+    assert len(await hooks.all()) == 3
+    # A day later the one-day-old attempt is past two days as well.
+    assert await retention.prune_once(now=now + 1.5 * 86400) == 1
+    assert retention.pruned == {WEBHOOK_DELIVERIES_TABLE: 5}

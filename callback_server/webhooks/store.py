@@ -126,8 +126,9 @@ class WebhookStore:
                     if column.name not in have:
                         await self.backend.transaction(
                             [(self.d.add_column(name, column), None)])
-            await self.backend.transaction(
-                [(self.d.create_index(WEBHOOK_DELIVERIES_TABLE, "webhook_id"), None)])
+            for indexed in ("webhook_id", "at"):  # the log's reads; retention's deletes
+                await self.backend.transaction(
+                    [(self.d.create_index(WEBHOOK_DELIVERIES_TABLE, indexed), None)])
             await self._move_alert_subscriptions()
             self._created = True
 
@@ -214,6 +215,12 @@ class WebhookStore:
         await self._write(
             self.d.insert(WEBHOOK_DELIVERIES_TABLE, WEBHOOK_DELIVERIES.names[1:]),
             (hook_id, event_id, event, attempt, status, latency_ms, outcome, now, ref))
+
+    async def prune(self, older_than: float, batch: int = 5000) -> int:
+        """Delete up to ``batch`` delivery attempts older than ``older_than`` (retention;
+        alert subscriptions' among them); how many."""
+        return await self._write(self.d.delete_older(WEBHOOK_DELIVERIES_TABLE, "at", batch),
+                                 (older_than,))
 
     async def deliveries(self, hook_id: str, *, limit: int, after: int | None = None,
                          ) -> tuple[list[dict[str, Any]], list[Any] | None]:

@@ -46,6 +46,7 @@ ENV_MAP = {
     "DEAD_LETTER_RETENTION_DAYS": "dead_letter_retention_days",
     "COMMAND_RETENTION_DAYS": "command_retention_days",
     "HISTORY_RETENTION_DAYS": "history_retention_days",
+    "WEBHOOK_DELIVERY_RETENTION_DAYS": "webhook_delivery_retention_days",
     "RETENTION_INTERVAL_SECONDS": "retention_interval_seconds",
     "ALERT_RULES_FILE": "alert_rules_file",
     "INGEST_PENDING_MAX": "ingest_pending_max",
@@ -137,6 +138,9 @@ class CallbackSettings(Settings, BaseModel):  # BaseModel named: linters see a m
     command_retention_days: float = Field(90.0, ge=0)
     # Days to keep robot_history and robot_tasks (the console's chart, tracks, tasks); 0: forever.
     history_retention_days: float = Field(7.0, ge=0)
+    # Days to keep webhook_deliveries (every attempt of event webhooks and alert
+    # subscriptions: their delivery logs); 0: forever.
+    webhook_delivery_retention_days: float = Field(30.0, ge=0)
     retention_interval_seconds: float = Field(3600.0, gt=0)
     # A robot time further ahead of this service's clock is not used for ordering.
     max_clock_skew_seconds: float = Field(300.0, gt=0)

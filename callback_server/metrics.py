@@ -47,6 +47,10 @@ class CallbackMetrics:
         self.connected = gauge("callback_broker_connected", "1 when connected to the broker")
         self.pruned = Gauge("callback_rows_pruned_total", "Rows deleted by retention",
                             ["table"], registry=self.registry)
+        self.free_bytes = Gauge("callback_free_bytes",
+                                "Free bytes on the filesystem of the SQLite database "
+                                "(path=database) and of the data directory (path=data)",
+                                ["path"], registry=self.registry)
         self.pudu_webhooks = Counter("callback_pudu_webhooks",
                                      "Pudu webhooks taken by this server, by outcome",
                                      ["outcome"], registry=self.registry)

@@ -12,7 +12,7 @@ from bridge.commands import CommandClient, CommandOutcome
 from bridge.health import Readiness
 from bridge.outbound import OutboundPolicy
 from callback_server.access import Access, Principal
-from callback_server.alerts import AlertDelivery, AlertEngine, AlertStore
+from callback_server.alerts import AlertDelivery, AlertEngine, AlertStore, AlertSubscriptions
 from callback_server.batcher import BatchWriter
 from callback_server.config import CallbackSettings
 from callback_server.console import ConsoleHub
@@ -39,6 +39,7 @@ class AppHost(Protocol):
     alerts: AlertEngine
     alert_store: AlertStore
     alert_delivery: AlertDelivery
+    alert_subscriptions: AlertSubscriptions
     console: ConsoleHub
     readiness: Readiness
 

@@ -1,8 +1,11 @@
-"""Retention: the raw message log, dead letters and command records are pruned by age.
+"""Retention: the raw message log, dead letters, command records and the webhook
+delivery logs are pruned by age.
 
 The log grows by one row per message (the highest-volume table) and nothing else reads
 old rows of it: events and latest state live in their own tables, which are never
-pruned. Dead letters and commands are kept longer, for whoever investigates.
+pruned. Dead letters and commands are kept longer, for whoever investigates. A webhook's
+delivery log grows by one row per attempt (a dead receiver: one per attempt of every
+event), and its old rows only say how a delivery went long ago.
 """
 
 from __future__ import annotations
@@ -10,21 +13,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from bridge.errors import StoreError
 from callback_server.store import Store
 
 log = logging.getLogger(__name__)
 
+#: ``prune(older_than, batch)``: delete up to ``batch`` rows older than that; how many.
+Pruner = Callable[[float, int], Awaitable[int]]
+
 
 class Retention:
     """Deletes rows older than each table's retention, in small batches, every interval."""
 
     def __init__(self, store: Store, days: Mapping[str, float], *, interval: float,
-                 batch: int = 5000) -> None:
+                 batch: int = 5000, pruners: Mapping[str, Pruner] | None = None) -> None:
+        """``days`` by table: the store's prunable tables, and tables declared elsewhere
+        (the webhook tables) with their own ``pruners``."""
         self.store = store
         self.days = {table: d for table, d in days.items() if d > 0}  # 0: keep forever
+        self.pruners = dict(pruners or {})
         self.interval = interval
         self.batch = batch
         self.pruned: dict[str, int] = dict.fromkeys(self.days, 0)
@@ -45,7 +54,9 @@ class Retention:
         for table, days in self.days.items():
             cutoff = now - days * 86400
             while True:
-                deleted = await self.store.prune(table, cutoff, self.batch)
+                pruner = self.pruners.get(table)
+                deleted = await (self.store.prune(table, cutoff, self.batch)
+                                 if pruner is None else pruner(cutoff, self.batch))
                 self.pruned[table] += deleted
                 total += deleted
                 if deleted < self.batch:

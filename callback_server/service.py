@@ -33,15 +33,23 @@ from bridge.topic import GATEWAY_CHANNELS, DeviceAddress, every_device_channel, 
 from bridge.transport import MqttSettings, TlsFiles, Transport, create_transport
 from bridge.version import VERSION
 from callback_server.access import Access, Principal
-from callback_server.alerts import AlertDelivery, AlertEngine, AlertStore, load_alert_settings
+from callback_server.alerts import (
+    AlertDelivery,
+    AlertEngine,
+    AlertStore,
+    AlertSubscriptions,
+    load_alert_settings,
+)
 from callback_server.alerts.rules import AlertSettings
 from callback_server.batcher import BatchWriter
 from callback_server.config import CallbackSettings
 from callback_server.console import ConsoleHub
 from callback_server.consumer import Consumer
+from callback_server.disk import free_space, watched
 from callback_server.keys import KeyRing
 from callback_server.metrics import CallbackMetrics
 from callback_server.retention import Retention
+from callback_server.signed_post import Retry
 from callback_server.store import Store, load_targets, open_store
 from callback_server.store.schema import (
     COMMAND_TABLE,
@@ -51,8 +59,8 @@ from callback_server.store.schema import (
     TASKS_TABLE,
 )
 from callback_server.webhooks import routes as webhook_routes
-from callback_server.webhooks.delivery import Retry
 from callback_server.webhooks.service import Webhooks
+from callback_server.webhooks.store import WEBHOOK_DELIVERIES_TABLE
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +93,6 @@ class CallbackServer:
         self.writer = BatchWriter(self.store, batch_max=settings.batch_max,
                                   beat=self.watchdog.beat("batch-writer"),
                                   pending_max=settings.ingest_pending_max)
-        self.retention = Retention(self.store, {
-            LOG_TABLE: settings.log_retention_days,
-            DEAD_TABLE: settings.dead_letter_retention_days,
-            COMMAND_TABLE: settings.command_retention_days,
-            HISTORY_TABLE: settings.history_retention_days,
-            TASKS_TABLE: settings.history_retention_days,
-        }, interval=settings.retention_interval_seconds)
         self.transport = transport or create_transport(settings.mqtt_backend,
                                                        mqtt_settings(settings))
         self.router = MessageRouter(self.transport)
@@ -104,25 +105,36 @@ class CallbackServer:
         self.subscribed = False
         self.consumer.gateway_handlers.append(self._on_gateway_message)
         self.outbound = OutboundPolicy(allow=settings.callback_url_allow)
+        #: Filesystems whose free space /metrics and /health show (the SQLite default).
+        self.disk_paths = watched(settings.database_url)
         self.alert_settings = forwarding(load_alert_settings(settings.alert_rules_file),
                                          settings)
         self.alert_store = AlertStore(self.store)
-        self.alert_delivery = AlertDelivery(self.alert_store, self.transport, self.outbound,
-                                            self.alert_settings.delivery,
+        # Events by type, alert subscriptions among them (webhooks of style "alert"):
+        # the alert delivery's retry policy (FORWARD_* applied).
+        d = self.alert_settings.delivery
+        self.webhooks = Webhooks.open(self.store, self.outbound,
+                                      Retry(d.attempts, d.base_seconds, d.cap_seconds),
+                                      d.timeout_seconds)
+        self.alert_subscriptions = AlertSubscriptions(self.webhooks.store,
+                                                      self.webhooks.delivery.changed)
+        self.alert_delivery = AlertDelivery(self.transport, self.webhooks.delivery,
                                             topic_prefix=settings.topic_prefix)
+        self.retention = Retention(self.store, {
+            LOG_TABLE: settings.log_retention_days,
+            DEAD_TABLE: settings.dead_letter_retention_days,
+            COMMAND_TABLE: settings.command_retention_days,
+            HISTORY_TABLE: settings.history_retention_days,
+            TASKS_TABLE: settings.history_retention_days,
+            WEBHOOK_DELIVERIES_TABLE: settings.webhook_delivery_retention_days,
+        }, interval=settings.retention_interval_seconds,
+            pruners={WEBHOOK_DELIVERIES_TABLE: self.webhooks.store.prune})
         self.alerts = AlertEngine(
             self.alert_store, self.alert_settings, self.alert_delivery.submit,
             holder=f"{settings.mqtt_client_id}/{os.getpid()}/{secrets.token_hex(4)}",
             beat=self.watchdog.beat("alerts"))
         self.console = ConsoleHub(self.store)
         self.alert_delivery.listeners.append(self.console.on_transition)
-        # Events by type: the alert delivery's retry policy (FORWARD_* applied), its
-        # transitions, the committed batches and gateway presence.
-        d = self.alert_settings.delivery
-        self.webhooks = Webhooks.open(self.store, self.outbound,
-                                      Retry(d.attempts, d.base_seconds, d.cap_seconds),
-                                      d.timeout_seconds)
-        self.alert_delivery.listeners.append(self.webhooks.source.on_transition)
 
         def committed(items: list[tuple[str, Envelope]]) -> None:
             self.alerts.observe(items)
@@ -176,10 +188,8 @@ class CallbackServer:
         self.router.add(self.commands.response_filter, self.commands.on_message)
         await self._stack.enter_async_context(self.transport)
         await self._stack.enter_async_context(self.proxy)
-        await self._stack.enter_async_context(self.alert_delivery)
         self.tasks.spawn(self.alerts.run(), "alerts")
         self.tasks.spawn(self.console.run(), "console")
-        self.tasks.spawn(self.alert_delivery.run(), "alert-delivery")
         await self._stack.enter_async_context(self.webhooks.delivery)
         self.tasks.spawn(self.webhooks.delivery.run(), "webhook-delivery")
         # Normally subscribed before serving; a broker that is down or slow to SUBACK
@@ -348,14 +358,15 @@ class CallbackServer:
             "ingest_pending": self.writer.held,
             "ingest_pending_max": self.writer.pending_max,
             "pruned": self.retention.pruned,
+            "free_bytes": free_space(self.disk_paths),
             "alerts": {"transitions": self.alerts.transitions, "sweeps": self.alerts.sweeps,
                        "evaluating": self.alerts.pending,
                        "delivering": self.alert_delivery.pending,
                        "delivered": self.alert_delivery.delivered,
                        "undelivered": self.alert_delivery.failed},
             "webhooks": {"delivering": self.webhooks.delivery.pending,
-                         "delivered": self.webhooks.delivery.delivered,
-                         "undelivered": self.webhooks.delivery.failed},
+                         "delivered": self.webhooks.delivery.delivered["event"],
+                         "undelivered": self.webhooks.delivery.failed["event"]},
             "subscription": self.consumer.filter.value,
             "subscribed": self.subscribed,
             "tcp_nodelay_verified": self.nodelay.verified,
@@ -397,6 +408,9 @@ class CallbackServer:
         m.connected.set(1 if self.transport.connected else 0)
         for table, count in self.retention.pruned.items():
             m.pruned.labels(table=table).set(count)
+        for name, free in free_space(self.disk_paths).items():
+            if free is not None:
+                m.free_bytes.labels(path=name).set(free)
 
 
 #: A heartbeat's fields /gateways and the console show, and those of its last poll run.

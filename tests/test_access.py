@@ -93,7 +93,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
                                                    "high", {}, time.time())
             assert opened is not None
             ids[f"alert_{org}"] = opened.alert.id
-            sub = await server.alert_store.add_subscription(
+            sub = await server.alert_subscriptions.add_subscription(
                 "http://127.0.0.1:9/hook", None, [org], "admin", time.time())
             ids[f"sub_{org}"] = sub.id
             hook = await server.webhooks.store.add(

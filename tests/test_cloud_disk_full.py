@@ -98,3 +98,50 @@ async def test_cloud_sqlite_on_a_full_disk_degrades_then_recovers_without_restar
                                    headers={"Authorization": f"Bearer {ADMIN}"})).json()
     assert health["status"] == "healthy", health
     assert await srv.store.get_robot("R0") is not None
+
+
+def shown_free(metrics: str, name: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith(f'callback_free_bytes{{path="{name}"}}'):
+            return float(line.split()[-1])
+    raise AssertionError(f"no callback_free_bytes for {name}: {metrics[-2000:]}")
+
+
+async def test_the_free_space_of_the_sqlite_disk_is_shown_before_it_fills(
+        server: tuple[CallbackServer, httpx.AsyncClient], small_fs: Path) -> None:
+    """/health and /metrics show the room left where the database is (the 2 MiB tmpfs)
+    and in the data directory: it shrinks as messages are stored and grows back when the
+    filesystem does."""
+    _, client = server
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+
+    async def free() -> int:
+        health = (await client.get("/callback/health", headers=admin)).json()
+        metrics = (await client.get("/metrics", headers=admin)).text
+        assert health["free_bytes"]["data"] is not None
+        database = health["free_bytes"]["database"]
+        # read a moment apart: the server's own writes may move it by a few pages
+        assert abs(shown_free(metrics, "database") - database) < 256 * 1024
+        return int(database)
+
+    before = await free()
+    assert 0 < before <= 2 * 2**20
+    for i in range(10):
+        r = await client.post("/callback/messages", json=envelope(i),
+                              headers={"X-Callback-Token": RULE})
+        assert r.status_code == 200, r.text
+    fuller = await free()
+    assert fuller < before - 100_000  # ten messages of 20 kB
+    await asyncio.to_thread(
+        subprocess.run, ["mount", "-o", "remount,size=64m", str(small_fs)], check=True)
+    assert await free() > 32 * 2**20
+
+
+def test_only_a_sqlite_file_has_a_database_disk(tmp_path: Path) -> None:
+    from callback_server.disk import watched
+    assert watched("sqlite:////srv/cb/callback.db", tmp_path) == {
+        "data": tmp_path, "database": Path("/srv/cb")}
+    assert watched("sqlite:///data/callback.db", tmp_path)["database"] == Path("data")
+    for url in ("mysql://u:p@db:3306/fleet", "sqlite:///:memory:"):
+        assert watched(url, tmp_path) == {"data": tmp_path}
+    assert watched("mysql://db/fleet", tmp_path / "absent") == {"data": Path.cwd()}

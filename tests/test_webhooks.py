@@ -295,8 +295,8 @@ async def test_delivery_to_an_address_the_rule_no_longer_allows_is_refused_uncon
     """A webhook made while CALLBACK_URL_ALLOW listed its host, delivered after the
     operator narrowed it: refused at connect, logged once, never retried or connected."""
     from bridge.outbound import OutboundPolicy
+    from callback_server.signed_post import Retry
     from callback_server.webhooks import Event, WebhookDelivery
-    from callback_server.webhooks.delivery import Retry
 
     connects: list[str] = []
     real = httpcore.AnyIOBackend.connect_tcp

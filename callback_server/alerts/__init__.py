@@ -5,7 +5,8 @@
     alert.py     Alert, Subject, Transition
     store.py     the alert tables: conditional writes, so a transition happens once
     engine.py    inputs -> decisions -> transitions (and the leased time-based sweep)
-    delivery.py  MQTT {prefix}org/{org}/alerts and signed, retried webhooks
+    delivery.py  MQTT {prefix}org/{org}/alerts, listeners, and events to the webhooks
+    subscriptions.py  /alert-subscriptions as a view of the webhooks (style ``alert``)
     routes.py    /alerts and /alert-subscriptions
 """
 
@@ -18,7 +19,8 @@ from callback_server.alerts.rules import (
     AlertSettings,
     load_alert_settings,
 )
-from callback_server.alerts.store import AlertStore, AlertSubscription
+from callback_server.alerts.store import AlertStore
+from callback_server.alerts.subscriptions import AlertSubscription, AlertSubscriptions
 
 __all__ = [
     "CHARGING_STATES",
@@ -29,6 +31,7 @@ __all__ = [
     "AlertSettings",
     "AlertStore",
     "AlertSubscription",
+    "AlertSubscriptions",
     "Subject",
     "Transition",
     "load_alert_settings",

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from callback_server.times import iso
+
 State = Literal["open", "acknowledged", "resolved"]
 STATES: tuple[State, ...] = ("open", "acknowledged", "resolved")
 TransitionName = Literal["opened", "severity_changed", "acknowledged", "resolved"]
-
-
-def iso(ts: float | None) -> str | None:
-    """Epoch seconds as ISO 8601 UTC with milliseconds, as every other API time is."""
-    if ts is None:
-        return None
-    value = dt.datetime.fromtimestamp(float(ts), dt.UTC)
-    return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def subject_key(rule: str, org: str, subject_type: str, subject_id: str) -> str:

@@ -41,7 +41,7 @@ from bridge.errors import PayloadError, StoreError
 from bridge.sdnotify import BEAT_SECONDS
 from bridge.tasks import within
 from bridge.topic import DeviceAddress
-from callback_server.alerts.alert import Alert, Subject, Transition, iso
+from callback_server.alerts.alert import Alert, Subject, Transition
 from callback_server.alerts.rules import (
     AlertSettings,
     GatewayClock,
@@ -65,6 +65,7 @@ from callback_server.alerts.rules import (
 )
 from callback_server.alerts.store import AlertStore, RobotKey
 from callback_server.store.rows import channel_of, is_robot_state
+from callback_server.times import iso
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from bridge.paging import (
 from callback_server.access import OPERATORS, READERS, Access, Principal
 from callback_server.alerts.alert import STATES, Alert
 from callback_server.alerts.rules import RULES
-from callback_server.alerts.store import AlertSubscription
+from callback_server.alerts.subscriptions import AlertSubscription
 from callback_server.keys import ALL_ORGS
 
 if TYPE_CHECKING:
@@ -78,6 +78,7 @@ def _covers_all(principal: Principal, orgs: tuple[str, ...]) -> bool:
 def create_alert_router(server: AppHost, access: Access) -> APIRouter:
     router = APIRouter()
     alerts = server.alert_store
+    subs = server.alert_subscriptions
 
     def reader(request: Request) -> Principal:
         principal = access.principal(request)
@@ -97,7 +98,7 @@ def create_alert_router(server: AppHost, access: Access) -> APIRouter:
         return alert
 
     async def visible_subscription(principal: Principal, sub_id: str) -> AlertSubscription:
-        sub = await alerts.subscription(sub_id)
+        sub = await subs.subscription(sub_id)
         if sub is None or not _covers_all(principal, sub.orgs):
             raise NotFoundError(f"alert subscription {sub_id} not found")
         return sub
@@ -169,7 +170,7 @@ def create_alert_router(server: AppHost, access: Access) -> APIRouter:
             access.refuse_foreign(principal, [o for o in orgs if o != ALL_ORGS] or ["*"])
             raise ForbiddenError(f"key {principal.name!r} does not cover every org")
         await server.outbound.check_url(body.url, field="url")
-        sub = await alerts.add_subscription(body.url, body.rules, orgs, principal.name,
+        sub = await subs.add_subscription(body.url, body.rules, orgs, principal.name,
                                             time.time(), secret=body.secret)
         # The only time the secret is shown: the receiver needs it to verify.
         return {**sub.public(), "secret": sub.secret,
@@ -182,7 +183,7 @@ def create_alert_router(server: AppHost, access: Access) -> APIRouter:
                             ) -> dict[str, Any]:
         principal = operator(request)
         after = decode_cursor(cursor, Text)
-        mine = [s for s in await alerts.subscriptions(None if after is None else str(after[0]))
+        mine = [s for s in await subs.subscriptions(None if after is None else str(after[0]))
                 if _covers_all(principal, s.orgs)]
         page = mine[:limit]
         more = len(mine) > limit
@@ -192,7 +193,7 @@ def create_alert_router(server: AppHost, access: Access) -> APIRouter:
     @router.delete("/alert-subscriptions/{sub_id}", summary="Stop an alert subscription")
     async def unsubscribe(sub_id: str, request: Request) -> dict[str, Any]:
         sub = await visible_subscription(operator(request), sub_id)
-        await alerts.delete_subscription(sub.id)
+        await subs.delete_subscription(sub.id)
         return {"status": "success", "id": sub.id, "timestamp": int(time.time())}
 
     @router.get("/alert-subscriptions/{sub_id}/deliveries",
@@ -203,7 +204,7 @@ def create_alert_router(server: AppHost, access: Access) -> APIRouter:
                          ) -> dict[str, Any]:
         sub = await visible_subscription(operator(request), sub_id)
         after = decode_cursor(cursor, (int,))
-        items, last = await alerts.deliveries(
+        items, last = await subs.deliveries(
             sub.id, limit=limit, after=None if after is None else int(after[0]))
         return {"items": items, "next_cursor": None if last is None else encode_cursor(last)}
 

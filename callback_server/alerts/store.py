@@ -11,23 +11,18 @@ store (its backend and dialect): both databases, the same statements.
 from __future__ import annotations
 
 import json
-import secrets
 import time
 from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
-from callback_server.alerts.alert import Alert, Subject, Transition, iso, new_id
+from callback_server.alerts.alert import Alert, Subject, Transition, new_id
 from callback_server.store.protocol import SqlAccess
 from callback_server.store.schema import (
-    ALERT_DELIVERIES,
-    ALERT_DELIVERIES_TABLE,
     ALERT_LEASES,
     ALERT_LEASES_TABLE,
     ALERT_SILENCES,
     ALERT_SILENCES_TABLE,
-    ALERT_SUBSCRIPTIONS,
-    ALERT_SUBSCRIPTIONS_TABLE,
     ALERT_WATCH,
     ALERT_WATCH_TABLE,
     ALERTS,
@@ -48,40 +43,9 @@ def _json(value: Any, limit: int) -> str:
     return text if len(text) <= limit else json.dumps({"truncated": text[:limit - 40]})
 
 
-@dataclass(frozen=True, slots=True)
-class AlertSubscription:
-    """A webhook that hears of transitions of ``rules`` (None: all) in ``orgs``."""
-
-    id: str
-    url: str
-    secret: str
-    rules: tuple[str, ...] | None
-    orgs: tuple[str, ...]
-    created_by: str | None
-    created_at: float
-
-    def wants(self, alert: Alert) -> bool:
-        return ((self.rules is None or alert.rule in self.rules)
-                and ("*" in self.orgs or alert.org in self.orgs))
-
-    def public(self) -> dict[str, Any]:
-        """The API view: never the secret."""
-        return {"id": self.id, "url": self.url,
-                "rules": None if self.rules is None else list(self.rules),
-                "orgs": list(self.orgs), "created_by": self.created_by,
-                "created_at": iso(self.created_at)}
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> AlertSubscription:
-        rules = json.loads(row["rules"]) if row.get("rules") else None
-        return cls(id=str(row["id"]), url=str(row["url"]), secret=str(row["secret"]),
-                   rules=None if rules is None else tuple(rules),
-                   orgs=tuple(json.loads(row.get("orgs") or '["*"]')),
-                   created_by=row.get("created_by"), created_at=float(row["created_at"]))
-
-
 class AlertStore:
-    """Alert rows, silences, the per-robot watch, leases, subscriptions and deliveries."""
+    """Alert rows, silences, the per-robot watch and leases (subscriptions are webhooks:
+    ``callback_server.alerts.subscriptions``)."""
 
     def __init__(self, store: SqlAccess) -> None:
         self.store = store
@@ -325,63 +289,3 @@ class AlertStore:
         return bool(await self._write(self.d.insert_ignore(ALERT_LEASES_TABLE,
                                                            ALERT_LEASES.names),
                                       (name, holder, now + seconds)))
-
-    # -- subscriptions and their delivery log ------------------------------------------------
-    async def add_subscription(self, url: str, rules: Sequence[str] | None,
-                               orgs: Sequence[str], by: str | None, now: float,
-                               secret: str | None = None) -> AlertSubscription:
-        sub = AlertSubscription(id="asub_" + secrets.token_hex(8), url=url,
-                                secret=secret or secrets.token_hex(32),
-                                rules=None if rules is None else tuple(rules),
-                                orgs=tuple(orgs), created_by=by, created_at=now)
-        await self._write(self.d.insert(ALERT_SUBSCRIPTIONS_TABLE, ALERT_SUBSCRIPTIONS.names),
-                          (sub.id, sub.url, sub.secret,
-                           None if sub.rules is None else json.dumps(list(sub.rules)),
-                           json.dumps(list(sub.orgs)), by, now))
-        return sub
-
-    async def subscriptions(self, after: str | None = None) -> list[AlertSubscription]:
-        """Every subscription by id (after ``after``)."""
-        m = self.d.mark
-        clause, args = (f" WHERE id > {m}", [after]) if after is not None else ("", [])
-        rows = await self._fetch(
-            f"SELECT {', '.join(ALERT_SUBSCRIPTIONS.names)} FROM "
-            f"{self.d.quote(ALERT_SUBSCRIPTIONS_TABLE)}{clause} ORDER BY id", args)
-        return [AlertSubscription.from_row(r) for r in rows]
-
-    async def subscription(self, sub_id: str) -> AlertSubscription | None:
-        rows = await self._fetch(
-            f"SELECT {', '.join(ALERT_SUBSCRIPTIONS.names)} FROM "
-            f"{self.d.quote(ALERT_SUBSCRIPTIONS_TABLE)} WHERE id = {self.d.mark}", (sub_id,))
-        return AlertSubscription.from_row(rows[0]) if rows else None
-
-    async def delete_subscription(self, sub_id: str) -> bool:
-        return bool(await self._write(
-            f"DELETE FROM {self.d.quote(ALERT_SUBSCRIPTIONS_TABLE)} WHERE id = {self.d.mark}",
-            (sub_id,)))
-
-    async def record_delivery(self, sub_id: str, transition: Transition, attempt: int,
-                              outcome: str, now: float) -> None:
-        await self._write(self.d.insert(ALERT_DELIVERIES_TABLE, ALERT_DELIVERIES.names[1:]),
-                          (sub_id, transition.alert.id, transition.name, transition.id,
-                           attempt, outcome, now))
-
-    async def deliveries(self, sub_id: str, *, limit: int, after: int | None = None,
-                         ) -> tuple[list[dict[str, Any]], list[Any] | None]:
-        """The delivery log of one subscription, newest first, a keyset page."""
-        m = self.d.mark
-        where = f"subscription_id = {m}"
-        args: list[Any] = [sub_id]
-        if after is not None:
-            where += f" AND id < {m}"
-            args.append(after)
-        rows = await self._fetch(
-            f"SELECT {', '.join(ALERT_DELIVERIES.names)} FROM "
-            f"{self.d.quote(ALERT_DELIVERIES_TABLE)} WHERE {where} ORDER BY id DESC "
-            f"LIMIT {int(limit) + 1}", args)
-        items = [{"id": int(r["id"]), "at": iso(r["at"]), "alert_id": r["alert_id"],
-                  "transition": r["transition"], "transition_id": r["transition_id"],
-                  "attempt": int(r["attempt"]), "outcome": r["outcome"]}
-                 for r in rows[:limit]]
-        more = len(rows) > limit and items
-        return items, [items[-1]["id"]] if more else None

@@ -1,8 +1,9 @@
 """The event names and how the server's own inputs become events.
 
 Inputs are what the server already learns: rows the batch writer committed (robot events,
-robot status, poll runs), gateway presence, and alert transitions. Nothing here reads
-the database: an event is news of something just stored or just seen.
+robot status, poll runs) and gateway presence; alert transitions are submitted as events
+by the alert delivery. Nothing here reads the database: an event is news of something
+just stored or just seen.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from typing import Any
 
 from bridge.envelope import Envelope
 from bridge.topic import DeviceAddress
-from callback_server.alerts.alert import Transition
 from callback_server.store.rows import channel_of, is_robot_state
 
 EVENTS = ("robot.status_changed", "robot.error", "robot.offline", "robot.online",
@@ -39,6 +39,8 @@ class Event:
     data: dict[str, Any]
     at: float = field(default_factory=time.time)
     id: str = field(default_factory=lambda: "evt_" + secrets.token_hex(8))
+    #: What it is about, kept with each delivery attempt (an alert's id); None: nothing.
+    ref: str | None = None
 
     def body(self) -> dict[str, Any]:
         return {"id": self.id, "event": self.name, "org_id": self.org,
@@ -120,10 +122,3 @@ class EventSource:
         self._presence[key] = state
         self.emit(Event(f"gateway.{state}", address.org_id,
                         {"gateway_id": address.device_id, "state": state}))
-
-    def on_transition(self, transition: Transition) -> None:
-        """An alert delivery listener: ``opened`` and ``resolved``, unless silenced."""
-        if transition.silenced or transition.name not in ("opened", "resolved"):
-            return
-        self.emit(Event(f"alert.{transition.name}", transition.alert.org,
-                        transition.body()))

@@ -120,4 +120,5 @@ async def webhook_deliveries(hook_id: str, request: Request,
     after = decode_cursor(cursor, (int,))
     items, last = await hooks.store.deliveries(
         hook.id, limit=limit, after=None if after is None else int(after[0]))
-    return {"items": items, "next_cursor": None if last is None else encode_cursor(last)}
+    return {"items": [{k: v for k, v in item.items() if k != "ref"} for item in items],
+            "next_cursor": None if last is None else encode_cursor(last)}

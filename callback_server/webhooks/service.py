@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from bridge.outbound import OutboundPolicy
+from callback_server.signed_post import Retry
 from callback_server.store.protocol import SqlAccess
-from callback_server.webhooks.delivery import Retry, WebhookDelivery
+from callback_server.webhooks.delivery import WebhookDelivery
 from callback_server.webhooks.events import EventSource
 from callback_server.webhooks.store import WebhookStore
 

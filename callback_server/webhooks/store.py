@@ -1,7 +1,10 @@
 """The webhook tables: subscriptions by event type and every delivery attempt.
 
 Declared here (not in the product's schema) and created on first use with ``CREATE TABLE
-IF NOT EXISTS``: both databases, the same statements, like the alert tables.
+IF NOT EXISTS``: both databases, the same statements, like the alert tables. The alert
+subscriptions are webhooks of style ``alert`` (their own body shape, a rule filter); the
+``alert_subscriptions`` / ``alert_deliveries`` rows of earlier versions are moved here on
+first use, once.
 """
 
 from __future__ import annotations
@@ -12,10 +15,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from callback_server.alerts.alert import iso
 from callback_server.keys import ALL_ORGS
 from callback_server.store.protocol import SqlAccess
-from callback_server.store.schema import Column, TableSpec
+from callback_server.store.schema import (
+    ALERT_DELIVERIES,
+    ALERT_DELIVERIES_TABLE,
+    ALERT_SUBSCRIPTIONS,
+    ALERT_SUBSCRIPTIONS_TABLE,
+    Column,
+    TableSpec,
+)
+from callback_server.times import iso
 
 WEBHOOKS_TABLE = "webhooks"
 WEBHOOK_DELIVERIES_TABLE = "webhook_deliveries"
@@ -28,6 +38,8 @@ WEBHOOKS = TableSpec(
         Column("orgs", "text", 4000),        # JSON list; ["*"]: every org
         Column("created_by", "str", 128),
         Column("created_at", "float"),
+        Column("rules", "text", 2000),       # JSON list of alert rules; NULL: every rule
+        Column("style", "str", 16),          # event | alert (an alert subscription); NULL: event
     ),
     key=("id",),
 )
@@ -42,10 +54,16 @@ WEBHOOK_DELIVERIES = TableSpec(
         Column("latency_ms", "float"),
         Column("outcome", "str", 16),        # delivered | failed | gave_up | refused
         Column("at", "float"),
+        Column("ref", "str", 64),            # what the event is about: an alert's id
     ),
     key=("id",),
 )
 TABLES = {WEBHOOKS_TABLE: WEBHOOKS, WEBHOOK_DELIVERIES_TABLE: WEBHOOK_DELIVERIES}
+#: The transitions an alert subscription hears of, as events (the view's ``events``).
+ALERT_EVENTS = ("alert.opened", "alert.severity_changed", "alert.acknowledged",
+                "alert.resolved")
+#: Moved alert delivery rows keep their order below every new row: id - this.
+MOVED_OFFSET = 1 << 40
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,22 +77,33 @@ class Webhook:
     orgs: tuple[str, ...]
     created_by: str | None
     created_at: float
+    #: Alert rules whose events it hears of (None: all); set by alert subscriptions.
+    rules: tuple[str, ...] | None = None
+    #: ``event`` (the event body) or ``alert`` (an alert subscription's body and headers).
+    style: str = "event"
 
-    def wants(self, event: str, org: str) -> bool:
-        return event in self.events and (ALL_ORGS in self.orgs or org in self.orgs)
+    def wants(self, event: str, org: str, rule: str | None = None) -> bool:
+        return (event in self.events and (ALL_ORGS in self.orgs or org in self.orgs)
+                and (self.rules is None or rule in self.rules))
 
     def public(self) -> dict[str, Any]:
         """The API view: never the secret."""
-        return {"id": self.id, "url": self.url, "events": list(self.events),
+        view = {"id": self.id, "url": self.url, "events": list(self.events),
                 "orgs": list(self.orgs), "created_by": self.created_by,
                 "created_at": iso(self.created_at)}
+        if self.style != "event":
+            view |= {"style": self.style,
+                     "rules": None if self.rules is None else list(self.rules)}
+        return view
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Webhook:
         return cls(id=str(row["id"]), url=str(row["url"]), secret=str(row["secret"]),
                    events=tuple(json.loads(row["events"] or "[]")),
                    orgs=tuple(json.loads(row["orgs"] or "[]")),
-                   created_by=row.get("created_by"), created_at=float(row["created_at"]))
+                   created_by=row.get("created_by"), created_at=float(row["created_at"]),
+                   rules=None if not row.get("rules") else tuple(json.loads(row["rules"])),
+                   style=str(row.get("style") or "event"))
 
 
 class WebhookStore:
@@ -91,9 +120,53 @@ class WebhookStore:
         if not self._created:
             for name, spec in TABLES.items():
                 await self.backend.transaction([(self.d.create_table(name, spec), None)])
-            await self.backend.transaction(
-                [(self.d.create_index(WEBHOOK_DELIVERIES_TABLE, "webhook_id"), None)])
+                # Tables of an earlier version lack the columns added since.
+                have = await self.backend.columns(name)
+                for column in spec.columns:
+                    if column.name not in have:
+                        await self.backend.transaction(
+                            [(self.d.add_column(name, column), None)])
+            for indexed in ("webhook_id", "at"):  # the log's reads; retention's deletes
+                await self.backend.transaction(
+                    [(self.d.create_index(WEBHOOK_DELIVERIES_TABLE, indexed), None)])
+            await self._move_alert_subscriptions()
             self._created = True
+
+    async def _move_alert_subscriptions(self) -> None:
+        """Rows of the alert subscription tables of earlier versions become webhooks of
+        style ``alert`` and their delivery log, in one transaction that also empties the
+        old tables; run again (a crash, a second replica) it inserts nothing twice: moved
+        ids are kept (deliveries offset below every new id) and inserted ``IGNORE``."""
+        if not await self.backend.columns(ALERT_SUBSCRIPTIONS_TABLE):
+            return
+        q = self.d.quote
+        subs = await self.backend.fetch(
+            f"SELECT {', '.join(ALERT_SUBSCRIPTIONS.names)} FROM "
+            f"{q(ALERT_SUBSCRIPTIONS_TABLE)}")
+        sent = await self.backend.fetch(
+            f"SELECT {', '.join(ALERT_DELIVERIES.names)} FROM {q(ALERT_DELIVERIES_TABLE)} "
+            f"ORDER BY id")
+        if not subs and not sent:
+            return
+        events = json.dumps(list(ALERT_EVENTS))
+        m = self.d.mark
+        statements: list[tuple[str, list[tuple[Any, ...]] | None]] = []
+        if subs:
+            statements.append((self.d.insert_ignore(WEBHOOKS_TABLE, WEBHOOKS.names), [
+                (s["id"], s["url"], s["secret"], events, s.get("orgs") or '["*"]',
+                 s.get("created_by"), s["created_at"], s.get("rules") or None, "alert")
+                for s in subs]))
+            statements.append((f"DELETE FROM {q(ALERT_SUBSCRIPTIONS_TABLE)} WHERE id = {m}",
+                               [(s["id"],) for s in subs]))
+        if sent:
+            statements.append((
+                self.d.insert_ignore(WEBHOOK_DELIVERIES_TABLE, WEBHOOK_DELIVERIES.names), [
+                    (int(r["id"]) - MOVED_OFFSET, r["subscription_id"], r["transition_id"],
+                     f"alert.{r['transition']}", r["attempt"], None, None, r["outcome"],
+                     r["at"], r["alert_id"]) for r in sent]))
+            statements.append((f"DELETE FROM {q(ALERT_DELIVERIES_TABLE)} WHERE id <= {m}",
+                               [(max(int(r["id"]) for r in sent),)]))
+        await self.backend.transaction(statements)
 
     async def _write(self, sql: str, row: Sequence[Any]) -> int:
         await self._ready()
@@ -104,13 +177,18 @@ class WebhookStore:
         return await self.backend.fetch(sql, args)
 
     async def add(self, url: str, events: Sequence[str], orgs: Sequence[str], by: str | None,
-                  now: float, secret: str | None = None) -> Webhook:
-        hook = Webhook(id="wh_" + secrets.token_hex(8), url=url,
+                  now: float, secret: str | None = None, *,
+                  rules: Sequence[str] | None = None, style: str = "event",
+                  prefix: str = "wh_") -> Webhook:
+        hook = Webhook(id=prefix + secrets.token_hex(8), url=url,
                        secret=secret or secrets.token_hex(32), events=tuple(events),
-                       orgs=tuple(orgs), created_by=by, created_at=now)
+                       orgs=tuple(orgs), created_by=by, created_at=now,
+                       rules=None if rules is None else tuple(rules), style=style)
         await self._write(self.d.insert(WEBHOOKS_TABLE, WEBHOOKS.names),
                           (hook.id, hook.url, hook.secret, json.dumps(list(hook.events)),
-                           json.dumps(list(hook.orgs)), by, now))
+                           json.dumps(list(hook.orgs)), by, now,
+                           None if hook.rules is None else json.dumps(list(hook.rules)),
+                           style))
         return hook
 
     async def all(self, after: str | None = None) -> list[Webhook]:
@@ -133,14 +211,21 @@ class WebhookStore:
 
     async def record(self, hook_id: str, event_id: str, event: str, attempt: int,
                      status: int | None, latency_ms: float | None, outcome: str,
-                     now: float) -> None:
+                     now: float, ref: str | None = None) -> None:
         await self._write(
             self.d.insert(WEBHOOK_DELIVERIES_TABLE, WEBHOOK_DELIVERIES.names[1:]),
-            (hook_id, event_id, event, attempt, status, latency_ms, outcome, now))
+            (hook_id, event_id, event, attempt, status, latency_ms, outcome, now, ref))
+
+    async def prune(self, older_than: float, batch: int = 5000) -> int:
+        """Delete up to ``batch`` delivery attempts older than ``older_than`` (retention;
+        alert subscriptions' among them); how many."""
+        return await self._write(self.d.delete_older(WEBHOOK_DELIVERIES_TABLE, "at", batch),
+                                 (older_than,))
 
     async def deliveries(self, hook_id: str, *, limit: int, after: int | None = None,
                          ) -> tuple[list[dict[str, Any]], list[Any] | None]:
-        """The delivery log of one webhook, newest first, a keyset page."""
+        """The delivery log of one webhook, newest first, a keyset page; ``ref`` is for
+        views (the alert subscriptions' ``alert_id``), not the webhook API."""
         m = self.d.mark
         where = f"webhook_id = {m}"
         args: list[Any] = [hook_id]
@@ -155,6 +240,6 @@ class WebhookStore:
                   "event": r["event"], "attempt": int(r["attempt"]),
                   "status": None if r["status"] is None else int(r["status"]),
                   "latency_ms": None if r["latency_ms"] is None else float(r["latency_ms"]),
-                  "outcome": r["outcome"]} for r in rows[:limit]]
+                  "outcome": r["outcome"], "ref": r["ref"]} for r in rows[:limit]]
         more = len(rows) > limit and items
         return items, [items[-1]["id"]] if more else None

@@ -17,7 +17,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
@@ -47,22 +47,30 @@ def _with_policy(page: HTMLResponse) -> HTMLResponse:
     return page
 
 
+#: ``/docs`` and ``/redoc``; each page names the app that serves it.
+router = APIRouter()
+
+
 def install_docs(app: FastAPI) -> None:
     """``/docs`` and ``/redoc`` on ``app`` (created with ``docs_url=None, redoc_url=None``)."""
     app.mount(_PREFIX, StaticFiles(directory=ASSETS), name="docs-assets")
-    title = app.title
+    app.include_router(router)
 
-    @app.get("/docs", include_in_schema=False)
-    async def swagger() -> HTMLResponse:
-        return _with_policy(get_swagger_ui_html(
-            openapi_url=app.openapi_url or "/openapi.json", title=f"{title} - docs",
-            swagger_js_url=f"{_PREFIX}/swagger-ui-bundle.js",
-            swagger_css_url=f"{_PREFIX}/swagger-ui.css",
-            swagger_favicon_url=f"{_PREFIX}/favicon-32x32.png"))
 
-    @app.get("/redoc", include_in_schema=False)
-    async def redoc() -> HTMLResponse:
-        return _with_policy(get_redoc_html(
-            openapi_url=app.openapi_url or "/openapi.json", title=f"{title} - ReDoc",
-            redoc_js_url=f"{_PREFIX}/redoc.standalone.js",
-            redoc_favicon_url=f"{_PREFIX}/favicon-32x32.png", with_google_fonts=False))
+@router.get("/docs", include_in_schema=False)
+async def swagger(request: Request) -> HTMLResponse:
+    app = request.app
+    return _with_policy(get_swagger_ui_html(
+        openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} - docs",
+        swagger_js_url=f"{_PREFIX}/swagger-ui-bundle.js",
+        swagger_css_url=f"{_PREFIX}/swagger-ui.css",
+        swagger_favicon_url=f"{_PREFIX}/favicon-32x32.png"))
+
+
+@router.get("/redoc", include_in_schema=False)
+async def redoc(request: Request) -> HTMLResponse:
+    app = request.app
+    return _with_policy(get_redoc_html(
+        openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} - ReDoc",
+        redoc_js_url=f"{_PREFIX}/redoc.standalone.js",
+        redoc_favicon_url=f"{_PREFIX}/favicon-32x32.png", with_google_fonts=False))

@@ -14,8 +14,9 @@ Refusals, each counted in ``callback_auth_refused_total{reason}``:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Annotated, cast
 
-from fastapi import Request
+from fastapi import Depends, Request
 from prometheus_client import Counter
 
 from bridge.errors import AuthError, ForbiddenError, NotFoundError
@@ -24,7 +25,8 @@ from bridge.topic import TopicFilter, normalize_prefix
 from callback_server.keys import KeyRing, Principal, Role
 from callback_server.sessions import COOKIE, SessionStore, same_origin
 
-__all__ = ["INGESTERS", "OPERATORS", "READERS", "REFUSAL_REASONS", "Access", "Principal"]
+__all__ = ["ADMINS", "INGESTERS", "OPERATORS", "READERS", "REFUSAL_REASONS", "Access", "Admin",
+           "Caller", "Ingester", "Operator", "Principal", "Reader", "Rules"]
 
 #: The ``reason`` labels of ``callback_auth_refused_total``.
 REFUSAL_REASONS = ("missing", "unknown", "forbidden_role", "foreign_org", "cross_origin")
@@ -34,6 +36,8 @@ _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 READERS: tuple[Role, ...] = ("viewer", "operator", "admin")
 #: Roles that may send commands and publish or subscribe through the REST proxy.
 OPERATORS: tuple[Role, ...] = ("operator", "admin")
+#: Roles that may do everything.
+ADMINS: tuple[Role, ...] = ("admin",)
 #: Roles that may push envelopes to ``POST /callback/messages``.
 INGESTERS: tuple[Role, ...] = ("ingest", "admin")
 
@@ -126,6 +130,18 @@ class Access:
             raise ForbiddenError(f"key {principal.name!r} (role {principal.role}) may not {what}; "
                                  f"that needs one of: {', '.join(allowed)}")
 
+    def require_operator(self, principal: Principal, what: str) -> None:
+        """403 unless the principal may operate: for routes that first answer 404 for
+        what another org owns, so the role is checked only once the thing is visible."""
+        self.require_role(principal, OPERATORS, what)
+
+    def console_principal(self, key: str) -> Principal:
+        """The principal a console sign-in key opens a session for: 401 if the key is
+        unknown, 403 if its role may not read."""
+        principal = self.from_key(key)
+        self.require_role(principal, READERS, "use the console")
+        return principal
+
     def require_all_orgs(self, principal: Principal, what: str) -> None:
         """403 unless the key covers every org (``orgs: ["*"]``)."""
         if not principal.all_orgs:
@@ -196,3 +212,45 @@ def _bearer_key(request: Request) -> str:
     """The key of ``Authorization: Bearer <key>``; empty when there is none."""
     scheme, _, value = request.headers.get("authorization", "").partition(" ")
     return value.strip() if scheme.lower() == "bearer" else ""
+
+
+# -- what routes get through Depends: the access rules, the caller and its role ------------
+def access_of(request: Request) -> Access:
+    """The server's one Access (``app.state.access``, set when its app is built)."""
+    return cast(Access, request.app.state.access)
+
+
+def _caller(request: Request) -> Principal:
+    return access_of(request).principal(request)
+
+
+def _with_role(roles: tuple[Role, ...], what: str) -> Callable[[Request], Principal]:
+    def principal(request: Request) -> Principal:
+        access = access_of(request)
+        caller = access.principal(request)
+        access.require_role(caller, roles, what)
+        return caller
+
+    return principal
+
+
+def _ingester(request: Request) -> Principal:
+    """``X-Callback-Token`` also names the key here: an AWS IoT Rule sets no bearer."""
+    access = access_of(request)
+    caller = access.principal(request, callback_header=True)
+    access.require_role(caller, INGESTERS, "ingest messages")
+    return caller
+
+
+#: The access rules, for what a route checks beyond the caller's role (orgs, origins).
+Rules = Annotated[Access, Depends(access_of)]
+#: Any known key or live console session, whatever its role (401 otherwise).
+Caller = Annotated[Principal, Depends(_caller)]
+#: A key that may use the read API and live streams (403 for other roles).
+Reader = Annotated[Principal, Depends(_with_role(READERS, "use the read API"))]
+#: A key that may send commands and manage subscriptions and webhooks.
+Operator = Annotated[Principal, Depends(_with_role(OPERATORS, "manage or command the fleet"))]
+#: A key with the admin role.
+Admin = Annotated[Principal, Depends(_with_role(ADMINS, "administer the server"))]
+#: A key that may push envelopes to ``POST /callback/messages``.
+Ingester = Annotated[Principal, Depends(_ingester)]

@@ -40,12 +40,12 @@ from bridge.topic import (
     channel_for,
     parse_device_topic,
 )
-from callback_server.access import INGESTERS, Access, Principal
+from callback_server.access import Access, Ingester, Principal, Rules
 from callback_server.batcher import Outcome, Reason, Settled
 from callback_server.consumer import consistent, frame_element, handled_by_gateway
-from callback_server.ports import AppHost
+from callback_server.ports import AppHost, Host
 
-__all__ = ["INGEST_TIMEOUT_SECONDS", "create_ingest_router"]
+__all__ = ["INGEST_TIMEOUT_SECONDS", "router"]
 
 # An AWS IoT Rule HTTP action gives up after 3 s and retries; answer before that.
 INGEST_TIMEOUT_SECONDS = 2.5
@@ -198,39 +198,33 @@ def _answer(elements: list[_Element], outcomes: list[Settled]) -> dict[str, Any]
             "timestamp": int(time.time())}
 
 
-def create_ingest_router(server: AppHost, access: Access) -> APIRouter:
-    """The ingest route, around a running server."""
-    router = APIRouter()
-    prefix = server.settings.topic_prefix
+router = APIRouter()
 
-    @router.post("/callback/messages",
-                 summary="Ingest envelopes pushed by an AWS IoT Rule (one, or an array)",
-                 responses={
-                     400: {"description": "Body unreadable as a whole (kept as a dead letter)"},
-                     403: {"description": "The key covers none of the elements' orgs"},
-                     413: {"description": "Body over max_body_bytes (kept as a dead letter)"},
-                     503: {"description": "Not committed in time, or too much pending; "
-                                          "retry after Retry-After (idempotent)"}})
-    async def ingest(request: Request,
-                     x_mqtt_topic: str | None = Header(default=None)) -> dict[str, Any]:
-        principal = access.principal(request, callback_header=True)
-        access.require_role(principal, INGESTERS, "ingest messages")
-        topic = x_mqtt_topic or NO_TOPIC
-        try:
-            raw = await read_body(request, server.settings.max_body_bytes)
-        except PayloadTooLargeError as exc:
-            await _keep(server, [(topic, b"", Reason.UNREADABLE.because(str(exc)))])
-            raise
-        try:
-            parsed = strictjson.loads(raw)
-        except PayloadError as exc:
-            await _keep(server, [(topic, raw, Reason.UNREADABLE.because(f"body is {exc}"))])
-            raise MalformedBodyError(f"body is {exc}") from None
-        elements = _elements(parsed, x_mqtt_topic, prefix)
-        await _refuse_foreign(access, principal, elements, server)
-        return _answer(elements, await _settle(server, elements))
 
-    return router
+@router.post("/callback/messages",
+             summary="Ingest envelopes pushed by an AWS IoT Rule (one, or an array)",
+             responses={
+                 400: {"description": "Body unreadable as a whole (kept as a dead letter)"},
+                 403: {"description": "The key covers none of the elements' orgs"},
+                 413: {"description": "Body over max_body_bytes (kept as a dead letter)"},
+                 503: {"description": "Not committed in time, or too much pending; "
+                                      "retry after Retry-After (idempotent)"}})
+async def ingest(request: Request, principal: Ingester, server: Host, access: Rules,
+                 x_mqtt_topic: str | None = Header(default=None)) -> dict[str, Any]:
+    topic = x_mqtt_topic or NO_TOPIC
+    try:
+        raw = await read_body(request, server.settings.max_body_bytes)
+    except PayloadTooLargeError as exc:
+        await _keep(server, [(topic, b"", Reason.UNREADABLE.because(str(exc)))])
+        raise
+    try:
+        parsed = strictjson.loads(raw)
+    except PayloadError as exc:
+        await _keep(server, [(topic, raw, Reason.UNREADABLE.because(f"body is {exc}"))])
+        raise MalformedBodyError(f"body is {exc}") from None
+    elements = _elements(parsed, x_mqtt_topic, server.settings.topic_prefix)
+    await _refuse_foreign(access, principal, elements, server)
+    return _answer(elements, await _settle(server, elements))
 
 
 async def _refuse_foreign(access: Access, principal: Principal, elements: list[_Element],

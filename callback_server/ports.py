@@ -1,12 +1,15 @@
 """What the callback server's HTTP routes need from the server, as a protocol.
 
-``create_app`` and the Pudu routes are typed against ``AppHost``, not the composition
-root (``callback_server.service``), so neither imports it and there is no import circle.
+Routes get the server as ``Host`` (``AppHost`` through ``Depends``, from
+``app.state.host``), typed against this protocol, not the composition root
+(``callback_server.service``), so none imports it and there is no import circle.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol, cast
+
+from fastapi import Depends, Request
 
 from bridge.commands import CommandClient, CommandOutcome
 from bridge.health import Readiness
@@ -15,12 +18,12 @@ from callback_server.access import Access, Principal
 from callback_server.alerts import AlertDelivery, AlertEngine, AlertStore, AlertSubscriptions
 from callback_server.batcher import BatchWriter
 from callback_server.config import CallbackSettings
-from callback_server.console import ConsoleHub
+from callback_server.console.hub import ConsoleHub
 from callback_server.consumer import Consumer
 from callback_server.metrics import CallbackMetrics
 from callback_server.store import Store
 
-__all__ = ["AppHost"]
+__all__ = ["AppHost", "Host", "app_host"]
 
 
 class AppHost(Protocol):
@@ -51,3 +54,12 @@ class AppHost(Protocol):
                              key_name: str | None = None) -> None: ...
 
     def refresh_gauges(self) -> None: ...
+
+
+def app_host(request: Request) -> AppHost:
+    """The server whose app this request came to (``app.state.host``, set by create_app)."""
+    return cast(AppHost, request.app.state.host)
+
+
+#: The server, as a route's dependency.
+Host = Annotated[AppHost, Depends(app_host)]

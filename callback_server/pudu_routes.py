@@ -23,8 +23,8 @@ from bridge.paging import (
     decode_cursor,
     encode_cursor,
 )
-from callback_server.access import OPERATORS, READERS, Access
-from callback_server.ports import AppHost
+from callback_server.access import Access, Principal, Reader, Rules
+from callback_server.ports import AppHost, Host
 
 
 class RobotCommandRequest(BaseModel):
@@ -35,52 +35,55 @@ class RobotCommandRequest(BaseModel):
     timeout: float = Field(10.0, gt=0, le=3600)
 
 
-def create_pudu_router(server: AppHost, access: Access) -> APIRouter:
-    router = APIRouter()
+router = APIRouter()
 
-    @router.get("/ingestion-runs", summary="Pudu cloud poll runs the gateways reported, "
-                                           "newest first")
-    async def ingestion_runs(request: Request,
-                             limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
-                             cursor: str | None = Query(None, max_length=1000),
-                             org_id: str | None = Query(None, max_length=128),
-                             ) -> dict[str, Any]:
-        principal = access.principal(request)
-        access.require_role(principal, READERS, "use the read API")
-        if org_id is not None:
-            access.require_org(principal, org_id, f"org {org_id} not found")
-        after = decode_cursor(cursor, Number, Text)
-        items, last = await server.store.get_runs(
-            limit, None if after is None else (float(after[0]), str(after[1])), org_id,
-            orgs=None if principal.all_orgs else sorted(principal.orgs))
-        return {"items": items, "next_cursor": None if last is None else encode_cursor(
-            list(last))}
 
-    @router.post("/robots/{sn}/commands",
-                 summary="Send a command to the gateway that last reported this robot",
-                 responses={504: {"description": "The gateway did not answer in time"}},
-                 openapi_extra={"requestBody": {"required": True, "content": {
-                     "application/json": {"schema": RobotCommandRequest.model_json_schema()}}}})
-    async def robot_command(sn: str, request: Request) -> JSONResponse:
-        principal = access.principal(request)
-        access.require_role(principal, READERS, "see robots")
-        body = parse_model(RobotCommandRequest, await read_body(request, 64 * 1024))
-        # the key's orgs: two orgs may have robots with this sn, the other heard of last
-        robot = await server.store.get_robot(
-            sn, None if principal.all_orgs else sorted(principal.orgs))
-        if robot is None:  # the same answer as another org's robot: nothing leaks
-            raise NotFoundError(f"robot {sn} not found")
-        if not robot.get("gateway_id") or not robot.get("org_id"):
-            raise NotFoundError(f"robot {sn} not found (no gateway has reported it)")
-        access.require_org(principal, robot.get("org_id"), f"robot {sn} not found")
-        access.require_role(principal, OPERATORS, "send commands")
-        org, gateway = str(robot["org_id"]), str(robot["gateway_id"])
-        wait = min(body.timeout, server.settings.command_timeout_max)
-        command = Command(body.command, {**body.args, "sn": sn})
-        outcome = await server.commands.send(org, gateway, command, wait)
-        await server.record_command(outcome, principal.name)
-        if outcome.response is None:
-            raise CommandTimeoutError(gateway, wait, command.message_id)
-        return JSONResponse({**outcome.answer(), "gateway_id": gateway})
+@router.get("/ingestion-runs", summary="Pudu cloud poll runs the gateways reported, "
+                                       "newest first")
+async def ingestion_runs(principal: Reader, server: Host, access: Rules,
+                         limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
+                         cursor: str | None = Query(None, max_length=1000),
+                         org_id: str | None = Query(None, max_length=128),
+                         ) -> dict[str, Any]:
+    if org_id is not None:
+        access.require_org(principal, org_id, f"org {org_id} not found")
+    after = decode_cursor(cursor, Number, Text)
+    items, last = await server.store.get_runs(
+        limit, None if after is None else (float(after[0]), str(after[1])), org_id,
+        orgs=None if principal.all_orgs else sorted(principal.orgs))
+    return {"items": items, "next_cursor": None if last is None else encode_cursor(
+        list(last))}
 
-    return router
+
+async def _reported_robot(server: AppHost, access: Access, principal: Principal,
+                          sn: str) -> tuple[str, str]:
+    """(org, gateway) of robot ``sn`` as the caller's orgs hold it; 404 if none does, or
+    no gateway has reported it."""
+    # the key's orgs: two orgs may have robots with this sn, the other heard of last
+    robot = await server.store.get_robot(
+        sn, None if principal.all_orgs else sorted(principal.orgs))
+    if robot is None:  # the same answer as another org's robot: nothing leaks
+        raise NotFoundError(f"robot {sn} not found")
+    if not robot.get("gateway_id") or not robot.get("org_id"):
+        raise NotFoundError(f"robot {sn} not found (no gateway has reported it)")
+    access.require_org(principal, robot.get("org_id"), f"robot {sn} not found")
+    return str(robot["org_id"]), str(robot["gateway_id"])
+
+
+@router.post("/robots/{sn}/commands",
+             summary="Send a command to the gateway that last reported this robot",
+             responses={504: {"description": "The gateway did not answer in time"}},
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": RobotCommandRequest.model_json_schema()}}}})
+async def robot_command(sn: str, request: Request, principal: Reader, server: Host,
+                        access: Rules) -> JSONResponse:
+    body = parse_model(RobotCommandRequest, await read_body(request, 64 * 1024))
+    org, gateway = await _reported_robot(server, access, principal, sn)
+    access.require_operator(principal, "send commands")
+    wait = min(body.timeout, server.settings.command_timeout_max)
+    command = Command(body.command, {**body.args, "sn": sn})
+    outcome = await server.commands.send(org, gateway, command, wait)
+    await server.record_command(outcome, principal.name)
+    if outcome.response is None:
+        raise CommandTimeoutError(gateway, wait, command.message_id)
+    return JSONResponse({**outcome.answer(), "gateway_id": gateway})

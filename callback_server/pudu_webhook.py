@@ -22,10 +22,10 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, cast
 
 import yaml
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from bridge import strictjson
@@ -48,9 +48,9 @@ from bridge.pudu.answer import accepted
 from bridge.topic import TopicScheme
 from callback_server.batcher import Outcome
 from callback_server.config import CallbackSettings
-from callback_server.ports import AppHost
+from callback_server.ports import AppHost, Host
 
-__all__ = ["CLOUD_GATEWAY_ID", "WEBHOOK_PATH", "CallbackCodes", "create_pudu_webhook_router"]
+__all__ = ["CLOUD_GATEWAY_ID", "WEBHOOK_PATH", "CallbackCodes", "install", "router"]
 
 log = logging.getLogger(__name__)
 
@@ -130,54 +130,63 @@ def _read_file(path: str) -> list[tuple[str, str]]:
     return [(str(code), org) for code, org in doc.items()]
 
 
-def create_pudu_webhook_router(server: AppHost) -> APIRouter:
-    """The two routes Pudu calls; ConfigError at startup if the codes are invalid."""
-    settings = server.settings
-    codes = CallbackCodes.load(settings)
-    prefix = settings.topic_prefix
-    router = APIRouter()
+router = APIRouter()
+
+
+def install(app: FastAPI, server: AppHost) -> None:
+    """Load the callback codes (ConfigError at startup if invalid) into ``app.state``
+    and mount the two routes Pudu calls."""
+    app.state.pudu_codes = CallbackCodes.load(server.settings)
+    app.include_router(router)
+
+
+def _codes(request: Request) -> CallbackCodes:
+    return cast(CallbackCodes, request.app.state.pudu_codes)
+
+
+Codes = Annotated[CallbackCodes, Depends(_codes)]
+
+
+@router.post(WEBHOOK_PATH,
+             summary="Receive a Pudu callback and answer 200 once it is in the database",
+             responses={
+                 400: {"description": "Body is not a JSON object"},
+                 401: {"description": "Missing or wrong CallbackCode header"},
+                 413: {"description": "Body larger than max_body_bytes"},
+                 422: {"description": "A field is missing or has the wrong type, or the "
+                                      "database refused it (kept as a dead letter)"},
+                 503: {"description": "Database did not commit in time; retry after "
+                                      "Retry-After"}})
+async def pudu_webhook(request: Request, server: Host, codes: Codes) -> JSONResponse:
     counted = server.metrics.pudu_webhooks
+    org = codes.org_of(request.headers.get("callbackcode", "").encode())
+    if org is None:
+        refused = AuthError("missing or invalid CallbackCode header")
+        counted.labels(outcome=f"rejected_{status_for(refused)}").inc()
+        raise refused
+    try:
+        answer = await _accept(server, request, org, server.settings.topic_prefix)
+    except InputError as exc:
+        counted.labels(outcome=f"rejected_{status_for(exc)}").inc()
+        raise
+    except StoreError:
+        counted.labels(outcome="unavailable").inc()
+        raise
+    counted.labels(outcome="duplicate" if answer["data"]["duplicate"] else "accepted").inc()
+    return JSONResponse(answer)
 
-    @router.post(WEBHOOK_PATH,
-                 summary="Receive a Pudu callback and answer 200 once it is in the database",
-                 responses={
-                     400: {"description": "Body is not a JSON object"},
-                     401: {"description": "Missing or wrong CallbackCode header"},
-                     413: {"description": "Body larger than max_body_bytes"},
-                     422: {"description": "A field is missing or has the wrong type, or the "
-                                          "database refused it (kept as a dead letter)"},
-                     503: {"description": "Database did not commit in time; retry after "
-                                          "Retry-After"}})
-    async def pudu_webhook(request: Request) -> JSONResponse:
-        org = codes.org_of(request.headers.get("callbackcode", "").encode())
-        if org is None:
-            refused = AuthError("missing or invalid CallbackCode header")
-            counted.labels(outcome=f"rejected_{status_for(refused)}").inc()
-            raise refused
-        try:
-            answer = await _accept(server, request, org, prefix)
-        except InputError as exc:
-            counted.labels(outcome=f"rejected_{status_for(exc)}").inc()
-            raise
-        except StoreError:
-            counted.labels(outcome="unavailable").inc()
-            raise
-        counted.labels(outcome="duplicate" if answer["data"]["duplicate"] else "accepted").inc()
-        return JSONResponse(answer)
 
-    @router.get(WEBHOOK_PATH + "/health", summary="Database state, as Pudu's monitors poll it")
-    async def pudu_health() -> dict[str, Any]:
-        try:
-            db_ok = await asyncio.wait_for(server.store.ping(), 2.0)
-        except TimeoutError:
-            db_ok = False
-        db_ok = db_ok and not server.writer.degraded
-        return {"status": "healthy" if db_ok else "degraded", "timestamp": int(time.time()),
-                "service": "callback-server", "version": server.version,
-                "database_ok": db_ok, "callback_codes": len(codes),
-                "pending": server.writer.pending, "stored": server.writer.stored}
-
-    return router
+@router.get(WEBHOOK_PATH + "/health", summary="Database state, as Pudu's monitors poll it")
+async def pudu_health(server: Host, codes: Codes) -> dict[str, Any]:
+    try:
+        db_ok = await asyncio.wait_for(server.store.ping(), 2.0)
+    except TimeoutError:
+        db_ok = False
+    db_ok = db_ok and not server.writer.degraded
+    return {"status": "healthy" if db_ok else "degraded", "timestamp": int(time.time()),
+            "service": "callback-server", "version": server.version,
+            "database_ok": db_ok, "callback_codes": len(codes),
+            "pending": server.writer.pending, "stored": server.writer.stored}
 
 
 async def _accept(server: AppHost, request: Request, org: str,

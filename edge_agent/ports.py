@@ -7,7 +7,9 @@ import circle; a test can hand them any object with these attributes.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
+
+from fastapi import Depends, Request
 
 from bridge.clock import GatewayClock, RobotClocks
 from bridge.envelope import Envelope
@@ -24,7 +26,8 @@ from edge_agent.metrics import EdgeMetrics
 from edge_agent.publisher import OutboxPublisher
 from edge_agent.robot_memory import RobotMemory
 
-__all__ = ["CommandHost", "PollHost", "PuduHost", "WebhookHost"]
+__all__ = ["AdminAgent", "AdminHost", "CommandHost", "PollHost", "PuduAgent", "PuduHost",
+           "WebhookAgent", "WebhookHost", "agent_of"]
 
 
 class WebhookHost(Protocol):
@@ -45,6 +48,14 @@ class WebhookHost(Protocol):
     def note_robot(self, envelope: Envelope) -> None: ...
 
     def health(self) -> dict[str, Any]: ...
+
+
+class AdminHost(Protocol):
+    """What the admin listener's own routes (``/metrics``) use."""
+
+    metrics: EdgeMetrics
+
+    def refresh_gauges(self) -> None: ...
 
 
 class CommandHost(Protocol):
@@ -90,3 +101,17 @@ class PuduHost(Protocol):
 
     @property
     def poller(self) -> PollerView: ...
+
+
+def agent_of(request: Request) -> Any:
+    """The agent whose app this request came to (``app.state.agent``, set with the app);
+    each route types it as the narrow view it needs, below."""
+    return request.app.state.agent
+
+
+#: The agent, as the public app's routes see it.
+WebhookAgent = Annotated[WebhookHost, Depends(agent_of)]
+#: The agent, as the admin listener's ``/metrics`` sees it.
+AdminAgent = Annotated[AdminHost, Depends(agent_of)]
+#: The agent, as the admin's ``/pudu/*`` routes see it.
+PuduAgent = Annotated[PuduHost, Depends(agent_of)]

@@ -13,8 +13,6 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from bridge.clock import GatewayClock, RobotClocks
 from bridge.commands import CommandExecutor
@@ -35,6 +33,7 @@ from bridge.tasks import TaskSet
 from bridge.topic import BATCH_CHANNEL, TopicScheme, org_root
 from bridge.transport import MqttSettings, TlsFiles, Transport, Will, create_transport
 from bridge.version import VERSION
+from edge_agent import admin as admin_routes
 from edge_agent.commands import BUILTIN_NAMES, register_builtins
 from edge_agent.config import EdgeSettings
 from edge_agent.downsample import Downsampler
@@ -162,15 +161,11 @@ class EdgeAgent:
         if api is not None:
             app.include_router(api)
         if self.settings.pudu.configured:
-            from edge_agent.pudu.admin import create_poll_router
+            from edge_agent.pudu.admin import router as poll_router
 
-            app.include_router(create_poll_router(self))
-
-        @app.get("/metrics", include_in_schema=False)
-        async def prometheus() -> Response:
-            self.refresh_gauges()
-            return Response(generate_latest(self.metrics.registry),
-                            media_type=CONTENT_TYPE_LATEST)
+            app.include_router(poll_router)
+        app.include_router(admin_routes.router)
+        app.state.agent = self
 
         def openapi() -> dict[str, Any]:
             if app.openapi_schema is None:

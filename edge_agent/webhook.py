@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
@@ -38,7 +38,7 @@ from bridge.outbox import PutResult
 from bridge.pudu.answer import accepted
 from bridge.pudu.normalize import DOCUMENTED_TYPES, Normalized, normalize
 from edge_agent.downsample import Verdict
-from edge_agent.ports import WebhookHost
+from edge_agent.ports import WebhookAgent, WebhookHost
 
 log = logging.getLogger(__name__)
 
@@ -316,41 +316,45 @@ class _EdgeApp(FastAPI):
 
 def create_app(agent: WebhookHost) -> FastAPI:
     """Build the public app around a running agent."""
-    webhook = _Webhook(agent)
     # Only the webhook and its health: /metrics and /docs are on the admin listener.
     app = _EdgeApp(title="Pudu edge agent", version=agent.version, docs_url=None,
                    redoc_url=None, openapi_url=None)
-    app.webhook = webhook
-
+    app.webhook = _Webhook(agent)
+    app.state.agent = agent
     install_error_handlers(app)
-
-    async def pudu_webhook(request: Request) -> Response:
-        # Reached only if _EdgeApp's shortcut is bypassed; it is here for the docs.
-        try:
-            payload = await webhook.accept(request.scope, request.receive)
-        except FleetError as exc:
-            webhook.count_error(exc)
-            raise
-        return Response(payload, media_type="application/json")
-
-    app.add_api_route(WEBHOOK_PATH, pudu_webhook, methods=["POST"],
-                      openapi_extra=_CALLBACK_SCHEMA, responses=_WEBHOOK_RESPONSES,
-                      summary="Receive a Pudu callback and store it durably before answering 200")
-
-    @app.get("/api/pudu/webhook/health", summary="Broker connection and outbox state",
-             description="200 with `status` healthy|degraded while serving. `?ready=1`: 503 "
-             "until the agent can take webhooks (listeners bound, outbox open) and while it "
-             "stops; a broker outage never fails it. `?strict=1`: also 503 while degraded "
-             "(for `curl -f` monitors).",
-             responses={503: {"description": "Not ready (`?ready=1`), or degraded "
-                                              "(`?strict=1`)"}})
-    async def health(request: Request) -> JSONResponse:
-        query = HealthQuery(request.query_params)
-        if agent.readiness.waiting_for("outbox"):  # not entered: no outbox to report on
-            body = unready_body("edge-agent", agent.readiness.reasons())
-        else:
-            body = agent.health()
-        not_ready = body["not_ready"]
-        return JSONResponse(body, status_code=health_status(body, query, not_ready))
-
+    app.include_router(router)
     return app
+
+
+#: The public app's routes.
+router = APIRouter()
+
+
+@router.post(WEBHOOK_PATH, openapi_extra=_CALLBACK_SCHEMA, responses=_WEBHOOK_RESPONSES,
+             summary="Receive a Pudu callback and store it durably before answering 200")
+async def pudu_webhook(request: Request) -> Response:
+    # Reached only if _EdgeApp's shortcut is bypassed; it is here for the docs.
+    webhook = request.app.webhook
+    try:
+        payload = await webhook.accept(request.scope, request.receive)
+    except FleetError as exc:
+        webhook.count_error(exc)
+        raise
+    return Response(payload, media_type="application/json")
+
+
+@router.get("/api/pudu/webhook/health", summary="Broker connection and outbox state",
+            description="200 with `status` healthy|degraded while serving. `?ready=1`: 503 "
+            "until the agent can take webhooks (listeners bound, outbox open) and while it "
+            "stops; a broker outage never fails it. `?strict=1`: also 503 while degraded "
+            "(for `curl -f` monitors).",
+            responses={503: {"description": "Not ready (`?ready=1`), or degraded "
+                                             "(`?strict=1`)"}})
+async def health(request: Request, agent: WebhookAgent) -> JSONResponse:
+    query = HealthQuery(request.query_params)
+    if agent.readiness.waiting_for("outbox"):  # not entered: no outbox to report on
+        body = unready_body("edge-agent", agent.readiness.reasons())
+    else:
+        body = agent.health()
+    not_ready = body["not_ready"]
+    return JSONResponse(body, status_code=health_status(body, query, not_ready))

@@ -246,3 +246,68 @@ def test_each_package_imports_first_in_a_fresh_interpreter(package: str) -> None
     done = subprocess.run([sys.executable, "-c", f"import {package}"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
+
+# -- routes you can find ----------------------------------------------------------------------
+ROUTE_METHODS = {"get", "post", "put", "patch", "delete", "head", "options", "api_route"}
+#: Longest a route function may be (its ``def`` to its last line, decorators aside).
+ROUTE_MAX_LINES = 30
+#: Where a caller's role is checked: the rules and the dependencies built on them.
+ROLE_HOME = ROOT / "callback_server" / "access.py"
+
+
+def _is_route(node: ast.AST) -> bool:
+    return isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and any(
+        isinstance(d, ast.Call) and isinstance(d.func, ast.Attribute)
+        and d.func.attr in ROUTE_METHODS for d in node.decorator_list)
+
+
+def _routes() -> Iterator[tuple[Path, ast.FunctionDef | ast.AsyncFunctionDef, bool]]:
+    """(file, route function, whether it is defined at module level) of every route."""
+    for package in PACKAGES:
+        for path in modules(package):
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            top = set(tree.body)
+            for node in ast.walk(tree):
+                if _is_route(node):
+                    assert isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+                    yield path, node, node in top
+
+
+def test_routes_are_module_level_functions() -> None:
+    routes = list(_routes())
+    assert len(routes) > 40  # the walk finds them (all three apps)
+    nested = [f"{path.relative_to(ROOT)}:{node.lineno} {node.name}"
+              for path, node, top in routes if not top]
+    assert nested == [], "a route inside a factory: make it a top-level function of a " \
+                         "module-level APIRouter that gets what it needs via Depends"
+
+
+def test_routes_are_short() -> None:
+    long = [f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: "
+            f"{(node.end_lineno or node.lineno) - node.lineno + 1} lines"
+            for path, node, _ in _routes()
+            if (node.end_lineno or node.lineno) - node.lineno + 1 > ROUTE_MAX_LINES]
+    assert long == [], "move the logic into the module that owns it"
+
+
+def test_routes_touch_no_private_member_of_another_object() -> None:
+    touched = [f"{path.relative_to(ROOT)}:{n.lineno} {node.name}: .{n.attr}"
+               for path, node, _ in _routes() for n in ast.walk(node)
+               if isinstance(n, ast.Attribute) and n.attr.startswith("_")
+               and not n.attr.startswith("__")
+               and not (isinstance(n.value, ast.Name) and n.value.id == "self")]
+    assert touched == [], "give the owner a public method"
+
+
+def test_roles_are_checked_only_by_the_dependencies() -> None:
+    calls = []
+    for package in PACKAGES:
+        for path in modules(package):
+            if path == ROLE_HOME:
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                        and node.func.attr == "require_role":
+                    calls.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert calls == [], "take the caller as Reader / Operator / Admin / Ingester " \
+                        "(callback_server.access) instead"

@@ -412,12 +412,12 @@ class MqttProxy:
             sub.broker_subscribed = False
             await self.router.unsubscribe(sub.filter)
 
-    def _discard(self, sub: Subscription) -> None:
+    def discard(self, sub: Subscription) -> None:
         """Sync release (an SSE client left): the broker part runs as a kept task."""
         if sub.id in self._subs:
             self._spawn(self._release(sub), f"proxy-release-{sub.id}")
 
-    async def _open_stream(self, topic_filter: str) -> tuple[StreamSubscription, object]:
+    async def open_stream(self, topic_filter: str) -> tuple[StreamSubscription, object]:
         """A subscription owned by one SSE connection (released when it closes), and
         that connection's reader token."""
         sub = StreamSubscription(self._new_id(), self.check_filter(topic_filter),
@@ -426,7 +426,7 @@ class MqttProxy:
         await self._activate(sub)
         return sub, reader
 
-    def _attach_reader(self, subscription_id: str) -> tuple[StreamSubscription, object]:
+    def attach_reader(self, subscription_id: str) -> tuple[StreamSubscription, object]:
         """Read a POST /mqtt/subscribe subscription; the newest reader wins (see
         StreamSubscription.attach_reader), so nothing buffered is lost on reconnect."""
         sub = self._get(subscription_id)

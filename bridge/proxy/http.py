@@ -1,4 +1,8 @@
-"""The REST ``/mqtt/*`` routes; their errors go through bridge.http_errors like every app's."""
+"""The REST ``/mqtt/*`` routes; their errors go through bridge.http_errors like every app's.
+
+The routes are module-level functions; ``create_proxy_router`` mounts them for one proxy
+and its ``authorize`` hook, which the routes get as the ``Proxy`` and ``Authorize``
+dependencies."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import binascii
 import hmac
 from collections.abc import Callable
 from functools import partial
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -115,6 +119,10 @@ def _token_check(token: str) -> Callable[[Request], Any]:
     return check
 
 
+#: The ``/mqtt/*`` routes; ``create_proxy_router`` mounts them for one proxy.
+routes = APIRouter()
+
+
 def create_proxy_router(proxy: MqttProxy,
                         authorize: ProxyAuthorize | None = None) -> APIRouter | None:
     """The ``/mqtt/*`` routes, or None when neither a token nor ``authorize`` is given
@@ -126,127 +134,158 @@ def create_proxy_router(proxy: MqttProxy,
         if proxy.token is None:
             return None
         dependencies.append(Depends(_token_check(proxy.token)))
-
-        def allow(request: Request, action: ProxyAction,
-                  topic: str | None) -> Callable[[str], bool]:
-            return _sees_all
-
-        authorize = allow
+        authorize = _allow_all
     check = authorize
 
-    api = APIRouter(prefix="/mqtt", tags=["mqtt"], dependencies=dependencies)
+    def bind(request: Request) -> None:
+        """Hand this router's proxy and hook to the routes (see ``Proxy``, ``Authorize``)."""
+        request.state.mqtt_proxy = proxy
+        request.state.mqtt_authorize = check
 
-    def visible_filter(visible: Callable[[str], bool], subscription_id: str) -> str:
-        """The filter of a subscription the caller may see; another org's is answered
-        exactly like one that does not exist (never confirm it exists)."""
-        topic_filter = proxy.subscription_filter(subscription_id)
-        if not visible(topic_filter):
-            raise NotFoundError(f"no subscription {subscription_id!r}", field="id")
-        return topic_filter
-
-    @api.post("/publish")
-    async def publish(request: Request) -> dict[str, Any]:
-        """Publish and answer after the PUBACK (504 without one, 503 if QoS 0 offline)."""
-        body = parse_model(PublishBody, await read_body(request, proxy.max_body))
-        check(request, "publish", body.topic)
-        payload: JsonValue | bytes = body.payload
-        if body.encoding == "base64":
-            if not isinstance(body.payload, str):
-                raise InputError("base64 encoding needs a string payload", field="payload")
-            try:
-                payload = base64.b64decode(body.payload, validate=True)
-            except binascii.Error as exc:
-                raise InputError(f"payload is not base64: {exc}", field="payload") from exc
-        size = await proxy.publish_message(body.topic, payload, body.qos, body.retain)
-        return {"status": "success", "topic": body.topic, "qos": body.qos,
-                "retain": body.retain, "bytes": size}
-
-    @api.post("/subscribe")
-    async def subscribe(request: Request) -> dict[str, Any]:
-        """Webhook subscription when ``callback_url`` is given, else a buffered stream."""
-        body = parse_model(SubscribeBody, await read_body(request, 64 * 1024))
-        check(request, "subscribe", body.topic)
-        if body.callback_url is not None:
-            sub_id, secret = await proxy.add_callback_subscription(
-                body.topic, body.callback_url, body.secret, qos=body.qos)
-            # The only time the secret is shown: the receiver needs it to verify.
-            return {"status": "success", "id": sub_id, "topic": body.topic,
-                    "callback_url": body.callback_url, "secret": secret,
-                    "signature": "X-Signature: sha256=<hex HMAC-SHA256(secret, body)>"}
-        sub_id = await proxy.add_stream_subscription(body.topic, qos=body.qos)
-        return {"status": "success", "id": sub_id, "topic": body.topic,
-                "stream": f"/mqtt/stream?id={sub_id}"}
-
-    @api.post("/unsubscribe")
-    async def unsubscribe(request: Request) -> dict[str, Any]:
-        """Remove REST subscriptions by exact filter, or one by id."""
-        body = parse_model(UnsubscribeBody, await read_body(request, 64 * 1024))
-        visible = check(request, "unsubscribe", body.topic)  # who the caller is comes first
-        if body.id is not None:
-            check(request, "unsubscribe", visible_filter(visible, body.id))
-        if body.id is not None:
-            await proxy.remove_rest_subscription(body.id)
-            removed = [body.id]
-        else:
-            assert body.topic is not None
-            removed = await proxy.remove_rest_subscriptions(body.topic)
-            if not removed:
-                raise NotFoundError(f"no REST subscription on {body.topic!r}", field="topic")
-        return {"status": "success", "removed": removed}
-
-    @api.get("/status")
-    async def status(request: Request) -> dict[str, Any]:
-        """Connection, counters and identity; ``subscriptions`` counts every one,
-        ``subscription_list`` lists those the caller may see (as GET /mqtt/subscriptions)."""
-        visible = check(request, "status", None)
-        body = proxy.status()
-        body["subscription_list"] = sorted(
-            (s for s in proxy.subscriptions() if visible(s["filter"])), key=lambda s: s["id"])
-        return body
-
-    @api.get("/subscriptions")
-    async def subscriptions(
-        request: Request,
-        limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
-        cursor: Annotated[str | None, Query(max_length=1000)] = None,
-    ) -> dict[str, Any]:
-        """The caller's subscriptions by id, a page at a time (never their secrets)."""
-        visible = check(request, "subscriptions", None)
-        after = decode_cursor(cursor, Text)
-        subs = sorted((s for s in proxy.subscriptions() if visible(s["filter"])
-                       and (after is None or s["id"] > after[0])), key=lambda s: s["id"])
-        return page(subs[:limit + 1], limit, ["id"])
-
-    @api.get("/subscriptions/{subscription_id}/deliveries")
-    async def deliveries(request: Request, subscription_id: str) -> dict[str, Any]:
-        """A callback subscription's last attempts (status code, retries), newest first."""
-        visible = check(request, "subscriptions", None)
-        visible_filter(visible, subscription_id)
-        return {"status": "success", "id": subscription_id,
-                "items": proxy.delivery_log(subscription_id)}
-
-    @api.get("/stream")
-    async def stream(
-        request: Request,
-        topic: Annotated[str | None, Query()] = None,
-        subscription_id: Annotated[str | None, Query(alias="id")] = None,
-    ) -> Response:
-        """SSE: ``?topic=FILTER`` for a subscription that lives as long as the
-        connection, or ``?id=`` to read one made by POST /mqtt/subscribe."""
-        if (topic is None) == (subscription_id is None):
-            raise InputError("give exactly one of topic or id", field="topic")
-        visible = check(request, "stream", topic)  # who the caller is comes first
-        if subscription_id is not None:
-            check(request, "stream", visible_filter(visible, subscription_id))
-        if topic is not None:
-            sub, reader = await proxy._open_stream(topic)
-            on_close: Callable[[], None] = partial(proxy._discard, sub)
-        else:
-            assert subscription_id is not None
-            sub, reader = proxy._attach_reader(subscription_id)
-            on_close = partial(sub.detach_reader, reader)
-        return EventStream(sub, reader, proxy.keepalive_seconds, on_close,
-                           allowed=partial(visible, sub.filter))
-
+    api = APIRouter(prefix="/mqtt", tags=["mqtt"], dependencies=[*dependencies, Depends(bind)])
+    api.include_router(routes)
     return api
 
+
+def _allow_all(request: Request, action: ProxyAction, topic: str | None) -> Callable[[str], bool]:
+    return _sees_all
+
+
+def _proxy(request: Request) -> MqttProxy:
+    return cast(MqttProxy, request.state.mqtt_proxy)
+
+
+def _authorize(request: Request) -> ProxyAuthorize:
+    return cast(ProxyAuthorize, request.state.mqtt_authorize)
+
+
+#: The proxy whose router the request came through.
+Proxy = Annotated[MqttProxy, Depends(_proxy)]
+#: That router's ``authorize`` hook (the token-only proxy's admits everything).
+Authorize = Annotated[ProxyAuthorize, Depends(_authorize)]
+
+
+def visible_filter(proxy: MqttProxy, visible: Callable[[str], bool],
+                   subscription_id: str) -> str:
+    """The filter of a subscription the caller may see; another org's is answered
+    exactly like one that does not exist (never confirm it exists)."""
+    topic_filter = proxy.subscription_filter(subscription_id)
+    if not visible(topic_filter):
+        raise NotFoundError(f"no subscription {subscription_id!r}", field="id")
+    return topic_filter
+
+
+def _decoded(body: PublishBody) -> JsonValue | bytes:
+    """The payload to publish: a base64 string payload as its bytes."""
+    if body.encoding != "base64":
+        return body.payload
+    if not isinstance(body.payload, str):
+        raise InputError("base64 encoding needs a string payload", field="payload")
+    try:
+        return base64.b64decode(body.payload, validate=True)
+    except binascii.Error as exc:
+        raise InputError(f"payload is not base64: {exc}", field="payload") from exc
+
+
+@routes.post("/publish")
+async def publish(request: Request, proxy: Proxy, check: Authorize) -> dict[str, Any]:
+    """Publish and answer after the PUBACK (504 without one, 503 if QoS 0 offline)."""
+    body = parse_model(PublishBody, await read_body(request, proxy.max_body))
+    check(request, "publish", body.topic)
+    size = await proxy.publish_message(body.topic, _decoded(body), body.qos, body.retain)
+    return {"status": "success", "topic": body.topic, "qos": body.qos,
+            "retain": body.retain, "bytes": size}
+
+
+@routes.post("/subscribe")
+async def subscribe(request: Request, proxy: Proxy, check: Authorize) -> dict[str, Any]:
+    """Webhook subscription when ``callback_url`` is given, else a buffered stream."""
+    body = parse_model(SubscribeBody, await read_body(request, 64 * 1024))
+    check(request, "subscribe", body.topic)
+    if body.callback_url is not None:
+        sub_id, secret = await proxy.add_callback_subscription(
+            body.topic, body.callback_url, body.secret, qos=body.qos)
+        # The only time the secret is shown: the receiver needs it to verify.
+        return {"status": "success", "id": sub_id, "topic": body.topic,
+                "callback_url": body.callback_url, "secret": secret,
+                "signature": "X-Signature: sha256=<hex HMAC-SHA256(secret, body)>"}
+    sub_id = await proxy.add_stream_subscription(body.topic, qos=body.qos)
+    return {"status": "success", "id": sub_id, "topic": body.topic,
+            "stream": f"/mqtt/stream?id={sub_id}"}
+
+
+@routes.post("/unsubscribe")
+async def unsubscribe(request: Request, proxy: Proxy, check: Authorize) -> dict[str, Any]:
+    """Remove REST subscriptions by exact filter, or one by id."""
+    body = parse_model(UnsubscribeBody, await read_body(request, 64 * 1024))
+    visible = check(request, "unsubscribe", body.topic)  # who the caller is comes first
+    if body.id is not None:
+        check(request, "unsubscribe", visible_filter(proxy, visible, body.id))
+    if body.id is not None:
+        await proxy.remove_rest_subscription(body.id)
+        removed = [body.id]
+    else:
+        assert body.topic is not None
+        removed = await proxy.remove_rest_subscriptions(body.topic)
+        if not removed:
+            raise NotFoundError(f"no REST subscription on {body.topic!r}", field="topic")
+    return {"status": "success", "removed": removed}
+
+
+@routes.get("/status")
+async def status(request: Request, proxy: Proxy, check: Authorize) -> dict[str, Any]:
+    """Connection, counters and identity; ``subscriptions`` counts every one,
+    ``subscription_list`` lists those the caller may see (as GET /mqtt/subscriptions)."""
+    visible = check(request, "status", None)
+    body = proxy.status()
+    body["subscription_list"] = sorted(
+        (s for s in proxy.subscriptions() if visible(s["filter"])), key=lambda s: s["id"])
+    return body
+
+
+@routes.get("/subscriptions")
+async def subscriptions(
+    request: Request, proxy: Proxy, check: Authorize,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
+    cursor: Annotated[str | None, Query(max_length=1000)] = None,
+) -> dict[str, Any]:
+    """The caller's subscriptions by id, a page at a time (never their secrets)."""
+    visible = check(request, "subscriptions", None)
+    after = decode_cursor(cursor, Text)
+    subs = sorted((s for s in proxy.subscriptions() if visible(s["filter"])
+                   and (after is None or s["id"] > after[0])), key=lambda s: s["id"])
+    return page(subs[:limit + 1], limit, ["id"])
+
+
+@routes.get("/subscriptions/{subscription_id}/deliveries")
+async def deliveries(request: Request, subscription_id: str, proxy: Proxy,
+                     check: Authorize) -> dict[str, Any]:
+    """A callback subscription's last attempts (status code, retries), newest first."""
+    visible = check(request, "subscriptions", None)
+    visible_filter(proxy, visible, subscription_id)
+    return {"status": "success", "id": subscription_id,
+            "items": proxy.delivery_log(subscription_id)}
+
+
+@routes.get("/stream")
+async def stream(
+    request: Request, proxy: Proxy, check: Authorize,
+    topic: Annotated[str | None, Query()] = None,
+    subscription_id: Annotated[str | None, Query(alias="id")] = None,
+) -> Response:
+    """SSE: ``?topic=FILTER`` for a subscription that lives as long as the
+    connection, or ``?id=`` to read one made by POST /mqtt/subscribe."""
+    if (topic is None) == (subscription_id is None):
+        raise InputError("give exactly one of topic or id", field="topic")
+    visible = check(request, "stream", topic)  # who the caller is comes first
+    if subscription_id is not None:
+        check(request, "stream", visible_filter(proxy, visible, subscription_id))
+    if topic is not None:
+        sub, reader = await proxy.open_stream(topic)
+        on_close: Callable[[], None] = partial(proxy.discard, sub)
+    else:
+        assert subscription_id is not None
+        sub, reader = proxy.attach_reader(subscription_id)
+        on_close = partial(sub.detach_reader, reader)
+    return EventStream(sub, reader, proxy.keepalive_seconds, on_close,
+                       allowed=partial(visible, sub.filter))

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable
-from typing import Any
 
 from fastapi.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from bridge.proxy.subscriptions import StreamSubscription, message_json
+from bridge.sse import KEEPALIVE, sse_event
 
 __all__ = ["EventStream"]
 
@@ -41,11 +40,6 @@ class EventStream(Response):
         # No body attribute: no Content-Length; X-Accel-Buffering stops nginx buffering.
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @staticmethod
-    def _event(name: str, data: dict[str, Any]) -> bytes:
-        # json.dumps escapes newlines, so the data is one SSE line.
-        return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         sub = self._sub
         gone = False
@@ -61,7 +55,7 @@ class EventStream(Response):
         try:
             await send({"type": "http.response.start", "status": 200,
                         "headers": self.raw_headers})
-            hello = self._event("subscribed", {"id": sub.id, "topic": sub.filter})
+            hello = sse_event("subscribed", {"id": sub.id, "topic": sub.filter})
             await send({"type": "http.response.body", "body": hello, "more_body": True})
             reported = sub.mailbox.dropped
 
@@ -75,7 +69,7 @@ class EventStream(Response):
                     async with asyncio.timeout(self._keepalive):
                         message = await sub.mailbox.get(current)
                 except TimeoutError:
-                    chunk = b": keepalive\n\n"  # keeps proxies and idle timers from closing us
+                    chunk = KEEPALIVE
                 else:
                     if gone:
                         break
@@ -89,8 +83,8 @@ class EventStream(Response):
                     chunk = b""
                     if sub.mailbox.dropped != reported:
                         reported = sub.mailbox.dropped
-                        chunk = self._event("dropped", {"dropped": reported})
-                    chunk += self._event("message", message_json(message))
+                        chunk = sse_event("dropped", {"dropped": reported})
+                    chunk += sse_event("message", message_json(message))
                 if not self._allowed():  # the key was removed, or covers the filter no more
                     await send(end)
                     break

@@ -8,7 +8,7 @@ subscription of an org the key does not cover answers 404, as if it did not exis
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field, field_validator
@@ -23,14 +23,13 @@ from bridge.paging import (
     decode_cursor,
     encode_cursor,
 )
-from callback_server.access import OPERATORS, READERS, Access, Principal
+from callback_server.access import Access, Operator, Principal, Reader, Rules
 from callback_server.alerts.alert import STATES, Alert
 from callback_server.alerts.rules import RULES
-from callback_server.alerts.subscriptions import AlertSubscription
+from callback_server.alerts.store import AlertStore
+from callback_server.alerts.subscriptions import AlertSubscription, AlertSubscriptions
 from callback_server.keys import ALL_ORGS
-
-if TYPE_CHECKING:
-    from callback_server.ports import AppHost
+from callback_server.ports import Host
 
 BODY_LIMIT = 16 * 1024
 
@@ -75,137 +74,143 @@ def _covers_all(principal: Principal, orgs: tuple[str, ...]) -> bool:
     return ALL_ORGS not in orgs and all(principal.covers(o) for o in orgs)
 
 
-def create_alert_router(server: AppHost, access: Access) -> APIRouter:
-    router = APIRouter()
+router = APIRouter()
+
+
+async def visible_alert(alerts: AlertStore, access: Access, principal: Principal,
+                        alert_id: str) -> Alert:
+    """The alert, if the caller's orgs cover it; 404 otherwise, as if it did not exist."""
+    alert = await alerts.get(alert_id)
+    if alert is None:
+        raise NotFoundError(f"alert {alert_id} not found")
+    access.require_org(principal, alert.org, f"alert {alert_id} not found")
+    return alert
+
+
+async def visible_subscription(subs: AlertSubscriptions, principal: Principal,
+                               sub_id: str) -> AlertSubscription:
+    """The subscription, if the caller's orgs cover all of its orgs; 404 otherwise."""
+    sub = await subs.subscription(sub_id)
+    if sub is None or not _covers_all(principal, sub.orgs):
+        raise NotFoundError(f"alert subscription {sub_id} not found")
+    return sub
+
+
+async def _current(alerts: AlertStore, alert_id: str) -> dict[str, Any]:
+    now = await alerts.get(alert_id)
+    assert now is not None
+    return now.as_dict()
+
+
+def _check_filters(state: str | None, rule: str | None) -> None:
+    if state is not None and state not in STATES:
+        raise InputError(f"state must be one of {', '.join(STATES)}", field="state")
+    if rule is not None and rule not in RULES:
+        raise InputError(f"rule must be one of {', '.join(RULES)}", field="rule")
+
+
+@router.get("/alerts", summary="Alerts, newest first, a page at a time")
+async def list_alerts(
+    principal: Reader, server: Host,
+    limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
+    cursor: str | None = Query(None, max_length=1000),
+    state: str | None = Query(None, max_length=16),
+    org: str | None = Query(None, max_length=128),
+    rule: str | None = Query(None, max_length=32),
+) -> dict[str, Any]:
+    _check_filters(state, rule)
+    after = decode_cursor(cursor, Number, Text)
+    items, last = await server.alert_store.page(
+        limit=limit, after=after, orgs=None if principal.all_orgs else principal.orgs,
+        org=org, state=state, rule=rule)
+    return {"items": [a.as_dict() for a in items],
+            "next_cursor": None if last is None else encode_cursor(last)}
+
+
+@router.get("/alerts/{alert_id}", summary="One alert")
+async def get_alert(alert_id: str, principal: Reader, server: Host,
+                    access: Rules) -> dict[str, Any]:
+    return (await visible_alert(server.alert_store, access, principal, alert_id)).as_dict()
+
+
+@router.post("/alerts/{alert_id}/ack", summary="Acknowledge an open alert",
+             responses={409: {"description": "The alert is resolved"}},
+             openapi_extra=_schema(AckBody))
+async def ack(alert_id: str, request: Request, principal: Reader, server: Host,
+              access: Rules) -> dict[str, Any]:
     alerts = server.alert_store
-    subs = server.alert_subscriptions
+    alert = await visible_alert(alerts, access, principal, alert_id)
+    access.require_operator(principal, "acknowledge alerts")
+    body = parse_model(AckBody, await read_body(request, BODY_LIMIT))
+    if alert.state == "resolved":
+        raise ConflictError(f"alert {alert_id} is resolved")
+    transition = await alerts.acknowledge(alert_id, principal.name, body.comment, time.time())
+    if transition is not None:
+        server.alert_delivery.submit(transition)
+    return await _current(alerts, alert_id)
 
-    def reader(request: Request) -> Principal:
-        principal = access.principal(request)
-        access.require_role(principal, READERS, "read alerts")
-        return principal
 
-    def operator(request: Request) -> Principal:
-        principal = access.principal(request)
-        access.require_role(principal, OPERATORS, "manage alert subscriptions")
-        return principal
+@router.post("/alerts/{alert_id}/silence",
+             summary="Silence this alert's rule for its subject for some minutes",
+             openapi_extra=_schema(SilenceBody))
+async def silence(alert_id: str, request: Request, principal: Reader, server: Host,
+                  access: Rules) -> dict[str, Any]:
+    alerts = server.alert_store
+    alert = await visible_alert(alerts, access, principal, alert_id)
+    access.require_operator(principal, "silence alerts")
+    body = parse_model(SilenceBody, await read_body(request, BODY_LIMIT))
+    await alerts.silence(alert, time.time() + body.minutes * 60, principal.name)
+    return await _current(alerts, alert_id)
 
-    async def visible_alert(principal: Principal, alert_id: str) -> Alert:
-        alert = await alerts.get(alert_id)
-        if alert is None:
-            raise NotFoundError(f"alert {alert_id} not found")
-        access.require_org(principal, alert.org, f"alert {alert_id} not found")
-        return alert
 
-    async def visible_subscription(principal: Principal, sub_id: str) -> AlertSubscription:
-        sub = await subs.subscription(sub_id)
-        if sub is None or not _covers_all(principal, sub.orgs):
-            raise NotFoundError(f"alert subscription {sub_id} not found")
-        return sub
+@router.post("/alert-subscriptions",
+             summary="Send every alert transition (of some rules, orgs) to a webhook",
+             openapi_extra=_schema(SubscriptionBody))
+async def subscribe(request: Request, principal: Operator, server: Host,
+                    access: Rules) -> dict[str, Any]:
+    body = parse_model(SubscriptionBody, await read_body(request, BODY_LIMIT))
+    orgs = tuple(body.orgs) if body.orgs else (
+        (ALL_ORGS,) if principal.all_orgs else tuple(sorted(principal.orgs)))
+    if not _covers_all(principal, orgs):
+        access.refuse_foreign(principal, [o for o in orgs if o != ALL_ORGS] or ["*"])
+        raise ForbiddenError(f"key {principal.name!r} does not cover every org")
+    await server.outbound.check_url(body.url, field="url")
+    sub = await server.alert_subscriptions.add_subscription(
+        body.url, body.rules, orgs, principal.name, time.time(), secret=body.secret)
+    # The only time the secret is shown: the receiver needs it to verify.
+    return {**sub.public(), "secret": sub.secret,
+            "signature": "X-Signature: sha256=<hex HMAC-SHA256(secret, body)>"}
 
-    @router.get("/alerts", summary="Alerts, newest first, a page at a time")
-    async def list_alerts(
-        request: Request, limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
-        cursor: str | None = Query(None, max_length=1000),
-        state: str | None = Query(None, max_length=16),
-        org: str | None = Query(None, max_length=128),
-        rule: str | None = Query(None, max_length=32),
-    ) -> dict[str, Any]:
-        principal = reader(request)
-        if state is not None and state not in STATES:
-            raise InputError(f"state must be one of {', '.join(STATES)}", field="state")
-        if rule is not None and rule not in RULES:
-            raise InputError(f"rule must be one of {', '.join(RULES)}", field="rule")
-        after = decode_cursor(cursor, Number, Text)
-        items, last = await alerts.page(
-            limit=limit, after=after, orgs=None if principal.all_orgs else principal.orgs,
-            org=org, state=state, rule=rule)
-        return {"items": [a.as_dict() for a in items],
-                "next_cursor": None if last is None else encode_cursor(last)}
 
-    @router.get("/alerts/{alert_id}", summary="One alert")
-    async def get_alert(alert_id: str, request: Request) -> dict[str, Any]:
-        return (await visible_alert(reader(request), alert_id)).as_dict()
+@router.get("/alert-subscriptions", summary="Alert subscriptions (never their secrets)")
+async def subscriptions(principal: Operator, server: Host,
+                        limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
+                        cursor: str | None = Query(None, max_length=1000),
+                        ) -> dict[str, Any]:
+    after = decode_cursor(cursor, Text)
+    mine = [s for s in await server.alert_subscriptions.subscriptions(
+        None if after is None else str(after[0])) if _covers_all(principal, s.orgs)]
+    page = mine[:limit]
+    more = len(mine) > limit
+    return {"items": [s.public() for s in page],
+            "next_cursor": encode_cursor([page[-1].id]) if more and page else None}
 
-    @router.post("/alerts/{alert_id}/ack", summary="Acknowledge an open alert",
-                 responses={409: {"description": "The alert is resolved"}},
-                 openapi_extra=_schema(AckBody))
-    async def ack(alert_id: str, request: Request) -> dict[str, Any]:
-        principal = reader(request)
-        alert = await visible_alert(principal, alert_id)
-        access.require_role(principal, OPERATORS, "acknowledge alerts")
-        body = parse_model(AckBody, await read_body(request, BODY_LIMIT))
-        if alert.state == "resolved":
-            raise ConflictError(f"alert {alert_id} is resolved")
-        transition = await alerts.acknowledge(alert_id, principal.name, body.comment,
-                                              time.time())
-        if transition is not None:
-            server.alert_delivery.submit(transition)
-        now = await alerts.get(alert_id)
-        assert now is not None
-        return now.as_dict()
 
-    @router.post("/alerts/{alert_id}/silence",
-                 summary="Silence this alert's rule for its subject for some minutes",
-                 openapi_extra=_schema(SilenceBody))
-    async def silence(alert_id: str, request: Request) -> dict[str, Any]:
-        principal = reader(request)
-        alert = await visible_alert(principal, alert_id)
-        access.require_role(principal, OPERATORS, "silence alerts")
-        body = parse_model(SilenceBody, await read_body(request, BODY_LIMIT))
-        await alerts.silence(alert, time.time() + body.minutes * 60, principal.name)
-        now = await alerts.get(alert_id)
-        assert now is not None
-        return now.as_dict()
+@router.delete("/alert-subscriptions/{sub_id}", summary="Stop an alert subscription")
+async def unsubscribe(sub_id: str, principal: Operator, server: Host) -> dict[str, Any]:
+    sub = await visible_subscription(server.alert_subscriptions, principal, sub_id)
+    await server.alert_subscriptions.delete_subscription(sub.id)
+    return {"status": "success", "id": sub.id, "timestamp": int(time.time())}
 
-    @router.post("/alert-subscriptions",
-                 summary="Send every alert transition (of some rules, orgs) to a webhook",
-                 openapi_extra=_schema(SubscriptionBody))
-    async def subscribe(request: Request) -> dict[str, Any]:
-        principal = operator(request)
-        body = parse_model(SubscriptionBody, await read_body(request, BODY_LIMIT))
-        orgs = tuple(body.orgs) if body.orgs else (
-            (ALL_ORGS,) if principal.all_orgs else tuple(sorted(principal.orgs)))
-        if not _covers_all(principal, orgs):
-            access.refuse_foreign(principal, [o for o in orgs if o != ALL_ORGS] or ["*"])
-            raise ForbiddenError(f"key {principal.name!r} does not cover every org")
-        await server.outbound.check_url(body.url, field="url")
-        sub = await subs.add_subscription(body.url, body.rules, orgs, principal.name,
-                                            time.time(), secret=body.secret)
-        # The only time the secret is shown: the receiver needs it to verify.
-        return {**sub.public(), "secret": sub.secret,
-                "signature": "X-Signature: sha256=<hex HMAC-SHA256(secret, body)>"}
 
-    @router.get("/alert-subscriptions", summary="Alert subscriptions (never their secrets)")
-    async def subscriptions(request: Request,
-                            limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
-                            cursor: str | None = Query(None, max_length=1000),
-                            ) -> dict[str, Any]:
-        principal = operator(request)
-        after = decode_cursor(cursor, Text)
-        mine = [s for s in await subs.subscriptions(None if after is None else str(after[0]))
-                if _covers_all(principal, s.orgs)]
-        page = mine[:limit]
-        more = len(mine) > limit
-        return {"items": [s.public() for s in page],
-                "next_cursor": encode_cursor([page[-1].id]) if more and page else None}
-
-    @router.delete("/alert-subscriptions/{sub_id}", summary="Stop an alert subscription")
-    async def unsubscribe(sub_id: str, request: Request) -> dict[str, Any]:
-        sub = await visible_subscription(operator(request), sub_id)
-        await subs.delete_subscription(sub.id)
-        return {"status": "success", "id": sub.id, "timestamp": int(time.time())}
-
-    @router.get("/alert-subscriptions/{sub_id}/deliveries",
-                summary="The delivery log of a subscription: each attempt, newest first")
-    async def deliveries(sub_id: str, request: Request,
-                         limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
-                         cursor: str | None = Query(None, max_length=1000),
-                         ) -> dict[str, Any]:
-        sub = await visible_subscription(operator(request), sub_id)
-        after = decode_cursor(cursor, (int,))
-        items, last = await subs.deliveries(
-            sub.id, limit=limit, after=None if after is None else int(after[0]))
-        return {"items": items, "next_cursor": None if last is None else encode_cursor(last)}
-
-    return router
+@router.get("/alert-subscriptions/{sub_id}/deliveries",
+            summary="The delivery log of a subscription: each attempt, newest first")
+async def deliveries(sub_id: str, principal: Operator, server: Host,
+                     limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
+                     cursor: str | None = Query(None, max_length=1000),
+                     ) -> dict[str, Any]:
+    sub = await visible_subscription(server.alert_subscriptions, principal, sub_id)
+    after = decode_cursor(cursor, (int,))
+    items, last = await server.alert_subscriptions.deliveries(
+        sub.id, limit=limit, after=None if after is None else int(after[0]))
+    return {"items": items, "next_cursor": None if last is None else encode_cursor(last)}

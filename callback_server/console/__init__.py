@@ -9,6 +9,7 @@ Sessions (the cookie and what the server keeps of it) are ``callback_server.sess
 """
 
 from callback_server.console.hub import KINDS, ConsoleClient, ConsoleHub
-from callback_server.console.routes import ASSETS, create_console_router
 
-__all__ = ["ASSETS", "KINDS", "ConsoleClient", "ConsoleHub", "create_console_router"]
+# The routes (``console.routes``) are not imported here: they depend on callback_server.ports,
+# which imports the hub; the app includes them itself.
+__all__ = ["KINDS", "ConsoleClient", "ConsoleHub"]

@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 from fastapi.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from bridge.sse import KEEPALIVE, sse_event
 from callback_server.console.hub import ConsoleClient
 
-__all__ = ["ConsoleStream", "sse"]
-
-
-def sse(name: str, data: Any) -> bytes:
-    """One SSE event; json.dumps escapes newlines, so the data is one line."""
-    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+__all__ = ["ConsoleStream"]
 
 
 class ConsoleStream(Response):
@@ -61,11 +55,12 @@ class ConsoleStream(Response):
                     async with asyncio.timeout(self._keepalive):
                         await client.wake.wait()
                 except TimeoutError:
-                    chunk = b": keepalive\n\n"
+                    chunk = KEEPALIVE
                 else:
                     if client.closed:
                         break
-                    chunk = b"".join(sse(kind, items) for kind, items in client.take().items())
+                    chunk = b"".join(sse_event(kind, items)
+                                     for kind, items in client.take().items())
                     client.frames += 1
                 if not client.alive():  # signed out or expired while streaming
                     break

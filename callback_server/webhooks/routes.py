@@ -8,21 +8,19 @@ org the key does not cover answers 404, as if it did not exist.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Annotated, Any, cast
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field, field_validator
 
 from bridge.errors import ForbiddenError, NotFoundError
 from bridge.http_body import parse_model, read_body
 from bridge.paging import DEFAULT_LIMIT, MAX_LIMIT, Text, decode_cursor, encode_cursor
-from callback_server.access import OPERATORS, Access, Principal
+from callback_server.access import Operator, Principal, Rules
 from callback_server.keys import ALL_ORGS
 from callback_server.webhooks.events import EVENTS
+from callback_server.webhooks.service import Webhooks
 from callback_server.webhooks.store import Webhook
-
-if TYPE_CHECKING:
-    from callback_server.webhooks.service import Webhooks
 
 BODY_LIMIT = 16 * 1024
 SIGNATURE = "X-Signature: sha256=<hex HMAC-SHA256(secret, body)>"
@@ -47,11 +45,12 @@ class WebhookBody(BaseModel):
         return list(dict.fromkeys(v))
 
 
-def _parts(request: Request) -> tuple[Access, Webhooks, Principal]:
-    access: Access = request.app.state.access
-    principal = access.principal(request)
-    access.require_role(principal, OPERATORS, "manage webhooks")
-    return access, request.app.state.webhooks, principal
+def _webhooks(request: Request) -> Webhooks:
+    """The server's webhooks (``app.state.webhooks``, set by the service)."""
+    return cast(Webhooks, request.app.state.webhooks)
+
+
+Hooks = Annotated[Webhooks, Depends(_webhooks)]
 
 
 def _covers_all(principal: Principal, orgs: tuple[str, ...]) -> bool:
@@ -70,8 +69,8 @@ async def _visible(hooks: Webhooks, principal: Principal, hook_id: str) -> Webho
 @router.post("/webhooks", summary="Send events of some types (of some orgs) to a URL",
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/json": {"schema": WebhookBody.model_json_schema()}}}})
-async def create_webhook(request: Request) -> dict[str, Any]:
-    access, hooks, principal = _parts(request)
+async def create_webhook(request: Request, principal: Operator, hooks: Hooks,
+                         access: Rules) -> dict[str, Any]:
     body = parse_model(WebhookBody, await read_body(request, BODY_LIMIT))
     orgs = tuple(body.orgs) if body.orgs else (
         (ALL_ORGS,) if principal.all_orgs else tuple(sorted(principal.orgs)))
@@ -87,10 +86,9 @@ async def create_webhook(request: Request) -> dict[str, Any]:
 
 
 @router.get("/webhooks", summary="Webhooks the key may manage (never their secrets)")
-async def list_webhooks(request: Request,
+async def list_webhooks(principal: Operator, hooks: Hooks,
                         limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
                         cursor: str | None = Query(None, max_length=1000)) -> dict[str, Any]:
-    _, hooks, principal = _parts(request)
     after = decode_cursor(cursor, Text)
     mine = [h for h in await hooks.store.all(None if after is None else str(after[0]))
             if _covers_all(principal, h.orgs)]
@@ -101,8 +99,7 @@ async def list_webhooks(request: Request,
 
 
 @router.delete("/webhooks/{hook_id}", summary="Stop a webhook")
-async def delete_webhook(hook_id: str, request: Request) -> dict[str, Any]:
-    _, hooks, principal = _parts(request)
+async def delete_webhook(hook_id: str, principal: Operator, hooks: Hooks) -> dict[str, Any]:
     hook = await _visible(hooks, principal, hook_id)
     await hooks.store.delete(hook.id)
     hooks.delivery.changed()
@@ -111,11 +108,10 @@ async def delete_webhook(hook_id: str, request: Request) -> dict[str, Any]:
 
 @router.get("/webhooks/{hook_id}/deliveries",
             summary="A webhook's delivery log: each attempt, newest first")
-async def webhook_deliveries(hook_id: str, request: Request,
+async def webhook_deliveries(hook_id: str, principal: Operator, hooks: Hooks,
                              limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
                              cursor: str | None = Query(None, max_length=1000),
                              ) -> dict[str, Any]:
-    _, hooks, principal = _parts(request)
     hook = await _visible(hooks, principal, hook_id)
     after = decode_cursor(cursor, (int,))
     items, last = await hooks.store.deliveries(

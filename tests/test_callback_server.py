@@ -142,7 +142,7 @@ def test_retention_prunes_the_message_log_and_keeps_robot_state(tmp_path: Path) 
         assert len(query(db, "SELECT id FROM mqtt_message_log")) == 1
         cs.wait_health("pruned", {"mqtt_message_log": 1, "mqtt_dead_letters": 0,
                                    "device_commands": 0, "robot_history": 0,
-                                   "robot_tasks": 0})
+                                   "robot_tasks": 0, "webhook_deliveries": 0})
         assert query(db, "SELECT id FROM mqtt_message_log") == []
         assert httpx.get(cs.url + "/robots/R7", headers=cs.auth).json()["battery_level"] == 1
         assert 'callback_rows_pruned_total{table="mqtt_message_log"} 1.0' in \

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from bridge.clock import RobotClocks
+from bridge.clock import MAX_SKEW_SECONDS, RobotClocks
 from bridge.commands import CommandOutcome
 from bridge.errors import StoreError, StoreRejectedError
 from callback_server.store.base import Backend, Statement
@@ -141,7 +141,7 @@ class SqlStore:
     """
 
     def __init__(self, backend: Backend, targets: Targets | None = None,
-                 *, max_skew: float = 300.0) -> None:
+                 *, max_skew: float = MAX_SKEW_SECONDS) -> None:
         self.backend = backend
         self.dialect = backend.dialect
         self.targets = targets or Targets()

@@ -162,6 +162,9 @@ class ServiceSettings(Settings, BaseModel):  # BaseModel named: linters see a mo
     # Outbound webhooks (callback_url) may go here although not globally routable.
     callback_url_allow: OutboundAllow = ()
     http_limits: HttpLimits = HttpLimits()
+    # The service's main listener (the edge's webhook, the callback server's API); each
+    # service names its port and the environment variables for both.
+    http_host: str = "0.0.0.0"
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -292,7 +295,7 @@ def parse_pairs(value: object, example: str) -> object:
     if not isinstance(value, str):
         return value
     out: dict[str, str] = {}
-    for part in value.replace(",", " ").split():
+    for part in split_list(value):
         name, sep, rest = part.partition("=")
         if not sep:
             raise ValueError(f"{part!r}: expected {example}")

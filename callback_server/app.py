@@ -26,9 +26,9 @@ from bridge.paging import (
     MaybeNumber,
     MaybeText,
     Number,
+    Page,
     Text,
     decode_cursor,
-    encode_cursor,
     page,
 )
 from callback_server.access import OPERATORS, READERS, Access, Principal
@@ -120,7 +120,7 @@ def create_app(server: AppHost) -> FastAPI:
             limit=limit, after=after,
             orgs=None if principal.all_orgs else principal.orgs,
             org=org, gateway=gateway, status=status)
-        return {"items": items, "next_cursor": None if last is None else encode_cursor(last)}
+        return Page(items, last).body()
 
     @app.get("/robots/{sn}", summary="Latest state of one robot")
     async def robot(sn: str, principal: Reader) -> JSONResponse:
@@ -132,7 +132,7 @@ def create_app(server: AppHost) -> FastAPI:
         org = (await visible_robot(principal, sn))["org_id"]
         after = decode_cursor(cursor, MaybeText, MaybeNumber, Text)
         items, last = await server.store.list_events(sn, limit=limit, after=after, org=org)
-        return {"items": items, "next_cursor": None if last is None else encode_cursor(last)}
+        return Page(items, last).body()
 
     @app.get("/robots/{sn}/history",
              summary="A robot's state over time, oldest first, downsampled: every status or "
@@ -145,15 +145,14 @@ def create_app(server: AppHost) -> FastAPI:
         items, last = await server.store.list_history(
             sn, since=start, limit=limit, after=None if after is None else float(after[0]),
             org=org)
-        return {"items": items, "next_cursor": None if last is None else encode_cursor(last)}
+        return Page(items, last).body()
 
     @app.get("/robots/{sn}/tasks", summary="A robot's latest tasks (each at its newest "
                                             "state), the one started last first")
     async def tasks(sn: str, principal: Reader,
                     limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict[str, Any]:
         org = (await visible_robot(principal, sn))["org_id"]
-        return {"items": await server.store.list_tasks(sn, limit=limit, org=org),
-                "next_cursor": None}
+        return Page(await server.store.list_tasks(sn, limit=limit, org=org)).body()
 
     @app.post("/devices/{device_id}/commands",
               summary="Send a command to a gateway and wait for its response",

@@ -103,7 +103,6 @@ class CallbackSettings(ServiceSettings, BaseModel):  # BaseModel named: linters 
     # The seed's credentials.yaml (database: {host, secret_name, region_name}).
     credentials_file: str | None = None
     database: DatabaseSource = DatabaseSource()
-    http_host: str = "0.0.0.0"
     http_port: int = Field(3005, ge=0, le=65535)
     callback_token: SecretStr | None = None
     # Org-scoped, role-bearing API keys (callback_server/keys.py); reloaded on SIGHUP.

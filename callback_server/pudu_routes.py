@@ -19,9 +19,9 @@ from bridge.paging import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
     Number,
+    Page,
     Text,
     decode_cursor,
-    encode_cursor,
 )
 from callback_server.access import OPERATORS, READERS, Access
 from callback_server.ports import AppHost
@@ -53,8 +53,7 @@ def create_pudu_router(server: AppHost, access: Access) -> APIRouter:
         items, last = await server.store.get_runs(
             limit, None if after is None else (float(after[0]), str(after[1])), org_id,
             orgs=None if principal.all_orgs else sorted(principal.orgs))
-        return {"items": items, "next_cursor": None if last is None else encode_cursor(
-            list(last))}
+        return Page(items, last).body()
 
     @router.post("/robots/{sn}/commands",
                  summary="Send a command to the gateway that last reported this robot",

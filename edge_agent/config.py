@@ -112,7 +112,6 @@ class EdgeSettings(ServiceSettings, BaseModel):  # BaseModel named: linters see 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     pudu_callback_code: SecretStr
-    http_host: str = "0.0.0.0"
     http_port: int = Field(8000, ge=0, le=65535)
     admin_host: str = "127.0.0.1"
     admin_port: int = Field(8001, ge=0, le=65535)

@@ -19,9 +19,9 @@ from bridge.paging import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
     Number,
+    Page,
     Text,
     decode_cursor,
-    encode_cursor,
 )
 from callback_server.access import OPERATORS, READERS, Access, Principal
 from callback_server.alerts.alert import STATES, Alert
@@ -119,8 +119,7 @@ def create_alert_router(server: AppHost, access: Access) -> APIRouter:
         items, last = await alerts.page(
             limit=limit, after=after, orgs=None if principal.all_orgs else principal.orgs,
             org=org, state=state, rule=rule)
-        return {"items": [a.as_dict() for a in items],
-                "next_cursor": None if last is None else encode_cursor(last)}
+        return Page(items, last).body(Alert.as_dict)
 
     @router.get("/alerts/{alert_id}", summary="One alert")
     async def get_alert(alert_id: str, request: Request) -> dict[str, Any]:
@@ -184,10 +183,7 @@ def create_alert_router(server: AppHost, access: Access) -> APIRouter:
         after = decode_cursor(cursor, Text)
         mine = [s for s in await alerts.subscriptions(None if after is None else str(after[0]))
                 if _covers_all(principal, s.orgs)]
-        page = mine[:limit]
-        more = len(mine) > limit
-        return {"items": [s.public() for s in page],
-                "next_cursor": encode_cursor([page[-1].id]) if more and page else None}
+        return Page.of(mine, limit, lambda s: [s.id]).body(lambda s: s.public())
 
     @router.delete("/alert-subscriptions/{sub_id}", summary="Stop an alert subscription")
     async def unsubscribe(sub_id: str, request: Request) -> dict[str, Any]:
@@ -205,6 +201,6 @@ def create_alert_router(server: AppHost, access: Access) -> APIRouter:
         after = decode_cursor(cursor, (int,))
         items, last = await alerts.deliveries(
             sub.id, limit=limit, after=None if after is None else int(after[0]))
-        return {"items": items, "next_cursor": None if last is None else encode_cursor(last)}
+        return Page(items, last).body()
 
     return router

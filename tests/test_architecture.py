@@ -102,6 +102,17 @@ def test_the_list_shape_is_built_in_one_place() -> None:
     assert wrong == [], "build it with bridge.paging.Page (or answer)"
 
 
+def test_the_console_reads_the_robot_commands_it_offers() -> None:
+    """The console's forms come from bridge/pudu/robot_commands.py (via /console/me), the
+    catalogue the gateway runs: a command name written in its JS is a second copy."""
+    from bridge.pudu.robot_commands import ROBOT_COMMANDS
+    static = ROOT / "callback_server" / "console" / "static"
+    names = [c["name"] for c in ROBOT_COMMANDS]
+    copies = [f"{path.name}: {name}" for path in sorted(static.glob("*.js"))
+              for name in names if name in path.read_text(encoding="utf-8")]
+    assert names and copies == []
+
+
 def test_the_services_settings_share_their_common_fields() -> None:
     """A setting both services declare alike belongs to bridge.config.ServiceSettings;
     one each declares on its own differs (a default, at least)."""

@@ -34,12 +34,15 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["CONFIRM", "FLOOR", "RESET_BOUND_SECONDS", "GatewayClock", "Ordering",
-           "RobotClocks", "plausible", "ranks_newer"]
+__all__ = ["CONFIRM", "FLOOR", "MAX_SKEW_SECONDS", "RESET_BOUND_SECONDS", "GatewayClock",
+           "Ordering", "RobotClocks", "plausible", "ranks_newer"]
 
 #: 2017-01-01 UTC: before Pudu's first robots shipped; a robot time before it is an RTC
 #: that reset (1970, 2000, 2001 ...), not a time to order by.
 FLOOR: Final = dt.datetime(2017, 1, 1, tzinfo=dt.UTC).timestamp()
+#: How far ahead of the receiving clock a robot time may be and still be ordered by: the
+#: default of both services' MAX_CLOCK_SKEW_SECONDS and of every ``max_skew`` parameter.
+MAX_SKEW_SECONDS: Final = 300.0
 #: How far back (against the receiving clock) a robot's times must jump to be a reset.
 RESET_BOUND_SECONDS: Final = 600.0
 #: Consecutive messages that must agree on the jumped-back clock before it is a reset.

@@ -35,6 +35,7 @@ from bridge.errors import (
     TopicError,
     TransportError,
 )
+from bridge.paging import answer
 from bridge.tasks import TaskSet
 from bridge.topic import TopicScheme, every_device_channel, parse_device_topic
 from bridge.transport import InboundMessage, Transport
@@ -137,7 +138,7 @@ class Paged:
         """The first ``count`` items as the product's list shape."""
         rest = self.more or count < len(self.items)
         cursor = self.cursor_of(self.items[count - 1]) if rest and count else None
-        return {"items": self.items[:count], "next_cursor": cursor}
+        return answer(self.items[:count], cursor)
 
 
 #: Room kept for what the estimate of a page's size leaves out.
@@ -153,7 +154,7 @@ def fit(message_id: str, paged: Paged, limit: int) -> Response:
     bytes (estimated item by item, only as far as the page goes, then checked); an error
     response if not even one item fits."""
     room = limit - _PAGE_SLACK - len(Response(
-        message_id, "success", result={"items": [], "next_cursor": ""}).to_json())
+        message_id, "success", result=answer([], "")).to_json())
     used = count = 0
     for item in paged.items:
         used += len(strictjson.dumps(strictjson.clean(

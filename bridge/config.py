@@ -6,10 +6,11 @@ this module reads the file and the environment once, at startup, in one place.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -22,13 +23,14 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
-    model_validator,
 )
 
+from bridge.clock import MAX_SKEW_SECONDS
 from bridge.errors import ConfigError
 from bridge.outbound import parse_allow
 from bridge.sources import Alias, Layers, Origin, Source, dotenv_warning, not_honoured
 from bridge.sources import aliases as apply_aliases
+from bridge.transport.settings import MqttSettings, TlsFiles
 
 M = TypeVar("M", bound=BaseModel)
 MASK = "********"
@@ -74,10 +76,20 @@ class HttpLimits(BaseModel):
     max_connections: int = Field(default=4096, ge=1)
 
 
-def _split_list(value: object) -> object:
-    # CALLBACK_URL_ALLOW="127.0.0.1/32, hooks.lan": the environment gives one string.
+def split_list(text: str) -> list[str]:
+    """A settings list as the environment gives it, one string: ``"a, b c"`` (commas
+    and/or spaces between items) to ``["a", "b", "c"]``. Every list setting of both
+    services is split here (through :func:`as_list` for the settings models)."""
+    return text.replace(",", " ").split()
+
+
+def as_list(value: object) -> object:
+    """Before-validator of a list setting: a string is split (:func:`split_list`); a list
+    from YAML passes with each item as text (``shop_ids: [123]``)."""
     if isinstance(value, str):
-        return [part for part in value.replace(",", " ").split() if part]
+        return split_list(value)
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
     return value
 
 
@@ -91,31 +103,8 @@ def _valid_allow(value: tuple[str, ...]) -> tuple[str, ...]:
 
 #: ``CALLBACK_URL_ALLOW``: host names and CIDRs outbound calls may go to although they
 #: are not globally routable (see bridge/outbound.py).
-OutboundAllow = Annotated[tuple[str, ...], BeforeValidator(_split_list),
+OutboundAllow = Annotated[tuple[str, ...], BeforeValidator(as_list),
                           AfterValidator(_valid_allow)]
-
-
-class TlsSettings(BaseModel):
-    """Certificate files for mqtts:// and the AWS IoT backend (mutual TLS)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-
-    @field_validator("ca_file", "cert_file", "key_file")
-    @classmethod
-    def _readable(cls, value: str | None) -> str | None:
-        # Checked at load, so check-config and start-up name the file, not a TLS error later.
-        if value and not os.access(value, os.R_OK):
-            raise ValueError(f"{value} does not exist or is not readable")
-        return value or None
-
-    @model_validator(mode="after")
-    def _pair(self) -> TlsSettings:
-        if bool(self.cert_file) != bool(self.key_file):
-            raise ValueError("a client certificate needs both cert_file and key_file")
-        return self
 
 
 #: systemd credentials (``LoadCredential=``) both services read from
@@ -144,6 +133,50 @@ class Settings(BaseModel):
     def source_warnings(self) -> tuple[str, ...]:
         """Seed names set but not honoured, a ``.env`` nobody reads."""
         return self._warnings
+
+
+class ServiceSettings(Settings, BaseModel):  # BaseModel named: linters see a model
+    """What both services' settings hold alike: the broker, the log, the REST proxy, the
+    robot clock bound and the HTTP side's limits. Each service's model adds its own; a
+    setting both share is declared here once, with its default and its check."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mqtt_url: str = "mqtt://127.0.0.1:1883"
+    mqtt_backend: Literal["paho", "awsiot", "memory"] = "paho"  # memory: tests, demo
+    # Stable across restarts so the broker finds our persistent session (and what it
+    # held in flight for us) again; empty: each service names itself (its _defaults).
+    mqtt_client_id: str = ""
+    tls: TlsFiles = TlsFiles()
+    mqtt_reconnect_max_seconds: float = Field(30.0, gt=0)
+    topic_prefix: str = ""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    # A file the log lines also go to (besides stderr, i.e. the journal): LOG_FILE.
+    log_file: str | None = None
+    proxy_token: SecretStr | None = None
+    # Topic prefixes the REST proxy may publish/subscribe under; empty: the service's own
+    # subtree (the edge: org/{org_id}/ only; the callback server: {prefix}org/).
+    proxy_allowed_prefixes: list[str] = []
+    # A robot time further ahead of this service's clock is not used for ordering.
+    max_clock_skew_seconds: float = Field(MAX_SKEW_SECONDS, gt=0)
+    # Outbound webhooks (callback_url) may go here although not globally routable.
+    callback_url_allow: OutboundAllow = ()
+    http_limits: HttpLimits = HttpLimits()
+    # The service's main listener (the edge's webhook, the callback server's API); each
+    # service names its port and the environment variables for both.
+    http_host: str = "0.0.0.0"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v: object) -> object:
+        return v.upper() if isinstance(v, str) else v
+
+    def mqtt_settings(self, **session: Any) -> MqttSettings:
+        """The broker session these settings describe (URL, client id, TLS files,
+        reconnect bound); ``session``: what the service adds (acks, will, windows)."""
+        return MqttSettings.from_url(
+            self.mqtt_url, client_id=self.mqtt_client_id,
+            backoff_max=self.mqtt_reconnect_max_seconds, tls_files=self.tls, **session)
 
 
 def read_credentials(names: Mapping[str, str], env: Mapping[str, str]) -> dict[str, Any]:
@@ -262,7 +295,7 @@ def parse_pairs(value: object, example: str) -> object:
     if not isinstance(value, str):
         return value
     out: dict[str, str] = {}
-    for part in value.replace(",", " ").split():
+    for part in split_list(value):
         name, sep, rest = part.partition("=")
         if not sep:
             raise ValueError(f"{part!r}: expected {example}")
@@ -278,6 +311,8 @@ def masked(settings: BaseModel) -> dict[str, Any]:
             return MASK if value.get_secret_value() else ""
         if isinstance(value, BaseModel):
             return {k: walk(getattr(value, k)) for k in type(value).model_fields}
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: walk(getattr(value, f.name)) for f in dataclasses.fields(value)}
         if isinstance(value, dict):
             return {k: walk(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):

@@ -27,6 +27,7 @@ from typing import Any
 
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
+from bridge.config import split_list
 from bridge.errors import ConfigError
 
 __all__ = ["DEFAULT_TRUSTED", "ENV", "ForwardedHeaders", "TrustedProxies"]
@@ -51,7 +52,7 @@ class TrustedProxies:
     @classmethod
     def parse(cls, value: str) -> TrustedProxies:
         """``"10.0.0.0/8, 127.0.0.1"`` or ``"*"``; a ConfigError names a bad entry."""
-        items = [item.strip() for item in value.split(",") if item.strip()]
+        items = split_list(value)
         if "*" in items:
             return cls(value, (), everyone=True)
         networks = []

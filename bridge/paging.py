@@ -2,7 +2,9 @@
 
 A cursor is opaque to clients: URL-safe base64 of the JSON list of the last item's sort
 key. Pages are keyset pages (``WHERE key > last``), not offsets, so a robot updated or
-added while a client pages neither repeats nor vanishes.
+added while a client pages neither repeats nor vanishes. :class:`Page` is the one
+builder of that shape (:func:`answer` under it, for cursors made elsewhere); the SQL
+half, fetching ``limit + 1`` rows after a key, is callback_server/store/query.py.
 """
 
 from __future__ import annotations
@@ -10,13 +12,17 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from bridge import strictjson
 from bridge.errors import InputError, PayloadError
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
+
+T = TypeVar("T")
+U = TypeVar("U")
 
 
 def encode_cursor(key: list[Any]) -> str:
@@ -53,9 +59,39 @@ def decode_cursor(cursor: str | None, *shape: tuple[type, ...]) -> list[Any] | N
     return key
 
 
+def answer(items: Sequence[Any], next_cursor: str | None) -> dict[str, Any]:
+    """The product's list shape; every list answer is built here (through :class:`Page`
+    unless the cursor is not a sort key, as a gateway command's own cursor)."""
+    return {"items": list(items), "next_cursor": next_cursor}
+
+
+class Page(NamedTuple, Generic[T]):
+    """One keyset page: its items and the sort key to resume after (None: the last page).
+
+    Unpacks as ``items, after``. A query fetches ``limit + 1`` items: :meth:`of` keeps
+    ``limit`` and takes the one more as the sign of a next page."""
+
+    items: list[T]
+    after: list[Any] | None = None
+
+    @classmethod
+    def of(cls, fetched: Sequence[T], limit: int,
+           key: Callable[[T], Sequence[Any]]) -> Page[T]:
+        """The page of ``fetched`` (``limit + 1`` asked for); ``key``: an item's sort key."""
+        kept = list(fetched[:limit])
+        more = len(fetched) > limit and bool(kept)
+        return cls(kept, list(key(kept[-1])) if more else None)
+
+    def map(self, show: Callable[[T], U]) -> Page[U]:
+        """The same page with each item as ``show`` makes it (a row to its answer)."""
+        return Page([show(item) for item in self.items], self.after)
+
+    def body(self, show: Callable[[T], Any] | None = None) -> dict[str, Any]:
+        """The answer: ``{"items", "next_cursor"}``; ``show``: an item's public form."""
+        items = self.items if show is None else [show(item) for item in self.items]
+        return answer(items, None if self.after is None else encode_cursor(self.after))
+
+
 def page(items: list[dict[str, Any]], limit: int, key: list[str]) -> dict[str, Any]:
     """The answer for ``items`` fetched with ``limit + 1`` rows: one more means a next page."""
-    more = len(items) > limit
-    items = items[:limit]
-    cursor = encode_cursor([items[-1][k] for k in key]) if more and items else None
-    return {"items": items, "next_cursor": cursor}
+    return Page.of(items, limit, lambda item: [item[k] for k in key]).body()

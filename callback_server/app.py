@@ -30,9 +30,9 @@ from bridge.paging import (
     MaybeNumber,
     MaybeText,
     Number,
+    Page,
     Text,
     decode_cursor,
-    encode_cursor,
     page,
 )
 from callback_server.access import Access, Caller, Principal, Reader, Rules
@@ -139,7 +139,7 @@ async def robots(
         limit=limit, after=after,
         orgs=None if principal.all_orgs else principal.orgs,
         org=org, gateway=gateway, status=status)
-    return {"items": items, "next_cursor": None if last is None else encode_cursor(last)}
+    return Page(items, last).body()
 
 
 @router.get("/robots/{sn}", summary="Latest state of one robot")
@@ -153,7 +153,7 @@ async def events(sn: str, principal: Reader, server: Host, access: Rules,
     org = (await visible_robot(server, access, principal, sn))["org_id"]
     after = decode_cursor(cursor, MaybeText, MaybeNumber, Text)
     items, last = await server.store.list_events(sn, limit=limit, after=after, org=org)
-    return {"items": items, "next_cursor": None if last is None else encode_cursor(last)}
+    return Page(items, last).body()
 
 
 @router.get("/robots/{sn}/history",
@@ -168,7 +168,7 @@ async def history(sn: str, principal: Reader, server: Host, access: Rules,
     items, last = await server.store.list_history(
         sn, since=start, limit=limit, after=None if after is None else float(after[0]),
         org=org)
-    return {"items": items, "next_cursor": None if last is None else encode_cursor(last)}
+    return Page(items, last).body()
 
 
 @router.get("/robots/{sn}/tasks", summary="A robot's latest tasks (each at its newest "
@@ -176,8 +176,7 @@ async def history(sn: str, principal: Reader, server: Host, access: Rules,
 async def tasks(sn: str, principal: Reader, server: Host, access: Rules,
                 limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict[str, Any]:
     org = (await visible_robot(server, access, principal, sn))["org_id"]
-    return {"items": await server.store.list_tasks(sn, limit=limit, org=org),
-            "next_cursor": None}
+    return Page(await server.store.list_tasks(sn, limit=limit, org=org)).body()
 
 
 @router.post("/devices/{device_id}/commands",

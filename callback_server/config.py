@@ -7,7 +7,6 @@ import re
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -15,10 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from bridge.config import (
     HTTP_ENV_MAP,
     MQTT_ENV_MAP,
-    HttpLimits,
-    OutboundAllow,
-    Settings,
-    TlsSettings,
+    ServiceSettings,
     load_settings,
     read_yaml,
 )
@@ -95,17 +91,11 @@ class DatabaseSource(BaseModel):
     region_name: str | None = None
 
 
-class CallbackSettings(Settings, BaseModel):  # BaseModel named: linters see a model
+class CallbackSettings(ServiceSettings, BaseModel):  # BaseModel named: linters see a model
     """Everything the callback server needs; see config.example/callback-server.yaml."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    mqtt_url: str = "mqtt://127.0.0.1:1883"
-    mqtt_backend: Literal["paho", "awsiot", "memory"] = "paho"  # memory: tests, demo
-    # Stable across restarts so the broker finds our persistent session (and what it
-    # held in flight for us) again.
-    mqtt_client_id: str = ""
-    tls: TlsSettings = TlsSettings()
     database_url: str = "sqlite:///data/callback.db"
     # Fills in the password of database_url, so the URL itself can live in the config file
     # and the password in the environment or a systemd credential.
@@ -114,21 +104,12 @@ class CallbackSettings(Settings, BaseModel):  # BaseModel named: linters see a m
     # The seed's credentials.yaml (database: {host, secret_name, region_name}).
     credentials_file: str | None = None
     database: DatabaseSource = DatabaseSource()
-    http_host: str = "0.0.0.0"
     http_port: int = Field(3005, ge=0, le=65535)
     callback_token: SecretStr | None = None
     # Org-scoped, role-bearing API keys (callback_server/keys.py); reloaded on SIGHUP.
     api_keys_file: str | None = None
     share_group: str | None = None
-    mqtt_reconnect_max_seconds: float = Field(30.0, gt=0)
-    topic_prefix: str = ""
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
-    # A file the log lines also go to (besides stderr, i.e. the journal): LOG_FILE.
-    log_file: str | None = None
     batch_max: int = Field(500, ge=1, le=10_000)
-    proxy_token: SecretStr | None = None
-    # Topic prefixes the REST proxy may publish/subscribe under; empty: {prefix}org/.
-    proxy_allowed_prefixes: list[str] = []
     command_timeout_max: float = Field(60.0, gt=0)
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     # Days to keep rows of mqtt_message_log / mqtt_dead_letters / device_commands;
@@ -142,19 +123,14 @@ class CallbackSettings(Settings, BaseModel):  # BaseModel named: linters see a m
     # subscriptions: their delivery logs); 0: forever.
     webhook_delivery_retention_days: float = Field(30.0, ge=0)
     retention_interval_seconds: float = Field(3600.0, gt=0)
-    # A robot time further ahead of this service's clock is not used for ordering.
-    max_clock_skew_seconds: float = Field(300.0, gt=0)
     # Health is degraded when a message waits unacked (or nothing commits) this long.
     stall_seconds: float = Field(30.0, gt=0)
-    # Outbound webhooks (callback_url) may go here although not globally routable.
-    callback_url_allow: OutboundAllow = ()
     # YAML overriding the alert rules' defaults (callback_server/alerts/rules.py).
     alert_rules_file: str | None = None
     # Every outbound delivery (alert webhooks, callback_url): seconds per attempt and retries
     # after the first; unset keeps each one's default (10 s, 5 retries).
     forward_timeout: float | None = Field(None, gt=0, le=300)
     forward_max_retries: int | None = Field(None, ge=0, le=19)
-    http_limits: HttpLimits = HttpLimits()
     # HTTP ingest messages held at most while the database does not commit (503 beyond).
     ingest_pending_max: int = Field(10_000, ge=1)
     # Pudu callback codes -> org for POST /api/pudu/webhook (callback_server/pudu_webhook.py):
@@ -169,11 +145,6 @@ class CallbackSettings(Settings, BaseModel):  # BaseModel named: linters see a m
             raise ValueError("must be 0 (keep forever) or at least 1: the console's chart "
                              "shows the last 24 h")
         return value
-
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _upper(cls, v: object) -> object:
-        return v.upper() if isinstance(v, str) else v
 
     @field_validator("share_group")
     @classmethod

@@ -19,9 +19,9 @@ from bridge.paging import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
     Number,
+    Page,
     Text,
     decode_cursor,
-    encode_cursor,
 )
 from callback_server.access import Access, Principal, Reader, Rules
 from callback_server.ports import AppHost, Host
@@ -51,8 +51,7 @@ async def ingestion_runs(principal: Reader, server: Host, access: Rules,
     items, last = await server.store.get_runs(
         limit, None if after is None else (float(after[0]), str(after[1])), org_id,
         orgs=None if principal.all_orgs else sorted(principal.orgs))
-    return {"items": items, "next_cursor": None if last is None else encode_cursor(
-        list(last))}
+    return Page(items, last).body()
 
 
 async def _reported_robot(server: AppHost, access: Access, principal: Principal,

@@ -30,7 +30,7 @@ from bridge.router import MessageRouter
 from bridge.sdnotify import Notifier, Watchdog
 from bridge.tasks import TaskSet
 from bridge.topic import GATEWAY_CHANNELS, DeviceAddress, every_device_channel, org_root
-from bridge.transport import MqttSettings, TlsFiles, Transport, create_transport
+from bridge.transport import MqttSettings, Transport, create_transport
 from bridge.version import VERSION
 from callback_server.access import Access, Principal
 from callback_server.alerts import (
@@ -67,11 +67,7 @@ log = logging.getLogger(__name__)
 
 def mqtt_settings(settings: CallbackSettings) -> MqttSettings:
     """A persistent session with manual acks: unacked messages come back after a crash."""
-    return MqttSettings.from_url(
-        settings.mqtt_url,
-        client_id=settings.mqtt_client_id,
-        backoff_max=settings.mqtt_reconnect_max_seconds,
-        tls_files=TlsFiles(settings.tls.ca_file, settings.tls.cert_file, settings.tls.key_file),
+    return settings.mqtt_settings(
         manual_ack=True,
         receive_maximum=max(settings.batch_max * 2, 100),
     )

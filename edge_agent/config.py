@@ -7,7 +7,7 @@ import re
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import (
     AfterValidator,
@@ -23,10 +23,7 @@ from pydantic import (
 from bridge.config import (
     HTTP_ENV_MAP,
     MQTT_ENV_MAP,
-    HttpLimits,
-    OutboundAllow,
-    Settings,
-    TlsSettings,
+    ServiceSettings,
     load_settings,
     parse_pairs,
 )
@@ -109,20 +106,15 @@ CommandPlugins = Annotated[dict[str, str], BeforeValidator(_parse_plugins),
                            AfterValidator(_plugin_shape)]
 
 
-class EdgeSettings(Settings, BaseModel):  # BaseModel named: linters see a model
+class EdgeSettings(ServiceSettings, BaseModel):  # BaseModel named: linters see a model
     """Everything the edge agent needs; see config.example/edge-agent.yaml."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     pudu_callback_code: SecretStr
-    http_host: str = "0.0.0.0"
     http_port: int = Field(8000, ge=0, le=65535)
     admin_host: str = "127.0.0.1"
     admin_port: int = Field(8001, ge=0, le=65535)
-    mqtt_url: str = "mqtt://127.0.0.1:1883"
-    mqtt_backend: Literal["paho", "awsiot", "memory"] = "paho"  # memory: tests, demo
-    mqtt_client_id: str = ""
-    tls: TlsSettings = TlsSettings()
     org_id: str = "default"
     gateway_id: str = Field(default_factory=lambda: socket.gethostname().split(".")[0])
     outbox_path: Path = Path("data/outbox.db")
@@ -139,21 +131,8 @@ class EdgeSettings(Settings, BaseModel):  # BaseModel named: linters see a model
     # Connected, publishes in flight, no PUBACK for this long: the publisher is wedged and
     # stops the watchdog's heartbeat (a broker that is away is not wedged).
     publish_ack_timeout_seconds: float = Field(10.0, gt=0)
-    mqtt_reconnect_max_seconds: float = Field(30.0, gt=0)
-    topic_prefix: str = ""
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
-    # A file the log lines also go to (besides stderr, i.e. the journal): LOG_FILE.
-    log_file: str | None = None
     max_body_bytes: int = Field(64 * 1024, ge=1024)
-    proxy_token: SecretStr | None = None
-    # Topic prefixes the REST proxy may publish/subscribe under; empty: org/{org_id}/ only.
-    proxy_allowed_prefixes: list[str] = []
     heartbeat_seconds: float = Field(60.0, ge=0)
-    # A robot time further ahead of this service's clock is not used for ordering.
-    max_clock_skew_seconds: float = Field(300.0, gt=0)
-    # Outbound webhooks (callback_url) may go here although not globally routable.
-    callback_url_allow: OutboundAllow = ()
-    http_limits: HttpLimits = HttpLimits()
     # What leaves the site (edge_agent/forwarding.py): channels forwarded, callback types
     # answered 200 but never forwarded, and per-channel downsampling of superseded state.
     forward_channels: ForwardChannels = FORWARDABLE
@@ -184,11 +163,6 @@ class EdgeSettings(Settings, BaseModel):  # BaseModel named: linters see a model
         if not v.get_secret_value().strip():
             raise ValueError("must not be empty")
         return v
-
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _upper(cls, v: object) -> object:
-        return v.upper() if isinstance(v, str) else v
 
     @field_validator("org_id", "gateway_id")
     @classmethod

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Final
 
 from pydantic import AfterValidator, BeforeValidator
 
-from bridge.config import parse_pairs
+from bridge.config import as_list, parse_pairs
 from bridge.pudu.normalize import CHANNELS, DOCUMENTED_TYPES
 
 __all__ = [
@@ -36,13 +36,6 @@ DOWNSAMPLABLE: Final = frozenset({"pose", "power", "move"})
 #: Leaving these out loses transitions no later message repeats: check-config warns.
 _MUST_SEE: Final = ("status", "event")
 _DOCUMENTED: Final = frozenset(t.lower() for t in DOCUMENTED_TYPES)
-
-
-def _split(value: object) -> object:
-    # FORWARD_CHANNELS="status, event pose": the environment gives one string.
-    if isinstance(value, str):
-        return [part for part in value.replace(",", " ").split() if part]
-    return value
 
 
 def _known_channels(value: tuple[str, ...]) -> tuple[str, ...]:
@@ -69,9 +62,9 @@ def _downsamplable(value: dict[str, float]) -> dict[str, float]:
     return {c: float(s) for c, s in value.items() if s > 0}  # 0: not downsampled
 
 
-ForwardChannels = Annotated[tuple[str, ...], BeforeValidator(_split),
+ForwardChannels = Annotated[tuple[str, ...], BeforeValidator(as_list),
                             AfterValidator(_known_channels)]
-DropTypes = Annotated[tuple[str, ...], BeforeValidator(_split)]
+DropTypes = Annotated[tuple[str, ...], BeforeValidator(as_list)]
 Intervals = Annotated[dict[str, float], BeforeValidator(_parse_intervals),
                       AfterValidator(_downsamplable)]
 

@@ -19,12 +19,14 @@ import asyncio
 import json
 import sqlite3
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from bridge.commands import Response
 from bridge.errors import OutboxError
+from bridge.paging import Page
 from bridge.private_files import prepare_sqlite_file
 
 _SCHEMA = """
@@ -113,8 +115,8 @@ class Journal:
                         " (SELECT run_id FROM poll_runs ORDER BY started DESC LIMIT ?)",
                         (KEEP_RUNS,))
 
-    async def runs(self, limit: int = 20, after: tuple[float, str] | None = None,
-                   ) -> tuple[list[dict[str, Any]], tuple[float, str] | None]:
+    async def runs(self, limit: int = 20, after: Sequence[Any] | None = None,
+                   ) -> Page[dict[str, Any]]:
         """Run records, newest first by (started, run_id), a keyset page at a time, and
         the key to resume after (None on the last page)."""
         where: str = ""
@@ -124,10 +126,8 @@ class Journal:
             args = [after[0], after[0], after[1], limit + 1]
         rows = await self._run(f"SELECT record, started, run_id FROM poll_runs {where}"
                                " ORDER BY started DESC, run_id DESC LIMIT ?", tuple(args))
-        more = len(rows) > limit
-        rows = rows[:limit]
-        last = (float(rows[-1][1]), str(rows[-1][2])) if more and rows else None
-        return [json.loads(r[0]) for r in rows], last
+        return Page.of(rows, limit, lambda r: [float(r[1]), str(r[2])]).map(
+            lambda r: json.loads(r[0]))
 
     async def events_through(self, shop_id: str) -> float | None:
         """Where the last window of this shop's fault log read in full ended (its next

@@ -31,7 +31,7 @@ from bridge.router import MessageRouter
 from bridge.sdnotify import Notifier, Watchdog
 from bridge.tasks import TaskSet
 from bridge.topic import BATCH_CHANNEL, TopicScheme, org_root
-from bridge.transport import MqttSettings, TlsFiles, Transport, Will, create_transport
+from bridge.transport import MqttSettings, Transport, Will, create_transport
 from bridge.version import VERSION
 from edge_agent import admin as admin_routes
 from edge_agent.commands import BUILTIN_NAMES, register_builtins
@@ -52,11 +52,7 @@ log = logging.getLogger(__name__)
 def mqtt_settings(settings: EdgeSettings, scheme: TopicScheme) -> MqttSettings:
     """Broker session for the gateway: persistent, with presence as will and birth."""
     presence = str(scheme.device(settings.gateway_id, "presence"))
-    return MqttSettings.from_url(
-        settings.mqtt_url,
-        client_id=settings.mqtt_client_id,
-        backoff_max=settings.mqtt_reconnect_max_seconds,
-        tls_files=TlsFiles(settings.tls.ca_file, settings.tls.cert_file, settings.tls.key_file),
+    return settings.mqtt_settings(
         max_inflight=settings.publish_window,
         will=Will(presence, b"offline", qos=1, retain=True),
         birth=Will(presence, b"online", qos=1, retain=True),

@@ -62,6 +62,11 @@ def test_nothing_shipped_imports_the_tests_or_the_bench() -> None:
 ONE_PLACE = {
     r"org/\+/device/\+|f\"callback/\{": "bridge/topic.py",
     r"\bimport random\b|random\.uniform|2 \*\* ": "bridge/backoff.py",
+    # issue 23: the robot clock bound's default, a settings list's split, and the SQL
+    # list query's keyset page and org scope were each written 4-6 times.
+    r"skew.*\b300\b": "bridge/clock.py",
+    r"replace\(\",\", \" \"\)": "bridge/config.py",
+    r"LIMIT .*\+ 1|org_id IN \(": "callback_server/store/query.py",
 }
 
 
@@ -79,6 +84,46 @@ def test_facts_written_once(pattern: str, home: str) -> None:
                 if found.search(code) and not code.strip().startswith(('"', "'", "``")):
                     elsewhere.append(f"{rel}:{n}: {line.strip()}")
     assert elsewhere == [], f"belongs in {home}"
+
+
+def test_the_list_shape_is_built_in_one_place() -> None:
+    """``{"items", "next_cursor"}`` is bridge.paging's to build: a dict literal with a
+    ``next_cursor`` key anywhere else is a second page shape that will drift."""
+    wrong = []
+    for package in PACKAGES:
+        for path in modules(package):
+            if path.relative_to(ROOT) == Path("bridge/paging.py"):
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Dict) and any(
+                        isinstance(k, ast.Constant) and k.value == "next_cursor"
+                        for k in node.keys):
+                    wrong.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert wrong == [], "build it with bridge.paging.Page (or answer)"
+
+
+def test_the_console_reads_the_robot_commands_it_offers() -> None:
+    """The console's forms come from bridge/pudu/robot_commands.py (via /console/me), the
+    catalogue the gateway runs: a command name written in its JS is a second copy."""
+    from bridge.pudu.robot_commands import ROBOT_COMMANDS
+    static = ROOT / "callback_server" / "console" / "static"
+    names = [c["name"] for c in ROBOT_COMMANDS]
+    copies = [f"{path.name}: {name}" for path in sorted(static.glob("*.js"))
+              for name in names if name in path.read_text(encoding="utf-8")]
+    assert names and copies == []
+
+
+def test_the_services_settings_share_their_common_fields() -> None:
+    """A setting both services declare alike belongs to bridge.config.ServiceSettings;
+    one each declares on its own differs (a default, at least)."""
+    from callback_server.config import CallbackSettings
+    from edge_agent.config import EdgeSettings
+    own = {cls: set(cls.__annotations__) for cls in (EdgeSettings, CallbackSettings)}
+    both = own[EdgeSettings] & own[CallbackSettings]
+    alike = sorted(name for name in both if repr(EdgeSettings.model_fields[name]) ==
+                   repr(CallbackSettings.model_fields[name]))
+    assert alike == [], "declare these once, in bridge.config.ServiceSettings"
+    assert {"http_port", "max_body_bytes"} <= both  # the walk sees them
 
 
 def test_a_status_is_chosen_only_by_status_for() -> None:

@@ -361,8 +361,12 @@ def test_session_cookie_and_origin_rules(fleet: Fleet) -> None:
         assert r.status_code == 403 and "console_session" not in r.headers.get("set-cookie", "")
         r = c.post("/console/session", json={"key": fleet.keys["operator_a"]}, headers=own)
         assert r.status_code == 200, r.text
-        assert r.json() == {"name": "operator_a", "orgs": ["acme"], "role": "operator",
-                            "operator": True}
+        me = r.json()
+        # the robot page's command forms come with who the console is signed in as
+        assert [c["name"] for c in me.pop("robot_commands")] == \
+            ["pudu.recharge", "pudu.switch_map", "pudu.position_reporting"]
+        assert me == {"name": "operator_a", "orgs": ["acme"], "role": "operator",
+                      "operator": True}
         cookie = r.headers["set-cookie"]
         session_id = c.cookies["console_session"]
         assert fleet.keys["operator_a"] not in cookie

@@ -103,3 +103,41 @@ async def test_event_pages_follow_the_newest_first_order(store: SqlStore) -> Non
             break
         after = decode_cursor(encode_cursor(last), MaybeText, MaybeNumber, Text)
     assert got == expected and len(got) == 250
+
+
+@pytest.mark.parametrize("descending", [False, True])
+@pytest.mark.parametrize("limit", [1, 4, 7])
+def test_a_three_column_keyset_pages_through_ties_once_each_in_order(
+        descending: bool, limit: int) -> None:
+    """Where.after's keyset over (a, b, c) with many ties on a and b, on SQLite: every row
+    comes once, in the ORDER BY's order, and the last page says there is no next one."""
+    import sqlite3
+
+    from bridge.paging import Page
+    from callback_server.store.dialect import Dialect
+    from callback_server.store.query import Where
+
+    db = sqlite3.connect(":memory:")
+    db.row_factory = sqlite3.Row
+    db.execute("CREATE TABLE t (a INTEGER, b TEXT, c INTEGER)")
+    rows = [(a, b, c) for a in range(3) for b in ("x", "y") for c in range(4)]
+    random.Random(7).shuffle(rows)
+    db.executemany("INSERT INTO t VALUES (?, ?, ?)", rows)
+    way = " DESC" if descending else ""
+    order = f"a{way}, b{way}, c{way}"
+    seen: list[tuple[Any, ...]] = []
+    after: list[Any] | None = None
+    for _ in range(len(rows) + 2):
+        q = Where(Dialect("sqlite")).after(after, "a", "b", "c", descending=descending)
+        fetched = db.execute(f"SELECT a, b, c FROM t{q.sql()}{q.page(order, limit)}",
+                             q.args).fetchall()
+        page = Page.of(fetched, limit, lambda r: [r["a"], r["b"], r["c"]])
+        seen += [tuple(r) for r in page.items]
+        body = page.map(tuple).body()
+        assert len(body["items"]) <= limit
+        if page.after is None:
+            assert body["next_cursor"] is None
+            break
+        assert decode_cursor(body["next_cursor"], (int,), Text, (int,)) == page.after
+        after = page.after
+    assert seen == sorted(rows, reverse=descending)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
+from bridge.clock import MAX_SKEW_SECONDS
 from bridge.errors import InputError, MalformedBodyError
 from bridge.strictjson import SAFE_INT
 from bridge.topic import CHANNEL_OF_TYPE, MAX_SN_BYTES, channel_for, refused_character
@@ -60,7 +61,7 @@ _LEVELS: Final = {
 _DEFAULT_LEVEL: Final = "medium"
 
 #: How far ahead of the receiving clock a robot time may be (MAX_CLOCK_SKEW_SECONDS).
-DEFAULT_MAX_SKEW: Final = 300.0
+DEFAULT_MAX_SKEW: Final = MAX_SKEW_SECONDS
 #: Seconds reach 1e11 only in the year 5138, so anything above is milliseconds.
 MS_THRESHOLD: Final = 1e11
 # One safe MQTT topic level: no '/', '+', '#', '$' tricks, and short.

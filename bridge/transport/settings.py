@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from pydantic import ConfigDict, field_validator, model_validator
+from pydantic.dataclasses import dataclass as validated
 
 from bridge.errors import ConfigError
 
@@ -21,13 +25,28 @@ class Will:
     retain: bool = True
 
 
-@dataclass(frozen=True, slots=True)
+@validated(frozen=True, config=ConfigDict(extra="forbid"))
 class TlsFiles:
-    """Files for TLS / mutual TLS (AWS IoT needs all three)."""
+    """Files for TLS / mutual TLS (AWS IoT needs all three): the transport's argument
+    and both services' ``tls`` setting (MQTT_CA_FILE, ...) alike, checked when built."""
 
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _readable(cls, value: str | None) -> str | None:
+        # Checked at load, so check-config and start-up name the file, not a TLS error later.
+        if value and not os.access(value, os.R_OK):
+            raise ValueError(f"{value} does not exist or is not readable")
+        return value or None
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsFiles:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("a client certificate needs both cert_file and key_file")
+        return self
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,9 +19,9 @@ from bridge.paging import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
     Number,
+    Page,
     Text,
     decode_cursor,
-    encode_cursor,
 )
 from callback_server.access import Access, Operator, Principal, Reader, Rules
 from callback_server.alerts.alert import STATES, Alert
@@ -123,8 +123,7 @@ async def list_alerts(
     items, last = await server.alert_store.page(
         limit=limit, after=after, orgs=None if principal.all_orgs else principal.orgs,
         org=org, state=state, rule=rule)
-    return {"items": [a.as_dict() for a in items],
-            "next_cursor": None if last is None else encode_cursor(last)}
+    return Page(items, last).body(Alert.as_dict)
 
 
 @router.get("/alerts/{alert_id}", summary="One alert")
@@ -190,10 +189,7 @@ async def subscriptions(principal: Operator, server: Host,
     after = decode_cursor(cursor, Text)
     mine = [s for s in await server.alert_subscriptions.subscriptions(
         None if after is None else str(after[0])) if _covers_all(principal, s.orgs)]
-    page = mine[:limit]
-    more = len(mine) > limit
-    return {"items": [s.public() for s in page],
-            "next_cursor": encode_cursor([page[-1].id]) if more and page else None}
+    return Page.of(mine, limit, lambda s: [s.id]).body(lambda s: s.public())
 
 
 @router.delete("/alert-subscriptions/{sub_id}", summary="Stop an alert subscription")
@@ -213,4 +209,4 @@ async def deliveries(sub_id: str, principal: Operator, server: Host,
     after = decode_cursor(cursor, (int,))
     items, last = await server.alert_subscriptions.deliveries(
         sub.id, limit=limit, after=None if after is None else int(after[0]))
-    return {"items": items, "next_cursor": None if last is None else encode_cursor(last)}
+    return Page(items, last).body()

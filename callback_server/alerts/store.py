@@ -16,8 +16,10 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
+from bridge.paging import Page
 from callback_server.alerts.alert import Alert, Subject, Transition, new_id
 from callback_server.store.protocol import SqlAccess
+from callback_server.store.query import Where
 from callback_server.store.schema import (
     ALERT_LEASES,
     ALERT_LEASES_TABLE,
@@ -172,30 +174,19 @@ class AlertStore:
     async def page(self, *, limit: int, after: Sequence[Any] | None = None,
                    orgs: Collection[str] | None = None, org: str | None = None,
                    state: str | None = None, rule: str | None = None,
-                   ) -> tuple[list[Alert], list[Any] | None]:
+                   ) -> Page[Alert]:
         """A keyset page, newest first by (opened_at, id), and the key to resume after."""
-        m = self.d.mark
-        where: list[str] = []
-        args: list[Any] = []
-        if orgs is not None:
-            if not orgs:
-                return [], None
-            where.append(f"org_id IN ({self.d.marks(len(orgs))})")
-            args += sorted(orgs)
-        for column, value in (("org_id", org), ("state", state), ("rule", rule)):
-            if value is not None:
-                where.append(f"{column} = {m}")
-                args.append(value)
-        if after is not None:
-            where.append(f"(opened_at < {m} OR (opened_at = {m} AND id < {m}))")
-            args += [float(after[0]), float(after[0]), str(after[1])]
-        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        q = Where(self.d).orgs(orgs).equal("org_id", org).equal("state", state) \
+            .equal("rule", rule).after(None if after is None else
+                                       [float(after[0]), str(after[1])],
+                                       "opened_at", "id", descending=True)
+        if q.nothing:
+            return Page([])
         rows = await self._fetch(
-            f"SELECT {_ALERT_COLUMNS} FROM {self._table}{clause} "
-            f"ORDER BY opened_at DESC, id DESC LIMIT {int(limit) + 1}", args)
-        alerts = await self._with_silences([Alert.from_row(r) for r in rows[:limit]])
-        more = len(rows) > limit and alerts
-        return alerts, [alerts[-1].opened_at, alerts[-1].id] if more else None
+            f"SELECT {_ALERT_COLUMNS} FROM {self._table}{q.sql()}"
+            f"{q.page('opened_at DESC, id DESC', limit)}", q.args)
+        found = Page.of([Alert.from_row(r) for r in rows], limit, lambda a: [a.opened_at, a.id])
+        return Page(await self._with_silences(found.items), found.after)
 
     async def faults_to_clear(self, before: float,
                               rule: str = "robot_fault") -> list[Alert]:

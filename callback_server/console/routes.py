@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field
 from bridge.errors import CapacityError
 from bridge.http_body import parse_model, read_body
 from bridge.paging import MAX_LIMIT
+from bridge.pudu.robot_commands import ROBOT_COMMANDS
 from bridge.sse import sse_event
 from callback_server.access import OPERATORS, Principal, Reader, Rules
 from callback_server.alerts import CHARGING_STATES, RULES, AlertStore
@@ -187,4 +188,4 @@ def rule_settings(server: AppHost) -> dict[str, Any]:
 
 def _me(principal: Any) -> dict[str, Any]:
     return {"name": principal.name, "orgs": sorted(principal.orgs), "role": principal.role,
-            "operator": principal.role in OPERATORS}
+            "operator": principal.role in OPERATORS, "robot_commands": ROBOT_COMMANDS}

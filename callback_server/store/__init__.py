@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from bridge.clock import MAX_SKEW_SECONDS
 from bridge.errors import ConfigError
 from callback_server.store.base import Backend
 from callback_server.store.mysql import MysqlBackend
@@ -57,7 +58,7 @@ BACKENDS: dict[str, Callable[[str, Targets], Backend]] = {
 
 
 def open_store(url: str, *, targets: Targets | None = None,
-               max_skew: float = 300.0) -> SqlStore:
+               max_skew: float = MAX_SKEW_SECONDS) -> SqlStore:
     """The store for a DATABASE_URL; ConfigError for an unknown scheme or a bad URL.
 
     Nothing connects yet: enter the store (``async with``) and use it. ``max_skew``:

@@ -13,6 +13,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from bridge.commands import CommandOutcome
+from bridge.paging import Page
 from callback_server.store.base import Backend
 from callback_server.store.dialect import Dialect
 from callback_server.store.rows import Item
@@ -71,17 +72,17 @@ class Store(BatchStore, SqlAccess, Protocol):
         self, *, limit: int, after: Sequence[str] | str | None = None,
         orgs: Collection[str] | None = None, org: str | None = None,
         gateway: str | None = None, status: str | None = None,
-    ) -> tuple[list[dict[str, Any]], list[Any] | None]: ...
+    ) -> Page[dict[str, Any]]: ...
 
     async def list_events(
         self, sn: str, *, limit: int, after: Sequence[Any] | None = None,
         org: str | None = None,
-    ) -> tuple[list[dict[str, Any]], list[Any] | None]: ...
+    ) -> Page[dict[str, Any]]: ...
 
     async def list_history(
         self, sn: str, *, since: float, limit: int, after: float | None = None,
         org: str | None = None,
-    ) -> tuple[list[dict[str, Any]], list[Any] | None]: ...
+    ) -> Page[dict[str, Any]]: ...
 
     async def recent_positions(self, *, since: float, orgs: Collection[str] | None = None,
                                limit: int = 50_000) -> dict[str, list[list[float]]]: ...
@@ -94,4 +95,4 @@ class Store(BatchStore, SqlAccess, Protocol):
 
     async def get_runs(self, limit: int = 100, cursor: tuple[float, str] | None = None,
                        org_id: str | None = None, *, orgs: Sequence[str] | None = None,
-                       ) -> tuple[list[dict[str, Any]], tuple[float, str] | None]: ...
+                       ) -> Page[dict[str, Any]]: ...

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bridge.clock import RobotClocks
+from bridge.clock import MAX_SKEW_SECONDS, RobotClocks
 from bridge.envelope import Envelope
 from bridge.errors import TopicError
 from bridge.topic import GATEWAY_CHANNELS, ROBOT_CHANNELS, TopicScheme, channel_for
@@ -307,7 +307,7 @@ def merges_into_state(env: Envelope) -> bool:
 
 def build_rows(items: Sequence[Item], *, now: float,
                limits: Mapping[str, Limits] | None = None,
-               max_skew: float = 300.0, clocks: RobotClocks | None = None) -> BatchRows:
+               max_skew: float = MAX_SKEW_SECONDS, clocks: RobotClocks | None = None) -> BatchRows:
     """Fold a batch into rows: every message logged, every event once, one state row
     per robot holding, per group, the newest values of the batch.
 

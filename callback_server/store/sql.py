@@ -20,12 +20,14 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from bridge.clock import RobotClocks
+from bridge.clock import MAX_SKEW_SECONDS, RobotClocks
 from bridge.commands import CommandOutcome
 from bridge.errors import StoreError, StoreRejectedError
+from bridge.paging import Page
 from callback_server.store.base import Backend, Statement
 from callback_server.store.migration import Migration
 from callback_server.store.projection import Projection
+from callback_server.store.query import Where
 from callback_server.store.rows import (
     BatchRows,
     Item,
@@ -141,7 +143,7 @@ class SqlStore:
     """
 
     def __init__(self, backend: Backend, targets: Targets | None = None,
-                 *, max_skew: float = 300.0) -> None:
+                 *, max_skew: float = MAX_SKEW_SECONDS) -> None:
         self.backend = backend
         self.dialect = backend.dialect
         self.targets = targets or Targets()
@@ -414,65 +416,43 @@ class SqlStore:
             f" ORDER BY robot_sn, org_id")
         return [{k: _plain(k, r[k]) for k in ROBOT_FIELDS} for r in rows]
 
-    def _orgs(self, where: list[str], args: list[Any], orgs: Collection[str] | None) -> bool:
-        """Add ``org_id IN (...)`` for ``orgs`` (None: every org); False if none at all."""
-        if orgs is None:
-            return True
-        if not orgs:
-            return False
-        where.append(f"org_id IN ({self.dialect.marks(len(orgs))})")
-        args.extend(sorted(orgs))
-        return True
-
     async def list_robots(
         self, *, limit: int, after: Sequence[str] | str | None = None,
         orgs: Collection[str] | None = None, org: str | None = None,
         gateway: str | None = None, status: str | None = None,
-    ) -> tuple[list[dict[str, Any]], list[Any] | None]:
+    ) -> Page[dict[str, Any]]:
         """One keyset page of robots by (sn, org) and the key to resume after, or None on
         the last page. ``orgs`` None: every org; else only those. ``after`` is the last
         page's key ``[sn, org]`` (a bare sn, as older cursors hold, resumes after it)."""
         await self._ready()
         d = self.dialect
-        where: list[str] = []
-        args: list[Any] = []
+        q = Where(d).orgs(orgs).equal("org_id", org).equal("gateway_id", gateway) \
+            .equal("status", status)
+        if q.nothing:
+            return Page([])
         if isinstance(after, str):
-            where.append(f"robot_sn > {d.mark}")
-            args.append(after)
-        elif after is not None:
-            where.append(f"(robot_sn > {d.mark} OR (robot_sn = {d.mark} AND org_id > {d.mark}))")
-            args += [after[0], after[0], after[1]]
-        if not self._orgs(where, args, orgs):
-            return [], None
-        for column, value in (("org_id", org), ("gateway_id", gateway), ("status", status)):
-            if value is not None:
-                where.append(f"{column} = {d.mark}")
-                args.append(value)
-        clause = f" WHERE {' AND '.join(where)}" if where else ""
+            q.add(f"robot_sn > {d.mark}", after)
+        else:
+            q.after(after, "robot_sn", "org_id")
         rows = await self.backend.fetch(
-            f"SELECT {', '.join(ROBOT_FIELDS)} FROM {d.quote(STATE_TABLE)}{clause}"
-            f" ORDER BY robot_sn, org_id LIMIT {int(limit) + 1}", args)
-        items = [{k: _plain(k, r[k]) for k in ROBOT_FIELDS} for r in rows[:limit]]
-        more = len(rows) > limit
-        last = rows[limit - 1] if more and items else None
-        return items, None if last is None else [last["robot_sn"], last["org_id"]]
+            f"SELECT {', '.join(ROBOT_FIELDS)} FROM {d.quote(STATE_TABLE)}{q.sql()}"
+            f"{q.page('robot_sn, org_id', limit)}", q.args)
+        return Page.of(rows, limit, lambda r: [r["robot_sn"], r["org_id"]]).map(
+            lambda r: {k: _plain(k, r[k]) for k in ROBOT_FIELDS})
 
-    def _robot(self, sn: str, org: str | None) -> tuple[str, list[Any]]:
-        d = self.dialect
-        if org is None:
-            return f"robot_sn = {d.mark}", [sn]
-        return f"org_id = {d.mark} AND robot_sn = {d.mark}", [org, sn]
+    def _robot(self, sn: str, org: str | None) -> Where:
+        return Where(self.dialect).equal("org_id", org).equal("robot_sn", sn)
 
     async def list_events(
         self, sn: str, *, limit: int, after: Sequence[Any] | None = None,
         org: str | None = None,
-    ) -> tuple[list[dict[str, Any]], list[Any] | None]:
+    ) -> Page[dict[str, Any]]:
         """One keyset page of a robot's events (of ``org``'s robot ``sn``), newest first by
         (task_time, ts, event_id), and the key to resume after (None on the last page).
         NULLs sort last, as both databases order them in a descending sort."""
         await self._ready()
         d = self.dialect
-        where, args = self._robot(sn, org)
+        q = self._robot(sn, org)
         if after is not None:
             when_, ts, event_id = after
             tail, tail_args = f"event_id < {d.mark}", [event_id]
@@ -483,40 +463,36 @@ class SqlStore:
                     tail = (f"({column} < {d.mark} OR {column} IS NULL"
                             f" OR ({column} = {d.mark} AND {tail}))")
                     tail_args = [value, value, *tail_args]
-            where += f" AND {tail}"
-            args += tail_args
+            q.add(tail, *tail_args)  # NULLs between: not Where.after's plain order
         rows = await self.backend.fetch(
             f"SELECT {', '.join(EVENT_FIELDS)}, task_time AS k_time"
-            f" FROM {d.quote(OWN_EVENTS_TABLE)} WHERE {where}"
-            f" ORDER BY task_time DESC, ts DESC, event_id DESC LIMIT {int(limit) + 1}", args)
-        items = [{k: _plain(k, r[k]) for k in EVENT_FIELDS} for r in rows[:limit]]
-        if len(rows) <= limit or not items:
-            return items, None
-        last = rows[limit - 1]
-        k_time = last["k_time"]
-        if isinstance(k_time, dt.datetime):
-            k_time = k_time.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-        return items, [k_time, last["ts"], last["event_id"]]
+            f" FROM {d.quote(OWN_EVENTS_TABLE)}{q.sql()}"
+            f"{q.page('task_time DESC, ts DESC, event_id DESC', limit)}", q.args)
+
+        def key(row: Any) -> list[Any]:
+            k_time = row["k_time"]
+            if isinstance(k_time, dt.datetime):
+                k_time = k_time.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+            return [k_time, row["ts"], row["event_id"]]
+
+        return Page.of(rows, limit, key).map(
+            lambda r: {k: _plain(k, r[k]) for k in EVENT_FIELDS})
 
     async def list_history(
         self, sn: str, *, since: float, limit: int, after: float | None = None,
         org: str | None = None,
-    ) -> tuple[list[dict[str, Any]], list[Any] | None]:
+    ) -> Page[dict[str, Any]]:
         """One page of a robot's history points from robot time ``since`` on, oldest
         first, and the key to resume after (None on the last page)."""
         await self._ready()
         d = self.dialect
-        where, args = self._robot(sn, org)
-        where += f" AND ts >= {d.mark}"
-        args.append(since)
-        if after is not None:
-            where += f" AND ts > {d.mark}"
-            args.append(after)
+        q = self._robot(sn, org).add(f"ts >= {d.mark}", since) \
+            .after(None if after is None else [after], "ts")
         rows = await self.backend.fetch(
-            f"SELECT {', '.join(HISTORY_FIELDS)} FROM {d.quote(HISTORY_TABLE)} WHERE {where}"
-            f" ORDER BY ts LIMIT {int(limit) + 1}", args)
-        items = [{k: _plain(k, r[k]) for k in HISTORY_FIELDS} for r in rows[:limit]]
-        return items, [items[-1]["ts"]] if len(rows) > limit and items else None
+            f"SELECT {', '.join(HISTORY_FIELDS)} FROM {d.quote(HISTORY_TABLE)}{q.sql()}"
+            f"{q.page('ts', limit)}", q.args)
+        return Page.of([{k: _plain(k, r[k]) for k in HISTORY_FIELDS} for r in rows], limit,
+                       lambda item: [item["ts"]])
 
     async def recent_positions(self, *, since: float, orgs: Collection[str] | None = None,
                                limit: int = 50_000) -> dict[str, list[list[float]]]:
@@ -525,14 +501,13 @@ class SqlStore:
         the floor view's tracks start from. ``orgs`` None: every org."""
         await self._ready()
         d = self.dialect
-        where, args = [f"recorded_at >= {d.mark}", "x IS NOT NULL", "y IS NOT NULL"], \
-            [when(since)]
-        if not self._orgs(where, args, orgs):
+        q = Where(d).add(f"recorded_at >= {d.mark}", when(since)).add("x IS NOT NULL") \
+            .add("y IS NOT NULL").orgs(orgs)
+        if q.nothing:
             return {}
         rows = await self.backend.fetch(
-            f"SELECT org_id, robot_sn, x, y FROM {d.quote(HISTORY_TABLE)}"
-            f" WHERE {' AND '.join(where)}"
-            f" ORDER BY robot_sn, org_id, ts LIMIT {int(limit)}", args)
+            f"SELECT org_id, robot_sn, x, y FROM {d.quote(HISTORY_TABLE)}{q.sql()}"
+            f" ORDER BY robot_sn, org_id, ts LIMIT {int(limit)}", q.args)
         tracks: dict[str, list[list[float]]] = {}
         for r in rows:
             tracks.setdefault(f"{r['org_id']}/{r['robot_sn']}", []).append(
@@ -544,11 +519,10 @@ class SqlStore:
         """A robot's latest tasks, the one started last first."""
         await self._ready()
         d = self.dialect
-        where, args = self._robot(sn, org)
+        q = self._robot(sn, org)
         rows = await self.backend.fetch(
-            f"SELECT {', '.join(TASK_FIELDS)} FROM {d.quote(TASKS_TABLE)}"
-            f" WHERE {where} ORDER BY COALESCE(task_time, ts) DESC,"
-            f" task_key DESC LIMIT {int(limit)}", args)
+            f"SELECT {', '.join(TASK_FIELDS)} FROM {d.quote(TASKS_TABLE)}{q.sql()}"
+            f" ORDER BY COALESCE(task_time, ts) DESC, task_key DESC LIMIT {int(limit)}", q.args)
         return [{k: _plain(k, r[k]) for k in TASK_FIELDS} for r in rows]
 
     async def recent_events(self, *, limit: int, orgs: Collection[str] | None = None,
@@ -557,14 +531,12 @@ class SqlStore:
         received first."""
         await self._ready()
         d = self.dialect
-        where: list[str] = []
-        args: list[Any] = []
-        if not self._orgs(where, args, orgs):
+        q = Where(d).orgs(orgs)
+        if q.nothing:
             return []
-        clause = f" WHERE {' AND '.join(where)}" if where else ""
         rows = await self.backend.fetch(
-            f"SELECT {', '.join(EVENT_FIELDS)} FROM {d.quote(OWN_EVENTS_TABLE)}{clause}"
-            f" ORDER BY upload_time DESC, event_id DESC LIMIT {int(limit)}", args)
+            f"SELECT {', '.join(EVENT_FIELDS)} FROM {d.quote(OWN_EVENTS_TABLE)}{q.sql()}"
+            f" ORDER BY upload_time DESC, event_id DESC LIMIT {int(limit)}", q.args)
         return [{k: _plain(k, r[k]) for k in EVENT_FIELDS} for r in rows]
 
     async def get_robots_by_sn(self, sns: Collection[str]) -> list[dict[str, Any]]:
@@ -588,12 +560,12 @@ class SqlStore:
         never reported there. Two orgs' robots with that sn: the one heard of last."""
         await self._ready()
         d = self.dialect
-        where, args = [f"robot_sn = {d.mark}"], [sn]
-        if not self._orgs(where, args, orgs):
+        q = Where(d).equal("robot_sn", sn).orgs(orgs)
+        if q.nothing:
             return None
         rows = await self.backend.fetch(
-            f"SELECT {', '.join(ROBOT_FIELDS)} FROM {d.quote(STATE_TABLE)}"
-            f" WHERE {' AND '.join(where)} ORDER BY last_ts DESC, org_id LIMIT 1", args)
+            f"SELECT {', '.join(ROBOT_FIELDS)} FROM {d.quote(STATE_TABLE)}{q.sql()}"
+            f" ORDER BY last_ts DESC, org_id LIMIT 1", q.args)
         return {k: _plain(k, rows[0][k]) for k in ROBOT_FIELDS} if rows else None
 
     async def get_events(self, sn: str, limit: int = 50,
@@ -604,39 +576,24 @@ class SqlStore:
 
     async def get_runs(self, limit: int = 100, cursor: tuple[float, str] | None = None,
                        org_id: str | None = None, *, orgs: Sequence[str] | None = None,
-                       ) -> tuple[list[dict[str, Any]], tuple[float, str] | None]:
+                       ) -> Page[dict[str, Any]]:
         """Poll runs, newest first, and the cursor after the last one (None: no more).
 
-        The cursor is the last row's (started_ts, run_key): keyset paging stays correct
+        The cursor is the last row's [started_ts, run_key]: keyset paging stays correct
         while new runs arrive.
         """
         await self._ready()
         d = self.dialect
         limit = max(1, min(int(limit), 1000))
-        where: list[str] = []
-        args: list[Any] = []
-        if org_id is not None:
-            where.append(f"org_id = {d.mark}")
-            args.append(org_id)
-        if orgs is not None:  # the caller's key covers only these
-            if not orgs:
-                return [], None
-            where.append(f"org_id IN ({', '.join([d.mark] * len(orgs))})")
-            args += list(orgs)
-        if cursor is not None:
-            where.append(f"(started_ts < {d.mark} OR (started_ts = {d.mark} AND "
-                         f"run_key < {d.mark}))")
-            args += [cursor[0], cursor[0], cursor[1]]
-        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        q = Where(d).equal("org_id", org_id).orgs(orgs) \
+            .after(cursor, "started_ts", "run_key", descending=True)
+        if q.nothing:  # the caller's key covers no org
+            return Page([])
         rows = await self.backend.fetch(
             f"SELECT run_key, started_ts, {', '.join(RUN_FIELDS)} FROM {d.quote(RUNS_TABLE)}"
-            f"{clause} ORDER BY started_ts DESC, run_key DESC LIMIT {limit + 1}", args)
-        more = len(rows) > limit
-        rows = rows[:limit]
-        items = [{k: _plain(k, r[k]) for k in RUN_FIELDS} for r in rows]
-        after = (float(rows[-1]["started_ts"] or 0), str(rows[-1]["run_key"])) \
-            if more and rows else None
-        return items, after
+            f"{q.sql()}{q.page('started_ts DESC, run_key DESC', limit)}", q.args)
+        return Page.of(rows, limit, lambda r: [float(r["started_ts"] or 0), str(r["run_key"])]) \
+            .map(lambda r: {k: _plain(k, r[k]) for k in RUN_FIELDS})
 
     async def ping(self) -> bool:
         """True when the database answers and the tables are there (for health checks:

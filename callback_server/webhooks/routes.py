@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from bridge.errors import ForbiddenError, NotFoundError
 from bridge.http_body import parse_model, read_body
-from bridge.paging import DEFAULT_LIMIT, MAX_LIMIT, Text, decode_cursor, encode_cursor
+from bridge.paging import DEFAULT_LIMIT, MAX_LIMIT, Page, Text, decode_cursor
 from callback_server.access import Operator, Principal, Rules
 from callback_server.keys import ALL_ORGS
 from callback_server.webhooks.events import EVENTS
@@ -92,10 +92,7 @@ async def list_webhooks(principal: Operator, hooks: Hooks,
     after = decode_cursor(cursor, Text)
     mine = [h for h in await hooks.store.all(None if after is None else str(after[0]))
             if _covers_all(principal, h.orgs)]
-    page = mine[:limit]
-    more = len(mine) > limit
-    return {"items": [h.public() for h in page],
-            "next_cursor": encode_cursor([page[-1].id]) if more and page else None}
+    return Page.of(mine, limit, lambda h: [h.id]).body(lambda h: h.public())
 
 
 @router.delete("/webhooks/{hook_id}", summary="Stop a webhook")
@@ -116,5 +113,4 @@ async def webhook_deliveries(hook_id: str, principal: Operator, hooks: Hooks,
     after = decode_cursor(cursor, (int,))
     items, last = await hooks.store.deliveries(
         hook.id, limit=limit, after=None if after is None else int(after[0]))
-    return {"items": [{k: v for k, v in item.items() if k != "ref"} for item in items],
-            "next_cursor": None if last is None else encode_cursor(last)}
+    return Page(items, last).body(lambda item: {k: v for k, v in item.items() if k != "ref"})

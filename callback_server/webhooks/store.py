@@ -15,8 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bridge.paging import Page
 from callback_server.keys import ALL_ORGS
 from callback_server.store.protocol import SqlAccess
+from callback_server.store.query import Where
 from callback_server.store.schema import (
     ALERT_DELIVERIES,
     ALERT_DELIVERIES_TABLE,
@@ -223,23 +225,18 @@ class WebhookStore:
                                  (older_than,))
 
     async def deliveries(self, hook_id: str, *, limit: int, after: int | None = None,
-                         ) -> tuple[list[dict[str, Any]], list[Any] | None]:
+                         ) -> Page[dict[str, Any]]:
         """The delivery log of one webhook, newest first, a keyset page; ``ref`` is for
         views (the alert subscriptions' ``alert_id``), not the webhook API."""
-        m = self.d.mark
-        where = f"webhook_id = {m}"
-        args: list[Any] = [hook_id]
-        if after is not None:
-            where += f" AND id < {m}"
-            args.append(after)
+        q = Where(self.d).equal("webhook_id", hook_id) \
+            .after(None if after is None else [after], "id", descending=True)
         rows = await self._fetch(
             f"SELECT {', '.join(WEBHOOK_DELIVERIES.names)} FROM "
-            f"{self.d.quote(WEBHOOK_DELIVERIES_TABLE)} WHERE {where} ORDER BY id DESC "
-            f"LIMIT {int(limit) + 1}", args)
-        items = [{"id": int(r["id"]), "at": iso(r["at"]), "event_id": r["event_id"],
-                  "event": r["event"], "attempt": int(r["attempt"]),
-                  "status": None if r["status"] is None else int(r["status"]),
-                  "latency_ms": None if r["latency_ms"] is None else float(r["latency_ms"]),
-                  "outcome": r["outcome"], "ref": r["ref"]} for r in rows[:limit]]
-        more = len(rows) > limit and items
-        return items, [items[-1]["id"]] if more else None
+            f"{self.d.quote(WEBHOOK_DELIVERIES_TABLE)}{q.sql()}{q.page('id DESC', limit)}",
+            q.args)
+        return Page.of(rows, limit, lambda r: [int(r["id"])]).map(lambda r: {
+            "id": int(r["id"]), "at": iso(r["at"]), "event_id": r["event_id"],
+            "event": r["event"], "attempt": int(r["attempt"]),
+            "status": None if r["status"] is None else int(r["status"]),
+            "latency_ms": None if r["latency_ms"] is None else float(r["latency_ms"]),
+            "outcome": r["outcome"], "ref": r["ref"]})

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Header, Query
 
 from bridge.errors import AuthError, ConfigError, ConflictError
-from bridge.paging import DEFAULT_LIMIT, MAX_LIMIT, Number, Text, decode_cursor, encode_cursor
+from bridge.paging import DEFAULT_LIMIT, MAX_LIMIT, Number, Page, Text, decode_cursor
 from edge_agent.ports import PuduAgent, PuduHost
 
 router = APIRouter(prefix="/pudu", tags=["pudu"])
@@ -42,5 +42,4 @@ async def runs(agent: PuduAgent, limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_
     after = decode_cursor(cursor, Number, Text)
     items, last = await agent.journal.runs(
         limit, None if after is None else (float(after[0]), str(after[1])))
-    return {"items": items, "next_cursor": None if last is None else encode_cursor(
-        list(last))}
+    return Page(items, last).body()

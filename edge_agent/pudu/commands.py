@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 from bridge.commands import CommandExecutor
 from bridge.errors import PuduApiError
+from bridge.pudu.robot_commands import ROBOT_COMMANDS
 from edge_agent.pudu.client import PuduClient, pick, robot_unknown
 
 if TYPE_CHECKING:
     from edge_agent.ports import PuduHost
 
-NAMES = ("pudu.recharge", "pudu.switch_map", "pudu.position_reporting")
+NAMES = tuple(command["name"] for command in ROBOT_COMMANDS)
 
 
 def _text(args: dict[str, Any], key: str) -> str:

@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator
 
+from bridge.config import as_list
 from edge_agent.pudu.schedule import Schedule, parse
 
 #: docs/pudu.md, "API 1": the cluster names the SDK knows, accepted as PUDU_API_URL.
@@ -19,14 +20,6 @@ CLUSTERS = {
 }
 #: The client adds this to PUDU_API_URL; every spec path lives below it.
 ENTRY = "/pudu-entry"
-
-
-def _comma_list(value: object) -> object:
-    if isinstance(value, str):
-        return [part for part in value.replace(",", " ").split() if part]
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value]
-    return value
 
 
 def is_loopback(host: str) -> bool:
@@ -48,7 +41,7 @@ class PuduApiSettings(BaseModel):
     api_key: str = ""
     api_secret: SecretStr | None = None
     # Gateways sharing one key each poll only their own shops.
-    shop_ids: Annotated[tuple[str, ...], BeforeValidator(_comma_list)] = ()
+    shop_ids: Annotated[tuple[str, ...], BeforeValidator(as_list)] = ()
     poll_interval_seconds: float = Field(default=300.0, ge=0)  # 0: polling off
     # rate(...) / cron(...) as AWS writes them; wins over the interval (docs/schedules.md).
     poll_schedule: str = ""

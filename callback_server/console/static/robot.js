@@ -13,14 +13,6 @@
   const W = 720, H = 190, LEFT = 36, RIGHT = 24, TOP = 10, BAND = 14, AXIS = 18;
   const STATUS_COLOURS = {online: "#66bb6a", idle: "#66bb6a", working: "#42a5f5",
     charging: "#ffca28", offline: "#9e9e9e", error: "#e53935", fault: "#e53935"};
-  // The Pudu commands a robot takes (edge_agent/pudu/commands.py) and their arguments.
-  const COMMANDS = [
-    {name: "pudu.recharge", label: "Recharge", args: []},
-    {name: "pudu.switch_map", label: "Switch map", args: [{key: "map_name", label: "map name", type: "text"}]},
-    {name: "pudu.position_reporting", label: "Report position",
-      args: [{key: "interval", label: "every (s)", type: "number", value: "1"},
-        {key: "times", label: "times", type: "number", value: "60"}]},
-  ];
 
   const page = {me: null, sn: null, timer: null, events: new Map()};
 
@@ -145,7 +137,9 @@
     const host = document.getElementById("robot-commands");
     host.querySelectorAll("form").forEach((f) => f.remove());
     if (!page.me || !page.me.operator) return;  // a viewer gets no buttons at all
-    for (const c of COMMANDS) {
+    // The Pudu commands a robot takes and their arguments: /console/me's robot_commands
+    // (bridge/pudu/robot_commands.py, the catalogue the gateway runs).
+    for (const c of page.me.robot_commands || []) {
       const form = el("form", {class: "command", "data-command": c.name});
       const inputs = c.args.map((a) => {
         const i = el("input", {name: a.key, type: a.type, placeholder: a.label, "aria-label": a.label});

@@ -7,11 +7,11 @@ import time
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
-from bridge.commands import Command
+from bridge.commands import Command, CommandTimeout
 from bridge.docs import install_docs
 from bridge.errors import (
     CommandTimeoutError,
@@ -47,6 +47,8 @@ Reader = Annotated[Principal, Depends(_reader)]
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
 #: Robot time (epoch seconds) a history starts from.
 MaybeSince = Annotated[float | None, Query(ge=0, le=253402300799)]
+#: The routes that take no key (or, Pudu's, their own code).
+PUBLIC_PATHS = ("/callback/health", "/api/pudu/webhook", "/api/pudu/webhook/health")
 #: What ``GET /robots/{sn}/history`` returns without ``since``: the console's chart.
 HISTORY_DEFAULT_SECONDS = 24 * 3600
 
@@ -56,7 +58,7 @@ class CommandRequest(BaseModel):
 
     command: str = Field(min_length=1, max_length=64)
     args: dict[str, Any] = Field(default_factory=dict)
-    timeout: float = Field(10.0, gt=0, le=3600)
+    timeout: CommandTimeout = 10.0
     org_id: str | None = None
 
 
@@ -66,7 +68,8 @@ def create_app(server: AppHost) -> FastAPI:
                   docs_url=None, redoc_url=None)
     install_docs(app)
 
-    install_error_handlers(app)
+    # every route but these takes a key, and reads the database or the broker
+    install_error_handlers(app, common=(401, 403, 503), public=PUBLIC_PATHS)
 
     access = server.access
     app.state.access = access
@@ -200,7 +203,8 @@ def create_app(server: AppHost) -> FastAPI:
     app.mount("/console/static", StaticFiles(directory=ASSETS), name="console-assets")
     app.include_router(create_console_router(server, access, server.console))
 
-    @app.get("/metrics", summary="Prometheus metrics (keys whose orgs are [\"*\"])")
+    @app.get("/metrics", summary="Prometheus metrics (keys whose orgs are [\"*\"])",
+             response_class=PlainTextResponse)
     async def metrics(request: Request) -> Response:
         access.require_all_orgs(access.principal(request), "/metrics")
         server.refresh_gauges()

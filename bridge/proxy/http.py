@@ -22,8 +22,10 @@ from pydantic import (
     model_validator,
 )
 
+from bridge.docs import event_stream
 from bridge.errors import AuthError, InputError, NotFoundError
 from bridge.http_body import parse_model, read_body
+from bridge.http_errors import json_body
 from bridge.paging import DEFAULT_LIMIT, MAX_LIMIT, Text, decode_cursor, page
 from bridge.proxy.core import MqttProxy
 from bridge.proxy.sse import EventStream
@@ -115,6 +117,13 @@ def _token_check(token: str) -> Callable[[Request], Any]:
     return check
 
 
+#: What a route that goes to the broker may answer besides 2xx (bridge.http_errors).
+_BROKER: dict[int | str, dict[str, Any]] = {
+    400: {}, 403: {"description": "Topic outside what the caller may use"}, 413: {},
+    502: {}, 503: {"description": "Broker not connected"},
+    504: {"description": "No PUBACK/SUBACK in time"}}
+
+
 def create_proxy_router(proxy: MqttProxy,
                         authorize: ProxyAuthorize | None = None) -> APIRouter | None:
     """The ``/mqtt/*`` routes, or None when neither a token nor ``authorize`` is given
@@ -144,7 +153,7 @@ def create_proxy_router(proxy: MqttProxy,
             raise NotFoundError(f"no subscription {subscription_id!r}", field="id")
         return topic_filter
 
-    @api.post("/publish")
+    @api.post("/publish", openapi_extra=json_body(PublishBody), responses=_BROKER)
     async def publish(request: Request) -> dict[str, Any]:
         """Publish and answer after the PUBACK (504 without one, 503 if QoS 0 offline)."""
         body = parse_model(PublishBody, await read_body(request, proxy.max_body))
@@ -161,7 +170,7 @@ def create_proxy_router(proxy: MqttProxy,
         return {"status": "success", "topic": body.topic, "qos": body.qos,
                 "retain": body.retain, "bytes": size}
 
-    @api.post("/subscribe")
+    @api.post("/subscribe", openapi_extra=json_body(SubscribeBody), responses=_BROKER)
     async def subscribe(request: Request) -> dict[str, Any]:
         """Webhook subscription when ``callback_url`` is given, else a buffered stream."""
         body = parse_model(SubscribeBody, await read_body(request, 64 * 1024))
@@ -177,7 +186,8 @@ def create_proxy_router(proxy: MqttProxy,
         return {"status": "success", "id": sub_id, "topic": body.topic,
                 "stream": f"/mqtt/stream?id={sub_id}"}
 
-    @api.post("/unsubscribe")
+    @api.post("/unsubscribe", openapi_extra=json_body(UnsubscribeBody),
+              responses={404: {}, **_BROKER})
     async def unsubscribe(request: Request) -> dict[str, Any]:
         """Remove REST subscriptions by exact filter, or one by id."""
         body = parse_model(UnsubscribeBody, await read_body(request, 64 * 1024))
@@ -217,7 +227,7 @@ def create_proxy_router(proxy: MqttProxy,
                        and (after is None or s["id"] > after[0])), key=lambda s: s["id"])
         return page(subs[:limit + 1], limit, ["id"])
 
-    @api.get("/subscriptions/{subscription_id}/deliveries")
+    @api.get("/subscriptions/{subscription_id}/deliveries", responses={404: {}})
     async def deliveries(request: Request, subscription_id: str) -> dict[str, Any]:
         """A callback subscription's last attempts (status code, retries), newest first."""
         visible = check(request, "subscriptions", None)
@@ -225,7 +235,9 @@ def create_proxy_router(proxy: MqttProxy,
         return {"status": "success", "id": subscription_id,
                 "items": proxy.delivery_log(subscription_id)}
 
-    @api.get("/stream")
+    @api.get("/stream", response_class=EventStream, status_code=200,
+             responses={**event_stream("Events `message` (one each), `dropped`, `end`"),
+                        404: {}, **_BROKER})
     async def stream(
         request: Request,
         topic: Annotated[str | None, Query()] = None,

@@ -24,6 +24,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from bridge.docs import event_stream
 from bridge.errors import CapacityError
 from bridge.http_body import parse_model, read_body
 from bridge.paging import MAX_LIMIT
@@ -126,7 +127,8 @@ def create_console_router(server: ConsoleHost, access: Access, hub: ConsoleHub) 
     @router.get("/console/stream", summary="Live console updates (Server-Sent Events): "
                 "events robots, events, alerts and gateways, each a JSON array of changed "
                 "objects, after a snapshot (hello, robots in pages, tracks, events, alerts, "
-                "gateways, ready)")
+                "gateways, ready)", response_class=ConsoleStream, status_code=200,
+                responses=event_stream("Named events, each `data` one line of JSON"))
     async def stream(request: Request) -> Response:
         principal = access.principal(request)
         access.require_role(principal, READERS, "use the console")

@@ -25,7 +25,9 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
+
+from pydantic import Field
 
 from bridge import strictjson
 from bridge.errors import (
@@ -39,6 +41,11 @@ from bridge.paging import answer
 from bridge.tasks import TaskSet
 from bridge.topic import TopicScheme, every_device_channel, parse_device_topic
 from bridge.transport import InboundMessage, Transport
+
+#: How long an HTTP caller may wait for a gateway's answer, in seconds: at least one
+#: MQTT round trip (0.1 s), at most an hour (the server's COMMAND_TIMEOUT_MAX caps it
+#: further). Without a minimum, a timeout of 5e-324 s was accepted and answered 504.
+CommandTimeout = Annotated[float, Field(ge=0.1, le=3600)]
 
 log = logging.getLogger(__name__)
 

@@ -16,17 +16,34 @@ import base64
 import hashlib
 import re
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-__all__ = ["ASSETS", "docs_policy", "install_docs"]
+__all__ = ["ASSETS", "docs_policy", "event_stream", "install_docs"]
 
 ASSETS = Path(__file__).resolve().parent / "static" / "docs"
 _PREFIX = "/static/docs"
 _INLINE_SCRIPT = re.compile(rb"<script>(.*?)</script>", re.S)
+
+
+#: One Server-Sent Event as OpenAPI 3.2's ``itemSchema`` describes it: a named event
+#: whose ``data`` is one line of JSON (``schema``: the stream, read as their array).
+_SSE_EVENT: dict[str, Any] = {
+    "type": "object",
+    "properties": {"event": {"type": "string"},
+                   "data": {"type": "string", "contentMediaType": "application/json"},
+                   "id": {"type": "string"}, "retry": {"type": "integer", "minimum": 0}}}
+
+
+def event_stream(description: str) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a Server-Sent-Events route's 200 (with ``response_class`` its
+    ``text/event-stream`` response class, so the docs name no JSON body)."""
+    return {200: {"description": description, "content": {"text/event-stream": {
+        "schema": {"type": "array", "items": _SSE_EVENT}, "itemSchema": _SSE_EVENT}}}}
 
 
 def docs_policy(page: bytes) -> str:

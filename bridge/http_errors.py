@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
@@ -42,8 +44,8 @@ from bridge.errors import (
     TransportError,
 )
 
-__all__ = ["RETRY_AFTER_SECONDS", "error_body", "error_response", "install",
-           "internal_error_response", "status_for"]
+__all__ = ["RETRY_AFTER_SECONDS", "ErrorBody", "describe_errors", "error_body",
+           "error_response", "install", "internal_error_response", "json_body", "status_for"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,71 @@ _STATUS: tuple[tuple[type[FleetError], int], ...] = (
     (OutboxError, 503),
     (StoreError, 503),
 )
+
+
+class ErrorBody(BaseModel):
+    """The one error body, as the OpenAPI schema of every error status."""
+
+    status: Literal["error"]
+    message: str
+    timestamp: int
+    field: str | None = None
+
+
+#: What each error status means wherever a route does not say it better.
+_MEANING = {400: "Body unreadable (not JSON, too deep, bad bytes)",
+            401: "No key, or one this server does not know",
+            403: "The key may not do this (its role or its orgs)",
+            404: "Not found (or another org's: never confirmed)",
+            409: "Conflicts with the current state",
+            413: "Body too large", 422: "A parameter or body field is invalid",
+            429: "Too many requests", 500: "A bug (logged with its traceback)",
+            502: "The broker refused it", 503: "Unavailable now; retry after Retry-After",
+            504: "Timed out waiting for an answer"}
+_ERROR_REF = {"$ref": "#/components/schemas/ErrorBody"}
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying",
+                                "schema": {"type": "integer", "minimum": 1}}}
+
+
+def describe_errors(schema: dict[str, Any], common: Iterable[int] = (),
+                    public: Iterable[str] = ()) -> dict[str, Any]:
+    """``schema`` (an app's OpenAPI, changed in place) with the boundary's truth: every
+    error status has the one body shape (a 503 its ``Retry-After``), every operation may
+    answer 422 and 500, one with a path parameter 404, and the ``common`` statuses (the
+    key checks) on every path not in ``public``. Done once per app, so no route repeats
+    it."""
+    schema.setdefault("components", {}).setdefault("schemas", {})["ErrorBody"] = \
+        ErrorBody.model_json_schema()
+    schemas = schema["components"]["schemas"]
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)  # FastAPI's {"detail": [...]}: this boundary never sends it
+    public = set(public)
+    for path, operations in schema.get("paths", {}).items():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            wanted = [422, 500, *(() if path in public else common)]
+            if "{" in path:
+                wanted.append(404)  # the path names something: it may not be there
+            for status in wanted:
+                responses.setdefault(str(status), {})
+            for status, response in responses.items():
+                if not status.isdigit() or int(status) < 400:
+                    continue
+                response.setdefault("description", _MEANING.get(int(status), "Error"))
+                if not response["description"] or response["description"] == \
+                        "Validation Error":
+                    response["description"] = _MEANING.get(int(status), "Error")
+                response["content"] = {"application/json": {"schema": _ERROR_REF}}
+                if status == "503":
+                    response["headers"] = _RETRY_AFTER
+    return schema
+
+
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` for a route that reads its JSON body itself (bounded, strict):
+    the body is required and has ``model``'s schema."""
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": model.model_json_schema()}}}}
 
 
 def status_for(exc: FleetError) -> int:
@@ -138,8 +205,17 @@ def _validation_field(loc: Any) -> str | None:
     return ".".join(parts) or None
 
 
-def install(app: FastAPI) -> None:
-    """Route every error ``app`` can answer through the one body shape."""
+def install(app: FastAPI, common: Iterable[int] = (), public: Iterable[str] = ()) -> None:
+    """Route every error ``app`` can answer through the one body shape, and say so in its
+    OpenAPI (``describe_errors``: ``common`` statuses on every path not in ``public``)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = describe_errors(build(), common, public)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(FleetError)
     async def _fleet(request: Request, exc: FleetError) -> JSONResponse:

@@ -11,11 +11,11 @@ import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
-from bridge.commands import Command
+from bridge.commands import Command, CommandTimeout
 from bridge.docs import install_docs
 from bridge.errors import (
     CommandTimeoutError,
@@ -45,12 +45,16 @@ MaybeSince = Annotated[float | None, Query(ge=0, le=253402300799)]
 HISTORY_DEFAULT_SECONDS = 24 * 3600
 
 
+#: The routes that take no key (or, Pudu's, their own code).
+PUBLIC_PATHS = ("/callback/health", "/api/pudu/webhook", "/api/pudu/webhook/health")
+
+
 class CommandRequest(BaseModel):
     """Body of ``POST /devices/{device_id}/commands``."""
 
     command: str = Field(min_length=1, max_length=64)
     args: dict[str, Any] = Field(default_factory=dict)
-    timeout: float = Field(10.0, gt=0, le=3600)
+    timeout: CommandTimeout = 10.0
     org_id: str | None = None
 
 
@@ -75,7 +79,8 @@ def create_app(server: AppHost) -> FastAPI:
     app = FastAPI(title="Pudu fleet callback server", version=server.version,
                   docs_url=None, redoc_url=None)
     install_docs(app)
-    install_error_handlers(app)
+    # every route but these takes a key, and reads the database or the broker
+    install_error_handlers(app, common=(401, 403, 503), public=PUBLIC_PATHS)
     app.state.host = server
     app.state.access = server.access
     app.include_router(ingest_router)
@@ -210,7 +215,8 @@ async def gateways(principal: Reader, server: Host, limit: Limit = DEFAULT_LIMIT
     return page(mine[:limit + 1], limit, ["org_id", "gateway_id"])
 
 
-@scrape.get("/metrics", summary="Prometheus metrics (keys whose orgs are [\"*\"])")
+@scrape.get("/metrics", summary="Prometheus metrics (keys whose orgs are [\"*\"])",
+            response_class=PlainTextResponse)
 async def metrics(principal: Caller, server: Host, access: Rules) -> Response:
     access.require_all_orgs(principal, "/metrics")
     server.refresh_gauges()

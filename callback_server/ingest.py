@@ -198,10 +198,24 @@ def _answer(elements: list[_Element], outcomes: list[Settled]) -> dict[str, Any]
             "timestamp": int(time.time())}
 
 
+_ENVELOPE_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["id", "type", "org", "device", "ts", "data"],
+    "properties": {"v": {"type": "integer"}, "id": {"type": "string"},
+                   "type": {"type": "string"}, "org": {"type": "string"},
+                   "device": {"type": "string"}, "gateway": {"type": "string"},
+                   "ts": {"type": "number"}, "data": {"type": "object"},
+                   "raw": {"type": "object"}},
+    "additionalProperties": True}
+#: The body an IoT Rule posts: one envelope (bridge.envelope) or an array of them.
+_ENVELOPES: dict[str, Any] = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"anyOf": [
+        _ENVELOPE_SCHEMA, {"type": "array", "items": _ENVELOPE_SCHEMA}]}}}}}
+
+
 router = APIRouter()
 
 
-@router.post("/callback/messages",
+@router.post("/callback/messages", openapi_extra=_ENVELOPES,
              summary="Ingest envelopes pushed by an AWS IoT Rule (one, or an array)",
              responses={
                  400: {"description": "Body unreadable as a whole (kept as a dead letter)"},

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from bridge.commands import Command
+from bridge.commands import Command, CommandTimeout
 from bridge.errors import CommandTimeoutError, NotFoundError
 from bridge.http_body import parse_model, read_body
 from bridge.paging import (
@@ -32,14 +32,15 @@ class RobotCommandRequest(BaseModel):
 
     command: str = Field(min_length=1, max_length=64)
     args: dict[str, Any] = Field(default_factory=dict)
-    timeout: float = Field(10.0, gt=0, le=3600)
+    timeout: CommandTimeout = 10.0
 
 
 router = APIRouter()
 
 
 @router.get("/ingestion-runs", summary="Pudu cloud poll runs the gateways reported, "
-                                       "newest first")
+                                       "newest first",
+            responses={404: {"description": "`org_id` is not one of the key's orgs"}})
 async def ingestion_runs(principal: Reader, server: Host, access: Rules,
                          limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
                          cursor: str | None = Query(None, max_length=1000),

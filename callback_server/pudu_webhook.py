@@ -44,7 +44,7 @@ from bridge.errors import (
 from bridge.http_body import read_body
 from bridge.http_errors import status_for
 from bridge.pudu import normalize
-from bridge.pudu.answer import accepted
+from bridge.pudu.answer import CALLBACK_REQUEST, accepted
 from bridge.topic import TopicScheme
 from callback_server.batcher import Outcome
 from callback_server.config import CallbackSettings
@@ -147,7 +147,7 @@ def _codes(request: Request) -> CallbackCodes:
 Codes = Annotated[CallbackCodes, Depends(_codes)]
 
 
-@router.post(WEBHOOK_PATH,
+@router.post(WEBHOOK_PATH, openapi_extra=CALLBACK_REQUEST,
              summary="Receive a Pudu callback and answer 200 once it is in the database",
              responses={
                  400: {"description": "Body is not a JSON object"},

@@ -21,6 +21,7 @@ from bridge.docs import install_docs
 from bridge.envelope import Envelope
 from bridge.errors import TransportError
 from bridge.health import Readiness
+from bridge.http_errors import describe_errors
 from bridge.http_errors import install as install_error_handlers
 from bridge.http_server import NodelayStats, make_server
 from bridge.lifecycle import Listener, serve_service
@@ -45,6 +46,9 @@ from edge_agent.publisher import OutboxPublisher
 from edge_agent.pudu.commands import register_pudu
 from edge_agent.pudu.poller import Poller
 from edge_agent.robot_memory import RobotMemory
+
+#: The public listener's routes, which the admin app's docs also describe: no proxy token.
+WEBHOOK_PATHS = ("/api/pudu/webhook", "/api/pudu/webhook/health")
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +156,7 @@ class EdgeAgent:
         app = FastAPI(title="Pudu edge agent", version=self.version, docs_url=None,
                       redoc_url=None)
         install_docs(app)
-        install_error_handlers(app)
+        install_error_handlers(app, common=(401,), public=WEBHOOK_PATHS)
         api = create_proxy_router(self.proxy)
         if api is not None:
             app.include_router(api)
@@ -165,9 +169,9 @@ class EdgeAgent:
 
         def openapi() -> dict[str, Any]:
             if app.openapi_schema is None:
-                app.openapi_schema = get_openapi(
+                app.openapi_schema = describe_errors(get_openapi(
                     title=app.title, version=app.version,
-                    routes=[*self.app.routes, *app.routes])
+                    routes=[*self.app.routes, *app.routes]), (401,), WEBHOOK_PATHS)
             return app.openapi_schema
 
         app.openapi = openapi  # type: ignore[method-assign]

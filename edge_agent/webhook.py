@@ -35,7 +35,7 @@ from bridge.health import HealthQuery, health_status, unready_body
 from bridge.http_errors import error_response, internal_error_response, status_for
 from bridge.http_errors import install as install_error_handlers
 from bridge.outbox import PutResult
-from bridge.pudu.answer import accepted
+from bridge.pudu.answer import CALLBACK_REQUEST, accepted
 from bridge.pudu.normalize import DOCUMENTED_TYPES, Normalized, normalize
 from edge_agent.downsample import Verdict
 from edge_agent.ports import WebhookAgent, WebhookHost
@@ -44,34 +44,6 @@ log = logging.getLogger(__name__)
 
 WEBHOOK_PATH = "/api/pudu/webhook"
 _TYPE_LABELS = frozenset(DOCUMENTED_TYPES)
-_CALLBACK_SCHEMA: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["callback_type", "data"],
-                    "properties": {
-                        "callback_type": {"type": "string", "example": "notifyRobotStatus"},
-                        "data": {
-                            "type": "object",
-                            "required": ["sn"],
-                            "properties": {"sn": {"type": "string"}},
-                            "additionalProperties": True,
-                        },
-                    },
-                }
-            }
-        },
-    },
-    "parameters": [
-        {"name": "CallbackCode", "in": "header", "required": True, "schema": {"type": "string"}},
-        {"name": "TraceId", "in": "header", "required": False, "schema": {"type": "string"}},
-    ],
-}
-
-
 _WEBHOOK_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "Committed to the outbox (the replaced receiver's shape, plus the "
                          "topic and message id)",
@@ -330,7 +302,7 @@ def create_app(agent: WebhookHost) -> FastAPI:
 router = APIRouter()
 
 
-@router.post(WEBHOOK_PATH, openapi_extra=_CALLBACK_SCHEMA, responses=_WEBHOOK_RESPONSES,
+@router.post(WEBHOOK_PATH, openapi_extra=CALLBACK_REQUEST, responses=_WEBHOOK_RESPONSES,
              summary="Receive a Pudu callback and store it durably before answering 200")
 async def pudu_webhook(request: Request) -> Response:
     # Reached only if _EdgeApp's shortcut is bypassed; it is here for the docs.

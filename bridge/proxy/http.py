@@ -26,14 +26,22 @@ from pydantic import (
     model_validator,
 )
 
+from bridge.docs import event_stream
 from bridge.errors import AuthError, InputError, NotFoundError
 from bridge.http_body import parse_model, read_body
+from bridge.http_errors import json_body
 from bridge.paging import DEFAULT_LIMIT, MAX_LIMIT, Text, decode_cursor, page
 from bridge.proxy.core import MqttProxy
 from bridge.proxy.sse import EventStream
 
-
 # -- HTTP ------------------------------------------------------------------------------------
+#: What a route that goes to the broker may answer besides 2xx (bridge.http_errors).
+_BROKER: dict[int | str, dict[str, Any]] = {
+    400: {}, 403: {"description": "Topic outside what the caller may use"}, 413: {},
+    502: {}, 503: {"description": "Broker not connected"},
+    504: {"description": "No PUBACK/SUBACK in time"}}
+
+
 class PublishBody(BaseModel):
     """POST /mqtt/publish. A string payload is sent as UTF-8, any other JSON as JSON."""
 
@@ -187,7 +195,7 @@ def _decoded(body: PublishBody) -> JsonValue | bytes:
         raise InputError(f"payload is not base64: {exc}", field="payload") from exc
 
 
-@routes.post("/publish")
+@routes.post("/publish", openapi_extra=json_body(PublishBody), responses=_BROKER)
 async def publish(request: Request, proxy: Proxy, check: Authorize) -> dict[str, Any]:
     """Publish and answer after the PUBACK (504 without one, 503 if QoS 0 offline)."""
     body = parse_model(PublishBody, await read_body(request, proxy.max_body))
@@ -197,7 +205,7 @@ async def publish(request: Request, proxy: Proxy, check: Authorize) -> dict[str,
             "retain": body.retain, "bytes": size}
 
 
-@routes.post("/subscribe")
+@routes.post("/subscribe", openapi_extra=json_body(SubscribeBody), responses=_BROKER)
 async def subscribe(request: Request, proxy: Proxy, check: Authorize) -> dict[str, Any]:
     """Webhook subscription when ``callback_url`` is given, else a buffered stream."""
     body = parse_model(SubscribeBody, await read_body(request, 64 * 1024))
@@ -214,7 +222,8 @@ async def subscribe(request: Request, proxy: Proxy, check: Authorize) -> dict[st
             "stream": f"/mqtt/stream?id={sub_id}"}
 
 
-@routes.post("/unsubscribe")
+@routes.post("/unsubscribe", openapi_extra=json_body(UnsubscribeBody),
+              responses={404: {}, **_BROKER})
 async def unsubscribe(request: Request, proxy: Proxy, check: Authorize) -> dict[str, Any]:
     """Remove REST subscriptions by exact filter, or one by id."""
     body = parse_model(UnsubscribeBody, await read_body(request, 64 * 1024))
@@ -257,7 +266,7 @@ async def subscriptions(
     return page(subs[:limit + 1], limit, ["id"])
 
 
-@routes.get("/subscriptions/{subscription_id}/deliveries")
+@routes.get("/subscriptions/{subscription_id}/deliveries", responses={404: {}})
 async def deliveries(request: Request, subscription_id: str, proxy: Proxy,
                      check: Authorize) -> dict[str, Any]:
     """A callback subscription's last attempts (status code, retries), newest first."""
@@ -267,7 +276,9 @@ async def deliveries(request: Request, subscription_id: str, proxy: Proxy,
             "items": proxy.delivery_log(subscription_id)}
 
 
-@routes.get("/stream")
+@routes.get("/stream", response_class=EventStream, status_code=200,
+            responses={**event_stream("Events `message` (one each), `dropped`, `end`"),
+                       404: {}, **_BROKER})
 async def stream(
     request: Request, proxy: Proxy, check: Authorize,
     topic: Annotated[str | None, Query()] = None,

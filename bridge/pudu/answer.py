@@ -11,6 +11,23 @@ from typing import Any
 
 from bridge.pudu.normalize import Normalized
 
+#: ``openapi_extra`` of both webhook routes (edge and cloud): what Pudu posts, and the
+#: header that names the sender.
+CALLBACK_REQUEST: dict[str, Any] = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "type": "object",
+        "required": ["callback_type", "data"],
+        "properties": {
+            "callback_type": {"type": "string", "example": "notifyRobotStatus"},
+            "data": {"type": "object", "required": ["sn"],
+                     "properties": {"sn": {"type": "string"}},
+                     "additionalProperties": True}}}}}},
+    "parameters": [
+        {"name": "CallbackCode", "in": "header", "required": True, "schema": {"type": "string"}},
+        {"name": "TraceId", "in": "header", "required": False, "schema": {"type": "string"}},
+    ],
+}
+
 #: What each channel's answer names: the normalised field that says most about it.
 _HEADLINE = {"status": "status", "power": "battery_level", "move": "move_state",
              "task": "task_status", "event": "event_type"}

@@ -24,6 +24,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from bridge.docs import event_stream
 from bridge.errors import CapacityError
 from bridge.http_body import parse_model, read_body
 from bridge.paging import MAX_LIMIT
@@ -120,7 +121,8 @@ async def me(principal: Reader) -> dict[str, Any]:
 @router.get("/console/stream", summary="Live console updates (Server-Sent Events): "
             "events robots, events, alerts and gateways, each a JSON array of changed "
             "objects, after a snapshot (hello, robots in pages, tracks, events, alerts, "
-            "gateways, ready)")
+            "gateways, ready)", response_class=ConsoleStream, status_code=200,
+            responses=event_stream("Named events, each `data` one line of JSON"))
 async def stream(request: Request, principal: Reader, server: Host,
                  access: Rules) -> Response:
     hub = server.console

@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import APIRouter, Header, Request
+import orjson
+from fastapi import APIRouter, Header, Request, Response
 
 from bridge import frames, strictjson
 from bridge.envelope import Envelope
@@ -198,6 +199,18 @@ def _answer(elements: list[_Element], outcomes: list[Settled]) -> dict[str, Any]
             "timestamp": int(time.time())}
 
 
+def _encoded(answer: dict[str, Any]) -> Response:
+    """The answer encoded once, by orjson, bypassing FastAPI's ``jsonable_encoder`` and
+    response-model pass: those took ~200 µs for a one-element answer on the bench
+    machine (~700 µs for ten), against under 10 µs here, on the IoT Rule's hot path.
+    The answer holds only strings and integers, so both encodings give the same JSON."""
+    try:
+        body = orjson.dumps(answer)
+    except orjson.JSONEncodeError:  # a lone surrogate in an id: valid JSON, not UTF-8
+        body = strictjson.dumps(answer)
+    return Response(body, media_type="application/json")
+
+
 def create_ingest_router(server: AppHost, access: Access) -> APIRouter:
     """The ingest route, around a running server."""
     router = APIRouter()
@@ -206,13 +219,15 @@ def create_ingest_router(server: AppHost, access: Access) -> APIRouter:
     @router.post("/callback/messages",
                  summary="Ingest envelopes pushed by an AWS IoT Rule (one, or an array)",
                  responses={
+                     200: {"description": "Every element settled: the counts, and each "
+                                          "element's outcome in the body's order"},
                      400: {"description": "Body unreadable as a whole (kept as a dead letter)"},
                      403: {"description": "The key covers none of the elements' orgs"},
                      413: {"description": "Body over max_body_bytes (kept as a dead letter)"},
                      503: {"description": "Not committed in time, or too much pending; "
                                           "retry after Retry-After (idempotent)"}})
     async def ingest(request: Request,
-                     x_mqtt_topic: str | None = Header(default=None)) -> dict[str, Any]:
+                     x_mqtt_topic: str | None = Header(default=None)) -> Response:
         principal = access.principal(request, callback_header=True)
         access.require_role(principal, INGESTERS, "ingest messages")
         topic = x_mqtt_topic or NO_TOPIC
@@ -228,7 +243,7 @@ def create_ingest_router(server: AppHost, access: Access) -> APIRouter:
             raise MalformedBodyError(f"body is {exc}") from None
         elements = _elements(parsed, x_mqtt_topic, prefix)
         await _refuse_foreign(access, principal, elements, server)
-        return _answer(elements, await _settle(server, elements))
+        return _encoded(_answer(elements, await _settle(server, elements)))
 
     return router
 

@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import importlib
+import json
 import logging
 import os
 import shutil
@@ -26,10 +27,11 @@ from bench.machine import notes
 from bench.procs import MOSQUITTO
 from bench.report import table, to_json, write
 from bench.settings import SCENARIOS, BenchSettings, RunContext
-from bench.stats import summarise
+from bench.stats import FIGURES, TARGETS, met, summarise
 from bench.wrk import wrk_path
 
 log = logging.getLogger("bench")
+TARGET_BY_KEY = {t.key: t for t in TARGETS}
 
 
 def parse_args(argv: list[str] | None = None) -> BenchSettings:
@@ -108,6 +110,35 @@ def product_version() -> dict[str, Any]:
     return {"commit": git("rev-parse", "--short", "HEAD") or None, "modified_files": changed}
 
 
+def carry_over(path: Path, data: dict[str, Any], ran: tuple[str, ...]) -> dict[str, Any]:
+    """``data`` plus the figures of the scenarios this run left out, from the previous
+    ``latest.json``: ``--only`` refreshes what it ran and drops nothing else. Targets
+    whose figure was carried are judged from it; ``carried_over`` says from which run."""
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return data
+    kept = {key: fig for key, fig in previous.get("figures", {}).items()
+            if key.split(".")[0] not in ran and key not in data["figures"]}
+    if not kept:
+        return data
+    figures = {**data["figures"], **kept}
+    data["figures"] = {f.key: figures[f.key] for f in FIGURES if f.key in figures}
+    for target in data["targets"]:
+        fig = kept.get(target["figure"])
+        if fig is not None and fig.get("median") is not None:
+            summary = summarise([float(v) for v in fig["values"] if v is not None])
+            target.update(median=summary.median, min=summary.low, max=summary.high,
+                          met=met(TARGET_BY_KEY[target["figure"]], summary))
+    data["carried_over"] = {
+        "scenarios": sorted({key.split(".")[0] for key in kept}),
+        "from_generated_at": previous.get("generated_at"),
+        "from_commit": (previous.get("product") or {}).get("commit"),
+        "earlier": previous.get("carried_over"),
+    }
+    return data
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
@@ -163,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_before_each_scenario": loads,
     })
     out = s.results / "latest.json"
+    data = carry_over(out, data, s.scenarios)
     write(out, data)
     print(f"\nwrote {out}")
     if errors:

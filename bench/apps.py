@@ -66,11 +66,13 @@ def echo(log_dir: Path, kind: str) -> Service:
                    log_dir, port=port, env=child_env())
 
 
-def naive_webhook(log_dir: Path, database_url: str) -> Service:
+def naive_webhook(log_dir: Path, database_url: str,
+                  module: str = "naive_webhook") -> Service:
+    """A Flask baseline (``naive_webhook`` or ``naive_ingest``) under 2 gunicorn workers."""
     port = free_port()
     argv = [venv_script("gunicorn"), "-w", "2", "-k", "sync", "-b", f"127.0.0.1:{port}",
-            "--log-level", "warning", "bench.baselines.naive_webhook:app"]
-    return Service("naive-webhook", argv, log_dir, port=port,
+            "--log-level", "warning", f"bench.baselines.{module}:app"]
+    return Service(module.replace("_", "-"), argv, log_dir, port=port,
                    env=child_env(NAIVE_DATABASE_URL=database_url))
 
 

@@ -20,8 +20,18 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from bench.samples import CALLBACK_CODE, WEBHOOK_PATH, BodyFactory
+from bench.samples import CALLBACK_CODE, WEBHOOK_PATH
+
+
+class Bodies(Protocol):
+    """What the generator sends: ``BodyFactory`` (webhooks) or envelope bodies."""
+
+    def body(self, n: int) -> bytes: ...
+
+    def trace_id(self, n: int) -> str: ...
+
 
 #: Called for every 2xx answer: request number, wall-clock send time, response body.
 OnResponse = Callable[[int, float, bytes], None]
@@ -94,12 +104,13 @@ class Connection:
         self._reader = self._writer = None
 
 
-def request_bytes(factory: BodyFactory, n: int, *, path: str = WEBHOOK_PATH,
-                  code: str = CALLBACK_CODE) -> bytes:
+def request_bytes(factory: Bodies, n: int, *, path: str = WEBHOOK_PATH,
+                  code: str = CALLBACK_CODE, headers: str = "") -> bytes:
+    """``headers``: extra header lines, each ending in CRLF (the cloud's ingest token)."""
     body = factory.body(n)
     head = (
         f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        f"CallbackCode: {code}\r\nTraceId: {factory.trace_id(n)}\r\n"
+        f"CallbackCode: {code}\r\nTraceId: {factory.trace_id(n)}\r\n{headers}"
         f"Content-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
@@ -114,9 +125,9 @@ def _record(result: LoadResult, status: int, latency: float) -> None:
         result.failed += 1
 
 
-async def closed_loop(host: str, port: int, factory: BodyFactory, *, duration: float,
+async def closed_loop(host: str, port: int, factory: Bodies, *, duration: float,
                       connections: int = 64, path: str = WEBHOOK_PATH,
-                      requests: int | None = None) -> LoadResult:
+                      requests: int | None = None, headers: str = "") -> LoadResult:
     """Back-to-back requests on ``connections`` connections for ``duration`` seconds
     (or until ``requests`` were sent, the first to come)."""
     result = LoadResult()
@@ -131,7 +142,7 @@ async def closed_loop(host: str, port: int, factory: BodyFactory, *, duration: f
                 n = next(counter, None)
                 if n is None:
                     return
-                data = request_bytes(factory, n, path=path)
+                data = request_bytes(factory, n, path=path, headers=headers)
                 result.sent += 1
                 sent = time.perf_counter()
                 try:
@@ -151,9 +162,9 @@ async def closed_loop(host: str, port: int, factory: BodyFactory, *, duration: f
     return result
 
 
-async def open_loop(host: str, port: int, factory: BodyFactory, *, rate: float,
+async def open_loop(host: str, port: int, factory: Bodies, *, rate: float,
                     duration: float, connections: int = 64, path: str = WEBHOOK_PATH,
-                    on_response: OnResponse | None = None) -> LoadResult:
+                    on_response: OnResponse | None = None, headers: str = "") -> LoadResult:
     """``rate`` requests per second for ``duration`` seconds on up to ``connections``."""
     result = LoadResult()
     idle: asyncio.Queue[Connection] = asyncio.Queue()
@@ -165,7 +176,7 @@ async def open_loop(host: str, port: int, factory: BodyFactory, *, rate: float,
     wall_start = time.time() + 0.05
 
     async def fire(n: int, due: float) -> None:
-        data = request_bytes(factory, n, path=path)
+        data = request_bytes(factory, n, path=path, headers=headers)
         conn = await idle.get()
         try:
             status, body = await asyncio.wait_for(conn.request(data), 10.0)

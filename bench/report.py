@@ -19,6 +19,7 @@ GROUPS = {
     "parsing": "6. bounded strict parsing (in process, sample mix)",
     "forwarding": "7. what leaves the site (1,000 callbacks of the mix, 4 robots at 5/s each)",
     "retry": "8. callback server, database away: the same 300 messages retried 3,000 times",
+    "ingest_http": "10. the cloud's HTTP ingest path (POST /callback/messages -> MariaDB)",
     "aws_drain": "9. an outage's backlog drained to AWS IoT Core's limits (awsiot, shaping proxy)",
 }
 

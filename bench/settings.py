@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SCENARIOS = ("ingest", "pipeline", "consumer", "backlog", "memory", "parsing", "forwarding",
-             "retry", "aws_drain")
+             "retry", "aws_drain", "ingest_http")
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import APIRouter, Header, Request
+import orjson
+from fastapi import APIRouter, Header, Request, Response
 
 from bridge import frames, strictjson
 from bridge.envelope import Envelope
@@ -212,19 +213,34 @@ _ENVELOPES: dict[str, Any] = {"requestBody": {"required": True, "content": {
         _ENVELOPE_SCHEMA, {"type": "array", "items": _ENVELOPE_SCHEMA}]}}}}}
 
 
+def _encoded(answer: dict[str, Any]) -> Response:
+    """The answer encoded once, by orjson, bypassing FastAPI's ``jsonable_encoder`` and
+    response-model pass: those take ~40 µs for a one-element answer on the bench machine
+    (~125 µs for ten, more under load), against ~1 µs here, on the IoT Rule's hot path.
+    The answer holds only strings and integers, so both encodings give the same JSON."""
+    try:
+        body = orjson.dumps(answer)
+    except orjson.JSONEncodeError:  # a lone surrogate in an id: valid JSON, not UTF-8
+        body = strictjson.dumps(answer)
+    return Response(body, media_type="application/json")
+
+
+
 router = APIRouter()
 
 
 @router.post("/callback/messages", openapi_extra=_ENVELOPES,
              summary="Ingest envelopes pushed by an AWS IoT Rule (one, or an array)",
              responses={
+                 200: {"description": "Every element settled: the counts, and each "
+                                      "element's outcome in the body's order"},
                  400: {"description": "Body unreadable as a whole (kept as a dead letter)"},
                  403: {"description": "The key covers none of the elements' orgs"},
                  413: {"description": "Body over max_body_bytes (kept as a dead letter)"},
                  503: {"description": "Not committed in time, or too much pending; "
                                       "retry after Retry-After (idempotent)"}})
 async def ingest(request: Request, principal: Ingester, server: Host, access: Rules,
-                 x_mqtt_topic: str | None = Header(default=None)) -> dict[str, Any]:
+                 x_mqtt_topic: str | None = Header(default=None)) -> Response:
     topic = x_mqtt_topic or NO_TOPIC
     try:
         raw = await read_body(request, server.settings.max_body_bytes)
@@ -238,7 +254,7 @@ async def ingest(request: Request, principal: Ingester, server: Host, access: Ru
         raise MalformedBodyError(f"body is {exc}") from None
     elements = _elements(parsed, x_mqtt_topic, server.settings.topic_prefix)
     await _refuse_foreign(access, principal, elements, server)
-    return _answer(elements, await _settle(server, elements))
+    return _encoded(_answer(elements, await _settle(server, elements)))
 
 
 async def _refuse_foreign(access: Access, principal: Principal, elements: list[_Element],

@@ -296,3 +296,15 @@ async def test_an_envelope_the_database_refuses_is_answered_and_kept_as_a_dead_l
         assert len(dead) == 1 and long_sn in dead[0]["payload"]
         assert dead[0]["reason"] == answer["results"][0]["reason"]
         assert query(url, "SELECT robot_sn FROM mnt_robots_management") == [{"robot_sn": "R1"}]
+
+
+async def test_an_id_with_a_lone_surrogate_is_answered_in_json(ingest: Ingest) -> None:
+    """``"\\ud800"`` is valid JSON but not UTF-8: the answer escapes it instead of
+    failing, and still names the element by its id."""
+    body = json.dumps(envelope(1, id="e\ud800")).encode()  # ensure_ascii: "\ud800" escaped
+    r = await ingest.post(body)
+    assert r.status_code == 200, r.text
+    assert b"\\ud800" in r.content
+    answer = r.json()
+    assert [x["id"] for x in answer["results"]] == ["e\ud800"]
+    assert answer["stored"] + answer["dead_lettered"] == 1

@@ -20,7 +20,7 @@ import time
 
 from bench import apps, db
 from bench.mqtt import Subscriber, create_session, forget_session, publish
-from bench.procs import Broker, Service, http_ok
+from bench.procs import Broker, Service, cpu_seconds, http_ok
 from bench.scenarios.common import wait_until
 from bench.scenarios.profiling import Profiler, profile_callback
 from bench.settings import RunContext
@@ -50,11 +50,13 @@ def _commit_rate(url: str, count: int) -> float:
 
 
 def _drain(ctx: RunContext, broker: Broker, replicas: int, count: int, *,
-           profile: bool = False) -> tuple[float, float, int]:
+           profile: bool = False) -> tuple[float, float, int, float]:
     """Queue ``count`` messages for ``replicas`` sessions, start the replicas: the rate
     the messages are committed at, how long the first replica took to answer
-    /callback/health (it starts serving HTTP only once subscribed), and how often a
-    replica exited and was restarted (like systemd's ``Restart=always``, after 2 s)."""
+    /callback/health (it starts serving HTTP only once subscribed), how often a
+    replica exited and was restarted (like systemd's ``Restart=always``, after 2 s),
+    and the replicas' CPU µs per envelope committed from the first poll that saw a row
+    to the last (start-up's imports and connects left out; NaN after a restart)."""
     d = ctx.dir(f"consumer-x{replicas}{'-profile' if profile else ''}")
     url = ctx.settings.database_url
     db.reset(url)
@@ -69,6 +71,8 @@ def _drain(ctx: RunContext, broker: Broker, replicas: int, count: int, *,
     profiler: Profiler | None = None
     health_wait = float("nan")
     crashes = 0
+    cpu_from: tuple[float, int] | None = None
+    cpu_us = float("nan")
     try:
         launched = time.monotonic()
         for svc in servers:
@@ -91,7 +95,12 @@ def _drain(ctx: RunContext, broker: Broker, replicas: int, count: int, *,
                 health_wait = time.monotonic() - launched
             stored = db.count(url, db.LOG_TABLE)
             if stored >= count:
+                if cpu_from is not None and crashes == 0:
+                    cpu = sum(cpu_seconds(svc.pid) for svc in servers) - cpu_from[0]
+                    cpu_us = cpu / (stored - cpu_from[1]) * 1e6
                 break
+            if stored and cpu_from is None:
+                cpu_from = (sum(cpu_seconds(svc.pid) for svc in servers), stored)
             if stored > last_n:
                 last_n, last_progress = stored, time.monotonic()
             elif time.monotonic() - last_progress > STALL_SECONDS:
@@ -109,7 +118,7 @@ def _drain(ctx: RunContext, broker: Broker, replicas: int, count: int, *,
             svc.stop()
         for client_id in ids:
             forget_session(broker.port, client_id)
-    return rate, health_wait, crashes
+    return rate, health_wait, crashes, cpu_us
 
 
 def _last_error(svc: Service) -> str:
@@ -138,11 +147,12 @@ def run(ctx: RunContext) -> dict[str, float]:
     with Broker(ctx.dir("consumer") / "broker") as broker:
         out["consumer.raw_rate"] = _raw(ctx, broker, count)
         log.info("raw_mqtt drain: %.0f msg/s", out["consumer.raw_rate"])
-        one, out["consumer.health_wait_s"], crashes_one = _drain(ctx, broker, 1, count)
+        one, out["consumer.health_wait_s"], crashes_one, out["consumer.one_cpu_us"] = \
+            _drain(ctx, broker, 1, count)
         out["consumer.one_rate"] = one
-        log.info("callback server x1: %.0f msg/s; health answered after %.1f s",
-                 one, out["consumer.health_wait_s"])
-        out["consumer.two_rate"], _, crashes_two = _drain(ctx, broker, 2, count)
+        log.info("callback server x1: %.0f msg/s (%.0f µs CPU each); health answered after "
+                 "%.1f s", one, out["consumer.one_cpu_us"], out["consumer.health_wait_s"])
+        out["consumer.two_rate"], _, crashes_two, _ = _drain(ctx, broker, 2, count)
         out["consumer.crashes"] = crashes_one + crashes_two
         log.info("callback server x2: %.0f msg/s", out["consumer.two_rate"])
         if ctx.settings.profile and ctx.run == 0:

@@ -1,0 +1,159 @@
+"""Target 10 (issue 31): the callback server's ``POST /callback/messages`` (the IoT Rule
+HTTP ingest path) on MariaDB, against a naive Flask + PyMySQL per-request upsert.
+
+The bodies are the edge's own envelopes for the sample mix (``bench.samples.envelopes``),
+built before the load so the generator spends nothing on them; every id is sent once.
+Both servers are saturated by the same Python generator (``closed_loop``, 64
+connections), one envelope per POST; then AWS-batched POSTs of 10 (a JSON array) are
+reported beside it. Throughput counts envelopes committed (the server's
+``callback_messages_stored_total``; the baseline's rows), CPU is the server process's
+(with its children) user + system time divided by those envelopes. Latency: open loop
+at ``pipeline_rate`` single-envelope POSTs per second; the answer comes after the commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bench import apps, db
+from bench.baselines.naive_ingest import TABLE, TABLE_DDL
+from bench.loadgen import closed_loop, open_loop
+from bench.procs import Broker, Service, cpu_seconds
+from bench.samples import envelopes
+from bench.scenarios.common import run_async
+from bench.scenarios.profiling import Profiler
+from bench.settings import RunContext
+
+log = logging.getLogger(__name__)
+
+PATH = "/callback/messages"
+TOKEN = "bench-ingest"
+HEADERS = f"X-Callback-Token: {TOKEN}\r\n"
+BATCH = 10
+
+
+class EnvelopeBodies:
+    """``body(n)``: the n-th POST, ``batch`` envelopes (an array when more than one)."""
+
+    def __init__(self, payloads: list[bytes], batch: int, tag: str) -> None:
+        self.payloads = payloads
+        self.batch = batch
+        self.tag = tag
+
+    def __len__(self) -> int:
+        return len(self.payloads) // self.batch
+
+    def body(self, n: int) -> bytes:
+        if self.batch == 1:
+            return self.payloads[n]
+        return b"[" + b",".join(self.payloads[n * self.batch:(n + 1) * self.batch]) + b"]"
+
+    def trace_id(self, n: int) -> str:
+        return f"bench-{self.tag}-{n}"
+
+
+def _stored(svc: Service) -> float:
+    """``callback_messages_stored_total`` from /metrics (which takes the all-org token)."""
+    req = urllib.request.Request(svc.metrics_url, headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith("callback_messages_stored_total "):
+                return float(line.split()[1])
+    return 0.0
+
+
+def _bodies(count: int, batch: int, robots: int) -> EnvelopeBodies:
+    tag = format(time.time_ns() % 36**8, "x")
+    payloads = [p for _, p, _ in envelopes(count * batch, org="bench", robots=robots,
+                                           tag=tag)]
+    return EnvelopeBodies(payloads, batch, tag)
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    stored: float
+    elapsed: float
+    cpu_us: float  # per stored envelope
+
+    @property
+    def rate(self) -> float:
+        return self.stored / self.elapsed if self.elapsed else 0.0
+
+
+def _saturate(ctx: RunContext, svc: Service, bodies: EnvelopeBodies,
+              stored: Callable[[], float]) -> Run:
+    s = ctx.settings
+    before, cpu0 = stored(), cpu_seconds(svc.pid)
+    res = run_async(closed_loop("127.0.0.1", svc.port, bodies,
+                                duration=s.duration, connections=s.connections, path=PATH,
+                                requests=len(bodies), headers=HEADERS))
+    cpu = cpu_seconds(svc.pid) - cpu0
+    n = stored() - before
+    if res.failed or res.errors or n < res.ok * bodies.batch:
+        raise RuntimeError(f"{svc.name}: {res.ok} answered 2xx, {res.failed} not, "
+                           f"{res.errors} errors, {n:.0f} envelopes stored")
+    return Run(n, res.elapsed, cpu / n * 1e6 if n else float("nan"))
+
+
+def run(ctx: RunContext) -> dict[str, float]:
+    s = ctx.settings
+    d = ctx.dir("ingest_http")
+    url = s.database_url
+    # Enough bodies that no id is sent twice within a saturation run.
+    need = max(2_000, int(s.duration * 2_500))
+    single, batched = _bodies(need, 1, s.robots), _bodies(need // 4, BATCH, s.robots)
+    out: dict[str, float] = {}
+
+    db.reset(url)
+    db.execute(url, TABLE_DDL)
+    with apps.naive_webhook(d, url, "naive_ingest") as svc:
+        def rows() -> float:
+            return float(db.count(url, TABLE))
+        naive = _saturate(ctx, svc, single, rows)
+        naive10 = _saturate(ctx, svc, batched, rows)
+    out["ingest_http.naive_rate"] = naive.rate
+    out["ingest_http.naive_cpu_us"] = naive.cpu_us
+    out["ingest_http.naive_batch10_rate"] = naive10.rate
+    log.info("naive_ingest: %.0f envelopes/s (%.0f µs CPU each); batches of 10: %.0f/s",
+             naive.rate, naive.cpu_us, naive10.rate)
+
+    db.reset(url)
+    with Broker(d / "broker") as broker:
+        svc = apps.callback_server(d, "callback-ingest", broker.url, url,
+                                   client_id=f"bench-ingest-{ctx.run}-{time.time_ns()}",
+                                   CALLBACK_TOKEN=TOKEN)
+        svc.start()
+        try:
+            one = _saturate(ctx, svc, single, lambda: _stored(svc))
+            ten = _saturate(ctx, svc, batched, lambda: _stored(svc))
+            fixed = _bodies(int(s.pipeline_rate * s.rate_duration), 1, s.robots)
+            res = run_async(open_loop("127.0.0.1", svc.port, fixed,
+                                      rate=s.pipeline_rate, duration=s.rate_duration,
+                                      connections=s.connections, path=PATH,
+                                      headers=HEADERS))
+            if s.profile and ctx.run == 0:  # an extra pass, not reported: py-spy slows it
+                prof = Profiler(ctx, svc.pid, "callback-ingest-http", s.duration)
+                _saturate(ctx, svc, _bodies(need, 1, s.robots), lambda: _stored(svc))
+                prof.finish()
+        finally:
+            svc.stop()
+    if res.failed or res.errors:
+        raise RuntimeError(f"fixed rate: {res.failed} non-2xx, {res.errors} errors")
+    out["ingest_http.rate"] = one.rate
+    out["ingest_http.cpu_us"] = one.cpu_us
+    out["ingest_http.batch10_rate"] = ten.rate
+    out["ingest_http.batch10_cpu_us"] = ten.cpu_us
+    out["ingest_http.fixed_rate"] = res.ok_per_second
+    out["ingest_http.p50_ms"] = res.percentile(50) * 1000
+    out["ingest_http.p99_ms"] = res.percentile(99) * 1000
+    out["ingest_http.vs_naive"] = one.rate / naive.rate
+    out["ingest_http.batch10_vs_naive"] = ten.rate / naive10.rate
+    log.info("ingest_http: %.0f envelopes/s (%.0f µs CPU each, %.2fx naive); batches of "
+             "10: %.0f/s (%.0f µs); p99 %.1f ms at %.0f/s", one.rate, one.cpu_us,
+             out["ingest_http.vs_naive"], ten.rate, ten.cpu_us, out["ingest_http.p99_ms"],
+             out["ingest_http.fixed_rate"])
+    return out

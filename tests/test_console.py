@@ -7,6 +7,7 @@ they can be looked at after a run.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from callback_server.keys import Role, add_key
+from tests.mqtt_probe import publish_once
 from tests.services import ServiceProcess, callback_server, edge_agent
 
 pytestmark = pytest.mark.integration
@@ -325,6 +327,42 @@ def test_robot_page_gateways_commands_and_tracks_after_reload(
     assert "pong yes" in pong, pong
     assert "gw-acme" in pong
     shot(operator, fleet, "operator-robot-page")
+
+
+def test_a_gateway_whose_clock_is_off_is_marked(
+        fleet: Fleet, browser: Callable[[], WebDriver]) -> None:
+    """Each gateway's clock against this server's (its heartbeat's timestamp) and against its
+    robots' (the edge's verdict); beyond the gateway_clock rule's bound it is marked."""
+    prefix = fleet.server.env["TOPIC_PREFIX"]
+    late = f"gw-late-{uuid.uuid4().hex[:4]}"
+    driver = browser()
+    sign_in(driver, fleet, "viewer_a")
+    driver.get(f"{fleet.server.url}/#view/gateways")
+    # a site box without NTP, an hour behind: both comparisons say so
+    beat = {"timestamp": time.time() - 3600, "gateway_clock_offset_s": -3600.4,
+            "outbox_depth": 0}
+    publish_once(BROKER, f"{prefix}/org/acme/device/{late}/telemetry", json.dumps(beat))
+    row = f'#gateways tr[data-gateway="acme/{late}"]'
+    clock = eventually(lambda: (c := driver.find_elements(By.CSS_SELECTOR, f"{row} td.clock"))
+                       and "behind" in c[0].text and c[0], "the late gateway's clock shown")
+    assert clock.text == "clock off: 1.0 h behind this server; 1.0 h behind its robots"
+    assert "off" in (clock.get_attribute("class") or "").split()
+    assert "clock-off" in (driver.find_element(By.CSS_SELECTOR, row).get_attribute("class") or "")
+    shot(driver, fleet, "gateways-clock-off")
+    # the running edge agent's clock is this machine's: in step, not marked
+    good = '#gateways tr[data-gateway="acme/gw-acme"] td.clock'
+    text = eventually(lambda: (c := driver.find_elements(By.CSS_SELECTOR, good)) and c[0].text,
+                      "gw-acme's clock shown")
+    assert not text.startswith("clock off"), text
+    assert "off" not in (driver.find_element(By.CSS_SELECTOR, good).get_attribute("class") or "")
+    # its clock set right: the mark goes, in the same row
+    before = driver.find_element(By.CSS_SELECTOR, row)
+    beat = {"timestamp": time.time(), "gateway_clock_offset_s": 0.0, "outbox_depth": 0}
+    publish_once(BROKER, f"{prefix}/org/acme/device/{late}/telemetry", json.dumps(beat))
+    eventually(lambda: not driver.find_element(By.CSS_SELECTOR, f"{row} td.clock")
+               .text.startswith("clock off"), "the mark cleared")
+    assert driver.find_element(By.CSS_SELECTOR, row) == before  # refilled in place
+    shot(driver, fleet, "gateways-clock-set-right")
 
 
 def answered(driver: WebDriver, css: str, prefix: str) -> str | None:

@@ -41,6 +41,7 @@ const st = {
   gateways: new Map(),   // "org/gateway" -> presence and heartbeat
   runs: new Map(),       // "org/gateway" -> its latest poll run (GET /ingestion-runs)
   gatewayCmd: new Map(), // "org/gateway" -> its command cell, kept across renders
+  gatewayRows: new Map(), // "org/gateway" -> its row, refilled in place
   tracks: new Map(),
   byRobot: new Map(),    // sn -> {rule -> alert} of its open or acknowledged alerts
   rowEls: new Map(),     // sn -> its table row (only rows in view exist)
@@ -882,24 +883,68 @@ async function loadGatewayCommands(g, select) {
   }
 }
 
+// A clock offset in words: "in step with …", "1.0 h behind …", "12 s ahead of …".
+function fmtOffset(s, whom) {
+  if (Math.abs(s) < 1) return `in step with ${whom}`;
+  return `${fmtAge(Math.abs(s))} ${s > 0 ? "ahead of" : "behind"} ${whom}`;
+}
+
+// The gateway's clock, compared twice: with this server's (its heartbeat's timestamp against
+// when it arrived, clock_offset_s) and with its robots' (the edge's own verdict,
+// gateway_clock_offset_s). Off when either is beyond the gateway_clock rule's bound.
+function clockOf(g) {
+  const limit = st.rules?.gateway_clock?.max_offset_seconds ?? Infinity;
+  const here = g.clock_offset_s, robots = g.gateway_clock_offset_s;
+  const parts = [];
+  if (typeof here === "number") parts.push(fmtOffset(here, "this server"));
+  if (typeof robots === "number" && Math.abs(robots) >= 1) parts.push(fmtOffset(robots, "its robots"));
+  const off = [here, robots].some((v) => typeof v === "number" && Math.abs(v) > limit);
+  return {off, text: parts.length ? (off ? "clock off: " : "") + parts.join("; ") : "not reported",
+    title: Number.isFinite(limit) ? `off beyond ${limit} s either way (gateway_clock rule)` : ""};
+}
+
+// One gateway's row, refilled in place: the row and its command cell (a pending answer, the
+// chosen command, the focus) stay; only cells whose text changed are written.
+function fillGateway(tr, key, g) {
+  const beat = typeof g.heartbeat_at === "number" ? (Date.now() / 1000 - g.heartbeat_at) : Infinity;
+  const clock = clockOf(g);
+  tr.className = `presence-${g.state}` + (backlogged(g) ? " backlogged" : "") + (clock.off ? " clock-off" : "");
+  const presence = (g.state || "unknown") + (g.state === "offline" && g.since ? ` since ${fmtEpoch(g.since)}` : "");
+  const cells = [
+    ["gateway", g.gateway_id], ["org", g.org_id], [`presence s-${g.state}`, presence],
+    ["heartbeat", Number.isFinite(beat) ? `${fmtAge(beat)} ago` : "none yet"],
+    ["clock" + (clock.off ? " off" : ""), clock.text, clock.title],
+    ["backlog", g.outbox_depth ?? ""],
+    ["oldest", typeof g.outbox_oldest_age_s === "number" ? fmtAge(g.outbox_oldest_age_s) : ""],
+    ["last-run", runText(g.last_run || st.runs.get(key))],
+  ];
+  if (tr.cells.length === 0) {
+    for (const [cls] of cells) tr.append(el("td", {class: cls}));
+    if (st.me && st.me.operator) tr.append(gatewayCommandCell(key, g));
+  }
+  cells.forEach(([cls, text, title], i) => {
+    const td = tr.cells[i];
+    if (td.className !== cls) td.className = cls;
+    if (td.textContent !== String(text)) td.textContent = text;
+    if (title !== undefined && td.title !== title) td.title = title;
+  });
+}
+
 function renderGateways() {
   const body = document.querySelector("#gateways tbody");
   const rows = [];
   for (const [key, g] of [...st.gateways].sort()) {
     if (!gatewayPasses(g)) continue;
-    const beat = typeof g.heartbeat_at === "number" ? (Date.now() / 1000 - g.heartbeat_at) : Infinity;
-    const tr = el("tr", {"data-gateway": key, class: `presence-${g.state}` + (backlogged(g) ? " backlogged" : "")});
-    const presence = el("td", {class: `presence s-${g.state}`}, g.state || "unknown");
-    if (g.state === "offline" && g.since) presence.append(el("span", {class: "mute"}, ` since ${fmtEpoch(g.since)}`));
-    tr.append(el("td", {class: "gateway"}, g.gateway_id), el("td", {class: "org"}, g.org_id), presence,
-      el("td", {class: "heartbeat"}, Number.isFinite(beat) ? `${fmtAge(beat)} ago` : "none yet"),
-      el("td", {class: "backlog"}, g.outbox_depth ?? ""),
-      el("td", {class: "oldest"}, typeof g.outbox_oldest_age_s === "number" ? fmtAge(g.outbox_oldest_age_s) : ""),
-      el("td", {class: "last-run"}, runText(g.last_run || st.runs.get(key))));
-    if (st.me && st.me.operator) tr.append(gatewayCommandCell(key, g));
+    let tr = st.gatewayRows.get(key);
+    if (!tr) {
+      tr = el("tr", {"data-gateway": key});
+      st.gatewayRows.set(key, tr);
+    }
+    fillGateway(tr, key, g);
     rows.push(tr);
   }
-  body.replaceChildren(...rows);
+  const now = [...body.children];
+  if (now.length !== rows.length || rows.some((tr, i) => now[i] !== tr)) body.replaceChildren(...rows);
   document.getElementById("gateway-count").textContent = `(${rows.length})`;
 }
 
@@ -1180,7 +1225,7 @@ async function start() {
     st.rules = hello.rules;
     st.chargingStates = hello.charging_states;
     for (const m of [st.robots, st.alerts, st.events, st.gateways, st.rowEls, st.byRobot,
-      st.alertRows]) m.clear();
+      st.alertRows, st.gatewayRows]) m.clear();
     st.alertOrder = [];
     st.listDirty = true;
     document.getElementById("loading").textContent = "loading…";

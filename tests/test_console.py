@@ -120,6 +120,15 @@ def sign_in(driver: WebDriver, fleet: Fleet, key_name: str) -> None:
     eventually(lambda: driver.find_elements(By.CSS_SELECTOR, "#link.up"), "stream up")
 
 
+def page_stats(driver: WebDriver) -> dict[str, Any]:
+    """The page's counters (frames, renders, ready): read from its module, not a global."""
+    stats: dict[str, Any] = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "import('/console/static/console.js').then((m) => done({...m.stats}), (e) => done({error: String(e)}));")
+    assert "error" not in stats, stats
+    return stats
+
+
 def cell(driver: WebDriver, sn: str, cls: str) -> str | None:
     found = driver.find_elements(By.CSS_SELECTOR, f'#robots tr[data-sn="{sn}"] td.{cls}')
     return found[0].text if found else None
@@ -161,10 +170,14 @@ def test_viewer_sees_its_org_live_and_operator_acknowledges(
     assert cell(viewer, sa, "status") == "online" and cell(viewer, sa, "org") == "acme"
     assert "64 %" in (cell(viewer, sa, "battery") or "")
     viewer.execute_script("window.__notReloaded = true")
+    # ES modules only: every script a module, nothing of the page's left on window
+    assert viewer.execute_script(
+        "return [...document.scripts].every((s) => s.type === 'module') && "
+        "['consoleStats', 'robotPage', 'sendCommand', 'eventRow'].every((k) => !(k in window))")
     marker = f'#floor g.marker[data-sn="{sa}"]'
     # the floor is redrawn at most once a second: its marker may follow the table
-    before = eventually(lambda: viewer.find_elements(By.CSS_SELECTOR, marker),
-                        "marker drawn")[0].get_attribute("transform")
+    drawn = eventually(lambda: viewer.find_elements(By.CSS_SELECTOR, marker), "marker drawn")[0]
+    before = drawn.get_attribute("transform")
 
     # -- a new pose moves the marker, a status change shows, without a reload ------------
     fleet.post("acme", "notifyRobotPose", sn=sa, x=6.5, y=-3.0, yaw=90.0)
@@ -176,6 +189,8 @@ def test_viewer_sees_its_org_live_and_operator_acknowledges(
         return now if now != before else None
 
     assert "rotate(-90)" in eventually(moved, "marker moved")
+    # moved in place: the same marker, not a redrawn floor
+    assert viewer.find_element(By.CSS_SELECTOR, marker) == drawn
     assert viewer.execute_script("return window.__notReloaded") is True
 
     # -- a Fatal fault opens an alert the viewer sees, with no button to act on it -------
@@ -189,7 +204,7 @@ def test_viewer_sees_its_org_live_and_operator_acknowledges(
     assert "sev-critical" in (event.get_attribute("class") or "")
     assert event.find_element(By.CSS_SELECTOR, "td.detail").text == "motor"
     assert viewer.execute_script("return window.__notReloaded") is True  # live, no reload
-    snapshot_frames = viewer.execute_script("return window.consoleStats.frames")
+    snapshot_frames = page_stats(viewer)["frames"]
     assert viewer.find_elements(By.CSS_SELECTOR, "button.ack, button.silence") == []
     assert not any(e.is_displayed() for e in viewer.find_elements(By.CSS_SELECTOR, ".op-only"))
 
@@ -227,10 +242,10 @@ def test_viewer_sees_its_org_live_and_operator_acknowledges(
     # all of it arrived over the first stream: no reconnect (each brings a new snapshot),
     # and the viewer's page was never reloaded while frames kept coming
     for driver in (viewer, operator):
-        stats = driver.execute_script("return window.consoleStats")
+        stats = page_stats(driver)
         assert stats["hellos"] == 1, stats
     assert viewer.execute_script("return window.__notReloaded") is True
-    assert viewer.execute_script("return window.consoleStats.frames") > snapshot_frames
+    assert page_stats(viewer)["frames"] > snapshot_frames
 
     # -- sign-out ends the session: the page is the sign-in page again -------------------
     operator.find_element(By.ID, "logout").click()

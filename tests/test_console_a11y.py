@@ -20,7 +20,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 
-from tests.test_console import CHROMEDRIVER, CHROMIUM, Fleet, cell, eventually, fleet, shot, sign_in
+from tests.test_console import (CHROMEDRIVER, CHROMIUM, Fleet, cell, eventually, fleet, page_stats,
+                                shot, sign_in)
 
 pytestmark = pytest.mark.integration
 __all__ = ["fleet"]  # the module's fleet fixture, shared with tests/test_console.py
@@ -117,7 +118,7 @@ def test_critical_alert_announced_then_acknowledged_and_a_command_sent_by_keyboa
         fleet: Fleet, driver: WebDriver) -> None:
     driver.delete_all_cookies()
     sign_in(driver, fleet, "operator_a")
-    eventually(lambda: driver.execute_script("return window.consoleStats.ready"), "page ready")
+    eventually(lambda: page_stats(driver)["ready"], "page ready")
     sn = f"K{uuid.uuid4().hex[:6]}"
     fleet.post("acme", "robotErrorWarning", sn=sn, error_level="Fatal", error_type="Crash",
                error_detail="wheel jammed", error_id=f"k-{sn}")

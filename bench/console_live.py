@@ -76,6 +76,14 @@ class _Reader(threading.Thread):
                     self.objects += len(json.loads(line[6:]))
 
 
+def _stats(driver: webdriver.Chrome) -> dict[str, Any]:
+    """The page's counters, read from its ES module (the page sets no globals)."""
+    stats: dict[str, Any] = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "import('/console/static/console.js').then((m) => done({...m.stats}));")
+    return stats
+
+
 def run(robots: int, seconds: int, watch: bool = True) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="console-bench-"))
     keys_file = tmp / "keys.yaml"
@@ -126,7 +134,7 @@ def run(robots: int, seconds: int, watch: bool = True) -> dict[str, Any]:
                 assert time.monotonic() - started < 60, "page never showed every robot"
                 time.sleep(0.02)
             ready = time.monotonic() - started
-            before = driver.execute_script("return {...window.consoleStats}")
+            before = _stats(driver)
             reader = _Reader(server.url, key)
             reader.start()
             time.sleep(1.0)
@@ -139,7 +147,7 @@ def run(robots: int, seconds: int, watch: bool = True) -> dict[str, Any]:
             time.sleep(1.0)  # the last second's frames
             elapsed = time.monotonic() - t0
             cpu = cpu_seconds(server.proc.pid) - cpu0
-            after = driver.execute_script("return {...window.consoleStats}")
+            after = _stats(driver)
             reader.stop = True
             driver.save_screenshot(str(tmp / "console-bench.png"))
         finally:
@@ -208,7 +216,21 @@ def _spread(samples: list[dict[str, Any]], key: str) -> list[float] | None:
     return [values[0], max(values), values[-1]] if values else None
 
 
-def run_mix(robots: int, seconds: int, rate: int, gateways: int = 3) -> dict[str, Any]:
+def _self_times(profile: dict[str, Any], top: int = 12) -> list[tuple[str, float]]:
+    """The page's functions by their own (self) time in a DevTools CPU profile, in ms."""
+    nodes = {n["id"]: n for n in profile["nodes"]}
+    deltas = profile.get("timeDeltas", [])
+    spent: dict[str, float] = {}
+    for sample, delta in zip(profile.get("samples", []), deltas[1:] + [0], strict=False):
+        frame = nodes[sample]["callFrame"]
+        name = f"{frame['functionName'] or '(anonymous)'} {frame['url'].rsplit('/', 1)[-1]}" \
+               f":{frame['lineNumber'] + 1}".strip()
+        spent[name] = spent.get(name, 0.0) + delta / 1000
+    return [(k, round(v, 1)) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])[:top]]
+
+
+def run_mix(robots: int, seconds: int, rate: int, gateways: int = 3,
+            profile: bool = False) -> dict[str, Any]:
     """The realistic mix through real webhooks and edge agents, one gateway stopped a third in."""
     import random
     from contextlib import ExitStack
@@ -272,6 +294,9 @@ def run_mix(robots: int, seconds: int, rate: int, gateways: int = 3) -> dict[str
                 agents[-1].kill()  # one gateway stops: its robots become unknown
             if tick == warm:
                 driver.execute_script("window.__long = []")
+                if profile:
+                    driver.execute_cdp_cmd("Profiler.enable", {})
+                    driver.execute_cdp_cmd("Profiler.start", {})
             if tick > warm and tick % 5 == 0:
                 clicks.append(driver.execute_async_script(_CLICK, "battery_level"))
                 nodes = driver.execute_script("return document.getElementsByTagName('*').length")
@@ -279,6 +304,8 @@ def run_mix(robots: int, seconds: int, rate: int, gateways: int = 3) -> dict[str
             time.sleep(max(0.0, t0 + tick - time.monotonic()))
         elapsed = time.monotonic() - t0
         long_tasks = driver.execute_script("return window.__long")
+        hot = _self_times(driver.execute_cdp_cmd("Profiler.stop", {})["profile"]) \
+            if profile else None
         driver.save_screenshot(str(tmp / "console-bench-mix.png"))
     steady = elapsed - warm
     return {
@@ -292,6 +319,7 @@ def run_mix(robots: int, seconds: int, rate: int, gateways: int = 3) -> dict[str
         "dom_nodes_first_max_last": _spread(samples, "dom_nodes"),
         "heap_mb_first_max_last": _spread(samples, "heap_mb"),
         "screenshot": str(tmp / "console-bench-mix.png"),
+        **({"self_ms_by_function": hot} if hot is not None else {}),
     }
 
 
@@ -304,9 +332,11 @@ def main() -> None:
     parser.add_argument("--mix", type=int, metavar="WEBHOOKS_PER_S", default=0,
                         help="the realistic mix (statuses, powers, poses, events, faults, one "
                              "gateway stopped) through real webhooks at this rate, e.g. 164")
+    parser.add_argument("--profile", action="store_true",
+                        help="with --mix: the page's functions by their own CPU time")
     args = parser.parse_args()
     if args.mix:
-        print(json.dumps(run_mix(args.robots, args.seconds, args.mix)))
+        print(json.dumps(run_mix(args.robots, args.seconds, args.mix, profile=args.profile)))
         return
     print(json.dumps(run(args.robots, args.seconds, watch=not args.baseline)))
 

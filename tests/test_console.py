@@ -124,7 +124,8 @@ def page_stats(driver: WebDriver) -> dict[str, Any]:
     """The page's counters (frames, renders, ready): read from its module, not a global."""
     stats: dict[str, Any] = driver.execute_async_script(
         "const done = arguments[arguments.length - 1];"
-        "import('/console/static/console.js').then((m) => done({...m.stats}), (e) => done({error: String(e)}));")
+        "import('/console/static/console.js')"
+        ".then((m) => done({...m.stats}), (e) => done({error: String(e)}));")
     assert "error" not in stats, stats
     return stats
 
@@ -358,16 +359,22 @@ def test_a_gateway_whose_clock_is_off_is_marked(
             "outbox_depth": 0}
     publish_once(BROKER, f"{prefix}/org/acme/device/{late}/telemetry", json.dumps(beat))
     row = f'#gateways tr[data-gateway="acme/{late}"]'
-    clock = eventually(lambda: (c := driver.find_elements(By.CSS_SELECTOR, f"{row} td.clock"))
-                       and "behind" in c[0].text and c[0], "the late gateway's clock shown")
+    def late_clock() -> Any:
+        found = driver.find_elements(By.CSS_SELECTOR, f"{row} td.clock")
+        return found[0] if found and "behind" in found[0].text else None
+
+    clock = eventually(late_clock, "the late gateway's clock shown")
     assert clock.text == "clock off: 1.0 h behind this server; 1.0 h behind its robots"
     assert "off" in (clock.get_attribute("class") or "").split()
     assert "clock-off" in (driver.find_element(By.CSS_SELECTOR, row).get_attribute("class") or "")
     shot(driver, fleet, "gateways-clock-off")
     # the running edge agent's clock is this machine's: in step, not marked
     good = '#gateways tr[data-gateway="acme/gw-acme"] td.clock'
-    text = eventually(lambda: (c := driver.find_elements(By.CSS_SELECTOR, good)) and c[0].text,
-                      "gw-acme's clock shown")
+    def good_clock() -> str | None:
+        found = driver.find_elements(By.CSS_SELECTOR, good)
+        return found[0].text if found else None
+
+    text = eventually(good_clock, "gw-acme's clock shown")
     assert not text.startswith("clock off"), text
     assert "off" not in (driver.find_element(By.CSS_SELECTOR, good).get_attribute("class") or "")
     # its clock set right: the mark goes, in the same row

@@ -65,6 +65,7 @@ const st = {
   filter: {q: "", org: "", site: "", status: "", attention: ""},
   timer: null,
   resting: false, restAgain: false,  // the rest of a render is under way, and again after it
+  refocus: null,         // the alert whose row takes the focus back when refilled
 };
 
 function svg(tag, attrs = {}) {
@@ -651,7 +652,17 @@ function fillAlert(tr, a) {
     }
     cells.push(td);
   }
+  // a keyboard user keeps their place: the focus stays in the row it was in (on the same
+  // kind of control, else the row's first), not lost to the page when the row is refilled
+  let focused = tr.contains(document.activeElement) ? document.activeElement.className : null;
+  if (st.refocus === a.id) {  // its button was pressed (and lost the focus when disabled)
+    focused = "silence";
+    st.refocus = null;
+  }
   tr.replaceChildren(...cells);
+  if (focused !== null) {
+    (tr.querySelector(`button.${focused}`) || tr.querySelector("button, input, a"))?.focus();
+  }
 }
 
 // New alerts are inserted in order unless the pointer is on the list or alerts are
@@ -734,6 +745,7 @@ async function bulk(action) {
 }
 
 async function alertAction(id, action, body, button) {
+  if (document.activeElement === button) st.refocus = id;
   button.disabled = true;
   const r = await post(`/alerts/${encodeURIComponent(id)}/${action}`, body);
   if (r.ok) onAlerts([await r.json()]);

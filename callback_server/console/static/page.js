@@ -40,7 +40,7 @@ function flatten(value, prefix, rows) {
   if (value && typeof value === "object" && !Array.isArray(value) && Object.keys(value).length) {
     for (const [k, v] of Object.entries(value)) flatten(v, prefix ? `${prefix}.${k}` : k, rows);
   } else {
-    const when = typeof value === "number" && /(^|_)(time|ts|at)$/.test(prefix) && value > 1e9 && value < 1e10;
+    const when = typeof value === "number" && /(^|_)(time|ts|at|timestamp)$/.test(prefix) && value > 1e9 && value < 1e10;
     const shown = when ? fmtEpoch(value) : value === true ? "yes" : value === false ? "no" : value === null ? "—"
       : Array.isArray(value) ? value.map((v) => (typeof v === "object" ? JSON.stringify(v) : String(v))).join(", ")
       : typeof value === "object" ? "—" : String(value);

@@ -661,7 +661,8 @@ function fillAlert(tr, a) {
   }
   tr.replaceChildren(...cells);
   if (focused !== null) {
-    (tr.querySelector(`button.${focused}`) || tr.querySelector("button, input, a"))?.focus();
+    const same = focused ? tr.querySelector(`button.${CSS.escape(focused.split(" ")[0])}`) : null;
+    (same || tr.querySelector("button, input, a"))?.focus();
   }
 }
 

@@ -7,6 +7,11 @@ page-ready time (sign-in click to every robot in the table), frames and objects 
 received per second, the page's time spent rendering, and the server's CPU per update
 (``--baseline``: the same feed with nobody watching, for the console's share of it).
 Not part of ``make bench``: it needs chromium and a free Mosquitto, and takes ~1 min.
+
+``--mix 164`` drives the realistic mix through real webhooks and edge agents instead and
+reports long tasks, click latency, DOM nodes and page memory, in total and ``over_time``
+(ten equal spans); ``--long`` runs it 10 minutes (default ``--seconds``, 20), ``--profile``
+adds the page's functions by their own CPU time.
 """
 
 from __future__ import annotations
@@ -76,6 +81,14 @@ class _Reader(threading.Thread):
                     self.objects += len(json.loads(line[6:]))
 
 
+def _stats(driver: webdriver.Chrome) -> dict[str, Any]:
+    """The page's counters, read from its ES module (the page sets no globals)."""
+    stats: dict[str, Any] = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "import('/console/static/console.js').then((m) => done({...m.stats}));")
+    return stats
+
+
 def run(robots: int, seconds: int, watch: bool = True) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="console-bench-"))
     keys_file = tmp / "keys.yaml"
@@ -126,7 +139,7 @@ def run(robots: int, seconds: int, watch: bool = True) -> dict[str, Any]:
                 assert time.monotonic() - started < 60, "page never showed every robot"
                 time.sleep(0.02)
             ready = time.monotonic() - started
-            before = driver.execute_script("return {...window.consoleStats}")
+            before = _stats(driver)
             reader = _Reader(server.url, key)
             reader.start()
             time.sleep(1.0)
@@ -139,7 +152,7 @@ def run(robots: int, seconds: int, watch: bool = True) -> dict[str, Any]:
             time.sleep(1.0)  # the last second's frames
             elapsed = time.monotonic() - t0
             cpu = cpu_seconds(server.proc.pid) - cpu0
-            after = driver.execute_script("return {...window.consoleStats}")
+            after = _stats(driver)
             reader.stop = True
             driver.save_screenshot(str(tmp / "console-bench.png"))
         finally:
@@ -208,9 +221,24 @@ def _spread(samples: list[dict[str, Any]], key: str) -> list[float] | None:
     return [values[0], max(values), values[-1]] if values else None
 
 
-def run_mix(robots: int, seconds: int, rate: int, gateways: int = 3) -> dict[str, Any]:
+def _self_times(profile: dict[str, Any], top: int = 12) -> list[tuple[str, float]]:
+    """The page's functions by their own (self) time in a DevTools CPU profile, in ms."""
+    nodes = {n["id"]: n for n in profile["nodes"]}
+    deltas = profile.get("timeDeltas", [])
+    spent: dict[str, float] = {}
+    for sample, delta in zip(profile.get("samples", []), [*deltas[1:], 0], strict=False):
+        frame = nodes[sample]["callFrame"]
+        name = f"{frame['functionName'] or '(anonymous)'} {frame['url'].rsplit('/', 1)[-1]}" \
+               f":{frame['lineNumber'] + 1}".strip()
+        spent[name] = spent.get(name, 0.0) + delta / 1000
+    return [(k, round(v, 1)) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])[:top]]
+
+
+def run_mix(robots: int, seconds: int, rate: int, gateways: int = 3,
+            profile: bool = False) -> dict[str, Any]:
     """The realistic mix through real webhooks and edge agents, one gateway stopped a third in."""
     import random
+    from concurrent.futures import ThreadPoolExecutor
     from contextlib import ExitStack
 
     tmp = Path(tempfile.mkdtemp(prefix="console-bench-"))
@@ -254,45 +282,82 @@ def run_mix(robots: int, seconds: int, rate: int, gateways: int = 3) -> dict[str
             assert time.monotonic() < deadline, "page never showed every robot"
             time.sleep(0.2)
 
-        def heap_mb() -> float:
-            metrics = driver.execute_cdp_cmd("Performance.getMetrics", {})["metrics"]
-            used = next(m["value"] for m in metrics if m["name"] == "JSHeapUsedSize")
-            return round(float(used) / 2**20, 1)
-
         samples: list[dict[str, Any]] = []
-        clicks: list[float] = []
+        long_tasks: list[float] = []
         driver.set_script_timeout(30)
-        t0, sent, warm = time.monotonic(), 0, max(5, seconds // 6)
+        pool = stack.enter_context(ThreadPoolExecutor(8))  # a second's webhooks at once
+        t0, sent, warm = time.monotonic(), 0, max(5, min(60, seconds // 6))
         for tick in range(1, seconds + 1):
-            for _ in range(rate):
-                kind = rnd.choices([k for k, _ in _MIX], [w for _, w in _MIX])[0]
-                post(rnd.choice(sns), kind, tick)
-                sent += 1
+            if time.monotonic() - t0 <= tick:  # behind (a busy machine): this second skipped
+                batch = [(rnd.choice(sns), rnd.choices([k for k, _ in _MIX],
+                                                       [w for _, w in _MIX])[0])
+                         for _ in range(rate)]
+                list(pool.map(lambda job, tick=tick: post(job[0], job[1], tick), batch))
+                sent += rate
             if tick == seconds // 3 and agents[-1].proc is not None:
                 agents[-1].kill()  # one gateway stops: its robots become unknown
             if tick == warm:
                 driver.execute_script("window.__long = []")
+                if profile:
+                    driver.execute_cdp_cmd("Profiler.enable", {})
+                    driver.execute_cdp_cmd("Profiler.start", {})
             if tick > warm and tick % 5 == 0:
-                clicks.append(driver.execute_async_script(_CLICK, "battery_level"))
-                nodes = driver.execute_script("return document.getElementsByTagName('*').length")
-                samples.append({"t": tick, "heap_mb": heap_mb(), "dom_nodes": nodes})
+                click = driver.execute_async_script(_CLICK, "battery_level")
+                longs = driver.execute_script("return window.__long.splice(0)")
+                long_tasks += longs
+                samples.append({"t": tick, "click_ms": click, "long_tasks": len(longs),
+                                "long_max_ms": max(longs, default=0), **_page(driver)})
             time.sleep(max(0.0, t0 + tick - time.monotonic()))
         elapsed = time.monotonic() - t0
-        long_tasks = driver.execute_script("return window.__long")
+        long_tasks += driver.execute_script("return window.__long.splice(0)")
+        hot = _self_times(driver.execute_cdp_cmd("Profiler.stop", {})["profile"]) \
+            if profile else None
         driver.save_screenshot(str(tmp / "console-bench-mix.png"))
     steady = elapsed - warm
+    clicks = sorted(s["click_ms"] for s in samples)
     return {
         "robots": robots, "seconds": seconds, "webhooks_sent_per_s": round(sent / elapsed, 1),
         "gateways": gateways, "gateway_stopped_at_s": seconds // 3,
         "steady_state_s": round(steady, 1),
         "long_tasks": len(long_tasks), "long_task_max_ms": round(max(long_tasks, default=0), 1),
         "long_task_share": round(sum(long_tasks) / 1000 / steady, 3),
-        "click_ms_median": round(sorted(clicks)[len(clicks) // 2], 1) if clicks else None,
-        "click_ms_max": round(max(clicks), 1) if clicks else None,
+        "click_ms_median": round(clicks[len(clicks) // 2], 1) if clicks else None,
+        "click_ms_max": round(clicks[-1], 1) if clicks else None,
         "dom_nodes_first_max_last": _spread(samples, "dom_nodes"),
         "heap_mb_first_max_last": _spread(samples, "heap_mb"),
+        "over_time": _over_time(samples),
         "screenshot": str(tmp / "console-bench-mix.png"),
+        **({"self_ms_by_function": hot} if hot is not None else {}),
     }
+
+
+def _page(driver: webdriver.Chrome) -> dict[str, Any]:
+    """The page's size now: DOM nodes in the document and alive in the renderer (detached
+    ones included: a leak shows there first), and the JS heap after a collection."""
+    driver.execute_cdp_cmd("HeapProfiler.collectGarbage", {})
+    metrics = driver.execute_cdp_cmd("Performance.getMetrics", {})["metrics"]
+    used = next(m["value"] for m in metrics if m["name"] == "JSHeapUsedSize")
+    counters = driver.execute_cdp_cmd("Memory.getDOMCounters", {})
+    return {"dom_nodes": driver.execute_script("return document.getElementsByTagName('*').length"),
+            "live_nodes": counters["nodes"], "listeners": counters["jsEventListeners"],
+            "heap_mb": round(float(used) / 2**20, 1)}
+
+
+def _over_time(samples: list[dict[str, Any]], rows: int = 10) -> list[dict[str, Any]]:
+    """The samples in (at most) ``rows`` equal spans: long tasks, the slowest click, and the
+    page's size at each span's end, so growth over a long run shows."""
+    if not samples:
+        return []
+    per = max(1, math.ceil(len(samples) / rows))
+    out = []
+    for i in range(0, len(samples), per):
+        span, last = samples[i:i + per], samples[min(i + per, len(samples)) - 1]
+        out.append({"until_s": last["t"], "long_tasks": sum(s["long_tasks"] for s in span),
+                    "long_max_ms": round(max(s["long_max_ms"] for s in span), 1),
+                    "click_max_ms": round(max(s["click_ms"] for s in span), 1),
+                    "dom_nodes": last["dom_nodes"], "live_nodes": last["live_nodes"],
+                    "listeners": last["listeners"], "heap_mb": last["heap_mb"]})
+    return out
 
 
 def main() -> None:
@@ -304,9 +369,14 @@ def main() -> None:
     parser.add_argument("--mix", type=int, metavar="WEBHOOKS_PER_S", default=0,
                         help="the realistic mix (statuses, powers, poses, events, faults, one "
                              "gateway stopped) through real webhooks at this rate, e.g. 164")
+    parser.add_argument("--long", action="store_true",
+                        help="with --mix: run 10 minutes (page memory and DOM over time)")
+    parser.add_argument("--profile", action="store_true",
+                        help="with --mix: the page's functions by their own CPU time")
     args = parser.parse_args()
     if args.mix:
-        print(json.dumps(run_mix(args.robots, args.seconds, args.mix)))
+        seconds = 600 if args.long else args.seconds
+        print(json.dumps(run_mix(args.robots, seconds, args.mix, profile=args.profile)))
         return
     print(json.dumps(run(args.robots, args.seconds, watch=not args.baseline)))
 

@@ -7,6 +7,7 @@ they can be looked at after a run.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from callback_server.keys import Role, add_key
+from tests.mqtt_probe import publish_once
 from tests.services import ServiceProcess, callback_server, edge_agent
 
 pytestmark = pytest.mark.integration
@@ -118,6 +120,16 @@ def sign_in(driver: WebDriver, fleet: Fleet, key_name: str) -> None:
     eventually(lambda: driver.find_elements(By.CSS_SELECTOR, "#link.up"), "stream up")
 
 
+def page_stats(driver: WebDriver) -> dict[str, Any]:
+    """The page's counters (frames, renders, ready): read from its module, not a global."""
+    stats: dict[str, Any] = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "import('/console/static/console.js')"
+        ".then((m) => done({...m.stats}), (e) => done({error: String(e)}));")
+    assert "error" not in stats, stats
+    return stats
+
+
 def cell(driver: WebDriver, sn: str, cls: str) -> str | None:
     found = driver.find_elements(By.CSS_SELECTOR, f'#robots tr[data-sn="{sn}"] td.{cls}')
     return found[0].text if found else None
@@ -159,10 +171,14 @@ def test_viewer_sees_its_org_live_and_operator_acknowledges(
     assert cell(viewer, sa, "status") == "online" and cell(viewer, sa, "org") == "acme"
     assert "64 %" in (cell(viewer, sa, "battery") or "")
     viewer.execute_script("window.__notReloaded = true")
+    # ES modules only: every script a module, nothing of the page's left on window
+    assert viewer.execute_script(
+        "return [...document.scripts].every((s) => s.type === 'module') && "
+        "['consoleStats', 'robotPage', 'sendCommand', 'eventRow'].every((k) => !(k in window))")
     marker = f'#floor g.marker[data-sn="{sa}"]'
     # the floor is redrawn at most once a second: its marker may follow the table
-    before = eventually(lambda: viewer.find_elements(By.CSS_SELECTOR, marker),
-                        "marker drawn")[0].get_attribute("transform")
+    drawn = eventually(lambda: viewer.find_elements(By.CSS_SELECTOR, marker), "marker drawn")[0]
+    before = drawn.get_attribute("transform")
 
     # -- a new pose moves the marker, a status change shows, without a reload ------------
     fleet.post("acme", "notifyRobotPose", sn=sa, x=6.5, y=-3.0, yaw=90.0)
@@ -174,6 +190,8 @@ def test_viewer_sees_its_org_live_and_operator_acknowledges(
         return now if now != before else None
 
     assert "rotate(-90)" in eventually(moved, "marker moved")
+    # moved in place: the same marker, not a redrawn floor
+    assert viewer.find_element(By.CSS_SELECTOR, marker) == drawn
     assert viewer.execute_script("return window.__notReloaded") is True
 
     # -- a Fatal fault opens an alert the viewer sees, with no button to act on it -------
@@ -187,7 +205,7 @@ def test_viewer_sees_its_org_live_and_operator_acknowledges(
     assert "sev-critical" in (event.get_attribute("class") or "")
     assert event.find_element(By.CSS_SELECTOR, "td.detail").text == "motor"
     assert viewer.execute_script("return window.__notReloaded") is True  # live, no reload
-    snapshot_frames = viewer.execute_script("return window.consoleStats.frames")
+    snapshot_frames = page_stats(viewer)["frames"]
     assert viewer.find_elements(By.CSS_SELECTOR, "button.ack, button.silence") == []
     assert not any(e.is_displayed() for e in viewer.find_elements(By.CSS_SELECTOR, ".op-only"))
 
@@ -225,10 +243,10 @@ def test_viewer_sees_its_org_live_and_operator_acknowledges(
     # all of it arrived over the first stream: no reconnect (each brings a new snapshot),
     # and the viewer's page was never reloaded while frames kept coming
     for driver in (viewer, operator):
-        stats = driver.execute_script("return window.consoleStats")
+        stats = page_stats(driver)
         assert stats["hellos"] == 1, stats
     assert viewer.execute_script("return window.__notReloaded") is True
-    assert viewer.execute_script("return window.consoleStats.frames") > snapshot_frames
+    assert page_stats(viewer)["frames"] > snapshot_frames
 
     # -- sign-out ends the session: the page is the sign-in page again -------------------
     operator.find_element(By.ID, "logout").click()
@@ -325,6 +343,48 @@ def test_robot_page_gateways_commands_and_tracks_after_reload(
     assert "pong yes" in pong, pong
     assert "gw-acme" in pong
     shot(operator, fleet, "operator-robot-page")
+
+
+def test_a_gateway_whose_clock_is_off_is_marked(
+        fleet: Fleet, browser: Callable[[], WebDriver]) -> None:
+    """Each gateway's clock against this server's (its heartbeat's timestamp) and against its
+    robots' (the edge's verdict); beyond the gateway_clock rule's bound it is marked."""
+    prefix = fleet.server.env["TOPIC_PREFIX"]
+    late = f"gw-late-{uuid.uuid4().hex[:4]}"
+    driver = browser()
+    sign_in(driver, fleet, "viewer_a")
+    driver.get(f"{fleet.server.url}/#view/gateways")
+    # a site box without NTP, an hour behind: both comparisons say so
+    beat = {"timestamp": time.time() - 3600, "gateway_clock_offset_s": -3600.4,
+            "outbox_depth": 0}
+    publish_once(BROKER, f"{prefix}/org/acme/device/{late}/telemetry", json.dumps(beat))
+    row = f'#gateways tr[data-gateway="acme/{late}"]'
+    def late_clock() -> Any:
+        found = driver.find_elements(By.CSS_SELECTOR, f"{row} td.clock")
+        return found[0] if found and "behind" in found[0].text else None
+
+    clock = eventually(late_clock, "the late gateway's clock shown")
+    assert clock.text == "clock off: 1.0 h behind this server; 1.0 h behind its robots"
+    assert "off" in (clock.get_attribute("class") or "").split()
+    assert "clock-off" in (driver.find_element(By.CSS_SELECTOR, row).get_attribute("class") or "")
+    shot(driver, fleet, "gateways-clock-off")
+    # the running edge agent's clock is this machine's: in step, not marked
+    good = '#gateways tr[data-gateway="acme/gw-acme"] td.clock'
+    def good_clock() -> str | None:
+        found = driver.find_elements(By.CSS_SELECTOR, good)
+        return found[0].text if found else None
+
+    text = eventually(good_clock, "gw-acme's clock shown")
+    assert not text.startswith("clock off"), text
+    assert "off" not in (driver.find_element(By.CSS_SELECTOR, good).get_attribute("class") or "")
+    # its clock set right: the mark goes, in the same row
+    before = driver.find_element(By.CSS_SELECTOR, row)
+    beat = {"timestamp": time.time(), "gateway_clock_offset_s": 0.0, "outbox_depth": 0}
+    publish_once(BROKER, f"{prefix}/org/acme/device/{late}/telemetry", json.dumps(beat))
+    eventually(lambda: not driver.find_element(By.CSS_SELECTOR, f"{row} td.clock")
+               .text.startswith("clock off"), "the mark cleared")
+    assert driver.find_element(By.CSS_SELECTOR, row) == before  # refilled in place
+    shot(driver, fleet, "gateways-clock-set-right")
 
 
 def answered(driver: WebDriver, css: str, prefix: str) -> str | None:

@@ -10,17 +10,30 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.remote.webelement import WebElement
 
-from tests.test_console import CHROMEDRIVER, CHROMIUM, Fleet, cell, eventually, fleet, shot, sign_in
+from tests.test_console import (
+    CHROMEDRIVER,
+    CHROMIUM,
+    Fleet,
+    alert_row,
+    cell,
+    eventually,
+    fleet,
+    page_stats,
+    shot,
+    sign_in,
+)
 
 pytestmark = pytest.mark.integration
 __all__ = ["fleet"]  # the module's fleet fixture, shared with tests/test_console.py
@@ -117,7 +130,7 @@ def test_critical_alert_announced_then_acknowledged_and_a_command_sent_by_keyboa
         fleet: Fleet, driver: WebDriver) -> None:
     driver.delete_all_cookies()
     sign_in(driver, fleet, "operator_a")
-    eventually(lambda: driver.execute_script("return window.consoleStats.ready"), "page ready")
+    eventually(lambda: page_stats(driver)["ready"], "page ready")
     sn = f"K{uuid.uuid4().hex[:6]}"
     fleet.post("acme", "robotErrorWarning", sn=sn, error_level="Fatal", error_type="Crash",
                error_detail="wheel jammed", error_id=f"k-{sn}")
@@ -161,3 +174,110 @@ def test_gateway_commands_are_the_gateways_own(fleet: Fleet, driver: WebDriver) 
     names = eventually(offered, "commands read from get_status")
     assert names[:2] == ["ping", "get_status"] and "flush_outbox" in names, names
     assert not [n for n in names if n.startswith("pudu.")], names
+
+
+def press(driver: WebDriver, *keys: str) -> None:
+    """Keys sent to whatever has the focus, as a keyboard would (no element is picked)."""
+    ActionChains(driver).send_keys(*keys).perform()
+
+
+def tab_to(driver: WebDriver, match: Callable[[WebElement], bool], what: str,
+           limit: int = 400) -> WebElement:
+    """Tab (only Tab) until the focused element is the one wanted; every stop on the way
+    must be visible, or a keyboard user would lose the focus."""
+    for _ in range(limit):
+        press(driver, Keys.TAB)
+        focused = driver.switch_to.active_element
+        if focused.tag_name != "body":
+            assert focused.is_displayed(), f"the focus went to a hidden {focused.tag_name}"
+        if match(focused):
+            return focused
+    raise AssertionError(f"Tab never reached {what}")
+
+
+def attr(name: str, value: str) -> Callable[[WebElement], bool]:
+    return lambda e: value in (e.get_attribute(name) or "")
+
+
+def test_a_keyboard_walk_with_tab_enter_space_and_arrows_only(
+        fleet: Fleet, driver: WebDriver) -> None:
+    """Through the views, sorting a column, acknowledging an alert and sending a command,
+    with no key but Tab, Enter, Space and the arrows (the sign-in key is typed once)."""
+    sn = f"W{uuid.uuid4().hex[:6]}"
+    fleet.post("acme", "robotStatus", sn=sn, run_status="ONLINE")
+    fleet.post("acme", "notifyRobotPower", sn=sn, power=3, charge_stage="IDLE")
+    for other, power in ((f"{sn}b", 90), (f"{sn}c", 50)):  # something to sort
+        fleet.post("acme", "robotStatus", sn=other, run_status="ONLINE")
+        fleet.post("acme", "notifyRobotPower", sn=other, power=power, charge_stage="IDLE")
+    fleet.post("acme", "robotErrorWarning", sn=sn, error_level="Fatal", error_type="Crash",
+               error_detail="bumper stuck", error_id=f"w-{sn}")
+    driver.delete_all_cookies()
+    sign_in(driver, fleet, "operator_a")
+    eventually(lambda: cell(driver, sn, "status") and cell(driver, f"{sn}b", "battery")
+               and cell(driver, f"{sn}c", "battery"), "robot rows shown")
+
+    # -- the Fleet view, then sort by battery: Enter ascending, Space descending ---------
+    tab_to(driver, attr("data-view", "fleet"), "the Fleet view link")
+    press(driver, Keys.ENTER)
+    eventually(lambda: driver.current_url.endswith("#view/fleet"), "address follows")
+    assert not driver.find_element(By.ID, "alerts-section").is_displayed()
+    header = tab_to(driver, attr("data-key", "battery_level"), "the Battery header")
+    press(driver, Keys.ENTER)
+    assert header.get_attribute("aria-sort") == "ascending"
+
+    def levels() -> list[int]:
+        cells = driver.find_elements(By.CSS_SELECTOR, "#robots tbody tr[data-sn] td.battery")
+        return [int(c.text.split()[0]) for c in cells if c.text.split()[0].isdigit()]
+
+    def ordered(first: Callable[[list[int]], int]) -> list[int] | None:
+        v = levels()
+        return v if v and v[0] == first(v) else None
+
+    up = eventually(lambda: ordered(min), "lowest first")
+    assert up == sorted(up) and up[0] <= 3 and {3, 50, 90} <= set(up), up
+    shot(driver, fleet, "keyboard-1-fleet-sorted-by-battery")
+    press(driver, Keys.SPACE)
+    assert header.get_attribute("aria-sort") == "descending"
+    down = eventually(lambda: ordered(max), "highest first")
+    assert down == sorted(down, reverse=True), down
+
+    # -- Tab on round to the Alerts view; acknowledge the robot's alert with Enter -------
+    tab_to(driver, attr("data-view", "alerts"), "the Alerts view link")
+    press(driver, Keys.ENTER)
+    eventually(lambda: driver.current_url.endswith("#view/alerts"), "alerts address")
+    eventually(lambda: alert_row(driver, sn), "the robot's alert listed")
+    # each button names its alert: the battery one (also critical, 3 %) is passed by
+    tab_to(driver, attr("aria-label", f"Acknowledge Robot fault on robot {sn}"),
+           "the fault's Acknowledge button")
+    shot(driver, fleet, "keyboard-2-alert-focused")
+    press(driver, Keys.ENTER)
+    eventually(lambda: alert_row(driver, sn).find_element(By.CSS_SELECTOR, "td.state").text
+               == "acknowledged", "acknowledged")
+    assert alert_row(driver, sn, "battery_low").find_element(By.CSS_SELECTOR, "td.state").text \
+        == "open"  # the other one untouched
+    # the focus stayed in the row (on its next control), not thrown back to the page's top
+    focused = driver.switch_to.active_element
+    assert focused.get_attribute("aria-label") == f"Silence 1 h: Robot fault on robot {sn}"
+    shot(driver, fleet, "keyboard-3-alert-acknowledged")
+
+    # -- the Gateways view: choose get_status with the arrows, send it with Space --------
+    tab_to(driver, attr("data-view", "gateways"), "the Gateways view link")
+    press(driver, Keys.ENTER)
+    eventually(lambda: driver.current_url.endswith("#view/gateways"), "gateways address")
+    row = '#gateways tr[data-gateway="acme/gw-acme"]'
+    eventually(lambda: len(driver.find_elements(By.CSS_SELECTOR, f"{row} select.cmd-name option"))
+               > 2, "the gateway's own commands offered")
+    select = tab_to(driver, attr("aria-label", "command for gateway gw-acme"), "its command list")
+    press(driver, Keys.ARROW_DOWN)
+    assert select.get_attribute("value") == "get_status", select.get_attribute("value")
+    tab_to(driver, attr("aria-label", "Send the command to gateway gw-acme"), "Send")
+    press(driver, Keys.SPACE)
+    out = driver.find_element(By.CSS_SELECTOR, f"{row} .cmd-out")
+    try:
+        text = str(eventually(lambda: out.text.startswith("get_status: answered") and out.text,
+                              "get_status answered", timeout=30))
+    except TimeoutError:
+        shot(driver, fleet, "keyboard-4-command-not-answered")
+        raise AssertionError(f"no answer; the page says {out.text[:300]!r}") from None
+    shot(driver, fleet, "keyboard-4-command-answered")
+    assert "gateway id gw-acme" in text and "{" not in text.split("raw answer")[0], text

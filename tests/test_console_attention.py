@@ -34,7 +34,7 @@ from callback_server.alerts import RULES as RULE_IDS
 from callback_server.keys import Role, add_key
 from tests import test_console
 from tests.services import callback_server, edge_agent
-from tests.test_console import BROKER, SHOTS, Fleet, cell, eventually, sign_in
+from tests.test_console import BROKER, SHOTS, Fleet, cell, eventually, page_stats, sign_in
 
 browser = test_console.browser  # the same fixture: Debian's chromium, headless
 
@@ -354,7 +354,7 @@ def test_the_page_holds_all_50000_robots_and_draws_only_what_is_in_view(
         big: Fleet, browser: Callable[[], WebDriver]) -> None:
     viewer = browser()
     sign_in(viewer, big, "viewer_a")
-    eventually(lambda: viewer.execute_script("return window.consoleStats.ready"),
+    eventually(lambda: page_stats(viewer)["ready"],
                "snapshot loaded", timeout=120)
     eventually(lambda: viewer.find_element(By.ID, "total").text ==
                f"({BIG} shown of {BIG})", "every robot in the table", timeout=60)

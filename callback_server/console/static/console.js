@@ -1,4 +1,3 @@
-"use strict";
 // The fleet console: one EventSource (/console/stream) feeds maps of robots, events,
 // alerts and gateways; the page renders at most every RENDER_MS, whatever the update
 // rate, and changes rows in place. Every value from the server is put in the page with
@@ -8,7 +7,10 @@
 // hello carries (st.rules): stale after robot_offline.silent_seconds, low battery at
 // battery_low.warning while not charging, backlog above gateway_backlog.max_age_seconds;
 // faults and stuck robots are their open alerts (and a stuck move state). No threshold
-// is a constant here.
+// is a constant here. ES modules, no globals: page.js holds what the robot page shares.
+
+import {el, eventRow, fmtAge, fmtEpoch, fmtTime, post, sendCommand} from "./page.js";
+import {robotPage} from "./robot.js";
 
 const RENDER_MS = 150;
 const TRACK = 40;        // positions kept per robot for the floor view
@@ -26,9 +28,10 @@ const RESORT_MS = 2000;  // a large fleet's order is recomputed at most this oft
 const GATEWAY_COMMANDS = ["ping", "get_status"];
 const SVG = "http://www.w3.org/2000/svg";
 
-// Counters a test or benchmark reads (frames received, objects, time spent rendering).
+// Counters a test or benchmark reads (frames received, objects, time spent rendering) with
+// import("/console/static/console.js"): the same module instance as the page's.
 // ``hellos`` counts stream (re)connections: more than one means the stream broke.
-window.consoleStats = {hellos: 0, frames: 0, objects: 0, renders: 0, renderMs: 0, floorMs: 0,
+export const stats = {hellos: 0, frames: 0, objects: 0, renders: 0, renderMs: 0, floorMs: 0,
   rowsBuilt: 0, ready: false};
 
 const st = {
@@ -41,6 +44,9 @@ const st = {
   gateways: new Map(),   // "org/gateway" -> presence and heartbeat
   runs: new Map(),       // "org/gateway" -> its latest poll run (GET /ingestion-runs)
   gatewayCmd: new Map(), // "org/gateway" -> its command cell, kept across renders
+  gatewayRows: new Map(), // "org/gateway" -> its row, refilled in place
+  floors: new Map(),     // "site · map" -> its figure and markers, changed in place
+  eventRows: new Map(),  // "sn/event_id" -> its row
   tracks: new Map(),
   byRobot: new Map(),    // sn -> {rule -> alert} of its open or acknowledged alerts
   rowEls: new Map(),     // sn -> its table row (only rows in view exist)
@@ -58,14 +64,9 @@ const st = {
   sort: {key: "robot_sn", dir: 1},
   filter: {q: "", org: "", site: "", status: "", attention: ""},
   timer: null,
+  resting: false, restAgain: false,  // the rest of a render is under way, and again after it
+  refocus: null,         // the alert whose row takes the focus back when refilled
 };
-
-function el(tag, attrs = {}, text) {
-  const e = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
-  if (text !== undefined && text !== null) e.textContent = String(text);
-  return e;
-}
 
 function svg(tag, attrs = {}) {
   const e = document.createElementNS(SVG, tag);
@@ -76,24 +77,6 @@ function svg(tag, attrs = {}) {
 function ageSeconds(iso) {
   const t = iso ? Date.parse(iso) : NaN;
   return Number.isNaN(t) ? Infinity : Math.max(0, (Date.now() - t) / 1000);
-}
-
-function fmtAge(s) {
-  if (!Number.isFinite(s)) return "never";
-  if (s < 60) return `${Math.round(s)} s`;
-  if (s < 3600) return `${Math.round(s / 60)} min`;
-  if (s < 86400) return `${(s / 3600).toFixed(1)} h`;
-  return `${(s / 86400).toFixed(1)} d`;
-}
-
-function fmtTime(iso) {
-  if (!iso) return "";
-  const d = new Date(iso);
-  return Number.isNaN(d.getTime()) ? iso : d.toLocaleString();
-}
-
-function fmtEpoch(s) {
-  return typeof s === "number" ? new Date(s * 1000).toLocaleString() : "";
 }
 
 function schedule() {
@@ -265,7 +248,7 @@ function onAlerts(items) {
     indexAlert(a);
     if (!known && a.state === "open") fresh += 1;
   }
-  if (fresh && window.consoleStats.ready) {
+  if (fresh && stats.ready) {
     const worst = items.filter((a) => a.state === "open")
       .sort((a, b) => sevRank(b.severity) - sevRank(a.severity))[0];
     announce(`${fresh} new alert${fresh > 1 ? "s" : ""}` +
@@ -306,7 +289,7 @@ function onEvents(items) {
   const newest = [...st.events.entries()].sort((a, b) => eventOrder(a[1], b[1]));
   for (const [k] of newest.slice(EVENTS_SHOWN)) st.events.delete(k);
   st.eventsDirty = true;
-  if (window.robotPage) window.robotPage.onEvents(items);
+  robotPage.onEvents(items);
   schedule();
 }
 
@@ -502,7 +485,7 @@ function fillRow(tr, r) {
     el("td", {class: "map"}, r.map_name || ""), el("td", {class: "pos"}, pos),
     el("td", {class: "last-seen", title: r.last_updated || ""}, fmtTime(r.last_updated)),
     el("td", {class: "age"}, fmtAge(age)));
-  window.consoleStats.rowsBuilt += 1;
+  stats.rowsBuilt += 1;
 }
 
 function spacer(h) {
@@ -669,7 +652,18 @@ function fillAlert(tr, a) {
     }
     cells.push(td);
   }
+  // a keyboard user keeps their place: the focus stays in the row it was in (on the same
+  // kind of control, else the row's first), not lost to the page when the row is refilled
+  let focused = tr.contains(document.activeElement) ? document.activeElement.className : null;
+  if (st.refocus === a.id) {  // its button was pressed (and lost the focus when disabled)
+    focused = "silence";
+    st.refocus = null;
+  }
   tr.replaceChildren(...cells);
+  if (focused !== null) {
+    const same = focused ? tr.querySelector(`button.${CSS.escape(focused.split(" ")[0])}`) : null;
+    (same || tr.querySelector("button, input, a"))?.focus();
+  }
 }
 
 // New alerts are inserted in order unless the pointer is on the list or alerts are
@@ -752,91 +746,26 @@ async function bulk(action) {
 }
 
 async function alertAction(id, action, body, button) {
+  if (document.activeElement === button) st.refocus = id;
   button.disabled = true;
   const r = await post(`/alerts/${encodeURIComponent(id)}/${action}`, body);
   if (r.ok) onAlerts([await r.json()]);
   else { button.disabled = false; button.title = `failed (${r.status})`; }
 }
 
-// A state-changing request with the session cookie (the browser adds this Origin).
-function post(url, body) {
-  return fetch(url, {method: "POST", credentials: "same-origin",
-    headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
-}
-
-// Send a command and show its answer, or why there is none (timeout, refusal), in ``out``.
-// A command's answer in plain words: one row per value (nested keys joined by "."), yes/no
-// for flags, and the raw JSON behind a toggle for whoever needs it.
-function flatten(value, prefix, rows) {
-  if (value && typeof value === "object" && !Array.isArray(value) && Object.keys(value).length) {
-    for (const [k, v] of Object.entries(value)) flatten(v, prefix ? `${prefix}.${k}` : k, rows);
-  } else {
-    const when = typeof value === "number" && /(^|_)(time|ts|at)$/.test(prefix) && value > 1e9 && value < 1e10;
-    const shown = when ? fmtEpoch(value) : value === true ? "yes" : value === false ? "no" : value === null ? "—"
-      : Array.isArray(value) ? value.map((v) => (typeof v === "object" ? JSON.stringify(v) : String(v))).join(", ")
-      : typeof value === "object" ? "—" : String(value);
-    rows.push([prefix.replaceAll("_", " "), shown]);
-  }
-  return rows;
-}
-
-function showAnswer(out, command, value) {
-  const failed = value && typeof value === "object" && value.status === "error";
-  const table = el("table", {class: "kv"});
-  const caption = el("caption", {}, `${command}: ${failed ? "the gateway answered with an error" : "answered"}`);
-  const body = el("tbody");
-  for (const [k, v] of flatten(value, "", [])) {
-    const tr = el("tr");
-    tr.append(el("th", {scope: "row"}, k || "answer"), el("td", {}, v));
-    body.append(tr);
-  }
-  table.append(caption, body);
-  const raw = el("details", {class: "raw"});
-  raw.append(el("summary", {}, "raw answer"), el("pre", {}, JSON.stringify(value, null, 1)));
-  out.replaceChildren(table, raw);
-}
-
-async function sendCommand(url, body, out, button) {
-  button.disabled = true;
-  out.className = "cmd-out pending";
-  out.textContent = `${body.command}: waiting up to ${body.timeout} s…`;
-  try {
-    const r = await post(url, body);
-    const answer = await r.json().catch(() => ({message: `HTTP ${r.status}`}));
-    out.className = `cmd-out ${r.ok && answer.status !== "error" ? "ok" : r.status === 504 ? "timeout" : "failed"}`;
-    if (r.ok) showAnswer(out, body.command, answer.result ?? answer);
-    else out.textContent =
-      `${body.command}: ${r.status === 504 ? "timed out" : "refused"} (${r.status}): ${answer.message || ""}`;
-  } catch (err) {
-    out.className = "cmd-out failed";
-    out.textContent = `${body.command}: ${err}`;
-  } finally {
-    button.disabled = false;
-  }
-}
-window.sendCommand = sendCommand;
-
 // -- events ----------------------------------------------------------------------------
-function eventRow(e, withRobot) {
-  const level = String(e.event_level || "info").toLowerCase();
-  const tr = el("tr", {"data-event": `${e.robot_sn}/${e.event_id}`, class: `sev-${level}`});
-  tr.append(el("td", {class: "time", title: e.upload_time || ""}, fmtTime(e.task_time || e.upload_time)),
-    el("td", {class: "severity"}, level));
-  if (withRobot) {
-    const td = el("td", {class: "robot"});
-    td.append(el("a", {href: `#robot/${encodeURIComponent(e.robot_sn)}`}, e.robot_sn));
-    tr.append(td);
-  }
-  tr.append(el("td", {class: "type"}, e.event_type || e.callback_type || ""),
-    el("td", {class: "detail"}, e.event_detail || ""));
-  if (withRobot) tr.append(el("td", {class: "org"}, e.org_id));
-  return tr;
-}
-window.eventRow = eventRow;
-
-function renderEvents() {
+function renderEvents() {  // keyed: a new event adds one row, the rest stay
   const list = [...st.events.values()].filter(eventPasses).sort(eventOrder);
-  document.querySelector("#events tbody").replaceChildren(...list.map((e) => eventRow(e, true)));
+  const rows = list.map((e) => {
+    const key = `${e.robot_sn}/${e.event_id}`;
+    let tr = st.eventRows.get(key);
+    if (!tr) { tr = eventRow(e, true); st.eventRows.set(key, tr); }
+    return tr;
+  });
+  const keep = new Set(list.map((e) => `${e.robot_sn}/${e.event_id}`));
+  for (const key of [...st.eventRows.keys()]) if (!keep.has(key)) st.eventRows.delete(key);
+  const body = document.querySelector("#events tbody"), now = [...body.children];
+  if (now.length !== rows.length || rows.some((tr, i) => now[i] !== tr)) body.replaceChildren(...rows);
   document.getElementById("event-count").textContent = `(latest ${list.length})`;
 }
 
@@ -882,24 +811,68 @@ async function loadGatewayCommands(g, select) {
   }
 }
 
+// A clock offset in words: "in step with …", "1.0 h behind …", "12 s ahead of …".
+function fmtOffset(s, whom) {
+  if (Math.abs(s) < 1) return `in step with ${whom}`;
+  return `${fmtAge(Math.abs(s))} ${s > 0 ? "ahead of" : "behind"} ${whom}`;
+}
+
+// The gateway's clock, compared twice: with this server's (its heartbeat's timestamp against
+// when it arrived, clock_offset_s) and with its robots' (the edge's own verdict,
+// gateway_clock_offset_s). Off when either is beyond the gateway_clock rule's bound.
+function clockOf(g) {
+  const limit = st.rules?.gateway_clock?.max_offset_seconds ?? Infinity;
+  const here = g.clock_offset_s, robots = g.gateway_clock_offset_s;
+  const parts = [];
+  if (typeof here === "number") parts.push(fmtOffset(here, "this server"));
+  if (typeof robots === "number" && Math.abs(robots) >= 1) parts.push(fmtOffset(robots, "its robots"));
+  const off = [here, robots].some((v) => typeof v === "number" && Math.abs(v) > limit);
+  return {off, text: parts.length ? (off ? "clock off: " : "") + parts.join("; ") : "not reported",
+    title: Number.isFinite(limit) ? `off beyond ${limit} s either way (gateway_clock rule)` : ""};
+}
+
+// One gateway's row, refilled in place: the row and its command cell (a pending answer, the
+// chosen command, the focus) stay; only cells whose text changed are written.
+function fillGateway(tr, key, g) {
+  const beat = typeof g.heartbeat_at === "number" ? (Date.now() / 1000 - g.heartbeat_at) : Infinity;
+  const clock = clockOf(g);
+  tr.className = `presence-${g.state}` + (backlogged(g) ? " backlogged" : "") + (clock.off ? " clock-off" : "");
+  const presence = (g.state || "unknown") + (g.state === "offline" && g.since ? ` since ${fmtEpoch(g.since)}` : "");
+  const cells = [
+    ["gateway", g.gateway_id], ["org", g.org_id], [`presence s-${g.state}`, presence],
+    ["heartbeat", Number.isFinite(beat) ? `${fmtAge(beat)} ago` : "none yet"],
+    ["clock" + (clock.off ? " off" : ""), clock.text, clock.title],
+    ["backlog", g.outbox_depth ?? ""],
+    ["oldest", typeof g.outbox_oldest_age_s === "number" ? fmtAge(g.outbox_oldest_age_s) : ""],
+    ["last-run", runText(g.last_run || st.runs.get(key))],
+  ];
+  if (tr.cells.length === 0) {
+    for (const [cls] of cells) tr.append(el("td", {class: cls}));
+    if (st.me && st.me.operator) tr.append(gatewayCommandCell(key, g));
+  }
+  cells.forEach(([cls, text, title], i) => {
+    const td = tr.cells[i];
+    if (td.className !== cls) td.className = cls;
+    if (td.textContent !== String(text)) td.textContent = text;
+    if (title !== undefined && td.title !== title) td.title = title;
+  });
+}
+
 function renderGateways() {
   const body = document.querySelector("#gateways tbody");
   const rows = [];
   for (const [key, g] of [...st.gateways].sort()) {
     if (!gatewayPasses(g)) continue;
-    const beat = typeof g.heartbeat_at === "number" ? (Date.now() / 1000 - g.heartbeat_at) : Infinity;
-    const tr = el("tr", {"data-gateway": key, class: `presence-${g.state}` + (backlogged(g) ? " backlogged" : "")});
-    const presence = el("td", {class: `presence s-${g.state}`}, g.state || "unknown");
-    if (g.state === "offline" && g.since) presence.append(el("span", {class: "mute"}, ` since ${fmtEpoch(g.since)}`));
-    tr.append(el("td", {class: "gateway"}, g.gateway_id), el("td", {class: "org"}, g.org_id), presence,
-      el("td", {class: "heartbeat"}, Number.isFinite(beat) ? `${fmtAge(beat)} ago` : "none yet"),
-      el("td", {class: "backlog"}, g.outbox_depth ?? ""),
-      el("td", {class: "oldest"}, typeof g.outbox_oldest_age_s === "number" ? fmtAge(g.outbox_oldest_age_s) : ""),
-      el("td", {class: "last-run"}, runText(g.last_run || st.runs.get(key))));
-    if (st.me && st.me.operator) tr.append(gatewayCommandCell(key, g));
+    let tr = st.gatewayRows.get(key);
+    if (!tr) {
+      tr = el("tr", {"data-gateway": key});
+      st.gatewayRows.set(key, tr);
+    }
+    fillGateway(tr, key, g);
     rows.push(tr);
   }
-  body.replaceChildren(...rows);
+  const now = [...body.children];
+  if (now.length !== rows.length || rows.some((tr, i) => now[i] !== tr)) body.replaceChildren(...rows);
   document.getElementById("gateway-count").textContent = `(${rows.length})`;
 }
 
@@ -924,12 +897,112 @@ function markerClass(r) {
   return `marker s-${state}`;
 }
 
+// The frame of one floor: a centre and a scale kept while the positions stay inside it, so
+// a move redraws one marker, not the map. Refit when a point leaves the padded frame, or
+// when the points fill less than a quarter of its span.
+function floorFrame(old, pts, W, H, PAD) {
+  let [x0, x1, y0, y1] = [Infinity, -Infinity, Infinity, -Infinity];
+  for (const [x, y] of pts) { x0 = Math.min(x0, x); x1 = Math.max(x1, x); y0 = Math.min(y0, y); y1 = Math.max(y1, y); }
+  const span = Math.max(x1 - x0, y1 - y0, 2);
+  if (old) {
+    const hw = (W / 2 - PAD / 2) / old.k, hh = (H / 2 - PAD / 2) / old.k;
+    const inside = x0 >= old.cx - hw && x1 <= old.cx + hw && y0 >= old.cy - hh && y1 <= old.cy + hh;
+    if (inside && span * old.k * 4 >= Math.min(W - 2 * PAD, H - 2 * PAD)) return old;
+  }
+  const fit = span * 1.25;  // room to move before the next refit
+  const k = Math.min(W - 2 * PAD, H - 2 * PAD) / fit;
+  return {cx: (x0 + x1) / 2, cy: (y0 + y1) / 2, k, span: fit};
+}
+
+// One floor's figure: its svg, its grid (redrawn only when the frame changes) and a layer of
+// tracks under a layer of markers, each robot's kept by sn and changed in place.
+function floorFigure(name) {
+  const W = 480, H = 320;
+  const fig = el("figure", {class: "map", "data-map": name});
+  const caption = el("figcaption");
+  const s = svg("svg", {viewBox: `0 0 ${W} ${H}`, width: W, height: H});
+  const grid = svg("g", {class: "grid-layer"}), tracks = svg("g"), marks = svg("g"), tags = svg("g");
+  s.append(grid, tracks, marks, tags);
+  fig.append(caption, s);
+  return {fig, caption, grid, tracks, marks, tags, frame: null, robots: new Map(), W, H};
+}
+
+function drawGrid(f, PAD) {
+  const {W, H} = f, {cx, cy, k, span} = f.frame;
+  const sx = (x) => W / 2 + (x - cx) * k, sy = (y) => H / 2 - (y - cy) * k;
+  const step = niceStep(span * (W / Math.min(W - 2 * PAD, H - 2 * PAD)));
+  const gx0 = Math.floor((cx - W / 2 / k) / step) * step;
+  const gy0 = Math.floor((cy - H / 2 / k) / step) * step;
+  const lines = [];
+  for (let gx = gx0; sx(gx) <= W; gx += step) lines.push(svg("line", {class: "grid", x1: sx(gx), x2: sx(gx), y1: 0, y2: H}));
+  for (let gy = gy0; sy(gy) >= 0; gy += step) lines.push(svg("line", {class: "grid", y1: sy(gy), y2: sy(gy), x1: 0, x2: W}));
+  const label = svg("text", {class: "scale", x: 6, y: H - 6});
+  label.textContent = `grid ${step} m`;
+  f.grid.replaceChildren(...lines, label);
+}
+
+// One robot on its floor: the marker (and its track, and its name tag on a small floor)
+// created once, then only the attributes that changed are written.
+function placeRobot(f, r, sx, sy, tagged) {
+  let m = f.robots.get(r.robot_sn);
+  if (!m) {
+    const g = svg("g", {"data-sn": r.robot_sn});
+    const title = svg("title");
+    g.append(svg("circle", {r: 7}), svg("line", {class: "heading", x1: 0, y1: 0, x2: 14, y2: 0}), title);
+    m = {g, title, track: null, tag: null, at: "", cls: "", tip: "", points: ""};
+    f.marks.append(g);
+    f.robots.set(r.robot_sn, m);
+  }
+  const yaw = typeof r.yaw === "number" ? r.yaw : 0;
+  const cls = markerClass(r);
+  const at = `translate(${sx(r.x).toFixed(1)} ${sy(r.y).toFixed(1)}) rotate(${-yaw})`;
+  if (m.at !== at) {
+    m.at = at;
+    m.g.setAttribute("transform", at);
+    m.g.setAttribute("data-x", r.x);
+    m.g.setAttribute("data-y", r.y);
+  }
+  if (m.cls !== cls) { m.cls = cls; m.g.setAttribute("class", cls); }
+  const tip = `${r.robot_sn} (${r.x}, ${r.y}) yaw ${yaw} · ${cls.slice(9)}`;
+  if (m.tip !== tip) { m.tip = tip; m.title.textContent = tip; }
+  const t = st.tracks.get(trackKey(r)) || [];
+  const points = t.length > 1 ? t.map(([x, y]) => `${sx(x).toFixed(1)},${sy(y).toFixed(1)}`).join(" ") : "";
+  if (m.points !== points) {
+    m.points = points;
+    if (!points) { m.track?.remove(); m.track = null; }
+    else {
+      if (!m.track) {
+        m.track = svg("polyline", {class: "track", "data-sn": r.robot_sn});
+        f.tracks.append(m.track);
+      }
+      m.track.setAttribute("points", points);
+    }
+  }
+  if (tagged) {  // past TAGS_UP_TO, names only on hover (title)
+    if (!m.tag) {
+      m.tag = svg("text", {class: "tag"});
+      m.tag.textContent = r.robot_sn;
+      f.tags.append(m.tag);
+    }
+    m.tag.setAttribute("x", (sx(r.x) + 9).toFixed(1));
+    m.tag.setAttribute("y", (sy(r.y) - 9).toFixed(1));
+  } else if (m.tag) { m.tag.remove(); m.tag = null; }
+}
+
+function dropRobot(f, sn) {
+  const m = f.robots.get(sn);
+  m.g.remove();
+  m.track?.remove();
+  m.tag?.remove();
+  f.robots.delete(sn);
+}
+
 function renderFloor() {
   const byMap = new Map();
   let positioned = 0;
+  const kind = ROBOT_KINDS[st.filter.attention];
   for (const r of st.robots.values()) {
     if (typeof r.x !== "number" || typeof r.y !== "number" || !robotPasses(r)) continue;
-    const kind = ROBOT_KINDS[st.filter.attention];
     if (kind && !kind[1](flagsOf(r))) continue;
     positioned += 1;
     // a map name is per site: five sites' "1F" are five floors, not one
@@ -942,52 +1015,36 @@ function renderFloor() {
   if (positioned > FLOOR_UP_TO) {
     note.textContent = `${positioned} robots with a position: choose a site or search to draw them`;
     host.replaceChildren();
+    st.floors.clear();
     return;
   }
   note.textContent = "";
-  const W = 480, H = 320, PAD = 24;
+  const PAD = 24;
   const figures = [];
   for (const [name, robots] of [...byMap].sort()) {
+    let f = st.floors.get(name);
+    if (!f) { f = floorFigure(name); st.floors.set(name, f); }
     const pts = robots.flatMap((r) => st.tracks.get(trackKey(r)) || [[r.x, r.y]]);
-    let [x0, x1, y0, y1] = [Infinity, -Infinity, Infinity, -Infinity];
-    for (const [x, y] of pts) { x0 = Math.min(x0, x); x1 = Math.max(x1, x); y0 = Math.min(y0, y); y1 = Math.max(y1, y); }
-    const span = Math.max(x1 - x0, y1 - y0, 2);
-    const cx = (x0 + x1) / 2, cy = (y0 + y1) / 2;
-    const k = Math.min(W - 2 * PAD, H - 2 * PAD) / span;
-    const sx = (x) => W / 2 + (x - cx) * k, sy = (y) => H / 2 - (y - cy) * k;  // y up
-    const fig = el("figure", {class: "map", "data-map": name});
-    fig.append(el("figcaption", {}, `${name} — ${robots.length} robot(s)`));
-    const s = svg("svg", {viewBox: `0 0 ${W} ${H}`, width: W, height: H});
-    const step = niceStep(span * (W / Math.min(W - 2 * PAD, H - 2 * PAD)));
-    const gx0 = Math.floor((cx - W / 2 / k) / step) * step;
-    const gy0 = Math.floor((cy - H / 2 / k) / step) * step;
-    for (let gx = gx0; sx(gx) <= W; gx += step) s.append(svg("line", {class: "grid", x1: sx(gx), x2: sx(gx), y1: 0, y2: H}));
-    for (let gy = gy0; sy(gy) >= 0; gy += step) s.append(svg("line", {class: "grid", y1: sy(gy), y2: sy(gy), x1: 0, x2: W}));
-    const label = svg("text", {class: "scale", x: 6, y: H - 6});
-    label.textContent = `grid ${step} m`;
-    s.append(label);
-    for (const r of robots) {
-      const t = st.tracks.get(trackKey(r)) || [];
-      if (t.length > 1) s.append(svg("polyline", {class: "track", "data-sn": r.robot_sn, points: t.map(([x, y]) => `${sx(x)},${sy(y)}`).join(" ")}));
-      const yaw = typeof r.yaw === "number" ? r.yaw : 0;
-      const cls = markerClass(r);
-      const g = svg("g", {class: cls, "data-sn": r.robot_sn, "data-x": r.x, "data-y": r.y,
-        transform: `translate(${sx(r.x).toFixed(1)} ${sy(r.y).toFixed(1)}) rotate(${-yaw})`});
-      g.append(svg("circle", {r: 7}), svg("line", {class: "heading", x1: 0, y1: 0, x2: 14, y2: 0}));
-      const title = svg("title");
-      title.textContent = `${r.robot_sn} (${r.x}, ${r.y}) yaw ${yaw} · ${cls.slice(9)}`;
-      g.append(title);
-      s.append(g);
-      if (robots.length <= TAGS_UP_TO) {  // past that, names only on hover (title)
-        const tag = svg("text", {class: "tag", x: sx(r.x) + 9, y: sy(r.y) - 9});
-        tag.textContent = r.robot_sn;
-        s.append(tag);
-      }
+    const frame = floorFrame(f.frame, pts, f.W, f.H, PAD);
+    if (frame !== f.frame) {  // a new frame moves everything: every marker is rewritten
+      f.frame = frame;
+      drawGrid(f, PAD);
     }
-    fig.append(s);
-    figures.push(fig);
+    const {cx, cy, k} = frame, {W, H} = f;
+    const sx = (x) => W / 2 + (x - cx) * k, sy = (y) => H / 2 - (y - cy) * k;  // y up
+    const caption = `${name} — ${robots.length} robot(s)`;
+    if (f.caption.textContent !== caption) f.caption.textContent = caption;
+    const here = new Set();
+    for (const r of robots) {
+      here.add(r.robot_sn);
+      placeRobot(f, r, sx, sy, robots.length <= TAGS_UP_TO);
+    }
+    for (const sn of [...f.robots.keys()]) if (!here.has(sn)) dropRobot(f, sn);
+    figures.push(f.fig);
   }
-  host.replaceChildren(...figures);
+  for (const name of [...st.floors.keys()]) if (!byMap.has(name)) st.floors.delete(name);
+  const now = [...host.children];
+  if (now.length !== figures.length || figures.some((fig, i) => now[i] !== fig)) host.replaceChildren(...figures);
 }
 
 // -- the robot page's flags (robot.js draws the rest) --------------------------------------
@@ -1010,46 +1067,80 @@ function renderRobotFlags() {
   }
 }
 
+// One render is split into tasks, the browser free to paint and take input between them,
+// so no one of them blocks the page for long: the fleet table at once (a sort click is
+// answered in its own task), then the lists, then the counts, then the floor.
+const nextTask = () => new Promise((resolve) => {
+  const ch = new MessageChannel();
+  ch.port1.onmessage = () => resolve();
+  ch.port2.postMessage(null);
+});
+
 function render() {
-  const stats = window.consoleStats, t0 = performance.now();
   if (st.rules === null) return;  // the hello brings the rules the page judges by
+  const t0 = performance.now();
   renderFleet();
-  if (st.alertsDirty) renderAlerts(false);  // rebuilt only when changed: buttons stay put
-  st.alertsDirty = false;
-  if (st.eventsDirty) renderEvents();
-  st.eventsDirty = false;
-  if (st.gatewaysDirty || stats.renders % 7 === 0) renderGateways();  // heartbeat ages
-  st.gatewaysDirty = false;
-  // every robot's flags, counted: a large fleet's strip is recounted at most once a second
-  if (st.robots.size <= 5000 || t0 - st.attentionAt >= 1000) {
-    renderAttention();
-    st.attentionAt = t0;
-  }
-  renderRobotFlags();
-  const t1 = performance.now();
-  // a view without the floor (#view/alerts...) leaves it dirty: drawn when it is shown again
-  const view = document.querySelector("main").dataset.view;
-  const floorShown = !view || view === "floors";
-  if (st.floorDirty && !floorShown) {
-    // nothing: the floor waits for its view
-  } else if (st.floorDirty && t1 - st.floorAt >= FLOOR_MS) {  // the floor need not follow every pose
-    renderFloor();
-    st.floorDirty = false;
-    st.floorAt = t1;
-  } else if (st.floorDirty) {
-    schedule();
-  }
-  const t2 = performance.now();
   stats.renders += 1;
-  stats.renderMs += t2 - t0;
-  stats.floorMs += t2 - t1;
+  stats.renderMs += performance.now() - t0;
+  renderRest();
+}
+
+function timed(step) {
+  const t0 = performance.now();
+  step();
+  const spent = performance.now() - t0;
+  stats.renderMs += spent;
+  return spent;
+}
+
+async function renderRest() {
+  if (st.resting) { st.restAgain = true; return; }
+  st.resting = true;
+  try {
+    do {
+      st.restAgain = false;
+      await nextTask();
+      timed(() => {
+        if (st.alertsDirty) renderAlerts(false);  // rebuilt only when changed: buttons stay put
+        st.alertsDirty = false;
+        if (st.eventsDirty) renderEvents();
+        st.eventsDirty = false;
+        if (st.gatewaysDirty || stats.renders % 7 === 0) renderGateways();  // heartbeat ages
+        st.gatewaysDirty = false;
+      });
+      await nextTask();
+      timed(() => {
+        // every robot's flags, counted: a large fleet's strip is recounted at most once a second
+        const t0 = performance.now();
+        if (st.robots.size <= 5000 || t0 - st.attentionAt >= 1000) {
+          renderAttention();
+          st.attentionAt = t0;
+        }
+        renderRobotFlags();
+      });
+      // a view without the floor (#view/alerts...) leaves it dirty: drawn when it is shown again
+      const view = document.querySelector("main").dataset.view;
+      const floorShown = !view || view === "floors";
+      const now = performance.now();
+      if (st.floorDirty && floorShown && now - st.floorAt >= FLOOR_MS) {  // not every pose
+        await nextTask();
+        stats.floorMs += timed(renderFloor);
+        st.floorDirty = false;
+        st.floorAt = now;
+      } else if (st.floorDirty && floorShown) {
+        schedule();
+      }
+    } while (st.restAgain);
+  } finally {
+    st.resting = false;
+  }
 }
 
 function frame(handler) {
   return (e) => {
     const items = JSON.parse(e.data);
-    window.consoleStats.frames += 1;
-    window.consoleStats.objects += items.length;
+    stats.frames += 1;
+    stats.objects += items.length;
     handler(items);
   };
 }
@@ -1174,13 +1265,13 @@ async function start() {
   const es = new EventSource("/console/stream");
   es.addEventListener("open", () => link("live", "up"));
   es.addEventListener("hello", (e) => {
-    window.consoleStats.hellos += 1;
-    window.consoleStats.ready = false;
+    stats.hellos += 1;
+    stats.ready = false;
     const hello = JSON.parse(e.data);
     st.rules = hello.rules;
     st.chargingStates = hello.charging_states;
     for (const m of [st.robots, st.alerts, st.events, st.gateways, st.rowEls, st.byRobot,
-      st.alertRows]) m.clear();
+      st.alertRows, st.gatewayRows, st.eventRows]) m.clear();
     st.alertOrder = [];
     st.listDirty = true;
     document.getElementById("loading").textContent = "loading…";
@@ -1191,7 +1282,7 @@ async function start() {
   es.addEventListener("alerts", frame(onAlerts));
   es.addEventListener("gateways", frame(onGateways));
   es.addEventListener("ready", () => {
-    window.consoleStats.ready = true;
+    stats.ready = true;
     document.getElementById("loading").textContent = "";
     st.listAt = 0;
     schedule();
@@ -1206,7 +1297,7 @@ async function start() {
   });
   setInterval(schedule, 1000);  // the "stale" column ages even when nothing arrives
   loadRuns();
-  if (window.robotPage) window.robotPage.start(st.me);
+  robotPage.start(st.me);
 }
 
 start();

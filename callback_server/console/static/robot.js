@@ -1,11 +1,12 @@
-"use strict";
 // The robot page (#robot/<sn>): battery and status over the last 24 h as a hand-drawn SVG
 // chart (GET /robots/{sn}/history), recent events, tasks (GET /robots/{sn}/tasks, with
 // the chart every REFRESH_MS), and for operators the robot commands
 // (POST /robots/{sn}/commands) with their answer or timeout. console.js owns the stream
-// and hands this page the events it receives (robotPage.onEvents).
+// and hands this page the events it receives (robotPage.onEvents); an ES module.
 
-(() => {
+import {eventRow, sendCommand} from "./page.js";
+
+export const robotPage = (() => {
   const SVG = "http://www.w3.org/2000/svg";
   const DAY_S = 86400;
   const EVENTS = 20;
@@ -115,7 +116,7 @@
     const list = [...page.events.values()].sort((a, b) =>
       ((a.task_time || "") < (b.task_time || "") ? 1 : -1)).slice(0, EVENTS);
     document.querySelector("#robot-events tbody").replaceChildren(
-      ...list.map((e) => window.eventRow(e, false)));
+      ...list.map((e) => eventRow(e, false)));
   }
 
   function when(epoch) {
@@ -158,7 +159,7 @@
         ev.preventDefault();
         const args = {};
         for (const i of inputs) args[i.name] = i.type === "number" ? Number(i.value) : i.value;
-        window.sendCommand(`/robots/${encodeURIComponent(sn)}/commands`,
+        sendCommand(`/robots/${encodeURIComponent(sn)}/commands`,
           {command: c.name, args, timeout: 10}, out, button);
       });
       host.append(form);
@@ -243,5 +244,5 @@
     },
   };
 
-  window.robotPage = robotPage;
+  return robotPage;
 })();

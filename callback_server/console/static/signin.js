@@ -1,4 +1,3 @@
-"use strict";
 // Sign-in: trade the key for a session cookie, then load "/" again (now the console).
 document.getElementById("signin").addEventListener("submit", async (ev) => {
   ev.preventDefault();

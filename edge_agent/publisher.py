@@ -102,7 +102,7 @@ class Pacer:
     publishes over the limits in a 6,000-entry drain."""
 
     def __init__(self, rate: float, byte_rate: float, *, jitter: float = 0.03,
-                 byte_jitter: float = 0.1, slack: float = 0.02,
+                 byte_jitter: float = 0.25, slack: float = 0.02,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.rate, self.byte_rate = max(rate, 0.0), max(byte_rate, 0.0)
         self.window, self.byte_window = 1.0 + jitter, 1.0 + byte_jitter

@@ -24,8 +24,8 @@ from callback_server import config as cb_config
 from callback_server.alerts import Subject
 from callback_server.keys import ALL_ORGS, Principal, add_key, remove_key
 from callback_server.service import CallbackServer
-from tests.dbutil import query
-from tests.services import callback_server
+from tests.support.dbutil import query
+from tests.support.services import callback_server
 
 pytestmark = pytest.mark.integration
 BROKER = "mqtt://127.0.0.1:1883"

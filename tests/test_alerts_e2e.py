@@ -19,9 +19,9 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
-from tests.dbutil import query
-from tests.mqtt_probe import Probe
-from tests.services import ServiceProcess, callback_server, edge_agent
+from tests.support.dbutil import query
+from tests.support.mqtt_probe import Probe
+from tests.support.services import ServiceProcess, callback_server, edge_agent
 
 pytestmark = pytest.mark.integration
 BROKER = "mqtt://127.0.0.1:1883"

@@ -12,7 +12,7 @@ from typing import Any
 from bridge import frames
 from bridge.transport import MqttSettings
 from bridge.transport.memory import MemoryTransport
-from tests.dbutil import query
+from tests.support.dbutil import query
 from tests.test_ingest import Ingest, envelope, ingest  # noqa: F401  (the fixture)
 
 FRAME_TOPIC = "org/acme/device/site-a/batch"

@@ -15,9 +15,9 @@ import pytest
 from bridge.errors import PayloadTooLargeError, PublishRefusedError, TopicNotAllowedError
 from bridge.transport import InboundMessage, MqttSettings, TlsFiles, create_transport
 from bridge.transport.awsiot import AwsIotTransport
-from tests.mqtt_probe import Probe, publish_once
-from tests.services import callback_server, edge_agent
-from tests.tls_certs import CertPair, Pki, TlsBroker
+from tests.support.mqtt_probe import Probe, publish_once
+from tests.support.services import callback_server, edge_agent
+from tests.support.tls_certs import CertPair, Pki, TlsBroker
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.services import edge_agent, pick_port
+from tests.support.services import edge_agent, pick_port
 
 BROKER = "mqtt://127.0.0.1:1883"
 
@@ -218,7 +218,7 @@ def test_outbox_backup_beside_a_running_agent_restores(tmp_path: Path) -> None:
 
 
 def test_awsiot_refuses_a_key_that_is_not_the_certificates(tmp_path: Path) -> None:
-    from tests.tls_certs import CertAuthority
+    from tests.support.tls_certs import CertAuthority
 
     ca = CertAuthority(tmp_path / "pki", "t")
     one, other = ca.issue("gw-1"), ca.issue("gw-2")
@@ -294,7 +294,7 @@ def unit_file(tmp_path: Path, environment: dict[str, str], *extra: str) -> Path:
 @as_root
 def test_as_service_refuses_what_root_can_read_but_the_units_user_cannot(
         open_dir: Path) -> None:
-    from tests.tls_certs import CertAuthority
+    from tests.support.tls_certs import CertAuthority
 
     ca = CertAuthority(open_dir / "pki", "t")
     pair = ca.issue("gw-1")

@@ -17,7 +17,7 @@ from bridge.router import MessageRouter
 from bridge.topic import TopicScheme
 from bridge.transport import InboundMessage, MqttSettings
 from bridge.transport.paho import PahoTransport
-from tests.services import ServiceProcess, callback_server, edge_agent
+from tests.support.services import ServiceProcess, callback_server, edge_agent
 
 pytestmark = pytest.mark.integration
 BROKER = "mqtt://127.0.0.1:1883"

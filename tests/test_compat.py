@@ -24,10 +24,10 @@ from callback_server.keys import add_key
 from callback_server.service import CallbackServer
 from edge_agent import config as edge_config
 from edge_agent.service import EdgeAgent
-from tests.mariadb_proc import MariadbProcess
-from tests.procs import MosquittoProcess, free_port
-from tests.services import ADMIN_TOKEN, ServiceProcess, callback_server, edge_agent
-from tests.waiting import until
+from tests.support.mariadb_proc import MariadbProcess
+from tests.support.procs import MosquittoProcess, free_port
+from tests.support.services import ADMIN_TOKEN, ServiceProcess, callback_server, edge_agent
+from tests.support.waiting import eventually_async
 
 EDGE_TOKEN = "edge-proxy-" + uuid.uuid4().hex[:8]
 CODE = "compat-code"
@@ -123,7 +123,7 @@ async def test_a_pattern_subscribed_without_await_receives_a_webhooks_envelope(
         assert body["data"]["status"] == "online" and body["data"]["robot_sn"] == robot
         assert body["message"].startswith("Robot status processed: online")
         topic = f"org/{stack.org}/device/{robot}/status"
-        await until(lambda: any(t == topic for t, _ in received))
+        await eventually_async(lambda: any(t == topic for t, _ in received))
     copies = [p for t, p in received if t == topic]
     # On the callback server the broker sends a second copy for its own consumer's shared
     # subscription, which the router hands to every matching route: at least once.
@@ -183,7 +183,7 @@ async def test_publish_message_is_true_or_false_and_raises_only_without_a_servic
         assert mqtt.last_error is not None and "$SYS" in mqtt.last_error
         # A pattern the service refuses: awaited, it says so (False), and nothing waits.
         assert await mqtt.subscribe_pattern("elsewhere/*/x", handler) is False
-        await until(lambda: bool(seen))  # (twice on the callback server: see above)
+        await eventually_async(lambda: bool(seen))  # (twice on the callback server: see above)
         assert set(json.dumps(x) for x in seen) == {json.dumps([topic, {"battery": 80}])}
     async with MQTTProxy(f"http://127.0.0.1:{free_port()}", token, timeout=2) as nowhere:
         with pytest.raises(ServiceUnreachableError):
@@ -344,7 +344,7 @@ async def test_a_pattern_made_while_the_service_is_down_subscribes_once_it_is_up
                                         json={"callback_type": "notifyRobotStatus",
                                               "data": {"sn": "R1", "run_state": "idle"}})
                 assert r.status_code == 200, r.text
-                await until(lambda: bool(received))
+                await eventually_async(lambda: bool(received))
             finally:
                 await asyncio.to_thread(agent.stop)
     [(topic, envelope)] = received

@@ -23,7 +23,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from callback_server.keys import Role, add_key
-from tests.services import ServiceProcess, callback_server, edge_agent
+from tests.support.services import ServiceProcess, callback_server, edge_agent
 
 pytestmark = pytest.mark.integration
 BROKER = "mqtt://127.0.0.1:1883"

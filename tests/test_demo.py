@@ -11,8 +11,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.procs import wait_for_port
-from tests.services import pick_port
+from tests.support.procs import wait_for_port
+from tests.support.services import pick_port
 
 
 def test_make_run_pipeline_answers_within_a_second(tmp_path: Path) -> None:

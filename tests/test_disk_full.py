@@ -23,10 +23,10 @@ import pytest
 
 from bridge.errors import OutboxUnwritableError
 from bridge.outbox import Outbox
-from tests.mqtt_probe import Probe
-from tests.procs import MosquittoProcess
-from tests.services import edge_agent
-from tests.waiting import until
+from tests.support.mqtt_probe import Probe
+from tests.support.procs import MosquittoProcess
+from tests.support.services import edge_agent
+from tests.support.waiting import eventually_async
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="mounting a tmpfs needs root (CI runs as root)")
@@ -152,7 +152,7 @@ async def test_removals_made_while_the_disk_is_full_are_kept_and_applied_later(
         outbox.remove(acked)  # PUBACKs arriving while the disk is full
         await asyncio.to_thread(
             subprocess.run, ["mount", "-o", "remount,size=64m", str(small_fs)], check=True)
-        await until(lambda: outbox.unwritable is None, within=5)
+        await eventually_async(lambda: outbox.unwritable is None, within=5)
         assert await outbox.put("t/a", b"accepted again") is not None
         await outbox.sync()
         left = [e.seq for e in await outbox.peek(0, 10_000)]

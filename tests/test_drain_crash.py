@@ -14,9 +14,9 @@ import pytest
 
 from bench.samples import envelopes
 from bridge.outbox import Outbox
-from tests.dbutil import query
-from tests.mqtt_probe import Probe
-from tests.services import callback_server, edge_agent
+from tests.support.dbutil import query
+from tests.support.mqtt_probe import Probe
+from tests.support.services import callback_server, edge_agent
 
 BROKER = "mqtt://127.0.0.1:1883"
 BACKLOG = 600

@@ -171,7 +171,7 @@ def test_docs_render_in_a_browser_under_their_csp(tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from tests.services import callback_server
+    from tests.support.services import callback_server
 
     chromium, chromedriver = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
     if not (chromium.exists() and chromedriver.exists()):

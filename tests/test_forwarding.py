@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.mqtt_probe import Probe, Seen
-from tests.services import ServiceProcess, edge_agent
+from tests.support.mqtt_probe import Probe, Seen
+from tests.support.services import ServiceProcess, edge_agent
 from tests.test_cli import cli, edge_env
 
 pytestmark = pytest.mark.integration

@@ -15,9 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.dbutil import query
-from tests.mqtt_probe import Probe
-from tests.services import ServiceProcess, callback_server, edge_agent
+from tests.support.dbutil import query
+from tests.support.mqtt_probe import Probe
+from tests.support.services import ServiceProcess, callback_server, edge_agent
 from tests.test_strictjson import strict_loads
 
 pytestmark = pytest.mark.integration

@@ -28,9 +28,9 @@ import httpx
 import pytest
 
 from bridge.envelope import Envelope
-from tests.dbutil import query, scratch_mysql_database
-from tests.mqtt_probe import Probe, publish_once
-from tests.procs import MosquittoProcess, free_port
+from tests.support.dbutil import query, scratch_mysql_database
+from tests.support.mqtt_probe import Probe, publish_once
+from tests.support.procs import MosquittoProcess, free_port
 
 IMAGE = os.environ.get("PUDU_IMAGE", "")
 BROKER = "mqtt://127.0.0.1:1883"
@@ -431,7 +431,7 @@ def test_callback_server_takes_a_pudu_webhook_directly_and_stores_it(
 def test_health_answers_a_load_balancer_ready_and_strict(tmp_path: Path, prefix: str) -> None:
     """Broker away: ready (the outbox/store holds), not strictly healthy; database away:
     not ready, and the HEALTHCHECK's probe says so."""
-    from tests.mariadb_proc import MariadbProcess
+    from tests.support.mariadb_proc import MariadbProcess
 
     database = MariadbProcess(tmp_path / "db").start()
     port = free_port()

@@ -20,8 +20,8 @@ from callback_server import config as cb_config
 from callback_server import ingest as ingest_route
 from callback_server import pudu_webhook
 from callback_server.service import CallbackServer
-from tests.dbutil import query
-from tests.mariadb_proc import MariadbProcess
+from tests.support.dbutil import query
+from tests.support.mariadb_proc import MariadbProcess
 
 RULE = "rule-token"
 CAP = 250

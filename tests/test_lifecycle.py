@@ -20,9 +20,9 @@ import httpx
 import pytest
 
 from bridge.sdnotify import Notifier, Watchdog
-from tests.mqtt_probe import Probe
-from tests.procs import wait_for_port
-from tests.services import ADMIN_TOKEN, callback_server, edge_agent, pick_port
+from tests.support.mqtt_probe import Probe
+from tests.support.procs import wait_for_port
+from tests.support.services import ADMIN_TOKEN, callback_server, edge_agent, pick_port
 
 BROKER = "mqtt://127.0.0.1:1883"
 

@@ -19,9 +19,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.dbutil import query
-from tests.mariadb_proc import MariadbProcess
-from tests.services import ServiceProcess, callback_server, edge_agent
+from tests.support.dbutil import query
+from tests.support.mariadb_proc import MariadbProcess
+from tests.support.services import ServiceProcess, callback_server, edge_agent
 
 pytestmark = pytest.mark.integration
 

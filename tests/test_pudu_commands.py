@@ -16,8 +16,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.pudu_stub import KEY, SECRET, StubServer, serve_stub
-from tests.services import callback_server, edge_agent
+from tests.support.pudu_stub import KEY, SECRET, StubServer, serve_stub
+from tests.support.services import callback_server, edge_agent
 
 pytestmark = pytest.mark.integration
 BROKER = "mqtt://127.0.0.1:1883"

@@ -22,9 +22,9 @@ from bridge.transport import InboundMessage, MqttSettings
 from bridge.transport.memory import MemoryTransport
 from edge_agent import checks, config
 from edge_agent.service import EdgeAgent
-from tests.dbutil import query
-from tests.pudu_stub import KEY, SECRET, StubServer, serve_stub
-from tests.services import ServiceProcess, callback_server, edge_agent
+from tests.support.dbutil import query
+from tests.support.pudu_stub import KEY, SECRET, StubServer, serve_stub
+from tests.support.services import ServiceProcess, callback_server, edge_agent
 
 pytestmark = pytest.mark.integration
 BROKER = "mqtt://127.0.0.1:1883"

@@ -14,9 +14,9 @@ import pytest
 
 from edge_agent import config
 from edge_agent.pudu.schedule import parse
-from tests.dbutil import query
-from tests.pudu_stub import KEY, SECRET, StubServer, serve_stub
-from tests.services import callback_server, edge_agent
+from tests.support.dbutil import query
+from tests.support.pudu_stub import KEY, SECRET, StubServer, serve_stub
+from tests.support.services import callback_server, edge_agent
 from tests.test_pudu_poll import BROKER, SHOP, in_process, poll, pudu_env, wait_for
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.mqtt_probe import Probe
-from tests.procs import free_port
-from tests.services import edge_agent
-from tests.tls_certs import CertPair, Pki, TlsBroker
+from tests.support.mqtt_probe import Probe
+from tests.support.procs import free_port
+from tests.support.services import edge_agent
+from tests.support.tls_certs import CertPair, Pki, TlsBroker
 
 pytestmark = pytest.mark.integration
 CODE = {"CallbackCode": "test-code"}

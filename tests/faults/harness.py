@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from tests.dbutil import query
+from tests.support.dbutil import query
 
 ROBOTS = 4
 

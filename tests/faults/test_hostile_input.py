@@ -21,9 +21,9 @@ from bridge.errors import InputError, TopicError
 from bridge.http_errors import status_for
 from bridge.pudu.normalize import DOCUMENTED_TYPES, normalize
 from bridge.topic import Topic, TopicFilter
-from tests.hostile import hostile_bodies
-from tests.mqtt_probe import Probe
-from tests.services import ServiceProcess, callback_server, edge_agent
+from tests.support.hostile import hostile_bodies
+from tests.support.mqtt_probe import Probe
+from tests.support.services import ServiceProcess, callback_server, edge_agent
 from tests.test_strictjson import strict_loads
 
 CODE = "edge-secret-code-0123456789abcdef"

@@ -19,9 +19,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.dbutil import query
-from tests.hostile import FAULT_CLASSES, poison_payloads, valid_envelope
-from tests.services import ServiceProcess, callback_server
+from tests.support.dbutil import query
+from tests.support.hostile import FAULT_CLASSES, poison_payloads, valid_envelope
+from tests.support.services import ServiceProcess, callback_server
 
 pytestmark = pytest.mark.integration
 BROKER = "mqtt://127.0.0.1:1883"

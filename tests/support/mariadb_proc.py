@@ -15,7 +15,7 @@ from types import TracebackType
 
 import pymysql
 
-from tests.services import pick_port
+from tests.support.services import pick_port
 
 
 class MariadbProcess:

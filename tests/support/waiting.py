@@ -73,7 +73,3 @@ async def eventually_async(check: Callable[[], T | Awaitable[T]], *, within: flo
             raise _expired(what, within, last, error)
         await asyncio.sleep(every)
 
-
-async def until(check: Callable[[], bool], within: float = 15) -> None:
-    """The older name of ``eventually_async`` (tests/support's move script renames callers)."""
-    await eventually_async(check, within=within)

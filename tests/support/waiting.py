@@ -12,26 +12,36 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar, overload
 
 T = TypeVar("T")
 
 EVERY = 0.02  # seconds between checks: short, so a test waits no longer than it must
+WITHIN = 20.0  # seconds: generous, since it is spent only when the test fails anyway
+SHOWN = 1500  # characters of the last value a failure shows
 
 
-class NotYet(AssertionError):
-    """The awaited condition did not hold by the deadline; the message says what it was."""
+class NotYet(TimeoutError):
+    """The awaited condition did not hold by the deadline; the message says what it was.
+
+    A ``TimeoutError``, which is what a wait that ran out of time raises everywhere else.
+    """
 
 
 def _expired(what: str | None, within: float, last: object, error: BaseException | None) -> NotYet:
     said = what or "condition"
-    tail = f"; last error: {error!r}" if error is not None else f"; last value: {last!r}"
+    seen = repr(error) if error is not None else repr(last)
+    if len(seen) > SHOWN:
+        seen = "..." + seen[-SHOWN:]  # the end of a log is where the news is
+    tail = f"; last error: {seen}" if error is not None else f"; last value: {seen}"
     return NotYet(f"{said} not met within {within:g} s{tail}")
 
 
-def eventually(check: Callable[[], T], *, within: float = 15, what: str | None = None,
+def eventually(check: Callable[[], T], *, within: float = WITHIN, what: str | None = None,
+               accept: Callable[[T], object] = bool,
                ignoring: tuple[type[BaseException], ...] = (), every: float = EVERY) -> T:
-    """Return ``check()``'s first truthy result; ``NotYet`` naming ``what`` past ``within`` s.
+    """Return ``check()``'s first result that ``accept`` (default: truthiness) holds for;
+    ``NotYet`` naming ``what`` past ``within`` s, with the last value seen.
 
     An exception in ``ignoring`` (a service still starting: ``OSError``) counts as "not yet".
     """
@@ -40,9 +50,10 @@ def eventually(check: Callable[[], T], *, within: float = 15, what: str | None =
     error: BaseException | None = None
     while True:
         try:
-            last, error = check(), None
-            if last:
-                return last
+            value = check()
+            last, error = value, None
+            if accept(value):
+                return value
         except ignoring as exc:
             error = exc
         if time.monotonic() > deadline:
@@ -50,10 +61,27 @@ def eventually(check: Callable[[], T], *, within: float = 15, what: str | None =
         time.sleep(every)
 
 
-async def eventually_async(check: Callable[[], T | Awaitable[T]], *, within: float = 15,
+@overload
+async def eventually_async(check: Callable[[], Awaitable[T]], *, within: float = WITHIN,
                            what: str | None = None,
+                           accept: Callable[[T], object] = bool,
                            ignoring: tuple[type[BaseException], ...] = (),
-                           every: float = EVERY) -> T:
+                           every: float = EVERY) -> T: ...
+
+
+@overload
+async def eventually_async(check: Callable[[], T], *, within: float = WITHIN,
+                           what: str | None = None,
+                           accept: Callable[[T], object] = bool,
+                           ignoring: tuple[type[BaseException], ...] = (),
+                           every: float = EVERY) -> T: ...
+
+
+async def eventually_async(check: Callable[[], Any], *, within: float = WITHIN,
+                           what: str | None = None,
+                           accept: Callable[[Any], object] = bool,
+                           ignoring: tuple[type[BaseException], ...] = (),
+                           every: float = EVERY) -> Any:
     """``eventually`` on the event loop: ``check`` may be sync or a coroutine function, and
     the loop runs between checks, so the code under test makes progress meanwhile."""
     deadline = time.monotonic() + within
@@ -65,7 +93,7 @@ async def eventually_async(check: Callable[[], T | Awaitable[T]], *, within: flo
             if inspect.isawaitable(value):
                 value = await value
             last, error = value, None
-            if value:
+            if accept(value):
                 return value
         except ignoring as exc:
             error = exc

@@ -20,7 +20,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 
-from tests.test_console import CHROMEDRIVER, CHROMIUM, Fleet, cell, eventually, fleet, shot, sign_in
+from tests.test_console import CHROMEDRIVER, CHROMIUM, Fleet, cell, fleet, on_page, shot, sign_in
 
 pytestmark = pytest.mark.integration
 __all__ = ["fleet"]  # the module's fleet fixture, shared with tests/test_console.py
@@ -71,7 +71,7 @@ def test_every_view_by_address_at_desk_and_phone_width_axe_clean(
     fleet.post("acme", "robotErrorWarning", sn=sn, error_level="Fatal", error_type="Crash",
                error_detail="motor stalled", error_id=f"e-{sn}")
     sign_in(driver, fleet, "operator_a")
-    eventually(lambda: cell(driver, sn, "status"), "robot row shown")
+    on_page(lambda: cell(driver, sn, "status"), what="robot row shown")
     zone = driver.execute_script("return Intl.DateTimeFormat().resolvedOptions().timeZone")
     assert driver.find_element(By.ID, "tz").text == f"times in {zone}"
     driver.set_script_timeout(60)
@@ -79,13 +79,13 @@ def test_every_view_by_address_at_desk_and_phone_width_axe_clean(
         driver.set_window_size(width, 1000)
         for view, section in VIEWS.items():
             driver.get(f"{fleet.server.url}/#view/{view}" if view else f"{fleet.server.url}/")
-            eventually(lambda: cell(driver, sn, "status") is not None, "page drawn")
+            on_page(lambda: cell(driver, sn, "status") is not None, what="page drawn")
             sections = driver.find_elements(By.CSS_SELECTOR, "main > section")
             shown = [s.get_attribute("id") for s in sections if s.is_displayed()]
             assert section in shown and (not view or shown == [section]), (view, shown)
             if view == "floors":  # drawn on showing, though other views left it undrawn
-                eventually(lambda: driver.find_elements(
-                    By.CSS_SELECTOR, f'#floor g.marker[data-sn="{sn}"]'), "marker drawn")
+                on_page(lambda: driver.find_elements(
+                    By.CSS_SELECTOR, f'#floor g.marker[data-sn="{sn}"]'), what="marker drawn")
             current = driver.find_element(By.CSS_SELECTOR, "#views a[aria-current=page]")
             assert current.get_attribute("data-view") == view
             bad = axe_violations(driver)
@@ -108,7 +108,7 @@ def test_fleet_sorts_by_keyboard_alone(fleet: Fleet, driver: WebDriver) -> None:
     assert header.get_attribute("aria-sort") == "descending"
     # the views are links: Enter on one opens its view, and its address
     driver.find_element(By.CSS_SELECTOR, '#views a[data-view="alerts"]').send_keys(Keys.ENTER)
-    eventually(lambda: driver.current_url.endswith("#view/alerts"), "address follows")
+    on_page(lambda: driver.current_url.endswith("#view/alerts"), what="address follows")
     assert driver.find_element(By.ID, "alerts-section").is_displayed()
     assert not driver.find_element(By.ID, "fleet").is_displayed()
 
@@ -117,32 +117,32 @@ def test_critical_alert_announced_then_acknowledged_and_a_command_sent_by_keyboa
         fleet: Fleet, driver: WebDriver) -> None:
     driver.delete_all_cookies()
     sign_in(driver, fleet, "operator_a")
-    eventually(lambda: driver.execute_script("return window.consoleStats.ready"), "page ready")
+    on_page(lambda: driver.execute_script("return window.consoleStats.ready"), what="page ready")
     sn = f"K{uuid.uuid4().hex[:6]}"
     fleet.post("acme", "robotErrorWarning", sn=sn, error_level="Fatal", error_type="Crash",
                error_detail="wheel jammed", error_id=f"k-{sn}")
     region = driver.find_element(By.ID, "announce-critical")
     assert region.get_attribute("role") == "alert"
-    said = str(eventually(lambda: sn in (region.get_attribute("textContent") or "")
-                          and region.get_attribute("textContent"), "critical alert announced"))
+    said = str(on_page(lambda: sn in (region.get_attribute("textContent") or "")
+                          and region.get_attribute("textContent"), what="critical alert announced"))
     assert said.startswith("Critical: ") and "{" not in said, said
 
     # acknowledge with Enter on the row's button, whose name says which alert it is
-    ack = eventually(lambda: [b for b in driver.find_elements(By.CSS_SELECTOR, "#alerts button.ack")
-                              if sn in (b.get_attribute("aria-label") or "")], "ack button")[0]
+    ack = on_page(lambda: [b for b in driver.find_elements(By.CSS_SELECTOR, "#alerts button.ack")
+                              if sn in (b.get_attribute("aria-label") or "")], what="ack button")[0]
     ack.send_keys(Keys.ENTER)
-    eventually(lambda: not [b for b in driver.find_elements(By.CSS_SELECTOR, "#alerts button.ack")
-                            if sn in (b.get_attribute("aria-label") or "")], "acknowledged")
+    on_page(lambda: not [b for b in driver.find_elements(By.CSS_SELECTOR, "#alerts button.ack")
+                            if sn in (b.get_attribute("aria-label") or "")], what="acknowledged")
 
     # a gateway command by keyboard: its answer in plain words
     driver.get(f"{fleet.server.url}/#view/gateways")
     row = '#gateways tr[data-gateway="acme/gw-acme"]'
-    send = eventually(lambda: driver.find_elements(By.CSS_SELECTOR, f"{row} button.cmd"),
-                      "gateway command")[0]
+    send = on_page(lambda: driver.find_elements(By.CSS_SELECTOR, f"{row} button.cmd"),
+    what="gateway command")[0]
     send.send_keys(Keys.ENTER)
     out = driver.find_element(By.CSS_SELECTOR, f"{row} .cmd-out")
-    text = str(eventually(lambda: out.text.startswith("ping: answered") and out.text,
-                          "ping answered"))
+    text = str(on_page(lambda: out.text.startswith("ping: answered") and out.text,
+    what="ping answered"))
     assert "pong yes" in text and "gateway id gw-acme" in text, text
     assert re.search(r"^time \S*\d{4}", text, re.M) and not re.search(r"\d{10}", text), text
     bad = axe_violations(driver)
@@ -158,6 +158,6 @@ def test_gateway_commands_are_the_gateways_own(fleet: Fleet, driver: WebDriver) 
         options = driver.find_elements(By.CSS_SELECTOR, select)
         return [str(o.get_attribute("value")) for o in options] if len(options) > 2 else None
 
-    names = eventually(offered, "commands read from get_status")
+    names = on_page(offered, what="commands read from get_status")
     assert names[:2] == ["ping", "get_status"] and "flush_outbox" in names, names
     assert not [n for n in names if n.startswith("pudu.")], names

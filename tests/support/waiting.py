@@ -37,14 +37,27 @@ def _expired(what: str | None, within: float, last: object, error: BaseException
     return NotYet(f"{said} not met within {within:g} s{tail}")
 
 
+@overload
+def eventually(check: Callable[[], T | None], *, within: float = WITHIN, what: str | None = None,
+               accept: None = None, ignoring: tuple[type[BaseException], ...] = (),
+               every: float = EVERY) -> T: ...
+
+
+@overload
 def eventually(check: Callable[[], T], *, within: float = WITHIN, what: str | None = None,
-               accept: Callable[[T], object] = bool,
-               ignoring: tuple[type[BaseException], ...] = (), every: float = EVERY) -> T:
-    """Return ``check()``'s first result that ``accept`` (default: truthiness) holds for;
-    ``NotYet`` naming ``what`` past ``within`` s, with the last value seen.
+               accept: Callable[[T], object], ignoring: tuple[type[BaseException], ...] = (),
+               every: float = EVERY) -> T: ...
+
+
+def eventually(check: Callable[[], Any], *, within: float = WITHIN, what: str | None = None,
+               accept: Callable[[Any], object] | None = None,
+               ignoring: tuple[type[BaseException], ...] = (), every: float = EVERY) -> Any:
+    """Return ``check()``'s first result that ``accept`` (default: truthiness, so never a
+    None) holds for; ``NotYet`` naming ``what`` past ``within`` s, with the last value seen.
 
     An exception in ``ignoring`` (a service still starting: ``OSError``) counts as "not yet".
     """
+    accept = accept or bool
     deadline = time.monotonic() + within
     last: object = None
     error: BaseException | None = None

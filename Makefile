@@ -24,9 +24,12 @@ test: $(STAMP)
 	$(BIN)/pytest -q
 
 # The tests that need no broker and no database (not marked integration), run where none
-# is reachable: a network namespace of their own with only loopback (unshare -rn, iproute2).
+# is reachable: a network namespace of their own with only loopback (unshare, iproute2).
+# As root it is a network namespace only, so the tests that switch to the units' user
+# still can; otherwise a user namespace too (-r), where those tests skip (they need root).
+UNSHARE := $(if $(filter 0,$(shell id -u)),unshare -n,unshare -rn)
 test-unit: $(STAMP)
-	unshare -rn sh -c 'ip link set lo up && exec $(BIN)/pytest -q -m "not integration" -p no:cacheprovider'
+	$(UNSHARE) sh -c 'ip link set lo up && exec $(BIN)/pytest -q -m "not integration" -p no:cacheprovider'
 
 # mypy's files (pyproject): the services, bridge/ (strict), the demo and the tests.
 lint: $(STAMP)

@@ -36,7 +36,7 @@ from bench.procs import cpu_seconds
 from bridge.envelope import Envelope
 from callback_server.console import KINDS
 from callback_server.keys import add_key
-from tests.services import callback_server, edge_agent
+from tests.support.services import callback_server, edge_agent
 
 BROKER = "mqtt://127.0.0.1:1883"
 

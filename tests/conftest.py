@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.dbutil import scratch_mysql_database
-from tests.procs import MosquittoProcess, free_port, port_open
-from tests.tls_certs import CertAuthority, Pki, TlsBroker
+from tests.support.dbutil import scratch_mysql_database
+from tests.support.procs import MosquittoProcess, free_port, port_open
+from tests.support.tls_certs import CertAuthority, Pki, TlsBroker
 
 SHARED_BROKER = ("127.0.0.1", 1883)
 MARIADB = ("127.0.0.1", 3306)

@@ -24,8 +24,9 @@ from callback_server import config as cb_config
 from callback_server.alerts import Subject
 from callback_server.keys import ALL_ORGS, Principal, add_key, remove_key
 from callback_server.service import CallbackServer
-from tests.dbutil import query
-from tests.services import callback_server
+from tests.support.dbutil import query
+from tests.support.services import callback_server
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 BROKER = "mqtt://127.0.0.1:1883"
@@ -414,10 +415,8 @@ def test_keys_cli_and_sighup_reload_on_a_real_process(tmp_path: Path) -> None:
         def reload_until(key: str, want: int) -> None:
             assert cs.proc is not None
             cs.proc.send_signal(signal.SIGHUP)
-            deadline = time.monotonic() + 10
-            while status(key) != want:
-                assert time.monotonic() < deadline, f"{want} never answered"
-                time.sleep(0.05)
+            eventually(lambda: status(key), accept=lambda got: got == want, within=10,
+                       what=f"{want} answered after SIGHUP")
 
         assert status(first) == 200
         second = _cli("add", "--name", "second", "--org", "beta", "--org", "acme",
@@ -432,10 +431,8 @@ def test_keys_cli_and_sighup_reload_on_a_real_process(tmp_path: Path) -> None:
         assert status(second) == 200
         keys.write_text("keys: [{name: broken}]\n")  # a bad file keeps the keys it had
         cs.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while "keeping the 1 keys loaded before" not in cs.log_path.read_text():
-            assert time.monotonic() < deadline, "the bad file was never read"
-            time.sleep(0.05)
+        eventually(cs.log_path.read_text, within=10, what="the bad file read",
+                   accept=lambda log: "keeping the 1 keys loaded before" in log)
         assert status(second) == 200  # after the refused reload, not before it
         assert cs.proc.poll() is None
 

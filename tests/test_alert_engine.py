@@ -21,7 +21,7 @@ from callback_server.alerts import AlertEngine, AlertSettings, AlertStore, Trans
 from callback_server.alerts.alert import Subject
 from callback_server.alerts.rules import RULES
 from callback_server.store import SqlStore, open_store
-from tests.dbutil import query
+from tests.support.dbutil import query
 
 T0 = 1_750_000_000.0
 _ids = itertools.count()

@@ -25,9 +25,9 @@ from callback_server import config as cb_config
 from callback_server.alerts import Subject
 from callback_server.keys import ALL_ORGS, add_key
 from callback_server.service import CallbackServer
+from tests.support.waiting import eventually_async
 from tests.test_outbound import REFUSED_HOSTS
 from tests.test_proxy import BROKER, serve
-from tests.waiting import until
 
 pytestmark = pytest.mark.integration
 
@@ -129,7 +129,7 @@ async def test_a_receiver_that_never_takes_it_is_given_up_at_the_attempt_bound(
         assert opened is not None
         env.server.alert_delivery.submit(opened)
 
-        await until(lambda: env.server.alert_delivery.failed == 2)  # both given up
+        await eventually_async(lambda: env.server.alert_delivery.failed == 2)  # both given up
 
         async def log(path: str) -> list[tuple[int, str]]:
             r = await env.client.get(f"/alert-subscriptions/{subs[path]}/deliveries",

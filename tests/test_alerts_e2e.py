@@ -11,22 +11,21 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
 
-from tests.dbutil import query
-from tests.mqtt_probe import Probe
-from tests.services import ServiceProcess, callback_server, edge_agent
+from tests.support.dbutil import query
+from tests.support.mqtt_probe import Probe
+from tests.support.services import ServiceProcess, callback_server, edge_agent
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 BROKER = "mqtt://127.0.0.1:1883"
 HEADERS = {"CallbackCode": "test-code"}
-T = TypeVar("T")
 
 
 class Receiver:
@@ -74,18 +73,6 @@ class Receiver:
         return out
 
 
-def eventually(check: Callable[[], T | None], what: str, timeout: float = 30.0) -> T:
-    """Poll a service's own report until ``check`` returns something."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.1)
-
-
 def alerts(server: ServiceProcess, **params: str) -> list[dict[str, Any]]:
     r = httpx.get(server.url + "/alerts", params=params, headers=server.auth, timeout=10)
     assert r.status_code == 200, r.text
@@ -125,7 +112,8 @@ def fault_on_both_replicas(agent_url: str, a: ServiceProcess, b: ServiceProcess,
                 "data": {"sn": "RF1", "error_level": "Fatal", "error_type": "Crash",
                          "error_detail": "motor", "error_id": f"f{i}", "timestamp": now + i}})
             assert r.status_code == 200, r.text
-            eventually(lambda t=total: sum(stored()) > t, "fault stored")  # type: ignore[misc]
+            eventually(lambda t=total: sum(stored()) > t,  # type: ignore[misc]
+                       what="fault stored", within=30)
     raise AssertionError(f"20 faults and one replica stored none: {before} -> {stored()}")
 
 
@@ -153,7 +141,8 @@ def test_two_replicas_raise_each_alert_once_and_deliver_it_signed(
             # -- Fatal faults, until each replica has stored one: one robot_fault alert ------
             now = int(time.time())
             fault_on_both_replicas(agent.url, a, b, now)
-            eventually(lambda: settled(a, b), "both replicas evaluated their faults")
+            eventually(lambda: settled(a, b),
+                       what="both replicas evaluated their faults", within=30)
             # Both replicas evaluated a Fatal fault of RF1 and tried to open its alert: one
             # did, the other found it open (the only transition so far, on either replica).
             assert sum(s.health()["alerts"]["transitions"] for s in (a, b)) == 1
@@ -166,7 +155,8 @@ def test_two_replicas_raise_each_alert_once_and_deliver_it_signed(
                            "data": {"sn": "RB1", "power": 8, "charge_stage": "IDLE",
                                     "timestamp": now}})
                 assert r.status_code == 200
-                low = eventually(lambda: alerts(a, rule="battery_low"), "battery_low opened")
+                low = eventually(lambda: alerts(a, rule="battery_low"),
+                                 what="battery_low opened", within=30)
                 assert [(x["subject_id"], x["severity"], x["state"]) for x in low] == [
                     ("RB1", "high", "open")]
                 r = c.post("/api/pudu/webhook", json={"callback_type": "notifyRobotPower",
@@ -174,7 +164,7 @@ def test_two_replicas_raise_each_alert_once_and_deliver_it_signed(
                                     "timestamp": now + 1}})
                 assert r.status_code == 200
             eventually(lambda: alerts(b, rule="battery_low", state="resolved"),
-                       "battery_low resolved")
+                       what="battery_low resolved", within=30)
             # -- a gateway killed with SIGKILL: gateway_offline by its last will --------------
             doomed = edge_agent(tmp_path, BROKER, org="acme", gateway="gwk", TOPIC_PREFIX=p)
             with doomed:
@@ -182,10 +172,10 @@ def test_two_replicas_raise_each_alert_once_and_deliver_it_signed(
                     eventually(lambda s=server: any(  # type: ignore[misc]
                         g["gateway_id"] == "gwk" and g["state"] == "online" for g in
                         httpx.get(s.url + "/gateways", headers=s.auth).json()["items"]),
-                        "gwk online on every replica")
+                        what="gwk online on every replica", within=30)
                 doomed.kill()
                 offline = eventually(lambda: alerts(a, rule="gateway_offline"),
-                                     "gateway_offline opened")
+                                     what="gateway_offline opened", within=30)
             assert [(x["subject_type"], x["subject_id"], x["state"]) for x in offline] == [
                 ("gateway", "gwk", "open")]
             expected = {("opened", "robot_fault", "RF1"), ("opened", "battery_low", "RB1"),
@@ -196,15 +186,16 @@ def test_two_replicas_raise_each_alert_once_and_deliver_it_signed(
                 seen = {(x["transition"], x["rule"], x["subject_id"]) for x in got}
                 return got if expected <= seen else None
 
-            got = eventually(delivered, "every transition delivered")
+            got = eventually(delivered, what="every transition delivered", within=30)
             flaky_log = eventually(lambda: [d for d in httpx.get(
                 f"{a.url}/alert-subscriptions/{subs['flaky']['id']}/deliveries",
                 headers=a.auth).json()["items"] if d["outcome"] == "delivered"] and httpx.get(
                 f"{b.url}/alert-subscriptions/{subs['flaky']['id']}/deliveries",
-                headers=b.auth).json()["items"], "flaky receiver got it in the end")
+                headers=b.auth).json()["items"], what="flaky receiver got it in the end", within=30)
             # Every transition either replica made has been delivered (to "ok", and the one
             # robot_fault transition to "flaky" too): a late duplicate would be in ``got``.
-            eventually(lambda: deliveries_done(a, b, extra=1), "deliveries finished")
+            eventually(lambda: deliveries_done(a, b, extra=1),
+                       what="deliveries finished", within=30)
             got = ok.bodies(subs["ok"]["secret"])
             settle_alerts = query(db_url, "SELECT rule, subject_id FROM alerts")
     finally:

@@ -12,7 +12,8 @@ from typing import Any
 from bridge import frames
 from bridge.transport import MqttSettings
 from bridge.transport.memory import MemoryTransport
-from tests.dbutil import query
+from tests.support.dbutil import query
+from tests.support.waiting import eventually_async
 from tests.test_ingest import Ingest, envelope, ingest  # noqa: F401  (the fixture)
 
 FRAME_TOPIC = "org/acme/device/site-a/batch"
@@ -122,10 +123,8 @@ async def test_a_frame_over_mqtt_is_unpacked_and_acked_once_settled(ingest: Inge
     async with gw:
         await asyncio.wait_for(gw.publish(FRAME_TOPIC, packed, 1, False), 5)
         consumer = ingest.server.consumer
-        for _ in range(250):  # polls a condition; fails after 5 s
-            if consumer.received and consumer.unacked == 0:
-                break
-            await asyncio.sleep(0.02)
+        await eventually_async(lambda: consumer.received and consumer.unacked == 0, within=5,
+                               what="the frame received and acked")
     assert {r["id"] for r in query(ingest.db, "SELECT id FROM mqtt_message_log")} == \
         {"e1", "e2", "e3"}
     assert [d["reason"].split(":")[0] for d in ingest.dead()] == ["malformed"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 from pathlib import Path
 
@@ -15,9 +14,10 @@ import pytest
 from bridge.errors import PayloadTooLargeError, PublishRefusedError, TopicNotAllowedError
 from bridge.transport import InboundMessage, MqttSettings, TlsFiles, create_transport
 from bridge.transport.awsiot import AwsIotTransport
-from tests.mqtt_probe import Probe, publish_once
-from tests.services import callback_server, edge_agent
-from tests.tls_certs import CertPair, Pki, TlsBroker
+from tests.support.mqtt_probe import Probe, publish_once
+from tests.support.services import callback_server, edge_agent
+from tests.support.tls_certs import CertPair, Pki, TlsBroker
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -148,10 +148,8 @@ def test_callback_server_on_the_aws_backend_stores_what_it_consumes(
         cs.wait_health("subscribed", True)
         publish_once(tls_broker.plain_url, f"{prefix}org/acme/device/AWS2/power",
                      json.dumps(envelope))
-        deadline = time.monotonic() + 15
-        while (robot := httpx.get(cs.url + "/robots/AWS2", headers=cs.auth)).status_code == 404:
-            assert time.monotonic() < deadline, "never stored"
-            time.sleep(0.05)
+        robot = eventually(lambda: httpx.get(cs.url + "/robots/AWS2", headers=cs.auth),
+                           accept=lambda r: r.status_code != 404, within=15, what="AWS2 stored")
         assert robot.json()["battery_level"] == 77
         assert cs.health()["stored"] == 1  # acked only after the commit (manual puback)
 

@@ -16,9 +16,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bridge.envelope import Envelope
-from tests.dbutil import query
-from tests.mariadb_proc import MariadbProcess
-from tests.services import callback_server, pick_port
+from tests.support.dbutil import query
+from tests.support.mariadb_proc import MariadbProcess
+from tests.support.services import callback_server, pick_port
 
 pytestmark = pytest.mark.integration
 BROKER = "mqtt://127.0.0.1:1883"

@@ -31,10 +31,10 @@ from bridge.errors import (
 from bridge.http_errors import status_for
 from bridge.proxy import sign
 from bridge.transport import InboundMessage
-from tests.services import ADMIN_TOKEN, callback_server, edge_agent
+from tests.support.services import ADMIN_TOKEN, callback_server, edge_agent
+from tests.support.waiting import eventually_async
 from tests.test_commands import wait_gateways
 from tests.test_proxy import serve
-from tests.waiting import until
 
 BROKER = "mqtt://127.0.0.1:1883"
 TOKEN = "edge-proxy-token-" + uuid.uuid4().hex[:8]
@@ -97,14 +97,14 @@ async def test_publish_and_pattern_subscription_receive_in_order(tmp_path: Path)
             await client.subscribe_pattern(f"org/{org}/device/robot-*/telemetry",
                                            glob_handler)
             assert sub.filter == f"org/{org}/device/+/telemetry"
-            await until(lambda: all(s.live.is_set() for s in client.subscriptions))
+            await eventually_async(lambda: all(s.live.is_set() for s in client.subscriptions))
             for i in range(30):
                 device = "robot-1" if i % 3 else "cart-2"
                 await client.publish_message(f"org/{org}/device/{device}/telemetry",
                                              {"seq": i}, qos=1)
             await client.publish_message(f"org/{org}/device/robot-1/telemetry",
                                          b"\x00\xffraw", qos=1)
-            await until(lambda: len(got) == 31 and len(globbed) == 21)
+            await eventually_async(lambda: len(got) == 31 and len(globbed) == 21)
             health = await client.health_check()
             with pytest.raises(InputError):
                 await client.publish_message(f"org/{org}/x", "y", qos=2 + 1)
@@ -133,16 +133,16 @@ async def test_subscription_resumes_after_the_service_restarts(tmp_path: Path) -
             got: list[InboundMessage] = []
             handler, _ = collector(got)
             sub = await client.subscribe_to_topic(topic, handler)
-            await until(sub.live.is_set)
+            await eventually_async(sub.live.is_set)
             await client.publish_message(topic, "before")
-            await until(lambda: len(got) == 1)
+            await eventually_async(lambda: len(got) == 1)
             first_id = sub.id
             await asyncio.to_thread(agent.stop)  # cuts the stream; forgets the subscription
-            await until(lambda: not sub.live.is_set())
+            await eventually_async(lambda: not sub.live.is_set())
             await asyncio.to_thread(agent.start)
-            await until(lambda: sub.connects >= 2 and sub.live.is_set(), within=30)
+            await eventually_async(lambda: sub.connects >= 2 and sub.live.is_set(), within=30)
             await client.publish_message(topic, "after")
-            await until(lambda: len(got) == 2)
+            await eventually_async(lambda: len(got) == 2)
     finally:
         agent.stop()
     assert [m.payload for m in got] == [b"before", b"after"]
@@ -162,14 +162,14 @@ async def test_a_reconnect_takes_over_from_a_reader_the_service_still_holds(
                     "Authorization": f"Bearer {TOKEN}"}) as stale:
             got: list[InboundMessage] = []
             sub = await client.subscribe_to_topic(topic, collector(got)[0])
-            await until(sub.live.is_set)
+            await eventually_async(sub.live.is_set)
             # Another connection on the same id stands in for the one the service has
             # not noticed is dead: it takes over, and the client's stream is cut.
             async with stale.stream("GET", "/mqtt/stream", params={"id": sub.id}) as old:
                 assert old.status_code == 200
-                await until(lambda: sub.connects >= 2 and sub.live.is_set())
+                await eventually_async(lambda: sub.connects >= 2 and sub.live.is_set())
                 await client.publish_message(topic, "after the reconnect")
-                await until(lambda: len(got) == 1)
+                await eventually_async(lambda: len(got) == 1)
     assert [m.payload for m in got] == [b"after the reconnect"]
 
 
@@ -311,7 +311,7 @@ async def test_malformed_events_and_unexpected_failures_do_not_end_a_subscriptio
     async with FleetClient("http://svc", "k", transport=httpx.MockTransport(handler),
                            reconnect_min=0.01, reconnect_max=0.02) as c:
         sub = await c.subscribe_to_topic("t", collector(got)[0])
-        await until(lambda: len(got) >= 2)
+        await eventually_async(lambda: len(got) >= 2)
         assert sub.task is not None and not sub.task.done()
     assert [m.payload for m in got[:2]] == [b"good", b"next"]
 

@@ -15,12 +15,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from callback_server import config as cb_config
 from callback_server.service import CallbackServer
+from tests.support.waiting import eventually_async
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="mounting a tmpfs needs root (CI runs as root)")
@@ -81,22 +83,17 @@ async def test_cloud_sqlite_on_a_full_disk_degrades_then_recovers_without_restar
     assert any("disk is full" in r for r in health["reasons"]), health
     await asyncio.to_thread(
         subprocess.run, ["mount", "-o", "remount,size=64m", str(small_fs)], check=True)
-    deadline = time.monotonic() + 60
-    while True:
-        r = await client.post("/callback/messages", json=envelope(10_000), headers=headers)
-        if r.status_code == 200:
-            break
-        assert time.monotonic() < deadline, f"not accepting after the remount: {r.text}"
-        await asyncio.sleep(0.5)  # polling the service's own answer, not a sync sleep
-    health = (await client.get("/callback/health",
-                               headers={"Authorization": f"Bearer {ADMIN}"})).json()
-    for _ in range(120):
-        if health["status"] == "healthy":
-            break
-        await asyncio.sleep(0.5)
-        health = (await client.get("/callback/health",
-                                   headers={"Authorization": f"Bearer {ADMIN}"})).json()
-    assert health["status"] == "healthy", health
+    await eventually_async(  # polling the service's own answer
+        lambda: client.post("/callback/messages", json=envelope(10_000), headers=headers),
+        accept=lambda r: r.status_code == 200, within=60, every=0.5,
+        what="a message accepted after the remount")
+
+    async def health_now() -> dict[str, Any]:
+        got = await client.get("/callback/health", headers={"Authorization": f"Bearer {ADMIN}"})
+        return got.json()  # type: ignore[no-any-return]
+
+    await eventually_async(health_now, accept=lambda h: h["status"] == "healthy", within=60,
+                           every=0.5, what="healthy after the remount")
     assert await srv.store.get_robot("R0") is not None
 
 

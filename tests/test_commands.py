@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,8 @@ from bridge.router import MessageRouter
 from bridge.topic import TopicScheme
 from bridge.transport import InboundMessage, MqttSettings
 from bridge.transport.paho import PahoTransport
-from tests.services import ServiceProcess, callback_server, edge_agent
+from tests.support.services import ServiceProcess, callback_server, edge_agent
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 BROKER = "mqtt://127.0.0.1:1883"
@@ -26,15 +26,12 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def wait_gateways(server: ServiceProcess, want: dict[str, str], timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    seen: dict[str, str] = {}
-    while time.monotonic() < deadline:
+    def states() -> dict[str, str]:
         gws = httpx.get(server.url + "/gateways", headers=server.auth).json()["items"]
-        seen = {g["gateway_id"]: g["state"] for g in gws}
-        if all(seen.get(k) == v for k, v in want.items()):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"gateways {seen}, wanted {want}")
+        return {g["gateway_id"]: g["state"] for g in gws}
+
+    eventually(states, accept=lambda seen: all(seen.get(k) == v for k, v in want.items()),
+               within=timeout, what=f"gateways {want}")
 
 
 async def test_round_trips_for_every_builtin_under_concurrency(tmp_path: Path) -> None:

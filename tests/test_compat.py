@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +23,10 @@ from callback_server.keys import add_key
 from callback_server.service import CallbackServer
 from edge_agent import config as edge_config
 from edge_agent.service import EdgeAgent
-from tests.mariadb_proc import MariadbProcess
-from tests.procs import MosquittoProcess, free_port
-from tests.services import ADMIN_TOKEN, ServiceProcess, callback_server, edge_agent
-from tests.waiting import until
+from tests.support.mariadb_proc import MariadbProcess
+from tests.support.procs import MosquittoProcess, free_port
+from tests.support.services import ADMIN_TOKEN, ServiceProcess, callback_server, edge_agent
+from tests.support.waiting import eventually, eventually_async
 
 EDGE_TOKEN = "edge-proxy-" + uuid.uuid4().hex[:8]
 CODE = "compat-code"
@@ -78,15 +77,6 @@ SERVICES = ["edge", "callback"]
 integration = pytest.mark.integration
 
 
-async def until_async(check: Callable[[], Awaitable[bool]], within: float = 15) -> None:
-    """``until`` for an async condition (here: the seed's own health_check)."""
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.05)
-
-
 @integration
 @pytest.mark.parametrize("service", SERVICES)
 async def test_a_pattern_subscribed_without_await_receives_a_webhooks_envelope(
@@ -109,7 +99,7 @@ async def test_a_pattern_subscribed_without_await_receives_a_webhooks_envelope(
             return bool(health["connection"]["callback_server"]) and \
                 health["pending_subscriptions"] == 0
 
-        await until_async(settled)
+        await eventually_async(settled, within=15, what="the seed settled")
         assert health["connection"] == {"ts_client": True, "callback_server": True,
                                         "connected": True}
         assert health["status"] == "healthy"
@@ -123,7 +113,7 @@ async def test_a_pattern_subscribed_without_await_receives_a_webhooks_envelope(
         assert body["data"]["status"] == "online" and body["data"]["robot_sn"] == robot
         assert body["message"].startswith("Robot status processed: online")
         topic = f"org/{stack.org}/device/{robot}/status"
-        await until(lambda: any(t == topic for t, _ in received))
+        await eventually_async(lambda: any(t == topic for t, _ in received))
     copies = [p for t, p in received if t == topic]
     # On the callback server the broker sends a second copy for its own consumer's shared
     # subscription, which the router hands to every matching route: at least once.
@@ -183,7 +173,7 @@ async def test_publish_message_is_true_or_false_and_raises_only_without_a_servic
         assert mqtt.last_error is not None and "$SYS" in mqtt.last_error
         # A pattern the service refuses: awaited, it says so (False), and nothing waits.
         assert await mqtt.subscribe_pattern("elsewhere/*/x", handler) is False
-        await until(lambda: bool(seen))  # (twice on the callback server: see above)
+        await eventually_async(lambda: bool(seen))  # (twice on the callback server: see above)
         assert set(json.dumps(x) for x in seen) == {json.dumps([topic, {"battery": 80}])}
     async with MQTTProxy(f"http://127.0.0.1:{free_port()}", token, timeout=2) as nowhere:
         with pytest.raises(ServiceUnreachableError):
@@ -306,10 +296,9 @@ def test_callback_server_is_unready_while_its_database_is_away(tmp_path: Path) -
         away = httpx.get(url, params={"ready": "1"}, timeout=10)
         detailed = cs.health()
         with db:
-            deadline = time.monotonic() + 30
-            while (back := httpx.get(url, params={"ready": "1"}, timeout=10)).status_code != 200:
-                assert time.monotonic() < deadline, back.text
-                time.sleep(0.1)  # polling the server's own report
+            back = eventually(lambda: httpx.get(url, params={"ready": "1"}, timeout=10),
+                              accept=lambda r: r.status_code == 200, within=30,
+                              what="ready again (the server's own report)")
     assert away.status_code == 503, away.text
     assert "database unreachable" in away.json()["not_ready"]
     # The open body names no database host, port or name; a key gets the figures.
@@ -344,7 +333,7 @@ async def test_a_pattern_made_while_the_service_is_down_subscribes_once_it_is_up
                                         json={"callback_type": "notifyRobotStatus",
                                               "data": {"sn": "R1", "run_state": "idle"}})
                 assert r.status_code == 200, r.text
-                await until(lambda: bool(received))
+                await eventually_async(lambda: bool(received))
             finally:
                 await asyncio.to_thread(agent.stop)
     [(topic, envelope)] = received

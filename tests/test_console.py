@@ -26,6 +26,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from callback_server.keys import Role, add_key
 from tests.mqtt_probe import publish_once
 from tests.services import ServiceProcess, callback_server, edge_agent
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 BROKER = "mqtt://127.0.0.1:1883"
@@ -35,18 +36,11 @@ SHOTS = Path(__file__).resolve().parents[1] / "test-output" / "console"
 T = TypeVar("T")
 
 
-def eventually(check: Callable[[], T | None], what: str, timeout: float = 20.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            result = check()
-        except StaleElementReferenceException:  # re-rendered between find and read
-            result = None
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.1)
+def on_page(check: Callable[[], T | None], what: str, timeout: float = 20.0) -> T:
+    """on_page() for a page: an element re-rendered between find and read is tried
+    again, and the page is asked ten times a second."""
+    return eventually(check, what=what, within=timeout,
+                      ignoring=(StaleElementReferenceException,), every=0.1)
 
 
 @dataclass
@@ -117,7 +111,7 @@ def sign_in(driver: WebDriver, fleet: Fleet, key_name: str) -> None:
     field.send_keys(fleet.keys[key_name])
     shot(driver, fleet, f"signin-{key_name}")
     driver.find_element(By.ID, "signin-button").click()
-    eventually(lambda: driver.find_elements(By.CSS_SELECTOR, "#link.up"), "stream up")
+    on_page(lambda: driver.find_elements(By.CSS_SELECTOR, "#link.up"), "stream up")
 
 
 def page_stats(driver: WebDriver) -> dict[str, Any]:
@@ -161,13 +155,13 @@ def test_viewer_sees_its_org_live_and_operator_acknowledges(
     fleet.post("acme", "notifyRobotPower", sn=sa, power=64, charge_stage="IDLE")
     fleet.post("acme", "notifyRobotPose", sn=sa, x=1.0, y=2.0, yaw=0.0)
     fleet.post("beta", "robotStatus", sn=sb, run_status="ONLINE")
-    eventually(lambda: fleet.robot(sb) and fleet.robot(sa), "both robots stored")
+    on_page(lambda: fleet.robot(sb) and fleet.robot(sa), "both robots stored")
 
     viewer = browser()
     sign_in(viewer, fleet, "viewer_a")
     assert viewer.get_cookie("console_session") is not None
     assert fleet.keys["viewer_a"] not in str(viewer.get_cookies())
-    eventually(lambda: cell(viewer, sa, "pos") == "1.0, 2.0 ∠0°", "first pose shown")
+    on_page(lambda: cell(viewer, sa, "pos") == "1.0, 2.0 ∠0°", "first pose shown")
     assert cell(viewer, sa, "status") == "online" and cell(viewer, sa, "org") == "acme"
     assert "64 %" in (cell(viewer, sa, "battery") or "")
     viewer.execute_script("window.__notReloaded = true")
@@ -177,19 +171,19 @@ def test_viewer_sees_its_org_live_and_operator_acknowledges(
         "['consoleStats', 'robotPage', 'sendCommand', 'eventRow'].every((k) => !(k in window))")
     marker = f'#floor g.marker[data-sn="{sa}"]'
     # the floor is redrawn at most once a second: its marker may follow the table
-    drawn = eventually(lambda: viewer.find_elements(By.CSS_SELECTOR, marker), "marker drawn")[0]
+    drawn = on_page(lambda: viewer.find_elements(By.CSS_SELECTOR, marker), "marker drawn")[0]
     before = drawn.get_attribute("transform")
 
     # -- a new pose moves the marker, a status change shows, without a reload ------------
     fleet.post("acme", "notifyRobotPose", sn=sa, x=6.5, y=-3.0, yaw=90.0)
     fleet.post("acme", "robotStatus", sn=sa, run_status="OFFLINE")
-    eventually(lambda: cell(viewer, sa, "pos") == "6.5, -3.0 ∠90°", "pose updated live")
-    eventually(lambda: cell(viewer, sa, "status") == "offline", "status updated live")
+    on_page(lambda: cell(viewer, sa, "pos") == "6.5, -3.0 ∠90°", "pose updated live")
+    on_page(lambda: cell(viewer, sa, "status") == "offline", "status updated live")
     def moved() -> str | None:
         now = viewer.find_element(By.CSS_SELECTOR, marker).get_attribute("transform")
         return now if now != before else None
 
-    assert "rotate(-90)" in eventually(moved, "marker moved")
+    assert "rotate(-90)" in on_page(moved, "marker moved")
     # moved in place: the same marker, not a redrawn floor
     assert viewer.find_element(By.CSS_SELECTOR, marker) == drawn
     assert viewer.execute_script("return window.__notReloaded") is True
@@ -197,10 +191,10 @@ def test_viewer_sees_its_org_live_and_operator_acknowledges(
     # -- a Fatal fault opens an alert the viewer sees, with no button to act on it -------
     fleet.post("acme", "robotErrorWarning", sn=sa, error_level="Fatal", error_type="Crash",
                error_detail="motor", error_id=f"f{sa}")
-    row = eventually(lambda: alert_row(viewer, sa), "alert shown live", timeout=30)
+    row = on_page(lambda: alert_row(viewer, sa), "alert shown live", timeout=30)
     assert row.find_element(By.CSS_SELECTOR, "td.state").text == "open"
     assert row.find_element(By.CSS_SELECTOR, "td.severity").text == "critical"
-    event = eventually(lambda: event_row(viewer, sa, f"f{sa}"), "event listed live")
+    event = on_page(lambda: event_row(viewer, sa, f"f{sa}"), "event listed live")
     assert event.find_element(By.CSS_SELECTOR, "td.severity").text == "critical"
     assert "sev-critical" in (event.get_attribute("class") or "")
     assert event.find_element(By.CSS_SELECTOR, "td.detail").text == "motor"
@@ -211,12 +205,12 @@ def test_viewer_sees_its_org_live_and_operator_acknowledges(
 
     # -- org B's robot is nowhere in the page (it was stored before the page loaded) -----
     fleet.post("beta", "notifyRobotPose", sn=sb, x=3.0, y=3.0, yaw=0.0)
-    eventually(lambda: (fleet.robot(sb) or {}).get("x") == 3.0, "beta pose stored")
+    on_page(lambda: (fleet.robot(sb) or {}).get("x") == 3.0, "beta pose stored")
     # A change of A committed after B's reaches the page in the same frame or a later
     # one: once it shows, any leak of B would have arrived.
     fleet.post("acme", "notifyRobotPose", sn=sa, x=7.5, y=-3.0, yaw=90.0)
-    eventually(lambda: cell(viewer, sa, "pos") == "7.5, -3.0 ∠90°", "later pose shown")
-    eventually(lambda: viewer.find_elements(By.CSS_SELECTOR, '#gateways tr[data-gateway]'),
+    on_page(lambda: cell(viewer, sa, "pos") == "7.5, -3.0 ∠90°", "later pose shown")
+    on_page(lambda: viewer.find_elements(By.CSS_SELECTOR, '#gateways tr[data-gateway]'),
                "gateways listed")
     page = viewer.page_source
     assert sb not in page and "gw-beta" not in page and "beta" not in page
@@ -226,15 +220,15 @@ def test_viewer_sees_its_org_live_and_operator_acknowledges(
     # -- an operator acknowledges it; both pages show who --------------------------------
     operator = browser()
     sign_in(operator, fleet, "operator_a")
-    button = eventually(lambda: (r := alert_row(operator, sa)) and r.find_elements(
+    button = on_page(lambda: (r := alert_row(operator, sa)) and r.find_elements(
         By.CSS_SELECTOR, "button.ack"), "ack button")[0]
     assert (r := alert_row(operator, sa)) and r.find_elements(By.CSS_SELECTOR, "button.silence")
     shot(operator, fleet, "operator-before-ack")
     button.click()
-    eventually(lambda: (r := alert_row(operator, sa)) and
+    on_page(lambda: (r := alert_row(operator, sa)) and
                r.find_element(By.CSS_SELECTOR, "td.acked-by").text == "operator_a",
                "operator page shows who acknowledged")
-    eventually(lambda: (r := alert_row(viewer, sa)) and
+    on_page(lambda: (r := alert_row(viewer, sa)) and
                r.find_element(By.CSS_SELECTOR, "td.acked-by").text == "operator_a" and
                r.find_element(By.CSS_SELECTOR, "td.state").text == "acknowledged",
                "viewer page shows it live")
@@ -250,7 +244,7 @@ def test_viewer_sees_its_org_live_and_operator_acknowledges(
 
     # -- sign-out ends the session: the page is the sign-in page again -------------------
     operator.find_element(By.ID, "logout").click()
-    eventually(lambda: operator.find_elements(By.ID, "key"), "back at sign-in")
+    on_page(lambda: operator.find_elements(By.ID, "key"), "back at sign-in")
 
 
 def test_robot_page_gateways_commands_and_tracks_after_reload(
@@ -271,7 +265,7 @@ def test_robot_page_gateways_commands_and_tracks_after_reload(
             r = fleet.robot(sn)
             return r is not None and r["last_ts"] == ts and r[key] is not None
 
-        eventually(stored, f"{callback_type} at {ts} stored")
+        on_page(stored, f"{callback_type} at {ts} stored")
     fleet.post("acme", "notifyCleanStatus", sn=sn, task_id="t-1", task_name="Lobby",
                status="RUNNING", task_time=t0, timestamp=t0 + 2)
     auth = fleet.server.auth
@@ -281,7 +275,7 @@ def test_robot_page_gateways_commands_and_tracks_after_reload(
         items: list[dict[str, Any]] = r.json()["items"] if r.status_code == 200 else []
         return items if len(items) == 4 else None
 
-    history = eventually(points, "history downsampled")
+    history = on_page(points, "history downsampled")
     assert [p["ts"] for p in history] == [t0, t0 + 1, t0 + 61, t0 + 90]
     assert [p["battery_level"] for p in history] == [80, 80, 80, 45]
 
@@ -289,26 +283,26 @@ def test_robot_page_gateways_commands_and_tracks_after_reload(
     sign_in(viewer, fleet, "viewer_a")
     track = f'#floor polyline.track[data-sn="{sn}"]'
     # the tracks come from the history: a fresh page has them before any new pose
-    line = eventually(lambda: viewer.find_elements(By.CSS_SELECTOR, track), "track seeded")[0]
+    line = on_page(lambda: viewer.find_elements(By.CSS_SELECTOR, track), "track seeded")[0]
     assert len((line.get_attribute("points") or "").split()) >= 2
     viewer.refresh()
-    eventually(lambda: viewer.find_elements(By.CSS_SELECTOR, "#link.up"), "stream up again")
-    eventually(lambda: viewer.find_elements(By.CSS_SELECTOR, track), "track kept on reload")
+    on_page(lambda: viewer.find_elements(By.CSS_SELECTOR, "#link.up"), "stream up again")
+    on_page(lambda: viewer.find_elements(By.CSS_SELECTOR, track), "track kept on reload")
     viewer.execute_script("document.getElementById('floor-section').scrollIntoView()")
     shot(viewer, fleet, "viewer-floor-after-reload")
     # the robot page: the chart, and no command anywhere for a viewer
     viewer.find_element(By.CSS_SELECTOR, f'#robots tr[data-sn="{sn}"] td.sn a').click()
-    chart = eventually(lambda: viewer.find_elements(By.CSS_SELECTOR, "#robot-chart svg.history"),
+    chart = on_page(lambda: viewer.find_elements(By.CSS_SELECTOR, "#robot-chart svg.history"),
                        "chart drawn")[0]
     assert int(chart.get_attribute("data-points") or 0) == 4
     assert viewer.find_elements(By.CSS_SELECTOR, "#robot-chart polyline.battery-line")
     assert len(viewer.find_elements(By.CSS_SELECTOR, "#robot-chart rect.band")) == 4
-    task = eventually(lambda: viewer.find_elements(
+    task = on_page(lambda: viewer.find_elements(
         By.CSS_SELECTOR, '#robot-tasks tr[data-task="t-1"]'), "task listed")[0]
     assert task.find_element(By.CSS_SELECTOR, "td.task").text == "Lobby"
     assert task.find_element(By.CSS_SELECTOR, "td.task-status").text == "running"
     backlog = '#gateways tr[data-gateway="acme/gw-acme"] td.backlog'
-    eventually(lambda: (c := viewer.find_elements(By.CSS_SELECTOR, backlog)) and
+    on_page(lambda: (c := viewer.find_elements(By.CSS_SELECTOR, backlog)) and
                c[0].text == "0", "heartbeat backlog shown")
     assert not viewer.find_elements(By.CSS_SELECTOR, '#gateways tr[data-gateway^="beta/"]')
     assert viewer.find_elements(By.CSS_SELECTOR, "button.cmd, select.cmd-name, form.command") == []
@@ -318,14 +312,14 @@ def test_robot_page_gateways_commands_and_tracks_after_reload(
     operator = browser()
     sign_in(operator, fleet, "operator_a")
     operator.get(f"{fleet.server.url}/#robot/{sn}")
-    eventually(lambda: operator.find_elements(By.CSS_SELECTOR, "#robot-chart svg.history"),
+    on_page(lambda: operator.find_elements(By.CSS_SELECTOR, "#robot-chart svg.history"),
                "operator's chart")
     names = [b.get_attribute("data-command") for b in
              operator.find_elements(By.CSS_SELECTOR, "#robot-commands button.cmd")]
     assert names == ["pudu.recharge", "pudu.switch_map", "pudu.position_reporting"]
     operator.find_element(By.CSS_SELECTOR, 'button[data-command="pudu.recharge"]').click()
     out = '#robot-commands form[data-command="pudu.recharge"] .cmd-out'
-    answer = eventually(lambda: answered(operator, out, "pudu.recharge: "),
+    answer = on_page(lambda: answered(operator, out, "pudu.recharge: "),
                         "robot command answered")
     # no Pudu cloud is configured on this gateway: the page shows the gateway's error
     # in plain words, one row per value; the raw JSON behind its toggle
@@ -336,8 +330,8 @@ def test_robot_page_gateways_commands_and_tracks_after_reload(
     raw = operator.find_element(By.CSS_SELECTOR, f"{out} details.raw pre").text
     assert '"status": "error"' in raw, raw
     ping = '#gateways tr[data-gateway="acme/gw-acme"] button.cmd'
-    eventually(lambda: operator.find_elements(By.CSS_SELECTOR, ping), "gateway command")[0].click()
-    pong = eventually(lambda: answered(
+    on_page(lambda: operator.find_elements(By.CSS_SELECTOR, ping), "gateway command")[0].click()
+    pong = on_page(lambda: answered(
         operator, '#gateways tr[data-gateway="acme/gw-acme"] .cmd-out', "ping: "),
         "ping answered")
     assert "pong yes" in pong, pong
@@ -363,7 +357,7 @@ def test_a_gateway_whose_clock_is_off_is_marked(
         found = driver.find_elements(By.CSS_SELECTOR, f"{row} td.clock")
         return found[0] if found and "behind" in found[0].text else None
 
-    clock = eventually(late_clock, "the late gateway's clock shown")
+    clock = on_page(late_clock, "the late gateway's clock shown")
     assert clock.text == "clock off: 1.0 h behind this server; 1.0 h behind its robots"
     assert "off" in (clock.get_attribute("class") or "").split()
     assert "clock-off" in (driver.find_element(By.CSS_SELECTOR, row).get_attribute("class") or "")
@@ -374,14 +368,14 @@ def test_a_gateway_whose_clock_is_off_is_marked(
         found = driver.find_elements(By.CSS_SELECTOR, good)
         return found[0].text if found else None
 
-    text = eventually(good_clock, "gw-acme's clock shown")
+    text = on_page(good_clock, "gw-acme's clock shown")
     assert not text.startswith("clock off"), text
     assert "off" not in (driver.find_element(By.CSS_SELECTOR, good).get_attribute("class") or "")
     # its clock set right: the mark goes, in the same row
     before = driver.find_element(By.CSS_SELECTOR, row)
     beat = {"timestamp": time.time(), "gateway_clock_offset_s": 0.0, "outbox_depth": 0}
     publish_once(BROKER, f"{prefix}/org/acme/device/{late}/telemetry", json.dumps(beat))
-    eventually(lambda: not driver.find_element(By.CSS_SELECTOR, f"{row} td.clock")
+    on_page(lambda: not driver.find_element(By.CSS_SELECTOR, f"{row} td.clock")
                .text.startswith("clock off"), "the mark cleared")
     assert driver.find_element(By.CSS_SELECTOR, row) == before  # refilled in place
     shot(driver, fleet, "gateways-clock-set-right")
@@ -405,7 +399,7 @@ def own_alert(fleet: Fleet) -> str:
                       headers=fleet.server.auth, timeout=5)
         return next((a["id"] for a in r.json()["items"] if a["subject_id"] == sn), None)
 
-    return eventually(opened, "alert opened")
+    return on_page(opened, "alert opened")
 
 
 def test_session_cookie_and_origin_rules(fleet: Fleet) -> None:

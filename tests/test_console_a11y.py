@@ -28,7 +28,7 @@ from tests.test_console import (
     Fleet,
     alert_row,
     cell,
-    eventually,
+    on_page,
     fleet,
     page_stats,
     shot,
@@ -84,7 +84,7 @@ def test_every_view_by_address_at_desk_and_phone_width_axe_clean(
     fleet.post("acme", "robotErrorWarning", sn=sn, error_level="Fatal", error_type="Crash",
                error_detail="motor stalled", error_id=f"e-{sn}")
     sign_in(driver, fleet, "operator_a")
-    eventually(lambda: cell(driver, sn, "status"), "robot row shown")
+    on_page(lambda: cell(driver, sn, "status"), "robot row shown")
     zone = driver.execute_script("return Intl.DateTimeFormat().resolvedOptions().timeZone")
     assert driver.find_element(By.ID, "tz").text == f"times in {zone}"
     driver.set_script_timeout(60)
@@ -92,12 +92,12 @@ def test_every_view_by_address_at_desk_and_phone_width_axe_clean(
         driver.set_window_size(width, 1000)
         for view, section in VIEWS.items():
             driver.get(f"{fleet.server.url}/#view/{view}" if view else f"{fleet.server.url}/")
-            eventually(lambda: cell(driver, sn, "status") is not None, "page drawn")
+            on_page(lambda: cell(driver, sn, "status") is not None, "page drawn")
             sections = driver.find_elements(By.CSS_SELECTOR, "main > section")
             shown = [s.get_attribute("id") for s in sections if s.is_displayed()]
             assert section in shown and (not view or shown == [section]), (view, shown)
             if view == "floors":  # drawn on showing, though other views left it undrawn
-                eventually(lambda: driver.find_elements(
+                on_page(lambda: driver.find_elements(
                     By.CSS_SELECTOR, f'#floor g.marker[data-sn="{sn}"]'), "marker drawn")
             current = driver.find_element(By.CSS_SELECTOR, "#views a[aria-current=page]")
             assert current.get_attribute("data-view") == view
@@ -121,7 +121,7 @@ def test_fleet_sorts_by_keyboard_alone(fleet: Fleet, driver: WebDriver) -> None:
     assert header.get_attribute("aria-sort") == "descending"
     # the views are links: Enter on one opens its view, and its address
     driver.find_element(By.CSS_SELECTOR, '#views a[data-view="alerts"]').send_keys(Keys.ENTER)
-    eventually(lambda: driver.current_url.endswith("#view/alerts"), "address follows")
+    on_page(lambda: driver.current_url.endswith("#view/alerts"), "address follows")
     assert driver.find_element(By.ID, "alerts-section").is_displayed()
     assert not driver.find_element(By.ID, "fleet").is_displayed()
 
@@ -130,31 +130,31 @@ def test_critical_alert_announced_then_acknowledged_and_a_command_sent_by_keyboa
         fleet: Fleet, driver: WebDriver) -> None:
     driver.delete_all_cookies()
     sign_in(driver, fleet, "operator_a")
-    eventually(lambda: page_stats(driver)["ready"], "page ready")
+    on_page(lambda: page_stats(driver)["ready"], "page ready")
     sn = f"K{uuid.uuid4().hex[:6]}"
     fleet.post("acme", "robotErrorWarning", sn=sn, error_level="Fatal", error_type="Crash",
                error_detail="wheel jammed", error_id=f"k-{sn}")
     region = driver.find_element(By.ID, "announce-critical")
     assert region.get_attribute("role") == "alert"
-    said = str(eventually(lambda: sn in (region.get_attribute("textContent") or "")
+    said = str(on_page(lambda: sn in (region.get_attribute("textContent") or "")
                           and region.get_attribute("textContent"), "critical alert announced"))
     assert said.startswith("Critical: ") and "{" not in said, said
 
     # acknowledge with Enter on the row's button, whose name says which alert it is
-    ack = eventually(lambda: [b for b in driver.find_elements(By.CSS_SELECTOR, "#alerts button.ack")
+    ack = on_page(lambda: [b for b in driver.find_elements(By.CSS_SELECTOR, "#alerts button.ack")
                               if sn in (b.get_attribute("aria-label") or "")], "ack button")[0]
     ack.send_keys(Keys.ENTER)
-    eventually(lambda: not [b for b in driver.find_elements(By.CSS_SELECTOR, "#alerts button.ack")
+    on_page(lambda: not [b for b in driver.find_elements(By.CSS_SELECTOR, "#alerts button.ack")
                             if sn in (b.get_attribute("aria-label") or "")], "acknowledged")
 
     # a gateway command by keyboard: its answer in plain words
     driver.get(f"{fleet.server.url}/#view/gateways")
     row = '#gateways tr[data-gateway="acme/gw-acme"]'
-    send = eventually(lambda: driver.find_elements(By.CSS_SELECTOR, f"{row} button.cmd"),
+    send = on_page(lambda: driver.find_elements(By.CSS_SELECTOR, f"{row} button.cmd"),
                       "gateway command")[0]
     send.send_keys(Keys.ENTER)
     out = driver.find_element(By.CSS_SELECTOR, f"{row} .cmd-out")
-    text = str(eventually(lambda: out.text.startswith("ping: answered") and out.text,
+    text = str(on_page(lambda: out.text.startswith("ping: answered") and out.text,
                           "ping answered"))
     assert "pong yes" in text and "gateway id gw-acme" in text, text
     assert re.search(r"^time \S*\d{4}", text, re.M) and not re.search(r"\d{10}", text), text
@@ -171,7 +171,7 @@ def test_gateway_commands_are_the_gateways_own(fleet: Fleet, driver: WebDriver) 
         options = driver.find_elements(By.CSS_SELECTOR, select)
         return [str(o.get_attribute("value")) for o in options] if len(options) > 2 else None
 
-    names = eventually(offered, "commands read from get_status")
+    names = on_page(offered, "commands read from get_status")
     assert names[:2] == ["ping", "get_status"] and "flush_outbox" in names, names
     assert not [n for n in names if n.startswith("pudu.")], names
 
@@ -213,13 +213,13 @@ def test_a_keyboard_walk_with_tab_enter_space_and_arrows_only(
                error_detail="bumper stuck", error_id=f"w-{sn}")
     driver.delete_all_cookies()
     sign_in(driver, fleet, "operator_a")
-    eventually(lambda: cell(driver, sn, "status") and cell(driver, f"{sn}b", "battery")
+    on_page(lambda: cell(driver, sn, "status") and cell(driver, f"{sn}b", "battery")
                and cell(driver, f"{sn}c", "battery"), "robot rows shown")
 
     # -- the Fleet view, then sort by battery: Enter ascending, Space descending ---------
     tab_to(driver, attr("data-view", "fleet"), "the Fleet view link")
     press(driver, Keys.ENTER)
-    eventually(lambda: driver.current_url.endswith("#view/fleet"), "address follows")
+    on_page(lambda: driver.current_url.endswith("#view/fleet"), "address follows")
     assert not driver.find_element(By.ID, "alerts-section").is_displayed()
     header = tab_to(driver, attr("data-key", "battery_level"), "the Battery header")
     press(driver, Keys.ENTER)
@@ -233,25 +233,25 @@ def test_a_keyboard_walk_with_tab_enter_space_and_arrows_only(
         v = levels()
         return v if v and v[0] == first(v) else None
 
-    up = eventually(lambda: ordered(min), "lowest first")
+    up = on_page(lambda: ordered(min), "lowest first")
     assert up == sorted(up) and up[0] <= 3 and {3, 50, 90} <= set(up), up
     shot(driver, fleet, "keyboard-1-fleet-sorted-by-battery")
     press(driver, Keys.SPACE)
     assert header.get_attribute("aria-sort") == "descending"
-    down = eventually(lambda: ordered(max), "highest first")
+    down = on_page(lambda: ordered(max), "highest first")
     assert down == sorted(down, reverse=True), down
 
     # -- Tab on round to the Alerts view; acknowledge the robot's alert with Enter -------
     tab_to(driver, attr("data-view", "alerts"), "the Alerts view link")
     press(driver, Keys.ENTER)
-    eventually(lambda: driver.current_url.endswith("#view/alerts"), "alerts address")
-    eventually(lambda: alert_row(driver, sn), "the robot's alert listed")
+    on_page(lambda: driver.current_url.endswith("#view/alerts"), "alerts address")
+    on_page(lambda: alert_row(driver, sn), "the robot's alert listed")
     # each button names its alert: the battery one (also critical, 3 %) is passed by
     tab_to(driver, attr("aria-label", f"Acknowledge Robot fault on robot {sn}"),
            "the fault's Acknowledge button")
     shot(driver, fleet, "keyboard-2-alert-focused")
     press(driver, Keys.ENTER)
-    eventually(lambda: alert_row(driver, sn).find_element(By.CSS_SELECTOR, "td.state").text
+    on_page(lambda: alert_row(driver, sn).find_element(By.CSS_SELECTOR, "td.state").text
                == "acknowledged", "acknowledged")
     assert alert_row(driver, sn, "battery_low").find_element(By.CSS_SELECTOR, "td.state").text \
         == "open"  # the other one untouched
@@ -263,9 +263,9 @@ def test_a_keyboard_walk_with_tab_enter_space_and_arrows_only(
     # -- the Gateways view: choose get_status with the arrows, send it with Space --------
     tab_to(driver, attr("data-view", "gateways"), "the Gateways view link")
     press(driver, Keys.ENTER)
-    eventually(lambda: driver.current_url.endswith("#view/gateways"), "gateways address")
+    on_page(lambda: driver.current_url.endswith("#view/gateways"), "gateways address")
     row = '#gateways tr[data-gateway="acme/gw-acme"]'
-    eventually(lambda: len(driver.find_elements(By.CSS_SELECTOR, f"{row} select.cmd-name option"))
+    on_page(lambda: len(driver.find_elements(By.CSS_SELECTOR, f"{row} select.cmd-name option"))
                > 2, "the gateway's own commands offered")
     select = tab_to(driver, attr("aria-label", "command for gateway gw-acme"), "its command list")
     press(driver, Keys.ARROW_DOWN)
@@ -274,7 +274,7 @@ def test_a_keyboard_walk_with_tab_enter_space_and_arrows_only(
     press(driver, Keys.SPACE)
     out = driver.find_element(By.CSS_SELECTOR, f"{row} .cmd-out")
     try:
-        text = str(eventually(lambda: out.text.startswith("get_status: answered") and out.text,
+        text = str(on_page(lambda: out.text.startswith("get_status: answered") and out.text,
                               "get_status answered", timeout=30))
     except TimeoutError:
         shot(driver, fleet, "keyboard-4-command-not-answered")

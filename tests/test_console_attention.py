@@ -34,7 +34,7 @@ from callback_server.alerts import RULES as RULE_IDS
 from callback_server.keys import Role, add_key
 from tests import test_console
 from tests.services import callback_server, edge_agent
-from tests.test_console import BROKER, SHOTS, Fleet, cell, eventually, page_stats, sign_in
+from tests.test_console import BROKER, SHOTS, Fleet, cell, on_page, page_stats, sign_in
 
 browser = test_console.browser  # the same fixture: Debian's chromium, headless
 
@@ -137,26 +137,26 @@ def test_faults_stuck_offline_gateway_attention_links_and_bulk_acknowledge(
                          "error_detail": "soft bump", "error_id": f"w{down1}", "timestamp": now}}
         assert httpx.post(down.url + "/api/pudu/webhook", json=body,
                           headers={"CallbackCode": "test-code"}).status_code == 200
-        eventually(lambda: fleet.robot(down2) and fleet.robot(fault) and
+        on_page(lambda: fleet.robot(down2) and fleet.robot(fault) and
                    (fleet.robot(low) or {}).get("charge_state"), "robots stored")
 
         operator = browser()
         sign_in(operator, fleet, "operator_a")
-        eventually(lambda: cell(operator, down1, "status") == "working", "site up, working")
+        on_page(lambda: cell(operator, down1, "status") == "working", "site up, working")
     # the gateway stopped: its last word was "offline"
     site = f"acme/{gateway}"
-    eventually(lambda: (cell(operator, down1, "status") or "").startswith("unknown since"),
+    on_page(lambda: (cell(operator, down1, "status") or "").startswith("unknown since"),
                "a robot behind an offline gateway is unknown, not its last state")
     assert (cell(operator, down2, "status") or "").startswith("unknown since")
     assert "unknown" in (operator.find_element(
         By.CSS_SELECTOR, f'#robots tr[data-sn="{down1}"]').get_attribute("class") or "")
     search(operator, "down")  # the site's robots: counted unknown, not working
-    eventually(lambda: [li.text for li in operator.find_elements(By.CSS_SELECTOR, "#counts li")]
+    on_page(lambda: [li.text for li in operator.find_elements(By.CSS_SELECTOR, "#counts li")]
                == ["unknown: 2"], "counted as unknown")
     search(operator, "")
 
     # -- faults and stuck on the row; thresholds as the rules file set them --------------
-    eventually(lambda: "fault (critical)" in (cell(operator, fault, "status") or ""),
+    on_page(lambda: "fault (critical)" in (cell(operator, fault, "status") or ""),
                "fault on the row", timeout=30)
     status = operator.find_element(By.CSS_SELECTOR, f'#robots tr[data-sn="{fault}"] td.status')
     assert "s-fault" in (status.get_attribute("class") or "")
@@ -166,7 +166,7 @@ def test_faults_stuck_offline_gateway_attention_links_and_bulk_acknowledge(
     search(operator, tag)
     expected = {"fault": 1, "stuck": 1, "offline": 1, "unknown": 2, "stale": 1, "low": 1,
                 "alerts-critical": 1, "alerts-high": 1, "alerts-warning": 1}
-    eventually(lambda: all(chips(operator).get(k) == v for k, v in expected.items()),
+    on_page(lambda: all(chips(operator).get(k) == v for k, v in expected.items()),
                f"attention counts {expected}", timeout=30)
     assert chips(operator)["gw-offline"] >= 1
     site_row = operator.find_element(By.CSS_SELECTOR, f'#sites tr[data-site="{site}"]')
@@ -179,25 +179,25 @@ def test_faults_stuck_offline_gateway_attention_links_and_bulk_acknowledge(
 
     for sn, state in ((fault, "s-fault"), (stuck, "s-stuck"), (down1, "s-unknown"),
                       (low, "s-low")):
-        eventually(partial(lambda sn, state: state in marker(sn), sn, state),
+        on_page(partial(lambda sn, state: state in marker(sn), sn, state),
                    f"marker of {sn}: {state}")
     shot(operator, fleet, "attention-strip")
 
     # -- the strip's links are filtered views ------------------------------------------
     operator.find_element(By.CSS_SELECTOR, '#attention-counts li[data-kind="fault"] a').click()
-    eventually(lambda: fleet_sns(operator) == [fault], "faulted robots only")
+    on_page(lambda: fleet_sns(operator) == [fault], "faulted robots only")
     assert operator.find_element(By.ID, "active-name").text == "faulted"
     shot(operator, fleet, "attention-link-faulted")
     operator.find_element(By.CSS_SELECTOR, '#attention-counts li[data-kind="unknown"] a').click()
-    eventually(lambda: sorted(fleet_sns(operator)) == sorted([down1, down2]), "unknown only")
+    on_page(lambda: sorted(fleet_sns(operator)) == sorted([down1, down2]), "unknown only")
     operator.find_element(By.CSS_SELECTOR,
                           '#attention-counts li[data-kind="alerts-critical"] a').click()
-    eventually(lambda: [r.get_attribute("data-rule") for r in operator.find_elements(
+    on_page(lambda: [r.get_attribute("data-rule") for r in operator.find_elements(
         By.CSS_SELECTOR, "#alerts tbody tr")] == ["robot_fault"], "critical alerts only")
     operator.find_element(By.ID, "clear-filter").click()
-    eventually(lambda: len(fleet_sns(operator)) == 7, "all seven again (search kept)")
+    on_page(lambda: len(fleet_sns(operator)) == 7, "all seven again (search kept)")
     search(operator, "stuck")  # what the page calls a robot is searchable too
-    eventually(lambda: fleet_sns(operator) == [stuck], "stuck robots found by search")
+    on_page(lambda: fleet_sns(operator) == [stuck], "stuck robots found by search")
     search(operator, tag)
 
     # -- alerts: severity then age, titles, detail, robot links --------------------------
@@ -205,7 +205,7 @@ def test_faults_stuck_offline_gateway_attention_links_and_bulk_acknowledge(
         return [r for r in operator.find_elements(By.CSS_SELECTOR, "#alerts tbody tr")
                 if tag in r.find_element(By.CSS_SELECTOR, "td.subject").text]
 
-    eventually(lambda: len(ours()) == 3, "three alerts of ours")
+    on_page(lambda: len(ours()) == 3, "three alerts of ours")
     rows = ours()
     assert [r.find_element(By.CSS_SELECTOR, "td.severity").text for r in rows] == [
         "critical", "high", "warning"]
@@ -224,13 +224,13 @@ def test_faults_stuck_offline_gateway_attention_links_and_bulk_acknowledge(
     fleet.post("acme", "robotErrorWarning", sn=late, error_level="Fatal", error_type="Crash",
                error_detail="late", error_id=f"e{late}")
     button = operator.find_element(By.ID, "alerts-new")
-    eventually(button.is_displayed, "new alerts announced, not inserted")
+    on_page(button.is_displayed, "new alerts announced, not inserted")
     assert button.text.startswith("1 new alert")
     assert [r.get_attribute("data-alert-id") for r in ours()] == before
     assert "new alert" in (operator.find_element(By.ID, "announce").get_attribute(
         "textContent") or "")
     button.click()
-    eventually(lambda: len(ours()) == 4, "inserted on request")
+    on_page(lambda: len(ours()) == 4, "inserted on request")
     assert ours()[0].find_element(By.CSS_SELECTOR, "td.subject").text in (
         f"robot {fault}", f"robot {late}")  # both critical: the older first
     shot(operator, fleet, "alerts-ordered")
@@ -239,7 +239,7 @@ def test_faults_stuck_offline_gateway_attention_links_and_bulk_acknowledge(
     operator.find_element(By.ID, "alerts-all").click()
     assert operator.find_element(By.ID, "alerts-ack").text == "Acknowledge selected (4)"
     operator.find_element(By.ID, "alerts-ack").click()
-    eventually(lambda: all(r.find_element(By.CSS_SELECTOR, "td.state").text.startswith(
+    on_page(lambda: all(r.find_element(By.CSS_SELECTOR, "td.state").text.startswith(
         "acknowledged") for r in ours()) and len(ours()) == 4, "all acknowledged")
     assert operator.find_element(By.ID, "bulk-result").text == "4 acknowledged"
     answer = httpx.get(fleet.server.url + "/alerts", params={"state": "acknowledged"},
@@ -251,8 +251,8 @@ def test_faults_stuck_offline_gateway_attention_links_and_bulk_acknowledge(
     # -- one filter for everything: the site applies to every view ------------------------
     search(operator, "")
     Select(operator.find_element(By.ID, "filter-site")).select_by_value(site)
-    eventually(lambda: sorted(fleet_sns(operator)) == sorted([down1, down2]), "fleet by site")
-    eventually(lambda: [e.get_attribute("data-event") for e in operator.find_elements(
+    on_page(lambda: sorted(fleet_sns(operator)) == sorted([down1, down2]), "fleet by site")
+    on_page(lambda: [e.get_attribute("data-event") for e in operator.find_elements(
         By.CSS_SELECTOR, "#events tbody tr")] == [f"{down1}/w{down1}"], "events by site")
     assert [g.get_attribute("data-gateway") for g in operator.find_elements(
         By.CSS_SELECTOR, "#gateways tbody tr")] == [site]
@@ -269,12 +269,12 @@ def test_faults_stuck_offline_gateway_attention_links_and_bulk_acknowledge(
     # -- the robot page says so too ----------------------------------------------------------
     Select(operator.find_element(By.ID, "filter-site")).select_by_value("")
     operator.get(f"{fleet.server.url}/#robot/{fault}")
-    eventually(lambda: "fault (critical)" in operator.find_element(By.ID, "robot-flags").text,
+    on_page(lambda: "fault (critical)" in operator.find_element(By.ID, "robot-flags").text,
                "the robot page shows the fault")
     assert "motor jammed" in operator.find_element(By.ID, "robot-flags").text
     shot(operator, fleet, "robot-page-fault")
     operator.get(f"{fleet.server.url}/#robot/{down2}")
-    eventually(lambda: "unknown since" in operator.find_element(By.ID, "robot-flags").text,
+    on_page(lambda: "unknown since" in operator.find_element(By.ID, "robot-flags").text,
                "the robot page shows unknown")
 
 
@@ -354,24 +354,24 @@ def test_the_page_holds_all_50000_robots_and_draws_only_what_is_in_view(
         big: Fleet, browser: Callable[[], WebDriver]) -> None:
     viewer = browser()
     sign_in(viewer, big, "viewer_a")
-    eventually(lambda: page_stats(viewer)["ready"],
+    on_page(lambda: page_stats(viewer)["ready"],
                "snapshot loaded", timeout=120)
-    eventually(lambda: viewer.find_element(By.ID, "total").text ==
+    on_page(lambda: viewer.find_element(By.ID, "total").text ==
                f"({BIG} shown of {BIG})", "every robot in the table", timeout=60)
     rows = viewer.find_elements(By.CSS_SELECTOR, "#robots tbody tr[data-sn]")
     assert 10 < len(rows) < 100, len(rows)  # virtualised: the rows in view, not 50,000
     assert rows[0].get_attribute("data-sn") == "B00000"
     viewer.execute_script("const b = document.getElementById('fleet-scroll');"
                           "b.scrollTop = b.scrollHeight;")
-    eventually(lambda: viewer.find_elements(By.CSS_SELECTOR, '#robots tr[data-sn="B49999"]'),
+    on_page(lambda: viewer.find_elements(By.CSS_SELECTOR, '#robots tr[data-sn="B49999"]'),
                "the last robot reached by scrolling")
     assert len(viewer.find_elements(By.CSS_SELECTOR, "#robots tbody tr[data-sn]")) < 100
     nodes = viewer.execute_script("return document.getElementsByTagName('*').length")
     assert nodes < 5000, nodes
     search(viewer, "B4999")
-    eventually(lambda: viewer.find_element(By.ID, "total").text == f"(10 shown of {BIG})",
+    on_page(lambda: viewer.find_element(By.ID, "total").text == f"(10 shown of {BIG})",
                "search over all of them")
-    eventually(lambda: fleet_sns(viewer) == [f"B4999{i}" for i in range(10)],
+    on_page(lambda: fleet_sns(viewer) == [f"B4999{i}" for i in range(10)],
                "the rows found are the rows drawn")
     shot(viewer, big, "fleet-50000")
 

@@ -20,8 +20,8 @@ from bridge.transport.memory import MemoryBroker, MemoryTransport
 from callback_server.batcher import BatchWriter
 from callback_server.consumer import Consumer
 from callback_server.store import BatchResult, Item
-from tests.hostile import valid_envelope
-from tests.waiting import until
+from tests.support.hostile import valid_envelope
+from tests.support.waiting import eventually_async
 
 
 class Router:
@@ -144,11 +144,11 @@ async def test_the_broker_gets_the_ack_only_after_the_commit() -> None:
         for i in range(3):
             await producer.publish(f"org/acme/device/R{i}/power",
                                    json.dumps(valid_envelope("acme", f"R{i}", i)).encode())
-        await until(lambda: consumer.unacked == 3)
+        await eventually_async(lambda: consumer.unacked == 3)
         # Delivered, not committed: the broker still holds all three as in flight.
         assert len(broker.sessions[cid].unacked) == 3 and store.rows == []
         store.hold.set()
-        await until(lambda: not broker.sessions[cid].unacked)
+        await eventually_async(lambda: not broker.sessions[cid].unacked)
         assert sorted(store.rows) == [f"env-R{i}-{i}" for i in range(3)]
         assert consumer.unacked == 0
 
@@ -165,8 +165,8 @@ async def test_faults_are_dead_lettered_and_acked_and_valid_ones_stored() -> Non
             await producer.publish("org/acme/device/R1/power", payload)
         await producer.publish("org/acme/device/R9/power",
                                json.dumps(valid_envelope("acme", "R9", 9)).encode())
-        await until(lambda: len(store.dead) == 3 and store.rows == ["env-R9-9"])
-        await until(lambda: not broker.sessions[cid].unacked)  # every one acked, once
+        await eventually_async(lambda: len(store.dead) == 3 and store.rows == ["env-R9-9"])
+        await eventually_async(lambda: not broker.sessions[cid].unacked)  # every one acked, once
     assert consumer.malformed == 3 and consumer.unacked == 0
     reasons = iter(store.dead)
     for expected in ("not JSON", "differ from the topic", "v must be 1"):

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.services import edge_agent, pick_port
+from tests.support.services import edge_agent, pick_port
 from tests.test_install import NO_INDEX, ROOT, aarch64_wheelhouse, build_lock, wheelhouse
 
 # the session's wheelhouse fixtures, shared with test_install

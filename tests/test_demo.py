@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import subprocess
@@ -11,8 +12,9 @@ from pathlib import Path
 
 import httpx
 
-from tests.procs import wait_for_port
-from tests.services import pick_port
+from tests.support.procs import wait_for_port
+from tests.support.services import pick_port
+from tests.support.waiting import eventually
 
 
 def test_make_run_pipeline_answers_within_a_second(tmp_path: Path) -> None:
@@ -39,14 +41,9 @@ def test_make_run_pipeline_answers_within_a_second(tmp_path: Path) -> None:
         r = httpx.post(f"http://127.0.0.1:{edge}/api/pudu/webhook", json=body,
                        headers={"CallbackCode": "demo-callback-code"})
         assert r.status_code == 200, r.text
-        posted = time.monotonic()
-        robot = None
-        while time.monotonic() - posted < 1.0:
-            got = httpx.get(f"http://127.0.0.1:{cb}/robots/DEMO-9", headers=auth)
-            if got.status_code == 200:
-                robot = got.json()
-                break
-        assert robot is not None, "not in the read API within 1 s"
+        robot = eventually(lambda: httpx.get(f"http://127.0.0.1:{cb}/robots/DEMO-9", headers=auth),
+                           accept=lambda got: got.status_code == 200, within=1.0,
+                           what="DEMO-9 in the read API").json()
         assert (robot["battery_level"], robot["status"]) == (42, "busy")
     finally:
         proc.terminate()
@@ -95,16 +92,11 @@ def test_make_run_prints_a_key_its_curl_lines_work_with(tmp_path: Path) -> None:
         assert len(curls) >= 6 and all("curl" in c for c in curls)
         for command in curls:
             assert "Bearer" not in command or key in command
-            answer = ""
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:  # the robot and the gateway take a moment
-                answer = subprocess.run(
-                    ["bash", "-c", command.replace("curl -s", "curl -s -w '\\n%{http_code}'", 1)],
-                    capture_output=True, text=True, timeout=15).stdout
-                if answer.rsplit("\n", 1)[-1] == "200":
-                    break
-                time.sleep(0.1)
-            assert answer.rsplit("\n", 1)[-1] == "200", (command, answer)
+            with_code = command.replace("curl -s", "curl -s -w '\\n%{http_code}'", 1)
+            curl = functools.partial(subprocess.run, ["bash", "-c", with_code],
+                                     capture_output=True, text=True, timeout=15)
+            eventually(curl, within=10, what=f"200 from {command}",  # robot, gateway: a moment
+                       accept=lambda done: done.stdout.rsplit("\n", 1)[-1] == "200")
         # Without the key the read API refuses, saying so.
         assert httpx.get(f"http://127.0.0.1:{cb}/robots").status_code == 401
         listed = httpx.get(f"http://127.0.0.1:{cb}/robots",

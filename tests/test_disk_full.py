@@ -23,10 +23,10 @@ import pytest
 
 from bridge.errors import OutboxUnwritableError
 from bridge.outbox import Outbox
-from tests.mqtt_probe import Probe
-from tests.procs import MosquittoProcess
-from tests.services import edge_agent
-from tests.waiting import until
+from tests.support.mqtt_probe import Probe, Seen
+from tests.support.procs import MosquittoProcess
+from tests.support.services import edge_agent
+from tests.support.waiting import eventually, eventually_async
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="mounting a tmpfs needs root (CI runs as root)")
@@ -62,14 +62,11 @@ def post(client: httpx.Client, url: str, body: bytes) -> tuple[httpx.Response, f
 
 def wait_ids(probe: Probe, ids: set[str], timeout: float = 60) -> set[str]:
     """Block until every envelope id in ``ids`` arrived; returns what arrived."""
-    deadline = time.monotonic() + timeout
-    seen: set[str] = set()
-    while True:
-        got = probe.wait_for(len(probe.messages) + 1 if seen else 1,
-                             timeout=max(0.1, deadline - time.monotonic()))
-        seen = {json.loads(m.payload)["id"] for m in got if "/DISK" in m.topic}
-        if ids <= seen:
-            return seen
+    def arrived(messages: list[Seen]) -> set[str]:
+        return {json.loads(m.payload)["id"] for m in messages if "/DISK" in m.topic}
+
+    return arrived(probe.wait_until(lambda got: ids <= arrived(got), "every envelope id",
+                                    timeout=timeout))
 
 
 def test_a_full_disk_is_answered_503_and_accepted_again_once_space_returns(
@@ -109,15 +106,17 @@ def test_a_full_disk_is_answered_503_and_accepted_again_once_space_returns(
             assert "edge_outbox_writable 0.0" in httpx.get(agent.admin_url + "/metrics").text
 
             subprocess.run(["mount", "-o", "remount,size=64m", str(small_fs)], check=True)
-            remounted = time.monotonic()
             i += 1
-            while True:  # the same agent, no restart: the writer's retry finds the space
+
+            def attempt() -> httpx.Response:  # a client's retry
                 r, took = post(client, agent.url, event(i))
                 assert took < 1.0 and r.status_code in (200, 503)
-                if r.status_code == 200:
-                    break
-                assert time.monotonic() - remounted < 5.0, "not accepting 5 s after remount"
-                time.sleep(0.1)  # a client's retry, not synchronisation
+                return r
+
+            # the same agent, no restart: the writer's retry finds the space
+            r = eventually(attempt, accept=lambda r: r.status_code == 200,
+                           within=5.0, every=0.1,
+                           what="accepting after the remount")
             accepted.add(r.json()["data"]["message_id"])
             assert agent.health()["outbox_writable"]
             assert agent.health()["outbox_free_bytes"] > 32 * 2**20
@@ -152,7 +151,7 @@ async def test_removals_made_while_the_disk_is_full_are_kept_and_applied_later(
         outbox.remove(acked)  # PUBACKs arriving while the disk is full
         await asyncio.to_thread(
             subprocess.run, ["mount", "-o", "remount,size=64m", str(small_fs)], check=True)
-        await until(lambda: outbox.unwritable is None, within=5)
+        await eventually_async(lambda: outbox.unwritable is None, within=5)
         assert await outbox.put("t/a", b"accepted again") is not None
         await outbox.sync()
         left = [e.seq for e in await outbox.peek(0, 10_000)]

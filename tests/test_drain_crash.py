@@ -5,8 +5,6 @@ message log once, whatever the kill cut short."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
 import uuid
 from pathlib import Path
 
@@ -14,9 +12,10 @@ import pytest
 
 from bench.samples import envelopes
 from bridge.outbox import Outbox
-from tests.dbutil import query
-from tests.mqtt_probe import Probe
-from tests.services import callback_server, edge_agent
+from tests.support.dbutil import query
+from tests.support.mqtt_probe import Probe
+from tests.support.services import callback_server, edge_agent
+from tests.support.waiting import eventually
 
 BROKER = "mqtt://127.0.0.1:1883"
 BACKLOG = 600
@@ -59,12 +58,8 @@ def test_sigkill_mid_batched_drain_loses_nothing_and_stores_nothing_twice(
         assert cut < BACKLOG, "the drain was over before the kill"
         agent.env["PUBLISH_RATE_LIMIT"] = "0"
         agent.start()
-        deadline = time.monotonic() + 60
-        while len(set(logged(db))) < BACKLOG:
-            assert time.monotonic() < deadline, f"{len(set(logged(db)))} of {BACKLOG}"
-            # the next frame, or the cloud's commit of the frames already sent
-            with contextlib.suppress(TimeoutError):
-                frames_seen.wait_for(len(frames_seen.messages) + 1, timeout=0.5)
+        eventually(lambda: len(set(logged(db))), accept=lambda n: n >= BACKLOG, within=60,
+                   every=0.1, what=f"all {BACKLOG} stored after the restart")
         agent.stop()
         rows = logged(db)
         assert sorted(rows) == sorted(ids)  # each once: nothing lost, nothing twice

@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from bridge.topic import CHANNEL_OF_TYPE
-from tests.mqtt_probe import Probe, Seen
-from tests.services import ServiceProcess, edge_agent
+from tests.support.mqtt_probe import Probe, Seen
+from tests.support.services import ServiceProcess, edge_agent
 
 pytestmark = pytest.mark.integration
 

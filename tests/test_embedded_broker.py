@@ -15,7 +15,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from bridge.embedded_broker import EmbeddedBroker
 from bridge.errors import TransportError
-from tests.procs import free_port
+from tests.support.procs import free_port
 
 TIMEOUT = 5.0
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from bridge.envelope import Envelope
 from bridge.errors import PayloadError
-from tests.hostile import FAULT_CLASSES, json_values, valid_envelope
+from tests.support.hostile import FAULT_CLASSES, json_values, valid_envelope
 from tests.test_strictjson import strict_loads
 
 fields = st.fixed_dictionaries({}, optional={

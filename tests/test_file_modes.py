@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.services import callback_server, edge_agent
+from tests.support.services import callback_server, edge_agent
 
 pytestmark = pytest.mark.integration
 

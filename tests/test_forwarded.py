@@ -25,6 +25,7 @@ from bridge.http_server import NodelayStats, make_server
 from callback_server import config as cb_config
 from callback_server.keys import add_key
 from callback_server.service import CallbackServer
+from tests.support.waiting import eventually_async
 
 PROXY = "10.1.2.3"  # the load balancer, inside FORWARDED_ALLOW_IPS below
 STRANGER = "198.51.100.7"  # anyone else on the internet
@@ -135,14 +136,13 @@ async def test_a_real_listener_believes_loopback_by_default_and_refuses_framing(
     task = asyncio.create_task(server.serve(sockets=[sock]), name="listener")
     try:
         async with httpx.AsyncClient() as c:
-            for _ in range(100):
-                with contextlib.suppress(httpx.TransportError):
-                    answer = await c.get(f"http://127.0.0.1:{sock.getsockname()[1]}/",
-                                         headers={"X-Forwarded-Proto": "https",
-                                                  "X-Forwarded-For": "203.0.113.9",
-                                                  "X-Forwarded-Host": PUBLIC})
-                    break
-                await asyncio.sleep(0.05)  # the listener's startup
+            answer = await eventually_async(  # the listener's startup
+                lambda: c.get(f"http://127.0.0.1:{sock.getsockname()[1]}/",
+                              headers={"X-Forwarded-Proto": "https",
+                                       "X-Forwarded-For": "203.0.113.9",
+                                       "X-Forwarded-Host": PUBLIC}),
+                accept=lambda _: True, ignoring=(httpx.TransportError,), within=5,
+                what="the listener answering")
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 10)
@@ -171,7 +171,7 @@ def test_docs_render_in_a_browser_under_their_csp(tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from tests.services import callback_server
+    from tests.support.services import callback_server
 
     chromium, chromedriver = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
     if not (chromium.exists() and chromedriver.exists()):

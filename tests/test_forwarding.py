@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.mqtt_probe import Probe, Seen
-from tests.services import ServiceProcess, edge_agent
+from tests.support.mqtt_probe import Probe, Seen
+from tests.support.services import ServiceProcess, edge_agent
 from tests.test_cli import cli, edge_env
 
 pytestmark = pytest.mark.integration
@@ -76,9 +76,7 @@ def test_fifty_poses_in_ten_seconds_arrive_as_two_or_three_the_last_one_last(
             return any(env["data"]["x"] == 49.0
                        for _, env in on(probe.messages, "pose"))
 
-        deadline = time.monotonic() + 20
-        while not last_pose_arrived() and time.monotonic() < deadline:
-            probe.wait_for(len(probe.messages) + 1, timeout=deadline - time.monotonic())
+        probe.wait_until(lambda _: last_pose_arrived(), "the last pose", timeout=20)
         seen = list(probe.messages)
         downsampled = metric(agent, 'edge_downsampled_total{channel="pose"}')
     poses = on(seen, "pose")
@@ -143,9 +141,7 @@ def test_a_pose_held_when_the_agent_is_killed_is_published_after_the_restart(
             agent.wait_health("outbox_held", 1)
             agent.kill()  # SIGKILL inside the interval
         with edge_agent(tmp_path, BROKER, org=org, MIN_INTERVAL_SECONDS="pose=600"):
-            deadline = time.monotonic() + 20
-            while len(on(probe.messages, "pose")) < 2 and time.monotonic() < deadline:
-                probe.wait_for(len(probe.messages) + 1, timeout=deadline - time.monotonic())
+            probe.wait_until(lambda seen: len(on(seen, "pose")) >= 2, "both poses", timeout=20)
     assert [env["data"]["x"] for _, env in on(probe.messages, "pose")] == [0.0, 1.0]
 
 

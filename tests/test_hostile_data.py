@@ -15,9 +15,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.dbutil import query
-from tests.mqtt_probe import Probe
-from tests.services import ServiceProcess, callback_server, edge_agent
+from tests.support.dbutil import query
+from tests.support.mqtt_probe import Probe, Seen
+from tests.support.services import ServiceProcess, callback_server, edge_agent
+from tests.support.waiting import eventually
 from tests.test_strictjson import strict_loads
 
 pytestmark = pytest.mark.integration
@@ -45,25 +46,22 @@ class Pipeline:
 
     def robot(self, sn: str, **expect: Any) -> dict[str, Any]:
         """The robot once the cloud shows ``expect`` (polling its read API, bounded)."""
-        deadline = time.monotonic() + 10
-        while True:
+        def row() -> dict[str, Any]:
             r = httpx.get(f"{self.cloud.url}/robots/{sn}", headers=self.cloud.auth)
-            row = r.json() if r.status_code == 200 else {}
-            if row and all(row.get(k) == v for k, v in expect.items()):
-                return row
-            assert time.monotonic() < deadline, (sn, expect, row)
-            time.sleep(0.05)
+            return r.json() if r.status_code == 200 else {}
+
+        return eventually(row, within=10, what=f"{sn} showing {expect}",
+                          accept=lambda got: got and all(got.get(k) == v
+                                                         for k, v in expect.items()))
 
     def envelopes(self, count: int) -> list[dict[str, Any]]:
         """The first ``count`` robot envelopes published, each parsed strictly."""
-        deadline = time.monotonic() + 10
-        while True:
-            seen = [m for m in self.probe.messages if not m.topic.endswith(
-                ("/presence", "/telemetry"))]
-            if len(seen) >= count:
-                return [strict_loads(m.payload) for m in seen]
-            assert time.monotonic() < deadline, f"{len(seen)} of {count} published"
-            self.probe.wait_for(len(self.probe.messages) + 1, timeout=10)
+        def robots_only(messages: list[Seen]) -> list[Seen]:
+            return [m for m in messages if not m.topic.endswith(("/presence", "/telemetry"))]
+
+        got = self.probe.wait_until(lambda seen: len(robots_only(seen)) >= count,
+                                    f"{count} robot envelopes published", timeout=10)
+        return [strict_loads(m.payload) for m in robots_only(got)]
 
 
 @pytest.fixture

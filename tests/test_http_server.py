@@ -23,6 +23,7 @@ from bridge.config import HttpLimits
 from bridge.http_body import read_body
 from bridge.http_errors import install
 from bridge.http_server import ConnectionGate, NodelayStats, make_server
+from tests.support.waiting import eventually_async
 
 UPGRADE = (b"GET /hook HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
@@ -87,13 +88,6 @@ async def listening(**limits: Any) -> AsyncIterator[Listener]:
         sock.close()
 
 
-async def eventually(condition: Callable[[], bool], within: float) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)  # polling a condition with a deadline
-
-
 async def response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
     """One response with Content-Length: status, headers (lower-case), body."""
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
@@ -124,7 +118,7 @@ async def test_websocket_upgrades_are_refused_and_free_their_slot(
             assert json.loads(body)["status"] == "error"
             assert "websocket" in json.loads(body)["message"].lower()
             writer.close()
-        await eventually(lambda: listener.gate.open == 0, 5)
+        await eventually_async(lambda: listener.gate.open == 0, within=5, what="connections closed")
         assert listener.gate.upgrades_refused == 10
         reader, writer = await listener.connect()
         writer.write(POST)
@@ -156,7 +150,7 @@ async def test_crlf_between_requests_does_not_hold_a_connection() -> None:
             writer.close()
         assert 0.45 <= held < 2.0, held
         assert listener.gate.header_timeouts == 1
-        await eventually(lambda: listener.gate.open == 0, 5)
+        await eventually_async(lambda: listener.gate.open == 0, within=5, what="connections closed")
 
 
 async def test_a_body_sent_a_byte_at_a_time_is_answered_408() -> None:
@@ -186,7 +180,8 @@ async def test_a_body_sent_a_byte_at_a_time_is_answered_408() -> None:
         assert 0.95 <= answered < 2.0, answered
         assert held < answered + 3.0  # the brief linger that lets the 408 be read
         assert listener.gate.body_timeouts == 1
-        await eventually(lambda: listener.gate.open == 0 and listener.seen.disconnects == 1, 5)
+        await eventually_async(lambda: listener.gate.open == 0 and listener.seen.disconnects == 1,
+                               within=5, what="the connection closed, once")
         assert listener.seen.bodies == []
 
 
@@ -221,7 +216,7 @@ async def test_answered_before_its_body_then_idle_is_closed() -> None:
         writer.close()
         assert 0.45 <= held < 2.0, held
         assert listener.gate.header_timeouts == 1
-        await eventually(lambda: listener.gate.open == 0, 5)
+        await eventually_async(lambda: listener.gate.open == 0, within=5, what="connections closed")
 
 
 async def test_an_app_cut_off_by_the_body_timeout_logs_no_error(
@@ -246,7 +241,8 @@ async def test_an_app_cut_off_by_the_body_timeout_logs_no_error(
         assert (await response(reader))[0] == 408
         writer.close()
         gate = server.gate  # type: ignore[attr-defined]
-        await eventually(lambda: gate.open == 0 and not server.server_state.tasks, 5)
+        await eventually_async(lambda: gate.open == 0 and not server.server_state.tasks, within=5,
+                               what="connections closed and their tasks done")
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 10)

@@ -28,9 +28,10 @@ import httpx
 import pytest
 
 from bridge.envelope import Envelope
-from tests.dbutil import query, scratch_mysql_database
-from tests.mqtt_probe import Probe, publish_once
-from tests.procs import MosquittoProcess, free_port
+from tests.support.dbutil import query, scratch_mysql_database
+from tests.support.mqtt_probe import Probe, publish_once
+from tests.support.procs import MosquittoProcess, free_port
+from tests.support.waiting import NotYet, eventually
 
 IMAGE = os.environ.get("PUDU_IMAGE", "")
 BROKER = "mqtt://127.0.0.1:1883"
@@ -107,10 +108,11 @@ class Container:
 
     def service_pid(self, timeout: float = 20) -> int:
         """The service's own process (what a container engine signals as PID 1)."""
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            stack, seen = [self.proc.pid], []
+        proc = self.proc
+        assert proc is not None
+
+        def python_child() -> int | None:  # the tree appears as buildah sets up the chroot
+            stack, seen = [proc.pid], []
             while stack:
                 pid = stack.pop()
                 kids = _children(pid)
@@ -123,26 +125,34 @@ class Container:
                     continue
                 if any(part.endswith(b"/bin/python") for part in cmd):
                     return pid
-            if self.proc.poll() is not None:
+            if proc.poll() is not None:
                 raise RuntimeError(f"{self.command} exited: {self.output()}")
-            time.sleep(0.05)  # the process tree appears as buildah sets up the chroot
-        raise TimeoutError(f"no service process under buildah run: {self.output()}")
+            return None
+
+        try:
+            found = eventually(python_child, within=timeout, every=0.05,
+                               what="the service process under buildah run")
+        except NotYet as exc:
+            raise NotYet(f"{exc}: {self.output()}") from None
+        assert found is not None
+        return found
 
     def wait_http(self, url: str, timeout: float = 60) -> None:
         """Until ``url`` answers 200 (the service's readiness, as a load balancer sees it)."""
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
+        proc = self.proc
+        assert proc is not None
         with httpx.Client(timeout=2) as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
+
+            def ready() -> bool:  # polling health is the readiness event
+                if proc.poll() is not None:
                     raise RuntimeError(f"{self.command} exited: {self.output()}")
-                try:
-                    if client.get(url).status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.1)  # polling health is the readiness event
-        raise TimeoutError(f"{url} not ready: {self.output()}")
+                return client.get(url).status_code == 200
+
+            try:
+                eventually(ready, within=timeout, every=0.1, what=f"{url} ready",
+                           ignoring=(httpx.TransportError,))
+            except NotYet as exc:
+                raise NotYet(f"{exc}: {self.output()}") from None
 
     def terminate(self, timeout: float = STOP_BUDGET) -> tuple[int, float]:
         """SIGTERM to the service; its exit code (through buildah run) and how long it took."""
@@ -211,11 +221,8 @@ def stored_ids(db: str) -> set[str]:
 
 
 def wait_rows(db: str, ids: set[str], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not ids <= stored_ids(db):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"missing {sorted(ids - stored_ids(db))}")
-        time.sleep(0.1)  # the database is the observable here
+    eventually(lambda: sorted(ids - stored_ids(db)), accept=lambda missing: not missing,
+               within=timeout, every=0.1, what="every id stored")  # the database: observable
 
 
 # --- the image as built ----------------------------------------------------------------
@@ -431,7 +438,7 @@ def test_callback_server_takes_a_pudu_webhook_directly_and_stores_it(
 def test_health_answers_a_load_balancer_ready_and_strict(tmp_path: Path, prefix: str) -> None:
     """Broker away: ready (the outbox/store holds), not strictly healthy; database away:
     not ready, and the HEALTHCHECK's probe says so."""
-    from tests.mariadb_proc import MariadbProcess
+    from tests.support.mariadb_proc import MariadbProcess
 
     database = MariadbProcess(tmp_path / "db").start()
     port = free_port()
@@ -444,10 +451,9 @@ def test_health_answers_a_load_balancer_ready_and_strict(tmp_path: Path, prefix:
             assert strict.status_code == 503
             assert ctr.exec("callback-server", "probe").returncode == 0
             database.stop()
-            deadline = time.monotonic() + 30
-            while httpx.get(f"{health}?ready=1", timeout=5).status_code != 503:
-                assert time.monotonic() < deadline, "still ready with the database stopped"
-                time.sleep(0.2)  # the service notices on its own schedule
+            eventually(lambda: httpx.get(f"{health}?ready=1", timeout=5).status_code == 503,
+                       within=30, every=0.2,  # the service notices on its own schedule
+                       what="not ready with the database stopped")
             probe = ctr.exec("callback-server", "probe")
             assert probe.returncode == 1 and "503" in probe.stderr, probe.stderr
             body = httpx.get(health, timeout=5).text

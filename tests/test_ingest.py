@@ -19,8 +19,8 @@ import yaml
 from callback_server import config as cb_config
 from callback_server.keys import add_key
 from callback_server.service import CallbackServer
-from tests.dbutil import query, scratch_mysql_database
-from tests.hostile import WIDE_ENCODINGS, nested
+from tests.support.dbutil import query, scratch_mysql_database
+from tests.support.hostile import WIDE_ENCODINGS, nested
 from tests.test_strictjson import strict_loads
 
 RULE, ADMIN = "rule-token", "admin-token"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -20,8 +19,9 @@ from callback_server import config as cb_config
 from callback_server import ingest as ingest_route
 from callback_server import pudu_webhook
 from callback_server.service import CallbackServer
-from tests.dbutil import query
-from tests.mariadb_proc import MariadbProcess
+from tests.support.dbutil import query
+from tests.support.mariadb_proc import MariadbProcess
+from tests.support.waiting import eventually_async
 
 RULE = "rule-token"
 CAP = 250
@@ -86,12 +86,14 @@ async def test_the_same_300_messages_retried_3000_times_stay_under_the_cap(
 
         mariadb.start()
         left = list(range(30))
-        deadline = time.monotonic() + 60
-        while left:  # the rule retries every 503, as it would after Retry-After
-            assert time.monotonic() < deadline, f"batches {left} never answered 200"
+
+        async def retry() -> list[int]:  # the rule retries every 503, as after Retry-After
             answers = await asyncio.gather(*(post(batches[b]) for b in left))
-            left = [b for b, r in zip(left, answers, strict=True) if r.status_code != 200]
-            await asyncio.sleep(0.05)  # the sender's retry pace, not a synchronisation
+            left[:] = [b for b, r in zip(left, answers, strict=True) if r.status_code != 200]
+            return left
+
+        await eventually_async(retry, accept=lambda batches: not batches, within=60,
+                               every=0.05, what="every batch answered 200")
         assert server.writer.held == 0
     logged = query(url, "SELECT id FROM mqtt_message_log")
     assert sorted(r["id"] for r in logged) == sorted(f"m{i}" for i in range(300))
@@ -141,12 +143,14 @@ async def test_pudu_webhooks_with_the_database_stopped_lose_nothing_answered_200
         logged = {r["id"] for r in query(url, "SELECT id FROM mqtt_message_log")}
         assert ids <= logged, f"{len(ids - logged)} callbacks answered 200 are not stored"
         left = [call for call in calls if call not in ok]
-        deadline = time.monotonic() + 60
-        while left:  # Pudu retries what was not answered 200
-            assert time.monotonic() < deadline, f"{len(left)} callbacks never answered 200"
+
+        async def retry() -> int:  # Pudu retries what was not answered 200
             answers = await asyncio.gather(*(send(*call) for call in left))
-            left = [c for c, r in zip(left, answers, strict=True) if r.status_code != 200]
-            await asyncio.sleep(0.05)  # Pudu's retry pace, not a synchronisation
+            left[:] = [c for c, r in zip(left, answers, strict=True) if r.status_code != 200]
+            return len(left)
+
+        await eventually_async(retry, accept=lambda unanswered: unanswered == 0, within=60,
+                               every=0.05, what="every callback answered 200")
     rows = query(url, "SELECT robot_sn, org_id, gateway_id FROM mnt_robots_management")
     assert len(rows) == 40
     assert all(r["robot_sn"].startswith(f"{r['org_id']}-") and r["gateway_id"] == "cloud"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.services import edge_agent, pick_port
+from tests.support.services import edge_agent, pick_port
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,9 +20,10 @@ import httpx
 import pytest
 
 from bridge.sdnotify import Notifier, Watchdog
-from tests.mqtt_probe import Probe
-from tests.procs import wait_for_port
-from tests.services import ADMIN_TOKEN, callback_server, edge_agent, pick_port
+from tests.support.mqtt_probe import Probe
+from tests.support.procs import wait_for_port
+from tests.support.services import ADMIN_TOKEN, callback_server, edge_agent, pick_port
+from tests.support.waiting import eventually
 
 BROKER = "mqtt://127.0.0.1:1883"
 
@@ -39,13 +40,15 @@ class NotifySocket:
 
     def wait_for(self, line: str, timeout: float = 20.0, *, count: int = 1) -> list[str]:
         """Block until ``line`` arrived ``count`` times (reading datagrams, not sleeping)."""
-        deadline = time.monotonic() + timeout
-        while sum(1 for seen in self.lines if seen == line) < count:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{line} x{count} not received: {self.lines[-10:]}")
-            with contextlib.suppress(TimeoutError):
-                self.lines += self.sock.recv(4096).decode().split("\n")
-        return self.lines
+        def received() -> list[str]:  # recv's own timeout paces this: no extra wait
+            if sum(1 for seen in self.lines if seen == line) < count:
+                with contextlib.suppress(TimeoutError):
+                    self.lines += self.sock.recv(4096).decode().split("\n")
+            return self.lines
+
+        return eventually(received, accept=lambda lines: sum(
+            1 for seen in lines if seen == line) >= count, within=timeout, every=0,
+            what=f"{line} x{count} notified")
 
     def drain(self, seconds: float) -> list[str]:
         """Everything sent during the next ``seconds``."""
@@ -288,12 +291,10 @@ def test_sigterm_with_open_streams_and_a_backlog_stops_in_time(tmp_path: Path) -
         assert (retained.payload, retained.retain) == (b"offline", True)
         agent.env["PUBLISH_RATE_LIMIT"] = "0"
         agent.start()  # whatever was left in the outbox goes out now
-        robot = [m for m in probe.wait_for(300 + 3) if m.topic.endswith("/power")]
-        deadline = time.monotonic() + 20
-        while len({json.loads(m.payload)["id"] for m in robot}) < 300:
-            assert time.monotonic() < deadline, "committed callbacks lost across the stop"
-            robot = [m for m in probe.wait_for(len(probe.messages) + 1)
-                     if m.topic.endswith("/power")]
+        probe.wait_for(300 + 3)
+        probe.wait_until(lambda seen: len({json.loads(m.payload)["id"] for m in seen
+                                           if m.topic.endswith("/power")}) >= 300,
+                         "every committed callback published after the restart", timeout=20)
         agent.stop()
     print(f"stopped in {took:.2f} s with 3 open streams and {backlog} waiting")
 

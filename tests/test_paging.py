@@ -13,7 +13,7 @@ import pytest
 from bridge.envelope import Envelope
 from bridge.paging import MaybeNumber, MaybeText, Text, decode_cursor, encode_cursor
 from callback_server.store import SqlStore, open_store
-from tests.dbutil import scratch_mysql_database
+from tests.support.dbutil import scratch_mysql_database
 
 FLEET = 2500
 

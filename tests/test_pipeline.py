@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import random
 import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -19,9 +18,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.dbutil import query
-from tests.mariadb_proc import MariadbProcess
-from tests.services import ServiceProcess, callback_server, edge_agent
+from tests.support.dbutil import query
+from tests.support.mariadb_proc import MariadbProcess
+from tests.support.services import ServiceProcess, callback_server, edge_agent
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -37,14 +37,8 @@ def prefix() -> str:
 def wait_stored(server: ServiceProcess, count: int, timeout: float = 30.0) -> dict[str, Any]:
     """Poll the server's health until ``count`` messages are committed (stored, or found
     already stored: a redelivery)."""
-    deadline = time.monotonic() + timeout
-    health: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        health = server.health()
-        if int(health["stored"]) + int(health["duplicates"]) >= count:
-            return health
-        time.sleep(0.05)
-    raise TimeoutError(f"stored {health.get('stored')} of {count}: {health}")
+    return eventually(server.health, within=timeout, what=f"{count} messages committed",
+                      accept=lambda h: int(h["stored"]) + int(h["duplicates"]) >= count)
 
 
 def status_body(sn: str, i: int, ts_ms: int) -> dict[str, Any]:
@@ -181,10 +175,8 @@ def test_database_restart_mid_stream_loses_nothing(tmp_path: Path) -> None:
         wait_stored(server, 50)
         db.stop()
         poster.join()  # the edge keeps answering 200 while the database is down
-        deadline = time.monotonic() + 20
-        while server.health()["status"] != "degraded" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert server.health()["status"] == "degraded"
+        eventually(server.health, accept=lambda h: h["status"] == "degraded", within=20,
+                   what="the server degraded")
         db.start()
         wait_stored(server, len(bodies))
         _check_tables(db.url, bodies)
@@ -207,12 +199,9 @@ def test_callback_server_killed_mid_batch_loses_nothing(tmp_path: Path, db_url: 
         # the same client id finds its persistent session: unacked messages come back
         with callback_server(tmp_path, BROKER, db_url, TOPIC_PREFIX=p,
                              MQTT_CLIENT_ID=client_id) as second:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                n = query(db_url, "SELECT COUNT(*) AS n FROM mqtt_message_log")[0]["n"]
-                if n >= len(bodies):
-                    break
-                time.sleep(0.05)
+            eventually(lambda: query(db_url, "SELECT COUNT(*) AS n FROM mqtt_message_log")[0]["n"],
+                       accept=lambda n: n >= len(bodies), within=30,
+                       what=f"{len(bodies)} messages in the log")
             health = second.health()
             assert health["stored"] + health["duplicates"] > 0
     _check_tables(db_url, bodies)
@@ -230,12 +219,9 @@ def test_two_servers_share_the_stream_and_store_each_message_once(
                             SHARE_GROUP=group) as b, \
             edge_agent(tmp_path, BROKER, org="acme", TOPIC_PREFIX=p) as agent:
         post(agent.url, bodies)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            sa, sb = a.health()["stored"], b.health()["stored"]
-            if sa + sb >= len(bodies):
-                break
-            time.sleep(0.05)
+        sa, sb = eventually(lambda: (a.health()["stored"], b.health()["stored"]), within=30,
+                            accept=lambda ab: sum(ab) >= len(bodies),
+                            what=f"{len(bodies)} stored by the two replicas")
         assert sa + sb == len(bodies)  # each message delivered to exactly one replica
         assert sa > 0 and sb > 0
     _check_tables(db_url, bodies)

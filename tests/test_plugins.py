@@ -22,7 +22,7 @@ from bridge.transport import InboundMessage
 from edge_agent.commands import BUILTIN_NAMES
 from edge_agent.config import load
 from edge_agent.plugins import ENTRY_POINT_GROUP, Plugin, _guarded, problems, register_plugins
-from tests.services import ADMIN_TOKEN, callback_server, edge_agent
+from tests.support.services import ADMIN_TOKEN, callback_server, edge_agent
 from tests.test_commands import wait_gateways
 
 BROKER = "mqtt://127.0.0.1:1883"

@@ -10,7 +10,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.procs import MosquittoProcess, free_port, port_open, wait_for_port
+from tests.support.procs import MosquittoProcess, free_port, port_open, wait_for_port
 
 TIMEOUT = 5.0
 

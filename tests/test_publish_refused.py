@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.mqtt_probe import Probe, publish_once
-from tests.procs import MosquittoProcess
-from tests.services import edge_agent
+from tests.support.mqtt_probe import Probe, publish_once
+from tests.support.procs import MosquittoProcess
+from tests.support.services import edge_agent
 
 pytestmark = pytest.mark.integration
 CODE = {"CallbackCode": "test-code"}

@@ -18,6 +18,7 @@ from bridge.tasks import within
 from bridge.transport import InboundMessage, MqttSettings
 from bridge.transport.memory import MemoryBroker, MemoryTransport
 from edge_agent.publisher import OutboxPublisher, TokenBucket
+from tests.support.waiting import eventually_async
 
 
 class HeldAcks(MemoryTransport):
@@ -192,10 +193,8 @@ async def test_a_connected_broker_that_never_acks_stops_the_heartbeat(tmp_path: 
             await asyncio.wait_for(transport.filled(5), 5)
             publisher.beat()
             assert len(stamps) >= 2  # the first PUBACK is not late yet
-            deadline = time.monotonic() + 5
-            while publisher.stalled_for() <= 0.3:  # the limit passes, nothing acked
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.05)
+            await eventually_async(publisher.stalled_for, accept=lambda s: s > 0.3, within=5,
+                                   what="the ack limit passed, nothing acked")
             before = len(stamps)
             publisher.beat()
             assert len(stamps) == before  # wedged: the heartbeat goes stale

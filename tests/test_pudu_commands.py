@@ -16,8 +16,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.pudu_stub import KEY, SECRET, StubServer, serve_stub
-from tests.services import callback_server, edge_agent
+from tests.support.pudu_stub import KEY, SECRET, StubServer, serve_stub
+from tests.support.services import callback_server, edge_agent
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 BROKER = "mqtt://127.0.0.1:1883"
@@ -49,10 +50,8 @@ def test_cloud_robot_commands_reach_the_stub_with_the_right_path_and_body(
                              "data": {"sn": "K1", "run_status": "ONLINE",
                                       "timestamp": int(time.time())}})
         assert r.status_code == 200
-        deadline = time.monotonic() + 20
-        while httpx.get(server.url + "/robots/K1", headers=server.auth).status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        eventually(lambda: httpx.get(server.url + "/robots/K1", headers=server.auth).status_code
+                   == 200, within=20, what="K1 stored")
         auth = {"Authorization": f"Bearer {TOKEN}"}
         with httpx.Client(base_url=server.url, headers=auth, timeout=30) as c:
             answers = {name: c.post("/robots/K1/commands", json={

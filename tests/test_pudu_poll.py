@@ -22,9 +22,10 @@ from bridge.transport import InboundMessage, MqttSettings
 from bridge.transport.memory import MemoryTransport
 from edge_agent import checks, config
 from edge_agent.service import EdgeAgent
-from tests.dbutil import query
-from tests.pudu_stub import KEY, SECRET, StubServer, serve_stub
-from tests.services import ServiceProcess, callback_server, edge_agent
+from tests.support.dbutil import query
+from tests.support.pudu_stub import KEY, SECRET, StubServer, serve_stub
+from tests.support.services import ServiceProcess, callback_server, edge_agent
+from tests.support.waiting import eventually, eventually_async
 
 pytestmark = pytest.mark.integration
 BROKER = "mqtt://127.0.0.1:1883"
@@ -53,17 +54,6 @@ def poll(agent: ServiceProcess) -> dict[str, Any]:
     return r.json()  # type: ignore[no-any-return]
 
 
-def wait_for(what: str, check: Any, timeout: float = 20) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise TimeoutError(f"{what}: last {last!r}")
-
-
 def robots(db: str) -> dict[str, dict[str, Any]]:
     return {r["robot_sn"]: r for r in query(db, "SELECT * FROM mnt_robots_management")}
 
@@ -80,10 +70,9 @@ def test_poll_publishes_fleet_state_and_the_cloud_stores_it(
             edge_agent(tmp_path, BROKER, org="acme", gateway="gwp", TOPIC_PREFIX=p,
                        **pudu_env(stub)) as agent:
         # the run at start
-        wait_for("first run", lambda: (agent.health()["poll"] or {}).get("last_run"))
-        rows = wait_for("3 robots stored",
-                        lambda: (r := robots(db_url)) and len(r) == 3 and
-                        all(v["map_name"] for v in r.values()) and r)
+        eventually(lambda: (agent.health()["poll"] or {}).get("last_run"), what="first run")
+        rows = eventually(lambda: robots(db_url), what="3 robots stored", accept=lambda r: len(
+            r) == 3 and all(v["map_name"] for v in r.values()))
         assert {sn: (r["battery_level"], r["map_name"], r["status"], r["gateway_id"])
                 for sn, r in rows.items()} == {
             f"P{i}": (50 + i, f"map-{i}", "idle", "gwp") for i in range(3)}
@@ -99,11 +88,11 @@ def test_poll_publishes_fleet_state_and_the_cloud_stores_it(
         stub.stub.robots["P1"].update(battery=20, timestamp=str(now_ms))
         changed = poll(agent)
         assert changed["envelopes_published"] == 1  # poll.power of P1 only
-        wait_for("P1 at 20 %", lambda: robots(db_url)["P1"]["battery_level"] == 20)
+        eventually(lambda: robots(db_url)["P1"]["battery_level"] == 20, what="P1 at 20 %")
 
-        runs = wait_for("3 runs stored", lambda: (r := httpx.get(
-            server.url + "/ingestion-runs", params={"limit": 2}, headers=server.auth).json())
-            and len(r["items"]) == 2 and r["next_cursor"] and r)
+        runs = eventually(lambda: httpx.get(
+            server.url + "/ingestion-runs", params={"limit": 2}, headers=server.auth).json(),
+            what="3 runs stored", accept=lambda r: len(r["items"]) == 2 and r["next_cursor"])
         rest = httpx.get(server.url + "/ingestion-runs", headers=server.auth,
                          params={"limit": 2, "cursor": runs["next_cursor"]}).json()
         ids = [r["run_id"] for r in runs["items"] + rest["items"]]
@@ -131,19 +120,20 @@ def test_webhook_and_poll_interleaved_end_with_the_newest_robot_time(
             "sn": "O1", "power": 70, "charge_stage": "CHARGING",
             "notify_timestamp": (t0 + 60) * 1000}})
         assert r.status_code == 200
-        wait_for("webhook stored", lambda: robots(db).get("O1", {}).get("battery_level"))
+        eventually(lambda: robots(db).get("O1", {}).get("battery_level"), what="webhook stored")
         poll(agent)  # older robot time: must not win
-        wait_for("older poll.power stored", lambda: len(poll_power(db)) == 1)
+        eventually(lambda: len(poll_power(db)) == 1, what="older poll.power stored")
         assert robots(db)["O1"]["battery_level"] == 70
         stub.stub.robots["O1"].update(battery=30, timestamp=str((t0 + 120) * 1000))
         poll(agent)  # newer: wins
-        wait_for("poll state stored", lambda: robots(db)["O1"]["battery_level"] == 30)
+        eventually(lambda: robots(db)["O1"]["battery_level"] == 30, what="poll state stored")
         r = c.post("/api/pudu/webhook", json={"callback_type": "notifyRobotPower", "data": {
             "sn": "O1", "power": 90, "notify_timestamp": (t0 + 90) * 1000}})
         assert r.status_code == 200  # late webhook, older than the poll: ignored
         late = r.json()["data"]["message_id"]
-        wait_for("late webhook stored", lambda: query(
-            db, "SELECT id FROM mqtt_message_log WHERE id = ?", (late,)))
+        eventually(lambda: query(
+            db, "SELECT id FROM mqtt_message_log WHERE id = ?", (late,)),
+            what="late webhook stored")
         assert robots(db)["O1"]["battery_level"] == 30
 
 
@@ -180,8 +170,9 @@ def test_backfilled_event_and_the_same_webhook_are_stored_once(
                    for c in calls)
         # The second run's record is published after its events: once it is stored,
         # the backfilled copy of the webhook's event has been through the cloud too.
-        wait_for("second run stored", lambda: second["run_id"] in [r["run_id"] for r in httpx.get(
-            server.url + "/ingestion-runs", headers=server.auth).json()["items"]])
+        eventually(lambda: second["run_id"] in [r["run_id"] for r in httpx.get(
+            server.url + "/ingestion-runs", headers=server.auth).json()["items"]],
+            what="second run stored")
         events = query(db, "SELECT * FROM mnt_robot_events WHERE robot_sn = 'E1'")
         assert len(events) == 2
         assert {e["event_id"] for e in events} >= {"vir_1735690000"}
@@ -226,7 +217,7 @@ def test_a_webhook_is_answered_while_a_poll_call_is_stalled(
         result: list[dict[str, Any]] = []
         runner = threading.Thread(target=lambda: result.append(poll(agent)))
         runner.start()
-        wait_for("stalled call", lambda: stub.stub.calls_to("/v2/status/get_by_sn"))
+        eventually(lambda: stub.stub.calls_to("/v2/status/get_by_sn"), what="stalled call")
         with httpx.Client(base_url=agent.url, headers=HEADERS) as c:
             times = []
             for i in range(5):
@@ -294,15 +285,6 @@ async def in_process(tmp_path: Path, stub: StubServer, shops: str = SHOP,
             yield agent, client, seen
 
 
-async def until(what: str, check: Any, within: float = 10) -> Any:
-    deadline = time.monotonic() + within
-    while not (last := check()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        await asyncio.sleep(0.02)
-    return last
-
-
 def on(seen: Seen, channel: str) -> list[dict[str, Any]]:
     return [env for topic, env in seen if topic.endswith(f"/{channel}")]
 
@@ -320,8 +302,8 @@ async def test_a_state_a_webhook_changed_is_corrected_by_the_next_poll(
         # back to IDLE; that webhook is lost (Pudu gave up): only the API says so
         stub.stub.robots["R1"].update(runState="IDLE", timestamp=str((t + 120) * 1000))
         second = await agent.poller.run_once()
-        statuses = await until("3 status envelopes", lambda: len(s := on(seen, "status")) == 3
-                               and s)
+        statuses = await eventually_async(lambda: on(seen, "status"), what="3 status envelopes",
+                                          accept=lambda s: len(s) == 3, within=10)
     assert first["envelopes_published"] == 3 and second["envelopes_published"] == 1
     newest = max(statuses, key=lambda e: e["ts"])
     assert (newest["type"], newest["data"]["status"]) == ("poll.status", "idle")
@@ -335,8 +317,9 @@ async def test_the_same_robot_state_polled_twice_has_the_same_id_on_the_wire(
     for outbox in ("one.db", "two.db"):  # two gateways: nothing remembered between them
         async with in_process(tmp_path, stub, outbox=outbox) as (agent, _, seen):
             await agent.poller.run_once()
-            await until("3 state envelopes", lambda: sum(
-                len(on(seen, c)) for c in ("status", "power", "pose")) == 3)
+            await eventually_async(lambda: sum(
+                len(on(seen, c)) for c in ("status", "power", "pose")) == 3,
+                what="3 state envelopes", within=10)
             envelopes.append({c: on(seen, c)[0] for c in ("status", "power", "pose")})
     first, second = envelopes
     for channel in ("status", "power", "pose"):
@@ -363,7 +346,8 @@ async def test_a_full_outbox_fails_the_shop_so_its_events_are_read_again(
         first = await agent.poller.run_once()
         monkeypatch.setattr(agent.outbox, "put", real)
         second = await agent.poller.run_once()
-        events = await until("event published", lambda: on(seen, "event"))
+        events = await eventually_async(lambda: on(seen, "event"), what="event published",
+                                        within=10)
     assert first["status"] == "failed" and first["shops_failed"] == [SHOP]
     assert "outbox full" in first["error"] and first["events_through"] is None
     assert second["events_backfilled"] == 1 and second["window_start"] <= at
@@ -432,10 +416,12 @@ async def test_every_robot_and_event_is_read_whatever_the_pages(
     stub.stub.page_cap, stub.stub.count_shifts = cap, shifts
     async with in_process(tmp_path, stub) as (agent, _, seen):
         record = await agent.poller.run_once()
-        statuses = await until("every robot's status", lambda: len(
-            {e["device"] for e in on(seen, "status")}) >= len(sns) and on(seen, "status"))
-        events = await until("every event", lambda: len(
-            {e["data"]["event_id"] for e in on(seen, "event")}) >= len(sns) and on(seen, "event"))
+        statuses = await eventually_async(
+            lambda: on(seen, "status"), what="every robot's status", within=10,
+            accept=lambda s: len({e["device"] for e in s}) >= len(sns))
+        events = await eventually_async(
+            lambda: on(seen, "event"), what="every event", within=10,
+            accept=lambda s: len({e["data"]["event_id"] for e in s}) >= len(sns))
     assert record["status"] == "ok" and record["robots_seen"] == len(sns)
     assert {e["device"] for e in statuses} == sns
     assert {e["data"]["event_id"] for e in events} == {f"vir_{i}" for i in range(len(sns))}

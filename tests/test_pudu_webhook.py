@@ -22,8 +22,8 @@ from callback_server.pudu_webhook import CLOUD_GATEWAY_ID, CallbackCodes
 from callback_server.service import CallbackServer
 from edge_agent import config as edge_config
 from edge_agent.service import EdgeAgent
-from tests.dbutil import query
-from tests.waiting import until
+from tests.support.dbutil import query
+from tests.support.waiting import eventually_async
 
 SAMPLES = Path(__file__).parent / "samples" / "pudu"
 CODES = {"acme": "acme-code-0123456789abcdef0123456", "beta": "beta-code-0123456789abcdef0123456"}
@@ -145,7 +145,7 @@ async def test_webhooks_of_two_orgs_land_in_the_database_as_the_edge_path_writes
                 assert edge_answer["data"]["message_id"] == cloud_answer["data"]["message_id"]
                 assert cloud_answer["message"] == edge_answer["message"]
                 sent += 1
-        await until(lambda: paths.via_edge.writer.stored >= sent)
+        await eventually_async(lambda: paths.via_edge.writer.stored >= sent)
 
     edge_rows, cloud_rows = logged(paths.via_edge_db), logged(paths.cloud_db)
     assert edge_rows.keys() == cloud_rows.keys() and len(cloud_rows) == sent

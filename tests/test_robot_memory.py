@@ -21,7 +21,7 @@ from edge_agent import config
 from edge_agent.downsample import Downsampler, Verdict
 from edge_agent.robot_memory import RobotMemory
 from edge_agent.service import EdgeAgent
-from tests.waiting import until
+from tests.support.waiting import eventually_async
 
 CODE = {"CallbackCode": "memory-code"}
 
@@ -113,7 +113,7 @@ async def test_50000_robot_ids_then_quiet_leave_no_state_behind(tmp_path: Path) 
                                      device=sn, gateway="gw1", ts=t, received_at=t,
                                      data={"x": 1.0, "y": 2.0}))
         states = edge.robot_memory.states()
-        await until(lambda: sum(edge.robot_memory.states().values()) == 0, within=30)
+        await eventually_async(lambda: sum(edge.robot_memory.states().values()) == 0, within=30)
         health = edge.health()
     assert states["robots"] == states["heard"] == n and states["downsampler"] >= n
     assert health["robot_states"] == {"heard": 0, "robots": 0, "downsampler": 0, "poller": 0,
@@ -133,10 +133,10 @@ async def test_webhooks_of_many_robots_then_quiet_leave_no_state_and_all_are_pub
                 for i in range(start, start + 250)))
             assert {a.status_code for a in answers} == {200}
         states = edge.robot_memory.states()
-        await until(lambda: sum(edge.robot_memory.states().values()) == 0, within=40)
+        await eventually_async(lambda: sum(edge.robot_memory.states().values()) == 0, within=40)
         await asyncio.wait_for(edge.publisher.wait_drained(), 30)
         again = await client.post("/api/pudu/webhook", json=pose("W00000", t + 60))
-        await until(lambda: len(seen) == n + 1)
+        await eventually_async(lambda: len(seen) == n + 1)
     assert states["robots"] == states["heard"] == n and states["downsampler"] >= n
     assert len({json.loads(m.payload)["device"] for m in seen}) == n  # every one published
     assert again.status_code == 200  # back after the quiet time: published as new

@@ -14,10 +14,11 @@ import pytest
 
 from edge_agent import config
 from edge_agent.pudu.schedule import parse
-from tests.dbutil import query
-from tests.pudu_stub import KEY, SECRET, StubServer, serve_stub
-from tests.services import callback_server, edge_agent
-from tests.test_pudu_poll import BROKER, SHOP, in_process, poll, pudu_env, wait_for
+from tests.support.dbutil import query
+from tests.support.pudu_stub import KEY, SECRET, StubServer, serve_stub
+from tests.support.services import callback_server, edge_agent
+from tests.support.waiting import eventually
+from tests.test_pudu_poll import BROKER, SHOP, in_process, poll, pudu_env
 
 
 def at(text: str) -> float:
@@ -163,15 +164,17 @@ def test_a_failed_poll_run_opens_poll_failed_once_and_an_ok_run_resolves_it(
         stub.stub.fail("/v1/api/robot", "500", times=100)  # the Pudu API answers 500
         assert poll(agent)["status"] == "failed"
         assert poll(agent)["status"] == "failed"  # still failing: the same alert
-        wait_for("2 runs stored", lambda: len(query(
-            db_url, "SELECT 1 FROM mqtt_message_log WHERE channel = 'poll'")) == 2)
-        rows = wait_for("poll_failed open", lambda: query(
-            db_url, "SELECT subject_id, severity, state FROM alerts WHERE rule = 'poll_failed'"))
+        eventually(lambda: len(query(
+            db_url, "SELECT 1 FROM mqtt_message_log WHERE channel = 'poll'")) == 2,
+            what="2 runs stored")
+        rows = eventually(lambda: query(
+            db_url, "SELECT subject_id, severity, state FROM alerts WHERE rule = 'poll_failed'"),
+            what="poll_failed open")
         assert [(r["subject_id"], r["state"]) for r in rows] == [("gwq", "open")]
         stub.stub.faults.clear()
         assert poll(agent)["status"] == "ok"
-        resolved = wait_for("resolved", lambda: query(
+        resolved = eventually(lambda: query(
             db_url, "SELECT state FROM alerts WHERE rule = 'poll_failed'")[0]["state"]
-            == "resolved")
+            == "resolved", what="resolved")
         assert resolved
         assert len(query(db_url, "SELECT 1 FROM alerts WHERE rule = 'poll_failed'")) == 1

@@ -20,9 +20,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bridge.envelope import Envelope
-from tests.dbutil import query
-from tests.secrets_manager import REGION, SecretsManagerServer, scratch_mysql_user
-from tests.services import callback_server
+from tests.support.dbutil import query
+from tests.support.secrets_manager import REGION, SecretsManagerServer, scratch_mysql_user
+from tests.support.services import callback_server
 
 pytestmark = pytest.mark.integration
 BROKER = "mqtt://127.0.0.1:1883"

@@ -14,6 +14,7 @@ from callback_server.console.hub import EVENTS_PENDING, ConsoleClient
 from callback_server.keys import Principal
 from callback_server.sessions import SessionStore, same_origin
 from callback_server.store import Store
+from tests.support.waiting import eventually_async
 
 VIEWER_A = Principal("viewer_a", frozenset({"acme"}), "viewer")
 ADMIN = Principal("admin", frozenset({"*"}), "admin")
@@ -116,7 +117,7 @@ async def test_the_hub_reads_changes_once_per_tick_for_every_client() -> None:
     try:
         for _ in range(20):  # many messages, for the same robots, between two ticks
             hub.observe([("t", _Env("A1")), ("t", _Env("B1"))])  # type: ignore[list-item]
-        await asyncio.sleep(0.02)
+        await eventually_async(lambda: rows.calls, within=5, what="the hub's first tick")
         assert rows.calls == [{"A1", "B1"}]
         assert all(c is not None and [r["robot_sn"] for r in c.take()["robots"]] == ["A1"]
                    for c in clients)

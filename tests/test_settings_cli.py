@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from bridge.secrets import RefreshingLogin, SecretRef
-from tests.secrets_manager import REGION, SecretsManagerServer
-from tests.services import ServiceProcess, pick_port
+from tests.support.secrets_manager import REGION, SecretsManagerServer
+from tests.support.services import ServiceProcess, pick_port
 
 BROKER = "mqtt://127.0.0.1:1883"
 

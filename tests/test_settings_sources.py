@@ -16,7 +16,7 @@ from bridge.errors import ConfigError, StoreError
 from callback_server import config as cb_config
 from callback_server.store import open_store
 from edge_agent import config as edge_config
-from tests.secrets_manager import REGION, SecretsManagerServer, scratch_mysql_user
+from tests.support.secrets_manager import REGION, SecretsManagerServer, scratch_mysql_user
 
 
 @pytest.fixture(scope="module")

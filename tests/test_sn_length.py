@@ -21,7 +21,7 @@ from bridge.topic import MAX_SN_BYTES
 from callback_server import config as cb_config
 from callback_server.service import CallbackServer
 from callback_server.store import open_store
-from tests.dbutil import query, scratch_mysql_database
+from tests.support.dbutil import query, scratch_mysql_database
 
 RULE, ADMIN, CODE = "rule-token", "admin-token", "acme-code-0123456789abcdef0123456"
 LONG_SN = "SN-" + "0123456789" * 9 + "-abcdefg"  # 100 bytes

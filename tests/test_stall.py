@@ -16,6 +16,7 @@ from bridge.transport import MqttSettings
 from bridge.transport.memory import MemoryTransport
 from callback_server import config as cb_config
 from callback_server.service import CallbackServer
+from tests.support.waiting import eventually_async
 
 TOKEN = "admin-token"
 
@@ -48,9 +49,11 @@ async def test_a_hung_database_write_turns_health_degraded_with_the_reason(
                     "/callback/health", headers={"Authorization": f"Bearer {TOKEN}"})).json()
                 return body
 
-            first = await until(health, lambda h: h["unacked"] == 1)
+            first = await eventually_async(health, accept=lambda h: h["unacked"] == 1,
+                                         what="one message unacknowledged", within=5)
             assert first["status"] == "healthy", first  # waiting, but not yet past the bound
-            stalled = await until(health, lambda h: h["status"] == "degraded")
+            stalled = await eventually_async(health, accept=lambda h: h["status"] == "degraded",
+                                         what="health degraded", within=5)
             assert stalled["oldest_unacked_seconds"] > 1 and stalled["unacked"] == 1
             assert any("oldest unacknowledged message" in r and "STALL_SECONDS=1" in r
                        for r in stalled["reasons"]), stalled["reasons"]
@@ -60,16 +63,6 @@ async def test_a_hung_database_write_turns_health_degraded_with_the_reason(
                    if line.startswith("callback_oldest_unacked_seconds ")]
             assert age and float(age[0].split()[1]) > 1, age
             release.set()  # the database answers again: the stall clears
-            healed = await until(health, lambda h: h["unacked"] == 0)
+            healed = await eventually_async(health, accept=lambda h: h["unacked"] == 0,
+                                         what="no message unacknowledged", within=5)
             assert healed["status"] == "healthy" and healed["stored"] == 1, healed
-
-
-async def until(read: Any, ok: Any, within: float = 5.0) -> dict[str, Any]:
-    """Poll ``read()`` until ``ok`` holds for its value (a condition with a deadline)."""
-    deadline = time.monotonic() + within
-    while True:
-        value: dict[str, Any] = await read()
-        if ok(value):
-            return value
-        assert time.monotonic() < deadline, value
-        await asyncio.sleep(0.05)

@@ -28,7 +28,7 @@ from callback_server.retention import Retention
 from callback_server.store import BatchResult, SqlStore, Table, Targets, load_targets, open_store
 from callback_server.store.rows import build_rows, key, when
 from callback_server.store.schema import COMMAND_TABLE, DEAD_TABLE, LOG_TABLE, ROBOT_ROW
-from tests.dbutil import query
+from tests.support.dbutil import query
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "config.example"
 TYPES = {"status": "notifyRobotStatus", "power": "notifyRobotPower", "pose": "notifyRobotPose",
@@ -511,7 +511,7 @@ async def test_a_silent_mysql_server_times_out_instead_of_hanging() -> None:
 
 
 async def test_mysql_going_away_mid_run_fails_the_batch_then_recovers(tmp_path: Path) -> None:
-    from tests.mariadb_proc import MariadbProcess
+    from tests.support.mariadb_proc import MariadbProcess
 
     db = MariadbProcess(tmp_path / "db")
     db.start()

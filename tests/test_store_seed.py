@@ -22,8 +22,8 @@ from bridge.envelope import Envelope
 from bridge.errors import StoreRejectedError
 from callback_server.batcher import BatchWriter
 from callback_server.store import SqlStore, load_targets, open_store
-from tests.dbutil import query
-from tests.services import callback_server, edge_agent
+from tests.support.dbutil import query
+from tests.support.services import callback_server, edge_agent
 from tests.test_pipeline import BROKER, HEADERS, event_body, prefix, status_body, wait_stored
 
 #: The Flask receiver's tables, exactly (docs/storage.md, "Migrating from the Flask

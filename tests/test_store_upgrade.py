@@ -11,7 +11,7 @@ from pathlib import Path
 from bridge.envelope import Envelope
 from callback_server.alerts.store import AlertStore
 from callback_server.store import SqlStore, open_store
-from tests.dbutil import query
+from tests.support.dbutil import query
 
 SAMPLES = Path(__file__).parent / "samples"
 T0 = 1_700_000_000  # 2023-11-14 22:13:20 UTC

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from bridge import strictjson
 from bridge.errors import DepthError, PayloadError
-from tests.hostile import hostile_bodies, json_values, nested
+from tests.support.hostile import hostile_bodies, json_values, nested
 
 
 def strict_loads(text: bytes | str) -> Any:

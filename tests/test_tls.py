@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.mqtt_probe import Probe
-from tests.procs import free_port
-from tests.services import edge_agent
-from tests.tls_certs import CertPair, Pki, TlsBroker
+from tests.support.mqtt_probe import Probe
+from tests.support.procs import free_port
+from tests.support.services import edge_agent
+from tests.support.tls_certs import CertPair, Pki, TlsBroker
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 CODE = {"CallbackCode": "test-code"}
@@ -31,11 +31,8 @@ def tls_env(ca: Path, pair: CertPair) -> dict[str, str]:
 
 
 def wait_for_log(log: Path, needle: str, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while needle not in log.read_text():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{needle!r} never logged: {log.read_text()[-1500:]}")
-        time.sleep(0.05)
+    eventually(log.read_text, accept=lambda text: needle in text, within=timeout,
+               what=f"{needle!r} logged")
 
 
 def test_callbacks_reach_the_broker_over_mutual_tls(

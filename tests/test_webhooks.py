@@ -29,9 +29,9 @@ from callback_server import config as cb_config
 from callback_server.batcher import Settled
 from callback_server.keys import ALL_ORGS, add_key
 from callback_server.service import CallbackServer
-from tests.dbutil import scratch_mysql_database
+from tests.support.dbutil import scratch_mysql_database
+from tests.support.waiting import eventually_async
 from tests.test_proxy import BROKER, serve
-from tests.waiting import until
 
 pytestmark = pytest.mark.integration
 
@@ -152,8 +152,8 @@ async def test_each_subscribed_event_once_signed_with_retries_logged_and_no_othe
                      envelope("pg", "status", "robotStatus", {"status": "offline"}))
         await commit(env.server, fault)
         await commit(env.server, failed_run("pg"))
-        await until(lambda: len(pg.taken()) >= 3)
-        await until(lambda: env.server.webhooks.delivery.pending == 0)
+        await eventually_async(lambda: len(pg.taken()) >= 3)
+        await eventually_async(lambda: env.server.webhooks.delivery.pending == 0)
 
         assert [b["event"] for b in pg.taken()] == ["robot.error", "run.failed", "run.failed"]
         got = pg.taken()[:2]
@@ -259,7 +259,7 @@ async def test_presence_status_and_alert_transitions_become_events(env: Env) -> 
                                              "robot.status_changed", "alert.opened"]})
         assert made.status_code == 200, made.text
         secret = made.json()["secret"]
-        await until(lambda: env.server.subscribed)
+        await eventually_async(lambda: env.server.subscribed)
         topic = str(TopicScheme("pg", env.server.settings.topic_prefix).device("gw9",
                                                                               "presence"))
         await env.server.transport.publish(topic, b"offline", qos=1, retain=False)
@@ -275,8 +275,8 @@ async def test_presence_status_and_alert_transitions_become_events(env: Env) -> 
         want = [("alert.opened", "gateway_offline"), ("alert.opened", "poll_failed"),
                 ("alert.opened", "robot_offline"), ("gateway.offline", "gw9"),
                 ("robot.offline", "SN1"), ("robot.status_changed", "SN1")]
-        await until(lambda: len(receiver.requests) >= len(want))
-        await until(lambda: env.server.webhooks.delivery.pending == 0)
+        await eventually_async(lambda: len(receiver.requests) >= len(want))
+        await eventually_async(lambda: env.server.webhooks.delivery.pending == 0)
         assert events() == want
         assert all(verify_signature(b, h.get("x-signature"), secret)
                    for h, b in receiver.requests)
@@ -284,7 +284,7 @@ async def test_presence_status_and_alert_transitions_become_events(env: Env) -> 
         # (one worker per webhook keeps order, so a wrong offline would come first)
         await commit(env.server, envelope("pg", "status", "robotStatus", {"status": "offline"}))
         await commit(env.server, envelope("pg", "status", "robotStatus", {"status": "online"}))
-        await until(lambda: len(receiver.requests) > len(want))
+        await eventually_async(lambda: len(receiver.requests) > len(want))
         last = json.loads(receiver.requests[len(want)][1])
         assert (last["event"], last["data"]["status"], last["data"]["previous"]) == (
             "robot.status_changed", "online", "offline")

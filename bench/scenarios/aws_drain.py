@@ -32,7 +32,7 @@ from bench.settings import RunContext
 from bridge import frames
 from bridge.outbox import Outbox
 from bridge.outbox.priority import STATE_CHANNELS
-from tests.tls_certs import CertAuthority
+from tests.support.tls_certs import CertAuthority
 
 log = logging.getLogger(__name__)
 

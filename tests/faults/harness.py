@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
-from tests.dbutil import query
+from tests.support.dbutil import query
+from tests.support.waiting import eventually
 
 ROBOTS = 4
 
@@ -131,14 +131,7 @@ def check_invariant(db_url: str, load: Load) -> dict[str, int]:
 
 def wait_rows(db_url: str, load: Load, timeout: float = 60) -> dict[str, int]:
     """Wait until the invariant holds (the pipeline drains), then return its figures."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return check_invariant(db_url, load)
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-        except Exception:  # tables not created yet, database restarting
-            if time.monotonic() > deadline:
-                raise
-        time.sleep(0.1)
+    # An AssertionError is "not drained yet"; any other error: tables not created yet, the
+    # database restarting. The failure shows the last one.
+    return eventually(lambda: check_invariant(db_url, load), accept=lambda _: True,
+                      ignoring=(Exception,), within=timeout, what="the invariant holding")

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.services import ServiceProcess, edge_agent
+from tests.support.services import ServiceProcess, edge_agent
 
 pytestmark = pytest.mark.integration
 

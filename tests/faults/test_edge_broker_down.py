@@ -9,9 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.mqtt_probe import Probe
-from tests.procs import MosquittoProcess
-from tests.services import edge_agent
+from tests.support.mqtt_probe import Probe
+from tests.support.procs import MosquittoProcess
+from tests.support.services import edge_agent
 
 pytestmark = pytest.mark.integration
 ROBOTS = ("RA", "RB", "RC")

@@ -16,11 +16,11 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.dbutil import query, scratch_mysql_database
 from tests.faults.harness import Load, wait_rows
-from tests.mariadb_proc import MariadbProcess
-from tests.procs import MosquittoProcess
-from tests.services import ServiceProcess, callback_server, edge_agent
+from tests.support.dbutil import query, scratch_mysql_database
+from tests.support.mariadb_proc import MariadbProcess
+from tests.support.procs import MosquittoProcess
+from tests.support.services import ServiceProcess, callback_server, edge_agent
 
 pytestmark = pytest.mark.integration
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,9 +20,9 @@ from bridge.errors import InputError, TopicError
 from bridge.http_errors import status_for
 from bridge.pudu.normalize import DOCUMENTED_TYPES, normalize
 from bridge.topic import Topic, TopicFilter
-from tests.hostile import hostile_bodies
-from tests.mqtt_probe import Probe
-from tests.services import ServiceProcess, callback_server, edge_agent
+from tests.support.hostile import hostile_bodies
+from tests.support.mqtt_probe import Probe
+from tests.support.services import ServiceProcess, callback_server, edge_agent
 from tests.test_strictjson import strict_loads
 
 CODE = "edge-secret-code-0123456789abcdef"
@@ -225,10 +224,8 @@ def test_edge_webhook_survives_body_mutations(edge_proc: ServiceProcess) -> None
                            headers={"CallbackCode": CODE}, timeout=10)
             assert r.status_code == 200, (literal, r.text)
         wanted = {f"/device/L{i}/power" for i in range(len(NOT_JSON_NUMBERS))}
-        deadline = time.monotonic() + 10
-        while wanted - {m.topic[m.topic.index("/device/"):] for m in probe.messages}:
-            assert time.monotonic() < deadline, "not all published"
-            probe.wait_for(len(probe.messages) + 1, timeout=10)
+        probe.wait_until(lambda seen: not wanted - {m.topic[m.topic.index("/device/"):]
+                                                   for m in seen}, "all published", timeout=10)
     envelopes = [strict_loads(m.payload) for m in probe.messages]  # raises on NaN/Infinity
     for env in envelopes:
         if env["raw"].get("power", 0) is None:

@@ -19,9 +19,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.dbutil import query
-from tests.hostile import FAULT_CLASSES, poison_payloads, valid_envelope
-from tests.services import ServiceProcess, callback_server
+from tests.support.dbutil import query
+from tests.support.hostile import FAULT_CLASSES, poison_payloads, valid_envelope
+from tests.support.services import ServiceProcess, callback_server
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 BROKER = "mqtt://127.0.0.1:1883"
@@ -59,10 +60,8 @@ class HealthSampler:
         """Sample on until answers reach ``seconds`` from now: past the bound, so a
         message left waiting (a stall) is seen waiting longer than STALL."""
         until = time.monotonic() + seconds
-        deadline = until + 10
-        while not self.answered or self.answered[-1] < until:
-            assert time.monotonic() < deadline, "health stopped answering"
-            time.sleep(0.05)  # polling the sampler's progress, bounded by the deadline
+        eventually(lambda: self.answered and self.answered[-1] >= until, within=seconds + 10,
+                   what="health answering past the bound")
 
     def assert_never_healthy_over_a_stall(self) -> None:
         """No answer says healthy while a message waited past STALL; the answers saw the
@@ -104,12 +103,14 @@ def wait_stored(cs: ServiceProcess, sns: list[str], timeout: float) -> float:
     started = time.monotonic()
     pending = set(sns)
     with httpx.Client(base_url=cs.url, timeout=5, headers=cs.auth) as client:
-        while pending:
-            pending = {sn for sn in pending if client.get(f"/robots/{sn}").status_code != 200}
-            if time.monotonic() - started > timeout:
-                raise TimeoutError(f"not stored within {timeout} s: {sorted(pending)[:5]}")
-            if pending:
-                time.sleep(0.02)  # polling the read API: what a user would do
+
+        def unreadable() -> list[str]:  # polling the read API: what a user would do
+            pending.difference_update(
+                {sn for sn in pending if client.get(f"/robots/{sn}").status_code == 200})
+            return sorted(pending)[:5]
+
+        eventually(unreadable, accept=lambda left: not left, within=timeout,
+                   what="every robot readable")
     return time.monotonic() - started
 
 
@@ -152,13 +153,13 @@ def test_poison_flood_then_kill_never_stalls_and_dead_letters_each_once(tmp_path
         batch2 = valid(org, prefix, "b", 20)
         publish_each([(t, payload) for _, t, payload in batch2])
         took2 = wait_stored(cs, [sn for sn, _, _ in batch2], timeout=2.0)
-        deadline = time.monotonic() + 30
-        while query(db, "SELECT COUNT(*) AS n FROM mqtt_dead_letters")[0]["n"] < len(poison):
-            if time.monotonic() > deadline:
-                have = {r["digest"] for r in query(db, "SELECT digest FROM mqtt_dead_letters")}
-                missing = [(c, p[:80]) for c, p in poison if digest(topic, p) not in have]
-                raise AssertionError(f"not dead-lettered: {missing}")
-            time.sleep(0.1)
+
+        def not_dead_lettered() -> list[tuple[str, bytes]]:
+            have = {r["digest"] for r in query(db, "SELECT digest FROM mqtt_dead_letters")}
+            return [(c, p[:80]) for c, p in poison if digest(topic, p) not in have]
+
+        eventually(not_dead_lettered, accept=lambda missing: not missing, within=30,
+                   what="every poison message dead-lettered")
         sampler.observe(2 * STALL)
         health = cs.health()
         assert cs.proc is not None and cs.proc.poll() is None

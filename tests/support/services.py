@@ -8,13 +8,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import httpx
+
+from tests.support.waiting import NotYet, eventually
 
 #: The callback server's PROXY_TOKEN unless a test gives its own.
 ADMIN_TOKEN = "test-admin-token"
@@ -63,19 +64,21 @@ class ServiceProcess:
                 [*self.command, "run"], env=self.env, stdout=log, stderr=log, cwd=self.cwd,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + timeout
+        proc = self.proc
         with httpx.Client(timeout=1.0) as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
+
+            def ready() -> bool:  # polling the health endpoint: the readiness event
+                if proc.poll() is not None:
                     raise RuntimeError(f"{self.module} exited: {self.log_path.read_text()[-2000:]}")
-                try:
-                    if client.get(self.url + self.health_path).status_code == 200:
-                        return self
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.05)  # polling the health endpoint: the readiness event
-        self.kill()
-        raise TimeoutError(f"{self.module} not ready: {self.log_path.read_text()[-2000:]}")
+                return client.get(self.url + self.health_path).status_code == 200
+
+            try:
+                eventually(ready, within=timeout, what=f"{self.module} ready",
+                           ignoring=(httpx.TransportError,))
+            except NotYet as exc:
+                self.kill()
+                raise NotYet(f"{exc}: {self.log_path.read_text()[-2000:]}") from None
+        return self
 
     def health(self) -> dict[str, Any]:
         """The detailed health body (the callback server shows it only to a key)."""
@@ -84,21 +87,13 @@ class ServiceProcess:
 
     def wait_health(self, key: str, value: object, timeout: float = 20) -> None:
         """Poll the health endpoint until ``key`` has ``value`` (the service's own report)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.health().get(key) == value:
-                return
-            time.sleep(0.05)
-        raise TimeoutError(f"{key} never became {value!r}: {self.health()}")
+        eventually(self.health, accept=lambda h: h.get(key) == value, within=timeout,
+                   what=f"health {key} == {value!r}")
 
     def wait_health_at_least(self, key: str, value: float, timeout: float = 20) -> None:
         """Poll the health endpoint until the number ``key`` reaches ``value``."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if float(self.health().get(key) or 0) >= value:
-                return
-            time.sleep(0.01)
-        raise TimeoutError(f"{key} never reached {value!r}: {self.health()}")
+        eventually(self.health, accept=lambda h: float(h.get(key) or 0) >= value,
+                   within=timeout, what=f"health {key} >= {value!r}")
 
     def kill(self) -> None:
         """SIGKILL: no shutdown code runs (a crash or power cut for the process)."""

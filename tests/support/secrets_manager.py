@@ -13,7 +13,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from tests.procs import free_port, wait_for_port
+from tests.support.procs import free_port, wait_for_port
 
 REGION = "eu-west-1"
 

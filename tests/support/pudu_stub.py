@@ -26,6 +26,8 @@ from urllib.parse import parse_qsl, unquote
 
 import uvicorn
 
+from tests.support.waiting import eventually
+
 KEY, SECRET = "stub-key", "stub-secret"
 MAX_SKEW = 900
 
@@ -303,11 +305,12 @@ class StubServer:
 
     def __enter__(self) -> StubServer:
         self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
+        def started() -> bool:
+            if not self.thread.is_alive() and not self.server.started:
                 raise RuntimeError("Pudu stub did not start")
-            time.sleep(0.01)
+            return bool(self.server.started)
+
+        eventually(started, within=10, what="Pudu stub started")
         return self
 
     def __exit__(self, *exc: object) -> None:

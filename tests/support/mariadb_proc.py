@@ -9,13 +9,14 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import pymysql
 
-from tests.services import pick_port
+from tests.support.services import pick_port
+from tests.support.waiting import eventually
 
 
 class MariadbProcess:
@@ -45,20 +46,18 @@ class MariadbProcess:
             )
         with (self.base / "mariadbd.log").open("ab") as log:  # the child keeps its own
             self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=log)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+        proc = self.proc
+
+        def connect() -> pymysql.Connection[Any]:  # a login is the server's readiness event
+            if proc.poll() is not None:
                 raise RuntimeError((self.base / "mariadbd.log").read_text()[-2000:])
-            try:
-                conn = pymysql.connect(host="127.0.0.1", port=self.port, user="root",
-                                       connect_timeout=1)
-            except pymysql.err.OperationalError:
-                time.sleep(0.05)  # polling the port: the server's readiness event
-                continue
-            with conn:
-                conn.cursor().execute("CREATE DATABASE IF NOT EXISTS test")
-            return self
-        raise TimeoutError("private mariadbd did not start")
+            return pymysql.connect(host="127.0.0.1", port=self.port, user="root",
+                                   connect_timeout=1)
+
+        with eventually(connect, within=timeout, what="private mariadbd accepting logins",
+                        ignoring=(pymysql.err.OperationalError,)) as conn:
+            conn.cursor().execute("CREATE DATABASE IF NOT EXISTS test")
+        return self
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

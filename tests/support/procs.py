@@ -8,10 +8,11 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+
+from tests.support.waiting import NotYet, eventually
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 
@@ -33,12 +34,9 @@ def port_open(host: str, port: int) -> bool:
 
 
 def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
-    """Return once ``host:port`` accepts TCP connections; ``TimeoutError`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not port_open(host, port):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{host}:{port} did not open within {timeout}s")
-        time.sleep(0.02)  # polling a connect is the readiness event here
+    """Return once ``host:port`` accepts TCP connections; ``TimeoutError`` after ``timeout``.
+    Polling a connect is the readiness event here."""
+    eventually(lambda: port_open(host, port), within=timeout, what=f"{host}:{port} open")
 
 
 class MosquittoProcess:
@@ -101,17 +99,20 @@ class MosquittoProcess:
         with (self.base / "mosquitto.out").open("ab") as out:
             self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)],
                                          stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while not port_open("127.0.0.1", self.port):
-            if self.proc.poll() is not None:
+        proc = self.proc
+
+        def listening() -> bool:  # polling a connect is the readiness event here
+            if proc.poll() is not None:
                 out_text = (self.base / "mosquitto.out").read_text(errors="replace")
-                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: "
+                raise RuntimeError(f"mosquitto exited with {proc.returncode}: "
                                    f"{out_text[-1000:]}{self.log_tail()}")
-            if time.monotonic() > deadline:
-                self.kill()
-                raise TimeoutError(f"mosquitto not listening on {self.port} within {timeout}s: "
-                                   f"{self.log_tail()}")
-            time.sleep(0.02)  # polling a connect is the readiness event here
+            return port_open("127.0.0.1", self.port)
+
+        try:
+            eventually(listening, within=timeout, what=f"mosquitto listening on {self.port}")
+        except NotYet as exc:
+            self.kill()
+            raise NotYet(f"{exc}: {self.log_tail()}") from None
         return self
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -1,0 +1,1 @@
+"""Test support: real processes, probes, stubs and waiting helpers the tests share."""

@@ -32,7 +32,7 @@ from callback_server.webhooks.store import (
     WEBHOOKS_TABLE,
     WebhookStore,
 )
-from tests.dbutil import scratch_mysql_database
+from tests.support.dbutil import scratch_mysql_database
 
 pytestmark = pytest.mark.integration
 

@@ -24,9 +24,9 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from callback_server.keys import Role, add_key
-from tests.mqtt_probe import publish_once
-from tests.services import ServiceProcess, callback_server, edge_agent
-from tests.waiting import eventually
+from tests.support.mqtt_probe import publish_once
+from tests.support.services import ServiceProcess, callback_server, edge_agent
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 BROKER = "mqtt://127.0.0.1:1883"

@@ -33,7 +33,7 @@ from selenium.webdriver.support.ui import Select
 from callback_server.alerts import RULES as RULE_IDS
 from callback_server.keys import Role, add_key
 from tests import test_console
-from tests.services import callback_server, edge_agent
+from tests.support.services import callback_server, edge_agent
 from tests.test_console import BROKER, SHOTS, Fleet, cell, on_page, page_stats, sign_in
 
 browser = test_console.browser  # the same fixture: Debian's chromium, headless

@@ -37,8 +37,8 @@ from bridge.errors import (
     TopicError,
     TransportError,
 )
-from bridge.paging import answer
-from bridge.tasks import TaskSet
+from bridge.http.paging import answer
+from bridge.service.taskset import TaskSet
 from bridge.topic import TopicScheme, every_device_channel, parse_device_topic
 from bridge.transport import InboundMessage, Transport
 

@@ -38,8 +38,9 @@
         │   └── PuduConnectError  no connection made: the request never went out
         └── PuduBusinessError  HTTP 200 whose message is not SUCCESS: the API said no
 
-The statuses on the right are chosen in one place, ``bridge.http_errors.status_for``: a raise
-site picks the class that says what went wrong, never a number.
+The statuses on the right are chosen in one place,
+``bridge.http.error_boundary.status_for``: a raise site picks the class that says
+what went wrong, never a number.
 
 Third-party errors (paho return codes, awscrt, aiomysql, sqlite3) are translated to
 these once, in the module that talks to that library, with ``raise ... from exc``.

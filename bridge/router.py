@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from bridge.errors import TransportError
-from bridge.tasks import TaskSet
+from bridge.service.taskset import TaskSet
 from bridge.topic import TopicFilter
 from bridge.transport.base import InboundMessage, Transport
 

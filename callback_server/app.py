@@ -16,15 +16,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
 from bridge.commands import Command, CommandTimeout
-from bridge.docs import install_docs
 from bridge.errors import (
     CommandTimeoutError,
     NotFoundError,
 )
-from bridge.health import HealthQuery, health_status, unready_body
-from bridge.http_body import parse_model, read_body
-from bridge.http_errors import install as install_error_handlers
-from bridge.paging import (
+from bridge.http.api_docs import install_docs
+from bridge.http.body import parse_model, read_body
+from bridge.http.error_boundary import install as install_error_handlers
+from bridge.http.paging import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
     MaybeNumber,
@@ -35,6 +34,7 @@ from bridge.paging import (
     decode_cursor,
     page,
 )
+from bridge.service.health import HealthQuery, health_status, unready_body
 from callback_server.access import Access, Caller, Principal, Reader, Rules
 from callback_server.ports import AppHost, Host
 

@@ -30,8 +30,8 @@ from typing import TypeVar
 from bridge.backoff import backoff_delay
 from bridge.envelope import Envelope
 from bridge.errors import StoreError, StoreRejectedError
-from bridge.sdnotify import BEAT_SECONDS
-from bridge.tasks import within
+from bridge.service.sdnotify import BEAT_SECONDS
+from bridge.service.taskset import within
 from callback_server.store import BatchStore
 
 log = logging.getLogger(__name__)

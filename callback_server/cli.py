@@ -1,6 +1,6 @@
 """``callback-server run | check-config [--connect] | migrate [--plan]
 [--drop-added-columns] | keys add|list|remove | probe``:
-maps flags onto CallbackSettings and nothing more (exit codes: bridge.lifecycle)."""
+maps flags onto CallbackSettings and nothing more (exit codes: bridge.service.lifecycle)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import asyncio
 import sys
 from pathlib import Path
 
-from bridge.cli import (
+from bridge.errors import ConfigError, FleetError
+from bridge.service.command_line import (
     add_as_service,
     add_completion,
     add_probe,
@@ -23,10 +24,10 @@ from bridge.cli import (
     report_problems,
     root_warning,
 )
-from bridge.errors import ConfigError, FleetError
-from bridge.lifecycle import EXIT_CONFIG, run_main
-from bridge.probe import local_url, probe
-from callback_server import checks, config
+from bridge.service.lifecycle import EXIT_CONFIG, run_main
+from bridge.service.probe import local_url, probe
+from callback_server import config_checks
+from callback_server import settings as config
 from callback_server.keys import ROLES, add_key, read_file, remove_key
 
 PROG = "callback-server"
@@ -98,8 +99,8 @@ def _check_config(args: argparse.Namespace) -> int:
     settings = load_or_exit(PROG, lambda: config.load(getattr(args, "config", None)))
     if isinstance(settings, int):
         return settings
-    return check_config(PROG, settings, checks.problems,
-                        checks.connect_problems if args.connect else None)
+    return check_config(PROG, settings, config_checks.problems,
+                        config_checks.connect_problems if args.connect else None)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -152,10 +153,10 @@ def _main(argv: list[str] | None) -> int:
     if args.command == "probe":
         return probe(PROG, args.url or local_url(settings.http_host, settings.http_port,
                                                  HEALTH_READY), args.timeout)
-    found = checks.problems(settings)
+    found = config_checks.problems(settings)
     if found:
         return report_problems(PROG, found)
-    from bridge.logs import setup_logging
+    from bridge.service.logs import setup_logging
 
     setup_logging(settings.log_level, log_file=settings.log_file)
     log_sources(settings)

@@ -33,7 +33,7 @@ from bridge.errors import (
     PayloadTooLargeError,
     StoreError,
 )
-from bridge.http_body import read_body
+from bridge.http.body import read_body
 from bridge.topic import (
     BATCH_CHANNEL,
     DeviceAddress,

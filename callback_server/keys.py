@@ -28,7 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from bridge.errors import ConfigError
-from bridge.private_files import FILE_MODE, make_private_dir
+from bridge.service.private_files import FILE_MODE, make_private_dir
 
 log = logging.getLogger(__name__)
 

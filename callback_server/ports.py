@@ -12,15 +12,15 @@ from typing import Annotated, Any, Protocol, cast
 from fastapi import Depends, Request
 
 from bridge.commands import CommandClient, CommandOutcome
-from bridge.health import Readiness
-from bridge.outbound import OutboundPolicy
+from bridge.http.outbound import OutboundPolicy
+from bridge.service.health import Readiness
 from callback_server.access import Access, Principal
 from callback_server.alerts import AlertDelivery, AlertEngine, AlertStore, AlertSubscriptions
 from callback_server.batcher import BatchWriter
-from callback_server.config import CallbackSettings
 from callback_server.console.hub import ConsoleHub
 from callback_server.consumer import Consumer
 from callback_server.metrics import CallbackMetrics
+from callback_server.settings import CallbackSettings
 from callback_server.store import Store
 
 __all__ = ["AppHost", "Host", "app_host"]

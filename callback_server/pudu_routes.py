@@ -1,7 +1,7 @@
 """Routes for the Pudu cloud side of the fleet: poll run records and robot commands.
 
 A router of its own (app.py includes it); access is the app's (callback_server.access),
-lists are the app's pages (bridge.paging).
+lists are the app's pages (bridge.http.paging).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pydantic import BaseModel, Field
 
 from bridge.commands import Command, CommandTimeout
 from bridge.errors import CommandTimeoutError, NotFoundError
-from bridge.http_body import parse_model, read_body
-from bridge.paging import (
+from bridge.http.body import parse_model, read_body
+from bridge.http.paging import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
     Number,

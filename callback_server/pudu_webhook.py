@@ -41,14 +41,14 @@ from bridge.errors import (
     StoreError,
     TopicError,
 )
-from bridge.http_body import read_body
-from bridge.http_errors import status_for
+from bridge.http.body import read_body
+from bridge.http.error_boundary import status_for
 from bridge.pudu import normalize
 from bridge.pudu.answer import CALLBACK_REQUEST, accepted
 from bridge.topic import TopicScheme
 from callback_server.batcher import Outcome
-from callback_server.config import CallbackSettings
 from callback_server.ports import AppHost, Host
+from callback_server.settings import CallbackSettings
 
 __all__ = ["CLOUD_GATEWAY_ID", "WEBHOOK_PATH", "CallbackCodes", "install", "router"]
 

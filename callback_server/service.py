@@ -17,21 +17,21 @@ from typing import Any
 from bridge import strictjson
 from bridge.backoff import backoff_delay
 from bridge.commands import CommandClient, CommandOutcome
-from bridge.config import mask_url
 from bridge.envelope import Envelope
 from bridge.errors import InputError, NotFoundError, PayloadError, StoreError, TransportError
-from bridge.health import Readiness
-from bridge.http_server import NodelayStats, make_server
-from bridge.lifecycle import Listener, serve_service
-from bridge.outbound import OutboundPolicy
+from bridge.http.outbound import OutboundPolicy
+from bridge.http.server import NodelayStats, make_server
 from bridge.proxy import MqttProxy, create_proxy_router
 from bridge.proxy.subscriptions import RetryPolicy
 from bridge.router import MessageRouter
-from bridge.sdnotify import Notifier, Watchdog
-from bridge.tasks import TaskSet
+from bridge.service.health import Readiness
+from bridge.service.lifecycle import Listener, serve_service
+from bridge.service.sdnotify import Notifier, Watchdog
+from bridge.service.settings_loader import mask_url
+from bridge.service.taskset import TaskSet
+from bridge.service.version import VERSION
 from bridge.topic import GATEWAY_CHANNELS, DeviceAddress, every_device_channel, org_root
 from bridge.transport import MqttSettings, Transport, create_transport
-from bridge.version import VERSION
 from callback_server.access import Access, Principal
 from callback_server.alerts import (
     AlertDelivery,
@@ -42,13 +42,13 @@ from callback_server.alerts import (
 )
 from callback_server.alerts.rules import AlertSettings
 from callback_server.batcher import BatchWriter
-from callback_server.config import CallbackSettings
 from callback_server.console import ConsoleHub
 from callback_server.consumer import Consumer
 from callback_server.disk import free_space, watched
 from callback_server.keys import KeyRing
 from callback_server.metrics import CallbackMetrics
 from callback_server.retention import Retention
+from callback_server.settings import CallbackSettings
 from callback_server.signed_post import Retry
 from callback_server.store import Store, load_targets, open_store
 from callback_server.store.schema import (
@@ -461,7 +461,7 @@ def proxy_retry(settings: CallbackSettings) -> RetryPolicy:
 
 
 async def serve(settings: CallbackSettings) -> None:
-    """Run until SIGTERM/SIGINT (bridge.lifecycle: bind, READY=1, ordered stop)."""
+    """Run until SIGTERM/SIGINT (bridge.service.lifecycle: bind, READY=1, ordered stop)."""
     server = CallbackServer(settings)
 
     def listeners() -> list[Listener]:

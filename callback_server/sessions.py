@@ -126,7 +126,7 @@ def same_origin(origin: str | None, host: str | None) -> bool:
     """Whether an ``Origin`` header names the host the request was sent to.
 
     Behind a proxy that rewrites ``Host``, ``host`` is the trusted ``X-Forwarded-Host``
-    (bridge.forwarded), i.e. the host the browser asked for.
+    (bridge.http.forwarded), i.e. the host the browser asked for.
 
     A cookie rides along on any request the browser makes to this host, so a
     state-changing request made with it must prove it came from a page of this host

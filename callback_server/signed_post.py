@@ -4,7 +4,7 @@ subscriptions that are a view of them).
 Its own module so that the webhook and alert packages share it without importing each
 other. A POST is signed ``X-Signature: sha256=<hex HMAC-SHA256(secret, body)>`` (the
 scheme of ``callback_url`` pushes; ``bridge.verify_signature`` checks it), sent by the
-outbound client (``bridge.outbound``: no private address unless ``CALLBACK_URL_ALLOW``),
+outbound client (``bridge.http.outbound``: no private address unless ``CALLBACK_URL_ALLOW``),
 and retried with full-jitter exponential back-off up to ``attempts`` times
 (FORWARD_TIMEOUT / FORWARD_MAX_RETRIES); each attempt is told to ``record``.
 """

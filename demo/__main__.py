@@ -19,14 +19,14 @@ from pathlib import Path
 
 from bridge.embedded_broker import EmbeddedBroker
 from bridge.errors import FleetError
-from bridge.http_server import make_server
-from bridge.lifecycle import EXIT_CONFIG, Listener, run_main, serve_service
-from bridge.logs import setup_logging
-from bridge.sdnotify import Notifier, Watchdog
-from callback_server import config as cb_config
+from bridge.http.server import make_server
+from bridge.service.lifecycle import EXIT_CONFIG, Listener, run_main, serve_service
+from bridge.service.logs import setup_logging
+from bridge.service.sdnotify import Notifier, Watchdog
+from callback_server import settings as cb_config
 from callback_server.keys import ALL_ORGS, add_key
 from callback_server.service import CallbackServer
-from edge_agent import config as edge_config
+from edge_agent import settings as edge_config
 from edge_agent.service import EdgeAgent
 
 DEMO_CODE = "demo-callback-code"
@@ -83,7 +83,7 @@ Ctrl-C stops everything.
 @contextlib.asynccontextmanager
 async def _pipeline(broker: EmbeddedBroker, agent: EdgeAgent, server: CallbackServer
                     ) -> AsyncIterator[None]:
-    """The three parts as one service for bridge.lifecycle: broker first, out last."""
+    """The three parts as one service for bridge.service.lifecycle: broker first, out last."""
     async with broker, agent, server:
         yield
 

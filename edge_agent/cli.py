@@ -1,6 +1,6 @@
 """``edge-agent run | check-config [--connect] | outbox stats | outbox peek [-n N] |
 poll --once | probe``: maps flags onto EdgeSettings and nothing more (exit codes:
-bridge.lifecycle)."""
+bridge.service.lifecycle)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import json
 import os
 import sys
 
-from bridge.cli import (
+from bridge.errors import OutboxError
+from bridge.service.command_line import (
     add_as_service,
     add_completion,
     add_probe,
@@ -24,10 +25,10 @@ from bridge.cli import (
     report_warnings,
     root_warning,
 )
-from bridge.errors import OutboxError
-from bridge.lifecycle import run_main
-from bridge.probe import local_url, probe
-from edge_agent import checks, config
+from bridge.service.lifecycle import run_main
+from bridge.service.probe import local_url, probe
+from edge_agent import config_checks
+from edge_agent import settings as config
 
 PROG = "edge-agent"
 UNIT = "edge-agent.service"
@@ -111,12 +112,12 @@ def _main(argv: list[str] | None) -> int:
             return report_problems(PROG, [str(exc)])
         print(json.dumps(out, indent=2, ensure_ascii=False))
         return 0
-    found = checks.problems(settings, path)
+    found = config_checks.problems(settings, path)
     if found:
         return report_problems(PROG, found)
     if args.command == "run":
-        report_warnings(PROG, checks.warnings(settings))
-    from bridge.logs import setup_logging
+        report_warnings(PROG, config_checks.warnings(settings))
+    from bridge.service.logs import setup_logging
 
     setup_logging(settings.log_level, log_file=settings.log_file)
     log_sources(settings)
@@ -133,12 +134,12 @@ def _check_config(args: argparse.Namespace) -> int:
     if isinstance(settings, int):
         return settings
     path = getattr(args, "config", None) or os.environ.get("EDGE_AGENT_CONFIG")
-    code = check_config(PROG, settings, lambda s: checks.problems(s, path),
-                        (lambda s: checks.connect_problems(s, path)) if args.connect
-                        else None, warnings=checks.warnings)
+    code = check_config(PROG, settings, lambda s: config_checks.problems(s, path),
+                        (lambda s: config_checks.connect_problems(s, path)) if args.connect
+                        else None, warnings=config_checks.warnings)
     if code == 0 and settings.pudu.polling:
         # On stderr: stdout stays the settings' JSON for scripts.
-        print(f"{PROG}: {checks.next_runs(settings.pudu)}", file=sys.stderr)
+        print(f"{PROG}: {config_checks.next_runs(settings.pudu)}", file=sys.stderr)
     return code
 
 
@@ -151,7 +152,7 @@ def _poll_once(settings: config.EdgeSettings) -> int:
         from edge_agent.pudu.poller import NO_SHOPS
 
         return report_problems(PROG, [NO_SHOPS])
-    from bridge.loop import run
+    from bridge.service.event_loop import run
     from edge_agent.pudu.once import poll_once
 
     records: list[dict[str, object]] = []

@@ -22,8 +22,8 @@ import time
 from collections.abc import Callable, Mapping
 
 from bridge.outbox import Outbox
-from bridge.sdnotify import BEAT_SECONDS
-from bridge.tasks import within
+from bridge.service.sdnotify import BEAT_SECONDS
+from bridge.service.taskset import within
 
 __all__ = ["LATE_WINDOW_SECONDS", "Downsampler", "Throttle", "Verdict"]
 

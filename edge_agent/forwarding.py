@@ -15,8 +15,8 @@ from typing import Annotated, Any, Final
 
 from pydantic import AfterValidator, BeforeValidator
 
-from bridge.config import as_list, parse_pairs
 from bridge.pudu.normalize import CHANNELS, DOCUMENTED_TYPES
+from bridge.service.settings_loader import as_list, parse_pairs
 
 __all__ = [
     "DOWNSAMPLABLE",

@@ -26,8 +26,8 @@ from typing import Any
 
 from bridge.commands import Response
 from bridge.errors import OutboxError
-from bridge.paging import Page
-from bridge.private_files import prepare_sqlite_file
+from bridge.http.paging import Page
+from bridge.service.private_files import prepare_sqlite_file
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS poll_runs (

@@ -23,7 +23,7 @@ from typing import Any
 
 from bridge.commands import CommandExecutor, CommandFn
 from bridge.errors import ConfigError
-from edge_agent.config import EdgeSettings
+from edge_agent.settings import EdgeSettings
 
 __all__ = ["ENTRY_POINT_GROUP", "Plugin", "discover", "problems", "register_plugins"]
 

@@ -13,18 +13,18 @@ from fastapi import Depends, Request
 
 from bridge.clock import GatewayClock, RobotClocks
 from bridge.envelope import Envelope
-from bridge.health import Readiness
-from bridge.outbound import OutboundPolicy
+from bridge.http.outbound import OutboundPolicy
 from bridge.outbox import Outbox
+from bridge.service.health import Readiness
 from bridge.topic import TopicScheme
 from bridge.transport import Transport
-from edge_agent.config import EdgeSettings
 from edge_agent.downsample import Downsampler
 from edge_agent.forwarding import ForwardPolicy
 from edge_agent.journal import Journal
 from edge_agent.metrics import EdgeMetrics
 from edge_agent.publisher import OutboxPublisher
 from edge_agent.robot_memory import RobotMemory
+from edge_agent.settings import EdgeSettings
 
 __all__ = ["AdminAgent", "AdminHost", "CommandHost", "PollHost", "PuduAgent", "PuduHost",
            "WebhookAgent", "WebhookHost", "agent_of"]

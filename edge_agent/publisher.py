@@ -40,8 +40,8 @@ from bridge.backoff import backoff_delay
 from bridge.envelope import mark_replay
 from bridge.errors import PublishRefusedError, TransportError
 from bridge.outbox import Outbox, OutboxEntry
-from bridge.sdnotify import BEAT_SECONDS
-from bridge.tasks import within
+from bridge.service.sdnotify import BEAT_SECONDS
+from bridge.service.taskset import within
 from bridge.topic import GATEWAY_CHANNELS
 from bridge.transport import Transport
 

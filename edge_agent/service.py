@@ -16,36 +16,36 @@ from fastapi.openapi.utils import get_openapi
 
 from bridge.clock import GatewayClock, RobotClocks
 from bridge.commands import CommandExecutor
-from bridge.config import mask_url
-from bridge.docs import install_docs
 from bridge.envelope import Envelope
 from bridge.errors import TransportError
-from bridge.health import Readiness
-from bridge.http_errors import describe_errors
-from bridge.http_errors import install as install_error_handlers
-from bridge.http_server import NodelayStats, make_server
-from bridge.lifecycle import Listener, serve_service
-from bridge.outbound import OutboundPolicy
+from bridge.http.api_docs import install_docs
+from bridge.http.error_boundary import describe_errors
+from bridge.http.error_boundary import install as install_error_handlers
+from bridge.http.outbound import OutboundPolicy
+from bridge.http.server import NodelayStats, make_server
 from bridge.outbox import Outbox
 from bridge.proxy import MqttProxy, create_proxy_router
 from bridge.router import MessageRouter
-from bridge.sdnotify import Notifier, Watchdog
-from bridge.tasks import TaskSet
+from bridge.service.health import Readiness
+from bridge.service.lifecycle import Listener, serve_service
+from bridge.service.sdnotify import Notifier, Watchdog
+from bridge.service.settings_loader import mask_url
+from bridge.service.taskset import TaskSet
+from bridge.service.version import VERSION
 from bridge.topic import BATCH_CHANNEL, TopicScheme, org_root
 from bridge.transport import MqttSettings, Transport, Will, create_transport
-from bridge.version import VERSION
 from edge_agent import admin as admin_routes
-from edge_agent.commands import BUILTIN_NAMES, register_builtins
-from edge_agent.config import EdgeSettings
+from edge_agent.builtin_commands import BUILTIN_NAMES, register_builtins
 from edge_agent.downsample import Downsampler
 from edge_agent.forwarding import ForwardPolicy
 from edge_agent.journal import Journal
 from edge_agent.metrics import EdgeMetrics
 from edge_agent.plugins import register_plugins
 from edge_agent.publisher import OutboxPublisher
-from edge_agent.pudu.commands import register_pudu
 from edge_agent.pudu.poller import Poller
+from edge_agent.pudu.robot_commands import register_pudu
 from edge_agent.robot_memory import RobotMemory
+from edge_agent.settings import EdgeSettings
 
 #: The public listener's routes, which the admin app's docs also describe: no proxy token.
 WEBHOOK_PATHS = ("/api/pudu/webhook", "/api/pudu/webhook/health")
@@ -340,7 +340,7 @@ def _rounded(value: float | None) -> float | None:
 
 
 async def serve(settings: EdgeSettings) -> None:
-    """Run until SIGTERM/SIGINT (bridge.lifecycle: bind, READY=1, ordered stop)."""
+    """Run until SIGTERM/SIGINT (bridge.service.lifecycle: bind, READY=1, ordered stop)."""
     agent = EdgeAgent(settings)
 
     def listeners() -> list[Listener]:

@@ -31,12 +31,12 @@ from bridge.errors import (
     PayloadError,
     TopicError,
 )
-from bridge.health import HealthQuery, health_status, unready_body
-from bridge.http_errors import error_response, internal_error_response, status_for
-from bridge.http_errors import install as install_error_handlers
+from bridge.http.error_boundary import error_response, internal_error_response, status_for
+from bridge.http.error_boundary import install as install_error_handlers
 from bridge.outbox import PutResult
 from bridge.pudu.answer import CALLBACK_REQUEST, accepted
 from bridge.pudu.normalize import DOCUMENTED_TYPES, Normalized, normalize
+from bridge.service.health import HealthQuery, health_status, unready_body
 from edge_agent.downsample import Verdict
 from edge_agent.ports import WebhookAgent, WebhookHost
 

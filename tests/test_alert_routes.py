@@ -21,7 +21,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from bridge.proxy import sign
-from callback_server import config as cb_config
+from callback_server import settings as cb_config
 from callback_server.alerts import Subject
 from callback_server.keys import ALL_ORGS, add_key
 from callback_server.service import CallbackServer

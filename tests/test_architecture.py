@@ -65,7 +65,7 @@ ONE_PLACE = {
     # issue 23: the robot clock bound's default, a settings list's split, and the SQL
     # list query's keyset page and org scope were each written 4-6 times.
     r"skew.*\b300\b": "bridge/clock.py",
-    r"replace\(\",\", \" \"\)": "bridge/config.py",
+    r"replace\(\",\", \" \"\)": "bridge/service/settings_loader.py",
     r"LIMIT .*\+ 1|org_id IN \(": "callback_server/store/query.py",
 }
 
@@ -87,25 +87,25 @@ def test_facts_written_once(pattern: str, home: str) -> None:
 
 
 def test_the_list_shape_is_built_in_one_place() -> None:
-    """``{"items", "next_cursor"}`` is bridge.paging's to build: a dict literal with a
+    """``{"items", "next_cursor"}`` is bridge.http.paging's to build: a dict literal with a
     ``next_cursor`` key anywhere else is a second page shape that will drift."""
     wrong = []
     for package in PACKAGES:
         for path in modules(package):
-            if path.relative_to(ROOT) == Path("bridge/paging.py"):
+            if path.relative_to(ROOT) == Path("bridge/http/paging.py"):
                 continue
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
                 if isinstance(node, ast.Dict) and any(
                         isinstance(k, ast.Constant) and k.value == "next_cursor"
                         for k in node.keys):
                     wrong.append(f"{path.relative_to(ROOT)}:{node.lineno}")
-    assert wrong == [], "build it with bridge.paging.Page (or answer)"
+    assert wrong == [], "build it with bridge.http.paging.Page (or answer)"
 
 
 def test_the_console_reads_the_robot_commands_it_offers() -> None:
-    """The console's forms come from bridge/pudu/robot_commands.py (via /console/me), the
+    """The console's forms come from bridge/pudu/command_catalogue.py (via /console/me), the
     catalogue the gateway runs: a command name written in its JS is a second copy."""
-    from bridge.pudu.robot_commands import ROBOT_COMMANDS
+    from bridge.pudu.command_catalogue import ROBOT_COMMANDS
     static = ROOT / "callback_server" / "console" / "static"
     names = [c["name"] for c in ROBOT_COMMANDS]
     copies = [f"{path.name}: {name}" for path in sorted(static.glob("*.js"))
@@ -114,21 +114,22 @@ def test_the_console_reads_the_robot_commands_it_offers() -> None:
 
 
 def test_the_services_settings_share_their_common_fields() -> None:
-    """A setting both services declare alike belongs to bridge.config.ServiceSettings;
-    one each declares on its own differs (a default, at least)."""
-    from callback_server.config import CallbackSettings
-    from edge_agent.config import EdgeSettings
+    """A setting both services declare alike belongs to
+    bridge.service.settings_loader.ServiceSettings; one each declares on its own
+    differs (a default, at least)."""
+    from callback_server.settings import CallbackSettings
+    from edge_agent.settings import EdgeSettings
     own = {cls: set(cls.__annotations__) for cls in (EdgeSettings, CallbackSettings)}
     both = own[EdgeSettings] & own[CallbackSettings]
     alike = sorted(name for name in both if repr(EdgeSettings.model_fields[name]) ==
                    repr(CallbackSettings.model_fields[name]))
-    assert alike == [], "declare these once, in bridge.config.ServiceSettings"
+    assert alike == [], "declare these once, in bridge.service.settings_loader.ServiceSettings"
     assert {"http_port", "max_body_bytes"} <= both  # the walk sees them
 
 
 def test_a_status_is_chosen_only_by_status_for() -> None:
     """A raise site names what went wrong (a class of bridge.errors); the number it is
-    answered with is bridge.http_errors.status_for's choice, so the same refusal cannot be
+    answered with is bridge.http.error_boundary.status_for's choice, so the same refusal cannot be
     a 400 in one app and a 422 in another."""
     from bridge import errors
     refusals = {name for name, obj in vars(errors).items()
@@ -146,7 +147,7 @@ def test_a_status_is_chosen_only_by_status_for() -> None:
 
 def test_every_refusal_is_drawn_in_the_tree_and_has_its_status() -> None:
     from bridge import errors
-    from bridge.http_errors import status_for
+    from bridge.http.error_boundary import status_for
     tree = (errors.__doc__ or "").split("\n\n")[1]
     expected = {"MalformedBodyError": 400, "AuthError": 401, "ForbiddenError": 403,
                 "NotFoundError": 404, "ConflictError": 409, "BodyTooLargeError": 413,
@@ -262,7 +263,7 @@ def _packages_of(module: str, files: dict[str, Path]) -> list[str]:
 
 def test_no_import_circles() -> None:
     graph = _module_graph()
-    assert "bridge.outbound_transport" in graph["bridge.outbound"]  # the walk sees inside
+    assert "bridge.http.outbound_transport" in graph["bridge.http.outbound"]  # the walk sees inside
     circles = []
     for start in sorted(graph):  # a path from a module's imports back to the module
         seen, todo = set(), list(graph[start])

@@ -159,7 +159,7 @@ def test_usage_errors_exit_2_without_a_traceback() -> None:
 def test_version_names_the_build_and_help_is_for_an_operator(module: str) -> None:
     done = cli(module, "--version", env={})
     prog = module.replace("_", "-")
-    from bridge.version import VERSION
+    from bridge.service.version import VERSION
 
     # A checkout's build is its commit (an installed wheel's: tests/test_install.py).
     commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,

@@ -28,7 +28,7 @@ from bridge.errors import (
     ServiceUnreachableError,
     TopicError,
 )
-from bridge.http_errors import status_for
+from bridge.http.error_boundary import status_for
 from bridge.proxy import sign
 from bridge.transport import InboundMessage
 from tests.support.services import ADMIN_TOKEN, callback_server, edge_agent

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from callback_server import config as cb_config
+from callback_server import settings as cb_config
 from callback_server.service import CallbackServer
 from tests.support.waiting import eventually_async
 

@@ -18,10 +18,10 @@ import pytest
 from bridge import FleetClient
 from bridge.compat import MQTTProxy, decode_payload
 from bridge.errors import AuthError, ServiceUnreachableError
-from callback_server import config as cb_config
+from callback_server import settings as cb_config
 from callback_server.keys import add_key
 from callback_server.service import CallbackServer
-from edge_agent import config as edge_config
+from edge_agent import settings as edge_config
 from edge_agent.service import EdgeAgent
 from tests.support.mariadb_proc import MariadbProcess
 from tests.support.procs import MosquittoProcess, free_port

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from bridge.config import masked
 from bridge.errors import ConfigError
-from callback_server import config as cb_config
+from bridge.service.settings_loader import masked
+from callback_server import settings as cb_config
 from callback_server.store import load_targets
-from edge_agent import config as edge_config
+from edge_agent import settings as edge_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "config.example"
 

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from callback_server import cli as cb_cli
-from callback_server import config as cb_config
+from callback_server import settings as cb_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -239,7 +239,7 @@ def test_env_names_and_credential_files_are_the_ones_the_code_reads() -> None:
     deployment = manifest("Deployment")["spec"]["template"]["spec"]
     mounts = {m["name"]: m["mountPath"] for m in deployment["containers"][0]["volumeMounts"]}
     assert mounts["credentials"] == image["env"]["CREDENTIALS_DIRECTORY"]
-    from bridge.config import CREDENTIALS as SHARED
+    from bridge.service.settings_loader import CREDENTIALS as SHARED
 
     files = {i["path"] for i in deployment["volumes"][0]["secret"]["items"]}
     named_by_env = {Path(v).name for v in manifest("ConfigMap")["data"].values()

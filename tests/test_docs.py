@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 from fastapi import FastAPI
 
-from bridge.docs import install_docs
+from bridge.http.api_docs import install_docs
 
 
 async def test_docs_pages_use_only_their_own_assets() -> None:
@@ -98,8 +98,8 @@ def test_the_readme_is_what_a_newcomer_needs() -> None:
 
 def test_every_setting_is_in_docs_settings() -> None:
     """Each environment name either service reads, and each alias, has its row or line."""
-    from callback_server import config as cloud
-    from edge_agent import config as edge
+    from callback_server import settings as cloud
+    from edge_agent import settings as edge
     text = (ROOT / "docs/settings.md").read_text(encoding="utf-8")
     names = {*edge.ENV_MAP, *edge.ALIASES, *cloud.ENV_MAP, *cloud.ALIASES}
     assert len(names) > 60

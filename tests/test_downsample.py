@@ -163,27 +163,27 @@ async def test_a_held_message_survives_the_agent_stopping_inside_its_interval(
 ])
 def test_settings_refuse_what_cannot_be_honoured(env: dict[str, str], problem: str) -> None:
     from bridge.errors import ConfigError
-    from edge_agent import config
+    from edge_agent import settings
 
     with pytest.raises(ConfigError, match=problem.replace("(", r"\(").replace(")", r"\)")):
-        config.load(None, {"PUDU_CALLBACK_CODE": "c", **env})
+        settings.load(None, {"PUDU_CALLBACK_CODE": "c", **env})
 
 
 def test_settings_from_the_environment_and_the_file(tmp_path: Path) -> None:
-    from edge_agent import config
+    from edge_agent import settings
     from edge_agent.forwarding import ForwardPolicy
 
     cfg = tmp_path / "e.yaml"
     cfg.write_text("pudu_callback_code: c\nmin_interval_seconds: {pose: 5, power: 30}\n"
                    "drop_types: [notifyRobotPose]\nforward_channels: [status, event, pose]\n")
-    s = config.load(str(cfg), {})
+    s = settings.load(str(cfg), {})
     policy = ForwardPolicy.of(s)
     assert dict(policy.intervals) == {"pose": 5.0, "power": 30.0}
     assert not policy.forwards("pose", "notifyRobotPose")  # DROP_TYPES, any casing
     assert not policy.forwards("pose", "NOTIFYROBOTPOSE")
     assert not policy.forwards("power", "notifyRobotPower")  # channel left out
     assert policy.forwards("status", "notifyRobotStatus")
-    env = config.load(str(cfg), {"MIN_INTERVAL_SECONDS": "move=2,pose=0", "DROP_TYPES": "",
+    env = settings.load(str(cfg), {"MIN_INTERVAL_SECONDS": "move=2,pose=0", "DROP_TYPES": "",
                                  "FORWARD_CHANNELS": "status event callback"})
     assert dict(ForwardPolicy.of(env).intervals) == {"move": 2.0}  # 0: not downsampled
     assert ForwardPolicy.of(env).forwards("callback/notifySwipeCard", "notifySwipeCard")

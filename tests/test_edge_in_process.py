@@ -16,7 +16,7 @@ import httpx
 from bridge.commands import Command, Response
 from bridge.transport import InboundMessage, MqttSettings
 from bridge.transport.memory import MemoryBroker, MemoryTransport
-from edge_agent import config
+from edge_agent import settings as config
 from edge_agent.service import EdgeAgent
 
 CODE = {"CallbackCode": "in-process-code"}

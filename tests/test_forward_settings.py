@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bridge.errors import ConfigError
-from callback_server import config
+from callback_server import settings as config
 from callback_server.alerts.rules import load_alert_settings
 from callback_server.service import forwarding, proxy_retry
 

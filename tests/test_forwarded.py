@@ -1,5 +1,5 @@
 """Behind a load balancer: trusted X-Forwarded-*, the console cookie and origin check
-through a proxy, no framing anywhere, a CSP on the API docs (bridge.forwarded)."""
+through a proxy, no framing anywhere, a CSP on the API docs (bridge.http.forwarded)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ import httpx
 import pytest
 
 from bridge.errors import ConfigError
-from bridge.forwarded import ForwardedHeaders, TrustedProxies
-from bridge.http_server import NodelayStats, make_server
-from callback_server import config as cb_config
+from bridge.http.forwarded import ForwardedHeaders, TrustedProxies
+from bridge.http.server import NodelayStats, make_server
+from callback_server import settings as cb_config
 from callback_server.keys import add_key
 from callback_server.service import CallbackServer
 from tests.support.waiting import eventually_async

@@ -1,6 +1,6 @@
 """What one hostile client can hold of a listener: bounded in time, and nothing leaks.
 
-The project's own server module (bridge/http_server.py) in this process, on a free
+The project's own server module (bridge/http/server.py) in this process, on a free
 loopback port, with short limits; raw sockets, so every byte the client sends is ours.
 """
 
@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 from fastapi import FastAPI, Request
 
-from bridge.config import HttpLimits
-from bridge.http_body import read_body
-from bridge.http_errors import install
-from bridge.http_server import ConnectionGate, NodelayStats, make_server
+from bridge.http.body import read_body
+from bridge.http.error_boundary import install
+from bridge.http.server import ConnectionGate, NodelayStats, make_server
+from bridge.service.settings_loader import HttpLimits
 from tests.support.waiting import eventually_async
 
 UPGRADE = (b"GET /hook HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"

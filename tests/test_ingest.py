@@ -16,7 +16,7 @@ import httpx
 import pytest
 import yaml
 
-from callback_server import config as cb_config
+from callback_server import settings as cb_config
 from callback_server.keys import add_key
 from callback_server.service import CallbackServer
 from tests.support.dbutil import query, scratch_mysql_database

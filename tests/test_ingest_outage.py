@@ -15,9 +15,9 @@ import httpx
 import pymysql
 import pytest
 
-from callback_server import config as cb_config
 from callback_server import ingest as ingest_route
 from callback_server import pudu_webhook
+from callback_server import settings as cb_config
 from callback_server.service import CallbackServer
 from tests.support.dbutil import query
 from tests.support.mariadb_proc import MariadbProcess

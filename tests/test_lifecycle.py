@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bridge.sdnotify import Notifier, Watchdog
+from bridge.service.sdnotify import Notifier, Watchdog
 from tests.support.mqtt_probe import Probe
 from tests.support.procs import wait_for_port
 from tests.support.services import ADMIN_TOKEN, callback_server, edge_agent, pick_port

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 
-LOGS = ("from bridge.logs import setup_logging; import logging; setup_logging('DEBUG'); "
+LOGS = ("from bridge.service.logs import setup_logging; import logging; setup_logging('DEBUG'); "
         "log = logging.getLogger('t'); log.debug('d'); log.info('i'); log.warning('w'); "
         "log.error('e'); log.critical('c')")
 

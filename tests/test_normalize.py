@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.errors import InputError
-from bridge.http_errors import status_for
+from bridge.http.error_boundary import status_for
 from bridge.pudu.normalize import DEFAULT_MAX_SKEW, DOCUMENTED_TYPES, Normalized, normalize
 
 NOW = 1_800_000_000.0  # after every sample's time: none is 'ahead'

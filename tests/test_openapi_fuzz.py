@@ -35,11 +35,11 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from bridge.envelope import Envelope
-from callback_server import config as cb_config
+from callback_server import settings as cb_config
 from callback_server.alerts import Subject
 from callback_server.keys import ALL_ORGS, add_key
 from callback_server.service import CallbackServer
-from edge_agent import config as edge_config
+from edge_agent import settings as edge_config
 from edge_agent.service import EdgeAgent
 
 T = TypeVar("T")

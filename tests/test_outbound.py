@@ -26,15 +26,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from bridge.errors import ConfigError, OutboundRefusedError
-from bridge.http_errors import install as install_error_handlers
-from bridge.http_errors import status_for
-from bridge.outbound import OutboundPolicy, client, parse_allow, system_resolver
+from bridge.http.error_boundary import install as install_error_handlers
+from bridge.http.error_boundary import status_for
+from bridge.http.outbound import OutboundPolicy, client, parse_allow, system_resolver
 from bridge.proxy import MqttProxy, RetryPolicy, create_proxy_router
 from bridge.router import MessageRouter
 from bridge.transport import MqttSettings
 from bridge.transport.paho import PahoTransport
-from callback_server.config import load as load_callback_settings
-from edge_agent.config import load as load_edge_settings
+from callback_server.settings import load as load_callback_settings
+from edge_agent.settings import load as load_edge_settings
 from tests.test_proxy import AUTH, BROKER, TOKEN, PahoClient, serve
 
 pytestmark = pytest.mark.integration

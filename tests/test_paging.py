@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from bridge.envelope import Envelope
-from bridge.paging import MaybeNumber, MaybeText, Text, decode_cursor, encode_cursor
+from bridge.http.paging import MaybeNumber, MaybeText, Text, decode_cursor, encode_cursor
 from callback_server.store import SqlStore, open_store
 from tests.support.dbutil import scratch_mysql_database
 
@@ -113,7 +113,7 @@ def test_a_three_column_keyset_pages_through_ties_once_each_in_order(
     comes once, in the ORDER BY's order, and the last page says there is no next one."""
     import sqlite3
 
-    from bridge.paging import Page
+    from bridge.http.paging import Page
     from callback_server.store.dialect import Dialect
     from callback_server.store.query import Where
 

@@ -19,9 +19,9 @@ from bridge.commands import Command, CommandExecutor, Response
 from bridge.errors import ConfigError
 from bridge.topic import TopicScheme
 from bridge.transport import InboundMessage
-from edge_agent.commands import BUILTIN_NAMES
-from edge_agent.config import load
+from edge_agent.builtin_commands import BUILTIN_NAMES
 from edge_agent.plugins import ENTRY_POINT_GROUP, Plugin, _guarded, problems, register_plugins
+from edge_agent.settings import load
 from tests.support.services import ADMIN_TOKEN, callback_server, edge_agent
 from tests.test_commands import wait_gateways
 

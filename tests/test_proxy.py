@@ -31,9 +31,9 @@ from bridge.errors import (
     TopicError,
     TopicNotAllowedError,
 )
-from bridge.http_errors import install as install_error_handlers
-from bridge.http_errors import status_for
-from bridge.outbound import OutboundPolicy
+from bridge.http.error_boundary import install as install_error_handlers
+from bridge.http.error_boundary import status_for
+from bridge.http.outbound import OutboundPolicy
 from bridge.proxy import MqttProxy, RetryPolicy, create_proxy_router, sign
 from bridge.proxy.subscriptions import Mailbox
 from bridge.router import MessageRouter

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bridge.outbox import Outbox
-from bridge.tasks import within
+from bridge.service.taskset import within
 from bridge.transport import InboundMessage, MqttSettings
 from bridge.transport.memory import MemoryBroker, MemoryTransport
 from edge_agent.publisher import OutboxPublisher, TokenBucket

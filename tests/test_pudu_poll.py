@@ -20,7 +20,8 @@ import pytest
 from bridge.errors import ConfigError, OutboxFullError
 from bridge.transport import InboundMessage, MqttSettings
 from bridge.transport.memory import MemoryTransport
-from edge_agent import checks, config
+from edge_agent import config_checks
+from edge_agent import settings as config
 from edge_agent.service import EdgeAgent
 from tests.support.dbutil import query
 from tests.support.pudu_stub import KEY, SECRET, StubServer, serve_stub
@@ -383,7 +384,7 @@ async def test_a_run_with_no_shops_is_refused_and_a_key_without_shops_is_warned(
                                      base_url="http://admin") as admin:
             r = await admin.post("/pudu/poll")
         assert await agent.journal.runs() == ([], None)
-        warned = checks.warnings(agent.settings)
+        warned = config_checks.warnings(agent.settings)
     assert r.status_code == 409 and "PUDU_SHOP_IDS" in r.json()["message"]
     assert not stub.stub.calls
     assert any("PUDU_SHOP_IDS is empty" in w and "polling is off" in w for w in warned)

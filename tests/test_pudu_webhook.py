@@ -16,11 +16,11 @@ import httpx
 import pytest
 
 from bridge.errors import ConfigError
-from callback_server import config as cb_config
-from callback_server.checks import problems
+from callback_server import settings as cb_config
+from callback_server.config_checks import problems
 from callback_server.pudu_webhook import CLOUD_GATEWAY_ID, CallbackCodes
 from callback_server.service import CallbackServer
-from edge_agent import config as edge_config
+from edge_agent import settings as edge_config
 from edge_agent.service import EdgeAgent
 from tests.support.dbutil import query
 from tests.support.waiting import eventually_async

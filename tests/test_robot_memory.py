@@ -17,7 +17,7 @@ import httpx
 from bridge.envelope import Envelope
 from bridge.transport import InboundMessage, MqttSettings
 from bridge.transport.memory import MemoryTransport
-from edge_agent import config
+from edge_agent import settings as config
 from edge_agent.downsample import Downsampler, Verdict
 from edge_agent.robot_memory import RobotMemory
 from edge_agent.service import EdgeAgent

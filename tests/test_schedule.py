@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent import config
+from edge_agent import settings as config
 from edge_agent.pudu.schedule import parse
 from tests.support.dbutil import query
 from tests.support.pudu_stub import KEY, SECRET, StubServer, serve_stub

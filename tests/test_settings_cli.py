@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bridge.secrets import RefreshingLogin, SecretRef
+from bridge.service.aws_secrets import RefreshingLogin, SecretRef
 from tests.support.secrets_manager import REGION, SecretsManagerServer
 from tests.support.services import ServiceProcess, pick_port
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from bridge.errors import ConfigError, StoreError
-from callback_server import config as cb_config
+from callback_server import settings as cb_config
 from callback_server.store import open_store
-from edge_agent import config as edge_config
+from edge_agent import settings as edge_config
 from tests.support.secrets_manager import REGION, SecretsManagerServer, scratch_mysql_user
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from bridge.pudu import normalize
 from bridge.topic import MAX_SN_BYTES
-from callback_server import config as cb_config
+from callback_server import settings as cb_config
 from callback_server.service import CallbackServer
 from callback_server.store import open_store
 from tests.support.dbutil import query, scratch_mysql_database

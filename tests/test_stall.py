@@ -14,7 +14,7 @@ import httpx
 
 from bridge.transport import MqttSettings
 from bridge.transport.memory import MemoryTransport
-from callback_server import config as cb_config
+from callback_server import settings as cb_config
 from callback_server.service import CallbackServer
 from tests.support.waiting import eventually_async
 

@@ -1,4 +1,4 @@
-"""bridge.tasks.TaskSet: named tasks, a crash logged and escalated, a bounded stop that
+"""bridge.service.taskset.TaskSet: named tasks, a crash logged and escalated, a bounded stop that
 never raises; and what the services make of it (an orderly stop, exit code 4)."""
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import pytest
 from fastapi import FastAPI
 
 from bridge.errors import FleetError
-from bridge.http_server import NodelayStats, make_server
-from bridge.lifecycle import EXIT_FAILED, Listener, run_main, serve_service
-from bridge.sdnotify import Notifier, Watchdog
-from bridge.tasks import TaskSet
+from bridge.http.server import NodelayStats, make_server
+from bridge.service.lifecycle import EXIT_FAILED, Listener, run_main, serve_service
+from bridge.service.sdnotify import Notifier, Watchdog
+from bridge.service.taskset import TaskSet
 from bridge.transport import InboundMessage, MqttSettings
 from bridge.transport.memory import MemoryTransport
-from edge_agent import config
+from edge_agent import settings as config
 from edge_agent.service import EdgeAgent
 
 

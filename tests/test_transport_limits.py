@@ -19,7 +19,8 @@ from bridge.envelope import Envelope
 from bridge.transport import InboundMessage, MqttSettings
 from bridge.transport.awsiot import MAX_PAYLOAD, check_aws_limits
 from bridge.transport.memory import MemoryTransport
-from edge_agent import checks, config
+from edge_agent import config_checks
+from edge_agent import settings as config
 from edge_agent.service import EdgeAgent, mqtt_settings
 
 CODE = {"CallbackCode": "limits-code"}
@@ -153,7 +154,8 @@ def test_check_config_warns_when_the_org_leaves_an_sn_less_than_128_bytes() -> N
     base = {"PUDU_CALLBACK_CODE": "c", "MQTT_BACKEND": "awsiot", "TOPIC_PREFIX": "site/a/"}
     short = config.load(None, {**base, "ORG_ID": "acme"})
     long = config.load(None, {**base, "ORG_ID": "o" * 110})
-    assert checks.sn_room(short) == 128 and not any("sn" in w for w in checks.warnings(short))
+    assert config_checks.sn_room(short) == 128
+    assert not any("sn" in w for w in config_checks.warnings(short))
     room = 256 - len(f"site/a/org/{'o' * 110}/device//status")
-    assert checks.sn_room(long) == room
-    assert any(f"leave {room} bytes" in w for w in checks.warnings(long))
+    assert config_checks.sn_room(long) == room
+    assert any(f"leave {room} bytes" in w for w in config_checks.warnings(long))

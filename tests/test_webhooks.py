@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from bridge import verify_signature
 from bridge.envelope import Envelope
-from callback_server import config as cb_config
+from callback_server import settings as cb_config
 from callback_server.batcher import Settled
 from callback_server.keys import ALL_ORGS, add_key
 from callback_server.service import CallbackServer
@@ -294,7 +294,7 @@ async def test_delivery_to_an_address_the_rule_no_longer_allows_is_refused_uncon
         env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     """A webhook made while CALLBACK_URL_ALLOW listed its host, delivered after the
     operator narrowed it: refused at connect, logged once, never retried or connected."""
-    from bridge.outbound import OutboundPolicy
+    from bridge.http.outbound import OutboundPolicy
     from callback_server.signed_post import Retry
     from callback_server.webhooks import Event, WebhookDelivery
 

@@ -81,7 +81,7 @@ from bridge.outbox.entries import (
 )
 from bridge.outbox.schema import SCHEMA
 from bridge.outbox.tail import Tail
-from bridge.private_files import prepare_sqlite_file
+from bridge.service.private_files import prepare_sqlite_file
 
 log = logging.getLogger(__name__)
 

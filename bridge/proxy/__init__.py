@@ -15,7 +15,7 @@ mounts nothing (there is no unauthenticated mode)::
         app.include_router(proxy_router)
 
 Errors: the endpoints raise ``FleetError``s; the app that mounts the router installs the
-one error boundary (``bridge.http_errors.install``), which gives them their status and body.
+one error boundary (``bridge.http.error_boundary.install``), which gives them their status and body.
 """
 
 from __future__ import annotations

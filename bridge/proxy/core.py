@@ -28,7 +28,7 @@ from bridge.errors import (
     TopicNotAllowedError,
     TransportError,
 )
-from bridge.outbound import OutboundPolicy, client
+from bridge.http.outbound import OutboundPolicy, client
 from bridge.proxy.subscriptions import (
     HandlerSubscription,
     MessageHandler,
@@ -39,7 +39,7 @@ from bridge.proxy.subscriptions import (
     WebhookSubscription,
 )
 from bridge.router import MessageRouter
-from bridge.tasks import TaskSet
+from bridge.service.taskset import TaskSet
 from bridge.topic import Topic, TopicFilter
 from bridge.transport.base import InboundMessage, Transport
 

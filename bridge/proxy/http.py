@@ -1,4 +1,4 @@
-"""The REST ``/mqtt/*`` routes; their errors go through bridge.http_errors like every app's.
+"""The REST ``/mqtt/*`` routes; their errors go through bridge.http.error_boundary like every app's.
 
 The routes are module-level functions; ``create_proxy_router`` mounts them for one proxy
 and its ``authorize`` hook, which the routes get as the ``Proxy`` and ``Authorize``
@@ -26,16 +26,16 @@ from pydantic import (
     model_validator,
 )
 
-from bridge.docs import event_stream
 from bridge.errors import AuthError, InputError, NotFoundError
-from bridge.http_body import parse_model, read_body
-from bridge.http_errors import json_body
-from bridge.paging import DEFAULT_LIMIT, MAX_LIMIT, Text, decode_cursor, page
+from bridge.http.api_docs import event_stream
+from bridge.http.body import parse_model, read_body
+from bridge.http.error_boundary import json_body
+from bridge.http.paging import DEFAULT_LIMIT, MAX_LIMIT, Text, decode_cursor, page
 from bridge.proxy.core import MqttProxy
 from bridge.proxy.sse import EventStream
 
 # -- HTTP ------------------------------------------------------------------------------------
-#: What a route that goes to the broker may answer besides 2xx (bridge.http_errors).
+#: What a route that goes to the broker may answer besides 2xx (bridge.http.error_boundary).
 _BROKER: dict[int | str, dict[str, Any]] = {
     400: {}, 403: {"description": "Topic outside what the caller may use"}, 413: {},
     502: {}, 503: {"description": "Broker not connected"},

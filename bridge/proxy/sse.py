@@ -8,8 +8,8 @@ from collections.abc import Callable
 from fastapi.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from bridge.http.sse_encoder import KEEPALIVE, sse_event
 from bridge.proxy.subscriptions import StreamSubscription, message_json
-from bridge.sse import KEEPALIVE, sse_event
 
 __all__ = ["EventStream"]
 

@@ -38,8 +38,8 @@ from bridge import strictjson
 from bridge.backoff import backoff_delay
 from bridge.envelope import Envelope
 from bridge.errors import PayloadError, StoreError
-from bridge.sdnotify import BEAT_SECONDS
-from bridge.tasks import within
+from bridge.service.sdnotify import BEAT_SECONDS
+from bridge.service.taskset import within
 from bridge.topic import DeviceAddress
 from callback_server.alerts.alert import Alert, Subject, Transition
 from callback_server.alerts.rules import (

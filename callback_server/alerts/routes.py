@@ -14,8 +14,8 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field, field_validator
 
 from bridge.errors import ConflictError, ForbiddenError, InputError, NotFoundError
-from bridge.http_body import parse_model, read_body
-from bridge.paging import (
+from bridge.http.body import parse_model, read_body
+from bridge.http.paging import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
     Number,

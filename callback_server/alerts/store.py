@@ -16,7 +16,7 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from bridge.paging import Page
+from bridge.http.paging import Page
 from callback_server.alerts.alert import Alert, Subject, Transition, new_id
 from callback_server.store.protocol import SqlAccess
 from callback_server.store.query import Where

@@ -24,12 +24,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from bridge.docs import event_stream
 from bridge.errors import CapacityError
-from bridge.http_body import parse_model, read_body
-from bridge.paging import MAX_LIMIT
-from bridge.pudu.robot_commands import ROBOT_COMMANDS
-from bridge.sse import sse_event
+from bridge.http.api_docs import event_stream
+from bridge.http.body import parse_model, read_body
+from bridge.http.paging import MAX_LIMIT
+from bridge.http.sse_encoder import sse_event
+from bridge.pudu.command_catalogue import ROBOT_COMMANDS
 from callback_server.access import OPERATORS, Principal, Reader, Rules
 from callback_server.alerts import CHARGING_STATES, RULES, AlertStore
 from callback_server.console.stream import ConsoleStream

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from bridge.sse import KEEPALIVE, sse_event
+from bridge.http.sse_encoder import KEEPALIVE, sse_event
 from callback_server.console.hub import ConsoleClient
 
 __all__ = ["ConsoleStream"]

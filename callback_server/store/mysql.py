@@ -23,7 +23,7 @@ import aiomysql
 import pymysql
 
 from bridge.errors import ConfigError, StoreError, StoreRejectedError
-from bridge.secrets import RefreshingLogin, SecretRef
+from bridge.service.aws_secrets import RefreshingLogin, SecretRef
 from callback_server.store.base import Backend, ColumnInfo, Statement, family_of
 from callback_server.store.dialect import Dialect
 

@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from bridge.commands import CommandOutcome
-from bridge.paging import Page
+from bridge.http.paging import Page
 from callback_server.store.base import Backend
 from callback_server.store.dialect import Dialect
 from callback_server.store.rows import Item

@@ -3,7 +3,7 @@
 Every SQL list of the callback server (robots, events, history, poll runs, alerts,
 delivery logs) pages the same way: a keyset condition after the last page's sort key,
 ``ORDER BY`` that key, ``LIMIT limit + 1`` (the one more says a next page follows;
-bridge.paging.Page cuts it off). An API key covering some orgs sees only their rows,
+bridge.http.paging.Page cuts it off). An API key covering some orgs sees only their rows,
 and one covering none sees nothing, without a query. Both are written here once.
 """
 

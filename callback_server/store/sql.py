@@ -23,11 +23,12 @@ from typing import Any
 from bridge.clock import MAX_SKEW_SECONDS, RobotClocks
 from bridge.commands import CommandOutcome
 from bridge.errors import StoreError, StoreRejectedError
-from bridge.paging import Page
+from bridge.http.paging import Page
 from callback_server.store.base import Backend, Statement
 from callback_server.store.migration import Migration
 from callback_server.store.projection import Projection
 from callback_server.store.query import Where
+from callback_server.store.robot_tasks import task_rows
 from callback_server.store.rows import (
     BatchRows,
     Item,
@@ -61,7 +62,6 @@ from callback_server.store.schema import (
     TASKS_TABLE,
 )
 from callback_server.store.targets import Targets
-from callback_server.store.tasks import task_rows
 
 log = logging.getLogger(__name__)
 

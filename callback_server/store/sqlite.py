@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bridge.errors import ConfigError, StoreError, StoreRejectedError
-from bridge.private_files import prepare_sqlite_file
+from bridge.service.private_files import prepare_sqlite_file
 from callback_server.store.base import Backend, ColumnInfo, Statement, family_of
 from callback_server.store.dialect import Dialect
 

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from bridge.backoff import backoff_delay
 from bridge.errors import StoreError
-from bridge.outbound import OutboundPolicy, client
-from bridge.tasks import Lanes
+from bridge.http.outbound import OutboundPolicy, client
+from bridge.service.taskset import Lanes
 from callback_server.signed_post import Retry, post_signed
 from callback_server.webhooks.events import Event
 from callback_server.webhooks.store import Webhook, WebhookStore

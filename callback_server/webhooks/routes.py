@@ -14,8 +14,8 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field, field_validator
 
 from bridge.errors import ForbiddenError, NotFoundError
-from bridge.http_body import parse_model, read_body
-from bridge.paging import DEFAULT_LIMIT, MAX_LIMIT, Page, Text, decode_cursor
+from bridge.http.body import parse_model, read_body
+from bridge.http.paging import DEFAULT_LIMIT, MAX_LIMIT, Page, Text, decode_cursor
 from callback_server.access import Operator, Principal, Rules
 from callback_server.keys import ALL_ORGS
 from callback_server.webhooks.events import EVENTS

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bridge.outbound import OutboundPolicy
+from bridge.http.outbound import OutboundPolicy
 from callback_server.signed_post import Retry
 from callback_server.store.protocol import SqlAccess
 from callback_server.webhooks.delivery import WebhookDelivery

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.paging import Page
+from bridge.http.paging import Page
 from callback_server.keys import ALL_ORGS
 from callback_server.store.protocol import SqlAccess
 from callback_server.store.query import Where

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Header, Query
 
 from bridge.errors import AuthError, ConfigError, ConflictError
-from bridge.paging import DEFAULT_LIMIT, MAX_LIMIT, Number, Page, Text, decode_cursor
+from bridge.http.paging import DEFAULT_LIMIT, MAX_LIMIT, Number, Page, Text, decode_cursor
 from edge_agent.ports import PuduAgent, PuduHost
 
 router = APIRouter(prefix="/pudu", tags=["pudu"])

@@ -1,6 +1,6 @@
 """The signed async client of the Pudu Open API, and the endpoints the product uses.
 
-Every call goes through ``bridge.outbound.client`` (the product's one rule for
+Every call goes through ``bridge.http.outbound.client`` (the product's one rule for
 outbound HTTP), with the configured API host allowed, so a loopback stub works in tests
 and nothing else non-global is reachable. Success is HTTP 200 with ``message``
 ``SUCCESS`` (case-insensitive; ``ok`` is seen live, docs/pudu.md); anything else is a
@@ -33,8 +33,8 @@ from bridge.errors import (
     PuduRateLimitError,
     PuduServerError,
 )
-from bridge.outbound import OutboundPolicy
-from bridge.outbound import client as outbound_client
+from bridge.http.outbound import OutboundPolicy
+from bridge.http.outbound import client as outbound_client
 from edge_agent.pudu import signing
 from edge_agent.pudu.settings import ENTRY, PuduApiSettings
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from edge_agent.config import EdgeSettings
+from edge_agent.settings import EdgeSettings
 
 log = logging.getLogger(__name__)
 

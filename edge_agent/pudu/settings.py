@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator
 
-from bridge.config import as_list
+from bridge.service.settings_loader import as_list
 from edge_agent.pudu.schedule import Schedule, parse
 
 #: docs/pudu.md, "API 1": the cluster names the SDK knows, accepted as PUDU_API_URL.

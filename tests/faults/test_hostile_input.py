@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bridge.errors import InputError, TopicError
-from bridge.http_errors import status_for
+from bridge.http.error_boundary import status_for
 from bridge.pudu.normalize import DOCUMENTED_TYPES, normalize
 from bridge.topic import Topic, TopicFilter
 from tests.support.hostile import hostile_bodies

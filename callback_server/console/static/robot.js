@@ -139,7 +139,7 @@ export const robotPage = (() => {
     host.querySelectorAll("form").forEach((f) => f.remove());
     if (!page.me || !page.me.operator) return;  // a viewer gets no buttons at all
     // The Pudu commands a robot takes and their arguments: /console/me's robot_commands
-    // (bridge/pudu/robot_commands.py, the catalogue the gateway runs).
+    // (bridge/pudu/command_catalogue.py, the catalogue the gateway runs).
     for (const c of page.me.robot_commands || []) {
       const form = el("form", {class: "command", "data-command": c.name});
       const inputs = c.args.map((a) => {

@@ -12,7 +12,7 @@ from typing import Any
 
 from bridge.commands import CommandExecutor, Paged
 from edge_agent.ports import CommandHost
-from edge_agent.pudu.commands import NAMES as PUDU_NAMES
+from edge_agent.pudu.robot_commands import NAMES as PUDU_NAMES
 
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: The built-in commands' names (with the ``pudu.*`` ones, BUILTIN_NAMES): not for plug-ins.

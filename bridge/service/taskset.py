@@ -7,7 +7,7 @@ proxy's deliveries and the command executor's running commands are each one Task
 - every task is named (the name is what a crash log and a stuck shutdown show);
 - a task that ends with an exception is logged with its traceback, and, in a set made
   with ``escalate=True`` (the services' loops), escalated: ``failed`` is set, on which
-  ``bridge.lifecycle.serve_service`` stops the service in order and exits non-zero
+  ``bridge.service.lifecycle.serve_service`` stops the service in order and exits non-zero
   (code 4), so systemd restarts it instead of it running on without the loop;
 - ``drain(seconds)`` lets running tasks finish within the bound, cancels the rest and
   waits for them; it never re-raises a task's exception, so whatever is closed after it

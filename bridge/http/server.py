@@ -19,7 +19,7 @@ table filling until every accept fails.
 WebSocket upgrades are refused (400): no app here speaks WebSocket, and uvicorn hands an
 upgraded connection to another protocol object, whose close this one would never see.
 
-``X-Forwarded-*`` is believed only from ``FORWARDED_ALLOW_IPS`` (bridge.forwarded), and
+``X-Forwarded-*`` is believed only from ``FORWARDED_ALLOW_IPS`` (bridge.http.forwarded), and
 every answer refuses to be framed.
 """
 
@@ -39,9 +39,9 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from bridge.config import HttpLimits
-from bridge.forwarded import ForwardedHeaders, TrustedProxies
-from bridge.http_errors import RETRY_AFTER_SECONDS, error_body
+from bridge.http.error_boundary import RETRY_AFTER_SECONDS, error_body
+from bridge.http.forwarded import ForwardedHeaders, TrustedProxies
+from bridge.service.settings_loader import HttpLimits
 
 log = logging.getLogger(__name__)
 

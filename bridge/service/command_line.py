@@ -14,11 +14,11 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from bridge.completion import bash_script
-from bridge.config import Settings, masked
 from bridge.errors import ConfigError
-from bridge.lifecycle import EXIT_CONFIG, EXIT_OK
-from bridge.version import describe
+from bridge.service.completion import bash_script
+from bridge.service.lifecycle import EXIT_CONFIG, EXIT_OK
+from bridge.service.settings_loader import Settings, masked
+from bridge.service.version import describe
 
 __all__ = ["add_as_service", "add_completion", "add_probe", "as_service", "check_config",
            "completion", "guarded", "load_or_exit", "log_sources", "parser", "report_problems",
@@ -57,7 +57,7 @@ def completion(top: argparse.ArgumentParser) -> int:
 
 
 def add_probe(sub: Any, common: argparse.ArgumentParser, listener: str) -> None:
-    """``probe [--url URL] [--timeout S]``: the container health check (bridge.probe)."""
+    """``probe [--url URL] [--timeout S]``: the container health check (bridge.service.probe)."""
     probe = sub.add_parser("probe", parents=[common],
                            help="exit 0 if the running service answers health ?ready=1 "
                                 f"on its {listener} listener (loopback), else 1")
@@ -113,7 +113,7 @@ def check_config(prog: str, settings: S, problems: Callable[[S], list[str]],
 
 
 def add_as_service(check: argparse.ArgumentParser, unit: str) -> None:
-    """``check-config --as-service [--unit FILE]`` (bridge.unit_view)."""
+    """``check-config --as-service [--unit FILE]`` (bridge.service.unit_view)."""
     check.add_argument("--as-service", action="store_true",
                        help=f"as root: check as {unit}'s user, inside its sandbox, with its "
                             "credentials and environment (what the service will meet)")
@@ -124,10 +124,10 @@ def add_as_service(check: argparse.ArgumentParser, unit: str) -> None:
 def as_service(prog: str, unit: str, unit_file: str | None, check: Callable[[], int],
                preload: tuple[str, ...] = ()) -> int:
     """``check()`` as the unit's user in its sandbox; configuration errors on one line.
-    ``preload``: the modules the checks import lazily (bridge.unit_view.run_in_unit)."""
+    ``preload``: the modules the checks import lazily (bridge.service.unit_view.run_in_unit)."""
     from pathlib import Path
 
-    from bridge.unit_view import find_unit, read_unit, run_in_unit
+    from bridge.service.unit_view import find_unit, read_unit, run_in_unit
 
     try:
         view = read_unit(Path(unit_file) if unit_file else find_unit(unit))
@@ -144,7 +144,7 @@ def root_warning(prog: str, unit: str) -> None:
     user is refused: say so (on stderr; it does not fail)."""
     if os.geteuid() != 0:
         return
-    from bridge.unit_view import find_unit
+    from bridge.service.unit_view import find_unit
 
     try:
         find_unit(unit)

@@ -1,6 +1,6 @@
 """The robot commands a gateway runs through the Pudu cloud API, and their arguments.
 
-The edge agent registers a handler for each name (edge_agent/pudu/commands.py); the
+The edge agent registers a handler for each name (edge_agent/pudu/robot_commands.py); the
 callback server's console offers a form for each, labelled and filled as here (it
 reads them from ``/console/me``), so a command added here reaches both.
 """

@@ -1,7 +1,7 @@
 """What ``check-config`` and ``run`` both check before anything starts: one list of
 problems, one line each, so check-config can never pass settings that run refuses.
 
-Settings themselves are validated when they are loaded (pydantic, bridge.config);
+Settings themselves are validated when they are loaded (pydantic, bridge.service.settings_loader);
 these are the checks that need the parts: URLs a backend takes, files a backend needs,
 directories that must be writable; and, with ``--connect``, the broker and database.
 """

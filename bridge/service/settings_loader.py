@@ -27,9 +27,9 @@ from pydantic import (
 
 from bridge.clock import MAX_SKEW_SECONDS
 from bridge.errors import ConfigError
-from bridge.outbound import parse_allow
-from bridge.sources import Alias, Layers, Origin, Source, dotenv_warning, not_honoured
-from bridge.sources import aliases as apply_aliases
+from bridge.http.outbound import parse_allow
+from bridge.service.sources import Alias, Layers, Origin, Source, dotenv_warning, not_honoured
+from bridge.service.sources import aliases as apply_aliases
 from bridge.transport.settings import MqttSettings, TlsFiles
 
 M = TypeVar("M", bound=BaseModel)
@@ -102,7 +102,7 @@ def _valid_allow(value: tuple[str, ...]) -> tuple[str, ...]:
 
 
 #: ``CALLBACK_URL_ALLOW``: host names and CIDRs outbound calls may go to although they
-#: are not globally routable (see bridge/outbound.py).
+#: are not globally routable (see bridge/http/outbound.py).
 OutboundAllow = Annotated[tuple[str, ...], BeforeValidator(as_list),
                           AfterValidator(_valid_allow)]
 
@@ -237,7 +237,7 @@ def load_settings(
     secrets: Hook | None = None,
     compose: Hook | None = None,
 ) -> M:
-    """Build ``model`` from its sources, lowest first (bridge/sources.py): the YAML at
+    """Build ``model`` from its sources, lowest first (bridge/service/sources.py): the YAML at
     ``path`` (and ``files``), ``secrets``, systemd credentials, seed ``aliases``, the
     product's environment names (``env_map``); ``compose`` last, knowing each origin.
     A source only overrides the ones below it. ``ignored``: seed names this service

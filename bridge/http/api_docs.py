@@ -25,7 +25,7 @@ from fastapi.staticfiles import StaticFiles
 
 __all__ = ["ASSETS", "docs_policy", "event_stream", "install_docs"]
 
-ASSETS = Path(__file__).resolve().parent / "static" / "docs"
+ASSETS = Path(__file__).resolve().parents[1] / "static" / "docs"
 _PREFIX = "/static/docs"
 _INLINE_SCRIPT = re.compile(rb"<script>(.*?)</script>", re.S)
 

@@ -27,8 +27,8 @@ from typing import Any
 
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from bridge.config import split_list
 from bridge.errors import ConfigError
+from bridge.service.settings_loader import split_list
 
 __all__ = ["DEFAULT_TRUSTED", "ENV", "ForwardedHeaders", "TrustedProxies"]
 

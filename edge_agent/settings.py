@@ -20,15 +20,15 @@ from pydantic import (
     model_validator,
 )
 
-from bridge.config import (
+from bridge.service.aws_secrets import SecretRef, fetch_secret
+from bridge.service.settings_loader import (
     HTTP_ENV_MAP,
     MQTT_ENV_MAP,
     ServiceSettings,
     load_settings,
     parse_pairs,
 )
-from bridge.secrets import SecretRef, fetch_secret
-from bridge.sources import Alias, Layers, Origin, Source
+from bridge.service.sources import Alias, Layers, Origin, Source
 from edge_agent.forwarding import FORWARDABLE, DropTypes, ForwardChannels, Intervals
 from edge_agent.pudu.settings import PuduApiSettings
 
@@ -67,7 +67,8 @@ ENV_MAP = {
     "ROBOT_QUIET_SECONDS": "robot_quiet_seconds",
     "COMMAND_PLUGIN_TIMEOUT_SECONDS": "command_plugin_timeout_seconds",
 }
-#: systemd credentials the edge agent reads besides the shared ones (bridge.config).
+#: systemd credentials the edge agent reads besides the shared ones
+#: (bridge.service.settings_loader).
 CREDENTIALS = {"pudu_callback_code": "pudu_callback_code", "pudu_api_secret": "pudu.api_secret"}
 #: The replaced webhook receiver's names (docs/settings.md): its listener is our webhook one.
 ALIASES = {

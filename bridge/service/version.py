@@ -29,7 +29,7 @@ _OWN = ("bridge/", "edge_agent/", "callback_server/")
 def build() -> str:
     """``git <commit>[+modified]`` in a checkout, ``wheel <digest>`` when installed,
     ``unknown`` when neither can be told."""
-    checkout = Path(__file__).resolve().parents[1]
+    checkout = Path(__file__).resolve().parents[2]
     if (checkout / ".git").exists():
         return _git(checkout)
     try:

@@ -1,12 +1,19 @@
-"""The callback server's pre-start checks (bridge.checks): ``check-config`` and ``run``."""
+"""The callback server's pre-start checks (bridge.service.preflight): ``check-config``
+and ``run``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from bridge.checks import broker_reachable, build, mqtt_transport, readable_file, writable_file
-from bridge.config import mask_url
-from callback_server.config import CallbackSettings
+from bridge.service.preflight import (
+    broker_reachable,
+    build,
+    mqtt_transport,
+    readable_file,
+    writable_file,
+)
+from bridge.service.settings_loader import mask_url
+from callback_server.settings import CallbackSettings
 from callback_server.store.protocol import Store
 
 

@@ -182,7 +182,7 @@ def client(policy: OutboundPolicy, *, timeout: float) -> httpx.AsyncClient:
     """
     import httpx
 
-    from bridge.outbound_transport import OutboundTransport
+    from bridge.http.outbound_transport import OutboundTransport
 
     return httpx.AsyncClient(transport=OutboundTransport(policy), follow_redirects=False,
                              trust_env=False, timeout=timeout)

@@ -32,8 +32,8 @@ from typing import Any
 import uvicorn
 
 from bridge.errors import ConfigError, FleetError, OutboxError, OutboxLockedError
-from bridge.sdnotify import Notifier, Watchdog
-from bridge.tasks import TaskSet
+from bridge.service.sdnotify import Notifier, Watchdog
+from bridge.service.taskset import TaskSet
 
 __all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_OK", "EXIT_UNAVAILABLE", "EXIT_USAGE",
            "BindError", "Listener", "run_main", "serve_service"]
@@ -172,7 +172,7 @@ async def serve_service(
 def run_main(prog: str, main: Coroutine[Any, Any, None]) -> int:
     """Run a service's main coroutine (on uvloop) and turn how it ended into the exit code
     and one line on stderr: no operator mistake ends in a traceback."""
-    from bridge.loop import run
+    from bridge.service.event_loop import run
 
     try:
         run(main)

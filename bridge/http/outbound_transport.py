@@ -1,4 +1,4 @@
-"""The httpx transport behind ``bridge.outbound.client``: it checks the address of every
+"""The httpx transport behind ``bridge.http.outbound.client``: it checks the address of every
 connection it opens.
 
 httpx has no public way to give its connection pool a network backend, so the pool is
@@ -22,7 +22,7 @@ from bridge.errors import OutboundRefusedError
 
 
 class AddressPolicy(Protocol):
-    """What the transport needs of ``bridge.outbound.OutboundPolicy`` (named here, not
+    """What the transport needs of ``bridge.http.outbound.OutboundPolicy`` (named here, not
     imported, so the policy's module and this one do not import each other)."""
 
     async def addresses(self, host: str, port: int, *, field: str = ...

@@ -1,4 +1,5 @@
-"""The edge agent's pre-start checks (bridge.checks): run by ``check-config`` and ``run``."""
+"""The edge agent's pre-start checks (bridge.service.preflight): run by
+``check-config`` and ``run``."""
 
 from __future__ import annotations
 
@@ -6,15 +7,20 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bridge.checks import broker_reachable, mqtt_transport, template_values, writable_file
-from bridge.config import mask_url
+from bridge.service.preflight import (
+    broker_reachable,
+    mqtt_transport,
+    template_values,
+    writable_file,
+)
+from bridge.service.settings_loader import mask_url
 from bridge.topic import AWS_MAX_TOPIC_BYTES, MAX_SN_BYTES, TopicScheme
-from edge_agent.commands import BUILTIN_NAMES
-from edge_agent.config import EdgeSettings
+from edge_agent.builtin_commands import BUILTIN_NAMES
 from edge_agent.forwarding import ForwardPolicy
 from edge_agent.forwarding import warnings as policy_warnings
 from edge_agent.plugins import problems as plugin_problems
 from edge_agent.pudu.settings import PuduApiSettings
+from edge_agent.settings import EdgeSettings
 
 
 def problems(settings: EdgeSettings, config_path: str | None = None) -> list[str]:

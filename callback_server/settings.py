@@ -11,15 +11,15 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from bridge.config import (
+from bridge.errors import ConfigError
+from bridge.service.settings_loader import (
     HTTP_ENV_MAP,
     MQTT_ENV_MAP,
     ServiceSettings,
     load_settings,
     read_yaml,
 )
-from bridge.errors import ConfigError
-from bridge.sources import Alias, Layers, Origin, Source, pop_dotted
+from bridge.service.sources import Alias, Layers, Origin, Source, pop_dotted
 
 ENV_MAP = {
     **MQTT_ENV_MAP,
@@ -53,7 +53,8 @@ ENV_MAP = {
 }
 
 
-#: systemd credentials the callback server reads besides the shared ones (bridge.config).
+#: systemd credentials the callback server reads besides the shared ones
+#: (bridge.service.settings_loader).
 CREDENTIALS = {"callback_token": "callback_token", "database_password": "database_password",
                "callback_codes": "callback_codes"}
 

@@ -184,6 +184,33 @@ def test_what_users_import_is_declared_and_importable() -> None:
         assert hasattr(importlib.import_module(module), name), f"{module}.{name}"
 
 
+def test_the_public_names_are_what_bridge_gives() -> None:
+    """``from bridge import FleetClient, verify_signature`` and ``bridge.errors``,
+    ``bridge.transport``, ``bridge.compat`` (the modules themselves) keep working however
+    the modules behind them move."""
+    import bridge
+    for name in bridge.__all__:
+        assert getattr(bridge, name, None) is not None, f"bridge.{name}"
+    for name in ("errors", "transport", "compat"):
+        assert getattr(bridge, name) is importlib.import_module(f"bridge.{name}")
+
+
+# bridge/ by axis (docs/architecture.md, "Layout"): the MQTT nouns, the exception tree,
+# what applications import and what both axes use stay at the top; HTTP lives in
+# bridge/http/ and a process's life in bridge/service/. A new module picks its axis.
+TOP_LEVEL = {"backoff", "client", "clock", "commands", "compat", "embedded_broker",
+             "envelope", "errors", "frames", "router", "signature", "strictjson", "topic"}
+
+
+def test_bridge_is_laid_out_by_axis() -> None:
+    flat = {p.stem for p in (ROOT / "bridge").glob("*.py")} - {"__init__"}
+    assert flat - TOP_LEVEL == set(), "put it in bridge/http/, bridge/service/ or a noun's package"
+    for axis in ("http", "service"):
+        assert (ROOT / "bridge" / axis / "__init__.py").is_file()
+        assert ast.get_docstring(ast.parse((ROOT / "bridge" / axis / "__init__.py")
+                                           .read_text(encoding="utf-8"))), axis
+
+
 # Documents that live outside the repository (the team's notes): a comment citing one
 # sends a reader nowhere. What the code needs of them is in docs/.
 OUTSIDE = re.compile(r"\b(?:DESIGN|MEASURED|PUDU|PUDU-API|SEEDS|STYLE)\.md\b|\.\./shared\b|/work/")

@@ -54,7 +54,7 @@ def envelopes(sn: str) -> list[dict[str, Any]]:
     return out
 
 
-@pytest.fixture(params=["sqlite", "mariadb"])
+@pytest.fixture(params=["sqlite", pytest.param("mariadb", marks=pytest.mark.integration)])
 def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'cb.db'}"
@@ -152,6 +152,7 @@ def width(url: str, table: str, column: str) -> int:
                      (name, table, column))[0]["n"])
 
 
+@pytest.mark.integration
 async def test_migrate_widens_a_64_wide_own_table_and_keeps_its_rows() -> None:
     with scratch_mysql_database() as url:
         async with open_store(url) as store:

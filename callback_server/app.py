@@ -23,6 +23,7 @@ from bridge.errors import (
 from bridge.http.api_docs import install_docs
 from bridge.http.body import parse_model, read_body
 from bridge.http.error_boundary import install as install_error_handlers
+from bridge.http.error_boundary import json_body
 from bridge.http.paging import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
@@ -187,8 +188,7 @@ async def tasks(sn: str, principal: Reader, server: Host, access: Rules,
 @router.post("/devices/{device_id}/commands",
              summary="Send a command to a gateway and wait for its response",
              responses={504: {"description": "The gateway did not answer within the timeout"}},
-             openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/json": {"schema": CommandRequest.model_json_schema()}}}})
+             openapi_extra=json_body(CommandRequest))
 async def send_command(device_id: str, request: Request, principal: Reader, server: Host,
                        access: Rules) -> JSONResponse:
     body = parse_model(CommandRequest, await read_body(request, 64 * 1024))

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 from bridge.commands import Command, CommandTimeout
 from bridge.errors import CommandTimeoutError, NotFoundError
 from bridge.http.body import parse_model, read_body
+from bridge.http.error_boundary import json_body
 from bridge.http.paging import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
@@ -73,8 +74,7 @@ async def _reported_robot(server: AppHost, access: Access, principal: Principal,
 @router.post("/robots/{sn}/commands",
              summary="Send a command to the gateway that last reported this robot",
              responses={504: {"description": "The gateway did not answer in time"}},
-             openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/json": {"schema": RobotCommandRequest.model_json_schema()}}}})
+             openapi_extra=json_body(RobotCommandRequest))
 async def robot_command(sn: str, request: Request, principal: Reader, server: Host,
                         access: Rules) -> JSONResponse:
     body = parse_model(RobotCommandRequest, await read_body(request, 64 * 1024))

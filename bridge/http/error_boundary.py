@@ -136,9 +136,30 @@ def describe_errors(schema: dict[str, Any], common: Iterable[int] = (),
 
 def json_body(model: type[BaseModel]) -> dict[str, Any]:
     """``openapi_extra`` for a route that reads its JSON body itself (bounded, strict):
-    the body is required and has ``model``'s schema."""
+    the body is required and has ``model``'s schema, self-contained."""
     return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": model.model_json_schema()}}}}
+        "application/json": {"schema": inline_schema(model)}}}}
+
+
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema with its nested models written in place: pydantic points
+    them at ``#/$defs/...`` of its own document, which an OpenAPI document placed inline
+    does not have (ReDoc stopped on "Invalid reference token: $defs")."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    resolved: dict[str, Any] = resolve(schema)
+    return resolved
 
 
 def status_for(exc: FleetError) -> int:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from bridge.errors import ConflictError, ForbiddenError, InputError, NotFoundError
 from bridge.http.body import parse_model, read_body
+from bridge.http.error_boundary import json_body
 from bridge.http.paging import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
@@ -61,11 +62,6 @@ class SubscriptionBody(BaseModel):
         if unknown:
             raise ValueError(f"unknown rules {unknown}; known: {', '.join(RULES)}")
         return v
-
-
-def _schema(model: type[BaseModel]) -> dict[str, Any]:
-    return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": model.model_json_schema()}}}}
 
 
 def _covers_all(principal: Principal, orgs: tuple[str, ...]) -> bool:
@@ -134,7 +130,7 @@ async def get_alert(alert_id: str, principal: Reader, server: Host,
 
 @router.post("/alerts/{alert_id}/ack", summary="Acknowledge an open alert",
              responses={409: {"description": "The alert is resolved"}},
-             openapi_extra=_schema(AckBody))
+             openapi_extra=json_body(AckBody))
 async def ack(alert_id: str, request: Request, principal: Reader, server: Host,
               access: Rules) -> dict[str, Any]:
     alerts = server.alert_store
@@ -151,7 +147,7 @@ async def ack(alert_id: str, request: Request, principal: Reader, server: Host,
 
 @router.post("/alerts/{alert_id}/silence",
              summary="Silence this alert's rule for its subject for some minutes",
-             openapi_extra=_schema(SilenceBody))
+             openapi_extra=json_body(SilenceBody))
 async def silence(alert_id: str, request: Request, principal: Reader, server: Host,
                   access: Rules) -> dict[str, Any]:
     alerts = server.alert_store
@@ -164,7 +160,7 @@ async def silence(alert_id: str, request: Request, principal: Reader, server: Ho
 
 @router.post("/alert-subscriptions",
              summary="Send every alert transition (of some rules, orgs) to a webhook",
-             openapi_extra=_schema(SubscriptionBody))
+             openapi_extra=json_body(SubscriptionBody))
 async def subscribe(request: Request, principal: Operator, server: Host,
                     access: Rules) -> dict[str, Any]:
     body = parse_model(SubscriptionBody, await read_body(request, BODY_LIMIT))

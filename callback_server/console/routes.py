@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field
 from bridge.errors import CapacityError
 from bridge.http.api_docs import event_stream
 from bridge.http.body import parse_model, read_body
+from bridge.http.error_boundary import json_body
 from bridge.http.paging import MAX_LIMIT
 from bridge.http.sse_encoder import sse_event
 from bridge.pudu.command_catalogue import ROBOT_COMMANDS
@@ -83,8 +84,7 @@ def _secure(request: Request) -> bool:
 
 @router.post("/console/session", summary="Sign in to the console with a key: sets the "
              "console_session cookie (HttpOnly, SameSite=Strict, 12 h)",
-             openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/json": {"schema": SessionBody.model_json_schema()}}}})
+             openapi_extra=json_body(SessionBody))
 async def sign_in(request: Request, access: Rules) -> JSONResponse:
     # Login CSRF: a browser always sends Origin on a POST; another site's is refused.
     # A client without one (curl) is no browser, and carries no ambient cookie.

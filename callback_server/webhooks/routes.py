@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from bridge.errors import ForbiddenError, NotFoundError
 from bridge.http.body import parse_model, read_body
+from bridge.http.error_boundary import json_body
 from bridge.http.paging import DEFAULT_LIMIT, MAX_LIMIT, Page, Text, decode_cursor
 from callback_server.access import Operator, Principal, Rules
 from callback_server.keys import ALL_ORGS
@@ -67,8 +68,7 @@ async def _visible(hooks: Webhooks, principal: Principal, hook_id: str) -> Webho
 
 
 @router.post("/webhooks", summary="Send events of some types (of some orgs) to a URL",
-             openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/json": {"schema": WebhookBody.model_json_schema()}}}})
+             openapi_extra=json_body(WebhookBody))
 async def create_webhook(request: Request, principal: Operator, hooks: Hooks,
                          access: Rules) -> dict[str, Any]:
     body = parse_model(WebhookBody, await read_body(request, BODY_LIMIT))

@@ -22,7 +22,7 @@ from prometheus_client import Counter
 from bridge.errors import AuthError, ForbiddenError, NotFoundError
 from bridge.proxy import ProxyAction, ProxyAuthorize
 from bridge.topic import TopicFilter, normalize_prefix
-from callback_server.keys import KeyRing, Principal, Role
+from callback_server.keys import ALL_ORGS, KeyRing, Principal, Role
 from callback_server.sessions import COOKIE, SessionStore, same_origin
 
 __all__ = ["ADMINS", "INGESTERS", "OPERATORS", "READERS", "REFUSAL_REASONS", "Access", "Admin",
@@ -161,6 +161,17 @@ class Access:
             self._refuse("foreign_org")
             raise ForbiddenError(f"key {principal.name!r} does not cover org "
                                  f"{', '.join(map(repr, foreign))}")
+
+    def receiver_orgs(self, principal: Principal, requested: Iterable[str] | None,
+                      ) -> tuple[str, ...]:
+        """The orgs a webhook or alert subscription created by ``principal`` serves: those
+        ``requested``, else all the key's; 403 unless the key covers every one."""
+        orgs = tuple(requested) if requested else (
+            (ALL_ORGS,) if principal.all_orgs else tuple(sorted(principal.orgs)))
+        if not principal.covers_all(orgs):
+            self.refuse_foreign(principal, [o for o in orgs if o != ALL_ORGS] or ["*"])
+            raise ForbiddenError(f"key {principal.name!r} does not cover every org")
+        return orgs
 
     def filter_covered(self, principal: Principal, topic_filter: str) -> bool:
         """Whether every topic ``topic_filter`` can match is under one of the key's orgs."""

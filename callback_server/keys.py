@@ -20,6 +20,7 @@ import logging
 import os
 import secrets
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -57,6 +58,11 @@ class Principal:
     def covers(self, org: str | None) -> bool:
         """Whether objects of ``org`` are this key's to see (None: an object of no org)."""
         return self.all_orgs or (org is not None and org in self.orgs)
+
+    def covers_all(self, orgs: Iterable[str]) -> bool:
+        """Whether every one of ``orgs`` (a receiver's: ``*`` is every org, present and to
+        come) is this key's."""
+        return self.all_orgs or all(o != ALL_ORGS and o in self.orgs for o in orgs)
 
 
 class KeyEntry(BaseModel):

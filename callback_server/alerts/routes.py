@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field, field_validator
 
-from bridge.errors import ConflictError, ForbiddenError, InputError, NotFoundError
+from bridge.errors import ConflictError, InputError, NotFoundError
 from bridge.http.body import parse_model, read_body
 from bridge.http.error_boundary import json_body
 from bridge.http.paging import (
@@ -29,7 +29,6 @@ from callback_server.alerts.alert import STATES, Alert
 from callback_server.alerts.rules import RULES
 from callback_server.alerts.store import AlertStore
 from callback_server.alerts.subscriptions import AlertSubscription, AlertSubscriptions
-from callback_server.keys import ALL_ORGS
 from callback_server.ports import Host
 
 BODY_LIMIT = 16 * 1024
@@ -64,12 +63,6 @@ class SubscriptionBody(BaseModel):
         return v
 
 
-def _covers_all(principal: Principal, orgs: tuple[str, ...]) -> bool:
-    if principal.all_orgs:
-        return True
-    return ALL_ORGS not in orgs and all(principal.covers(o) for o in orgs)
-
-
 router = APIRouter()
 
 
@@ -87,7 +80,7 @@ async def visible_subscription(subs: AlertSubscriptions, principal: Principal,
                                sub_id: str) -> AlertSubscription:
     """The subscription, if the caller's orgs cover all of its orgs; 404 otherwise."""
     sub = await subs.subscription(sub_id)
-    if sub is None or not _covers_all(principal, sub.orgs):
+    if sub is None or not principal.covers_all(sub.orgs):
         raise NotFoundError(f"alert subscription {sub_id} not found")
     return sub
 
@@ -164,11 +157,7 @@ async def silence(alert_id: str, request: Request, principal: Reader, server: Ho
 async def subscribe(request: Request, principal: Operator, server: Host,
                     access: Rules) -> dict[str, Any]:
     body = parse_model(SubscriptionBody, await read_body(request, BODY_LIMIT))
-    orgs = tuple(body.orgs) if body.orgs else (
-        (ALL_ORGS,) if principal.all_orgs else tuple(sorted(principal.orgs)))
-    if not _covers_all(principal, orgs):
-        access.refuse_foreign(principal, [o for o in orgs if o != ALL_ORGS] or ["*"])
-        raise ForbiddenError(f"key {principal.name!r} does not cover every org")
+    orgs = access.receiver_orgs(principal, body.orgs)
     await server.outbound.check_url(body.url, field="url")
     sub = await server.alert_subscriptions.add_subscription(
         body.url, body.rules, orgs, principal.name, time.time(), secret=body.secret)
@@ -184,7 +173,7 @@ async def subscriptions(principal: Operator, server: Host,
                         ) -> dict[str, Any]:
     after = decode_cursor(cursor, Text)
     mine = [s for s in await server.alert_subscriptions.subscriptions(
-        None if after is None else str(after[0])) if _covers_all(principal, s.orgs)]
+        None if after is None else str(after[0])) if principal.covers_all(s.orgs)]
     return Page.of(mine, limit, lambda s: [s.id]).body(lambda s: s.public())
 
 

@@ -13,12 +13,11 @@ from typing import Annotated, Any, cast
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field, field_validator
 
-from bridge.errors import ForbiddenError, NotFoundError
+from bridge.errors import NotFoundError
 from bridge.http.body import parse_model, read_body
 from bridge.http.error_boundary import json_body
 from bridge.http.paging import DEFAULT_LIMIT, MAX_LIMIT, Page, Text, decode_cursor
 from callback_server.access import Operator, Principal, Rules
-from callback_server.keys import ALL_ORGS
 from callback_server.webhooks.events import EVENTS
 from callback_server.webhooks.service import Webhooks
 from callback_server.webhooks.store import Webhook
@@ -54,15 +53,9 @@ def _webhooks(request: Request) -> Webhooks:
 Hooks = Annotated[Webhooks, Depends(_webhooks)]
 
 
-def _covers_all(principal: Principal, orgs: tuple[str, ...]) -> bool:
-    if principal.all_orgs:
-        return True
-    return ALL_ORGS not in orgs and all(principal.covers(o) for o in orgs)
-
-
 async def _visible(hooks: Webhooks, principal: Principal, hook_id: str) -> Webhook:
     hook = await hooks.store.get(hook_id)
-    if hook is None or not _covers_all(principal, hook.orgs):
+    if hook is None or not principal.covers_all(hook.orgs):
         raise NotFoundError(f"webhook {hook_id} not found")
     return hook
 
@@ -72,11 +65,7 @@ async def _visible(hooks: Webhooks, principal: Principal, hook_id: str) -> Webho
 async def create_webhook(request: Request, principal: Operator, hooks: Hooks,
                          access: Rules) -> dict[str, Any]:
     body = parse_model(WebhookBody, await read_body(request, BODY_LIMIT))
-    orgs = tuple(body.orgs) if body.orgs else (
-        (ALL_ORGS,) if principal.all_orgs else tuple(sorted(principal.orgs)))
-    if not _covers_all(principal, orgs):
-        access.refuse_foreign(principal, [o for o in orgs if o != ALL_ORGS] or ["*"])
-        raise ForbiddenError(f"key {principal.name!r} does not cover every org")
+    orgs = access.receiver_orgs(principal, body.orgs)
     await hooks.outbound.check_url(body.url, field="url")
     hook = await hooks.store.add(body.url, body.events, orgs, principal.name, time.time(),
                                  secret=body.secret)
@@ -91,7 +80,7 @@ async def list_webhooks(principal: Operator, hooks: Hooks,
                         cursor: str | None = Query(None, max_length=1000)) -> dict[str, Any]:
     after = decode_cursor(cursor, Text)
     mine = [h for h in await hooks.store.all(None if after is None else str(after[0]))
-            if _covers_all(principal, h.orgs)]
+            if principal.covers_all(h.orgs)]
     return Page.of(mine, limit, lambda h: [h.id]).body(lambda h: h.public())
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,6 +73,19 @@ def mariadb_url() -> str:
         pytest.fail(f"MariaDB on {host}:{port} refused root@test with an empty password "
                     f"({exc}): {HINT}", pytrace=False)
     return f"mysql://root:@{host}:{port}/test"
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs for the disk-full tests (mounting needs root), unmounted in
+    teardown (lazily, should a process still hold it)."""
+    where = tmp_path / "small"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 @pytest.fixture

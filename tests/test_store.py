@@ -658,6 +658,49 @@ async def test_history_keeps_every_status_change_and_a_point_a_minute(
     assert (await store.list_history("H", since=0, limit=10))[0] == []
 
 
+async def test_replayed_state_is_charted_in_the_gap_but_never_merged(
+        store: SqlStore) -> None:
+    """After an outage the edge sends each robot's newest state first and the superseded
+    messages after it, marked ``replay`` (issue 27): those fill the chart's gap under the
+    live rule (a point a minute, each status or charge change at once), values a
+    replayed message lacks taken from the point before, and the robot stays as it is."""
+    t0 = 1_700_000_000.0
+    await store.write_batch([item(env("G", "status", t0, status="idle", battery_level=90))])
+    await store.write_batch([item(env("G", "status", t0 + 600, status="working",
+                                      battery_level=40))])  # newest state, first
+
+    def replayed(e: Envelope) -> tuple[str, Envelope]:
+        return item(dataclasses.replace(e, replay=True))
+
+    gap = [replayed(env("G", "pose", t0 + 10 * i, x=float(i), y=1.0, yaw=0.5))
+           for i in range(1, 59)]
+    gap += [replayed(env("G", "power", t0 + 120 * i + 5, battery_level=90 - 10 * i))
+            for i in range(1, 5)]
+    gap.append(replayed(env("G", "status", t0 + 305, status="error")))
+    gap.sort(key=lambda it: it[1].ts)
+    await store.write_batch(gap[:31])  # a drain's batches split anywhere
+    await store.write_batch(gap[31:])
+    points, _ = await store.list_history("G", since=0, limit=100)
+    ts = [p["ts"] - t0 for p in points]
+    assert ts[0] == 0 and ts[-1] == 600 and 305 in ts, ts
+    steps = [(b - a, q["status"] != p["status"]) for a, b, p, q in
+             zip(ts, ts[1:], points, points[1:], strict=False)]
+    # about a point a minute (never closer unless the status changed, never a gap the
+    # replayed messages did not leave), so 10 or 11 points, not 63
+    assert all(60 <= step <= 70 or changed for step, changed in steps[:-1]), steps
+    assert [p["status"] for p in points] == \
+        ["idle"] * ts.index(305) + ["error"] * (len(ts) - ts.index(305) - 1) + ["working"]
+    first = points[1]  # a pose: status and battery carried over from the point before
+    assert (first["status"], first["battery_level"], first["y"]) == ("idle", 90, 1.0)
+    assert first["x"] == (first["ts"] - t0) / 10
+    assert points[-2]["battery_level"] == 50  # the last power message of the gap
+    row = await robot(store, "G")
+    assert (row["status"], row["battery_level"], row["x"]) == ("working", 40, None)
+    # the whole drain again (a retried batch, a QoS 1 redelivery) adds nothing
+    await store.write_batch(gap)
+    assert len((await store.list_history("G", since=0, limit=100))[0]) == len(points)
+
+
 async def test_tracks_of_two_orgs_robots_with_one_sn_stay_apart(store: SqlStore) -> None:
     now = time.time()
     a = env("S", "pose", now - 5, x=1.0, y=1.0, yaw=0.0)

@@ -196,6 +196,27 @@ class Dialect:
         sets.append(take("last_ts", "last_ts"))
         return f"{self.insert(table, ROBOT_ROW)} {head} {', '.join(sets)}"
 
+    def replay_point(self, history: str, every: float) -> str:
+        """Insert one replayed history point (params: HISTORY's columns), its missing
+        values taken from the robot's point before it, unless a point before it lies
+        within ``every`` seconds with the same status and charge state, or one exists at
+        its robot time (redelivery). Replayed points arrive oldest first per robot."""
+        h, m = self.quote(history), self.mark
+        names = ("robot_sn", "ts", "recorded_at", "org_id", "gateway_id", "status",
+                 "battery_level", "charge_state", "x", "y", "yaw", "map_name")
+        given = ", ".join(f"{m} AS {c}" for c in names)
+        filled = [f"n.{c}" for c in names[:4]]
+        filled += [f"COALESCE(n.{c}, p.{c})" for c in names[4:]]
+        before = (f"(SELECT MAX(b.ts) FROM {h} b WHERE b.org_id = n.org_id"
+                  f" AND b.robot_sn = n.robot_sn AND b.ts < n.ts)")
+        changed = " OR ".join(f"COALESCE(n.{c}, p.{c}, '') <> COALESCE(p.{c}, '')"
+                              for c in ("status", "charge_state"))
+        verb = "INSERT IGNORE" if self.mysql else "INSERT OR IGNORE"
+        return (f"{verb} INTO {h} ({', '.join(names)}) SELECT {', '.join(filled)}"
+                f" FROM (SELECT {given}) n LEFT JOIN {h} p ON p.org_id = n.org_id"
+                f" AND p.robot_sn = n.robot_sn AND p.ts = {before}"
+                f" WHERE p.ts IS NULL OR p.ts <= n.ts - {float(every)!r} OR {changed}")
+
     def history_points(self, history: str, robots: str, every: float, count: int) -> str:
         """Copy ``count`` robots' state rows (params: now, (org, sn) pairs, the horizon) into
         ``history`` at their robot time, each if its last point is ``every`` seconds older

@@ -22,6 +22,7 @@ from bridge.envelope import Envelope
 from bridge.errors import TopicError
 from bridge.topic import GATEWAY_CHANNELS, ROBOT_CHANNELS, TopicScheme, channel_for
 from callback_server.store.schema import (
+    HISTORY_EVERY_SECONDS,
     LOG,
     OWN_EVENTS,
     RUNS,
@@ -230,6 +231,8 @@ class BatchRows:
     robots: list[tuple[Any, ...]]
     skewed: int = 0  # messages ordered by ``now`` because their time was too far ahead
     runs: list[tuple[Any, ...]] = field(default_factory=list)  # ingestion_runs rows
+    #: History points of replayed state (``replay_points``), sorted by (org, sn, ts).
+    history: list[tuple[Any, ...]] = field(default_factory=list)
 
 
 def _sizes(spec: TableSpec, limits: Limits | None) -> dict[str, int]:
@@ -329,6 +332,7 @@ def build_rows(items: Sequence[Item], *, now: float,
     events: dict[tuple[str, str, str], tuple[Any, ...]] = {}
     robots: dict[tuple[str, str], _Robot] = {}
     runs: dict[str, tuple[Any, ...]] = {}
+    replayed: list[_Replayed] = []
     skewed = 0
     for order, item in enumerate(items):
         topic, env = item if isinstance(item, tuple) else ("", item)
@@ -368,8 +372,12 @@ def build_rows(items: Sequence[Item], *, now: float,
                 org, text(env.gateway, es["gateway_id"]),
                 text(env.type, es["callback_type"]), ts, text(env.id, es["message_id"]),
             ))
-        if ts is None or not merges_into_state(env):
-            continue  # no usable robot time (cannot be ordered), or history (replay)
+        if ts is None:
+            continue  # no usable robot time: it cannot be ordered
+        if not merges_into_state(env):
+            replayed.append(_Replayed(org, sn, ts, order, text(env.gateway, rs["gateway_id"]),
+                                      state_groups(channel, data, rs)))
+            continue
         robot = robots.setdefault((org, sn), _Robot(org=org))
         if (ts, order) >= robot.newest:
             robot.newest = (ts, order)
@@ -395,7 +403,62 @@ def build_rows(items: Sequence[Item], *, now: float,
         robots=robot_rows,
         skewed=skewed,
         runs=[runs[k] for k in sorted(runs)],
+        history=replay_points(replayed, stored_at),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _Replayed:
+    """One replayed state message of a batch: its robot, robot time and state groups."""
+
+    org: str
+    sn: str
+    ts: float
+    order: int
+    gateway: str | None
+    groups: dict[str, tuple[Any, ...]]
+
+
+#: Where each history column comes from: (state group, index in the group's values).
+_POINT = {"status": ("status", 0), "battery_level": ("battery", 0),
+          "charge_state": ("charge", 0), "x": ("pose", 0), "y": ("pose", 1),
+          "yaw": ("pose", 3), "map_name": ("map", 0)}
+_CHANGES = ("status", "charge_state")  # a change of either is a point of its own
+
+
+def replay_points(replayed: Sequence[_Replayed], recorded_at: str | None,
+                  every: float = HISTORY_EVERY_SECONDS) -> list[tuple[Any, ...]]:
+    """History points (HISTORY's column order) for the replayed state of one batch.
+
+    Replayed messages never reach the state row, so the live path (a point copied from
+    it) never sees them; yet they are the robot's past, sent after its newest state
+    during a drain. Per robot in robot-time order, each message's groups update a
+    running state, and a point is kept under the live rule: a minute after the previous
+    kept point, or at once on a status or charge change. Values the batch never carried
+    stay None: the store fills them from the point before (SqlStore), and downsamples
+    against the points already stored.
+    """
+    points: list[tuple[Any, ...]] = []
+    robot: tuple[str, str] | None = None
+    state: dict[str, Any] = {}
+    kept: tuple[float, tuple[Any, ...]] | None = None
+    for r in sorted(replayed, key=lambda r: (r.org, r.sn, r.ts, r.order)):
+        if (r.org, r.sn) != robot:
+            robot, state, kept = (r.org, r.sn), {}, None
+        for column, (group, index) in _POINT.items():
+            values = r.groups.get(group)
+            if values is not None and values[index] is not None:
+                state[column] = values[index]
+        marks = tuple(state.get(c) for c in _CHANGES)
+        point = (r.sn, r.ts, recorded_at, r.org, r.gateway, *(state.get(c) for c in _POINT))
+        if kept is not None and kept[0] == r.ts:
+            points[-1] = point  # another message at the same robot time: the fuller state
+        elif kept is None or r.ts - kept[0] >= every or marks != kept[1]:
+            points.append(point)
+        else:
+            continue
+        kept = (r.ts, marks)
+    return points
 
 
 def run_row(env: Envelope, stored_at: str | None) -> tuple[Any, ...] | None:

@@ -169,6 +169,7 @@ class SqlStore:
             c: f"CASE WHEN {newer} THEN {d.new(c)} ELSE {c} END" for c in columns})
         self._history_sql = functools.lru_cache(maxsize=64)(functools.partial(
             d.history_points, HISTORY_TABLE, STATE_TABLE, HISTORY_EVERY_SECONDS))
+        self._replay_sql = d.replay_point(HISTORY_TABLE, HISTORY_EVERY_SECONDS)
 
     async def __aenter__(self) -> SqlStore:
         return self
@@ -250,6 +251,7 @@ class SqlStore:
             chunk = pairs[i:i + _HISTORY_CHUNK]
             statements.append((self._history_sql(len(chunk)),
                                [(stamp, *(v for pair in chunk for v in pair), horizon)]))
+        statements.append((self._replay_sql, rows.history))
         statements.append((self._task_sql, task_rows(items, now)))
         claimed = await self._claims_before(rows)
         statements += self._projection_statements(rows, stamp)

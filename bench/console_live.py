@@ -179,8 +179,22 @@ def run(robots: int, seconds: int, watch: bool = True) -> dict[str, Any]:
 # the strict CSP is untouched): every long task (> 50 ms) the browser reports.
 _OBSERVE = """
 window.__long = [];
-new PerformanceObserver((l) => { for (const e of l.getEntries()) window.__long.push(e.duration); })
-  .observe({type: "longtask", buffered: true});
+window.__quiet = [];
+new PerformanceObserver((l) => {
+  for (const e of l.getEntries()) window.__long.push([e.startTime, e.duration]);
+}).observe({type: "longtask", buffered: true});
+"""
+# The long tasks since the last call, as [the page's, the bench's own]: a task overlapping
+# a window in which the bench forced a garbage collection (``_page``, for the heap figure)
+# is the bench's, not the page's.
+_TAKE = """
+const page = [], bench = [];
+for (const [start, ms] of window.__long.splice(0)) {
+  const ours = window.__quiet.some(([a, b]) => start <= b && start + ms >= a);
+  (ours ? bench : page).push(ms);
+}
+window.__quiet = window.__quiet.filter(([, b]) => b > performance.now() - 60000);
+return [page, bench];
 """
 # One click on a sort header, answered when the next frame after it is painted.
 _CLICK = """
@@ -303,15 +317,19 @@ def run_mix(robots: int, seconds: int, rate: int, gateways: int = 3,
                     driver.execute_cdp_cmd("Profiler.start", {})
             if tick > warm and tick % 5 == 0:
                 click = driver.execute_async_script(_CLICK, "battery_level")
-                longs = driver.execute_script("return window.__long.splice(0)")
+                longs, ours = driver.execute_script(_TAKE)
                 long_tasks += longs
                 samples.append({"t": tick, "click_ms": click, "long_tasks": len(longs),
-                                "long_max_ms": max(longs, default=0), **_page(driver)})
+                                "long_max_ms": max(longs, default=0), "bench_gc_long": ours,
+                                **_page(driver)})
             time.sleep(max(0.0, t0 + tick - time.monotonic()))
         elapsed = time.monotonic() - t0
-        long_tasks += driver.execute_script("return window.__long.splice(0)")
+        longs, ours = driver.execute_script(_TAKE)
+        long_tasks += longs
+        forced = [ms for s in samples for ms in s["bench_gc_long"]] + ours
         hot = _self_times(driver.execute_cdp_cmd("Profiler.stop", {})["profile"]) \
             if profile else None
+        steps = _stats(driver)["slowest"]
         driver.save_screenshot(str(tmp / "console-bench-mix.png"))
     steady = elapsed - warm
     clicks = sorted(s["click_ms"] for s in samples)
@@ -321,6 +339,9 @@ def run_mix(robots: int, seconds: int, rate: int, gateways: int = 3,
         "steady_state_s": round(steady, 1),
         "long_tasks": len(long_tasks), "long_task_max_ms": round(max(long_tasks, default=0), 1),
         "long_task_share": round(sum(long_tasks) / 1000 / steady, 3),
+        "page_slowest_step_ms": steps,
+        "bench_forced_gc_long_tasks": len(forced),
+        "bench_forced_gc_max_ms": round(max(forced, default=0), 1),
         "click_ms_median": round(clicks[len(clicks) // 2], 1) if clicks else None,
         "click_ms_max": round(clicks[-1], 1) if clicks else None,
         "dom_nodes_first_max_last": _spread(samples, "dom_nodes"),
@@ -334,7 +355,9 @@ def run_mix(robots: int, seconds: int, rate: int, gateways: int = 3,
 def _page(driver: webdriver.Chrome) -> dict[str, Any]:
     """The page's size now: DOM nodes in the document and alive in the renderer (detached
     ones included: a leak shows there first), and the JS heap after a collection."""
+    before = driver.execute_script("return performance.now()")
     driver.execute_cdp_cmd("HeapProfiler.collectGarbage", {})
+    driver.execute_script("window.__quiet.push([arguments[0], performance.now()])", before)
     metrics = driver.execute_cdp_cmd("Performance.getMetrics", {})["metrics"]
     used = next(m["value"] for m in metrics if m["name"] == "JSHeapUsedSize")
     counters = driver.execute_cdp_cmd("Memory.getDOMCounters", {})

@@ -13,7 +13,7 @@ Refusals, each counted in ``callback_auth_refused_total{reason}``:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Annotated, cast
 
 from fastapi import Depends, Request
@@ -226,18 +226,24 @@ def _bearer_key(request: Request) -> str:
 
 
 # -- what routes get through Depends: the access rules, the caller and its role ------------
-def access_of(request: Request) -> Access:
+# Each dependency is ``async def``: FastAPI runs a plain ``def`` one in a worker thread, a
+# thread hop per dependency per request (a quarter of the HTTP ingest's CPU went to it).
+def _access(request: Request) -> Access:
     """The server's one Access (``app.state.access``, set when its app is built)."""
     return cast(Access, request.app.state.access)
 
 
-def _caller(request: Request) -> Principal:
-    return access_of(request).principal(request)
+async def access_of(request: Request) -> Access:
+    return _access(request)
 
 
-def _with_role(roles: tuple[Role, ...], what: str) -> Callable[[Request], Principal]:
-    def principal(request: Request) -> Principal:
-        access = access_of(request)
+async def _caller(request: Request) -> Principal:
+    return _access(request).principal(request)
+
+
+def _with_role(roles: tuple[Role, ...], what: str) -> Callable[[Request], Awaitable[Principal]]:
+    async def principal(request: Request) -> Principal:
+        access = _access(request)
         caller = access.principal(request)
         access.require_role(caller, roles, what)
         return caller
@@ -245,9 +251,9 @@ def _with_role(roles: tuple[Role, ...], what: str) -> Callable[[Request], Princi
     return principal
 
 
-def _ingester(request: Request) -> Principal:
+async def _ingester(request: Request) -> Principal:
     """``X-Callback-Token`` also names the key here: an AWS IoT Rule sets no bearer."""
-    access = access_of(request)
+    access = _access(request)
     caller = access.principal(request, callback_header=True)
     access.require_role(caller, INGESTERS, "ingest messages")
     return caller

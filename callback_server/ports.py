@@ -56,7 +56,7 @@ class AppHost(Protocol):
     def refresh_gauges(self) -> None: ...
 
 
-def app_host(request: Request) -> AppHost:
+async def app_host(request: Request) -> AppHost:
     """The server whose app this request came to (``app.state.host``, set by create_app)."""
     return cast(AppHost, request.app.state.host)
 

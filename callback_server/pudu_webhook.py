@@ -140,7 +140,7 @@ def install(app: FastAPI, server: AppHost) -> None:
     app.include_router(router)
 
 
-def _codes(request: Request) -> CallbackCodes:
+async def _codes(request: Request) -> CallbackCodes:
     return cast(CallbackCodes, request.app.state.pudu_codes)
 
 

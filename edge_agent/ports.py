@@ -103,7 +103,7 @@ class PuduHost(Protocol):
     def poller(self) -> PollerView: ...
 
 
-def agent_of(request: Request) -> Any:
+async def agent_of(request: Request) -> Any:
     """The agent whose app this request came to (``app.state.agent``, set with the app);
     each route types it as the narrow view it needs, below."""
     return request.app.state.agent

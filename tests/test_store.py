@@ -19,6 +19,8 @@ from typing import Any
 
 import pymysql
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bridge.envelope import Envelope
 from bridge.errors import ConfigError, StoreError
@@ -813,3 +815,29 @@ async def test_an_envelope_without_received_at_is_still_ordered_by_its_time(
         e = dataclasses.replace(env("NR", "status", ts, status=state), received_at=ts)
         await store.write_batch([item(e)])
     assert (await robot(store, "NR"))["status"] == "newer"
+
+
+# -- what any text does to the log (MySQL takes the log's rows as one JSON parameter) ----
+
+_ANY_TEXT = st.text(st.characters(codec=None), max_size=40) | st.sampled_from(
+    ["", "\0", "'", "\\", '"', "\\u0000", "%s", "é😀", "\ud800x", "$[0]", "a\nb\r\t"])
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(_ANY_TEXT, min_size=1, max_size=6))
+async def test_any_text_reaches_the_log_as_built(store: SqlStore, texts: list[str]) -> None:
+    """Each row of the log holds exactly what build_rows made of the envelope, whatever
+    characters it carries (NUL, quotes, backslashes, lone surrogates, emoji): the JSON
+    the MySQL store passes and the database expands loses or alters nothing."""
+    batch = [item(dataclasses.replace(env("U", "status", 1000.0 + i, status=t, note=t),
+                                      id=f"u-{uuid.uuid4().hex}-{t[:5]}", type=t or "x"))
+             for i, t in enumerate(texts)]
+    built = build_rows(batch, now=time.time()).log
+    await store.write_batch(batch)
+    ids = [row[0] for row in built]
+    marks = ", ".join([store.dialect.mark] * len(ids))
+    rows = await store.backend.fetch(
+        f"SELECT id, topic, type, ts, payload FROM mqtt_message_log WHERE id IN ({marks})", ids)
+    got = {r["id"]: (r["topic"], r["type"], r["ts"], r["payload"]) for r in rows}
+    assert got == {row[0]: (row[1], row[2], row[6], row[9]) for row in built}

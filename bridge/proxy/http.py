@@ -145,7 +145,7 @@ def create_proxy_router(proxy: MqttProxy,
         authorize = _allow_all
     check = authorize
 
-    def bind(request: Request) -> None:
+    async def bind(request: Request) -> None:
         """Hand this router's proxy and hook to the routes (see ``Proxy``, ``Authorize``)."""
         request.state.mqtt_proxy = proxy
         request.state.mqtt_authorize = check
@@ -159,11 +159,11 @@ def _allow_all(request: Request, action: ProxyAction, topic: str | None) -> Call
     return _sees_all
 
 
-def _proxy(request: Request) -> MqttProxy:
+async def _proxy(request: Request) -> MqttProxy:
     return cast(MqttProxy, request.state.mqtt_proxy)
 
 
-def _authorize(request: Request) -> ProxyAuthorize:
+async def _authorize(request: Request) -> ProxyAuthorize:
     return cast(ProxyAuthorize, request.state.mqtt_authorize)
 
 

@@ -84,6 +84,10 @@ class PahoTransport(Transport):
         self._events: list[_Sent | _Acked] = []
         self._events_lock = threading.Lock()
         self._capture: list[_Sent | _Acked] | None = None
+        # Network thread -> event loop: received messages, in order, one
+        # call_soon_threadsafe per burst (each costs the loop a wakeup and two syscalls).
+        self._inbox: list[InboundMessage] = []
+        self._inbox_lock = threading.Lock()
         self._net_ident = 0
         self._subs: dict[str, int] = {}
         self._sub_waiters: dict[int, asyncio.Future[None]] = {}
@@ -353,7 +357,11 @@ class PahoTransport(Transport):
             topic=msg.topic, payload=bytes(msg.payload), qos=msg.qos, retain=bool(msg.retain),
             mid=msg.mid, dup=bool(msg.dup),
         )
-        self._call(self._deliver, inbound)
+        with self._inbox_lock:
+            first = not self._inbox
+            self._inbox.append(inbound)
+        if first:
+            self._call(self._deliver_inbox)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any,
                       properties: Any) -> None:
@@ -365,6 +373,15 @@ class PahoTransport(Transport):
         self._call(self._resolve_sub, mid, [])
 
     # -- event-loop side ---------------------------------------------------------------
+    def _deliver_inbox(self) -> None:
+        with self._inbox_lock:
+            messages, self._inbox = self._inbox, []
+        for message in messages:
+            try:
+                self._deliver(message)
+            except Exception:  # as the loop would for one callback: the rest still go
+                log.exception("handling a message on %s failed", message.topic)
+
     def _resolve_publishes(self) -> None:
         with self._events_lock:
             events, self._events = self._events, []

@@ -143,6 +143,23 @@ class Dialect:
         verb = "INSERT IGNORE" if self.mysql else "INSERT OR IGNORE"
         return self.insert(table, columns).replace("INSERT", verb, 1)
 
+    def insert_ignore_json(self, table: str, spec: TableSpec) -> str | None:
+        """MySQL: ``insert_ignore`` of many rows passed as one parameter, a JSON array of
+        row arrays (``spec``'s column order) that the database expands (JSON_TABLE). The
+        driver then escapes one string per statement instead of every value of every row
+        (aiomysql's per-value escaping was ~12 % of the consumer's CPU). None on SQLite,
+        whose executemany already binds in C."""
+        if not self.mysql:
+            return None
+        types = {"key": "VARCHAR({}) CHARACTER SET utf8mb4", "str": "VARCHAR({}) CHARACTER SET "
+                 "utf8mb4", "text": "LONGTEXT CHARACTER SET utf8mb4", "int": "BIGINT",
+                 "bool": "TINYINT", "float": "DOUBLE", "time": "DATETIME(3)"}
+        columns = ", ".join(f"{c.name} {types[c.kind].format(c.size)} PATH '$[{i}]'"
+                            for i, c in enumerate(spec.columns))
+        names = ", ".join(spec.names)
+        return (f"INSERT IGNORE INTO {self.quote(table)} ({names}) SELECT {names} FROM "
+                f"JSON_TABLE(%s, '$[*]' COLUMNS ({columns})) AS jt")
+
     def new(self, column: str) -> str:
         """The incoming row's value of ``column`` inside an upsert's update clause."""
         return f"VALUES({column})" if self.mysql else f"excluded.{column}"

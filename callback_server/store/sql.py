@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+import orjson
+
 from bridge.clock import MAX_SKEW_SECONDS, RobotClocks
 from bridge.commands import CommandOutcome
 from bridge.errors import StoreError, StoreRejectedError
@@ -134,6 +136,14 @@ def _plain(name: str, value: Any) -> Any:
     return value
 
 
+def _bulk(sql: str, as_json: str | None, rows: list[tuple[Any, ...]]) -> Statement:
+    """``rows`` for ``sql``, or as one JSON parameter for ``as_json`` where the dialect
+    has one (Dialect.insert_ignore_json)."""
+    if as_json is None or not rows:
+        return (sql, rows)
+    return (as_json, [(orjson.dumps(rows).decode(),)])
+
+
 class SqlStore:
     """Latest robot state, events, the raw message log and dead letters, in SQL.
 
@@ -160,8 +170,10 @@ class SqlStore:
         self._warned: set[tuple[str, str, str]] = set()
         d = self.dialect
         self._log_sql = d.insert_ignore(LOG_TABLE, LOG.names)
+        self._log_json = d.insert_ignore_json(LOG_TABLE, LOG)
         self._runs_sql = d.insert_ignore(RUNS_TABLE, RUNS.names)
         self._event_sql = d.insert_ignore(OWN_EVENTS_TABLE, OWN_EVENTS.names)
+        self._event_json = d.insert_ignore_json(OWN_EVENTS_TABLE, OWN_EVENTS)
         # a task's state moves only forward in robot time (ts last: MySQL assigns in order)
         newer = f"{d.new('ts')} >= COALESCE(ts, {d.new('ts')})"
         columns = [c for c in TASKS.names if c not in (*TASKS.key, "ts")] + ["ts"]
@@ -243,7 +255,8 @@ class SqlStore:
         horizon = now + self.max_skew
         stamp = when(now)
         statements: list[Statement] = [
-            (self._log_sql, rows.log), (self._event_sql, rows.events),
+            _bulk(self._log_sql, self._log_json, rows.log),
+            _bulk(self._event_sql, self._event_json, rows.events),
             (self.dialect.robot_upsert(STATE_TABLE, horizon), rows.robots),
             (self._runs_sql, rows.runs)]
         pairs = [(r[1], r[0]) for r in rows.robots]

@@ -45,7 +45,7 @@ class WebhookBody(BaseModel):
         return list(dict.fromkeys(v))
 
 
-def _webhooks(request: Request) -> Webhooks:
+async def _webhooks(request: Request) -> Webhooks:
     """The server's webhooks (``app.state.webhooks``, set by the service)."""
     return cast(Webhooks, request.app.state.webhooks)
 

@@ -16,7 +16,8 @@ that is connected but has acknowledged nothing for ``ack_timeout`` seconds while
 publishes wait is wedged: MQTT resends unacknowledged QoS 1 publishes only on a new
 connection ([MQTT-4.4.0-1]), so the heartbeat goes stale and systemd's restart makes one.
 
-A backlog (more than ``BACKLOG_ENTRIES`` waiting, after an outage) is drained in rounds
+A backlog (more than ``BACKLOG_ENTRIES`` waiting when paced, ``UNPACED_BACKLOG_ENTRIES``
+when not: after an outage) is drained in rounds
 in the order bridge/outbox/priority.py gives: each robot's newest state and every event
 first, superseded positions after, marked ``replay`` (history the cloud never merges
 into state). With ``frame_topic`` set (``BATCH_FRAMES=on``) a round goes out as batch
@@ -54,8 +55,14 @@ ACK_TIMEOUT_SECONDS = 10.0
 #: AWS IoT Core's per-connection limits: the awsiot backend's pacing unless set.
 AWS_PUBLISHES_PER_SECOND = 100.0
 AWS_BYTES_PER_SECOND = 512 * 1024
-#: More than this many entries waiting is a backlog: drained newest state first.
+#: More than this many entries waiting is a backlog: drained newest state first. That
+#: is 2 s of sending when paced at AWS's 100/s. Unpaced (a broker on the site or the
+#: LAN), a busy gateway's outbox holds a few hundred in any burst, and a drain round,
+#: which waits for every PUBACK and re-plans the whole outbox, made it spend ~12 % of
+#: its CPU planning and publish in stop-and-wait rounds: there a backlog starts at
+#: UNPACED_BACKLOG_ENTRIES (a fraction of a second at the thousands a second it sends).
 BACKLOG_ENTRIES = 200
+UNPACED_BACKLOG_ENTRIES = 5000
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +182,7 @@ class OutboxPublisher:
         rate_limit: float = 0.0,
         byte_limit: float = 0.0,
         frame_topic: str | None = None,
-        backlog: int = BACKLOG_ENTRIES,
+        backlog: int | None = None,
         retry_delay: float = 1.0,
         ack_timeout: float = ACK_TIMEOUT_SECONDS,
         beat: Callable[[], None] = lambda: None,
@@ -193,6 +200,8 @@ class OutboxPublisher:
         self._pacer = Pacer(rate_limit, byte_limit)
         self.throttled_s = 0.0  # time spent waiting for the buckets
         self.frame_topic = frame_topic
+        if backlog is None:
+            backlog = BACKLOG_ENTRIES if rate_limit or byte_limit else UNPACED_BACKLOG_ENTRIES
         self.backlog = backlog
         self.frames = 0  # batch frames published
         self.replayed = 0  # superseded entries published as history

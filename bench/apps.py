@@ -38,10 +38,15 @@ def edge_agent(log_dir: Path, name: str, mqtt_url: str, outbox: Path, *,
                    health_path="/api/pudu/webhook/health", admin_port=admin)
 
 
+#: The bench's callback servers' token (an ingest and read key for every org).
+CALLBACK_TOKEN = "bench-callback-token"
+
+
 def callback_server(log_dir: Path, name: str, mqtt_url: str, database_url: str, *,
                     client_id: str, share_group: str | None = None,
                     **extra: str) -> Service:
-    """``python -m callback_server run`` with a stable client id (persistent session)."""
+    """``python -m callback_server run`` with a stable client id (persistent session) and
+    the all-org token ``CALLBACK_TOKEN`` (its /metrics takes no less)."""
     port = free_port()
     env = child_env(
         MQTT_URL=mqtt_url,
@@ -51,12 +56,12 @@ def callback_server(log_dir: Path, name: str, mqtt_url: str, database_url: str, 
         MQTT_CLIENT_ID=client_id,
         MQTT_RECONNECT_MAX_SECONDS="1",
         LOG_LEVEL="INFO",
-        **extra,
+        **{"CALLBACK_TOKEN": CALLBACK_TOKEN, **extra},
     )
     if share_group:
         env["SHARE_GROUP"] = share_group
     return Service(name, python_module("callback_server", "run"), log_dir, port=port,
-                   env=env, health_path="/callback/health")
+                   env=env, health_path="/callback/health", token=env["CALLBACK_TOKEN"])
 
 
 def echo(log_dir: Path, kind: str) -> Service:

@@ -47,8 +47,10 @@ def http_ok(url: str) -> bool:
         return False
 
 
-def http_get(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=5) as resp:
+def http_get(url: str, token: str | None = None) -> bytes:
+    """The body of ``url`` (with ``Authorization: Bearer token`` when given)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as resp:
         return bytes(resp.read())
 
 
@@ -151,8 +153,9 @@ class Service(Child):
 
     def __init__(self, name: str, argv: Sequence[str], log_dir: Path, *, port: int,
                  env: Mapping[str, str] | None = None, health_path: str | None = None,
-                 admin_port: int | None = None) -> None:
+                 admin_port: int | None = None, token: str | None = None) -> None:
         self.name = name
+        self.token = token  # the bearer its /metrics wants (the callback server's)
         self.admin_port = admin_port  # the edge agent serves /metrics there (issue 9)
         self.argv = list(argv)
         self.env = {**os.environ, **(env or {})}

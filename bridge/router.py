@@ -37,6 +37,10 @@ __all__ = ["Handle", "Handler", "MessageRouter"]
 
 log = logging.getLogger(__name__)
 
+#: Topics (at most this long, at most this many) whose matching routes are remembered.
+_REMEMBERED_TOPIC_CHARS = 256
+_REMEMBERED_TOPICS = 8192
+
 Handler = Callable[[InboundMessage], Awaitable[None] | None]
 
 
@@ -83,6 +87,9 @@ class MessageRouter:
         self._routes: dict[int, _Route] = {}
         # Rebuilt on add/remove so dispatch (per message) never copies the dict.
         self._snapshot: tuple[_Route, ...] = ()
+        # The routes each recent topic matched (cleared with the snapshot): matching every
+        # filter against every message was ~5 % of the callback server's CPU.
+        self._matched: dict[str, tuple[_Route, ...]] = {}
         self._subs: dict[str, _BrokerSub] = {}
         # Broker (un)subscribes are rare; one lock keeps the refcount and the broker's
         # state in step without per-filter lock bookkeeping.
@@ -103,12 +110,14 @@ class MessageRouter:
         handle = Handle(next(self._ids), flt.value)
         self._routes[handle.id] = _Route(handle, flt, handler, manual_ack)
         self._snapshot = tuple(self._routes.values())
+        self._matched = {}
         return handle
 
     def remove(self, handle: Handle) -> None:
         """Stop routing to ``handle``'s handler; removing twice is harmless."""
         if self._routes.pop(handle.id, None) is not None:
             self._snapshot = tuple(self._routes.values())
+            self._matched = {}
 
     @property
     def routes(self) -> int:
@@ -198,7 +207,13 @@ class MessageRouter:
         """The transport's ``message_handler``: runs in the event loop, never raises."""
         self.received += 1
         topic = message.topic
-        matched = [r for r in self._snapshot if r.topic_filter.matches(topic)]
+        matched = self._matched.get(topic)
+        if matched is None:
+            matched = tuple(r for r in self._snapshot if r.topic_filter.matches(topic))
+            if len(topic) <= _REMEMBERED_TOPIC_CHARS:
+                if len(self._matched) >= _REMEMBERED_TOPICS:
+                    self._matched.clear()
+                self._matched[topic] = matched
         manual = sum(1 for r in matched if r.manual_ack)
         if manual and message.qos > 0:
             # Registered before any handler runs, so a handler may ack synchronously.

@@ -60,7 +60,7 @@ def saturate(ctx: RunContext, svc: Service, factory: BodyFactory) -> Saturation:
 
 def metric(svc: Service, name: str) -> float:
     """One sample of the service's Prometheus /metrics (0 when absent)."""
-    text = http_get(svc.metrics_url).decode()
+    text = http_get(svc.metrics_url, svc.token).decode()
     for line in text.splitlines():
         if line.startswith(name + " "):
             return float(line[len(name) + 1:])
@@ -70,7 +70,7 @@ def metric(svc: Service, name: str) -> float:
 def labelled(svc: Service, name: str, label: str) -> float:
     """The sum of ``name{...}`` over every series carrying ``label``, e.g.
     ``edge_webhooks_total{outcome="accepted"}`` over all callback types."""
-    text = http_get(svc.metrics_url).decode()
+    text = http_get(svc.metrics_url, svc.token).decode()
     total = 0.0
     for line in text.splitlines():
         if line.startswith(name + "{") and "} " in line:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,14 +23,14 @@ from bench.baselines.naive_ingest import TABLE, TABLE_DDL
 from bench.loadgen import closed_loop, open_loop
 from bench.procs import Broker, Service, cpu_seconds
 from bench.samples import envelopes
-from bench.scenarios.common import run_async
+from bench.scenarios.common import metric, run_async
 from bench.scenarios.profiling import Profiler
 from bench.settings import RunContext
 
 log = logging.getLogger(__name__)
 
 PATH = "/callback/messages"
-TOKEN = "bench-ingest"
+TOKEN = apps.CALLBACK_TOKEN
 HEADERS = f"X-Callback-Token: {TOKEN}\r\n"
 BATCH = 10
 
@@ -57,13 +56,7 @@ class EnvelopeBodies:
 
 
 def _stored(svc: Service) -> float:
-    """``callback_messages_stored_total`` from /metrics (which takes the all-org token)."""
-    req = urllib.request.Request(svc.metrics_url, headers={"Authorization": f"Bearer {TOKEN}"})
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith("callback_messages_stored_total "):
-                return float(line.split()[1])
-    return 0.0
+    return metric(svc, "callback_messages_stored_total")
 
 
 def _bodies(count: int, batch: int, robots: int) -> EnvelopeBodies:
@@ -124,8 +117,7 @@ def run(ctx: RunContext) -> dict[str, float]:
     db.reset(url)
     with Broker(d / "broker") as broker:
         svc = apps.callback_server(d, "callback-ingest", broker.url, url,
-                                   client_id=f"bench-ingest-{ctx.run}-{time.time_ns()}",
-                                   CALLBACK_TOKEN=TOKEN)
+                                   client_id=f"bench-ingest-{ctx.run}-{time.time_ns()}")
         svc.start()
         try:
             one = _saturate(ctx, svc, single, lambda: _stored(svc))

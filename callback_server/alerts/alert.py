@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import uuid
@@ -15,6 +16,7 @@ STATES: tuple[State, ...] = ("open", "acknowledged", "resolved")
 TransitionName = Literal["opened", "severity_changed", "acknowledged", "resolved"]
 
 
+@functools.lru_cache(maxsize=16384)  # every robot's subjects, digested on every batch
 def subject_key(rule: str, org: str, subject_type: str, subject_id: str) -> str:
     """The digest that is unique among open alerts (and keys a silence)."""
     raw = json.dumps([rule, org, subject_type, subject_id], separators=(",", ":"))

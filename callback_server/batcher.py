@@ -2,7 +2,8 @@
 
 MQTT deliveries and HTTP pushes both land here. One writer task takes whatever has
 queued since its last transaction (up to ``batch_max``) and writes it as one batch, so
-load makes batches bigger instead of making the database busier. While the database
+load makes batches bigger instead of making the database busier; up to ``OVERLAP``
+batches are in the database at once, settled in the order they were taken. While the database
 is down the batch is retried with backoff and nothing is acknowledged: the broker
 (or the IoT Rule's HTTP retry) holds the messages for us.
 
@@ -41,6 +42,11 @@ T = TypeVar("T")
 OnBatch = Callable[[list[tuple[str, Envelope]]], None]
 #: What HTTP ingest holds at most by default while the database is away (INGEST_PENDING_MAX).
 DEFAULT_PENDING_MAX = 10_000
+#: Batches written at once (each on its own connection), settled in the order taken.
+#: Measured (bench consumer, 50,000 envelopes, MariaDB): 1: 3,300/s, 2: 4,250/s, 3:
+#: 4,900-5,000/s, 4: 5,600/s. Three leave one of the MySQL pool's default four
+#: connections to the read API, the console and the alert engine.
+OVERLAP = 3
 
 
 class Reason(StrEnum):
@@ -135,7 +141,7 @@ def _settle(waiters: list[OnCommit], settled: Settled) -> None:
 
 
 class BatchWriter:
-    """One writer task in front of the store."""
+    """One writer task in front of the store (up to ``OVERLAP`` batches in flight)."""
 
     def __init__(
         self, store: BatchStore, *, batch_max: int = 500, retry_min: float = 0.2,
@@ -159,6 +165,7 @@ class BatchWriter:
         #: monotonic time of the last commit, or of the first wait since: a stall shows here
         self.last_progress = time.monotonic()
         self._items: collections.deque[_Item] = collections.deque()
+        self._writing = 0  # items taken from _items, their batch not yet settled
         self._dead: collections.deque[_Dead] = collections.deque()
         self._held: dict[Hashable, _Item | _Dead] = {}  # HTTP ingest, by key, until settled
         self._wake = asyncio.Event()
@@ -178,7 +185,7 @@ class BatchWriter:
 
     @property
     def pending(self) -> int:
-        return len(self._items) + len(self._dead)
+        return len(self._items) + len(self._dead) + self._writing
 
     @property
     def held(self) -> int:
@@ -288,18 +295,39 @@ class BatchWriter:
                 self._committed()
                 for dead in letters:
                     self._finish(dead, Settled(Outcome.DEAD_LETTERED, dead.reason))
-            while self._items:
-                n = min(len(self._items), self.batch_max)
-                batch = [self._items[i] for i in range(n)]
-                outcomes = await self._write(batch)
-                for _ in range(n):
-                    self._items.popleft()
+            await self._write_items()
+
+    async def _write_items(self) -> None:
+        """Write what is queued, up to ``OVERLAP`` batches at a time, and settle them in
+        the order they were taken (acknowledgements keep the order of arrival, as MQTT
+        asks). While one batch waits for the database the next is built and sent: with
+        one at a time, a third of the callback server's time was spent waiting. The
+        store leaves the same tables whatever order batches commit in (write_batch)."""
+        writing: collections.deque[tuple[list[_Item], asyncio.Task[list[Settled]]]] = \
+            collections.deque()
+        try:
+            while self._items or writing:
+                while self._items and len(writing) < OVERLAP:
+                    n = min(len(self._items), self.batch_max)
+                    batch = [self._items.popleft() for _ in range(n)]
+                    self._writing += n
+                    writing.append((batch, asyncio.create_task(
+                        self._write(batch), name=f"batch-{self.batches + len(writing)}")))
+                batch, task = writing[0]
+                outcomes = await task
+                writing.popleft()
+                self._writing -= len(batch)
                 self.batches += 1
                 self._committed()
                 for item, settled in zip(batch, outcomes, strict=True):
                     self._finish(item, settled)
                 self._tell([i for i, s in zip(batch, outcomes, strict=True)
                             if s.outcome is not Outcome.DEAD_LETTERED])
+        finally:  # cancelled (stopping): what was being written is queued again, in order
+            for batch, task in reversed(writing):
+                task.cancel()
+                self._writing -= len(batch)
+                self._items.extendleft(reversed(batch))
 
     def _committed(self) -> None:
         self.last_progress = time.monotonic()

@@ -144,3 +144,58 @@ async def test_a_retry_of_a_pending_message_joins_it_and_the_cap_holds(
     assert [s.outcome for s in stored] == [Outcome.STORED] * 3
     assert kept == [Settled(Outcome.DEAD_LETTERED, "malformed: not JSON")]
     assert store.written == ["p0", "p1", "p2"] and len(store.dead) == 1 and w.held == 0
+
+
+class GatedStore:
+    """Each batch's commit waits for its own gate: the test decides the commit order."""
+
+    def __init__(self) -> None:
+        self.gates: list[asyncio.Event] = []
+        self.started = asyncio.Event()
+        self.one_left = asyncio.Event()  # all but one batch committed
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def write_batch(self, batch: Sequence[Item]) -> BatchResult:
+        gate = asyncio.Event()
+        self.gates.append(gate)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        self.started.set()
+        await gate.wait()
+        self.in_flight -= 1
+        if self.in_flight == 1:
+            self.one_left.set()
+        return BatchResult(messages=len(batch), logged=len(batch), events=0, robots=0)
+
+    async def dead_letters(self, letters: Sequence[tuple[str, bytes, str]]) -> None:
+        pass
+
+
+async def test_batches_overlap_yet_are_settled_in_the_order_they_arrived() -> None:
+    """While one batch waits for the database the next ones are written too, but a later
+    batch committed first is acknowledged only after the earlier ones (MQTT wants
+    acknowledgements in the order the messages came)."""
+    store = GatedStore()
+    w = BatchWriter(store, batch_max=2)  # type: ignore[arg-type]
+    settled: list[str] = []
+    for i in range(6):  # three batches of two
+        w.submit("org/o/device/d/status", env(f"m{i}"),
+                 functools.partial(lambda name, _: settled.append(name), f"m{i}"))
+    task = asyncio.create_task(w.run())
+    try:
+        while len(store.gates) < 3:  # all three batches in the database at once
+            await asyncio.wait_for(store.started.wait(), 5)
+            store.started.clear()
+        assert store.most_in_flight == 3 and w.pending == 6
+        store.gates[2].set()  # the last batch commits first...
+        store.gates[1].set()
+        await asyncio.wait_for(store.one_left.wait(), 5)
+        assert settled == []  # ...and waits for the first
+        store.gates[0].set()
+        await asyncio.wait_for(w.drain(5), 6)
+        assert settled == [f"m{i}" for i in range(6)] and w.pending == 0
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -130,7 +130,8 @@ class Envelope:
         )
 
 
-_REPLAY_PREFIX = b'{"replay":true,'
+#: How a history message (``"replay": true``) begins: ``mark_replay`` puts it first.
+REPLAY_PREFIX = b'{"replay":true,'
 
 
 def mark_replay(payload: bytes) -> bytes:
@@ -139,9 +140,9 @@ def mark_replay(payload: bytes) -> bytes:
     A splice, not a parse and re-dump: the drain marks thousands of stored payloads, and
     a JSON object's first member may come first. Already-marked payloads are unchanged.
     """
-    if payload.startswith(_REPLAY_PREFIX) or not payload.startswith(b"{"):
+    if payload.startswith(REPLAY_PREFIX) or not payload.startswith(b"{"):
         return payload
-    return _REPLAY_PREFIX + payload[1:]
+    return REPLAY_PREFIX + payload[1:]
 
 
 def _show(value: Any) -> str:

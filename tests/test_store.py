@@ -841,3 +841,23 @@ async def test_any_text_reaches_the_log_as_built(store: SqlStore, texts: list[st
         f"SELECT id, topic, type, ts, payload FROM mqtt_message_log WHERE id IN ({marks})", ids)
     got = {r["id"]: (r["topic"], r["type"], r["ts"], r["payload"]) for r in rows}
     assert got == {row[0]: (row[1], row[2], row[6], row[9]) for row in built}
+
+
+async def test_without_json_table_the_log_is_written_row_by_row(
+        db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A MySQL older than 8.0.4 (MariaDB before 10.6) has no JSON_TABLE: migrate says so
+    and the store binds the log's and events' rows as before, losing nothing."""
+    async def no_json_table(self: SqlStore) -> bool:
+        return False
+
+    monkeypatch.setattr(SqlStore, "_expands_json", no_json_table)
+    async with open_store(db_url) as store:
+        lines = await store.migrate()
+        assert ("JSON_TABLE not supported: rows bound one by one" in lines) == \
+            store.dialect.mysql
+        e = env("J", "event", 5.0, event_id="x1", event_level="error")
+        await store.write_batch([item(e), item(env("J", "status", 6.0, status="idle"))])
+        logged = await store.backend.fetch("SELECT id FROM mqtt_message_log")
+        events = await store.backend.fetch("SELECT event_id FROM robot_events")
+    assert e.id in {r["id"] for r in logged} and len(logged) == 2
+    assert [r["event_id"] for r in events] == ["x1"]

@@ -28,6 +28,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from bench.samples import envelopes
+from bridge.envelope import REPLAY_PREFIX
 
 SESSION_EXPIRY = 3600
 RECEIVE_MAXIMUM = 1000  # what the callback server asks for (2 x batch_max)
@@ -83,7 +84,10 @@ def publish(port: int, count: int, org: str, window: int, tag: str | None) -> di
 
 
 class Counter:
-    """Counts deliveries, duplicates (by envelope id) and per-device order violations."""
+    """Counts deliveries, duplicates (by envelope id) and order violations per robot and
+    channel (per topic) among the messages the cloud merges into state: history sent
+    after a newer message (``"replay": true``, a drain newest state first) is counted
+    apart, as the cloud logs it and never merges it."""
 
     def __init__(self, target: int) -> None:
         self.target = target
@@ -91,6 +95,7 @@ class Counter:
         self.seen: set[bytes] = set()
         self.duplicates = 0
         self.violations = 0
+        self.replayed = 0
         self.last_ts: dict[str, float] = {}
         self.first = 0.0
         self.last = 0.0
@@ -113,13 +118,14 @@ class Counter:
                 return
             self.seen.add(mid)
             at = payload.find(b'"ts":')
-            if at >= 0:
+            if payload.startswith(REPLAY_PREFIX):
+                self.replayed += 1
+            elif at >= 0:
                 end = payload.index(b",", at)
                 ts = float(payload[at + 5:end])
-                device = msg.topic.split("/", 4)[3]
-                if ts < self.last_ts.get(device, 0.0):
+                if ts < self.last_ts.get(msg.topic, 0.0):
                     self.violations += 1
-                self.last_ts[device] = ts
+                self.last_ts[msg.topic] = ts
         if len(self.seen) >= self.target:
             self.done.set()
 
@@ -128,8 +134,8 @@ class Counter:
         return {
             "received": self.received, "unique": len(self.seen),
             "duplicates": self.duplicates, "order_violations": self.violations,
-            "devices": len(self.last_ts), "first": self.first, "last": self.last,
-            "elapsed": elapsed,
+            "replayed": self.replayed, "topics": len(self.last_ts), "first": self.first,
+            "last": self.last, "elapsed": elapsed,
             "rate": (len(self.seen) - 1) / elapsed if elapsed > 0 else 0.0,
         }
 

@@ -99,10 +99,11 @@ def run(ctx: RunContext) -> dict[str, float]:
         out["backlog.lost"] = count - seen["unique"]
         out["backlog.duplicates"] = seen["duplicates"]
         out["backlog.order_violations"] = seen["order_violations"]
+        out["backlog.replayed"] = seen["replayed"]
         log.info("seeded %d through Outbox.put at %.0f puts/s; drained to a verifying "
-                 "subscriber at %.0f msg/s (lost %d, dup %d, out of order %d)", count,
-                 seed_rate, rate, out["backlog.lost"], seen["duplicates"],
-                 seen["order_violations"])
+                 "subscriber at %.0f msg/s (lost %d, dup %d, out of order %d, history "
+                 "after the newest %d)", count, seed_rate, rate, out["backlog.lost"],
+                 seen["duplicates"], seen["order_violations"], seen["replayed"])
 
         _, out["backlog.drain_rate"], _ = _drain(ctx, broker, "rate")
         log.info("edge drained %d at %.0f msg/s (no subscriber)", count,

@@ -214,8 +214,20 @@ class SqlStore:
                     mine[column] = min(mine.get(column, limit), limit)
             self._limits = limits
             self._projections = outcome.projections
+            if self._log_json is not None and not await self._expands_json():
+                self._log_json = self._event_json = None  # MySQL < 8.0.4, MariaDB < 10.6
+                outcome.lines.append("JSON_TABLE not supported: rows bound one by one")
             self._migrated = True
             return outcome.lines
+
+    async def _expands_json(self) -> bool:
+        """Whether the database has JSON_TABLE (what insert_ignore_json relies on)."""
+        try:
+            await self.backend.fetch(
+                "SELECT x FROM JSON_TABLE('[1]', '$[*]' COLUMNS (x INT PATH '$')) AS t")
+        except StoreRejectedError:
+            return False
+        return True
 
     async def _ready(self) -> None:
         if not self._migrated:

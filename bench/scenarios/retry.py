@@ -55,7 +55,7 @@ async def _retry(url: str, batches: list[bytes], rounds: int) -> dict[str, int]:
 
 
 def _health(svc: Service) -> dict[str, Any]:
-    return json.loads(http_get(svc.url + "/callback/health"))  # type: ignore[no-any-return]
+    return json.loads(http_get(svc.url + "/callback/health", svc.token))  # type: ignore[no-any-return]
 
 
 def run(ctx: RunContext) -> dict[str, float]:

@@ -170,7 +170,7 @@ class GatewayClock:
     clock is taken to be off by their median, and ``reference`` corrects it."""
 
     #: Seconds between two estimates while only known robots speak. An estimate reads
-    #: every robot's difference (~1,000): made on each message it was a third of the
+    #: every robot's difference (~1,000): made on each message it was a quarter of the
     #: edge's CPU per accepted callback. A robot heard for the first time is counted at
     #: once (so three robots make a verdict without waiting).
     EVERY_SECONDS = 1.0
@@ -183,7 +183,7 @@ class GatewayClock:
         self.capacity = capacity
         self._diffs: OrderedDict[Hashable, tuple[float, float, float]] = OrderedDict()
         self._offset = 0.0
-        self._latest = 0.0  # the newest gateway time observed: what an estimate is as of
+        self._latest = 0.0  # the gateway time of the last observation: what an estimate is as of
         self._stale = False
         self._estimated_at = -math.inf  # time.monotonic() of the last estimate
 

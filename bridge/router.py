@@ -30,15 +30,15 @@ from types import TracebackType
 
 from bridge.errors import TransportError
 from bridge.service.taskset import TaskSet
-from bridge.topic import TopicFilter
+from bridge.topic import REMEMBERED_TOPIC_CHARS, TopicFilter
 from bridge.transport.base import InboundMessage, Transport
 
 __all__ = ["Handle", "Handler", "MessageRouter"]
 
 log = logging.getLogger(__name__)
 
-#: Topics (at most this long, at most this many) whose matching routes are remembered.
-_REMEMBERED_TOPIC_CHARS = 256
+#: Topics (at most REMEMBERED_TOPIC_CHARS long, at most this many) whose matching routes
+#: are remembered.
 _REMEMBERED_TOPICS = 8192
 
 Handler = Callable[[InboundMessage], Awaitable[None] | None]
@@ -210,7 +210,7 @@ class MessageRouter:
         matched = self._matched.get(topic)
         if matched is None:
             matched = tuple(r for r in self._snapshot if r.topic_filter.matches(topic))
-            if len(topic) <= _REMEMBERED_TOPIC_CHARS:
+            if len(topic) <= REMEMBERED_TOPIC_CHARS:
                 if len(self._matched) >= _REMEMBERED_TOPICS:
                     self._matched.clear()
                 self._matched[topic] = matched

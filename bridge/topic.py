@@ -223,12 +223,12 @@ class DeviceAddress:
 #: Topics no longer than this are remembered once parsed (a consumer sees the same few
 #: thousand devices' topics over and over: parsing was ~5 % of its CPU). Longer ones, and
 #: refused ones, are parsed each time: what a cache may hold stays bounded.
-_REMEMBERED_TOPIC_CHARS = 256
+REMEMBERED_TOPIC_CHARS = 256
 
 
 def parse_device_topic(topic: str, prefix: str = "") -> DeviceAddress:
     """Split ``{prefix}org/{org}/device/{device}/{channel...}``; TopicError otherwise."""
-    if len(topic) <= _REMEMBERED_TOPIC_CHARS:
+    if len(topic) <= REMEMBERED_TOPIC_CHARS:
         return _parse_remembered(topic, prefix)
     return _parse_device_topic(topic, prefix)
 

@@ -12,7 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from callback_server.store.schema import ROBOT_ROW, STATE_GROUPS, Column, TableSpec
+from callback_server.store.schema import (
+    HISTORY,
+    ROBOT_ROW,
+    STATE_GROUPS,
+    Column,
+    TableSpec,
+)
 
 #: Identifiers compare byte for byte on MySQL: ``caserobot`` is not ``CASEROBOT``.
 BINARY = "CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
@@ -219,8 +225,7 @@ class Dialect:
         within ``every`` seconds with the same status and charge state, or one exists at
         its robot time (redelivery). Replayed points arrive oldest first per robot."""
         h, m = self.quote(history), self.mark
-        names = ("robot_sn", "ts", "recorded_at", "org_id", "gateway_id", "status",
-                 "battery_level", "charge_state", "x", "y", "yaw", "map_name")
+        names = HISTORY.names
         given = ", ".join(f"{m} AS {c}" for c in names)
         filled = [f"n.{c}" for c in names[:4]]
         filled += [f"COALESCE(n.{c}, p.{c})" for c in names[4:]]
@@ -245,8 +250,7 @@ class Dialect:
         both subqueries use the (org_id, robot_sn, ts) primary key.
         """
         h, r, m = self.quote(history), self.quote(robots), self.mark
-        names = ("robot_sn", "ts", "recorded_at", "org_id", "gateway_id", "status",
-                 "battery_level", "charge_state", "x", "y", "yaw", "map_name")
+        names = HISTORY.names
         same = "{a}.org_id = r.org_id AND {a}.robot_sn = r.robot_sn"
         last = (f"(SELECT {{col}} FROM {h} p WHERE {same.format(a='p')}"
                 f" ORDER BY p.ts DESC LIMIT 1)")

@@ -17,6 +17,7 @@ const TRACK = 40;        // positions kept per robot for the floor view
 const TAGS_UP_TO = 30;   // a map with more robots than this draws no name tags
 const FLOOR_UP_TO = 2000; // past this many positioned robots, the floor asks for a filter
 const FLOOR_MS = 1000;   // the floor is redrawn at most this often
+const MARKS_PER_STEP = 100;  // markers placed in one task: a refit moves every one
 const EVENTS_SHOWN = 100;
 const SILENCE_MINUTES = 60;
 const COMMAND_TIMEOUT_S = 10;
@@ -1013,9 +1014,10 @@ function dropRobot(f, sn) {
   f.robots.delete(sn);
 }
 
-// The floor view as steps, one per floor and a last one putting them in place: each runs
-// in its own task (renderRest), as three sites of ~330 robots drawn at once took up to
-// 59 ms, a long task.
+// The floor view as steps, each run in its own task (renderRest): per floor its frame, then
+// its markers MARKS_PER_STEP at a time, then a last step putting the floors in place. Three
+// sites of ~330 robots drawn at once took up to 59 ms, and one floor's refit (every marker
+// moved) 56 ms: long tasks.
 function floorSteps() {
   const byMap = new Map();
   let positioned = 0;
@@ -1039,9 +1041,7 @@ function floorSteps() {
   }
   note.textContent = "";
   const figures = [];
-  const steps = [...byMap].sort().map(([name, robots]) => () => {
-    figures.push(drawFloor(name, robots));
-  });
+  const steps = [...byMap].sort().flatMap(([name, robots]) => floorDrawing(name, robots, figures));
   steps.push(() => {
     for (const name of [...st.floors.keys()]) if (!byMap.has(name)) st.floors.delete(name);
     const now = [...host.children];
@@ -1050,28 +1050,38 @@ function floorSteps() {
   return steps;
 }
 
-// One floor's figure, its markers moved in place (made once per robot).
-function drawFloor(name, robots) {
+// One floor's steps: its figure and frame (the grid redrawn when the frame changes, which
+// moves every marker), its markers placed in slices (made once per robot, then changed in
+// place), and the robots no longer on it dropped.
+function floorDrawing(name, robots, figures) {
   const PAD = 24;
-  let f = st.floors.get(name);
-  if (!f) { f = floorFigure(name); st.floors.set(name, f); }
-  const pts = robots.flatMap((r) => st.tracks.get(trackKey(r)) || [[r.x, r.y]]);
-  const frame = floorFrame(f.frame, pts, f.W, f.H, PAD);
-  if (frame !== f.frame) {  // a new frame moves everything: every marker is rewritten
-    f.frame = frame;
-    drawGrid(f, PAD);
+  let f, sx, sy;
+  const steps = [() => {
+    f = st.floors.get(name);
+    if (!f) { f = floorFigure(name); st.floors.set(name, f); }
+    const pts = robots.flatMap((r) => st.tracks.get(trackKey(r)) || [[r.x, r.y]]);
+    const frame = floorFrame(f.frame, pts, f.W, f.H, PAD);
+    if (frame !== f.frame) {
+      f.frame = frame;
+      drawGrid(f, PAD);
+    }
+    const {cx, cy, k} = frame, {W, H} = f;
+    sx = (x) => W / 2 + (x - cx) * k;
+    sy = (y) => H / 2 - (y - cy) * k;  // y up
+    const caption = `${name} — ${robots.length} robot(s)`;
+    if (f.caption.textContent !== caption) f.caption.textContent = caption;
+    figures.push(f.fig);
+  }];
+  const tagged = robots.length <= TAGS_UP_TO;
+  for (let i = 0; i < robots.length; i += MARKS_PER_STEP) {
+    const slice = robots.slice(i, i + MARKS_PER_STEP);
+    steps.push(() => { for (const r of slice) placeRobot(f, r, sx, sy, tagged); });
   }
-  const {cx, cy, k} = frame, {W, H} = f;
-  const sx = (x) => W / 2 + (x - cx) * k, sy = (y) => H / 2 - (y - cy) * k;  // y up
-  const caption = `${name} — ${robots.length} robot(s)`;
-  if (f.caption.textContent !== caption) f.caption.textContent = caption;
-  const here = new Set();
-  for (const r of robots) {
-    here.add(r.robot_sn);
-    placeRobot(f, r, sx, sy, robots.length <= TAGS_UP_TO);
-  }
-  for (const sn of [...f.robots.keys()]) if (!here.has(sn)) dropRobot(f, sn);
-  return f.fig;
+  steps.push(() => {
+    const here = new Set(robots.map((r) => r.robot_sn));
+    for (const sn of [...f.robots.keys()]) if (!here.has(sn)) dropRobot(f, sn);
+  });
+  return steps;
 }
 
 // -- the robot page's flags (robot.js draws the rest) --------------------------------------

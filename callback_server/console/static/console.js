@@ -53,6 +53,7 @@ const st = {
   tracks: new Map(),
   byRobot: new Map(),    // sn -> {rule -> alert} of its open or acknowledged alerts
   rowEls: new Map(),     // sn -> its table row (only rows in view exist)
+  fleetBox: {height: 0, top: 0},  // the fleet box as its observers last saw it
   changed: new Set(),    // sns whose row must be refilled
   list: [],              // the fleet table's sns, filtered and sorted
   listAt: 0,
@@ -213,6 +214,7 @@ function filterChanged() {
   st.listDirty = true;
   st.listAt = 0;
   document.getElementById("fleet-scroll").scrollTop = 0;  // a new list starts at its top
+  st.fleetBox.top = 0;
   st.alertsDirty = st.eventsDirty = st.gatewaysDirty = st.floorDirty = true;
   st.floorAt = 0;
   const a = st.filter.attention;
@@ -516,11 +518,13 @@ function renderFleet() {
   if (st.listDirty && (!big || performance.now() - st.listAt > RESORT_MS || !st.list.length)) {
     computeList();
   }
-  const box = document.getElementById("fleet-scroll");
+  // the box's height and scroll as last seen by its observers: reading them here would
+  // lay out the whole page (the floor's markers too) inside this task
+  const {height, top: scrolled} = st.fleetBox;
   const n = st.list.length;
-  const count = Math.ceil((box.clientHeight || 600) / ROW_H) + 2 * OVERSCAN;
+  const count = Math.ceil((height || 600) / ROW_H) + 2 * OVERSCAN;
   // a list that shrank under a scrolled box still shows its last rows, never none
-  const first = Math.max(0, Math.min(Math.floor(box.scrollTop / ROW_H) - OVERSCAN, n - count));
+  const first = Math.max(0, Math.min(Math.floor(scrolled / ROW_H) - OVERSCAN, n - count));
   const last = Math.min(n, first + count);
   const want = st.list.slice(first, last);
   const keep = new Set(want);
@@ -1292,7 +1296,9 @@ function wire() {
   });
   const box = document.getElementById("fleet-scroll");
   let pending = false;
+  new ResizeObserver(() => { st.fleetBox.height = box.clientHeight; }).observe(box);
   box.addEventListener("scroll", () => {
+    st.fleetBox.top = box.scrollTop;
     if (pending) return;
     pending = true;
     requestAnimationFrame(() => { pending = false; renderFleet(); });

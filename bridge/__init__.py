@@ -11,10 +11,30 @@ where they are (``__all__``, guarded by tests/test_architecture.py):
 - ``bridge.compat``, whose ``MQTTProxy`` replaces the old gateway's MQTT proxy.
 
 Every other module is the services' own and may move.
+
+Loaded on first use (PEP 562): the client pulls in httpx and, through its command line,
+rich and pygments, ~5 MiB that a service importing ``bridge.envelope`` never needs.
 """
 
-from bridge import compat, errors, transport
-from bridge.client import FleetClient, Subscription
-from bridge.signature import verify_signature
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bridge import compat, errors, transport
+    from bridge.client import FleetClient, Subscription
+    from bridge.signature import verify_signature
 
 __all__ = ["FleetClient", "Subscription", "compat", "errors", "transport", "verify_signature"]
+
+_WHERE = {"FleetClient": "bridge.client", "Subscription": "bridge.client",
+          "verify_signature": "bridge.signature"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("compat", "errors", "transport"):
+        return importlib.import_module(f"bridge.{name}")
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'bridge' has no attribute {name!r}")

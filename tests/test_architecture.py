@@ -9,6 +9,8 @@ import ast
 import importlib
 import inspect
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -193,6 +195,18 @@ def test_the_public_names_are_what_bridge_gives() -> None:
         assert getattr(bridge, name, None) is not None, f"bridge.{name}"
     for name in ("errors", "transport", "compat"):
         assert getattr(bridge, name) is importlib.import_module(f"bridge.{name}")
+
+
+def test_a_service_loads_no_http_client_it_does_not_use() -> None:
+    """The edge agent and the callback server start without httpx (and the rich and
+    pygments its command line brings): ``import bridge`` once loaded them all, ~5 MiB of a
+    gateway's idle memory. The client is loaded by the code that sends a request."""
+    code = ("import sys, edge_agent.service, edge_agent.cli, callback_server.app, "
+            "callback_server.cli, bridge; print(sorted(m for m in ('httpx', 'rich', "
+            "'pygments') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, cwd=ROOT).stdout.strip()
+    assert loaded == "[]"
 
 
 # bridge/ by axis (docs/architecture.md, "Layout"): the MQTT nouns, the exception tree,

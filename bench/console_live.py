@@ -12,6 +12,12 @@ Not part of ``make bench``: it needs chromium and a free Mosquitto, and takes ~1
 reports long tasks, click latency, DOM nodes and page memory, in total and ``over_time``
 (ten equal spans); ``--long`` runs it 10 minutes (default ``--seconds``, 20), ``--profile``
 adds the page's functions by their own CPU time.
+
+Beside the page's long tasks, a stall probe (another process asking for 5 ms sleeps) counts
+the times the machine itself kept a runnable process off both cores for 45 ms or more, and
+how many of the page's long tasks overlap one: on the 2-core machine that also runs the
+load, three edge agents, the server and the database, a task of a few milliseconds can
+take 50 wall-clock ms without the page doing more.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -181,19 +189,64 @@ _OBSERVE = """
 window.__long = [];
 window.__quiet = [];
 new PerformanceObserver((l) => {
-  for (const e of l.getEntries()) window.__long.push([e.startTime, e.duration]);
+  for (const e of l.getEntries()) {
+    window.__long.push([performance.timeOrigin + e.startTime, e.duration]);
+  }
 }).observe({type: "longtask", buffered: true});
 """
-# The long tasks since the last call, as [the page's, the bench's own]: a task overlapping
-# a window in which the bench forced a garbage collection (``_page``, for the heap figure)
-# is the bench's, not the page's.
+# The stall probe: one line "<epoch start s> <ms late>" per 5 ms sleep that woke 45 ms late
+# or more (the process itself waited for a core that long).
+_PROBE = """
+import time
+while True:
+    t = time.time()
+    time.sleep(0.005)
+    late = time.time() - t - 0.005
+    if late >= 0.045:
+        print(f"{t:.3f} {late * 1000:.0f}", flush=True)
+"""
+
+
+class _StallProbe:
+    """The probe process, its lines collected by a thread until ``stop``."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", _PROBE], stdout=subprocess.PIPE,
+                                     text=True)
+        self.stalls: list[tuple[float, float]] = []  # (epoch start s, ms)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            start, ms = line.split()
+            self.stalls.append((float(start), float(ms)))
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self._reader.join(5)
+
+    def since(self, epoch: float) -> list[tuple[float, float]]:
+        return [s for s in self.stalls if s[0] >= epoch]
+
+    def overlapping(self, tasks: list[tuple[float, float]]) -> int:
+        """How many of ``tasks`` (epoch start ms, ms) overlap a stall."""
+        return sum(any(s * 1000 <= t + ms and t <= s * 1000 + sms for s, sms in self.stalls)
+                   for t, ms in tasks)
+
+
+# The long tasks since the last call ([epoch start ms, ms]), as [the page's, the bench's
+# own]: a task overlapping a window in which the bench forced a garbage collection
+# (``_page``, for the heap figure) is the bench's, not the page's.
 _TAKE = """
 const page = [], bench = [];
 for (const [start, ms] of window.__long.splice(0)) {
   const ours = window.__quiet.some(([a, b]) => start <= b && start + ms >= a);
-  (ours ? bench : page).push(ms);
+  (ours ? bench : page).push([start, ms]);
 }
-window.__quiet = window.__quiet.filter(([, b]) => b > performance.now() - 60000);
+window.__quiet = window.__quiet.filter(([, b]) => b > Date.now() - 60000);
 return [page, bench];
 """
 # One click on a sort header, answered when the next frame after it is painted.
@@ -297,7 +350,10 @@ def run_mix(robots: int, seconds: int, rate: int, gateways: int = 3,
             time.sleep(0.2)
 
         samples: list[dict[str, Any]] = []
-        long_tasks: list[float] = []
+        long_tasks: list[tuple[float, float]] = []  # (epoch start ms, ms)
+        probe = _StallProbe()
+        stack.callback(probe.stop)
+        steady_from = time.time()
         driver.set_script_timeout(30)
         pool = stack.enter_context(ThreadPoolExecutor(8))  # a second's webhooks at once
         t0, sent, warm = time.monotonic(), 0, max(5, min(60, seconds // 6))
@@ -312,6 +368,7 @@ def run_mix(robots: int, seconds: int, rate: int, gateways: int = 3,
                 agents[-1].kill()  # one gateway stops: its robots become unknown
             if tick == warm:
                 driver.execute_script("window.__long = []")
+                steady_from = time.time()
                 if profile:
                     driver.execute_cdp_cmd("Profiler.enable", {})
                     driver.execute_cdp_cmd("Profiler.start", {})
@@ -320,13 +377,17 @@ def run_mix(robots: int, seconds: int, rate: int, gateways: int = 3,
                 longs, ours = driver.execute_script(_TAKE)
                 long_tasks += longs
                 samples.append({"t": tick, "click_ms": click, "long_tasks": len(longs),
-                                "long_max_ms": max(longs, default=0), "bench_gc_long": ours,
+                                "long_max_ms": max((ms for _, ms in longs), default=0),
+                                "bench_gc_long": [ms for _, ms in ours],
                                 **_page(driver)})
             time.sleep(max(0.0, t0 + tick - time.monotonic()))
         elapsed = time.monotonic() - t0
         longs, ours = driver.execute_script(_TAKE)
         long_tasks += longs
-        forced = [ms for s in samples for ms in s["bench_gc_long"]] + ours
+        forced = [ms for s in samples for ms in s["bench_gc_long"]] + [ms for _, ms in ours]
+        stalls = probe.since(steady_from)
+        during_stall = probe.overlapping(long_tasks)
+        durations = [ms for _, ms in long_tasks]
         hot = _self_times(driver.execute_cdp_cmd("Profiler.stop", {})["profile"]) \
             if profile else None
         steps = _stats(driver)["slowest"]
@@ -337,8 +398,11 @@ def run_mix(robots: int, seconds: int, rate: int, gateways: int = 3,
         "robots": robots, "seconds": seconds, "webhooks_sent_per_s": round(sent / elapsed, 1),
         "gateways": gateways, "gateway_stopped_at_s": seconds // 3,
         "steady_state_s": round(steady, 1),
-        "long_tasks": len(long_tasks), "long_task_max_ms": round(max(long_tasks, default=0), 1),
-        "long_task_share": round(sum(long_tasks) / 1000 / steady, 3),
+        "long_tasks": len(durations), "long_task_max_ms": round(max(durations, default=0), 1),
+        "long_task_share": round(sum(durations) / 1000 / steady, 3),
+        "long_tasks_during_a_machine_stall": during_stall,
+        "machine_stalls_45ms": len(stalls),
+        "machine_stall_max_ms": max((ms for _, ms in stalls), default=0),
         "page_slowest_step_ms": steps,
         "bench_forced_gc_long_tasks": len(forced),
         "bench_forced_gc_max_ms": round(max(forced, default=0), 1),
@@ -355,9 +419,11 @@ def run_mix(robots: int, seconds: int, rate: int, gateways: int = 3,
 def _page(driver: webdriver.Chrome) -> dict[str, Any]:
     """The page's size now: DOM nodes in the document and alive in the renderer (detached
     ones included: a leak shows there first), and the JS heap after a collection."""
-    before = driver.execute_script("return performance.now()")
+    before = driver.execute_script("return performance.timeOrigin + performance.now()")
     driver.execute_cdp_cmd("HeapProfiler.collectGarbage", {})
-    driver.execute_script("window.__quiet.push([arguments[0], performance.now()])", before)
+    driver.execute_script(
+        "window.__quiet.push([arguments[0], performance.timeOrigin + performance.now()])",
+        before)
     metrics = driver.execute_cdp_cmd("Performance.getMetrics", {})["metrics"]
     used = next(m["value"] for m in metrics if m["name"] == "JSHeapUsedSize")
     counters = driver.execute_cdp_cmd("Memory.getDOMCounters", {})

@@ -41,7 +41,9 @@ def _batches() -> list[bytes]:
 async def _retry(url: str, batches: list[bytes], rounds: int) -> dict[str, int]:
     """``rounds`` × every batch, ``CONCURRENCY`` at a time; the count of each status."""
     statuses: dict[str, int] = {}
-    limits = httpx.Limits(max_connections=CONCURRENCY)
+    # idle connections dropped before the server's 5 s keep-alive closes them: at the same
+    # 5 s (httpx's default) a POST raced the server's close and failed with ReadError
+    limits = httpx.Limits(max_connections=CONCURRENCY, keepalive_expiry=2.0)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
         async def post(body: bytes) -> None:
             r = await client.post("/callback/messages", content=body,

@@ -14,10 +14,11 @@ reports long tasks, click latency, DOM nodes and page memory, in total and ``ove
 adds the page's functions by their own CPU time.
 
 Beside the page's long tasks, a stall probe (another process asking for 5 ms sleeps) counts
-the times the machine itself kept a runnable process off both cores for 45 ms or more, and
-how many of the page's long tasks overlap one: on the 2-core machine that also runs the
-load, three edge agents, the server and the database, a task of a few milliseconds can
-take 50 wall-clock ms without the page doing more.
+the times a waking process waited 45 ms or more for a core, and how many of the page's long
+tasks overlap one: a machine so loaded that a task of a few milliseconds takes 50
+wall-clock ms shows there. It does not see a busy thread's share of the cores shrinking
+(the scheduler favours a process that mostly sleeps), so no stall does not prove a long
+task is the page's own work.
 """
 
 from __future__ import annotations

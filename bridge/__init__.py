@@ -28,13 +28,23 @@ if TYPE_CHECKING:
 
 __all__ = ["FleetClient", "Subscription", "compat", "errors", "transport", "verify_signature"]
 
-_WHERE = {"FleetClient": "bridge.client", "Subscription": "bridge.client",
-          "verify_signature": "bridge.signature"}
+# name -> (module, attribute; None for the module itself)
+_WHERE: dict[str, tuple[str, str | None]] = {
+    "FleetClient": ("bridge.client", "FleetClient"),
+    "Subscription": ("bridge.client", "Subscription"),
+    "verify_signature": ("bridge.signature", "verify_signature"),
+    "compat": ("bridge.compat", None), "errors": ("bridge.errors", None),
+    "transport": ("bridge.transport", None),
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("compat", "errors", "transport"):
-        return importlib.import_module(f"bridge.{name}")
-    if name in _WHERE:
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module 'bridge' has no attribute {name!r}")
+    """The public name, imported on first use and kept (later lookups are plain)."""
+    if name not in _WHERE:
+        raise AttributeError(f"module 'bridge' has no attribute {name!r}")
+    module, attr = _WHERE[name]
+    value = importlib.import_module(module)
+    if attr is not None:
+        value = getattr(value, attr)
+    globals()[name] = value
+    return value

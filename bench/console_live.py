@@ -11,7 +11,8 @@ Not part of ``make bench``: it needs chromium and a free Mosquitto, and takes ~1
 ``--mix 164`` drives the realistic mix through real webhooks and edge agents instead and
 reports long tasks, click latency, DOM nodes and page memory, in total and ``over_time``
 (ten equal spans); ``--long`` runs it 10 minutes (default ``--seconds``, 20), ``--profile``
-adds the page's functions by their own CPU time.
+adds the page's functions by their own CPU time, ``--trace`` the browser's own steps (style,
+layout, paint, script, collection) by their time inside the long tasks.
 
 Beside the page's long tasks, a stall probe (another process asking for 5 ms sleeps) counts
 the times a waking process waited 45 ms or more for a core, and how many of the page's long
@@ -302,8 +303,115 @@ def _self_times(profile: dict[str, Any], top: int = 12) -> list[tuple[str, float
     return [(k, round(v, 1)) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])[:top]]
 
 
+# The renderer's timeline, read through chromedriver's performance log.
+_TRACE_CATEGORIES = "devtools.timeline,disabled-by-default-devtools.timeline,v8"
+
+
+class _Trace:
+    """Where the renderer main thread's time goes, from trace events as they come: each of
+    the browser's own steps (its events' self times) in every task and in the long tasks,
+    and how many of the page's objects each layout redid. A long task mostly spent
+    collecting garbage is counted apart: the bench forces a collection every 5 s."""
+
+    def __init__(self) -> None:
+        self.events: dict[int, list[dict[str, Any]]] = {}  # tid -> complete events
+        self.by_step: dict[str, float] = {}  # inside the long tasks
+        self.all_steps: dict[str, float] = {}  # inside every task
+        self.busy_ms = 0.0
+        self.layouts: list[tuple[float, int | None, int | None]] = []  # (ms, dirty, total)
+        self.tasks: list[dict[str, Any]] = []
+        self.collections = 0
+
+    def take(self, driver: webdriver.Chrome) -> None:
+        for entry in driver.get_log("performance"):  # type: ignore[no-untyped-call]
+            msg = json.loads(entry["message"])["message"]
+            if msg.get("method") != "Tracing.dataCollected":
+                continue
+            e = msg["params"]
+            if e.get("ph") == "X" and "dur" in e:
+                self.events.setdefault(e["tid"], []).append(e)
+        self._digest()
+
+    def _digest(self) -> None:
+        # the renderer's main thread: the one that lays out
+        main = max(self.events, key=lambda t: sum(e["name"] == "Layout" for e in self.events[t]),
+                   default=None)
+        if main is None:
+            return
+        events = sorted(self.events.pop(main), key=lambda e: (e["ts"], -e["dur"]))
+        self.events.clear()
+        task: dict[str, Any] | None = None
+        inner: list[dict[str, Any]] = []
+        for e in [*events, {"name": "RunTask", "ts": float("inf"), "dur": 0}]:
+            if task is not None and e["ts"] < task["ts"] + task["dur"]:
+                inner.append(e)
+                continue
+            if task is not None:
+                self._count(task, inner)
+            task, inner = (e, []) if e["name"] == "RunTask" else (None, [])
+
+    def _count(self, task: dict[str, Any], inner: list[dict[str, Any]]) -> None:
+        for e in inner:  # a layout's size: how many of the page's objects it redid
+            if e["name"] == "Layout":
+                begin = e.get("args", {}).get("beginData", {})
+                self.layouts.append((e["dur"] / 1000, begin.get("dirtyObjects"),
+                                     begin.get("totalObjects")))
+        steps = _self_times_of(task, inner)
+        self.busy_ms += task["dur"] / 1000
+        for name, ms in steps.items():
+            self.all_steps[name] = self.all_steps.get(name, 0.0) + ms
+        if task["dur"] <= 50_000:
+            return
+        if sum(ms for name, ms in steps.items() if name.startswith("V8.GC")) > task["dur"] / 2000:
+            self.collections += 1
+            return
+        for name, ms in steps.items():
+            self.by_step[name] = self.by_step.get(name, 0.0) + ms
+        self.tasks.append({"ms": round(task["dur"] / 1000, 1), "steps": {
+            k: round(v, 1) for k, v in sorted(steps.items(), key=lambda kv: -kv[1])[:6]}})
+
+    def summary(self, seconds: float) -> dict[str, Any]:
+        def share(steps: dict[str, float]) -> dict[str, float]:
+            total = sum(steps.values()) or 1.0
+            return {k: round(v / total, 3)
+                    for k, v in sorted(steps.items(), key=lambda kv: -kv[1])[:10]}
+
+        return {"main_thread_busy_ms_per_s": round(self.busy_ms / seconds, 1),
+                "busy_ms_per_s_by_step": {k: round(v / seconds, 1) for k, v in sorted(
+                    self.all_steps.items(), key=lambda kv: -kv[1])[:10]},
+                "layouts_over_8ms": sum(ms > 8 for ms, _, _ in self.layouts),
+                "largest_layouts_ms_dirty_total": [
+                    [round(ms, 1), dirty, total] for ms, dirty, total in sorted(
+                        self.layouts, key=lambda t: -t[0])[:3]],
+                "long_tasks_traced": len(self.tasks),
+                "long_tasks_mostly_collection": self.collections,
+                "long_task_share_by_step": share(self.by_step),
+                "longest": sorted(self.tasks, key=lambda t: -t["ms"])[:5]}
+
+
+def _self_times_of(task: dict[str, Any], inner: list[dict[str, Any]]) -> dict[str, float]:
+    """Each event's own time (less its children's) inside ``task``, in ms by event name."""
+    spent: dict[str, float] = {}
+    stack: list[tuple[dict[str, Any], float]] = [(task, 0.0)]  # (event, its children's us)
+
+    def close(until: float) -> None:
+        while len(stack) > 1 and stack[-1][0]["ts"] + stack[-1][0]["dur"] <= until:
+            e, children = stack.pop()
+            spent[e["name"]] = spent.get(e["name"], 0.0) + (e["dur"] - children) / 1000
+            parent, theirs = stack[-1]
+            stack[-1] = (parent, theirs + e["dur"])
+
+    for e in inner:
+        close(e["ts"])
+        stack.append((e, 0.0))
+    close(float("inf"))
+    e, children = stack[0]
+    spent["(task itself)"] = spent.get("(task itself)", 0.0) + (e["dur"] - children) / 1000
+    return spent
+
+
 def run_mix(robots: int, seconds: int, rate: int, gateways: int = 3,
-            profile: bool = False) -> dict[str, Any]:
+            profile: bool = False, trace: bool = False) -> dict[str, Any]:
     """The realistic mix through real webhooks and edge agents, one gateway stopped a third in."""
     import random
     from concurrent.futures import ThreadPoolExecutor
@@ -336,6 +444,12 @@ def run_mix(robots: int, seconds: int, rate: int, gateways: int = 3,
         for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
                     "--window-size=1440,1000", "--enable-precise-memory-info"):
             options.add_argument(arg)
+        tracer = _Trace() if trace else None
+        if trace:
+            options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+            options.add_experimental_option("perfLoggingPrefs", {
+                "enableNetwork": False, "enablePage": False,
+                "traceCategories": _TRACE_CATEGORIES})
         driver = webdriver.Chrome(service=ChromeService("/usr/bin/chromedriver"),
                                   options=options)
         stack.callback(driver.quit)
@@ -370,6 +484,8 @@ def run_mix(robots: int, seconds: int, rate: int, gateways: int = 3,
             if tick == warm:
                 driver.execute_script("window.__long = []")
                 steady_from = time.time()
+                if tracer is not None:
+                    driver.get_log("performance")  # type: ignore[no-untyped-call]
                 if profile:
                     driver.execute_cdp_cmd("Profiler.enable", {})
                     driver.execute_cdp_cmd("Profiler.start", {})
@@ -381,8 +497,12 @@ def run_mix(robots: int, seconds: int, rate: int, gateways: int = 3,
                                 "long_max_ms": max((ms for _, ms in longs), default=0),
                                 "bench_gc_long": [ms for _, ms in ours],
                                 **_page(driver)})
+                if tracer is not None:
+                    tracer.take(driver)
             time.sleep(max(0.0, t0 + tick - time.monotonic()))
         elapsed = time.monotonic() - t0
+        if tracer is not None:
+            tracer.take(driver)
         longs, ours = driver.execute_script(_TAKE)
         long_tasks += longs
         forced = [ms for s in samples for ms in s["bench_gc_long"]] + [ms for _, ms in ours]
@@ -414,6 +534,7 @@ def run_mix(robots: int, seconds: int, rate: int, gateways: int = 3,
         "over_time": _over_time(samples),
         "screenshot": str(tmp / "console-bench-mix.png"),
         **({"self_ms_by_function": hot} if hot is not None else {}),
+        **({"trace": tracer.summary(steady)} if tracer is not None else {}),
     }
 
 
@@ -463,10 +584,13 @@ def main() -> None:
                         help="with --mix: run 10 minutes (page memory and DOM over time)")
     parser.add_argument("--profile", action="store_true",
                         help="with --mix: the page's functions by their own CPU time")
+    parser.add_argument("--trace", action="store_true",
+                        help="with --mix: the browser's steps inside the long tasks")
     args = parser.parse_args()
     if args.mix:
         seconds = 600 if args.long else args.seconds
-        print(json.dumps(run_mix(args.robots, seconds, args.mix, profile=args.profile)))
+        print(json.dumps(run_mix(args.robots, seconds, args.mix, profile=args.profile,
+                                    trace=args.trace)))
         return
     print(json.dumps(run(args.robots, args.seconds, watch=not args.baseline)))
 

@@ -172,7 +172,8 @@ def test_viewer_sees_its_org_live_and_operator_acknowledges(
     marker = f'#floor g.marker[data-sn="{sa}"]'
     # the floor is redrawn at most once a second: its marker may follow the table
     drawn = on_page(lambda: viewer.find_elements(By.CSS_SELECTOR, marker), "marker drawn")[0]
-    before = drawn.get_attribute("transform")
+    dot = f"{marker} circle"
+    before = viewer.find_element(By.CSS_SELECTOR, dot).get_attribute("cx")
 
     # -- a new pose moves the marker, a status change shows, without a reload ------------
     fleet.post("acme", "notifyRobotPose", sn=sa, x=6.5, y=-3.0, yaw=90.0)
@@ -180,10 +181,15 @@ def test_viewer_sees_its_org_live_and_operator_acknowledges(
     on_page(lambda: cell(viewer, sa, "pos") == "6.5, -3.0 ∠90°", "pose updated live")
     on_page(lambda: cell(viewer, sa, "status") == "offline", "status updated live")
     def moved() -> str | None:
-        now = viewer.find_element(By.CSS_SELECTOR, marker).get_attribute("transform")
+        now = viewer.find_element(By.CSS_SELECTOR, dot).get_attribute("cx")
         return now if now != before else None
 
-    assert "rotate(-90)" in on_page(moved, "marker moved")
+    on_page(moved, "marker moved")
+    # yaw 90 points up the screen: the heading line goes from the dot straight up
+    x, y = (float(viewer.find_element(By.CSS_SELECTOR, dot).get_attribute(k)) for k in ("cx", "cy"))
+    line = viewer.find_element(By.CSS_SELECTOR, f"{marker} line.heading")
+    x2, y2 = (float(line.get_attribute(k)) for k in ("x2", "y2"))
+    assert abs(x2 - x) < 0.2 and abs((y - y2) - 14) < 0.2
     # moved in place: the same marker, not a redrawn floor
     assert viewer.find_element(By.CSS_SELECTOR, marker) == drawn
     assert viewer.execute_script("return window.__notReloaded") is True

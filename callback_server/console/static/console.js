@@ -505,6 +505,22 @@ function fillRow(tr, r) {
   stats.rowsBuilt += 1;
 }
 
+// Puts ``rows`` (or any children) in ``body`` in this order, moving only the rows out of place: a new event on
+// top is one insertion. Every row taken out and put back (replaceChildren) had the browser
+// build and lay out each again: at 1,000 robots, most of the page's objects every frame.
+function placeRows(body, rows) {
+  let at = body.firstChild;
+  for (const tr of rows) {
+    if (at === tr) at = at.nextSibling;
+    else body.insertBefore(tr, at);
+  }
+  while (at) {
+    const next = at.nextSibling;
+    at.remove();
+    at = next;
+  }
+}
+
 function spacer(h) {
   const tr = el("tr", {class: "spacer", "aria-hidden": "true"});
   const td = el("td", {colspan: "10"});
@@ -550,16 +566,12 @@ function renderFleet() {
   }
   st.changed.clear();
   const body = document.querySelector("#robots tbody");
-  const top = body.firstChild, bottom = body.lastChild;
-  const rows = [...body.children].slice(1, -1);
-  const same = top && top.classList.contains("spacer") && rows.length === trs.length &&
-    trs.every((tr, i) => rows[i] === tr);
-  if (same) {
-    top.firstChild.style.height = `${first * ROW_H}px`;
-    bottom.firstChild.style.height = `${(n - last) * ROW_H}px`;
-  } else {
-    body.replaceChildren(spacer(first * ROW_H), ...trs, spacer((n - last) * ROW_H));
-  }
+  const isSpacer = (tr) => tr?.classList.contains("spacer");
+  const top = isSpacer(body.firstChild) ? body.firstChild : spacer(0);
+  const bottom = body.lastChild !== top && isSpacer(body.lastChild) ? body.lastChild : spacer(0);
+  top.firstChild.style.height = `${first * ROW_H}px`;
+  bottom.firstChild.style.height = `${(n - last) * ROW_H}px`;
+  placeRows(body, [top, ...trs, bottom]);
   document.getElementById("total").textContent = `(${n} shown of ${st.robots.size})`;
   // counts by status over the filtered fleet, and the status, org and site choices
   const counts = new Map(), orgs = new Set(), sites = new Set();
@@ -721,8 +733,7 @@ function renderAlerts(force) {
     for (const id of st.alertRows.keys()) if (!keep.has(id)) st.alertRows.delete(id);
     for (const id of st.selected) if (!keep.has(id)) st.selected.delete(id);
     st.alertOrder = wanted.map((a) => a.id);
-    const now = [...body.children];
-    if (now.length !== rows.length || rows.some((tr, i) => now[i] !== tr)) body.replaceChildren(...rows);
+    placeRows(body, rows);
   }
   const more = document.getElementById("alerts-new");
   more.hidden = !st.alertsPending;
@@ -785,8 +796,7 @@ function renderEvents() {  // keyed: a new event adds one row, the rest stay
   });
   const keep = new Set(list.map((e) => `${e.robot_sn}/${e.event_id}`));
   for (const key of [...st.eventRows.keys()]) if (!keep.has(key)) st.eventRows.delete(key);
-  const body = document.querySelector("#events tbody"), now = [...body.children];
-  if (now.length !== rows.length || rows.some((tr, i) => now[i] !== tr)) body.replaceChildren(...rows);
+  placeRows(document.querySelector("#events tbody"), rows);
   document.getElementById("event-count").textContent = `(latest ${list.length})`;
 }
 
@@ -892,8 +902,7 @@ function renderGateways() {
     fillGateway(tr, key, g);
     rows.push(tr);
   }
-  const now = [...body.children];
-  if (now.length !== rows.length || rows.some((tr, i) => now[i] !== tr)) body.replaceChildren(...rows);
+  placeRows(body, rows);
   document.getElementById("gateway-count").textContent = `(${rows.length})`;
 }
 
@@ -968,20 +977,29 @@ function placeRobot(f, r, sx, sy, tagged) {
   let m = f.robots.get(r.robot_sn);
   if (!m) {
     const g = svg("g", {"data-sn": r.robot_sn});
-    const title = svg("title");
-    g.append(svg("circle", {r: 7}), svg("line", {class: "heading", x1: 0, y1: 0, x2: 14, y2: 0}), title);
-    m = {g, title, track: null, tag: null, at: "", cls: "", tip: "", points: ""};
+    const title = svg("title"), dot = svg("circle", {r: 7}), heading = svg("line", {class: "heading"});
+    g.append(dot, heading, title);
+    m = {g, dot, heading, title, track: null, tag: null, at: "", cls: "", tip: "", points: ""};
     f.marks.append(g);
     f.robots.set(r.robot_sn, m);
   }
   const yaw = typeof r.yaw === "number" ? r.yaw : 0;
   const cls = markerClass(r);
-  const at = `translate(${sx(r.x).toFixed(1)} ${sy(r.y).toFixed(1)}) rotate(${-yaw})`;
+  // placed by coordinates, not a transform: a transform per marker made each its own paint
+  // chunk, and the browser's compositing of 1,000 of them its costliest step
+  const x = sx(r.x), y = sy(r.y), rad = yaw * Math.PI / 180;
+  const at = `${x.toFixed(1)} ${y.toFixed(1)} ${yaw}`;
   if (m.at !== at) {
     m.at = at;
-    m.g.setAttribute("transform", at);
+    m.dot.setAttribute("cx", x.toFixed(1));
+    m.dot.setAttribute("cy", y.toFixed(1));
+    m.heading.setAttribute("x1", x.toFixed(1));
+    m.heading.setAttribute("y1", y.toFixed(1));
+    m.heading.setAttribute("x2", (x + 14 * Math.cos(rad)).toFixed(1));
+    m.heading.setAttribute("y2", (y - 14 * Math.sin(rad)).toFixed(1));
     m.g.setAttribute("data-x", r.x);
     m.g.setAttribute("data-y", r.y);
+    m.g.setAttribute("data-yaw", yaw);
   }
   if (m.cls !== cls) { m.cls = cls; m.g.setAttribute("class", cls); }
   const tip = `${r.robot_sn} (${r.x}, ${r.y}) yaw ${yaw} · ${cls.slice(9)}`;
@@ -1048,8 +1066,7 @@ function floorSteps() {
   const steps = [...byMap].sort().flatMap(([name, robots]) => floorDrawing(name, robots, figures));
   steps.push(() => {
     for (const name of [...st.floors.keys()]) if (!byMap.has(name)) st.floors.delete(name);
-    const now = [...host.children];
-    if (now.length !== figures.length || figures.some((fig, i) => now[i] !== fig)) host.replaceChildren(...figures);
+    placeRows(host, figures);
   });
   return steps;
 }

@@ -17,7 +17,7 @@ const TRACK = 40;        // positions kept per robot for the floor view
 const TAGS_UP_TO = 30;   // a map with more robots than this draws no name tags
 const FLOOR_UP_TO = 2000; // past this many positioned robots, the floor asks for a filter
 const FLOOR_MS = 1000;   // the floor is redrawn at most this often
-const MARKS_PER_STEP = 100;  // markers placed in one task: a refit moves every one
+const MARKS_PER_STEP = 50;  // markers placed in one task: a refit moves every one
 const EVENTS_SHOWN = 100;
 const SILENCE_MINUTES = 60;
 const COMMAND_TIMEOUT_S = 10;
@@ -32,8 +32,9 @@ const SVG = "http://www.w3.org/2000/svg";
 // Counters a test or benchmark reads (frames received, objects, time spent rendering) with
 // import("/console/static/console.js"): the same module instance as the page's.
 // ``hellos`` counts stream (re)connections: more than one means the stream broke.
-// ``slowest`` keeps each step's longest run in ms (fleet, lists, counts, floor, frame), so a
-// long task the benchmark sees can be put down to a step or to the browser's own work.
+// ``slowest`` keeps each step's longest run in ms (fleet, lists, counts, floor, floor-frame,
+// floor-markers, frame), so a long task the benchmark sees can be put down to a step or to
+// the browser's own work.
 export const stats = {hellos: 0, frames: 0, objects: 0, renders: 0, renderMs: 0, floorMs: 0,
   rowsBuilt: 0, ready: false, slowest: {}};
 
@@ -1036,8 +1037,9 @@ function dropRobot(f, sn) {
   f.robots.delete(sn);
 }
 
-// The floor view as steps, each run in its own task (renderRest): per floor its frame, then
-// its markers MARKS_PER_STEP at a time, then a last step putting the floors in place. Three
+// The floor view as [name, step] pairs, each run in its own task (renderRest): per floor its
+// frame, then its markers MARKS_PER_STEP at a time, then a last step putting the floors in
+// place. Three
 // sites of ~330 robots drawn at once took up to 59 ms, and one floor's refit (every marker
 // moved) 56 ms: long tasks.
 function floorSteps() {
@@ -1064,10 +1066,10 @@ function floorSteps() {
   note.textContent = "";
   const figures = [];
   const steps = [...byMap].sort().flatMap(([name, robots]) => floorDrawing(name, robots, figures));
-  steps.push(() => {
+  steps.push(["floor", () => {
     for (const name of [...st.floors.keys()]) if (!byMap.has(name)) st.floors.delete(name);
     placeRows(host, figures);
-  });
+  }]);
   return steps;
 }
 
@@ -1077,7 +1079,7 @@ function floorSteps() {
 function floorDrawing(name, robots, figures) {
   const PAD = 24;
   let f, sx, sy;
-  const steps = [() => {
+  const steps = [["floor-frame", () => {
     f = st.floors.get(name);
     if (!f) { f = floorFigure(name); st.floors.set(name, f); }
     const pts = robots.flatMap((r) => st.tracks.get(trackKey(r)) || [[r.x, r.y]]);
@@ -1092,16 +1094,16 @@ function floorDrawing(name, robots, figures) {
     const caption = `${name} — ${robots.length} robot(s)`;
     if (f.caption.textContent !== caption) f.caption.textContent = caption;
     figures.push(f.fig);
-  }];
+  }]];
   const tagged = robots.length <= TAGS_UP_TO;
   for (let i = 0; i < robots.length; i += MARKS_PER_STEP) {
     const slice = robots.slice(i, i + MARKS_PER_STEP);
-    steps.push(() => { for (const r of slice) placeRobot(f, r, sx, sy, tagged); });
+    steps.push(["floor-markers", () => { for (const r of slice) placeRobot(f, r, sx, sy, tagged); }]);
   }
-  steps.push(() => {
+  steps.push(["floor-markers", () => {
     const here = new Set(robots.map((r) => r.robot_sn));
     for (const sn of [...f.robots.keys()]) if (!here.has(sn)) dropRobot(f, sn);
-  });
+  }]);
   return steps;
 }
 
@@ -1192,9 +1194,9 @@ async function renderRest() {
         st.floorAt = now;
         let steps = [];
         stats.floorMs += timed("floor", () => { steps = floorSteps(); });
-        for (const step of steps) {
+        for (const [name, step] of steps) {
           await nextTask();
-          stats.floorMs += timed("floor", step);
+          stats.floorMs += timed(name, step);
         }
       } else if (st.floorDirty && floorShown) {
         schedule();

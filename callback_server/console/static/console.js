@@ -24,6 +24,8 @@ const COMMAND_TIMEOUT_S = 10;
 const ROW_H = 30;        // px of one fleet row: the table renders only the rows in view
 const OVERSCAN = 10;
 const RESORT_MS = 2000;  // a large fleet's order is recomputed at most this often on updates
+const COUNT_ALWAYS_UP_TO = 500;  // robots counted for the attention strip on every render
+const COUNT_MS = 1000;   // past that, the strip is recounted at most this often
 // What every gateway answers; the rest of its commands (plug-ins included) are read from
 // its own get_status answer, not copied here.
 const GATEWAY_COMMANDS = ["ping", "get_status"];
@@ -64,7 +66,7 @@ const st = {
   alertsPending: 0,
   selected: new Set(),   // alert ids ticked for a bulk action
   pointerInAlerts: false,
-  floorDirty: false, floorAt: 0, attentionAt: 0,
+  floorDirty: false, floorAt: 0, attentionAt: 0, countTimer: null,
   eventsDirty: false, alertsDirty: false, gatewaysDirty: false,
   sort: {key: "robot_sn", dir: 1},
   filter: {q: "", org: "", site: "", status: "", attention: ""},
@@ -214,6 +216,7 @@ function gatewayPasses(g) {
 function filterChanged() {
   st.listDirty = true;
   st.listAt = 0;
+  st.attentionAt = 0;  // the counts follow a new filter at once
   document.getElementById("fleet-scroll").scrollTop = 0;  // a new list starts at its top
   st.fleetBox.top = 0;
   st.alertsDirty = st.eventsDirty = st.gatewaysDirty = st.floorDirty = true;
@@ -1176,11 +1179,16 @@ async function renderRest() {
       });
       await nextTask();
       timed("counts", () => {
-        // every robot's flags, counted: a large fleet's strip is recounted at most once a second
+        // every robot's flags, counted: past COUNT_ALWAYS_UP_TO robots the strip is recounted
+        // at most once a second (a render comes every RENDER_MS while updates arrive), and a
+        // recount put off is rendered when due, updates or not
         const t0 = performance.now();
-        if (st.robots.size <= 5000 || t0 - st.attentionAt >= 1000) {
+        if (st.robots.size <= COUNT_ALWAYS_UP_TO || t0 - st.attentionAt >= COUNT_MS) {
           renderAttention();
           st.attentionAt = t0;
+        } else if (st.countTimer === null) {
+          st.countTimer = setTimeout(() => { st.countTimer = null; schedule(); },
+            COUNT_MS - (t0 - st.attentionAt));
         }
         renderRobotFlags();
       });

@@ -26,7 +26,8 @@ from callback_server.keys import ALL_ORGS, KeyRing, Principal, Role
 from callback_server.sessions import COOKIE, SessionStore, same_origin
 
 __all__ = ["ADMINS", "INGESTERS", "OPERATORS", "READERS", "REFUSAL_REASONS", "Access", "Admin",
-           "Caller", "Ingester", "Operator", "Principal", "Reader", "Rules"]
+           "Caller", "Ingester", "Operator", "Principal", "Reader", "Rules", "access_of",
+           "ingester_of"]
 
 #: The ``reason`` labels of ``callback_auth_refused_total``.
 REFUSAL_REASONS = ("missing", "unknown", "forbidden_role", "foreign_org", "cross_origin")
@@ -251,7 +252,7 @@ def _with_role(roles: tuple[Role, ...], what: str) -> Callable[[Request], Awaita
     return principal
 
 
-async def _ingester(request: Request) -> Principal:
+async def ingester_of(request: Request) -> Principal:
     """``X-Callback-Token`` also names the key here: an AWS IoT Rule sets no bearer."""
     access = _access(request)
     caller = access.principal(request, callback_header=True)
@@ -270,4 +271,4 @@ Operator = Annotated[Principal, Depends(_with_role(OPERATORS, "manage or command
 #: A key with the admin role.
 Admin = Annotated[Principal, Depends(_with_role(ADMINS, "administer the server"))]
 #: A key that may push envelopes to ``POST /callback/messages``.
-Ingester = Annotated[Principal, Depends(_ingester)]
+Ingester = Annotated[Principal, Depends(ingester_of)]

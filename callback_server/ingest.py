@@ -41,10 +41,10 @@ from bridge.topic import (
     channel_for,
     parse_device_topic,
 )
-from callback_server.access import Access, Ingester, Principal, Rules
+from callback_server.access import Access, Ingester, Principal, Rules, access_of, ingester_of
 from callback_server.batcher import Outcome, Reason, Settled
 from callback_server.consumer import consistent, frame_element, handled_by_gateway
-from callback_server.ports import AppHost, Host
+from callback_server.ports import AppHost, Host, app_host
 
 __all__ = ["INGEST_TIMEOUT_SECONDS", "router"]
 
@@ -241,6 +241,19 @@ router = APIRouter()
                                       "retry after Retry-After (idempotent)"}})
 async def ingest(request: Request, principal: Ingester, server: Host, access: Rules,
                  x_mqtt_topic: str | None = Header(default=None)) -> Response:
+    # Reached only if the app's shortcut (``ingest_now``) is bypassed; here for the docs.
+    return await _ingest(request, principal, server, access, x_mqtt_topic)
+
+
+async def ingest_now(request: Request) -> Response:
+    """The route without FastAPI's dependency solving (``bridge.http.shortcut``): the same
+    checks, called in the same order."""
+    return await _ingest(request, await ingester_of(request), await app_host(request),
+                         await access_of(request), request.headers.get("x-mqtt-topic"))
+
+
+async def _ingest(request: Request, principal: Principal, server: AppHost, access: Access,
+                  x_mqtt_topic: str | None) -> Response:
     topic = x_mqtt_topic or NO_TOPIC
     try:
         raw = await read_body(request, server.settings.max_body_bytes)

@@ -33,6 +33,7 @@ from bridge.errors import (
 )
 from bridge.http.error_boundary import error_response, internal_error_response, status_for
 from bridge.http.error_boundary import install as install_error_handlers
+from bridge.http.shortcut import ShortcutApp
 from bridge.outbox import PutResult
 from bridge.pudu.answer import CALLBACK_REQUEST, accepted
 from bridge.pudu.normalize import DOCUMENTED_TYPES, Normalized, normalize
@@ -270,28 +271,13 @@ class _Webhook:
                                 forwarded=forwarded))
 
 
-class _EdgeApp(FastAPI):
-    """FastAPI, except that the webhook's POST skips the whole app stack.
-
-    Every other request (and the OpenAPI docs) goes through FastAPI as usual.
-    """
-
-    webhook: _Webhook | None = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (self.webhook is not None and scope["type"] == "http"
-                and scope["path"] == WEBHOOK_PATH and scope["method"] == "POST"):
-            await self.webhook(scope, receive, send)
-            return
-        await super().__call__(scope, receive, send)
-
-
 def create_app(agent: WebhookHost) -> FastAPI:
     """Build the public app around a running agent."""
     # Only the webhook and its health: /metrics and /docs are on the admin listener.
-    app = _EdgeApp(title="Pudu edge agent", version=agent.version, docs_url=None,
-                   redoc_url=None, openapi_url=None)
-    app.webhook = _Webhook(agent)
+    app = ShortcutApp(title="Pudu edge agent", version=agent.version, docs_url=None,
+                      redoc_url=None, openapi_url=None)
+    app.state.webhook = _Webhook(agent)  # the docs route's too
+    app.raw_shortcut("POST", WEBHOOK_PATH, app.state.webhook)
     app.state.agent = agent
     install_error_handlers(app)
     app.include_router(router)
@@ -305,8 +291,8 @@ router = APIRouter()
 @router.post(WEBHOOK_PATH, openapi_extra=CALLBACK_REQUEST, responses=_WEBHOOK_RESPONSES,
              summary="Receive a Pudu callback and store it durably before answering 200")
 async def pudu_webhook(request: Request) -> Response:
-    # Reached only if _EdgeApp's shortcut is bypassed; it is here for the docs.
-    webhook = request.app.webhook
+    # Reached only if the app's shortcut is bypassed; it is here for the docs.
+    webhook = request.app.state.webhook
     try:
         payload = await webhook.accept(request.scope, request.receive)
     except FleetError as exc:

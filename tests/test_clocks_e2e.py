@@ -25,7 +25,7 @@ async def test_a_gateway_clock_an_hour_behind_is_reported_and_robot_states_still
         tmp_path: Path) -> None:
     async with agent_and_watcher(tmp_path) as (agent, client, inbox), \
             open_store(f"sqlite:///{tmp_path / 'cloud.db'}") as store:
-        agent.app.webhook.clock = lambda: time.time() - 3600  # type: ignore[attr-defined]
+        agent.app.state.webhook.clock = lambda: time.time() - 3600
         robots = ("R1", "R2", "R3", "R4")
         for round_, state in enumerate(("ONLINE", "BUSY", "IDLE")):
             for sn in robots:

@@ -177,7 +177,7 @@ async def test_batches_overlap_yet_are_settled_in_the_order_they_arrived() -> No
     batch committed first is acknowledged only after the earlier ones (MQTT wants
     acknowledgements in the order the messages came)."""
     store = GatedStore()
-    w = BatchWriter(store, batch_max=2)  # type: ignore[arg-type]
+    w = BatchWriter(store, batch_max=2)
     settled: list[str] = []
     for i in range(6):  # three batches of two
         w.submit("org/o/device/d/status", env(f"m{i}"),

@@ -186,9 +186,10 @@ def test_viewer_sees_its_org_live_and_operator_acknowledges(
 
     on_page(moved, "marker moved")
     # yaw 90 points up the screen: the heading line goes from the dot straight up
-    x, y = (float(viewer.find_element(By.CSS_SELECTOR, dot).get_attribute(k)) for k in ("cx", "cy"))
+    circle = viewer.find_element(By.CSS_SELECTOR, dot)
     line = viewer.find_element(By.CSS_SELECTOR, f"{marker} line.heading")
-    x2, y2 = (float(line.get_attribute(k)) for k in ("x2", "y2"))
+    x, y = (float(circle.get_attribute(k) or "nan") for k in ("cx", "cy"))
+    x2, y2 = (float(line.get_attribute(k) or "nan") for k in ("x2", "y2"))
     assert abs(x2 - x) < 0.2 and abs((y - y2) - 14) < 0.2
     # moved in place: the same marker, not a redrawn floor
     assert viewer.find_element(By.CSS_SELECTOR, marker) == drawn

@@ -509,9 +509,10 @@ function fillRow(tr, r) {
   stats.rowsBuilt += 1;
 }
 
-// Puts ``rows`` (or any children) in ``body`` in this order, moving only the rows out of place: a new event on
-// top is one insertion. Every row taken out and put back (replaceChildren) had the browser
-// build and lay out each again: at 1,000 robots, most of the page's objects every frame.
+// Puts ``rows`` (or any children) in ``body`` in this order, moving only those out of place:
+// a new event on top is one insertion. Every row taken out and put back (replaceChildren)
+// had the browser build and lay out each again: at 1,000 robots, most of the page's
+// objects every frame.
 function placeRows(body, rows) {
   let at = body.firstChild;
   for (const tr of rows) {
@@ -1042,9 +1043,8 @@ function dropRobot(f, sn) {
 
 // The floor view as [name, step] pairs, each run in its own task (renderRest): per floor its
 // frame, then its markers MARKS_PER_STEP at a time, then a last step putting the floors in
-// place. Three
-// sites of ~330 robots drawn at once took up to 59 ms, and one floor's refit (every marker
-// moved) 56 ms: long tasks.
+// place. Three sites of ~330 robots drawn at once took up to 59 ms, and one floor's refit
+// (every marker moved) 56 ms: long tasks.
 function floorSteps() {
   const byMap = new Map();
   let positioned = 0;

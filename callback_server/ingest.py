@@ -46,7 +46,7 @@ from callback_server.batcher import Outcome, Reason, Settled
 from callback_server.consumer import consistent, frame_element, handled_by_gateway
 from callback_server.ports import AppHost, Host, app_host
 
-__all__ = ["INGEST_TIMEOUT_SECONDS", "router"]
+__all__ = ["INGEST_TIMEOUT_SECONDS", "ingest_now", "router"]
 
 # An AWS IoT Rule HTTP action gives up after 3 s and retries; answer before that.
 INGEST_TIMEOUT_SECONDS = 2.5

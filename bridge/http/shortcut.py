@@ -11,18 +11,12 @@ when the shortcut is bypassed (a mounted sub-app, a test client on the router).
 
 from __future__ import annotations
 
-import logging
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
-from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
-
-from bridge.errors import FleetError
-from bridge.http.error_boundary import error_response, internal_error_response
-
-log = logging.getLogger(__name__)
 
 Handler = Callable[[Request], Awaitable[Response]]
 ASGI = Callable[[Scope, Receive, Send], Awaitable[None]]
@@ -36,22 +30,28 @@ class ShortcutApp(FastAPI):
         self.shortcuts: dict[tuple[str, str], ASGI] = {}
 
     def shortcut(self, method: str, path: str, handler: Handler) -> None:
-        """Answer ``method path`` with ``handler`` (errors in the one body shape)."""
+        """Answer ``method path`` with ``handler``; what it raises goes to the app's own
+        exception handlers (``error_boundary.install``), as a routed request's would."""
 
         async def answer(scope: Scope, receive: Receive, send: Send) -> None:
             request = Request(scope, receive)
             try:
                 response = await handler(request)
-            except FleetError as exc:
-                response = error_response(exc)
-            except ClientDisconnect:
-                response = Response(status_code=400)  # nobody is left to read it
-            except Exception:
-                log.exception("unexpected error on %s %s", method, path)
-                response = internal_error_response()
+            except Exception as exc:
+                response = await self._handled(request, exc)
             await response(scope, receive, send)
 
         self.shortcuts[(method, path)] = answer
+
+    async def _handled(self, request: Request, exc: Exception) -> Response:
+        """The answer of the app's handler for ``exc``'s nearest class (Starlette's rule);
+        without one, ``exc`` goes on up to the server."""
+        for kind in type(exc).__mro__:
+            handler = self.exception_handlers.get(kind)
+            if handler is not None:
+                response = handler(request, exc)
+                return await response if inspect.isawaitable(response) else response
+        raise exc
 
     def raw_shortcut(self, method: str, path: str, app: ASGI) -> None:
         """Answer ``method path`` with an ASGI callable that sends its own errors."""

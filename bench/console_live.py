@@ -11,8 +11,9 @@ Not part of ``make bench``: it needs chromium and a free Mosquitto, and takes ~1
 ``--mix 164`` drives the realistic mix through real webhooks and edge agents instead and
 reports long tasks, click latency, DOM nodes and page memory, in total and ``over_time``
 (ten equal spans); ``--long`` runs it 10 minutes (default ``--seconds``, 20), ``--profile``
-adds the page's functions by their own CPU time, ``--trace`` the browser's own steps (style,
-layout, paint, script, collection) by their time inside the long tasks.
+adds the page's functions by their own CPU time, ``--trace`` the main thread's time by the
+browser's own steps (script, style, layout, paint, compositing, collection), in every task
+and inside the long tasks, and the size of the largest layouts.
 
 Beside the page's long tasks, a stall probe (another process asking for 5 ms sleeps) counts
 the times a waking process waited 45 ms or more for a core, and how many of the page's long
@@ -585,7 +586,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="with --mix: the page's functions by their own CPU time")
     parser.add_argument("--trace", action="store_true",
-                        help="with --mix: the browser's steps inside the long tasks")
+                        help="with --mix: the main thread's time by the browser's steps")
     args = parser.parse_args()
     if args.mix:
         seconds = 600 if args.long else args.seconds

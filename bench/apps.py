@@ -44,10 +44,11 @@ CALLBACK_TOKEN = "bench-callback-token"
 
 def callback_server(log_dir: Path, name: str, mqtt_url: str, database_url: str, *,
                     client_id: str, share_group: str | None = None,
-                    **extra: str) -> Service:
+                    port: int | None = None, **extra: str) -> Service:
     """``python -m callback_server run`` with a stable client id (persistent session) and
-    the all-org token ``CALLBACK_TOKEN`` (its /metrics takes no less)."""
-    port = free_port()
+    the all-org token ``CALLBACK_TOKEN`` (its /metrics takes no less). ``port``: one
+    already chosen (replicas sharing it with ``CALLBACK_HTTP_REUSE_PORT``)."""
+    port = free_port() if port is None else port
     env = child_env(
         MQTT_URL=mqtt_url,
         DATABASE_URL=database_url,

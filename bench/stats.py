@@ -139,6 +139,11 @@ FIGURES: tuple[Figure, ...] = (
     _f("ingest_http.p99_ms", "POST -> committed answer, p99 at the fixed rate", "ms"),
     _f("ingest_http.vs_naive", "callback server / naive_ingest, 1 per POST", "x"),
     _f("ingest_http.batch10_vs_naive", "callback server / naive_ingest, 10 per POST", "x"),
+    _f("ingest_http.x2_rate", "two callback servers on one port: envelopes committed, 1 per "
+       "POST", "env/s"),
+    _f("ingest_http.x2_cpu_us", "two callback servers: CPU per stored envelope (summed)", "µs"),
+    _f("ingest_http.x2_vs_naive", "two callback servers / naive_ingest (two workers each "
+       "side), 1 per POST", "x"),
     # 9. draining to AWS IoT Core's limits (issue 27)
     _f("aws_drain.single_s", "drain time, single", "s"),
     _f("aws_drain.single_vs_limit", "drain time / (publishes / 100 per s), single", "x"),

@@ -468,7 +468,7 @@ async def serve(settings: CallbackSettings) -> None:
         s = settings
         return [Listener("callback server", s.http_host, s.http_port,
                          make_server(server.app, s.http_host, s.http_port, server.nodelay,
-                                     s.http_limits))]
+                                     s.http_limits), reuse_port=s.http_reuse_port)]
 
     log.info("callback server %s starting, consuming %s", VERSION, server.consumer.filter.value)
     server.readiness.expect("listeners")

@@ -34,6 +34,7 @@ ENV_MAP = {
     "CREDENTIALS_FILE": "credentials_file",
     "CALLBACK_HTTP_HOST": "http_host",
     "CALLBACK_HTTP_PORT": "http_port",
+    "CALLBACK_HTTP_REUSE_PORT": "http_reuse_port",
     "CALLBACK_TOKEN": "callback_token",
     "API_KEYS_FILE": "api_keys_file",
     "SHARE_GROUP": "share_group",
@@ -106,6 +107,8 @@ class CallbackSettings(ServiceSettings, BaseModel):  # BaseModel named: linters 
     credentials_file: str | None = None
     database: DatabaseSource = DatabaseSource()
     http_port: int = Field(3005, ge=0, le=65535)
+    # Replicas on one host share http_port (each sets it; the kernel spreads connections).
+    http_reuse_port: bool = False
     callback_token: SecretStr | None = None
     # Org-scoped, role-bearing API keys (callback_server/keys.py); reloaded on SIGHUP.
     api_keys_file: str | None = None

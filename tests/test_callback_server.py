@@ -19,6 +19,7 @@ from bridge.envelope import Envelope
 from tests.support.dbutil import query
 from tests.support.mariadb_proc import MariadbProcess
 from tests.support.services import callback_server, pick_port
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 BROKER = "mqtt://127.0.0.1:1883"
@@ -147,3 +148,33 @@ def test_retention_prunes_the_message_log_and_keeps_robot_state(tmp_path: Path) 
         assert httpx.get(cs.url + "/robots/R7", headers=cs.auth).json()["battery_level"] == 1
         assert 'callback_rows_pruned_total{table="mqtt_message_log"} 1.0' in \
             httpx.get(cs.url + "/metrics", headers=cs.auth).text
+
+
+def test_replicas_on_one_host_share_the_port_only_when_each_says_so(tmp_path: Path) -> None:
+    """CALLBACK_HTTP_REUSE_PORT: two replicas listen on one port and both take new
+    connections (each has a database of its own here, so where a POST landed shows);
+    a third process without the setting still exits 3 on the taken port."""
+    p = f"t{uuid.uuid4().hex[:8]}"
+    dbs = [f"sqlite:///{tmp_path / f'cb{i}.db'}" for i in range(2)]
+    common = {"TOPIC_PREFIX": p, "CALLBACK_TOKEN": "rule-token", "SHARE_GROUP": p,
+              "CALLBACK_HTTP_REUSE_PORT": "true"}
+    with callback_server(tmp_path, BROKER, dbs[0], name="a", **common) as a:
+        b = callback_server(tmp_path, BROKER, dbs[1], name="b", CALLBACK_HTTP_PORT=str(a.port),
+                            **common)
+        b.port = a.port
+        with b:
+            eventually(lambda: "listening on" in b.log_path.read_text(),
+                       what="replica b listening")
+            topic = f"{p}/org/acme/device/R1/power"
+            for i in range(24):  # a connection each: the kernel picks a replica per connection
+                r = httpx.post(a.url + "/callback/messages", json=envelope("acme", "R1", i),
+                               headers={**TOKEN, "X-Mqtt-Topic": topic})
+                assert r.status_code == 200 and r.json()["stored"] == 1, r.text
+            lonely = subprocess.run(
+                [sys.executable, "-m", "callback_server", "run"], capture_output=True,
+                text=True, timeout=60, check=False,
+                env={**b.env, "CALLBACK_HTTP_REUSE_PORT": "false",
+                     "DATABASE_URL": f"sqlite:///{tmp_path / 'cb2.db'}"})
+    assert lonely.returncode == 3 and "cannot listen on" in lonely.stderr, lonely.stderr
+    took = [len(query(db, "SELECT id FROM mqtt_message_log")) for db in dbs]
+    assert sum(took) == 24 and min(took) > 0, took

@@ -9,19 +9,24 @@ reported beside it. Throughput counts envelopes committed (the server's
 ``callback_messages_stored_total``; the baseline's rows), CPU is the server process's
 (with its children) user + system time divided by those envelopes. Latency: open loop
 at ``pipeline_rate`` single-envelope POSTs per second; the answer comes after the commit.
+
+The baseline runs two gunicorn workers, one per core; so the server is measured again as
+two replicas sharing the port (``CALLBACK_HTTP_REUSE_PORT``, one ``SHARE_GROUP``), their
+envelopes counted in the message log and their CPU summed (``x2_*``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from bench import apps, db
 from bench.baselines.naive_ingest import TABLE, TABLE_DDL
 from bench.loadgen import closed_loop, open_loop
-from bench.procs import Broker, Service, cpu_seconds
+from bench.procs import Broker, Service, cpu_seconds, free_port
 from bench.samples import envelopes
 from bench.scenarios.common import metric, run_async
 from bench.scenarios.profiling import Profiler
@@ -31,6 +36,7 @@ log = logging.getLogger(__name__)
 
 PATH = "/callback/messages"
 TOKEN = apps.CALLBACK_TOKEN
+LOG_TABLE = "mqtt_message_log"  # a row per envelope stored, whichever replica stored it
 HEADERS = f"X-Callback-Token: {TOKEN}\r\n"
 BATCH = 10
 
@@ -77,19 +83,42 @@ class Run:
         return self.stored / self.elapsed if self.elapsed else 0.0
 
 
-def _saturate(ctx: RunContext, svc: Service, bodies: EnvelopeBodies,
+def _saturate(ctx: RunContext, svc: Service | Sequence[Service], bodies: EnvelopeBodies,
               stored: Callable[[], float]) -> Run:
+    """Saturate ``svc`` (or replicas sharing one port); their CPU summed."""
     s = ctx.settings
-    before, cpu0 = stored(), cpu_seconds(svc.pid)
-    res = run_async(closed_loop("127.0.0.1", svc.port, bodies,
+    svcs = [svc] if isinstance(svc, Service) else list(svc)
+
+    def cpu() -> float:
+        return sum(cpu_seconds(one.pid) for one in svcs)
+
+    before, cpu0 = stored(), cpu()
+    res = run_async(closed_loop("127.0.0.1", svcs[0].port, bodies,
                                 duration=s.duration, connections=s.connections, path=PATH,
                                 requests=len(bodies), headers=HEADERS))
-    cpu = cpu_seconds(svc.pid) - cpu0
+    used = cpu() - cpu0
     n = stored() - before
     if res.failed or res.errors or n < res.ok * bodies.batch:
-        raise RuntimeError(f"{svc.name}: {res.ok} answered 2xx, {res.failed} not, "
+        raise RuntimeError(f"{svcs[0].name}: {res.ok} answered 2xx, {res.failed} not, "
                            f"{res.errors} errors, {n:.0f} envelopes stored")
-    return Run(n, res.elapsed, cpu / n * 1e6 if n else float("nan"))
+    return Run(n, res.elapsed, used / n * 1e6 if n else float("nan"))
+
+
+def _replicas(ctx: RunContext, d: Path, broker: Broker, url: str, n: int) -> list[Service]:
+    """``n`` callback servers on one port, started; each has logged its own bind (the
+    shared port's health answers for whichever is up first)."""
+    port, group = free_port(), f"bench-ingest-{ctx.run}-{time.time_ns()}"
+    svcs = [apps.callback_server(d, f"callback-ingest-r{i}", broker.url, url, port=port,
+                                 client_id=f"{group}-{i}", share_group=group,
+                                 CALLBACK_HTTP_REUSE_PORT="true").launch() for i in range(n)]
+    deadline = time.monotonic() + 60
+    for svc in svcs:
+        svc.wait_ready()
+        while "listening on" not in svc.log_tail(100_000):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{svc.name} not listening: {svc.log_tail()}")
+            time.sleep(0.05)  # the log line is the only sign of this replica's bind
+    return svcs
 
 
 def run(ctx: RunContext) -> dict[str, float]:
@@ -133,6 +162,13 @@ def run(ctx: RunContext) -> dict[str, float]:
                 prof.finish()
         finally:
             svc.stop()
+        db.reset(url)
+        svcs = _replicas(ctx, d, broker, url, 2)
+        try:
+            two = _saturate(ctx, svcs, single, lambda: float(db.count(url, LOG_TABLE)))
+        finally:
+            for svc in svcs:
+                svc.stop()
     if res.failed or res.errors:
         raise RuntimeError(f"fixed rate: {res.failed} non-2xx, {res.errors} errors")
     out["ingest_http.rate"] = one.rate
@@ -143,9 +179,14 @@ def run(ctx: RunContext) -> dict[str, float]:
     out["ingest_http.p50_ms"] = res.percentile(50) * 1000
     out["ingest_http.p99_ms"] = res.percentile(99) * 1000
     out["ingest_http.vs_naive"] = one.rate / naive.rate
+    out["ingest_http.x2_rate"] = two.rate
+    out["ingest_http.x2_cpu_us"] = two.cpu_us
+    out["ingest_http.x2_vs_naive"] = two.rate / naive.rate
     out["ingest_http.batch10_vs_naive"] = ten.rate / naive10.rate
     log.info("ingest_http: %.0f envelopes/s (%.0f µs CPU each, %.2fx naive); batches of "
              "10: %.0f/s (%.0f µs); p99 %.1f ms at %.0f/s", one.rate, one.cpu_us,
              out["ingest_http.vs_naive"], ten.rate, ten.cpu_us, out["ingest_http.p99_ms"],
              out["ingest_http.fixed_rate"])
+    log.info("ingest_http, two replicas on one port: %.0f envelopes/s (%.0f µs CPU each, "
+             "%.2fx naive's two workers)", two.rate, two.cpu_us, out["ingest_http.x2_vs_naive"])
     return out

@@ -62,12 +62,18 @@ class Listener:
     host: str
     port: int
     server: uvicorn.Server
+    #: SO_REUSEPORT: processes of the same user that all set it share the port, and the
+    #: kernel spreads new connections between them (replicas on one host); a process
+    #: without it still gets "address in use".
+    reuse_port: bool = False
     sock: socket.socket | None = field(default=None, repr=False)
 
     def bind(self) -> None:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             sock.bind((self.host, self.port))
         except OSError as exc:

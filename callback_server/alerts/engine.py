@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import re
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -46,6 +47,7 @@ from callback_server.alerts.rules import (
     AlertSettings,
     GatewayClock,
     GatewayDisk,
+    Rule,
     backlog_severity,
     battery_severity,
     charging,
@@ -78,6 +80,8 @@ SWEEP_LEASE = "alert-sweep"
 #: store's sane_time): what opens ``robot_clock``. "No robot time" alone does not.
 _CLOCK_NOTE = re.compile(r"is implausible|clock went back|ahead of the (gateway|server) clock")
 STATE_RULES = frozenset({"battery_low", "robot_offline", "robot_silent", "robot_stuck"})
+#: Robots whose subjects are remembered; past this the memory starts again.
+MAX_REMEMBERED = 50_000
 
 
 @dataclass(slots=True)
@@ -91,6 +95,7 @@ class _Robot:
 Decide = Callable[[str | None], str | None]
 
 
+@functools.cache  # a handful of severities: one function each, not one per decision
 def _const(severity: str | None) -> Decide:
     return lambda held: severity
 
@@ -133,6 +138,7 @@ class AlertEngine:
         self.sweeps = 0
         self._queue: collections.deque[tuple[str, Any]] = collections.deque()
         self._wake = asyncio.Event()
+        self._robot_subjects: dict[RobotKey, tuple[Subject, Subject, Subject, Subject]] = {}
 
     # -- inputs (sync: called from the writer and the consumer) --------------------------------
     def observe(self, items: Iterable[tuple[str, Envelope]]) -> None:
@@ -250,45 +256,59 @@ class AlertEngine:
                          watched: dict[RobotKey, dict[str, Any]], now: float, *,
                          heard: bool) -> list[_Decision]:
         """The rules read from a robot's stored state and watch (all but ``robot_fault``).
-        ``heard``: a message of the robot is being evaluated (so it is not silent)."""
+        ``heard``: a message of the robot is being evaluated (so it is not silent).
+
+        Run for every robot of every batch, and nearly always decides "as it was": so a
+        detail (only an opening alert records it) is built only for a severity, and the
+        subjects are remembered."""
         r = self.rules
         decisions: list[_Decision] = []
-        for org, sn in robots:
-            mine = len(decisions)
-            row = state.get((org, sn)) or {}
-            watch = watched.get((org, sn)) or {}
+        for key in robots:
+            row = state.get(key) or {}
+            watch = watched.get(key) or {}
             seen = now if heard or watch.get("seen_at") is None else float(watch["seen_at"])
             first = watch.get("first_seen")
             first = None if first is None else float(first)
+            battery, offline, silent, stuck = self._subjects(key)
 
-            def subject(rule: str, sn: str = sn, org: str = org) -> Subject:
-                return Subject(rule, org, "robot", sn)
+            def known(rule: Rule, decide: Decide, row: dict[str, Any] = row,
+                      first: float | None = first) -> Decide:
+                """A fact not yet known (nor yet absent) decides nothing: it stays as is."""
+                return decide if facts_known(rule, row, first, now) else _held
 
             level = row.get("battery_level")
             on_charge = charging(row.get("charge_state"), _flag(row.get("is_charging")))
-            decisions.append(_Decision(
-                subject("battery_low"),
-                partial(battery_severity, r.battery_low,
-                        None if level is None else float(level), on_charge),
-                {"battery_level": level, "charge_state": row.get("charge_state")}))
-            decisions.append(_Decision(
-                subject("robot_offline"),
-                _const(offline_severity(r.robot_offline, row.get("status"), seen, now)),
-                {"status": row.get("status")}))
-            decisions.append(_Decision(
-                subject("robot_silent"), _const(silent_severity(r.robot_silent, seen, now)),
-                {"seen_at": iso(seen), "silent_seconds": r.robot_silent.silent_seconds}))
-            stuck = watch.get("stuck_since")
-            decisions.append(_Decision(
-                subject("robot_stuck"),
-                _const(stuck_severity(r.robot_stuck,
-                                      None if stuck is None else float(stuck), now)),
-                {"stuck_since": iso(stuck), "move_state": row.get("move_state")}))
-            # A fact not yet known (nor yet absent) decides nothing: the alert stays as is.
-            decisions[mine:] = [
-                d if facts_known(r.rule(d.subject.rule), row, first, now)
-                else replace(d, decide=_held) for d in decisions[mine:]]
+            decisions.append(_Decision(battery, known(r.battery_low, partial(
+                battery_severity, r.battery_low, None if level is None else float(level),
+                on_charge)), {"battery_level": level, "charge_state": row.get("charge_state")}))
+            severity = offline_severity(r.robot_offline, row.get("status"), seen, now)
+            decisions.append(_Decision(offline, known(r.robot_offline, _const(severity)),
+                                       {"status": row.get("status")}))
+            severity = silent_severity(r.robot_silent, seen, now)
+            decisions.append(_Decision(silent, known(r.robot_silent, _const(severity)), {
+                "seen_at": iso(seen), "silent_seconds": r.robot_silent.silent_seconds,
+            } if severity is not None else {}))
+            since = watch.get("stuck_since")
+            severity = stuck_severity(r.robot_stuck, None if since is None else float(since),
+                                      now)
+            decisions.append(_Decision(stuck, known(r.robot_stuck, _const(severity)), {
+                "stuck_since": iso(since), "move_state": row.get("move_state"),
+            } if severity is not None else {}))
         return decisions
+
+    def _subjects(self, key: RobotKey) -> tuple[Subject, Subject, Subject, Subject]:
+        """The state rules' subjects for robot ``key`` (org, sn), made once."""
+        made = self._robot_subjects.get(key)
+        if made is None:
+            if len(self._robot_subjects) >= MAX_REMEMBERED:
+                self._robot_subjects.clear()
+            org, sn = key
+            made = self._robot_subjects[key] = (
+                Subject("battery_low", org, "robot", sn),
+                Subject("robot_offline", org, "robot", sn),
+                Subject("robot_silent", org, "robot", sn),
+                Subject("robot_stuck", org, "robot", sn))
+        return made
 
     async def _recheck(self, made: list[Transition], now: float, *,
                        heard: bool) -> list[Transition]:

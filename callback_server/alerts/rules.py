@@ -34,7 +34,7 @@ def rank(severity: str | None) -> int:
     return SEVERITIES.index(severity) if severity in SEVERITIES else -1
 
 
-class _Rule(BaseModel):
+class Rule(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     enabled: bool = True
@@ -51,7 +51,7 @@ class _Rule(BaseModel):
         return 0.0
 
 
-class RobotOffline(_Rule):
+class RobotOffline(Rule):
     """Status ``offline``, or no message for ``silent_seconds``."""
 
     title: ClassVar[str] = "Robot offline"
@@ -65,7 +65,7 @@ class RobotOffline(_Rule):
         return self.silent_seconds
 
 
-class BatteryLow(_Rule):
+class BatteryLow(Rule):
     """One escalating rule: at or below each threshold while not charging."""
 
     title: ClassVar[str] = "Battery low"
@@ -96,7 +96,7 @@ class BatteryLow(_Rule):
         return (("critical", self.critical), ("high", self.high), ("warning", self.warning))
 
 
-class RobotFault(_Rule):
+class RobotFault(Rule):
     """An event of one of ``levels``; resolves after ``clear_seconds`` with no new one."""
 
     title: ClassVar[str] = "Robot fault"
@@ -105,7 +105,7 @@ class RobotFault(_Rule):
     clear_seconds: float = Field(default=1800.0, gt=0)
 
 
-class RobotStuck(_Rule):
+class RobotStuck(Rule):
     title: ClassVar[str] = "Robot stuck"
     severity: Severity = "high"
     for_seconds: float = Field(default=120.0, ge=0)
@@ -116,12 +116,12 @@ class RobotStuck(_Rule):
         return self.for_seconds
 
 
-class GatewayOffline(_Rule):
+class GatewayOffline(Rule):
     title: ClassVar[str] = "Gateway offline"
     severity: Severity = "high"
 
 
-class GatewayBacklog(_Rule):
+class GatewayBacklog(Rule):
     """Opens above ``max_age_seconds``; resolves only below it minus ``hysteresis_seconds``,
     so heartbeats of 301, 299, 302 s keep one alert open instead of three."""
 
@@ -138,7 +138,7 @@ class GatewayBacklog(_Rule):
         return self
 
 
-class GatewayDisk(_Rule):
+class GatewayDisk(Rule):
     """The heartbeat's free space on the outbox's filesystem: ``severity`` below
     ``min_free_mb`` (a warning before it is full), ``full_severity`` while the heartbeat
     says the outbox cannot write; resolves above ``min_free_mb + hysteresis_mb``."""
@@ -151,7 +151,7 @@ class GatewayDisk(_Rule):
     hysteresis_mb: float = Field(default=32.0, ge=0)
 
 
-class RobotClock(_Rule):
+class RobotClock(Rule):
     """A robot time that was not used (before the product existed, or too far ahead) or
     a confirmed clock reset (bridge/clock.py, noted in the envelope); resolves after
     ``clear_seconds`` without a new one."""
@@ -161,7 +161,7 @@ class RobotClock(_Rule):
     clear_seconds: float = Field(default=3600.0, gt=0)
 
 
-class GatewayClock(_Rule):
+class GatewayClock(Rule):
     """The heartbeat's ``gateway_clock_offset_s`` (the gateway's clock against its robots')
     beyond ``max_offset_seconds`` either way; resolves when it is back within the bound
     less ``hysteresis_seconds``."""
@@ -172,13 +172,13 @@ class GatewayClock(_Rule):
     hysteresis_seconds: float = Field(default=60.0, ge=0)
 
 
-class RobotSilent(_Rule):
+class RobotSilent(Rule):
     title: ClassVar[str] = "Robot silent"
     severity: Severity = "warning"
     silent_seconds: float = Field(default=1800.0, gt=0)
 
 
-class PollFailed(_Rule):
+class PollFailed(Rule):
     """A gateway's Pudu poll run failed (every shop, or with ``on_partial`` some); its next
     run without that resolves."""
 
@@ -187,7 +187,7 @@ class PollFailed(_Rule):
     on_partial: bool = False
 
 
-class PollSlow(_Rule):
+class PollSlow(Rule):
     """A poll run took longer than ``max_seconds`` (start to end); a quicker run resolves."""
 
     title: ClassVar[str] = "Cloud poll slow"
@@ -215,9 +215,9 @@ class Rules(BaseModel):
     def enabled(self, rule: str) -> bool:
         return bool(getattr(self, rule).enabled)
 
-    def rule(self, name: str) -> _Rule:
+    def rule(self, name: str) -> Rule:
         """The settings of the rule called ``name``."""
-        rule: _Rule = getattr(self, name)
+        rule: Rule = getattr(self, name)
         return rule
 
 
@@ -260,7 +260,7 @@ def load_alert_settings(path: str | None) -> AlertSettings:
 
 
 # -- decisions -------------------------------------------------------------------------------
-def facts_known(rule: _Rule, row: Mapping[str, Any], first_seen: float | None,
+def facts_known(rule: Rule, row: Mapping[str, Any], first_seen: float | None,
                 now: float) -> bool:
     """Whether ``rule`` may decide on a robot's stored ``row`` now.
 
@@ -271,9 +271,13 @@ def facts_known(rule: _Rule, row: Mapping[str, Any], first_seen: float | None,
     ``battery_low`` for the split second before its charge state arrives, and one that
     never reports a charge state still gets it.
     """
-    if all(any(row.get(column) is not None for column in group) for group in rule.facts):
-        return True
-    return first_seen is None or now - first_seen >= rule.absent_after()
+    for group in rule.facts:  # loops, not nested generators: run per robot per batch
+        for column in group:
+            if row.get(column) is not None:
+                break
+        else:
+            return first_seen is None or now - first_seen >= rule.absent_after()
+    return True
 
 
 #: Normalised ``charge_state`` values (lower-cased Pudu ``charge_stage``) that count as

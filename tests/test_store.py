@@ -843,6 +843,36 @@ async def test_any_text_reaches_the_log_as_built(store: SqlStore, texts: list[st
     assert got == {row[0]: (row[1], row[2], row[6], row[9]) for row in built}
 
 
+_STATE_TEXT = ("status", "charge_state", "move_state", "map_name")
+_STATE_NUMBERS = ("battery_level", "is_charging", "x", "y", "z", "yaw", "last_ts")
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(_ANY_TEXT, min_size=1, max_size=4),
+       numbers=st.lists(st.floats(allow_nan=False, allow_infinity=False), min_size=4,
+                        max_size=4))
+async def test_any_state_reaches_the_robot_row_as_built(
+        store: SqlStore, texts: list[str], numbers: list[float]) -> None:
+    """Each robot's state row holds exactly what build_rows made of its messages, whatever
+    their text and numbers: the robot rows, too, go to MySQL as one JSON parameter."""
+    x, y, z, yaw = numbers
+    batch = []
+    for i, t in enumerate(texts):
+        sn = f"V{uuid.uuid4().hex[:12]}"
+        batch += [item(env(sn, "status", 1000.0 + i, status=t, charge_state=t, move_state=t,
+                           battery_level=i * 30, is_charging=i % 2)),
+                  item(env(sn, "pose", 1001.0 + i, x=x, y=y, z=z, yaw=yaw, map_name=t))]
+    built = {row[0]: dict(zip(ROBOT_ROW, row, strict=True))
+             for row in build_rows(batch, now=time.time()).robots}
+    await store.write_batch(batch)
+    for sn, want in built.items():
+        got = await robot(store, sn)
+        assert {c: got[c] for c in _STATE_TEXT} == {c: want[c] for c in _STATE_TEXT}
+        assert {c: None if got[c] is None else float(got[c]) for c in _STATE_NUMBERS} == \
+            {c: None if want[c] is None else float(want[c]) for c in _STATE_NUMBERS}
+
+
 async def test_without_json_table_the_log_is_written_row_by_row(
         db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A MySQL older than 8.0.4 (MariaDB before 10.6) has no JSON_TABLE: migrate says so
@@ -859,5 +889,7 @@ async def test_without_json_table_the_log_is_written_row_by_row(
         await store.write_batch([item(e), item(env("J", "status", 6.0, status="idle"))])
         logged = await store.backend.fetch("SELECT id FROM mqtt_message_log")
         events = await store.backend.fetch("SELECT event_id FROM robot_events")
+        state = await robot(store, "J")  # the robot rows too
     assert e.id in {r["id"] for r in logged} and len(logged) == 2
     assert [r["event_id"] for r in events] == ["x1"]
+    assert state["status"] == "idle"

@@ -269,7 +269,7 @@ class SqlStore:
         statements: list[Statement] = [
             _bulk(self._log_sql, self._log_json, rows.log),
             _bulk(self._event_sql, self._event_json, rows.events),
-            (self.dialect.robot_upsert(STATE_TABLE, horizon), rows.robots),
+            self._robot_upsert(horizon, rows.robots),
             (self._runs_sql, rows.runs)]
         pairs = [(r[1], r[0]) for r in rows.robots]
         for i in range(0, len(pairs), _HISTORY_CHUNK):
@@ -287,6 +287,12 @@ class SqlStore:
         return BatchResult(messages=len(items), logged=counts[0], events=counts[1],
                            robots=len(rows.robots), skewed=rows.skewed,
                            duplicate_ids=duplicates)
+
+    def _robot_upsert(self, horizon: float, robots: list[tuple[Any, ...]]) -> Statement:
+        """The robot rows' upsert; one JSON parameter where the dialect expands one."""
+        as_json = self._log_json is not None
+        sql = self.dialect.robot_upsert(STATE_TABLE, horizon, as_json=as_json)
+        return _bulk(sql, sql if as_json else None, robots)
 
     def _refuse_unfit(self, items: Sequence[Item]) -> None:
         """StoreRejectedError for the first envelope whose sn or event id does not fit a

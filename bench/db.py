@@ -64,6 +64,26 @@ def execute(url: str, sql: str) -> None:
 NO_SUCH_TABLE = 1146
 
 
+def statements(url: str) -> int:
+    """Statements the server has run since it started (``Questions``: every client's)."""
+    with connect(url) as conn, conn.cursor() as cur:
+        cur.execute("SHOW GLOBAL STATUS LIKE 'Questions'")
+        return int(cur.fetchone()[1])
+
+
+def server_pid(url: str) -> int | None:
+    """The database server's PID, when it runs on this machine and says where its PID file
+    is (to count its CPU beside the product's); None otherwise."""
+    with connect(url) as conn, conn.cursor() as cur:
+        cur.execute("SELECT @@pid_file")
+        path = cur.fetchone()[0]
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, TypeError, ValueError):
+        return None
+
+
 def count(url: str, table: str) -> int:
     """Rows in ``table``; 0 while it does not exist yet (the service creates it)."""
     with connect(url) as conn, conn.cursor() as cur:

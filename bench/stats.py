@@ -126,10 +126,18 @@ FIGURES: tuple[Figure, ...] = (
     _f("ingest_http.naive_rate", "naive_ingest: envelopes committed, 1 per POST (baseline)",
        "env/s"),
     _f("ingest_http.naive_cpu_us", "naive_ingest CPU per stored envelope (app only)", "µs"),
+    _f("ingest_http.naive_statements", "naive_ingest: database statements per envelope",
+       "stmt/env"),
+    _f("ingest_http.naive_db_cpu_us", "naive_ingest: the database server's CPU per envelope",
+       "µs"),
     _f("ingest_http.naive_batch10_rate", "naive_ingest: envelopes committed, 10 per POST",
        "env/s"),
     _f("ingest_http.rate", "callback server: envelopes committed, 1 per POST", "env/s"),
     _f("ingest_http.cpu_us", "callback server CPU per stored envelope, 1 per POST", "µs"),
+    _f("ingest_http.statements", "callback server: database statements per envelope",
+       "stmt/env"),
+    _f("ingest_http.db_cpu_us", "callback server: the database server's CPU per envelope",
+       "µs"),
     _f("ingest_http.batch10_rate", "callback server: envelopes committed, 10 per POST",
        "env/s"),
     _f("ingest_http.batch10_cpu_us", "callback server CPU per stored envelope, 10 per POST",
@@ -142,6 +150,10 @@ FIGURES: tuple[Figure, ...] = (
     _f("ingest_http.x2_rate", "two callback servers on one port: envelopes committed, 1 per "
        "POST", "env/s"),
     _f("ingest_http.x2_cpu_us", "two callback servers: CPU per stored envelope (summed)", "µs"),
+    _f("ingest_http.x2_statements", "two callback servers: database statements per envelope",
+       "stmt/env"),
+    _f("ingest_http.x2_db_cpu_us", "two callback servers: the database server's CPU per "
+       "envelope", "µs"),
     _f("ingest_http.x2_vs_naive", "two callback servers / naive_ingest (two workers each "
        "side), 1 per POST", "x"),
     # 9. draining to AWS IoT Core's limits (issue 27)

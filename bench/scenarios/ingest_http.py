@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 PATH = "/callback/messages"
 TOKEN = apps.CALLBACK_TOKEN
-LOG_TABLE = "mqtt_message_log"  # a row per envelope stored, whichever replica stored it
 HEADERS = f"X-Callback-Token: {TOKEN}\r\n"
 BATCH = 10
 
@@ -77,6 +76,8 @@ class Run:
     stored: float
     elapsed: float
     cpu_us: float  # per stored envelope
+    db_cpu_us: float  # the database server's, per stored envelope
+    statements: float  # statements the database ran, per stored envelope
 
     @property
     def rate(self) -> float:
@@ -84,24 +85,31 @@ class Run:
 
 
 def _saturate(ctx: RunContext, svc: Service | Sequence[Service], bodies: EnvelopeBodies,
-              stored: Callable[[], float]) -> Run:
-    """Saturate ``svc`` (or replicas sharing one port); their CPU summed."""
+              stored: Callable[[], float], db_pid: int | None) -> Run:
+    """Saturate ``svc`` (or replicas sharing one port); their CPU summed, and the
+    database server's (``db_pid``) beside it."""
     s = ctx.settings
     svcs = [svc] if isinstance(svc, Service) else list(svc)
 
     def cpu() -> float:
         return sum(cpu_seconds(one.pid) for one in svcs)
 
-    before, cpu0 = stored(), cpu()
+    def db_cpu() -> float:
+        return cpu_seconds(db_pid) if db_pid is not None else float("nan")
+
+    before, cpu0, db0, q0 = stored(), cpu(), db_cpu(), db.statements(ctx.settings.database_url)
     res = run_async(closed_loop("127.0.0.1", svcs[0].port, bodies,
                                 duration=s.duration, connections=s.connections, path=PATH,
                                 requests=len(bodies), headers=HEADERS))
-    used = cpu() - cpu0
+    used, db_used = cpu() - cpu0, db_cpu() - db0
     n = stored() - before
+    ran = db.statements(ctx.settings.database_url) - q0
     if res.failed or res.errors or n < res.ok * bodies.batch:
         raise RuntimeError(f"{svcs[0].name}: {res.ok} answered 2xx, {res.failed} not, "
                            f"{res.errors} errors, {n:.0f} envelopes stored")
-    return Run(n, res.elapsed, used / n * 1e6 if n else float("nan"))
+    if not n:
+        return Run(n, res.elapsed, float("nan"), float("nan"), float("nan"))
+    return Run(n, res.elapsed, used / n * 1e6, db_used / n * 1e6, ran / n)
 
 
 def _replicas(ctx: RunContext, d: Path, broker: Broker, url: str, n: int) -> list[Service]:
@@ -129,19 +137,22 @@ def run(ctx: RunContext) -> dict[str, float]:
     need = max(2_000, int(s.duration * 2_500))
     single, batched = _bodies(need, 1, s.robots), _bodies(need // 4, BATCH, s.robots)
     out: dict[str, float] = {}
+    db_pid = db.server_pid(url)
 
     db.reset(url)
     db.execute(url, TABLE_DDL)
     with apps.naive_webhook(d, url, "naive_ingest") as svc:
         def rows() -> float:
             return float(db.count(url, TABLE))
-        naive = _saturate(ctx, svc, single, rows)
-        naive10 = _saturate(ctx, svc, batched, rows)
+        naive = _saturate(ctx, svc, single, rows, db_pid)
+        naive10 = _saturate(ctx, svc, batched, rows, db_pid)
     out["ingest_http.naive_rate"] = naive.rate
     out["ingest_http.naive_cpu_us"] = naive.cpu_us
+    out["ingest_http.naive_db_cpu_us"] = naive.db_cpu_us
+    out["ingest_http.naive_statements"] = naive.statements
     out["ingest_http.naive_batch10_rate"] = naive10.rate
-    log.info("naive_ingest: %.0f envelopes/s (%.0f µs CPU each); batches of 10: %.0f/s",
-             naive.rate, naive.cpu_us, naive10.rate)
+    log.info("naive_ingest: %.0f envelopes/s (%.0f µs CPU each, the database %.0f); batches "
+             "of 10: %.0f/s", naive.rate, naive.cpu_us, naive.db_cpu_us, naive10.rate)
 
     db.reset(url)
     with Broker(d / "broker") as broker:
@@ -149,8 +160,8 @@ def run(ctx: RunContext) -> dict[str, float]:
                                    client_id=f"bench-ingest-{ctx.run}-{time.time_ns()}")
         svc.start()
         try:
-            one = _saturate(ctx, svc, single, lambda: _stored(svc))
-            ten = _saturate(ctx, svc, batched, lambda: _stored(svc))
+            one = _saturate(ctx, svc, single, lambda: _stored(svc), db_pid)
+            ten = _saturate(ctx, svc, batched, lambda: _stored(svc), db_pid)
             fixed = _bodies(int(s.pipeline_rate * s.rate_duration), 1, s.robots)
             res = run_async(open_loop("127.0.0.1", svc.port, fixed,
                                       rate=s.pipeline_rate, duration=s.rate_duration,
@@ -158,14 +169,15 @@ def run(ctx: RunContext) -> dict[str, float]:
                                       headers=HEADERS))
             if s.profile and ctx.run == 0:  # an extra pass, not reported: py-spy slows it
                 prof = Profiler(ctx, svc.pid, "callback-ingest-http", s.duration)
-                _saturate(ctx, svc, _bodies(need, 1, s.robots), lambda: _stored(svc))
+                _saturate(ctx, svc, _bodies(need, 1, s.robots), lambda: _stored(svc), db_pid)
                 prof.finish()
         finally:
             svc.stop()
         db.reset(url)
         svcs = _replicas(ctx, d, broker, url, 2)
         try:
-            two = _saturate(ctx, svcs, single, lambda: float(db.count(url, LOG_TABLE)))
+            two = _saturate(ctx, svcs, single, lambda: float(db.count(url, db.LOG_TABLE)),
+                            db_pid)
         finally:
             for svc in svcs:
                 svc.stop()
@@ -173,6 +185,8 @@ def run(ctx: RunContext) -> dict[str, float]:
         raise RuntimeError(f"fixed rate: {res.failed} non-2xx, {res.errors} errors")
     out["ingest_http.rate"] = one.rate
     out["ingest_http.cpu_us"] = one.cpu_us
+    out["ingest_http.db_cpu_us"] = one.db_cpu_us
+    out["ingest_http.statements"] = one.statements
     out["ingest_http.batch10_rate"] = ten.rate
     out["ingest_http.batch10_cpu_us"] = ten.cpu_us
     out["ingest_http.fixed_rate"] = res.ok_per_second
@@ -181,10 +195,13 @@ def run(ctx: RunContext) -> dict[str, float]:
     out["ingest_http.vs_naive"] = one.rate / naive.rate
     out["ingest_http.x2_rate"] = two.rate
     out["ingest_http.x2_cpu_us"] = two.cpu_us
+    out["ingest_http.x2_db_cpu_us"] = two.db_cpu_us
+    out["ingest_http.x2_statements"] = two.statements
     out["ingest_http.x2_vs_naive"] = two.rate / naive.rate
     out["ingest_http.batch10_vs_naive"] = ten.rate / naive10.rate
-    log.info("ingest_http: %.0f envelopes/s (%.0f µs CPU each, %.2fx naive); batches of "
-             "10: %.0f/s (%.0f µs); p99 %.1f ms at %.0f/s", one.rate, one.cpu_us,
+    log.info("ingest_http: %.0f envelopes/s (%.0f µs CPU each, the database %.0f, %.2fx naive);"
+             " batches of 10: %.0f/s (%.0f µs); p99 %.1f ms at %.0f/s", one.rate, one.cpu_us,
+             one.db_cpu_us,
              out["ingest_http.vs_naive"], ten.rate, ten.cpu_us, out["ingest_http.p99_ms"],
              out["ingest_http.fixed_rate"])
     log.info("ingest_http, two replicas on one port: %.0f envelopes/s (%.0f µs CPU each, "

@@ -159,6 +159,11 @@ class CallbackSettings(ServiceSettings, BaseModel):  # BaseModel named: linters 
 
     @model_validator(mode="after")
     def _defaults(self) -> CallbackSettings:
+        if self.http_reuse_port and not self.mqtt_client_id and self.mqtt_backend != "memory":
+            # the default id names the host: replicas of one host would take each other's
+            # broker session, each connect dropping the other
+            raise ValueError("http_reuse_port (CALLBACK_HTTP_REUSE_PORT) runs replicas on one "
+                             "host: give each its own MQTT_CLIENT_ID")
         if not self.mqtt_client_id:
             host = socket.gethostname().split(".")[0]
             object.__setattr__(self, "mqtt_client_id", f"callback-server-{host}")

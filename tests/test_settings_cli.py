@@ -96,6 +96,20 @@ def test_a_user_less_mysql_url_without_a_secret_fails_check_config(tmp_path: Pat
     assert "s3cret-pw" not in done.stdout + done.stderr
 
 
+def test_replicas_sharing_a_port_must_each_name_their_mqtt_client(tmp_path: Path) -> None:
+    """The default client id names the host: two replicas of one host would take each
+    other's broker session, so CALLBACK_HTTP_REUSE_PORT without MQTT_CLIENT_ID is refused."""
+    env = {"CALLBACK_HTTP_REUSE_PORT": "true", "DATABASE_URL": f"sqlite:///{tmp_path / 'c.db'}"}
+    done = cli("callback_server", "check-config", env=env)
+    assert done.returncode == 1, done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "give each its own MQTT_CLIENT_ID" in lines[0], done.stderr
+    assert "Value error" not in lines[0]
+    done = cli("callback_server", "check-config", env={**env, "MQTT_CLIENT_ID": "cs-a"})
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["http_reuse_port"] is True
+
+
 def test_a_dotenv_file_is_not_read_and_check_config_says_so(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("PORT=9000\n")
     done = cli("edge_agent", "check-config", env=_edge(tmp_path), cwd=tmp_path)

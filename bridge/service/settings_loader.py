@@ -278,7 +278,8 @@ def load_settings(
             if ways:
                 ways.append(f"'{where}' in the file")
             hint = f" ({', or '.join(ways)})" if ways else ""
-            return f"{where}: {err['msg']}{hint}"
+            msg = str(err["msg"]).removeprefix("Value error, ")  # pydantic's, not ours
+            return f"{where}: {msg}{hint}"
 
         problems = "; ".join(describe(err) for err in exc.errors())
         raise ConfigError(f"invalid configuration: {problems}") from exc

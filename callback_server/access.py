@@ -27,7 +27,7 @@ from callback_server.sessions import COOKIE, SessionStore, same_origin
 
 __all__ = ["ADMINS", "INGESTERS", "OPERATORS", "READERS", "REFUSAL_REASONS", "Access", "Admin",
            "Caller", "Ingester", "Operator", "Principal", "Reader", "Rules", "access_of",
-           "ingester_of"]
+           "header", "ingester_of"]
 
 #: The ``reason`` labels of ``callback_auth_refused_total``.
 REFUSAL_REASONS = ("missing", "unknown", "forbidden_role", "foreign_org", "cross_origin")

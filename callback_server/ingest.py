@@ -41,7 +41,15 @@ from bridge.topic import (
     channel_for,
     parse_device_topic,
 )
-from callback_server.access import Access, Ingester, Principal, Rules, access_of, ingester_of
+from callback_server.access import (
+    Access,
+    Ingester,
+    Principal,
+    Rules,
+    access_of,
+    header,
+    ingester_of,
+)
 from callback_server.batcher import Outcome, Reason, Settled
 from callback_server.consumer import consistent, frame_element, handled_by_gateway
 from callback_server.ports import AppHost, Host, app_host
@@ -249,7 +257,7 @@ async def ingest_now(request: Request) -> Response:
     """The route without FastAPI's dependency solving (``bridge.http.shortcut``): the same
     checks, called in the same order."""
     return await _ingest(request, await ingester_of(request), await app_host(request),
-                         await access_of(request), request.headers.get("x-mqtt-topic"))
+                         await access_of(request), header(request, b"x-mqtt-topic") or None)
 
 
 async def _ingest(request: Request, principal: Principal, server: AppHost, access: Access,

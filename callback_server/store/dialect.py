@@ -216,9 +216,7 @@ class Dialect:
         sets += [take(f"{g}_ts", f"{g}_ts") for g in STATE_GROUPS]
         sets.append(take("last_ts", "last_ts"))
         if as_json and self.mysql:
-            columns = tuple(STATE.column(name) for name in ROBOT_ROW)
-            insert = (f"INSERT INTO {self.quote(table)} ({', '.join(ROBOT_ROW)}) "
-                      f"{_select_json(columns)}")
+            insert = f"INSERT INTO {self.quote(table)} ({', '.join(ROBOT_ROW)}) {_ROBOT_JSON}"
         else:
             insert = self.insert(table, ROBOT_ROW)
         return f"{insert} {head} {', '.join(sets)}"
@@ -277,7 +275,6 @@ class Dialect:
         return f"INSERT INTO {h} ({', '.join(names)}) {select} {update}"
 
 
-
 _JSON_TYPES = {"key": "VARCHAR({}) CHARACTER SET utf8mb4",
                "str": "VARCHAR({}) CHARACTER SET utf8mb4",
                "text": "LONGTEXT CHARACTER SET utf8mb4", "int": "BIGINT", "bool": "TINYINT",
@@ -292,3 +289,7 @@ def _select_json(columns: Sequence[Column]) -> str:
                          for i, c in enumerate(columns))
     picked = ", ".join(f"c{i}" for i in range(len(columns)))
     return f"SELECT {picked} FROM JSON_TABLE(%s, '$[*]' COLUMNS ({expanded})) AS jt"
+
+
+#: The robot rows' SELECT from one JSON parameter: the same every batch, made once.
+_ROBOT_JSON = _select_json(tuple(STATE.column(name) for name in ROBOT_ROW))

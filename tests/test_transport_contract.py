@@ -1,5 +1,5 @@
-"""One contract over every transport: memory (in process), paho (the shared Mosquitto)
-and awsiot (awscrt against a Mosquitto that requires client certificates). What the
+"""One contract over every transport: memory (in process), paho and crt (the shared
+Mosquitto) and awsiot (awscrt against a Mosquitto that requires client certificates). What the
 product relies on from a broker: async QoS 1 acks, order, wildcard and shared routing,
 retained messages, persistent sessions that redeliver what was not acknowledged."""
 
@@ -19,6 +19,7 @@ Make = Callable[..., Transport]
 BACKENDS = [
     pytest.param("memory", id="memory"),
     pytest.param("paho", id="paho", marks=pytest.mark.integration),
+    pytest.param("crt", id="crt", marks=pytest.mark.integration),
     pytest.param("awsiot", id="awsiot", marks=pytest.mark.integration),
 ]
 
@@ -33,7 +34,7 @@ def make(request: pytest.FixtureRequest) -> Make:
         extra: dict[str, object] = {}
         if backend == "memory":
             url = f"mqtt://{broker}"
-        elif backend == "paho":
+        elif backend in ("paho", "crt"):
             url = "mqtt://127.0.0.1:1883"
         else:
             tls_broker, pki = request.getfixturevalue("tls_broker"), \

@@ -40,7 +40,7 @@ def mqtt_transport(problems: list[str], backend: str,
     """The transport the service would start (nothing connects yet), or None."""
     if backend in IN_PROCESS_BACKENDS:
         problems.append(f"MQTT_BACKEND: {backend!r} is an in-process broker for tests and "
-                        "the demo; a service needs paho or awsiot")
+                        "the demo; a service needs paho, crt or awsiot")
         return None
     mqtt = build(problems, "MQTT_URL", settings)
     if not isinstance(mqtt, MqttSettings):
@@ -54,7 +54,7 @@ def mqtt_transport(problems: list[str], backend: str,
 
 def tls_pair(problems: list[str], backend: str, mqtt: MqttSettings) -> None:
     """The client certificate and key load *together*, as the backend will load them at
-    connect: awscrt's TLS context for awsiot (a key that is not the certificate's fails
+    connect: awscrt's TLS context for crt and awsiot (a key that is not the certificate's fails
     ``run`` with "Failed to create tls context" otherwise), Python's ssl for paho."""
     files = mqtt.tls_files
     if not (files.cert_file and files.key_file):
@@ -63,7 +63,7 @@ def tls_pair(problems: list[str], backend: str, mqtt: MqttSettings) -> None:
         if not readable_file(problems, setting, Path(path)):
             return
     try:
-        if backend == "awsiot":
+        if backend in ("crt", "awsiot"):
             from awscrt import io
 
             options = io.TlsContextOptions.create_client_with_mtls_from_path(

@@ -143,7 +143,7 @@ class ServiceSettings(Settings, BaseModel):  # BaseModel named: linters see a mo
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     mqtt_url: str = "mqtt://127.0.0.1:1883"
-    mqtt_backend: Literal["paho", "awsiot", "memory"] = "paho"  # memory: tests, demo
+    mqtt_backend: Literal["paho", "crt", "awsiot", "memory"] = "paho"  # memory: tests, demo
     # Stable across restarts so the broker finds our persistent session (and what it
     # held in flight for us) again; empty: each service names itself (its _defaults).
     mqtt_client_id: str = ""

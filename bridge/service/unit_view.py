@@ -36,7 +36,8 @@ UNIT_DIRS = ("/etc/systemd/system", "/run/systemd/system", "/usr/local/lib/syste
              "/usr/lib/systemd/system", "/lib/systemd/system")
 _CLONE_NEWNS = 0x00020000
 _API_FS = ("/proc", "/sys", "/dev")
-_PRELOAD = ("bridge.transport.paho", "bridge.transport.awsiot", "awscrt.io", "ssl",
+_PRELOAD = ("bridge.transport.paho", "bridge.transport.crt",
+            "bridge.transport.awsiot", "awscrt.io", "ssl",
             "sqlite3", "encodings.idna", "uuid", "logging.handlers")
 
 

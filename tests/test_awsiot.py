@@ -50,6 +50,21 @@ async def test_publish_is_acked_and_subscriptions_deliver(
     assert [m.payload for m in seen] == echoed
 
 
+async def test_awscrt_itself_keeps_a_connection_under_aws_iots_100_publishes_a_second(
+        tls_broker: TlsBroker, pki: Pki) -> None:
+    """Behind the publisher's own pacing, awscrt's (AWS_IOT_CORE_DEFAULTS): whatever
+    publishes through this transport never trips AWS's throttling."""
+    transport = create_transport("awsiot", settings(tls_broker, pki, clean_start=True))
+    async with transport:
+        await asyncio.wait_for(transport.wait_connected(), 10)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.wait_for(asyncio.gather(
+            *(transport.publish(f"paced/{i}", b"x", qos=1) for i in range(250))), 20)
+        elapsed = loop.time() - started
+    assert elapsed >= 1.4  # 250 at 100/s, whatever burst the bucket starts with
+
+
 async def test_a_withheld_ack_is_redelivered_to_the_rejoined_session(
         tls_broker: TlsBroker, pki: Pki) -> None:
     topic = f"test/{uuid.uuid4().hex[:8]}/held"

@@ -9,9 +9,7 @@ aside) instead of getting the connection closed by AWS, as it would be.
 
 from __future__ import annotations
 
-import logging
-
-from awscrt import io
+from awscrt import io, mqtt5
 
 from bridge.errors import (
     ConfigError,
@@ -23,8 +21,6 @@ from bridge.errors import (
 from bridge.topic import AWS_MAX_TOPIC_BYTES
 from bridge.transport.base import MqttSettings, refused_topic
 from bridge.transport.crt import CrtTransport
-
-log = logging.getLogger(__name__)
 
 MAX_PAYLOAD = 128 * 1024
 MAX_TOPIC_BYTES = AWS_MAX_TOPIC_BYTES
@@ -51,6 +47,9 @@ class AwsIotTransport(CrtTransport):
 
     backend = "awsiot"
     label = "AWS IoT"
+    # awscrt keeps under AWS IoT Core's 100 publishes/s and 512 KiB/s too (as the SDK's
+    # builder sets it), behind the publisher's own pacing.
+    flow_control = mqtt5.ExtendedValidationAndFlowControlOptions.AWS_IOT_CORE_DEFAULTS
     max_payload = MAX_PAYLOAD
 
     def __init__(self, settings: MqttSettings) -> None:

@@ -56,6 +56,8 @@ class CrtTransport(Transport):
     #: The MQTT_BACKEND name, and who the log lines name.
     backend = "crt"
     label = "MQTT (awscrt)"
+    #: awscrt's own checks and flow control beyond MQTT 5's (AWS IoT Core's limits there).
+    flow_control = mqtt5.ExtendedValidationAndFlowControlOptions.NONE
 
     def __init__(self, settings: MqttSettings) -> None:
         super().__init__()
@@ -124,6 +126,7 @@ class CrtTransport(Transport):
             tls_ctx=tls,
             connect_options=connect,
             session_behavior=session,
+            extended_validation_and_flow_control_options=self.flow_control,
             offline_queue_behavior=(
                 mqtt5.ClientOperationQueueBehaviorType.FAIL_QOS0_PUBLISH_ON_DISCONNECT),
             retry_jitter_mode=mqtt5.ExponentialBackoffJitterMode.FULL,

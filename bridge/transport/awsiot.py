@@ -20,7 +20,7 @@ from bridge.errors import (
 )
 from bridge.topic import AWS_MAX_TOPIC_BYTES
 from bridge.transport.base import MqttSettings, refused_topic
-from bridge.transport.crt import CrtTransport
+from bridge.transport.crt import CrtTransport, tls_options
 
 MAX_PAYLOAD = 128 * 1024
 MAX_TOPIC_BYTES = AWS_MAX_TOPIC_BYTES
@@ -62,17 +62,13 @@ class AwsIotTransport(CrtTransport):
     def check_publish(self, topic: str, payload: bytes, qos: int) -> None:
         check_aws_limits(topic, payload, qos)
 
-    def _tls_context(self) -> io.ClientTlsContext:
-        """Always mutual TLS, whatever the URL's scheme; on port 443 with AWS's ALPN."""
-        s = self.settings
-        files = s.tls_files
-        options = io.TlsContextOptions.create_client_with_mtls_from_path(
-            files.cert_file, files.key_file)
-        if files.ca_file:
-            options.override_default_trust_store_from_path(None, files.ca_file)
-        if s.port == 443 and io.is_alpn_available():
+    def _tls_options(self) -> io.TlsContextOptions:
+        """Always mutual TLS (``__init__`` required the pair), whatever the URL's scheme;
+        on port 443 with AWS's ALPN."""
+        options = tls_options(self.settings.tls_files)
+        if self.settings.port == 443 and io.is_alpn_available():
             options.alpn_list = ["x-amzn-mqtt-ca"]
-        return io.ClientTlsContext(options)
+        return options
 
     def _refusal(self, topic: str, payload: bytes, qos: int) -> PublishRefusedError | None:
         if (invalid := refused_topic(topic)) is not None:

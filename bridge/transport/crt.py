@@ -38,6 +38,7 @@ from bridge.errors import ConfigError, NotConnectedError, PublishRefusedError, T
 from bridge.transport.base import (
     InboundMessage,
     MqttSettings,
+    TlsFiles,
     Transport,
     refused_future,
     refused_topic,
@@ -48,6 +49,19 @@ log = logging.getLogger(__name__)
 _QOS_NOT_SUPPORTED = 0x9B
 #: Seconds a thread holding the GIL may run before one of awscrt's threads gets it.
 SWITCH_INTERVAL = 0.0005
+
+
+def tls_options(files: TlsFiles) -> io.TlsContextOptions:
+    """The system's trust store or MQTT_CA_FILE, and a client certificate when both
+    MQTT_CERT_FILE and MQTT_KEY_FILE are given."""
+    if files.cert_file and files.key_file:
+        options = io.TlsContextOptions.create_client_with_mtls_from_path(
+            files.cert_file, files.key_file)
+    else:
+        options = io.TlsContextOptions()
+    if files.ca_file:
+        options.override_default_trust_store_from_path(None, files.ca_file)
+    return options
 
 
 class CrtTransport(Transport):
@@ -81,21 +95,9 @@ class CrtTransport(Transport):
         return 1
 
     # -- construction -------------------------------------------------------------
-    def _tls_context(self) -> io.ClientTlsContext | None:
-        """TLS for ``mqtts://``: the system's trust store or MQTT_CA_FILE, and a client
-        certificate when both MQTT_CERT_FILE and MQTT_KEY_FILE are given."""
-        s = self.settings
-        if not s.tls:
-            return None
-        files = s.tls_files
-        if files.cert_file and files.key_file:
-            options = io.TlsContextOptions.create_client_with_mtls_from_path(
-                files.cert_file, files.key_file)
-        else:
-            options = io.TlsContextOptions()
-        if files.ca_file:
-            options.override_default_trust_store_from_path(None, files.ca_file)
-        return io.ClientTlsContext(options)
+    def _tls_options(self) -> io.TlsContextOptions | None:
+        """TLS for ``mqtts://`` only."""
+        return tls_options(self.settings.tls_files) if self.settings.tls else None
 
     def _build_client(self) -> mqtt5.Client:
         s = self.settings
@@ -107,7 +109,8 @@ class CrtTransport(Transport):
                    else mqtt5.ClientSessionBehaviorType.REJOIN_ALWAYS)
         files = s.tls_files
         try:
-            tls = self._tls_context()
+            options = self._tls_options()
+            tls = io.ClientTlsContext(options) if options is not None else None
         except Exception as exc:  # awscrt raises its own AwsCrtError on unusable files
             raise ConfigError(f"cannot build the {self.label} client (cert {files.cert_file}, "
                               f"key {files.key_file}, ca {files.ca_file}): {exc}") from exc

@@ -35,6 +35,7 @@ ENV_MAP = {
     "CALLBACK_HTTP_HOST": "http_host",
     "CALLBACK_HTTP_PORT": "http_port",
     "CALLBACK_HTTP_REUSE_PORT": "http_reuse_port",
+    "CALLBACK_REPLICA": "replica",
     "CALLBACK_TOKEN": "callback_token",
     "API_KEYS_FILE": "api_keys_file",
     "SHARE_GROUP": "share_group",
@@ -109,6 +110,10 @@ class CallbackSettings(ServiceSettings, BaseModel):  # BaseModel named: linters 
     http_port: int = Field(3005, ge=0, le=65535)
     # Replicas on one host share http_port (each sets it; the kernel spreads connections).
     http_reuse_port: bool = False
+    # This replica's name among several on one host (the systemd template's instance,
+    # callback-server@2): implies http_reuse_port, suffixes the MQTT client id, and puts
+    # the replicas in one share group unless share_group names one.
+    replica: str | None = None
     callback_token: SecretStr | None = None
     # Org-scoped, role-bearing API keys (callback_server/keys.py); reloaded on SIGHUP.
     api_keys_file: str | None = None
@@ -150,7 +155,7 @@ class CallbackSettings(ServiceSettings, BaseModel):  # BaseModel named: linters 
                              "shows the last 24 h")
         return value
 
-    @field_validator("share_group")
+    @field_validator("share_group", "replica")
     @classmethod
     def _group(cls, v: str | None) -> str | None:
         if v and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v):
@@ -159,14 +164,21 @@ class CallbackSettings(ServiceSettings, BaseModel):  # BaseModel named: linters 
 
     @model_validator(mode="after")
     def _defaults(self) -> CallbackSettings:
-        if self.http_reuse_port and not self.mqtt_client_id and self.mqtt_backend != "memory":
+        if self.replica:
+            object.__setattr__(self, "http_reuse_port", True)
+            if not self.share_group:
+                object.__setattr__(self, "share_group", "callback-server")
+        if self.http_reuse_port and not self.mqtt_client_id and not self.replica \
+                and self.mqtt_backend != "memory":
             # the default id names the host: replicas of one host would take each other's
             # broker session, each connect dropping the other
             raise ValueError("http_reuse_port (CALLBACK_HTTP_REUSE_PORT) runs replicas on one "
-                             "host: give each its own MQTT_CLIENT_ID")
+                             "host: give each its own MQTT_CLIENT_ID, or CALLBACK_REPLICA")
         if not self.mqtt_client_id:
             host = socket.gethostname().split(".")[0]
             object.__setattr__(self, "mqtt_client_id", f"callback-server-{host}")
+        if self.replica:
+            object.__setattr__(self, "mqtt_client_id", f"{self.mqtt_client_id}-{self.replica}")
         secret = self.database.secret_name
         if self.database_password is not None:
             object.__setattr__(self, "database_url", with_password(

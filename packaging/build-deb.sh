@@ -91,6 +91,7 @@ done
 sed -i "s#^api_keys_file: null #api_keys_file: /etc/callback-server/keys.yaml #" \
   "$FILES/templates/callback-server.yaml"
 sed "s/@PYVER@/$PYVER/g" "$HERE/packaging/scripts/postrm" > "$FILES/postrm"
+bash "$HERE/systemd/install.sh" replica-unit > "$FILES/callback-server@.service"
 
 mkdir -p "$OUT"
 CONFIG=$STAGE/nfpm-$ARCH.yaml
@@ -127,6 +128,8 @@ contents:
     dst: /lib/systemd/system/edge-agent.service
   - src: $HERE/systemd/callback-server.service
     dst: /lib/systemd/system/callback-server.service
+  - src: $FILES/callback-server@.service
+    dst: /lib/systemd/system/callback-server@.service
   - src: $HERE/systemd/sysusers.conf
     dst: /usr/lib/sysusers.d/$PKG.conf
   - src: $HERE/systemd/tmpfiles.conf

@@ -5,6 +5,7 @@
 #   install.sh uninstall [DESTDIR=...]          stops and disables the units (live root);
 #                                               keeps /etc/* config and /var/lib/* data
 #   install.sh wheelhouse WHEELHOUSE=dir [PLATFORM=manylinux2014_aarch64 PYVER=3.11]
+#   install.sh replica-unit                     prints callback-server@.service
 #
 # Idempotent: a second install changes no file's content or mode (pip's byte-code caches
 # aside). Config files under /etc are written only when absent, never overwritten.
@@ -28,6 +29,7 @@ OLD_UNITDIR=/etc/systemd/system  # where installs before issue 26 put them
 SYSUSERS=/usr/lib/sysusers.d/pudu-fleet-bridge.conf
 TMPFILES=/usr/lib/tmpfiles.d/pudu-fleet-bridge.conf
 SERVICES=(edge-agent callback-server)
+REPLICA=callback-server@  # the template: callback-server@1, @2... share the HTTP port
 
 log() { echo "install: $*" >&2; }
 
@@ -39,6 +41,25 @@ put() {
   fi
   install -D -m "$mode" "$src" "$dest"
   log "wrote $dest"
+}
+
+# The callback server's unit as a template of replicas on one host (one per core: a
+# replica is one Python process), made from the unit itself so the two cannot drift.
+# CALLBACK_REPLICA=%i shares the port and suffixes the MQTT client id; the replicas and
+# the single unit conflict, as they would on the port.
+replica_unit() {
+  sed -e 's#^Description=.*#&, replica %i#' \
+      -e '/^After=/a Conflicts=callback-server.service' \
+      -e '/^EnvironmentFile=/a Environment=CALLBACK_REPLICA=%i' \
+      "$HERE/systemd/callback-server.service"
+}
+
+# The template's instances with an enable link (systemctl enable callback-server@2).
+enabled_replicas() {
+  local link
+  for link in "$DESTDIR"/etc/systemd/system/*.wants/"$REPLICA"*.service; do
+    if [ -L "$link" ]; then basename "$link"; fi
+  done | sort -u
 }
 
 dir() {  # dir PATH MODE
@@ -208,6 +229,9 @@ install_files() {
       log "wrote $config (edit it)"
     fi
   done
+  local replicas=$tmp/$REPLICA.service
+  replica_unit > "$replicas"
+  put "$DESTDIR$UNITDIR/$REPLICA.service" "$replicas" 0644
   # API keys (hashes only): root writes them (`keys add`), the service's group reads them.
   local keys=$DESTDIR/etc/callback-server/keys.yaml
   [ -e "$keys" ] || { printf 'keys: []\n' > "$keys" && chmod 0640 "$keys"; }
@@ -223,7 +247,8 @@ apply_live() {
   for svc in "${SERVICES[@]}"; do chgrp pudu-bridge "/etc/$svc" "/etc/$svc/config.yaml" 2>/dev/null || true; done
   chgrp pudu-bridge /etc/callback-server/keys.yaml 2>/dev/null || true
   if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
-  log "enable with: systemctl enable --now edge-agent   (or callback-server)"
+  log "enable with: systemctl enable --now edge-agent   (or callback-server," \
+      "or replicas: callback-server@1 callback-server@2)"
 }
 
 uninstall() {
@@ -235,7 +260,13 @@ uninstall() {
         systemctl disable --now "$svc.service" || log "could not disable $svc.service"
       fi
     done
+    local unit
+    for unit in $(enabled_replicas); do
+      systemctl disable --now "$unit" || log "could not disable $unit"
+    done
+    systemctl stop "$REPLICA*.service" || true  # started, never enabled
   fi
+  rm -f "$DESTDIR$UNITDIR/$REPLICA.service"
   for svc in "${SERVICES[@]}"; do
     rm -f "$DESTDIR$UNITDIR/$svc.service"
     if [ -f "$DESTDIR$OLD_UNITDIR/$svc.service" ] \
@@ -291,5 +322,6 @@ case "$ACTION" in
   venv) prerequisites; install_venv ;;  # the program only (packaging/build-deb.sh)
   uninstall) uninstall ;;
   wheelhouse) prerequisites; wheelhouse ;;
-  *) echo "usage: $0 install|uninstall|wheelhouse|venv" >&2; exit 2 ;;
+  replica-unit) replica_unit ;;  # packaging/build-deb.sh
+  *) echo "usage: $0 install|uninstall|wheelhouse|venv|replica-unit" >&2; exit 2 ;;
 esac

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import uuid
@@ -178,3 +179,37 @@ def test_replicas_on_one_host_share_the_port_only_when_each_says_so(tmp_path: Pa
     assert lonely.returncode == 3 and "cannot listen on" in lonely.stderr, lonely.stderr
     took = [len(query(db, "SELECT id FROM mqtt_message_log")) for db in dbs]
     assert sum(took) == 24 and min(took) > 0, took
+
+
+def test_replicas_named_as_the_systemd_template_names_them_split_the_stream(
+        tmp_path: Path) -> None:
+    """callback-server@1 and @2 share one environment file (one MQTT_CLIENT_ID, no share
+    group, no reuse-port setting): CALLBACK_REPLICA alone lets the second take the first's
+    port, and gives each a broker session of its own in one share group, so every
+    message is stored once and both take some (one id for both would drop a session at
+    each connect)."""
+    p = f"t{uuid.uuid4().hex[:8]}"
+    dbs = [f"sqlite:///{tmp_path / f'cb{i}.db'}" for i in range(2)]
+    common = {"TOPIC_PREFIX": p, "MQTT_CLIENT_ID": f"cs-{p}"}
+    with callback_server(tmp_path, BROKER, dbs[0], name="a", CALLBACK_REPLICA="1",
+                         **common) as a:
+        b = callback_server(tmp_path, BROKER, dbs[1], name="b", CALLBACK_HTTP_PORT=str(a.port),
+                            CALLBACK_REPLICA="2", **common)
+        b.port = a.port
+        with b:
+            eventually(lambda: "listening on" in b.log_path.read_text(),
+                       what="replica b listening")
+            client = mqtt.Client(CallbackAPIVersion.VERSION2)
+            client.connect("127.0.0.1", 1883)
+            client.loop_start()
+            for i in range(40):
+                body = json.dumps(envelope("acme", f"R{i}", i)).encode()
+                client.publish(f"{p}/org/acme/device/R{i}/power", body, qos=1) \
+                    .wait_for_publish()
+            client.disconnect()
+            client.loop_stop()
+            took = eventually(
+                lambda: [len(query(db, "SELECT id FROM mqtt_message_log")) for db in dbs],
+                accept=lambda t: sum(t) >= 40, ignoring=(sqlite3.OperationalError,),
+                what="40 messages stored")
+    assert sum(took) == 40 and min(took) > 0, took

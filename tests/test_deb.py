@@ -204,6 +204,8 @@ def clean_machine() -> Iterator[None]:
             subprocess.run(["dpkg", "--purge", PKG], capture_output=True, check=False)
         for path in LEFT_BEHIND:
             shutil.rmtree(path, ignore_errors=True)
+        for link in Path("/etc/systemd/system").glob("*.wants/callback-server@*.service"):
+            link.unlink()
         if not had_user:
             subprocess.run(["userdel", "pudu-bridge"], capture_output=True, check=False)
             subprocess.run(["groupdel", "pudu-bridge"], capture_output=True, check=False)
@@ -249,6 +251,29 @@ def test_install_upgrade_remove_purge(debs: dict[str, Path], clean_machine: None
     assert drop_in.read_text() == "[Service]\nEnvironment=LOG_LEVEL=DEBUG\n"
     assert "org_id: acme" in config.read_text()  # the conffile keeps the admin's edits
 
+    # 3b. The admin runs the callback server as two replicas (the template's instances,
+    #     enabled): a reinstall stops and restarts those, and neither enables nor starts
+    #     the single unit, which would conflict with them on the port.
+    template = Path("/lib/systemd/system/callback-server@.service").read_text()
+    assert "Environment=CALLBACK_REPLICA=%i" in template
+    assert "Conflicts=callback-server.service" in template
+    cs_config = Path("/etc/callback-server/config.yaml")
+    cs_config.write_text(cs_config.read_text() + "# configured\n")
+    wants = Path("/etc/systemd/system/multi-user.target.wants")
+    wants.mkdir(parents=True, exist_ok=True)
+    replicas = [wants / f"callback-server@{i}.service" for i in (1, 2)]
+    for link in replicas:
+        link.symlink_to("/lib/systemd/system/callback-server@.service")
+    run(env, "dpkg", "-i", str(debs["amd64-2"]))
+    assert calls(log) == ["deb-systemd-invoke stop edge-agent.service",
+                          "deb-systemd-invoke stop callback-server.service",
+                          "deb-systemd-invoke stop callback-server@1.service",
+                          "deb-systemd-invoke stop callback-server@2.service",
+                          "deb-systemd-helper enable edge-agent.service",
+                          "deb-systemd-invoke restart edge-agent.service",
+                          "deb-systemd-invoke restart callback-server@1.service",
+                          "deb-systemd-invoke restart callback-server@2.service"]
+
     # 4. The installed agent runs and holds an undelivered entry (the broker is away).
     agent = edge_agent(tmp_path, f"mqtt://127.0.0.1:{pick_port()}", org="acme",
                        OUTBOX_PATH="/var/lib/edge-agent/outbox.db")
@@ -261,10 +286,14 @@ def test_install_upgrade_remove_purge(debs: dict[str, Path], clean_machine: None
                 "edge-agent", "--config", str(config), "outbox", "stats").stdout
     assert json.loads(stats)["depth"] == 1
 
-    # 5. Remove: stopped, program gone, config and data kept.
+    # 5. Remove: stopped, program gone, config and data kept; the replicas' enable
+    #    links, which would name a unit that is gone, go too.
     run(env, "dpkg", "--remove", PKG)
-    assert calls(log)[:2] == ["deb-systemd-invoke stop edge-agent.service",
-                              "deb-systemd-invoke stop callback-server.service"]
+    assert calls(log)[:4] == ["deb-systemd-invoke stop edge-agent.service",
+                              "deb-systemd-invoke stop callback-server.service",
+                              "deb-systemd-invoke stop callback-server@1.service",
+                              "deb-systemd-invoke stop callback-server@2.service"]
+    assert not any(link.is_symlink() for link in replicas)
     assert not Path("/opt/pudu-fleet-bridge").exists() and shutil.which("edge-agent") is None
     assert not Path("/lib/systemd/system/edge-agent.service").exists()
     assert Path("/var/lib/edge-agent/outbox.db").exists() and "acme" in config.read_text()

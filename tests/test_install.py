@@ -84,6 +84,8 @@ def test_install_from_a_wheelhouse_twice_changes_nothing(wheelhouse: Path,
     assert (venv / "bin/edge-agent").read_text().startswith("#!/opt/pudu-fleet-bridge/.venv/")
     # Vendor units below /etc: the admin's edits and drop-ins there are never written.
     assert (dest / "usr/local/lib/systemd/system/edge-agent.service").is_file()
+    assert "Environment=CALLBACK_REPLICA=%i" in (
+        dest / "usr/local/lib/systemd/system/callback-server@.service").read_text()
     assert not (dest / "etc/systemd/system").exists()
     # The keys file: made empty, named by the new config, and `keys add` (as root, as
     # docs/callback-server.md says) keeps its group and mode, so the service's group can
@@ -121,6 +123,7 @@ def test_install_from_a_wheelhouse_twice_changes_nothing(wheelhouse: Path,
     assert removed.returncode == 0, removed.stderr
     assert not venv.exists()
     assert not (dest / "usr/local/lib/systemd/system/edge-agent.service").exists()
+    assert not (dest / "usr/local/lib/systemd/system/callback-server@.service").exists()
     assert config.exists()  # config (and data) are kept
 
 
@@ -136,6 +139,10 @@ def test_systemd_accepts_the_installed_units(wheelhouse: Path, tmp_path: Path) -
     shutil.copy2("/bin/kill", dest / "bin/kill")  # ExecReload= names it
     units = [str(dest / f"usr/local/lib/systemd/system/{s}.service")
              for s in ("edge-agent", "callback-server")]
+    # the replicas' template, as its instance callback-server@2 (a link names the instance)
+    instance = tmp_path / "callback-server@2.service"
+    instance.symlink_to(dest / "usr/local/lib/systemd/system/callback-server@.service")
+    units.append(str(instance))
     done = subprocess.run(["systemd-analyze", "verify", f"--root={dest}", *units],
                           capture_output=True, text=True, timeout=60, check=False)
     ours = [line for line in (done.stdout + done.stderr).splitlines()

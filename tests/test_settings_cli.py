@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -108,6 +109,29 @@ def test_replicas_sharing_a_port_must_each_name_their_mqtt_client(tmp_path: Path
     done = cli("callback_server", "check-config", env={**env, "MQTT_CLIENT_ID": "cs-a"})
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["http_reuse_port"] is True
+
+
+def test_a_named_replica_shares_the_port_in_one_group_with_a_client_id_of_its_own(
+        tmp_path: Path) -> None:
+    """CALLBACK_REPLICA (the systemd template's instance, callback-server@2): replicas
+    with one environment file share the port and the stream, each its own broker session."""
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'c.db'}", "MQTT_CLIENT_ID": "cloud-a"}
+    shown = []
+    for replica in ("1", "2"):
+        done = cli("callback_server", "check-config", env={**env, "CALLBACK_REPLICA": replica})
+        assert done.returncode == 0, done.stderr
+        shown.append(json.loads(done.stdout))
+    assert [s["mqtt_client_id"] for s in shown] == ["cloud-a-1", "cloud-a-2"]
+    assert all(s["http_reuse_port"] and s["share_group"] == "callback-server" for s in shown)
+    done = cli("callback_server", "check-config",
+               env={**env, "CALLBACK_REPLICA": "2", "SHARE_GROUP": "ingest"})
+    assert json.loads(done.stdout)["share_group"] == "ingest"  # a group set stays
+    del env["MQTT_CLIENT_ID"]  # the host's default id, suffixed: still one per replica
+    done = cli("callback_server", "check-config", env={**env, "CALLBACK_REPLICA": "3"})
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(r"callback-server-.+-3", json.loads(done.stdout)["mqtt_client_id"])
+    done = cli("callback_server", "check-config", env={**env, "CALLBACK_REPLICA": "a/b"})
+    assert done.returncode == 1 and "replica" in done.stderr, done.stderr
 
 
 def test_a_dotenv_file_is_not_read_and_check_config_says_so(tmp_path: Path) -> None:

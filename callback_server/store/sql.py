@@ -141,7 +141,10 @@ def _bulk(sql: str, as_json: str | None, rows: list[tuple[Any, ...]]) -> Stateme
     has one (Dialect.insert_ignore_json)."""
     if as_json is None or not rows:
         return (sql, rows)
-    return (as_json, [(orjson.dumps(rows).decode(),)])
+    # Inlined as a hex literal, not bound as a string: the driver escapes a string one
+    # character at a time (11 µs a row of the log, 10 % of the consumer's CPU), where
+    # bytes.hex() takes 0.3 µs, and hex digits need no escaping.
+    return (as_json % (f"CONVERT(X'{orjson.dumps(rows).hex()}' USING utf8mb4)",), None)
 
 
 class SqlStore:

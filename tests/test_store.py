@@ -843,6 +843,23 @@ async def test_any_text_reaches_the_log_as_built(store: SqlStore, texts: list[st
     assert got == {row[0]: (row[1], row[2], row[6], row[9]) for row in built}
 
 
+async def test_a_batch_larger_than_one_packet_is_stored_in_one_write(store: SqlStore) -> None:
+    """100 envelopes of 100 KB each: their rows' JSON is over MariaDB's default packet
+    limit (16 MiB) as one statement, so the store sends them as several in the same
+    transaction; every row lands with its payload whole, none refused."""
+    note = "é" * 50_000
+    batch = [item(env(f"BIG{i % 7}", "status", 1000.0 + i, status="idle", note=note))
+             for i in range(100)]
+    result = await store.write_batch(batch)
+    assert result.logged == 100
+    ids = [e.id for _, e in batch]
+    marks = ", ".join([store.dialect.mark] * len(ids))
+    rows = await store.backend.fetch(
+        f"SELECT id, payload FROM mqtt_message_log WHERE id IN ({marks})", ids)
+    assert {r["id"]: r["payload"] for r in rows} == \
+        {e.id: e.to_json().decode() for _, e in batch}
+
+
 _STATE_TEXT = ("status", "charge_state", "move_state", "map_name")
 _STATE_NUMBERS = ("battery_level", "is_charging", "x", "y", "z", "yaw", "last_ts")
 

@@ -69,6 +69,11 @@ log = logging.getLogger(__name__)
 
 #: Robots per history or projection statement (a batch holds at most a few hundred).
 _HISTORY_CHUNK = 500
+# The most JSON one bulk statement carries: inlined as hex it doubles, and 8 MiB stays
+# under MariaDB's default max_allowed_packet (16 MiB; MySQL 8's is 64). A batch of
+# large payloads goes as several statements in the same transaction, not as one the
+# server refuses (which the batcher could only bisect, a round trip each).
+_JSON_BYTES = 4 * 2**20
 _LOG_ID, _LOG_ORG = LOG.column("id").size, LOG.column("org_id").size
 
 #: Keys of a robot as the read API returns it.
@@ -136,15 +141,20 @@ def _plain(name: str, value: Any) -> Any:
     return value
 
 
-def _bulk(sql: str, as_json: str | None, rows: list[tuple[Any, ...]]) -> Statement:
+def _bulk(sql: str, as_json: str | None, rows: list[tuple[Any, ...]]) -> list[Statement]:
     """``rows`` for ``sql``, or as one JSON parameter for ``as_json`` where the dialect
-    has one (Dialect.insert_ignore_json)."""
+    has one (Dialect.insert_ignore_json): one statement, or several where the rows'
+    JSON is over _JSON_BYTES, so that no statement outgrows the server's packet limit."""
     if as_json is None or not rows:
-        return (sql, rows)
+        return [(sql, rows)]
+    data = orjson.dumps(rows)
+    if len(data) > _JSON_BYTES and len(rows) > 1:
+        half = len(rows) // 2
+        return _bulk(sql, as_json, rows[:half]) + _bulk(sql, as_json, rows[half:])
     # Inlined as a hex literal, not bound as a string: the driver escapes a string one
     # character at a time (11 µs a row of the log, 10 % of the consumer's CPU), where
     # bytes.hex() takes 0.3 µs, and hex digits need no escaping.
-    return (as_json % (f"CONVERT(X'{orjson.dumps(rows).hex()}' USING utf8mb4)",), None)
+    return [(as_json % (f"CONVERT(X'{data.hex()}' USING utf8mb4)",), None)]
 
 
 class SqlStore:
@@ -269,11 +279,11 @@ class SqlStore:
                 from exc
         horizon = now + self.max_skew
         stamp = when(now)
-        statements: list[Statement] = [
-            _bulk(self._log_sql, self._log_json, rows.log),
-            _bulk(self._event_sql, self._event_json, rows.events),
-            self._robot_upsert(horizon, rows.robots),
-            (self._runs_sql, rows.runs)]
+        log = _bulk(self._log_sql, self._log_json, rows.log)
+        events = _bulk(self._event_sql, self._event_json, rows.events)
+        statements: list[Statement] = [*log, *events,
+                                       *self._robot_upsert(horizon, rows.robots),
+                                       (self._runs_sql, rows.runs)]
         pairs = [(r[1], r[0]) for r in rows.robots]
         for i in range(0, len(pairs), _HISTORY_CHUNK):
             chunk = pairs[i:i + _HISTORY_CHUNK]
@@ -287,11 +297,12 @@ class SqlStore:
         counts = await self.backend.transaction(statements)
         for target_key, org in claimed.items():
             self._claims.setdefault(target_key, org)
-        return BatchResult(messages=len(items), logged=counts[0], events=counts[1],
+        return BatchResult(messages=len(items), logged=sum(counts[:len(log)]),
+                           events=sum(counts[len(log):len(log) + len(events)]),
                            robots=len(rows.robots), skewed=rows.skewed,
                            duplicate_ids=duplicates)
 
-    def _robot_upsert(self, horizon: float, robots: list[tuple[Any, ...]]) -> Statement:
+    def _robot_upsert(self, horizon: float, robots: list[tuple[Any, ...]]) -> list[Statement]:
         """The robot rows' upsert; one JSON parameter where the dialect expands one."""
         as_json = self._log_json is not None
         sql = self.dialect.robot_upsert(STATE_TABLE, horizon, as_json=as_json)

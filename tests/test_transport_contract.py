@@ -1,11 +1,13 @@
 """One contract over every transport: memory (in process), paho and crt (the shared
-Mosquitto) and awsiot (awscrt against a Mosquitto that requires client certificates). What the
+Mosquitto), and awsiot and paho-tls (awscrt and paho against a Mosquitto that requires
+client certificates). What the
 product relies on from a broker: async QoS 1 acks, order, wildcard and shared routing,
 retained messages, persistent sessions that redeliver what was not acknowledged."""
 
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
@@ -21,6 +23,7 @@ BACKENDS = [
     pytest.param("paho", id="paho", marks=pytest.mark.integration),
     pytest.param("crt", id="crt", marks=pytest.mark.integration),
     pytest.param("awsiot", id="awsiot", marks=pytest.mark.integration),
+    pytest.param("paho-tls", id="paho-tls", marks=pytest.mark.integration),
 ]
 
 
@@ -36,7 +39,7 @@ def make(request: pytest.FixtureRequest) -> Make:
             url = f"mqtt://{broker}"
         elif backend in ("paho", "crt"):
             url = "mqtt://127.0.0.1:1883"
-        else:
+        else:  # awsiot, paho-tls: mutual TLS
             tls_broker, pki = request.getfixturevalue("tls_broker"), \
                 request.getfixturevalue("pki")
             url = tls_broker.tls_url
@@ -44,7 +47,7 @@ def make(request: pytest.FixtureRequest) -> Make:
                                            str(pki.client.key))}
         settings = MqttSettings.from_url(url, client_id=client_id, backoff_min=0.1,
                                          backoff_max=1.0, **{**extra, **overrides})
-        return create_transport(backend, settings)
+        return create_transport(backend.removesuffix("-tls"), settings)
 
     return build
 
@@ -87,6 +90,27 @@ async def test_qos1_acks_arrive_asynchronously_and_order_is_kept(
     assert not futures[0].done()  # never acked inline: a PUBACK comes later
     await asyncio.wait_for(asyncio.gather(*futures), 10)
     assert [m.payload for m in await inbox.take(30)] == [b"%d" % i for i in range(30)]
+
+
+async def test_a_burst_of_any_sizes_arrives_whole_and_in_order(
+        make: Make, stack: AsyncExitStack) -> None:
+    """Sizes around MQTT's length-byte steps and a transport's reads (paho's are 64 KiB),
+    up to near AWS IoT Core's 128 KiB, many in flight at once."""
+    rng = random.Random(31)
+    sizes = [0, 1, 127, 128, 16_383, 16_384, 65_535, 65_536, 65_537, 120_000]
+    sizes += [rng.randrange(2_000) if rng.random() < 0.8 else rng.randrange(120_000)
+              for _ in range(190)]
+    payloads = [rng.randbytes(size) for size in sizes]
+    topic = base() + "/sizes"
+    sub = await started(stack, make(clean_start=True))
+    inbox = Inbox(sub)
+    await sub.subscribe(topic, qos=1)
+    pub = await started(stack, make(clean_start=True))
+    await asyncio.wait_for(asyncio.gather(*(pub.publish(topic, p, qos=1) for p in payloads)),
+                           30)
+    received = [m.payload for m in await inbox.take(len(payloads))]
+    assert [len(p) for p in received] == sizes
+    assert received == payloads
 
 
 async def test_wildcards_route_and_retained_messages_reach_late_subscribers(

@@ -267,7 +267,10 @@ class BatchWriter:
             joined.append((held, waiter))
         self._wake.set()
         try:
-            outcomes = list(await asyncio.gather(*futures))
+            if len(futures) == 1:  # one per POST, as AWS IoT rules send: no gather
+                outcomes = [await futures[0]]
+            else:
+                outcomes = list(await asyncio.gather(*futures))
         finally:
             for held, waiter in joined:  # a timed-out wait must not pile up on the item
                 if waiter in held.waiters:

@@ -337,20 +337,17 @@ class PahoTransport(Transport):
             with contextlib.suppress(BlockingIOError):
                 self._wake_r.recv(4096)
             self._woken = False  # before draining: a publish queued from now on wakes us
-        if self._outgoing and client.is_connected():
-            # Only after CONNACK, as paho does with what it queued while disconnected: the
-            # SUBSCRIBEs sent on connect go first. Corked, a burst of packets leaves in a
-            # few segments: a send each cost us and the broker a segment each.
-            with _corked(sock):
+        # Only after CONNACK, as paho does with what it queued while disconnected: the
+        # SUBSCRIBEs sent on connect go first. Corked, a burst of packets leaves in a
+        # few segments: a send each cost us and the broker a segment each.
+        burst = bool(self._outgoing) and client.is_connected()
+        with _corked(sock) if burst else contextlib.nullcontext():
+            if burst:
                 self._send_outgoing()
-                if client.want_write():
-                    rc = client.loop_write()
-                    if rc or client.socket() is None:
-                        return rc
-        elif client.want_write():
-            rc = client.loop_write()
-            if rc or client.socket() is None:
-                return rc
+            if client.want_write():
+                rc = client.loop_write()
+                if rc or client.socket() is None:
+                    return rc
         return client.loop_misc()
 
     def _send_outgoing(self) -> None:

@@ -9,6 +9,7 @@ each function's share of samples on top of the stack (self) and anywhere in it (
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 from collections import Counter
 from dataclasses import dataclass
@@ -34,6 +35,35 @@ def record(pid: int, out: Path, *, duration: float, rate: int = 200) -> subproce
          "--threads", "--nonblocking"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+
+
+def record_native(pid: int, out: Path, *, duration: float,
+                  rate: int = 499) -> subprocess.Popen[bytes] | None:
+    """Start ``perf record`` on a native process (the database server) for ``duration``
+    seconds; None where there is no ``perf`` (a Python-only profiler cannot see it)."""
+    perf = shutil.which("perf")
+    if perf is None:
+        return None
+    return subprocess.Popen(
+        [perf, "record", "-F", str(rate), "-o", str(out), "-p", str(pid), "--",
+         "sleep", str(max(1, round(duration)))],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def report_native(data: Path, title: str, top: int = 40) -> str:
+    """``perf report``'s symbols by self share: a stripped server's unnamed functions
+    show as addresses, each listed alone."""
+    out = subprocess.run(
+        ["perf", "report", "-i", str(data), "--no-children", "--sort", "symbol", "--stdio"],
+        capture_output=True, text=True, timeout=120, check=False).stdout
+    rows = [(float(m.group(1)), m.group(2)) for m in re.finditer(
+        r"^\s*([\d.]+)%\s+\[[.k]\]\s+(.*?)(?:\s+-\s+-\s*)?$", out, re.MULTILINE)]
+    unnamed = [pct for pct, symbol in rows if symbol.startswith("0x")]
+    lines = [title, f"functions without a name (a stripped build): {sum(unnamed):.1f} % "
+             f"in {len(unnamed)} addresses", f"{'self %':>7}  symbol"]
+    lines += [f"{pct:7.2f}  {symbol}" for pct, symbol in rows[:top]]
+    return "\n".join(lines)
 
 
 def _name(frame: str) -> str:

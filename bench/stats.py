@@ -77,6 +77,8 @@ FIGURES: tuple[Figure, ...] = (
     _f("consumer.raw_rate", "raw_mqtt: queued messages drained by paho (baseline)", "msg/s"),
     _f("consumer.one_rate", "callback server x1: queued messages committed", "msg/s"),
     _f("consumer.one_cpu_us", "callback server x1 CPU per stored envelope", "µs"),
+    _f("consumer.one_db_cpu_us", "callback server x1: the database's CPU per stored envelope",
+       "µs"),
     _f("consumer.health_wait_s", "callback server x1: launch -> /callback/health answers",
        "s"),
     _f("consumer.crashes", "callback server exits at start-up, restarted after 2 s", "count"),

@@ -22,7 +22,7 @@ from bench import apps, db
 from bench.mqtt import Subscriber, create_session, forget_session, publish
 from bench.procs import Broker, Service, cpu_seconds, http_ok
 from bench.scenarios.common import wait_until
-from bench.scenarios.profiling import Profiler, profile_callback
+from bench.scenarios.profiling import DatabaseProfiler, Profiler, profile_callback
 from bench.settings import RunContext
 
 log = logging.getLogger(__name__)
@@ -50,13 +50,14 @@ def _commit_rate(url: str, count: int) -> float:
 
 
 def _drain(ctx: RunContext, broker: Broker, replicas: int, count: int, *,
-           profile: bool = False) -> tuple[float, float, int, float]:
+           profile: bool = False) -> tuple[float, float, int, float, float]:
     """Queue ``count`` messages for ``replicas`` sessions, start the replicas: the rate
     the messages are committed at, how long the first replica took to answer
     /callback/health (it starts serving HTTP only once subscribed), how often a
     replica exited and was restarted (like systemd's ``Restart=always``, after 2 s),
     and the replicas' CPU µs per envelope committed from the first poll that saw a row
-    to the last (start-up's imports and connects left out; NaN after a restart)."""
+    to the last (start-up's imports and connects left out; NaN after a restart), and the
+    database server's over the same window (NaN where it is not on this machine)."""
     d = ctx.dir(f"consumer-x{replicas}{'-profile' if profile else ''}")
     url = ctx.settings.database_url
     db.reset(url)
@@ -69,16 +70,24 @@ def _drain(ctx: RunContext, broker: Broker, replicas: int, count: int, *,
     servers = [apps.callback_server(d, f"callback-{i}", broker.url, url, client_id=cid,
                                     share_group=group) for i, cid in enumerate(ids)]
     profiler: Profiler | None = None
+    db_profiler: DatabaseProfiler | None = None
     health_wait = float("nan")
     crashes = 0
-    cpu_from: tuple[float, int] | None = None
-    cpu_us = float("nan")
+    cpu_from: tuple[float, float, int] | None = None
+    cpu_us = db_cpu_us = float("nan")
+    db_pid = db.server_pid(url)
+
+    def db_cpu() -> float:
+        return cpu_seconds(db_pid) if db_pid is not None else float("nan")
     try:
         launched = time.monotonic()
         for svc in servers:
             svc.launch()
         if profile:
             profiler = profile_callback(ctx, servers[0])
+            if db_pid is not None:
+                db_profiler = DatabaseProfiler(ctx, db_pid, "mariadb-drain", 8.0,
+                                               "while one callback server drains its queue")
         last_n, last_progress = 0, time.monotonic()
         while True:
             for svc in servers:
@@ -97,10 +106,11 @@ def _drain(ctx: RunContext, broker: Broker, replicas: int, count: int, *,
             if stored >= count:
                 if cpu_from is not None and crashes == 0:
                     cpu = sum(cpu_seconds(svc.pid) for svc in servers) - cpu_from[0]
-                    cpu_us = cpu / (stored - cpu_from[1]) * 1e6
+                    cpu_us = cpu / (stored - cpu_from[2]) * 1e6
+                    db_cpu_us = (db_cpu() - cpu_from[1]) / (stored - cpu_from[2]) * 1e6
                 break
             if stored and cpu_from is None:
-                cpu_from = (sum(cpu_seconds(svc.pid) for svc in servers), stored)
+                cpu_from = (sum(cpu_seconds(svc.pid) for svc in servers), db_cpu(), stored)
             if stored > last_n:
                 last_n, last_progress = stored, time.monotonic()
             elif time.monotonic() - last_progress > STALL_SECONDS:
@@ -114,11 +124,13 @@ def _drain(ctx: RunContext, broker: Broker, replicas: int, count: int, *,
     finally:
         if profiler is not None:
             profiler.finish()
+        if db_profiler is not None:
+            db_profiler.finish()
         for svc in servers:
             svc.stop()
         for client_id in ids:
             forget_session(broker.port, client_id)
-    return rate, health_wait, crashes, cpu_us
+    return rate, health_wait, crashes, cpu_us, db_cpu_us
 
 
 def _last_error(svc: Service) -> str:
@@ -147,12 +159,13 @@ def run(ctx: RunContext) -> dict[str, float]:
     with Broker(ctx.dir("consumer") / "broker") as broker:
         out["consumer.raw_rate"] = _raw(ctx, broker, count)
         log.info("raw_mqtt drain: %.0f msg/s", out["consumer.raw_rate"])
-        one, out["consumer.health_wait_s"], crashes_one, out["consumer.one_cpu_us"] = \
-            _drain(ctx, broker, 1, count)
+        (one, out["consumer.health_wait_s"], crashes_one, out["consumer.one_cpu_us"],
+         out["consumer.one_db_cpu_us"]) = _drain(ctx, broker, 1, count)
         out["consumer.one_rate"] = one
-        log.info("callback server x1: %.0f msg/s (%.0f µs CPU each); health answered after "
-                 "%.1f s", one, out["consumer.one_cpu_us"], out["consumer.health_wait_s"])
-        out["consumer.two_rate"], _, crashes_two, _ = _drain(ctx, broker, 2, count)
+        log.info("callback server x1: %.0f msg/s (%.0f µs CPU each, the database %.0f); "
+                 "health answered after %.1f s", one, out["consumer.one_cpu_us"],
+                 out["consumer.one_db_cpu_us"], out["consumer.health_wait_s"])
+        out["consumer.two_rate"], _, crashes_two, _, _ = _drain(ctx, broker, 2, count)
         out["consumer.crashes"] = crashes_one + crashes_two
         log.info("callback server x2: %.0f msg/s", out["consumer.two_rate"])
         if ctx.settings.profile and ctx.run == 0:

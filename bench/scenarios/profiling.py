@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 from bench.procs import Service
-from bench.profile import record, report
+from bench.profile import record, record_native, report, report_native
 from bench.samples import BodyFactory
 from bench.scenarios.common import saturate
 from bench.settings import RunContext
@@ -40,6 +40,33 @@ class Profiler:
             log.info("%s", text)
         else:
             log.warning("py-spy wrote nothing to %s", self.raw)
+        return self.summary
+
+
+class DatabaseProfiler:
+    """``perf record`` on the database server beside a Profiler of the product: what a
+    stored envelope costs there (``profile-<name>-top.txt``); nothing without ``perf``."""
+
+    def __init__(self, ctx: RunContext, pid: int, name: str, duration: float,
+                 what: str) -> None:
+        ctx.settings.results.mkdir(parents=True, exist_ok=True)
+        self.data = ctx.workdir / f"perf-{name}.data"
+        self.summary = ctx.settings.results / f"profile-{name}-top.txt"
+        self.title = f"profile {name}: perf record on the database server, {what}"
+        self.proc = record_native(pid, self.data, duration=duration)
+
+    def finish(self) -> Path | None:
+        if self.proc is None:
+            return None
+        try:
+            self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        if not self.data.exists():
+            log.warning("perf wrote nothing to %s", self.data)
+            return None
+        self.summary.write_text(report_native(self.data, self.title) + "\n")
         return self.summary
 
 

@@ -112,10 +112,10 @@ class Dialect:
     def pairs(self, columns: Sequence[str], count: int) -> str:
         """A condition matching ``count`` composite keys, one that the range optimiser
         turns into primary-key lookups. MySQL: ``(a, b) IN ((?, ?), ...)``, which it then
-        checks per row by binary search; an ``OR`` of ``AND`` s is checked term by term, so
-        its cost grows with the square of the keys (MariaDB, 300 robots: 3.9 ms of the
-        server's CPU against 1.3 ms). SQLite: that ``OR`` of ``AND`` s, which its optimiser
-        turns into lookups where it does not always for a row-value ``IN``."""
+        checks per row by binary search; an OR of ANDs is checked term by term, so its
+        cost grows with the square of the keys (MariaDB, 300 robots: 3.9 ms of the
+        server's CPU against 1.3 ms). SQLite: ``(a = ? AND b = ?) OR ...``, which its
+        optimiser turns into lookups where it does not always for a row-value ``IN``."""
         if self.mysql:
             one = f"({self.marks(len(columns))})"
             return f"({', '.join(columns)}) IN ({', '.join([one] * count)})"

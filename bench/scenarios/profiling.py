@@ -19,6 +19,15 @@ from bench.settings import RunContext
 log = logging.getLogger(__name__)
 
 
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    """Wait for a profiler that stops by itself after its duration; kill it if it hangs."""
+    try:
+        proc.wait(120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
 class Profiler:
     """One ``py-spy record`` on a process; ``finish()`` waits and writes the summary."""
 
@@ -29,11 +38,7 @@ class Profiler:
         self.proc: subprocess.Popen[bytes] = record(pid, self.raw, duration=duration)
 
     def finish(self) -> Path:
-        try:
-            self.proc.wait(120)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        _reap(self.proc)
         if self.raw.exists():
             text = report(self.raw, top=40)
             self.summary.write_text(text + "\n")
@@ -58,11 +63,7 @@ class DatabaseProfiler:
     def finish(self) -> Path | None:
         if self.proc is None:
             return None
-        try:
-            self.proc.wait(120)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        _reap(self.proc)
         if not self.data.exists():
             log.warning("perf wrote nothing to %s", self.data)
             return None

@@ -144,7 +144,7 @@ class BatchWriter:
     """One writer task in front of the store (up to ``OVERLAP`` batches in flight)."""
 
     def __init__(
-        self, store: BatchStore, *, batch_max: int = 500, retry_min: float = 0.2,
+        self, store: BatchStore, *, batch_max: int = 2000, retry_min: float = 0.2,
         retry_max: float = 10.0, beat: Callable[[], None] = lambda: None,
         pending_max: int = DEFAULT_PENDING_MAX,
     ) -> None:

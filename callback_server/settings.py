@@ -118,7 +118,11 @@ class CallbackSettings(ServiceSettings, BaseModel):  # BaseModel named: linters 
     # Org-scoped, role-bearing API keys (callback_server/keys.py); reloaded on SIGHUP.
     api_keys_file: str | None = None
     share_group: str | None = None
-    batch_max: int = Field(500, ge=1, le=10_000)
+    # Messages per database transaction at most. Batches overlap in the database and wait
+    # for each other's robot rows, so a batch covering more messages per robot row costs
+    # less per message (bench consumer, 1,000 robots: 500 -> 2,000 took MariaDB's CPU
+    # from 110 to 76 µs a message, two replicas from 6,400 to 10,600 msg/s).
+    batch_max: int = Field(2000, ge=1, le=10_000)
     command_timeout_max: float = Field(60.0, gt=0)
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     # Days to keep rows of mqtt_message_log / mqtt_dead_letters / device_commands;

@@ -16,6 +16,8 @@ from urllib.parse import unquote, urlsplit
 import aiomysql
 import pymysql
 
+from bench.procs import cpu_seconds
+
 LOG_TABLE = "mqtt_message_log"
 
 
@@ -82,6 +84,11 @@ def server_pid(url: str) -> int | None:
             return int(f.read().strip())
     except (OSError, TypeError, ValueError):
         return None
+
+
+def server_cpu(pid: int | None) -> float:
+    """CPU seconds of the database server found by ``server_pid``; NaN without one."""
+    return cpu_seconds(pid) if pid is not None else float("nan")
 
 
 def count(url: str, table: str) -> int:

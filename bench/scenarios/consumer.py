@@ -76,9 +76,6 @@ def _drain(ctx: RunContext, broker: Broker, replicas: int, count: int, *,
     cpu_from: tuple[float, float, int] | None = None
     cpu_us = db_cpu_us = float("nan")
     db_pid = db.server_pid(url)
-
-    def db_cpu() -> float:
-        return cpu_seconds(db_pid) if db_pid is not None else float("nan")
     try:
         launched = time.monotonic()
         for svc in servers:
@@ -107,10 +104,11 @@ def _drain(ctx: RunContext, broker: Broker, replicas: int, count: int, *,
                 if cpu_from is not None and crashes == 0:
                     cpu = sum(cpu_seconds(svc.pid) for svc in servers) - cpu_from[0]
                     cpu_us = cpu / (stored - cpu_from[2]) * 1e6
-                    db_cpu_us = (db_cpu() - cpu_from[1]) / (stored - cpu_from[2]) * 1e6
+                    db_cpu_us = (db.server_cpu(db_pid) - cpu_from[1]) / (stored - cpu_from[2]) * 1e6
                 break
             if stored and cpu_from is None:
-                cpu_from = (sum(cpu_seconds(svc.pid) for svc in servers), db_cpu(), stored)
+                cpu_from = (sum(cpu_seconds(svc.pid) for svc in servers),
+                            db.server_cpu(db_pid), stored)
             if stored > last_n:
                 last_n, last_progress = stored, time.monotonic()
             elif time.monotonic() - last_progress > STALL_SECONDS:

@@ -94,14 +94,12 @@ def _saturate(ctx: RunContext, svc: Service | Sequence[Service], bodies: Envelop
     def cpu() -> float:
         return sum(cpu_seconds(one.pid) for one in svcs)
 
-    def db_cpu() -> float:
-        return cpu_seconds(db_pid) if db_pid is not None else float("nan")
-
-    before, cpu0, db0, q0 = stored(), cpu(), db_cpu(), db.statements(ctx.settings.database_url)
+    before, cpu0, db0 = stored(), cpu(), db.server_cpu(db_pid)
+    q0 = db.statements(ctx.settings.database_url)
     res = run_async(closed_loop("127.0.0.1", svcs[0].port, bodies,
                                 duration=s.duration, connections=s.connections, path=PATH,
                                 requests=len(bodies), headers=HEADERS))
-    used, db_used = cpu() - cpu0, db_cpu() - db0
+    used, db_used = cpu() - cpu0, db.server_cpu(db_pid) - db0
     n = stored() - before
     ran = db.statements(ctx.settings.database_url) - q0
     if res.failed or res.errors or n < res.ok * bodies.batch:

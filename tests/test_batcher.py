@@ -41,8 +41,9 @@ class FlakyStore:
         self.dead += [(topic, reason) for topic, _, reason in letters]
 
 
-def env(i: str) -> Envelope:
-    return Envelope(id=i, type="t", org="o", device="d", gateway="g", ts=1.0, received_at=1.0)
+def env(i: str, device: str = "d") -> Envelope:
+    return Envelope(id=i, type="t", org="o", device=device, gateway="g", ts=1.0,
+                    received_at=1.0)
 
 
 @pytest.fixture
@@ -179,8 +180,9 @@ async def test_batches_overlap_yet_are_settled_in_the_order_they_arrived() -> No
     store = GatedStore()
     w = BatchWriter(store, batch_max=2)
     settled: list[str] = []
-    for i in range(6):  # three batches of two
-        w.submit("org/o/device/d/status", env(f"m{i}"),
+    robots = ["r0", "r1", "r2"]
+    for i in range(6):  # three robots' batches of two
+        w.submit("org/o/device/d/status", env(f"m{i}", device=robots[i // 2]),
                  functools.partial(lambda name, _: settled.append(name), f"m{i}"))
     task = asyncio.create_task(w.run())
     try:
@@ -195,6 +197,41 @@ async def test_batches_overlap_yet_are_settled_in_the_order_they_arrived() -> No
         store.gates[0].set()
         await asyncio.wait_for(w.drain(5), 6)
         assert settled == [f"m{i}" for i in range(6)] and w.pending == 0
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_a_robots_batches_are_written_one_at_a_time_in_order() -> None:
+    """Batches in flight share no robot: the next batch of a robot waits for the one
+    before it to commit (it would wait for that one's row locks in the database), while
+    another robot's batch is written beside it."""
+    store = GatedStore()
+    w = BatchWriter(store, batch_max=2)
+    settled: list[str] = []
+    mine, other = "r0", "r1"
+    names = [("a0", mine), ("a1", mine), ("b0", other), ("a2", mine), ("a3", mine)]
+    for name, robot in names:
+        w.submit("t", env(name, device=robot),
+                 functools.partial(lambda n, _: settled.append(n), name))
+    task = asyncio.create_task(w.run())
+    try:
+        while len(store.gates) < 2:
+            await asyncio.wait_for(store.started.wait(), 5)
+            store.started.clear()
+        assert store.most_in_flight == 2  # a0+a1 beside b0, not a2+a3
+        store.gates[1].set()  # b0 commits, but waits for a0 and a1 to be acknowledged
+        await asyncio.wait_for(store.one_left.wait(), 5)
+        assert settled == [] and len(store.gates) == 2
+        store.gates[0].set()  # a0+a1 commit: then a2+a3 is written
+        while len(store.gates) < 3:
+            await asyncio.wait_for(store.started.wait(), 5)
+            store.started.clear()
+        assert settled == ["a0", "a1", "b0"] and store.most_in_flight == 2
+        store.gates[2].set()
+        await asyncio.wait_for(w.drain(5), 6)
+        assert settled == ["a0", "a1", "b0", "a2", "a3"] and w.pending == 0
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

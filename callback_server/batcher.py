@@ -4,8 +4,9 @@ MQTT deliveries and HTTP pushes both land here. One writer task takes whatever h
 queued since its last transaction (up to ``batch_max``) and writes it as one batch, so
 load makes batches bigger instead of making the database busier; up to ``OVERLAP``
 batches, no two with the same robot, are in the database at once, and messages are
-settled in the order they came. While the database is down the batch is retried with backoff and nothing is acknowledged: the broker
-(or the IoT Rule's HTTP retry) holds the messages for us.
+settled in the order they came. While the database is down the batch is retried with
+backoff and nothing is acknowledged: the broker (or the IoT Rule's HTTP retry) holds the
+messages for us.
 
 Each message ends in one ``Settled`` outcome, told to whoever waits for it: ``stored``,
 ``duplicate`` (its id was already stored: an idempotent retry) or ``dead_lettered``
@@ -47,9 +48,9 @@ DEFAULT_PENDING_MAX = 10_000
 #: 3,300/s, 2: 4,250/s, 3: 4,900-5,000/s, 4: 5,600/s. Three leave one of the MySQL
 #: pool's default four connections to the read API, the console and the alert engine.
 OVERLAP = 3
-#: Robots one batch may take even when that leaves the other free slots nothing: below
-#: it, splitting what has queued only makes more, smaller transactions (bench ingest_http
-#: at 500 POSTs/s: p99 17-23 ms taking all, 28-41 ms split three ways, 24 ms from 16).
+#: Robots one batch may take even when that is more than its third: below it, splitting
+#: what has queued only makes more, smaller transactions (bench ingest_http at 500
+#: POSTs/s: p99 17-23 ms taking all, 28-41 ms split three ways, 24 ms from 16).
 SPLIT_MIN = 16
 #: A robot: its org and sn (batches in flight share none).
 Robot = tuple[str, str]
@@ -337,7 +338,7 @@ class BatchWriter:
                     mine.append(item)
                 self._writing = len(taken)
                 while len(busy) < OVERLAP:
-                    batch, robots = self._take(queued, writing, OVERLAP - len(busy))
+                    batch, robots = self._take(queued, writing)
                     if not batch:
                         break
                     writing |= robots
@@ -382,17 +383,17 @@ class BatchWriter:
         self._tell([item for item, settled in ready
                     if settled.outcome is not Outcome.DEAD_LETTERED])
 
-    def _take(self, queued: dict[Robot, collections.deque[_Item]], writing: set[Robot],
-              slots: int) -> tuple[list[_Item], set[Robot]]:
+    def _take(self, queued: dict[Robot, collections.deque[_Item]],
+              writing: set[Robot]) -> tuple[list[_Item], set[Robot]]:
         """The next batch: the queued messages of the robots waited for longest that
-        have no batch in flight, up to ``batch_max`` and to their share of the ``slots``
-        still free, but at least ``SPLIT_MIN`` robots (under load three batches of a
-        third of the robots each, not one batch of all of them that the next two would
-        wait for)."""
-        free = [robot for robot in queued if robot not in writing]
+        have no batch in flight, up to ``batch_max`` and to a third (1 / ``OVERLAP``) of
+        the robots with messages queued or in flight, but at least ``SPLIT_MIN``. Under
+        load the robots settle into three batches of a third each, one replacing the
+        other as it commits, not one batch of all of them that the next would wait for."""
+        share = max(-(-len(queued.keys() | writing) // OVERLAP), SPLIT_MIN)
         batch: list[_Item] = []
         robots: set[Robot] = set()
-        for robot in free[:max(-(-len(free) // slots), SPLIT_MIN)]:
+        for robot in [robot for robot in queued if robot not in writing][:share]:
             mine = queued[robot]
             room = self.batch_max - len(batch)
             if len(mine) <= room:

@@ -27,7 +27,7 @@ import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from bridge.backoff import backoff_delay
 from bridge.envelope import Envelope
@@ -179,7 +179,6 @@ class BatchWriter:
         self._dead: collections.deque[_Dead] = collections.deque()
         self._held: dict[Hashable, _Item | _Dead] = {}  # HTTP ingest, by key, until settled
         self._wake = asyncio.Event()
-        self._arrived = asyncio.Event()  # a message was queued (a free slot may take it)
         self._progress = asyncio.Event()  # set after each commit (drain waits on it)
 
     @property
@@ -208,7 +207,6 @@ class BatchWriter:
         self._waiting()
         self._items.append(_Item(topic, envelope, [on_commit]))
         self._wake.set()
-        self._arrived.set()
 
     def submit_dead(self, topic: str, payload: bytes, reason: str, on_commit: OnCommit) -> None:
         """Queue a message we cannot use for the dead-letter table, with why."""
@@ -278,7 +276,6 @@ class BatchWriter:
             held.waiters.append(waiter)
             joined.append((held, waiter))
         self._wake.set()
-        self._arrived.set()
         try:
             if len(futures) == 1:  # one per POST, as AWS IoT rules send: no gather
                 outcomes = [await futures[0]]
@@ -328,7 +325,6 @@ class BatchWriter:
         busy: dict[asyncio.Task[list[Settled]], tuple[list[_Item], set[Robot]]] = {}
         writing: set[Robot] = set()  # robots with a batch in flight
         taken: collections.deque[_Item] = collections.deque()  # arrival order, unsettled
-        arrived: asyncio.Task[Any] | None = None
         try:
             while self._items or taken:
                 while self._items:
@@ -347,16 +343,10 @@ class BatchWriter:
                     busy[asyncio.create_task(
                         self._write(batch), name=f"batch-{self.batches + len(busy)}",
                     )] = (batch, robots)
-                waiting: list[asyncio.Task[Any]] = [*busy]
-                self._arrived.clear()
-                if len(busy) < OVERLAP:  # a slot is free: the next message may fill it
-                    arrived = asyncio.create_task(self._arrived.wait(), name="batch-arrived")
-                    waiting.append(arrived)
-                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                if arrived is not None:
-                    arrived.cancel()
-                    arrived = None
-                for task in (t for t in done if t in busy):
+                # Waits for a commit, not for the next message: what arrives meanwhile
+                # makes the next batch bigger rather than the database busier.
+                done, _ = await asyncio.wait(busy, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
                     batch, robots = busy.pop(task)
                     writing -= robots
                     for item, settled in zip(batch, task.result(), strict=True):
@@ -367,8 +357,6 @@ class BatchWriter:
         finally:  # cancelled (stopping): what was not settled is queued again, in order
             for task in busy:
                 task.cancel()
-            if arrived is not None:
-                arrived.cancel()
             for item in taken:
                 item.outcome = None
             self._items.extendleft(reversed(taken))

@@ -43,10 +43,11 @@ T = TypeVar("T")
 OnBatch = Callable[[list[tuple[str, Envelope]]], None]
 #: What HTTP ingest holds at most by default while the database is away (INGEST_PENDING_MAX).
 DEFAULT_PENDING_MAX = 10_000
-#: Batches written at once (each on its own connection, each of its own robots),
-#: settled in the order taken. Measured (bench consumer, 50,000 envelopes, MariaDB): 1:
-#: 3,300/s, 2: 4,250/s, 3: 4,900-5,000/s, 4: 5,600/s. Three leave one of the MySQL
-#: pool's default four connections to the read API, the console and the alert engine.
+#: Batches written at once (each on its own connection, each of its own robots; their
+#: messages settled in the order they came). Measured (bench consumer, 50,000
+#: envelopes, MariaDB): 1: 3,300/s, 2: 4,250/s, 3: 4,900-5,000/s, 4: 5,600/s. Three
+#: leave one of the MySQL pool's default four connections to the read API, the console
+#: and the alert engine.
 OVERLAP = 3
 #: Robots one batch may take even when that is more than its third. Split finer, the
 #: few dozen robots of HTTP pushes only make more, smaller transactions (bench

@@ -27,7 +27,7 @@ import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from bridge.backoff import backoff_delay
 from bridge.envelope import Envelope
@@ -180,6 +180,8 @@ class BatchWriter:
         self._dead: collections.deque[_Dead] = collections.deque()
         self._held: dict[Hashable, _Item | _Dead] = {}  # HTTP ingest, by key, until settled
         self._wake = asyncio.Event()
+        #: Resolved by an HTTP push while the writer waits with a batch slot free.
+        self._pushed: asyncio.Future[None] | None = None
         self._progress = asyncio.Event()  # set after each commit (drain waits on it)
 
     @property
@@ -277,6 +279,8 @@ class BatchWriter:
             held.waiters.append(waiter)
             joined.append((held, waiter))
         self._wake.set()
+        if self._pushed is not None and not self._pushed.done():
+            self._pushed.set_result(None)
         try:
             if len(futures) == 1:  # one per POST, as AWS IoT rules send: no gather
                 outcomes = [await futures[0]]
@@ -345,9 +349,20 @@ class BatchWriter:
                         self._write(batch), name=f"batch-{self.batches + len(busy)}",
                     )] = (batch, robots)
                 # Waits for a commit, not for the next message: what arrives meanwhile
-                # makes the next batch bigger rather than the database busier.
-                done, _ = await asyncio.wait(busy, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
+                # makes the next batch bigger rather than the database busier. An HTTP
+                # push with a slot free starts one at once: its sender waits for the
+                # answer, and a few dozen senders keep no backlog to batch.
+                waits: set[asyncio.Future[Any]] = set(busy)
+                if len(busy) < OVERLAP:
+                    self._pushed = asyncio.get_running_loop().create_future()
+                    waits.add(self._pushed)
+                try:
+                    done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if self._pushed is not None:
+                        self._pushed.cancel()
+                        self._pushed = None
+                for task in [task for task in busy if task in done]:
                     batch, robots = busy.pop(task)
                     writing -= robots
                     for item, settled in zip(batch, task.result(), strict=True):

@@ -156,10 +156,12 @@ class GatedStore:
         self.one_left = asyncio.Event()  # all but one batch committed
         self.in_flight = 0
         self.most_in_flight = 0
+        self.batches: list[list[str]] = []  # each batch's envelope ids, as started
 
     async def write_batch(self, batch: Sequence[Item]) -> BatchResult:
         gate = asyncio.Event()
         self.gates.append(gate)
+        self.batches.append([(i if isinstance(i, Envelope) else i[1]).id for i in batch])
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         self.started.set()
@@ -232,6 +234,37 @@ async def test_a_robots_batches_are_written_one_at_a_time_in_order() -> None:
         store.gates[2].set()
         await asyncio.wait_for(w.drain(5), 6)
         assert settled == ["a0", "a1", "b0", "a2", "a3"] and w.pending == 0
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_an_http_push_starts_a_batch_at_once_an_mqtt_message_waits_for_a_commit() -> None:
+    """With a batch in the database and a slot free, an MQTT message waits for that
+    commit (what comes meanwhile joins the next, bigger batch), but an HTTP push, whose
+    sender waits for the answer, starts the next batch at once; answers keep the order
+    of arrival."""
+    store = GatedStore()
+    w = BatchWriter(store, batch_max=10)
+    settled: list[str] = []
+    task = asyncio.create_task(w.run())
+    try:
+        w.submit("t", env("m0", device="r0"), lambda _: settled.append("m0"))
+        await asyncio.wait_for(store.started.wait(), 5)
+        store.started.clear()
+        w.submit("t", env("m1", device="r1"), lambda _: settled.append("m1"))
+        w.submit("t", env("m2", device="r1"), lambda _: settled.append("m2"))
+        assert store.batches == [["m0"]]  # the MQTT messages wait for m0's commit
+        pushed = asyncio.create_task(w.write([("t", env("h0", device="r2"))]))
+        await asyncio.wait_for(store.started.wait(), 5)  # m0 still in the database
+        assert store.batches == [["m0"], ["m1", "m2", "h0"]] and store.in_flight == 2
+        store.gates[1].set()
+        await asyncio.wait_for(store.one_left.wait(), 5)
+        assert settled == [] and not pushed.done()  # committed, answered after m0
+        store.gates[0].set()
+        assert [s.outcome for s in await asyncio.wait_for(pushed, 5)] == [Outcome.STORED]
+        assert settled == ["m0", "m1", "m2"] and w.pending == 0
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -116,6 +116,32 @@ async def test_concurrent_migrations_of_replicas_do_not_fail(db_url: str) -> Non
     await asyncio.gather(*(s.close() for s in stores))
 
 
+async def test_what_waits_for_the_first_migration_does_not_run_it_again(
+        db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At launch into a backlog three batches, a health ping and the alerts all wait for
+    the tables: one migration serves them all (run once each, in turn, they held the
+    first health answer for seconds, and it said the database was unavailable)."""
+    from callback_server.store.migration import Migration
+    runs = 0
+    run = Migration.run
+
+    async def counted(self: Any) -> Any:
+        nonlocal runs
+        runs += 1
+        return await run(self)
+
+    monkeypatch.setattr(Migration, "run", counted)
+    async with open_store(db_url) as s:
+        batches = [s.write_batch([item(env(f"R{i}", "status", 10, status="idle"))])
+                   for i in range(3)]
+        written, (pinged, _) = await asyncio.gather(asyncio.gather(*batches),
+                                                     asyncio.gather(s.ping(), s.ready()))
+        assert [r.messages for r in written] == [1, 1, 1] and pinged is True
+        assert runs == 1
+        await s.migrate()  # asked for (callback-server migrate): run again
+        assert runs == 2
+
+
 # -- latest state ------------------------------------------------------------------------
 
 async def test_latest_state_is_upserted_and_merged(store: SqlStore) -> None:

@@ -216,22 +216,25 @@ class SqlStore:
         writes by.
         """
         async with self._migrate_lock:
-            outcome = await Migration(self.backend, self.targets, apply=apply,
-                                      drop_added=drop_added).run()
-            if not apply:
-                return outcome.lines
-            limits: dict[str, dict[str, int]] = {"robots": {}, "events": {}, "log": {}}
-            for p in outcome.projections:
-                mine = limits[p.kind]
-                for column, limit in p.limits().items():
-                    mine[column] = min(mine.get(column, limit), limit)
-            self._limits = limits
-            self._projections = outcome.projections
-            if self._log_json is not None and not await self._expands_json():
-                self._log_json = self._event_json = None  # MySQL < 8.0.4, MariaDB < 10.6
-                outcome.lines.append("JSON_TABLE not supported: rows bound one by one")
-            self._migrated = True
+            return await self._migrate(apply=apply, drop_added=drop_added)
+
+    async def _migrate(self, *, apply: bool, drop_added: bool = False) -> list[str]:
+        outcome = await Migration(self.backend, self.targets, apply=apply,
+                                  drop_added=drop_added).run()
+        if not apply:
             return outcome.lines
+        limits: dict[str, dict[str, int]] = {"robots": {}, "events": {}, "log": {}}
+        for p in outcome.projections:
+            mine = limits[p.kind]
+            for column, limit in p.limits().items():
+                mine[column] = min(mine.get(column, limit), limit)
+        self._limits = limits
+        self._projections = outcome.projections
+        if self._log_json is not None and not await self._expands_json():
+            self._log_json = self._event_json = None  # MySQL < 8.0.4, MariaDB < 10.6
+            outcome.lines.append("JSON_TABLE not supported: rows bound one by one")
+        self._migrated = True
+        return outcome.lines
 
     async def _expands_json(self) -> bool:
         """Whether the database has JSON_TABLE (what insert_ignore_json relies on)."""
@@ -243,8 +246,13 @@ class SqlStore:
         return True
 
     async def _ready(self) -> None:
-        if not self._migrated:
-            await self.migrate()
+        """Migrate once: what waited for the first migration (the batches in flight at
+        launch, a health ping, the alerts) finds it done instead of running it again."""
+        if self._migrated:
+            return
+        async with self._migrate_lock:
+            if not self._migrated:
+                await self._migrate(apply=True)
 
     async def ready(self) -> None:
         """Migrate first if nobody has: for parts that run their own SQL (alerts)."""

@@ -304,16 +304,20 @@ class BatchWriter:
             if not await within(self._wake.wait(), BEAT_SECONDS):
                 continue
             self._wake.clear()
-            while self._dead:
-                n = min(len(self._dead), self.batch_max)
-                letters = [self._dead[i] for i in range(n)]
-                await self._dead_letters(letters)
-                for _ in range(n):
-                    self._dead.popleft()
-                self._committed()
-                for dead in letters:
-                    self._finish(dead, Settled(Outcome.DEAD_LETTERED, dead.reason))
+            await self._write_dead()
             await self._write_items()
+
+    async def _write_dead(self) -> None:
+        """Write the queued dead letters and settle them."""
+        while self._dead:
+            n = min(len(self._dead), self.batch_max)
+            letters = [self._dead[i] for i in range(n)]
+            await self._dead_letters(letters)
+            for _ in range(n):
+                self._dead.popleft()
+            self._committed()
+            for dead in letters:
+                self._finish(dead, Settled(Outcome.DEAD_LETTERED, dead.reason))
 
     async def _write_items(self) -> None:
         """Write what is queued, up to ``OVERLAP`` batches at a time, and settle each
@@ -332,6 +336,9 @@ class BatchWriter:
         taken: collections.deque[_Item] = collections.deque()  # arrival order, unsettled
         try:
             while self._items or taken:
+                # Between batches, not only once the stream pauses: an HTTP caller waits
+                # for its dead letter's answer, and MQTT for its acknowledgement.
+                await self._write_dead()
                 while self._items:
                     item = self._items.popleft()
                     taken.append(item)

@@ -38,6 +38,8 @@ class FlakyStore:
         return BatchResult(messages=len(items), logged=len(items), events=0, robots=0)
 
     async def dead_letters(self, letters: Sequence[tuple[str, bytes, str]]) -> None:
+        if self.down:
+            raise StoreError("cannot reach the database")
         self.dead += [(topic, reason) for topic, _, reason in letters]
 
 
@@ -265,6 +267,32 @@ async def test_an_http_push_starts_a_batch_at_once_an_mqtt_message_waits_for_a_c
         store.gates[0].set()
         assert [s.outcome for s in await asyncio.wait_for(pushed, 5)] == [Outcome.STORED]
         assert settled == ["m0", "m1", "m2"] and w.pending == 0
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_a_dead_letter_is_written_between_batches_not_once_the_stream_pauses() -> None:
+    """Under a steady stream the writer never goes idle: a dead letter is written and
+    answered after the batch in flight commits, before the next batch, not once the
+    messages stop coming."""
+    store = GatedStore()
+    w = BatchWriter(store, batch_max=10)
+    settled: list[str] = []
+    task = asyncio.create_task(w.run())
+    try:
+        w.submit("t", env("m0", device="r0"), lambda _: settled.append("m0"))
+        await asyncio.wait_for(store.started.wait(), 5)
+        store.started.clear()
+        w.submit_dead("t", b"{", "malformed: not JSON", lambda _: settled.append("dead"))
+        w.submit("t", env("m1", device="r0"), lambda _: settled.append("m1"))
+        store.gates[0].set()
+        await asyncio.wait_for(store.started.wait(), 5)  # m1's batch, m1 not yet committed
+        assert settled == ["m0", "dead"] and store.batches == [["m0"], ["m1"]]
+        store.gates[1].set()
+        await asyncio.wait_for(w.drain(5), 6)
+        assert settled == ["m0", "dead", "m1"]
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -219,6 +219,7 @@ class SqlStore:
             return await self._migrate(apply=apply, drop_added=drop_added)
 
     async def _migrate(self, *, apply: bool, drop_added: bool = False) -> list[str]:
+        """``migrate``'s work, the lock held by the caller."""
         outcome = await Migration(self.backend, self.targets, apply=apply,
                                   drop_added=drop_added).run()
         if not apply:

@@ -44,6 +44,12 @@ from bridge.transport.base import (
 
 log = logging.getLogger(__name__)
 _PAHO_LOG = logging.getLogger("paho.mqtt")
+#: Messages handed to the handler per event-loop turn (~100 µs each in the callback
+#: server), so a burst holds the loop for tens of milliseconds, not seconds. A resumed
+#: session's backlog can come all at once: Mosquitto 2.0 sent a callback server 60,000
+#: queued messages past its Receive Maximum of 4,000, and handing them on in one turn
+#: held its health answer and its batch writer for 2-4 s.
+DELIVER_PER_TURN = 256
 
 
 def _failed(reason: Any) -> bool:
@@ -442,8 +448,13 @@ class PahoTransport(Transport):
 
     # -- event-loop side ---------------------------------------------------------------
     def _deliver_inbox(self) -> None:
+        """Hand on up to ``DELIVER_PER_TURN`` messages, then let the loop run again."""
         with self._inbox_lock:
-            messages, self._inbox = self._inbox, []
+            messages = self._inbox[:DELIVER_PER_TURN]
+            del self._inbox[:DELIVER_PER_TURN]
+            more = bool(self._inbox)  # then no new message schedules this: we do
+        if more and self._loop is not None:
+            self._loop.call_soon(self._deliver_inbox)
         for message in messages:
             try:
                 self._deliver(message)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -183,3 +185,54 @@ async def test_held_entries_keep_the_newest_and_survive_a_reopen(tmp_path: Path)
         assert await box.release_all() == 1
         assert (box.held, box.depth) == (0, 3)
         assert [e.payload for e in await box.peek(0)] == [b"3", b"status", b"9"]
+
+
+class _SlowReader:
+    """The outbox's reader, each statement held until the test lets it run."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.entered = threading.Event()
+        self.go = threading.Event()
+        self.done = threading.Event()
+        self.failed: BaseException | None = None
+
+    def execute(self, *args: Any) -> Any:
+        self.entered.set()
+        self.go.wait(10)
+        try:
+            return self.conn.execute(*args)
+        except BaseException as exc:  # what closing it under the statement did
+            self.failed = exc
+            raise
+        finally:
+            self.done.set()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+async def test_stopping_during_a_read_closes_the_reader_only_once_the_read_is_done(
+        tmp_path: Path) -> None:
+    """A read runs on in its thread when the task awaiting it is cancelled (the
+    publisher, stopping); closing SQLite under it crashed the whole process (the test
+    suite saw a segfault). The close waits for it."""
+    box = Outbox(tmp_path / "o.db")
+    await box.__aenter__()
+    await box.put("t", b"x")
+    reader = box._reader = _SlowReader(box._reader)  # type: ignore[assignment]
+    box._tail.start = None  # the tail does not cover it: peek reads the database
+    peek = asyncio.create_task(box.peek(-1))
+    await asyncio.to_thread(reader.entered.wait, 10)
+    peek.cancel()
+    closing = asyncio.create_task(box.__aexit__(None, None, None))
+    # One loop turn at a time until the writer has stopped: the reader's close comes
+    # next, in the same turn (no event marks it).
+    while box._thread is not None:  # noqa: ASYNC110
+        await asyncio.sleep(0)
+    reader.go.set()  # the statement runs (closing under it failed it)
+    await asyncio.wait_for(closing, 10)
+    await asyncio.to_thread(reader.done.wait, 10)
+    assert reader.failed is None and box._reader is None
+    with pytest.raises(asyncio.CancelledError):
+        await peek

@@ -122,6 +122,10 @@ class Outbox:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: sqlite3.Connection | None = None
         self._read_lock = asyncio.Lock()
+        # A read goes on in its thread when the task awaiting it is cancelled (stopping):
+        # the reader is closed only once it is done (closing SQLite under a running
+        # statement crashed the process).
+        self._reader_guard = threading.Lock()
         self._changed = asyncio.Event()  # the publisher's: one consumer clears it
         self._empty = asyncio.Event()  # set while nothing waits in the outbox
         self._last_prune = 0.0
@@ -215,9 +219,14 @@ class Outbox:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
         if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+            await asyncio.to_thread(self._close_reader)
         self._release_lock()
+
+    def _close_reader(self) -> None:
+        with self._reader_guard:  # after a read still running, before any other
+            reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
@@ -317,8 +326,10 @@ class Outbox:
                 for r, replay in rows]
 
     def _plan(self, limit: int) -> list[tuple[tuple[Any, ...], bool]]:
-        assert self._reader is not None
-        return self._drain_order.plan(self._reader, limit)
+        with self._reader_guard:
+            if self._reader is None:  # closed: the caller was cancelled, nobody reads this
+                return []
+            return self._drain_order.plan(self._reader, limit)
 
     def _submit(self, op: Any) -> None:
         """Queue an op for the writer; everything queued in one loop tick goes over as one.
@@ -366,12 +377,14 @@ class Outbox:
                 fut.set_exception(err)
 
     def _read(self, after_seq: int, limit: int) -> list[tuple[Any, ...]]:
-        assert self._reader is not None
-        return self._reader.execute(
-            "SELECT seq, topic, payload, qos, retain FROM outbox"
-            " WHERE seq > ? ORDER BY seq LIMIT ?",
-            (after_seq, limit),
-        ).fetchall()
+        with self._reader_guard:
+            if self._reader is None:  # closed: the caller was cancelled, nobody reads this
+                return []
+            return self._reader.execute(
+                "SELECT seq, topic, payload, qos, retain FROM outbox"
+                " WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after_seq, limit),
+            ).fetchall()
 
     async def wait_empty(self) -> None:
         """Wait until nothing waits in the outbox (any number of waiters; flush_outbox)."""

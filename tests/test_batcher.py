@@ -48,15 +48,24 @@ def env(i: str, device: str = "d") -> Envelope:
                     received_at=1.0)
 
 
+@contextlib.asynccontextmanager
+async def running(w: BatchWriter) -> AsyncIterator[BatchWriter]:
+    """``w`` writing batches until the block ends."""
+    task = asyncio.create_task(w.run())
+    try:
+        yield w
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 @pytest.fixture
 async def writer() -> AsyncIterator[tuple[BatchWriter, FlakyStore]]:
     store = FlakyStore()
     w = BatchWriter(store, batch_max=100, retry_min=0.001, retry_max=0.01)
-    task = asyncio.create_task(w.run())
-    yield w, store
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async with running(w):
+        yield w, store
 
 
 async def test_one_refused_message_is_dead_lettered_and_the_rest_stored(
@@ -105,8 +114,7 @@ class LedgerStore(FlakyStore):
 async def test_each_message_is_told_its_own_outcome() -> None:
     store = LedgerStore()
     w = BatchWriter(store, retry_min=0.001, retry_max=0.01)
-    task = asyncio.create_task(w.run())
-    try:
+    async with running(w):
         first = await w.write([("t", env("a")), ("t", env("b"))])
         assert [s.outcome for s in first] == [Outcome.STORED, Outcome.STORED]
         again = await w.write([("t", env("b")), ("t", env("bad-1")), ("t", env("c")),
@@ -117,10 +125,6 @@ async def test_each_message_is_told_its_own_outcome() -> None:
             "refused by the database: ")
         assert (w.stored, w.duplicates, w.dead_lettered) == (3, 1, 1)
         assert w.counts.by_reason == {Reason.REFUSED: 1}
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def test_a_retry_of_a_pending_message_joins_it_and_the_cap_holds(
@@ -188,8 +192,7 @@ async def test_batches_overlap_yet_are_settled_in_the_order_they_arrived() -> No
     for i in range(6):  # three robots' batches of two
         w.submit("org/o/device/d/status", env(f"m{i}", device=robots[i // 2]),
                  functools.partial(lambda name, _: settled.append(name), f"m{i}"))
-    task = asyncio.create_task(w.run())
-    try:
+    async with running(w):
         while len(store.gates) < 3:  # all three batches in the database at once
             await asyncio.wait_for(store.started.wait(), 5)
             store.started.clear()
@@ -201,10 +204,6 @@ async def test_batches_overlap_yet_are_settled_in_the_order_they_arrived() -> No
         store.gates[0].set()
         await asyncio.wait_for(w.drain(5), 6)
         assert settled == [f"m{i}" for i in range(6)] and w.pending == 0
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def test_a_robots_batches_are_written_one_at_a_time_in_order() -> None:
@@ -219,8 +218,7 @@ async def test_a_robots_batches_are_written_one_at_a_time_in_order() -> None:
     for name, robot in names:
         w.submit("t", env(name, device=robot),
                  functools.partial(lambda n, _: settled.append(n), name))
-    task = asyncio.create_task(w.run())
-    try:
+    async with running(w):
         while len(store.gates) < 2:
             await asyncio.wait_for(store.started.wait(), 5)
             store.started.clear()
@@ -236,10 +234,6 @@ async def test_a_robots_batches_are_written_one_at_a_time_in_order() -> None:
         store.gates[2].set()
         await asyncio.wait_for(w.drain(5), 6)
         assert settled == ["a0", "a1", "b0", "a2", "a3"] and w.pending == 0
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def test_an_http_push_starts_a_batch_at_once_an_mqtt_message_waits_for_a_commit() -> None:
@@ -250,8 +244,7 @@ async def test_an_http_push_starts_a_batch_at_once_an_mqtt_message_waits_for_a_c
     store = GatedStore()
     w = BatchWriter(store, batch_max=10)
     settled: list[str] = []
-    task = asyncio.create_task(w.run())
-    try:
+    async with running(w):
         w.submit("t", env("m0", device="r0"), lambda _: settled.append("m0"))
         await asyncio.wait_for(store.started.wait(), 5)
         store.started.clear()
@@ -267,10 +260,6 @@ async def test_an_http_push_starts_a_batch_at_once_an_mqtt_message_waits_for_a_c
         store.gates[0].set()
         assert [s.outcome for s in await asyncio.wait_for(pushed, 5)] == [Outcome.STORED]
         assert settled == ["m0", "m1", "m2"] and w.pending == 0
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def test_a_dead_letter_is_written_between_batches_not_once_the_stream_pauses() -> None:
@@ -280,8 +269,7 @@ async def test_a_dead_letter_is_written_between_batches_not_once_the_stream_paus
     store = GatedStore()
     w = BatchWriter(store, batch_max=10)
     settled: list[str] = []
-    task = asyncio.create_task(w.run())
-    try:
+    async with running(w):
         w.submit("t", env("m0", device="r0"), lambda _: settled.append("m0"))
         await asyncio.wait_for(store.started.wait(), 5)
         store.started.clear()
@@ -293,7 +281,3 @@ async def test_a_dead_letter_is_written_between_batches_not_once_the_stream_paus
         store.gates[1].set()
         await asyncio.wait_for(w.drain(5), 6)
         assert settled == ["m0", "dead", "m1"]
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task

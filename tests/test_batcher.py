@@ -180,6 +180,12 @@ class GatedStore:
     async def dead_letters(self, letters: Sequence[tuple[str, bytes, str]]) -> None:
         pass
 
+    async def batches_started(self, n: int) -> None:
+        """Wait until ``n`` batches have reached the database (committed or not)."""
+        while len(self.gates) < n:
+            await asyncio.wait_for(self.started.wait(), 5)
+            self.started.clear()
+
 
 async def test_batches_overlap_yet_are_settled_in_the_order_they_arrived() -> None:
     """While one batch waits for the database the next ones are written too, but a later
@@ -193,9 +199,7 @@ async def test_batches_overlap_yet_are_settled_in_the_order_they_arrived() -> No
         w.submit("org/o/device/d/status", env(f"m{i}", device=robots[i // 2]),
                  functools.partial(lambda name, _: settled.append(name), f"m{i}"))
     async with running(w):
-        while len(store.gates) < 3:  # all three batches in the database at once
-            await asyncio.wait_for(store.started.wait(), 5)
-            store.started.clear()
+        await store.batches_started(3)  # all three batches in the database at once
         assert store.most_in_flight == 3 and w.pending == 6
         store.gates[2].set()  # the last batch commits first...
         store.gates[1].set()
@@ -219,17 +223,13 @@ async def test_a_robots_batches_are_written_one_at_a_time_in_order() -> None:
         w.submit("t", env(name, device=robot),
                  functools.partial(lambda n, _: settled.append(n), name))
     async with running(w):
-        while len(store.gates) < 2:
-            await asyncio.wait_for(store.started.wait(), 5)
-            store.started.clear()
+        await store.batches_started(2)
         assert store.most_in_flight == 2  # a0+a1 beside b0, not a2+a3
         store.gates[1].set()  # b0 commits, but waits for a0 and a1 to be acknowledged
         await asyncio.wait_for(store.one_left.wait(), 5)
         assert settled == [] and len(store.gates) == 2
         store.gates[0].set()  # a0+a1 commit: then a2+a3 is written
-        while len(store.gates) < 3:
-            await asyncio.wait_for(store.started.wait(), 5)
-            store.started.clear()
+        await store.batches_started(3)
         assert settled == ["a0", "a1", "b0"] and store.most_in_flight == 2
         store.gates[2].set()
         await asyncio.wait_for(w.drain(5), 6)
@@ -246,13 +246,12 @@ async def test_an_http_push_starts_a_batch_at_once_an_mqtt_message_waits_for_a_c
     settled: list[str] = []
     async with running(w):
         w.submit("t", env("m0", device="r0"), lambda _: settled.append("m0"))
-        await asyncio.wait_for(store.started.wait(), 5)
-        store.started.clear()
+        await store.batches_started(1)
         w.submit("t", env("m1", device="r1"), lambda _: settled.append("m1"))
         w.submit("t", env("m2", device="r1"), lambda _: settled.append("m2"))
         assert store.batches == [["m0"]]  # the MQTT messages wait for m0's commit
         pushed = asyncio.create_task(w.write([("t", env("h0", device="r2"))]))
-        await asyncio.wait_for(store.started.wait(), 5)  # m0 still in the database
+        await store.batches_started(2)  # m0 still in the database
         assert store.batches == [["m0"], ["m1", "m2", "h0"]] and store.in_flight == 2
         store.gates[1].set()
         await asyncio.wait_for(store.one_left.wait(), 5)
@@ -271,12 +270,11 @@ async def test_a_dead_letter_is_written_between_batches_not_once_the_stream_paus
     settled: list[str] = []
     async with running(w):
         w.submit("t", env("m0", device="r0"), lambda _: settled.append("m0"))
-        await asyncio.wait_for(store.started.wait(), 5)
-        store.started.clear()
+        await store.batches_started(1)
         w.submit_dead("t", b"{", "malformed: not JSON", lambda _: settled.append("dead"))
         w.submit("t", env("m1", device="r0"), lambda _: settled.append("m1"))
         store.gates[0].set()
-        await asyncio.wait_for(store.started.wait(), 5)  # m1's batch, m1 not yet committed
+        await store.batches_started(2)  # m1's batch, m1 not yet committed
         assert settled == ["m0", "dead"] and store.batches == [["m0"], ["m1"]]
         store.gates[1].set()
         await asyncio.wait_for(w.drain(5), 6)

@@ -21,14 +21,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from tests.support.procs import free_port as free_port  # one run never repeats a port
+
 MOSQUITTO = "/usr/sbin/mosquitto"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:

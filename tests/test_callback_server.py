@@ -19,7 +19,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from bridge.envelope import Envelope
 from tests.support.dbutil import query
 from tests.support.mariadb_proc import MariadbProcess
-from tests.support.services import callback_server, pick_port
+from tests.support.procs import free_port
+from tests.support.services import callback_server
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
@@ -119,7 +120,7 @@ def test_database_down_at_start_degrades_then_catches_up(tmp_path: Path) -> None
 
 def test_migrate_command_creates_tables(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'm.db'}"
-    env = {**os.environ, "DATABASE_URL": db, "CALLBACK_HTTP_PORT": str(pick_port())}
+    env = {**os.environ, "DATABASE_URL": db, "CALLBACK_HTTP_PORT": str(free_port())}
     out = subprocess.run([sys.executable, "-m", "callback_server", "migrate"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

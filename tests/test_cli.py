@@ -16,7 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.services import edge_agent, pick_port
+from tests.support.procs import free_port
+from tests.support.services import edge_agent
 
 BROKER = "mqtt://127.0.0.1:1883"
 
@@ -30,8 +31,8 @@ def cli(module: str, *args: str, env: dict[str, str], stdin: str = ""
 
 def edge_env(tmp: Path, **extra: str) -> dict[str, str]:
     return {"PUDU_CALLBACK_CODE": "c", "OUTBOX_PATH": str(tmp / "outbox.db"),
-            "EDGE_HTTP_HOST": "127.0.0.1", "EDGE_HTTP_PORT": str(pick_port()),
-            "EDGE_ADMIN_PORT": str(pick_port()), **extra}
+            "EDGE_HTTP_HOST": "127.0.0.1", "EDGE_HTTP_PORT": str(free_port()),
+            "EDGE_ADMIN_PORT": str(free_port()), **extra}
 
 
 def assert_one_line_refusal(done: subprocess.CompletedProcess[str], needle: str) -> None:
@@ -68,21 +69,21 @@ def test_callback_check_config_and_run_refuse_a_malformed_keys_file(tmp_path: Pa
     (tmp_path / "keys.yaml").write_text(keys)
     env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'cb.db'}",
            "API_KEYS_FILE": str(tmp_path / "keys.yaml"),
-           "CALLBACK_HTTP_HOST": "127.0.0.1", "CALLBACK_HTTP_PORT": str(pick_port())}
+           "CALLBACK_HTTP_HOST": "127.0.0.1", "CALLBACK_HTTP_PORT": str(free_port())}
     for command in ("check-config", "run"):
         assert_one_line_refusal(cli("callback_server", command, env=env), "API_KEYS_FILE")
 
 
 def test_callback_check_config_and_run_refuse_the_in_process_broker(tmp_path: Path) -> None:
     env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'cb.db'}", "MQTT_BACKEND": "memory",
-           "CALLBACK_HTTP_HOST": "127.0.0.1", "CALLBACK_HTTP_PORT": str(pick_port())}
+           "CALLBACK_HTTP_HOST": "127.0.0.1", "CALLBACK_HTTP_PORT": str(free_port())}
     for command in ("check-config", "run"):
         assert_one_line_refusal(cli("callback_server", command, env=env), "MQTT_BACKEND")
 
 
 @pytest.mark.integration
 def test_check_config_connect_tries_the_broker(tmp_path: Path) -> None:
-    dead = edge_env(tmp_path, MQTT_URL=f"mqtt://127.0.0.1:{pick_port()}",
+    dead = edge_env(tmp_path, MQTT_URL=f"mqtt://127.0.0.1:{free_port()}",
                     MQTT_RECONNECT_MAX_SECONDS="1")
     assert_one_line_refusal(cli("edge_agent", "check-config", "--connect", env=dead),
                             "no connection")
@@ -109,7 +110,7 @@ def test_migrate_says_what_it_created_and_what_existed(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_outbox_stats_and_peek_beside_a_running_agent(tmp_path: Path) -> None:
-    dead = f"mqtt://127.0.0.1:{pick_port()}"  # nothing is published: entries stay
+    dead = f"mqtt://127.0.0.1:{free_port()}"  # nothing is published: entries stay
     with edge_agent(tmp_path, dead, org="acme") as agent:
         for i in range(3):
             assert httpx.post(agent.url + "/api/pudu/webhook", headers={"CallbackCode":
@@ -199,7 +200,7 @@ def test_bash_completion_offers_subcommands_options_and_choices(tmp_path: Path) 
 
 @pytest.mark.integration
 def test_outbox_backup_beside_a_running_agent_restores(tmp_path: Path) -> None:
-    dead = f"mqtt://127.0.0.1:{pick_port()}"  # nothing is published: entries stay
+    dead = f"mqtt://127.0.0.1:{free_port()}"  # nothing is published: entries stay
     copy = tmp_path / "backup" / "outbox-copy.db"
     copy.parent.mkdir()
     with edge_agent(tmp_path, dead, org="acme") as agent:
@@ -233,7 +234,7 @@ def test_awsiot_refuses_a_key_that_is_not_the_certificates(tmp_path: Path) -> No
 
 def test_a_missing_api_keys_file_is_an_error_not_a_server_with_no_keys(tmp_path: Path) -> None:
     base = {"DATABASE_URL": f"sqlite:///{tmp_path / 'cb.db'}",
-            "CALLBACK_HTTP_HOST": "127.0.0.1", "CALLBACK_HTTP_PORT": str(pick_port())}
+            "CALLBACK_HTTP_HOST": "127.0.0.1", "CALLBACK_HTTP_PORT": str(free_port())}
     typo = {**base, "API_KEYS_FILE": str(tmp_path / "keys.ymal")}
     for command in ("check-config", "run"):
         assert_one_line_refusal(cli("callback_server", command, env=typo), "does not exist")

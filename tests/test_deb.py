@@ -25,7 +25,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.services import edge_agent, pick_port
+from tests.support.procs import free_port
+from tests.support.services import edge_agent
 from tests.test_install import NO_INDEX, ROOT, aarch64_wheelhouse, build_lock, wheelhouse
 
 # the session's wheelhouse fixtures, shared with test_install
@@ -275,7 +276,7 @@ def test_install_upgrade_remove_purge(debs: dict[str, Path], clean_machine: None
                           "deb-systemd-invoke restart callback-server@2.service"]
 
     # 4. The installed agent runs and holds an undelivered entry (the broker is away).
-    agent = edge_agent(tmp_path, f"mqtt://127.0.0.1:{pick_port()}", org="acme",
+    agent = edge_agent(tmp_path, f"mqtt://127.0.0.1:{free_port()}", org="acme",
                        OUTBOX_PATH="/var/lib/edge-agent/outbox.db")
     agent.command = ["/usr/bin/edge-agent", "--config", str(config)]
     with agent:

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import httpx
 
-from tests.support.procs import wait_for_port
-from tests.support.services import pick_port
+from tests.support.procs import free_port, wait_for_port
 from tests.support.waiting import eventually
 
 
 def test_make_run_pipeline_answers_within_a_second(tmp_path: Path) -> None:
     seen: list[str] = []
-    edge, admin, cb, mqtt = pick_port(), pick_port(), pick_port(), pick_port()
+    edge, admin, cb, mqtt = free_port(), free_port(), free_port(), free_port()
     env = {**os.environ, "EDGE_HTTP_PORT": str(edge), "EDGE_ADMIN_PORT": str(admin),
            "CALLBACK_HTTP_PORT": str(cb), "DEMO_MQTT_PORT": str(mqtt),
            "OUTBOX_PATH": str(tmp_path / "outbox.db"), "DEMO_KEYS_FILE": str(tmp_path / "k.yaml"),
@@ -70,7 +69,7 @@ def _printed_curls(lines: list[str]) -> list[str]:
 
 
 def test_make_run_prints_a_key_its_curl_lines_work_with(tmp_path: Path) -> None:
-    edge, admin, cb, mqtt = pick_port(), pick_port(), pick_port(), pick_port()
+    edge, admin, cb, mqtt = free_port(), free_port(), free_port(), free_port()
     keys = tmp_path / "demo-keys.yaml"
     env = {**os.environ, "EDGE_HTTP_PORT": str(edge), "EDGE_ADMIN_PORT": str(admin),
            "CALLBACK_HTTP_PORT": str(cb), "DEMO_MQTT_PORT": str(mqtt),
@@ -121,9 +120,9 @@ def test_make_run_with_a_port_taken_says_so_in_one_line_and_exits_3(tmp_path: Pa
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         cb = taken.getsockname()[1]
-        env = {**os.environ, "EDGE_HTTP_PORT": str(pick_port()),
-               "EDGE_ADMIN_PORT": str(pick_port()), "CALLBACK_HTTP_PORT": str(cb),
-               "DEMO_MQTT_PORT": str(pick_port()), "OUTBOX_PATH": str(tmp_path / "outbox.db"),
+        env = {**os.environ, "EDGE_HTTP_PORT": str(free_port()),
+               "EDGE_ADMIN_PORT": str(free_port()), "CALLBACK_HTTP_PORT": str(cb),
+               "DEMO_MQTT_PORT": str(free_port()), "OUTBOX_PATH": str(tmp_path / "outbox.db"),
                "DEMO_KEYS_FILE": str(tmp_path / "k.yaml"),
                "DATABASE_URL": f"sqlite:///{tmp_path / 'callback.db'}"}
         done = subprocess.run([sys.executable, "-m", "demo"], env=env, capture_output=True,

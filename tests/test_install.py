@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.services import edge_agent, pick_port
+from tests.support.procs import free_port
+from tests.support.services import edge_agent
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,7 +237,7 @@ def test_a_venv_whose_interpreter_changed_or_went_is_rebuilt_and_the_service_sta
                   python=os.path.realpath(sys.executable))
     assert broken.returncode == 0 and "pip check" in broken.stderr, broken.stderr[-2000:]
 
-    service = edge_agent(tmp_path, f"mqtt://127.0.0.1:{pick_port()}", org="acme")
+    service = edge_agent(tmp_path, f"mqtt://127.0.0.1:{free_port()}", org="acme")
     service.command = [str(venv_python(dest)), "-m", "edge_agent"]
     service.cwd = dest  # not the checkout: the installed packages must be the ones running
     with service:  # __enter__ starts it (a second start() orphaned the first process)

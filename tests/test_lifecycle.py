@@ -21,8 +21,8 @@ import pytest
 
 from bridge.service.sdnotify import Notifier, Watchdog
 from tests.support.mqtt_probe import Probe
-from tests.support.procs import wait_for_port
-from tests.support.services import ADMIN_TOKEN, callback_server, edge_agent, pick_port
+from tests.support.procs import free_port, wait_for_port
+from tests.support.services import ADMIN_TOKEN, callback_server, edge_agent
 from tests.support.waiting import eventually
 
 BROKER = "mqtt://127.0.0.1:1883"
@@ -93,7 +93,7 @@ def test_both_services_say_ready_then_ping_the_watchdog(tmp_path: Path,
 
 @pytest.mark.integration
 def test_ready_does_not_wait_for_the_broker(tmp_path: Path, notify: NotifySocket) -> None:
-    dead = f"mqtt://127.0.0.1:{pick_port()}"  # nothing listens there
+    dead = f"mqtt://127.0.0.1:{free_port()}"  # nothing listens there
     with edge_agent(tmp_path, dead, org="acme", **systemd_env(notify)) as agent:
         notify.wait_for("READY=1")
         notify.wait_for("WATCHDOG=1", count=3)  # offline is not wedged
@@ -318,7 +318,7 @@ def test_sigterm_stops_the_callback_server_with_open_streams_in_time(tmp_path: P
 def test_sigterm_while_the_callback_server_starts_is_an_orderly_stop(tmp_path: Path) -> None:
     # The broker is away: starting waits up to 5 s for the subscription. The port is
     # bound first, so once it answers the service is starting, not yet serving.
-    dead = f"mqtt://127.0.0.1:{pick_port()}"
+    dead = f"mqtt://127.0.0.1:{free_port()}"
     server = callback_server(tmp_path, dead, f"sqlite:///{tmp_path / 'cb.db'}")
     with server.log_path.open("ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "callback_server", "run"],
@@ -342,8 +342,8 @@ def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]
 @pytest.mark.integration
 def test_a_second_agent_on_the_same_outbox_or_port_exits_3(tmp_path: Path) -> None:
     with edge_agent(tmp_path, BROKER, org="acme") as agent:
-        env = {**agent.env, "EDGE_HTTP_PORT": str(pick_port()),
-               "EDGE_ADMIN_PORT": str(pick_port())}  # free ports: only the outbox is held
+        env = {**agent.env, "EDGE_HTTP_PORT": str(free_port()),
+               "EDGE_ADMIN_PORT": str(free_port())}  # free ports: only the outbox is held
         locked = run_cli("run", env=env)
         assert locked.returncode == 3, locked.stderr
         assert "in use by another process" in locked.stderr

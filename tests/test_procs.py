@@ -65,6 +65,13 @@ def test_free_port_is_bindable() -> None:
         wait_for_port("127.0.0.1", port, timeout=0.1)
 
 
+def test_free_port_never_hands_out_a_port_twice() -> None:
+    # 500 draws from ~28,000 ephemeral ports: the kernel alone repeats one with
+    # probability ~99 %, and two services given one port cannot both start.
+    ports = [free_port() for _ in range(500)]
+    assert len(set(ports)) == len(ports)
+
+
 def test_private_broker_round_trip_kill_and_restart(mosquitto: MosquittoProcess,
                                                     unique_id: str) -> None:
     topic = f"test/{unique_id}/qos1"

@@ -19,6 +19,7 @@ from bridge.errors import (
 from edge_agent.pudu import signing
 from edge_agent.pudu.client import PuduClient
 from edge_agent.pudu.settings import PuduApiSettings
+from tests.support.procs import free_port
 from tests.support.pudu_stub import KEY, SECRET, StubServer, serve_stub
 
 
@@ -184,8 +185,6 @@ async def test_a_robot_command_is_retried_after_a_429(stub: StubServer) -> None:
 
 
 async def test_a_robot_command_is_retried_when_no_connection_was_made() -> None:
-    from tests.support.pudu_stub import free_port
-
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: the request never went out
     async with PuduClient(settings(dead)) as client:
         with pytest.raises(PuduConnectError):

@@ -16,8 +16,9 @@ import httpx
 import pytest
 
 from bridge.service.aws_secrets import RefreshingLogin, SecretRef
+from tests.support.procs import free_port
 from tests.support.secrets_manager import REGION, SecretsManagerServer
-from tests.support.services import ServiceProcess, pick_port
+from tests.support.services import ServiceProcess
 
 BROKER = "mqtt://127.0.0.1:1883"
 
@@ -34,7 +35,7 @@ def cli(module: str, *args: str, env: dict[str, str], cwd: Path | None = None
 
 def _edge(tmp: Path, **extra: str) -> dict[str, str]:
     return {"PUDU_CALLBACK_CODE": "c", "OUTBOX_PATH": str(tmp / "outbox.db"),
-            "EDGE_ADMIN_PORT": str(pick_port()), **extra}
+            "EDGE_ADMIN_PORT": str(free_port()), **extra}
 
 
 def test_port_9000_moves_the_webhook_listener_and_check_config_says_why(tmp_path: Path) -> None:
@@ -47,7 +48,7 @@ def test_port_9000_moves_the_webhook_listener_and_check_config_says_why(tmp_path
 
 @pytest.mark.integration
 def test_the_seeds_port_and_log_file_are_honoured_by_a_running_agent(tmp_path: Path) -> None:
-    port, log_file = pick_port(), tmp_path / "pudu_callbacks.log"
+    port, log_file = free_port(), tmp_path / "pudu_callbacks.log"
     env = _edge(tmp_path, HOST="127.0.0.1", PORT=str(port), LOG_FILE=str(log_file),
                 MQTT_URL=BROKER, ORG_ID="acme", GATEWAY_ID=f"g{uuid.uuid4().hex[:8]}")
     env = {**env, "EDGE_HTTP_PORT": "", "EDGE_HTTP_HOST": ""}  # only the seed's names

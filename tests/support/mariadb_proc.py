@@ -15,7 +15,7 @@ from typing import Any
 
 import pymysql
 
-from tests.support.services import pick_port
+from tests.support.procs import free_port
 from tests.support.waiting import eventually
 
 
@@ -23,7 +23,7 @@ class MariadbProcess:
     def __init__(self, base: Path) -> None:
         self.base = base
         self.datadir = base / "data"
-        self.port = pick_port()
+        self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         mariadbd = shutil.which("mariadbd") or "/usr/sbin/mariadbd"
         self.cmd = [

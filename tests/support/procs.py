@@ -17,11 +17,22 @@ from tests.support.waiting import NotYet, eventually
 MOSQUITTO = "/usr/sbin/mosquitto"
 
 
+#: Ports already handed out in this run. The kernel may give the same free port to two
+#: binds in a row (it did: an edge agent got one port for its HTTP and admin listeners),
+#: and a port handed out is not bound until the process it is meant for starts.
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on right now and that no earlier call
+    in this run returned."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def port_open(host: str, port: int) -> bool:

@@ -15,7 +15,6 @@ import base64
 import hashlib
 import hmac
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from urllib.parse import parse_qsl, unquote
 
 import uvicorn
 
+from tests.support.procs import free_port
 from tests.support.waiting import eventually
 
 KEY, SECRET = "stub-key", "stub-secret"
@@ -280,12 +280,6 @@ class PuduStub:
                "_at": int(at)}
         self.errors.append(row)
         return row
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class StubServer:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -15,16 +14,11 @@ from typing import Any
 
 import httpx
 
+from tests.support.procs import free_port
 from tests.support.waiting import NotYet, eventually
 
 #: The callback server's PROXY_TOKEN unless a test gives its own.
 ADMIN_TOKEN = "test-admin-token"
-
-
-def pick_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class ServiceProcess:
@@ -129,7 +123,7 @@ class ServiceProcess:
 
 def edge_agent(tmp: Path, mqtt_url: str, *, org: str, gateway: str = "gw1",
                code: str = "test-code", **extra: str) -> ServiceProcess:
-    port, admin_port = pick_port(), pick_port()
+    port, admin_port = free_port(), free_port()
     env = {
         "PUDU_CALLBACK_CODE": code,
         "EDGE_HTTP_HOST": "127.0.0.1",
@@ -149,7 +143,7 @@ def edge_agent(tmp: Path, mqtt_url: str, *, org: str, gateway: str = "gw1",
 
 def callback_server(tmp: Path, mqtt_url: str, database_url: str, *, name: str = "cs1",
                     **extra: str) -> ServiceProcess:
-    port = pick_port()
+    port = free_port()
     env = {
         "MQTT_URL": mqtt_url,
         "DATABASE_URL": database_url,

@@ -936,3 +936,28 @@ async def test_without_json_table_the_log_is_written_row_by_row(
     assert e.id in {r["id"] for r in logged} and len(logged) == 2
     assert [r["event_id"] for r in events] == ["x1"]
     assert state["status"] == "idle"
+
+
+async def test_a_transaction_is_all_or_nothing_and_counts_each_statement(
+        store: SqlStore) -> None:
+    """The backend sends a transaction's statements together where it can (MySQL: one
+    multi-statement round trip): each still gets its own count, a refused statement
+    late in it leaves none of the earlier ones committed, and the next transaction on
+    the pool works."""
+    table = f"scratch_{uuid.uuid4().hex[:8]}"
+    b, mark = store.backend, store.dialect.mark
+    await b.transaction([(f"CREATE TABLE {table} (k VARCHAR(20) PRIMARY KEY)", None)])
+    insert = f"INSERT INTO {table} (k) VALUES ({mark})"
+    try:
+        with pytest.raises(StoreError):
+            await b.transaction([(insert, [("a",)]), (f"INSERT INTO {table} (k) VALUES ('b')",
+                                                     None), (insert, [("a",)])])
+        assert await b.fetch(f"SELECT k FROM {table}") == []
+        counts = await b.transaction([(insert, [("a",)]), (insert, []),
+                                      (insert, [("b",), ("c",)]),
+                                      (f"UPDATE {table} SET k = k WHERE k > 'a'", None),
+                                      (f"DELETE FROM {table} WHERE k = 'c'", None)])
+        assert counts[:3] == [1, 0, 2] and counts[4] == 1
+        assert {r["k"] for r in await b.fetch(f"SELECT k FROM {table}")} == {"a", "b"}
+    finally:
+        await b.transaction([(f"DROP TABLE {table}", None)])

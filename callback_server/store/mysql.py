@@ -61,7 +61,7 @@ class _QuietCursor(aiomysql.Cursor):  # type: ignore[misc]
 _TOGETHER_CHARS = 2**21
 
 
-async def _together(cur: aiomysql.Cursor, statements: list[str]) -> list[int]:
+async def _together(cur: aiomysql.Cursor, statements: Sequence[str]) -> list[int]:
     """Run ``statements`` as one multi-statement query (aiomysql's connections allow it)
     and return each one's affected rows; an empty string stands for a statement with
     nothing to do. One round trip instead of one each: a small batch's transaction was
@@ -74,9 +74,7 @@ async def _together(cur: aiomysql.Cursor, statements: list[str]) -> list[int]:
         while await cur.nextset():
             affected.append(max(cur.rowcount, 0))
     found = iter(affected)
-    counts = [next(found) if sql else 0 for sql in statements]
-    statements.clear()
-    return counts
+    return [next(found) if sql else 0 for sql in statements]
 
 
 class MysqlBackend(Backend):
@@ -220,20 +218,19 @@ class MysqlBackend(Backend):
                     await cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
                     conn._read_committed = True
                 pending: list[str] = []  # statements sent together, in one round trip
-                size = 0
                 for sql, rows in statements:
                     if rows is not None and len(rows) > 1:
                         counts += await _together(cur, pending)
+                        pending = []
                         # aiomysql folds an INSERT's rows into multi-row statements
                         await cur.executemany(sql, rows)
                         counts.append(max(cur.rowcount, 0))
                         continue
                     text = sql if rows is None else cur.mogrify(sql, rows[0]) if rows else ""
-                    if size + len(text) > _TOGETHER_CHARS:
+                    if sum(map(len, pending)) + len(text) > _TOGETHER_CHARS:
                         counts += await _together(cur, pending)
-                        size = 0
+                        pending = []
                     pending.append(text)  # "": no rows, nothing to run, counted 0
-                    size += len(text)
                 counts += (await _together(cur, [*pending, "COMMIT"]))[:-1]
             return counts
 

@@ -191,6 +191,33 @@ async def test_silent_offline_and_stuck_open_by_time_once_and_resolve_by_message
     assert env.emitted == [("opened", "robot_offline", "R4", "high")]
 
 
+async def test_the_watch_write_leaves_the_facts_it_hands_back(env: Env) -> None:
+    """``AlertStore.watch`` brings the facts it is given to what it wrote rather than
+    reading them back: a fresh read must agree, for every kind of robot."""
+    await env.send(env.a, "R1", "move", move_state="stuck")  # state and watch: stuck
+    await env.send(env.a, "R3", "event", event_id="x1", event_level="info")
+    await env.store.write_batch([("org/acme/device/R2/status", Envelope(
+        id="r2", type="notifyRobotStatus", org="acme", device="R2", gateway="gw1",
+        ts=T0, received_at=T0, data={"status": "idle"}, raw={}, channel="status"))])
+    robots = {("acme", sn) for sn in ("R1", "R2", "R3", "R4")}
+    before = await env.alerts.facts(robots)
+    assert ("acme", "R4") not in before  # never heard of
+    assert before[("acme", "R2")]["watched"] == 0  # stored state, never evaluated
+    assert before[("acme", "R3")]["watched"] == 1
+    env.clock.now += 30
+    stuck = {"R1": True, "R2": True, "R3": False, "R4": True}
+    await env.alerts.watch([(sn, org, stuck[sn]) for org, sn in sorted(robots)],
+                           env.clock.now, before)
+    after = await env.alerts.facts(robots)
+    read = ("status", "move_state", "seen_at", "stuck_since", "first_seen", "watched")
+    assert {k: {c: f.get(c) for c in read} for k, f in before.items()} \
+        == {k: {c: f[c] for c in read} for k, f in after.items()}
+    assert after[("acme", "R1")]["stuck_since"] == T0  # still stuck since the first
+    assert after[("acme", "R4")]["first_seen"] == after[("acme", "R2")]["first_seen"] \
+        == T0 + 30
+    assert after[("acme", "R3")]["stuck_since"] is None
+
+
 async def test_a_lapsed_lease_passes_to_another_replica(env: Env) -> None:
     assert await env.a.engine.sweep()
     env.clock.now += 24

@@ -75,8 +75,9 @@ async def each_org_sees_its_own(store: SqlStore) -> None:
     alert = await AlertStore(store).get("a1")
     assert alert is not None and alert.org == "acme"
     # (keyed by (org, sn) since issue 24)
-    watched = await AlertStore(store).watched({("acme", "R1"), ("beta", "R2")})
-    assert set(watched) == {("acme", "R1"), ("beta", "R2")}
+    facts = await AlertStore(store).facts({("acme", "R1"), ("beta", "R2")})
+    assert set(facts) == {("acme", "R1"), ("beta", "R2")}
+    assert all(f["watched"] and f["seen_at"] is not None for f in facts.values())
 
 
 async def test_upgrade_from_version_1_with_data(db_url: str) -> None:

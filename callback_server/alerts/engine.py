@@ -42,7 +42,7 @@ from bridge.errors import PayloadError, StoreError
 from bridge.service.sdnotify import BEAT_SECONDS
 from bridge.service.taskset import within
 from bridge.topic import DeviceAddress
-from callback_server.alerts.alert import Alert, Subject, Transition
+from callback_server.alerts.alert import Subject, Transition
 from callback_server.alerts.rules import (
     AlertSettings,
     GatewayClock,
@@ -231,10 +231,9 @@ class AlertEngine:
                     robot.fault is None or rank(level) > rank(robot.fault["event_level"])):
                 robot.fault = {k: env.data.get(k) for k in
                                ("event_id", "event_level", "event_type", "event_detail")}
-        state = await self.store.robots(seen)
-        await self.store.watch([(sn, org, is_stuck((state.get((org, sn)) or {}).get("move_state")))
-                                for org, sn in seen], now)
-        watched = await self.store.watched(seen)
+        facts = await self.store.facts(seen)
+        await self.store.watch([(sn, org, is_stuck((facts.get((org, sn)) or {}).get("move_state")))
+                                for org, sn in seen], now, facts)
         decisions: list[_Decision] = []
         for (org, sn), robot in seen.items():
             if robot.fault is not None:
@@ -247,15 +246,15 @@ class AlertEngine:
                     Subject("robot_clock", org, "robot", sn),
                     _const(self.rules.robot_clock.severity), {"note": robot.clock},
                     touch=True))
-        decisions += self._state_decisions(list(seen), state, watched, now, heard=True)
+        decisions += self._state_decisions(list(seen), facts, now, heard=True)
         made = await self._apply(decisions, now)
         return made + await self._recheck(made, now, heard=True)
 
     def _state_decisions(self, robots: Collection[RobotKey],
-                         state: dict[RobotKey, dict[str, Any]],
-                         watched: dict[RobotKey, dict[str, Any]], now: float, *,
+                         facts: dict[RobotKey, dict[str, Any]], now: float, *,
                          heard: bool) -> list[_Decision]:
-        """The rules read from a robot's stored state and watch (all but ``robot_fault``).
+        """The rules read from a robot's stored state and watch (``AlertStore.facts``):
+        all but ``robot_fault``.
         ``heard``: a message of the robot is being evaluated (so it is not silent).
 
         Run for every robot of every batch, and nearly always decides "as it was": so a
@@ -264,8 +263,7 @@ class AlertEngine:
         r = self.rules
         decisions: list[_Decision] = []
         for key in robots:
-            row = state.get(key) or {}
-            watch = watched.get(key) or {}
+            row = watch = facts.get(key) or {}
             seen = now if heard or watch.get("seen_at") is None else float(watch["seen_at"])
             first = watch.get("first_seen")
             first = None if first is None else float(first)
@@ -325,10 +323,8 @@ class AlertEngine:
                   if t.alert.subject_type == "robot" and t.alert.rule in STATE_RULES}
         if not robots:
             return []
-        state = await self.store.robots(robots)
-        watched = await self.store.watched(robots)
-        return await self._apply(self._state_decisions(robots, state, watched, now,
-                                                       heard=heard), now)
+        return await self._apply(self._state_decisions(
+            robots, await self.store.facts(robots), now, heard=heard), now)
 
     async def gateway(self, address: DeviceAddress, payload: bytes) -> list[Transition]:
         """Presence (the last will says ``offline``) and telemetry heartbeats."""
@@ -415,23 +411,29 @@ class AlertEngine:
         decisions = [d for d in decisions if self.rules.enabled(d.subject.rule)]
         if not decisions:
             return []
-        subjects = [d.subject for d in decisions]
-        current: dict[str, Alert] = {}
-        silenced: dict[str, float] = {}
-        for i in range(0, len(subjects), 500):
-            current |= await self.store.open_alerts(subjects[i:i + 500])
-            silenced |= await self.store.silenced(subjects[i:i + 500], now)
-        made: list[Transition] = []
+        current: dict[str, str] = {}
+        for i in range(0, len(decisions), 500):
+            current |= await self.store.open_severities(d.subject for d in decisions[i:i + 500])
+        # Nearly every decision keeps what is open as it is: only those that may change
+        # something are looked up for silences.
+        acting = []
         for d in decisions:
-            open_ = current.get(d.subject.key)
-            held = None if open_ is None else open_.severity
+            held = current.get(d.subject.key)
             severity = d.decide(held)
+            if severity != held or d.touch:
+                acting.append((d, held, severity))
+        silenced: dict[str, float] = {}
+        for i in range(0, len(acting), 500):
+            silenced |= await self.store.silenced((d.subject for d, _, _ in acting[i:i + 500]),
+                                                  now)
+        made: list[Transition] = []
+        for d, held, severity in acting:
             transition: Transition | None = None
             if severity is None:
-                if open_ is not None:
+                if held is not None:
                     transition = await self.store.resolve(d.subject, now, d.clear_before)
             elif severity != held:
-                if open_ is None and d.subject.key in silenced:
+                if held is None and d.subject.key in silenced:
                     continue  # a silenced subject opens nothing
                 transition = await self.store.open(d.subject, severity, d.detail, now)
             elif d.touch and not await self.store.touch(d.subject, now) \

@@ -36,6 +36,9 @@ from callback_server.store.schema import (
 RobotKey = tuple[str, str]
 
 _ALERT_COLUMNS = ", ".join(ALERTS.names)
+#: The robot_state columns the rules read, and as many NULLs for a robot without a row.
+_STATE_FACTS = "status, battery_level, charge_state, is_charging, move_state"
+_NO_STATE = ", ".join(["NULL"] * len(_STATE_FACTS.split(", ")))
 #: How many times opening is retried when the open alert resolves under our feet.
 _OPEN_TRIES = 3
 
@@ -91,6 +94,17 @@ class AlertStore:
             f"SELECT {_ALERT_COLUMNS} FROM {self._table} WHERE open_key IN "
             f"({self.d.marks(len(keys))})", keys)
         return {str(r["open_key"]): Alert.from_row(r) for r in rows}
+
+    async def open_severities(self, subjects: Iterable[Subject]) -> dict[str, str]:
+        """The open alert's severity by subject key: all an evaluation needs until it
+        changes something (``open``, ``resolve`` read the whole row themselves)."""
+        keys = sorted({s.key for s in subjects})
+        if not keys:
+            return {}
+        rows = await self._fetch(
+            f"SELECT open_key, severity FROM {self._table} WHERE open_key IN "
+            f"({self.d.marks(len(keys))})", keys)
+        return {str(r["open_key"]): str(r["severity"]) for r in rows}
 
     async def open(self, subject: Subject, severity: str, detail: dict[str, Any],
                    now: float) -> Transition | None:
@@ -220,19 +234,44 @@ class AlertStore:
         return [replace(a, silenced_until=until.get(a.subject.key)) for a in alerts]
 
     # -- the per-robot watch -----------------------------------------------------------------
-    async def watch(self, robots: Sequence[tuple[str, str, bool]], now: float) -> None:
-        """``(sn, org, stuck)`` of robots heard of at ``now``."""
-        if robots:
-            await self.store.ready()
+    async def watch(self, robots: Iterable[tuple[str, str, bool]], now: float,
+                    facts: dict[RobotKey, dict[str, Any]]) -> None:
+        """``(sn, org, stuck)`` of robots heard of at ``now``.
+
+        ``facts`` (read by ``facts`` just before) are brought to what the write leaves
+        in the table rather than read back: one round trip fewer on every batch. A
+        replica writing the same robot in between may have left an earlier
+        ``stuck_since`` or ``first_seen`` there; the sweep and the re-check read it."""
+        rows = []
+        for sn, org, stuck in robots:
             # first_seen (last) is written by the insert only: the update leaves it be
-            rows = [(sn, org, now, now if stuck else None, now) for sn, org, stuck in robots]
+            rows.append((sn, org, now, now if stuck else None, now))
+            row = facts.setdefault((org, sn), {})
+            seen, since = row.get("seen_at"), row.get("stuck_since")
+            row["seen_at"] = now if seen is None else max(float(seen), now)
+            row["stuck_since"] = None if not stuck else now if since is None else since
+            if not row.get("watched"):
+                row["first_seen"], row["watched"] = now, 1
+        if rows:
+            await self.store.ready()
             await self.backend.transaction([(self._watch_upsert, rows)])
 
-    async def watched(self, robots: Collection[RobotKey]) -> dict[RobotKey, dict[str, Any]]:
-        """The watch rows of these ``(org, sn)`` robots, by ``(org, sn)``."""
+    async def facts(self, robots: Collection[RobotKey]) -> dict[RobotKey, dict[str, Any]]:
+        """Each robot's stored state and watch row in one read, by ``(org, sn)``: the
+        state columns the rules read, ``seen_at``, ``stuck_since``, ``first_seen`` and
+        ``watched`` (0 while it has no watch row). A robot with neither is left out; one
+        with no state row (only events so far) has its watch half."""
+        d = self.d
+        state, watch = d.quote(STATE_TABLE), d.quote(ALERT_WATCH_TABLE)
+        same = "w.org_id = s.org_id AND w.robot_sn = s.robot_sn"
+        watched = ("w.seen_at, w.stuck_since, w.first_seen, "
+                   "CASE WHEN w.robot_sn IS NULL THEN 0 ELSE 1 END AS watched")
         return await self._by_robot(
-            f"SELECT robot_sn, org_id, seen_at, stuck_since, first_seen FROM "
-            f"{self.d.quote(ALERT_WATCH_TABLE)} WHERE robot_sn IN", robots)
+            f"SELECT s.robot_sn, s.org_id, {_STATE_FACTS}, {watched} FROM {state} s "
+            f"LEFT JOIN {watch} w ON {same} WHERE s.robot_sn IN ({{marks}}) UNION ALL "
+            f"SELECT w.robot_sn, w.org_id, {_NO_STATE}, {watched} FROM {watch} w "
+            f"WHERE w.robot_sn IN ({{marks}}) AND NOT EXISTS "
+            f"(SELECT 1 FROM {state} s WHERE {same})", robots, repeat=2)
 
     async def quiet_since(self, before: float) -> list[dict[str, Any]]:
         """Robots not heard of since ``before``."""
@@ -246,23 +285,18 @@ class AlertStore:
             f"SELECT robot_sn, org_id, seen_at, stuck_since FROM "
             f"{self.d.quote(ALERT_WATCH_TABLE)} WHERE stuck_since <= {self.d.mark}", (before,))
 
-    async def robots(self, robots: Collection[RobotKey]) -> dict[RobotKey, dict[str, Any]]:
-        """Latest stored state (the product's robot_state) of these ``(org, sn)`` robots,
-        by ``(org, sn)``: two orgs may have robots with the same sn."""
-        return await self._by_robot(
-            f"SELECT robot_sn, org_id, status, battery_level, charge_state, is_charging, "
-            f"move_state FROM {self.d.quote(STATE_TABLE)} WHERE robot_sn IN", robots)
-
-    async def _by_robot(self, head: str, robots: Collection[RobotKey]
+    async def _by_robot(self, sql: str, robots: Collection[RobotKey], repeat: int = 1
                         ) -> dict[RobotKey, dict[str, Any]]:
-        """Rows of ``head ({marks})`` for the robots' sns, 500 placeholders a query at
-        most, keyed by (org, sn); rows of other orgs sharing an sn are left out."""
+        """Rows of ``sql`` for the robots' sns (its ``{marks}``, ``repeat`` times: each
+        the same sns), 500 a query at most, keyed by (org, sn); rows of other orgs
+        sharing an sn are left out."""
         wanted = set(robots)
         ordered = sorted({sn for _, sn in wanted})
         out: dict[RobotKey, dict[str, Any]] = {}
         for i in range(0, len(ordered), 500):
             chunk = ordered[i:i + 500]
-            for r in await self._fetch(f"{head} ({self.d.marks(len(chunk))})", chunk):
+            for r in await self._fetch(sql.format(marks=self.d.marks(len(chunk))),
+                                       chunk * repeat):
                 robot = (str(r["org_id"]), str(r["robot_sn"]))
                 if robot in wanted:
                     out[robot] = r

@@ -32,6 +32,7 @@ from typing import Any
 import uvicorn
 
 from bridge.errors import ConfigError, FleetError, OutboxError, OutboxLockedError
+from bridge.service.heap import settle_after_startup
 from bridge.service.sdnotify import Notifier, Watchdog
 from bridge.service.taskset import TaskSet
 
@@ -128,6 +129,7 @@ async def serve_service(
         for s in servers:
             log.info("%s listening on %s:%d", s.name, s.host, s.port)
         on_ready()
+        settle_after_startup()
         notifier.ready(status())
         await watchdog.run()
 

@@ -4,7 +4,8 @@
    clear line and exit code 3, not a traceback after a "listening" banner.
 2. The service is entered (outbox or store open, transport started; the broker may
    still be away: a gateway must take webhooks while its uplink is down).
-3. ``READY=1`` to systemd (and the watchdog starts pinging); "listening" is logged.
+3. What startup built is frozen for the garbage collector (``bridge.service.heap``);
+   ``READY=1`` to systemd (and the watchdog starts pinging); "listening" is logged.
 4. Until SIGTERM/SIGINT (handled here and nowhere else, from before step 2 on, so a stop
    while starting is orderly; SIGHUP reloads, e.g. the API keys), a listener fails, or
    one of the service's background loops crashes (its ``TaskSet`` escalates).

@@ -938,6 +938,25 @@ async def test_without_json_table_the_log_is_written_row_by_row(
     assert state["status"] == "idle"
 
 
+async def test_a_read_leaves_nothing_open(store: SqlStore, db_url: str) -> None:
+    """A read ends its transaction (MySQL: its COMMIT goes with the SELECT): the next
+    read on the pool sees rows committed since, and another session may alter the
+    table at once instead of waiting on the read's locks."""
+    table = f"scratch_{uuid.uuid4().hex[:8]}"
+    b, mark = store.backend, store.dialect.mark
+    await b.transaction([(f"CREATE TABLE {table} (k VARCHAR(20) PRIMARY KEY)", None)])
+    try:
+        for k in ("a", "b", "c"):
+            assert await b.fetch(f"SELECT k FROM {table} WHERE k <> {mark}", ("z",)) == [
+                {"k": x} for x in "abc" if x < k]
+            query(db_url, f"INSERT INTO {table} (k) VALUES ('{k}')")  # another session
+        if db_url.startswith("mysql"):
+            query(db_url, f"ALTER TABLE {table} WAIT 2 ADD COLUMN v INT")  # MariaDB's
+        assert len(await b.fetch(f"SELECT * FROM {table}")) == 3
+    finally:
+        await b.transaction([(f"DROP TABLE {table}", None)])
+
+
 async def test_a_transaction_is_all_or_nothing_and_counts_each_statement(
         store: SqlStore) -> None:
     """The backend sends a transaction's statements together where it can (MySQL: one

@@ -87,24 +87,22 @@ class AlertStore:
 
     async def open_alerts(self, subjects: Iterable[Subject]) -> dict[str, Alert]:
         """The open (or acknowledged) alert of each subject that has one, by subject key."""
-        keys = sorted({s.key for s in subjects})
-        if not keys:
-            return {}
-        rows = await self._fetch(
-            f"SELECT {_ALERT_COLUMNS} FROM {self._table} WHERE open_key IN "
-            f"({self.d.marks(len(keys))})", keys)
-        return {str(r["open_key"]): Alert.from_row(r) for r in rows}
+        return {str(r["open_key"]): Alert.from_row(r)
+                for r in await self._open_rows(subjects, _ALERT_COLUMNS)}
 
     async def open_severities(self, subjects: Iterable[Subject]) -> dict[str, str]:
         """The open alert's severity by subject key: all an evaluation needs until it
         changes something (``open``, ``resolve`` read the whole row themselves)."""
+        return {str(r["open_key"]): str(r["severity"])
+                for r in await self._open_rows(subjects, "open_key, severity")}
+
+    async def _open_rows(self, subjects: Iterable[Subject], columns: str
+                         ) -> list[dict[str, Any]]:
         keys = sorted({s.key for s in subjects})
         if not keys:
-            return {}
-        rows = await self._fetch(
-            f"SELECT open_key, severity FROM {self._table} WHERE open_key IN "
-            f"({self.d.marks(len(keys))})", keys)
-        return {str(r["open_key"]): str(r["severity"]) for r in rows}
+            return []
+        return await self._fetch(f"SELECT {columns} FROM {self._table} WHERE open_key IN "
+                                 f"({self.d.marks(len(keys))})", keys)
 
     async def open(self, subject: Subject, severity: str, detail: dict[str, Any],
                    now: float) -> Transition | None:

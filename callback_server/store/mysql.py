@@ -218,19 +218,21 @@ class MysqlBackend(Backend):
                     await cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
                     conn._read_committed = True
                 pending: list[str] = []  # statements sent together, in one round trip
+                size = 0  # their characters
                 for sql, rows in statements:
                     if rows is not None and len(rows) > 1:
                         counts += await _together(cur, pending)
-                        pending = []
+                        pending, size = [], 0
                         # aiomysql folds an INSERT's rows into multi-row statements
                         await cur.executemany(sql, rows)
                         counts.append(max(cur.rowcount, 0))
                         continue
                     text = sql if rows is None else cur.mogrify(sql, rows[0]) if rows else ""
-                    if sum(map(len, pending)) + len(text) > _TOGETHER_CHARS:
+                    if size + len(text) > _TOGETHER_CHARS:
                         counts += await _together(cur, pending)
-                        pending = []
+                        pending, size = [], 0
                     pending.append(text)  # "": no rows, nothing to run, counted 0
+                    size += len(text)
                 counts += (await _together(cur, [*pending, "COMMIT"]))[:-1]
             return counts
 

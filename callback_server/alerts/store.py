@@ -258,18 +258,29 @@ class AlertStore:
         """Each robot's stored state and watch row in one read, by ``(org, sn)``: the
         state columns the rules read, ``seen_at``, ``stuck_since``, ``first_seen`` and
         ``watched`` (0 while it has no watch row). A robot with neither is left out; one
-        with no state row (only events so far) has its watch half."""
+        with no state row (only events so far) has its watch half. 500 sns a query at
+        most; rows of other orgs sharing an sn are left out."""
         d = self.d
         state, watch = d.quote(STATE_TABLE), d.quote(ALERT_WATCH_TABLE)
         same = "w.org_id = s.org_id AND w.robot_sn = s.robot_sn"
         watched = ("w.seen_at, w.stuck_since, w.first_seen, "
                    "CASE WHEN w.robot_sn IS NULL THEN 0 ELSE 1 END AS watched")
-        return await self._by_robot(
-            f"SELECT s.robot_sn, s.org_id, {_STATE_FACTS}, {watched} FROM {state} s "
-            f"LEFT JOIN {watch} w ON {same} WHERE s.robot_sn IN ({{marks}}) UNION ALL "
-            f"SELECT w.robot_sn, w.org_id, {_NO_STATE}, {watched} FROM {watch} w "
-            f"WHERE w.robot_sn IN ({{marks}}) AND NOT EXISTS "
-            f"(SELECT 1 FROM {state} s WHERE {same})", robots, repeat=2)
+        wanted = set(robots)
+        ordered = sorted({sn for _, sn in wanted})
+        out: dict[RobotKey, dict[str, Any]] = {}
+        for i in range(0, len(ordered), 500):
+            chunk = ordered[i:i + 500]
+            marks = d.marks(len(chunk))
+            for r in await self._fetch(
+                    f"SELECT s.robot_sn, s.org_id, {_STATE_FACTS}, {watched} FROM {state} s "
+                    f"LEFT JOIN {watch} w ON {same} WHERE s.robot_sn IN ({marks}) UNION ALL "
+                    f"SELECT w.robot_sn, w.org_id, {_NO_STATE}, {watched} FROM {watch} w "
+                    f"WHERE w.robot_sn IN ({marks}) AND NOT EXISTS "
+                    f"(SELECT 1 FROM {state} s WHERE {same})", chunk * 2):
+                robot = (str(r["org_id"]), str(r["robot_sn"]))
+                if robot in wanted:
+                    out[robot] = r
+        return out
 
     async def quiet_since(self, before: float) -> list[dict[str, Any]]:
         """Robots not heard of since ``before``."""
@@ -282,23 +293,6 @@ class AlertStore:
         return await self._fetch(
             f"SELECT robot_sn, org_id, seen_at, stuck_since FROM "
             f"{self.d.quote(ALERT_WATCH_TABLE)} WHERE stuck_since <= {self.d.mark}", (before,))
-
-    async def _by_robot(self, sql: str, robots: Collection[RobotKey], repeat: int = 1
-                        ) -> dict[RobotKey, dict[str, Any]]:
-        """Rows of ``sql`` for the robots' sns (its ``{marks}``, ``repeat`` times: each
-        the same sns), 500 a query at most, keyed by (org, sn); rows of other orgs
-        sharing an sn are left out."""
-        wanted = set(robots)
-        ordered = sorted({sn for _, sn in wanted})
-        out: dict[RobotKey, dict[str, Any]] = {}
-        for i in range(0, len(ordered), 500):
-            chunk = ordered[i:i + 500]
-            for r in await self._fetch(sql.format(marks=self.d.marks(len(chunk))),
-                                       chunk * repeat):
-                robot = (str(r["org_id"]), str(r["robot_sn"]))
-                if robot in wanted:
-                    out[robot] = r
-        return out
 
     # -- leases ------------------------------------------------------------------------------
     async def lease(self, name: str, holder: str, seconds: float, now: float) -> bool:

@@ -91,16 +91,17 @@ def test_a_client_holds_the_newest_version_of_each_object_of_its_orgs() -> None:
 
 class _Rows:
     def __init__(self) -> None:
-        self.calls: list[set[str]] = []
+        self.calls: list[set[tuple[str, str]]] = []
 
-    async def get_robots_by_sn(self, sns: Collection[str]) -> list[dict[str, Any]]:
-        self.calls.append(set(sns))
-        return [{"robot_sn": sn, "org_id": "acme" if sn.startswith("A") else "beta"}
-                for sn in sorted(sns)]
+    async def get_robots_of(self, robots: Collection[tuple[str, str]],
+                            ) -> list[dict[str, Any]]:
+        self.calls.append(set(robots))
+        return [{"robot_sn": sn, "org_id": org} for org, sn in sorted(robots)]
 
 
 class _Env:
     def __init__(self, device: str) -> None:
+        self.org = "acme" if device.startswith("A") else "beta"
         self.device = device
         self.channel = "pose"
         self.data: dict[str, Any] = {}
@@ -118,7 +119,7 @@ async def test_the_hub_reads_changes_once_per_tick_for_every_client() -> None:
         for _ in range(20):  # many messages, for the same robots, between two ticks
             hub.observe([("t", _Env("A1")), ("t", _Env("B1"))])  # type: ignore[list-item]
         await eventually_async(lambda: rows.calls, within=5, what="the hub's first tick")
-        assert rows.calls == [{"A1", "B1"}]
+        assert rows.calls == [{("acme", "A1"), ("beta", "B1")}]
         assert all(c is not None and [r["robot_sn"] for r in c.take()["robots"]] == ["A1"]
                    for c in clients)
         assert admin is not None and len(admin.take()["robots"]) == 2

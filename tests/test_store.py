@@ -740,6 +740,34 @@ async def test_tracks_of_two_orgs_robots_with_one_sn_stay_apart(store: SqlStore)
         "beta/S": [[50.0, 50.0]]}
 
 
+async def test_robots_are_read_by_org_and_sn_not_by_sn_across_orgs(store: SqlStore) -> None:
+    """The console's per-tick read: the robots asked for and no other org's robot that
+    shares an sn, each found by the primary key rather than by reading the table."""
+    now = time.time()
+    fleet = [env(f"F{i:03d}", "status", now - 5, status="idle") for i in range(300)]
+    beta = dataclasses.replace(env("F007", "status", now - 4, status="busy"), org="beta")
+    await store.write_batch([item(e) for e in [*fleet, beta]])
+    sent: list[tuple[str, list[Any]]] = []
+    fetch = store.backend.fetch
+
+    async def spy(sql: str, args: Any = ()) -> list[dict[str, Any]]:
+        sent.append((sql, list(args)))
+        return await fetch(sql, args)
+
+    store.backend.fetch = spy  # type: ignore[method-assign]
+    rows = await store.get_robots_of({("acme", "F123"), ("beta", "F007"), ("beta", "F008")})
+    store.backend.fetch = fetch  # type: ignore[method-assign]
+    assert [(r["org_id"], r["robot_sn"], r["status"]) for r in rows] == [
+        ("beta", "F007", "busy"), ("acme", "F123", "idle")]
+    [(sql, args)] = sent
+    if store.dialect.mysql:
+        plan = await fetch(f"EXPLAIN {sql}", args)
+        assert plan and not [r for r in plan if r["type"] in ("ALL", "index")], plan
+    else:
+        plan = await fetch(f"EXPLAIN QUERY PLAN {sql}", args)
+        assert plan and not [r for r in plan if str(r["detail"]).startswith("SCAN")], plan
+
+
 async def test_recent_events_are_newest_first_and_scoped(store: SqlStore) -> None:
     await store.write_batch([item(env("E1", "event", 10, event_id="a", event_level="high"))])
     await store.write_batch([item(env("E2", "event", 50, event_id="b", event_level="info"))])

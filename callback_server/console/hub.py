@@ -104,7 +104,7 @@ class ConsoleHub:
         self.frame_seconds = frame_seconds
         self.max_clients = max_clients
         self.clients: set[ConsoleClient] = set()
-        self._robots: set[str] = set()
+        self._robots: set[tuple[str, str]] = set()  # (org, sn)
         self._events: list[dict[str, Any]] = []
         self._alerts: dict[str, dict[str, Any]] = {}
         self._gateways: dict[str, dict[str, Any]] = {}
@@ -116,7 +116,7 @@ class ConsoleHub:
         if not self.clients:
             return  # nobody watches: no query at all
         for _, env in items:
-            self._robots.add(env.device)
+            self._robots.add((env.org, env.device))
             event = event_of(env)
             if event is not None:
                 self._events.append(event)
@@ -165,15 +165,15 @@ class ConsoleHub:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            sns, self._robots = self._robots, set()
+            robots, self._robots = self._robots, set()
             alerts, self._alerts = self._alerts, {}
             events, self._events = self._events, []
             gateways, self._gateways = self._gateways, {}
             try:
-                rows = await self.store.get_robots_by_sn(sns) if sns else []
-                self.fetches += 1 if sns else 0
+                rows = await self.store.get_robots_of(robots) if robots else []
+                self.fetches += 1 if robots else 0
             except Exception:  # a database hiccup: the next change brings the row again
-                log.warning("console: could not read %d changed robots", len(sns),
+                log.warning("console: could not read %d changed robots", len(robots),
                             exc_info=True)
                 rows = []
             for client in list(self.clients):

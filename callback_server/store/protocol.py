@@ -66,7 +66,8 @@ class Store(BatchStore, SqlAccess, Protocol):
     async def get_robot(self, sn: str, orgs: Collection[str] | None = None,
                         ) -> dict[str, Any] | None: ...
 
-    async def get_robots_by_sn(self, sns: Collection[str]) -> list[dict[str, Any]]: ...
+    async def get_robots_of(self, robots: Collection[tuple[str, str]],
+                            ) -> list[dict[str, Any]]: ...
 
     async def list_robots(
         self, *, limit: int, after: Sequence[str] | str | None = None,

@@ -595,20 +595,23 @@ class SqlStore:
             f" ORDER BY upload_time DESC, event_id DESC LIMIT {int(limit)}", q.args)
         return [{k: _plain(k, r[k]) for k in EVENT_FIELDS} for r in rows]
 
-    async def get_robots_by_sn(self, sns: Collection[str]) -> list[dict[str, Any]]:
-        """Latest state of these robots (those that reported; of every org that has the
-        sn), by sn; 500 a query at most."""
+    async def get_robots_of(self, robots: Collection[tuple[str, str]],
+                            ) -> list[dict[str, Any]]:
+        """Latest state of these ``(org, sn)`` robots (those that reported), by sn then
+        org; 500 a query at most, each found by the primary key (the console reads the
+        robots of each tick's batches: by sn alone, the whole table every tick)."""
         await self._ready()
         d = self.dialect
-        ordered = sorted(set(sns))
+        ordered = sorted(set(robots))
         out: list[dict[str, Any]] = []
         for i in range(0, len(ordered), 500):
             chunk = ordered[i:i + 500]
             rows = await self.backend.fetch(
                 f"SELECT {', '.join(ROBOT_FIELDS)} FROM {d.quote(STATE_TABLE)} "
-                f"WHERE robot_sn IN ({d.marks(len(chunk))}) ORDER BY robot_sn, org_id", chunk)
+                f"WHERE {d.pairs(('org_id', 'robot_sn'), len(chunk))}",
+                [v for robot in chunk for v in robot])
             out += [{k: _plain(k, r[k]) for k in ROBOT_FIELDS} for r in rows]
-        return out
+        return sorted(out, key=lambda r: (r["robot_sn"], r["org_id"]))
 
     async def get_robot(self, sn: str, orgs: Collection[str] | None = None,
                         ) -> dict[str, Any] | None:

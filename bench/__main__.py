@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import db
-from bench.machine import notes
+from bench.machine import notes, python_loop_ms
 from bench.procs import MOSQUITTO
 from bench.report import table, to_json, write
 from bench.settings import SCENARIOS, BenchSettings, RunContext
@@ -158,9 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     for run in range(s.runs):
         for name, scenario in runners.items():
-            load = os.getloadavg()[0]
-            loads.append({"run": run + 1, "scenario": name, "loadavg_1m": load})
-            log.info("run %d/%d: %s (load average %.2f)", run + 1, s.runs, name, load)
+            load, speed = os.getloadavg()[0], python_loop_ms()
+            loads.append({"run": run + 1, "scenario": name, "loadavg_1m": load,
+                          "python_loop_ms": speed})
+            log.info("run %d/%d: %s (load average %.2f, the Python loop %.0f ms)",
+                     run + 1, s.runs, name, load, speed)
             t0 = time.monotonic()
             try:
                 result = scenario(RunContext(s, workdir, run))
@@ -178,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         f"Pudu fleet bridge bench ({mode}, {s.runs} run(s), median/min/max; "
         f"{elapsed / 60:.1f} min)\n"
-        f"{machine['cpu_model']}, {machine['cores']} cores, Python {machine['python']}, "
+        f"{machine['cpu_model']}, {machine['cores']} cores, Python {machine['python']} "
+        f"(its loop {machine['python_loop_ms_at_start']:.0f} ms), "
         f"mosquitto {machine['mosquitto']}, MariaDB {machine['mariadb']}; "
         f"load: {s.loadgen if s.loadgen == 'python' else machine['wrk']}, "
         f"{s.connections} connections"

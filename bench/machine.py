@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,21 @@ def _first_line(argv: list[str]) -> str:
     return text[0].strip() if text else "unknown"
 
 
+def python_loop_ms() -> float:
+    """The best of three timings of one fixed pure-Python loop: how fast this host runs
+    Python right now. A shared host's speed moves from day to day (one session's host ran
+    it 2.5x slower than another's); absolute figures of two runs compare only as far as
+    this does, ratios within a run regardless."""
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        total = 0
+        for i in range(1_000_000):
+            total += i
+        best = min(best, time.perf_counter() - start)
+    return round(best * 1000, 1)
+
+
 def notes(mariadb_version: str) -> dict[str, Any]:
     pkgs: dict[str, str | None] = {}
     for name in PACKAGES:
@@ -64,4 +80,5 @@ def notes(mariadb_version: str) -> dict[str, Any]:
         "wrk": _first_line([wrk, "-v"]).split(" [")[0].replace("debian/", "") if wrk else None,
         "packages": pkgs,
         "load_average_at_start": os.getloadavg(),
+        "python_loop_ms_at_start": python_loop_ms(),
     }

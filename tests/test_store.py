@@ -12,7 +12,7 @@ import math
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -28,9 +28,10 @@ from bridge.strictjson import loads as strict_loads
 from bridge.topic import MAX_SN_BYTES
 from callback_server.retention import Retention
 from callback_server.store import BatchResult, SqlStore, Table, Targets, load_targets, open_store
+from callback_server.store.base import Statement
 from callback_server.store.rows import build_rows, key, when
 from callback_server.store.schema import COMMAND_TABLE, DEAD_TABLE, LOG_TABLE, ROBOT_ROW
-from tests.support.dbutil import query
+from tests.support.dbutil import query, scans
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "config.example"
 TYPES = {"status": "notifyRobotStatus", "power": "notifyRobotPower", "pose": "notifyRobotPose",
@@ -760,12 +761,36 @@ async def test_robots_are_read_by_org_and_sn_not_by_sn_across_orgs(store: SqlSto
     assert [(r["org_id"], r["robot_sn"], r["status"]) for r in rows] == [
         ("beta", "F007", "busy"), ("acme", "F123", "idle")]
     [(sql, args)] = sent
-    if store.dialect.mysql:
-        plan = await fetch(f"EXPLAIN {sql}", args)
-        assert plan and not [r for r in plan if r["type"] in ("ALL", "index")], plan
-    else:
-        plan = await fetch(f"EXPLAIN QUERY PLAN {sql}", args)
-        assert plan and not [r for r in plan if str(r["detail"]).startswith("SCAN")], plan
+    assert await scans(store.backend, sql, args) == []
+
+
+async def test_a_batch_projects_its_robots_by_key_into_the_targets(store: SqlStore) -> None:
+    """Each target's projection (an INSERT ... SELECT of the batch's robots and events)
+    looks them up by key: on SQLite, left to choose its join order, it read every claim
+    of the target for each batch, so a fleet's batches slowed as it grew (15,000 robots
+    in batches of 5,000: 3.1, 5.3 and 7.7 s a batch, against 1.0 s each by key)."""
+    now = time.time()
+    await store.write_batch([item(env(f"P{i:03d}", "status", now - 5, status="idle"))
+                             for i in range(600)])
+    sent: list[Statement] = []
+    transaction = store.backend.transaction
+
+    async def spy(statements: Sequence[Statement]) -> list[int]:
+        sent.extend(statements)
+        return await transaction(statements)
+
+    store.backend.transaction = spy  # type: ignore[method-assign]
+    await store.write_batch([
+        *(item(env(f"P{i:03d}", "status", now - 1, status="busy")) for i in range(0, 600, 2)),
+        item(env("P123", "event", now - 1, event_id="x7", event_level="info"))])
+    store.backend.transaction = transaction  # type: ignore[method-assign]
+    projections = [(sql, rows) for sql, rows in sent if " SELECT " in sql and rows
+                   and any(f"INTO {store.dialect.quote(t)}" in sql
+                           for t in ("mnt_robots_management", "mnt_robot_events"))]
+    assert len(projections) == 2, [sql[:60] for sql, _ in sent]
+    for sql, rows in projections:
+        assert rows is not None
+        assert await scans(store.backend, sql, rows[0]) == [], sql[:80]
 
 
 async def test_recent_events_are_newest_first_and_scoped(store: SqlStore) -> None:

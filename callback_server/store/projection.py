@@ -135,9 +135,13 @@ class Projection:
         keys = [f"{alias}.org_id", f"{alias}.robot_sn"]
         if self.kind == "events":
             keys.append(f"{alias}.event_id")
+        # SQLite: CROSS JOIN keeps the batch's own rows the outer loop, each found by its
+        # key; left to choose, it read every claim of the target and tested the batch's
+        # keys on each (500 robots among 15,000: 1.07 s a statement, against 42 ms).
+        join = "JOIN" if d.mysql else "CROSS JOIN"
         select = (
             f"SELECT {', '.join(self._value(c) for c in self.written)}"
-            f" FROM {d.quote(own)} {alias} JOIN {d.quote(CLAIMS_TABLE)} k"
+            f" FROM {d.quote(own)} {alias} {join} {d.quote(CLAIMS_TABLE)} k"
             f" ON k.target = '{self.name}' AND k.robot_key = {fold}"
             f" AND k.org_id = {alias}.org_id WHERE ({d.pairs(keys, count)})")
         insert = f"INTO {target} ({', '.join(self.written)}) {select}"

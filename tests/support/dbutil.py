@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
 import pymysql
 import pymysql.cursors
+
+from callback_server.store.base import Backend
 
 
 def query(url: str, sql: str, args: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
@@ -54,3 +57,27 @@ def scratch_mysql_database(server: str = "127.0.0.1", port: int = 3306) -> Itera
                             " FROM information_schema.processlist WHERE db = %s", (name,))
                 raise RuntimeError(f"cannot drop {name}: {exc}; sessions: {cur.fetchall()}") \
                     from exc
+
+
+async def scans(backend: Backend, sql: str, args: Sequence[Any]) -> list[dict[str, Any]]:
+    """The steps of ``sql``'s plan that read a table (or an index) whole, or all rows
+    under a prefix of a key, instead of looking rows up by key: MySQL's ``EXPLAIN``
+    types ``ALL`` and ``index``; SQLite's ``SCAN`` of a table (not of a list of
+    constants) and a ``SEARCH`` on fewer columns than its index has."""
+    if backend.dialect.mysql:
+        plan = await backend.fetch(f"EXPLAIN {sql}", args)
+        assert plan, sql
+        return [r for r in plan if r["type"] in ("ALL", "index")]
+    plan = await backend.fetch(f"EXPLAIN QUERY PLAN {sql}", args)
+    assert plan, sql
+    out = []
+    for step in plan:
+        detail = str(step["detail"])
+        if detail.startswith("SCAN") and "CONSTANT ROWS" not in detail:
+            out.append(step)
+        elif found := re.match(r"SEARCH \S+ USING (?:COVERING )?INDEX (\S+) \((.*)\)", detail):
+            # a search on a prefix of an index reads every row under that prefix
+            columns = await backend.fetch(f"PRAGMA index_info({found[1]})")
+            if found[2].count("=?") < len(columns):
+                out.append(step)
+    return out

@@ -186,16 +186,6 @@ function request()
   headers["TraceId"] = "bench-{tag}-" .. n
   return wrk.format("POST", "{path}", headers, body)
 end
-
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'BENCHJSON {{"requests": %d, "duration_us": %d, "status_errors": %d, ' ..
-    '"connect_errors": %d, "read_errors": %d, "write_errors": %d, "timeouts": %d, ' ..
-    '"p50_us": %d, "p90_us": %d, "p99_us": %d, "max_us": %d}}\\n',
-    summary.requests, summary.duration, e.status, e.connect, e.read, e.write, e.timeout,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
-end
 """
 
 

@@ -134,24 +134,26 @@ async def serve_service(
         notifier.ready(status())
         await watchdog.run()
 
-    # Bound before the service starts: a port in use stops us before anything (the
-    # broker's `online` presence included) has happened.
-    servers = listeners()
-    try:
-        for listener in servers:
-            listener.bind()
-    except BindError:
-        for listener in servers:
-            if listener.sock is not None:
-                listener.sock.close()
-        raise
-    # Before the service starts: a stop while it starts (the callback server waits up to
-    # 5 s for its subscription) is an orderly one once it has started, not a kill.
+    # Before the listeners are bound, so before anyone can connect: a stop while the
+    # service starts (the callback server waits up to 5 s for its subscription) is an
+    # orderly one once it has started, not a kill. Handled only after the bind, a SIGTERM
+    # sent as soon as the port answered killed the process on a loaded host.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if reload is not None:
         loop.add_signal_handler(signal.SIGHUP, reload)
     try:
+        # Bound before the service starts: a port in use stops us before anything (the
+        # broker's `online` presence included) has happened.
+        servers = listeners()
+        try:
+            for listener in servers:
+                listener.bind()
+        except BindError:
+            for listener in servers:
+                if listener.sock is not None:
+                    listener.sock.close()
+            raise
         async with service, asyncio.TaskGroup() as group:
             for s in servers:
                 group.create_task(serve(s), name=f"http-{s.name}")

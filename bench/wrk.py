@@ -57,7 +57,7 @@ def run_wrk_bodies(port: int, bodies: Sequence[bytes], script: Path, *, duration
                    connections: int = 64, path: str, headers: Mapping[str, str]) -> WrkResult:
     """wrk POSTing ``bodies`` in order, each once: bodies built beforehand (the callback
     server's envelopes, each id new) cost the generator a table lookup a request, where
-    a Python client's own CPU on the two shared cores was most of a core. More requests
+    a Python client spends its own CPU on the two cores the servers share. More requests
     than bodies would repeat them: RuntimeError, so the caller brings enough."""
     binary = wrk_path()
     if binary is None:

@@ -5,7 +5,7 @@ The bodies are the edge's own envelopes for the sample mix (``bench.samples.enve
 built before the load so the generator spends nothing on them; every id is sent once.
 Both servers are saturated by the same generator, 64 connections, one envelope per POST:
 wrk reading the bodies from a file (``bench.wrk.run_wrk_bodies``), else the Python
-``closed_loop`` (``--loadgen python``), which takes far more of the two shared cores;
+``closed_loop`` (``--loadgen python``), whose own CPU is spent on the same two cores;
 then AWS-batched POSTs of 10 (a JSON array) are reported beside it. Throughput counts
 envelopes committed (the server's ``callback_messages_stored_total``; the baseline's
 rows), CPU is the server process's (with its children) user + system time divided by

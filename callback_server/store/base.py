@@ -9,7 +9,7 @@ server must be able to start (degraded) while the database is down.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -46,6 +46,11 @@ def family_of(declared: str) -> Family:
     return "text"
 
 
+#: Keys one ``fetch_keyed`` query looks up at most (SQLite refuses an ``OR`` of 5,000
+#: pairs, past its expression depth of 1,000; one of 500 it takes).
+KEYS_A_QUERY = 500
+
+
 class Backend(abc.ABC):
     """One database: a pool (MySQL) or one connection on one thread (SQLite)."""
 
@@ -62,6 +67,17 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def fetch(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
         """Rows of one query, as dicts."""
+
+    async def fetch_keyed(self, query: Callable[[int], str], keys: Sequence[Sequence[Any]],
+                          repeat: int = 1) -> list[dict[str, Any]]:
+        """Rows of ``query(n)`` for ``keys`` (composite keys, ``Dialect.pairs``), at most
+        ``KEYS_A_QUERY`` a query: its parameters are its n keys' values in order,
+        ``repeat`` times for a query that names them more than once."""
+        rows: list[dict[str, Any]] = []
+        for i in range(0, len(keys), KEYS_A_QUERY):
+            chunk = keys[i:i + KEYS_A_QUERY]
+            rows += await self.fetch(query(len(chunk)), [v for k in chunk for v in k] * repeat)
+        return rows
 
     @abc.abstractmethod
     async def columns(self, table: str) -> dict[str, int | None]:

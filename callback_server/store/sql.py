@@ -344,16 +344,13 @@ class SqlStore:
             env = item[1] if isinstance(item, tuple) else item
             ids.setdefault((key(env.org, _LOG_ORG), key(env.id, _LOG_ID)), env.id)
         d, found = self.dialect, set()
-        keys = [(r[3], r[0]) for r in rows.log]
-        for i in range(0, len(keys), 500):
-            chunk = keys[i:i + 500]
-            for r in await self.backend.fetch(
-                    f"SELECT org_id, id FROM {d.quote(LOG_TABLE)}"
-                    f" WHERE {d.pairs(('org_id', 'id'), len(chunk))}",
-                    [v for pair in chunk for v in pair]):
-                env_id = ids.get((str(r["org_id"]), str(r["id"])))
-                if env_id is not None:
-                    found.add(env_id)
+        for r in await self.backend.fetch_keyed(
+                lambda n: f"SELECT org_id, id FROM {d.quote(LOG_TABLE)}"
+                          f" WHERE {d.pairs(('org_id', 'id'), n)}",
+                [(r[3], r[0]) for r in rows.log]):
+            env_id = ids.get((str(r["org_id"]), str(r["id"])))
+            if env_id is not None:
+                found.add(env_id)
         return frozenset(found)
 
     async def _claims_before(self, rows: BatchRows) -> dict[tuple[str, str], str]:
@@ -598,19 +595,14 @@ class SqlStore:
     async def get_robots_of(self, robots: Collection[tuple[str, str]],
                             ) -> list[dict[str, Any]]:
         """Latest state of these ``(org, sn)`` robots (those that reported), by sn then
-        org; 500 a query at most, each found by the primary key (the console reads the
+        org; each found by the primary key (the console reads the
         robots of each tick's batches: by sn alone, the whole table every tick)."""
         await self._ready()
         d = self.dialect
-        ordered = sorted(set(robots))
-        out: list[dict[str, Any]] = []
-        for i in range(0, len(ordered), 500):
-            chunk = ordered[i:i + 500]
-            rows = await self.backend.fetch(
-                f"SELECT {', '.join(ROBOT_FIELDS)} FROM {d.quote(STATE_TABLE)} "
-                f"WHERE {d.pairs(('org_id', 'robot_sn'), len(chunk))}",
-                [v for robot in chunk for v in robot])
-            out += [{k: _plain(k, r[k]) for k in ROBOT_FIELDS} for r in rows]
+        rows = await self.backend.fetch_keyed(
+            lambda n: f"SELECT {', '.join(ROBOT_FIELDS)} FROM {d.quote(STATE_TABLE)} "
+                      f"WHERE {d.pairs(('org_id', 'robot_sn'), n)}", sorted(set(robots)))
+        out = [{k: _plain(k, r[k]) for k in ROBOT_FIELDS} for r in rows]
         return sorted(out, key=lambda r: (r["robot_sn"], r["org_id"]))
 
     async def get_robot(self, sn: str, orgs: Collection[str] | None = None,

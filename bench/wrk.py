@@ -40,17 +40,10 @@ def wrk_path() -> str | None:
 def run_wrk(port: int, factory: BodyFactory, script_dir: Path, *, duration: float,
             connections: int = 64, threads: int = 1, path: str = WEBHOOK_PATH) -> WrkResult:
     """``wrk -t{threads} -c{connections}`` against ``127.0.0.1:{port}{path}``."""
-    binary = wrk_path()
-    if binary is None:
-        raise FileNotFoundError("wrk is not installed (apt-get install -y wrk)")
     script = script_dir / f"wrk-{factory.tag}.lua"
     script.write_text(factory.lua_script(path=path, threads=threads) + _DONE)
-    proc = subprocess.run(
-        [binary, f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--timeout", "10s",
-         "-s", str(script), f"http://127.0.0.1:{port}{path}"],
-        capture_output=True, text=True, timeout=duration + 60, check=False,
-    )
-    return _result(proc)
+    return _run(script, port, path, duration=duration, connections=connections,
+                threads=threads)
 
 
 def run_wrk_bodies(port: int, bodies: Sequence[bytes], script: Path, *, duration: float,
@@ -59,9 +52,6 @@ def run_wrk_bodies(port: int, bodies: Sequence[bytes], script: Path, *, duration
     server's envelopes, each id new) cost the generator a table lookup a request, where
     a Python client spends its own CPU on the two cores the servers share. More requests
     than bodies would repeat them: RuntimeError, so the caller brings enough."""
-    binary = wrk_path()
-    if binary is None:
-        raise FileNotFoundError("wrk is not installed (apt-get install -y wrk)")
     if any(b"\n" in body for body in bodies):
         raise ValueError("a body holds a newline; the script reads one body a line")
     data = script.with_suffix(".bodies")
@@ -69,19 +59,24 @@ def run_wrk_bodies(port: int, bodies: Sequence[bytes], script: Path, *, duration
     lines = [f'headers["{k}"] = "{v}"' for k, v in headers.items()]
     script.write_text(_LUA_BODIES.format(file=data, path=path, headers="\n".join(lines))
                       + _DONE)
-    proc = subprocess.run(
-        [binary, "-t1", f"-c{connections}", f"-d{duration:g}s", "--timeout", "10s",
-         "-s", str(script), f"http://127.0.0.1:{port}{path}"],
-        capture_output=True, text=True, timeout=duration + 60, check=False,
-    )
-    result = _result(proc)
+    result = _run(script, port, path, duration=duration, connections=connections)
     if result.requests > len(bodies):
         raise RuntimeError(f"wrk sent {result.requests} requests with {len(bodies)} bodies: "
                            "some twice; bring more bodies")
     return result
 
 
-def _result(proc: subprocess.CompletedProcess[str]) -> WrkResult:
+def _run(script: Path, port: int, path: str, *, duration: float, connections: int,
+         threads: int = 1) -> WrkResult:
+    """``wrk -t{threads} -c{connections}`` with ``script``, and its summary."""
+    binary = wrk_path()
+    if binary is None:
+        raise FileNotFoundError("wrk is not installed (apt-get install -y wrk)")
+    proc = subprocess.run(
+        [binary, f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--timeout", "10s",
+         "-s", str(script), f"http://127.0.0.1:{port}{path}"],
+        capture_output=True, text=True, timeout=duration + 60, check=False,
+    )
     line = next((x for x in proc.stdout.splitlines() if x.startswith("BENCHJSON ")), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stdout[-800:]}"
@@ -98,7 +93,7 @@ def _result(proc: subprocess.CompletedProcess[str]) -> WrkResult:
     )
 
 
-#: wrk's summary as one JSON line (``_result`` reads it), appended to every script.
+#: wrk's summary as one JSON line (``_run`` reads it), appended to every script.
 _DONE = """
 function done(summary, latency, requests)
   local e = summary.errors

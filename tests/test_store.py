@@ -1025,11 +1025,16 @@ async def test_a_transaction_is_all_or_nothing_and_counts_each_statement(
             await b.transaction([(insert, [("a",)]), (f"INSERT INTO {table} (k) VALUES ('b')",
                                                      None), (insert, [("a",)])])
         assert await b.fetch(f"SELECT k FROM {table}") == []
+        odd = ["d'%s", 'e"\\', "f%%)", "g;\n--"]  # folded into one INSERT's text on MySQL
         counts = await b.transaction([(insert, [("a",)]), (insert, []),
                                       (insert, [("b",), ("c",)]),
                                       (f"UPDATE {table} SET k = k WHERE k > 'a'", None),
-                                      (f"DELETE FROM {table} WHERE k = 'c'", None)])
-        assert counts[:3] == [1, 0, 2] and counts[4] == 1
-        assert {r["k"] for r in await b.fetch(f"SELECT k FROM {table}")} == {"a", "b"}
+                                      (f"DELETE FROM {table} WHERE k = 'c'", None),
+                                      (insert, [(k,) for k in odd]),
+                                      (f"DELETE FROM {table} WHERE k = {mark}",
+                                       [("d'%s",), ("nothing",), ("f%%)",)])])
+        assert counts[:3] == [1, 0, 2] and counts[4:] == [1, 4, 2]
+        assert {r["k"] for r in await b.fetch(f"SELECT k FROM {table}")} == {
+            "a", "b", odd[1], odd[3]}
     finally:
         await b.transaction([(f"DROP TABLE {table}", None)])

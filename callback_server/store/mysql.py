@@ -14,6 +14,7 @@ dropped and rebuilt on next use (a restarted server leaves every pooled socket d
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -78,7 +79,7 @@ async def _together(cur: aiomysql.Cursor, statements: Sequence[str]) -> list[int
 
 
 #: An INSERT whose rows can be folded into one statement (aiomysql's own pattern).
-_INSERT_ROWS = aiomysql.cursors.RE_INSERT_VALUES
+_INSERT_ROWS: re.Pattern[str] = aiomysql.cursors.RE_INSERT_VALUES
 
 
 def _text(cur: aiomysql.Cursor, sql: str, rows: Sequence[Sequence[Any]]) -> str:
@@ -87,11 +88,11 @@ def _text(cur: aiomysql.Cursor, sql: str, rows: Sequence[Sequence[Any]]) -> str:
     sent with the transaction's other statements instead of on its own: a batch's
     transaction was five round trips, each one a wait for a busy event loop."""
     if len(rows) <= 1:
-        return cur.mogrify(sql, rows[0]) if rows else ""
+        return str(cur.mogrify(sql, rows[0])) if rows else ""
     m = _INSERT_ROWS.match(sql)
     assert m is not None  # the caller's check
     values = m.group(2).rstrip()
-    return (m.group(1) % () + ",".join(cur.mogrify(values, row) for row in rows)
+    return (m.group(1) % () + ",".join(str(cur.mogrify(values, row)) for row in rows)
             + (m.group(3) or ""))
 
 

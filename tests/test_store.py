@@ -28,7 +28,7 @@ from bridge.strictjson import loads as strict_loads
 from bridge.topic import MAX_SN_BYTES
 from callback_server.retention import Retention
 from callback_server.store import BatchResult, SqlStore, Table, Targets, load_targets, open_store
-from callback_server.store.base import Statement
+from callback_server.store.base import Query, Statement
 from callback_server.store.rows import build_rows, key, when
 from callback_server.store.schema import COMMAND_TABLE, DEAD_TABLE, LOG_TABLE, ROBOT_ROW
 from tests.support.dbutil import query, scans
@@ -773,17 +773,18 @@ async def test_a_batch_projects_its_robots_by_key_into_the_targets(store: SqlSto
     await store.write_batch([item(env(f"P{i:03d}", "status", now - 5, status="idle"))
                              for i in range(600)])
     sent: list[Statement] = []
-    transaction = store.backend.transaction
+    read_then_write = store.backend.read_then_write
 
-    async def spy(statements: Sequence[Statement]) -> list[int]:
+    async def spy(reads: Sequence[Query], statements: Sequence[Statement],
+                  ) -> tuple[list[dict[str, Any]], list[int]]:
         sent.extend(statements)
-        return await transaction(statements)
+        return await read_then_write(reads, statements)
 
-    store.backend.transaction = spy  # type: ignore[method-assign]
+    store.backend.read_then_write = spy  # type: ignore[method-assign]
     await store.write_batch([
         *(item(env(f"P{i:03d}", "status", now - 1, status="busy")) for i in range(0, 600, 2)),
         item(env("P123", "event", now - 1, event_id="x7", event_level="info"))])
-    store.backend.transaction = transaction  # type: ignore[method-assign]
+    store.backend.read_then_write = read_then_write  # type: ignore[method-assign]
     projections = [(sql, rows) for sql, rows in sent if " SELECT " in sql and rows
                    and any(f"INTO {store.dialect.quote(t)}" in sql
                            for t in ("mnt_robots_management", "mnt_robot_events"))]
@@ -1036,5 +1037,12 @@ async def test_a_transaction_is_all_or_nothing_and_counts_each_statement(
         assert counts[:3] == [1, 0, 2] and counts[4:] == [1, 4, 2]
         assert {r["k"] for r in await b.fetch(f"SELECT k FROM {table}")} == {
             "a", "b", odd[1], odd[3]}
+        # Reads at the start of a transaction (MySQL: in its one round trip) see what
+        # was there before it, and only that.
+        read, counts = await b.read_then_write(
+            [(f"SELECT k FROM {table} WHERE k IN ({mark}, {mark})", ("a", "h")),
+             (f"SELECT k AS x FROM {table} WHERE k = {mark}", ("b",))],
+            [(insert, [("h",), ("i",)]), (f"DELETE FROM {table} WHERE k = 'a'", None)])
+        assert read == [{"k": "a"}, {"x": "b"}] and counts == [2, 1]
     finally:
         await b.transaction([(f"DROP TABLE {table}", None)])

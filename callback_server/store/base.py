@@ -51,6 +51,22 @@ def family_of(declared: str) -> Family:
 KEYS_A_QUERY = 500
 
 
+#: A query and its parameters.
+Query = tuple[str, Sequence[Any]]
+
+
+def keyed(query: Callable[[int], str], keys: Sequence[Sequence[Any]],
+          repeat: int = 1) -> list[Query]:
+    """``query(n)`` for ``keys`` (composite keys, ``Dialect.pairs``), at most
+    ``KEYS_A_QUERY`` a query: its parameters are its n keys' values in order, ``repeat``
+    times for a query that names them more than once."""
+    out: list[Query] = []
+    for i in range(0, len(keys), KEYS_A_QUERY):
+        chunk = keys[i:i + KEYS_A_QUERY]
+        out.append((query(len(chunk)), [v for k in chunk for v in k] * repeat))
+    return out
+
+
 class Backend(abc.ABC):
     """One database: a pool (MySQL) or one connection on one thread (SQLite)."""
 
@@ -70,14 +86,21 @@ class Backend(abc.ABC):
 
     async def fetch_keyed(self, query: Callable[[int], str], keys: Sequence[Sequence[Any]],
                           repeat: int = 1) -> list[dict[str, Any]]:
-        """Rows of ``query(n)`` for ``keys`` (composite keys, ``Dialect.pairs``), at most
-        ``KEYS_A_QUERY`` a query: its parameters are its n keys' values in order,
-        ``repeat`` times for a query that names them more than once."""
+        """Rows of ``query(n)`` for ``keys`` (``keyed``)."""
         rows: list[dict[str, Any]] = []
-        for i in range(0, len(keys), KEYS_A_QUERY):
-            chunk = keys[i:i + KEYS_A_QUERY]
-            rows += await self.fetch(query(len(chunk)), [v for k in chunk for v in k] * repeat)
+        for sql, args in keyed(query, keys, repeat):
+            rows += await self.fetch(sql, args)
         return rows
+
+    async def read_then_write(self, reads: Sequence[Query], statements: Sequence[Statement],
+                              ) -> tuple[list[dict[str, Any]], list[int]]:
+        """The rows of ``reads``, read just before ``statements`` run in one transaction,
+        and the rows each statement affected. Here a read and then the transaction; MySQL
+        sends both in one round trip, the reads first in the transaction."""
+        rows: list[dict[str, Any]] = []
+        for sql, args in reads:
+            rows += await self.fetch(sql, args)
+        return rows, await self.transaction(statements)
 
     @abc.abstractmethod
     async def columns(self, table: str) -> dict[str, int | None]:

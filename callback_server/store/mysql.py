@@ -25,7 +25,7 @@ import pymysql
 
 from bridge.errors import ConfigError, StoreError, StoreRejectedError
 from bridge.service.aws_secrets import RefreshingLogin, SecretRef
-from callback_server.store.base import Backend, ColumnInfo, Statement, family_of
+from callback_server.store.base import Backend, ColumnInfo, Query, Statement, family_of
 from callback_server.store.dialect import Dialect
 
 T = TypeVar("T")
@@ -62,18 +62,24 @@ class _QuietCursor(aiomysql.Cursor):  # type: ignore[misc]
 _TOGETHER_CHARS = 2**21
 
 
-async def _together(cur: aiomysql.Cursor, statements: Sequence[str]) -> list[int]:
+async def _together(cur: aiomysql.Cursor, statements: Sequence[str],
+                    read: list[dict[str, Any]] | None = None) -> list[int]:
     """Run ``statements`` as one multi-statement query (aiomysql's connections allow it)
     and return each one's affected rows; an empty string stands for a statement with
     nothing to do. One round trip instead of one each: a small batch's transaction was
-    six, each a socket write and a wake-up of the server's thread."""
+    six, each a socket write and a wake-up of the server's thread. The rows of any
+    SELECT among them go to ``read``."""
     sent = [sql for sql in statements if sql]
     affected: list[int] = []
     if sent:
         await cur.execute(";\n".join(sent))
-        affected.append(max(cur.rowcount, 0))
-        while await cur.nextset():
+        while True:
             affected.append(max(cur.rowcount, 0))
+            if cur.description and read is not None:
+                names = [d[0] for d in cur.description]
+                read += (dict(zip(names, row, strict=True)) for row in await cur.fetchall())
+            if not await cur.nextset():
+                break
     found = iter(affected)
     return [next(found) if sql else 0 for sql in statements]
 
@@ -227,8 +233,13 @@ class MysqlBackend(Backend):
             raise
 
     async def transaction(self, statements: Sequence[Statement]) -> list[int]:
-        async def run(conn: aiomysql.Connection) -> list[int]:
-            counts = []
+        return (await self.read_then_write((), statements))[1]
+
+    async def read_then_write(self, reads: Sequence[Query], statements: Sequence[Statement],
+                              ) -> tuple[list[dict[str, Any]], list[int]]:
+        async def run(conn: aiomysql.Connection) -> tuple[list[dict[str, Any]], list[int]]:
+            counts: list[int] = []
+            read: list[dict[str, Any]] = []
             async with conn.cursor(_QuietCursor) as cur:
                 if not getattr(conn, "_read_committed", False):
                     # The INSERT ... SELECTs copying robot_state into history and the
@@ -236,23 +247,25 @@ class MysqlBackend(Backend):
                     # gap-locking what they read (concurrent replicas deadlocked on it).
                     await cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
                     conn._read_committed = True
-                pending: list[str] = []  # statements sent together, in one round trip
-                size = 0  # their characters
+                # Statements sent together, in one round trip: the reads first.
+                pending = [str(cur.mogrify(sql, tuple(args))) for sql, args in reads]
+                size = sum(map(len, pending))  # their characters
+                skip = len(pending)  # counts of reads, not of statements
                 for sql, rows in statements:
                     if rows is not None and len(rows) > 1 and not _INSERT_ROWS.match(sql):
-                        counts += await _together(cur, pending)
+                        counts += await _together(cur, pending, read)
                         pending, size = [], 0
                         await cur.executemany(sql, rows)  # not an INSERT: a row at a time
                         counts.append(max(cur.rowcount, 0))
                         continue
                     text = sql if rows is None else _text(cur, sql, rows)
                     if size + len(text) > _TOGETHER_CHARS:
-                        counts += await _together(cur, pending)
+                        counts += await _together(cur, pending, read)
                         pending, size = [], 0
                     pending.append(text)  # "": no rows, nothing to run, counted 0
                     size += len(text)
-                counts += (await _together(cur, [*pending, "COMMIT"]))[:-1]
-            return counts
+                counts += (await _together(cur, [*pending, "COMMIT"], read))[:-1]
+            return read, counts[skip:]
 
         return await self._run("write", run)
 

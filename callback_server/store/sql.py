@@ -26,7 +26,7 @@ from bridge.clock import MAX_SKEW_SECONDS, RobotClocks
 from bridge.commands import CommandOutcome
 from bridge.errors import StoreError, StoreRejectedError
 from bridge.http.paging import Page
-from callback_server.store.base import Backend, Statement
+from callback_server.store.base import Backend, Query, Statement, keyed
 from callback_server.store.migration import Migration
 from callback_server.store.projection import Projection
 from callback_server.store.query import Where
@@ -155,6 +155,17 @@ def _bulk(sql: str, as_json: str | None, rows: list[tuple[Any, ...]]) -> list[St
     # character at a time (11 µs a row of the log, 10 % of the consumer's CPU), where
     # bytes.hex() takes 0.3 µs, and hex digits need no escaping.
     return [(as_json % (f"CONVERT(X'{data.hex()}' USING utf8mb4)",), None)]
+
+
+def _already_logged(items: Sequence[Item], logged: list[dict[str, Any]]) -> frozenset[str]:
+    """Envelope ids of ``items`` among the raw log's ``logged`` rows (org and id, both
+    as stored: cut to their columns)."""
+    ids: dict[tuple[str, str], str] = {}
+    for item in items:
+        env = item[1] if isinstance(item, tuple) else item
+        ids.setdefault((key(env.org, _LOG_ORG), key(env.id, _LOG_ID)), env.id)
+    found = (ids.get((str(r["org_id"]), str(r["id"]))) for r in logged)
+    return frozenset(env_id for env_id in found if env_id is not None)
 
 
 class SqlStore:
@@ -302,8 +313,9 @@ class SqlStore:
         statements.append((self._task_sql, task_rows(items, now)))
         claimed = await self._claims_before(rows)
         statements += self._projection_statements(rows, stamp)
-        duplicates = await self._already_logged(items, rows)
-        counts = await self.backend.transaction(statements)
+        logged, counts = await self.backend.read_then_write(self._logged_reads(rows),
+                                                            statements)
+        duplicates = _already_logged(items, logged)
         for target_key, org in claimed.items():
             self._claims.setdefault(target_key, org)
         return BatchResult(messages=len(items), logged=sum(counts[:len(log)]),
@@ -335,23 +347,15 @@ class SqlStore:
                 if reason is not None:
                     raise StoreRejectedError(f"{reason} (envelope {env.id})")
 
-    async def _already_logged(self, items: Sequence[Item], rows: BatchRows) -> frozenset[str]:
-        """Envelope ids of the batch already in the raw log, read just before the batch's
-        transaction (a time stamp cannot tell: a retry can come within the same
-        millisecond). One another replica logs in between is answered ``stored``: it is."""
-        ids: dict[tuple[str, str], str] = {}
-        for item in items:
-            env = item[1] if isinstance(item, tuple) else item
-            ids.setdefault((key(env.org, _LOG_ORG), key(env.id, _LOG_ID)), env.id)
-        d, found = self.dialect, set()
-        for r in await self.backend.fetch_keyed(
-                lambda n: f"SELECT org_id, id FROM {d.quote(LOG_TABLE)}"
-                          f" WHERE {d.pairs(('org_id', 'id'), n)}",
-                [(r[3], r[0]) for r in rows.log]):
-            env_id = ids.get((str(r["org_id"]), str(r["id"])))
-            if env_id is not None:
-                found.add(env_id)
-        return frozenset(found)
+    def _logged_reads(self, rows: BatchRows) -> list[Query]:
+        """Which of the batch's envelopes the raw log holds already, read at the start of
+        the batch's transaction (a time stamp cannot tell: a retry can come within the
+        same millisecond). One another replica logs meanwhile is answered ``stored``: it
+        is."""
+        d = self.dialect
+        return keyed(lambda n: f"SELECT org_id, id FROM {d.quote(LOG_TABLE)}"
+                               f" WHERE {d.pairs(('org_id', 'id'), n)}",
+                     [(r[3], r[0]) for r in rows.log])
 
     async def _claims_before(self, rows: BatchRows) -> dict[tuple[str, str], str]:
         """Which org holds each of the batch's sns on each target (read before the batch,

@@ -104,7 +104,7 @@ async def test_rejected_entries_are_kept_bounded_and_requeued_in_order(tmp_path:
 
 
 async def _stored(box: Outbox, after: int) -> list[tuple[int, bytes]]:
-    rows = await asyncio.to_thread(box._read, after, 1000)
+    rows = await asyncio.to_thread(box._read, after, 5_000)
     return [(r[0], bytes(r[2])) for r in rows]
 
 
@@ -128,6 +128,32 @@ async def test_tail_in_memory_matches_what_sqlite_holds(tmp_path: Path) -> None:
         entries = await box.peek(0)
         assert [(e.seq, e.payload) for e in entries] == await _stored(box, 0)
         assert [e.payload for e in entries] == [b"a2", b"b1", b"b2", b"x", b"c"]
+
+
+async def test_a_burst_of_puts_is_stored_in_order_with_its_retries_refused(
+        tmp_path: Path) -> None:
+    """Puts queued together are written together (one INSERT for hundreds of entries):
+    each gets the seq SQLite gave it, in the order they were put, whether read from
+    memory or from the file; a retry is refused whether its first copy came before the
+    burst or earlier in it; a held put in the middle stays held."""
+    async with Outbox(tmp_path / "o.db") as box:
+        await box.put("t", b"before", dedup_keys=["k:before"])
+        start = (await box.peek(0))[-1].seq
+
+        def key(i: int) -> str:
+            return "k:before" if i == 3 else f"k:{i - 5 if i % 7 == 6 else i}"
+
+        results = await asyncio.gather(
+            *(box.put("t", b"%d" % i, dedup_keys=[key(i)], hold=i == 600,
+                      compact_key="held" if i == 600 else None) for i in range(1_200)))
+        retries = {i for i in range(1_200) if i == 3 or i % 7 == 6}
+        assert [i for i, r in enumerate(results) if r is PutResult.DUPLICATE] == sorted(retries)
+        assert results[600] is PutResult.HELD
+        stored = [b"%d" % i for i in range(1_200) if i not in retries and i != 600]
+        from_memory = await box.peek(start, limit=2_000)
+        assert [e.payload for e in from_memory] == stored
+        assert [(e.seq, e.payload) for e in from_memory] == await _stored(box, start)
+        assert box.depth == len(stored) + 1 and box.held == 1
 
 
 async def test_tail_is_dropped_when_the_publisher_falls_far_behind(tmp_path: Path) -> None:

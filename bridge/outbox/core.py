@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import logging
 import os
 import queue
@@ -460,19 +461,31 @@ class Outbox:
             if self.unwritable is not None:
                 # A write of its own, so an idle outbox notices that space came back.
                 dedup.mark(conn, ("outbox:write-probe",), now)
-            for op in ops:
-                if type(op) is _Put and op.hold:
+            i = 0
+            while i < len(ops):
+                op = ops[i]
+                if type(op) is _Put and not op.hold:
+                    run = _plain_puts(ops, i)
+                    i += len(run)
+                    if depth + len(run) < self.max_entries:  # no compaction: all at once
+                        for put, outcome in zip(run, self._insert_run(conn, run, now, added),
+                                                strict=True):
+                            depth += outcome is PutResult.ACCEPTED
+                            results.append((put.future, outcome))
+                        continue
+                    for put in run:
+                        result, freed = self._insert(conn, put, now, depth, added)
+                        depth -= freed
+                        reordered = reordered or freed > 0
+                        if result is PutResult.ACCEPTED:
+                            depth += 1
+                        results.append((put.future, result))
+                    continue
+                i += 1
+                if type(op) is _Put:  # held
                     kept = self._hold(conn, op, now)
                     held += kept is PutResult.HELD
                     results.append((op.future, kept))
-                    continue
-                if type(op) is _Put:
-                    result, freed = self._insert(conn, op, now, depth, added)
-                    depth -= freed
-                    reordered = reordered or freed > 0
-                    if result is PutResult.ACCEPTED:
-                        depth += 1
-                    results.append((op.future, result))
                     continue
                 if isinstance(op, _Remove):
                     depth -= self._delete(conn, op.seqs)
@@ -583,6 +596,37 @@ class Outbox:
         return PutResult.ACCEPTED, freed
 
     @staticmethod
+    def _insert_run(conn: sqlite3.Connection, puts: list[_Put], now: float,
+                    added: list[OutboxEntry]) -> list[PutResult]:
+        """``_insert`` for consecutive puts that need no room made, in three statements
+        for all of them instead of three each (the retry keys looked up, the entries
+        appended, the keys marked): at 3,000 puts/s those were ~20 % of the edge's CPU."""
+        seen = dedup.seen_of(conn, (k for put in puts for k in put.dedup_keys))
+        results: list[PutResult] = []
+        fresh: list[_Put] = []
+        for put in puts:
+            if seen.intersection(put.dedup_keys):
+                results.append(PutResult.DUPLICATE)  # a retry, or one earlier in this run
+                continue
+            seen.update(put.dedup_keys)
+            fresh.append(put)
+            results.append(PutResult.ACCEPTED)
+        for i in range(0, len(fresh), _ROWS_A_STATEMENT):
+            chunk = fresh[i:i + _ROWS_A_STATEMENT]
+            args: list[Any] = []
+            for p in chunk:
+                args += (p.topic, p.payload, p.qos, int(p.retain), p.compact_key, now,
+                         p.order or None)
+            last = conn.execute(_append_sql(len(chunk)), args).lastrowid
+            assert last is not None
+            # One statement's rows take consecutive seqs, in order: nobody else writes
+            # between them (the writer holds the write lock: BEGIN IMMEDIATE).
+            added += [OutboxEntry(seq, p.topic, p.payload, p.qos, p.retain)
+                      for seq, p in enumerate(chunk, start=last - len(chunk) + 1)]
+        dedup.mark(conn, [k for p in fresh for k in p.dedup_keys], now)
+        return results
+
+    @staticmethod
     def _append(conn: sqlite3.Connection, topic: str, payload: bytes, qos: int,
                 retain: bool, compact_key: str | None, now: float,
                 order: float | None = None) -> int:
@@ -663,6 +707,26 @@ class Outbox:
         else:
             self._empty.clear()
         self._changed.set()
+
+
+#: Entries one INSERT appends at most (7 parameters each, far under SQLite's limit).
+_ROWS_A_STATEMENT = 500
+
+
+@functools.cache
+def _append_sql(n: int) -> str:
+    return ("INSERT INTO outbox (topic, payload, qos, retain, compact_key, created_at, ord)"
+            " VALUES " + ",".join(["(?, ?, ?, ?, ?, ?, ?)"] * n))
+
+
+def _plain_puts(ops: list[Any], start: int) -> list[_Put]:
+    """The puts from ``ops[start]`` on that are not held, up to the first other op."""
+    run: list[_Put] = []
+    for op in ops[start:]:
+        if type(op) is not _Put or op.hold:
+            break
+        run.append(op)
+    return run
 
 
 #: SQLite primary result codes of a disk that is full, failing or busy: a write that

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import functools
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
+
+#: Keys one statement names at most (SQLite's limit on parameters is far above).
+_CHUNK = 256
 
 
 @functools.cache
@@ -21,18 +24,32 @@ def _mark_sql(n: int) -> str:
     return "INSERT OR REPLACE INTO seen (key, at) VALUES " + ",".join(["(?, ?)"] * n)
 
 
+@functools.cache
+def _seen_of_sql(n: int) -> str:
+    return f"SELECT key FROM seen WHERE key IN ({','.join('?' * n)})"
+
+
 def seen(conn: sqlite3.Connection, keys: Sequence[str]) -> bool:
     """Whether any of ``keys`` was marked (and not yet pruned)."""
     return bool(keys) and conn.execute(_seen_sql(len(keys)), keys).fetchone() is not None
 
 
+def seen_of(conn: sqlite3.Connection, keys: Iterable[str]) -> set[str]:
+    """Which of ``keys`` were marked (and not yet pruned): one query for many puts."""
+    wanted, found = sorted(set(keys)), set[str]()
+    for i in range(0, len(wanted), _CHUNK):
+        chunk = wanted[i:i + _CHUNK]
+        found.update(k for (k,) in conn.execute(_seen_of_sql(len(chunk)), chunk))
+    return found
+
+
 def mark(conn: sqlite3.Connection, keys: Sequence[str], now: float) -> None:
     """Mark ``keys`` as seen at ``now``, in one statement (executemany cost a step each)."""
-    if keys:
+    for i in range(0, len(keys), _CHUNK):
         args: list[Any] = []
-        for key in keys:
+        for key in keys[i:i + _CHUNK]:
             args += (key, now)
-        conn.execute(_mark_sql(len(keys)), args)
+        conn.execute(_mark_sql(len(args) // 2), args)
 
 
 def prune(conn: sqlite3.Connection, before: float) -> None:

@@ -154,6 +154,9 @@ async def test_a_burst_of_puts_is_stored_in_order_with_its_retries_refused(
         assert [e.payload for e in from_memory] == stored
         assert [(e.seq, e.payload) for e in from_memory] == await _stored(box, start)
         assert box.depth == len(stored) + 1 and box.held == 1
+        box.remove([e.seq for e in from_memory] + [from_memory[0].seq])  # one twice
+        await box.sync()
+        assert box.depth == 1 and [e.payload for e in await box.peek(0)] == [b"before"]
 
 
 async def test_tail_is_dropped_when_the_publisher_falls_far_behind(tmp_path: Path) -> None:

@@ -63,7 +63,7 @@ _TOGETHER_CHARS = 2**21
 
 
 async def _together(cur: aiomysql.Cursor, statements: Sequence[str],
-                    read: list[dict[str, Any]] | None = None) -> list[int]:
+                    read: list[dict[str, Any]]) -> list[int]:
     """Run ``statements`` as one multi-statement query (aiomysql's connections allow it)
     and return each one's affected rows; an empty string stands for a statement with
     nothing to do. One round trip instead of one each: a small batch's transaction was
@@ -75,7 +75,7 @@ async def _together(cur: aiomysql.Cursor, statements: Sequence[str],
         await cur.execute(";\n".join(sent))
         while True:
             affected.append(max(cur.rowcount, 0))
-            if cur.description and read is not None:
+            if cur.description:
                 names = [d[0] for d in cur.description]
                 read += (dict(zip(names, row, strict=True)) for row in await cur.fetchall())
             if not await cur.nextset():
@@ -88,15 +88,19 @@ async def _together(cur: aiomysql.Cursor, statements: Sequence[str],
 _INSERT_ROWS: re.Pattern[str] = aiomysql.cursors.RE_INSERT_VALUES
 
 
-def _text(cur: aiomysql.Cursor, sql: str, rows: Sequence[Sequence[Any]]) -> str:
-    """``sql`` with ``rows`` in it, as one statement ("" for no rows). An INSERT of
-    several rows becomes one multi-row INSERT, as aiomysql's ``executemany`` makes, but
-    sent with the transaction's other statements instead of on its own: a batch's
-    transaction was five round trips, each one a wait for a busy event loop."""
+def _text(cur: aiomysql.Cursor, sql: str, rows: Sequence[Sequence[Any]] | None) -> str | None:
+    """``sql`` with ``rows`` in it, as one statement ("" for no rows; None for several
+    rows of a statement that is not an INSERT). An INSERT of several rows becomes one
+    multi-row INSERT, as aiomysql's ``executemany`` makes, but sent with the
+    transaction's other statements instead of on its own: a batch's transaction was
+    five round trips, each one a wait for a busy event loop."""
+    if rows is None:
+        return sql
     if len(rows) <= 1:
         return str(cur.mogrify(sql, rows[0])) if rows else ""
     m = _INSERT_ROWS.match(sql)
-    assert m is not None  # the caller's check
+    if m is None:
+        return None
     values = m.group(2).rstrip()
     return (m.group(1) % () + ",".join(str(cur.mogrify(values, row)) for row in rows)
             + (m.group(3) or ""))
@@ -252,13 +256,13 @@ class MysqlBackend(Backend):
                 size = sum(map(len, pending))  # their characters
                 skip = len(pending)  # counts of reads, not of statements
                 for sql, rows in statements:
-                    if rows is not None and len(rows) > 1 and not _INSERT_ROWS.match(sql):
+                    text = _text(cur, sql, rows)
+                    if text is None:  # not an INSERT: a row at a time, on its own
                         counts += await _together(cur, pending, read)
                         pending, size = [], 0
-                        await cur.executemany(sql, rows)  # not an INSERT: a row at a time
+                        await cur.executemany(sql, rows)
                         counts.append(max(cur.rowcount, 0))
                         continue
-                    text = sql if rows is None else _text(cur, sql, rows)
                     if size + len(text) > _TOGETHER_CHARS:
                         counts += await _together(cur, pending, read)
                         pending, size = [], 0

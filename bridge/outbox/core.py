@@ -588,7 +588,7 @@ class Outbox:
         added: list[OutboxEntry],
     ) -> tuple[PutResult | BaseException, int]:
         """Insert one entry (appended to ``added``); its result and how many were compacted."""
-        if dedup.seen(conn, op.dedup_keys):
+        if dedup.seen_of(conn, op.dedup_keys):
             return PutResult.DUPLICATE, 0
         freed = 0
         if depth >= self.max_entries:
@@ -637,17 +637,14 @@ class Outbox:
     def _append(conn: sqlite3.Connection, topic: str, payload: bytes, qos: int,
                 retain: bool, compact_key: str | None, now: float,
                 order: float | None = None) -> int:
-        seq = conn.execute(
-            "INSERT INTO outbox (topic, payload, qos, retain, compact_key, created_at, ord)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (topic, payload, qos, int(retain), compact_key, now, order),
-        ).lastrowid
+        seq = conn.execute(_append_sql(1), (topic, payload, qos, int(retain), compact_key,
+                                            now, order)).lastrowid
         assert seq is not None
         return seq
 
     def _hold(self, conn: sqlite3.Connection, op: _Put, now: float) -> PutResult:
         """Into ``held`` (the newest by ``order`` stays); a retry is still a duplicate."""
-        if dedup.seen(conn, op.dedup_keys):
+        if dedup.seen_of(conn, op.dedup_keys):
             return PutResult.DUPLICATE
         assert op.compact_key is not None
         result = held_table.hold(conn, op.compact_key, op.topic, op.payload, op.qos,

@@ -15,11 +15,6 @@ _CHUNK = 256
 
 
 @functools.cache
-def _seen_sql(n: int) -> str:
-    return f"SELECT 1 FROM seen WHERE key IN ({','.join('?' * n)}) LIMIT 1"
-
-
-@functools.cache
 def _mark_sql(n: int) -> str:
     return "INSERT OR REPLACE INTO seen (key, at) VALUES " + ",".join(["(?, ?)"] * n)
 
@@ -29,13 +24,9 @@ def _seen_of_sql(n: int) -> str:
     return f"SELECT key FROM seen WHERE key IN ({','.join('?' * n)})"
 
 
-def seen(conn: sqlite3.Connection, keys: Sequence[str]) -> bool:
-    """Whether any of ``keys`` was marked (and not yet pruned)."""
-    return bool(keys) and conn.execute(_seen_sql(len(keys)), keys).fetchone() is not None
-
-
 def seen_of(conn: sqlite3.Connection, keys: Iterable[str]) -> set[str]:
-    """Which of ``keys`` were marked (and not yet pruned): one query for many puts."""
+    """Which of ``keys`` were marked (and not yet pruned); one query for the keys of
+    many puts."""
     wanted, found = sorted(set(keys)), set[str]()
     for i in range(0, len(wanted), _CHUNK):
         chunk = wanted[i:i + _CHUNK]
@@ -44,7 +35,8 @@ def seen_of(conn: sqlite3.Connection, keys: Iterable[str]) -> set[str]:
 
 
 def mark(conn: sqlite3.Connection, keys: Sequence[str], now: float) -> None:
-    """Mark ``keys`` as seen at ``now``, in one statement (executemany cost a step each)."""
+    """Mark ``keys`` as seen at ``now``, ``_CHUNK`` keys a statement (executemany cost a
+    step each)."""
     for i in range(0, len(keys), _CHUNK):
         args: list[Any] = []
         for key in keys[i:i + _CHUNK]:

@@ -155,12 +155,29 @@ def _note(notes: list[str], note: str) -> None:
         notes.append("more values were changed; see raw for the rest")
 
 
+#: What orjson would write and ``json`` refuses (TypeError): left to ``json``.
+_EXACT = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
+
+
 def dumps(obj: Any) -> bytes:
     """Compact RFC 8259 JSON as UTF-8; ValueError on NaN/Infinity (clean first).
 
     A lone surrogate (``"\\ud800"``) is valid JSON but not UTF-8: then everything
     non-ASCII is escaped instead.
+
+    orjson writes it (an envelope in ~1 µs where ``json`` takes ~6.6, on the edge's
+    path once per accepted callback); what orjson refuses (integers beyond 64 bits, a
+    lone surrogate, a key that is not a string, a datetime or a dataclass) and any
+    document with a ``null`` in it (orjson writes NaN as ``null`` where this must
+    refuse it) go to ``json``, which decides as before.
     """
+    try:
+        data = orjson.dumps(obj, option=_EXACT)
+    except orjson.JSONEncodeError:
+        pass
+    else:
+        if b"null" not in data:
+            return data
     try:
         return json.dumps(obj, separators=(",", ":"), ensure_ascii=False,
                           allow_nan=False).encode()

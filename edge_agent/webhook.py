@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import time
 from typing import Any
@@ -97,9 +96,8 @@ async def _read_body(receive: Receive, declared: bytes | None, limit: int) -> by
 
 
 def _render(content: dict[str, Any]) -> bytes:
-    """The bytes JSONResponse would send (same settings), without building one."""
-    return json.dumps(content, ensure_ascii=False, allow_nan=False, indent=None,
-                      separators=(",", ":")).encode("utf-8")
+    """The body JSONResponse would send (compact, UTF-8, no NaN), without building one."""
+    return strictjson.dumps(content)
 
 
 class _Webhook:

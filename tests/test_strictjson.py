@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import json
 from typing import Any
 
@@ -101,3 +103,41 @@ def test_clean_values_round_trip_strictly(value: Any) -> None:
     out = strict_loads(strictjson.dumps(parsed.value))
     assert out == parsed.value
     assert (parsed.notes == []) == (json.dumps(value) == json.dumps(out))
+
+
+class _Named(str):
+    """A str subclass (an enum's value, say): ``json`` writes it as its text."""
+
+    def __str__(self) -> str:
+        return "not what json writes"
+
+
+@dataclasses.dataclass
+class _Point:
+    x: int
+
+
+#: What code may hand to ``dumps``: any float (NaN too), integers past 64 bits, lone
+#: surrogates, keys that are not strings, tuples, str subclasses, and what ``json``
+#: refuses with TypeError (a datetime, a dataclass).
+_written = st.recursive(
+    st.none() | st.booleans() | st.floats() | st.integers(min_value=-2**70, max_value=2**70)
+    | st.text(max_size=8) | st.just("\ud800") | st.builds(_Named, st.text(max_size=4))
+    | st.sampled_from([datetime.datetime(2026, 12, 6), _Point(1)]),
+    lambda inner: st.lists(inner, max_size=3) | st.tuples(inner, inner)
+    | st.dictionaries(st.text(max_size=4) | st.integers() | st.booleans(), inner,
+                      max_size=3),
+    max_leaves=12,
+)
+
+
+@given(_written)
+@settings(max_examples=500)
+def test_dumps_writes_what_json_writes_and_refuses_what_it_refuses(value: Any) -> None:
+    try:
+        expected = json.loads(json.dumps(value, separators=(",", ":"), allow_nan=False))
+    except (ValueError, TypeError) as refused:
+        with pytest.raises(type(refused)):
+            strictjson.dumps(value)
+        return
+    assert strict_loads(strictjson.dumps(value)) == expected

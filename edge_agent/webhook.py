@@ -95,11 +95,6 @@ async def _read_body(receive: Receive, declared: bytes | None, limit: int) -> by
             return body
 
 
-def _render(content: dict[str, Any]) -> bytes:
-    """The body JSONResponse would send (compact, UTF-8, no NaN), without building one."""
-    return strictjson.dumps(content)
-
-
 class _Webhook:
     """The webhook as a raw ASGI handler; ``accept`` is the part shared with the docs route.
 
@@ -265,8 +260,9 @@ class _Webhook:
     @staticmethod
     def _answer(norm: Normalized, now: float, topic: str, message: str, *,
                 duplicate: bool = False, forwarded: bool = True) -> bytes:
-        return _render(accepted(norm, now, topic, message, duplicate=duplicate,
-                                forwarded=forwarded))
+        # The body JSONResponse would send (compact, UTF-8, no NaN), without building one.
+        return strictjson.dumps(accepted(norm, now, topic, message, duplicate=duplicate,
+                                         forwarded=forwarded))
 
 
 def create_app(agent: WebhookHost) -> FastAPI:

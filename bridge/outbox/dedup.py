@@ -38,10 +38,11 @@ def mark(conn: sqlite3.Connection, keys: Sequence[str], now: float) -> None:
     """Mark ``keys`` as seen at ``now``, ``_CHUNK`` keys a statement (executemany cost a
     step each)."""
     for i in range(0, len(keys), _CHUNK):
+        chunk = keys[i:i + _CHUNK]
         args: list[Any] = []
-        for key in keys[i:i + _CHUNK]:
+        for key in chunk:
             args += (key, now)
-        conn.execute(_mark_sql(len(args) // 2), args)
+        conn.execute(_mark_sql(len(chunk)), args)
 
 
 def prune(conn: sqlite3.Connection, before: float) -> None:

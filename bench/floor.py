@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import hashlib
 import json
+import os
 import queue
 import signal
 import sqlite3
@@ -37,6 +39,7 @@ import uvloop
 
 from bench import apps
 from bench.procs import Broker, Service, cpu_seconds, free_port, python_module
+from bench.profile import record, report
 from bench.samples import BodyFactory
 from bench.wrk import run_wrk
 
@@ -44,14 +47,17 @@ _OK = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 20
        b'{"status":"success"}')
 _BAD = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n"
 _ACKED = object()  # a PUBACK that came before its publish call returned its mid
-Put = tuple[asyncio.Transport, str, bytes]
+#: (answer, topic, body): ``answer()`` runs on the loop once the body is committed.
+Put = tuple[Callable[[], None], str, bytes]
 
 
 class Floor:
     """The SQLite outbox's writer thread and the MQTT client, driven from the loop."""
 
-    def __init__(self, path: Path, publish: Callable[[int, str, bytes], None]) -> None:
+    def __init__(self, path: Path, publish: Callable[[int, str, bytes], None],
+                 prepare: Callable[[bytes], tuple[str, bytes] | None]) -> None:
         self.path = path
+        self.prepare = prepare  # body -> (topic, payload), None if unreadable
         self.publish = publish  # (seq, topic, body): must call ``acked(seq)`` on its PUBACK
         self.ops: queue.SimpleQueue[Put | int] = queue.SimpleQueue()
         self.accepted = 0
@@ -59,8 +65,11 @@ class Floor:
         self.loop = asyncio.get_running_loop()
         threading.Thread(target=self._writer, name="floor-writer", daemon=True).start()
 
-    def put(self, transport: asyncio.Transport, topic: str, body: bytes) -> None:
-        self.ops.put((transport, topic, body))
+    def put(self, answer: Callable[[], None], topic: str, body: bytes) -> None:
+        self.ops.put((answer, topic, body))
+
+    def counts(self) -> bytes:
+        return orjson.dumps({"accepted": self.accepted, "acked": self.acked})
 
     def acked_seq(self, seq: int) -> None:
         """Any thread: the broker has it; the next commit deletes it."""
@@ -98,9 +107,8 @@ class Floor:
     def _committed(self, puts: list[tuple[int, Put]], acked: int) -> None:
         self.acked += acked
         self.accepted += len(puts)
-        for seq, (transport, topic, body) in puts:
-            if not transport.is_closing():
-                transport.write(_OK)
+        for seq, (answer, topic, body) in puts:
+            answer()
             self.publish(seq, topic, body)
 
 
@@ -130,17 +138,79 @@ class Http(asyncio.Protocol):
         assert self.transport is not None
         body, self.chunks = b"".join(self.chunks), []
         if self.parser.get_method() == b"GET":
-            counts = orjson.dumps({"accepted": self.floor.accepted, "acked": self.floor.acked})
+            counts = self.floor.counts()
             self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                                  b"Content-Length: %d\r\n\r\n%s" % (len(counts), counts))
             return
-        try:
-            doc = orjson.loads(body)
-            sn = (doc.get("data") or {}).get("sn") or doc.get("sn") or "unknown"
-        except (orjson.JSONDecodeError, AttributeError):
+        if (message := self.floor.prepare(body)) is None:
             self.transport.write(_BAD)
             return
-        self.floor.put(self.transport, f"floor/{sn}", body)
+        transport = self.transport
+        self.floor.put(lambda: None if transport.is_closing() else transport.write(_OK),
+                       *message)
+
+
+def asgi(floor: Floor) -> Callable[..., Any]:
+    """The same as ``Http``, as a raw ASGI app for uvicorn: what ASGI costs."""
+    loop = asyncio.get_running_loop()
+    ok = {"type": "http.response.start", "status": 200, "headers": [
+        (b"content-length", b"20"), (b"content-type", b"application/json")]}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        if scope["method"] == "GET":
+            answer = floor.counts()
+        elif (prepared := floor.prepare(body)) is None:
+            await send({"type": "http.response.start", "status": 400, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        else:
+            committed = loop.create_future()
+            floor.put(lambda: committed.set_result(None), *prepared)
+            await committed
+            answer = _OK.rpartition(b"\r\n")[2]
+        await send(ok if len(answer) == 20 else {**ok, "headers": [
+            (b"content-length", str(len(answer)).encode())]})
+        await send({"type": "http.response.body", "body": answer})
+
+    return app
+
+
+def _bare(body: bytes) -> tuple[str, bytes] | None:
+    """A topic by serial number, the body as it came."""
+    try:
+        doc = orjson.loads(body)
+        sn = (doc.get("data") or {}).get("sn") or doc.get("sn") or "unknown"
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return f"floor/{sn}", body
+
+
+def _edge_work(body: bytes) -> tuple[str, bytes] | None:
+    """What the edge's handler does to a body besides HTTP and the outbox: the strict
+    bounded parse, normalising, the envelope and its JSON, the body's hash."""
+    from bridge import strictjson
+    from bridge.envelope import Envelope
+    from bridge.errors import PayloadError
+    from bridge.pudu.normalize import normalize
+
+    try:
+        parsed = strictjson.loads(body)
+    except PayloadError:
+        return None
+    now = time.time()
+    norm = normalize(parsed.value, received_at=now, max_skew=300.0, clock_offset=0.0)
+    device = norm.device_id or "gw-floor"
+    envelope = Envelope(id=norm.message_id, type=norm.callback_type, org="floor",
+                        device=device, gateway="gw-floor", ts=norm.ts, received_at=now,
+                        data=norm.data, raw=norm.raw, channel=norm.channel,
+                        notes=(*parsed.notes, *norm.notes))
+    hashlib.sha256(body).hexdigest()  # the dedup key the edge computes
+    return f"org/floor/device/{device}/{norm.channel}", envelope.to_json()
 
 
 def _paho(port: int) -> tuple[Callable[[int, str, bytes], None], Callable[[Floor], None]]:
@@ -203,10 +273,18 @@ def _crt(port: int) -> tuple[Callable[[int, str, bytes], None], Callable[[Floor]
     return publish, bind
 
 
-async def serve(port: int, mqtt_port: int, outbox: Path, client: str) -> None:
+async def serve(port: int, mqtt_port: int, outbox: Path, client: str, *,
+                use_asgi: bool, work: bool) -> None:
     publish, bind = (_paho if client == "paho" else _crt)(mqtt_port)
-    floor = Floor(outbox, publish)
+    floor = Floor(outbox, publish, _edge_work if work else _bare)
     bind(floor)
+    if use_asgi:
+        import uvicorn
+
+        await uvicorn.Server(uvicorn.Config(
+            asgi(floor), host="127.0.0.1", port=port, loop="none", http="httptools",
+            lifespan="off", access_log=False, log_level="warning")).serve()
+        return
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: Http(floor), "127.0.0.1", port, backlog=1024)
     stop = asyncio.Event()
@@ -220,21 +298,59 @@ def _counts(svc: Service) -> dict[str, int]:
         return dict(json.loads(resp.read()))
 
 
-def _measure(kind: str, base: Path, broker: Broker, duration: float) -> tuple[float, float]:
-    """(accepts a second, CPU µs an accept) of one server under wrk for ``duration``."""
+def _service(kind: str, base: Path, broker: Broker) -> Service:
+    """``fastapi`` (the echo), ``edge`` (the product), or a floor: ``paho`` or ``crt``,
+    with ``+asgi`` (served through uvicorn) and ``+work`` (the edge handler's work)."""
     if kind == "fastapi":
-        svc = apps.echo(base, "fastapi")
-    else:
-        port = free_port()
-        svc = Service(f"floor-{kind}", python_module(
-            "bench.floor", "serve", "--port", str(port), "--mqtt-port", str(broker.port),
-            "--outbox", str(base / f"floor-{kind}-{time.monotonic_ns()}.db"),
-            "--client", kind), base, port=port, env=apps.child_env())
-    with svc:
-        cpu0 = cpu_seconds(svc.pid)
+        return apps.echo(base, "fastapi")
+    if kind in ("edge", "edge+crt"):  # the product, on paho or on awscrt
+        return apps.edge_agent(base, "edge", broker.url,
+                               base / f"edge-{time.monotonic_ns()}.db",
+                               MQTT_BACKEND=kind.partition("+")[2] or "paho")
+    client, *extras = kind.split("+")
+    port = free_port()
+    argv = python_module("bench.floor", "serve", "--port", str(port), "--mqtt-port",
+                         str(broker.port), "--client", client, "--outbox",
+                         str(base / f"floor-{time.monotonic_ns()}.db"),
+                         *(f"--{extra}" for extra in extras))
+    return Service(f"floor-{kind}", argv, base, port=port, env=apps.child_env())
+
+
+def _threads_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of each thread of ``pid``, by name (threads of one name summed)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # a thread that ended meanwhile
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _measure(kind: str, base: Path, broker: Broker, duration: float,
+             profile: Path | None = None) -> tuple[float, float]:
+    """(accepts a second, CPU µs an accept) of one server under wrk for ``duration``;
+    sampled by py-spy into ``profile/profile-floor-<kind>-top.txt`` when given."""
+    with _service(kind, base, broker) as svc:
+        spy = None if profile is None else record(svc.pid, base / "spy.txt",
+                                                  duration=duration)
+        cpu0, threads0 = cpu_seconds(svc.pid), _threads_cpu(svc.pid)
         result = run_wrk(svc.port, BodyFactory(robots=1000), base, duration=duration)
-        cpu = cpu_seconds(svc.pid) - cpu0
-        if kind != "fastapi":  # every accepted body reached the broker, or the floor is off
+        cpu, threads = cpu_seconds(svc.pid) - cpu0, _threads_cpu(svc.pid)
+        by_thread = {name: (used - threads0.get(name, 0.0)) / result.ok * 1e6
+                     for name, used in threads.items()}
+        print(f"  {kind} by thread (µs an accept): " + ", ".join(
+            f"{name} {us:.1f}" for name, us in sorted(by_thread.items(), key=lambda t: -t[1])
+            if us >= 0.5), flush=True)
+        if spy is not None and profile is not None:
+            spy.wait(120)
+            name = kind.replace("+", "-")
+            (profile / f"profile-floor-{name}-top.txt").write_text(
+                report(base / "spy.txt", top=40).replace("spy.txt", f"floor {kind}") + "\n")
+        if not kind.startswith(("fastapi", "edge")):  # each accepted body reached the broker
             deadline = time.monotonic() + 60
             while (counts := _counts(svc))["acked"] < counts["accepted"]:
                 if time.monotonic() > deadline:
@@ -253,13 +369,20 @@ def main() -> None:
     run.add_argument("--mqtt-port", type=int, required=True)
     run.add_argument("--outbox", type=Path, required=True)
     run.add_argument("--client", choices=["paho", "crt"], default="paho")
+    run.add_argument("--asgi", action="store_true", help="served through uvicorn")
+    run.add_argument("--work", action="store_true", help="the edge handler's work too")
+    parser.add_argument("--kinds", default="fastapi,paho,crt,paho+asgi,paho+asgi+work,edge",
+                        help="servers alternated in each run (fastapi first: the ratios')")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="then one pass of each under py-spy, summaries written here")
     parser.add_argument("--duration", type=float, default=10.0)
     args = parser.parse_args()
     if args.command == "serve":
-        uvloop.run(serve(args.port, args.mqtt_port, args.outbox, args.client))
+        uvloop.run(serve(args.port, args.mqtt_port, args.outbox, args.client,
+                         use_asgi=args.asgi, work=args.work))
         return
-    kinds = ("fastapi", "paho", "crt")
+    kinds = args.kinds.split(",")
     rates: dict[str, list[float]] = {k: [] for k in kinds}
     cpus: dict[str, list[float]] = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory(prefix="bench-floor-") as tmp:
@@ -272,6 +395,10 @@ def main() -> None:
                     cpus[kind].append(cpu)
                     print(f"run {i + 1} {kind}: {rate:,.0f}/s, {cpu:.1f} µs CPU each",
                           flush=True)
+            if args.profile is not None:  # a pass of its own: sampling slows the target
+                args.profile.mkdir(parents=True, exist_ok=True)
+                for kind in kinds[1:]:
+                    _measure(kind, base, broker, args.duration, args.profile)
     for kind in kinds:
         ratios = [r / e for r, e in zip(rates[kind], rates["fastapi"], strict=True)]
         print(f"{kind}: {statistics.median(rates[kind]):,.0f}/s "

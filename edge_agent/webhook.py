@@ -8,7 +8,6 @@ hot path (docs/measured.md). The OpenAPI schema still describes it.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 import time
@@ -33,7 +32,7 @@ from bridge.errors import (
 from bridge.http.error_boundary import error_response, internal_error_response, status_for
 from bridge.http.error_boundary import install as install_error_handlers
 from bridge.http.shortcut import ShortcutApp
-from bridge.outbox import PutResult
+from bridge.outbox import PutResult, body_key
 from bridge.pudu.answer import CALLBACK_REQUEST, accepted
 from bridge.pudu.normalize import DOCUMENTED_TYPES, Normalized, normalize
 from bridge.service.health import HealthQuery, health_status, unready_body
@@ -222,7 +221,7 @@ class _Webhook:
             hold = verdict is Verdict.HOLD  # no await until the put
         # A retry is the same body, whatever its TraceId: Pudu reuses a TraceId for
         # different data, so the TraceId alone must not make a callback a duplicate.
-        keys = ["body:" + hashlib.sha256(raw).hexdigest()]
+        keys = [body_key(raw, norm.robot_ts)]
         payload = envelope.to_json()
         self.publishable(topic, payload, norm)
         result = await self.agent.outbox.put(

@@ -12,7 +12,8 @@
 from __future__ import annotations
 
 from bridge.outbox.core import Outbox
+from bridge.outbox.dedup import body_key
 from bridge.outbox.entries import OutboxEntry, PutResult
 from bridge.outbox.schema import SCHEMA
 
-__all__ = ["SCHEMA", "Outbox", "OutboxEntry", "PutResult"]
+__all__ = ["SCHEMA", "Outbox", "OutboxEntry", "PutResult", "body_key"]

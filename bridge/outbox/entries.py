@@ -45,7 +45,7 @@ class _Put:
     qos: int
     retain: bool
     compact_key: str | None
-    dedup_keys: tuple[str, ...]
+    dedup_keys: tuple[str | bytes, ...]
     future: asyncio.Future[PutResult]
     hold: bool = False
     order: float = 0.0

@@ -399,7 +399,7 @@ def main() -> None:
                 args.profile.mkdir(parents=True, exist_ok=True)
                 for kind in kinds[1:]:
                     _measure(kind, base, broker, args.duration, args.profile)
-    for kind in kinds:
+    for kind in kinds if args.runs else ():
         ratios = [r / e for r, e in zip(rates[kind], rates["fastapi"], strict=True)]
         print(f"{kind}: {statistics.median(rates[kind]):,.0f}/s "
               f"({min(rates[kind]):,.0f}-{max(rates[kind]):,.0f}), "

@@ -122,9 +122,14 @@ class Pacer:
         self._bytes = 0
         self._due = -math.inf  # when the next send may go
 
+    @property
+    def limited(self) -> bool:
+        """Whether any limit is set (unlimited, ``delay`` is always 0)."""
+        return bool(self.rate or self.byte_rate)
+
     def delay(self, size: int) -> float:
         """How long to wait before sending ``size`` bytes; 0: send now (recorded)."""
-        if not self.rate and not self.byte_rate:
+        if not self.limited:
             return 0.0
         now = self._clock()
         wait = self._due - now
@@ -281,11 +286,21 @@ class OutboxPublisher:
             for entry in entries:
                 if self._retry_from is not None:
                     break
-                while not await within(self._slots.acquire(), BEAT_SECONDS):
-                    self.beat()  # the window is full: waiting, wedged only without PUBACKs
-                await self.pace(entry.topic, entry.payload)
+                await self._take_slot()
+                if self._pacer.limited:
+                    await self.pace(entry.topic, entry.payload)
                 self._send(entry.seq, entry.topic, entry.payload, entry.qos, entry.retain)
                 cursor = entry.seq
+
+    async def _take_slot(self) -> None:
+        """A place in the window. A free one is taken at once, with no timer armed and
+        cancelled for it; a full window is waited for in turns that stamp the heartbeat:
+        waiting, wedged only without PUBACKs (``beat``)."""
+        if not self._slots.locked():
+            await self._slots.acquire()
+            return
+        while not await within(self._slots.acquire(), BEAT_SECONDS):
+            self.beat()
 
     async def pace(self, topic: str, payload: bytes) -> None:
         """Wait until the limits (publishes, bytes a second) allow one more; the wait is
@@ -315,7 +330,7 @@ class OutboxPublisher:
         self._flush_acks()
         await self.outbox.sync()
         chunk = self.window * (10 if self.frame_topic else 1)
-        if not (self._pacer.rate or self._pacer.byte_rate):
+        if not self._pacer.limited:
             # Unpaced, a round of one window was stop-and-wait with the whole outbox
             # re-planned each time: 100,000 entries drained at ~800/s instead of ~17,000.
             chunk = max(chunk, UNPACED_BACKLOG_ENTRIES)
@@ -352,8 +367,7 @@ class OutboxPublisher:
         for seqs, topic, payload, qos, retain in units:
             if self._retry_from is not None:
                 break
-            while not await within(self._slots.acquire(), BEAT_SECONDS):
-                self.beat()
+            await self._take_slot()
             await self.pace(topic, payload)
             if len(seqs) > 1:
                 self.frames += 1

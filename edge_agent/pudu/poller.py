@@ -208,6 +208,8 @@ class Poller:
     def forget(self, sn: str, fields: Iterable[str]) -> None:
         """A webhook set these fields of robot ``sn``: the cloud's copy is no longer what
         the poller published, so the next run compares against nothing and republishes."""
+        if not self._published:  # nothing polled (no shops): the common case, at once
+            return
         touched = set(fields)
         for channel in ("status", "power", "pose"):
             entry = self._published.get((sn, channel))

@@ -18,9 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
-import hashlib
+import functools
 import json
-import os
 import queue
 import signal
 import sqlite3
@@ -28,7 +27,6 @@ import statistics
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,27 +36,41 @@ import orjson
 import uvloop
 
 from bench import apps
-from bench.procs import Broker, Service, cpu_seconds, free_port, python_module
+from bench.procs import (
+    Broker,
+    Service,
+    cpu_seconds,
+    free_port,
+    http_get,
+    python_module,
+    thread_cpu_seconds,
+)
 from bench.profile import record, report
 from bench.samples import BodyFactory
+from bench.scenarios.common import wait_until
 from bench.wrk import run_wrk
 
-_OK = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 20\r\n\r\n"
-       b'{"status":"success"}')
+_OK_BODY = b'{"status":"success"}'
+_OK = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+       % (len(_OK_BODY), _OK_BODY))
 _BAD = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n"
 _ACKED = object()  # a PUBACK that came before its publish call returned its mid
 #: (answer, topic, body): ``answer()`` runs on the loop once the body is committed.
 Put = tuple[Callable[[], None], str, bytes]
+#: Publishes (seq, topic, body) at QoS 1.
+Publish = Callable[[int, str, bytes], None]
+#: Connects an MQTT client that calls the given function with each seq on its PUBACK.
+Client = Callable[[Callable[[int], None]], Publish]
 
 
 class Floor:
     """The SQLite outbox's writer thread and the MQTT client, driven from the loop."""
 
-    def __init__(self, path: Path, publish: Callable[[int, str, bytes], None],
+    def __init__(self, path: Path, client: Client,
                  prepare: Callable[[bytes], tuple[str, bytes] | None]) -> None:
         self.path = path
         self.prepare = prepare  # body -> (topic, payload), None if unreadable
-        self.publish = publish  # (seq, topic, body): must call ``acked(seq)`` on its PUBACK
+        self.publish = client(self.acked_seq)
         self.ops: queue.SimpleQueue[Put | int] = queue.SimpleQueue()
         self.accepted = 0
         self.acked = 0
@@ -153,8 +165,7 @@ class Http(asyncio.Protocol):
 def asgi(floor: Floor) -> Callable[..., Any]:
     """The same as ``Http``, as a raw ASGI app for uvicorn: what ASGI costs."""
     loop = asyncio.get_running_loop()
-    ok = {"type": "http.response.start", "status": 200, "headers": [
-        (b"content-length", b"20"), (b"content-type", b"application/json")]}
+    ok = _start(200, _OK_BODY)  # built once: the answer to every accepted body
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         body, more = b"", True
@@ -164,20 +175,23 @@ def asgi(floor: Floor) -> Callable[..., Any]:
             more = message.get("more_body", False)
         if scope["method"] == "GET":
             answer = floor.counts()
+            start = _start(200, answer)
         elif (prepared := floor.prepare(body)) is None:
-            await send({"type": "http.response.start", "status": 400, "headers": []})
-            await send({"type": "http.response.body", "body": b""})
-            return
+            answer, start = b"", _start(400, b"")
         else:
             committed = loop.create_future()
             floor.put(lambda: committed.set_result(None), *prepared)
             await committed
-            answer = _OK.rpartition(b"\r\n")[2]
-        await send(ok if len(answer) == 20 else {**ok, "headers": [
-            (b"content-length", str(len(answer)).encode())]})
+            answer, start = _OK_BODY, ok
+        await send(start)
         await send({"type": "http.response.body", "body": answer})
 
     return app
+
+
+def _start(status: int, body: bytes) -> dict[str, Any]:
+    return {"type": "http.response.start", "status": status, "headers": [
+        (b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")]}
 
 
 def _bare(body: bytes) -> tuple[str, bytes] | None:
@@ -196,6 +210,7 @@ def _edge_work(body: bytes) -> tuple[str, bytes] | None:
     from bridge import strictjson
     from bridge.envelope import Envelope
     from bridge.errors import PayloadError
+    from bridge.outbox import body_key
     from bridge.pudu.normalize import normalize
 
     try:
@@ -209,11 +224,11 @@ def _edge_work(body: bytes) -> tuple[str, bytes] | None:
                         device=device, gateway="gw-floor", ts=norm.ts, received_at=now,
                         data=norm.data, raw=norm.raw, channel=norm.channel,
                         notes=(*parsed.notes, *norm.notes))
-    hashlib.sha256(body).hexdigest()  # the dedup key the edge computes
+    body_key(body, norm.robot_ts)  # the retry key the edge computes
     return f"org/floor/device/{device}/{norm.channel}", envelope.to_json()
 
 
-def _paho(port: int) -> tuple[Callable[[int, str, bytes], None], Callable[[Floor], None]]:
+def _paho(port: int, acked: Callable[[int], None]) -> Publish:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -221,33 +236,26 @@ def _paho(port: int) -> tuple[Callable[[int, str, bytes], None], Callable[[Floor
                          protocol=mqtt.MQTTv5)
     client.max_inflight_messages_set(100)
     slots: dict[int, Any] = {}  # mid -> seq, or _ACKED when the PUBACK came first
-    floor: Floor | None = None
 
     def on_publish(_c: Any, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
         seq = slots.setdefault(mid, _ACKED)  # atomic under the GIL: one side finds the other
         if seq is not _ACKED:
             del slots[mid]
-            assert floor is not None
-            floor.acked_seq(seq)
+            acked(seq)
 
     def publish(seq: int, topic: str, body: bytes) -> None:
         mid = client.publish(topic, body, qos=1).mid
         if slots.setdefault(mid, seq) is _ACKED:
             del slots[mid]
-            assert floor is not None
-            floor.acked_seq(seq)
-
-    def bind(f: Floor) -> None:
-        nonlocal floor
-        floor = f
+            acked(seq)
 
     client.on_publish = on_publish
     client.connect("127.0.0.1", port)
     client.loop_start()
-    return publish, bind
+    return publish
 
 
-def _crt(port: int) -> tuple[Callable[[int, str, bytes], None], Callable[[Floor], None]]:
+def _crt(port: int, acked: Callable[[int], None]) -> Publish:
     from awscrt import mqtt5
 
     connected: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -258,26 +266,20 @@ def _crt(port: int) -> tuple[Callable[[int, str, bytes], None], Callable[[Floor]
     ))
     client.start()
     connected.result(10)
-    floor: Floor | None = None
 
     def publish(seq: int, topic: str, body: bytes) -> None:
         future = client.publish(mqtt5.PublishPacket(topic=topic, payload=body,
                                                     qos=mqtt5.QoS.AT_LEAST_ONCE))
-        assert floor is not None
-        future.add_done_callback(lambda _f, f=floor: f.acked_seq(seq))
+        future.add_done_callback(lambda _f: acked(seq))
 
-    def bind(f: Floor) -> None:
-        nonlocal floor
-        floor = f
-
-    return publish, bind
+    return publish
 
 
 async def serve(port: int, mqtt_port: int, outbox: Path, client: str, *,
                 use_asgi: bool, work: bool) -> None:
-    publish, bind = (_paho if client == "paho" else _crt)(mqtt_port)
-    floor = Floor(outbox, publish, _edge_work if work else _bare)
-    bind(floor)
+    connect = _paho if client == "paho" else _crt
+    floor = Floor(outbox, functools.partial(connect, mqtt_port),
+                  _edge_work if work else _bare)
     if use_asgi:
         import uvicorn
 
@@ -294,8 +296,7 @@ async def serve(port: int, mqtt_port: int, outbox: Path, client: str, *,
 
 
 def _counts(svc: Service) -> dict[str, int]:
-    with urllib.request.urlopen(svc.url + "/", timeout=5) as resp:
-        return dict(json.loads(resp.read()))
+    return dict(json.loads(http_get(svc.url + "/")))
 
 
 def _service(kind: str, base: Path, broker: Broker) -> Service:
@@ -316,20 +317,6 @@ def _service(kind: str, base: Path, broker: Broker) -> Service:
     return Service(f"floor-{kind}", argv, base, port=port, env=apps.child_env())
 
 
-def _threads_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds of each thread of ``pid``, by name (threads of one name summed)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    out: dict[str, float] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            name = (task / "comm").read_text().strip()
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # a thread that ended meanwhile
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
-    return out
-
-
 def _measure(kind: str, base: Path, broker: Broker, duration: float,
              profile: Path | None = None) -> tuple[float, float]:
     """(accepts a second, CPU µs an accept) of one server under wrk for ``duration``;
@@ -337,9 +324,9 @@ def _measure(kind: str, base: Path, broker: Broker, duration: float,
     with _service(kind, base, broker) as svc:
         spy = None if profile is None else record(svc.pid, base / "spy.txt",
                                                   duration=duration)
-        cpu0, threads0 = cpu_seconds(svc.pid), _threads_cpu(svc.pid)
+        cpu0, threads0 = cpu_seconds(svc.pid), thread_cpu_seconds(svc.pid)
         result = run_wrk(svc.port, BodyFactory(robots=1000), base, duration=duration)
-        cpu, threads = cpu_seconds(svc.pid) - cpu0, _threads_cpu(svc.pid)
+        cpu, threads = cpu_seconds(svc.pid) - cpu0, thread_cpu_seconds(svc.pid)
         by_thread = {name: (used - threads0.get(name, 0.0)) / result.ok * 1e6
                      for name, used in threads.items()}
         print(f"  {kind} by thread (µs an accept): " + ", ".join(
@@ -351,12 +338,9 @@ def _measure(kind: str, base: Path, broker: Broker, duration: float,
             (profile / f"profile-floor-{name}-top.txt").write_text(
                 report(base / "spy.txt", top=40).replace("spy.txt", f"floor {kind}") + "\n")
         if not kind.startswith(("fastapi", "edge")):  # each accepted body reached the broker
-            deadline = time.monotonic() + 60
-            while (counts := _counts(svc))["acked"] < counts["accepted"]:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{kind}: {counts} after 60 s")
-                time.sleep(0.1)  # polling the counts is the drain's only signal
-            if counts["accepted"] < result.ok:
+            wait_until(lambda: (c := _counts(svc))["acked"] >= c["accepted"], timeout=60,
+                       interval=0.1, what=f"{kind}: every accepted body acknowledged")
+            if (counts := _counts(svc))["accepted"] < result.ok:
                 raise RuntimeError(f"{kind}: wrk saw {result.ok} answers, {counts} accepted")
     return result.ok_per_second, cpu / result.ok * 1e6
 

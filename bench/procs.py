@@ -214,9 +214,29 @@ def venv_script(name: str) -> str:
     return str(candidate) if candidate.exists() else (shutil.which(name) or name)
 
 
-def _stat(pid: int) -> list[str]:
+def _stat(pid: int, task: str = "") -> list[str]:
+    """The fields after ``comm`` in ``/proc/<pid>[/task/<tid>]/stat``."""
     # comm may hold spaces or parentheses: split after the last ')'
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return Path(f"/proc/{pid}{task}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _cpu(fields: list[str]) -> float:
+    """User + system seconds from ``_stat``'s fields."""
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """User + system CPU of each thread of ``pid``, by its name (``comm``; threads of one
+    name summed: Python 3.11 names none of its own, a native library's may be)."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            used = _cpu(_stat(pid, f"/task/{task.name}"))
+        except OSError:
+            continue  # a thread that ended meanwhile
+        out[name] = out.get(name, 0.0) + used
+    return out
 
 
 def cpu_seconds(pid: int) -> float:
@@ -229,7 +249,6 @@ def cpu_seconds(pid: int) -> float:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry.name))
-    tick = os.sysconf("SC_CLK_TCK")
     total = 0.0
     todo = [pid]
     while todo:
@@ -238,6 +257,6 @@ def cpu_seconds(pid: int) -> float:
             fields = _stat(current)
         except OSError:
             continue
-        total += (int(fields[11]) + int(fields[12])) / tick
+        total += _cpu(fields)
         todo.extend(children.get(current, []))
     return total

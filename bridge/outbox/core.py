@@ -243,7 +243,7 @@ class Outbox:
         qos: int = 1,
         retain: bool = False,
         compact_key: str | None = None,
-        dedup_keys: Sequence[str | bytes] = (),
+        dedup_keys: Sequence[dedup.Key] = (),
         hold: bool = False,
         order: float = 0.0,
     ) -> PutResult:

@@ -8,6 +8,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from bridge.outbox.dedup import Key
+
 
 class PutResult(enum.Enum):
     """What happened to a put."""
@@ -45,7 +47,7 @@ class _Put:
     qos: int
     retain: bool
     compact_key: str | None
-    dedup_keys: tuple[str | bytes, ...]
+    dedup_keys: tuple[Key, ...]
     future: asyncio.Future[PutResult]
     hold: bool = False
     order: float = 0.0

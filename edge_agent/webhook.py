@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Receive, Scope
 
 from bridge import strictjson
 from bridge.envelope import Envelope
@@ -31,7 +31,7 @@ from bridge.errors import (
 )
 from bridge.http.error_boundary import error_response, internal_error_response, status_for
 from bridge.http.error_boundary import install as install_error_handlers
-from bridge.http.shortcut import ShortcutApp
+from bridge.http.shortcut import Answer, ShortcutApp
 from bridge.outbox import PutResult, body_key
 from bridge.pudu.answer import CALLBACK_REQUEST, accepted
 from bridge.pudu.normalize import DOCUMENTED_TYPES, Normalized, normalize
@@ -95,7 +95,8 @@ async def _read_body(receive: Receive, declared: bytes | None, limit: int) -> by
 
 
 class _Webhook:
-    """The webhook as a raw ASGI handler; ``accept`` is the part shared with the docs route.
+    """The webhook as a direct route (``answer``); ``accept`` is the part shared with the
+    docs route.
 
     On the ingest bench (py-spy) FastAPI's middleware stack, the router, Starlette's
     Request and JSONResponse were ~13% of all samples around a ~16% handler; answering
@@ -122,24 +123,17 @@ class _Webhook:
         self.gateway_clock = agent.gateway_clock  # this gateway's clock, checked
         self.clock = time.time                    # the gateway clock (tests set it)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def answer(self, scope: Scope, receive: Receive) -> Answer:
+        """The whole answer to one callback (a direct route, bridge.http.shortcut): the
+        200's body, an error in the one body shape, or None if the client went away."""
         try:
-            payload = await self.accept(scope, receive)
+            return await self.accept(scope, receive)
         except FleetError as exc:
             self.count_error(exc)
-            await error_response(exc)(scope, receive, send)
-            return
+            return error_response(exc)
         except Exception:  # a bug: logged, and still the one body shape
             log.exception("unexpected error in the webhook")
-            await internal_error_response()(scope, receive, send)
-            return
-        if payload is None:
-            return  # the client disconnected before sending its body
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-length", str(len(payload)).encode()),
-            (b"content-type", b"application/json"),
-        ]})
-        await send({"type": "http.response.body", "body": payload})
+            return internal_error_response()
 
     def remember(self, norm: Normalized, envelope: Envelope) -> None:
         """Tell the agent a robot's state: not for a shop-level callback (no sn), which
@@ -270,7 +264,7 @@ def create_app(agent: WebhookHost) -> FastAPI:
     app = ShortcutApp(title="Pudu edge agent", version=agent.version, docs_url=None,
                       redoc_url=None, openapi_url=None)
     app.state.webhook = _Webhook(agent)  # the docs route's too
-    app.raw_shortcut("POST", WEBHOOK_PATH, app.state.webhook)
+    app.direct("POST", WEBHOOK_PATH, app.state.webhook.answer)
     app.state.agent = agent
     install_error_handlers(app)
     app.include_router(router)

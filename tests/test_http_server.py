@@ -2,6 +2,8 @@
 
 The project's own server module (bridge/http/server.py) in this process, on a free
 loopback port, with short limits; raw sockets, so every byte the client sends is ours.
+Each limit is tried on an ASGI app and on the same routes answered directly by the
+server (``direct_routes``, the edge webhook's way), which must honour it just the same.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 
+from bridge.errors import AuthError, OutboxFullError
 from bridge.http.body import read_body
 from bridge.http.error_boundary import install
 from bridge.http.server import ConnectionGate, NodelayStats, make_server
+from bridge.http.shortcut import ShortcutApp
 from bridge.service.settings_loader import HttpLimits
 from tests.support.waiting import eventually_async
 
@@ -38,7 +43,7 @@ class Seen:
     disconnects: int = 0
 
 
-def make_app(seen: Seen) -> Callable[..., Any]:
+def make_app(seen: Seen, direct: bool = False) -> Callable[..., Any]:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         assert scope["type"] == "http"
         if scope["path"] == "/early":  # answered before the body is read (like a 401)
@@ -59,7 +64,31 @@ def make_app(seen: Seen) -> Callable[..., Any]:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-length", b"2")]})
         await send({"type": "http.response.body", "body": b"ok"})
+
+    if not direct:
+        return app
+
+    async def route(scope: Any, receive: Any) -> Response | None:
+        """The same answers as ``app``, as a direct route (bridge.http.shortcut)."""
+        status: list[int] = []
+        body: list[bytes] = []
+
+        async def answered(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            else:
+                body.append(message["body"])
+        await app(scope, receive, answered)
+        return Response(b"".join(body), status[0]) if status else None
+
+    app.direct_routes = {("POST", "/hook"): route, ("POST", "/early"): route}  # type: ignore[attr-defined]
     return app
+
+
+@pytest.fixture(params=["asgi", "direct"])
+def served(request: pytest.FixtureRequest) -> bool:
+    """Whether the listener's routes are answered directly (else through ASGI)."""
+    return bool(request.param == "direct")
 
 
 @dataclass
@@ -73,19 +102,23 @@ class Listener:
 
 
 @contextlib.asynccontextmanager
-async def listening(**limits: Any) -> AsyncIterator[Listener]:
+async def listening(direct: bool = False, **limits: Any) -> AsyncIterator[Listener]:
     seen = Seen([])
-    server = make_server(make_app(seen), "127.0.0.1", 0, NodelayStats(), HttpLimits(**limits))
+    server = make_server(make_app(seen, direct), "127.0.0.1", 0, NodelayStats(),
+                         HttpLimits(**limits))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
     task = asyncio.create_task(server.serve(sockets=[sock]), name="listener")
+    gate: ConnectionGate = server.gate  # type: ignore[attr-defined]
     try:
-        yield Listener(sock.getsockname()[1], server.gate, seen)  # type: ignore[attr-defined]
+        yield Listener(sock.getsockname()[1], gate, seen)
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 10)
         sock.close()
+    # every test sends a request to a route: it went the way asked
+    assert (gate.direct > 0) is direct, gate
 
 
 async def response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
@@ -106,10 +139,10 @@ async def closed_after(reader: asyncio.StreamReader, started: float, limit: floa
 
 
 async def test_websocket_upgrades_are_refused_and_free_their_slot(
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, served: bool) -> None:
     """Each upgrade used to take a slot of the cap for good: past it, every request 503."""
     caplog.set_level(logging.INFO)
-    async with listening(max_connections=3) as listener:
+    async with listening(served, max_connections=3) as listener:
         for _ in range(10):
             reader, writer = await listener.connect()
             writer.write(UPGRADE)
@@ -128,10 +161,11 @@ async def test_websocket_upgrades_are_refused_and_free_their_slot(
                 and r.levelno >= logging.WARNING], "a refused upgrade is logged per request"
 
 
-async def test_crlf_between_requests_does_not_hold_a_connection() -> None:
+async def test_crlf_between_requests_does_not_hold_a_connection(served: bool) -> None:
     """httptools skips bare CRLFs (no message begins) and any byte cancels uvicorn's
     keep-alive timer: only the header timer, armed on every byte between requests, ends it."""
-    async with listening(header_timeout_seconds=0.5, keepalive_timeout_seconds=0.5) as listener:
+    async with listening(served, header_timeout_seconds=0.5,
+                         keepalive_timeout_seconds=0.5) as listener:
         reader, writer = await listener.connect()
         writer.write(POST)
         assert (await response(reader))[0] == 200
@@ -153,8 +187,8 @@ async def test_crlf_between_requests_does_not_hold_a_connection() -> None:
         await eventually_async(lambda: listener.gate.open == 0, within=5, what="connections closed")
 
 
-async def test_a_body_sent_a_byte_at_a_time_is_answered_408() -> None:
-    async with listening(body_timeout_seconds=1.0) as listener:
+async def test_a_body_sent_a_byte_at_a_time_is_answered_408(served: bool) -> None:
+    async with listening(served, body_timeout_seconds=1.0) as listener:
         reader, writer = await listener.connect()
         writer.write(b"POST /hook HTTP/1.1\r\nHost: gw\r\nContent-Length: 100000\r\n\r\n")
         started = time.monotonic()
@@ -185,10 +219,11 @@ async def test_a_body_sent_a_byte_at_a_time_is_answered_408() -> None:
         assert listener.seen.bodies == []
 
 
-async def test_a_body_in_time_is_answered_and_the_timer_does_not_outlive_it() -> None:
+async def test_a_body_in_time_is_answered_and_the_timer_does_not_outlive_it(served: bool) -> None:
     """Body timer from headers to the body's end only: a kept-alive connection is not
     cut later by it, and the idle limit still applies after the answer."""
-    async with listening(body_timeout_seconds=0.3, keepalive_timeout_seconds=1.0) as listener:
+    async with listening(served, body_timeout_seconds=0.3,
+                         keepalive_timeout_seconds=1.0) as listener:
         reader, writer = await listener.connect()
         writer.write(b"POST /hook HTTP/1.1\r\nHost: gw\r\nContent-Length: 4\r\n\r\nab")
         await asyncio.sleep(0.1)  # the client's pace: half the body, then the rest
@@ -203,10 +238,11 @@ async def test_a_body_in_time_is_answered_and_the_timer_does_not_outlive_it() ->
 
 
 
-async def test_answered_before_its_body_then_idle_is_closed() -> None:
+async def test_answered_before_its_body_then_idle_is_closed(served: bool) -> None:
     """The body's bytes after an early answer cancel uvicorn's keep-alive timer: the next
     request's headers are timed from the body's end instead."""
-    async with listening(header_timeout_seconds=0.5, body_timeout_seconds=30) as listener:
+    async with listening(served, header_timeout_seconds=0.5,
+                         body_timeout_seconds=30) as listener:
         reader, writer = await listener.connect()
         writer.write(b"POST /early HTTP/1.1\r\nHost: gw\r\nContent-Length: 4\r\n\r\nab")
         assert (await response(reader))[0] == 401
@@ -249,3 +285,134 @@ async def test_an_app_cut_off_by_the_body_timeout_logs_no_error(
         sock.close()
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [], [r.getMessage() for r in errors]
+
+
+def _shortcut_app() -> ShortcutApp:
+    """A direct route answering bytes, and a shortcut answering Responses and errors."""
+    app = ShortcutApp()
+    install(app)
+
+    async def plain(scope: Any, receive: Any) -> bytes | None:
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                return b'{"got":%d}' % len(body)
+
+    async def shortcut(request: Request) -> Response:
+        what = request.headers.get("x-what")
+        if what == "auth":
+            raise AuthError("missing or invalid key", bearer=True)
+        if what == "full":
+            raise OutboxFullError(10, 10)
+        if what == "bug":
+            raise RuntimeError("a bug")
+        client = request.client.host if request.client else None
+        return JSONResponse({"client": client, "scheme": request.url.scheme,
+                             "host": request.headers.get("host")})
+
+    app.direct("POST", "/plain", plain)
+    app.shortcut("POST", "/shortcut", shortcut)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Any) -> AsyncIterator[tuple[int, ConnectionGate]]:
+    server = make_server(app, "127.0.0.1", 0, NodelayStats(), HttpLimits())
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    task = asyncio.create_task(server.serve(sockets=[sock]), name="shortcut-listener")
+    try:
+        yield sock.getsockname()[1], server.gate  # type: ignore[attr-defined]
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+        sock.close()
+
+
+def _post(path: str, body: bytes = b"{}", **headers: str) -> bytes:
+    extra = b"".join(b"%s: %s\r\n" % (k.replace("_", "-").encode(), v.encode())
+                     for k, v in headers.items())
+    return (b"POST %s HTTP/1.1\r\nHost: gw\r\n%sContent-Length: %d\r\n\r\n%s"
+            % (path.encode(), extra, len(body), body))
+
+
+PIPELINED = [
+    _post("/plain", b'{"a": 1}'),
+    _post("/shortcut", X_What="auth"),
+    _post("/shortcut", X_What="full"),
+    _post("/shortcut", X_What="bug"),
+    _post("/shortcut", X_Forwarded_For="10.1.2.3", X_Forwarded_Proto="https",
+          X_Forwarded_Host="fleet.example.com"),
+    b"GET /docs-only HTTP/1.1\r\nHost: gw\r\n\r\n",  # not a shortcut: FastAPI's 404
+]
+
+
+async def _answers(port: int) -> list[tuple[int, dict[str, str], Any]]:
+    """The answers to PIPELINED, sent in one write, read in order."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"".join(PIPELINED))
+    answers = []
+    for _ in PIPELINED:
+        status, headers, body = await response(reader)
+        answers.append((status, headers, json.loads(body)))
+    writer.close()
+    for _, _, body in answers:
+        if "timestamp" in body:
+            body["timestamp"] = 0
+    return answers
+
+
+async def test_direct_routes_answer_as_the_asgi_app_would(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The same app served with its shortcuts answered by the server itself, and through
+    ASGI (a wrapper hides ``direct_routes``): the same statuses, headers (framing refused,
+    Retry-After, WWW-Authenticate), bodies and X-Forwarded-* handling, in order for
+    pipelined requests."""
+    app = _shortcut_app()
+
+    async def through_asgi(scope: Any, receive: Any, send: Any) -> None:
+        await app(scope, receive, send)
+
+    async with serving(app) as (port, gate):
+        direct = await _answers(port)
+        assert gate.direct == len(PIPELINED) - 1
+    async with serving(through_asgi) as (port, gate):
+        asgi = await _answers(port)
+        assert gate.direct == 0
+    assert direct == asgi
+    statuses = [status for status, _, _ in direct]
+    assert statuses == [200, 401, 503, 500, 200, 404]
+    assert direct[0][2] == {"got": 8}
+    assert direct[0][1]["content-type"] == "application/json"
+    assert all(headers.get("x-frame-options") == "deny" for _, headers, _ in direct)
+    assert direct[1][1]["www-authenticate"] == "bearer"  # response() lowers the case
+    assert direct[2][1]["retry-after"].isdigit()
+    assert direct[3][2]["message"] == "internal error" and "a bug" in caplog.text
+    assert direct[4][2] == {"client": "10.1.2.3", "scheme": "https",
+                            "host": "fleet.example.com"}
+
+
+async def test_a_direct_route_honours_http_1_0_and_expect_continue() -> None:
+    async with serving(_shortcut_app()) as (port, gate):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /plain HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}")
+        status, headers, body = await response(reader)
+        assert (status, headers["connection"], body) == (200, "close", b'{"got":2}')
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed after it
+        writer.close()
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /plain HTTP/1.1\r\nHost: gw\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: 3\r\n\r\n")
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert interim.startswith(b"HTTP/1.1 100 ")
+        writer.write(b"abc")
+        status, headers, body = await response(reader)
+        assert (status, body) == (200, b'{"got":3}') and "connection" not in headers
+        writer.close()
+        assert gate.direct == 2

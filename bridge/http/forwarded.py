@@ -31,7 +31,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from bridge.errors import ConfigError
 from bridge.service.settings_loader import split_list
 
-__all__ = ["DEFAULT_TRUSTED", "ENV", "ForwardedHeaders", "TrustedProxies"]
+__all__ = ["DEFAULT_TRUSTED", "ENV", "ForwardedHeaders", "TrustedProxies", "unframeable"]
 
 #: The setting's name, as uvicorn spells it.
 ENV = "FORWARDED_ALLOW_IPS"
@@ -84,31 +84,46 @@ def _among(networks: tuple[_Network, ...], host: str) -> bool:
     return any(address in network for network in networks)
 
 
+def unframeable(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``headers`` with the refusal to be framed added, where the answer does not set its own."""
+    names = {name.lower() for name, _ in headers}
+    headers = headers + [h for h in _FRAME_HEADERS if h[0] not in names]
+    if b"content-security-policy" not in names:
+        headers.append(_NO_FRAMING)
+    return headers
+
+
+async def _applied(scope: Any, receive: Any, send: Any) -> None:
+    """The app behind uvicorn's middleware in ``rewrite``: the scope is all it wanted."""
+
+
 class ForwardedHeaders:
     """ASGI middleware: trusted ``X-Forwarded-*`` applied, framing refused on every answer."""
 
     def __init__(self, app: Any, trusted: TrustedProxies) -> None:
+        self.app = app
         self.trusted = trusted
         # uvicorn's own handling of -Proto and -For, with the same list of peers.
-        self.app: Any = ProxyHeadersMiddleware(app, trusted_hosts="*" if trusted.everyone
-                                               else [str(n) for n in trusted.networks])
+        self._proxy = ProxyHeadersMiddleware(_applied, trusted_hosts="*" if trusted.everyone
+                                             else [str(n) for n in trusted.networks])
+
+    async def rewrite(self, scope: MutableMapping[str, Any]) -> None:
+        """Apply a trusted peer's ``X-Forwarded-*`` to an HTTP ``scope`` (what a route
+        answered by the server itself, bridge.http.server, gets instead of this middleware)."""
+        client = scope.get("client")
+        if client and client[0] in self.trusted:
+            self._public_host(scope)
+        await self._proxy(scope, None, None)  # type: ignore[arg-type]
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        client = scope.get("client")
-        if client and client[0] in self.trusted:
-            self._public_host(scope)
+        await self.rewrite(scope)
 
         async def framed(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                names = {name.lower() for name, _ in headers}
-                headers += [h for h in _FRAME_HEADERS if h[0] not in names]
-                if b"content-security-policy" not in names:
-                    headers.append(_NO_FRAMING)
-                message = {**message, "headers": headers}
+                message = {**message, "headers": unframeable(list(message.get("headers", [])))}
             await send(message)
 
         await self.app(scope, receive, framed)

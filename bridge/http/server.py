@@ -21,6 +21,13 @@ upgraded connection to another protocol object, whose close this one would never
 
 ``X-Forwarded-*`` is believed only from ``FORWARDED_ALLOW_IPS`` (bridge.http.forwarded), and
 every answer refuses to be framed.
+
+An app's direct routes (``ShortcutApp.direct_routes``: the edge webhook, the cloud's
+ingest) are answered by the protocol itself: the route gets the scope, with trusted
+``X-Forwarded-*`` applied, and uvicorn's ``receive``, and its whole answer goes out in
+one write, without ASGI's messages, uvicorn's send or the middleware; everything else
+about the request (parsing, limits, keep-alive, pipelining, a graceful stop) is
+uvicorn's and this module's as for any route.
 """
 
 from __future__ import annotations
@@ -34,13 +41,20 @@ import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from starlette.responses import Response
+from starlette.types import Receive, Scope
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
-from bridge.http.error_boundary import RETRY_AFTER_SECONDS, error_body
-from bridge.http.forwarded import ForwardedHeaders, TrustedProxies
+from bridge.http.error_boundary import RETRY_AFTER_SECONDS, error_body, internal_error_response
+from bridge.http.forwarded import ForwardedHeaders, TrustedProxies, unframeable
+from bridge.http.shortcut import Answer, Direct
 from bridge.service.settings_loader import HttpLimits
 
 log = logging.getLogger(__name__)
@@ -90,6 +104,8 @@ class ConnectionGate:
     header_timeouts: int = 0
     body_timeouts: int = 0
     upgrades_refused: int = 0
+    #: requests answered by a direct route without ASGI
+    direct: int = 0
 
     def busy_response(self) -> bytes:
         return error_response(503, "too many open connections; retry later",
@@ -104,7 +120,9 @@ class ConnectionGate:
 UPGRADE_REFUSED = error_response(400, "WebSocket is not served here")
 
 
-def _nodelay_protocol(stats: NodelayStats, gate: ConnectionGate) -> type[asyncio.Protocol]:
+def _nodelay_protocol(stats: NodelayStats, gate: ConnectionGate,
+                      direct: dict[tuple[str, str], Direct],
+                      forwarded: ForwardedHeaders) -> type[asyncio.Protocol]:
     class NodelayHttpProtocol(HttpToolsProtocol):
         _timer: asyncio.TimerHandle | None = None  # header, body or linger deadline
         _counted = False  # in gate.open
@@ -195,6 +213,21 @@ def _nodelay_protocol(stats: NodelayStats, gate: ConnectionGate) -> type[asyncio
                 # keep-alive timer, so the next request's headers are timed from here.
                 self._arm(gate.limits.header_timeout_seconds, self._headers_too_slow)
 
+        # -- direct routes ----------------------------------------------------------------
+        def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+            """uvicorn starts each request here (pipelined ones when their turn comes):
+            a direct route's runs without the app; ``app`` is another one while uvicorn
+            turns a request away (``limit_concurrency``)."""
+            scope = cycle.scope
+            route = direct.get((scope["method"], scope["path"])) if app is self.app else None
+            if route is None:
+                super()._start_asgi_task(cycle, app)
+                return
+            gate.direct += 1
+            task = self.loop.create_task(_answer_directly(cycle, route, forwarded))
+            task.add_done_callback(self.tasks.discard)
+            self.tasks.add(task)
+
         def handle_websocket_upgrade(self) -> None:
             """Refuse instead of switching protocols (the switch would leak our count)."""
             gate.upgrades_refused += 1
@@ -226,6 +259,65 @@ def _nodelay_protocol(stats: NodelayStats, gate: ConnectionGate) -> type[asyncio
                     log.warning("could not disable Nagle on %s: %s", sock, exc)
 
     return NodelayHttpProtocol
+
+
+_JSON_200 = (STATUS_LINE[200] + b"content-type: application/json\r\n"
+             + b"".join(name + b": " + value + b"\r\n" for name, value in unframeable([]))
+             + b"content-length: %d\r\n")
+
+
+def _no_response() -> None:
+    """What a finished cycle calls back (uvicorn's run_asgi leaves the same)."""
+
+
+async def _answer_directly(cycle: RequestResponseCycle, route: Direct,
+                           forwarded: ForwardedHeaders) -> None:
+    """One request to a direct route, from scope to the last byte of its answer: what
+    uvicorn's ``run_asgi`` and ``send`` do for an app, in one write."""
+    scope = cast(Scope, cycle.scope)  # uvicorn's TypedDict, Starlette's mapping
+    try:
+        await forwarded.rewrite(scope)
+        answer: Answer = await route(scope, cast(Receive, cycle.receive))
+    except Exception:  # a route makes its own error answers: this is a bug
+        log.exception("unexpected error in %s %s", scope["method"], scope["path"])
+        answer = internal_error_response()
+    try:
+        if answer is None:
+            return  # the client went away (or the body timer answered it)
+        if cycle.flow.write_paused and not cycle.disconnected:
+            await cycle.flow.drain()
+        if cycle.disconnected:
+            return
+        cycle.response_started = True
+        cycle.waiting_for_100_continue = False
+        cycle.transport.write(_wire(answer, cycle))
+        cycle.response_complete = True
+        cycle.message_event.set()
+        if not cycle.keep_alive:
+            cycle.transport.close()
+        cycle.on_response()
+        if isinstance(answer, Response) and answer.background is not None:
+            await answer.background()
+    finally:
+        cycle.on_response = _no_response
+
+
+def _wire(answer: Response | bytes, cycle: RequestResponseCycle) -> bytes:
+    """The answer's bytes: status line, headers (framing refused; ``connection: close``
+    when the connection ends with it), body."""
+    if isinstance(answer, bytes):
+        head, body = _JSON_200 % len(answer), answer
+    else:
+        headers = cycle.default_headers + unframeable(answer.raw_headers)
+        for name, value in headers:
+            if name.lower() == b"connection" and b"close" in value.lower():
+                cycle.keep_alive = False
+        head = STATUS_LINE[answer.status_code] + b"".join(
+            name + b": " + value + b"\r\n" for name, value in headers)
+        body = bytes(answer.body)  # the same object when it is bytes
+    if not cycle.keep_alive:
+        head += b"connection: close\r\n"
+    return b"".join((head, b"\r\n", body))
 
 
 class _Server(uvicorn.Server):
@@ -263,9 +355,12 @@ def make_server(app: Any, host: str, port: int, stats: NodelayStats,
     gate = ConnectionGate(limits or HttpLimits())
     if trusted is None:
         trusted = TrustedProxies.from_environ(os.environ)
+    forwarded = ForwardedHeaders(app, trusted)
+    direct = getattr(app, "direct_routes", {})
     config = uvicorn.Config(
-        ForwardedHeaders(app, trusted), host=host, port=port,
-        http=_nodelay_protocol(stats, gate), access_log=False, proxy_headers=False,
+        forwarded, host=host, port=port,
+        http=_nodelay_protocol(stats, gate, direct, forwarded), access_log=False,
+        proxy_headers=False,
         log_config=None, lifespan="off", server_header=False, date_header=False,
         # uvicorn hands it straight to call_later: a float is fine despite the int hint.
         timeout_keep_alive=gate.limits.keepalive_timeout_seconds,  # type: ignore[arg-type]

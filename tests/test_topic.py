@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bridge.errors import TopicError
-from bridge.topic import Topic, TopicFilter, TopicScheme, all_devices_filter, parse_device_topic
+from bridge.topic import (
+    Topic,
+    TopicFilter,
+    TopicScheme,
+    _build_device_topic,
+    all_devices_filter,
+    parse_device_topic,
+)
+from bridge.transport.base import _refusal, refused_topic
 
 
 @pytest.mark.parametrize(
@@ -59,3 +71,29 @@ def test_scheme_builds_and_parses_device_topics() -> None:
     for wild in ("org/a+b/device/gw/telemetry", "org/a/device/#/status", "org/a/device/b/c/+"):
         with pytest.raises(TopicError):  # a name no TopicScheme builds
             parse_device_topic(wild)
+
+
+_SEGMENT = st.text(alphabet=st.sampled_from("ab/+#\x00\ufffe é\ud800"), max_size=6) | st.text(
+    max_size=300)
+
+
+def _outcome(build: Callable[[], object]) -> object:
+    try:
+        return str(build())
+    except TopicError as exc:
+        return ("refused", exc.reason)
+
+
+@settings(max_examples=300, deadline=None)
+@given(device=_SEGMENT, channel=_SEGMENT)
+def test_remembered_topics_and_refusals_are_what_a_fresh_check_says(
+        device: str, channel: str) -> None:
+    """Device topics and publish refusals are remembered (bounded); asked twice, each
+    answer is the one a fresh build or check gives, refusals included."""
+    scheme = TopicScheme("acme", prefix="prod")
+    fresh = _outcome(lambda: _build_device_topic(scheme.prefix, "acme", device, channel))
+    for _ in range(2):
+        assert _outcome(lambda: scheme.device(device, channel)) == fresh
+        topic = f"prod/org/acme/device/{device}/{channel}"
+        refused = refused_topic(topic)
+        assert (refused and refused.reason) == _refusal(topic)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from types import TracebackType
 from typing import Literal
 
 from bridge.errors import PublishRefusedError, TopicError
-from bridge.topic import Topic
+from bridge.topic import REMEMBERED_CHARS, Topic
 from bridge.transport.settings import MqttSettings, TlsFiles, Will
 
 #: MQTT 5 reason code "Topic Name invalid" (a permanent refusal).
@@ -30,11 +31,22 @@ def refused_topic(topic: str) -> PublishRefusedError | None:
     holding up everything queued behind it. Refused here it is permanent, and the
     outbox sets it aside.
     """
+    check = _remembered_refusal if len(topic) <= 2 * REMEMBERED_CHARS else _refusal
+    reason = check(topic)
+    return None if reason is None else PublishRefusedError(reason, TOPIC_NAME_INVALID)
+
+
+def _refusal(topic: str) -> str | None:
     try:
         Topic(topic)
     except TopicError as exc:
-        return PublishRefusedError(exc.reason, TOPIC_NAME_INVALID)
+        return exc.reason
     return None
+
+
+#: The same few hundred robots' topics are checked on every publish: the recent 8,192
+#: answers are remembered (bridge.topic bounds their size).
+_remembered_refusal = functools.lru_cache(maxsize=8192)(_refusal)
 
 
 def refused_future(loop: asyncio.AbstractEventLoop,

@@ -345,10 +345,11 @@ class PahoTransport(Transport):
             self._woken = False  # before draining: a publish queued from now on wakes us
         # Only after CONNACK, as paho does with what it queued while disconnected: the
         # SUBSCRIBEs sent on connect go first. Corked, a burst of packets leaves in a
-        # few segments: a send each cost us and the broker a segment each.
-        burst = bool(self._outgoing) and client.is_connected()
-        with _corked(sock) if burst else contextlib.nullcontext():
-            if burst:
+        # few segments: a send each cost us and the broker a segment each. One publish
+        # alone is one segment anyway: corking it would only add two system calls.
+        queued = len(self._outgoing) if client.is_connected() else 0
+        with _corked(sock) if queued > 1 else contextlib.nullcontext():
+            if queued:
                 self._send_outgoing()
             if client.want_write():
                 rc = client.loop_write()

@@ -343,7 +343,9 @@ class CallbackServer:
             "database_error": self.writer.last_error or None,
             "pending": self.writer.pending,
             "unacked": self.consumer.unacked,
-            "oldest_unacked_seconds": round(self.consumer.oldest_unacked_seconds(), 3),
+            # rounded up: a wait just past STALL_SECONDS never reads as the bound itself
+            "oldest_unacked_seconds": math.ceil(self.consumer.oldest_unacked_seconds() * 1000)
+            / 1000,
             "clock_skewed": self.writer.skewed,
             "robot_clock_resets": self.clock_resets(),
             "received": self.consumer.received,

@@ -287,8 +287,7 @@ class OutboxPublisher:
                 if self._retry_from is not None:
                     break
                 await self._take_slot()
-                if self._pacer.limited:
-                    await self.pace(entry.topic, entry.payload)
+                await self.pace(entry.topic, entry.payload)
                 self._send(entry.seq, entry.topic, entry.payload, entry.qos, entry.retain)
                 cursor = entry.seq
 
@@ -307,6 +306,8 @@ class OutboxPublisher:
         counted as throttled. AWS counts the PUBLISH packet, topic and header included.
         The agent's other publishes on this connection (the heartbeat) wait here too:
         AWS counts them against the same limits."""
+        if not self._pacer.limited:
+            return  # unpaced (the default off AWS): nothing to count or wait for
         size = len(payload) + len(topic.encode()) + PUBLISH_OVERHEAD
         while pause := self._pacer.delay(size):
             self.throttled_s += pause

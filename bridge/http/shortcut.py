@@ -71,7 +71,6 @@ class ShortcutApp(FastAPI):
         if scope["type"] == "http":
             route = self.direct_routes.get((scope["method"], scope["path"]))
             if route is not None:
-                scope["app"] = self
                 await send_answer(await route(scope, receive), scope, receive, send)
                 return
         await super().__call__(scope, receive, send)

@@ -18,6 +18,10 @@ _CHUNK = 256
 Key = str | bytes
 
 
+#: Robot times (epoch seconds) whose milliseconds fit a key's 8 bytes.
+_TS_LIMIT = 2**63 / 1000
+
+
 def body_key(raw: bytes, robot_ts: float | None) -> bytes:
     """A callback body's key: its robot time in milliseconds (0 without one), then 16
     bytes of its SHA-256; a retry, the same body, has the same key.
@@ -27,7 +31,9 @@ def body_key(raw: bytes, robot_ts: float | None) -> bytes:
     where keys arriving in about the order they sort share the last few (the edge's CPU
     per accept 203 -> 175 µs on the bench, docs/benchmarks.md). 128 bits of the hash
     keep two different bodies of one millisecond apart."""
-    millis = round(robot_ts * 1000) if robot_ts is not None and robot_ts > 0 else 0
+    # Past 8 bytes of milliseconds (or NaN, infinite): no time, as without one. The
+    # normaliser bounds robot times already; a key must not depend on that.
+    millis = round(robot_ts * 1000) if robot_ts is not None and 0 < robot_ts < _TS_LIMIT else 0
     return millis.to_bytes(8, "big") + hashlib.sha256(raw).digest()[:16]
 
 

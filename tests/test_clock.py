@@ -3,8 +3,12 @@ gateway clock the robots disagree with."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
+import bridge.clock
 from bridge.clock import FLOOR, GatewayClock, RobotClocks, ranks_newer
 
 NOW = 1_780_000_000.0
@@ -82,6 +86,30 @@ def test_the_gateway_clock_is_the_odd_one_out_only_when_most_robots_say_so() -> 
     assert not ok.wrong
     assert FLOOR < NOW
 
+
+def test_a_gateway_of_more_robots_than_it_remembers_estimates_once_a_second(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """1,001 robots through a memory of 1,000: each is new again when it next speaks.
+    An estimate reads every robot kept; it is still made at most once a second (it was
+    made on nearly every message), and still finds the gateway an hour behind."""
+    seconds = [0.0]
+    monkeypatch.setattr(bridge.clock, "time", SimpleNamespace(monotonic=lambda: seconds[0]))
+    made = [0]
+    estimate = GatewayClock._estimate
+
+    def counted(self: GatewayClock, now: float) -> float:
+        made[0] += 1
+        return estimate(self, now)
+
+    monkeypatch.setattr(GatewayClock, "_estimate", counted)
+    gw = GatewayClock(SKEW)
+    behind = NOW - 3600
+    for i in range(5 * 1001):  # five seconds of 1,001 messages, one per robot
+        seconds[0] = i / 1001
+        gw.observe(f"R{i % 1001}", NOW + i / 1001, behind + i / 1001)
+        gw.reference(behind + i / 1001)  # what each accepted callback asks
+    assert made[0] <= gw.quorum + 5
+    assert gw.wrong and abs(gw.offset - 3600) < 1
 
 def test_old_data_and_late_retries_do_not_make_the_gateway_clock_wrong() -> None:
     gw = GatewayClock(SKEW)

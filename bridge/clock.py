@@ -171,10 +171,10 @@ class GatewayClock:
 
     #: Seconds between two estimates. An estimate reads every robot's difference
     #: (~1,000): made on each message it was a quarter of the edge's CPU per accepted
-    #: callback. Only the first ``quorum`` robots are counted at once (three robots make
-    #: a verdict without waiting); a robot new among more waits like the rest, or a
-    #: gateway of more robots than ``capacity``, forgetting and meeting one again on
-    #: nearly every message, estimated on each (13 µs a message with 1,001).
+    #: callback. Only the first ``quorum`` robots are counted at once (three make a
+    #: verdict without waiting); a robot new among more waits like the rest. Counted at
+    #: once, the robots of a gateway of more than ``capacity`` (each forgotten and met
+    #: again on nearly every message) cost an estimate a message: 13 µs with 1,001.
     EVERY_SECONDS = 1.0
 
     def __init__(self, max_skew: float, *, quorum: int = 3, window: float = 3600.0,

@@ -111,6 +111,7 @@ def test_a_gateway_of_more_robots_than_it_remembers_estimates_once_a_second(
     assert made[0] <= gw.quorum + 5
     assert gw.wrong and abs(gw.offset - 3600) < 1
 
+
 def test_old_data_and_late_retries_do_not_make_the_gateway_clock_wrong() -> None:
     gw = GatewayClock(SKEW)
     # robots replaying data of a year ago, each its own time: scattered, not a clock

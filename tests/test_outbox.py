@@ -70,7 +70,6 @@ def test_body_keys_tell_bodies_apart_and_sort_by_robot_time(
         assert body_key(a, ts_a) < body_key(b, ts_b)
 
 
-
 @given(st.binary(max_size=64), st.one_of(st.none(), st.floats(), st.integers(-2**70, 2**70)))
 def test_a_body_key_is_made_for_any_robot_time(raw: bytes, ts: float | None) -> None:
     """A time the normaliser would never pass on (NaN, infinite, past 8 bytes of
@@ -79,6 +78,7 @@ def test_a_body_key_is_made_for_any_robot_time(raw: bytes, ts: float | None) -> 
     assert len(key) == 24 and key == body_key(raw, ts)
     if ts is None or not 0 < ts < 2**63 / 1000:
         assert key == body_key(raw, None)
+
 
 async def test_body_keys_and_text_keys_dedup_side_by_side(tmp_path: Path) -> None:
     path = tmp_path / "o.db"

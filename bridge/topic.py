@@ -184,18 +184,13 @@ class TopicScheme:
 
     def device(self, device_id: str, channel: str) -> Topic:
         """The topic for ``channel`` of ``device_id`` (``channel`` may hold a '/')."""
-        build = _device_topic if len(device_id) + len(channel) <= REMEMBERED_CHARS \
+        build = _device_topic if len(device_id) + len(channel) <= REMEMBERED_TOPIC_CHARS \
             else _build_device_topic
         return build(self.prefix, self.org_id, device_id, channel)
 
     def alerts(self) -> Topic:
         """The org-level topic alert transitions are published on (QoS 1, not retained)."""
         return Topic(f"{self.prefix}org/{self.org_id}/alerts")
-
-
-#: Topics up to this many characters are remembered once built or checked (8,192 of
-#: them, so at most a few MiB whatever a hostile sender names).
-REMEMBERED_CHARS = 256
 
 
 def _build_device_topic(prefix: str, org_id: str, device_id: str, channel: str) -> Topic:
@@ -237,9 +232,10 @@ class DeviceAddress:
     channel: str
 
 
-#: Topics no longer than this are remembered once parsed (a consumer sees the same few
-#: thousand devices' topics over and over: parsing was ~5 % of its CPU). Longer ones, and
-#: refused ones, are parsed each time: what a cache may hold stays bounded.
+#: Topics no longer than this are remembered once parsed, built or checked (a consumer
+#: sees the same few thousand devices' topics over and over: parsing was ~5 % of its
+#: CPU). Longer ones, and refused ones, are handled each time: what a cache may hold
+#: stays bounded (8,192 of them, a few MiB whatever a hostile sender names).
 REMEMBERED_TOPIC_CHARS = 256
 
 

@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import Literal
 
 from bridge.errors import PublishRefusedError, TopicError
-from bridge.topic import REMEMBERED_CHARS, Topic
+from bridge.topic import REMEMBERED_TOPIC_CHARS, Topic
 from bridge.transport.settings import MqttSettings, TlsFiles, Will
 
 #: MQTT 5 reason code "Topic Name invalid" (a permanent refusal).
@@ -31,7 +31,7 @@ def refused_topic(topic: str) -> PublishRefusedError | None:
     holding up everything queued behind it. Refused here it is permanent, and the
     outbox sets it aside.
     """
-    check = _remembered_refusal if len(topic) <= 2 * REMEMBERED_CHARS else _refusal
+    check = _remembered_refusal if len(topic) <= REMEMBERED_TOPIC_CHARS else _refusal
     reason = check(topic)
     return None if reason is None else PublishRefusedError(reason, TOPIC_NAME_INVALID)
 
@@ -45,7 +45,7 @@ def _refusal(topic: str) -> str | None:
 
 
 #: The same few hundred robots' topics are checked on every publish: the recent 8,192
-#: answers are remembered (bridge.topic bounds their size).
+#: answers for topics of at most REMEMBERED_TOPIC_CHARS are remembered.
 _remembered_refusal = functools.lru_cache(maxsize=8192)(_refusal)
 
 

@@ -102,21 +102,27 @@ class Listener:
 
 
 @contextlib.asynccontextmanager
-async def listening(direct: bool = False, **limits: Any) -> AsyncIterator[Listener]:
-    seen = Seen([])
-    server = make_server(make_app(seen, direct), "127.0.0.1", 0, NodelayStats(),
-                         HttpLimits(**limits))
+async def serving(app: Any, limits: HttpLimits | None = None,
+                  ) -> AsyncIterator[tuple[int, ConnectionGate]]:
+    """``app`` served by make_server on a free loopback port: the port and the gate."""
+    server = make_server(app, "127.0.0.1", 0, NodelayStats(), limits or HttpLimits())
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
     task = asyncio.create_task(server.serve(sockets=[sock]), name="listener")
-    gate: ConnectionGate = server.gate  # type: ignore[attr-defined]
     try:
-        yield Listener(sock.getsockname()[1], gate, seen)
+        yield sock.getsockname()[1], server.gate  # type: ignore[attr-defined]
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 10)
         sock.close()
+
+
+@contextlib.asynccontextmanager
+async def listening(direct: bool = False, **limits: Any) -> AsyncIterator[Listener]:
+    seen = Seen([])
+    async with serving(make_app(seen, direct), HttpLimits(**limits)) as (port, gate):
+        yield Listener(port, gate, seen)
     # every test sends a request to a route: it went the way asked
     assert (gate.direct > 0) is direct, gate
 
@@ -317,21 +323,6 @@ def _shortcut_app() -> ShortcutApp:
     app.direct("POST", "/plain", plain)
     app.shortcut("POST", "/shortcut", shortcut)
     return app
-
-
-@contextlib.asynccontextmanager
-async def serving(app: Any) -> AsyncIterator[tuple[int, ConnectionGate]]:
-    server = make_server(app, "127.0.0.1", 0, NodelayStats(), HttpLimits())
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(8)
-    task = asyncio.create_task(server.serve(sockets=[sock]), name="shortcut-listener")
-    try:
-        yield sock.getsockname()[1], server.gate  # type: ignore[attr-defined]
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
-        sock.close()
 
 
 def _post(path: str, body: bytes = b"{}", **headers: str) -> bytes:

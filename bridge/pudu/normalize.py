@@ -114,16 +114,20 @@ def _kind(value: Any) -> str:
 
 
 def _clean_keys(obj: dict[Any, Any]) -> dict[Any, Any]:
-    """``{"sn:": 1}`` -> ``{"sn": 1}`` (a stray colon in vendor examples); exact keys win."""
+    """``{"sn:": 1}`` -> ``{"sn": 1}`` (a stray colon in vendor examples); exact keys win.
+
+    ``obj`` itself when no key has one (nearly every body): the copy was ~1.4 µs of
+    each of a callback's two or three objects, and nothing here writes to it."""
+    for key in obj:
+        if isinstance(key, str) and key.endswith(":"):
+            break
+    else:
+        return obj
     out = {k: v for k, v in obj.items() if not (isinstance(k, str) and k.endswith(":"))}
     for key, value in obj.items():
         if isinstance(key, str) and key.endswith(":"):
             out.setdefault(key.rstrip(":"), value)
     return out
-
-
-def _blank(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and not value.strip())
 
 
 class _Reader:
@@ -145,7 +149,9 @@ class _Reader:
 
     def raw(self, key: str) -> Any:
         value = self._data.get(key)
-        return None if _blank(value) else value
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        return value
 
     def number(self, key: str) -> float | None:
         value = self.raw(key)

@@ -123,6 +123,27 @@ async def test_the_window_bounds_what_is_in_flight(tmp_path: Path) -> None:
         assert publisher.published == 50
 
 
+async def test_a_trickle_of_callbacks_costs_one_commit_each_not_two(tmp_path: Path) -> None:
+    """One callback at a time, each acknowledged before the next comes: its removal rides
+    with the next one's commit instead of a commit (an fsync) of its own, and the last is
+    written on its own within the outbox's remove_delay."""
+    async with make_rig(tmp_path) as rig:
+        transport = MemoryTransport(MqttSettings.from_url(rig.url, client_id="gw-trickle"))
+        publisher = OutboxPublisher(rig.outbox, transport)
+        async with transport, running(publisher):
+            before = rig.outbox.commits
+            for i in range(40):
+                await rig.outbox.put("org/o/device/R1/power", b"%d" % i)
+                await published(publisher, i + 1)
+                await asyncio.sleep(0.02)  # the trickle's spacing, not a wait for anything
+            assert rig.outbox.commits - before < 50  # 80 when each removal had its own
+            await asyncio.wait_for(drained(rig.outbox), 5)
+
+
+async def published(publisher: OutboxPublisher, n: int) -> None:
+    await eventually_async(lambda: publisher.published >= n, what=f"{n} acknowledged")
+
+
 async def test_refused_entries_are_set_aside_and_the_rest_goes_on(tmp_path: Path) -> None:
     async with make_rig(tmp_path) as rig:
         await fill(rig.outbox, 30)

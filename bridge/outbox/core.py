@@ -11,6 +11,12 @@ power state of one robot) are compacted to the newest; if that frees nothing the
 fails with OutboxFullError and the webhook answers 503 + Retry-After. Status changes
 and events are never dropped.
 
+Removals ride along: an acknowledged entry's removal waits (at most ``remove_delay``)
+for the next write, usually the next callback's put, instead of a transaction of its
+own: at a trickle, one callback after another, each cost two commits (two fsyncs of an
+SD card) where it costs one now. Losing a waiting removal (a crash) only causes a
+resend; ``sync``, a read that could see the entry, and closing write them first.
+
 Refused: an entry the broker refuses for good (MQTT 5 PUBACK "not authorised", bad
 topic, ...) is moved to a ``rejected`` table, so one poison message does not hold up
 everything behind it; ``requeue_rejected`` puts them back once the cause is fixed. That
@@ -86,6 +92,9 @@ from bridge.service.private_files import prepare_sqlite_file
 
 log = logging.getLogger(__name__)
 
+#: Seconds an acknowledged entry's removal waits for the next write to ride with.
+REMOVE_DELAY = 1.0
+
 
 class Outbox:
     """An async context manager over one SQLite file."""
@@ -100,6 +109,7 @@ class Outbox:
         max_rejected: int = 10_000,
         retry_seconds: float = 1.0,
         write_timeout: float = 5.0,
+        remove_delay: float = REMOVE_DELAY,
     ) -> None:
         self.path = Path(path)
         self.max_entries = max_entries
@@ -108,6 +118,7 @@ class Outbox:
         self.max_rejected = max_rejected
         self.retry_seconds = retry_seconds
         self.write_timeout = write_timeout
+        self.remove_delay = remove_delay
         #: Why the last write failed (disk full, I/O error); None while writes commit.
         self.unwritable: str | None = None
         self.write_failures = 0  # transactions that failed since start
@@ -134,6 +145,8 @@ class Outbox:
         self._tail = Tail()
         self._drain_order = priority.DrainOrder()
         self._ops: list[Any] = []  # queued in this loop tick, not yet handed to the writer
+        self._removals: list[int] = []  # acknowledged, waiting for the next write
+        self._removal_timer: asyncio.TimerHandle | None = None
         self._commits_seen = 0  # commits with new entries that reached the event loop
         self._lock_fd: int | None = None
         self._retry: list[Any] = []  # writer thread: ops without a future from a failed write
@@ -284,12 +297,19 @@ class Outbox:
         return await fut
 
     def remove(self, seqs: Iterable[int]) -> None:
-        """Drop acknowledged entries (not awaited: losing a removal only causes a resend)."""
+        """Drop acknowledged entries (not awaited: losing a removal only causes a resend),
+        with the next write or within ``remove_delay``."""
         batch = list(seqs)
-        if batch:
-            for seq in batch:
-                self._tail.discard(seq)
+        if not batch:
+            return
+        for seq in batch:
+            self._tail.discard(seq)
+        if self._loop is None:
             self._submit(_Remove(batch))
+            return
+        self._removals += batch
+        if self._removal_timer is None:
+            self._removal_timer = self._loop.call_later(self.remove_delay, self._flush)
 
     def reject(self, seq: int, reason: str) -> None:
         """Move an entry the broker refuses for good out of the way (kept, not dropped)."""
@@ -306,6 +326,8 @@ class Outbox:
         """The oldest entries with ``seq > after_seq``, in order."""
         if self._tail.covers(after_seq):
             return self._tail.peek(after_seq, limit)
+        if self._removals:  # else the read could return them, and they would go again
+            await self.sync()
         async with self._read_lock:
             seen = self._commits_seen
             rows = await asyncio.to_thread(self._read, after_seq, limit)
@@ -321,6 +343,8 @@ class Outbox:
         and events first, then history), each with whether it is history; see
         bridge/outbox/priority.py. Entries removed but not yet committed may show up
         again (``sync`` first to avoid it)."""
+        if self._removals:
+            await self.sync()
         async with self._read_lock:
             rows = await asyncio.to_thread(self._plan, limit)
         return [(OutboxEntry(r[0], r[1], bytes(r[2]), r[3], bool(r[4])), replay)
@@ -345,6 +369,12 @@ class Outbox:
         self._ops.append(op)
 
     def _flush(self) -> None:
+        if self._removal_timer is not None:
+            self._removal_timer.cancel()
+            self._removal_timer = None
+        if self._removals:  # first: they were asked for before anything of this tick
+            self._ops.insert(0, _Remove(self._removals))
+            self._removals = []
         if self._ops:
             ops, self._ops = self._ops, []
             if self._fatal is not None:  # nobody would ever answer them

@@ -323,13 +323,13 @@ class OutboxPublisher:
 
     async def _drain_round(self) -> bool:
         """Publish one round of a backlog in drain order; returns whether a backlog
-        remains. Each round starts with nothing in flight and the acked entries removed,
+        remains. Each round starts with nothing in flight and the acked entries removed
+        (or left out of the plan until their removal is written: on a full disk, later),
         so it never sends one twice, and is about a window long: fresh callbacks go out
         in the next round, within a second or two."""
         if not await within(self._idle.wait(), BEAT_SECONDS):
             return True
         self._flush_acks()
-        await self.outbox.sync()
         chunk = self.window * (10 if self.frame_topic else 1)
         if not self._pacer.limited:
             # Unpaced, a round of one window was stop-and-wait with the whole outbox

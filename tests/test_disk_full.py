@@ -22,6 +22,9 @@ import pytest
 
 from bridge.errors import OutboxUnwritableError
 from bridge.outbox import Outbox
+from bridge.transport import InboundMessage, MqttSettings
+from bridge.transport.memory import MemoryBroker, MemoryTransport
+from edge_agent.publisher import OutboxPublisher
 from tests.support.mqtt_probe import Probe, Seen
 from tests.support.procs import MosquittoProcess
 from tests.support.services import edge_agent
@@ -136,6 +139,8 @@ async def test_removals_made_while_the_disk_is_full_are_kept_and_applied_later(
         stored = outbox.depth
         acked = [e.seq for e in await outbox.peek(0, 40)]
         outbox.remove(acked)  # PUBACKs arriving while the disk is full
+        # Not written yet, and not handed out again meanwhile.
+        assert not set(acked) & {e.seq for e in await outbox.peek(0, 40)}
         await asyncio.to_thread(
             subprocess.run, ["mount", "-o", "remount,size=64m", str(small_fs)], check=True)
         await eventually_async(lambda: outbox.unwritable is None, within=5)
@@ -144,3 +149,34 @@ async def test_removals_made_while_the_disk_is_full_are_kept_and_applied_later(
         left = [e.seq for e in await outbox.peek(0, 10_000)]
     assert outbox.depth == stored - len(acked) + 1 == len(left)
     assert not set(acked) & set(left)
+
+
+async def test_a_backlog_drains_while_the_disk_is_full(small_fs: Path) -> None:
+    """A broker back after an outage that filled the disk: the backlog goes out, the
+    publisher does not fail on removals that cannot be written yet, and once space returns
+    they are, and nothing acknowledged is sent twice meanwhile."""
+    name = f"full-{uuid.uuid4().hex[:8]}"
+    MemoryBroker.named(name)
+    inbox: asyncio.Queue[InboundMessage] = asyncio.Queue()
+    watcher = MemoryTransport(MqttSettings.from_url(f"mqtt://{name}", client_id="watch"))
+    watcher.message_handler = inbox.put_nowait
+    async with Outbox(small_fs / "outbox.db", retry_seconds=0.1) as outbox, watcher:
+        await watcher.subscribe("t/#", qos=1)
+        with pytest.raises(OutboxUnwritableError):
+            for i in range(5000):
+                await outbox.put("t/a", b"x" * 3000 + str(i).encode())
+        stored = outbox.depth
+        transport = MemoryTransport(MqttSettings.from_url(f"mqtt://{name}", client_id="gw"))
+        publisher = OutboxPublisher(outbox, transport, window=20, backlog=10)
+        async with transport:
+            task = asyncio.create_task(publisher.run(), name="publisher")
+            got = [await asyncio.wait_for(inbox.get(), 10) for _ in range(stored)]
+            assert not task.done(), task
+            assert outbox.unwritable is not None  # nothing removed yet: the disk is full
+            await asyncio.to_thread(
+                subprocess.run, ["mount", "-o", "remount,size=64m", str(small_fs)], check=True)
+            await asyncio.wait_for(publisher.wait_drained(), 10)
+            assert not task.done(), task
+            task.cancel()
+    assert len({m.payload for m in got}) == stored
+    assert inbox.empty(), f"{inbox.qsize()} sent twice"

@@ -36,8 +36,8 @@ async def test_put_peek_remove_survives_reopen(tmp_path: Path) -> None:
 
 async def test_a_waiting_removal_is_never_read_back_and_is_written_by_close(
         tmp_path: Path) -> None:
-    """A removal waits for the next write (remove_delay), but a read from SQLite and a
-    close each write it first: an acknowledged entry is not handed out again."""
+    """A removal waits for the next write (remove_delay); meanwhile no read hands its
+    entry out again, and a close writes it."""
     path = tmp_path / "o.db"
     async with Outbox(path, remove_delay=3600) as box:
         for i in range(3):
@@ -47,10 +47,16 @@ async def test_a_waiting_removal_is_never_read_back_and_is_written_by_close(
         assert box.depth == 3  # waiting for a write to ride with
         # From the start again (a resend): older than the tail, so read from SQLite.
         assert [e.payload for e in await box.peek(0)] == [b"1", b"2"]
-        assert box.depth == 2
+        assert [e.payload for e, _ in await box.drain_plan(2)] == [b"1", b"2"]
         box.remove([second.seq])
-    async with Outbox(path) as box:  # the close wrote the second removal
-        assert [e.payload for e in await box.peek(0)] == [b"2"]
+        assert [e.payload for e in await box.peek(0, limit=1)] == [b"2"]
+        await box.put("t/3", b"3")  # the removals ride with it
+        assert box.depth == 2
+    async with Outbox(path) as box:
+        assert [e.payload for e in await box.peek(0)] == [b"2", b"3"]
+        box.remove([(await box.peek(0))[0].seq])
+    async with Outbox(path) as box:  # the close wrote that one
+        assert [e.payload for e in await box.peek(0)] == [b"3"]
 
 
 async def test_concurrent_puts_share_commits(tmp_path: Path) -> None:

@@ -15,7 +15,8 @@ Removals ride along: an acknowledged entry's removal waits (at most ``remove_del
 for the next write, usually the next callback's put, instead of a transaction of its
 own: at a trickle, one callback after another, each cost two commits (two fsyncs of an
 SD card) where it costs one now. Losing a waiting removal (a crash) only causes a
-resend; ``sync``, a read that could see the entry, and closing write them first.
+resend. Until its removal is written (later still while the disk is full) an entry is
+left out of every read, so it is not sent again; closing writes what waits.
 
 Refused: an entry the broker refuses for good (MQTT 5 PUBACK "not authorised", bad
 topic, ...) is moved to a ``rejected`` table, so one poison message does not hold up
@@ -147,6 +148,7 @@ class Outbox:
         self._ops: list[Any] = []  # queued in this loop tick, not yet handed to the writer
         self._removals: list[int] = []  # acknowledged, waiting for the next write
         self._removal_timer: asyncio.TimerHandle | None = None
+        self._unwritten: set[int] = set()  # removals asked for and not yet committed
         self._commits_seen = 0  # commits with new entries that reached the event loop
         self._lock_fd: int | None = None
         self._retry: list[Any] = []  # writer thread: ops without a future from a failed write
@@ -304,6 +306,7 @@ class Outbox:
             return
         for seq in batch:
             self._tail.discard(seq)
+        self._unwritten.update(batch)
         if self._loop is None:
             self._submit(_Remove(batch))
             return
@@ -326,29 +329,31 @@ class Outbox:
         """The oldest entries with ``seq > after_seq``, in order."""
         if self._tail.covers(after_seq):
             return self._tail.peek(after_seq, limit)
-        if self._removals:  # else the read could return them, and they would go again
-            await self.sync()
+        # As the read starts: a removal committed while it runs leaves the set, not the
+        # rows the read already has.
+        skip = set(self._unwritten)
+        fetch = limit + len(skip)  # enough left once those are left out
         async with self._read_lock:
             seen = self._commits_seen
-            rows = await asyncio.to_thread(self._read, after_seq, limit)
-        entries = [OutboxEntry(r[0], r[1], bytes(r[2]), r[3], bool(r[4])) for r in rows]
-        if len(entries) < limit and seen == self._commits_seen and self._tail.start is None:
+            rows = await asyncio.to_thread(self._read, after_seq, fetch)
+        entries = [OutboxEntry(r[0], r[1], bytes(r[2]), r[3], bool(r[4])) for r in rows
+                   if r[0] not in skip and r[0] not in self._unwritten][:limit]
+        if len(rows) < fetch and seen == self._commits_seen and self._tail.start is None:
             # This read saw every committed entry after after_seq, and no commit reached
             # the loop meanwhile, so each later one will: track from here.
-            self._tail.track_from(entries[-1].seq if entries else after_seq)
+            self._tail.track_from(rows[-1][0] if rows else after_seq)
         return entries
 
     async def drain_plan(self, limit: int = 500) -> list[tuple[OutboxEntry, bool]]:
         """While a backlog exists: up to ``limit`` entries in drain order (newest state
         and events first, then history), each with whether it is history; see
-        bridge/outbox/priority.py. Entries removed but not yet committed may show up
-        again (``sync`` first to avoid it)."""
-        if self._removals:
-            await self.sync()
+        bridge/outbox/priority.py. Entries removed and not yet written are left out."""
+        skip = set(self._unwritten)  # as in peek
         async with self._read_lock:
-            rows = await asyncio.to_thread(self._plan, limit)
+            rows = await asyncio.to_thread(self._plan, limit + len(skip))
         return [(OutboxEntry(r[0], r[1], bytes(r[2]), r[3], bool(r[4])), replay)
-                for r, replay in rows]
+                for r, replay in rows
+                if r[0] not in skip and r[0] not in self._unwritten][:limit]
 
     def _plan(self, limit: int) -> list[tuple[tuple[Any, ...], bool]]:
         with self._reader_guard:
@@ -476,11 +481,12 @@ class Outbox:
             err = OutboxError(f"outbox writer failed: {exc}")
             failed = [(op.future, err) for op in ops
                       if isinstance(op, (_Put, _Requeue, _Release)) and op.future is not None]
-            self._resolve(_Commit(failed, [], True))
+            self._resolve(_Commit(failed, [], True, []))
 
     def _apply(self, conn: sqlite3.Connection, ops: list[Any]) -> None:
         results: list[tuple[asyncio.Future[Any], Any]] = []
         added: list[OutboxEntry] = []
+        removed: list[int] = []
         reordered = False
         now = time.time()
         depth, held = self.depth, self.held
@@ -519,6 +525,7 @@ class Outbox:
                     continue
                 if isinstance(op, _Remove):
                     depth -= self._delete(conn, op.seqs)
+                    removed += op.seqs
                     continue
                 if isinstance(op, _Release):
                     moved, freed = self._release(conn, op.keys, now, depth, added)
@@ -541,7 +548,7 @@ class Outbox:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             results, depth, held = self._failed(conn, ops, exc)
-            added, reordered = [], True
+            added, removed, reordered = [], [], True
         else:
             if self.unwritable is not None:
                 log.warning("outbox %s writable again after %s; accepting",
@@ -559,7 +566,7 @@ class Outbox:
             log.debug("outbox bookkeeping read failed", exc_info=True)
         self.depth, self.held = depth, held
         self.commits += 1
-        self._resolve(_Commit(results, added, reordered))
+        self._resolve(_Commit(results, added, reordered, removed))
 
     def _failed(
         self, conn: sqlite3.Connection, ops: list[Any], exc: sqlite3.Error,
@@ -723,6 +730,8 @@ class Outbox:
 
     def _committed(self, commit: _Commit) -> None:
         """Event loop: extend (or drop) the tail first, then wake the waiting puts."""
+        if commit.removed:
+            self._unwritten.difference_update(commit.removed)
         if commit.added:
             self._commits_seen += 1
         if commit.reordered:

@@ -86,3 +86,4 @@ class _Commit:
     results: list[tuple[asyncio.Future[Any], Any]]
     added: list[OutboxEntry]
     reordered: bool  # compaction, rejection, requeue or rollback: the tail is stale
+    removed: list[int]  # seqs whose removal this transaction wrote

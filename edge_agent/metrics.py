@@ -68,6 +68,11 @@ class EdgeMetrics:
             "Free space on the outbox's filesystem (what SQLite may still grow into)",
             registry=self.registry,
         )
+        self.outbox_commits = Gauge(
+            "edge_outbox_commits_total",
+            "Outbox transactions committed since start, each an fsync of its disk",
+            registry=self.registry,
+        )
         self.outbox_writable = Gauge(
             "edge_outbox_writable",
             "0 while the outbox cannot write (disk full or failing): callbacks get 503",

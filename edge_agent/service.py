@@ -312,6 +312,7 @@ class EdgeAgent:
         if free is not None:
             self.metrics.outbox_free_bytes.set(free)
         self.metrics.outbox_writable.set(0 if self.outbox.unwritable else 1)
+        self.metrics.outbox_commits.set(self.outbox.commits)
         self.metrics.gateway_clock_offset.set(-self.gateway_clock.offset)
         self.metrics.outbox_oldest_age.set(self.outbox.oldest_age_s)
         drain = self.publisher.drain_estimate_s()

@@ -237,3 +237,26 @@ def test_lone_surrogate_in_a_field_is_accepted_not_a_500(edge: ServiceProcess) -
             b'"task_name": "\\ud800", "status": "BEGIN", "timestamp": 1700000000}}')
     r = httpx.post(edge.url + "/api/pudu/webhook", headers=CODE, content=body)
     assert r.status_code in (200, 422), r.text
+
+
+def test_callbacks_one_at_a_time_cost_one_disk_commit_each(tmp_path: Path) -> None:
+    """A gateway's usual load: a callback, its publish, its PUBACK, then the next. Each
+    costs one commit of the outbox (an fsync of the gateway's disk), not two: the removal
+    after the PUBACK rides with the next callback's commit (edge_outbox_commits_total)."""
+    org = f"o{uuid.uuid4().hex[:8]}"
+
+    def commits() -> float:
+        text = httpx.get(agent.admin_url + "/metrics", timeout=5).text
+        return float(next(line.split()[1] for line in text.splitlines()
+                          if line.startswith("edge_outbox_commits_total ")))
+
+    with edge_agent(tmp_path, BROKER, org=org) as agent:
+        published = agent.health()["published"]
+        before = commits()
+        for i in range(20):
+            body = {"callback_type": "notifyRobotPower",
+                    "data": {"sn": "R1", "power": 50 + i, "timestamp": 1700000000 + i}}
+            assert post(agent, body).status_code == 200
+            agent.wait_health_at_least("published", published + i + 1)
+        spent = commits() - before
+    assert spent < 30, f"{spent:g} commits for 20 callbacks (40 with a commit per removal)"

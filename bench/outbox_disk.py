@@ -58,9 +58,9 @@ async def measure(callbacks: int, size: int, spacing: float) -> tuple[float, flo
                 size0, commits0 = wal.stat().st_size, outbox.commits
                 for i in range(callbacks):
                     robot = f"R{i % 50}"
-                    await outbox.put(f"org/o/device/{robot}/power", os.urandom(size // 2).hex()
-                                     .encode(), compact_key=f"power:{robot}",
-                                     dedup_keys=[os.urandom(24)])
+                    payload = os.urandom(size // 2).hex().encode()  # incompressible text
+                    await outbox.put(f"org/o/device/{robot}/power", payload,
+                                     compact_key=f"power:{robot}", dedup_keys=[os.urandom(24)])
                     await delivered.get()  # the broker has it: its PUBACK is on its way
                     await asyncio.sleep(spacing)  # the trickle's spacing
                 await publisher.wait_drained()

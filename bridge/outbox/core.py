@@ -311,8 +311,9 @@ class Outbox:
             self._submit(_Remove(batch))
             return
         self._removals += batch
-        if self._removal_timer is None:
-            self._removal_timer = self._loop.call_later(self.remove_delay, self._flush)
+        if self._ops or self._removal_timer is not None:
+            return  # a flush is due this tick (it takes them), or the timer is armed
+        self._removal_timer = self._loop.call_later(self.remove_delay, self._flush)
 
     def reject(self, seq: int, reason: str) -> None:
         """Move an entry the broker refuses for good out of the way (kept, not dropped)."""
@@ -329,15 +330,14 @@ class Outbox:
         """The oldest entries with ``seq > after_seq``, in order."""
         if self._tail.covers(after_seq):
             return self._tail.peek(after_seq, limit)
-        # As the read starts: a removal committed while it runs leaves the set, not the
-        # rows the read already has.
         skip = set(self._unwritten)
         fetch = limit + len(skip)  # enough left once those are left out
         async with self._read_lock:
             seen = self._commits_seen
             rows = await asyncio.to_thread(self._read, after_seq, fetch)
+        gone = self._left_out(skip)
         entries = [OutboxEntry(r[0], r[1], bytes(r[2]), r[3], bool(r[4])) for r in rows
-                   if r[0] not in skip and r[0] not in self._unwritten][:limit]
+                   if r[0] not in gone][:limit]
         if len(rows) < fetch and seen == self._commits_seen and self._tail.start is None:
             # This read saw every committed entry after after_seq, and no commit reached
             # the loop meanwhile, so each later one will: track from here.
@@ -348,12 +348,18 @@ class Outbox:
         """While a backlog exists: up to ``limit`` entries in drain order (newest state
         and events first, then history), each with whether it is history; see
         bridge/outbox/priority.py. Entries removed and not yet written are left out."""
-        skip = set(self._unwritten)  # as in peek
+        skip = set(self._unwritten)
         async with self._read_lock:
             rows = await asyncio.to_thread(self._plan, limit + len(skip))
+        gone = self._left_out(skip)
         return [(OutboxEntry(r[0], r[1], bytes(r[2]), r[3], bool(r[4])), replay)
-                for r, replay in rows
-                if r[0] not in skip and r[0] not in self._unwritten][:limit]
+                for r, replay in rows if r[0] not in gone][:limit]
+
+    def _left_out(self, skip: set[int]) -> set[int]:
+        """What a read from SQLite must leave out: the removals not written as it started
+        (``skip``: one committed while it ran leaves ``_unwritten``, not the read's rows),
+        and those asked for since."""
+        return skip | self._unwritten if self._unwritten else skip
 
     def _plan(self, limit: int) -> list[tuple[tuple[Any, ...], bool]]:
         with self._reader_guard:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -14,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge.errors import OutboxFullError
-from bridge.outbox import Outbox, PutResult, body_key
+from bridge.outbox import SCHEMA, Outbox, PutResult, body_key, dedup
 
 
 async def test_put_peek_remove_survives_reopen(tmp_path: Path) -> None:
@@ -117,6 +118,60 @@ async def test_body_keys_and_text_keys_dedup_side_by_side(tmp_path: Path) -> Non
         assert await box.put("t", b"p", dedup_keys=["poll:1"]) is PutResult.DUPLICATE
         later = body_key(b'{"sn": "A"}', 1_700_000_001.5)  # another time: another body
         assert await box.put("t", b"a", dedup_keys=[later]) is PutResult.ACCEPTED
+
+
+TTL = 600.0  # seconds; the prunes below run every PRUNE_EVERY, as the writer's do
+PRUNE_EVERY = 60.0
+
+
+@given(st.lists(st.tuples(
+    st.sampled_from(["body", "no time", "text"]),
+    st.floats(min_value=-3 * TTL, max_value=3 * TTL),  # robot clock ahead (+) or behind
+    st.floats(min_value=0, max_value=5 * TTL)), min_size=1, max_size=20))
+def test_a_retry_key_is_kept_its_ttl_and_forgotten_within_twice_it(
+        keys: list[tuple[str, float, float]]) -> None:
+    """Any robot clock, ahead or behind, or none: a key is a duplicate for the TTL after
+    it was marked, and the table forgets it within twice the TTL and a minute (pruned
+    by ranges of keys, not by an index on the time marked)."""
+    start = 1_700_000_000.0
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn.executescript(SCHEMA)
+    marked: dict[dedup.Key, float] = {}
+    for i, (kind, ahead, after) in enumerate(keys):
+        at = start + after
+        key: dedup.Key = (f"poll:{i}" if kind == "text" else
+                          body_key(str(i).encode(), None if kind == "no time" else at + ahead))
+        marked[key] = at
+    now, waiting = start, dict(marked)
+    while now < start + 8 * TTL:
+        for key, at in list(waiting.items()):
+            if at <= now:  # marked since the last prune
+                dedup.mark(conn, [key], at)
+                del waiting[key]
+        dedup.prune(conn, now - TTL, now)
+        seen = dedup.seen_of(conn, marked)
+        for key, at in marked.items():
+            if at <= now < at + TTL:
+                assert key in seen, "forgotten within its TTL"
+            if now >= at + 2 * TTL + dedup.AHEAD_SECONDS + PRUNE_EVERY:
+                assert key not in seen, "kept past twice its TTL"
+        now += PRUNE_EVERY
+
+
+def test_the_seen_tables_index_is_gone_from_an_older_file(tmp_path: Path) -> None:
+    """A file made when ``seen`` had an index on ``at`` loses it (a page each commit)."""
+    path = tmp_path / "o.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(SCHEMA + "CREATE INDEX seen_at ON seen (at);")
+    asyncio.run(_open_and_close(path))
+    with sqlite3.connect(path) as conn:
+        names = {n for (n,) in conn.execute("SELECT name FROM sqlite_master")}
+    assert "seen_at" not in names and "seen" in names
+
+
+async def _open_and_close(path: Path) -> None:
+    async with Outbox(path):
+        pass
 
 
 async def test_dedup_survives_publish_and_restart(tmp_path: Path) -> None:

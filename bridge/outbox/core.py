@@ -549,7 +549,7 @@ class Outbox:
                 depth += moved
                 results.append((op.future, moved))
             if now - self._last_prune > 60:
-                dedup.prune(conn, now - self.dedup_ttl)
+                dedup.prune(conn, now - self.dedup_ttl, now)
                 self._last_prune = now
             conn.execute("COMMIT")
         except sqlite3.Error as exc:

@@ -28,7 +28,9 @@ CREATE TABLE IF NOT EXISTS seen (
     key TEXT PRIMARY KEY,
     at REAL NOT NULL
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS seen_at ON seen (at);
+-- seen was indexed by at until the index's page in every commit was found dearer than
+-- the ranges of keys dedup.prune reads instead: files made before lose it here.
+DROP INDEX IF EXISTS seen_at;
 CREATE TABLE IF NOT EXISTS held (
     compact_key TEXT PRIMARY KEY,
     topic TEXT NOT NULL,

@@ -14,8 +14,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.errors import OutboxFullError
+from bridge.errors import OutboxFullError, OutboxUnwritableError
 from bridge.outbox import SCHEMA, Outbox, PutResult, body_key, dedup
+from bridge.outbox import numbers as numbers_module
+from tests.support.waiting import eventually_async
 
 
 async def test_put_peek_remove_survives_reopen(tmp_path: Path) -> None:
@@ -221,6 +223,79 @@ async def test_rejected_entries_are_kept_bounded_and_requeued_in_order(tmp_path:
         assert (box.depth, box.rejected) == (4, 0)
         assert [e.payload for e in await box.peek(0)] == [b"3", b"4", b"1", b"2"]
 
+
+def _stored_mark(path: Path) -> int:
+    """The high-water mark the file keeps for entry numbers (``sqlite_sequence``)."""
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+        return int(conn.execute(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()[0])
+
+
+async def test_entry_numbers_only_grow_and_their_mark_is_not_rewritten_each_commit(
+        tmp_path: Path) -> None:
+    """The writer numbers entries under a leased ceiling, so the mark's row (a page of
+    its own) is not rewritten by every commit; numbers still never come back: not after
+    the outbox empties and reopens, nor after requeued rejects, nor after a write that
+    failed."""
+    path = tmp_path / "o.db"
+    numbers: list[int] = []
+
+    async def put_one(box: Outbox, payload: bytes) -> int:
+        await box.put("t", payload)
+        seq = max(e.seq for e in await box.peek(0))
+        numbers.append(seq)
+        return seq
+
+    async with Outbox(path) as box:
+        await put_one(box, b"0")
+        mark = _stored_mark(path)
+        for i in range(1, 30):  # each put its own commit
+            await put_one(box, b"%d" % i)
+        assert _stored_mark(path) == mark > numbers[-1]
+        box.remove(numbers)
+    async with Outbox(path) as box:  # emptied and reopened: numbering resumes above
+        assert await put_one(box, b"after restart") > mark
+        box.reject(numbers[-1], "Not authorized (0x87)")
+        assert await box.requeue_rejected() == 1
+        requeued = max(e.seq for e in await box.peek(0))
+        assert requeued > numbers[-1]
+        numbers.append(requeued)
+        await put_one(box, b"after requeue")
+    assert numbers == sorted(set(numbers))
+
+
+async def test_a_lease_rolled_back_with_a_failed_write_is_taken_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that fails after it leased numbers (the disk filling up) rolls the lease
+    back with its entries: the next write stores one again, and nothing is numbered
+    twice, then or after a restart."""
+    monkeypatch.setattr(numbers_module, "LEASE", 2)  # a lease in nearly every write
+    mark = dedup.mark
+    fail = [True]
+
+    def mark_once_failing(conn: sqlite3.Connection, keys: Any, now: float) -> None:
+        if keys and fail[0]:
+            fail[0] = False
+            raise sqlite3.OperationalError("database or disk is full")
+        mark(conn, keys, now)
+
+    monkeypatch.setattr(dedup, "mark", mark_once_failing)
+    path = tmp_path / "o.db"
+    async with Outbox(path, retry_seconds=0.05) as box:
+        for i in range(5):
+            await box.put("t", b"%d" % i)
+        with pytest.raises(OutboxUnwritableError):
+            await box.put("t", b"refused", dedup_keys=["k"])  # leased, then rolled back
+        await eventually_async(lambda: box.unwritable is None, within=5)
+        for i in range(5, 10):
+            await box.put("t", b"%d" % i, dedup_keys=[f"k{i}"])
+        assert _stored_mark(path) >= max(e.seq for e in await box.peek(0))
+    async with Outbox(path) as box:
+        await box.put("t", b"after restart")
+        entries = await box.peek(0)
+    assert [e.payload for e in entries] == [b"%d" % i for i in range(10)] + [b"after restart"]
+    seqs = [e.seq for e in entries]
+    assert seqs == sorted(set(seqs))
 
 async def _stored(box: Outbox, after: int) -> list[tuple[int, bytes]]:
     rows = await asyncio.to_thread(box._read, after, 5_000)

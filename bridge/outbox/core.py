@@ -87,6 +87,7 @@ from bridge.outbox.entries import (
     _Remove,
     _Requeue,
 )
+from bridge.outbox.numbers import Numbers
 from bridge.outbox.schema import SCHEMA
 from bridge.outbox.tail import Tail
 from bridge.service.private_files import prepare_sqlite_file
@@ -152,6 +153,7 @@ class Outbox:
         self._commits_seen = 0  # commits with new entries that reached the event loop
         self._lock_fd: int | None = None
         self._retry: list[Any] = []  # writer thread: ops without a future from a failed write
+        self._numbers = Numbers()  # writer thread: the new entries' seqs
 
     # -- lifecycle ------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -580,6 +582,7 @@ class Outbox:
         """A transaction failed (disk full, I/O error): roll back, fail its awaited ops,
         keep the rest for the retry, and mark the outbox unwritable. Never raises: the
         writer thread must outlive a full disk."""
+        self._numbers.forget()  # its lease, if it took one, is rolled back too
         try:
             if conn.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
                 conn.execute("ROLLBACK")
@@ -624,7 +627,9 @@ class Outbox:
         return self._delete(conn, [op.seq])
 
     def _requeue(self, conn: sqlite3.Connection, now: float) -> int:
-        return rejected_table.requeue(conn, now)
+        moved = rejected_table.requeue(conn, now)
+        self._numbers.forget()  # SQLite numbered them, past the lease
+        return moved
 
     def _insert(
         self, conn: sqlite3.Connection, op: _Put, now: float, depth: int,
@@ -645,8 +650,7 @@ class Outbox:
         added.append(OutboxEntry(seq, op.topic, op.payload, op.qos, op.retain))
         return PutResult.ACCEPTED, freed
 
-    @staticmethod
-    def _insert_run(conn: sqlite3.Connection, puts: list[_Put], now: float,
+    def _insert_run(self, conn: sqlite3.Connection, puts: list[_Put], now: float,
                     added: list[OutboxEntry]) -> list[PutResult]:
         """``_insert`` for consecutive puts that need no room made, in three statements
         for all of them instead of three each (the retry keys looked up, the entries
@@ -663,26 +667,23 @@ class Outbox:
             results.append(PutResult.ACCEPTED)
         for i in range(0, len(fresh), _ROWS_A_STATEMENT):
             chunk = fresh[i:i + _ROWS_A_STATEMENT]
+            first = self._numbers.take(conn, len(chunk))
             args: list[Any] = []
-            for p in chunk:
-                args += (p.topic, p.payload, p.qos, int(p.retain), p.compact_key, now,
+            for seq, p in enumerate(chunk, start=first):
+                args += (seq, p.topic, p.payload, p.qos, int(p.retain), p.compact_key, now,
                          p.order or None)
-            last = conn.execute(_append_sql(len(chunk)), args).lastrowid
-            assert last is not None
-            # One statement's rows take consecutive seqs, in order: nobody else writes
-            # between them (the writer holds the write lock: BEGIN IMMEDIATE).
+            conn.execute(_append_sql(len(chunk)), args)
             added += [OutboxEntry(seq, p.topic, p.payload, p.qos, p.retain)
-                      for seq, p in enumerate(chunk, start=last - len(chunk) + 1)]
+                      for seq, p in enumerate(chunk, start=first)]
         dedup.mark(conn, [k for p in fresh for k in p.dedup_keys], now)
         return results
 
-    @staticmethod
-    def _append(conn: sqlite3.Connection, topic: str, payload: bytes, qos: int,
+    def _append(self, conn: sqlite3.Connection, topic: str, payload: bytes, qos: int,
                 retain: bool, compact_key: str | None, now: float,
                 order: float | None = None) -> int:
-        seq = conn.execute(_append_sql(1), (topic, payload, qos, int(retain), compact_key,
-                                            now, order)).lastrowid
-        assert seq is not None
+        seq = self._numbers.take(conn, 1)
+        conn.execute(_append_sql(1), (seq, topic, payload, qos, int(retain), compact_key,
+                                      now, order))
         return seq
 
     def _hold(self, conn: sqlite3.Connection, op: _Put, now: float) -> PutResult:
@@ -758,15 +759,15 @@ class Outbox:
         self._changed.set()
 
 
-#: Entries one INSERT appends (7 parameters each) or one DELETE removes at most, far
+#: Entries one INSERT appends (8 parameters each) or one DELETE removes at most, far
 #: under SQLite's limit on parameters.
 _ROWS_A_STATEMENT = 500
 
 
 @functools.cache
 def _append_sql(n: int) -> str:
-    return ("INSERT INTO outbox (topic, payload, qos, retain, compact_key, created_at, ord)"
-            " VALUES " + ",".join(["(?, ?, ?, ?, ?, ?, ?)"] * n))
+    return ("INSERT INTO outbox (seq, topic, payload, qos, retain, compact_key, created_at,"
+            " ord) VALUES " + ",".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * n))
 
 
 @functools.cache

@@ -243,8 +243,8 @@ def test_callbacks_one_at_a_time_cost_one_disk_commit_each(tmp_path: Path) -> No
     """A gateway's usual load: a callback, its publish, its PUBACK, then the next. Each
     costs one commit of the outbox (an fsync of the gateway's disk), not two: the removal
     after the PUBACK rides with the next callback's commit (edge_outbox_commits_total).
-    And each commit writes three pages to the WAL (the entry's, its retry key's, its
-    downsampling key's), not five: the SD card's wear."""
+    And each commit writes two pages to the WAL (the entry's and its retry key's), not
+    five: the SD card's wear."""
     org = f"o{uuid.uuid4().hex[:8]}"
     wal = tmp_path / "outbox-gw1.db-wal"
 
@@ -264,4 +264,4 @@ def test_callbacks_one_at_a_time_cost_one_disk_commit_each(tmp_path: Path) -> No
         spent = commits() - before
         pages = (wal.stat().st_size - wal_before) / (4096 + 24) / 20  # a WAL frame a page
     assert spent < 30, f"{spent:g} commits for 20 callbacks (40 with a commit per removal)"
-    assert pages < 4, f"{pages:.1f} WAL pages a callback (5 with seen_at and sqlite_sequence)"
+    assert pages < 3, f"{pages:.1f} WAL pages a callback (5 with the indexes and the mark)"

@@ -6,12 +6,13 @@ import asyncio
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.errors import OutboxFullError, OutboxUnwritableError
@@ -160,15 +161,18 @@ def test_a_retry_key_is_kept_its_ttl_and_forgotten_within_twice_it(
         now += PRUNE_EVERY
 
 
-def test_the_seen_tables_index_is_gone_from_an_older_file(tmp_path: Path) -> None:
-    """A file made when ``seen`` had an index on ``at`` loses it (a page each commit)."""
+def test_an_older_files_indexes_on_retry_and_compact_keys_are_dropped(tmp_path: Path) -> None:
+    """A file made when ``seen`` had an index on ``at`` and the outbox one on
+    ``compact_key`` loses both (a page each commit)."""
     path = tmp_path / "o.db"
     with sqlite3.connect(path) as conn:
-        conn.executescript(SCHEMA + "CREATE INDEX seen_at ON seen (at);")
+        conn.executescript(SCHEMA + "CREATE INDEX seen_at ON seen (at);"
+                           "CREATE INDEX outbox_compact ON outbox (compact_key, seq)"
+                           " WHERE compact_key IS NOT NULL;")
     asyncio.run(_open_and_close(path))
     with sqlite3.connect(path) as conn:
         names = {n for (n,) in conn.execute("SELECT name FROM sqlite_master")}
-    assert "seen_at" not in names and "seen" in names
+    assert not names & {"seen_at", "outbox_compact"} and {"seen", "outbox"} <= names
 
 
 async def _open_and_close(path: Path) -> None:
@@ -205,6 +209,91 @@ async def test_full_outbox_compacts_superseded_state_then_refuses_events(tmp_pat
         payloads = [e.payload for e in await box.peek(0)]
         assert payloads == [b"e1", b"e2", b"e3", b"p3"]
         assert box.depth == 4
+
+#: An operation on a small outbox: a put (with a compact key or none), the publisher's
+#: acknowledgement of the oldest entry, or a restart.
+_OPS = st.lists(st.sampled_from([
+    *(("put", key) for key in (None, None, "pose:A", "pose:A", "pose:B", "power:A")),
+    ("ack", None), ("ack", None), ("restart", None)]), min_size=1, max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_OPS)
+def test_the_bound_compacts_what_an_index_on_the_key_would(ops: list[tuple[str, Any]]) -> None:
+    """At the bound the superseded entries go (each key's newest stays), else the newest
+    one of the new entry's key, else the put is refused: the same entries, in the same
+    order, as the statements over an index on ``compact_key`` left, through acks and
+    restarts (what the writer remembers starts again from a scan)."""
+    bound = 4
+
+    def model_put(model: list[tuple[str | None, bytes]], key: str | None,
+                  payload: bytes) -> bool:
+        if len(model) >= bound:
+            newest = {k: i for i, (k, _) in enumerate(model) if k is not None}
+            kept = [e for i, e in enumerate(model) if e[0] is None or newest[e[0]] == i]
+            if len(kept) == len(model) and key is not None:
+                kept = [e for e in model if e[0] != key]
+            if len(kept) == len(model):
+                return False
+            model[:] = kept
+        model.append((key, payload))
+        return True
+
+    async def run(path: Path) -> None:
+        model: list[tuple[str | None, bytes]] = []
+        box = await Outbox(path, max_entries=bound).__aenter__()
+        try:
+            for n, (op, key) in enumerate(ops):
+                if op == "put":
+                    payload = b"%d" % n
+                    expected = model_put(model, key, payload)
+                    try:
+                        await box.put("t", payload, compact_key=key)
+                        stored = True
+                    except OutboxFullError:
+                        stored = False
+                    assert stored == expected
+                elif op == "ack" and model:
+                    box.remove([(await box.peek(0, 1))[0].seq])
+                    await box.sync()
+                    del model[0]
+                elif op == "restart":
+                    await box.__aexit__(None, None, None)
+                    box = await Outbox(path, max_entries=bound).__aenter__()
+                assert [e.payload for e in await box.peek(0)] == [p for _, p in model]
+        finally:
+            await box.__aexit__(None, None, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(run(Path(tmp) / "o.db"))
+
+
+async def test_a_write_that_failed_at_the_bound_leaves_nothing_wrongly_remembered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A put at the bound that superseded a pose and then failed (the disk filling up)
+    is rolled back with what it superseded: the next pose of the robot still supersedes
+    the stored one, instead of being refused for the one never committed."""
+    mark = dedup.mark
+    fail = [False]
+
+    def mark_failing(conn: sqlite3.Connection, keys: Any, now: float) -> None:
+        if keys and fail[0]:
+            fail[0] = False
+            raise sqlite3.OperationalError("database or disk is full")
+        mark(conn, keys, now)
+
+    monkeypatch.setattr(dedup, "mark", mark_failing)
+    async with Outbox(tmp_path / "o.db", max_entries=3, retry_seconds=0.05) as box:
+        await box.put("pose", b"a1", compact_key="pose:A")
+        await box.put("evt", b"e1")
+        await box.put("evt", b"e2")
+        await box.put("pose", b"a2", compact_key="pose:A")  # supersedes a1 at the bound
+        fail[0] = True
+        with pytest.raises(OutboxUnwritableError):
+            await box.put("pose", b"a3", compact_key="pose:A", dedup_keys=["k3"])
+        await eventually_async(lambda: box.unwritable is None, within=5)
+        assert await box.put("pose", b"a4", compact_key="pose:A") is PutResult.ACCEPTED
+        assert [e.payload for e in await box.peek(0)] == [b"e1", b"e2", b"a4"]
 
 
 async def test_rejected_entries_are_kept_bounded_and_requeued_in_order(tmp_path: Path) -> None:

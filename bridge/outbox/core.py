@@ -76,6 +76,7 @@ from bridge.errors import (
 from bridge.outbox import dedup, priority
 from bridge.outbox import held as held_table
 from bridge.outbox import rejected as rejected_table
+from bridge.outbox.compaction import Compaction
 from bridge.outbox.entries import (
     STOP,
     OutboxEntry,
@@ -154,6 +155,7 @@ class Outbox:
         self._lock_fd: int | None = None
         self._retry: list[Any] = []  # writer thread: ops without a future from a failed write
         self._numbers = Numbers()  # writer thread: the new entries' seqs
+        self._compaction = Compaction()  # writer thread: what the bound may drop
 
     # -- lifecycle ------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -583,6 +585,7 @@ class Outbox:
         keep the rest for the retry, and mark the outbox unwritable. Never raises: the
         writer thread must outlive a full disk."""
         self._numbers.forget()  # its lease, if it took one, is rolled back too
+        self._compaction.forget()  # it may name entries rolled back
         try:
             if conn.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
                 conn.execute("ROLLBACK")
@@ -673,8 +676,9 @@ class Outbox:
                 args += (seq, p.topic, p.payload, p.qos, int(p.retain), p.compact_key, now,
                          p.order or None)
             conn.execute(_append_sql(len(chunk)), args)
-            added += [OutboxEntry(seq, p.topic, p.payload, p.qos, p.retain)
-                      for seq, p in enumerate(chunk, start=first)]
+            for seq, p in enumerate(chunk, start=first):
+                added.append(OutboxEntry(seq, p.topic, p.payload, p.qos, p.retain))
+                self._compaction.appended(p.compact_key, seq)
         dedup.mark(conn, [k for p in fresh for k in p.dedup_keys], now)
         return results
 
@@ -684,6 +688,7 @@ class Outbox:
         seq = self._numbers.take(conn, 1)
         conn.execute(_append_sql(1), (seq, topic, payload, qos, int(retain), compact_key,
                                       now, order))
+        self._compaction.appended(compact_key, seq)
         return seq
 
     def _hold(self, conn: sqlite3.Connection, op: _Put, now: float) -> PutResult:
@@ -714,16 +719,9 @@ class Outbox:
         return len(rows), freed
 
     def _make_room(self, conn: sqlite3.Connection, compact_key: str | None) -> int:
-        """Compact superseded state; returns how many entries were dropped."""
-        cur = conn.execute(
-            "DELETE FROM outbox WHERE compact_key IS NOT NULL AND seq < "
-            "(SELECT MAX(o.seq) FROM outbox o WHERE o.compact_key = outbox.compact_key)"
-        )
-        freed = max(cur.rowcount, 0)
-        if not freed and compact_key is not None:
-            # The new entry supersedes the newest one stored for the same key.
-            cur = conn.execute("DELETE FROM outbox WHERE compact_key = ?", (compact_key,))
-            freed = max(cur.rowcount, 0)
+        """Compact superseded state (or the one the new entry of ``compact_key``
+        supersedes); returns how many entries were dropped."""
+        freed = self._compaction.make_room(conn, compact_key)
         if freed:
             self.compacted += freed
             log.warning("outbox at its bound: compacted %d superseded entries", freed)

@@ -13,8 +13,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     created_at REAL NOT NULL,
     ord REAL
 );
-CREATE INDEX IF NOT EXISTS outbox_compact ON outbox (compact_key, seq)
-    WHERE compact_key IS NOT NULL;
+-- outbox_compact indexed compact_key until its page in every put was found dearer than
+-- what bridge/outbox/compaction.py remembers instead: files made before lose it here.
+DROP INDEX IF EXISTS outbox_compact;
 CREATE TABLE IF NOT EXISTS rejected (
     seq INTEGER PRIMARY KEY,
     topic TEXT NOT NULL,

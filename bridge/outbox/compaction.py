@@ -1,0 +1,77 @@
+"""Compaction at the bound (``max_entries``), without an index on ``compact_key``.
+
+An entry with a ``compact_key`` (a robot's pose or power state) is superseded by a newer
+one of the same key; at the bound the superseded are dropped to make room. An index on
+the key found them, but every put wrote a page of it, at a random place in a backlog:
+one page in three of what a callback at a trickle wrote. Instead the first time the
+bound is reached one scan drops them and reads each key's newest entry; from then on the
+writer remembers each key's newest entry and lists every entry a newer one supersedes,
+so each later compaction deletes by number. Stale numbers (entries acknowledged or set
+aside meanwhile) delete nothing. What is remembered is forgotten after a failed write
+(it may name entries rolled back) and once the list grows past ``MAX_LISTED`` (far from
+the bound, nothing needs it), and read again by a scan the next time.
+
+Writer-thread only, like every statement here.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from array import array
+
+#: Superseded entries listed at most between two compactions (8 bytes each).
+MAX_LISTED = 100_000
+#: Entries one DELETE names at most (far under SQLite's limit on parameters).
+_CHUNK = 500
+
+_DROP_SUPERSEDED = (
+    "DELETE FROM outbox WHERE compact_key IS NOT NULL AND seq NOT IN"
+    " (SELECT MAX(seq) FROM outbox WHERE compact_key IS NOT NULL GROUP BY compact_key)")
+
+
+class Compaction:
+    """Each compact key's newest entry and the entries superseded since the last
+    compaction; nothing until the bound is first reached."""
+
+    def __init__(self) -> None:
+        self._newest: dict[str, int] | None = None
+        self._superseded = array("q")
+
+    def appended(self, key: str | None, seq: int) -> None:
+        """Entry ``seq`` was appended with ``key``: the one it supersedes is listed."""
+        if key is None or self._newest is None:
+            return
+        older = self._newest.get(key)
+        self._newest[key] = seq
+        if older is not None:
+            self._superseded.append(older)
+            if len(self._superseded) > MAX_LISTED:
+                self.forget()
+
+    def make_room(self, conn: sqlite3.Connection, key: str | None) -> int:
+        """Drop the superseded entries; if there are none, the newest one of ``key``
+        (the entry about to be put supersedes it). How many were dropped."""
+        if self._newest is None:
+            freed = conn.execute(_DROP_SUPERSEDED).rowcount
+            self._newest = {str(k): int(s) for k, s in conn.execute(
+                "SELECT compact_key, seq FROM outbox WHERE compact_key IS NOT NULL")}
+        else:
+            listed, self._superseded = self._superseded.tolist(), array("q")
+            freed = sum(_delete(conn, listed[i:i + _CHUNK])
+                        for i in range(0, len(listed), _CHUNK))
+        if not freed and key is not None:
+            newest = self._newest.pop(key, None)
+            if newest is not None:
+                freed = _delete(conn, [newest])
+        return max(freed, 0)
+
+    def forget(self) -> None:
+        """Read it all again, by a scan, the next time the bound is reached."""
+        self._newest, self._superseded = None, array("q")
+
+
+def _delete(conn: sqlite3.Connection, seqs: list[int]) -> int:
+    if not seqs:
+        return 0
+    cur = conn.execute(f"DELETE FROM outbox WHERE seq IN ({','.join('?' * len(seqs))})", seqs)
+    return max(cur.rowcount, 0)

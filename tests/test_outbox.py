@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import unittest.mock
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.errors import OutboxFullError, OutboxUnwritableError
-from bridge.outbox import SCHEMA, Outbox, PutResult, body_key, dedup
+from bridge.outbox import SCHEMA, Outbox, PutResult, body_key, compaction, dedup
 from bridge.outbox import numbers as numbers_module
 from tests.support.waiting import eventually_async
 
@@ -217,13 +218,16 @@ _OPS = st.lists(st.sampled_from([
     ("ack", None), ("ack", None), ("restart", None)]), min_size=1, max_size=40)
 
 
+@pytest.mark.parametrize("max_keys", [compaction.MAX_KEYS, 1])
 @settings(max_examples=200, deadline=None)
-@given(_OPS)
-def test_the_bound_compacts_what_an_index_on_the_key_would(ops: list[tuple[str, Any]]) -> None:
+@given(ops=_OPS)
+def test_the_bound_compacts_what_an_index_on_the_key_would(
+        max_keys: int, ops: list[tuple[str, Any]]) -> None:
     """At the bound the superseded entries go (each key's newest stays), else the newest
     one of the new entry's key, else the put is refused: the same entries, in the same
     order, as the statements over an index on ``compact_key`` left, through acks and
-    restarts (what the writer remembers starts again from a scan)."""
+    restarts (what the writer remembers starts again from a scan), and with more keys
+    than it remembers (scans alone)."""
     bound = 4
 
     def model_put(model: list[tuple[str | None, bytes]], key: str | None,
@@ -264,7 +268,8 @@ def test_the_bound_compacts_what_an_index_on_the_key_would(ops: list[tuple[str, 
         finally:
             await box.__aexit__(None, None, None)
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, \
+            unittest.mock.patch.object(compaction, "MAX_KEYS", max_keys):
         asyncio.run(run(Path(tmp) / "o.db"))
 
 

@@ -8,8 +8,9 @@ bound is reached one scan drops them and reads each key's newest entry; from the
 writer remembers each key's newest entry and lists every entry a newer one supersedes,
 so each later compaction deletes by number. Stale numbers (entries acknowledged or set
 aside meanwhile) delete nothing. What is remembered is forgotten after a failed write
-(it may name entries rolled back) and once the list grows past ``MAX_LISTED`` (far from
-the bound, nothing needs it), and read again by a scan the next time.
+(it may name entries rolled back) and once it grows past ``MAX_LISTED`` entries or
+``MAX_KEYS`` keys, and read again by a scan the next time; an outbox of more keys than
+that (a fleet's robots and channels are a few thousand) is compacted by scans alone.
 
 Writer-thread only, like every statement here.
 """
@@ -21,6 +22,8 @@ from array import array
 
 #: Superseded entries listed at most between two compactions (8 bytes each).
 MAX_LISTED = 100_000
+#: Compact keys remembered at most (~100 bytes each).
+MAX_KEYS = 100_000
 #: Entries one DELETE names at most (far under SQLite's limit on parameters).
 _CHUNK = 500
 
@@ -47,22 +50,30 @@ class Compaction:
             self._superseded.append(older)
             if len(self._superseded) > MAX_LISTED:
                 self.forget()
+        elif len(self._newest) > MAX_KEYS:
+            self.forget()
 
     def make_room(self, conn: sqlite3.Connection, key: str | None) -> int:
         """Drop the superseded entries; if there are none, the newest one of ``key``
         (the entry about to be put supersedes it). How many were dropped."""
         if self._newest is None:
             freed = conn.execute(_DROP_SUPERSEDED).rowcount
-            self._newest = {str(k): int(s) for k, s in conn.execute(
-                "SELECT compact_key, seq FROM outbox WHERE compact_key IS NOT NULL")}
+            newest = conn.execute("SELECT compact_key, seq FROM outbox WHERE compact_key IS"
+                                  " NOT NULL LIMIT ?", (MAX_KEYS + 1,)).fetchall()
+            if len(newest) > MAX_KEYS:  # too many to remember: scans alone
+                if not freed and key is not None:
+                    freed = conn.execute("DELETE FROM outbox WHERE compact_key = ?",
+                                         (key,)).rowcount
+                return max(freed, 0)
+            self._newest = {str(k): int(s) for k, s in newest}
         else:
             listed, self._superseded = self._superseded.tolist(), array("q")
             freed = sum(_delete(conn, listed[i:i + _CHUNK])
                         for i in range(0, len(listed), _CHUNK))
         if not freed and key is not None:
-            newest = self._newest.pop(key, None)
-            if newest is not None:
-                freed = _delete(conn, [newest])
+            last = self._newest.pop(key, None)
+            if last is not None:
+                freed = _delete(conn, [last])
         return max(freed, 0)
 
     def forget(self) -> None:

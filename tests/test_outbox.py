@@ -9,6 +9,7 @@ import sys
 import tempfile
 import threading
 import unittest.mock
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -273,27 +274,34 @@ def test_the_bound_compacts_what_an_index_on_the_key_would(
         asyncio.run(run(Path(tmp) / "o.db"))
 
 
+def _fail_next_mark(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """Arms a disk-full failure of the next transaction that marks retry keys (after
+    its entries were written in it); returns the arming."""
+    mark = dedup.mark
+    armed = [False]
+
+    def mark_failing(conn: sqlite3.Connection, keys: Any, now: float) -> None:
+        if keys and armed[0]:
+            armed[0] = False
+            raise sqlite3.OperationalError("database or disk is full")
+        mark(conn, keys, now)
+
+    monkeypatch.setattr(dedup, "mark", mark_failing)
+    return lambda: armed.__setitem__(0, True)
+
+
 async def test_a_write_that_failed_at_the_bound_leaves_nothing_wrongly_remembered(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A put at the bound that superseded a pose and then failed (the disk filling up)
     is rolled back with what it superseded: the next pose of the robot still supersedes
     the stored one, instead of being refused for the one never committed."""
-    mark = dedup.mark
-    fail = [False]
-
-    def mark_failing(conn: sqlite3.Connection, keys: Any, now: float) -> None:
-        if keys and fail[0]:
-            fail[0] = False
-            raise sqlite3.OperationalError("database or disk is full")
-        mark(conn, keys, now)
-
-    monkeypatch.setattr(dedup, "mark", mark_failing)
+    fail = _fail_next_mark(monkeypatch)
     async with Outbox(tmp_path / "o.db", max_entries=3, retry_seconds=0.05) as box:
         await box.put("pose", b"a1", compact_key="pose:A")
         await box.put("evt", b"e1")
         await box.put("evt", b"e2")
         await box.put("pose", b"a2", compact_key="pose:A")  # supersedes a1 at the bound
-        fail[0] = True
+        fail()
         with pytest.raises(OutboxUnwritableError):
             await box.put("pose", b"a3", compact_key="pose:A", dedup_keys=["k3"])
         await eventually_async(lambda: box.unwritable is None, within=5)
@@ -364,16 +372,7 @@ async def test_a_lease_rolled_back_with_a_failed_write_is_taken_again(
     back with its entries: the next write stores one again, and nothing is numbered
     twice, then or after a restart."""
     monkeypatch.setattr(numbers_module, "LEASE", 2)  # a lease in nearly every write
-    mark = dedup.mark
-    fail = [True]
-
-    def mark_once_failing(conn: sqlite3.Connection, keys: Any, now: float) -> None:
-        if keys and fail[0]:
-            fail[0] = False
-            raise sqlite3.OperationalError("database or disk is full")
-        mark(conn, keys, now)
-
-    monkeypatch.setattr(dedup, "mark", mark_once_failing)
+    _fail_next_mark(monkeypatch)()
     path = tmp_path / "o.db"
     async with Outbox(path, retry_seconds=0.05) as box:
         for i in range(5):

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import sqlite3
 from array import array
+from collections.abc import Callable
 
 #: Superseded entries listed at most between two compactions (8 bytes each).
 MAX_LISTED = 100_000
 #: Compact keys remembered at most (~100 bytes each).
 MAX_KEYS = 100_000
-#: Entries one DELETE names at most (far under SQLite's limit on parameters).
-_CHUNK = 500
+#: Removes entries by seq; how many were there (the outbox's own removal).
+Delete = Callable[[sqlite3.Connection, list[int]], int]
 
 _DROP_SUPERSEDED = (
     "DELETE FROM outbox WHERE compact_key IS NOT NULL AND seq NOT IN"
@@ -36,7 +37,8 @@ class Compaction:
     """Each compact key's newest entry and the entries superseded since the last
     compaction; nothing until the bound is first reached."""
 
-    def __init__(self) -> None:
+    def __init__(self, delete: Delete) -> None:
+        self._delete = delete
         self._newest: dict[str, int] | None = None
         self._superseded = array("q")
 
@@ -68,21 +70,13 @@ class Compaction:
             self._newest = {str(k): int(s) for k, s in newest}
         else:
             listed, self._superseded = self._superseded.tolist(), array("q")
-            freed = sum(_delete(conn, listed[i:i + _CHUNK])
-                        for i in range(0, len(listed), _CHUNK))
+            freed = self._delete(conn, listed)
         if not freed and key is not None:
             last = self._newest.pop(key, None)
             if last is not None:
-                freed = _delete(conn, [last])
+                freed = self._delete(conn, [last])
         return max(freed, 0)
 
     def forget(self) -> None:
         """Read it all again, by a scan, the next time the bound is reached."""
         self._newest, self._superseded = None, array("q")
-
-
-def _delete(conn: sqlite3.Connection, seqs: list[int]) -> int:
-    if not seqs:
-        return 0
-    cur = conn.execute(f"DELETE FROM outbox WHERE seq IN ({','.join('?' * len(seqs))})", seqs)
-    return max(cur.rowcount, 0)

@@ -155,7 +155,7 @@ class Outbox:
         self._lock_fd: int | None = None
         self._retry: list[Any] = []  # writer thread: ops without a future from a failed write
         self._numbers = Numbers()  # writer thread: the new entries' seqs
-        self._compaction = Compaction()  # writer thread: what the bound may drop
+        self._compaction = Compaction(self._delete)  # writer thread: what the bound may drop
 
     # -- lifecycle ------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:

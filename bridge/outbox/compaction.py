@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import sqlite3
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 #: Superseded entries listed at most between two compactions (8 bytes each).
 MAX_LISTED = 100_000
@@ -42,18 +42,25 @@ class Compaction:
         self._newest: dict[str, int] | None = None
         self._superseded = array("q")
 
-    def appended(self, key: str | None, seq: int) -> None:
-        """Entry ``seq`` was appended with ``key``: the one it supersedes is listed."""
-        if key is None or self._newest is None:
-            return
-        older = self._newest.get(key)
-        self._newest[key] = seq
-        if older is not None:
-            self._superseded.append(older)
-            if len(self._superseded) > MAX_LISTED:
+    def appended(self, keys: Iterable[str | None], first: int) -> None:
+        """Entries ``first``, ``first + 1``, ... were appended with ``keys``: the ones they
+        supersede are listed. Called once a statement; until the bound is first reached
+        (nearly always) it returns at once, so the puts below it pay one call, not one a
+        put."""
+        for seq, key in enumerate(keys, start=first):
+            newest = self._newest
+            if newest is None:  # nothing remembered, or just forgotten
+                return
+            if key is None:
+                continue
+            older = newest.get(key)
+            newest[key] = seq
+            if older is not None:
+                self._superseded.append(older)
+                if len(self._superseded) > MAX_LISTED:
+                    self.forget()
+            elif len(newest) > MAX_KEYS:
                 self.forget()
-        elif len(self._newest) > MAX_KEYS:
-            self.forget()
 
     def make_room(self, conn: sqlite3.Connection, key: str | None) -> int:
         """Drop the superseded entries; if there are none, the newest one of ``key``

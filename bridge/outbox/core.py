@@ -676,9 +676,9 @@ class Outbox:
                 args += (seq, p.topic, p.payload, p.qos, int(p.retain), p.compact_key, now,
                          p.order or None)
             conn.execute(_append_sql(len(chunk)), args)
-            for seq, p in enumerate(chunk, start=first):
-                added.append(OutboxEntry(seq, p.topic, p.payload, p.qos, p.retain))
-                self._compaction.appended(p.compact_key, seq)
+            added += [OutboxEntry(seq, p.topic, p.payload, p.qos, p.retain)
+                      for seq, p in enumerate(chunk, start=first)]
+            self._compaction.appended((p.compact_key for p in chunk), first)
         dedup.mark(conn, [k for p in fresh for k in p.dedup_keys], now)
         return results
 
@@ -688,7 +688,7 @@ class Outbox:
         seq = self._numbers.take(conn, 1)
         conn.execute(_append_sql(1), (seq, topic, payload, qos, int(retain), compact_key,
                                       now, order))
-        self._compaction.appended(compact_key, seq)
+        self._compaction.appended((compact_key,), seq)
         return seq
 
     def _hold(self, conn: sqlite3.Connection, op: _Put, now: float) -> PutResult:

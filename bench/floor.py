@@ -304,10 +304,12 @@ def _service(kind: str, base: Path, broker: Broker) -> Service:
     with ``+asgi`` (served through uvicorn) and ``+work`` (the edge handler's work)."""
     if kind == "fastapi":
         return apps.echo(base, "fastapi")
-    if kind in ("edge", "edge+crt"):  # the product, on paho or on awscrt
+    if kind in ("edge", "edge+crt", "edge+frames"):  # the product: paho, awscrt, frames
+        extra = kind.partition("+")[2]
         return apps.edge_agent(base, "edge", broker.url,
                                base / f"edge-{time.monotonic_ns()}.db",
-                               MQTT_BACKEND=kind.partition("+")[2] or "paho")
+                               MQTT_BACKEND="crt" if extra == "crt" else "paho",
+                               BATCH_FRAMES="always" if extra == "frames" else "off")
     client, *extras = kind.split("+")
     port = free_port()
     argv = python_module("bench.floor", "serve", "--port", str(port), "--mqtt-port",

@@ -35,6 +35,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 from bridge import frames
 from bridge.backoff import backoff_delay
@@ -175,6 +176,21 @@ class RateMeter:
         return self._rate * math.exp(-(time.monotonic() - self._stamp) / self.tau)
 
 
+class _Unit(NamedTuple):
+    """One publish: an entry on its own topic, or a batch frame of several (``seqs``)."""
+
+    seqs: list[int]
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+    @classmethod
+    def alone(cls, item: tuple[OutboxEntry, bytes]) -> _Unit:
+        entry, payload = item
+        return cls([entry.seq], entry.topic, payload, entry.qos, entry.retain)
+
+
 class OutboxPublisher:
     """Publishes outbox entries in order and deletes each on its PUBACK."""
 
@@ -187,6 +203,7 @@ class OutboxPublisher:
         rate_limit: float = 0.0,
         byte_limit: float = 0.0,
         frame_topic: str | None = None,
+        frame_live: bool = False,
         backlog: int | None = None,
         retry_delay: float = 1.0,
         ack_timeout: float = ACK_TIMEOUT_SECONDS,
@@ -205,6 +222,9 @@ class OutboxPublisher:
         self._pacer = Pacer(rate_limit, byte_limit)
         self.throttled_s = 0.0  # time spent waiting for the buckets
         self.frame_topic = frame_topic
+        # Live bursts in frames too (BATCH_FRAMES=always): what waits when the publisher
+        # comes round, not only a backlog's rounds.
+        self.frame_live = frame_live
         if backlog is None:
             backlog = BACKLOG_ENTRIES if rate_limit or byte_limit else UNPACED_BACKLOG_ENTRIES
         self.backlog = backlog
@@ -283,13 +303,14 @@ class OutboxPublisher:
             if not entries:
                 await within(self.outbox.wait_changed(), BEAT_SECONDS)
                 continue
-            for entry in entries:
+            items = [(entry, entry.payload) for entry in entries]
+            for unit in self._units(items) if self.frame_live else map(_Unit.alone, items):
                 if self._retry_from is not None:
                     break
                 await self._take_slot()
-                await self.pace(entry.topic, entry.payload)
-                self._send(entry.seq, entry.topic, entry.payload, entry.qos, entry.retain)
-                cursor = entry.seq
+                await self.pace(unit.topic, unit.payload)
+                self._send(unit)
+                cursor = unit.seqs[-1]
 
     async def _take_slot(self) -> None:
         """A place in the window. A free one is taken at once, with no timer armed and
@@ -313,13 +334,50 @@ class OutboxPublisher:
             self.throttled_s += pause
             await asyncio.sleep(pause)
 
-    def _send(self, seq: int, topic: str, payload: bytes, qos: int, retain: bool) -> None:
-        fut = self.transport.publish(topic, payload, qos, retain)
+    def _send(self, unit: _Unit) -> None:
+        fut = self.transport.publish(unit.topic, unit.payload, unit.qos, unit.retain)
         if not self._inflight:
             self._progress_at = time.monotonic()
+        seq = unit.seqs[0]
+        if len(unit.seqs) > 1:
+            self.frames += 1
+            self._frame_seqs[seq] = unit.seqs
         self._inflight.add(seq)
         self._idle.clear()
         fut.add_done_callback(functools.partial(self._done, seq))
+
+    def _units(self, items: list[tuple[OutboxEntry, bytes]]) -> list[_Unit]:
+        """What ``items`` (entries in order, each with the payload to send) go out as:
+        each run of frameable entries in batch frames, a run of one on its own topic,
+        everything else alone; without ``frame_topic``, each alone."""
+        if self.frame_topic is None:
+            return [_Unit.alone(item) for item in items]
+        units: list[_Unit] = []
+        run: list[tuple[OutboxEntry, bytes]] = []
+        size = 0
+
+        def close() -> None:
+            nonlocal size
+            size = 0
+            if len(run) == 1:
+                units.append(_Unit.alone(run[0]))
+            elif run:
+                assert self.frame_topic is not None
+                framed = next(frames.pack([p for _, p in run]))[1]
+                units.append(_Unit([e.seq for e, _ in run], self.frame_topic, framed, 1, False))
+            run.clear()
+
+        for entry, payload in items:
+            if not self._frameable(entry):
+                close()
+                units.append(_Unit.alone((entry, payload)))
+                continue
+            if not frames.fits(size, payload):
+                close()
+            run.append((entry, payload))
+            size += len(payload) + 1
+        close()
+        return units
 
     async def _drain_round(self) -> bool:
         """Publish one round of a backlog in drain order; returns whether a backlog
@@ -338,42 +396,16 @@ class OutboxPublisher:
         plan = await self.outbox.drain_plan(chunk)
         if not plan:
             return False
-        units: list[tuple[list[int], str, bytes, int, bool]] = []
-        pending: list[tuple[OutboxEntry, bytes]] = []
-
-        def close() -> None:
-            if len(pending) == 1:
-                entry, payload = pending[0]
-                units.append(([entry.seq], entry.topic, payload, entry.qos, entry.retain))
-            elif pending:
-                assert self.frame_topic is not None
-                framed = next(frames.pack([p for _, p in pending]))[1]
-                units.append(([e.seq for e, _ in pending], self.frame_topic, framed, 1, False))
-            pending.clear()
-
-        size = 0
+        items = []
         for entry, history in plan:
-            payload = mark_replay(entry.payload) if history else entry.payload
+            items.append((entry, mark_replay(entry.payload) if history else entry.payload))
             self.replayed += history
-            if self.frame_topic is None or not self._frameable(entry):
-                close()
-                units.append(([entry.seq], entry.topic, payload, entry.qos, entry.retain))
-                continue
-            if not frames.fits(size, payload):
-                close()
-                size = 0
-            pending.append((entry, payload))
-            size += len(payload) + 1
-        close()
-        for seqs, topic, payload, qos, retain in units:
+        for unit in self._units(items):
             if self._retry_from is not None:
                 break
             await self._take_slot()
-            await self.pace(topic, payload)
-            if len(seqs) > 1:
-                self.frames += 1
-                self._frame_seqs[seqs[0]] = seqs
-            self._send(seqs[0], topic, payload, qos, retain)
+            await self.pace(unit.topic, unit.payload)
+            self._send(unit)
         has_history = any(history for _, history in plan)
         return has_history or len(plan) >= chunk or self.outbox.depth > self.backlog
 

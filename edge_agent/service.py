@@ -88,7 +88,8 @@ class EdgeAgent:
             window=settings.publish_window, rate_limit=settings.publish_limits()[0],
             byte_limit=settings.publish_limits()[1],
             frame_topic=str(self.scheme.device(settings.gateway_id, BATCH_CHANNEL))
-            if settings.batch_frames else None,
+            if settings.batch_frames != "off" else None,
+            frame_live=settings.batch_frames == "always",
             ack_timeout=settings.publish_ack_timeout_seconds,
             beat=self.watchdog.beat("publisher"),
         )

@@ -7,7 +7,7 @@ import re
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import (
     AfterValidator,
@@ -85,6 +85,9 @@ _FORWARDING = ("the edge forwards through its durable outbox over MQTT, retried 
 SECRET_KEYS = {"callback_code": "pudu_callback_code", "api_secret": "pudu.api_secret"}
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+#: What pydantic reads as a boolean, for ``BATCH_FRAMES`` (a flag before "always").
+_FLAG_SPELLINGS = {**dict.fromkeys(("1", "true", "t", "yes", "y"), "on"),
+                   **dict.fromkeys(("0", "false", "f", "no", "n"), "off")}
 _COMMAND = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
@@ -126,9 +129,10 @@ class EdgeSettings(ServiceSettings, BaseModel):  # BaseModel named: linters see 
     # MQTT_BACKEND=awsiot, unlimited otherwise; 0: unlimited
     publish_rate_limit: float | None = Field(None, ge=0)
     publish_byte_limit: float | None = Field(None, ge=0)
-    # Batch frames during a drain (a backlog): off, as an IoT rule on per-device topics
-    # would not see batched messages
-    batch_frames: bool = False
+    # Batch frames (bridge/frames.py): off, as an IoT rule on per-device topics would not
+    # see batched messages; on: a backlog's drain; always: live bursts too (what waits
+    # when the publisher comes round; one message waiting still goes alone)
+    batch_frames: Literal["off", "on", "always"] = "off"
     # Connected, publishes in flight, no PUBACK for this long: the publisher is wedged and
     # stops the watchdog's heartbeat (a broker that is away is not wedged).
     publish_ack_timeout_seconds: float = Field(10.0, gt=0)
@@ -163,6 +167,17 @@ class EdgeSettings(ServiceSettings, BaseModel):  # BaseModel named: linters see 
         # Pudu issues 32 chars, integrators may choose up to 64 letters and digits.
         if not v.get_secret_value().strip():
             raise ValueError("must not be empty")
+        return v
+
+    @field_validator("batch_frames", mode="before")
+    @classmethod
+    def _frames_flag(cls, v: object) -> object:
+        # Before "always" this was a flag: its spellings still mean off and on.
+        if isinstance(v, bool):
+            return "on" if v else "off"
+        if isinstance(v, str):
+            v = v.strip().lower()
+            return _FLAG_SPELLINGS.get(v, v)
         return v
 
     @field_validator("org_id", "gateway_id")

@@ -44,11 +44,26 @@ def test_environment_overrides_file_and_secrets_are_masked(tmp_path: Path) -> No
         ({"PUDU_CALLBACK_CODE": "x", "EDGE_HTTP_PORT": "http"}, "http_port"),
         ({"PUDU_CALLBACK_CODE": "x", "ORG_ID": "a/b"}, "org_id"),
         ({"PUDU_CALLBACK_CODE": "x", "LOG_LEVEL": "loud"}, "log_level"),
+        ({"PUDU_CALLBACK_CODE": "x", "BATCH_FRAMES": "sometimes"}, "'always'"),
     ],
 )
 def test_bad_settings_name_the_setting(env: dict[str, str], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         edge_config.load(None, env)
+
+
+@pytest.mark.parametrize(("value", "mode"), [("always", "always"), ("on", "on"),
+                                             ("true", "on"), ("1", "on"), ("off", "off"),
+                                             ("no", "off"), (" Always ", "always"),
+                                             ("ON", "on"), ("sometimes", None)])
+def test_batch_frames_was_a_flag_and_its_spellings_still_mean_on_and_off(
+        value: str, mode: str | None) -> None:
+    env = {"PUDU_CALLBACK_CODE": "x", "BATCH_FRAMES": value}
+    if mode is None:
+        with pytest.raises(ConfigError, match="batch_frames"):
+            edge_config.load(None, env)
+    else:
+        assert edge_config.load(None, env).batch_frames == mode
 
 
 @pytest.mark.parametrize("days", ["0.5", "-1"])

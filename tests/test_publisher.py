@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -228,3 +229,79 @@ async def test_a_connected_broker_that_never_acks_stops_the_heartbeat(tmp_path: 
             transport.release()
             await asyncio.wait_for(drained(rig.outbox), 5)
         assert publisher.stalled_for() == 0.0
+
+
+FRAME_TOPIC = "org/o/device/gw/batch"
+
+
+def unpacked(messages: list[InboundMessage]) -> list[tuple[str, int]]:
+    """(topic, n) of every message, a batch frame's elements in their place."""
+    out: list[tuple[str, int]] = []
+    for m in messages:
+        doc = json.loads(m.payload)
+        if m.topic == FRAME_TOPIC:
+            out += [("frame", element["n"]) for element in doc["batch"]]
+        else:
+            out.append((m.topic, doc["n"]))
+    return out
+
+
+async def take(inbox: asyncio.Queue[InboundMessage], outbox: Outbox) -> list[InboundMessage]:
+    """Every message the watcher got by the time the outbox is empty."""
+    await asyncio.wait_for(drained(outbox), 10)
+    messages = []
+    while not inbox.empty():
+        messages.append(inbox.get_nowait())
+    return messages
+
+
+async def test_with_frames_always_a_live_burst_goes_out_packed_in_order(tmp_path: Path) -> None:
+    async with make_rig(tmp_path) as rig:
+        for i in range(150):  # a burst waiting when the publisher comes round
+            gateway = i in (40, 41, 99)
+            topic = "org/o/device/gw/telemetry" if gateway else f"org/o/device/R{i % 7}/pose"
+            await rig.outbox.put(topic, b'{"n": %d}' % i)
+        transport = MemoryTransport(MqttSettings.from_url(rig.url, client_id="gw-live"))
+        publisher = OutboxPublisher(rig.outbox, transport, window=20, backlog=1000,
+                                    frame_topic=FRAME_TOPIC, frame_live=True)
+        async with transport, running(publisher):
+            burst = await take(rig.inbox, rig.outbox)
+            assert not publisher.draining  # live traffic, not a backlog's drain
+            # A message waiting alone goes on its own topic, as without frames.
+            await rig.outbox.put("org/o/device/R3/pose", b'{"n": 150}')
+            lone = await take(rig.inbox, rig.outbox)
+        got = unpacked(burst)
+        # The gateway's own channel never travels in a frame; the order is the outbox's.
+        assert [n for _, n in got] == list(range(150))
+        assert [n for topic, n in got if topic != "frame"] == [40, 41, 99]
+        assert len(burst) < 10 and publisher.frames == len(burst) - 3
+        assert [(m.topic, m.payload) for m in lone] == [("org/o/device/R3/pose", b'{"n": 150}')]
+        assert publisher.published == len(burst) + 1
+
+
+async def test_frames_only_drain_a_backlog_unless_always(tmp_path: Path) -> None:
+    async with make_rig(tmp_path) as rig:
+        await fill(rig.outbox, 50)
+        transport = MemoryTransport(MqttSettings.from_url(rig.url, client_id="gw-on"))
+        publisher = OutboxPublisher(rig.outbox, transport, window=20, backlog=1000,
+                                    frame_topic=FRAME_TOPIC)  # BATCH_FRAMES=on
+        async with transport, running(publisher):
+            got = await take(rig.inbox, rig.outbox)
+        assert len(got) == 50 and publisher.frames == 0
+
+
+async def test_a_broker_refusing_live_frames_gets_each_message_on_its_topic(
+        tmp_path: Path) -> None:
+    async with make_rig(tmp_path) as rig:
+        for i in range(60):
+            await rig.outbox.put(f"org/o/device/R{i % 3}/pose", b'{"n": %d}' % i)
+        rig.broker.refuse = lambda topic, payload: 0x87 if topic == FRAME_TOPIC else None
+        transport = MemoryTransport(MqttSettings.from_url(rig.url, client_id="gw-no-frames"))
+        publisher = OutboxPublisher(rig.outbox, transport, window=20, backlog=1000,
+                                    frame_topic=FRAME_TOPIC, frame_live=True)
+        async with transport, running(publisher):
+            got = await take(rig.inbox, rig.outbox)
+        assert publisher.frame_topic is None  # off for the rest of the run
+        assert sorted(json.loads(m.payload)["n"] for m in got) == list(range(60))
+        assert {m.topic for m in got} == {f"org/o/device/R{r}/pose" for r in range(3)}
+        assert rig.outbox.rejected == 0

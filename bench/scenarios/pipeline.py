@@ -21,7 +21,7 @@ import time
 from bench import apps, db
 from bench.baselines.naive_webhook import TABLE, TABLE_DDL
 from bench.loadgen import LoadResult, open_loop
-from bench.procs import Broker
+from bench.procs import Broker, Service
 from bench.samples import BodyFactory
 from bench.scenarios.common import (
     labelled,
@@ -77,24 +77,9 @@ def run(ctx: RunContext) -> dict[str, float]:
         try:
             cs.start()
             edge.start()
-            acc0 = labelled(edge, "edge_webhooks_total", 'outcome="accepted"')
-            stored0 = metric(cs, "callback_messages_stored_total")
-            start = time.time()
-            sat = saturate(ctx, edge, BodyFactory(robots=s.robots))
-            load_end = time.time()
-            accepted = labelled(edge, "edge_webhooks_total", 'outcome="accepted"') - acc0
-            done = wait_until(
-                lambda: metric(cs, "callback_messages_stored_total") - stored0 >= accepted,
-                timeout=300, interval=0.05, what="pipeline rows committed")
-            rows = db.count(url, db.LOG_TABLE)
-            if rows < accepted:
-                raise RuntimeError(f"edge accepted {accepted:.0f}, log holds {rows}")
-            out["pipeline.accepts"] = accepted / sat.elapsed
-            out["pipeline.sustained"] = accepted / (done - start)
-            out["pipeline.drain_lag_s"] = max(0.0, done - load_end)
-            log.info("pipeline: %.0f accepts/s, %.0f rows/s sustained (lag %.1f s)",
-                     out["pipeline.accepts"], out["pipeline.sustained"],
-                     out["pipeline.drain_lag_s"])
+            accepts, sustained, lag = _sustained(ctx, edge, cs)
+            out["pipeline.accepts"], out["pipeline.sustained"] = accepts, sustained
+            out["pipeline.drain_lag_s"] = lag
 
             wait_edge_drained(edge)
             db.reset(url)
@@ -111,8 +96,47 @@ def run(ctx: RunContext) -> dict[str, float]:
         finally:
             edge.stop()
             cs.stop()
+        db.reset(url)
+        cs = apps.callback_server(d, "callback-frames", broker.url, url,
+                                  client_id=f"bench-frames-{ctx.run}-{time.time_ns()}")
+        edge = apps.edge_agent(d, "edge-frames", broker.url, d / "outbox-frames.db",
+                               BATCH_FRAMES="always")
+        try:
+            cs.start()
+            edge.start()
+            framed = _sustained(ctx, edge, cs, "BATCH_FRAMES=always")
+            out["pipeline.frames_sustained"] = framed[1]
+        finally:
+            edge.stop()
+            cs.stop()
     out["pipeline.vs_naive"] = out["pipeline.sustained"] / out["pipeline.naive_webhook_rps"]
+    out["pipeline.frames_vs_naive"] = (
+        out["pipeline.frames_sustained"] / out["pipeline.naive_webhook_rps"])
     return out
+
+
+def _sustained(ctx: RunContext, edge: Service, cs: Service,
+               how: str = "") -> tuple[float, float, float]:
+    """(accepts a second, rows committed a second, seconds of lag) with the edge
+    saturated: the rows are counted until the last accepted callback is committed."""
+    url = ctx.settings.database_url
+    acc0 = labelled(edge, "edge_webhooks_total", 'outcome="accepted"')
+    stored0 = metric(cs, "callback_messages_stored_total")
+    start = time.time()
+    sat = saturate(ctx, edge, BodyFactory(robots=ctx.settings.robots))
+    load_end = time.time()
+    accepted = labelled(edge, "edge_webhooks_total", 'outcome="accepted"') - acc0
+    done = wait_until(
+        lambda: metric(cs, "callback_messages_stored_total") - stored0 >= accepted,
+        timeout=300, interval=0.05, what="pipeline rows committed")
+    rows = db.count(url, db.LOG_TABLE)
+    if rows < accepted:
+        raise RuntimeError(f"edge accepted {accepted:.0f}, log holds {rows}")
+    accepts, sustained = accepted / sat.elapsed, accepted / (done - start)
+    lag = max(0.0, done - load_end)
+    log.info("pipeline%s: %.0f accepts/s, %.0f rows/s sustained (lag %.1f s)",
+             f", {how}" if how else "", accepts, sustained, lag)
+    return accepts, sustained, lag
 
 
 def _naive_callbacks(url: str) -> int:

@@ -71,9 +71,9 @@ class DatabaseProfiler:
         return self.summary
 
 
-def profile_edge(ctx: RunContext, edge: Service) -> Path:
+def profile_edge(ctx: RunContext, edge: Service, name: str = "edge-ingest") -> Path:
     """The edge saturated again (same load as the measured run), sampled by py-spy."""
-    prof = Profiler(ctx, edge.pid, "edge-ingest", ctx.settings.duration)
+    prof = Profiler(ctx, edge.pid, name, ctx.settings.duration)
     saturate(ctx, edge, BodyFactory(robots=ctx.settings.robots))
     return prof.finish()
 

@@ -114,3 +114,8 @@ class EdgeMetrics:
             "edge_published_total", "Messages acknowledged by the broker since start",
             registry=self.registry,
         )
+        self.frames = Gauge(
+            "edge_batch_frames_total", "Batch frames sent since start (BATCH_FRAMES): each "
+            "one publish of many envelopes, counted once in edge_published_total",
+            registry=self.registry,
+        )

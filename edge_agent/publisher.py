@@ -34,7 +34,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
 from bridge import frames
@@ -190,6 +190,14 @@ class _Unit(NamedTuple):
         entry, payload = item
         return cls([entry.seq], entry.topic, payload, entry.qos, entry.retain)
 
+    @classmethod
+    def packed(cls, topic: str, run: list[tuple[OutboxEntry, bytes]]) -> _Unit:
+        """A frame of ``run`` on ``topic``; a run of one goes alone on its own topic."""
+        if len(run) == 1:
+            return cls.alone(run[0])
+        frame = next(frames.pack([payload for _, payload in run]))[1]
+        return cls([entry.seq for entry, _ in run], topic, frame, 1, False)
+
 
 class OutboxPublisher:
     """Publishes outbox entries in order and deletes each on its PUBACK."""
@@ -303,14 +311,32 @@ class OutboxPublisher:
             if not entries:
                 await within(self.outbox.wait_changed(), BEAT_SECONDS)
                 continue
-            items = [(entry, entry.payload) for entry in entries]
-            for unit in self._units(items) if self.frame_live else map(_Unit.alone, items):
+            if self.frame_live and self.frame_topic is not None:
+                cursor = await self._send_packed(cursor)
+                continue
+            for entry in entries:
                 if self._retry_from is not None:
                     break
                 await self._take_slot()
-                await self.pace(unit.topic, unit.payload)
-                self._send(unit)
-                cursor = unit.seqs[-1]
+                await self.pace(entry.topic, entry.payload)
+                self._send(_Unit.alone((entry, entry.payload)))
+                cursor = entry.seq
+
+    async def _send_packed(self, cursor: int) -> int:
+        """Live traffic with ``frame_live``: once a place in the window is free, what waits
+        after ``cursor`` *then* goes out as its first unit (a frame of the robot envelopes
+        that arrived while the window was full, or one entry alone); returns the new
+        cursor. Packing when the slot is had, not when the entries were first seen, is
+        what lets a burst that outruns the PUBACKs fill frames."""
+        await self._take_slot()
+        waiting = await self.outbox.peek(cursor, limit=max(self.window * 4, 200))
+        if self._retry_from is not None or not waiting:
+            self._slots.release()
+            return cursor
+        unit = next(self._units([(entry, entry.payload) for entry in waiting]))
+        await self.pace(unit.topic, unit.payload)
+        self._send(unit)
+        return unit.seqs[-1]
 
     async def _take_slot(self) -> None:
         """A place in the window. A free one is taken at once, with no timer armed and
@@ -346,38 +372,29 @@ class OutboxPublisher:
         self._idle.clear()
         fut.add_done_callback(functools.partial(self._done, seq))
 
-    def _units(self, items: list[tuple[OutboxEntry, bytes]]) -> list[_Unit]:
+    def _units(self, items: Iterable[tuple[OutboxEntry, bytes]]) -> Iterator[_Unit]:
         """What ``items`` (entries in order, each with the payload to send) go out as:
         each run of frameable entries in batch frames, a run of one on its own topic,
-        everything else alone; without ``frame_topic``, each alone."""
-        if self.frame_topic is None:
-            return [_Unit.alone(item) for item in items]
-        units: list[_Unit] = []
+        everything else alone; without ``frame_topic``, each alone. Lazily: a live send
+        takes only the first."""
+        topic = self.frame_topic  # as it was at the start: a refusal may turn it off
+        if topic is None:
+            yield from map(_Unit.alone, items)
+            return
         run: list[tuple[OutboxEntry, bytes]] = []
         size = 0
-
-        def close() -> None:
-            nonlocal size
-            size = 0
-            if len(run) == 1:
-                units.append(_Unit.alone(run[0]))
-            elif run:
-                assert self.frame_topic is not None
-                framed = next(frames.pack([p for _, p in run]))[1]
-                units.append(_Unit([e.seq for e, _ in run], self.frame_topic, framed, 1, False))
-            run.clear()
-
         for entry, payload in items:
-            if not self._frameable(entry):
-                close()
-                units.append(_Unit.alone((entry, payload)))
+            frameable = self._frameable(entry)
+            if run and (not frameable or not frames.fits(size, payload)):
+                yield _Unit.packed(topic, run)
+                run, size = [], 0
+            if not frameable:
+                yield _Unit.alone((entry, payload))
                 continue
-            if not frames.fits(size, payload):
-                close()
             run.append((entry, payload))
             size += len(payload) + 1
-        close()
-        return units
+        if run:
+            yield _Unit.packed(topic, run)
 
     async def _drain_round(self) -> bool:
         """Publish one round of a backlog in drain order; returns whether a backlog

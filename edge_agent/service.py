@@ -319,6 +319,7 @@ class EdgeAgent:
         drain = self.publisher.drain_estimate_s()
         self.metrics.outbox_drain_estimate.set(math.inf if drain is None else drain)
         self.metrics.published.set(self.publisher.published)
+        self.metrics.frames.set(self.publisher.frames)
         self.metrics.broker_connected.set(1 if self.transport.connected else 0)
         for holder, size in self.robot_memory.states().items():
             self.metrics.robot_states.labels(holder).set(size)

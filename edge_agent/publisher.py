@@ -304,6 +304,7 @@ class OutboxPublisher:
             if not await within(self.transport.wait_connected(), BEAT_SECONDS):
                 continue  # offline: come round to stamp the heartbeat
             if self._draining or self.outbox.depth > self.backlog:
+                self._draining = True  # during the first round too (health's "draining")
                 self._draining = await self._drain_round()
                 cursor = 0  # after a drain, seq order resumes from what is left
                 continue

@@ -22,9 +22,9 @@ in the order bridge/outbox/priority.py gives: each robot's newest state and ever
 first, superseded positions after, marked ``replay`` (history the cloud never merges
 into state). With ``frame_topic`` set (``BATCH_FRAMES=on``) a round goes out as batch
 frames (bridge/frames.py); with ``frame_live`` too (``always``), so does what waits for
-a place in the window outside a drain. Pacing (``Pacer``): publishes and bytes a second, evenly spaced
-(on by default for AWS IoT Core: 100 publishes/s and 512 KiB/s per connection); the time
-spent waiting is counted (``throttled_s``).
+a place in the window outside a drain. Pacing (``Pacer``): publishes and bytes a second,
+evenly spaced (on by default for AWS IoT Core: 100 publishes/s and 512 KiB/s per
+connection); the time spent waiting is counted (``throttled_s``).
 """
 
 from __future__ import annotations

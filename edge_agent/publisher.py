@@ -221,6 +221,7 @@ class OutboxPublisher:
         self.outbox = outbox
         self.transport = transport
         self.window = window
+        self._peek_limit = max(window * 4, 200)  # entries read ahead of the window
         self.retry_delay = retry_delay
         self.ack_timeout = ack_timeout
         # The watchdog's heartbeat: stamped every iteration, idle or not, unless stalled.
@@ -309,12 +310,12 @@ class OutboxPublisher:
                 self._draining = await self._drain_round()
                 cursor = 0  # after a drain, seq order resumes from what is left
                 continue
-            entries = await self.outbox.peek(cursor, limit=max(self.window * 4, 200))
+            entries = await self.outbox.peek(cursor, limit=self._peek_limit)
             if not entries:
                 await within(self.outbox.wait_changed(), BEAT_SECONDS)
                 continue
             if self.frame_live and self.frame_topic is not None:
-                cursor = await self._send_packed(cursor)
+                cursor = await self._send_packed(cursor, entries)
                 continue
             for entry in entries:
                 if self._retry_from is not None:
@@ -324,14 +325,17 @@ class OutboxPublisher:
                 self._send(_Unit.alone((entry, entry.payload)))
                 cursor = entry.seq
 
-    async def _send_packed(self, cursor: int) -> int:
+    async def _send_packed(self, cursor: int, waiting: list[OutboxEntry]) -> int:
         """Live traffic with ``frame_live``: once a place in the window is free, what waits
         after ``cursor`` *then* goes out as its first unit (a frame of the robot envelopes
         that arrived while the window was full, or one entry alone); returns the new
-        cursor. Packing when the slot is had, not when the entries were first seen, is
-        what lets a burst that outruns the PUBACKs fill frames."""
-        await self._take_slot()
-        waiting = await self.outbox.peek(cursor, limit=max(self.window * 4, 200))
+        cursor. Packing when the slot is had, not when ``waiting`` was read, is what lets
+        a burst that outruns the PUBACKs fill frames: after a wait for the slot, what
+        waits is read again."""
+        full = self._slots.locked()
+        await self._take_slot()  # a free place is taken at once: nothing arrives meanwhile
+        if full:
+            waiting = await self.outbox.peek(cursor, limit=self._peek_limit)
         if self._retry_from is not None or not waiting:
             self._slots.release()
             return cursor
@@ -383,10 +387,11 @@ class OutboxPublisher:
         if topic is None:
             yield from map(_Unit.alone, items)
             return
+        root = topic.rsplit("/device/", 1)[0] + "/device/"  # the org's devices
         run: list[tuple[OutboxEntry, bytes]] = []
         size = 0
         for entry, payload in items:
-            frameable = self._frameable(entry)
+            frameable = self._frameable(entry, root)
             if run and (not frameable or not frames.fits(size, payload)):
                 yield _Unit.packed(topic, run)
                 run, size = [], 0
@@ -428,11 +433,11 @@ class OutboxPublisher:
         has_history = any(history for _, history in plan)
         return has_history or len(plan) >= chunk or self.outbox.depth > self.backlog
 
-    def _frameable(self, entry: OutboxEntry) -> bool:
-        """A robot message of this gateway's org, QoS 1, not retained: it may travel in
-        a frame (gateway traffic and retained messages keep their own topics)."""
-        assert self.frame_topic is not None
-        root = self.frame_topic.rsplit("/device/", 1)[0] + "/device/"
+    @staticmethod
+    def _frameable(entry: OutboxEntry, root: str) -> bool:
+        """A robot message of this gateway's org (its topic under ``root``), QoS 1, not
+        retained: it may travel in a frame (gateway traffic and retained messages keep
+        their own topics)."""
         return (entry.qos == 1 and not entry.retain and entry.topic.startswith(root)
                 and entry.topic.rsplit("/", 1)[-1] not in GATEWAY_CHANNELS)
 

@@ -16,6 +16,8 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    TypeAdapter,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -85,9 +87,8 @@ _FORWARDING = ("the edge forwards through its durable outbox over MQTT, retried 
 SECRET_KEYS = {"callback_code": "pudu_callback_code", "api_secret": "pudu.api_secret"}
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
-#: What pydantic reads as a boolean, for ``BATCH_FRAMES`` (a flag before "always").
-_FLAG_SPELLINGS = {**dict.fromkeys(("1", "true", "t", "yes", "y"), "on"),
-                   **dict.fromkeys(("0", "false", "f", "no", "n"), "off")}
+#: ``BATCH_FRAMES`` was a flag before "always": pydantic's reading of one.
+_FLAG = TypeAdapter(bool)
 _COMMAND = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
@@ -173,12 +174,14 @@ class EdgeSettings(ServiceSettings, BaseModel):  # BaseModel named: linters see 
     @classmethod
     def _frames_flag(cls, v: object) -> object:
         # Before "always" this was a flag: its spellings still mean off and on.
-        if isinstance(v, bool):
-            return "on" if v else "off"
         if isinstance(v, str):
             v = v.strip().lower()
-            return _FLAG_SPELLINGS.get(v, v)
-        return v
+        if v in ("off", "on", "always"):
+            return v
+        try:
+            return "on" if _FLAG.validate_python(v) else "off"
+        except ValidationError:
+            return v  # refused below, naming the three values
 
     @field_validator("org_id", "gateway_id")
     @classmethod

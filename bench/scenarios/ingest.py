@@ -120,8 +120,9 @@ def _framed_edge(ctx: RunContext, d: Path, broker: Broker) -> dict[str, float]:
             profile_edge(ctx, edge, "edge-ingest-frames")
     finally:
         edge.stop()
+    per_100 = 100 * publishes / accepts if accepts else 0.0
     log.info("edge, BATCH_FRAMES=always: %.0f durable accepts/s, %.1f publishes a 100",
-             accepts / sat.elapsed, 100 * publishes / accepts)
+             accepts / sat.elapsed, per_100)
     return {"ingest.frames_accepts": accepts / sat.elapsed,
             "ingest.frames_cpu_us": sat.cpu_us,
-            "ingest.frames_publishes_per_100": 100 * publishes / accepts if accepts else 0.0}
+            "ingest.frames_publishes_per_100": per_100}

@@ -83,6 +83,7 @@ def main() -> None:
         ctx = RunContext(settings, Path(tmp), 0)
         d = ctx.dir("db_statements")
         bodies = ingest_http._bodies(int(args.duration * 6_000), 1, settings.robots)
+        db.ensure_database(url)  # a fresh machine, before any `make bench`
         db.reset(url)
         before = _globals(url, _LOGGING)
         # Before the service connects: a session takes long_query_time when it opens.

@@ -6,8 +6,10 @@ the alert tables change once and one transition is emitted.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -66,6 +68,10 @@ class Env:
 
     async def send(self, replica: Replica, sn: str, channel: str, **data: Any) -> None:
         """Commit one robot message (as the batch writer does), then evaluate it."""
+        await replica.engine.robots([await self.commit(sn, channel, **data)])
+
+    async def commit(self, sn: str, channel: str, **data: Any) -> tuple[str, Envelope]:
+        """Commit one robot message as the batch writer does; the (topic, envelope)."""
         i = next(_ids)
         env = Envelope(id=f"m{i}", type={"event": "robotErrorWarning", "move":
                        "notifyRobotMoveState", "status": "notifyRobotStatus"}.get(
@@ -74,7 +80,7 @@ class Env:
                        received_at=self.clock.now, data=data, raw=dict(data), channel=channel)
         item = (f"org/acme/device/{sn}/{channel}", env)
         await self.store.write_batch([item])
-        await replica.engine.robots([item])
+        return item
 
     def rows(self) -> list[dict[str, Any]]:
         return query(self.url, "SELECT rule, subject_id, severity, state FROM alerts "
@@ -617,6 +623,48 @@ async def test_a_sweep_that_raced_a_message_undoes_what_it_opened(env: Env) -> N
     for rule in ("robot_silent", "robot_offline"):
         assert made(env, rule) == [("opened", False), ("resolved", False)], rule
         assert open_rows(env, rule) == 0
+
+
+async def test_robot_batches_within_the_window_are_evaluated_together(env: Env) -> None:
+    """Under load the robot rules run once a window (``evaluate_seconds``) on every batch
+    committed in it, a robot read and decided once; after a quiet spell, at once."""
+    evaluated: list[int] = []
+    made: list[Transition] = []
+    changed = asyncio.Event()
+
+    def emit(t: Transition) -> None:
+        made.append(t)
+        changed.set()
+
+    settings = AlertSettings.model_validate({"evaluate_seconds": 1.5})
+    engine = AlertEngine(env.alerts, settings, emit, holder="w", clock=env.clock)
+    evaluate = engine.robots
+
+    async def counted(items: Any) -> list[Transition]:
+        evaluated.append(len(items))
+        return await evaluate(items)
+
+    engine.robots = counted  # type: ignore[method-assign]
+    async with asyncio.TaskGroup() as tg:
+        run = tg.create_task(engine.run(), name="alert-engine")
+        sent = time.monotonic()
+        engine.observe([await env.commit("W1", "power", battery_level=4, charge_state="idle")])
+        await asyncio.wait_for(changed.wait(), 10)
+        first = time.monotonic() - sent
+        changed.clear()
+        for level in (30, 60, 90):  # three commits in the window: the last one decides
+            env.clock.now += 1
+            engine.observe([await env.commit("W1", "power", battery_level=level,
+                                             charge_state="idle"),
+                            await env.commit("W2", "power", battery_level=level,
+                                             charge_state="idle")])
+        await asyncio.wait_for(changed.wait(), 10)
+        second = time.monotonic() - sent
+        run.cancel()
+    assert [(t.name, t.alert.subject_id) for t in made] == [
+        ("opened", "W1"), ("resolved", "W1")]
+    assert evaluated == [1, 6]  # not one evaluation a commit
+    assert first < 1.5 <= second  # the lone message at once; the rest when the window ended
 
 
 async def test_a_shop_level_callback_on_the_gateways_topic_is_no_robot(env: Env) -> None:

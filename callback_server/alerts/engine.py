@@ -30,7 +30,7 @@ import functools
 import logging
 import re
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -80,6 +80,8 @@ SWEEP_LEASE = "alert-sweep"
 #: store's sane_time): what opens ``robot_clock``. "No robot time" alone does not.
 _CLOCK_NOTE = re.compile(r"is implausible|clock went back|ahead of the (gateway|server) clock")
 STATE_RULES = frozenset({"battery_low", "robot_offline", "robot_silent", "robot_stuck"})
+#: Robot messages evaluated at once at most (after an outage, the queue goes in parts).
+MAX_MERGED = 5_000
 #: Robots whose subjects are remembered; past this the memory starts again.
 MAX_REMEMBERED = 50_000
 
@@ -136,7 +138,11 @@ class AlertEngine:
         self.transitions = 0
         self.dropped = 0
         self.sweeps = 0
+        #: Gateway and poll inputs, evaluated in order as they come.
         self._queue: collections.deque[tuple[str, Any]] = collections.deque()
+        #: Committed robot batches, evaluated together at most every ``evaluate_seconds``.
+        self._robots: collections.deque[list[tuple[str, Envelope]]] = collections.deque()
+        self._robots_due = 0.0  # monotonic: when robot batches may next be evaluated
         self._wake = asyncio.Event()
         self._robot_subjects: dict[RobotKey, tuple[Subject, Subject, Subject, Subject]] = {}
 
@@ -146,26 +152,29 @@ class AlertEngine:
         robots = [(topic, env) for topic, env in items
                   if is_robot_state(channel_of(topic, env), env)]
         if robots:
-            self._put(("robots", robots))
+            # The loop is woken by the first batch of a window only: it knows when the
+            # window ends, and a wake a commit would spin it to no purpose.
+            self._put(self._robots, robots, wake=not self._robots)
         for topic, env in items:
             if channel_of(topic, env) == "poll" and env.type == "poll.run":
-                self._put(("poll", env))
+                self._put(self._queue, ("poll", env))
 
     def on_gateway(self, address: DeviceAddress, payload: bytes) -> None:
         if address.channel in ("presence", "telemetry"):
-            self._put(("gateway", (address, payload)))
+            self._put(self._queue, ("gateway", (address, payload)))
 
-    def _put(self, item: tuple[str, Any]) -> None:
-        if len(self._queue) >= MAX_QUEUED:
-            self._queue.popleft()
+    def _put(self, queue: collections.deque[Any], item: Any, *, wake: bool = True) -> None:
+        if len(queue) >= MAX_QUEUED:
+            queue.popleft()
             self.dropped += 1
-        self._queue.append(item)
-        self._wake.set()
+        queue.append(item)
+        if wake:
+            self._wake.set()
 
     @property
     def pending(self) -> int:
         """Inputs not yet evaluated (they leave the queue only once evaluated)."""
-        return len(self._queue)
+        return len(self._queue) + len(self._robots)
 
     # -- the loop ------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -174,11 +183,12 @@ class AlertEngine:
         failures = 0
         while True:
             self.beat()
-            wait = max(0.0, min(BEAT_SECONDS, next_sweep - time.monotonic()))
+            due = min(next_sweep, self._robots_due) if self._robots else next_sweep
+            wait = max(0.0, min(BEAT_SECONDS, due - time.monotonic()))
             if await within(self._wake.wait(), wait):
                 self._wake.clear()
             try:
-                await self._drain()
+                await self._drain(robots=time.monotonic() >= self._robots_due)
                 if time.monotonic() >= next_sweep:
                     await self.sweep()
                     next_sweep = time.monotonic() + self.settings.sweep_seconds
@@ -191,29 +201,35 @@ class AlertEngine:
                 await asyncio.sleep(delay)
                 self._wake.set()
 
-    async def _drain(self) -> None:
-        """Everything queued: robot batches merged into one evaluation, gateways in order.
-        An item leaves the queue only once evaluated, so a database outage loses none."""
+    async def _drain(self, *, robots: bool = True) -> None:
+        """Gateway and poll inputs in order; then, if ``robots``, the robot batches
+        queued, merged into evaluations of up to ``MAX_MERGED`` messages. An input leaves
+        its queue only once evaluated, so a database outage loses none."""
         while self._queue:
             kind, value = self._queue[0]
-            n = 1
-            try:
-                if kind == "robots":
-                    merged: list[tuple[str, Envelope]] = list(value)
-                    while n < min(len(self._queue), 50) and self._queue[n][0] == "robots":
-                        merged += self._queue[n][1]
-                        n += 1
-                    await self.robots(merged)
-                elif kind == "poll":
-                    await self.poll_run(value)
-                else:
-                    await self.gateway(*value)
-            except StoreError:
-                raise  # kept: retried once the database answers
-            except Exception:  # a bug: dropping the input beats looping on it forever
-                log.exception("alert evaluation failed; %d inputs skipped", n)
+            await self._evaluate(kind, 1, self.poll_run(value) if kind == "poll"
+                                 else self.gateway(*value))
+            self._queue.popleft()
+        while robots and self._robots:
+            self._robots_due = time.monotonic() + self.settings.evaluate_seconds
+            merged: list[tuple[str, Envelope]] = []
+            n = 0
+            for batch in self._robots:
+                if merged and len(merged) + len(batch) > MAX_MERGED:
+                    break
+                merged += batch
+                n += 1
+            await self._evaluate("robots", n, self.robots(merged))
             for _ in range(n):
-                self._queue.popleft()
+                self._robots.popleft()
+
+    async def _evaluate(self, kind: str, n: int, evaluation: Awaitable[Any]) -> None:
+        try:
+            await evaluation
+        except StoreError:
+            raise  # kept: retried once the database answers
+        except Exception:  # a bug: dropping the input beats looping on it forever
+            log.exception("alert evaluation of %s failed; %d inputs skipped", kind, n)
 
     # -- evaluation ----------------------------------------------------------------------------
     async def robots(self, items: Sequence[tuple[str, Envelope]]) -> list[Transition]:

@@ -240,6 +240,10 @@ class AlertSettings(BaseModel):
     rules: Rules = Rules()
     #: How often one replica (holding the lease) evaluates the time-based rules.
     sweep_seconds: float = Field(default=15.0, gt=0, le=3600)
+    #: Robot messages committed within this long of the last evaluation are evaluated
+    #: together when it has passed: a robot heard of several times is read and decided
+    #: once. A message after a quiet spell is evaluated at once; 0: after every commit.
+    evaluate_seconds: float = Field(default=1.0, ge=0, le=60)
     delivery: Delivery = Delivery()
 
 

@@ -239,7 +239,8 @@ class AlertEngine:
         levels = self.rules.robot_fault.levels
         for topic, env in items:
             robot = seen.setdefault((env.org, env.device), _Robot(env.org))
-            clock = next((n for n in env.notes if _CLOCK_NOTE.search(n)), None)
+            clock = next((n for n in env.notes if _CLOCK_NOTE.search(n)), None) \
+                if env.notes else None
             if clock is not None:
                 robot.clock = clock
             level = env.data.get("event_level")

@@ -69,12 +69,6 @@ def test_sigkill_mid_batched_drain_loses_nothing_and_stores_nothing_twice(
     print(f"killed with {cut} of {BACKLOG} stored; all {BACKLOG} stored once after restart")
 
 
-def frames_sent(agent: ServiceProcess) -> float:
-    text = httpx.get(agent.admin_url + "/metrics", timeout=5).text
-    return float(next(line.split()[1] for line in text.splitlines()
-                      if line.startswith("edge_batch_frames_total ")))
-
-
 async def burst(agent: ServiceProcess, n: int, first: int = 0) -> list[str]:
     """``n`` power callbacks of 20 robots (numbered from ``first``), 20 at a time; the
     message ids answered."""
@@ -110,7 +104,8 @@ def test_with_batch_frames_always_a_live_burst_reaches_the_cloud_packed_and_whol
             broker.start()
             eventually(lambda: len(logged(db)), accept=lambda n: n >= 300, within=30,
                        every=0.1, what="all 300 stored")
-            published, frames = agent.health()["published"], frames_sent(agent)
+            published = agent.health()["published"]
+            frames = agent.metric("edge_batch_frames_total ")
             with Probe(broker.url, f"{p}/org/acme/device/+/power") as alone:
                 ids += asyncio.run(burst(agent, 1, first=300))
                 alone.wait_for(1, timeout=10)

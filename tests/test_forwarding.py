@@ -46,12 +46,6 @@ def on(seen: list[Seen], channel: str) -> list[tuple[Seen, dict[str, Any]]]:
     return [(m, json.loads(m.payload)) for m in seen if m.topic.endswith("/" + channel)]
 
 
-def metric(agent: ServiceProcess, line_start: str) -> float:
-    text = httpx.get(agent.admin_url + "/metrics", timeout=5).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(line_start))
-
-
 def ever_stored(outbox: Path) -> int:
     """How many callbacks ever reached the outbox: each leaves its retry key there."""
     with sqlite3.connect(f"file:{outbox}?mode=ro", uri=True) as conn:
@@ -77,7 +71,7 @@ def test_fifty_poses_in_ten_seconds_arrive_as_two_or_three_the_last_one_last(
 
         probe.wait_until(lambda _: last_pose_arrived(), "the last pose", timeout=20)
         seen = list(probe.messages)
-        downsampled = metric(agent, 'edge_downsampled_total{channel="pose"}')
+        downsampled = agent.metric('edge_downsampled_total{channel="pose"}')
     poses = on(seen, "pose")
     assert 2 <= len(poses) <= 3, [env["data"] for _, env in poses]
     assert poses[-1][1]["data"]["x"] == 49.0
@@ -100,8 +94,8 @@ def test_drop_types_answers_200_counts_and_stores_nothing(tmp_path: Path) -> Non
         for n in range(3):
             post(agent, status(sn, n))
         probe.wait_for(1 + 3)  # the retained presence, then the three statuses
-        dropped = metric(agent, 'edge_webhooks_total{outcome="dropped",type="notifyRobotPose"}')
-        accepted = metric(agent, 'edge_webhooks_total{outcome="accepted",type="notifyRobotStatus"}')
+        dropped = agent.metric('edge_webhooks_total{outcome="dropped",type="notifyRobotPose"}')
+        accepted = agent.metric('edge_webhooks_total{outcome="accepted",type="notifyRobotStatus"}')
         stored = ever_stored(outbox)
     assert (dropped, accepted) == (5, 3)
     assert stored == 3  # the poses never reached the outbox
@@ -120,7 +114,7 @@ def test_forward_channels_keeps_channels_left_out_home(tmp_path: Path) -> None:
         for n in range(3):
             assert "forwarded" not in post(agent, status(sn, n)).json()["data"]
         probe.wait_for(1 + 3)  # the retained presence, then the three statuses
-        dropped = metric(agent, 'edge_webhooks_total{outcome="dropped",type="notifyRobotPose"}')
+        dropped = agent.metric('edge_webhooks_total{outcome="dropped",type="notifyRobotPose"}')
         stored = ever_stored(outbox)
         seen = list(probe.messages)
     assert dropped == 4

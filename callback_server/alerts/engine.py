@@ -72,7 +72,8 @@ from callback_server.times import iso
 log = logging.getLogger(__name__)
 
 Emit = Callable[[Transition], None]
-#: Inputs held while the database is away; past this the oldest are dropped (counted).
+#: Inputs held while the database is away, in each queue (robot batches; gateway and
+#: poll inputs); past this the oldest are dropped (counted).
 MAX_QUEUED = 10_000
 SWEEP_LEASE = "alert-sweep"
 #: Rules decided from the robot's stored state and watch, re-checked after a transition.

@@ -79,6 +79,13 @@ class ServiceProcess:
         return httpx.get(self.url + self.health_path, headers=self.auth,  # type: ignore[no-any-return]
                          timeout=5).json()
 
+    def metric(self, line_start: str) -> float:
+        """The sum of the edge agent's ``/metrics`` samples whose line starts so (one
+        sample when ``line_start`` names it whole, labels and all)."""
+        text = httpx.get(self.admin_url + "/metrics", timeout=5).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(line_start))
+
     def wait_health(self, key: str, value: object, timeout: float = 20) -> None:
         """Poll the health endpoint until ``key`` has ``value`` (the service's own report)."""
         eventually(self.health, accept=lambda h: h.get(key) == value, within=timeout,

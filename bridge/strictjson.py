@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from typing import Any, NamedTuple
 
 import orjson
@@ -38,13 +37,12 @@ SAFE_INT = 2**53
 #: Notes kept per document; a body with 10,000 NaNs gets a count, not 10,000 notes.
 MAX_NOTES = 20
 
-# A JSON string, unambiguous (one way to match each character), so linear on failure.
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 # Digits as "0": a run of 16 means an integer (or mantissa) no double may hold exactly,
 # found by a C substring search instead of a regex over every digit (~9 µs a body).
 _SHAPE = bytes.maketrans(b"123456789", b"000000000")
 _DIGITS16 = b"0" * 16
-_BRACKETS = bytes.maketrans(b"[{]}", b"\x01\x01\x02\x02")
+_NOT_MARKS = bytes(set(range(256)) - set(b'"[]{}'))
+_OPENERS = frozenset(b"[{")
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -59,17 +57,27 @@ class Parsed(NamedTuple):
 
 
 def check_depth(raw: bytes, limit: int = MAX_DEPTH) -> None:
-    """DepthError if ``raw`` nests deeper than ``limit``; brackets in strings do not count."""
+    """DepthError if ``raw`` nests deeper than ``limit``; brackets in strings do not count.
+
+    Each step is one C pass over the bytes (a 125 KiB batch frame in ~0.3 ms where a
+    regex and a loop over every byte took 3.6): Python only walks the brackets.
+    """
     if raw.count(b"[") + raw.count(b"{") <= limit:
         return  # cannot be deeper than it has openers: the common case, ~1 µs
-    only = _STRING.sub(b"", raw).translate(_BRACKETS)
+    if b"\\" in raw:  # escaped backslashes, then escaped quotes: the quotes left delimit
+        raw = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    # Quotes and brackets only. Two quotes in a row move no bracket into or out of a
+    # string, so dropping them leaves quotes only where a string holds a bracket.
+    marks = raw.translate(None, _NOT_MARKS).replace(b'""', b"")
+    if b'"' in marks:
+        marks = b"".join(marks.split(b'"')[::2])  # the odd pieces are inside strings
     depth = 0
-    for byte in only:
-        if byte == 1:
+    for byte in marks:
+        if byte in _OPENERS:
             depth += 1
             if depth > limit:
                 raise DepthError(limit)
-        elif byte == 2:
+        else:
             depth -= 1
 
 
@@ -85,8 +93,7 @@ def loads(raw: bytes | str, *, max_depth: int = MAX_DEPTH) -> Parsed:
         text, data = raw, raw.encode("utf-8", "surrogatepass")
     else:
         data = raw[3:] if raw.startswith(_BOM) else raw
-    if data.count(b"[") + data.count(b"{") > max_depth:  # else it cannot nest deeper
-        check_depth(data, max_depth)  # exact for UTF-8; other encodings are refused below
+    check_depth(data, max_depth)  # exact for UTF-8; other encodings are refused below
     try:
         # orjson refuses NaN, Infinity, 1e400, lone surrogates and anything not UTF-8,
         # and is ~3x faster: what it takes, short of 16-digit integers, is strict JSON.

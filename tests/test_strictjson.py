@@ -38,6 +38,36 @@ def test_deep_nesting_is_refused_before_the_recursive_parse() -> None:
         strictjson.loads(b"[" * 100_000 + b"]" * 100_000)
 
 
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+# Strings of what the depth scan must see past: brackets, quotes and backslashes.
+_tricky_text = st.text(st.sampled_from('[]{}"\\ab\n'), max_size=6)
+_tricky = st.recursive(
+    st.none() | st.integers() | _tricky_text,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_tricky_text, inner,
+                                                                max_size=3),
+    max_leaves=24,
+)
+
+
+@given(_tricky, st.integers(0, 6), st.booleans())
+@settings(max_examples=400, deadline=None)
+def test_depth_scan_agrees_with_the_parsed_depth(value: Any, limit: int,
+                                                 ascii_only: bool) -> None:
+    raw = json.dumps(value, ensure_ascii=ascii_only).encode()
+    if _depth(value) > limit:
+        with pytest.raises(DepthError):
+            strictjson.check_depth(raw, limit)
+    else:
+        strictjson.check_depth(raw, limit)
+
+
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32",
                                       "utf-32-le", "utf-32-be"])
 @pytest.mark.parametrize("depth", [1, 500, 980, 2000])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -40,6 +41,14 @@ class Saturation:
     @property
     def ok_per_second(self) -> float:
         return self.ok / self.elapsed if self.elapsed else 0.0
+
+
+def load_cpu() -> float:
+    """CPU seconds of the load generator so far: this process (the Python client) and
+    its waited-for children (wrk)."""
+    me, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                         resource.RUSAGE_CHILDREN))
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
 
 
 def saturate(ctx: RunContext, svc: Service, factory: BodyFactory) -> Saturation:

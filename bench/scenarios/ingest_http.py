@@ -20,7 +20,6 @@ envelopes counted in the message log and their CPU summed (``x2_*``).
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from bench.baselines.naive_ingest import TABLE, TABLE_DDL
 from bench.loadgen import closed_loop, open_loop
 from bench.procs import Broker, Service, cpu_seconds, free_port
 from bench.samples import envelopes
-from bench.scenarios.common import metric, run_async
+from bench.scenarios.common import load_cpu, metric, run_async
 from bench.scenarios.profiling import Profiler
 from bench.settings import RunContext
 from bench.wrk import run_wrk_bodies, wrk_path
@@ -101,7 +100,7 @@ def _saturate(ctx: RunContext, svc: Service | Sequence[Service], bodies: Envelop
 
     before, cpu0, db0 = stored(), cpu(), db.server_cpu(db_pid)
     q0 = db.statements(ctx.settings.database_url)
-    load0 = _load_cpu()
+    load0 = load_cpu()
     if s.loadgen == "wrk" and wrk_path() is not None:
         w = run_wrk_bodies(svcs[0].port, [bodies.body(i) for i in range(len(bodies))],
                            ctx.dir("wrk") / f"ingest-http-{bodies.tag}.lua",
@@ -113,7 +112,7 @@ def _saturate(ctx: RunContext, svc: Service | Sequence[Service], bodies: Envelop
                                     duration=s.duration, connections=s.connections,
                                     path=PATH, requests=len(bodies), headers=HEADERS))
         ok, failed, errors, elapsed = res.ok, res.failed, res.errors, res.elapsed
-    used, db_used, load_used = cpu() - cpu0, db.server_cpu(db_pid) - db0, _load_cpu() - load0
+    used, db_used, load_used = cpu() - cpu0, db.server_cpu(db_pid) - db0, load_cpu() - load0
     n = stored() - before
     ran = db.statements(ctx.settings.database_url) - q0
     if failed or errors or n < ok * bodies.batch:
@@ -122,14 +121,6 @@ def _saturate(ctx: RunContext, svc: Service | Sequence[Service], bodies: Envelop
     if not n:
         return Run(n, elapsed, float("nan"), float("nan"), float("nan"))
     return Run(n, elapsed, used / n * 1e6, db_used / n * 1e6, ran / n, load_used / n * 1e6)
-
-
-def _load_cpu() -> float:
-    """CPU seconds of the load generator so far: this process (the Python client) and
-    its waited-for children (wrk)."""
-    me, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
-                                                         resource.RUSAGE_CHILDREN))
-    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _replicas(ctx: RunContext, d: Path, broker: Broker, url: str, n: int) -> list[Service]:

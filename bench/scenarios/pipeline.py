@@ -17,20 +17,23 @@ import asyncio
 import json
 import logging
 import time
+from dataclasses import dataclass
 
 from bench import apps, db
 from bench.baselines.naive_webhook import TABLE, TABLE_DDL
 from bench.loadgen import LoadResult, open_loop
-from bench.procs import Broker, Service
+from bench.procs import Broker, Service, cpu_seconds
 from bench.samples import BodyFactory
 from bench.scenarios.common import (
     labelled,
+    load_cpu,
     metric,
     run_async,
     saturate,
     wait_edge_drained,
     wait_until,
 )
+from bench.scenarios.profiling import Profiler
 from bench.settings import RunContext
 
 log = logging.getLogger(__name__)
@@ -77,9 +80,10 @@ def run(ctx: RunContext) -> dict[str, float]:
         try:
             cs.start()
             edge.start()
-            accepts, sustained, lag = _sustained(ctx, edge, cs)
-            out["pipeline.accepts"], out["pipeline.sustained"] = accepts, sustained
-            out["pipeline.drain_lag_s"] = lag
+            plain = _sustained(ctx, edge, cs)
+            out["pipeline.accepts"], out["pipeline.sustained"] = plain.accepts, plain.rows
+            out["pipeline.drain_lag_s"] = plain.lag
+            out |= plain.figures("pipeline.")
 
             wait_edge_drained(edge)
             db.reset(url)
@@ -105,7 +109,14 @@ def run(ctx: RunContext) -> dict[str, float]:
             cs.start()
             edge.start()
             framed = _sustained(ctx, edge, cs, "BATCH_FRAMES=always")
-            out["pipeline.frames_sustained"] = framed[1]
+            out["pipeline.frames_sustained"] = framed.rows
+            out |= framed.figures("pipeline.frames_")
+            if s.profile and ctx.run == 0:  # an extra pass, not reported: py-spy slows both
+                profilers = [Profiler(ctx, svc.pid, name, s.duration) for svc, name in
+                             ((cs, "callback-pipeline-frames"), (edge, "edge-pipeline-frames"))]
+                saturate(ctx, edge, BodyFactory(robots=s.robots))
+                for profiler in profilers:
+                    profiler.finish()
         finally:
             edge.stop()
             cs.stop()
@@ -115,28 +126,54 @@ def run(ctx: RunContext) -> dict[str, float]:
     return out
 
 
-def _sustained(ctx: RunContext, edge: Service, cs: Service,
-               how: str = "") -> tuple[float, float, float]:
-    """(accepts a second, rows committed a second, seconds of lag) with the edge
-    saturated: the rows are counted until the last accepted callback is committed."""
+@dataclass(frozen=True, slots=True)
+class Sustained:
+    accepts: float  # a second, while the edge was saturated
+    rows: float  # committed a second, until the last accepted callback was
+    lag: float  # seconds from the end of the load to that last commit
+    #: CPU µs per committed row of each process on the path: edge, callback (server),
+    #: database (server; NaN when it is not on this machine), load (generator)
+    cpu_us: dict[str, float]
+
+    def figures(self, prefix: str) -> dict[str, float]:
+        """The CPU figures, and their sum: on a machine the whole pipeline shares, what
+        one row costs decides the rate (two cores: 2e6 / the sum, rows a second)."""
+        out = {f"{prefix}{name}_cpu_us": us for name, us in self.cpu_us.items()}
+        out[f"{prefix}cpu_us"] = sum(self.cpu_us.values())
+        return out
+
+
+def _sustained(ctx: RunContext, edge: Service, cs: Service, how: str = "") -> Sustained:
+    """The pipeline with the edge saturated: the rows are counted until the last accepted
+    callback is committed."""
     url = ctx.settings.database_url
+    db_pid = db.server_pid(url)
+
+    def cpu() -> dict[str, float]:
+        return {"edge": cpu_seconds(edge.pid), "callback": cpu_seconds(cs.pid),
+                "database": db.server_cpu(db_pid)}
+
     acc0 = labelled(edge, "edge_webhooks_total", 'outcome="accepted"')
     stored0 = metric(cs, "callback_messages_stored_total")
+    cpu0, load0 = cpu(), load_cpu()
     start = time.time()
     sat = saturate(ctx, edge, BodyFactory(robots=ctx.settings.robots))
-    load_end = time.time()
+    load_end, load = time.time(), load_cpu() - load0  # before this process polls
     accepted = labelled(edge, "edge_webhooks_total", 'outcome="accepted"') - acc0
     done = wait_until(
         lambda: metric(cs, "callback_messages_stored_total") - stored0 >= accepted,
         timeout=300, interval=0.05, what="pipeline rows committed")
+    used = {name: seconds - cpu0[name] for name, seconds in cpu().items()}
     rows = db.count(url, db.LOG_TABLE)
     if rows < accepted:
         raise RuntimeError(f"edge accepted {accepted:.0f}, log holds {rows}")
-    accepts, sustained = accepted / sat.elapsed, accepted / (done - start)
-    lag = max(0.0, done - load_end)
-    log.info("pipeline%s: %.0f accepts/s, %.0f rows/s sustained (lag %.1f s)",
-             f", {how}" if how else "", accepts, sustained, lag)
-    return accepts, sustained, lag
+    run = Sustained(accepted / sat.elapsed, accepted / (done - start), max(0.0, done - load_end),
+                    {name: seconds / accepted * 1e6
+                     for name, seconds in (*used.items(), ("load", load))})
+    log.info("pipeline%s: %.0f accepts/s, %.0f rows/s sustained (lag %.1f s); CPU µs a row: %s",
+             f", {how}" if how else "", run.accepts, run.rows, run.lag,
+             ", ".join(f"{name} {us:.0f}" for name, us in run.cpu_us.items()))
+    return run
 
 
 def _naive_callbacks(url: str) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime as dt
 import math
 import random
 import time
@@ -598,6 +599,15 @@ def test_long_keys_are_shortened_without_collisions() -> None:
     assert len(a) == len(b) == 64 and a != b and key("x" * 100 + "a", 64) == a
     assert key("short", 64) == "short"
     assert when(None) is None
+
+
+@given(st.floats(-1e10, 253402300799.0) | st.integers(0, 2**31).map(lambda ms: ms / 1000)
+       # just under a second, where the microseconds round up into the next one
+       | st.integers(-2**33, 2**33).map(lambda s: s - 1e-7))
+@settings(max_examples=500, deadline=None)
+def test_when_writes_what_datetime_writes(ts: float) -> None:
+    expected = dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    assert when(ts) == expected
 
 
 def test_mysql_statements_are_folded_into_multi_row_inserts() -> None:

@@ -9,6 +9,7 @@ an envelope can carry may make the database refuse it.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -44,10 +45,26 @@ Limits = Mapping[str, int]  # column -> most characters it takes
 
 
 def when(ts: float | None) -> str | None:
-    """Epoch seconds as a UTC ``DATETIME(3)`` literal both databases take and sort."""
+    """Epoch seconds as a UTC ``DATETIME(3)`` literal both databases take and sort.
+
+    The milliseconds are those of ``datetime.fromtimestamp`` (microseconds rounded half
+    to even, then cut), the rest is formatted once a second: strftime for every time of
+    every row was ~2.5 µs each, 4 % of the callback server's CPU.
+    """
     if ts is None:
         return None
-    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    fraction, whole = math.modf(ts)
+    second, micros = int(whole), round(fraction * 1e6)
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    elif micros < 0:
+        second, micros = second - 1, micros + 1_000_000
+    return f"{_second(second)}.{micros // 1000:03d}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _second(epoch: int) -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def robot_time(value: Any) -> float | None:

@@ -59,7 +59,7 @@ class Parsed(NamedTuple):
 def check_depth(raw: bytes, limit: int = MAX_DEPTH) -> None:
     """DepthError if ``raw`` nests deeper than ``limit``; brackets in strings do not count.
 
-    Each step is one C pass over the bytes (a 125 KiB batch frame in ~0.3 ms where a
+    Each step is one C pass over the bytes (a 125 KiB batch frame in ~0.4 ms where a
     regex and a loop over every byte took 3.6): Python only walks the brackets.
     """
     if raw.count(b"[") + raw.count(b"{") <= limit:

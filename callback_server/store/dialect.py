@@ -255,24 +255,26 @@ class Dialect:
         by the newer state.
 
         One statement for many robots, run in the batch's transaction after the upsert
-        (a statement per robot costs a round trip each on MySQL: 5x the batch's time);
-        both subqueries use the (org_id, robot_sn, ts) primary key.
+        (a statement per robot costs a round trip each on MySQL: 5x the batch's time).
+        The robot's newest point decides alone, one backward step of the (org_id,
+        robot_sn, ts) primary key: a point within ``every`` seconds exists exactly when
+        the newest is, and the status and charge state compared are the newest's. (As a
+        NOT EXISTS and two subqueries, three lookups a robot: 1.39 ms for a batch of 60
+        robots, 239 rows examined; now 1.04 ms, 140.)
         """
         h, r, m = self.quote(history), self.quote(robots), self.mark
         names = HISTORY.names
-        same = "{a}.org_id = r.org_id AND {a}.robot_sn = r.robot_sn"
-        last = (f"(SELECT {{col}} FROM {h} p WHERE {same.format(a='p')}"
-                f" ORDER BY p.ts DESC LIMIT 1)")
-        changed = " OR ".join(
-            f"COALESCE({last.format(col=f'p.{c}')}, '') <> COALESCE(r.{c}, '')"
-            for c in ("status", "charge_state"))
+        same = "p.org_id = r.org_id AND p.robot_sn = r.robot_sn"
+        alike = "".join(f" AND COALESCE(p.{c}, '') = COALESCE(r.{c}, '')"
+                        for c in ("status", "charge_state"))
+        covered = (f"(SELECT CASE WHEN p.ts > r.last_ts - {float(every)!r}{alike} THEN 1"
+                   f" ELSE 0 END FROM {h} p WHERE {same} ORDER BY p.ts DESC LIMIT 1)")
         select = (
             f"SELECT r.robot_sn, r.last_ts, {m}, r.org_id, r.gateway_id, r.status,"
             f" r.battery_level, r.charge_state, r.x, r.y, r.yaw, r.map_name FROM {r} r"
             f" WHERE ({self.pairs(('r.org_id', 'r.robot_sn'), count)})"
-            f" AND r.last_ts IS NOT NULL AND r.last_ts <= {m} AND ("
-            f"NOT EXISTS (SELECT 1 FROM {h} q WHERE {same.format(a='q')}"
-            f" AND q.ts > r.last_ts - {float(every)!r}) OR {changed})")
+            f" AND r.last_ts IS NOT NULL AND r.last_ts <= {m}"
+            f" AND COALESCE({covered}, 0) = 0")
         sets = [c for c in names if c not in ("robot_sn", "ts")]
         if self.mysql:
             update = "ON DUPLICATE KEY UPDATE " + ", ".join(f"{c} = VALUES({c})" for c in sets)

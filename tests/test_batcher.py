@@ -11,7 +11,14 @@ import pytest
 
 from bridge.envelope import Envelope
 from bridge.errors import StoreError, StoreRejectedError
-from callback_server.batcher import BatchWriter, Outcome, PendingFullError, Reason, Settled
+from callback_server.batcher import (
+    OVERLAP_MIN,
+    BatchWriter,
+    Outcome,
+    PendingFullError,
+    Reason,
+    Settled,
+)
 from callback_server.store import BatchResult, Item
 
 
@@ -218,22 +225,52 @@ async def test_a_robots_batches_are_written_one_at_a_time_in_order() -> None:
     w = BatchWriter(store, batch_max=2)
     settled: list[str] = []
     mine, other = "r0", "r1"
-    names = [("a0", mine), ("a1", mine), ("b0", other), ("a2", mine), ("a3", mine)]
+    names = [("a0", mine), ("a1", mine), ("b0", other), ("b1", other), ("a2", mine),
+             ("a3", mine)]
     for name, robot in names:
         w.submit("t", env(name, device=robot),
                  functools.partial(lambda n, _: settled.append(n), name))
     async with running(w):
         await store.batches_started(2)
-        assert store.most_in_flight == 2  # a0+a1 beside b0, not a2+a3
-        store.gates[1].set()  # b0 commits, but waits for a0 and a1 to be acknowledged
+        assert store.most_in_flight == 2  # a0+a1 beside b0+b1, not a2+a3
+        store.gates[1].set()  # b0+b1 commit, but wait for a0 and a1 to be acknowledged
         await asyncio.wait_for(store.one_left.wait(), 5)
         assert settled == [] and len(store.gates) == 2
         store.gates[0].set()  # a0+a1 commit: then a2+a3 is written
         await store.batches_started(3)
-        assert settled == ["a0", "a1", "b0"] and store.most_in_flight == 2
+        assert settled == ["a0", "a1", "b0", "b1"] and store.most_in_flight == 2
         store.gates[2].set()
         await asyncio.wait_for(w.drain(5), 6)
-        assert settled == ["a0", "a1", "b0", "a2", "a3"] and w.pending == 0
+        assert settled == ["a0", "a1", "b0", "b1", "a2", "a3"] and w.pending == 0
+
+
+@pytest.mark.parametrize("robots", [300, 3 * OVERLAP_MIN])
+async def test_what_queues_during_a_batch_goes_as_one_batch_unless_it_is_a_backlog(
+        robots: int) -> None:
+    """What an MQTT stream queues while a batch is in the database is written as one
+    batch after its commit: split into batches written side by side, a few hundred
+    robots made one full batch and slivers of a few robots each (a transaction's cost
+    is mostly per statement). A backlog (``OVERLAP_MIN`` messages) is still split into
+    thirds written at once, as a drain after an outage needs."""
+    store = GatedStore()
+    w = BatchWriter(store)
+    async with running(w):
+        w.submit("t", env("first", device="r"), lambda _: None)
+        await store.batches_started(1)
+        for i in range(robots):
+            w.submit("t", env(f"m{i}", device=f"r{i}"), lambda _: None)
+        store.gates[0].set()
+        await store.batches_started(2)
+        if robots < OVERLAP_MIN:
+            assert [len(b) for b in store.batches] == [1, robots] and store.in_flight == 1
+        else:
+            await store.batches_started(4)
+            assert [len(b) for b in store.batches] == [1] + [robots // 3] * 3
+            assert store.in_flight == 3
+        for gate in store.gates[1:]:
+            gate.set()
+        await asyncio.wait_for(w.drain(5), 6)
+        assert w.pending == 0
 
 
 async def test_an_http_push_starts_a_batch_at_once_an_mqtt_message_waits_for_a_commit() -> None:

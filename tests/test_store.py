@@ -18,6 +18,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+import aiomysql
 import pymysql
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -30,6 +31,7 @@ from bridge.topic import MAX_SN_BYTES
 from callback_server.retention import Retention
 from callback_server.store import BatchResult, SqlStore, Table, Targets, load_targets, open_store
 from callback_server.store.base import Query, Statement
+from callback_server.store.mysql import _mogrify
 from callback_server.store.rows import build_rows, key, when
 from callback_server.store.schema import COMMAND_TABLE, DEAD_TABLE, LOG_TABLE, ROBOT_ROW
 from tests.support.dbutil import query, scans
@@ -608,6 +610,45 @@ def test_long_keys_are_shortened_without_collisions() -> None:
 def test_when_writes_what_datetime_writes(ts: float) -> None:
     expected = dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
     assert when(ts) == expected
+
+
+@pytest.fixture(params=["", "NO_BACKSLASH_ESCAPES"])
+async def mysql_session(request: pytest.FixtureRequest,
+                        mariadb_url: str) -> AsyncIterator[aiomysql.Connection]:
+    """A MariaDB session with the server's sql_mode, then one where a backslash in a
+    string literal is an ordinary character."""
+    conn = await aiomysql.connect(host="127.0.0.1", user="root", password="", db="test",
+                                  charset="utf8mb4")
+    try:
+        if request.param:
+            async with conn.cursor() as cur:
+                await cur.execute(f"SET SESSION sql_mode = CONCAT_WS(',', "
+                                  f"NULLIF(@@SESSION.sql_mode, ''), '{request.param}')")
+        yield conn
+    finally:
+        conn.close()
+
+
+_LITERAL_VALUES = (st.none() | st.integers(-2**63, 2**63 - 1) | st.booleans()
+                   | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40)
+                   | st.sampled_from(["", "\0", "'", "\\", "\\'", "''", '"', "%s", "é😀",
+                                      "a\nb\r\t\x1a", "\\\\%_"]))
+
+
+@pytest.mark.integration
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(values=st.lists(_LITERAL_VALUES, min_size=1, max_size=12))
+async def test_values_inlined_in_statements_read_back_as_they_were(
+        mysql_session: aiomysql.Connection, values: list[Any]) -> None:
+    """The MySQL backend writes its statements' values as literals itself (faster than
+    the driver): whatever the text (quotes, backslashes, NUL, emoji) and whichever the
+    escaping mode, the server reads each value back as it was."""
+    async with mysql_session.cursor() as cur:
+        await cur.execute(_mogrify(mysql_session, "SELECT " + ", ".join(["%s"] * len(values)),
+                                   values))
+        got = list(await cur.fetchone())
+    assert got == [int(v) if isinstance(v, bool) else v for v in values]
 
 
 def test_mysql_statements_are_folded_into_multi_row_inserts() -> None:

@@ -948,7 +948,7 @@ async def test_an_envelope_without_received_at_is_still_ordered_by_its_time(
     assert (await robot(store, "NR"))["status"] == "newer"
 
 
-# -- what any text does to the log (MySQL takes the log's rows as one JSON parameter) ----
+# -- what any text does to the log (MySQL takes values as literals the store writes) -----
 
 _ANY_TEXT = st.text(st.characters(codec=None), max_size=40) | st.sampled_from(
     ["", "\0", "'", "\\", '"', "\\u0000", "%s", "é😀", "\ud800x", "$[0]", "a\nb\r\t"])
@@ -959,8 +959,8 @@ _ANY_TEXT = st.text(st.characters(codec=None), max_size=40) | st.sampled_from(
 @given(texts=st.lists(_ANY_TEXT, min_size=1, max_size=6))
 async def test_any_text_reaches_the_log_as_built(store: SqlStore, texts: list[str]) -> None:
     """Each row of the log holds exactly what build_rows made of the envelope, whatever
-    characters it carries (NUL, quotes, backslashes, lone surrogates, emoji): the JSON
-    the MySQL store passes and the database expands loses or alters nothing."""
+    characters it carries (NUL, quotes, backslashes, lone surrogates, emoji): the
+    literals the MySQL store writes lose or alter nothing."""
     batch = [item(dataclasses.replace(env("U", "status", 1000.0 + i, status=t, note=t),
                                       id=f"u-{uuid.uuid4().hex}-{t[:5]}", type=t or "x"))
              for i, t in enumerate(texts)]
@@ -975,14 +975,14 @@ async def test_any_text_reaches_the_log_as_built(store: SqlStore, texts: list[st
 
 
 async def test_a_batch_larger_than_one_packet_is_stored_in_one_write(store: SqlStore) -> None:
-    """100 envelopes of 100 KB each: their rows' JSON is over MariaDB's default packet
-    limit (16 MiB) as one statement, so the store sends them as several in the same
+    """200 envelopes of 100 KB each: their log rows, as one INSERT, are over MariaDB's
+    default packet limit (16 MiB), so the store sends them as several in the same
     transaction; every row lands with its payload whole, none refused."""
     note = "é" * 50_000
     batch = [item(env(f"BIG{i % 7}", "status", 1000.0 + i, status="idle", note=note))
-             for i in range(100)]
+             for i in range(200)]
     result = await store.write_batch(batch)
-    assert result.logged == 100
+    assert result.logged == 200
     ids = [e.id for _, e in batch]
     marks = ", ".join([store.dialect.mark] * len(ids))
     rows = await store.backend.fetch(
@@ -1003,7 +1003,7 @@ _STATE_NUMBERS = ("battery_level", "is_charging", "x", "y", "z", "yaw", "last_ts
 async def test_any_state_reaches_the_robot_row_as_built(
         store: SqlStore, texts: list[str], numbers: list[float]) -> None:
     """Each robot's state row holds exactly what build_rows made of its messages, whatever
-    their text and numbers: the robot rows, too, go to MySQL as one JSON parameter."""
+    their text and numbers."""
     x, y, z, yaw = numbers
     batch = []
     for i, t in enumerate(texts):
@@ -1019,28 +1019,6 @@ async def test_any_state_reaches_the_robot_row_as_built(
         assert {c: got[c] for c in _STATE_TEXT} == {c: want[c] for c in _STATE_TEXT}
         assert {c: None if got[c] is None else float(got[c]) for c in _STATE_NUMBERS} == \
             {c: None if want[c] is None else float(want[c]) for c in _STATE_NUMBERS}
-
-
-async def test_without_json_table_the_log_is_written_row_by_row(
-        db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A MySQL older than 8.0.4 (MariaDB before 10.6) has no JSON_TABLE: migrate says so
-    and the store binds the log's and events' rows as before, losing nothing."""
-    async def no_json_table(self: SqlStore) -> bool:
-        return False
-
-    monkeypatch.setattr(SqlStore, "_expands_json", no_json_table)
-    async with open_store(db_url) as store:
-        lines = await store.migrate()
-        assert ("JSON_TABLE not supported: rows bound one by one" in lines) == \
-            store.dialect.mysql
-        e = env("J", "event", 5.0, event_id="x1", event_level="error")
-        await store.write_batch([item(e), item(env("J", "status", 6.0, status="idle"))])
-        logged = await store.backend.fetch("SELECT id FROM mqtt_message_log")
-        events = await store.backend.fetch("SELECT event_id FROM robot_events")
-        state = await robot(store, "J")  # the robot rows too
-    assert e.id in {r["id"] for r in logged} and len(logged) == 2
-    assert [r["event_id"] for r in events] == ["x1"]
-    assert state["status"] == "idle"
 
 
 async def test_a_read_leaves_nothing_open(store: SqlStore, db_url: str) -> None:

@@ -15,7 +15,6 @@ from typing import Literal
 from callback_server.store.schema import (
     HISTORY,
     ROBOT_ROW,
-    STATE,
     STATE_GROUPS,
     Column,
     TableSpec,
@@ -157,18 +156,6 @@ class Dialect:
         verb = "INSERT IGNORE" if self.mysql else "INSERT OR IGNORE"
         return self.insert(table, columns).replace("INSERT", verb, 1)
 
-    def insert_ignore_json(self, table: str, spec: TableSpec) -> str | None:
-        """MySQL: ``insert_ignore`` of many rows passed as one parameter, a JSON array of
-        row arrays (``spec``'s column order) that the database expands (JSON_TABLE), one
-        value per statement instead of every value of every row (aiomysql's per-value
-        escaping was ~12 % of the consumer's CPU; the store inlines it as hex). None on
-        SQLite, whose executemany already binds in C."""
-        if not self.mysql:
-            return None
-        names = ", ".join(spec.names)
-        return (f"INSERT IGNORE INTO {self.quote(table)} ({names}) "
-                f"{_select_json(spec.columns)}")
-
     def new(self, column: str) -> str:
         """The incoming row's value of ``column`` inside an upsert's update clause."""
         return f"VALUES({column})" if self.mysql else f"excluded.{column}"
@@ -185,10 +172,8 @@ class Dialect:
     def greatest(self, a: str, b: str) -> str:
         return f"{'GREATEST' if self.mysql else 'MAX'}({a}, {b})"
 
-    def robot_upsert(self, table: str, horizon: float, *, as_json: bool = False) -> str:
+    def robot_upsert(self, table: str, horizon: float) -> str:
         """Upsert one robot row per robot, each state group moving only forward in time.
-        ``as_json`` (MySQL): the rows come as one JSON parameter, as in
-        ``insert_ignore_json`` (a robot row is 23 values the driver would escape one by one).
 
         The row carries every group; a group this batch did not see has a NULL
         watermark, and ``NULL >= x`` is never true, so the stored values stay. A group
@@ -222,11 +207,7 @@ class Dialect:
         # the watermarks therefore come last. SQLite reads the old row throughout.
         sets += [take(f"{g}_ts", f"{g}_ts") for g in STATE_GROUPS]
         sets.append(take("last_ts", "last_ts"))
-        if as_json and self.mysql:
-            insert = f"INSERT INTO {self.quote(table)} ({', '.join(ROBOT_ROW)}) {_ROBOT_JSON}"
-        else:
-            insert = self.insert(table, ROBOT_ROW)
-        return f"{insert} {head} {', '.join(sets)}"
+        return f"{self.insert(table, ROBOT_ROW)} {head} {', '.join(sets)}"
 
     def replay_point(self, history: str, every: float) -> str:
         """Insert one replayed history point (params: HISTORY's columns), its missing
@@ -282,23 +263,3 @@ class Dialect:
             update = ("ON CONFLICT(org_id, robot_sn, ts) DO UPDATE SET "
                       + ", ".join(f"{c} = excluded.{c}" for c in sets))
         return f"INSERT INTO {h} ({', '.join(names)}) {select} {update}"
-
-
-_JSON_TYPES = {"key": "VARCHAR({}) CHARACTER SET utf8mb4",
-               "str": "VARCHAR({}) CHARACTER SET utf8mb4",
-               "text": "LONGTEXT CHARACTER SET utf8mb4", "int": "BIGINT", "bool": "TINYINT",
-               "float": "DOUBLE", "time": "DATETIME(3)"}
-
-
-def _select_json(columns: Sequence[Column]) -> str:
-    """MySQL: ``SELECT`` the rows of one JSON parameter, an array of row arrays in
-    ``columns``' order. The expanded columns are named ``c0, c1, ...``: a name of the
-    target table would be ambiguous in an upsert's update clause."""
-    expanded = ", ".join(f"c{i} {_JSON_TYPES[c.kind].format(c.size)} PATH '$[{i}]'"
-                         for i, c in enumerate(columns))
-    picked = ", ".join(f"c{i}" for i in range(len(columns)))
-    return f"SELECT {picked} FROM JSON_TABLE(%s, '$[*]' COLUMNS ({expanded})) AS jt"
-
-
-#: The robot rows' SELECT from one JSON parameter: the same every batch, made once.
-_ROBOT_JSON = _select_json(tuple(STATE.column(name) for name in ROBOT_ROW))

@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-import orjson
-
 from bridge.clock import MAX_SKEW_SECONDS, RobotClocks
 from bridge.commands import CommandOutcome
 from bridge.errors import StoreError, StoreRejectedError
@@ -69,11 +67,6 @@ log = logging.getLogger(__name__)
 
 #: Robots per history or projection statement (a batch holds at most a few hundred).
 _HISTORY_CHUNK = 500
-# The most JSON one bulk statement carries: inlined as hex it doubles, and 8 MiB stays
-# under MariaDB's default max_allowed_packet (16 MiB; MySQL 8's is 64). A batch of
-# large payloads goes as several statements in the same transaction, not as one the
-# server refuses (which the batcher could only bisect, a round trip each).
-_JSON_BYTES = 4 * 2**20
 _LOG_ID, _LOG_ORG = LOG.column("id").size, LOG.column("org_id").size
 
 #: Keys of a robot as the read API returns it.
@@ -141,22 +134,6 @@ def _plain(name: str, value: Any) -> Any:
     return value
 
 
-def _bulk(sql: str, as_json: str | None, rows: list[tuple[Any, ...]]) -> list[Statement]:
-    """``rows`` for ``sql``, or as one JSON parameter for ``as_json`` where the dialect
-    has one (Dialect.insert_ignore_json): one statement, or several where the rows'
-    JSON is over _JSON_BYTES, so that no statement outgrows the server's packet limit."""
-    if as_json is None or not rows:
-        return [(sql, rows)]
-    data = orjson.dumps(rows)
-    if len(data) > _JSON_BYTES and len(rows) > 1:
-        half = len(rows) // 2
-        return _bulk(sql, as_json, rows[:half]) + _bulk(sql, as_json, rows[half:])
-    # Inlined as a hex literal, not bound as a string: the driver escapes a string one
-    # character at a time (11 µs a row of the log, 10 % of the consumer's CPU), where
-    # bytes.hex() takes 0.3 µs, and hex digits need no escaping.
-    return [(as_json % (f"CONVERT(X'{data.hex()}' USING utf8mb4)",), None)]
-
-
 def _already_logged(items: Sequence[Item], logged: list[dict[str, Any]]) -> frozenset[str]:
     """Envelope ids of ``items`` among the raw log's ``logged`` rows (org and id, both
     as stored: cut to their columns)."""
@@ -194,10 +171,8 @@ class SqlStore:
         self._warned: set[tuple[str, str, str]] = set()
         d = self.dialect
         self._log_sql = d.insert_ignore(LOG_TABLE, LOG.names)
-        self._log_json = d.insert_ignore_json(LOG_TABLE, LOG)
         self._runs_sql = d.insert_ignore(RUNS_TABLE, RUNS.names)
         self._event_sql = d.insert_ignore(OWN_EVENTS_TABLE, OWN_EVENTS.names)
-        self._event_json = d.insert_ignore_json(OWN_EVENTS_TABLE, OWN_EVENTS)
         # a task's state moves only forward in robot time (ts last: MySQL assigns in order)
         newer = f"{d.new('ts')} >= COALESCE(ts, {d.new('ts')})"
         columns = [c for c in TASKS.names if c not in (*TASKS.key, "ts")] + ["ts"]
@@ -242,20 +217,8 @@ class SqlStore:
                 mine[column] = min(mine.get(column, limit), limit)
         self._limits = limits
         self._projections = outcome.projections
-        if self._log_json is not None and not await self._expands_json():
-            self._log_json = self._event_json = None  # MySQL < 8.0.4, MariaDB < 10.6
-            outcome.lines.append("JSON_TABLE not supported: rows bound one by one")
         self._migrated = True
         return outcome.lines
-
-    async def _expands_json(self) -> bool:
-        """Whether the database has JSON_TABLE (what insert_ignore_json relies on)."""
-        try:
-            await self.backend.fetch(
-                "SELECT x FROM JSON_TABLE('[1]', '$[*]' COLUMNS (x INT PATH '$')) AS t")
-        except StoreRejectedError:
-            return False
-        return True
 
     async def _ready(self) -> None:
         """Migrate once: what waited for the first migration (the batches in flight at
@@ -299,11 +262,10 @@ class SqlStore:
                 from exc
         horizon = now + self.max_skew
         stamp = when(now)
-        log = _bulk(self._log_sql, self._log_json, rows.log)
-        events = _bulk(self._event_sql, self._event_json, rows.events)
-        statements: list[Statement] = [*log, *events,
-                                       *self._robot_upsert(horizon, rows.robots),
-                                       (self._runs_sql, rows.runs)]
+        statements: list[Statement] = [
+            (self._log_sql, rows.log), (self._event_sql, rows.events),
+            (self.dialect.robot_upsert(STATE_TABLE, horizon), rows.robots),
+            (self._runs_sql, rows.runs)]
         pairs = [(r[1], r[0]) for r in rows.robots]
         for i in range(0, len(pairs), _HISTORY_CHUNK):
             chunk = pairs[i:i + _HISTORY_CHUNK]
@@ -318,16 +280,9 @@ class SqlStore:
         duplicates = _already_logged(items, logged)
         for target_key, org in claimed.items():
             self._claims.setdefault(target_key, org)
-        return BatchResult(messages=len(items), logged=sum(counts[:len(log)]),
-                           events=sum(counts[len(log):len(log) + len(events)]),
+        return BatchResult(messages=len(items), logged=counts[0], events=counts[1],
                            robots=len(rows.robots), skewed=rows.skewed,
                            duplicate_ids=duplicates)
-
-    def _robot_upsert(self, horizon: float, robots: list[tuple[Any, ...]]) -> list[Statement]:
-        """The robot rows' upsert; one JSON parameter where the dialect expands one."""
-        as_json = self._log_json is not None
-        sql = self.dialect.robot_upsert(STATE_TABLE, horizon, as_json=as_json)
-        return _bulk(sql, sql if as_json else None, robots)
 
     def _refuse_unfit(self, items: Sequence[Item]) -> None:
         """StoreRejectedError for the first envelope whose sn or event id does not fit a

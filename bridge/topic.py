@@ -193,6 +193,13 @@ class TopicScheme:
         return Topic(f"{self.prefix}org/{self.org_id}/alerts")
 
 
+@functools.lru_cache(maxsize=4096)
+def scheme_of(org_id: str, prefix: str = "") -> TopicScheme:
+    """``TopicScheme(org_id, prefix)`` made once per org: a server placing each incoming
+    envelope under its org's topics checked the org and the prefix on every one."""
+    return TopicScheme(org_id, prefix)
+
+
 def _build_device_topic(prefix: str, org_id: str, device_id: str, channel: str) -> Topic:
     _check_segment("device_id", device_id)
     for part in channel.split("/"):

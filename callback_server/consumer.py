@@ -26,10 +26,10 @@ from bridge.topic import (
     BATCH_CHANNEL,
     GATEWAY_CHANNELS,
     DeviceAddress,
-    TopicScheme,
     all_devices_filter,
     channel_for,
     parse_device_topic,
+    scheme_of,
 )
 from bridge.transport import InboundMessage
 from callback_server.batcher import BatchWriter, OnCommit, Outcome, Reason, Settled
@@ -64,7 +64,7 @@ def frame_element(frame_topic: str, address: DeviceAddress, obj: object, prefix:
             f"batch element of {envelope.org}/{envelope.gateway} in a frame of "
             f"{address.org_id}/{address.device_id}")
     try:
-        topic = str(TopicScheme(envelope.org, prefix).device(
+        topic = str(scheme_of(envelope.org, prefix).device(
             envelope.device, envelope.channel or channel_for(envelope.type)))
     except FleetError as exc:
         return topic, None, Reason.MALFORMED.because(f"batch element: {exc}")

@@ -37,9 +37,9 @@ from bridge.http.body import read_body
 from bridge.topic import (
     BATCH_CHANNEL,
     DeviceAddress,
-    TopicScheme,
     channel_for,
     parse_device_topic,
+    scheme_of,
 )
 from callback_server.access import (
     Access,
@@ -104,7 +104,7 @@ def _element(obj: Any, notes: list[str], header_topic: str | None,
         element.org = envelope.org if address is None else address.org_id
         if address is None:
             channel = envelope.channel or channel_for(envelope.type)
-            element.topic = str(TopicScheme(envelope.org, prefix).device(envelope.device,
+            element.topic = str(scheme_of(envelope.org, prefix).device(envelope.device,
                                                                            channel))
             address = parse_device_topic(element.topic, prefix)
     except FleetError as exc:

@@ -45,7 +45,7 @@ from bridge.http.body import read_body
 from bridge.http.error_boundary import status_for
 from bridge.pudu import normalize
 from bridge.pudu.answer import CALLBACK_REQUEST, accepted
-from bridge.topic import TopicScheme
+from bridge.topic import TopicScheme, scheme_of
 from callback_server.batcher import Outcome
 from callback_server.ports import AppHost, Host
 from callback_server.settings import CallbackSettings
@@ -208,7 +208,7 @@ async def _accept(server: AppHost, request: Request, org: str,
         log.warning("robot %s: %s", norm.device_id, norm.notes[-1])
     device = norm.device_id or CLOUD_GATEWAY_ID
     try:
-        topic = str(TopicScheme(org, prefix).device(device, norm.channel))
+        topic = str(scheme_of(org, prefix).device(device, norm.channel))
     except TopicError as exc:
         raise InputError(exc.reason, field="data.sn") from None
     envelope = Envelope(

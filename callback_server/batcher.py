@@ -529,7 +529,6 @@ def _resolve(future: asyncio.Future[Settled], settled: Settled) -> None:
         future.set_result(settled)
 
 
-
 def _backlog(queued: dict[Robot, collections.deque[_Item]], writing: set[Robot],
              enough: int) -> bool:
     """Whether what is queued for robots with no batch in flight is worth batches in

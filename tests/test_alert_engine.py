@@ -667,6 +667,43 @@ async def test_robot_batches_within_the_window_are_evaluated_together(env: Env) 
     assert first < 1.5 <= second  # the lone message at once; the rest when the window ended
 
 
+async def test_batches_committed_during_an_evaluation_wait_for_the_next_window(
+        env: Env) -> None:
+    """Under a steady stream, what is committed while a window is being evaluated is the
+    next window's: evaluated as soon as the last one ended, every window held only the
+    few hundred robots of one evaluation's time, each read again several times a
+    second."""
+    evaluations: list[tuple[float, int]] = []  # (start, messages)
+    inside, release, second = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    settings = AlertSettings.model_validate({"evaluate_seconds": 1.0})
+    engine = AlertEngine(env.alerts, settings, lambda t: None, holder="w", clock=env.clock)
+    evaluate = engine.robots
+
+    async def slow(items: Any) -> list[Transition]:
+        evaluations.append((time.monotonic(), len(items)))
+        if len(evaluations) == 1:
+            inside.set()
+            await release.wait()  # the database takes its time; batches keep coming
+        made = await evaluate(items)
+        if len(evaluations) == 2:
+            second.set()
+        return made
+
+    engine.robots = slow  # type: ignore[method-assign]
+    async with asyncio.TaskGroup() as tg:
+        run = tg.create_task(engine.run(), name="alert-engine")
+        engine.observe([await env.commit("N1", "power", battery_level=50)])
+        await asyncio.wait_for(inside.wait(), 10)
+        for sn in ("N2", "N3"):
+            engine.observe([await env.commit(sn, "power", battery_level=50)])
+        release.set()
+        await asyncio.wait_for(second.wait(), 10)
+        run.cancel()
+    assert [n for _, n in evaluations] == [1, 2] and engine.pending == 0
+    # the next window opens evaluate_seconds after the last one began, not when it ended
+    assert evaluations[1][0] - evaluations[0][0] >= 1.0 - 0.05
+
+
 async def test_a_shop_level_callback_on_the_gateways_topic_is_no_robot(env: Env) -> None:
     # mapElementChange has no sn: it travels raw on the gateway's own topic and must not
     # make the gateway a watched robot (it would go "silent" and "offline" as one); a

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import itertools
 import logging
 import re
 import time
@@ -204,25 +205,36 @@ class AlertEngine:
 
     async def _drain(self, *, robots: bool = True) -> None:
         """Gateway and poll inputs in order; then, if ``robots``, the robot batches
-        queued, merged into evaluations of up to ``MAX_MERGED`` messages. An input leaves
-        its queue only once evaluated, so a database outage loses none."""
+        queued when the window ended, merged into evaluations of up to ``MAX_MERGED``
+        messages. An input leaves its queue only once evaluated, so a database outage
+        loses none.
+
+        Batches committed during the evaluation wait for the next window. Evaluated at
+        once, each window held only what came during the last one, and a fleet's robots
+        were read and decided several times a second (bench pipeline, batch frames,
+        1,000 robots: their facts read 42 times in a run instead of 17, the rules'
+        statements 75 -> 28 µs of MariaDB's time a row)."""
         while self._queue:
             kind, value = self._queue[0]
             await self._evaluate(kind, 1, self.poll_run(value) if kind == "poll"
                                  else self.gateway(*value))
             self._queue.popleft()
-        while robots and self._robots:
-            self._robots_due = time.monotonic() + self.settings.evaluate_seconds
+        if not robots or not self._robots:
+            return
+        self._robots_due = time.monotonic() + self.settings.evaluate_seconds
+        window = len(self._robots)
+        while window > 0 and self._robots:
             merged: list[tuple[str, Envelope]] = []
             n = 0
-            for batch in self._robots:
+            for batch in itertools.islice(self._robots, window):
                 if merged and len(merged) + len(batch) > MAX_MERGED:
                     break
                 merged += batch
                 n += 1
             await self._evaluate("robots", n, self.robots(merged))
-            for _ in range(n):
+            for _ in range(min(n, len(self._robots))):
                 self._robots.popleft()
+            window -= n
 
     async def _evaluate(self, kind: str, n: int, evaluation: Awaitable[Any]) -> None:
         try:

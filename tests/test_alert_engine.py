@@ -242,11 +242,16 @@ async def test_the_facts_of_a_batch_are_looked_up_not_scanned(env: Env) -> None:
         return await fetch(sql, args)
 
     env.alerts.backend.fetch = spy  # type: ignore[method-assign]
+    assert set(await env.alerts.facts({("acme", "F007"), ("acme", "F123")})) \
+        == {("acme", "F007"), ("acme", "F123")}
+    assert len(sent) == 1  # every robot has a state row: the watch is read with it
     wanted = {("acme", "F007"), ("acme", "F123"), ("other", "F007")}
     assert set(await env.alerts.facts(wanted)) == {("acme", "F007"), ("acme", "F123")}
     env.alerts.backend.fetch = fetch  # type: ignore[method-assign]
-    [(sql, args)] = sent
-    assert await scans(env.alerts.backend, sql, args) == []
+    assert len(sent) == 3  # then the watch alone, for the one robot without state
+    assert sent[2][1] == ["other", "F007"]
+    for sql, args in sent:
+        assert await scans(env.alerts.backend, sql, args) == []
 
 
 async def test_a_lapsed_lease_passes_to_another_replica(env: Env) -> None:

@@ -20,6 +20,7 @@ import pytest
 from bridge.envelope import Envelope
 from bridge.topic import DeviceAddress
 from callback_server.alerts import AlertEngine, AlertSettings, AlertStore, Transition
+from callback_server.alerts import engine as engine_module
 from callback_server.alerts.alert import Subject
 from callback_server.alerts.rules import RULES
 from callback_server.store import SqlStore, open_store
@@ -707,6 +708,28 @@ async def test_batches_committed_during_an_evaluation_wait_for_the_next_window(
     assert [n for _, n in evaluations] == [1, 2] and engine.pending == 0
     # the next window opens evaluate_seconds after the last one began, not when it ended
     assert evaluations[1][0] - evaluations[0][0] >= 1.0 - 0.05
+
+
+async def test_a_large_window_is_decided_a_few_hundred_robots_at_a_time(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fleet's window is read and decided in parts, each after a wait for the
+    database: at once, 1,000 robots held the event loop for tens of milliseconds, and
+    every HTTP answer due meanwhile waited. Every robot is still decided."""
+    monkeypatch.setattr(engine_module, "ROBOTS_AT_ONCE", 2)
+    sizes: list[int] = []
+    facts = env.alerts.facts
+
+    async def spy(robots: Any) -> Any:
+        sizes.append(len(robots))
+        return await facts(robots)
+
+    env.alerts.facts = spy  # type: ignore[method-assign]
+    items = [await env.commit(f"L{i}", "power", battery_level=4, charge_state="idle")
+             for i in range(5)]
+    made = await env.a.engine.robots(items)
+    assert sizes == [2, 2, 2, 2, 1, 1]  # each part's read, then its re-check (it opened)
+    assert sorted(t.alert.subject_id for t in made if t.name == "opened") == \
+        [f"L{i}" for i in range(5)]
 
 
 async def test_a_shop_level_callback_on_the_gateways_topic_is_no_robot(env: Env) -> None:

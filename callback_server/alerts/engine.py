@@ -84,6 +84,12 @@ _CLOCK_NOTE = re.compile(r"is implausible|clock went back|ahead of the (gateway|
 STATE_RULES = frozenset({"battery_low", "robot_offline", "robot_silent", "robot_stuck"})
 #: Robot messages evaluated at once at most (after an outage, the queue goes in parts).
 MAX_MERGED = 5_000
+#: Robots of a window read and decided together, between waits for the database. A
+#: fleet's 1,000 robots at once held the event loop for tens of milliseconds a window
+#: (reading their facts, deciding) and every answer due meanwhile waited: HTTP ingest at
+#: 500 POSTs/s, medians of three A/B pairs on a slow host, p99 42 -> 54 ms against
+#: windows run back to back; in parts of 250, 52 -> 55 ms and p50 11 -> 8.
+ROBOTS_AT_ONCE = 250
 #: Robots whose subjects are remembered; past this the memory starts again.
 MAX_REMEMBERED = 50_000
 
@@ -261,6 +267,16 @@ class AlertEngine:
                     robot.fault is None or rank(level) > rank(robot.fault["event_level"])):
                 robot.fault = {k: env.data.get(k) for k in
                                ("event_id", "event_level", "event_type", "event_detail")}
+        made: list[Transition] = []
+        robots = list(seen)
+        for i in range(0, len(robots), ROBOTS_AT_ONCE):
+            made += await self._some_robots(
+                {key: seen[key] for key in robots[i:i + ROBOTS_AT_ONCE]}, now)
+        return made
+
+    async def _some_robots(self, seen: dict[RobotKey, _Robot], now: float
+                           ) -> list[Transition]:
+        """``robots`` for some of a window's robots (a few hundred at most)."""
         facts = await self.store.facts(seen)
         await self.store.watch([(sn, org, is_stuck((facts.get((org, sn)) or {}).get("move_state")))
                                 for org, sn in seen], now, facts)

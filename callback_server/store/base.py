@@ -55,15 +55,13 @@ KEYS_A_QUERY = 500
 Query = tuple[str, Sequence[Any]]
 
 
-def keyed(query: Callable[[int], str], keys: Sequence[Sequence[Any]],
-          repeat: int = 1) -> list[Query]:
+def keyed(query: Callable[[int], str], keys: Sequence[Sequence[Any]]) -> list[Query]:
     """``query(n)`` for ``keys`` (composite keys, ``Dialect.pairs``), at most
-    ``KEYS_A_QUERY`` a query: its parameters are its n keys' values in order, ``repeat``
-    times for a query that names them more than once."""
+    ``KEYS_A_QUERY`` a query: its parameters are its n keys' values in order."""
     out: list[Query] = []
     for i in range(0, len(keys), KEYS_A_QUERY):
         chunk = keys[i:i + KEYS_A_QUERY]
-        out.append((query(len(chunk)), [v for k in chunk for v in k] * repeat))
+        out.append((query(len(chunk)), [v for k in chunk for v in k]))
     return out
 
 
@@ -84,11 +82,11 @@ class Backend(abc.ABC):
     async def fetch(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
         """Rows of one query, as dicts."""
 
-    async def fetch_keyed(self, query: Callable[[int], str], keys: Sequence[Sequence[Any]],
-                          repeat: int = 1) -> list[dict[str, Any]]:
+    async def fetch_keyed(self, query: Callable[[int], str], keys: Sequence[Sequence[Any]]
+                          ) -> list[dict[str, Any]]:
         """Rows of ``query(n)`` for ``keys`` (``keyed``)."""
         rows: list[dict[str, Any]] = []
-        for sql, args in keyed(query, keys, repeat):
+        for sql, args in keyed(query, keys):
             rows += await self.fetch(sql, args)
         return rows
 

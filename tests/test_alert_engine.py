@@ -675,10 +675,10 @@ async def test_robot_batches_within_the_window_are_evaluated_together(env: Env) 
 
 async def test_batches_committed_during_an_evaluation_wait_for_the_next_window(
         env: Env) -> None:
-    """Under a steady stream, what is committed while a window is being evaluated is the
-    next window's: evaluated as soon as the last one ended, every window held only the
-    few hundred robots of one evaluation's time, each read again several times a
-    second."""
+    """Under a steady stream, what is committed while a window is being evaluated waits
+    for the next window. Evaluated as soon as the last one ended (as it once was), each
+    window held only what came during one evaluation, and a fleet's robots were read
+    and decided again several times a second."""
     evaluations: list[tuple[float, int]] = []  # (start, messages)
     inside, release, second = asyncio.Event(), asyncio.Event(), asyncio.Event()
     settings = AlertSettings.model_validate({"evaluate_seconds": 1.0})

@@ -310,26 +310,26 @@ class MysqlBackend(Backend):
                 counts = [0] * len(statements)
 
                 async def send() -> None:
+                    nonlocal size
                     for owner, n in zip(owners, await _together(cur, pending, read),
                                         strict=True):
                         if owner >= 0:
                             counts[owner] += n
                     pending.clear()
                     owners.clear()
+                    size = 0
 
                 for i, (sql, rows) in enumerate(statements):
                     texts = _texts(conn, sql, rows)
                     if texts is None:  # not an INSERT: a row at a time, on its own
                         if pending:
                             await send()
-                            size = 0
                         await cur.executemany(sql, rows)
                         counts[i] = max(cur.rowcount, 0)
                         continue
                     for text in texts:
                         if pending and size + len(text) > _TOGETHER_CHARS:
                             await send()
-                            size = 0
                         pending.append(text)
                         owners.append(i)
                         size += len(text)

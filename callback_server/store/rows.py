@@ -21,7 +21,7 @@ from typing import Any
 from bridge.clock import MAX_SKEW_SECONDS, RobotClocks
 from bridge.envelope import Envelope
 from bridge.errors import TopicError
-from bridge.topic import GATEWAY_CHANNELS, ROBOT_CHANNELS, TopicScheme, channel_for
+from bridge.topic import GATEWAY_CHANNELS, ROBOT_CHANNELS, channel_for, scheme_of
 from callback_server.store.schema import (
     HISTORY_EVERY_SECONDS,
     LOG,
@@ -150,7 +150,7 @@ def _topic_of(env: Envelope, channel: str) -> str:
     """The unprefixed topic a bare envelope stands for (every ingest path has a topic; only
     direct store use passes bare envelopes); empty if its names cannot make one."""
     try:
-        return str(TopicScheme(env.org).device(env.device, channel))
+        return str(scheme_of(env.org).device(env.device, channel))
     except TopicError:
         return ""
 

@@ -142,6 +142,9 @@ def carry_over(path: Path, data: dict[str, Any], ran: tuple[str, ...]) -> dict[s
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    # httpx logs every request at INFO: 3,000 lines a run of the retry scenario, and the
+    # time the client spends on them delays its reading of the answers.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     s = parse_args(argv)
     mariadb = preflight(s)
     machine = notes(mariadb)

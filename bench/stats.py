@@ -145,6 +145,7 @@ FIGURES: tuple[Figure, ...] = (
     _f("retry.rss_after_mb", "callback server RSS after 3,000 requests", "MiB"),
     _f("retry.growth_mb", "RSS growth from the next 2,700 retries", "MiB"),
     _f("retry.held", "messages held (300 distinct)", "count"),
+    _f("retry.resent", "POSTs sent again: their connection closed under them", "count"),
     # 10. the cloud's HTTP ingest path (issue 31): POST /callback/messages -> MariaDB
     _f("ingest_http.naive_rate", "naive_ingest: envelopes committed, 1 per POST (baseline)",
        "env/s"),

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 TOKEN = "bench-rule"
 MESSAGES, BATCH, REQUESTS, CONCURRENCY, WARMUP = 300, 10, 3_000, 300, 300
+#: Times a POST is sent again after the server closed its connection under it.
+RESENDS = 3
 
 
 def _batches() -> list[bytes]:
@@ -38,22 +40,36 @@ def _batches() -> list[bytes]:
     return [json.dumps(envelopes[i:i + BATCH]).encode() for i in range(0, MESSAGES, BATCH)]
 
 
-async def _retry(url: str, batches: list[bytes], rounds: int) -> dict[str, int]:
-    """``rounds`` × every batch, ``CONCURRENCY`` at a time; the count of each status."""
+async def _retry(url: str, batches: list[bytes], rounds: int) -> tuple[dict[str, int], int]:
+    """``rounds`` × every batch, ``CONCURRENCY`` at a time; the count of each status, and
+    how many POSTs were sent again because the server had closed their kept-alive
+    connection (as the rule, which retries a failed delivery, would)."""
     statuses: dict[str, int] = {}
+    resent = 0
     # idle connections dropped before the server's 5 s keep-alive closes them: at the same
     # 5 s (httpx's default) a POST raced the server's close and failed with ReadError
     limits = httpx.Limits(max_connections=CONCURRENCY, keepalive_expiry=2.0)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
         async def post(body: bytes) -> None:
-            r = await client.post("/callback/messages", content=body,
-                                  headers={"X-Callback-Token": TOKEN})
+            nonlocal resent
+            for attempt in range(RESENDS + 1):
+                try:
+                    r = await client.post("/callback/messages", content=body,
+                                          headers={"X-Callback-Token": TOKEN})
+                    break
+                except (httpx.ReadError, httpx.RemoteProtocolError):
+                    # A reference run on a slow host once ended here (a connection
+                    # closed under a POST; the cause not found again in three runs). The
+                    # rule retries a failed delivery: so does this, counted.
+                    if attempt == RESENDS:
+                        raise
+                    resent += 1
             statuses[str(r.status_code)] = statuses.get(str(r.status_code), 0) + 1
 
         queue = [b for _ in range(rounds) for b in batches]
         for i in range(0, len(queue), CONCURRENCY):
             await asyncio.gather(*(post(b) for b in queue[i:i + CONCURRENCY]))
-    return statuses
+    return statuses, resent
 
 
 def _health(svc: Service) -> dict[str, Any]:
@@ -71,10 +87,11 @@ def run(ctx: RunContext) -> dict[str, float]:
         try:
             # The first 300 requests at full concurrency: the server's high-water mark of
             # connections and buffers; what follows are the retries that used to pile up.
-            run_async(_retry(svc.url, batches, WARMUP // len(batches)))
+            _, resent_first = run_async(_retry(svc.url, batches, WARMUP // len(batches)))
             first = rss_mib(svc.pid)
             held_first = _health(svc)["ingest_pending"]
-            statuses = run_async(_retry(svc.url, batches, (REQUESTS - WARMUP) // len(batches)))
+            statuses, resent = run_async(_retry(svc.url, batches,
+                                                (REQUESTS - WARMUP) // len(batches)))
             after = rss_mib(svc.pid)
             held = _health(svc)["ingest_pending"]
         finally:
@@ -83,6 +100,8 @@ def run(ctx: RunContext) -> dict[str, float]:
         raise RuntimeError(f"expected only 503 and {MESSAGES} held, got {statuses}, "
                            f"{held_first} then {held} held")
     log.info("callback server RSS with the database away: %.1f MiB after the first 300 "
-             "requests, %.1f MiB after 3,000; %d held", first, after, held)
+             "requests, %.1f MiB after 3,000; %d held; %d POSTs sent again on a connection "
+             "the server had closed", first, after, held, resent_first + resent)
     return {"retry.rss_first_mb": first, "retry.rss_after_mb": after,
-            "retry.growth_mb": after - first, "retry.held": float(held)}
+            "retry.growth_mb": after - first, "retry.held": float(held),
+            "retry.resent": float(resent_first + resent)}

@@ -228,6 +228,12 @@ def _nodelay_protocol(stats: NodelayStats, gate: ConnectionGate,
             task.add_done_callback(self.tasks.discard)
             self.tasks.add(task)
 
+        def _should_upgrade_to_ws(self) -> bool:
+            """An upgrade is still told apart, to be refused below: the server is given no
+            WebSocket protocol (``ws="none"``), which uvicorn would otherwise import, with
+            the ``websockets`` library, in every process (~2.5 MiB of an edge's ~60)."""
+            return True
+
         def handle_websocket_upgrade(self) -> None:
             """Refuse instead of switching protocols (the switch would leak our count)."""
             gate.upgrades_refused += 1
@@ -359,7 +365,7 @@ def make_server(app: Any, host: str, port: int, stats: NodelayStats,
     direct = getattr(app, "direct_routes", {})
     config = uvicorn.Config(
         forwarded, host=host, port=port,
-        http=_nodelay_protocol(stats, gate, direct, forwarded), access_log=False,
+        http=_nodelay_protocol(stats, gate, direct, forwarded), ws="none", access_log=False,
         proxy_headers=False,
         log_config=None, lifespan="off", server_header=False, date_header=False,
         # uvicorn hands it straight to call_later: a float is fine despite the int hint.

@@ -7,6 +7,10 @@ in one of the two day fields, day-of-week 1-7 = SUN-SAT (or names), and a year f
 five standard fields go to croniter; the year field and AWS's day numbering are adapted here.
 A bare number of seconds (the older ``PUDU_POLL_INTERVAL``) is ``rate`` of that many seconds.
 
+croniter (and dateutil, which it imports: ~0.4 MiB) is imported by the first cron()
+schedule, not by the module: every edge imports this through its settings, and most never
+poll on a cron().
+
 Catch-up: the poller asks for the first run time after its last run; one in the past means
 a run was missed (gateway down, a run overran) and it runs once now, not once per missed time.
 """
@@ -19,8 +23,6 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
-
-from croniter import croniter
 
 __all__ = ["Clock", "Schedule", "SystemClock", "parse"]
 
@@ -64,6 +66,8 @@ class Schedule:
         if self.period is not None:
             return (when // self.period + 1) * self.period
         assert self.cron is not None
+        from croniter import croniter  # only cron() schedules need it (module docstring)
+
         it = croniter(self.cron, datetime.fromtimestamp(when, UTC))
         limit = datetime.fromtimestamp(when, UTC).year + _HORIZON_YEARS
         while True:
@@ -139,6 +143,8 @@ def parse(expression: str | float) -> Schedule:
         raise ValueError("cron(): the W (nearest weekday) form is not supported")
     five = " ".join((minute, hour, "*" if dom == "?" else dom, month,
                      "*" if dow == "?" else _dow(dow.upper())))
+    from croniter import croniter  # only cron() schedules need it (module docstring)
+
     if not croniter.is_valid(five):
         raise ValueError(f"cron(): {cron.group(1)!r} is not a valid expression")
     schedule = Schedule(expression=text, cron=five, years=_years(year))

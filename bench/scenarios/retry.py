@@ -59,8 +59,8 @@ async def _retry(url: str, batches: list[bytes], rounds: int) -> tuple[dict[str,
                     break
                 except (httpx.ReadError, httpx.RemoteProtocolError):
                     # A reference run on a slow host once ended here (a connection
-                    # closed under a POST; the cause not found again in three runs). The
-                    # rule retries a failed delivery: so does this, counted.
+                    # closed under a POST; not seen again since, the cause not found).
+                    # The rule retries a failed delivery: so does this, counted.
                     if attempt == RESENDS:
                         raise
                     resent += 1

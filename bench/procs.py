@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from types import TracebackType
 from typing import Self
 
 from tests.support.procs import free_port as free_port  # one run never repeats a port
+from tests.support.procs import kill_process, terminate_process
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 
@@ -73,17 +73,10 @@ class Child:
         raise NotImplementedError
 
     def stop(self, timeout: float = 60.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        terminate_process(self.proc, timeout)
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        kill_process(self.proc)
 
     def __enter__(self) -> Self:
         return self.start()

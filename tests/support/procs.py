@@ -44,6 +44,23 @@ def port_open(host: str, port: int) -> bool:
         return False
 
 
+def terminate_process(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
+    """SIGTERM by PID and wait up to ``timeout``; then SIGKILL if it is still there."""
+    if proc is not None and proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            kill_process(proc)
+
+
+def kill_process(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGKILL by PID and wait: a crash."""
+    if proc is not None and proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
 def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
     """Return once ``host:port`` accepts TCP connections; ``TimeoutError`` after ``timeout``.
     Polling a connect is the readiness event here."""
@@ -128,18 +145,11 @@ class MosquittoProcess:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM by PID and wait: mosquitto saves its persistence file and exits."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        terminate_process(self.proc, timeout)
 
     def kill(self) -> None:
         """SIGKILL by PID and wait: a crash; nothing since the last autosave is kept."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        kill_process(self.proc)
 
     def close(self) -> None:
         """Stop, and remove the directory if this object made it."""

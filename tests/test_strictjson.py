@@ -171,3 +171,33 @@ def test_dumps_writes_what_json_writes_and_refuses_what_it_refuses(value: Any) -
             strictjson.dumps(value)
         return
     assert strict_loads(strictjson.dumps(value)) == expected
+
+
+def _reference(text: str) -> strictjson.Parsed:
+    """What ``loads`` must return: ``json``'s exact parse, cleaned."""
+    notes: list[str] = []
+    return strictjson.Parsed(strictjson.clean(json.loads(text), "", notes), notes)
+
+
+_digits = st.text("0123456789", min_size=14, max_size=24)
+#: Long runs of digits everywhere they can stand: integers (past 2^53 too), fractions,
+#: exponents, and strings (hex ids, serials) where they are only text.
+_long_runs = st.recursive(
+    st.integers(min_value=-2**63, max_value=2**64)
+    | _digits.map(lambda d: float(f"0.{d}")) | _digits.map(lambda d: float(f"{d}.5"))
+    | _digits | st.tuples(st.text("abcdef\"'", max_size=2), _digits,
+                          st.text("abcdef ,]", max_size=2)).map("".join),
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.text(max_size=4) | _digits, inner, max_size=3),
+    max_leaves=10,
+)
+
+
+@given(_long_runs, st.sampled_from([(None, (",", ":")), (None, (", ", ": ")),
+                                   (1, (",", ": ")), ("\t", (" ,", " : "))]))
+@settings(max_examples=500)
+def test_long_digit_runs_parse_as_json_parses_them(value: Any, layout: Any) -> None:
+    indent, separators = layout
+    text = json.dumps(value, indent=indent, separators=separators)
+    assert strictjson.loads(text) == _reference(text)
+    assert strictjson.loads(text.encode()) == _reference(text)

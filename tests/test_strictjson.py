@@ -180,8 +180,9 @@ def _reference(text: str) -> strictjson.Parsed:
 
 
 _digits = st.text("0123456789", min_size=14, max_size=24)
-#: Long runs of digits everywhere they can stand: integers (past 2^53 too), fractions,
-#: exponents, and strings (hex ids, serials) where they are only text.
+#: Long runs of digits everywhere they can stand: integers (past 2^53 too), the digits of
+#: floats (with or without an exponent), and strings (hex ids, serials, keys) where they
+#: are only text.
 _long_runs = st.recursive(
     st.integers(min_value=-2**63, max_value=2**64)
     | _digits.map(lambda d: float(f"0.{d}")) | _digits.map(lambda d: float(f"{d}.5"))

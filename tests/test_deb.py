@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support import pins
 from tests.support.procs import free_port
 from tests.support.services import edge_agent
 from tests.test_install import NO_INDEX, ROOT, aarch64_wheelhouse, build_lock, wheelhouse
@@ -115,6 +116,8 @@ def test_the_amd64_package_holds_what_a_debian_admin_expects(debs: dict[str, Pat
                  "/opt/pudu-fleet-bridge/.venv/bin/edge-agent"):
         assert path in files, path
     assert not any(f.startswith("/etc/systemd") for f in files)  # the admin's, not ours
+    # every dependency at the version the suite passed with
+    assert "fastapi" in pins.in_paths(files) and pins.off_pin(pins.in_paths(files)) == {}
     control = subprocess.run(["dpkg-deb", "-I", str(deb), "conffiles"], capture_output=True,
                              text=True, check=True).stdout.split()
     assert sorted(control) == ["/etc/callback-server/config.yaml", "/etc/edge-agent/config.yaml"]
@@ -128,6 +131,7 @@ def test_the_arm64_package_holds_only_aarch64_code(debs: dict[str, Path],
     assert "Architecture: arm64" in fields(deb)
     files = contents(deb)
     assert "/opt/pudu-fleet-bridge/.venv/bin/edge-agent" in files
+    assert "awscrt" in pins.in_paths(files) and pins.off_pin(pins.in_paths(files)) == {}
     machines = elf_machines(deb, tmp_path)
     names = " ".join(machines)
     for native in ("awscrt", "pydantic_core", "orjson", "uvloop", "httptools"):

@@ -28,6 +28,7 @@ import httpx
 import pytest
 
 from bridge.envelope import Envelope
+from tests.support import pins
 from tests.support.dbutil import query, scratch_mysql_database
 from tests.support.mqtt_probe import Probe, publish_once
 from tests.support.procs import MosquittoProcess, free_port
@@ -258,6 +259,9 @@ def test_final_image_holds_no_compiler_pip_cache_or_tests() -> None:
         venv = Path("opt/pudu-fleet-bridge")
         site = venv / "lib/python3.11/site-packages"
         assert (root / site / "bridge").is_dir() and (root / venv / "bin/callback-server").exists()
+        # every dependency at the version the suite passed with (constraints.txt)
+        held = pins.in_paths(str(p) for p in files if p.is_relative_to(site))
+        assert "boto3" in held and pins.off_pin(held) == {}
         # no pip (installed into by the build stage's pip), no pip cache anywhere
         assert not (root / site / "pip").exists() and not (root / venv / "bin/pip").exists()
         assert not [p for p in files if p.parts[-2:] == (".cache", "pip")]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import pins
 from tests.support.procs import free_port
 from tests.support.services import edge_agent
 
@@ -166,6 +167,21 @@ def test_an_aarch64_gateway_wheelhouse_resolves(aarch64_wheelhouse: Path) -> Non
     for binary in ("awscrt", "uvloop", "httptools", "pydantic_core", "orjson"):
         wheel = next((n for n in names if n.startswith(binary + "-")), None)
         assert wheel is not None and "aarch64" in wheel, (binary, names)
+
+
+def test_a_wheelhouse_holds_the_pinned_versions_and_nothing_else(
+        wheelhouse: Path, aarch64_wheelhouse: Path, tmp_path: Path) -> None:
+    for house in (wheelhouse, aarch64_wheelhouse):
+        found = pins.in_wheelhouse(house)
+        assert {"awscrt", "fastapi", "paho-mqtt"} <= found.keys(), sorted(found)
+        assert pins.off_pin(found) == {}, house
+    # the pins are what is asked for, not merely what the index has newest: one the index
+    # lacks stops the build, by name
+    edited = tmp_path / "constraints.txt"
+    edited.write_text(re.sub(r"(?m)^croniter==.*$", "croniter==0.0.1",
+                             pins.CONSTRAINTS.read_text()))
+    done = make("wheelhouse", f"WHEELHOUSE={tmp_path / 'house'}", f"CONSTRAINTS={edited}")
+    assert done.returncode != 0 and "croniter==0.0.1" in done.stderr, done.stderr[-2000:]
 
 
 def test_a_platform_without_wheels_is_named_before_the_gateway_compiles(

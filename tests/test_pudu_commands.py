@@ -116,6 +116,11 @@ def _send(prefix: str, gateway: str, commands: list[tuple[str, str, dict[str, An
         base = f"{prefix}/org/acme/device/{gateway}"
         client.subscribe(base + "/response", qos=1)
         assert subacked.wait(10), "no SUBACK"  # else an early answer could be missed
+        # A first start answers health before its broker connection: the command
+        # subscription goes out once the broker accepts the connection, and a command published
+        # before that is dropped (no session holds the filter yet).
+        eventually(lambda: agent.health()["broker_connected"], within=20,
+                   what="edge agent connected to the broker")
         for message_id, name, args in commands:
             info = client.publish(base + "/command", json.dumps(
                 {"messageId": message_id, "command": name, "args": args}), qos=1)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 
 import paho.mqtt.client as mqtt
 import pytest
 
 from bridge.backoff import backoff_delay
-from bridge.transport import InboundMessage, MqttSettings
+from bridge.transport import InboundMessage, MqttSettings, Will
 from bridge.transport.paho import DELIVER_PER_TURN, PahoTransport
 
 pytestmark = pytest.mark.integration
@@ -86,6 +87,25 @@ async def test_persistent_session_still_gets_this_runs_subscriptions() -> None:
     async with PahoTransport(MqttSettings.from_url(BROKER, client_id=client_id,
                                                    clean_start=True)) as c:
         await asyncio.wait_for(c.wait_connected(), 5)
+
+
+async def test_subscriptions_go_out_before_the_birth_message(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Whoever reacts to our "online" (a cloud sending a gateway a command) must find us
+    subscribed: on one connection the broker handles packets in the order they were sent."""
+    caplog.set_level(logging.DEBUG, logger="paho.mqtt")  # paho's per-packet lines
+    presence = f"test/{uuid.uuid4().hex}/presence"
+    birth = Will(presence, b"online", qos=1, retain=False)
+    transport = PahoTransport(_settings("birth", clean_start=True, birth=birth))
+    await transport.subscribe(f"test/{uuid.uuid4().hex}/command", qos=1)
+    async with transport:
+        await asyncio.wait_for(transport.wait_connected(), 5)
+    sent = [r.getMessage() for r in caplog.records
+            if r.name == "paho.mqtt" and r.getMessage().startswith("Sending ")]
+    subscribe = next(i for i, line in enumerate(sent) if line.startswith("Sending SUBSCRIBE"))
+    online = next(i for i, line in enumerate(sent)
+                  if line.startswith("Sending PUBLISH") and presence in line)
+    assert subscribe < online, sent
 
 
 def test_backoff_is_jittered_and_capped() -> None:

@@ -398,14 +398,16 @@ class PahoTransport(Transport):
         session_present = bool(getattr(flags, "session_present", False))
         log.info("MQTT connected to %s:%s (session present: %s)",
                  self.settings.host, self.settings.port, session_present)
-        birth = self.settings.birth
-        if birth:
-            client.publish(birth.topic, birth.payload, birth.qos, birth.retain)
         # Always, even with a session present: the session holds the subscriptions of the
         # last run, which may differ (another TOPIC_PREFIX, a new route), and a repeated
         # SUBSCRIBE only replaces one (retained messages come again: handlers are idempotent).
         for flt, qos in list(self._subs.items()):
             client.subscribe(flt, qos)
+        # Then "online": the broker takes one connection's packets in order, so whoever
+        # answers our birth (a command to this gateway) finds us subscribed.
+        birth = self.settings.birth
+        if birth:
+            client.publish(birth.topic, birth.payload, birth.qos, birth.retain)
         self._call(self._notify_connection, True)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,

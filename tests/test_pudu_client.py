@@ -20,7 +20,7 @@ from edge_agent.pudu import signing
 from edge_agent.pudu.client import PuduClient
 from edge_agent.pudu.settings import PuduApiSettings
 from tests.support.procs import free_port
-from tests.support.pudu_stub import KEY, SECRET, StubServer, serve_stub
+from tests.support.pudu_stub import KEY, MAX_SKEW, SECRET, StubServer, serve_stub
 
 
 @pytest.fixture
@@ -58,7 +58,10 @@ async def test_wrong_signature_key_or_date_is_401_and_not_retried(
         {"api_key": "other"} if change == "key" else {}
     client = PuduClient(settings(stub.url, **kw))
     if change in ("stale", "future"):
-        client.clock = lambda: time.time() + (-901 if change == "stale" else 901)
+        # A minute past the window: x-date drops the fraction of a second, so a clock
+        # 901 s ahead can be read as 900.x s ahead, and accepted.
+        skew = MAX_SKEW + 60
+        client.clock = lambda: time.time() + (-skew if change == "stale" else skew)
     async with client:
         with pytest.raises(PuduAuthError) as info:
             await client.status("R1")

@@ -187,11 +187,12 @@ class EdgeAgent:
             log.info("released %d messages held for downsampling before the restart", released)
         await self._stack.enter_async_context(self.journal)
         await self._stack.enter_async_context(self.router)
-        # Route before connecting: a resumed session delivers queued commands at once.
+        # Route and subscribe before connecting: a resumed session delivers queued commands
+        # at once, and the subscription goes out ahead of our "online" on every connect.
         self.router.add(self.commands.command_topic, self.commands.on_message)
+        await self.router.subscribe(self.commands.command_topic, qos=1)
         await self._stack.enter_async_context(self.transport)
         await self._stack.enter_async_context(self.proxy)
-        await self.router.subscribe(self.commands.command_topic, qos=1)
         self.transport.add_connection_listener(
             lambda up: self.metrics.broker_connected.set(1 if up else 0)
         )

@@ -15,7 +15,14 @@ from contextlib import AsyncExitStack
 import pytest
 
 from bridge.errors import PublishRefusedError
-from bridge.transport import InboundMessage, MqttSettings, TlsFiles, Transport, create_transport
+from bridge.transport import (
+    InboundMessage,
+    MqttSettings,
+    TlsFiles,
+    Transport,
+    Will,
+    create_transport,
+)
 
 Make = Callable[..., Transport]
 BACKENDS = [
@@ -195,6 +202,23 @@ async def test_a_persistent_session_redelivers_what_was_not_acked(make: Make) ->
 
 
 # -- what only the in-process broker lets a test do to it ------------------------------------
+async def test_subscriptions_asked_before_start_are_in_place_when_birth_is_seen(
+        make: Make, stack: AsyncExitStack) -> None:
+    """A gateway subscribes to its commands before connecting and says "online" once
+    connected: whoever answers that at once (a cloud with a command) must reach it."""
+    topic = base()
+    watcher = await started(stack, make(clean_start=True))
+    births = Inbox(watcher)
+    await watcher.subscribe(topic + "/presence", qos=1)
+    gateway = make(clean_start=True, birth=Will(topic + "/presence", b"online", qos=1))
+    commands = Inbox(gateway)
+    await gateway.subscribe(topic + "/command", qos=1)  # before start: goes out on connect
+    await started(stack, gateway)
+    assert [m.payload for m in await births.take(1)] == [b"online"]
+    await watcher.publish(topic + "/command", b"ping", qos=1)
+    assert [m.payload for m in await commands.take(1)] == [b"ping"]
+
+
 async def test_memory_broker_refusals_outages_and_last_will() -> None:
     from bridge.errors import PublishRefusedError
     from bridge.transport import Will

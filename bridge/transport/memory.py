@@ -211,7 +211,7 @@ class MemoryTransport(Transport):
         self.settings = settings
         self.broker = broker if broker is not None else MemoryBroker.named(settings.host)
         self._pending: list[tuple[str, bytes, int, bool, asyncio.Future[None]]] = []
-        self._filters: dict[str, int] = {}  # subscribed again when a session was not kept
+        self._filters: dict[str, int] = {}  # subscribed on connect where the session lacks one
         self._started = False
 
     @property
@@ -242,8 +242,9 @@ class MemoryTransport(Transport):
             return
         self.connected_event.set()  # connected before the session replays into us
         present = self.broker.connect(self)
-        if not present:
-            for topic_filter, qos in self._filters.items():
+        held = self.broker.sessions[self.settings.client_id].filters if present else {}
+        for topic_filter, qos in self._filters.items():
+            if held.get(topic_filter) != qos:  # not kept, or asked for while away
                 self.broker.subscribe(self.settings.client_id, topic_filter, qos)
         self._notify_connection(True)
         birth = self.settings.birth
@@ -288,10 +289,10 @@ class MemoryTransport(Transport):
             self._loop.call_soon(_resolve, fut, error)
 
     async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
-        if not self.connected:
-            raise NotConnectedError("not connected to the memory broker")
-        await asyncio.sleep(0)  # the SUBACK, on a later iteration
         self._filters[topic_filter] = qos
+        if not self.connected:
+            return  # sent on connect, as the network transports do
+        await asyncio.sleep(0)  # the SUBACK, on a later iteration
         self.broker.subscribe(self.settings.client_id, topic_filter, qos)
 
     async def unsubscribe(self, topic_filter: str) -> None:

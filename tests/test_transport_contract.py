@@ -201,7 +201,6 @@ async def test_a_persistent_session_redelivers_what_was_not_acked(make: Make) ->
         await asyncio.wait_for(cleanup.wait_connected(), 10)
 
 
-# -- what only the in-process broker lets a test do to it ------------------------------------
 async def test_subscriptions_asked_before_start_are_in_place_when_birth_is_seen(
         make: Make, stack: AsyncExitStack) -> None:
     """A gateway subscribes to its commands before connecting and says "online" once
@@ -219,9 +218,8 @@ async def test_subscriptions_asked_before_start_are_in_place_when_birth_is_seen(
     assert [m.payload for m in await commands.take(1)] == [b"ping"]
 
 
+# -- what only the in-process broker lets a test do to it ------------------------------------
 async def test_memory_broker_refusals_outages_and_last_will() -> None:
-    from bridge.errors import PublishRefusedError
-    from bridge.transport import Will
     from bridge.transport.memory import MemoryBroker
 
     name = f"mem-{uuid.uuid4().hex[:8]}"

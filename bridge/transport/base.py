@@ -149,7 +149,8 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
-        """Subscribe now and again after every reconnect that lost the session."""
+        """Subscribe now and again after every reconnect that lost the session; asked for
+        before start or while away, the SUBSCRIBE goes out on connect, ahead of the birth."""
 
     @abc.abstractmethod
     async def unsubscribe(self, topic_filter: str) -> None: ...

@@ -16,6 +16,16 @@ Acknowledgements (for a transport with ``manual_ack``): a route added with
 message has acked. A message no manual route matched is acked right after dispatch.
 A manual handler that raises leaves its message unacknowledged: the broker redelivers it
 after the next reconnect (at-least-once), which is the safe way to fail.
+
+Overlapping subscriptions: Mosquitto and AWS IoT Core send one copy of a publication per
+matching subscription of the connection (MQTT §3.3.4 allows it), and neither tells which
+subscription a copy is for (AWS IoT has no MQTT 5 Subscription Identifiers). Handed to
+every matching route, each copy would reach each route once more: a REST proxy push sent
+twice under two delivery ids, a command run twice. So a copy -- the same topic and
+payload again, within ``COPY_WINDOW`` seconds, while fewer copies than this connection's
+other matching subscriptions have come -- is acknowledged and not dispatched. A broker
+that sends one copy leaves a window open in which one identical publication on such a
+topic would be taken for a copy; envelopes never repeat (each has its own id).
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import asyncio
 import inspect
 import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -40,6 +51,13 @@ log = logging.getLogger(__name__)
 #: Topics (at most REMEMBERED_TOPIC_CHARS long, at most this many) whose matching routes
 #: are remembered.
 _REMEMBERED_TOPICS = 8192
+
+#: Seconds within which the same topic and payload again is a broker's copy for another
+#: of this connection's matching subscriptions (copies of one publication are sent back
+#: to back: one incoming PUBLISH, one copy per subscription).
+COPY_WINDOW = 2.0
+#: At most this many publications awaiting copies are remembered (expired ones go first).
+_AWAITED_COPIES = 4096
 
 Handler = Callable[[InboundMessage], Awaitable[None] | None]
 
@@ -67,6 +85,22 @@ class _BrokerSub:
 
 
 @dataclass(slots=True)
+class _Copies:
+    """A publication dispatched on a topic several broker subscriptions match."""
+
+    left: int        # copies still to come from the broker
+    until: float     # monotonic deadline; later, the same payload is a new publication
+
+
+@dataclass(frozen=True, slots=True)
+class _Match:
+    """What a topic matches: the routes, and how many of our broker subscriptions."""
+
+    routes: tuple[_Route, ...]
+    subscriptions: int
+
+
+@dataclass(slots=True)
 class _Unacked:
     message: InboundMessage  # held so id(message) stays unique while tracked
     remaining: int
@@ -83,14 +117,19 @@ class MessageRouter:
         self.received = 0
         self.unmatched = 0
         self.handler_errors = 0
+        #: Copies of one publication for overlapping subscriptions, acked and not dispatched.
+        self.copies = 0
         self._ids = itertools.count(1)
         self._routes: dict[int, _Route] = {}
         # Rebuilt on add/remove so dispatch (per message) never copies the dict.
         self._snapshot: tuple[_Route, ...] = ()
         # The routes each recent topic matched (cleared with the snapshot): matching every
         # filter against every message was ~5 % of the callback server's CPU.
-        self._matched: dict[str, tuple[_Route, ...]] = {}
+        self._matched: dict[str, _Match] = {}
         self._subs: dict[str, _BrokerSub] = {}
+        self._sub_filters: tuple[TopicFilter, ...] = ()
+        # (topic, payload) of publications whose further copies are still to come.
+        self._awaited: dict[tuple[str, bytes], _Copies] = {}
         # Broker (un)subscribes are rare; one lock keeps the refcount and the broker's
         # state in step without per-filter lock bookkeeping.
         self._sub_lock = asyncio.Lock()
@@ -159,6 +198,7 @@ class MessageRouter:
                     self._spawn(self._drop_orphan(flt), f"router-orphan-{flt}")
                     raise
                 self._subs[flt] = _BrokerSub(1, qos)
+                self._subscriptions_changed()
                 return
             if qos > entry.qos:
                 await self._broker_subscribe(flt, qos)
@@ -179,7 +219,12 @@ class MessageRouter:
             if entry.count > 0:
                 return
             del self._subs[topic_filter]
+            self._subscriptions_changed()
             await self._broker_unsubscribe(topic_filter)
+
+    def _subscriptions_changed(self) -> None:
+        self._sub_filters = tuple(TopicFilter(flt) for flt in self._subs)
+        self._matched = {}
 
     def filters(self) -> dict[str, int]:
         """Broker-level filters and how many holders each has."""
@@ -207,13 +252,19 @@ class MessageRouter:
         """The transport's ``message_handler``: runs in the event loop, never raises."""
         self.received += 1
         topic = message.topic
-        matched = self._matched.get(topic)
-        if matched is None:
-            matched = tuple(r for r in self._snapshot if r.topic_filter.matches(topic))
+        match = self._matched.get(topic)
+        if match is None:
+            match = _Match(tuple(r for r in self._snapshot if r.topic_filter.matches(topic)),
+                           sum(1 for f in self._sub_filters if f.matches(topic)))
             if len(topic) <= REMEMBERED_TOPIC_CHARS:
                 if len(self._matched) >= _REMEMBERED_TOPICS:
                     self._matched.clear()
-                self._matched[topic] = matched
+                self._matched[topic] = match
+        if match.subscriptions > 1 and not message.retain and self._is_copy(message, match):
+            self.copies += 1
+            self.transport.ack(message)
+            return
+        matched = match.routes
         manual = sum(1 for r in matched if r.manual_ack)
         if manual and message.qos > 0:
             # Registered before any handler runs, so a handler may ack synchronously.
@@ -229,6 +280,25 @@ class MessageRouter:
                 log.debug("no route for message on %s", topic)
         if not manual:
             self.transport.ack(message)
+
+    def _is_copy(self, message: InboundMessage, match: _Match) -> bool:
+        """Whether ``message`` is a further copy of a publication already dispatched
+        (see the module's docstring); if not, it is the first, and its copies are awaited.
+        A retained message is never one: it comes for one new subscription only."""
+        key = (message.topic, message.payload)
+        now = time.monotonic()
+        awaited = self._awaited.get(key)
+        if awaited is not None and awaited.until >= now:
+            awaited.left -= 1
+            if awaited.left <= 0:
+                del self._awaited[key]
+            return True
+        if len(self._awaited) >= _AWAITED_COPIES:
+            self._awaited = {k: v for k, v in self._awaited.items() if v.until >= now}
+            if len(self._awaited) >= _AWAITED_COPIES:
+                self._awaited.clear()
+        self._awaited[key] = _Copies(match.subscriptions - 1, now + COPY_WINDOW)
+        return False
 
     def _call(self, handler: Handler, message: InboundMessage, label: str,
               manual_ack: bool) -> None:

@@ -299,6 +299,68 @@ async def test_attach_and_detach() -> None:
     assert transport.calls == [("sub", "d/#", 1), ("unsub", "d/#", 0)]
 
 
+async def test_a_publication_reaches_each_route_once_whatever_its_copies() -> None:
+    """A broker sends one copy per matching subscription (Mosquitto, AWS IoT Core): the
+    second copy is acked and not dispatched again, so a proxy push or a command runs once."""
+    transport = FakeTransport()
+    router = MessageRouter(transport)
+    got: dict[str, list[bytes]] = {"wide": [], "own": []}
+    await router.attach("org/o/device/+/command", lambda m: got["wide"].append(m.payload))
+    await router.attach("org/o/device/gw/command", lambda m: got["own"].append(m.payload))
+    first = transport.deliver("org/o/device/gw/command", b"reboot")
+    copy = transport.deliver("org/o/device/gw/command", b"reboot")
+    assert got == {"wide": [b"reboot"], "own": [b"reboot"]}
+    assert transport.acked == [first, copy] and router.copies == 1
+    # Its copies in, the same payload again is a new publication; so is another topic's.
+    transport.deliver("org/o/device/gw/command", b"reboot")
+    transport.deliver("org/o/device/r1/command", b"reboot")
+    transport.deliver("org/o/device/r1/command", b"reboot")  # one subscription matches r1
+    assert got == {"wide": [b"reboot"] * 4, "own": [b"reboot"] * 2}
+
+
+async def test_copies_are_told_by_payload_and_time_and_retained_ones_are_not() -> None:
+    transport = FakeTransport()
+    router = MessageRouter(transport)
+    got: list[bytes] = []
+    await router.attach("a/#", lambda m: got.append(m.payload))
+    await router.subscribe("a/b", 1)  # a second subscription, no route of its own
+    transport.deliver("a/b", b"1")
+    transport.deliver("a/b", b"2")  # another publication between the copies
+    transport.deliver("a/b", b"1")
+    transport.deliver("a/b", b"2")
+    assert got == [b"1", b"2"] and router.copies == 2
+    retained = InboundMessage(topic="a/b", payload=b"3", qos=1, retain=True, mid=2)
+    assert transport.message_handler is not None
+    transport.message_handler(retained)  # sent for one new subscription: never a copy
+    transport.message_handler(retained)
+    assert got == [b"1", b"2", b"3", b"3"]
+    transport.deliver("a/b", b"4")
+    router._awaited[("a/b", b"4")].until -= 10  # the window has passed: a new publication
+    transport.deliver("a/b", b"4")
+    assert got[-2:] == [b"4", b"4"] and router.copies == 2
+
+
+@pytest.mark.integration
+async def test_overlapping_subscriptions_deliver_once_against_mosquitto() -> None:
+    base = f"test/{uuid.uuid4().hex}"
+    settings = [MqttSettings.from_url(BROKER, client_id=f"t-{role}-{uuid.uuid4().hex[:8]}",
+                                      clean_start=True) for role in ("over", "opub")]
+    async with PahoTransport(settings[0]) as sub, PahoTransport(settings[1]) as pub:
+        router = MessageRouter(sub)
+        await asyncio.wait_for(asyncio.gather(sub.wait_connected(), pub.wait_connected()), 5)
+        got: dict[str, list[bytes]] = {"wide": [], "own": []}
+        done = asyncio.Event()
+        await router.attach(f"{base}/+/cmd", lambda m: got["wide"].append(m.payload))
+        await router.attach(f"{base}/gw/cmd", lambda m: got["own"].append(m.payload))
+        await router.attach(f"{base}/end", lambda m: done.set())
+        for payload in (b"a", b"b"):
+            await pub.publish(f"{base}/gw/cmd", payload, qos=1)
+        await pub.publish(f"{base}/end", b"", qos=1)  # one connection: after every copy
+        await asyncio.wait_for(done.wait(), 5)
+        assert got == {"wide": [b"a", b"b"], "own": [b"a", b"b"]}
+        assert router.copies == 2  # Mosquitto sent a copy per subscription
+
+
 @pytest.mark.integration
 async def test_refcounted_subscriptions_against_mosquitto() -> None:
     base = f"test/{uuid.uuid4().hex}"

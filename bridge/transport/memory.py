@@ -3,10 +3,11 @@
 It has the broker semantics the product relies on, so the parts above the transport can
 be tested in milliseconds without Mosquitto: QoS 1 acknowledgements delivered
 asynchronously (on a later loop iteration, never inline), ``+``/``#`` and
-``$share/{group}/`` routing, retained messages, persistent sessions that queue while a
-client is away and redeliver what it never acknowledged, MQTT 5 Receive Maximum, last
-will on a crash, and refusals with a PUBACK reason code. ``run`` refuses it: nothing
-survives the process.
+``$share/{group}/`` routing, a copy per matching subscription, retained messages,
+persistent sessions that queue while a client is away and redeliver what it never
+acknowledged, MQTT 5 Receive Maximum, last will on a crash, and refusals with a PUBACK
+reason code. Nothing survives the process, so ``run`` refuses it except on a callback
+server without gateways (Pudu posts its webhooks there: no broker is needed).
 
 Brokers are named by the URL's host (``mqtt://demo``); every transport on the same name
 in one process talks to the same ``MemoryBroker``.
@@ -160,10 +161,11 @@ class MemoryBroker:
                 if not flt.matches(topic):
                     continue
                 if flt.share_group is None:
+                    # One copy per matching subscription, as Mosquitto and AWS IoT Core
+                    # send (MQTT §3.3.4 allows one or several).
                     self._enqueue(session, topic, payload, min(qos, sub_qos), retain=False)
                 else:
                     groups[flt_value].append((session, sub_qos))
-                break  # one copy per session, whatever number of its filters match
         for flt_value, members in groups.items():
             live = [m for m in members if m[0].transport is not None] or members
             turn = self._rotation[flt_value] % len(live)

@@ -193,6 +193,10 @@ FIGURES: tuple[Figure, ...] = (
     _f("aws_drain.single_newest_state_s", "newest state of every robot stored, single", "s"),
     _f("aws_drain.single_units_per_envelope", "billed 5 KiB units per envelope, single", "x"),
     _f("aws_drain.single_publishes", "publishes, single", "count"),
+    _f("aws_drain.single_fresh_posted", "fresh changes posted, single", "count"),
+    _f("aws_drain.single_fresh_unstored", "fresh changes never stored, single", "count"),
+    _f("aws_drain.single_fresh_median_s", "fresh change stored after, median, single", "s"),
+    _f("aws_drain.single_fresh_max_s", "fresh change stored after, max, single", "s"),
     _f("aws_drain.frames_s", "drain time, batch frames", "s"),
     _f("aws_drain.frames_vs_limit", "drain time / (entries / 100 per s), batch frames", "x"),
     _f("aws_drain.frames_violations", "over 100 pub/s or 512 KiB/s, batch frames", "count"),
@@ -201,6 +205,10 @@ FIGURES: tuple[Figure, ...] = (
     _f("aws_drain.frames_newest_state_s", "newest state of every robot stored, batch frames", "s"),
     _f("aws_drain.frames_units_per_envelope", "billed 5 KiB units per envelope, batch frames", "x"),
     _f("aws_drain.frames_publishes", "publishes, batch frames", "count"),
+    _f("aws_drain.frames_fresh_posted", "fresh changes posted, batch frames", "count"),
+    _f("aws_drain.frames_fresh_unstored", "fresh changes never stored, batch frames", "count"),
+    _f("aws_drain.frames_fresh_median_s", "fresh change stored after, median, batch frames", "s"),
+    _f("aws_drain.frames_fresh_max_s", "fresh change stored after, max, batch frames", "s"),
     _f("aws_drain.frames_speedup", "drain time without / with batch frames", "x"),
 )
 FIGURE_BY_KEY = {f.key: f for f in FIGURES}
@@ -238,6 +246,8 @@ TARGETS: tuple[Target, ...] = (
            "aws_drain.single_newest_state_s", "<=", 5.0),
     Target("9c", "AWS drain: batch frames >= 5x faster", "aws_drain.frames_speedup",
            ">=", 5.0),
+    Target("9d", "AWS drain: fresh callbacks stored within 2 s", "aws_drain.single_fresh_max_s",
+           "<=", 2.0),
 )
 
 

@@ -1,6 +1,6 @@
 """Draining a backlog after an outage (issue 27), on the in-process broker with a rate
 limit: newest state and events first, superseded positions after as ``replay`` history,
-pacing under the limits, batch frames, fresh callbacks within 2 s."""
+pacing under the limits, batch frames, fresh callbacks in the round after they arrive."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bridge import frames
 from bridge.envelope import Envelope
-from bridge.outbox import Outbox
+from bridge.outbox import Outbox, OutboxEntry
 from bridge.transport import InboundMessage, MqttSettings
 from bridge.transport.memory import MemoryBroker, MemoryTransport
 from edge_agent.publisher import OutboxPublisher
@@ -47,7 +49,8 @@ class Metered(MemoryTransport):
 
 def env(i: int, device: str, channel: str, ts: float) -> bytes:
     types = {"pose": "notifyRobotPose", "status": "notifyRobotStatus",
-             "event": "notifyRobotErrorWarning"}
+             "event": "notifyRobotErrorWarning", "power": "notifyRobotPower",
+             "move": "notifyRobotMoveState"}
     return Envelope(id=f"m{i}", type=types[channel], org="o", device=device, gateway="gw",
                     ts=ts, received_at=ts, data={"n": i}, channel=channel).to_json()
 
@@ -70,16 +73,38 @@ async def backlog(outbox: Outbox, robots: int = 3, poses: int = 100) -> list[str
     return ids
 
 
+class Rounds(Outbox):
+    """An outbox that keeps each drain round's plan (the ids, in the order sent), so a
+    test can say which round an entry went out in. ``asked``: rounds asked for so far,
+    counted as each is asked for (a round planned while a put commits may or may not
+    see it; one asked for after the put returned does)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.asked = 0
+        self.plans: dict[int, list[str]] = {}
+
+    async def drain_plan(self, limit: int = 500) -> list[tuple[OutboxEntry, bool]]:
+        round_, self.asked = self.asked, self.asked + 1
+        plan = await super().drain_plan(limit)
+        self.plans[round_] = [json.loads(entry.payload)["id"] for entry, _ in plan]
+        return plan
+
+    def round_of(self, ident: str) -> tuple[int, int]:
+        """The round that sent ``ident`` and its place in that round."""
+        return next((r, ids.index(ident)) for r, ids in self.plans.items() if ident in ids)
+
+
 @contextlib.asynccontextmanager
-async def rig(tmp_path: Path) -> AsyncIterator[tuple[Outbox, asyncio.Queue[InboundMessage],
-                                                     str]]:
+async def rig(tmp_path: Path, kind: type[Outbox] = Outbox) -> AsyncIterator[
+        tuple[Outbox, asyncio.Queue[InboundMessage], str]]:
     name = f"drain-{uuid.uuid4().hex[:8]}"
     MemoryBroker.named(name)
     inbox: asyncio.Queue[InboundMessage] = asyncio.Queue()
     watcher = MemoryTransport(MqttSettings.from_url(f"mqtt://{name}", client_id="cloud",
                                                     clean_start=True))
     watcher.message_handler = inbox.put_nowait
-    async with Outbox(tmp_path / "outbox.db") as outbox, watcher:
+    async with kind(tmp_path / "outbox.db") as outbox, watcher:
         await watcher.subscribe("org/#", qos=1)
         yield outbox, inbox, f"mqtt://{name}"
 
@@ -172,24 +197,95 @@ async def test_batch_frames_carry_the_same_drain_in_few_billed_units(tmp_path: P
         assert len(messages) * 5 < len(ids) and units * 2 < len(ids), (len(messages), units)
 
 
-async def test_fresh_callbacks_during_a_drain_go_out_within_two_seconds(tmp_path: Path) -> None:
-    async with rig(tmp_path) as (outbox, inbox, url):
-        await backlog(outbox, robots=3, poses=200)  # ~660 entries: ~7 s at 100/s
+async def fleet(outbox: Outbox, robots: int, events: int) -> list[str]:
+    """A backlog of every state channel of ``robots`` robots three times over (each
+    robot's ``status``, ``pose``, ``power`` and ``move``: 4 state topics a robot), then
+    ``events`` events, robot after robot; the ids in the order put."""
+    ids, n, t0 = [], 0, 1_700_000_000.0
+    for k in range(3):
+        for r in range(robots):
+            for channel in STATE:
+                n += 1
+                await outbox.put(f"org/o/device/R{r}/{channel}",
+                                 env(n, f"R{r}", channel, t0 + k), order=t0 + k)
+                ids.append(f"m{n}")
+    for e in range(events):
+        n, dev = n + 1, f"R{e % robots}"
+        await outbox.put(f"org/o/device/{dev}/event", env(n, dev, "event", t0 + 10 + e),
+                         order=t0 + 10 + e)
+        ids.append(f"m{n}")
+    return ids
+
+
+@pytest.mark.parametrize(("robots", "events", "channel"), [
+    (100, 0, "status"),  # behind 400 state topics' newest: 4 rounds before the fix
+    (10, 600, "event"),  # behind 600 older events of 10 robots: 7 rounds before the fix
+])
+async def test_fresh_callbacks_during_a_drain_go_out_in_the_round_after_they_arrive(
+        tmp_path: Path, robots: int, events: int, channel: str) -> None:
+    """A fresh callback goes out in the first round planned after it arrived, ahead of
+    the backlog's newest states and events, behind only its own robot's older events;
+    every robot's events stay in the order put and what merges into state stays in
+    robot-time order per robot and channel."""
+    async with rig(tmp_path, Rounds) as (outbox, inbox, url):
+        assert isinstance(outbox, Rounds)
+        ids = await fleet(outbox, robots, events)
         transport = Metered(MqttSettings.from_url(url, client_id="gw"))
-        publisher = OutboxPublisher(outbox, transport, window=100, rate_limit=100)
+        # paced so that a round is one window (unpaced, a round is 5,000 entries)
+        publisher = OutboxPublisher(outbox, transport, window=100, rate_limit=400)
         async with transport, running(publisher):
-            for _ in range(150):  # well into the drain
-                await asyncio.wait_for(inbox.get(), 5)
-            assert publisher.draining
-            put_at = time.monotonic()
-            await outbox.put("org/o/device/R1/status", env(10_000, "R1", "status", 2e9),
-                             order=2e9)
-            while True:
-                m = await asyncio.wait_for(inbox.get(), 5)
-                if json.loads(m.payload)["id"] == "m10000":
-                    break
-            assert time.monotonic() - put_at < 2.0
-            assert outbox.depth > 100  # the drain was still going
+            first = [await asyncio.wait_for(inbox.get(), 10) for _ in range(50)]
+            await outbox.put(f"org/o/device/R1/{channel}", env(10_000, "R1", channel, 2e9),
+                             order=2e9)  # into the drain's first round
+            after = outbox.asked  # the rounds asked for before the put returned
+            got = envelopes(first + await collect(inbox, outbox))
+        round_, place = outbox.round_of("m10000")
+        assert round_ <= after, f"sent in round {round_}, the first after it arrived is {after}"
+        assert len(outbox.plans) > round_ + 2, "the drain still had a backlog"
+        ahead = outbox.plans[round_][:place]  # only its robot's older events go first
+        mine = {e["id"] for e in got if e["device"] == "R1" and e["channel"] == "event"}
+        assert set(ahead) <= mine, ahead[:5]
+        assert sorted(e["id"] for e in got) == sorted([*ids, "m10000"])
+        for dev in {e["device"] for e in got}:  # each robot's events in the order put
+            put = [f"m{n}" for n in sorted(int(e["id"][1:]) for e in got
+                                           if e["device"] == dev and e["channel"] == "event")]
+            assert [e["id"] for e in got if e["device"] == dev and e["channel"] == "event"] \
+                == put, dev
+        merged: dict[tuple[str, str], float] = {}
+        for e in got:  # what merges into state: robot-time order per robot and channel
+            if e["channel"] in STATE and not e.get("replay"):
+                stream = (e["device"], e["channel"])
+                assert e["ts"] >= merged.get(stream, e["ts"]), (stream, e["id"])
+                merged[stream] = e["ts"]
+        if channel in STATE:
+            assert merged[("R1", channel)] == 2e9
+
+
+async def test_a_fresh_event_takes_its_robots_older_ones_along_and_a_stale_state_goes_as_history(
+        tmp_path: Path) -> None:
+    """Round by round, as the publisher asks: what arrived since the last round goes
+    first; a fresh event only after its own robot's older events (other robots' wait);
+    a fresh state older by robot time than the newest of its topic already sent goes at
+    once, marked history, so the cloud never merges it over the newer one."""
+    async with Outbox(tmp_path / "outbox.db") as outbox:
+        for n, (dev, channel, ts) in enumerate([
+                ("R0", "status", 100), ("R0", "status", 200), ("R1", "event", 1),
+                ("R2", "event", 2), ("R1", "event", 3), ("R1", "status", 100),
+                ("R2", "status", 100)], start=1):
+            await outbox.put(f"org/o/device/{dev}/{channel}", env(n, dev, channel, ts),
+                             order=ts)
+
+        async def round_(limit: int) -> list[tuple[str, bool]]:
+            plan = await outbox.drain_plan(limit)
+            outbox.remove(entry.seq for entry, _ in plan)  # as once acknowledged
+            return [(json.loads(entry.payload)["id"], history) for entry, history in plan]
+
+        assert await round_(2) == [("m2", False), ("m6", False)]  # newest states first
+        await outbox.put("org/o/device/R0/status", env(8, "R0", "status", 150), order=150)
+        await outbox.put("org/o/device/R1/event", env(9, "R1", "event", 4), order=4)
+        assert await round_(4) == [("m8", True), ("m3", False), ("m5", False), ("m9", False)]
+        assert await round_(10) == [("m7", False), ("m4", False), ("m1", True)]
+        assert await outbox.drain_plan(10) == []
 
 
 async def feed(outbox: Outbox, per_second: int, seconds: float) -> list[str]:

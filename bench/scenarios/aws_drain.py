@@ -7,16 +7,20 @@ arrives in SQLite. The outbox starts with ``ENTRIES`` entries of the realistic m
 robots), and fresh status changes are posted to the agent's webhook during the drain.
 Figures: drain time against the limit's own (what was published / 100 per s), violations, loss,
 out-of-order merges per robot and channel, the time until every robot's newest state is
-in the cloud database (against the drain time, which is what oldest-first costs), and
-the same drain with batch frames (its time, and billed 5 KiB units per envelope).
+in the cloud database (against the drain time, which is what oldest-first costs), how
+long the fresh changes took from their post to the cloud database (target: within 2 s),
+and the same drain with batch frames (its time, and billed 5 KiB units per envelope).
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import logging
+import math
 import sqlite3
+import statistics
 import subprocess
 import sys
 import time
@@ -79,6 +83,24 @@ def _log_rows(db: Path) -> list[tuple[str, str]]:
         return []
 
 
+def _fresh_latencies(db: Path, posted: dict[tuple[str, int], float]) -> list[float]:
+    """Seconds from each fresh change's post (wall clock, by robot and notify_timestamp)
+    to its storing in the cloud database (``stored_at``, same machine, same clock)."""
+    try:
+        with sqlite3.connect(db) as conn:
+            rows = conn.execute("SELECT device_id, payload, stored_at FROM mqtt_message_log"
+                                " WHERE device_id LIKE 'fresh%'").fetchall()
+    except sqlite3.Error:
+        return []
+    out = []
+    for device, payload, stored_at in rows:
+        at = posted.get((device, round(float(json.loads(payload)["ts"]) * 1000)))
+        if at is not None:
+            stored = dt.datetime.fromisoformat(stored_at).replace(tzinfo=dt.UTC)
+            out.append(stored.timestamp() - at)
+    return out
+
+
 def _drain(ctx: RunContext, name: str, broker: Broker, tls_port: int, ca: CertAuthority,
            count: int, **env: str) -> dict[str, float]:
     d = ctx.dir(f"aws_drain-{name}")
@@ -106,6 +128,7 @@ def _drain(ctx: RunContext, name: str, broker: Broker, tls_port: int, ca: CertAu
         time.sleep(0.05)  # polling for the file is the readiness signal
     shaper_port = int(port_file.read_text())
     fresh: list[str] = []
+    posted: dict[tuple[str, int], float] = {}  # (robot, notify_timestamp) -> when posted
     try:
         with apps.callback_server(d, "cloud", broker.url, f"sqlite:///{db}",
                                   client_id=f"cloud-{name}"), \
@@ -125,12 +148,15 @@ def _drain(ctx: RunContext, name: str, broker: Broker, tls_port: int, ca: CertAu
                     if now - last_post >= FRESH_EVERY and h["outbox_depth"] > 50:
                         last_post = now
                         sn = f"fresh{len(fresh) % 10}"
+                        at = time.time()
+                        stamp = int(at * 1000)
                         r = client.post("/api/pudu/webhook", json={
                             "callback_type": "notifyRobotStatus",
                             "data": {"sn": sn, "robot_state": "busy",
-                                     "notify_timestamp": int(time.time() * 1000)}})
+                                     "notify_timestamp": stamp}})
                         if r.status_code == 200:
                             fresh.append(sn)
+                            posted[(sn, stamp)] = at
                     if newest_at is None and _stored(db, want) == len(want):
                         newest_at = time.monotonic() - started
                     if h["outbox_depth"] == 0 and h["inflight"] == 0 and newest_at is not None:
@@ -159,6 +185,7 @@ def _drain(ctx: RunContext, name: str, broker: Broker, tls_port: int, ca: CertAu
             ooo += 1
         merged[stream] = max(ts, merged.get(stream, ts))
     lost = sum(1 for i in backlog if i not in stored)
+    latencies = _fresh_latencies(db, posted)
     units = sum(frames.billed_units(max(size - 60, 1)) for size in counts["sizes"])
     return {
         f"aws_drain.{name}_s": drained,
@@ -171,6 +198,11 @@ def _drain(ctx: RunContext, name: str, broker: Broker, tls_port: int, ca: CertAu
         f"aws_drain.{name}_newest_state_s": float(newest_at or drained),
         f"aws_drain.{name}_units_per_envelope": units / max(len(stored), 1),
         f"aws_drain.{name}_publishes": float(counts["publishes"]),
+        # fresh status changes posted during the drain: post -> stored (target: <= 2 s)
+        f"aws_drain.{name}_fresh_posted": float(len(posted)),
+        f"aws_drain.{name}_fresh_unstored": float(len(posted) - len(latencies)),
+        f"aws_drain.{name}_fresh_median_s": statistics.median(latencies or [math.inf]),
+        f"aws_drain.{name}_fresh_max_s": max(latencies or [math.inf]),
     }
 
 

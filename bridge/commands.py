@@ -50,6 +50,10 @@ CommandTimeout = Annotated[float, Field(ge=0.1, le=3600)]
 log = logging.getLogger(__name__)
 
 CommandFn = Callable[[dict[str, Any]], Awaitable[Any]]
+#: ``pace(topic, payload)`` returns when one more publish fits the connection's limits
+#: (the edge's ``OutboxPublisher.pace``: AWS IoT Core counts every publish of a connection,
+#: command answers and the REST proxy's too).
+Pace = Callable[[str, bytes], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,8 +198,11 @@ class CommandExecutor:
     """Gateway side: runs registered handlers and answers on the response topic."""
 
     def __init__(self, transport: Transport, scheme: TopicScheme, device_id: str,
-                 *, remember: int = 1000) -> None:
+                 *, remember: int = 1000, pace: Pace | None = None) -> None:
         self.transport = transport
+        #: Waited on before each answer where the connection is paced (the edge agent's
+        #: publisher, whose drain shares the connection's limits); None: unpaced.
+        self.pace = pace
         self.command_topic = str(scheme.device(device_id, "command"))
         self.response_topic = str(scheme.device(device_id, "response"))
         self.handlers: dict[str, CommandFn] = {}
@@ -257,8 +264,11 @@ class CommandExecutor:
         return payload
 
     async def _answer(self, response: Response) -> None:
+        payload = self.sized(response)
+        if self.pace is not None:
+            await self.pace(self.response_topic, payload)
         try:
-            await self.transport.publish(self.response_topic, self.sized(response), qos=1)
+            await self.transport.publish(self.response_topic, payload, qos=1)
         except TransportError as exc:
             log.warning("could not answer command %s: %s", response.message_id, exc)
 

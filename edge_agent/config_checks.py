@@ -7,6 +7,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bridge.errors import ConfigError
+from bridge.proxy.core import check_prefixes
 from bridge.service.preflight import (
     broker_reachable,
     mqtt_transport,
@@ -19,6 +21,7 @@ from edge_agent.builtin_commands import BUILTIN_NAMES
 from edge_agent.forwarding import ForwardPolicy
 from edge_agent.forwarding import warnings as policy_warnings
 from edge_agent.plugins import problems as plugin_problems
+from edge_agent.publisher import AWS_BYTES_PER_SECOND, AWS_PUBLISHES_PER_SECOND
 from edge_agent.pudu.settings import PuduApiSettings
 from edge_agent.settings import EdgeSettings
 
@@ -38,6 +41,11 @@ def problems(settings: EdgeSettings, config_path: str | None = None) -> list[str
     if _same_address(settings):
         found.append(f"EDGE_ADMIN_PORT: the admin listener needs a port of its own "
                      f"({settings.admin_port} is EDGE_HTTP_PORT too)")
+    if settings.proxy_allowed_prefixes:
+        try:
+            check_prefixes(settings.proxy_allowed_prefixes)
+        except ConfigError as exc:
+            found.append(f"proxy_allowed_prefixes: {exc}")
     found.extend(plugin_problems(settings, BUILTIN_NAMES))
     return found
 
@@ -67,10 +75,31 @@ def warnings(settings: EdgeSettings) -> list[str]:
         found.append(f"TOPIC_PREFIX and ORG_ID leave {room} bytes for a robot's sn in AWS "
                      f"IoT's 256-byte topics (the product allows {MAX_SN_BYTES}): callbacks "
                      "of robots with longer sns will be refused with 422")
+    found.extend(aws_pacing(settings))
     pudu = settings.pudu
     if pudu.configured and not pudu.shop_ids and pudu.poll_interval_seconds > 0:
         found.append("PUDU_API_KEY is set but PUDU_SHOP_IDS is empty: scheduled polling "
                      "is off (pudu.* commands still work)")
+    return found
+
+
+def aws_pacing(settings: EdgeSettings) -> list[str]:
+    """On AWS IoT Core, PUBLISH_RATE_LIMIT / PUBLISH_BYTE_LIMIT set to unlimited or above
+    its per-connection limits: a drain after an outage would be throttled by AWS (the
+    connection's publishes refused or slowed) instead of paced here."""
+    if settings.mqtt_backend != "awsiot":
+        return []
+    found = []
+    rate, size = settings.publish_limits()
+    for name, value, limit, unit in (
+            ("PUBLISH_RATE_LIMIT", rate, AWS_PUBLISHES_PER_SECOND, "publishes/s"),
+            ("PUBLISH_BYTE_LIMIT", size, AWS_BYTES_PER_SECOND, "bytes/s")):
+        if value == 0 or value > limit:
+            said = "0 (unlimited)" if value == 0 else f"{value:.15g}"
+            found.append(f"{name} is {said} with MQTT_BACKEND=awsiot: AWS IoT Core throttles "
+                         f"a connection above {limit:.15g} {unit}, so a drain after an outage "
+                         f"would trip it; leave {name} unset (paced at AWS's limit) or set "
+                         f"it at most {limit:.15g}")
     return found
 
 

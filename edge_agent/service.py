@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ from bridge.http.error_boundary import install as install_error_handlers
 from bridge.http.outbound import OutboundPolicy
 from bridge.http.server import NodelayStats, make_server
 from bridge.outbox import Outbox
-from bridge.proxy import MqttProxy, create_proxy_router
+from bridge.proxy import MqttProxy, RetryPolicy, create_proxy_router
 from bridge.router import MessageRouter
 from bridge.service.health import Readiness
 from bridge.service.lifecycle import Listener, serve_service
@@ -62,6 +63,12 @@ def mqtt_settings(settings: EdgeSettings, scheme: TopicScheme) -> MqttSettings:
         birth=Will(presence, b"online", qos=1, retain=True),
         offline=Will(presence, b"offline", qos=1, retain=True),
     )
+
+
+def forward_retry(settings: EdgeSettings) -> RetryPolicy:
+    """The callback_url delivery policy: FORWARD_TIMEOUT / FORWARD_MAX_RETRIES."""
+    return dataclasses.replace(RetryPolicy(), timeout=settings.forward_timeout,
+                               attempts=settings.forward_max_retries + 1)
 
 
 class EdgeAgent:
@@ -103,7 +110,10 @@ class EdgeAgent:
         # Run records and durable command ids, in the outbox database.
         self.journal = Journal(settings.outbox_path)
         self.poller = Poller(self)
-        self.commands = CommandExecutor(self.transport, self.scheme, settings.gateway_id)
+        # Command answers and the proxy's publishes share the publisher's pacing: AWS IoT
+        # Core counts every publish of the connection, not only the outbox's.
+        self.commands = CommandExecutor(self.transport, self.scheme, settings.gateway_id,
+                                        pace=self.publisher.pace)
         self.commands.journal = self.journal
         register_builtins(self.commands, self)
         register_pudu(self.commands, self)
@@ -118,6 +128,8 @@ class EdgeAgent:
             outbound=self.outbound,
             device={"service": "edge-agent", "org_id": settings.org_id,
                     "gateway_id": settings.gateway_id},
+            retry=forward_retry(settings),
+            pace=self.publisher.pace,
         )
         self.started = time.time()
         #: What keeps ``?ready=1`` at 503: the outbox until entered (``serve`` adds the

@@ -68,6 +68,8 @@ ENV_MAP = {
     "COMMAND_PLUGINS": "command_plugins",
     "ROBOT_QUIET_SECONDS": "robot_quiet_seconds",
     "COMMAND_PLUGIN_TIMEOUT_SECONDS": "command_plugin_timeout_seconds",
+    "FORWARD_TIMEOUT": "forward_timeout",
+    "FORWARD_MAX_RETRIES": "forward_max_retries",
 }
 #: systemd credentials the edge agent reads besides the shared ones
 #: (bridge.service.settings_loader).
@@ -79,10 +81,6 @@ ALIASES = {
     # the replaced scheduled pull's name for its schedule
     "SCHEDULE_EXPRESSION": Alias("pudu.poll_schedule", "PUDU_POLL_SCHEDULE"),
 }
-#: Why the edge takes no FORWARD_* setting (the callback server does, for its webhooks).
-_FORWARDING = ("the edge forwards through its durable outbox over MQTT, retried until "
-               "acknowledged and never dropped after N tries; FORWARD_TIMEOUT and "
-               "FORWARD_MAX_RETRIES set the callback server's outbound deliveries")
 #: Keys of the secret ``PUDU_SECRET_NAME`` names (AWS Secrets Manager) -> setting.
 SECRET_KEYS = {"callback_code": "pudu_callback_code", "api_secret": "pudu.api_secret"}
 
@@ -152,6 +150,12 @@ class EdgeSettings(ServiceSettings, BaseModel):  # BaseModel named: linters see 
     # What is kept in memory per robot is dropped after it has been quiet this long
     # (edge_agent/robot_memory.py); at least an hour, so an hourly poll keeps its robots.
     robot_quiet_seconds: float = Field(86_400.0, gt=0)
+    # Every outbound HTTP delivery (the REST proxy's callback_url pushes): seconds per
+    # attempt and retries after the first, as on the callback server; the defaults are the
+    # delivery's own (bridge.proxy.RetryPolicy). What goes to the broker is not a delivery:
+    # the outbox retries it until acknowledged.
+    forward_timeout: float = Field(10.0, gt=0, le=300)
+    forward_max_retries: int = Field(5, ge=0, le=19)
 
     def publish_limits(self) -> tuple[float, float]:
         """(publishes/s, bytes/s) per connection, 0 meaning unlimited; AWS IoT Core's
@@ -223,6 +227,5 @@ def load(path: str | None, environ: Mapping[str, str] | None = None) -> EdgeSett
         ignored={"CALLBACK_HOST": "the callback server's listener; the edge agent's REST "
                                   "proxy listens on EDGE_ADMIN_HOST/EDGE_ADMIN_PORT",
                  "CALLBACK_PORT": "the callback server's listener; the edge agent's REST "
-                                  "proxy listens on EDGE_ADMIN_HOST/EDGE_ADMIN_PORT",
-                 "FORWARD_TIMEOUT": _FORWARDING, "FORWARD_MAX_RETRIES": _FORWARDING},
+                                  "proxy listens on EDGE_ADMIN_HOST/EDGE_ADMIN_PORT"},
     )

@@ -104,3 +104,42 @@ def test_database_password_fills_in_the_url(tmp_path: Path) -> None:
     assert "p%40ss" not in str(masked(s))
     with pytest.raises(ConfigError, match="database_password"):
         cb_config.load(None, {"DATABASE_PASSWORD": "x", "DATABASE_URL": "sqlite:///x.db"})
+
+
+@pytest.mark.parametrize(("env", "warned"), [
+    ({}, []),  # unset: paced at AWS's limits
+    ({"PUBLISH_RATE_LIMIT": "100", "PUBLISH_BYTE_LIMIT": "524288"}, []),
+    ({"PUBLISH_RATE_LIMIT": "50"}, []),
+    ({"PUBLISH_RATE_LIMIT": "0"}, ["PUBLISH_RATE_LIMIT is 0 (unlimited)"]),
+    ({"PUBLISH_RATE_LIMIT": "150"}, ["PUBLISH_RATE_LIMIT is 150"]),
+    ({"PUBLISH_BYTE_LIMIT": "0"}, ["PUBLISH_BYTE_LIMIT is 0 (unlimited)"]),
+    ({"PUBLISH_BYTE_LIMIT": "1048576"}, ["PUBLISH_BYTE_LIMIT is 1048576"]),
+])
+def test_check_config_warns_of_pacing_over_aws_iots_limits(env: dict[str, str],
+                                                           warned: list[str]) -> None:
+    """On AWS IoT Core a drain paced above 100 publishes/s (or 512 KiB/s) per connection,
+    or not at all, trips AWS's throttling: check-config says so (a broker of one's own
+    may take more, so only with MQTT_BACKEND=awsiot)."""
+    from edge_agent import config_checks
+
+    base = {"PUDU_CALLBACK_CODE": "c", "MQTT_BACKEND": "awsiot"}
+    found = [w for w in config_checks.warnings(edge_config.load(None, {**base, **env}))
+             if "AWS IoT Core throttles" in w]
+    assert [w.split(" with ")[0] for w in found] == warned
+    off_aws = edge_config.load(None, {**base, **env, "MQTT_BACKEND": "paho"})
+    assert not any("throttles" in w for w in config_checks.warnings(off_aws))
+
+
+def test_check_config_refuses_a_proxy_prefix_run_would_refuse(tmp_path: Path) -> None:
+    """A ``$`` or wildcard in proxy_allowed_prefixes stopped ``run`` (the proxy refuses it)
+    while check-config passed: now both say so, naming the key."""
+    from edge_agent import config_checks
+
+    cfg = tmp_path / "e.yaml"
+    env = {"PUDU_CALLBACK_CODE": "c", "OUTBOX_PATH": str(tmp_path / "outbox.db")}
+    for prefixes, refused in (("['$aws/']", True), ("['org/+/']", True),
+                              ("['org/', '']", False), ("[]", False)):
+        cfg.write_text(f"proxy_allowed_prefixes: {prefixes}\n")
+        found = config_checks.problems(edge_config.load(str(cfg), env))
+        assert [p.split(":")[0] for p in found] == (
+            ["proxy_allowed_prefixes"] if refused else []), (prefixes, found)

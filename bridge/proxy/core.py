@@ -46,10 +46,23 @@ from bridge.transport.base import InboundMessage, Transport
 if TYPE_CHECKING:
     import httpx
 
+    from bridge.commands import Pace
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
+
+
+def check_prefixes(allowed_prefixes: Sequence[str]) -> None:
+    """ConfigError unless each prefix can be the start of a plain topic (check-config
+    asks too, so a wrong ``proxy_allowed_prefixes`` is found before ``run``)."""
+    if not allowed_prefixes:
+        raise ConfigError("allowed_prefixes is empty; pass [''] to allow every topic")
+    for prefix in allowed_prefixes:
+        if prefix.startswith("$") or "+" in prefix or "#" in prefix:
+            raise ConfigError(f"allowed prefix {prefix!r} may not start with '$' "
+                              "or contain wildcards")
 
 
 # -- the proxy ------------------------------------------------------------------------------
@@ -79,13 +92,9 @@ class MqttProxy:
         broker: str | None = None,
         outbound: OutboundPolicy | None = None,
         device: dict[str, Any] | None = None,
+        pace: Pace | None = None,
     ) -> None:
-        if not allowed_prefixes:
-            raise ConfigError("allowed_prefixes is empty; pass [''] to allow every topic")
-        for prefix in allowed_prefixes:
-            if prefix.startswith("$") or "+" in prefix or "#" in prefix:
-                raise ConfigError(f"allowed prefix {prefix!r} may not start with '$' "
-                                  "or contain wildcards")
+        check_prefixes(allowed_prefixes)
         self.transport = transport
         self.router = router
         # An empty token is "not configured": the proxy is off rather than open.
@@ -109,6 +118,9 @@ class MqttProxy:
         self.outbound = outbound or OutboundPolicy()
         #: Who this proxy speaks for (service, org, gateway), shown by GET /mqtt/status.
         self.device = dict(device or {})
+        #: Waited on before each publish where the connection is paced (the edge agent's
+        #: publisher: its drain and these publishes share one budget); None: unpaced.
+        self.pace = pace
         self._http: httpx.AsyncClient | None = None
         self._started = False
         self._subs: dict[str, Subscription] = {}
@@ -198,6 +210,9 @@ class MqttProxy:
         return len(data)
 
     async def _publish(self, topic: str, data: bytes, qos: int, retain: bool) -> None:
+        if self.pace is not None:
+            # Outside the PUBACK timeout: a publish waiting for its turn is not yet sent.
+            await self.pace(topic, data)
         try:
             await asyncio.wait_for(self.transport.publish(topic, data, qos, retain),
                                    self.publish_timeout)

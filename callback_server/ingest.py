@@ -11,17 +11,26 @@ and the answer says which, element by element; a bad element never fails the oth
 - 503 + ``Retry-After`` only when the database cannot commit in time, or HTTP ingest
   already holds ``INGEST_PENDING_MAX`` messages: the whole request is safe to retry,
   and a retry joins what is still pending instead of queueing it twice.
+
+One request needs no key: AWS IoT's confirmation of the rule's HTTP destination, which
+it POSTs to the confirmation URL (this route) without the rule's headers. It is
+answered 200, its token logged once with how to confirm it and shown in the
+authorised health body; the service never calls its ``enableUrl`` (the operator
+confirms, so the service makes no outbound call and a forged request enables nothing).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, FastAPI, Header, Request, Response
 
 from bridge import frames, strictjson
 from bridge.envelope import Envelope
@@ -54,7 +63,10 @@ from callback_server.batcher import Outcome, Reason, Settled
 from callback_server.consumer import consistent, frame_element, handled_by_gateway
 from callback_server.ports import AppHost, Host, app_host
 
-__all__ = ["INGEST_TIMEOUT_SECONDS", "ingest_now", "router"]
+__all__ = ["INGEST_TIMEOUT_SECONDS", "DestinationConfirmations", "confirmations_of",
+           "ingest_now", "router"]
+
+log = logging.getLogger(__name__)
 
 # An AWS IoT Rule HTTP action gives up after 3 s and retries; answer before that.
 INGEST_TIMEOUT_SECONDS = 2.5
@@ -107,6 +119,10 @@ def _element(obj: Any, notes: list[str], header_topic: str | None,
             element.topic = str(scheme_of(envelope.org, prefix).device(envelope.device,
                                                                            channel))
             address = parse_device_topic(element.topic, prefix)
+            if handled_by_gateway(address.channel):
+                # the envelope names a gateway channel: the same outcome as with its topic
+                element.gateway = address
+                return element
     except FleetError as exc:
         element.dead = Reason.MALFORMED.because(getattr(exc, "message", None) or str(exc))
         return element
@@ -233,6 +249,114 @@ def _encoded(answer: dict[str, Any]) -> Response:
     return Response(body, media_type="application/json")
 
 
+# -- AWS IoT's HTTP destination confirmation -------------------------------------------
+#: The header AWS IoT's rules engine sets on the confirmation request (and its value).
+CONFIRMATION_HEADER = b"x-amz-rules-engine-message-type"
+CONFIRMATION = "DestinationConfirmation"
+#: A confirmation body is a few hundred bytes; more is read only after the key check.
+_CONFIRMATION_MAX_BYTES = 16 * 1024
+#: Confirmations held for health (the newest); a forged flood cannot grow it.
+_CONFIRMATIONS_KEPT = 4
+_ARN = re.compile(r"arn:aws[a-z-]*:iot:(?P<region>[a-z0-9-]{1,32}):\d{12}:"
+                  r"ruledestination/http/[A-Za-z0-9-]{1,64}")
+_TOKEN = re.compile(r"[A-Za-z0-9_.~+/=-]{1,2048}")
+_ENABLE_URL = re.compile(r"https://iot\.(?P<region>[a-z0-9-]{1,32})\.amazonaws\.com(?:\.cn)?"
+                         r"/confirmdestination/(?P<token>[^?#]+)")
+
+
+@dataclass(frozen=True, slots=True)
+class Confirmation:
+    """What AWS IoT sent to confirm an HTTP rule destination pointing here."""
+
+    arn: str
+    token: str
+    enable_url: str
+    received_at: int
+
+    def body(self) -> dict[str, Any]:
+        return {"arn": self.arn, "confirmation_token": self.token,
+                "enable_url": self.enable_url, "received_at": self.received_at,
+                "confirm_with": f"aws iot confirm-topic-rule-destination "
+                                f"--confirmation-token {self.token}"}
+
+
+class DestinationConfirmations:
+    """The confirmations this replica received and the operator has yet to act on
+    (in memory: AWS sends one to whichever replica the load balancer picks)."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, Confirmation] = {}  # by destination ARN, oldest first
+
+    def note(self, confirmation: Confirmation) -> bool:
+        """Keep ``confirmation``; True when its token is new (so it is logged once)."""
+        held = self._held.pop(confirmation.arn, None)
+        self._held[confirmation.arn] = confirmation
+        while len(self._held) > _CONFIRMATIONS_KEPT:
+            del self._held[next(iter(self._held))]
+        return held is None or held.token != confirmation.token
+
+    def pending(self) -> list[dict[str, Any]]:
+        """For the authorised health body, newest first."""
+        return [c.body() for c in reversed(self._held.values())]
+
+
+def confirmations_of(app: FastAPI) -> DestinationConfirmations:
+    """The app's confirmations (``app.state``), made on first use."""
+    held = getattr(app.state, "destination_confirmations", None)
+    if not isinstance(held, DestinationConfirmations):
+        held = app.state.destination_confirmations = DestinationConfirmations()
+    return held
+
+
+def _confirmation(request: Request, raw: bytes) -> Confirmation | None:
+    """``raw`` as AWS IoT's destination confirmation, or None when it is not exactly one:
+    the ARN, the token and an ``enableUrl`` on AWS IoT's own host for that token and
+    region (never an address a forger chose)."""
+    try:
+        body = strictjson.loads(raw).value
+    except PayloadError:
+        return None
+    if not isinstance(body, dict) or body.get("messageType") != CONFIRMATION:
+        return None
+    arn, token, url = body.get("arn"), body.get("confirmationToken"), body.get("enableUrl")
+    if not (isinstance(arn, str) and isinstance(token, str) and isinstance(url, str)):
+        return None
+    arn_match, url_match = _ARN.fullmatch(arn), _ENABLE_URL.fullmatch(url)
+    if arn_match is None or url_match is None or _TOKEN.fullmatch(token) is None:
+        return None
+    if (url_match["region"] != arn_match["region"]
+            or unquote(url_match["token"]) != token):
+        return None
+    given = request.query_params.get("confirmationToken")
+    named = header(request, b"x-amz-rules-engine-destination-arn").strip().strip('"')
+    if (given is not None and given != token) or (named and named != arn):
+        return None
+    return Confirmation(arn, token, url, int(time.time()))
+
+
+async def _confirm(request: Request) -> tuple[bytes | None, Response | None]:
+    """A request whose header says it is AWS IoT's destination confirmation, read before
+    any key is asked for: (its body, the 200) when it is one, else (the body read, None)
+    and the caller goes on as for any request (401 without a key)."""
+    declared = request.headers.get("content-length", "")
+    if not (declared.isdigit() and int(declared) <= _CONFIRMATION_MAX_BYTES):
+        return None, None  # not read: the usual path reads it after the key check
+    raw = await read_body(request, _CONFIRMATION_MAX_BYTES)
+    confirmation = _confirmation(request, raw)
+    if confirmation is None:
+        return raw, None
+    if confirmations_of(request.app).note(confirmation):
+        log.warning(
+            "AWS IoT asks to confirm the HTTP rule destination %s pointing here; this "
+            "service never confirms it itself. Run `aws iot confirm-topic-rule-destination "
+            "--confirmation-token %s` (or open %s), then `aws iot "
+            "update-topic-rule-destination --arn %s --status ENABLED`. The token is also "
+            "in GET /callback/health with a key.", confirmation.arn, confirmation.token,
+            confirmation.enable_url, confirmation.arn)
+    return raw, _encoded({"status": "success", "message": "destination confirmation "
+                          "received; the operator confirms it (see the service's log)",
+                          "timestamp": int(time.time())})
+
 
 router = APIRouter()
 
@@ -253,18 +377,37 @@ async def ingest(request: Request, principal: Ingester, server: Host, access: Ru
     return await _ingest(request, principal, server, access, x_mqtt_topic)
 
 
+@router.post("/callback/messages/", include_in_schema=False)
+async def ingest_slash(request: Request) -> Response:
+    """The same route with a trailing slash: AWS IoT's documented confirmation request
+    is ``POST {confirmationUrl}/?confirmationToken=...``, and a redirect is not followed."""
+    return await ingest_now(request)
+
+
 async def ingest_now(request: Request) -> Response:
     """The route without FastAPI's dependency solving (``bridge.http.shortcut``): the same
-    checks, called in the same order."""
+    checks, called in the same order (AWS IoT's destination confirmation first: it
+    carries no key)."""
+    raw = None
+    if header(request, CONFIRMATION_HEADER) == CONFIRMATION:
+        raw, confirmed = await _confirm(request)
+        if confirmed is not None:
+            return confirmed
     return await _ingest(request, await ingester_of(request), await app_host(request),
-                         await access_of(request), header(request, b"x-mqtt-topic") or None)
+                         await access_of(request), header(request, b"x-mqtt-topic") or None,
+                         raw)
 
 
 async def _ingest(request: Request, principal: Principal, server: AppHost, access: Access,
-                  x_mqtt_topic: str | None) -> Response:
+                  x_mqtt_topic: str | None, raw: bytes | None = None) -> Response:
+    """``raw``: the body when it was already read (a would-be confirmation)."""
     topic = x_mqtt_topic or NO_TOPIC
     try:
-        raw = await read_body(request, server.settings.max_body_bytes)
+        limit = server.settings.max_body_bytes
+        if raw is None:
+            raw = await read_body(request, limit)
+        elif len(raw) > limit:
+            raise PayloadTooLargeError(len(raw), limit, "request body")
     except PayloadTooLargeError as exc:
         await _keep(server, [(topic, b"", Reason.UNREADABLE.because(str(exc)))])
         raise

@@ -45,6 +45,7 @@ from callback_server.batcher import BatchWriter
 from callback_server.console import ConsoleHub
 from callback_server.consumer import Consumer
 from callback_server.disk import free_space, watched
+from callback_server.ingest import confirmations_of
 from callback_server.keys import KeyRing
 from callback_server.metrics import CallbackMetrics
 from callback_server.retention import Retention
@@ -369,6 +370,8 @@ class CallbackServer:
             "subscribed": self.subscribed,
             "tcp_nodelay_verified": self.nodelay.verified,
             "tcp_nodelay": dataclasses.asdict(self.nodelay),
+            # AWS IoT rule destinations waiting for the operator to confirm them
+            "iot_destination_confirmations": confirmations_of(self.app).pending(),
         }
 
     def end_streams(self) -> None:

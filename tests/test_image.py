@@ -261,7 +261,9 @@ def test_final_image_holds_no_compiler_pip_cache_or_tests() -> None:
         assert (root / site / "bridge").is_dir() and (root / venv / "bin/callback-server").exists()
         # every dependency at the version the suite passed with (constraints.txt)
         held = pins.in_paths(str(p) for p in files if p.is_relative_to(site))
-        assert "boto3" in held and pins.off_pin(held) == {}
+        # the default extras: aws (boto3) and awsiot (awscrt, what deploy/ runs on)
+        assert {"boto3", "awscrt", "awsiotsdk"} <= set(held), sorted(held)
+        assert pins.off_pin(held) == {}
         # no pip (installed into by the build stage's pip), no pip cache anywhere
         assert not (root / site / "pip").exists() and not (root / venv / "bin/pip").exists()
         assert not [p for p in files if p.parts[-2:] == (".cache", "pip")]
@@ -291,6 +293,17 @@ def test_check_config_with_a_bad_setting_exits_1_with_one_line(tmp_path: Path) -
     assert bad.stdout == ""
     edge_lines = [ln for ln in ok.stderr.splitlines() if not ln.startswith(_BUILDAH_NOISE)]
     assert ok.returncode == 1 and len(edge_lines) == 1 and "pudu_callback_code" in edge_lines[0]
+
+
+def test_the_awsiot_backend_deploy_names_loads_in_the_image(tmp_path: Path) -> None:
+    """deploy/kubernetes runs MQTT_BACKEND=awsiot: the image has its extra, so what
+    check-config asks for is the certificate, not a package."""
+    env = {"MQTT_BACKEND": "awsiot", "DATABASE_URL": "sqlite:////tmp/cb.db",
+           "MQTT_URL": "mqtts://a1b2c3d4e5f6g7-ats.iot.eu-west-1.amazonaws.com:8883"}
+    with Container([], {}, tmp_path / "c.log") as ctr:
+        checked = ctr.exec("callback-server", "check-config", env=env)
+    assert "extra" not in checked.stderr, checked.stderr
+    assert "client certificate" in checked.stderr, checked.stderr
 
 
 # --- the services in the image ----------------------------------------------------------

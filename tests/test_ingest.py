@@ -41,6 +41,12 @@ class Ingest:
     def dead(self) -> list[dict[str, Any]]:
         return query(self.db, "SELECT topic, payload, reason FROM mqtt_dead_letters")
 
+    def nothing_kept(self) -> bool:
+        """No dead letter and no stored message (their tables are made on first write)."""
+        tables = {r["name"] for r in query(self.db, "SELECT name FROM sqlite_master")}
+        return not ({"mqtt_dead_letters", "mqtt_message_log"} & tables) or (
+            self.dead() == [] and query(self.db, "SELECT id FROM mqtt_message_log") == [])
+
     async def robot(self, sn: str) -> dict[str, Any] | None:
         r = await self.client.get(f"/robots/{sn}", headers={"Authorization": f"Bearer {ADMIN}"})
         return r.json() if r.status_code == 200 else None
@@ -308,3 +314,125 @@ async def test_an_id_with_a_lone_surrogate_is_answered_in_json(ingest: Ingest) -
     answer = r.json()
     assert [x["id"] for x in answer["results"]] == ["e\ud800"]
     assert answer["stored"] + answer["dead_lettered"] == 1
+
+
+# -- gateway traffic is handled, whether its topic is given or only its envelope's channel ---
+async def test_a_presence_envelope_without_a_topic_is_handled_as_with_one(
+        ingest: Ingest) -> None:
+    presence = envelope(1, channel="presence", device="site-a", data={"state": "online"})
+    with_topic = {**envelope(2, channel="presence", device="site-b"),
+                  "topic": "org/acme/device/site-b/presence"}
+    r = await ingest.post([presence, with_topic, envelope(3)])
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert [x["outcome"] for x in answer["results"]] == ["handled", "handled", "stored"], answer
+    assert (answer["stored"], answer["handled"]) == (1, 2)
+    logged = query(ingest.db, "SELECT id FROM mqtt_message_log")
+    assert logged == [{"id": "e3"}]  # gateway traffic is not a stored message
+    gateways = (await ingest.client.get(
+        "/gateways", headers={"Authorization": f"Bearer {ADMIN}"})).json()["items"]
+    assert sorted(g["gateway_id"] for g in gateways) == ["site-a", "site-b"]
+
+
+# -- AWS IoT's HTTP destination confirmation: no key, answered, never acted on -------------
+ARN = "arn:aws:iot:eu-west-1:123456789012:ruledestination/http/7a280e37-b9c6-47a2-a751"
+TOKEN = "AYADeMXLrPrNY2wqJAKsFNn-abc_DEF.123NBJndA"
+
+
+def confirmation(**fields: Any) -> dict[str, Any]:
+    """The request AWS IoT POSTs to a destination's confirmation URL (its documented
+    shape: the headers below, this body)."""
+    body = {"arn": ARN, "confirmationToken": TOKEN,
+            "enableUrl": f"https://iot.eu-west-1.amazonaws.com/confirmdestination/{TOKEN}",
+            "messageType": "DestinationConfirmation"}
+    body.update(fields)
+    return body
+
+
+CONFIRMATION_HEADERS = {"x-amz-rules-engine-message-type": "DestinationConfirmation",
+                        "x-amz-rules-engine-destination-arn": f'"{ARN}"'}
+
+
+@pytest.fixture
+def no_outbound(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every connection or name lookup the service tries, refused and recorded."""
+    import socket
+
+    tried: list[Any] = []
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        tried.append(args[1:] or args)
+        raise OSError("outbound traffic refused by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    return tried
+
+
+@pytest.mark.parametrize("path", ["/callback/messages", "/callback/messages/"])
+async def test_aws_destination_confirmation_is_answered_logged_once_and_never_called(
+        ingest: Ingest, caplog: pytest.LogCaptureFixture, no_outbound: list[Any],
+        path: str) -> None:
+    caplog.set_level("WARNING", logger="callback_server.ingest")
+    for _ in range(2):  # AWS may send it again: answered each time, logged once
+        r = await ingest.client.post(f"{path}?confirmationToken={TOKEN}",
+                                     json=confirmation(), headers=CONFIRMATION_HEADERS)
+        assert r.status_code == 200, r.text
+    warnings = [rec for rec in caplog.records if rec.levelname == "WARNING"]
+    assert len(warnings) == 1, [w.getMessage() for w in warnings]
+    said = warnings[0].getMessage()
+    assert f"aws iot confirm-topic-rule-destination --confirmation-token {TOKEN}" in said
+    assert ARN in said
+    assert no_outbound == []  # the enableUrl is the operator's to open, never ours
+    assert ingest.nothing_kept()  # it is not a message
+    from callback_server.ingest import confirmations_of
+
+    [pending] = confirmations_of(ingest.server.app).pending()
+    assert (pending["arn"], pending["confirmation_token"]) == (ARN, TOKEN)
+
+
+FORGED = {
+    "enableUrl on another host": confirmation(
+        enableUrl=f"https://evil.example/confirmdestination/{TOKEN}"),
+    "enableUrl of another token": confirmation(
+        enableUrl="https://iot.eu-west-1.amazonaws.com/confirmdestination/other"),
+    "enableUrl in another region": confirmation(
+        enableUrl=f"https://iot.us-east-1.amazonaws.com/confirmdestination/{TOKEN}"),
+    "not a destination ARN": confirmation(arn="arn:aws:iam::123456789012:role/x"),
+    "no messageType": {k: v for k, v in confirmation().items() if k != "messageType"},
+    "an envelope": envelope(1),
+}
+
+
+@pytest.mark.parametrize("body", FORGED.values(), ids=list(FORGED))
+async def test_anything_else_without_a_key_is_still_401(ingest: Ingest,
+                                                       body: dict[str, Any]) -> None:
+    for headers in (CONFIRMATION_HEADERS, {}):
+        r = await ingest.client.post("/callback/messages", json=body, headers=headers)
+        assert r.status_code == 401, (headers, r.text)
+    r = await ingest.client.post("/callback/messages/", json=body)
+    assert r.status_code == 401, r.text
+    from callback_server.ingest import confirmations_of
+
+    assert confirmations_of(ingest.server.app).pending() == []
+    assert ingest.nothing_kept()
+
+
+async def test_a_confirmation_header_on_a_keyed_batch_changes_nothing(ingest: Ingest) -> None:
+    """A rule's own request with the header (read early) is stored as usual."""
+    r = await ingest.post([envelope(1)], **CONFIRMATION_HEADERS)
+    assert r.status_code == 200 and r.json()["stored"] == 1, r.text
+
+
+async def test_the_pending_confirmation_is_in_the_authorised_health_body_only(
+        ingest: Ingest) -> None:
+    r = await ingest.client.post("/callback/messages", json=confirmation(),
+                                 headers=CONFIRMATION_HEADERS)
+    assert r.status_code == 200, r.text
+    keyed = (await ingest.client.get(
+        "/callback/health", headers={"Authorization": f"Bearer {ADMIN}"})).json()
+    [pending] = keyed["iot_destination_confirmations"]
+    assert pending["confirmation_token"] == TOKEN
+    public = (await ingest.client.get("/callback/health")).text
+    assert TOKEN not in public

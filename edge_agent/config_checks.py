@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 from bridge.errors import ConfigError
@@ -77,6 +76,8 @@ def warnings(settings: EdgeSettings) -> list[str]:
                      "of robots with longer sns will be refused with 422")
     found.extend(aws_pacing(settings))
     pudu = settings.pudu
+    if pudu.configured:
+        found.extend(pudu.schedule_warnings(time.time()))
     if pudu.configured and not pudu.shop_ids and pudu.poll_interval_seconds > 0:
         found.append("PUDU_API_KEY is set but PUDU_SHOP_IDS is empty: scheduled polling "
                      "is off (pudu.* commands still work)")
@@ -131,8 +132,4 @@ async def connect_problems(settings: EdgeSettings, config_path: str | None = Non
 
 def next_runs(pudu: PuduApiSettings, now: float | None = None) -> str:
     """The schedule and its next three run times, so an installer sees what it means."""
-    schedule = pudu.schedule
-    times = schedule.upcoming(time.time() if now is None else now)
-    shown = ", ".join(datetime.fromtimestamp(t, UTC).strftime("%a %Y-%m-%d %H:%M:%S")
-                      for t in times)
-    return f"poll schedule {schedule.expression}: next runs (UTC) {shown}"
+    return pudu.schedule.describe(time.time() if now is None else now)

@@ -316,7 +316,8 @@ class EdgeAgent:
         """The poller's state and its last run record (None before the first run)."""
         return {"enabled": self.poller.enabled, "running": self.poller.running,
                 "interval_seconds": self.settings.pudu.poll_interval_seconds,
-                "runs": self.poller.runs, "last_run": self.poller.last}
+                "runs": self.poller.runs, "last_run": self.poller.last,
+                "next_run": self.poller.next_run, "schedule_ended": self.poller.ended}
 
     def refresh_gauges(self) -> None:
         self.metrics.outbox_depth.set(self.outbox.depth)

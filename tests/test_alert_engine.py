@@ -540,6 +540,14 @@ async def test_each_rule_respects_silence(env: Env, drive: Drive) -> None:
     assert made(env, drive.rule, mark) == [("opened", False)]
 
 
+async def test_a_partial_run_opens_poll_failed_and_an_ok_run_resolves_it(env: Env) -> None:
+    await poll_run(env, "partial")
+    assert made(env, "poll_failed") == [("opened", False)]
+    await poll_run(env, "failed")  # still the one alert
+    await poll_run(env, "ok")
+    assert made(env, "poll_failed") == [("opened", False), ("resolved", False)]
+
+
 # -- a replica acting between another's read and its write ----------------------------------
 class Interleaved(AlertStore):
     """An alert store whose next write (open, resolve, touch) first runs ``meanwhile``:

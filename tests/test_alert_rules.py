@@ -12,6 +12,7 @@ from callback_server.alerts.rules import (
     BatteryLow,
     GatewayBacklog,
     GatewayOffline,
+    PollFailed,
     RobotFault,
     RobotOffline,
     RobotSilent,
@@ -25,6 +26,7 @@ from callback_server.alerts.rules import (
     gateway_offline_severity,
     load_alert_settings,
     offline_severity,
+    poll_failed_severity,
     silent_severity,
     stuck_severity,
 )
@@ -108,6 +110,18 @@ def test_gateway_presence_and_backlog() -> None:
     assert backlog_severity(b, 240, "warning") == "warning"  # held down to 300 - 60
     assert backlog_severity(b, 239.9, "warning") is None
     assert backlog_severity(b, None, "warning") == "warning"
+
+
+def test_a_partial_run_opens_poll_failed_unless_turned_off() -> None:
+    rule = PollFailed()
+    assert poll_failed_severity(rule, "partial", None) == "warning"  # the default
+    assert poll_failed_severity(rule, "failed", None) == "warning"
+    assert poll_failed_severity(rule, "ok", "warning") is None
+    assert poll_failed_severity(rule, "running", "warning") == "warning"
+    failed_only = PollFailed(on_partial=False)
+    assert poll_failed_severity(failed_only, "partial", None) is None
+    assert poll_failed_severity(failed_only, "partial", "warning") == "warning"  # nor resolves
+    assert poll_failed_severity(failed_only, "failed", None) == "warning"
 
 
 def test_backlog_does_not_flap_around_its_threshold() -> None:

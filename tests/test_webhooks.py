@@ -121,11 +121,12 @@ def error_event(org: str) -> Envelope:
         "event_type": "LostLocalization", "event_detail": "lost"})
 
 
-def failed_run(org: str) -> Envelope:
+def failed_run(org: str, status: str = "failed") -> Envelope:
     now = time.time()
     return envelope(org, "poll", "poll.run", {
-        "run_id": uuid.uuid4().hex[:12], "status": "failed", "started_at": now - 5,
-        "ended_at": now, "error": "pudu cloud answered 500"}, device="gw1")
+        "run_id": uuid.uuid4().hex[:12], "status": status, "started_at": now - 5,
+        "ended_at": now, "error": "pudu cloud answered 500", "shops_failed": []},
+        device="gw1")
 
 
 async def test_each_subscribed_event_once_signed_with_retries_logged_and_no_other_org(
@@ -288,6 +289,27 @@ async def test_presence_status_and_alert_transitions_become_events(env: Env) -> 
         last = json.loads(receiver.requests[len(want)][1])
         assert (last["event"], last["data"]["status"], last["data"]["previous"]) == (
             "robot.status_changed", "online", "offline")
+
+
+async def test_a_partial_run_is_run_partial_and_opens_poll_failed(env: Env) -> None:
+    """A one-shop run whose every robot failed ends partial (shops_failed empty): a
+    subscriber of run.partial hears of it, with the alert it opens; one of run.failed only
+    hears nothing of it."""
+    partial, failed_only = Receiver(), Receiver()
+    async with serve(partial.app()) as url, serve(failed_only.app()) as other:
+        for where, events in ((url, ["run.partial", "alert.opened"]), (other, ["run.failed"])):
+            made = await env.client.post("/webhooks", headers=env.auth("op_pg"), json={
+                "url": f"{where}/hook", "events": events})
+            assert made.status_code == 200, made.text
+        await commit(env.server, failed_run("pg", "partial"))
+        await eventually_async(lambda: len(partial.requests) >= 2)
+        await eventually_async(lambda: env.server.webhooks.delivery.pending == 0)
+        got = sorted((b["event"], b["data"].get("rule") or b["data"].get("status"))
+                     for b in partial.taken())
+        assert got == [("alert.opened", "poll_failed"), ("run.partial", "partial")]
+        run = next(b for b in partial.taken() if b["event"] == "run.partial")
+        assert run["data"]["shops_failed"] == [] and run["data"]["gateway_id"] == "gw1"
+        assert failed_only.requests == []
 
 
 async def test_delivery_to_an_address_the_rule_no_longer_allows_is_refused_unconnected(

@@ -326,6 +326,19 @@ class WebhookSubscription(Subscription):
                 if not self.mailbox:
                     self.idle.set()
 
+    def _record(self, item: Queued, attempt: int, status: int | None, started: float,
+                outcome: str, error: str | None) -> None:
+        """One ended attempt in the delivery log, shaped as a webhook's delivery row
+        (``status``, ``latency_ms``, ``outcome``): an attempt still waiting for its answer
+        is not in the log, so it never reads as failed. ``status_code`` is the name this
+        log used first; ``error`` names an exception's class or the outbound rule's
+        refusal, never the receiver's answer."""
+        self.log.append({
+            "delivery_id": f"{self.id}-{item.seq}", "attempt": attempt,
+            "at": round(time.time(), 3), "status": status, "status_code": status,
+            "latency_ms": round((time.monotonic() - started) * 1000, 1), "outcome": outcome,
+            "error": error})
+
     async def _deliver(self, item: Queued) -> None:
         import httpx  # already loaded by the client that MqttProxy made for this subscription
 
@@ -342,11 +355,8 @@ class WebhookSubscription(Subscription):
         }
         attempts = self._retry.attempts
         for attempt in range(1, attempts + 1):
-            retryable = True
-            entry: dict[str, Any] = {"delivery_id": f"{self.id}-{item.seq}",
-                                     "attempt": attempt, "at": round(time.time(), 3),
-                                     "status_code": None, "outcome": "failed", "error": None}
-            self.log.append(entry)
+            retryable, status, noted, outcome = True, None, None, "failed"
+            started = time.monotonic()
             try:
                 response = await self._client.post(
                     self.callback_url, content=body, headers=headers, timeout=self._retry.timeout
@@ -354,27 +364,30 @@ class WebhookSubscription(Subscription):
             except OutboundRefusedError as exc:
                 # Checked at every connect: the name now resolves where we may not go
                 # (DNS rebinding). Not retried: the next message is checked afresh.
-                self.failed_attempts += 1
-                self.delivery = "refused"
-                error = exc.message
-                entry.update(outcome="refused", error=error)
-                break
+                retryable, outcome, error = False, "refused", exc.message
+                noted = error
             except httpx.HTTPError as exc:
                 error = f"{type(exc).__name__}: {exc}"
-                entry["error"] = type(exc).__name__
+                noted = type(exc).__name__
             else:
-                entry["status_code"] = response.status_code
+                status = response.status_code
                 if response.is_success:
-                    entry["outcome"] = "delivered"
-                    self.delivered += 1
-                    self.delivery = "delivering"
-                    return
-                error = f"HTTP {response.status_code}"
-                # Other 4xx (and 3xx: we do not follow redirects) will not change on retry.
-                retryable = response.status_code >= 500 or response.status_code in (408, 429)
+                    outcome = "delivered"
+                else:
+                    error = f"HTTP {status}"
+                    # Other 4xx (and 3xx: we do not follow redirects) will not change on retry.
+                    retryable = status >= 500 or status in (408, 429)
+            last = attempt == attempts or not retryable
+            if outcome == "failed" and last:
+                outcome = "gave_up"
+            self._record(item, attempt, status, started, outcome, noted)
+            if outcome == "delivered":
+                self.delivered += 1
+                self.delivery = "delivering"
+                return
             self.failed_attempts += 1
-            self.delivery = "failing"
-            if not retryable or attempt == attempts:
+            self.delivery = "refused" if outcome == "refused" else "failing"
+            if last:
                 break
             await asyncio.sleep(self._retry.delay(attempt))
         self.failed += 1

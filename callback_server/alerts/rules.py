@@ -179,12 +179,13 @@ class RobotSilent(Rule):
 
 
 class PollFailed(Rule):
-    """A gateway's Pudu poll run failed (every shop, or with ``on_partial`` some); its next
-    run without that resolves."""
+    """A gateway's Pudu poll run ended ``failed`` or ``partial`` (some shop or robot could
+    not be read: a one-shop run whose every robot failed is partial); its next ``ok`` run
+    resolves. ``on_partial: false`` lets partial runs neither open nor resolve."""
 
     title: ClassVar[str] = "Cloud poll failed"
     severity: Severity = "warning"
-    on_partial: bool = False
+    on_partial: bool = True
 
 
 class PollSlow(Rule):
@@ -400,8 +401,8 @@ def disk_severity(rule: GatewayDisk, free_bytes: float | None, writable: bool | 
 
 
 def poll_failed_severity(rule: PollFailed, status: str | None, current: str | None) -> str | None:
-    """A run's ``status`` (ok, partial, failed): failed opens, ok resolves; partial opens only
-    with ``on_partial`` and otherwise changes nothing; a run still going changes nothing."""
+    """A run's ``status`` (ok, partial, failed): failed opens, ok resolves; partial opens too
+    unless ``on_partial`` is off, then it changes nothing; a run still going changes nothing."""
     if status == "failed" or (status == "partial" and rule.on_partial):
         return rule.severity
     return None if status == "ok" else current

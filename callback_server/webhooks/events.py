@@ -21,7 +21,7 @@ from callback_server.store.rows import channel_of, is_robot_state
 
 EVENTS = ("robot.status_changed", "robot.error", "robot.offline", "robot.online",
           "gateway.offline", "gateway.online", "alert.opened", "alert.resolved",
-          "run.failed")
+          "run.failed", "run.partial")
 
 #: Robots whose last status is remembered (status_changed needs the one before).
 MAX_ROBOTS = 100_000
@@ -103,10 +103,14 @@ class EventSource:
             self.emit(Event(f"robot.{status}", env.org, data))
 
     def _run(self, env: Envelope) -> None:
+        """A poll run that did not end ``ok``: ``run.failed`` (every shop failed) or
+        ``run.partial`` (some shop, robot or fault-log row failed), as the alert
+        ``poll_failed`` opens on either."""
         rec = env.data
-        if rec.get("status") != "failed":
+        status = rec.get("status")
+        if status not in ("failed", "partial"):
             return
-        self.emit(Event("run.failed", env.org, {
+        self.emit(Event(f"run.{status}", env.org, {
             "gateway_id": env.gateway or env.device,
             **{k: rec.get(k) for k in ("run_id", "status", "error", "started_at", "ended_at",
                                        "shops_failed")}}))

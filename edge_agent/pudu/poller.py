@@ -152,6 +152,10 @@ class Poller:
         self.clock: Clock = SystemClock()  # tests drive the schedule with a fake one
         self.last: dict[str, Any] | None = None
         self.runs = 0
+        #: When the schedule's next run is due (epoch s); None while not scheduling.
+        self.next_run: float | None = None
+        #: Why scheduled polling stopped (a cron() year field that ran out); None while on.
+        self.ended: str | None = None
         self._lock = asyncio.Lock()
         # (sn, channel) -> (data last published, its field names): only what changed is
         # published again; a webhook touching one of the fields forgets the entry.
@@ -160,7 +164,9 @@ class Poller:
 
     @property
     def enabled(self) -> bool:
-        return self.settings.polling
+        """Polling is configured and the schedule has run times left (health's ``enabled``
+        turns false when a year-bounded cron() runs out)."""
+        return self.settings.polling and self.ended is None
 
     async def run(self) -> None:
         """The schedule (``settings.schedule``): each run at its run time on ``clock``.
@@ -168,15 +174,21 @@ class Poller:
         After a restart the first due time is the one following the journal's last run: if
         that passed while the gateway was down, one catch-up run happens now (not one per
         missed time). With no run ever recorded, a rate() schedule runs at once (a new
-        gateway reconciles straight away) and a cron() one waits for its time."""
+        gateway reconciles straight away) and a cron() one waits for its time.
+
+        A cron() whose year field runs out ends the schedule: said once in the log and in
+        ``ended``, and this returns; the agent goes on (webhooks, commands, polls asked
+        for)."""
         schedule = self.settings.schedule
         last = await self.last_started()
         now = self.clock.now()
+        due: float | None
         if last is not None:
             due = schedule.next_after(last)
         else:
             due = now if schedule.period is not None else schedule.next_after(now)
-        while True:
+        while due is not None:
+            self.next_run = due
             wait = due - self.clock.now()
             if wait > 0:
                 await self.clock.sleep(wait)
@@ -187,6 +199,10 @@ class Poller:
                 log.exception("poll run failed unexpectedly")
             # A run that outlasted run times skips them: the next is after now.
             due = schedule.next_after(max(due, self.clock.now()))
+        self.next_run = None
+        self.ended = (f"poll schedule {schedule.expression} has no run time left: scheduled "
+                      "polling stopped")
+        log.warning("%s (the agent goes on; POST /pudu/poll still runs one)", self.ended)
 
     async def last_started(self) -> float | None:
         """When the last recorded run started (the journal survives restarts)."""

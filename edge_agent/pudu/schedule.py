@@ -13,6 +13,10 @@ poll on a cron().
 
 Catch-up: the poller asks for the first run time after its last run; one in the past means
 a run was missed (gateway down, a run overran) and it runs once now, not once per missed time.
+
+A year field can run out (``cron(0 9 1 * ? 2027)`` after 2027): ``next_after`` then answers
+None and the poller stops polling, the agent going on. Only a pattern that never matches
+in any year (``cron(0 9 30 2 ? *)``) is refused.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import asyncio
 import re
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 __all__ = ["Clock", "Schedule", "SystemClock", "parse"]
@@ -30,8 +34,10 @@ _RATE = re.compile(r"^rate\(\s*(\d+)\s+(second|minute|hour|day)s?\s*\)$", re.IGN
 _CRON = re.compile(r"^cron\((.*)\)$", re.IGNORECASE)
 _UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 _YEAR = re.compile(r"^(\*|\d{4}(-\d{4})?(/\d+)?)$")
-#: Years searched ahead for a match before a cron expression is called one that never fires.
-_HORIZON_YEARS = 5
+#: AWS's last year (its year field takes 1970-2199); an open ``2030/2`` stops there.
+LAST_YEAR = 2199
+#: AWS day-of-week names, for ``FRIL`` (last Friday) as AWS's ``6L``.
+_DAYS = ("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT")
 
 
 class Clock(Protocol):
@@ -61,34 +67,62 @@ class Schedule:
     cron: str | None = None  # croniter's five fields
     years: frozenset[int] | None = None  # None: every year
 
-    def next_after(self, when: float) -> float:
-        """The first run time strictly after ``when`` (epoch seconds, UTC)."""
+    def next_after(self, when: float) -> float | None:
+        """The first run time strictly after ``when`` (epoch seconds, UTC); None when the
+        year field has no year left with a run time (the schedule has ended)."""
         if self.period is not None:
             return (when // self.period + 1) * self.period
         assert self.cron is not None
-        from croniter import croniter  # only cron() schedules need it (module docstring)
-
-        it = croniter(self.cron, datetime.fromtimestamp(when, UTC))
-        limit = datetime.fromtimestamp(when, UTC).year + _HORIZON_YEARS
-        while True:
-            nxt: datetime = it.get_next(datetime)
-            if nxt.year > limit:
-                raise ValueError(f"{self.expression} has no run time before {limit}")
-            if self.years is None or nxt.year in self.years:
-                return nxt.timestamp()
+        start = datetime.fromtimestamp(when, UTC)
+        if self.years is None:
+            return _cron_next(self.cron, start)
+        # Each listed year from the current one, started at its first second: a year
+        # decades ahead costs one croniter step, not a walk through every run before it.
+        for year in sorted(y for y in self.years if y >= start.year):
+            begin = max(start, datetime(year, 1, 1, tzinfo=UTC) - timedelta(seconds=1))
+            nxt = _cron_next(self.cron, begin)
+            if nxt is not None and datetime.fromtimestamp(nxt, UTC).year == year:
+                return nxt
+        return None
 
     def upcoming(self, when: float, count: int = 3) -> list[float]:
-        """The next ``count`` run times after ``when`` (check-config prints them)."""
+        """The next ``count`` run times after ``when`` (check-config prints them); fewer
+        when the schedule ends before."""
         times: list[float] = []
         for _ in range(count):
-            when = self.next_after(when)
-            times.append(when)
+            nxt = self.next_after(when)
+            if nxt is None:
+                break
+            times.append(when := nxt)
         return times
+
+    def describe(self, when: float, count: int = 3) -> str:
+        """What check-config prints: the next run times, or that there are none left."""
+        times = self.upcoming(when, count)
+        if not times:
+            return f"poll schedule {self.expression}: no run time left (polling stops)"
+        shown = ", ".join(datetime.fromtimestamp(t, UTC).strftime("%a %Y-%m-%d %H:%M:%S")
+                          for t in times)
+        last = "" if len(times) == count else " (no run time after these)"
+        return f"poll schedule {self.expression}: next runs (UTC) {shown}{last}"
+
+
+def _cron_next(five: str, start: datetime) -> float | None:
+    """croniter's next match after ``start``; None if it finds none (it gives up after
+    decades without a match: a 30 February)."""
+    from croniter import CroniterBadDateError, croniter  # only cron() needs it (docstring)
+
+    try:
+        nxt: datetime = croniter(five, start).get_next(datetime)
+    except CroniterBadDateError:
+        return None
+    return nxt.timestamp()
 
 
 def _dow(field: str) -> str:
     """AWS numbers days 1-7 from Sunday; croniter 0-6. Names pass unchanged; ``#`` keeps its
-    occurrence number; ``L`` (last) is croniter's ``L`` suffix form."""
+    occurrence number; AWS's ``6L`` / ``FRIL`` (the month's last Friday) is croniter's
+    ``L5``; ``L`` alone is Saturday, as in AWS."""
     def shift(match: re.Match[str]) -> str:
         day = int(match.group(0))
         if not 1 <= day <= 7:
@@ -97,6 +131,13 @@ def _dow(field: str) -> str:
 
     if field == "L":
         return "6"  # AWS: L alone in day-of-week is Saturday
+    last = re.fullmatch(r"(\d+|[A-Z]{3})L", field)
+    if last:
+        day = last.group(1)
+        number = _DAYS.index(day) + 1 if day in _DAYS else int(day) if day.isdigit() else 0
+        if not 1 <= number <= 7:
+            raise ValueError(f"day-of-week {field!r}: give 1L-7L or SUNL-SATL")
+        return f"L{number - 1}"
     head, sep, nth = field.partition("#")
     return re.sub(r"(?<![/\w])\d+", shift, head) + sep + nth
 
@@ -110,7 +151,7 @@ def _years(field: str) -> frozenset[int] | None:
             raise ValueError(f"year field {field!r}: give *, 2030, 2030-2035, 2030/2 or a list")
         span, _, step = part.partition("/")
         first, _, last = span.partition("-")
-        stop = int(last) if last else (int(first) if not step else 2199)
+        stop = int(last) if last else (int(first) if not step else LAST_YEAR)
         years.update(range(int(first), stop + 1, int(step) if step else 1))
     return frozenset(years)
 
@@ -147,6 +188,8 @@ def parse(expression: str | float) -> Schedule:
 
     if not croniter.is_valid(five):
         raise ValueError(f"cron(): {cron.group(1)!r} is not a valid expression")
-    schedule = Schedule(expression=text, cron=five, years=_years(year))
-    schedule.next_after(datetime.now(UTC).timestamp())  # one that never fires is refused now
-    return schedule
+    # A pattern no year matches (30 February) is refused; one whose listed years are over
+    # is not: check-config warns and the poller stops (module docstring).
+    if _cron_next(five, datetime(1970, 1, 1, tzinfo=UTC)) is None:
+        raise ValueError(f"cron(): {cron.group(1)!r} matches no date")
+    return Schedule(expression=text, cron=five, years=_years(year))

@@ -93,7 +93,22 @@ class PuduApiSettings(BaseModel):
 
     @property
     def polling(self) -> bool:
+        """Scheduled polling is on: a key, shops, and an interval other than 0 (0 turns it
+        off even with a schedule set: ``schedule_warnings`` says so)."""
         return self.configured and bool(self.shop_ids) and self.poll_interval_seconds > 0
+
+    def schedule_warnings(self, now: float) -> list[str]:
+        """What check-config says of the schedule: an interval of 0 beside a schedule (the
+        0 wins: no polling), or a schedule with no run time left (the agent starts and
+        does not poll)."""
+        if self.poll_schedule and self.poll_interval_seconds == 0:
+            return [f"PUDU_POLL_SCHEDULE={self.poll_schedule} is not used: "
+                    "PUDU_POLL_INTERVAL=0 turns scheduled polling off (unset the interval "
+                    "to poll on the schedule)"]
+        if self.polling and self.schedule.next_after(now) is None:
+            return [f"poll schedule {self.schedule.expression} has no run time left: the "
+                    "agent starts and does not poll"]
+        return []
 
     @property
     def host(self) -> str:

@@ -106,7 +106,8 @@ class MQTTProxy:
                 raise TypeError("MQTTProxy needs base_url (and token) or client=")
             client = FleetClient(base_url, token, **client_options)
         self.client = client
-        self._pending: set[asyncio.Task[Subscription | None]] = set()
+        #: Background subscribes still running, with their patterns (health_check).
+        self._pending: dict[asyncio.Task[Subscription | None], str] = {}
         #: Patterns the service refused (kept for health_check: an app bug to see).
         self._refused_patterns: list[PatternSubscription] = []
         #: The reason of the last publish or subscribe that answered False.
@@ -174,14 +175,20 @@ class MQTTProxy:
         ``*`` matches one topic level (``org/*/device/*/telemetry``) or part of one
         (``robot-*``). Registers now and subscribes in the background, retrying while
         the service cannot be reached; awaiting the result waits for that."""
-        loop = asyncio.get_running_loop()  # RuntimeError outside one: nothing could run it
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # nothing could run the background subscribe: say what to do
+            raise RuntimeError(
+                f"subscribe_pattern({pattern!r}) needs a running event loop: call it from "
+                "async code (a coroutine run by asyncio.run, after MQTTProxy(...) is made "
+                "there), as the predecessor's applications did") from None
         handle = PatternSubscription(pattern)
         task = handle._task = loop.create_task(self._subscribe_pattern(handle, handler, qos),
                                                name=f"compat-pattern-{pattern}")
-        self._pending.add(task)
+        self._pending[task] = pattern
 
         def done(task: asyncio.Task[Subscription | None]) -> None:
-            self._pending.discard(task)
+            self._pending.pop(task, None)
             if not task.cancelled() and task.exception() is not None:
                 handle.error = repr(task.exception())
                 self._refused_patterns.append(handle)
@@ -221,8 +228,9 @@ class MQTTProxy:
     async def health_check(self) -> dict[str, Any]:
         """The seed's shape: ``status`` and ``connection`` with ``ts_client`` (the
         service's proxy answers), ``callback_server`` (every subscription's message
-        stream is open) and ``connected`` (the service's broker connection); never
-        raises, so a monitor can always read it."""
+        stream is open) and ``connected`` (the service's broker connection); also
+        ``pending_subscriptions`` (the patterns still subscribing) and
+        ``refused_subscriptions``. Never raises, so a monitor can always read it."""
         status: dict[str, Any] = {}
         error, reachable = None, True
         try:
@@ -241,7 +249,7 @@ class MQTTProxy:
             "connection": {"ts_client": reachable, "callback_server": reachable and streams,
                            "connected": connected},
             "subscriptions": [s.topic for s in subs],
-            "pending_subscriptions": len(self._pending),
+            "pending_subscriptions": sorted(self._pending.values()),
             "refused_subscriptions": refused,
             "service": status,
         }

@@ -45,6 +45,7 @@ from bridge.http.body import read_body
 from bridge.http.error_boundary import status_for
 from bridge.pudu import normalize
 from bridge.pudu.answer import CALLBACK_REQUEST, accepted
+from bridge.service.health import HealthQuery, health_status, unready_body
 from bridge.topic import TopicScheme, scheme_of
 from callback_server.batcher import Outcome
 from callback_server.ports import AppHost, Host
@@ -176,17 +177,30 @@ async def pudu_webhook(request: Request, server: Host, codes: Codes) -> JSONResp
     return JSONResponse(answer)
 
 
-@router.get(WEBHOOK_PATH + "/health", summary="Database state, as Pudu's monitors poll it")
-async def pudu_health(server: Host, codes: Codes) -> dict[str, Any]:
-    try:
-        db_ok = await asyncio.wait_for(server.store.ping(), 2.0)
-    except TimeoutError:
-        db_ok = False
-    db_ok = db_ok and not server.writer.degraded
-    return {"status": "healthy" if db_ok else "degraded", "timestamp": int(time.time()),
-            "service": "callback-server", "version": server.version,
-            "database_ok": db_ok, "callback_codes": len(codes),
-            "pending": server.writer.pending, "stored": server.writer.stored}
+@router.get(WEBHOOK_PATH + "/health", summary="Database state, as Pudu's monitors poll it",
+            description="200 with `status` healthy|degraded (the database: what taking "
+            "Pudu's callbacks here needs) while serving. `?ready=1`: 503 until the server "
+            "can take traffic (listeners bound, database reachable) and while it stops; a "
+            "broker outage never fails it. `?strict=1`: also 503 while degraded (for "
+            "`curl -f` monitors). The same three forms as `/callback/health` and the edge "
+            "agent's health.",
+            responses={503: {"description": "Not ready (`?ready=1`), or degraded "
+                                             "(`?strict=1`)"}})
+async def pudu_health(request: Request, server: Host, codes: Codes) -> JSONResponse:
+    query = HealthQuery(request.query_params)  # a bad flag is refused before any work
+    if server.readiness.waiting_for("store"):  # not entered: nothing to ask yet
+        body = unready_body("callback-server", server.readiness.reasons())
+    else:
+        # The server's own report decides readiness (one rule for both health paths);
+        # this path's status is the database's alone, as Pudu's monitors read it.
+        report = await server.health()
+        db_ok = bool(report["database_ok"])
+        body = {"status": "healthy" if db_ok else "degraded", "timestamp": int(time.time()),
+                "service": "callback-server", "version": server.version,
+                "ready": report["ready"], "not_ready": report["not_ready"],
+                "database_ok": db_ok, "callback_codes": len(codes),
+                "pending": server.writer.pending, "stored": server.writer.stored}
+    return JSONResponse(body, status_code=health_status(body, query, body["not_ready"]))
 
 
 async def _accept(server: AppHost, request: Request, org: str,

@@ -398,3 +398,39 @@ def test_roles_are_checked_only_by_the_dependencies() -> None:
                     calls.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert calls == [], "take the caller as Reader / Operator / Admin / Ingester " \
                         "(callback_server.access) instead"
+
+
+#: Where the edge's admin listener reads its token: the one dependency both the REST MQTT
+#: proxy and the ``/pudu/*`` routes take (``ListenerToken``).
+TOKEN_HOME = ROOT / "bridge" / "proxy" / "http.py"
+
+
+def _reads_authorization(node: ast.AST) -> bool:
+    """A server reading ``Authorization`` itself: a ``.get("authorization")`` on headers,
+    a parameter named ``authorization``, or a FastAPI ``Header(...)`` parameter."""
+    if isinstance(node, ast.arg):
+        return node.arg.lower() == "authorization"
+    if not isinstance(node, ast.Call):
+        return False
+    func = node.func
+    name = func.attr if isinstance(func, ast.Attribute) else \
+        func.id if isinstance(func, ast.Name) else ""
+    if name == "Header":
+        return True
+    return name == "get" and bool(node.args) and isinstance(node.args[0], ast.Constant) \
+        and str(node.args[0].value).lower() == "authorization"
+
+
+def test_the_edge_checks_its_token_only_in_the_one_dependency() -> None:
+    """The proxy and /pudu/* once checked the token each their own way (a bare token was
+    let in by one, a lower-case ``bearer`` by the other): the edge side reads the header
+    in one place."""
+    found = []
+    for package in ("bridge", "edge_agent"):
+        for path in modules(package):
+            if path == TOKEN_HOME:
+                continue
+            found += [f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', '?')}"
+                      for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                      if _reads_authorization(node)]
+    assert found == [], "take the caller as ListenerToken (bridge.proxy.http) instead"

@@ -40,6 +40,19 @@ def test_payloads_reach_seed_handlers_decoded() -> None:
     assert decode_payload(b"\xff\x00") == b"\xff\x00"  # binary stays bytes
 
 
+def test_a_pattern_outside_the_event_loop_says_what_to_do() -> None:
+    mqtt = MQTTProxy("http://127.0.0.1:9", "token")
+
+    def handler(topic: str, payload: Any) -> None:
+        return None
+
+    with pytest.raises(RuntimeError) as refused:
+        mqtt.subscribe_pattern("org/*/device/*/status", handler)
+    assert "needs a running event loop" in str(refused.value)
+    assert "async code" in str(refused.value)
+    asyncio.run(mqtt.aclose())
+
+
 # -- both services, as real processes ---------------------------------------------------------
 @dataclass
 class Stack:
@@ -97,7 +110,7 @@ async def test_a_pattern_subscribed_without_await_receives_a_webhooks_envelope(
             nonlocal health
             health = await mqtt.health_check()
             return bool(health["connection"]["callback_server"]) and \
-                health["pending_subscriptions"] == 0
+                health["pending_subscriptions"] == []
 
         await eventually_async(settled, within=15, what="the seed settled")
         assert health["connection"] == {"ts_client": True, "callback_server": True,
@@ -323,7 +336,8 @@ async def test_a_pattern_made_while_the_service_is_down_subscribes_once_it_is_up
                              reconnect_max=0.5) as mqtt:
             pending = mqtt.subscribe_pattern(f"org/{org}/device/*/status", handler)
             assert not pending.subscribed  # nobody listens yet: it keeps trying
-            assert (await mqtt.health_check())["pending_subscriptions"] == 1
+            health = await mqtt.health_check()
+            assert health["pending_subscriptions"] == [f"org/{org}/device/*/status"]
             await asyncio.to_thread(agent.start)
             try:
                 assert await asyncio.wait_for(pending, 30) is True

@@ -2,7 +2,9 @@
 app's own schema and sends them in process (ASGI, no network), with a key of each role;
 every answer must match the schema (status declared, content type, body schema), be in the
 one error shape when it is an error, carry ``Retry-After`` on a 503 and hold no secret.
-Every operation must answer 2xx at least once, so a run of 401s cannot pass.
+Every operation must answer 2xx at least once, so a run of 401s cannot pass. Generated
+requests are well-formed JSON; a second pass sends each operation that takes a JSON body
+malformed JSON and an oversized body, whose 400 and 413 must be declared too.
 
 The services run on the memory broker and SQLite in one event loop of their own (a thread):
 hypothesis drives synchronous tests, the apps and their stores live in that loop."""
@@ -41,6 +43,7 @@ from callback_server.keys import ALL_ORGS, add_key
 from callback_server.service import CallbackServer
 from edge_agent import settings as edge_config
 from edge_agent.service import EdgeAgent
+from tests.support.procs import free_port
 
 T = TypeVar("T")
 #: Generated requests per operation and role: ~50 operations in all, under a minute.
@@ -49,9 +52,10 @@ PROXY_TOKEN = "fuzz-proxy-token-0123456789abcdef01"
 RULE_TOKEN = "fuzz-rule-token-fedcba9876543210fe"
 EDGE_CODE = "fuzz-edge-code-00112233445566778899"
 CLOUD_CODE = "fuzz-cloud-code-99887766554433221100"
+PUDU_SECRET = "fuzz-pudu-secret-5566778899aabbccdd"
 #: callback server keys: (orgs, role); "reader" is the viewer role
 ROLES = {"admin": ([ALL_ORGS], "admin"), "operator": (["acme"], "operator"),
-         "reader": (["acme"], "viewer")}
+         "reader": (["acme"], "viewer"), "ingest": (["acme"], "ingest")}
 
 
 class Loop:
@@ -127,7 +131,12 @@ def apps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Apps]:
     edge_settings = edge_config.load(None, {
         **common, "PUDU_CALLBACK_CODE": EDGE_CODE, "ORG_ID": "acme", "GATEWAY_ID": "gw1",
         "PROXY_TOKEN": PROXY_TOKEN, "OUTBOX_PATH": str(tmp / "outbox.db"),
-        "CALLBACK_URL_ALLOW": "127.0.0.1/32"})
+        "CALLBACK_URL_ALLOW": "127.0.0.1/32",
+        # Pudu's cloud API configured, so /pudu/poll and /pudu/runs are in the schema: a
+        # closed loopback port (a poll's run fails at once and is recorded), no schedule
+        "PUDU_API_URL": f"http://127.0.0.1:{free_port()}", "PUDU_API_KEY": "fuzz-key",
+        "PUDU_API_SECRET": PUDU_SECRET, "PUDU_SHOP_IDS": "1", "PUDU_POLL_INTERVAL": "0",
+        "PUDU_API_RETRIES": "0", "PUDU_API_TIMEOUT_SECONDS": "2"})
     loop = Loop()
     stack = AsyncExitStack()
 
@@ -140,7 +149,8 @@ def apps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Apps]:
             "fuzz/org/acme/device/A1/quiet", "http://127.0.0.1:9/sub"))[0]
             for name, proxy in (("cloud", cloud.proxy), ("edge", edge.proxy))}
         return Apps(loop, cloud, edge, keys, known, subscriptions, doomed,
-                    [*keys.values(), PROXY_TOKEN, RULE_TOKEN, EDGE_CODE, CLOUD_CODE])
+                    [*keys.values(), PROXY_TOKEN, RULE_TOKEN, EDGE_CODE, CLOUD_CODE,
+                     PUDU_SECRET])
 
     try:
         started = loop.run(start())
@@ -310,6 +320,36 @@ def fuzz_app(apps: Apps, app: FastAPI, auths: dict[str, dict[str, str]],
     return ok
 
 
+#: Bodies no generated case sends: cut-off JSON, and valid JSON past every route's limit
+#: (the largest is the proxy's, six times its 128 KiB payload).
+MALFORMED = b'{"topic": "fuzz/org/acme/device/A1/fuzz", "payload": '
+OVERSIZED = b'{"pad": "' + b"x" * (4 * 1024 * 1024) + b'"}'
+
+
+def refuse_bad_bodies(apps: Apps, app: FastAPI, headers: dict[str, str],
+                      known_here: dict[str, str],
+                      serving: Callable[[str], FastAPI] | None = None) -> list[str]:
+    """Malformed JSON (400) and an oversized body (413) to every operation of ``app``'s
+    schema that takes a JSON body, as a caller every check admits: each answer is that
+    status, declared by the operation, in the one error shape. The operations sent."""
+    sent = []
+    names = {**apps.known, **known_here}
+    for path, operations in app.openapi()["paths"].items():
+        for method, operation in operations.items():
+            if "application/json" not in operation.get("requestBody", {}).get("content", {}):
+                continue
+            for body, expected in ((MALFORMED, 400), (OVERSIZED, 413)):
+                response = apps.loop.run(_request(serving(path) if serving else app, {
+                    "method": method.upper(), "url": path.format(**names), "data": body,
+                    "headers": {**headers, "Content-Type": "application/json"}}))
+                label = f"{method.upper()} {path} {len(body)} bytes"
+                check_project_rules(response, apps.secrets)
+                assert response.status_code == expected, (label, response.text)
+                assert str(expected) in operation["responses"], f"{label}: not declared"
+            sent.append(f"{method.upper()} {path}")
+    return sent
+
+
 def assert_every_operation_answered(ok: Counter[str]) -> None:
     never = sorted(label for label, n in ok.items() if n == 0)
     assert not never, f"operations never answered 2xx: {never}"
@@ -359,6 +399,16 @@ def test_callback_server_schema_holds_for_every_role(apps: Apps) -> None:
     assert_every_operation_answered(ok)
 
 
+def test_callback_server_declares_its_answers_to_bad_bodies(apps: Apps) -> None:
+    headers = {"Authorization": f"Bearer {apps.keys['admin']}", "CallbackCode": CLOUD_CODE}
+    sent = refuse_bad_bodies(apps, apps.cloud.app, headers,
+                             {"subscription_id": apps.subscriptions["cloud"]})
+    assert {"POST /devices/{device_id}/commands", "POST /robots/{sn}/commands",
+            "POST /alert-subscriptions", "POST /webhooks", "POST /api/v1/webhooks",
+            "POST /console/session", "POST /mqtt/subscribe", "POST /callback/messages",
+            "POST /api/pudu/webhook"} <= set(sent)
+
+
 def test_edge_webhook_schema_holds(apps: Apps) -> None:
     seeds = {("POST", "/api/pudu/webhook"): [{"body": CALLBACK}]}
     ok = fuzz_app(apps, apps.edge.app, {"pudu": {"CallbackCode": EDGE_CODE}}, seeds, {503}, {})
@@ -370,9 +420,24 @@ def test_edge_admin_schema_holds(apps: Apps) -> None:
     # the admin app's schema also describes the webhook, which the public listener serves
     auth = {"admin": {"Authorization": f"Bearer {PROXY_TOKEN}", "CallbackCode": EDGE_CODE}}
     ok = fuzz_app(apps, apps.edge.admin_app, auth, seeds, {503, 504},
-                  {"subscription_id": apps.subscriptions["edge"]}, serving=lambda path:
-                  apps.edge.app if path.startswith("/api/pudu/") else apps.edge.admin_app)
+                  {"subscription_id": apps.subscriptions["edge"]}, serving=edge_serving(apps))
     assert_every_operation_answered(ok)
+    assert {"POST /pudu/poll", "GET /pudu/runs"} <= set(ok)
+
+
+def edge_serving(apps: Apps) -> Callable[[str], FastAPI]:
+    """The edge app that serves a path of the admin app's schema (which also describes
+    the webhook of the public listener)."""
+    return lambda path: apps.edge.app if path.startswith("/api/pudu/") else apps.edge.admin_app
+
+
+def test_edge_declares_its_answers_to_bad_bodies(apps: Apps) -> None:
+    headers = {"Authorization": f"Bearer {PROXY_TOKEN}", "CallbackCode": EDGE_CODE}
+    sent = refuse_bad_bodies(apps, apps.edge.admin_app, headers,
+                             {"subscription_id": apps.subscriptions["edge"]},
+                             serving=edge_serving(apps))
+    assert {"POST /mqtt/publish", "POST /mqtt/subscribe", "POST /mqtt/unsubscribe",
+            "POST /api/pudu/webhook"} <= set(sent)
 
 
 @pytest.mark.parametrize("timeout", [5e-324, 0.05, 3601])
@@ -390,3 +455,41 @@ def test_a_command_timeout_out_of_bounds_is_refused_not_waited_for(
             "method": "POST", "url": path, "json": {**body, "timeout": timeout},
             "headers": {"Authorization": f"Bearer {apps.keys['operator']}"}}))
         assert answer.status_code == 422 and answer.json()["field"] == "timeout", answer.text
+
+
+async def _ignore(topic: str, payload: bytes) -> None:
+    return None
+
+
+def test_the_proxys_conflicts_and_cap_are_declared(apps: Apps) -> None:
+    """409 and 429 are answers no generated request is sure to meet: each is provoked
+    here, on both proxies, and must be declared by its operation."""
+    for app, proxy, key, webhook_sub in (
+            (apps.cloud.app, apps.cloud.proxy, apps.keys["admin"], apps.subscriptions["cloud"]),
+            (apps.edge.admin_app, apps.edge.proxy, PROXY_TOKEN, apps.subscriptions["edge"])):
+        headers = {"Authorization": f"Bearer {key}"}
+        declared = app.openapi()["paths"]
+        app_owned = apps.loop.run(proxy.subscribe_to_topic(
+            "fuzz/org/acme/device/A1/app", _ignore))  # the application's own
+        saved, proxy.max_subscriptions = proxy.max_subscriptions, 0  # at the cap
+        try:
+            answers = {
+                ("get", "/mqtt/stream"): apps.loop.run(_stream_head(app, {
+                    "method": "GET", "url": "/mqtt/stream", "params": {"id": webhook_sub},
+                    "headers": headers})),
+                ("post", "/mqtt/unsubscribe"): apps.loop.run(_request(app, {
+                    "method": "POST", "url": "/mqtt/unsubscribe", "json": {"id": app_owned},
+                    "headers": headers})),
+                ("post", "/mqtt/subscribe"): apps.loop.run(_request(app, {
+                    "method": "POST", "url": "/mqtt/subscribe", "json": {"topic": TOPIC},
+                    "headers": headers})),
+            }
+        finally:
+            proxy.max_subscriptions = saved
+            apps.loop.run(proxy.unsubscribe(app_owned))
+        statuses = {route: answer.status_code for route, answer in answers.items()}
+        assert statuses == {("get", "/mqtt/stream"): 409, ("post", "/mqtt/unsubscribe"): 409,
+                            ("post", "/mqtt/subscribe"): 429}, statuses
+        for (method, path), status in statuses.items():
+            check_project_rules(answers[method, path], apps.secrets)
+            assert str(status) in declared[path][method]["responses"], (method, path)

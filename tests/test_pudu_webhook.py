@@ -23,6 +23,7 @@ from callback_server.service import CallbackServer
 from edge_agent import settings as edge_config
 from edge_agent.service import EdgeAgent
 from tests.support.dbutil import query
+from tests.support.procs import free_port
 from tests.support.waiting import eventually_async
 
 SAMPLES = Path(__file__).parent / "samples" / "pudu"
@@ -212,3 +213,48 @@ def test_check_config_takes_a_gateway_less_deployment_and_names_a_bad_code_list(
     assert len(found) == 1 and "two orgs" in found[0] and "c1" not in found[0]
     # memory without callback codes is still a test's broker, not a service's
     assert "MQTT_BACKEND" in " ".join(problems(cb_config.load(None, base)))
+
+
+# -- health: the three forms, on the path Pudu registers -------------------------------------
+HEALTH = "/api/pudu/webhook/health"
+
+
+async def forms(client: httpx.AsyncClient) -> dict[str, int]:
+    return {q: (await client.get(HEALTH + q)).status_code
+            for q in ("", "?ready=1", "?strict=1")}
+
+
+async def test_health_answers_ready_and_strict_on_the_path_pudu_registers(
+        tmp_path: Path) -> None:
+    settings = cb_config.load(None, {
+        "MQTT_URL": f"mqtt://h{uuid.uuid4().hex[:8]}", "MQTT_BACKEND": "memory",
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'cb.db'}", "CALLBACK_CODES": "c1=acme"})
+    server = CallbackServer(settings)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=server.app),
+                                 base_url="http://cb") as client:
+        before = await forms(client)
+        async with server:
+            during = await forms(client)
+            body = (await client.get(HEALTH)).json()
+            bad = await client.get(HEALTH + "?strict=maybe")
+    assert before == {"": 200, "?ready=1": 503, "?strict=1": 503}
+    assert during == {"": 200, "?ready=1": 200, "?strict=1": 200}
+    assert (body["status"], body["ready"], body["not_ready"]) == ("healthy", True, [])
+    assert bad.status_code == 422 and bad.json()["field"] == "strict"
+
+
+async def test_health_with_the_database_away_fails_ready_and_strict(tmp_path: Path) -> None:
+    settings = cb_config.load(None, {
+        "MQTT_URL": f"mqtt://h{uuid.uuid4().hex[:8]}", "MQTT_BACKEND": "memory",
+        "DATABASE_URL": f"mysql://root@127.0.0.1:{free_port()}/away",  # nobody listens
+        "CALLBACK_CODES": "c1=acme"})
+    async with CallbackServer(settings) as server, httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=server.app), base_url="http://cb") as client:
+        answered = await forms(client)
+        body = (await client.get(HEALTH + "?strict=1")).json()
+        callback_health = (await client.get("/callback/health?strict=1")).status_code
+    # a curl -f monitor and a load balancer on Pudu's path see what /callback/health says
+    assert answered == {"": 200, "?ready=1": 503, "?strict=1": 503}
+    assert callback_health == 503
+    assert (body["status"], body["database_ok"]) == ("degraded", False)
+    assert "database unreachable" in body["not_ready"]

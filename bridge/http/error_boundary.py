@@ -121,9 +121,12 @@ def describe_errors(schema: dict[str, Any], common: Iterable[int] = (),
                 wanted.append(404)  # the path names something: it may not be there
             for status in wanted:
                 responses.setdefault(str(status), {})
-            for status, response in responses.items():
+            for status, response in list(responses.items()):
                 if not status.isdigit() or int(status) < 400:
                     continue
+                # a copy: a route's openapi_extra is merged in by reference, and a router
+                # mounted on two apps would otherwise share it between their schemas
+                response = responses[status] = dict(response)
                 response.setdefault("description", _MEANING.get(int(status), "Error"))
                 if not response["description"] or response["description"] == \
                         "Validation Error":
@@ -135,10 +138,13 @@ def describe_errors(schema: dict[str, Any], common: Iterable[int] = (),
 
 
 def json_body(model: type[BaseModel]) -> dict[str, Any]:
-    """``openapi_extra`` for a route that reads its JSON body itself (bounded, strict):
-    the body is required and has ``model``'s schema, self-contained."""
+    """``openapi_extra`` for a route that reads its JSON body itself (bounded, strict,
+    ``bridge.http.body``): the body is required and has ``model``'s schema,
+    self-contained; and the route may answer what that reading answers, 400 (not JSON,
+    too deep) and 413 (past the route's limit), described by ``describe_errors``."""
     return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": inline_schema(model)}}}}
+        "application/json": {"schema": inline_schema(model)}}},
+        "responses": {"400": {}, "413": {}}}
 
 
 def inline_schema(model: type[BaseModel]) -> dict[str, Any]:

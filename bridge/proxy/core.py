@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
+#: How an operator widens the prefixes (said with every refusal for being outside them).
+_WIDEN = " (widen them with proxy_allowed_prefixes in the service's YAML)"
+
 
 def check_prefixes(allowed_prefixes: Sequence[str]) -> None:
     """ConfigError unless each prefix can be the start of a plain topic (check-config
@@ -146,7 +149,7 @@ class MqttProxy:
                                        "broker ($SYS, $aws, ...) and cannot be used here")
         if not self._topic_allowed(topic):
             raise TopicNotAllowedError(topic, f"outside the allowed prefixes "
-                                       f"{list(self.allowed_prefixes)}")
+                                       f"{list(self.allowed_prefixes)}{_WIDEN}")
         return topic
 
     def check_filter(self, topic_filter: str) -> str:
@@ -169,7 +172,7 @@ class MqttProxy:
             allowed = self._topic_allowed(base)
         if not allowed:
             raise TopicNotAllowedError(topic_filter, f"can match topics outside the allowed "
-                                       f"prefixes {list(self.allowed_prefixes)}")
+                                       f"prefixes {list(self.allowed_prefixes)}{_WIDEN}")
         return topic_filter
 
     def check_qos(self, qos: int) -> int:

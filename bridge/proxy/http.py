@@ -40,6 +40,11 @@ _BROKER: dict[int | str, dict[str, Any]] = {
     400: {}, 403: {"description": "Topic outside what the caller may use"}, 413: {},
     502: {}, 503: {"description": "Broker not connected"},
     504: {"description": "No PUBACK/SUBACK in time"}}
+#: A subscribing route at the proxy's subscription cap (``max_subscriptions``).
+_AT_CAP: dict[str, Any] = {"description": "Too many subscriptions on this proxy"}
+#: Unsubscribing by the id of a subscription that is not the REST API's to remove.
+_NOT_REST: dict[str, Any] = {"description": "`id` names an open stream's subscription or "
+                                            "the application's own"}
 
 
 class PublishBody(BaseModel):
@@ -113,18 +118,31 @@ def _sees_all(topic_filter: str) -> bool:
     return True
 
 
-def _token_check(token: str) -> Callable[[Request], Any]:
-    expected = token.encode("utf-8")
+def bearer_matches(authorization: str, expected: str) -> bool:
+    """Whether an ``Authorization`` header value is ``Bearer <expected>``. RFC 7235: the
+    scheme is case-insensitive (``bearer`` is ``Bearer``) and required (a bare token is
+    refused); the token is compared in constant time, whatever the scheme."""
+    scheme, _, value = authorization.partition(" ")
+    # Starlette decodes headers as latin-1; re-encoding gives the raw bytes back.
+    given = value.strip().encode("latin-1", "replace")
+    ok = hmac.compare_digest(given, expected.encode("utf-8"))
+    return ok and scheme.lower() == "bearer"
 
-    async def check(request: Request) -> None:
-        scheme, _, value = request.headers.get("authorization", "").partition(" ")
-        # Starlette decodes headers as latin-1; re-encoding gives the raw bytes back.
-        given = value.strip().encode("latin-1", "replace")
-        ok = hmac.compare_digest(given, expected)  # constant time, whatever the scheme
-        if not ok or scheme.lower() != "bearer":
-            raise AuthError("missing or invalid bearer token", bearer=True)
 
-    return check
+async def _listener_token(request: Request) -> None:
+    """The one check of a listener's own token (the edge's ``PROXY_TOKEN``): the router
+    that mounts a route puts the token in ``request.state.listener_token`` first (None:
+    no token configured, every caller admitted); a route without it is a bug (500),
+    never an open door."""
+    expected = cast(str | None, request.state.listener_token)
+    if expected is not None and not bearer_matches(
+            request.headers.get("authorization", ""), expected):
+        raise AuthError("missing or invalid bearer token", bearer=True)
+
+
+#: The caller holds the listener's token (``Authorization: Bearer <token>``, 401 else):
+#: the proxy's routes and the edge's ``/pudu/*`` routes, one check for both.
+ListenerToken = Annotated[None, Depends(_listener_token)]
 
 
 #: The ``/mqtt/*`` routes; ``create_proxy_router`` mounts them for one proxy.
@@ -141,16 +159,18 @@ def create_proxy_router(proxy: MqttProxy,
     if authorize is None:
         if proxy.token is None:
             return None
-        dependencies.append(Depends(_token_check(proxy.token)))
+        dependencies.append(Depends(_listener_token))
         authorize = _allow_all
     check = authorize
 
     async def bind(request: Request) -> None:
-        """Hand this router's proxy and hook to the routes (see ``Proxy``, ``Authorize``)."""
+        """Hand this router's proxy, hook and token to the routes (see ``Proxy``,
+        ``Authorize``, ``ListenerToken``)."""
         request.state.mqtt_proxy = proxy
         request.state.mqtt_authorize = check
+        request.state.listener_token = proxy.token
 
-    api = APIRouter(prefix="/mqtt", tags=["mqtt"], dependencies=[*dependencies, Depends(bind)])
+    api = APIRouter(prefix="/mqtt", tags=["mqtt"], dependencies=[Depends(bind), *dependencies])
     api.include_router(routes)
     return api
 
@@ -205,7 +225,8 @@ async def publish(request: Request, proxy: Proxy, check: Authorize) -> dict[str,
             "retain": body.retain, "bytes": size}
 
 
-@routes.post("/subscribe", openapi_extra=json_body(SubscribeBody), responses=_BROKER)
+@routes.post("/subscribe", openapi_extra=json_body(SubscribeBody),
+              responses={**_BROKER, 429: _AT_CAP})
 async def subscribe(request: Request, proxy: Proxy, check: Authorize) -> dict[str, Any]:
     """Webhook subscription when ``callback_url`` is given, else a buffered stream."""
     body = parse_model(SubscribeBody, await read_body(request, 64 * 1024))
@@ -223,7 +244,7 @@ async def subscribe(request: Request, proxy: Proxy, check: Authorize) -> dict[st
 
 
 @routes.post("/unsubscribe", openapi_extra=json_body(UnsubscribeBody),
-              responses={404: {}, **_BROKER})
+              responses={404: {}, 409: _NOT_REST, **_BROKER})
 async def unsubscribe(request: Request, proxy: Proxy, check: Authorize) -> dict[str, Any]:
     """Remove REST subscriptions by exact filter, or one by id."""
     body = parse_model(UnsubscribeBody, await read_body(request, 64 * 1024))
@@ -278,7 +299,10 @@ async def deliveries(request: Request, subscription_id: str, proxy: Proxy,
 
 @routes.get("/stream", response_class=EventStream, status_code=200,
             responses={**event_stream("Events `message` (one each), `dropped`, `end`"),
-                       404: {}, **_BROKER})
+                       404: {}, 409: {"description": "`id` names a subscription that "
+                                                     "delivers by callback_url, or one "
+                                                     "another open stream owns"},
+                       429: _AT_CAP, **_BROKER})
 async def stream(
     request: Request, proxy: Proxy, check: Authorize,
     topic: Annotated[str | None, Query()] = None,

@@ -149,8 +149,11 @@ def _shown(var: str, value: str) -> str:
 #: Names the replaced systems read that no service here honours, and what to use instead.
 NOT_HONOURED = {
     "DEBUG": "the Flask debug switch has no counterpart; for verbose logs set LOG_LEVEL=DEBUG",
-    "ENABLE_CALLBACKS": "the REST proxy's callback_url subscriptions are always on; "
-                        "POST /mqtt/subscribe with or without callback_url",
+    "ENABLE_CALLBACKS": "the REST MQTT proxy (POST /mqtt/subscribe, with or without "
+                        "callback_url) has no switch of its own: the edge agent serves it "
+                        "when PROXY_TOKEN is set and answers 404 on /mqtt/* otherwise; the "
+                        "callback server always serves it, to operator and admin keys "
+                        "(API_KEYS_FILE, or PROXY_TOKEN as an admin key)",
 }
 
 

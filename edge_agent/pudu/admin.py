@@ -1,33 +1,32 @@
-"""``POST /pudu/poll`` on the admin listener: one reconciliation now (``edge-agent poll``)."""
+"""``/pudu/*`` on the admin listener: one reconciliation now (``edge-agent poll``) and the
+run records. With ``PROXY_TOKEN`` set they want it as a bearer token, checked by the one
+dependency the REST MQTT proxy's routes use too (``bridge.proxy.http.ListenerToken``)."""
 
 from __future__ import annotations
 
-import hmac
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Depends, Query, Request
 
-from bridge.errors import AuthError, ConfigError, ConflictError
+from bridge.errors import ConfigError, ConflictError
 from bridge.http.paging import DEFAULT_LIMIT, MAX_LIMIT, Number, Page, Text, decode_cursor
-from edge_agent.ports import PuduAgent, PuduHost
+from bridge.proxy.http import ListenerToken
+from edge_agent.ports import PuduAgent
 
-router = APIRouter(prefix="/pudu", tags=["pudu"])
 
-
-def _check(agent: PuduHost, authorization: str | None) -> None:
-    """With ``PROXY_TOKEN`` set, the routes want it as a bearer token."""
+async def _bind_token(request: Request, agent: PuduAgent) -> None:
+    """The listener's token for ``ListenerToken`` (None without PROXY_TOKEN: the admin
+    listener is bound to localhost by default)."""
     token = agent.settings.proxy_token
-    if token is None:
-        return  # the admin listener is bound to localhost by default
-    given = (authorization or "").removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
-        raise AuthError("missing or invalid bearer token", bearer=True)
+    request.state.listener_token = (token.get_secret_value() or None) if token else None
 
 
-@router.post("/poll", summary="Run one reconciliation now and return its record")
-async def poll(agent: PuduAgent,
-               authorization: str | None = Header(default=None)) -> dict[str, Any]:
-    _check(agent, authorization)
+router = APIRouter(prefix="/pudu", tags=["pudu"], dependencies=[Depends(_bind_token)])
+
+
+@router.post("/poll", summary="Run one reconciliation now and return its record",
+             responses={409: {"description": "No shops to poll (PUDU_SHOP_IDS is empty)"}})
+async def poll(agent: PuduAgent, _: ListenerToken) -> dict[str, Any]:
     try:
         return await agent.poller.run_once()
     except ConfigError as exc:  # no shops: nothing was polled, so not a success
@@ -35,10 +34,9 @@ async def poll(agent: PuduAgent,
 
 
 @router.get("/runs", summary="Run records, newest first, a page at a time")
-async def runs(agent: PuduAgent, limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
-               cursor: str | None = Query(None, max_length=1000),
-               authorization: str | None = Header(default=None)) -> dict[str, Any]:
-    _check(agent, authorization)
+async def runs(agent: PuduAgent, _: ListenerToken,
+               limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
+               cursor: Annotated[str | None, Query(max_length=1000)] = None) -> dict[str, Any]:
     after = decode_cursor(cursor, Number, Text)
     items, last = await agent.journal.runs(
         limit, None if after is None else (float(after[0]), str(after[1])))

@@ -8,10 +8,15 @@ and outbox, and the cloud's per-group watermarks, compare) from ``RobotClocks.or
 - a robot time before ``FLOOR`` (the product's first release) or more than the skew
   bound ahead of the reference clock is *implausible*: it is not used, and the message
   is ordered like one without a robot time;
+- a robot time before ``FLOOR`` is a reset RTC: counted once per robot until it sends a
+  plausible time again;
 - a message without a (usable) robot time ranks equal to the robot's newest order, so it
   is taken (equal ranks go to the newer received) but never outranks a later message
   with a sane time; for a robot not seen yet it ranks ``reference - max_skew``, so a
-  robot clock lagging the reference by less than the bound still moves the state;
+  robot clock lagging the reference by less than the bound still moves the state. Where
+  messages can arrive again or out of order (the cloud: ``by_received``), one received
+  by the gateway before the robot's newest-received message ranks below that one by as
+  much as it was received earlier, so a redelivered or reordered one never wins a tie;
 - robot times that jump back by more than ``reset_bound`` against the receiving clock and
   *stay* there for ``confirm`` consecutive messages are a clock reset: from then on the
   robot's times are shifted onto its old timeline (state follows the newest received),
@@ -32,15 +37,18 @@ import statistics
 import time
 from collections import OrderedDict
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
-__all__ = ["CONFIRM", "FLOOR", "MAX_SKEW_SECONDS", "RESET_BOUND_SECONDS", "GatewayClock",
+__all__ = ["CEILING", "CONFIRM", "FLOOR", "MAX_SKEW_SECONDS", "RESET_BOUND_SECONDS", "GatewayClock",
            "Ordering", "RobotClocks", "plausible", "ranks_newer"]
 
 #: 2017-01-01 UTC: before Pudu's first robots shipped; a robot time before it is an RTC
 #: that reset (1970, 2000, 2001 ...), not a time to order by.
 FLOOR: Final = dt.datetime(2017, 1, 1, tzinfo=dt.UTC).timestamp()
+#: 2100-01-01 UTC: a robot time after it is garbage (a unit mix-up, a corrupt RTC), not a
+#: clock running ahead; it says nothing about the gateway's clock either.
+CEILING: Final = dt.datetime(2100, 1, 1, tzinfo=dt.UTC).timestamp()
 #: How far ahead of the receiving clock a robot time may be and still be ordered by: the
 #: default of both services' MAX_CLOCK_SKEW_SECONDS and of every ``max_skew`` parameter.
 MAX_SKEW_SECONDS: Final = 300.0
@@ -74,14 +82,16 @@ class Ordering:
     robot_time: float | None
     #: Set when the robot time was not used as sent (implausible, or a reset).
     note: str | None = None
-    #: This message confirmed a clock reset (count it, raise ``robot_clock``).
+    #: This message confirmed a clock reset, or is the first of its robot with a time
+    #: before ``FLOOR`` (count it, raise ``robot_clock``).
     reset: bool = False
     #: The robot time was implausible (before FLOOR or too far ahead).
     implausible: bool = False
 
 
 class _Clock:
-    __slots__ = ("candidates", "lead", "newest", "offset", "since_lead")
+    __slots__ = ("candidates", "late", "late_lag", "lead", "newest", "offset", "received",
+                 "received_order", "rtc_reset", "since_lead")
 
     def __init__(self) -> None:
         self.newest: float | None = None   # the newest order taken
@@ -89,6 +99,13 @@ class _Clock:
         self.offset = 0.0                  # added to robot times after a reset
         self.candidates = 0                # consecutive messages behind by > the bound
         self.since_lead: float | None = None  # their lead
+        self.rtc_reset = False             # its last time was before FLOOR (counted)
+        # by_received only: the newest receive time (the gateway's clock) ordered, and
+        # the order that message was given
+        self.received: float | None = None
+        self.received_order = 0.0
+        self.late = 0                      # consecutive messages received > the bound before it
+        self.late_lag: float | None = None  # their reference - received
 
 
 class RobotClocks:
@@ -120,22 +137,76 @@ class RobotClocks:
         return clock
 
     def order(self, robot: Hashable, ts: float | None, received: float,
-              reference: float) -> Ordering:
+              reference: float, *, by_received: bool = False) -> Ordering:
         """The order of a message of ``robot`` with robot time ``ts`` (None: none),
         received at ``received`` (the receiving clock, whatever its error) where the
-        trusted (or corrected) time is ``reference``."""
+        trusted (or corrected) time is ``reference``.
+
+        ``by_received``: messages may arrive again or out of the order they were
+        received in (the cloud; the edge orders each callback as it is received), so
+        ``received`` ranks the ones without a usable robot time among themselves."""
         c = self._clock(robot)
+        late = by_received and self._late(c, received, reference)
         if not plausible(ts, reference, self.max_skew):
-            note = None
-            if ts is not None and math.isfinite(ts):
-                why = (f"before {dt.datetime.fromtimestamp(FLOOR, dt.UTC):%Y-%m-%d}"
-                       if ts < FLOOR else f"{ts - reference:.0f} s ahead of the clock "
+            o = self._untimed(c, ts, reference, count=not late)
+            if late:
+                assert c.received is not None
+                # received before the newest-received message: ranked below it by as much
+                # as it was received earlier, so it never wins the tie a retry would
+                below = c.received_order - (c.received - received)
+                o = replace(o, order=min(below, math.nextafter(c.received_order, -math.inf)))
+        else:
+            assert ts is not None
+            c.rtc_reset = c.rtc_reset and late  # set right (a late one says nothing now)
+            o = self._timed(c, ts, received)
+        if by_received and not late:
+            c.received, c.received_order = received, o.order
+        return o
+
+    def _late(self, c: _Clock, received: float, reference: float) -> bool:
+        """Was this message received (by the gateway's clock) before the robot's newest
+        received one? A run of ``confirm`` received more than ``reset_bound`` before it,
+        agreeing on how far the gateway's clock lags ``reference``, is that clock set
+        back, not late news: from then on its times rank anew."""
+        if c.received is None or received >= c.received:
+            c.late = 0
+            return False
+        if c.received - received <= self.reset_bound:
+            return True  # a redelivery, or a message overtaken on the way
+        lag = reference - received
+        same = c.late_lag is not None and abs(lag - c.late_lag) <= self.reset_bound
+        c.late = c.late + 1 if same else 1
+        c.late_lag = c.late_lag if same else lag
+        if c.late < self.confirm:
+            return True
+        c.late = 0
+        return False
+
+    def _untimed(self, c: _Clock, ts: float | None, reference: float, *,
+                 count: bool = True) -> Ordering:
+        """A message without a usable robot time: ranked equal to the robot's newest.
+        A first time before ``FLOOR`` is counted as a reset unless ``count`` is False
+        (a late delivery says nothing about the clock now)."""
+        note, reset = None, False
+        if ts is not None and math.isfinite(ts):
+            if ts < FLOOR:
+                why = f"before {dt.datetime.fromtimestamp(FLOOR, dt.UTC):%Y-%m-%d}"
+                reset = count and not c.rtc_reset
+                c.rtc_reset = c.rtc_reset or count
+            else:
+                why = (f"{ts - reference:.0f} s ahead of the clock "
                        f"(limit {self.max_skew:g} s)")
-                note = (f"ts: robot time {ts!r} is implausible ({why}); ordered as a "
-                        "message without a robot time")
-            order = c.newest if c.newest is not None else reference - self.max_skew
-            return Ordering(order, None, note, implausible=note is not None)
-        assert ts is not None
+            note = (f"ts: robot time {ts!r} is implausible ({why}); ordered as a "
+                    "message without a robot time")
+            if reset:
+                self.resets += 1
+                note += "; the robot's clock was reset (counted once until it is set right)"
+        order = c.newest if c.newest is not None else reference - self.max_skew
+        return Ordering(order, None, note, reset=reset, implausible=note is not None)
+
+    def _timed(self, c: _Clock, ts: float, received: float) -> Ordering:
+        """A message with a plausible robot time: ordered by it, on its old timeline
+        after a confirmed reset."""
         if c.offset and ranks_newer(ts, c.newest):
             c.offset = 0.0  # the clock was set right again: its own times rank anew
         t = ts + c.offset
@@ -166,18 +237,20 @@ class RobotClocks:
 class GatewayClock:
     """Is the gateway's clock the odd one out? Each robot's latest ``robot - gateway``
     difference is kept; when most recently heard robots (at least ``quorum``) disagree
-    with the gateway by more than the bound *in the same direction*, the gateway's
-    clock is taken to be off by their median, and ``reference`` corrects it."""
+    with the gateway by more than the bound *in the same direction*, and agree with one
+    another, the gateway's clock is taken to be off by their median, and ``reference``
+    corrects it. Two robots are enough: both off by the same offset are two clocks
+    against one. One robot alone cannot tell whose clock is wrong (``undecided``)."""
 
     #: Seconds between two estimates. An estimate reads every robot's difference
     #: (~1,000): made on each message it was a quarter of the edge's CPU per accepted
-    #: callback. Only the first ``quorum`` robots are counted at once (three make a
+    #: callback. Only the first ``quorum`` robots are counted at once (two make a
     #: verdict without waiting); a robot new among more waits like the rest. Counted at
     #: once, the robots of a gateway of more than ``capacity`` (each forgotten and met
     #: again on nearly every message) cost an estimate a message: 13 µs with 1,001.
     EVERY_SECONDS = 1.0
 
-    def __init__(self, max_skew: float, *, quorum: int = 3, window: float = 3600.0,
+    def __init__(self, max_skew: float, *, quorum: int = 2, window: float = 3600.0,
                  capacity: int = 1000) -> None:
         self.max_skew = max_skew
         self.quorum = quorum
@@ -206,7 +279,7 @@ class GatewayClock:
         """A message of ``robot`` with robot time ``ts`` at gateway time ``received``.
         Only a robot's newest time counts: a late retry of an old message says nothing
         about the clocks."""
-        if ts is None or not math.isfinite(ts) or ts < FLOOR:
+        if ts is None or not math.isfinite(ts) or not FLOOR <= ts < CEILING:
             return
         kept = self._diffs.get(robot)
         if kept is not None and ts < kept[2] and received - kept[1] <= self.window:
@@ -236,6 +309,21 @@ class GatewayClock:
                 if len(agreeing) * 2 > len(recent):
                     return middle
         return 0.0
+
+    def undecided(self, robot: Hashable, ts: float, now: float) -> bool:
+        """Does the robot time ``ts`` of ``robot``, disagreeing with the gateway's clock,
+        leave open which of the two clocks is wrong? So when no other robot was heard
+        (with a usable time) within the window, unless ``ts`` is after ``CEILING``.
+        Called only for a robot time that disagrees (rare): the newest heard are
+        looked at first, so it stops at once on a site of several robots."""
+        if ts >= CEILING:
+            return False
+        for other, (_, at, _) in reversed(self._diffs.items()):
+            if now - at > self.window:
+                return True
+            if other != robot:
+                return False
+        return True
 
     @property
     def wrong(self) -> bool:

@@ -42,7 +42,8 @@ class CallbackMetrics:
         self.skewed = gauge("callback_clock_skewed_total",
                             "Messages whose robot time was too far ahead (ordered by now)")
         self.clock_resets = gauge("callback_robot_clock_resets_total",
-                                  "Robot clocks seen going back and staying there")
+                                  "Robot clocks seen reset (a time before 2017) or going "
+                                  "back and staying there")
         self.degraded = gauge("callback_degraded", "1 while database writes fail")
         self.connected = gauge("callback_broker_connected", "1 when connected to the broker")
         self.pruned = Gauge("callback_rows_pruned_total", "Rows deleted by retention",

@@ -41,7 +41,8 @@ class EdgeMetrics:
         )
         self.clock_resets = Counter(
             "edge_robot_clock_resets_total",
-            "Robot clocks seen going back and staying there (bridge/clock.py)",
+            "Robot clocks seen reset (a time before 2017) or going back and staying there "
+            "(bridge/clock.py)",
             registry=self.registry,
         )
         self.gateway_clock_offset = Gauge(

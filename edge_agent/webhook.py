@@ -94,6 +94,16 @@ async def _read_body(receive: Receive, declared: bytes | None, limit: int) -> by
             return body
 
 
+def _undecided(norm: Normalized, now: float) -> str:
+    """The note of a robot time too far ahead of the gateway's clock when no other robot
+    tells which of the two is wrong: it blames neither (docs/clocks.md). It names
+    ``received_at``, which orders the message, as the cloud reads a stand-in."""
+    ahead = (norm.robot_ts or now) - now
+    return (f"ts: robot time {norm.robot_ts!r} and the gateway clock disagree by "
+            f"{ahead:.0f} s, and no other robot heard lately tells which one is wrong; "
+            "ordered by received_at")
+
+
 class _Webhook:
     """The webhook as a direct route (``answer``); ``accept`` is the part shared with the
     docs route.
@@ -170,13 +180,25 @@ class _Webhook:
             raise MalformedBodyError(f"body is {exc}") from None
         now = self.clock()
         gateway_clock = self.gateway_clock
+        correction = gateway_clock.correction
         norm = normalize(parsed.value, received_at=now, max_skew=self.max_skew,
-                         clock_offset=gateway_clock.correction)
-        if norm.skewed:
-            self.skewed.inc()
-            log.warning("robot %s: %s", norm.device_id, norm.notes[-1])
+                         clock_offset=correction)
         device = norm.device_id or self.gateway
         gateway_clock.observe(device, norm.robot_ts, now)
+        if norm.skewed and gateway_clock.correction != correction:
+            # this robot's time completed the robots' verdict on the gateway's clock
+            norm = normalize(parsed.value, received_at=now, max_skew=self.max_skew,
+                             clock_offset=gateway_clock.correction)
+        norm_notes = norm.notes
+        if norm.skewed and norm.robot_ts is not None \
+                and gateway_clock.undecided(device, norm.robot_ts, now):
+            # one robot against the gateway: either clock may be wrong, so neither is
+            # blamed (no robot_clock alert, not counted); still ordered by received_at
+            norm_notes = (*norm.notes[:-1], _undecided(norm, now))
+            log.info("robot %s: %s", device, norm_notes[-1])
+        elif norm.skewed:
+            self.skewed.inc()
+            log.warning("robot %s: %s", norm.device_id, norm.notes[-1])
         ordering = self.clocks.order(device, None if norm.skewed else norm.robot_ts, now,
                                      gateway_clock.reference(now))
         if ordering.reset:
@@ -192,7 +214,7 @@ class _Webhook:
             id=norm.message_id, type=norm.callback_type, org=self.org, device=device,
             gateway=self.gateway, ts=norm.ts, received_at=now, data=norm.data,
             raw=norm.raw, channel=norm.channel,
-            notes=(*parsed.notes, *norm.notes, *clock_notes),
+            notes=(*parsed.notes, *norm_notes, *clock_notes),
         )
         if self.filtering and not self.policy.forwards(norm.channel, norm.callback_type):
             # Answered 200 so Pudu does not retry; the operator chose to keep it home.

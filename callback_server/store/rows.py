@@ -297,8 +297,11 @@ def _ordered(clocks: RobotClocks, given: Envelope, env: Envelope,
         "received_at" in n for n in given.notes)
     timed = robot_time(given.ts) is not None and not stand_in
     received = robot_time(given.received_at)
+    # deliveries repeat and overtake each other here: the gateway's receive time ranks
+    # those without a usable robot time among themselves
     o = clocks.order((given.org, given.device), float(given.ts) if timed else None,
-                     now if received is None else received, now)
+                     now if received is None else received, now,
+                     by_received=received is not None)
     if o.note is not None and (o.reset or env is given):
         if o.reset:
             _log.warning("robot %s/%s: %s", given.org, given.device, o.note)

@@ -30,6 +30,7 @@
     │   ├── OutboxUnwritableError  its disk is full or failing; the writer retries by itself
     │   └── OutboxLockedError  another process has the outbox open (exit code 3)
     ├── StoreError             the database is unreachable or busy: retry later
+    │   ├── StoreFullError     its disk is full; the writer retries by itself
     │   └── StoreRejectedError the database refused this data: retrying will not help
     └── PuduApiError           a Pudu cloud API call failed (path, trace_id, message)
         ├── PuduAuthError      401/403: key, secret, clock or API not enabled; not retried
@@ -249,6 +250,17 @@ class OutboxLockedError(OutboxError):
 
 class StoreError(FleetError):
     """The database is unreachable or refused a write."""
+
+
+class StoreFullError(StoreError):
+    """The database's disk is full (SQLite's ``SQLITE_FULL``, ``ENOSPC``): an outage the
+    writer retries by itself, answered 503 at once while it lasts, saying so (a caller
+    told the disk is full knows retrying soon will not help). ``detail`` is the
+    database's own words, for the log."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("the database's disk is full; retry once space is freed")
+        self.detail = detail
 
 
 class StoreRejectedError(StoreError):

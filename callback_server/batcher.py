@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 from bridge.backoff import backoff_delay
 from bridge.envelope import Envelope
-from bridge.errors import StoreError, StoreRejectedError
+from bridge.errors import StoreError, StoreFullError, StoreRejectedError
 from bridge.service.sdnotify import BEAT_SECONDS
 from bridge.service.taskset import within
 from callback_server.store import BatchStore
@@ -62,6 +62,8 @@ SPLIT_MIN = 128
 #: rows cost the callback server 9 % and MariaDB 15 % less CPU (bench pipeline,
 #: BATCH_FRAMES=always, six alternated pairs: 4,221 -> 4,644 rows/s).
 OVERLAP_MIN = 500
+#: The longest wait between writes while the database's disk is full.
+FULL_RETRY_SECONDS = 1.0
 #: A robot: its org and sn (batches in flight share none).
 Robot = tuple[str, str]
 
@@ -180,6 +182,11 @@ class BatchWriter:
         self.skewed = 0
         self.joined = 0  # HTTP retries that joined a message already pending
         self.refused_full = 0  # HTTP requests answered 503 because pending_max was reached
+        #: The database's disk is full (the last write failed on it): HTTP ingest is
+        #: refused at once until a write succeeds again. None: not full.
+        self.full: StoreFullError | None = None
+        self.refused_disk_full = 0  # HTTP requests answered 503 at once for a full disk
+        self._http_waits: set[asyncio.Future[Settled]] = set()  # settle()'s, unresolved
         #: monotonic time of the last commit, or of the first wait since: a stall shows here
         self.last_progress = time.monotonic()
         self._items: collections.deque[_Item] = collections.deque()
@@ -256,7 +263,15 @@ class BatchWriter:
         ones would take more than ``pending_max`` places, nothing is queued and
         PendingFullError is raised. Cancelled (the caller's deadline), the messages stay
         queued and are written once the database answers; only the wait is dropped.
+
+        While the database's disk is full, StoreFullError at once, before anything is
+        queued: a caller must not wait out its deadline on a write that cannot succeed
+        (the batch the disk refused is retried, and a success ends it). A wait under
+        way when the disk fills ends with it too; its messages stay queued.
         """
+        if self.full is not None:
+            self.refused_disk_full += 1
+            raise StoreFullError(self.full.detail)
         keys: list[Hashable] = [("envelope", e.org, e.id) for _, e in items]
         keys += [("dead", dead_key(topic, payload)) for topic, payload, _ in dead]
         new = len({k for k in keys if k not in self._held})
@@ -285,6 +300,7 @@ class BatchWriter:
                 self._held[key] = held
             held.waiters.append(waiter)
             joined.append((held, waiter))
+        self._http_waits.update(futures)
         self._wake.set()
         if self._pushed is not None and not self._pushed.done():
             self._pushed.set_result(None)
@@ -297,6 +313,10 @@ class BatchWriter:
             for held, waiter in joined:  # a timed-out wait must not pile up on the item
                 if waiter in held.waiters:
                     held.waiters.remove(waiter)
+            for future in futures:
+                self._http_waits.discard(future)
+                if future.done() and not future.cancelled():
+                    future.exception()  # seen: gather raised only the first of them
         seen: set[Hashable] = set()
         for i, key in enumerate(keys):  # the same message twice in one request: stored once
             if key in seen and outcomes[i].outcome is Outcome.STORED:
@@ -503,11 +523,18 @@ class BatchWriter:
             except StoreRejectedError:
                 raise
             except StoreError as exc:
+                if isinstance(exc, StoreFullError):
+                    self._disk_full(exc)
                 if not self.degraded:
-                    log.error("database write failed, holding acknowledgements: %s", exc)
+                    log.error("database write failed, holding acknowledgements: %s",
+                              exc.detail if isinstance(exc, StoreFullError) else exc)
                 self.degraded = True
                 self.last_error = str(exc)
                 delay = backoff_delay(attempt, self.retry_min, self.retry_max)
+                if isinstance(exc, StoreFullError):
+                    # A local file's write is cheap to try: space freed is used within
+                    # a second, not after a back-off grown while the disk was full.
+                    delay = min(delay, FULL_RETRY_SECONDS)
                 attempt += 1
                 self.beat()  # retrying a database that is away is progress, not a hang
                 await asyncio.sleep(delay)
@@ -521,7 +548,17 @@ class BatchWriter:
                 log.info("database writes succeed again")
             self.degraded = False
             self.last_error = ""
+            self.full = None
             return result
+
+    def _disk_full(self, exc: StoreFullError) -> None:
+        """The disk is full: refuse HTTP ingest from now on (``settle``) and end the waits
+        under way, whose messages stay queued (a retry joins them)."""
+        self.full = exc
+        waits, self._http_waits = self._http_waits, set()
+        for future in waits:
+            if not future.done():
+                future.set_exception(StoreFullError(exc.detail))
 
 
 def _resolve(future: asyncio.Future[Settled], settled: Settled) -> None:

@@ -83,7 +83,9 @@ async def connect_problems(settings: CallbackSettings) -> list[str]:
     if transport is not None:
         await broker_reachable(found, transport, mask_url(settings.mqtt_url))
     async with _store(settings) as store:
-        if not await store.ping():
-            found.append(f"DATABASE_URL: the database at {mask_url(settings.database_url)} "
-                         "does not answer")
+        # The store's own words: "the login ... cannot be read from Secrets Manager: ..."
+        # sends the operator to the secret, "cannot reach MySQL at ..." to the database.
+        why = await store.unreachable()
+        if why is not None:
+            found.append(f"DATABASE_URL ({mask_url(settings.database_url)}): {why}")
     return found

@@ -114,6 +114,27 @@ async def test_migrate_creates_the_tables_and_is_idempotent(db_url: str) -> None
     assert {t: column_names(db_url, t) for t in table_names(db_url)} == first
 
 
+async def test_every_table_the_product_makes_is_recorded_as_its_own(db_url: str) -> None:
+    """``store_tables`` (and ``migrate``'s ``owns:`` line) names every table the product
+    created, the webhooks' included: a table missing there would be taken for a DBA's."""
+    from callback_server.webhooks.store import TABLES as WEBHOOK_STORE_TABLES
+    from callback_server.webhooks.store import WebhookStore
+
+    async with open_store(db_url) as s:
+        said = await s.migrate()
+        await WebhookStore(s).all()  # what the webhook store makes on first use
+    owned = {r["table_name"]: r["how"] for r in query(db_url, "SELECT table_name, how"
+                                                              " FROM store_tables")}
+    made = table_names(db_url) - {"sqlite_sequence"}
+    assert made - set(owned) == set()
+    assert {"webhooks", "webhook_deliveries"} <= set(owned)
+    assert set(owned.values()) == {"created"}
+    owns = next(line for line in said if line.startswith("owns: "))
+    assert "webhooks, webhook_deliveries" in owns
+    from callback_server.store.schema import WEBHOOK_TABLES
+    assert WEBHOOK_STORE_TABLES == WEBHOOK_TABLES  # one shape, whoever creates the table
+
+
 async def test_concurrent_migrations_of_replicas_do_not_fail(db_url: str) -> None:
     stores = [open_store(db_url) for _ in range(3)]
     await asyncio.gather(*(s.migrate() for s in stores))
@@ -946,6 +967,50 @@ async def test_an_envelope_without_received_at_is_still_ordered_by_its_time(
         e = dataclasses.replace(env("NR", "status", ts, status=state), received_at=ts)
         await store.write_batch([item(e)])
     assert (await robot(store, "NR"))["status"] == "newer"
+
+
+async def test_untimed_messages_delivered_again_or_out_of_order_leave_the_newest_state(
+        store: SqlStore) -> None:
+    """A message without a usable robot time (none, 1970, 2001) delivered again after a
+    newer one (QoS 1 redelivery, same envelope id), or overtaken on the way, does not
+    overwrite the state of the one the gateway received after it."""
+    now = time.time()
+    for n, untimed in enumerate((None, 12.0, 978_307_200.0)):
+        sn = f"UR{n}"
+        await store.write_batch([stamped(sn, now - 20, now - 20, status="sane")])
+        a1, a2 = (stamped(sn, untimed, now + i, status=s) for i, s in ((0, "a1"), (5, "a2")))
+        await store.write_batch([a1])
+        await store.write_batch([a2])
+        assert (await robot(store, sn))["status"] == "a2"
+        await store.write_batch([a1])  # the same envelope again
+        assert (await robot(store, sn))["status"] == "a2"
+        await store.write_batch([stamped(sn, untimed, now + 3, status="a3")])  # overtaken
+        assert (await robot(store, sn))["status"] == "a2"
+        await store.write_batch([stamped(sn, untimed, now + 6, status="a4")])
+        assert (await robot(store, sn))["status"] == "a4"
+        # received before a later sane time, arriving after it
+        await store.write_batch([stamped(sn, now + 8, now + 8, status="timed")])
+        await store.write_batch([stamped(sn, untimed, now + 7, status="a5")])
+        assert (await robot(store, sn))["status"] == "timed"
+    # out of order in one batch, and in two: the one received last wins
+    for sn, batches in (("UB", [[2, 1]]), ("UC", [[2], [1]])):
+        await store.write_batch([stamped(sn, now - 20, now - 20, status="sane")])
+        for batch in batches:
+            await store.write_batch([stamped(sn, None, now + i, status=f"s{i}")
+                                     for i in batch])
+        assert (await robot(store, sn))["status"] == "s2"
+
+
+async def test_a_robot_clock_reset_to_1970_is_counted_once(store: SqlStore) -> None:
+    now = time.time()
+    await store.write_batch([stamped("RZ", now - 30, now - 30, status="sane")])
+    for i, ts in enumerate((3.0, 4.0, 978_307_200.0, 978_307_201.0)):
+        await store.write_batch([stamped("RZ", ts, now - 20 + i, status=f"z{i}")])
+    assert store.clocks.resets == 1
+    await store.write_batch([stamped("RZ", now - 10, now - 10, status="right")])
+    await store.write_batch([stamped("RZ", 5.0, now - 9, status="again")])
+    assert store.clocks.resets == 2
+    assert (await robot(store, "RZ"))["status"] == "again"
 
 
 # -- what any text does to the log (MySQL takes values as literals the store writes) -----

@@ -288,6 +288,53 @@ async def test_the_batch_writer_dead_letters_exactly_the_refused_envelope(
     assert query(db_url, "SELECT COUNT(*) AS n FROM mqtt_message_log")[0]["n"] == 10
 
 
+async def test_a_value_cut_to_a_seed_column_is_said_once_per_column(
+        db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A non-key text longer than the seed's VARCHAR is cut to it (documented), and the
+    log says so once per target and column, naming both: never silently."""
+    cfg = seed(db_url, tmp_path)
+    caplog.set_level(logging.WARNING, logger="callback_server.store")
+    async with open_store(db_url, targets=load_targets(cfg)) as store:
+        for i in range(3):
+            await store.write_batch([item(env("R1", "event", T0 + i, event_id=f"e{i}",
+                                              event_level="error", event_type="T" * 150))])
+        await store.write_batch([item(env("R1", "event", T0 + 9, event_id="e9",
+                                          event_level="error", event_type="short"))])
+    types = query(db_url, "SELECT event_type FROM mnt_robot_events ORDER BY event_id")
+    assert [r["event_type"] for r in types] == ["T" * 100] * 3 + ["short"]
+    said = [r.getMessage() for r in caplog.records if "event_type" in r.getMessage()]
+    assert len(said) == 1, said
+    assert "mnt_robot_events" in said[0] and "150 characters" in said[0] and \
+        "100" in said[0], said[0]
+    assert caplog.records[0].levelno == logging.WARNING
+
+
+async def test_a_number_out_of_a_seed_columns_range_is_refused_naming_target_and_column(
+        db_url: str, tmp_path: Path) -> None:
+    """x = 123456.5 cannot be the seed's DECIMAL(10,6) (at most 9999.999999): the envelope
+    is dead-lettered with a reason naming the target and the column, on either database,
+    and the others of the batch are stored."""
+    cfg = seed(db_url, tmp_path)
+    far = env("R1", "pose", T0 + 300, x=123456.5, y=1.0)
+    batch = [*messages("R1"), item(far), *messages("R2")]
+    async with open_store(db_url, targets=load_targets(cfg)) as store:
+        with pytest.raises(StoreRejectedError,
+                           match=r"target \S*mnt_robots_management: x 123456\.5 does not fit"
+                                 r" the column, (?i:decimal)\(10,6\)"):
+            await store.write_batch([item(far)])
+        writer = BatchWriter(store, retry_min=0.01)
+        task = asyncio.create_task(writer.run())
+        try:
+            await asyncio.wait_for(writer.write(batch), 30)
+        finally:
+            task.cancel()
+    dead = query(db_url, "SELECT topic, reason FROM mqtt_dead_letters")
+    assert len(dead) == 1 and dead[0]["topic"].endswith("R1/pose"), dead
+    assert "mnt_robots_management: x 123456.5" in dead[0]["reason"], dead
+    assert [(r["robot_sn"], r["x"]) for r in seed_rows(db_url)[0]] == [("R1", 1.5),
+                                                                       ("R2", 1.5)]
+
+
 @pytest.mark.integration
 def test_webhooks_through_edge_and_broker_land_in_the_seed_tables(
         db_url: str, tmp_path: Path) -> None:

@@ -39,6 +39,7 @@ from bridge.errors import (
     PubackTimeoutError,
     RateLimitedError,
     StoreError,
+    StoreFullError,
     TopicError,
     TopicNotAllowedError,
     TransportError,
@@ -182,7 +183,7 @@ def _message(exc: FleetError, status: int) -> str:
     if isinstance(exc, OutboxError) and not isinstance(
             exc, (OutboxFullError, OutboxUnwritableError)):
         return "callback could not be stored; retry later"
-    if isinstance(exc, StoreError):
+    if isinstance(exc, StoreError) and not isinstance(exc, StoreFullError):
         return "database unavailable; retry later"
     if status == 500:
         return "internal error"

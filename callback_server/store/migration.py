@@ -50,6 +50,7 @@ from callback_server.store.schema import (
     TASKS,
     TASKS_TABLE,
     WATERMARKS,
+    WEBHOOK_TABLES,
     TableSpec,
 )
 from callback_server.store.targets import Table, Targets
@@ -61,6 +62,7 @@ OWN: dict[str, TableSpec] = {
     OWNERSHIP_TABLE: OWNERSHIP, STATE_TABLE: STATE, OWN_EVENTS_TABLE: OWN_EVENTS,
     CLAIMS_TABLE: CLAIMS, LOG_TABLE: LOG, DEAD_TABLE: DEAD_LETTERS, COMMAND_TABLE: COMMANDS,
     RUNS_TABLE: RUNS, HISTORY_TABLE: HISTORY, TASKS_TABLE: TASKS, **ALERT_TABLES,
+    **WEBHOOK_TABLES,
 }
 
 

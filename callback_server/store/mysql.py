@@ -159,6 +159,10 @@ def _texts(conn: aiomysql.Connection, sql: str,
     return out
 
 
+async def _connected(conn: aiomysql.Connection) -> None:
+    """Nothing to do on the connection: getting one was the point (``_schema``)."""
+
+
 class MysqlBackend(Backend):
     """A small aiomysql pool, created on first use and rebuilt after connection loss."""
 
@@ -212,7 +216,8 @@ class MysqlBackend(Backend):
         self._closed = False
 
     def describe(self) -> str:
-        return f"MySQL at {self.host or '(host from the secret)'}:{self.port}/{self.database}"
+        return (f"MySQL at {self.host or '(host from the secret)'}:{self.port}/"
+                f"{self.database or '(database from the secret)'}")
 
     async def _login(self) -> dict[str, Any]:
         """Host, port, db, user and password: the URL's, then the secret's for the rest."""
@@ -221,7 +226,8 @@ class MysqlBackend(Backend):
             try:
                 login = await self._secret.get()
             except ConfigError as exc:  # Secrets Manager away or the secret unreadable
-                raise StoreError(f"{self.describe()}: {exc}") from None
+                raise StoreError(f"the login to {self.describe()} cannot be read from "
+                                 f"Secrets Manager: {exc}") from None
             found = {"host": login.host, "port": login.port, "db": login.database,
                      "user": login.user, "password": login.password}
             given = {**{k: v for k, v in found.items() if v is not None}, **given}
@@ -276,6 +282,8 @@ class MysqlBackend(Backend):
             # RuntimeError from a pool another task just dropped) is reachability.
             if conn is None or _connection_lost(exc):
                 await self._drop_pool()
+                if isinstance(exc, StoreError):
+                    raise  # said already (the secret cannot be read, the store closed)
                 if self._secret is not None and _login_refused(exc):
                     self._secret.stale()  # rotated: the next try reads the secret again
                 if isinstance(exc, TimeoutError):
@@ -354,22 +362,30 @@ class MysqlBackend(Backend):
 
         return await self._run("read", run)
 
-    async def columns(self, table: str) -> dict[str, int | None]:
+    async def _schema(self, table: str) -> tuple[str, str]:
+        """``table``'s database and name. An unqualified table is in the connection's
+        database, which a secret may name (its ``dbname``): the first connection reads
+        it, so connect before it is needed. An empty name here would describe no table,
+        and ``migrate`` would take every table it owns for an earlier version's."""
         database, _, name = table.rpartition(".")
+        if not database and not self.database:
+            await self._run("connect", _connected)
+        return database or self.database, name
+
+    async def columns(self, table: str) -> dict[str, int | None]:
         rows = await self.fetch(
             "SELECT COLUMN_NAME AS c, CHARACTER_MAXIMUM_LENGTH AS n"
             " FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s",
-            (database or self.database, name),
+            await self._schema(table),
         )
         return {str(r["c"]): None if r["n"] is None else int(r["n"]) for r in rows}
 
     async def column_info(self, table: str) -> dict[str, ColumnInfo]:
-        database, _, name = table.rpartition(".")
         rows = await self.fetch(
             "SELECT COLUMN_NAME AS c, COLUMN_TYPE AS t, CHARACTER_MAXIMUM_LENGTH AS n,"
             " COLLATION_NAME AS k FROM information_schema.COLUMNS"
             " WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s",
-            (database or self.database, name),
+            await self._schema(table),
         )
         out = {}
         for r in rows:
@@ -380,8 +396,8 @@ class MysqlBackend(Backend):
         return out
 
     async def create_statement(self, table: str) -> str | None:
-        database, _, name = table.rpartition(".")
-        quoted = self.dialect.quote(f"{database or self.database}.{name}")
+        database, name = await self._schema(table)
+        quoted = self.dialect.quote(f"{database}.{name}")
         try:
             rows = await self.fetch(f"SHOW CREATE TABLE {quoted}")
         except StoreRejectedError:
@@ -389,11 +405,10 @@ class MysqlBackend(Backend):
         return str(rows[0]["Create Table"]) if rows else None
 
     async def unique_keys(self, table: str) -> list[frozenset[str]]:
-        database, _, name = table.rpartition(".")
         rows = await self.fetch(
             "SELECT INDEX_NAME AS i, COLUMN_NAME AS c FROM information_schema.STATISTICS"
             " WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s AND NON_UNIQUE = 0",
-            (database or self.database, name),
+            await self._schema(table),
         )
         keys: dict[str, set[str]] = {}
         for r in rows:

@@ -6,7 +6,10 @@ an INT/BIGINT time column epoch seconds, DATETIME/TIMESTAMP a datetime. The valu
 from the own tables' merged state (``robot_state``, ``robot_events``) in the batch's
 transaction, so never-backwards and idempotency carry over: the projection only ever
 copies what the own tables already settled. A key that does not fit the target's
-column is refused (``unfit``), never cut: a cut sn would be another robot.
+column is refused (``unfit``), never cut: a cut sn would be another robot. Another text
+is cut to the column (``cuts``; the store logs it once per column), and a number out of
+a DECIMAL column's range is refused naming the target and column (``out_of_range``),
+rather than by the database naming neither.
 
 A target is keyed by sn alone, so it is single-tenant: ``target_robots`` records which
 org's robot each sn is there (the first to report it); only that org's rows are copied.
@@ -15,6 +18,7 @@ org's robot each sn is there (the first to report it); only that org's rows are 
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -40,6 +44,9 @@ _TIMES: dict[Kind, dict[str, tuple[str, str]]] = {
 }
 _KEYS: dict[Kind, tuple[str, ...]] = {"robots": ("robot_sn",),
                                       "events": ("robot_sn", "event_id")}
+#: ``DECIMAL(p,s)`` / ``NUMERIC(p,s)`` as the database declares it (s defaults to 0).
+_DECIMAL = re.compile(r"(?:dec|decimal|numeric|fixed)\s*\(\s*(\d+)\s*(?:,\s*(\d+)\s*)?\)",
+                      re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,38 @@ class Projection:
         """Character limits of the target's text columns (non-key values are cut)."""
         return {n: c.chars for n, c in self.columns.items()
                 if c.chars and c.family == "text"}
+
+    @functools.cached_property
+    def cuts(self) -> dict[str, int]:
+        """The written text columns (not keys) narrower than the own table's: a longer
+        value is cut to the column's characters."""
+        own = {c.name: c.size for c in (STATE if self.kind == "robots" else OWN_EVENTS).columns
+               if c.size}
+        return {n: limit for n, limit in self.limits().items()
+                if n in self.written and n not in _KEYS[self.kind] and limit < own.get(n, 0)}
+
+    @functools.cached_property
+    def ranges(self) -> dict[str, tuple[int, int]]:
+        """The written DECIMAL columns other than times: ``(digits, scale)`` each."""
+        out = {}
+        for name in self.written:
+            m = _DECIMAL.search(self.columns[name].declared)
+            if m and name not in _TIMES[self.kind]:
+                out[name] = (int(m.group(1)), int(m.group(2) or 0))
+        return out
+
+    def out_of_range(self, column: str, value: float) -> str | None:
+        """Why ``value`` cannot be this target's DECIMAL ``column``, or None if it fits
+        (MySQL refuses it in strict mode, naming only the column; SQLite would keep it)."""
+        shape = self.ranges.get(column)
+        if shape is None:
+            return None
+        digits, scale = shape
+        if round(abs(value), scale) < 10 ** (digits - scale):
+            return None
+        most = f"{10 ** (digits - scale) - 10 ** -scale:.{scale}f}"
+        return (f"target {self.name}: {column} {value!r} does not fit the column, "
+                f"{self.columns[column].declared} (at most {most} either side of 0)")
 
     def unfit(self, column: str, value: str) -> str | None:
         """Why ``value`` cannot be this target's ``column`` (a key), or None if it fits."""

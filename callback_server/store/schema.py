@@ -399,3 +399,41 @@ ALERT_TABLES: dict[str, TableSpec] = {
     ALERT_DELIVERIES_TABLE: ALERT_DELIVERIES, ALERT_SILENCES_TABLE: ALERT_SILENCES,
     ALERT_WATCH_TABLE: ALERT_WATCH, ALERT_LEASES_TABLE: ALERT_LEASES,
 }
+
+#: The event webhooks and their delivery log (callback_server/webhooks): the product
+#: makes them, so ``migrate`` creates them and records them in ``store_tables`` like the
+#: rest. The webhook store reads and writes them (and makes their indexes).
+WEBHOOKS_TABLE = "webhooks"
+WEBHOOK_DELIVERIES_TABLE = "webhook_deliveries"
+WEBHOOKS = TableSpec(
+    columns=(
+        Column("id", "key", 32),
+        Column("url", "str", 2048),
+        Column("secret", "str", 256),        # needed to sign; never shown after creation
+        Column("events", "text", 2000),      # JSON list of event names
+        Column("orgs", "text", 4000),        # JSON list; ["*"]: every org
+        Column("created_by", "str", 128),
+        Column("created_at", "float"),
+        Column("rules", "text", 2000),       # JSON list of alert rules; NULL: every rule
+        Column("style", "str", 16),          # event | alert (an alert subscription); NULL: event
+    ),
+    key=("id",),
+)
+WEBHOOK_DELIVERIES = TableSpec(
+    columns=(
+        Column("id", "serial"),
+        Column("webhook_id", "str", 32),
+        Column("event_id", "str", 32),
+        Column("event", "str", 32),
+        Column("attempt", "int"),
+        Column("status", "int"),             # HTTP status; NULL: no answer
+        Column("latency_ms", "float"),
+        Column("outcome", "str", 16),        # delivered | failed | gave_up | refused
+        Column("at", "float"),
+        Column("ref", "str", 64),            # what the event is about: an alert's id
+    ),
+    key=("id",),
+)
+WEBHOOK_TABLES: dict[str, TableSpec] = {
+    WEBHOOKS_TABLE: WEBHOOKS, WEBHOOK_DELIVERIES_TABLE: WEBHOOK_DELIVERIES,
+}

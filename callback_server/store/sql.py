@@ -8,6 +8,7 @@ caller retries a failed batch whole (see ``write_batch``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import decimal
 import functools
@@ -22,7 +23,7 @@ from typing import Any
 
 from bridge.clock import MAX_SKEW_SECONDS, RobotClocks
 from bridge.commands import CommandOutcome
-from bridge.errors import StoreError, StoreRejectedError
+from bridge.errors import ConfigError, StoreError, StoreRejectedError
 from bridge.http.paging import Page
 from callback_server.store.base import Backend, Query, Statement, keyed
 from callback_server.store.migration import Migration
@@ -36,6 +37,7 @@ from callback_server.store.rows import (
     channel_of,
     is_robot_state,
     key,
+    number,
     text,
     when,
 )
@@ -169,6 +171,9 @@ class SqlStore:
         self._projections: list[Projection] = []
         self._claims: dict[tuple[str, str], str] = {}  # (target, sn key) -> org, as read
         self._warned: set[tuple[str, str, str]] = set()
+        #: Values cut to a target's narrower text column, by (target, column) (logged once
+        #: for each: the docs promise the cut, the log says where it happens).
+        self.cut: collections.Counter[tuple[str, str]] = collections.Counter()
         d = self.dialect
         self._log_sql = d.insert_ignore(LOG_TABLE, LOG.names)
         self._runs_sql = d.insert_ignore(RUNS_TABLE, RUNS.names)
@@ -252,7 +257,7 @@ class SqlStore:
             return BatchResult(0, 0, 0, 0)
         await self._ready()
         now = time.time()
-        self._refuse_unfit(items)
+        self._check_targets(items)
         try:
             rows = build_rows(items, now=now, limits=self._limits, max_skew=self.max_skew,
                               clocks=self.clocks)
@@ -284,23 +289,55 @@ class SqlStore:
                            robots=len(rows.robots), skewed=rows.skewed,
                            duplicate_ids=duplicates)
 
-    def _refuse_unfit(self, items: Sequence[Item]) -> None:
+    def _check_targets(self, items: Sequence[Item]) -> None:
         """StoreRejectedError for the first envelope whose sn or event id does not fit a
-        target it would be written to (the batcher bisects to it and dead-letters it)."""
+        target it would be written to, or whose position is out of a DECIMAL column's
+        range there (the batcher bisects to it and dead-letters it with this reason,
+        naming the target and column). A text the target's column cuts is counted and
+        logged, once per target and column."""
         for item in items:
             topic, env = item if isinstance(item, tuple) else ("", item)
             channel = channel_of(topic, env)
             if not is_robot_state(channel, env):
                 continue
-            event_id = env.data.get("event_id") if channel == "event" else None
+            data = env.data
+            event_id = data.get("event_id") if channel == "event" else None
+            pose = channel in ("pose", "event") and number(data.get("x")) is not None \
+                and number(data.get("y")) is not None  # as state_groups takes a position
             for p in self._projections:
                 if p.owned or not p.table.takes(env.org):
                     continue  # an owned target is as wide as the own tables: keys fit
                 reason = p.unfit("robot_sn", text(env.device, 0) or "")
-                if reason is None and p.kind == "events" and event_id not in (None, ""):
-                    reason = p.unfit("event_id", text(event_id, 0) or "")
+                if p.kind == "events":
+                    if reason is None and event_id not in (None, ""):
+                        reason = p.unfit("event_id", text(event_id, 0) or "")
+                elif pose and p.ranges:
+                    for column in ("x", "y", "z", "yaw"):
+                        value = number(data.get(column))
+                        if reason is None and value is not None:
+                            reason = p.out_of_range(column, value)
                 if reason is not None:
                     raise StoreRejectedError(f"{reason} (envelope {env.id})")
+                if p.cuts and (p.kind == "robots" or channel == "event"):
+                    self._count_cuts(p, data, env.id)
+
+    def _count_cuts(self, p: Projection, data: dict[str, Any], envelope: str) -> None:
+        """Count (and the first time, log) the values of ``data`` that ``p``'s narrower
+        text columns cut (a state or event field is the column of its name)."""
+        for column, limit in p.cuts.items():
+            value = data.get(column)
+            if value is None:
+                continue
+            size = len(text(value, 0) or "")
+            if size <= limit:
+                continue
+            self.cut[(p.name, column)] += 1
+            if self.cut[(p.name, column)] == 1:
+                log.warning(
+                    "target %s: %s values longer than the column (%s) are cut to %d "
+                    "characters; the first had %d characters (envelope %s). Said once per "
+                    "column; widen it to keep them whole", p.name, column,
+                    p.columns[column].declared, limit, size, envelope)
 
     def _logged_reads(self, rows: BatchRows) -> list[Query]:
         """Which of the batch's envelopes the raw log holds already, read at the start of
@@ -609,9 +646,15 @@ class SqlStore:
         """True when the database answers and the tables are there (for health checks:
         a replica is not ready for traffic before its schema is, since the tables are
         made on first use)."""
+        return await self.unreachable() is None
+
+    async def unreachable(self) -> str | None:
+        """Why ``ping`` is false, as the store says it (None: it is true). ``check-config
+        --connect`` shows it: a secret that cannot be read is not a database that does
+        not answer, and the operator fixes a different thing."""
         try:
             await self._ready()
             await self.backend.fetch("SELECT 1 AS ok")
-        except StoreError:
-            return False
-        return True
+        except (StoreError, ConfigError) as exc:
+            return str(exc)
+        return None

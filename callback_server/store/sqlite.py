@@ -12,6 +12,7 @@ main file, ATTACHed under that name (``main`` is the URL's file itself).
 from __future__ import annotations
 
 import asyncio
+import errno
 import re
 import sqlite3
 import time
@@ -20,14 +21,26 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bridge.errors import ConfigError, StoreError, StoreRejectedError
+from bridge.errors import ConfigError, StoreError, StoreFullError, StoreRejectedError
 from bridge.service.private_files import prepare_sqlite_file
-from callback_server.store.base import Backend, ColumnInfo, Statement, family_of
+from callback_server.store.base import (
+    Backend,
+    ColumnInfo,
+    Statement,
+    family_of,
+)
 from callback_server.store.dialect import Dialect
 
 T = TypeVar("T")
 MEMORY = ":memory:"
 _CHARS = re.compile(r"CHAR\s*\(\s*(\d+)\s*\)", re.IGNORECASE)
+
+
+def _disk_full(exc: sqlite3.Error | OSError) -> bool:
+    """SQLite's "database or disk is full", or the file system's ENOSPC."""
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL
 
 
 class SqliteBackend(Backend):
@@ -105,6 +118,8 @@ class SqliteBackend(Backend):
         except (sqlite3.IntegrityError, sqlite3.DataError) as exc:
             raise StoreRejectedError(f"{self.describe()} refused: {exc}") from exc
         except (sqlite3.Error, OSError) as exc:  # OSError: the directory cannot be made
+            if _disk_full(exc):
+                raise StoreFullError(f"{self.describe()}: {exc}") from exc
             raise StoreError(f"{self.describe()}: {exc}") from exc
 
     async def transaction(self, statements: Sequence[Statement]) -> list[int]:

@@ -8,6 +8,10 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
 
 from bridge.errors import OutboxError
 from bridge.service.command_line import (
@@ -27,6 +31,7 @@ from bridge.service.command_line import (
 )
 from bridge.service.lifecycle import run_main
 from bridge.service.probe import local_url, probe
+from bridge.service.settings_loader import load_settings
 from edge_agent import config_checks
 from edge_agent import settings as config
 
@@ -89,6 +94,8 @@ def _main(argv: list[str] | None) -> int:
     if args.command == "check-config":
         root_warning(PROG, UNIT)
         return _check_config(args)
+    if args.command == "outbox":
+        return _outbox(args)
     settings = load_or_exit(PROG, lambda: config.load(getattr(args, "config", None)))
     if isinstance(settings, int):
         return settings
@@ -96,22 +103,6 @@ def _main(argv: list[str] | None) -> int:
         return probe(PROG, args.url or local_url(settings.http_host, settings.http_port,
                                                  HEALTH_READY), args.timeout)
     path = getattr(args, "config", None) or os.environ.get("EDGE_AGENT_CONFIG")
-    if args.command == "outbox":
-        from pathlib import Path
-
-        from edge_agent.outbox_view import backup, peek_entries, stats
-
-        try:
-            if args.outbox_command == "stats":
-                out: object = stats(settings.outbox_path)
-            elif args.outbox_command == "backup":
-                out = backup(settings.outbox_path, Path(args.dest))
-            else:
-                out = peek_entries(settings.outbox_path, max(1, args.n))
-        except OutboxError as exc:
-            return report_problems(PROG, [str(exc)])
-        print(json.dumps(out, indent=2, ensure_ascii=False))
-        return 0
     found = config_checks.problems(settings, path)
     if found:
         return report_problems(PROG, found)
@@ -126,6 +117,45 @@ def _main(argv: list[str] | None) -> int:
     from edge_agent.service import serve
 
     return run_main(PROG, serve(settings))
+
+
+class OutboxLocation(BaseModel):
+    """What ``outbox *`` needs of the settings: where the file is. An operator runs it as
+    the unit's user (``sudo -u pudu-bridge``), who may read config.yaml but not the
+    root-only credentials, so nothing the service would demand (the callback code) is."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    outbox_path: Path = config.EdgeSettings.model_fields["outbox_path"].default
+
+
+def load_outbox_location(path: str | None,
+                         environ: Mapping[str, str] | None = None) -> OutboxLocation:
+    """``outbox_path`` from the service's own sources in their order (OUTBOX_PATH, then
+    ``path`` or EDGE_AGENT_CONFIG, then the default); ConfigError if it is not a path."""
+    env = os.environ if environ is None else environ
+    return load_settings(OutboxLocation, path=path or env.get("EDGE_AGENT_CONFIG"),
+                         env_map={"OUTBOX_PATH": "outbox_path"}, environ=env)
+
+
+def _outbox(args: argparse.Namespace) -> int:
+    """``outbox stats | peek | backup``: read (or copy) the file, demanding no other setting."""
+    from edge_agent.outbox_view import backup, peek_entries, stats
+
+    location = load_or_exit(PROG, lambda: load_outbox_location(getattr(args, "config", None)))
+    if isinstance(location, int):
+        return location
+    where = location.outbox_path
+    try:
+        if args.outbox_command == "stats":
+            out: object = stats(where)
+        elif args.outbox_command == "backup":
+            out = backup(where, Path(args.dest))
+        else:
+            out = peek_entries(where, max(1, args.n))
+    except OutboxError as exc:
+        return report_problems(PROG, [str(exc)])
+    print(json.dumps(out, indent=2, ensure_ascii=False))
+    return 0
 
 
 def _check_config(args: argparse.Namespace) -> int:

@@ -195,8 +195,10 @@ install_venv() {
   fi
   local digest marker=$root/.installed-wheel fault
   digest=$(wheel_digest "$wheel")
-  # new pins install again, as a new build does
+  # new pins install again, as a new build does; so do other extras (EXTRAS=awsiot after
+  # EXTRAS= would otherwise find "this build" and leave awscrt out)
   if [ -n "$CONSTRAINTS" ]; then digest="$digest $(sha256sum < "$CONSTRAINTS" | cut -c1-16)"; fi
+  digest="$digest extras=$EXTRAS"
   fault=$(venv_fault "$venv")
   if [ -n "$fault" ]; then
     log "rebuilding the venv $venv: $fault"

@@ -218,6 +218,50 @@ def test_outbox_backup_beside_a_running_agent_restores(tmp_path: Path) -> None:
     assert json.loads(restored.stdout)["by_channel"] == {"power": 3}
 
 
+def as_operator(*args: str, env: dict[str, str] | None = None
+                ) -> subprocess.CompletedProcess[str]:
+    """``sudo -u pudu-bridge edge-agent ...``: sudo's bare environment, so neither the
+    callback code nor $CREDENTIALS_DIRECTORY (the credentials are root's) is there."""
+    return subprocess.run([sys.executable, "-m", "edge_agent", *args], capture_output=True,
+                          text=True, timeout=60, check=False,
+                          env={"PATH": os.environ["PATH"], **(env or {})})
+
+
+@pytest.mark.integration
+def test_outbox_commands_as_the_operator_runs_them_need_no_callback_code(
+        tmp_path: Path) -> None:
+    outbox = tmp_path / "outbox-gw1.db"
+    config = tmp_path / "config.yaml"  # the shipped template, edited as docs/install.md says
+    template = (Path(__file__).parent.parent / "config.example/edge-agent.yaml").read_text()
+    config.write_text(template.replace("example-org", "acme")
+                      .replace("example-gateway", "site-7")
+                      .replace("/var/lib/edge-agent/outbox.db", str(outbox)))
+    copy = tmp_path / "outbox-copy.db"
+    with edge_agent(tmp_path, f"mqtt://127.0.0.1:{free_port()}", org="acme") as agent:
+        for i in range(2):
+            assert httpx.post(agent.url + "/api/pudu/webhook", headers={"CallbackCode":
+                              "test-code"}, json={"callback_type": "notifyRobotPower",
+                              "data": {"sn": f"R{i}", "power": 50}}).status_code == 200
+        stats = as_operator("--config", str(config), "outbox", "stats")
+        peek = as_operator("--config", str(config), "outbox", "peek", "-n", "1")
+        done = as_operator("--config", str(config), "outbox", "backup", str(copy))
+    for ran in (stats, peek, done):
+        assert ran.returncode == 0, ran.stderr
+    assert json.loads(stats.stdout)["depth"] == 2
+    assert [e["payload"]["device"] for e in json.loads(peek.stdout)] == ["R0"]
+    assert json.loads(done.stdout)["entries"] == 2
+    # OUTBOX_PATH still ranks above the file, as it does for the service.
+    restored = as_operator("--config", str(config), "outbox", "stats",
+                           env={"OUTBOX_PATH": str(copy)})
+    assert json.loads(restored.stdout)["path"] == str(copy)
+
+
+def test_outbox_commands_refuse_an_outbox_path_that_is_not_one(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text("outbox_path: [1, 2]\n")
+    done = as_operator("--config", str(tmp_path / "config.yaml"), "outbox", "stats")
+    assert_one_line_refusal(done, "outbox_path")
+
+
 def test_awsiot_refuses_a_key_that_is_not_the_certificates(tmp_path: Path) -> None:
     from tests.support.tls_certs import CertAuthority
 
@@ -230,6 +274,28 @@ def test_awsiot_refuses_a_key_that_is_not_the_certificates(tmp_path: Path) -> No
         assert_one_line_refusal(cli("edge_agent", command, env=env), "do not load together")
     matching = cli("edge_agent", "check-config", env={**env, "MQTT_KEY_FILE": str(one.key)})
     assert matching.returncode == 0, matching.stderr
+
+
+def test_a_key_that_is_not_the_certificates_is_named_by_where_it_came_from(
+        tmp_path: Path) -> None:
+    from tests.support.tls_certs import CertAuthority
+
+    ca = CertAuthority(tmp_path / "pki", "t")
+    one, other = ca.issue("gw-1"), ca.issue("gw-2")
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    shutil.copyfile(other.key, credentials / "mqtt_key")
+    env = edge_env(tmp_path, ORG_ID="o", MQTT_BACKEND="awsiot",
+                   MQTT_URL="mqtts://127.0.0.1:8883",
+                   MQTT_CA_FILE=str(ca.cert), MQTT_CERT_FILE=str(one.cert),
+                   CREDENTIALS_DIRECTORY=str(credentials))
+    done = cli("edge_agent", "check-config", env=env)
+    assert_one_line_refusal(done, "edge-agent: the mqtt_key credential: the certificate")
+    assert "MQTT_KEY_FILE" not in done.stderr
+    # MQTT_KEY_FILE ranks above the credential: then it is the one named.
+    named = cli("edge_agent", "check-config", env={**env, "MQTT_KEY_FILE": str(other.key)})
+    assert named.returncode == 1
+    assert "edge-agent: MQTT_KEY_FILE: the certificate" in named.stderr
 
 
 def test_a_missing_api_keys_file_is_an_error_not_a_server_with_no_keys(tmp_path: Path) -> None:

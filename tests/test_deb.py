@@ -280,17 +280,30 @@ def test_install_upgrade_remove_purge(debs: dict[str, Path], clean_machine: None
                           "deb-systemd-invoke restart callback-server@1.service",
                           "deb-systemd-invoke restart callback-server@2.service"]
 
-    # 4. The installed agent runs and holds an undelivered entry (the broker is away).
+    # 4. The installed agent runs and holds two undelivered entries (the broker is away):
+    #    one waiting in the outbox, one the downsampler holds (its interval runs).
     agent = edge_agent(tmp_path, f"mqtt://127.0.0.1:{free_port()}", org="acme",
-                       OUTBOX_PATH="/var/lib/edge-agent/outbox.db")
+                       OUTBOX_PATH="/var/lib/edge-agent/outbox.db",
+                       MIN_INTERVAL_SECONDS="power=3600")
     agent.command = ["/usr/bin/edge-agent", "--config", str(config)]
     with agent:
-        assert httpx.post(agent.url + "/api/pudu/webhook", headers={"CallbackCode":
-                          "test-code"}, json={"callback_type": "notifyRobotPower",
-                          "data": {"sn": "R1", "power": 50}}).status_code == 200
-    stats = run({**env, "CREDENTIALS_DIRECTORY": "/etc/edge-agent/credentials"},
-                "edge-agent", "--config", str(config), "outbox", "stats").stdout
-    assert json.loads(stats)["depth"] == 1
+        for power in (50, 49):
+            assert httpx.post(agent.url + "/api/pudu/webhook", headers={"CallbackCode":
+                              "test-code"}, json={"callback_type": "notifyRobotPower",
+                              "data": {"sn": "R1", "power": power}}).status_code == 200
+    # The backup as docs/install.md runs it: as the unit's user, in sudo's bare
+    # environment (neither the callback code nor the credentials, which are root's).
+    # The agent ran as root here: its files made the unit's user's, as the unit makes them.
+    for part in Path("/var/lib/edge-agent").glob("outbox.db*"):
+        os.chown(part, _uid("pudu-bridge"), _gid("pudu-bridge"))
+    backup = run(as_operator(env), "runuser", "-u", "pudu-bridge", "--", "edge-agent",
+                 "--config", str(config), "outbox", "backup",
+                 "/var/lib/edge-agent/outbox-copy.db").stdout
+    assert json.loads(backup)["entries"] == 1
+    stats = run(as_operator(env), "runuser", "-u", "pudu-bridge", "--", "edge-agent",
+                "--config", str(config), "outbox", "stats").stdout
+    assert (json.loads(stats)["depth"], json.loads(stats)["held"]) == (1, 1)
+    Path("/var/lib/edge-agent/outbox-copy.db").unlink()
 
     # 5. Remove: stopped, program gone, config and data kept; the replicas' enable
     #    links, which would name a unit that is gone, go too.
@@ -307,12 +320,13 @@ def test_install_upgrade_remove_purge(debs: dict[str, Path], clean_machine: None
     # 6. Purge: config and state gone; the undelivered outbox moved aside, and said.
     purge = run(env, "dpkg", "--purge", PKG)
     assert "deb-systemd-helper purge edge-agent.service" in calls(log)
-    assert "the outbox held 1 undelivered entries: kept as /var/backups/pudu-fleet-bridge/" \
+    assert "the outbox held 2 undelivered entries: kept as /var/backups/pudu-fleet-bridge/" \
         in purge.stdout
     kept = list(Path("/var/backups/pudu-fleet-bridge").glob("outbox-*.db"))
     assert len(kept) == 1
     with sqlite3.connect(kept[0]) as conn:
         assert conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 1
+        assert conn.execute("SELECT COUNT(*) FROM held").fetchone()[0] == 1
     conn.close()
     for path in ("/etc/edge-agent", "/etc/callback-server", "/var/lib/edge-agent",
                  "/var/lib/callback-server", "/opt/pudu-fleet-bridge"):
@@ -320,7 +334,62 @@ def test_install_upgrade_remove_purge(debs: dict[str, Path], clean_machine: None
     assert not installed()
 
 
+def as_operator(env: dict[str, str]) -> dict[str, str]:
+    """sudo's environment: PATH (the shims' too) and nothing else."""
+    return {"PATH": env["PATH"]}
+
+
+@needs_dpkg
+def test_an_upgrade_restarts_an_agent_configured_by_its_env_file_and_credentials(
+        debs: dict[str, Path], clean_machine: None,
+        recorded: tuple[dict[str, str], Path]) -> None:
+    env, log = recorded
+    apt_install(env, debs["amd64-1"])
+    assert calls(log) == []
+    # config.yaml stays the shipped template; the settings come from the unit's
+    # EnvironmentFile= and a credential, as docs/install.md allows.
+    settings = Path("/etc/edge-agent/env")
+    settings.write_text("ORG_ID=acme\nGATEWAY_ID=site-7\n")
+    settings.chmod(0o640)
+    os.chown(settings, 0, _gid("pudu-bridge"))
+    Path("/etc/edge-agent/credentials/pudu_callback_code").write_text("s3cret-code")
+    checked = run(env, "edge-agent", "--config", "/etc/edge-agent/config.yaml",
+                  "check-config", "--as-service")
+    assert json.loads(checked.stdout)["org_id"] == "acme"
+    # The upgrade stops it (prerm), then starts it again.
+    upgrade = apt_install(env, debs["amd64-2"])
+    assert calls(log) == ["deb-systemd-invoke stop edge-agent.service",
+                          "deb-systemd-invoke stop callback-server.service",
+                          "deb-systemd-helper enable edge-agent.service",
+                          "deb-systemd-invoke restart edge-agent.service"]
+    assert "edge-agent not started" not in upgrade.stdout
+    # The callback server's template passes check-config as it is: not started on it...
+    assert "callback-server not started: its settings are the shipped template's" \
+        in upgrade.stdout
+    # ...unless the admin enabled it so (systemctl enable --now callback-server).
+    enabled = Path("/etc/systemd/system/multi-user.target.wants/callback-server.service")
+    enabled.parent.mkdir(parents=True, exist_ok=True)
+    enabled.symlink_to("/lib/systemd/system/callback-server.service")
+    try:
+        reinstall = run(env, "dpkg", "-i", str(debs["amd64-2"]))
+    finally:
+        enabled.unlink()
+    assert calls(log) == ["deb-systemd-invoke stop edge-agent.service",
+                          "deb-systemd-invoke stop callback-server.service",
+                          "deb-systemd-helper enable edge-agent.service",
+                          "deb-systemd-invoke restart edge-agent.service",
+                          "deb-systemd-helper enable callback-server.service",
+                          "deb-systemd-invoke restart callback-server.service"]
+    assert "not started" not in reinstall.stdout
+
+
 def _gid(group: str) -> int:
     import grp
 
     return grp.getgrnam(group).gr_gid
+
+
+def _uid(user: str) -> int:
+    import pwd
+
+    return pwd.getpwnam(user).pw_uid

@@ -35,9 +35,6 @@ WORKLOAD = "StatefulSet"
 SOURCES = [p for pkg in ("bridge", "edge_agent", "callback_server")
            for p in (ROOT / pkg).rglob("*.py")]
 
-#: Names the examples use that other branches of this release add to the code; checked
-#: as soon as the code has them, skipped (named) until then.
-
 # --- reading the examples and the image ------------------------------------------------
 
 class _CfnLoader(yaml.SafeLoader):

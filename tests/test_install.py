@@ -369,3 +369,11 @@ def test_without_the_awsiot_extra_a_paho_gateway_runs_and_awsiot_is_refused(
     refused = check(MQTT_BACKEND="awsiot", MQTT_URL="mqtts://127.0.0.1:8883")
     lines = [line for line in refused.stderr.splitlines() if line.strip()]
     assert refused.returncode == 1 and len(lines) == 1 and "awsiot extra" in lines[0], lines
+
+    # The same build again with the extra: installed, not "already has this build".
+    again = make("install", f"DESTDIR={dest}", f"WHEELHOUSE={wheelhouse}",
+                 env={**NO_INDEX, "EXTRAS": "awsiot"})
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "already has this build" not in again.stderr
+    assert subprocess.run([str(venv_python(dest)), "-c", "import awscrt"],
+                          capture_output=True, check=False).returncode == 0

@@ -74,9 +74,19 @@ def tls_pair(problems: list[str], backend: str, mqtt: MqttSettings) -> None:
     except ImportError:
         return  # the backend itself is missing: MQTT_BACKEND says so
     except (RuntimeError, ssl.SSLError, OSError) as exc:
-        problems.append(f"MQTT_KEY_FILE: the certificate {files.cert_file} and key "
-                        f"{files.key_file} do not load together (is it the certificate's key, "
-                        f"in PEM?): {exc}")
+        problems.append(f"{_key_source(files.key_file)}: the certificate {files.cert_file} "
+                        f"and key {files.key_file} do not load together (is it the "
+                        f"certificate's key, in PEM?): {exc}")
+
+
+def _key_source(key_file: str) -> str:
+    """Where the client key came from, for the operator to fix it there: the ``mqtt_key``
+    credential (a path in ``$CREDENTIALS_DIRECTORY``, bridge.service.settings_loader)
+    or MQTT_KEY_FILE (the variable, or ``tls.key_file`` in config.yaml below it)."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if directory and Path(key_file) == Path(directory, "mqtt_key"):
+        return "the mqtt_key credential"
+    return "MQTT_KEY_FILE"
 
 
 def readable_file(problems: list[str], setting: str, path: Path) -> bool:

@@ -47,7 +47,8 @@ class SecretsManagerServer:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                stdout=log, stderr=subprocess.STDOUT)
+                stdout=log, stderr=subprocess.STDOUT,
+                cwd=self.log_path.parent)  # it writes moto.pid where it runs
         try:
             wait_for_port("127.0.0.1", self.port, timeout=30)
         except TimeoutError:

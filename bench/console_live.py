@@ -260,20 +260,35 @@ const t0 = performance.now();
 th.click();
 requestAnimationFrame(() => setTimeout(() => done(performance.now() - t0), 0));
 """
-_MIX = (("pose", 0.5), ("status", 0.2), ("power", 0.2), ("event", 0.1))
+_MIX = (("pose", 0.45), ("status", 0.2), ("power", 0.2), ("move", 0.05), ("event", 0.1))
+#: Sites (a gateway each) as the issue's operator has them: 1,000 robots across 10.
+GATEWAYS = 10
+ORGS = 3  # the sites' orgs: site g is org{g % ORGS}'s gateway gw{g}
 
 
 def _webhook(kind: str, sn: str, tick: int) -> dict[str, Any]:
-    """One Pudu webhook body of the realistic mix: faults, stuck, low batteries, not only poses."""
+    """One Pudu webhook body of the realistic mix: faults, stuck robots, low batteries,
+    not only poses. A pose webhook carries no map (docs/pudu.md): the map name comes with a
+    robotErrorNotice's ``extend_info`` ("map", every robot once before the page opens, on
+    a map called "1F" at every site)."""
     n, now = int(sn[1:]), int(time.time())
-    if kind == "pose":
+    if kind in ("pose", "map"):
         angle = (tick * 5 + n) % 360
-        data: dict[str, Any] = {"x": round(20 * math.cos(math.radians(angle)) + n % 10, 2),
-                                "y": round(20 * math.sin(math.radians(angle)), 2),
-                                "yaw": float(angle), "map_name": "1F"}
-        return {"callback_type": "notifyRobotPose", "data": {"sn": sn, "timestamp": now, **data}}
+        pose = {"x": round(20 * math.cos(math.radians(angle)) + n % 10, 2),
+                "y": round(20 * math.sin(math.radians(angle)), 2), "yaw": float(angle)}
+        if kind == "map":
+            return {"callback_type": "robotErrorNotice",
+                    "data": {"sn": sn, "timestamp": now, "error_level": "Event",
+                             "error_type": "MapInfo", "error_detail": "bench",
+                             "error_id": f"m{tick}-{sn}",
+                             "extend_info": {"map_name": "1F", "position": pose}}}
+        return {"callback_type": "notifyRobotPose", "data": {"sn": sn, "timestamp": now, **pose}}
+    if kind == "move":  # one robot in 30 stuck; robot_stuck opens after for_seconds of it
+        state = "STUCK" if n % 30 == 0 else ("MOVING" if tick % 2 else "IDLE")
+        return {"callback_type": "notifyRobotMoveState",
+                "data": {"sn": sn, "timestamp": now, "state": state}}
     if kind == "status":
-        status = "OFFLINE" if n % 50 == 0 else "ONLINE"
+        status = "OFFLINE" if n % 50 == 0 else "WORKING" if n % 3 else "ONLINE"
         return {"callback_type": "robotStatus",
                 "data": {"sn": sn, "timestamp": now, "run_status": status}}
     if kind == "power":
@@ -411,9 +426,10 @@ def _self_times_of(task: dict[str, Any], inner: list[dict[str, Any]]) -> dict[st
     return spent
 
 
-def run_mix(robots: int, seconds: int, rate: int, gateways: int = 3,
+def run_mix(robots: int, seconds: int, rate: int, gateways: int = GATEWAYS,
             profile: bool = False, trace: bool = False) -> dict[str, Any]:
-    """The realistic mix through real webhooks and edge agents, one gateway stopped a third in."""
+    """The realistic mix through real webhooks and edge agents (a site each, in ``ORGS``
+    orgs), one gateway stopped a third in."""
     import random
     from concurrent.futures import ThreadPoolExecutor
     from contextlib import ExitStack
@@ -427,19 +443,25 @@ def run_mix(robots: int, seconds: int, rate: int, gateways: int = 3,
         server = stack.enter_context(callback_server(
             tmp, BROKER, f"sqlite:///{tmp / 'cb.db'}", TOPIC_PREFIX=prefix,
             API_KEYS_FILE=str(keys_file)))
-        agents = [stack.enter_context(edge_agent(tmp, BROKER, org=f"org{g}", gateway=f"gw{g}",
-                                                 TOPIC_PREFIX=prefix)) for g in range(gateways)]
+        agents = [stack.enter_context(edge_agent(tmp, BROKER, org=f"org{g % ORGS}",
+                                                 gateway=f"gw{g}", TOPIC_PREFIX=prefix))
+                  for g in range(gateways)]
         http = stack.enter_context(httpx.Client(headers={"CallbackCode": "test-code"},
                                                 timeout=10))
         sns = [f"R{i:05d}" for i in range(robots)]
 
+        per_site = max(1, math.ceil(robots / gateways))
+
         def post(sn: str, kind: str, tick: int) -> None:
-            agent = agents[int(sn[1:]) % gateways]
+            # a site holds a run of sns, so the mix's faulted, stuck, offline and low robots
+            # (every 40th, 30th, 50th, 25th sn) are spread over the sites, not all on one
+            agent = agents[int(sn[1:]) // per_site % gateways]
             if agent.proc is not None and agent.proc.poll() is None:
                 http.post(agent.url + "/api/pudu/webhook", json=_webhook(kind, sn, tick))
 
-        for sn in sns:  # every robot known before the page opens
+        for sn in sns:  # every robot known, on its site's map, before the page opens
             post(sn, "status", 0)
+            post(sn, "map", 0)
         options = webdriver.ChromeOptions()
         options.binary_location = "/usr/bin/chromium"
         for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
@@ -518,7 +540,7 @@ def run_mix(robots: int, seconds: int, rate: int, gateways: int = 3,
     clicks = sorted(s["click_ms"] for s in samples)
     return {
         "robots": robots, "seconds": seconds, "webhooks_sent_per_s": round(sent / elapsed, 1),
-        "gateways": gateways, "gateway_stopped_at_s": seconds // 3,
+        "gateways": gateways, "orgs": min(gateways, ORGS), "gateway_stopped_at_s": seconds // 3,
         "steady_state_s": round(steady, 1),
         "long_tasks": len(durations), "long_task_max_ms": round(max(durations, default=0), 1),
         "long_task_share": round(sum(durations) / 1000 / steady, 3),
@@ -581,6 +603,8 @@ def main() -> None:
     parser.add_argument("--mix", type=int, metavar="WEBHOOKS_PER_S", default=0,
                         help="the realistic mix (statuses, powers, poses, events, faults, one "
                              "gateway stopped) through real webhooks at this rate, e.g. 164")
+    parser.add_argument("--gateways", type=int, default=GATEWAYS,
+                        help="with --mix: sites, a gateway (edge agent) each")
     parser.add_argument("--long", action="store_true",
                         help="with --mix: run 10 minutes (page memory and DOM over time)")
     parser.add_argument("--profile", action="store_true",
@@ -590,8 +614,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.mix:
         seconds = 600 if args.long else args.seconds
-        print(json.dumps(run_mix(args.robots, seconds, args.mix, profile=args.profile,
-                                    trace=args.trace)))
+        print(json.dumps(run_mix(args.robots, seconds, args.mix, args.gateways,
+                                 profile=args.profile, trace=args.trace)))
         return
     print(json.dumps(run(args.robots, args.seconds, watch=not args.baseline)))
 

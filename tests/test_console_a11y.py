@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
+import httpx
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
@@ -22,7 +25,10 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 
+from tests.support.mqtt_probe import publish_once
+from tests.support.services import edge_agent
 from tests.test_console import (
+    BROKER,
     CHROMEDRIVER,
     CHROMIUM,
     Fleet,
@@ -75,19 +81,90 @@ def axe_violations(driver: WebDriver) -> list[dict[str, object]]:
             for v in found if v["impact"] in SERIOUS]
 
 
+# The classes console.css colours a state with: a robot's status (``.s-*``), a severity
+# (``.sev-*``), a flag (``.tag.*``) and a row (``tr.*``). Every one must be on a page axe
+# checks, so a state given a colour is checked for contrast; an alert row's own state
+# (``tr.st-*``) and the fleet's spacer rows are not states of a robot.
+STATE_CLASS = re.compile(
+    r"\.s-[a-z-]+|\.sev-[a-z-]+|\.tag\.[a-z-]+|(?<![\w.-])tr\.(?!st-|spacer)[a-z-]+")
+
+
+def coloured_states() -> set[str]:
+    css = (AXE.parents[2] / "console.css").read_text(encoding="utf-8")
+    return set(STATE_CLASS.findall(css))
+
+
+def every_state(fleet: Fleet) -> dict[str, str]:
+    """A fleet in every state the page colours: working, idle and low, online, in error,
+    charging, offline, stuck, faulted and low, stale, with no status yet, behind an offline
+    gateway; events of every level; a gateway backlogged. Returns name -> sn."""
+    tag = uuid.uuid4().hex[:5].upper()
+    names = ("working", "idle", "online", "error", "charging", "offline", "stuck", "fault",
+             "stale", "nostatus", "down")
+    sns = {k: f"{k.upper()}-{tag}" for k in names}
+    now = int(time.time())
+    post = fleet.post
+    for i, (name, sn) in enumerate(sns.items()):
+        if name != "down":  # the down robot's gateway is started below
+            post("acme", "notifyRobotPose", sn=sn, x=float(i), y=1.0, yaw=0.0,
+                 timestamp=now - 1200 if name == "stale" else now)
+    post("acme", "robotStatus", sn=sns["working"], run_status="WORKING")
+    post("acme", "notifyRobotPower", sn=sns["working"], power=80, charge_stage="IDLE")
+    post("acme", "notifyRobotStatus", sn=sns["idle"], run_state="IDLE", battery=15)
+    post("acme", "robotStatus", sn=sns["online"], run_status="ONLINE")
+    post("acme", "robotStatus", sn=sns["error"], run_status="ERROR")
+    post("acme", "robotStatus", sn=sns["charging"], run_status="ONLINE")
+    post("acme", "notifyRobotPower", sn=sns["charging"], power=4, charge_stage="CHARGING")
+    post("acme", "robotStatus", sn=sns["offline"], run_status="OFFLINE")
+    post("acme", "robotStatus", sn=sns["stuck"], run_status="WORKING")
+    post("acme", "notifyRobotMoveState", sn=sns["stuck"], state="STUCK")
+    post("acme", "robotStatus", sn=sns["fault"], run_status="WORKING")
+    post("acme", "notifyRobotPower", sn=sns["fault"], power=12, charge_stage="IDLE")
+    post("acme", "robotStatus", sn=sns["stale"], run_status="WORKING", timestamp=now - 1200)
+    # a fault (critical), and events of every level: critical, high, warning, medium, info
+    post("acme", "robotErrorWarning", sn=sns["fault"], error_level="Fatal", error_type="Crash",
+         error_detail="motor stalled", error_id=f"e-{tag}-1")
+    post("acme", "robotErrorWarning", sn=sns["online"], error_level="Error", error_type="Lidar",
+         error_detail="lidar dirty", error_id=f"e-{tag}-2")
+    post("acme", "robotErrorWarning", sn=sns["working"], error_level="Warning",
+         error_type="Bump", error_detail="soft bump", error_id=f"e-{tag}-3")
+    post("acme", "robotErrorWarning", sn=sns["working"], error_type="Odd",
+         error_detail="no level", error_id=f"e-{tag}-4")
+    post("acme", "robotErrorWarning", sn=sns["working"], error_level="Event",
+         error_type="Note", error_detail="door opened", error_id=f"e-{tag}-5")
+    prefix = fleet.server.env["TOPIC_PREFIX"]
+    with edge_agent(fleet.tmp, BROKER, org="acme", gateway=f"gw-down-{tag.lower()}",
+                    TOPIC_PREFIX=prefix) as down:
+        for callback_type, data in (("robotStatus", {"run_status": "WORKING"}),
+                                    ("notifyRobotPose", {"x": 0.0, "y": 0.0, "yaw": 0.0})):
+            body = {"callback_type": callback_type,
+                    "data": {"sn": sns["down"], "timestamp": now, **data}}
+            assert httpx.post(down.url + "/api/pudu/webhook", json=body,
+                              headers={"CallbackCode": "test-code"}, timeout=10).is_success
+        on_page(lambda: fleet.robot(sns["down"]), "the down site's robot stored")
+    # a gateway whose outbox is 20 minutes behind (gateway_backlog: 300 s)
+    beat = {"timestamp": time.time(), "outbox_depth": 500, "outbox_oldest_age_s": 1200}
+    publish_once(BROKER, f"{prefix}/org/acme/device/gw-full-{tag.lower()}/telemetry",
+                 json.dumps(beat))
+    return sns
+
+
 def test_every_view_by_address_at_desk_and_phone_width_axe_clean(
         fleet: Fleet, driver: WebDriver) -> None:
-    sn = f"X{uuid.uuid4().hex[:6]}"
-    fleet.post("acme", "robotStatus", sn=sn, run_status="ONLINE")
-    fleet.post("acme", "notifyRobotPower", sn=sn, power=12, charge_stage="IDLE")
-    fleet.post("acme", "notifyRobotPose", sn=sn, x=1.0, y=2.0, yaw=0.0)
-    fleet.post("acme", "robotErrorWarning", sn=sn, error_level="Fatal", error_type="Crash",
-               error_detail="motor stalled", error_id=f"e-{sn}")
+    """axe on every view with the fleet in every state the page colours: the contrast of
+    each state's colour is checked, not only the states one robot happens to be in."""
+    sns = every_state(fleet)
+    sn, stuck = sns["working"], sns["stuck"]
     sign_in(driver, fleet, "operator_a")
-    on_page(lambda: cell(driver, sn, "status"), "robot row shown")
+    on_page(lambda: "stuck" in (cell(driver, stuck, "status") or "") and
+            "fault" in (cell(driver, sns["fault"], "status") or "") and
+            (cell(driver, sns["down"], "status") or "").startswith("unknown since"),
+            "every state shown", timeout=40)
     zone = driver.execute_script("return Intl.DateTimeFormat().resolvedOptions().timeZone")
     assert driver.find_element(By.ID, "tz").text == f"times in {zone}"
     driver.set_script_timeout(60)
+    unseen = coloured_states()
+    assert {".s-working", ".tag.stuck", ".s-unknown"} <= unseen, unseen  # the CSS was read
     for width in (1440, 390):
         driver.set_window_size(width, 1000)
         for view, section in VIEWS.items():
@@ -96,11 +173,17 @@ def test_every_view_by_address_at_desk_and_phone_width_axe_clean(
             sections = driver.find_elements(By.CSS_SELECTOR, "main > section")
             shown = [s.get_attribute("id") for s in sections if s.is_displayed()]
             assert section in shown and (not view or shown == [section]), (view, shown)
-            if view == "floors":  # drawn on showing, though other views left it undrawn
+            if view in ("floors", ""):  # drawn on showing, though other views left it undrawn
                 on_page(lambda: driver.find_elements(
-                    By.CSS_SELECTOR, f'#floor g.marker[data-sn="{sn}"]'), "marker drawn")
+                    By.CSS_SELECTOR, f'#floor g.marker.s-stuck[data-sn="{stuck}"]'),
+                    "marker drawn")
+            if view in ("gateways", ""):
+                on_page(lambda: driver.find_elements(By.CSS_SELECTOR, "#gateways tr.backlogged")
+                        and driver.find_elements(By.CSS_SELECTOR, "#gateways td.s-offline"),
+                        "gateways drawn")
             current = driver.find_element(By.CSS_SELECTOR, "#views a[aria-current=page]")
             assert current.get_attribute("data-view") == view
+            unseen -= shown_states(driver, unseen)
             bad = axe_violations(driver)
             shot(driver, fleet, f"view-{view or 'everything'}-{width}")
             assert not bad, (view, width, json.dumps(bad, indent=1))
@@ -108,17 +191,51 @@ def test_every_view_by_address_at_desk_and_phone_width_axe_clean(
                 overflow = driver.execute_script(
                     "return document.documentElement.scrollWidth - window.innerWidth")
                 assert overflow <= 0, f"{view}: the page is {overflow} px wider than a phone"
+        # the robot page's flags: fault and low; stuck; stale; offline; unknown
+        for name, flag in (("fault", "fault (critical)"), ("stuck", "stuck"),
+                           ("stale", "stale"), ("offline", "offline"), ("down", "unknown since")):
+            driver.get(f"{fleet.server.url}/#robot/{sns[name]}")
+            on_page(partial(flagged, driver, sns[name], flag), f"{name}: {flag}")
+            unseen -= shown_states(driver, unseen)
+            bad = axe_violations(driver)
+            shot(driver, fleet, f"robot-{name}-{width}")
+            assert not bad, (name, width, json.dumps(bad, indent=1))
     driver.set_window_size(1440, 1000)
+    # every colour the CSS gives a state was on a page axe checked
+    assert not unseen, f"states coloured by console.css that no checked page showed: {unseen}"
+
+
+def flagged(driver: WebDriver, sn: str, flag: str) -> bool:
+    """The robot page is ``sn``'s and its flags say ``flag``."""
+    return driver.find_element(By.ID, "robot-sn").text == sn and \
+        flag in driver.find_element(By.ID, "robot-flags").text
+
+
+def shown_states(driver: WebDriver, selectors: set[str]) -> set[str]:
+    """Those of ``selectors`` that match an element shown on the page now."""
+    found: list[str] = driver.execute_script(
+        "return arguments[0].filter((s) => [...document.querySelectorAll(s)]"
+        ".some((e) => e.getClientRects().length))", sorted(selectors))
+    return set(found)
 
 
 def test_fleet_sorts_by_keyboard_alone(fleet: Fleet, driver: WebDriver) -> None:
     driver.delete_all_cookies()  # signed out: the viewer signs in afresh
     sign_in(driver, fleet, "viewer_a")
+    # a header is a column header holding a button: "Battery, button", and the column's
+    # sort order is announced from the header (aria-sort), the default sort's too
+    first = driver.find_element(By.CSS_SELECTOR, '#robots th[data-key="robot_sn"]')
+    assert first.get_attribute("aria-sort") == "ascending"
     header = driver.find_element(By.CSS_SELECTOR, '#robots th[data-key="battery_level"]')
-    header.send_keys(Keys.ENTER)
+    button = header.find_element(By.CSS_SELECTOR, "button.sort")
+    assert (header.aria_role, button.aria_role, button.accessible_name) == (
+        "columnheader", "button", "Battery")
+    assert header.get_attribute("aria-sort") is None
+    button.send_keys(Keys.ENTER)
     assert header.get_attribute("aria-sort") == "ascending"
-    header.send_keys(Keys.SPACE)
-    assert header.get_attribute("aria-sort") == "descending"
+    assert first.get_attribute("aria-sort") is None
+    button.send_keys(Keys.SPACE)
+    on_page(lambda: header.get_attribute("aria-sort") == "descending", "sorted descending")
     # the views are links: Enter on one opens its view, and its address
     driver.find_element(By.CSS_SELECTOR, '#views a[data-view="alerts"]').send_keys(Keys.ENTER)
     on_page(lambda: driver.current_url.endswith("#view/alerts"), "address follows")
@@ -221,7 +338,9 @@ def test_a_keyboard_walk_with_tab_enter_space_and_arrows_only(
     press(driver, Keys.ENTER)
     on_page(lambda: driver.current_url.endswith("#view/fleet"), "address follows")
     assert not driver.find_element(By.ID, "alerts-section").is_displayed()
-    header = tab_to(driver, attr("data-key", "battery_level"), "the Battery header")
+    tab_to(driver, lambda e: e.get_attribute("class") == "sort" and e.text == "Battery",
+           "the Battery header's button")
+    header = driver.find_element(By.CSS_SELECTOR, '#robots th[data-key="battery_level"]')
     press(driver, Keys.ENTER)
     assert header.get_attribute("aria-sort") == "ascending"
 
@@ -237,7 +356,7 @@ def test_a_keyboard_walk_with_tab_enter_space_and_arrows_only(
     assert up == sorted(up) and up[0] <= 3 and {3, 50, 90} <= set(up), up
     shot(driver, fleet, "keyboard-1-fleet-sorted-by-battery")
     press(driver, Keys.SPACE)
-    assert header.get_attribute("aria-sort") == "descending"
+    on_page(lambda: header.get_attribute("aria-sort") == "descending", "sorted descending")
     down = on_page(lambda: ordered(max), "highest first")
     assert down == sorted(down, reverse=True), down
 

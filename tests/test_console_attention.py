@@ -260,7 +260,7 @@ def test_faults_stuck_offline_gateway_attention_links_and_bulk_acknowledge(
               for r in operator.find_elements(By.CSS_SELECTOR, "#alerts tbody tr")]
     assert alerts == [("gateway_offline", f"gateway {gateway}")], alerts
     assert [f.get_attribute("data-map") for f in operator.find_elements(
-        By.CSS_SELECTOR, "#floor figure.map")] == [f"{gateway} · (no map)"]
+        By.CSS_SELECTOR, "#floor figure.map")] == [f"{site} · (no map)"]
     assert list(chips(operator).items())[:5] == [
         ("alerts-critical", 0), ("alerts-high", 1), ("alerts-medium", 0),
         ("alerts-warning", 0), ("alerts-info", 0)]
@@ -276,6 +276,59 @@ def test_faults_stuck_offline_gateway_attention_links_and_bulk_acknowledge(
     operator.get(f"{fleet.server.url}/#robot/{down2}")
     on_page(lambda: "unknown since" in operator.find_element(By.ID, "robot-flags").text,
                "the robot page shows unknown")
+
+
+def test_a_robot_without_a_status_yet_is_not_counted_unknown(
+        fleet: AttentionFleet, browser: Callable[[], WebDriver]) -> None:
+    """The fleet's "unknown" chip counts what the strip's "unknown (gateway offline)" does:
+    a robot that has sent only a pose, its gateway up, has no status yet, not an unknown one."""
+    sn = f"N{uuid.uuid4().hex[:6].upper()}"
+    fleet.post("acme", "notifyRobotPose", sn=sn, x=1.0, y=1.0, yaw=0.0)
+    on_page(lambda: fleet.robot(sn), "stored")
+    viewer = browser()
+    sign_in(viewer, fleet, "viewer_a")
+    search(viewer, sn)
+    on_page(lambda: [li.text for li in viewer.find_elements(By.CSS_SELECTOR, "#counts li")]
+            == ["no status: 1"], "counted as no status")
+    assert cell(viewer, sn, "status") == "no status"
+    on_page(lambda: chips(viewer).get("unknown") == 0, "the strip agrees")
+    Select(viewer.find_element(By.ID, "filter-status")).select_by_value("no status")
+    on_page(lambda: fleet_sns(viewer) == [sn], "filtered by it")
+    shot(viewer, fleet, "fleet-no-status")
+
+
+def test_new_alerts_wait_while_the_keyboard_is_in_the_list(
+        fleet: AttentionFleet, browser: Callable[[], WebDriver]) -> None:
+    """Rows do not move under a keyboard user either: with the focus on an alert's button
+    (the pointer elsewhere) a new alert waits behind the button; it is inserted when the
+    focus leaves the list."""
+    tag = uuid.uuid4().hex[:5].upper()
+    first, late = f"A{tag}", f"B{tag}"
+    operator = browser()
+    sign_in(operator, fleet, "operator_a")
+    search(operator, tag)
+    fleet.post("acme", "robotErrorWarning", sn=first, error_level="Fatal", error_type="Crash",
+               error_detail="first", error_id=f"e{first}")
+    ack = f'#alerts tbody tr button.ack[aria-label$=" {first}"]'
+    button = on_page(lambda: operator.find_elements(By.CSS_SELECTOR, ack), "first alert")[0]
+    ActionChains(operator).move_to_element(operator.find_element(By.ID, "fleet-h")).perform()
+    operator.execute_script("arguments[0].focus()", button)  # where Tab would put it
+    fleet.post("acme", "robotErrorWarning", sn=late, error_level="Fatal", error_type="Crash",
+               error_detail="late", error_id=f"e{late}")
+    waiting = operator.find_element(By.ID, "alerts-new")
+    on_page(waiting.is_displayed, "the new alert waits")
+    assert waiting.text.startswith("1 new alert")
+
+    def subjects() -> list[str]:
+        return [r.text for r in operator.find_elements(By.CSS_SELECTOR,
+                                                       "#alerts tbody td.subject")]
+
+    assert subjects() == [f"robot {first}"]
+    assert operator.switch_to.active_element == button
+    shot(operator, fleet, "alerts-held-for-focus")
+    operator.find_element(By.ID, "search").click()  # the focus leaves the list
+    on_page(lambda: subjects() == [f"robot {first}", f"robot {late}"], "inserted after")
+    assert not waiting.is_displayed()
 
 
 def test_the_thresholds_are_the_served_rules(fleet: Fleet) -> None:

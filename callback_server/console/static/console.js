@@ -44,21 +44,21 @@ const st = {
   me: null,
   rules: null,           // the alert rules' settings (hello)
   chargingStates: [],    // the charge states that count as charging (hello)
-  robots: new Map(),
+  robots: new Map(),    // "org/sn" -> robot: two orgs may have robots with the same sn
   alerts: new Map(),
-  events: new Map(),     // "sn/event_id" -> event
+  events: new Map(),     // "org/sn/event_id" -> event
   gateways: new Map(),   // "org/gateway" -> presence and heartbeat
   runs: new Map(),       // "org/gateway" -> its latest poll run (GET /ingestion-runs)
   gatewayCmd: new Map(), // "org/gateway" -> its command cell, kept across renders
   gatewayRows: new Map(), // "org/gateway" -> its row, refilled in place
-  floors: new Map(),     // "site · map" -> its figure and markers, changed in place
-  eventRows: new Map(),  // "sn/event_id" -> its row
-  tracks: new Map(),
-  byRobot: new Map(),    // sn -> {rule -> alert} of its open or acknowledged alerts
-  rowEls: new Map(),     // sn -> its table row (only rows in view exist)
+  floors: new Map(),     // "org/gateway · map" -> its figure and markers, changed in place
+  eventRows: new Map(),  // "org/sn/event_id" -> its row
+  tracks: new Map(),     // "org/sn" -> recent positions
+  byRobot: new Map(),    // "org/sn" -> {rule -> alert} of its open or acknowledged alerts
+  rowEls: new Map(),     // "org/sn" -> its table row (only rows in view exist)
   fleetBox: {height: 0, top: 0},  // the fleet box as its observers last saw it
-  changed: new Set(),    // sns whose row must be refilled
-  list: [],              // the fleet table's sns, filtered and sorted
+  changed: new Set(),    // "org/sn"s whose row must be refilled
+  list: [],              // the fleet table's robots ("org/sn"), filtered and sorted
   listAt: 0,
   listDirty: true,
   alertRows: new Map(),  // alert id -> its row
@@ -66,6 +66,7 @@ const st = {
   alertsPending: 0,
   selected: new Set(),   // alert ids ticked for a bulk action
   pointerInAlerts: false,
+  focusInAlerts: false,  // a keyboard user's place in the list: held like the pointer's
   floorDirty: false, floorAt: 0, attentionAt: 0, countTimer: null,
   eventsDirty: false, alertsDirty: false, gatewaysDirty: false,
   sort: {key: "robot_sn", dir: 1},
@@ -110,7 +111,12 @@ function announce(text) {
 const SEVERITIES = ["info", "warning", "medium", "high", "critical"];
 const sevRank = (s) => SEVERITIES.indexOf(s);
 
-function siteOf(org, gateway) { return `${org}/${gateway}`; }
+function siteOf(org, gateway) { return `${org}/${gateway || ""}`; }
+
+// A robot is its org's: two orgs may each have a robot with the same sn (and a gateway of
+// the same name), so robots, their rows, alerts, tracks and markers are keyed by both.
+function robotKey(r) { return `${r.org_id}/${r.robot_sn}`; }
+function alertRobotKey(a) { return `${a.org}/${a.subject_id}`; }
 
 function gatewayOf(r) { return st.gateways.get(siteOf(r.org_id, r.gateway_id)); }
 
@@ -125,7 +131,7 @@ function charging(r) {
 function flagsOf(r) {
   const rules = st.rules;
   const gw = gatewayOf(r);
-  const alerts = st.byRobot.get(r.robot_sn);
+  const alerts = st.byRobot.get(robotKey(r));
   const f = {unknown: null, fault: null, stuck: false, offline: false, stale: false, low: false};
   if (gw && gw.state === "offline") f.unknown = gw.since || null;
   const fault = alerts && alerts.get("robot_fault");
@@ -191,7 +197,7 @@ function ruleTitle(rule) {
 
 function alertSite(a) {
   if (a.subject_type === "gateway") return siteOf(a.org, a.subject_id);
-  const r = st.robots.get(a.subject_id);
+  const r = st.robots.get(alertRobotKey(a));
   return r ? siteOf(r.org_id, r.gateway_id) : "";
 }
 
@@ -233,17 +239,18 @@ function filterChanged() {
 // -- incoming --------------------------------------------------------------------------
 function onRobots(items) {
   for (const r of items) {
-    const old = st.robots.get(r.robot_sn);
+    const key = robotKey(r);
+    const old = st.robots.get(key);
     if (old && old.last_updated && r.last_updated && r.last_updated < old.last_updated) continue;
-    st.robots.set(r.robot_sn, r);
-    st.changed.add(r.robot_sn);
+    st.robots.set(key, r);
+    st.changed.add(key);
     st.floorDirty = true;
     if (typeof r.x === "number" && typeof r.y === "number") {
-      const t = st.tracks.get(trackKey(r)) || [];
+      const t = st.tracks.get(key) || [];
       const last = t[t.length - 1];
       if (!last || last[0] !== r.x || last[1] !== r.y) t.push([r.x, r.y]);
       if (t.length > TRACK) t.shift();
-      st.tracks.set(trackKey(r), t);
+      st.tracks.set(key, t);
     }
   }
   st.listDirty = true;
@@ -252,12 +259,13 @@ function onRobots(items) {
 
 function indexAlert(a) {
   if (a.subject_type !== "robot") return;
-  const mine = st.byRobot.get(a.subject_id) || new Map();
+  const key = alertRobotKey(a);
+  const mine = st.byRobot.get(key) || new Map();
   if (a.state === "resolved") mine.delete(a.rule);
   else mine.set(a.rule, a);
-  if (mine.size) st.byRobot.set(a.subject_id, mine);
-  else st.byRobot.delete(a.subject_id);
-  st.changed.add(a.subject_id);
+  if (mine.size) st.byRobot.set(key, mine);
+  else st.byRobot.delete(key);
+  st.changed.add(key);
 }
 
 function onAlerts(items) {
@@ -288,9 +296,6 @@ function onAlerts(items) {
   schedule();
 }
 
-// A track is one robot's: two orgs may have robots with the same sn.
-function trackKey(r) { return `${r.org_id}/${r.robot_sn}`; }
-
 // Recent positions from the server's history (keyed "org/sn"): tracks survive a reload.
 function onTracks(byRobot) {
   for (const [sn, points] of Object.entries(byRobot)) {
@@ -306,7 +311,7 @@ function onTracks(byRobot) {
 }
 
 function onEvents(items) {
-  for (const e of items) st.events.set(`${e.robot_sn}/${e.event_id}`, e);
+  for (const e of items) st.events.set(eventKey(e), e);
   const newest = [...st.events.entries()].sort((a, b) => eventOrder(a[1], b[1]));
   for (const [k] of newest.slice(EVENTS_SHOWN)) st.events.delete(k);
   st.eventsDirty = true;
@@ -321,7 +326,7 @@ function onGateways(items) {
     st.gateways.set(key, g);
     if (!old || old.state !== g.state) {  // its robots become (or stop being) unknown
       for (const r of st.robots.values()) {
-        if (r.org_id === g.org_id && r.gateway_id === g.gateway_id) st.changed.add(r.robot_sn);
+        if (r.org_id === g.org_id && r.gateway_id === g.gateway_id) st.changed.add(robotKey(r));
       }
       st.listDirty = st.floorDirty = true;
     }
@@ -329,6 +334,8 @@ function onGateways(items) {
   st.gatewaysDirty = true;
   schedule();
 }
+
+function eventKey(e) { return `${e.org_id}/${e.robot_sn}/${e.event_id}`; }
 
 function eventOrder(a, b) {  // newest received first
   const x = a.upload_time || "", y = b.upload_time || "";
@@ -443,9 +450,10 @@ function computeList() {
   }
   out.sort((a, b) => {
     const x = sortValue(a, key), y = sortValue(b, key);
-    return (x < y ? -1 : x > y ? 1 : 0) * dir || (a.robot_sn < b.robot_sn ? -1 : 1);
+    return (x < y ? -1 : x > y ? 1 : 0) * dir || (a.robot_sn < b.robot_sn ? -1 :
+      a.robot_sn > b.robot_sn ? 1 : a.org_id < b.org_id ? -1 : 1);
   });
-  st.list = out.map((r) => r.robot_sn);
+  st.list = out.map(robotKey);
   st.listAt = performance.now();
   st.listDirty = false;
 }
@@ -463,10 +471,14 @@ function batteryCell(r, low) {
 }
 
 // The status a robot is counted under: behind an offline gateway it is unknown, not the
-// "working" it last reported.
+// "working" it last reported (as the attention strip's "unknown (gateway offline)"); a
+// robot that has not reported a status yet is "no status", not unknown.
+const NO_STATUS = "no status";
 function shownStatus(r) {
-  return gatewayOf(r)?.state === "offline" ? "unknown" : r.status || "unknown";
+  return gatewayOf(r)?.state === "offline" ? "unknown" : r.status || NO_STATUS;
 }
+
+function statusClass(s) { return `s-${String(s).toLowerCase().replace(/[^a-z0-9_-]+/g, "-")}`; }
 
 function staleClass(f) {
   return f.unknown ? "unknown" : f.stale ? "stale" : "fresh";
@@ -474,12 +486,12 @@ function staleClass(f) {
 
 // The status cell says what matters most: unknown (gateway gone), fault, stuck, status.
 function statusCell(r, f) {
-  const status = String(r.status || "unknown").toLowerCase();
+  const status = String(r.status || NO_STATUS).toLowerCase();
   if (f.unknown) {
     return el("td", {class: "status s-unknown", title: `last reported ${status}`},
       `unknown since ${fmtEpoch(f.unknown)}`);
   }
-  const td = el("td", {class: `status s-${status}`});
+  const td = el("td", {class: `status ${statusClass(status)}`});
   const tags = [];
   if (f.fault) tags.push(el("span", {class: `tag fault sev-${f.fault.severity}`}, `fault (${f.fault.severity})`));
   if (f.stuck) tags.push(el("span", {class: "tag stuck"}, "stuck"));
@@ -549,17 +561,17 @@ function renderFleet() {
   const last = Math.min(n, first + count);
   const want = st.list.slice(first, last);
   const keep = new Set(want);
-  for (const sn of st.rowEls.keys()) if (!keep.has(sn)) st.rowEls.delete(sn);
+  for (const key of st.rowEls.keys()) if (!keep.has(key)) st.rowEls.delete(key);
   const trs = [];
-  for (const sn of want) {
-    const r = st.robots.get(sn);
+  for (const key of want) {
+    const r = st.robots.get(key);
     if (!r) continue;
-    let tr = st.rowEls.get(sn);
+    let tr = st.rowEls.get(key);
     if (!tr) {
-      tr = el("tr", {"data-sn": sn});
+      tr = el("tr", {"data-sn": r.robot_sn, "data-org": r.org_id});
       fillRow(tr, r);
-      st.rowEls.set(sn, tr);
-    } else if (st.changed.has(sn)) {
+      st.rowEls.set(key, tr);
+    } else if (st.changed.has(key)) {
       fillRow(tr, r);  // in place: the row element stays
     } else {
       const f = flagsOf(r), cls = staleClass(f) + (f.fault ? " faulted" : "") + (f.stuck ? " stuck" : "");
@@ -593,7 +605,7 @@ function renderFleet() {
   if (ul.dataset.text !== text) {
     ul.dataset.text = text;
     ul.replaceChildren(...[...counts].sort().map(([s, c]) =>
-      el("li", {"data-status": s, class: `s-${s.toLowerCase()}`}, `${s}: ${c}`)));
+      el("li", {"data-status": s, class: statusClass(s)}, `${s}: ${c}`)));
   }
   syncOptions("filter-status", [...counts.keys()].sort());
   syncOptions("filter-org", [...orgs].sort());
@@ -704,11 +716,13 @@ function fillAlert(tr, a) {
   }
 }
 
-// New alerts are inserted in order unless the pointer is on the list or alerts are
-// ticked: then the rows stay where they are and a button says how many are waiting.
+// New alerts are inserted in order unless the pointer is on the list, the keyboard's focus
+// is in it, or alerts are ticked: then the rows stay where they are and a button says how
+// many are waiting.
 function renderAlerts(force) {
   const wanted = [...st.alerts.values()].filter(alertShown).sort(alertOrder);
-  const hold = !force && (st.pointerInAlerts || st.selected.size > 0) && st.alertOrder.length;
+  const hold = !force && (st.pointerInAlerts || st.focusInAlerts || st.selected.size > 0) &&
+    st.alertOrder.length;
   const body = document.querySelector("#alerts tbody");
   if (hold) {
     const shown = new Set(st.alertOrder);
@@ -794,12 +808,12 @@ async function alertAction(id, action, body, button) {
 function renderEvents() {  // keyed: a new event adds one row, the rest stay
   const list = [...st.events.values()].filter(eventPasses).sort(eventOrder);
   const rows = list.map((e) => {
-    const key = `${e.robot_sn}/${e.event_id}`;
+    const key = eventKey(e);
     let tr = st.eventRows.get(key);
     if (!tr) { tr = eventRow(e, true); st.eventRows.set(key, tr); }
     return tr;
   });
-  const keep = new Set(list.map((e) => `${e.robot_sn}/${e.event_id}`));
+  const keep = new Set(list.map(eventKey));
   for (const key of [...st.eventRows.keys()]) if (!keep.has(key)) st.eventRows.delete(key);
   placeRows(document.querySelector("#events tbody"), rows);
   document.getElementById("event-count").textContent = `(latest ${list.length})`;
@@ -928,8 +942,8 @@ function niceStep(span) {
 function markerClass(r) {
   const f = flagsOf(r);
   const state = f.unknown ? "unknown" : f.fault ? "fault" : f.stuck ? "stuck" : f.low ? "low"
-    : String(r.status || "unknown").toLowerCase();
-  return `marker s-${state}`;
+    : r.status || NO_STATUS;
+  return `marker ${statusClass(state)}`;
 }
 
 // The frame of one floor: a centre and a scale kept while the positions stay inside it, so
@@ -979,14 +993,14 @@ function drawGrid(f, PAD) {
 // One robot on its floor: the marker (and its track, and its name tag on a small floor)
 // created once, then only the attributes that changed are written.
 function placeRobot(f, r, sx, sy, tagged) {
-  let m = f.robots.get(r.robot_sn);
+  let m = f.robots.get(robotKey(r));
   if (!m) {
-    const g = svg("g", {"data-sn": r.robot_sn});
+    const g = svg("g", {"data-sn": r.robot_sn, "data-org": r.org_id});
     const title = svg("title"), dot = svg("circle", {r: 7}), heading = svg("line", {class: "heading"});
     g.append(dot, heading, title);
     m = {g, dot, heading, title, track: null, tag: null, at: "", cls: "", tip: "", points: ""};
     f.marks.append(g);
-    f.robots.set(r.robot_sn, m);
+    f.robots.set(robotKey(r), m);
   }
   const yaw = typeof r.yaw === "number" ? r.yaw : 0;
   const cls = markerClass(r);
@@ -1009,14 +1023,14 @@ function placeRobot(f, r, sx, sy, tagged) {
   if (m.cls !== cls) { m.cls = cls; m.g.setAttribute("class", cls); }
   const tip = `${r.robot_sn} (${r.x}, ${r.y}) yaw ${yaw} · ${cls.slice(9)}`;
   if (m.tip !== tip) { m.tip = tip; m.title.textContent = tip; }
-  const t = st.tracks.get(trackKey(r)) || [];
+  const t = st.tracks.get(robotKey(r)) || [];
   const points = t.length > 1 ? t.map(([x, y]) => `${sx(x).toFixed(1)},${sy(y).toFixed(1)}`).join(" ") : "";
   if (m.points !== points) {
     m.points = points;
     if (!points) { m.track?.remove(); m.track = null; }
     else {
       if (!m.track) {
-        m.track = svg("polyline", {class: "track", "data-sn": r.robot_sn});
+        m.track = svg("polyline", {class: "track", "data-sn": r.robot_sn, "data-org": r.org_id});
         f.tracks.append(m.track);
       }
       m.track.setAttribute("points", points);
@@ -1033,12 +1047,12 @@ function placeRobot(f, r, sx, sy, tagged) {
   } else if (m.tag) { m.tag.remove(); m.tag = null; }
 }
 
-function dropRobot(f, sn) {
-  const m = f.robots.get(sn);
+function dropRobot(f, key) {
+  const m = f.robots.get(key);
   m.g.remove();
   m.track?.remove();
   m.tag?.remove();
-  f.robots.delete(sn);
+  f.robots.delete(key);
 }
 
 // The floor view as [name, step] pairs, each run in its own task (renderRest): per floor its
@@ -1053,10 +1067,12 @@ function floorSteps() {
     if (typeof r.x !== "number" || typeof r.y !== "number" || !robotPasses(r)) continue;
     if (kind && !kind[1](flagsOf(r))) continue;
     positioned += 1;
-    // a map name is per site: five sites' "1F" are five floors, not one
-    const m = `${r.gateway_id || r.org_id} · ${r.map_name || "(no map)"}`;
-    if (!byMap.has(m)) byMap.set(m, []);
-    byMap.get(m).push(r);
+    // a map name is per site (org and gateway): five sites' "1F" are five floors, not one,
+    // and two orgs' gateways of the same name are two sites
+    const m = `${siteOf(r.org_id, r.gateway_id)} · ${r.map_name || "(no map)"}`;
+    if (!byMap.has(m)) byMap.set(m, {robots: [], label: [r.gateway_id || "(no gateway)",
+      r.org_id, r.map_name || "(no map)"].join(" · ")});
+    byMap.get(m).robots.push(r);
   }
   const host = document.getElementById("floor");
   const note = document.getElementById("floor-note");
@@ -1068,7 +1084,8 @@ function floorSteps() {
   }
   note.textContent = "";
   const figures = [];
-  const steps = [...byMap].sort().flatMap(([name, robots]) => floorDrawing(name, robots, figures));
+  const steps = [...byMap].sort((a, b) => (a[0] < b[0] ? -1 : 1))
+    .flatMap(([name, {robots, label}]) => floorDrawing(name, label, robots, figures));
   steps.push(["floor", () => {
     for (const name of [...st.floors.keys()]) if (!byMap.has(name)) st.floors.delete(name);
     placeRows(host, figures);
@@ -1079,13 +1096,13 @@ function floorSteps() {
 // One floor's steps: its figure and frame (the grid redrawn when the frame changes, which
 // moves every marker), its markers placed in slices (made once per robot, then changed in
 // place), and the robots no longer on it dropped.
-function floorDrawing(name, robots, figures) {
+function floorDrawing(name, label, robots, figures) {
   const PAD = 24;
   let f, sx, sy;
   const steps = [["floor-frame", () => {
     f = st.floors.get(name);
     if (!f) { f = floorFigure(name); st.floors.set(name, f); }
-    const pts = robots.flatMap((r) => st.tracks.get(trackKey(r)) || [[r.x, r.y]]);
+    const pts = robots.flatMap((r) => st.tracks.get(robotKey(r)) || [[r.x, r.y]]);
     const frame = floorFrame(f.frame, pts, f.W, f.H, PAD);
     if (frame !== f.frame) {
       f.frame = frame;
@@ -1094,7 +1111,7 @@ function floorDrawing(name, robots, figures) {
     const {cx, cy, k} = frame, {W, H} = f;
     sx = (x) => W / 2 + (x - cx) * k;
     sy = (y) => H / 2 - (y - cy) * k;  // y up
-    const caption = `${name} — ${robots.length} robot(s)`;
+    const caption = `${label} — ${robots.length} robot(s)`;
     if (f.caption.textContent !== caption) f.caption.textContent = caption;
     figures.push(f.fig);
   }]];
@@ -1104,8 +1121,8 @@ function floorDrawing(name, robots, figures) {
     steps.push(["floor-markers", () => { for (const r of slice) placeRobot(f, r, sx, sy, tagged); }]);
   }
   steps.push(["floor-markers", () => {
-    const here = new Set(robots.map((r) => r.robot_sn));
-    for (const sn of [...f.robots.keys()]) if (!here.has(sn)) dropRobot(f, sn);
+    const here = new Set(robots.map(robotKey));
+    for (const key of [...f.robots.keys()]) if (!here.has(key)) dropRobot(f, key);
   }]);
   return steps;
 }
@@ -1114,7 +1131,10 @@ function floorDrawing(name, robots, figures) {
 function renderRobotFlags() {
   const m = location.hash.match(/^#robot\/(.+)$/);
   const host = document.getElementById("robot-flags");
-  const r = m && st.robots.get(decodeURIComponent(m[1]));
+  // the page is by sn (its API's address): the first robot of that sn among the key's orgs
+  const sn = m && decodeURIComponent(m[1]);
+  let r = null;
+  if (sn) for (const each of st.robots.values()) if (each.robot_sn === sn) { r = each; break; }
   if (!r) { host.replaceChildren(); return; }
   const f = flagsOf(r), parts = [];
   if (f.unknown) parts.push(el("span", {class: "tag unknown"}, `unknown since ${fmtEpoch(f.unknown)} (gateway ${r.gateway_id} offline)`));
@@ -1264,8 +1284,10 @@ function wire() {
     await fetch("/console/logout", {method: "POST", credentials: "same-origin"});
     location.replace("/");
   });
+  // each header is a column header holding a button: read as "Battery, button" in a column
+  // "sorted ascending" (aria-sort belongs on the header); the button takes Tab, Enter and
+  // Space itself, and its click bubbles to the header (a click anywhere on it sorts too)
   for (const th of document.querySelectorAll("#robots th[data-key]")) {
-    th.tabIndex = 0;
     const sort = () => {
       const key = th.dataset.key;
       st.sort = {key, dir: st.sort.key === key ? -st.sort.dir : 1};
@@ -1276,7 +1298,6 @@ function wire() {
       render();
     };
     th.addEventListener("click", sort);
-    th.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); sort(); } });
   }
   const filters = {search: "q", "filter-org": "org", "filter-site": "site", "filter-status": "status"};
   for (const [id, key] of Object.entries(filters)) {
@@ -1301,10 +1322,21 @@ function wire() {
     document.getElementById(id).addEventListener("change", () => renderAlerts(true));
   }
   const list = document.getElementById("alerts");
+  const release = () => {
+    if (st.alertsPending && !st.selected.size && !st.pointerInAlerts && !st.focusInAlerts) {
+      renderAlerts(false);
+    }
+  };
   list.addEventListener("pointerenter", () => { st.pointerInAlerts = true; });
-  list.addEventListener("pointerleave", () => {
-    st.pointerInAlerts = false;
-    if (st.alertsPending && !st.selected.size) renderAlerts(false);
+  list.addEventListener("pointerleave", () => { st.pointerInAlerts = false; release(); });
+  list.addEventListener("focusin", () => { st.focusInAlerts = true; });
+  list.addEventListener("focusout", (e) => {
+    if (list.contains(e.relatedTarget)) return;  // from one of its controls to another
+    // a refilled row takes the focus back in the same task (fillAlert): look after it
+    setTimeout(() => {
+      st.focusInAlerts = list.contains(document.activeElement);
+      release();
+    }, 0);
   });
   document.getElementById("alerts-new").addEventListener("click", () => renderAlerts(true));
   document.getElementById("alerts-ack").addEventListener("click", () => bulk("ack"));

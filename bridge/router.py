@@ -21,11 +21,15 @@ Overlapping subscriptions: Mosquitto and AWS IoT Core send one copy of a publica
 matching subscription of the connection (MQTT §3.3.4 allows it), and neither tells which
 subscription a copy is for (AWS IoT has no MQTT 5 Subscription Identifiers). Handed to
 every matching route, each copy would reach each route once more: a REST proxy push sent
-twice under two delivery ids, a command run twice. So a copy -- the same topic and
-payload again, within ``COPY_WINDOW`` seconds, while fewer copies than this connection's
-other matching subscriptions have come -- is acknowledged and not dispatched. A broker
-that sends one copy leaves a window open in which one identical publication on such a
-topic would be taken for a copy; envelopes never repeat (each has its own id).
+twice under two delivery ids, a command run twice. So a copy -- the same payload again on
+the topic, within ``COPY_WINDOW`` seconds, no other payload on it between, while fewer
+copies than the connection's other matching subscriptions have come -- is acknowledged
+and not dispatched. Only subscriptions that are not shared are counted: a shared one
+sends its copy to one member of its group, maybe another replica, and a copy expected in
+vain would take the next identical publication for it. Its copy, when it comes, is
+dispatched again (at least once, as before). A broker that sends one copy leaves the
+same gap: only an identical publication right after, on such a topic, is taken for a
+copy; envelopes never repeat (each has its own id).
 """
 
 from __future__ import annotations
@@ -88,13 +92,15 @@ class _BrokerSub:
 class _Copies:
     """A publication dispatched on a topic several broker subscriptions match."""
 
+    payload: bytes   # another payload on the topic ends the wait: copies come together
     left: int        # copies still to come from the broker
     until: float     # monotonic deadline; later, the same payload is a new publication
 
 
 @dataclass(frozen=True, slots=True)
 class _Match:
-    """What a topic matches: the routes, and how many of our broker subscriptions."""
+    """What a topic matches: the routes, and how many of our broker subscriptions that
+    are not shared (each sends a copy)."""
 
     routes: tuple[_Route, ...]
     subscriptions: int
@@ -127,9 +133,9 @@ class MessageRouter:
         # filter against every message was ~5 % of the callback server's CPU.
         self._matched: dict[str, _Match] = {}
         self._subs: dict[str, _BrokerSub] = {}
-        self._sub_filters: tuple[TopicFilter, ...] = ()
-        # (topic, payload) of publications whose further copies are still to come.
-        self._awaited: dict[tuple[str, bytes], _Copies] = {}
+        self._sub_filters: tuple[TopicFilter, ...] = ()  # the ones not shared
+        # By topic: the publication whose further copies are still to come.
+        self._awaited: dict[str, _Copies] = {}
         # Broker (un)subscribes are rare; one lock keeps the refcount and the broker's
         # state in step without per-filter lock bookkeeping.
         self._sub_lock = asyncio.Lock()
@@ -223,7 +229,8 @@ class MessageRouter:
             await self._broker_unsubscribe(topic_filter)
 
     def _subscriptions_changed(self) -> None:
-        self._sub_filters = tuple(TopicFilter(flt) for flt in self._subs)
+        self._sub_filters = tuple(f for f in map(TopicFilter, self._subs)
+                                  if f.share_group is None)
         self._matched = {}
 
     def filters(self) -> dict[str, int]:
@@ -285,19 +292,19 @@ class MessageRouter:
         """Whether ``message`` is a further copy of a publication already dispatched
         (see the module's docstring); if not, it is the first, and its copies are awaited.
         A retained message is never one: it comes for one new subscription only."""
-        key = (message.topic, message.payload)
-        now = time.monotonic()
-        awaited = self._awaited.get(key)
-        if awaited is not None and awaited.until >= now:
+        topic, now = message.topic, time.monotonic()
+        awaited = self._awaited.get(topic)
+        if awaited is not None and awaited.payload == message.payload and awaited.until >= now:
             awaited.left -= 1
             if awaited.left <= 0:
-                del self._awaited[key]
+                del self._awaited[topic]
             return True
         if len(self._awaited) >= _AWAITED_COPIES:
             self._awaited = {k: v for k, v in self._awaited.items() if v.until >= now}
             if len(self._awaited) >= _AWAITED_COPIES:
                 self._awaited.clear()
-        self._awaited[key] = _Copies(match.subscriptions - 1, now + COPY_WINDOW)
+        self._awaited[topic] = _Copies(message.payload, match.subscriptions - 1,
+                                       now + COPY_WINDOW)
         return False
 
     def _call(self, handler: Handler, message: InboundMessage, label: str,

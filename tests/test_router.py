@@ -324,20 +324,37 @@ async def test_copies_are_told_by_payload_and_time_and_retained_ones_are_not() -
     got: list[bytes] = []
     await router.attach("a/#", lambda m: got.append(m.payload))
     await router.subscribe("a/b", 1)  # a second subscription, no route of its own
-    transport.deliver("a/b", b"1")
-    transport.deliver("a/b", b"2")  # another publication between the copies
-    transport.deliver("a/b", b"1")
-    transport.deliver("a/b", b"2")
-    assert got == [b"1", b"2"] and router.copies == 2
-    retained = InboundMessage(topic="a/b", payload=b"3", qos=1, retain=True, mid=2)
+    for payload in (b"1", b"1", b"2", b"2", b"1"):  # copies come together
+        transport.deliver("a/b", payload)
+    assert got == [b"1", b"2", b"1"] and router.copies == 2
+    transport.deliver("a/b", b"3")
+    transport.deliver("a/b", b"4")  # another payload between: 3 is not awaited any more
+    transport.deliver("a/b", b"3")
+    assert got[-3:] == [b"3", b"4", b"3"]
+    retained = InboundMessage(topic="a/b", payload=b"5", qos=1, retain=True, mid=2)
     assert transport.message_handler is not None
     transport.message_handler(retained)  # sent for one new subscription: never a copy
     transport.message_handler(retained)
-    assert got == [b"1", b"2", b"3", b"3"]
-    transport.deliver("a/b", b"4")
-    router._awaited[("a/b", b"4")].until -= 10  # the window has passed: a new publication
-    transport.deliver("a/b", b"4")
-    assert got[-2:] == [b"4", b"4"] and router.copies == 2
+    assert got[-2:] == [b"5", b"5"]
+    transport.deliver("a/b", b"6")
+    router._awaited["a/b"].until -= 10  # the window has passed: a new publication
+    transport.deliver("a/b", b"6")
+    assert got[-2:] == [b"6", b"6"] and router.copies == 2
+
+
+async def test_a_shared_subscription_is_not_counted_on_for_a_copy() -> None:
+    """Replicas share the stream and each has its own presence subscription: the shared
+    copy may go to another replica, so none is awaited, and a gateway going online,
+    offline and online again within a second is seen three times."""
+    transport = FakeTransport()
+    router = MessageRouter(transport)
+    got: list[bytes] = []
+    router.add("org/+/device/+/#", lambda m: got.append(m.payload))
+    await router.subscribe("$share/replicas/org/+/device/+/#", 1)
+    await router.subscribe("org/+/device/+/presence", 1)
+    for payload in (b"online", b"offline", b"online"):  # each, the non-shared copy only
+        transport.deliver("org/o/device/gw/presence", payload)
+    assert got == [b"online", b"offline", b"online"] and router.copies == 0
 
 
 @pytest.mark.integration

@@ -79,6 +79,13 @@ class Access:
             raise AuthError("invalid key", bearer=True)
         return principal
 
+    def bearer_principal(self, request: Request) -> Principal | None:
+        """The principal of the request's ``Authorization: Bearer`` key, None when there
+        is none or the ring does not know it: for a route open to all that shows more to a
+        known key (health), so nothing is refused or counted."""
+        key = _bearer_key(request)
+        return self.keys.lookup(key) if key else None
+
     def lasting(self, request: Request, principal: Principal) -> Callable[[], bool]:
         """For what outlives ``request`` (a stream): true while the principal's key is
         still loaded (removed or changed on SIGHUP: false) and, when the request came by

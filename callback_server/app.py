@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi import APIRouter, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
@@ -24,6 +24,7 @@ from bridge.http.api_docs import install_docs
 from bridge.http.body import parse_model, read_body
 from bridge.http.error_boundary import install as install_error_handlers
 from bridge.http.error_boundary import json_body
+from bridge.http.keyset import page_of
 from bridge.http.paging import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
@@ -33,14 +34,27 @@ from bridge.http.paging import (
     Page,
     Text,
     decode_cursor,
-    page,
 )
 from bridge.http.shortcut import ShortcutApp
 from bridge.service.health import HealthQuery, health_status, unready_body
+from bridge.topic import MAX_SN_BYTES
 from callback_server.access import Access, Caller, Principal, Reader, Rules
 from callback_server.ports import AppHost, Host
 
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
+#: Longest cursor: one of this API's is base64 of a sort key whose longest (an event's:
+#: its time, ts and an event_id of 128 characters, up to 12 each as JSON escapes) is
+#: under 2,200 characters. A longer one is not ours: 422 naming ``cursor``, not decoded.
+MAX_CURSOR_CHARS = 4096
+Cursor = Annotated[str | None, Query(max_length=MAX_CURSOR_CHARS)]
+#: An org or gateway id: 1-128 characters (ORG_ID, GATEWAY_ID), as wide as its columns.
+MAX_ID_CHARS = 128
+Org = Annotated[str | None, Query(max_length=MAX_ID_CHARS)]
+Gateway = Annotated[str | None, Query(max_length=MAX_ID_CHARS)]
+#: A robot state (``status``): its column is 32 characters wide.
+Status = Annotated[str | None, Query(max_length=32)]
+#: A robot sn: at most MAX_SN_BYTES of UTF-8, so never more characters than that.
+Sn = Annotated[str, Path(max_length=MAX_SN_BYTES)]
 #: Robot time (epoch seconds) a history starts from.
 MaybeSince = Annotated[float | None, Query(ge=0, le=253402300799)]
 #: What ``GET /robots/{sn}/history`` returns without ``since``: the console's chart.
@@ -114,8 +128,7 @@ _PUBLIC_HEALTH = ("status", "reasons", "timestamp", "service", "version", "ready
 async def health(request: Request, server: Host, access: Rules) -> JSONResponse:
     query = HealthQuery(request.query_params)
     # Open to every caller (probes send no key); the figures only to a known key.
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    detailed = scheme.lower() == "bearer" and access.keys.lookup(key.strip()) is not None
+    detailed = access.bearer_principal(request) is not None
     if server.readiness.waiting_for("store"):  # not entered: nothing to ask yet
         body = unready_body("callback-server", server.readiness.reasons())
     else:
@@ -140,8 +153,8 @@ async def visible_robot(server: AppHost, access: Access, principal: Principal,
 
 @router.get("/robots", summary="Latest state of robots, a page at a time, by sn")
 async def robots(
-    principal: Reader, server: Host, limit: Limit = DEFAULT_LIMIT, cursor: str | None = None,
-    org: str | None = None, gateway: str | None = None, status: str | None = None,
+    principal: Reader, server: Host, limit: Limit = DEFAULT_LIMIT, cursor: Cursor = None,
+    org: Org = None, gateway: Gateway = None, status: Status = None,
 ) -> dict[str, Any]:
     after = decode_cursor(cursor, Text, Text)  # (sn, org): two orgs may share an sn
     items, last = await server.store.list_robots(
@@ -152,13 +165,13 @@ async def robots(
 
 
 @router.get("/robots/{sn}", summary="Latest state of one robot")
-async def robot(sn: str, principal: Reader, server: Host, access: Rules) -> JSONResponse:
+async def robot(sn: Sn, principal: Reader, server: Host, access: Rules) -> JSONResponse:
     return JSONResponse(await visible_robot(server, access, principal, sn))
 
 
 @router.get("/robots/{sn}/events", summary="A robot's events, newest first, a page at a time")
-async def events(sn: str, principal: Reader, server: Host, access: Rules,
-                 limit: Limit = DEFAULT_LIMIT, cursor: str | None = None) -> dict[str, Any]:
+async def events(sn: Sn, principal: Reader, server: Host, access: Rules,
+                 limit: Limit = DEFAULT_LIMIT, cursor: Cursor = None) -> dict[str, Any]:
     org = (await visible_robot(server, access, principal, sn))["org_id"]
     after = decode_cursor(cursor, MaybeText, MaybeNumber, Text)
     items, last = await server.store.list_events(sn, limit=limit, after=after, org=org)
@@ -168,9 +181,9 @@ async def events(sn: str, principal: Reader, server: Host, access: Rules,
 @router.get("/robots/{sn}/history",
             summary="A robot's state over time, oldest first, downsampled: every status or "
                     "charge change and at most a point a minute (default: the last 24 h)")
-async def history(sn: str, principal: Reader, server: Host, access: Rules,
+async def history(sn: Sn, principal: Reader, server: Host, access: Rules,
                   since: MaybeSince = None, limit: Limit = MAX_LIMIT,
-                  cursor: str | None = None) -> dict[str, Any]:
+                  cursor: Cursor = None) -> dict[str, Any]:
     org = (await visible_robot(server, access, principal, sn))["org_id"]
     start = time.time() - HISTORY_DEFAULT_SECONDS if since is None else since
     after = decode_cursor(cursor, Number)
@@ -182,7 +195,7 @@ async def history(sn: str, principal: Reader, server: Host, access: Rules,
 
 @router.get("/robots/{sn}/tasks", summary="A robot's latest tasks (each at its newest "
                                            "state), the one started last first")
-async def tasks(sn: str, principal: Reader, server: Host, access: Rules,
+async def tasks(sn: Sn, principal: Reader, server: Host, access: Rules,
                 limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict[str, Any]:
     org = (await visible_robot(server, access, principal, sn))["org_id"]
     return Page(await server.store.list_tasks(sn, limit=limit, org=org)).body()
@@ -209,13 +222,10 @@ async def send_command(device_id: str, request: Request, principal: Reader, serv
 
 @router.get("/gateways", summary="Each gateway's presence (retained online / last-will offline)")
 async def gateways(principal: Reader, server: Host, limit: Limit = DEFAULT_LIMIT,
-                   cursor: str | None = None) -> dict[str, Any]:
-    after = decode_cursor(cursor, Text, Text)
-    mine = sorted((g for g in server.gateways.values() if principal.covers(g["org_id"])),
-                  key=lambda g: (g["org_id"], g["gateway_id"]))
-    if after is not None:
-        mine = [g for g in mine if [g["org_id"], g["gateway_id"]] > after]
-    return page(mine[:limit + 1], limit, ["org_id", "gateway_id"])
+                   cursor: Cursor = None) -> dict[str, Any]:
+    mine = (g for g in server.gateways.values() if principal.covers(g["org_id"]))
+    return page_of(mine, lambda g: [g["org_id"], g["gateway_id"]],
+                   decode_cursor(cursor, Text, Text), limit).body()
 
 
 @scrape.get("/metrics", summary="Prometheus metrics (keys whose orgs are [\"*\"])",

@@ -46,6 +46,7 @@ from bridge.http.error_boundary import status_for
 from bridge.pudu import normalize
 from bridge.pudu.answer import CALLBACK_REQUEST, accepted
 from bridge.service.health import HealthQuery, health_status, unready_body
+from bridge.service.settings_loader import split_list
 from bridge.topic import TopicScheme, scheme_of
 from callback_server.batcher import Outcome
 from callback_server.ports import AppHost, Host
@@ -105,13 +106,12 @@ class CallbackCodes:
         YAML mapping ``code: org``), together; ConfigError names the source, not a code."""
         pairs: list[tuple[str, str]] = []
         if settings.callback_codes is not None:
-            for entry in settings.callback_codes.get_secret_value().split(","):
-                if entry.strip():
-                    code, sep, org = entry.partition("=")
-                    if not sep:
-                        raise ConfigError("CALLBACK_CODES: each entry is code=org, "
-                                          "entries separated by commas")
-                    pairs.append((code, org))
+            for entry in split_list(settings.callback_codes.get_secret_value()):
+                code, sep, org = entry.partition("=")
+                if not sep:
+                    raise ConfigError("CALLBACK_CODES: each entry is code=org (no space "
+                                      "around '='), entries separated by commas")
+                pairs.append((code, org))
         if settings.callback_codes_file:
             pairs += _read_file(settings.callback_codes_file)
         return cls.from_pairs(pairs, "CALLBACK_CODES")

@@ -26,6 +26,7 @@ from typing import Any
 
 from bridge.commands import Response
 from bridge.errors import OutboxError
+from bridge.http import keyset
 from bridge.http.paging import Page
 from bridge.service.private_files import prepare_sqlite_file
 
@@ -120,12 +121,13 @@ class Journal:
         """Run records, newest first by (started, run_id), a keyset page at a time, and
         the key to resume after (None on the last page)."""
         where: str = ""
-        args: list[Any] = [limit + 1]
+        args: list[Any] = []
         if after is not None:
-            where = "WHERE started < ? OR (started = ? AND run_id < ?)"
-            args = [after[0], after[0], after[1], limit + 1]
+            term, args = keyset.after(after, ("started", "run_id"), descending=True)
+            where = f"WHERE {term}"
         rows = await self._run(f"SELECT record, started, run_id FROM poll_runs {where}"
-                               " ORDER BY started DESC, run_id DESC LIMIT ?", tuple(args))
+                               f"{keyset.order_limit('started DESC, run_id DESC', limit)}",
+                               tuple(args))
         return Page.of(rows, limit, lambda r: [float(r[1]), str(r[2])]).map(
             lambda r: json.loads(r[0]))
 

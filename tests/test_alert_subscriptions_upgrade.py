@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from callback_server.alerts.subscriptions import AlertSubscriptions
+from callback_server.alerts.alert_subscriptions import AlertSubscriptions
 from callback_server.retention import Retention
 from callback_server.store import open_store
 from callback_server.store.protocol import SqlAccess

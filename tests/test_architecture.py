@@ -57,6 +57,16 @@ def test_nothing_shipped_imports_the_tests_or_the_bench() -> None:
     assert wrong == []
 
 
+#: The robot clock bound's default (300 s), however it is written: 300, 300.0, 5 * 60,
+#: minutes=5, with "skew" before or after it on the line.
+SKEW = (r"(?i)skew.*(\b300\b|\b5 ?\* ?60\b|\b60 ?\* ?5\b|minutes ?= ?5\b)"
+        r"|\b300\b.*skew")
+#: A settings list split by hand: commas (and spaces) turned into items.
+LIST_SPLIT = (r"replace\(\s*([\"']),\1\s*,\s*([\"']) \2\s*\)"
+              r"|re\.split\(\s*r?[\"'][^\"']*,"
+              r"|\.split\(\s*([\"']),\3\s*\)")
+
+
 # Facts that live in one module: topic building (bridge/topic.py) and back-off with
 # jitter (bridge/backoff.py). A literal of the topic scheme or a hand-made exponential
 # delay elsewhere is a second copy that will drift (it did: a hand-built gateway filter
@@ -65,10 +75,17 @@ ONE_PLACE = {
     r"org/\+/device/\+|f\"callback/\{": "bridge/topic.py",
     r"\bimport random\b|random\.uniform|2 \*\* ": "bridge/backoff.py",
     # issue 23: the robot clock bound's default, a settings list's split, and the SQL
-    # list query's keyset page and org scope were each written 4-6 times.
-    r"skew.*\b300\b": "bridge/clock.py",
-    r"replace\(\",\", \" \"\)": "bridge/service/settings_loader.py",
-    r"LIMIT .*\+ 1|org_id IN \(": "callback_server/store/query.py",
+    # list query's keyset page and org scope were each written 4-6 times. Each pattern
+    # catches the spellings in SPELLINGS below, not only the one first found.
+    SKEW: "bridge/clock.py",
+    LIST_SPLIT: "bridge/service/settings_loader.py",
+    r"LIMIT .*\+ ?1\b": "bridge/http/keyset.py",
+    r"org_id IN \(": "callback_server/store/query.py",
+}
+#: Lines a pattern matches that are not the fact: a comma list of another grammar.
+NOT_THE_FACT = {
+    "edge_agent/pudu/schedule.py": "a schedule's year field (cron's 2030,2032 list)",
+    "edge_agent/pudu/signing.py": "the fields of Pudu's hmac Authorization header",
 }
 
 
@@ -79,13 +96,57 @@ def test_facts_written_once(pattern: str, home: str) -> None:
     for package in PACKAGES:
         for path in modules(package):
             rel = str(path.relative_to(ROOT))
-            if rel == home:
+            if rel == home or (pattern == LIST_SPLIT and rel in NOT_THE_FACT):
                 continue
             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
                 code = line.split("#", 1)[0]
                 if found.search(code) and not code.strip().startswith(('"', "'", "``")):
                     elsewhere.append(f"{rel}:{n}: {line.strip()}")
     assert elsewhere == [], f"belongs in {home}"
+
+
+#: Spellings of each fact a second copy would plausibly use (the guard must see them all).
+SPELLINGS = {
+    SKEW: ["max_skew: float = 300", "MAX_CLOCK_SKEW = 300.0", "skew_bound = 5 * 60",
+           "max_clock_skew_seconds: float = Field(default=300, ge=0)",
+           "DEFAULT_SKEW = timedelta(minutes=5)", 'Field(300, description="max skew")'],
+    LIST_SPLIT: ['text.replace(",", " ").split()', "text.replace(',', ' ').split()",
+                 're.split(r"[,\\s]+", text)', "re.split(r'[\\s,]+', text)",
+                 'value.split(",")', "[p.strip() for p in value.split(',')]"],
+    r"LIMIT .*\+ ?1\b": ['f" LIMIT {limit + 1}"', 'f"LIMIT {int(n)+1}"'],
+}
+
+
+@pytest.mark.parametrize("pattern", SPELLINGS)
+def test_the_guards_see_each_spelling(pattern: str) -> None:
+    missed = [line for line in SPELLINGS[pattern] if not re.search(pattern, line)]
+    assert missed == []
+
+
+def _adds_one_to_a_limit(node: ast.AST) -> bool:
+    """``limit + 1`` (or ``self.limit+1``, ``int(limit) + 1``, ``1 + limit``): the keyset
+    page's one row more, spelled in Python."""
+    if not (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add)):
+        return False
+    for side, other in ((node.left, node.right), (node.right, node.left)):
+        if isinstance(other, ast.Constant) and other.value == 1 \
+                and "limit" in ast.unparse(side).lower():
+            return True
+    return False
+
+
+def test_a_page_is_fetched_one_row_long_only_by_the_keyset_module() -> None:
+    """``limit + 1`` (rows asked for: the page and one more, the sign of a next page) is
+    bridge/http/keyset.py's: the edge's journal and two in-memory lists once each wrote
+    their own. The SQL spelling is ONE_PLACE's; this is the Python one."""
+    home = ROOT / "bridge" / "http" / "keyset.py"
+    found = [f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', '?')}: {ast.unparse(node)}"
+             for package in PACKAGES for path in modules(package) if path != home
+             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+             if _adds_one_to_a_limit(node)]
+    assert found == [], "fetch the page with bridge.http.keyset"
+    sample = ast.parse("rows[:limit + 1]; q(1+self.limit); f(int(limit) + 1); n + 1")
+    assert sum(_adds_one_to_a_limit(n) for n in ast.walk(sample)) == 3
 
 
 def test_the_list_shape_is_built_in_one_place() -> None:
@@ -434,3 +495,42 @@ def test_the_edge_checks_its_token_only_in_the_one_dependency() -> None:
                       for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
                       if _reads_authorization(node)]
     assert found == [], "take the caller as ListenerToken (bridge.proxy.http) instead"
+
+
+#: Where the callback server reads ``Authorization``: its access rules (``Access``), which
+#: every route's caller dependency and the health route's detail check go through.
+CLOUD_TOKEN_HOME = ROOT / "callback_server" / "access.py"
+
+
+def test_the_cloud_reads_the_authorization_header_only_in_its_access_rules() -> None:
+    """/callback/health once split ``Authorization`` itself to decide whether to show its
+    figures: a second bearer parser that could let in what the routes refuse."""
+    found = []
+    for path in modules("callback_server"):
+        if path == CLOUD_TOKEN_HOME:
+            continue
+        found += [f"{path.relative_to(ROOT)}:{node.lineno}"
+                  for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                  if isinstance(node, ast.Constant) and isinstance(node.value, str | bytes)
+                  and (node.value.decode("latin-1") if isinstance(node.value, bytes)
+                       else node.value).lower() == "authorization"]
+    assert found == [], "ask callback_server.access (Access.bearer_principal, Caller, ...)"
+
+
+#: Basenames more than one package has, each the same part of its package (the spine of a
+#: service, a package's store, schema, routes, ...). Any other repeat is a name that means
+#: two things: ``client.py`` was the FleetClient and the Pudu API's client, and
+#: ``subscriptions.py`` the proxy's and the alerts' subscriptions.
+SAME_PART = {"__init__", "__main__", "settings", "service", "cli", "config_checks", "metrics",
+             "ports", "routes", "store", "schema", "delivery", "core", "base", "admin"}
+
+
+def test_no_basename_means_two_things() -> None:
+    seen: dict[str, list[str]] = {}
+    for package in ("bridge", "edge_agent", "callback_server"):
+        for path in modules(package):
+            seen.setdefault(path.stem, []).append(str(path.relative_to(ROOT)))
+    repeated = {name: paths for name, paths in seen.items()
+                if len(paths) > 1 and name not in SAME_PART}
+    assert repeated == {}, "name the module for what it owns"
+    assert len(seen["settings"]) > 1  # the walk sees every package

@@ -17,7 +17,7 @@ from bridge.errors import (
     PuduServerError,
 )
 from edge_agent.pudu import signing
-from edge_agent.pudu.client import PuduClient
+from edge_agent.pudu.api_client import PuduClient
 from edge_agent.pudu.settings import PuduApiSettings
 from tests.support.procs import free_port
 from tests.support.pudu_stub import KEY, MAX_SKEW, SECRET, StubServer, serve_stub

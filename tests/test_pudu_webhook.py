@@ -49,6 +49,13 @@ def test_each_code_names_its_org_from_the_env_and_the_file(tmp_path: Path) -> No
         assert found.org_of(wrong) is None
 
 
+def test_the_code_list_is_split_as_every_list_setting_is() -> None:
+    """CALLBACK_CODES is a list setting: commas and/or spaces between entries, as
+    bridge.service.settings_loader.split_list reads every other one."""
+    found = codes("c1=acme c2=beta,\tc3=gamma")
+    assert [found.org_of(c) for c in (b"c1", b"c2", b"c3")] == ["acme", "beta", "gamma"]
+
+
 @pytest.mark.parametrize("value", ["c1", "c1=", "=acme", "c1=acme,c1=beta", "c1=a/b",
                                    "c1=a+b"])
 def test_a_bad_code_list_refuses_to_start_without_showing_a_code(value: str) -> None:

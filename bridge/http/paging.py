@@ -3,8 +3,8 @@
 A cursor is opaque to clients: URL-safe base64 of the JSON list of the last item's sort
 key. Pages are keyset pages (``WHERE key > last``), not offsets, so a robot updated or
 added while a client pages neither repeats nor vanishes. :class:`Page` is the one
-builder of that shape (:func:`answer` under it, for cursors made elsewhere); the SQL
-half, fetching ``limit + 1`` rows after a key, is callback_server/store/query.py.
+builder of that shape (:func:`answer` under it, for cursors made elsewhere); the other
+half, fetching ``limit + 1`` rows after a key (SQL or in memory), is bridge/http/keyset.py.
 """
 
 from __future__ import annotations

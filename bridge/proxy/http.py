@@ -30,7 +30,8 @@ from bridge.errors import AuthError, InputError, NotFoundError
 from bridge.http.api_docs import event_stream
 from bridge.http.body import parse_model, read_body
 from bridge.http.error_boundary import json_body
-from bridge.http.paging import DEFAULT_LIMIT, MAX_LIMIT, Text, decode_cursor, page
+from bridge.http.keyset import page_of
+from bridge.http.paging import DEFAULT_LIMIT, MAX_LIMIT, Text, decode_cursor
 from bridge.proxy.core import MqttProxy
 from bridge.proxy.sse import EventStream
 
@@ -281,10 +282,8 @@ async def subscriptions(
 ) -> dict[str, Any]:
     """The caller's subscriptions by id, a page at a time (never their secrets)."""
     visible = check(request, "subscriptions", None)
-    after = decode_cursor(cursor, Text)
-    subs = sorted((s for s in proxy.subscriptions() if visible(s["filter"])
-                   and (after is None or s["id"] > after[0])), key=lambda s: s["id"])
-    return page(subs[:limit + 1], limit, ["id"])
+    mine = (s for s in proxy.subscriptions() if visible(s["filter"]))
+    return page_of(mine, lambda s: [s["id"]], decode_cursor(cursor, Text), limit).body()
 
 
 @routes.get("/subscriptions/{subscription_id}/deliveries", responses={404: {}})

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from bridge.backoff import backoff_delay
 from bridge.errors import ConfigError, OutboundRefusedError
 from bridge.router import Handle
+from bridge.service.taskset import TaskSet
 from bridge.transport.base import InboundMessage
 
 if TYPE_CHECKING:
@@ -282,7 +283,10 @@ class WebhookSubscription(Subscription):
         self.in_flight = False
         self.idle = asyncio.Event()  # set while nothing is queued or being delivered
         self.idle.set()
-        self._worker = asyncio.create_task(self._run(), name=f"webhook-{sub_id}")
+        #: The worker, in a set of its own: a crash is logged, and close() stops it (the
+        #: proxy's own set drains on its stop bound; this one ends with the subscription).
+        self._tasks = TaskSet(f"webhook subscription {sub_id}")
+        self._tasks.spawn(self._run(), f"webhook-{sub_id}")
 
     def offer(self, message: InboundMessage) -> None:
         if self.mailbox.closed:
@@ -298,10 +302,14 @@ class WebhookSubscription(Subscription):
     def dropped(self) -> int:
         return self.mailbox.dropped
 
+    @property
+    def workers(self) -> list[str]:
+        """The running worker's task name (none once closed)."""
+        return self._tasks.names()
+
     async def close(self) -> None:
         self.mailbox.close()
-        self._worker.cancel()
-        await asyncio.gather(self._worker, return_exceptions=True)
+        await self._tasks.cancel()
         self.idle.set()
 
     def describe(self) -> dict[str, Any]:

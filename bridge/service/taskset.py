@@ -2,7 +2,9 @@
 stopping is bounded and never raises.
 
 The services' loops (writer, publisher, alerts, ...), the router's handler tasks, the
-proxy's deliveries and the command executor's running commands are each one TaskSet:
+proxy's deliveries (each webhook subscription's worker), the webhooks' delivery workers
+(:class:`Lanes`), a Server-Sent-Events response's disconnect watcher and the command
+executor's running commands are each one TaskSet:
 
 - every task is named (the name is what a crash log and a stuck shutdown show);
 - a task that ends with an exception is logged with its traceback, and, in a set made
@@ -129,12 +131,14 @@ _I = TypeVar("_I")
 
 class Lanes(Generic[_R, _I]):
     """One queue and one worker per receiver: a slow or failing receiver holds back only
-    its own deliveries, which stay in order."""
+    its own deliveries, which stay in order. The workers are one :class:`TaskSet` (named
+    ``label``), so a worker that dies is logged and :meth:`close` stops them all."""
 
     def __init__(self, deliver: Callable[[_R, _I], Awaitable[object]], label: str) -> None:
         self._deliver = deliver
         self._label = label
-        self._lanes: dict[str, tuple[asyncio.Queue[_I], asyncio.Task[None]]] = {}
+        self._tasks = TaskSet(label)
+        self._lanes: dict[str, tuple[asyncio.Queue[_I], asyncio.Task[Any]]] = {}
         self._busy = 0  # items taken off a queue whose delivery has not ended
 
     @property
@@ -142,11 +146,15 @@ class Lanes(Generic[_R, _I]):
         """Items not yet delivered: queued, or being delivered now."""
         return sum(q.qsize() for q, _ in self._lanes.values()) + self._busy
 
+    def workers(self) -> list[str]:
+        """The running workers' task names (``{label}-{key}``)."""
+        return self._tasks.names()
+
     def put(self, key: str, receiver: _R, item: _I) -> None:
         entry = self._lanes.get(key)
         if entry is None or entry[1].done():
             queue: asyncio.Queue[_I] = asyncio.Queue()
-            task = asyncio.create_task(self._work(receiver, queue), name=f"{self._label}-{key}")
+            task = self._tasks.spawn(self._work(receiver, queue), f"{self._label}-{key}")
             entry = self._lanes[key] = (queue, task)
         entry[0].put_nowait(item)
 
@@ -162,5 +170,5 @@ class Lanes(Generic[_R, _I]):
                 self._busy -= 1
 
     async def close(self) -> None:
-        await cancel_and_wait([task for _, task in self._lanes.values()])
+        await self._tasks.cancel()
         self._lanes.clear()

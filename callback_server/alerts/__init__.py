@@ -6,11 +6,12 @@
     store.py     the alert tables: conditional writes, so a transition happens once
     engine.py    inputs -> decisions -> transitions (and the leased time-based sweep)
     delivery.py  MQTT {prefix}org/{org}/alerts, listeners, and events to the webhooks
-    subscriptions.py  /alert-subscriptions as a view of the webhooks (style ``alert``)
+    alert_subscriptions.py  /alert-subscriptions as a view of the webhooks (style ``alert``)
     routes.py    /alerts and /alert-subscriptions
 """
 
 from callback_server.alerts.alert import Alert, Subject, Transition
+from callback_server.alerts.alert_subscriptions import AlertSubscription, AlertSubscriptions
 from callback_server.alerts.delivery import AlertDelivery
 from callback_server.alerts.engine import AlertEngine
 from callback_server.alerts.rules import (
@@ -20,7 +21,6 @@ from callback_server.alerts.rules import (
     load_alert_settings,
 )
 from callback_server.alerts.store import AlertStore
-from callback_server.alerts.subscriptions import AlertSubscription, AlertSubscriptions
 
 __all__ = [
     "CHARGING_STATES",

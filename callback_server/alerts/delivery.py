@@ -2,7 +2,7 @@
 (the console, ...), and the webhooks as events ``alert.<transition>``.
 
 There is no second webhook delivery here: an alert subscription is a webhook of style
-``alert`` (``callback_server.alerts.subscriptions``), so its transitions go by the one
+``alert`` (``callback_server.alerts.alert_subscriptions``), so its transitions go by the one
 webhook worker, signed, retried and logged as every event is.
 """
 

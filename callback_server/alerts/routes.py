@@ -26,9 +26,9 @@ from bridge.http.paging import (
 )
 from callback_server.access import Access, Operator, Principal, Reader, Rules
 from callback_server.alerts.alert import STATES, Alert
+from callback_server.alerts.alert_subscriptions import AlertSubscription, AlertSubscriptions
 from callback_server.alerts.rules import RULES
 from callback_server.alerts.store import AlertStore
-from callback_server.alerts.subscriptions import AlertSubscription, AlertSubscriptions
 from callback_server.ports import Host
 
 BODY_LIMIT = 16 * 1024

@@ -50,7 +50,7 @@ def _json(value: Any, limit: int) -> str:
 
 class AlertStore:
     """Alert rows, silences, the per-robot watch and leases (subscriptions are webhooks:
-    ``callback_server.alerts.subscriptions``)."""
+    ``callback_server.alerts.alert_subscriptions``)."""
 
     def __init__(self, store: SqlAccess) -> None:
         self.store = store

@@ -2,9 +2,10 @@
 
 Every SQL list of the callback server (robots, events, history, poll runs, alerts,
 delivery logs) pages the same way: a keyset condition after the last page's sort key,
-``ORDER BY`` that key, ``LIMIT limit + 1`` (the one more says a next page follows;
-bridge.http.paging.Page cuts it off). An API key covering some orgs sees only their rows,
-and one covering none sees nothing, without a query. Both are written here once.
+``ORDER BY`` that key, one row more than the page holds (the one more says a next page
+follows; bridge.http.paging.Page cuts it off): bridge.http.keyset writes those for both
+services. An API key covering some orgs sees only their rows, and one covering none sees
+nothing, without a query: written here once.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Any
 
+from bridge.http import keyset
 from callback_server.store.dialect import Dialect
 
 __all__ = ["Where"]
@@ -52,12 +54,7 @@ class Where:
         descending): ``(a > ? OR (a = ? AND (b > ? ...)))``; None: from the start."""
         if key is None:
             return self
-        op = "<" if descending else ">"
-        term = f"{columns[-1]} {op} {self.mark}"
-        args: list[Any] = [key[-1]]
-        for column, value in zip(reversed(columns[:-1]), reversed(key[:-1]), strict=True):
-            term = f"({column} {op} {self.mark} OR ({column} = {self.mark} AND {term}))"
-            args = [value, value, *args]
+        term, args = keyset.after(key, columns, self.mark, descending=descending)
         return self.add(term, *args)
 
     def sql(self) -> str:
@@ -67,4 +64,4 @@ class Where:
     @staticmethod
     def page(order: str, limit: int) -> str:
         """``ORDER BY`` the sort key and one row more than the page holds."""
-        return f" ORDER BY {order} LIMIT {int(limit) + 1}"
+        return keyset.order_limit(order, limit)

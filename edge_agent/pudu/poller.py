@@ -43,7 +43,7 @@ from bridge.errors import (
 )
 from bridge.outbox import PutResult
 from bridge.pudu.normalize import COMPACTABLE, Normalized, normalize, to_seconds
-from edge_agent.pudu.client import PuduClient, pick
+from edge_agent.pudu.api_client import PuduClient, pick
 from edge_agent.pudu.schedule import Clock, SystemClock
 
 if TYPE_CHECKING:

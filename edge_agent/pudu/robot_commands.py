@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from bridge.commands import CommandExecutor
 from bridge.errors import PuduApiError
 from bridge.pudu.command_catalogue import ROBOT_COMMANDS
-from edge_agent.pudu.client import PuduClient, pick, robot_unknown
+from edge_agent.pudu.api_client import PuduClient, pick, robot_unknown
 
 if TYPE_CHECKING:
     from edge_agent.ports import PuduHost

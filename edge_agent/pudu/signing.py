@@ -120,6 +120,6 @@ def parse_authorization(header: str) -> dict[str, str]:
     return fields
 
 
-def split_list(values: Sequence[str]) -> str:
-    """A list parameter as one string value (``Error,Warning``)."""
+def join_list(values: Sequence[str]) -> str:
+    """A list parameter as the one string value Pudu's API takes (``Error,Warning``)."""
     return ",".join(values)

@@ -189,6 +189,7 @@ class CallbackServer:
         self.tasks.spawn(self.console.run(), "console")
         await self._stack.enter_async_context(self.webhooks.delivery)
         self.tasks.spawn(self.webhooks.delivery.run(), "webhook-delivery")
+        self.tasks.spawn(self.webhooks.presence.run(), "gateway-presence")
         # Normally subscribed before serving; a broker that is down or slow to SUBACK
         # must not stop the server, so then it goes on trying in the background.
         subscribing = self.tasks.spawn(self._subscribe(), "subscribe")

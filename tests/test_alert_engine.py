@@ -300,6 +300,87 @@ async def test_gateway_disk_warns_before_full_and_is_critical_while_unwritable(
     assert len(made(env, "gateway_disk")) == 4
 
 
+async def clock_beats(env: Env, offset: float, n: int = 1, *, late: float = 0,
+                     robots: float = 0, **extra: Any) -> None:
+    """``n`` heartbeats of gateway gs1 whose clock is ``offset`` s off this server's
+    (+ ahead), each received ``late`` s after it was sent, saying ``robots`` as the
+    gateway's own verdict (0: it cannot tell, a site with one robot)."""
+    for _ in range(n):
+        env.clock.now += 60
+        beat = {"timestamp": int(env.clock.now - late + offset),
+                "gateway_clock_offset_s": robots, **extra}
+        for replica in (env.a, env.b):  # every replica receives it (non-shared)
+            await replica.engine.gateway(DeviceAddress("acme", "gs1", "telemetry"),
+                                         json.dumps(beat).encode())
+
+
+def clock_alerts(env: Env) -> list[tuple[str, Any, Any]]:
+    """(transition, found_by, the cloud's offset) of gateway_clock, on either replica."""
+    return [(t.name, t.alert.detail.get("found_by"), t.alert.detail.get("cloud_clock_offset_s"))
+            for t in env.log if t.alert.rule == "gateway_clock"]
+
+
+@pytest.mark.parametrize("offset", [-3600, 3600], ids=["behind", "ahead"])
+async def test_one_robot_and_a_wrong_gateway_clock_the_cloud_finds_it(
+        env: Env, offset: float) -> None:
+    """The gateway says 0 (one robot: it cannot tell) while its clock is an hour off: the
+    cloud's own measure opens gateway_clock once three live heartbeats agree, and
+    resolves once the clock is set right (ahead: once the last heartbeat ahead is older
+    than three)."""
+    await clock_beats(env, offset, 2)
+    assert clock_alerts(env) == []  # two heartbeats decide nothing yet
+    await clock_beats(env, offset, 2)
+    assert clock_alerts(env) == [("opened", ["cloud"], offset)]
+    await clock_beats(env, 0)
+    if offset > 0:  # a late heartbeat never looks ahead: the largest offset of three counts
+        assert len(clock_alerts(env)) == 1
+        await clock_beats(env, 0, 2)
+    assert [name for name, _, _ in clock_alerts(env)] == ["opened", "resolved"]
+
+
+async def test_late_heartbeats_never_make_a_right_clock_look_wrong(env: Env) -> None:
+    """A right gateway clock, heartbeats arriving late: one sent while draining a backlog,
+    a redelivered one (the same timestamp, 20 min on), a single live one 10 min late
+    among prompt ones, and a run of them held while the database was away (judged at
+    their receipt, not their evaluation): no gateway_clock alert."""
+    await clock_beats(env, 0, 3)
+    await clock_beats(env, 0, 3, late=900, draining=True)  # a backlog's heartbeats queue
+    sent = int(env.clock.now)
+    env.clock.now += 1200
+    for replica in (env.a, env.b):  # the last heartbeat again, 20 min on (HTTP ingest retry)
+        await replica.engine.gateway(DeviceAddress("acme", "gs1", "telemetry"), json.dumps(
+            {"timestamp": sent, "gateway_clock_offset_s": 0}).encode())
+    await clock_beats(env, 0, late=600)
+    await clock_beats(env, 0, 2)
+    telemetry = DeviceAddress("acme", "gs1", "telemetry")
+    for _ in range(4):  # received promptly, then held: the database is away for 10 min
+        env.clock.now += 60
+        env.a.engine.on_gateway(telemetry, json.dumps(
+            {"timestamp": int(env.clock.now), "gateway_clock_offset_s": 0}).encode())
+    env.clock.now += 600
+    await env.a.engine._drain()
+    assert clock_alerts(env) == []
+    await clock_beats(env, -400, 3)  # and a clock truly off is still found
+    assert clock_alerts(env) == [("opened", ["cloud"], -400)]
+
+
+async def test_gateway_clock_resolves_only_when_both_measures_are_within(env: Env) -> None:
+    """The gateway's verdict opens it (found by its robots); it stays open while either
+    measure is off, and a heartbeat without a timestamp (an older agent) is judged by
+    the verdict alone."""
+    await clock_beats(env, 0, 3, robots=-400)
+    assert clock_alerts(env) == [("opened", ["robots"], None)]  # the cloud: one heartbeat
+    await clock_beats(env, -400, 3, robots=-400)
+    await clock_beats(env, -400, robots=0)  # the robots find it right, the cloud does not
+    assert len(clock_alerts(env)) == 1
+    await clock_beats(env, 0)
+    assert [name for name, _, _ in clock_alerts(env)] == ["opened", "resolved"]
+    await heartbeat(env, "telemetry", b'{"gateway_clock_offset_s": 400}')
+    await heartbeat(env, "telemetry", b'{"gateway_clock_offset_s": 0}')
+    assert [name for name, _, _ in clock_alerts(env)] == ["opened", "resolved", "opened",
+                                                          "resolved"]
+
+
 async def test_acknowledge_once_then_resolve(env: Env) -> None:
     await env.send(env.a, "R5", "event", event_id="x", event_level="high")
     (opened,) = env.a.emitted

@@ -11,6 +11,7 @@ from callback_server.alerts.rules import (
     RULES,
     BatteryLow,
     GatewayBacklog,
+    GatewayClock,
     GatewayOffline,
     PollFailed,
     RobotFault,
@@ -21,6 +22,7 @@ from callback_server.alerts.rules import (
     backlog_severity,
     battery_severity,
     charging,
+    clock_severity,
     facts_known,
     fault_severity,
     gateway_offline_severity,
@@ -197,3 +199,17 @@ def test_declared_facts_are_what_the_rules_read() -> None:
 def test_every_rule_has_a_title_for_people() -> None:
     titles = [Rules().rule(name).title for name in RULES]
     assert all(titles) and len(set(titles)) == len(titles)
+
+
+def test_gateway_clock_opens_on_either_measure_and_resolves_on_both() -> None:
+    """Measures: the gateway's verdict and the cloud's (None: not decided yet)."""
+    rule = GatewayClock()
+    assert clock_severity(rule, [0.0, -400.0], None) == "warning"   # the cloud finds it
+    assert clock_severity(rule, [400.0, None], None) == "warning"   # the robots find it
+    assert clock_severity(rule, [0.0, -250.0], "warning") == "warning"  # within hysteresis
+    assert clock_severity(rule, [0.0, -250.0], None) is None
+    assert clock_severity(rule, [0.0, None], "warning") == "warning"  # undecided: held
+    assert clock_severity(rule, [0.0, 0.0], "warning") is None
+    assert clock_severity(rule, [], "warning") == "warning"   # nothing measured: no change
+    assert clock_severity(rule, [None], None) is None
+    assert Rules().gateway_clock.cloud_heartbeats == 3

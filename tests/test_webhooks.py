@@ -10,8 +10,9 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -57,20 +58,24 @@ async def env(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[E
             yield e
 
 
-async def start(tmp_path: Path, database: str) -> AsyncIterator[Env]:
+async def start(tmp_path: Path, database: str, prefix: str | None = None,
+                **more: str) -> AsyncIterator[Env]:
+    """A callback server on ``database``; ``prefix``: the topic prefix of an earlier one
+    (a restart sees its retained messages); ``more``: further settings."""
     keys_file = tmp_path / "keys.yaml"
+    keys_file.unlink(missing_ok=True)  # a restart in one test makes its keys afresh
     keys = {"admin": add_key(keys_file, "admin", [ALL_ORGS], "admin"),
             "op_pg": add_key(keys_file, "op_pg", ["pg"], "operator"),
             "op_other": add_key(keys_file, "op_other", ["other"], "operator"),
             "viewer_pg": add_key(keys_file, "viewer_pg", ["pg"], "viewer")}
     rules = tmp_path / "alert-rules.yaml"
     rules.write_text("delivery: {attempts: 3, base_seconds: 0.01, cap_seconds: 0.02}\n")
-    prefix = f"t{uuid.uuid4().hex[:8]}"
+    prefix = prefix or f"t{uuid.uuid4().hex[:8]}"
     settings = cb_config.load(None, {
         "MQTT_URL": BROKER, "DATABASE_URL": database,
         "TOPIC_PREFIX": prefix, "API_KEYS_FILE": str(keys_file),
         "MQTT_CLIENT_ID": f"webhooks-{prefix}", "ALERT_RULES_FILE": str(rules),
-        "CALLBACK_URL_ALLOW": "127.0.0.1/32"})
+        "CALLBACK_URL_ALLOW": "127.0.0.1/32", **more})
     async with CallbackServer(settings) as server, httpx.AsyncClient(
             transport=httpx.ASGITransport(app=server.app), base_url="http://cb",
             timeout=10) as client:
@@ -289,6 +294,121 @@ async def test_presence_status_and_alert_transitions_become_events(env: Env) -> 
         last = json.loads(receiver.requests[len(want)][1])
         assert (last["event"], last["data"]["status"], last["data"]["previous"]) == (
             "robot.status_changed", "online", "offline")
+
+
+@contextlib.asynccontextmanager
+async def server_on(tmp_path: Path, database: str, prefix: str,
+                    **more: str) -> AsyncIterator[Env]:
+    """``start`` as a context: one server's life (a restart is a second one)."""
+    async for e in start(tmp_path, database, prefix, **more):
+        yield e
+
+
+def made_dir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+@contextlib.contextmanager
+def either_database(tmp_path: Path, kind: str) -> Iterator[str]:
+    """A database URL that outlives the servers built on it (SQLite file or MariaDB)."""
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp_path / 'cb.db'}"
+    else:
+        with scratch_mysql_database() as url:
+            yield url
+
+
+async def presence(server: CallbackServer, gateway: str, state: str) -> None:
+    """The gateway's presence as an edge agent publishes it: retained (the last will too)."""
+    from bridge.topic import TopicScheme
+
+    topic = str(TopicScheme("pg", server.settings.topic_prefix).device(gateway, "presence"))
+    await server.transport.publish(topic, state.encode(), qos=1, retain=True)
+
+
+def settled(server: CallbackServer, **states: str) -> bool:
+    """The server has received each gateway's presence in ``states``, judged every
+    presence it received and delivered every event (presences are judged in order)."""
+    return (all(server.gateways.get(f"pg/{gw}", {}).get("state") == state
+                for gw, state in states.items())
+            and server.webhooks.presence.pending == 0
+            and server.webhooks.delivery.pending == 0)
+
+
+def told(receiver: Receiver, since: int = 0) -> list[tuple[str, str, str | None]]:
+    """(event, gateway, previous) of the gateway events received since ``since``."""
+    bodies = [json.loads(b) for _, b in receiver.requests[since:]]
+    return [(b["event"], b["data"]["gateway_id"], b["data"].get("previous")) for b in bodies]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "mysql"])
+async def test_a_restart_tells_no_gateway_online_again(tmp_path: Path, kind: str) -> None:
+    """Gateways online and offline before a restart: their retained presence, received
+    again by the restarted server, raises nothing; the offline one coming online after
+    it raises gateway.online (previous: offline)."""
+    receiver = Receiver()
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    with either_database(tmp_path, kind) as database:
+        async with serve(receiver.app()) as url:
+            try:
+                async with server_on(tmp_path, database, prefix) as first:
+                    await first.server.webhooks.store.add(
+                        f"{url}/hook", ["gateway.online", "gateway.offline"], ["pg"], "admin",
+                        time.time())
+                    await eventually_async(lambda: first.server.subscribed)
+                    await presence(first.server, "gwA", "online")
+                    await presence(first.server, "gwB", "offline")
+                    await eventually_async(
+                        lambda: settled(first.server, gwA="online", gwB="offline"))
+                assert sorted(told(receiver)) == [("gateway.offline", "gwB", None),
+                                                  ("gateway.online", "gwA", None)]
+                before = len(receiver.requests)
+                async with server_on(tmp_path, database, prefix) as second:
+                    # the broker hands the restarted server both retained presences
+                    await eventually_async(
+                        lambda: settled(second.server, gwA="online", gwB="offline"))
+                    assert told(receiver, before) == []
+                    await presence(second.server, "gwB", "online")
+                    await eventually_async(lambda: settled(second.server, gwB="online"))
+                    assert told(receiver, before) == [("gateway.online", "gwB", "offline")]
+            finally:
+                async with server_on(tmp_path, database, prefix) as last:
+                    for gateway in ("gwA", "gwB"):  # clear the retained messages
+                        await presence(last.server, gateway, "")
+
+
+async def test_replicas_tell_a_presence_change_once(tmp_path: Path) -> None:
+    """Two replicas on one database, each receiving every presence (as each does on its
+    own subscription beside the SHARE_GROUP one): each change is told once, not once per
+    replica."""
+    receiver = Receiver()
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    want: list[tuple[str, str, str | None]] = []
+    with scratch_mysql_database() as database:
+        async with serve(receiver.app()) as url, \
+                server_on(made_dir(tmp_path / "a"), database, prefix,
+                          MQTT_CLIENT_ID=f"a-{prefix}", SHARE_GROUP=prefix) as a, \
+                server_on(made_dir(tmp_path / "b"), database, prefix,
+                          MQTT_CLIENT_ID=f"b-{prefix}", SHARE_GROUP=prefix) as b:
+            await a.server.webhooks.store.add(
+                f"{url}/hook", ["gateway.online", "gateway.offline"], ["pg"], "admin",
+                time.time())
+            await eventually_async(lambda: a.server.subscribed and b.server.subscribed)
+
+            def everywhere(state: str) -> bool:
+                return all(settled(r.server, gwR=state) for r in (a, b))
+
+            try:
+                previous = None
+                for state in ("online", "offline", "online"):
+                    await presence(a.server, "gwR", state)
+                    await eventually_async(partial(everywhere, state))
+                    want.append((f"gateway.{state}", "gwR", previous))
+                    previous = state
+                    assert told(receiver) == want
+            finally:
+                await presence(a.server, "gwR", "")
 
 
 async def test_a_partial_run_is_run_partial_and_opens_poll_failed(env: Env) -> None:

@@ -44,9 +44,9 @@ from bridge.service.sdnotify import BEAT_SECONDS
 from bridge.service.taskset import within
 from bridge.topic import DeviceAddress
 from callback_server.alerts.alert import Subject, Transition
+from callback_server.alerts.cloud_clock import CloudClock
 from callback_server.alerts.rules import (
     AlertSettings,
-    GatewayClock,
     GatewayDisk,
     Rule,
     backlog_severity,
@@ -153,6 +153,8 @@ class AlertEngine:
         self._robots_due = 0.0  # monotonic: when robot batches may next be evaluated
         self._wake = asyncio.Event()
         self._robot_subjects: dict[RobotKey, tuple[Subject, Subject, Subject, Subject]] = {}
+        #: The cloud's measure of each gateway's clock (``gateway_clock``).
+        self.cloud_clock = CloudClock(self.rules.gateway_clock.cloud_heartbeats)
 
     # -- inputs (sync: called from the writer and the consumer) --------------------------------
     def observe(self, items: Iterable[tuple[str, Envelope]]) -> None:
@@ -168,8 +170,10 @@ class AlertEngine:
                 self._put(self._queue, ("poll", env))
 
     def on_gateway(self, address: DeviceAddress, payload: bytes) -> None:
+        # The time of receipt, not of evaluation (which a database outage may delay):
+        # the cloud's measure of the gateway's clock compares the heartbeat with it.
         if address.channel in ("presence", "telemetry"):
-            self._put(self._queue, ("gateway", (address, payload)))
+            self._put(self._queue, ("gateway", (address, payload, self.clock())))
 
     def _put(self, queue: collections.deque[Any], item: Any, *, wake: bool = True) -> None:
         if len(queue) >= MAX_QUEUED:
@@ -372,8 +376,10 @@ class AlertEngine:
         return await self._apply(self._state_decisions(
             robots, await self.store.facts(robots), now, heard=heard), now)
 
-    async def gateway(self, address: DeviceAddress, payload: bytes) -> list[Transition]:
-        """Presence (the last will says ``offline``) and telemetry heartbeats."""
+    async def gateway(self, address: DeviceAddress, payload: bytes,
+                      received: float | None = None) -> list[Transition]:
+        """Presence (the last will says ``offline``) and telemetry heartbeats; ``received``:
+        when this server received it (default: now)."""
         now = self.clock()
         org, gw = address.org_id, address.device_id
         if address.channel == "presence":
@@ -396,7 +402,7 @@ class AlertEngine:
              "max_age_seconds": self.rules.gateway_backlog.max_age_seconds,
              "hysteresis_seconds": self.rules.gateway_backlog.hysteresis_seconds}),
             _disk_decision(self.rules.gateway_disk, org, gw, beat),
-            _clock_decision(self.rules.gateway_clock, org, gw, beat)], now)
+            self._clock_decision(org, gw, beat, now if received is None else received)], now)
 
     async def poll_run(self, env: Envelope) -> list[Transition]:
         """A gateway's Pudu poll run record (its ``poll`` channel): ``poll_failed`` and
@@ -452,6 +458,25 @@ class AlertEngine:
         await self._recheck(made, now, heard=False)
         return True
 
+    def _clock_decision(self, org: str, gw: str, beat: Any, received: float) -> _Decision:
+        """gateway_clock from both measures of the gateway's clock: the heartbeat's
+        ``gateway_clock_offset_s`` (the edge's verdict: its clock against its robots') and
+        the cloud's (``CloudClock``: its ``timestamp`` against ours); the detail says which
+        found it wrong."""
+        rule = self.rules.gateway_clock
+        beat = beat if isinstance(beat, dict) else {}
+        edge = beat.get("gateway_clock_offset_s")
+        edge = float(edge) if isinstance(edge, int | float) and not isinstance(
+            edge, bool) else None
+        applies, cloud = self.cloud_clock.measure((org, gw), beat, received)
+        offsets = ([edge] if edge is not None else []) + ([cloud] if applies else [])
+        found = [name for name, offset in (("robots", edge), ("cloud", cloud))
+                 if offset is not None and abs(offset) > rule.max_offset_seconds]
+        return _Decision(Subject("gateway_clock", org, "gateway", gw),
+                         partial(clock_severity, rule, offsets),
+                         {"gateway_clock_offset_s": edge, "cloud_clock_offset_s": cloud,
+                          "found_by": found, "max_offset_seconds": rule.max_offset_seconds})
+
     # -- from decisions to transitions ----------------------------------------------------------
     async def _apply(self, decisions: list[_Decision], now: float) -> list[Transition]:
         decisions = [d for d in decisions if self.rules.enabled(d.subject.rule)]
@@ -501,19 +526,6 @@ class AlertEngine:
 
 def _flag(value: Any) -> bool | None:
     return None if value is None else bool(value)
-
-
-def _clock_decision(rule: GatewayClock, org: str, gw: str, beat: Any) -> _Decision:
-    """gateway_clock from the heartbeat's ``gateway_clock_offset_s`` (the edge's verdict:
-    its clock against its robots')."""
-    beat = beat if isinstance(beat, dict) else {}
-    offset = beat.get("gateway_clock_offset_s")
-    offset = float(offset) if isinstance(offset, int | float) and not isinstance(
-        offset, bool) else None
-    return _Decision(Subject("gateway_clock", org, "gateway", gw),
-                     partial(clock_severity, rule, offset),
-                     {"gateway_clock_offset_s": offset,
-                      "max_offset_seconds": rule.max_offset_seconds})
 
 
 def _disk_decision(rule: GatewayDisk, org: str, gw: str, beat: Any) -> _Decision:

@@ -9,7 +9,7 @@ test holds.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -162,14 +162,18 @@ class RobotClock(Rule):
 
 
 class GatewayClock(Rule):
-    """The heartbeat's ``gateway_clock_offset_s`` (the gateway's clock against its robots')
-    beyond ``max_offset_seconds`` either way; resolves when it is back within the bound
-    less ``hysteresis_seconds``."""
+    """Either measure of a gateway's clock beyond ``max_offset_seconds`` either way: the
+    heartbeat's ``gateway_clock_offset_s`` (the gateway's clock against its robots', 0
+    when it cannot tell: a site with one robot) or the cloud's own (the heartbeat's
+    ``timestamp`` against this server's clock, over the last ``cloud_heartbeats`` live
+    heartbeats; 0: not used). Resolves when both are back within the bound less
+    ``hysteresis_seconds``."""
 
     title: ClassVar[str] = "Gateway clock"
     severity: Severity = "warning"
     max_offset_seconds: float = Field(default=300.0, gt=0)
     hysteresis_seconds: float = Field(default=60.0, ge=0)
+    cloud_heartbeats: int = Field(default=3, ge=0)
 
 
 class RobotSilent(Rule):
@@ -372,16 +376,21 @@ def backlog_severity(rule: GatewayBacklog, oldest_age_s: float | None,
     return rule.severity if held else None
 
 
-def clock_severity(rule: GatewayClock, offset_s: float | None,
+def clock_severity(rule: GatewayClock, offsets: Sequence[float | None],
                    current: str | None) -> str | None:
-    """A heartbeat without the figure changes nothing."""
-    if offset_s is None:
-        return current
-    if abs(offset_s) > rule.max_offset_seconds:
+    """``offsets``: the measures of the gateway's clock a heartbeat brings (None: one not
+    decided yet, which may open nothing it would not open alone and resolves nothing);
+    a measure the heartbeat does not bring is left out. Either beyond the bound opens;
+    only all within it (less the hysteresis while open) resolve. None at all: no change."""
+    known = [abs(o) for o in offsets if o is not None]
+    if any(o > rule.max_offset_seconds for o in known):
         return rule.severity
-    held = current is not None and abs(offset_s) > rule.max_offset_seconds \
-        - rule.hysteresis_seconds
-    return rule.severity if held else None
+    if current is not None and any(o > rule.max_offset_seconds - rule.hysteresis_seconds
+                                   for o in known):
+        return rule.severity
+    if not known or len(known) < len(offsets):
+        return current
+    return None
 
 
 def disk_severity(rule: GatewayDisk, free_bytes: float | None, writable: bool | None,

@@ -400,7 +400,8 @@ ALERT_TABLES: dict[str, TableSpec] = {
     ALERT_WATCH_TABLE: ALERT_WATCH, ALERT_LEASES_TABLE: ALERT_LEASES,
 }
 
-#: The event webhooks and their delivery log (callback_server/webhooks): the product
+#: The event webhooks, their delivery log and the gateways' presence as last told
+#: (callback_server/webhooks): the product
 #: makes them, so ``migrate`` creates them and records them in ``store_tables`` like the
 #: rest. The webhook store reads and writes them (and makes their indexes).
 WEBHOOKS_TABLE = "webhooks"
@@ -434,6 +435,19 @@ WEBHOOK_DELIVERIES = TableSpec(
     ),
     key=("id",),
 )
+WEBHOOK_PRESENCE_TABLE = "webhook_presence"
+#: One row per gateway ever heard of (never pruned: a gateway's last word is what a
+#: restarted server compares the next one with).
+WEBHOOK_PRESENCE = TableSpec(
+    columns=(
+        Column("org_id", "key", 128),       # fitted (rows.key): a topic level has no bound
+        Column("gateway_id", "key", 128),
+        Column("state", "str", 32),          # online | offline
+        Column("since", "float"),            # when it was told
+    ),
+    key=("org_id", "gateway_id"),
+)
 WEBHOOK_TABLES: dict[str, TableSpec] = {
     WEBHOOKS_TABLE: WEBHOOKS, WEBHOOK_DELIVERIES_TABLE: WEBHOOK_DELIVERIES,
+    WEBHOOK_PRESENCE_TABLE: WEBHOOK_PRESENCE,
 }

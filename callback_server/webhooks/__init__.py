@@ -1,6 +1,7 @@
 """Webhooks by event type: a receiver subscribes to ``robot.error``, ``run.failed``, ...
 
     events.py    the event names and what the server already learns -> events
+    presence.py  gateway.online/offline, judged against the presence last told (stored)
     store.py     the webhook tables (alert subscriptions are rows of style ``alert``)
     delivery.py  dispatch to each webhook, by the one signed POST (callback_server.signed_post)
     routes.py    /webhooks and /api/v1/webhooks (the same handlers)

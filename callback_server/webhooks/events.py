@@ -3,7 +3,8 @@
 Inputs are what the server already learns: rows the batch writer committed (robot events,
 robot status, poll runs) and gateway presence; alert transitions are submitted as events
 by the alert delivery. Nothing here reads the database: an event is news of something
-just stored or just seen.
+just stored or just seen. Gateway presence is the exception: whether it changed is judged
+against the database (``presence.py``), handed over by ``on_gateway``.
 """
 
 from __future__ import annotations
@@ -50,10 +51,12 @@ class Event:
 class EventSource:
     """Turns committed batches, presence and transitions into events for ``emit``."""
 
-    def __init__(self, emit: Callable[[Event], None]) -> None:
+    def __init__(self, emit: Callable[[Event], None],
+                 presence: Callable[[str, str, str], None]) -> None:
         self.emit = emit
+        #: Takes (org, gateway, state) to judge against the stored presence.
+        self.presence = presence
         self._status: dict[tuple[str, str], str] = {}
-        self._presence: dict[tuple[str, str], str] = {}
         self._seen: OrderedDict[str, None] = OrderedDict()
 
     def _first(self, env: Envelope) -> bool:
@@ -116,13 +119,10 @@ class EventSource:
                                        "shops_failed")}}))
 
     def on_gateway(self, address: DeviceAddress, payload: bytes) -> None:
-        """A consumer gateway handler: presence ``online``/``offline`` on change."""
+        """A consumer gateway handler: presence ``online``/``offline`` to ``presence``,
+        which tells it on change."""
         if address.channel != "presence":
             return
         state = payload.decode(errors="replace").strip().lower()[:32]
-        key = (address.org_id, address.device_id)
-        if state not in ("online", "offline") or self._presence.get(key) == state:
-            return
-        self._presence[key] = state
-        self.emit(Event(f"gateway.{state}", address.org_id,
-                        {"gateway_id": address.device_id, "state": state}))
+        if state in ("online", "offline"):
+            self.presence(address.org_id, address.device_id, state)

@@ -1,10 +1,12 @@
 """The webhook tables: subscriptions by event type and every delivery attempt.
 
-Declared here (not in the product's schema) and created on first use with ``CREATE TABLE
-IF NOT EXISTS``: both databases, the same statements, like the alert tables. The alert
+Declared in the product's schema (``callback_server/store/schema.py``, so ``migrate``
+records them) and created on first use with ``CREATE TABLE IF NOT EXISTS``: both
+databases, the same statements, like the alert tables. The alert
 subscriptions are webhooks of style ``alert`` (their own body shape, a rule filter); the
 ``alert_subscriptions`` / ``alert_deliveries`` rows of earlier versions are moved here on
-first use, once.
+first use, once. ``webhook_presence`` holds each gateway's presence as last told to
+subscribers, so a restart (or another replica) does not tell it again.
 """
 
 from __future__ import annotations
@@ -19,48 +21,25 @@ from bridge.http.paging import Page
 from callback_server.keys import ALL_ORGS
 from callback_server.store.protocol import SqlAccess
 from callback_server.store.query import Where
+from callback_server.store.rows import key
 from callback_server.store.schema import (
     ALERT_DELIVERIES,
     ALERT_DELIVERIES_TABLE,
     ALERT_SUBSCRIPTIONS,
     ALERT_SUBSCRIPTIONS_TABLE,
-    Column,
-    TableSpec,
+    WEBHOOK_DELIVERIES,
+    WEBHOOK_DELIVERIES_TABLE,
+    WEBHOOK_PRESENCE,
+    WEBHOOK_PRESENCE_TABLE,
+    WEBHOOK_TABLES,
+    WEBHOOKS,
+    WEBHOOKS_TABLE,
 )
 from callback_server.times import iso
 
-WEBHOOKS_TABLE = "webhooks"
-WEBHOOK_DELIVERIES_TABLE = "webhook_deliveries"
-WEBHOOKS = TableSpec(
-    columns=(
-        Column("id", "key", 32),
-        Column("url", "str", 2048),
-        Column("secret", "str", 256),        # needed to sign; never shown after creation
-        Column("events", "text", 2000),      # JSON list of event names
-        Column("orgs", "text", 4000),        # JSON list; ["*"]: every org
-        Column("created_by", "str", 128),
-        Column("created_at", "float"),
-        Column("rules", "text", 2000),       # JSON list of alert rules; NULL: every rule
-        Column("style", "str", 16),          # event | alert (an alert subscription); NULL: event
-    ),
-    key=("id",),
-)
-WEBHOOK_DELIVERIES = TableSpec(
-    columns=(
-        Column("id", "serial"),
-        Column("webhook_id", "str", 32),
-        Column("event_id", "str", 32),
-        Column("event", "str", 32),
-        Column("attempt", "int"),
-        Column("status", "int"),             # HTTP status; NULL: no answer
-        Column("latency_ms", "float"),
-        Column("outcome", "str", 16),        # delivered | failed | gave_up | refused
-        Column("at", "float"),
-        Column("ref", "str", 64),            # what the event is about: an alert's id
-    ),
-    key=("id",),
-)
-TABLES = {WEBHOOKS_TABLE: WEBHOOKS, WEBHOOK_DELIVERIES_TABLE: WEBHOOK_DELIVERIES}
+TABLES = WEBHOOK_TABLES
+#: Compare-and-set rounds before a presence write gives up to the replicas racing it.
+_PRESENCE_TRIES = 3
 #: The transitions an alert subscription hears of, as events (the view's ``events``).
 ALERT_EVENTS = ("alert.opened", "alert.severity_changed", "alert.acknowledged",
                 "alert.resolved")
@@ -240,3 +219,32 @@ class WebhookStore:
             "status": None if r["status"] is None else int(r["status"]),
             "latency_ms": None if r["latency_ms"] is None else float(r["latency_ms"]),
             "outcome": r["outcome"], "ref": r["ref"]})
+
+    async def presence(self, org: str, gateway: str, state: str, now: float,
+                       ) -> tuple[bool, str | None]:
+        """Record ``state`` as ``gateway``'s presence: (changed, the presence before; None
+        for a gateway not heard of before). A compare-and-set on the stored row, so of
+        replicas told the same presence one finds it changed; one that keeps losing the
+        race to other states (a replica far behind) reports no change."""
+        org_key, gw_key = key(org, 128), key(gateway, 128)
+        d, table = self.d, self.d.quote(WEBHOOK_PRESENCE_TABLE)
+        m = d.mark
+        for _ in range(_PRESENCE_TRIES):
+            rows = await self._fetch(
+                f"SELECT state FROM {table} WHERE org_id = {m} AND gateway_id = {m}",
+                (org_key, gw_key))
+            if not rows:
+                if await self._write(d.insert_ignore(WEBHOOK_PRESENCE_TABLE,
+                                                     WEBHOOK_PRESENCE.names),
+                                     (org_key, gw_key, state, now)):
+                    return True, None
+                continue  # another replica inserted it first: compare with its row
+            before = str(rows[0]["state"])
+            if before == state:
+                return False, before
+            if await self._write(
+                    f"UPDATE {table} SET state = {m}, since = {m} WHERE org_id = {m} "
+                    f"AND gateway_id = {m} AND state = {m}",
+                    (state, now, org_key, gw_key, before)):
+                return True, before
+        return False, None

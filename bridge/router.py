@@ -27,7 +27,9 @@ copies than the connection's other matching subscriptions have come -- is acknow
 and not dispatched. Only subscriptions that are not shared are counted: a shared one
 sends its copy to one member of its group, maybe another replica, and a copy expected in
 vain would take the next identical publication for it. Its copy, when it comes, is
-dispatched again (at least once, as before). A broker that sends one copy leaves the
+dispatched again (at least once, as before); so is a copy at another QoS than the first
+(the broker keeps a QoS 1 one until acked) and a redelivery (DUP, or after a
+reconnect). A broker that sends one copy leaves the
 same gap: only an identical publication right after, on such a topic, is taken for a
 copy; envelopes never repeat (each has its own id).
 """
@@ -93,6 +95,7 @@ class _Copies:
     """A publication dispatched on a topic several broker subscriptions match."""
 
     payload: bytes   # another payload on the topic ends the wait: copies come together
+    qos: int         # a copy at another QoS is dispatched (the broker keeps a QoS 1 one)
     left: int        # copies still to come from the broker
     until: float     # monotonic deadline; later, the same payload is a new publication
 
@@ -143,6 +146,8 @@ class MessageRouter:
         # Handler tasks; _guard catches handler errors, so a crash here is the router's bug.
         self._tasks = TaskSet("router")
         transport.message_handler = self._dispatch
+        # a new connection: what a copy was awaited for is redelivered whole if unacked
+        transport.add_connection_listener(lambda up: self._awaited.clear())
 
     # -- routes ---------------------------------------------------------------------
     def add(self, topic_filter: str, handler: Handler, *, manual_ack: bool = False) -> Handle:
@@ -267,7 +272,8 @@ class MessageRouter:
                 if len(self._matched) >= _REMEMBERED_TOPICS:
                     self._matched.clear()
                 self._matched[topic] = match
-        if match.subscriptions > 1 and not message.retain and self._is_copy(message, match):
+        if match.subscriptions > 1 and not (message.retain or message.dup) \
+                and self._is_copy(message, match):
             self.copies += 1
             self.transport.ack(message)
             return
@@ -291,10 +297,13 @@ class MessageRouter:
     def _is_copy(self, message: InboundMessage, match: _Match) -> bool:
         """Whether ``message`` is a further copy of a publication already dispatched
         (see the module's docstring); if not, it is the first, and its copies are awaited.
-        A retained message is never one: it comes for one new subscription only."""
+        Never one: a retained message (it comes for one new subscription only), one sent
+        again (DUP: a redelivery runs its handlers again, as at-least-once promises) or
+        one at another QoS than the first copy's."""
         topic, now = message.topic, time.monotonic()
         awaited = self._awaited.get(topic)
-        if awaited is not None and awaited.payload == message.payload and awaited.until >= now:
+        if awaited is not None and awaited.payload == message.payload \
+                and awaited.qos == message.qos and awaited.until >= now:
             awaited.left -= 1
             if awaited.left <= 0:
                 del self._awaited[topic]
@@ -303,8 +312,8 @@ class MessageRouter:
             self._awaited = {k: v for k, v in self._awaited.items() if v.until >= now}
             if len(self._awaited) >= _AWAITED_COPIES:
                 self._awaited.clear()
-        self._awaited[topic] = _Copies(message.payload, match.subscriptions - 1,
-                                       now + COPY_WINDOW)
+        self._awaited[topic] = _Copies(message.payload, message.qos,
+                                       match.subscriptions - 1, now + COPY_WINDOW)
         return False
 
     def _call(self, handler: Handler, message: InboundMessage, label: str,

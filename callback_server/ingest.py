@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -257,6 +258,8 @@ CONFIRMATION = "DestinationConfirmation"
 _CONFIRMATION_MAX_BYTES = 16 * 1024
 #: Confirmations held for health (the newest); a forged flood cannot grow it.
 _CONFIRMATIONS_KEPT = 4
+#: At most one confirmation logged in this many seconds (the rest wait in health).
+_LOG_EVERY_SECONDS = 60.0
 _ARN = re.compile(r"arn:aws[a-z-]*:iot:(?P<region>[a-z0-9-]{1,32}):\d{12}:"
                   r"ruledestination/http/[A-Za-z0-9-]{1,64}")
 _TOKEN = re.compile(r"[A-Za-z0-9_.~+/=-]{1,2048}")
@@ -286,14 +289,24 @@ class DestinationConfirmations:
 
     def __init__(self) -> None:
         self._held: dict[str, Confirmation] = {}  # by destination ARN, oldest first
+        self._logged_at = -math.inf
+        #: New tokens not logged: one log line a minute at most (a forged flood).
+        self.unlogged = 0
 
-    def note(self, confirmation: Confirmation) -> bool:
-        """Keep ``confirmation``; True when its token is new (so it is logged once)."""
+    def note(self, confirmation: Confirmation, now: float) -> bool:
+        """Keep ``confirmation``; True when its token is new and none was logged in the
+        last minute (so a real one is logged once, and a forged flood is no log flood)."""
         held = self._held.pop(confirmation.arn, None)
         self._held[confirmation.arn] = confirmation
         while len(self._held) > _CONFIRMATIONS_KEPT:
             del self._held[next(iter(self._held))]
-        return held is None or held.token != confirmation.token
+        if held is not None and held.token == confirmation.token:
+            return False
+        if now - self._logged_at < _LOG_EVERY_SECONDS:
+            self.unlogged += 1
+            return False
+        self._logged_at = now
+        return True
 
     def pending(self) -> list[dict[str, Any]]:
         """For the authorised health body, newest first."""
@@ -345,7 +358,7 @@ async def _confirm(request: Request) -> tuple[bytes | None, Response | None]:
     confirmation = _confirmation(request, raw)
     if confirmation is None:
         return raw, None
-    if confirmations_of(request.app).note(confirmation):
+    if confirmations_of(request.app).note(confirmation, time.monotonic()):
         log.warning(
             "AWS IoT asks to confirm the HTTP rule destination %s pointing here; this "
             "service never confirms it itself. Run `aws iot confirm-topic-rule-destination "

@@ -219,7 +219,7 @@ async def _accept(server: AppHost, request: Request, org: str,
     norm = normalize(parsed.value, received_at=now,
                       max_skew=server.settings.max_clock_skew_seconds)
     if norm.skewed:
-        log.warning("robot %s: %s", norm.device_id, norm.notes[-1])
+        log.warning("robot %s: %s", norm.device_id, norm.skew_note)
     device = norm.device_id or CLOUD_GATEWAY_ID
     try:
         topic = str(scheme_of(org, prefix).device(device, norm.channel))

@@ -58,10 +58,10 @@ from callback_server.store.schema import (
     HISTORY_TABLE,
     LOG_TABLE,
     TASKS_TABLE,
+    WEBHOOK_DELIVERIES_TABLE,
 )
 from callback_server.webhooks import routes as webhook_routes
 from callback_server.webhooks.service import Webhooks
-from callback_server.webhooks.store import WEBHOOK_DELIVERIES_TABLE
 
 log = logging.getLogger(__name__)
 

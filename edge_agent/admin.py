@@ -19,7 +19,7 @@ from edge_agent.ports import AdminAgent
 __all__ = ["PROXY_OFF", "router"]
 
 #: The answer (404) to ``/mqtt/*`` on a listener with no proxy: a bare "Not Found" left
-#: a seed's ENABLE_CALLBACKS user guessing what to turn on.
+#: a user of the replaced proxy's ENABLE_CALLBACKS guessing what to turn on.
 PROXY_OFF = ("the REST MQTT proxy is off on this edge agent: set PROXY_TOKEN to turn it "
              "on (requests then carry 'Authorization: Bearer <PROXY_TOKEN>')")
 _EVERY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]

@@ -50,7 +50,7 @@ def stats(path: Path) -> dict[str, Any]:
         rejected = conn.execute("SELECT COUNT(*) FROM rejected").fetchone()[0]
         has_held = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table'"
                                 " AND name = 'held'").fetchone()
-        # Held for downsampling (an outbox from before issue 17 has no such table).
+        # Held for downsampling (an outbox older than downsampling has no such table).
         held = conn.execute("SELECT COUNT(*) FROM held").fetchone()[0] if has_held else 0
         by_channel: dict[str, int] = {}
         for (topic,) in conn.execute("SELECT topic FROM outbox"):

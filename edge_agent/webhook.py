@@ -194,11 +194,12 @@ class _Webhook:
                 and gateway_clock.undecided(device, norm.robot_ts, now):
             # one robot against the gateway: either clock may be wrong, so neither is
             # blamed (no robot_clock alert, not counted); still ordered by received_at
-            norm_notes = (*norm.notes[:-1], _undecided(norm, now))
-            log.info("robot %s: %s", device, norm_notes[-1])
+            undecided = _undecided(norm, now)
+            norm_notes = tuple(undecided if n == norm.skew_note else n for n in norm.notes)
+            log.info("robot %s: %s", device, undecided)
         elif norm.skewed:
             self.skewed.inc()
-            log.warning("robot %s: %s", norm.device_id, norm.notes[-1])
+            log.warning("robot %s: %s", norm.device_id, norm.skew_note)
         ordering = self.clocks.order(device, None if norm.skewed else norm.robot_ts, now,
                                      gateway_clock.reference(now))
         if ordering.reset:

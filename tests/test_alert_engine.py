@@ -326,11 +326,13 @@ async def test_one_robot_and_a_wrong_gateway_clock_the_cloud_finds_it(
     """The gateway says 0 (one robot: it cannot tell) while its clock is an hour off: the
     cloud's own measure opens gateway_clock once three live heartbeats agree, and
     resolves once the clock is set right (ahead: once the last heartbeat ahead is older
-    than three)."""
+    than three). A heartbeat is live once it keeps the pace of the one before it."""
     await clock_beats(env, offset, 2)
-    assert clock_alerts(env) == []  # two heartbeats decide nothing yet
+    assert clock_alerts(env) == []  # the first sets the pace; one live decides nothing
     await clock_beats(env, offset, 2)
     assert clock_alerts(env) == [("opened", ["cloud"], offset)]
+    await clock_beats(env, 0)  # the clock set right: a jump, out of pace, not counted
+    assert len(clock_alerts(env)) == 1
     await clock_beats(env, 0)
     if offset > 0:  # a late heartbeat never looks ahead: the largest offset of three counts
         assert len(clock_alerts(env)) == 1
@@ -341,8 +343,9 @@ async def test_one_robot_and_a_wrong_gateway_clock_the_cloud_finds_it(
 async def test_late_heartbeats_never_make_a_right_clock_look_wrong(env: Env) -> None:
     """A right gateway clock, heartbeats arriving late: one sent while draining a backlog,
     a redelivered one (the same timestamp, 20 min on), a single live one 10 min late
-    among prompt ones, and a run of them held while the database was away (judged at
-    their receipt, not their evaluation): no gateway_clock alert."""
+    among prompt ones, a burst the broker held while this server was away, and a run
+    held while the database was away (judged at their receipt, not their evaluation):
+    no gateway_clock alert."""
     await clock_beats(env, 0, 3)
     await clock_beats(env, 0, 3, late=900, draining=True)  # a backlog's heartbeats queue
     sent = int(env.clock.now)
@@ -352,6 +355,15 @@ async def test_late_heartbeats_never_make_a_right_clock_look_wrong(env: Env) -> 
             {"timestamp": sent, "gateway_clock_offset_s": 0}).encode())
     await clock_beats(env, 0, late=600)
     await clock_beats(env, 0, 2)
+    sent = int(env.clock.now)
+    env.clock.now += 900  # the server away 15 min: the broker held 15 heartbeats for it,
+    for beat in range(1, 16):  # handed over as the server works through its backlog
+        env.clock.now += 40    # (the last three 600-640 s late: "behind", were they live)
+        for replica in (env.a, env.b):
+            await replica.engine.gateway(DeviceAddress("acme", "gs1", "telemetry"),
+                                         json.dumps({"timestamp": sent + 60 * beat,
+                                                     "gateway_clock_offset_s": 0}).encode())
+    await clock_beats(env, 0, 2)
     telemetry = DeviceAddress("acme", "gs1", "telemetry")
     for _ in range(4):  # received promptly, then held: the database is away for 10 min
         env.clock.now += 60
@@ -360,7 +372,8 @@ async def test_late_heartbeats_never_make_a_right_clock_look_wrong(env: Env) -> 
     env.clock.now += 600
     await env.a.engine._drain()
     assert clock_alerts(env) == []
-    await clock_beats(env, -400, 3)  # and a clock truly off is still found
+    await clock_beats(env, -400, 4)  # and a clock truly off is still found (the first of
+    # these, a jump from the right time, out of pace: not counted)
     assert clock_alerts(env) == [("opened", ["cloud"], -400)]
 
 
@@ -372,6 +385,8 @@ async def test_gateway_clock_resolves_only_when_both_measures_are_within(env: En
     assert clock_alerts(env) == [("opened", ["robots"], None)]  # the cloud: one heartbeat
     await clock_beats(env, -400, 3, robots=-400)
     await clock_beats(env, -400, robots=0)  # the robots find it right, the cloud does not
+    assert len(clock_alerts(env)) == 1
+    await clock_beats(env, 0)  # set right: a jump, out of pace, not counted
     assert len(clock_alerts(env)) == 1
     await clock_beats(env, 0)
     assert [name for name, _, _ in clock_alerts(env)] == ["opened", "resolved"]

@@ -22,16 +22,14 @@ from callback_server.store.schema import (
     ALERT_DELIVERIES_TABLE,
     ALERT_SUBSCRIPTIONS,
     ALERT_SUBSCRIPTIONS_TABLE,
-    TableSpec,
-)
-from callback_server.store.sql import SqlStore
-from callback_server.webhooks.store import (
     WEBHOOK_DELIVERIES,
     WEBHOOK_DELIVERIES_TABLE,
     WEBHOOKS,
     WEBHOOKS_TABLE,
-    WebhookStore,
+    TableSpec,
 )
+from callback_server.store.sql import SqlStore
+from callback_server.webhooks.store import WebhookStore
 from tests.support.dbutil import scratch_mysql_database
 
 pytestmark = pytest.mark.integration

@@ -16,9 +16,9 @@ from callback_server.store import open_store
 from tests.test_edge_in_process import CODE, agent_and_watcher, next_on
 
 
-def status(sn: str, state: str, ts: float) -> dict[str, object]:
+def status(sn: str, state: str, ts: float, battery: int = 50) -> dict[str, object]:
     return {"callback_type": "notifyRobotStatus",
-            "data": {"sn": sn, "run_state": state, "battery": 50,
+            "data": {"sn": sn, "run_state": state, "battery": battery,
                      "notify_timestamp": int(ts * 1000)}}
 
 
@@ -75,8 +75,9 @@ async def test_on_a_site_of_two_or_one_robot_a_wrong_gateway_clock_blames_no_rob
             notes: list[str] = []
             for round_, state in enumerate(("ONLINE", "BUSY", "IDLE")):
                 for sn in robots:
-                    sent = await client.post("/api/pudu/webhook", headers=CODE,
-                                             json=status(sn, state, time.time() + round_))
+                    # the last with a field of its own noted (after the time's note)
+                    sent = await client.post("/api/pudu/webhook", headers=CODE, json=status(
+                        sn, state, time.time() + round_, battery=255 if round_ == 2 else 50))
                     assert sent.status_code == 200, sent.text
                     message = await next_on(inbox, f"/device/{sn}/status")
                     envelope = Envelope.from_json(message.payload)
@@ -84,6 +85,9 @@ async def test_on_a_site_of_two_or_one_robot_a_wrong_gateway_clock_blames_no_rob
                     await store.write_batch([(message.topic, envelope)])
                     assert (await store.get_robot(sn) or {}).get("status") == state.lower()
             assert not [n for n in notes if _CLOCK_NOTE.search(n)], notes
+            battery_notes = [n for n in notes if n.startswith("data.battery")]
+            assert len(battery_notes) == len(robots), notes
+            notes = [n for n in notes if n not in battery_notes]
             health = (await client.get("/api/pudu/webhook/health")).json()
             if len(robots) == 2:
                 assert abs(health["gateway_clock_offset_s"] + 3600) < 60, health

@@ -1,4 +1,4 @@
-"""Every publish of the edge agent's broker connection shares one pace (issue 27): AWS IoT
+"""Every publish of the edge agent's broker connection shares one pace: AWS IoT
 Core counts a connection's publishes whoever makes them, so the REST proxy's publishes and
 the command answers wait their turn with the outbox's drain instead of going out on top."""
 

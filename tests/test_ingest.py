@@ -392,6 +392,26 @@ async def test_aws_destination_confirmation_is_answered_logged_once_and_never_ca
     assert (pending["arn"], pending["confirmation_token"]) == (ARN, TOKEN)
 
 
+async def test_a_flood_of_confirmations_is_no_flood_of_log_lines(
+        ingest: Ingest, caplog: pytest.LogCaptureFixture) -> None:
+    """Anyone may send the confirmation's shape without a key: 50 tokens within a minute
+    log one line; the newest four wait in health; the rest are counted."""
+    caplog.set_level("WARNING", logger="callback_server.ingest")
+    for i in range(50):
+        token = f"tok{i:04d}"
+        r = await ingest.client.post("/callback/messages", headers={
+            "x-amz-rules-engine-message-type": "DestinationConfirmation"},
+            json=confirmation(arn=f"{ARN[:-4]}{i:04d}", confirmationToken=token,
+                              enableUrl="https://iot.eu-west-1.amazonaws.com/"
+                                        f"confirmdestination/{token}"))
+        assert r.status_code == 200, r.text
+    assert len([rec for rec in caplog.records if rec.levelname == "WARNING"]) == 1
+    from callback_server.ingest import confirmations_of
+
+    held = confirmations_of(ingest.server.app)
+    assert len(held.pending()) == 4 and held.unlogged == 49
+
+
 FORGED = {
     "enableUrl on another host": confirmation(
         enableUrl=f"https://evil.example/confirmdestination/{TOKEN}"),

@@ -342,6 +342,27 @@ async def test_copies_are_told_by_payload_and_time_and_retained_ones_are_not() -
     assert got[-2:] == [b"6", b"6"] and router.copies == 2
 
 
+async def test_a_redelivery_or_a_copy_at_another_qos_is_dispatched_again() -> None:
+    """At least once stands: a DUP resend, anything after a reconnect, and a QoS 1 copy
+    after a QoS 0 one (the broker holds only the QoS 1 one for us) reach the routes."""
+    transport = FakeTransport()
+    router = MessageRouter(transport)
+    got: list[tuple[bytes, int]] = []
+    await router.attach("c/#", lambda m: got.append((m.payload, m.qos)), qos=0)
+    await router.attach("c/gw", lambda m: got.append((m.payload, m.qos)))
+    transport.deliver("c/gw", b"a", qos=0)
+    transport.deliver("c/gw", b"a", qos=1)  # the copy for the QoS 1 subscription
+    assert got == [(b"a", 0), (b"a", 0), (b"a", 1), (b"a", 1)]
+    transport.deliver("c/gw", b"b")
+    assert transport.message_handler is not None
+    transport.message_handler(InboundMessage("c/gw", b"b", 1, mid=7, dup=True))
+    transport.deliver("c/gw", b"c")
+    transport._notify_connection(False)  # the connection dropped before the copy came
+    transport._notify_connection(True)
+    transport.deliver("c/gw", b"c")
+    assert got[4:] == [(b"b", 1)] * 4 + [(b"c", 1)] * 4 and router.copies == 0
+
+
 async def test_a_shared_subscription_is_not_counted_on_for_a_copy() -> None:
     """Replicas share the stream and each has its own presence subscription: the shared
     copy may go to another replica, so none is awaited, and a gateway going online,

@@ -40,7 +40,8 @@ def aws(sm: SecretsManagerServer, monkeypatch: pytest.MonkeyPatch) -> SecretsMan
 
 
 def _credentials(tmp_path: Path, secret: str) -> Path:
-    """The seed's credentials.yaml: the host and the secret, no database name."""
+    """The replaced receiver's credentials.yaml: the host and the secret, no database
+    name."""
     path = tmp_path / "credentials.yaml"
     path.write_text(f'database:\n  host: "127.0.0.1"\n  secret_name: "{secret}"\n'
                     f'  region_name: "{REGION}"\n')

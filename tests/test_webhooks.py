@@ -378,6 +378,22 @@ async def test_a_restart_tells_no_gateway_online_again(tmp_path: Path, kind: str
                         await presence(last.server, gateway, "")
 
 
+async def test_a_presence_received_before_the_one_told_changes_nothing(
+        tmp_path: Path) -> None:
+    """A replica far behind judges an old "offline" after another told a newer "online":
+    the stored presence and the subscribers keep the newer."""
+    from callback_server.store import open_store
+    from callback_server.webhooks.store import WebhookStore
+
+    async with open_store(f"sqlite:///{tmp_path / 'p.db'}") as s:
+        await s.migrate()
+        hooks = WebhookStore(s)
+        assert await hooks.presence("pg", "gw", "online", 300.0) == (True, None)
+        assert await hooks.presence("pg", "gw", "offline", 200.0) == (False, "online")
+        assert await hooks.presence("pg", "gw", "online", 310.0) == (False, "online")
+        assert await hooks.presence("pg", "gw", "offline", 400.0) == (True, "online")
+
+
 async def test_replicas_tell_a_presence_change_once(tmp_path: Path) -> None:
     """Two replicas on one database, each receiving every presence (as each does on its
     own subscription beside the SHARE_GROUP one): each change is told once, not once per

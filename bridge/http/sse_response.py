@@ -62,9 +62,11 @@ class EventStreamResponse(Response):
         watchers = TaskSet("sse")
 
         async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            self.client_left()
+            try:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+            finally:  # gone, or the watch failed (logged by its set): either way, end it
+                self.client_left()
 
         watchers.spawn(watch(), self._watcher)
         self._send = send

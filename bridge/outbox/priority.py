@@ -23,8 +23,9 @@ through. While a backlog exists the publisher asks this module instead, round by
 
 Once a topic's newest went out, what is left of it older by robot time is history even
 when it has become the newest left (``DrainOrder.sent``); a fresh one that is newer is
-current again. This module is the one place the ordering rule lives: issue 24's rule
-for robot clocks replaces ``_NEWEST``'s ``ORDER BY`` and ``DrainOrder``'s comparisons.
+current again. This module is the one place the drain's order lives; it orders by the
+``ord`` each put recorded (bridge/clock.py's rule for robot clocks), in ``_NEWEST``'s
+``ORDER BY`` and ``DrainOrder``'s comparisons.
 """
 
 from __future__ import annotations

@@ -92,6 +92,8 @@ class Normalized:
     notes: tuple[str, ...] = ()
     #: The robot time was too far ahead of the gateway clock; ``ts`` is ``received_at``.
     skewed: bool = False
+    #: Its note, among ``notes`` (not the last: the fields' own notes follow it).
+    skew_note: str | None = None
     #: The robot's own time as sent (seconds), whatever its plausibility; None: none.
     robot_ts: float | None = None
 
@@ -424,6 +426,7 @@ def normalize(body: Any, *, received_at: float,
                          field="data.sn")
     ts, skewed, robot_ts = _robot_time(r, received_at, strict=channel is not None,
                                        max_skew=max_skew, clock_offset=clock_offset)
+    skew_note = r.notes[-1] if skewed else None
 
     if channel is None:
         channel, fields = channel_for(ctype), {}  # callback/{type}: forwarded raw
@@ -453,5 +456,6 @@ def normalize(body: Any, *, received_at: float,
         compact_key=f"{channel}:{sn}" if channel in COMPACTABLE else None,
         notes=tuple(r.notes),
         skewed=skewed,
+        skew_note=skew_note,
         robot_ts=robot_ts,
     )

@@ -8,7 +8,9 @@ only ever makes a clock look *behind*. Hence:
 
 - only live heartbeats count: not one sent while the gateway drains a backlog (its
   heartbeat queues behind it: ``draining``), not one already counted (the same
-  ``timestamp``: an MQTT or HTTP-ingest redelivery);
+  ``timestamp``: an MQTT or HTTP-ingest redelivery), and not one that came out of pace
+  with the one before it (received sooner or later after it than it was sent: a burst
+  the broker held for this server while it was away, or one held up on the way);
 - the measure is the *largest* offset of the last ``heartbeats`` live ones (the least
   late is the truest), and there is none until that many were heard: a gateway is found
   behind only when every one of them is, and a late heartbeat never hides one ahead.
@@ -25,6 +27,11 @@ MAX_GATEWAYS = 50_000
 
 GatewayKey = tuple[str, str]
 
+#: How far a heartbeat's gap to the one before may differ between sending and receiving
+#: (seconds, or this share of the gap if more) and it still count as live.
+PACE_SECONDS = 2.0
+PACE_SHARE = 0.25
+
 
 class CloudClock:
     """Per gateway, the offsets (+ ahead) of its last ``heartbeats`` live heartbeats."""
@@ -32,6 +39,8 @@ class CloudClock:
     def __init__(self, heartbeats: int) -> None:
         self.heartbeats = heartbeats
         self._recent: dict[GatewayKey, collections.deque[tuple[float, float]]] = {}
+        #: Per gateway, the last heartbeat heard, live or not: (sent, received).
+        self._last: dict[GatewayKey, tuple[float, float]] = {}
 
     def measure(self, gateway: GatewayKey, beat: dict[str, Any],
                 received: float) -> tuple[bool, float | None]:
@@ -48,9 +57,20 @@ class CloudClock:
             if len(self._recent) >= MAX_GATEWAYS:
                 self._recent.pop(next(iter(self._recent)))
             recent = self._recent[gateway] = collections.deque(maxlen=self.heartbeats)
-        live = beat.get("draining") is not True and all(t != sent for t, _ in recent)
+        last = self._last.get(gateway)
+        if last is None and len(self._last) >= MAX_GATEWAYS:
+            self._last.pop(next(iter(self._last)))
+        self._last[gateway] = (float(sent), received)
+        live = beat.get("draining") is not True and all(t != sent for t, _ in recent) \
+            and last is not None and _paced(float(sent) - last[0], received - last[1])
         if live:
             recent.append((float(sent), float(sent) - received))
         if len(recent) < self.heartbeats:
             return True, None
         return True, round(max(offset for _, offset in recent), 1)
+
+
+def _paced(sent_gap: float, received_gap: float) -> bool:
+    """Did a heartbeat come as long after the one before as it was sent after it?"""
+    return sent_gap > 0 and abs(received_gap - sent_gap) <= max(PACE_SECONDS,
+                                                                PACE_SHARE * sent_gap)

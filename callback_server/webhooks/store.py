@@ -222,16 +222,17 @@ class WebhookStore:
 
     async def presence(self, org: str, gateway: str, state: str, now: float,
                        ) -> tuple[bool, str | None]:
-        """Record ``state`` as ``gateway``'s presence: (changed, the presence before; None
-        for a gateway not heard of before). A compare-and-set on the stored row, so of
-        replicas told the same presence one finds it changed; one that keeps losing the
-        race to other states (a replica far behind) reports no change."""
+        """Record ``state``, received at ``now``, as ``gateway``'s presence: (changed, the
+        presence before; None for a gateway not heard of before). A compare-and-set on
+        the stored row, so of replicas told the same presence one finds it changed; a
+        presence received before the stored one (a replica behind) changes nothing, and
+        one that keeps losing the race to other states reports no change."""
         org_key, gw_key = key(org, 128), key(gateway, 128)
         d, table = self.d, self.d.quote(WEBHOOK_PRESENCE_TABLE)
         m = d.mark
         for _ in range(_PRESENCE_TRIES):
             rows = await self._fetch(
-                f"SELECT state FROM {table} WHERE org_id = {m} AND gateway_id = {m}",
+                f"SELECT state, since FROM {table} WHERE org_id = {m} AND gateway_id = {m}",
                 (org_key, gw_key))
             if not rows:
                 if await self._write(d.insert_ignore(WEBHOOK_PRESENCE_TABLE,
@@ -239,12 +240,12 @@ class WebhookStore:
                                      (org_key, gw_key, state, now)):
                     return True, None
                 continue  # another replica inserted it first: compare with its row
-            before = str(rows[0]["state"])
-            if before == state:
-                return False, before
+            before, since = str(rows[0]["state"]), float(rows[0]["since"] or 0.0)
+            if before == state or since > now:
+                return False, before  # the same, or older news than what was told
             if await self._write(
                     f"UPDATE {table} SET state = {m}, since = {m} WHERE org_id = {m} "
-                    f"AND gateway_id = {m} AND state = {m}",
-                    (state, now, org_key, gw_key, before)):
+                    f"AND gateway_id = {m} AND state = {m} AND since <= {m}",
+                    (state, now, org_key, gw_key, before, now)):
                 return True, before
         return False, None

@@ -315,7 +315,7 @@ class Poller:
                          max_skew=self.agent.settings.max_clock_skew_seconds)
         if norm.skewed:
             self.agent.metrics.clock_skew.inc()
-            log.warning("robot %s (poll): %s", norm.device_id, norm.notes[-1])
+            log.warning("robot %s (poll): %s", norm.device_id, norm.skew_note)
         return norm
 
     async def _publish_state(self, run: Run, sn: str, v2: dict[str, Any],

@@ -13,7 +13,7 @@ import base64
 import hashlib
 import hmac
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from email.utils import formatdate
 from typing import Any
 from urllib.parse import quote, unquote
@@ -119,7 +119,3 @@ def parse_authorization(header: str) -> dict[str, str]:
             fields[name.strip().lower()] = value.strip().strip('"')
     return fields
 
-
-def join_list(values: Sequence[str]) -> str:
-    """A list parameter as the one string value Pudu's API takes (``Error,Warning``)."""
-    return ",".join(values)

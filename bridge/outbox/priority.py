@@ -15,7 +15,9 @@ through. While a backlog exists the publisher asks this module instead, round by
    nothing there compares one robot's messages with another's).
 2. **Newest state**: of each state topic (one robot's ``status``, ``pose``, ``power`` or
    ``move``), the newest entry by robot time (``ord``, the ``order`` of its put; seq
-   breaks ties and stands in where no robot time was recorded), in seq order.
+   breaks ties and stands in where no robot time was recorded), the last accepted first:
+   a callback that came as the drain began (before its first round was planned, so not
+   fresh) goes ahead of the backlog's older news.
 3. **Everything else current**: events, tasks, other callbacks, gateway traffic: never
    superseded, never dropped, in seq order (the order they were accepted).
 4. **History**: the other entries of state topics, in seq order, each marked ``replay``
@@ -41,7 +43,7 @@ _COLUMNS = "seq, topic, payload, qos, retain"
 #: state channel, read without payloads.
 _NEWEST = (f"SELECT seq, topic, ord FROM (SELECT seq, topic, ord, ROW_NUMBER() OVER"
            f" (PARTITION BY topic ORDER BY COALESCE(ord, 0) DESC, seq DESC) AS rank"
-           f" FROM outbox WHERE {_STATE}) WHERE rank = 1 ORDER BY seq")
+           f" FROM outbox WHERE {_STATE}) WHERE rank = 1 ORDER BY seq DESC")
 #: What arrived after a seq (seq, topic, robot time, whether of a state topic).
 _FRESH = f"SELECT seq, topic, ord, {_STATE} FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?"
 #: The entries of no state topic up to a seq (the backlog's events and the like).

@@ -36,7 +36,12 @@ from bridge.http.paging import (
     decode_cursor,
 )
 from bridge.http.shortcut import ShortcutApp
-from bridge.service.health import HealthQuery, health_status, unready_body
+from bridge.service.health import (
+    HEALTH_RESPONSES,
+    HealthQuery,
+    health_status,
+    unready_body,
+)
 from bridge.topic import MAX_SN_BYTES
 from callback_server.access import Access, Caller, Principal, Reader, Rules
 from callback_server.ports import AppHost, Host
@@ -123,8 +128,7 @@ _PUBLIC_HEALTH = ("status", "reasons", "timestamp", "service", "version", "ready
             "`?ready=1`: 503 until the server can take traffic (listeners bound, database "
             "reachable) and while it stops; a broker outage never fails it. `?strict=1`: "
             "also 503 while degraded (for `curl -f` monitors).",
-            responses={503: {"description": "Not ready (`?ready=1`), or degraded "
-                                             "(`?strict=1`)"}})
+            responses=HEALTH_RESPONSES)
 async def health(request: Request, server: Host, access: Rules) -> JSONResponse:
     query = HealthQuery(request.query_params)
     # Open to every caller (probes send no key); the figures only to a known key.

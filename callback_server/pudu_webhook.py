@@ -45,7 +45,12 @@ from bridge.http.body import read_body
 from bridge.http.error_boundary import status_for
 from bridge.pudu import normalize
 from bridge.pudu.answer import CALLBACK_REQUEST, accepted
-from bridge.service.health import HealthQuery, health_status, unready_body
+from bridge.service.health import (
+    HEALTH_RESPONSES,
+    HealthQuery,
+    health_status,
+    unready_body,
+)
 from bridge.service.settings_loader import split_list
 from bridge.topic import TopicScheme, scheme_of
 from callback_server.batcher import Outcome
@@ -184,8 +189,7 @@ async def pudu_webhook(request: Request, server: Host, codes: Codes) -> JSONResp
             "broker outage never fails it. `?strict=1`: also 503 while degraded (for "
             "`curl -f` monitors). The same three forms as `/callback/health` and the edge "
             "agent's health.",
-            responses={503: {"description": "Not ready (`?ready=1`), or degraded "
-                                             "(`?strict=1`)"}})
+            responses=HEALTH_RESPONSES)
 async def pudu_health(request: Request, server: Host, codes: Codes) -> JSONResponse:
     query = HealthQuery(request.query_params)  # a bad flag is refused before any work
     if server.readiness.waiting_for("store"):  # not entered: nothing to ask yet

@@ -458,12 +458,7 @@ def forwarding(alerts: AlertSettings, settings: CallbackSettings) -> AlertSettin
 
 def proxy_retry(settings: CallbackSettings) -> RetryPolicy:
     """The callback_url delivery policy, with FORWARD_TIMEOUT / FORWARD_MAX_RETRIES if set."""
-    default = RetryPolicy()
-    return dataclasses.replace(
-        default,
-        timeout=default.timeout if settings.forward_timeout is None else settings.forward_timeout,
-        attempts=default.attempts if settings.forward_max_retries is None
-        else settings.forward_max_retries + 1)
+    return RetryPolicy.forwarding(settings.forward_timeout, settings.forward_max_retries)
 
 
 async def serve(settings: CallbackSettings) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import math
@@ -67,8 +66,7 @@ def mqtt_settings(settings: EdgeSettings, scheme: TopicScheme) -> MqttSettings:
 
 def forward_retry(settings: EdgeSettings) -> RetryPolicy:
     """The callback_url delivery policy: FORWARD_TIMEOUT / FORWARD_MAX_RETRIES."""
-    return dataclasses.replace(RetryPolicy(), timeout=settings.forward_timeout,
-                               attempts=settings.forward_max_retries + 1)
+    return RetryPolicy.forwarding(settings.forward_timeout, settings.forward_max_retries)
 
 
 class EdgeAgent:

@@ -35,7 +35,12 @@ from bridge.http.shortcut import Answer, ShortcutApp
 from bridge.outbox import PutResult, body_key
 from bridge.pudu.answer import CALLBACK_REQUEST, accepted
 from bridge.pudu.normalize import DOCUMENTED_TYPES, Normalized, normalize
-from bridge.service.health import HealthQuery, health_status, unready_body
+from bridge.service.health import (
+    HEALTH_RESPONSES,
+    HealthQuery,
+    health_status,
+    unready_body,
+)
 from edge_agent.downsample import Verdict
 from edge_agent.ports import WebhookAgent, WebhookHost
 
@@ -316,8 +321,7 @@ async def pudu_webhook(request: Request) -> Response:
             "until the agent can take webhooks (listeners bound, outbox open) and while it "
             "stops; a broker outage never fails it. `?strict=1`: also 503 while degraded "
             "(for `curl -f` monitors).",
-            responses={503: {"description": "Not ready (`?ready=1`), or degraded "
-                                             "(`?strict=1`)"}})
+            responses=HEALTH_RESPONSES)
 async def health(request: Request, agent: WebhookAgent) -> JSONResponse:
     query = HealthQuery(request.query_params)
     if agent.readiness.waiting_for("outbox"):  # not entered: no outbox to report on

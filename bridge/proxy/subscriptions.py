@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import BaseModel
@@ -54,6 +54,14 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if self.attempts < 1 or self.base <= 0 or self.cap < self.base or self.timeout <= 0:
             raise ConfigError(f"invalid webhook retry policy: {self}")
+
+    @classmethod
+    def forwarding(cls, timeout: float | None, max_retries: int | None) -> RetryPolicy:
+        """The default with FORWARD_TIMEOUT / FORWARD_MAX_RETRIES where given (None: the
+        default's), as both services read them."""
+        default = cls()
+        return replace(default, timeout=default.timeout if timeout is None else timeout,
+                       attempts=default.attempts if max_retries is None else max_retries + 1)
 
     def delay(self, failures: int) -> float:
         """Wait after the ``failures``-th failed attempt (1-based)."""

@@ -20,7 +20,11 @@ from typing import Any
 
 from bridge.errors import InputError
 
-__all__ = ["HealthQuery", "Readiness", "health_status", "unready_body"]
+__all__ = ["HEALTH_RESPONSES", "HealthQuery", "Readiness", "health_status", "unready_body"]
+
+#: The OpenAPI ``responses`` of every health route (its three forms answer the same).
+HEALTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    503: {"description": "Not ready (`?ready=1`), or degraded (`?strict=1`)"}}
 
 _TRUE = frozenset({"", "1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})

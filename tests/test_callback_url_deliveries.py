@@ -6,56 +6,25 @@ loopback receiver."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
-import httpx
 import pytest
-from fastapi import FastAPI
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from bridge.http.error_boundary import install as install_error_handlers
 from bridge.http.outbound import OutboundPolicy
-from bridge.proxy import MqttProxy, RetryPolicy, create_proxy_router
-from bridge.router import MessageRouter
-from bridge.transport import MqttSettings
-from bridge.transport.paho import PahoTransport
-from tests.test_proxy import AUTH, BROKER, TOKEN, PahoClient, serve
-
-
-@dataclass
-class Env:
-    base: str
-    proxy: MqttProxy
-    client: httpx.AsyncClient
+from bridge.proxy import RetryPolicy
+from tests.test_proxy import Env, PahoClient, running_proxy, serve
 
 
 @pytest.fixture
 async def env() -> AsyncIterator[Env]:
     """A proxy whose pushes try 3 times with quick back-off, to a loopback receiver."""
-    base = f"test/{uuid.uuid4().hex}/"
-    settings = MqttSettings.from_url(BROKER, client_id=f"t-dlog-{uuid.uuid4().hex[:8]}",
-                                     clean_start=True)
-    transport = PahoTransport(settings)
-    async with transport:
-        await asyncio.wait_for(transport.wait_connected(), 5)
-        router = MessageRouter(transport)
-        proxy = MqttProxy(transport, router, token=TOKEN, allowed_prefixes=[base],
-                          retry=RetryPolicy(attempts=3, base=0.05, cap=0.1),
-                          outbound=OutboundPolicy(allow=("127.0.0.1/32",)))
-        async with router, proxy:
-            app = FastAPI()
-            install_error_handlers(app)
-            api = create_proxy_router(proxy)
-            assert api is not None
-            app.include_router(api)
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                         base_url="http://proxy", headers=AUTH) as client:
-                yield Env(base, proxy, client)
+    async with running_proxy("dlog", retry=RetryPolicy(attempts=3, base=0.05, cap=0.1),
+                             outbound=OutboundPolicy(allow=("127.0.0.1/32",))) as running:
+        yield running
 
 
 async def test_each_ended_attempt_is_logged_as_webhook_deliveries_are(env: Env) -> None:

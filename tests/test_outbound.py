@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import ipaddress
 import socket
-import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,23 +18,19 @@ from typing import Any
 import httpcore
 import httpx
 import pytest
-from fastapi import FastAPI
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from bridge.errors import ConfigError, OutboundRefusedError
-from bridge.http.error_boundary import install as install_error_handlers
 from bridge.http.error_boundary import status_for
 from bridge.http.outbound import OutboundPolicy, client, parse_allow, system_resolver
-from bridge.proxy import MqttProxy, RetryPolicy, create_proxy_router
+from bridge.proxy import MqttProxy, RetryPolicy
 from bridge.router import MessageRouter
-from bridge.transport import MqttSettings
-from bridge.transport.paho import PahoTransport
 from callback_server.settings import load as load_callback_settings
 from edge_agent.settings import load as load_edge_settings
-from tests.test_proxy import AUTH, BROKER, TOKEN, PahoClient, serve
+from tests.test_proxy import PahoClient, running_proxy, serve
 
 pytestmark = pytest.mark.integration
 
@@ -104,25 +99,11 @@ class Env:
 
 @contextlib.asynccontextmanager
 async def proxy_env(allow: Sequence[str] = ()) -> AsyncIterator[Env]:
-    base = f"test/{uuid.uuid4().hex}/"
     resolver = Resolver()
-    transport = PahoTransport(MqttSettings.from_url(
-        BROKER, client_id=f"t-out-{uuid.uuid4().hex[:8]}", clean_start=True))
-    async with transport:
-        await asyncio.wait_for(transport.wait_connected(), 5)
-        router = MessageRouter(transport)
-        proxy = MqttProxy(transport, router, token=TOKEN, allowed_prefixes=[base],
-                          retry=RetryPolicy(attempts=2, base=0.05, cap=0.1),
-                          outbound=OutboundPolicy(allow=tuple(allow), resolver=resolver))
-        async with router, proxy:
-            app = FastAPI()
-            install_error_handlers(app)
-            api = create_proxy_router(proxy)
-            assert api is not None
-            app.include_router(api)
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                         base_url="http://proxy", headers=AUTH) as http:
-                yield Env(base, router, proxy, http, resolver)
+    async with running_proxy("out", retry=RetryPolicy(attempts=2, base=0.05, cap=0.1),
+                             outbound=OutboundPolicy(allow=tuple(allow),
+                                                     resolver=resolver)) as running:
+        yield Env(running.base, running.router, running.proxy, running.client, resolver)
 
 
 @contextlib.asynccontextmanager

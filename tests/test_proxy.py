@@ -141,19 +141,18 @@ class Env:
     client: httpx.AsyncClient
 
 
-@pytest.fixture
-async def env() -> AsyncIterator[Env]:
+@contextlib.asynccontextmanager
+async def running_proxy(role: str, **policy: Any) -> AsyncIterator[Env]:
+    """A proxy on a paho connection of its own, allowed a fresh prefix, its routes in an
+    app, and a client with the token; ``policy``: MqttProxy's keyword arguments."""
     base = f"test/{uuid.uuid4().hex}/"
-    settings = MqttSettings.from_url(BROKER, client_id=f"t-proxy-{uuid.uuid4().hex[:8]}",
+    settings = MqttSettings.from_url(BROKER, client_id=f"t-{role}-{uuid.uuid4().hex[:8]}",
                                      clean_start=True)
     transport = PahoTransport(settings)
     async with transport:
         await asyncio.wait_for(transport.wait_connected(), 5)
         router = MessageRouter(transport)
-        # The webhook receivers of these tests listen on loopback: the operator allows it.
-        proxy = MqttProxy(transport, router, token=TOKEN, allowed_prefixes=[base],
-                          retry=RetryPolicy(base=0.05, cap=0.2), keepalive_seconds=0.2,
-                          outbound=OutboundPolicy(allow=("127.0.0.1/32",)))
+        proxy = MqttProxy(transport, router, token=TOKEN, allowed_prefixes=[base], **policy)
         async with router, proxy:
             app = FastAPI()
             install_error_handlers(app)
@@ -163,6 +162,15 @@ async def env() -> AsyncIterator[Env]:
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                          base_url="http://proxy", headers=AUTH) as client:
                 yield Env(base, transport, router, proxy, app, client)
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[Env]:
+    # The webhook receivers of these tests listen on loopback: the operator allows it.
+    async with running_proxy("proxy", retry=RetryPolicy(base=0.05, cap=0.2),
+                             keepalive_seconds=0.2,
+                             outbound=OutboundPolicy(allow=("127.0.0.1/32",))) as running:
+        yield running
 
 
 # -- auth and mounting ----------------------------------------------------------------------

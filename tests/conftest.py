@@ -11,6 +11,7 @@ import pytest
 
 from tests.support.dbutil import scratch_mysql_database
 from tests.support.procs import MosquittoProcess, free_port, port_open
+from tests.support.secrets_manager import SecretsManagerServer
 from tests.support.tls_certs import CertAuthority, Pki, TlsBroker
 
 SHARED_BROKER = ("127.0.0.1", 1883)
@@ -102,3 +103,19 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     else:
         with scratch_mysql_database() as url:
             yield url
+
+
+# moto as AWS Secrets Manager: one server per test module that asks for it
+
+@pytest.fixture(scope="module")
+def sm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecretsManagerServer]:
+    with SecretsManagerServer(tmp_path_factory.mktemp("moto") / "moto.log") as server:
+        yield server
+
+
+@pytest.fixture
+def aws(sm: SecretsManagerServer, monkeypatch: pytest.MonkeyPatch) -> SecretsManagerServer:
+    """boto3 in this process talks to the moto server (it reads os.environ itself)."""
+    for name, value in sm.env.items():
+        monkeypatch.setenv(name, value)
+    return sm

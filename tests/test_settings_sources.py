@@ -7,7 +7,6 @@ Secrets Manager is moto's standalone server (a real process); the database is Ma
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,20 +16,6 @@ from callback_server import settings as cb_config
 from callback_server.store import open_store
 from edge_agent import settings as edge_config
 from tests.support.secrets_manager import REGION, SecretsManagerServer, scratch_mysql_user
-
-
-@pytest.fixture(scope="module")
-def sm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecretsManagerServer]:
-    with SecretsManagerServer(tmp_path_factory.mktemp("moto") / "moto.log") as server:
-        yield server
-
-
-@pytest.fixture
-def aws(sm: SecretsManagerServer, monkeypatch: pytest.MonkeyPatch) -> SecretsManagerServer:
-    """boto3 in this process talks to the moto server (it reads os.environ itself)."""
-    for name, value in sm.env.items():
-        monkeypatch.setenv(name, value)
-    return sm
 
 
 def _creds(tmp_path: Path, **files: str) -> str:

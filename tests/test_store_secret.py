@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,19 +23,6 @@ from tests.support.secrets_manager import REGION, SecretsManagerServer
 
 pytestmark = pytest.mark.integration
 
-
-@pytest.fixture(scope="module")
-def sm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecretsManagerServer]:
-    with SecretsManagerServer(tmp_path_factory.mktemp("moto") / "moto.log") as server:
-        yield server
-
-
-@pytest.fixture
-def aws(sm: SecretsManagerServer, monkeypatch: pytest.MonkeyPatch) -> SecretsManagerServer:
-    """boto3 in this process talks to the moto server (it reads os.environ itself)."""
-    for name, value in sm.env.items():
-        monkeypatch.setenv(name, value)
-    return sm
 
 
 def _credentials(tmp_path: Path, secret: str) -> Path:

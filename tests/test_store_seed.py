@@ -21,7 +21,7 @@ import pytest
 from bridge.envelope import Envelope
 from bridge.errors import StoreRejectedError
 from callback_server.batcher import BatchWriter
-from callback_server.store import SqlStore, load_targets, open_store
+from callback_server.store import SqlStore, Store, load_targets, open_store
 from tests.support.dbutil import query
 from tests.support.services import callback_server, edge_agent
 from tests.test_pipeline import BROKER, HEADERS, event_body, prefix, status_body, wait_stored
@@ -267,6 +267,16 @@ async def test_a_target_for_some_orgs_is_written_only_for_them(
     assert query(db_url, "SELECT org_id FROM target_robots") == [{"org_id": "beta"}] * 2
 
 
+async def through_the_batcher(store: Store, batch: list[Any]) -> None:
+    """``batch`` written as the service writes (bisection on StoreRejectedError)."""
+    writer = BatchWriter(store, retry_min=0.01)
+    task = asyncio.create_task(writer.run())
+    try:
+        await asyncio.wait_for(writer.write(batch), 30)
+    finally:
+        task.cancel()
+
+
 async def test_the_batch_writer_dead_letters_exactly_the_refused_envelope(
         db_url: str, tmp_path: Path) -> None:
     """With today's batcher (bisection on StoreRejectedError): the one envelope whose sn
@@ -274,12 +284,7 @@ async def test_the_batch_writer_dead_letters_exactly_the_refused_envelope(
     cfg = seed(db_url, tmp_path)
     batch = messages("R1") + messages("R" * 51)[:1] + messages("R2")
     async with open_store(db_url, targets=load_targets(cfg)) as store:
-        writer = BatchWriter(store, retry_min=0.01)
-        task = asyncio.create_task(writer.run())
-        try:
-            await asyncio.wait_for(writer.write(batch), 30)
-        finally:
-            task.cancel()
+        await through_the_batcher(store, batch)
     dead = query(db_url, "SELECT topic, reason FROM mqtt_dead_letters")
     assert len(dead) == 1 and dead[0]["topic"].endswith("R" * 51 + "/status")
     assert "target" in dead[0]["reason"] and "mnt_robots_management: robot_sn" in \
@@ -322,12 +327,7 @@ async def test_a_number_out_of_a_seed_columns_range_is_refused_naming_target_and
                            match=r"target \S*mnt_robots_management: x 123456\.5 does not fit"
                                  r" the column, (?i:decimal)\(10,6\)"):
             await store.write_batch([item(far)])
-        writer = BatchWriter(store, retry_min=0.01)
-        task = asyncio.create_task(writer.run())
-        try:
-            await asyncio.wait_for(writer.write(batch), 30)
-        finally:
-            task.cancel()
+        await through_the_batcher(store, batch)
     dead = query(db_url, "SELECT topic, reason FROM mqtt_dead_letters")
     assert len(dead) == 1 and dead[0]["topic"].endswith("R1/pose"), dead
     assert "mnt_robots_management: x 123456.5" in dead[0]["reason"], dead

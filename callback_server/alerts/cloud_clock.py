@@ -33,14 +33,23 @@ PACE_SECONDS = 2.0
 PACE_SHARE = 0.25
 
 
+class _Heard:
+    """One gateway's heartbeats: the last heard, live or not, and the live ones kept."""
+
+    __slots__ = ("last", "live")
+
+    def __init__(self, heartbeats: int) -> None:
+        self.last: tuple[float, float] | None = None  # (sent, received)
+        self.live: collections.deque[tuple[float, float]] = collections.deque(
+            maxlen=heartbeats)  # (sent, offset)
+
+
 class CloudClock:
     """Per gateway, the offsets (+ ahead) of its last ``heartbeats`` live heartbeats."""
 
     def __init__(self, heartbeats: int) -> None:
         self.heartbeats = heartbeats
-        self._recent: dict[GatewayKey, collections.deque[tuple[float, float]]] = {}
-        #: Per gateway, the last heartbeat heard, live or not: (sent, received).
-        self._last: dict[GatewayKey, tuple[float, float]] = {}
+        self._heard: dict[GatewayKey, _Heard] = {}
 
     def measure(self, gateway: GatewayKey, beat: dict[str, Any],
                 received: float) -> tuple[bool, float | None]:
@@ -52,22 +61,18 @@ class CloudClock:
         if self.heartbeats <= 0 or isinstance(sent, bool) or not isinstance(
                 sent, int | float) or not math.isfinite(sent):
             return False, None
-        recent = self._recent.get(gateway)
-        if recent is None:
-            if len(self._recent) >= MAX_GATEWAYS:
-                self._recent.pop(next(iter(self._recent)))
-            recent = self._recent[gateway] = collections.deque(maxlen=self.heartbeats)
-        last = self._last.get(gateway)
-        if last is None and len(self._last) >= MAX_GATEWAYS:
-            self._last.pop(next(iter(self._last)))
-        self._last[gateway] = (float(sent), received)
-        live = beat.get("draining") is not True and all(t != sent for t, _ in recent) \
-            and last is not None and _paced(float(sent) - last[0], received - last[1])
-        if live:
-            recent.append((float(sent), float(sent) - received))
-        if len(recent) < self.heartbeats:
+        heard = self._heard.get(gateway)
+        if heard is None:
+            if len(self._heard) >= MAX_GATEWAYS:
+                self._heard.pop(next(iter(self._heard)))
+            heard = self._heard[gateway] = _Heard(self.heartbeats)
+        last, heard.last = heard.last, (float(sent), received)
+        if beat.get("draining") is not True and all(t != sent for t, _ in heard.live) \
+                and last is not None and _paced(float(sent) - last[0], received - last[1]):
+            heard.live.append((float(sent), float(sent) - received))
+        if len(heard.live) < self.heartbeats:
             return True, None
-        return True, round(max(offset for _, offset in recent), 1)
+        return True, round(max(offset for _, offset in heard.live), 1)
 
 
 def _paced(sent_gap: float, received_gap: float) -> bool:
